@@ -1,0 +1,130 @@
+"""The result backend interface.
+
+A backend stores each task's result record (bytes made by
+``Codec.encode_result``) under its task id for ``config.result_expires``
+seconds, lets callers wait for a *final* record, and keeps the set of revoked
+task ids that every worker consults.  Every implementation passes the shared
+suite in ``tests/integration/backend_suite.py``.
+
+Public methods are written once here; implementations fill in the protected
+primitives ``_store_many``, ``_get``, ``_forget``, ``_revoke``, ``_revoked``
+and, where the store can block, ``_wait``.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..drivers.base import Driver
+
+
+class Record(NamedTuple):
+    """One result record to store.  ``final`` records (SUCCESS, FAILURE,
+    REVOKED) wake waiters; ``reply_to`` is the message's reply address (rpc://)."""
+    task_id: str
+    data: bytes
+    final: bool = True
+    reply_to: Optional[str] = None
+
+
+class ResultBackend:
+    schemes: Sequence[str] = ()
+
+    def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
+        self.url = url
+        self.config = config
+        self.driver = driver
+
+    # -- public API ----------------------------------------------------------
+    def reply_to(self) -> Optional[str]:
+        """The address results of this process's calls must be sent to, put in
+        each message it publishes (rpc://); None for stores keyed by task id."""
+        return None
+
+    def store(self, task_id: str, data: bytes, final: bool = True,
+              reply_to: Optional[str] = None) -> None:
+        self._store_many([Record(task_id, data, final, reply_to)])
+
+    def store_many(self, records: Sequence[Record]) -> None:
+        """Store many records in one round trip where possible.  A final record
+        (SUCCESS, FAILURE, REVOKED) wakes everyone in ``wait``; others (RETRY)
+        only update what ``get`` sees."""
+        if records:
+            self._store_many(records)
+
+    def get(self, task_id: str) -> Optional[bytes]:
+        """The last record stored for ``task_id``, or None."""
+        return self._get(task_id)
+
+    def wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+        """Block until a final record for ``task_id`` exists and return it, or
+        return None after ``timeout`` seconds (None = forever).  Must not spin:
+        block on the store, or poll with a growing sleep where it cannot block."""
+        return self._wait(task_id, timeout)
+
+    def forget(self, task_id: str) -> None:
+        self._forget(task_id)
+
+    def revoke(self, task_id: str, terminate: bool = False) -> None:
+        """Record that ``task_id`` must not run (and, with ``terminate``, be
+        stopped if running).  Kept for ``result_expires`` seconds."""
+        self._revoke(task_id, terminate)
+
+    def revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        """Of ``task_ids``, those revoked, each mapped to its terminate flag."""
+        if not task_ids:
+            return {}
+        return self._revoked(task_ids)
+
+    def close(self) -> None:
+        """Release connections."""
+
+    # -- primitives ----------------------------------------------------------
+    def _store_many(self, records: Sequence[Record]) -> None:
+        raise NotImplementedError
+
+    def _get(self, task_id: str) -> Optional[bytes]:
+        raise NotImplementedError
+
+    def _forget(self, task_id: str) -> None:
+        raise NotImplementedError
+
+    def _revoke(self, task_id: str, terminate: bool) -> None:
+        raise NotImplementedError
+
+    def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        raise NotImplementedError
+
+    def _is_final(self, task_id: str) -> Optional[bytes]:
+        """The stored record when it is final, else None (used by polling waits)."""
+        raise NotImplementedError
+
+    def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+        """Default: poll ``_is_final`` with a sleep growing from 5 ms to 200 ms."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            data = self._is_final(task_id)
+            if data is not None:
+                return data
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                delay = min(delay, left)
+            self._sleep(delay)
+            delay = min(delay * 1.5, 0.2)
+
+    # -- helpers -------------------------------------------------------------
+    def _blocking(self, fn, *args: Any, **kwargs: Any) -> Any:
+        if self.driver is None:
+            return fn(*args, **kwargs)
+        return self.driver.run_in_thread(fn, *args, **kwargs)
+
+    def _sleep(self, seconds: float) -> None:
+        if self.driver is None:
+            time.sleep(seconds)
+        else:
+            self.driver.sleep(seconds)

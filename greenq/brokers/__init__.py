@@ -1,0 +1,50 @@
+"""Brokers by URL scheme.  Each implementation is imported on first use only."""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Optional
+from urllib.parse import urlsplit
+
+from ..exceptions import ConfigError
+from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..drivers.base import Driver
+
+BROKERS = {
+    "sqlite": ("greenq.brokers.sqlite", "SQLiteBroker", None),
+    "memory": ("greenq.brokers.memory", "MemoryBroker", None),
+    "redis": ("greenq.brokers.redis", "RedisBroker", "redis"),
+    "rediss": ("greenq.brokers.redis", "RedisBroker", "redis"),
+    "amqp": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
+    "pyamqp": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
+    "amqps": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
+}
+
+
+def scheme_of(url: str) -> str:
+    return urlsplit(url).scheme.lower()
+
+
+def load_class(table: dict, url: str, what: str):
+    scheme = scheme_of(url)
+    if scheme not in table:
+        raise ConfigError(f"{what} URL scheme {scheme + '://' if scheme else repr(url)} is not supported; "
+                          f"use one of: {', '.join(s + '://' for s in table)}")
+    module, name, extra = table[scheme]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        if extra:
+            raise ConfigError(f"{what} {scheme}:// needs the {extra} package: "
+                              f"pip install 'greenq[{extra}]' ({exc})") from None
+        raise
+    return getattr(mod, name)
+
+
+def make_broker(url: str, config: "Config", driver: Optional["Driver"] = None) -> Broker:
+    return load_class(BROKERS, url, "broker")(url, config, driver)
+
+
+__all__ = ["Broker", "Delivery", "Outgoing", "DeadLetter", "QueueStats", "make_broker", "BROKERS"]

@@ -1,0 +1,185 @@
+"""The broker interface.
+
+A broker moves opaque message bodies (bytes made by ``greenq.message.Codec``)
+between clients and workers.  It never decodes a body: routing facts travel
+beside it in :class:`Outgoing`.  Every implementation passes the shared suite
+in ``tests/integration/broker_suite.py``.
+
+Delivery model (every broker):
+
+* ``fetch`` hands out up to ``count`` ready messages and *leases* them to this
+  broker instance: a leased message is invisible to every other consumer until
+  the lease (``config.lease_seconds``) runs out.
+* A live worker calls ``renew`` with everything it holds, at least once per
+  third of the lease; one call renews many messages.
+* ``ack`` removes messages for good; ``requeue`` returns them to their queue
+  at once (warm shutdown, ``Reject(requeue=True)``); ``dead_letter`` moves one
+  to the dead-letter store with a reason.
+* A message whose lease ran out (its worker died) is handed out again.  Every
+  hand-out increments ``Delivery.deliveries`` (1 on the first); the worker
+  dead-letters a message whose count passed ``max_deliveries``.
+* A message published with ``eta`` in the future waits in the broker (never in
+  worker memory) and becomes ready at ``eta``.
+* Within one queue a higher ``priority`` (0-9) is handed out first; equal
+  priorities are FIFO.  (Per broker, see docs/brokers.md for how exact.)
+
+Thread and greenlet safety: ``publish``/``publish_many`` may be called from
+many threads or greenlets at once.  The consuming methods (``fetch``, ``ack``,
+``requeue``, ``renew``, ``dead_letter``) are called by one worker's control
+greenlets and may serialise internally.  A broker made in one process is never
+used in a forked child: the app makes a new one per pid.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..drivers.base import Driver
+
+
+@dataclass
+class Outgoing:
+    """A message to publish."""
+    queue: str
+    body: bytes
+    message_id: str
+    priority: int = 0
+    eta: Optional[float] = None  # epoch seconds; None or past = ready now
+
+
+class Delivery:
+    """A message handed to this consumer.  ``token`` is the broker's own handle
+    (a stream id, a delivery tag, a row id) and means nothing outside it."""
+
+    __slots__ = ("queue", "body", "message_id", "deliveries", "token", "priority")
+
+    def __init__(self, queue: str, body: bytes, message_id: str, deliveries: int,
+                 token: Any, priority: int = 0) -> None:
+        self.queue = queue
+        self.body = body
+        self.message_id = message_id
+        self.deliveries = deliveries
+        self.token = token
+        self.priority = priority
+
+    def __repr__(self) -> str:
+        return f"<Delivery {self.queue}:{self.message_id} #{self.deliveries}>"
+
+
+@dataclass
+class DeadLetter:
+    """A message in the dead-letter store."""
+    id: str            # the store's own id (for show / requeue)
+    queue: str         # the queue it came from and goes back to
+    body: bytes
+    reason: str
+    message_id: str = ""
+    failed_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class QueueStats:
+    name: str
+    ready: int = 0     # waiting to be fetched
+    delayed: int = 0   # waiting for their eta
+    held: int = 0      # leased to a consumer, not yet acknowledged
+    dead: int = 0      # in the dead-letter store
+
+
+class Broker:
+    """Base class of every broker.  Subclasses implement every method that
+    raises NotImplementedError; the rest are written once here."""
+
+    #: URL schemes this class serves, e.g. ("redis", "rediss")
+    schemes: Sequence[str] = ()
+    def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
+        self.url = url
+        self.config = config
+        self.driver = driver  # None in a plain client: call blocking code directly
+
+    # -- publishing (client and worker) --------------------------------------
+    def publish(self, message: Outgoing) -> None:
+        """Publish one message; durable once this returns."""
+        self.publish_many([message])
+
+    def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """Publish many messages in as few round trips as the broker allows."""
+        raise NotImplementedError
+
+    # -- consuming (worker) --------------------------------------------------
+    def declare(self, queues: Sequence[str]) -> None:
+        """Prepare to consume ``queues`` (create them, join consumer groups)."""
+
+    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+        """Lease up to ``count`` ready messages from ``queues`` (in the order
+        given, highest priority first within a queue).  Blocks up to ``timeout``
+        seconds while none is ready, then returns ``[]``.  Due delayed messages
+        and messages with expired leases are made ready as part of this."""
+        raise NotImplementedError
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Remove these messages for good.  Acking twice is harmless."""
+        raise NotImplementedError
+
+    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+        """Give these messages back to their queue at once, lease released."""
+        raise NotImplementedError
+
+    def renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Extend the lease of every message given to ``now + lease_seconds``."""
+        raise NotImplementedError
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move one held message to the dead-letter store with ``reason``."""
+        raise NotImplementedError
+
+    def next_due(self, queues: Sequence[str]) -> Optional[float]:
+        """The earliest eta of a delayed message in ``queues``, or None."""
+        raise NotImplementedError
+
+    def interrupt(self) -> None:
+        """Make a ``fetch`` blocked in another greenlet return soon (shutdown).
+        Brokers whose fetch blocks for at most ``timeout`` may leave this as is."""
+
+    # -- administration ------------------------------------------------------
+    def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
+        """Depths of ``queues``, or of every queue the broker knows."""
+        raise NotImplementedError
+
+    def purge(self, queue: str) -> int:
+        """Delete every ready and delayed message of ``queue``; return how many."""
+        raise NotImplementedError
+
+    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+        """Dead letters, oldest first."""
+        raise NotImplementedError
+
+    def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
+        raise NotImplementedError
+
+    def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
+        """Publish dead letters back to their queue (all when ``dead_ids`` is
+        None) with a fresh delivery count; return how many."""
+        raise NotImplementedError
+
+    def dlq_purge(self) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release connections; the broker may not be used afterwards."""
+
+    # -- helpers for subclasses ----------------------------------------------
+    def _blocking(self, fn, *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking library call off the hub when a driver is set."""
+        if self.driver is None:
+            return fn(*args, **kwargs)
+        return self.driver.run_in_thread(fn, *args, **kwargs)
+
+    def _sleep(self, seconds: float) -> None:
+        if self.driver is None:
+            time.sleep(seconds)
+        else:
+            self.driver.sleep(seconds)

@@ -1,0 +1,372 @@
+"""Settings: one defaults table, layered as defaults < INI file < environment < CLI.
+
+Every key lives in ``SETTINGS`` with its type, default and one line of help.
+``load()`` builds a :class:`Config`; any unknown section or key, or a value of
+the wrong type, raises :class:`ConfigError` naming the file, section, key and
+value, with the nearest valid key suggested.  Nothing is read at import time.
+
+Environment: ``GREENQ_<KEY>`` for ``[greenq]``, ``GREENQ_<SECTION>_<KEY>`` for
+the other sections (``GREENQ_WORKER_CONCURRENCY``, ``GREENQ_REDIS_MAX_CONNECTIONS``).
+"""
+from __future__ import annotations
+
+import configparser
+import difflib
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+from .exceptions import ConfigError
+
+LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+POOLS = ("gevent", "eventlet", "threads", "solo")
+SERIALIZERS = ("json", "msgpack", "pickle")
+
+
+@dataclass(frozen=True)
+class Setting:
+    type: str          # str, int, float, bool, list, hostport, or "choice:a|b|c"
+    default: Any
+    help: str
+
+
+SETTINGS: Dict[str, Dict[str, Setting]] = {
+    "greenq": {
+        "app": Setting("list", [], "modules to import (comma-separated)"),
+        "broker_url": Setting("str", "sqlite:///greenq.sqlite3", "broker URL; the embedded SQLite default"),
+        "result_backend": Setting("str", "", "result backend URL; empty: derived from broker_url"),
+        "result_expires": Setting("int", 86400, "seconds a stored result is kept"),
+        "serializer": Setting("choice:json|msgpack|pickle", "json", "serializer of task arguments and results"),
+        "accept_content": Setting("list", ["json"], "serializers workers agree to decode"),
+        "signing_key": Setting("str", "", "HMAC key; when set, unsigned or forged messages are dead-lettered"),
+        "default_queue": Setting("str", "default", "queue used when a task names none"),
+        "eager": Setting("bool", False, "run tasks inline in the caller (users' unit tests)"),
+        "key_prefix": Setting("str", "greenq", "Redis key namespace"),
+        "lease_seconds": Setting("float", 30.0, "how long a held message stays hidden from other workers"),
+        "max_deliveries": Setting("int", 10, "deliveries before a message is dead-lettered"),
+        "max_message_size": Setting("int", 1048576, "bytes; larger payloads are refused at enqueue"),
+        "logging_config": Setting("str", "", "path to a logging.config.fileConfig INI"),
+    },
+    "worker": {
+        "pool": Setting("choice:gevent|eventlet|threads|solo", "gevent", "concurrency driver"),
+        "concurrency": Setting("int", 100, "tasks run at once"),
+        "prefetch": Setting("int", 0, "messages held at once; 0 = auto (about the concurrency)"),
+        "queues": Setting("list", ["default"], "queues consumed, comma-separated"),
+        "processes": Setting("int", 1, "worker processes under one supervisor"),
+        "loglevel": Setting("choice:DEBUG|INFO|WARNING|ERROR|CRITICAL", "INFO", "log level"),
+        "shutdown_timeout": Setting("float", 30.0, "seconds running tasks get to finish on warm shutdown"),
+        "max_tasks_per_child": Setting("int", 0, "replace a child process after N tasks; 0 = off"),
+        "max_memory_per_child": Setting("int", 0, "MiB; replace a child process above it; 0 = off"),
+        "http": Setting("hostport", "", "host:port for /metrics and /healthz; empty = off"),
+        "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off"),
+    },
+    "redis": {
+        "max_connections": Setting("int", 0, "connection pool size; 0 = sized from the concurrency"),
+        "socket_timeout": Setting("float", 10.0, "seconds before a silent connection is declared dead"),
+        "health_check_interval": Setting("float", 15.0, "seconds between connection health checks"),
+    },
+    "amqp": {
+        "confirm_publish": Setting("bool", True, "wait for publisher confirms when enqueuing"),
+        "queue_type": Setting("choice:classic|quorum", "classic", "type of the queues greenq declares"),
+        "heartbeat": Setting("int", 30, "AMQP heartbeat in seconds; 0 = off"),
+        "max_priority": Setting("int", 9, "x-max-priority of declared queues; 0 = no priorities"),
+    },
+}
+
+# Per-task overrides, in [task:<name>] sections.
+TASK_SETTINGS: Dict[str, Setting] = {
+    "queue": Setting("str", None, "queue"),
+    "priority": Setting("int", None, "default priority 0-9"),
+    "max_retries": Setting("int", None, "retries before giving up"),
+    "retry_backoff": Setting("float", None, "backoff base in seconds; 0 = off"),
+    "retry_backoff_max": Setting("float", None, "longest backoff in seconds"),
+    "retry_jitter": Setting("bool", None, "randomise the backoff"),
+    "default_retry_delay": Setting("float", None, "seconds before an explicit retry"),
+    "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded"),
+    "time_limit": Setting("float", None, "seconds before the task is killed"),
+    "rate_limit": Setting("ratelimit", None, "N/s, N/m or N/h per worker"),
+    "acks_late": Setting("bool", None, "acknowledge after the task finished"),
+    "ignore_result": Setting("bool", None, "do not store the result"),
+    "expires": Setting("float", None, "seconds after which an unstarted task is revoked"),
+}
+
+SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
+
+
+def parse_rate(text: str) -> float:
+    """``"100/s"`` -> 100.0 per second; ``"6/m"`` -> 0.1."""
+    m = _RATE.match(text)
+    if not m:
+        raise ValueError("expected N/s, N/m or N/h")
+    return float(m.group(1)) / {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _parse_hostport(text: str) -> str:
+    text = text.strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT")
+    return text
+
+
+def convert(kind: str, value: Any) -> Any:
+    """Convert a raw (usually string) value to the setting's type; ValueError if it cannot."""
+    if not isinstance(value, str):
+        if kind == "list" and isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
+        if kind in ("int", "float") and isinstance(value, bool):
+            raise ValueError(f"expected {kind}")
+        if kind == "int" and isinstance(value, int):
+            return _non_negative(value)
+        if kind == "float" and isinstance(value, (int, float)):
+            return _non_negative(float(value))
+        if kind == "bool" and isinstance(value, bool):
+            return value
+        value = str(value)
+    if kind == "str":
+        return value.strip()
+    if kind == "int":
+        try:
+            return _non_negative(int(value.strip()))
+        except ValueError:
+            raise ValueError("expected a whole number >= 0") from None
+    if kind == "float":
+        try:
+            return _non_negative(float(value.strip()))
+        except ValueError:
+            raise ValueError("expected a number >= 0") from None
+    if kind == "bool":
+        return _parse_bool(value)
+    if kind == "list":
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if kind == "hostport":
+        return _parse_hostport(value)
+    if kind == "ratelimit":
+        parse_rate(value)
+        return value.strip()
+    if kind.startswith("choice:"):
+        choices = kind[len("choice:"):].split("|")
+        v = value.strip()
+        match = {c.lower(): c for c in choices}.get(v.lower())
+        if match is None:
+            raise ValueError("expected one of " + ", ".join(choices))
+        return match
+    raise AssertionError(kind)
+
+
+def _non_negative(n):
+    if n < 0:
+        raise ValueError("must be >= 0")
+    return n
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL: ``redis://:secret@h/0`` -> ``redis://:***@h/0``."""
+    if not url or "@" not in url:
+        return url
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "***"
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def _suggest(word: str, candidates: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+class Config:
+    """The effective settings.  ``cfg.broker_url`` reads ``[greenq]``;
+    ``cfg.worker["concurrency"]``, ``cfg.section("redis")`` the others;
+    ``cfg.task_options(name)`` the ``[task:NAME]`` overrides;
+    ``cfg.origin(section, key)`` tells where a value came from."""
+
+    def __init__(self) -> None:
+        self._values: Dict[str, Dict[str, Any]] = {
+            s: {k: (list(v.default) if isinstance(v.default, list) else v.default)
+                for k, v in keys.items()} for s, keys in SETTINGS.items()}
+        self._origin: Dict[Tuple[str, str], str] = {}
+        self._tasks: Dict[str, Dict[str, Any]] = {}
+        self.file: Optional[str] = None
+
+    def __getattr__(self, key: str) -> Any:
+        values = self.__dict__.get("_values")
+        if values is not None and key in values["greenq"]:
+            return values["greenq"][key]
+        raise AttributeError(key)
+
+    @property
+    def worker(self) -> Dict[str, Any]:
+        return self._values["worker"]
+
+    def section(self, name: str) -> Dict[str, Any]:
+        return self._values[name]
+
+    def task_options(self, name: str) -> Dict[str, Any]:
+        return self._tasks.get(name, {})
+
+    def origin(self, section: str, key: str) -> str:
+        return self._origin.get((section, key), "default")
+
+    def set(self, section: str, key: str, value: Any, origin: str) -> None:
+        """Set one value, converting and validating it; ``origin`` names the source in errors."""
+        if section.startswith("task:"):
+            table = TASK_SETTINGS
+        else:
+            if section not in SETTINGS:
+                raise ConfigError(f"{origin}: unknown section [{section}]"
+                                  + _suggest(section, list(SETTINGS) + ["task:NAME"]))
+            table = SETTINGS[section]
+        if key not in table:
+            raise ConfigError(f"{origin}: [{section}] unknown key '{key}'" + _suggest(key, table))
+        try:
+            converted = convert(table[key].type, value)
+        except ValueError as exc:
+            shown = mask_url(str(value)) if key.endswith("url") or key == "result_backend" else value
+            if key == "signing_key":
+                shown = "***"
+            raise ConfigError(f"{origin}: [{section}] {key} = {shown!r}: {exc}") from None
+        if section.startswith("task:"):
+            self._tasks.setdefault(section[5:], {})[key] = converted
+        else:
+            self._values[section][key] = converted
+        self._origin[(section, key)] = origin
+
+    def copy(self) -> "Config":
+        new = Config()
+        new._values = {s: dict(v) for s, v in self._values.items()}
+        new._origin = dict(self._origin)
+        new._tasks = {t: dict(v) for t, v in self._tasks.items()}
+        new.file = self.file
+        return new
+
+    def items(self, masked: bool = True):
+        """Yield ``(section, key, value, origin)`` for every setting, passwords masked."""
+        for section, keys in self._values.items():
+            for key, value in keys.items():
+                yield section, key, self._display(key, value) if masked else value, self.origin(section, key)
+        for task, opts in self._tasks.items():
+            for key, value in opts.items():
+                yield f"task:{task}", key, value, self.origin(f"task:{task}", key)
+
+    @staticmethod
+    def _display(key: str, value: Any) -> Any:
+        if key == "signing_key" and value:
+            return "***"
+        if isinstance(value, str) and (key.endswith("_url") or key == "result_backend"):
+            return mask_url(value)
+        return value
+
+
+def find_config_file(explicit: Optional[str], env: Mapping[str, str]) -> Optional[str]:
+    """``--config FILE``, else ``$GREENQ_CONFIG``, else ./greenq.ini, else /etc/greenq/greenq.ini."""
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ConfigError(f"--config {explicit}: no such file")
+        return explicit
+    if env.get("GREENQ_CONFIG"):
+        path = env["GREENQ_CONFIG"]
+        if not os.path.isfile(path):
+            raise ConfigError(f"GREENQ_CONFIG={path}: no such file")
+        return path
+    for path in SEARCH_PATH:
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _read_ini(cfg: Config, path: str) -> None:
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None,
+                                       strict=True)
+    parser.optionxform = str  # keep key case so errors show what was written
+    try:
+        with open(path, encoding="utf-8") as fh:
+            parser.read_file(fh)
+    except (configparser.Error, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    for section in parser.sections():
+        for key, value in parser.items(section, raw=True):
+            cfg.set(section, key.lower(), value, origin=path)
+
+
+def _read_env(cfg: Config, env: Mapping[str, str]) -> None:
+    for name, value in env.items():
+        if not name.startswith("GREENQ_") or name == "GREENQ_CONFIG" or name.startswith("GREENQ_TEST_"):
+            continue
+        rest = name[len("GREENQ_"):].lower()
+        for section in SETTINGS:
+            if section != "greenq" and rest.startswith(section + "_"):
+                key = rest[len(section) + 1:]
+                if key in SETTINGS[section]:
+                    cfg.set(section, key, value, origin=f"environment {name}")
+                    break
+        else:
+            if rest in SETTINGS["greenq"]:
+                cfg.set("greenq", rest, value, origin=f"environment {name}")
+            # other GREENQ_* variables are not settings and are left alone
+
+
+def load(path: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
+         overrides: Optional[Mapping[Tuple[str, str], Any]] = None,
+         search: bool = True) -> Config:
+    """Build the effective configuration.
+
+    ``path`` is ``--config``; with ``search`` the usual places are tried when it
+    is None.  ``overrides`` are CLI flags or constructor arguments, keyed by
+    ``(section, key)``, applied last.
+    """
+    env = os.environ if env is None else env
+    cfg = Config()
+    file = find_config_file(path, env) if (path or search) else None
+    if file:
+        cfg.file = file
+        _read_ini(cfg, file)
+    _read_env(cfg, env)
+    for (section, key), value in (overrides or {}).items():
+        if value is not None:
+            cfg.set(section, key, value, origin=f"option {key}")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-key checks that a single key's type cannot express."""
+    for name in cfg.accept_content:
+        if name not in SERIALIZERS:
+            raise ConfigError(f"{cfg.origin('greenq', 'accept_content')}: [greenq] accept_content = "
+                              f"{','.join(cfg.accept_content)!r}: unknown serializer '{name}'"
+                              + _suggest(name, SERIALIZERS))
+    if cfg.worker["concurrency"] < 1:
+        raise ConfigError(f"{cfg.origin('worker', 'concurrency')}: [worker] concurrency = 0: must be >= 1")
+    if cfg.worker["processes"] < 1:
+        raise ConfigError(f"{cfg.origin('worker', 'processes')}: [worker] processes = 0: must be >= 1")
+    if cfg.lease_seconds < 1:
+        raise ConfigError(f"{cfg.origin('greenq', 'lease_seconds')}: [greenq] lease_seconds = "
+                          f"{cfg.lease_seconds}: must be >= 1")
+    if cfg.max_deliveries < 1:
+        raise ConfigError(f"{cfg.origin('greenq', 'max_deliveries')}: [greenq] max_deliveries = 0: must be >= 1")
+    if not cfg.worker["queues"]:
+        raise ConfigError(f"{cfg.origin('worker', 'queues')}: [worker] queues is empty")
+    for opts_name, opts in cfg._tasks.items():
+        prio = opts.get("priority")
+        if prio is not None and prio > 9:
+            raise ConfigError(f"[task:{opts_name}] priority = {prio}: expected 0-9")

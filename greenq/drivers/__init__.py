@@ -1,0 +1,32 @@
+"""Concurrency drivers: gevent (default), eventlet (legacy), threads, solo.
+
+``get_driver(name)`` imports only the module of the driver asked for.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .base import Driver, Handle
+
+DRIVERS = {
+    "gevent": ("greenq.drivers.gevent", "GeventDriver", "gevent"),
+    "eventlet": ("greenq.drivers.eventlet", "EventletDriver", "eventlet"),
+    "threads": ("greenq.drivers.threads", "ThreadsDriver", None),
+    "solo": ("greenq.drivers.threads", "SoloDriver", None),
+}
+
+
+def get_driver(name: str) -> Driver:
+    """The driver called ``name``; ImportError with an install hint when its library is missing."""
+    try:
+        module, cls, extra = DRIVERS[name]
+    except KeyError:
+        raise ValueError(f"unknown pool {name!r}; choose one of {', '.join(DRIVERS)}") from None
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"pool {name!r} needs {extra}: pip install 'greenq[{extra}]' ({exc})") from None
+    return getattr(mod, cls)()
+
+
+__all__ = ["Driver", "Handle", "get_driver", "DRIVERS"]

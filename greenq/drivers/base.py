@@ -1,0 +1,94 @@
+"""The concurrency driver interface.
+
+A driver is the one object through which the worker and the brokers spawn,
+sleep, wait, lock and offload blocking calls, so that the same code runs under
+gevent, eventlet, plain threads and solo.  It is chosen once at start-up
+(``get_driver(name)``); nothing in greenq branches on "are we green?" at import.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Any, Callable, ContextManager, Optional, Type
+
+
+class Handle:
+    """A running unit of work (greenlet or thread) returned by ``Driver.spawn``."""
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait until it finished; True if it did within ``timeout``."""
+        raise NotImplementedError
+
+    @property
+    def dead(self) -> bool:
+        raise NotImplementedError
+
+    def kill(self, exc: Type[BaseException]) -> None:
+        """Raise ``exc`` inside it, without waiting.  Threads get it at the next
+        bytecode; a thread stuck in C code does not see it until it returns."""
+        raise NotImplementedError
+
+
+class Driver:
+    """One concurrency model.  Subclasses fill in every method."""
+
+    name = "base"
+    green = False  # True when tasks run as greenlets on one hub
+
+    # -- start-up ------------------------------------------------------------
+    def patch(self) -> None:
+        """Monkey-patch the process (green drivers); a no-op for threads and solo."""
+
+    def is_patched(self) -> bool:
+        """True when the process is patched as this driver needs (always, for threads)."""
+        return True
+
+    # -- concurrency primitives ----------------------------------------------
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        raise NotImplementedError
+
+    def sleep(self, seconds: float) -> None:
+        raise NotImplementedError
+
+    def event(self):
+        """A new event with set(), clear(), is_set() and wait(timeout) -> bool."""
+        raise NotImplementedError
+
+    def queue(self):
+        """A new unbounded FIFO with put(item), get(timeout) (raises ``queue.Empty``) and qsize()."""
+        raise NotImplementedError
+
+    def lock(self):
+        """A new mutex usable as a context manager."""
+        raise NotImplementedError
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking call (sqlite, a C library) where it cannot freeze the
+        hub: a real OS thread for green drivers; the caller's thread otherwise."""
+        return fn(*args, **kwargs)
+
+    def timeout(self, seconds: Optional[float], exc: Type[BaseException]) -> ContextManager:
+        """A context manager raising ``exc`` in the current task after ``seconds``."""
+        raise NotImplementedError
+
+    def current(self) -> Any:
+        """An identity for the running greenlet or thread."""
+        raise NotImplementedError
+
+    # -- the control plane ---------------------------------------------------
+    def start_os_thread(self, fn: Callable[[], Any]) -> None:
+        """Start ``fn`` in a real OS thread that the hub cannot block (watchdogs)."""
+        raise NotImplementedError
+
+    def os_sleep(self, seconds: float) -> None:
+        """The unpatched ``time.sleep``, for code running in ``start_os_thread``."""
+        raise NotImplementedError
+
+    def install_signal(self, signum: int, handler: Callable[[], None]) -> None:
+        """Call ``handler()`` (which should only set flags) when ``signum`` arrives."""
+        signal.signal(signum, lambda *_: handler())
+
+
+@contextlib.contextmanager
+def no_timeout():
+    yield

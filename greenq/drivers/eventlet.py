@@ -1,0 +1,128 @@
+"""eventlet: legacy, still fully supported.  Its maintainers discourage new
+use; prefer gevent.  ``patch()`` runs ``eventlet.monkey_patch()``."""
+from __future__ import annotations
+
+import queue as std_queue
+from typing import Any, Callable, Optional, Type
+
+import eventlet
+import eventlet.event
+import eventlet.patcher
+import eventlet.queue
+import eventlet.semaphore
+import eventlet.tpool
+import greenlet
+
+from .base import Driver, Handle, no_timeout
+
+
+class GreenThreadHandle(Handle):
+    def __init__(self, gt: "eventlet.greenthread.GreenThread") -> None:
+        self.gt = gt
+        self._done = eventlet.event.Event()
+        gt.link(lambda *_: self._done.ready() or self._done.send(None))
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        if self._done.ready():
+            return True
+        with eventlet.Timeout(timeout, False):
+            self._done.wait()
+        return self._done.ready()
+
+    @property
+    def dead(self) -> bool:
+        return self._done.ready() or self.gt.dead
+
+    def kill(self, exc: Type[BaseException]) -> None:
+        if not self.dead:
+            eventlet.spawn_n(self.gt.kill, exc)
+
+
+class _Event:
+    """A resettable event (eventlet's own Event fires only once)."""
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._event = eventlet.event.Event()
+
+    def set(self) -> None:
+        self._flag = True
+        if not self._event.ready():
+            self._event.send(True)
+
+    def clear(self) -> None:
+        if self._flag:
+            self._flag = False
+            self._event = eventlet.event.Event()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        if self._flag:
+            return True
+        event = self._event
+        with eventlet.Timeout(timeout, False):
+            event.wait()
+        return self._flag
+
+
+class _Queue:
+    def __init__(self) -> None:
+        self._q = eventlet.queue.Queue()
+
+    def put(self, item: Any) -> None:
+        self._q.put(item)
+
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:
+        try:
+            return self._q.get(block, timeout)
+        except eventlet.queue.Empty:
+            raise std_queue.Empty from None
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+
+class EventletDriver(Driver):
+    name = "eventlet"
+    green = True
+
+    def patch(self) -> None:
+        eventlet.monkey_patch()
+
+    def is_patched(self) -> bool:
+        return bool(eventlet.patcher.is_monkey_patched("socket")
+                    and eventlet.patcher.is_monkey_patched("thread"))
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        return GreenThreadHandle(eventlet.spawn(fn, *args))
+
+    def sleep(self, seconds: float) -> None:
+        eventlet.sleep(seconds)
+
+    def event(self):
+        return _Event()
+
+    def queue(self):
+        return _Queue()
+
+    def lock(self):
+        return eventlet.semaphore.Semaphore(1)
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return eventlet.tpool.execute(fn, *args, **kwargs)
+
+    def timeout(self, seconds: Optional[float], exc: Type[BaseException]):
+        if not seconds:
+            return no_timeout()
+        return eventlet.Timeout(seconds, exc)
+
+    def current(self) -> Any:
+        return greenlet.getcurrent()
+
+    def start_os_thread(self, fn: Callable[[], Any]) -> None:
+        eventlet.patcher.original("_thread").start_new_thread(fn, ())
+
+    def os_sleep(self, seconds: float) -> None:
+        eventlet.patcher.original("time").sleep(seconds)

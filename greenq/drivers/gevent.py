@@ -1,0 +1,81 @@
+"""gevent: the default driver.  ``patch()`` runs ``gevent.monkey.patch_all()``."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Type
+
+import gevent
+import gevent.event
+import gevent.lock
+import gevent.monkey
+import gevent.queue
+
+from .base import Driver, Handle, no_timeout
+
+
+class GreenletHandle(Handle):
+    def __init__(self, glet: "gevent.Greenlet") -> None:
+        self.glet = glet
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        self.glet.join(timeout)
+        return self.glet.dead
+
+    @property
+    def dead(self) -> bool:
+        return self.glet.dead
+
+    def kill(self, exc: Type[BaseException]) -> None:
+        self.glet.kill(exc, block=False)
+
+
+class _Queue(gevent.queue.Queue):
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:  # raises queue.Empty
+        return super().get(block, timeout)
+
+
+class GeventDriver(Driver):
+    name = "gevent"
+    green = True
+
+    def patch(self) -> None:
+        gevent.monkey.patch_all()
+
+    def is_patched(self) -> bool:
+        return bool(gevent.monkey.is_module_patched("socket")
+                    and gevent.monkey.is_module_patched("threading"))
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        return GreenletHandle(gevent.spawn(fn, *args))
+
+    def sleep(self, seconds: float) -> None:
+        gevent.sleep(seconds)
+
+    def event(self):
+        return gevent.event.Event()
+
+    def queue(self):
+        return _Queue()
+
+    def lock(self):
+        return gevent.lock.RLock()
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return gevent.get_hub().threadpool.apply(fn, args, kwargs)
+
+    def timeout(self, seconds: Optional[float], exc: Type[BaseException]):
+        if not seconds:
+            return no_timeout()
+        return gevent.Timeout(seconds, exc)
+
+    def current(self) -> Any:
+        return gevent.getcurrent()
+
+    def start_os_thread(self, fn: Callable[[], Any]) -> None:
+        start = gevent.monkey.get_original("_thread", "start_new_thread")
+        start(fn, ())
+
+    def os_sleep(self, seconds: float) -> None:
+        gevent.monkey.get_original("time", "sleep")(seconds)
+
+    def install_signal(self, signum: int, handler: Callable[[], None]) -> None:
+        gevent.signal_handler(signum, handler)

@@ -1,0 +1,80 @@
+"""Every exception greenq raises; re-exported from :mod:`greenq`."""
+import builtins
+from typing import Any, Optional
+
+
+class GreenQError(Exception):
+    """Base class of every greenq error."""
+
+
+class ConfigError(GreenQError):
+    """Invalid configuration: the message names the file, section, key and value."""
+
+
+class TimeoutError(GreenQError, builtins.TimeoutError):
+    """A wait (``AsyncResult.get``) ran out of time."""
+
+
+class BrokerError(GreenQError):
+    """The broker or result backend failed or could not be reached."""
+
+
+class MessageError(GreenQError):
+    """A message could not be decoded, was too large, or failed its signature."""
+
+
+class TaskError(GreenQError):
+    """A task failed with an exception that cannot be rebuilt on this side.
+
+    ``type_name`` is the remote exception's qualified type name, ``message``
+    its text and ``remote_traceback`` the traceback printed in the worker.
+    """
+
+    def __init__(self, type_name: str, message: str, remote_traceback: Optional[str] = None):
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+
+class SoftTimeLimitExceeded(GreenQError):
+    """Raised inside a task when its soft time limit passes; the task may catch it."""
+
+
+class TimeLimitExceeded(GreenQError):
+    """A task was killed by its hard time limit."""
+
+
+class Retry(GreenQError):
+    """Raised by ``self.retry()``: the task is published again with a delay."""
+
+    def __init__(self, message: str = "", exc: Optional[BaseException] = None,
+                 when: Optional[float] = None):
+        super().__init__(message or "retry requested")
+        self.exc = exc
+        self.when = when
+
+
+class Reject(GreenQError):
+    """Raise inside a task to refuse its message: it goes to the dead-letter store
+    (``requeue=False``, the default) or back to the queue (``requeue=True``)."""
+
+    def __init__(self, reason: Any = "", requeue: bool = False):
+        super().__init__(str(reason))
+        self.reason = str(reason)
+        self.requeue = requeue
+
+
+class WorkerLostError(GreenQError):
+    """Stored for a task whose worker was terminated while running it."""
+
+
+class TaskRevokedError(GreenQError):
+    """Raised by ``get()`` for a task that was revoked or expired."""
+
+
+__all__ = [
+    "GreenQError", "ConfigError", "TimeoutError", "BrokerError", "MessageError",
+    "TaskError", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject",
+    "WorkerLostError", "TaskRevokedError",
+]

@@ -1,0 +1,96 @@
+"""Shared fixtures: real services, isolated per run, skipped on a laptop
+without them and failing instead when GREENQ_TEST_REQUIRE_SERVICES=1 (CI)."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+
+import pytest
+
+from greenq import config as gq_config
+
+REQUIRE = os.environ.get("GREENQ_TEST_REQUIRE_SERVICES") == "1"
+REDIS_HOST = os.environ.get("GREENQ_TEST_REDIS_HOST", "127.0.0.1")
+REDIS_PORT = int(os.environ.get("GREENQ_TEST_REDIS_PORT", "6379"))
+REDIS_DB = int(os.environ.get("GREENQ_TEST_REDIS_DB", "13"))   # greenq's tests own this db number
+AMQP_HOST = os.environ.get("GREENQ_TEST_AMQP_HOST", "127.0.0.1")
+AMQP_PORT = int(os.environ.get("GREENQ_TEST_AMQP_PORT", "5672"))
+RUN_ID = uuid.uuid4().hex[:8]
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _missing(what: str) -> None:
+    reason = f"{what} is not answering; start it or unset the tests that need it"
+    if REQUIRE:
+        pytest.fail(f"GREENQ_TEST_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
+def make_config(**overrides):
+    """A Config from defaults only (no file, no environment) plus ``overrides``;
+    keys are ``greenq`` keys or ``section__key``."""
+    pairs = {}
+    for key, value in overrides.items():
+        section, _, name = key.rpartition("__")
+        pairs[(section or "greenq", name)] = value
+    return gq_config.load(search=False, env={}, overrides=pairs)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """URL of the test Redis database; every test must still use its own key_prefix."""
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        _missing("the redis package")
+    if not _answers(REDIS_HOST, REDIS_PORT):
+        _missing(f"Redis on {REDIS_HOST}:{REDIS_PORT}")
+    return f"redis://{REDIS_HOST}:{REDIS_PORT}/{REDIS_DB}"
+
+
+@pytest.fixture
+def redis_prefix(redis_url):
+    """A key prefix of this test's own; its keys are deleted afterwards."""
+    import redis
+    prefix = f"gqtest-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    yield prefix
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    """A RabbitMQ vhost of this run's own, deleted at the end."""
+    try:
+        import amqp  # noqa: F401
+    except ImportError:
+        _missing("the amqp package")
+    if not _answers(AMQP_HOST, AMQP_PORT):
+        _missing(f"RabbitMQ on {AMQP_HOST}:{AMQP_PORT}")
+    vhost = f"greenq-test-{RUN_ID}"
+    try:
+        _rabbitmqctl("add_vhost", vhost)
+        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    except (OSError, subprocess.SubprocessError) as exc:
+        _missing(f"rabbitmqctl ({exc})")
+    yield f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+    try:
+        _rabbitmqctl("delete_vhost", vhost)
+    except (OSError, subprocess.SubprocessError):
+        pass
