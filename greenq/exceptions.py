@@ -65,6 +65,10 @@ class Reject(GreenQError):
         self.requeue = requeue
 
 
+class MaxRetriesExceededError(GreenQError):
+    """A task asked to retry once more than ``max_retries`` allows."""
+
+
 class WorkerLostError(GreenQError):
     """Stored for a task whose worker was terminated while running it."""
 
@@ -76,5 +80,5 @@ class TaskRevokedError(GreenQError):
 __all__ = [
     "GreenQError", "ConfigError", "TimeoutError", "BrokerError", "MessageError",
     "TaskError", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject",
-    "WorkerLostError", "TaskRevokedError",
+    "WorkerLostError", "TaskRevokedError", "MaxRetriesExceededError",
 ]

@@ -1,0 +1,192 @@
+"""GreenQ: the application object -- settings, task registry, sending."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union, overload
+
+from . import config as config_module
+from .brokers import Outgoing, make_broker
+from .backends import backend_url_for, make_backend
+from .exceptions import ConfigError
+from .message import Codec, TaskMessage, new_id
+from .result import AsyncResult
+from .task import CALL_OPTIONS, Signature, Task, current_request, make_task, to_deadline, to_epoch
+
+
+class GreenQ:
+    """A greenq application.
+
+    ``GreenQ("shop", broker="redis://...")`` or ``GreenQ.from_config("greenq.ini")``.
+    Keyword arguments are ``[greenq]`` settings and win over the file and the
+    environment.  Connections are made lazily, one set per process.
+    """
+
+    def __init__(self, name: str = "greenq", broker: Optional[str] = None,
+                 backend: Optional[str] = None, *, config: Optional[config_module.Config] = None,
+                 config_file: Optional[str] = None, eager: Optional[bool] = None,
+                 **settings: Any) -> None:
+        self.name = name
+        overrides = {("greenq", k): v for k, v in settings.items()}
+        overrides[("greenq", "broker_url")] = broker
+        overrides[("greenq", "result_backend")] = backend
+        overrides[("greenq", "eager")] = eager
+        if config is None:
+            config = config_module.load(config_file, overrides=overrides, search=config_file is not None)
+        else:
+            config = config.copy()
+            for (section, key), value in overrides.items():
+                if value is not None:
+                    config.set(section, key, value, origin=f"GreenQ({key}=...)")
+        self.config = config
+        self.tasks: Dict[str, Task] = {}
+        self.driver = None  # set by the worker; None = plain blocking client
+        self._lock = threading.Lock()
+        self._conn: Optional[tuple] = None  # (pid, broker, backend)
+        self._codec: Optional[Codec] = None
+
+    @classmethod
+    def from_config(cls, path: Optional[str] = None, name: Optional[str] = None, **settings: Any) -> "GreenQ":
+        """Build from the INI file (``path``, else $GREENQ_CONFIG, ./greenq.ini,
+        /etc/greenq/greenq.ini), the environment and ``settings``."""
+        overrides = {("greenq", k): v for k, v in settings.items()}
+        cfg = config_module.load(path, overrides=overrides)
+        return cls(name or "greenq", config=cfg)
+
+    def __repr__(self) -> str:
+        return f"<GreenQ {self.name} broker={config_module.mask_url(self.config.broker_url)}>"
+
+    # -- tasks ---------------------------------------------------------------
+    def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
+             bind: bool = False, **options: Any) -> Any:
+        """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``."""
+        def register(func: Callable[..., Any]) -> Task:
+            task = make_task(self, func, name, bind, options)
+            self.tasks[task.name] = task
+            return task
+        if fn is not None:
+            return register(fn)
+        return register
+
+    # -- connections (one set per process) -----------------------------------
+    def set_driver(self, driver: Any) -> None:
+        """Used by the worker: route blocking calls through ``driver``."""
+        self.close()
+        self.driver = driver
+
+    def _connections(self) -> tuple:
+        conn = self._conn
+        pid = os.getpid()
+        if conn is None or conn[0] != pid:
+            with self._lock:
+                conn = self._conn
+                if conn is None or conn[0] != pid:  # new, or inherited across a fork: never reuse
+                    broker = make_broker(self.config.broker_url, self.config, self.driver)
+                    conn = self._conn = (pid, broker, None)
+        return conn
+
+    @property
+    def broker(self):
+        return self._connections()[1]
+
+    @property
+    def backend(self):
+        conn = self._connections()
+        if conn[2] is None:
+            with self._lock:
+                conn = self._conn
+                if conn[2] is None:
+                    backend = make_backend(backend_url_for(self.config), self.config, self.driver)
+                    conn = self._conn = (conn[0], conn[1], backend)
+        return conn[2]
+
+    @property
+    def codec(self) -> Codec:
+        if self._codec is None:
+            c = self.config
+            self._codec = Codec(c.serializer, c.accept_content, c.signing_key, c.max_message_size)
+        return self._codec
+
+    def close(self) -> None:
+        """Close this process's connections (they are remade on next use)."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn and conn[0] == os.getpid():
+            for part in conn[1:]:
+                if part is not None:
+                    part.close()
+
+    # -- sending -------------------------------------------------------------
+    def AsyncResult(self, task_id: str, task_name: Optional[str] = None) -> AsyncResult:  # noqa: N802
+        return AsyncResult(task_id, self, task_name)
+
+    def _build(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+               options: Dict[str, Any]) -> TaskMessage:
+        unknown = set(options) - CALL_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(CALL_OPTIONS)}")
+        task = self.tasks.get(name)
+        opt = task.option if task else (lambda key: self.config.task_options(name).get(key))
+        now = time.time()
+        countdown = options.get("countdown")
+        eta = to_epoch(options.get("eta"))
+        if countdown is not None:
+            eta = now + float(countdown)
+        expires = options.get("expires", opt("expires"))
+        priority = options.get("priority")
+        if priority is None:
+            priority = opt("priority") or 0
+        if not 0 <= int(priority) <= 9:
+            raise ValueError(f"priority must be 0-9, not {priority}")
+        parent = current_request()
+        ignore = options.get("ignore_result", opt("ignore_result"))
+        return TaskMessage(
+            task=name, args=list(args), kwargs=dict(kwargs or {}),
+            id=options.get("task_id") or new_id(),
+            queue=options.get("queue") or opt("queue") or self.config.default_queue,
+            priority=int(priority), eta=eta if eta and eta > now else None,
+            expires=to_deadline(expires, now), created=now,
+            root_id=parent.root_id if parent and not parent.is_eager else None,
+            time_limit=options.get("time_limit"), soft_time_limit=options.get("soft_time_limit"),
+            reply_to=None if ignore else self.backend.reply_to())
+
+    def _outgoing(self, msg: TaskMessage) -> Outgoing:
+        return Outgoing(msg.queue, self.codec.encode(msg), msg.id, msg.priority, msg.eta)
+
+    def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                  **options: Any) -> AsyncResult:
+        """Send a task by name (its code need not be importable here); takes
+        every ``apply_async`` option.  One broker round trip."""
+        if self.config.eager:
+            return self._eager(name, args, kwargs, options)
+        msg = self._build(name, args, kwargs, options)
+        self.broker.publish(self._outgoing(msg))
+        return AsyncResult(msg.id, self, name)
+
+    def enqueue_many(self, signatures: Iterable[Signature]) -> List[AsyncResult]:
+        """Publish many calls at once, pipelined; one AsyncResult each, in order."""
+        sigs = list(signatures)
+        if self.config.eager:
+            return [self._eager(s.task, s.args, s.kwargs, s.options) for s in sigs]
+        messages = [self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
+        if messages:
+            self.broker.publish_many([self._outgoing(m) for m in messages])
+        return [AsyncResult(m.id, self, m.task) for m in messages]
+
+    def _eager(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+               options: Dict[str, Any]) -> AsyncResult:
+        task = self.tasks.get(name)
+        if task is None:
+            raise KeyError(f"eager mode: task {name!r} is not registered in this process")
+        return task.apply(args, kwargs, task_id=options.get("task_id"))
+
+    def control_revoke(self, task_id: str, terminate: bool = False) -> None:
+        self.backend.revoke(task_id, terminate)
+
+    # -- configuration -------------------------------------------------------
+    def import_modules(self) -> None:
+        """Import the ``[greenq] app`` modules so their tasks register."""
+        import importlib
+        for module in self.config.app:
+            importlib.import_module(module)

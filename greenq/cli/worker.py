@@ -1,0 +1,116 @@
+"""``greenq-worker``: parse the command line, build the app, run the worker.
+
+Reached through greenq.worker.launch, which has already patched the process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any, List, Optional
+
+from .. import config as config_module
+from ..exceptions import ConfigError
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_app
+
+log = logging.getLogger("greenq.worker")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # exit 2 with the flag named, as argparse does
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"greenq-worker: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="greenq-worker", description="Run a greenq worker.")
+    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]", help="module holding the GreenQ app")
+    p.add_argument("-P", "--pool", choices=config_module.POOLS, help="concurrency driver (default gevent)")
+    p.add_argument("-c", "--concurrency", type=int, metavar="N", help="tasks run at once")
+    p.add_argument("-Q", "--queues", metavar="Q1,Q2", help="queues to consume")
+    p.add_argument("--config", metavar="FILE", help="INI file")
+    p.add_argument("--broker", metavar="URL", help="broker URL")
+    p.add_argument("--backend", metavar="URL", help="result backend URL")
+    p.add_argument("--processes", type=int, metavar="N", help="worker processes under a supervisor")
+    p.add_argument("--prefetch", type=int, metavar="N", help="messages held at once (0 = auto)")
+    p.add_argument("--loglevel", "-l", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--http", metavar="HOST:PORT", help="serve /metrics and /healthz")
+    p.add_argument("--max-tasks-per-child", type=int, metavar="N")
+    p.add_argument("--max-memory-per-child", type=int, metavar="MiB")
+    p.add_argument("--shutdown-timeout", type=float, metavar="S")
+    p.add_argument("--blocking-threshold", type=float, metavar="S")
+    p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    w = "worker"
+    return {
+        ("greenq", "broker_url"): args.broker, ("greenq", "result_backend"): args.backend,
+        (w, "pool"): args.pool, (w, "concurrency"): args.concurrency, (w, "queues"): args.queues,
+        (w, "processes"): args.processes, (w, "prefetch"): args.prefetch,
+        (w, "loglevel"): args.loglevel.upper() if args.loglevel else None, (w, "http"): args.http,
+        (w, "max_tasks_per_child"): args.max_tasks_per_child,
+        (w, "max_memory_per_child"): args.max_memory_per_child,
+        (w, "shutdown_timeout"): args.shutdown_timeout,
+        (w, "blocking_threshold"): args.blocking_threshold,
+    }
+
+
+def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_module.load(args.config, overrides=_overrides(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"greenq-worker: error: {exc}\n")
+        return EXIT_USAGE
+    w = cfg.worker
+    from .. import logs
+    try:
+        logs.setup(w["loglevel"], cfg.logging_config or None)
+    except ConfigError as exc:
+        sys.stderr.write(f"greenq-worker: error: {exc}\n")
+        return EXIT_USAGE
+    if driver is None or driver.name != w["pool"]:
+        sys.stderr.write(f"greenq-worker: error: pool {w['pool']!r} was not patched at start-up; "
+                         f"start through the greenq-worker launcher\n")
+        return EXIT_USAGE
+    supervised = w["processes"] > 1 or w["max_tasks_per_child"] or w["max_memory_per_child"]
+    if supervised and not args.child:
+        from ..worker.supervisor import Supervisor
+        return Supervisor(argv if argv is not None else sys.argv[1:], w["processes"],
+                          w["max_memory_per_child"], driver).run()
+    try:
+        app = load_app(args.app, cfg)
+    except ConfigError as exc:
+        sys.stderr.write(f"greenq-worker: error: {exc}\n")
+        return EXIT_USAGE
+    from ..worker.consumer import Worker
+    try:
+        worker = Worker(app, driver, queues=app.config.worker["queues"],
+                        concurrency=app.config.worker["concurrency"],
+                        prefetch=app.config.worker["prefetch"], burst=args.burst,
+                        shutdown_timeout=app.config.worker["shutdown_timeout"],
+                        max_tasks=app.config.worker["max_tasks_per_child"])
+    except ConfigError as exc:
+        sys.stderr.write(f"greenq-worker: error: {exc}\n")
+        return EXIT_USAGE
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        driver.install_signal(signum, worker.request_stop)
+    driver.install_signal(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
+    from ..worker.monitor import Monitor
+    monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"])
+    log.info("greenq worker: app=%r pool=%s (%s) broker=%s", app.name, driver.name, pool_source or "default",
+             config_module.mask_url(app.config.broker_url))
+    try:
+        monitor.start()
+        return worker.run()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception:
+        log.exception("worker failed")
+        return EXIT_FAILURE
+    finally:
+        monitor.stop()

@@ -1,0 +1,180 @@
+"""AsyncResult: the caller's handle on a task's outcome."""
+from __future__ import annotations
+
+import importlib
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+from .exceptions import TaskError, TaskRevokedError, TimeoutError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import GreenQ
+
+PENDING, RECEIVED, STARTED, RETRY = "PENDING", "RECEIVED", "STARTED", "RETRY"
+SUCCESS, FAILURE, REVOKED = "SUCCESS", "FAILURE", "REVOKED"
+READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
+ALL_STATES = (PENDING, RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED)
+
+
+def exception_to_dict(exc: BaseException) -> Dict[str, Any]:
+    cls = type(exc)
+    args = []
+    for arg in getattr(exc, "args", ()):
+        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else repr(arg))
+    return {"type": f"{cls.__module__}.{cls.__qualname__}", "args": args, "message": str(exc)}
+
+
+def rebuild_exception(info: Dict[str, Any], remote_traceback: Optional[str]) -> BaseException:
+    """The task's exception as its own type when importable and rebuildable,
+    else TaskError carrying the type name, message and remote traceback."""
+    type_name = info.get("type", "Exception")
+    module_name, _, qualname = type_name.rpartition(".")
+    try:
+        obj: Any = importlib.import_module(module_name or "builtins")
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            exc = obj(*info.get("args", []))
+            exc.remote_traceback = remote_traceback  # type: ignore[attr-defined]
+            return exc
+    except Exception:
+        pass
+    return TaskError(type_name, info.get("message", ""), remote_traceback)
+
+
+class AsyncResult:
+    """A task's result, looked up in the result backend by id.
+
+    ``get()`` blocks on the backend (no busy polling) until a final state."""
+
+    def __init__(self, task_id: str, app: "GreenQ", task_name: Optional[str] = None) -> None:
+        self.id = task_id
+        self.app = app
+        self.task_name = task_name
+        self._meta: Optional[Dict[str, Any]] = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult {self.id} {self.state}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    # -- state ---------------------------------------------------------------
+    def _lookup(self) -> Optional[Dict[str, Any]]:
+        if self._meta is not None and self._meta.get("state") in READY_STATES:
+            return self._meta
+        data = self.app.backend.get(self.id)
+        if data is not None:
+            self._meta = self.app.codec.decode_result(data)
+        return self._meta
+
+    @property
+    def state(self) -> str:
+        meta = self._lookup()
+        return meta["state"] if meta else PENDING
+
+    status = state
+
+    def ready(self) -> bool:
+        return self.state in READY_STATES
+
+    def successful(self) -> bool:
+        return self.state == SUCCESS
+
+    def failed(self) -> bool:
+        return self.state == FAILURE
+
+    @property
+    def traceback(self) -> Optional[str]:
+        meta = self._lookup()
+        return meta.get("traceback") if meta else None
+
+    @property
+    def result(self) -> Any:
+        """The value, or the exception instance for a failure; None while not ready."""
+        meta = self._lookup()
+        if not meta:
+            return None
+        return self._outcome(meta, propagate=False)
+
+    info = result
+
+    @property
+    def retries(self) -> int:
+        meta = self._lookup()
+        return meta.get("retries", 0) if meta else 0
+
+    # -- waiting -------------------------------------------------------------
+    def get(self, timeout: Optional[float] = None, propagate: bool = True) -> Any:
+        """Wait for the outcome.  Returns the value; for a failure re-raises the
+        task's exception (or returns it with ``propagate=False``).  Raises
+        ``greenq.TimeoutError`` after ``timeout`` seconds."""
+        meta = self._meta if self._meta and self._meta.get("state") in READY_STATES else None
+        if meta is None:
+            data = self.app.backend.wait(self.id, timeout)
+            if data is None:
+                raise TimeoutError(f"task {self.id} not ready after {timeout} s")
+            meta = self._meta = self.app.codec.decode_result(data)
+        return self._outcome(meta, propagate)
+
+    wait = get
+
+    def _outcome(self, meta: Dict[str, Any], propagate: bool) -> Any:
+        state = meta.get("state")
+        if state == SUCCESS:
+            return meta.get("result")
+        if state in (FAILURE, RETRY) and meta.get("exc"):
+            exc = rebuild_exception(meta["exc"], meta.get("traceback"))
+        elif state == REVOKED:
+            exc = TaskRevokedError(meta.get("reason") or f"task {self.id} was revoked")
+        else:
+            return None
+        if propagate and state != RETRY:
+            raise exc
+        return exc
+
+    # -- control -------------------------------------------------------------
+    def forget(self) -> None:
+        self._meta = None
+        self.app.backend.forget(self.id)
+
+    def revoke(self, terminate: bool = False) -> None:
+        """Stop the task: not run if not started; with ``terminate``, killed if running."""
+        self.app.control_revoke(self.id, terminate=terminate)
+
+
+class EagerResult(AsyncResult):
+    """The finished result of a task run inline (eager mode)."""
+
+    def __init__(self, task_id: str, app: "GreenQ", meta: Dict[str, Any],
+                 task_name: Optional[str] = None) -> None:
+        super().__init__(task_id, app, task_name)
+        self._meta = meta
+
+    def _lookup(self) -> Optional[Dict[str, Any]]:
+        return self._meta
+
+    def forget(self) -> None:
+        self._meta = {"state": PENDING}
+
+    def revoke(self, terminate: bool = False) -> None:
+        pass
+
+
+def make_meta(task_id: str, state: str, *, result: Any = None, exc: Optional[BaseException] = None,
+              traceback: Optional[str] = None, task: Optional[str] = None, retries: int = 0,
+              reason: Optional[str] = None) -> Dict[str, Any]:
+    meta: Dict[str, Any] = {"id": task_id, "state": state, "result": result,
+                            "date_done": time.time(), "retries": retries}
+    if task:
+        meta["task"] = task
+    if exc is not None:
+        meta["exc"] = exception_to_dict(exc)
+    if traceback:
+        meta["traceback"] = traceback
+    if reason:
+        meta["reason"] = reason
+    return meta

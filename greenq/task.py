@@ -1,0 +1,248 @@
+"""Tasks: the ``@app.task`` decorator's product, signatures, request context, retries."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import traceback as tb_module
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
+
+from .exceptions import MaxRetriesExceededError, Reject, Retry
+from .result import FAILURE, SUCCESS, EagerResult, make_meta
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import GreenQ
+    from .result import AsyncResult
+
+#: decorator options and their defaults (Celery's, where Celery has one)
+TASK_DEFAULTS: Dict[str, Any] = {
+    "queue": None, "priority": None, "max_retries": 3, "retry_backoff": False,
+    "retry_backoff_max": 600.0, "retry_jitter": True, "default_retry_delay": 180.0,
+    "autoretry_for": (), "soft_time_limit": None, "time_limit": None, "rate_limit": None,
+    "acks_late": True, "ignore_result": False, "expires": None,
+}
+
+#: apply_async options
+CALL_OPTIONS = frozenset({"countdown", "eta", "expires", "queue", "priority", "task_id",
+                          "time_limit", "soft_time_limit", "ignore_result"})
+
+_context: Any = None  # made on first use, after the worker patched threading: greenlet-local
+
+
+class Request:
+    """What a running task knows about its own call (``self.request`` with bind=True)."""
+
+    def __init__(self, id: str, task: str, args: Sequence[Any], kwargs: Dict[str, Any],
+                 retries: int = 0, queue: Optional[str] = None, eta: Optional[float] = None,
+                 expires: Optional[float] = None, root_id: Optional[str] = None,
+                 delivery_info: Optional[Dict[str, Any]] = None, is_eager: bool = False,
+                 reply_to: Optional[str] = None, priority: int = 0) -> None:
+        self.id = id
+        self.task = task
+        self.args = args
+        self.kwargs = kwargs
+        self.retries = retries
+        self.queue = queue
+        self.eta = eta
+        self.expires = expires
+        self.root_id = root_id or id
+        self.delivery_info = delivery_info or {}
+        self.is_eager = is_eager
+        self.reply_to = reply_to
+        self.priority = priority
+
+    def __repr__(self) -> str:
+        return f"<Request {self.task}[{self.id}] retries={self.retries}>"
+
+
+def current_request() -> Optional[Request]:
+    return getattr(_context, "request", None)
+
+
+def set_request(request: Optional[Request]) -> None:
+    global _context
+    if _context is None:
+        _context = threading.local()
+    _context.request = request
+
+
+def to_epoch(value: Union[None, float, int, datetime]) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return float(value)
+
+
+def to_deadline(value: Union[None, float, int, datetime], now: float) -> Optional[float]:
+    """``expires``: seconds from now (number), or an absolute datetime."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    return now + float(value)
+
+
+class Signature:
+    """A task call not yet sent: ``add.s(2, 3).set(queue="high").delay()``."""
+
+    def __init__(self, task: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                 options: Optional[Dict[str, Any]] = None, app: Optional["GreenQ"] = None) -> None:
+        self.task = task
+        self.args = tuple(args)
+        self.kwargs = dict(kwargs or {})
+        self.options = dict(options or {})
+        self.app = app
+
+    def set(self, **options: Any) -> "Signature":
+        unknown = set(options) - CALL_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(CALL_OPTIONS)}")
+        self.options.update(options)
+        return self
+
+    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult":
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    **options: Any) -> "AsyncResult":
+        if self.app is None:
+            raise RuntimeError("signature has no app")
+        return self.app.send_task(self.task, tuple(self.args) + tuple(args),
+                                  dict(self.kwargs, **(kwargs or {})), **dict(self.options, **options))
+
+    def __repr__(self) -> str:
+        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
+        return f"{self.task}({', '.join(parts)})"
+
+
+class Task:
+    """A registered task.  Calling it runs the function here; ``delay`` sends it."""
+
+    def __init__(self, app: "GreenQ", fn: Callable[..., Any], name: str, bind: bool,
+                 options: Dict[str, Any]) -> None:
+        unknown = set(options) - set(TASK_DEFAULTS)
+        if unknown:
+            raise TypeError(f"@app.task: unknown option(s) {sorted(unknown)}")
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.bind = bind
+        self._options = options
+        self.__doc__ = fn.__doc__
+        self.__name__ = getattr(fn, "__name__", name)
+        self.__module__ = getattr(fn, "__module__", None)
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def option(self, key: str) -> Any:
+        """The effective option: ``[task:NAME]`` in the INI file, else the decorator, else the default."""
+        overrides = self.app.config.task_options(self.name)
+        if key in overrides:
+            return overrides[key]
+        return self._options.get(key, TASK_DEFAULTS[key])
+
+    @property
+    def request(self) -> Request:
+        req = current_request()
+        if req is None or req.task != self.name:
+            return Request(id="", task=self.name, args=(), kwargs={}, is_eager=True)
+        return req
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bind:
+            return self.fn(self, *args, **kwargs)
+        return self.fn(*args, **kwargs)
+
+    # -- sending -------------------------------------------------------------
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
+        return Signature(self.name, args, kwargs, app=self.app)
+
+    signature = s
+
+    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult":
+        return self.apply_async(args, kwargs)
+
+    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    **options: Any) -> "AsyncResult":
+        return self.app.send_task(self.name, args, kwargs, **options)
+
+    # -- retries -------------------------------------------------------------
+    def retry(self, exc: Optional[BaseException] = None, countdown: Optional[float] = None,
+              eta: Union[None, float, datetime] = None, max_retries: Optional[int] = None) -> Retry:
+        """Ask for this task to run again later; always raises.
+
+        Raises ``Retry`` (the worker republishes the message with a delay) or,
+        once ``max_retries`` is reached, ``exc`` (or ``MaxRetriesExceededError``)."""
+        req = self.request
+        limit = self.option("max_retries") if max_retries is None else max_retries
+        if limit is not None and req.retries >= limit:
+            if exc is not None:
+                raise exc
+            raise MaxRetriesExceededError(f"{self.name}[{req.id}] reached max_retries={limit}")
+        if eta is not None:
+            when = to_epoch(eta)
+        else:
+            when = time.time() + (self.option("default_retry_delay") if countdown is None else countdown)
+        raise Retry(f"retry in {max(0.0, when - time.time()):.2f} s", exc=exc, when=when)
+
+    def backoff(self, retries: int) -> float:
+        """The delay before automatic retry number ``retries + 1``."""
+        base = self.option("retry_backoff")
+        if base is True:
+            base = 1.0
+        if not base:
+            return float(self.option("default_retry_delay"))
+        delay = min(float(self.option("retry_backoff_max")), float(base) * (2 ** retries))
+        if self.option("retry_jitter"):
+            delay = random.uniform(0, delay)
+        return delay
+
+    def run_with_retries(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
+        """Call the function; an exception listed in ``autoretry_for`` becomes
+        ``self.retry(exc=..., countdown=backoff)``."""
+        autoretry = self.option("autoretry_for")
+        if not autoretry:
+            return self(*args, **kwargs)
+        try:
+            return self(*args, **kwargs)
+        except tuple(autoretry) as exc:  # type: ignore[misc]
+            raise self.retry(exc=exc, countdown=self.backoff(self.request.retries))
+
+    # -- eager ---------------------------------------------------------------
+    def apply(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+              task_id: Optional[str] = None, **_: Any) -> EagerResult:
+        """Run here and now (eager mode), retries included, and return a finished result."""
+        from .message import new_id
+        task_id = task_id or new_id()
+        kwargs = kwargs or {}
+        retries = 0
+        previous = current_request()
+        try:
+            while True:
+                set_request(Request(task_id, self.name, args, kwargs, retries=retries, is_eager=True))
+                try:
+                    value = self.run_with_retries(args, kwargs)
+                except Retry:
+                    retries += 1
+                    continue
+                except Reject as exc:
+                    return EagerResult(task_id, self.app, make_meta(task_id, FAILURE, exc=exc,
+                                       task=self.name, retries=retries), self.name)
+                except Exception as exc:
+                    return EagerResult(task_id, self.app, make_meta(
+                        task_id, FAILURE, exc=exc, traceback=tb_module.format_exc(),
+                        task=self.name, retries=retries), self.name)
+                return EagerResult(task_id, self.app, make_meta(
+                    task_id, SUCCESS, result=value, task=self.name, retries=retries), self.name)
+        finally:
+            set_request(previous)
+
+
+def make_task(app: "GreenQ", fn: Callable[..., Any], name: Optional[str], bind: bool,
+              options: Dict[str, Any]) -> Task:
+    task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+    return Task(app, fn, task_name, bind, options)

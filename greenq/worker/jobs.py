@@ -1,0 +1,107 @@
+"""One task run: the Job record and the code that runs it inside a greenlet or thread."""
+from __future__ import annotations
+
+import logging
+import traceback
+from typing import TYPE_CHECKING, Any, Optional
+
+from ..exceptions import Reject, Retry, TimeLimitExceeded
+from ..task import Request, set_request
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..brokers.base import Delivery
+    from ..message import TaskMessage
+    from ..task import Task
+
+log = logging.getLogger("greenq.worker")
+
+# outcome kinds
+SUCCESS, FAILURE, RETRY, REJECT, REQUEUE, REVOKED, DEAD = (
+    "success", "failure", "retry", "reject", "requeue", "revoked", "dead")
+
+
+class HardKill(BaseException):
+    """Thrown into a task at its hard time limit.  A BaseException so that
+    ``except Exception`` in a task cannot swallow it."""
+
+
+class Abandon(BaseException):
+    """Thrown into a task at cold shutdown: its message goes back to the queue."""
+
+
+class Terminate(BaseException):
+    """Thrown into a task revoked with ``terminate=True``."""
+
+
+class Job:
+    """A held message on its way through the worker."""
+
+    __slots__ = ("delivery", "msg", "task", "handle", "started", "outcome", "value", "exc",
+                 "tb", "reason", "acked", "killed_by")
+
+    def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
+                 task: Optional["Task"] = None) -> None:
+        self.delivery = delivery
+        self.msg = msg
+        self.task = task
+        self.handle: Any = None
+        self.started = False
+        self.outcome: Optional[str] = None
+        self.value: Any = None
+        self.exc: Optional[BaseException] = None
+        self.tb: Optional[str] = None
+        self.reason: Optional[str] = None
+        self.acked = False          # acknowledged early (acks_late=False)
+        self.killed_by: Optional[type] = None
+
+    @property
+    def id(self) -> str:
+        return self.msg.id if self.msg else self.delivery.message_id
+
+
+def run(job: Job) -> None:
+    """Run the task of ``job`` and record its outcome on the job.  Never raises
+    for the task's own errors; a kill by the worker is recorded by its cause."""
+    msg, task = job.msg, job.task
+    job.started = True
+    set_request(Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
+                        eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
+                        delivery_info={"queue": job.delivery.queue,
+                                       "deliveries": job.delivery.deliveries},
+                        reply_to=msg.reply_to, priority=msg.priority))
+    try:
+        job.value = task.run_with_retries(msg.args, msg.kwargs)
+        job.outcome = SUCCESS
+    except Retry as exc:
+        job.outcome, job.exc = RETRY, exc
+    except Reject as exc:
+        job.outcome, job.exc, job.reason = REJECT, exc, exc.reason
+    except HardKill:
+        job.outcome, job.exc = FAILURE, TimeLimitExceeded(
+            f"{msg.task}[{msg.id}] killed by its hard time limit")
+        job.tb = traceback.format_exc()
+    except Abandon:
+        job.outcome = REQUEUE
+    except Terminate:
+        job.outcome, job.reason = REVOKED, "terminated by revoke"
+    except Exception as exc:
+        job.outcome, job.exc, job.tb = FAILURE, exc, traceback.format_exc()
+    except BaseException as exc:  # GreenletExit and friends: the worker is going down
+        job.outcome, job.exc = REQUEUE, exc
+    finally:
+        set_request(None)
+    if job.killed_by is HardKill and job.outcome != FAILURE:
+        # the task swallowed its kill and returned anyway: it still ran out of time
+        job.outcome, job.exc = FAILURE, TimeLimitExceeded(f"{msg.task}[{msg.id}] exceeded its hard time limit")
+    if job.outcome == FAILURE:
+        log.warning("task %s[%s] failed: %r", msg.task, msg.id, job.exc)
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("task %s[%s] %s", msg.task, msg.id, job.outcome)
+
+
+def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":
+    """(soft, hard) time limits in seconds: the message's own, else the task's."""
+    msg, task = job.msg, job.task
+    soft = msg.soft_time_limit if msg.soft_time_limit is not None else task.option("soft_time_limit")
+    hard = msg.time_limit if msg.time_limit is not None else task.option("time_limit")
+    return soft or None, hard or None

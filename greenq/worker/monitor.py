@@ -1,0 +1,157 @@
+"""Hub-blocking detection and the /metrics and /healthz endpoints.
+
+Blocking detection (green drivers, on by default): a greenlet on the hub
+records a heartbeat every ``threshold / 5`` seconds; a real OS thread, which
+a stuck hub cannot stop, notices when the heartbeat is older than
+``threshold`` and logs the blocking task, for how long, and its stack.  The
+count and total blocked time go to /metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+import traceback
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Optional
+
+log = logging.getLogger("greenq.monitor")
+
+
+def _blocking_job(frame: Any) -> Optional[Any]:
+    """The Job whose task owns ``frame``, found by walking up to jobs.run."""
+    while frame is not None:
+        if frame.f_code.co_name == "run" and "job" in frame.f_locals and \
+                frame.f_code.co_filename.endswith("jobs.py"):
+            return frame.f_locals["job"]
+        frame = frame.f_back
+    return None
+
+
+class Monitor:
+    def __init__(self, worker: Any, blocking_threshold: float, http: str) -> None:
+        self.worker = worker
+        self.driver = worker.driver
+        self.threshold = blocking_threshold
+        self.http = http
+        self.beat = time.monotonic()
+        self._running = False
+        self._server: Optional[HTTPServer] = None
+        self._hub_ident = threading.get_ident()
+
+    def start(self) -> None:
+        self._running = True
+        if self.threshold and self.driver.green:
+            self.driver.spawn(self._ticker)
+            self.driver.start_os_thread(self._watch)
+        if self.http:
+            self._serve()
+
+    def stop(self) -> None:
+        self._running = False
+        if self._server is not None:
+            try:
+                self._server.server_close()
+            except Exception:  # pragma: no cover
+                pass
+
+    # -- blocking detection ----------------------------------------------------
+    def _ticker(self) -> None:
+        interval = self.threshold / 5.0
+        while self._running:
+            self.beat = time.monotonic()
+            self.driver.sleep(interval)
+
+    def _watch(self) -> None:
+        interval = self.threshold / 5.0
+        stats = self.worker.stats
+        blocked_since: Optional[float] = None
+        while self._running:
+            self.driver.os_sleep(interval)
+            age = time.monotonic() - self.beat
+            if age > self.threshold:
+                if blocked_since is None:
+                    blocked_since = self.beat
+                    frame = sys._current_frames().get(self._hub_ident)
+                    job = _blocking_job(frame)
+                    who = f"task {job.msg.task}[{job.msg.id}]" if job is not None and job.msg else "greenq itself"
+                    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+                    stats.hub_blocked += 1
+                    log.warning("hub blocked for %.2f s (threshold %.2f s) by %s; every other greenlet is "
+                                "frozen. A blocking C call or CPU loop? Stack:\n%s",
+                                age, self.threshold, who, stack)
+            elif blocked_since is not None:
+                duration = self.beat - blocked_since
+                stats.hub_blocked_seconds += duration
+                log.warning("hub unblocked after %.2f s", duration)
+                blocked_since = None
+
+    # -- HTTP ------------------------------------------------------------------
+    def healthy(self) -> "tuple[bool, dict]":
+        w = self.worker
+        silent = time.monotonic() - w.last_poll
+        broker_ok = getattr(w.broker, "healthy", True)
+        limit = max(10.0, 5 * w.fetch_timeout)
+        ok = silent < limit and broker_ok and not w.stopping
+        return ok, {"status": "ok" if ok else "unhealthy", "seconds_since_poll": round(silent, 3),
+                    "broker_healthy": bool(broker_ok), "stopping": bool(w.stopping),
+                    "running": len(w.running), "held": len(w.held)}
+
+    def metrics(self) -> str:
+        w, s = self.worker, self.worker.stats
+        lines = []
+
+        def metric(name: str, kind: str, value: float, help_text: str) -> None:
+            lines.append(f"# HELP greenq_{name} {help_text}")
+            lines.append(f"# TYPE greenq_{name} {kind}")
+            lines.append(f"greenq_{name} {value}")
+        metric("tasks_received_total", "counter", s.received, "Messages received")
+        metric("tasks_succeeded_total", "counter", s.succeeded, "Tasks that succeeded")
+        metric("tasks_failed_total", "counter", s.failed, "Tasks that failed")
+        metric("tasks_retried_total", "counter", s.retried, "Task retries scheduled")
+        metric("messages_dead_lettered_total", "counter", s.dead_lettered, "Messages dead-lettered")
+        metric("tasks_revoked_total", "counter", s.revoked, "Tasks revoked or expired")
+        metric("hub_blocked_total", "counter", s.hub_blocked, "Times the hub was blocked past the threshold")
+        metric("hub_blocked_seconds_total", "counter", round(s.hub_blocked_seconds, 3),
+               "Seconds the hub spent blocked")
+        metric("tasks_running", "gauge", len(w.running), "Tasks running now")
+        metric("messages_held", "gauge", len(w.held), "Messages leased to this worker")
+        metric("concurrency", "gauge", w.concurrency, "Task slots")
+        metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
+        return "\n".join(lines) + "\n"
+
+    def _serve(self) -> None:
+        host, _, port = self.http.rpartition(":")
+        monitor = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path.startswith("/healthz"):
+                    ok, body = monitor.healthy()
+                    self._send(200 if ok else 503, json.dumps(body), "application/json")
+                elif self.path.startswith("/metrics"):
+                    self._send(200, monitor.metrics(), "text/plain; version=0.0.4")
+                else:
+                    self._send(404, "not found\n", "text/plain")
+
+            def _send(self, code: int, body: str, ctype: str) -> None:
+                data = body.encode()
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = HTTPServer((host or "127.0.0.1", int(port)), Handler)
+        self._server.timeout = 0.5
+        log.info("serving /metrics and /healthz on %s", self.http)
+
+        def serve() -> None:
+            while self._running:
+                self._server.handle_request()
+        self.driver.spawn(serve)
