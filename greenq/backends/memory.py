@@ -1,0 +1,137 @@
+"""``memory://`` result backend: in-process, for users' unit tests.
+
+Every backend made for the same URL in one process shares one store, so a
+worker running in the test process and the test's client see the same
+results.  ``wait`` blocks on an event (the driver's own under gevent or
+eventlet) that a final record for its task sets.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ..brokers.memory import store_name, waiter_event
+from .base import Record, ResultBackend
+
+_MAX_WAIT = 0.1      # re-check at least this often (see brokers.memory)
+_CLEANUP_EVERY = 30.0  # seconds between sweeps of expired records
+
+
+class _ResultStore:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.results: Dict[str, Tuple[bytes, bool, float]] = {}   # id -> (data, final, expires_at)
+        self.revoked: Dict[str, Tuple[bool, float]] = {}         # id -> (terminate, expires_at)
+        self.waiters: Dict[str, List] = {}
+        self.next_cleanup = 0.0
+
+    def sweep(self, now: float) -> None:
+        if now < self.next_cleanup:
+            return
+        self.next_cleanup = now + _CLEANUP_EVERY
+        for table in (self.results, self.revoked):
+            for key in [k for k, v in table.items() if v[-1] <= now]:
+                del table[key]
+
+
+_STORES: Dict[str, _ResultStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _get_store(name: str) -> _ResultStore:
+    with _STORES_LOCK:
+        store = _STORES.get(name)
+        if store is None:
+            store = _STORES[name] = _ResultStore()
+        return store
+
+
+class MemoryBackend(ResultBackend):
+    """Results shared by every ``MemoryBackend`` of the same URL in the process."""
+
+    schemes = ("memory",)
+
+    def __init__(self, url: str, config, driver=None) -> None:
+        super().__init__(url, config, driver)
+        self._store = _get_store(store_name(url))
+
+    def _expires_at(self, now: float) -> float:
+        """``result_expires = 0`` keeps records forever."""
+        return now + self.config.result_expires if self.config.result_expires else float("inf")
+
+    def _store_many(self, records: Sequence[Record]) -> None:
+        store = self._store
+        now = time.time()
+        expires_at = self._expires_at(now)
+        with store.lock:
+            for r in records:
+                store.results[r.task_id] = (bytes(r.data), r.final, expires_at)
+                if r.final:
+                    for event in store.waiters.pop(r.task_id, ()):
+                        event.set()
+            store.sweep(now)
+
+    def _live(self, task_id: str) -> Optional[Tuple[bytes, bool, float]]:
+        entry = self._store.results.get(task_id)
+        if entry is not None and entry[2] > time.time():
+            return entry
+        return None
+
+    def _get(self, task_id: str) -> Optional[bytes]:
+        with self._store.lock:
+            entry = self._live(task_id)
+        return entry[0] if entry else None
+
+    def _is_final(self, task_id: str) -> Optional[bytes]:
+        with self._store.lock:
+            entry = self._live(task_id)
+        return entry[0] if entry and entry[1] else None
+
+    def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+        store = self._store
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with store.lock:
+                entry = self._live(task_id)
+                if entry is not None and entry[1]:
+                    return entry[0]
+                event = waiter_event(self.driver)
+                store.waiters.setdefault(task_id, []).append(event)
+            wait = _MAX_WAIT
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._drop_waiter(task_id, event)
+                    return None
+                wait = min(wait, left)
+            event.wait(wait)
+            self._drop_waiter(task_id, event)
+
+    def _drop_waiter(self, task_id: str, event) -> None:
+        with self._store.lock:
+            events = self._store.waiters.get(task_id)
+            if events is not None and event in events:
+                events.remove(event)
+                if not events:
+                    del self._store.waiters[task_id]
+
+    def _forget(self, task_id: str) -> None:
+        with self._store.lock:
+            self._store.results.pop(task_id, None)
+
+    def _revoke(self, task_id: str, terminate: bool) -> None:
+        with self._store.lock:
+            self._store.revoked[task_id] = (bool(terminate), self._expires_at(time.time()))
+
+    def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        now = time.time()
+        with self._store.lock:
+            found = ((t, self._store.revoked.get(t)) for t in task_ids)
+            return {t: entry[0] for t, entry in found if entry is not None and entry[1] > now}
+
+    def reset(self) -> None:
+        """Forget every result and revocation of this URL (between users' tests)."""
+        with self._store.lock:
+            self._store.results.clear()
+            self._store.revoked.clear()

@@ -1,0 +1,98 @@
+"""``sqlite:///path.db`` result backend: the ``results`` and ``revocations``
+tables of the broker's file (the default when the broker is SQLite; the schema
+is documented in :mod:`greenq.brokers.sqlite`).
+
+Rows carry ``expires_at``: expired ones are ignored by every read and deleted
+now and then by a write.  ``result_expires = 0`` keeps them forever.  SQLite
+cannot block, so ``wait`` polls with a sleep growing from 5 ms to 200 ms (the
+base class's ``_wait``), cooperatively under a green driver.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Dict, Optional, Sequence
+
+from ..brokers.sqlite import Database, chunks, placeholders, transaction
+from .base import Record, ResultBackend
+
+CLEANUP_EVERY = 60.0   # seconds between deletions of expired rows, per backend instance
+FOREVER = 1e300        # expires_at of records kept forever
+
+
+class SQLiteBackend(ResultBackend):
+    """Results in the SQLite file of the embedded broker."""
+
+    schemes = ("sqlite",)
+
+    def __init__(self, url: str, config, driver=None) -> None:
+        super().__init__(url, config, driver)
+        self._db = Database(url)
+        self._next_cleanup = 0.0
+
+    def _run(self, fn, *args):
+        return self._blocking(self._db.run, fn, *args)
+
+    def _expires_at(self, now: float) -> float:
+        return now + self.config.result_expires if self.config.result_expires else FOREVER
+
+    def _store_many(self, records: Sequence[Record]) -> None:
+        now = time.time()
+        expires_at = self._expires_at(now)
+        rows = [(r.task_id, r.data, int(r.final), expires_at) for r in records]
+        cleanup = now >= self._next_cleanup
+        if cleanup:
+            self._next_cleanup = now + CLEANUP_EVERY
+
+        def store(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany("INSERT OR REPLACE INTO results (task_id, data, final, expires_at) "
+                                 "VALUES (?, ?, ?, ?)", rows)
+                if cleanup:
+                    conn.execute("DELETE FROM results WHERE expires_at <= ?", (now,))
+                    conn.execute("DELETE FROM revocations WHERE expires_at <= ?", (now,))
+        self._run(store)
+
+    def _select(self, sql: str, task_id: str) -> Optional[bytes]:
+        def query(conn: sqlite3.Connection) -> Optional[bytes]:
+            row = conn.execute(sql, (task_id, time.time())).fetchone()
+            return row[0] if row else None
+        return self._run(query)
+
+    def _get(self, task_id: str) -> Optional[bytes]:
+        return self._select("SELECT data FROM results WHERE task_id = ? AND expires_at > ?", task_id)
+
+    def _is_final(self, task_id: str) -> Optional[bytes]:
+        return self._select("SELECT data FROM results WHERE task_id = ? AND expires_at > ? AND final = 1",
+                            task_id)
+
+    def _forget(self, task_id: str) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
+        self._run(delete)
+
+    def _revoke(self, task_id: str, terminate: bool) -> None:
+        expires_at = self._expires_at(time.time())
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO revocations (task_id, terminate, expires_at) "
+                             "VALUES (?, ?, ?)", (task_id, int(terminate), expires_at))
+        self._run(insert)
+
+    def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        ids = list(task_ids)
+
+        def query(conn: sqlite3.Connection) -> Dict[str, bool]:
+            now = time.time()
+            found: Dict[str, bool] = {}
+            for chunk in chunks(ids):
+                found.update((task_id, bool(terminate)) for task_id, terminate in conn.execute(
+                    f"SELECT task_id, terminate FROM revocations WHERE task_id IN ({placeholders(len(chunk))}) "
+                    f"AND expires_at > ?", (*chunk, now)))
+            return found
+        return self._run(query)
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,399 @@
+"""``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``: the embedded
+default broker.  One machine, durable, no server.  docs/brokers-sqlite.md
+explains the delivery semantics.
+
+Schema (created on first use; ``PRAGMA user_version`` = 1)::
+
+    messages      one row per message until it is acknowledged
+      id          INTEGER PRIMARY KEY AUTOINCREMENT   the delivery token, never reused
+      queue       TEXT                                queue name
+      priority    INTEGER                             0-9, higher is fetched first
+      visible_at  REAL      epoch seconds from which the row may be fetched: the publish
+                            time, the eta of a delayed message, or the lease end of a
+                            held one (0 after a requeue: front of its priority)
+      claimed_by  TEXT      consumer holding it; NULL = never fetched or requeued.
+                            Held = claimed_by set and visible_at in the future.
+      deliveries  INTEGER   hand-outs so far
+      message_id  TEXT, body BLOB
+      INDEX messages_fetch (queue, priority, visible_at)
+
+    queues        (name) every queue ever published to or declared
+    dead_letters  (id, queue, priority, message_id, body, reason, failed_at)
+    results       (task_id, data, final, expires_at)     greenq.backends.sqlite
+    revocations   (task_id, terminate, expires_at)       greenq.backends.sqlite
+
+Fetching is one short ``BEGIN IMMEDIATE`` transaction: select up to ``count``
+rows with ``visible_at <= now`` (one index range per queue and priority, so
+held and delayed rows are never scanned), then set ``claimed_by``,
+``visible_at = now + lease_seconds`` and ``deliveries + 1`` on all of them.
+Due delayed messages and expired leases need no mover: the WHERE clause finds
+them.  SQLite cannot block, so an empty fetch polls with a sleep growing from
+5 ms to 100 ms, through the driver so the hub keeps running.
+
+Every database call runs through ``Broker._blocking`` (a real thread under
+gevent and eventlet).  Connections are pooled rather than kept per thread: a
+connection is taken by whichever OS thread runs the call and given back after,
+so no connection is used by two threads at once, and nothing depends on
+``threading.local`` or thread idents, which are per greenlet once patched.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from typing import Any, Callable, Iterator, List, Optional, Sequence
+from urllib.parse import parse_qs, urlsplit
+
+from ..exceptions import BrokerError, ConfigError
+from ..config import mask_url
+from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL,
+    claimed_by TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_fetch ON messages (queue, priority, visible_at);
+CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    final INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    task_id TEXT PRIMARY KEY,
+    terminate INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+BUSY_TIMEOUT = 15.0       # seconds a writer waits for the database lock
+POLL_MIN, POLL_MAX = 0.005, 0.1
+CHUNK = 500               # ids per IN (...) list, under SQLite's variable limit
+SYNCHRONOUS = ("full", "normal", "off")
+
+
+def _arms(columns: str, limit: str) -> str:
+    """One index range per priority, highest first, each in visible_at order."""
+    arm = (f"SELECT * FROM (SELECT {columns} FROM messages WHERE queue = :queue AND priority = {{p}} "
+           f"AND visible_at <= :now ORDER BY visible_at, id LIMIT {limit})")
+    return f"SELECT * FROM ({' UNION ALL '.join(arm.format(p=p) for p in range(9, -1, -1))}) LIMIT {limit}"
+
+
+FETCH_SQL = _arms("id, priority, deliveries, message_id, body", ":count")
+PEEK_SQL = _arms("id", "1")
+
+
+def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]
+
+
+def placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class Database:
+    """A SQLite file with a pool of connections, each used by one thread at a time.
+
+    ``run(fn, *args)`` calls ``fn(conn, *args)`` with a connection taken from
+    the pool (list ``pop``/``append`` are atomic, so no lock is needed whatever
+    the driver); sqlite3 errors become :class:`BrokerError`.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if parts.netloc or not path or path == ":memory:":
+            raise ConfigError(f"sqlite URL {mask_url(url)!r}: expected sqlite:///relative/path.db or "
+                              f"sqlite:////absolute/path.db (use memory:// for an in-process broker)")
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.synchronous = options.pop("synchronous", "full").lower()
+        if self.synchronous not in SYNCHRONOUS or options:
+            raise ConfigError(f"sqlite URL {mask_url(url)!r}: the only option is "
+                              f"synchronous={'|'.join(SYNCHRONOUS)}")
+        self.path = os.path.abspath(path)
+        self._idle: List[sqlite3.Connection] = []
+        self._schema_ready = False
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False, cached_statements=64)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        if not self._schema_ready:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BrokerError(f"{self.path} has greenq schema version {version}; this greenq knows "
+                                  f"{SCHEMA_VERSION}: upgrade greenq")
+            if version < SCHEMA_VERSION:
+                with transaction(conn):
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._schema_ready = True
+        return conn
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._closed:
+            raise BrokerError(f"sqlite broker {self.path} is closed")
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = None
+        try:
+            if conn is None:
+                conn = self._connect()
+            return fn(conn, *args)
+        except sqlite3.Error as exc:
+            raise BrokerError(f"sqlite {self.path}: {exc}") from exc
+        finally:
+            if conn is not None:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction: takes the database lock at once (waiting up to BUSY_TIMEOUT)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+class SQLiteBroker(Broker):
+    """Messages in one SQLite file, shared by every process on the machine."""
+
+    schemes = ("sqlite",)
+
+    def __init__(self, url: str, config, driver=None) -> None:
+        super().__init__(url, config, driver)
+        self._db = Database(url)
+        self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._interrupted = False
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._blocking(self._db.run, fn, *args)
+
+    # -- publishing ----------------------------------------------------------
+    def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        if not messages:
+            return
+        now = time.time()
+        rows = [(m.queue, min(9, max(0, int(m.priority))), m.eta if m.eta and m.eta > now else now,
+                 m.message_id, m.body) for m in messages]
+        self._run(self._insert, rows)
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, rows: List[tuple]) -> None:
+        with transaction(conn):
+            conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)", {(r[0],) for r in rows})
+            conn.executemany("INSERT INTO messages (queue, priority, visible_at, message_id, body) "
+                             "VALUES (?, ?, ?, ?, ?)", rows)
+
+    # -- consuming -----------------------------------------------------------
+    def declare(self, queues: Sequence[str]) -> None:
+        def insert(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)", [(q,) for q in queues])
+        self._run(insert)
+
+    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+        deadline = time.monotonic() + timeout
+        delay = POLL_MIN
+        queues = list(queues)
+        while True:
+            out = self._run(self._claim, queues, count) if count > 0 else []
+            if out or self._interrupted:
+                self._interrupted = False
+                return out
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            self._sleep(min(delay, left))
+            delay = min(delay * 1.5, POLL_MAX)
+
+    def _claim(self, conn: sqlite3.Connection, queues: List[str], count: int) -> List[Delivery]:
+        now = time.time()
+        wanted = [q for q in queues if conn.execute(PEEK_SQL, {"queue": q, "now": now}).fetchone()]
+        if not wanted:
+            return []
+        out: List[Delivery] = []
+        with transaction(conn):
+            now = time.time()
+            for queue in wanted:
+                rows = conn.execute(FETCH_SQL, {"queue": queue, "now": now,
+                                                "count": count - len(out)}).fetchall()
+                out.extend(Delivery(queue, body, message_id, deliveries + 1, row_id, priority)
+                           for row_id, priority, deliveries, message_id, body in rows)
+                if len(out) >= count:
+                    break
+            ids = [d.token for d in out]
+            for chunk in chunks(ids):
+                conn.execute(f"UPDATE messages SET claimed_by = ?, visible_at = ?, "
+                             f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
+                             (self._consumer, now + self.config.lease_seconds, *chunk))
+        return out
+
+    def interrupt(self) -> None:
+        self._interrupted = True
+
+    def _update_held(self, sql: str, first: Sequence[Any], deliveries: Sequence[Delivery]) -> None:
+        """Run ``sql ... WHERE claimed_by = me AND id IN (...)`` over every delivery in one transaction."""
+        ids = [d.token for d in deliveries]
+        if not ids:
+            return
+
+        def update(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                for chunk in chunks(ids):
+                    conn.execute(f"{sql} WHERE claimed_by = ? AND id IN ({placeholders(len(chunk))})",
+                                 (*first, self._consumer, *chunk))
+        self._run(update)
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        ids = [d.token for d in deliveries]
+        if not ids:
+            return
+
+        def delete(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                for chunk in chunks(ids):
+                    conn.execute(f"DELETE FROM messages WHERE id IN ({placeholders(len(chunk))})", chunk)
+        self._run(delete)
+
+    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+        self._update_held("UPDATE messages SET claimed_by = NULL, visible_at = 0", (), deliveries)
+
+    def renew(self, deliveries: Sequence[Delivery]) -> None:
+        self._update_held("UPDATE messages SET visible_at = ?",
+                          (time.time() + self.config.lease_seconds,), deliveries)
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        def move(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
+                             "SELECT queue, priority, message_id, body, ?, ? FROM messages WHERE id = ?",
+                             (reason, time.time(), delivery.token))
+                conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
+        self._run(move)
+
+    def next_due(self, queues: Sequence[str]) -> Optional[float]:
+        queues = list(queues)
+
+        def query(conn: sqlite3.Connection) -> Optional[float]:
+            return conn.execute(f"SELECT MIN(visible_at) FROM messages WHERE queue IN ({placeholders(len(queues))}) "
+                                f"AND claimed_by IS NULL AND visible_at > ?", (*queues, time.time())).fetchone()[0]
+        return self._run(query) if queues else None
+
+    # -- administration ------------------------------------------------------
+    def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
+        def query(conn: sqlite3.Connection) -> List[QueueStats]:
+            names = list(queues) if queues is not None else [
+                r[0] for r in conn.execute("SELECT name FROM queues UNION SELECT queue FROM dead_letters "
+                                           "ORDER BY 1")]
+            stats = {name: QueueStats(name) for name in names}
+            rows = conn.execute(
+                "SELECT queue, SUM(visible_at <= :now), SUM(visible_at > :now AND claimed_by IS NULL), "
+                "SUM(visible_at > :now AND claimed_by IS NOT NULL) FROM messages GROUP BY queue",
+                {"now": time.time()})
+            for name, ready, delayed, held in rows:
+                if name in stats:
+                    stats[name].ready, stats[name].delayed, stats[name].held = ready, delayed, held
+            for name, dead in conn.execute("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue"):
+                if name in stats:
+                    stats[name].dead = dead
+            return [stats[name] for name in names]
+        return self._run(query)
+
+    def purge(self, queue: str) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                return conn.execute("DELETE FROM messages WHERE queue = ? AND "
+                                    "(claimed_by IS NULL OR visible_at <= ?)", (queue, time.time())).rowcount
+        return self._run(delete)
+
+    @staticmethod
+    def _dead(row: tuple) -> DeadLetter:
+        dead_id, queue, body, reason, message_id, failed_at = row
+        return DeadLetter(str(dead_id), queue, body, reason, message_id, failed_at)
+
+    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+        def query(conn: sqlite3.Connection) -> List[DeadLetter]:
+            return [self._dead(r) for r in conn.execute(
+                "SELECT id, queue, body, reason, message_id, failed_at FROM dead_letters "
+                "ORDER BY id LIMIT ?", (limit,))]
+        return self._run(query)
+
+    def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
+        try:
+            key = int(dead_id)
+        except (TypeError, ValueError):
+            return None
+
+        def query(conn: sqlite3.Connection) -> Optional[DeadLetter]:
+            row = conn.execute("SELECT id, queue, body, reason, message_id, failed_at FROM dead_letters "
+                               "WHERE id = ?", (key,)).fetchone()
+            return self._dead(row) if row else None
+        return self._run(query)
+
+    def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
+        if dead_ids is not None:
+            keys = [int(i) for i in dead_ids if str(i).isdigit()]
+            where = [(f"WHERE id IN ({placeholders(len(chunk))})", chunk) for chunk in chunks(keys)]
+        else:
+            where = [("", ())]
+
+        def move(conn: sqlite3.Connection) -> int:
+            moved = 0
+            with transaction(conn):
+                for clause, params in where:
+                    moved += conn.execute(
+                        f"INSERT INTO messages (queue, priority, visible_at, message_id, body) "
+                        f"SELECT queue, priority, ?, message_id, body FROM dead_letters {clause} ORDER BY id",
+                        (time.time(), *params)).rowcount
+                    conn.execute(f"DELETE FROM dead_letters {clause}", params)
+            return moved
+        return self._run(move)
+
+    def dlq_purge(self) -> int:
+        def delete(conn: sqlite3.Connection) -> int:
+            with transaction(conn):
+                return conn.execute("DELETE FROM dead_letters").rowcount
+        return self._run(delete)
+
+    def close(self) -> None:
+        self._db.close()
