@@ -1,0 +1,123 @@
+"""The result backend contract (greenq/backends/base.py), run against every backend.
+
+Results are stored by a "worker" instance and read by a "client" instance,
+as in production.  Everything is stored with ``reply_to=client.reply_to()``,
+so rpc:// (which delivers a result only to the process that published the
+task) runs the tests about waiting; tests that read a result from any
+instance (``get``, ``forget``, revocations, expiry) need a shared store and
+are skipped for rpc://.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from greenq.backends.base import Record
+
+
+def tid() -> str:
+    return str(uuid.uuid4())
+
+
+def need_shared(env) -> None:
+    if not env.shared:
+        pytest.skip(f"not applicable to {env.backend_url}: results reach only the caller's process, "
+                    "and only by waiting")
+
+
+def test_store_then_get_from_another_instance(backend_env):
+    need_shared(backend_env)
+    client, worker = backend_env.backend(), backend_env.backend()
+    task_id = tid()
+    worker.store(task_id, b'json:{"state":"SUCCESS"}' + bytes(range(256)))
+    assert client.get(task_id) == b'json:{"state":"SUCCESS"}' + bytes(range(256))
+    assert client.get(tid()) is None
+
+
+def test_wait_returns_quickly_once_stored_from_another_thread(backend_env):
+    client, worker = backend_env.backend(), backend_env.backend()
+    task_id = tid()
+    stored = []
+
+    def store_later():
+        time.sleep(0.3)
+        worker.store(task_id, b"done", reply_to=client.reply_to())
+        stored.append(time.monotonic())
+
+    thread = threading.Thread(target=store_later)
+    thread.start()
+    assert client.wait(task_id, 5.0) == b"done"
+    returned = time.monotonic()
+    thread.join()
+    assert returned - stored[0] < 0.5
+
+
+def test_wait_times_out_with_none_without_spinning(backend_env):
+    client = backend_env.backend()
+    start, cpu = time.monotonic(), time.process_time()
+    assert client.wait(tid(), 0.6) is None
+    elapsed = time.monotonic() - start
+    assert 0.55 <= elapsed < 1.6
+    assert time.process_time() - cpu < 0.3, "wait burned CPU while nothing happened"
+
+
+def test_non_final_record_does_not_wake_wait(backend_env):
+    client, worker = backend_env.backend(), backend_env.backend()
+    task_id = tid()
+    worker.store(task_id, b"retry", final=False, reply_to=client.reply_to())
+    assert client.wait(task_id, 0.4) is None
+    if backend_env.shared:
+        assert client.get(task_id) == b"retry"
+    worker.store(task_id, b"success", final=True, reply_to=client.reply_to())
+    assert client.wait(task_id, 5.0) == b"success"
+    if backend_env.shared:
+        assert client.get(task_id) == b"success"
+
+
+def test_store_many(backend_env):
+    client, worker = backend_env.backend(), backend_env.backend()
+    task_ids = [tid() for _ in range(5)]
+    worker.store_many([Record(t, t.encode(), True, client.reply_to()) for t in task_ids])
+    worker.store_many([])
+    for t in reversed(task_ids):
+        assert client.wait(t, 5.0) == t.encode()
+
+
+def test_forget(backend_env):
+    need_shared(backend_env)
+    client, worker = backend_env.backend(), backend_env.backend()
+    task_id = tid()
+    worker.store(task_id, b"data")
+    client.forget(task_id)
+    assert client.get(task_id) is None and worker.get(task_id) is None
+    client.forget(tid())  # unknown id: harmless
+
+
+def test_revoke_and_revoked_with_terminate_flag(backend_env):
+    need_shared(backend_env)
+    client, worker = backend_env.backend(), backend_env.backend()
+    plain, terminate, other = tid(), tid(), tid()
+    client.revoke(plain)
+    client.revoke(terminate, terminate=True)
+    assert worker.revoked([plain, terminate, other]) == {plain: False, terminate: True}
+    assert worker.revoked([other]) == {}
+    assert worker.revoked([]) == {}
+
+
+def test_results_and_revocations_expire(backend_env):
+    need_shared(backend_env)
+    backend = backend_env.backend(result_expires=1)
+    task_id = tid()
+    backend.store(task_id, b"short-lived")
+    backend.revoke(task_id)
+    assert backend.get(task_id) == b"short-lived"
+    assert backend.revoked([task_id]) == {task_id: False}
+    deadline = time.monotonic() + 3.0
+    while (backend.get(task_id) is not None or backend.revoked([task_id])) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert backend.get(task_id) is None
+    assert backend.wait(task_id, 0.1) is None
+    assert backend.revoked([task_id]) == {}
