@@ -1,0 +1,130 @@
+"""One reconnect state machine per connection pool (DESIGN.md lesson 6).
+
+Every round trip of a broker or backend goes through :meth:`Reconnector.call`.
+The machine has two states:
+
+* **up**: the last round trip worked.  A first failure is retried at once (a
+  pooled connection may simply be stale, e.g. killed while idle) and does not
+  count as an outage.
+* **down**: a retry failed too.  The pool is torn down once (``reset``), the
+  change is logged once, and every caller retries with exponential backoff and
+  jitter (capped at :data:`BACKOFF_CAP` seconds) until its own deadline.  The
+  first round trip that works again logs the recovery once and runs
+  ``on_recovered`` (re-declare consumer groups, ...), then the state is up.
+
+``healthy`` and ``last_ok`` (``time.monotonic()`` of the last successful round
+trip, 0.0 before the first) are what /healthz reports.  Nothing here knows
+about Redis: the transient exception types are given by the owner.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Callable, Optional, Tuple, Type, TypeVar
+
+from ..exceptions import BrokerError
+
+T = TypeVar("T")
+
+BACKOFF_BASE = 0.05   # seconds before the first retry while down
+BACKOFF_CAP = 5.0     # longest wait between two retries
+
+log = logging.getLogger("greenq.brokers")
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based): exponential, capped, jittered."""
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt - 1, 16)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class Reconnector:
+    """Runs round trips, reconnecting with backoff on ``transient`` errors.
+
+    ``name`` is what logs and errors show (a URL with its password masked);
+    ``reset`` drops every pooled connection; ``on_recovered`` runs once after
+    an outage, before the state is reported up again (it must not call back
+    into :meth:`call`; an exception in it is logged and it runs again after the
+    next successful round trip).
+    """
+
+    def __init__(self, name: str, transient: Tuple[Type[BaseException], ...],
+                 reset: Callable[[], None], on_recovered: Optional[Callable[[], None]] = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.name = name
+        self.transient = transient
+        self._reset = reset
+        self._on_recovered = on_recovered
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self.healthy = True
+        self.last_ok = 0.0
+        self.down_since: Optional[float] = None
+        self._needs_recovery = False   # set while down, cleared once on_recovered worked
+        self._recovery_running = False
+
+    def call(self, fn: Callable[[], T], deadline: Optional[float], what: str) -> T:
+        """``fn()``, retried through connection failures until ``deadline``
+        (``time.monotonic()``; None = for ever); then BrokerError.  Waits out
+        the remaining time before giving up, so a caller looping on a short
+        deadline never spins."""
+        attempt = 0
+        while True:
+            try:
+                result = fn()
+            except self.transient as exc:
+                attempt += 1
+                if attempt == 1 and self.healthy:
+                    continue                     # a stale pooled connection: once, at once
+                self._went_down(exc)
+                delay = backoff(attempt)
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= delay:
+                        if left > 0:
+                            self._sleep(left)
+                        raise BrokerError(f"{what}: {self.name} is unreachable ({exc})") from None
+                self._sleep(delay)
+                continue
+            self.last_ok = time.monotonic()
+            if not self.healthy or self._needs_recovery:
+                self._went_up()
+            return result
+
+    def _went_down(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self.healthy:
+                return
+            self.healthy = False
+            self._needs_recovery = True
+            self.down_since = time.monotonic()
+        log.warning("%s: connection lost (%s); reconnecting with backoff", self.name, exc)
+        try:
+            self._reset()
+        except Exception as reset_exc:  # pragma: no cover - tearing down must not fail the caller
+            log.debug("%s: reset failed: %s", self.name, reset_exc)
+
+    def _went_up(self) -> None:
+        with self._lock:
+            if self._recovery_running:
+                return                           # another caller is restoring state
+            was_down = not self.healthy
+            self.healthy = True
+            since, self.down_since = self.down_since, None
+            self._recovery_running = True
+        if was_down:
+            log.warning("%s: reconnected after %.1f s", self.name,
+                        time.monotonic() - since if since else 0.0)
+        restored = True
+        try:
+            if self._on_recovered is not None:
+                self._on_recovered()
+        except Exception as exc:
+            restored = False
+            log.warning("%s: could not restore state after reconnecting (%s); will retry", self.name, exc)
+        with self._lock:
+            self._recovery_running = False
+            if restored:
+                self._needs_recovery = False

@@ -1,0 +1,291 @@
+"""The Lua scripts of the Redis broker (see the key layout in ``redis.py``).
+
+Each script runs atomically on the server: a message moved from the delayed
+set to its stream, claimed, parked or dead-lettered by one script is never seen
+half-moved by another consumer.  Scripts return flat arrays (fixed strides) to
+keep the Python side's parsing cheap.
+
+Stream entries have the fields ``b`` (body) and ``m`` (message id).  A delayed member is ``<8 random chars><priority digit><len(id)>:<id><body>``.
+"""
+
+# Shared by several scripts: body and message id of an entry.
+_FIELDS = """
+local function fields(f)
+  local body, mid = '', ''
+  for i = 1, #f, 2 do
+    if f[i] == 'b' then body = f[i + 1] elseif f[i] == 'm' then mid = f[i + 1] end
+  end
+  return body, mid
+end
+"""
+
+#: KEYS: registry set, then streams.  ARGV: group, then queue names.
+DECLARE = """
+for i = 2, #KEYS do
+  local ok = redis.pcall('XGROUP', 'CREATE', KEYS[i], ARGV[1], '0', 'MKSTREAM')
+  if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP', 1, true) then
+    return redis.error_reply(ok.err)
+  end
+end
+if #ARGV > 1 then redis.call('SADD', KEYS[1], unpack(ARGV, 2)) end
+return #KEYS - 1
+"""
+
+#: Move due delayed messages, then read.  KEYS, per queue: its delayed zset and
+#: its ten streams, priority 9 first.  ARGV: group, consumer, parking consumer,
+#: count, now (epoch s), number of queues, most delayed messages moved per queue.
+#: Returns {flat, next_due}: flat has 6 values per message (queue index from 0,
+#: priority, entry id, body, message id, deliveries); next_due is the earliest
+#: remaining eta as a string, '' when none.
+FETCH = _FIELDS + """
+local group, consumer, parked = ARGV[1], ARGV[2], ARGV[3]
+local want = tonumber(ARGV[4])
+local now = ARGV[5]
+local nq = tonumber(ARGV[6])
+local move = tonumber(ARGV[7])
+local out = {}
+local next_due = nil
+local function emit(q, prio, id, f, deliveries)
+  local body, mid = fields(f)
+  local n = #out
+  out[n + 1] = q; out[n + 2] = prio; out[n + 3] = id
+  out[n + 4] = body; out[n + 5] = mid; out[n + 6] = deliveries
+end
+for q = 0, nq - 1 do
+  local base = q * 11
+  local dkey = KEYS[base + 1]
+  local due = redis.call('ZRANGEBYSCORE', dkey, '-inf', now, 'LIMIT', 0, move)
+  for _, m in ipairs(due) do
+    local prio = tonumber(string.sub(m, 9, 9))
+    local colon = string.find(m, ':', 10, true)
+    local n = tonumber(string.sub(m, 10, colon - 1))
+    redis.call('XADD', KEYS[base + 11 - prio], '*', 'b', string.sub(m, colon + n + 1),
+               'm', string.sub(m, colon + 1, colon + n))
+  end
+  if #due > 0 then redis.call('ZREM', dkey, unpack(due)) end
+  local first = redis.call('ZRANGE', dkey, 0, 0, 'WITHSCORES')
+  if first[2] then
+    local score = tonumber(first[2])
+    if next_due == nil or score < next_due then next_due = score end
+  end
+end
+for q = 0, nq - 1 do
+  local base = q * 11
+  for b = 0, 9 do
+    if want <= 0 then break end
+    local key = KEYS[base + 2 + b]
+    if redis.call('XLEN', key) > 0 then
+      local back = redis.pcall('XPENDING', key, group, '-', '+', want, parked)
+      if type(back) == 'table' and back.err then
+        if not string.find(back.err, 'NOGROUP', 1, true) then return redis.error_reply(back.err) end
+        redis.call('XGROUP', 'CREATE', key, group, '0')
+        back = {}
+      end
+      if #back > 0 then
+        local ids, counts = {}, {}
+        for i, p in ipairs(back) do ids[i] = p[1]; counts[p[1]] = p[4] end
+        local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
+        for _, e in ipairs(claimed) do
+          if e then
+            emit(q, 9 - b, e[1], e[2], counts[e[1]] + 1)
+            want = want - 1
+          end
+        end
+      end
+      if want > 0 then
+        local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
+        if r then
+          for _, e in ipairs(r[1][2]) do
+            emit(q, 9 - b, e[1], e[2], 1)
+            want = want - 1
+          end
+        end
+      end
+    end
+  end
+end
+return {out, next_due and tostring(next_due) or ''}
+"""
+
+#: Claim entries whose lease ran out (idle >= min idle).  KEYS: streams.
+#: ARGV: group, consumer, min idle (ms), count, forget consumers idle longer
+#: than this (ms; 0 = don't), parking consumer.  Returns 5 values per message:
+#: key index (from 1), entry id, body, message id, deliveries.
+RECLAIM = _FIELDS + """
+local group, consumer, min_idle = ARGV[1], ARGV[2], ARGV[3]
+local want = tonumber(ARGV[4])
+local forget_after = tonumber(ARGV[5])
+local parked = ARGV[6]
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
+    if want > 0 then
+      local pend = redis.pcall('XPENDING', key, group, 'IDLE', min_idle, '-', '+', want)
+      if type(pend) == 'table' and not pend.err then
+        for _, p in ipairs(pend) do
+          local claimed = redis.call('XCLAIM', key, group, consumer, min_idle, p[1])
+          local e = claimed[1]
+          if e then
+            local body, mid = fields(e[2])
+            local n = #out
+            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3] = body; out[n + 4] = mid
+            out[n + 5] = p[4] + 1
+            want = want - 1
+          end
+        end
+      end
+    end
+    if forget_after > 0 then
+      local consumers = redis.pcall('XINFO', 'CONSUMERS', key, group)
+      if type(consumers) == 'table' and not consumers.err then
+        for _, c in ipairs(consumers) do
+          local info = {}
+          for j = 1, #c, 2 do info[c[j]] = c[j + 1] end
+          if info['pending'] == 0 and info['idle'] > forget_after
+             and info['name'] ~= consumer and info['name'] ~= parked then
+            redis.call('XGROUP', 'DELCONSUMER', key, group, info['name'])
+          end
+        end
+      end
+    end
+  end
+end
+return out
+"""
+
+#: Move held entries still owned by a consumer to a target consumer without
+#: counting a delivery: the target is the owner itself (renew: resets the
+#: idle time, i.e. the lease) or the parking consumer (requeue).  KEYS:
+#: streams.  ARGV: group, owner, target, then per key: n, n entry ids.
+#: Returns how many entries moved.
+TRANSFER = """
+local group, owner, target = ARGV[1], ARGV[2], ARGV[3]
+local pos, moved = 4, 0
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[pos])
+  local args = {key, group, target, 0}
+  for j = pos + 1, pos + n do
+    local p = redis.pcall('XPENDING', key, group, ARGV[j], ARGV[j], 1, owner)
+    if type(p) == 'table' and not p.err and p[1] then args[#args + 1] = ARGV[j] end
+  end
+  pos = pos + n + 1
+  if #args > 4 then
+    args[#args + 1] = 'JUSTID'
+    moved = moved + #redis.call('XCLAIM', unpack(args))
+  end
+end
+return moved
+"""
+
+#: KEYS: stream, dead stream, dead counts hash, registry.  ARGV: group, entry
+#: id, queue, priority, message id, reason, now, body.
+DEAD_LETTER = """
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'q', ARGV[3], 'p', ARGV[4], 'm', ARGV[5], 'r', ARGV[6],
+           't', ARGV[7], 'b', ARGV[8])
+redis.call('HINCRBY', KEYS[3], ARGV[3], 1)
+redis.call('SADD', KEYS[4], ARGV[3])
+return 1
+"""
+
+#: Publish dead letters back to their queue's stream with a fresh delivery
+#: count.  KEYS: dead stream, dead counts hash.  ARGV: key prefix, then dead
+#: ids; with no ids, the oldest 500.  Returns how many moved.
+DLQ_REQUEUE = """
+local ids = {}
+if #ARGV > 1 then
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)) do ids[#ids + 1] = e[1] end
+end
+local moved = 0
+for _, id in ipairs(ids) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if found[1] then
+    local info = {}
+    local f = found[1][2]
+    for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
+    redis.call('XADD', ARGV[1] .. ':q:' .. info['q'] .. ':' .. info['p'], '*', 'b', info['b'], 'm', info['m'])
+    redis.call('XDEL', KEYS[1], id)
+    if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+#: KEYS, per queue: its ten streams then its delayed zset; last, the dead
+#: counts hash.  ARGV: group, parking consumer, then queue names.  Returns 4
+#: values per queue: ready, delayed, held, dead.
+STATS = """
+local group, parked = ARGV[1], ARGV[2]
+local out = {}
+for q = 0, #ARGV - 3 do
+  local base = q * 11
+  local ready, held = 0, 0
+  for b = 1, 10 do
+    local key = KEYS[base + b]
+    local len = redis.call('XLEN', key)
+    if len > 0 then
+      local pending, back = 0, 0
+      local s = redis.pcall('XPENDING', key, group)
+      if type(s) == 'table' and not s.err then
+        pending = s[1]
+        if s[4] then
+          for _, c in ipairs(s[4]) do if c[1] == parked then back = tonumber(c[2]) end end
+        end
+      end
+      ready = ready + len - pending + back
+      held = held + pending - back
+    end
+  end
+  local n = #out
+  out[n + 1] = ready
+  out[n + 2] = redis.call('ZCARD', KEYS[base + 11])
+  out[n + 3] = held
+  out[n + 4] = tonumber(redis.call('HGET', KEYS[#KEYS], ARGV[q + 3]) or '0')
+end
+return out
+"""
+
+#: Delete up to ``limit`` ready messages (new and requeued, not held ones) and
+#: every delayed one.  KEYS: the queue's ten streams, then its delayed zset.
+#: ARGV: group, parking consumer, limit.  Returns {deleted, 1 if more remain}.
+PURGE = """
+local group, parked = ARGV[1], ARGV[2]
+local left = tonumber(ARGV[3])
+local deleted = 0
+local function drop(key, ids)
+  if #ids > 0 then
+    redis.call('XACK', key, group, unpack(ids))
+    redis.call('XDEL', key, unpack(ids))
+    deleted = deleted + #ids
+    left = left - #ids
+  end
+end
+for b = 1, 10 do
+  local key = KEYS[b]
+  if left > 0 and redis.call('XLEN', key) > 0 then
+    local back = redis.pcall('XPENDING', key, group, '-', '+', left, parked)
+    if type(back) == 'table' and back.err then
+      redis.call('XGROUP', 'CREATE', key, group, '0')
+      back = {}
+    end
+    local ids = {}
+    for i, p in ipairs(back) do ids[i] = p[1] end
+    drop(key, ids)
+    if left > 0 then
+      local r = redis.call('XREADGROUP', 'GROUP', group, '~purge', 'COUNT', left, 'STREAMS', key, '>')
+      ids = {}
+      if r then for i, e in ipairs(r[1][2]) do ids[i] = e[1] end end
+      drop(key, ids)
+      redis.call('XGROUP', 'DELCONSUMER', key, group, '~purge')
+    end
+  end
+end
+if left <= 0 then return {deleted, 1} end
+deleted = deleted + redis.call('ZCARD', KEYS[11])
+redis.call('DEL', KEYS[11])
+return {deleted, 0}
+"""

@@ -1,0 +1,513 @@
+"""``redis://`` and ``rediss://``: Redis Streams with one consumer group.
+
+Key layout (``P`` is ``[greenq] key_prefix``; two apps with different
+prefixes share one Redis database without seeing each other)::
+
+    P:q:<queue>:<0-9>   stream, one per queue and priority; entry fields
+                        b=body, m=message id; consumer group "greenq" on each
+    P:delayed:<queue>   sorted set of delayed messages, score = eta (epoch s),
+                        member = <8 random chars><priority><len(id)>:<id><body>
+    P:queues            set of every queue name seen (queue_stats, dlq)
+    P:dead              stream of dead letters: q=queue p=priority m=message id
+                        r=reason t=failed at b=body
+    P:dead:count        hash queue -> number of its dead letters
+
+(The result backend adds P:result:<id>, P:notify:<id>, P:waiting:<id> and
+P:revoked:<id>; see greenq/backends/redis.py.)
+
+Delivery: ``fetch`` runs one Lua script (``_redis_lua.FETCH``) that moves due
+delayed messages into their streams, then for each queue in order and each
+priority from 9 down takes first the requeued entries (parked on the consumer
+``~requeued``, so a requeued message keeps its place: it goes before newer
+ones) and then new ones with XREADGROUP, until ``count``.  When nothing is
+ready it blocks in one XREADGROUP BLOCK over every stream, for at most a second
+(less than ``socket_timeout``, and no later than the next delayed eta).
+
+A held message is an entry in the group's pending list, owned by this broker
+instance's consumer (``host:pid:random``); its lease is the entry's idle time.
+``renew`` re-claims owned entries to the owner (XCLAIM JUSTID resets the idle
+time without counting a delivery); every lease/4 a fetch also claims entries
+idle for longer than ``lease_seconds`` from any consumer (a dead worker's), and
+forgets consumers idle for an hour with nothing pending.  Delivery counts are
+the pending list's own (XREADGROUP: 1, each claim: +1).  ``ack`` is XACK+XDEL
+of a whole batch in one pipelined round trip.  ``requeue`` parks entries on
+``~requeued`` without counting a delivery; the next hand-out counts one.
+
+Every round trip goes through one reconnect state machine
+(``_reconnect.Reconnector``); see docs/brokers-redis.md for what each method
+does while Redis is away.  Redis Cluster is not supported (scripts touch the
+keys of several queues).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..config import Config, mask_url
+from ..exceptions import BrokerError
+from . import _redis_lua as lua
+from ._reconnect import Reconnector
+from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+
+log = logging.getLogger("greenq.brokers.redis")
+
+GROUP = "greenq"
+PARKED = "~requeued"              # consumer owning requeued entries until fetched again
+PRIORITIES = tuple(range(9, -1, -1))
+CONTROL_CONNECTIONS = 10          # pool size = concurrency + these (fetch, acks, renewals, ...)
+BLOCK_CAP = 1.0                   # longest blocking read, seconds
+MAX_BATCH = 4000                  # entries per script call (Lua's unpack limit is ~8000)
+MOVE_PER_FETCH = 500              # most delayed messages moved per queue per fetch
+FORGET_CONSUMERS_MS = 3600 * 1000
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+
+
+# -- connections (shared with greenq.backends.redis) ------------------------
+def pool_size(config: Config) -> int:
+    """``[redis] max_connections``, or when 0 the worker concurrency plus room
+    for the control plane, so greenlets wait for a connection rather than fail."""
+    return config.section("redis")["max_connections"] or \
+        config.worker["concurrency"] + CONTROL_CONNECTIONS
+
+
+def client_name(prefix: str, role: str) -> str:
+    """What CLIENT LIST shows for our connections: ``greenq-<prefix>-<pid>[-role]``."""
+    safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", prefix)
+    return f"greenq-{safe}-{os.getpid()}" + (f"-{role}" if role else "")
+
+
+def make_client(url: str, config: Config, role: str = "") -> "redis.Redis":
+    """A client on a BlockingConnectionPool built from ``[redis]``.  redis-py's
+    own retries are off: the owner's Reconnector decides."""
+    opts = config.section("redis")
+    timeout = opts["socket_timeout"] or None
+    try:
+        pool = redis.BlockingConnectionPool.from_url(
+            url, max_connections=pool_size(config), timeout=None,
+            socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
+            health_check_interval=opts["health_check_interval"],
+            client_name=client_name(config.key_prefix, role), retry=Retry(NoBackoff(), 0))
+    except (ValueError, TypeError) as exc:
+        raise BrokerError(f"bad Redis URL {mask_url(url)}: {exc}") from None
+    return redis.Redis(connection_pool=pool)
+
+
+def block_seconds(config: Config) -> float:
+    """Longest blocking read: under a second and under half the socket timeout."""
+    timeout = config.section("redis")["socket_timeout"]
+    return min(BLOCK_CAP, timeout / 2) if timeout else BLOCK_CAP
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisBroker(Broker):
+    """Redis Streams broker; the module docstring has the key layout."""
+
+    schemes = ("redis", "rediss")
+
+    def __init__(self, url: str, config: Config, driver: Any = None) -> None:
+        super().__init__(url, config, driver)
+        self.prefix = config.key_prefix
+        self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.client = make_client(url, config, "")
+        self.pool = self.client.connection_pool
+        self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
+                                       reset=self.pool.disconnect, on_recovered=self._recovered,
+                                       sleep=self._sleep)
+        self._lease = float(config.lease_seconds)
+        self._timeout = config.section("redis")["socket_timeout"] or 30.0
+        self._block = block_seconds(config)
+        s = self.client.register_script
+        self._declare_script, self._fetch_script = s(lua.DECLARE), s(lua.FETCH)
+        self._reclaim_script, self._transfer_script = s(lua.RECLAIM), s(lua.TRANSFER)
+        self._dead_script, self._dlq_requeue_script = s(lua.DEAD_LETTER), s(lua.DLQ_REQUEUE)
+        self._stats_script, self._purge_script = s(lua.STATS), s(lua.PURGE)
+        self._k_queues = f"{self.prefix}:queues"
+        self._k_dead = f"{self.prefix}:dead"
+        self._k_dead_count = f"{self.prefix}:dead:count"
+        self._lock = threading.Lock()
+        self._streams: Dict[str, List[str]] = {}              # queue -> its streams, priority 9 first
+        self._where: Dict[bytes, Tuple[str, int]] = {}         # stream key -> (queue, priority)
+        self._declared: set = set()                           # queues whose groups exist
+        self._registered: set = set()                         # queues known in P:queues
+        self._spares: Deque[Delivery] = deque()               # leased, not yet handed out
+        self._unacked: List[Delivery] = []                    # acks that failed; retried
+        self._next_reclaim = 0.0
+        self._next_due: Optional[float] = None                # earliest delayed eta seen
+        self._reclaims = 0
+        self._interrupts = 0
+
+    # -- health ----------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False while the connection is down and being re-established."""
+        return self.reconnector.healthy
+
+    @property
+    def last_ok(self) -> float:
+        """``time.monotonic()`` of the last successful round trip (0.0: none yet)."""
+        return self.reconnector.last_ok
+
+    def _call(self, fn, budget: Optional[float], what: str) -> Any:
+        deadline = None if budget is None else time.monotonic() + budget
+        return self.reconnector.call(fn, deadline, what)
+
+    def _recovered(self) -> None:
+        # Redis may have restarted without its data: groups and the registry
+        # are re-made lazily (declare on next fetch, SADD on next publish).
+        self._declared.clear()
+        self._registered.clear()
+
+    # -- keys --------------------------------------------------------------------
+    def streams(self, queue: str) -> List[str]:
+        """The queue's ten stream keys, priority 9 first."""
+        keys = self._streams.get(queue)
+        if keys is None:
+            keys = [f"{self.prefix}:q:{queue}:{p}" for p in PRIORITIES]
+            for key, prio in zip(keys, PRIORITIES):
+                self._where[key.encode()] = (queue, prio)
+            self._streams[queue] = keys
+        return keys
+
+    def _delayed(self, queue: str) -> str:
+        return f"{self.prefix}:delayed:{queue}"
+
+    def _stream(self, queue: str, priority: int) -> str:
+        return self.streams(queue)[9 - min(9, max(0, int(priority)))]
+
+    # -- publishing ----------------------------------------------------------------
+    def publish(self, message: Outgoing) -> None:
+        self.publish_many([message])
+
+    def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """One pipelined round trip (plus the registry the first time a queue is
+        seen).  Retried through reconnects for up to ``socket_timeout`` seconds,
+        then BrokerError; a retry after a lost reply may publish twice."""
+        if not messages:
+            return
+        now = time.time()
+        new_queues = {m.queue for m in messages} - self._registered
+
+        def send() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            if new_queues:
+                pipe.sadd(self._k_queues, *new_queues)
+            command = pipe.execute_command
+            for m in messages:
+                if m.eta is not None and m.eta > now:
+                    member = b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(),
+                                               min(9, max(0, int(m.priority))),
+                                               len(m.message_id.encode()), m.message_id.encode(), m.body)
+                    command("ZADD", self._delayed(m.queue), m.eta, member)
+                else:
+                    command("XADD", self._stream(m.queue, m.priority), "*", "b", m.body, "m", m.message_id)
+            pipe.execute()
+        self._call(send, self._timeout, "publish")
+        self._registered |= new_queues
+
+    # -- consuming ---------------------------------------------------------------------
+    def declare(self, queues: Sequence[str]) -> None:
+        """Create every stream and its consumer group; register the queues."""
+        self._call(lambda: self._declare(queues), self._timeout, "declare")
+
+    def _declare(self, queues: Sequence[str]) -> None:
+        keys = [k for q in queues for k in self.streams(q)]
+        self._declare_script(keys=[self._k_queues] + keys, args=[GROUP, *queues])
+        self._declared.update(queues)
+        self._registered.update(queues)
+
+    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+        """Lease up to ``count`` messages; see the module docstring.  While Redis
+        is unreachable it retries until ``timeout`` and returns ``[]``."""
+        if count <= 0 or not queues:
+            return []
+        count = min(count, MAX_BATCH)
+        out = self._take_spares(count)
+        if out:
+            return out
+        deadline = time.monotonic() + max(0.0, timeout)
+        interrupts = self._interrupts
+        while True:
+            try:
+                out = self.reconnector.call(lambda: self._fetch_once(queues, count, deadline),
+                                            deadline, "fetch")
+            except BrokerError:
+                return []
+            if out or time.monotonic() >= deadline or self._interrupts != interrupts:
+                return out
+
+    def _fetch_once(self, queues: Sequence[str], count: int, deadline: float) -> List[Delivery]:
+        if self._unacked:
+            self._flush_unacked()
+        if not self._declared.issuperset(queues):
+            self._declare(queues)
+        out: List[Delivery] = []
+        if time.monotonic() >= self._next_reclaim:
+            out = self._reclaim(queues, count)
+        if len(out) < count:
+            out += self._read(queues, count - len(out))
+        if out:
+            return out
+        now = time.monotonic()
+        wait = min(deadline - now, self._block, self._next_reclaim - now)
+        if self._next_due is not None:
+            wait = min(wait, self._next_due - time.time())
+        if wait <= 0.001:
+            return []
+        return self._block_read(queues, count, wait)
+
+    def _read(self, queues: Sequence[str], count: int) -> List[Delivery]:
+        keys: List[str] = []
+        for q in queues:
+            keys.append(self._delayed(q))
+            keys += self.streams(q)
+        flat, due = self._fetch_script(keys=keys, args=[
+            GROUP, self.consumer, PARKED, count, repr(time.time()), len(queues), MOVE_PER_FETCH])
+        self._next_due = float(due) if due else None
+        streams = self._streams
+        return [Delivery(queues[flat[i]], flat[i + 3], flat[i + 4].decode(), flat[i + 5],
+                         (streams[queues[flat[i]]][9 - flat[i + 1]], flat[i + 2]), flat[i + 1])
+                for i in range(0, len(flat), 6)]
+
+    def _reclaim(self, queues: Sequence[str], count: int) -> List[Delivery]:
+        """Claim entries whose lease ran out; runs at most every lease/4."""
+        keys = [k for q in queues for k in self.streams(q)]
+        self._reclaims += 1
+        forget = FORGET_CONSUMERS_MS if self._reclaims % 100 == 1 else 0
+        flat = self._reclaim_script(keys=keys, args=[
+            GROUP, self.consumer, int(self._lease * 1000), count, forget, PARKED])
+        self._next_reclaim = time.monotonic() + max(0.05, self._lease / 4)
+        out = []
+        for i in range(0, len(flat), 5):
+            key = keys[flat[i] - 1]
+            queue, prio = self._where[key.encode()]
+            out.append(Delivery(queue, flat[i + 2], flat[i + 3].decode(), flat[i + 4],
+                                (key, flat[i + 1]), prio))
+        if out:
+            log.info("reclaimed %d message(s) whose lease ran out", len(out))
+        return out
+
+    def _block_read(self, queues: Sequence[str], count: int, wait: float) -> List[Delivery]:
+        keys = [k for q in queues for k in self.streams(q)]
+        try:
+            reply = self.client.xreadgroup(GROUP, self.consumer, dict.fromkeys(keys, ">"),
+                                           count=count, block=max(1, int(wait * 1000)))
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
+                raise
+            self._declared.difference_update(queues)   # deleted or lost: declare again
+            return []
+        out: List[Delivery] = []
+        for key, entries in reply or ():
+            queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
+            stream = self._streams[queue][9 - prio]
+            for entry_id, fields in entries:
+                if not fields:
+                    continue
+                out.append(Delivery(queue, fields.get(b"b", b""), _text(fields.get(b"m", b"")),
+                                    1, (stream, entry_id), prio))
+        if len(out) > count:   # a server that re-runs the read may serve several streams
+            with self._lock:
+                self._spares.extend(out[count:])
+            out = out[:count]
+        return out
+
+    def _take_spares(self, count: int) -> List[Delivery]:
+        if not self._spares:
+            return []
+        with self._lock:
+            out = []
+            while self._spares and len(out) < count:
+                out.append(self._spares.popleft())
+            return out
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """XACK+XDEL in one pipelined round trip.  Does not raise when Redis is
+        away: the acks are kept, renewed with the held messages, and sent after
+        reconnecting (if Redis lost them meanwhile, they are simply redelivered)."""
+        if not deliveries:
+            return
+        with self._lock:
+            batch, self._unacked = self._unacked + list(deliveries), []
+        try:
+            self._call(lambda: self._send_acks(batch), min(self._timeout, 2.0), "ack")
+        except BrokerError as exc:
+            with self._lock:
+                self._unacked[:0] = batch
+            if len(batch) == len(deliveries):   # nothing was kept before: say it once
+                log.warning("acks kept until Redis is back: %s", exc)
+
+    def _send_acks(self, deliveries: List[Delivery]) -> None:
+        by_key: Dict[str, List[bytes]] = {}
+        for d in deliveries:
+            by_key.setdefault(d.token[0], []).append(d.token[1])
+        pipe = self.client.pipeline(transaction=False)
+        for key, ids in by_key.items():
+            for start in range(0, len(ids), MAX_BATCH):
+                chunk = ids[start:start + MAX_BATCH]
+                pipe.execute_command("XACK", key, GROUP, *chunk)
+                pipe.execute_command("XDEL", key, *chunk)
+        pipe.execute()
+
+    def _flush_unacked(self) -> None:
+        """Send acks kept while Redis was away (inside a round trip that worked)."""
+        with self._lock:
+            pending, self._unacked = self._unacked, []
+        try:
+            self._send_acks(pending)
+        except Exception:
+            with self._lock:
+                self._unacked[:0] = pending
+            raise
+        log.info("sent %d ack(s) kept while Redis was away", len(pending))
+
+    def _transfer(self, deliveries: Sequence[Delivery], target: str, budget: float, what: str) -> int:
+        by_key: Dict[str, List[bytes]] = {}
+        for d in deliveries:
+            by_key.setdefault(d.token[0], []).append(d.token[1])
+        moved = 0
+        for key, ids in by_key.items():
+            for start in range(0, len(ids), MAX_BATCH):
+                chunk = ids[start:start + MAX_BATCH]
+                moved += self._call(lambda: self._transfer_script(
+                    keys=[key], args=[GROUP, self.consumer, target, len(chunk), *chunk]), budget, what)
+        return moved
+
+    def renew(self, deliveries: Sequence[Delivery]) -> None:
+        """Reset the idle time of every entry still owned by this consumer (one
+        script per stream); spares and kept acks are renewed too."""
+        with self._lock:
+            extra = list(self._spares) + self._unacked
+        everything = list(deliveries) + extra
+        if everything:
+            self._transfer(everything, self.consumer, min(self._timeout, self._lease / 3), "renew")
+
+    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+        """Park the entries on ``~requeued``: fetched again before newer messages
+        of their priority, with the delivery count going on from where it was."""
+        if deliveries:
+            self._transfer(deliveries, PARKED, self._timeout, "requeue")
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        key, entry_id = delivery.token
+        self._call(lambda: self._dead_script(
+            keys=[key, self._k_dead, self._k_dead_count, self._k_queues],
+            args=[GROUP, entry_id, delivery.queue, delivery.priority, delivery.message_id,
+                  reason, repr(time.time()), delivery.body]), self._timeout, "dead-letter")
+
+    def next_due(self, queues: Sequence[str]) -> Optional[float]:
+        def ask() -> List[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for q in queues:
+                pipe.zrange(self._delayed(q), 0, 0, withscores=True)
+            return pipe.execute()
+        firsts = [r[0][1] for r in self._call(ask, self._timeout, "next_due") if r]
+        return min(firsts) if firsts else None
+
+    def interrupt(self) -> None:
+        """A blocked fetch returns at its next wake-up (within a second)."""
+        self._interrupts += 1
+
+    # -- administration --------------------------------------------------------------
+    def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
+        if queues is None:
+            names = self._call(lambda: self.client.smembers(self._k_queues), self._timeout, "queue_stats")
+            queues = sorted(_text(n) for n in names)
+        if not queues:
+            return []
+        keys: List[str] = []
+        for q in queues:
+            keys += self.streams(q) + [self._delayed(q)]
+        flat = self._call(lambda: self._stats_script(keys=keys + [self._k_dead_count],
+                                                     args=[GROUP, PARKED, *queues]),
+                          self._timeout, "queue_stats")
+        return [QueueStats(q, *flat[i * 4:i * 4 + 4]) for i, q in enumerate(queues)]
+
+    def purge(self, queue: str) -> int:
+        keys = self.streams(queue) + [self._delayed(queue)]
+        total = 0
+        while True:
+            deleted, more = self._call(lambda: self._purge_script(
+                keys=keys, args=[GROUP, PARKED, 1000]), self._timeout, "purge")
+            total += deleted
+            if not more:
+                return total
+
+    def _dead_letter_of(self, entry_id: Any, fields: Dict[bytes, bytes]) -> DeadLetter:
+        return DeadLetter(id=_text(entry_id), queue=_text(fields.get(b"q", b"")),
+                          body=fields.get(b"b", b""), reason=_text(fields.get(b"r", b"")),
+                          message_id=_text(fields.get(b"m", b"")),
+                          failed_at=float(fields.get(b"t", 0) or 0))
+
+    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+        entries = self._call(lambda: self.client.xrange(self._k_dead, count=limit), self._timeout, "dlq list")
+        return [self._dead_letter_of(i, f) for i, f in entries]
+
+    def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
+        try:
+            entries = self._call(lambda: self.client.xrange(self._k_dead, dead_id, dead_id),
+                                 self._timeout, "dlq show")
+        except redis.ResponseError:    # not a stream id at all
+            return None
+        return self._dead_letter_of(*entries[0]) if entries else None
+
+    def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
+        keys = [self._k_dead, self._k_dead_count]
+        if dead_ids is not None:
+            ids = list(dead_ids)
+            moved = 0
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                try:
+                    moved += self._call(lambda: self._dlq_requeue_script(
+                        keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")
+                except redis.ResponseError:   # a malformed id: take them one by one
+                    for one in chunk:
+                        try:
+                            moved += self._call(lambda: self._dlq_requeue_script(
+                                keys=keys, args=[self.prefix, one]), self._timeout, "dlq requeue")
+                        except redis.ResponseError:
+                            pass
+            return moved
+        moved = 0
+        while True:
+            n = self._call(lambda: self._dlq_requeue_script(keys=keys, args=[self.prefix]),
+                           self._timeout, "dlq requeue")
+            moved += n
+            if n < 500:
+                return moved
+
+    def dlq_purge(self) -> int:
+        def purge() -> int:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xlen(self._k_dead)
+            pipe.delete(self._k_dead, self._k_dead_count)
+            return pipe.execute()[0]
+        return self._call(purge, self._timeout, "dlq purge")
+
+    def close(self) -> None:
+        """Return unhanded spares, send kept acks (briefly), drop the connections."""
+        try:
+            with self._lock:
+                spares, self._spares = list(self._spares), deque()
+            if spares:
+                self._transfer(spares, PARKED, 1.0, "requeue")
+            if self._unacked:
+                self._call(self._flush_unacked, 1.0, "ack")
+        except (BrokerError, redis.RedisError) as exc:
+            log.warning("closing with Redis away: %s (held messages come back after their lease)", exc)
+        self.pool.disconnect()
