@@ -1,0 +1,125 @@
+"""End-to-end fixtures: real greenq-worker processes, one per driver under
+test (GREENQ_TEST_DRIVERS, default gevent), on the embedded SQLite broker and,
+where marked, on Redis and RabbitMQ."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+DRIVERS = [d for d in os.environ.get("GREENQ_TEST_DRIVERS", "gevent").split(",") if d]
+
+
+def pytest_generate_tests(metafunc):
+    if "pool" in metafunc.fixturenames:
+        metafunc.parametrize("pool", DRIVERS)
+
+
+class Env:
+    """One test's world: a broker namespace, an environment, helpers to run
+    workers, admin commands and client processes."""
+
+    def __init__(self, tmp_path: Path, broker_url: str, extra_env: dict) -> None:
+        self.tmp = tmp_path
+        self.markers = tmp_path / "markers"
+        self.markers.mkdir()
+        self.broker_url = broker_url
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GREENQ_")
+                    or k.startswith("GREENQ_TEST_")}
+        self.env.update({
+            "GREENQ_BROKER_URL": broker_url,
+            "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
+            "E2E_MARKERS": str(self.markers),
+            "GREENQ_WORKER_LOGLEVEL": "INFO",
+            "GREENQ_WORKER_BLOCKING_THRESHOLD": "0",
+        })
+        self.env.update(extra_env)
+        self.procs = []
+
+    def worker(self, pool: str, *args: str, burst: bool = True, **popen) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "greenq.worker", "-A", "e2e_tasks", "--pool", pool, *args]
+        if burst:
+            cmd.append("--burst")
+        proc = subprocess.Popen(cmd, cwd=self.tmp, env=self.env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, **popen)
+        self.procs.append(proc)
+        return proc
+
+    def run_worker(self, pool: str, *args: str, timeout: float = 60) -> "tuple[int, str]":
+        proc = self.worker(pool, *args)
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+
+    def admin(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "greenq.cli", *args], cwd=self.tmp, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def client(self, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run ``code`` in a plain, unpatched Python process (the thin client)."""
+        return subprocess.run([sys.executable, "-c", code], cwd=self.tmp, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def app(self):
+        """The tasks module's app, pointed at this test's broker: this pytest
+        process is the unpatched client."""
+        from greenq.config import load
+        import e2e_tasks
+        app = e2e_tasks.app
+        app.close()
+        app.config = load(search=False, env={k: v for k, v in self.env.items() if k.startswith("GREENQ_")})
+        app._codec = None
+        return app
+
+    def wait_marker(self, name: str, timeout: float = 20) -> None:
+        path = self.markers / name
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"marker {name} never appeared")
+            time.sleep(0.02)
+
+    def marker_count(self, name: str) -> int:
+        path = self.markers / name
+        return len(path.read_text().split()) if path.exists() else 0
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+
+
+@pytest.fixture
+def sqlite_env(tmp_path):
+    sys.path.insert(0, str(HERE))
+    env = Env(tmp_path, f"sqlite:///{tmp_path / 'broker.sqlite3'}", {})
+    yield env
+    env.cleanup()
+
+
+@pytest.fixture(params=["sqlite", "redis", "amqp"])
+def any_env(request, tmp_path):
+    """The same test on every broker."""
+    sys.path.insert(0, str(HERE))
+    extra = {}
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
+    elif request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        extra["GREENQ_KEY_PREFIX"] = request.getfixturevalue("redis_prefix")
+    else:
+        url = request.getfixturevalue("amqp_url")
+        extra["GREENQ_DEFAULT_QUEUE"] = f"e2e-{uuid.uuid4().hex[:8]}"
+        extra["GREENQ_WORKER_QUEUES"] = extra["GREENQ_DEFAULT_QUEUE"]
+    env = Env(tmp_path, url, extra)
+    env.kind = request.param
+    yield env
+    env.cleanup()

@@ -1,0 +1,96 @@
+"""Tasks used by the end-to-end tests; imported by real greenq-worker processes
+(``-A e2e_tasks``) and by the unpatched client side."""
+import os
+import socket
+import sys
+import time
+
+from greenq import GreenQ, SoftTimeLimitExceeded
+
+app = GreenQ.from_config(name="e2e")
+
+
+class CustomError(Exception):
+    """Importable on both sides: re-raised as itself."""
+
+
+def _mark(name):
+    marker_dir = os.environ.get("E2E_MARKERS")
+    if marker_dir:
+        with open(os.path.join(marker_dir, name), "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+
+@app.task(name="e2e.add")
+def add(x, y):
+    return x + y
+
+
+@app.task(name="e2e.fail")
+def fail(message):
+    raise KeyError(message)
+
+
+@app.task(name="e2e.custom_fail")
+def custom_fail(message):
+    raise CustomError(message)
+
+
+@app.task(name="e2e.unimportable_fail")
+def unimportable_fail():
+    class LocalError(Exception):
+        pass
+    raise LocalError("defined inside the task")
+
+
+@app.task(name="e2e.flaky", bind=True, autoretry_for=(IOError,), retry_backoff=0.05,
+          retry_jitter=False, max_retries=5)
+def flaky(self, succeed_at):
+    if self.request.retries < succeed_at:
+        raise IOError(f"attempt {self.request.retries} fails")
+    return self.request.retries
+
+
+@app.task(name="e2e.explicit_retry", bind=True, max_retries=2)
+def explicit_retry(self):
+    if self.request.retries < 2:
+        raise self.retry(countdown=0.1)
+    return f"done after {self.request.retries} retries"
+
+
+@app.task(name="e2e.always_retry", bind=True, max_retries=1)
+def always_retry(self):
+    raise self.retry(exc=ValueError("still broken"), countdown=0.05)
+
+
+@app.task(name="e2e.soft", soft_time_limit=0.5)
+def soft(seconds):
+    try:
+        time.sleep(seconds)
+    except SoftTimeLimitExceeded:
+        return "soft limit caught"
+    return "finished"
+
+
+@app.task(name="e2e.hard", time_limit=0.5)
+def hard(seconds):
+    try:
+        time.sleep(seconds)
+    except Exception:   # a careless task cannot swallow its hard limit
+        time.sleep(seconds)
+    return "should not get here"
+
+
+@app.task(name="e2e.slow")
+def slow(name, seconds):
+    _mark(name + ".started")
+    time.sleep(seconds)
+    _mark(name + ".finished")
+    return name
+
+
+@app.task(name="e2e.patched")
+def patched():
+    """Which concurrency library (if any) patched the worker's socket module."""
+    mod = socket.socket.__module__
+    return {"socket_module": mod, "gevent": "gevent" in sys.modules, "eventlet": "eventlet" in sys.modules}
