@@ -1,0 +1,173 @@
+import datetime
+import sys
+import time
+
+import pytest
+
+import greenq
+from greenq import GreenQ, MaxRetriesExceededError
+from greenq.drivers import get_driver
+from greenq.worker.consumer import Worker
+
+
+def test_exported_names():
+    expected = {"GreenQ", "AsyncResult", "Task", "Signature", "PENDING", "RECEIVED", "STARTED", "RETRY",
+                "SUCCESS", "FAILURE", "REVOKED", "GreenQError", "ConfigError", "TimeoutError", "TaskError",
+                "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject", "MessageError",
+                "BrokerError", "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError"}
+    assert set(greenq.__all__) == expected
+    for name in expected:
+        assert getattr(greenq, name) is not None
+    assert issubclass(greenq.TimeoutError, TimeoutError)
+    assert issubclass(greenq.TaskError, greenq.GreenQError)
+
+
+def make_app(**kw):
+    return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", **kw)
+
+
+def test_task_names_and_options():
+    app = make_app()
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    @app.task(name="crawl.fetch", queue="io", priority=5, bind=True, rate_limit="10/s")
+    def fetch(self, url):
+        return self.request.id
+
+    assert add.name == f"{__name__}.test_task_names_and_options.<locals>.add"
+    assert add(2, 3) == 5 and fetch.option("queue") == "io"
+    with pytest.raises(TypeError, match="unknown option"):
+        app.task(queues="x")(lambda: None)
+
+
+def test_apply_async_options_reach_the_message():
+    app = make_app()
+
+    @app.task(queue="io")
+    def t():
+        pass
+    eta = datetime.datetime.now() + datetime.timedelta(seconds=60)
+    r = t.apply_async(eta=eta, expires=120, priority=9, task_id="fixed-id")
+    assert r.id == "fixed-id"
+    msg = app._build(t.name, (), {}, {"countdown": 10, "queue": "high"})
+    assert msg.queue == "high" and msg.eta == pytest.approx(time.time() + 10, abs=1)
+    stats = {s.name: s for s in app.broker.queue_stats()}
+    assert stats["io"].delayed == 1
+    with pytest.raises(ValueError):
+        t.apply_async(priority=10)
+    with pytest.raises(TypeError, match="unknown option"):
+        t.apply_async(countdwn=1)
+
+
+def test_eager_mode_runs_inline_with_retries():
+    app = make_app(eager=True)
+    calls = []
+
+    @app.task(bind=True, autoretry_for=(IOError,), max_retries=3)
+    def flaky(self):
+        calls.append(self.request.retries)
+        if self.request.retries < 2:
+            raise IOError("again")
+        return "ok"
+
+    @app.task
+    def boom():
+        raise ValueError("nope")
+    r = flaky.delay()
+    assert r.get() == "ok" and r.state == "SUCCESS" and calls == [0, 1, 2]
+    failed = boom.delay()
+    assert isinstance(failed.get(propagate=False), ValueError)
+    with pytest.raises(ValueError):
+        failed.get()
+    assert "ValueError" in failed.traceback
+
+
+def test_max_retries_exceeded_in_eager():
+    app = make_app(eager=True)
+
+    @app.task(bind=True, max_retries=1)
+    def never(self):
+        raise self.retry(countdown=0)
+    assert isinstance(never.delay().get(propagate=False), MaxRetriesExceededError)
+
+
+def test_backoff_grows_and_is_capped():
+    app = make_app()
+
+    @app.task(retry_backoff=2, retry_backoff_max=10, retry_jitter=False)
+    def t():
+        pass
+    assert [t.backoff(n) for n in range(5)] == [2, 4, 8, 10, 10]
+
+    @app.task(retry_backoff=True)
+    def j():
+        pass
+    assert all(0 <= j.backoff(3) <= 8 for _ in range(20))
+
+
+def test_ini_task_section_overrides_decorator(tmp_path):
+    ini = tmp_path / "g.ini"
+    ini.write_text("[greenq]\nbroker_url = memory://ini\n[task:shop.fetch]\ntime_limit = 30\nqueue = io\n")
+    app = GreenQ.from_config(str(ini))
+
+    @app.task(name="shop.fetch", time_limit=5)
+    def fetch():
+        pass
+    assert fetch.option("time_limit") == 30 and fetch.option("queue") == "io"
+
+
+def test_in_process_worker_on_memory_broker():
+    """The memory broker with an in-process threads worker: for users' unit tests."""
+    app = make_app()
+
+    @app.task
+    def mul(x, y):
+        return x * y
+    results = app.enqueue_many([mul.s(i, 2) for i in range(20)])
+    expired = mul.apply_async((1, 1), expires=-1)
+    assert Worker(app, get_driver("threads"), queues=["default"], concurrency=4, burst=True).run() == 0
+    assert [r.get(timeout=1) for r in results] == [i * 2 for i in range(20)]
+    assert expired.state == "REVOKED"
+    with pytest.raises(greenq.TaskRevokedError):
+        expired.get(timeout=1)
+
+
+def test_revoke_before_start():
+    app = make_app()
+
+    @app.task
+    def t():
+        return 1
+    r = t.delay()
+    r.revoke()
+    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True).run()
+    assert r.state == "REVOKED"
+
+
+def test_get_timeout_raises_greenq_timeout():
+    app = make_app()
+
+    @app.task
+    def t():
+        pass
+    with pytest.raises(greenq.TimeoutError):
+        t.delay().get(timeout=0.05)
+
+
+def test_fork_gets_fresh_connections(monkeypatch):
+    app = make_app()
+    broker = app.broker
+    monkeypatch.setattr("os.getpid", lambda: -1)
+    assert app.broker is not broker
+
+
+def test_import_greenq_is_light():
+    import subprocess
+    code = ("import sys, greenq\nfrom greenq import GreenQ\n"
+            "app = GreenQ('x', broker='sqlite:///x.db')\n"
+            "print(sorted({'gevent','eventlet','ssl','redis','amqp'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,84 @@
+import pytest
+
+from greenq import config
+from greenq.exceptions import ConfigError
+
+
+def test_defaults_match_the_contract():
+    cfg = config.load(search=False, env={})
+    assert cfg.broker_url == "sqlite:///greenq.sqlite3"
+    assert cfg.worker["pool"] == "gevent" and cfg.worker["concurrency"] == 100
+    assert cfg.lease_seconds == 30 and cfg.max_deliveries == 10
+    assert cfg.origin("worker", "pool") == "default"
+
+
+def test_layering_defaults_ini_env_cli(tmp_path):
+    ini = tmp_path / "g.ini"
+    ini.write_text("[greenq]\nbroker_url = redis://:pw@h:6379/1 ; inline comment\n"
+                   "[worker]\nconcurrency = 10\nprefetch = 20\nqueues = a, b\n")
+    env = {"GREENQ_WORKER_CONCURRENCY": "30", "GREENQ_DEFAULT_QUEUE": "jobs"}
+    cfg = config.load(str(ini), env=env, overrides={("worker", "prefetch"): 40})
+    assert cfg.broker_url == "redis://:pw@h:6379/1"
+    assert cfg.worker["concurrency"] == 30 and cfg.origin("worker", "concurrency").startswith("environment")
+    assert cfg.worker["prefetch"] == 40 and cfg.worker["queues"] == ["a", "b"]
+    assert cfg.default_queue == "jobs"
+    shown = {(s, k): v for s, k, v, _ in cfg.items()}
+    assert shown[("greenq", "broker_url")] == "redis://:***@h:6379/1"
+
+
+def test_file_search_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "greenq.ini").write_text("[worker]\nconcurrency = 7\n")
+    assert config.load(env={}).worker["concurrency"] == 7
+    other = tmp_path / "other.ini"
+    other.write_text("[worker]\nconcurrency = 8\n")
+    assert config.load(env={"GREENQ_CONFIG": str(other)}).worker["concurrency"] == 8
+    with pytest.raises(ConfigError, match="no such file"):
+        config.load(str(tmp_path / "missing.ini"), env={})
+
+
+@pytest.mark.parametrize("text, parts", [
+    ("[worker]\nconcurency = 3\n", ["[worker]", "concurency", "did you mean 'concurrency'"]),
+    ("[wroker]\npool = gevent\n", ["[wroker]", "did you mean 'worker'"]),
+    ("[worker]\nconcurrency = -1\n", ["[worker] concurrency = '-1'", ">= 0"]),
+    ("[worker]\npool = greenlet\n", ["pool = 'greenlet'", "gevent, eventlet, threads, solo"]),
+    ("[greenq]\neager = maybe\n", ["eager = 'maybe'", "true or false"]),
+    ("[worker]\nhttp = nowhere\n", ["http = 'nowhere'", "HOST:PORT"]),
+    ("[task:shop.fetch]\nrate_limit = fast\n", ["[task:shop.fetch] rate_limit", "N/s"]),
+    ("[greenq]\naccept_content = json, yaml\n", ["accept_content", "yaml"]),
+    ("no section here\n", ["cannot parse"]),
+])
+def test_errors_name_file_section_key_value(tmp_path, text, parts):
+    ini = tmp_path / "bad.ini"
+    ini.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(ini), env={})
+    message = str(info.value)
+    assert str(ini) in message
+    for part in parts:
+        assert part in message, (part, message)
+
+
+def test_env_errors_name_the_variable():
+    with pytest.raises(ConfigError, match="GREENQ_WORKER_CONCURRENCY.*'x'"):
+        config.load(search=False, env={"GREENQ_WORKER_CONCURRENCY": "x"})
+
+
+def test_task_sections_and_rates(tmp_path):
+    ini = tmp_path / "t.ini"
+    ini.write_text("[task:shop.fetch]\nrate_limit = 100/s\ntime_limit = 30\nmax_retries = 5\n")
+    cfg = config.load(str(ini), env={})
+    assert cfg.task_options("shop.fetch") == {"rate_limit": "100/s", "time_limit": 30.0, "max_retries": 5}
+    assert config.parse_rate("6/m") == pytest.approx(0.1)
+
+
+def test_signing_key_is_masked():
+    cfg = config.load(search=False, env={}, overrides={("greenq", "signing_key"): "s3cret"})
+    assert "s3cret" not in repr(list(cfg.items()))
+
+
+def test_shipped_example_config_is_valid():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    for name in ("greenq.ini", "redis.ini", "rabbitmq.ini"):
+        config.load(str(root / "conf" / name), env={})

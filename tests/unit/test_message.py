@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from greenq.exceptions import MessageError
+from greenq.message import Codec, TaskMessage
+
+
+def test_roundtrip_json_inline():
+    codec = Codec()
+    msg = TaskMessage(task="shop.add", args=[1, "x"], kwargs={"k": [1, 2]}, priority=5, eta=123.5)
+    data = codec.encode(msg)
+    env = json.loads(data)
+    assert env["v"] == 1 and env["ct"] == "json" and env["args"] == [1, "x"]
+    back = codec.decode(data)
+    assert (back.task, back.args, back.kwargs, back.priority, back.eta, back.id) == \
+        ("shop.add", [1, "x"], {"k": [1, 2]}, 5, 123.5, msg.id)
+
+
+@pytest.mark.parametrize("serializer", ["pickle", "msgpack"])
+def test_other_serializers(serializer):
+    pytest.importorskip(serializer)
+    codec = Codec(serializer, accept=[serializer])
+    back = codec.decode(codec.encode(TaskMessage(task="t", args=[b"\x00bytes"] if serializer == "pickle" else [1])))
+    assert back.task == "t"
+    with pytest.raises(MessageError, match="accept_content"):
+        Codec().decode(codec.encode(TaskMessage(task="t")))
+
+
+def test_signing():
+    signer = Codec(signing_key="k1")
+    data = signer.encode(TaskMessage(task="t", args=[1]))
+    assert signer.decode(data).args == [1]
+    forged = data.replace(b"[1]", b"[2]")
+    with pytest.raises(MessageError, match="forged"):
+        signer.decode(forged)
+    with pytest.raises(MessageError, match="unsigned"):
+        signer.decode(Codec().encode(TaskMessage(task="t")))
+    with pytest.raises(MessageError, match="forged"):
+        Codec(signing_key="other").decode(data)
+
+
+@pytest.mark.parametrize("data", [b"\xff\xfe", b"[]", b'{"v":1}', b'{"v":9,"id":"a","task":"t"}',
+                                  b'{"v":1,"id":"a","task":"t","args":{}}'])
+def test_garbage_raises_message_error(data):
+    with pytest.raises(MessageError):
+        Codec().decode(data)
+
+
+def test_max_size_refused_at_encode():
+    with pytest.raises(MessageError, match="max_message_size"):
+        Codec(max_size=100).encode(TaskMessage(task="t", args=["x" * 200]))
+
+
+def test_unserializable_arguments():
+    with pytest.raises(MessageError, match="cannot serialize"):
+        Codec().encode(TaskMessage(task="t", args=[object()]))
+
+
+def test_results_roundtrip_and_unserializable_result():
+    codec = Codec()
+    assert codec.decode_result(codec.encode_result({"state": "SUCCESS", "result": [1]}))["result"] == [1]
+    meta = codec.decode_result(codec.encode_result({"state": "SUCCESS", "result": object()}))
+    assert meta["state"] == "FAILURE" and "not serializable" in meta["exc"]["message"]
