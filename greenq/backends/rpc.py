@@ -1,0 +1,387 @@
+"""``rpc://``: results sent back over RabbitMQ to the process that sent the task.
+
+The broker must be ``amqp://`` (the connection comes from ``broker_url``);
+``rpc://`` is what an empty ``result_backend`` means with a RabbitMQ broker.
+
+* Each client process has one reply queue, ``greenq.reply.<uuid>`` (not
+  durable; deleted by RabbitMQ after it has had no consumer for
+  ``min(result_expires, 1 day)``), consumed on a connection of its own.
+  ``reply_to()`` names it and the app puts it in every message it sends.
+* The worker publishes each result record to the message's ``reply_to``
+  through the default exchange (``correlation_id`` = task id; ``type`` =
+  ``final`` or ``update``), with publisher confirms, before it acks the task.
+* ``wait(task_id)`` blocks on the reply queue.  Whoever waits first reads for
+  everyone: results of other tasks are kept in a per-process cache (the last
+  10,000) and the other waiting threads are woken, so many AsyncResults in one
+  process work.  ``get`` reads what has arrived without blocking.
+* Limits: a result reaches only the process that sent the task (``greenq
+  result ID`` from another process sees PENDING); results published while the
+  reply queue does not exist (a RabbitMQ restart: it is not durable) are lost.
+  Use a Redis or SQLite result backend when you need results that outlive the
+  caller.
+* Revocations cannot live in a reply queue: they go to ``greenq.revoked``, a
+  RabbitMQ stream (``x-max-age`` = ``result_expires``) that every worker reads
+  from its start, so a worker started after a revoke still sees it.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import amqp
+from amqp.exceptions import PreconditionFailed
+
+from ..brokers import scheme_of
+from ..brokers.amqp_common import (AMQP_ERRORS, REVOKED_STREAM, ChannelPool, Link, Publisher,
+                                   Settings, close_quietly, connection_params, open_connection,
+                                   pool_size)
+from ..config import mask_url
+from ..exceptions import BrokerError, ConfigError
+from .base import Record, ResultBackend
+
+log = logging.getLogger("greenq.amqp")
+
+CACHE_SIZE = 10000          # results kept per process for AsyncResults not yet asked
+CATCH_UP_SECONDS = 5.0      # longest a worker reads the revocation stream at start
+
+
+class RPCBackend(ResultBackend):
+    schemes = ("rpc",)
+
+    def __init__(self, url: str, config: Any, driver: Any = None) -> None:
+        super().__init__(url, config, driver)
+        broker_url = config.broker_url
+        if scheme_of(broker_url) not in ("amqp", "pyamqp", "amqps"):
+            raise ConfigError(f"result_backend rpc:// needs a RabbitMQ broker (amqp://), not "
+                              f"{mask_url(broker_url)!r}; use redis:// or sqlite:// results instead")
+        self.broker_url = broker_url
+        self.settings = Settings.from_config(config)
+        self.params = connection_params(broker_url)
+        self.pool = ChannelPool(broker_url, self.settings, pool_size(config), role="rpc")
+        self._lock = threading.Lock()
+        self._replies: Optional[_Replies] = None
+        self._revocations: Optional[_Revocations] = None
+        self._stream_declared = False
+
+    # -- the caller's side ---------------------------------------------------
+    def reply_to(self) -> str:
+        replies = self._replies
+        if replies is None or replies.pid != os.getpid():
+            with self._lock:
+                replies = self._replies
+                if replies is None or replies.pid != os.getpid():
+                    replies = self._replies = _Replies(self.params, self.broker_url, self.settings)
+        return replies.name
+
+    def _mine(self) -> Optional["_Replies"]:
+        replies = self._replies
+        return replies if replies is not None and replies.pid == os.getpid() else None
+
+    def _get(self, task_id: str) -> Optional[bytes]:
+        replies = self._mine()
+        return replies.get(task_id) if replies is not None else None
+
+    def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+        self.reply_to()   # this process's reply queue, made if it sent nothing yet
+        return self._replies.wait(task_id, timeout)
+
+    def _forget(self, task_id: str) -> None:
+        replies = self._mine()
+        if replies is not None:
+            replies.forget(task_id)
+
+    # -- the worker's side ---------------------------------------------------
+    def _store_many(self, records: Sequence[Record]) -> None:
+        """Send each record to its ``reply_to``; records without one (sent with
+        ignore_result, or by a producer not using rpc://) have nowhere to go."""
+        out = [r for r in records if r.reply_to]
+        if not out:
+            return
+
+        def send(pub: Publisher) -> None:
+            for r in out:
+                pub.publish(amqp.Message(r.data, correlation_id=r.task_id, delivery_mode=1,
+                                         type="final" if r.final else "update"), "", r.reply_to)
+            if pub.confirm:
+                nacked, returned = pub.wait_confirms()
+                if nacked:
+                    raise BrokerError(f"RabbitMQ refused {len(nacked)} result(s)")
+                if returned:   # the caller's reply queue is gone: nobody to tell
+                    log.debug("%d result(s) had no reply queue to go to", len(returned))
+        self.pool.run(send)
+
+    # -- revocations ---------------------------------------------------------
+    def _revoke(self, task_id: str, terminate: bool) -> None:
+        def send(pub: Publisher) -> None:
+            if not self._stream_declared:
+                declare_stream(pub, self.settings)
+                self._stream_declared = True
+            pub.publish(amqp.Message(task_id.encode(), delivery_mode=2,
+                                     type="terminate" if terminate else "revoke"), "", REVOKED_STREAM)
+            if pub.confirm:
+                nacked, returned = pub.wait_confirms()
+                if nacked or returned:
+                    raise BrokerError("RabbitMQ did not take the revocation")
+        self.pool.run(send)
+        revocations = self._revocations
+        if revocations is not None and revocations.pid == os.getpid():
+            with revocations.lock:   # known here at once; other processes read it from the stream
+                revocations.revoked[task_id] = terminate
+
+    def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        revocations = self._revocations
+        if revocations is None or revocations.pid != os.getpid():
+            with self._lock:
+                revocations = self._revocations
+                if revocations is None or revocations.pid != os.getpid():
+                    revocations = self._revocations = _Revocations(self.params, self.broker_url,
+                                                                   self.settings)
+        return revocations.check(task_ids)
+
+    def close(self) -> None:
+        with self._lock:
+            replies, self._replies = self._mine(), None
+            revocations, self._revocations = self._revocations, None
+        if replies is not None:
+            replies.close()
+        if revocations is not None and revocations.pid == os.getpid():
+            revocations.close()
+        self.pool.close()
+
+
+def declare_stream(pub: Publisher, settings: Settings) -> None:
+    """Declare the revocation stream; an existing one with another max-age is used as is."""
+    try:
+        pub.channel.queue_declare(REVOKED_STREAM, durable=True, auto_delete=False, arguments={
+            "x-queue-type": "stream", "x-max-age": f"{max(1, settings.result_expires)}s"})
+    except PreconditionFailed:
+        pub.reopen()
+        pub.channel.queue_declare(REVOKED_STREAM, passive=True)
+
+
+class _Replies:
+    """This process's reply queue and the results that arrived on it.
+
+    Readers take turns: the first waiter reads (``reading``) while the others
+    wait on ``cond``, which every arriving result notifies.
+    """
+
+    def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
+        self.pid = os.getpid()
+        self.params = params
+        self.name = f"greenq.reply.{uuid.uuid4().hex}"
+        self.expires_ms = int(max(60, min(settings.result_expires, 86400)) * 1000)
+        self.link = Link("rpc reply", url)
+        self.cond = threading.Condition()
+        self.results: "OrderedDict[str, Tuple[bytes, bool]]" = OrderedDict()
+        self.reading = False
+        self.conn: Optional[amqp.Connection] = None
+        self.channel: Any = None
+        self.retry_at = 0.0
+        self.unacked = 0
+        try:
+            self._connect()   # the queue must exist before a task can answer
+        except AMQP_ERRORS as exc:
+            self.link.lost(exc)
+            raise BrokerError(f"rpc:// cannot reach RabbitMQ at {mask_url(url)}: {exc}") from None
+
+    def _connect(self) -> None:
+        conn = open_connection(self.params, heartbeat=0, role="rpc reply")
+        try:
+            ch = conn.channel()
+            ch.auto_decode = False
+            ch.queue_declare(self.name, durable=False, exclusive=False, auto_delete=False,
+                             arguments={"x-expires": self.expires_ms})
+            ch.basic_qos(0, 1000, False)
+            ch.basic_consume(self.name, callback=self._on_reply)
+        except BaseException:
+            close_quietly(conn)
+            raise
+        self.conn, self.channel = conn, ch
+        self.link.up()
+
+    def _on_reply(self, msg: "amqp.Message") -> None:
+        props = msg.properties
+        task_id = props.get("correlation_id")
+        final = props.get("type") != "update"
+        self.unacked = msg.delivery_info["delivery_tag"]
+        if not task_id:
+            return
+        with self.cond:
+            old = self.results.get(task_id)
+            if not (old is not None and old[1] and not final):   # never replace final by a late update
+                self.results[task_id] = (bytes(msg.body), final)
+                self.results.move_to_end(task_id)
+                while len(self.results) > CACHE_SIZE:
+                    self.results.popitem(last=False)
+            self.cond.notify_all()
+
+    def _read(self, timeout: float) -> None:
+        """Read replies for up to ``timeout`` seconds (0: what has arrived).
+        Caller holds the reading turn."""
+        if self.conn is None:
+            if time.monotonic() < self.retry_at:
+                time.sleep(min(timeout, self.retry_at - time.monotonic()))
+                return
+            try:
+                self._connect()
+            except AMQP_ERRORS as exc:
+                self.retry_at = time.monotonic() + self.link.lost(exc)
+                return
+        try:
+            self.conn.drain_events(timeout=timeout)
+            while True:   # and everything else already there
+                self.conn.drain_events(timeout=0)
+        except socket.timeout:
+            pass
+        except AMQP_ERRORS as exc:
+            self._drop()
+            self.retry_at = time.monotonic() + self.link.lost(exc)
+            return
+        if self.unacked:
+            try:
+                self.channel.basic_ack(self.unacked, multiple=True)
+            except AMQP_ERRORS:
+                self._drop()   # unacked replies come back to the queue
+            self.unacked = 0
+        self.link.alive()
+
+    def _drop(self) -> None:
+        conn, self.conn, self.channel = self.conn, None, None
+        self.unacked = 0
+        if conn is not None:
+            try:
+                conn.collect()
+            except Exception:
+                pass
+
+    def wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self.cond:
+                while True:
+                    found = self.results.get(task_id)
+                    if found is not None and found[1]:
+                        return found[0]
+                    left = 1.0 if deadline is None else deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    if not self.reading:
+                        self.reading = True
+                        break
+                    self.cond.wait(min(left, 1.0))
+            try:
+                self._read(min(left, 1.0))
+            finally:
+                with self.cond:
+                    self.reading = False
+                    self.cond.notify_all()
+
+    def get(self, task_id: str) -> Optional[bytes]:
+        with self.cond:
+            turn = not self.reading
+            if turn:
+                self.reading = True
+        if turn:
+            try:
+                self._read(0)
+            finally:
+                with self.cond:
+                    self.reading = False
+                    self.cond.notify_all()
+        with self.cond:
+            found = self.results.get(task_id)
+            return found[0] if found is not None else None
+
+    def forget(self, task_id: str) -> None:
+        with self.cond:
+            self.results.pop(task_id, None)
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        close_quietly(conn)
+
+
+class _Revocations:
+    """The revocation stream, read from its start into a dict by whoever calls
+    ``check`` (under a lock; never blocks once caught up)."""
+
+    def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
+        self.pid = os.getpid()
+        self.params = params
+        self.settings = settings
+        self.link = Link("rpc revocations", url)
+        self.lock = threading.Lock()
+        self.revoked: Dict[str, bool] = {}
+        self.conn: Optional[amqp.Connection] = None
+        self.channel: Any = None
+        self.caught_up = False
+        self.retry_at = 0.0
+
+    def _connect(self) -> None:
+        conn = open_connection(self.params, heartbeat=0, role="rpc revocations")
+        try:
+            ch = conn.channel()
+            ch.auto_decode = False
+            try:
+                ch.queue_declare(REVOKED_STREAM, durable=True, auto_delete=False, arguments={
+                    "x-queue-type": "stream", "x-max-age": f"{max(1, self.settings.result_expires)}s"})
+            except PreconditionFailed:
+                ch = conn.channel()
+                ch.auto_decode = False
+            ch.basic_qos(0, 1000, False)
+            ch.basic_consume(REVOKED_STREAM, callback=self._on_revoke,
+                             arguments={"x-stream-offset": "first"})
+        except BaseException:
+            close_quietly(conn)
+            raise
+        self.conn, self.channel = conn, ch
+        self.caught_up = False
+        self.link.up()
+
+    def _on_revoke(self, msg: "amqp.Message") -> None:
+        self.revoked[bytes(msg.body).decode("utf-8", "replace")] = msg.properties.get("type") == "terminate"
+        self.channel.basic_ack(msg.delivery_info["delivery_tag"])
+
+    def check(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        with self.lock:
+            self._read()
+            revoked = self.revoked
+            return {t: revoked[t] for t in task_ids if t in revoked}
+
+    def _read(self) -> None:
+        if self.conn is None:
+            if time.monotonic() < self.retry_at:
+                return
+            try:
+                self._connect()
+            except AMQP_ERRORS as exc:
+                self.retry_at = time.monotonic() + self.link.lost(exc)
+                raise BrokerError(f"revocations unavailable: {exc}") from None
+        try:
+            if not self.caught_up:   # read the history until it pauses
+                end = time.monotonic() + CATCH_UP_SECONDS
+                while time.monotonic() < end:
+                    self.conn.drain_events(timeout=0.05)
+            while True:
+                self.conn.drain_events(timeout=0)
+        except socket.timeout:
+            self.caught_up = True
+        except AMQP_ERRORS as exc:
+            conn, self.conn = self.conn, None
+            if conn is not None:
+                try:
+                    conn.collect()
+                except Exception:
+                    pass
+            self.retry_at = time.monotonic() + self.link.lost(exc)
+
+    def close(self) -> None:
+        conn, self.conn = self.conn, None
+        close_quietly(conn)

@@ -1,0 +1,554 @@
+"""What the RabbitMQ broker (``amqp.py``) and the ``rpc://`` backend share:
+connection parameters from a URL, the reconnect state machine, the topology
+greenq declares, and the publishers' channel pool.
+
+Imported only when an ``amqp://``, ``pyamqp://``, ``amqps://`` or ``rpc://``
+URL is used; ``ssl`` is imported only for ``amqps://``.
+
+Topology (docs/brokers-rabbitmq.md has the full table):
+
+* every task queue ``<q>``: durable; ``x-dead-letter-exchange = greenq.dlx``;
+  ``x-max-priority = [amqp] max_priority`` (classic queues, when > 0);
+  ``x-queue-type = quorum`` with ``[amqp] queue_type = quorum``.  Messages are
+  published persistent to the default exchange with routing key ``<q>``.
+* ``greenq.dlx`` (fanout) -> ``greenq.dlq``: the dead-letter store.  greenq
+  publishes dead letters there itself with the reason in headers; messages that
+  RabbitMQ dead-letters on its own (a consumer's reject) land there too.
+* delayed delivery, no plugin: ``greenq.delay.<i>`` for i in 0..31, a topic
+  exchange and a queue of the same name whose ``x-message-ttl`` is 2**i ms and
+  whose dead-letter exchange is ``greenq.delay.<i-1>`` (``greenq.delayed`` for
+  level 0).  A delay of d ms is written in binary in the routing key, one word
+  per level, highest first (``"0.0...1.0.1"``); the level-i exchange sends a
+  message whose i-th bit is 1 to its queue (it waits 2**i ms there) and one
+  whose bit is 0 straight on to level i-1.  Every queue of the cascade holds
+  messages of one TTL only, so a long delay never holds up a short one.
+  ``greenq.delayed`` (headers) finally routes on the ``greenq-queue`` header to
+  the target queue.  Delays beyond 2**32 ms (~49 days) go round again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import amqp
+from amqp.exceptions import AMQPError, ChannelError, PreconditionFailed
+
+from ..config import Config, mask_url
+from ..exceptions import BrokerError, ConfigError
+
+log = logging.getLogger("greenq.amqp")
+
+DLX = "greenq.dlx"
+DLQ = "greenq.dlq"
+DELAYED = "greenq.delayed"            # headers exchange: last hop of the delay cascade
+DELAY_LEVELS = 32                     # 2**32 ms ~ 49.7 days per pass
+MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
+REVOKED_STREAM = "greenq.revoked"     # rpc:// revocations
+H_QUEUE = "greenq-queue"              # headers greenq sets
+H_ETA = "greenq-eta"
+H_DELIVERIES = "greenq-deliveries"
+H_REASON = "greenq-reason"
+H_FAILED_AT = "greenq-failed-at"
+H_DEAD_ID = "greenq-dead-id"
+
+#: errors after which a connection is dead and must be rebuilt
+#: (socket.timeout is an OSError too: callers catch it first where it means "no data")
+CONNECTION_ERRORS = (amqp.exceptions.ConnectionError, OSError, EOFError)
+#: any AMQP failure, connection or channel level
+AMQP_ERRORS = CONNECTION_ERRORS + (AMQPError,)
+
+
+def delay_level_name(level: int) -> str:
+    return f"greenq.delay.{level}"
+
+
+# -- settings and connection parameters ---------------------------------------
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``[amqp]`` section and the other keys the AMQP classes read."""
+    confirm_publish: bool = True
+    queue_type: str = "classic"
+    heartbeat: int = 30
+    max_priority: int = 9
+    result_expires: int = 86400
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Settings":
+        sec = config.section("amqp")
+        return cls(sec["confirm_publish"], sec["queue_type"], sec["heartbeat"],
+                   sec["max_priority"], config.result_expires)
+
+    @property
+    def quorum(self) -> bool:
+        return self.queue_type == "quorum"
+
+
+_QUERY_KEYS = ("connect_timeout", "heartbeat", "cafile", "certfile", "keyfile", "verify",
+               "server_hostname")
+
+
+def connection_params(url: str) -> Dict[str, Any]:
+    """py-amqp ``Connection`` keyword arguments from ``amqp://user:pw@host:port/vhost``.
+
+    The vhost is the URL path without its first slash, percent-decoded; an empty
+    path or ``//`` means ``/``.  Query keys: ``connect_timeout``, ``heartbeat``
+    (overrides ``[amqp] heartbeat`` for the consumer), and for ``amqps://``
+    ``cafile``, ``certfile``, ``keyfile``, ``verify=false``, ``server_hostname``.
+    """
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"broker URL {mask_url(url)!r}: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("amqp", "pyamqp", "amqps"):
+        raise ConfigError(f"URL {mask_url(url)!r} is not an amqp://, pyamqp:// or amqps:// URL")
+    query = dict(parse_qsl(parts.query))
+    unknown = set(query) - set(_QUERY_KEYS)
+    if unknown:
+        raise ConfigError(f"broker URL {mask_url(url)!r}: unknown option(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(_QUERY_KEYS)}")
+    host = parts.hostname or "localhost"
+    port = port or (5671 if scheme == "amqps" else 5672)
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    params: Dict[str, Any] = {
+        "host": f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        "userid": unquote(parts.username) if parts.username else "guest",
+        "password": unquote(parts.password) if parts.password is not None else "guest",
+        "virtual_host": unquote(path) or "/",
+        "connect_timeout": float(query.get("connect_timeout", 10)),
+    }
+    if "heartbeat" in query:
+        params["heartbeat"] = int(query["heartbeat"])
+    if scheme == "amqps":
+        params["ssl"] = _ssl_options(host, query)
+    return params
+
+
+def _ssl_options(host: str, query: Dict[str, str]) -> Dict[str, Any]:
+    """py-amqp's TLS options: verify the server against the system CAs (or
+    ``cafile``) and its name, send a client certificate when ``certfile`` is set."""
+    import ssl  # only amqps:// loads ssl
+    verify = query.get("verify", "true").lower() not in ("0", "false", "no", "off")
+    opts: Dict[str, Any] = {"server_hostname": query.get("server_hostname", host) if verify else None,
+                            "cert_reqs": ssl.CERT_REQUIRED if verify else ssl.CERT_NONE}
+    if query.get("cafile"):
+        opts["ca_certs"] = query["cafile"]
+    if query.get("certfile"):
+        opts["certfile"] = query["certfile"]
+        opts["keyfile"] = query.get("keyfile")
+    return opts
+
+
+def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "amqp.Connection":
+    """Open and return a py-amqp connection (raises AMQP_ERRORS)."""
+    kwargs = dict(params)
+    kwargs["heartbeat"] = heartbeat
+    kwargs["client_properties"] = {
+        "connection_name": f"greenq {role} pid={os.getpid()} {socket.gethostname()}",
+    }
+    conn = amqp.Connection(**kwargs)
+    conn.connect()
+    return conn
+
+
+def close_quietly(conn: Optional["amqp.Connection"], forked: bool = False) -> None:
+    """Close ``conn`` cleanly if it answers within 2 s, else drop it; never raises.
+    In a forked child (``forked``) the socket is the parent's: leave it alone."""
+    if conn is None or forked:
+        return
+    try:
+        conn.transport.sock.settimeout(2.0)
+        conn.close()
+    except Exception:
+        try:
+            conn.collect()
+        except Exception:
+            pass
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
+
+
+# -- the reconnect state machine ----------------------------------------------
+
+class Link:
+    """The state of one connection: ``down`` -> ``connecting`` -> ``up`` -> ``down``...
+
+    ``lost()`` records a failure and returns how long to wait before the next
+    attempt: exponential from 0.1 s, capped at ``cap`` (5 s), with jitter.  The
+    first failure is logged as a warning, repeated ones at debug level, and the
+    recovery at info level.  ``healthy`` and ``last_ok`` feed /healthz.
+    """
+
+    def __init__(self, what: str, url: str, cap: float = 5.0) -> None:
+        self.what = what
+        self.where = mask_url(url)
+        self.cap = cap
+        self.state = "down"
+        self.failures = 0
+        self.last_ok = 0.0               # epoch seconds of the last successful exchange
+        self.last_error: Optional[str] = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "up"
+
+    def connecting(self) -> None:
+        self.state = "connecting"
+
+    def up(self) -> None:
+        if self.failures:
+            log.info("%s connection to %s restored after %d failed attempt(s)",
+                     self.what, self.where, self.failures)
+        self.state = "up"
+        self.failures = 0
+        self.last_ok = time.time()
+
+    def alive(self) -> None:
+        self.last_ok = time.time()
+
+    def lost(self, exc: BaseException) -> float:
+        self.state = "down"
+        self.failures += 1
+        self.last_error = describe(exc)
+        delay = min(self.cap, 0.1 * 2 ** min(self.failures - 1, 10))
+        delay = random.uniform(delay / 2, delay)
+        level = logging.WARNING if self.failures == 1 else logging.DEBUG
+        log.log(level, "%s connection to %s failed: %s; reconnecting in %.1f s",
+                self.what, self.where, self.last_error, delay)
+        return delay
+
+
+# -- topology -----------------------------------------------------------------
+
+def queue_arguments(settings: Settings) -> Dict[str, Any]:
+    args: Dict[str, Any] = {"x-dead-letter-exchange": DLX}
+    if settings.quorum:
+        args["x-queue-type"] = "quorum"
+    elif settings.max_priority:
+        args["x-max-priority"] = min(settings.max_priority, 255)
+    return args
+
+
+def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
+    """Declare the dead-letter store and the delay cascade (idempotent).  The
+    many small declarations go out without waiting; the final one waits, so an
+    error in any of them is raised here."""
+    channel.exchange_declare(DLX, "fanout", durable=True, auto_delete=False, nowait=True)
+    dlq_args = {"x-queue-type": "quorum"} if settings.quorum else {}
+    channel.queue_declare(DLQ, durable=True, auto_delete=False, arguments=dlq_args, nowait=True)
+    channel.queue_bind(DLQ, DLX, "", nowait=True)
+    channel.exchange_declare(DELAYED, "headers", durable=True, auto_delete=False, nowait=True)
+    for level in range(DELAY_LEVELS):
+        name = delay_level_name(level)
+        channel.exchange_declare(name, "topic", durable=True, auto_delete=False, nowait=True)
+    for level in range(DELAY_LEVELS):
+        name = delay_level_name(level)
+        nxt = delay_level_name(level - 1) if level else DELAYED
+        channel.queue_declare(name, durable=True, auto_delete=False, nowait=True, arguments={
+            "x-message-ttl": 2 ** level, "x-dead-letter-exchange": nxt})
+        prefix = "*." * (DELAY_LEVELS - 1 - level)
+        channel.queue_bind(name, name, prefix + "1.#", nowait=True)
+        if level:
+            channel.exchange_bind(nxt, name, prefix + "0.#", nowait=True)
+        else:
+            channel.exchange_bind(DELAYED, name, prefix + "0.#", nowait=True)
+    channel.exchange_declare(DELAYED, "headers", passive=True)   # waits: errors surface here
+
+
+def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> None:
+    """Declare task queue ``name`` and its binding from the delay cascade."""
+    try:
+        channel.queue_declare(name, durable=True, auto_delete=False,
+                              arguments=queue_arguments(settings))
+    except PreconditionFailed as exc:
+        raise BrokerError(
+            f"queue {name!r} exists on the broker with other arguments ({exc.reply_text}); it was "
+            f"declared with other [amqp] settings (queue_type, max_priority) or by another tool: "
+            f"delete it or align the settings") from None
+    channel.queue_bind(name, DELAYED, "", arguments={"x-match": "all", H_QUEUE: name})
+
+
+def delay_route(delay_ms: int) -> Tuple[str, str]:
+    """(exchange, routing key) entering the cascade for a delay of ``delay_ms``."""
+    delay_ms = max(1, min(delay_ms, MAX_DELAY_MS))
+    bits = format(delay_ms, f"0{DELAY_LEVELS}b")
+    return delay_level_name(delay_ms.bit_length() - 1), ".".join(bits)
+
+
+def clean_headers(headers: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Headers of a message to republish: without RabbitMQ's and greenq's bookkeeping."""
+    if not headers:
+        return {}
+    return {k: v for k, v in headers.items()
+            if not k.startswith("x-") and not k.startswith("greenq-")}
+
+
+# -- publishing ---------------------------------------------------------------
+
+class Publisher:
+    """One connection with one channel, used by one caller at a time.
+
+    With confirms the channel is in confirm mode; ``publish`` only writes and
+    ``wait_confirms`` reads the broker's acks for everything published since, so
+    ``publish_many`` costs one round trip whatever its size.  Publishes are
+    ``mandatory`` with confirms: a message no queue took comes back and is
+    reported by ``wait_confirms``.
+    """
+
+    def __init__(self, params: Dict[str, Any], confirm: bool, role: str) -> None:
+        self.pid = os.getpid()
+        self.confirm = confirm
+        self.conn = open_connection(params, heartbeat=0, role=role)
+        self.broken = False
+        self.last_used = time.monotonic()
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open a fresh channel on the connection (after a channel error closed it)."""
+        self.channel = self.conn.channel()
+        self.channel.auto_decode = False
+        self.seq = 0
+        self.unconfirmed: deque = deque()     # (delivery tag, item) in publish order
+        self.early: set = set()               # tags confirmed out of order
+        self.nacked: List[Any] = []
+        self.returned: List[Tuple[str, Any]] = []   # (reply text, returned message)
+        if self.confirm:
+            self.channel.confirm_select()
+            self.channel.events["basic_ack"].add(self._on_ack)
+            self.channel.events["basic_nack"].add(self._on_nack)
+            self.channel.events["basic_return"].add(self._on_return)
+
+    def publish(self, msg: "amqp.Message", exchange: str, routing_key: str, item: Any = None) -> None:
+        self.channel.basic_publish(msg, exchange, routing_key, mandatory=self.confirm)
+        if self.confirm:
+            self.seq += 1
+            self.unconfirmed.append((self.seq, item))
+
+    def wait_confirms(self, timeout: float = 30.0) -> Tuple[List[Any], List[Tuple[str, Any]]]:
+        """Wait for every outstanding confirm; return (nacked items, returned items)."""
+        deadline = time.monotonic() + timeout
+        while self.unconfirmed:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"{len(self.unconfirmed)} publish(es) not confirmed by RabbitMQ "
+                                  f"within {timeout:.0f} s")
+            try:
+                self.conn.drain_events(timeout=left)
+            except socket.timeout:
+                continue
+        nacked, self.nacked = self.nacked, []
+        returned, self.returned = self.returned, []
+        return nacked, returned
+
+    def _settle(self, tag: int, multiple: bool, nack: bool) -> None:
+        unconfirmed = self.unconfirmed
+        if multiple:
+            while unconfirmed and unconfirmed[0][0] <= tag:
+                seq, item = unconfirmed.popleft()
+                if nack:
+                    self.nacked.append(item)
+        elif unconfirmed and unconfirmed[0][0] == tag:
+            if nack:
+                self.nacked.append(unconfirmed[0][1])
+            unconfirmed.popleft()
+        else:
+            if nack:
+                self.nacked.extend(item for seq, item in unconfirmed if seq == tag)
+            self.early.add(tag)
+        while unconfirmed and unconfirmed[0][0] in self.early:
+            self.early.discard(unconfirmed.popleft()[0])
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, False)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, True)
+
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        # a returned message is confirmed right after; match it by message id
+        self.returned.append((getattr(exc, "reply_text", str(exc)), message))
+
+    def check_idle(self) -> None:
+        """After a pause, read whatever the broker sent meanwhile (a Close after
+        close_all_connections, a restart) so a dead connection is found before
+        a publish without confirms would vanish into it."""
+        try:
+            self.conn.drain_events(timeout=0)
+        except socket.timeout:
+            pass
+
+    def close(self) -> None:
+        close_quietly(self.conn, forked=self.pid != os.getpid())
+
+
+class ChannelPool:
+    """A per-process pool of publishers (connection + channel each), at most
+    ``size`` of them; callers beyond that wait for one to come back (threads,
+    or greenlets when the process is patched).  A pool used in a forked child
+    starts afresh and never touches the parent's sockets.
+
+    Remembers which queues and which parts of the topology were declared by
+    this process, so a publish declares a queue only the first time.
+    """
+
+    def __init__(self, url: str, settings: Settings, size: int = 8, role: str = "client") -> None:
+        self.url = url
+        self.params = connection_params(url)
+        self.settings = settings
+        self.size = max(1, size)
+        self.role = role
+        self.link = Link(f"{role} publish", url)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._cond = threading.Condition(threading.Lock())
+        self._idle: List[Publisher] = []
+        self._count = 0
+        self._closed = False
+        self.declared: set = set()
+        self.base_declared = False
+
+    @contextmanager
+    def publisher(self) -> Iterator[Publisher]:
+        """Borrow a publisher.  An AMQP error inside the block discards it (a
+        fresh one is made next time); other errors return it to the pool."""
+        pub = self._checkout()
+        try:
+            yield pub
+        except AMQP_ERRORS:
+            pub.broken = True
+            raise
+        finally:
+            self._checkin(pub)
+
+    def _checkout(self) -> Publisher:
+        if self._pid != os.getpid():
+            self._reset()
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise BrokerError("the AMQP broker was closed")
+                if self._idle:
+                    pub = self._idle.pop()
+                    break
+                if self._count < self.size:
+                    self._count += 1
+                    pub = None
+                    break
+                self._cond.wait(1.0)
+        if pub is None:
+            try:
+                pub = Publisher(self.params, self.settings.confirm_publish, self.role)
+            except BaseException as exc:
+                with self._cond:
+                    self._count -= 1
+                    self._cond.notify()
+                if isinstance(exc, AMQP_ERRORS):
+                    self.link.lost(exc)
+                raise
+            self.link.up()
+        elif time.monotonic() - pub.last_used > 1.0:
+            try:
+                pub.check_idle()
+            except AMQP_ERRORS:
+                pub.close()
+                with self._cond:
+                    self._count -= 1
+                return self._checkout()
+        return pub
+
+    def _checkin(self, pub: Publisher) -> None:
+        pub.last_used = time.monotonic()
+        if pub.pid != os.getpid():
+            return
+        if pub.broken or self._closed:
+            pub.close()
+            with self._cond:
+                self._count -= 1
+                self._cond.notify()
+            return
+        with self._cond:
+            self._idle.append(pub)
+            self._cond.notify()
+
+    def run(self, fn, *args: Any, attempts: int = 3) -> Any:
+        """``fn(publisher, *args)`` with up to ``attempts`` tries on fresh
+        connections when the connection fails; BrokerError after that."""
+        delay = 0.05
+        for attempt in range(attempts):
+            try:
+                with self.publisher() as pub:
+                    result = fn(pub, *args)
+                self.link.alive()
+                return result
+            except CONNECTION_ERRORS as exc:
+                if attempt == attempts - 1:
+                    self.link.lost(exc)
+                    raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
+                log.debug("publish connection failed (%s); retrying", describe(exc))
+                time.sleep(delay)
+                delay *= 4
+            except ChannelError as exc:
+                raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
+
+    def ensure_queues(self, pub: Publisher, queues: Sequence[str], force: bool = False) -> None:
+        """Declare the base topology and ``queues`` unless this process already did."""
+        if not self.base_declared or force:
+            declare_base(pub.channel, self.settings)
+            self.base_declared = True
+        for name in queues:
+            if force or name not in self.declared:
+                declare_queue(pub.channel, name, self.settings)
+                self.declared.add(name)
+
+    def close(self) -> None:
+        if self._pid != os.getpid():
+            self._reset()
+            return
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._cond.notify_all()
+        for pub in idle:
+            pub.close()
+
+
+def pool_size(config: Config) -> int:
+    """Publishers per process, from the concurrency (lesson 8): 10 by default."""
+    return max(4, min(32, config.worker["concurrency"] // 10))
+
+
+def browse(channel: "amqp.Channel", queue: str, limit: int) -> List["amqp.Message"]:
+    """Up to ``limit`` messages of ``queue`` fetched without ack; the caller
+    must ack or reject each (``reject_all``)."""
+    out: List[amqp.Message] = []
+    while len(out) < limit:
+        msg = channel.basic_get(queue, no_ack=False)
+        if msg is None:
+            break
+        out.append(msg)
+        if msg.delivery_info.get("message_count", 1) == 0:
+            break
+    return out
+
+
+def reject_all(channel: "amqp.Channel", messages: Sequence["amqp.Message"]) -> None:
+    """Return browsed messages to their queue, in their order."""
+    for msg in reversed(messages):
+        channel.basic_reject(msg.delivery_tag, requeue=True)
