@@ -84,6 +84,11 @@ class Driver:
         """The unpatched ``time.sleep``, for code running in ``start_os_thread``."""
         raise NotImplementedError
 
+    def os_thread_ident(self) -> int:
+        """The real OS thread id of the caller (the hub's, when called on the hub)."""
+        import threading
+        return threading.get_ident()
+
     def install_signal(self, signum: int, handler: Callable[[], None]) -> None:
         """Call ``handler()`` (which should only set flags) when ``signum`` arrives."""
         signal.signal(signum, lambda *_: handler())

@@ -126,3 +126,6 @@ class EventletDriver(Driver):
 
     def os_sleep(self, seconds: float) -> None:
         eventlet.patcher.original("time").sleep(seconds)
+
+    def os_thread_ident(self) -> int:
+        return eventlet.patcher.original("_thread").get_ident()

@@ -77,5 +77,8 @@ class GeventDriver(Driver):
     def os_sleep(self, seconds: float) -> None:
         gevent.monkey.get_original("time", "sleep")(seconds)
 
+    def os_thread_ident(self) -> int:
+        return gevent.monkey.get_original("_thread", "get_ident")()
+
     def install_signal(self, signum: int, handler: Callable[[], None]) -> None:
         gevent.signal_handler(signum, handler)

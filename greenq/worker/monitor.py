@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import threading
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -39,7 +38,7 @@ class Monitor:
         self.beat = time.monotonic()
         self._running = False
         self._server: Optional[HTTPServer] = None
-        self._hub_ident = threading.get_ident()
+        self._hub_ident = self.driver.os_thread_ident()
 
     def start(self) -> None:
         self._running = True

@@ -94,3 +94,20 @@ def patched():
     """Which concurrency library (if any) patched the worker's socket module."""
     mod = socket.socket.__module__
     return {"socket_module": mod, "gevent": "gevent" in sys.modules, "eventlet": "eventlet" in sys.modules}
+
+
+@app.task(name="e2e.block_hub")
+def block_hub(seconds):
+    """A CPU loop that never yields: freezes every greenlet of a green worker."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+    return n > 0
+
+
+@app.task(name="e2e.crash_worker")
+def crash_worker():
+    """Kills the worker process that runs it, every time (a poison message)."""
+    _mark("crash.started")
+    os._exit(3)
