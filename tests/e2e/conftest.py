@@ -83,12 +83,26 @@ class Env:
         deadline = time.monotonic() + timeout
         while not path.exists():
             if time.monotonic() > deadline:
-                raise AssertionError(f"marker {name} never appeared")
+                raise AssertionError(f"marker {name} never appeared; workers said:\n{self.dump()}")
             time.sleep(0.02)
 
     def marker_count(self, name: str) -> int:
         path = self.markers / name
         return len(path.read_text().split()) if path.exists() else 0
+
+    def dump(self) -> str:
+        """Stop every worker still running and return what they printed."""
+        parts = []
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGQUIT)
+            try:
+                out, _ = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, _ = proc.communicate()
+            parts.append(f"--- {' '.join(proc.args[3:])} (exit {proc.returncode})\n{out}")
+        return "\n".join(parts)
 
     def cleanup(self) -> None:
         for proc in self.procs:
