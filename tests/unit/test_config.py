@@ -82,3 +82,15 @@ def test_shipped_example_config_is_valid():
     root = Path(__file__).resolve().parents[2]
     for name in ("greenq.ini", "redis.ini", "rabbitmq.ini"):
         config.load(str(root / "conf" / name), env={})
+
+
+def test_every_setting_is_documented():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    example = (root / "conf" / "greenq.ini").read_text()
+    reference = (root / "docs" / "configuration.md").read_text()
+    for section, keys in config.SETTINGS.items():
+        assert f"[{section}]" in example and f"[{section}]" in reference
+        for key in keys:
+            assert f"\n{key} =" in example, f"conf/greenq.ini lacks [{section}] {key}"
+            assert f"`{key}`" in reference, f"docs/configuration.md lacks [{section}] {key}"
