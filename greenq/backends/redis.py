@@ -9,8 +9,8 @@ Keys (``P`` is ``[greenq] key_prefix``)::
                          (expires after NOTIFY_TTL)
     P:revoked:<task id>  "1" (terminate) or "0"; expires after result_expires
 
-``wait`` never polls: it counts itself in ``waiting`` and reads the record in
-one round trip, then blocks in BLPOP on ``notify``.  The store script (one
+``wait`` never polls: one script returns the record if it is final, else
+counts the caller in ``waiting``; then it blocks in BLPOP on ``notify``.  The store script (one
 round trip for a whole batch) sets the record and, only when someone waits,
 pushes their tokens, so results nobody waits for leave no extra keys.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any, Dict, Optional, Sequence
 
-from ..brokers.redis import TRANSIENT, make_client
+from ..brokers.redis import FAILURES, TRANSIENT, make_client
 from ..brokers._reconnect import Reconnector
 from ..config import Config, mask_url
 from .base import Record, ResultBackend
@@ -49,6 +49,16 @@ end
 return #KEYS / 3
 """
 
+#: The record when final; else count one more waiter.  KEYS: result, waiting.
+#: ARGV: seconds the waiting counter lives.
+CHECK_IN = """
+local value = redis.call('GET', KEYS[1])
+if value and string.byte(value, 1) == 70 then return value end
+redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return false
+"""
+
 FINAL, PARTIAL = b"F", b"P"
 
 
@@ -64,11 +74,13 @@ class RedisBackend(ResultBackend):
         self.client = make_client(url, config, "results")
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis result backend {mask_url(url)}", TRANSIENT,
-                                       reset=self.pool.disconnect, sleep=self._sleep)
+                                       reset=lambda: self.pool.disconnect(inuse_connections=False), sleep=self._sleep,
+                                       failures=FAILURES)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         # BLPOP slices must end before the socket timeout fires
         self._block = self._timeout / 2 if config.section("redis")["socket_timeout"] else 5.0
         self._store_script = self.client.register_script(STORE)
+        self._check_in_script = self.client.register_script(CHECK_IN)
 
     @property
     def healthy(self) -> bool:
@@ -108,25 +120,19 @@ class RedisBackend(ResultBackend):
         return value[1:] if value is not None and value[:1] == FINAL else None
 
     def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
-        """Count in, read, then block on the notify list (in slices shorter
-        than the socket timeout, re-reading after each)."""
+        """Read the record or count in as a waiter (one script), then block on
+        the notify list, in slices shorter than the socket timeout."""
         result, waiting, notify = (self._key(k, task_id) for k in ("result", "waiting", "notify"))
         deadline = None if timeout is None else time.monotonic() + timeout
-
-        def check_in(slice_s: float) -> Optional[bytes]:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.incr(waiting)
-            pipe.expire(waiting, int(slice_s) + NOTIFY_TTL)
-            pipe.get(result)
-            return pipe.execute()[2]
 
         while True:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0.001:
                 return self._is_final(task_id)
             slice_s = self._block if left is None else min(self._block, left)
-            value = self._call(lambda: check_in(slice_s), left, "wait for result")
-            if value is not None and value[:1] == FINAL:
+            value = self._call(lambda: self._check_in_script(
+                keys=[result, waiting], args=[int(slice_s) + NOTIFY_TTL]), left, "wait for result")
+            if value is not None:
                 return value[1:]
             left = None if deadline is None else deadline - time.monotonic()
             slice_s = self._block if left is None else min(self._block, left)

@@ -34,6 +34,10 @@ BACKOFF_CAP = 5.0     # longest wait between two retries
 log = logging.getLogger("greenq.brokers")
 
 
+class Unreachable(BrokerError):
+    """The server could not be reached before the caller's deadline."""
+
+
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (1-based): exponential, capped, jittered."""
     ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt - 1, 16)))
@@ -44,7 +48,9 @@ class Reconnector:
     """Runs round trips, reconnecting with backoff on ``transient`` errors.
 
     ``name`` is what logs and errors show (a URL with its password masked);
-    ``reset`` drops every pooled connection; ``on_recovered`` runs once after
+    ``reset`` drops every pooled connection; ``failures`` are the library's
+other errors (a server-side error reply), raised as BrokerError without
+retrying; ``on_recovered`` runs once after
     an outage, before the state is reported up again (it must not call back
     into :meth:`call`; an exception in it is logged and it runs again after the
     next successful round trip).
@@ -52,9 +58,11 @@ class Reconnector:
 
     def __init__(self, name: str, transient: Tuple[Type[BaseException], ...],
                  reset: Callable[[], None], on_recovered: Optional[Callable[[], None]] = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+                 sleep: Callable[[float], None] = time.sleep,
+                 failures: Tuple[Type[BaseException], ...] = ()) -> None:
         self.name = name
         self.transient = transient
+        self.failures = failures      # other errors of the library: raised as BrokerError at once
         self._reset = reset
         self._on_recovered = on_recovered
         self._sleep = sleep
@@ -67,7 +75,7 @@ class Reconnector:
 
     def call(self, fn: Callable[[], T], deadline: Optional[float], what: str) -> T:
         """``fn()``, retried through connection failures until ``deadline``
-        (``time.monotonic()``; None = for ever); then BrokerError.  Waits out
+        (``time.monotonic()``; None = for ever); then :class:`Unreachable`.  Waits out
         the remaining time before giving up, so a caller looping on a short
         deadline never spins."""
         attempt = 0
@@ -85,9 +93,11 @@ class Reconnector:
                     if left <= delay:
                         if left > 0:
                             self._sleep(left)
-                        raise BrokerError(f"{what}: {self.name} is unreachable ({exc})") from None
+                        raise Unreachable(f"{what}: {self.name} is unreachable ({exc})") from None
                 self._sleep(delay)
                 continue
+            except self.failures as exc:
+                raise BrokerError(f"{what}: {self.name}: {exc}") from exc
             self.last_ok = time.monotonic()
             if not self.healthy or self._needs_recovery:
                 self._went_up()

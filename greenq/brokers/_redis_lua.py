@@ -31,25 +31,50 @@ if #ARGV > 1 then redis.call('SADD', KEYS[1], unpack(ARGV, 2)) end
 return #KEYS - 1
 """
 
+#: Publish.  KEYS: the registry, then the streams and delayed zsets written to.
+#: ARGV: n, then n queue names to register; then 4 values per message: key
+#: index, '' (ready: XADD) or eta (delayed: ZADD), message id or delayed
+#: member, body or ''.  Returns how many messages were written.
+PUBLISH = """
+local n = tonumber(ARGV[1])
+if n > 0 then redis.call('SADD', KEYS[1], unpack(ARGV, 2, n + 1)) end
+local written = 0
+for i = n + 2, #ARGV, 4 do
+  if ARGV[i + 1] == '' then
+    redis.call('XADD', KEYS[tonumber(ARGV[i])], '*', 'b', ARGV[i + 3], 'm', ARGV[i + 2])
+  else
+    redis.call('ZADD', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+  end
+  written = written + 1
+end
+return written
+"""
+
 #: Move due delayed messages, then read.  KEYS, per queue: its delayed zset and
 #: its ten streams, priority 9 first.  ARGV: group, consumer, parking consumer,
 #: count, now (epoch s), number of queues, most delayed messages moved per queue.
-#: Returns {flat, next_due}: flat has 6 values per message (queue index from 0,
-#: priority, entry id, body, message id, deliveries); next_due is the earliest
-#: remaining eta as a string, '' when none.
+#: Returns {next_due, groups...}: next_due is the earliest remaining eta as a
+#: string ('' when none); each group of messages from one stream is: queue
+#: index (from 0), priority, n, then 4 values per message (entry id, body,
+#: message id, deliveries).
 FETCH = _FIELDS + """
 local group, consumer, parked = ARGV[1], ARGV[2], ARGV[3]
 local want = tonumber(ARGV[4])
 local now = ARGV[5]
 local nq = tonumber(ARGV[6])
 local move = tonumber(ARGV[7])
-local out = {}
+local out = {''}
 local next_due = nil
-local function emit(q, prio, id, f, deliveries)
+local head = 0
+local function start(q, prio)
+  head = #out + 1
+  out[head] = q; out[head + 1] = prio; out[head + 2] = 0
+end
+local function emit(id, f, deliveries)
   local body, mid = fields(f)
   local n = #out
-  out[n + 1] = q; out[n + 2] = prio; out[n + 3] = id
-  out[n + 4] = body; out[n + 5] = mid; out[n + 6] = deliveries
+  out[n + 1] = id; out[n + 2] = body; out[n + 3] = mid; out[n + 4] = deliveries
+  out[head + 2] = out[head + 2] + 1
 end
 for q = 0, nq - 1 do
   local base = q * 11
@@ -81,13 +106,14 @@ for q = 0, nq - 1 do
         redis.call('XGROUP', 'CREATE', key, group, '0')
         back = {}
       end
+      start(q, 9 - b)
       if #back > 0 then
         local ids, counts = {}, {}
         for i, p in ipairs(back) do ids[i] = p[1]; counts[p[1]] = p[4] end
         local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
         for _, e in ipairs(claimed) do
           if e then
-            emit(q, 9 - b, e[1], e[2], counts[e[1]] + 1)
+            emit(e[1], e[2], counts[e[1]] + 1)
             want = want - 1
           end
         end
@@ -96,15 +122,17 @@ for q = 0, nq - 1 do
         local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
         if r then
           for _, e in ipairs(r[1][2]) do
-            emit(q, 9 - b, e[1], e[2], 1)
+            emit(e[1], e[2], 1)
             want = want - 1
           end
         end
       end
+      if out[head + 2] == 0 then for j = head + 2, head, -1 do out[j] = nil end end
     end
   end
 end
-return {out, next_due and tostring(next_due) or ''}
+if next_due then out[1] = tostring(next_due) end
+return out
 """
 
 #: Claim entries whose lease ran out (idle >= min idle).  KEYS: streams.

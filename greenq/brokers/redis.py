@@ -58,7 +58,7 @@ from redis.retry import Retry
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from . import _redis_lua as lua
-from ._reconnect import Reconnector
+from ._reconnect import Reconnector, Unreachable
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 log = logging.getLogger("greenq.brokers.redis")
@@ -69,9 +69,12 @@ PRIORITIES = tuple(range(9, -1, -1))
 CONTROL_CONNECTIONS = 10          # pool size = concurrency + these (fetch, acks, renewals, ...)
 BLOCK_CAP = 1.0                   # longest blocking read, seconds
 MAX_BATCH = 4000                  # entries per script call (Lua's unpack limit is ~8000)
+PUBLISH_CHUNK = 1000              # messages per publish script call (several per round trip)
 MOVE_PER_FETCH = 500              # most delayed messages moved per queue per fetch
 FORGET_CONSUMERS_MS = 3600 * 1000
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+FAILURES = (redis.RedisError,)
+_STREAM_ID = re.compile(r"^\d+-\d+$")
 
 
 # -- connections (shared with greenq.backends.redis) ------------------------
@@ -126,12 +129,13 @@ class RedisBroker(Broker):
         self.client = make_client(url, config, "")
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
-                                       reset=self.pool.disconnect, on_recovered=self._recovered,
-                                       sleep=self._sleep)
+                                       reset=self._reset, on_recovered=self._recovered,
+                                       sleep=self._sleep, failures=FAILURES)
         self._lease = float(config.lease_seconds)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         self._block = block_seconds(config)
         s = self.client.register_script
+        self._publish_script = s(lua.PUBLISH)
         self._declare_script, self._fetch_script = s(lua.DECLARE), s(lua.FETCH)
         self._reclaim_script, self._transfer_script = s(lua.RECLAIM), s(lua.TRANSFER)
         self._dead_script, self._dlq_requeue_script = s(lua.DEAD_LETTER), s(lua.DLQ_REQUEUE)
@@ -166,6 +170,10 @@ class RedisBroker(Broker):
         deadline = None if budget is None else time.monotonic() + budget
         return self.reconnector.call(fn, deadline, what)
 
+    def _reset(self) -> None:
+        # idle connections only: a connection in use fails by itself in its owner
+        self.pool.disconnect(inuse_connections=False)
+
     def _recovered(self) -> None:
         # Redis may have restarted without its data: groups and the registry
         # are re-made lazily (declare on next fetch, SADD on next publish).
@@ -186,12 +194,15 @@ class RedisBroker(Broker):
     def _delayed(self, queue: str) -> str:
         return f"{self.prefix}:delayed:{queue}"
 
-    def _stream(self, queue: str, priority: int) -> str:
-        return self.streams(queue)[9 - min(9, max(0, int(priority)))]
-
     # -- publishing ----------------------------------------------------------------
     def publish(self, message: Outgoing) -> None:
-        self.publish_many([message])
+        """One round trip: a plain XADD in the common case."""
+        m = message
+        if m.queue not in self._registered or (m.eta is not None and m.eta > time.time()):
+            return self.publish_many([m])
+        key = self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))]
+        self._call(lambda: self.client.execute_command("XADD", key, "*", "b", m.body, "m", m.message_id),
+                   self._timeout, "publish")
 
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """One pipelined round trip (plus the registry the first time a queue is
@@ -200,24 +211,43 @@ class RedisBroker(Broker):
         if not messages:
             return
         now = time.time()
-        new_queues = {m.queue for m in messages} - self._registered
-
-        def send() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            if new_queues:
-                pipe.sadd(self._k_queues, *new_queues)
-            command = pipe.execute_command
-            for m in messages:
+        new_queues = sorted({m.queue for m in messages} - self._registered)
+        calls = []                          # (keys, args) of one PUBLISH script call each
+        for start in range(0, len(messages), PUBLISH_CHUNK):
+            index: Dict[str, int] = {}
+            args: List[Any] = [0]
+            if start == 0 and new_queues:
+                args = [len(new_queues), *new_queues]
+            for m in messages[start:start + PUBLISH_CHUNK]:
+                prio = min(9, max(0, int(m.priority)))
                 if m.eta is not None and m.eta > now:
-                    member = b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(),
-                                               min(9, max(0, int(m.priority))),
-                                               len(m.message_id.encode()), m.message_id.encode(), m.body)
-                    command("ZADD", self._delayed(m.queue), m.eta, member)
+                    mid = m.message_id.encode()
+                    member = b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(), prio, len(mid), mid, m.body)
+                    key = self._delayed(m.queue)
+                    args += [index.setdefault(key, len(index) + 2), repr(m.eta), member, b""]
                 else:
-                    command("XADD", self._stream(m.queue, m.priority), "*", "b", m.body, "m", m.message_id)
-            pipe.execute()
-        self._call(send, self._timeout, "publish")
-        self._registered |= new_queues
+                    key = self.streams(m.queue)[9 - prio]
+                    args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
+            calls.append(([self._k_queues, *index], args))
+        self._call(lambda: self._run_script(self._publish_script, calls), self._timeout, "publish")
+        self._registered.update(new_queues)
+
+    def _run_script(self, script: Any, calls: List[Tuple[list, list]]) -> List[Any]:
+        """Several calls of one script in one round trip (EVALSHA in a pipeline;
+        after a restart flushed the script cache, loaded once and retried)."""
+        if len(calls) == 1:
+            return [script(keys=calls[0][0], args=calls[0][1])]
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=False)
+            for keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            try:
+                return pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                self.client.script_load(script.script)
+        raise AssertionError("unreachable")
 
     # -- consuming ---------------------------------------------------------------------
     def declare(self, queues: Sequence[str]) -> None:
@@ -245,7 +275,7 @@ class RedisBroker(Broker):
             try:
                 out = self.reconnector.call(lambda: self._fetch_once(queues, count, deadline),
                                             deadline, "fetch")
-            except BrokerError:
+            except Unreachable:
                 return []
             if out or time.monotonic() >= deadline or self._interrupts != interrupts:
                 return out
@@ -259,7 +289,12 @@ class RedisBroker(Broker):
         if time.monotonic() >= self._next_reclaim:
             out = self._reclaim(queues, count)
         if len(out) < count:
-            out += self._read(queues, count - len(out))
+            try:
+                out += self._read(queues, count - len(out))
+            except Exception:
+                with self._lock:            # reclaimed and leased to us: hand out next time
+                    self._spares.extend(out)
+                raise
         if out:
             return out
         now = time.monotonic()
@@ -275,13 +310,20 @@ class RedisBroker(Broker):
         for q in queues:
             keys.append(self._delayed(q))
             keys += self.streams(q)
-        flat, due = self._fetch_script(keys=keys, args=[
+        flat = self._fetch_script(keys=keys, args=[
             GROUP, self.consumer, PARKED, count, repr(time.time()), len(queues), MOVE_PER_FETCH])
-        self._next_due = float(due) if due else None
-        streams = self._streams
-        return [Delivery(queues[flat[i]], flat[i + 3], flat[i + 4].decode(), flat[i + 5],
-                         (streams[queues[flat[i]]][9 - flat[i + 1]], flat[i + 2]), flat[i + 1])
-                for i in range(0, len(flat), 6)]
+        self._next_due = float(flat[0]) if flat[0] else None
+        out: List[Delivery] = []
+        i, end = 1, len(flat)
+        while i < end:                      # groups: queue index, priority, n, n x (id, body, mid, count)
+            queue, prio, n = queues[flat[i]], flat[i + 1], flat[i + 2]
+            stream = self._streams[queue][9 - prio]
+            i += 3
+            stop = i + 4 * n
+            out += [Delivery(queue, flat[j + 1], flat[j + 2].decode(), flat[j + 3], (stream, flat[j]), prio)
+                    for j in range(i, stop, 4)]
+            i = stop
+        return out
 
     def _reclaim(self, queues: Sequence[str], count: int) -> List[Delivery]:
         """Claim entries whose lease ran out; runs at most every lease/4."""
@@ -312,12 +354,16 @@ class RedisBroker(Broker):
             self._declared.difference_update(queues)   # deleted or lost: declare again
             return []
         out: List[Delivery] = []
-        for key, entries in reply or ():
+        streams = reply.items() if isinstance(reply, dict) else (reply or ())   # RESP3 or RESP2
+        for key, entries in streams:
             queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
             stream = self._streams[queue][9 - prio]
-            for entry_id, fields in entries:
+            for entry in entries:
+                entry_id, fields = entry[0], entry[1]
                 if not fields:
                     continue
+                if not isinstance(fields, dict):
+                    fields = dict(zip(fields[::2], fields[1::2]))
                 out.append(Delivery(queue, fields.get(b"b", b""), _text(fields.get(b"m", b"")),
                                     1, (stream, entry_id), prio))
         if len(out) > count:   # a server that re-runs the read may serve several streams
@@ -345,7 +391,7 @@ class RedisBroker(Broker):
             batch, self._unacked = self._unacked + list(deliveries), []
         try:
             self._call(lambda: self._send_acks(batch), min(self._timeout, 2.0), "ack")
-        except BrokerError as exc:
+        except Unreachable as exc:
             with self._lock:
                 self._unacked[:0] = batch
             if len(batch) == len(deliveries):   # nothing was kept before: say it once
@@ -458,30 +504,21 @@ class RedisBroker(Broker):
         return [self._dead_letter_of(i, f) for i, f in entries]
 
     def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
-        try:
-            entries = self._call(lambda: self.client.xrange(self._k_dead, dead_id, dead_id),
-                                 self._timeout, "dlq show")
-        except redis.ResponseError:    # not a stream id at all
+        if not _STREAM_ID.match(dead_id):
             return None
+        entries = self._call(lambda: self.client.xrange(self._k_dead, dead_id, dead_id),
+                             self._timeout, "dlq show")
         return self._dead_letter_of(*entries[0]) if entries else None
 
     def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
         keys = [self._k_dead, self._k_dead_count]
         if dead_ids is not None:
-            ids = list(dead_ids)
+            ids = [i for i in dead_ids if _STREAM_ID.match(i)]
             moved = 0
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
-                try:
-                    moved += self._call(lambda: self._dlq_requeue_script(
-                        keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")
-                except redis.ResponseError:   # a malformed id: take them one by one
-                    for one in chunk:
-                        try:
-                            moved += self._call(lambda: self._dlq_requeue_script(
-                                keys=keys, args=[self.prefix, one]), self._timeout, "dlq requeue")
-                        except redis.ResponseError:
-                            pass
+                moved += self._call(lambda: self._dlq_requeue_script(
+                    keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")
             return moved
         moved = 0
         while True:
@@ -508,6 +545,6 @@ class RedisBroker(Broker):
                 self._transfer(spares, PARKED, 1.0, "requeue")
             if self._unacked:
                 self._call(self._flush_unacked, 1.0, "ack")
-        except (BrokerError, redis.RedisError) as exc:
+        except BrokerError as exc:
             log.warning("closing with Redis away: %s (held messages come back after their lease)", exc)
         self.pool.disconnect()
