@@ -42,11 +42,11 @@ from amqp.exceptions import ChannelError
 
 from ..config import mask_url
 from ..exceptions import BrokerError
-from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, DELAY_LEVELS, DLQ, DLX, H_DEAD_ID,
-                          H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE, H_REASON, MAX_DELAY_MS,
-                          ChannelPool, Link, Publisher, Settings, browse, clean_headers,
-                          close_quietly, connection_params, declare_base, declare_queue,
-                          delay_level_name, delay_route, open_connection, pool_size, reject_all)
+from .amqp_common import (AMQP_ERRORS, DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_ETA,
+                          H_FAILED_AT, H_QUEUE, H_REASON, ChannelPool, Link, Publisher, Settings,
+                          browse, clean_headers, close_quietly, connection_params, declare_base,
+                          declare_queue, delay_name, delay_route, open_connection, pool_size,
+                          reject_all)
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 log = logging.getLogger("greenq.amqp")
@@ -54,6 +54,8 @@ log = logging.getLogger("greenq.amqp")
 TICK = 0.25            # seconds the consumer loop blocks in one read
 EARLY = 1.0            # a delayed message arriving this much before its eta goes round again
 DLQ_SCAN_MAX = 100000  # messages dlq_get / dlq_requeue look through
+STATS_SCAN_MAX = 10000  # dead letters queue_stats looks through to count them by queue
+NEXT_DUE_SCAN_MAX = 1000  # messages next_due looks at per delay level
 
 
 class AMQPBroker(Broker):
@@ -95,9 +97,10 @@ class AMQPBroker(Broker):
             self.pool.run(self._publish, list(messages))
 
     def _publish(self, pub: Publisher, messages: List[Outgoing]) -> None:
-        self.pool.ensure_queues(pub, {m.queue for m in messages})
-        self._known.update(m.queue for m in messages)
         now = time.time()
+        queues = {m.queue for m in messages}
+        self.pool.ensure_queues(pub, queues, delayed={m.queue for m in messages if _delay_ms(m, now)})
+        self._known.update(queues)
         for m in messages:
             pub.publish(*self._message(m, now), item=m)
         if not pub.confirm:
@@ -107,7 +110,8 @@ class AMQPBroker(Broker):
             by_id = {m.message_id: m for m in messages}
             again = [by_id[msg.properties.get("message_id")] for _, msg in returned
                      if msg.properties.get("message_id") in by_id]
-            self.pool.ensure_queues(pub, {m.queue for m in again}, force=True)
+            self.pool.ensure_queues(pub, {m.queue for m in again}, force=True,
+                                    delayed={m.queue for m in again if m.eta})
             for m in again:
                 pub.publish(*self._message(m, time.time()), item=m)
             nacked2, returned = pub.wait_confirms()
@@ -124,12 +128,10 @@ class AMQPBroker(Broker):
         if m.priority:
             props["priority"] = m.priority
         headers = dict(headers) if headers else {}
-        delay_ms = math.ceil((m.eta - now) * 1000) if m.eta is not None else 0
-        if delay_ms > 0:
-            exchange, key = delay_route(delay_ms)
-            headers[H_QUEUE] = m.queue
-            if delay_ms > MAX_DELAY_MS:
-                headers[H_ETA] = float(m.eta)
+        delay_ms = _delay_ms(m, now)
+        if delay_ms:
+            exchange, key = delay_route(m.queue, delay_ms)
+            headers[H_ETA] = float(m.eta)
         else:
             exchange, key = "", m.queue
         if headers:
@@ -187,7 +189,8 @@ class AMQPBroker(Broker):
         headers = {H_QUEUE: delivery.queue, H_REASON: reason[:4000], H_FAILED_AT: time.time(),
                    H_DEAD_ID: uuid.uuid4().hex, H_DELIVERIES: delivery.deliveries}
         msg = amqp.Message(delivery.body, message_id=delivery.message_id, delivery_mode=2,
-                           application_headers=headers)
+                           application_headers=headers, **({"priority": delivery.priority}
+                                                           if delivery.priority else {}))
 
         def send(pub: Publisher) -> None:
             self.pool.ensure_queues(pub, ())
@@ -198,20 +201,21 @@ class AMQPBroker(Broker):
         c.settle([delivery], requeue=False)
 
     def next_due(self, queues: Sequence[str]) -> Optional[float]:
-        """Best effort: the delay cascade is shared by every queue and does not
-        tell etas.  None when it is empty; else ``now`` if a message waits in a
-        level of 16 s or less, or half the wait of the shortest busy level."""
-        def levels(pub: Publisher) -> List[int]:
-            busy = []
-            for level in range(DELAY_LEVELS):
-                if _queue_count(pub, delay_level_name(level))[0]:
-                    busy.append(level)
-            return busy
-        busy = self.pool.run(levels)
-        if not busy:
-            return None
-        low = min(busy)
-        return time.time() + (0.0 if low <= 14 else 2 ** low / 2000.0)
+        """The earliest ``greenq-eta`` in the delay cascades of ``queues``,
+        found by browsing them (at most 1,000 messages per level)."""
+        def scan(pub: Publisher) -> Optional[float]:
+            best: Optional[float] = None
+            for queue in queues:
+                for level, count in _delay_counts(pub, queue).items():
+                    name = delay_name(queue, level)
+                    msgs = browse(pub.channel, name, min(count, NEXT_DUE_SCAN_MAX))
+                    reject_all(pub.channel, name, msgs)
+                    for m in msgs:
+                        eta = (m.headers or {}).get(H_ETA)
+                        if eta is not None and (best is None or float(eta) < best):
+                            best = float(eta)
+            return best
+        return self.pool.run(scan)
 
     def interrupt(self) -> None:
         if self._consumer is not None:
@@ -219,39 +223,46 @@ class AMQPBroker(Broker):
 
     # -- administration ------------------------------------------------------
     def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
-        """Ready counts by passive declare.  AMQP cannot list queues: without
-        ``queues``, the configured ones and those this process used, then two
-        summary rows: ``greenq.delay`` (delayed messages of every queue) and
-        ``greenq.dlq`` (the dead letters of every queue).  ``held`` is what this
-        process holds (RabbitMQ tells unacked counts only over its HTTP API)."""
+        """``ready``: RabbitMQ's ready count plus what this process prefetched
+        and has not handed out; ``held``: what this process handed out (RabbitMQ
+        tells other consumers' unacked counts only over its HTTP API);
+        ``delayed``: the delay cascade's counts; ``dead``: counted in
+        ``greenq.dlq`` (first 10,000).  Without ``queues``: the configured
+        queues and those this process used (AMQP cannot list queues)."""
         names = list(queues) if queues else sorted(self._known)
-        held = self._consumer.held_by_queue() if self._consumer is not None else {}
+        local = self._consumer.local_counts() if self._consumer is not None else {}
 
         def stats(pub: Publisher) -> List[QueueStats]:
-            rows = [QueueStats(n, ready=_queue_count(pub, n)[0], held=held.get(n, 0)) for n in names]
-            if not queues:
-                delayed = sum(_queue_count(pub, delay_level_name(i))[0] for i in range(DELAY_LEVELS))
-                rows.append(QueueStats("greenq.delay", delayed=delayed))
-                rows.append(QueueStats(DLQ, dead=_queue_count(pub, DLQ)[0]))
+            dead = _dead_counts(pub)
+            rows = []
+            for name in names:
+                buffered, handed = local.get(name, (0, 0))
+                rows.append(QueueStats(name, ready=(_queue_count(pub, name) or 0) + buffered,
+                                       delayed=sum(_delay_counts(pub, name).values()),
+                                       held=handed, dead=dead.get(name, 0)))
             return rows
         return self.pool.run(stats)
 
     def purge(self, queue: str) -> int:
-        """Delete the ready messages of ``queue``.  Delayed ones wait in the
-        shared cascade and still arrive when due."""
+        """Delete the ready and delayed messages of ``queue``, with those this
+        broker prefetched and has not handed out (its consumer loop stops
+        consuming the queue, drops them, purges and consumes again).
+        Messages other workers prefetched stay with them."""
+        c = self._consumer
+        purged = c.purge(queue) if c is not None else None
+
         def purge(pub: Publisher) -> int:
-            try:
-                return pub.channel.queue_purge(queue) or 0
-            except ChannelError:
-                pub.reopen()
-                return 0
+            total = _purge(pub, queue) if purged is None else purged
+            for level in _delay_counts(pub, queue):
+                total += _purge(pub, delay_name(queue, level))
+            return total
         return self.pool.run(purge)
 
     def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
         def listing(pub: Publisher) -> List[DeadLetter]:
             self.pool.ensure_queues(pub, ())
             msgs = browse(pub.channel, DLQ, limit)
-            reject_all(pub.channel, msgs)
+            reject_all(pub.channel, DLQ, msgs)
             return [_dead_letter(m) for m in msgs]
         return self.pool.run(listing)
 
@@ -259,7 +270,7 @@ class AMQPBroker(Broker):
         def find(pub: Publisher) -> Optional[DeadLetter]:
             self.pool.ensure_queues(pub, ())
             msgs = browse(pub.channel, DLQ, DLQ_SCAN_MAX)
-            reject_all(pub.channel, msgs)
+            reject_all(pub.channel, DLQ, msgs)
             for m in msgs:
                 dead = _dead_letter(m)
                 if dead.id == dead_id:
@@ -274,7 +285,7 @@ class AMQPBroker(Broker):
 
         def requeue(pub: Publisher) -> int:
             self.pool.ensure_queues(pub, ())
-            total = _queue_count(pub, DLQ)[0]
+            total = _queue_count(pub, DLQ) or 0
             done = 0
             while total > 0:
                 msgs = browse(pub.channel, DLQ, min(total, 1000))
@@ -294,13 +305,13 @@ class AMQPBroker(Broker):
                 if pub.confirm and chosen:
                     nacked, returned = pub.wait_confirms()
                     if nacked or returned:
-                        reject_all(pub.channel, msgs)
+                        reject_all(pub.channel, DLQ, msgs)
                         raise BrokerError("RabbitMQ refused requeued dead letters; they stay in the DLQ")
                 picked = {id(m) for m in chosen}
                 for m in chosen:
                     pub.channel.basic_ack(m.delivery_tag)
                 rest = [m for m in msgs if id(m) not in picked]
-                reject_all(pub.channel, rest)
+                reject_all(pub.channel, DLQ, rest)
                 done += len(chosen)
                 if wanted is not None and len(wanted) <= done:
                     break
@@ -320,14 +331,51 @@ class AMQPBroker(Broker):
         self.pool.close()
 
 
-def _queue_count(pub: Publisher, name: str) -> tuple:
-    """(ready, consumers) of queue ``name``; (0, 0) when it does not exist."""
+def _queue_count(pub: Publisher, name: str) -> Optional[int]:
+    """Ready messages of queue ``name``; None when it does not exist."""
     try:
-        ok = pub.channel.queue_declare(name, passive=True)
-        return ok.message_count, ok.consumer_count
+        return pub.channel.queue_declare(name, passive=True).message_count
     except ChannelError:   # NOT_FOUND closed the channel
         pub.reopen()
-        return 0, 0
+        return None
+
+
+def _delay_counts(pub: Publisher, queue: str) -> Dict[int, int]:
+    """Messages waiting in each non-empty level of ``queue``'s delay cascade."""
+    if _queue_count(pub, delay_name(queue, 0)) is None:
+        return {}   # no cascade: nothing was ever delayed on this queue
+    counts = {}
+    for level in range(DELAY_LEVELS):
+        count = _queue_count(pub, delay_name(queue, level))
+        if count:
+            counts[level] = count
+    return counts
+
+
+def _purge(pub: Publisher, name: str) -> int:
+    try:
+        return pub.channel.queue_purge(name) or 0
+    except ChannelError:
+        pub.reopen()
+        return 0
+
+
+def _dead_counts(pub: Publisher) -> Dict[str, int]:
+    """Dead letters by queue (browsing at most STATS_SCAN_MAX of them)."""
+    if not _queue_count(pub, DLQ):
+        return {}
+    msgs = browse(pub.channel, DLQ, STATS_SCAN_MAX)
+    reject_all(pub.channel, DLQ, msgs)
+    counts: Dict[str, int] = {}
+    for m in msgs:
+        queue = _dead_letter(m).queue
+        counts[queue] = counts.get(queue, 0) + 1
+    return counts
+
+
+def _delay_ms(m: Outgoing, now: float) -> int:
+    """Milliseconds ``m`` must wait (0: ready now)."""
+    return max(0, math.ceil((m.eta - now) * 1000)) if m.eta is not None else 0
 
 
 def _dead_letter(msg: "amqp.Message") -> DeadLetter:
@@ -384,6 +432,7 @@ class _Consumer:
         self.held: Dict[int, Delivery] = {}       # delivery tag -> every unacked delivery
         self.low: List[int] = []                  # heap of held tags (lazily cleaned)
         self.redo: List[tuple] = []               # (Delivery, amqp.Message) to publish again
+        self.calls: List[tuple] = []              # (fn, result box, event) for the loop to run
         self.cancelled = False
         self._seq = itertools.count()
         self._next_tick = 0.0
@@ -496,6 +545,22 @@ class _Consumer:
             self.link.alive()
         if self.redo:
             self._publish_again()
+        if self.calls:
+            self._run_calls()
+
+    def _run_calls(self) -> None:
+        with self.lock:
+            calls, self.calls = self.calls, []
+        for fn, box, done in calls:
+            try:
+                box.append(fn())
+            except AMQP_ERRORS as exc:
+                box.append(BrokerError(f"RabbitMQ: {exc}"))
+                raise
+            except Exception as exc:
+                box.append(exc)
+            finally:
+                done.set()
 
     def _teardown(self, clean: bool = False) -> None:
         """Forget the connection and everything received on it."""
@@ -509,6 +574,9 @@ class _Consumer:
                 self.low.clear()
                 self.redo.clear()
                 self.applied_prefetch = 0
+                calls, self.calls = self.calls, []
+        for fn, box, done in calls:
+            done.set()   # not run: the caller falls back to a plain purge
         if conn is None:
             return
         if clean:
@@ -560,16 +628,18 @@ class _Consumer:
         with self.lock:
             items, self.redo = self.redo, []
         now = time.time()
-        out = []
+        out, delayed = [], set()
         for d, msg in items:
             headers = clean_headers(msg.headers)
             headers[H_DELIVERIES] = d.deliveries if msg.delivery_info["redelivered"] else d.deliveries - 1
             eta = (msg.headers or {}).get(H_ETA)
-            out.append(AMQPBroker._message(
-                Outgoing(d.queue, d.body, d.message_id, d.priority, float(eta) if eta else None),
-                now, headers))
+            again = Outgoing(d.queue, d.body, d.message_id, d.priority, float(eta) if eta else None)
+            if _delay_ms(again, now):
+                delayed.add(d.queue)
+            out.append(AMQPBroker._message(again, now, headers))
 
         def send(pub: Publisher) -> None:
+            self.broker.pool.ensure_queues(pub, (), delayed=delayed)
             for message, exchange, key in out:
                 pub.publish(message, exchange, key)
             if pub.confirm:
@@ -641,12 +711,51 @@ class _Consumer:
         with self.lock:
             return delivery.token[0] == self.gen and delivery.token[1] in self.held
 
-    def held_by_queue(self) -> Dict[str, int]:
-        counts: Dict[str, int] = {}
+    def local_counts(self) -> Dict[str, tuple]:
+        """queue -> (prefetched and not handed out, handed out and not settled)."""
+        counts: Dict[str, list] = {}
         with self.lock:
             for d in self.held.values():
-                counts[d.queue] = counts.get(d.queue, 0) + 1
-        return counts
+                counts.setdefault(d.queue, [0, 0])[1] += 1
+            for queue, heap in self.buffer.items():
+                counts.setdefault(queue, [0, 0])[0] += len(heap)
+                counts[queue][1] -= len(heap)
+            for d, _ in self.redo:
+                counts[d.queue][1] -= 1
+        return {q: (c[0], c[1]) for q, c in counts.items()}
+
+    def purge(self, queue: str) -> Optional[int]:
+        """Purge ``queue`` from the consumer loop: cancel its consumer (RabbitMQ
+        sends nothing more after CancelOk), ack what was prefetched, purge, and
+        consume again at the next step.  None when not consuming ``queue``."""
+        def run() -> Optional[int]:
+            tag = self.consuming.pop(queue, None)
+            if tag is None:
+                return None
+            with self.wlock:
+                self.channel.basic_cancel(tag)
+                self.dirty = True
+            with self.lock:
+                dropped = [d for _, _, d in self.buffer.pop(queue, [])]
+            self.settle(dropped, requeue=False)
+            with self.wlock:
+                return len(dropped) + (self.channel.queue_purge(queue) or 0)
+        return self.call(run)
+
+    def call(self, fn, timeout: float = 30.0) -> Any:
+        """Run ``fn()`` in the consumer loop (the only reader of the connection)
+        and return its result; None when the loop is not connected."""
+        if self.conn is None:
+            return None
+        done = self.driver.event() if self.driver is not None and self.driver.green else threading.Event()
+        box: List[Any] = []
+        with self.lock:
+            self.calls.append((fn, box, done))
+        if not done.wait(timeout):
+            raise BrokerError(f"the AMQP consumer loop did not answer within {timeout:.0f} s")
+        if box and isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0] if box else None
 
     # -- control -------------------------------------------------------------
     def want(self, queues: Sequence[str]) -> None:

@@ -14,16 +14,17 @@ Topology (docs/brokers-rabbitmq.md has the full table):
 * ``greenq.dlx`` (fanout) -> ``greenq.dlq``: the dead-letter store.  greenq
   publishes dead letters there itself with the reason in headers; messages that
   RabbitMQ dead-letters on its own (a consumer's reject) land there too.
-* delayed delivery, no plugin: ``greenq.delay.<i>`` for i in 0..31, a topic
+* delayed delivery, no plugin: a cascade per task queue, made on the first
+  delayed publish to it.  For i in 0..31, ``greenq.delay.<q>.<i>`` is a topic
   exchange and a queue of the same name whose ``x-message-ttl`` is 2**i ms and
-  whose dead-letter exchange is ``greenq.delay.<i-1>`` (``greenq.delayed`` for
-  level 0).  A delay of d ms is written in binary in the routing key, one word
-  per level, highest first (``"0.0...1.0.1"``); the level-i exchange sends a
-  message whose i-th bit is 1 to its queue (it waits 2**i ms there) and one
-  whose bit is 0 straight on to level i-1.  Every queue of the cascade holds
-  messages of one TTL only, so a long delay never holds up a short one.
-  ``greenq.delayed`` (headers) finally routes on the ``greenq-queue`` header to
-  the target queue.  Delays beyond 2**32 ms (~49 days) go round again.
+  whose dead-letter exchange is the level below (level 0 dead-letters straight
+  into ``<q>``).  A delay of d ms is written in binary in the routing key, one
+  word per level, highest first (``"0.0...1.0.1"``); the level-i exchange sends
+  a message whose i-th bit is 1 into its queue (it waits 2**i ms there) and one
+  whose bit is 0 straight on to level i-1.  Every queue of a cascade holds
+  messages of one TTL only, so a long delay never holds up a short one; the
+  ``greenq-eta`` header tells the eta (``next_due``).  Delays beyond 2**32 ms
+  (~49 days) go round again.
 """
 from __future__ import annotations
 
@@ -49,7 +50,6 @@ log = logging.getLogger("greenq.amqp")
 
 DLX = "greenq.dlx"
 DLQ = "greenq.dlq"
-DELAYED = "greenq.delayed"            # headers exchange: last hop of the delay cascade
 DELAY_LEVELS = 32                     # 2**32 ms ~ 49.7 days per pass
 MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
 REVOKED_STREAM = "greenq.revoked"     # rpc:// revocations
@@ -67,8 +67,9 @@ CONNECTION_ERRORS = (amqp.exceptions.ConnectionError, OSError, EOFError)
 AMQP_ERRORS = CONNECTION_ERRORS + (AMQPError,)
 
 
-def delay_level_name(level: int) -> str:
-    return f"greenq.delay.{level}"
+def delay_name(queue: str, level: int) -> str:
+    """The exchange and the queue of ``level`` of ``queue``'s delay cascade."""
+    return f"greenq.delay.{queue}.{level}"
 
 
 # -- settings and connection parameters ---------------------------------------
@@ -244,33 +245,18 @@ def queue_arguments(settings: Settings) -> Dict[str, Any]:
 
 
 def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
-    """Declare the dead-letter store and the delay cascade (idempotent).  The
-    many small declarations go out without waiting; the final one waits, so an
-    error in any of them is raised here."""
-    channel.exchange_declare(DLX, "fanout", durable=True, auto_delete=False, nowait=True)
+    """Declare the dead-letter store (idempotent)."""
+    channel.exchange_declare(DLX, "fanout", durable=True, auto_delete=False)
     dlq_args = {"x-queue-type": "quorum"} if settings.quorum else {}
-    channel.queue_declare(DLQ, durable=True, auto_delete=False, arguments=dlq_args, nowait=True)
-    channel.queue_bind(DLQ, DLX, "", nowait=True)
-    channel.exchange_declare(DELAYED, "headers", durable=True, auto_delete=False, nowait=True)
-    for level in range(DELAY_LEVELS):
-        name = delay_level_name(level)
-        channel.exchange_declare(name, "topic", durable=True, auto_delete=False, nowait=True)
-    for level in range(DELAY_LEVELS):
-        name = delay_level_name(level)
-        nxt = delay_level_name(level - 1) if level else DELAYED
-        channel.queue_declare(name, durable=True, auto_delete=False, nowait=True, arguments={
-            "x-message-ttl": 2 ** level, "x-dead-letter-exchange": nxt})
-        prefix = "*." * (DELAY_LEVELS - 1 - level)
-        channel.queue_bind(name, name, prefix + "1.#", nowait=True)
-        if level:
-            channel.exchange_bind(nxt, name, prefix + "0.#", nowait=True)
-        else:
-            channel.exchange_bind(DELAYED, name, prefix + "0.#", nowait=True)
-    channel.exchange_declare(DELAYED, "headers", passive=True)   # waits: errors surface here
+    channel.queue_declare(DLQ, durable=True, auto_delete=False, arguments=dlq_args)
+    channel.queue_bind(DLQ, DLX, "")
 
 
 def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> None:
-    """Declare task queue ``name`` and its binding from the delay cascade."""
+    """Declare task queue ``name``."""
+    if len(delay_name(name, DELAY_LEVELS - 1).encode()) > 255:
+        raise BrokerError(f"queue name {name[:40]!r}... is too long for RabbitMQ with greenq's "
+                          f"delay queues: at most {255 - len(delay_name('', DELAY_LEVELS - 1))} bytes")
     try:
         channel.queue_declare(name, durable=True, auto_delete=False,
                               arguments=queue_arguments(settings))
@@ -279,14 +265,36 @@ def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> Non
             f"queue {name!r} exists on the broker with other arguments ({exc.reply_text}); it was "
             f"declared with other [amqp] settings (queue_type, max_priority) or by another tool: "
             f"delete it or align the settings") from None
-    channel.queue_bind(name, DELAYED, "", arguments={"x-match": "all", H_QUEUE: name})
 
 
-def delay_route(delay_ms: int) -> Tuple[str, str]:
-    """(exchange, routing key) entering the cascade for a delay of ``delay_ms``."""
+def declare_delays(channel: "amqp.Channel", queue: str) -> None:
+    """Declare the delay cascade of ``queue`` (which must exist).  The many
+    small declarations go out without waiting; the last one waits, so an error
+    in any of them is raised here."""
+    for level in range(DELAY_LEVELS):
+        channel.exchange_declare(delay_name(queue, level), "topic", durable=True, auto_delete=False,
+                                 nowait=True)
+    for level in range(DELAY_LEVELS):
+        name = delay_name(queue, level)
+        if level:
+            args = {"x-message-ttl": 2 ** level, "x-dead-letter-exchange": delay_name(queue, level - 1)}
+        else:
+            args = {"x-message-ttl": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+        channel.queue_declare(name, durable=True, auto_delete=False, arguments=args, nowait=True)
+        prefix = "*." * (DELAY_LEVELS - 1 - level)
+        channel.queue_bind(name, name, prefix + "1.#", nowait=True)
+        if level:
+            channel.exchange_bind(delay_name(queue, level - 1), name, prefix + "0.#", nowait=True)
+        else:
+            channel.queue_bind(queue, name, prefix + "0.#", nowait=True)
+    channel.queue_declare(delay_name(queue, 0), passive=True)   # waits: errors surface here
+
+
+def delay_route(queue: str, delay_ms: int) -> Tuple[str, str]:
+    """(exchange, routing key) entering ``queue``'s cascade for a delay of ``delay_ms``."""
     delay_ms = max(1, min(delay_ms, MAX_DELAY_MS))
     bits = format(delay_ms, f"0{DELAY_LEVELS}b")
-    return delay_level_name(delay_ms.bit_length() - 1), ".".join(bits)
+    return delay_name(queue, delay_ms.bit_length() - 1), ".".join(bits)
 
 
 def clean_headers(headers: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -421,6 +429,7 @@ class ChannelPool:
         self._count = 0
         self._closed = False
         self.declared: set = set()
+        self.delays: set = set()
         self.base_declared = False
 
     @contextmanager
@@ -506,8 +515,10 @@ class ChannelPool:
             except ChannelError as exc:
                 raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
 
-    def ensure_queues(self, pub: Publisher, queues: Sequence[str], force: bool = False) -> None:
-        """Declare the base topology and ``queues`` unless this process already did."""
+    def ensure_queues(self, pub: Publisher, queues: Sequence[str], force: bool = False,
+                      delayed: Sequence[str] = ()) -> None:
+        """Declare the dead-letter store, ``queues`` and the delay cascades of
+        ``delayed`` unless this process already did."""
         if not self.base_declared or force:
             declare_base(pub.channel, self.settings)
             self.base_declared = True
@@ -515,6 +526,13 @@ class ChannelPool:
             if force or name not in self.declared:
                 declare_queue(pub.channel, name, self.settings)
                 self.declared.add(name)
+        for name in delayed:
+            if force or name not in self.delays:
+                if name not in self.declared:
+                    declare_queue(pub.channel, name, self.settings)
+                    self.declared.add(name)
+                declare_delays(pub.channel, name)
+                self.delays.add(name)
 
     def close(self) -> None:
         if self._pid != os.getpid():
@@ -548,7 +566,11 @@ def browse(channel: "amqp.Channel", queue: str, limit: int) -> List["amqp.Messag
     return out
 
 
-def reject_all(channel: "amqp.Channel", messages: Sequence["amqp.Message"]) -> None:
-    """Return browsed messages to their queue, in their order."""
+def reject_all(channel: "amqp.Channel", queue: str, messages: Sequence["amqp.Message"]) -> None:
+    """Return browsed messages to ``queue``, in their order, and wait until
+    RabbitMQ has them back (the next user of the pool may be on another connection)."""
+    if not messages:
+        return
     for msg in reversed(messages):
         channel.basic_reject(msg.delivery_tag, requeue=True)
+    channel.queue_declare(queue, passive=True)   # a round trip: the rejects were processed

@@ -195,7 +195,9 @@ class MemoryBroker(Broker):
                 out: List[Delivery] = []
                 wake_at = None
                 for name in queues:
-                    q = store.queue(name)
+                    q = store.queues.get(name)
+                    if q is None:
+                        continue
                     q.refresh(now)
                     if len(out) < count:
                         out.extend(q.take(count - len(out), self._consumer,

@@ -315,8 +315,9 @@ class SQLiteBroker(Broker):
         queues = list(queues)
 
         def query(conn: sqlite3.Connection) -> Optional[float]:
-            return conn.execute(f"SELECT MIN(visible_at) FROM messages WHERE queue IN ({placeholders(len(queues))}) "
-                                f"AND claimed_by IS NULL AND visible_at > ?", (*queues, time.time())).fetchone()[0]
+            sql = (f"SELECT MIN(visible_at) FROM messages WHERE queue IN ({placeholders(len(queues))}) "
+                   f"AND claimed_by IS NULL AND visible_at > ?")
+            return conn.execute(sql, (*queues, time.time())).fetchone()[0]
         return self._run(query) if queues else None
 
     # -- administration ------------------------------------------------------

@@ -147,8 +147,12 @@ class Worker:
         self.stopped.set()
 
     def _nothing_due(self) -> bool:
+        """--burst: nothing delayed is due soon and no other consumer holds a
+        message (a dead one's come back when its lease runs out)."""
         due = self.broker.next_due(self.queues)
-        return due is None or due > time.time() + BURST_WAIT_FOR_DELAYED
+        if due is not None and due <= time.time() + BURST_WAIT_FOR_DELAYED:
+            return False
+        return not any(s.held for s in self.broker.queue_stats(self.queues))
 
     def _accept(self, deliveries: List[Delivery]) -> None:
         now = time.time()

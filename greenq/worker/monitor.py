@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -17,6 +18,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Optional
 
 log = logging.getLogger("greenq.monitor")
+
+#: set by the supervisor for its children: a file whose mtime the hub refreshes
+HEARTBEAT_ENV = "GREENQ_SUPERVISOR_HEARTBEAT"
 
 
 def _blocking_job(frame: Any) -> Optional[Any]:
@@ -39,6 +43,7 @@ class Monitor:
         self._running = False
         self._server: Optional[HTTPServer] = None
         self._hub_ident = self.driver.os_thread_ident()
+        self.heartbeat_file = os.environ.get(HEARTBEAT_ENV)
 
     def start(self) -> None:
         self._running = True
@@ -47,6 +52,8 @@ class Monitor:
             self.driver.start_os_thread(self._watch)
         if self.http:
             self._serve()
+        if self.heartbeat_file:
+            self.driver.spawn(self._heartbeat)
 
     def stop(self) -> None:
         self._running = False
@@ -55,6 +62,15 @@ class Monitor:
                 self._server.server_close()
             except Exception:  # pragma: no cover
                 pass
+
+    def _heartbeat(self) -> None:
+        """Tell the supervisor the hub runs: touch the file every second."""
+        while self._running:
+            try:
+                os.utime(self.heartbeat_file)
+            except OSError:
+                pass
+            self.driver.sleep(1.0)
 
     # -- blocking detection ----------------------------------------------------
     def _ticker(self) -> None:

@@ -111,3 +111,8 @@ def crash_worker():
     """Kills the worker process that runs it, every time (a poison message)."""
     _mark("crash.started")
     os._exit(3)
+
+
+@app.task(name="e2e.pid")
+def pid(n):
+    return os.getpid()
