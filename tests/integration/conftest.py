@@ -50,7 +50,8 @@ class Env:
     def __init__(self, kind: str, request: Any, tmp_path: Any) -> None:
         self.kind = kind
         self.tag = uuid.uuid4().hex[:8]
-        self.driver = get_driver(os.environ["GREENQ_TEST_DRIVER"]) if os.environ.get("GREENQ_TEST_DRIVER") else None
+        driver_name = os.environ.get("GREENQ_TEST_DRIVER")
+        self.driver = get_driver(driver_name) if driver_name else None
         self._opened: List[Any] = []
         self._settings = {}
         if kind == "memory":
