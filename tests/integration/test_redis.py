@@ -23,6 +23,7 @@ import pytest
 
 from greenq.brokers import Outgoing, make_broker
 from greenq.backends import make_backend
+from greenq.drivers import get_driver
 from greenq.exceptions import BrokerError
 from tests.conftest import _missing, make_config
 
@@ -44,11 +45,14 @@ def opened():
 
 @pytest.fixture
 def make(redis_url, redis_prefix, opened):
-    """``make(kind="broker"|"backend", url=None, **settings)`` on the test prefix."""
+    """``make(kind="broker"|"backend", url=None, **settings)`` on the test prefix
+    (with the driver named by GREENQ_TEST_DRIVER, as the shared suites do)."""
+    driver = get_driver(os.environ["GREENQ_TEST_DRIVER"]) if os.environ.get("GREENQ_TEST_DRIVER") else None
+
     def factory(kind: str = "broker", url: str = None, **settings):
         settings.setdefault("key_prefix", redis_prefix)
         cfg = make_config(**settings)
-        thing = (make_broker if kind == "broker" else make_backend)(url or redis_url, cfg)
+        thing = (make_broker if kind == "broker" else make_backend)(url or redis_url, cfg, driver)
         opened.append(thing)
         return thing
     return factory
