@@ -1,0 +1,64 @@
+"""The task bodies every benchmarked system runs, and the completion probe.
+
+Each system's tasks module (bench_greenq_tasks, bench_celery_tasks,
+bench_dramatiq_tasks) registers these same three functions under the same
+names, wrapped by :func:`counted`.
+
+The probe is how the driver learns that a drain is over without touching the
+broker or adding I/O to the tasks: the wrapper keeps an integer and two
+timestamps in the worker's memory (well under a microsecond per task, the same
+for every system) and, when the ``BENCH_PROBE_EXPECT``-th task has returned,
+writes one small JSON file (``BENCH_PROBE_FILE``) with the time the first task
+started and the time the last one ended.  ``time.monotonic`` is the system-wide
+CLOCK_MONOTONIC on Linux, so the driver can compare it with its own clock.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable
+
+_EXPECT = int(os.environ.get("BENCH_PROBE_EXPECT") or 0)
+_PATH = os.environ.get("BENCH_PROBE_FILE") or ""
+_seen = {"started": 0, "done": 0, "first_start": 0.0}
+
+
+def noop() -> None:
+    """Nothing at all: what is measured is the queue's own overhead."""
+
+
+def sleep(seconds: float) -> None:
+    """An I/O-bound task: a cooperative sleep in a patched worker."""
+    time.sleep(seconds)
+
+
+def echo(value: Any) -> Any:
+    """Returns its argument: the round-trip task."""
+    return value
+
+
+def counted(body: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``body`` so the worker reports when the expected count has run."""
+    @functools.wraps(body)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not _seen["started"]:
+            _seen["first_start"] = time.monotonic()
+        _seen["started"] += 1
+        try:
+            return body(*args, **kwargs)
+        finally:
+            _seen["done"] += 1
+            if _seen["done"] == _EXPECT and _PATH:
+                _report(time.monotonic())
+    return wrapper
+
+
+def _report(last_end: float) -> None:
+    record = {"first_start": _seen["first_start"], "last_end": last_end,
+              "done": _seen["done"], "pid": os.getpid()}
+    tmp = f"{_PATH}.{os.getpid()}.tmp"
+    with open(tmp, "w") as out:
+        json.dump(record, out)
+    os.replace(tmp, _PATH)

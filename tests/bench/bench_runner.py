@@ -1,0 +1,310 @@
+"""The benchmark's scenarios and report; ``bin/greenq-bench`` parses the
+command line and calls :func:`run`.  docs/performance.md says what each line
+measures and why it is measured that way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import bench_systems as bs
+from bench_systems import BenchError
+
+SCENARIOS = ("noop", "sleep", "roundtrip", "enqueue", "issue2")
+POLL = 0.01  # seconds between looks for the probe file
+
+
+class Bench:
+    """One run: a broker namespace, a temporary folder, the options."""
+
+    def __init__(self, opts, space, folder: str) -> None:
+        self.opts, self.space, self.folder = opts, space, folder
+        self._serial = 0
+
+    def _file(self, stem: str, suffix: str) -> str:
+        self._serial += 1
+        return os.path.join(self.folder, f"{self._serial:03d}-{stem}{suffix}")
+
+    def say(self, text: str) -> None:
+        if not self.opts.quiet:
+            print(text, file=sys.stderr, flush=True)
+
+    # -- building blocks ------------------------------------------------------
+    def client(self, system: str, *args: str, confirm: Optional[bool] = None,
+               results: bool = False) -> Dict[str, Any]:
+        """Run bench_client.py for ``system`` in a plain process; its JSON answer."""
+        env = bs.system_env(system, self.space.broker_url(system), self.space.backend_url(system),
+                            confirm=confirm, celery_acks=self.opts.celery_acks, results=results)
+        argv = [sys.executable, os.path.join(bs.HERE, "bench_client.py"), system, *args]
+        done = subprocess.run(argv, env=env, cwd=bs.HERE, capture_output=True, text=True,
+                              timeout=self.opts.timeout)
+        if done.returncode != 0:
+            raise BenchError(f"{system} client {' '.join(args)} exited {done.returncode}:\n"
+                             f"{done.stderr.strip()[-2000:]}")
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        if answer.get("patched"):
+            raise BenchError(f"{system} client ran monkey-patched; it must be a plain process")
+        return answer
+
+    def worker(self, system: str, concurrency: int, pool: str = "gevent", *,
+               probe_file: str = "", expect: int = 0, results: bool = False) -> bs.Worker:
+        broker, backend = self.space.broker_url(system), self.space.backend_url(system)
+        argv = bs.worker_argv(system, broker, backend, concurrency, pool)
+        env = bs.system_env(system, broker, backend, probe_file=probe_file, expect=expect,
+                            concurrency=concurrency, celery_acks=self.opts.celery_acks,
+                            results=results)
+        return bs.Worker(argv, env, self._file(f"{system}-{pool}-worker", ".log")).start()
+
+    def wait_probe(self, worker: bs.Worker, probe_file: str, what: str) -> Dict[str, Any]:
+        """Wait (polling a local file, not the broker) for the probe's report."""
+        deadline = time.monotonic() + self.opts.timeout
+        while not os.path.exists(probe_file):
+            if not worker.alive():
+                raise BenchError(f"{what}: the worker exited {worker.proc.returncode} before the "
+                                 f"tasks were done; its log ends:\n{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what}: not done after {self.opts.timeout:.0f} s "
+                                 f"(--timeout); the worker's log ends:\n{worker.log_tail()}")
+            time.sleep(POLL)
+        with open(probe_file) as report:
+            return json.load(report)
+
+    # -- scenarios ------------------------------------------------------------
+    def drain(self, system: str, kind: str, n: int, concurrency: int, sleep: float,
+              pool: str = "gevent") -> Dict[str, Any]:
+        """Fill the queue with ``n`` tasks, then start one worker and time the drain
+        from the first task's start to the last task's end."""
+        what = f"{system} {kind} n={n} c={concurrency} pool={pool}"
+        load = os.getloadavg()[0]  # other work on the machine skews every figure: recorded
+        self.space.reset()
+        fill_args = ["fill", kind, str(n), "--sleep", str(sleep)]
+        if system == "greenq":
+            fill_args.append("--bulk")
+        fill = self.client(system, *fill_args)
+        probe = self._file(f"{system}-{kind}-probe", ".json")
+        worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n)
+        try:
+            report = self.wait_probe(worker, probe, what)
+            time.sleep(2 * worker.interval)  # one more sample after the last task
+        finally:
+            code = worker.stop()
+        left = self.client(system, "left")["left"]
+        self.space.reset()
+        span = report["last_end"] - report["first_start"]
+        worker_cpu, machine_cpu = worker.cpu_between(report["first_start"], report["last_end"])
+        result = {"system": system, "kind": kind, "pool": pool, "n": n, "concurrency": concurrency,
+                  "sleep": sleep, "seconds": span, "rate": n / span if span > 0 else None,
+                  "startup_seconds": report["first_start"] - worker.spawned_at,
+                  "wall_seconds": report["last_end"] - worker.spawned_at,
+                  "done": report["done"], "peak_rss_mib": worker.peak_rss / 2**20,
+                  "worker_exit": code, "left_in_broker": left, "fill": fill,
+                  "worker_cpu_seconds": worker_cpu,
+                  "worker_cpu_us_per_task": worker_cpu * 1e6 / n if worker_cpu is not None else None,
+                  "machine_busy_cores": machine_cpu / span if machine_cpu is not None and span > 0 else None,
+                  "loadavg_1min_before": load}
+        if left:
+            self.say(f"  warning: {what}: {left} messages were still in the broker after the "
+                     "worker stopped (not acknowledged, or dead-lettered)")
+        self.say(f"  {what}: {span:.2f} s ({result['rate']:.0f}/s), startup "
+                 f"{result['startup_seconds']:.2f} s, peak RSS {result['peak_rss_mib']:.0f} MiB, "
+                 f"worker CPU {_fmt(result['worker_cpu_us_per_task'])} us/task, machine busy "
+                 f"{_fmt(result['machine_busy_cores'], 2)} cores")
+        return result
+
+    def repeated_drain(self, *args, **kwargs) -> Dict[str, Any]:
+        """The median run of ``--repeat`` drains (by seconds); all runs kept."""
+        runs = [self.drain(*args, **kwargs) for _ in range(self.opts.repeat)]
+        runs.sort(key=lambda r: r["seconds"])
+        best = dict(runs[len(runs) // 2])
+        best["runs_seconds"] = [r["seconds"] for r in runs]
+        return best
+
+    def roundtrip(self, system: str) -> Dict[str, Any]:
+        """``delay().get()`` latency from a plain client, one worker running."""
+        self.space.reset()
+        worker = self.worker(system, self.opts.noop_concurrency, results=True)
+        try:
+            answer = self.client(system, "roundtrip", str(self.opts.roundtrips), results=True)
+        finally:
+            worker.stop()
+        self.space.reset()
+        lat = sorted(answer["latencies_ms"])
+        result = {"system": system, "n": len(lat), "p50_ms": _percentile(lat, 50),
+                  "p99_ms": _percentile(lat, 99), "mean_ms": statistics.fmean(lat),
+                  "max_ms": lat[-1]}
+        self.say(f"  {system} round trip: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms")
+        return result
+
+    def enqueue(self, system: str) -> Dict[str, Any]:
+        """The client's enqueue rate, no worker running; on RabbitMQ with publisher
+        confirms off and on; greenq's ``enqueue_many`` as well."""
+        n = str(self.opts.enqueue_n)
+        confirms = (False, True) if self.space.kind == "amqp" else (None,)
+        result: Dict[str, Any] = {"system": system}
+        for confirm in confirms:
+            suffix = "" if confirm is None else ("_confirm" if confirm else "_noconfirm")
+            for bulk in ((False, True) if system == "greenq" else (False,)):
+                self.space.reset()
+                answer = self.client(system, "enqueue", n, *(["--bulk"] if bulk else []), confirm=confirm)
+                key = ("bulk" if bulk else "single") + suffix
+                result[key] = answer["rate"]
+                self.say(f"  {system} enqueue {key}: {answer['rate']:.0f}/s")
+        self.space.reset()
+        return result
+
+
+def _percentile(ordered: List[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list."""
+    rank = max(1, int(round(pct / 100.0 * len(ordered) + 0.4999)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# -- the run -------------------------------------------------------------------
+
+def make_space(opts, folder: str):
+    if opts.broker == "sqlite":
+        return bs.SqliteSpace(folder)
+    redis_space = None
+    try:
+        redis_space = bs.RedisSpace(opts.redis_url)
+    except Exception as exc:  # noqa: BLE001 - reported when needed
+        if opts.broker == "redis":
+            raise BenchError(f"Redis at {opts.redis_url}: {exc}") from None
+    if opts.broker == "redis":
+        return redis_space
+    return bs.AmqpSpace(opts.amqp_url, redis_space)
+
+
+def machine() -> Dict[str, Any]:
+    info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "host": socket.gethostname(),
+            "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform()}
+    try:
+        with open("/proc/cpuinfo") as cpu:
+            names = [line.split(":", 1)[1].strip() for line in cpu if line.startswith("model name")]
+        info["cpu"] = names[0] if names else ""
+    except OSError:
+        pass
+    from importlib import metadata
+    for dist in ("greenq", "celery", "kombu", "dramatiq", "gevent", "eventlet", "redis", "amqp", "pika"):
+        try:
+            info[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def run(opts) -> Dict[str, Any]:
+    """Run the scenarios of ``opts`` and return every figure (also printed)."""
+    systems = opts.systems
+    if opts.broker == "sqlite" and set(systems) - {"greenq"}:
+        print("note: celery and dramatiq have no SQLite broker; running greenq only", file=sys.stderr)
+        systems = ["greenq"]
+    folder = tempfile.mkdtemp(prefix="greenq-bench-")
+    space = make_space(opts, folder)
+    bench = Bench(opts, space, folder)
+    out: Dict[str, Any] = {"machine": machine(), "broker": opts.broker, "systems": systems,
+                           "options": {k: v for k, v in vars(opts).items() if k != "json"},
+                           "results": {}, "errors": []}
+    results = out["results"]
+
+    def attempt(key: str, system: str, fn, *args, **kwargs) -> None:
+        try:
+            results.setdefault(key, {})[system] = fn(*args, **kwargs)
+        except BenchError as exc:
+            out["errors"].append(f"{key} {system}: {exc}")
+            print(f"error: {key} {system}: {exc}", file=sys.stderr)
+            try:
+                space.reset()
+            except Exception:  # noqa: BLE001 - the first error is the one to read
+                pass
+
+    try:
+        for scenario in opts.only:
+            bench.say(f"== {scenario} on {opts.broker}")
+            for system in systems:
+                if scenario == "noop":
+                    attempt("noop", system, bench.repeated_drain, system, "noop", opts.noop_n,
+                            opts.noop_concurrency, 0.0)
+                elif scenario == "sleep":
+                    attempt("sleep", system, bench.repeated_drain, system, "sleep", opts.n,
+                            opts.concurrency, opts.sleep)
+                elif scenario == "roundtrip":
+                    attempt("roundtrip", system, bench.roundtrip, system)
+                elif scenario == "enqueue":
+                    attempt("enqueue", system, bench.enqueue, system)
+                elif scenario == "issue2" and system == "greenq":
+                    for pool in opts.pools:
+                        attempt("issue2", pool, bench.repeated_drain, "greenq", "sleep", opts.issue2_n,
+                                opts.issue2_concurrency, opts.issue2_sleep, pool)
+    finally:
+        space.close()
+        if not opts.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            print(f"logs kept in {folder}", file=sys.stderr)
+    print(render(out, opts))
+    if opts.json:
+        with open(opts.json, "w") as dump:
+            json.dump(out, dump, indent=2)
+    return out
+
+
+# -- the report -----------------------------------------------------------------
+
+def _fmt(value: Optional[float], digits: int = 0) -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}"
+
+
+def render(out: Dict[str, Any], opts) -> str:
+    """The markdown tables of a run."""
+    systems, res = out["systems"], out["results"]
+    labels = {"greenq": "greenq", "celery": "Celery 5 -P gevent", "dramatiq": "dramatiq-gevent"}
+    rows: List[List[str]] = []
+
+    def row(label: str, key: str, field: str, digits: int = 0) -> None:
+        if key in res:
+            rows.append([label] + [_fmt(res[key].get(s, {}).get(field), digits) for s in systems])
+
+    ideal = opts.n * opts.sleep / opts.concurrency
+    row(f"no-op drain, tasks/s ({opts.noop_n:,} tasks, -c {opts.noop_concurrency})", "noop", "rate")
+    row("no-op: worker CPU per task, us", "noop", "worker_cpu_us_per_task")
+    row("no-op: worker start to first task, s", "noop", "startup_seconds", 2)
+    row(f"{opts.n:,} x {opts.sleep:g} s sleep at -c {opts.concurrency}, s (ideal {ideal:.2f})",
+        "sleep", "seconds", 2)
+    row("sleep: peak worker RSS, MiB", "sleep", "peak_rss_mib")
+    row(f"delay().get() p50, ms ({opts.roundtrips} sequential)", "roundtrip", "p50_ms", 2)
+    row("delay().get() p99, ms", "roundtrip", "p99_ms", 2)
+    if "enqueue" in res:
+        suffixes = [("_noconfirm", ", confirms off"), ("_confirm", ", confirms on")] \
+            if out["broker"] == "amqp" else [("", "")]
+        for suffix, note in suffixes:
+            row(f"enqueue, delay() per message, msg/s{note}", "enqueue", "single" + suffix)
+            row(f"enqueue, greenq enqueue_many, msg/s{note}", "enqueue", "bulk" + suffix)
+    lines = [f"### {out['broker']} — {out['machine']['date']}, {out['machine']['cores']} cores", ""]
+    if rows:
+        lines.append("| measure | " + " | ".join(labels[s] for s in systems) + " |")
+        lines.append("|---|" + "---|" * len(systems))
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if "issue2" in res:
+        ideal2 = opts.issue2_n * opts.issue2_sleep / opts.issue2_concurrency
+        lines += ["", f"greenq, {opts.issue2_n:,} tasks x {opts.issue2_sleep:g} s at -c "
+                  f"{opts.issue2_concurrency} on {out['broker']} (ideal {ideal2:.2f} s):", "",
+                  "| pool | seconds | worker start to first task, s | peak RSS, MiB |", "|---|---|---|---|"]
+        for pool, r in res["issue2"].items():
+            lines.append(f"| {pool} | {_fmt(r['seconds'], 2)} | {_fmt(r['startup_seconds'], 2)} | "
+                         f"{_fmt(r['peak_rss_mib'])} |")
+    if out["errors"]:
+        lines += ["", "Errors:"] + [f"- {e.splitlines()[0]}" for e in out["errors"]]
+    return "\n".join(lines)

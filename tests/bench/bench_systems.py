@@ -1,0 +1,292 @@
+"""Driver side of the benchmark: isolated broker namespaces, the three
+systems' worker command lines, and worker processes with peak-RSS sampling.
+
+Namespaces (each system gets a fresh one before and after every measurement):
+- Redis: database 14, reserved for benchmarks, FLUSHDB'd; no other database
+  is ever touched.
+- RabbitMQ: a vhost of the run's own (``greenq-bench-<pid>``), deleted and
+  re-created with rabbitmqctl, deleted at the end.  dramatiq's results (it has
+  no AMQP result backend) go to Redis db 14.
+- SQLite (greenq only): a new database file in the run's temporary folder.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+from urllib.parse import quote, urlsplit, urlunsplit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+SYSTEMS = ("greenq", "celery", "dramatiq")
+BENCH_REDIS_DB = 14
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be made; the message says why."""
+
+
+# -- namespaces ----------------------------------------------------------------
+
+class RedisSpace:
+    """Redis db 14, flushed around every measurement."""
+    kind = "redis"
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.path.strip("/") not in ("", str(BENCH_REDIS_DB)):
+            raise BenchError(f"--redis-url {url}: the benchmark only uses (and flushes) db "
+                             f"{BENCH_REDIS_DB}; give a URL without a db or with /{BENCH_REDIS_DB}")
+        self.url = urlunsplit(parts._replace(path=f"/{BENCH_REDIS_DB}"))
+        import redis  # the bench environment has it
+        self._client = redis.Redis.from_url(self.url)
+        self._client.ping()
+
+    def broker_url(self, system: str) -> str:
+        return self.url
+
+    def backend_url(self, system: str) -> str:
+        return "" if system == "greenq" else self.url  # greenq derives it from the broker
+
+    def reset(self) -> None:
+        self._client.flushdb()
+
+    def close(self) -> None:
+        self.reset()
+        self._client.close()
+
+
+class AmqpSpace:
+    """A RabbitMQ vhost of this run's own; results of the peers as documented."""
+    kind = "amqp"
+
+    def __init__(self, url: str, redis_space: Optional[RedisSpace]) -> None:
+        parts = urlsplit(url)
+        self._base = parts
+        self._user = parts.username or "guest"
+        self.vhost = f"greenq-bench-{os.getpid()}"
+        self._redis = redis_space
+        self._ctl("add_vhost", self.vhost, ok_codes=(0, 65, 70))
+        self._ctl("set_permissions", "-p", self.vhost, self._user, ".*", ".*", ".*")
+
+    def _ctl(self, *args: str, ok_codes=(0,)) -> None:
+        try:
+            done = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=120)
+        except OSError as exc:
+            raise BenchError(f"rabbitmqctl {' '.join(args)}: {exc}") from None
+        if done.returncode not in ok_codes:
+            raise BenchError(f"rabbitmqctl {' '.join(args)} exited {done.returncode}: "
+                             f"{(done.stderr or done.stdout).strip()[-400:]}")
+
+    def broker_url(self, system: str) -> str:
+        return urlunsplit(self._base._replace(path="/" + quote(self.vhost, safe="")))
+
+    def backend_url(self, system: str) -> str:
+        if system == "celery":
+            return "rpc://"
+        if system == "dramatiq":
+            if self._redis is None:
+                raise BenchError("dramatiq on RabbitMQ keeps its results in Redis: Redis is not answering")
+            return self._redis.url
+        return ""
+
+    def reset(self) -> None:
+        self._ctl("delete_vhost", self.vhost, ok_codes=(0, 1, 2, 70))
+        self._ctl("add_vhost", self.vhost)
+        self._ctl("set_permissions", "-p", self.vhost, self._user, ".*", ".*", ".*")
+        if self._redis is not None:
+            self._redis.reset()
+
+    def close(self) -> None:
+        self._ctl("delete_vhost", self.vhost, ok_codes=(0, 1, 2, 70))
+        if self._redis is not None:
+            self._redis.close()
+
+
+class SqliteSpace:
+    """A fresh SQLite database file per measurement (greenq only)."""
+    kind = "sqlite"
+
+    def __init__(self, folder: str) -> None:
+        self._folder = folder
+        self._serial = 0
+
+    def _path(self) -> str:
+        return os.path.join(self._folder, f"bench-{self._serial}.sqlite3")
+
+    def broker_url(self, system: str) -> str:
+        return f"sqlite:///{self._path()}"
+
+    def backend_url(self, system: str) -> str:
+        return ""
+
+    def reset(self) -> None:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                os.remove(self._path() + suffix)
+            except FileNotFoundError:
+                pass
+        self._serial += 1
+
+    def close(self) -> None:
+        self.reset()
+
+
+# -- systems --------------------------------------------------------------------
+
+def _bin(name: str) -> str:
+    """A console script installed beside this interpreter."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    if not os.path.exists(path):
+        raise BenchError(f"{name} is not installed beside {sys.executable}; run bin/greenq-bench --setup")
+    return path
+
+
+def worker_argv(system: str, broker_url: str, backend_url: str, concurrency: int,
+                pool: str = "gevent", loglevel: str = "WARNING") -> List[str]:
+    """The worker command line of ``system``: one worker process, ``concurrency``
+    green threads, ``pool`` (greenq only; the peers run gevent)."""
+    py = sys.executable
+    if system == "greenq":
+        argv = [py, os.path.join(REPO, "bin", "greenq-worker"), "-A", "bench_greenq_tasks",
+                "--pool", pool, "-c", str(concurrency), "--broker", broker_url,
+                "--loglevel", loglevel]
+        if backend_url:
+            argv += ["--backend", backend_url]
+        return argv
+    if system == "celery":
+        return [py, "-m", "celery", "-A", "bench_celery_tasks", "worker", "-P", "gevent",
+                "-c", str(concurrency), "--loglevel", loglevel, "-n", f"bench{os.getpid()}@%h",
+                "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    if system == "dramatiq":
+        return [py, _bin("dramatiq-gevent"), "bench_dramatiq_tasks", "--processes", "1",
+                "--threads", str(concurrency)]
+    raise BenchError(f"unknown system {system!r}")
+
+
+def system_env(system: str, broker_url: str, backend_url: str, *, confirm: Optional[bool] = None,
+               probe_file: str = "", expect: int = 0, concurrency: int = 0,
+               celery_acks: str = "late", results: bool = False) -> Dict[str, str]:
+    """Environment of a worker or client process of ``system``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENQ_", "BENCH_"))}
+    env.update(BENCH_BROKER_URL=broker_url, BENCH_BACKEND_URL=backend_url,
+               BENCH_PROBE_FILE=probe_file, BENCH_PROBE_EXPECT=str(expect),
+               BENCH_CONCURRENCY=str(concurrency or ""), BENCH_CELERY_ACKS=celery_acks,
+               BENCH_RESULTS="1" if results else "0",
+               PYTHONPATH=os.pathsep.join(p for p in (HERE, REPO, env.get("PYTHONPATH")) if p),
+               PYTHONUNBUFFERED="1")
+    if confirm is not None:
+        env["BENCH_CONFIRM"] = "1" if confirm else "0"
+        env["GREENQ_AMQP_CONFIRM_PUBLISH"] = "true" if confirm else "false"
+    return env
+
+
+# -- worker processes -----------------------------------------------------------
+
+def tree_usage(proc) -> Tuple[int, float]:
+    """(resident bytes, CPU seconds) of ``proc`` and all its descendants."""
+    import psutil
+    rss, cpu = 0, 0.0
+    try:
+        members = [proc] + proc.children(recursive=True)
+    except psutil.Error:
+        return 0, 0.0
+    for member in members:
+        try:
+            with member.oneshot():
+                rss += member.memory_info().rss
+                times = member.cpu_times()
+                cpu += times.user + times.system
+        except psutil.Error:
+            pass
+    return rss, cpu
+
+
+class Worker:
+    """A worker subprocess in its own session, with its tree's RSS and CPU time
+    sampled every ``interval`` seconds until it stops, and the machine's CPU
+    time beside it (other work on the machine shows there)."""
+
+    def __init__(self, argv: List[str], env: Dict[str, str], log_path: str,
+                 interval: float = 0.05) -> None:
+        self.argv, self.env, self.log_path, self.interval = argv, env, log_path, interval
+        self.proc: Optional[subprocess.Popen] = None
+        self.spawned_at = 0.0
+        self.peak_rss = 0
+        self.samples: List[Tuple[float, float, float]] = []  # (monotonic, worker CPU s, machine busy CPU s)
+        self._stop = threading.Event()
+        self._sampler: Optional[threading.Thread] = None
+
+    def start(self) -> "Worker":
+        log = open(self.log_path, "ab")
+        self.spawned_at = time.monotonic()
+        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=HERE, stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        import psutil
+        try:
+            root = psutil.Process(self.proc.pid)
+        except psutil.Error:
+            return
+        while not self._stop.is_set():
+            rss, cpu = tree_usage(root)
+            machine = psutil.cpu_times()
+            busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+            self.peak_rss = max(self.peak_rss, rss)
+            self.samples.append((time.monotonic(), cpu, busy))
+            self._stop.wait(self.interval)
+
+    def cpu_between(self, start: float, end: float) -> Tuple[Optional[float], Optional[float]]:
+        """(worker CPU seconds, machine busy CPU seconds) from ``start`` to ``end``,
+        read from the nearest samples; None when the span is too short for the
+        sampling interval to give a meaningful figure."""
+        if end - start < 20 * self.interval:
+            return None, None
+        before = [s for s in self.samples if s[0] <= start]
+        after = [s for s in self.samples if s[0] >= end]
+        if not before or not after:
+            return None, None
+        return after[0][1] - before[-1][1], after[0][2] - before[-1][2]
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 30.0) -> Optional[int]:
+        """Warm shutdown (SIGTERM), then SIGKILL of its process group after ``timeout``."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._kill_group()
+                self.proc.wait(10)
+        self._kill_group()  # leftovers of a parent that exited first
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join(5)
+        return self.proc.returncode
+
+    def _kill_group(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the session we started: ours only
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            with open(self.log_path, "rb") as log:
+                return b"\n".join(log.read().splitlines()[-lines:]).decode("utf-8", "replace")
+        except OSError:
+            return ""
