@@ -158,7 +158,7 @@ class Database:
 
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._closed:
-            raise BrokerError(f"sqlite broker {self.path} is closed")
+            raise BrokerError(f"sqlite database {self.path} is closed")
         try:
             conn = self._idle.pop()
         except IndexError:
@@ -188,10 +188,11 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield conn
+        conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # never give a connection back to the pool mid-transaction
+            conn.execute("ROLLBACK")
         raise
-    conn.execute("COMMIT")
 
 
 class SQLiteBroker(Broker):
