@@ -29,7 +29,7 @@ def test_kill9_then_the_next_worker_runs_it(pool, any_env):
     import e2e_tasks
     any_env.env["GREENQ_LEASE_SECONDS"] = "1"
     any_env.app()
-    r = e2e_tasks.slow.delay("k9", 0.5)
+    r = e2e_tasks.slow.delay("k9", 4.0)
     first = any_env.worker(pool, burst=False)
     any_env.wait_marker("k9.started")
     first.send_signal(signal.SIGKILL)

@@ -128,7 +128,7 @@ def test_kill9_during_task_next_worker_runs_it(pool, sqlite_env):
     import e2e_tasks
     sqlite_env.env["GREENQ_LEASE_SECONDS"] = "1"
     sqlite_env.app()
-    r = e2e_tasks.slow.delay("k9", 1.0)
+    r = e2e_tasks.slow.delay("k9", 4.0)
     first = sqlite_env.worker(pool, burst=False)
     sqlite_env.wait_marker("k9.started")
     first.send_signal(signal.SIGKILL)
@@ -140,6 +140,7 @@ def test_kill9_during_task_next_worker_runs_it(pool, sqlite_env):
     out, _ = second.communicate(timeout=30)
     assert second.returncode == 0, out
     assert sqlite_env.marker_count("k9.started") == 2
+    assert sqlite_env.marker_count("k9.finished") == 1
 
 
 @pytest.mark.parametrize("ini_pool", ["gevent", "eventlet", "threads"])
