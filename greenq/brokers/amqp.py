@@ -97,10 +97,11 @@ class AMQPBroker(Broker):
             self.pool.run(self._publish, list(messages))
 
     def _publish(self, pub: Publisher, messages: List[Outgoing]) -> None:
-        now = time.time()
         queues = {m.queue for m in messages}
-        self.pool.ensure_queues(pub, queues, delayed={m.queue for m in messages if _delay_ms(m, now)})
+        before = time.time()
+        self.pool.ensure_queues(pub, queues, delayed={m.queue for m in messages if _delay_ms(m, before)})
         self._known.update(queues)
+        now = time.time()   # after declaring: making a delay cascade takes a moment
         for m in messages:
             pub.publish(*self._message(m, now), item=m)
         if not pub.confirm:

@@ -166,10 +166,11 @@ def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "am
 def close_quietly(conn: Optional["amqp.Connection"], forked: bool = False) -> None:
     """Close ``conn`` cleanly if it answers within 2 s, else drop it; never raises.
     In a forked child (``forked``) the socket is the parent's: leave it alone."""
-    if conn is None or forked:
-        return
+    transport = getattr(conn, "_transport", None)
+    if transport is None or forked:
+        return   # closed already, or the parent's
     try:
-        conn.transport.sock.settimeout(2.0)
+        transport.sock.settimeout(2.0)
         conn.close()
     except Exception:
         try:
@@ -245,10 +246,10 @@ def queue_arguments(settings: Settings) -> Dict[str, Any]:
 
 
 def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
-    """Declare the dead-letter store (idempotent)."""
+    """Declare the dead-letter store (idempotent).  ``greenq.dlq`` is a classic
+    queue whatever ``queue_type``, so that workers of either setting share it."""
     channel.exchange_declare(DLX, "fanout", durable=True, auto_delete=False)
-    dlq_args = {"x-queue-type": "quorum"} if settings.quorum else {}
-    channel.queue_declare(DLQ, durable=True, auto_delete=False, arguments=dlq_args)
+    channel.queue_declare(DLQ, durable=True, auto_delete=False)
     channel.queue_bind(DLQ, DLX, "")
 
 

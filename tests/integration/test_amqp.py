@@ -1,0 +1,387 @@
+"""RabbitMQ specifics beyond the shared suite: topology, the delay cascade,
+confirms, the channel pool, heartbeats, recovery after the broker drops every
+connection, rpc:// results and revocations, and green drivers.
+
+Runs in the run's own vhost (the ``amqp_url`` fixture); ``rabbitmqctl`` is
+used only with ``-p <that vhost>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import pytest
+
+from greenq.backends import backend_url_for, make_backend
+from greenq.backends.base import Record
+from greenq.brokers import Outgoing, make_broker
+from greenq.exceptions import BrokerError, ConfigError
+from tests.conftest import make_config
+
+pytestmark = pytest.mark.amqp
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def ctl(*args: str) -> str:
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def vhost_of(url: str) -> str:
+    return urlsplit(url).path[1:]
+
+
+def queues_of(url: str) -> dict:
+    rows = json.loads(ctl("list_queues", "--formatter", "json", "-p", vhost_of(url),
+                          "name", "durable", "arguments", "type"))
+    return {r["name"]: dict(r, arguments={k: v for k, _, v in r["arguments"]}) for r in rows}
+
+
+@pytest.fixture
+def env(amqp_url):
+    made = []
+
+    class Env:
+        url = amqp_url
+
+        @staticmethod
+        def queue(name: str = "q") -> str:
+            return f"gqa-{uuid.uuid4().hex[:8]}-{name}"
+
+        @staticmethod
+        def broker(**settings):
+            b = make_broker(amqp_url, make_config(broker_url=amqp_url, **settings))
+            made.append(b)
+            return b
+
+        @staticmethod
+        def backend(**settings):
+            b = make_backend("rpc://", make_config(broker_url=amqp_url, **settings))
+            made.append(b)
+            return b
+
+    yield Env
+    for b in made:
+        b.close()
+
+
+def out(queue, body=b"x", priority=0, eta=None, message_id=None):
+    return Outgoing(queue, body, message_id or uuid.uuid4().hex, priority, eta)
+
+
+def drain(broker, queues, expected, timeout=10.0, ack=True):
+    got = []
+    deadline = time.monotonic() + timeout
+    while len(got) < expected and time.monotonic() < deadline:
+        batch = broker.fetch(queues, 100, 0.2)
+        if ack and batch:
+            broker.ack(batch)
+        got.extend(batch)
+    return got
+
+
+# -- topology ---------------------------------------------------------------------
+
+def test_topology_durable_queues_priorities_dead_letters_and_delay_cascade(env):
+    q = env.queue()
+    client = env.broker()
+    client.publish(out(q))
+    client.publish(out(q, eta=time.time() + 30))
+    queues = queues_of(env.url)
+    assert queues[q]["durable"] and queues[q]["type"] == "classic"
+    assert queues[q]["arguments"] == {"x-max-priority": 9, "x-dead-letter-exchange": "greenq.dlx"}
+    assert queues["greenq.dlq"]["durable"]
+    for level in (0, 1, 14, 31):
+        cascade = queues[f"greenq.delay.{q}.{level}"]
+        assert cascade["durable"]
+        assert cascade["arguments"]["x-message-ttl"] == 2 ** level
+    assert queues[f"greenq.delay.{q}.0"]["arguments"]["x-dead-letter-routing-key"] == q
+    assert queues[f"greenq.delay.{q}.5"]["arguments"]["x-dead-letter-exchange"] == f"greenq.delay.{q}.4"
+
+
+def test_quorum_queues_count_deliveries_themselves(env):
+    q = env.queue()
+    broker = env.broker(amqp__queue_type="quorum")
+    broker.publish(out(q, b"qq", priority=5, message_id="qq"))
+    [d] = drain(broker, [q], 1, ack=False)
+    assert (d.body, d.deliveries) == (b"qq", 1)
+    broker.requeue([d])
+    [again] = drain(broker, [q], 1, ack=False)
+    assert (again.message_id, again.deliveries) == ("qq", 2)
+    broker.ack([again])
+    info = queues_of(env.url)[q]
+    assert info["type"] == "quorum" and "x-max-priority" not in info["arguments"]
+
+
+def test_mismatched_queue_arguments_are_explained(env):
+    q = env.queue()
+    env.broker().publish(out(q))
+    other = env.broker(amqp__max_priority=3)
+    with pytest.raises(BrokerError, match="other arguments"):
+        other.publish(out(q))
+
+
+# -- delayed delivery -------------------------------------------------------------
+
+def test_delays_through_ttl_queues_without_head_of_line_blocking(env):
+    q = env.queue()
+    client, consumer = env.broker(), env.broker()
+    now = time.time()
+    # the long delay first: per-message TTL on one queue would hold the short ones up behind it
+    client.publish_many([out(q, message_id="long", eta=now + 30),
+                         out(q, message_id="1.2s", eta=now + 1.2),
+                         out(q, message_id="0.3s", eta=now + 0.3)])
+    arrived = []
+    deadline = time.monotonic() + 5
+    while len(arrived) < 2 and time.monotonic() < deadline:
+        for d in consumer.fetch([q], 10, 0.1):
+            arrived.append((d.message_id, time.time() - now))
+            consumer.ack([d])
+    assert [name for name, _ in arrived] == ["0.3s", "1.2s"]
+    assert 0.3 <= arrived[0][1] < 0.5 and 1.2 <= arrived[1][1] < 1.4
+    [stats] = consumer.queue_stats([q])
+    assert stats.delayed == 1
+    assert abs(consumer.next_due([q]) - (now + 30)) < 0.01
+    assert consumer.purge(q) == 1 and consumer.next_due([q]) is None
+
+
+def test_delay_beyond_the_cascade_goes_round_again(env, monkeypatch):
+    from greenq.brokers import amqp_common
+    monkeypatch.setattr(amqp_common, "MAX_DELAY_MS", 200)   # pretend 0.2 s is ~49 days
+    monkeypatch.setattr("greenq.brokers.amqp.EARLY", 0.01)
+    q = env.queue()
+    client, consumer = env.broker(), env.broker()
+    start = time.time()
+    client.publish(out(q, message_id="far", eta=start + 1.5))
+    [d] = drain(consumer, [q], 1, timeout=5)
+    assert d.message_id == "far" and time.time() - start >= 1.45 and d.deliveries == 1
+
+
+# -- publishing ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("confirm", [True, False])
+def test_publish_with_and_without_confirms(env, confirm):
+    q = env.queue()
+    client = env.broker(amqp__confirm_publish=confirm)
+    client.publish_many([out(q, str(i).encode()) for i in range(500)])
+    client.publish(out(q, b"last"))
+    with client.pool.publisher() as pub:
+        assert pub.confirm is confirm
+    assert len(drain(env.broker(), [q], 501)) == 501
+
+
+def test_a_queue_deleted_behind_our_back_is_declared_again(env):
+    q = env.queue()
+    client = env.broker()
+    client.publish(out(q, message_id="before"))
+    with client.pool.publisher() as pub:
+        pub.channel.queue_delete(q)
+    client.publish(out(q, message_id="after"))   # returned as unroutable, declared, sent again
+    assert [d.message_id for d in drain(env.broker(), [q], 1)] == ["after"]
+
+
+def test_channel_pool_is_thread_safe_and_bounded(env):
+    q = env.queue()
+    client = env.broker()
+    sent = []
+
+    def publish(n):
+        for i in range(100):
+            m = out(q, message_id=f"{n}-{i}")
+            client.publish(m)
+            sent.append(m.message_id)
+
+    threads = [threading.Thread(target=publish, args=(n,)) for n in range(30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert client.pool._count <= client.pool.size == 10
+    got = drain(env.broker(), [q], 3000, timeout=20)
+    assert sorted(d.message_id for d in got) == sorted(sent)
+
+
+def test_password_never_in_errors(env, caplog):
+    url = "amqp://guest:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=0.5"
+    broker = make_broker(url, make_config(broker_url=url))
+    with pytest.raises(BrokerError) as info:
+        broker.publish(out("q"))
+    assert "s3cret" not in str(info.value) and "***" in str(info.value)
+    assert broker.fetch(["q"], 10, 0.5) == []   # reconnecting: fetch waits, never raises
+    assert not broker.healthy
+    broker.close()
+    assert "s3cret" not in caplog.text
+
+
+def test_amqps_url_options():
+    from greenq.brokers.amqp_common import connection_params
+    params = connection_params("amqps://u:p%40ss@rabbit.example:5999/v%2Fh?cafile=/ca.pem&verify=true")
+    assert (params["host"], params["userid"], params["password"], params["virtual_host"]) == \
+        ("rabbit.example:5999", "u", "p@ss", "v/h")
+    assert params["ssl"]["ca_certs"] == "/ca.pem" and params["ssl"]["server_hostname"] == "rabbit.example"
+    assert connection_params("amqp://h//")["virtual_host"] == "/"
+    assert connection_params("pyamqp://h")["host"] == "h:5672"
+    assert connection_params("amqps://h")["host"] == "h:5671"
+    with pytest.raises(ConfigError, match="unknown option"):
+        connection_params("amqp://h/?hearbeat=5")
+
+
+# -- consuming: heartbeats, delivery counts, recovery --------------------------------------
+
+def test_heartbeats_flow_while_fetch_is_not_called(env, amqp_url):
+    import amqp
+    q = env.queue()
+    consumer = env.broker(amqp__heartbeat=1)
+    consumer.publish(out(q))
+    drain(consumer, [q], 1)
+    loop = consumer._consumer
+    gen = loop.gen
+    params = dict(consumer.params, heartbeat=1)
+    silent = amqp.Connection(**params)   # the control: a connection nobody ticks
+    silent.connect()
+    time.sleep(3.5)   # more than 2 heartbeat intervals without a fetch (a full pool)
+    with pytest.raises(Exception):
+        silent.drain_events(timeout=1)   # RabbitMQ closed the silent one
+    assert (loop.gen, loop.link.failures, consumer.healthy) == (gen, 0, True)
+    assert time.time() - consumer.last_ok < 1.0
+    consumer.publish(out(q, message_id="after"))
+    assert [d.message_id for d in drain(consumer, [q], 1)] == ["after"]
+
+
+def test_classic_delivery_count_survives_consumer_crashes(env):
+    q = env.queue()
+    env.broker().publish(out(q, message_id="poison"))
+    counts = []
+    for _ in range(3):
+        crashing = env.broker()
+        [d] = drain(crashing, [q], 1, ack=False)
+        counts.append(d.deliveries)
+        crashing.close()   # dies holding it
+    assert counts == [1, 2, 3]
+
+
+def test_close_all_connections_reconnects_and_loses_nothing(env):
+    q = env.queue()
+    client, consumer = env.broker(), env.broker()
+    sent = [f"m{i}" for i in range(50)]
+    client.publish_many([out(q, message_id=m) for m in sent])
+    held = drain(consumer, [q], 5, ack=False)
+    gen = consumer._consumer.gen
+    ctl("close_all_connections", "-p", vhost_of(env.url), "greenq test: recovery")
+    consumer.ack(held)   # from the dead connection: dropped, never raised
+    client.publish(out(q, message_id="after"))   # the pool reconnects by itself
+    got = drain(consumer, [q], 51, timeout=15)
+    assert sorted(d.message_id for d in got) == sorted(sent + ["after"])
+    assert {d.deliveries for d in got if d.message_id in {h.message_id for h in held}} == {2}
+    assert consumer._consumer.gen > gen and consumer.healthy
+    assert consumer.fetch([q], 10, 0.3) == []
+
+
+def test_natively_dead_lettered_messages_are_listed(env):
+    import amqp
+    q = env.queue()
+    env.broker().publish(out(q, b"rejected", message_id="native"))
+    conn = amqp.Connection(**env.broker().params)
+    conn.connect()
+    ch = conn.channel()
+    msg = ch.basic_get(q)
+    ch.basic_reject(msg.delivery_tag, requeue=False)   # a foreign consumer refuses it
+    conn.close()
+    broker = env.broker()
+    [dead] = [d for d in broker.dlq_list(1000) if d.message_id == "native"]
+    assert (dead.queue, dead.body, dead.reason) == (q, b"rejected", "rabbitmq: rejected")
+    assert broker.dlq_requeue([dead.id]) == 1
+    assert [d.message_id for d in drain(broker, [q], 1)] == ["native"]
+
+
+# -- rpc:// ---------------------------------------------------------------------------
+
+def test_rpc_is_the_default_backend_with_rabbitmq(amqp_url):
+    assert backend_url_for(make_config(broker_url=amqp_url)) == "rpc://"
+    with pytest.raises(ConfigError, match="needs a RabbitMQ broker"):
+        make_backend("rpc://", make_config(broker_url="redis://localhost/0"))
+
+
+def test_rpc_reply_queue_per_process(env):
+    backend = env.backend()
+    name = backend.reply_to()
+    assert name.startswith("greenq.reply.") and backend.reply_to() == name
+    info = queues_of(env.url)[name]
+    assert not info["durable"] and info["arguments"]["x-expires"] == 86400000
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child gets a queue of its own and never touches the parent's socket
+        try:
+            os.write(write, backend.reply_to().encode())
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 200).decode()
+    assert child.startswith("greenq.reply.") and child != name
+    worker = env.backend()
+    worker.store("t-after-fork", b"still here", reply_to=name)
+    assert backend.wait("t-after-fork", 5) == b"still here"
+
+
+def test_rpc_wait_is_prompt_and_serves_many_outstanding_results(env):
+    client, worker = env.backend(), env.backend()
+    reply_to = client.reply_to()
+    ids = [f"task-{i}" for i in range(20)]
+    results = {}
+
+    def wait_for(task_id):
+        results[task_id] = (client.wait(task_id, 10), time.monotonic())
+
+    threads = [threading.Thread(target=wait_for, args=(t,)) for t in ids[:10]]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    stored = time.monotonic()
+    worker.store_many([Record(t, t.encode(), True, reply_to) for t in reversed(ids)])
+    for t in threads:
+        t.join()
+    assert all(results[t][0] == t.encode() for t in ids[:10])
+    assert max(at for _, at in results.values()) - stored < 0.1
+    # the other ten arrived meanwhile and wait in the cache
+    assert [client.get(t) for t in ids[10:]] == [t.encode() for t in ids[10:]]
+    assert [client.wait(t, 0) for t in ids[10:]] == [t.encode() for t in ids[10:]]
+    worker.store("late", b"update", final=False, reply_to=reply_to)
+    worker.store("late", b"final", reply_to=reply_to)
+    worker.store("late", b"stale update", final=False, reply_to=reply_to)
+    assert client.wait("late", 5) == b"final"
+    time.sleep(0.1)
+    assert client.get("late") == b"final"
+    client.forget("late")
+    assert client.get("late") is None
+
+
+def test_rpc_revocations_reach_every_worker(env):
+    early_worker = env.backend()
+    assert early_worker.revoked(["a"]) == {}
+    client = env.backend()
+    a, b = str(uuid.uuid4()), str(uuid.uuid4())
+    client.revoke(a)
+    client.revoke(b, terminate=True)
+    late_worker = env.backend()   # started after the revoke: reads the stream from its start
+    assert late_worker.revoked([a, b, "other"]) == {a: False, b: True}
+    deadline = time.monotonic() + 2
+    while early_worker.revoked([a, b]) != {a: False, b: True} and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert early_worker.revoked([a, b]) == {a: False, b: True}
+
+
+# -- green drivers --------------------------------------------------------------------
+
+@pytest.mark.parametrize("driver", ["gevent", "eventlet"])
+def test_green_drivers(driver, amqp_url):
+    pytest.importorskip(driver)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "integration", "green_amqp.py"),
+                           driver, amqp_url], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-4000:] + proc.stderr[-4000:]
