@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Callable
 
@@ -57,7 +58,8 @@ def counted(body: Callable[..., Any]) -> Callable[..., Any]:
 
 def _report(last_end: float) -> None:
     record = {"first_start": _seen["first_start"], "last_end": last_end,
-              "done": _seen["done"], "pid": os.getpid()}
+              "done": _seen["done"], "pid": os.getpid(),
+              "greenq_file": getattr(sys.modules.get("greenq"), "__file__", None)}
     tmp = f"{_PATH}.{os.getpid()}.tmp"
     with open(tmp, "w") as out:
         json.dump(record, out)

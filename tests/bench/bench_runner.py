@@ -107,6 +107,7 @@ class Bench:
                   "wall_seconds": report["last_end"] - worker.spawned_at,
                   "done": report["done"], "peak_rss_mib": worker.peak_rss / 2**20,
                   "worker_exit": code, "left_in_broker": left, "fill": fill,
+                  "greenq_imported_from": report.get("greenq_file"),
                   "worker_cpu_seconds": worker_cpu,
                   "worker_cpu_us_per_task": worker_cpu * 1e6 / n if worker_cpu is not None else None,
                   "machine_busy_cores": machine_cpu / span if machine_cpu is not None and span > 0 else None,
@@ -209,10 +210,16 @@ def run(opts) -> Dict[str, Any]:
     if opts.broker == "sqlite" and set(systems) - {"greenq"}:
         print("note: celery and dramatiq have no SQLite broker; running greenq only", file=sys.stderr)
         systems = ["greenq"]
+    if opts.greenq_ref:
+        bs.GREENQ_SRC, sha = bs.export_revision(opts.greenq_ref)
+        greenq_code = f"{sha[:12]} ({opts.greenq_ref}, exported to {bs.GREENQ_SRC})"
+    else:
+        greenq_code = f"working tree {bs.REPO} at {bs.describe_checkout()}"
     folder = tempfile.mkdtemp(prefix="greenq-bench-")
     space = make_space(opts, folder)
     bench = Bench(opts, space, folder)
-    out: Dict[str, Any] = {"machine": machine(), "broker": opts.broker, "systems": systems,
+    out: Dict[str, Any] = {"machine": machine(), "greenq_code": greenq_code,
+                           "broker": opts.broker, "systems": systems,
                            "options": {k: v for k, v in vars(opts).items() if k != "json"},
                            "results": {}, "errors": []}
     results = out["results"]
@@ -292,7 +299,8 @@ def render(out: Dict[str, Any], opts) -> str:
         for suffix, note in suffixes:
             row(f"enqueue, delay() per message, msg/s{note}", "enqueue", "single" + suffix)
             row(f"enqueue, greenq enqueue_many, msg/s{note}", "enqueue", "bulk" + suffix)
-    lines = [f"### {out['broker']} — {out['machine']['date']}, {out['machine']['cores']} cores", ""]
+    lines = [f"### {out['broker']} — {out['machine']['date']}, {out['machine']['cores']} cores", "",
+             f"greenq: {out['greenq_code']}", ""]
     if rows:
         lines.append("| measure | " + " | ".join(labels[s] for s in systems) + " |")
         lines.append("|---|" + "---|" * len(systems))

@@ -23,6 +23,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SYSTEMS = ("greenq", "celery", "dramatiq")
+#: where greenq's code is imported from: this checkout, or an exported revision
+#: (``greenq-bench --greenq-ref``), put first on the workers' and clients' sys.path
+GREENQ_SRC = REPO
 BENCH_REDIS_DB = 14
 
 
@@ -152,7 +155,7 @@ def worker_argv(system: str, broker_url: str, backend_url: str, concurrency: int
     green threads, ``pool`` (greenq only; the peers run gevent)."""
     py = sys.executable
     if system == "greenq":
-        argv = [py, os.path.join(REPO, "bin", "greenq-worker"), "-A", "bench_greenq_tasks",
+        argv = [py, os.path.join(GREENQ_SRC, "bin", "greenq-worker"), "-A", "bench_greenq_tasks",
                 "--pool", pool, "-c", str(concurrency), "--broker", broker_url,
                 "--loglevel", loglevel]
         if backend_url:
@@ -177,12 +180,42 @@ def system_env(system: str, broker_url: str, backend_url: str, *, confirm: Optio
                BENCH_PROBE_FILE=probe_file, BENCH_PROBE_EXPECT=str(expect),
                BENCH_CONCURRENCY=str(concurrency or ""), BENCH_CELERY_ACKS=celery_acks,
                BENCH_RESULTS="1" if results else "0",
-               PYTHONPATH=os.pathsep.join(p for p in (HERE, REPO, env.get("PYTHONPATH")) if p),
+               PYTHONPATH=os.pathsep.join(p for p in (HERE, GREENQ_SRC, env.get("PYTHONPATH")) if p),
                PYTHONUNBUFFERED="1")
     if confirm is not None:
         env["BENCH_CONFIRM"] = "1" if confirm else "0"
         env["GREENQ_AMQP_CONFIRM_PUBLISH"] = "true" if confirm else "false"
     return env
+
+
+def export_revision(ref: str) -> Tuple[str, str]:
+    """Export greenq at git revision ``ref`` to .bench/src/<sha> (once); (path, sha)."""
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", REPO, *args], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BenchError(f"git {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout.strip()
+    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    dest = os.path.join(REPO, ".bench", "src", sha[:12])
+    if not os.path.isdir(dest):
+        tmp = dest + f".tmp{os.getpid()}"
+        os.makedirs(tmp)
+        archive = subprocess.run(["git", "-C", REPO, "archive", sha], capture_output=True, check=True)
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+        os.replace(tmp, dest)
+    return dest, sha
+
+
+def describe_checkout() -> str:
+    """HEAD's sha of this checkout, and whether greenq/ has uncommitted changes."""
+    try:
+        sha = subprocess.run(["git", "-C", REPO, "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--", "greenq", "bin"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{sha[:12]}" + (" + uncommitted changes" if dirty else "")
 
 
 # -- worker processes -----------------------------------------------------------
