@@ -4,62 +4,165 @@ Keys (``P`` is ``[greenq] key_prefix``)::
 
     P:result:<task id>   string, "F" (final) or "P" (not final) + the record;
                          expires after result_expires (0 = never)
-    P:waiting:<task id>  counter: how many waits are blocked on the task
-    P:notify:<task id>   list; a final store pushes one token per waiter
-                         (expires after NOTIFY_TTL)
+    P:waiters:<task id>  set of the reply channels of the processes waiting
+                         for the task (expires with the longest wait)
     P:revoked:<task id>  "1" (terminate) or "0"; expires after result_expires
 
-``wait`` never polls: one script returns the record if it is final, else
-counts the caller in ``waiting``; then it blocks in BLPOP on ``notify``.  The store script (one
-round trip for a whole batch) sets the record and, only when someone waits,
-pushes their tokens, so results nobody waits for leave no extra keys.
+and one pub/sub channel ``P:reply:<random>`` per backend instance (process).
+
+``wait`` never polls, and any number of waiters in a process share one
+connection: a listener (one thread, or greenlet when patched) is subscribed to
+the instance's reply channel.  A waiter reads the record, or else adds the
+channel to ``waiters``, in one script; the store script sets the record and,
+when final, publishes the task id to every channel in ``waiters``; the
+listener wakes the process's waiters of that task, which read the record.
+The two scripts are atomic, so a store is never missed between the read and
+the registration.  When the listener's connection drops, it reconnects and
+wakes every waiter to read again.
 """
 from __future__ import annotations
 
+import logging
+import threading
 import time
-from typing import Any, Dict, Optional, Sequence
+import uuid
+from typing import Any, Dict, List, Optional, Sequence
 
+from ..brokers._reconnect import Reconnector, Unreachable, backoff
 from ..brokers.redis import FAILURES, TRANSIENT, make_client
-from ..brokers._reconnect import Reconnector
 from ..config import Config, mask_url
 from .base import Record, ResultBackend
 
-NOTIFY_TTL = 60   # seconds a wake-up token outlives the store
+log = logging.getLogger("greenq.backends.redis")
 
-#: KEYS, per record: result, waiting, notify.  ARGV: expiry (s, 0 = none),
-#: notify ttl, then per record its value.
+#: KEYS, per record: result, waiters.  ARGV: expiry (s, 0 = none), then per
+#: record: task id, value.  A final value wakes the waiters' processes.
 STORE = """
-local ex, ttl = tonumber(ARGV[1]), ARGV[2]
-for i = 1, #KEYS / 3 do
-  local value = ARGV[i + 2]
+local ex = tonumber(ARGV[1])
+for i = 1, #KEYS / 2 do
+  local id, value = ARGV[2 * i], ARGV[2 * i + 1]
   if ex > 0 then
-    redis.call('SET', KEYS[3 * i - 2], value, 'EX', ex)
+    redis.call('SET', KEYS[2 * i - 1], value, 'EX', ex)
   else
-    redis.call('SET', KEYS[3 * i - 2], value)
+    redis.call('SET', KEYS[2 * i - 1], value)
   end
-  if string.byte(value, 1) == 70 then  -- 'F': final, wake the waiters
-    local n = tonumber(redis.call('GET', KEYS[3 * i - 1]) or '0')
-    if n > 0 then
-      redis.call('DEL', KEYS[3 * i - 1])
-      for _ = 1, n do redis.call('RPUSH', KEYS[3 * i], '1') end
-      redis.call('EXPIRE', KEYS[3 * i], ttl)
+  if string.byte(value, 1) == 70 then  -- 'F': final
+    local channels = redis.call('SMEMBERS', KEYS[2 * i])
+    if #channels > 0 then
+      for _, channel in ipairs(channels) do redis.call('PUBLISH', channel, id) end
+      redis.call('DEL', KEYS[2 * i])
     end
   end
 end
-return #KEYS / 3
+return #KEYS / 2
 """
 
-#: The record when final; else count one more waiter.  KEYS: result, waiting.
-#: ARGV: seconds the waiting counter lives.
+#: The record when final; else register the reply channel.  KEYS: result,
+#: waiters.  ARGV: reply channel, seconds the registration lives.
 CHECK_IN = """
 local value = redis.call('GET', KEYS[1])
 if value and string.byte(value, 1) == 70 then return value end
-redis.call('INCR', KEYS[2])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
 return false
 """
 
 FINAL, PARTIAL = b"F", b"P"
+LISTEN_SLICE = 1.0   # seconds the listener blocks before looking at its stop flag
+
+
+class _Listener:
+    """The pub/sub connection every ``wait`` of one backend shares."""
+
+    def __init__(self, backend: "RedisBackend") -> None:
+        self.backend = backend
+        self.channel = f"{backend.prefix}:reply:{uuid.uuid4().hex}"
+        self.ready = threading.Event()            # subscribed: registrations will be heard
+        self._waiters: Dict[str, List[threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+
+    def register(self, task_id: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            self._waiters.setdefault(task_id, []).append(event)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="greenq-results", daemon=True)
+                self._thread.start()
+        return event
+
+    def unregister(self, task_id: str, event: threading.Event) -> None:
+        with self._lock:
+            events = self._waiters.get(task_id, [])
+            if event in events:
+                events.remove(event)
+            if not events:
+                self._waiters.pop(task_id, None)
+
+    def close(self) -> None:
+        """Stop the listener before its connection is closed (a socket closed
+        under a blocked green thread confuses eventlet's hub)."""
+        self._closed = True
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return
+        try:                                       # wake it now rather than within a slice
+            self.backend.client.publish(self.channel, b"")
+        except Exception:  # pragma: no cover - Redis away: it wakes within a slice
+            pass
+        thread.join(LISTEN_SLICE + 1.0)
+
+    def _wake(self, task_id: Optional[str]) -> None:
+        """Wake the waiters of ``task_id``, or everyone (None)."""
+        with self._lock:
+            events = ([e for es in self._waiters.values() for e in es] if task_id is None
+                      else list(self._waiters.get(task_id, ())))
+        for event in events:
+            event.set()
+
+    def _run(self) -> None:
+        pubsub, failures = None, 0
+        try:
+            while not self._closed:
+                try:
+                    if pubsub is None:
+                        pubsub = self.backend.client.pubsub(ignore_subscribe_messages=False)
+                        pubsub.subscribe(self.channel)
+                    message = pubsub.get_message(timeout=LISTEN_SLICE)
+                except Exception as exc:       # the listener must outlive any failure
+                    if self._closed:
+                        return
+                    self.ready.clear()
+                    failures += 1
+                    if failures == 2:
+                        log.warning("%s: result listener lost its connection (%s); reconnecting",
+                                    self.backend.reconnector.name, exc)
+                    if pubsub is not None:
+                        self._discard(pubsub)
+                    pubsub = None
+                    self.backend._sleep(backoff(failures))
+                    continue
+                if message is None:
+                    continue
+                if message["type"] == "subscribe":
+                    failures = 0
+                    self.ready.set()
+                    self._wake(None)              # anything stored while away is read again
+                elif message["type"] == "message":
+                    data = message["data"]
+                    self._wake(data.decode() if isinstance(data, bytes) else str(data))
+        finally:
+            self.ready.clear()
+            if pubsub is not None:
+                self._discard(pubsub)
+
+    @staticmethod
+    def _discard(pubsub: Any) -> None:
+        try:
+            pubsub.reset()
+        except Exception:  # pragma: no cover - its connection is already gone
+            pass
 
 
 class RedisBackend(ResultBackend):
@@ -74,13 +177,12 @@ class RedisBackend(ResultBackend):
         self.client = make_client(url, config, "results")
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis result backend {mask_url(url)}", TRANSIENT,
-                                       reset=lambda: self.pool.disconnect(inuse_connections=False), sleep=self._sleep,
-                                       failures=FAILURES)
+                                       reset=lambda: self.pool.disconnect(inuse_connections=False),
+                                       sleep=self._sleep, failures=FAILURES)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
-        # BLPOP slices must end before the socket timeout fires
-        self._block = self._timeout / 2 if config.section("redis")["socket_timeout"] else 5.0
         self._store_script = self.client.register_script(STORE)
         self._check_in_script = self.client.register_script(CHECK_IN)
+        self._listener = _Listener(self)
 
     @property
     def healthy(self) -> bool:
@@ -99,52 +201,55 @@ class RedisBackend(ResultBackend):
 
     # -- primitives ------------------------------------------------------------
     def _store_many(self, records: Sequence[Record]) -> None:
-        keys, values = [], []
+        keys: List[str] = []
+        args: List[Any] = [self.expires]
         for r in records:
-            keys += [self._key("result", r.task_id), self._key("waiting", r.task_id),
-                     self._key("notify", r.task_id)]
-            values.append((FINAL if r.final else PARTIAL) + bytes(r.data))
-        self._call(lambda: self._store_script(keys=keys, args=[self.expires, NOTIFY_TTL, *values]),
-                   self._timeout, "store results")
-
-    @staticmethod
-    def _unwrap(value: Optional[bytes]) -> Optional[bytes]:
-        return None if value is None else value[1:]
+            keys += [self._key("result", r.task_id), self._key("waiters", r.task_id)]
+            args += [r.task_id, (FINAL if r.final else PARTIAL) + bytes(r.data)]
+        self._call(lambda: self._store_script(keys=keys, args=args), self._timeout, "store results")
 
     def _get(self, task_id: str) -> Optional[bytes]:
-        return self._unwrap(self._call(lambda: self.client.get(self._key("result", task_id)),
-                                       self._timeout, "get result"))
+        value = self._call(lambda: self.client.get(self._key("result", task_id)), self._timeout, "get result")
+        return None if value is None else value[1:]
 
     def _is_final(self, task_id: str) -> Optional[bytes]:
         value = self._call(lambda: self.client.get(self._key("result", task_id)), self._timeout, "get result")
         return value[1:] if value is not None and value[:1] == FINAL else None
 
     def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
-        """Read the record or count in as a waiter (one script), then block on
-        the notify list, in slices shorter than the socket timeout."""
-        result, waiting, notify = (self._key(k, task_id) for k in ("result", "waiting", "notify"))
+        """Read or register (one script), then sleep until the listener says
+        the task finished; see the module docstring."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
-        while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0.001:
-                return self._is_final(task_id)
-            slice_s = self._block if left is None else min(self._block, left)
+        def left() -> Optional[float]:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        listener = self._listener
+        event = listener.register(task_id)
+        try:
+            if not listener.ready.wait(left()):
+                raise Unreachable(f"wait for result: {self.reconnector.name}: "
+                                  "the result listener could not subscribe")
+            lifetime = int(timeout if timeout is not None else (self.expires or 86400)) + 60
             value = self._call(lambda: self._check_in_script(
-                keys=[result, waiting], args=[int(slice_s) + NOTIFY_TTL]), left, "wait for result")
-            if value is not None:
-                return value[1:]
-            left = None if deadline is None else deadline - time.monotonic()
-            slice_s = self._block if left is None else min(self._block, left)
-            if slice_s > 0.001 and self._call(lambda: self.client.blpop([notify], timeout=slice_s),
-                                              left, "wait for result"):
-                value = self._is_final(task_id)     # woken by a final store
-                if value is not None:
-                    return value
+                keys=[self._key("result", task_id), self._key("waiters", task_id)],
+                args=[listener.channel, lifetime]), left(), "wait for result")
+            while value is None:
+                remaining = left()
+                if remaining is not None and remaining <= 0:
+                    return None
+                if event.wait(remaining):
+                    event.clear()
+                    value = self._call(lambda: self.client.get(self._key("result", task_id)),
+                                       left(), "wait for result")
+                    if value is not None and value[:1] != FINAL:
+                        value = None
+            return value[1:]
+        finally:
+            listener.unregister(task_id, event)
 
     def _forget(self, task_id: str) -> None:
-        self._call(lambda: self.client.delete(*(self._key(k, task_id) for k in
-                                                ("result", "waiting", "notify"))),
+        self._call(lambda: self.client.delete(self._key("result", task_id), self._key("waiters", task_id)),
                    self._timeout, "forget result")
 
     def _revoke(self, task_id: str, terminate: bool) -> None:
@@ -157,4 +262,5 @@ class RedisBackend(ResultBackend):
         return {t: v == b"1" for t, v in zip(task_ids, values) if v is not None}
 
     def close(self) -> None:
-        self.pool.disconnect()
+        self._listener.close()
+        self.pool.disconnect(inuse_connections=False)

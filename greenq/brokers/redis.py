@@ -537,7 +537,8 @@ class RedisBroker(Broker):
         return self._call(purge, self._timeout, "dlq purge")
 
     def close(self) -> None:
-        """Return unhanded spares, send kept acks (briefly), drop the connections."""
+        """Return unhanded spares, send kept acks (briefly), drop the connections.
+        Call it after the last fetch returned."""
         try:
             with self._lock:
                 spares, self._spares = list(self._spares), deque()
@@ -547,4 +548,6 @@ class RedisBroker(Broker):
                 self._call(self._flush_unacked, 1.0, "ack")
         except BrokerError as exc:
             log.warning("closing with Redis away: %s (held messages come back after their lease)", exc)
-        self.pool.disconnect()
+        self.interrupt()
+        # idle connections: one still in use (a fetch returning) is closed with the pool
+        self.pool.disconnect(inuse_connections=False)

@@ -23,6 +23,7 @@ import pytest
 
 from greenq.brokers import Outgoing, make_broker
 from greenq.backends import make_backend
+from greenq.backends.base import Record
 from greenq.drivers import get_driver
 from greenq.exceptions import BrokerError
 from tests.conftest import _missing, make_config
@@ -209,6 +210,27 @@ def test_small_pool_makes_callers_wait_not_fail(make, redis_prefix, admin):
     assert broker.queue_stats(["q"])[0].ready == 250
     name = f"greenq-{redis_prefix}-{os.getpid()}"
     assert 1 <= sum(1 for c in admin.client_list() if c.get("name") == name) <= 2
+
+
+def test_many_waiters_share_one_connection(make):
+    client = make("backend", redis__max_connections=4)
+    worker = make("backend")
+    ids = [f"w{i}" for i in range(100)]
+    got = {}
+
+    def wait(task_id):
+        got[task_id] = client.wait(task_id, 10)
+
+    threads = [threading.Thread(target=wait, args=(t,)) for t in ids]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)                                   # all are waiting now, on 4 connections
+    stored = time.monotonic()
+    worker.store_many([Record(t, t.encode()) for t in ids])
+    for t in threads:
+        t.join(10)
+    assert got == {t: t.encode() for t in ids}
+    assert time.monotonic() - stored < 2.0
 
 
 def test_rediss_url_and_options_pass_through(make):
