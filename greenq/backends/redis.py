@@ -174,7 +174,7 @@ class RedisBackend(ResultBackend):
         super().__init__(url, config, driver)
         self.prefix = config.key_prefix
         self.expires = int(config.result_expires)
-        self.client = make_client(url, config, "results")
+        self.client = make_client(url, config, "results", extra=1)   # +1: the listener's
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis result backend {mask_url(url)}", TRANSIENT,
                                        reset=lambda: self.pool.disconnect(inuse_connections=False),

@@ -12,8 +12,8 @@ prefixes share one Redis database without seeing each other)::
                         r=reason t=failed at b=body
     P:dead:count        hash queue -> number of its dead letters
 
-(The result backend adds P:result:<id>, P:notify:<id>, P:waiting:<id> and
-P:revoked:<id>; see greenq/backends/redis.py.)
+(The result backend adds P:result:<id>, P:waiters:<id>, P:revoked:<id> and
+the pub/sub channels P:reply:<random>; see greenq/backends/redis.py.)
 
 Delivery: ``fetch`` runs one Lua script (``_redis_lua.FETCH``) that moves due
 delayed messages into their streams, then for each queue in order and each
@@ -91,14 +91,15 @@ def client_name(prefix: str, role: str) -> str:
     return f"greenq-{safe}-{os.getpid()}" + (f"-{role}" if role else "")
 
 
-def make_client(url: str, config: Config, role: str = "") -> "redis.Redis":
-    """A client on a BlockingConnectionPool built from ``[redis]``.  redis-py's
-    own retries are off: the owner's Reconnector decides."""
+def make_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
+    """A client on a BlockingConnectionPool of ``pool_size() + extra``
+    connections, set up from ``[redis]``.  redis-py's own retries are off: the
+    owner's Reconnector decides."""
     opts = config.section("redis")
     timeout = opts["socket_timeout"] or None
     try:
         pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size(config), timeout=None,
+            url, max_connections=pool_size(config) + extra, timeout=None,
             socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
             health_check_interval=opts["health_check_interval"],
             client_name=client_name(config.key_prefix, role), retry=Retry(NoBackoff(), 0))

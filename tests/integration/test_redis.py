@@ -186,7 +186,7 @@ def test_pool_is_sized_from_the_concurrency(make):
     assert sized.pool.max_connections == 50
     assert sized.pool.timeout is None                # wait for a connection, never fail
     assert make(redis__max_connections=7).pool.max_connections == 7
-    assert make("backend", worker__concurrency=40).pool.max_connections == 50
+    assert make("backend", worker__concurrency=40).pool.max_connections == 51   # + the listener
 
 
 def test_small_pool_makes_callers_wait_not_fail(make, redis_prefix, admin):
@@ -213,7 +213,7 @@ def test_small_pool_makes_callers_wait_not_fail(make, redis_prefix, admin):
 
 
 def test_many_waiters_share_one_connection(make):
-    client = make("backend", redis__max_connections=4)
+    client = make("backend", redis__max_connections=1)       # + 1 for the listener
     worker = make("backend")
     ids = [f"w{i}" for i in range(100)]
     got = {}
@@ -224,7 +224,7 @@ def test_many_waiters_share_one_connection(make):
     threads = [threading.Thread(target=wait, args=(t,)) for t in ids]
     for t in threads:
         t.start()
-    time.sleep(0.5)                                   # all are waiting now, on 4 connections
+    time.sleep(0.5)                                   # all are waiting now, on 2 connections
     stored = time.monotonic()
     worker.store_many([Record(t, t.encode()) for t in ids])
     for t in threads:
