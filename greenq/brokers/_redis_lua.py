@@ -3,9 +3,11 @@
 Each script runs atomically on the server: a message moved from the delayed
 set to its stream, claimed, parked or dead-lettered by one script is never seen
 half-moved by another consumer.  Scripts return flat arrays (fixed strides) to
-keep the Python side's parsing cheap.
+keep the Python side's parsing cheap.  Keys are passed in KEYS, except where
+a script computes them (dead letters going back to their queue's stream).
 
-Stream entries have the fields ``b`` (body) and ``m`` (message id).  A delayed member is ``<8 random chars><priority digit><len(id)>:<id><body>``.
+Stream entries have the fields ``b`` (body) and ``m`` (message id).  A
+delayed member is ``<8 random chars><priority digit><len(id)>:<id><body>``.
 """
 
 # Shared by several scripts: body and message id of an entry.
