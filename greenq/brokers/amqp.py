@@ -45,13 +45,14 @@ from ..exceptions import BrokerError
 from .amqp_common import (AMQP_ERRORS, DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_ETA,
                           H_FAILED_AT, H_QUEUE, H_REASON, ChannelPool, Link, Publisher, Settings,
                           browse, clean_headers, close_quietly, connection_params, declare_base,
-                          declare_queue, delay_name, delay_route, open_connection, pool_size,
-                          reject_all)
+                          declare_queue, delay_name, delay_route, fast_reads, open_connection,
+                          pool_size, reject_all)
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 log = logging.getLogger("greenq.amqp")
 
 TICK = 0.25            # seconds the consumer loop blocks in one read
+SYNC_TIMEOUT = 30.0    # seconds a synchronous AMQP method may take (declare, consume, purge)
 EARLY = 1.0            # a delayed message arriving this much before its eta goes round again
 DLQ_SCAN_MAX = 100000  # messages dlq_get / dlq_requeue look through
 STATS_SCAN_MAX = 10000  # dead letters queue_stats looks through to count them by queue
@@ -303,6 +304,7 @@ class AMQPBroker(Broker):
                     if headers:
                         props["application_headers"] = headers
                     pub.publish(amqp.Message(m.body, **props), "", dead.queue)
+                pub.flush()
                 if pub.confirm and chosen:
                     nacked, returned = pub.wait_confirms()
                     if nacked or returned:
@@ -498,6 +500,9 @@ class _Consumer:
     def _connect(self) -> None:
         self.link.connecting()
         conn = open_connection(self.broker.params, heartbeat=self.heartbeat, role="consumer")
+        fast_reads(conn)
+        self.sock = conn.transport.sock
+        self.sock.settimeout(SYNC_TIMEOUT)
         with self.wlock:
             with self.lock:
                 self.gen += 1
@@ -534,10 +539,18 @@ class _Consumer:
         if self.dirty:
             with self.wlock:
                 self._sync()
+        # the socket keeps one timeout (TICK) while the loop reads: setting it
+        # per read costs two system calls a frame on a plain socket
+        self.sock.settimeout(TICK)
         try:
-            self.conn.drain_events(timeout=TICK)
+            while True:
+                self.conn.drain_events()
+                if time.monotonic() >= self._next_tick or self.redo or self.calls or self.dirty:
+                    break
         except socket.timeout:
             pass
+        finally:
+            self.sock.settimeout(SYNC_TIMEOUT)
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
@@ -616,7 +629,8 @@ class _Consumer:
                     self.redo.append((d, msg))
                     return
                 heapq.heappush(self.buffer.setdefault(queue, []), (-priority, next(self._seq), d))
-            self.ready.set()
+            if not self.ready.is_set():
+                self.ready.set()
         return on_message
 
     def _on_cancel(self, consumer_tag: str) -> None:
