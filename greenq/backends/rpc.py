@@ -122,7 +122,7 @@ class RPCBackend(ResultBackend):
             if not self._stream_declared:
                 declare_stream(pub, self.settings)
                 self._stream_declared = True
-            pub.publish(amqp.Message(task_id.encode(), delivery_mode=2,
+            pub.publish(amqp.Message(task_id.encode(), delivery_mode=2, application_headers={"at": time.time()},
                                      type="terminate" if terminate else "revoke"), "", REVOKED_STREAM)
             if pub.confirm:
                 nacked, returned = pub.wait_confirms()
@@ -132,7 +132,7 @@ class RPCBackend(ResultBackend):
         revocations = self._revocations
         if revocations is not None and revocations.pid == os.getpid():
             with revocations.lock:   # known here at once; other processes read it from the stream
-                revocations.revoked[task_id] = terminate
+                revocations.revoked[task_id] = (terminate, time.time())
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         revocations = self._revocations
@@ -310,7 +310,9 @@ class _Replies:
 
 class _Revocations:
     """The revocation stream, read from its start into a dict by whoever calls
-    ``check`` (under a lock; never blocks once caught up)."""
+    ``check`` (under a lock; never blocks once caught up).  Entries older than
+    ``result_expires`` are forgotten (the stream itself drops them by age, in
+    whole segments)."""
 
     def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
         self.pid = os.getpid()
@@ -318,7 +320,8 @@ class _Revocations:
         self.settings = settings
         self.link = Link("rpc revocations", url)
         self.lock = threading.Lock()
-        self.revoked: Dict[str, bool] = {}
+        self.revoked: Dict[str, Tuple[bool, float]] = {}   # task id -> (terminate, revoked at)
+        self.next_prune = time.monotonic() + 60
         self.conn: Optional[amqp.Connection] = None
         self.channel: Any = None
         self.caught_up = False
@@ -346,14 +349,22 @@ class _Revocations:
         self.link.up()
 
     def _on_revoke(self, msg: "amqp.Message") -> None:
-        self.revoked[bytes(msg.body).decode("utf-8", "replace")] = msg.properties.get("type") == "terminate"
+        at = float((msg.headers or {}).get("at", time.time()))
+        if at > time.time() - self.settings.result_expires:
+            self.revoked[bytes(msg.body).decode("utf-8", "replace")] = (
+                msg.properties.get("type") == "terminate", at)
         self.channel.basic_ack(msg.delivery_info["delivery_tag"])
 
     def check(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         with self.lock:
             self._read()
             revoked = self.revoked
-            return {t: revoked[t] for t in task_ids if t in revoked}
+            if time.monotonic() > self.next_prune:
+                self.next_prune = time.monotonic() + 60
+                oldest = time.time() - self.settings.result_expires
+                for task_id in [t for t, (_, at) in revoked.items() if at < oldest]:
+                    del revoked[task_id]
+            return {t: revoked[t][0] for t in task_ids if t in revoked}
 
     def _read(self) -> None:
         if self.conn is None:

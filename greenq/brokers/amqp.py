@@ -88,7 +88,7 @@ class AMQPBroker(Broker):
 
     @property
     def last_ok(self) -> float:
-        """Epoch seconds of the last successful exchange with RabbitMQ."""
+        """``time.monotonic()`` of the last successful exchange with RabbitMQ (0.0 before any)."""
         c = self._consumer
         return c.link.last_ok if c is not None else self.pool.link.last_ok
 

@@ -250,7 +250,7 @@ class Link:
         self.cap = cap
         self.state = "down"
         self.failures = 0
-        self.last_ok = 0.0               # epoch seconds of the last successful exchange
+        self.last_ok = 0.0               # time.monotonic() of the last successful exchange
         self.last_error: Optional[str] = None
 
     @property
@@ -266,10 +266,10 @@ class Link:
                      self.what, self.where, self.failures)
         self.state = "up"
         self.failures = 0
-        self.last_ok = time.time()
+        self.last_ok = time.monotonic()
 
     def alive(self) -> None:
-        self.last_ok = time.time()
+        self.last_ok = time.monotonic()
 
     def lost(self, exc: BaseException) -> float:
         self.state = "down"
