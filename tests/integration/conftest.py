@@ -74,6 +74,12 @@ class Env:
         return self.kind != "rpc"
 
     @property
+    def leases(self) -> bool:
+        """False for RabbitMQ, which has no leases: a held message comes back
+        when its consumer's connection dies, however long that takes."""
+        return self.kind != "amqp"
+
+    @property
     def isolated(self) -> bool:
         """True when the dead-letter store holds this test's letters only
         (the amqp vhost is shared by every test of the run)."""

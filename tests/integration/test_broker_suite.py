@@ -157,8 +157,11 @@ def test_expired_lease_goes_to_another_consumer(broker_env):
     [d] = drain(first, [q], 1, ack=False)
     fetched = time.monotonic()
     assert second.fetch([q], 10, 0.2) == []  # hidden while leased
+    if not broker_env.leases:
+        broker_env.close(first)  # no leases: the holder's connection dying is what returns it
     [again] = drain(second, [q], 1, ack=False, timeout=3)
-    assert time.monotonic() - fetched >= 0.7
+    if broker_env.leases:
+        assert time.monotonic() - fetched >= 0.7
     assert (again.message_id, again.body, again.deliveries) == ("m-l", b"lost", 2)
     second.ack([again])
 
