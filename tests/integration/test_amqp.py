@@ -283,6 +283,92 @@ def test_close_all_connections_reconnects_and_loses_nothing(env):
     assert consumer.fetch([q], 10, 0.3) == []
 
 
+class Outage:
+    """A TCP forwarder to RabbitMQ that can go away (every connection dropped,
+    new ones refused) and come back on the same port: a broker restart as the
+    clients see it."""
+
+    def __init__(self, target=("127.0.0.1", 5672)):
+        import socket
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self.socks = []
+        self.up()
+
+    def up(self):
+        import socket
+        self.server = socket.socket()
+        self.server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.server.bind(("127.0.0.1", self.port))
+        self.server.listen(50)
+        threading.Thread(target=self._accept, args=(self.server,), daemon=True).start()
+
+    def _accept(self, server):
+        import socket
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            self.socks += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a, b):
+        try:
+            while True:
+                data = a.recv(65536)
+                if not data:
+                    break
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def down(self):
+        import socket
+        self.server.shutdown(socket.SHUT_RDWR)   # wakes the blocked accept (close alone does not)
+        self.server.close()
+        for s in self.socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.socks = []
+
+
+def test_broker_unreachable_for_a_while_then_back(env):
+    q = env.queue()
+    outage = Outage()
+    via = env.url.replace("127.0.0.1:5672", f"127.0.0.1:{outage.port}")
+    consumer = make_broker(via, make_config(broker_url=via))
+    try:
+        env.broker().publish_many([out(q, message_id=f"r{i}") for i in range(20)])
+        held = drain(consumer, [q], 3, ack=False)
+        outage.down()
+        time.sleep(0.5)
+        assert consumer.fetch([q], 10, 1.0) == [] and not consumer.healthy   # never raises
+        with pytest.raises(BrokerError):
+            consumer.publish(out(q))
+        consumer.ack(held)
+        outage.up()
+        got = drain(consumer, [q], 20, timeout=15)
+        assert sorted(d.message_id for d in got) == sorted(f"r{i}" for i in range(20))
+        assert consumer.healthy
+    finally:
+        consumer.close()
+        outage.down()
+
+
 def test_natively_dead_lettered_messages_are_listed(env):
     import amqp
     q = env.queue()
