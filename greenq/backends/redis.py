@@ -146,6 +146,8 @@ class _Listener:
                 if message is None:
                     continue
                 if message["type"] == "subscribe":
+                    if failures >= 2:
+                        log.warning("%s: result listener reconnected", self.backend.reconnector.name)
                     failures = 0
                     self.ready.set()
                     self._wake(None)              # anything stored while away is read again
