@@ -6,11 +6,12 @@ The machine has two states:
 * **up**: the last round trip worked.  A first failure is retried at once (a
   pooled connection may simply be stale, e.g. killed while idle) and does not
   count as an outage.
-* **down**: a retry failed too.  The pool is torn down once (``reset``), the
-  change is logged once, and every caller retries with exponential backoff and
-  jitter (capped at :data:`BACKOFF_CAP` seconds) until its own deadline.  The
-  first round trip that works again logs the recovery once and runs
-  ``on_recovered`` (re-declare consumer groups, ...), then the state is up.
+* **down**: a retry failed too.  The pool's idle connections are dropped
+  once (``reset``), the change is logged once, and every caller retries with
+  exponential backoff and jitter (capped at :data:`BACKOFF_CAP` seconds) until
+  its own deadline.  The first round trip that works again puts the state
+  back up, logs the recovery once and runs ``on_recovered`` (e.g. forget
+  which consumer groups exist, so they are declared again).
 
 ``healthy`` and ``last_ok`` (``time.monotonic()`` of the last successful round
 trip, 0.0 before the first) are what /healthz reports.  Nothing here knows
@@ -48,12 +49,12 @@ class Reconnector:
     """Runs round trips, reconnecting with backoff on ``transient`` errors.
 
     ``name`` is what logs and errors show (a URL with its password masked);
-    ``reset`` drops every pooled connection; ``failures`` are the library's
-other errors (a server-side error reply), raised as BrokerError without
-retrying; ``on_recovered`` runs once after
-    an outage, before the state is reported up again (it must not call back
-    into :meth:`call`; an exception in it is logged and it runs again after the
-    next successful round trip).
+    ``reset`` drops the pool's idle connections; ``failures`` are the
+    library's other errors (an error reply from the server), raised as
+    BrokerError at once; ``on_recovered`` runs once after an outage, in the
+    first caller whose round trip worked (it must not call back into
+    :meth:`call`; if it raises, it is logged and runs again after the next
+    successful round trip).
     """
 
     def __init__(self, name: str, transient: Tuple[Type[BaseException], ...],
@@ -75,9 +76,9 @@ retrying; ``on_recovered`` runs once after
 
     def call(self, fn: Callable[[], T], deadline: Optional[float], what: str) -> T:
         """``fn()``, retried through connection failures until ``deadline``
-        (``time.monotonic()``; None = for ever); then :class:`Unreachable`.  Waits out
-        the remaining time before giving up, so a caller looping on a short
-        deadline never spins."""
+        (``time.monotonic()``; None = for ever), then :class:`Unreachable`.
+        Waits out the remaining time before giving up, so a caller looping on
+        a short deadline never spins."""
         attempt = 0
         while True:
             try:
