@@ -8,6 +8,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Unio
 
 from . import config as config_module
 from .brokers import Outgoing, make_broker
+from .drivers import detect_patched
 from .backends import backend_url_for, make_backend
 from .exceptions import ConfigError
 from .message import Codec, TaskMessage, new_id
@@ -82,6 +83,8 @@ class GreenQ:
             with self._lock:
                 conn = self._conn
                 if conn is None or conn[0] != pid:  # new, or inherited across a fork: never reuse
+                    if self.driver is None:
+                        self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
                     conn = self._conn = (pid, broker, None)
         return conn

@@ -4,7 +4,7 @@ A backend stores each task's result record (bytes made by
 ``Codec.encode_result``) under its task id for ``config.result_expires``
 seconds, lets callers wait for a *final* record, and keeps the set of revoked
 task ids that every worker consults.  Every implementation passes the shared
-suite in ``tests/integration/backend_suite.py``.
+suite in ``tests/integration/test_backend_suite.py``.
 
 Public methods are written once here; implementations fill in the protected
 primitives ``_store_many``, ``_get``, ``_forget``, ``_revoke``, ``_revoked``

@@ -38,9 +38,9 @@ import amqp
 from amqp.exceptions import PreconditionFailed
 
 from ..brokers import scheme_of
-from ..brokers.amqp_common import (AMQP_ERRORS, REVOKED_STREAM, ChannelPool, Link, Publisher,
-                                   Settings, close_quietly, connection_params, open_connection,
-                                   pool_size)
+from ..brokers.amqp_common import (AMQP_ERRORS, REVOKED_STREAM, Link, Settings, close_quietly,
+                                   connection_params, open_connection)
+from ..brokers.amqp_publish import ChannelPool, Publisher, pool_size
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 from .base import Record, ResultBackend

@@ -3,7 +3,7 @@
 A broker moves opaque message bodies (bytes made by ``greenq.message.Codec``)
 between clients and workers.  It never decodes a body: routing facts travel
 beside it in :class:`Outgoing`.  Every implementation passes the shared suite
-in ``tests/integration/broker_suite.py``.
+in ``tests/integration/test_broker_suite.py``.
 
 Delivery model (every broker):
 

@@ -29,4 +29,16 @@ def get_driver(name: str) -> Driver:
     return getattr(mod, cls)()
 
 
-__all__ = ["Driver", "Handle", "get_driver", "DRIVERS"]
+__all__ = ["Driver", "Handle", "get_driver", "detect_patched", "DRIVERS"]
+
+
+def detect_patched() -> "Driver | None":
+    """The driver matching how this process was patched, if it was: a client
+    used inside a gevent or eventlet web server then keeps blocking calls
+    (SQLite) off the hub.  Imports nothing that is not already loaded."""
+    import sys
+    if "gevent.monkey" in sys.modules and sys.modules["gevent.monkey"].is_module_patched("socket"):
+        return get_driver("gevent")
+    if "eventlet.patcher" in sys.modules and sys.modules["eventlet.patcher"].is_monkey_patched("socket"):
+        return get_driver("eventlet")
+    return None

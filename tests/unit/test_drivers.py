@@ -95,3 +95,21 @@ def test_unpatched_worker_refuses_to_start(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert out.returncode == 2
     assert "not monkey-patched" in out.stderr and "refusing to start" in out.stderr
+
+
+@pytest.mark.parametrize("name", [d for d in DRIVERS if d in ("gevent", "eventlet")])
+def test_client_in_a_patched_process_keeps_blocking_calls_off_the_hub(name, tmp_path):
+    code = textwrap.dedent(f"""
+        from greenq.worker.launch import patch
+        patch({name!r})
+        from greenq import GreenQ
+        app = GreenQ("web", broker="sqlite:///{tmp_path}/c.db")
+        print(app.broker.driver.name, app.backend.driver.name)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [name, name]
+    plain = subprocess.run([sys.executable, "-c", "from greenq import GreenQ\n"
+                            f"print(GreenQ('x', broker='sqlite:///{tmp_path}/d.db').broker.driver)"],
+                           capture_output=True, text=True, timeout=60)
+    assert plain.stdout.strip() == "None", plain.stderr
