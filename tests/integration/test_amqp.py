@@ -154,7 +154,7 @@ def test_delays_through_ttl_queues_without_head_of_line_blocking(env):
 def test_delay_beyond_the_cascade_goes_round_again(env, monkeypatch):
     from greenq.brokers import amqp_common
     monkeypatch.setattr(amqp_common, "MAX_DELAY_MS", 200)   # pretend 0.2 s is ~49 days
-    monkeypatch.setattr("greenq.brokers.amqp.EARLY", 0.01)
+    monkeypatch.setattr("greenq.brokers.amqp_consumer.EARLY", 0.01)
     q = env.queue()
     client, consumer = env.broker(), env.broker()
     start = time.time()
