@@ -46,7 +46,7 @@ class ConsumerLoop:
         self.driver = broker.driver
         self.heartbeat = int(broker.params.get("heartbeat", self.settings.heartbeat))
         self.link = Link("consumer", broker.url)
-        green = self.driver is not None and self.driver.green
+        self.green = green = self.driver is not None and self.driver.green
         self.wlock = self.driver.lock() if self.driver is not None else threading.Lock()
         self.lock = threading.Lock()
         self.ready = self.driver.event() if green else threading.Event()
@@ -172,9 +172,13 @@ class ConsumerLoop:
         # the socket keeps one timeout (TICK) while the loop reads: setting it
         # per read costs two system calls a frame on a plain socket
         self.sock.settimeout(TICK)
+        frames = 0
         try:
             while True:
                 self.conn.drain_events()
+                frames += 1
+                if frames % 256 == 0 and self.green:
+                    self.driver.sleep(0)   # a long backlog: let the other greenlets run
                 if time.monotonic() >= self._next_tick or self.redo or self.calls or self.dirty:
                     break
         except socket.timeout:
