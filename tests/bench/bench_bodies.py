@@ -9,7 +9,8 @@ broker or adding I/O to the tasks: the wrapper keeps an integer and two
 timestamps in the worker's memory (well under a microsecond per task, the same
 for every system) and, when the ``BENCH_PROBE_EXPECT``-th task has returned,
 writes one small JSON file (``BENCH_PROBE_FILE``) with the time the first task
-started and the time the last one ended.  ``time.monotonic`` is the system-wide
+started, the time the last one ended, and the CPU time the worker process
+(every thread of it) used in between.  ``time.monotonic`` is the system-wide
 CLOCK_MONOTONIC on Linux, so the driver can compare it with its own clock.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 _EXPECT = int(os.environ.get("BENCH_PROBE_EXPECT") or 0)
 _PATH = os.environ.get("BENCH_PROBE_FILE") or ""
-_seen = {"started": 0, "done": 0, "first_start": 0.0}
+_seen = {"started": 0, "done": 0, "first_start": 0.0, "first_cpu": 0.0}
 
 
 def noop() -> None:
@@ -46,18 +47,20 @@ def counted(body: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not _seen["started"]:
             _seen["first_start"] = time.monotonic()
+            _seen["first_cpu"] = time.process_time()
         _seen["started"] += 1
         try:
             return body(*args, **kwargs)
         finally:
             _seen["done"] += 1
             if _seen["done"] == _EXPECT and _PATH:
-                _report(time.monotonic())
+                _report(time.monotonic(), time.process_time())
     return wrapper
 
 
-def _report(last_end: float) -> None:
+def _report(last_end: float, last_cpu: float) -> None:
     record = {"first_start": _seen["first_start"], "last_end": last_end,
+              "cpu_seconds": last_cpu - _seen["first_cpu"],
               "done": _seen["done"], "pid": os.getpid(),
               "greenq_file": getattr(sys.modules.get("greenq"), "__file__", None)}
     tmp = f"{_PATH}.{os.getpid()}.tmp"

@@ -64,16 +64,17 @@ class Bench:
                             results=results)
         return bs.Worker(argv, env, self._file(f"{system}-{pool}-worker", ".log")).start()
 
-    def wait_probe(self, worker: bs.Worker, probe_file: str, what: str) -> Dict[str, Any]:
+    def wait_probe(self, worker: bs.Worker, probe_file: str, what: str,
+                   timeout: float) -> Dict[str, Any]:
         """Wait (polling a local file, not the broker) for the probe's report."""
-        deadline = time.monotonic() + self.opts.timeout
+        deadline = time.monotonic() + timeout
         while not os.path.exists(probe_file):
             if not worker.alive():
                 raise BenchError(f"{what}: the worker exited {worker.proc.returncode} before the "
                                  f"tasks were done; its log ends:\n{worker.log_tail()}")
             if time.monotonic() > deadline:
-                raise BenchError(f"{what}: not done after {self.opts.timeout:.0f} s "
-                                 f"(--timeout); the worker's log ends:\n{worker.log_tail()}")
+                raise BenchError(f"{what}: not done after {timeout:.0f} s (--timeout); "
+                                 f"the worker's log ends:\n{worker.log_tail()}")
             time.sleep(POLL)
         with open(probe_file) as report:
             return json.load(report)
@@ -90,17 +91,24 @@ class Bench:
         if system == "greenq":
             fill_args.append("--bulk")
         fill = self.client(system, *fill_args)
+        queued = self.client(system, "left")["left"]
+        if queued < n:
+            raise BenchError(f"{what}: {n} tasks were enqueued but the broker holds {queued}; "
+                             "is something else using the benchmark's namespace?")
         probe = self._file(f"{system}-{kind}-probe", ".json")
         worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n)
         try:
-            report = self.wait_probe(worker, probe, what)
+            # generous: 10x the ideal time, 5 ms a task, a minute to start; at most --timeout
+            timeout = min(self.opts.timeout, 60 + 10 * n * sleep / concurrency + 0.005 * n)
+            report = self.wait_probe(worker, probe, what, timeout)
             time.sleep(2 * worker.interval)  # one more sample after the last task
         finally:
             code = worker.stop()
         left = self.client(system, "left")["left"]
         self.space.reset()
         span = report["last_end"] - report["first_start"]
-        worker_cpu, machine_cpu = worker.cpu_between(report["first_start"], report["last_end"])
+        machine_cpu = worker.cpu_between(report["first_start"], report["last_end"])[1]
+        worker_cpu = report.get("cpu_seconds")  # the task-running process's own, exact
         result = {"system": system, "kind": kind, "pool": pool, "n": n, "concurrency": concurrency,
                   "sleep": sleep, "seconds": span, "rate": n / span if span > 0 else None,
                   "startup_seconds": report["first_start"] - worker.spawned_at,
@@ -185,6 +193,29 @@ def make_space(opts, folder: str):
     return bs.AmqpSpace(opts.amqp_url, redis_space)
 
 
+LOCK_PATH = os.path.join(tempfile.gettempdir(), "greenq-bench.lock")
+
+
+def take_lock():
+    """One benchmark on shared brokers at a time on this machine: two runs
+    would flush each other's Redis db 14 and share the CPU."""
+    import fcntl
+    handle = open(LOCK_PATH, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise BenchError(f"another greenq-bench (pid {holder}) is running on this machine "
+                         f"({LOCK_PATH}); wait for it to finish") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def machine() -> Dict[str, Any]:
     info = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "host": socket.gethostname(),
             "cores": os.cpu_count(), "python": platform.python_version(),
@@ -215,6 +246,7 @@ def run(opts) -> Dict[str, Any]:
         greenq_code = f"{sha[:12]} ({opts.greenq_ref}, exported to {bs.GREENQ_SRC})"
     else:
         greenq_code = f"working tree {bs.REPO} at {bs.describe_checkout()}"
+    lock = None if opts.broker == "sqlite" else take_lock()
     folder = tempfile.mkdtemp(prefix="greenq-bench-")
     space = make_space(opts, folder)
     bench = Bench(opts, space, folder)
@@ -255,6 +287,8 @@ def run(opts) -> Dict[str, Any]:
                                 opts.issue2_concurrency, opts.issue2_sleep, pool)
     finally:
         space.close()
+        if lock is not None:
+            lock.close()
         if not opts.keep:
             shutil.rmtree(folder, ignore_errors=True)
         else:
