@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import select
 import socket
 import threading
 import time
@@ -33,7 +34,10 @@ class ConsumerLoop:
 
     Only the loop reads from the connection.  Other greenlets write (acks,
     rejects) under ``wlock``; ``lock`` guards the buffer and the held set and is
-    never held across I/O.  Lock order: ``wlock`` then ``lock``.
+    never held across I/O.  Lock order: ``wlock`` then ``lock``.  With TLS and
+    real threads (no green driver) an SSL socket must not be read and written
+    at the same time, so there the loop waits for data without the lock and
+    reads under ``wlock`` too (``serial``).
 
     Every (re)connection bumps ``gen``; a delivery's token is ``(gen, tag)``, so
     an ack for a delivery of a dead connection is dropped (RabbitMQ redelivers
@@ -59,6 +63,7 @@ class ConsumerLoop:
         self.conn: Optional[amqp.Connection] = None
         self.channel: Any = None
         self.sock: Any = None
+        self.serial = False
         self.gen = 0
         self.consuming: Dict[str, str] = {}       # queue -> consumer tag
         self.buffer: Dict[str, list] = {}         # queue -> heap of (-priority, seq, Delivery)
@@ -132,6 +137,7 @@ class ConsumerLoop:
         conn = open_connection(self.broker.params, heartbeat=self.heartbeat, role="consumer")
         fast_reads(conn)
         self.sock = conn.transport.sock
+        self.serial = not self.green and "ssl" in self.broker.params
         self.sock.settimeout(SYNC_TIMEOUT)
         with self.wlock:
             with self.lock:
@@ -175,7 +181,10 @@ class ConsumerLoop:
         frames = 0
         try:
             while True:
-                self.conn.drain_events()
+                if self.serial:
+                    self._drain_serial()
+                else:
+                    self.conn.drain_events()
                 frames += 1
                 if frames % 256 == 0 and self.green:
                     self.driver.sleep(0)   # a long backlog: let the other greenlets run
@@ -195,6 +204,14 @@ class ConsumerLoop:
             self._publish_again()
         if self.calls:
             self._run_calls()
+
+    def _drain_serial(self) -> None:
+        """Wait until something can be read, then read it holding the write lock."""
+        if not (self.sock.pending() or self.conn.transport._read_buffer):
+            if not select.select([self.sock], [], [], TICK)[0]:
+                raise socket.timeout()
+        with self.wlock:
+            self.conn.drain_events()
 
     def _run_calls(self) -> None:
         with self.lock:

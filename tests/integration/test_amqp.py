@@ -369,6 +369,94 @@ def test_broker_unreachable_for_a_while_then_back(env):
         outage.down()
 
 
+@pytest.fixture
+def tls_port(tmp_path):
+    """A TLS front for RabbitMQ (a self-signed certificate for ``localhost``):
+    amqps:// as far as the client can tell."""
+    import shutil
+    import socket
+    import ssl
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(20)
+
+    def accept():
+        while True:
+            try:
+                raw, _ = server.accept()
+            except OSError:
+                return
+            try:
+                client = context.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError):
+                raw.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", 5672))
+            threading.Thread(target=bridge, args=(client, upstream), daemon=True).start()
+
+    def bridge(tls, plain):
+        """Both directions in one thread: an SSL socket is not used by two threads at once."""
+        import select
+        try:
+            while True:
+                ready = [tls] if tls.pending() else select.select([tls, plain], [], [], 1.0)[0]
+                for sock in ready:
+                    data = sock.recv(65536)
+                    if not data:
+                        raise OSError("closed")
+                    (plain if sock is tls else tls).sendall(data)
+        except OSError:
+            tls.close()
+            plain.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1], str(cert)
+    server.close()
+
+
+def test_amqps(env, tls_port):
+    port, cafile = tls_port
+    q = env.queue()
+    url = f"amqps://guest:guest@localhost:{port}/{vhost_of(env.url)}?cafile={cafile}"
+    # 3,000 messages acked from other threads while the loop reads: an SSL socket
+    # used by two threads at once breaks within a few thousand
+    broker = make_broker(url, make_config(broker_url=url))
+    try:
+        broker.publish_many([out(q, message_id=f"s{i}") for i in range(3000)])
+        got = []
+        deadline = time.monotonic() + 10
+        while len(got) < 3000 and time.monotonic() < deadline:
+            batch = broker.fetch([q], 7, 0.2)
+            threading.Thread(target=broker.ack, args=(batch,)).start()   # acks from other threads
+            got += batch
+        assert sorted(d.message_id for d in got) == sorted(f"s{i}" for i in range(3000))
+        assert broker.healthy and broker._consumer.link.failures == 0
+    finally:
+        broker.close()
+    fresh = make_broker(url, make_config(broker_url=url))
+    assert fresh.fetch([q], 10, 0.5) == []   # every ack arrived
+    fresh.close()
+    untrusted = url.replace(f"?cafile={cafile}", "?connect_timeout=2")
+    stranger = make_broker(untrusted, make_config(broker_url=untrusted))
+    with pytest.raises(BrokerError, match="CERTIFICATE_VERIFY_FAILED") as info:
+        stranger.publish(out(q))
+    assert "guest:guest" not in str(info.value)
+    stranger.close()
+    unchecked = url.replace(f"?cafile={cafile}", "?verify=false")
+    lax = make_broker(unchecked, make_config(broker_url=unchecked))
+    lax.publish(out(q, message_id="lax"))
+    assert [d.message_id for d in drain(lax, [q], 1)] == ["lax"]
+    lax.close()
+
+
 def test_natively_dead_lettered_messages_are_listed(env):
     import amqp
     q = env.queue()
