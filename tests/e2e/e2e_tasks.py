@@ -116,3 +116,13 @@ def crash_worker():
 @app.task(name="e2e.pid")
 def pid(n):
     return os.getpid()
+
+
+@app.task(name="e2e.slow_steps")
+def slow_steps(name, seconds):
+    """Like slow, in 0.1 s steps: a threads-pool task sees a kill between steps."""
+    _mark(name + ".started")
+    for _ in range(int(seconds * 10)):
+        time.sleep(0.1)
+    _mark(name + ".finished")
+    return name

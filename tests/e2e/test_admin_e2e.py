@@ -62,7 +62,7 @@ def test_config_show_masks_passwords_and_check_fails_with_2(sqlite_env):
 def test_revoke_terminate_stops_a_running_task(pool, sqlite_env):
     import e2e_tasks
     sqlite_env.app()
-    r = e2e_tasks.slow.delay("victim", 30)
+    r = e2e_tasks.slow_steps.delay("victim", 30)
     proc = sqlite_env.worker(pool, burst=False)
     sqlite_env.wait_marker("victim.started")
     started = time.monotonic()
