@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("action", choices=("check", "show"))
 
     dm = sub.add_parser("demo", help="run the demo: a gevent worker drains I/O-bound tasks")
-    dm.add_argument("-n", type=int, default=3000, help="tasks to enqueue")
-    dm.add_argument("-c", "--concurrency", type=int, default=500)
+    dm.add_argument("-n", type=int, default=5000, help="tasks to enqueue")
+    dm.add_argument("-c", "--concurrency", type=int, default=1000)
     dm.add_argument("--pool", default="gevent", choices=config_module.POOLS)
     return p
 
