@@ -267,15 +267,18 @@ class Link:
     def alive(self) -> None:
         self.last_ok = time.monotonic()
 
-    def lost(self, exc: BaseException) -> float:
+    def lost(self, exc: BaseException, delay: Optional[float] = None) -> float:
+        """Record a failure; return (and log) the wait before the next attempt,
+        ``delay`` when the caller has its own schedule."""
         self.state = "down"
         self.failures += 1
         self.last_error = describe(exc)
-        delay = min(self.cap, 0.1 * 2 ** min(self.failures - 1, 10))
-        delay = random.uniform(delay / 2, delay)
+        if delay is None:
+            delay = min(self.cap, 0.1 * 2 ** min(self.failures - 1, 10))
+            delay = random.uniform(delay / 2, delay)
         level = logging.WARNING if self.failures == 1 else logging.DEBUG
-        log.log(level, "%s connection to %s failed: %s; reconnecting in %.1f s",
-                self.what, self.where, self.last_error, delay)
+        then = f"; reconnecting in {delay:.1f} s" if delay else ""
+        log.log(level, "%s connection to %s failed: %s%s", self.what, self.where, self.last_error, then)
         return delay
 
 

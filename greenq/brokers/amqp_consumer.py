@@ -188,12 +188,15 @@ class ConsumerLoop:
                 frames += 1
                 if frames % 256 == 0 and self.green:
                     self.driver.sleep(0)   # a long backlog: let the other greenlets run
-                if time.monotonic() >= self._next_tick or self.redo or self.calls or self.dirty:
+                if time.monotonic() >= self._next_tick or self.calls or self.dirty or len(self.redo) >= 500:
                     break
         except socket.timeout:
             pass
         finally:
-            self.sock.settimeout(SYNC_TIMEOUT)
+            try:
+                self.sock.settimeout(SYNC_TIMEOUT)
+            except OSError:
+                pass   # closed under us: the error that closed it is the one raised
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK

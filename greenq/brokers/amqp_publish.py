@@ -227,14 +227,11 @@ class ChannelPool:
         if pub is None:
             try:
                 pub = Publisher(self.params, self.settings.confirm_publish, self.role)
-            except BaseException as exc:
+            except BaseException:
                 with self._cond:
                     self._count -= 1
                     self._cond.notify()
-                if isinstance(exc, AMQP_ERRORS):
-                    self.link.lost(exc)
                 raise
-            self.link.up()
         elif time.monotonic() - pub.last_used > 1.0:
             try:
                 pub.check_idle()
@@ -267,13 +264,13 @@ class ChannelPool:
             try:
                 with self.publisher() as pub:
                     result = fn(pub, *args)
-                self.link.alive()
+                self.link.up()
                 return result
             except CONNECTION_ERRORS as exc:
                 if attempt == attempts - 1:
-                    self.link.lost(exc)
+                    self.link.lost(exc, 0.0)
                     raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
-                log.debug("publish connection failed (%s); retrying", describe(exc))
+                self.link.lost(exc, delay)
                 time.sleep(delay)
                 delay *= 4
             except ChannelError as exc:
