@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -29,6 +30,7 @@ class Bench:
     def __init__(self, opts, space, folder: str) -> None:
         self.opts, self.space, self.folder = opts, space, folder
         self._serial = 0
+        self.scenario = ""
 
     def _file(self, stem: str, suffix: str) -> str:
         self._serial += 1
@@ -58,11 +60,27 @@ class Bench:
     def worker(self, system: str, concurrency: int, pool: str = "gevent", *,
                probe_file: str = "", expect: int = 0, results: bool = False) -> bs.Worker:
         broker, backend = self.space.broker_url(system), self.space.backend_url(system)
-        argv = bs.worker_argv(system, broker, backend, concurrency, pool)
+        argv = bs.worker_argv(system, broker, backend, concurrency, pool,
+                              greenq_args=shlex.split(self.opts.greenq_args or ""))
         env = bs.system_env(system, broker, backend, probe_file=probe_file, expect=expect,
                             concurrency=concurrency, celery_acks=self.opts.celery_acks,
                             results=results)
-        return bs.Worker(argv, env, self._file(f"{system}-{pool}-worker", ".log")).start()
+        profile = ""
+        if self.opts.profile:
+            os.makedirs(self.opts.profile, exist_ok=True)
+            self._serial += 1
+            profile = os.path.join(self.opts.profile, f"{self._serial:03d}-{self.space.kind}-"
+                                                      f"{system}-{pool}-{self.scenario}.txt")
+        return bs.Worker(argv, env, self._file(f"{system}-{pool}-worker", ".log"),
+                         profile_path=profile).start()
+
+    def finish_profile(self, worker: bs.Worker) -> None:
+        """Write the summary of a profiled worker beside its raw stacks."""
+        path = worker.profile_path
+        if path and os.path.exists(path):
+            with open(path[:-4] + ".top.txt", "w") as out:
+                out.write(bs.summarize_profile(path))
+            self.say(f"  profile: {path[:-4]}.top.txt")
 
     def wait_probe(self, worker: bs.Worker, probe_file: str, what: str,
                    timeout: float) -> Dict[str, Any]:
@@ -104,6 +122,7 @@ class Bench:
             time.sleep(2 * worker.interval)  # one more sample after the last task
         finally:
             code = worker.stop()
+            self.finish_profile(worker)
         left = self.client(system, "left")["left"]
         self.space.reset()
         span = report["last_end"] - report["first_start"]
@@ -145,6 +164,7 @@ class Bench:
             answer = self.client(system, "roundtrip", str(self.opts.roundtrips), results=True)
         finally:
             worker.stop()
+            self.finish_profile(worker)
         self.space.reset()
         lat = sorted(answer["latencies_ms"])
         result = {"system": system, "n": len(lat), "p50_ms": _percentile(lat, 50),
@@ -270,6 +290,7 @@ def run(opts) -> Dict[str, Any]:
     try:
         for scenario in opts.only:
             bench.say(f"== {scenario} on {opts.broker}")
+            bench.scenario = scenario
             for system in systems:
                 if scenario == "noop":
                     attempt("noop", system, bench.repeated_drain, system, "noop", opts.noop_n,

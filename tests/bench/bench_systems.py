@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 from urllib.parse import quote, urlsplit, urlunsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,7 +150,8 @@ def _bin(name: str) -> str:
 
 
 def worker_argv(system: str, broker_url: str, backend_url: str, concurrency: int,
-                pool: str = "gevent", loglevel: str = "WARNING") -> List[str]:
+                pool: str = "gevent", loglevel: str = "WARNING",
+                greenq_args: Sequence[str] = ()) -> List[str]:
     """The worker command line of ``system``: one worker process, ``concurrency``
     green threads, ``pool`` (greenq only; the peers run gevent)."""
     py = sys.executable
@@ -160,7 +161,7 @@ def worker_argv(system: str, broker_url: str, backend_url: str, concurrency: int
                 "--loglevel", loglevel]
         if backend_url:
             argv += ["--backend", backend_url]
-        return argv
+        return argv + list(greenq_args)
     if system == "celery":
         return [py, "-m", "celery", "-A", "bench_celery_tasks", "worker", "-P", "gevent",
                 "-c", str(concurrency), "--loglevel", loglevel, "-n", f"bench{os.getpid()}@%h",
@@ -218,6 +219,34 @@ def describe_checkout() -> str:
     return f"{sha[:12]}" + (" + uncommitted changes" if dirty else "")
 
 
+def summarize_profile(raw_path: str, top: int = 25) -> str:
+    """The hottest functions of a py-spy raw (collapsed stacks) file: own time
+    and time including callees, as percentages of the samples."""
+    own: Dict[str, int] = {}
+    inclusive: Dict[str, int] = {}
+    total = 0
+    with open(raw_path) as raw:
+        for line in raw:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+            for frame in set(frames):
+                inclusive[frame] = inclusive.get(frame, 0) + n
+    if not total:
+        return "no samples\n"
+    lines = [f"{total} samples", "", "own time:"]
+    for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100.0 * n / total:5.1f}%  {frame}")
+    lines += ["", "including callees:"]
+    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[:top * 2]:
+        lines.append(f"{100.0 * n / total:5.1f}%  {frame}")
+    return "\n".join(lines) + "\n"
+
+
 # -- worker processes -----------------------------------------------------------
 
 def tree_usage(proc) -> Tuple[int, float]:
@@ -245,8 +274,10 @@ class Worker:
     time beside it (other work on the machine shows there)."""
 
     def __init__(self, argv: List[str], env: Dict[str, str], log_path: str,
-                 interval: float = 0.05) -> None:
+                 interval: float = 0.05, profile_path: str = "") -> None:
         self.argv, self.env, self.log_path, self.interval = argv, env, log_path, interval
+        self.profile_path = profile_path
+        self.profiler: Optional[subprocess.Popen] = None
         self.proc: Optional[subprocess.Popen] = None
         self.spawned_at = 0.0
         self.peak_rss = 0
@@ -261,6 +292,11 @@ class Worker:
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()
+        if self.profile_path:
+            self.profiler = subprocess.Popen(
+                [_bin("py-spy"), "record", "--pid", str(self.proc.pid), "--subprocesses",
+                 "--nonblocking", "--rate", "500", "--format", "raw", "--output", self.profile_path],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         return self
@@ -306,6 +342,12 @@ class Worker:
                 self._kill_group()
                 self.proc.wait(10)
         self._kill_group()  # leftovers of a parent that exited first
+        if self.profiler is not None:  # py-spy writes its file when the process is gone
+            try:
+                self.profiler.wait(30)
+            except subprocess.TimeoutExpired:
+                self.profiler.send_signal(signal.SIGINT)
+                self.profiler.wait(10)
         self._stop.set()
         if self._sampler is not None:
             self._sampler.join(5)
