@@ -67,6 +67,7 @@ class AMQPBroker(Broker):
         self._known = set(config.worker["queues"]) | {config.default_queue}
         self._consumer: Optional[ConsumerLoop] = None
         self._lock = threading.Lock()
+        self._dead_cache: Optional[tuple] = None   # (greenq.dlq depth, when, counts by queue)
 
     def __repr__(self) -> str:
         return f"<AMQPBroker {mask_url(self.url)}>"
@@ -162,6 +163,7 @@ class AMQPBroker(Broker):
             self._consumer.check()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        self._dead_cache = None
         c = self._consumer
         if c is None or not c.holds(delivery):
             return  # from a dead connection: it comes back and is judged again
@@ -212,7 +214,7 @@ class AMQPBroker(Broker):
         local = self._consumer.local_counts() if self._consumer is not None else {}
 
         def stats(pub: Publisher) -> List[QueueStats]:
-            dead = _dead_counts(pub)
+            dead = self._dead_by_queue(pub)
             rows = []
             for name in names:
                 buffered, handed = local.get(name, (0, 0))
@@ -221,6 +223,17 @@ class AMQPBroker(Broker):
                                        held=handed, dead=dead.get(name, 0)))
             return rows
         return self.pool.run(stats)
+
+    def _dead_by_queue(self, pub: Publisher) -> Dict[str, int]:
+        """Dead letters by queue; a browse of greenq.dlq is reused for 10 s
+        while its depth does not change (a --burst worker asks every second)."""
+        total = _queue_count(pub, DLQ) or 0
+        cached = self._dead_cache
+        if cached is not None and cached[0] == total and time.monotonic() - cached[1] < 10:
+            return cached[2]
+        counts = _dead_counts(pub, total)
+        self._dead_cache = (total, time.monotonic(), counts)
+        return counts
 
     def purge(self, queue: str) -> int:
         """Delete the ready and delayed messages of ``queue``, with those this
@@ -261,6 +274,7 @@ class AMQPBroker(Broker):
         """Publish dead letters back to their queue (delivery count reset), then
         remove them from ``greenq.dlq``; the rest stay in order."""
         wanted = None if dead_ids is None else set(dead_ids)
+        self._dead_cache = None
 
         def requeue(pub: Publisher) -> int:
             self.pool.ensure_queues(pub, ())
@@ -299,6 +313,8 @@ class AMQPBroker(Broker):
         return self.pool.run(requeue)
 
     def dlq_purge(self) -> int:
+        self._dead_cache = None
+
         def purge(pub: Publisher) -> int:
             self.pool.ensure_queues(pub, ())
             return pub.channel.queue_purge(DLQ) or 0
@@ -340,9 +356,9 @@ def _purge(pub: Publisher, name: str) -> int:
         return 0
 
 
-def _dead_counts(pub: Publisher) -> Dict[str, int]:
+def _dead_counts(pub: Publisher, total: int) -> Dict[str, int]:
     """Dead letters by queue (browsing at most STATS_SCAN_MAX of them)."""
-    if not _queue_count(pub, DLQ):
+    if not total:
         return {}
     msgs = browse(pub.channel, DLQ, STATS_SCAN_MAX)
     reject_all(pub.channel, DLQ, msgs)
