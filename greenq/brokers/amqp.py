@@ -2,7 +2,7 @@
 
 Topology and the delay cascade are described in ``amqp_common``, publishing in
 ``amqp_publish``, the consumer loop in ``amqp_consumer``; the full picture,
-with delivery semantics and limits, is docs/brokers-rabbitmq.md.
+with delivery semantics and limits, is docs/brokers.md (RabbitMQ).
 
 Mapping the broker interface onto AMQP 0-9-1:
 

@@ -6,7 +6,7 @@ reader, and the topology greenq declares.  The publishers' pool is in
 Imported only when an ``amqp://``, ``pyamqp://``, ``amqps://`` or ``rpc://``
 URL is used; ``ssl`` is imported only for ``amqps://``.
 
-Topology (docs/brokers-rabbitmq.md has the full table):
+Topology (docs/brokers.md (RabbitMQ) has the full table):
 
 * every task queue ``<q>``: durable; ``x-dead-letter-exchange = greenq.dlx``;
   ``x-max-priority = [amqp] max_priority`` (classic queues, when > 0);

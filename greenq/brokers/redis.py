@@ -34,7 +34,7 @@ of a whole batch in one pipelined round trip.  ``requeue`` parks entries on
 ``~requeued`` without counting a delivery; the next hand-out counts one.
 
 Every round trip goes through one reconnect state machine
-(``_reconnect.Reconnector``); see docs/brokers-redis.md for what each method
+(``_reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
 does while Redis is away.  Redis Cluster is not supported (scripts touch the
 keys of several queues).
 """

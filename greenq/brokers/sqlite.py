@@ -1,5 +1,5 @@
 """``sqlite:///relative/path.db`` and ``sqlite:////absolute/path.db``: the embedded
-default broker.  One machine, durable, no server.  docs/brokers-sqlite.md
+default broker.  One machine, durable, no server.  docs/brokers.md (SQLite)
 explains the delivery semantics.
 
 Schema (created on first use; ``PRAGMA user_version`` = 1)::
