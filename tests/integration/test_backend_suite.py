@@ -97,7 +97,6 @@ def test_forget(backend_env):
 
 
 def test_revoke_and_revoked_with_terminate_flag(backend_env):
-    need_shared(backend_env)
     client, worker = backend_env.backend(), backend_env.backend()
     plain, terminate, other = tid(), tid(), tid()
     client.revoke(plain)
