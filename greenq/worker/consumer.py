@@ -159,7 +159,6 @@ class Worker:
         max_deliveries = self.config.max_deliveries
         tasks = self.app.tasks
         ready: List[Job] = []
-        early_acks: List[Delivery] = []
         for d in deliveries:
             self.held[id(d)] = d
             job = Job(d)
@@ -193,16 +192,10 @@ class Worker:
             for job in ready:
                 if job.msg.id in revoked:
                     self._finish(job, jobs.REVOKED, reason="revoked")
-                    continue
-                if not job.task.option("acks_late"):
-                    job.acked = True
-                    early_acks.append(job.delivery)
-                if len(self.running) < self.concurrency:
+                elif len(self.running) < self.concurrency:
                     self._start(job)
                 else:
                     self.backlog.append(job)
-        if early_acks:
-            self.broker.ack(early_acks)
 
     def _start(self, job: Job) -> None:
         """Start ``job`` in a new greenlet or thread.  Caller holds the lock."""
@@ -217,6 +210,9 @@ class Worker:
 
     def _run(self, job: Job) -> None:
         try:
+            if not job.task.option("acks_late"):   # at most once: acknowledged as it starts
+                self.broker.ack([job.delivery])
+                job.acked = True
             limiter = job.task.option("rate_limit")
             if limiter:
                 self._throttle(job.task.name, limiter)

@@ -171,3 +171,22 @@ def test_import_greenq_is_light():
             "print(sorted({'gevent','eventlet','ssl','redis','amqp'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_acks_late_false_acknowledges_when_the_task_starts():
+    app = make_app()
+    seen = {}
+
+    @app.task(acks_late=False)
+    def early():
+        seen["early"] = app.broker.queue_stats(["default"])[0].held
+        return 1
+
+    @app.task
+    def late():
+        seen["late"] = app.broker.queue_stats(["default"])[0].held
+        return 2
+    a, b = early.delay(), late.delay()
+    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True).run()
+    assert (a.get(timeout=1), b.get(timeout=1)) == (1, 2)
+    assert seen == {"early": 0, "late": 1}
