@@ -58,13 +58,14 @@ class Bench:
         return answer
 
     def worker(self, system: str, concurrency: int, pool: str = "gevent", *,
-               probe_file: str = "", expect: int = 0, results: bool = False) -> bs.Worker:
+               probe_file: str = "", expect: int = 0, results: bool = False,
+               confirm: Optional[bool] = None) -> bs.Worker:
         broker, backend = self.space.broker_url(system), self.space.backend_url(system)
         argv = bs.worker_argv(system, broker, backend, concurrency, pool,
                               greenq_args=shlex.split(self.opts.greenq_args or ""))
         env = bs.system_env(system, broker, backend, probe_file=probe_file, expect=expect,
                             concurrency=concurrency, celery_acks=self.opts.celery_acks,
-                            results=results)
+                            results=results, confirm=confirm)
         profile = ""
         if self.opts.profile:
             os.makedirs(self.opts.profile, exist_ok=True)
@@ -157,11 +158,21 @@ class Bench:
         return best
 
     def roundtrip(self, system: str) -> Dict[str, Any]:
-        """``delay().get()`` latency from a plain client, one worker running."""
+        """``delay().get()`` latency from a plain client, one worker running, with
+        each system's default settings; on RabbitMQ greenq also with publisher
+        confirms off (the peers' default), in worker and client alike."""
+        result = self._roundtrip(system, None)
+        if system == "greenq" and self.space.kind == "amqp":
+            off = self._roundtrip(system, False)
+            result.update({f"{key}_noconfirm": off[key] for key in ("p50_ms", "p99_ms", "mean_ms", "max_ms")})
+        return result
+
+    def _roundtrip(self, system: str, confirm: Optional[bool]) -> Dict[str, Any]:
         self.space.reset()
-        worker = self.worker(system, self.opts.noop_concurrency, results=True)
+        worker = self.worker(system, self.opts.noop_concurrency, results=True, confirm=confirm)
         try:
-            answer = self.client(system, "roundtrip", str(self.opts.roundtrips), results=True)
+            answer = self.client(system, "roundtrip", str(self.opts.roundtrips), results=True,
+                                 confirm=confirm)
         finally:
             worker.stop()
             self.finish_profile(worker)
@@ -170,7 +181,9 @@ class Bench:
         result = {"system": system, "n": len(lat), "p50_ms": _percentile(lat, 50),
                   "p99_ms": _percentile(lat, 99), "mean_ms": statistics.fmean(lat),
                   "max_ms": lat[-1]}
-        self.say(f"  {system} round trip: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms")
+        note = "" if confirm is None else f" (confirms {'on' if confirm else 'off'})"
+        self.say(f"  {system} round trip{note}: p50 {result['p50_ms']:.2f} ms, "
+                 f"p99 {result['p99_ms']:.2f} ms")
         return result
 
     def enqueue(self, system: str) -> Dict[str, Any]:
@@ -348,6 +361,9 @@ def render(out: Dict[str, Any], opts) -> str:
     row("sleep: peak worker RSS, MiB", "sleep", "peak_rss_mib")
     row(f"delay().get() p50, ms ({opts.roundtrips} sequential)", "roundtrip", "p50_ms", 2)
     row("delay().get() p99, ms", "roundtrip", "p99_ms", 2)
+    if out["broker"] == "amqp":
+        row("delay().get() p50, ms, greenq with confirms off", "roundtrip", "p50_ms_noconfirm", 2)
+        row("delay().get() p99, ms, greenq with confirms off", "roundtrip", "p99_ms_noconfirm", 2)
     if "enqueue" in res:
         suffixes = [("_noconfirm", ", confirms off"), ("_confirm", ", confirms on")] \
             if out["broker"] == "amqp" else [("", "")]
