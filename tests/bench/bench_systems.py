@@ -219,6 +219,17 @@ def describe_checkout() -> str:
     return f"{sha[:12]}" + (" + uncommitted changes" if dirty else "")
 
 
+def _package_of(frame: str) -> str:
+    """'fn (greenq/worker/consumer.py:12)' -> 'greenq'; frames without a file
+    (a process's or thread's root: native code, the idle loop) -> '(native)'."""
+    if not frame.endswith(")") or " (" not in frame:
+        return "(native)"
+    path = frame.rsplit(" (", 1)[1][:-1].rsplit(":", 1)[0]
+    if path.startswith("<"):
+        return "(python internals)"
+    return path.split("/", 1)[0] if "/" in path else "(stdlib)"
+
+
 def summarize_profile(raw_path: str, top: int = 25) -> str:
     """The hottest functions of a py-spy raw (collapsed stacks) file: own time
     and time including callees, as percentages of the samples."""
@@ -238,7 +249,14 @@ def summarize_profile(raw_path: str, top: int = 25) -> str:
                 inclusive[frame] = inclusive.get(frame, 0) + n
     if not total:
         return "no samples\n"
-    lines = [f"{total} samples", "", "own time:"]
+    by_package: Dict[str, int] = {}
+    for frame, n in own.items():
+        package = _package_of(frame)
+        by_package[package] = by_package.get(package, 0) + n
+    lines = [f"{total} samples", "", "own time by package:"]
+    for package, n in sorted(by_package.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{100.0 * n / total:5.1f}%  {package}")
+    lines += ["", "own time:"]
     for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:top]:
         lines.append(f"{100.0 * n / total:5.1f}%  {frame}")
     lines += ["", "including callees:"]
