@@ -432,8 +432,10 @@ class Worker:
                     self._kill(job, jobs.Abandon)
             for job in list(self.running.values()):
                 job.handle.join(2.0)
+        # settle what finished; a thread still stuck in C code after its kill is not waited for
+        stuck = {id(job.delivery) for job in list(self.running.values())}
         finisher_deadline = time.monotonic() + 10.0
-        while self.held and time.monotonic() < finisher_deadline and not finisher.dead:
+        while (set(self.held) - stuck) and time.monotonic() < finisher_deadline and not finisher.dead:
             self.driver.sleep(0.02)
         self.done.put(None)
         finisher.join(5.0)

@@ -18,9 +18,16 @@ ROOT = HERE.parent.parent
 DRIVERS = [d for d in os.environ.get("GREENQ_TEST_DRIVERS", "gevent").split(",") if d]
 
 
+#: solo is the threads pool at concurrency 1: the core scenarios cover it
+SOLO_MODULES = {"test_worker_e2e"}
+
+
 def pytest_generate_tests(metafunc):
     if "pool" in metafunc.fixturenames:
-        metafunc.parametrize("pool", DRIVERS)
+        pools = DRIVERS
+        if metafunc.module.__name__.rsplit(".", 1)[-1] not in SOLO_MODULES:
+            pools = [p for p in DRIVERS if p != "solo"] or DRIVERS
+        metafunc.parametrize("pool", pools)
 
 
 class Env:
