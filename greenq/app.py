@@ -4,13 +4,12 @@ from __future__ import annotations
 import os
 import threading
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union, overload
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import config as config_module
 from .brokers import Outgoing, make_broker
 from .drivers import detect_patched
 from .backends import backend_url_for, make_backend
-from .exceptions import ConfigError
 from .message import Codec, TaskMessage, new_id
 from .result import AsyncResult
 from .task import CALL_OPTIONS, Signature, Task, current_request, make_task, to_deadline, to_epoch

@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError

@@ -13,7 +13,9 @@ and, where the store can block, ``_wait``.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Sequence
+
+from ..drivers.base import UsesDriver
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
@@ -29,7 +31,7 @@ class Record(NamedTuple):
     reply_to: Optional[str] = None
 
 
-class ResultBackend:
+class ResultBackend(UsesDriver):
     schemes: Sequence[str] = ()
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
@@ -116,15 +118,3 @@ class ResultBackend:
                 delay = min(delay, left)
             self._sleep(delay)
             delay = min(delay * 1.5, 0.2)
-
-    # -- helpers -------------------------------------------------------------
-    def _blocking(self, fn, *args: Any, **kwargs: Any) -> Any:
-        if self.driver is None:
-            return fn(*args, **kwargs)
-        return self.driver.run_in_thread(fn, *args, **kwargs)
-
-    def _sleep(self, seconds: float) -> None:
-        if self.driver is None:
-            time.sleep(seconds)
-        else:
-            self.driver.sleep(seconds)

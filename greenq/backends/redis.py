@@ -28,7 +28,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..brokers._reconnect import Reconnector, Unreachable, backoff
+from ..brokers._reconnect import Reconnecting, Reconnector, Unreachable, backoff
 from ..brokers.redis import FAILURES, TRANSIENT, make_client
 from ..config import Config, mask_url
 from .base import Record, ResultBackend
@@ -167,7 +167,7 @@ class _Listener:
             pass
 
 
-class RedisBackend(ResultBackend):
+class RedisBackend(Reconnecting, ResultBackend):
     """Results, waits and revocations in Redis; see the module docstring."""
 
     schemes = ("redis", "rediss")
@@ -185,18 +185,6 @@ class RedisBackend(ResultBackend):
         self._store_script = self.client.register_script(STORE)
         self._check_in_script = self.client.register_script(CHECK_IN)
         self._listener = _Listener(self)
-
-    @property
-    def healthy(self) -> bool:
-        return self.reconnector.healthy
-
-    @property
-    def last_ok(self) -> float:
-        return self.reconnector.last_ok
-
-    def _call(self, fn, budget: Optional[float], what: str) -> Any:
-        deadline = None if budget is None else time.monotonic() + budget
-        return self.reconnector.call(fn, deadline, what)
 
     def _key(self, kind: str, task_id: str) -> str:
         return f"{self.prefix}:{kind}:{task_id}"

@@ -139,3 +139,24 @@ class Reconnector:
             self._recovery_running = False
             if restored:
                 self._needs_recovery = False
+
+
+class Reconnecting:
+    """Mixin for a broker or backend whose round trips go through ``self.reconnector``:
+    the health facts /healthz reads, and ``_call`` with a time budget."""
+
+    reconnector: Reconnector
+
+    @property
+    def healthy(self) -> bool:
+        """False while the connection is down and being re-established."""
+        return self.reconnector.healthy
+
+    @property
+    def last_ok(self) -> float:
+        """``time.monotonic()`` of the last successful round trip (0.0: none yet)."""
+        return self.reconnector.last_ok
+
+    def _call(self, fn, budget: Optional[float], what: str):
+        deadline = None if budget is None else time.monotonic() + budget
+        return self.reconnector.call(fn, deadline, what)

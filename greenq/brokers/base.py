@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+
+from ..drivers.base import UsesDriver
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
@@ -89,7 +91,7 @@ class QueueStats:
     dead: int = 0      # in the dead-letter store
 
 
-class Broker:
+class Broker(UsesDriver):
     """Base class of every broker.  Subclasses implement every method that
     raises NotImplementedError; the rest are written once here."""
 
@@ -170,16 +172,3 @@ class Broker:
 
     def close(self) -> None:
         """Release connections; the broker may not be used afterwards."""
-
-    # -- helpers for subclasses ----------------------------------------------
-    def _blocking(self, fn, *args: Any, **kwargs: Any) -> Any:
-        """Run a blocking library call off the hub when a driver is set."""
-        if self.driver is None:
-            return fn(*args, **kwargs)
-        return self.driver.run_in_thread(fn, *args, **kwargs)
-
-    def _sleep(self, seconds: float) -> None:
-        if self.driver is None:
-            time.sleep(seconds)
-        else:
-            self.driver.sleep(seconds)

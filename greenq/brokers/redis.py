@@ -58,7 +58,7 @@ from redis.retry import Retry
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from . import _redis_lua as lua
-from ._reconnect import Reconnector, Unreachable
+from ._reconnect import Reconnecting, Reconnector, Unreachable
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 log = logging.getLogger("greenq.brokers.redis")
@@ -118,7 +118,7 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisBroker(Broker):
+class RedisBroker(Reconnecting, Broker):
     """Redis Streams broker; the module docstring has the key layout."""
 
     schemes = ("redis", "rediss")
@@ -155,21 +155,6 @@ class RedisBroker(Broker):
         self._next_due: Optional[float] = None                # earliest delayed eta seen
         self._reclaims = 0
         self._interrupts = 0
-
-    # -- health ----------------------------------------------------------------
-    @property
-    def healthy(self) -> bool:
-        """False while the connection is down and being re-established."""
-        return self.reconnector.healthy
-
-    @property
-    def last_ok(self) -> float:
-        """``time.monotonic()`` of the last successful round trip (0.0: none yet)."""
-        return self.reconnector.last_ok
-
-    def _call(self, fn, budget: Optional[float], what: str) -> Any:
-        deadline = None if budget is None else time.monotonic() + budget
-        return self.reconnector.call(fn, deadline, what)
 
     def _reset(self) -> None:
         # idle connections only: a connection in use fails by itself in its owner

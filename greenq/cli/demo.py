@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 from .. import config as config_module
 from .common import EXIT_FAILURE, EXIT_OK

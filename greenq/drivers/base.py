@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from typing import Any, Callable, ContextManager, Optional, Type
 
 
@@ -97,3 +98,22 @@ class Driver:
 @contextlib.contextmanager
 def no_timeout():
     yield
+
+
+class UsesDriver:
+    """For brokers and backends: blocking calls and sleeps that go through the
+    driver when one is set (a worker, a patched client) and run plainly otherwise."""
+
+    driver: Optional[Driver] = None
+
+    def _blocking(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a blocking library call off the hub when a driver is set."""
+        if self.driver is None:
+            return fn(*args, **kwargs)
+        return self.driver.run_in_thread(fn, *args, **kwargs)
+
+    def _sleep(self, seconds: float) -> None:
+        if self.driver is None:
+            time.sleep(seconds)
+        else:
+            self.driver.sleep(seconds)

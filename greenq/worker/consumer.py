@@ -183,11 +183,7 @@ class Worker:
         self.stats.received += len(deliveries)
         if not ready:
             return
-        try:
-            revoked = self.backend.revoked([j.msg.id for j in ready])
-        except Exception as exc:
-            log.warning("could not read revocations: %s", exc)
-            revoked = {}
+        revoked = self._revoked(ready)
         with self.lock:
             for job in ready:
                 if job.msg.id in revoked:
@@ -397,15 +393,19 @@ class Worker:
             jobs.Terminate: "revoked: terminated", jobs.Abandon: "cold shutdown: abandoned"}[exc])
         job.handle.kill(exc)
 
+    def _revoked(self, batch: List[Job]) -> Dict[str, bool]:
+        """Revoked ids of ``batch`` (id -> terminate); none when the backend is unreachable."""
+        try:
+            return self.backend.revoked([j.msg.id for j in batch])
+        except Exception as exc:
+            log.warning("could not read revocations: %s", exc)
+            return {}
+
     def _terminate_revoked(self) -> None:
         running = [j for j in list(self.running.values()) if j.started]
         if not running:
             return
-        try:
-            revoked = self.backend.revoked([j.msg.id for j in running])
-        except Exception as exc:
-            log.warning("could not read revocations: %s", exc)
-            return
+        revoked = self._revoked(running)
         for job in running:
             if revoked.get(job.msg.id) and job.outcome is None and job.killed_by is None:
                 self._kill(job, jobs.Terminate)

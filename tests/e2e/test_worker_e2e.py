@@ -8,7 +8,6 @@ import time
 
 import pytest
 
-import greenq
 from greenq import TaskError, TimeLimitExceeded
 
 pytestmark = pytest.mark.e2e
