@@ -52,7 +52,7 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
     "worker": {
         "pool": Setting("choice:gevent|eventlet|threads|solo", "gevent", "concurrency driver"),
         "concurrency": Setting("int", 100, "tasks run at once"),
-        "prefetch": Setting("int", 0, "messages held at once; 0 = auto (about the concurrency)"),
+        "prefetch": Setting("int", 0, "messages held at once; 0 = auto (the concurrency plus a quarter)"),
         "queues": Setting("list", ["default"], "queues consumed, comma-separated"),
         "processes": Setting("int", 1, "worker processes under one supervisor"),
         "loglevel": Setting("choice:DEBUG|INFO|WARNING|ERROR|CRITICAL", "INFO", "log level"),
@@ -370,3 +370,13 @@ def validate(cfg: Config) -> None:
         prio = opts.get("priority")
         if prio is not None and prio > 9:
             raise ConfigError(f"[task:{opts_name}] priority = {prio}: expected 0-9")
+
+
+def effective_prefetch(concurrency: int, prefetch: int) -> int:
+    """How many messages a worker holds: ``[worker] prefetch``, never below the
+    concurrency; when 0 (auto), the concurrency plus a quarter, so the next wave
+    of messages is already local when a wave of tasks ends."""
+    concurrency = max(1, concurrency)
+    if prefetch:
+        return max(prefetch, concurrency)
+    return concurrency + max(1, concurrency // 4)

@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import amqp
 from amqp.exceptions import ChannelError
 
-from ..config import mask_url
+from ..config import effective_prefetch, mask_url
 from ..exceptions import BrokerError
 from .amqp_common import (DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT,
                           H_QUEUE, H_REASON, Settings, browse, clean_headers, connection_params,
@@ -63,7 +63,7 @@ class AMQPBroker(Broker):
         self.pool = ChannelPool(url, self.settings, pool_size(config),
                                 role="worker" if driver is not None else "client")
         concurrency = 1 if driver is not None and driver.name == "solo" else config.worker["concurrency"]
-        self.prefetch = max(config.worker["prefetch"] or concurrency, concurrency)
+        self.prefetch = effective_prefetch(concurrency, config.worker["prefetch"])
         self._known = set(config.worker["queues"]) | {config.default_queue}
         self._consumer: Optional[ConsumerLoop] = None
         self._lock = threading.Lock()

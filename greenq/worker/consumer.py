@@ -4,7 +4,8 @@ Greenlets (or threads, with the threads driver) of one worker:
 
 * consumer  -- fetches up to the free prefetch room, decodes, dead-letters what
                cannot run, starts tasks while slots are free, queues the rest;
-* tasks     -- one greenlet per running task (``jobs.run``), at most ``concurrency``;
+* runners   -- ``concurrency`` long-lived greenlets (or threads), each running
+               one task at a time (``jobs.run``) from the local run queue;
 * finisher  -- takes finished jobs in batches: publishes retries, stores the
                results in one call, then acknowledges in one call (late ack);
 * renewer   -- renews the lease of every held message in one call per lease/3;
@@ -20,10 +21,10 @@ import itertools
 import logging
 import queue as std_queue
 import time
-from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from ..backends.base import Record
+from ..config import effective_prefetch
 from ..brokers.base import Delivery
 from ..exceptions import MessageError, SoftTimeLimitExceeded
 from ..message import TaskMessage
@@ -35,6 +36,12 @@ log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
 FETCH_BATCH_MAX = 500
+KILLS = (SoftTimeLimitExceeded, jobs.HardKill, jobs.Abandon, jobs.Terminate)
+
+
+class _Runner:
+    """One long-lived runner; ``handle`` is its greenlet or thread."""
+    __slots__ = ("handle",)
 
 
 class Stats:
@@ -64,7 +71,7 @@ class Worker:
         self.config = app.config
         self.queues = list(queues)
         self.concurrency = 1 if driver.name == "solo" else max(1, concurrency)
-        self.prefetch = max(prefetch or self.concurrency, self.concurrency)
+        self.prefetch = effective_prefetch(self.concurrency, prefetch)
         self.batch = min(self.prefetch, FETCH_BATCH_MAX)
         self.burst = burst
         self.shutdown_timeout = shutdown_timeout
@@ -76,7 +83,8 @@ class Worker:
         self.lock = driver.lock()
         self.held: Dict[int, Delivery] = {}      # every message leased to us, by id(delivery)
         self.running: Dict[int, Job] = {}        # by id(job)
-        self.backlog: Deque[Job] = deque()       # received, waiting for a free slot
+        self.runq = driver.queue()               # received, waiting for a free runner
+        self.runners: List[Any] = []
         self.done = driver.queue()               # finished jobs for the finisher
         self.room = driver.event()               # set when held shrinks
         self.stopped = driver.event()            # set when the consumer loop ended
@@ -94,6 +102,7 @@ class Worker:
         self.backend = self.app.backend
         log.info("worker ready: pool=%s concurrency=%d prefetch=%d queues=%s",
                  self.driver.name, self.concurrency, self.prefetch, ",".join(self.queues))
+        self.runners = [self._spawn_runner() for _ in range(self.concurrency)]
         finisher = self.driver.spawn(self._finisher)
         self.driver.spawn(self._renewer)
         self.driver.spawn(self._reaper)
@@ -184,27 +193,47 @@ class Worker:
         if not ready:
             return
         revoked = self._revoked(ready)
-        with self.lock:
-            for job in ready:
-                if job.msg.id in revoked:
-                    self._finish(job, jobs.REVOKED, reason="revoked")
-                elif len(self.running) < self.concurrency:
-                    self._start(job)
-                else:
-                    self.backlog.append(job)
+        for job in ready:
+            if job.msg.id in revoked:
+                self._finish(job, jobs.REVOKED, reason="revoked")
+            else:
+                self.runq.put(job)
 
-    def _start(self, job: Job) -> None:
-        """Start ``job`` in a new greenlet or thread.  Caller holds the lock."""
-        self.running[id(job)] = job
-        soft, hard = jobs.limits(job)
-        job.handle = self.driver.spawn(self._run, job)
-        now = time.monotonic()
-        if soft:
-            heapq.heappush(self.deadlines, (now + soft, next(self._seq), job, SoftTimeLimitExceeded))
-        if hard:
-            heapq.heappush(self.deadlines, (now + hard, next(self._seq), job, jobs.HardKill))
+    # -- runners -------------------------------------------------------------
+    def _spawn_runner(self) -> "_Runner":
+        runner = _Runner()
+        runner.handle = self.driver.spawn(self._runner, runner)
+        return runner
+
+    def _runner(self, runner: "_Runner") -> None:
+        """Run jobs one after another.  A kill is aimed at one job; one that
+        arrives after that job ended lands in the ``sleep(0)`` below (the hub
+        delivers it before resuming us) or in ``get``, and is ignored there."""
+        sleep = self.driver.sleep
+        while True:
+            try:
+                job = self.runq.get()
+                if job is None:
+                    return
+                if self.stopping:               # shutting down: don't start what has not started
+                    self._finish(job, jobs.REQUEUE)
+                    continue
+                job.handle = runner.handle
+                self._run(job)
+                sleep(0)
+            except KILLS:
+                continue
 
     def _run(self, job: Job) -> None:
+        soft, hard = jobs.limits(job)
+        with self.lock:
+            self.running[id(job)] = job
+            if soft or hard:
+                now = time.monotonic()
+                if soft:
+                    heapq.heappush(self.deadlines, (now + soft, next(self._seq), job, SoftTimeLimitExceeded))
+                if hard:
+                    heapq.heappush(self.deadlines, (now + hard, next(self._seq), job, jobs.HardKill))
         try:
             if not job.task.option("acks_late"):   # at most once: acknowledged as it starts
                 self.broker.ack([job.delivery])
@@ -214,17 +243,22 @@ class Worker:
                 self._throttle(job.task.name, limiter)
             jobs.run(job)
         finally:
-            if job.outcome is None:             # killed before or while waiting to start
-                job.outcome = jobs.REQUEUE
-            with self.lock:
-                self.running.pop(id(job), None)
-                while self.backlog and len(self.running) < self.concurrency and self.stopping < 2:
-                    nxt = self.backlog.popleft()
-                    if self.stopping:           # warm shutdown: don't start what has not started
-                        self._finish(nxt, jobs.REQUEUE)
-                    else:
-                        self._start(nxt)
-            self.done.put(job)
+            while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway
+                try:
+                    self._ran(job)
+                    break
+                except KILLS:
+                    continue
+
+    def _ran(self, job: Job) -> None:
+        if job.outcome is None:                 # killed before it began
+            job.outcome = jobs.REQUEUE
+        with self.lock:
+            self.running.pop(id(job), None)
+            if job.settling:
+                return
+            job.settling = True
+        self.done.put(job)
 
     def _throttle(self, name: str, rate: str) -> None:
         """A per-worker rate limit: the task waits for its slot (holding its pool slot)."""
@@ -245,12 +279,7 @@ class Worker:
     # -- finisher ------------------------------------------------------------
     def _finisher(self) -> None:
         while True:
-            try:
-                first = self.done.get(timeout=0.5)
-            except std_queue.Empty:
-                if self.stopped.is_set() and not self.held:
-                    return
-                continue
+            first = self.done.get()             # shutdown ends it with None
             if first is None:
                 return
             batch = [first]
@@ -416,10 +445,13 @@ class Worker:
         backlog.  Cold (or time out): kill the rest and return their messages."""
         self.stopping = max(self.stopping, 1)
         self.stopped.set()
-        with self.lock:
-            backlog, self.backlog = list(self.backlog), deque()
-        for job in backlog:
-            self._finish(job, jobs.REQUEUE)
+        while True:                             # received but not started: back to the queue
+            try:
+                job = self.runq.get(block=False)
+            except std_queue.Empty:
+                break
+            if job is not None:
+                self._finish(job, jobs.REQUEUE)
         deadline = time.monotonic() + self.shutdown_timeout
         while self.running and self.stopping < 2 and time.monotonic() < deadline:
             self.driver.sleep(0.05)
@@ -430,8 +462,9 @@ class Worker:
             for job in list(self.running.values()):
                 if job.outcome is None:
                     self._kill(job, jobs.Abandon)
-            for job in list(self.running.values()):
-                job.handle.join(2.0)
+            abandon_deadline = time.monotonic() + 2.0
+            while self.running and time.monotonic() < abandon_deadline:
+                self.driver.sleep(0.02)
         # settle what finished; a thread still stuck in C code after its kill is not waited for
         stuck = {id(job.delivery) for job in list(self.running.values())}
         finisher_deadline = time.monotonic() + 10.0
@@ -439,6 +472,8 @@ class Worker:
             self.driver.sleep(0.02)
         self.done.put(None)
         finisher.join(5.0)
+        for _ in self.runners:
+            self.runq.put(None)
         leftover = list(self.held.values())
         if leftover:  # whatever was not settled goes back to the queue
             log.warning("returning %d unsettled message(s) to the queue", len(leftover))

@@ -37,7 +37,7 @@ class Job:
     """A held message on its way through the worker."""
 
     __slots__ = ("delivery", "msg", "task", "handle", "started", "outcome", "value", "exc",
-                 "tb", "reason", "acked", "killed_by")
+                 "tb", "reason", "acked", "killed_by", "settling")
 
     def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
                  task: Optional["Task"] = None) -> None:
@@ -53,6 +53,7 @@ class Job:
         self.reason: Optional[str] = None
         self.acked = False          # acknowledged early (acks_late=False)
         self.killed_by: Optional[type] = None
+        self.settling = False       # handed to the finisher
 
     @property
     def id(self) -> str:

@@ -187,6 +187,12 @@ def test_acks_late_false_acknowledges_when_the_task_starts():
         seen["late"] = app.broker.queue_stats(["default"])[0].held
         return 2
     a, b = early.delay(), late.delay()
-    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True).run()
+    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, prefetch=1, burst=True).run()
     assert (a.get(timeout=1), b.get(timeout=1)) == (1, 2)
     assert seen == {"early": 0, "late": 1}
+
+
+def test_prefetch_auto_is_the_concurrency_plus_a_quarter():
+    from greenq.config import effective_prefetch
+    assert effective_prefetch(1000, 0) == 1250 and effective_prefetch(1, 0) == 2
+    assert effective_prefetch(100, 50) == 100 and effective_prefetch(100, 300) == 300
