@@ -68,7 +68,7 @@ def test_poison_message_is_dead_lettered_after_max_deliveries(pool, sqlite_env):
     e2e_tasks.crash_worker.delay()
     fine = e2e_tasks.add.delay(2, 2)
     for attempt in range(2):
-        proc = sqlite_env.worker(pool, "-c", "1", burst=False)
+        proc = sqlite_env.worker(pool, "-c", "1", "--prefetch", "1", burst=False)
         sqlite_env.wait_marker("crash.started")
         assert proc.wait(timeout=30) == 3
         (sqlite_env.markers / "crash.started").unlink()

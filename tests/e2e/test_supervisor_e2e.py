@@ -32,6 +32,7 @@ def test_child_with_a_stuck_hub_is_killed_and_replaced(pool, sqlite_env):
     sqlite_env.app()
     stuck = e2e_tasks.block_hub.delay(60)
     proc = sqlite_env.worker(pool, "--processes", "1", "--max-tasks-per-child", "1000", "-c", "1",
+                             "--prefetch", "1",
                              burst=False)
     after = e2e_tasks.add.delay(1, 1)     # runs in the replacement child
     assert after.get(timeout=60) == 2
