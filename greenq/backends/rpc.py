@@ -26,7 +26,6 @@ The broker must be ``amqp://`` (the connection comes from ``broker_url``);
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -38,9 +37,9 @@ import amqp
 from amqp.exceptions import PreconditionFailed
 
 from ..brokers import scheme_of
-from ..brokers.amqp_common import (AMQP_ERRORS, REVOKED_STREAM, Link, Settings, close_quietly,
-                                   connection_params, open_connection)
-from ..brokers.amqp_publish import ChannelPool, Publisher, pool_size
+from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, REVOKED_STREAM, Link, Settings, close_quietly,
+                                   connection_params, fast_reads, open_connection)
+from ..brokers.amqp_publish import ChannelPool, Publisher, encode_properties, pool_size
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 from .base import Record, ResultBackend
@@ -49,6 +48,13 @@ log = logging.getLogger("greenq.amqp")
 
 CACHE_SIZE = 10000          # results kept per process for AsyncResults not yet asked
 CATCH_UP_SECONDS = 5.0      # longest a worker reads the revocation stream at start
+ACK_EVERY = 100             # replies acknowledged in one ``multiple`` ack (prefetch is 1000)
+ACK_AFTER = 1.0             # seconds after which read replies are acknowledged anyway
+
+
+def reply_properties(record: Record) -> bytes:
+    return encode_properties({"delivery_mode": 1, "correlation_id": record.task_id,
+                              "type": "final" if record.final else "update"})
 
 
 class RPCBackend(ResultBackend):
@@ -68,20 +74,25 @@ class RPCBackend(ResultBackend):
         self._replies: Optional[_Replies] = None
         self._revocations: Optional[_Revocations] = None
         self._stream_declared = False
+        self._broker: Any = None
+
+    def attach_broker(self, broker: Any) -> None:
+        """The app's broker: a worker publishes results on its consumer channel."""
+        self._broker = broker
 
     # -- the caller's side ---------------------------------------------------
     def reply_to(self) -> str:
         replies = self._replies
-        if replies is None or replies.pid != os.getpid():
+        if replies is None or replies.forks != FORKS[0]:
             with self._lock:
                 replies = self._replies
-                if replies is None or replies.pid != os.getpid():
+                if replies is None or replies.forks != FORKS[0]:
                     replies = self._replies = _Replies(self.params, self.broker_url, self.settings)
         return replies.name
 
     def _mine(self) -> Optional["_Replies"]:
         replies = self._replies
-        return replies if replies is not None and replies.pid == os.getpid() else None
+        return replies if replies is not None and replies.forks == FORKS[0] else None
 
     def _get(self, task_id: str) -> Optional[bytes]:
         replies = self._mine()
@@ -99,15 +110,26 @@ class RPCBackend(ResultBackend):
     # -- the worker's side ---------------------------------------------------
     def _store_many(self, records: Sequence[Record]) -> None:
         """Send each record to its ``reply_to``; records without one (sent with
-        ignore_result, or by a producer not using rpc://) have nowhere to go."""
+        ignore_result, or by a producer not using rpc://) have nowhere to go.
+
+        In a worker the records go out on the consumer channel, the one the
+        worker acknowledges the tasks on next: RabbitMQ handles a channel's
+        methods in order, so a reply is routed to its reply queue before the
+        ack that follows it, without waiting for a publisher confirm (reply
+        queues are transient: a confirm would say no more than that).
+        Elsewhere (no consumer, or it is reconnecting) they go through the
+        publisher pool, with confirms when ``confirm_publish`` is on."""
         out = [r for r in records if r.reply_to]
         if not out:
+            return
+        broker = self._broker
+        if broker is not None and broker.publish_unconfirmed(
+                [(r.data, reply_properties(r), "", r.reply_to) for r in out]):
             return
 
         def send(pub: Publisher) -> None:
             for r in out:
-                pub.publish(amqp.Message(r.data, correlation_id=r.task_id, delivery_mode=1,
-                                         type="final" if r.final else "update"), "", r.reply_to)
+                pub.publish_raw(r.data, reply_properties(r), "", r.reply_to)
             if pub.confirm:
                 nacked, returned = pub.wait_confirms()
                 if nacked:
@@ -130,16 +152,16 @@ class RPCBackend(ResultBackend):
                     raise BrokerError("RabbitMQ did not take the revocation")
         self.pool.run(send)
         revocations = self._revocations
-        if revocations is not None and revocations.pid == os.getpid():
+        if revocations is not None and revocations.forks == FORKS[0]:
             with revocations.lock:   # known here at once; other processes read it from the stream
                 revocations.revoked[task_id] = (terminate, time.time())
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         revocations = self._revocations
-        if revocations is None or revocations.pid != os.getpid():
+        if revocations is None or revocations.forks != FORKS[0]:
             with self._lock:
                 revocations = self._revocations
-                if revocations is None or revocations.pid != os.getpid():
+                if revocations is None or revocations.forks != FORKS[0]:
                     revocations = self._revocations = _Revocations(self.params, self.broker_url,
                                                                    self.settings)
         return revocations.check(task_ids)
@@ -150,7 +172,7 @@ class RPCBackend(ResultBackend):
             revocations, self._revocations = self._revocations, None
         if replies is not None:
             replies.close()
-        if revocations is not None and revocations.pid == os.getpid():
+        if revocations is not None and revocations.forks == FORKS[0]:
             revocations.close()
         self.pool.close()
 
@@ -173,7 +195,7 @@ class _Replies:
     """
 
     def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
-        self.pid = os.getpid()
+        self.forks = FORKS[0]
         self.params = params
         self.name = f"greenq.reply.{uuid.uuid4().hex}"
         self.expires_ms = int(max(60, min(settings.result_expires, 86400)) * 1000)
@@ -184,7 +206,11 @@ class _Replies:
         self.conn: Optional[amqp.Connection] = None
         self.channel: Any = None
         self.retry_at = 0.0
-        self.unacked = 0
+        self.unacked = 0          # delivery tag of the last reply read
+        self.acked = 0            # ... and of the last one acknowledged
+        self.acked_at = 0.0
+        self.reader: Any = None   # the buffered frame reader (plain TCP)
+        self.sock_timeout: Optional[float] = None
         try:
             self._connect()   # the queue must exist before a task can answer
         except AMQP_ERRORS as exc:
@@ -194,6 +220,7 @@ class _Replies:
     def _connect(self) -> None:
         conn = open_connection(self.params, heartbeat=0, role="rpc reply")
         try:
+            reader = fast_reads(conn)
             ch = conn.channel()
             ch.auto_decode = False
             ch.queue_declare(self.name, durable=False, exclusive=False, auto_delete=False,
@@ -203,7 +230,10 @@ class _Replies:
         except BaseException:
             close_quietly(conn)
             raise
-        self.conn, self.channel = conn, ch
+        self.conn, self.channel, self.reader = conn, ch, reader
+        self.sock_timeout = conn.transport.sock.gettimeout()
+        self.unacked = self.acked = 0
+        self.acked_at = time.monotonic()
         self.link.up()
 
     def _on_reply(self, msg: "amqp.Message") -> None:
@@ -224,7 +254,14 @@ class _Replies:
 
     def _read(self, timeout: float) -> None:
         """Read replies for up to ``timeout`` seconds (0: what has arrived).
-        Caller holds the reading turn."""
+        Caller holds the reading turn.
+
+        On plain TCP the socket keeps its timeout between reads (setting it
+        costs system calls) and one ``recv`` serves every frame it brought.
+        Replies are acknowledged ``ACK_EVERY`` at a time, or ``ACK_AFTER``
+        seconds after the last ack, not one by one: one that was read but
+        not acknowledged when the connection drops comes again, and is only
+        stored again in the cache."""
         if self.conn is None:
             if time.monotonic() < self.retry_at:
                 time.sleep(min(timeout, self.retry_at - time.monotonic()))
@@ -234,27 +271,40 @@ class _Replies:
             except AMQP_ERRORS as exc:
                 self.retry_at = time.monotonic() + self.link.lost(exc)
                 return
+        conn, reader = self.conn, self.reader
         try:
-            self.conn.drain_events(timeout=timeout)
-            while True:   # and everything else already there
-                self.conn.drain_events(timeout=0)
+            if reader is not None and timeout > 0:
+                if self.sock_timeout != timeout:
+                    conn.transport.sock.settimeout(timeout)
+                    self.sock_timeout = timeout
+                conn.drain_events()          # each recv waits up to the socket's timeout
+                while reader.has_frame():    # and whatever else that recv brought
+                    conn.blocking_read()
+            else:
+                conn.drain_events(timeout=timeout)
+                while True:   # and everything else already there
+                    conn.drain_events(timeout=0)
         except socket.timeout:
             pass
         except AMQP_ERRORS as exc:
             self._drop()
             self.retry_at = time.monotonic() + self.link.lost(exc)
             return
-        if self.unacked:
-            try:
-                self.channel.basic_ack(self.unacked, multiple=True)
-            except AMQP_ERRORS:
-                self._drop()   # unacked replies come back to the queue
-            self.unacked = 0
+        if self.unacked != self.acked:
+            now = time.monotonic()
+            if self.unacked - self.acked >= ACK_EVERY or now - self.acked_at >= ACK_AFTER:
+                try:
+                    self.channel.basic_ack(self.unacked, multiple=True)
+                except AMQP_ERRORS as exc:
+                    self._drop()   # unacked replies come back to the queue
+                    self.retry_at = time.monotonic() + self.link.lost(exc)
+                    return
+                self.acked, self.acked_at = self.unacked, now
         self.link.alive()
 
     def _drop(self) -> None:
-        conn, self.conn, self.channel = self.conn, None, None
-        self.unacked = 0
+        conn, self.conn, self.channel, self.reader = self.conn, None, None, None
+        self.unacked = self.acked = 0
         if conn is not None:
             try:
                 conn.collect()
@@ -315,7 +365,7 @@ class _Revocations:
     whole segments)."""
 
     def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
-        self.pid = os.getpid()
+        self.forks = FORKS[0]
         self.params = params
         self.settings = settings
         self.link = Link("rpc revocations", url)

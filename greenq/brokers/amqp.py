@@ -43,7 +43,7 @@ from .amqp_common import (DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_ETA
                           H_QUEUE, H_REASON, Settings, browse, clean_headers, connection_params,
                           delay_name, reject_all)
 from .amqp_consumer import ConsumerLoop
-from .amqp_publish import ChannelPool, Publisher, delay_ms, encode_message, pool_size
+from .amqp_publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 log = logging.getLogger("greenq.amqp")
@@ -93,13 +93,21 @@ class AMQPBroker(Broker):
             self.pool.run(self._publish, list(messages))
 
     def _publish(self, pub: Publisher, messages: List[Outgoing]) -> None:
-        queues = {m.queue for m in messages}
-        before = time.time()
-        self.pool.ensure_queues(pub, queues, delayed={m.queue for m in messages if delay_ms(m, before)})
-        self._known.update(queues)
-        now = time.time()   # after declaring: making a delay cascade takes a moment
-        for m in messages:
-            pub.publish(*encode_message(m, now), item=m)
+        pool = self.pool
+        if len(messages) == 1 and messages[0].eta is None:   # one delay(): the hot path
+            m = messages[0]
+            if not pool.base_declared or m.queue not in pool.declared:
+                pool.ensure_queues(pub, (m.queue,))
+                self._known.add(m.queue)
+            pub.publish_raw(m.body, task_properties(m.message_id, m.priority), "", m.queue, m)
+        else:
+            now = time.time()
+            queues = {m.queue for m in messages}
+            pool.ensure_queues(pub, queues, delayed={m.queue for m in messages if delay_ms(m, now)})
+            self._known.update(queues)
+            now = time.time()   # after declaring: making a delay cascade takes a moment
+            for m in messages:
+                pub.publish_raw(*encode_outgoing(m, now), item=m)
         if not pub.confirm:
             return
         nacked, returned = pub.wait_confirms()
@@ -110,13 +118,22 @@ class AMQPBroker(Broker):
             self.pool.ensure_queues(pub, {m.queue for m in again}, force=True,
                                     delayed={m.queue for m in again if m.eta})
             for m in again:
-                pub.publish(*encode_message(m, time.time()), item=m)
+                pub.publish_raw(*encode_outgoing(m, time.time()), item=m)
             nacked2, returned = pub.wait_confirms()
             nacked += nacked2
             if returned:
                 raise BrokerError(f"RabbitMQ could not route {len(returned)} message(s): {returned[0][0]}")
         if nacked:
             raise BrokerError(f"RabbitMQ refused {len(nacked)} message(s) (nack), e.g. {nacked[0].message_id}")
+
+    def publish_unconfirmed(self, items: Sequence[tuple]) -> bool:
+        """Publish ``(body, encoded properties, exchange, routing key)`` items
+        on the consumer channel, without confirms, and return True; False when
+        this broker is not consuming or not connected (publish otherwise).
+        RabbitMQ handles a channel's methods in order, so they are routed
+        before any ack written after this returns (``rpc://`` results)."""
+        c = self._consumer
+        return c is not None and c.publish_unconfirmed(items)
 
     # -- consuming -----------------------------------------------------------
     def declare(self, queues: Sequence[str]) -> None:

@@ -65,6 +65,21 @@ CONNECTION_ERRORS = (amqp.exceptions.ConnectionError, OSError, EOFError)
 #: any AMQP failure, connection or channel level
 AMQP_ERRORS = CONNECTION_ERRORS + (AMQPError,)
 
+#: ``FORKS[0]`` counts the forks in this process's ancestry: raised in the child
+#: by an ``os.register_at_fork`` hook.  Connection holders remember the value
+#: they were made under and, when it changed, make new connections and never
+#: touch the inherited sockets -- a cheaper test than ``os.getpid()`` on every
+#: publish.  (A fork that bypasses Python's hooks, e.g. uWSGI without
+#: ``py-call-osafterfork``, is not seen: make the app's connections after it.)
+FORKS = [0]
+
+
+def _forked() -> None:
+    FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 def delay_name(queue: str, level: int) -> str:
     """The exchange and the queue of ``level`` of ``queue``'s delay cascade."""
@@ -196,16 +211,24 @@ class FrameReader:
                 raise OSError("Server unexpectedly closed connection")
             buf += chunk
 
+    def has_frame(self) -> bool:
+        """A whole frame is buffered (reading it needs no system call)."""
+        avail = len(self.buf) - self.pos
+        return avail >= 7 and avail >= _FRAME_HEADER.unpack_from(self.buf, self.pos)[2] + 8
+
 
 _FRAME_HEADER = Struct(">BHI")
 
 
-def fast_reads(conn: "amqp.Connection") -> None:
-    """Give a plain-TCP connection the buffered frame reader (not TLS: there
-    py-amqp's own reader stays)."""
+def fast_reads(conn: "amqp.Connection") -> Optional[FrameReader]:
+    """Give a plain-TCP connection the buffered frame reader and return it
+    (not TLS: there py-amqp's own reader stays, and this returns None)."""
     transport = conn.transport
     if type(transport).__name__ == "TCPTransport":
-        transport.read_frame = FrameReader(transport).read_frame
+        reader = FrameReader(transport)
+        transport.read_frame = reader.read_frame
+        return reader
+    return None
 
 
 def close_quietly(conn: Optional["amqp.Connection"], forked: bool = False) -> None:

@@ -16,7 +16,8 @@ import amqp
 from ..exceptions import BrokerError
 from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, H_ETA, Link, clean_headers, close_quietly,
                           declare_base, declare_queue, fast_reads, open_connection)
-from .amqp_publish import Publisher, delay_ms, encode_message
+from .amqp_publish import (METHOD_CACHE_MAX, Publisher, content_frames, delay_ms, encode_outgoing,
+                           method_frame)
 from .base import Delivery, Outgoing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,6 +72,7 @@ class ConsumerLoop:
         self.low: List[int] = []                  # heap of held tags (lazily cleaned)
         self.redo: List[tuple] = []               # (Delivery, amqp.Message) to publish again
         self.calls: List[tuple] = []              # (fn, result box, event) for the loop to run
+        self.methods: Dict[tuple, bytes] = {}     # cached basic.publish frames (publish_unconfirmed)
         self.cancelled = False
         self._seq = itertools.count()
         self._next_tick = 0.0
@@ -305,12 +307,12 @@ class ConsumerLoop:
             again = Outgoing(d.queue, d.body, d.message_id, d.priority, float(eta) if eta else None)
             if delay_ms(again, now):
                 delayed.add(d.queue)
-            out.append(encode_message(again, now, headers))
+            out.append(encode_outgoing(again, now, headers))
 
         def send(pub: Publisher) -> None:
             self.broker.pool.ensure_queues(pub, (), delayed=delayed)
-            for message, exchange, key in out:
-                pub.publish(message, exchange, key)
+            for body, properties, exchange, key in out:
+                pub.publish_raw(body, properties, exchange, key)
             if pub.confirm:
                 nacked, returned = pub.wait_confirms()
                 if nacked or returned:
@@ -375,6 +377,35 @@ class ConsumerLoop:
                         channel.basic_ack(tag)
             except AMQP_ERRORS + (AttributeError,) as exc:
                 log.debug("could not settle %d message(s): %s (they will be redelivered)", len(tags), exc)
+
+    def publish_unconfirmed(self, items: Sequence[tuple]) -> bool:
+        """Write the publishes of ``(body, properties, exchange, routing key)``
+        items on the consumer channel (not in confirm mode, not mandatory: a
+        return would have no handler).  False when not connected, or when the
+        write failed (the loop finds the dead connection and reconnects; the
+        caller publishes elsewhere, a reply may then arrive twice)."""
+        with self.wlock:
+            conn, channel = self.conn, self.channel
+            if conn is None or channel is None:
+                return False
+            channel_id, frame_max = channel.channel_id, conn.frame_max
+            methods = self.methods
+            frames: List[bytes] = []
+            for body, properties, exchange, key in items:
+                method = methods.get((channel_id, exchange, key))
+                if method is None:
+                    if len(methods) >= METHOD_CACHE_MAX:
+                        methods.clear()
+                    method = methods[(channel_id, exchange, key)] = method_frame(
+                        channel_id, exchange, key, False)
+                frames.append(method)
+                frames += content_frames(channel_id, frame_max, body, properties)
+            try:
+                conn._transport.write(b"".join(frames))
+            except (AttributeError,) + AMQP_ERRORS as exc:
+                log.debug("could not publish on the consumer channel: %s", exc)
+                return False
+        return True
 
     def holds(self, delivery: Delivery) -> bool:
         with self.lock:

@@ -1,17 +1,22 @@
 """Publishing to RabbitMQ: the per-process pool of publisher connections
 shared by the broker (``amqp.py``) and the ``rpc://`` backend, and the
-encoding of an ``Outgoing`` as an AMQP message."""
+encoding of an ``Outgoing`` as AMQP frames.
+
+The hot path (one ``delay()``) is: take an idle publisher from the pool
+without a lock, append the frames of one ``basic.publish`` (the method frame
+is cached per routing key, the properties are packed here rather than by
+py-amqp), write them with one ``sendall``, give the publisher back.
+"""
 from __future__ import annotations
 
 import logging
 import math
-import os
 import socket
 import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from struct import pack
+from struct import Struct, pack
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import amqp
@@ -21,31 +26,96 @@ from amqp.serialization import dumps
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
-from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, H_ETA, Link, Settings, close_quietly,
+from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, close_quietly,
                           connection_params, declare_base, declare_delays, declare_queue, delay_route,
-                          describe, open_connection)
+                          describe, fast_reads, open_connection)
 from .base import Outgoing
 
 log = logging.getLogger("greenq.amqp")
 
 _PUBLISH_SIG = pack(">HH", *spec.Basic.Publish)
+_BASIC = spec.Basic.Publish[0]
+_FRAME = Struct(">BHI")
+_CONTENT_HEADER = Struct(">HHQ")
 WRITE_CHUNK = 256 * 1024      # bytes of frames buffered before a write
+METHOD_CACHE_MAX = 4096       # cached basic.publish method frames per publisher
+
+# property name -> (flag bit, type), in the order of the content header
+_PROPERTY_BITS = {name: (15 - i, kind) for i, (name, kind) in enumerate(amqp.Message.PROPERTIES)}
+_PROPERTY_ORDER = [name for name, _ in amqp.Message.PROPERTIES]
+
+
+def encode_properties(props: Dict[str, Any]) -> bytes:
+    """The property flags and list of a content header: what py-amqp's
+    ``GenericContent._serialize_properties`` makes, without its generic
+    machinery for the short strings and octets greenq sends."""
+    flags = 0
+    fmt = ""
+    values = []
+    simple = True
+    for name in _PROPERTY_ORDER:
+        value = props.get(name)
+        if value is not None:
+            bit, kind = _PROPERTY_BITS[name]
+            flags |= 1 << bit
+            fmt += kind
+            values.append(value)
+            if kind != "s" and kind != "o":
+                simple = False
+    if not simple:
+        return pack(">H", flags) + dumps(fmt, values)
+    out = [pack(">H", flags)]
+    for kind, value in zip(fmt, values):
+        if kind == "s":
+            if isinstance(value, str):
+                value = value.encode("utf-8", "surrogatepass")
+            out.append(pack("B", len(value)))
+            out.append(value)
+        else:
+            out.append(pack("B", value))
+    return b"".join(out)
+
+
+def task_properties(message_id: str, priority: int = 0) -> bytes:
+    """``encode_properties({"message_id": ..., "delivery_mode": 2, "priority": ...})``,
+    the properties of every task message without headers."""
+    mid = message_id.encode("utf-8", "surrogatepass")
+    if priority:
+        return pack(">HBBB", 0x1880, 2, priority, len(mid)) + mid
+    return pack(">HBB", 0x1080, 2, len(mid)) + mid
+
+
+def method_frame(channel_id: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
+    """The whole method frame of a ``basic.publish``."""
+    method = _PUBLISH_SIG + dumps("Bssbb", (0, exchange, routing_key, mandatory, False))
+    return _FRAME.pack(1, channel_id, len(method)) + method + b"\xce"
+
+
+def content_frames(channel_id: int, frame_max: int, body: bytes, properties: bytes) -> List[bytes]:
+    """The header and body frames of a message whose properties are ``properties``."""
+    header = _CONTENT_HEADER.pack(_BASIC, 0, len(body)) + properties
+    frames = [_FRAME.pack(2, channel_id, len(header)), header, b"\xce"]
+    chunk = frame_max - 8
+    if 0 < len(body) <= chunk:
+        frames += [_FRAME.pack(3, channel_id, len(body)), body, b"\xce"]
+    elif body:
+        for start in range(0, len(body), chunk):
+            piece = body[start:start + chunk]
+            frames += [_FRAME.pack(3, channel_id, len(piece)), piece, b"\xce"]
+    return frames
 
 
 def publish_frames(channel_id: int, frame_max: int, msg: "amqp.Message", exchange: str,
                    routing_key: str, mandatory: bool) -> List[bytes]:
-    """The frames of one ``basic.publish`` (what py-amqp's frame writer sends),
-    so that many publishes go out in one write instead of one write each."""
-    method = _PUBLISH_SIG + dumps("Bssbb", (0, exchange, routing_key, mandatory, False))
+    """The frames of one ``basic.publish`` of ``msg`` (what py-amqp's frame
+    writer sends), so that many publishes go out in one write."""
     body = msg.body if isinstance(msg.body, (bytes, bytearray)) else str(msg.body).encode()
-    header = pack(">HHQ", spec.Basic.Publish[0], 0, len(body)) + msg._serialize_properties()
-    frames = [pack(">BHI", 1, channel_id, len(method)), method, b"\xce",
-              pack(">BHI", 2, channel_id, len(header)), header, b"\xce"]
-    chunk = frame_max - 8
-    for start in range(0, len(body), chunk):
-        piece = body[start:start + chunk]
-        frames += [pack(">BHI", 3, channel_id, len(piece)), piece, b"\xce"]
-    return frames
+    return ([method_frame(channel_id, exchange, routing_key, mandatory)]
+            + content_frames(channel_id, frame_max, body, encode_properties(msg.properties)))
+
+
+def _as_bytes(body: Any) -> bytes:
+    return body if isinstance(body, (bytes, bytearray, memoryview)) else str(body).encode()
 
 
 class Publisher:
@@ -61,9 +131,10 @@ class Publisher:
     """
 
     def __init__(self, params: Dict[str, Any], confirm: bool, role: str) -> None:
-        self.pid = os.getpid()
+        self.forks = FORKS[0]
         self.confirm = confirm
         self.conn = open_connection(params, heartbeat=0, role=role)
+        fast_reads(self.conn)        # a confirm is read with one recv
         self.broken = False
         self.last_used = time.monotonic()
         self.pending: List[bytes] = []
@@ -74,6 +145,10 @@ class Publisher:
         """Open a fresh channel on the connection (after a channel error closed it)."""
         self.channel = self.conn.channel()
         self.channel.auto_decode = False
+        self.channel_id = self.channel.channel_id
+        self.frame_max = self.conn.frame_max
+        self.write = self.conn.transport.write
+        self.methods: Dict[Tuple[str, str], bytes] = {}   # (exchange, routing key) -> method frame
         self.seq = 0
         self.pending, self.pending_size = [], 0
         self.unconfirmed: deque = deque()     # (delivery tag, item) in publish order
@@ -87,10 +162,24 @@ class Publisher:
             self.channel.events["basic_return"].add(self._on_return)
 
     def publish(self, msg: "amqp.Message", exchange: str, routing_key: str, item: Any = None) -> None:
-        frames = publish_frames(self.channel.channel_id, self.conn.frame_max, msg, exchange,
-                                routing_key, self.confirm)
-        self.pending += frames
-        self.pending_size += sum(map(len, frames))
+        """Buffer a publish of ``msg`` (an ``amqp.Message``)."""
+        self.publish_raw(_as_bytes(msg.body), encode_properties(msg.properties), exchange,
+                         routing_key, item)
+
+    def publish_raw(self, body: bytes, properties: bytes, exchange: str, routing_key: str,
+                    item: Any = None) -> None:
+        """Buffer a publish of ``body`` with encoded ``properties`` (``encode_properties``)."""
+        method = self.methods.get((exchange, routing_key))
+        if method is None:
+            if len(self.methods) >= METHOD_CACHE_MAX:
+                self.methods.clear()
+            method = self.methods[(exchange, routing_key)] = method_frame(
+                self.channel_id, exchange, routing_key, self.confirm)
+        frames = content_frames(self.channel_id, self.frame_max, body, properties)
+        frames.insert(0, method)
+        data = b"".join(frames)
+        self.pending.append(data)
+        self.pending_size += len(data)
         if self.confirm:
             self.seq += 1
             self.unconfirmed.append((self.seq, item))
@@ -99,27 +188,45 @@ class Publisher:
 
     def flush(self) -> None:
         """Write the buffered publishes."""
-        if self.pending:
-            data = b"".join(self.pending)
+        pending = self.pending
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
             self.pending, self.pending_size = [], 0
-            self.conn.transport.write(data)
+            self.write(data)
 
     def wait_confirms(self, timeout: float = 30.0) -> Tuple[List[Any], List[Tuple[str, Any]]]:
         """Wait for every outstanding confirm; return (nacked items, returned items)."""
         self.flush()
-        deadline = time.monotonic() + timeout
-        while self.unconfirmed:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerError(f"{len(self.unconfirmed)} publish(es) not confirmed by RabbitMQ "
-                                  f"within {timeout:.0f} s")
+        if self.unconfirmed:
+            deadline = time.monotonic() + timeout
+            conn = self.conn
+            transport = conn._transport   # (``conn.transport`` of a dropped connection reconnects)
+            if transport is None or transport.sock is None:
+                raise OSError("the publisher connection is closed")
+            sock = transport.sock
+            before = sock.gettimeout()
             try:
-                self.conn.drain_events(timeout=left)
-            except socket.timeout:
-                continue
-        nacked, self.nacked = self.nacked, []
-        returned, self.returned = self.returned, []
-        return nacked, returned
+                while self.unconfirmed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise BrokerError(f"{len(self.unconfirmed)} publish(es) not confirmed by RabbitMQ "
+                                          f"within {timeout:.0f} s")
+                    sock.settimeout(left)   # once a frame, where py-amqp sets and restores it
+                    try:
+                        conn.blocking_read(None)
+                    except socket.timeout:
+                        continue
+            finally:
+                if transport.sock is sock:
+                    try:
+                        sock.settimeout(before)
+                    except OSError:
+                        pass
+        if self.nacked or self.returned:
+            nacked, self.nacked = self.nacked, []
+            returned, self.returned = self.returned, []
+            return nacked, returned
+        return [], []
 
     def _settle(self, tag: int, multiple: bool, nack: bool) -> None:
         unconfirmed = self.unconfirmed
@@ -159,7 +266,7 @@ class Publisher:
             pass
 
     def close(self) -> None:
-        close_quietly(self.conn, forked=self.pid != os.getpid())
+        close_quietly(self.conn, forked=self.forks != FORKS[0])
 
 
 class ChannelPool:
@@ -167,6 +274,14 @@ class ChannelPool:
     ``size`` of them; callers beyond that wait for one to come back (threads,
     or greenlets when the process is patched).  A pool used in a forked child
     starts afresh and never touches the parent's sockets.
+
+    Taking an idle publisher and giving it back take no lock: ``list.pop``
+    and ``list.append`` are atomic (the GIL; greenlets switch only on I/O), so
+    a publisher is never held by two callers at once.  Only a caller that finds
+    none idle goes through the condition, counted in ``_waiters`` so that a
+    give-back knows to notify.  Nothing is kept per thread or per greenlet: a
+    single-threaded client always gets the same connection back, and a gevent
+    web server with thousands of short-lived greenlets shares the same few.
 
     Remembers which queues and which parts of the topology were declared by
     this process, so a publish declares a queue only the first time.
@@ -182,10 +297,11 @@ class ChannelPool:
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
+        self._forks = FORKS[0]
         self._cond = threading.Condition(threading.Lock())
         self._idle: List[Publisher] = []
         self._count = 0
+        self._waiters = 0
         self._closed = False
         self.declared: set = set()
         self.delays: set = set()
@@ -199,62 +315,91 @@ class ChannelPool:
         try:
             yield pub
             pub.flush()
-        except AMQP_ERRORS:
-            pub.broken = True
-            raise
-        except BaseException:
-            pub.pending, pub.pending_size = [], 0
-            pub.broken = pub.broken or bool(pub.unconfirmed)   # a half-read confirm state: start afresh
+        except BaseException as exc:
+            self._failed(pub, exc)
             raise
         finally:
             self._checkin(pub)
 
+    @staticmethod
+    def _failed(pub: Publisher, exc: BaseException) -> None:
+        if isinstance(exc, AMQP_ERRORS):
+            pub.broken = True
+        else:
+            pub.pending, pub.pending_size = [], 0
+            pub.broken = pub.broken or bool(pub.unconfirmed)   # a half-read confirm state: start afresh
+
     def _checkout(self) -> Publisher:
-        if self._pid != os.getpid():
+        if self._forks != FORKS[0]:
             self._reset()
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise BrokerError("the AMQP broker was closed")
-                if self._idle:
-                    pub = self._idle.pop()
-                    break
-                if self._count < self.size:
-                    self._count += 1
-                    pub = None
-                    break
-                self._cond.wait(1.0)
-        if pub is None:
-            try:
-                pub = Publisher(self.params, self.settings.confirm_publish, self.role)
-            except BaseException:
-                with self._cond:
-                    self._count -= 1
-                    self._cond.notify()
-                raise
-        elif time.monotonic() - pub.last_used > 1.0:
+        try:
+            pub = self._idle.pop()
+        except IndexError:
+            pub = self._checkout_wait()
+            if pub is None:
+                return self._make()
+            return pub
+        if time.monotonic() - pub.last_used > 1.0:
             try:
                 pub.check_idle()
             except AMQP_ERRORS:
-                pub.close()
-                with self._cond:
-                    self._count -= 1
+                self._discard(pub)
                 return self._checkout()
+        if self._closed:
+            self._checkin(pub)   # closes it
+            raise BrokerError("the AMQP broker was closed")
         return pub
 
-    def _checkin(self, pub: Publisher) -> None:
-        pub.last_used = time.monotonic()
-        if pub.pid != os.getpid():
-            return
-        if pub.broken or self._closed:
-            pub.close()
+    def _checkout_wait(self) -> Optional[Publisher]:
+        """An idle publisher, or None when the caller may make a new one
+        (``_count`` already raised); waits while ``size`` are out."""
+        with self._cond:
+            self._waiters += 1
+            try:
+                while True:
+                    if self._closed:
+                        raise BrokerError("the AMQP broker was closed")
+                    if self._idle:
+                        return self._idle.pop()
+                    if self._count < self.size:
+                        self._count += 1
+                        return None
+                    self._cond.wait(1.0)
+            finally:
+                self._waiters -= 1
+
+    def _make(self) -> Publisher:
+        try:
+            return Publisher(self.params, self.settings.confirm_publish, self.role)
+        except BaseException:
             with self._cond:
                 self._count -= 1
                 self._cond.notify()
-            return
+            raise
+
+    def _discard(self, pub: Publisher) -> None:
+        pub.close()
         with self._cond:
-            self._idle.append(pub)
+            self._count -= 1
             self._cond.notify()
+
+    def _checkin(self, pub: Publisher) -> None:
+        pub.last_used = time.monotonic()
+        if pub.forks != FORKS[0]:
+            return   # made before a fork: the parent's
+        if pub.broken or self._closed:
+            self._discard(pub)
+            return
+        self._idle.append(pub)
+        if self._waiters:
+            with self._cond:
+                self._cond.notify()
+        if self._closed:   # closed meanwhile: close() may have missed it
+            try:
+                self._idle.remove(pub)
+            except ValueError:
+                return
+            self._discard(pub)
 
     def run(self, fn, *args: Any, attempts: int = 3) -> Any:
         """``fn(publisher, *args)`` with up to ``attempts`` tries on fresh
@@ -262,9 +407,20 @@ class ChannelPool:
         delay = 0.05
         for attempt in range(attempts):
             try:
-                with self.publisher() as pub:
+                pub = self._checkout()
+                try:
                     result = fn(pub, *args)
-                self.link.up()
+                    pub.flush()
+                except BaseException as exc:
+                    self._failed(pub, exc)
+                    raise
+                finally:
+                    self._checkin(pub)
+                link = self.link
+                if link.failures or link.state != "up":
+                    link.up()
+                else:
+                    link.last_ok = pub.last_used
                 return result
             except CONNECTION_ERRORS as exc:
                 if attempt == attempts - 1:
@@ -296,7 +452,7 @@ class ChannelPool:
                 self.delays.add(name)
 
     def close(self) -> None:
-        if self._pid != os.getpid():
+        if self._forks != FORKS[0]:
             self._reset()
             return
         with self._cond:
@@ -316,6 +472,15 @@ def pool_size(config: Config) -> int:
 def delay_ms(m: Outgoing, now: float) -> int:
     """Milliseconds ``m`` must wait (0: ready now)."""
     return max(0, math.ceil((m.eta - now) * 1000)) if m.eta is not None else 0
+
+
+def encode_outgoing(m: Outgoing, now: float, headers: Optional[Dict[str, Any]] = None) -> tuple:
+    """(body, encoded properties, exchange, routing key) for ``m`` (``Publisher.publish_raw``)."""
+    wait_ms = delay_ms(m, now) if m.eta is not None else 0
+    if not wait_ms and not headers:
+        return m.body, task_properties(m.message_id, m.priority), "", m.queue
+    msg, exchange, key = encode_message(m, now, headers)
+    return msg.body, encode_properties(msg.properties), exchange, key
 
 
 def encode_message(m: Outgoing, now: float, headers: Optional[Dict[str, Any]] = None) -> tuple:

@@ -207,6 +207,76 @@ def test_channel_pool_is_thread_safe_and_bounded(env):
     assert sorted(d.message_id for d in got) == sorted(sent)
 
 
+def test_channel_pool_lends_one_publisher_at_a_time_without_a_lock(env):
+    client = env.broker()
+    client.publish(out(env.queue()))
+    pool = client.pool
+    with pool.publisher() as first:
+        with pool.publisher() as second:   # the idle one is taken: another is made
+            assert second is not first
+    with pool.publisher() as again:        # a single caller gets the same one back
+        assert again in (first, second)
+    assert pool._waiters == 0 and pool._count == 2
+
+
+def test_forked_child_publishes_on_its_own_connections(env):
+    q = env.queue()
+    client = env.broker()
+    client.publish(out(q, message_id="parent-1"))
+    with client.pool.publisher() as pub:
+        parent_conn = pub.conn
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            client.publish(out(q, message_id="child"))
+            with client.pool.publisher() as pub:
+                code = 0 if pub.conn is not parent_conn else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    client.publish(out(q, message_id="parent-2"))   # the parent's connection is untouched
+    with client.pool.publisher() as pub:
+        assert pub.conn is parent_conn
+    got = drain(env.broker(), [q], 3)
+    assert sorted(d.message_id for d in got) == ["child", "parent-1", "parent-2"]
+
+
+def test_publish_frames_and_properties_are_py_amqps():
+    import amqp
+    from amqp import spec
+    from amqp.method_framing import frame_writer
+    from amqp.serialization import dumps
+    from greenq.brokers.amqp_publish import encode_properties, publish_frames, task_properties
+
+    cases = [{"message_id": "abc", "delivery_mode": 2},
+             {"message_id": "abc\u00e9", "delivery_mode": 2, "priority": 9,
+              "application_headers": {"greenq-eta": 1.5, "greenq-deliveries": 3, "x": "y"}},
+             {"correlation_id": "t1", "delivery_mode": 1, "type": "final"}, {},
+             {"content_type": "application/json", "content_encoding": "utf-8", "reply_to": "r",
+              "expiration": "100", "timestamp": 12345, "user_id": "guest", "app_id": "a",
+              "cluster_id": "c", "message_id": "m"}]
+    for props in cases:
+        assert encode_properties(props) == amqp.Message(b"", **props)._serialize_properties()
+    for priority in (0, 1, 9):
+        props = {"message_id": "m-1", "delivery_mode": 2, **({"priority": priority} if priority else {})}
+        assert task_properties("m-1", priority) == amqp.Message(b"", **props)._serialize_properties()
+    written = []
+
+    class Conn:
+        frame_max = 131072
+        bytes_sent = 0
+
+        class transport:
+            write = written.append
+    write = frame_writer(Conn, Conn.transport)
+    for body in (b"", b"x", b"y" * 131064, b"z" * 300000):
+        msg = amqp.Message(body, message_id="m", delivery_mode=2)
+        written.clear()
+        write(1, 3, spec.Basic.Publish, dumps("Bssbb", (0, "", "q", True, False)), msg)
+        assert b"".join(map(bytes, written)) == b"".join(publish_frames(3, 131072, msg, "", "q", True))
+
+
 def test_password_never_in_errors(env, caplog):
     url = "amqp://guest:s3cret-pw@127.0.0.1:1/nowhere?connect_timeout=0.5"
     broker = make_broker(url, make_config(broker_url=url))
@@ -533,6 +603,37 @@ def test_rpc_wait_is_prompt_and_serves_many_outstanding_results(env):
     assert client.get("late") == b"final"
     client.forget("late")
     assert client.get("late") is None
+
+
+def test_rpc_results_go_out_on_the_consumer_channel_before_the_ack(env, monkeypatch):
+    q = env.queue()
+    client = env.backend()
+    reply_to = client.reply_to()
+    worker, results = env.broker(), env.backend()
+    results.attach_broker(worker)
+    results.store("before", b"no consumer yet", reply_to=reply_to)   # through the pool
+    assert client.wait("before", 5) == b"no consumer yet"
+    pooled = results.pool._count
+    env.broker().publish(out(q, message_id="task-1"))
+    [d] = drain(worker, [q], 1, ack=False)
+    results.store_many([Record("task-1", b"done", True, reply_to)])
+    worker.ack([d])
+    assert results.pool._count == pooled   # not through the pool
+    assert client.wait("task-1", 5) == b"done"
+    worker.close()
+    checker = env.broker()
+    assert checker.fetch([q], 10, 0.3) == []   # acked
+    checker.close()
+
+    def broken(*args):
+        raise OSError("socket closed")
+    other = env.broker()
+    results.attach_broker(other)
+    other.publish(out(q, message_id="task-2"))
+    [d] = drain(other, [q], 1, ack=False)
+    monkeypatch.setattr(other._consumer.conn._transport, "write", broken)
+    results.store("task-2", b"via the pool", reply_to=reply_to)   # the write failed: the pool
+    assert client.wait("task-2", 5) == b"via the pool"
 
 
 def test_rpc_revocations_reach_every_worker(env):
