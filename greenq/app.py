@@ -15,6 +15,19 @@ from .result import AsyncResult
 from .task import CALL_OPTIONS, Signature, Task, current_request, make_task, to_deadline, to_epoch
 
 
+#: raised in a forked child (``os.register_at_fork``): connections made under
+#: another value are the parent's and are never used (cheaper than comparing
+#: ``os.getpid()`` on every send)
+_FORKS = [0]
+
+
+def _forked() -> None:
+    _FORKS[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class GreenQ:
     """A greenq application.
 
@@ -43,7 +56,7 @@ class GreenQ:
         self.tasks: Dict[str, Task] = {}
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
-        self._conn: Optional[tuple] = None  # (pid, broker, backend)
+        self._conn: Optional[tuple] = None  # (fork generation, broker, backend)
         self._codec: Optional[Codec] = None
 
     @classmethod
@@ -77,15 +90,15 @@ class GreenQ:
 
     def _connections(self) -> tuple:
         conn = self._conn
-        pid = os.getpid()
-        if conn is None or conn[0] != pid:
+        if conn is None or conn[0] != _FORKS[0]:
             with self._lock:
                 conn = self._conn
-                if conn is None or conn[0] != pid:  # new, or inherited across a fork: never reuse
+                forks = _FORKS[0]
+                if conn is None or conn[0] != forks:  # new, or inherited across a fork: never reuse
                     if self.driver is None:
                         self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
-                    conn = self._conn = (pid, broker, None)
+                    conn = self._conn = (forks, broker, None)
         return conn
 
     @property
@@ -95,13 +108,18 @@ class GreenQ:
     @property
     def backend(self):
         conn = self._connections()
-        if conn[2] is None:
+        backend = conn[2]
+        if backend is None:
             with self._lock:
                 conn = self._conn
                 if conn[2] is None:
                     backend = make_backend(backend_url_for(self.config), self.config, self.driver)
+                    attach = getattr(backend, "attach_broker", None)
+                    if attach is not None:   # rpc://: a worker replies on its consumer channel
+                        attach(conn[1])
                     conn = self._conn = (conn[0], conn[1], backend)
-        return conn[2]
+                backend = conn[2]
+        return backend
 
     @property
     def codec(self) -> Codec:
@@ -114,7 +132,7 @@ class GreenQ:
         """Close this process's connections (they are remade on next use)."""
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn and conn[0] == os.getpid():
+        if conn and conn[0] == _FORKS[0]:
             for part in conn[1:]:
                 if part is not None:
                     part.close()
