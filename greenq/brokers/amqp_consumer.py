@@ -9,9 +9,11 @@ import select
 import socket
 import threading
 import time
+from struct import Struct
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import amqp
+from amqp import spec
 
 from ..exceptions import BrokerError
 from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, H_ETA, Link, clean_headers, close_quietly,
@@ -28,6 +30,15 @@ log = logging.getLogger("greenq.amqp")
 TICK = 0.25            # seconds the consumer loop blocks in one read
 SYNC_TIMEOUT = 30.0    # seconds a synchronous AMQP method may take (declare, consume, purge)
 EARLY = 1.0            # a delayed message arriving this much before its eta goes round again
+
+
+_SETTLE = Struct(">BHIHHQB")
+_ACK, _REJECT = spec.Basic.Ack, spec.Basic.Reject
+
+
+def _settle_frame(channel_id: int, method: tuple, tag: int, flag: bool) -> bytes:
+    """The frame of a ``basic.ack`` (flag: multiple) or ``basic.reject`` (flag: requeue)."""
+    return _SETTLE.pack(1, channel_id, 13, method[0], method[1], tag, flag) + b"\xce"
 
 
 class ConsumerLoop:
@@ -367,14 +378,16 @@ class ConsumerLoop:
                     heapq.heappop(low)
                 multiple = not requeue and (not low or low[0] > top)
             try:
+                ch = channel.channel_id
                 if multiple:
-                    channel.basic_ack(top, multiple=True)
+                    data = _settle_frame(ch, _ACK, top, True)
                 elif requeue:
-                    for tag in sorted(tags):
-                        channel.basic_reject(tag, requeue=True)
+                    data = b"".join(_settle_frame(ch, _REJECT, tag, True) for tag in sorted(tags))
                 else:
-                    for tag in tags:
-                        channel.basic_ack(tag)
+                    data = b"".join(_settle_frame(ch, _ACK, tag, False) for tag in tags)
+                conn = channel.connection
+                conn._transport.write(data)   # one write for the batch
+                conn.bytes_sent += 1          # (py-amqp's heartbeat bookkeeping)
             except AMQP_ERRORS + (AttributeError,) as exc:
                 log.debug("could not settle %d message(s): %s (they will be redelivered)", len(tags), exc)
 
@@ -402,6 +415,7 @@ class ConsumerLoop:
                 frames += content_frames(channel_id, frame_max, body, properties)
             try:
                 conn._transport.write(b"".join(frames))
+                conn.bytes_sent += 1
             except (AttributeError,) + AMQP_ERRORS as exc:
                 log.debug("could not publish on the consumer channel: %s", exc)
                 return False
