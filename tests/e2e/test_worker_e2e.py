@@ -123,25 +123,6 @@ def test_second_signal_is_a_cold_shutdown(pool, sqlite_env):
     assert row[1] == "1", stats.stdout   # back in the queue, ready for the next worker
 
 
-def test_kill9_during_task_next_worker_runs_it(pool, sqlite_env):
-    import e2e_tasks
-    sqlite_env.env["GREENQ_LEASE_SECONDS"] = "1"
-    sqlite_env.app()
-    r = e2e_tasks.slow.delay("k9", 4.0)
-    first = sqlite_env.worker(pool, burst=False)
-    sqlite_env.wait_marker("k9.started")
-    first.send_signal(signal.SIGKILL)
-    first.wait()
-    assert sqlite_env.marker_count("k9.finished") == 0
-    second = sqlite_env.worker(pool, burst=False)
-    assert r.get(timeout=30) == "k9"
-    second.send_signal(signal.SIGTERM)
-    out, _ = second.communicate(timeout=30)
-    assert second.returncode == 0, out
-    assert sqlite_env.marker_count("k9.started") == 2
-    assert sqlite_env.marker_count("k9.finished") == 1
-
-
 @pytest.mark.parametrize("ini_pool", ["gevent", "eventlet", "threads"])
 def test_pool_chosen_only_in_ini_is_patched(ini_pool, sqlite_env):
     import e2e_tasks
