@@ -165,6 +165,21 @@ def _ssl_options(host: str, query: Dict[str, str]) -> Dict[str, Any]:
     return opts
 
 
+#: ``TCP_USER_TIMEOUT`` of greenq's connections, ms.  py-amqp's default is
+#: 1 s: a publisher that RabbitMQ's flow control keeps from writing for a
+#: second (its socket's send window closed) then has its connection aborted
+#: by the kernel, and whatever it had written and RabbitMQ had not read yet
+#: is lost (silently without confirms).  Dead peers are found by heartbeats
+#: (consumer), confirm timeouts (publishers) and TCP keepalive.
+TCP_USER_TIMEOUT_MS = 60000
+
+
+def socket_settings() -> Dict[int, int]:
+    """Socket options for py-amqp, on top of its own defaults (keepalive, nodelay)."""
+    option = getattr(socket, "TCP_USER_TIMEOUT", None)
+    return {option: TCP_USER_TIMEOUT_MS} if option is not None else {}
+
+
 def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "amqp.Connection":
     """Open and return a py-amqp connection (raises AMQP_ERRORS)."""
     kwargs = dict(params)
@@ -172,6 +187,7 @@ def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "am
     kwargs["client_properties"] = {
         "connection_name": f"greenq {role} pid={os.getpid()} {socket.gethostname()}",
     }
+    kwargs["socket_settings"] = socket_settings()
     conn = amqp.Connection(**kwargs)
     conn.connect()
     return conn

@@ -242,6 +242,33 @@ def test_forked_child_publishes_on_its_own_connections(env):
     assert sorted(d.message_id for d in got) == ["child", "parent-1", "parent-2"]
 
 
+def test_consumer_reads_bodies_of_every_size(env):
+    q = env.queue()
+    client = env.broker()
+    bodies = [b"", b"x", b"y" * 131064, b"z" * 131065, bytes(range(256)) * 2000]
+    client.publish_many([out(q, body, priority=i % 3, message_id=f"b{i}") for i, body in enumerate(bodies)])
+    consumer = env.broker()
+    got = {d.message_id: d for d in drain(consumer, [q], len(bodies))}
+    assert {m: got[m].body for m in got} == {f"b{i}": body for i, body in enumerate(bodies)}
+    assert all(got[f"b{i}"].priority == i % 3 for i in range(len(bodies)))
+    assert consumer._consumer.partial is None
+
+
+def test_connections_are_not_aborted_after_a_second_of_flow_control(env):
+    """py-amqp's default TCP_USER_TIMEOUT (1 s) aborted a publisher that
+    RabbitMQ's flow control kept waiting, losing what it had written."""
+    import socket as socket_module
+    option = getattr(socket_module, "TCP_USER_TIMEOUT", None)
+    if option is None:
+        pytest.skip("no TCP_USER_TIMEOUT on this platform")
+    client = env.broker()
+    client.publish(out(env.queue()))
+    with client.pool.publisher() as pub:
+        sock = pub.conn.transport.sock
+        assert sock.getsockopt(socket_module.IPPROTO_TCP, option) == 60000
+        assert sock.getsockopt(socket_module.SOL_SOCKET, socket_module.SO_KEEPALIVE) == 1
+
+
 def test_publish_frames_and_properties_are_py_amqps():
     import amqp
     from amqp import spec
