@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import amqp
 from amqp import spec
+from amqp.exceptions import UnexpectedFrame
+from amqp.serialization import decode_properties_basic
 
 from ..exceptions import BrokerError
 from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, H_ETA, Link, clean_headers, close_quietly,
@@ -33,12 +35,27 @@ EARLY = 1.0            # a delayed message arriving this much before its eta goe
 
 
 _SETTLE = Struct(">BHIHHQB")
+_DELIVER = Struct(">HH").pack(*spec.Basic.Deliver)
+_TAG_BITS = Struct(">QB")
+_HEADER = Struct(">HxxQ")
 _ACK, _REJECT = spec.Basic.Ack, spec.Basic.Reject
 
 
 def _settle_frame(channel_id: int, method: tuple, tag: int, flag: bool) -> bytes:
     """The frame of a ``basic.ack`` (flag: multiple) or ``basic.reject`` (flag: requeue)."""
     return _SETTLE.pack(1, channel_id, 13, method[0], method[1], tag, flag) + b"\xce"
+
+
+class _Partial:
+    """A delivery whose content frames are still to come."""
+    __slots__ = ("queue", "tag", "redelivered", "properties", "size", "chunks", "got")
+
+    def __init__(self, queue: str, tag: int, redelivered: bool) -> None:
+        self.queue, self.tag, self.redelivered = queue, tag, redelivered
+        self.properties: Optional[dict] = None
+        self.size = 0
+        self.chunks: List[bytes] = []
+        self.got = 0
 
 
 class ConsumerLoop:
@@ -54,6 +71,10 @@ class ConsumerLoop:
     Every (re)connection bumps ``gen``; a delivery's token is ``(gen, tag)``, so
     an ack for a delivery of a dead connection is dropped (RabbitMQ redelivers
     that message: at-least-once).
+
+    On plain TCP the loop reads frames itself (``_frame``): a ``basic.deliver``
+    of one of its consumers and its content frames are parsed here, straight
+    into a ``Delivery``; every other frame goes to py-amqp as usual.
     """
 
     def __init__(self, broker: "AMQPBroker", queues: List[str]) -> None:
@@ -74,6 +95,10 @@ class ConsumerLoop:
         self.interrupted = False
         self.conn: Optional[amqp.Connection] = None
         self.channel: Any = None
+        self.channel_id = 0
+        self.reader: Any = None                   # FrameReader (plain TCP, not serial), else None
+        self.partial: Optional[_Partial] = None   # a delivery being read by _frame
+        self.queue_of: Dict[str, str] = {}        # consumer tag -> queue
         self.sock: Any = None
         self.serial = False
         self.gen = 0
@@ -148,7 +173,7 @@ class ConsumerLoop:
     def _connect(self) -> None:
         self.link.connecting()
         conn = open_connection(self.broker.params, heartbeat=self.heartbeat, role="consumer")
-        fast_reads(conn)
+        reader = fast_reads(conn)
         self.sock = conn.transport.sock
         self.serial = not self.green and "ssl" in self.broker.params
         self.sock.settimeout(SYNC_TIMEOUT)
@@ -158,6 +183,9 @@ class ConsumerLoop:
                 self.conn = conn
                 self.channel = conn.channel()
                 self.channel.auto_decode = False
+                self.channel_id = self.channel.channel_id
+                self.reader = None if self.serial else reader
+                self.partial = None
                 self.cancelled = False
             declare_base(self.channel, self.settings)
             self._sync()
@@ -177,10 +205,13 @@ class ConsumerLoop:
         for queue in wanted:
             if queue not in self.consuming:
                 declare_queue(ch, queue, self.settings)
-                self.consuming[queue] = ch.basic_consume(
+                tag = self.consuming[queue] = ch.basic_consume(
                     queue, callback=self._callback(queue, self.gen), on_cancel=self._on_cancel)
+                self.queue_of[tag] = queue
         for queue in [q for q in self.consuming if q not in wanted]:
-            ch.basic_cancel(self.consuming.pop(queue))
+            tag = self.consuming.pop(queue)
+            self.queue_of.pop(tag, None)
+            ch.basic_cancel(tag)
 
     def _step(self) -> None:
         if self.cancelled:
@@ -192,14 +223,17 @@ class ConsumerLoop:
         # per read costs two system calls a frame on a plain socket
         self.sock.settimeout(TICK)
         frames = 0
+        reader = self.reader
         try:
             while True:
-                if self.serial:
+                if reader is not None:
+                    self._frame(reader.read_frame())
+                elif self.serial:
                     self._drain_serial()
                 else:
                     self.conn.drain_events()
                 frames += 1
-                if frames % 256 == 0 and self.green:
+                if frames % 512 == 0 and self.green:
                     self.driver.sleep(0)   # a long backlog: let the other greenlets run
                 if time.monotonic() >= self._next_tick or self.calls or self.dirty or len(self.redo) >= 500:
                     break
@@ -220,6 +254,39 @@ class ConsumerLoop:
             self._publish_again()
         if self.calls:
             self._run_calls()
+
+    def _frame(self, frame: tuple) -> None:
+        """Handle one frame read from the consumer connection: deliveries to
+        our consumers here, anything else by py-amqp."""
+        frame_type, channel, payload = frame
+        partial = self.partial
+        if channel == self.channel_id:
+            if partial is not None:
+                self.conn.bytes_recv += 1   # (py-amqp's heartbeat bookkeeping)
+                if frame_type == 2 and partial.properties is None:
+                    partial.size = _HEADER.unpack_from(payload, 0)[1]
+                    partial.properties = decode_properties_basic(payload, 12)[0]
+                elif frame_type == 3 and partial.properties is not None:
+                    partial.chunks.append(payload)
+                    partial.got += len(payload)
+                else:
+                    raise UnexpectedFrame(f"received frame type {frame_type} inside a delivery")
+                if partial.got >= partial.size:
+                    self.partial = None
+                    chunks = partial.chunks
+                    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    self._deliver(partial.queue, self.gen, partial.tag, partial.redelivered,
+                                  partial.properties, body)
+                return
+            if frame_type == 1 and payload[:4] == _DELIVER:
+                end = 5 + payload[4]
+                queue = self.queue_of.get(payload[5:end].decode("utf-8", "surrogatepass"))
+                if queue is not None:   # (else py-amqp: it rejects a delivery for no consumer)
+                    self.conn.bytes_recv += 1
+                    tag, bits = _TAG_BITS.unpack_from(payload, end)
+                    self.partial = _Partial(queue, tag, bool(bits & 1))
+                    return
+        self.conn.on_inbound_frame(frame)
 
     def _drain_serial(self) -> None:
         """Wait until something can be read, then read it holding the write lock."""
@@ -249,6 +316,8 @@ class ConsumerLoop:
             with self.lock:
                 conn, self.conn, self.channel = self.conn, None, None
                 self.gen += 1
+                self.reader = self.partial = None
+                self.queue_of.clear()
                 self.consuming.clear()
                 self.buffer.clear()
                 self.held.clear()
@@ -270,35 +339,35 @@ class ConsumerLoop:
 
     # -- deliveries ----------------------------------------------------------
     def _callback(self, queue: str, gen: int):
-        quorum = self.settings.quorum
-
         def on_message(msg: "amqp.Message") -> None:
             info = msg.delivery_info
-            tag = info["delivery_tag"]
-            props = msg.properties
-            headers = props.get("application_headers")
-            priority = props.get("priority") or 0
-            redo = False
-            if quorum:
-                deliveries = int(headers.get("x-delivery-count", 0)) + 1 if headers else 1
-            else:
-                deliveries = (int(headers.get(H_DELIVERIES, 0)) if headers else 0) + 1
-                redo = info["redelivered"]
-            if headers and H_ETA in headers and float(headers[H_ETA]) > time.time() + EARLY:
-                redo = True
-            d = Delivery(queue, msg.body, props.get("message_id") or "", deliveries, (gen, tag), priority)
-            with self.lock:
-                if gen != self.gen:
-                    return
-                self.held[tag] = d
-                heapq.heappush(self.low, tag)
-                if redo:
-                    self.redo.append((d, msg))
-                    return
-                heapq.heappush(self.buffer.setdefault(queue, []), (-priority, next(self._seq), d))
-            if not self.ready.is_set():
-                self.ready.set()
+            self._deliver(queue, gen, info["delivery_tag"], info["redelivered"], msg.properties, msg.body)
         return on_message
+
+    def _deliver(self, queue: str, gen: int, tag: int, redelivered: bool, props: Dict[str, Any],
+                 body: bytes) -> None:
+        headers = props.get("application_headers")
+        priority = props.get("priority") or 0
+        redo = False
+        if self.settings.quorum:
+            deliveries = int(headers.get("x-delivery-count", 0)) + 1 if headers else 1
+        else:
+            deliveries = (int(headers.get(H_DELIVERIES, 0)) if headers else 0) + 1
+            redo = redelivered
+        if headers and H_ETA in headers and float(headers[H_ETA]) > time.time() + EARLY:
+            redo = True
+        d = Delivery(queue, body, props.get("message_id") or "", deliveries, (gen, tag), priority)
+        with self.lock:
+            if gen != self.gen:
+                return
+            self.held[tag] = d
+            heapq.heappush(self.low, tag)
+            if redo:
+                self.redo.append((d, headers, redelivered))
+                return
+            heapq.heappush(self.buffer.setdefault(queue, []), (-priority, next(self._seq), d))
+        if not self.ready.is_set():
+            self.ready.set()
 
     def _on_cancel(self, consumer_tag: str) -> None:
         self.cancelled = True
@@ -311,10 +380,10 @@ class ConsumerLoop:
             items, self.redo = self.redo, []
         now = time.time()
         out, delayed = [], set()
-        for d, msg in items:
-            headers = clean_headers(msg.headers)
-            headers[H_DELIVERIES] = d.deliveries if msg.delivery_info["redelivered"] else d.deliveries - 1
-            eta = (msg.headers or {}).get(H_ETA)
+        for d, original, redelivered in items:
+            headers = clean_headers(original)
+            headers[H_DELIVERIES] = d.deliveries if redelivered else d.deliveries - 1
+            eta = (original or {}).get(H_ETA)
             again = Outgoing(d.queue, d.body, d.message_id, d.priority, float(eta) if eta else None)
             if delay_ms(again, now):
                 delayed.add(d.queue)
@@ -334,12 +403,12 @@ class ConsumerLoop:
             log.warning("could not republish %d redelivered message(s) (%s); handing them out as they are",
                         len(items), exc)
             with self.lock:
-                for d, _ in items:
+                for d, _, _ in items:
                     if d.token[0] == self.gen:
                         heapq.heappush(self.buffer.setdefault(d.queue, []), (-d.priority, next(self._seq), d))
             self.ready.set()
             return
-        self.settle([d for d, _ in items], requeue=False)
+        self.settle([d for d, _, _ in items], requeue=False)
 
     def take(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -434,7 +503,7 @@ class ConsumerLoop:
             for queue, heap in self.buffer.items():
                 counts.setdefault(queue, [0, 0])[0] += len(heap)
                 counts[queue][1] -= len(heap)
-            for d, _ in self.redo:
+            for d, _, _ in self.redo:
                 counts[d.queue][1] -= 1
         return {q: (c[0], c[1]) for q, c in counts.items()}
 
@@ -446,6 +515,7 @@ class ConsumerLoop:
             tag = self.consuming.pop(queue, None)
             if tag is None:
                 return None
+            self.queue_of.pop(tag, None)
             with self.wlock:
                 self.channel.basic_cancel(tag)
                 self.dirty = True
