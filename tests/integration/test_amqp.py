@@ -663,6 +663,23 @@ def test_rpc_results_go_out_on_the_consumer_channel_before_the_ack(env, monkeypa
     assert client.wait("task-2", 5) == b"via the pool"
 
 
+def test_rpc_replies_are_acknowledged_in_batches(env):
+    client, worker = env.backend(), env.backend()
+    reply_to = client.reply_to()
+    replies = client._replies
+    acks = []
+    ack = replies.channel.basic_ack
+    replies.channel.basic_ack = lambda tag, multiple=False: (acks.append((tag, multiple)), ack(tag, multiple))
+    for i in range(50):   # one at a time, as sequential delay().get() calls do
+        worker.store(f"r-{i}", b"x", reply_to=reply_to)
+        assert client.wait(f"r-{i}", 5) == b"x"
+    assert len(acks) <= 2 and all(multiple for _, multiple in acks)
+    time.sleep(1.1)   # past ACK_AFTER: the next read acknowledges everything read
+    worker.store("one-more", b"y", reply_to=reply_to)
+    assert client.wait("one-more", 5) == b"y"
+    assert acks[-1] == (51, True) and replies.acked == replies.unacked == 51
+
+
 def test_rpc_revocations_reach_every_worker(env):
     early_worker = env.backend()
     assert early_worker.revoked(["a"]) == {}
