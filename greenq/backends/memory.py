@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..brokers.memory import store_name, waiter_event
+from ..brokers.memory import Registry, store_name, waiter_event
 from .base import Record, ResultBackend
 
 _MAX_WAIT = 0.1      # re-check at least this often (see brokers.memory)
@@ -35,16 +35,7 @@ class _ResultStore:
                 del table[key]
 
 
-_STORES: Dict[str, _ResultStore] = {}
-_STORES_LOCK = threading.Lock()
-
-
-def _get_store(name: str) -> _ResultStore:
-    with _STORES_LOCK:
-        store = _STORES.get(name)
-        if store is None:
-            store = _STORES[name] = _ResultStore()
-        return store
+_STORES = Registry(_ResultStore)
 
 
 class MemoryBackend(ResultBackend):
@@ -54,7 +45,7 @@ class MemoryBackend(ResultBackend):
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
-        self._store = _get_store(store_name(url))
+        self._store = _STORES.get(store_name(url))
 
     def _expires_at(self, now: float) -> float:
         """``result_expires = 0`` keeps records forever."""

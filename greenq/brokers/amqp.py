@@ -169,7 +169,7 @@ class AMQPBroker(Broker):
         if deliveries and self._consumer is not None:
             self._consumer.settle(deliveries, requeue=False)
 
-    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+    def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
         if deliveries and self._consumer is not None:
             self._consumer.settle(deliveries, requeue=True)
 

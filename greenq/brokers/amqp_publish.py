@@ -407,15 +407,8 @@ class ChannelPool:
         delay = 0.05
         for attempt in range(attempts):
             try:
-                pub = self._checkout()
-                try:
+                with self.publisher() as pub:
                     result = fn(pub, *args)
-                    pub.flush()
-                except BaseException as exc:
-                    self._failed(pub, exc)
-                    raise
-                finally:
-                    self._checkin(pub)
                 link = self.link
                 if link.failures or link.state != "up":
                     link.up()

@@ -56,16 +56,20 @@ class Delivery:
     """A message handed to this consumer.  ``token`` is the broker's own handle
     (a stream id, a delivery tag, a row id) and means nothing outside it."""
 
-    __slots__ = ("queue", "body", "message_id", "deliveries", "token", "priority")
+    __slots__ = ("queue", "body", "message_id", "deliveries", "token", "priority", "error")
 
     def __init__(self, queue: str, body: bytes, message_id: str, deliveries: int,
-                 token: Any, priority: int = 0) -> None:
+                 token: Any, priority: int = 0, error: Optional[str] = None) -> None:
         self.queue = queue
         self.body = body
         self.message_id = message_id
         self.deliveries = deliveries
         self.token = token
         self.priority = priority
+        #: set by the broker when the transport metadata (a header, a stream
+        #: field, a column) is invalid: the worker dead-letters the message
+        #: with this reason without decoding it.  The token stays usable.
+        self.error = error
 
     def __repr__(self) -> str:
         return f"<Delivery {self.queue}:{self.message_id} #{self.deliveries}>"
@@ -126,8 +130,11 @@ class Broker(UsesDriver):
         """Remove these messages for good.  Acking twice is harmless."""
         raise NotImplementedError
 
-    def requeue(self, deliveries: Sequence[Delivery]) -> None:
-        """Give these messages back to their queue at once, lease released."""
+    def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
+        """Give these messages back to their queue at once, lease released.
+        ``started=False`` says their tasks never began (a warm shutdown returning
+        its backlog): the delivery count of such a message is not raised, so
+        the next hand-out counts as the same delivery."""
         raise NotImplementedError
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
@@ -145,6 +152,12 @@ class Broker(UsesDriver):
     def interrupt(self) -> None:
         """Make a ``fetch`` blocked in another greenlet return soon (shutdown).
         Brokers whose fetch blocks for at most ``timeout`` may leave this as is."""
+
+    def stop_consuming(self) -> None:
+        """Stop receiving at once (warm shutdown): no message is leased to this
+        consumer after this returns (AMQP: ``basic.cancel``), while the held
+        ones can still be acknowledged, requeued and renewed.  Brokers that
+        lease only inside ``fetch`` may leave this as is."""
 
     # -- administration ------------------------------------------------------
     def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:

@@ -26,7 +26,7 @@ import itertools
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 from urllib.parse import urlsplit
 
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
@@ -141,16 +141,24 @@ class _Store:
         self.waiters.clear()
 
 
-_STORES: Dict[str, _Store] = {}
-_STORES_LOCK = threading.Lock()
+class Registry:
+    """Process-wide stores by ``memory://`` name, made on first use: every
+    broker (or backend) with the same name shares one."""
+
+    def __init__(self, factory: Callable[[], Any]) -> None:
+        self._factory = factory
+        self._stores: Dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> Any:
+        with self._lock:
+            store = self._stores.get(name)
+            if store is None:
+                store = self._stores[name] = self._factory()
+            return store
 
 
-def get_store(name: str) -> _Store:
-    with _STORES_LOCK:
-        store = _STORES.get(name)
-        if store is None:
-            store = _STORES[name] = _Store()
-        return store
+_STORES = Registry(_Store)
 
 
 def _priority(value: int) -> int:
@@ -165,7 +173,7 @@ class MemoryBroker(Broker):
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
         self.name = store_name(url)
-        self._store = get_store(self.name)
+        self._store = _STORES.get(self.name)
         self._consumer = uuid.uuid4().hex
         self._interrupted = False
 
@@ -238,13 +246,15 @@ class MemoryBroker(Broker):
                 if q is not None:
                     q.messages.pop(d.token, None)
 
-    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+    def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
         store = self._store
         with store.lock:
             for d in deliveries:
                 q = store.queues.get(d.queue)
                 msg = self._held(q, d)
                 if msg is not None:
+                    if not started:   # never began: this hand-out does not count
+                        msg.deliveries = max(msg.deliveries - 1, 0)
                     q.make_ready(msg, 0.0)
             store.wake()
 

@@ -428,7 +428,7 @@ class RedisBroker(Reconnecting, Broker):
         if everything:
             self._transfer(everything, self.consumer, min(self._timeout, self._lease / 3), "renew")
 
-    def requeue(self, deliveries: Sequence[Delivery]) -> None:
+    def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
         """Park the entries on ``~requeued``: fetched again before newer messages
         of their priority, with the delivery count going on from where it was."""
         if deliveries:

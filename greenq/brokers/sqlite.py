@@ -296,8 +296,11 @@ class SQLiteBroker(Broker):
                     conn.execute(f"DELETE FROM messages WHERE id IN ({placeholders(len(chunk))})", chunk)
         self._run(delete)
 
-    def requeue(self, deliveries: Sequence[Delivery]) -> None:
-        self._update_held("UPDATE messages SET claimed_by = NULL, visible_at = 0", (), deliveries)
+    def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
+        sql = "UPDATE messages SET claimed_by = NULL, visible_at = 0"
+        if not started:   # never began: this hand-out does not count
+            sql += ", deliveries = MAX(deliveries - 1, 0)"
+        self._update_held(sql, (), deliveries)
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         self._update_held("UPDATE messages SET visible_at = ?",
