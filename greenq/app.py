@@ -180,7 +180,9 @@ class GreenQ:
                           time_limit if time_limit is not None else opt("time_limit"))
         task_id = options.get("task_id")
         task_id = new_id() if task_id is None else validation.name("task_id", task_id)
-        queue = validation.name("queue", options.get("queue") or opt("queue") or self.config.default_queue)
+        queue = options.get("queue")
+        queue = validation.name("queue", queue if queue is not None else
+                                opt("queue") or self.config.default_queue)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(
