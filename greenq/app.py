@@ -9,8 +9,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import config as config_module
 from . import validation
-from .brokers import Outgoing, make_broker
+from .brokers import make_broker
 from .drivers import detect_patched
+from .hooks import Hooks
 from .backends import backend_url_for, make_backend
 from .message import Codec, TaskMessage, new_id
 from .result import ALWAYS_REBUILT, AsyncResult
@@ -56,6 +57,7 @@ class GreenQ:
                     config.set(section, key, value, origin=f"GreenQ({key}=...)")
         self.config = config
         self.tasks: Dict[str, Task] = {}
+        self.hooks = Hooks()
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
         self._conn: Optional[tuple] = None  # (fork generation, broker, backend)
@@ -73,6 +75,11 @@ class GreenQ:
         return f"<GreenQ {self.name} broker={config_module.mask_url(self.config.broker_url)}>"
 
     # -- tasks ---------------------------------------------------------------
+    def on(self, name: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+        """Subscribe to a hook (``@app.on("task_failure")``); greenq/hooks.py
+        lists the hooks, their arguments and where they run."""
+        return self.hooks.on(name, fn)
+
     def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
              bind: bool = False, **options: Any) -> Any:
         """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``."""
@@ -193,8 +200,6 @@ class GreenQ:
             time_limit=time_limit, soft_time_limit=soft_limit,
             reply_to=None if ignore else self.backend.reply_to())
 
-    def _outgoing(self, msg: TaskMessage) -> Outgoing:
-        return Outgoing(msg.queue, self.codec.encode(msg), msg.id, msg.priority, msg.eta)
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
                   **options: Any) -> AsyncResult:
@@ -203,7 +208,7 @@ class GreenQ:
         if self.config.eager:
             return self._eager(name, args, kwargs, options)
         msg = self._build(name, args, kwargs, options)
-        self.broker.publish(self._outgoing(msg))
+        self.broker.publish(self.codec.outgoing(msg))
         return AsyncResult(msg.id, self, name)
 
     def enqueue_many(self, signatures: Iterable[Signature]) -> List[AsyncResult]:
@@ -213,7 +218,7 @@ class GreenQ:
             return [self._eager(s.task, s.args, s.kwargs, s.options) for s in sigs]
         messages = [self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
         if messages:
-            self.broker.publish_many([self._outgoing(m) for m in messages])
+            self.broker.publish_many([self.codec.outgoing(m) for m in messages])
         return [AsyncResult(m.id, self, m.task) for m in messages]
 
     def _eager(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],

@@ -63,6 +63,7 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "max_memory_per_child": Setting("int", 0, "MiB; replace a child process above it; 0 = off"),
         "http": Setting("hostport", "", "host:port for /metrics and /healthz; empty = off"),
         "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off"),
+        "track_started": Setting("bool", False, "store STARTED when a task begins (one more write per task)"),
     },
     "redis": {
         "max_connections": Setting("int", 0, "connection pool size; 0 = sized from the concurrency"),
@@ -92,6 +93,7 @@ TASK_SETTINGS: Dict[str, Setting] = {
     "acks_late": Setting("bool", None, "acknowledge after the task finished"),
     "ignore_result": Setting("bool", None, "do not store the result"),
     "expires": Setting("float", None, "seconds after which an unstarted task is revoked"),
+    "track_started": Setting("bool", None, "store STARTED when the task begins"),
 }
 
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")

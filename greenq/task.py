@@ -21,7 +21,7 @@ TASK_DEFAULTS: Dict[str, Any] = {
     "queue": None, "priority": None, "max_retries": 3, "retry_backoff": False,
     "retry_backoff_max": 600.0, "retry_jitter": True, "default_retry_delay": 180.0,
     "autoretry_for": (), "soft_time_limit": None, "time_limit": None, "rate_limit": None,
-    "acks_late": True, "ignore_result": False, "expires": None,
+    "acks_late": True, "ignore_result": False, "expires": None, "track_started": None,
 }
 
 #: apply_async options

@@ -23,16 +23,6 @@ log = logging.getLogger("greenq.monitor")
 HEARTBEAT_ENV = "GREENQ_SUPERVISOR_HEARTBEAT"
 
 
-def _blocking_job(frame: Any) -> Optional[Any]:
-    """The Job whose task owns ``frame``, found by walking up to jobs.run."""
-    while frame is not None:
-        if frame.f_code.co_name == "run" and "job" in frame.f_locals and \
-                frame.f_code.co_filename.endswith("jobs.py"):
-            return frame.f_locals["job"]
-        frame = frame.f_back
-    return None
-
-
 class Monitor:
     def __init__(self, worker: Any, blocking_threshold: float, http: str) -> None:
         self.worker = worker
@@ -90,7 +80,7 @@ class Monitor:
                 if blocked_since is None:
                     blocked_since = self.beat
                     frame = sys._current_frames().get(self._hub_ident)
-                    job = _blocking_job(frame)
+                    job = self.worker.runners.job_of_frame(frame)
                     who = f"task {job.msg.task}[{job.msg.id}]" if job is not None and job.msg else "greenq itself"
                     stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
                     stats.hub_blocked += 1
@@ -106,19 +96,20 @@ class Monitor:
     # -- HTTP ------------------------------------------------------------------
     def healthy(self) -> "tuple[bool, dict]":
         w = self.worker
-        silent = time.monotonic() - w.last_poll
+        snap = w.snapshot()
         broker_ok = getattr(w.broker, "healthy", True)
         limit = max(10.0, 5 * w.fetch_timeout)
-        settling = time.monotonic() - w.settling_since if w.settling_since is not None else 0.0
-        settle_ok = settling < max(60.0, w.config.lease_seconds)   # results and acks keep flowing
-        ok = silent < limit and broker_ok and not w.stopping and not w.failed and settle_ok
-        return ok, {"status": "ok" if ok else "unhealthy", "seconds_since_poll": round(silent, 3),
-                    "broker_healthy": bool(broker_ok), "stopping": bool(w.stopping),
-                    "failed": w.failed, "seconds_settling": round(settling, 3),
-                    "running": len(w.running), "held": len(w.held)}
+        settle_ok = snap.seconds_settling < max(60.0, w.config.lease_seconds)   # results and acks flow
+        ok = (snap.seconds_since_poll < limit and broker_ok and not snap.stopping and not snap.failed
+              and settle_ok)
+        return ok, {"status": "ok" if ok else "unhealthy", "seconds_since_poll": round(snap.seconds_since_poll, 3),
+                    "broker_healthy": bool(broker_ok), "stopping": bool(snap.stopping),
+                    "failed": snap.failed, "seconds_settling": round(snap.seconds_settling, 3),
+                    "running": len(snap.running), "held": snap.held}
 
     def metrics(self) -> str:
         w, s = self.worker, self.worker.stats
+        snap = w.snapshot()
         lines = []
 
         def metric(name: str, kind: str, value: float, help_text: str) -> None:
@@ -134,9 +125,9 @@ class Monitor:
         metric("hub_blocked_total", "counter", s.hub_blocked, "Times the hub was blocked past the threshold")
         metric("hub_blocked_seconds_total", "counter", round(s.hub_blocked_seconds, 3),
                "Seconds the hub spent blocked")
-        metric("tasks_running", "gauge", len(w.running), "Tasks running now")
-        metric("messages_held", "gauge", len(w.held), "Messages leased to this worker")
-        metric("concurrency", "gauge", w.concurrency, "Task slots")
+        metric("tasks_running", "gauge", len(snap.running), "Tasks running now")
+        metric("messages_held", "gauge", snap.held, "Messages leased to this worker")
+        metric("concurrency", "gauge", snap.concurrency, "Task slots")
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         return "\n".join(lines) + "\n"
 
