@@ -97,7 +97,7 @@ class Monitor:
     def healthy(self) -> "tuple[bool, dict]":
         w = self.worker
         snap = w.snapshot()
-        broker_ok = getattr(w.broker, "healthy", True)
+        broker_ok = w.broker.healthy
         limit = max(10.0, 5 * w.fetch_timeout)
         settle_ok = snap.seconds_settling < max(60.0, w.config.lease_seconds)   # results and acks flow
         ok = (snap.seconds_since_poll < limit and broker_ok and not snap.stopping and not snap.failed
