@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any, List, Optional
 
 from .. import config as config_module
-from ..exceptions import ConfigError
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_app
+from ..exceptions import BrokerError, ConfigError
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
 
 log = logging.getLogger("greenq.worker")
 
@@ -62,7 +63,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_module.load(args.config, overrides=_overrides(args))
+        cfg = config_module.load(args.config, overrides=_overrides(args), quiet=True)
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE
@@ -73,20 +74,27 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE
+    if not args.child:  # the supervisor said it already
+        config_module.report(cfg)
     if driver is None or driver.name != w["pool"]:
         sys.stderr.write(f"greenq-worker: error: pool {w['pool']!r} was not patched at start-up; "
                          f"start through the greenq-worker launcher\n")
         return EXIT_USAGE
+    try:  # the supervisor too: a mistake is reported once, before any child starts
+        app = load_app(args.app, cfg)
+        warnings = check_app(app)
+    except ConfigError as exc:
+        sys.stderr.write(f"greenq-worker: error: {exc}\n")
+        return EXIT_USAGE
+    if not args.child:
+        for message in warnings:
+            log.warning("%s", message)
     supervised = w["processes"] > 1 or w["max_tasks_per_child"] or w["max_memory_per_child"]
     if supervised and not args.child:
         from ..worker.supervisor import Supervisor
         return Supervisor(argv if argv is not None else sys.argv[1:], w["processes"],
-                          w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds).run()
-    try:
-        app = load_app(args.app, cfg)
-    except ConfigError as exc:
-        sys.stderr.write(f"greenq-worker: error: {exc}\n")
-        return EXIT_USAGE
+                          w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds,
+                          http=w["http"]).run()
     from ..worker.consumer import Worker
     try:
         worker = Worker(app, driver, queues=app.config.worker["queues"],
@@ -100,12 +108,22 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     for signum in (signal.SIGTERM, signal.SIGINT):
         driver.install_signal(signum, worker.request_stop)
     driver.install_signal(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
-    from ..worker.monitor import Monitor
-    monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"])
+    from ..worker.monitor import HTTP_PORT_ENV, Monitor
+    from ..worker.startup import wait_for_broker
+    monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],
+                      port_file=os.environ.get(HTTP_PORT_ENV) if args.child else None)
     log.info("greenq worker: app=%r pool=%s (%s) broker=%s", app.name, driver.name, pool_source or "default",
              config_module.mask_url(app.config.broker_url))
     try:
         monitor.start()
+        try:
+            if not wait_for_broker(worker.broker, worker.queues, app.config.broker_connect_timeout,
+                                   driver, log, url=app.config.broker_url,
+                                   stopping=lambda: bool(worker.stopping)):
+                return EXIT_OK
+        except BrokerError as exc:  # broker_connect_timeout passed: one line, no traceback
+            log.error("%s", exc)
+            return EXIT_FAILURE
         return worker.run()
     except KeyboardInterrupt:
         return EXIT_OK
