@@ -77,6 +77,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "queue_type": Setting("choice:classic|quorum", "classic", "type of the queues greenq declares"),
         "heartbeat": Setting("int", 30, "AMQP heartbeat in seconds; 0 = off"),
         "max_priority": Setting("int", 9, "x-max-priority of declared queues; 0 = no priorities"),
+        "management_url": Setting("str", "", "RabbitMQ management API for `greenq queues`; "
+                                  "empty = http://BROKER_HOST:15672 with the broker's user"),
     },
 }
 

@@ -16,7 +16,7 @@ def test_call_wait_and_result(pool, sqlite_env):
     assert called.returncode == 0, called.stderr
     task_id, outcome = called.stdout.splitlines()
     assert json.loads(outcome) == {"state": "SUCCESS", "result": 42}
-    shown = sqlite_env.admin("result", task_id)
+    shown = sqlite_env.admin("result", task_id, "--json")
     assert json.loads(shown.stdout) == {"id": task_id, "state": "SUCCESS", "result": 42}
     failed = sqlite_env.admin("call", "e2e.fail", "--args", '["gone"]', "--wait", "--timeout", "30")
     assert failed.returncode == 1 and "KeyError" in failed.stdout
