@@ -26,21 +26,27 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="greenq-worker", description="Run a greenq worker.")
-    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]", help="module holding the GreenQ app")
+    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]",
+                   help="module holding the GreenQ app (default: [greenq] app)")
     p.add_argument("-P", "--pool", choices=config_module.POOLS, help="concurrency driver (default gevent)")
     p.add_argument("-c", "--concurrency", type=int, metavar="N", help="tasks run at once")
     p.add_argument("-Q", "--queues", metavar="Q1,Q2", help="queues to consume")
-    p.add_argument("--config", metavar="FILE", help="INI file")
+    p.add_argument("--config", metavar="FILE",
+                   help="INI file (default: $GREENQ_CONFIG, ./greenq.ini, /etc/greenq/greenq.ini)")
     p.add_argument("--broker", metavar="URL", help="broker URL")
     p.add_argument("--backend", metavar="URL", help="result backend URL")
     p.add_argument("--processes", type=int, metavar="N", help="worker processes under a supervisor")
     p.add_argument("--prefetch", type=int, metavar="N", help="messages held at once (0 = auto)")
     p.add_argument("--loglevel", "-l", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--http", metavar="HOST:PORT", help="serve /metrics and /healthz")
-    p.add_argument("--max-tasks-per-child", type=int, metavar="N")
-    p.add_argument("--max-memory-per-child", type=int, metavar="MiB")
-    p.add_argument("--shutdown-timeout", type=float, metavar="S")
-    p.add_argument("--blocking-threshold", type=float, metavar="S")
+    p.add_argument("--max-tasks-per-child", type=int, metavar="N",
+                   help="replace a worker process after N tasks (0 = never)")
+    p.add_argument("--max-memory-per-child", type=int, metavar="MiB",
+                   help="replace a worker process that grows past MiB (0 = off)")
+    p.add_argument("--shutdown-timeout", type=float, metavar="S",
+                   help="seconds running tasks get to finish on SIGTERM")
+    p.add_argument("--blocking-threshold", type=float, metavar="S",
+                   help="seconds the hub may block before a warning with the stack (0 = off)")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     return p
