@@ -16,7 +16,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError
@@ -104,6 +104,9 @@ SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
 NON_SETTING_ENV = ("GREENQ_CONFIG", "GREENQ_TEST_", "GREENQ_SUPERVISOR_")
 #: warnings already logged by this process (one module may load the config twice)
 _REPORTED: set = set()
+#: set by the worker and the admin tool, which report the warnings of the
+#: configuration they loaded: loads made later (by the app's module) stay quiet
+_TAKEN_OVER = [False]
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
 
 
@@ -369,17 +372,24 @@ def load(path: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
         if value is not None:
             cfg.set(section, key, value, origin=f"option {key}")
     validate(cfg)
-    if not quiet:
+    if not quiet and not _TAKEN_OVER[0]:
         report(cfg)
     return cfg
 
 
-def report(cfg: Config) -> None:
-    """Log each of ``cfg.warnings`` at WARNING, once per process."""
+def report(cfg: Config, write: Optional[Callable[[str], None]] = None, take_over: bool = False) -> None:
+    """Pass each of ``cfg.warnings`` not reported yet in this process to
+    ``write`` (default: log it at WARNING on ``greenq.config``).  With
+    ``take_over`` (a command line tool), later ``load()`` calls in this
+    process report nothing: the same file and environment were reported once."""
+    _TAKEN_OVER[0] = _TAKEN_OVER[0] or take_over
     for message in cfg.warnings:
         if message not in _REPORTED:
             _REPORTED.add(message)
-            log.warning("%s", message)
+            if write is None:
+                log.warning("%s", message)
+            else:
+                write(message)
 
 
 def validate(cfg: Config) -> None:

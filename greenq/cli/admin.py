@@ -113,8 +113,8 @@ def _main(argv: Optional[List[str]]) -> int:
         cfg = config_module.load(args.config, quiet=True,
                                  overrides={("greenq", "broker_url"): args.broker,
                                             ("greenq", "result_backend"): args.backend})
-        for message in cfg.warnings:
-            sys.stderr.write(f"greenq: warning: {message}\n")
+        config_module.report(cfg, lambda message: sys.stderr.write(f"greenq: warning: {message}\n"),
+                             take_over=True)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args, cfg)

@@ -80,8 +80,8 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE
-    if not args.child:  # the supervisor said it already
-        config_module.report(cfg)
+    # a supervised child stays silent: its supervisor said it already
+    config_module.report(cfg, (lambda message: None) if args.child else None, take_over=True)
     if driver is None or driver.name != w["pool"]:
         sys.stderr.write(f"greenq-worker: error: pool {w['pool']!r} was not patched at start-up; "
                          f"start through the greenq-worker launcher\n")
