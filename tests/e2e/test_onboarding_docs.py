@@ -10,7 +10,6 @@ docs that these tests do not follow fails them.
 """
 from __future__ import annotations
 
-import ast
 import configparser
 import os
 import re
