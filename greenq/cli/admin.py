@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("queues", help="depth of each queue, delayed and dead-letter counts")
     _json_flag(q)
-    q.add_argument("--watch", action="store_true", help="refresh the table in place until Ctrl-C")
+    q.add_argument("--watch", action="store_true",
+                   help="refresh the table in place until Ctrl-C (with --json: one document per line)")
     q.add_argument("--interval", type=float, default=2.0, metavar="S",
                    help="seconds between refreshes with --watch (default 2)")
     q.add_argument("--count", type=int, default=0, metavar="N",
@@ -196,19 +197,21 @@ def cmd_revoke(args: argparse.Namespace, app: Any) -> int:
 
 
 def cmd_queues(args: argparse.Namespace, app: Any) -> int:
+    """The table once; with --watch redrawn in place on a terminal (appended
+    otherwise), or with --json one JSON document per line and refresh."""
     if not args.watch:
         print_queues(app, args.json, sys.stdout)
         return EXIT_OK
-    tty = sys.stdout.isatty()
+    redraw = sys.stdout.isatty() and not args.json
     shown = 0
     try:
         while True:
-            if tty:
-                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: redraw in place
-            elif shown:
-                sys.stdout.write("\n")
-            sys.stdout.write(f"{time.strftime('%H:%M:%S')}  every {args.interval:g} s, Ctrl-C to stop\n")
-            print_queues(app, args.json, sys.stdout)
+            if args.json:
+                print_queues(app, True, sys.stdout, compact=True)
+            else:
+                sys.stdout.write("\x1b[H\x1b[2J" if redraw else ("\n" if shown else ""))  # home, clear
+                sys.stdout.write(f"{time.strftime('%H:%M:%S')}  every {args.interval:g} s, Ctrl-C to stop\n")
+                print_queues(app, False, sys.stdout)
             sys.stdout.flush()
             shown += 1
             if args.count and shown >= args.count:

@@ -24,13 +24,14 @@ from ..config import mask_url
 INTERNAL_PREFIXES = ("greenq.", "amq.")
 
 
-def print_queues(app: Any, as_json: bool, out: TextIO) -> None:
+def print_queues(app: Any, as_json: bool, out: TextIO, compact: bool = False) -> None:
+    """The table, or one JSON document (on one line when ``compact``)."""
     stats, note = queue_stats(app)
     if as_json:
         doc: Dict[str, Any] = {"queues": [vars(s) for s in stats]}
         if note:
             doc["note"] = note
-        out.write(json.dumps(doc, indent=2) + "\n")
+        out.write(json.dumps(doc, indent=None if compact else 2) + "\n")
         return
     out.write(f"{'queue':<30} {'ready':>8} {'delayed':>8} {'held':>8} {'dead':>8}\n")
     for s in stats:

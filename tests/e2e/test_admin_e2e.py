@@ -252,3 +252,10 @@ def test_queues_on_rabbitmq_lists_every_queue_with_its_held_count(amqp_url, tmp_
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert names[1] in done.stdout and "management API at http://127.0.0.1:1 did not answer" in done.stdout
+
+
+def test_queues_watch_json_prints_one_document_per_refresh(sqlite_env):
+    done = sqlite_env.admin("queues", "--watch", "--json", "--interval", "0.05", "--count", "2")
+    assert done.returncode == 0, done.stderr
+    docs = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(docs) == 2 and all("queues" in d for d in docs)
