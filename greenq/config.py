@@ -53,6 +53,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "logging_config": Setting("str", "", "path to a logging.config.fileConfig INI"),
         "broker_connect_timeout": Setting("float", 0.0, "seconds a starting worker waits for its broker; "
                                           "0 = forever"),
+        "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
+                                     "result may be rebuilt as, beside builtins and the tasks' modules"),
     },
     "worker": {
         "pool": Setting("choice:gevent|eventlet|threads|solo", "gevent", "concurrency driver"),
