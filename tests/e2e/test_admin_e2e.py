@@ -26,6 +26,7 @@ def test_call_wait_and_result(pool, sqlite_env):
     assert json.loads(shown.stdout) == {"id": task_id, "state": "SUCCESS", "result": 42}
     failed = sqlite_env.admin("call", "e2e.fail", "--args", '["gone"]', "--wait", "--timeout", "30")
     assert failed.returncode == 1 and "KeyError" in failed.stdout
+    assert failed.stderr.startswith("Traceback (most recent call last):\n"), failed.stderr   # text, not JSON
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
 
