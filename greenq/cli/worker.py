@@ -66,6 +66,27 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
+def banner(app: Any, pool: str, pool_source: str) -> str:
+    """The start-up lines: version, app, pool, broker, backend, and every
+    registered task with the limits it will run with."""
+    from .. import __version__
+    from ..backends import backend_url_for
+    cfg = app.config
+    lines = [f"greenq {__version__} worker: app={app.name!r} pool={pool} ({pool_source}) "
+             f"broker={config_module.mask_url(cfg.broker_url)} "
+             f"backend={config_module.mask_url(backend_url_for(cfg))}"]
+    tasks = sorted(app.tasks.values(), key=lambda t: t.name)
+    lines.append(f"  {len(tasks)} registered task(s):")
+    for task in tasks:
+        parts = [f"queue={task.option('queue') or cfg.default_queue}", f"max_retries={task.option('max_retries')}"]
+        parts += [f"{key}={task.option(key)}" for key in ("soft_time_limit", "time_limit", "rate_limit")
+                  if task.option(key)]
+        if not task.option("acks_late"):
+            parts.append("acks_late=False")
+        lines.append(f"    {task.name} [{', '.join(parts)}]")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -118,8 +139,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     from ..worker.startup import wait_for_broker
     monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],
                       port_file=os.environ.get(HTTP_PORT_ENV) if args.child else None)
-    log.info("greenq worker: app=%r pool=%s (%s) broker=%s", app.name, driver.name, pool_source or "default",
-             config_module.mask_url(app.config.broker_url))
+    log.info("%s", banner(app, driver.name, pool_source or "default"))
     try:
         monitor.start()
         try:
