@@ -85,23 +85,27 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
     },
 }
 
-# Per-task overrides, in [task:<name>] sections.
+# Every task option: the decorator's default (Celery's, where Celery has one)
+# and, for the ones an INI ``[task:<name>]`` section may override, its type.
+# greenq.task reads the defaults from here: one table for both.
 TASK_SETTINGS: Dict[str, Setting] = {
     "queue": Setting("str", None, "queue"),
     "priority": Setting("int", None, "default priority 0-9"),
-    "max_retries": Setting("int", None, "retries before giving up"),
-    "retry_backoff": Setting("float", None, "backoff base in seconds; 0 = off"),
-    "retry_backoff_max": Setting("float", None, "longest backoff in seconds"),
-    "retry_jitter": Setting("bool", None, "randomise the backoff"),
-    "default_retry_delay": Setting("float", None, "seconds before an explicit retry"),
+    "max_retries": Setting("int", 3, "retries before giving up"),
+    "retry_backoff": Setting("float", False, "backoff base in seconds; 0 = off"),
+    "retry_backoff_max": Setting("float", 600.0, "longest backoff in seconds"),
+    "retry_jitter": Setting("bool", True, "randomise the backoff"),
+    "default_retry_delay": Setting("float", 180.0, "seconds before an explicit retry"),
     "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded"),
     "time_limit": Setting("float", None, "seconds before the task is killed"),
     "rate_limit": Setting("ratelimit", None, "N/s, N/m or N/h per worker"),
-    "acks_late": Setting("bool", None, "acknowledge after the task finished"),
-    "ignore_result": Setting("bool", None, "do not store the result"),
+    "acks_late": Setting("bool", True, "acknowledge after the task finished"),
+    "ignore_result": Setting("bool", False, "do not store the result"),
     "expires": Setting("float", None, "seconds after which an unstarted task is revoked"),
-    "track_started": Setting("bool", None, "store STARTED when the task begins"),
+    "track_started": Setting("bool", None, "store STARTED when the task begins; unset: [worker] track_started"),
 }
+#: decorator options that no INI section can set (they name code), with their defaults
+CODE_ONLY_TASK_OPTIONS: Dict[str, Any] = {"autoretry_for": ()}
 
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
 #: ``GREENQ_*`` environment variables that are not settings (no warning for them)
