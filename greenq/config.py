@@ -74,6 +74,7 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "max_connections": Setting("int", 0, "connection pool size; 0 = sized from the concurrency"),
         "socket_timeout": Setting("float", 10.0, "seconds before a silent connection is declared dead"),
         "health_check_interval": Setting("float", 15.0, "seconds between connection health checks"),
+        "min_replicas": Setting("int", 0, "replicas a publish and an ack wait for (WAIT); 0 = none"),
     },
     "amqp": {
         "confirm_publish": Setting("bool", True, "wait for publisher confirms when enqueuing"),

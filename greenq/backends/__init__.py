@@ -15,6 +15,8 @@ BACKENDS = {
     "memory": ("greenq.backends.memory", "MemoryBackend", None),
     "redis": ("greenq.backends.redis", "RedisBackend", "redis"),
     "rediss": ("greenq.backends.redis", "RedisBackend", "redis"),
+    "redis+sentinel": ("greenq.backends.redis_sentinel", "RedisSentinelBackend", "redis"),
+    "redis+cluster": ("greenq.backends.redis_cluster", "RedisClusterBackend", "redis"),
     "rpc": ("greenq.backends.rpc", "RPCBackend", "amqp"),
 }
 

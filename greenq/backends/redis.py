@@ -171,12 +171,14 @@ class RedisBackend(Reconnecting, ResultBackend):
     """Results, waits and revocations in Redis; see the module docstring."""
 
     schemes = ("redis", "rediss")
+    #: builds the client from the URL (Sentinel and Cluster subclasses use their own)
+    client_factory = staticmethod(make_client)
 
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.prefix = config.key_prefix
         self.expires = int(config.result_expires)
-        self.client = make_client(url, config, "results", extra=1)   # +1: the listener's
+        self.client = self.client_factory(url, config, "results", extra=1)   # +1: the listener's
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis result backend {mask_url(url)}", TRANSIENT,
                                        reset=lambda: self.pool.disconnect(inuse_connections=False),

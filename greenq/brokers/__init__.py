@@ -17,6 +17,8 @@ BROKERS = {
     "memory": ("greenq.brokers.memory", "MemoryBroker", None),
     "redis": ("greenq.brokers.redis", "RedisBroker", "redis"),
     "rediss": ("greenq.brokers.redis", "RedisBroker", "redis"),
+    "redis+sentinel": ("greenq.brokers.redis_sentinel", "RedisSentinelBroker", "redis"),
+    "redis+cluster": ("greenq.brokers.redis_cluster", "RedisClusterBroker", "redis"),
     "amqp": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
     "pyamqp": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
     "amqps": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),

@@ -122,12 +122,15 @@ class RedisBroker(Reconnecting, Broker):
     """Redis Streams broker; the module docstring has the key layout."""
 
     schemes = ("redis", "rediss")
+    #: builds the client from the URL (Sentinel and Cluster subclasses use their own)
+    client_factory = staticmethod(make_client)
 
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.prefix = config.key_prefix
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.client = make_client(url, config, "")
+        self.client = self.client_factory(url, config, "")
+        self._min_replicas = config.section("redis")["min_replicas"]
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
                                        reset=self._reset, on_recovered=self._recovered,
@@ -184,7 +187,7 @@ class RedisBroker(Reconnecting, Broker):
     def publish(self, message: Outgoing) -> None:
         """One round trip: a plain XADD in the common case."""
         m = message
-        if m.queue not in self._registered or (m.eta is not None and m.eta > time.time()):
+        if self._min_replicas or m.queue not in self._registered or (m.eta is not None and m.eta > time.time()):
             return self.publish_many([m])
         key = self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))]
         self._call(lambda: self.client.execute_command("XADD", key, "*", "b", m.body, "m", m.message_id),
@@ -221,14 +224,14 @@ class RedisBroker(Reconnecting, Broker):
     def _run_script(self, script: Any, calls: List[Tuple[list, list]]) -> List[Any]:
         """Several calls of one script in one round trip (EVALSHA in a pipeline;
         after a restart flushed the script cache, loaded once and retried)."""
-        if len(calls) == 1:
+        if len(calls) == 1 and not self._min_replicas:
             return [script(keys=calls[0][0], args=calls[0][1])]
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:
                 pipe.evalsha(script.sha, len(keys), *keys, *args)
             try:
-                return pipe.execute()
+                return self._replicated(pipe, "publish")
             except redis.exceptions.NoScriptError:
                 if attempt == 2:
                     raise
@@ -393,7 +396,25 @@ class RedisBroker(Reconnecting, Broker):
                 chunk = ids[start:start + MAX_BATCH]
                 pipe.execute_command("XACK", key, GROUP, *chunk)
                 pipe.execute_command("XDEL", key, *chunk)
-        pipe.execute()
+        self._replicated(pipe, "ack")
+
+    def _replicated(self, pipe: Any, what: str) -> List[Any]:
+        """Run ``pipe``; with ``[redis] min_replicas = N`` it ends in WAIT N (on
+        the same connection), so its writes are on N replicas when this returns.
+        A publish that N replicas did not confirm within half the socket timeout
+        raises BrokerError (it may still be delivered); an ack only warns (if
+        lost in a failover, the message is delivered again)."""
+        n = self._min_replicas
+        if not n:
+            return pipe.execute()
+        pipe.execute_command("WAIT", n, int(self._timeout * 500))
+        *replies, acked = pipe.execute()
+        if acked < n:
+            text = f"{what}: only {acked} of [redis] min_replicas = {n} replica(s) confirmed the write"
+            if what != "ack":
+                raise BrokerError(text)
+            log.warning("%s", text)
+        return replies
 
     def _flush_unacked(self) -> None:
         """Send acks kept while Redis was away (inside a round trip that worked)."""

@@ -1,0 +1,125 @@
+"""Clients for Redis behind Sentinel and for Redis Cluster, built from their URLs.
+
+``redis+sentinel://[[user]:pw@]host:26379[,host:26379…]/db?master=NAME``
+    The sentinels are asked for the master of ``NAME`` every time a new
+    connection is opened, so after a failover the next connection (the
+    broker's Reconnector drops the idle ones when a round trip fails) goes to
+    the promoted replica.  The password is the data nodes'; sentinels that
+    need their own take ``&sentinel_password=...``.
+
+``redis+cluster://[[user]:pw@]host:port[,host:port…]``
+    Seed nodes of a Redis Cluster; redis-py's RedisCluster finds the rest and
+    follows MOVED/ASK redirections and failovers.  Only database 0 exists.
+
+Both share the ``[redis]`` settings of plain ``redis://`` (pool size, socket
+timeout, health checks) and, like it, leave retries to the owner's
+Reconnector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+from urllib.parse import parse_qs, unquote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.connection import BlockingConnectionPool
+from redis.retry import Retry
+from redis.sentinel import Sentinel, SentinelConnectionPool
+
+from ..config import Config, mask_url
+from ..exceptions import BrokerError
+
+SENTINEL_PORT = 26379
+CLUSTER_PORT = 6379
+
+
+@dataclass
+class Topology:
+    """What a ``redis+sentinel://`` or ``redis+cluster://`` URL says."""
+
+    hosts: List[Tuple[str, int]]
+    db: int = 0
+    username: Optional[str] = None
+    password: Optional[str] = None
+    options: Dict[str, str] = field(default_factory=dict)
+
+
+def parse(url: str, default_port: int) -> Topology:
+    """Split a multi-host URL (``urlsplit`` refuses a comma in the port)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise BrokerError(f"bad Redis URL {mask_url(url)}: expected SCHEME://HOST:PORT[,HOST:PORT...]")
+    netloc, _, tail = rest.partition("/")
+    path, _, query = tail.partition("?")
+    if "?" in netloc:
+        netloc, _, query = netloc.partition("?")
+    userinfo, at, hostlist = netloc.rpartition("@")
+    topo = Topology(hosts=[])
+    if at:
+        user, colon, password = userinfo.partition(":")
+        topo.username = unquote(user) or None
+        topo.password = unquote(password) if colon else None
+    for item in hostlist.split(","):
+        host, colon, port = item.strip().rpartition(":")
+        if not colon:
+            host, port = port, ""
+        host = host.strip("[]")
+        if not host or (port and not port.isdigit()):
+            raise BrokerError(f"bad Redis URL {mask_url(url)}: {item!r} is not HOST:PORT")
+        topo.hosts.append((host, int(port) if port else default_port))
+    path = path.strip("/")
+    if path:
+        if not path.isdigit():
+            raise BrokerError(f"bad Redis URL {mask_url(url)}: database {path!r} is not a number")
+        topo.db = int(path)
+    topo.options = {k: v[-1] for k, v in parse_qs(query).items()}
+    return topo
+
+
+def _common(config: Config) -> Dict[str, Any]:
+    """Connection options shared with plain redis:// (see greenq.brokers.redis.make_client)."""
+    opts = config.section("redis")
+    timeout = opts["socket_timeout"] or None
+    return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
+                health_check_interval=opts["health_check_interval"], retry=Retry(NoBackoff(), 0))
+
+
+class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A Sentinel-managed pool that makes callers wait for a free connection
+    (as plain redis:// does) instead of failing when all are in use."""
+
+
+def sentinel_client(url: str, config: Config, name: str, size: int) -> "redis.Redis":
+    """A client on the current master of the URL's ``master=NAME``."""
+    from ..brokers.redis import client_name
+    topo = parse(url, SENTINEL_PORT)
+    master = topo.options.get("master") or topo.options.get("service_name")
+    if not master:
+        raise BrokerError(f"bad Redis URL {mask_url(url)}: redis+sentinel:// needs ?master=NAME")
+    common = _common(config)
+    sentinel_kwargs = {k: v for k, v in common.items() if k.startswith("socket_")}
+    if "sentinel_password" in topo.options:
+        sentinel_kwargs["password"] = topo.options["sentinel_password"]
+    manager = Sentinel(topo.hosts, sentinel_kwargs=sentinel_kwargs)
+    pool = _BlockingSentinelPool(master, manager, max_connections=size, timeout=None,
+                                 db=topo.db, username=topo.username, password=topo.password,
+                                 client_name=client_name(config.key_prefix, name), **common)
+    return redis.Redis(connection_pool=pool)
+
+
+def cluster_client(url: str, config: Config, name: str, size: int) -> "redis.cluster.RedisCluster":
+    """A RedisCluster client on the URL's seed nodes."""
+    from redis.cluster import ClusterNode, RedisCluster
+
+    from ..brokers.redis import client_name
+    topo = parse(url, CLUSTER_PORT)
+    if topo.db:
+        raise BrokerError(f"bad Redis URL {mask_url(url)}: a Redis Cluster has only database 0")
+    common = _common(config)
+    common.pop("retry")
+    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in topo.hosts],
+                        username=topo.username, password=topo.password,
+                        max_connections=size, client_name=client_name(config.key_prefix, name),
+                        retry=Retry(NoBackoff(), 0), cluster_error_retry_attempts=0,
+                        **common)
