@@ -108,8 +108,22 @@ def sentinel_client(url: str, config: Config, name: str, size: int) -> "redis.Re
     return redis.Redis(connection_pool=pool)
 
 
-def cluster_client(url: str, config: Config, name: str, size: int) -> "redis.cluster.RedisCluster":
-    """A RedisCluster client on the URL's seed nodes."""
+class _AllNodePools:
+    """What RedisBroker/RedisBackend call ``client.connection_pool``: dropping
+    idle connections drops them on every node."""
+
+    def __init__(self, cluster: Any) -> None:
+        self.cluster = cluster
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        for node in self.cluster.get_nodes():
+            if node.redis_connection is not None:
+                node.redis_connection.connection_pool.disconnect(inuse_connections=inuse_connections)
+
+
+def cluster_client(url: str, config: Config, name: str, size: int) -> Any:
+    """A RedisCluster client on the URL's seed nodes, with a blocking pool of
+    ``size`` connections per node."""
     from redis.cluster import ClusterNode, RedisCluster
 
     from ..brokers.redis import client_name
@@ -117,9 +131,18 @@ def cluster_client(url: str, config: Config, name: str, size: int) -> "redis.clu
     if topo.db:
         raise BrokerError(f"bad Redis URL {mask_url(url)}: a Redis Cluster has only database 0")
     common = _common(config)
-    common.pop("retry")
-    return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in topo.hosts],
-                        username=topo.username, password=topo.password,
-                        max_connections=size, client_name=client_name(config.key_prefix, name),
-                        retry=Retry(NoBackoff(), 0), cluster_error_retry_attempts=0,
-                        **common)
+    common.pop("retry")          # the cluster client's own; its nodes never retry
+    # Seeds given as a redis:// URL make redis-py build each node's pool from
+    # connection_pool_class: a blocking pool, as plain redis:// has.
+    first, rest = topo.hosts[0], topo.hosts[1:]
+    try:
+        client = RedisCluster(url=f"redis://{first[0]}:{first[1]}/0",
+                              startup_nodes=[ClusterNode(h, p) for h, p in rest],
+                              username=topo.username, password=topo.password,
+                              connection_pool_class=BlockingConnectionPool, timeout=None,
+                              max_connections=size, client_name=client_name(config.key_prefix, name),
+                              retry=Retry(NoBackoff(), 0), **common)
+    except redis.RedisError as exc:
+        raise redis.ConnectionError(f"no node of {mask_url(url)} answered: {exc}") from exc
+    client.connection_pool = _AllNodePools(client)
+    return client

@@ -102,7 +102,8 @@ class RedisCluster(Servers):
             for port in self.ports:
                 self.start(port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                            "--cluster-node-timeout", str(node_timeout_ms),
-                           "--cluster-replica-validity-factor", "0")
+                           "--cluster-replica-validity-factor", "0",
+                           "--cluster-require-full-coverage", "no")
             subprocess.run([REDIS_CLI, "--cluster", "create",
                             *[f"127.0.0.1:{p}" for p in self.ports],
                             "--cluster-replicas", "1", "--cluster-yes"],

@@ -6,18 +6,8 @@ import pytest
 from tests.conftest import make_config
 
 from . import failover
-from .servers import REDIS_SERVER, RedisSentinel
 
 pytestmark = pytest.mark.cluster
-
-
-@pytest.fixture
-def sentinel():
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed")
-    deployment = RedisSentinel()
-    yield deployment
-    deployment.stop()
 
 
 def test_sentinel_url_reaches_master_and_results(sentinel):

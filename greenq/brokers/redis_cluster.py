@@ -1,0 +1,435 @@
+"""``redis+cluster://host:port[,host:port…]``: the Redis broker on a Redis Cluster.
+
+Key layout (``P`` is ``[greenq] key_prefix``; ``{...}`` is the hash tag, so
+every key of one queue lives in one slot, on one master, and different queues
+spread over the masters)::
+
+    {P:<queue>}:q:<0-9>      the queue's streams (as P:q:<queue>:<0-9> on redis://)
+    {P:<queue>}:delayed      its delayed messages
+    {P:<queue>}:dead         its dead letters; dead letter ids are "<queue>/<entry id>"
+    {P:<queue>}:dead:count   hash queue -> number of its dead letters
+    {P:<queue>}:dead:queue   set holding the queue's name (the dead-letter script
+                             registers the queue in a key of its own slot)
+    P:queues                 every queue name seen (its own slot)
+
+The scripts of :mod:`greenq.brokers._redis_lua` run unchanged, one queue per
+call.  Fetching runs one *lane* per queue (a greenlet under a green driver, a
+thread otherwise): each lane does the plain broker's move-delayed / reclaim /
+read / block cycle for its queue on its own master, and what it leases lands
+in the shared spares that ``fetch`` hands out.  A slow or failing master
+stalls only the lanes of its own queues; the cost is that a fetch may lease
+up to ``count`` messages per queue (the extra ones wait, renewed, in the
+spares), and that the order between queues on different masters is not kept.
+
+During a failover the round trips to the dead master's slots fail and are
+retried with backoff until the cluster has promoted its replica (about twice
+``cluster-node-timeout``); redis-py refreshes its slot map on each failure.
+Set ``cluster-require-full-coverage no`` on the servers so the other masters
+keep serving meanwhile.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import redis
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+
+from ..clients.redis_topology import cluster_client
+from ..config import Config
+from ..exceptions import BrokerError
+from .base import DeadLetter, Delivery, Outgoing, QueueStats
+from ._reconnect import Unreachable
+from .redis import (GROUP, MAX_BATCH, PARKED, PRIORITIES, PUBLISH_CHUNK, TRANSIENT, RedisBroker,
+                    _STREAM_ID, _text, pool_size)
+
+log = logging.getLogger("greenq.brokers.redis_cluster")
+
+#: errors a failover causes: retried with backoff like a lost connection
+CLUSTER_TRANSIENT = TRANSIENT + (ClusterDownError, TryAgainError, SlotNotCoveredError)
+LANE_GRACE = 2.0      # seconds stop_consuming/close wait for the lanes' last reads
+
+#: Put dead letters back on their queue.  KEYS: the queue's dead stream, its
+#: dead counts hash, then its ten streams, priority 9 first.  ARGV: queue
+#: name, then dead entry ids (none: the oldest 500).  Returns how many moved.
+DLQ_BACK = """
+local ids = {}
+if #ARGV > 1 then
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+else
+  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)) do ids[#ids + 1] = e[1] end
+end
+local moved = 0
+for _, id in ipairs(ids) do
+  local found = redis.call('XRANGE', KEYS[1], id, id)
+  if found[1] then
+    local info = {}
+    local f = found[1][2]
+    for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
+    redis.call('XADD', KEYS[12 - tonumber(info['p'])], '*', 'b', info['b'], 'm', info['m'])
+    redis.call('XDEL', KEYS[1], id)
+    if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
+    moved = moved + 1
+  end
+end
+return moved
+"""
+
+
+def make_cluster_client(url: str, config: Config, role: str = "", extra: int = 0) -> Any:
+    """:func:`greenq.brokers.redis.make_client` for a ``redis+cluster://`` URL."""
+    return cluster_client(url, config, role, pool_size(config) + extra)
+
+
+class RedisClusterBroker(RedisBroker):
+    """RedisBroker with one hash slot per queue and one fetch lane per queue."""
+
+    schemes = ("redis+cluster",)
+    client_factory = staticmethod(make_cluster_client)
+
+    def __init__(self, url: str, config: Config, driver: Any = None) -> None:
+        super().__init__(url, config, driver)
+        self.reconnector.transient = CLUSTER_TRANSIENT
+        self._dlq_back_script = self.client.register_script(DLQ_BACK)
+        self._busy: set = set()                          # queues whose lane is running
+        self._lanes: List[Any] = []                      # their handles
+        self._reclaim_at: Dict[str, float] = {}
+        self._lane_error: Optional[BaseException] = None
+        self._arrived = threading.Event() if driver is None else driver.event()
+        self._stopped = False
+
+    # -- keys --------------------------------------------------------------------
+    def _tag(self, queue: str) -> str:
+        return f"{{{self.prefix}:{queue}}}"
+
+    def streams(self, queue: str) -> List[str]:
+        keys = self._streams.get(queue)
+        if keys is None:
+            keys = [f"{self._tag(queue)}:q:{p}" for p in PRIORITIES]
+            for key, prio in zip(keys, PRIORITIES):
+                self._where[key.encode()] = (queue, prio)
+            self._streams[queue] = keys
+        return keys
+
+    def _delayed(self, queue: str) -> str:
+        return f"{self._tag(queue)}:delayed"
+
+    def _dead_keys(self, queue: str) -> List[str]:
+        """Dead stream, dead counts hash, and the in-slot registry the shared
+        dead-letter script writes to."""
+        tag = self._tag(queue)
+        return [f"{tag}:dead", f"{tag}:dead:count", f"{tag}:dead:queue"]
+
+    # -- publishing ----------------------------------------------------------------
+    def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """One PUBLISH script call per queue (and per chunk), all pipelined; the
+        registry is written apart, as it lives in a slot of its own."""
+        if not messages:
+            return
+        now = time.time()
+        new_queues = sorted({m.queue for m in messages} - self._registered)
+        by_queue: Dict[str, List[Outgoing]] = {}
+        for m in messages:
+            by_queue.setdefault(m.queue, []).append(m)
+        calls = []
+        for queue, batch in by_queue.items():
+            streams = self.streams(queue)
+            for start in range(0, len(batch), PUBLISH_CHUNK):
+                index: Dict[str, int] = {}
+                args: List[Any] = [0]
+                for m in batch[start:start + PUBLISH_CHUNK]:
+                    prio = min(9, max(0, int(m.priority)))
+                    if m.eta is not None and m.eta > now:
+                        key = self._delayed(queue)
+                        args += [index.setdefault(key, len(index) + 2), repr(m.eta),
+                                 self._delayed_member(m, prio), b""]
+                    else:
+                        key = streams[9 - prio]
+                        args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
+                calls.append(([streams[0], *index], args))   # KEYS[1]: in-slot, unused with n = 0
+
+        def send() -> None:
+            if new_queues:
+                self.client.sadd(self._k_queues, *new_queues)
+            self._run_script(self._publish_script, calls)
+        self._call(send, self._timeout, "publish")
+        self._registered.update(new_queues)
+
+    @staticmethod
+    def _delayed_member(m: Outgoing, prio: int) -> bytes:
+        import secrets
+        mid = m.message_id.encode()
+        return b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(), prio, len(mid), mid, m.body)
+
+    def _run_script(self, script: Any, calls: List[Tuple[list, list]]) -> List[Any]:
+        """Several calls of one script, one pipelined round trip per master (a
+        cluster pipeline refuses EVALSHA); with ``min_replicas``, each master's
+        batch ends in WAIT."""
+        if len(calls) == 1 and not self._min_replicas:
+            return [script(keys=calls[0][0], args=calls[0][1])]
+        commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
+        try:
+            return self._per_master(commands, "publish")
+        except redis.exceptions.NoScriptError:     # a promoted replica, a restart: load, retry once
+            self.client.script_load(script.script)
+            return self._per_master(commands, "publish")
+
+    def _replicated(self, pipe: Any, what: str) -> List[Any]:
+        """As on redis://, but WAIT must follow the writes on the connection of
+        the master that took them: with ``min_replicas`` the queued commands
+        are replayed on each master's own client."""
+        if not self._min_replicas:
+            return pipe.execute()
+        commands = [c.args for c in pipe.command_stack]
+        pipe.reset()
+        return self._per_master(commands, what)
+
+    def _per_master(self, commands: List[tuple], what: str) -> List[Any]:
+        """Run ``commands`` in one pipeline per master (ending in WAIT when
+        ``[redis] min_replicas`` is set); replies in the commands' order."""
+        n = self._min_replicas
+        by_node: Dict[str, List[int]] = {}
+        nodes: Dict[str, Any] = {}
+        for i, args in enumerate(commands):
+            node = self.client.nodes_manager.get_node_from_slot(self.client.determine_slot(*args))
+            nodes[node.name] = node
+            by_node.setdefault(node.name, []).append(i)
+        replies: List[Any] = [None] * len(commands)
+        short = []
+        for name, positions in by_node.items():
+            node_pipe = nodes[name].redis_connection.pipeline(transaction=False)
+            for i in positions:
+                node_pipe.execute_command(*commands[i])
+            if n:
+                node_pipe.execute_command("WAIT", n, int(self._timeout * 500))
+            try:
+                got = node_pipe.execute()
+            except (redis.exceptions.MovedError, redis.exceptions.AskError, *TRANSIENT) as exc:
+                self._refresh_slots()                   # a failover moved the slot: retry
+                raise redis.ConnectionError(f"{name}: {exc}") from None
+            if n:
+                *got, acked = got
+                if acked < n:
+                    short.append(f"{name}: {acked}")
+            for i, value in zip(positions, got):
+                replies[i] = value
+        if short:
+            text = f"{what}: fewer than [redis] min_replicas = {n} replica(s) confirmed ({', '.join(short)})"
+            if what != "ack":
+                raise BrokerError(text)
+            log.warning("%s", text)
+        return replies
+
+    def _refresh_slots(self) -> None:
+        try:
+            self.client.nodes_manager.initialize()
+        except Exception as exc:  # the next round trip fails and retries
+            log.debug("slot map refresh failed: %s", exc)
+
+    # -- consuming ---------------------------------------------------------------------
+    def _declare(self, queues: Sequence[str]) -> None:
+        for q in queues:
+            streams = self.streams(q)
+            self._declare_script(keys=[streams[0], *streams], args=[GROUP])   # no in-script SADD
+        self.client.sadd(self._k_queues, *queues)
+        self._declared.update(queues)
+        self._registered.update(queues)
+
+    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+        """Start the lane of every queue that has none running, then hand out
+        what the first lanes bring; see the module docstring."""
+        if count <= 0 or not queues or self._stopped:
+            return []
+        count = min(count, MAX_BATCH)
+        out = self._take_spares(count)
+        if out:
+            return out
+        deadline = time.monotonic() + max(0.0, timeout)
+        interrupts = self._interrupts
+        if self._unacked:
+            try:
+                self._call(self._flush_unacked, min(2.0, max(0.1, timeout)), "ack")
+            except Unreachable:
+                pass
+        with self._lock:
+            idle = [q for q in queues if q not in self._busy]
+            self._busy.update(idle)
+            self._lanes = [h for h in self._lanes if not _finished(h)]
+        for q in idle:
+            self._lanes.append(self._spawn(self._lane, q, count, deadline))
+        while True:
+            out = self._take_spares(count)
+            if out:
+                return out
+            error, self._lane_error = self._lane_error, None
+            if error is not None:
+                raise error
+            with self._lock:
+                running = not self._busy.isdisjoint(queues)
+            now = time.monotonic()
+            if not running or now >= deadline or self._interrupts != interrupts:
+                return []
+            self._arrived.wait(min(deadline - now, 0.5))
+            self._arrived.clear()
+
+    def _spawn(self, fn: Any, *args: Any) -> Any:
+        if self.driver is not None:
+            return self.driver.spawn(fn, *args)
+        thread = threading.Thread(target=fn, args=args, name="greenq-redis-lane", daemon=True)
+        thread.start()
+        return thread
+
+    def _lane(self, queue: str, count: int, deadline: float) -> None:
+        got: List[Delivery] = []
+        try:
+            got = self.reconnector.call(lambda: self._lane_once(queue, count, deadline), deadline, "fetch")
+        except Unreachable:
+            pass
+        except Exception as exc:  # raised by the next fetch, in the consumer
+            self._lane_error = exc
+        finally:
+            with self._lock:
+                self._spares.extend(got)
+                self._busy.discard(queue)
+            self._arrived.set()
+
+    def _lane_once(self, queue: str, count: int, deadline: float) -> List[Delivery]:
+        """The plain broker's fetch cycle for one queue (one slot)."""
+        if queue not in self._declared:
+            self._declare([queue])
+        out: List[Delivery] = []
+        if time.monotonic() >= self._reclaim_at.get(queue, 0.0):
+            out = self._reclaim([queue], count)
+            self._reclaim_at[queue] = self._next_reclaim
+        due: Optional[float] = None
+        if len(out) < count:
+            try:
+                out += self._read([queue], count - len(out))
+                due = self._next_due
+            except Exception:
+                with self._lock:
+                    self._spares.extend(out)
+                raise
+        if out or self._stopped:
+            return out
+        now = time.monotonic()
+        wait = min(deadline - now, self._block, self._reclaim_at[queue] - now)
+        if due is not None:
+            wait = min(wait, due - time.time())
+        if wait <= 0.001:
+            return []
+        return self._block_read([queue], count, wait)
+
+    def _join_lanes(self) -> None:
+        end = time.monotonic() + self._block + LANE_GRACE
+        for handle in list(self._lanes):
+            handle.join(max(0.0, end - time.monotonic()))
+        self._lanes = []
+
+    def stop_consuming(self) -> None:
+        """No lane starts after this; the running ones end within a blocking
+        read, and what they leased goes back to the queue uncounted."""
+        self._stopped = True
+        self.interrupt()
+        self._join_lanes()
+        with self._lock:
+            spares, self._spares = list(self._spares), type(self._spares)()
+        if spares:
+            self.requeue(spares, started=False)
+
+    def close(self) -> None:
+        self._stopped = True
+        self._join_lanes()
+        super().close()
+
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        key, entry_id = delivery.token
+        self._call(lambda: self._dead_script(
+            keys=[key, *self._dead_keys(delivery.queue)],
+            args=[GROUP, entry_id, delivery.queue, delivery.priority, delivery.message_id,
+                  reason, repr(time.time()), delivery.body]), self._timeout, "dead-letter")
+
+    # -- administration --------------------------------------------------------------
+    def _known_queues(self) -> List[str]:
+        names = self._call(lambda: self.client.smembers(self._k_queues), self._timeout, "queue_stats")
+        return sorted(_text(n) for n in names)
+
+    def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
+        if queues is None:
+            queues = self._known_queues()
+        stats = []
+        for q in queues:
+            keys = self.streams(q) + [self._delayed(q), self._dead_keys(q)[1]]
+            flat = self._call(lambda: self._stats_script(keys=keys, args=[GROUP, PARKED, q]),
+                              self._timeout, "queue_stats")
+            stats.append(QueueStats(q, *flat[:4]))
+        return stats
+
+    def _dead_letters(self, queue: str, start: str, end: str, limit: Optional[int]) -> List[DeadLetter]:
+        entries = self._call(lambda: self.client.xrange(self._dead_keys(queue)[0], start, end, count=limit),
+                             self._timeout, "dlq list")
+        out = []
+        for entry_id, fields in entries:
+            dead = self._dead_letter_of(entry_id, fields)
+            dead.id = f"{queue}/{dead.id}"
+            out.append(dead)
+        return out
+
+    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+        merged: List[DeadLetter] = []
+        for q in self._known_queues():
+            merged += self._dead_letters(q, "-", "+", limit)
+        merged.sort(key=lambda d: tuple(int(x) for x in d.id.rpartition("/")[2].split("-")))
+        return merged[:limit]
+
+    def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
+        queue, _, entry = dead_id.rpartition("/")
+        if not queue or not _STREAM_ID.match(entry):
+            return None
+        found = self._dead_letters(queue, entry, entry, None)
+        return found[0] if found else None
+
+    def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
+        by_queue: Dict[str, List[str]] = {}
+        if dead_ids is None:
+            by_queue = {q: [] for q in self._known_queues()}
+        else:
+            for dead_id in dead_ids:
+                queue, _, entry = dead_id.rpartition("/")
+                if queue and _STREAM_ID.match(entry):
+                    by_queue.setdefault(queue, []).append(entry)
+        moved = 0
+        for queue, ids in by_queue.items():
+            keys = self._dead_keys(queue)[:2] + self.streams(queue)
+            for start in range(0, max(1, len(ids)), 500):
+                chunk = ids[start:start + 500]
+                while True:
+                    n = self._call(lambda: self._dlq_back_script(keys=keys, args=[queue, *chunk]),
+                                   self._timeout, "dlq requeue")
+                    moved += n
+                    if chunk or n < 500:
+                        break
+        return moved
+
+    def dlq_purge(self) -> int:
+        total = 0
+        for q in self._known_queues():
+            dead, counts, _ = self._dead_keys(q)
+
+            def purge() -> int:
+                pipe = self.client.pipeline(transaction=False)
+                pipe.xlen(dead)
+                pipe.delete(dead)
+                pipe.delete(counts)
+                return pipe.execute()[0]
+            total += self._call(purge, self._timeout, "dlq purge")
+        return total
+
+
+def _finished(handle: Any) -> bool:
+    dead = getattr(handle, "dead", None)
+    if dead is not None:
+        return bool(dead() if callable(dead) else dead)
+    return not handle.is_alive()
