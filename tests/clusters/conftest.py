@@ -27,6 +27,15 @@ def redis_cluster():
 
 
 @pytest.fixture
+def own_cluster():
+    """A cluster of the test's own, for a test that kills one of its masters."""
+    _need_redis_server()
+    deployment = RedisCluster()
+    yield deployment
+    deployment.stop()
+
+
+@pytest.fixture
 def sentinel():
     """Its own deployment per test: the failover tests kill its master."""
     _need_redis_server()

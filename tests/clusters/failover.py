@@ -36,7 +36,6 @@ class Outcome:
     lost: int = 0
     duplicated: int = 0
     resume_s: float = 0.0
-    publish_per_s: float = 0.0
 
     def line(self) -> str:
         return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(self).items())
@@ -65,12 +64,14 @@ def worker_env(url: str, prefix: str, log: Path, extra: Dict[str, str]) -> Dict[
 
 def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, total: int = 300,
         rate: float = 200.0, settle: float = 8.0, deadline: float = 40.0, concurrency: int = 10,
-        extra_env: Dict[str, str] = None) -> "tuple[Outcome, str]":
-    """Send ``total`` tasks at ``rate``/s over ``queues``, drain, kill at a third.
+        backlog: int = 0, pause: float = 0.02,
+        extra_env: Dict[str, str] = None, prefix: str = "") -> "tuple[Outcome, str]":
+    """Send ``backlog`` tasks at once, then the rest of ``total`` at ``rate``/s,
+    over ``queues``; each task takes ``pause`` s; drain, kill at a third.
     Returns the outcome and what the worker printed."""
     from greenq.config import load
     log = tmp / "completed.log"
-    env = worker_env(url, f"fo{os.getpid()}", log, dict(extra_env or {}))
+    env = worker_env(url, prefix or f"fo{os.getpid()}", log, dict(extra_env or {}))
     sys.path.insert(0, str(HERE))
     import cluster_tasks
     app = cluster_tasks.app
@@ -87,14 +88,15 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
             if stop.is_set():
                 return
             try:
-                app.send_task("clusters.record", args=(n,), queue=queues[n % len(queues)])
+                app.send_task("clusters.record", args=(n, pause), queue=queues[n % len(queues)])
                 sent.append(n)
             except Exception:
                 out.refused += 1
-            lag = began + (n + 1) / rate - time.monotonic()
-            if lag > 0:
+            if n == backlog:
+                began = time.monotonic()
+            lag = began + (n - backlog + 1) / rate - time.monotonic()
+            if n >= backlog and lag > 0:
                 time.sleep(lag)
-        out.publish_per_s = len(sent) / max(1e-9, time.monotonic() - began)
 
     worker = subprocess.Popen(
         [sys.executable, "-m", "greenq.worker", "-A", "cluster_tasks", "--pool", "gevent",

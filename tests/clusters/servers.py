@@ -58,6 +58,12 @@ def wait_until(check, timeout: float, what: str, step: float = 0.05) -> None:
         time.sleep(step)
 
 
+def replica_synced(port: int) -> bool:
+    """True for a master, or a replica whose link to its master is up."""
+    info = redis.Redis(port=port, socket_timeout=1).info("replication")
+    return info["role"] == "master" or info.get("master_link_status") == "up"
+
+
 class Servers:
     """A set of redis-server processes in one temporary directory."""
 
@@ -76,7 +82,7 @@ class Servers:
             cmd.append(path)
         cmd += ["--port", str(port), "--bind", "127.0.0.1", "--dir", where, "--save", "",
                 "--appendonly", "no", "--protected-mode", "no", "--logfile", os.path.join(where, "log"),
-                *args]
+                "--repl-diskless-sync-delay", "0", *args]
         self.procs[port] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(lambda: redis.Redis(port=port, socket_timeout=1).ping(), 10, f"redis on {port}")
 
@@ -109,6 +115,7 @@ class RedisCluster(Servers):
                             "--cluster-replicas", "1", "--cluster-yes"],
                            check=True, capture_output=True, timeout=60)
             wait_until(self._ok, 30, "cluster_state:ok on every node", 0.2)
+            wait_until(self._synced, 30, "every replica in sync with its master", 0.1)
         except BaseException:
             self.stop()
             raise
@@ -119,6 +126,9 @@ class RedisCluster(Servers):
             if info.get("cluster_state") != "ok":
                 return False
         return True
+
+    def _synced(self) -> bool:
+        return all(replica_synced(port) for port in self.procs)
 
     @property
     def url(self) -> str:
@@ -155,6 +165,7 @@ class RedisSentinel(Servers):
                     f"sentinel parallel-syncs {self.NAME} 1\n")
             for port in self.sentinels:
                 self.start(port, "--sentinel", conf=conf)
+            wait_until(lambda: replica_synced(self.replica), 20, "the replica in sync", 0.1)
             wait_until(self._watching, 20, "sentinels seeing the replica and each other", 0.1)
         except BaseException:
             self.stop()
