@@ -176,15 +176,19 @@ class RedisClusterBroker(RedisBroker):
             self.client.script_load(script.script)
             return self._per_master(commands, "publish")
 
-    def _replicated(self, pipe: Any, what: str) -> List[Any]:
-        """As on redis://, but WAIT must follow the writes on the connection of
-        the master that took them: with ``min_replicas`` the queued commands
-        are replayed on each master's own client."""
+    def _send_acks(self, deliveries: List[Delivery]) -> None:
+        """As on redis://; with ``min_replicas``, per master, each batch ending in WAIT."""
         if not self._min_replicas:
-            return pipe.execute()
-        commands = [c.args for c in pipe.command_stack]
-        pipe.reset()
-        return self._per_master(commands, what)
+            return super()._send_acks(deliveries)
+        by_key: Dict[str, List[bytes]] = {}
+        for d in deliveries:
+            by_key.setdefault(d.token[0], []).append(d.token[1])
+        commands: List[tuple] = []
+        for key, ids in by_key.items():
+            for start in range(0, len(ids), MAX_BATCH):
+                chunk = ids[start:start + MAX_BATCH]
+                commands += [("XACK", key, GROUP, *chunk), ("XDEL", key, *chunk)]
+        self._per_master(commands, "ack")
 
     def _per_master(self, commands: List[tuple], what: str) -> List[Any]:
         """Run ``commands`` in one pipeline per master (ending in WAIT when
