@@ -1,0 +1,140 @@
+"""Figures for docs/clusters.md: ``python -m tests.clusters.bench [--trials N]``.
+
+1. No-op drain throughput of one worker process: queues on the three masters
+   of a private Redis Cluster against one private Redis server, same run.
+2. Publish throughput with ``[redis] min_replicas`` 0 and 1 (Sentinel: a
+   master and one replica): one task per round trip, and batches of 100.
+3. Failover (master SIGKILLed mid-drain, tasks published during the kill):
+   sent, refused, completed, lost, duplicated, resume time, for Sentinel and
+   Cluster, with min_replicas 0 and 1.
+
+Every server is private (free ports, temporary directories); 6379 is never
+touched.  Takes a couple of minutes; not part of the test suite.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List
+
+from . import failover
+from .servers import RedisCluster, RedisSentinel, Servers, free_ports
+
+
+def _app(url: str, prefix: str, extra: Dict[str, str]):
+    from greenq.config import load
+    sys.path.insert(0, str(failover.HERE))
+    import cluster_tasks
+    app = cluster_tasks.app
+    app.close()
+    env = failover.worker_env(url, prefix, Path("/dev/null"), extra)
+    app.config = load(search=False, env={k: v for k, v in env.items() if k.startswith("GREENQ_")})
+    app._codec = None
+    return app
+
+
+def record():
+    """The task object (imported late: cluster_tasks builds its app at import)."""
+    import cluster_tasks
+    return cluster_tasks.record
+
+
+def drain_rate(url: str, queues: List[str], total: int, concurrency: int = 100) -> float:
+    """Tasks/s one gevent worker process runs, first to last start."""
+    tmp = Path(tempfile.mkdtemp())
+    prefix = f"b{uuid.uuid4().hex[:6]}"
+    app = _app(url, prefix, {})
+    for start in range(0, total, 1000):
+        app.enqueue_many([record().s(n, 0.0).set(queue=queues[n % len(queues)])
+                          for n in range(start, min(total, start + 1000))])
+    app.close()
+    env = failover.worker_env(url, prefix, tmp / "completed.log", {})
+    subprocess.run([sys.executable, "-m", "greenq.worker", "-A", "cluster_tasks", "--pool", "gevent",
+                    "-c", str(concurrency), "-Q", ",".join(queues), "--burst"],
+                   cwd=tmp, env=env, check=True, capture_output=True, timeout=300)
+    times = sorted(t for _, t in failover.read_log(tmp / "completed.log"))
+    assert len(times) == total, f"{len(times)} of {total} ran"
+    return total / (times[-1] - times[0])
+
+
+def publish_rate(url: str, min_replicas: int, singles: int, batches: int) -> Dict[str, float]:
+    app = _app(url, f"p{uuid.uuid4().hex[:6]}", {"GREENQ_REDIS_MIN_REPLICAS": str(min_replicas)})
+    app.send_task("clusters.record", args=(0,), queue="p")        # connect, register
+    began = time.perf_counter()
+    for n in range(singles):
+        app.send_task("clusters.record", args=(n,), queue="p")
+    single = singles / (time.perf_counter() - began)
+    began = time.perf_counter()
+    for b in range(batches):
+        app.enqueue_many([record().s(n).set(queue="p") for n in range(100)])
+    batched = batches * 100 / (time.perf_counter() - began)
+    app.close()
+    return {"one per call": single, "batches of 100": batched}
+
+
+def failover_row(kind: str, min_replicas: int, trial: int) -> failover.Outcome:
+    tmp = Path(tempfile.mkdtemp())
+    extra = {"GREENQ_REDIS_MIN_REPLICAS": str(min_replicas)}
+    if kind == "sentinel":
+        dep = RedisSentinel()
+        url, queues, kill = dep.url(), ["s"], (lambda: dep.kill(dep.master))
+        prefix = f"fs{trial}"
+    else:
+        dep = RedisCluster()
+        prefix = f"fc{trial}"
+        from .test_redis_cluster import queues_on_masters
+        queues, masters = queues_on_masters(dep, prefix)
+        kill: Callable[[], None] = lambda: dep.kill(masters[0])   # noqa: E731
+        url = dep.url
+    try:
+        outcome, _ = failover.run(url, queues, kill, tmp, total=3000, backlog=1000, rate=1000,
+                                  pause=0.0, concurrency=50, extra_env=extra, prefix=prefix,
+                                  deadline=60, settle=10)
+        return outcome
+    finally:
+        dep.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=2)
+    parser.add_argument("--tasks", type=int, default=20000)
+    args = parser.parse_args()
+
+    single = Servers()
+    port = free_ports(1)[0]
+    single.start(port)
+    cluster = RedisCluster()
+    try:
+        from .test_redis_cluster import queues_on_masters
+        queues, _ = queues_on_masters(cluster, "tp")
+        one = drain_rate(f"redis://127.0.0.1:{port}/0", queues, args.tasks)
+        three = drain_rate(cluster.url, queues, args.tasks)
+        print(f"no-op drain, 1 worker process, c=100, {args.tasks} tasks over 3 queues: "
+              f"one Redis {one:.0f}/s, Redis Cluster (3 masters) {three:.0f}/s")
+    finally:
+        single.stop()
+        cluster.stop()
+
+    sentinel = RedisSentinel()
+    try:
+        for n in (0, 1):
+            rates = publish_rate(sentinel.url(), n, 2000, 50)
+            print(f"publish, min_replicas={n}: " + ", ".join(f"{k} {v:.0f}/s" for k, v in rates.items()))
+    finally:
+        sentinel.stop()
+
+    for kind in ("sentinel", "cluster"):
+        for n in (0, 1):
+            for trial in range(args.trials):
+                print(f"failover {kind} min_replicas={n} #{trial + 1}: {failover_row(kind, n, trial).line()}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
