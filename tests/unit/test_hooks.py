@@ -152,3 +152,19 @@ def test_started_is_not_stored_by_default():
     assert r.state == "PENDING"
     gate.set()
     t.join(10)
+
+
+def test_rate_limit_subscriber_spaces_task_starts():
+    """rate_limit is a task_prerun subscriber: 5 tasks at 20/s start at least 50 ms apart."""
+    app = make_app()
+    starts = []
+
+    @app.task(rate_limit="20/s")
+    def tick():
+        starts.append(time.monotonic())
+    for _ in range(5):
+        tick.delay()
+    assert run_worker(app, concurrency=5) == 0
+    starts.sort()
+    gaps = [b - a for a, b in zip(starts, starts[1:])]
+    assert len(starts) == 5 and min(gaps) >= 0.045, gaps
