@@ -104,6 +104,33 @@ FETCH_SQL = _arms("id, priority, deliveries, message_id, body", ":count")
 PEEK_SQL = _arms("id", "1")
 
 
+SWEEP_INTERVAL = 10.0     # seconds between sweeps for rows the fetch cannot select
+SWEEP_SQL = ("SELECT id, priority, visible_at FROM messages WHERE queue = ? AND claimed_by IS NULL AND "
+             "(typeof(priority) != 'integer' OR priority NOT BETWEEN 0 AND 9 "
+             "OR typeof(visible_at) NOT IN ('integer', 'real'))")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_id: Any,
+              body: Any) -> Delivery:
+    """A fetched row as a Delivery; a column of the wrong type (written by
+    something other than greenq) sets ``error`` so the worker dead-letters it."""
+    error = None
+    if not isinstance(message_id, str):
+        error = f"column message_id is {type(message_id).__name__}, not text"
+        message_id = repr(message_id)[:100]
+    if not isinstance(body, (bytes, str)):
+        error = f"column body is {type(body).__name__}, not a blob"
+        body = b""
+    if type(deliveries) is not int or deliveries < 0:
+        error = f"column deliveries {deliveries!r:.40} is not a count"
+        deliveries = 0
+    return Delivery(queue, body, message_id, deliveries + 1, row_id, priority, error)
+
+
 def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
     for i in range(0, len(items), CHUNK):
         yield items[i:i + CHUNK]
@@ -140,6 +167,7 @@ class Database:
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False, cached_statements=64)
+        conn.text_factory = _text   # TEXT that is not UTF-8 (a raw write) must not fail a whole fetch
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         if not self._schema_ready:
@@ -205,6 +233,7 @@ class SQLiteBroker(Broker):
         self._db = Database(url)
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._interrupted = False
+        self._next_sweep = 0.0
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._blocking(self._db.run, fn, *args)
@@ -238,6 +267,9 @@ class SQLiteBroker(Broker):
         queues = list(queues)
         while True:
             out = self._run(self._claim, queues, count) if count > 0 else []
+            if not out and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+                self._run(self._sweep, queues)
             if out or self._interrupted:
                 self._interrupted = False
                 return out
@@ -258,8 +290,7 @@ class SQLiteBroker(Broker):
             for queue in wanted:
                 rows = conn.execute(FETCH_SQL, {"queue": queue, "now": now,
                                                 "count": count - len(out)}).fetchall()
-                out.extend(Delivery(queue, body, message_id, deliveries + 1, row_id, priority)
-                           for row_id, priority, deliveries, message_id, body in rows)
+                out.extend(_delivery(queue, *row) for row in rows)
                 if len(out) >= count:
                     break
             ids = [d.token for d in out]
@@ -268,6 +299,21 @@ class SQLiteBroker(Broker):
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
                              (self._consumer, now + self.config.lease_seconds, *chunk))
         return out
+
+    def _sweep(self, conn: sqlite3.Connection, queues: List[str]) -> None:
+        """Dead-letter rows of ``queues`` that the fetch can never select (a
+        priority outside 0-9 or a visible_at that is not a number, written by
+        something other than greenq): otherwise they would wait forever."""
+        with transaction(conn):
+            for queue in queues:
+                for row_id, priority, visible_at in conn.execute(SWEEP_SQL, (queue,)).fetchall():
+                    reason = (f"bad transport metadata: column priority {priority!r:.40} is not 0-9"
+                              if not (type(priority) is int and 0 <= priority <= 9) else
+                              f"bad transport metadata: column visible_at {visible_at!r:.40} is not a number")
+                    conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
+                                 "SELECT queue, 0, CAST(message_id AS TEXT), body, ?, ? FROM messages "
+                                 "WHERE id = ?", (reason, time.time(), row_id))
+                    conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
 
     def interrupt(self) -> None:
         self._interrupted = True
@@ -310,7 +356,7 @@ class SQLiteBroker(Broker):
         def move(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                             "SELECT queue, priority, message_id, body, ?, ? FROM messages WHERE id = ?",
+                             "SELECT queue, priority, CAST(message_id AS TEXT), body, ?, ? FROM messages WHERE id = ?",
                              (reason, time.time(), delivery.token))
                 conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
         self._run(move)
@@ -320,7 +366,7 @@ class SQLiteBroker(Broker):
 
         def query(conn: sqlite3.Connection) -> Optional[float]:
             sql = (f"SELECT MIN(visible_at) FROM messages WHERE queue IN ({placeholders(len(queues))}) "
-                   f"AND claimed_by IS NULL AND visible_at > ?")
+                   f"AND claimed_by IS NULL AND visible_at > ? AND typeof(visible_at) IN ('integer', 'real')")
             return conn.execute(sql, (*queues, time.time())).fetchone()[0]
         return self._run(query) if queues else None
 
@@ -354,7 +400,10 @@ class SQLiteBroker(Broker):
     @staticmethod
     def _dead(row: tuple) -> DeadLetter:
         dead_id, queue, body, reason, message_id, failed_at = row
-        return DeadLetter(str(dead_id), queue, body, reason, message_id, failed_at)
+        if isinstance(body, str):
+            body = body.encode()
+        return DeadLetter(str(dead_id), str(queue), bytes(body or b""), str(reason), str(message_id or ""),
+                          failed_at if isinstance(failed_at, (int, float)) else 0.0)
 
     def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
         def query(conn: sqlite3.Connection) -> List[DeadLetter]:
