@@ -30,6 +30,8 @@ H_DELIVERIES = "greenq-deliveries"
 H_QUORUM_COUNT = "x-delivery-count"
 #: highest delivery count (and base count) taken as genuine
 MAX_COUNT = 2 ** 31 - 1
+#: latest ``greenq-eta`` taken as genuine (the envelope's rule: year 9999)
+MAX_ETA = 253402300799
 
 #: the basic class's properties in the order of the content header:
 #: (flag bit, name, AMQP type)
@@ -146,6 +148,8 @@ def read_eta(headers: Any) -> Tuple[Optional[float], Optional[str]]:
         eta = math.nan
     if not math.isfinite(eta):
         return None, f"bad header {H_ETA}: {_show(value)} is not a finite number"
+    if eta > MAX_ETA:
+        return None, f"bad header {H_ETA}: {_show(value)} is after the year 9999"
     return eta, None
 
 

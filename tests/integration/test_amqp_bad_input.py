@@ -65,6 +65,7 @@ BAD = [
     ({"application_headers": {"greenq-eta": "abc"}}, "bad header greenq-eta: 'abc' is not a number"),
     ({"application_headers": {"greenq-eta": {"at": 1}}}, "bad header greenq-eta: {'at': 1} is not a number"),
     ({"application_headers": {"greenq-eta": True}}, "greenq-eta: True is not a number"),
+    ({"application_headers": {"greenq-eta": 10 ** 12}}, "greenq-eta: 1000000000000 is after the year 9999"),
     ({"application_headers": {"greenq-deliveries": "abc"}}, "bad header greenq-deliveries: 'abc'"),
     ({"application_headers": {"greenq-deliveries": -3}}, "bad header greenq-deliveries: -3"),
     ({"application_headers": {"greenq-deliveries": 2.5}}, "bad header greenq-deliveries: 2.5"),
