@@ -119,7 +119,7 @@ class ConsumerLoop:
         self.held: Dict[int, Delivery] = {}       # delivery tag -> every unacked delivery
         self.headers: Dict[int, dict] = {}        # delivery tag -> its header table (when not empty)
         self.low: List[int] = []                  # heap of held tags (lazily cleaned)
-        self.redo: List[tuple] = []               # (Delivery, amqp.Message) to publish again
+        self.redo: List[tuple] = []               # (Delivery, header table, count) to publish again
         self.calls: List[tuple] = []              # (fn, result box, event) for the loop to run
         self.methods: Dict[tuple, bytes] = {}     # cached basic.publish frames (publish_unconfirmed)
         self.cancelled = False

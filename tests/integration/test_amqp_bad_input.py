@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
 
 import amqp
 import pytest
 
-from greenq.brokers import Outgoing
 from greenq.brokers.amqp import MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, AMQPBroker
 from greenq.brokers.amqp_common import DLQ, connection_params
 from greenq.exceptions import BrokerError
