@@ -44,7 +44,7 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError, ConfigError
-from .amqp_meta import MAX_QUEUE_NAME_BYTES, as_bytes
+from .amqp_meta import H_DELIVERIES, H_ETA, MAX_QUEUE_NAME_BYTES, as_bytes  # noqa: F401 (H_*: shared names)
 
 log = logging.getLogger("greenq.amqp")
 
@@ -53,9 +53,7 @@ DLQ = "greenq.dlq"
 DELAY_LEVELS = 32                     # 2**32 ms ~ 49.7 days per pass
 MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
 REVOKED_STREAM = "greenq.revoked"     # rpc:// revocations
-H_QUEUE = "greenq-queue"              # headers greenq sets
-H_ETA = "greenq-eta"
-H_DELIVERIES = "greenq-deliveries"
+H_QUEUE = "greenq-queue"              # headers greenq sets (greenq-eta, greenq-deliveries: amqp_meta)
 H_REASON = "greenq-reason"
 H_FAILED_AT = "greenq-failed-at"
 H_DEAD_ID = "greenq-dead-id"
