@@ -34,14 +34,10 @@ Mapping the broker interface onto AMQP 0-9-1:
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import math
 import threading
 import time
 import uuid
-from datetime import datetime
-from decimal import Decimal
 from typing import Any, Dict, List, Optional, Sequence
 
 import amqp
@@ -54,7 +50,7 @@ from .amqp_common import (DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_FAI
                           delay_name, reject_all)
 from .amqp_consumer import ConsumerLoop
 from .amqp_meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
-                        read_eta)
+                        read_dead_letter, read_eta)
 from .amqp_publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
@@ -414,6 +410,10 @@ def _purge(pub: Publisher, name: str) -> int:
         return 0
 
 
+def _dead_letter(msg: "amqp.Message") -> DeadLetter:
+    return read_dead_letter(msg.properties, msg.body, msg.delivery_info.get("routing_key"))
+
+
 def _dead_counts(pub: Publisher, total: int) -> Dict[str, int]:
     """Dead letters by queue (browsing at most STATS_SCAN_MAX of them)."""
     if not total:
@@ -425,53 +425,3 @@ def _dead_counts(pub: Publisher, total: int) -> Dict[str, int]:
         queue = _dead_letter(m).queue
         counts[queue] = counts.get(queue, 0) + 1
     return counts
-
-
-def _dead_letter(msg: "amqp.Message") -> DeadLetter:
-    """A message of ``greenq.dlq`` as a DeadLetter.  Total: anyone may write
-    there, so a header of the wrong type is shown as text, a bad time as 0.0,
-    and a queue name that cannot be one as "" (``dlq_requeue`` leaves such
-    a dead letter where it is)."""
-    headers = msg.headers if isinstance(msg.headers, dict) else {}
-    body = msg.body   # bytes: browse() made sure
-    message_id = _text(msg.properties.get("message_id"))
-    if H_DEAD_ID in headers:
-        return DeadLetter(id=_text(headers[H_DEAD_ID]), queue=_queue_name(headers.get(H_QUEUE)), body=body,
-                          reason=_text(headers.get(H_REASON)), message_id=message_id,
-                          failed_at=_seconds(headers.get(H_FAILED_AT)))
-    # dead-lettered by RabbitMQ itself (a reject without requeue, a quorum delivery limit)
-    deaths = headers.get("x-death")
-    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
-    when = death.get("time")
-    return DeadLetter(id=message_id or hashlib.sha1(body).hexdigest()[:16],
-                      queue=_queue_name(death.get("queue") or msg.delivery_info.get("routing_key")),
-                      body=body, reason=f"rabbitmq: {_text(death.get('reason')) or 'dead-lettered'}",
-                      message_id=message_id,
-                      failed_at=when.timestamp() if isinstance(when, datetime) else 0.0)
-
-
-def _text(value: Any) -> str:
-    """A header value as text ("" for none)."""
-    if value is None:
-        return ""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    return value if isinstance(value, str) else str(value)
-
-
-def _seconds(value: Any) -> float:
-    """An epoch time header as a float; 0.0 when it is not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
-        return 0.0
-    try:
-        seconds = float(value)
-    except (ValueError, OverflowError, ArithmeticError):
-        return 0.0
-    return seconds if math.isfinite(seconds) else 0.0
-
-
-def _queue_name(value: Any) -> str:
-    """A queue name a dead letter can go back to, or ""."""
-    if not isinstance(value, str) or value.startswith("amq.") or value == DLQ:
-        return ""
-    return value if 0 < len(value.encode("utf-8", "surrogatepass")) <= MAX_QUEUE_NAME_BYTES else ""

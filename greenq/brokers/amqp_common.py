@@ -44,19 +44,15 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError, ConfigError
-from .amqp_meta import H_DELIVERIES, H_ETA, MAX_QUEUE_NAME_BYTES, as_bytes  # noqa: F401 (H_*: shared names)
+from .amqp_meta import (DLQ, H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
+                        H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
 
 log = logging.getLogger("greenq.amqp")
 
 DLX = "greenq.dlx"
-DLQ = "greenq.dlq"
 DELAY_LEVELS = 32                     # 2**32 ms ~ 49.7 days per pass
 MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
 REVOKED_STREAM = "greenq.revoked"     # rpc:// revocations
-H_QUEUE = "greenq-queue"              # headers greenq sets (greenq-eta, greenq-deliveries: amqp_meta)
-H_REASON = "greenq-reason"
-H_FAILED_AT = "greenq-failed-at"
-H_DEAD_ID = "greenq-dead-id"
 
 #: errors after which a connection is dead and must be rebuilt
 #: (socket.timeout is an OSError too: callers catch it first where it means "no data")

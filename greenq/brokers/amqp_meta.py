@@ -7,16 +7,21 @@ one place, and nothing here raises: a value that is not what greenq wrote
 becomes a reason (``Meta.error``) that the worker dead-letters the message
 with, and the consumer loop goes on (docs/brokers.md, "Bad input").
 
-No sockets here: these functions take bytes and dicts (tests call them alone).
+The names of the headers greenq sets live here too.  No sockets here: these
+functions take bytes and dicts (tests call them alone).
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from datetime import datetime, timezone
 from decimal import Decimal
 from struct import unpack_from
 from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 from amqp.serialization import loads
+
+from .base import DeadLetter
 
 #: RabbitMQ's ``message_id`` is an AMQP short string: at most 255 bytes of
 #: UTF-8.  greenq sends the task id there, so a longer task id cannot be sent.
@@ -25,8 +30,13 @@ MAX_MESSAGE_ID_BYTES = 255
 #: declares ``greenq.delay.<queue>.31`` for delayed tasks, which must fit too.
 MAX_QUEUE_NAME_BYTES = 255 - len("greenq.delay..31")
 
-H_ETA = "greenq-eta"
+DLQ = "greenq.dlq"                    # the dead-letter store
+H_ETA = "greenq-eta"                  # the headers greenq sets and reads
 H_DELIVERIES = "greenq-deliveries"
+H_QUEUE = "greenq-queue"              # (these four: on dead letters)
+H_REASON = "greenq-reason"
+H_FAILED_AT = "greenq-failed-at"
+H_DEAD_ID = "greenq-dead-id"
 H_QUORUM_COUNT = "x-delivery-count"
 #: highest delivery count (and base count) taken as genuine
 MAX_COUNT = 2 ** 31 - 1
@@ -184,3 +194,64 @@ def read_meta(props: Dict[str, Any], problems: List[str], quorum: bool) -> Meta:
         errors.append(problem)
     deliveries = min(base + extra, MAX_COUNT - 1) + 1
     return Meta(message_id, deliveries, priority, eta, "; ".join(errors) if errors else None)
+
+
+def read_dead_letter(props: Dict[str, Any], body: Any, routing_key: Any) -> DeadLetter:
+    """A message of ``greenq.dlq`` (its properties, body and routing key) as a
+    DeadLetter.  Never raises: anyone may write there, so a header of the
+    wrong type is shown as text, a bad time as 0.0, and a queue name that
+    cannot be one as "" (``dlq_requeue`` leaves such a dead letter where it is)."""
+    headers = props.get("application_headers")
+    headers = headers if isinstance(headers, dict) else {}
+    body = as_bytes(body)
+    message_id = _text(props.get("message_id"))
+    if H_DEAD_ID in headers:
+        return DeadLetter(id=_text(headers[H_DEAD_ID]), queue=_queue_name(headers.get(H_QUEUE)), body=body,
+                          reason=_text(headers.get(H_REASON)), message_id=message_id,
+                          failed_at=_seconds(headers.get(H_FAILED_AT)))
+    # dead-lettered by RabbitMQ itself (a reject without requeue, a quorum delivery limit)
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    when = death.get("time")
+    return DeadLetter(id=message_id or hashlib.sha1(body).hexdigest()[:16],
+                      queue=_queue_name(death.get("queue") or routing_key),
+                      body=body, reason=f"rabbitmq: {_text(death.get('reason')) or 'dead-lettered'}",
+                      message_id=message_id,
+                      failed_at=_epoch(when))
+
+
+def _text(value: Any) -> str:
+    """A header value as text ("" for none)."""
+    if value is None:
+        return ""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return value if isinstance(value, str) else str(value)
+
+
+def _seconds(value: Any) -> float:
+    """An epoch time header as a float; 0.0 when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return 0.0
+    try:
+        seconds = float(value)
+    except (ValueError, OverflowError, ArithmeticError):
+        return 0.0
+    return seconds if math.isfinite(seconds) else 0.0
+
+
+def _epoch(when: Any) -> float:
+    """An AMQP timestamp (py-amqp: a naive datetime in UTC) as epoch seconds; 0.0 for anything else."""
+    if not isinstance(when, datetime):
+        return 0.0
+    try:
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    except (ValueError, OverflowError, OSError):
+        return 0.0
+
+
+def _queue_name(value: Any) -> str:
+    """A queue name a dead letter can go back to, or ""."""
+    if not isinstance(value, str) or value.startswith("amq.") or value == DLQ:
+        return ""
+    return value if 0 < len(value.encode("utf-8", "surrogatepass")) <= MAX_QUEUE_NAME_BYTES else ""

@@ -20,7 +20,9 @@ import pytest
 from greenq.brokers.amqp import MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, AMQPBroker
 from greenq.brokers.amqp_common import DLQ, connection_params
 from greenq.exceptions import BrokerError
-from tests.integration.test_amqp import ctl, drain, env, out, vhost_of  # noqa: F401 (env: a fixture)
+from greenq.brokers import make_broker
+from tests.conftest import make_config
+from tests.integration.test_amqp import ctl, drain, env, out, tls_port, vhost_of  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.amqp
 
@@ -94,6 +96,29 @@ def test_bad_properties_are_a_delivery_error_and_the_queue_goes_on(env, raw, pro
     [dead] = [d for d in broker.dlq_list(1000) if d.queue == q]
     assert dead.reason == bad.error and dead.body == b"poison"
     assert raw.count(q) == 0
+
+
+def test_bad_properties_over_tls_too(env, raw, tls_port):
+    """With amqps:// and threads the loop lets py-amqp read the frames (an SSL
+    socket read under the write lock): they still come through its handler."""
+    port, cafile = tls_port
+    q = env.queue()
+    url = f"amqps://guest:guest@localhost:{port}/{vhost_of(env.url)}?cafile={cafile}"
+    broker = make_broker(url, make_config(broker_url=url))
+    try:
+        loop = consuming(broker, q)
+        assert loop.serial
+        raw.publish(q, b"p1", message_id=b"\xff")
+        raw.publish(q, b"p2", application_headers={"greenq-eta": "abc"})
+        broker.publish(out(q, b"good", message_id="good"))
+        got = drain(broker, [q], 3, ack=False)
+        assert [(d.body, d.error is None) for d in got] == [(b"p1", False), (b"p2", False), (b"good", True)]
+        for d in got[:2]:
+            broker.dead_letter(d, d.error)
+        broker.ack(got[2:])
+        assert loop.link.failures == 0 and raw.count(q) == 0
+    finally:
+        broker.close()
 
 
 def test_a_quorum_queue_checks_its_delivery_count_too(env, raw):

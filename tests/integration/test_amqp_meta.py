@@ -9,7 +9,7 @@ from amqp.serialization import decode_properties_basic
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from greenq.brokers.amqp_meta import MAX_COUNT, read_meta, read_properties
+from greenq.brokers.amqp_meta import MAX_COUNT, read_dead_letter, read_meta, read_properties
 from greenq.brokers.amqp_publish import encode_properties, readable_header
 
 HEADER_VALUES = st.recursive(
@@ -19,6 +19,8 @@ HEADER_VALUES = st.recursive(
     max_leaves=8)
 HEADERS = st.dictionaries(st.sampled_from(["greenq-eta", "greenq-deliveries", "x-delivery-count", "other"]),
                           HEADER_VALUES, max_size=4)
+DEAD_HEADERS = st.dictionaries(st.sampled_from(["greenq-dead-id", "greenq-queue", "greenq-reason",
+                                                "greenq-failed-at", "x-death"]), HEADER_VALUES, max_size=5)
 
 
 def test_valid_properties_read_as_py_amqp_reads_them():
@@ -72,3 +74,14 @@ def test_a_bad_message_id_through_py_amqps_encoder_is_reported_once():
     assert props["message_id"] == "\\xff\\xfe"
     assert problems == ["property message_id: b'\\xff\\xfe' is not UTF-8"]
     assert read_meta(props, problems, quorum=False).error == problems[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(DEAD_HEADERS, st.one_of(st.none(), st.text(max_size=30)), st.one_of(st.none(), st.text(max_size=30)),
+       st.sampled_from([b"", "", b"body"]))
+def test_any_dead_letter_is_listed(headers, message_id, routing_key, body):
+    props = {"application_headers": headers, "message_id": message_id}
+    dead = read_dead_letter(props, body, routing_key)
+    assert isinstance(dead.body, bytes) and isinstance(dead.id, str) and isinstance(dead.queue, str)
+    assert isinstance(dead.reason, str) and math.isfinite(dead.failed_at)
+    assert dead.queue in ("", headers.get("greenq-queue"), routing_key) or "x-death" in headers
