@@ -53,6 +53,7 @@ _LAYOUT = (
     (0x0020, "type", "s"), (0x0010, "user_id", "s"), (0x0008, "app_id", "s"),
     (0x0004, "cluster_id", "s"),
 )
+_LAYOUTS: Dict[int, List[Tuple[str, str]]] = {}   # property flags -> the (name, type) present
 
 
 class Meta(NamedTuple):
@@ -105,18 +106,21 @@ def read_properties(buf: bytes, offset: int) -> Tuple[Dict[str, Any], List[str]]
     try:
         flags, = unpack_from(">H", buf, offset)
         offset += 2
-        for bit, name, kind in _LAYOUT:
-            if not flags & bit:
-                continue
+        layout = _LAYOUTS.get(flags)
+        if layout is None:
+            layout = [(name, kind) for bit, name, kind in _LAYOUT if flags & bit]
+            if len(_LAYOUTS) < 1024:   # (flags are the sender's to choose: bounded)
+                _LAYOUTS[flags] = layout
+        for name, kind in layout:
             if kind == "s":
                 size = buf[offset]
-                raw = bytes(buf[offset + 1:offset + 1 + size])
+                raw = buf[offset + 1:offset + 1 + size]
                 offset += 1 + size
                 try:
                     props[name] = raw.decode("utf-8", "surrogatepass")
                 except UnicodeDecodeError:
                     props[name] = raw.decode("utf-8", "backslashreplace")
-                    problems.append(f"property {name}: {raw[:60]!r} is not UTF-8")
+                    problems.append(f"property {name}: {bytes(raw[:60])!r} is not UTF-8")
             elif kind == "F":
                 (props[name],), offset = loads("F", buf, offset)
             elif kind == "B":
@@ -170,12 +174,14 @@ def read_meta(props: Dict[str, Any], problems: List[str], quorum: bool) -> Meta:
     this message was last published by greenq, 0 when absent) plus one, plus
     RabbitMQ's own ``x-delivery-count`` on a quorum queue.  A wrong type
     anywhere makes ``error`` say which field and what it held."""
-    errors = list(problems)
     message_id = props.get("message_id") or ""
+    headers = props.get("application_headers")
+    if not headers and not problems and type(message_id) is str:   # every task greenq sends
+        return Meta(message_id, 1, props.get("priority") or 0, None, None)
+    errors = list(problems)
     if not isinstance(message_id, str):   # (only from a caller bypassing read_properties)
         message_id = as_bytes(message_id).decode("utf-8", "backslashreplace")
     priority = props.get("priority") or 0
-    headers = props.get("application_headers")
     if headers is None:
         headers = {}
     elif not isinstance(headers, dict):
