@@ -464,12 +464,15 @@ class ConsumerLoop:
         not raised: a copy carrying the count they came with is published
         (confirmed) and the original acked.  A ``basic.reject`` would not do:
         RabbitMQ marks the message redelivered, which counts as a hand-out.
-        Deliveries with an ``error``, or when publishing fails, are rejected
-        (requeued) instead; those of a dead connection are back already."""
+        Deliveries with an ``error``, all of them without publisher confirms
+        (an unconfirmed copy could be lost), or when publishing fails, are
+        rejected (requeued) instead; those of a dead connection are back already."""
+        confirmed = self.settings.confirm_publish
         with self.lock:
             mine = [d for d in deliveries if d.token[0] == self.gen and d.token[1] in self.held]
-            items = [(d, self.headers.get(d.token[1]), d.deliveries - 1) for d in mine if d.error is None]
-        rejected = [d for d in mine if d.error is not None]
+            items = [(d, self.headers.get(d.token[1]), d.deliveries - 1) for d in mine
+                     if d.error is None and confirmed]
+        rejected = [d for d in mine if d.error is not None or not confirmed]
         if items and self._republish(items):
             self.settle([d for d, _, _ in items], requeue=False)
         else:

@@ -198,18 +198,31 @@ def test_stop_consuming_cancels_and_returns_the_prefetched_with_their_count(env,
 def test_requeue_unstarted_keeps_the_delivery_count(env, queue_type):
     q = env.queue()
     broker = env.broker(amqp__queue_type=queue_type)
+    check_requeue_counts(broker, q, 1)
+
+
+def test_requeue_unstarted_without_confirms_rejects(env):
+    """No confirms: a copy could be lost, so the message is rejected (its count raised)."""
+    q = env.queue()
+    broker = env.broker(amqp__confirm_publish=False)
+    check_requeue_counts(broker, q, 2)
+
+
+def check_requeue_counts(broker, q, unstarted):
+    """Delivery counts after requeue(started=False) (``unstarted``: the count
+    of the next hand-out) and requeue(started=True)."""
     broker.publish(out(q, b"x", priority=0, message_id="k"))
     [d] = drain(broker, [q], 1, ack=False)
     assert d.deliveries == 1
     broker.requeue([d], started=False)
     [d] = drain(broker, [q], 1, ack=False)
-    assert (d.message_id, d.body, d.deliveries) == ("k", b"x", 1)
+    assert (d.message_id, d.body, d.deliveries) == ("k", b"x", unstarted)
     broker.requeue([d], started=True)
     [d] = drain(broker, [q], 1, ack=False)
-    assert d.deliveries == 2
+    assert d.deliveries == unstarted + 1
     broker.requeue([d], started=False)
     [d] = drain(broker, [q], 1, ack=False)
-    assert d.deliveries == 2
+    assert d.deliveries == 2 * unstarted
     broker.ack([d])
 
 
