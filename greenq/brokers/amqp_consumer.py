@@ -21,7 +21,7 @@ from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, Link, clean_headers, close_
                           declare_base, declare_queue, fast_reads, open_connection)
 from .amqp_meta import Meta, as_bytes, fit_short_string, read_eta, read_meta, read_properties
 from .amqp_publish import (METHOD_CACHE_MAX, Publisher, content_frames, delay_ms, encode_outgoing,
-                           method_frame)
+                           method_frame, tolerate_bad_headers)
 from .base import Delivery, Outgoing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -200,6 +200,7 @@ class ConsumerLoop:
                 self.channel_id = self.channel.channel_id
                 self.reader = None if self.serial else reader
                 self.partial = None
+                tolerate_bad_headers(conn)   # (a delivery py-amqp reads all the same)
                 self.py_frame = conn.on_inbound_frame
                 conn.on_inbound_frame = self._frame
                 self.cancelled = False

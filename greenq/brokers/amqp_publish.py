@@ -29,7 +29,7 @@ from ..exceptions import BrokerError
 from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, close_quietly,
                           connection_params, declare_base, declare_delays, declare_queue, delay_route,
                           describe, fast_reads, open_connection)
-from .amqp_meta import as_bytes, fit_short_string, read_properties
+from .amqp_meta import H_BAD_PROPERTIES, as_bytes, fit_short_string, read_properties
 from .base import Outgoing
 
 log = logging.getLogger("greenq.amqp")
@@ -129,7 +129,7 @@ def readable_header(payload: bytes) -> bytes:
     props, problems = read_properties(payload, 12)
     headers = props.get("application_headers")
     headers = dict(headers) if isinstance(headers, dict) else {}
-    headers["greenq-bad-properties"] = "; ".join(problems)[:1000]
+    headers[H_BAD_PROPERTIES] = "; ".join(problems)[:1000]
     props["application_headers"] = headers
     for name, value in props.items():
         if isinstance(value, str):
@@ -138,7 +138,7 @@ def readable_header(payload: bytes) -> bytes:
         return payload[:12] + encode_properties(props)
     except Exception:
         return payload[:12] + encode_properties({"application_headers": {
-            "greenq-bad-properties": headers["greenq-bad-properties"]}})
+            H_BAD_PROPERTIES: headers[H_BAD_PROPERTIES]}})
 
 
 def tolerate_bad_headers(conn: "amqp.Connection") -> None:

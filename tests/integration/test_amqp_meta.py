@@ -85,3 +85,10 @@ def test_any_dead_letter_is_listed(headers, message_id, routing_key, body):
     assert isinstance(dead.body, bytes) and isinstance(dead.id, str) and isinstance(dead.queue, str)
     assert isinstance(dead.reason, str) and math.isfinite(dead.failed_at)
     assert dead.queue in ("", headers.get("greenq-queue"), routing_key) or "x-death" in headers
+
+
+def test_a_message_py_amqp_read_after_a_rewrite_is_still_an_error():
+    payload = readable_header(b"\x00\x3c\x00\x00" + b"\x00" * 8 + encode_properties({"message_id": b"\xff"}))
+    props = decode_properties_basic(payload, 12)[0]
+    meta = read_meta(props, [], quorum=False)
+    assert (meta.message_id, meta.error) == ("\\xff", "property message_id: b'\\xff' is not UTF-8")
