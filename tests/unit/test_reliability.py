@@ -10,7 +10,6 @@ import pytest
 from greenq import GreenQ, MessageError, TaskError
 from greenq.backends.base import Record
 from greenq.drivers import get_driver
-from greenq.result import make_meta
 from greenq.worker.consumer import Worker
 from greenq.worker.monitor import Monitor
 
@@ -96,7 +95,7 @@ def test_a_dead_control_loop_stops_the_worker_with_exit_1():
 
     def broken_reaper():
         raise RuntimeError("bug in the reaper")
-    worker._reaper = broken_reaper
+    worker.reaper.loop = broken_reaper
     monitor = Monitor(worker, 0, "")
     assert worker.run() == 1
     assert worker.failed == "reaper"
@@ -116,7 +115,7 @@ def test_a_finisher_error_in_one_job_does_not_stop_the_others():
         return x + y
     good = [add.delay(i, 1) for i in range(10)]
     worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, burst=True)
-    real_plan = worker._plan
+    real_plan = worker.settler._plan
     calls = []
 
     def flaky_plan(job, plan):
@@ -124,7 +123,7 @@ def test_a_finisher_error_in_one_job_does_not_stop_the_others():
         if len(calls) == 3:
             raise RuntimeError("bug while recording")
         return real_plan(job, plan)
-    worker._plan = flaky_plan
+    worker.settler._plan = flaky_plan
     assert worker.run() == 0
     states = [r.state for r in good]
     assert states.count("SUCCESS") == 9 and states.count("FAILURE") == 1
