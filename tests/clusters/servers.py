@@ -92,6 +92,10 @@ class Servers:
         proc.send_signal(signal.SIGKILL)
         proc.wait(5)
 
+    def freeze(self, port: int, frozen: bool = True) -> None:
+        """SIGSTOP (or SIGCONT): a server that stops reading, e.g. a lagging replica."""
+        self.procs[port].send_signal(signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def stop(self) -> None:
         for port in list(self.procs):
             self.kill(port)
@@ -149,23 +153,26 @@ class RedisCluster(Servers):
 
 
 class RedisSentinel(Servers):
-    """A master, one replica and three sentinels watching ``NAME``."""
+    """A master, ``replicas`` replicas and three sentinels watching ``NAME``."""
 
     NAME = "gqmaster"
 
-    def __init__(self, down_after_ms: int = 1000) -> None:
+    def __init__(self, down_after_ms: int = 1000, replicas: int = 1) -> None:
         super().__init__()
-        self.master, self.replica, *self.sentinels = free_ports(5)
+        self.master, *self.replicas = free_ports(1 + replicas)
+        self.replica = self.replicas[0]
+        self.sentinels = free_ports(3)
         try:
             self.start(self.master)
-            self.start(self.replica, "--replicaof", "127.0.0.1", str(self.master))
+            for port in self.replicas:
+                self.start(port, "--replicaof", "127.0.0.1", str(self.master))
             conf = (f"sentinel monitor {self.NAME} 127.0.0.1 {self.master} 2\n"
                     f"sentinel down-after-milliseconds {self.NAME} {down_after_ms}\n"
                     f"sentinel failover-timeout {self.NAME} 10000\n"
                     f"sentinel parallel-syncs {self.NAME} 1\n")
             for port in self.sentinels:
                 self.start(port, "--sentinel", conf=conf)
-            wait_until(lambda: replica_synced(self.replica), 20, "the replica in sync", 0.1)
+            wait_until(lambda: all(map(replica_synced, self.replicas)), 20, "the replicas in sync", 0.1)
             wait_until(self._watching, 20, "sentinels seeing the replica and each other", 0.1)
         except BaseException:
             self.stop()
