@@ -20,6 +20,7 @@ subscribes again on the slot's new master and reads the record again.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,6 +28,8 @@ from ..brokers._reconnect import Unreachable, backoff
 from ..brokers.redis_cluster import CLUSTER_TRANSIENT, make_cluster_client
 from .base import Record
 from .redis import FINAL, PARTIAL, RedisBackend
+
+log = logging.getLogger("greenq.backends.redis_cluster")
 
 WAIT_SLICE = 1.0     # seconds one pub/sub read blocks (a dead master is noticed by then)
 
@@ -108,9 +111,23 @@ class RedisClusterBackend(RedisBackend):
         self._call(lambda: self.client.delete(self._key("result", task_id)), self._timeout, "forget result")
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
-        keys: List[str] = [self._key("revoked", t) for t in task_ids]
-        values = self._call(lambda: self.client.mget_nonatomic(keys), self._timeout, "read revocations")
-        return {t: v == b"1" for t, v in zip(task_ids, values) if v is not None}
+        """One attempt per master: the ids on a master that is away count as
+        not revoked (as on any backend that cannot be reached), so the worker's
+        intake never waits for a failover."""
+        by_node: Dict[str, List[str]] = {}
+        for t in task_ids:
+            slot = self.client.keyslot(self._key("revoked", t))
+            by_node.setdefault(self.client.nodes_manager.get_node_from_slot(slot).name, []).append(t)
+        out: Dict[str, bool] = {}
+        for name, ids in by_node.items():
+            try:
+                values = self.client.mget_nonatomic([self._key("revoked", t) for t in ids])
+            except CLUSTER_TRANSIENT as exc:
+                log.warning("revocations on %s not read (%s): its tasks run unless revoked elsewhere",
+                            name, exc)
+                continue
+            out.update({t: v == b"1" for t, v in zip(ids, values) if v is not None})
+        return out
 
     def close(self) -> None:
         self.pool.disconnect(inuse_connections=False)

@@ -49,6 +49,8 @@ log = logging.getLogger("greenq.brokers.redis_cluster")
 
 #: errors a failover causes: retried with backoff like a lost connection
 CLUSTER_TRANSIENT = TRANSIENT + (ClusterDownError, TryAgainError, SlotNotCoveredError)
+#: errors that keep an ack for later (a master away, a slot moving)
+ACK_RETRIED = CLUSTER_TRANSIENT + (redis.exceptions.MovedError, redis.exceptions.AskError)
 LANE_GRACE = 2.0      # seconds stop_consuming/close wait for the lanes' last reads
 
 #: Put dead letters back on their queue.  KEYS: the queue's dead stream, its
@@ -176,6 +178,46 @@ class RedisClusterBroker(RedisBroker):
             self.client.script_load(script.script)
             return self._per_master(commands, "publish")
 
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """One pipelined round trip per master, tried once: the acks of a
+        master that fails are kept (renewed with the held messages) and sent
+        by a later fetch, so a dead master never holds up the others' acks."""
+        if not deliveries:
+            return
+        with self._lock:
+            batch, self._unacked = self._unacked + list(deliveries), []
+        failed = self._ack_by_master(batch)
+        if failed:
+            with self._lock:
+                self._unacked[:0] = failed
+
+    def _flush_unacked(self) -> None:
+        with self._lock:
+            pending, self._unacked = self._unacked, []
+        failed = self._ack_by_master(pending)
+        if failed:
+            with self._lock:
+                self._unacked[:0] = failed
+        elif pending:
+            log.info("sent %d ack(s) kept while a master was away", len(pending))
+
+    def _ack_by_master(self, deliveries: List[Delivery]) -> List[Delivery]:
+        """Send ``deliveries``' acks per master; return those that failed."""
+        groups: Dict[str, List[Delivery]] = {}
+        for d in deliveries:
+            slot = self.client.keyslot(d.token[0])
+            groups.setdefault(self.client.nodes_manager.get_node_from_slot(slot).name, []).append(d)
+        failed: List[Delivery] = []
+        for name, group in groups.items():
+            try:
+                self._send_acks(group)
+            except ACK_RETRIED as exc:
+                if not failed:
+                    log.warning("acks kept until %s is back: %s", name, exc)
+                failed += group
+                self._refresh_slots()
+        return failed
+
     def _send_acks(self, deliveries: List[Delivery]) -> None:
         """As on redis://; with ``min_replicas``, per master, each batch ending in WAIT."""
         if not self._min_replicas:
@@ -253,10 +295,7 @@ class RedisClusterBroker(RedisBroker):
         deadline = time.monotonic() + max(0.0, timeout)
         interrupts = self._interrupts
         if self._unacked:
-            try:
-                self._call(self._flush_unacked, min(2.0, max(0.1, timeout)), "ack")
-            except Unreachable:
-                pass
+            self._flush_unacked()
         with self._lock:
             idle = [q for q in queues if q not in self._busy]
             self._busy.update(idle)

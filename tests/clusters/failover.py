@@ -9,7 +9,8 @@ Counted: ``sent`` (publishes that returned), ``refused`` (publishes that
 raised: the client knows, so they are not lost), ``completed`` (distinct
 tasks that ran), ``lost`` (sent, never ran), ``duplicated`` (ran more than
 once), ``resume_s`` (the longest pause between two task starts after the kill:
-how long the worker was stalled by the failover).
+how long the worker was stalled by the failover), ``first_queue_resume_s``
+(the same for the first queue alone: on a cluster, the one whose master dies).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ class Outcome:
     lost: int = 0
     duplicated: int = 0
     resume_s: float = 0.0
+    first_queue_resume_s: float = 0.0
 
     def line(self) -> str:
         return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(self).items())
@@ -139,6 +141,12 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
     out.completed = len(set(counts) & set(sent))
     out.lost = len(set(sent) - set(counts))
     out.duplicated = sum(1 for c in counts.values() if c > 1)
-    starts = sorted([killed_at] + [t for _, t in rows if t >= killed_at])
-    out.resume_s = max((b - a for a, b in zip(starts, starts[1:])), default=float("inf"))
+    out.resume_s = _longest_gap(killed_at, [t for _, t in rows])
+    out.first_queue_resume_s = _longest_gap(killed_at, [t for n, t in rows if n % len(queues) == 0])
     return out, printed
+
+
+def _longest_gap(since: float, starts: List[float]) -> float:
+    """The longest pause between task starts after ``since`` (the kill)."""
+    times = sorted([since] + [t for t in starts if t >= since])
+    return max((b - a for a, b in zip(times, times[1:])), default=float("inf"))
