@@ -7,7 +7,7 @@
 3. Failover (master SIGKILLed mid-drain, tasks published during the kill):
    sent, refused, completed, lost, duplicated, resume time, for Sentinel
    (two replicas) with min_replicas 0 and 1, the same with both replicas
-   frozen (SIGSTOP) for half a second before the master dies (a lagging
+   frozen (SIGSTOP) for a second before the master dies (a lagging
    replication link: what asynchronous replication loses), and for Cluster.
 
 Every server is private (free ports, temporary directories); 6379 is never
@@ -29,7 +29,7 @@ from . import failover
 from .servers import RedisCluster, RedisSentinel, Servers, free_ports
 
 
-LAG = 0.5    # seconds the replicas lag behind in the "sentinel-lagging" runs
+LAG = 1.0    # seconds the replicas lag behind in the "sentinel-lagging" runs
 
 
 def _app(url: str, prefix: str, extra: Dict[str, str]):
@@ -108,10 +108,14 @@ def failover_row(kind: str, min_replicas: int, trial: int) -> failover.Outcome:
         kill: Callable[[], None] = lambda: dep.kill(masters[0])   # noqa: E731
         url = dep.url
     try:
-        # a backlog still waiting at the kill, so that resume_s is the worker's stall
-        outcome, _ = failover.run(url, queues, kill, tmp, total=3000, backlog=2500, rate=500,
-                                  pause=0.01, concurrency=20, extra_env=extra, prefix=prefix,
-                                  deadline=60, settle=10)
+        # A backlog still waiting at the kill (so that resume_s is the worker's
+        # stall), tasks published during the kill; 20 kB ballast in the
+        # lagging runs, more than the kernel's socket buffers hold, so what the
+        # frozen replicas had not read dies with the master.
+        outcome, _ = failover.run(url, queues, kill, tmp, total=3000, backlog=2400, rate=300,
+                                  pause=0.05, concurrency=20, kill_at=800, extra_env=extra,
+                                  prefix=prefix, deadline=90, settle=10,
+                                  pad=20000 if kind == "sentinel-lagging" else 0)
         return outcome
     finally:
         dep.stop()

@@ -10,7 +10,8 @@ app = GreenQ.from_config(name="clusters")
 
 
 @app.task(name="clusters.record", ignore_result=True, acks_late=True)
-def record(n, pause=0.0):
+def record(n, pause=0.0, pad=""):
+    """``pad``: ballast, to make messages as large as a run wants."""
     started = time.time()
     if pause:
         time.sleep(pause)

@@ -66,10 +66,11 @@ def worker_env(url: str, prefix: str, log: Path, extra: Dict[str, str]) -> Dict[
 
 def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, total: int = 300,
         rate: float = 200.0, settle: float = 8.0, deadline: float = 40.0, concurrency: int = 10,
-        backlog: int = 0, pause: float = 0.02,
+        backlog: int = 0, pause: float = 0.02, kill_at: int = 0, pad: int = 0,
         extra_env: Dict[str, str] = None, prefix: str = "") -> "tuple[Outcome, str]":
     """Send ``backlog`` tasks at once, then the rest of ``total`` at ``rate``/s,
-    over ``queues``; each task takes ``pause`` s; drain, kill at a third.
+    over ``queues``; each task takes ``pause`` s and carries ``pad`` bytes of
+    ballast; drain; kill once ``kill_at`` (default: a third) have run.
     Returns the outcome and what the worker printed."""
     from greenq.config import load
     log = tmp / "completed.log"
@@ -81,6 +82,7 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
     app.config = load(search=False, env={k: v for k, v in env.items() if k.startswith("GREENQ_")})
     app._codec = None
     out = Outcome()
+    ballast = "x" * pad
     sent: List[int] = []
     stop = threading.Event()
 
@@ -90,7 +92,7 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
             if stop.is_set():
                 return
             try:
-                app.send_task("clusters.record", args=(n, pause), queue=queues[n % len(queues)])
+                app.send_task("clusters.record", args=(n, pause, ballast), queue=queues[n % len(queues)])
                 sent.append(n)
             except Exception:
                 out.refused += 1
@@ -108,7 +110,7 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
     publisher.start()
     end = time.monotonic() + deadline
     try:
-        while len(read_log(log)) < total // 3:
+        while len(read_log(log)) < (kill_at or total // 3):
             if time.monotonic() > end or worker.poll() is not None:
                 raise AssertionError("the drain never reached a third before the kill")
             time.sleep(0.02)

@@ -29,9 +29,9 @@ def test_sentinel_url_reaches_master_and_results(sentinel):
 
 def test_worker_follows_sentinel_failover(sentinel, tmp_path):
     outcome, printed = failover.run(sentinel.url(), ["s"], lambda: sentinel.kill(sentinel.master),
-                                    tmp_path, total=600, backlog=400, rate=200)
+                                    tmp_path, total=700, backlog=600, rate=100, pause=0.1, kill_at=150)
     print("sentinel failover:", outcome.line())
     assert sentinel.current_master() == sentinel.replica
-    assert outcome.sent > 550 and outcome.completed >= 0.98 * outcome.sent, printed
+    assert outcome.sent > 650 and outcome.completed >= 0.98 * outcome.sent, printed
     assert outcome.resume_s < 10, printed
     assert outcome.lost <= 5, printed
