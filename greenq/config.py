@@ -198,9 +198,12 @@ def _non_negative(n):
 
 
 def mask_url(url: str) -> str:
-    """Hide the password of a URL: ``redis://:secret@h/0`` -> ``redis://:***@h/0``."""
+    """Hide the password of a URL: ``redis://:secret@h/0`` -> ``redis://:***@h/0``;
+    of each URL of a ``;``-separated node list."""
     if not url or "@" not in url:
         return url
+    if ";" in url:
+        return ";".join(mask_url(part) for part in url.split(";"))
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -108,7 +108,19 @@ _QUERY_KEYS = ("connect_timeout", "heartbeat", "cafile", "certfile", "keyfile", 
 
 
 def connection_params(url: str) -> Dict[str, Any]:
-    """py-amqp ``Connection`` keyword arguments from ``amqp://user:pw@host:port/vhost``.
+    """py-amqp ``Connection`` keyword arguments from ``amqp://user:pw@host:port/vhost``,
+    or from a ``;``-separated list of such URLs (the nodes of one cluster):
+    then the first node's, plus ``nodes``, every node's, which
+    :func:`open_connection` tries in turn."""
+    urls = [u.strip() for u in url.split(";") if u.strip()]
+    if len(urls) <= 1:
+        return _node_params(url)
+    nodes = [_node_params(u) for u in urls]
+    return dict(nodes[0], nodes=nodes, turn=[0])
+
+
+def _node_params(url: str) -> Dict[str, Any]:
+    """py-amqp ``Connection`` keyword arguments from one node's URL.
 
     The vhost is the URL path without its first slash, percent-decoded; an empty
     path or ``//`` means ``/``.  Query keys: ``connect_timeout``, ``heartbeat``
@@ -176,7 +188,32 @@ def socket_settings() -> Dict[int, int]:
 
 
 def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "amqp.Connection":
-    """Open and return a py-amqp connection (raises AMQP_ERRORS)."""
+    """Open and return a py-amqp connection (raises AMQP_ERRORS).  With a node
+    list, the node that worked last is tried first, then the others in turn;
+    the last error is raised when none answers (the caller backs off and calls
+    again: every reconnect goes round the list)."""
+    nodes = params.get("nodes")
+    if not nodes:
+        return _open_node(params, heartbeat, role)
+    turn = params["turn"]
+    error: Optional[BaseException] = None
+    for step in range(len(nodes)):
+        index = (turn[0] + step) % len(nodes)
+        try:
+            conn = _open_node(nodes[index], heartbeat, role)
+        except AMQP_ERRORS as exc:
+            log.debug("%s: node %s did not answer: %s", role, nodes[index]["host"], describe(exc))
+            error = exc
+            continue
+        if index != turn[0]:
+            log.info("%s connected to node %s", role, nodes[index]["host"])
+        turn[0] = index
+        return conn
+    assert error is not None
+    raise error
+
+
+def _open_node(params: Dict[str, Any], heartbeat: int, role: str) -> "amqp.Connection":
     kwargs = dict(params)
     kwargs["heartbeat"] = heartbeat
     kwargs["client_properties"] = {

@@ -71,7 +71,16 @@ DEFAULT_PORTS = {"redis": 6379, "rediss": 6380, "amqp": 5672, "pyamqp": 5672, "a
 def _probe(url: str, timeout: float = 2.0) -> None:
     """Open and close a TCP connection to the broker URL's server (OSError if
     nothing answers), so that an absent broker is noticed within ``timeout``
-    rather than after the broker client's own, longer, reconnect loop."""
+    rather than after the broker client's own, longer, reconnect loop.  Of a
+    ``;``-separated node list, one node answering is enough."""
+    if ";" in url:
+        errors = []
+        for part in (p.strip() for p in url.split(";") if p.strip()):
+            try:
+                return _probe(part, timeout)
+            except OSError as exc:
+                errors.append(str(exc))
+        raise OSError("; ".join(errors))
     try:
         parts = urlsplit(url)
         port = parts.port or DEFAULT_PORTS.get(parts.scheme)

@@ -112,10 +112,12 @@ def failover_row(kind: str, min_replicas: int, trial: int) -> failover.Outcome:
         # stall), tasks published during the kill; 20 kB ballast in the
         # lagging runs, more than the kernel's socket buffers hold, so what the
         # frozen replicas had not read dies with the master.
-        outcome, _ = failover.run(url, queues, kill, tmp, total=3000, backlog=2400, rate=300,
-                                  pause=0.05, concurrency=20, kill_at=800, extra_env=extra,
-                                  prefix=prefix, deadline=90, settle=10,
-                                  pad=20000 if kind == "sentinel-lagging" else 0)
+        if kind == "sentinel-lagging":    # still publishing when the replicas freeze
+            shape = dict(total=1500, backlog=600, kill_at=300, pad=20000)
+        else:
+            shape = dict(total=3000, backlog=2400, kill_at=800)
+        outcome, _ = failover.run(url, queues, kill, tmp, rate=300, pause=0.05, concurrency=20,
+                                  extra_env=extra, prefix=prefix, deadline=90, settle=10, **shape)
         return outcome
     finally:
         dep.stop()
@@ -125,9 +127,25 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=20000)
+    parser.add_argument("--only", choices=("throughput", "sentinel", "sentinel-lagging", "cluster"),
+                        help="run one part only")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # run the finally blocks: stop the servers
 
+    if args.only in (None, "throughput"):
+        throughput(args.tasks)
+    # a cluster of 3 masters + 3 replicas has no replica left for the failed
+    # shard: min_replicas = 1 refuses its publishes after the failover
+    for kind, settings in (("sentinel", (0, 1)), ("sentinel-lagging", (0, 1)), ("cluster", (0,))):
+        if args.only not in (None, kind):
+            continue
+        for n in settings:
+            for trial in range(args.trials):
+                print(f"failover {kind} min_replicas={n} #{trial + 1}: {failover_row(kind, n, trial).line()}",
+                      flush=True)
+
+
+def throughput(tasks: int) -> None:
     single = Servers()
     port = free_ports(1)[0]
     single.start(port)
@@ -135,9 +153,9 @@ def main() -> None:
     try:
         from .test_redis_cluster import queues_on_masters
         queues, _ = queues_on_masters(cluster, "tp")
-        one = drain_rate(f"redis://127.0.0.1:{port}/0", queues, args.tasks)
-        three = drain_rate(cluster.url, queues, args.tasks)
-        print(f"no-op drain, 1 worker process, c=100, {args.tasks} tasks over 3 queues: "
+        one = drain_rate(f"redis://127.0.0.1:{port}/0", queues, tasks)
+        three = drain_rate(cluster.url, queues, tasks)
+        print(f"no-op drain, 1 worker process, c=100, {tasks} tasks over 3 queues: "
               f"one Redis {one:.0f}/s, Redis Cluster (3 masters) {three:.0f}/s")
     finally:
         single.stop()
@@ -154,14 +172,6 @@ def main() -> None:
                   ", ".join(f"{k} {sorted(r[k] for r in rows)[1]:.0f}/s" for k in rows[0]))
     finally:
         sentinel.stop()
-
-    # a cluster of 3 masters + 3 replicas has no replica left for the failed
-    # shard: min_replicas = 1 refuses its publishes after the failover
-    for kind, settings in (("sentinel", (0, 1)), ("sentinel-lagging", (0, 1)), ("cluster", (0,))):
-        for n in settings:
-            for trial in range(args.trials):
-                print(f"failover {kind} min_replicas={n} #{trial + 1}: {failover_row(kind, n, trial).line()}",
-                      flush=True)
 
 
 if __name__ == "__main__":
