@@ -51,7 +51,7 @@ class RabbitCluster:
             for i in range(nodes):
                 self._start(i)
             for i in range(nodes):
-                self.ctl(i, "await_startup", timeout=120)
+                self.ctl(i, "wait", os.path.join(self.dir, f"n{i}", "pid"), "--timeout", "120", timeout=130)
             for i in range(1, nodes):
                 self.ctl(i, "stop_app")
                 self.ctl(i, "join_cluster", self.names[0])
