@@ -365,11 +365,33 @@ def queue_arguments(settings: Settings) -> Dict[str, Any]:
 
 
 def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
-    """Declare the dead-letter store (idempotent).  ``greenq.dlq`` is a classic
-    queue whatever ``queue_type``, so that workers of either setting share it."""
+    """Declare the dead-letter store (idempotent).  ``greenq.dlq`` has the
+    type of ``queue_type``: with ``quorum`` it is replicated like the task
+    queues, so that a cluster that lost a node still takes dead letters (a
+    classic queue whose node is down refuses even its declaration, which
+    would keep every consumer from reconnecting).  An existing ``greenq.dlq``
+    of the other type is kept as it is (declared on a channel of its own, as
+    RabbitMQ closes the channel that asked for other arguments)."""
     channel.exchange_declare(DLX, "fanout", durable=True, auto_delete=False)
-    channel.queue_declare(DLQ, durable=True, auto_delete=False)
-    channel.queue_bind(DLQ, DLX, "")
+    if not settings.quorum:
+        channel.queue_declare(DLQ, durable=True, auto_delete=False)
+        channel.queue_bind(DLQ, DLX, "")
+        return
+    side = channel.connection.channel()
+    try:
+        side.queue_declare(DLQ, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+        side.queue_bind(DLQ, DLX, "")
+    except PreconditionFailed as exc:
+        if not _KEPT_DLQ:
+            _KEPT_DLQ.append(True)
+            log.warning("%s exists as a classic queue and is kept (%s); delete it, once empty, to have "
+                        "it made a quorum queue", DLQ, exc.reply_text)
+    finally:
+        if side.is_open:
+            side.close()
+
+
+_KEPT_DLQ: List[bool] = []    # the warning above is given once per process
 
 
 def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> None:
@@ -387,10 +409,16 @@ def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> Non
             f"delete it or align the settings") from None
 
 
-def declare_delays(channel: "amqp.Channel", queue: str) -> None:
+def declare_delays(channel: "amqp.Channel", queue: str, settings: Optional[Settings] = None) -> None:
     """Declare the delay cascade of ``queue`` (which must exist).  The many
     small declarations go out without waiting; the last one waits, so an error
-    in any of them is raised here."""
+    in any of them is raised here.  With ``queue_type = quorum`` the cascade's
+    queues are quorum queues too (replicated; RabbitMQ dead-letters from them
+    to the next level at least once)."""
+    extra: Dict[str, Any] = {}
+    if settings is not None and settings.quorum:
+        extra = {"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
+                 "x-overflow": "reject-publish"}
     for level in range(DELAY_LEVELS):
         channel.exchange_declare(delay_name(queue, level), "topic", durable=True, auto_delete=False,
                                  nowait=True)
@@ -400,7 +428,7 @@ def declare_delays(channel: "amqp.Channel", queue: str) -> None:
             args = {"x-message-ttl": 2 ** level, "x-dead-letter-exchange": delay_name(queue, level - 1)}
         else:
             args = {"x-message-ttl": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
-        channel.queue_declare(name, durable=True, auto_delete=False, arguments=args, nowait=True)
+        channel.queue_declare(name, durable=True, auto_delete=False, arguments={**args, **extra}, nowait=True)
         prefix = "*." * (DELAY_LEVELS - 1 - level)
         channel.queue_bind(name, name, prefix + "1.#", nowait=True)
         if level:

@@ -258,6 +258,10 @@ class Publisher:
                     except OSError:
                         pass
         if self.nacked or self.returned:
+            # A nack: this channel may be stuck (a channel that first published
+            # to a quorum queue while it had no leader, after a node died, is
+            # nacked for good): the pool replaces the connection.
+            self.broken = self.broken or bool(self.nacked)
             nacked, self.nacked = self.nacked, []
             returned, self.returned = self.returned, []
             return nacked, returned
@@ -476,7 +480,7 @@ class ChannelPool:
                 if name not in self.declared:
                     declare_queue(pub.channel, name, self.settings)
                     self.declared.add(name)
-                declare_delays(pub.channel, name)
+                declare_delays(pub.channel, name, self.settings)
                 self.delays.add(name)
 
     def close(self) -> None:

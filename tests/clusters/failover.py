@@ -67,7 +67,7 @@ def worker_env(url: str, prefix: str, log: Path, extra: Dict[str, str]) -> Dict[
 def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, total: int = 300,
         rate: float = 200.0, settle: float = 8.0, deadline: float = 40.0, concurrency: int = 10,
         backlog: int = 0, pause: float = 0.02, kill_at: int = 0, pad: int = 0,
-        extra_env: Dict[str, str] = None, prefix: str = "") -> "tuple[Outcome, str]":
+        extra_env: Dict[str, str] = None, prefix: str = "", pool: str = "gevent") -> "tuple[Outcome, str]":
     """Send ``backlog`` tasks at once, then the rest of ``total`` at ``rate``/s,
     over ``queues``; each task takes ``pause`` s and carries ``pad`` bytes of
     ballast; drain; kill once ``kill_at`` (default: a third) have run.
@@ -103,7 +103,7 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
                 time.sleep(lag)
 
     worker = subprocess.Popen(
-        [sys.executable, "-m", "greenq.worker", "-A", "cluster_tasks", "--pool", "gevent",
+        [sys.executable, "-m", "greenq.worker", "-A", "cluster_tasks", "--pool", pool,
          "-c", str(concurrency), "-Q", ",".join(queues)],
         cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     publisher = threading.Thread(target=publish, daemon=True)
