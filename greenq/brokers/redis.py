@@ -187,7 +187,8 @@ class RedisBroker(Reconnecting, Broker):
     def publish(self, message: Outgoing) -> None:
         """One round trip: a plain XADD in the common case."""
         m = message
-        if self._min_replicas or m.queue not in self._registered or (m.eta is not None and m.eta > time.time()):
+        if m.queue not in self._registered or (m.eta is not None and m.eta > time.time()) \
+                or self._min_replicas:
             return self.publish_many([m])
         key = self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))]
         self._call(lambda: self.client.execute_command("XADD", key, "*", "b", m.body, "m", m.message_id),

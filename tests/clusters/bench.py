@@ -23,7 +23,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 from . import failover
 from .servers import RedisCluster, RedisSentinel, Servers, free_ports
@@ -88,25 +88,27 @@ def failover_row(kind: str, min_replicas: int, trial: int) -> failover.Outcome:
     extra = {"GREENQ_REDIS_MIN_REPLICAS": str(min_replicas)}
     if kind.startswith("sentinel"):
         dep = RedisSentinel(replicas=2)       # one is left to WAIT for after the failover
-        url, queues, kill = dep.url(), ["s"], (lambda: dep.kill(dep.master))
-        prefix = f"fs{trial}"
-        if kind == "sentinel-lagging":
-            def kill() -> None:
-                """The replicas stop reading for LAG s, then the master dies: the
-                writes of those LAG s exist on the master only."""
-                for port in dep.replicas:
-                    dep.freeze(port)
-                time.sleep(LAG)
-                dep.kill(dep.master)
-                for port in dep.replicas:
-                    dep.freeze(port, False)
+        url, queues, prefix = dep.url(), ["s"], f"fs{trial}"
+
+        def kill() -> None:
+            """Lagging: the replicas stop reading for LAG s, then the master
+            dies, so the writes of those LAG s exist on the master only."""
+            lagging = dep.replicas if kind == "sentinel-lagging" else []
+            for port in lagging:
+                dep.freeze(port)
+            time.sleep(LAG if lagging else 0)
+            dep.kill(dep.master)
+            for port in lagging:
+                dep.freeze(port, False)
     else:
         dep = RedisCluster()
         prefix = f"fc{trial}"
         from .test_redis_cluster import queues_on_masters
         queues, masters = queues_on_masters(dep, prefix)
-        kill: Callable[[], None] = lambda: dep.kill(masters[0])   # noqa: E731
         url = dep.url
+
+        def kill() -> None:
+            dep.kill(masters[0])
     try:
         # A backlog still waiting at the kill (so that resume_s is the worker's
         # stall), tasks published during the kill; 20 kB ballast in the
@@ -127,8 +129,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=20000)
-    parser.add_argument("--only", choices=("throughput", "sentinel", "sentinel-lagging", "cluster"),
-                        help="run one part only")
+    parser.add_argument("--only", help="run one part only", choices=(
+        "throughput", "sentinel", "sentinel-lagging", "cluster", "rabbitmq"))
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))     # run the finally blocks: stop the servers
 
@@ -143,6 +145,23 @@ def main() -> None:
             for trial in range(args.trials):
                 print(f"failover {kind} min_replicas={n} #{trial + 1}: {failover_row(kind, n, trial).line()}",
                       flush=True)
+    if args.only == "rabbitmq":            # not by default: it starts three RabbitMQ nodes
+        print(f"failover rabbitmq worker: {rabbitmq_worker_row().line()}", flush=True)
+
+
+def rabbitmq_worker_row() -> failover.Outcome:
+    """A greenq-worker on a three-node RabbitMQ cluster (quorum queues), its
+    node SIGKILLed mid-drain (docs/clusters.md: the known worker-level stall)."""
+    from .rabbit import RabbitCluster
+    tmp = Path(tempfile.mkdtemp())
+    cluster = RabbitCluster()
+    try:
+        outcome, _ = failover.run(cluster.url(), ["rq"], lambda: cluster.kill(0), tmp, total=700,
+                                  backlog=600, rate=100, pause=0.1, kill_at=150, settle=6,
+                                  extra_env={"GREENQ_AMQP_QUEUE_TYPE": "quorum"})
+        return outcome
+    finally:
+        cluster.stop()
 
 
 def throughput(tasks: int) -> None:

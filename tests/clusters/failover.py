@@ -40,7 +40,8 @@ class Outcome:
     first_queue_resume_s: float = 0.0
 
     def line(self) -> str:
-        return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in asdict(self).items())
+        return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in asdict(self).items())
 
 
 def read_log(path: Path) -> List[tuple]:

@@ -105,7 +105,8 @@ class RabbitCluster:
         done = subprocess.run([CTL, "-n", self.names[i], *args], capture_output=True, text=True,
                               timeout=timeout)
         if done.returncode:
-            raise AssertionError(f"rabbitmqctl -n {self.names[i]} {' '.join(args)}: {done.stderr or done.stdout}")
+            raise AssertionError(f"rabbitmqctl -n {self.names[i]} {' '.join(args)}: "
+                                 f"{done.stderr or done.stdout}")
         return done.stdout
 
     def _running(self) -> int:

@@ -20,7 +20,8 @@ def test_publish_waits_for_the_replica_and_fails_without_it(sentinel, caplog):
     broker = make_broker(sentinel.url(), cfg)
     try:
         broker.publish(Outgoing("q", b"one", "m1"))
-        broker.publish_many([Outgoing("q", b"two", "m2"), Outgoing("q", b"three", "m3", eta=time.time() + 60)])
+        broker.publish_many([Outgoing("q", b"two", "m2"),
+                             Outgoing("q", b"three", "m3", eta=time.time() + 60)])
         got = broker.fetch(["q"], 10, 1.0)
         assert [d.message_id for d in got] == ["m1", "m2"]
         sentinel.kill(sentinel.replica)
