@@ -152,12 +152,9 @@ class RedisClusterBroker(RedisBroker):
                         args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
                 calls.append(([streams[0], *index], args))   # KEYS[1]: in-slot, unused with n = 0
 
-        def send() -> None:
-            if new_queues:
-                self.client.sadd(self._k_queues, *new_queues)
-            self._run_script(self._publish_script, calls)
-        self._call(send, self._timeout, "publish")
-        self._registered.update(new_queues)
+        self._call(lambda: self._run_script(self._publish_script, calls), self._timeout, "publish")
+        if new_queues:
+            self._register(new_queues)
 
     @staticmethod
     def _delayed_member(m: Outgoing, prio: int) -> bytes:
@@ -279,8 +276,18 @@ class RedisClusterBroker(RedisBroker):
         for q in queues:
             streams = self.streams(q)
             self._declare_script(keys=[streams[0], *streams], args=[GROUP])   # no in-script SADD
-        self.client.sadd(self._k_queues, *queues)
         self._declared.update(queues)
+        self._register(queues)
+
+    def _register(self, queues: Sequence[str]) -> None:
+        """Add ``queues`` to the registry, best effort: it lives on one master,
+        and while that master is away publishing and consuming go on (the
+        queues are registered by a later publish or declare)."""
+        try:
+            self.client.sadd(self._k_queues, *queues)
+        except ACK_RETRIED as exc:
+            log.debug("queue registry not written (%s); later", exc)
+            return
         self._registered.update(queues)
 
     def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:

@@ -10,7 +10,8 @@ raised: the client knows, so they are not lost), ``completed`` (distinct
 tasks that ran), ``lost`` (sent, never ran), ``duplicated`` (ran more than
 once), ``resume_s`` (the longest pause between two task starts after the kill:
 how long the worker was stalled by the failover), ``first_queue_resume_s``
-(the same for the first queue alone: on a cluster, the one whose master dies).
+(the same for the first queue alone: on a cluster, the one whose master dies),
+``others_meanwhile`` (tasks of the other queues that started during that pause).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class Outcome:
     duplicated: int = 0
     resume_s: float = 0.0
     first_queue_resume_s: float = 0.0
+    others_meanwhile: int = 0
 
     def line(self) -> str:
         return " ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
@@ -145,11 +147,21 @@ def run(url: str, queues: Sequence[str], kill: Callable[[], None], tmp: Path, to
     out.lost = len(set(sent) - set(counts))
     out.duplicated = sum(1 for c in counts.values() if c > 1)
     out.resume_s = _longest_gap(killed_at, [t for _, t in rows])
-    out.first_queue_resume_s = _longest_gap(killed_at, [t for n, t in rows if n % len(queues) == 0])
+    first = [t for n, t in rows if n % len(queues) == 0]
+    out.first_queue_resume_s = _longest_gap(killed_at, first)
+    begin, end = _gap_bounds(killed_at, first)
+    out.others_meanwhile = sum(1 for n, t in rows if n % len(queues) and begin < t < end)
     return out, printed
 
 
-def _longest_gap(since: float, starts: List[float]) -> float:
-    """The longest pause between task starts after ``since`` (the kill)."""
+def _gap_bounds(since: float, starts: List[float]) -> "tuple[float, float]":
+    """The longest pause between task starts after ``since`` (the kill): (begin, end)."""
     times = sorted([since] + [t for t in starts if t >= since])
-    return max((b - a for a, b in zip(times, times[1:])), default=float("inf"))
+    if len(times) < 2:
+        return since, float("inf")
+    return max(zip(times, times[1:]), key=lambda pair: pair[1] - pair[0])
+
+
+def _longest_gap(since: float, starts: List[float]) -> float:
+    begin, end = _gap_bounds(since, starts)
+    return end - begin

@@ -84,4 +84,5 @@ def test_worker_follows_a_cluster_failover(own_cluster, tmp_path):
     assert masters[0] != own_cluster.master_of(f"{{{prefix}:{queues[0]}}}")   # the replica took over
     assert outcome.sent > 650 and outcome.completed >= 0.98 * outcome.sent, printed
     assert outcome.first_queue_resume_s < 10, printed     # the dead master's queue: after the failover
-    assert outcome.resume_s < 1.0, printed                 # the other queues never stopped
+    # the other queues went on meanwhile (at 100 tasks/s: about 2 s worth of them)
+    assert outcome.others_meanwhile >= 50, printed
