@@ -17,13 +17,15 @@ Reconnector.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs, unquote
 
 import redis
 from redis.backoff import NoBackoff
-from redis.connection import BlockingConnectionPool
+from redis.commands.core import Script
+from redis.connection import BlockingConnectionPool, Encoder
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
@@ -112,19 +114,53 @@ class _AllNodePools:
     """What RedisBroker/RedisBackend call ``client.connection_pool``: dropping
     idle connections drops them on every node."""
 
-    def __init__(self, cluster: Any) -> None:
+    def __init__(self, cluster: "LazyCluster") -> None:
         self.cluster = cluster
 
     def disconnect(self, inuse_connections: bool = True) -> None:
-        for node in self.cluster.get_nodes():
+        client = self.cluster.built
+        if client is None:
+            return
+        for node in client.get_nodes():
             if node.redis_connection is not None:
                 node.redis_connection.connection_pool.disconnect(inuse_connections=inuse_connections)
 
 
-def cluster_client(url: str, config: Config, name: str, size: int) -> Any:
+class LazyCluster:
+    """A RedisCluster client made at its first use, as making one contacts the
+    seed nodes: a worker started while the cluster is unreachable then waits
+    for it like for any broker (its round trips fail with ConnectionError and
+    are retried), rather than failing at start.  Everything else is the
+    client's (attribute access builds it)."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self.built: Any = None
+        self.connection_pool = _AllNodePools(self)
+
+    def get_encoder(self) -> Encoder:
+        """For ``register_script`` (a script's SHA), without connecting."""
+        return Encoder("utf-8", "strict", False)
+
+    def register_script(self, script: str) -> Script:
+        return Script(self, script)
+
+    def __getattr__(self, name: str) -> Any:
+        client = self.built
+        if client is None:
+            with self._lock:
+                if self.built is None:
+                    self.built = self._build()
+                client = self.built
+        return getattr(client, name)
+
+
+def cluster_client(url: str, config: Config, name: str, size: int) -> LazyCluster:
     """A RedisCluster client on the URL's seed nodes, with a blocking pool of
-    ``size`` connections per node."""
+    ``size`` connections per node, made at its first use."""
     from redis.cluster import ClusterNode, RedisCluster
+    from redis.exceptions import RedisClusterException
 
     from ..brokers.redis import client_name
     topo = parse(url, CLUSTER_PORT)
@@ -135,14 +171,15 @@ def cluster_client(url: str, config: Config, name: str, size: int) -> Any:
     # Seeds given as a redis:// URL make redis-py build each node's pool from
     # connection_pool_class: a blocking pool, as plain redis:// has.
     first, rest = topo.hosts[0], topo.hosts[1:]
-    try:
-        client = RedisCluster(url=f"redis://{first[0]}:{first[1]}/0",
-                              startup_nodes=[ClusterNode(h, p) for h, p in rest],
-                              username=topo.username, password=topo.password,
-                              connection_pool_class=BlockingConnectionPool, timeout=None,
-                              max_connections=size, client_name=client_name(config.key_prefix, name),
-                              retry=Retry(NoBackoff(), 0), **common)
-    except redis.RedisError as exc:
-        raise redis.ConnectionError(f"no node of {mask_url(url)} answered: {exc}") from exc
-    client.connection_pool = _AllNodePools(client)
-    return client
+
+    def build() -> Any:
+        try:
+            return RedisCluster(url=f"redis://{first[0]}:{first[1]}/0",
+                                startup_nodes=[ClusterNode(h, p) for h, p in rest],
+                                username=topo.username, password=topo.password,
+                                connection_pool_class=BlockingConnectionPool, timeout=None,
+                                max_connections=size, client_name=client_name(config.key_prefix, name),
+                                retry=Retry(NoBackoff(), 0), **common)
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise redis.ConnectionError(f"no node of {mask_url(url)} answered: {exc}") from exc
+    return LazyCluster(build)

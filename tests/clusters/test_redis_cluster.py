@@ -86,3 +86,18 @@ def test_worker_follows_a_cluster_failover(own_cluster, tmp_path):
     assert outcome.first_queue_resume_s < 10, printed     # the dead master's queue: after the failover
     # the other queues went on meanwhile (at 100 tasks/s: about 2 s worth of them)
     assert outcome.others_meanwhile >= 50, printed
+
+
+def test_an_unreachable_cluster_is_waited_for_not_fatal():
+    """Making the broker does not contact the cluster: a worker started before
+    its cluster waits for it (BrokerError from round trips, retried)."""
+    from greenq.exceptions import BrokerError
+    cfg = make_config(key_prefix="nobody", redis__socket_timeout=0.5)
+    broker = make_broker("redis+cluster://127.0.0.1:1,127.0.0.1:2", cfg)
+    try:
+        start = time.monotonic()
+        with pytest.raises(BrokerError, match="unreachable"):
+            broker.declare(["q"])            # retried for socket_timeout, then raised
+        assert time.monotonic() - start < 5
+    finally:
+        broker.close()
