@@ -75,8 +75,14 @@ _MAX_EPOCH, _MAX_SECONDS = validation.MAX_EPOCH, validation.MAX_SECONDS
 
 
 def _name_ok(value: Any) -> bool:
-    return type(value) is str and _NAME(value) is not None and (
-        value.isascii() or len(value.encode("utf-8", "surrogatepass")) <= validation.MAX_NAME_BYTES)
+    if type(value) is not str or _NAME(value) is None:
+        return False
+    if value.isascii():
+        return True
+    try:                        # a lone surrogate is not UTF-8: the rules refuse it with the reason
+        return len(value.encode("utf-8")) <= validation.MAX_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 def _fast_fields(env: Dict[str, Any]) -> Optional[Dict[str, Any]]:
