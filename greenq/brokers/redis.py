@@ -115,7 +115,69 @@ def block_seconds(config: Config) -> float:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """Text of a reply value; bytes that are not UTF-8 are shown escaped."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def entry_delivery(queue: str, prio: int, stream: str, entry_id: bytes, fields: Any,
+                   deliveries: int) -> Delivery:
+    """The one place where a stream entry's fields are checked.  A good entry
+    has exactly the fields ``b`` (bytes) and ``m`` (UTF-8); any other shape
+    (a missing, repeated or unknown field, a message id that is not UTF-8, an
+    entry made from a malformed delayed member) gives a Delivery with
+    ``error`` set: the worker dead-letters it through its token, and the
+    entries fetched beside it are delivered as usual."""
+    token = (stream, entry_id)
+    seen: Dict[bytes, bytes] = {}
+    error = None
+    if not isinstance(fields, (list, tuple)) or len(fields) % 2:
+        error, fields = "stream entry is not a list of field/value pairs", ()
+    for name, value in zip(fields[::2], fields[1::2]):
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            error = "stream entry field of a bad type"
+        elif name in seen:
+            error = f"stream entry field {_text(name)!r} appears twice"
+        elif name not in (b"b", b"m", b"e"):
+            error = f"unknown stream entry field {_text(name)!r}"
+        else:
+            seen[name] = value
+            continue
+        break
+    body, mid = seen.get(b"b", b""), seen.get(b"m")
+    if error is None:
+        if b"e" in seen:
+            error = f"broker: {_text(seen[b'e'])}"
+        elif b"b" not in seen:
+            error = "stream entry has no body field 'b'"
+        elif mid is None:
+            error = "stream entry has no message id field 'm'"
+        else:
+            try:
+                return Delivery(queue, body, mid.decode(), deliveries, token, prio)
+            except UnicodeDecodeError as exc:
+                error = f"message id field 'm' is not UTF-8: {exc}"
+    return Delivery(queue, body, _text(mid) if mid is not None else _text(entry_id),
+                    deliveries, token, prio, error=error)
+
+
+def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
+    """Tokens as script calls of at most MAX_BATCH ids each: (stream keys,
+    then per key ``n, n entry ids``), the argument layout of ACK and TRANSFER."""
+    by_key: Dict[str, List[bytes]] = {}
+    for d in deliveries:
+        by_key.setdefault(d.token[0], []).append(d.token[1])
+    calls: List[Tuple[List[str], List[Any]]] = []
+    size = MAX_BATCH
+    for key, ids in by_key.items():
+        for start in range(0, len(ids), MAX_BATCH):
+            chunk = ids[start:start + MAX_BATCH]
+            if size + len(chunk) > MAX_BATCH:
+                calls.append(([], []))
+                size = 0
+            calls[-1][0].append(key)
+            calls[-1][1].extend([len(chunk), *chunk])
+            size += len(chunk)
+    return calls
 
 
 class RedisBroker(Reconnecting, Broker):
@@ -135,11 +197,15 @@ class RedisBroker(Reconnecting, Broker):
         self._lease = float(config.lease_seconds)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         self._block = block_seconds(config)
+        # XREADGROUP replies unparsed: redis-py would fold an entry's fields
+        # into a dict, hiding a repeated field from entry_delivery
+        self.client.set_response_callback("XREADGROUP", lambda reply, **_: reply)
         s = self.client.register_script
         self._publish_script = s(lua.PUBLISH)
         self._declare_script, self._fetch_script = s(lua.DECLARE), s(lua.FETCH)
         self._reclaim_script, self._transfer_script = s(lua.RECLAIM), s(lua.TRANSFER)
         self._dead_script, self._dlq_requeue_script = s(lua.DEAD_LETTER), s(lua.DLQ_REQUEUE)
+        self._ack_script = s(lua.ACK)
         self._stats_script, self._purge_script = s(lua.STATS), s(lua.PURGE)
         self._k_queues = f"{self.prefix}:queues"
         self._k_dead = f"{self.prefix}:dead"
@@ -155,6 +221,7 @@ class RedisBroker(Reconnecting, Broker):
         self._next_due: Optional[float] = None                # earliest delayed eta seen
         self._reclaims = 0
         self._interrupts = 0
+        self._consuming = True                                # False after stop_consuming()
 
     def _reset(self) -> None:
         # idle connections only: a connection in use fails by itself in its owner
@@ -249,7 +316,7 @@ class RedisBroker(Reconnecting, Broker):
     def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
         """Lease up to ``count`` messages; see the module docstring.  While Redis
         is unreachable it retries until ``timeout`` and returns ``[]``."""
-        if count <= 0 or not queues:
+        if count <= 0 or not queues or not self._consuming:
             return []
         count = min(count, MAX_BATCH)
         out = self._take_spares(count)
@@ -262,6 +329,9 @@ class RedisBroker(Reconnecting, Broker):
                 out = self.reconnector.call(lambda: self._fetch_once(queues, count, deadline),
                                             deadline, "fetch")
             except Unreachable:
+                return []
+            if not self._consuming:         # stopped while this read was under way
+                self._give_back(out)
                 return []
             if out or time.monotonic() >= deadline or self._interrupts != interrupts:
                 return out
@@ -301,13 +371,13 @@ class RedisBroker(Reconnecting, Broker):
         self._next_due = float(flat[0]) if flat[0] else None
         out: List[Delivery] = []
         i, end = 1, len(flat)
-        while i < end:                      # groups: queue index, priority, n, n x (id, body, mid, count)
+        while i < end:                      # groups: queue index, priority, n, n x (id, fields, count)
             queue, prio, n = queues[flat[i]], flat[i + 1], flat[i + 2]
             stream = self._streams[queue][9 - prio]
             i += 3
-            stop = i + 4 * n
-            out += [Delivery(queue, flat[j + 1], flat[j + 2].decode(), flat[j + 3], (stream, flat[j]), prio)
-                    for j in range(i, stop, 4)]
+            stop = i + 3 * n
+            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2])
+                    for j in range(i, stop, 3)]
             i = stop
         return out
 
@@ -320,20 +390,20 @@ class RedisBroker(Reconnecting, Broker):
             GROUP, self.consumer, int(self._lease * 1000), count, forget, PARKED])
         self._next_reclaim = time.monotonic() + max(0.05, self._lease / 4)
         out = []
-        for i in range(0, len(flat), 5):
+        for i in range(0, len(flat), 4):
             key = keys[flat[i] - 1]
             queue, prio = self._where[key.encode()]
-            out.append(Delivery(queue, flat[i + 2], flat[i + 3].decode(), flat[i + 4],
-                                (key, flat[i + 1]), prio))
+            out.append(entry_delivery(queue, prio, key, flat[i + 1], flat[i + 2], flat[i + 3]))
         if out:
             log.info("reclaimed %d message(s) whose lease ran out", len(out))
         return out
 
     def _block_read(self, queues: Sequence[str], count: int, wait: float) -> List[Delivery]:
         keys = [k for q in queues for k in self.streams(q)]
-        try:
-            reply = self.client.xreadgroup(GROUP, self.consumer, dict.fromkeys(keys, ">"),
-                                           count=count, block=max(1, int(wait * 1000)))
+        try:   # raw reply (see __init__): entry fields as the server sent them
+            reply = self.client.execute_command(
+                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", count,
+                "BLOCK", max(1, int(wait * 1000)), "STREAMS", *keys, *(">" for _ in keys))
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
@@ -344,14 +414,7 @@ class RedisBroker(Reconnecting, Broker):
         for key, entries in streams:
             queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
             stream = self._streams[queue][9 - prio]
-            for entry in entries:
-                entry_id, fields = entry[0], entry[1]
-                if not fields:
-                    continue
-                if not isinstance(fields, dict):
-                    fields = dict(zip(fields[::2], fields[1::2]))
-                out.append(Delivery(queue, fields.get(b"b", b""), _text(fields.get(b"m", b"")),
-                                    1, (stream, entry_id), prio))
+            out += [entry_delivery(queue, prio, stream, entry[0], entry[1], 1) for entry in entries]
         if len(out) > count:   # a server that re-runs the read may serve several streams
             with self._lock:
                 self._spares.extend(out[count:])
@@ -368,7 +431,9 @@ class RedisBroker(Reconnecting, Broker):
             return out
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """XACK+XDEL in one pipelined round trip.  Does not raise when Redis is
+        """XACK+XDEL of the entries this consumer still holds, in one round trip
+        (a stale holder's ack, after its lease ran out and another consumer
+        claimed the entry, is a no-op).  Does not raise when Redis is
         away: the acks are kept, renewed with the held messages, and sent after
         reconnecting (if Redis lost them meanwhile, they are simply redelivered)."""
         if not deliveries:
@@ -384,16 +449,8 @@ class RedisBroker(Reconnecting, Broker):
                 log.warning("acks kept until Redis is back: %s", exc)
 
     def _send_acks(self, deliveries: List[Delivery]) -> None:
-        by_key: Dict[str, List[bytes]] = {}
-        for d in deliveries:
-            by_key.setdefault(d.token[0], []).append(d.token[1])
-        pipe = self.client.pipeline(transaction=False)
-        for key, ids in by_key.items():
-            for start in range(0, len(ids), MAX_BATCH):
-                chunk = ids[start:start + MAX_BATCH]
-                pipe.execute_command("XACK", key, GROUP, *chunk)
-                pipe.execute_command("XDEL", key, *chunk)
-        pipe.execute()
+        self._run_script(self._ack_script, [(keys, [GROUP, self.consumer, *ids])
+                                            for keys, ids in _per_stream(deliveries)])
 
     def _flush_unacked(self) -> None:
         """Send acks kept while Redis was away (inside a round trip that worked)."""
@@ -407,17 +464,12 @@ class RedisBroker(Reconnecting, Broker):
             raise
         log.info("sent %d ack(s) kept while Redis was away", len(pending))
 
-    def _transfer(self, deliveries: Sequence[Delivery], target: str, budget: float, what: str) -> int:
-        by_key: Dict[str, List[bytes]] = {}
-        for d in deliveries:
-            by_key.setdefault(d.token[0], []).append(d.token[1])
-        moved = 0
-        for key, ids in by_key.items():
-            for start in range(0, len(ids), MAX_BATCH):
-                chunk = ids[start:start + MAX_BATCH]
-                moved += self._call(lambda: self._transfer_script(
-                    keys=[key], args=[GROUP, self.consumer, target, len(chunk), *chunk]), budget, what)
-        return moved
+    def _transfer(self, deliveries: Sequence[Delivery], target: str, budget: float, what: str,
+                  uncount: bool = False) -> int:
+        """TRANSFER the entries this consumer holds to ``target``, one round trip."""
+        calls = [(keys, [GROUP, self.consumer, target, "1" if uncount else "0", *ids])
+                 for keys, ids in _per_stream(deliveries)]
+        return sum(self._call(lambda: self._run_script(self._transfer_script, calls), budget, what))
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of every entry still owned by this consumer (one
@@ -430,16 +482,23 @@ class RedisBroker(Reconnecting, Broker):
 
     def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
         """Park the entries on ``~requeued``: fetched again before newer messages
-        of their priority, with the delivery count going on from where it was."""
+        of their priority, with the delivery count going on from where it was
+        (``started=False``: lowered by one first, so the next hand-out counts
+        as the same delivery).  Entries this consumer no longer holds stay put."""
         if deliveries:
-            self._transfer(deliveries, PARKED, self._timeout, "requeue")
+            self._transfer(deliveries, PARKED, self._timeout, "requeue", uncount=not started)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move the entry to the dead letters if this consumer still holds it;
+        a stale holder's dead-letter is a no-op (the new holder decides)."""
         key, entry_id = delivery.token
-        self._call(lambda: self._dead_script(
+        moved = self._call(lambda: self._dead_script(
             keys=[key, self._k_dead, self._k_dead_count, self._k_queues],
             args=[GROUP, entry_id, delivery.queue, delivery.priority, delivery.message_id,
-                  reason, repr(time.time()), delivery.body]), self._timeout, "dead-letter")
+                  reason, repr(time.time()), delivery.body, self.consumer]), self._timeout, "dead-letter")
+        if not moved:
+            log.warning("message %s not dead-lettered: no longer held by this worker "
+                        "(its lease ran out)", delivery.message_id)
 
     def next_due(self, queues: Sequence[str]) -> Optional[float]:
         def ask() -> List[Any]:
@@ -453,6 +512,29 @@ class RedisBroker(Reconnecting, Broker):
     def interrupt(self) -> None:
         """A blocked fetch returns at its next wake-up (within a second)."""
         self._interrupts += 1
+
+    def stop_consuming(self) -> None:
+        """Warm shutdown: fetch returns ``[]`` from now on, and the entries
+        leased but not handed out (spares; and what a fetch blocked right now
+        receives, when it wakes) are parked for other workers at once with
+        their delivery count unchanged.  Held messages can still be acked,
+        requeued and renewed."""
+        self._consuming = False
+        self.interrupt()
+        with self._lock:
+            spares, self._spares = list(self._spares), deque()
+        self._give_back(spares)
+
+    def _give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Park leased entries that no task saw; if Redis is away they come
+        back when their lease runs out."""
+        if not deliveries:
+            return
+        try:
+            self._transfer(deliveries, PARKED, min(self._timeout, 2.0), "requeue", uncount=True)
+        except BrokerError as exc:
+            log.warning("could not return %d unstarted message(s): %s (they come back after "
+                        "their lease)", len(deliveries), exc)
 
     # -- administration --------------------------------------------------------------
     def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
@@ -523,17 +605,14 @@ class RedisBroker(Reconnecting, Broker):
         return self._call(purge, self._timeout, "dlq purge")
 
     def close(self) -> None:
-        """Return unhanded spares, send kept acks (briefly), drop the connections.
-        Call it after the last fetch returned."""
+        """Return unhanded spares (delivery count unchanged), send kept acks
+        (briefly), drop the connections.  Safe to call twice, and from a plain
+        client that never fetched.  Call it after the last fetch returned."""
+        self.stop_consuming()
         try:
-            with self._lock:
-                spares, self._spares = list(self._spares), deque()
-            if spares:
-                self._transfer(spares, PARKED, 1.0, "requeue")
             if self._unacked:
                 self._call(self._flush_unacked, 1.0, "ack")
         except BrokerError as exc:
             log.warning("closing with Redis away: %s (held messages come back after their lease)", exc)
-        self.interrupt()
         # idle connections: one still in use (a fetch returning) is closed with the pool
         self.pool.disconnect(inuse_connections=False)
