@@ -274,7 +274,9 @@ return 1
 
 #: Publish dead letters back to their queue's stream with a fresh delivery
 #: count.  KEYS: dead stream, dead counts hash.  ARGV: key prefix, then dead
-#: ids; with no ids, the oldest 500.  Returns how many moved.
+#: ids; with no ids, the oldest 500.  A dead letter without a queue, a
+#: priority digit, a body or a message id (written by hand) stays where it
+#: is.  Returns how many moved.
 DLQ_REQUEUE = """
 local ids = {}
 if #ARGV > 1 then
@@ -289,10 +291,13 @@ for _, id in ipairs(ids) do
     local info = {}
     local f = found[1][2]
     for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
-    redis.call('XADD', ARGV[1] .. ':q:' .. info['q'] .. ':' .. info['p'], '*', 'b', info['b'], 'm', info['m'])
-    redis.call('XDEL', KEYS[1], id)
-    if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
-    moved = moved + 1
+    local p = info['p']
+    if info['q'] and info['b'] and info['m'] and p and #p == 1 and string.find('0123456789', p, 1, true) then
+      redis.call('XADD', ARGV[1] .. ':q:' .. info['q'] .. ':' .. p, '*', 'b', info['b'], 'm', info['m'])
+      redis.call('XDEL', KEYS[1], id)
+      if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
+      moved = moved + 1
+    end
   end
 end
 return moved

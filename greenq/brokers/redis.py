@@ -562,10 +562,15 @@ class RedisBroker(Reconnecting, Broker):
                 return total
 
     def _dead_letter_of(self, entry_id: Any, fields: Dict[bytes, bytes]) -> DeadLetter:
+        """A dead-letter entry as written by DEAD_LETTER; one written by hand
+        with missing or bad fields is shown as well as it can be, never raises."""
+        try:
+            failed_at = float(fields.get(b"t") or 0)
+        except ValueError:
+            failed_at = 0.0
         return DeadLetter(id=_text(entry_id), queue=_text(fields.get(b"q", b"")),
                           body=fields.get(b"b", b""), reason=_text(fields.get(b"r", b"")),
-                          message_id=_text(fields.get(b"m", b"")),
-                          failed_at=float(fields.get(b"t", 0) or 0))
+                          message_id=_text(fields.get(b"m", b"")), failed_at=failed_at)
 
     def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
         entries = self._call(lambda: self.client.xrange(self._k_dead, count=limit), self._timeout, "dlq list")

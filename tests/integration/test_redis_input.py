@@ -212,3 +212,44 @@ def test_close_is_safe_twice_and_unused(make):
     broker.close()
     never_used = make()
     never_used.close()
+
+
+def test_hand_written_dead_letters_are_listed_and_skipped_by_requeue(make, admin):
+    broker = make()
+    broker.declare([Q])
+    broker.publish(out(Q, b"x", message_id="real"))
+    [d] = broker.fetch([Q], 1, 1.0)
+    broker.dead_letter(d, "for the test")
+    dead = f"{broker.prefix}:dead"
+    admin.xadd(dead, {"q": Q, "p": "0", "m": b"\xff", "r": b"\xfe", "t": "soon", "b": "x"})
+    admin.xadd(dead, {"q": Q, "p": "10", "m": "bad-priority", "b": "x"})
+    admin.xadd(dead, {"r": "nothing else"})
+    listed = broker.dlq_list()
+    assert [(x.message_id, x.failed_at) for x in listed[1:]] == [
+        ("\\xff", 0.0), ("bad-priority", 0.0), ("", 0.0)]
+    assert broker.dlq_requeue() == 2          # "real" and the hand-written one with good fields
+    assert sorted(x.message_id for x in broker.fetch([Q], 10, 1.0)) == ["\\xff", "real"]
+    assert [x.message_id for x in broker.dlq_list()] == ["bad-priority", ""]
+
+
+def test_every_client_path_sends_a_future_eta_to_the_delayed_set(redis_url, redis_prefix, make):
+    """The envelope's eta travels as Outgoing.eta on every path of the client
+    (apply_async with countdown or eta, send_task, enqueue_many): nothing
+    with a future eta is in a stream, so no worker can take it early."""
+    from greenq import GreenQ
+    app = GreenQ("eta", broker=redis_url, key_prefix=redis_prefix)
+    try:
+        @app.task(name="eta.t")
+        def t(x):
+            return x
+        soon = time.time() + 60
+        sent = [t.apply_async((1,), countdown=60), t.apply_async((2,), eta=soon),
+                app.send_task("eta.t", (3,), countdown=60),
+                *app.enqueue_many([t.s(4).set(countdown=60), t.s(5).set(eta=soon)])]
+        broker = make()
+        stats = broker.queue_stats([Q])[0]
+        assert (stats.ready, stats.delayed) == (0, len(sent))
+        assert broker.fetch([Q], 10, 0.2) == []
+        assert soon - 1 <= broker.next_due([Q]) <= soon + 1
+    finally:
+        app.close()
