@@ -4,7 +4,8 @@ Key layout (``P`` is ``[greenq] key_prefix``; two apps with different
 prefixes share one Redis database without seeing each other)::
 
     P:q:<queue>:<0-9>   stream, one per queue and priority; entry fields
-                        b=body, m=message id; consumer group "greenq" on each
+                        b=body, m=message id (or b=member, e=reason: a
+                        malformed delayed member); consumer group "greenq"
     P:delayed:<queue>   sorted set of delayed messages, score = eta (epoch s),
                         member = <8 random chars><priority><len(id)>:<id><body>
     P:queues            set of every queue name seen (queue_stats, dlq)
@@ -30,8 +31,16 @@ time without counting a delivery); every lease/4 a fetch also claims entries
 idle for longer than ``lease_seconds`` from any consumer (a dead worker's), and
 forgets consumers idle for an hour with nothing pending.  Delivery counts are
 the pending list's own (XREADGROUP: 1, each claim: +1).  ``ack`` is XACK+XDEL
-of a whole batch in one pipelined round trip.  ``requeue`` parks entries on
-``~requeued`` without counting a delivery; the next hand-out counts one.
+of a whole batch in one script call.  ``requeue`` parks entries on
+``~requeued`` without counting a delivery; the next hand-out counts one
+(``started=False``: the count is lowered by one as the entry is parked).
+``ack``, ``requeue``, ``renew`` and ``dead_letter`` act only on entries this
+instance still owns: a stale holder (its lease ran out, another consumer
+claimed the entry) changes nothing.
+
+Every entry read is checked by ``entry_delivery``: a bad one (fields missing,
+repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
+``error`` set, which the worker dead-letters; its neighbours are unaffected.
 
 Every round trip goes through one reconnect state machine
 (``_reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
