@@ -4,15 +4,17 @@ from __future__ import annotations
 import os
 import threading
 import time
+from datetime import datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import config as config_module
+from . import validation
 from .brokers import Outgoing, make_broker
 from .drivers import detect_patched
 from .backends import backend_url_for, make_backend
 from .message import Codec, TaskMessage, new_id
-from .result import AsyncResult
-from .task import CALL_OPTIONS, Signature, Task, current_request, make_task, to_deadline, to_epoch
+from .result import ALWAYS_REBUILT, AsyncResult
+from .task import CALL_OPTIONS, Signature, Task, current_request, make_task
 
 
 #: raised in a forked child (``os.register_at_fork``): connections made under
@@ -143,32 +145,50 @@ class GreenQ:
 
     def _build(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                options: Dict[str, Any]) -> TaskMessage:
+        """The message of one call.  Every option is checked here (types and
+        ranges, name lengths): a bad one raises ValueError or TypeError naming
+        it, and nothing is sent."""
         unknown = set(options) - CALL_OPTIONS
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(CALL_OPTIONS)}")
+        validation.name("task name", name)
+        kwargs = {} if kwargs is None else kwargs
+        validation.arguments(args, kwargs)
         task = self.tasks.get(name)
         opt = task.option if task else (lambda key: self.config.task_options(name).get(key))
         now = time.time()
+        eta = validation.optional_epoch("eta", options.get("eta"))
         countdown = options.get("countdown")
-        eta = to_epoch(options.get("eta"))
         if countdown is not None:
-            eta = now + float(countdown)
-        expires = options.get("expires", opt("expires"))
+            if eta is not None:
+                raise ValueError("pass countdown or eta, not both")
+            eta = now + validation.offset("countdown", countdown)
+        expires = options.get("expires")
+        if expires is None:
+            expires = opt("expires")
+        if isinstance(expires, datetime):
+            expires = validation.epoch("expires", expires)
+        elif expires is not None:
+            expires = now + validation.offset("expires", expires)
         priority = options.get("priority")
         if priority is None:
             priority = opt("priority") or 0
-        if not 0 <= int(priority) <= 9:
-            raise ValueError(f"priority must be 0-9, not {priority}")
+        validation.priority("priority", priority)
+        time_limit = validation.optional_seconds("time_limit", options.get("time_limit"))
+        soft_limit = validation.optional_seconds("soft_time_limit", options.get("soft_time_limit"))
+        validation.limits(soft_limit if soft_limit is not None else opt("soft_time_limit"),
+                          time_limit if time_limit is not None else opt("time_limit"))
+        task_id = options.get("task_id")
+        task_id = new_id() if task_id is None else validation.name("task_id", task_id)
+        queue = validation.name("queue", options.get("queue") or opt("queue") or self.config.default_queue)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(
-            task=name, args=list(args), kwargs=dict(kwargs or {}),
-            id=options.get("task_id") or new_id(),
-            queue=options.get("queue") or opt("queue") or self.config.default_queue,
-            priority=int(priority), eta=eta if eta and eta > now else None,
-            expires=to_deadline(expires, now), created=now,
+            task=name, args=list(args), kwargs=dict(kwargs),
+            id=task_id, queue=queue, priority=priority,
+            eta=eta if eta and eta > now else None, expires=expires, created=now,
             root_id=parent.root_id if parent and not parent.is_eager else None,
-            time_limit=options.get("time_limit"), soft_time_limit=options.get("soft_time_limit"),
+            time_limit=time_limit, soft_time_limit=soft_limit,
             reply_to=None if ignore else self.backend.reply_to())
 
     def _outgoing(self, msg: TaskMessage) -> Outgoing:
@@ -205,6 +225,14 @@ class GreenQ:
         self.backend.revoke(task_id, terminate)
 
     # -- configuration -------------------------------------------------------
+    def exception_modules(self) -> "set[str]":
+        """Modules whose exceptions a result may be rebuilt as: builtins,
+        greenq's own, the modules of registered tasks and ``[greenq]
+        exception_modules``."""
+        modules = set(ALWAYS_REBUILT) | set(self.config.exception_modules)
+        modules.update(t.__module__ for t in list(self.tasks.values()) if t.__module__)
+        return modules
+
     def import_modules(self) -> None:
         """Import the ``[greenq] app`` modules so their tasks register."""
         import importlib

@@ -48,6 +48,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "max_deliveries": Setting("int", 10, "deliveries before a message is dead-lettered"),
         "max_message_size": Setting("int", 1048576, "bytes; larger payloads are refused at enqueue"),
         "logging_config": Setting("str", "", "path to a logging.config.fileConfig INI"),
+        "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
+                                     "result may be rebuilt as, beside builtins and the tasks' modules"),
     },
     "worker": {
         "pool": Setting("choice:gevent|eventlet|threads|solo", "gevent", "concurrency driver"),

@@ -8,6 +8,7 @@ import traceback as tb_module
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
+from . import validation
 from .exceptions import MaxRetriesExceededError, Reject, Retry
 from .result import FAILURE, SUCCESS, EagerResult, make_meta
 
@@ -67,23 +68,6 @@ def set_request(request: Optional[Request]) -> None:
     _context.request = request
 
 
-def to_epoch(value: Union[None, float, int, datetime]) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return float(value)
-
-
-def to_deadline(value: Union[None, float, int, datetime], now: float) -> Optional[float]:
-    """``expires``: seconds from now (number), or an absolute datetime."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return now + float(value)
-
-
 class Signature:
     """A task call not yet sent: ``add.s(2, 3).set(queue="high").delay()``."""
 
@@ -125,6 +109,7 @@ class Task:
         unknown = set(options) - set(TASK_DEFAULTS)
         if unknown:
             raise TypeError(f"@app.task: unknown option(s) {sorted(unknown)}")
+        validation.task_options(name, options)
         self.app = app
         self.fn = fn
         self.name = name
@@ -184,9 +169,10 @@ class Task:
                 raise exc
             raise MaxRetriesExceededError(f"{self.name}[{req.id}] reached max_retries={limit}")
         if eta is not None:
-            when = to_epoch(eta)
+            when = validation.epoch("eta", eta)
         else:
-            when = time.time() + (self.option("default_retry_delay") if countdown is None else countdown)
+            delay = self.option("default_retry_delay") if countdown is None else countdown
+            when = time.time() + validation.seconds("countdown", delay)
         raise Retry(f"retry in {max(0.0, when - time.time()):.2f} s", exc=exc, when=when)
 
     def backoff(self, retries: int) -> float:

@@ -21,7 +21,8 @@ import itertools
 import logging
 import queue as std_queue
 import time
-from typing import Any, Dict, List, Optional, Sequence
+import traceback
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..backends.base import Record
 from ..config import effective_prefetch
@@ -37,6 +38,30 @@ log = logging.getLogger("greenq.worker")
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
 FETCH_BATCH_MAX = 500
 KILLS = (SoftTimeLimitExceeded, jobs.HardKill, jobs.Abandon, jobs.Terminate)
+
+
+#: errors that retrying the same call cannot cure: bad data, not an outage
+PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, MessageError)
+
+
+def _describe(exc: BaseException) -> str:
+    try:
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    except Exception:
+        return type(exc).__name__
+
+
+class _Plan:
+    """What settling one batch takes, gathered before any call is made."""
+    __slots__ = ("records", "republish", "acks", "requeue", "unstarted", "dead")
+
+    def __init__(self) -> None:
+        self.records: List[Record] = []
+        self.republish: List[Any] = []
+        self.acks: List[Delivery] = []
+        self.requeue: List[Delivery] = []        # started, then returned (cold stop)
+        self.unstarted: List[Delivery] = []      # never began: delivery count not raised
+        self.dead: List[tuple] = []              # (delivery, reason)
 
 
 class _Runner:
@@ -94,6 +119,8 @@ class Worker:
         self.last_poll = time.monotonic()
         self.tasks_done = 0
         self.exit_code = 0
+        self.failed: Optional[str] = None        # the control greenlet that died, if one did
+        self.settling_since: Optional[float] = None  # monotonic start of the batch being settled
         self._next_slot: Dict[str, float] = {}   # rate limits: next free start time per task
 
     # -- public --------------------------------------------------------------
@@ -103,14 +130,31 @@ class Worker:
         log.info("worker ready: pool=%s concurrency=%d prefetch=%d queues=%s",
                  self.driver.name, self.concurrency, self.prefetch, ",".join(self.queues))
         self.runners = [self._spawn_runner() for _ in range(self.concurrency)]
-        finisher = self.driver.spawn(self._finisher)
-        self.driver.spawn(self._renewer)
-        self.driver.spawn(self._reaper)
+        finisher = self.driver.spawn(self._guarded, "finisher", self._finisher)
+        self.driver.spawn(self._guarded, "renewer", self._renewer)
+        self.driver.spawn(self._guarded, "reaper", self._reaper)
         try:
-            self._consume()
+            self._guarded("consumer", self._consume)
         finally:
             self._shutdown(finisher)
         return self.exit_code
+
+    def _guarded(self, name: str, loop: Callable[[], None]) -> None:
+        """Run one control loop.  Each loop handles per-message errors itself;
+        if one dies anyway, the worker must not stay up without it: /healthz
+        answers 503 naming it, and the worker stops with exit code 1 so that
+        its supervisor (systemd, the --processes supervisor) replaces it."""
+        try:
+            loop()
+        except BaseException as exc:
+            if isinstance(exc, KILLS) or type(exc).__name__ == "GreenletExit":
+                raise
+            self.failed = name
+            self.exit_code = 1
+            log.critical("the worker's %s died: %s; stopping with exit code 1 so that it is replaced",
+                         name, _describe(exc), exc_info=True)
+            self.request_stop(cold=True)
+            self.stopped.set()
 
     def request_stop(self, cold: bool = False) -> None:
         """Warm stop (first call) or cold stop (second call, or cold=True).
@@ -150,10 +194,17 @@ class Worker:
             self.last_poll = time.monotonic()
             if deliveries:
                 self._accept(deliveries)
-            elif self.burst and not self.held and self._nothing_due():
+            elif self.burst and not self.held and self._burst_done():
                 log.info("burst: queues are empty, stopping")
                 self.request_stop()
         self.stopped.set()
+
+    def _burst_done(self) -> bool:
+        try:
+            return self._nothing_due()
+        except Exception as exc:   # the broker is away: ask again on the next empty fetch
+            log.warning("burst: could not read the queues' state: %s", exc)
+            return False
 
     def _nothing_due(self) -> bool:
         """--burst: nothing delayed is due soon and no other consumer holds a
@@ -171,24 +222,17 @@ class Worker:
         for d in deliveries:
             self.held[id(d)] = d
             job = Job(d)
-            if d.deliveries > max_deliveries:
-                self._finish(job, jobs.DEAD, reason=f"delivered {d.deliveries} times "
-                                                     f"(max_deliveries={max_deliveries})")
-                continue
             try:
-                msg = self.codec.decode(d.body)
-            except MessageError as exc:
-                self._finish(job, jobs.DEAD, reason=f"undecodable: {exc}")
-                continue
-            job.msg = msg
-            job.task = tasks.get(msg.task)
-            if job.task is None:
-                self._finish(job, jobs.DEAD, reason=f"unknown task {msg.task!r}")
-                continue
-            if msg.expires is not None and msg.expires < now:
+                reason = self._refusal(job, now, max_deliveries, tasks)
+            except Exception as exc:        # a bug of ours must not strand the message
+                log.error("message %s could not be accepted", d.message_id, exc_info=True)
+                reason = f"worker error while accepting it: {_describe(exc)}"
+            if reason == "expired":
                 self._finish(job, jobs.REVOKED, reason="expired")
-                continue
-            ready.append(job)
+            elif reason:
+                self._finish(job, jobs.DEAD, reason=reason)
+            else:
+                ready.append(job)
         self.stats.received += len(deliveries)
         if not ready:
             return
@@ -198,6 +242,25 @@ class Worker:
                 self._finish(job, jobs.REVOKED, reason="revoked")
             else:
                 self.runq.put(job)
+
+    def _refusal(self, job: Job, now: float, max_deliveries: int, tasks: Dict[str, Any]) -> Optional[str]:
+        """Why this delivery will not run (a dead-letter reason, or "expired"), or None."""
+        d = job.delivery
+        if d.error:
+            return f"bad transport metadata: {d.error}"
+        if d.deliveries > max_deliveries:
+            return f"delivered {d.deliveries} times (max_deliveries={max_deliveries})"
+        try:
+            msg = self.codec.decode(d.body)
+        except MessageError as exc:
+            return f"undecodable: {exc}"
+        job.msg = msg
+        job.task = tasks.get(msg.task)
+        if job.task is None:
+            return f"unknown task {msg.task!r}"
+        if msg.expires is not None and msg.expires < now:
+            return "expired"
+        return None
 
     # -- runners -------------------------------------------------------------
     def _spawn_runner(self) -> "_Runner":
@@ -223,9 +286,15 @@ class Worker:
                 sleep(0)
             except KILLS:
                 continue
+            except Exception:   # never lose the runner: _run has settled the job already
+                log.error("runner error (the runner goes on)", exc_info=True)
 
     def _run(self, job: Job) -> None:
-        soft, hard = jobs.limits(job)
+        try:
+            soft, hard = jobs.limits(job)
+        except Exception:                       # a bad [task:NAME] value: run without limits
+            log.error("task %s[%s]: unusable time limits", job.msg.task, job.msg.id, exc_info=True)
+            soft = hard = None
         with self.lock:
             self.running[id(job)] = job
             if soft or hard:
@@ -235,12 +304,18 @@ class Worker:
                 if hard:
                     heapq.heappush(self.deadlines, (now + hard, next(self._seq), job, jobs.HardKill))
         try:
-            if not job.task.option("acks_late"):   # at most once: acknowledged as it starts
-                self.broker.ack([job.delivery])
-                job.acked = True
-            limiter = job.task.option("rate_limit")
-            if limiter:
-                self._throttle(job.task.name, limiter)
+            try:
+                if not job.task.option("acks_late"):   # at most once: acknowledged as it starts
+                    self.broker.ack([job.delivery])
+                    job.acked = True
+                limiter = job.task.option("rate_limit")
+                if limiter:
+                    self._throttle(job.task.name, limiter)
+            except Exception as exc:            # the task is not run; its caller is told why
+                log.error("task %s[%s] could not be started: %s", job.msg.task, job.msg.id, _describe(exc))
+                job.outcome, job.exc = jobs.FAILURE, exc
+                job.tb = traceback.format_exc()
+                return
             jobs.run(job)
         finally:
             while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway
@@ -295,91 +370,154 @@ class Worker:
             self._settle(batch)
 
     def _settle(self, batch: List[Job]) -> None:
-        """Publish retries, store results, then acknowledge: one call each."""
-        encode = self.codec.encode_result
-        records: List[Record] = []
-        republish = []
-        acks: List[Delivery] = []
-        requeue: List[Delivery] = []
-        dead: List[tuple] = []
+        """Publish retries, store results, then acknowledge: one call each.
+        A job whose record cannot be built is stored as a FAILURE saying why;
+        nothing in one job can stop the others from being settled."""
+        self.settling_since = time.monotonic()
+        plan = _Plan()
         for job in batch:
-            outcome, msg = job.outcome, job.msg
-            if outcome == jobs.DEAD:
-                dead.append((job.delivery, job.reason))
-                self.stats.dead_lettered += 1
-                log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
-                continue
-            if outcome == jobs.REQUEUE:
-                requeue.append(job.delivery)
-                continue
-            if outcome == jobs.REJECT:
-                if job.exc.requeue:
-                    requeue.append(job.delivery)
-                else:
-                    dead.append((job.delivery, f"rejected: {job.reason}"))
-                continue
-            ignore = job.task is not None and job.task.option("ignore_result")
-            if outcome == jobs.SUCCESS:
-                self.stats.succeeded += 1
-                if not ignore:
-                    records.append(Record(msg.id, encode(make_meta(
-                        msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries)),
-                        True, msg.reply_to))
-            elif outcome == jobs.FAILURE:
-                self.stats.failed += 1
-                records.append(Record(msg.id, encode(make_meta(
-                    msg.id, FAILURE, exc=job.exc, traceback=job.tb, task=msg.task,
-                    retries=msg.retries)), True, msg.reply_to))
-            elif outcome == jobs.RETRY:
-                self.stats.retried += 1
-                retry = TaskMessage(task=msg.task, args=msg.args, kwargs=msg.kwargs, id=msg.id,
-                                    queue=msg.queue, priority=msg.priority, eta=job.exc.when,
-                                    expires=msg.expires, retries=msg.retries + 1,
-                                    root_id=msg.root_id, time_limit=msg.time_limit,
-                                    soft_time_limit=msg.soft_time_limit, reply_to=msg.reply_to)
-                republish.append(self.app._outgoing(retry))
-                records.append(Record(msg.id, encode(make_meta(
-                    msg.id, RETRY, exc=job.exc.exc or job.exc, task=msg.task,
-                    retries=msg.retries + 1)), False, msg.reply_to))
-            elif outcome == jobs.REVOKED:
-                self.stats.revoked += 1
-                records.append(Record(msg.id, encode(make_meta(
-                    msg.id, REVOKED, task=msg.task, reason=job.reason)), True, msg.reply_to))
-            if not job.acked:
-                acks.append(job.delivery)
-        self._with_retries("publish retries", self.broker.publish_many, republish)
-        self._with_retries("store results", self.backend.store_many, records)
-        self._with_retries("acknowledge", self.broker.ack, acks)
-        self._with_retries("requeue", self.broker.requeue, requeue)
-        for delivery, reason in dead:
-            self._with_retries("dead-letter", self.broker.dead_letter, delivery, reason)
+            try:
+                self._plan(job, plan)
+            except Exception as exc:
+                log.error("task %s: its outcome could not be recorded", job.id, exc_info=True)
+                self._plan_failure(job, plan, exc)
+        self._with_retries("publish retries", self.broker.publish_many, plan.republish)
+        self._with_retries("store results", self.backend.store_many, plan.records,
+                           on_permanent=self._store_fallback)
+        self._with_retries("acknowledge", self.broker.ack, plan.acks)
+        self._with_retries("requeue", self.broker.requeue, plan.requeue)
+        self._with_retries("requeue", lambda ds: self.broker.requeue(ds, started=False), plan.unstarted)
+        self._with_retries("dead-letter", self._dead_letter_each, plan.dead)
         with self.lock:
             for job in batch:
                 self.held.pop(id(job.delivery), None)
         self.tasks_done += len(batch)
+        self.settling_since = None
         self.room.set()
         if self.max_tasks and self.tasks_done >= self.max_tasks and not self.stopping:
             log.info("max_tasks_per_child reached (%d): stopping to be replaced", self.max_tasks)
             self.request_stop()
 
-    def _with_retries(self, what: str, fn, *args: Any) -> None:
-        """Call ``fn`` until it succeeds: a result is never acknowledged unstored.
-        Gives up only at cold shutdown, leaving the messages unacknowledged (they
-        come back: at-least-once)."""
-        if not args[0]:
+    def _plan(self, job: Job, plan: "_Plan") -> None:
+        """Add what settling ``job`` takes to ``plan``."""
+        encode = self.codec.encode_result
+        outcome, msg = job.outcome, job.msg
+        if outcome == jobs.DEAD:
+            plan.dead.append((job.delivery, job.reason))
+            self.stats.dead_lettered += 1
+            log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             return
+        if outcome == jobs.REQUEUE:
+            (plan.requeue if job.started else plan.unstarted).append(job.delivery)
+            return
+        if outcome == jobs.REJECT:
+            if job.exc.requeue:
+                plan.requeue.append(job.delivery)
+            else:
+                plan.dead.append((job.delivery, f"rejected: {job.reason}"))
+            return
+        ignore = job.task is not None and job.task.option("ignore_result")
+        if outcome == jobs.SUCCESS:
+            self.stats.succeeded += 1
+            if not ignore:
+                plan.records.append(Record(msg.id, encode(make_meta(
+                    msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries)),
+                    True, msg.reply_to))
+        elif outcome == jobs.FAILURE:
+            self.stats.failed += 1
+            plan.records.append(Record(msg.id, encode(make_meta(
+                msg.id, FAILURE, exc=job.exc, traceback=job.tb, task=msg.task,
+                retries=msg.retries)), True, msg.reply_to))
+        elif outcome == jobs.RETRY:
+            self.stats.retried += 1
+            retry = TaskMessage(task=msg.task, args=msg.args, kwargs=msg.kwargs, id=msg.id,
+                                queue=msg.queue, priority=msg.priority, eta=job.exc.when,
+                                expires=msg.expires, retries=msg.retries + 1,
+                                root_id=msg.root_id, time_limit=msg.time_limit,
+                                soft_time_limit=msg.soft_time_limit, reply_to=msg.reply_to)
+            outgoing = self.app._outgoing(retry)
+            plan.records.append(Record(msg.id, encode(make_meta(
+                msg.id, RETRY, exc=job.exc.exc or job.exc, task=msg.task,
+                retries=msg.retries + 1)), False, msg.reply_to))
+            plan.republish.append(outgoing)
+        elif outcome == jobs.REVOKED:
+            self.stats.revoked += 1
+            plan.records.append(Record(msg.id, encode(make_meta(
+                msg.id, REVOKED, task=msg.task, reason=job.reason)), True, msg.reply_to))
+        if not job.acked:
+            plan.acks.append(job.delivery)
+
+    def _plan_failure(self, job: Job, plan: "_Plan", exc: BaseException) -> None:
+        """The fallback of ``_plan``: store a FAILURE naming the error and
+        acknowledge (a message that is not a task at all is dead-lettered)."""
+        msg = job.msg
+        if msg is None:
+            plan.dead.append((job.delivery, f"worker error while settling it: {_describe(exc)}"))
+            return
+        error = MessageError(f"the worker could not record this task's outcome: {_describe(exc)}")
+        plan.records.append(Record(msg.id, self.codec.encode_result(make_meta(
+            msg.id, FAILURE, exc=error, task=msg.task, retries=msg.retries)), True, msg.reply_to))
+        if not job.acked:
+            plan.acks.append(job.delivery)
+
+    def _store_fallback(self, record: Record, exc: BaseException) -> None:
+        """A record the backend refuses for good (too large, say): store a
+        small FAILURE in its place, once."""
+        error = MessageError(f"the result could not be stored: {_describe(exc)}")
+        small = Record(record.task_id, self.codec.encode_result(make_meta(record.task_id, FAILURE, exc=error)),
+                       record.final, record.reply_to)
+        try:
+            self.backend.store_many([small])
+        except Exception as again:
+            log.error("task %s: not even a failure record could be stored: %s", record.task_id, _describe(again))
+
+    def _dead_letter_each(self, items: List[tuple]) -> None:
+        for delivery, reason in items:
+            self.broker.dead_letter(delivery, reason)
+
+    def _with_retries(self, what: str, fn: Callable[[List[Any]], None], items: List[Any],
+                      on_permanent: Optional[Callable[[Any, BaseException], None]] = None) -> None:
+        """Call ``fn(items)`` until it succeeds: a result is never acknowledged
+        unstored.  An error that retrying cannot cure (bad data, not a broker
+        outage) is narrowed down by calling ``fn`` with one item at a time;
+        the items that fail alone with such an error are logged and handed to
+        ``on_permanent``, the rest go on.  Gives up only at cold shutdown,
+        leaving the messages unacknowledged (they come back: at-least-once)."""
         delay = 0.1
-        while True:
+        while items:
             try:
-                fn(*args)
+                fn(items)
                 return
-            except Exception as exc:
-                if self.stopping >= 2 and delay > 1:
-                    log.error("%s failed at shutdown, giving up (messages will be redelivered): %s", what, exc)
+            except PERMANENT_ERRORS as exc:
+                items = self._one_by_one(what, fn, items, exc, on_permanent)
+                if not items:
                     return
-                log.error("%s failed: %s; retrying in %.1f s", what, exc, delay)
-                self.driver.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                err: BaseException = exc
+            except Exception as exc:
+                err = exc
+            if self.stopping >= 2 and delay > 1:
+                log.error("%s failed at shutdown, giving up (messages will be redelivered): %s", what, err)
+                return
+            log.error("%s failed: %s; retrying in %.1f s", what, _describe(err), delay)
+            self.driver.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _one_by_one(self, what: str, fn: Callable[[List[Any]], None], items: List[Any],
+                    first: BaseException, on_permanent: Optional[Callable[[Any, BaseException], None]]
+                    ) -> List[Any]:
+        """Retry ``items`` singly after a permanent-looking error; return those
+        that failed with a transient one (to be retried as a batch)."""
+        transient = []
+        for item in items:
+            try:
+                fn([item])
+            except PERMANENT_ERRORS as exc:
+                log.error("%s: giving up on %r: %s", what, item, _describe(exc))
+                if on_permanent is not None:
+                    on_permanent(item, exc)
+            except Exception:
+                transient.append(item)
+        return transient
 
     # -- control plane -------------------------------------------------------
     def _renewer(self) -> None:
@@ -445,6 +583,10 @@ class Worker:
         backlog.  Cold (or time out): kill the rest and return their messages."""
         self.stopping = max(self.stopping, 1)
         self.stopped.set()
+        try:                                    # AMQP: basic.cancel, so nothing more arrives
+            self.broker.stop_consuming()
+        except Exception as exc:
+            log.warning("could not stop consuming cleanly: %s", _describe(exc))
         while True:                             # received but not started: back to the queue
             try:
                 job = self.runq.get(block=False)

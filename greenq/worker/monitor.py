@@ -109,9 +109,12 @@ class Monitor:
         silent = time.monotonic() - w.last_poll
         broker_ok = getattr(w.broker, "healthy", True)
         limit = max(10.0, 5 * w.fetch_timeout)
-        ok = silent < limit and broker_ok and not w.stopping
+        settling = time.monotonic() - w.settling_since if w.settling_since is not None else 0.0
+        settle_ok = settling < max(60.0, w.config.lease_seconds)   # results and acks keep flowing
+        ok = silent < limit and broker_ok and not w.stopping and not w.failed and settle_ok
         return ok, {"status": "ok" if ok else "unhealthy", "seconds_since_poll": round(silent, 3),
                     "broker_healthy": bool(broker_ok), "stopping": bool(w.stopping),
+                    "failed": w.failed, "seconds_settling": round(settling, 3),
                     "running": len(w.running), "held": len(w.held)}
 
     def metrics(self) -> str:
