@@ -30,6 +30,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 GOOD = BAD = 1000
 Q = "default"
+#: kinds the broker must report as bad transport metadata (Delivery.error)
+FIELD_KINDS = ("m not UTF-8", "no m field", "no b field", "unknown field", "repeated field",
+               "malformed delayed member")
 
 
 def envelope(rng: random.Random, **fields) -> dict:
@@ -172,7 +175,9 @@ def test_1000_malformed_beside_1000_good(pool, redis_env, redis_url):
     [stats] = broker.queue_stats([Q])
     assert (stats.ready, stats.delayed, stats.held) == (0, 0, 0), (stats, out[-3000:])
     dead = broker.dlq_list(limit=2 * BAD)
-    reasons = collections.Counter(d.reason.split(":")[0] for d in dead)
+    reasons = collections.Counter(d.reason.split(":")[0].split(" '")[0] for d in dead)
     print(f"dead-lettered={len(dead)} reasons: {dict(reasons.most_common(12))}")
     assert stats.dead == len(dead) == BAD, (seed, out[-3000:])
+    field_level = sum(counts[k] for k in FIELD_KINDS)
+    assert reasons["bad transport metadata"] == field_level, (seed, reasons)
     raw.close()
