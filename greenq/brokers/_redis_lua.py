@@ -8,15 +8,19 @@ a script computes them (dead letters going back to their queue's stream).
 
 Stream entries have the fields ``b`` (body) and ``m`` (message id); an entry
 made from a malformed delayed member has ``b`` (the whole member) and ``e``
-(the reason) instead.  The reading scripts return an entry's fields as they
-are (``redis.py`` checks them, so a bad entry becomes a dead letter rather
-than an error after the batch was leased).  A delayed member is
+(the reason) instead.  The reading scripts never judge an entry: they return
+its body and message id, or its whole field list when its shape is not the
+usual one, and ``entry_delivery`` in ``redis.py`` checks them (so a bad entry
+becomes a dead letter rather than an error after the batch was leased).  A
+delayed member that does not parse is not an error either.  A delayed member is
 ``<8 random chars><priority digit><len(id)>:<id><body>``.
 """
 
-# Shared by the reading scripts: the fields of a claimed entry, or nil when the
-# entry was deleted while pending (its pending entry is dropped).  Fields are
-# returned raw: the Python side validates them all in one place.
+# Shared by the reading scripts.  ``claimed_fields``: the fields of a claimed
+# entry, or nil when the entry was deleted while pending (its pending entry is
+# dropped).  ``split``: body and message id of an entry of the shape greenq
+# writes (``b``, then ``m``); any other entry as its whole field list and 0,
+# for the Python side to check (``entry_delivery`` in redis.py).
 _CLAIMED = """
 local function claimed_fields(key, group, e)
   if type(e) ~= 'table' then return nil end
@@ -25,6 +29,10 @@ local function claimed_fields(key, group, e)
     return nil
   end
   return e[2]
+end
+local function split(f)
+  if #f == 4 and f[1] == 'b' and f[3] == 'm' then return f[2], f[4] end
+  return f, 0
 end
 """
 
@@ -64,8 +72,8 @@ return written
 #: count, now (epoch s), number of queues, most delayed messages moved per queue.
 #: Returns {next_due, groups...}: next_due is the earliest remaining eta as a
 #: string ('' when none); each group of messages from one stream is: queue
-#: index (from 0), priority, n, then 3 values per message (entry id, the
-#: entry's fields as an array, deliveries).  A delayed member that does not
+#: index (from 0), priority, n, then 4 values per message (entry id, body and
+#: message id as ``split`` gives them, deliveries).  A delayed member that does not
 #: parse goes to the queue's priority-0 stream as ``b``=member, ``e``=reason.
 FETCH = _CLAIMED + """
 local group, consumer, parked = ARGV[1], ARGV[2], ARGV[3]
@@ -82,7 +90,7 @@ local function start(q, prio)
 end
 local function emit(id, f, deliveries)
   local n = #out
-  out[n + 1] = id; out[n + 2] = f; out[n + 3] = deliveries
+  out[n + 1] = id; out[n + 2], out[n + 3] = split(f); out[n + 4] = deliveries
   out[head + 2] = out[head + 2] + 1
 end
 for q = 0, nq - 1 do
@@ -151,8 +159,9 @@ return out
 
 #: Claim entries whose lease ran out (idle >= min idle).  KEYS: streams.
 #: ARGV: group, consumer, min idle (ms), count, forget consumers idle longer
-#: than this (ms; 0 = don't), parking consumer.  Returns 4 values per message:
-#: key index (from 1), entry id, the entry's fields as an array, deliveries.
+#: than this (ms; 0 = don't), parking consumer.  Returns 5 values per message:
+#: key index (from 1), entry id, body and message id as ``split`` gives them,
+#: deliveries.
 RECLAIM = _CLAIMED + """
 local group, consumer, min_idle = ARGV[1], ARGV[2], ARGV[3]
 local want = tonumber(ARGV[4])
@@ -169,7 +178,7 @@ for i, key in ipairs(KEYS) do
           local f = claimed_fields(key, group, e)
           if f then
             local n = #out
-            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3] = f; out[n + 4] = p[4] + 1
+            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3], out[n + 4] = split(f); out[n + 5] = p[4] + 1
             want = want - 1
           end
         end

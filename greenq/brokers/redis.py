@@ -128,17 +128,26 @@ def _text(value: Any) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
-def entry_delivery(queue: str, prio: int, stream: str, entry_id: bytes, fields: Any,
+def entry_delivery(queue: str, prio: int, stream: str, entry_id: bytes, body: Any, mid: Any,
                    deliveries: int) -> Delivery:
     """The one place where a stream entry's fields are checked.  A good entry
     has exactly the fields ``b`` (bytes) and ``m`` (UTF-8); any other shape
     (a missing, repeated or unknown field, a message id that is not UTF-8, an
     entry made from a malformed delayed member) gives a Delivery with
     ``error`` set: the worker dead-letters it through its token, and the
-    entries fetched beside it are delivered as usual."""
+    entries fetched beside it are delivered as usual.
+
+    An entry of the shape greenq writes (``b``, then ``m``) comes split: its
+    body and message id (bytes).  Any other entry comes whole: its field list
+    in ``body``, and ``mid`` not bytes (the scripts send 0)."""
     token = (stream, entry_id)
-    seen: Dict[bytes, bytes] = {}
-    error = None
+    if isinstance(mid, bytes):
+        try:
+            return Delivery(queue, body, mid.decode(), deliveries, token, prio)
+        except UnicodeDecodeError as exc:
+            return Delivery(queue, body, _text(mid), deliveries, token, prio,
+                            error=f"message id field 'm' is not UTF-8: {exc}")
+    fields, seen, error = body, {}, None
     if not isinstance(fields, (list, tuple)) or len(fields) % 2:
         error, fields = "stream entry is not a list of field/value pairs", ()
     for name, value in zip(fields[::2], fields[1::2]):
@@ -160,13 +169,18 @@ def entry_delivery(queue: str, prio: int, stream: str, entry_id: bytes, fields: 
             error = "stream entry has no body field 'b'"
         elif mid is None:
             error = "stream entry has no message id field 'm'"
-        else:
-            try:
-                return Delivery(queue, body, mid.decode(), deliveries, token, prio)
-            except UnicodeDecodeError as exc:
-                error = f"message id field 'm' is not UTF-8: {exc}"
+        else:                               # the fields in another order: fine
+            return entry_delivery(queue, prio, stream, entry_id, body, mid, deliveries)
     return Delivery(queue, body, _text(mid) if mid is not None else _text(entry_id),
                     deliveries, token, prio, error=error)
+
+
+def split_fields(fields: Any) -> Tuple[Any, Any]:
+    """(body, message id) of an entry of the usual shape, else (fields, 0):
+    the arguments of entry_delivery, as the scripts produce them."""
+    if isinstance(fields, list) and len(fields) == 4 and fields[0] == b"b" and fields[2] == b"m":
+        return fields[1], fields[3]
+    return fields, 0
 
 
 def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
@@ -380,13 +394,13 @@ class RedisBroker(Reconnecting, Broker):
         self._next_due = float(flat[0]) if flat[0] else None
         out: List[Delivery] = []
         i, end = 1, len(flat)
-        while i < end:                      # groups: queue index, priority, n, n x (id, fields, count)
+        while i < end:                      # groups: queue index, priority, n, n x (id, body, mid, count)
             queue, prio, n = queues[flat[i]], flat[i + 1], flat[i + 2]
             stream = self._streams[queue][9 - prio]
             i += 3
-            stop = i + 3 * n
-            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2])
-                    for j in range(i, stop, 3)]
+            stop = i + 4 * n
+            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2], flat[j + 3])
+                    for j in range(i, stop, 4)]
             i = stop
         return out
 
@@ -399,10 +413,10 @@ class RedisBroker(Reconnecting, Broker):
             GROUP, self.consumer, int(self._lease * 1000), count, forget, PARKED])
         self._next_reclaim = time.monotonic() + max(0.05, self._lease / 4)
         out = []
-        for i in range(0, len(flat), 4):
+        for i in range(0, len(flat), 5):
             key = keys[flat[i] - 1]
             queue, prio = self._where[key.encode()]
-            out.append(entry_delivery(queue, prio, key, flat[i + 1], flat[i + 2], flat[i + 3]))
+            out.append(entry_delivery(queue, prio, key, flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]))
         if out:
             log.info("reclaimed %d message(s) whose lease ran out", len(out))
         return out
@@ -423,7 +437,8 @@ class RedisBroker(Reconnecting, Broker):
         for key, entries in streams:
             queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
             stream = self._streams[queue][9 - prio]
-            out += [entry_delivery(queue, prio, stream, entry[0], entry[1], 1) for entry in entries]
+            out += [entry_delivery(queue, prio, stream, entry[0], *split_fields(entry[1]), 1)
+                    for entry in entries]
         if len(out) > count:   # a server that re-runs the read may serve several streams
             with self._lock:
                 self._spares.extend(out[count:])

@@ -78,6 +78,17 @@ def test_repeated_field_is_reported(make, admin):
     assert "'b' appears twice" in d.error
 
 
+def test_good_fields_in_another_order_are_fine(make, admin):
+    broker = make()
+    broker.declare([Q])
+    admin.xadd(stream(broker), {"m": b"id-first", "b": b"body"})
+    [d] = broker.fetch([Q], 10, 1.0)
+    assert (d.error, d.message_id, d.body) == (None, "id-first", b"body")
+    admin.xadd(stream(broker), {"m": b"again", "b": b"body"})
+    [d] = broker._block_read([Q], 10, 0.5)
+    assert (d.error, d.message_id) == (None, "again")
+
+
 @pytest.mark.parametrize("fields,reason", BAD_ENTRIES[:2], ids=[r for _, r in BAD_ENTRIES[:2]])
 def test_bad_entry_in_a_dead_workers_batch_is_reclaimed_once(make, admin, fields, reason):
     """A dead worker leased the batch (the entries are idle past the lease):
