@@ -61,12 +61,11 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from . import _redis_lua as lua
+from ._redis_conn import FAILURES, TRANSIENT, make_client, worker_pool_size
 from ._reconnect import Reconnecting, Reconnector, Unreachable
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
@@ -75,46 +74,12 @@ log = logging.getLogger("greenq.brokers.redis")
 GROUP = "greenq"
 PARKED = "~requeued"              # consumer owning requeued entries until fetched again
 PRIORITIES = tuple(range(9, -1, -1))
-CONTROL_CONNECTIONS = 10          # pool size = concurrency + these (fetch, acks, renewals, ...)
 BLOCK_CAP = 1.0                   # longest blocking read, seconds
 MAX_BATCH = 4000                  # entries per script call (Lua's unpack limit is ~8000)
 PUBLISH_CHUNK = 1000              # messages per publish script call (several per round trip)
 MOVE_PER_FETCH = 500              # most delayed messages moved per queue per fetch
 FORGET_CONSUMERS_MS = 3600 * 1000
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
-FAILURES = (redis.RedisError,)
 _STREAM_ID = re.compile(r"^\d+-\d+$")
-
-
-# -- connections (shared with greenq.backends.redis) ------------------------
-def pool_size(config: Config) -> int:
-    """``[redis] max_connections``, or when 0 the worker concurrency plus room
-    for the control plane, so greenlets wait for a connection rather than fail."""
-    return config.section("redis")["max_connections"] or \
-        config.worker["concurrency"] + CONTROL_CONNECTIONS
-
-
-def client_name(prefix: str, role: str) -> str:
-    """What CLIENT LIST shows for our connections: ``greenq-<prefix>-<pid>[-role]``."""
-    safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", prefix)
-    return f"greenq-{safe}-{os.getpid()}" + (f"-{role}" if role else "")
-
-
-def make_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
-    """A client on a BlockingConnectionPool of ``pool_size() + extra``
-    connections, set up from ``[redis]``.  redis-py's own retries are off: the
-    owner's Reconnector decides."""
-    opts = config.section("redis")
-    timeout = opts["socket_timeout"] or None
-    try:
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size(config) + extra, timeout=None,
-            socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
-            health_check_interval=opts["health_check_interval"],
-            client_name=client_name(config.key_prefix, role), retry=Retry(NoBackoff(), 0))
-    except (ValueError, TypeError) as exc:
-        raise BrokerError(f"bad Redis URL {mask_url(url)}: {exc}") from None
-    return redis.Redis(connection_pool=pool)
 
 
 def block_seconds(config: Config) -> float:
@@ -219,6 +184,7 @@ class RedisBroker(Reconnecting, Broker):
                                        sleep=self._sleep, failures=FAILURES)
         self._lease = float(config.lease_seconds)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
+        self._publish_budget = config.section("redis")["connect_timeout"] or self._timeout
         self._block = block_seconds(config)
         # XREADGROUP replies unparsed: redis-py would fold an entry's fields
         # into a dict, hiding a repeated field from entry_delivery
@@ -278,7 +244,7 @@ class RedisBroker(Reconnecting, Broker):
             return self.publish_many([m])
         key = self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))]
         self._call(lambda: self.client.execute_command("XADD", key, "*", "b", m.body, "m", m.message_id),
-                   self._timeout, "publish")
+                   self._publish_budget, "publish")
 
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """One pipelined round trip (plus the registry the first time a queue is
@@ -305,7 +271,7 @@ class RedisBroker(Reconnecting, Broker):
                     key = self.streams(m.queue)[9 - prio]
                     args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
             calls.append(([self._k_queues, *index], args))
-        self._call(lambda: self._run_script(self._publish_script, calls), self._timeout, "publish")
+        self._call(lambda: self._run_script(self._publish_script, calls), self._publish_budget, "publish")
         self._registered.update(new_queues)
 
     def _run_script(self, script: Any, calls: List[Tuple[list, list]]) -> List[Any]:
@@ -327,7 +293,12 @@ class RedisBroker(Reconnecting, Broker):
 
     # -- consuming ---------------------------------------------------------------------
     def declare(self, queues: Sequence[str]) -> None:
-        """Create every stream and its consumer group; register the queues."""
+        """Create every stream and its consumer group; register the queues.
+        This makes the broker a worker's: its pool grows to the concurrency
+        plus the control plane, and publishes retry through outages for up to
+        ``socket_timeout`` seconds (a client's give up after ``connect_timeout``)."""
+        self.pool.grow(worker_pool_size(self.config))
+        self._publish_budget = self._timeout
         self._call(lambda: self._declare(queues), self._timeout, "declare")
 
     def _declare(self, queues: Sequence[str]) -> None:
