@@ -44,7 +44,10 @@ repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
 
 Every round trip goes through one reconnect state machine
 (``_reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
-does while Redis is away.  Redis Cluster is not supported (scripts touch the
+does while Redis is away.  Connections and their pool: ``_redis_conn``.  Until
+``declare`` (a client) the pool is small and a publish gives up after
+``[redis] connect_timeout``; ``declare`` (a worker) grows the pool and makes
+publishes patient.  Redis Cluster is not supported (scripts touch the
 keys of several queues).
 """
 from __future__ import annotations
