@@ -4,13 +4,15 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import config as config_module
 from . import validation
-from .brokers import Outgoing, make_broker
+from .brokers import make_broker
 from .drivers import detect_patched
+from .hooks import Hooks
 from .backends import backend_url_for, make_backend
 from .message import Codec, TaskMessage, new_id
 from .result import ALWAYS_REBUILT, AsyncResult
@@ -28,6 +30,14 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+@dataclass
+class _Connections:
+    """One process's broker and (made on first use) result backend."""
+    forks: int                 # the fork generation they were made in: never used across a fork
+    broker: Any
+    backend: Any = None
 
 
 class GreenQ:
@@ -56,9 +66,10 @@ class GreenQ:
                     config.set(section, key, value, origin=f"GreenQ({key}=...)")
         self.config = config
         self.tasks: Dict[str, Task] = {}
+        self.hooks = Hooks()
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
-        self._conn: Optional[tuple] = None  # (fork generation, broker, backend)
+        self._conn: Optional[_Connections] = None
         self._codec: Optional[Codec] = None
 
     @classmethod
@@ -73,6 +84,11 @@ class GreenQ:
         return f"<GreenQ {self.name} broker={config_module.mask_url(self.config.broker_url)}>"
 
     # -- tasks ---------------------------------------------------------------
+    def on(self, name: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+        """Subscribe to a hook (``@app.on("task_failure")``); greenq/hooks.py
+        lists the hooks, their arguments and where they run."""
+        return self.hooks.on(name, fn)
+
     def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
              bind: bool = False, **options: Any) -> Any:
         """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``."""
@@ -90,38 +106,35 @@ class GreenQ:
         self.close()
         self.driver = driver
 
-    def _connections(self) -> tuple:
+    def _connections(self) -> "_Connections":
         conn = self._conn
-        if conn is None or conn[0] != _FORKS[0]:
+        if conn is None or conn.forks != _FORKS[0]:
             with self._lock:
                 conn = self._conn
                 forks = _FORKS[0]
-                if conn is None or conn[0] != forks:  # new, or inherited across a fork: never reuse
+                if conn is None or conn.forks != forks:  # new, or inherited across a fork: never reuse
                     if self.driver is None:
                         self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
-                    conn = self._conn = (forks, broker, None)
+                    conn = self._conn = _Connections(forks, broker)
         return conn
 
     @property
     def broker(self):
-        return self._connections()[1]
+        return self._connections().broker
 
     @property
     def backend(self):
         conn = self._connections()
-        backend = conn[2]
-        if backend is None:
+        if conn.backend is None:
             with self._lock:
-                conn = self._conn
-                if conn[2] is None:
+                if conn.backend is None:
                     backend = make_backend(backend_url_for(self.config), self.config, self.driver)
                     attach = getattr(backend, "attach_broker", None)
                     if attach is not None:   # rpc://: a worker replies on its consumer channel
-                        attach(conn[1])
-                    conn = self._conn = (conn[0], conn[1], backend)
-                backend = conn[2]
-        return backend
+                        attach(conn.broker)
+                    conn.backend = backend
+        return conn.backend
 
     @property
     def codec(self) -> Codec:
@@ -134,8 +147,8 @@ class GreenQ:
         """Close this process's connections (they are remade on next use)."""
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn and conn[0] == _FORKS[0]:
-            for part in conn[1:]:
+        if conn and conn.forks == _FORKS[0]:
+            for part in (conn.broker, conn.backend):
                 if part is not None:
                     part.close()
 
@@ -180,7 +193,9 @@ class GreenQ:
                           time_limit if time_limit is not None else opt("time_limit"))
         task_id = options.get("task_id")
         task_id = new_id() if task_id is None else validation.name("task_id", task_id)
-        queue = validation.name("queue", options.get("queue") or opt("queue") or self.config.default_queue)
+        queue = options.get("queue")
+        queue = validation.name("queue", queue if queue is not None else
+                                opt("queue") or self.config.default_queue)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(
@@ -191,8 +206,6 @@ class GreenQ:
             time_limit=time_limit, soft_time_limit=soft_limit,
             reply_to=None if ignore else self.backend.reply_to())
 
-    def _outgoing(self, msg: TaskMessage) -> Outgoing:
-        return Outgoing(msg.queue, self.codec.encode(msg), msg.id, msg.priority, msg.eta)
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
                   **options: Any) -> AsyncResult:
@@ -201,7 +214,7 @@ class GreenQ:
         if self.config.eager:
             return self._eager(name, args, kwargs, options)
         msg = self._build(name, args, kwargs, options)
-        self.broker.publish(self._outgoing(msg))
+        self.broker.publish(self.codec.outgoing(msg))
         return AsyncResult(msg.id, self, name)
 
     def enqueue_many(self, signatures: Iterable[Signature]) -> List[AsyncResult]:
@@ -211,7 +224,7 @@ class GreenQ:
             return [self._eager(s.task, s.args, s.kwargs, s.options) for s in sigs]
         messages = [self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
         if messages:
-            self.broker.publish_many([self._outgoing(m) for m in messages])
+            self.broker.publish_many([self.codec.outgoing(m) for m in messages])
         return [AsyncResult(m.id, self, m.task) for m in messages]
 
     def _eager(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],

@@ -14,11 +14,15 @@ import json
 import pickle
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
 from . import validation
 from .exceptions import MessageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .brokers.base import Outgoing
 
 PROTOCOL = 1
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -86,6 +90,10 @@ class TaskMessage:
     soft_time_limit: Optional[float] = None
     reply_to: Optional[str] = None    # where rpc:// results go
 
+    def for_retry(self, eta: Optional[float]) -> "TaskMessage":
+        """The message that runs this call again at ``eta``: same id, one more retry."""
+        return dataclasses.replace(self, eta=eta, retries=self.retries + 1, created=self.created)
+
 
 _HEADER_FIELDS = ("id", "task", "queue", "priority", "eta", "expires", "retries", "created",
                   "root_id", "time_limit", "soft_time_limit", "reply_to")
@@ -152,6 +160,11 @@ class Codec:
             raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
                                f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
         return data
+
+    def outgoing(self, msg: TaskMessage) -> "Outgoing":
+        """``msg`` encoded, with the routing facts a broker needs beside it."""
+        from .brokers.base import Outgoing
+        return Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
 
     def decode(self, data: Any) -> TaskMessage:
         """Decode and check a message; anything that cannot be trusted or read
