@@ -282,16 +282,19 @@ return 1
 """
 
 #: Publish dead letters back to their queue's stream with a fresh delivery
-#: count.  KEYS: dead stream, dead counts hash.  ARGV: key prefix, then dead
-#: ids; with no ids, the oldest 500.  A dead letter without a queue, a
-#: priority digit, a body or a message id (written by hand) stays where it
-#: is.  Returns how many moved.
+#: count.  KEYS: dead stream, dead counts hash.  ARGV: key prefix, then
+#: either dead ids, or '>' and where to scan from (an XRANGE start): the next
+#: 500 dead letters.  A dead letter without a queue, a priority digit, a body
+#: or a message id (written by hand) stays where it is.  Returns {how many
+#: moved, the last id scanned when the scan may go on, else ''}.
 DLQ_REQUEUE = """
-local ids = {}
-if #ARGV > 1 then
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+local ids, last = {}, ''
+if ARGV[2] == '>' then
+  local batch = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', 500)
+  for _, e in ipairs(batch) do ids[#ids + 1] = e[1] end
+  if #batch == 500 then last = ids[500] end
 else
-  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)) do ids[#ids + 1] = e[1] end
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 local moved = 0
 for _, id in ipairs(ids) do
@@ -309,7 +312,7 @@ for _, id in ipairs(ids) do
     end
   end
 end
-return moved
+return {moved, last}
 """
 
 #: KEYS, per queue: its ten streams then its delayed zset; last, the dead

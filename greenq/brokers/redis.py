@@ -589,15 +589,16 @@ class RedisBroker(Reconnecting, Broker):
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 moved += self._call(lambda: self._dlq_requeue_script(
-                    keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")
+                    keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")[0]
             return moved
-        moved = 0
-        while True:
-            n = self._call(lambda: self._dlq_requeue_script(keys=keys, args=[self.prefix]),
-                           self._timeout, "dlq requeue")
+        moved, start = 0, "-"
+        while True:                     # 500 at a time; unusable ones are stepped over
+            n, last = self._call(lambda: self._dlq_requeue_script(
+                keys=keys, args=[self.prefix, ">", start]), self._timeout, "dlq requeue")
             moved += n
-            if n < 500:
+            if not last:
                 return moved
+            start = "(" + _text(last)
 
     def dlq_purge(self) -> int:
         def purge() -> int:

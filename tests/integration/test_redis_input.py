@@ -264,3 +264,19 @@ def test_every_client_path_sends_a_future_eta_to_the_delayed_set(redis_url, redi
         assert soon - 1 <= broker.next_due([Q]) <= soon + 1
     finally:
         app.close()
+
+
+def test_dlq_requeue_steps_over_a_full_batch_of_unusable_dead_letters(make, admin):
+    broker = make()
+    broker.declare([Q])
+    dead = f"{broker.prefix}:dead"
+    pipe = admin.pipeline(transaction=False)
+    for i in range(600):
+        pipe.xadd(dead, {"r": f"hand-written {i}"})
+    pipe.execute()
+    broker.publish(out(Q, b"x", message_id="real"))
+    [d] = broker.fetch([Q], 1, 1.0)
+    broker.dead_letter(d, "for the test")
+    assert broker.dlq_requeue() == 1
+    assert [x.message_id for x in broker.fetch([Q], 10, 1.0)] == ["real"]
+    assert admin.xlen(dead) == 600
