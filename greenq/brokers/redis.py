@@ -471,7 +471,7 @@ class RedisBroker(Reconnecting, Broker):
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of every entry still owned by this consumer (one
-        script per stream); spares and kept acks are renewed too."""
+        round trip); spares and kept acks are renewed too."""
         with self._lock:
             extra = list(self._spares) + self._unacked
         everything = list(deliveries) + extra
