@@ -62,7 +62,6 @@ NEXT_DUE_SCAN_MAX = 1000  # messages next_due looks at per delay level
 
 
 class AMQPBroker(Broker):
-    schemes = ("amqp", "pyamqp", "amqps")
     #: longest task id (RabbitMQ ``message_id``) and task queue name, in bytes
     #: of UTF-8, for the validation of ``apply_async`` options
     max_message_id_bytes = MAX_MESSAGE_ID_BYTES
