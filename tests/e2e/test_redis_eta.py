@@ -28,8 +28,6 @@ def redis_env(tmp_path, redis_url, redis_prefix):
     env.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason="the worker runs a ready message whatever its envelope eta "
-                                       "(greenq/worker/consumer.py: to be deferred there)")
 def test_envelope_eta_in_a_stream_entry_is_not_run_early(pool, redis_env, redis_url):
     import redis
     app = redis_env.app()
@@ -42,3 +40,5 @@ def test_envelope_eta_in_a_stream_entry_is_not_run_early(pool, redis_env, redis_
     code, out = redis_env.run_worker(pool)
     assert code == 0, out
     assert not app.AsyncResult(env["id"]).ready(), "ran an hour early"
+    [stats] = app.broker.queue_stats(["default"])
+    assert (stats.ready, stats.delayed, stats.dead) == (0, 1, 0)     # waiting for its eta, in the broker
