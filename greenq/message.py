@@ -68,6 +68,27 @@ _FIELD_RULES = {
 }
 
 
+def _signatures(option: str, value: Any) -> Optional[list]:
+    """A list of signature records (greenq.canvas); each is checked in full
+    only when the worker sends it, so a bad one fails that step alone."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, dict) and isinstance(s.get("task"), str)
+                                              for s in value):
+        raise TypeError(f"{option} must be a list of signature objects")
+    return value
+
+
+_FIELD_RULES.update({
+    "parent_id": _optional_str,
+    "group_id": _optional_str,
+    "chord_size": lambda o, v: None if v is None else validation.count(o, v),
+    "link": _signatures,
+    "link_error": _signatures,
+    "chain": _signatures,
+})
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -89,6 +110,13 @@ class TaskMessage:
     time_limit: Optional[float] = None
     soft_time_limit: Optional[float] = None
     reply_to: Optional[str] = None    # where rpc:// results go
+    # workflows (greenq.canvas): the calling task, the group, what follows
+    parent_id: Optional[str] = None
+    group_id: Optional[str] = None
+    chord_size: Optional[int] = None  # set on chord members: how many the chord waits for
+    link: Optional[list] = None       # signatures sent with the result on success
+    link_error: Optional[list] = None  # signatures sent with the task id on failure
+    chain: Optional[list] = None      # the chain's next steps, in order
 
     def for_retry(self, eta: Optional[float]) -> "TaskMessage":
         """The message that runs this call again at ``eta``: same id, one more retry."""
@@ -96,7 +124,8 @@ class TaskMessage:
 
 
 _HEADER_FIELDS = ("id", "task", "queue", "priority", "eta", "expires", "retries", "created",
-                  "root_id", "time_limit", "soft_time_limit", "reply_to")
+                  "root_id", "time_limit", "soft_time_limit", "reply_to",
+                  "parent_id", "group_id", "chord_size", "link", "link_error", "chain")
 
 
 def _msgpack():

@@ -15,7 +15,8 @@ def test_exported_names():
     expected = {"GreenQ", "AsyncResult", "Task", "Signature", "PENDING", "RECEIVED", "STARTED", "RETRY",
                 "SUCCESS", "FAILURE", "REVOKED", "GreenQError", "ConfigError", "TimeoutError", "TaskError",
                 "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject", "MessageError",
-                "BrokerError", "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError"}
+                "BrokerError", "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError",
+                "ChordError", "chain", "group", "chord", "GroupResult"}
     assert set(greenq.__all__) == expected
     for name in expected:
         assert getattr(greenq, name) is not None
