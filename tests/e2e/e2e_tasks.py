@@ -154,3 +154,24 @@ def local_object():
     class Local:
         pass
     return Local()
+
+
+# -- workflows (test_workflows_e2e.py) ------------------------------------------------
+@app.task(name="e2e.chord_member")
+def chord_member(i, seconds):
+    time.sleep(seconds)
+    _mark("chord_member")
+    return i
+
+
+@app.task(name="e2e.chord_callback")
+def chord_callback(values):
+    _mark("chord_callback")
+    return [len(values), sum(values)]
+
+
+@app.task(name="e2e.record", bind=True)
+def record(self, *args):
+    """A callback: marks that it ran, returns its arguments and lineage."""
+    _mark("record")
+    return [list(args), self.request.parent_id, self.request.root_id]
