@@ -193,3 +193,23 @@ def test_chord_needs_a_backend_that_stores_results():
     add = app.task(name="wf.add")(lambda x, y: x + y)
     with pytest.raises(ConfigError, match="chord needs a result backend"):
         chord([add.s(1, 1)], add.s(1)).delay()
+
+
+def test_chord_callback_sent_once_when_sending_it_fails_first(app, monkeypatch):
+    """The completer's first attempt to send the callback fails (a broker
+    outage): the finisher tries again, is told again that this member
+    completed the chord, and the callback is sent once."""
+    add, note = task(app, "add"), task(app, "note")
+    r = chord([add.s(i, i) for i in range(6)], note.s()).delay()
+    broker_class = type(app.broker)         # the worker makes its own broker instance
+    real, failures = broker_class.publish_many, []
+
+    def flaky(self, outgoing):
+        if any(o.message_id == r.id for o in outgoing) and not failures:
+            failures.append(1)
+            raise ConnectionError("broker away")
+        return real(self, outgoing)
+    monkeypatch.setattr(broker_class, "publish_many", flaky)
+    work(app)
+    assert failures and r.get(timeout=5) == [[0, 2, 4, 6, 8, 10]]
+    assert app.calls == [([0, 2, 4, 6, 8, 10],)]
