@@ -175,3 +175,14 @@ def record(self, *args):
     """A callback: marks that it ran, returns its arguments and lineage."""
     _mark("record")
     return [list(args), self.request.parent_id, self.request.root_id]
+
+
+@app.task(name="e2e.progress", bind=True)
+def progress(self, name):
+    """Reports PROGRESS, then waits (up to 20 s) for the test to create ``<name>.go``."""
+    self.update_state(state="PROGRESS", meta={"done": 1, "total": 2})
+    go = os.path.join(os.environ.get("E2E_MARKERS", "."), name + ".go")
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "finished"

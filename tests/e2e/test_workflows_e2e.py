@@ -78,3 +78,22 @@ def test_chord_counts_right_when_a_worker_is_killed(pool, any_env):
     assert survivor.returncode == 0, out
     assert any_env.marker_count("chord_callback") == 1
     assert any_env.marker_count("chord_member") >= size
+
+
+def test_progress_on_every_backend(pool, any_env):
+    """update_state in a worker, read by the caller as state and info (rpc:// too)."""
+    import e2e_tasks as t
+    any_env.app()
+    r = t.progress.delay("p")
+    proc = any_env.worker(pool, burst=False)
+    try:
+        deadline = time.monotonic() + 20
+        while r.state != "PROGRESS" and time.monotonic() < deadline:
+            time.sleep(0.02)                    # the caller polls, as a progress bar does
+        assert r.state == "PROGRESS" and r.info == {"done": 1, "total": 2} and not r.ready()
+        (any_env.markers / "p.go").touch()
+        assert r.get(timeout=20) == "finished" and r.info == "finished"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
