@@ -59,6 +59,7 @@ class GreenQ:
                     config.set(section, key, value, origin=f"GreenQ({key}=...)")
         self.config = config
         self.tasks: Dict[str, Task] = {}
+        self.periodic: Dict[str, Any] = {}     # name -> greenq.beat.Entry (add_periodic)
         self.hooks = Hooks()
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
@@ -92,6 +93,18 @@ class GreenQ:
         if fn is not None:
             return register(fn)
         return register
+
+    def add_periodic(self, name: str, task: Any, every: Optional[float] = None, cron: Optional[str] = None,
+                     timezone: str = "UTC", args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                     **options: Any) -> None:
+        """A periodic task (CONTRACT section 7): ``task`` (a name or a task)
+        every ``every`` seconds or at the five-field ``cron`` times in
+        ``timezone``; ``options`` are apply_async options (queue, priority,
+        expires, time limits).  Run by ``greenq beat`` or ``greenq-worker --beat``."""
+        from .beat import Entry
+        task_name = task if isinstance(task, str) else task.name
+        self.periodic[name] = Entry(name, task_name, every, cron, timezone, tuple(args), dict(kwargs or {}),
+                                    options)
 
     # -- connections (one set per process) -----------------------------------
     def set_driver(self, driver: Any) -> None:

@@ -301,7 +301,6 @@ class Config:
         except ValueError as exc:
             raise ConfigError(f"{origin}: [{section}] {key} = {value!r}: {exc}") from None
         self.schedules.setdefault(name, {})[key] = converted
-        self._origin[(section, key)] = origin
 
     def copy(self) -> "Config":
         new = Config()

@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 from .. import config as config_module
 from ..exceptions import ConfigError, GreenQError
+from . import beat as beat_cli
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_app
 
 
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("id", nargs="?")
     dr.add_argument("--all", action="store_true")
     dsub.add_parser("purge")
+
+    beat_cli.add_parser(sub)
 
     cf = sub.add_parser("config", help="validate or show the effective configuration")
     cf.add_argument("action", choices=("check", "show"))
@@ -216,4 +219,4 @@ def cmd_config(args: argparse.Namespace, cfg: config_module.Config) -> int:
 
 
 COMMANDS = {"call": cmd_call, "result": cmd_result, "revoke": cmd_revoke, "queues": cmd_queues,
-            "purge": cmd_purge, "dlq": cmd_dlq}
+            "purge": cmd_purge, "dlq": cmd_dlq, "beat": beat_cli.cmd_beat}

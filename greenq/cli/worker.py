@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, metavar="S")
     p.add_argument("--blocking-threshold", type=float, metavar="S")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
+    p.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     return p
 
@@ -104,8 +105,12 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"])
     log.info("greenq worker: app=%r pool=%s (%s) broker=%s", app.name, driver.name, pool_source or "default",
              config_module.mask_url(app.config.broker_url))
+    scheduler = None
     try:
         monitor.start()
+        if args.beat:
+            from .beat import start_in_worker
+            scheduler = start_in_worker(app, driver)
         return worker.run()
     except KeyboardInterrupt:
         return EXIT_OK
@@ -113,4 +118,6 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         log.exception("worker failed")
         return EXIT_FAILURE
     finally:
+        if scheduler is not None:
+            scheduler.stop()
         monitor.stop()

@@ -1,0 +1,41 @@
+"""``greenq beat`` (the scheduler alone) and ``greenq-worker --beat`` (the
+scheduler in a worker's greenlet); greenq/beat.py says how schedulers agree."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from typing import TYPE_CHECKING, Any
+
+from .common import EXIT_OK
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..app import GreenQ
+    from ..beat import Scheduler
+
+
+def add_parser(sub: Any) -> None:
+    b = sub.add_parser("beat", help="run the periodic-task scheduler ([schedule:NAME], app.add_periodic)")
+    b.add_argument("--loglevel", "-l", default="INFO", metavar="LEVEL")
+
+
+def cmd_beat(args: argparse.Namespace, app: "GreenQ") -> int:
+    """Run the scheduler in this process until SIGTERM or SIGINT."""
+    from .. import logs
+    from ..beat import Scheduler
+    logs.setup(args.loglevel.upper(), app.config.logging_config or None)
+    scheduler = Scheduler(app)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: scheduler.stop())
+    logging.getLogger("greenq.beat").info("greenq beat: app=%r", app.name)
+    scheduler.run()
+    return EXIT_OK
+
+
+def start_in_worker(app: "GreenQ", driver: Any) -> "Scheduler":
+    """``--beat``: the scheduler in a greenlet (thread) of the worker; stop it
+    with ``.stop()``."""
+    from ..beat import Scheduler
+    scheduler = Scheduler(app, sleep=driver.sleep)
+    driver.spawn(scheduler.run)
+    return scheduler
