@@ -8,10 +8,10 @@
 * ``redis://`` -- ``P:beat:lease`` (the holder, ``SET NX PX``, renewed by a
   script only by its holder) and ``P:beat:runs`` (hash entry -> slot, written
   by a script only while the writer holds the lease);
-* ``amqp://`` -- the lease is the exclusive queue ``greenq.beat.lock``: only
+* ``amqp://`` -- the lease is the exclusive queue ``P.beat.lock``: only
   one connection can hold it, and RabbitMQ deletes it when that connection
   dies (heartbeats of ``ttl / 2`` seconds find a dead holder within about
-  ``ttl``).  Runs sent live in the durable queue ``greenq.beat.state`` as
+  ``ttl``).  Runs sent live in the durable queue ``P.beat.state`` as
   JSON messages that the holder takes unacknowledged; each change publishes
   a new one (confirmed) before acknowledging the old, so a holder dying
   leaves at least one behind and the next holder merges what it finds.
@@ -19,6 +19,7 @@
 ``acquire(holder)`` takes the lease when free or expired and renews it when
 ``holder`` has it; True while ``holder`` holds it.  ``record`` writes only
 while the writer holds the lease (a fenced write) and says whether it did.
+``P`` is ``[greenq] key_prefix`` (default ``greenq``).
 """
 from __future__ import annotations
 
@@ -212,10 +213,6 @@ class RedisLease(Lease):
 
 
 # -- RabbitMQ --------------------------------------------------------------------------
-LOCK_QUEUE = "greenq.beat.lock"
-STATE_QUEUE = "greenq.beat.state"
-
-
 class AMQPLease(Lease):
     """See the module docstring.  One connection, used by the scheduler's
     greenlet only."""
@@ -224,6 +221,8 @@ class AMQPLease(Lease):
         super().__init__(url, config, ttl, driver)
         from .brokers.amqp_common import connection_params
         self.params = connection_params(url)
+        self.lock_queue = f"{config.key_prefix}.beat.lock"
+        self.state_queue = f"{config.key_prefix}.beat.state"
         self.conn: Any = None
         self.channel: Any = None
         self.held = False
@@ -235,7 +234,7 @@ class AMQPLease(Lease):
         self.conn = open_connection(self.params, heartbeat=max(2, int(self.ttl / 2)), role="beat")
         self.channel = self.conn.channel()
         self.channel.confirm_select()
-        self.channel.queue_declare(STATE_QUEUE, durable=True, auto_delete=False)
+        self.channel.queue_declare(self.state_queue, durable=True, auto_delete=False)
 
     def _drop(self) -> None:
         from .brokers.amqp_common import close_quietly
@@ -258,7 +257,7 @@ class AMQPLease(Lease):
                 self.conn.heartbeat_tick()
                 return True
             try:
-                self.channel.queue_declare(LOCK_QUEUE, exclusive=True, auto_delete=True)
+                self.channel.queue_declare(self.lock_queue, exclusive=True, auto_delete=True)
             except amqp.exceptions.ResourceLocked:      # another scheduler's connection holds it
                 self.channel = self.conn.channel()
                 self.channel.confirm_select()
@@ -274,7 +273,7 @@ class AMQPLease(Lease):
         """Take every state message (left by the holders before us) and merge them."""
         runs: Dict[str, float] = {}
         while True:
-            msg = self.channel.basic_get(STATE_QUEUE, no_ack=False)
+            msg = self.channel.basic_get(self.state_queue, no_ack=False)
             if msg is None:
                 break
             self._tags.append(msg.delivery_tag)
@@ -299,14 +298,14 @@ class AMQPLease(Lease):
         runs = dict(self._runs, **{entry: slot})
         try:
             self.channel.basic_publish(amqp.Message(json.dumps(runs), delivery_mode=2),
-                                       exchange="", routing_key=STATE_QUEUE)
+                                       exchange="", routing_key=self.state_queue)
             old, self._tags = self._tags, []
             for tag in old:
                 self.channel.basic_ack(tag)
-            msg = self.channel.basic_get(STATE_QUEUE, no_ack=False)
+            msg = self.channel.basic_get(self.state_queue, no_ack=False)
             while msg is not None:                      # our own new state: hold it
                 self._tags.append(msg.delivery_tag)
-                msg = self.channel.basic_get(STATE_QUEUE, no_ack=False)
+                msg = self.channel.basic_get(self.state_queue, no_ack=False)
         except (OSError,) + AMQP_ERRORS:
             self._drop()
             return False
