@@ -211,7 +211,9 @@ class Scheduler:
 
     def _send(self, entry: Entry, slot: float) -> None:
         task_id = f"beat-{entry.name}-{int(slot)}"
-        self.app.send_task(entry.task, tuple(entry.args), dict(entry.kwargs), task_id=task_id, **entry.options)
+        # ignore_result: no rpc:// reply queue for a scheduler that reads no result (stores keep them)
+        self.app.send_task(entry.task, tuple(entry.args), dict(entry.kwargs), task_id=task_id,
+                           ignore_result=True, **entry.options)
         self.sent += 1
         log.info("scheduler: sent %s (%s) for %s", entry.name, entry.task,
                  datetime.fromtimestamp(slot, dt_timezone.utc).isoformat())
