@@ -50,6 +50,7 @@ def run(kind: str, seconds: float) -> dict:
     time.sleep(1.5)
     worker.send_signal(signal.SIGTERM)
     worker.wait(30)
+    cleanup(kind, prefix)
     path = markers / "beat_tick"
     sent = [int(line.rsplit("-", 1)[1]) for line in path.read_text().split()] if path.exists() else []
     runs = collections.Counter(sent)
@@ -60,6 +61,24 @@ def run(kind: str, seconds: float) -> dict:
             sum(n for k, n in per_slot.items() if k > 1), "never_sent": per_slot[0],
             "longest_gap_s": max(gaps), "killed_after_s": round(killed - start, 1),
             "ran_s": round(stop - start, 1)}
+
+
+def cleanup(kind: str, prefix: str) -> None:
+    """Delete this run's keys (Redis) or queues (RabbitMQ)."""
+    if kind == "redis":
+        import redis
+        client = redis.Redis.from_url(URLS["redis"])
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    elif kind == "amqp":
+        import amqp
+        conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+        conn.connect()
+        channel = conn.channel()
+        for queue in (prefix, f"{prefix}.beat.state"):
+            channel.queue_delete(queue)
+        conn.close()
 
 
 def main() -> None:
