@@ -325,7 +325,7 @@ class chord:  # noqa: N801 - Celery's name
         if options.get("task_id"):
             result = _retarget(body_record, result, options["task_id"])
         group_id = new_id()
-        header_options = {k: v for k, v in options.items() if k not in ("task_id", "link")}
+        header_options = {k: v for k, v in options.items() if k not in ("task_id", "link", "link_error")}
         records, results = self.header._freeze(app, group_id, header_options,
                                                chord_size=len(self.header.tasks))
         group_result = GroupResult(group_id, results, app)

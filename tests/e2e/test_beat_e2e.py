@@ -56,3 +56,17 @@ def test_two_schedulers_one_killed(pool, any_env):
     gaps = [b - a for a, b in zip(sent, sent[1:])]
     assert max(gaps) <= LEASE_SECONDS + 2, gaps   # the handover
     assert gaps.count(1) >= len(gaps) - 2, gaps   # every slot otherwise
+
+
+def test_worker_with_beat_runs_the_schedule(pool, sqlite_env):
+    """``greenq-worker --beat``: the scheduler in a greenlet of the worker,
+    stopped with it."""
+    (sqlite_env.tmp / "greenq.ini").write_text("[schedule:tick]\ntask = e2e.beat_tick\nevery = 1\n")
+    worker = sqlite_env.worker(pool, "--beat", burst=False)
+    wait_for_slots(sqlite_env, 2, 30)
+    worker.send_signal(signal.SIGTERM)
+    out, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, out
+    assert "took the lease" in out, out
+    sent = slots(sqlite_env)
+    assert len(sent) == len(set(sent)) >= 2

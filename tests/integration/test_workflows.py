@@ -52,6 +52,12 @@ def app(request, tmp_path):
     def lineage(self, *_):
         return [self.request.id, self.request.parent_id, self.request.root_id]
 
+    @app.task(name="wf.flaky", bind=True, max_retries=3)
+    def flaky(self, x):
+        if self.request.retries < 1:
+            raise self.retry(countdown=0.05)
+        return x
+
     @app.task(name="wf.progress", bind=True)
     def progress(self, gate):
         stored, release = GATES[gate]
@@ -139,6 +145,15 @@ def test_chord_with_a_chain_as_body_and_a_group_in_a_chain(app):
     work(app)
     assert r.get(timeout=5) == 106
     assert upgraded.get(timeout=5) == 6
+
+
+def test_chains_as_members_and_retried_members(app):
+    add, tsum, flaky = task(app, "add"), task(app, "tsum"), task(app, "flaky")
+    r = chord([add.s(1, 1) | add.s(1), flaky.s(10), add.s(2, 2) | flaky.s()], tsum.s()).delay()
+    c = chain(add.s(1, 1), flaky.s(), add.s(1)).delay()
+    work(app)
+    assert r.get(timeout=10) == 3 + 10 + 4                   # counted when final, not at the retry
+    assert c.get(timeout=10) == 3 and c.parent.retries == 1
 
 
 def test_failed_member_makes_the_chord_fail_naming_it(app):
