@@ -195,3 +195,19 @@ def beat_tick(self):
     if marker_dir:
         with open(os.path.join(marker_dir, "beat_tick"), "a") as fh:
             fh.write(f"{self.request.id}\n")
+
+
+if os.environ.get("E2E_DIE_BEFORE_CHORD_CALLBACK"):
+    # test_workflows_e2e: the first worker to complete a chord dies (SIGKILL-like,
+    # os._exit) after counting the last member and before sending the callback
+    from greenq.worker import followups as _followups
+
+    _fire = _followups.Followups._fire
+
+    def _die_once(self, msg):
+        flag = os.path.join(os.environ["E2E_MARKERS"], "died_before_callback")
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(9)
+        return _fire(self, msg)
+    _followups.Followups._fire = _die_once

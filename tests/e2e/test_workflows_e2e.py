@@ -97,3 +97,30 @@ def test_progress_on_every_backend(pool, any_env):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+@pytest.mark.parametrize("any_env", ["sqlite", "redis"], indirect=True)
+def test_completer_killed_before_sending_the_callback(pool, any_env):
+    """The worker that counted the chord's last member dies before sending
+    the callback: the member's message comes back, runs again, is told again
+    that it completed the chord, and the callback is sent once."""
+    import e2e_tasks as t
+    any_env.env["GREENQ_LEASE_SECONDS"] = "1"
+    any_env.app()
+    r = chord((t.chord_member.s(i, 0) for i in range(20)), t.chord_callback.s()).delay()
+    any_env.env["E2E_DIE_BEFORE_CHORD_CALLBACK"] = "1"
+    dying = any_env.worker(pool, "-c", "4", burst=False)
+    out, _ = dying.communicate(timeout=60)
+    assert dying.returncode == 9, out
+    assert (any_env.markers / "died_before_callback").exists() and not r.ready()
+    assert any_env.marker_count("chord_callback") == 0
+    del any_env.env["E2E_DIE_BEFORE_CHORD_CALLBACK"]
+    second = any_env.worker(pool, burst=False)
+    try:
+        assert r.get(timeout=30) == [20, sum(range(20))]
+    finally:
+        second.send_signal(signal.SIGTERM)
+        out, _ = second.communicate(timeout=30)
+    assert second.returncode == 0, out
+    assert any_env.marker_count("chord_callback") == 1
+    assert any_env.marker_count("chord_member") >= 21       # the completer's member (and its batch) ran again
