@@ -157,9 +157,15 @@ class Scheduler:
         self.stopped = False
         self.sent = 0
         self.entries = entries(app)
+        self.handle: Any = None            # the greenlet or thread running ``run``, when spawned
 
-    def stop(self) -> None:
+    def stop(self, wait: float = 2.0) -> None:
+        """Stop ticking; when running in a spawned greenlet, wait up to
+        ``wait`` seconds for it to release the lease (the next scheduler then
+        takes over at once rather than when the lease runs out)."""
         self.stopped = True
+        if self.handle is not None and wait:
+            self.handle.join(wait)
 
     def run(self) -> None:
         """Tick until ``stop()``; broker errors are logged and retried."""

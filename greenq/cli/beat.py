@@ -37,5 +37,5 @@ def start_in_worker(app: "GreenQ", driver: Any) -> "Scheduler":
     with ``.stop()``."""
     from ..beat import Scheduler
     scheduler = Scheduler(app, sleep=driver.sleep)
-    driver.spawn(scheduler.run)
+    scheduler.handle = driver.spawn(scheduler.run)
     return scheduler
