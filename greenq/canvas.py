@@ -316,6 +316,9 @@ class chord:  # noqa: N801 - Celery's name
         members.  Returns the body's AsyncResult (``parent``: the GroupResult)."""
         if self.body is None:
             raise TypeError("chord() needs a body: chord(header, body) or chord(header)(body)")
+        steps = self.body.tasks if isinstance(self.body, chain) else [self.body]
+        if not all(isinstance(step, Signature) for step in steps):
+            raise TypeError(f"a chord's body must be a signature or a chain of them, not {self.body!r}")
         _check_options(options)
         app = _app_of(*self.header.tasks, self.body)
         if not app.config.eager and not app.backend.stores_groups:

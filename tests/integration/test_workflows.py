@@ -228,3 +228,14 @@ def test_chord_callback_sent_once_when_sending_it_fails_first(app, monkeypatch):
     work(app)
     assert failures and r.get(timeout=5) == [[0, 2, 4, 6, 8, 10]]
     assert app.calls == [([0, 2, 4, 6, 8, 10],)]
+
+
+def test_shapes_refused_before_anything_is_sent(app):
+    add = task(app, "add")
+    with pytest.raises(TypeError, match="first step of a chain"):
+        chain(add.s(1, 1), group(add.s(1, 1)))
+    with pytest.raises(TypeError, match="body must be a signature"):
+        chord([add.s(1, 1)], group(add.s(1, 1))).delay()
+    with pytest.raises(TypeError, match="unknown option"):
+        add.s(1, 1).set(countdwn=3)
+    assert app.broker.queue_stats(["default"])[0].ready == 0
