@@ -5,6 +5,7 @@ import fnmatch
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -31,6 +32,14 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+@dataclass
+class _Connections:
+    """One process's broker and (made on first use) result backend."""
+    forks: int                 # the fork generation they were made in: never used across a fork
+    broker: Any
+    backend: Any = None
 
 
 class GreenQ:
@@ -63,7 +72,7 @@ class GreenQ:
         self.hooks = Hooks()
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
-        self._conn: Optional[tuple] = None  # (fork generation, broker, backend)
+        self._conn: Optional[_Connections] = None
         self._codec: Optional[Codec] = None
 
     @classmethod
@@ -112,38 +121,35 @@ class GreenQ:
         self.close()
         self.driver = driver
 
-    def _connections(self) -> tuple:
+    def _connections(self) -> "_Connections":
         conn = self._conn
-        if conn is None or conn[0] != _FORKS[0]:
+        if conn is None or conn.forks != _FORKS[0]:
             with self._lock:
                 conn = self._conn
                 forks = _FORKS[0]
-                if conn is None or conn[0] != forks:  # new, or inherited across a fork: never reuse
+                if conn is None or conn.forks != forks:  # new, or inherited across a fork: never reuse
                     if self.driver is None:
                         self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
-                    conn = self._conn = (forks, broker, None)
+                    conn = self._conn = _Connections(forks, broker)
         return conn
 
     @property
     def broker(self):
-        return self._connections()[1]
+        return self._connections().broker
 
     @property
     def backend(self):
         conn = self._connections()
-        backend = conn[2]
-        if backend is None:
+        if conn.backend is None:
             with self._lock:
-                conn = self._conn
-                if conn[2] is None:
+                if conn.backend is None:
                     backend = make_backend(backend_url_for(self.config), self.config, self.driver)
                     attach = getattr(backend, "attach_broker", None)
                     if attach is not None:   # rpc://: a worker replies on its consumer channel
-                        attach(conn[1])
-                    conn = self._conn = (conn[0], conn[1], backend)
-                backend = conn[2]
-        return backend
+                        attach(conn.broker)
+                    conn.backend = backend
+        return conn.backend
 
     @property
     def codec(self) -> Codec:
@@ -156,8 +162,8 @@ class GreenQ:
         """Close this process's connections (they are remade on next use)."""
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn and conn[0] == _FORKS[0]:
-            for part in conn[1:]:
+        if conn and conn.forks == _FORKS[0]:
+            for part in (conn.broker, conn.backend):
                 if part is not None:
                     part.close()
 
@@ -221,12 +227,14 @@ class GreenQ:
         soft_limit = validation.optional_seconds("soft_time_limit", options.get("soft_time_limit"))
         validation.limits(soft_limit if soft_limit is not None else opt("soft_time_limit"),
                           time_limit if time_limit is not None else opt("time_limit"))
+        broker = self.broker
         task_id = options.get("task_id")
-        task_id = new_id() if task_id is None else validation.name("task_id", task_id)
+        task_id = new_id() if task_id is None else validation.name(
+            "task_id", task_id, limit=broker.max_message_id_bytes)
         queue = options.get("queue")
         if queue is None:           # call option > task option > [routes] > default queue
             queue = opt("queue") or self.route(name) or self.config.default_queue
-        queue = validation.name("queue", queue)
+        queue = validation.name("queue", queue, limit=broker.max_queue_name_bytes)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(

@@ -113,12 +113,12 @@ class SQLiteLease(Lease):
 
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
         super().__init__(url, config, ttl, driver)
-        from .brokers.sqlite import Database
+        from .clients.sqlite import Database
         self._db = Database(url)
         self._ready = False
 
     def _run(self, fn: Any, *args: Any) -> Any:
-        from .brokers.sqlite import transaction
+        from .clients.sqlite import transaction
 
         def run(conn: Any) -> Any:
             with transaction(conn):

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
 from . import validation
 from .canvas import Signature
+from .config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
 from .exceptions import MaxRetriesExceededError, Reject, Retry
 from .result import FAILURE, READY_STATES, SUCCESS, EagerResult, make_meta
 
@@ -17,13 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
     from .result import AsyncResult
 
-#: decorator options and their defaults (Celery's, where Celery has one)
-TASK_DEFAULTS: Dict[str, Any] = {
-    "queue": None, "priority": None, "max_retries": 3, "retry_backoff": False,
-    "retry_backoff_max": 600.0, "retry_jitter": True, "default_retry_delay": 180.0,
-    "autoretry_for": (), "soft_time_limit": None, "time_limit": None, "rate_limit": None,
-    "acks_late": True, "ignore_result": False, "expires": None, "track_started": None,
-}
+#: decorator options and their defaults: greenq.config's table of task options
+TASK_DEFAULTS: Dict[str, Any] = {**{key: setting.default for key, setting in TASK_SETTINGS.items()},
+                                 **CODE_ONLY_TASK_OPTIONS}
 
 #: apply_async options
 CALL_OPTIONS = frozenset({"countdown", "eta", "expires", "queue", "priority", "task_id",

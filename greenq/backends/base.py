@@ -32,7 +32,6 @@ class Record(NamedTuple):
 
 
 class ResultBackend(UsesDriver):
-    schemes: Sequence[str] = ()
     #: keeps group records and counts chord members (greenq.canvas); rpc:// does not
     stores_groups = False
 

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ..brokers.sqlite import Database, chunks, placeholders, transaction
+from ..clients.sqlite import Database, chunks, placeholders, transaction
 from .base import Record, ResultBackend
 
 #: the tables of groups and chords (created on first use, beside the broker's schema)
@@ -34,7 +34,6 @@ FOREVER = 1e300        # expires_at of records kept forever
 class SQLiteBackend(ResultBackend):
     """Results in the SQLite file of the embedded broker."""
 
-    schemes = ("sqlite",)
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)

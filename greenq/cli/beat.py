@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def add_parser(sub: Any) -> None:
     b = sub.add_parser("beat", help="run the periodic-task scheduler ([schedule:NAME], app.add_periodic)")
-    b.add_argument("--loglevel", "-l", default="INFO", metavar="LEVEL")
+    b.add_argument("--loglevel", "-l", default="INFO", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
 
 
 def cmd_beat(args: argparse.Namespace, app: "GreenQ") -> int:

@@ -80,8 +80,12 @@ class Worker:
         self.stats = Stats()
         self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
         self.stats.subscribe(self.hooks)
-        self.hooks.on("task_prerun", RateLimiter(self))
-        self.hooks.on("task_prerun", StartedRecorder(self))
+        tasks = list(app.tasks.values())
+        if any(t.option("rate_limit") for t in tasks):          # subscribers cost per task:
+            self.hooks.on("task_prerun", RateLimiter(self))     # only when some task needs them
+        started = StartedRecorder(self)
+        if started.default or any(t.option("track_started") for t in tasks):
+            self.hooks.on("task_prerun", started)
         self.hooks.extend(app.hooks)             # the app's hooks run after the worker's own
         self.runners = Runners(self)
         self.settler = Settler(self)
