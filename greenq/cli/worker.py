@@ -79,7 +79,8 @@ def banner(app: Any, pool: str, pool_source: str) -> str:
     tasks = sorted(app.tasks.values(), key=lambda t: t.name)
     lines.append(f"  {len(tasks)} registered task(s):")
     for task in tasks:
-        parts = [f"queue={task.option('queue') or cfg.default_queue}", f"max_retries={task.option('max_retries')}"]
+        queue = task.option("queue") or app.route(task.name) or cfg.default_queue
+        parts = [f"queue={queue}", f"max_retries={task.option('max_retries')}"]
         parts += [f"{key}={task.option(key)}" for key in ("soft_time_limit", "time_limit", "rate_limit")
                   if task.option(key)]
         if not task.option("acks_late"):
