@@ -467,6 +467,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.origin('greenq', 'max_deliveries')}: [greenq] max_deliveries = 0: must be >= 1")
     if not cfg.worker["queues"]:
         raise ConfigError(f"{cfg.origin('worker', 'queues')}: [worker] queues is empty")
+    for entry, spec in cfg.schedules.items():
+        if not spec.get("task") or (spec.get("every") is None) == (spec.get("cron") is None):
+            raise ConfigError(f"[schedule:{entry}]: needs a task and exactly one of every (seconds) and cron")
     for opts_name, opts in cfg._tasks.items():
         prio = opts.get("priority")
         if prio is not None and prio > 9:
