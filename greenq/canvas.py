@@ -332,7 +332,10 @@ class chord:  # noqa: N801 - Celery's name
         records, results = self.header._freeze(app, group_id, header_options,
                                                chord_size=len(self.header.tasks))
         group_result = GroupResult(group_id, results, app)
-        result.parent = group_result
+        first = result
+        while first.parent is not None:          # a chain as body: its first step follows the group
+            first = first.parent
+        first.parent = group_result
         if app.config.eager:
             values = [_send_record(app, r, args, kwargs, res).get(propagate=True)
                       for r, res in zip(records, results)]

@@ -143,7 +143,8 @@ def test_chord_with_a_chain_as_body_and_a_group_in_a_chain(app):
     r = chord([add.s(1, 1), add.s(2, 2)], tsum.s() | add.s(100)).delay()
     upgraded = (group(add.s(i, 0) for i in range(4)) | tsum.s()).delay()
     work(app)
-    assert r.get(timeout=5) == 106
+    assert r.get(timeout=5) == 106 and r.parent.get(timeout=1) == 6
+    assert isinstance(r.parent.parent, GroupResult) and r.parent.parent.get(timeout=1) == [2, 4]
     assert upgraded.get(timeout=5) == 6
 
 
