@@ -293,7 +293,7 @@ class chord:  # noqa: N801 - Celery's name
     """Run ``header`` (a group) in parallel, then ``body`` once with the list
     of their results.  Needs a result backend that counts (sqlite, redis,
     memory): with ``rpc://`` it raises ConfigError before sending anything.
-    A member that fails or is revoked makes the chord FAILURE with
+    A member that fails or is revoked makes the chord FAILURE at once with
     ``ChordError`` naming it, and the body is not sent."""
 
     def __init__(self, header: Any, body: Optional[Any] = None) -> None:

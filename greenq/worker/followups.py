@@ -74,14 +74,32 @@ class Followups:
         return self.codec.outgoing(build(self.app, record, prefix, parent=parent))
 
     # -- chords (after the results are stored) -------------------------------------
-    def complete_chords(self, members: List["TaskMessage"]) -> None:
+    def complete_chords(self, members: List["tuple[TaskMessage, Optional[str]]"]) -> None:
         """Count each finished member; for the one that completes its chord,
-        send the callback (or store the chord's failure), then mark it sent."""
+        send the callback (or store the chord's failure), then mark it sent.
+        A member that failed (``failure`` says how) and did not complete its
+        chord makes the chord FAILURE at once, so its caller need not wait
+        for the other members; the callback's ``link_error`` callbacks are
+        sent by the completer only."""
         backend = self.worker.backend
-        for msg in members:
+        for msg, failure in members:
             if backend.chord_member_done(msg.group_id, msg.id, msg.chord_size):
                 self._fire(msg)
                 backend.chord_sent(msg.group_id)
+            elif failure is not None:
+                self._fail_early(msg, failure)
+
+    def _fail_early(self, msg: "TaskMessage", failure: str) -> None:
+        data = self.worker.backend.load_group(msg.group_id)
+        if data is None:
+            return
+        group = decode_group(self.app, data)
+        callback = group.get("callback")
+        if isinstance(callback, dict):
+            index = group["members"].index(msg.id) if msg.id in group["members"] else "?"
+            error = ChordError(f"chord member {index} {msg.task}[{msg.id}] {failure}")
+            log.warning("chord %s failed: %s", msg.group_id, error)
+            self.worker.backend.store_many(self._failure_records(msg, callback, error))
 
     def _fire(self, msg: "TaskMessage") -> None:
         backend = self.worker.backend
@@ -138,8 +156,25 @@ class Followups:
 
     def _fail(self, msg: "TaskMessage", callback: Dict[str, Any], error: ChordError) -> None:
         """Store ``error`` as the result of the callback (each step of it, when
-        it is a chain) and send the callback's ``link_error`` callbacks."""
-        log.warning("chord %s failed: %s", msg.group_id, error)
+        it is a chain), unless a member's early failure is stored there
+        already, and send the callback's ``link_error`` callbacks."""
+        backend = self.worker.backend
+        callback_id = (callback.get("options") or {}).get("task_id")
+        if not self._failed_already(callback_id):
+            log.warning("chord %s failed: %s", msg.group_id, error)
+            backend.store_many(self._failure_records(msg, callback, error))
+        errbacks = [self._outgoing(r, (callback_id,), msg) for r in (callback.get("options") or {}).get("link_error") or ()]
+        if errbacks:
+            self.worker.broker.publish_many(errbacks)
+
+    def _failed_already(self, task_id: Optional[str]) -> bool:
+        data = self.worker.backend.get(task_id) if task_id else None
+        try:
+            return data is not None and self.codec.decode_result(data).get("state") == FAILURE
+        except MessageError:
+            return False
+
+    def _failure_records(self, msg: "TaskMessage", callback: Dict[str, Any], error: ChordError) -> List[Record]:
         encode = self.codec.encode_result
         root = msg.root_id or msg.id
         records = []
@@ -148,8 +183,4 @@ class Followups:
             if step_id:
                 records.append(Record(step_id, encode(make_meta(step_id, FAILURE, exc=error, task=step.get("task"),
                                                                 root_id=root)), True, None))
-        self.worker.backend.store_many(records)
-        callback_id = (callback.get("options") or {}).get("task_id")
-        errbacks = [self._outgoing(r, (callback_id,), msg) for r in (callback.get("options") or {}).get("link_error") or ()]
-        if errbacks:
-            self.worker.broker.publish_many(errbacks)
+        return records

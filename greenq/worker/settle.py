@@ -42,7 +42,7 @@ class Plan:
     def __init__(self) -> None:
         self.records: List[Record] = []
         self.republish: List[Any] = []                    # retries and workflow follow-ups
-        self.chords: List[Any] = []                       # messages of finished chord members
+        self.chords: List[Any] = []                       # finished chord members: (message, failure)
         self.acks: List[Delivery] = []
         self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
@@ -151,7 +151,9 @@ class Settler:
             if msg.chain:
                 self.followups.on_failure(msg, REVOKED, None, None, job.reason, plan.republish, plan.records)
         if msg.chord_size and outcome in (jobs.SUCCESS, jobs.FAILURE, jobs.REVOKED):
-            plan.chords.append(msg)
+            failure = (None if outcome == jobs.SUCCESS else f"failed: {describe(job.exc)}"
+                       if outcome == jobs.FAILURE else f"was revoked ({job.reason or 'revoked'})")
+            plan.chords.append((msg, failure))
         if not job.acked:
             plan.acks.append(job.delivery)
 

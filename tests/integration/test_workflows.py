@@ -58,6 +58,11 @@ def app(request, tmp_path):
             raise self.retry(countdown=0.05)
         return x
 
+    @app.task(name="wf.wait")
+    def wait(name):
+        GATES[name].wait(10)
+        return name
+
     @app.task(name="wf.progress", bind=True)
     def progress(self, gate):
         stored, release = GATES[gate]
@@ -240,3 +245,22 @@ def test_shapes_refused_before_anything_is_sent(app):
     with pytest.raises(TypeError, match="unknown option"):
         add.s(1, 1).set(countdwn=3)
     assert app.broker.queue_stats(["default"])[0].ready == 0
+
+
+def test_a_failed_member_fails_the_chord_before_the_others_finish(app):
+    boom, note = task(app, "boom"), task(app, "note")
+    GATES["slow"] = threading.Event()
+    r = chord([task(app, "wait").s("slow"), boom.s("early")], note.s()).apply_async(
+        link_error=note.si("errback"))
+    worker = threading.Thread(target=work, args=(app,))
+    worker.start()
+    try:
+        with pytest.raises(ChordError, match=r"member 1 wf.boom.*boom early"):
+            r.get(timeout=10)                       # while member 0 still runs
+        assert not r.parent.results[0].ready()
+    finally:
+        GATES["slow"].set()
+        worker.join(10)
+    assert r.parent.results[0].get(timeout=5) == "slow"
+    assert isinstance(r.get(timeout=5, propagate=False), ChordError)
+    assert app.calls == [("errback",)]              # the body never ran; its errback once
