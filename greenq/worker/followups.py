@@ -14,7 +14,8 @@ result and sends the callback (or stores ``ChordError``), then marks the
 chord sent.  The completer's worker dying before that mark leaves its
 message unacknowledged: it runs again, is told again that it completed the
 chord, and sends the callback.  Only a death between the send and the mark
-(one round trip) sends the callback twice.
+(one round trip) sends the callback twice.  A member that fails stores the
+chord's ChordError at once (fail fast); the completer keeps it.
 """
 from __future__ import annotations
 
