@@ -35,6 +35,8 @@ class _ResultStore:
         for table in (self.results, self.revoked, self.groups):
             for key in [k for k, v in table.items() if v[-1] <= now]:
                 del table[key]
+        for group_id in [g for g in self.chords if g not in self.groups]:   # they expire together
+            del self.chords[group_id]
 
 
 class _Chord:
