@@ -142,13 +142,17 @@ def test_scheduled_lists_each_entry_with_its_next_run(app):
     assert overdue[0]["next_run"] == at(2026, 1, 1, 12, 0, 1)      # missed: due now
 
 
-def test_greenq_beat_list_prints_each_entry_with_its_next_run(tmp_path, capsys):
-    from greenq.cli.admin import main
+def test_greenq_beat_list_prints_each_entry_with_its_next_run(tmp_path):
+    import subprocess
+    import sys
     ini = tmp_path / "greenq.ini"
     ini.write_text(f"[greenq]\nbroker_url = sqlite:///{tmp_path}/b.sqlite3\n"
                    "[schedule:cleanup]\ntask = shop.tasks.cleanup\nevery = 30\n"
                    "[schedule:report]\ntask = shop.tasks.report\ncron = 0 9 * * *\ntimezone = Europe/Paris\n")
-    assert main(["--config", str(ini), "beat", "--list"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("GREENQ_")}
+    done = subprocess.run([sys.executable, "-m", "greenq.cli", "--config", str(ini), "beat", "--list"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
     assert lines[0].startswith("cleanup  shop.tasks.cleanup  every 30 s  last=-  next=")
     assert lines[1].startswith("report  shop.tasks.report  cron 0 9 * * * Europe/Paris  last=-  next=")
