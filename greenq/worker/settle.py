@@ -5,9 +5,10 @@ what follows each task in a workflow (followups.py: a chain's next step,
 callbacks), stores results in one call, counts finished chord members (and
 sends a completed chord's callback), then acknowledges in one call (late ack:
 a result is never acknowledged unstored, nor a follow-up unsent), returns
-what must go back, and dead-letters what cannot run.  Nothing in one job can stop the others from being settled:
-a job whose record cannot be built is stored as a FAILURE saying why, and an
-error that retrying cannot cure is narrowed down to the items that cause it.
+what must go back, and dead-letters what cannot run.  Nothing in one job can
+stop the others from being settled: a job whose record cannot be built is
+stored as a FAILURE saying why, and an error that retrying cannot cure is
+narrowed down to the items that cause it.
 """
 from __future__ import annotations
 
