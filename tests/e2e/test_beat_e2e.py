@@ -51,7 +51,11 @@ def test_two_schedulers_one_killed(pool, any_env):
     worker.send_signal(signal.SIGTERM)
     worker.communicate(timeout=30)
     sent = slots(any_env)
-    assert len(sent) == len(set(sent)), f"a slot was sent twice: {sent}"
+    # The one window docs/workflows.md names: a leader killed between sending a
+    # run and recording it; the standby sends that slot again (same task id
+    # beat-NAME-SLOT).  At most that one slot, at most twice; every other once.
+    twice = sorted(slot for slot in set(sent) if sent.count(slot) > 1)
+    assert len(twice) <= 1 and all(sent.count(slot) == 2 for slot in twice), f"slots sent twice: {sent}"
     assert sent == sorted(sent)
     gaps = [b - a for a, b in zip(sent, sent[1:])]
     assert max(gaps) <= LEASE_SECONDS + 2, gaps   # the handover
