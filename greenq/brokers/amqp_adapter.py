@@ -96,6 +96,13 @@ class RawConnection:
         conn._transport.write(data)
         conn.bytes_sent += 1    # (py-amqp's heartbeat bookkeeping)
 
+    @property
+    def transport_write(self) -> Callable[[bytes], None]:
+        """The transport's own ``write``, to keep: the cheapest write, for a
+        connection without heartbeats (py-amqp's heartbeat check does not see
+        it) that is not closed and reopened under its holder (a publisher)."""
+        return self.conn._transport.write
+
     def received(self) -> None:
         """Count a frame read past py-amqp's frame handler (its heartbeat bookkeeping)."""
         self.conn.bytes_recv += 1

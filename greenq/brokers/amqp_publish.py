@@ -75,7 +75,7 @@ class Publisher:
         self.channel.auto_decode = False
         self.channel_id = self.channel.channel_id
         self.frame_max = self.conn.frame_max
-        self.write = self.raw.write
+        self.write = self.raw.transport_write   # (no heartbeats on publisher connections)
         self.methods: Dict[Tuple[str, str], bytes] = {}   # (exchange, routing key) -> method frame
         self.seq = 0
         self.pending, self.pending_size = [], 0

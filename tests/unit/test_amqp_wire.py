@@ -287,3 +287,15 @@ def test_the_installed_py_amqp_is_supported_and_setup_cfg_says_the_same():
     with open(os.path.join(os.path.dirname(__file__), "..", "..", "setup.cfg")) as f:
         text = f.read()
     assert text.count(amqp_adapter.REQUIREMENT) == 3 and "amqp>=5.1\n" not in text
+
+
+def test_an_unsupported_py_amqp_is_refused_when_an_amqp_url_is_used():
+    import subprocess
+    import sys
+    code = ("import amqp; amqp.__version__ = '5.5.0'\n"
+            "from greenq.brokers import BROKERS, load_class\n"
+            "load_class(BROKERS, 'amqp://localhost/', 'broker')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "ConfigError: greenq's RabbitMQ support works with py-amqp >=5.1.1,<5.5" in done.stderr
+    assert "not 5.5.0: pip install 'amqp>=5.1.1,<5.5'" in done.stderr
