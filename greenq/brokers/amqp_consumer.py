@@ -252,6 +252,8 @@ class ConsumerLoop:
                 self.sock.settimeout(SYNC_TIMEOUT)
             except OSError:
                 pass   # closed under us: the error that closed it is the one raised
+        if frames:
+            self.raw.received()   # for py-amqp's heartbeat check: _frame's frames bypass its count
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
@@ -271,7 +273,6 @@ class ConsumerLoop:
         got = self.inbound.frame(frame)
         if got is NOT_MINE:
             return self.py_frame(frame)
-        self.raw.received()
         if got is None:
             return False
         self._deliver(got.consumer, self.gen, got.delivery_tag, got.redelivered, got.properties, got.body,

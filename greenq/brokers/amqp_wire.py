@@ -21,7 +21,7 @@ tests/unit/test_amqp_wire.py compares the two byte for byte.
 from __future__ import annotations
 
 from struct import Struct, pack
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import amqp
 from amqp import spec
@@ -193,27 +193,22 @@ class FrameParser:
         return avail >= 7 and avail >= _FRAME.unpack_from(self.buf, self.pos)[2] + 8
 
 
-class Content(NamedTuple):
-    """One whole delivery read by ``DeliveryReader``."""
-    consumer: Any                # what the reader's ``consumers`` maps the consumer tag to
-    delivery_tag: int
-    redelivered: bool
-    properties: Dict[str, Any]   # as ``amqp_meta.read_properties`` reads them
-    problems: List[str]          # ... and what it found wrong with them
-    body: bytes
+class Content:
+    """A delivery read by ``DeliveryReader``: its content frames are still
+    to come until ``DeliveryReader.frame`` returns it whole."""
+    __slots__ = ("consumer", "delivery_tag", "redelivered", "properties", "problems", "size", "chunks",
+                 "got", "body")
 
-
-class _Partial:
-    """A delivery whose content frames are still to come."""
-    __slots__ = ("consumer", "tag", "redelivered", "properties", "problems", "size", "chunks", "got")
-
-    def __init__(self, consumer: Any, tag: int, redelivered: bool) -> None:
-        self.consumer, self.tag, self.redelivered = consumer, tag, redelivered
-        self.properties: Optional[Dict[str, Any]] = None
-        self.problems: List[str] = []
-        self.size = 0
-        self.chunks: List[bytes] = []
+    def __init__(self, consumer: Any, delivery_tag: int, redelivered: bool) -> None:
+        self.consumer = consumer          # what the reader's ``consumers`` maps the consumer tag to
+        self.delivery_tag = delivery_tag
+        self.redelivered = redelivered
+        self.properties: Optional[Dict[str, Any]] = None   # as ``amqp_meta.read_properties`` reads them
+        self.problems: List[str] = []     # ... and what it found wrong with them
+        self.size = 0                     # of the body, from the content header
+        self.chunks: List[bytes] = []     # the body frames' payloads so far
         self.got = 0
+        self.body = b""                   # once whole
 
 
 #: ``DeliveryReader.frame``'s answer for a frame that is not part of one of its deliveries
@@ -236,7 +231,7 @@ class DeliveryReader:
     def __init__(self, channel_id: int, consumers: Dict[str, Any]) -> None:
         self.channel_id = channel_id
         self.consumers = consumers
-        self.partial: Optional[_Partial] = None   # a delivery being read
+        self.partial: Optional[Content] = None   # a delivery being read
 
     def frame(self, frame: Frame) -> Any:
         """Take ``frame``: ``NOT_MINE``, None (taken; the delivery goes on) or
@@ -252,7 +247,7 @@ class DeliveryReader:
                 consumer = self.consumers.get(payload[5:end].decode("utf-8", "surrogatepass"))
                 if consumer is not None:
                     tag, bits = _TAG_BITS.unpack_from(payload, end)
-                    self.partial = _Partial(consumer, tag, bool(bits & 1))
+                    self.partial = Content(consumer, tag, bool(bits & 1))
                     return None
             return NOT_MINE
         if frame_type == HEADER and partial.properties is None:
@@ -267,9 +262,8 @@ class DeliveryReader:
             return None
         self.partial = None
         chunks = partial.chunks
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return Content(partial.consumer, partial.tag, partial.redelivered, partial.properties,
-                       partial.problems, body)
+        partial.body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return partial
 
 
 def rewrite_headers(handler: Callable[[Frame], Any]) -> Callable[[Frame], Any]:

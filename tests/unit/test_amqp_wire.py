@@ -18,7 +18,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from greenq.brokers import amqp_adapter  # noqa: E402
-from greenq.brokers.amqp_wire import (NOT_MINE, Content, DeliveryReader, FrameParser, ack_frame,  # noqa: E402
+from greenq.brokers.amqp_wire import (NOT_MINE, DeliveryReader, FrameParser, ack_frame,  # noqa: E402
                                       content_frames, encode_properties, method_frame, readable_header,
                                       reject_frame, task_properties)
 from greenq.exceptions import ConfigError  # noqa: E402
@@ -117,9 +117,14 @@ def test_a_header_py_amqp_cannot_read_is_rewritten_so_that_it_can():
 
 # -- parsing ----------------------------------------------------------------------
 
+def Content(consumer, delivery_tag, redelivered, properties, problems, body) -> tuple:
+    """A delivery as ``read_all`` returns it."""
+    return consumer, delivery_tag, redelivered, properties, problems, body
+
+
 def read_all(data: bytes, reader: DeliveryReader, reads=None):
     """Feed ``data`` in the pieces ``reads`` (sizes; one piece when None) and
-    return (deliveries, frames passed on)."""
+    return (deliveries as ``Content`` tuples, frames passed on)."""
     parser, got, passed = FrameParser(), [], []
     pieces = [data] if reads is None else []
     if reads is not None:
@@ -135,7 +140,8 @@ def read_all(data: bytes, reader: DeliveryReader, reads=None):
             if result is NOT_MINE:
                 passed.append(frame)
             elif result is not None:
-                got.append(result)
+                got.append(Content(result.consumer, result.delivery_tag, result.redelivered,
+                                   result.properties, result.problems, result.body))
     assert reader.partial is None and not parser.has_frame()
     return got, passed
 
@@ -182,9 +188,9 @@ def test_a_consumer_added_later_is_read_and_bad_properties_are_reported_not_rais
     consumers["greenq-2"] = "q2"
     header = frames[1][2][:12] + b"\x00\x80\x02\xff\xfe"
     got, _ = read_all(raw([frames[0], (2, 1, header), frames[2]]), reader)
-    [content] = got
-    assert content.body == b"x" and content.properties == {"message_id": "\\xff\\xfe"}
-    assert "not UTF-8" in content.problems[0]
+    [(_, _, _, properties, problems, body)] = got
+    assert body == b"x" and properties == {"message_id": "\\xff\\xfe"}
+    assert "not UTF-8" in problems[0]
 
 
 def test_a_broken_stream_raises_unexpected_frame():
@@ -238,9 +244,9 @@ def test_what_greenq_packs_parses_back(body, frame_max, message_id, priority):
     args = dumps("sLbss", ("greenq-1", 42, False, "", "q"))
     head = b"\x01\x00\x01" + (4 + len(args)).to_bytes(4, "big") + bytes([0, 60, 0, 60]) + args + b"\xce"
     data = head + b"".join(content_frames(1, frame_max, body, task_properties(message_id, priority)))
-    [content], _ = read_all(data, DeliveryReader(1, {"greenq-1": "q"}))
+    [(_, tag, _, properties, _, got)], _ = read_all(data, DeliveryReader(1, {"greenq-1": "q"}))
     props = {"delivery_mode": 2, "message_id": message_id, **({"priority": priority} if priority else {})}
-    assert (content.body, content.delivery_tag, content.properties) == (body, 42, props)
+    assert (got, tag, properties) == (body, 42, props)
 
 
 # -- the adapter's reader and version check ---------------------------------------
