@@ -31,7 +31,7 @@ from amqp.serialization import decode_properties_basic, dumps
 from .amqp_meta import H_BAD_PROPERTIES, fit_short_string, read_properties
 
 #: frame types (AMQP 0-9-1 section 4.2.3) and the octet that ends every frame
-METHOD, HEADER, BODY, HEARTBEAT = 1, 2, 3, 8
+METHOD, HEADER, BODY = 1, 2, 3
 FRAME_END = 0xCE
 
 #: a frame as py-amqp's frame handlers take it: (type, channel, payload)
