@@ -42,8 +42,9 @@ from ..config import Config
 from ..exceptions import BrokerError
 from .base import DeadLetter, Delivery, Outgoing, QueueStats
 from ._reconnect import Unreachable
-from .redis import (GROUP, MAX_BATCH, PARKED, PRIORITIES, PUBLISH_CHUNK, TRANSIENT, RedisBroker,
-                    _STREAM_ID, _text, pool_size)
+from ._redis_conn import CLIENT_CONNECTIONS, TRANSIENT
+from .redis import (GROUP, MAX_BATCH, PARKED, PRIORITIES, PUBLISH_CHUNK, REPLICATED, RedisBroker,
+                    _STREAM_ID, _text)
 
 log = logging.getLogger("greenq.brokers.redis_cluster")
 
@@ -82,7 +83,8 @@ return moved
 
 def make_cluster_client(url: str, config: Config, role: str = "", extra: int = 0) -> Any:
     """:func:`greenq.brokers.redis.make_client` for a ``redis+cluster://`` URL."""
-    return cluster_client(url, config, role, pool_size(config) + extra)
+    return cluster_client(url, config, role,
+                          (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)
 
 
 class RedisClusterBroker(RedisBroker):
@@ -100,7 +102,6 @@ class RedisClusterBroker(RedisBroker):
         self._reclaim_at: Dict[str, float] = {}
         self._lane_error: Optional[BaseException] = None
         self._arrived = threading.Event() if driver is None else driver.event()
-        self._stopped = False
 
     # -- keys --------------------------------------------------------------------
     def _tag(self, queue: str) -> str:
@@ -162,18 +163,18 @@ class RedisClusterBroker(RedisBroker):
         mid = m.message_id.encode()
         return b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(), prio, len(mid), mid, m.body)
 
-    def _run_script(self, script: Any, calls: List[Tuple[list, list]]) -> List[Any]:
-        """Several calls of one script, one pipelined round trip per master (a
-        cluster pipeline refuses EVALSHA); with ``min_replicas``, each master's
-        batch ends in WAIT."""
-        if len(calls) == 1 and not self._min_replicas:
+    def _run_script(self, script: Any, calls: List[Tuple[list, list]], what: str = "publish") -> List[Any]:
+        """Several calls of one script (each on the keys of one slot), one
+        pipelined round trip per master (a cluster pipeline refuses EVALSHA);
+        with ``min_replicas``, each master's batch ends in WAIT."""
+        if len(calls) == 1 and not (self._min_replicas and what in REPLICATED):
             return [script(keys=calls[0][0], args=calls[0][1])]
         commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for keys, args in calls]
         try:
-            return self._per_master(commands, "publish")
+            return self._per_master(commands, what)
         except redis.exceptions.NoScriptError:     # a promoted replica, a restart: load, retry once
             self.client.script_load(script.script)
-            return self._per_master(commands, "publish")
+            return self._per_master(commands, what)
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """One pipelined round trip per master, tried once: the acks of a
@@ -216,23 +217,21 @@ class RedisClusterBroker(RedisBroker):
         return failed
 
     def _send_acks(self, deliveries: List[Delivery]) -> None:
-        """As on redis://; with ``min_replicas``, per master, each batch ending in WAIT."""
-        if not self._min_replicas:
-            return super()._send_acks(deliveries)
-        by_key: Dict[str, List[bytes]] = {}
-        for d in deliveries:
-            by_key.setdefault(d.token[0], []).append(d.token[1])
-        commands: List[tuple] = []
-        for key, ids in by_key.items():
-            for start in range(0, len(ids), MAX_BATCH):
-                chunk = ids[start:start + MAX_BATCH]
-                commands += [("XACK", key, GROUP, *chunk), ("XDEL", key, *chunk)]
-        self._per_master(commands, "ack")
+        """The ACK script once per stream (a call spans one slot)."""
+        self._run_script(self._ack_script, [(keys, [GROUP, self.consumer, *ids])
+                                            for keys, ids in _per_key(deliveries)], "ack")
+
+    def _transfer(self, deliveries: Sequence[Delivery], target: str, budget: float, what: str,
+                  uncount: bool = False) -> int:
+        """TRANSFER once per stream, one round trip per master."""
+        calls = [(keys, [GROUP, self.consumer, target, "1" if uncount else "0", *ids])
+                 for keys, ids in _per_key(deliveries)]
+        return sum(self._call(lambda: self._run_script(self._transfer_script, calls, what), budget, what))
 
     def _per_master(self, commands: List[tuple], what: str) -> List[Any]:
         """Run ``commands`` in one pipeline per master (ending in WAIT when
         ``[redis] min_replicas`` is set); replies in the commands' order."""
-        n = self._min_replicas
+        n = self._min_replicas if what in REPLICATED else 0
         by_node: Dict[str, List[int]] = {}
         nodes: Dict[str, Any] = {}
         for i, args in enumerate(commands):
@@ -260,7 +259,7 @@ class RedisClusterBroker(RedisBroker):
                 replies[i] = value
         if short:
             text = f"{what}: fewer than [redis] min_replicas = {n} replica(s) confirmed ({', '.join(short)})"
-            if what != "ack":
+            if what == "publish":
                 raise BrokerError(text)
             log.warning("%s", text)
         return replies
@@ -293,7 +292,7 @@ class RedisClusterBroker(RedisBroker):
     def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
         """Start the lane of every queue that has none running, then hand out
         what the first lanes bring; see the module docstring."""
-        if count <= 0 or not queues or self._stopped:
+        if count <= 0 or not queues or not self._consuming:
             return []
         count = min(count, MAX_BATCH)
         out = self._take_spares(count)
@@ -362,7 +361,7 @@ class RedisClusterBroker(RedisBroker):
                 with self._lock:
                     self._spares.extend(out)
                 raise
-        if out or self._stopped:
+        if out or not self._consuming:
             return out
         now = time.monotonic()
         wait = min(deadline - now, self._block, self._reclaim_at[queue] - now)
@@ -380,26 +379,23 @@ class RedisClusterBroker(RedisBroker):
 
     def stop_consuming(self) -> None:
         """No lane starts after this; the running ones end within a blocking
-        read, and what they leased goes back to the queue uncounted."""
-        self._stopped = True
+        read, then everything leased and not handed out is parked (as on
+        redis://, with the delivery count unchanged)."""
+        self._consuming = False
         self.interrupt()
         self._join_lanes()
-        with self._lock:
-            spares, self._spares = list(self._spares), type(self._spares)()
-        if spares:
-            self.requeue(spares, started=False)
-
-    def close(self) -> None:
-        self._stopped = True
-        self._join_lanes()
-        super().close()
+        super().stop_consuming()
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """As on redis://, into the queue's own dead letters (its slot)."""
         key, entry_id = delivery.token
-        self._call(lambda: self._dead_script(
+        moved = self._call(lambda: self._dead_script(
             keys=[key, *self._dead_keys(delivery.queue)],
             args=[GROUP, entry_id, delivery.queue, delivery.priority, delivery.message_id,
-                  reason, repr(time.time()), delivery.body]), self._timeout, "dead-letter")
+                  reason, repr(time.time()), delivery.body, self.consumer]), self._timeout, "dead-letter")
+        if not moved:
+            log.warning("message %s not dead-lettered: no longer held by this worker "
+                        "(its lease ran out)", delivery.message_id)
 
     # -- administration --------------------------------------------------------------
     def _known_queues(self) -> List[str]:
@@ -483,3 +479,13 @@ def _finished(handle: Any) -> bool:
     if dead is not None:
         return bool(dead() if callable(dead) else dead)
     return not handle.is_alive()
+
+
+def _per_key(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
+    """Tokens as script calls on one stream each (ACK and TRANSFER layout:
+    the key, then ``n, n entry ids``), at most MAX_BATCH ids a call."""
+    by_key: Dict[str, List[bytes]] = {}
+    for d in deliveries:
+        by_key.setdefault(d.token[0], []).append(d.token[1])
+    return [([key], [len(ids[i:i + MAX_BATCH]), *ids[i:i + MAX_BATCH]])
+            for key, ids in by_key.items() for i in range(0, len(ids), MAX_BATCH)]

@@ -16,12 +16,14 @@ import redis
 
 from ..clients.redis_topology import sentinel_client
 from ..config import Config
-from .redis import RedisBroker, pool_size
+from ._redis_conn import CLIENT_CONNECTIONS
+from .redis import RedisBroker
 
 
 def make_sentinel_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
     """:func:`greenq.brokers.redis.make_client` for a ``redis+sentinel://`` URL."""
-    return sentinel_client(url, config, role, pool_size(config) + extra)
+    return sentinel_client(url, config, role,
+                           (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)
 
 
 class RedisSentinelBroker(RedisBroker):

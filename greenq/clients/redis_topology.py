@@ -25,10 +25,11 @@ from urllib.parse import parse_qs, unquote
 import redis
 from redis.backoff import NoBackoff
 from redis.commands.core import Script
-from redis.connection import BlockingConnectionPool, Encoder
+from redis.connection import Encoder
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
+from ..brokers._redis_conn import Pool, client_name
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 
@@ -80,21 +81,21 @@ def parse(url: str, default_port: int) -> Topology:
 
 
 def _common(config: Config) -> Dict[str, Any]:
-    """Connection options shared with plain redis:// (see greenq.brokers.redis.make_client)."""
+    """Connection options shared with plain redis:// (greenq.brokers._redis_conn.make_client)."""
     opts = config.section("redis")
     timeout = opts["socket_timeout"] or None
-    return dict(socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
+    connect = min((opts["connect_timeout"] or timeout or 2.0) / 2, timeout or float("inf"))
+    return dict(socket_timeout=timeout, socket_connect_timeout=connect, socket_keepalive=True,
                 health_check_interval=opts["health_check_interval"], retry=Retry(NoBackoff(), 0))
 
 
-class _BlockingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
-    """A Sentinel-managed pool that makes callers wait for a free connection
-    (as plain redis:// does) instead of failing when all are in use."""
+class _SentinelPool(SentinelConnectionPool, Pool):
+    """A Sentinel-managed pool with greenq's pool behaviour (callers over the
+    cap wait, idle connections close, ``grow``), as plain redis:// has."""
 
 
 def sentinel_client(url: str, config: Config, name: str, size: int) -> "redis.Redis":
     """A client on the current master of the URL's ``master=NAME``."""
-    from ..brokers.redis import client_name
     topo = parse(url, SENTINEL_PORT)
     master = topo.options.get("master") or topo.options.get("service_name")
     if not master:
@@ -104,9 +105,9 @@ def sentinel_client(url: str, config: Config, name: str, size: int) -> "redis.Re
     if "sentinel_password" in topo.options:
         sentinel_kwargs["password"] = topo.options["sentinel_password"]
     manager = Sentinel(topo.hosts, sentinel_kwargs=sentinel_kwargs)
-    pool = _BlockingSentinelPool(master, manager, max_connections=size, timeout=None,
-                                 db=topo.db, username=topo.username, password=topo.password,
-                                 client_name=client_name(config.key_prefix, name), **common)
+    pool = _SentinelPool(master, manager, max_connections=size,
+                         db=topo.db, username=topo.username, password=topo.password,
+                         client_name=client_name(config.key_prefix, name), **common)
     return redis.Redis(connection_pool=pool)
 
 
@@ -117,13 +118,25 @@ class _AllNodePools:
     def __init__(self, cluster: "LazyCluster") -> None:
         self.cluster = cluster
 
-    def disconnect(self, inuse_connections: bool = True) -> None:
+    def _pools(self) -> List[Any]:
         client = self.cluster.built
         if client is None:
-            return
-        for node in client.get_nodes():
-            if node.redis_connection is not None:
-                node.redis_connection.connection_pool.disconnect(inuse_connections=inuse_connections)
+            return []
+        return [n.redis_connection.connection_pool for n in client.get_nodes()
+                if n.redis_connection is not None]
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        for pool in self._pools():
+            pool.disconnect(inuse_connections=inuse_connections)
+
+    def grow(self, size: int) -> None:
+        """Raise every node's cap (and the one of nodes met later) to ``size``."""
+        self.cluster.size = max(self.cluster.size, size)
+        client = self.cluster.built
+        if client is not None:
+            client.nodes_manager.connection_kwargs["max_connections"] = self.cluster.size
+        for pool in self._pools():
+            pool.grow(size)
 
 
 class LazyCluster:
@@ -133,11 +146,39 @@ class LazyCluster:
     are retried), rather than failing at start.  Everything else is the
     client's (attribute access builds it)."""
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+    def __init__(self, build: Callable[[int], Any], size: int) -> None:
         self._build = build
         self._lock = threading.Lock()
         self.built: Any = None
+        self.size = size                       # connections per node
+        self._callbacks: Dict[str, Any] = {}
         self.connection_pool = _AllNodePools(self)
+
+    def set_response_callback(self, command: str, callback: Any) -> None:
+        """Replies of ``command`` go through ``callback``.  A cluster parses a
+        reply on the node's client first, so the callback is set there too,
+        on the nodes there are and on those met later (a promoted replica)."""
+        self._callbacks[command] = callback
+        if self.built is not None:
+            self._apply_callbacks(self.built)
+
+    def _apply_callbacks(self, client: Any) -> None:
+        for command, callback in self._callbacks.items():
+            client.set_response_callback(command, callback)
+            for node in client.get_nodes():
+                if node.redis_connection is not None:
+                    node.redis_connection.set_response_callback(command, callback)
+        manager = client.nodes_manager
+        if not getattr(manager, "greenq_callbacks", False):
+            create = manager.create_redis_node
+
+            def create_redis_node(*args: Any, **kwargs: Any) -> Any:
+                node_client = create(*args, **kwargs)
+                for command, callback in self._callbacks.items():
+                    node_client.set_response_callback(command, callback)
+                return node_client
+            manager.create_redis_node = create_redis_node
+            manager.greenq_callbacks = True
 
     def get_encoder(self) -> Encoder:
         """For ``register_script`` (a script's SHA), without connecting."""
@@ -151,35 +192,36 @@ class LazyCluster:
         if client is None:
             with self._lock:
                 if self.built is None:
-                    self.built = self._build()
+                    client = self._build(self.size)
+                    self._apply_callbacks(client)
+                    self.built = client
                 client = self.built
         return getattr(client, name)
 
 
 def cluster_client(url: str, config: Config, name: str, size: int) -> LazyCluster:
-    """A RedisCluster client on the URL's seed nodes, with a blocking pool of
+    """A RedisCluster client on the URL's seed nodes, with a greenq pool of
     ``size`` connections per node, made at its first use."""
     from redis.cluster import ClusterNode, RedisCluster
     from redis.exceptions import RedisClusterException
 
-    from ..brokers.redis import client_name
     topo = parse(url, CLUSTER_PORT)
     if topo.db:
         raise BrokerError(f"bad Redis URL {mask_url(url)}: a Redis Cluster has only database 0")
     common = _common(config)
     common.pop("retry")          # the cluster client's own; its nodes never retry
     # Seeds given as a redis:// URL make redis-py build each node's pool from
-    # connection_pool_class: a blocking pool, as plain redis:// has.
+    # connection_pool_class: greenq's pool, as plain redis:// has.
     first, rest = topo.hosts[0], topo.hosts[1:]
 
-    def build() -> Any:
+    def build(size: int) -> Any:
         try:
             return RedisCluster(url=f"redis://{first[0]}:{first[1]}/0",
                                 startup_nodes=[ClusterNode(h, p) for h, p in rest],
                                 username=topo.username, password=topo.password,
-                                connection_pool_class=BlockingConnectionPool, timeout=None,
-                                max_connections=size, client_name=client_name(config.key_prefix, name),
+                                connection_pool_class=Pool, max_connections=size,
+                                client_name=client_name(config.key_prefix, name),
                                 retry=Retry(NoBackoff(), 0), **common)
         except (redis.RedisError, RedisClusterException) as exc:
             raise redis.ConnectionError(f"no node of {mask_url(url)} answered: {exc}") from exc
-    return LazyCluster(build)
+    return LazyCluster(build, size)

@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 # outcome kinds
-SUCCESS, FAILURE, RETRY, REJECT, REQUEUE, REVOKED, DEAD = (
-    "success", "failure", "retry", "reject", "requeue", "revoked", "dead")
+SUCCESS, FAILURE, RETRY, REJECT, REQUEUE, REVOKED, DEAD, DEFER = (
+    "success", "failure", "retry", "reject", "requeue", "revoked", "dead", "defer")
 
 
 class HardKill(BaseException):
@@ -66,7 +66,8 @@ def request_for(job: Job) -> Request:
     return Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
                    eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
                    delivery_info={"queue": job.delivery.queue, "deliveries": job.delivery.deliveries},
-                   reply_to=msg.reply_to, priority=msg.priority)
+                   reply_to=msg.reply_to, priority=msg.priority, parent_id=msg.parent_id,
+                   group_id=msg.group_id)
 
 
 def run(job: Job) -> None:

@@ -69,12 +69,3 @@ def backend_env(request, redis_cluster):
     yield env
     env.teardown()
 
-
-def pytest_collection_modifyitems(items):
-    """The shared suite's warm-shutdown requeue test needs
-    ``RedisBroker.requeue(started=False)``, which the Redis hardening branch
-    brings (it fails on plain redis:// without it too)."""
-    for item in items:
-        if item.name == "test_requeue_unstarted_keeps_the_delivery_count[cluster]":
-            item.add_marker(pytest.mark.xfail(reason="RedisBroker.requeue(started=False) not on this "
-                                                     "branch yet", strict=False))

@@ -166,5 +166,5 @@ def test_rate_limit_subscriber_spaces_task_starts():
         tick.delay()
     assert run_worker(app, concurrency=5) == 0
     starts.sort()
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    assert len(starts) == 5 and min(gaps) >= 0.045, gaps
+    # slots are 50 ms apart; a start may lag its slot, but the last slot is 200 ms after the first
+    assert len(starts) == 5 and starts[-1] - starts[0] >= 0.19, starts
