@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from ..brokers.base import Delivery
 from ..config import effective_prefetch
+from ..control.agent import ControlAgent, worker_name
 from ..exceptions import MessageError
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
@@ -51,7 +52,7 @@ class Worker:
 
     def __init__(self, app: "GreenQ", driver: "Driver", *, queues: Sequence[str], concurrency: int,
                  prefetch: int = 0, burst: bool = False, shutdown_timeout: float = 30.0,
-                 fetch_timeout: float = 1.0, max_tasks: int = 0) -> None:
+                 fetch_timeout: float = 1.0, max_tasks: int = 0, name: Optional[str] = None) -> None:
         self.app = app
         self.driver = driver
         app.set_driver(driver)
@@ -82,6 +83,9 @@ class Worker:
         self.stats.subscribe(self.hooks)
         self.hooks.on("task_prerun", RateLimiter(self))
         self.hooks.on("task_prerun", StartedRecorder(self))
+        self.name = worker_name(name)
+        self.control = (ControlAgent(self, self.name, events=self.config.worker["events"])
+                        if self.config.worker["control"] else None)
         self.hooks.extend(app.hooks)             # the app's hooks run after the worker's own
         self.runners = Runners(self)
         self.settler = Settler(self)
@@ -103,10 +107,14 @@ class Worker:
         finisher = self.driver.spawn(self._guarded, "finisher", self.settler.loop)
         self.driver.spawn(self._guarded, "renewer", self._renewer)
         self.driver.spawn(self._guarded, "reaper", self.reaper.loop)
+        if self.control is not None:
+            self.control.start()
         try:
             self._guarded("consumer", self._consume)
         finally:
             self._shutdown(finisher)
+            if self.control is not None:
+                self.control.stop()
             self.hooks.emit("worker_shutdown", self)
         return self.exit_code
 
@@ -218,10 +226,13 @@ class Worker:
         if not ready:
             return
         revoked = self.reaper.revoked(ready)
+        received = self.hooks.has("task_received")
         for job in ready:
             if job.msg.id in revoked:
                 self.finish(job, jobs.REVOKED, reason="revoked")
             else:
+                if received:
+                    self.hooks.emit("task_received", job)
                 self.runq.put(job)
 
     def _refusal(self, job: Job, now: float, max_deliveries: int, tasks: Dict[str, Any]) -> Optional[str]:

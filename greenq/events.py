@@ -1,0 +1,102 @@
+"""Task events (``-E`` / ``[worker] events = true``), as subscribers of the
+worker's hooks.
+
+Each event is a small dict appended to the control plane's outbox, which the
+control greenlet publishes in batches (every half second, one broker call per
+batch), so a task pays for a dict and an append, never for a round trip:
+
+=================  ==========================================================
+type               fields beside ``type``, ``uuid``, ``name``, ``worker``, ``timestamp``
+=================  ==========================================================
+task-received      ``args``, ``kwargs`` (reprs, cut at 200 characters),
+                   ``queue``, ``retries``, ``sent`` (epoch the client sent it), ``eta``
+task-started       ``queue_wait`` (seconds from sent, or eta, to start)
+task-succeeded     ``runtime``
+task-failed        ``runtime``, ``exception``, ``traceback``
+task-retried       ``runtime``, ``reason``
+task-revoked       ``reason`` (revoked, expired, terminated by revoke)
+task-dead-lettered ``reason`` (the message could not run; ``name`` may be None)
+=================  ==========================================================
+
+Worker events (``worker-online``, ``worker-heartbeat``, ``worker-offline``)
+are made by the control plane itself (greenq/control/agent.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hooks import Hooks
+
+REPR_MAX = 200
+TASK_EVENTS = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried",
+               "task-revoked", "task-dead-lettered")
+
+
+def short_repr(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
+
+
+class TaskEvents:
+    """Appends one event per task transition to ``outbox``."""
+
+    def __init__(self, outbox: Deque[Dict[str, Any]], worker_name: str) -> None:
+        self.outbox = outbox
+        self.worker = worker_name
+        self._sent: Dict[str, float] = {}        # task id -> when it became due (sent, or eta)
+        self._started: Dict[str, float] = {}     # task id -> monotonic start
+
+    def subscribe(self, hooks: "Hooks") -> None:
+        hooks.on("task_received", self._received)
+        hooks.on("task_prerun", self._prerun)
+        hooks.on("task_success", self._success)
+        hooks.on("task_failure", self._failure)
+        hooks.on("task_retry", self._retry)
+        hooks.on("task_revoked", self._revoked)
+        hooks.on("message_dead_lettered", self._dead)
+
+    def _event(self, kind: str, task_id: Optional[str], name: Optional[str], **fields: Any) -> None:
+        fields.update(type=kind, uuid=task_id, name=name, worker=self.worker, timestamp=time.time())
+        self.outbox.append(fields)
+
+    def _runtime(self, task_id: str) -> Optional[float]:
+        start = self._started.pop(task_id, None)
+        return round(time.monotonic() - start, 6) if start is not None else None
+
+    # -- subscribers -------------------------------------------------------------
+    def _received(self, job: Any) -> None:
+        msg = job.msg
+        self._sent[msg.id] = max(msg.created or 0.0, msg.eta or 0.0)
+        self._event("task-received", msg.id, msg.task, args=short_repr(msg.args), kwargs=short_repr(msg.kwargs),
+                    queue=job.delivery.queue, retries=msg.retries, sent=msg.created, eta=msg.eta)
+
+    def _prerun(self, task: Any, request: Any) -> None:
+        self._started[request.id] = time.monotonic()
+        due = self._sent.pop(request.id, None)
+        wait = round(max(0.0, time.time() - due), 6) if due else None
+        self._event("task-started", request.id, task.name, queue_wait=wait)
+
+    def _success(self, task: Any, request: Any, retval: Any) -> None:
+        self._event("task-succeeded", request.id, task.name, runtime=self._runtime(request.id))
+
+    def _failure(self, task: Any, request: Any, exc: Any, traceback: Any) -> None:
+        self._event("task-failed", request.id, task.name, runtime=self._runtime(request.id),
+                    exception=f"{type(exc).__name__}: {short_repr(str(exc))}", traceback=traceback)
+
+    def _retry(self, task: Any, request: Any, reason: Any) -> None:
+        self._event("task-retried", request.id, task.name, runtime=self._runtime(request.id),
+                    reason=short_repr(reason))
+
+    def _revoked(self, job: Any) -> None:
+        task_id = job.id
+        self._sent.pop(task_id, None)
+        self._started.pop(task_id, None)
+        self._event("task-revoked", task_id, job.msg.task if job.msg else None, reason=job.reason)
+
+    def _dead(self, job: Any, reason: str) -> None:
+        self._event("task-dead-lettered", job.id, job.msg.task if job.msg else None, reason=reason)
