@@ -8,6 +8,7 @@ from typing import Any, List, Optional
 
 from .. import config as config_module
 from ..exceptions import ConfigError, GreenQError
+from . import dashboard
 from . import inspect as fleet
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_app
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("action", choices=("check", "show"))
 
     fleet.add_parsers(sub)
+    dashboard.add_parser(sub)
 
     dm = sub.add_parser("demo", help="run the demo: a gevent worker drains I/O-bound tasks")
     dm.add_argument("-n", type=int, default=5000, help="tasks to enqueue")
@@ -219,4 +221,4 @@ def cmd_config(args: argparse.Namespace, cfg: config_module.Config) -> int:
 
 
 COMMANDS = {"call": cmd_call, "result": cmd_result, "revoke": cmd_revoke, "queues": cmd_queues,
-            "purge": cmd_purge, "dlq": cmd_dlq, **fleet.COMMANDS}
+            "purge": cmd_purge, "dlq": cmd_dlq, **fleet.COMMANDS, **dashboard.COMMANDS}
