@@ -96,7 +96,7 @@ class Dashboard:
             task = self.state.task(path[len("/api/tasks/"):])
             return _json(start, task) if task else _json(start, {"error": "unknown task"}, "404 Not Found")
         if path == "/api/failures":
-            return _json(start, self.state.failure_list())
+            return _json(start, self.state.failure_list(min(100, int(query.get("limit", "20") or 20))))
         if path == "/api/throughput":
             return _json(start, self.state.throughput())
         if path == "/api/dlq":

@@ -28,7 +28,8 @@ async function api(path, body) {
 
 const fmt = {
   time: (t) => t ? new Date(t * 1000).toLocaleTimeString() : "",
-  secs: (s) => s == null ? "" : (s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`),
+  secs: (s) => s == null ? "" : s < 0.001 ? `${Math.round(s * 1e6)} µs`
+    : s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`,
   mib: (b) => b ? `${(b / 1048576).toFixed(1)} MiB` : "",
 };
 
@@ -80,10 +81,15 @@ function renderChart(points) {
   $("#chart-total").textContent = `(${total} succeeded, ${failed} failed in 10 min)`;
 }
 
+const userOpened = new Set();
+
 function renderFailures(failures) {
-  $("#failures").replaceChildren(...failures.map((f) => el("div", {class: "failure", "data-task": f.id},
-    el("strong", {}, f.name), " ", el("code", {}, f.id), " on ", f.worker || "?", " at ", fmt.time(f.updated),
-    el("div", {class: "exception"}, f.exception || ""),
+  // the newest failure is open, and those the user opened
+  $("#failures").replaceChildren(...failures.map((f, i) => el("details",
+    {class: "failure", "data-task": f.id, open: i === 0 || userOpened.has(f.id)},
+    el("summary", {onclick: () => userOpened.has(f.id) ? userOpened.delete(f.id) : userOpened.add(f.id)},
+      el("strong", {}, f.name), " ", el("code", {}, f.id), " on ", f.worker || "?",
+      " at ", fmt.time(f.updated), ": ", el("span", {class: "exception"}, f.exception || "")),
     el("pre", {class: "traceback"}, f.traceback || "(no traceback)"))));
   $("#failures-empty").hidden = failures.length > 0;
 }
@@ -127,7 +133,7 @@ async function refresh() {
   try {
     const q = encodeURIComponent($("#task-search").value), state = encodeURIComponent($("#task-state").value);
     const [workers, queues, points, failures, tasks, dlq] = await Promise.all([
-      api("/api/workers"), api("/api/queues"), api("/api/throughput"), api("/api/failures"),
+      api("/api/workers"), api("/api/queues"), api("/api/throughput"), api("/api/failures?limit=8"),
       api(`/api/tasks?q=${q}&state=${state}&limit=100`), api("/api/dlq")]);
     renderWorkers(workers); renderQueues(queues); renderChart(points); renderFailures(failures);
     renderTasks(tasks); renderDlq(dlq);
