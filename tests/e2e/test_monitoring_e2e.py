@@ -44,6 +44,10 @@ def test_healthz_and_metrics(pool, sqlite_env):
     assert health["status"] == "ok" and health["broker_healthy"] is True
     metrics = _get(port, "/metrics")
     assert "greenq_tasks_succeeded_total 5" in metrics and "greenq_up 1" in metrics
+    assert 'greenq_task_outcomes_total{outcome="succeeded",task="e2e.add"} 5.0' in metrics, metrics
+    assert 'greenq_task_runtime_seconds_count{task="e2e.add"} 5.0' in metrics
+    assert 'greenq_task_queue_wait_seconds_count{task="e2e.add"} 5.0' in metrics
+    assert 'greenq_queue_messages{queue="default",state="ready"} 0.0' in metrics
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
