@@ -43,7 +43,7 @@ class FleetState:
     def apply(self, events: List[Document]) -> None:
         with self.lock:
             for e in events:
-                kind = e.get("type")
+                kind = e.get("type") if isinstance(e, dict) else None
                 if not isinstance(kind, str):
                     continue
                 if kind.startswith("worker-"):
