@@ -8,8 +8,9 @@ batch), so a task pays for a dict and an append, never for a round trip:
 =================  ==========================================================
 type               fields beside ``type``, ``uuid``, ``name``, ``worker``, ``timestamp``
 =================  ==========================================================
-task-received      ``args``, ``kwargs`` (reprs, cut at 200 characters),
-                   ``queue``, ``retries``, ``sent`` (epoch the client sent it), ``eta``
+task-received      ``args``, ``kwargs`` (reprs, cut at 200 characters; left out when
+                   empty), ``queue``, ``retries`` (when > 0), ``sent`` (epoch the client
+                   sent it), ``eta`` (when set)
 task-started       ``queue_wait`` (seconds from sent, or eta, to start)
 task-succeeded     ``runtime``
 task-failed        ``runtime``, ``exception``, ``traceback``
@@ -64,25 +65,37 @@ class TaskEvents:
         fields.update(type=kind, uuid=task_id, name=name, worker=self.worker, timestamp=time.time())
         self.outbox.append(fields)
 
+    def _short(self, kind: str, task_id: str, name: str, key: str, value: Any) -> None:
+        """The hot path (started, succeeded): one field beside the common ones."""
+        self.outbox.append({"type": kind, "uuid": task_id, "name": name, "worker": self.worker,
+                            "timestamp": time.time(), key: value})
+
     def _runtime(self, task_id: str) -> Optional[float]:
         start = self._started.pop(task_id, None)
-        return round(time.monotonic() - start, 6) if start is not None else None
+        return time.monotonic() - start if start is not None else None
 
     # -- subscribers -------------------------------------------------------------
     def _received(self, job: Any) -> None:
         msg = job.msg
-        self._sent[msg.id] = max(msg.created or 0.0, msg.eta or 0.0)
-        self._event("task-received", msg.id, msg.task, args=short_repr(msg.args), kwargs=short_repr(msg.kwargs),
-                    queue=job.delivery.queue, retries=msg.retries, sent=msg.created, eta=msg.eta)
+        self._sent[msg.id] = max(msg.created or 0.0, msg.eta or 0.0) if msg.eta else (msg.created or 0.0)
+        event = {"type": "task-received", "uuid": msg.id, "name": msg.task, "worker": self.worker,
+                 "timestamp": time.time(), "args": short_repr(msg.args), "queue": job.delivery.queue,
+                 "sent": msg.created}
+        if msg.kwargs:                        # fields at their default are left out: smaller batches
+            event["kwargs"] = short_repr(msg.kwargs)
+        if msg.retries:
+            event["retries"] = msg.retries
+        if msg.eta:
+            event["eta"] = msg.eta
+        self.outbox.append(event)
 
     def _prerun(self, task: Any, request: Any) -> None:
         self._started[request.id] = time.monotonic()
         due = self._sent.pop(request.id, None)
-        wait = round(max(0.0, time.time() - due), 6) if due else None
-        self._event("task-started", request.id, task.name, queue_wait=wait)
+        self._short("task-started", request.id, task.name, "queue_wait", time.time() - due if due else None)
 
     def _success(self, task: Any, request: Any, retval: Any) -> None:
-        self._event("task-succeeded", request.id, task.name, runtime=self._runtime(request.id))
+        self._short("task-succeeded", request.id, task.name, "runtime", self._runtime(request.id))
 
     def _failure(self, task: Any, request: Any, exc: Any, traceback: Any) -> None:
         self._event("task-failed", request.id, task.name, runtime=self._runtime(request.id),

@@ -89,6 +89,13 @@ def test_every_inspect_and_control_command(any_env, pool):
     assert w1.wait(timeout=30) == 0
 
 
+def test_one_name_per_child_under_processes(pool, sqlite_env):
+    proc = sqlite_env.worker(pool, "-n", "pw", "--processes", "2", "-c", "2", burst=False)
+    assert _wait_for(sqlite_env, ["pw-0", "pw-1"]) == {"pw-0": "pong", "pw-1": "pong"}
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+
+
 def test_no_reply_exits_1_and_ping_of_an_absent_worker(sqlite_env):
     done = sqlite_env.admin("inspect", "ping", "--timeout", "0.3")
     assert done.returncode == 1 and "no worker replied within 0.3 s" in done.stderr
