@@ -55,7 +55,10 @@ class ControlAgent:
         self.outbox: Deque[Dict[str, Any]] = deque(maxlen=OUTBOX_MAX)
         self.revoked: Deque[str] = deque(maxlen=REVOKED_KEPT)
         self.task_events: Optional[TaskEvents] = None
+        self.started: Dict[str, float] = {}          # task id -> epoch start, for inspect active
         worker.hooks.on("task_revoked", self._note_revoked)
+        worker.hooks.on("task_prerun", self._note_start)
+        worker.hooks.on("task_postrun", self._note_end)
         if events:
             self.task_events = TaskEvents(self.outbox, name)
             self.task_events.subscribe(worker.hooks)
@@ -66,12 +69,11 @@ class ControlAgent:
     def _note_revoked(self, job: Any) -> None:
         self.revoked.append(job.id)
 
-    def started_at(self, task_id: str) -> Optional[float]:
-        """Epoch start of a running task, when task events know it."""
-        if self.task_events is None:
-            return None
-        start = self.task_events._started.get(task_id)
-        return time.time() - (time.monotonic() - start) if start is not None else None
+    def _note_start(self, task: Any, request: Any) -> None:
+        self.started[request.id] = time.time()
+
+    def _note_end(self, task: Any, request: Any, state: Any, retval: Any) -> None:
+        self.started.pop(request.id, None)
 
     # -- lifetime ----------------------------------------------------------------
     def start(self) -> None:

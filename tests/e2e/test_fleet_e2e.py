@@ -47,6 +47,7 @@ def test_every_inspect_and_control_command(any_env, pool):
     active = _json(env, "inspect", "active", "-d", "w1")
     assert list(active) == ["w1"] and [t["id"] for t in active["w1"]] == [a.id], active
     assert active["w1"][0]["name"] == "e2e.slow" and active["w1"][0]["args"] == ["a", 30]
+    assert time.time() - 60 < active["w1"][0]["started"] <= time.time()
     reserved = _json(env, "inspect", "reserved", "-d", "w1")["w1"]
     assert [t["id"] for t in reserved] == [b.id], reserved
     assert _json(env, "inspect", "scheduled", "-d", "w1") == {"w1": []}
