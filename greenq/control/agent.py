@@ -20,6 +20,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
 
 from ..events import TaskEvents
+from ..exceptions import ConfigError
 from ..worker.jobs import describe
 from .base import Document, Transport, make_transport
 from .commands import COMMANDS, worker_info
@@ -94,8 +95,12 @@ class ControlAgent:
         while not self._closing:
             try:
                 if transport is None:
-                    transport = make_transport(self.worker.config.broker_url, self.worker.config,
-                                               self.worker.driver)
+                    try:
+                        transport = make_transport(self.worker.config.broker_url, self.worker.config,
+                                                   self.worker.driver)
+                    except ConfigError as exc:     # a broker without a control plane: say so once
+                        log.warning("control plane off: %s", exc)
+                        return
                     transport.listen(self.name)
                     self._event("worker-online")
                     log.info("control plane: listening as %s", self.name)
