@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
-from .common import EXIT_FAILURE, EXIT_OK
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 INSPECT = ("ping", "active", "reserved", "scheduled", "stats", "registered", "revoked")
 #: control command -> (its arguments, in order)
@@ -96,12 +96,12 @@ def cmd_control(args: argparse.Namespace, app: Any) -> int:
     if len(args.params) != len(names):
         wanted = " ".join(n.upper() for n in names) or "no argument"
         sys.stderr.write(f"greenq: error: control {args.what} takes {wanted}\n")
-        return 2
+        return EXIT_USAGE
     params: Dict[str, Any] = dict(zip(names, args.params))
     if "n" in params:
         if not params["n"].isdigit() or int(params["n"]) < 1:
             sys.stderr.write(f"greenq: error: control {args.what} N: expected a whole number >= 1\n")
-            return 2
+            return EXIT_USAGE
         params["n"] = int(params["n"])
     return _print(_call(app, args.what.replace("-", "_"), params, args), args, args.what)
 
