@@ -33,7 +33,7 @@ log = logging.getLogger("greenq.control")
 HEARTBEAT_INTERVAL = 2.0
 OFFLINE_AFTER = 3 * HEARTBEAT_INTERVAL
 RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' batching period
-BATCH_MAX = 2000               # events per broker call
+BATCH_MAX = 500                # events per broker call (and per stored batch)
 OUTBOX_MAX = 100000            # events kept while the broker is away (the oldest are dropped)
 REVOKED_KEPT = 10000
 

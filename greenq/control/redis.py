@@ -22,7 +22,7 @@ import redis
 from .base import Document, Transport, dumps, loads
 
 COMMANDS_KEPT = 1000
-EVENTS_KEPT = 10000
+EVENTS_KEPT = 1000              # batches of at most 500 events: bounded memory under load
 REPLY_TTL = 60
 
 

@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS control_events (
 """
 POLL = 0.1
 KEEP_SECONDS = 60.0
-EVENTS_KEPT = 5000          # event batches kept for readers that start later
+EVENTS_KEPT = 1000          # event batches (of at most 500 events) kept for readers that start later
 CLEAN_EVERY = 10.0
 
 
