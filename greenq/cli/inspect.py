@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Dict, List
 
+from ..exceptions import BrokerError, GreenQError
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
 INSPECT = ("ping", "active", "reserved", "scheduled", "stats", "registered", "revoked")
@@ -48,6 +49,10 @@ def _call(app: Any, command: str, params: Dict[str, Any], args: argparse.Namespa
     control = Control(app)
     try:
         return control.call(command, params, _destination(args) or None, args.timeout)
+    except GreenQError:
+        raise
+    except Exception as exc:          # the broker library's own errors: the broker is away
+        raise BrokerError(f"the control plane cannot reach the broker: {type(exc).__name__}: {exc}") from None
     finally:
         control.close()
 
@@ -122,6 +127,10 @@ def cmd_events(args: argparse.Namespace, app: Any) -> int:
                     return EXIT_OK
             if deadline is not None and time.monotonic() >= deadline:
                 return EXIT_OK
+    except GreenQError:
+        raise
+    except Exception as exc:
+        raise BrokerError(f"the control plane cannot reach the broker: {type(exc).__name__}: {exc}") from None
     finally:
         control.close()
     return EXIT_OK
