@@ -21,16 +21,23 @@ task-dead-lettered ``reason`` (the message could not run; ``name`` may be None)
 
 Worker events (``worker-online``, ``worker-heartbeat``, ``worker-offline``)
 are made by the control plane itself (greenq/control/agent.py).
+
+On the wire the times (``MICROSECOND_FIELDS``) are whole microseconds: a
+float costs JSON twice an int to write, and encoding is most of what events
+cost.  ``greenq.control.client.Control.events`` turns them back into seconds
+(floats), which is what ``greenq events``, the dashboard and this table show.
 """
 from __future__ import annotations
 
-import time
+from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import Hooks
 
 REPR_MAX = 200
+#: event fields sent as integer microseconds and read as float seconds
+MICROSECOND_FIELDS = ("timestamp", "sent", "eta", "runtime", "queue_wait")
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried",
                "task-revoked", "task-dead-lettered")
 
@@ -49,8 +56,8 @@ class TaskEvents:
     def __init__(self, outbox: Deque[Dict[str, Any]], worker_name: str) -> None:
         self.outbox = outbox
         self.worker = worker_name
-        self._sent: Dict[str, float] = {}        # task id -> when it became due (sent, or eta)
-        self._started: Dict[str, float] = {}     # task id -> monotonic start
+        self._sent: Dict[str, Optional[int]] = {}   # task id -> when it became due (sent, or eta), epoch µs
+        self._started: Dict[str, int] = {}          # task id -> monotonic start, µs
 
     def subscribe(self, hooks: "Hooks") -> None:
         hooks.on("task_received", self._received)
@@ -62,37 +69,39 @@ class TaskEvents:
         hooks.on("message_dead_lettered", self._dead)
 
     def _event(self, kind: str, task_id: Optional[str], name: Optional[str], **fields: Any) -> None:
-        fields.update(type=kind, uuid=task_id, name=name, worker=self.worker, timestamp=time.time())
+        fields.update(type=kind, uuid=task_id, name=name, worker=self.worker, timestamp=time_ns() // 1000)
         self.outbox.append(fields)
 
     def _short(self, kind: str, task_id: str, name: str, key: str, value: Any) -> None:
         """The hot path (started, succeeded): one field beside the common ones."""
         self.outbox.append({"type": kind, "uuid": task_id, "name": name, "worker": self.worker,
-                            "timestamp": time.time(), key: value})
+                            "timestamp": time_ns() // 1000, key: value})
 
-    def _runtime(self, task_id: str) -> Optional[float]:
+    def _runtime(self, task_id: str) -> Optional[int]:
         start = self._started.pop(task_id, None)
-        return time.monotonic() - start if start is not None else None
+        return monotonic_ns() // 1000 - start if start is not None else None
 
     # -- subscribers -------------------------------------------------------------
     def _received(self, job: Any) -> None:
         msg = job.msg
-        self._sent[msg.id] = max(msg.created or 0.0, msg.eta or 0.0) if msg.eta else (msg.created or 0.0)
+        sent = int(msg.created * 1e6) if msg.created else None
+        self._sent[msg.id] = max(sent or 0, int(msg.eta * 1e6)) if msg.eta else sent
         event = {"type": "task-received", "uuid": msg.id, "name": msg.task, "worker": self.worker,
-                 "timestamp": time.time(), "args": short_repr(msg.args), "queue": job.delivery.queue,
-                 "sent": msg.created}
+                 "timestamp": time_ns() // 1000, "args": short_repr(msg.args), "queue": job.delivery.queue,
+                 "sent": sent}
         if msg.kwargs:                        # fields at their default are left out: smaller batches
             event["kwargs"] = short_repr(msg.kwargs)
         if msg.retries:
             event["retries"] = msg.retries
         if msg.eta:
-            event["eta"] = msg.eta
+            event["eta"] = int(msg.eta * 1e6)
         self.outbox.append(event)
 
     def _prerun(self, task: Any, request: Any) -> None:
-        self._started[request.id] = time.monotonic()
+        self._started[request.id] = monotonic_ns() // 1000
         due = self._sent.pop(request.id, None)
-        self._short("task-started", request.id, task.name, "queue_wait", time.time() - due if due else None)
+        self._short("task-started", request.id, task.name, "queue_wait",
+                    max(0, time_ns() // 1000 - due) if due else None)
 
     def _success(self, task: Any, request: Any, retval: Any) -> None:
         self._short("task-succeeded", request.id, task.name, "runtime", self._runtime(request.id))

@@ -133,7 +133,7 @@ class ControlAgent:
 
     def _event(self, kind: str) -> None:
         info = worker_info(self)
-        info.update(type=kind, timestamp=time.time(), freq=HEARTBEAT_INTERVAL, boot=self._boot)
+        info.update(type=kind, timestamp=time.time_ns() // 1000, freq=HEARTBEAT_INTERVAL, boot=self._boot)
         self.outbox.append(info)
 
     def _flush(self, transport: Transport) -> None:
