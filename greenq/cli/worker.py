@@ -98,7 +98,8 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     if supervised and not args.child:
         from ..worker.supervisor import Supervisor
         return Supervisor(argv if argv is not None else sys.argv[1:], w["processes"],
-                          w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds).run()
+                          w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds,
+                          http=w["http"]).run()
     try:
         app = load_app(args.app, cfg)
     except ConfigError as exc:

@@ -19,6 +19,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Optional
 
 from ..metrics import TaskMetrics
+from .children_http import write_port
 
 log = logging.getLogger("greenq.monitor")
 
@@ -165,9 +166,13 @@ class Monitor:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = HTTPServer((host or "127.0.0.1", int(port)), Handler)
+        if self.heartbeat_file:    # a --processes child: the supervisor serves HOST:PORT for all
+            self._server = HTTPServer(("127.0.0.1", 0), Handler)
+            write_port(self.heartbeat_file, self._server.server_address[1])
+        else:
+            self._server = HTTPServer((host or "127.0.0.1", int(port)), Handler)
+            log.info("serving /metrics and /healthz on %s", self.http)
         self._server.timeout = 0.5
-        log.info("serving /metrics and /healthz on %s", self.http)
 
         def serve() -> None:
             while self._running:

@@ -8,6 +8,9 @@ every second; when the file is older than ``lease_seconds`` (the moment other
 workers may take its messages anyway) the supervisor kills the child with
 SIGKILL and starts a new one.  Its unfinished messages come back to the queue
 as their leases expire (RabbitMQ: at once).
+
+With ``--http HOST:PORT`` the supervisor serves one /metrics and /healthz
+for every child (children_http.py).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import tempfile
 import time
 from typing import Any, List, Optional
 
+from .children_http import ChildrenEndpoint
 from .monitor import HEARTBEAT_ENV
 
 log = logging.getLogger("greenq.supervisor")
@@ -45,7 +49,7 @@ class Child:
 
 class Supervisor:
     def __init__(self, argv: List[str], processes: int, max_memory_mib: int, driver: Any,
-                 stuck_after: float = 30.0) -> None:
+                 stuck_after: float = 30.0, http: str = "") -> None:
         self.argv = [a for a in argv if a != "--child"]
         self.processes = processes
         self.max_memory = max_memory_mib * 1024 * 1024
@@ -55,6 +59,10 @@ class Supervisor:
         self.stopping = 0
         self.burst = "--burst" in argv
         self._dir = tempfile.mkdtemp(prefix="greenq-supervisor-")
+        self.endpoint = (ChildrenEndpoint(http, self._slots, driver) if http else None)
+
+    def _slots(self) -> List["tuple[int, str]"]:
+        return [(i, c.heartbeat) for i, c in enumerate(self.children) if c is not None]
 
     def _stop(self, cold: bool = False) -> None:
         self.stopping = 2 if (cold or self.stopping) else 1
@@ -67,6 +75,15 @@ class Supervisor:
             self.driver.install_signal(signum, self._stop)
         self.driver.install_signal(signal.SIGQUIT, lambda: self._stop(cold=True))
         self.children = [Child(self.argv, self._dir, i) for i in range(self.processes)]
+        if self.endpoint is not None:
+            self.endpoint.start()
+        try:
+            return self._watch()
+        finally:
+            if self.endpoint is not None:
+                self.endpoint.stop()
+
+    def _watch(self) -> int:
         log.info("supervisor %d: started %d worker process(es)", os.getpid(), self.processes)
         worst = 0
         while True:

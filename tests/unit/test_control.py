@@ -86,3 +86,14 @@ def test_fleet_state_from_events():
     assert state.task("t1")["runtime"] == 0.5 and state.task("nope") is None
     state.apply([{"type": "worker-offline", "worker": "w2", "timestamp": now[0]}, {"type": 3}, "junk"])
     assert {w["name"]: w["online"] for w in state.worker_list()} == {"w1": False, "w2": False}
+
+
+def test_children_metrics_merge_into_one_exposition():
+    from greenq.worker.children_http import merge
+    text = ('# HELP x_total X\n# TYPE x_total counter\nx_total 3\n'
+            '# HELP h H\n# TYPE h histogram\nh_bucket{task="t",le="1.0"} 2\nh_count{task="t"} 2\n')
+    lines = merge([(0, text), (1, text.replace(" 3", " 4"))]).splitlines()
+    assert lines == ["# HELP x_total X", "# TYPE x_total counter", 'x_total{child="0"} 3', 'x_total{child="1"} 4',
+                     "# HELP h H", "# TYPE h histogram",
+                     'h_bucket{child="0",task="t",le="1.0"} 2', 'h_count{child="0",task="t"} 2',
+                     'h_bucket{child="1",task="t",le="1.0"} 2', 'h_count{child="1",task="t"} 2']
