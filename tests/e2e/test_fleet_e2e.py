@@ -75,7 +75,8 @@ def test_every_inspect_and_control_command(any_env, pool):
     # a revoked task is reported by the worker that dropped it
     task_id = uuid.uuid4().hex
     app.control_revoke(task_id)
-    revoked = e2e_tasks.add.apply_async((1, 1), task_id=task_id)
+    # (due in 1 s: rpc:// workers learn revocations from a stream of their own, asynchronously)
+    revoked = e2e_tasks.add.apply_async((1, 1), task_id=task_id, countdown=1)
     with pytest.raises(Exception):
         revoked.get(timeout=20)
     assert revoked.state == "REVOKED"
