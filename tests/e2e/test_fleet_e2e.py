@@ -3,9 +3,11 @@ heartbeats, every ``greenq inspect`` and ``greenq control`` command, events."""
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 
@@ -103,39 +105,64 @@ def test_no_reply_exits_1_and_ping_of_an_absent_worker(sqlite_env):
     assert done.returncode == 1 and "no worker replied within 0.3 s" in done.stderr
 
 
+class EventReader:
+    """``greenq events --json`` in a subprocess; its lines are read by a thread."""
+
+    def __init__(self, env) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "greenq.cli", "events", "--json", "--timeout", "120"],
+                                     cwd=env.tmp, env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        env.procs.append(self.proc)
+        self.events: "queue.Queue[dict]" = queue.Queue()
+        self.seen: list = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.strip():
+                self.events.put(json.loads(line))
+
+    def wait_for(self, match, what: str, timeout: float = 30) -> dict:
+        """The first event read so far, or within ``timeout``, for which ``match(event)`` is true."""
+        for event in self.seen:
+            if match(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                event = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                seen = [(e.get("type"), e.get("worker"), e.get("uuid")) for e in self.seen]
+                raise AssertionError(f"no {what} event within {timeout} s; saw {seen}") from None
+            self.seen.append(event)
+            if match(event):
+                return event
+
+
 def test_events_and_heartbeats(any_env, pool):
-    """``greenq events --json`` sees the worker come online, beat, run tasks
-    (received, started, succeeded, failed, with runtimes) and go offline."""
+    """``greenq events --json`` sees the worker beat, run tasks (received,
+    started, succeeded, failed, with runtimes) and go offline."""
     import e2e_tasks
     env = any_env
     env.app()
-    reader = subprocess.Popen([sys.executable, "-m", "greenq.cli", "events", "--json", "--timeout", "60"],
-                              cwd=env.tmp, env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-    env.procs.append(reader)
-    time.sleep(1.0)     # the reader subscribes (RabbitMQ: events are for connected readers only)
     worker = env.worker(pool, "-n", "ev1", "-E", burst=False)
-    _wait_for(env, ["ev1"])
+    reader = EventReader(env)
+    # a heartbeat also proves the reader is subscribed (RabbitMQ: events are for connected readers only)
+    beat = reader.wait_for(lambda e: e["type"] == "worker-heartbeat" and e["worker"] == "ev1", "heartbeat")
+    assert beat["pool"] == pool and beat["freq"] == 2.0 and beat["rss"] > 0
+    assert abs(beat["timestamp"] - time.time()) < 60          # seconds again, not microseconds
     ok = e2e_tasks.add.delay(1, 2)
     bad = e2e_tasks.fail.delay("boom")
     assert ok.get(timeout=20) == 3
     bad.get(timeout=20, propagate=False)
-    time.sleep(2.5)     # the next batch and a heartbeat
+    for kind in ("task-received", "task-started", "task-succeeded"):
+        event = reader.wait_for(lambda e: e["type"] == kind and e["uuid"] == ok.id, kind)
+        assert event["name"] == "e2e.add" and event["worker"] == "ev1"
+    assert event["runtime"] >= 0
+    failed = reader.wait_for(lambda e: e["type"] == "task-failed" and e["uuid"] == bad.id, "task-failed")
+    assert "KeyError" in failed["exception"] and "Traceback" in failed["traceback"]
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=30) == 0
-    time.sleep(1.0)
-    reader.send_signal(signal.SIGINT)
-    out, err = reader.communicate(timeout=20)
-    events = [json.loads(line) for line in out.splitlines() if line.strip()]
-    kinds = [(e["type"], e.get("uuid")) for e in events if e.get("worker") == "ev1"]
-    assert ("worker-online", None) in kinds and ("worker-heartbeat", None) in kinds, kinds
-    assert ("worker-offline", None) in kinds, kinds
-    for kind in ("task-received", "task-started", "task-succeeded"):
-        assert (kind, ok.id) in kinds, (kind, kinds)
-    assert ("task-failed", bad.id) in kinds
-    failed = next(e for e in events if e["type"] == "task-failed")
-    assert "KeyError" in failed["exception"] and "Traceback" in failed["traceback"]
-    done = next(e for e in events if e["type"] == "task-succeeded")
-    assert done["runtime"] >= 0 and done["name"] == "e2e.add"
-    beat = next(e for e in events if e["type"] == "worker-heartbeat")
-    assert beat["pool"] == pool and beat["freq"] == 2.0 and beat["rss"] > 0
+    reader.wait_for(lambda e: e["type"] == "worker-offline" and e["worker"] == "ev1", "worker-offline")
+    reader.proc.send_signal(signal.SIGINT)
+    reader.proc.wait(timeout=20)
