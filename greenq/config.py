@@ -69,6 +69,12 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "http": Setting("hostport", "", "host:port for /metrics and /healthz; empty = off"),
         "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off"),
         "track_started": Setting("bool", False, "store STARTED when a task begins (one more write per task)"),
+        "events": Setting("bool", False, "send task events (-E), batched, for greenq events and the dashboard"),
+        "control": Setting("bool", True, "answer inspect/control commands and send heartbeats"),
+    },
+    "dashboard": {
+        "http": Setting("hostport", "127.0.0.1:5555", "host:port greenq dashboard serves on"),
+        "auth": Setting("str", "", "USER:PASSWORD for HTTP basic auth; empty = none"),
     },
     "redis": {
         "max_connections": Setting("int", 0, "connection pool size per process; 0 = automatic: up to 10 "
@@ -353,6 +359,8 @@ class Config:
     def _display(key: str, value: Any) -> Any:
         if key == "signing_key" and value:
             return "***"
+        if key == "auth" and value:
+            return value.partition(":")[0] + ":***"
         if isinstance(value, str) and (key.endswith("_url") or key == "result_backend"):
             return mask_url(value)
         return value

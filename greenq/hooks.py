@@ -34,8 +34,9 @@ log = logging.getLogger("greenq.hooks")
 
 PUBLIC_HOOKS = ("worker_process_init", "worker_shutdown", "task_prerun", "task_postrun",
                 "task_success", "task_failure", "task_retry")
-#: worker-only events: (count) messages fetched; (job) revoked or expired; (job, reason) dead-lettered
-INTERNAL_HOOKS = ("messages_received", "task_revoked", "message_dead_lettered")
+#: worker-only events: (count) messages fetched; (job) accepted to run; (job) revoked or expired;
+#: (job, reason) dead-lettered
+INTERNAL_HOOKS = ("messages_received", "task_received", "task_revoked", "message_dead_lettered")
 
 Subscriber = Callable[..., Any]
 

@@ -237,7 +237,7 @@ class AMQPLease(Lease):
         self.channel.queue_declare(self.state_queue, durable=True, auto_delete=False)
 
     def _drop(self) -> None:
-        from .brokers.amqp_common import close_quietly
+        from .brokers.amqp_adapter import close_quietly
         close_quietly(self.conn)
         self.conn = self.channel = None
         self.held = False

@@ -28,8 +28,7 @@ from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Se
                           declare_base, declare_delays, declare_queue, delay_route, describe,
                           open_connection)
 from .amqp_meta import as_bytes
-from .amqp_wire import (content_frames, encode_properties, method_frame,  # noqa: F401 (readable_header:
-                        readable_header, task_properties)                   # for tests importing it here)
+from .amqp_wire import content_frames, encode_properties, method_frame, task_properties
 from .base import Outgoing
 
 log = logging.getLogger("greenq.amqp")

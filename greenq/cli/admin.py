@@ -16,6 +16,8 @@ from typing import Any, List, Optional
 from .. import config as config_module
 from ..exceptions import ConfigError, GreenQError
 from . import beat as beat_cli
+from . import dashboard
+from . import inspect as fleet
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
 from .listing import print_queues
 
@@ -93,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     cf.add_argument("action", choices=("check", "show"),
                     help="check: validate the file, environment and app; show: print every value")
     _json_flag(cf)
+
+    fleet.add_parsers(sub)
+    dashboard.add_parser(sub)
 
     dm = sub.add_parser("demo", help="run the demo: a gevent worker drains I/O-bound tasks")
     dm.add_argument("-n", type=int, default=5000, help="tasks to enqueue (default 5000)")
@@ -309,4 +314,5 @@ def cmd_config(args: argparse.Namespace, cfg: config_module.Config) -> int:
 
 
 COMMANDS = {"call": cmd_call, "result": cmd_result, "revoke": cmd_revoke, "queues": cmd_queues,
-            "purge": cmd_purge, "dlq": cmd_dlq, "beat": beat_cli.cmd_beat}
+            "purge": cmd_purge, "dlq": cmd_dlq, "beat": beat_cli.cmd_beat, **fleet.COMMANDS,
+            **dashboard.COMMANDS}

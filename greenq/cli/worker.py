@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds the hub may block before a warning with the stack (0 = off)")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
     p.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
+    p.add_argument("-n", "--name", metavar="NAME", help="worker name (%%h = host, %%p = pid); "
+                   "default <hostname>.<pid>")
+    p.add_argument("-E", "--events", action="store_const", const=True, help="send task events")
+    p.add_argument("--without-control", action="store_const", const=False, dest="control",
+                   help="no heartbeats, no inspect/control answers")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     return p
 
@@ -64,6 +69,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         (w, "max_memory_per_child"): args.max_memory_per_child,
         (w, "shutdown_timeout"): args.shutdown_timeout,
         (w, "blocking_threshold"): args.blocking_threshold,
+        (w, "events"): args.events, (w, "control"): args.control,
     }
 
 
@@ -87,6 +93,16 @@ def banner(app: Any, pool: str, pool_source: str) -> str:
             parts.append("acks_late=False")
         lines.append(f"    {task.name} [{', '.join(parts)}]")
     return "\n".join(lines)
+
+
+def child_name(name: Optional[str]) -> Optional[str]:
+    """``-n NAME`` under ``--processes``: one name per child, ``NAME-<index>``
+    (the index is the supervisor's slot, so a replacement keeps its name)."""
+    if not name:
+        return None                  # <hostname>.<pid> differs per child already
+    from ..worker.monitor import HEARTBEAT_ENV
+    slot = os.path.basename(os.environ.get(HEARTBEAT_ENV, "")).rpartition("-")[2]
+    return f"{name}-{slot}" if slot.isdigit() else f"{name}-%p"
 
 
 def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
@@ -130,7 +146,8 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
                         concurrency=app.config.worker["concurrency"],
                         prefetch=app.config.worker["prefetch"], burst=args.burst,
                         shutdown_timeout=app.config.worker["shutdown_timeout"],
-                        max_tasks=app.config.worker["max_tasks_per_child"])
+                        max_tasks=app.config.worker["max_tasks_per_child"],
+                        name=child_name(args.name) if args.child else args.name)
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE

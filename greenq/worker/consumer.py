@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from ..brokers.base import Delivery
 from ..config import effective_prefetch
+from ..control.agent import ControlAgent, worker_name
 from ..exceptions import MessageError
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
@@ -52,7 +53,7 @@ class Worker:
 
     def __init__(self, app: "GreenQ", driver: "Driver", *, queues: Sequence[str], concurrency: int,
                  prefetch: int = 0, burst: bool = False, shutdown_timeout: float = 30.0,
-                 fetch_timeout: float = 1.0, max_tasks: int = 0) -> None:
+                 fetch_timeout: float = 1.0, max_tasks: int = 0, name: Optional[str] = None) -> None:
         self.app = app
         self.driver = driver
         app.set_driver(driver)
@@ -82,11 +83,15 @@ class Worker:
         self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
         self.stats.subscribe(self.hooks)
         tasks = list(app.tasks.values())
+        self.rate_limiter: Optional[RateLimiter] = None
         if any(t.option("rate_limit") for t in tasks):          # subscribers cost per task:
-            self.hooks.on("task_prerun", RateLimiter(self))     # only when some task needs them
+            self.limit_rates()                                  # only when some task needs them
         started = StartedRecorder(self)
         if started.default or any(t.option("track_started") for t in tasks):
             self.hooks.on("task_prerun", started)
+        self.name = worker_name(name)
+        self.control = (ControlAgent(self, self.name, events=self.config.worker["events"])
+                        if self.config.worker["control"] else None)
         self.hooks.extend(app.hooks)             # the app's hooks run after the worker's own
         self.runners = Runners(self)
         self.settler = Settler(self)
@@ -108,10 +113,14 @@ class Worker:
         finisher = self.driver.spawn(self._guarded, "finisher", self.settler.loop)
         self.driver.spawn(self._guarded, "renewer", self._renewer)
         self.driver.spawn(self._guarded, "reaper", self.reaper.loop)
+        if self.control is not None:
+            self.control.start()
         try:
             self._guarded("consumer", self._consume)
         finally:
             self._shutdown(finisher)
+            if self.control is not None:
+                self.control.stop()
             self.hooks.emit("worker_shutdown", self)
         return self.exit_code
 
@@ -130,6 +139,13 @@ class Worker:
             self.broker.interrupt()
         except Exception:  # pragma: no cover - best effort
             pass
+
+    def limit_rates(self) -> None:
+        """Subscribe the rate limiter (at start, or when ``greenq control
+        rate-limit`` sets a first limit)."""
+        if self.rate_limiter is None:
+            self.rate_limiter = RateLimiter(self)
+            self.hooks.on("task_prerun", self.rate_limiter)
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of what others may read (the monitor, inspect)."""
@@ -225,10 +241,13 @@ class Worker:
         if not ready:
             return
         revoked = self.reaper.revoked(ready)
+        received = self.hooks.has("task_received")
         for job in ready:
             if job.msg.id in revoked:
                 self.finish(job, jobs.REVOKED, reason="revoked")
             else:
+                if received:
+                    self.hooks.emit("task_received", job)
                 self.runq.put(job)
 
     def _refusal(self, job: Job, now: float, max_deliveries: int, tasks: Dict[str, Any]) -> Optional[str]:

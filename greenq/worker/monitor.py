@@ -4,7 +4,8 @@ Blocking detection (green drivers, on by default): a greenlet on the hub
 records a heartbeat every ``threshold / 5`` seconds; a real OS thread, which
 a stuck hub cannot stop, notices when the heartbeat is older than
 ``threshold`` and logs the blocking task, for how long, and its stack.  The
-count and total blocked time go to /metrics.
+count and total blocked time go to /metrics, beside the per-task metrics of
+greenq/metrics.py.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import time
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Callable, Dict, Optional
+
+from ..metrics import TaskMetrics
 
 log = logging.getLogger("greenq.monitor")
 
@@ -39,6 +42,9 @@ class Monitor:
         self._server: Optional[HTTPServer] = None
         self._hub_ident = self.driver.os_thread_ident()
         self.heartbeat_file = os.environ.get(HEARTBEAT_ENV)
+        self.task_metrics: Optional[TaskMetrics] = TaskMetrics.create() if http else None
+        if self.task_metrics is not None:
+            self.task_metrics.subscribe(worker.hooks)
 
     def start(self) -> None:
         self._running = True
@@ -134,7 +140,10 @@ class Monitor:
         metric("messages_held", "gauge", snap.held, "Messages leased to this worker")
         metric("concurrency", "gauge", snap.concurrency, "Task slots")
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
-        return "\n".join(lines) + "\n"
+        text = "\n".join(lines) + "\n"
+        if self.task_metrics is not None:      # per task name, and the queues' depths
+            text += self.task_metrics.render(w.broker, list(w.queues))
+        return text
 
     def _serve(self) -> None:
         address = "127.0.0.1:0" if self.port_file else self.http

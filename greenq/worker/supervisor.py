@@ -219,32 +219,43 @@ class Supervisor:
         return (200 if ok else 503), json.dumps(doc), "application/json"
 
     def _metrics(self) -> "tuple[int, str, str]":
-        """Every child's metrics summed (counters and gauges alike), plus the process counts."""
-        totals: Dict[str, float] = {}
-        comments: List[str] = []
-        for _, status, body in self._scrape("/metrics"):
-            if status != 200:
-                continue
-            for line in body.splitlines():
-                if line.startswith("#"):
-                    if line not in comments:
-                        comments.append(line)
-                elif line.strip():
-                    name, _, value = line.rpartition(" ")
-                    totals[name] = totals.get(name, 0.0) + float(value)
-        lines = []
-        for comment in comments:
-            lines.append(comment)
-            if comment.startswith("# TYPE "):
-                name = comment.split()[2]
-                if name in totals:
-                    lines.append(f"{name} {totals[name]:g}")
-        lines += ["# HELP greenq_processes Worker processes configured",
-                  "# TYPE greenq_processes gauge", f"greenq_processes {self.processes}",
-                  "# HELP greenq_processes_alive Worker processes running",
-                  "# TYPE greenq_processes_alive gauge",
-                  f"greenq_processes_alive {sum(1 for c in self.children if c and c.proc.poll() is None)}"]
-        return 200, "\n".join(lines) + "\n", METRICS_TYPE
+        """Every child's metrics as one exposition (each sample labelled
+        ``child="<slot>"``, so per-task series and histograms stay whole),
+        plus the process counts."""
+        text = merge([(index, body) for index, status, body in self._scrape("/metrics") if status == 200])
+        alive = sum(1 for c in self.children if c and c.proc.poll() is None)
+        text += "\n".join(["# HELP greenq_processes Worker processes configured",
+                           "# TYPE greenq_processes gauge", f"greenq_processes {self.processes}",
+                           "# HELP greenq_processes_alive Worker processes running",
+                           "# TYPE greenq_processes_alive gauge", f"greenq_processes_alive {alive}"]) + "\n"
+        return 200, text, METRICS_TYPE
+
+
+def merge(texts: List[Tuple[int, str]]) -> str:
+    """Prometheus text from several children as one exposition: each family's
+    HELP and TYPE once, then its samples from every child, labelled by slot."""
+    families: Dict[str, Dict[str, Any]] = {}
+    for slot, text in texts:
+        family: Optional[Dict[str, Any]] = None
+        for line in text.splitlines():
+            if line.startswith("# HELP ") or line.startswith("# TYPE "):
+                name = line.split(" ", 3)[2]
+                family = families.setdefault(name, {"help": None, "type": None, "samples": []})
+                family["help" if line.startswith("# HELP") else "type"] = line
+            elif line and not line.startswith("#") and family is not None:
+                family["samples"].append(_labelled(line, slot))
+    out = []
+    for family in families.values():
+        out.extend(x for x in (family["help"], family["type"]) if x)
+        out.extend(family["samples"])
+    return "\n".join(out) + "\n"
+
+
+def _labelled(sample: str, slot: int) -> str:
+    name_end = min((i for i in (sample.find("{"), sample.find(" ")) if i >= 0), default=len(sample))
+    if sample[name_end:name_end + 1] == "{":
+        return f'{sample[:name_end]}{{child="{slot}",{sample[name_end + 1:]}'
+    return f'{sample[:name_end]}{{child="{slot}"}}{sample[name_end:]}'
 
 
 def _rss(pid: int) -> int:

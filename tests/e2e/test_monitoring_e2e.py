@@ -44,9 +44,47 @@ def test_healthz_and_metrics(pool, sqlite_env):
     assert health["status"] == "ok" and health["broker_healthy"] is True
     metrics = _get(port, "/metrics")
     assert "greenq_tasks_succeeded_total 5" in metrics and "greenq_up 1" in metrics
+    assert 'greenq_task_outcomes_total{outcome="succeeded",task="e2e.add"} 5.0' in metrics, metrics
+    assert 'greenq_task_runtime_seconds_count{task="e2e.add"} 5.0' in metrics
+    assert 'greenq_task_queue_wait_seconds_count{task="e2e.add"} 5.0' in metrics
+    assert 'greenq_queue_messages{queue="default",state="ready"} 0.0' in metrics
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
+
+
+def test_one_metrics_endpoint_for_every_child(pool, sqlite_env):
+    """--processes 2 --http: the supervisor serves one endpoint merging both children."""
+    import e2e_tasks
+    sqlite_env.app()
+    port = _free_port()
+    results = [e2e_tasks.add.delay(i, 1) for i in range(6)]
+    proc = sqlite_env.worker(pool, "--processes", "2", "-c", "2", "--http", f"127.0.0.1:{port}", burst=False)
+    assert sorted(r.get(timeout=30) for r in results) == [1, 2, 3, 4, 5, 6]
+    deadline = time.monotonic() + 20
+    while True:       # both children up and answering
+        try:
+            health = json.loads(_get(port, "/healthz"))
+            if {str(child.get("slot")) for child in health["children"]} == {"0", "1"}:
+                break
+        except urllib.error.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the children never answered /healthz"
+        time.sleep(0.2)
+    assert health["status"] == "ok", health
+    metrics = _get(port, "/metrics")
+    counts = {child: 0.0 for child in ("0", "1")}
+    for line in metrics.splitlines():
+        for child in counts:
+            if line.startswith(f'greenq_tasks_succeeded_total{{child="{child}"}} '):
+                counts[child] = float(line.split()[-1])
+    assert sum(counts.values()) == 6, metrics
+    assert metrics.count("# TYPE greenq_tasks_succeeded_total counter") == 1
+    assert 'greenq_up{child="0"} 1' in metrics and 'greenq_up{child="1"} 1' in metrics
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "Address already in use" not in out
 
 
 def _get(port: int, path: str) -> str:

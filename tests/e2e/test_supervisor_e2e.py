@@ -87,6 +87,12 @@ def _get(url: str) -> "tuple[int, str]":
         return exc.code, exc.read().decode()
 
 
+def _total(metrics: str, name: str) -> float:
+    """The sum over children of one metric (samples labelled child="N")."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith(name + '{child="'))
+
+
 def test_one_http_endpoint_serves_every_child(pool, sqlite_env):
     import e2e_tasks
     app = sqlite_env.app()
@@ -103,8 +109,9 @@ def test_one_http_endpoint_serves_every_child(pool, sqlite_env):
         except OSError:
             status, metrics = 0, ""
         if status == 200 and "greenq_processes_alive 2" in metrics and \
-                "greenq_tasks_succeeded_total 12" in metrics and "greenq_concurrency 4" in metrics:
-            break   # two children of two slots each, summed
+                _total(metrics, "greenq_tasks_succeeded_total") == 12 and \
+                _total(metrics, "greenq_concurrency") == 4:
+            break   # two children of two slots each, labelled child="0" and child="1"
         assert time.monotonic() < deadline, (metrics, sqlite_env.dump())
         time.sleep(0.1)
     assert metrics.count("# TYPE greenq_tasks_succeeded_total counter") == 1

@@ -274,7 +274,8 @@ def test_publish_frames_and_properties_are_py_amqps():
     from amqp import spec
     from amqp.method_framing import frame_writer
     from amqp.serialization import dumps
-    from greenq.brokers.amqp_publish import encode_properties, publish_frames, task_properties
+    from greenq.brokers.amqp_publish import publish_frames
+    from greenq.brokers.amqp_wire import encode_properties, task_properties
 
     cases = [{"message_id": "abc", "delivery_mode": 2},
              {"message_id": "abc\u00e9", "delivery_mode": 2, "priority": 9,

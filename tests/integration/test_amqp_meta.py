@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from greenq.brokers.amqp_meta import MAX_COUNT, read_dead_letter, read_meta, read_properties
-from greenq.brokers.amqp_publish import encode_properties, readable_header
+from greenq.brokers.amqp_wire import encode_properties, readable_header
 
 HEADER_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 63 - 1) | st.floats(allow_nan=True)

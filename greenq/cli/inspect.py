@@ -1,0 +1,154 @@
+"""``greenq inspect``, ``greenq control`` and ``greenq events``: the fleet's
+control plane from the command line (greenq/control/)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List
+
+from ..exceptions import BrokerError, GreenQError
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+
+INSPECT = ("ping", "active", "reserved", "scheduled", "stats", "registered", "revoked")
+#: control command -> (its arguments, in order)
+CONTROL = {"shutdown": (), "pool-grow": ("n",), "pool-shrink": ("n",), "rate-limit": ("task", "rate"),
+           "add-consumer": ("queue",), "cancel-consumer": ("queue",)}
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the three commands to the admin tool's subparsers."""
+    i = sub.add_parser("inspect", help="ask the workers what they are doing")
+    i.add_argument("what", choices=INSPECT)
+    _common(i)
+    c = sub.add_parser("control", help="steer the workers without a restart")
+    c.add_argument("what", choices=tuple(CONTROL))
+    c.add_argument("params", nargs="*", metavar="ARG", help="N | TASK RATE | QUEUE")
+    _common(c)
+    e = sub.add_parser("events", help="print worker and task events as they happen")
+    e.add_argument("--json", action="store_true", help="one JSON document per line")
+    e.add_argument("--limit", type=int, default=0, metavar="N", help="stop after N events")
+    e.add_argument("--timeout", type=float, default=0, metavar="S", help="stop after S seconds")
+    e.add_argument("--no-heartbeats", action="store_true", help="leave out worker-heartbeat events")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-d", "--destination", metavar="WORKER", action="append",
+                   help="only this worker (repeat, or comma-separate, for several)")
+    p.add_argument("--timeout", type=float, default=1.0, metavar="S", help="seconds to gather replies")
+    p.add_argument("--json", action="store_true", help="one JSON document: {worker: reply}")
+
+
+def _destination(args: argparse.Namespace) -> List[str]:
+    return [name.strip() for value in args.destination or () for name in value.split(",") if name.strip()]
+
+
+def _call(app: Any, command: str, params: Dict[str, Any], args: argparse.Namespace) -> List[Dict[str, Any]]:
+    from ..control.client import Control
+    control = Control(app)
+    try:
+        return control.call(command, params, _destination(args) or None, args.timeout)
+    except GreenQError:
+        raise
+    except Exception as exc:          # the broker library's own errors: the broker is away
+        raise BrokerError(f"the control plane cannot reach the broker: {type(exc).__name__}: {exc}") from None
+    finally:
+        control.close()
+
+
+def _print(replies: List[Dict[str, Any]], args: argparse.Namespace, what: str) -> int:
+    if args.json:
+        print(json.dumps({r["worker"]: r.get("ok") if "ok" in r else {"error": r.get("error")}
+                          for r in replies}, indent=2, default=repr))
+    else:
+        for r in replies:
+            if "error" in r:
+                print(f"{r['worker']}: error: {r['error']}")
+            else:
+                print(f"{r['worker']}: {_human(what, r.get('ok'))}")
+    if not replies:
+        sys.stderr.write(f"greenq: no worker replied within {args.timeout:g} s\n")
+        return EXIT_FAILURE
+    return EXIT_OK if all("ok" in r for r in replies) else EXIT_FAILURE
+
+
+def _human(what: str, value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        if not value:
+            return "(none)"
+        lines = []
+        for item in value:
+            if isinstance(item, dict):
+                lines.append(f"  {item.get('id')} {item.get('name')} args={json.dumps(item.get('args'), default=repr)}"
+                             f" kwargs={json.dumps(item.get('kwargs'), default=repr)}")
+            else:
+                lines.append(f"  {item}")
+        return f"{len(value)}\n" + "\n".join(lines)
+    if isinstance(value, dict):
+        return "\n" + "\n".join(f"  {k}: {json.dumps(v, default=repr)}" for k, v in value.items())
+    return json.dumps(value, default=repr)
+
+
+def cmd_inspect(args: argparse.Namespace, app: Any) -> int:
+    return _print(_call(app, args.what, {}, args), args, args.what)
+
+
+def cmd_control(args: argparse.Namespace, app: Any) -> int:
+    names = CONTROL[args.what]
+    if len(args.params) != len(names):
+        wanted = " ".join(n.upper() for n in names) or "no argument"
+        sys.stderr.write(f"greenq: error: control {args.what} takes {wanted}\n")
+        return EXIT_USAGE
+    params: Dict[str, Any] = dict(zip(names, args.params))
+    if "n" in params:
+        if not params["n"].isdigit() or int(params["n"]) < 1:
+            sys.stderr.write(f"greenq: error: control {args.what} N: expected a whole number >= 1\n")
+            return EXIT_USAGE
+        params["n"] = int(params["n"])
+    return _print(_call(app, args.what.replace("-", "_"), params, args), args, args.what)
+
+
+def cmd_events(args: argparse.Namespace, app: Any) -> int:
+    from ..control.client import Control
+    control = Control(app)
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    seen = 0
+    try:
+        for batch in control.events(poll=0.5):
+            for event in batch:
+                if args.no_heartbeats and event.get("type") == "worker-heartbeat":
+                    continue
+                print(json.dumps(event, default=repr) if args.json else format_event(event), flush=True)
+                seen += 1
+                if args.limit and seen >= args.limit:
+                    return EXIT_OK
+            if deadline is not None and time.monotonic() >= deadline:
+                return EXIT_OK
+    except GreenQError:
+        raise
+    except Exception as exc:
+        raise BrokerError(f"the control plane cannot reach the broker: {type(exc).__name__}: {exc}") from None
+    finally:
+        control.close()
+    return EXIT_OK
+
+
+def format_event(e: Dict[str, Any]) -> str:
+    """One line for people: time, type, worker, and the task or worker facts."""
+    when = time.strftime("%H:%M:%S", time.localtime(e.get("timestamp") or 0))
+    kind = e.get("type", "?")
+    if kind.startswith("worker-"):
+        detail = (f"pool={e.get('pool')} concurrency={e.get('concurrency')} running={e.get('running')} "
+                  f"processed={e.get('processed')} rss={(e.get('rss') or 0) // 1048576}MiB")
+    else:
+        detail = f"{e.get('name')}[{e.get('uuid')}]"
+        for key in ("args", "runtime", "queue_wait", "exception", "reason"):
+            if e.get(key) is not None:
+                detail += f" {key}={e[key]}"
+    return f"{when} {kind:<18} {e.get('worker')}: {detail}"
+
+
+COMMANDS = {"inspect": cmd_inspect, "control": cmd_control, "events": cmd_events}

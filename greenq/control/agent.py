@@ -1,0 +1,171 @@
+"""The worker's side of the control plane: one more guarded control greenlet.
+
+Its loop waits up to half a second for commands, answers them
+(greenq/control/commands.py), sends a heartbeat every ``HEARTBEAT_INTERVAL``
+seconds, and publishes the events waiting in the outbox in batches.  It never
+takes a task slot, so a full pool still answers; a broker outage makes it
+reconnect with a backoff and never stops the worker.
+
+A worker whose last heartbeat is older than ``OFFLINE_AFTER`` (three missed
+heartbeats) is offline.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
+
+from ..events import TaskEvents
+from ..exceptions import ConfigError
+from ..worker.jobs import describe
+from .base import Document, Transport, make_transport
+from .commands import COMMANDS, worker_info
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..worker.consumer import Worker
+
+log = logging.getLogger("greenq.control")
+
+HEARTBEAT_INTERVAL = 2.0
+OFFLINE_AFTER = 3 * HEARTBEAT_INTERVAL
+RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' batching period
+BATCH_MAX = 500                # events per broker call (and per stored batch)
+OUTBOX_MAX = 100000            # events kept while the broker is away (the oldest are dropped)
+REVOKED_KEPT = 10000
+
+
+def worker_name(name: Optional[str] = None) -> str:
+    """``-n NAME`` with ``%h`` (host name) and ``%p`` (pid) expanded, else ``<hostname>.<pid>``."""
+    host, pid = socket.gethostname(), str(os.getpid())
+    if not name:
+        return f"{host}.{pid}"
+    return name.replace("%h", host).replace("%p", pid)
+
+
+class ControlAgent:
+    """Answers control commands and sends heartbeats and events for one worker."""
+
+    def __init__(self, worker: "Worker", name: str, events: bool = False) -> None:
+        self.worker = worker
+        self.name = name
+        self.events_enabled = events
+        self.outbox: Deque[Dict[str, Any]] = deque(maxlen=OUTBOX_MAX)
+        self.revoked: Deque[str] = deque(maxlen=REVOKED_KEPT)
+        self.task_events: Optional[TaskEvents] = None
+        self.started: Dict[str, float] = {}          # task id -> epoch start, for inspect active
+        worker.hooks.on("task_revoked", self._note_revoked)
+        worker.hooks.on("task_prerun", self._note_start)
+        if events:
+            self.task_events = TaskEvents(self.outbox, name)
+            self.task_events.subscribe(worker.hooks)
+        self._closing = False
+        self._handle: Any = None
+        self._boot = uuid.uuid4().hex[:8]
+
+    def _note_revoked(self, job: Any) -> None:
+        self.revoked.append(job.id)
+
+    def _note_start(self, task: Any, request: Any) -> None:
+        self.started[request.id] = time.time()
+
+    def _prune_started(self) -> None:
+        """Forget the start times of tasks no longer running (every heartbeat,
+        rather than one more hook call per task)."""
+        running = {job.msg.id for job in list(self.worker.running.values()) if job.msg is not None}
+        self.started = {tid: t for tid, t in list(self.started.items()) if tid in running}
+
+    # -- lifetime ----------------------------------------------------------------
+    def start(self) -> None:
+        w = self.worker
+        self._handle = w.driver.spawn(w._guarded, "control plane", self.loop)
+
+    def stop(self) -> None:
+        """Send ``worker-offline`` and end the loop (the worker is stopping)."""
+        self._closing = True
+        if self._handle is not None:
+            self._handle.join(RECEIVE_WAIT + 5.0)
+
+    # -- the loop ----------------------------------------------------------------
+    def loop(self) -> None:
+        transport: Optional[Transport] = None
+        backoff = 0.5
+        next_beat = 0.0
+        while not self._closing:
+            try:
+                if transport is None:
+                    try:
+                        transport = make_transport(self.worker.config.broker_url, self.worker.config,
+                                                   self.worker.driver)
+                    except ConfigError as exc:     # a broker without a control plane: say so once
+                        log.warning("control plane off: %s", exc)
+                        return
+                    transport.listen(self.name)
+                    self._event("worker-online")
+                    log.info("control plane: listening as %s", self.name)
+                now = time.monotonic()
+                wait = max(0.0, min(RECEIVE_WAIT, next_beat - now))
+                for cmd in transport.receive(wait):
+                    self._answer(transport, cmd)
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + HEARTBEAT_INTERVAL
+                    self._prune_started()
+                    self._event("worker-heartbeat")
+                self._flush(transport)
+                backoff = 0.5
+            except Exception as exc:
+                log.warning("control plane: %s; reconnecting in %.1f s", describe(exc), backoff)
+                if transport is not None:
+                    transport.reset()
+                    transport = None
+                self.worker.driver.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+        if transport is not None:
+            self._event("worker-offline")
+            try:
+                self._flush(transport)
+            except Exception as exc:
+                log.warning("control plane: could not send worker-offline: %s", describe(exc))
+            transport.close()
+
+    def _event(self, kind: str) -> None:
+        info = worker_info(self)
+        info.update(type=kind, timestamp=time.time_ns() // 1000, freq=HEARTBEAT_INTERVAL, boot=self._boot)
+        self.outbox.append(info)
+
+    def _flush(self, transport: Transport) -> None:
+        outbox = self.outbox
+        while outbox:
+            batch = []
+            while outbox and len(batch) < BATCH_MAX:
+                batch.append(outbox.popleft())
+            try:
+                transport.send_events(batch)
+            except Exception:
+                outbox.extendleft(reversed(batch))    # sent again after the reconnect
+                raise
+
+    def _answer(self, transport: Transport, cmd: Document) -> None:
+        destination = cmd.get("destination")
+        if destination and self.name not in destination:
+            return
+        name = cmd.get("command")
+        handler = COMMANDS.get(name) if isinstance(name, str) else None
+        reply: Document = {"worker": self.name, "id": cmd.get("id")}
+        args = cmd.get("args") or {}
+        try:
+            if handler is None:
+                raise ValueError(f"unknown command {name!r}")
+            if not isinstance(args, dict):
+                raise ValueError("args must be an object")
+            reply["ok"] = handler(self, **args)
+        except Exception as exc:
+            reply["error"] = describe(exc)
+        log.info("control: %s%s -> %s", name, f" {args}" if args else "",
+                 "ok" if "ok" in reply else reply["error"])
+        reply_to = cmd.get("reply_to")
+        if isinstance(reply_to, str) and reply_to:
+            transport.reply(reply_to, reply)

@@ -1,0 +1,118 @@
+"""The control plane's transport interface, and the transport for a broker URL.
+
+A transport carries three kinds of JSON documents over the broker itself, on
+connections of its own (never the broker's consuming connection):
+
+* **commands**, broadcast to every worker: ``{"id", "command", "args",
+  "destination", "reply_to", "sent"}``.  ``destination`` is a list of worker
+  names, or None for all; each worker ignores commands not meant for it.
+* **replies**, sent by a worker to the ``reply_to`` of one command:
+  ``{"worker", "id", "ok"}`` or ``{"worker", "id", "error"}``.
+* **events**, published in batches: heartbeats (``worker-heartbeat``, every
+  2 s), ``worker-online``/``worker-offline`` and, with ``-E``, task events.
+
+One transport object is used by one greenlet or thread at a time: the
+worker's control greenlet, or one admin command.  Each broker kind has its own
+module (sqlite.py, redis.py, amqp.py, memory.py); docs/operations.md tells how
+each maps the three kinds onto the broker.
+"""
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from ..brokers import scheme_of
+from ..exceptions import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import Config
+    from ..drivers.base import Driver
+
+Document = Dict[str, Any]
+
+TRANSPORTS = {
+    "sqlite": ("greenq.control.sqlite", "SQLiteTransport"),
+    "redis": ("greenq.control.redis", "RedisTransport"),
+    "rediss": ("greenq.control.redis", "RedisTransport"),
+    "amqp": ("greenq.control.amqp", "AMQPTransport"),
+    "pyamqp": ("greenq.control.amqp", "AMQPTransport"),
+    "amqps": ("greenq.control.amqp", "AMQPTransport"),
+    "memory": ("greenq.control.memory", "MemoryTransport"),
+}
+
+
+def dumps(doc: Any) -> str:
+    """JSON of a command, reply or event; anything not JSON becomes its repr."""
+    return json.dumps(doc, default=repr, separators=(",", ":"))
+
+
+def loads(text: Any) -> Any:
+    """The document of a received body, or None when it is not JSON."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None
+
+
+class Transport:
+    """The control plane over one broker.  Every method may raise the broker
+    library's errors; the callers reconnect (``reset``) and go on."""
+
+    def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
+        self.url = url
+        self.config = config
+        self.driver = driver
+
+    # -- worker side -----------------------------------------------------------
+    def listen(self, name: str) -> None:
+        """Start receiving commands as worker ``name`` (commands sent before are not seen)."""
+        raise NotImplementedError
+
+    def receive(self, timeout: float) -> List[Document]:
+        """Commands that arrived, waiting up to ``timeout`` seconds for the first."""
+        raise NotImplementedError
+
+    def reply(self, reply_to: str, reply: Document) -> None:
+        raise NotImplementedError
+
+    def send_events(self, events: List[Document]) -> None:
+        """Publish a batch of events (one broker call where the broker allows)."""
+        raise NotImplementedError
+
+    # -- admin side ------------------------------------------------------------
+    def broadcast(self, command: Document) -> str:
+        """Send ``command`` to every worker; return its ``reply_to``, which this
+        transport listens on already (no reply can be missed)."""
+        raise NotImplementedError
+
+    def replies(self, reply_to: str, timeout: float) -> List[Document]:
+        """Replies that arrived, waiting up to ``timeout`` seconds for the first."""
+        raise NotImplementedError
+
+    def subscribe(self, history: int = 0) -> None:
+        """Start receiving events: the last ``history`` ones kept by the broker
+        (where it keeps any), then every new one."""
+        raise NotImplementedError
+
+    def events(self, timeout: float) -> List[Document]:
+        """Events that arrived, waiting up to ``timeout`` seconds for the first."""
+        raise NotImplementedError
+
+    # -- both --------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop the connection after an error; the next call reconnects."""
+
+    def close(self) -> None:
+        self.reset()
+
+
+def make_transport(url: str, config: "Config", driver: Optional["Driver"] = None) -> Transport:
+    """The transport for ``url`` (the broker URL).  Raises ConfigError for a
+    broker without one (Redis Cluster and Sentinel URLs, for now)."""
+    import importlib
+    scheme = scheme_of(url.split(";", 1)[0])
+    if scheme not in TRANSPORTS:
+        raise ConfigError(f"the control plane does not support {scheme}:// brokers yet; "
+                          f"use one of: {', '.join(s + '://' for s in TRANSPORTS)}")
+    module, name = TRANSPORTS[scheme]
+    return getattr(importlib.import_module(module), name)(url, config, driver)

@@ -1,0 +1,204 @@
+"""What a worker answers: the ``inspect`` and ``control`` commands.
+
+Each command is a function ``(agent, **args) -> JSON-able result``, run in the
+worker's control greenlet (outside the task pool, so a full pool still
+answers).  An exception becomes an ``error`` reply naming it.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Any, Callable, Dict, List
+
+from .. import __version__, validation
+from ..config import effective_prefetch, mask_url
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .agent import ControlAgent
+
+Command = Callable[..., Any]
+COMMANDS: Dict[str, Command] = {}
+
+
+def command(name: str) -> Callable[[Command], Command]:
+    def register(fn: Command) -> Command:
+        COMMANDS[name] = fn
+        return fn
+    return register
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def worker_info(agent: "ControlAgent") -> Dict[str, Any]:
+    """Who the worker is and what it does now: the heartbeat's payload and
+    the core of ``inspect stats``."""
+    w = agent.worker
+    snap = w.snapshot()
+    s = w.stats
+    return {
+        "worker": agent.name, "hostname": socket.gethostname(), "pid": os.getpid(),
+        "version": __version__, "pool": snap.pool, "concurrency": snap.concurrency,
+        "prefetch": snap.prefetch, "queues": snap.queues, "running": len(snap.running),
+        "held": snap.held, "processed": s.succeeded + s.failed, "received": s.received,
+        "succeeded": s.succeeded, "failed": s.failed, "retried": s.retried,
+        "dead_lettered": s.dead_lettered, "revoked": s.revoked, "rss": rss_bytes(),
+        "started": s.started, "uptime": round(time.time() - s.started, 3),
+        "stopping": bool(snap.stopping), "events": agent.events_enabled,
+    }
+
+
+def _held_not_running(agent: "ControlAgent") -> List[Dict[str, Any]]:
+    """The held messages no runner has started, decoded (inspect is rare: decoding is fine)."""
+    w = agent.worker
+    with w.lock:
+        running = {id(job.delivery) for job in w.running.values()}
+        held = [d for key, d in w.held.items() if key not in running]
+    out = []
+    for d in held:
+        try:
+            msg = w.codec.decode(d.body)
+        except Exception:
+            continue
+        out.append({"id": msg.id, "name": msg.task, "args": msg.args, "kwargs": msg.kwargs,
+                    "queue": d.queue, "eta": msg.eta, "priority": msg.priority})
+    return out
+
+
+# -- inspect -------------------------------------------------------------------
+@command("ping")
+def ping(agent: "ControlAgent") -> str:
+    return "pong"
+
+
+@command("active")
+def active(agent: "ControlAgent") -> List[Dict[str, Any]]:
+    return [{"id": t.id, "name": t.name, "args": t.args, "kwargs": t.kwargs,
+             "started": agent.started.get(t.id)}
+            for t in agent.worker.snapshot().running]
+
+
+@command("reserved")
+def reserved(agent: "ControlAgent") -> List[Dict[str, Any]]:
+    return _held_not_running(agent)
+
+
+@command("scheduled")
+def scheduled(agent: "ControlAgent") -> List[Dict[str, Any]]:
+    """Held messages with a future eta.  Delayed messages wait in the broker,
+    not in workers, so this is usually empty (``greenq queues`` counts them)."""
+    now = time.time()
+    return [m for m in _held_not_running(agent) if m["eta"] and m["eta"] > now]
+
+
+@command("stats")
+def stats(agent: "ControlAgent") -> Dict[str, Any]:
+    info = worker_info(agent)
+    w = agent.worker
+    info.update(broker=mask_url(w.config.broker_url), hub_blocked=w.stats.hub_blocked,
+                hub_blocked_seconds=round(w.stats.hub_blocked_seconds, 3),
+                max_tasks_per_child=w.max_tasks, shutdown_timeout=w.shutdown_timeout)
+    return info
+
+
+@command("registered")
+def registered(agent: "ControlAgent") -> List[str]:
+    return sorted(agent.worker.app.tasks)
+
+
+@command("revoked")
+def revoked(agent: "ControlAgent") -> List[str]:
+    return list(agent.revoked)
+
+
+# -- control -------------------------------------------------------------------
+@command("shutdown")
+def shutdown(agent: "ControlAgent") -> str:
+    agent.worker.request_stop()
+    return "warm shutdown started"
+
+
+def _resize(agent: "ControlAgent", concurrency: int) -> None:
+    from ..worker.consumer import FETCH_BATCH_MAX
+    w = agent.worker
+    w.concurrency = concurrency
+    w.prefetch = effective_prefetch(concurrency, w.config.worker["prefetch"])
+    w.batch = min(w.prefetch, FETCH_BATCH_MAX)
+    set_prefetch = getattr(w.broker, "set_prefetch", None)
+    if set_prefetch is not None:       # AMQP: basic_qos follows the pool
+        set_prefetch(w.prefetch)
+    w.room.set()
+
+
+def _count(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"expected a whole number >= 1, got {n!r}")
+    return n
+
+
+@command("pool_grow")
+def pool_grow(agent: "ControlAgent", n: int = 1) -> str:
+    w = agent.worker
+    n = _count(n)
+    if w.driver.name == "solo":
+        raise ValueError("the solo pool runs one task at a time; it cannot grow")
+    w.runners.start(n)
+    _resize(agent, w.concurrency + n)
+    return f"pool grown by {n} to {w.concurrency}"
+
+
+@command("pool_shrink")
+def pool_shrink(agent: "ControlAgent", n: int = 1) -> str:
+    """Retire ``n`` runners: each ends when it takes its retirement notice
+    from the run queue (after the messages already queued before it)."""
+    w = agent.worker
+    n = min(_count(n), w.concurrency - 1)
+    if n < 1:
+        raise ValueError(f"the pool has {w.concurrency} slot(s); it cannot shrink below 1")
+    _resize(agent, w.concurrency - n)
+    for _ in range(n):
+        w.runq.put(None)
+    return f"pool shrunk by {n} to {w.concurrency}"
+
+
+@command("rate_limit")
+def rate_limit(agent: "ControlAgent", task: str = "", rate: str = "") -> str:
+    """Set (``100/s``, ``6/m``) or remove (``0``, ``none``) a task's rate limit in this worker."""
+    w = agent.worker
+    if task not in w.app.tasks:
+        raise ValueError(f"unknown task {task!r}")
+    if str(rate).strip().lower() in ("", "0", "none", "off"):
+        w.config._tasks.setdefault(task, {})["rate_limit"] = None
+        return f"{task}: rate limit removed"
+    w.config.set(f"task:{task}", "rate_limit", rate, origin="greenq control rate-limit")
+    w.limit_rates()
+    return f"{task}: rate limit set to {rate}"
+
+
+@command("add_consumer")
+def add_consumer(agent: "ControlAgent", queue: str = "") -> str:
+    w = agent.worker
+    validation.name("queue", queue)
+    if queue in w.queues:
+        return f"already consuming {queue}"
+    w.broker.declare([queue])
+    w.queues.append(queue)
+    return f"now consuming {queue}"
+
+
+@command("cancel_consumer")
+def cancel_consumer(agent: "ControlAgent", queue: str = "") -> str:
+    w = agent.worker
+    if queue not in w.queues:
+        return f"not consuming {queue}"
+    if len(w.queues) == 1:
+        raise ValueError(f"{queue} is the only queue this worker consumes")
+    w.queues.remove(queue)
+    return f"no longer consuming {queue}"

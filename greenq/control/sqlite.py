@@ -1,0 +1,142 @@
+"""The control plane on the SQLite broker: three tables of its own in the
+broker's database file.
+
+    control_commands  (id, created, body)           every command; each worker
+                                                    reads the rows past the last
+                                                    id it saw
+    control_replies   (id, reply_to, created, body) replies, read by reply_to
+    control_events    (id, created, body)           one row per event batch
+
+SQLite cannot block, so readers poll (every 0.1 s) through the driver, off
+the hub.  Old rows are deleted by the writers: commands and replies after a
+minute, events past the last EVENTS_KEPT batches.
+"""
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any, List, Optional
+
+from ..brokers.sqlite import Database, transaction
+from ..drivers.base import UsesDriver
+from .base import Document, Transport, dumps, loads
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS control_commands (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS control_replies (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, reply_to TEXT NOT NULL, created REAL NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS control_replies_to ON control_replies (reply_to, id);
+CREATE TABLE IF NOT EXISTS control_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, body TEXT NOT NULL);
+"""
+POLL = 0.1
+KEEP_SECONDS = 60.0
+EVENTS_KEPT = 1000          # event batches (of at most 500 events) kept for readers that start later
+CLEAN_EVERY = 10.0
+
+
+class SQLiteTransport(UsesDriver, Transport):
+    def __init__(self, url: str, config: Any, driver: Any = None) -> None:
+        Transport.__init__(self, url, config, driver)
+        self._db: Optional[Database] = None
+        self._last_command = 0
+        self._last_event = 0
+        self._last_reply = 0
+        self._next_clean = 0.0
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        if self._db is None:
+            self._db = Database(self.url)
+            self._db.run(_schema)
+        return self._blocking(self._db.run, fn, *args)
+
+    def _poll(self, fn: Any, timeout: float) -> List[Document]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self._run(fn)
+            if found or time.monotonic() >= deadline:
+                return found
+            self._sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+
+    # -- worker side -----------------------------------------------------------
+    def listen(self, name: str) -> None:
+        self._last_command = self._run(lambda c: c.execute(
+            "SELECT coalesce(max(id), 0) FROM control_commands").fetchone()[0])
+
+    def receive(self, timeout: float) -> List[Document]:
+        def read(conn: sqlite3.Connection) -> List[Document]:
+            rows = conn.execute("SELECT id, body FROM control_commands WHERE id > ? ORDER BY id",
+                                (self._last_command,)).fetchall()
+            if rows:
+                self._last_command = rows[-1][0]
+            return [doc for doc in (loads(body) for _, body in rows) if isinstance(doc, dict)]
+        return self._poll(read, timeout)
+
+    def reply(self, reply_to: str, reply: Document) -> None:
+        body = dumps(reply)
+        self._run(lambda c: c.execute("INSERT INTO control_replies (reply_to, created, body) VALUES (?, ?, ?)",
+                                      (reply_to, time.time(), body)))
+
+    def send_events(self, events: List[Document]) -> None:
+        body, now = dumps(events), time.time()
+        clean = now >= self._next_clean
+        if clean:
+            self._next_clean = now + CLEAN_EVERY
+
+        def write(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                cur = conn.execute("INSERT INTO control_events (created, body) VALUES (?, ?)", (now, body))
+                if clean:
+                    conn.execute("DELETE FROM control_events WHERE id <= ?", (cur.lastrowid - EVENTS_KEPT,))
+                    conn.execute("DELETE FROM control_commands WHERE created < ?", (now - KEEP_SECONDS,))
+                    conn.execute("DELETE FROM control_replies WHERE created < ?", (now - KEEP_SECONDS,))
+        self._run(write)
+
+    # -- admin side ------------------------------------------------------------
+    def broadcast(self, command: Document) -> str:
+        reply_to = command["reply_to"]
+        body = dumps(command)
+        self._run(lambda c: c.execute("INSERT INTO control_commands (created, body) VALUES (?, ?)",
+                                      (time.time(), body)))
+        self._last_reply = 0
+        return reply_to
+
+    def replies(self, reply_to: str, timeout: float) -> List[Document]:
+        def read(conn: sqlite3.Connection) -> List[Document]:
+            rows = conn.execute("SELECT id, body FROM control_replies WHERE reply_to = ? AND id > ? "
+                                "ORDER BY id", (reply_to, self._last_reply)).fetchall()
+            if rows:
+                self._last_reply = rows[-1][0]
+            return [doc for doc in (loads(body) for _, body in rows) if isinstance(doc, dict)]
+        return self._poll(read, timeout)
+
+    def subscribe(self, history: int = 0) -> None:
+        last = self._run(lambda c: c.execute("SELECT coalesce(max(id), 0) FROM control_events").fetchone()[0])
+        self._last_event = max(0, last - history)
+
+    def events(self, timeout: float) -> List[Document]:
+        def read(conn: sqlite3.Connection) -> List[Document]:
+            rows = conn.execute("SELECT id, body FROM control_events WHERE id > ? ORDER BY id LIMIT 1000",
+                                (self._last_event,)).fetchall()
+            if rows:
+                self._last_event = rows[-1][0]
+            out: List[Document] = []
+            for _, body in rows:
+                batch = loads(body)
+                if isinstance(batch, list):
+                    out.extend(e for e in batch if isinstance(e, dict))
+            return out
+        return self._poll(read, timeout)
+
+    def reset(self) -> None:
+        db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+
+def _schema(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
