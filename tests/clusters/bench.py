@@ -9,6 +9,8 @@
    (two replicas) with min_replicas 0 and 1, the same with both replicas
    frozen (SIGSTOP) for a second before the master dies (a lagging
    replication link: what asynchronous replication loses), and for Cluster.
+4. With ``--only rabbitmq``: a worker on a three-node RabbitMQ cluster whose
+   node dies mid-drain.
 
 Every server is private (free ports, temporary directories); 6379 is never
 touched.  Takes a couple of minutes; not part of the test suite.
@@ -151,7 +153,7 @@ def main() -> None:
 
 def rabbitmq_worker_row() -> failover.Outcome:
     """A greenq-worker on a three-node RabbitMQ cluster (quorum queues), its
-    node SIGKILLed mid-drain (docs/clusters.md: the known worker-level stall)."""
+    node SIGKILLed mid-drain (the scenario of test_rabbit_cluster.py)."""
     from .rabbit import RabbitCluster
     tmp = Path(tempfile.mkdtemp())
     cluster = RabbitCluster()
