@@ -20,10 +20,10 @@ CONTROL = {"shutdown": (), "pool-grow": ("n",), "pool-shrink": ("n",), "rate-lim
 def add_parsers(sub: Any) -> None:
     """Add the three commands to the admin tool's subparsers."""
     i = sub.add_parser("inspect", help="ask the workers what they are doing")
-    i.add_argument("what", choices=INSPECT)
+    i.add_argument("what", choices=INSPECT, help="what to ask every worker (or the one named by -d)")
     _common(i)
     c = sub.add_parser("control", help="steer the workers without a restart")
-    c.add_argument("what", choices=tuple(CONTROL))
+    c.add_argument("what", choices=tuple(CONTROL), help="what to tell every worker (or the one named by -d)")
     c.add_argument("params", nargs="*", metavar="ARG", help="N | TASK RATE | QUEUE")
     _common(c)
     e = sub.add_parser("events", help="print worker and task events as they happen")

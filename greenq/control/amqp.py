@@ -19,7 +19,8 @@ from typing import Any, List, Optional
 
 import amqp
 
-from ..brokers.amqp_common import close_quietly, connection_params, open_connection
+from ..brokers.amqp_adapter import close_quietly
+from ..brokers.amqp_common import connection_params, open_connection
 from .base import Document, Transport, dumps, loads
 
 CONTROL_EXCHANGE = "greenq.control"
