@@ -30,7 +30,7 @@ EVENTS_EXCHANGE = "greenq.events"
 class AMQPTransport(Transport):
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
-        self.params = connection_params(url.split(";", 1)[0])
+        self.params = connection_params(url)          # every node of a ;-separated list
         self._conn: Optional[amqp.Connection] = None
         self._channel: Any = None
         self._inbox: List[Any] = []
