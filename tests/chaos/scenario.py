@@ -52,7 +52,8 @@ class Plan:
     broker: str                  # sqlite, redis or amqp
     pool: str                    # gevent or eventlet
     tasks: int = 2000
-    window: float = 0.0          # seconds over which tasks are sent; 0 = the blackhole + 10 s
+    window: float = 0.0          # seconds over which tasks are sent; 0 = from the rate, at least the blackhole + 10 s
+    rate: float = 100.0          # tasks sent per second when the window is derived
     workers: int = 2
     kills: int = 3
     resets: int = 1              # reset_all() calls (redis, amqp)
@@ -71,7 +72,7 @@ class Plan:
     def send_window(self) -> float:
         if self.window:
             return self.window
-        return (self.blackhole if self.networked else 0.0) + 10.0
+        return max((self.blackhole if self.networked else 0.0) + 10.0, self.tasks / self.rate)
 
 
 @dataclass
