@@ -157,13 +157,16 @@ class Workers:
     def start_all(self) -> None:
         self.live = [self.start() for _ in range(self.plan.workers)]
 
-    def kill_one(self, rng: random.Random) -> None:
-        """SIGKILL a random worker, then start its replacement."""
+    def kill_one(self, rng: random.Random) -> int:
+        """SIGKILL a random worker and start its replacement (last in ``live``);
+        returns the killed pid."""
         victim = rng.choice(self.live)
         victim.send_signal(signal.SIGKILL)
         self.killed.append((victim.pid, time.time()))
         victim.wait()
-        self.live[self.live.index(victim)] = self.start()
+        self.live.remove(victim)
+        self.live.append(self.start())
+        return victim.pid
 
     def stop_all(self, timeout: float = 60.0) -> Dict[str, int]:
         """SIGTERM every live worker; their exit codes by log name."""
@@ -236,7 +239,9 @@ class Run:
         self.direct_url = direct_url
         self.queue = f"chaos-{uuid.uuid4().hex[:8]}"
         self.settings = {"default_queue": self.queue, "lease_seconds": str(plan.lease), **(settings or {})}
-        self.rng = random.Random(plan.seed)
+        self.rng = random.Random(plan.seed)                 # the fault schedule and victims
+        self.pauses = random.Random(plan.seed + 1)          # the tasks' pauses (sender thread)
+        self.timeline: List[str] = []                       # what the run did, when
         self.ledger = Ledger(workdir / "executions.log")
         self.proxy: Optional[FaultProxy] = None
         self.sent_at: List[float] = []          # time each task n was handed to the broker
@@ -292,9 +297,15 @@ class Run:
             sender.join()
             if self.send_error is not None:
                 raise RuntimeError(f"sending failed: {self.send_error!r}")
+            self._note(f"sent {len(self.sent_at)}")
+            if self.proxy is not None and self.proxy.resumed_at:
+                self._note("blackhole over", self.proxy.resumed_at)
             self._wait_completed()
+            self._note(f"{len(self.ledger.runs)} completed; SIGTERM to the workers")
             exits = self.workers.stop_all()
+            self._note(f"workers exited {exits}; draining with --burst")
             drained = self._drain()
+            self._note(f"drain worker exited {self.drain_exit} after {drained} executions")
             left = client.broker.queue_stats([self.queue])[0]
             figures = self._figures(exits, drained, (left.ready, left.delayed, left.held, left.dead))
         finally:
@@ -319,21 +330,29 @@ class Run:
 
     def _inject_faults(self, start: float) -> None:
         assert self.workers is not None
-        for offset, fault in self._schedule():
+        schedule = self._schedule()
+        self._note(f"start; schedule {', '.join(f'{fault}@{offset:.1f}s' for offset, fault in schedule)}")
+        for offset, fault in schedule:
             delay = start + offset - time.monotonic()
             if delay > 0:
                 time.sleep(delay)     # the fault's moment: a schedule, not a synchronisation
+            at = time.time()
             if fault == "kill":
-                self.workers.kill_one(self.rng)
+                pid = self.workers.kill_one(self.rng)
+                self._note(f"kill -9 {pid}, replaced by {self.workers.live[-1].pid}", at)
             elif fault == "reset":
-                at = time.time()
-                self.proxy.reset_all()
+                count = self.proxy.reset_all()
                 self.faults.append((at, at))
+                self._note(f"reset {count} connections", at)
             else:
-                at = time.time()
                 self.proxy.blackhole(self.plan.blackhole)
                 self.blackhole_from = time.time()
                 self.faults.append((at, at + self.plan.blackhole))
+                self._note(f"blackhole {self.plan.blackhole:g} s", at)
+
+    def _note(self, what: str, at: Optional[float] = None) -> None:
+        at = time.time() if at is None else at
+        self.timeline.append(f"{time.strftime('%H:%M:%S', time.gmtime(at))}.{int(at % 1 * 1000):03d} {what}")
 
     def _send(self, client) -> None:
         """Send ``plan.tasks`` tasks in batches, evenly over the window."""
@@ -353,7 +372,7 @@ class Run:
                     time.sleep(delay)
                 at = time.time()
                 client.enqueue_many([
-                    Signature("chaos.record", (n, round(self.rng.uniform(0, plan.pause), 4)),
+                    Signature("chaos.record", (n, round(self.pauses.uniform(0, plan.pause), 4)),
                               options={"ignore_result": True})
                     for n in range(first, first + count)])
                 self.sent_at.extend([at] * count)

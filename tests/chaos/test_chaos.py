@@ -38,7 +38,7 @@ def test_nothing_lost_under_kills_resets_and_a_blackhole(pool, broker, request, 
     run = Run(plan, tmp_path, url, settings)
     f = run.execute()
     print("\n" + table([f.row()]))
-    why = f"GREENQ_CHAOS_SEED={seed}: {f}\n{run.workers.tails()}"
+    why = f"GREENQ_CHAOS_SEED={seed}: {f}\n" + "\n".join(run.timeline) + f"\n{run.workers.tails()}"
     assert f.sent == plan.tasks, why
     assert f.lost == 0, why
     assert f.left == (0, 0, 0, 0), why                 # nothing ready, delayed, held or dead-lettered
