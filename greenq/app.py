@@ -4,15 +4,19 @@ from __future__ import annotations
 import os
 import threading
 import time
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import config as config_module
-from .brokers import Outgoing, make_broker
+from . import validation
+from .brokers import make_broker
 from .drivers import detect_patched
+from .hooks import Hooks
 from .backends import backend_url_for, make_backend
 from .message import Codec, TaskMessage, new_id
-from .result import AsyncResult
-from .task import CALL_OPTIONS, Signature, Task, current_request, make_task, to_deadline, to_epoch
+from .result import ALWAYS_REBUILT, AsyncResult
+from .task import CALL_OPTIONS, Signature, Task, current_request, make_task
 
 
 #: raised in a forked child (``os.register_at_fork``): connections made under
@@ -26,6 +30,14 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+@dataclass
+class _Connections:
+    """One process's broker and (made on first use) result backend."""
+    forks: int                 # the fork generation they were made in: never used across a fork
+    broker: Any
+    backend: Any = None
 
 
 class GreenQ:
@@ -54,9 +66,10 @@ class GreenQ:
                     config.set(section, key, value, origin=f"GreenQ({key}=...)")
         self.config = config
         self.tasks: Dict[str, Task] = {}
+        self.hooks = Hooks()
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
-        self._conn: Optional[tuple] = None  # (fork generation, broker, backend)
+        self._conn: Optional[_Connections] = None
         self._codec: Optional[Codec] = None
 
     @classmethod
@@ -71,6 +84,11 @@ class GreenQ:
         return f"<GreenQ {self.name} broker={config_module.mask_url(self.config.broker_url)}>"
 
     # -- tasks ---------------------------------------------------------------
+    def on(self, name: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+        """Subscribe to a hook (``@app.on("task_failure")``); greenq/hooks.py
+        lists the hooks, their arguments and where they run."""
+        return self.hooks.on(name, fn)
+
     def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
              bind: bool = False, **options: Any) -> Any:
         """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``."""
@@ -88,38 +106,35 @@ class GreenQ:
         self.close()
         self.driver = driver
 
-    def _connections(self) -> tuple:
+    def _connections(self) -> "_Connections":
         conn = self._conn
-        if conn is None or conn[0] != _FORKS[0]:
+        if conn is None or conn.forks != _FORKS[0]:
             with self._lock:
                 conn = self._conn
                 forks = _FORKS[0]
-                if conn is None or conn[0] != forks:  # new, or inherited across a fork: never reuse
+                if conn is None or conn.forks != forks:  # new, or inherited across a fork: never reuse
                     if self.driver is None:
                         self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
-                    conn = self._conn = (forks, broker, None)
+                    conn = self._conn = _Connections(forks, broker)
         return conn
 
     @property
     def broker(self):
-        return self._connections()[1]
+        return self._connections().broker
 
     @property
     def backend(self):
         conn = self._connections()
-        backend = conn[2]
-        if backend is None:
+        if conn.backend is None:
             with self._lock:
-                conn = self._conn
-                if conn[2] is None:
+                if conn.backend is None:
                     backend = make_backend(backend_url_for(self.config), self.config, self.driver)
                     attach = getattr(backend, "attach_broker", None)
                     if attach is not None:   # rpc://: a worker replies on its consumer channel
-                        attach(conn[1])
-                    conn = self._conn = (conn[0], conn[1], backend)
-                backend = conn[2]
-        return backend
+                        attach(conn.broker)
+                    conn.backend = backend
+        return conn.backend
 
     @property
     def codec(self) -> Codec:
@@ -132,8 +147,8 @@ class GreenQ:
         """Close this process's connections (they are remade on next use)."""
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn and conn[0] == _FORKS[0]:
-            for part in conn[1:]:
+        if conn and conn.forks == _FORKS[0]:
+            for part in (conn.broker, conn.backend):
                 if part is not None:
                     part.close()
 
@@ -143,36 +158,54 @@ class GreenQ:
 
     def _build(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                options: Dict[str, Any]) -> TaskMessage:
+        """The message of one call.  Every option is checked here (types and
+        ranges, name lengths): a bad one raises ValueError or TypeError naming
+        it, and nothing is sent."""
         unknown = set(options) - CALL_OPTIONS
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(CALL_OPTIONS)}")
+        validation.name("task name", name)
+        kwargs = {} if kwargs is None else kwargs
+        validation.arguments(args, kwargs)
         task = self.tasks.get(name)
         opt = task.option if task else (lambda key: self.config.task_options(name).get(key))
         now = time.time()
+        eta = validation.optional_epoch("eta", options.get("eta"))
         countdown = options.get("countdown")
-        eta = to_epoch(options.get("eta"))
         if countdown is not None:
-            eta = now + float(countdown)
-        expires = options.get("expires", opt("expires"))
+            if eta is not None:
+                raise ValueError("pass countdown or eta, not both")
+            eta = now + validation.offset("countdown", countdown)
+        expires = options.get("expires")
+        if expires is None:
+            expires = opt("expires")
+        if isinstance(expires, datetime):
+            expires = validation.epoch("expires", expires)
+        elif expires is not None:
+            expires = now + validation.offset("expires", expires)
         priority = options.get("priority")
         if priority is None:
             priority = opt("priority") or 0
-        if not 0 <= int(priority) <= 9:
-            raise ValueError(f"priority must be 0-9, not {priority}")
+        validation.priority("priority", priority)
+        time_limit = validation.optional_seconds("time_limit", options.get("time_limit"))
+        soft_limit = validation.optional_seconds("soft_time_limit", options.get("soft_time_limit"))
+        validation.limits(soft_limit if soft_limit is not None else opt("soft_time_limit"),
+                          time_limit if time_limit is not None else opt("time_limit"))
+        task_id = options.get("task_id")
+        task_id = new_id() if task_id is None else validation.name("task_id", task_id)
+        queue = options.get("queue")
+        queue = validation.name("queue", queue if queue is not None else
+                                opt("queue") or self.config.default_queue)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(
-            task=name, args=list(args), kwargs=dict(kwargs or {}),
-            id=options.get("task_id") or new_id(),
-            queue=options.get("queue") or opt("queue") or self.config.default_queue,
-            priority=int(priority), eta=eta if eta and eta > now else None,
-            expires=to_deadline(expires, now), created=now,
+            task=name, args=list(args), kwargs=dict(kwargs),
+            id=task_id, queue=queue, priority=priority,
+            eta=eta if eta and eta > now else None, expires=expires, created=now,
             root_id=parent.root_id if parent and not parent.is_eager else None,
-            time_limit=options.get("time_limit"), soft_time_limit=options.get("soft_time_limit"),
+            time_limit=time_limit, soft_time_limit=soft_limit,
             reply_to=None if ignore else self.backend.reply_to())
 
-    def _outgoing(self, msg: TaskMessage) -> Outgoing:
-        return Outgoing(msg.queue, self.codec.encode(msg), msg.id, msg.priority, msg.eta)
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
                   **options: Any) -> AsyncResult:
@@ -181,7 +214,7 @@ class GreenQ:
         if self.config.eager:
             return self._eager(name, args, kwargs, options)
         msg = self._build(name, args, kwargs, options)
-        self.broker.publish(self._outgoing(msg))
+        self.broker.publish(self.codec.outgoing(msg))
         return AsyncResult(msg.id, self, name)
 
     def enqueue_many(self, signatures: Iterable[Signature]) -> List[AsyncResult]:
@@ -191,7 +224,7 @@ class GreenQ:
             return [self._eager(s.task, s.args, s.kwargs, s.options) for s in sigs]
         messages = [self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
         if messages:
-            self.broker.publish_many([self._outgoing(m) for m in messages])
+            self.broker.publish_many([self.codec.outgoing(m) for m in messages])
         return [AsyncResult(m.id, self, m.task) for m in messages]
 
     def _eager(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
@@ -205,6 +238,14 @@ class GreenQ:
         self.backend.revoke(task_id, terminate)
 
     # -- configuration -------------------------------------------------------
+    def exception_modules(self) -> "set[str]":
+        """Modules whose exceptions a result may be rebuilt as: builtins,
+        greenq's own, the modules of registered tasks and ``[greenq]
+        exception_modules``."""
+        modules = set(ALWAYS_REBUILT) | set(self.config.exception_modules)
+        modules.update(t.__module__ for t in list(self.tasks.values()) if t.__module__)
+        return modules
+
     def import_modules(self) -> None:
         """Import the ``[greenq] app`` modules so their tasks register."""
         import importlib

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import configparser
 import difflib
+import logging
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError
+
+log = logging.getLogger("greenq.config")
 
 LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POOLS = ("gevent", "eventlet", "threads", "solo")
@@ -48,6 +51,10 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "max_deliveries": Setting("int", 10, "deliveries before a message is dead-lettered"),
         "max_message_size": Setting("int", 1048576, "bytes; larger payloads are refused at enqueue"),
         "logging_config": Setting("str", "", "path to a logging.config.fileConfig INI"),
+        "broker_connect_timeout": Setting("float", 0.0, "seconds a starting worker waits for its broker; "
+                                          "0 = forever"),
+        "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
+                                     "result may be rebuilt as, beside builtins and the tasks' modules"),
     },
     "worker": {
         "pool": Setting("choice:gevent|eventlet|threads|solo", "gevent", "concurrency driver"),
@@ -61,6 +68,7 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "max_memory_per_child": Setting("int", 0, "MiB; replace a child process above it; 0 = off"),
         "http": Setting("hostport", "", "host:port for /metrics and /healthz; empty = off"),
         "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off"),
+        "track_started": Setting("bool", False, "store STARTED when a task begins (one more write per task)"),
     },
     "redis": {
         "max_connections": Setting("int", 0, "connection pool size; 0 = sized from the concurrency"),
@@ -72,27 +80,41 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "queue_type": Setting("choice:classic|quorum", "classic", "type of the queues greenq declares"),
         "heartbeat": Setting("int", 30, "AMQP heartbeat in seconds; 0 = off"),
         "max_priority": Setting("int", 9, "x-max-priority of declared queues; 0 = no priorities"),
+        "management_url": Setting("str", "", "RabbitMQ management API for `greenq queues`; "
+                                  "empty = http://BROKER_HOST:15672 with the broker's user"),
     },
 }
 
-# Per-task overrides, in [task:<name>] sections.
+# Every task option: the decorator's default (Celery's, where Celery has one)
+# and, for the ones an INI ``[task:<name>]`` section may override, its type.
+# greenq.task reads the defaults from here: one table for both.
 TASK_SETTINGS: Dict[str, Setting] = {
     "queue": Setting("str", None, "queue"),
     "priority": Setting("int", None, "default priority 0-9"),
-    "max_retries": Setting("int", None, "retries before giving up"),
-    "retry_backoff": Setting("float", None, "backoff base in seconds; 0 = off"),
-    "retry_backoff_max": Setting("float", None, "longest backoff in seconds"),
-    "retry_jitter": Setting("bool", None, "randomise the backoff"),
-    "default_retry_delay": Setting("float", None, "seconds before an explicit retry"),
+    "max_retries": Setting("int", 3, "retries before giving up"),
+    "retry_backoff": Setting("float", False, "backoff base in seconds; 0 = off"),
+    "retry_backoff_max": Setting("float", 600.0, "longest backoff in seconds"),
+    "retry_jitter": Setting("bool", True, "randomise the backoff"),
+    "default_retry_delay": Setting("float", 180.0, "seconds before an explicit retry"),
     "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded"),
     "time_limit": Setting("float", None, "seconds before the task is killed"),
     "rate_limit": Setting("ratelimit", None, "N/s, N/m or N/h per worker"),
-    "acks_late": Setting("bool", None, "acknowledge after the task finished"),
-    "ignore_result": Setting("bool", None, "do not store the result"),
+    "acks_late": Setting("bool", True, "acknowledge after the task finished"),
+    "ignore_result": Setting("bool", False, "do not store the result"),
     "expires": Setting("float", None, "seconds after which an unstarted task is revoked"),
+    "track_started": Setting("bool", None, "store STARTED when the task begins; unset: [worker] track_started"),
 }
+#: decorator options that no INI section can set (they name code), with their defaults
+CODE_ONLY_TASK_OPTIONS: Dict[str, Any] = {"autoretry_for": ()}
 
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
+#: ``GREENQ_*`` environment variables that are not settings (no warning for them)
+NON_SETTING_ENV = ("GREENQ_CONFIG", "GREENQ_TEST_", "GREENQ_SUPERVISOR_")
+#: warnings already logged by this process (one module may load the config twice)
+_REPORTED: set = set()
+#: set by the worker and the admin tool, which report the warnings of the
+#: configuration they loaded: loads made later (by the app's module) stay quiet
+_TAKEN_OVER = [False]
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
 
 
@@ -207,6 +229,8 @@ class Config:
         self._origin: Dict[Tuple[str, str], str] = {}
         self._tasks: Dict[str, Dict[str, Any]] = {}
         self.file: Optional[str] = None
+        #: mistakes that do not stop a start (a misspelt variable...), see report()
+        self.warnings: List[str] = []
 
     def __getattr__(self, key: str) -> Any:
         values = self.__dict__.get("_values")
@@ -257,6 +281,7 @@ class Config:
         new._origin = dict(self._origin)
         new._tasks = {t: dict(v) for t, v in self._tasks.items()}
         new.file = self.file
+        new.warnings = list(self.warnings)
         return new
 
     def items(self, masked: bool = True):
@@ -308,9 +333,15 @@ def _read_ini(cfg: Config, path: str) -> None:
             cfg.set(section, key.lower(), value, origin=path)
 
 
+def env_name(section: str, key: str) -> str:
+    """The environment variable of a setting: ``GREENQ_BROKER_URL``, ``GREENQ_WORKER_CONCURRENCY``."""
+    return f"GREENQ_{key.upper()}" if section == "greenq" else f"GREENQ_{section.upper()}_{key.upper()}"
+
+
 def _read_env(cfg: Config, env: Mapping[str, str]) -> None:
+    valid = [env_name(section, key) for section, keys in SETTINGS.items() for key in keys]
     for name, value in env.items():
-        if not name.startswith("GREENQ_") or name == "GREENQ_CONFIG" or name.startswith("GREENQ_TEST_"):
+        if not name.startswith("GREENQ_") or name.startswith(NON_SETTING_ENV):
             continue
         rest = name[len("GREENQ_"):].lower()
         for section in SETTINGS:
@@ -322,17 +353,21 @@ def _read_env(cfg: Config, env: Mapping[str, str]) -> None:
         else:
             if rest in SETTINGS["greenq"]:
                 cfg.set("greenq", rest, value, origin=f"environment {name}")
-            # other GREENQ_* variables are not settings and are left alone
+            else:  # a misspelt setting would otherwise be ignored without a word
+                cfg.warnings.append(f"environment {name} is not a greenq setting and is ignored"
+                                    + _suggest(name, valid))
 
 
 def load(path: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
          overrides: Optional[Mapping[Tuple[str, str], Any]] = None,
-         search: bool = True) -> Config:
+         search: bool = True, quiet: bool = False) -> Config:
     """Build the effective configuration.
 
     ``path`` is ``--config``; with ``search`` the usual places are tried when it
     is None.  ``overrides`` are CLI flags or constructor arguments, keyed by
-    ``(section, key)``, applied last.
+    ``(section, key)``, applied last.  Warnings (``cfg.warnings``) are logged
+    unless ``quiet``: the worker and the admin tool report them once their
+    logging is set up.
     """
     env = os.environ if env is None else env
     cfg = Config()
@@ -345,7 +380,24 @@ def load(path: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
         if value is not None:
             cfg.set(section, key, value, origin=f"option {key}")
     validate(cfg)
+    if not quiet and not _TAKEN_OVER[0]:
+        report(cfg)
     return cfg
+
+
+def report(cfg: Config, write: Optional[Callable[[str], None]] = None, take_over: bool = False) -> None:
+    """Pass each of ``cfg.warnings`` not reported yet in this process to
+    ``write`` (default: log it at WARNING on ``greenq.config``).  With
+    ``take_over`` (a command line tool), later ``load()`` calls in this
+    process report nothing: the same file and environment were reported once."""
+    _TAKEN_OVER[0] = _TAKEN_OVER[0] or take_over
+    for message in cfg.warnings:
+        if message not in _REPORTED:
+            _REPORTED.add(message)
+            if write is None:
+                log.warning("%s", message)
+            else:
+                write(message)
 
 
 def validate(cfg: Config) -> None:
@@ -370,6 +422,22 @@ def validate(cfg: Config) -> None:
         prio = opts.get("priority")
         if prio is not None and prio > 9:
             raise ConfigError(f"[task:{opts_name}] priority = {prio}: expected 0-9")
+        check_limits(f"{cfg.origin(f'task:{opts_name}', 'soft_time_limit')}: [task:{opts_name}]",
+                     opts.get("soft_time_limit"), opts.get("time_limit"))
+    w = cfg.worker
+    if w["prefetch"] and w["prefetch"] < w["concurrency"]:
+        cfg.warnings.append(
+            f"{cfg.origin('worker', 'prefetch')}: [worker] prefetch = {w['prefetch']} is below "
+            f"[worker] concurrency = {w['concurrency']} ({cfg.origin('worker', 'concurrency')}); "
+            f"the worker holds {w['concurrency']} messages. Set prefetch >= concurrency, "
+            f"or 0 for auto")
+
+
+def check_limits(where: str, soft: Optional[float], hard: Optional[float]) -> None:
+    """A soft time limit above the hard one never fires: a ConfigError naming ``where``."""
+    if soft and hard and soft > hard:
+        raise ConfigError(f"{where} soft_time_limit = {soft:g} is above time_limit = {hard:g}: "
+                          f"the soft limit would never fire; lower soft_time_limit or raise time_limit")
 
 
 def effective_prefetch(concurrency: int, prefetch: int) -> int:

@@ -9,6 +9,8 @@ from typing import Optional
 from .exceptions import ConfigError
 from .task import current_request
 
+#: libraries whose DEBUG lines drown greenq's at --loglevel DEBUG (GREENQ_DEBUG_ALL=1 keeps them)
+THIRD_PARTY = ("amqp", "redis", "urllib3", "asyncio", "gevent", "eventlet", "kombu", "sqlalchemy", "django")
 FORMAT = "%(asctime)s %(levelname)s %(process)d [%(task_id)s] %(name)s: %(message)s"
 
 
@@ -37,6 +39,9 @@ def setup(level: str = "INFO", config_file: Optional[str] = None) -> None:
         handler.setFormatter(logging.Formatter(FORMAT))
         root.handlers[:] = [handler]
         root.setLevel(level)
+        if level == "DEBUG" and not os.environ.get("GREENQ_DEBUG_ALL"):
+            for noisy in THIRD_PARTY:   # greenq's DEBUG lines, not every library's
+                logging.getLogger(noisy).setLevel(logging.INFO)
     for handler in root.handlers:
         if not any(isinstance(f, TaskIdFilter) for f in handler.filters):
             handler.addFilter(TaskIdFilter())

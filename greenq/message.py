@@ -14,14 +14,58 @@ import json
 import pickle
 import time
 import uuid
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
 
+from . import validation
 from .exceptions import MessageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .brokers.base import Outgoing
 
 PROTOCOL = 1
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _loads = json.loads
+
+
+_SIZE_SLACK = 65536    # a stored message may exceed max_message_size by this much (headers, signing)
+
+
+def _describe(exc: BaseException) -> str:
+    """``str(exc)`` that cannot itself raise, cut to a readable length."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "(its message cannot be shown)"
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _optional_str(option: str, value: Any) -> Optional[str]:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{option} must be a string, not {type(value).__name__}")
+    return value
+
+
+def _created(option: str, value: Any) -> float:
+    return 0.0 if value is None else validation.epoch(option, value)
+
+
+#: how the decoder checks each envelope field (None = absent, where allowed)
+_FIELD_RULES = {
+    "task": validation.name,
+    "id": validation.name,
+    "queue": lambda o, v: "default" if v is None else validation.name(o, v),
+    "priority": lambda o, v: 0 if v is None else validation.priority(o, v),
+    "eta": lambda o, v: None if v is None else validation.epoch(o, v),
+    "expires": lambda o, v: None if v is None else validation.epoch(o, v),
+    "retries": lambda o, v: 0 if v is None else validation.count(o, v),
+    "created": _created,
+    "root_id": _optional_str,
+    "time_limit": validation.optional_seconds,
+    "soft_time_limit": validation.optional_seconds,
+    "reply_to": _optional_str,
+}
 
 
 def new_id() -> str:
@@ -45,6 +89,10 @@ class TaskMessage:
     time_limit: Optional[float] = None
     soft_time_limit: Optional[float] = None
     reply_to: Optional[str] = None    # where rpc:// results go
+
+    def for_retry(self, eta: Optional[float]) -> "TaskMessage":
+        """The message that runs this call again at ``eta``: same id, one more retry."""
+        return dataclasses.replace(self, eta=eta, retries=self.retries + 1, created=self.created)
 
 
 _HEADER_FIELDS = ("id", "task", "queue", "priority", "eta", "expires", "retries", "created",
@@ -113,43 +161,78 @@ class Codec:
                                f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
         return data
 
-    def decode(self, data: bytes) -> TaskMessage:
-        """Decode a message; MessageError says why when it cannot be trusted or read."""
+    def outgoing(self, msg: TaskMessage) -> "Outgoing":
+        """``msg`` encoded, with the routing facts a broker needs beside it."""
+        from .brokers.base import Outgoing
+        return Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
+
+    def decode(self, data: Any) -> TaskMessage:
+        """Decode and check a message; anything that cannot be trusted or read
+        raises MessageError saying why, and nothing else is raised: every
+        field is checked here, with the rules of ``greenq.validation``."""
+        try:
+            return self._decode(data)
+        except MessageError:
+            raise
+        except RecursionError:
+            raise MessageError("malformed message: nested too deeply") from None
+        except Exception as exc:
+            raise MessageError(f"malformed message: {_describe(exc)}") from None
+
+    def _decode(self, data: Any) -> TaskMessage:
+        if isinstance(data, str):
+            data = data.encode("utf-8", "surrogateescape")
+        elif isinstance(data, (bytearray, memoryview)):
+            data = bytes(data)
+        elif not isinstance(data, bytes):
+            raise MessageError(f"not a greenq message: a body of type {type(data).__name__}")
+        if len(data) > self.max_size + _SIZE_SLACK:
+            raise MessageError(f"message is {len(data)} bytes, over max_message_size {self.max_size}")
         try:
             env = _loads(data)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise MessageError(f"not a greenq message: {exc}") from None
-        if not isinstance(env, dict) or "task" not in env or "id" not in env:
+            raise MessageError(f"not a greenq message: {_describe(exc)}") from None
+        except RecursionError:
+            raise MessageError("malformed message: nested too deeply to decode") from None
+        if not isinstance(env, dict):
+            raise MessageError(f"not a greenq message: a JSON {type(env).__name__}, not an object")
+        if "task" not in env or "id" not in env:
             raise MessageError("not a greenq message: no task or id field")
-        if env.get("v") != PROTOCOL:
-            raise MessageError(f"unsupported protocol version {env.get('v')!r}")
+        version = env.get("v")
+        if type(version) is not int or version != PROTOCOL:
+            raise MessageError(f"unsupported protocol version {version!r:.40}")
         if self._key:
             sig = env.pop("sig", None)
-            if not sig:
+            if not sig or not isinstance(sig, str):
                 raise MessageError("unsigned message refused (signing_key is set)")
-            if not hmac.compare_digest(str(sig), self._sign(env)):
+            if not hmac.compare_digest(sig.encode("utf-8", "replace"), self._sign(env).encode()):
                 raise MessageError("forged message: signature does not match")
         ct = env.get("ct", "json")
-        if ct not in self.accept:
-            raise MessageError(f"content type {ct!r} not in accept_content")
+        if not isinstance(ct, str) or ct not in self.accept:
+            raise MessageError(f"content type {ct!r:.40} not in accept_content")
+        if ct == "json":
+            args, kwargs = env.get("args", []), env.get("kwargs", {})
+        else:
+            body = env.get("body")
+            if not isinstance(body, str):
+                raise MessageError(f"field body must be base64 text with content type {ct}")
+            try:
+                payload = deserialize(ct, base64.b64decode(body, validate=True))
+            except MessageError:
+                raise
+            except Exception as exc:
+                raise MessageError(f"body does not decode with {ct}: {_describe(exc)}") from None
+            if not isinstance(payload, (list, tuple)) or len(payload) != 2:
+                raise MessageError(f"body must decode with {ct} to [args, kwargs]")
+            args, kwargs = payload
         try:
-            if ct == "json":
-                args, kwargs = env.get("args", []), env.get("kwargs", {})
-            else:
-                args, kwargs = deserialize(ct, base64.b64decode(env["body"]))
-            if not isinstance(args, list) or not isinstance(kwargs, dict):
-                raise ValueError("args must be a list and kwargs an object")
-            return TaskMessage(
-                task=str(env["task"]), args=args, kwargs=kwargs, id=str(env["id"]),
-                queue=env.get("queue", "default"), priority=int(env.get("priority", 0)),
-                eta=env.get("eta"), expires=env.get("expires"), retries=int(env.get("retries", 0)),
-                created=env.get("created", 0.0), root_id=env.get("root_id"),
-                time_limit=env.get("time_limit"), soft_time_limit=env.get("soft_time_limit"),
-                reply_to=env.get("reply_to"))
-        except MessageError:
-            raise
-        except Exception as exc:
+            if isinstance(args, tuple):
+                args = list(args)
+            validation.arguments(args, kwargs)
+            fields = {key: check(key, env.get(key)) for key, check in _FIELD_RULES.items()}
+        except (TypeError, ValueError) as exc:
             raise MessageError(f"malformed message: {exc}") from None
+        return TaskMessage(args=args, kwargs=kwargs, **fields)
 
     def _sign(self, env: Dict[str, Any]) -> str:
         canonical = json.dumps(env, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
@@ -157,24 +240,45 @@ class Codec:
 
     # -- results -------------------------------------------------------------
     def encode_result(self, meta: Dict[str, Any]) -> bytes:
-        """Results are stored as ``<serializer name>:<payload>``."""
+        """Results are stored as ``<serializer name>:<payload>``.  Never raises:
+        a value the serializer cannot carry (an object of a local class, a
+        structure nested too deeply) is stored as a FAILURE saying so."""
         try:
             return self.serializer.encode() + b":" + serialize(self.serializer, meta)
-        except (TypeError, ValueError, pickle.PicklingError) as exc:
-            # the task returned something the serializer cannot carry: store that as the failure
-            fallback = dict(meta, state="FAILURE", result=None,
-                            exc={"type": "greenq.exceptions.MessageError", "args": [str(exc)],
-                                 "message": f"result not serializable with {self.serializer}: {exc}"})
+        except Exception as exc:
+            reason = f"result not serializable with {self.serializer}: {_describe(exc)}"
+            fallback = {key: meta[key] for key in ("id", "task", "retries", "date_done")
+                        if isinstance(meta.get(key), (str, int, float))}
+            fallback.update(state="FAILURE", result=None, exc={
+                "type": "greenq.exceptions.MessageError", "args": [reason], "message": reason})
+            if isinstance(meta.get("traceback"), str):
+                fallback["traceback"] = meta["traceback"]
             return b"json:" + serialize("json", fallback)
 
-    def decode_result(self, data: bytes) -> Dict[str, Any]:
-        name, _, payload = bytes(data).partition(b":")
+    def decode_result(self, data: Any) -> Dict[str, Any]:
+        """Decode a stored result, only with a serializer in ``accept_content``
+        (or json, which cannot run code): a result is trusted no more than a
+        message.  MessageError says why one cannot be read."""
         try:
-            return deserialize(name.decode(), payload)
+            name, _, payload = bytes(data).partition(b":")
+            ct = name.decode("ascii")
+        except Exception:
+            raise MessageError("cannot decode stored result: no serializer name") from None
+        if ct not in self.accept and ct != "json":
+            raise MessageError(f"stored result uses serializer {ct!r:.40}, not in accept_content")
+        try:
+            meta = deserialize(ct, payload)
         except MessageError:
             raise
         except Exception as exc:
-            raise MessageError(f"cannot decode stored result: {exc}") from None
+            raise MessageError(f"cannot decode stored result: {_describe(exc)}") from None
+        if not isinstance(meta, dict) or not isinstance(meta.get("state"), str):
+            raise MessageError("cannot decode stored result: not a result record")
+        exc_info = meta.get("exc")
+        if exc_info is not None and not (isinstance(exc_info, dict) and isinstance(exc_info.get("type"), str)
+                                         and isinstance(exc_info.get("args", []), list)):
+            raise MessageError("cannot decode stored result: malformed exception record")
+        return meta
 
 
 def peek(data: bytes) -> Tuple[Optional[str], Optional[str]]:

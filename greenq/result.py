@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
 from .exceptions import TaskError, TaskRevokedError, TimeoutError
 
@@ -16,30 +16,58 @@ READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 ALL_STATES = (PENDING, RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED)
 
 
-def exception_to_dict(exc: BaseException) -> Dict[str, Any]:
-    cls = type(exc)
-    args = []
-    for arg in getattr(exc, "args", ()):
-        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else repr(arg))
-    return {"type": f"{cls.__module__}.{cls.__qualname__}", "args": args, "message": str(exc)}
-
-
-def rebuild_exception(info: Dict[str, Any], remote_traceback: Optional[str]) -> BaseException:
-    """The task's exception as its own type when importable and rebuildable,
-    else TaskError carrying the type name, message and remote traceback."""
-    type_name = info.get("type", "Exception")
-    module_name, _, qualname = type_name.rpartition(".")
+def _safe_str(value: Any) -> str:
     try:
-        obj: Any = importlib.import_module(module_name or "builtins")
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-        if isinstance(obj, type) and issubclass(obj, BaseException):
-            exc = obj(*info.get("args", []))
-            exc.remote_traceback = remote_traceback  # type: ignore[attr-defined]
-            return exc
+        return str(value)
     except Exception:
-        pass
-    return TaskError(type_name, info.get("message", ""), remote_traceback)
+        try:
+            return repr(value)
+        except Exception:
+            return f"<{type(value).__name__} that cannot be shown>"
+
+
+def exception_to_dict(exc: BaseException) -> Dict[str, Any]:
+    """A task's exception as plain data.  Never raises, even for an exception
+    whose ``str()`` or args' ``repr()`` do."""
+    cls = type(exc)
+    args: List[Any] = []
+    try:
+        raw_args = tuple(getattr(exc, "args", ()))
+    except Exception:
+        raw_args = ()
+    for arg in raw_args:
+        args.append(arg if isinstance(arg, (str, int, float, bool, type(None))) else _safe_str(arg))
+    return {"type": f"{cls.__module__}.{cls.__qualname__}", "args": args, "message": _safe_str(exc)}
+
+
+#: modules whose exceptions are always rebuilt as their own type
+ALWAYS_REBUILT = frozenset({"builtins", "greenq.exceptions"})
+
+
+def rebuild_exception(info: Dict[str, Any], remote_traceback: Optional[str],
+                      allowed: Iterable[str] = ALWAYS_REBUILT) -> BaseException:
+    """The task's exception as its own type when its module is ``allowed``
+    (builtins, greenq's own, the modules of registered tasks and
+    ``[greenq] exception_modules`` with their submodules) and it can be
+    rebuilt from its args; else TaskError carrying the type name, message and
+    remote traceback.  No module outside ``allowed`` is ever imported."""
+    type_name = str(info.get("type", "Exception"))
+    module_name, _, qualname = type_name.rpartition(".")
+    module_name = module_name or "builtins"
+    allowed = set(allowed)
+    trusted = any(module_name == m or module_name.startswith(m + ".") for m in allowed)
+    if trusted:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, type) and issubclass(obj, BaseException):
+                exc = obj(*info.get("args", []))
+                exc.remote_traceback = remote_traceback  # type: ignore[attr-defined]
+                return exc
+        except Exception:
+            pass
+    return TaskError(type_name, _safe_str(info.get("message", "")), remote_traceback)
 
 
 class AsyncResult:
@@ -127,7 +155,7 @@ class AsyncResult:
         if state == SUCCESS:
             return meta.get("result")
         if state in (FAILURE, RETRY) and meta.get("exc"):
-            exc = rebuild_exception(meta["exc"], meta.get("traceback"))
+            exc = rebuild_exception(meta["exc"], meta.get("traceback"), self.app.exception_modules())
         elif state == REVOKED:
             exc = TaskRevokedError(meta.get("reason") or f"task {self.id} was revoked")
         else:

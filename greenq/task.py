@@ -8,6 +8,8 @@ import traceback as tb_module
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
+from . import validation
+from .config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
 from .exceptions import MaxRetriesExceededError, Reject, Retry
 from .result import FAILURE, SUCCESS, EagerResult, make_meta
 
@@ -15,13 +17,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
     from .result import AsyncResult
 
-#: decorator options and their defaults (Celery's, where Celery has one)
-TASK_DEFAULTS: Dict[str, Any] = {
-    "queue": None, "priority": None, "max_retries": 3, "retry_backoff": False,
-    "retry_backoff_max": 600.0, "retry_jitter": True, "default_retry_delay": 180.0,
-    "autoretry_for": (), "soft_time_limit": None, "time_limit": None, "rate_limit": None,
-    "acks_late": True, "ignore_result": False, "expires": None,
-}
+#: decorator options and their defaults: greenq.config's table of task options
+TASK_DEFAULTS: Dict[str, Any] = {**{key: setting.default for key, setting in TASK_SETTINGS.items()},
+                                 **CODE_ONLY_TASK_OPTIONS}
 
 #: apply_async options
 CALL_OPTIONS = frozenset({"countdown", "eta", "expires", "queue", "priority", "task_id",
@@ -67,23 +65,6 @@ def set_request(request: Optional[Request]) -> None:
     _context.request = request
 
 
-def to_epoch(value: Union[None, float, int, datetime]) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return float(value)
-
-
-def to_deadline(value: Union[None, float, int, datetime], now: float) -> Optional[float]:
-    """``expires``: seconds from now (number), or an absolute datetime."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    return now + float(value)
-
-
 class Signature:
     """A task call not yet sent: ``add.s(2, 3).set(queue="high").delay()``."""
 
@@ -125,6 +106,7 @@ class Task:
         unknown = set(options) - set(TASK_DEFAULTS)
         if unknown:
             raise TypeError(f"@app.task: unknown option(s) {sorted(unknown)}")
+        validation.task_options(name, options)
         self.app = app
         self.fn = fn
         self.name = name
@@ -184,9 +166,10 @@ class Task:
                 raise exc
             raise MaxRetriesExceededError(f"{self.name}[{req.id}] reached max_retries={limit}")
         if eta is not None:
-            when = to_epoch(eta)
+            when = validation.epoch("eta", eta)
         else:
-            when = time.time() + (self.option("default_retry_delay") if countdown is None else countdown)
+            delay = self.option("default_retry_delay") if countdown is None else countdown
+            when = time.time() + validation.seconds("countdown", delay)
         raise Retry(f"retry in {max(0.0, when - time.time()):.2f} s", exc=exc, when=when)
 
     def backoff(self, retries: int) -> float:

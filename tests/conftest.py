@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import uuid
+from urllib.parse import quote
 
 import pytest
 
@@ -17,6 +18,9 @@ REDIS_PORT = int(os.environ.get("GREENQ_TEST_REDIS_PORT", "6379"))
 REDIS_DB = int(os.environ.get("GREENQ_TEST_REDIS_DB", "13"))   # greenq's tests own this db number
 AMQP_HOST = os.environ.get("GREENQ_TEST_AMQP_HOST", "127.0.0.1")
 AMQP_PORT = int(os.environ.get("GREENQ_TEST_AMQP_PORT", "5672"))
+AMQP_USER = os.environ.get("GREENQ_TEST_AMQP_USER", "guest")
+AMQP_PASSWORD = os.environ.get("GREENQ_TEST_AMQP_PASSWORD", "guest")
+AMQP_VHOST = os.environ.get("GREENQ_TEST_AMQP_VHOST", "")   # an existing vhost: used, never created or deleted
 RUN_ID = uuid.uuid4().hex[:8]
 
 
@@ -76,20 +80,25 @@ def _rabbitmqctl(*args: str) -> None:
 
 @pytest.fixture(scope="session")
 def amqp_url():
-    """A RabbitMQ vhost of this run's own, deleted at the end."""
+    """A RabbitMQ vhost of this run's own, deleted at the end; or
+    $GREENQ_TEST_AMQP_VHOST, an existing one, left in place."""
     try:
         import amqp  # noqa: F401
     except ImportError:
         _missing("the amqp package")
     if not _answers(AMQP_HOST, AMQP_PORT):
         _missing(f"RabbitMQ on {AMQP_HOST}:{AMQP_PORT}")
+    credentials = f"{quote(AMQP_USER, safe='')}:{quote(AMQP_PASSWORD, safe='')}"
+    if AMQP_VHOST:
+        yield f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{quote(AMQP_VHOST, safe='')}"
+        return
     vhost = f"greenq-test-{RUN_ID}"
     try:
         _rabbitmqctl("add_vhost", vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        _rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
     except (OSError, subprocess.SubprocessError) as exc:
-        _missing(f"rabbitmqctl ({exc})")
-    yield f"amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
+        _missing(f"rabbitmqctl ({exc}); or set GREENQ_TEST_AMQP_VHOST to an existing vhost")
+    yield f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
     try:
         _rabbitmqctl("delete_vhost", vhost)
     except (OSError, subprocess.SubprocessError):

@@ -32,7 +32,6 @@ class Record(NamedTuple):
 
 
 class ResultBackend(UsesDriver):
-    schemes: Sequence[str] = ()
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url

@@ -11,10 +11,10 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..brokers.memory import Registry, store_name, waiter_event
+from ..clients.memory import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
 from .base import Record, ResultBackend
 
-_MAX_WAIT = 0.1      # re-check at least this often (see brokers.memory)
+
 _CLEANUP_EVERY = 30.0  # seconds between sweeps of expired records
 
 
@@ -41,7 +41,6 @@ _STORES = Registry(_ResultStore)
 class MemoryBackend(ResultBackend):
     """Results shared by every ``MemoryBackend`` of the same URL in the process."""
 
-    schemes = ("memory",)
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)

@@ -58,7 +58,6 @@ def reply_properties(record: Record) -> bytes:
 
 
 class RPCBackend(ResultBackend):
-    schemes = ("rpc",)
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)

@@ -13,7 +13,7 @@ import sqlite3
 import time
 from typing import Dict, Optional, Sequence
 
-from ..brokers.sqlite import Database, chunks, placeholders, transaction
+from ..clients.sqlite import Database, chunks, placeholders, transaction
 from .base import Record, ResultBackend
 
 CLEANUP_EVERY = 60.0   # seconds between deletions of expired rows, per backend instance
@@ -23,7 +23,6 @@ FOREVER = 1e300        # expires_at of records kept forever
 class SQLiteBackend(ResultBackend):
     """Results in the SQLite file of the embedded broker."""
 
-    schemes = ("sqlite",)
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)

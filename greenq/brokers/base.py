@@ -99,8 +99,6 @@ class Broker(UsesDriver):
     """Base class of every broker.  Subclasses implement every method that
     raises NotImplementedError; the rest are written once here."""
 
-    #: URL schemes this class serves, e.g. ("redis", "rediss")
-    schemes: Sequence[str] = ()
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
         self.config = config
@@ -185,3 +183,10 @@ class Broker(UsesDriver):
 
     def close(self) -> None:
         """Release connections; the broker may not be used afterwards."""
+
+    # -- health (/healthz) -----------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """False while the connection is down and being re-established.
+        Brokers without a connection (memory, SQLite) are always healthy."""
+        return True

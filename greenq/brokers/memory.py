@@ -26,29 +26,13 @@ import itertools
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence
-from urllib.parse import urlsplit
+from typing import Dict, List, Optional, Sequence
 
+from ..clients.memory import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 #: longest a blocked fetch sleeps before looking again, in case a wake-up from
 #: another OS thread did not reach a green event
-_MAX_WAIT = 0.1
-
-
-def store_name(url: str) -> str:
-    """``memory://`` -> ``""``; ``memory://name`` -> ``"name"``."""
-    parts = urlsplit(url)
-    return parts.netloc + parts.path.rstrip("/")
-
-
-def waiter_event(driver: Any):
-    """An event a blocked caller can wait on without blocking the hub."""
-    if driver is not None and driver.green:
-        return driver.event()
-    return threading.Event()
-
-
 class _Message:
     __slots__ = ("seq", "queue", "body", "message_id", "priority", "eta", "deliveries",
                  "owner", "lease_until")
@@ -141,23 +125,6 @@ class _Store:
         self.waiters.clear()
 
 
-class Registry:
-    """Process-wide stores by ``memory://`` name, made on first use: every
-    broker (or backend) with the same name shares one."""
-
-    def __init__(self, factory: Callable[[], Any]) -> None:
-        self._factory = factory
-        self._stores: Dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> Any:
-        with self._lock:
-            store = self._stores.get(name)
-            if store is None:
-                store = self._stores[name] = self._factory()
-            return store
-
-
 _STORES = Registry(_Store)
 
 
@@ -168,7 +135,6 @@ def _priority(value: int) -> int:
 class MemoryBroker(Broker):
     """In-process queues shared by every ``MemoryBroker`` of the same URL."""
 
-    schemes = ("memory",)
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)

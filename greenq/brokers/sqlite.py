@@ -38,59 +38,17 @@ so no connection is used by two threads at once, and nothing depends on
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Iterator, List, Optional, Sequence
-from urllib.parse import parse_qs, urlsplit
+from typing import Any, Callable, List, Optional, Sequence
 
-from ..exceptions import BrokerError, ConfigError
-from ..config import mask_url
+from ..clients.sqlite import Database, chunks, placeholders, transaction
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
-SCHEMA_VERSION = 1
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    visible_at REAL NOT NULL,
-    claimed_by TEXT,
-    deliveries INTEGER NOT NULL DEFAULT 0,
-    message_id TEXT NOT NULL,
-    body BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_fetch ON messages (queue, priority, visible_at);
-CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    queue TEXT NOT NULL,
-    priority INTEGER NOT NULL DEFAULT 0,
-    message_id TEXT NOT NULL,
-    body BLOB NOT NULL,
-    reason TEXT NOT NULL,
-    failed_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS results (
-    task_id TEXT PRIMARY KEY,
-    data BLOB NOT NULL,
-    final INTEGER NOT NULL,
-    expires_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS revocations (
-    task_id TEXT PRIMARY KEY,
-    terminate INTEGER NOT NULL,
-    expires_at REAL NOT NULL
-);
-"""
-
-BUSY_TIMEOUT = 15.0       # seconds a writer waits for the database lock
-POLL_MIN, POLL_MAX = 0.005, 0.1
-CHUNK = 500               # ids per IN (...) list, under SQLite's variable limit
-SYNCHRONOUS = ("full", "normal", "off")
+POLL_MIN, POLL_MAX = 0.005, 0.1   # an empty fetch polls with a sleep growing between these
 
 
 def _arms(columns: str, limit: str) -> str:
@@ -104,107 +62,39 @@ FETCH_SQL = _arms("id, priority, deliveries, message_id, body", ":count")
 PEEK_SQL = _arms("id", "1")
 
 
-def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
-    for i in range(0, len(items), CHUNK):
-        yield items[i:i + CHUNK]
+SWEEP_INTERVAL = 10.0     # seconds between sweeps for rows the fetch cannot select
+SWEEP_SQL = ("SELECT id, priority, visible_at FROM messages WHERE queue = ? AND claimed_by IS NULL AND "
+             "(typeof(priority) != 'integer' OR priority NOT BETWEEN 0 AND 9 "
+             "OR typeof(visible_at) NOT IN ('integer', 'real'))")
 
 
-def placeholders(n: int) -> str:
-    return ",".join("?" * n)
-
-
-class Database:
-    """A SQLite file with a pool of connections, each used by one thread at a time.
-
-    ``run(fn, *args)`` calls ``fn(conn, *args)`` with a connection taken from
-    the pool (list ``pop``/``append`` are atomic, so no lock is needed whatever
-    the driver); sqlite3 errors become :class:`BrokerError`.
-    """
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if parts.netloc or not path or path == ":memory:":
-            raise ConfigError(f"sqlite URL {mask_url(url)!r}: expected sqlite:///relative/path.db or "
-                              f"sqlite:////absolute/path.db (use memory:// for an in-process broker)")
-        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        self.synchronous = options.pop("synchronous", "full").lower()
-        if self.synchronous not in SYNCHRONOUS or options:
-            raise ConfigError(f"sqlite URL {mask_url(url)!r}: the only option is "
-                              f"synchronous={'|'.join(SYNCHRONOUS)}")
-        self.path = os.path.abspath(path)
-        self._idle: List[sqlite3.Connection] = []
-        self._schema_ready = False
-        self._closed = False
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
-                               check_same_thread=False, cached_statements=64)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        if not self._schema_ready:
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise BrokerError(f"{self.path} has greenq schema version {version}; this greenq knows "
-                                  f"{SCHEMA_VERSION}: upgrade greenq")
-            if version < SCHEMA_VERSION:
-                with transaction(conn):
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._schema_ready = True
-        return conn
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._closed:
-            raise BrokerError(f"sqlite database {self.path} is closed")
-        try:
-            conn = self._idle.pop()
-        except IndexError:
-            conn = None
-        try:
-            if conn is None:
-                conn = self._connect()
-            return fn(conn, *args)
-        except sqlite3.Error as exc:
-            raise BrokerError(f"sqlite {self.path}: {exc}") from exc
-        finally:
-            if conn is not None:
-                if self._closed:
-                    conn.close()
-                else:
-                    self._idle.append(conn)
-
-    def close(self) -> None:
-        self._closed = True
-        while self._idle:
-            self._idle.pop().close()
-
-
-@contextlib.contextmanager
-def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """A write transaction: takes the database lock at once (waiting up to BUSY_TIMEOUT)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:  # never give a connection back to the pool mid-transaction
-            conn.execute("ROLLBACK")
-        raise
+def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_id: Any,
+              body: Any) -> Delivery:
+    """A fetched row as a Delivery; a column of the wrong type (written by
+    something other than greenq) sets ``error`` so the worker dead-letters it."""
+    error = None
+    if not isinstance(message_id, str):
+        error = f"column message_id is {type(message_id).__name__}, not text"
+        message_id = repr(message_id)[:100]
+    if not isinstance(body, (bytes, str)):
+        error = f"column body is {type(body).__name__}, not a blob"
+        body = b""
+    if type(deliveries) is not int or deliveries < 0:
+        error = f"column deliveries {deliveries!r:.40} is not a count"
+        deliveries = 0
+    return Delivery(queue, body, message_id, deliveries + 1, row_id, priority, error)
 
 
 class SQLiteBroker(Broker):
     """Messages in one SQLite file, shared by every process on the machine."""
 
-    schemes = ("sqlite",)
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
         self._db = Database(url)
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._interrupted = False
+        self._next_sweep = 0.0
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._blocking(self._db.run, fn, *args)
@@ -238,6 +128,9 @@ class SQLiteBroker(Broker):
         queues = list(queues)
         while True:
             out = self._run(self._claim, queues, count) if count > 0 else []
+            if not out and time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+                self._run(self._sweep, queues)
             if out or self._interrupted:
                 self._interrupted = False
                 return out
@@ -258,8 +151,7 @@ class SQLiteBroker(Broker):
             for queue in wanted:
                 rows = conn.execute(FETCH_SQL, {"queue": queue, "now": now,
                                                 "count": count - len(out)}).fetchall()
-                out.extend(Delivery(queue, body, message_id, deliveries + 1, row_id, priority)
-                           for row_id, priority, deliveries, message_id, body in rows)
+                out.extend(_delivery(queue, *row) for row in rows)
                 if len(out) >= count:
                     break
             ids = [d.token for d in out]
@@ -268,6 +160,21 @@ class SQLiteBroker(Broker):
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
                              (self._consumer, now + self.config.lease_seconds, *chunk))
         return out
+
+    def _sweep(self, conn: sqlite3.Connection, queues: List[str]) -> None:
+        """Dead-letter rows of ``queues`` that the fetch can never select (a
+        priority outside 0-9 or a visible_at that is not a number, written by
+        something other than greenq): otherwise they would wait forever."""
+        with transaction(conn):
+            for queue in queues:
+                for row_id, priority, visible_at in conn.execute(SWEEP_SQL, (queue,)).fetchall():
+                    reason = (f"bad transport metadata: column priority {priority!r:.40} is not 0-9"
+                              if not (type(priority) is int and 0 <= priority <= 9) else
+                              f"bad transport metadata: column visible_at {visible_at!r:.40} is not a number")
+                    conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
+                                 "SELECT queue, 0, CAST(message_id AS TEXT), body, ?, ? FROM messages "
+                                 "WHERE id = ?", (reason, time.time(), row_id))
+                    conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
 
     def interrupt(self) -> None:
         self._interrupted = True
@@ -310,7 +217,7 @@ class SQLiteBroker(Broker):
         def move(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                             "SELECT queue, priority, message_id, body, ?, ? FROM messages WHERE id = ?",
+                             "SELECT queue, priority, CAST(message_id AS TEXT), body, ?, ? FROM messages WHERE id = ?",
                              (reason, time.time(), delivery.token))
                 conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
         self._run(move)
@@ -320,7 +227,7 @@ class SQLiteBroker(Broker):
 
         def query(conn: sqlite3.Connection) -> Optional[float]:
             sql = (f"SELECT MIN(visible_at) FROM messages WHERE queue IN ({placeholders(len(queues))}) "
-                   f"AND claimed_by IS NULL AND visible_at > ?")
+                   f"AND claimed_by IS NULL AND visible_at > ? AND typeof(visible_at) IN ('integer', 'real')")
             return conn.execute(sql, (*queues, time.time())).fetchone()[0]
         return self._run(query) if queues else None
 
@@ -354,7 +261,10 @@ class SQLiteBroker(Broker):
     @staticmethod
     def _dead(row: tuple) -> DeadLetter:
         dead_id, queue, body, reason, message_id, failed_at = row
-        return DeadLetter(str(dead_id), queue, body, reason, message_id, failed_at)
+        if isinstance(body, str):
+            body = body.encode()
+        return DeadLetter(str(dead_id), str(queue), bytes(body or b""), str(reason), str(message_id or ""),
+                          failed_at if isinstance(failed_at, (int, float)) else 0.0)
 
     def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
         def query(conn: sqlite3.Connection) -> List[DeadLetter]:

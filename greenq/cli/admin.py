@@ -1,14 +1,25 @@
-"""``greenq``: the admin tool.  Every command works on every broker."""
+"""``greenq``: the admin tool.  Every command works on every broker.
+
+The app is resolved as the worker resolves it (``-A``, else ``[greenq] app``),
+so every command uses that app's broker and result backend.  Listing commands
+print a table for people, or one JSON document with ``--json``.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from typing import Any, List, Optional
 
 from .. import config as config_module
 from ..exceptions import ConfigError, GreenQError
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_app
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
+from .listing import print_queues
+
+#: seconds ``call --wait`` waits for the result unless --timeout says otherwise
+WAIT_TIMEOUT = 60.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -17,74 +28,103 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="greenq", description="greenq admin tool")
-    p.add_argument("--config", metavar="FILE")
-    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]")
-    p.add_argument("--broker", metavar="URL")
-    p.add_argument("--backend", metavar="URL")
+    p.add_argument("--config", metavar="FILE", help="INI file (default: $GREENQ_CONFIG, ./greenq.ini, "
+                                                     "/etc/greenq/greenq.ini)")
+    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]",
+                   help="the app whose broker and backend to use (default: [greenq] app)")
+    p.add_argument("--broker", metavar="URL", help="broker URL (wins over the app and the INI file)")
+    p.add_argument("--backend", metavar="URL", help="result backend URL (wins over the app and the INI file)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     c = sub.add_parser("call", help="send a task by name")
-    c.add_argument("name")
-    c.add_argument("--args", default="[]", help="JSON list")
-    c.add_argument("--kwargs", default="{}", help="JSON object")
-    c.add_argument("--queue")
-    c.add_argument("--countdown", type=float)
-    c.add_argument("--priority", type=int)
+    c.add_argument("name", help="the task's registered name")
+    c.add_argument("--args", default="[]", help="positional arguments, a JSON list")
+    c.add_argument("--kwargs", default="{}", help="keyword arguments, a JSON object")
+    c.add_argument("--queue", help="queue (default: the task's, else [greenq] default_queue)")
+    c.add_argument("--countdown", type=float, metavar="S", help="run no sooner than S seconds from now")
+    c.add_argument("--priority", type=int, metavar="0-9", help="priority, 9 highest")
     c.add_argument("--wait", action="store_true", help="wait for the result and print it")
-    c.add_argument("--timeout", type=float, default=None)
+    c.add_argument("--timeout", type=float, default=WAIT_TIMEOUT, metavar="S",
+                   help=f"seconds --wait waits before giving up with exit code 1 (default {WAIT_TIMEOUT:g})")
 
     r = sub.add_parser("result", help="show a task's state and result")
-    r.add_argument("task_id")
+    r.add_argument("task_id", help="the id printed by call or returned by delay()")
+    _json_flag(r)
 
     rv = sub.add_parser("revoke", help="revoke a task")
-    rv.add_argument("task_id")
-    rv.add_argument("--terminate", action="store_true")
+    rv.add_argument("task_id", help="the task's id")
+    rv.add_argument("--terminate", action="store_true", help="also stop it if it is running")
 
-    sub.add_parser("queues", help="depth of each queue, delayed and dead-letter counts")
+    q = sub.add_parser("queues", help="depth of each queue, delayed and dead-letter counts")
+    _json_flag(q)
+    q.add_argument("--watch", action="store_true",
+                   help="refresh the table in place until Ctrl-C (with --json: one document per line)")
+    q.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="seconds between refreshes with --watch (default 2)")
+    q.add_argument("--count", type=int, default=0, metavar="N",
+                   help="with --watch, stop after N refreshes (default 0: until Ctrl-C)")
 
     pg = sub.add_parser("purge", help="delete every waiting message of a queue")
-    pg.add_argument("queue")
+    pg.add_argument("queue", help="the queue to empty")
     pg.add_argument("--yes", action="store_true", help="do not ask")
 
     d = sub.add_parser("dlq", help="the dead-letter store")
     dsub = d.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
-    dl = dsub.add_parser("list")
-    dl.add_argument("--limit", type=int, default=100)
-    ds = dsub.add_parser("show")
-    ds.add_argument("id")
-    dr = dsub.add_parser("requeue")
-    dr.add_argument("id", nargs="?")
-    dr.add_argument("--all", action="store_true")
-    dsub.add_parser("purge")
+    dl = dsub.add_parser("list", help="dead letters, oldest first, with the reason")
+    dl.add_argument("--limit", type=int, default=100, metavar="N", help="show at most N (default 100)")
+    _json_flag(dl)
+    ds = dsub.add_parser("show", help="one dead letter with its message")
+    ds.add_argument("id", help="the dead letter's id (from dlq list) or its task's id")
+    dr = dsub.add_parser("requeue", help="send dead letters back to their queue")
+    dr.add_argument("id", nargs="?", help="the dead letter's id (from dlq list) or its task's id")
+    dr.add_argument("--all", action="store_true", help="requeue every dead letter")
+    dsub.add_parser("purge", help="delete every dead letter")
 
     cf = sub.add_parser("config", help="validate or show the effective configuration")
-    cf.add_argument("action", choices=("check", "show"))
+    cf.add_argument("action", choices=("check", "show"),
+                    help="check: validate the file, environment and app; show: print every value")
+    _json_flag(cf)
 
     dm = sub.add_parser("demo", help="run the demo: a gevent worker drains I/O-bound tasks")
-    dm.add_argument("-n", type=int, default=5000, help="tasks to enqueue")
-    dm.add_argument("-c", "--concurrency", type=int, default=1000)
-    dm.add_argument("--pool", default="gevent", choices=config_module.POOLS)
+    dm.add_argument("-n", type=int, default=5000, help="tasks to enqueue (default 5000)")
+    dm.add_argument("-c", "--concurrency", type=int, default=1000, help="greenlets of the demo worker")
+    dm.add_argument("--pool", default="gevent", choices=config_module.POOLS, help="the demo worker's pool")
     return p
 
 
-def _load(args: argparse.Namespace):
-    cfg = config_module.load(args.config, overrides={("greenq", "broker_url"): args.broker,
-                                                      ("greenq", "result_backend"): args.backend})
-    return cfg
-
-
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run one command; a closed stdout (``| head``) ends it quietly."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader went away: stop writing, and keep Python from complaining at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+
+
+def _main(argv: Optional[List[str]]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = _load(args)
-        if args.command == "config":
-            return cmd_config(args, cfg)
+        cfg = config_module.load(args.config, quiet=True,
+                                 overrides={("greenq", "broker_url"): args.broker,
+                                            ("greenq", "result_backend"): args.backend})
+        config_module.report(cfg, lambda message: sys.stderr.write(f"greenq: warning: {message}\n"),
+                             take_over=True)
         if args.command == "demo":
             from .demo import run_demo
             return run_demo(args, cfg)
         app = load_app(args.app, cfg)
+        if args.command == "config":
+            if args.action == "check":
+                for message in check_app(app):
+                    sys.stderr.write(f"greenq: warning: {message}\n")
+            return cmd_config(args, app.config)
         return COMMANDS[args.command](args, app)
     except ConfigError as exc:
         sys.stderr.write(f"greenq: error: {exc}\n")
@@ -111,10 +151,12 @@ def cmd_call(args: argparse.Namespace, app: Any) -> int:
                                  ("priority", args.priority)) if v is not None}
     result = app.send_task(args.name, _json_arg(args.args, "--args", list),
                            _json_arg(args.kwargs, "--kwargs", dict), **options)
-    print(result.id)
+    print(result.id, flush=True)
     if args.wait:
         value = result.get(timeout=args.timeout, propagate=False)
         print(json.dumps({"state": result.state, "result": _jsonable(value)}))
+        if result.traceback:
+            sys.stderr.write(result.traceback.rstrip("\n") + "\n")
         return EXIT_OK if result.successful() else EXIT_FAILURE
     return EXIT_OK
 
@@ -136,7 +178,15 @@ def cmd_result(args: argparse.Namespace, app: Any) -> int:
         out["result"] = _jsonable(r.result)
     if r.traceback:
         out["traceback"] = r.traceback
-    print(json.dumps(out, indent=2))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return EXIT_OK
+    for key in ("id", "state", "result"):
+        if key in out:
+            print(f"{key + ':':<7} {json.dumps(out[key]) if key == 'result' else out[key]}")
+    if r.traceback:  # as the worker printed it, line by line
+        print("traceback:")
+        print(r.traceback.rstrip("\n"))
     return EXIT_OK
 
 
@@ -147,11 +197,28 @@ def cmd_revoke(args: argparse.Namespace, app: Any) -> int:
 
 
 def cmd_queues(args: argparse.Namespace, app: Any) -> int:
-    stats = app.broker.queue_stats()
-    print(f"{'queue':<30} {'ready':>8} {'delayed':>8} {'held':>8} {'dead':>8}")
-    for s in stats:
-        print(f"{s.name:<30} {s.ready:>8} {s.delayed:>8} {s.held:>8} {s.dead:>8}")
-    return EXIT_OK
+    """The table once; with --watch redrawn in place on a terminal (appended
+    otherwise), or with --json one JSON document per line and refresh."""
+    if not args.watch:
+        print_queues(app, args.json, sys.stdout)
+        return EXIT_OK
+    redraw = sys.stdout.isatty() and not args.json
+    shown = 0
+    try:
+        while True:
+            if args.json:
+                print_queues(app, True, sys.stdout, compact=True)
+            else:
+                sys.stdout.write("\x1b[H\x1b[2J" if redraw else ("\n" if shown else ""))  # home, clear
+                sys.stdout.write(f"{time.strftime('%H:%M:%S')}  every {args.interval:g} s, Ctrl-C to stop\n")
+                print_queues(app, False, sys.stdout)
+            sys.stdout.flush()
+            shown += 1
+            if args.count and shown >= args.count:
+                return EXIT_OK
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return EXIT_OK
 
 
 def cmd_purge(args: argparse.Namespace, app: Any) -> int:
@@ -165,20 +232,33 @@ def cmd_purge(args: argparse.Namespace, app: Any) -> int:
     return EXIT_OK
 
 
+def _find_dead(broker: Any, ident: str) -> Any:
+    """The dead letter whose id, or whose task id, is ``ident``; None if neither."""
+    dead = broker.dlq_get(ident)
+    if dead is None:
+        dead = next((d for d in broker.dlq_list(limit=100000) if d.message_id == ident), None)
+    return dead
+
+
 def cmd_dlq(args: argparse.Namespace, app: Any) -> int:
     from ..message import peek
     broker = app.broker
     if args.dlq_command == "list":
         letters = broker.dlq_list(limit=args.limit)
-        print(f"{'id':<38} {'queue':<16} {'task':<28} reason")
-        for d in letters:
-            _, task = peek(d.body)
-            print(f"{d.id:<38} {d.queue:<16} {str(task or '?'):<28} {d.reason}")
+        rows = [{"id": d.id, "queue": d.queue, "task": peek(d.body)[1], "task_id": d.message_id,
+                 "reason": d.reason, "failed_at": d.failed_at} for d in letters]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+            return EXIT_OK
+        print(f"{'id':<38} {'queue':<16} {'task':<28} {'task id':<34} reason")
+        for row in rows:
+            print(f"{row['id']:<38} {row['queue']:<16} {str(row['task'] or '?'):<28} "
+                  f"{row['task_id'] or '?':<34} {row['reason']}")
         print(f"{len(letters)} dead letter(s)")
     elif args.dlq_command == "show":
-        d = broker.dlq_get(args.id)
+        d = _find_dead(broker, args.id)
         if d is None:
-            sys.stderr.write(f"greenq: error: no dead letter {args.id!r}\n")
+            sys.stderr.write(f"greenq: error: no dead letter with id or task id {args.id!r}\n")
             return EXIT_FAILURE
         try:
             body: Any = json.loads(d.body)
@@ -190,7 +270,11 @@ def cmd_dlq(args: argparse.Namespace, app: Any) -> int:
         if not args.all and not args.id:
             sys.stderr.write("greenq: error: dlq requeue needs an ID or --all\n")
             return EXIT_USAGE
-        n = broker.dlq_requeue(None if args.all else [args.id])
+        ids = None
+        if not args.all:
+            d = _find_dead(broker, args.id)
+            ids = [d.id if d is not None else args.id]
+        n = broker.dlq_requeue(ids)
         print(f"requeued {n} message(s)")
         return EXIT_OK if n or args.all else EXIT_FAILURE
     elif args.dlq_command == "purge":
@@ -199,19 +283,25 @@ def cmd_dlq(args: argparse.Namespace, app: Any) -> int:
 
 
 def cmd_config(args: argparse.Namespace, cfg: config_module.Config) -> int:
+    """``check``: the file, environment and app load (errors exit 2); ``show``: every value and its source."""
     if args.action == "check":
         print(f"configuration OK ({cfg.file or 'no file; defaults and environment'})")
         return EXIT_OK
+    rows = [{"section": s, "key": k, "value": v, "source": o} for s, k, v, o in cfg.items(masked=True)]
+    if args.json:
+        print(json.dumps({"file": cfg.file, "settings": rows}, indent=2))
+        return EXIT_OK
     print(f"; effective configuration (file: {cfg.file or 'none'}); values show their source")
     current = None
-    for section, key, value, origin in cfg.items(masked=True):
-        if section != current:
-            print(f"\n[{section}]")
-            current = section
+    for row in rows:
+        if row["section"] != current:
+            print(f"\n[{row['section']}]")
+            current = row["section"]
+        value = row["value"]
         shown = ",".join(value) if isinstance(value, list) else ("" if value is None else value)
         if isinstance(shown, bool):
             shown = str(shown).lower()
-        print(f"{key} = {shown}    ; {origin}")
+        print(f"{row['key']} = {shown}    ; {row['source']}")
     return EXIT_OK
 
 

@@ -1,10 +1,11 @@
 """Helpers shared by the worker and admin commands: loading the config and the app."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import config as config_module
 from ..app import GreenQ
@@ -14,31 +15,21 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
 def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
-    """``-A module[:attribute]`` (current directory on sys.path): its ``app``,
-    or its only GreenQ instance.  Without -A, ``[greenq] app`` modules are
-    imported and a plain GreenQ built from the config is used.  Settings the
-    command line, environment or INI file set explicitly win over the app's own."""
+    """The app named by ``-A module[:attribute]``, else by the first entry of
+    ``[greenq] app`` (resolved the same way), else a plain GreenQ built from
+    the config.  The module is imported with the current directory on
+    sys.path; its ``attribute``, else its ``app``, else its only GreenQ
+    instance is used.  Settings the command line, environment or INI file set
+    explicitly win over the app's own.  The other ``[greenq] app`` modules are
+    imported so their tasks register."""
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
-    app: Optional[GreenQ] = None
+    where = f"-A {spec}"
+    if not spec and cfg.app:
+        spec = cfg.app[0]
+        where = f"{cfg.origin('greenq', 'app')}: [greenq] app = {','.join(cfg.app)}"
     if spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"-A {spec}: cannot import {module_name}: {exc}") from None
-        if attr:
-            app = getattr(module, attr, None)
-            if not isinstance(app, GreenQ):
-                raise ConfigError(f"-A {spec}: {module_name}.{attr} is not a GreenQ app")
-        else:
-            app = getattr(module, "app", None)
-            if not isinstance(app, GreenQ):
-                found = [v for v in vars(module).values() if isinstance(v, GreenQ)]
-                if len(found) != 1:
-                    raise ConfigError(f"-A {spec}: {module_name} has no 'app' and "
-                                      f"{len(found)} GreenQ instances; use -A {module_name}:NAME")
-                app = found[0]
+        app = _resolve(spec, where)
         for (section, key), origin in cfg._origin.items():
             if not section.startswith("task:"):
                 app.config.set(section, key, cfg.section(section)[key], origin)
@@ -47,15 +38,59 @@ def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
                 app.config.set(f"task:{task}", key, value, cfg.origin(f"task:{task}", key))
         if cfg.file:
             app.config.file = cfg.file
+        app._codec = None  # built from the settings just overlaid
+        app.close()        # connections made at import time used the app's own settings
     else:
         app = GreenQ("greenq", config=cfg)
-    for module_name in app.config.app:
+    for entry in app.config.app:
+        module_name = entry.partition(":")[0]
         try:
             importlib.import_module(module_name)
         except ImportError as exc:
             raise ConfigError(f"{app.config.origin('greenq', 'app')}: [greenq] app: "
                               f"cannot import {module_name}: {exc}") from None
     return app
+
+
+def _resolve(spec: str, where: str) -> GreenQ:
+    """Import ``module[:attribute]`` and return its GreenQ app; ConfigError naming ``where``."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"{where}: cannot import {module_name}: {exc}") from None
+    if attr:
+        app = getattr(module, attr, None)
+        if not isinstance(app, GreenQ):
+            raise ConfigError(f"{where}: {module_name}.{attr} is not a GreenQ app")
+        return app
+    app = getattr(module, "app", None)
+    if isinstance(app, GreenQ):
+        return app
+    found = [v for v in vars(module).values() if isinstance(v, GreenQ)]
+    if len(found) != 1:
+        raise ConfigError(f"{where}: {module_name} has no 'app' and {len(found)} GreenQ "
+                          f"instances; name one as {module_name}:NAME")
+    return found[0]
+
+
+def check_app(app: GreenQ) -> List[str]:
+    """Start-up checks that need the registered tasks: a soft time limit above
+    the hard one is a ConfigError; a ``[task:NAME]`` section naming no
+    registered task is returned as a warning, with the nearest task name."""
+    for task in app.tasks.values():
+        config_module.check_limits(f"task {task.name}:", task.option("soft_time_limit"),
+                                   task.option("time_limit"))
+    warnings = []
+    for name in app.config._tasks:
+        if name not in app.tasks:
+            origin = app.config.origin(f"task:{name}", next(iter(app.config.task_options(name))))
+            close = difflib.get_close_matches(name, list(app.tasks), n=1, cutoff=0.5)
+            hint = f"; did you mean [task:{close[0]}]?" if close else \
+                f"; registered tasks: {', '.join(sorted(app.tasks)) or 'none'}"
+            warnings.append(f"{origin}: [task:{name}] names no task registered in this worker, "
+                            f"so its settings apply to nothing here{hint}")
+    return warnings
 
 
 def overrides_from(pairs: Dict[Tuple[str, str], Any]) -> Dict[Tuple[str, str], Any]:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Any, List, Optional
 
 from .. import config as config_module
-from ..exceptions import ConfigError
-from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, load_app
+from ..exceptions import BrokerError, ConfigError
+from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
 
 log = logging.getLogger("greenq.worker")
 
@@ -25,21 +26,27 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="greenq-worker", description="Run a greenq worker.")
-    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]", help="module holding the GreenQ app")
+    p.add_argument("-A", "--app", metavar="MODULE[:ATTR]",
+                   help="module holding the GreenQ app (default: [greenq] app)")
     p.add_argument("-P", "--pool", choices=config_module.POOLS, help="concurrency driver (default gevent)")
     p.add_argument("-c", "--concurrency", type=int, metavar="N", help="tasks run at once")
     p.add_argument("-Q", "--queues", metavar="Q1,Q2", help="queues to consume")
-    p.add_argument("--config", metavar="FILE", help="INI file")
+    p.add_argument("--config", metavar="FILE",
+                   help="INI file (default: $GREENQ_CONFIG, ./greenq.ini, /etc/greenq/greenq.ini)")
     p.add_argument("--broker", metavar="URL", help="broker URL")
     p.add_argument("--backend", metavar="URL", help="result backend URL")
     p.add_argument("--processes", type=int, metavar="N", help="worker processes under a supervisor")
     p.add_argument("--prefetch", type=int, metavar="N", help="messages held at once (0 = auto)")
     p.add_argument("--loglevel", "-l", metavar="LEVEL", help="DEBUG, INFO, WARNING, ERROR")
     p.add_argument("--http", metavar="HOST:PORT", help="serve /metrics and /healthz")
-    p.add_argument("--max-tasks-per-child", type=int, metavar="N")
-    p.add_argument("--max-memory-per-child", type=int, metavar="MiB")
-    p.add_argument("--shutdown-timeout", type=float, metavar="S")
-    p.add_argument("--blocking-threshold", type=float, metavar="S")
+    p.add_argument("--max-tasks-per-child", type=int, metavar="N",
+                   help="replace a worker process after N tasks (0 = never)")
+    p.add_argument("--max-memory-per-child", type=int, metavar="MiB",
+                   help="replace a worker process that grows past MiB (0 = off)")
+    p.add_argument("--shutdown-timeout", type=float, metavar="S",
+                   help="seconds running tasks get to finish on SIGTERM")
+    p.add_argument("--blocking-threshold", type=float, metavar="S",
+                   help="seconds the hub may block before a warning with the stack (0 = off)")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     return p
@@ -59,10 +66,31 @@ def _overrides(args: argparse.Namespace) -> dict:
     }
 
 
+def banner(app: Any, pool: str, pool_source: str) -> str:
+    """The start-up lines: version, app, pool, broker, backend, and every
+    registered task with the limits it will run with."""
+    from .. import __version__
+    from ..backends import backend_url_for
+    cfg = app.config
+    lines = [f"greenq {__version__} worker: app={app.name!r} pool={pool} ({pool_source}) "
+             f"broker={config_module.mask_url(cfg.broker_url)} "
+             f"backend={config_module.mask_url(backend_url_for(cfg))}"]
+    tasks = sorted(app.tasks.values(), key=lambda t: t.name)
+    lines.append(f"  {len(tasks)} registered task(s):")
+    for task in tasks:
+        parts = [f"queue={task.option('queue') or cfg.default_queue}", f"max_retries={task.option('max_retries')}"]
+        parts += [f"{key}={task.option(key)}" for key in ("soft_time_limit", "time_limit", "rate_limit")
+                  if task.option(key)]
+        if not task.option("acks_late"):
+            parts.append("acks_late=False")
+        lines.append(f"    {task.name} [{', '.join(parts)}]")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_module.load(args.config, overrides=_overrides(args))
+        cfg = config_module.load(args.config, overrides=_overrides(args), quiet=True)
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE
@@ -73,20 +101,27 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE
+    # a supervised child stays silent: its supervisor said it already
+    config_module.report(cfg, (lambda message: None) if args.child else None, take_over=True)
     if driver is None or driver.name != w["pool"]:
         sys.stderr.write(f"greenq-worker: error: pool {w['pool']!r} was not patched at start-up; "
                          f"start through the greenq-worker launcher\n")
         return EXIT_USAGE
+    try:  # the supervisor too: a mistake is reported once, before any child starts
+        app = load_app(args.app, cfg)
+        warnings = check_app(app)
+    except ConfigError as exc:
+        sys.stderr.write(f"greenq-worker: error: {exc}\n")
+        return EXIT_USAGE
+    if not args.child:
+        for message in warnings:
+            log.warning("%s", message)
     supervised = w["processes"] > 1 or w["max_tasks_per_child"] or w["max_memory_per_child"]
     if supervised and not args.child:
         from ..worker.supervisor import Supervisor
         return Supervisor(argv if argv is not None else sys.argv[1:], w["processes"],
-                          w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds).run()
-    try:
-        app = load_app(args.app, cfg)
-    except ConfigError as exc:
-        sys.stderr.write(f"greenq-worker: error: {exc}\n")
-        return EXIT_USAGE
+                          w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds,
+                          http=w["http"]).run()
     from ..worker.consumer import Worker
     try:
         worker = Worker(app, driver, queues=app.config.worker["queues"],
@@ -100,12 +135,21 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     for signum in (signal.SIGTERM, signal.SIGINT):
         driver.install_signal(signum, worker.request_stop)
     driver.install_signal(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
-    from ..worker.monitor import Monitor
-    monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"])
-    log.info("greenq worker: app=%r pool=%s (%s) broker=%s", app.name, driver.name, pool_source or "default",
-             config_module.mask_url(app.config.broker_url))
+    from ..worker.monitor import HTTP_PORT_ENV, Monitor
+    from ..worker.startup import wait_for_broker
+    monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],
+                      port_file=os.environ.get(HTTP_PORT_ENV) if args.child else None)
+    log.info("%s", banner(app, driver.name, pool_source or "default"))
     try:
         monitor.start()
+        try:
+            if not wait_for_broker(worker.broker, worker.queues, app.config.broker_connect_timeout,
+                                   driver, log, url=app.config.broker_url,
+                                   stopping=lambda: bool(worker.stopping)):
+                return EXIT_OK
+        except BrokerError as exc:  # broker_connect_timeout passed: one line, no traceback
+            log.error("%s", exc)
+            return EXIT_FAILURE
         return worker.run()
     except KeyboardInterrupt:
         return EXIT_OK

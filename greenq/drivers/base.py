@@ -10,7 +10,34 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
-from typing import Any, Callable, ContextManager, Optional, Type
+from typing import Any, Callable, ContextManager, Optional, Protocol, Type
+
+
+class Event(Protocol):
+    """What ``Driver.event()`` returns (threading.Event's shape)."""
+
+    def set(self) -> None: ...
+    def clear(self) -> None: ...
+    def is_set(self) -> bool: ...
+    def wait(self, timeout: Optional[float] = None) -> bool: ...
+
+
+class Queue(Protocol):
+    """What ``Driver.queue()`` returns (queue.Queue's shape; ``get`` raises
+    ``queue.Empty`` when ``block`` is false or ``timeout`` passes)."""
+
+    def put(self, item: Any) -> None: ...
+    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any: ...
+    def qsize(self) -> int: ...
+
+
+class Lock(Protocol):
+    """What ``Driver.lock()`` returns: a context manager that excludes others."""
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+    def release(self) -> None: ...
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *exc: Any) -> Any: ...
 
 
 class Handle:
@@ -36,10 +63,7 @@ class Driver:
     name = "base"
     green = False  # True when tasks run as greenlets on one hub
 
-    # -- start-up ------------------------------------------------------------
-    def patch(self) -> None:
-        """Monkey-patch the process (green drivers); a no-op for threads and solo."""
-
+    # -- start-up (patching itself is the launcher's: greenq/worker/launch.py) --
     def is_patched(self) -> bool:
         """True when the process is patched as this driver needs (always, for threads)."""
         return True
@@ -51,15 +75,15 @@ class Driver:
     def sleep(self, seconds: float) -> None:
         raise NotImplementedError
 
-    def event(self):
+    def event(self) -> Event:
         """A new event with set(), clear(), is_set() and wait(timeout) -> bool."""
         raise NotImplementedError
 
-    def queue(self):
+    def queue(self) -> Queue:
         """A new unbounded FIFO with put(item), get(timeout) (raises ``queue.Empty``) and qsize()."""
         raise NotImplementedError
 
-    def lock(self):
+    def lock(self) -> Lock:
         """A new mutex usable as a context manager."""
         raise NotImplementedError
 

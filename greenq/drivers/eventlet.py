@@ -88,9 +88,6 @@ class EventletDriver(Driver):
     name = "eventlet"
     green = True
 
-    def patch(self) -> None:
-        eventlet.monkey_patch()
-
     def is_patched(self) -> bool:
         return bool(eventlet.patcher.is_monkey_patched("socket")
                     and eventlet.patcher.is_monkey_patched("thread"))

@@ -37,9 +37,6 @@ class GeventDriver(Driver):
     name = "gevent"
     green = True
 
-    def patch(self) -> None:
-        gevent.monkey.patch_all()
-
     def is_patched(self) -> bool:
         return bool(gevent.monkey.is_module_patched("socket")
                     and gevent.monkey.is_module_patched("threading"))

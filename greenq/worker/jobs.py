@@ -6,7 +6,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..exceptions import Reject, Retry, TimeLimitExceeded
-from ..task import Request, set_request
+from ..task import Request
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..brokers.base import Delivery
@@ -60,16 +60,21 @@ class Job:
         return self.msg.id if self.msg else self.delivery.message_id
 
 
+def request_for(job: Job) -> Request:
+    """The task context (``self.request``) of ``job``."""
+    msg = job.msg
+    return Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
+                   eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
+                   delivery_info={"queue": job.delivery.queue, "deliveries": job.delivery.deliveries},
+                   reply_to=msg.reply_to, priority=msg.priority)
+
+
 def run(job: Job) -> None:
-    """Run the task of ``job`` and record its outcome on the job.  Never raises
-    for the task's own errors; a kill by the worker is recorded by its cause."""
+    """Run the task of ``job`` (its request already set) and record its
+    outcome on the job.  Never raises for the task's own errors; a kill by
+    the worker is recorded by its cause."""
     msg, task = job.msg, job.task
     job.started = True
-    set_request(Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
-                        eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
-                        delivery_info={"queue": job.delivery.queue,
-                                       "deliveries": job.delivery.deliveries},
-                        reply_to=msg.reply_to, priority=msg.priority))
     try:
         job.value = task.run_with_retries(msg.args, msg.kwargs)
         job.outcome = SUCCESS
@@ -89,15 +94,17 @@ def run(job: Job) -> None:
         job.outcome, job.exc, job.tb = FAILURE, exc, traceback.format_exc()
     except BaseException as exc:  # GreenletExit and friends: the worker is going down
         job.outcome, job.exc = REQUEUE, exc
-    finally:
-        set_request(None)
     if job.killed_by is HardKill and job.outcome != FAILURE:
         # the task swallowed its kill and returned anyway: it still ran out of time
         job.outcome, job.exc = FAILURE, TimeLimitExceeded(f"{msg.task}[{msg.id}] exceeded its hard time limit")
-    if job.outcome == FAILURE:
-        log.warning("task %s[%s] failed: %r", msg.task, msg.id, job.exc)
-    elif log.isEnabledFor(logging.DEBUG):
-        log.debug("task %s[%s] %s", msg.task, msg.id, job.outcome)
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, even one whose ``str()`` raises."""
+    try:
+        return f"{type(exc).__name__}: {str(exc)[:300]}"
+    except Exception:
+        return type(exc).__name__
 
 
 def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":

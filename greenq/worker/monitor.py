@@ -15,27 +15,22 @@ import sys
 import time
 import traceback
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, Optional
+from typing import Any, Callable, Dict, Optional
 
 log = logging.getLogger("greenq.monitor")
 
 #: set by the supervisor for its children: a file whose mtime the hub refreshes
 HEARTBEAT_ENV = "GREENQ_SUPERVISOR_HEARTBEAT"
-
-
-def _blocking_job(frame: Any) -> Optional[Any]:
-    """The Job whose task owns ``frame``, found by walking up to jobs.run."""
-    while frame is not None:
-        if frame.f_code.co_name == "run" and "job" in frame.f_locals and \
-                frame.f_code.co_filename.endswith("jobs.py"):
-            return frame.f_locals["job"]
-        frame = frame.f_back
-    return None
+#: set by a supervisor serving --http: the file where a child writes its own /metrics port
+HTTP_PORT_ENV = "GREENQ_SUPERVISOR_HTTP_PORT_FILE"
 
 
 class Monitor:
-    def __init__(self, worker: Any, blocking_threshold: float, http: str) -> None:
+    def __init__(self, worker: Any, blocking_threshold: float, http: str,
+                 port_file: Optional[str] = None) -> None:
+        """``port_file``: set in a supervised child; serve on a free local port and write it there."""
         self.worker = worker
+        self.port_file = port_file
         self.driver = worker.driver
         self.threshold = blocking_threshold
         self.http = http
@@ -50,7 +45,7 @@ class Monitor:
         if self.threshold and self.driver.green:
             self.driver.spawn(self._ticker)
             self.driver.start_os_thread(self._watch)
-        if self.http:
+        if self.http or self.port_file:
             self._serve()
         if self.heartbeat_file:
             self.driver.spawn(self._heartbeat)
@@ -90,7 +85,7 @@ class Monitor:
                 if blocked_since is None:
                     blocked_since = self.beat
                     frame = sys._current_frames().get(self._hub_ident)
-                    job = _blocking_job(frame)
+                    job = self.worker.runners.job_of_frame(frame)
                     who = f"task {job.msg.task}[{job.msg.id}]" if job is not None and job.msg else "greenq itself"
                     stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
                     stats.hub_blocked += 1
@@ -106,16 +101,20 @@ class Monitor:
     # -- HTTP ------------------------------------------------------------------
     def healthy(self) -> "tuple[bool, dict]":
         w = self.worker
-        silent = time.monotonic() - w.last_poll
-        broker_ok = getattr(w.broker, "healthy", True)
+        snap = w.snapshot()
+        broker_ok = w.broker.healthy
         limit = max(10.0, 5 * w.fetch_timeout)
-        ok = silent < limit and broker_ok and not w.stopping
-        return ok, {"status": "ok" if ok else "unhealthy", "seconds_since_poll": round(silent, 3),
-                    "broker_healthy": bool(broker_ok), "stopping": bool(w.stopping),
-                    "running": len(w.running), "held": len(w.held)}
+        settle_ok = snap.seconds_settling < max(60.0, w.config.lease_seconds)   # results and acks flow
+        ok = (snap.seconds_since_poll < limit and broker_ok and not snap.stopping and not snap.failed
+              and settle_ok)
+        return ok, {"status": "ok" if ok else "unhealthy", "seconds_since_poll": round(snap.seconds_since_poll, 3),
+                    "broker_healthy": bool(broker_ok), "stopping": bool(snap.stopping),
+                    "failed": snap.failed, "seconds_settling": round(snap.seconds_settling, 3),
+                    "running": len(snap.running), "held": snap.held}
 
     def metrics(self) -> str:
         w, s = self.worker, self.worker.stats
+        snap = w.snapshot()
         lines = []
 
         def metric(name: str, kind: str, value: float, help_text: str) -> None:
@@ -131,42 +130,67 @@ class Monitor:
         metric("hub_blocked_total", "counter", s.hub_blocked, "Times the hub was blocked past the threshold")
         metric("hub_blocked_seconds_total", "counter", round(s.hub_blocked_seconds, 3),
                "Seconds the hub spent blocked")
-        metric("tasks_running", "gauge", len(w.running), "Tasks running now")
-        metric("messages_held", "gauge", len(w.held), "Messages leased to this worker")
-        metric("concurrency", "gauge", w.concurrency, "Task slots")
+        metric("tasks_running", "gauge", len(snap.running), "Tasks running now")
+        metric("messages_held", "gauge", snap.held, "Messages leased to this worker")
+        metric("concurrency", "gauge", snap.concurrency, "Task slots")
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         return "\n".join(lines) + "\n"
 
     def _serve(self) -> None:
-        host, _, port = self.http.rpartition(":")
-        monitor = self
+        address = "127.0.0.1:0" if self.port_file else self.http
+        self._server = serve_http(address, self.driver, lambda: self._running,
+                                  {"/healthz": self._healthz, "/metrics": self._metrics})
+        port = self._server.server_address[1]
+        if self.port_file:  # a supervised child: the supervisor serves HOST:PORT and asks us
+            tmp = f"{self.port_file}.tmp"
+            with open(tmp, "w") as fh:
+                fh.write(str(port))
+            os.replace(tmp, self.port_file)
+        else:
+            log.info("serving /metrics and /healthz on %s", self.http)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802
-                if self.path.startswith("/healthz"):
-                    ok, body = monitor.healthy()
-                    self._send(200 if ok else 503, json.dumps(body), "application/json")
-                elif self.path.startswith("/metrics"):
-                    self._send(200, monitor.metrics(), "text/plain; version=0.0.4")
-                else:
-                    self._send(404, "not found\n", "text/plain")
+    def _healthz(self) -> "tuple[int, str, str]":
+        ok, body = self.healthy()
+        return 200 if ok else 503, json.dumps(body), "application/json"
 
-            def _send(self, code: int, body: str, ctype: str) -> None:
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    def _metrics(self) -> "tuple[int, str, str]":
+        return 200, self.metrics(), METRICS_TYPE
 
-            def log_message(self, *args: Any) -> None:
-                pass
 
-        self._server = HTTPServer((host or "127.0.0.1", int(port)), Handler)
-        self._server.timeout = 0.5
-        log.info("serving /metrics and /healthz on %s", self.http)
+METRICS_TYPE = "text/plain; version=0.0.4"
 
-        def serve() -> None:
-            while self._running:
-                self._server.handle_request()
-        self.driver.spawn(serve)
+
+def serve_http(address: str, driver: Any, running: Callable[[], bool],
+               routes: Dict[str, Callable[[], "tuple[int, str, str]"]]) -> HTTPServer:
+    """Serve GET ``routes`` (path prefix -> () -> (status, body, content type))
+    on ``address`` (HOST:PORT) from a greenlet (a thread under the threads
+    driver) while ``running()``; returns the bound server."""
+    host, _, port = address.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            for prefix, route in routes.items():
+                if self.path.startswith(prefix):
+                    self._send(*route())
+                    return
+            self._send(404, "not found\n", "text/plain")
+
+        def _send(self, code: int, body: str, ctype: str) -> None:
+            data = body.encode()
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = HTTPServer((host or "127.0.0.1", int(port)), Handler)
+    server.timeout = 0.5
+
+    def serve() -> None:
+        while running():
+            server.handle_request()
+    driver.spawn(serve)
+    return server

@@ -8,9 +8,16 @@ every second; when the file is older than ``lease_seconds`` (the moment other
 workers may take its messages anyway) the supervisor kills the child with
 SIGKILL and starts a new one.  Its unfinished messages come back to the queue
 as their leases expire (RabbitMQ: at once).
+
+A child that dies soon after it started is restarted after an exponential
+backoff, with one log line per restart.  With ``--http HOST:PORT`` the
+supervisor alone binds HOST:PORT; each child serves on a free local port and
+the supervisor's /metrics sums theirs, its /healthz is 200 only when every
+child is healthy.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,19 +25,35 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, List, Optional
+import urllib.error
+import urllib.request
+from typing import Any, Dict, List, Optional, Tuple
 
-from .monitor import HEARTBEAT_ENV
+from .monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, METRICS_TYPE, serve_http
+from .startup import backoff
 
 log = logging.getLogger("greenq.supervisor")
 
+#: a child that ran at least this long before exiting restarts at once; one
+#: that dies sooner is restarted after an exponential backoff (0.5 s doubling up to 60 s)
+HEALTHY_UPTIME = 10.0
+RESTART_MAX_DELAY = 60.0
+EXIT_USAGE = 2
+
 
 class Child:
-    def __init__(self, argv: List[str], heartbeat_dir: str, index: int) -> None:
-        self.heartbeat = os.path.join(heartbeat_dir, f"child-{index}")
+    def __init__(self, argv: List[str], workdir: str, index: int, http: bool) -> None:
+        self.index = index
+        self.heartbeat = os.path.join(workdir, f"child-{index}")
         with open(self.heartbeat, "w"):
             pass
         env = dict(os.environ, **{HEARTBEAT_ENV: self.heartbeat})
+        self.port_file: Optional[str] = None
+        if http:  # the child serves on a free local port and tells us which
+            self.port_file = os.path.join(workdir, f"child-{index}.port")
+            if os.path.exists(self.port_file):
+                os.unlink(self.port_file)
+            env[HTTP_PORT_ENV] = self.port_file
         self.proc = subprocess.Popen([sys.executable, "-m", "greenq.worker", *argv, "--child"], env=env)
         self.started = time.time()
         self.asked_to_stop = False
@@ -42,19 +65,31 @@ class Child:
             last = self.started
         return time.time() - last
 
+    def http_port(self) -> Optional[int]:
+        try:
+            with open(self.port_file or "") as fh:
+                return int(fh.read())
+        except (OSError, ValueError):
+            return None
+
 
 class Supervisor:
     def __init__(self, argv: List[str], processes: int, max_memory_mib: int, driver: Any,
-                 stuck_after: float = 30.0) -> None:
+                 stuck_after: float = 30.0, http: str = "") -> None:
         self.argv = [a for a in argv if a != "--child"]
         self.processes = processes
         self.max_memory = max_memory_mib * 1024 * 1024
         self.driver = driver
         self.stuck_after = max(stuck_after, 5.0)
+        self.http = http
         self.children: List[Optional[Child]] = []
+        self.failures = [0] * processes              # quick deaths in a row, per slot
+        self.restart_at: List[Optional[float]] = [None] * processes
         self.stopping = 0
         self.burst = "--burst" in argv
         self._dir = tempfile.mkdtemp(prefix="greenq-supervisor-")
+        self._server: Any = None
+        self._serving = False
 
     def _stop(self, cold: bool = False) -> None:
         self.stopping = 2 if (cold or self.stopping) else 1
@@ -62,36 +97,80 @@ class Supervisor:
             if child and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGQUIT if self.stopping == 2 else signal.SIGTERM)
 
+    def _start(self, index: int) -> Child:
+        return Child(self.argv, self._dir, index, bool(self.http))
+
     def run(self) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.driver.install_signal(signum, self._stop)
         self.driver.install_signal(signal.SIGQUIT, lambda: self._stop(cold=True))
-        self.children = [Child(self.argv, self._dir, i) for i in range(self.processes)]
+        if self.http:  # one endpoint for every child: bound here, before any child starts
+            self._serving = True
+            self._server = serve_http(self.http, self.driver, lambda: self._serving,
+                                      {"/healthz": self._healthz, "/metrics": self._metrics})
+            log.info("supervisor: serving /metrics and /healthz of all %d children on %s",
+                     self.processes, self.http)
+        self.children = [self._start(i) for i in range(self.processes)]
         log.info("supervisor %d: started %d worker process(es)", os.getpid(), self.processes)
+        try:
+            return self._loop()
+        finally:
+            self._serving = False
+            if self._server is not None:
+                self._server.server_close()
+
+    def _loop(self) -> int:
         worst = 0
         while True:
             alive = 0
             for i, child in enumerate(self.children):
                 if child is None:
+                    if self.restart_at[i] is not None and not self.stopping:
+                        alive += 1
+                        if time.monotonic() >= self.restart_at[i]:
+                            self.restart_at[i] = None
+                            self.children[i] = self._start(i)
                     continue
                 code = child.proc.poll()
                 if code is None:
                     alive += 1
                     self._check(child)
                     continue
+                self.children[i] = None
                 if self.stopping or self.burst:
                     # a child stopped by our own signal before it could install handlers is clean too
                     clean = code == 0 or (self.stopping and code in (-signal.SIGTERM, -signal.SIGQUIT))
                     worst = max(worst, 0 if clean else 1)
-                    self.children[i] = None
+                    if code == EXIT_USAGE:
+                        worst = EXIT_USAGE
+                elif code == EXIT_USAGE:  # a configuration error does not heal by restarting
+                    log.error("child %d (slot %d) exited with a configuration error (exit code 2); "
+                              "stopping the other children", child.proc.pid, i)
+                    worst = EXIT_USAGE
+                    self._stop()
                 else:
-                    log.info("child %d exited (%s): starting a replacement", child.proc.pid, code)
-                    self.children[i] = Child(self.argv, self._dir, i)
                     alive += 1
+                    self._schedule_restart(i, child, code)
             if not alive:
                 return worst
             self.driver.sleep(0.2)
 
+    def _schedule_restart(self, index: int, child: Child, code: int) -> None:
+        """Restart slot ``index``: at once after a clean exit or a long life,
+        else after an exponential backoff; one log line either way."""
+        uptime = time.time() - child.started
+        if code == 0 or uptime >= HEALTHY_UPTIME:
+            self.failures[index] = 0
+            delay = 0.0
+        else:
+            self.failures[index] += 1
+            delay = backoff(self.failures[index], longest=RESTART_MAX_DELAY)
+        how = f"exit code {code}" if code >= 0 else f"signal {-code}"
+        again = f" (failure {self.failures[index]} in a row)" if self.failures[index] else ""
+        log.log(logging.INFO if not self.failures[index] else logging.WARNING,
+                "child %d (slot %d) exited with %s after %.1f s%s; restarting in %.1f s",
+                child.proc.pid, index, how, uptime, again, delay)
+        self.restart_at[index] = time.monotonic() + delay
     def _check(self, child: Child) -> None:
         stale = child.stale_for()
         if stale > self.stuck_after:
@@ -103,6 +182,69 @@ class Supervisor:
             log.warning("child %d passed max_memory_per_child: asking it to stop", child.proc.pid)
             child.asked_to_stop = True
             child.proc.send_signal(signal.SIGTERM)
+
+    # -- one HTTP endpoint for all children ------------------------------------
+    def _scrape(self, path: str) -> List[Tuple[int, Optional[int], str]]:
+        """(slot, HTTP status or None, body) of ``path`` from every live child."""
+        out = []
+        for child in self.children:
+            if child is None or child.proc.poll() is not None:
+                continue
+            port = child.http_port()
+            status, body = None, "not serving yet"
+            if port is not None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+                        status, body = resp.status, resp.read().decode()
+                except urllib.error.HTTPError as exc:
+                    status, body = exc.code, exc.read().decode()
+                except OSError as exc:
+                    body = str(exc)
+            out.append((child.index, status, body))
+        return out
+
+    def _healthz(self) -> "tuple[int, str, str]":
+        """200 when every configured child is up and healthy, else 503; each child's answer."""
+        answers = self._scrape("/healthz")
+        children = []
+        for index, status, body in answers:
+            try:
+                detail = json.loads(body)
+            except ValueError:
+                detail = {"status": "unreachable", "error": body}
+            children.append(dict(detail, slot=index))
+        ok = len(answers) == self.processes and all(status == 200 for _, status, _ in answers)
+        doc = {"status": "ok" if ok else "unhealthy", "processes": self.processes,
+               "alive": len(answers), "children": children}
+        return (200 if ok else 503), json.dumps(doc), "application/json"
+
+    def _metrics(self) -> "tuple[int, str, str]":
+        """Every child's metrics summed (counters and gauges alike), plus the process counts."""
+        totals: Dict[str, float] = {}
+        comments: List[str] = []
+        for _, status, body in self._scrape("/metrics"):
+            if status != 200:
+                continue
+            for line in body.splitlines():
+                if line.startswith("#"):
+                    if line not in comments:
+                        comments.append(line)
+                elif line.strip():
+                    name, _, value = line.rpartition(" ")
+                    totals[name] = totals.get(name, 0.0) + float(value)
+        lines = []
+        for comment in comments:
+            lines.append(comment)
+            if comment.startswith("# TYPE "):
+                name = comment.split()[2]
+                if name in totals:
+                    lines.append(f"{name} {totals[name]:g}")
+        lines += ["# HELP greenq_processes Worker processes configured",
+                  "# TYPE greenq_processes gauge", f"greenq_processes {self.processes}",
+                  "# HELP greenq_processes_alive Worker processes running",
+                  "# TYPE greenq_processes_alive gauge",
+                  f"greenq_processes_alive {sum(1 for c in self.children if c and c.proc.poll() is None)}"]
+        return 200, "\n".join(lines) + "\n", METRICS_TYPE
 
 
 def _rss(pid: int) -> int:

@@ -126,3 +126,31 @@ def slow_steps(name, seconds):
         time.sleep(0.1)
     _mark(name + ".finished")
     return name
+
+
+class _Unprintable(Exception):
+    def __str__(self):
+        raise RuntimeError("this exception cannot be shown")
+
+    def __repr__(self):
+        raise RuntimeError("nor represented")
+
+
+@app.task(name="e2e.unprintable_fail")
+def unprintable_fail():
+    raise _Unprintable(object())
+
+
+@app.task(name="e2e.deep_result")
+def deep_result(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@app.task(name="e2e.local_object")
+def local_object():
+    class Local:
+        pass
+    return Local()

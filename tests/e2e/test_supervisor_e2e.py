@@ -1,8 +1,15 @@
-"""The supervisor: children replaced after their task budget, and a child whose
-hub is stuck killed and replaced."""
+"""The supervisor: children replaced after their task budget, a child whose
+hub is stuck killed and replaced, crash loops backed off, one --http
+endpoint for every child."""
 from __future__ import annotations
 
+import json
+import re
 import signal
+import socket
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -21,7 +28,7 @@ def test_children_are_replaced_after_max_tasks(pool, sqlite_env):
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-    assert "starting a replacement" in out
+    assert "restarting in 0.0 s" in out     # a clean exit: replaced at once
 
 
 def test_child_with_a_stuck_hub_is_killed_and_replaced(pool, sqlite_env):
@@ -43,3 +50,69 @@ def test_child_with_a_stuck_hub_is_killed_and_replaced(pool, sqlite_env):
     assert not stuck.ready()
     listing = sqlite_env.admin("dlq", "list")
     assert "e2e.block_hub" in listing.stdout, listing.stdout   # not run a second time
+
+
+def test_children_that_keep_crashing_are_restarted_with_backoff(pool, sqlite_env):
+    import e2e_tasks
+    sqlite_env.app()
+    for _ in range(3):
+        e2e_tasks.crash_worker.delay()     # each kills the child that runs it, at once
+    proc = sqlite_env.worker(pool, "--processes", "1", "--max-tasks-per-child", "1000", "-c", "1",
+                             "--prefetch", "1", burst=False)
+    deadline = time.monotonic() + 60
+    while sqlite_env.marker_count("crash.started") < 3:
+        assert time.monotonic() < deadline, sqlite_env.dump()
+        time.sleep(0.05)
+    assert e2e_tasks.add.delay(2, 2).get(timeout=60) == 4     # the fourth child lives
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    restarts = re.findall(r"exited with exit code 3 after [\d.]+ s \(failure (\d) in a row\); "
+                          r"restarting in ([\d.]+) s", out)
+    assert restarts == [("1", "0.5"), ("2", "1.0"), ("3", "2.0")], out
+    assert "Traceback" not in out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> "tuple[int, str]":
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def test_one_http_endpoint_serves_every_child(pool, sqlite_env):
+    import e2e_tasks
+    app = sqlite_env.app()
+    port = _free_port()
+    proc = sqlite_env.worker(pool, "--processes", "2", "-c", "2", "--http", f"127.0.0.1:{port}",
+                             burst=False)
+    results = app.enqueue_many([e2e_tasks.pid.s(i) for i in range(12)])
+    assert len({r.get(timeout=60) for r in results}) >= 1
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:   # until both children serve their figures through the supervisor
+        try:
+            status, metrics = _get(base + "/metrics")
+        except OSError:
+            status, metrics = 0, ""
+        if status == 200 and "greenq_processes_alive 2" in metrics and \
+                "greenq_tasks_succeeded_total 12" in metrics and "greenq_concurrency 4" in metrics:
+            break   # two children of two slots each, summed
+        assert time.monotonic() < deadline, (metrics, sqlite_env.dump())
+        time.sleep(0.1)
+    assert metrics.count("# TYPE greenq_tasks_succeeded_total counter") == 1
+    status, body = _get(base + "/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["alive"] == 2 and len(health["children"]) == 2, body
+    assert all(child["status"] == "ok" for child in health["children"])
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "Address already in use" not in out and "Traceback" not in out and "exited with" not in out, out

@@ -149,6 +149,39 @@ def test_requeue_returns_message_at_once(broker_env):
     consumer.ack([again])
 
 
+def test_requeue_unstarted_keeps_the_delivery_count(broker_env):
+    """A warm shutdown returns what it held but never began: that hand-out
+    does not count toward max_deliveries (issue 7, deliverable 4)."""
+    q = broker_env.queue()
+    consumer = broker_env.consumer([q], lease_seconds=30)
+    broker_env.broker().publish(out(q, b"unstarted", message_id="m-u"))
+    [d] = drain(consumer, [q], 1, ack=False)
+    assert d.deliveries == 1
+    consumer.requeue([d], started=False)
+    start = time.monotonic()
+    [again] = drain(consumer, [q], 1, ack=False, timeout=2)
+    assert time.monotonic() - start < 1.0
+    assert (again.message_id, again.body, again.deliveries) == ("m-u", b"unstarted", 1)
+    consumer.ack([again])
+
+
+def test_stop_consuming_leaves_held_messages_settleable(broker_env):
+    """After stop_consuming (warm shutdown), nothing more is handed out to
+    this consumer, and what it holds can still be acknowledged and requeued."""
+    q = broker_env.queue()
+    consumer = broker_env.consumer([q], lease_seconds=30)
+    producer = broker_env.broker()
+    producer.publish_many([out(q, f"m{i}".encode(), message_id=f"s-{i}") for i in range(4)])
+    held = drain(consumer, [q], 2, count=2, ack=False)
+    assert len(held) == 2
+    consumer.stop_consuming()
+    consumer.ack(held[:1])
+    consumer.requeue(held[1:], started=False)
+    other = broker_env.consumer([q], lease_seconds=30)
+    rest = drain(other, [q], 3, ack=True)
+    assert sorted(ids(rest)) == sorted({"s-0", "s-1", "s-2", "s-3"} - {held[0].message_id})
+
+
 def test_expired_lease_goes_to_another_consumer(broker_env):
     q = broker_env.queue()
     first = broker_env.consumer([q], lease_seconds=1)

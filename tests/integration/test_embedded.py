@@ -13,7 +13,7 @@ import pytest
 
 from greenq.backends import backend_url_for, make_backend
 from greenq.brokers import Outgoing, make_broker
-from greenq.brokers.sqlite import SCHEMA_VERSION
+from greenq.clients.sqlite import SCHEMA_VERSION
 from greenq.exceptions import BrokerError, ConfigError
 from tests.conftest import make_config
 

@@ -94,3 +94,51 @@ def test_every_setting_is_documented():
         for key in keys:
             assert f"\n{key} =" in example, f"conf/greenq.ini lacks [{section}] {key}"
             assert f"`{key}`" in reference, f"docs/configuration.md lacks [{section}] {key}"
+
+
+def test_misspelt_environment_variable_is_a_warning_naming_the_right_one():
+    cfg = config.load(search=False, env={"GREENQ_WORKER_CONCURENCY": "5", "GREENQ_BROKR_URL": "x",
+                                         "GREENQ_CONFIG_UNUSED": "", "GREENQ_TEST_ANYTHING": "1"},
+                      quiet=True)
+    assert cfg.worker["concurrency"] == 100
+    text = "\n".join(cfg.warnings)
+    assert "GREENQ_WORKER_CONCURENCY" in text and "did you mean 'GREENQ_WORKER_CONCURRENCY'" in text
+    assert "did you mean 'GREENQ_BROKER_URL'" in text
+    assert "GREENQ_TEST_ANYTHING" not in text
+
+
+def test_warnings_are_logged_once_per_process(caplog):
+    env = {"GREENQ_WORKER_QUEUS": "a"}
+    with caplog.at_level("WARNING", logger="greenq.config"):
+        config.load(search=False, env=env)
+        config.load(search=False, env=env)
+    assert [r.getMessage() for r in caplog.records].count(
+        "environment GREENQ_WORKER_QUEUS is not a greenq setting and is ignored; "
+        "did you mean 'GREENQ_WORKER_QUEUES'?") == 1
+
+
+def test_prefetch_below_concurrency_is_a_warning(tmp_path):
+    ini = tmp_path / "g.ini"
+    ini.write_text("[worker]\nconcurrency = 50\nprefetch = 10\n")
+    cfg = config.load(str(ini), env={}, quiet=True)
+    assert len(cfg.warnings) == 1
+    assert "[worker] prefetch = 10 is below [worker] concurrency = 50" in cfg.warnings[0]
+    assert str(ini) in cfg.warnings[0]
+    assert not config.load(search=False, env={}, overrides={("worker", "prefetch"): 100},
+                           quiet=True).warnings
+
+
+def test_soft_limit_above_hard_limit_in_a_task_section_is_an_error(tmp_path):
+    ini = tmp_path / "g.ini"
+    ini.write_text("[task:shop.tasks.fetch]\nsoft_time_limit = 30\ntime_limit = 10\n")
+    with pytest.raises(ConfigError) as info:
+        config.load(str(ini), env={})
+    message = str(info.value)
+    assert "[task:shop.tasks.fetch] soft_time_limit = 30 is above time_limit = 10" in message
+    assert str(ini) in message
+
+
+def test_broker_connect_timeout_defaults_to_forever():
+    assert config.load(search=False, env={}).broker_connect_timeout == 0
+    cfg = config.load(search=False, env={"GREENQ_BROKER_CONNECT_TIMEOUT": "2.5"})
+    assert cfg.broker_connect_timeout == 2.5

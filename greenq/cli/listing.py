@@ -1,0 +1,97 @@
+"""``greenq queues``: the table (or JSON) of queue depths.
+
+AMQP cannot list queues, so on RabbitMQ the broker alone knows only the
+configured queues and, for ``held``, what this process holds.  When
+RabbitMQ's management API answers (``[amqp] management_url``, by default
+``http://BROKER_HOST:15672`` with the broker's user), every queue of the
+vhost is listed with the messages every consumer holds; otherwise the broker's
+own figures are shown with a note saying so.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Dict, List, Optional, TextIO, Tuple
+
+from ..brokers.base import QueueStats
+from ..config import mask_url
+
+#: RabbitMQ objects that are greenq's own plumbing (delay cascade, dead letters,
+#: revocations) or the server's (reply queues), not task queues
+INTERNAL_PREFIXES = ("greenq.", "amq.")
+
+
+def print_queues(app: Any, as_json: bool, out: TextIO, compact: bool = False) -> None:
+    """The table, or one JSON document (on one line when ``compact``)."""
+    stats, note = queue_stats(app)
+    if as_json:
+        doc: Dict[str, Any] = {"queues": [vars(s) for s in stats]}
+        if note:
+            doc["note"] = note
+        out.write(json.dumps(doc, indent=None if compact else 2) + "\n")
+        return
+    out.write(f"{'queue':<30} {'ready':>8} {'delayed':>8} {'held':>8} {'dead':>8}\n")
+    for s in stats:
+        out.write(f"{s.name:<30} {s.ready:>8} {s.delayed:>8} {s.held:>8} {s.dead:>8}\n")
+    if note:
+        out.write(f"({note})\n")
+
+
+def queue_stats(app: Any) -> Tuple[List[QueueStats], Optional[str]]:
+    """Every queue's figures, and a note when they are partial."""
+    broker = app.broker
+    scheme = app.config.broker_url.partition("://")[0].lower()
+    if scheme not in ("amqp", "pyamqp", "amqps"):
+        return broker.queue_stats(), None
+    url = management_url(app.config.broker_url, app.config.section("amqp")["management_url"])
+    try:
+        listed = rabbitmq_queues(app.config.broker_url, url)
+    except (OSError, ValueError) as exc:
+        return broker.queue_stats(), (f"RabbitMQ's management API at {mask_url(url)} did not answer "
+                                      f"({exc}): configured queues only; held counts this process only")
+    names = sorted(n for n in listed if not n.startswith(INTERNAL_PREFIXES))
+    configured = app.config.worker["queues"]
+    names += [q for q in configured if q not in listed]
+    rows = broker.queue_stats(names) if names else []
+    for row in rows:
+        ready, held = listed.get(row.name, (row.ready, row.held))
+        row.ready, row.held = ready, held
+    return rows, None
+
+
+def management_url(broker_url: str, configured: str) -> str:
+    """``[amqp] management_url``, else ``http://BROKER_HOST:15672`` with the broker's user."""
+    if configured:
+        return configured
+    parts = urllib.parse.urlsplit(broker_url)
+    auth = ""
+    if parts.username is not None:
+        auth = parts.username + (f":{parts.password}" if parts.password is not None else "") + "@"
+    host = parts.hostname or "localhost"
+    return f"http://{auth}{host}:15672"
+
+
+def rabbitmq_queues(broker_url: str, api: str, timeout: float = 5.0) -> Dict[str, Tuple[int, int]]:
+    """``{queue: (ready, held by consumers)}`` of the broker URL's vhost, from the management API."""
+    parts = urllib.parse.urlsplit(broker_url)
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = urllib.parse.unquote(path) or "/"
+    api_parts = urllib.parse.urlsplit(api)
+    user = urllib.parse.unquote(api_parts.username or parts.username or "guest")
+    password = urllib.parse.unquote(api_parts.password or parts.password or "guest")
+    netloc = api_parts.netloc.rpartition("@")[2]
+    endpoint = urllib.parse.urlunsplit((api_parts.scheme or "http", netloc,
+                                        api_parts.path.rstrip("/") + "/api/queues/"
+                                        + urllib.parse.quote(vhost, safe=""), "", ""))
+    request = urllib.request.Request(endpoint, headers={
+        "Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            rows = json.loads(resp.read().decode())
+    except urllib.error.HTTPError as exc:
+        raise OSError(f"HTTP {exc.code}") from None
+    return {row["name"]: (int(row.get("messages_ready", 0)), int(row.get("messages_unacknowledged", 0)))
+            for row in rows}

@@ -1,0 +1,1 @@
+"""Client code shared by a broker and the result backend of the same kind."""

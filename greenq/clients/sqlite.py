@@ -1,0 +1,152 @@
+"""The SQLite file shared by the SQLite broker and result backend: its schema
+(documented in greenq/brokers/sqlite.py), a pool of connections each used by
+one thread at a time, and small SQL helpers.  Neither the broker nor the
+backend imports the other."""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from typing import Any, Callable, Iterator, List, Sequence
+from urllib.parse import parse_qs, urlsplit
+
+from ..config import mask_url
+from ..exceptions import BrokerError, ConfigError
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    visible_at REAL NOT NULL,
+    claimed_by TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_fetch ON messages (queue, priority, visible_at);
+CREATE TABLE IF NOT EXISTS queues (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    failed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT PRIMARY KEY,
+    data BLOB NOT NULL,
+    final INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS revocations (
+    task_id TEXT PRIMARY KEY,
+    terminate INTEGER NOT NULL,
+    expires_at REAL NOT NULL
+);
+"""
+
+BUSY_TIMEOUT = 15.0       # seconds a writer waits for the database lock
+CHUNK = 500               # ids per IN (...) list, under SQLite's variable limit
+SYNCHRONOUS = ("full", "normal", "off")
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
+
+
+def chunks(items: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]
+
+
+def placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+class Database:
+    """A SQLite file with a pool of connections, each used by one thread at a time.
+
+    ``run(fn, *args)`` calls ``fn(conn, *args)`` with a connection taken from
+    the pool (list ``pop``/``append`` are atomic, so no lock is needed whatever
+    the driver); sqlite3 errors become :class:`BrokerError`.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if parts.netloc or not path or path == ":memory:":
+            raise ConfigError(f"sqlite URL {mask_url(url)!r}: expected sqlite:///relative/path.db or "
+                              f"sqlite:////absolute/path.db (use memory:// for an in-process broker)")
+        options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        self.synchronous = options.pop("synchronous", "full").lower()
+        if self.synchronous not in SYNCHRONOUS or options:
+            raise ConfigError(f"sqlite URL {mask_url(url)!r}: the only option is "
+                              f"synchronous={'|'.join(SYNCHRONOUS)}")
+        self.path = os.path.abspath(path)
+        self._idle: List[sqlite3.Connection] = []
+        self._schema_ready = False
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
+                               check_same_thread=False, cached_statements=64)
+        conn.text_factory = _text   # TEXT that is not UTF-8 (a raw write) must not fail a whole fetch
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        if not self._schema_ready:
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BrokerError(f"{self.path} has greenq schema version {version}; this greenq knows "
+                                  f"{SCHEMA_VERSION}: upgrade greenq")
+            if version < SCHEMA_VERSION:
+                with transaction(conn):
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._schema_ready = True
+        return conn
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._closed:
+            raise BrokerError(f"sqlite database {self.path} is closed")
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            conn = None
+        try:
+            if conn is None:
+                conn = self._connect()
+            return fn(conn, *args)
+        except sqlite3.Error as exc:
+            raise BrokerError(f"sqlite {self.path}: {exc}") from exc
+        finally:
+            if conn is not None:
+                if self._closed:
+                    conn.close()
+                else:
+                    self._idle.append(conn)
+
+    def close(self) -> None:
+        self._closed = True
+        while self._idle:
+            self._idle.pop().close()
+
+
+@contextlib.contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """A write transaction: takes the database lock at once (waiting up to BUSY_TIMEOUT)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # never give a connection back to the pool mid-transaction
+            conn.execute("ROLLBACK")
+        raise
+
+

@@ -1,0 +1,107 @@
+"""Time limits and revocation: the reaper greenlet.
+
+Soft and hard deadlines wait in a heap; the reaper fires each when it is due
+by throwing an exception into the task's greenlet (or thread).  Once a second
+it also asks the result backend which running tasks were revoked with
+``terminate=True`` and kills those.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Type
+
+from ..exceptions import SoftTimeLimitExceeded
+from . import jobs
+from .jobs import Job
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .consumer import Worker
+
+log = logging.getLogger("greenq.worker")
+
+REVOKE_CHECK_INTERVAL = 1.0
+KILL_MESSAGES = {SoftTimeLimitExceeded: "soft time limit exceeded", jobs.HardKill: "hard time limit: killed",
+                 jobs.Terminate: "revoked: terminated", jobs.Abandon: "cold shutdown: abandoned"}
+
+
+@dataclass(order=True)
+class Deadline:
+    when: float                                   # monotonic seconds
+    seq: int
+    job: Job = field(compare=False)
+    exc: Type[BaseException] = field(compare=False)
+
+
+class Reaper:
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.deadlines: List[Deadline] = []
+        self._seq = itertools.count()
+        self._lock = worker.lock
+
+    def arm(self, job: Job, soft: Optional[float], hard: Optional[float]) -> None:
+        """Start the clocks of a task that is about to run."""
+        if not (soft or hard):
+            return
+        now = time.monotonic()
+        with self._lock:
+            if soft:
+                heapq.heappush(self.deadlines, Deadline(now + soft, next(self._seq), job, SoftTimeLimitExceeded))
+            if hard:
+                heapq.heappush(self.deadlines, Deadline(now + hard, next(self._seq), job, jobs.HardKill))
+
+    def loop(self) -> None:
+        w = self.worker
+        next_revoke_check = time.monotonic() + REVOKE_CHECK_INTERVAL
+        while not (w.stopped.is_set() and not w.running):
+            now = time.monotonic()
+            self._fire_due(now)
+            if now >= next_revoke_check:
+                next_revoke_check = now + REVOKE_CHECK_INTERVAL
+                self.terminate_revoked()
+            wait = 0.1
+            if self.deadlines:
+                wait = min(wait, max(0.005, self.deadlines[0].when - now))
+            w.driver.sleep(wait)
+
+    def _fire_due(self, now: float) -> None:
+        running = self.worker.running
+        while True:
+            with self._lock:
+                if not self.deadlines or self.deadlines[0].when > now:
+                    return
+                due = heapq.heappop(self.deadlines)
+                job = due.job
+                if id(job) not in running or job.outcome is not None:
+                    continue
+                if not job.started:              # not yet scheduled: check again shortly
+                    heapq.heappush(self.deadlines, Deadline(now + 0.05, next(self._seq), job, due.exc))
+                    return
+            self.kill(job, due.exc)
+
+    def kill(self, job: Job, exc: Type[BaseException]) -> None:
+        if exc is jobs.HardKill or exc is jobs.Terminate:
+            job.killed_by = exc
+        log.warning("task %s[%s]: %s", job.msg.task, job.msg.id, KILL_MESSAGES[exc])
+        job.handle.kill(exc)
+
+    def revoked(self, batch: List[Job]) -> Dict[str, bool]:
+        """Revoked ids of ``batch`` (id -> terminate); none when the backend is unreachable."""
+        try:
+            return self.worker.backend.revoked([j.msg.id for j in batch])
+        except Exception as exc:
+            log.warning("could not read revocations: %s", exc)
+            return {}
+
+    def terminate_revoked(self) -> None:
+        running = [j for j in list(self.worker.running.values()) if j.started]
+        if not running:
+            return
+        revoked = self.revoked(running)
+        for job in running:
+            if revoked.get(job.msg.id) and job.outcome is None and job.killed_by is None:
+                self.kill(job, jobs.Terminate)

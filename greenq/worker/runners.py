@@ -1,0 +1,217 @@
+"""The runners: ``concurrency`` long-lived greenlets (or threads), each running
+one task at a time from the worker's run queue, and the task hooks around it.
+
+Around each task, in the task's greenlet, with its request set (so every log
+line carries its id): ``task_prerun``; the task; then ``task_success``,
+``task_failure`` or ``task_retry``; then ``task_postrun``.  The worker's own
+rate limits and STARTED records are ``task_prerun`` subscribers
+(:class:`RateLimiter`, :class:`StartedRecorder`), registered before the app's.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import traceback
+from types import FrameType
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from ..backends.base import Record
+from ..exceptions import SoftTimeLimitExceeded
+from ..result import STARTED, make_meta
+from ..task import set_request
+from . import jobs
+from .jobs import Job, describe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..task import Request, Task
+    from .consumer import Worker
+
+log = logging.getLogger("greenq.worker")
+
+KILLS = (SoftTimeLimitExceeded, jobs.HardKill, jobs.Abandon, jobs.Terminate)
+#: the state name given to task_postrun for each outcome
+POSTRUN_STATE = {jobs.SUCCESS: "SUCCESS", jobs.FAILURE: "FAILURE", jobs.RETRY: "RETRY",
+                 jobs.REJECT: "REJECTED", jobs.REVOKED: "REVOKED", jobs.REQUEUE: "REQUEUED"}
+
+
+class Runner:
+    """One long-lived runner; ``handle`` is its greenlet or thread, ``job`` the
+    task it runs now, ``frame`` the frame of its loop (the monitor finds a
+    task blocking the hub by walking up to it)."""
+    __slots__ = ("handle", "job", "frame")
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.job: Optional[Job] = None
+        self.frame: Optional[FrameType] = None
+
+
+class Runners:
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.all: List[Runner] = []
+        self._by_frame: Dict[int, Runner] = {}
+
+    def start(self, count: int) -> None:
+        for _ in range(count):
+            runner = Runner()
+            self.all.append(runner)
+            runner.handle = self.worker.driver.spawn(self._loop, runner)
+
+    def stop(self) -> None:
+        for _ in self.all:
+            self.worker.runq.put(None)
+
+    def job_of_frame(self, frame: Optional[FrameType]) -> Optional[Job]:
+        """The job whose runner's stack holds ``frame`` (from any OS thread)."""
+        while frame is not None:
+            runner = self._by_frame.get(id(frame))
+            if runner is not None and runner.frame is frame:
+                return runner.job
+            frame = frame.f_back
+        return None
+
+    # -- one runner --------------------------------------------------------------
+    def _loop(self, runner: Runner) -> None:
+        """Run jobs one after another.  A kill is aimed at one job; one that
+        arrives after that job ended lands in the ``sleep(0)`` below (the hub
+        delivers it before resuming us) or in ``get``, and is ignored there."""
+        w = self.worker
+        runner.frame = sys._getframe()
+        self._by_frame[id(runner.frame)] = runner
+        sleep = w.driver.sleep
+        try:
+            while True:
+                try:
+                    job = w.runq.get()
+                    if job is None:
+                        return
+                    if w.stopping:               # shutting down: don't start what has not started
+                        w.finish(job, jobs.REQUEUE)
+                        continue
+                    job.handle = runner.handle
+                    runner.job = job
+                    self._run(job)
+                    runner.job = None
+                    sleep(0)
+                except KILLS:
+                    runner.job = None
+                    continue
+                except Exception:   # never lose the runner: _run has settled the job already
+                    runner.job = None
+                    log.error("runner error (the runner goes on)", exc_info=True)
+        finally:
+            self._by_frame.pop(id(runner.frame), None)
+
+    def _run(self, job: Job) -> None:
+        w = self.worker
+        task = job.task
+        try:
+            soft, hard = jobs.limits(job)
+        except Exception:                       # a bad [task:NAME] value: run without limits
+            log.error("task %s[%s]: unusable time limits", job.msg.task, job.msg.id, exc_info=True)
+            soft = hard = None
+        with w.lock:
+            w.running[id(job)] = job
+        w.reaper.arm(job, soft, hard)
+        request = jobs.request_for(job)
+        set_request(request)
+        start = time.monotonic()
+        try:
+            try:
+                if not task.option("acks_late"):   # at most once: acknowledged as it starts
+                    w.broker.ack([job.delivery])
+                    job.acked = True
+                w.hooks.emit("task_prerun", task, request)
+            except Exception as exc:            # the task is not run; its caller is told why
+                log.error("task %s[%s] could not be started: %s", job.msg.task, job.msg.id, describe(exc))
+                job.outcome, job.exc, job.tb = jobs.FAILURE, exc, traceback.format_exc()
+            else:
+                jobs.run(job)
+            self._after(job, task, request, time.monotonic() - start)
+        finally:
+            while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway
+                try:
+                    set_request(None)
+                    self._ran(job)
+                    break
+                except KILLS:
+                    continue
+
+    def _after(self, job: Job, task: "Task", request: "Request", runtime: float) -> None:
+        """Log the outcome and run the outcome hooks, still in the task's context."""
+        hooks, outcome = self.worker.hooks, job.outcome
+        if outcome == jobs.SUCCESS:
+            hooks.emit("task_success", task, request, job.value)
+        elif outcome == jobs.FAILURE:
+            log.warning("task %s[%s] failed after %.3f s: %s", task.name, request.id, runtime, describe(job.exc))
+            hooks.emit("task_failure", task, request, job.exc, job.tb)
+        elif outcome == jobs.RETRY:
+            log.info("task %s[%s] retry %d: %s", task.name, request.id, request.retries + 1, describe(job.exc))
+            hooks.emit("task_retry", task, request, str(job.exc))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("task %s[%s] %s in %.3f s", task.name, request.id, outcome, runtime)
+        if outcome is not None and hooks.has("task_postrun"):
+            retval = job.value if outcome == jobs.SUCCESS else job.exc
+            hooks.emit("task_postrun", task, request, POSTRUN_STATE.get(outcome, outcome), retval)
+
+    def _ran(self, job: Job) -> None:
+        w = self.worker
+        if job.outcome is None:                 # killed before it began
+            job.outcome = jobs.REQUEUE
+            if job.killed_by is jobs.HardKill:  # ...by its own hard limit (a hook ate its time)
+                job.outcome, job.exc = jobs.FAILURE, jobs.TimeLimitExceeded(
+                    f"{job.msg.task}[{job.msg.id}] killed by its hard time limit before it started")
+        with w.lock:
+            w.running.pop(id(job), None)
+            if job.settling:
+                return
+            job.settling = True
+        w.settler.put(job)
+
+
+class RateLimiter:
+    """``rate_limit`` per worker: a ``task_prerun`` subscriber that makes the
+    task wait for its slot (holding its pool slot, as Celery does)."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self._next_slot: Dict[str, float] = {}   # next free start time per task name
+        self._intervals: Dict[str, float] = {}
+
+    def __call__(self, task: "Task", request: "Request") -> None:
+        rate = task.option("rate_limit")
+        if not rate:
+            return
+        interval = self._intervals.get(rate)
+        if interval is None:
+            from ..config import parse_rate
+            interval = self._intervals[rate] = 1.0 / parse_rate(rate)
+        now = time.monotonic()
+        with self.worker.lock:
+            slot = max(now, self._next_slot.get(task.name, 0.0))
+            self._next_slot[task.name] = slot + interval
+        if slot > now:
+            self.worker.driver.sleep(slot - now)
+
+
+class StartedRecorder:
+    """``[worker] track_started`` (or the task option): store STARTED when a
+    task begins, as Celery's ``task_track_started`` does.  One more write per
+    task, so off by default."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.default = bool(worker.config.worker.get("track_started", False))
+
+    def __call__(self, task: "Task", request: "Request") -> None:
+        track = task.option("track_started")
+        if not (self.default if track is None else track) or task.option("ignore_result"):
+            return
+        w = self.worker
+        data = w.codec.encode_result(make_meta(request.id, STARTED, task=task.name, retries=request.retries))
+        try:
+            w.backend.store_many([Record(request.id, data, False, request.reply_to)])
+        except Exception as exc:                # a missing STARTED must not fail the task
+            log.warning("could not store STARTED: %s", describe(exc))

@@ -1,0 +1,214 @@
+"""Settling finished jobs: the finisher greenlet.
+
+It takes finished jobs in batches and, in this order, publishes retries,
+stores results in one call, then acknowledges in one call (late ack: a result
+is never acknowledged unstored), returns what must go back, and dead-letters
+what cannot run.  Nothing in one job can stop the others from being settled:
+a job whose record cannot be built is stored as a FAILURE saying why, and an
+error that retrying cannot cure is narrowed down to the items that cause it.
+"""
+from __future__ import annotations
+
+import logging
+import queue as std_queue
+import time
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+
+from ..backends.base import Record
+from ..brokers.base import Delivery
+from ..exceptions import MessageError
+from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
+from . import jobs
+from .jobs import Job, describe
+from .state import StopState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .consumer import Worker
+
+log = logging.getLogger("greenq.worker")
+
+BATCH_MAX = 1000
+#: errors that retrying the same call cannot cure: bad data, not an outage
+PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, MessageError)
+
+
+class Plan:
+    """What settling one batch takes, gathered before any call is made."""
+    __slots__ = ("records", "republish", "acks", "requeue", "unstarted", "dead")
+
+    def __init__(self) -> None:
+        self.records: List[Record] = []
+        self.republish: List[Any] = []
+        self.acks: List[Delivery] = []
+        self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
+        self.unstarted: List[Delivery] = []               # never began: delivery count not raised
+        self.dead: List[Tuple[Delivery, str]] = []        # (delivery, reason)
+
+
+class Settler:
+    """The finisher of one worker."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.broker = worker.broker
+        self.codec = worker.codec
+        self.done = worker.driver.queue()      # finished jobs; None ends the loop
+        self.settling_since: Optional[float] = None
+
+    def put(self, job: Job) -> None:
+        self.done.put(job)
+
+    def close(self) -> None:
+        self.done.put(None)
+
+    def loop(self) -> None:
+        while True:
+            first = self.done.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < BATCH_MAX:
+                try:
+                    item = self.done.get(block=False)
+                except std_queue.Empty:
+                    break
+                if item is None:
+                    self.done.put(None)
+                    break
+                batch.append(item)
+            self.settle(batch)
+
+    def settle(self, batch: List[Job]) -> None:
+        w = self.worker
+        self.settling_since = time.monotonic()
+        plan = Plan()
+        for job in batch:
+            try:
+                self._plan(job, plan)
+            except Exception as exc:
+                log.error("task %s: its outcome could not be recorded", job.id, exc_info=True)
+                self._plan_failure(job, plan, exc)
+        backend = w.backend
+        self._with_retries("publish retries", self.broker.publish_many, plan.republish)
+        self._with_retries("store results", backend.store_many, plan.records, on_permanent=self._store_fallback)
+        self._with_retries("acknowledge", self.broker.ack, plan.acks)
+        self._with_retries("requeue", self.broker.requeue, plan.requeue)
+        self._with_retries("requeue", lambda ds: self.broker.requeue(ds, started=False), plan.unstarted)
+        self._with_retries("dead-letter", self._dead_letter_each, plan.dead)
+        w.release(batch)
+        self.settling_since = None
+
+    # -- one job -------------------------------------------------------------
+    def _plan(self, job: Job, plan: Plan) -> None:
+        """Add what settling ``job`` takes to ``plan``."""
+        encode = self.codec.encode_result
+        outcome, msg = job.outcome, job.msg
+        if outcome == jobs.DEAD:
+            plan.dead.append((job.delivery, job.reason))
+            log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
+            self.worker.hooks.emit("message_dead_lettered", job, job.reason)
+            return
+        if outcome == jobs.REQUEUE:
+            (plan.requeue if job.started else plan.unstarted).append(job.delivery)
+            return
+        if outcome == jobs.REJECT:
+            if job.exc.requeue:
+                plan.requeue.append(job.delivery)
+            else:
+                plan.dead.append((job.delivery, f"rejected: {job.reason}"))
+            return
+        ignore = job.task is not None and job.task.option("ignore_result")
+        if outcome == jobs.SUCCESS:
+            if not ignore:
+                plan.records.append(Record(msg.id, encode(make_meta(
+                    msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries)),
+                    True, msg.reply_to))
+        elif outcome == jobs.FAILURE:
+            plan.records.append(Record(msg.id, encode(make_meta(
+                msg.id, FAILURE, exc=job.exc, traceback=job.tb, task=msg.task,
+                retries=msg.retries)), True, msg.reply_to))
+        elif outcome == jobs.RETRY:
+            outgoing = self.codec.outgoing(msg.for_retry(job.exc.when))
+            plan.records.append(Record(msg.id, encode(make_meta(
+                msg.id, RETRY, exc=job.exc.exc or job.exc, task=msg.task,
+                retries=msg.retries + 1)), False, msg.reply_to))
+            plan.republish.append(outgoing)
+        elif outcome == jobs.REVOKED:
+            self.worker.hooks.emit("task_revoked", job)
+            plan.records.append(Record(msg.id, encode(make_meta(
+                msg.id, REVOKED, task=msg.task, reason=job.reason)), True, msg.reply_to))
+        if not job.acked:
+            plan.acks.append(job.delivery)
+
+    def _plan_failure(self, job: Job, plan: Plan, exc: BaseException) -> None:
+        """The fallback of ``_plan``: store a FAILURE naming the error and
+        acknowledge (a message that is not a task at all is dead-lettered)."""
+        msg = job.msg
+        if msg is None:
+            plan.dead.append((job.delivery, f"worker error while settling it: {describe(exc)}"))
+            return
+        error = MessageError(f"the worker could not record this task's outcome: {describe(exc)}")
+        plan.records.append(Record(msg.id, self.codec.encode_result(make_meta(
+            msg.id, FAILURE, exc=error, task=msg.task, retries=msg.retries)), True, msg.reply_to))
+        if not job.acked:
+            plan.acks.append(job.delivery)
+
+    def _store_fallback(self, record: Record, exc: BaseException) -> None:
+        """A record the backend refuses for good (too large, say): store a
+        small FAILURE in its place, once."""
+        error = MessageError(f"the result could not be stored: {describe(exc)}")
+        small = Record(record.task_id, self.codec.encode_result(make_meta(record.task_id, FAILURE, exc=error)),
+                       record.final, record.reply_to)
+        try:
+            self.worker.backend.store_many([small])
+        except Exception as again:
+            log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
+
+    def _dead_letter_each(self, items: List[Tuple[Delivery, str]]) -> None:
+        for delivery, reason in items:
+            self.broker.dead_letter(delivery, reason)
+
+    # -- retrying --------------------------------------------------------------
+    def _with_retries(self, what: str, fn: Callable[[List[Any]], None], items: List[Any],
+                      on_permanent: Optional[Callable[[Any, BaseException], None]] = None) -> None:
+        """Call ``fn(items)`` until it succeeds: a result is never acknowledged
+        unstored.  An error that retrying cannot cure (bad data, not a broker
+        outage) is narrowed down by calling ``fn`` with one item at a time;
+        the items that fail alone with such an error are logged and handed to
+        ``on_permanent``, the rest go on.  Gives up only at cold shutdown,
+        leaving the messages unacknowledged (they come back: at-least-once)."""
+        delay = 0.1
+        while items:
+            try:
+                fn(items)
+                return
+            except PERMANENT_ERRORS as exc:
+                items = self._one_by_one(what, fn, items, on_permanent)
+                if not items:
+                    return
+                err: BaseException = exc
+            except Exception as exc:
+                err = exc
+            if self.worker.stopping >= StopState.COLD and delay > 1:
+                log.error("%s failed at shutdown, giving up (messages will be redelivered): %s", what, err)
+                return
+            log.error("%s failed: %s; retrying in %.1f s", what, describe(err), delay)
+            self.worker.driver.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    def _one_by_one(what: str, fn: Callable[[List[Any]], None], items: List[Any],
+                    on_permanent: Optional[Callable[[Any, BaseException], None]]) -> List[Any]:
+        """Retry ``items`` singly after a permanent-looking error; return those
+        that failed with a transient one (to be retried as a batch)."""
+        transient = []
+        for item in items:
+            try:
+                fn([item])
+            except PERMANENT_ERRORS as exc:
+                log.error("%s: giving up on %r: %s", what, item, describe(exc))
+                if on_permanent is not None:
+                    on_permanent(item, exc)
+            except Exception:
+                transient.append(item)
+        return transient

@@ -1,0 +1,98 @@
+"""A starting worker waits for its broker instead of dying.
+
+A worker is often started with (or before) its broker: by systemd at boot, by
+docker compose, after a broker restart.  ``wait_for_broker`` declares the
+worker's queues, and while the broker cannot be reached it logs one line per
+attempt and tries again with exponential backoff, for
+``[greenq] broker_connect_timeout`` seconds (0 = forever).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from typing import Any, Callable, Optional, Sequence
+from urllib.parse import urlsplit
+
+from ..config import mask_url
+from ..exceptions import BrokerError
+
+#: first and longest pause between attempts, in seconds
+FIRST_DELAY, MAX_DELAY = 0.5, 30.0
+
+
+def backoff(attempt: int, first: float = FIRST_DELAY, longest: float = MAX_DELAY) -> float:
+    """The pause after failed attempt ``attempt`` (1, 2, ...): doubling from ``first`` up to ``longest``."""
+    return min(longest, first * 2 ** max(0, attempt - 1))
+
+
+def wait_for_broker(broker: Any, queues: Sequence[str], timeout: float, driver: Any,
+                    log: logging.Logger, url: str = "",
+                    stopping: Optional[Callable[[], bool]] = None) -> bool:
+    """Declare ``queues`` on ``broker``, retrying while it cannot be reached.
+
+    Returns True once the declaration succeeded, False when ``stopping()``
+    became true while waiting (a SIGTERM during the wait).  Raises
+    BrokerError, naming the broker and the last error, when ``timeout``
+    seconds (> 0) passed without success.  ``driver.sleep`` keeps the wait
+    cooperative."""
+    started = time.monotonic()
+    attempt = 0
+    where = mask_url(url) or type(broker).__name__
+    while True:
+        attempt += 1
+        try:
+            _probe(url)
+            broker.declare(queues)
+        except (BrokerError, OSError) as exc:
+            waited = time.monotonic() - started
+            if timeout and waited >= timeout:
+                raise BrokerError(f"broker {where} still unreachable after {waited:.0f} s "
+                                  f"([greenq] broker_connect_timeout = {timeout:g}): {exc}") from None
+            delay = backoff(attempt)
+            if timeout:
+                delay = min(delay, max(0.0, timeout - waited))
+            limit = f"giving up after {timeout:g} s" if timeout else "waiting for as long as it takes"
+            log.warning("broker %s unreachable (attempt %d, %.0f s so far, %s): %s; retrying in %.1f s",
+                        where, attempt, waited, limit, exc, delay)
+            if not _pause(delay, driver, stopping):
+                return False
+            continue
+        if attempt > 1:
+            log.info("broker %s reachable after %d attempts (%.1f s); starting to consume",
+                     where, attempt, time.monotonic() - started)
+        return True
+
+
+#: default ports of the URL schemes whose server a worker connects to
+DEFAULT_PORTS = {"redis": 6379, "rediss": 6380, "amqp": 5672, "pyamqp": 5672, "amqps": 5671}
+
+
+def _probe(url: str, timeout: float = 2.0) -> None:
+    """Open and close a TCP connection to the broker URL's server (OSError if
+    nothing answers), so that an absent broker is noticed within ``timeout``
+    rather than after the broker client's own, longer, reconnect loop."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return  # the broker reports a malformed URL itself
+    if not parts.hostname or port is None:
+        return  # embedded brokers (sqlite://, memory://)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise OSError(f"nothing answers on {parts.hostname}:{port} ({exc})") from None
+
+
+def _pause(seconds: float, driver: Any, stopping: Optional[Callable[[], bool]]) -> bool:
+    """Sleep ``seconds`` in short steps; False as soon as ``stopping()`` is true."""
+    end = time.monotonic() + seconds
+    while True:
+        if stopping is not None and stopping():
+            return False
+        left = end - time.monotonic()
+        if left <= 0:
+            return True
+        driver.sleep(min(0.2, left))

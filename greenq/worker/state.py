@@ -1,0 +1,88 @@
+"""The worker's state as others see it: the stop state, the counters (a hook
+subscriber), and the snapshot that the monitor and the fleet view read
+instead of reaching into the worker."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hooks import Hooks
+
+
+class StopState(enum.IntEnum):
+    """Ordered: a stop only ever moves up."""
+    RUNNING = 0
+    WARM = 1     # stop fetching, let running tasks finish within shutdown_timeout
+    COLD = 2     # stop now, return every unfinished message
+
+
+class Stats:
+    """Counters for /metrics, the summary line and ``inspect stats``, kept by
+    subscribing to the worker's hooks."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.received = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.revoked = 0
+        self.hub_blocked = 0
+        self.hub_blocked_seconds = 0.0
+
+    def subscribe(self, hooks: "Hooks") -> None:
+        hooks.on("messages_received", self._received)
+        hooks.on("task_success", self._succeeded)
+        hooks.on("task_failure", self._failed)
+        hooks.on("task_retry", self._retried)
+        hooks.on("task_revoked", self._revoked)
+        hooks.on("message_dead_lettered", self._dead)
+
+    def _received(self, count: int) -> None:
+        self.received += count
+
+    def _succeeded(self, task: Any, request: Any, retval: Any) -> None:
+        self.succeeded += 1
+
+    def _failed(self, task: Any, request: Any, exc: Any, traceback: Any) -> None:
+        self.failed += 1
+
+    def _retried(self, task: Any, request: Any, reason: Any) -> None:
+        self.retried += 1
+
+    def _revoked(self, job: Any) -> None:
+        self.revoked += 1
+
+    def _dead(self, job: Any, reason: str) -> None:
+        self.dead_lettered += 1
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+
+@dataclass(frozen=True)
+class RunningTask:
+    id: str
+    name: str
+    args: Any
+    kwargs: Any
+    started: float          # epoch seconds (0 while waiting for its rate-limit slot)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One consistent look at a worker, taken under its lock."""
+    pool: str
+    concurrency: int
+    prefetch: int
+    queues: List[str]
+    stopping: StopState
+    failed: Optional[str]                 # the control loop that died, if one did
+    seconds_since_poll: float
+    seconds_settling: float               # how long the finisher has been on its current batch
+    held: int
+    running: List[RunningTask] = field(default_factory=list)

@@ -1,0 +1,154 @@
+"""Results are trusted no more than messages, and a worker whose control loop
+died does not stay up (issue 7, deliverables 2 and 5)."""
+from __future__ import annotations
+
+import pickle
+import time
+
+import pytest
+
+from greenq import GreenQ, MessageError, TaskError
+from greenq.backends.base import Record
+from greenq.drivers import get_driver
+from greenq.worker.consumer import Worker
+from greenq.worker.monitor import Monitor
+
+
+def make_app(**kw):
+    return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", **kw)
+
+
+def store(app, task_id, data: bytes) -> None:
+    app.backend.store_many([Record(task_id, data, True)])
+
+
+class Boom:
+    """Unpickling this would run code: ``__reduce__`` names a callable."""
+
+    def __reduce__(self):
+        return (print, ("a pickled result ran code",))
+
+
+def test_pickled_result_refused_unless_accepted():
+    app = make_app()
+    store(app, "p1", b"pickle:" + pickle.dumps({"state": "SUCCESS", "result": Boom()}))
+    with pytest.raises(MessageError, match="not in accept_content"):
+        app.AsyncResult("p1").get(timeout=1)
+    trusting = GreenQ("t", broker=app.config.broker_url, accept_content=["json", "pickle"])
+    assert trusting.AsyncResult("p1").get(timeout=1) is None     # print() returned None: it ran
+
+
+@pytest.mark.parametrize("data", [b"json:[1, 2]", b"json:{\"result\": 1}", b"nocolon", b"json:{bad",
+                                  b"json:{\"state\": \"FAILURE\", \"exc\": 5}", b"\xff\xfe:x"])
+def test_malformed_stored_results_are_message_errors(data):
+    app = make_app()
+    store(app, "m1", data)
+    with pytest.raises(MessageError):
+        app.AsyncResult("m1").get(timeout=1)
+
+
+def failure(type_name: str, args=("boom",)) -> bytes:
+    return b"json:" + __import__("json").dumps({"id": "e1", "state": "FAILURE", "exc": {
+        "type": type_name, "args": list(args), "message": "boom"}, "traceback": "remote tb"}).encode()
+
+
+def test_exceptions_rebuilt_only_from_allowed_modules():
+    app = make_app()
+    store(app, "b", failure("builtins.KeyError"))
+    assert isinstance(app.AsyncResult("b").get(timeout=1, propagate=False), KeyError)
+    store(app, "g", failure("greenq.exceptions.TimeLimitExceeded"))
+    assert type(app.AsyncResult("g").get(timeout=1, propagate=False)).__name__ == "TimeLimitExceeded"
+    # a module no task lives in and nobody allowed: never imported, a TaskError instead
+    store(app, "s", failure("subprocess.CalledProcessError", (1, "ls")))
+    exc = app.AsyncResult("s").get(timeout=1, propagate=False)
+    assert isinstance(exc, TaskError) and exc.type_name == "subprocess.CalledProcessError"
+    assert exc.remote_traceback == "remote tb"
+    allowing = GreenQ("t", broker=app.config.broker_url, exception_modules=["subprocess"])
+    import subprocess
+    assert isinstance(allowing.AsyncResult("s").get(timeout=1, propagate=False), subprocess.CalledProcessError)
+
+
+def test_exceptions_of_registered_task_modules_are_rebuilt():
+    app = make_app()
+
+    @app.task
+    def t():
+        return 1
+    store(app, "own", failure(f"{__name__}.LocalError"))
+    assert isinstance(app.AsyncResult("own").get(timeout=1, propagate=False), LocalError)
+
+
+class LocalError(Exception):
+    pass
+
+
+def test_a_dead_control_loop_stops_the_worker_with_exit_1():
+    """If the reaper (or any control loop) dies, /healthz is 503 naming it and
+    run() returns 1: a worker that is up but no longer settling is impossible."""
+    app = make_app()
+
+    @app.task
+    def add(x, y):
+        return x + y
+    results = [add.delay(i, i) for i in range(5)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, burst=False)
+
+    def broken_reaper():
+        raise RuntimeError("bug in the reaper")
+    worker.reaper.loop = broken_reaper
+    monitor = Monitor(worker, 0, "")
+    assert worker.run() == 1
+    assert worker.failed == "reaper"
+    ok, body = monitor.healthy()
+    assert not ok and body["failed"] == "reaper"
+    # nothing was lost: what was not settled went back to the queue
+    stats = app.broker.queue_stats(["default"])[0]
+    done = sum(r.ready() for r in results)
+    assert stats.ready + done == 5 and stats.held == 0
+
+
+def test_a_finisher_error_in_one_job_does_not_stop_the_others():
+    app = make_app()
+
+    @app.task
+    def add(x, y):
+        return x + y
+    good = [add.delay(i, 1) for i in range(10)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, burst=True)
+    real_plan = worker.settler._plan
+    calls = []
+
+    def flaky_plan(job, plan):
+        calls.append(job)
+        if len(calls) == 3:
+            raise RuntimeError("bug while recording")
+        return real_plan(job, plan)
+    worker.settler._plan = flaky_plan
+    assert worker.run() == 0
+    states = [r.state for r in good]
+    assert states.count("SUCCESS") == 9 and states.count("FAILURE") == 1
+    failed = [r for r in good if r.state == "FAILURE"][0]
+    assert "could not record" in str(failed.get(timeout=1, propagate=False))
+
+
+def test_permanent_store_errors_are_not_retried_forever():
+    """One record the backend refuses for good must not block the batch."""
+    app = make_app()
+
+    @app.task
+    def add(x, y):
+        return x + y
+    results = [add.delay(i, 1) for i in range(6)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True)
+    backend = app.backend
+    real_store = backend.store_many
+    poisoned = results[2].id
+
+    def store_many(records):
+        if any(r.task_id == poisoned and b"SUCCESS" in r.data for r in records):
+            raise ValueError("record too large for this backend")
+        return real_store(records)
+    backend.store_many = store_many
+    assert worker.run() == 0
+    assert [r.state for r in results] == ["SUCCESS", "SUCCESS", "FAILURE", "SUCCESS", "SUCCESS", "SUCCESS"]
+    assert "could not be stored" in str(results[2].get(timeout=1, propagate=False))
