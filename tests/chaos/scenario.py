@@ -11,9 +11,10 @@ proxy: the faults are the workers'.
 Every execution appends a line to one O_APPEND file as it starts and as it
 ends (chaos_tasks.py), so the figures are exact: *sent*, *completed*
 (distinct ids done), *lost* (sent - completed), *duplicated* (finished
-executions beyond one), *interrupted* (executions a kill cut short), how many of the
-duplicates are explained by a fault (their first execution finished by a
-killed worker shortly before its kill, or around a network fault), and the
+executions beyond one), *interrupted* (executions a kill cut short), the
+fault each duplicate is put down to (its first execution finished in a
+worker shortly before that worker's kill, or around a network fault) or none,
+and the
 time between the end of the blackhole and the first completion of a task
 sent after it began (such a task cannot have been fetched before).
 
@@ -88,6 +89,7 @@ class Figures:
     interrupted: int = 0         # executions cut short by a kill (run again elsewhere)
     abandoned: int = 0           # started and never finished by a worker nobody killed
     unexplained: List[int] = field(default_factory=list)   # duplicated ids no fault explains
+    causes: Dict[str, int] = field(default_factory=dict)   # duplicates by the fault they are put down to
     bound: int = 0                                         # the most duplicates the faults allow
     kills: int = 0
     resets: int = 0                                        # connections reset
@@ -107,7 +109,10 @@ class Figures:
         resume = "-" if self.resume is None else f"{self.resume:.2f}"
         return {"broker": self.broker, "pool": self.pool, "sent": str(self.sent),
                 "completed": str(self.completed), "lost": str(self.lost),
-                "duplicated": str(self.duplicated), "interrupted": str(self.interrupted),
+                "duplicated": str(self.duplicated),
+                "by kill/reset/blackhole": "/".join(str(self.causes.get(c, 0))
+                                                    for c in ("kill", "reset", "blackhole")),
+                "interrupted": str(self.interrupted),
                 "unexplained": str(len(self.unexplained)),
                 "bound": str(self.bound), "kills": str(self.kills), "resets": str(self.resets),
                 "blackhole s": f"{self.blackhole:g}", "resume s": resume,
@@ -245,7 +250,7 @@ class Run:
         self.ledger = Ledger(workdir / "executions.log")
         self.proxy: Optional[FaultProxy] = None
         self.sent_at: List[float] = []          # time each task n was handed to the broker
-        self.faults: List[Tuple[float, float]] = []   # network faults: (start, end)
+        self.faults: List[Tuple[float, float, str]] = []   # network faults: (start, end, kind)
         self.blackhole_from: Optional[float] = None
         self.send_error: Optional[BaseException] = None
         self.workers: Optional[Workers] = None
@@ -342,12 +347,12 @@ class Run:
                 self._note(f"kill -9 {pid}, replaced by {self.workers.live[-1].pid}", at)
             elif fault == "reset":
                 count = self.proxy.reset_all()
-                self.faults.append((at, at))
+                self.faults.append((at, at, "reset"))
                 self._note(f"reset {count} connections", at)
             else:
                 self.proxy.blackhole(self.plan.blackhole)
                 self.blackhole_from = time.time()
-                self.faults.append((at, at + self.plan.blackhole))
+                self.faults.append((at, at + self.plan.blackhole, "blackhole"))
                 self._note(f"blackhole {self.plan.blackhole:g} s", at)
 
     def _note(self, what: str, at: Optional[float] = None) -> None:
@@ -417,8 +422,13 @@ class Run:
         f.abandoned = len(self.ledger.open) - f.interrupted
         network_faults = len(self.faults)
         f.bound = plan.prefetch * (f.kills + plan.workers * network_faults)
-        f.unexplained = sorted(n for n, execs in runs.items() if len(execs) > 1
-                               and not self._explained(min(execs)))
+        for n, execs in runs.items():
+            if len(execs) > 1:
+                cause = self._cause(min(execs))
+                f.causes[cause] = f.causes.get(cause, 0) + len(execs) - 1
+                if cause == "none":
+                    f.unexplained.append(n)
+        f.unexplained.sort()
         if self.blackhole_from is not None and self.proxy is not None and self.proxy.resumed_at:
             resumed = self.proxy.resumed_at
             after = [min(runs[n])[0] for n, at in enumerate(self.sent_at)
@@ -428,12 +438,15 @@ class Run:
                 f.leaked = sum(1 for t in after if t < resumed)
         return f
 
-    def _explained(self, first: Tuple[float, int]) -> bool:
-        """A duplicate whose first execution finished by a worker shortly
-        before it was killed, or around a network fault."""
+    def _cause(self, first: Tuple[float, int]) -> str:
+        """The fault a duplicate is put down to, the nearest of: ``kill`` when
+        its first execution ended in a worker less than FAULT_SLACK before
+        that worker was killed, ``reset`` or ``blackhole`` when it ended less
+        than FAULT_SLACK from one; ``none`` when no fault is that near."""
         at, pid = first
         assert self.workers is not None
-        if any(pid == killed and killed_at - FAULT_SLACK <= at <= killed_at
-               for killed, killed_at in self.workers.killed):
-            return True
-        return any(a - FAULT_SLACK <= at <= b + FAULT_SLACK for a, b in self.faults)
+        near = [(killed_at - at, "kill") for killed, killed_at in self.workers.killed
+                if pid == killed and 0 <= killed_at - at <= FAULT_SLACK]
+        near += [(max(start - at, at - end, 0.0), kind) for start, end, kind in self.faults
+                 if start - FAULT_SLACK <= at <= end + FAULT_SLACK]
+        return min(near)[1] if near else "none"
