@@ -98,7 +98,7 @@ class Figures:
     leaked: int = 0                  # tasks sent during the blackhole that completed before its end
     drained: int = 0                 # executions by the final --burst worker
     left: Tuple[int, int, int, int] = (0, 0, 0, 0)         # ready, delayed, held, dead at the end
-    exits: Dict[str, int] = field(default_factory=dict)    # worker -> exit code (not the killed)
+    exits: Dict[str, int] = field(default_factory=dict)    # worker -> exit code (the killed: if dead before)
     elapsed: float = 0.0
 
     @property
@@ -146,6 +146,7 @@ class Workers:
         self.env = dict(env)
         self.live: List[subprocess.Popen] = []
         self.killed: List[Tuple[int, float]] = []    # (pid, time of the kill)
+        self.died: Dict[str, int] = {}               # log name -> exit code of one dead before its kill
         self.logs: List[Path] = []
 
     def start(self, *extra: str, env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
@@ -166,6 +167,8 @@ class Workers:
         """SIGKILL a random worker and start its replacement (last in ``live``);
         returns the killed pid."""
         victim = rng.choice(self.live)
+        if victim.poll() is not None:
+            self.died[victim.log.name] = victim.returncode
         victim.send_signal(signal.SIGKILL)
         self.killed.append((victim.pid, time.time()))
         victim.wait()
@@ -415,7 +418,8 @@ class Run:
                     executions=self.ledger.executions(), kills=len(self.workers.killed),
                     resets=self.proxy.resets if self.proxy else 0,
                     blackhole=plan.blackhole if plan.networked else 0.0,
-                    drained=drained, left=left, exits=dict(exits, drain=self.drain_exit))
+                    drained=drained, left=left,
+                    exits=dict(exits, **self.workers.died, drain=self.drain_exit))
         f.duplicated = f.executions - len(runs)
         killed = {pid for pid, _ in self.workers.killed}
         f.interrupted = sum(1 for _, pid in self.ledger.open if pid in killed)
