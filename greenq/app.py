@@ -191,11 +191,13 @@ class GreenQ:
         soft_limit = validation.optional_seconds("soft_time_limit", options.get("soft_time_limit"))
         validation.limits(soft_limit if soft_limit is not None else opt("soft_time_limit"),
                           time_limit if time_limit is not None else opt("time_limit"))
+        broker = self.broker
         task_id = options.get("task_id")
-        task_id = new_id() if task_id is None else validation.name("task_id", task_id)
+        task_id = new_id() if task_id is None else validation.name(
+            "task_id", task_id, limit=broker.max_message_id_bytes)
         queue = options.get("queue")
-        queue = validation.name("queue", queue if queue is not None else
-                                opt("queue") or self.config.default_queue)
+        queue = validation.name("queue", queue if queue is not None else opt("queue") or self.config.default_queue,
+                                limit=broker.max_queue_name_bytes)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(

@@ -71,8 +71,11 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "track_started": Setting("bool", False, "store STARTED when a task begins (one more write per task)"),
     },
     "redis": {
-        "max_connections": Setting("int", 0, "connection pool size; 0 = sized from the concurrency"),
+        "max_connections": Setting("int", 0, "connection pool size per process; 0 = automatic: up to 10 "
+                                   "in a client, concurrency + 10 for a worker's broker"),
         "socket_timeout": Setting("float", 10.0, "seconds before a silent connection is declared dead"),
+        "connect_timeout": Setting("float", 2.0, "seconds to open a connection; a client's publish "
+                                   "fails after this long while Redis is unreachable (workers retry)"),
         "health_check_interval": Setting("float", 15.0, "seconds between connection health checks"),
     },
     "amqp": {

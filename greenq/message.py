@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import json
 import pickle
+import re
 import time
 import uuid
 import dataclasses
@@ -66,6 +67,61 @@ _FIELD_RULES = {
     "soft_time_limit": validation.optional_seconds,
     "reply_to": _optional_str,
 }
+
+
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,%d}\Z" % validation.MAX_NAME_BYTES).match
+_CONTAINERS = (list, dict, tuple)
+_MAX_EPOCH, _MAX_SECONDS = validation.MAX_EPOCH, validation.MAX_SECONDS
+
+
+def _name_ok(value: Any) -> bool:
+    if type(value) is not str or _NAME(value) is None:
+        return False
+    if value.isascii():
+        return True
+    try:                        # a lone surrogate is not UTF-8: the rules refuse it with the reason
+        return len(value.encode("utf-8")) <= validation.MAX_NAME_BYTES
+    except UnicodeEncodeError:
+        return False
+
+
+def _fast_fields(env: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The envelope fields when every one is plainly valid (the hot path:
+    a message greenq wrote), else None and the rules of _FIELD_RULES decide."""
+    get = env.get
+    task, task_id, queue = env["task"], env["id"], get("queue", "default")
+    priority, retries = get("priority", 0), get("retries", 0)
+    eta, expires, created = get("eta"), get("expires"), get("created", 0.0)
+    hard, soft = get("time_limit"), get("soft_time_limit")
+    root_id, reply_to = get("root_id"), get("reply_to")
+    if not (_name_ok(task) and _name_ok(task_id) and _name_ok(queue)
+            and type(priority) is int and 0 <= priority <= 9
+            and type(retries) is int and 0 <= retries <= 2 ** 31
+            and (eta is None or (type(eta) in (float, int) and 0 <= eta <= _MAX_EPOCH))
+            and (expires is None or (type(expires) in (float, int) and 0 <= expires <= _MAX_EPOCH))
+            and type(created) in (float, int) and 0 <= created <= _MAX_EPOCH
+            and (hard is None or (type(hard) in (float, int) and 0 <= hard <= _MAX_SECONDS))
+            and (soft is None or (type(soft) in (float, int) and 0 <= soft <= _MAX_SECONDS))
+            and (root_id is None or type(root_id) is str) and (reply_to is None or type(reply_to) is str)):
+        return None
+    return {"task": task, "id": task_id, "queue": queue, "priority": priority, "retries": retries,
+            "eta": None if eta is None else float(eta), "expires": None if expires is None else float(expires),
+            "created": float(created), "time_limit": None if hard is None else float(hard),
+            "soft_time_limit": None if soft is None else float(soft), "root_id": root_id, "reply_to": reply_to}
+
+
+def _plain_arguments(args: Any, kwargs: Any) -> bool:
+    """True for a list of scalars and a dict of str keys to scalars (the hot
+    path); anything else goes through validation.arguments."""
+    if type(args) is not list or type(kwargs) is not dict:
+        return False
+    for value in args:
+        if type(value) in _CONTAINERS:
+            return False
+    for key, value in kwargs.items():
+        if type(key) is not str or type(value) in _CONTAINERS:
+            return False
+    return True
 
 
 def new_id() -> str:
@@ -225,11 +281,14 @@ class Codec:
             if not isinstance(payload, (list, tuple)) or len(payload) != 2:
                 raise MessageError(f"body must decode with {ct} to [args, kwargs]")
             args, kwargs = payload
+        if isinstance(args, tuple):
+            args = list(args)
+        fields = _fast_fields(env)
         try:
-            if isinstance(args, tuple):
-                args = list(args)
-            validation.arguments(args, kwargs)
-            fields = {key: check(key, env.get(key)) for key, check in _FIELD_RULES.items()}
+            if fields is None:          # something is off: the rules say what, or normalise it
+                fields = {key: check(key, env.get(key)) for key, check in _FIELD_RULES.items()}
+            if not _plain_arguments(args, kwargs):
+                validation.arguments(args, kwargs)
         except (TypeError, ValueError) as exc:
             raise MessageError(f"malformed message: {exc}") from None
         return TaskMessage(args=args, kwargs=kwargs, **fields)

@@ -29,7 +29,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..brokers._reconnect import Reconnecting, Reconnector, Unreachable, backoff
-from ..brokers.redis import FAILURES, TRANSIENT, make_client
+from ..brokers._redis_conn import FAILURES, TRANSIENT, make_client
 from ..config import Config, mask_url
 from .base import Record, ResultBackend
 

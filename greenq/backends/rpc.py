@@ -39,7 +39,8 @@ from amqp.exceptions import PreconditionFailed
 from ..brokers import scheme_of
 from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, REVOKED_STREAM, Link, Settings, close_quietly,
                                    connection_params, fast_reads, open_connection)
-from ..brokers.amqp_publish import ChannelPool, Publisher, encode_properties, pool_size
+from ..brokers.amqp_meta import as_bytes
+from ..brokers.amqp_publish import ChannelPool, Publisher, encode_properties, pool_size, tolerate_bad_headers
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 from .base import Record, ResultBackend
@@ -218,6 +219,7 @@ class _Replies:
 
     def _connect(self) -> None:
         conn = open_connection(self.params, heartbeat=0, role="rpc reply")
+        tolerate_bad_headers(conn)
         try:
             reader = fast_reads(conn)
             ch = conn.channel()
@@ -245,7 +247,7 @@ class _Replies:
         with self.cond:
             old = self.results.get(task_id)
             if not (old is not None and old[1] and not final):   # never replace final by a late update
-                self.results[task_id] = (bytes(msg.body), final)
+                self.results[task_id] = (as_bytes(msg.body), final)
                 self.results.move_to_end(task_id)
                 while len(self.results) > CACHE_SIZE:
                     self.results.popitem(last=False)
@@ -378,6 +380,7 @@ class _Revocations:
 
     def _connect(self) -> None:
         conn = open_connection(self.params, heartbeat=0, role="rpc revocations")
+        tolerate_bad_headers(conn)
         try:
             ch = conn.channel()
             ch.auto_decode = False
@@ -398,9 +401,10 @@ class _Revocations:
         self.link.up()
 
     def _on_revoke(self, msg: "amqp.Message") -> None:
-        at = float((msg.headers or {}).get("at", time.time()))
+        at = (msg.headers or {}).get("at")
+        at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else time.time()
         if at > time.time() - self.settings.result_expires:
-            self.revoked[bytes(msg.body).decode("utf-8", "replace")] = (
+            self.revoked[as_bytes(msg.body).decode("utf-8", "replace")] = (
                 msg.properties.get("type") == "terminate", at)
         self.channel.basic_ack(msg.delivery_info["delivery_tag"])
 

@@ -6,18 +6,33 @@ half-moved by another consumer.  Scripts return flat arrays (fixed strides) to
 keep the Python side's parsing cheap.  Keys are passed in KEYS, except where
 a script computes them (dead letters going back to their queue's stream).
 
-Stream entries have the fields ``b`` (body) and ``m`` (message id).  A
-delayed member is ``<8 random chars><priority digit><len(id)>:<id><body>``.
+Stream entries have the fields ``b`` (body) and ``m`` (message id); an entry
+made from a malformed delayed member has ``b`` (the whole member) and ``e``
+(the reason) instead.  The reading scripts never judge an entry: they return
+its body and message id, or its whole field list when its shape is not the
+usual one, and ``entry_delivery`` in ``redis.py`` checks them (so a bad entry
+becomes a dead letter rather than an error after the batch was leased).  A
+delayed member that does not parse is not an error either.  A delayed member is
+``<8 random chars><priority digit><len(id)>:<id><body>``.
 """
 
-# Shared by several scripts: body and message id of an entry.
-_FIELDS = """
-local function fields(f)
-  local body, mid = '', ''
-  for i = 1, #f, 2 do
-    if f[i] == 'b' then body = f[i + 1] elseif f[i] == 'm' then mid = f[i + 1] end
+# Shared by the reading scripts.  ``claimed_fields``: the fields of a claimed
+# entry, or nil when the entry was deleted while pending (its pending entry is
+# dropped).  ``split``: body and message id of an entry of the shape greenq
+# writes (``b``, then ``m``); any other entry as its whole field list and 0,
+# for the Python side to check (``entry_delivery`` in redis.py).
+_CLAIMED = """
+local function claimed_fields(key, group, e)
+  if type(e) ~= 'table' then return nil end
+  if type(e[2]) ~= 'table' then
+    redis.call('XACK', key, group, e[1])
+    return nil
   end
-  return body, mid
+  return e[2]
+end
+local function split(f)
+  if #f == 4 and f[1] == 'b' and f[3] == 'm' then return f[2], f[4] end
+  return f, 0
 end
 """
 
@@ -57,9 +72,10 @@ return written
 #: count, now (epoch s), number of queues, most delayed messages moved per queue.
 #: Returns {next_due, groups...}: next_due is the earliest remaining eta as a
 #: string ('' when none); each group of messages from one stream is: queue
-#: index (from 0), priority, n, then 4 values per message (entry id, body,
-#: message id, deliveries).
-FETCH = _FIELDS + """
+#: index (from 0), priority, n, then 4 values per message (entry id, body and
+#: message id as ``split`` gives them, deliveries).  A delayed member that does not
+#: parse goes to the queue's priority-0 stream as ``b``=member, ``e``=reason.
+FETCH = _CLAIMED + """
 local group, consumer, parked = ARGV[1], ARGV[2], ARGV[3]
 local want = tonumber(ARGV[4])
 local now = ARGV[5]
@@ -73,9 +89,8 @@ local function start(q, prio)
   out[head] = q; out[head + 1] = prio; out[head + 2] = 0
 end
 local function emit(id, f, deliveries)
-  local body, mid = fields(f)
   local n = #out
-  out[n + 1] = id; out[n + 2] = body; out[n + 3] = mid; out[n + 4] = deliveries
+  out[n + 1] = id; out[n + 2], out[n + 3] = split(f); out[n + 4] = deliveries
   out[head + 2] = out[head + 2] + 1
 end
 for q = 0, nq - 1 do
@@ -85,9 +100,13 @@ for q = 0, nq - 1 do
   for _, m in ipairs(due) do
     local prio = tonumber(string.sub(m, 9, 9))
     local colon = string.find(m, ':', 10, true)
-    local n = tonumber(string.sub(m, 10, colon - 1))
-    redis.call('XADD', KEYS[base + 11 - prio], '*', 'b', string.sub(m, colon + n + 1),
-               'm', string.sub(m, colon + 1, colon + n))
+    local n = colon and tonumber(string.sub(m, 10, colon - 1))
+    if prio and n and n >= 0 and n == math.floor(n) and colon + n <= #m then
+      redis.call('XADD', KEYS[base + 11 - prio], '*', 'b', string.sub(m, colon + n + 1),
+                 'm', string.sub(m, colon + 1, colon + n))
+    else
+      redis.call('XADD', KEYS[base + 11], '*', 'b', m, 'e', 'malformed delayed entry')
+    end
   end
   if #due > 0 then redis.call('ZREM', dkey, unpack(due)) end
   local first = redis.call('ZRANGE', dkey, 0, 0, 'WITHSCORES')
@@ -114,8 +133,9 @@ for q = 0, nq - 1 do
         for i, p in ipairs(back) do ids[i] = p[1]; counts[p[1]] = p[4] end
         local claimed = redis.call('XCLAIM', key, group, consumer, 0, unpack(ids))
         for _, e in ipairs(claimed) do
-          if e then
-            emit(e[1], e[2], counts[e[1]] + 1)
+          local f = claimed_fields(key, group, e)
+          if f then
+            emit(e[1], f, counts[e[1]] + 1)
             want = want - 1
           end
         end
@@ -140,8 +160,9 @@ return out
 #: Claim entries whose lease ran out (idle >= min idle).  KEYS: streams.
 #: ARGV: group, consumer, min idle (ms), count, forget consumers idle longer
 #: than this (ms; 0 = don't), parking consumer.  Returns 5 values per message:
-#: key index (from 1), entry id, body, message id, deliveries.
-RECLAIM = _FIELDS + """
+#: key index (from 1), entry id, body and message id as ``split`` gives them,
+#: deliveries.
+RECLAIM = _CLAIMED + """
 local group, consumer, min_idle = ARGV[1], ARGV[2], ARGV[3]
 local want = tonumber(ARGV[4])
 local forget_after = tonumber(ARGV[5])
@@ -153,13 +174,11 @@ for i, key in ipairs(KEYS) do
       local pend = redis.pcall('XPENDING', key, group, 'IDLE', min_idle, '-', '+', want)
       if type(pend) == 'table' and not pend.err then
         for _, p in ipairs(pend) do
-          local claimed = redis.call('XCLAIM', key, group, consumer, min_idle, p[1])
-          local e = claimed[1]
-          if e then
-            local body, mid = fields(e[2])
+          local e = redis.call('XCLAIM', key, group, consumer, min_idle, p[1])[1]
+          local f = claimed_fields(key, group, e)
+          if f then
             local n = #out
-            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3] = body; out[n + 4] = mid
-            out[n + 5] = p[4] + 1
+            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3], out[n + 4] = split(f); out[n + 5] = p[4] + 1
             want = want - 1
           end
         end
@@ -183,20 +202,38 @@ end
 return out
 """
 
-#: Move held entries still owned by a consumer to a target consumer without
-#: counting a delivery: the target is the owner itself (renew: resets the
-#: idle time, i.e. the lease) or the parking consumer (requeue).  KEYS:
-#: streams.  ARGV: group, owner, target, then per key: n, n entry ids.
-#: Returns how many entries moved.
-TRANSFER = """
+# Shared by the scripts that act on held entries: whether ``owner`` holds the
+# entry (it is in the group's pending list under that consumer).  A stale
+# holder (its lease ran out and another consumer claimed the entry) does not.
+_OWNED = """
+local function owned(key, group, id, owner)
+  local p = redis.pcall('XPENDING', key, group, id, id, 1, owner)
+  if type(p) == 'table' and not p.err and p[1] then return p[1] end
+  return nil
+end
+"""
+
+#: Move held entries still owned by a consumer to a target consumer: the
+#: target is the owner itself (renew: resets the idle time, i.e. the lease) or
+#: the parking consumer (requeue).  KEYS: streams.  ARGV: group, owner,
+#: target, uncount ('1': the delivery count is lowered by one, so the next
+#: hand-out counts the same delivery again; '0': unchanged), then per key: n,
+#: n entry ids.  Returns how many entries moved.
+TRANSFER = _OWNED + """
 local group, owner, target = ARGV[1], ARGV[2], ARGV[3]
-local pos, moved = 4, 0
+local uncount = ARGV[4] == '1'
+local pos, moved = 5, 0
 for _, key in ipairs(KEYS) do
   local n = tonumber(ARGV[pos])
   local args = {key, group, target, 0}
   for j = pos + 1, pos + n do
-    local p = redis.pcall('XPENDING', key, group, ARGV[j], ARGV[j], 1, owner)
-    if type(p) == 'table' and not p.err and p[1] then args[#args + 1] = ARGV[j] end
+    local p = owned(key, group, ARGV[j], owner)
+    if p and uncount then
+      local count = math.max(0, p[4] - 1)
+      moved = moved + #redis.call('XCLAIM', key, group, target, 0, ARGV[j], 'RETRYCOUNT', count, 'JUSTID')
+    elseif p then
+      args[#args + 1] = ARGV[j]
+    end
   end
   pos = pos + n + 1
   if #args > 4 then
@@ -207,9 +244,34 @@ end
 return moved
 """
 
-#: KEYS: stream, dead stream, dead counts hash, registry.  ARGV: group, entry
-#: id, queue, priority, message id, reason, now, body.
-DEAD_LETTER = """
+#: Acknowledge (XACK + XDEL) the entries still owned by a consumer; a stale
+#: holder's ack is a no-op.  KEYS: streams.  ARGV: group, owner, then per
+#: key: n, n entry ids.  Returns how many entries were removed.
+ACK = _OWNED + """
+local group, owner = ARGV[1], ARGV[2]
+local pos, acked = 3, 0
+for _, key in ipairs(KEYS) do
+  local n = tonumber(ARGV[pos])
+  local ids = {}
+  for j = pos + 1, pos + n do
+    if owned(key, group, ARGV[j], owner) then ids[#ids + 1] = ARGV[j] end
+  end
+  pos = pos + n + 1
+  if #ids > 0 then
+    redis.call('XACK', key, group, unpack(ids))
+    redis.call('XDEL', key, unpack(ids))
+    acked = acked + #ids
+  end
+end
+return acked
+"""
+
+#: Move one held entry to the dead letters, if ``owner`` still holds it (else
+#: a no-op returning 0).  KEYS: stream, dead stream, dead counts hash,
+#: registry.  ARGV: group, entry id, queue, priority, message id, reason, now,
+#: body, owner.
+DEAD_LETTER = _OWNED + """
+if not owned(KEYS[1], ARGV[1], ARGV[2], ARGV[9]) then return 0 end
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 redis.call('XADD', KEYS[2], '*', 'q', ARGV[3], 'p', ARGV[4], 'm', ARGV[5], 'r', ARGV[6],
@@ -220,14 +282,19 @@ return 1
 """
 
 #: Publish dead letters back to their queue's stream with a fresh delivery
-#: count.  KEYS: dead stream, dead counts hash.  ARGV: key prefix, then dead
-#: ids; with no ids, the oldest 500.  Returns how many moved.
+#: count.  KEYS: dead stream, dead counts hash.  ARGV: key prefix, then
+#: either dead ids, or '>' and where to scan from (an XRANGE start): the next
+#: 500 dead letters.  A dead letter without a queue, a priority digit, a body
+#: or a message id (written by hand) stays where it is.  Returns {how many
+#: moved, the last id scanned when the scan may go on, else ''}.
 DLQ_REQUEUE = """
-local ids = {}
-if #ARGV > 1 then
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
+local ids, last = {}, ''
+if ARGV[2] == '>' then
+  local batch = redis.call('XRANGE', KEYS[1], ARGV[3], '+', 'COUNT', 500)
+  for _, e in ipairs(batch) do ids[#ids + 1] = e[1] end
+  if #batch == 500 then last = ids[500] end
 else
-  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)) do ids[#ids + 1] = e[1] end
+  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
 end
 local moved = 0
 for _, id in ipairs(ids) do
@@ -236,13 +303,16 @@ for _, id in ipairs(ids) do
     local info = {}
     local f = found[1][2]
     for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
-    redis.call('XADD', ARGV[1] .. ':q:' .. info['q'] .. ':' .. info['p'], '*', 'b', info['b'], 'm', info['m'])
-    redis.call('XDEL', KEYS[1], id)
-    if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
-    moved = moved + 1
+    local p = info['p']
+    if info['q'] and info['b'] and info['m'] and p and #p == 1 and string.find('0123456789', p, 1, true) then
+      redis.call('XADD', ARGV[1] .. ':q:' .. info['q'] .. ':' .. p, '*', 'b', info['b'], 'm', info['m'])
+      redis.call('XDEL', KEYS[1], id)
+      if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
+      moved = moved + 1
+    end
   end
 end
-return moved
+return {moved, last}
 """
 
 #: KEYS, per queue: its ten streams then its delayed zset; last, the dead

@@ -20,14 +20,20 @@ Mapping the broker interface onto AMQP 0-9-1:
   until the consumer's connection dies; ``renew`` has nothing to extend.
   RabbitMQ's ``consumer_timeout`` (30 min by default) closes a channel holding
   an unacked message longer than that.
-* Delivery counts: quorum queues count (``x-delivery-count``); for classic
-  queues greenq keeps the count in the ``greenq-deliveries`` header: a
-  redelivered message is published again with the count raised and the
-  original acked, so the count survives any number of crashes.
+* Delivery counts: a message's count is its ``greenq-deliveries`` header (the
+  hand-outs before greenq last published it, 0 when absent) plus one, plus
+  RabbitMQ's ``x-delivery-count`` on a quorum queue.  On a classic queue a
+  redelivered message (its consumer died, or it was requeued after its task
+  started) is published again with the header raised and the original acked,
+  so the count survives any number of crashes.  ``requeue(started=False)``
+  publishes a copy with the header the message came with and acks the
+  original: the next hand-out counts as the same delivery.
+* Bad input: every property and header read is checked by ``amqp_meta``; a
+  message with a bad one is handed out with ``Delivery.error`` set (the
+  worker dead-letters it) and never stops the consumer loop.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -39,10 +45,12 @@ from amqp.exceptions import ChannelError
 
 from ..config import effective_prefetch, mask_url
 from ..exceptions import BrokerError
-from .amqp_common import (DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT,
+from .amqp_common import (DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
                           H_QUEUE, H_REASON, Settings, browse, clean_headers, connection_params,
                           delay_name, reject_all)
 from .amqp_consumer import ConsumerLoop
+from .amqp_meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
+                        read_dead_letter, read_eta)
 from .amqp_publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
@@ -54,7 +62,10 @@ NEXT_DUE_SCAN_MAX = 1000  # messages next_due looks at per delay level
 
 
 class AMQPBroker(Broker):
-    schemes = ("amqp", "pyamqp", "amqps")
+    #: longest task id (RabbitMQ ``message_id``) and task queue name, in bytes
+    #: of UTF-8, for the validation of ``apply_async`` options
+    max_message_id_bytes = MAX_MESSAGE_ID_BYTES
+    max_queue_name_bytes = MAX_QUEUE_NAME_BYTES
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
@@ -89,7 +100,11 @@ class AMQPBroker(Broker):
 
     # -- publishing ----------------------------------------------------------
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
+        """Raises ValueError, sending nothing, when a task id is too long for
+        a RabbitMQ ``message_id`` (``MAX_MESSAGE_ID_BYTES``)."""
         if messages:
+            for m in messages:
+                check_message_id(m.message_id)
             self.pool.run(self._publish, list(messages))
 
     def _publish(self, pub: Publisher, messages: List[Outgoing]) -> None:
@@ -170,8 +185,20 @@ class AMQPBroker(Broker):
             self._consumer.settle(deliveries, requeue=False)
 
     def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
+        """``started``: a ``basic.reject`` (requeue); the message comes back
+        marked redelivered and its count is raised.  Not ``started``: see
+        ``ConsumerLoop.give_back`` (a confirmed copy with the same count)."""
         if deliveries and self._consumer is not None:
-            self._consumer.settle(deliveries, requeue=True)
+            if started:
+                self._consumer.settle(deliveries, requeue=True)
+            else:
+                self._consumer.give_back(deliveries)
+
+    def stop_consuming(self) -> None:
+        """``basic.cancel`` every consumer and wait for CancelOk; what was
+        prefetched and not handed out goes back with its count unchanged."""
+        if self._consumer is not None:
+            self._consumer.stop_consuming()
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Nothing to extend: a message stays ours while our connection lives.
@@ -186,17 +213,25 @@ class AMQPBroker(Broker):
             return  # from a dead connection: it comes back and is judged again
         headers = {H_QUEUE: delivery.queue, H_REASON: reason[:4000], H_FAILED_AT: time.time(),
                    H_DEAD_ID: uuid.uuid4().hex, H_DELIVERIES: delivery.deliveries}
-        msg = amqp.Message(delivery.body, message_id=delivery.message_id, delivery_mode=2,
+        msg = amqp.Message(delivery.body, message_id=fit_short_string(delivery.message_id), delivery_mode=2,
                            application_headers=headers, **({"priority": delivery.priority}
                                                            if delivery.priority else {}))
 
         def send(pub: Publisher) -> None:
-            self.pool.ensure_queues(pub, ())
-            pub.publish(msg, DLX, delivery.queue)
-            if pub.confirm:
-                pub.wait_confirms()
+            for force in (False, True):   # returned: greenq.dlq was deleted; declare it again
+                self.pool.ensure_queues(pub, (), force=force)
+                pub.publish(msg, DLX, delivery.queue)
+                if not pub.confirm:
+                    return
+                nacked, returned = pub.wait_confirms()
+                if nacked:
+                    break
+                if not returned:
+                    return
+            raise BrokerError(f"RabbitMQ refused the dead letter of {delivery.message_id!r} "
+                              f"({'nack' if nacked else 'unroutable'}); the message stays unacknowledged")
         self.pool.run(send)
-        c.settle([delivery], requeue=False)
+        c.settle([delivery], requeue=False)   # only once the dead letter is safe
 
     def next_due(self, queues: Sequence[str]) -> Optional[float]:
         """The earliest ``greenq-eta`` in the delay cascades of ``queues``,
@@ -209,9 +244,9 @@ class AMQPBroker(Broker):
                     msgs = browse(pub.channel, name, min(count, NEXT_DUE_SCAN_MAX))
                     reject_all(pub.channel, name, msgs)
                     for m in msgs:
-                        eta = (m.headers or {}).get(H_ETA)
-                        if eta is not None and (best is None or float(eta) < best):
-                            best = float(eta)
+                        eta = read_eta(m.headers)[0]   # a bad one: not ours, ignored
+                        if eta is not None and (best is None or eta < best):
+                            best = eta
             return best
         return self.pool.run(scan)
 
@@ -302,7 +337,8 @@ class AMQPBroker(Broker):
                 if not msgs:
                     break
                 total -= len(msgs)
-                chosen = [m for m in msgs if wanted is None or _dead_letter(m).id in wanted]
+                chosen = [m for m in msgs if (wanted is None or _dead_letter(m).id in wanted)
+                          and _dead_letter(m).queue]   # no queue to go back to: stays
                 self.pool.ensure_queues(pub, {_dead_letter(m).queue for m in chosen})
                 for m in chosen:
                     dead = _dead_letter(m)
@@ -373,6 +409,10 @@ def _purge(pub: Publisher, name: str) -> int:
         return 0
 
 
+def _dead_letter(msg: "amqp.Message") -> DeadLetter:
+    return read_dead_letter(msg.properties, msg.body, msg.delivery_info.get("routing_key"))
+
+
 def _dead_counts(pub: Publisher, total: int) -> Dict[str, int]:
     """Dead letters by queue (browsing at most STATS_SCAN_MAX of them)."""
     if not total:
@@ -384,21 +424,3 @@ def _dead_counts(pub: Publisher, total: int) -> Dict[str, int]:
         queue = _dead_letter(m).queue
         counts[queue] = counts.get(queue, 0) + 1
     return counts
-
-
-def _dead_letter(msg: "amqp.Message") -> DeadLetter:
-    headers = msg.headers or {}
-    body = bytes(msg.body)
-    message_id = msg.properties.get("message_id") or ""
-    if H_DEAD_ID in headers:
-        return DeadLetter(id=str(headers[H_DEAD_ID]), queue=str(headers.get(H_QUEUE, "")), body=body,
-                          reason=str(headers.get(H_REASON, "")), message_id=message_id,
-                          failed_at=float(headers.get(H_FAILED_AT, 0.0)))
-    # dead-lettered by RabbitMQ itself (a reject without requeue, a quorum delivery limit)
-    death = (headers.get("x-death") or [{}])[0]
-    when = death.get("time")
-    return DeadLetter(id=message_id or hashlib.sha1(body).hexdigest()[:16],
-                      queue=str(death.get("queue") or msg.delivery_info.get("routing_key", "")),
-                      body=body, reason=f"rabbitmq: {death.get('reason', 'dead-lettered')}",
-                      message_id=message_id,
-                      failed_at=when.timestamp() if hasattr(when, "timestamp") else 0.0)

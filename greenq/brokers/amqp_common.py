@@ -44,20 +44,15 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError, ConfigError
+from .amqp_meta import (DLQ, H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
+                        H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
 
 log = logging.getLogger("greenq.amqp")
 
 DLX = "greenq.dlx"
-DLQ = "greenq.dlq"
 DELAY_LEVELS = 32                     # 2**32 ms ~ 49.7 days per pass
 MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
 REVOKED_STREAM = "greenq.revoked"     # rpc:// revocations
-H_QUEUE = "greenq-queue"              # headers greenq sets
-H_ETA = "greenq-eta"
-H_DELIVERIES = "greenq-deliveries"
-H_REASON = "greenq-reason"
-H_FAILED_AT = "greenq-failed-at"
-H_DEAD_ID = "greenq-dead-id"
 
 #: errors after which a connection is dead and must be rebuilt
 #: (socket.timeout is an OSError too: callers catch it first where it means "no data")
@@ -342,9 +337,9 @@ def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
 
 def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> None:
     """Declare task queue ``name``."""
-    if len(delay_name(name, DELAY_LEVELS - 1).encode()) > 255:
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
         raise BrokerError(f"queue name {name[:40]!r}... is too long for RabbitMQ with greenq's "
-                          f"delay queues: at most {255 - len(delay_name('', DELAY_LEVELS - 1))} bytes")
+                          f"delay queues: at most {MAX_QUEUE_NAME_BYTES} bytes")
     try:
         channel.queue_declare(name, durable=True, auto_delete=False,
                               arguments=queue_arguments(settings))
@@ -396,13 +391,14 @@ def clean_headers(headers: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 # -- publishing ---------------------------------------------------------------
 
 def browse(channel: "amqp.Channel", queue: str, limit: int) -> List["amqp.Message"]:
-    """Up to ``limit`` messages of ``queue`` fetched without ack; the caller
-    must ack or reject each (``reject_all``)."""
+    """Up to ``limit`` messages of ``queue`` fetched without ack, bodies as
+    bytes; the caller must ack or reject each (``reject_all``)."""
     out: List[amqp.Message] = []
     while len(out) < limit:
         msg = channel.basic_get(queue, no_ack=False)
         if msg is None:
             break
+        msg.body = as_bytes(msg.body)   # py-amqp gives an empty body as ''
         out.append(msg)
         if msg.delivery_info.get("message_count", 1) == 0:
             break

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 import amqp
 from amqp import spec
 from amqp.exceptions import UnexpectedFrame
-from amqp.serialization import decode_properties_basic
 
 from ..exceptions import BrokerError
-from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, H_ETA, Link, clean_headers, close_quietly,
+from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, Link, clean_headers, close_quietly,
                           declare_base, declare_queue, fast_reads, open_connection)
+from .amqp_meta import Meta, as_bytes, fit_short_string, read_eta, read_meta, read_properties
 from .amqp_publish import (METHOD_CACHE_MAX, Publisher, content_frames, delay_ms, encode_outgoing,
-                           method_frame)
+                           method_frame, tolerate_bad_headers)
 from .base import Delivery, Outgoing
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,11 +48,12 @@ def _settle_frame(channel_id: int, method: tuple, tag: int, flag: bool) -> bytes
 
 class _Partial:
     """A delivery whose content frames are still to come."""
-    __slots__ = ("queue", "tag", "redelivered", "properties", "size", "chunks", "got")
+    __slots__ = ("queue", "tag", "redelivered", "properties", "problems", "size", "chunks", "got")
 
     def __init__(self, queue: str, tag: int, redelivered: bool) -> None:
         self.queue, self.tag, self.redelivered = queue, tag, redelivered
         self.properties: Optional[dict] = None
+        self.problems: List[str] = []
         self.size = 0
         self.chunks: List[bytes] = []
         self.got = 0
@@ -72,9 +73,18 @@ class ConsumerLoop:
     an ack for a delivery of a dead connection is dropped (RabbitMQ redelivers
     that message: at-least-once).
 
-    On plain TCP the loop reads frames itself (``_frame``): a ``basic.deliver``
-    of one of its consumers and its content frames are parsed here, straight
-    into a ``Delivery``; every other frame goes to py-amqp as usual.
+    Every frame read from the connection goes through ``_frame`` (it replaces
+    py-amqp's frame handler, so also the frames read while py-amqp waits for
+    the answer to a method such as ``basic.cancel`` or ``queue.purge``): a
+    ``basic.deliver`` of one of its consumers and its content frames are parsed
+    here, straight into a ``Delivery`` whose metadata ``amqp_meta`` checks;
+    every other frame goes to py-amqp as usual.  py-amqp thus never sees a
+    delivery's content frames (it would take them for a protocol error) nor
+    its properties (it raises on a ``message_id`` that is not UTF-8).
+
+    ``stop_consuming`` cancels every consumer for good (warm shutdown): held
+    deliveries can still be settled, nothing more arrives, even after a
+    reconnection.
     """
 
     def __init__(self, broker: "AMQPBroker", queues: List[str]) -> None:
@@ -99,17 +109,21 @@ class ConsumerLoop:
         self.reader: Any = None                   # FrameReader (plain TCP, not serial), else None
         self.partial: Optional[_Partial] = None   # a delivery being read by _frame
         self.queue_of: Dict[str, str] = {}        # consumer tag -> queue
+        self.py_frame: Any = None                 # py-amqp's frame handler of the connection
+        self._tags = itertools.count(1)
         self.sock: Any = None
         self.serial = False
         self.gen = 0
         self.consuming: Dict[str, str] = {}       # queue -> consumer tag
         self.buffer: Dict[str, list] = {}         # queue -> heap of (-priority, seq, Delivery)
         self.held: Dict[int, Delivery] = {}       # delivery tag -> every unacked delivery
+        self.headers: Dict[int, dict] = {}        # delivery tag -> its header table (when not empty)
         self.low: List[int] = []                  # heap of held tags (lazily cleaned)
-        self.redo: List[tuple] = []               # (Delivery, amqp.Message) to publish again
+        self.redo: List[tuple] = []               # (Delivery, header table, count) to publish again
         self.calls: List[tuple] = []              # (fn, result box, event) for the loop to run
         self.methods: Dict[tuple, bytes] = {}     # cached basic.publish frames (publish_unconfirmed)
         self.cancelled = False
+        self.paused = False                       # stop_consuming() was called
         self._seq = itertools.count()
         self._next_tick = 0.0
         self.handle: Any = None
@@ -186,6 +200,9 @@ class ConsumerLoop:
                 self.channel_id = self.channel.channel_id
                 self.reader = None if self.serial else reader
                 self.partial = None
+                tolerate_bad_headers(conn)   # (a delivery py-amqp reads all the same)
+                self.py_frame = conn.on_inbound_frame
+                conn.on_inbound_frame = self._frame
                 self.cancelled = False
             declare_base(self.channel, self.settings)
             self._sync()
@@ -196,7 +213,7 @@ class ConsumerLoop:
         """Match consumers and prefetch to what was asked.  Caller holds wlock."""
         self.dirty = False
         ch = self.channel
-        wanted = list(self.wanted)
+        wanted = [] if self.paused else list(self.wanted)
         if self.applied_prefetch != self.prefetch or not self.consuming:
             ch.basic_qos(0, self.prefetch, False)
             if not self.settings.quorum and len(wanted) > 1:
@@ -205,13 +222,22 @@ class ConsumerLoop:
         for queue in wanted:
             if queue not in self.consuming:
                 declare_queue(ch, queue, self.settings)
-                tag = self.consuming[queue] = ch.basic_consume(
-                    queue, callback=self._callback(queue, self.gen), on_cancel=self._on_cancel)
+                tag = f"greenq-{next(self._tags)}"   # known before its first delivery can arrive
                 self.queue_of[tag] = queue
+                self.consuming[queue] = ch.basic_consume(
+                    queue, consumer_tag=tag, callback=self._callback(queue, self.gen),
+                    on_cancel=self._on_cancel)
         for queue in [q for q in self.consuming if q not in wanted]:
-            tag = self.consuming.pop(queue)
+            self._cancel(queue)
+
+    def _cancel(self, queue: str) -> None:
+        """Cancel the consumer of ``queue`` and wait for RabbitMQ's CancelOk;
+        what it delivered before that is buffered as usual.  Caller holds wlock."""
+        tag = self.consuming.pop(queue)
+        try:
+            self.channel.basic_cancel(tag)
+        finally:
             self.queue_of.pop(tag, None)
-            ch.basic_cancel(tag)
 
     def _step(self) -> None:
         if self.cancelled:
@@ -255,9 +281,11 @@ class ConsumerLoop:
         if self.calls:
             self._run_calls()
 
-    def _frame(self, frame: tuple) -> None:
+    def _frame(self, frame: tuple) -> Any:
         """Handle one frame read from the consumer connection: deliveries to
-        our consumers here, anything else by py-amqp."""
+        our consumers here, anything else by py-amqp.  Returns what py-amqp's
+        handler does (true when a method is complete), so ``drain_events``
+        returns after each delivery."""
         frame_type, channel, payload = frame
         partial = self.partial
         if channel == self.channel_id:
@@ -265,19 +293,20 @@ class ConsumerLoop:
                 self.conn.bytes_recv += 1   # (py-amqp's heartbeat bookkeeping)
                 if frame_type == 2 and partial.properties is None:
                     partial.size = _HEADER.unpack_from(payload, 0)[1]
-                    partial.properties = decode_properties_basic(payload, 12)[0]
+                    partial.properties, partial.problems = read_properties(payload, 12)
                 elif frame_type == 3 and partial.properties is not None:
                     partial.chunks.append(payload)
                     partial.got += len(payload)
                 else:
                     raise UnexpectedFrame(f"received frame type {frame_type} inside a delivery")
-                if partial.got >= partial.size:
-                    self.partial = None
-                    chunks = partial.chunks
-                    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    self._deliver(partial.queue, self.gen, partial.tag, partial.redelivered,
-                                  partial.properties, body)
-                return
+                if partial.got < partial.size:
+                    return False
+                self.partial = None
+                chunks = partial.chunks
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                self._deliver(partial.queue, self.gen, partial.tag, partial.redelivered,
+                              partial.properties, body, partial.problems)
+                return True
             if frame_type == 1 and payload[:4] == _DELIVER:
                 end = 5 + payload[4]
                 queue = self.queue_of.get(payload[5:end].decode("utf-8", "surrogatepass"))
@@ -285,8 +314,8 @@ class ConsumerLoop:
                     self.conn.bytes_recv += 1
                     tag, bits = _TAG_BITS.unpack_from(payload, end)
                     self.partial = _Partial(queue, tag, bool(bits & 1))
-                    return
-        self.conn.on_inbound_frame(frame)
+                    return False
+        return self.py_frame(frame)
 
     def _drain_serial(self) -> None:
         """Wait until something can be read, then read it holding the write lock."""
@@ -316,11 +345,12 @@ class ConsumerLoop:
             with self.lock:
                 conn, self.conn, self.channel = self.conn, None, None
                 self.gen += 1
-                self.reader = self.partial = None
+                self.reader = self.partial = self.py_frame = None
                 self.queue_of.clear()
                 self.consuming.clear()
                 self.buffer.clear()
                 self.held.clear()
+                self.headers.clear()
                 self.low.clear()
                 self.redo.clear()
                 self.applied_prefetch = 0
@@ -339,33 +369,42 @@ class ConsumerLoop:
 
     # -- deliveries ----------------------------------------------------------
     def _callback(self, queue: str, gen: int):
+        """py-amqp's callback for our consumers; unused while ``_frame`` reads
+        every delivery, there for a delivery py-amqp would read all the same."""
         def on_message(msg: "amqp.Message") -> None:
             info = msg.delivery_info
             self._deliver(queue, gen, info["delivery_tag"], info["redelivered"], msg.properties, msg.body)
         return on_message
 
     def _deliver(self, queue: str, gen: int, tag: int, redelivered: bool, props: Dict[str, Any],
-                 body: bytes) -> None:
+                 body: Any, problems: Sequence[str] = ()) -> None:
+        """Buffer a delivery read from the connection.  Never raises: a bad
+        property or header makes a Delivery whose ``error`` says which."""
+        try:
+            meta = read_meta(props, list(problems), self.settings.quorum)
+        except Exception as exc:   # read_meta is total; this keeps the loop alive all the same
+            meta = Meta("", 1, 0, None, f"unreadable message properties ({type(exc).__name__}: {exc})")
         headers = props.get("application_headers")
-        priority = props.get("priority") or 0
-        redo = False
-        if self.settings.quorum:
-            deliveries = int(headers.get("x-delivery-count", 0)) + 1 if headers else 1
-        else:
-            deliveries = (int(headers.get(H_DELIVERIES, 0)) if headers else 0) + 1
-            redo = redelivered
-        if headers and H_ETA in headers and float(headers[H_ETA]) > time.time() + EARLY:
-            redo = True
-        d = Delivery(queue, body, props.get("message_id") or "", deliveries, (gen, tag), priority)
+        headers = headers if isinstance(headers, dict) and headers else None
+        again: Optional[int] = None   # publish a copy with this greenq-deliveries instead of handing out
+        if meta.error is None:
+            if redelivered and not self.settings.quorum:
+                again = meta.deliveries        # the lost hand-out counts
+            elif meta.eta is not None and meta.eta > time.time() + EARLY:
+                again = meta.deliveries - 1    # too early: round the cascade again, not a hand-out
+        d = Delivery(queue, as_bytes(body), meta.message_id, meta.deliveries, (gen, tag), meta.priority,
+                     meta.error)
         with self.lock:
             if gen != self.gen:
                 return
             self.held[tag] = d
+            if headers is not None:
+                self.headers[tag] = headers
             heapq.heappush(self.low, tag)
-            if redo:
-                self.redo.append((d, headers, redelivered))
+            if again is not None:
+                self.redo.append((d, headers, again))
                 return
-            heapq.heappush(self.buffer.setdefault(queue, []), (-priority, next(self._seq), d))
+            heapq.heappush(self.buffer.setdefault(queue, []), (-meta.priority, next(self._seq), d))
         if not self.ready.is_set():
             self.ready.set()
 
@@ -378,16 +417,33 @@ class ConsumerLoop:
         originals.  If publishing fails, hand them out as they are."""
         with self.lock:
             items, self.redo = self.redo, []
+        if self._republish(items):
+            self.settle([d for d, _, _ in items], requeue=False)
+            return
+        with self.lock:
+            for d, _, _ in items:
+                if d.token[0] == self.gen:
+                    heapq.heappush(self.buffer.setdefault(d.queue, []), (-d.priority, next(self._seq), d))
+        self.ready.set()
+
+    def _republish(self, items: Sequence[tuple]) -> bool:
+        """Publish a copy of each ``(delivery, header table, count)`` with
+        ``greenq-deliveries: count`` (into the delay cascade when its
+        ``greenq-eta`` is ahead); True once RabbitMQ confirmed them all."""
         now = time.time()
         out, delayed = [], set()
-        for d, original, redelivered in items:
-            headers = clean_headers(original)
-            headers[H_DELIVERIES] = d.deliveries if redelivered else d.deliveries - 1
-            eta = (original or {}).get(H_ETA)
-            again = Outgoing(d.queue, d.body, d.message_id, d.priority, float(eta) if eta else None)
-            if delay_ms(again, now):
-                delayed.add(d.queue)
-            out.append(encode_outgoing(again, now, headers))
+        try:
+            for d, original, count in items:
+                headers = clean_headers(original)
+                headers[H_DELIVERIES] = count
+                again = Outgoing(d.queue, d.body, fit_short_string(d.message_id), d.priority,
+                                 read_eta(original)[0])
+                if delay_ms(again, now):
+                    delayed.add(d.queue)
+                out.append(encode_outgoing(again, now, headers))
+        except Exception as exc:   # a header table py-amqp cannot write back
+            log.warning("could not encode %d message(s) again (%s)", len(items), exc)
+            return False
 
         def send(pub: Publisher) -> None:
             self.broker.pool.ensure_queues(pub, (), delayed=delayed)
@@ -400,15 +456,48 @@ class ConsumerLoop:
         try:
             self.broker.pool.run(send)
         except BrokerError as exc:
-            log.warning("could not republish %d redelivered message(s) (%s); handing them out as they are",
-                        len(items), exc)
+            log.warning("could not republish %d message(s) (%s)", len(items), exc)
+            return False
+        return True
+
+    def give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Return deliveries whose tasks never started, their delivery count
+        not raised: a copy carrying the count they came with is published
+        (confirmed) and the original acked.  A ``basic.reject`` would not do:
+        RabbitMQ marks the message redelivered, which counts as a hand-out.
+        Deliveries with an ``error``, all of them without publisher confirms
+        (an unconfirmed copy could be lost), or when publishing fails, are
+        rejected (requeued) instead; those of a dead connection are back already."""
+        confirmed = self.settings.confirm_publish
+        with self.lock:
+            mine = [d for d in deliveries if d.token[0] == self.gen and d.token[1] in self.held]
+            items = [(d, self.headers.get(d.token[1]), d.deliveries - 1) for d in mine
+                     if d.error is None and confirmed]
+        rejected = [d for d in mine if d.error is not None or not confirmed]
+        if items and self._republish(items):
+            self.settle([d for d, _, _ in items], requeue=False)
+        else:
+            rejected += [d for d, _, _ in items]
+        if rejected:
+            self.settle(rejected, requeue=True)
+
+    def stop_consuming(self) -> None:
+        """Cancel every consumer, waiting for RabbitMQ's CancelOk, so nothing
+        more is delivered (not after a reconnection either), and give back
+        what was prefetched and not handed out.  Held deliveries stay settleable."""
+        self.paused = True
+
+        def cancel_all() -> List[Delivery]:
+            with self.wlock:
+                for queue in list(self.consuming):
+                    self._cancel(queue)
             with self.lock:
-                for d, _, _ in items:
-                    if d.token[0] == self.gen:
-                        heapq.heappush(self.buffer.setdefault(d.queue, []), (-d.priority, next(self._seq), d))
-            self.ready.set()
-            return
-        self.settle([d for d, _, _ in items], requeue=False)
+                left = [d for heap in self.buffer.values() for _, _, d in heap]
+                self.buffer.clear()
+            return left
+        left = self.call(cancel_all)
+        if left:
+            self.give_back(left)
 
     def take(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
         deadline = time.monotonic() + max(0.0, timeout)
@@ -440,6 +529,8 @@ class ConsumerLoop:
                         if d.token[0] == gen and held.pop(d.token[1], None) is not None]
                 if not tags:
                     return
+                for tag in tags:
+                    self.headers.pop(tag, None)
                 channel = self.channel
                 top = max(tags)
                 low = self.low
@@ -512,12 +603,10 @@ class ConsumerLoop:
         sends nothing more after CancelOk), ack what was prefetched, purge, and
         consume again at the next step.  None when not consuming ``queue``."""
         def run() -> Optional[int]:
-            tag = self.consuming.pop(queue, None)
-            if tag is None:
+            if queue not in self.consuming:
                 return None
-            self.queue_of.pop(tag, None)
             with self.wlock:
-                self.channel.basic_cancel(tag)
+                self._cancel(queue)
                 self.dirty = True
             with self.lock:
                 dropped = [d for _, _, d in self.buffer.pop(queue, [])]

@@ -22,13 +22,14 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import amqp
 from amqp import spec
 from amqp.exceptions import ChannelError
-from amqp.serialization import dumps
+from amqp.serialization import decode_properties_basic, dumps
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, close_quietly,
                           connection_params, declare_base, declare_delays, declare_queue, delay_route,
                           describe, fast_reads, open_connection)
+from .amqp_meta import H_BAD_PROPERTIES, as_bytes, fit_short_string, read_properties
 from .base import Outgoing
 
 log = logging.getLogger("greenq.amqp")
@@ -109,13 +110,46 @@ def publish_frames(channel_id: int, frame_max: int, msg: "amqp.Message", exchang
                    routing_key: str, mandatory: bool) -> List[bytes]:
     """The frames of one ``basic.publish`` of ``msg`` (what py-amqp's frame
     writer sends), so that many publishes go out in one write."""
-    body = msg.body if isinstance(msg.body, (bytes, bytearray)) else str(msg.body).encode()
     return ([method_frame(channel_id, exchange, routing_key, mandatory)]
-            + content_frames(channel_id, frame_max, body, encode_properties(msg.properties)))
+            + content_frames(channel_id, frame_max, as_bytes(msg.body), encode_properties(msg.properties)))
 
 
-def _as_bytes(body: Any) -> bytes:
-    return body if isinstance(body, (bytes, bytearray, memoryview)) else str(body).encode()
+def readable_header(payload: bytes) -> bytes:
+    """A content header frame's payload that py-amqp can decode: itself when
+    py-amqp can already, else the same header with the properties as
+    ``amqp_meta.read_properties`` reads them (bad bytes escaped, an unparsable
+    header table dropped) and the problems in a ``greenq-bad-properties``
+    header.  Without this, one such message in ``greenq.dlq`` would make py-amqp
+    raise inside every ``basic_get`` that reaches it (``greenq dlq list``)."""
+    try:
+        decode_properties_basic(payload, 12)
+        return payload
+    except Exception:
+        pass
+    props, problems = read_properties(payload, 12)
+    headers = props.get("application_headers")
+    headers = dict(headers) if isinstance(headers, dict) else {}
+    headers[H_BAD_PROPERTIES] = "; ".join(problems)[:1000]
+    props["application_headers"] = headers
+    for name, value in props.items():
+        if isinstance(value, str):
+            props[name] = fit_short_string(value)   # escaping may have made it longer than 255 bytes
+    try:
+        return payload[:12] + encode_properties(props)
+    except Exception:
+        return payload[:12] + encode_properties({"application_headers": {
+            H_BAD_PROPERTIES: headers[H_BAD_PROPERTIES]}})
+
+
+def tolerate_bad_headers(conn: "amqp.Connection") -> None:
+    """Pass every content header ``conn`` receives through ``readable_header``."""
+    inner = conn.on_inbound_frame
+
+    def on_frame(frame: Tuple[int, int, bytes]) -> Any:
+        if frame[0] == 2:
+            frame = (2, frame[1], readable_header(frame[2]))
+        return inner(frame)
+    conn.on_inbound_frame = on_frame
 
 
 class Publisher:
@@ -135,6 +169,7 @@ class Publisher:
         self.confirm = confirm
         self.conn = open_connection(params, heartbeat=0, role=role)
         fast_reads(self.conn)        # a confirm is read with one recv
+        tolerate_bad_headers(self.conn)
         self.broken = False
         self.last_used = time.monotonic()
         self.pending: List[bytes] = []
@@ -163,7 +198,7 @@ class Publisher:
 
     def publish(self, msg: "amqp.Message", exchange: str, routing_key: str, item: Any = None) -> None:
         """Buffer a publish of ``msg`` (an ``amqp.Message``)."""
-        self.publish_raw(_as_bytes(msg.body), encode_properties(msg.properties), exchange,
+        self.publish_raw(as_bytes(msg.body), encode_properties(msg.properties), exchange,
                          routing_key, item)
 
     def publish_raw(self, body: bytes, properties: bytes, exchange: str, routing_key: str,

@@ -99,6 +99,11 @@ class Broker(UsesDriver):
     """Base class of every broker.  Subclasses implement every method that
     raises NotImplementedError; the rest are written once here."""
 
+    #: the longest queue name and task id (UTF-8 bytes) this broker carries;
+    #: ``apply_async`` refuses longer ones before sending (greenq.validation)
+    max_queue_name_bytes = 255
+    max_message_id_bytes = 255
+
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
         self.config = config

@@ -4,7 +4,8 @@ Key layout (``P`` is ``[greenq] key_prefix``; two apps with different
 prefixes share one Redis database without seeing each other)::
 
     P:q:<queue>:<0-9>   stream, one per queue and priority; entry fields
-                        b=body, m=message id; consumer group "greenq" on each
+                        b=body, m=message id (or b=member, e=reason: a
+                        malformed delayed member); consumer group "greenq"
     P:delayed:<queue>   sorted set of delayed messages, score = eta (epoch s),
                         member = <8 random chars><priority><len(id)>:<id><body>
     P:queues            set of every queue name seen (queue_stats, dlq)
@@ -30,12 +31,23 @@ time without counting a delivery); every lease/4 a fetch also claims entries
 idle for longer than ``lease_seconds`` from any consumer (a dead worker's), and
 forgets consumers idle for an hour with nothing pending.  Delivery counts are
 the pending list's own (XREADGROUP: 1, each claim: +1).  ``ack`` is XACK+XDEL
-of a whole batch in one pipelined round trip.  ``requeue`` parks entries on
-``~requeued`` without counting a delivery; the next hand-out counts one.
+of a whole batch in one script call.  ``requeue`` parks entries on
+``~requeued`` without counting a delivery; the next hand-out counts one
+(``started=False``: the count is lowered by one as the entry is parked).
+``ack``, ``requeue``, ``renew`` and ``dead_letter`` act only on entries this
+instance still owns: a stale holder (its lease ran out, another consumer
+claimed the entry) changes nothing.
+
+Every entry read is checked by ``entry_delivery``: a bad one (fields missing,
+repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
+``error`` set, which the worker dead-letters; its neighbours are unaffected.
 
 Every round trip goes through one reconnect state machine
 (``_reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
-does while Redis is away.  Redis Cluster is not supported (scripts touch the
+does while Redis is away.  Connections and their pool: ``_redis_conn``.  Until
+``declare`` (a client) the pool is small and a publish gives up after
+``[redis] connect_timeout``; ``declare`` (a worker) grows the pool and makes
+publishes patient.  Redis Cluster is not supported (scripts touch the
 keys of several queues).
 """
 from __future__ import annotations
@@ -52,12 +64,11 @@ from collections import deque
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from . import _redis_lua as lua
+from ._redis_conn import FAILURES, TRANSIENT, make_client, worker_pool_size
 from ._reconnect import Reconnecting, Reconnector, Unreachable
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
@@ -66,46 +77,12 @@ log = logging.getLogger("greenq.brokers.redis")
 GROUP = "greenq"
 PARKED = "~requeued"              # consumer owning requeued entries until fetched again
 PRIORITIES = tuple(range(9, -1, -1))
-CONTROL_CONNECTIONS = 10          # pool size = concurrency + these (fetch, acks, renewals, ...)
 BLOCK_CAP = 1.0                   # longest blocking read, seconds
 MAX_BATCH = 4000                  # entries per script call (Lua's unpack limit is ~8000)
 PUBLISH_CHUNK = 1000              # messages per publish script call (several per round trip)
 MOVE_PER_FETCH = 500              # most delayed messages moved per queue per fetch
 FORGET_CONSUMERS_MS = 3600 * 1000
-TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
-FAILURES = (redis.RedisError,)
 _STREAM_ID = re.compile(r"^\d+-\d+$")
-
-
-# -- connections (shared with greenq.backends.redis) ------------------------
-def pool_size(config: Config) -> int:
-    """``[redis] max_connections``, or when 0 the worker concurrency plus room
-    for the control plane, so greenlets wait for a connection rather than fail."""
-    return config.section("redis")["max_connections"] or \
-        config.worker["concurrency"] + CONTROL_CONNECTIONS
-
-
-def client_name(prefix: str, role: str) -> str:
-    """What CLIENT LIST shows for our connections: ``greenq-<prefix>-<pid>[-role]``."""
-    safe = re.sub(r"[^A-Za-z0-9_.:-]", "_", prefix)
-    return f"greenq-{safe}-{os.getpid()}" + (f"-{role}" if role else "")
-
-
-def make_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
-    """A client on a BlockingConnectionPool of ``pool_size() + extra``
-    connections, set up from ``[redis]``.  redis-py's own retries are off: the
-    owner's Reconnector decides."""
-    opts = config.section("redis")
-    timeout = opts["socket_timeout"] or None
-    try:
-        pool = redis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size(config) + extra, timeout=None,
-            socket_timeout=timeout, socket_connect_timeout=timeout, socket_keepalive=True,
-            health_check_interval=opts["health_check_interval"],
-            client_name=client_name(config.key_prefix, role), retry=Retry(NoBackoff(), 0))
-    except (ValueError, TypeError) as exc:
-        raise BrokerError(f"bad Redis URL {mask_url(url)}: {exc}") from None
-    return redis.Redis(connection_pool=pool)
 
 
 def block_seconds(config: Config) -> float:
@@ -115,7 +92,83 @@ def block_seconds(config: Config) -> float:
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    """Text of a reply value; bytes that are not UTF-8 are shown escaped."""
+    return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+
+def entry_delivery(queue: str, prio: int, stream: str, entry_id: bytes, body: Any, mid: Any,
+                   deliveries: int) -> Delivery:
+    """The one place where a stream entry's fields are checked.  A good entry
+    has exactly the fields ``b`` (bytes) and ``m`` (UTF-8); any other shape
+    (a missing, repeated or unknown field, a message id that is not UTF-8, an
+    entry made from a malformed delayed member) gives a Delivery with
+    ``error`` set: the worker dead-letters it through its token, and the
+    entries fetched beside it are delivered as usual.
+
+    An entry of the shape greenq writes (``b``, then ``m``) comes split: its
+    body and message id (bytes).  Any other entry comes whole: its field list
+    in ``body``, and ``mid`` not bytes (the scripts send 0)."""
+    token = (stream, entry_id)
+    if isinstance(mid, bytes):
+        try:
+            return Delivery(queue, body, mid.decode(), deliveries, token, prio)
+        except UnicodeDecodeError as exc:
+            return Delivery(queue, body, _text(mid), deliveries, token, prio,
+                            error=f"message id field 'm' is not UTF-8: {exc}")
+    fields, seen, error = body, {}, None
+    if not isinstance(fields, (list, tuple)) or len(fields) % 2:
+        error, fields = "stream entry is not a list of field/value pairs", ()
+    for name, value in zip(fields[::2], fields[1::2]):
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            error = "stream entry field of a bad type"
+        elif name in seen:
+            error = f"stream entry field {_text(name)!r} appears twice"
+        elif name not in (b"b", b"m", b"e"):
+            error = f"unknown stream entry field {_text(name)!r}"
+        else:
+            seen[name] = value
+            continue
+        break
+    body, mid = seen.get(b"b", b""), seen.get(b"m")
+    if error is None:
+        if b"e" in seen:
+            error = f"broker: {_text(seen[b'e'])}"
+        elif b"b" not in seen:
+            error = "stream entry has no body field 'b'"
+        elif mid is None:
+            error = "stream entry has no message id field 'm'"
+        else:                               # the fields in another order: fine
+            return entry_delivery(queue, prio, stream, entry_id, body, mid, deliveries)
+    return Delivery(queue, body, _text(mid) if mid is not None else _text(entry_id),
+                    deliveries, token, prio, error=error)
+
+
+def split_fields(fields: Any) -> Tuple[Any, Any]:
+    """(body, message id) of an entry of the usual shape, else (fields, 0):
+    the arguments of entry_delivery, as the scripts produce them."""
+    if isinstance(fields, list) and len(fields) == 4 and fields[0] == b"b" and fields[2] == b"m":
+        return fields[1], fields[3]
+    return fields, 0
+
+
+def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
+    """Tokens as script calls of at most MAX_BATCH ids each: (stream keys,
+    then per key ``n, n entry ids``), the argument layout of ACK and TRANSFER."""
+    by_key: Dict[str, List[bytes]] = {}
+    for d in deliveries:
+        by_key.setdefault(d.token[0], []).append(d.token[1])
+    calls: List[Tuple[List[str], List[Any]]] = []
+    size = MAX_BATCH
+    for key, ids in by_key.items():
+        for start in range(0, len(ids), MAX_BATCH):
+            chunk = ids[start:start + MAX_BATCH]
+            if size + len(chunk) > MAX_BATCH:
+                calls.append(([], []))
+                size = 0
+            calls[-1][0].append(key)
+            calls[-1][1].extend([len(chunk), *chunk])
+            size += len(chunk)
+    return calls
 
 
 class RedisBroker(Reconnecting, Broker):
@@ -134,12 +187,17 @@ class RedisBroker(Reconnecting, Broker):
                                        sleep=self._sleep, failures=FAILURES)
         self._lease = float(config.lease_seconds)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
+        self._publish_budget = config.section("redis")["connect_timeout"] or self._timeout
         self._block = block_seconds(config)
+        # XREADGROUP replies unparsed: redis-py would fold an entry's fields
+        # into a dict, hiding a repeated field from entry_delivery
+        self.client.set_response_callback("XREADGROUP", lambda reply, **_: reply)
         s = self.client.register_script
         self._publish_script = s(lua.PUBLISH)
         self._declare_script, self._fetch_script = s(lua.DECLARE), s(lua.FETCH)
         self._reclaim_script, self._transfer_script = s(lua.RECLAIM), s(lua.TRANSFER)
         self._dead_script, self._dlq_requeue_script = s(lua.DEAD_LETTER), s(lua.DLQ_REQUEUE)
+        self._ack_script = s(lua.ACK)
         self._stats_script, self._purge_script = s(lua.STATS), s(lua.PURGE)
         self._k_queues = f"{self.prefix}:queues"
         self._k_dead = f"{self.prefix}:dead"
@@ -155,6 +213,7 @@ class RedisBroker(Reconnecting, Broker):
         self._next_due: Optional[float] = None                # earliest delayed eta seen
         self._reclaims = 0
         self._interrupts = 0
+        self._consuming = True                                # False after stop_consuming()
 
     def _reset(self) -> None:
         # idle connections only: a connection in use fails by itself in its owner
@@ -188,7 +247,7 @@ class RedisBroker(Reconnecting, Broker):
             return self.publish_many([m])
         key = self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))]
         self._call(lambda: self.client.execute_command("XADD", key, "*", "b", m.body, "m", m.message_id),
-                   self._timeout, "publish")
+                   self._publish_budget, "publish")
 
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """One pipelined round trip (plus the registry the first time a queue is
@@ -215,7 +274,7 @@ class RedisBroker(Reconnecting, Broker):
                     key = self.streams(m.queue)[9 - prio]
                     args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
             calls.append(([self._k_queues, *index], args))
-        self._call(lambda: self._run_script(self._publish_script, calls), self._timeout, "publish")
+        self._call(lambda: self._run_script(self._publish_script, calls), self._publish_budget, "publish")
         self._registered.update(new_queues)
 
     def _run_script(self, script: Any, calls: List[Tuple[list, list]]) -> List[Any]:
@@ -237,7 +296,12 @@ class RedisBroker(Reconnecting, Broker):
 
     # -- consuming ---------------------------------------------------------------------
     def declare(self, queues: Sequence[str]) -> None:
-        """Create every stream and its consumer group; register the queues."""
+        """Create every stream and its consumer group; register the queues.
+        This makes the broker a worker's: its pool grows to the concurrency
+        plus the control plane, and publishes retry through outages for up to
+        ``socket_timeout`` seconds (a client's give up after ``connect_timeout``)."""
+        self.pool.grow(worker_pool_size(self.config))
+        self._publish_budget = self._timeout
         self._call(lambda: self._declare(queues), self._timeout, "declare")
 
     def _declare(self, queues: Sequence[str]) -> None:
@@ -249,7 +313,7 @@ class RedisBroker(Reconnecting, Broker):
     def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
         """Lease up to ``count`` messages; see the module docstring.  While Redis
         is unreachable it retries until ``timeout`` and returns ``[]``."""
-        if count <= 0 or not queues:
+        if count <= 0 or not queues or not self._consuming:
             return []
         count = min(count, MAX_BATCH)
         out = self._take_spares(count)
@@ -262,6 +326,9 @@ class RedisBroker(Reconnecting, Broker):
                 out = self.reconnector.call(lambda: self._fetch_once(queues, count, deadline),
                                             deadline, "fetch")
             except Unreachable:
+                return []
+            if not self._consuming:         # stopped while this read was under way
+                self._give_back(out)
                 return []
             if out or time.monotonic() >= deadline or self._interrupts != interrupts:
                 return out
@@ -306,7 +373,7 @@ class RedisBroker(Reconnecting, Broker):
             stream = self._streams[queue][9 - prio]
             i += 3
             stop = i + 4 * n
-            out += [Delivery(queue, flat[j + 1], flat[j + 2].decode(), flat[j + 3], (stream, flat[j]), prio)
+            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2], flat[j + 3])
                     for j in range(i, stop, 4)]
             i = stop
         return out
@@ -323,17 +390,17 @@ class RedisBroker(Reconnecting, Broker):
         for i in range(0, len(flat), 5):
             key = keys[flat[i] - 1]
             queue, prio = self._where[key.encode()]
-            out.append(Delivery(queue, flat[i + 2], flat[i + 3].decode(), flat[i + 4],
-                                (key, flat[i + 1]), prio))
+            out.append(entry_delivery(queue, prio, key, flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]))
         if out:
             log.info("reclaimed %d message(s) whose lease ran out", len(out))
         return out
 
     def _block_read(self, queues: Sequence[str], count: int, wait: float) -> List[Delivery]:
         keys = [k for q in queues for k in self.streams(q)]
-        try:
-            reply = self.client.xreadgroup(GROUP, self.consumer, dict.fromkeys(keys, ">"),
-                                           count=count, block=max(1, int(wait * 1000)))
+        try:   # raw reply (see __init__): entry fields as the server sent them
+            reply = self.client.execute_command(
+                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", count,
+                "BLOCK", max(1, int(wait * 1000)), "STREAMS", *keys, *(">" for _ in keys))
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
@@ -344,14 +411,8 @@ class RedisBroker(Reconnecting, Broker):
         for key, entries in streams:
             queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
             stream = self._streams[queue][9 - prio]
-            for entry in entries:
-                entry_id, fields = entry[0], entry[1]
-                if not fields:
-                    continue
-                if not isinstance(fields, dict):
-                    fields = dict(zip(fields[::2], fields[1::2]))
-                out.append(Delivery(queue, fields.get(b"b", b""), _text(fields.get(b"m", b"")),
-                                    1, (stream, entry_id), prio))
+            out += [entry_delivery(queue, prio, stream, entry[0], *split_fields(entry[1]), 1)
+                    for entry in entries]
         if len(out) > count:   # a server that re-runs the read may serve several streams
             with self._lock:
                 self._spares.extend(out[count:])
@@ -368,7 +429,9 @@ class RedisBroker(Reconnecting, Broker):
             return out
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
-        """XACK+XDEL in one pipelined round trip.  Does not raise when Redis is
+        """XACK+XDEL of the entries this consumer still holds, in one round trip
+        (a stale holder's ack, after its lease ran out and another consumer
+        claimed the entry, is a no-op).  Does not raise when Redis is
         away: the acks are kept, renewed with the held messages, and sent after
         reconnecting (if Redis lost them meanwhile, they are simply redelivered)."""
         if not deliveries:
@@ -384,16 +447,8 @@ class RedisBroker(Reconnecting, Broker):
                 log.warning("acks kept until Redis is back: %s", exc)
 
     def _send_acks(self, deliveries: List[Delivery]) -> None:
-        by_key: Dict[str, List[bytes]] = {}
-        for d in deliveries:
-            by_key.setdefault(d.token[0], []).append(d.token[1])
-        pipe = self.client.pipeline(transaction=False)
-        for key, ids in by_key.items():
-            for start in range(0, len(ids), MAX_BATCH):
-                chunk = ids[start:start + MAX_BATCH]
-                pipe.execute_command("XACK", key, GROUP, *chunk)
-                pipe.execute_command("XDEL", key, *chunk)
-        pipe.execute()
+        self._run_script(self._ack_script, [(keys, [GROUP, self.consumer, *ids])
+                                            for keys, ids in _per_stream(deliveries)])
 
     def _flush_unacked(self) -> None:
         """Send acks kept while Redis was away (inside a round trip that worked)."""
@@ -407,21 +462,16 @@ class RedisBroker(Reconnecting, Broker):
             raise
         log.info("sent %d ack(s) kept while Redis was away", len(pending))
 
-    def _transfer(self, deliveries: Sequence[Delivery], target: str, budget: float, what: str) -> int:
-        by_key: Dict[str, List[bytes]] = {}
-        for d in deliveries:
-            by_key.setdefault(d.token[0], []).append(d.token[1])
-        moved = 0
-        for key, ids in by_key.items():
-            for start in range(0, len(ids), MAX_BATCH):
-                chunk = ids[start:start + MAX_BATCH]
-                moved += self._call(lambda: self._transfer_script(
-                    keys=[key], args=[GROUP, self.consumer, target, len(chunk), *chunk]), budget, what)
-        return moved
+    def _transfer(self, deliveries: Sequence[Delivery], target: str, budget: float, what: str,
+                  uncount: bool = False) -> int:
+        """TRANSFER the entries this consumer holds to ``target``, one round trip."""
+        calls = [(keys, [GROUP, self.consumer, target, "1" if uncount else "0", *ids])
+                 for keys, ids in _per_stream(deliveries)]
+        return sum(self._call(lambda: self._run_script(self._transfer_script, calls), budget, what))
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of every entry still owned by this consumer (one
-        script per stream); spares and kept acks are renewed too."""
+        round trip); spares and kept acks are renewed too."""
         with self._lock:
             extra = list(self._spares) + self._unacked
         everything = list(deliveries) + extra
@@ -430,16 +480,23 @@ class RedisBroker(Reconnecting, Broker):
 
     def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
         """Park the entries on ``~requeued``: fetched again before newer messages
-        of their priority, with the delivery count going on from where it was."""
+        of their priority, with the delivery count going on from where it was
+        (``started=False``: lowered by one first, so the next hand-out counts
+        as the same delivery).  Entries this consumer no longer holds stay put."""
         if deliveries:
-            self._transfer(deliveries, PARKED, self._timeout, "requeue")
+            self._transfer(deliveries, PARKED, self._timeout, "requeue", uncount=not started)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move the entry to the dead letters if this consumer still holds it;
+        a stale holder's dead-letter is a no-op (the new holder decides)."""
         key, entry_id = delivery.token
-        self._call(lambda: self._dead_script(
+        moved = self._call(lambda: self._dead_script(
             keys=[key, self._k_dead, self._k_dead_count, self._k_queues],
             args=[GROUP, entry_id, delivery.queue, delivery.priority, delivery.message_id,
-                  reason, repr(time.time()), delivery.body]), self._timeout, "dead-letter")
+                  reason, repr(time.time()), delivery.body, self.consumer]), self._timeout, "dead-letter")
+        if not moved:
+            log.warning("message %s not dead-lettered: no longer held by this worker "
+                        "(its lease ran out)", delivery.message_id)
 
     def next_due(self, queues: Sequence[str]) -> Optional[float]:
         def ask() -> List[Any]:
@@ -453,6 +510,29 @@ class RedisBroker(Reconnecting, Broker):
     def interrupt(self) -> None:
         """A blocked fetch returns at its next wake-up (within a second)."""
         self._interrupts += 1
+
+    def stop_consuming(self) -> None:
+        """Warm shutdown: fetch returns ``[]`` from now on, and the entries
+        leased but not handed out (spares; and what a fetch blocked right now
+        receives, when it wakes) are parked for other workers at once with
+        their delivery count unchanged.  Held messages can still be acked,
+        requeued and renewed."""
+        self._consuming = False
+        self.interrupt()
+        with self._lock:
+            spares, self._spares = list(self._spares), deque()
+        self._give_back(spares)
+
+    def _give_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Park leased entries that no task saw; if Redis is away they come
+        back when their lease runs out."""
+        if not deliveries:
+            return
+        try:
+            self._transfer(deliveries, PARKED, min(self._timeout, 2.0), "requeue", uncount=True)
+        except BrokerError as exc:
+            log.warning("could not return %d unstarted message(s): %s (they come back after "
+                        "their lease)", len(deliveries), exc)
 
     # -- administration --------------------------------------------------------------
     def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
@@ -480,10 +560,15 @@ class RedisBroker(Reconnecting, Broker):
                 return total
 
     def _dead_letter_of(self, entry_id: Any, fields: Dict[bytes, bytes]) -> DeadLetter:
+        """A dead-letter entry as written by DEAD_LETTER; one written by hand
+        with missing or bad fields is shown as well as it can be, never raises."""
+        try:
+            failed_at = float(fields.get(b"t") or 0)
+        except ValueError:
+            failed_at = 0.0
         return DeadLetter(id=_text(entry_id), queue=_text(fields.get(b"q", b"")),
                           body=fields.get(b"b", b""), reason=_text(fields.get(b"r", b"")),
-                          message_id=_text(fields.get(b"m", b"")),
-                          failed_at=float(fields.get(b"t", 0) or 0))
+                          message_id=_text(fields.get(b"m", b"")), failed_at=failed_at)
 
     def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
         entries = self._call(lambda: self.client.xrange(self._k_dead, count=limit), self._timeout, "dlq list")
@@ -504,15 +589,16 @@ class RedisBroker(Reconnecting, Broker):
             for start in range(0, len(ids), 500):
                 chunk = ids[start:start + 500]
                 moved += self._call(lambda: self._dlq_requeue_script(
-                    keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")
+                    keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")[0]
             return moved
-        moved = 0
-        while True:
-            n = self._call(lambda: self._dlq_requeue_script(keys=keys, args=[self.prefix]),
-                           self._timeout, "dlq requeue")
+        moved, start = 0, "-"
+        while True:                     # 500 at a time; unusable ones are stepped over
+            n, last = self._call(lambda: self._dlq_requeue_script(
+                keys=keys, args=[self.prefix, ">", start]), self._timeout, "dlq requeue")
             moved += n
-            if n < 500:
+            if not last:
                 return moved
+            start = "(" + _text(last)
 
     def dlq_purge(self) -> int:
         def purge() -> int:
@@ -523,17 +609,14 @@ class RedisBroker(Reconnecting, Broker):
         return self._call(purge, self._timeout, "dlq purge")
 
     def close(self) -> None:
-        """Return unhanded spares, send kept acks (briefly), drop the connections.
-        Call it after the last fetch returned."""
+        """Return unhanded spares (delivery count unchanged), send kept acks
+        (briefly), drop the connections.  Safe to call twice, and from a plain
+        client that never fetched.  Call it after the last fetch returned."""
+        self.stop_consuming()
         try:
-            with self._lock:
-                spares, self._spares = list(self._spares), deque()
-            if spares:
-                self._transfer(spares, PARKED, 1.0, "requeue")
             if self._unacked:
                 self._call(self._flush_unacked, 1.0, "ack")
         except BrokerError as exc:
             log.warning("closing with Redis away: %s (held messages come back after their lease)", exc)
-        self.interrupt()
         # idle connections: one still in use (a fetch returning) is closed with the pool
         self.pool.disconnect(inuse_connections=False)

@@ -262,7 +262,7 @@ def cmd_dlq(args: argparse.Namespace, app: Any) -> int:
             return EXIT_FAILURE
         try:
             body: Any = json.loads(d.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             body = d.body.decode("utf-8", "replace")
         print(json.dumps({"id": d.id, "queue": d.queue, "message_id": d.message_id, "reason": d.reason,
                           "failed_at": d.failed_at, "body": body}, indent=2))

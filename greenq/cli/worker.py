@@ -158,3 +158,4 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         return EXIT_FAILURE
     finally:
         monitor.stop()
+        app.close()   # flush what the broker still holds for us (acks kept during an outage)

@@ -43,7 +43,8 @@ log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
 FETCH_BATCH_MAX = 500
-SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
+SUMMARY_INTERVAL = 30.0
+EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run         # seconds between the INFO summary lines
 
 
 class Worker:
@@ -80,8 +81,12 @@ class Worker:
         self.stats = Stats()
         self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
         self.stats.subscribe(self.hooks)
-        self.hooks.on("task_prerun", RateLimiter(self))
-        self.hooks.on("task_prerun", StartedRecorder(self))
+        tasks = list(app.tasks.values())
+        if any(t.option("rate_limit") for t in tasks):          # subscribers cost per task:
+            self.hooks.on("task_prerun", RateLimiter(self))     # only when some task needs them
+        started = StartedRecorder(self)
+        if started.default or any(t.option("track_started") for t in tasks):
+            self.hooks.on("task_prerun", started)
         self.hooks.extend(app.hooks)             # the app's hooks run after the worker's own
         self.runners = Runners(self)
         self.settler = Settler(self)
@@ -210,6 +215,8 @@ class Worker:
                 reason = f"worker error while accepting it: {describe(exc)}"
             if reason == "expired":
                 self.finish(job, jobs.REVOKED, reason="expired")
+            elif reason == "early":
+                self.finish(job, jobs.DEFER, reason="eta in the future")
             elif reason:
                 self.finish(job, jobs.DEAD, reason=reason)
             else:
@@ -225,7 +232,8 @@ class Worker:
                 self.runq.put(job)
 
     def _refusal(self, job: Job, now: float, max_deliveries: int, tasks: Dict[str, Any]) -> Optional[str]:
-        """Why this delivery will not run (a dead-letter reason, or "expired"), or None."""
+        """Why this delivery will not run now (a dead-letter reason, "expired" or
+        "early"), or None."""
         d = job.delivery
         if d.error:
             return f"bad transport metadata: {d.error}"
@@ -241,6 +249,8 @@ class Worker:
             return f"unknown task {msg.task!r}"
         if msg.expires is not None and msg.expires < now:
             return "expired"
+        if msg.eta is not None and msg.eta > now + EARLY_TOLERANCE:
+            return "early"      # ready before its eta (not sent by greenq's client): put it back to wait
         return None
 
     def finish(self, job: Job, outcome: str, reason: Optional[str] = None) -> None:

@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 # outcome kinds
-SUCCESS, FAILURE, RETRY, REJECT, REQUEUE, REVOKED, DEAD = (
-    "success", "failure", "retry", "reject", "requeue", "revoked", "dead")
+SUCCESS, FAILURE, RETRY, REJECT, REQUEUE, REVOKED, DEAD, DEFER = (
+    "success", "failure", "retry", "reject", "requeue", "revoked", "dead", "defer")
 
 
 class HardKill(BaseException):

@@ -108,6 +108,10 @@ class Settler:
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
             return
+        if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
+            plan.republish.append(self.codec.outgoing(msg))
+            plan.acks.append(job.delivery)
+            return
         if outcome == jobs.REQUEUE:
             (plan.requeue if job.started else plan.unstarted).append(job.delivery)
             return

@@ -29,6 +29,7 @@ def test_warm_stop_returns_held_unstarted_messages_at_once(pool, any_env):
         got.extend(broker.fetch([queue], 20, 0.5))
     elapsed = time.monotonic() - start
     counts = sorted(d.deliveries for d in got)
+    broker.stop_consuming()             # (AMQP: or this consumer would take them straight back)
     broker.requeue(got, started=False)
     assert len(got) == 11 - sum(r.ready() for r in waiting), (len(got), out)
     assert elapsed < 4, f"held messages came back only after {elapsed:.1f} s (the lease is 30 s)"

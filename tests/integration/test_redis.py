@@ -179,14 +179,15 @@ def test_delayed_messages_each_delivered_once_to_concurrent_fetchers(make):
 
 # -- connections -----------------------------------------------------------------
 
-def test_pool_is_sized_from_the_concurrency(make):
-    import redis
+def test_pool_is_small_in_a_client_and_sized_from_the_concurrency_in_a_worker(make):
     sized = make(worker__concurrency=40)
-    assert isinstance(sized.pool, redis.BlockingConnectionPool)
+    assert sized.pool.max_connections == 10          # a client until it consumes
+    sized.declare(["q"])
     assert sized.pool.max_connections == 50
-    assert sized.pool.timeout is None                # wait for a connection, never fail
-    assert make(redis__max_connections=7).pool.max_connections == 7
-    assert make("backend", worker__concurrency=40).pool.max_connections == 51   # + the listener
+    fixed = make(redis__max_connections=7)
+    fixed.declare(["q"])
+    assert fixed.pool.max_connections == 7
+    assert make("backend", worker__concurrency=40).pool.max_connections == 11   # + the listener
 
 
 def test_small_pool_makes_callers_wait_not_fail(make, redis_prefix, admin):

@@ -159,3 +159,13 @@ def test_good_messages_round_trip():
         assert (back.task, back.args, back.kwargs, back.priority, back.time_limit) == \
             ("shop.add", [1, [2, {"x": 3}]], {"k": "v"}, 7, 5.0)
         assert_runnable(back)
+
+
+@pytest.mark.parametrize("field", ["task", "id", "queue"])
+def test_lone_surrogates_in_names_are_refused(field):
+    """Not UTF-8: a result keyed by such an id could never be stored (found by
+    tests/e2e/test_redis_malformed.py: the fast path once let it through)."""
+    env = good()
+    env[field] = "\ud800x"
+    with pytest.raises(MessageError, match=field):
+        Codec().decode(json.dumps(env).encode())
