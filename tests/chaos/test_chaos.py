@@ -25,6 +25,9 @@ pytestmark = [pytest.mark.chaos, pytest.mark.e2e]
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize("pool,broker", COMBINATIONS)
 def test_nothing_lost_under_kills_resets_and_a_blackhole(pool, broker, request, tmp_path):
+    """2,000 tasks, 3 kill -9, and on Redis/RabbitMQ a reset and a 20 s
+    blackhole: none lost, every duplicate caught in flight by a fault, the
+    workers back within 5 s of the path."""
     settings = {}
     if broker == "sqlite":
         url = f"sqlite:///{tmp_path / 'broker.sqlite3'}"
