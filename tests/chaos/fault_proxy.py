@@ -179,7 +179,7 @@ class FaultProxy:
                     self._run_commands()
                 elif sock is self._listener:
                     self._accept()
-                elif sock in self._links:
+                elif sock in self._links and not self._holding:   # a blackhole begun in this batch
                     self._service(self._links[sock], sock, mask)
                 if self._closed:
                     return
