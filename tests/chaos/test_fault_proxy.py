@@ -98,8 +98,8 @@ def test_blackhole_holds_bytes_and_new_connections_then_delivers(proxy, echo):
     old = _client(proxy, timeout=0.3)
     assert _round_trip(old, b"before") == b"before"
     accepted = echo.accepted
+    before = time.time()
     proxy.blackhole(1.0)
-    ended = time.time() + 1.0
     assert proxy.holding()
     old.sendall(b"during")
     with pytest.raises(socket.timeout):
@@ -113,7 +113,7 @@ def test_blackhole_holds_bytes_and_new_connections_then_delivers(proxy, echo):
     new.settimeout(5)
     assert old.recv(16) == b"during"           # held, not lost
     assert new.recv(16) == b"fresh"
-    assert proxy.resumed_at is not None and proxy.resumed_at >= ended - 0.05
+    assert proxy.resumed_at is not None and proxy.resumed_at >= before + 1.0
     assert echo.accepted == accepted + 1
     old.close()
     new.close()
@@ -136,8 +136,8 @@ def test_refused_upstream_is_reset_at_once():
     dead.close()
     p = FaultProxy("127.0.0.1", port)
     try:
-        with _client(p) as sock:
-            with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+        with pytest.raises((ConnectionResetError, ConnectionAbortedError)):
+            with _client(p) as sock:            # the RST may even beat connect() back
                 sock.sendall(b"x")
                 if sock.recv(1) == b"":
                     raise ConnectionAbortedError
