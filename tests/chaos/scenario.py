@@ -326,14 +326,25 @@ class Run:
         return figures
 
     def _schedule(self) -> List[Tuple[float, str]]:
-        """(seconds after the start, fault) for every fault of the run."""
+        """(seconds after the start, fault) for every fault of the run.  Kills
+        land anywhere in the window, except the first, which lands outside
+        the blackhole: a kill inside one mostly finds idle workers (their
+        prefetched tasks are done and nothing new can arrive)."""
         w = self.plan.send_window()
-        events = [(self.rng.uniform(0.05 * w, 0.95 * w), "kill") for _ in range(self.plan.kills)]
+        events: List[Tuple[float, str]] = []
+        hole = (0.0, 0.0)
         if self.plan.networked:
             events += [(self.rng.uniform(0.05 * w, 0.15 * w), "reset") for _ in range(self.plan.resets)]
             if self.plan.blackhole:
                 latest = max(0.15 * w, w - self.plan.blackhole - 3.0)
-                events.append((self.rng.uniform(0.15 * w, min(0.3 * w, latest)), "blackhole"))
+                begins = self.rng.uniform(0.15 * w, min(0.3 * w, latest))
+                hole = (begins, begins + self.plan.blackhole)
+                events.append((begins, "blackhole"))
+        for i in range(self.plan.kills):
+            at = self.rng.uniform(0.05 * w, 0.95 * w)
+            while i == 0 and hole[0] <= at <= hole[1]:
+                at = self.rng.uniform(0.05 * w, 0.95 * w)
+            events.append((at, "kill"))
         return sorted(events)
 
     def _inject_faults(self, start: float) -> None:
