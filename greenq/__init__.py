@@ -14,13 +14,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "GreenQ": "greenq.app",
-    "AsyncResult": "greenq.result", "Task": "greenq.task", "Signature": "greenq.task",
+    "AsyncResult": "greenq.result", "Task": "greenq.task",
+    **{name: "greenq.canvas" for name in ("Signature", "chain", "group", "chord", "GroupResult")},
     **{state: "greenq.result" for state in
        ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")},
     **{exc: "greenq.exceptions" for exc in
        ("GreenQError", "ConfigError", "TimeoutError", "TaskError", "SoftTimeLimitExceeded",
         "TimeLimitExceeded", "Retry", "Reject", "MessageError", "BrokerError",
-        "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError")},
+        "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError", "ChordError")},
 }
 
 __all__ = sorted(_EXPORTS)

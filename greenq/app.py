@@ -1,6 +1,7 @@
 """GreenQ: the application object -- settings, task registry, sending."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import threading
 import time
@@ -16,7 +17,8 @@ from .hooks import Hooks
 from .backends import backend_url_for, make_backend
 from .message import Codec, TaskMessage, new_id
 from .result import ALWAYS_REBUILT, AsyncResult
-from .task import CALL_OPTIONS, Signature, Task, current_request, make_task
+from .canvas import GroupResult, Signature, build, signature
+from .task import CALL_OPTIONS, Task, current_request, make_task
 
 
 #: raised in a forked child (``os.register_at_fork``): connections made under
@@ -66,6 +68,7 @@ class GreenQ:
                     config.set(section, key, value, origin=f"GreenQ({key}=...)")
         self.config = config
         self.tasks: Dict[str, Task] = {}
+        self.periodic: Dict[str, Any] = {}     # name -> greenq.beat.Entry (add_periodic)
         self.hooks = Hooks()
         self.driver = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
@@ -99,6 +102,18 @@ class GreenQ:
         if fn is not None:
             return register(fn)
         return register
+
+    def add_periodic(self, name: str, task: Any, every: Optional[float] = None, cron: Optional[str] = None,
+                     timezone: str = "UTC", args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                     **options: Any) -> None:
+        """A periodic task (CONTRACT section 7): ``task`` (a name or a task)
+        every ``every`` seconds or at the five-field ``cron`` times in
+        ``timezone``; ``options`` are apply_async options (queue, priority,
+        expires, time limits).  Run by ``greenq beat`` or ``greenq-worker --beat``."""
+        from .beat import Entry
+        task_name = task if isinstance(task, str) else task.name
+        self.periodic[name] = Entry(name, task_name, every, cron, timezone, tuple(args), dict(kwargs or {}),
+                                    options)
 
     # -- connections (one set per process) -----------------------------------
     def set_driver(self, driver: Any) -> None:
@@ -156,6 +171,27 @@ class GreenQ:
     def AsyncResult(self, task_id: str, task_name: Optional[str] = None) -> AsyncResult:  # noqa: N802
         return AsyncResult(task_id, self, task_name)
 
+    def GroupResult(self, group_id: str) -> GroupResult:  # noqa: N802
+        """A group's results found again by its id; LookupError when the
+        backend has no record of it (expired, or ``rpc://``, which keeps none)."""
+        found = GroupResult.restore(self, group_id)
+        if found is None:
+            raise LookupError(f"no group {group_id} in the result backend")
+        return found
+
+    def signature(self, name: Any, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                  immutable: bool = False, **options: Any) -> Signature:
+        """A signature by task name (the task's code need not be importable here)."""
+        return signature(self, name, args, kwargs, immutable, **options)
+
+    def route(self, name: str) -> Optional[str]:
+        """The queue ``[routes]`` gives task ``name``: the first glob that
+        matches, in the order written; None when none does."""
+        for pattern, queue in self.config.routes.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return queue
+        return None
+
     def _build(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                options: Dict[str, Any]) -> TaskMessage:
         """The message of one call.  Every option is checked here (types and
@@ -196,8 +232,9 @@ class GreenQ:
         task_id = new_id() if task_id is None else validation.name(
             "task_id", task_id, limit=broker.max_message_id_bytes)
         queue = options.get("queue")
-        queue = validation.name("queue", queue if queue is not None else opt("queue") or self.config.default_queue,
-                                limit=broker.max_queue_name_bytes)
+        if queue is None:           # call option > task option > [routes] > default queue
+            queue = opt("queue") or self.route(name) or self.config.default_queue
+        queue = validation.name("queue", queue, limit=broker.max_queue_name_bytes)
         parent = current_request()
         ignore = options.get("ignore_result", opt("ignore_result"))
         return TaskMessage(
@@ -205,6 +242,7 @@ class GreenQ:
             id=task_id, queue=queue, priority=priority,
             eta=eta if eta and eta > now else None, expires=expires, created=now,
             root_id=parent.root_id if parent and not parent.is_eager else None,
+            parent_id=parent.id if parent and not parent.is_eager else None,
             time_limit=time_limit, soft_time_limit=soft_limit,
             reply_to=None if ignore else self.backend.reply_to())
 
@@ -213,9 +251,17 @@ class GreenQ:
                   **options: Any) -> AsyncResult:
         """Send a task by name (its code need not be importable here); takes
         every ``apply_async`` option.  One broker round trip."""
-        if self.config.eager:
+        if "link" in options or "link_error" in options:
+            record = Signature(name, args, kwargs, app=self).to_dict()
+            record, result = Signature.from_dict(record, self)._freeze(self, options)
+            if self.config.eager:
+                from .canvas import run_eager
+                return run_eager(self, record)
+            msg = build(self, record)
+        elif self.config.eager:
             return self._eager(name, args, kwargs, options)
-        msg = self._build(name, args, kwargs, options)
+        else:
+            msg = self._build(name, args, kwargs, options)
         self.broker.publish(self.codec.outgoing(msg))
         return AsyncResult(msg.id, self, name)
 
@@ -224,7 +270,8 @@ class GreenQ:
         sigs = list(signatures)
         if self.config.eager:
             return [self._eager(s.task, s.args, s.kwargs, s.options) for s in sigs]
-        messages = [self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
+        messages = [build(self, s.to_dict()) if s.options.get("link") or s.options.get("link_error")
+                    else self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
         if messages:
             self.broker.publish_many([self.codec.outgoing(m) for m in messages])
         return [AsyncResult(m.id, self, m.task) for m in messages]

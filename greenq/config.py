@@ -110,6 +110,21 @@ TASK_SETTINGS: Dict[str, Setting] = {
 #: decorator options that no INI section can set (they name code), with their defaults
 CODE_ONLY_TASK_OPTIONS: Dict[str, Any] = {"autoretry_for": ()}
 
+# Periodic tasks, in [schedule:<name>] sections (greenq/beat.py reads them).
+SCHEDULE_SETTINGS: Dict[str, Setting] = {
+    "task": Setting("str", None, "task name"),
+    "every": Setting("float", None, "seconds between runs"),
+    "cron": Setting("str", None, "five cron fields (minute hour day month weekday)"),
+    "timezone": Setting("str", "UTC", "timezone of cron"),
+    "args": Setting("json", [], "positional arguments, a JSON list"),
+    "kwargs": Setting("json", {}, "keyword arguments, a JSON object"),
+    "queue": Setting("str", None, "queue"),
+    "priority": Setting("int", None, "priority 0-9"),
+    "expires": Setting("float", None, "seconds after which an unstarted run is revoked"),
+    "time_limit": Setting("float", None, "seconds before the task is killed"),
+    "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded"),
+}
+
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
 #: ``GREENQ_*`` environment variables that are not settings (no warning for them)
 NON_SETTING_ENV = ("GREENQ_CONFIG", "GREENQ_TEST_", "GREENQ_SUPERVISOR_")
@@ -231,6 +246,8 @@ class Config:
                 for k, v in keys.items()} for s, keys in SETTINGS.items()}
         self._origin: Dict[Tuple[str, str], str] = {}
         self._tasks: Dict[str, Dict[str, Any]] = {}
+        self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
+        self.schedules: Dict[str, Dict[str, Any]] = {}        # [schedule:NAME] entries
         self.file: Optional[str] = None
         #: mistakes that do not stop a start (a misspelt variable...), see report()
         self.warnings: List[str] = []
@@ -256,6 +273,9 @@ class Config:
 
     def set(self, section: str, key: str, value: Any, origin: str) -> None:
         """Set one value, converting and validating it; ``origin`` names the source in errors."""
+        if section == "routes" or section.startswith("schedule:"):
+            self._set_workflow(section, key, value, origin)
+            return
         if section.startswith("task:"):
             table = TASK_SETTINGS
         else:
@@ -278,8 +298,37 @@ class Config:
             self._values[section][key] = converted
         self._origin[(section, key)] = origin
 
+    def _set_workflow(self, section: str, key: str, value: Any, origin: str) -> None:
+        """``[routes]`` (``glob = queue``, in file order) and ``[schedule:NAME]``."""
+        import json
+        if section == "routes":
+            queue = str(value).strip()
+            if not queue or not key.strip():
+                raise ConfigError(f"{origin}: [routes] {key} = {value!r}: expected task-name-glob = queue")
+            self.routes[key.strip()] = queue
+            return
+        name = section[len("schedule:"):]
+        if not name:
+            raise ConfigError(f"{origin}: [{section}]: the entry needs a name, [schedule:NAME]")
+        if key not in SCHEDULE_SETTINGS:
+            raise ConfigError(f"{origin}: [{section}] unknown key '{key}'" + _suggest(key, SCHEDULE_SETTINGS))
+        kind = SCHEDULE_SETTINGS[key].type
+        try:
+            if kind == "json":
+                converted = json.loads(value) if isinstance(value, str) else value
+                expected = list if key == "args" else dict
+                if not isinstance(converted, expected):
+                    raise ValueError(f"expected a JSON {'list' if key == 'args' else 'object'}")
+            else:
+                converted = convert(kind, value)
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: [{section}] {key} = {value!r}: {exc}") from None
+        self.schedules.setdefault(name, {})[key] = converted
+
     def copy(self) -> "Config":
         new = Config()
+        new.routes = dict(self.routes)
+        new.schedules = {n: dict(v) for n, v in self.schedules.items()}
         new._values = {s: dict(v) for s, v in self._values.items()}
         new._origin = dict(self._origin)
         new._tasks = {t: dict(v) for t, v in self._tasks.items()}
@@ -333,7 +382,7 @@ def _read_ini(cfg: Config, path: str) -> None:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
     for section in parser.sections():
         for key, value in parser.items(section, raw=True):
-            cfg.set(section, key.lower(), value, origin=path)
+            cfg.set(section, key if section == "routes" else key.lower(), value, origin=path)
 
 
 def env_name(section: str, key: str) -> str:
@@ -421,6 +470,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.origin('greenq', 'max_deliveries')}: [greenq] max_deliveries = 0: must be >= 1")
     if not cfg.worker["queues"]:
         raise ConfigError(f"{cfg.origin('worker', 'queues')}: [worker] queues is empty")
+    for entry, spec in cfg.schedules.items():
+        if not spec.get("task") or (spec.get("every") is None) == (spec.get("cron") is None):
+            raise ConfigError(f"[schedule:{entry}]: needs a task and exactly one of every (seconds) and cron")
     for opts_name, opts in cfg._tasks.items():
         prio = opts.get("priority")
         if prio is not None and prio > 9:

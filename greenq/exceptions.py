@@ -73,6 +73,11 @@ class WorkerLostError(GreenQError):
     """Stored for a task whose worker was terminated while running it."""
 
 
+class ChordError(GreenQError):
+    """Stored as a chord's result when one of its members failed or was
+    revoked: the message names the member (its index, task name and id)."""
+
+
 class TaskRevokedError(GreenQError):
     """Raised by ``get()`` for a task that was revoked or expired."""
 
@@ -81,4 +86,5 @@ __all__ = [
     "GreenQError", "ConfigError", "TimeoutError", "BrokerError", "MessageError",
     "TaskError", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject",
     "WorkerLostError", "TaskRevokedError", "MaxRetriesExceededError",
+    "ChordError",
 ]

@@ -69,6 +69,29 @@ _FIELD_RULES = {
 }
 
 
+def _signatures(option: str, value: Any) -> Optional[list]:
+    """A list of signature records (greenq.canvas); each is checked in full
+    only when the worker sends it, so a bad one fails that step alone."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(s, dict) and isinstance(s.get("task"), str)
+                                              for s in value):
+        raise TypeError(f"{option} must be a list of signature objects")
+    return value
+
+
+#: the workflow fields (greenq.canvas), checked only when a message has one
+_WORKFLOW_RULES = {
+    "parent_id": _optional_str,
+    "group_id": _optional_str,
+    "chord_size": lambda o, v: None if v is None else validation.count(o, v),
+    "link": _signatures,
+    "link_error": _signatures,
+    "chain": _signatures,
+}
+_WORKFLOW_KEYS = frozenset(_WORKFLOW_RULES)
+
+
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,%d}\Z" % validation.MAX_NAME_BYTES).match
 _CONTAINERS = (list, dict, tuple)
 _MAX_EPOCH, _MAX_SECONDS = validation.MAX_EPOCH, validation.MAX_SECONDS
@@ -145,6 +168,13 @@ class TaskMessage:
     time_limit: Optional[float] = None
     soft_time_limit: Optional[float] = None
     reply_to: Optional[str] = None    # where rpc:// results go
+    # workflows (greenq.canvas): the calling task, the group, what follows
+    parent_id: Optional[str] = None
+    group_id: Optional[str] = None
+    chord_size: Optional[int] = None  # set on chord members: how many the chord waits for
+    link: Optional[list] = None       # signatures sent with the result on success
+    link_error: Optional[list] = None  # signatures sent with the task id on failure
+    chain: Optional[list] = None      # the chain's next steps, in order
 
     def for_retry(self, eta: Optional[float]) -> "TaskMessage":
         """The message that runs this call again at ``eta``: same id, one more retry."""
@@ -152,7 +182,8 @@ class TaskMessage:
 
 
 _HEADER_FIELDS = ("id", "task", "queue", "priority", "eta", "expires", "retries", "created",
-                  "root_id", "time_limit", "soft_time_limit", "reply_to")
+                  "root_id", "time_limit", "soft_time_limit", "reply_to",
+                  "parent_id", "group_id", "chord_size", "link", "link_error", "chain")
 
 
 def _msgpack():
@@ -287,6 +318,8 @@ class Codec:
         try:
             if fields is None:          # something is off: the rules say what, or normalise it
                 fields = {key: check(key, env.get(key)) for key, check in _FIELD_RULES.items()}
+            if not _WORKFLOW_KEYS.isdisjoint(env):
+                fields.update((key, check(key, env.get(key))) for key, check in _WORKFLOW_RULES.items())
             if not _plain_arguments(args, kwargs):
                 validation.arguments(args, kwargs)
         except (TypeError, ValueError) as exc:

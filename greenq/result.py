@@ -80,6 +80,9 @@ class AsyncResult:
         self.app = app
         self.task_name = task_name
         self._meta: Optional[Dict[str, Any]] = None
+        #: the previous step's result (set by the caller for a chain, a
+        #: GroupResult for a chord's body); see ``parent_id`` for the stored link
+        self.parent: Any = None
 
     def __repr__(self) -> str:
         return f"<AsyncResult {self.id} {self.state}>"
@@ -128,7 +131,23 @@ class AsyncResult:
             return None
         return self._outcome(meta, propagate=False)
 
-    info = result
+    @property
+    def info(self) -> Any:
+        """``result``, and for a state set by ``update_state`` its ``meta``."""
+        return self.result
+
+    @property
+    def parent_id(self) -> Optional[str]:
+        """The id of the task that sent this one (a chain's previous step, a
+        callback's task), from the stored record; None before it is stored."""
+        meta = self._lookup()
+        return meta.get("parent_id") if meta else None
+
+    @property
+    def root_id(self) -> Optional[str]:
+        """The id of the first task of the workflow this one belongs to."""
+        meta = self._lookup()
+        return (meta.get("root_id") or self.id) if meta else None
 
     @property
     def retries(self) -> int:
@@ -158,8 +177,8 @@ class AsyncResult:
             exc = rebuild_exception(meta["exc"], meta.get("traceback"), self.app.exception_modules())
         elif state == REVOKED:
             exc = TaskRevokedError(meta.get("reason") or f"task {self.id} was revoked")
-        else:
-            return None
+        else:                               # PROGRESS and other states of update_state: the meta
+            return meta.get("result")
         if propagate and state != RETRY:
             raise exc
         return exc
@@ -194,7 +213,8 @@ class EagerResult(AsyncResult):
 
 def make_meta(task_id: str, state: str, *, result: Any = None, exc: Optional[BaseException] = None,
               traceback: Optional[str] = None, task: Optional[str] = None, retries: int = 0,
-              reason: Optional[str] = None) -> Dict[str, Any]:
+              reason: Optional[str] = None, parent_id: Optional[str] = None,
+              root_id: Optional[str] = None) -> Dict[str, Any]:
     meta: Dict[str, Any] = {"id": task_id, "state": state, "result": result,
                             "date_done": time.time(), "retries": retries}
     if task:
@@ -205,4 +225,8 @@ def make_meta(task_id: str, state: str, *, result: Any = None, exc: Optional[Bas
         meta["traceback"] = traceback
     if reason:
         meta["reason"] = reason
+    if parent_id:
+        meta["parent_id"] = parent_id
+    if root_id and root_id != task_id:
+        meta["root_id"] = root_id
     return meta

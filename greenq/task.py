@@ -9,9 +9,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
 from . import validation
+from .canvas import Signature
 from .config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
 from .exceptions import MaxRetriesExceededError, Reject, Retry
-from .result import FAILURE, SUCCESS, EagerResult, make_meta
+from .result import FAILURE, READY_STATES, SUCCESS, EagerResult, make_meta
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
@@ -35,7 +36,8 @@ class Request:
                  retries: int = 0, queue: Optional[str] = None, eta: Optional[float] = None,
                  expires: Optional[float] = None, root_id: Optional[str] = None,
                  delivery_info: Optional[Dict[str, Any]] = None, is_eager: bool = False,
-                 reply_to: Optional[str] = None, priority: int = 0) -> None:
+                 reply_to: Optional[str] = None, priority: int = 0,
+                 parent_id: Optional[str] = None, group_id: Optional[str] = None) -> None:
         self.id = id
         self.task = task
         self.args = args
@@ -49,6 +51,8 @@ class Request:
         self.is_eager = is_eager
         self.reply_to = reply_to
         self.priority = priority
+        self.parent_id = parent_id
+        self.group_id = group_id
 
     def __repr__(self) -> str:
         return f"<Request {self.task}[{self.id}] retries={self.retries}>"
@@ -63,39 +67,6 @@ def set_request(request: Optional[Request]) -> None:
     if _context is None:
         _context = threading.local()
     _context.request = request
-
-
-class Signature:
-    """A task call not yet sent: ``add.s(2, 3).set(queue="high").delay()``."""
-
-    def __init__(self, task: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                 options: Optional[Dict[str, Any]] = None, app: Optional["GreenQ"] = None) -> None:
-        self.task = task
-        self.args = tuple(args)
-        self.kwargs = dict(kwargs or {})
-        self.options = dict(options or {})
-        self.app = app
-
-    def set(self, **options: Any) -> "Signature":
-        unknown = set(options) - CALL_OPTIONS
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(CALL_OPTIONS)}")
-        self.options.update(options)
-        return self
-
-    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult":
-        return self.apply_async(args, kwargs)
-
-    def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                    **options: Any) -> "AsyncResult":
-        if self.app is None:
-            raise RuntimeError("signature has no app")
-        return self.app.send_task(self.task, tuple(self.args) + tuple(args),
-                                  dict(self.kwargs, **(kwargs or {})), **dict(self.options, **options))
-
-    def __repr__(self) -> str:
-        parts = [repr(a) for a in self.args] + [f"{k}={v!r}" for k, v in self.kwargs.items()]
-        return f"{self.task}({', '.join(parts)})"
 
 
 class Task:
@@ -144,6 +115,25 @@ class Task:
         return Signature(self.name, args, kwargs, app=self.app)
 
     signature = s
+
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
+        """An immutable signature: in a chain or as a callback it ignores the parent's result."""
+        return Signature(self.name, args, kwargs, app=self.app, immutable=True)
+
+    def update_state(self, task_id: Optional[str] = None, state: Optional[str] = None,
+                     meta: Any = None) -> None:
+        """Store a state of the running task (``state="PROGRESS", meta={...}``),
+        read by the caller as ``AsyncResult.state`` and ``.info``.  Not final:
+        ``get()`` goes on waiting for the outcome.  Eager runs store nothing."""
+        req = self.request
+        task_id = task_id or req.id
+        if not task_id or req.is_eager and task_id == req.id:
+            return
+        state = state or "PROGRESS"
+        validation.name("state", state)
+        data = self.app.codec.encode_result(make_meta(task_id, state, result=meta, task=self.name,
+                                                      retries=req.retries))
+        self.app.backend.store(task_id, data, final=state in READY_STATES, reply_to=req.reply_to)
 
     def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult":
         return self.apply_async(args, kwargs)

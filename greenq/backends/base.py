@@ -13,7 +13,7 @@ and, where the store can block, ``_wait``.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Dict, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence
 
 from ..drivers.base import UsesDriver
 
@@ -32,6 +32,8 @@ class Record(NamedTuple):
 
 
 class ResultBackend(UsesDriver):
+    #: keeps group records and counts chord members (greenq.canvas); rpc:// does not
+    stores_groups = False
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
@@ -81,6 +83,37 @@ class ResultBackend(UsesDriver):
 
     def close(self) -> None:
         """Release connections."""
+
+    # -- groups and chords (where ``stores_groups``) ----------------------------
+    def get_many(self, task_ids: Sequence[str]) -> List[Optional[bytes]]:
+        """The last record of each of ``task_ids``, in order (None where none)."""
+        return [self._get(t) for t in task_ids]
+
+    def save_group(self, group_id: str, data: bytes) -> None:
+        """Keep a group's record (member ids, a chord's callback) for
+        ``result_expires`` seconds."""
+        raise NotImplementedError
+
+    def load_group(self, group_id: str) -> Optional[bytes]:
+        raise NotImplementedError
+
+    def forget_group(self, group_id: str) -> None:
+        raise NotImplementedError
+
+    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
+        """Count ``member_id`` as finished in chord ``group_id`` of ``size``
+        members, atomically and idempotently: a member counted twice (run
+        again after its worker died before the ack) counts once.  True for
+        exactly one member, the *completer*: the first whose call found all
+        ``size`` members counted; the completer asking again gets True again
+        until ``chord_sent`` (its worker may have died before sending the
+        callback), and every other call gets False."""
+        raise NotImplementedError
+
+    def chord_sent(self, group_id: str) -> None:
+        """The chord's callback (or its failure) has been sent: from now on
+        ``chord_member_done`` returns False for everyone."""
+        raise NotImplementedError
 
     # -- primitives ----------------------------------------------------------
     def _store_many(self, records: Sequence[Record]) -> None:

@@ -24,15 +24,29 @@ class _ResultStore:
         self.results: Dict[str, Tuple[bytes, bool, float]] = {}   # id -> (data, final, expires_at)
         self.revoked: Dict[str, Tuple[bool, float]] = {}         # id -> (terminate, expires_at)
         self.waiters: Dict[str, List] = {}
+        self.groups: Dict[str, Tuple[bytes, float]] = {}          # id -> (data, expires_at)
+        self.chords: Dict[str, "_Chord"] = {}
         self.next_cleanup = 0.0
 
     def sweep(self, now: float) -> None:
         if now < self.next_cleanup:
             return
         self.next_cleanup = now + _CLEANUP_EVERY
-        for table in (self.results, self.revoked):
+        for table in (self.results, self.revoked, self.groups):
             for key in [k for k, v in table.items() if v[-1] <= now]:
                 del table[key]
+        for group_id in [g for g in self.chords if g not in self.groups]:   # they expire together
+            del self.chords[group_id]
+
+
+class _Chord:
+    """One chord's count: the members seen, the completer, whether sent."""
+    __slots__ = ("done", "completer", "sent")
+
+    def __init__(self) -> None:
+        self.done: set = set()
+        self.completer: Optional[str] = None
+        self.sent = False
 
 
 _STORES = Registry(_ResultStore)
@@ -120,8 +134,41 @@ class MemoryBackend(ResultBackend):
             found = ((t, self._store.revoked.get(t)) for t in task_ids)
             return {t: entry[0] for t, entry in found if entry is not None and entry[1] > now}
 
+    # -- groups and chords -------------------------------------------------------
+    stores_groups = True
+
+    def save_group(self, group_id: str, data: bytes) -> None:
+        with self._store.lock:
+            self._store.groups[group_id] = (bytes(data), self._expires_at(time.time()))
+
+    def load_group(self, group_id: str) -> Optional[bytes]:
+        with self._store.lock:
+            entry = self._store.groups.get(group_id)
+        return entry[0] if entry and entry[1] > time.time() else None
+
+    def forget_group(self, group_id: str) -> None:
+        with self._store.lock:
+            self._store.groups.pop(group_id, None)
+            self._store.chords.pop(group_id, None)
+
+    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
+        with self._store.lock:
+            chord = self._store.chords.setdefault(group_id, _Chord())
+            chord.done.add(member_id)
+            if chord.sent or len(chord.done) < size:
+                return False
+            if chord.completer is None:
+                chord.completer = member_id
+            return chord.completer == member_id
+
+    def chord_sent(self, group_id: str) -> None:
+        with self._store.lock:
+            self._store.chords.setdefault(group_id, _Chord()).sent = True
+
     def reset(self) -> None:
         """Forget every result and revocation of this URL (between users' tests)."""
         with self._store.lock:
             self._store.results.clear()
             self._store.revoked.clear()
+            self._store.groups.clear()
+            self._store.chords.clear()

@@ -67,6 +67,24 @@ redis.call('EXPIRE', KEYS[2], ARGV[2])
 return false
 """
 
+#: Count a chord member (ResultBackend.chord_member_done).  KEYS: members
+#: set, state hash.  ARGV: member id, chord size, expiry (s, 0 = none).
+CHORD_DONE = """
+local ex = tonumber(ARGV[3])
+redis.call('SADD', KEYS[1], ARGV[1])
+if ex > 0 then redis.call('EXPIRE', KEYS[1], ex) end
+if redis.call('HGET', KEYS[2], 'sent') then return 0 end
+if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
+local completer = redis.call('HGET', KEYS[2], 'completer')
+if not completer then
+  redis.call('HSET', KEYS[2], 'completer', ARGV[1])
+  if ex > 0 then redis.call('EXPIRE', KEYS[2], ex) end
+  return 1
+end
+if completer == ARGV[1] then return 1 end
+return 0
+"""
+
 FINAL, PARTIAL = b"F", b"P"
 LISTEN_SLICE = 1.0   # seconds the listener blocks before looking at its stop flag
 
@@ -250,6 +268,45 @@ class RedisBackend(Reconnecting, ResultBackend):
         values = self._call(lambda: self.client.mget([self._key("revoked", t) for t in task_ids]),
                             self._timeout, "read revocations")
         return {t: v == b"1" for t, v in zip(task_ids, values) if v is not None}
+
+    # -- groups and chords: P:group:<id> (string), P:chord:<id> (set of the
+    # members counted), P:chordstate:<id> (hash: completer, sent) -------------
+    stores_groups = True
+
+    def get_many(self, task_ids: Sequence[str]) -> List[Optional[bytes]]:
+        keys = [self._key("result", t) for t in task_ids]
+        values = self._call(lambda: self.client.mget(keys), self._timeout, "get results") if keys else []
+        return [None if v is None else v[1:] for v in values]
+
+    def save_group(self, group_id: str, data: bytes) -> None:
+        self._call(lambda: self.client.set(self._key("group", group_id), data, ex=self.expires or None),
+                   self._timeout, "save group")
+
+    def load_group(self, group_id: str) -> Optional[bytes]:
+        return self._call(lambda: self.client.get(self._key("group", group_id)), self._timeout, "load group")
+
+    def forget_group(self, group_id: str) -> None:
+        self._call(lambda: self.client.delete(*(self._key(k, group_id) for k in ("group", "chord", "chordstate"))),
+                   self._timeout, "forget group")
+
+    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
+        script = self.__dict__.get("_chord_script")
+        if script is None:
+            script = self._chord_script = self.client.register_script(CHORD_DONE)
+        keys = [self._key("chord", group_id), self._key("chordstate", group_id)]
+        return bool(self._call(lambda: script(keys=keys, args=[member_id, size, self.expires]),
+                               self._timeout, "count chord member"))
+
+    def chord_sent(self, group_id: str) -> None:
+        key = self._key("chordstate", group_id)
+
+        def mark() -> None:
+            pipe = self.client.pipeline()
+            pipe.hset(key, "sent", 1)
+            if self.expires:
+                pipe.expire(key, self.expires)
+            pipe.execute()
+        self._call(mark, self._timeout, "mark chord sent")
 
     def close(self) -> None:
         self._listener.close()

@@ -37,10 +37,12 @@ import amqp
 from amqp.exceptions import PreconditionFailed
 
 from ..brokers import scheme_of
-from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, REVOKED_STREAM, Link, Settings, close_quietly,
-                                   connection_params, fast_reads, open_connection)
+from ..brokers.amqp_adapter import RawConnection, close_quietly
+from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, REVOKED_STREAM, Link, Settings, connection_params,
+                                   open_connection)
 from ..brokers.amqp_meta import as_bytes
-from ..brokers.amqp_publish import ChannelPool, Publisher, encode_properties, pool_size, tolerate_bad_headers
+from ..brokers.amqp_publish import ChannelPool, Publisher, pool_size
+from ..brokers.amqp_wire import encode_properties
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 from .base import Record, ResultBackend
@@ -219,9 +221,8 @@ class _Replies:
 
     def _connect(self) -> None:
         conn = open_connection(self.params, heartbeat=0, role="rpc reply")
-        tolerate_bad_headers(conn)
         try:
-            reader = fast_reads(conn)
+            raw = RawConnection(conn)
             ch = conn.channel()
             ch.auto_decode = False
             ch.queue_declare(self.name, durable=False, exclusive=False, auto_delete=False,
@@ -231,8 +232,8 @@ class _Replies:
         except BaseException:
             close_quietly(conn)
             raise
-        self.conn, self.channel, self.reader = conn, ch, reader
-        self.sock_timeout = conn.transport.sock.gettimeout()
+        self.conn, self.channel, self.reader = conn, ch, raw.reader
+        self.sock_timeout = raw.sock.gettimeout()
         self.unacked = self.acked = 0
         self.acked_at = time.monotonic()
         self.link.up()
@@ -276,7 +277,7 @@ class _Replies:
         try:
             if reader is not None and timeout > 0:
                 if self.sock_timeout != timeout:
-                    conn.transport.sock.settimeout(timeout)
+                    reader.sock.settimeout(timeout)
                     self.sock_timeout = timeout
                 conn.drain_events()          # each recv waits up to the socket's timeout
                 while reader.has_frame():    # and whatever else that recv brought
@@ -380,8 +381,8 @@ class _Revocations:
 
     def _connect(self) -> None:
         conn = open_connection(self.params, heartbeat=0, role="rpc revocations")
-        tolerate_bad_headers(conn)
         try:
+            RawConnection(conn, fast_reads=False)   # content headers py-amqp can read, nothing more
             ch = conn.channel()
             ch.auto_decode = False
             try:

@@ -11,11 +11,22 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..clients.sqlite import Database, chunks, placeholders, transaction
 from .base import Record, ResultBackend
 
+#: the tables of groups and chords (created on first use, beside the broker's schema)
+CHORD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS group_records (
+    group_id TEXT PRIMARY KEY, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chord_members (
+    group_id TEXT NOT NULL, member_id TEXT NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chord_state (
+    group_id TEXT PRIMARY KEY, completer TEXT, sent INTEGER NOT NULL DEFAULT 0,
+    expires_at REAL NOT NULL) WITHOUT ROWID
+"""
 CLEANUP_EVERY = 60.0   # seconds between deletions of expired rows, per backend instance
 FOREVER = 1e300        # expires_at of records kept forever
 
@@ -28,6 +39,7 @@ class SQLiteBackend(ResultBackend):
         super().__init__(url, config, driver)
         self._db = Database(url)
         self._next_cleanup = 0.0
+        self._chord_tables = False
 
     def _run(self, fn, *args):
         return self._blocking(self._db.run, fn, *args)
@@ -92,6 +104,86 @@ class SQLiteBackend(ResultBackend):
                     f"AND expires_at > ?", (*chunk, now)))
             return found
         return self._run(query)
+
+    # -- groups and chords -------------------------------------------------------
+    stores_groups = True
+
+    def get_many(self, task_ids: Sequence[str]) -> List[Optional[bytes]]:
+        ids = list(task_ids)
+
+        def query(conn: sqlite3.Connection) -> List[Optional[bytes]]:
+            now, found = time.time(), {}
+            for chunk in chunks(ids):
+                found.update(conn.execute(
+                    f"SELECT task_id, data FROM results WHERE task_id IN ({placeholders(len(chunk))}) "
+                    f"AND expires_at > ?", (*chunk, now)))
+            return [found.get(t) for t in ids]
+        return self._run(query)
+
+    def _chords(self, fn, *args):
+        """Run ``fn(conn, *args)`` after making the chord tables (once per instance)."""
+        def run(conn: sqlite3.Connection):
+            if not self._chord_tables:
+                with transaction(conn):
+                    for statement in CHORD_SCHEMA.split(";"):
+                        conn.execute(statement)
+                self._chord_tables = True
+            return fn(conn, *args)
+        return self._run(run)
+
+    def save_group(self, group_id: str, data: bytes) -> None:
+        now = time.time()
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT OR REPLACE INTO group_records (group_id, data, expires_at) VALUES (?, ?, ?)",
+                             (group_id, data, self._expires_at(now)))
+                for table in ("group_records", "chord_members", "chord_state"):
+                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+        self._chords(insert)
+
+    def load_group(self, group_id: str) -> Optional[bytes]:
+        def query(conn: sqlite3.Connection) -> Optional[bytes]:
+            row = conn.execute("SELECT data FROM group_records WHERE group_id = ? AND expires_at > ?",
+                               (group_id, time.time())).fetchone()
+            return row[0] if row else None
+        return self._chords(query)
+
+    def forget_group(self, group_id: str) -> None:
+        def delete(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                for table in ("group_records", "chord_members", "chord_state"):
+                    conn.execute(f"DELETE FROM {table} WHERE group_id = ?", (group_id,))
+        self._chords(delete)
+
+    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
+        expires_at = self._expires_at(time.time())
+
+        def count(conn: sqlite3.Connection) -> bool:
+            with transaction(conn):       # BEGIN IMMEDIATE: one counter at a time
+                conn.execute("INSERT OR IGNORE INTO chord_members (group_id, member_id, expires_at) "
+                             "VALUES (?, ?, ?)", (group_id, member_id, expires_at))
+                done = conn.execute("SELECT COUNT(*) FROM chord_members WHERE group_id = ?",
+                                    (group_id,)).fetchone()[0]
+                row = conn.execute("SELECT completer, sent FROM chord_state WHERE group_id = ?",
+                                   (group_id,)).fetchone()
+                if done < size or (row is not None and row[1]):
+                    return False
+                if row is None or row[0] is None:
+                    conn.execute("INSERT OR REPLACE INTO chord_state (group_id, completer, sent, expires_at) "
+                                 "VALUES (?, ?, 0, ?)", (group_id, member_id, expires_at))
+                    return True
+                return row[0] == member_id
+        return self._chords(count)
+
+    def chord_sent(self, group_id: str) -> None:
+        expires_at = self._expires_at(time.time())
+
+        def mark(conn: sqlite3.Connection) -> None:
+            with transaction(conn):
+                conn.execute("INSERT INTO chord_state (group_id, sent, expires_at) VALUES (?, 1, ?) "
+                             "ON CONFLICT (group_id) DO UPDATE SET sent = 1", (group_id, expires_at))
+        self._chords(mark)
 
     def close(self) -> None:
         self._db.close()

@@ -1,8 +1,10 @@
 """``amqp://``, ``pyamqp://``, ``amqps://``: RabbitMQ through py-amqp.
 
 Topology and the delay cascade are described in ``amqp_common``, publishing in
-``amqp_publish``, the consumer loop in ``amqp_consumer``; the full picture,
-with delivery semantics and limits, is docs/brokers.md (RabbitMQ).
+``amqp_publish``, the consumer loop in ``amqp_consumer``, the frames greenq
+packs and parses itself in ``amqp_wire``, and the only code touching py-amqp's
+internals is ``amqp_adapter``; the full picture, with delivery semantics and
+limits, is docs/brokers.md (RabbitMQ).
 
 Mapping the broker interface onto AMQP 0-9-1:
 
@@ -169,7 +171,9 @@ class AMQPBroker(Broker):
                 c = self._consumer
                 if c is None:
                     self._known.update(queues)
-                    c = self._consumer = ConsumerLoop(self, list(queues))
+                    c = self._consumer = ConsumerLoop(
+                        queues, url=self.url, params=self.params, settings=self.settings, pool=self.pool,
+                        prefetch=self.prefetch, driver=self.driver)
         else:
             c.want(queues)
         return c

@@ -1,7 +1,9 @@
 """What the RabbitMQ broker (``amqp.py``) and the ``rpc://`` backend share:
-connection parameters from a URL, the reconnect state machine, a faster frame
-reader, and the topology greenq declares.  The publishers' pool is in
-``amqp_publish.py``, the consumer loop in ``amqp_consumer.py``.
+connection parameters from a URL, opening a connection (``open_connection``,
+the only place connections are made), the reconnect state machine, and the
+topology greenq declares.  The publishers' pool is in ``amqp_publish.py``, the
+consumer loop in ``amqp_consumer.py``, the wire format in ``amqp_wire.py`` and
+the only code touching py-amqp's internals in ``amqp_adapter.py``.
 
 Imported only when an ``amqp://``, ``pyamqp://``, ``amqps://`` or ``rpc://``
 URL is used; ``ssl`` is imported only for ``amqps://``.
@@ -35,7 +37,6 @@ import random
 import socket
 import time
 from dataclasses import dataclass
-from struct import Struct
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import parse_qsl, unquote, urlsplit
 
@@ -176,7 +177,9 @@ def socket_settings() -> Dict[int, int]:
 
 
 def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "amqp.Connection":
-    """Open and return a py-amqp connection (raises AMQP_ERRORS)."""
+    """Open and return a py-amqp connection for ``role`` (raises AMQP_ERRORS).
+    Every connection greenq makes to RabbitMQ is made here: the consumer's,
+    the publishers', and ``rpc://``'s reply and revocation readers."""
     kwargs = dict(params)
     kwargs["heartbeat"] = heartbeat
     kwargs["client_properties"] = {
@@ -186,76 +189,6 @@ def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "am
     conn = amqp.Connection(**kwargs)
     conn.connect()
     return conn
-
-
-class FrameReader:
-    """A faster ``read_frame`` for a plain TCP transport: one ``recv`` of up to
-    64 KiB serves many frames (py-amqp reads each frame with three).  A
-    timeout leaves the buffer as it was, so a frame is never half-consumed."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.sock = transport.sock
-        self.buf = bytearray(transport._read_buffer or b"")
-        self.pos = 0
-
-    def read_frame(self, unpack: Any = None) -> Tuple[int, int, bytes]:
-        buf = self.buf
-        while True:
-            pos = self.pos
-            avail = len(buf) - pos
-            if avail >= 7:
-                frame_type, channel, size = _FRAME_HEADER.unpack_from(buf, pos)
-                if avail >= size + 8:
-                    payload = bytes(buf[pos + 7:pos + 7 + size])
-                    if buf[pos + 7 + size] != 0xce:
-                        raise amqp.exceptions.UnexpectedFrame(
-                            f"received frame-end {buf[pos + 7 + size]:#04x}, expected 0xce")
-                    self.pos = pos + size + 8
-                    return frame_type, channel, payload
-            if pos:
-                del buf[:pos]
-                self.pos = 0
-            chunk = self.sock.recv(65536)   # socket.timeout: nothing consumed
-            if not chunk:
-                self.transport.connected = False
-                raise OSError("Server unexpectedly closed connection")
-            buf += chunk
-
-    def has_frame(self) -> bool:
-        """A whole frame is buffered (reading it needs no system call)."""
-        avail = len(self.buf) - self.pos
-        return avail >= 7 and avail >= _FRAME_HEADER.unpack_from(self.buf, self.pos)[2] + 8
-
-
-_FRAME_HEADER = Struct(">BHI")
-
-
-def fast_reads(conn: "amqp.Connection") -> Optional[FrameReader]:
-    """Give a plain-TCP connection the buffered frame reader and return it
-    (not TLS: there py-amqp's own reader stays, and this returns None)."""
-    transport = conn.transport
-    if type(transport).__name__ == "TCPTransport":
-        reader = FrameReader(transport)
-        transport.read_frame = reader.read_frame
-        return reader
-    return None
-
-
-def close_quietly(conn: Optional["amqp.Connection"], forked: bool = False) -> None:
-    """Close ``conn`` cleanly if it answers within 2 s, else drop it; never raises.
-    In a forked child (``forked``) the socket is the parent's: leave it alone."""
-    transport = getattr(conn, "_transport", None)
-    if transport is None or forked:
-        return   # closed already, or the parent's
-    try:
-        transport.sock.settimeout(2.0)
-        conn.close()
-    except Exception:
-        try:
-            conn.collect()
-        except Exception:
-            pass
 
 
 def describe(exc: BaseException) -> str:

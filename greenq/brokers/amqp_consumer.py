@@ -9,54 +9,24 @@ import select
 import socket
 import threading
 import time
-from struct import Struct
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import amqp
-from amqp import spec
-from amqp.exceptions import UnexpectedFrame
 
 from ..exceptions import BrokerError
-from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, Link, clean_headers, close_quietly,
-                          declare_base, declare_queue, fast_reads, open_connection)
-from .amqp_meta import Meta, as_bytes, fit_short_string, read_eta, read_meta, read_properties
-from .amqp_publish import (METHOD_CACHE_MAX, Publisher, content_frames, delay_ms, encode_outgoing,
-                           method_frame, tolerate_bad_headers)
+from .amqp_adapter import RawConnection, close_quietly
+from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, Link, Settings, clean_headers, declare_base,
+                          declare_queue, open_connection)
+from .amqp_meta import Meta, as_bytes, fit_short_string, read_eta, read_meta
+from .amqp_publish import METHOD_CACHE_MAX, ChannelPool, Publisher, delay_ms, encode_outgoing
+from .amqp_wire import NOT_MINE, DeliveryReader, ack_frame, content_frames, method_frame, reject_frame
 from .base import Delivery, Outgoing
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .amqp import AMQPBroker
 
 log = logging.getLogger("greenq.amqp")
 
 TICK = 0.25            # seconds the consumer loop blocks in one read
 SYNC_TIMEOUT = 30.0    # seconds a synchronous AMQP method may take (declare, consume, purge)
 EARLY = 1.0            # a delayed message arriving this much before its eta goes round again
-
-
-_SETTLE = Struct(">BHIHHQB")
-_DELIVER = Struct(">HH").pack(*spec.Basic.Deliver)
-_TAG_BITS = Struct(">QB")
-_HEADER = Struct(">HxxQ")
-_ACK, _REJECT = spec.Basic.Ack, spec.Basic.Reject
-
-
-def _settle_frame(channel_id: int, method: tuple, tag: int, flag: bool) -> bytes:
-    """The frame of a ``basic.ack`` (flag: multiple) or ``basic.reject`` (flag: requeue)."""
-    return _SETTLE.pack(1, channel_id, 13, method[0], method[1], tag, flag) + b"\xce"
-
-
-class _Partial:
-    """A delivery whose content frames are still to come."""
-    __slots__ = ("queue", "tag", "redelivered", "properties", "problems", "size", "chunks", "got")
-
-    def __init__(self, queue: str, tag: int, redelivered: bool) -> None:
-        self.queue, self.tag, self.redelivered = queue, tag, redelivered
-        self.properties: Optional[dict] = None
-        self.problems: List[str] = []
-        self.size = 0
-        self.chunks: List[bytes] = []
-        self.got = 0
 
 
 class ConsumerLoop:
@@ -76,38 +46,46 @@ class ConsumerLoop:
     Every frame read from the connection goes through ``_frame`` (it replaces
     py-amqp's frame handler, so also the frames read while py-amqp waits for
     the answer to a method such as ``basic.cancel`` or ``queue.purge``): a
-    ``basic.deliver`` of one of its consumers and its content frames are parsed
-    here, straight into a ``Delivery`` whose metadata ``amqp_meta`` checks;
-    every other frame goes to py-amqp as usual.  py-amqp thus never sees a
-    delivery's content frames (it would take them for a protocol error) nor
-    its properties (it raises on a ``message_id`` that is not UTF-8).
+    ``basic.deliver`` of one of its consumers and its content frames are read
+    by ``amqp_wire.DeliveryReader``, straight into a ``Delivery`` whose
+    metadata ``amqp_meta`` checks; every other frame goes to py-amqp as usual.
+    py-amqp thus never sees a delivery's content frames (it would take them
+    for a protocol error) nor its properties (it raises on a ``message_id``
+    that is not UTF-8).
 
     ``stop_consuming`` cancels every consumer for good (warm shutdown): held
     deliveries can still be settled, nothing more arrives, even after a
     reconnection.
+
+    Made with what it needs, not with the broker: ``params`` to connect
+    (``amqp_common.connection_params`` of ``url``), ``pool`` to publish copies
+    of messages (redeliveries, ``give_back``), the ``driver`` (None: threads).
     """
 
-    def __init__(self, broker: "AMQPBroker", queues: List[str]) -> None:
-        self.broker = broker
-        self.settings = broker.settings
-        self.driver = broker.driver
-        self.heartbeat = int(broker.params.get("heartbeat", self.settings.heartbeat))
-        self.link = Link("consumer", broker.url)
+    def __init__(self, queues: Sequence[str], *, url: str, params: Dict[str, Any], settings: Settings,
+                 pool: ChannelPool, prefetch: int, driver: Any = None) -> None:
+        self.params = params
+        self.settings = settings
+        self.pool = pool
+        self.driver = driver
+        self.heartbeat = int(params.get("heartbeat", settings.heartbeat))
+        self.link = Link("consumer", url)
         self.green = green = self.driver is not None and self.driver.green
         self.wlock = self.driver.lock() if self.driver is not None else threading.Lock()
         self.lock = threading.Lock()
         self.ready = self.driver.event() if green else threading.Event()
         self.stopped = self.driver.event() if green else threading.Event()
         self.wanted = list(queues)
-        self.prefetch = broker.prefetch
+        self.prefetch = prefetch
         self.applied_prefetch = 0
         self.dirty = False
         self.interrupted = False
         self.conn: Optional[amqp.Connection] = None
+        self.raw: Optional[RawConnection] = None
         self.channel: Any = None
         self.channel_id = 0
-        self.reader: Any = None                   # FrameReader (plain TCP, not serial), else None
-        self.partial: Optional[_Partial] = None   # a delivery being read by _frame
+        self.reader: Any = None                   # amqp_adapter.SocketFrames (plain TCP), else None
+        self.inbound: Optional[DeliveryReader] = None   # reads our deliveries in _frame
         self.queue_of: Dict[str, str] = {}        # consumer tag -> queue
         self.py_frame: Any = None                 # py-amqp's frame handler of the connection
         self._tags = itertools.count(1)
@@ -138,6 +116,12 @@ class ConsumerLoop:
         else:
             self.handle = threading.Thread(target=self._run, name="greenq-amqp-consumer", daemon=True)
             self.handle.start()
+
+    @property
+    def partial(self) -> Any:
+        """The delivery being read (some of its content frames still to come), or None."""
+        inbound = self.inbound
+        return inbound.partial if inbound is not None else None
 
     @property
     def running(self) -> bool:
@@ -186,23 +170,21 @@ class ConsumerLoop:
 
     def _connect(self) -> None:
         self.link.connecting()
-        conn = open_connection(self.broker.params, heartbeat=self.heartbeat, role="consumer")
-        reader = fast_reads(conn)
-        self.sock = conn.transport.sock
-        self.serial = not self.green and "ssl" in self.broker.params
+        conn = open_connection(self.params, heartbeat=self.heartbeat, role="consumer")
+        self.serial = not self.green and "ssl" in self.params
+        raw = RawConnection(conn, fast_reads=not self.serial)
+        self.sock = raw.sock
         self.sock.settimeout(SYNC_TIMEOUT)
         with self.wlock:
             with self.lock:
                 self.gen += 1
-                self.conn = conn
+                self.conn, self.raw = conn, raw
                 self.channel = conn.channel()
                 self.channel.auto_decode = False
                 self.channel_id = self.channel.channel_id
-                self.reader = None if self.serial else reader
-                self.partial = None
-                tolerate_bad_headers(conn)   # (a delivery py-amqp reads all the same)
-                self.py_frame = conn.on_inbound_frame
-                conn.on_inbound_frame = self._frame
+                self.reader = raw.reader
+                self.inbound = DeliveryReader(self.channel_id, self.queue_of)
+                self.py_frame = raw.intercept(self._frame)
                 self.cancelled = False
             declare_base(self.channel, self.settings)
             self._sync()
@@ -270,6 +252,8 @@ class ConsumerLoop:
                 self.sock.settimeout(SYNC_TIMEOUT)
             except OSError:
                 pass   # closed under us: the error that closed it is the one raised
+        if frames:
+            self.raw.received()   # for py-amqp's heartbeat check: _frame's frames bypass its count
         now = time.monotonic()
         if now >= self._next_tick:
             self._next_tick = now + TICK
@@ -286,40 +270,18 @@ class ConsumerLoop:
         our consumers here, anything else by py-amqp.  Returns what py-amqp's
         handler does (true when a method is complete), so ``drain_events``
         returns after each delivery."""
-        frame_type, channel, payload = frame
-        partial = self.partial
-        if channel == self.channel_id:
-            if partial is not None:
-                self.conn.bytes_recv += 1   # (py-amqp's heartbeat bookkeeping)
-                if frame_type == 2 and partial.properties is None:
-                    partial.size = _HEADER.unpack_from(payload, 0)[1]
-                    partial.properties, partial.problems = read_properties(payload, 12)
-                elif frame_type == 3 and partial.properties is not None:
-                    partial.chunks.append(payload)
-                    partial.got += len(payload)
-                else:
-                    raise UnexpectedFrame(f"received frame type {frame_type} inside a delivery")
-                if partial.got < partial.size:
-                    return False
-                self.partial = None
-                chunks = partial.chunks
-                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                self._deliver(partial.queue, self.gen, partial.tag, partial.redelivered,
-                              partial.properties, body, partial.problems)
-                return True
-            if frame_type == 1 and payload[:4] == _DELIVER:
-                end = 5 + payload[4]
-                queue = self.queue_of.get(payload[5:end].decode("utf-8", "surrogatepass"))
-                if queue is not None:   # (else py-amqp: it rejects a delivery for no consumer)
-                    self.conn.bytes_recv += 1
-                    tag, bits = _TAG_BITS.unpack_from(payload, end)
-                    self.partial = _Partial(queue, tag, bool(bits & 1))
-                    return False
-        return self.py_frame(frame)
+        got = self.inbound.frame(frame)
+        if got is NOT_MINE:
+            return self.py_frame(frame)
+        if got is None:
+            return False
+        self._deliver(got.consumer, self.gen, got.delivery_tag, got.redelivered, got.properties, got.body,
+                      got.problems)
+        return True
 
     def _drain_serial(self) -> None:
         """Wait until something can be read, then read it holding the write lock."""
-        if not (self.sock.pending() or self.conn.transport._read_buffer):
+        if not self.raw.buffered():
             if not select.select([self.sock], [], [], TICK)[0]:
                 raise socket.timeout()
         with self.wlock:
@@ -343,9 +305,9 @@ class ConsumerLoop:
         """Forget the connection and everything received on it."""
         with self.wlock:
             with self.lock:
-                conn, self.conn, self.channel = self.conn, None, None
+                conn, self.conn, self.channel, self.raw = self.conn, None, None, None
                 self.gen += 1
-                self.reader = self.partial = self.py_frame = None
+                self.reader = self.inbound = self.py_frame = None
                 self.queue_of.clear()
                 self.consuming.clear()
                 self.buffer.clear()
@@ -446,7 +408,7 @@ class ConsumerLoop:
             return False
 
         def send(pub: Publisher) -> None:
-            self.broker.pool.ensure_queues(pub, (), delayed=delayed)
+            self.pool.ensure_queues(pub, (), delayed=delayed)
             for body, properties, exchange, key in out:
                 pub.publish_raw(body, properties, exchange, key)
             if pub.confirm:
@@ -454,7 +416,7 @@ class ConsumerLoop:
                 if nacked or returned:
                     raise BrokerError("RabbitMQ refused a republished message")
         try:
-            self.broker.pool.run(send)
+            self.pool.run(send)
         except BrokerError as exc:
             log.warning("could not republish %d message(s) (%s)", len(items), exc)
             return False
@@ -531,23 +493,20 @@ class ConsumerLoop:
                     return
                 for tag in tags:
                     self.headers.pop(tag, None)
-                channel = self.channel
+                channel_id, raw = self.channel_id, self.raw
                 top = max(tags)
                 low = self.low
                 while low and low[0] not in held:
                     heapq.heappop(low)
                 multiple = not requeue and (not low or low[0] > top)
             try:
-                ch = channel.channel_id
                 if multiple:
-                    data = _settle_frame(ch, _ACK, top, True)
+                    data = ack_frame(channel_id, top, True)
                 elif requeue:
-                    data = b"".join(_settle_frame(ch, _REJECT, tag, True) for tag in sorted(tags))
+                    data = b"".join(reject_frame(channel_id, tag, True) for tag in sorted(tags))
                 else:
-                    data = b"".join(_settle_frame(ch, _ACK, tag, False) for tag in tags)
-                conn = channel.connection
-                conn._transport.write(data)   # one write for the batch
-                conn.bytes_sent += 1          # (py-amqp's heartbeat bookkeeping)
+                    data = b"".join(ack_frame(channel_id, tag) for tag in tags)
+                raw.write(data)   # one write for the batch
             except AMQP_ERRORS + (AttributeError,) as exc:
                 log.debug("could not settle %d message(s): %s (they will be redelivered)", len(tags), exc)
 
@@ -558,10 +517,10 @@ class ConsumerLoop:
         write failed (the loop finds the dead connection and reconnects; the
         caller publishes elsewhere, a reply may then arrive twice)."""
         with self.wlock:
-            conn, channel = self.conn, self.channel
-            if conn is None or channel is None:
+            conn, raw = self.conn, self.raw
+            if conn is None or raw is None:
                 return False
-            channel_id, frame_max = channel.channel_id, conn.frame_max
+            channel_id, frame_max = self.channel_id, conn.frame_max
             methods = self.methods
             frames: List[bytes] = []
             for body, properties, exchange, key in items:
@@ -574,8 +533,7 @@ class ConsumerLoop:
                 frames.append(method)
                 frames += content_frames(channel_id, frame_max, body, properties)
             try:
-                conn._transport.write(b"".join(frames))
-                conn.bytes_sent += 1
+                raw.write(b"".join(frames))
             except (AttributeError,) + AMQP_ERRORS as exc:
                 log.debug("could not publish on the consumer channel: %s", exc)
                 return False

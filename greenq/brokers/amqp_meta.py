@@ -37,7 +37,7 @@ H_QUEUE = "greenq-queue"              # (these four: on dead letters)
 H_REASON = "greenq-reason"
 H_FAILED_AT = "greenq-failed-at"
 H_DEAD_ID = "greenq-dead-id"
-#: set by ``amqp_publish.readable_header`` on a message whose properties it had to rewrite
+#: set by ``amqp_wire.readable_header`` on a message whose properties it had to rewrite
 H_BAD_PROPERTIES = "greenq-bad-properties"
 H_QUORUM_COUNT = "x-delivery-count"
 #: highest delivery count (and base count) taken as genuine
@@ -189,7 +189,7 @@ def read_meta(props: Dict[str, Any], problems: List[str], quorum: bool) -> Meta:
     elif not isinstance(headers, dict):
         errors.append(f"bad application headers: {_show(headers)} is not a table")
         headers = {}
-    if H_BAD_PROPERTIES in headers:   # read by py-amqp after amqp_publish.readable_header
+    if H_BAD_PROPERTIES in headers:   # read by py-amqp after amqp_wire.readable_header
         errors.append(_text(headers[H_BAD_PROPERTIES]) or "bad properties")
     base, problem = _count(headers, H_DELIVERIES)
     if problem:

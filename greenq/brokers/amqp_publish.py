@@ -1,11 +1,11 @@
 """Publishing to RabbitMQ: the per-process pool of publisher connections
-shared by the broker (``amqp.py``) and the ``rpc://`` backend, and the
-encoding of an ``Outgoing`` as AMQP frames.
+shared by the broker (``amqp.py``) and the ``rpc://`` backend, and an
+``Outgoing`` as the body, properties and route of a publish.
 
 The hot path (one ``delay()``) is: take an idle publisher from the pool
-without a lock, append the frames of one ``basic.publish`` (the method frame
-is cached per routing key, the properties are packed here rather than by
-py-amqp), write them with one ``sendall``, give the publisher back.
+without a lock, append the frames of one ``basic.publish`` (packed by
+``amqp_wire``, the method frame cached per routing key), write them with one
+``sendall`` (``amqp_adapter``), give the publisher back.
 """
 from __future__ import annotations
 
@@ -16,140 +16,34 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from struct import Struct, pack
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import amqp
-from amqp import spec
 from amqp.exceptions import ChannelError
-from amqp.serialization import decode_properties_basic, dumps
 
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
-from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, close_quietly,
-                          connection_params, declare_base, declare_delays, declare_queue, delay_route,
-                          describe, fast_reads, open_connection)
-from .amqp_meta import H_BAD_PROPERTIES, as_bytes, fit_short_string, read_properties
+from .amqp_adapter import RawConnection, close_quietly
+from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, connection_params,
+                          declare_base, declare_delays, declare_queue, delay_route, describe,
+                          open_connection)
+from .amqp_meta import as_bytes
+from .amqp_wire import (content_frames, encode_properties, method_frame,  # noqa: F401 (readable_header:
+                        readable_header, task_properties)                   # for tests importing it here)
 from .base import Outgoing
 
 log = logging.getLogger("greenq.amqp")
 
-_PUBLISH_SIG = pack(">HH", *spec.Basic.Publish)
-_BASIC = spec.Basic.Publish[0]
-_FRAME = Struct(">BHI")
-_CONTENT_HEADER = Struct(">HHQ")
 WRITE_CHUNK = 256 * 1024      # bytes of frames buffered before a write
 METHOD_CACHE_MAX = 4096       # cached basic.publish method frames per publisher
-
-# property name -> (flag bit, type), in the order of the content header
-_PROPERTY_BITS = {name: (15 - i, kind) for i, (name, kind) in enumerate(amqp.Message.PROPERTIES)}
-_PROPERTY_ORDER = [name for name, _ in amqp.Message.PROPERTIES]
-
-
-def encode_properties(props: Dict[str, Any]) -> bytes:
-    """The property flags and list of a content header: what py-amqp's
-    ``GenericContent._serialize_properties`` makes, without its generic
-    machinery for the short strings and octets greenq sends."""
-    flags = 0
-    fmt = ""
-    values = []
-    simple = True
-    for name in _PROPERTY_ORDER:
-        value = props.get(name)
-        if value is not None:
-            bit, kind = _PROPERTY_BITS[name]
-            flags |= 1 << bit
-            fmt += kind
-            values.append(value)
-            if kind != "s" and kind != "o":
-                simple = False
-    if not simple:
-        return pack(">H", flags) + dumps(fmt, values)
-    out = [pack(">H", flags)]
-    for kind, value in zip(fmt, values):
-        if kind == "s":
-            if isinstance(value, str):
-                value = value.encode("utf-8", "surrogatepass")
-            out.append(pack("B", len(value)))
-            out.append(value)
-        else:
-            out.append(pack("B", value))
-    return b"".join(out)
-
-
-def task_properties(message_id: str, priority: int = 0) -> bytes:
-    """``encode_properties({"message_id": ..., "delivery_mode": 2, "priority": ...})``,
-    the properties of every task message without headers."""
-    mid = message_id.encode("utf-8", "surrogatepass")
-    if priority:
-        return pack(">HBBB", 0x1880, 2, priority, len(mid)) + mid
-    return pack(">HBB", 0x1080, 2, len(mid)) + mid
-
-
-def method_frame(channel_id: int, exchange: str, routing_key: str, mandatory: bool) -> bytes:
-    """The whole method frame of a ``basic.publish``."""
-    method = _PUBLISH_SIG + dumps("Bssbb", (0, exchange, routing_key, mandatory, False))
-    return _FRAME.pack(1, channel_id, len(method)) + method + b"\xce"
-
-
-def content_frames(channel_id: int, frame_max: int, body: bytes, properties: bytes) -> List[bytes]:
-    """The header and body frames of a message whose properties are ``properties``."""
-    header = _CONTENT_HEADER.pack(_BASIC, 0, len(body)) + properties
-    frames = [_FRAME.pack(2, channel_id, len(header)), header, b"\xce"]
-    chunk = frame_max - 8
-    if 0 < len(body) <= chunk:
-        frames += [_FRAME.pack(3, channel_id, len(body)), body, b"\xce"]
-    elif body:
-        for start in range(0, len(body), chunk):
-            piece = body[start:start + chunk]
-            frames += [_FRAME.pack(3, channel_id, len(piece)), piece, b"\xce"]
-    return frames
 
 
 def publish_frames(channel_id: int, frame_max: int, msg: "amqp.Message", exchange: str,
                    routing_key: str, mandatory: bool) -> List[bytes]:
     """The frames of one ``basic.publish`` of ``msg`` (what py-amqp's frame
-    writer sends), so that many publishes go out in one write."""
+    writer sends for it)."""
     return ([method_frame(channel_id, exchange, routing_key, mandatory)]
             + content_frames(channel_id, frame_max, as_bytes(msg.body), encode_properties(msg.properties)))
-
-
-def readable_header(payload: bytes) -> bytes:
-    """A content header frame's payload that py-amqp can decode: itself when
-    py-amqp can already, else the same header with the properties as
-    ``amqp_meta.read_properties`` reads them (bad bytes escaped, an unparsable
-    header table dropped) and the problems in a ``greenq-bad-properties``
-    header.  Without this, one such message in ``greenq.dlq`` would make py-amqp
-    raise inside every ``basic_get`` that reaches it (``greenq dlq list``)."""
-    try:
-        decode_properties_basic(payload, 12)
-        return payload
-    except Exception:
-        pass
-    props, problems = read_properties(payload, 12)
-    headers = props.get("application_headers")
-    headers = dict(headers) if isinstance(headers, dict) else {}
-    headers[H_BAD_PROPERTIES] = "; ".join(problems)[:1000]
-    props["application_headers"] = headers
-    for name, value in props.items():
-        if isinstance(value, str):
-            props[name] = fit_short_string(value)   # escaping may have made it longer than 255 bytes
-    try:
-        return payload[:12] + encode_properties(props)
-    except Exception:
-        return payload[:12] + encode_properties({"application_headers": {
-            H_BAD_PROPERTIES: headers[H_BAD_PROPERTIES]}})
-
-
-def tolerate_bad_headers(conn: "amqp.Connection") -> None:
-    """Pass every content header ``conn`` receives through ``readable_header``."""
-    inner = conn.on_inbound_frame
-
-    def on_frame(frame: Tuple[int, int, bytes]) -> Any:
-        if frame[0] == 2:
-            frame = (2, frame[1], readable_header(frame[2]))
-        return inner(frame)
-    conn.on_inbound_frame = on_frame
 
 
 class Publisher:
@@ -168,8 +62,7 @@ class Publisher:
         self.forks = FORKS[0]
         self.confirm = confirm
         self.conn = open_connection(params, heartbeat=0, role=role)
-        fast_reads(self.conn)        # a confirm is read with one recv
-        tolerate_bad_headers(self.conn)
+        self.raw = RawConnection(self.conn)   # a confirm is read with one recv
         self.broken = False
         self.last_used = time.monotonic()
         self.pending: List[bytes] = []
@@ -182,7 +75,7 @@ class Publisher:
         self.channel.auto_decode = False
         self.channel_id = self.channel.channel_id
         self.frame_max = self.conn.frame_max
-        self.write = self.conn.transport.write
+        self.write = self.raw.transport_write   # (no heartbeats on publisher connections)
         self.methods: Dict[Tuple[str, str], bytes] = {}   # (exchange, routing key) -> method frame
         self.seq = 0
         self.pending, self.pending_size = [], 0
@@ -235,10 +128,9 @@ class Publisher:
         if self.unconfirmed:
             deadline = time.monotonic() + timeout
             conn = self.conn
-            transport = conn._transport   # (``conn.transport`` of a dropped connection reconnects)
-            if transport is None or transport.sock is None:
+            sock = self.raw.open_socket()
+            if sock is None:
                 raise OSError("the publisher connection is closed")
-            sock = transport.sock
             before = sock.gettimeout()
             try:
                 while self.unconfirmed:
@@ -252,7 +144,7 @@ class Publisher:
                     except socket.timeout:
                         continue
             finally:
-                if transport.sock is sock:
+                if self.raw.open_socket() is sock:
                     try:
                         sock.settimeout(before)
                     except OSError:

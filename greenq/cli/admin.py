@@ -15,6 +15,7 @@ from typing import Any, List, Optional
 
 from .. import config as config_module
 from ..exceptions import ConfigError, GreenQError
+from . import beat as beat_cli
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
 from .listing import print_queues
 
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("id", nargs="?", help="the dead letter's id (from dlq list) or its task's id")
     dr.add_argument("--all", action="store_true", help="requeue every dead letter")
     dsub.add_parser("purge", help="delete every dead letter")
+
+    beat_cli.add_parser(sub)
 
     cf = sub.add_parser("config", help="validate or show the effective configuration")
     cf.add_argument("action", choices=("check", "show"),
@@ -306,4 +309,4 @@ def cmd_config(args: argparse.Namespace, cfg: config_module.Config) -> int:
 
 
 COMMANDS = {"call": cmd_call, "result": cmd_result, "revoke": cmd_revoke, "queues": cmd_queues,
-            "purge": cmd_purge, "dlq": cmd_dlq}
+            "purge": cmd_purge, "dlq": cmd_dlq, "beat": beat_cli.cmd_beat}

@@ -36,6 +36,8 @@ def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
         for task, opts in cfg._tasks.items():
             for key, value in opts.items():
                 app.config.set(f"task:{task}", key, value, cfg.origin(f"task:{task}", key))
+        app.config.routes.update(cfg.routes)            # [routes] and [schedule:NAME]
+        app.config.schedules.update(cfg.schedules)
         if cfg.file:
             app.config.file = cfg.file
         app._codec = None  # built from the settings just overlaid

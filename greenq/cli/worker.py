@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocking-threshold", type=float, metavar="S",
                    help="seconds the hub may block before a warning with the stack (0 = off)")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
+    p.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # started by the supervisor
     return p
 
@@ -78,7 +79,8 @@ def banner(app: Any, pool: str, pool_source: str) -> str:
     tasks = sorted(app.tasks.values(), key=lambda t: t.name)
     lines.append(f"  {len(tasks)} registered task(s):")
     for task in tasks:
-        parts = [f"queue={task.option('queue') or cfg.default_queue}", f"max_retries={task.option('max_retries')}"]
+        queue = task.option("queue") or app.route(task.name) or cfg.default_queue
+        parts = [f"queue={queue}", f"max_retries={task.option('max_retries')}"]
         parts += [f"{key}={task.option(key)}" for key in ("soft_time_limit", "time_limit", "rate_limit")
                   if task.option(key)]
         if not task.option("acks_late"):
@@ -140,6 +142,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],
                       port_file=os.environ.get(HTTP_PORT_ENV) if args.child else None)
     log.info("%s", banner(app, driver.name, pool_source or "default"))
+    scheduler = None
     try:
         monitor.start()
         try:
@@ -150,6 +153,9 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         except BrokerError as exc:  # broker_connect_timeout passed: one line, no traceback
             log.error("%s", exc)
             return EXIT_FAILURE
+        if args.beat:
+            from .beat import start_in_worker
+            scheduler = start_in_worker(app, driver)
         return worker.run()
     except KeyboardInterrupt:
         return EXIT_OK
@@ -157,5 +163,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         log.exception("worker failed")
         return EXIT_FAILURE
     finally:
+        if scheduler is not None:
+            scheduler.stop()
         monitor.stop()
         app.close()   # flush what the broker still holds for us (acks kept during an outage)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import time
 from typing import Any, Callable, Iterator, List, Sequence
 from urllib.parse import parse_qs, urlsplit
 
@@ -95,7 +96,7 @@ class Database:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None,
                                check_same_thread=False, cached_statements=64)
         conn.text_factory = _text   # TEXT that is not UTF-8 (a raw write) must not fail a whole fetch
-        conn.execute("PRAGMA journal_mode=WAL")
+        _wal(conn)
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
         if not self._schema_ready:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -135,6 +136,22 @@ class Database:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
+
+
+def _wal(conn: sqlite3.Connection) -> None:
+    """Put the file in WAL mode (persistent: later connections find it set).
+    Switching needs a moment alone with the file, and SQLite does not wait
+    for that: processes opening a new file together retry instead of failing."""
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -66,7 +66,8 @@ def request_for(job: Job) -> Request:
     return Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
                    eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
                    delivery_info={"queue": job.delivery.queue, "deliveries": job.delivery.deliveries},
-                   reply_to=msg.reply_to, priority=msg.priority)
+                   reply_to=msg.reply_to, priority=msg.priority, parent_id=msg.parent_id,
+                   group_id=msg.group_id)
 
 
 def run(job: Job) -> None:

@@ -1,11 +1,14 @@
 """Settling finished jobs: the finisher greenlet.
 
-It takes finished jobs in batches and, in this order, publishes retries,
-stores results in one call, then acknowledges in one call (late ack: a result
-is never acknowledged unstored), returns what must go back, and dead-letters
-what cannot run.  Nothing in one job can stop the others from being settled:
-a job whose record cannot be built is stored as a FAILURE saying why, and an
-error that retrying cannot cure is narrowed down to the items that cause it.
+It takes finished jobs in batches and, in this order, publishes retries and
+what follows each task in a workflow (followups.py: a chain's next step,
+callbacks), stores results in one call, counts finished chord members (and
+sends a completed chord's callback), then acknowledges in one call (late ack:
+a result is never acknowledged unstored, nor a follow-up unsent), returns
+what must go back, and dead-letters what cannot run.  Nothing in one job can
+stop the others from being settled: a job whose record cannot be built is
+stored as a FAILURE saying why, and an error that retrying cannot cure is
+narrowed down to the items that cause it.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from ..brokers.base import Delivery
 from ..exceptions import MessageError
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
+from .followups import Followups
 from .jobs import Job, describe
 from .state import StopState
 
@@ -34,11 +38,12 @@ PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionEr
 
 class Plan:
     """What settling one batch takes, gathered before any call is made."""
-    __slots__ = ("records", "republish", "acks", "requeue", "unstarted", "dead")
+    __slots__ = ("records", "republish", "chords", "acks", "requeue", "unstarted", "dead")
 
     def __init__(self) -> None:
         self.records: List[Record] = []
-        self.republish: List[Any] = []
+        self.republish: List[Any] = []                    # retries and workflow follow-ups
+        self.chords: List[Any] = []                       # finished chord members: (message, failure)
         self.acks: List[Delivery] = []
         self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
@@ -53,6 +58,7 @@ class Settler:
         self.broker = worker.broker
         self.codec = worker.codec
         self.done = worker.driver.queue()      # finished jobs; None ends the loop
+        self.followups = Followups(worker)
         self.settling_since: Optional[float] = None
 
     def put(self, job: Job) -> None:
@@ -89,8 +95,9 @@ class Settler:
                 log.error("task %s: its outcome could not be recorded", job.id, exc_info=True)
                 self._plan_failure(job, plan, exc)
         backend = w.backend
-        self._with_retries("publish retries", self.broker.publish_many, plan.republish)
+        self._with_retries("publish retries and follow-ups", self.broker.publish_many, plan.republish)
         self._with_retries("store results", backend.store_many, plan.records, on_permanent=self._store_fallback)
+        self._with_retries("count chord members", self.followups.complete_chords, plan.chords)
         self._with_retries("acknowledge", self.broker.ack, plan.acks)
         self._with_retries("requeue", self.broker.requeue, plan.requeue)
         self._with_retries("requeue", lambda ds: self.broker.requeue(ds, started=False), plan.unstarted)
@@ -121,26 +128,37 @@ class Settler:
             else:
                 plan.dead.append((job.delivery, f"rejected: {job.reason}"))
             return
-        ignore = job.task is not None and job.task.option("ignore_result")
+        ignore = job.task is not None and job.task.option("ignore_result") and not msg.chord_size
+        lineage = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
         if outcome == jobs.SUCCESS:
             if not ignore:
                 plan.records.append(Record(msg.id, encode(make_meta(
-                    msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries)),
+                    msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries, **lineage)),
                     True, msg.reply_to))
+            if msg.link or msg.chain:
+                self.followups.on_success(msg, job.value, plan.republish)
         elif outcome == jobs.FAILURE:
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, FAILURE, exc=job.exc, traceback=job.tb, task=msg.task,
-                retries=msg.retries)), True, msg.reply_to))
+                retries=msg.retries, **lineage)), True, msg.reply_to))
+            if msg.link_error or msg.chain:
+                self.followups.on_failure(msg, FAILURE, job.exc, job.tb, None, plan.republish, plan.records)
         elif outcome == jobs.RETRY:
             outgoing = self.codec.outgoing(msg.for_retry(job.exc.when))
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, RETRY, exc=job.exc.exc or job.exc, task=msg.task,
-                retries=msg.retries + 1)), False, msg.reply_to))
+                retries=msg.retries + 1, **lineage)), False, msg.reply_to))
             plan.republish.append(outgoing)
         elif outcome == jobs.REVOKED:
             self.worker.hooks.emit("task_revoked", job)
             plan.records.append(Record(msg.id, encode(make_meta(
-                msg.id, REVOKED, task=msg.task, reason=job.reason)), True, msg.reply_to))
+                msg.id, REVOKED, task=msg.task, reason=job.reason, **lineage)), True, msg.reply_to))
+            if msg.chain:
+                self.followups.on_failure(msg, REVOKED, None, None, job.reason, plan.republish, plan.records)
+        if msg.chord_size and outcome in (jobs.SUCCESS, jobs.FAILURE, jobs.REVOKED):
+            failure = (None if outcome == jobs.SUCCESS else f"failed: {describe(job.exc)}"
+                       if outcome == jobs.FAILURE else f"was revoked ({job.reason or 'revoked'})")
+            plan.chords.append((msg, failure))
         if not job.acked:
             plan.acks.append(job.delivery)
 

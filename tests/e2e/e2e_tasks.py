@@ -154,3 +154,60 @@ def local_object():
     class Local:
         pass
     return Local()
+
+
+# -- workflows (test_workflows_e2e.py) ------------------------------------------------
+@app.task(name="e2e.chord_member")
+def chord_member(i, seconds):
+    time.sleep(seconds)
+    _mark("chord_member")
+    return i
+
+
+@app.task(name="e2e.chord_callback")
+def chord_callback(values):
+    _mark("chord_callback")
+    return [len(values), sum(values)]
+
+
+@app.task(name="e2e.record", bind=True)
+def record(self, *args):
+    """A callback: marks that it ran, returns its arguments and lineage."""
+    _mark("record")
+    return [list(args), self.request.parent_id, self.request.root_id]
+
+
+@app.task(name="e2e.progress", bind=True)
+def progress(self, name):
+    """Reports PROGRESS, then waits (up to 20 s) for the test to create ``<name>.go``."""
+    self.update_state(state="PROGRESS", meta={"done": 1, "total": 2})
+    go = os.path.join(os.environ.get("E2E_MARKERS", "."), name + ".go")
+    deadline = time.monotonic() + 20
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "finished"
+
+
+@app.task(name="e2e.beat_tick", bind=True)
+def beat_tick(self):
+    """A periodic task: appends its task id (beat-NAME-SLOT) to the beat_tick marker."""
+    marker_dir = os.environ.get("E2E_MARKERS")
+    if marker_dir:
+        with open(os.path.join(marker_dir, "beat_tick"), "a") as fh:
+            fh.write(f"{self.request.id}\n")
+
+
+if os.environ.get("E2E_DIE_BEFORE_CHORD_CALLBACK"):
+    # test_workflows_e2e: the first worker to complete a chord dies (SIGKILL-like,
+    # os._exit) after counting the last member and before sending the callback
+    from greenq.worker import followups as _followups
+
+    _fire = _followups.Followups._fire
+
+    def _die_once(self, msg):
+        flag = os.path.join(os.environ["E2E_MARKERS"], "died_before_callback")
+        if not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(9)
+        return _fire(self, msg)
+    _followups.Followups._fire = _die_once

@@ -107,6 +107,9 @@ def test_bad_properties_over_tls_too(env, raw, tls_port):
     broker = make_broker(url, make_config(broker_url=url))
     try:
         loop = consuming(broker, q)
+        deadline = time.monotonic() + 10      # the loop connects in its own thread (slow under load)
+        while not loop.serial and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert loop.serial
         raw.publish(q, b"p1", message_id=b"\xff")
         raw.publish(q, b"p2", application_headers={"greenq-eta": "abc"})

@@ -15,7 +15,8 @@ def test_exported_names():
     expected = {"GreenQ", "AsyncResult", "Task", "Signature", "PENDING", "RECEIVED", "STARTED", "RETRY",
                 "SUCCESS", "FAILURE", "REVOKED", "GreenQError", "ConfigError", "TimeoutError", "TaskError",
                 "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject", "MessageError",
-                "BrokerError", "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError"}
+                "BrokerError", "MaxRetriesExceededError", "TaskRevokedError", "WorkerLostError",
+                "ChordError", "chain", "group", "chord", "GroupResult"}
     assert set(greenq.__all__) == expected
     for name in expected:
         assert getattr(greenq, name) is not None
@@ -200,3 +201,31 @@ def test_prefetch_auto_is_the_concurrency_plus_a_quarter():
     from greenq.config import effective_prefetch
     assert effective_prefetch(1000, 0) == 1250 and effective_prefetch(1, 0) == 2
     assert effective_prefetch(100, 50) == 100 and effective_prefetch(100, 300) == 300
+
+
+def test_eager_workflows_run_inline():
+    from greenq import chain, chord, group
+    app = make_app(eager=True)
+    calls = []
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    @app.task
+    def note(*args):
+        calls.append(args)
+
+    @app.task
+    def tsum(values):
+        return sum(values)
+
+    @app.task
+    def boom():
+        raise ValueError("eager boom")
+    assert chain(add.s(1, 2), add.s(3)).delay().get() == 6
+    assert group(add.s(i, i) for i in range(3)).delay().get() == [0, 2, 4]
+    assert chord([add.s(1, 1), add.s(2, 2)], tsum.s()).delay().get() == 6
+    r = boom.apply_async(link=note.s("ok"), link_error=note.s("err"))
+    add.apply_async((1, 1), link=note.s("ok"))
+    assert r.failed() and calls == [(r.id, "err"), (2, "ok")]

@@ -1,0 +1,187 @@
+"""What follows a settled task in a workflow (greenq/canvas.py): the chain's
+next step, ``link`` and ``link_error`` callbacks, and a chord's callback.
+
+The finisher (settle.py) asks for them while it plans a batch and sends them
+before it acknowledges, as it does retries: a worker that dies in between
+leaves the task unacknowledged, it runs again and the follow-ups are sent
+again (at least once).  A chain's steps have fixed ids, so a step sent twice
+is one result.
+
+Chords are counted in the result backend after the members' results are
+stored: ``chord_member_done`` counts a member once however often it runs,
+and answers True for one member only, whose worker then reads every member's
+result and sends the callback (or stores ``ChordError``), then marks the
+chord sent.  The completer's worker dying before that mark leaves its
+message unacknowledged: it runs again, is told again that it completed the
+chord, and sends the callback.  Only a death between the send and the mark
+(one round trip) sends the callback twice.  A member that fails stores the
+chord's ChordError at once (fail fast); the completer keeps it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+from ..backends.base import Record
+from ..canvas import build, decode_group, iter_records
+from ..exceptions import ChordError, MessageError
+from ..result import FAILURE, REVOKED, SUCCESS, make_meta
+from .jobs import describe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..message import TaskMessage
+    from .consumer import Worker
+
+log = logging.getLogger("greenq.worker")
+
+
+class Followups:
+    """Builds the follow-ups of one worker's settled tasks."""
+
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.app = worker.app
+        self.codec = worker.codec
+
+    # -- chains and callbacks (planned with the batch) ---------------------------
+    def on_success(self, msg: "TaskMessage", value: Any, outgoing: List[Any]) -> None:
+        """The chain's next step and the ``link`` callbacks, with ``value``."""
+        for record in msg.link or ():
+            outgoing.append(self._outgoing(record, (value,), msg))
+        if msg.chain:
+            step = dict(msg.chain[0])
+            step["options"] = dict(step.get("options") or {}, chain=msg.chain[1:])
+            outgoing.append(self._outgoing(step, (value,), msg))
+
+    def on_failure(self, msg: "TaskMessage", state: str, exc: Optional[BaseException], tb: Optional[str],
+                   reason: Optional[str], outgoing: List[Any], records: List[Record]) -> None:
+        """``link_error`` callbacks (called with the task's id); the chain's
+        remaining steps stored with this task's outcome (FAILURE or REVOKED),
+        so the chain's result says why it stopped."""
+        if state == FAILURE:
+            for record in msg.link_error or ():
+                outgoing.append(self._outgoing(record, (msg.id,), msg))
+        encode = self.codec.encode_result
+        root = msg.root_id or msg.id
+        for step in msg.chain or ():
+            options = step.get("options") or {}
+            step_id = options.get("task_id")
+            if step_id:
+                records.append(Record(step_id, encode(make_meta(
+                    step_id, state, exc=exc, traceback=tb, task=step.get("task"), reason=reason,
+                    parent_id=msg.id, root_id=root)), True, None if options.get("ignore_result") else msg.reply_to))
+
+    def _outgoing(self, record: Dict[str, Any], prefix: tuple, parent: "TaskMessage") -> Any:
+        return self.codec.outgoing(build(self.app, record, prefix, parent=parent))
+
+    # -- chords (after the results are stored) -------------------------------------
+    def complete_chords(self, members: List["tuple[TaskMessage, Optional[str]]"]) -> None:
+        """Count each finished member; for the one that completes its chord,
+        send the callback (or store the chord's failure), then mark it sent.
+        A member that failed (``failure`` says how) and did not complete its
+        chord makes the chord FAILURE at once, so its caller need not wait
+        for the other members; the callback's ``link_error`` callbacks are
+        sent by the completer only."""
+        backend = self.worker.backend
+        for msg, failure in members:
+            if backend.chord_member_done(msg.group_id, msg.id, msg.chord_size):
+                self._fire(msg)
+                backend.chord_sent(msg.group_id)
+            elif failure is not None:
+                self._fail_early(msg, failure)
+
+    def _fail_early(self, msg: "TaskMessage", failure: str) -> None:
+        data = self.worker.backend.load_group(msg.group_id)
+        if data is None:
+            return
+        group = decode_group(self.app, data)
+        callback = group.get("callback")
+        if isinstance(callback, dict):
+            index = group["members"].index(msg.id) if msg.id in group["members"] else "?"
+            error = ChordError(f"chord member {index} {msg.task}[{msg.id}] {failure}")
+            log.warning("chord %s failed: %s", msg.group_id, error)
+            self.worker.backend.store_many(self._failure_records(msg, callback, error))
+
+    def _fire(self, msg: "TaskMessage") -> None:
+        backend = self.worker.backend
+        group_id = msg.group_id
+        data = backend.load_group(group_id)
+        if data is None:
+            log.error("chord %s: its record is gone from the result backend (expired?); its callback "
+                      "cannot be sent", group_id)
+            return
+        group = decode_group(self.app, data)
+        callback = group.get("callback")
+        if not isinstance(callback, dict):
+            log.error("chord %s: its record has no callback", group_id)
+            return
+        values, error = self._gather(group_id, group)
+        if error is None:
+            try:
+                outgoing = self._outgoing(callback, (values,), msg)
+            except (MessageError, TypeError, ValueError) as exc:
+                error = ChordError(f"chord {group_id}: its callback could not be sent: {describe(exc)}")
+            else:
+                self.worker.broker.publish_many([outgoing])
+                return
+        self._fail(msg, callback, error)
+
+    def _gather(self, group_id: str, group: Dict[str, Any]) -> "tuple[List[Any], Optional[ChordError]]":
+        """The members' values in order, or the ChordError naming the first
+        member (in the group's order) that did not succeed."""
+        members = group["members"]
+        tasks = group.get("tasks") or [None] * len(members)
+        values = []
+        for index, (member_id, data) in enumerate(zip(members, self.worker.backend.get_many(members))):
+            reason = None
+            try:
+                meta = self.codec.decode_result(data) if data is not None else None
+            except MessageError as exc:
+                meta, reason = None, f"has a result that cannot be read ({exc})"
+            state = meta.get("state") if meta else None
+            if state == SUCCESS:
+                values.append(meta.get("result"))
+                continue
+            if reason is None:
+                if meta is None:
+                    reason = "has no result (expired?)"
+                elif state == FAILURE:
+                    exc_info = meta.get("exc") or {}
+                    reason = f"failed: {exc_info.get('type', '?').rsplit('.', 1)[-1]}: {exc_info.get('message', '')}"
+                elif state == REVOKED:
+                    reason = f"was revoked ({meta.get('reason') or 'revoked'})"
+                else:
+                    reason = f"ended in state {state}"
+            return values, ChordError(f"chord member {index} {tasks[index]}[{member_id}] {reason}")
+        return values, None
+
+    def _fail(self, msg: "TaskMessage", callback: Dict[str, Any], error: ChordError) -> None:
+        """Store ``error`` as the result of the callback (each step of it, when
+        it is a chain), unless a member's early failure is stored there
+        already, and send the callback's ``link_error`` callbacks."""
+        backend = self.worker.backend
+        callback_id = (callback.get("options") or {}).get("task_id")
+        if not self._failed_already(callback_id):
+            log.warning("chord %s failed: %s", msg.group_id, error)
+            backend.store_many(self._failure_records(msg, callback, error))
+        errbacks = [self._outgoing(r, (callback_id,), msg) for r in (callback.get("options") or {}).get("link_error") or ()]
+        if errbacks:
+            self.worker.broker.publish_many(errbacks)
+
+    def _failed_already(self, task_id: Optional[str]) -> bool:
+        data = self.worker.backend.get(task_id) if task_id else None
+        try:
+            return data is not None and self.codec.decode_result(data).get("state") == FAILURE
+        except MessageError:
+            return False
+
+    def _failure_records(self, msg: "TaskMessage", callback: Dict[str, Any], error: ChordError) -> List[Record]:
+        encode = self.codec.encode_result
+        root = msg.root_id or msg.id
+        records = []
+        for step in iter_records(callback):
+            step_id = (step.get("options") or {}).get("task_id")
+            if step_id:
+                records.append(Record(step_id, encode(make_meta(step_id, FAILURE, exc=error, task=step.get("task"),
+                                                                root_id=root)), True, None))
+        return records
