@@ -12,9 +12,9 @@ Every execution appends a line to one O_APPEND file as it starts and as it
 ends (chaos_tasks.py), so the figures are exact: *sent*, *completed*
 (distinct ids done), *lost* (sent - completed), *duplicated* (finished
 executions beyond one), *interrupted* (executions a kill cut short), the
-fault each duplicate is put down to (its first execution finished in a
-worker shortly before that worker's kill, or around a network fault) or none,
-and the
+fault each duplicate is put down to (one that struck while the task was in
+flight: after it was sent, before its first completion was acknowledged) or
+none, and the
 time between the end of the blackhole and the first completion of a task
 sent after it began (such a task cannot have been fetched before).
 
@@ -43,7 +43,7 @@ from .fault_proxy import FaultProxy
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SEND_INTERVAL = 0.1         # seconds between two batches of the sender
-FAULT_SLACK = 5.0           # seconds around a fault within which a duplicate counts as its doing
+ACK_SLACK = 5.0             # seconds after a task's first completion in which its ack may still be on the way
 NETWORK_BROKERS = ("redis", "amqp")
 
 
@@ -162,6 +162,15 @@ class Workers:
 
     def start_all(self) -> None:
         self.live = [self.start() for _ in range(self.plan.workers)]
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until every live worker has logged that it is ready (connected and
+        consuming), so the first faults find them at work."""
+        deadline = time.monotonic() + timeout
+        while not all(b"worker ready" in proc.log.read_bytes() for proc in self.live):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"workers not ready after {timeout:.0f} s:\n{self.tails()}")
+            time.sleep(0.1)
 
     def kill_one(self, rng: random.Random) -> int:
         """SIGKILL a random worker and start its replacement (last in ``live``);
@@ -298,6 +307,7 @@ class Run:
             client.broker.declare([self.queue])
             self.workers = Workers(plan, self.workdir, self._env(worker_url))
             self.workers.start_all()
+            self.workers.wait_ready()
             sender = threading.Thread(target=self._send, args=(client,), daemon=True)
             start = time.monotonic()
             sender.start()
@@ -439,7 +449,7 @@ class Run:
         f.bound = plan.prefetch * (f.kills + plan.workers * network_faults)
         for n, execs in runs.items():
             if len(execs) > 1:
-                cause = self._cause(min(execs))
+                cause = self._cause(self.sent_at[n] if n < len(self.sent_at) else 0.0, min(execs)[0])
                 f.causes[cause] = f.causes.get(cause, 0) + len(execs) - 1
                 if cause == "none":
                     f.unexplained.append(n)
@@ -453,15 +463,13 @@ class Run:
                 f.leaked = sum(1 for t in after if t < resumed)
         return f
 
-    def _cause(self, first: Tuple[float, int]) -> str:
-        """The fault a duplicate is put down to, the nearest of: ``kill`` when
-        its first execution ended in a worker less than FAULT_SLACK before
-        that worker was killed, ``reset`` or ``blackhole`` when it ended less
-        than FAULT_SLACK from one; ``none`` when no fault is that near."""
-        at, pid = first
+    def _cause(self, sent: float, done: float) -> str:
+        """The fault a duplicate is put down to: one that struck while the
+        task was in flight -- after it was sent and before its first
+        completion was acknowledged (``done`` + ACK_SLACK) -- the one nearest
+        to ``done``; ``none`` when no fault struck in that span."""
         assert self.workers is not None
-        near = [(killed_at - at, "kill") for killed, killed_at in self.workers.killed
-                if pid == killed and 0 <= killed_at - at <= FAULT_SLACK]
-        near += [(max(start - at, at - end, 0.0), kind) for start, end, kind in self.faults
-                 if start - FAULT_SLACK <= at <= end + FAULT_SLACK]
+        spans = [(at, at, "kill") for _, at in self.workers.killed] + list(self.faults)
+        near = [(max(start - done, done - end, 0.0), kind) for start, end, kind in spans
+                if end >= sent and start <= done + ACK_SLACK]
         return min(near)[1] if near else "none"
