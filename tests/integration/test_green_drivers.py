@@ -51,4 +51,6 @@ def test_shared_suites_patched(driver):
     _run(["-c", PATCHED_PYTEST, driver, "-q", "-x", "-p", "no:cacheprovider",
           os.path.join(HERE, "test_broker_suite.py"), os.path.join(HERE, "test_backend_suite.py"),
           os.path.join(HERE, "test_chord_counting.py"), os.path.join(HERE, "test_leases.py"),
-          "-k", "memory or sqlite"], driver, 300)
+          # (the hypothesis property test is left to the unpatched run: under eventlet,
+          # hypothesis pulls in trio, whose socket module does not import on a GreenSocket)
+          "-k", "(memory or sqlite) and not any_order"], driver, 300)
