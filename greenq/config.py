@@ -20,11 +20,10 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from .exceptions import ConfigError
+from .pools import POOLS
 
 log = logging.getLogger("greenq.config")
 
-LOGLEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-POOLS = ("gevent", "eventlet", "threads", "solo")
 SERIALIZERS = ("json", "msgpack", "pickle")
 
 
@@ -57,7 +56,7 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
     },
     "worker": {
-        "pool": Setting("choice:gevent|eventlet|threads|solo", "gevent", "concurrency driver"),
+        "pool": Setting("choice:" + "|".join(POOLS), "gevent", "concurrency driver"),
         "concurrency": Setting("int", 100, "tasks run at once"),
         "prefetch": Setting("int", 0, "messages held at once; 0 = auto (the concurrency plus a quarter)"),
         "queues": Setting("list", ["default"], "queues consumed, comma-separated"),

@@ -28,8 +28,8 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..brokers._reconnect import Reconnecting, Reconnector, Unreachable, backoff
-from ..brokers._redis_conn import FAILURES, TRANSIENT, make_client
+from ..clients.reconnect import Reconnecting, Reconnector, Unreachable, backoff
+from ..clients.redis import FAILURES, TRANSIENT, make_client
 from ..config import Config, mask_url
 from .base import Record, ResultBackend
 
@@ -188,7 +188,6 @@ class _Listener:
 class RedisBackend(Reconnecting, ResultBackend):
     """Results, waits and revocations in Redis; see the module docstring."""
 
-    schemes = ("redis", "rediss")
     #: builds the client from the URL (Sentinel and Cluster subclasses use their own)
     client_factory = staticmethod(make_client)
 

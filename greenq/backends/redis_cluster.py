@@ -24,8 +24,8 @@ import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..brokers._reconnect import Unreachable, backoff
-from ..brokers.redis_cluster import CLUSTER_TRANSIENT, make_cluster_client
+from ..clients.reconnect import Unreachable, backoff
+from ..clients.redis_topology import CLUSTER_TRANSIENT, make_cluster_client
 from .base import Record
 from .redis import FINAL, PARTIAL, RedisBackend
 
@@ -37,7 +37,6 @@ WAIT_SLICE = 1.0     # seconds one pub/sub read blocks (a dead master is noticed
 class RedisClusterBackend(RedisBackend):
     """RedisBackend with per-task hash slots and sharded notifications."""
 
-    schemes = ("redis+cluster",)
     client_factory = staticmethod(make_cluster_client)
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:

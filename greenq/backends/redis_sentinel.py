@@ -3,12 +3,11 @@ names (see greenq.brokers.redis_sentinel); the result listener resubscribes on
 the new master after a failover and wakes every waiter to read again."""
 from __future__ import annotations
 
-from ..brokers.redis_sentinel import make_sentinel_client
+from ..clients.redis_topology import make_sentinel_client
 from .redis import RedisBackend
 
 
 class RedisSentinelBackend(RedisBackend):
     """RedisBackend on the master Sentinel names."""
 
-    schemes = ("redis+sentinel",)
     client_factory = staticmethod(make_sentinel_client)

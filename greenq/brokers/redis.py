@@ -43,8 +43,8 @@ repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
 ``error`` set, which the worker dead-letters; its neighbours are unaffected.
 
 Every round trip goes through one reconnect state machine
-(``_reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
-does while Redis is away.  Connections and their pool: ``_redis_conn``.  Until
+(``greenq.clients.reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
+does while Redis is away.  Connections and their pool: ``greenq.clients.redis``.  Until
 ``declare`` (a client) the pool is small and a publish gives up after
 ``[redis] connect_timeout``; ``declare`` (a worker) grows the pool and makes
 publishes patient.  Redis Cluster is not supported (scripts touch the
@@ -68,8 +68,8 @@ import redis
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from . import _redis_lua as lua
-from ._redis_conn import FAILURES, TRANSIENT, make_client, worker_pool_size
-from ._reconnect import Reconnecting, Reconnector, Unreachable
+from ..clients.redis import FAILURES, TRANSIENT, make_client, worker_pool_size
+from ..clients.reconnect import Reconnecting, Reconnector, Unreachable
 from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 log = logging.getLogger("greenq.brokers.redis")
@@ -175,7 +175,6 @@ def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[An
 class RedisBroker(Reconnecting, Broker):
     """Redis Streams broker; the module docstring has the key layout."""
 
-    schemes = ("redis", "rediss")
     #: builds the client from the URL (Sentinel and Cluster subclasses use their own)
     client_factory = staticmethod(make_client)
 

@@ -35,21 +35,18 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import redis
-from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 
-from ..clients.redis_topology import cluster_client
+from ..clients.redis_topology import CLUSTER_TRANSIENT, make_cluster_client
 from ..config import Config
 from ..exceptions import BrokerError
 from .base import DeadLetter, Delivery, Outgoing, QueueStats
-from ._reconnect import Unreachable
-from ._redis_conn import CLIENT_CONNECTIONS, TRANSIENT
+from ..clients.reconnect import Unreachable
+from ..clients.redis import TRANSIENT
 from .redis import (GROUP, MAX_BATCH, PARKED, PRIORITIES, PUBLISH_CHUNK, REPLICATED, RedisBroker,
                     _STREAM_ID, _text)
 
 log = logging.getLogger("greenq.brokers.redis_cluster")
 
-#: errors a failover causes: retried with backoff like a lost connection
-CLUSTER_TRANSIENT = TRANSIENT + (ClusterDownError, TryAgainError, SlotNotCoveredError)
 #: errors that keep an ack for later (a master away, a slot moving)
 ACK_RETRIED = CLUSTER_TRANSIENT + (redis.exceptions.MovedError, redis.exceptions.AskError)
 LANE_GRACE = 2.0      # seconds stop_consuming/close wait for the lanes' last reads
@@ -81,16 +78,9 @@ return moved
 """
 
 
-def make_cluster_client(url: str, config: Config, role: str = "", extra: int = 0) -> Any:
-    """:func:`greenq.brokers.redis.make_client` for a ``redis+cluster://`` URL."""
-    return cluster_client(url, config, role,
-                          (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)
-
-
 class RedisClusterBroker(RedisBroker):
     """RedisBroker with one hash slot per queue and one fetch lane per queue."""
 
-    schemes = ("redis+cluster",)
     client_factory = staticmethod(make_cluster_client)
 
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:

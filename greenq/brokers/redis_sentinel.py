@@ -12,22 +12,12 @@ asynchronously); ``[redis] min_replicas`` narrows that window (docs/clusters.md)
 """
 from __future__ import annotations
 
-import redis
 
-from ..clients.redis_topology import sentinel_client
-from ..config import Config
-from ._redis_conn import CLIENT_CONNECTIONS
+from ..clients.redis_topology import make_sentinel_client
 from .redis import RedisBroker
-
-
-def make_sentinel_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
-    """:func:`greenq.brokers.redis.make_client` for a ``redis+sentinel://`` URL."""
-    return sentinel_client(url, config, role,
-                           (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)
 
 
 class RedisSentinelBroker(RedisBroker):
     """RedisBroker on the master Sentinel names; follows failovers."""
 
-    schemes = ("redis+sentinel",)
     client_factory = staticmethod(make_sentinel_client)

@@ -29,7 +29,9 @@ from redis.connection import Encoder
 from redis.retry import Retry
 from redis.sentinel import Sentinel, SentinelConnectionPool
 
-from ..brokers._redis_conn import Pool, client_name
+from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
+
+from .redis import CLIENT_CONNECTIONS, TRANSIENT, Pool, client_name
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 
@@ -81,7 +83,7 @@ def parse(url: str, default_port: int) -> Topology:
 
 
 def _common(config: Config) -> Dict[str, Any]:
-    """Connection options shared with plain redis:// (greenq.brokers._redis_conn.make_client)."""
+    """Connection options shared with plain redis:// (greenq.clients.redis.make_client)."""
     opts = config.section("redis")
     timeout = opts["socket_timeout"] or None
     connect = min((opts["connect_timeout"] or timeout or 2.0) / 2, timeout or float("inf"))
@@ -225,3 +227,19 @@ def cluster_client(url: str, config: Config, name: str, size: int) -> LazyCluste
         except (redis.RedisError, RedisClusterException) as exc:
             raise redis.ConnectionError(f"no node of {mask_url(url)} answered: {exc}") from exc
     return LazyCluster(build, size)
+
+
+#: errors a cluster failover causes: retried with backoff like a lost connection
+CLUSTER_TRANSIENT = TRANSIENT + (ClusterDownError, TryAgainError, SlotNotCoveredError)
+
+
+def make_sentinel_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
+    """:func:`greenq.clients.redis.make_client` for a ``redis+sentinel://`` URL."""
+    return sentinel_client(url, config, role,
+                           (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)
+
+
+def make_cluster_client(url: str, config: Config, role: str = "", extra: int = 0) -> Any:
+    """:func:`greenq.clients.redis.make_client` for a ``redis+cluster://`` URL."""
+    return cluster_client(url, config, role,
+                          (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)

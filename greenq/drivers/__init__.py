@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 
+from ..pools import POOLS
 from .base import Driver, Handle
 
 DRIVERS = {
@@ -14,6 +15,9 @@ DRIVERS = {
     "threads": ("greenq.drivers.threads", "ThreadsDriver", None),
     "solo": ("greenq.drivers.threads", "SoloDriver", None),
 }
+
+
+assert tuple(DRIVERS) == POOLS, "greenq/pools.py lists the pools; every one needs a driver here"
 
 
 def get_driver(name: str) -> Driver:

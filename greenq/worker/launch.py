@@ -10,8 +10,9 @@ import configparser
 import os
 import sys
 
+from greenq.pools import POOLS   # no imports of its own: safe before patching
+
 EXIT_USAGE = 2
-POOLS = ("gevent", "eventlet", "threads", "solo")
 HEAVY = ("redis", "amqp", "ssl")
 
 

@@ -12,7 +12,7 @@ A client's publish gives up within ``[redis] connect_timeout`` seconds
 (default 2) while Redis is unreachable, the address in the error; each
 connection attempt may take half of that (a refused connection is retried
 with backoff for the rest).  A worker's calls keep retrying (see
-``_reconnect``).
+``greenq.clients.reconnect``).
 """
 from __future__ import annotations
 
