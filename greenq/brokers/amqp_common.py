@@ -104,6 +104,9 @@ class Settings:
         return self.queue_type == "quorum"
 
 
+#: seconds to open a connection (TCP and the AMQP handshake): a client's
+#: delay() fails this fast while RabbitMQ is unreachable; workers retry
+CONNECT_TIMEOUT = 2.0
 _QUERY_KEYS = ("connect_timeout", "heartbeat", "cafile", "certfile", "keyfile", "verify",
                "server_hostname")
 
@@ -149,7 +152,7 @@ def _node_params(url: str) -> Dict[str, Any]:
         "userid": unquote(parts.username) if parts.username else "guest",
         "password": unquote(parts.password) if parts.password is not None else "guest",
         "virtual_host": unquote(path) or "/",
-        "connect_timeout": float(query.get("connect_timeout", 10)),
+        "connect_timeout": float(query.get("connect_timeout", CONNECT_TIMEOUT)),
     }
     if "heartbeat" in query:
         params["heartbeat"] = int(query["heartbeat"])
