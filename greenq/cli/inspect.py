@@ -93,7 +93,34 @@ def _human(what: str, value: Any) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace, app: Any) -> int:
+    if args.what == "scheduled":
+        return _print_scheduled(app, args)
     return _print(_call(app, args.what, {}, args), args, args.what)
+
+
+def _print_scheduled(app: Any, args: argparse.Namespace) -> int:
+    """``inspect scheduled``: the periodic schedule (each entry's last and next
+    run), then what each worker holds with a future eta."""
+    from ..dashboard.server import schedule
+    entries = schedule(app)
+    replies = _call(app, "scheduled", {}, args)
+    if args.json:
+        print(json.dumps({"schedule": entries, "workers": {
+            r["worker"]: r.get("ok") if "ok" in r else {"error": r.get("error")} for r in replies}},
+            indent=2, default=repr))
+        return EXIT_OK if entries or replies else EXIT_FAILURE
+    print(f"schedule: {len(entries)} periodic entr{'y' if len(entries) == 1 else 'ies'}")
+    for e in entries:
+        rule = f"cron {e['cron']} ({e['timezone']})" if e["cron"] else f"every {e['every']:g} s"
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["last_run"])) if e["last_run"] else "never"
+        nxt = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["next_run"]))
+        print(f"  {e['name']}: {e['task']}, {rule}, last run {last}, next run {nxt}")
+    if not replies:
+        sys.stderr.write(f"greenq: no worker replied within {args.timeout:g} s\n")
+        return EXIT_OK if entries else EXIT_FAILURE
+    for r in replies:
+        print(f"{r['worker']}: {_human('scheduled', r.get('ok')) if 'ok' in r else 'error: ' + str(r.get('error'))}")
+    return EXIT_OK
 
 
 def cmd_control(args: argparse.Namespace, app: Any) -> int:

@@ -9,6 +9,7 @@ Routes (JSON unless said otherwise):
   GET  /api/failures          recent failures with their tracebacks
   GET  /api/throughput        succeeded and failed per 5 s over the last 10 minutes
   GET  /api/dlq               the dead-letter store
+  GET  /api/schedule          periodic tasks with their last and next run (greenq.beat)
   POST /api/dlq/requeue       {"ids": [...]} or {"all": true}
   POST /api/dlq/purge         {}
 
@@ -101,6 +102,8 @@ class Dashboard:
             return _json(start, self.state.throughput())
         if path == "/api/dlq":
             return _json(start, self.dead_letters())
+        if path == "/api/schedule":
+            return _json(start, schedule(self.app))
         return _send(start, "404 Not Found", b"not found\n", "text/plain")
 
     def _static(self, name: str, start: Start) -> Iterable[bytes]:
@@ -150,6 +153,23 @@ class Dashboard:
             log.info("dashboard: purged %d dead letter(s)", count)
             return _json(start, {"purged": count})
         return _send(start, "404 Not Found", b"not found\n", "text/plain")
+
+
+def schedule(app: Any) -> List[Dict[str, Any]]:
+    """The periodic schedule with each entry's last run sent (read from the
+    scheduler's lease in the broker) and next run; [] without entries."""
+    from ..beat import entries, scheduled
+    if not entries(app):
+        return []
+    from ..leases import make_lease
+    from ..beat import LEASE_SECONDS
+    lease = make_lease(app, LEASE_SECONDS)
+    try:
+        return scheduled(app, lease=lease)
+    except Exception:                   # the broker is away: the schedule still has its next runs
+        return scheduled(app)
+    finally:
+        lease.close()
 
 
 def _query(environ: Dict[str, Any]) -> Dict[str, str]:

@@ -3,6 +3,7 @@ schedulers on one broker, the leader killed with SIGKILL; each slot is sent
 at most once and the other scheduler takes over within a few seconds."""
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -79,3 +80,35 @@ def test_worker_with_beat_runs_the_schedule(pool, sqlite_env):
     lease = SQLiteLease(sqlite_env.broker_url, make_config(), 5.0)
     assert lease.acquire("next") and lease.last_runs()["tick"] == max(sent)   # released at exit
     lease.close()
+
+
+def test_inspect_scheduled_and_the_dashboard_list_the_schedule(pool, sqlite_env):
+    """``greenq inspect scheduled`` and /api/schedule: each entry with its next run,
+    and its last run once a scheduler sent one (issue 11, deliverable 3)."""
+    import json
+    import time
+    (sqlite_env.tmp / "greenq.ini").write_text("[schedule:tick]\ntask = e2e.beat_tick\nevery = 1\n"
+                                               "[schedule:nightly]\ntask = e2e.beat_tick\ncron = 0 3 * * *\n"
+                                               "timezone = Europe/Paris\n")
+    listing = sqlite_env.admin("-A", "e2e_tasks", "inspect", "scheduled", "--timeout", "0.5", "--json")
+    assert listing.returncode == 0, listing.stderr
+    doc = json.loads(listing.stdout)
+    rows = {row["name"]: row for row in doc["schedule"]}
+    assert set(rows) == {"tick", "nightly"} and rows["tick"]["last_run"] is None
+    assert time.time() - 1 < rows["tick"]["next_run"] <= time.time() + 1.5
+    assert rows["nightly"]["cron"] == "0 3 * * *" and rows["nightly"]["next_run"] > time.time()
+    worker = sqlite_env.worker(pool, "--beat", burst=False)
+    wait_for_slots(sqlite_env, 2, 30)
+    text = sqlite_env.admin("-A", "e2e_tasks", "inspect", "scheduled", "--timeout", "2")
+    worker.send_signal(signal.SIGTERM)
+    worker.communicate(timeout=30)
+    assert text.returncode == 0, text.stderr
+    assert "schedule: 2 periodic entries" in text.stdout
+    assert re.search(r"tick: e2e.beat_tick, every 1 s, last run \d{4}-\d\d-\d\d [\d:]+, next run", text.stdout), \
+        text.stdout
+    from greenq.dashboard.server import schedule
+    app = sqlite_env.app()
+    app.config = __import__("greenq.config", fromlist=["load"]).load(
+        str(sqlite_env.tmp / "greenq.ini"), env={k: v for k, v in sqlite_env.env.items() if k.startswith("GREENQ_")})
+    rows = {row["name"]: row for row in schedule(app)}
+    assert rows["tick"]["last_run"] is not None and rows["tick"]["next_run"] >= rows["tick"]["last_run"]

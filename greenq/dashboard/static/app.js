@@ -56,6 +56,17 @@ function renderQueues(queues) {
     el("td", {class: "delayed"}, q.delayed), el("td", {class: "dead"}, q.dead))));
 }
 
+function when(epoch) {
+  return epoch ? new Date(epoch * 1000).toLocaleString() : "-";
+}
+
+function renderSchedule(entries) {
+  fill($("#schedule tbody"), entries.map((e) => el("tr", {"data-entry": e.name},
+    el("td", {}, e.name), el("td", {}, e.task),
+    el("td", {}, e.cron ? `${e.cron} (${e.timezone})` : `${e.every} s`),
+    el("td", {}, when(e.last_run)), el("td", {class: "next"}, when(e.next_run)))));
+}
+
 function renderChart(points) {
   const svg = $("#chart");
   const W = 600, H = 160, pad = 4;
@@ -132,11 +143,11 @@ $("#task-state").onchange = () => refresh();
 async function refresh() {
   try {
     const q = encodeURIComponent($("#task-search").value), state = encodeURIComponent($("#task-state").value);
-    const [workers, queues, points, failures, tasks, dlq] = await Promise.all([
+    const [workers, queues, points, failures, tasks, dlq, schedule] = await Promise.all([
       api("/api/workers"), api("/api/queues"), api("/api/throughput"), api("/api/failures?limit=8"),
-      api(`/api/tasks?q=${q}&state=${state}&limit=100`), api("/api/dlq")]);
+      api(`/api/tasks?q=${q}&state=${state}&limit=100`), api("/api/dlq"), api("/api/schedule")]);
     renderWorkers(workers); renderQueues(queues); renderChart(points); renderFailures(failures);
-    renderTasks(tasks); renderDlq(dlq);
+    renderTasks(tasks); renderDlq(dlq); renderSchedule(schedule);
     $("#status").textContent = `updated ${new Date().toLocaleTimeString()}`;
   } catch (err) {
     $("#status").textContent = `cannot reach the dashboard: ${err.message}`;
