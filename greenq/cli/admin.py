@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Run one command; a closed stdout (``| head``) ends it quietly."""
     try:
-        return _main(argv)
+        code = _main(argv)
+        sys.stdout.flush()    # a pipe buffers: the write that fails may be this last flush
+        return code
     except BrokenPipeError:
         # the reader went away: stop writing, and keep Python from complaining at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -22,6 +22,19 @@ DRIVERS = [d for d in os.environ.get("GREENQ_TEST_DRIVERS", "gevent").split(",")
 SOLO_MODULES = {"test_worker_e2e"}
 
 
+def pytest_collection_modifyitems(config, items):
+    """A test that starts no worker of the pool under test (no ``pool``
+    fixture) runs once, in the gevent environment: the eventlet and threads
+    environments would only run it again unchanged."""
+    if "gevent" in DRIVERS:
+        return
+    keep = [item for item in items if "pool" in getattr(item, "fixturenames", ())
+            or not str(item.fspath).startswith(str(HERE))]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if item not in keep])
+        items[:] = keep
+
+
 def pytest_generate_tests(metafunc):
     if "pool" in metafunc.fixturenames:
         pools = DRIVERS
