@@ -100,15 +100,14 @@ def cmd_inspect(args: argparse.Namespace, app: Any) -> int:
 
 def _print_scheduled(app: Any, args: argparse.Namespace) -> int:
     """``inspect scheduled``: the periodic schedule (each entry's last and next
-    run), then what each worker holds with a future eta."""
-    from ..dashboard.server import schedule
-    entries = schedule(app)
+    run: the dashboard's /api/schedule), then what each worker holds with a
+    future eta.  With --json, the workers' replies only, as for every inspect
+    command (the schedule as JSON: /api/schedule)."""
     replies = _call(app, "scheduled", {}, args)
     if args.json:
-        print(json.dumps({"schedule": entries, "workers": {
-            r["worker"]: r.get("ok") if "ok" in r else {"error": r.get("error")} for r in replies}},
-            indent=2, default=repr))
-        return EXIT_OK if entries or replies else EXIT_FAILURE
+        return _print(replies, args, "scheduled")
+    from ..dashboard.server import schedule
+    entries = schedule(app)
     print(f"schedule: {len(entries)} periodic entr{'y' if len(entries) == 1 else 'ies'}")
     for e in entries:
         rule = f"cron {e['cron']} ({e['timezone']})" if e["cron"] else f"every {e['every']:g} s"
@@ -120,7 +119,7 @@ def _print_scheduled(app: Any, args: argparse.Namespace) -> int:
         return EXIT_OK if entries else EXIT_FAILURE
     for r in replies:
         print(f"{r['worker']}: {_human('scheduled', r.get('ok')) if 'ok' in r else 'error: ' + str(r.get('error'))}")
-    return EXIT_OK
+    return EXIT_OK if all("ok" in r for r in replies) else EXIT_FAILURE
 
 
 def cmd_control(args: argparse.Namespace, app: Any) -> int:
