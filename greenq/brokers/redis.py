@@ -233,11 +233,15 @@ class RedisBroker(Reconnecting, Broker):
         """The queue's ten stream keys, priority 9 first."""
         keys = self._streams.get(queue)
         if keys is None:
-            keys = [f"{self.prefix}:q:{queue}:{p}" for p in PRIORITIES]
+            keys = [self._stream_key(queue, p) for p in PRIORITIES]
             for key, prio in zip(keys, PRIORITIES):
                 self._where[key.encode()] = (queue, prio)
             self._streams[queue] = keys
         return keys
+
+    def _stream_key(self, queue: str, priority: int) -> str:
+        """The stream of one priority of ``queue`` (Redis Cluster: with the queue's hash tag)."""
+        return f"{self.prefix}:q:{queue}:{priority}"
 
     def _delayed(self, queue: str) -> str:
         return f"{self.prefix}:delayed:{queue}"

@@ -42,7 +42,7 @@ from ..exceptions import BrokerError
 from .base import DeadLetter, Delivery, Outgoing, QueueStats
 from ..clients.reconnect import Unreachable
 from ..clients.redis import TRANSIENT
-from .redis import (GROUP, MAX_BATCH, PARKED, PRIORITIES, PUBLISH_CHUNK, REPLICATED, RedisBroker,
+from .redis import (GROUP, MAX_BATCH, PARKED, PUBLISH_CHUNK, REPLICATED, RedisBroker,
                     _STREAM_ID, _text)
 
 log = logging.getLogger("greenq.brokers.redis_cluster")
@@ -97,14 +97,8 @@ class RedisClusterBroker(RedisBroker):
     def _tag(self, queue: str) -> str:
         return f"{{{self.prefix}:{queue}}}"
 
-    def streams(self, queue: str) -> List[str]:
-        keys = self._streams.get(queue)
-        if keys is None:
-            keys = [f"{self._tag(queue)}:q:{p}" for p in PRIORITIES]
-            for key, prio in zip(keys, PRIORITIES):
-                self._where[key.encode()] = (queue, prio)
-            self._streams[queue] = keys
-        return keys
+    def _stream_key(self, queue: str, priority: int) -> str:
+        return f"{self._tag(queue)}:q:{priority}"
 
     def _delayed(self, queue: str) -> str:
         return f"{self._tag(queue)}:delayed"
