@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import logging
 import os
 import threading
 import time
@@ -13,12 +14,15 @@ from . import config as config_module
 from . import validation
 from .brokers import make_broker
 from .drivers import detect_patched
+from .exceptions import ConfigError
 from .hooks import Hooks
 from .backends import backend_url_for, make_backend
 from .message import Codec, TaskMessage, new_id
 from .result import ALWAYS_REBUILT, AsyncResult
 from .canvas import GroupResult, Signature, build, signature
 from .task import CALL_OPTIONS, Task, current_request, make_task
+
+log = logging.getLogger("greenq")
 
 
 #: raised in a forked child (``os.register_at_fork``): connections made under
@@ -284,7 +288,24 @@ class GreenQ:
         return task.apply(args, kwargs, task_id=options.get("task_id"))
 
     def control_revoke(self, task_id: str, terminate: bool = False) -> None:
+        """Revoke ``task_id``: recorded in the result backend (kept for
+        ``result_expires``; a worker started later loads it), then broadcast
+        to the running workers over the control plane.  A failed broadcast
+        is logged, not raised: the workers re-read the backend (within 30 s,
+        or 1 s while their control plane is away)."""
         self.backend.revoke(task_id, terminate)
+        from .control.client import Control
+        try:
+            control = Control(self)
+        except ConfigError:                 # a broker without a control plane: the workers poll
+            return
+        try:
+            control.send("revoke", {"ids": [task_id], "terminate": bool(terminate), "at": time.time()})
+        except Exception as exc:
+            log.warning("revoke %s: recorded, but not broadcast to the workers (%s); they read it from "
+                        "the result backend within 30 s", task_id, exc)
+        finally:
+            control.close()
 
     # -- configuration -------------------------------------------------------
     def exception_modules(self) -> "set[str]":

@@ -3,12 +3,13 @@
 A backend stores each task's result record (bytes made by
 ``Codec.encode_result``) under its task id for ``config.result_expires``
 seconds, lets callers wait for a *final* record, and keeps the set of revoked
-task ids that every worker consults.  Every implementation passes the shared
+task ids that every worker loads at start and re-reads now and then (beside
+the control plane's broadcast, greenq/worker/revocations.py).  Every implementation passes the shared
 suite in ``tests/integration/test_backend_suite.py``.
 
 Public methods are written once here; implementations fill in the protected
-primitives ``_store_many``, ``_get``, ``_forget``, ``_revoke``, ``_revoked``
-and, where the store can block, ``_wait``.
+primitives ``_store_many``, ``_get``, ``_forget``, ``_revoke``, ``_revoked``,
+``_revocations`` and, where the store can block, ``_wait``.
 """
 from __future__ import annotations
 
@@ -29,6 +30,18 @@ class Record(NamedTuple):
     data: bytes
     final: bool = True
     reply_to: Optional[str] = None
+
+
+class Revocation(NamedTuple):
+    """One revoked task id, with ``at``: when it was revoked (epoch seconds,
+    by the revoking process's clock)."""
+    task_id: str
+    terminate: bool
+    at: float
+
+
+#: the most revocations ``revocations()`` returns (the newest), and a worker keeps
+REVOCATIONS_MAX = 50000
 
 
 class ResultBackend(UsesDriver):
@@ -81,6 +94,11 @@ class ResultBackend(UsesDriver):
             return {}
         return self._revoked(task_ids)
 
+    def revocations(self, since: float = 0.0) -> List[Revocation]:
+        """The revocations made at or after ``since`` (epoch seconds) and not
+        expired, oldest first: at most the newest ``REVOCATIONS_MAX``."""
+        return self._revocations(since)
+
     def close(self) -> None:
         """Release connections."""
 
@@ -129,6 +147,9 @@ class ResultBackend(UsesDriver):
         raise NotImplementedError
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        raise NotImplementedError
+
+    def _revocations(self, since: float) -> List[Revocation]:
         raise NotImplementedError
 
     def _is_final(self, task_id: str) -> Optional[bytes]:

@@ -12,7 +12,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..clients.memory import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
-from .base import Record, ResultBackend
+from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 
 _CLEANUP_EVERY = 30.0  # seconds between sweeps of expired records
@@ -22,7 +22,7 @@ class _ResultStore:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.results: Dict[str, Tuple[bytes, bool, float]] = {}   # id -> (data, final, expires_at)
-        self.revoked: Dict[str, Tuple[bool, float]] = {}         # id -> (terminate, expires_at)
+        self.revoked: Dict[str, Tuple[bool, float, float]] = {}  # id -> (terminate, at, expires_at)
         self.waiters: Dict[str, List] = {}
         self.groups: Dict[str, Tuple[bytes, float]] = {}          # id -> (data, expires_at)
         self.chords: Dict[str, "_Chord"] = {}
@@ -125,14 +125,23 @@ class MemoryBackend(ResultBackend):
             self._store.results.pop(task_id, None)
 
     def _revoke(self, task_id: str, terminate: bool) -> None:
+        now = time.time()
         with self._store.lock:
-            self._store.revoked[task_id] = (bool(terminate), self._expires_at(time.time()))
+            self._store.revoked.pop(task_id, None)          # re-revoked: newest last
+            self._store.revoked[task_id] = (bool(terminate), now, self._expires_at(now))
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         now = time.time()
         with self._store.lock:
             found = ((t, self._store.revoked.get(t)) for t in task_ids)
-            return {t: entry[0] for t, entry in found if entry is not None and entry[1] > now}
+            return {t: entry[0] for t, entry in found if entry is not None and entry[-1] > now}
+
+    def _revocations(self, since: float) -> List[Revocation]:
+        now = time.time()
+        with self._store.lock:
+            found = [Revocation(t, terminate, at) for t, (terminate, at, expires_at)
+                     in self._store.revoked.items() if at >= since and expires_at > now]
+        return found[-REVOCATIONS_MAX:]
 
     # -- groups and chords -------------------------------------------------------
     stores_groups = True

@@ -7,6 +7,9 @@ Keys (``P`` is ``[greenq] key_prefix``)::
     P:waiters:<task id>  set of the reply channels of the processes waiting
                          for the task (expires with the longest wait)
     P:revoked:<task id>  "1" (terminate) or "0"; expires after result_expires
+    P:revocations        sorted set of "1:<task id>" / "0:<task id>" scored by
+                         the revoke time: what a worker starting later loads
+                         (members older than result_expires are trimmed)
 
 and one pub/sub channel ``P:reply:<random>`` per backend instance (process).
 
@@ -31,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from ..clients.reconnect import Reconnecting, Reconnector, Unreachable, backoff
 from ..clients.redis import FAILURES, TRANSIENT, make_client
 from ..config import Config, mask_url
-from .base import Record, ResultBackend
+from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 log = logging.getLogger("greenq.backends.redis")
 
@@ -262,8 +265,32 @@ class RedisBackend(Reconnecting, ResultBackend):
                    self._timeout, "forget result")
 
     def _revoke(self, task_id: str, terminate: bool) -> None:
-        self._call(lambda: self.client.set(self._key("revoked", task_id), b"1" if terminate else b"0",
-                                           ex=self.expires or None), self._timeout, "revoke")
+        flag = b"1" if terminate else b"0"
+        now = time.time()
+        log_key = f"{self.prefix}:revocations"
+
+        def revoke() -> None:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.set(self._key("revoked", task_id), flag, ex=self.expires or None)
+            pipe.zadd(log_key, {flag + b":" + task_id.encode(): now})
+            if self.expires:
+                pipe.zremrangebyscore(log_key, "-inf", now - self.expires)
+                pipe.expire(log_key, self.expires)
+            pipe.execute()
+        self._call(revoke, self._timeout, "revoke")
+
+    def _revocations(self, since: float) -> List[Revocation]:
+        oldest = max(since, time.time() - self.expires) if self.expires else since
+        found = self._call(lambda: self.client.zrevrangebyscore(
+            f"{self.prefix}:revocations", "+inf", oldest, start=0, num=REVOCATIONS_MAX, withscores=True),
+            self._timeout, "read revocations")
+        out: Dict[str, Revocation] = {}
+        for member, at in reversed(found):          # oldest first; revoked twice: terminate wins
+            flag, _, task_id = member.partition(b":")
+            tid = task_id.decode("utf-8", "replace")
+            earlier = out.pop(tid, None)
+            out[tid] = Revocation(tid, flag == b"1" or bool(earlier and earlier.terminate), float(at))
+        return list(out.values())
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         values = self._call(lambda: self.client.mget([self._key("revoked", t) for t in task_ids]),

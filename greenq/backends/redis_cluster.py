@@ -5,6 +5,7 @@ different tasks spread over the masters::
 
     P:result:{<task id>}    as on redis:// ("F"/"P" + the record)
     P:revoked:{<task id>}   as on redis://
+    P:revocations           as on redis:// (one sorted set, on one master)
     P:done:{<task id>}      sharded pub/sub channel (SPUBLISH, Redis 7): the
                             task's final record was stored
 

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import amqp
 from amqp.exceptions import PreconditionFailed
@@ -45,7 +45,7 @@ from ..brokers.amqp_publish import ChannelPool, Publisher, pool_size
 from ..brokers.amqp_wire import encode_properties
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
-from .base import Record, ResultBackend
+from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 log = logging.getLogger("greenq.amqp")
 
@@ -74,7 +74,7 @@ class RPCBackend(ResultBackend):
         self.pool = ChannelPool(broker_url, self.settings, pool_size(config), role="rpc")
         self._lock = threading.Lock()
         self._replies: Optional[_Replies] = None
-        self._revocations: Optional[_Revocations] = None
+        self._revocation_reader: Optional[_Revocations] = None
         self._stream_declared = False
         self._broker: Any = None
 
@@ -153,25 +153,31 @@ class RPCBackend(ResultBackend):
                 if nacked or returned:
                     raise BrokerError("RabbitMQ did not take the revocation")
         self.pool.run(send)
-        revocations = self._revocations
+        revocations = self._revocation_reader
         if revocations is not None and revocations.forks == FORKS[0]:
             with revocations.lock:   # known here at once; other processes read it from the stream
                 revocations.revoked[task_id] = (terminate, time.time())
 
-    def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
-        revocations = self._revocations
+    def _reader(self) -> "_Revocations":
+        revocations = self._revocation_reader
         if revocations is None or revocations.forks != FORKS[0]:
             with self._lock:
-                revocations = self._revocations
+                revocations = self._revocation_reader
                 if revocations is None or revocations.forks != FORKS[0]:
-                    revocations = self._revocations = _Revocations(self.params, self.broker_url,
+                    revocations = self._revocation_reader = _Revocations(self.params, self.broker_url,
                                                                    self.settings)
-        return revocations.check(task_ids)
+        return revocations
+
+    def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
+        return self._reader().check(task_ids)
+
+    def _revocations(self, since: float) -> List[Revocation]:
+        return self._reader().since(since)
 
     def close(self) -> None:
         with self._lock:
             replies, self._replies = self._mine(), None
-            revocations, self._revocations = self._revocations, None
+            revocations, self._revocation_reader = self._revocation_reader, None
         if replies is not None:
             replies.close()
         if revocations is not None and revocations.forks == FORKS[0]:
@@ -411,14 +417,24 @@ class _Revocations:
 
     def check(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         with self.lock:
-            self._read()
-            revoked = self.revoked
-            if time.monotonic() > self.next_prune:
-                self.next_prune = time.monotonic() + 60
-                oldest = time.time() - self.settings.result_expires
-                for task_id in [t for t, (_, at) in revoked.items() if at < oldest]:
-                    del revoked[task_id]
+            revoked = self._current()
             return {t: revoked[t][0] for t in task_ids if t in revoked}
+
+    def since(self, since: float) -> List[Revocation]:
+        with self.lock:
+            found = sorted((at, t, terminate) for t, (terminate, at) in self._current().items() if at >= since)
+        return [Revocation(t, terminate, at) for at, t, terminate in found[-REVOCATIONS_MAX:]]
+
+    def _current(self) -> Dict[str, Tuple[bool, float]]:
+        """The revocations read so far, after reading what arrived (under ``lock``)."""
+        self._read()
+        revoked = self.revoked
+        if time.monotonic() > self.next_prune:
+            self.next_prune = time.monotonic() + 60
+            oldest = time.time() - self.settings.result_expires
+            for task_id in [t for t, (_, at) in revoked.items() if at < oldest]:
+                del revoked[task_id]
+        return revoked
 
     def _read(self) -> None:
         if self.conn is None:

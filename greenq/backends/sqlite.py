@@ -14,7 +14,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 from ..clients.sqlite import Database, chunks, placeholders, transaction
-from .base import Record, ResultBackend
+from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 #: the tables of groups and chords (created on first use, beside the broker's schema)
 CHORD_SCHEMA = """
@@ -84,13 +84,22 @@ class SQLiteBackend(ResultBackend):
         self._run(delete)
 
     def _revoke(self, task_id: str, terminate: bool) -> None:
-        expires_at = self._expires_at(time.time())
+        now = time.time()
+        expires_at = self._expires_at(now)
 
         def insert(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("INSERT OR REPLACE INTO revocations (task_id, terminate, expires_at) "
-                             "VALUES (?, ?, ?)", (task_id, int(terminate), expires_at))
+                conn.execute("INSERT OR REPLACE INTO revocations (task_id, terminate, expires_at, revoked_at) "
+                             "VALUES (?, ?, ?, ?)", (task_id, int(terminate), expires_at, now))
         self._run(insert)
+
+    def _revocations(self, since: float) -> List[Revocation]:
+        def query(conn: sqlite3.Connection) -> List[Revocation]:
+            rows = conn.execute("SELECT task_id, terminate, revoked_at FROM revocations "
+                                "WHERE revoked_at >= ? AND expires_at > ? ORDER BY revoked_at DESC LIMIT ?",
+                                (since, time.time(), REVOCATIONS_MAX)).fetchall()
+            return [Revocation(t, bool(terminate), at) for t, terminate, at in reversed(rows)]
+        return self._run(query)
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         ids = list(task_ids)

@@ -2,7 +2,7 @@
 default broker.  One machine, durable, no server.  docs/brokers.md (SQLite)
 explains the delivery semantics.
 
-Schema (created on first use; ``PRAGMA user_version`` = 1)::
+Schema (created on first use; ``PRAGMA user_version`` = 2)::
 
     messages      one row per message until it is acknowledged
       id          INTEGER PRIMARY KEY AUTOINCREMENT   the delivery token, never reused
@@ -20,7 +20,7 @@ Schema (created on first use; ``PRAGMA user_version`` = 1)::
     queues        (name) every queue ever published to or declared
     dead_letters  (id, queue, priority, message_id, body, reason, failed_at)
     results       (task_id, data, final, expires_at)     greenq.backends.sqlite
-    revocations   (task_id, terminate, expires_at)       greenq.backends.sqlite
+    revocations   (task_id, terminate, expires_at, revoked_at)  greenq.backends.sqlite
 
 Fetching is one short ``BEGIN IMMEDIATE`` transaction: select up to ``count``
 rows with ``visible_at <= now`` (one index range per queue and priority, so

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2         # 2: revocations.revoked_at
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -46,9 +46,12 @@ CREATE TABLE IF NOT EXISTS results (
 CREATE TABLE IF NOT EXISTS revocations (
     task_id TEXT PRIMARY KEY,
     terminate INTEGER NOT NULL,
-    expires_at REAL NOT NULL
+    expires_at REAL NOT NULL,
+    revoked_at REAL NOT NULL DEFAULT 0
 );
 """
+#: what a file of an older version needs beyond ``SCHEMA`` (its tables exist already)
+UPGRADES = {1: ["ALTER TABLE revocations ADD COLUMN revoked_at REAL NOT NULL DEFAULT 0"]}
 
 BUSY_TIMEOUT = 15.0       # seconds a writer waits for the database lock
 CHUNK = 500               # ids per IN (...) list, under SQLite's variable limit
@@ -105,10 +108,15 @@ class Database:
                                   f"{SCHEMA_VERSION}: upgrade greenq")
             if version < SCHEMA_VERSION:
                 with transaction(conn):
-                    for statement in SCHEMA.split(";"):
-                        if statement.strip():
-                            conn.execute(statement)
-                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    version = conn.execute("PRAGMA user_version").fetchone()[0]   # again, under the lock
+                    if version < SCHEMA_VERSION:
+                        for statement in SCHEMA.split(";"):
+                            if statement.strip():
+                                conn.execute(statement)
+                        for older in range(version, SCHEMA_VERSION) if version else ():
+                            for statement in UPGRADES.get(older, ()):
+                                conn.execute(statement)
+                        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             self._schema_ready = True
         return conn
 

@@ -35,7 +35,6 @@ OFFLINE_AFTER = 3 * HEARTBEAT_INTERVAL
 RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' batching period
 BATCH_MAX = 500                # events per broker call (and per stored batch)
 OUTBOX_MAX = 100000            # events kept while the broker is away (the oldest are dropped)
-REVOKED_KEPT = 10000
 
 
 def worker_name(name: Optional[str] = None) -> str:
@@ -54,10 +53,8 @@ class ControlAgent:
         self.name = name
         self.events_enabled = events
         self.outbox: Deque[Dict[str, Any]] = deque(maxlen=OUTBOX_MAX)
-        self.revoked: Deque[str] = deque(maxlen=REVOKED_KEPT)
         self.task_events: Optional[TaskEvents] = None
         self.started: Dict[str, float] = {}          # task id -> epoch start, for inspect active
-        worker.hooks.on("task_revoked", self._note_revoked)
         worker.hooks.on("task_prerun", self._note_start)
         if events:
             self.task_events = TaskEvents(self.outbox, name)
@@ -65,9 +62,6 @@ class ControlAgent:
         self._closing = False
         self._handle: Any = None
         self._boot = uuid.uuid4().hex[:8]
-
-    def _note_revoked(self, job: Any) -> None:
-        self.revoked.append(job.id)
 
     def _note_start(self, task: Any, request: Any) -> None:
         self.started[request.id] = time.time()
@@ -104,6 +98,8 @@ class ControlAgent:
                         log.warning("control plane off: %s", exc)
                         return
                     transport.listen(self.name)
+                    self.worker.revocations.pushed = True    # revokes now arrive here...
+                    self.worker.revocations.resync()         # ...and those missed meanwhile are re-read
                     self._event("worker-online")
                     log.info("control plane: listening as %s", self.name)
                 now = time.monotonic()
@@ -118,6 +114,7 @@ class ControlAgent:
                 backoff = 0.5
             except Exception as exc:
                 log.warning("control plane: %s; reconnecting in %.1f s", describe(exc), backoff)
+                self.worker.revocations.pushed = False       # the backend is polled meanwhile
                 if transport is not None:
                     transport.reset()
                     transport = None

@@ -95,8 +95,12 @@ class AMQPTransport(Transport):
                                    exchange=EVENTS_EXCHANGE, routing_key="")
 
     # -- admin side ------------------------------------------------------------
-    def broadcast(self, command: Document) -> str:
+    def broadcast(self, command: Document) -> Optional[str]:
         ch = self.channel
+        if command.get("reply_to") is None:      # no reply wanted
+            ch.basic_publish(amqp.Message(dumps(command), content_type="application/json"),
+                             exchange=CONTROL_EXCHANGE, routing_key="")
+            return None
         if self._reply_queue is None:
             self._reply_queue = ch.queue_declare("", exclusive=True, auto_delete=True)[0]
             self._consume(self._reply_queue)

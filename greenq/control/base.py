@@ -6,6 +6,7 @@ connections of its own (never the broker's consuming connection):
 * **commands**, broadcast to every worker: ``{"id", "command", "args",
   "destination", "reply_to", "sent"}``.  ``destination`` is a list of worker
   names, or None for all; each worker ignores commands not meant for it.
+  ``reply_to`` None: nobody waits for a reply (``revoke``).
 * **replies**, sent by a worker to the ``reply_to`` of one command:
   ``{"worker", "id", "ok"}`` or ``{"worker", "id", "error"}``.
 * **events**, published in batches: heartbeats (``worker-heartbeat``, every
@@ -80,9 +81,10 @@ class Transport:
         raise NotImplementedError
 
     # -- admin side ------------------------------------------------------------
-    def broadcast(self, command: Document) -> str:
+    def broadcast(self, command: Document) -> Optional[str]:
         """Send ``command`` to every worker; return its ``reply_to``, which this
-        transport listens on already (no reply can be missed)."""
+        transport listens on already (no reply can be missed), or None when
+        the command's ``reply_to`` is None (no reply wanted)."""
         raise NotImplementedError
 
     def replies(self, reply_to: str, timeout: float) -> List[Document]:

@@ -43,6 +43,13 @@ class Control:
                 break
         return sorted(replies.values(), key=lambda r: r["worker"])
 
+    def send(self, command: str, args: Optional[Dict[str, Any]] = None,
+             destination: Optional[Sequence[str]] = None) -> None:
+        """Broadcast ``command`` and wait for no reply (a ``revoke``)."""
+        self.transport.broadcast({"id": uuid.uuid4().hex, "command": command, "args": args or {},
+                                  "destination": list(destination) if destination else None,
+                                  "reply_to": None, "sent": time.time()})
+
     def events(self, history: int = 0, poll: float = 1.0) -> Iterator[List[Document]]:
         """Batches of events as they arrive (an empty list every ``poll`` seconds of silence)."""
         self.transport.subscribe(history)

@@ -115,7 +115,21 @@ def registered(agent: "ControlAgent") -> List[str]:
 
 @command("revoked")
 def revoked(agent: "ControlAgent") -> List[str]:
-    return list(agent.revoked)
+    """The revoked ids this worker knows (its copy: worker/revocations.py), oldest first."""
+    return list(agent.worker.revocations.ids)
+
+
+# -- sent by AsyncResult.revoke / greenq revoke, with no reply wanted ------------
+@command("revoke")
+def revoke(agent: "ControlAgent", ids: Any = (), terminate: Any = False, at: Any = None) -> str:
+    if not isinstance(ids, list) or not all(isinstance(t, str) and t for t in ids):
+        raise ValueError(f"ids must be a list of task ids, got {ids!r}")
+    if not isinstance(terminate, bool):
+        raise ValueError(f"terminate must be true or false, got {terminate!r}")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 <= at < float("inf"):
+        at = time.time()
+    n = agent.worker.revocations.received(ids, terminate, float(at))
+    return f"{n} revoked{' (terminate)' if terminate else ''}"
 
 
 # -- control -------------------------------------------------------------------

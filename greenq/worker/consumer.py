@@ -9,6 +9,8 @@ lives:
                one task at a time, with the task hooks around it;
 * finisher  -- settle.py: publishes retries, stores results, acknowledges;
 * reaper    -- limits.py: time limits and revoke(terminate=True);
+* revocations -- revocations.py: the worker's copy of the revoked ids, loaded
+               from the result backend, fed by the control plane;
 * renewer   -- here: renews the lease of every held message in one call per
                lease/3; also logs the summary line.
 
@@ -32,6 +34,7 @@ from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
 from .jobs import Job, describe
 from .limits import Reaper
+from .revocations import Revocations
 from .runners import KILLS, RateLimiter, Runners, StartedRecorder
 from .settle import Settler
 from .state import RunningTask, Snapshot, Stats, StopState
@@ -96,6 +99,7 @@ class Worker:
         self.runners = Runners(self)
         self.settler = Settler(self)
         self.reaper = Reaper(self)
+        self.revocations = Revocations(self)
 
     # -- public --------------------------------------------------------------
     def run(self) -> int:
@@ -107,18 +111,21 @@ class Worker:
             return 1
         self.broker.declare(self.queues)
         self.backend = self.app.backend
+        self.revocations.first_load()
         log.info("worker ready: pool=%s concurrency=%d prefetch=%d queues=%s",
                  self.driver.name, self.concurrency, self.prefetch, ",".join(self.queues))
         self.runners.start(self.concurrency)
         finisher = self.driver.spawn(self._guarded, "finisher", self.settler.loop)
         self.driver.spawn(self._guarded, "renewer", self._renewer)
         self.driver.spawn(self._guarded, "reaper", self.reaper.loop)
+        self.driver.spawn(self._guarded, "revocations", self.revocations.loop)
         if self.control is not None:
             self.control.start()
         try:
             self._guarded("consumer", self._consume)
         finally:
             self._shutdown(finisher)
+            self.revocations.stop()
             if self.control is not None:
                 self.control.stop()
             self.hooks.emit("worker_shutdown", self)
@@ -240,7 +247,7 @@ class Worker:
         self.hooks.emit("messages_received", len(deliveries))
         if not ready:
             return
-        revoked = self.reaper.revoked(ready)
+        revoked = self.revocations
         received = self.hooks.has("task_received")
         for job in ready:
             if job.msg.id in revoked:

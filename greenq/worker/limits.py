@@ -1,9 +1,9 @@
 """Time limits and revocation: the reaper greenlet.
 
 Soft and hard deadlines wait in a heap; the reaper fires each when it is due
-by throwing an exception into the task's greenlet (or thread).  Once a second
-it also asks the result backend which running tasks were revoked with
-``terminate=True`` and kills those.
+by throwing an exception into the task's greenlet (or thread).  It also kills
+the running tasks revoked with ``terminate=True`` when the worker learns of
+the revoke (revocations.py).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Type
+from typing import TYPE_CHECKING, List, Optional, Type
 
 from ..exceptions import SoftTimeLimitExceeded
 from . import jobs
@@ -23,7 +23,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("greenq.worker")
 
-REVOKE_CHECK_INTERVAL = 1.0
 KILL_MESSAGES = {SoftTimeLimitExceeded: "soft time limit exceeded", jobs.HardKill: "hard time limit: killed",
                  jobs.Terminate: "revoked: terminated", jobs.Abandon: "cold shutdown: abandoned"}
 
@@ -56,13 +55,9 @@ class Reaper:
 
     def loop(self) -> None:
         w = self.worker
-        next_revoke_check = time.monotonic() + REVOKE_CHECK_INTERVAL
         while not (w.stopped.is_set() and not w.running):
             now = time.monotonic()
             self._fire_due(now)
-            if now >= next_revoke_check:
-                next_revoke_check = now + REVOKE_CHECK_INTERVAL
-                self.terminate_revoked()
             wait = 0.1
             if self.deadlines:
                 wait = min(wait, max(0.005, self.deadlines[0].when - now))
@@ -89,19 +84,12 @@ class Reaper:
         log.warning("task %s[%s]: %s", job.msg.task, job.msg.id, KILL_MESSAGES[exc])
         job.handle.kill(exc)
 
-    def revoked(self, batch: List[Job]) -> Dict[str, bool]:
-        """Revoked ids of ``batch`` (id -> terminate); none when the backend is unreachable."""
-        try:
-            return self.worker.backend.revoked([j.msg.id for j in batch])
-        except Exception as exc:
-            log.warning("could not read revocations: %s", exc)
-            return {}
-
-    def terminate_revoked(self) -> None:
-        running = [j for j in list(self.worker.running.values()) if j.started]
-        if not running:
+    def terminate(self, task_ids: List[str]) -> None:
+        """Kill the running tasks among ``task_ids`` (revoked with terminate)."""
+        if not task_ids:
             return
-        revoked = self.revoked(running)
-        for job in running:
-            if revoked.get(job.msg.id) and job.outcome is None and job.killed_by is None:
+        wanted = set(task_ids)
+        for job in list(self.worker.running.values()):
+            if (job.msg is not None and job.msg.id in wanted and job.started
+                    and job.outcome is None and job.killed_by is None):
                 self.kill(job, jobs.Terminate)

@@ -90,6 +90,9 @@ class Runners:
                     if w.stopping:               # shutting down: don't start what has not started
                         w.finish(job, jobs.REQUEUE)
                         continue
+                    if job.msg.id in w.revocations:  # revoked while it waited for a runner
+                        w.finish(job, jobs.REVOKED, reason="revoked")
+                        continue
                     job.handle = runner.handle
                     runner.job = job
                     self._run(job)
@@ -128,7 +131,10 @@ class Runners:
                 log.error("task %s[%s] could not be started: %s", job.msg.task, job.msg.id, describe(exc))
                 job.outcome, job.exc, job.tb = jobs.FAILURE, exc, traceback.format_exc()
             else:
-                jobs.run(job)
+                if job.msg.id in w.revocations:  # revoked during task_prerun (a rate limit's wait)
+                    job.outcome, job.reason = jobs.REVOKED, "revoked"
+                else:
+                    jobs.run(job)
             self._after(job, task, request, time.monotonic() - start)
         finally:
             while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway

@@ -106,6 +106,26 @@ def test_revoke_and_revoked_with_terminate_flag(backend_env):
     assert worker.revoked([]) == {}
 
 
+def test_revocations_since_for_a_worker_started_later(backend_env):
+    """What a worker loads at start (since=0) and re-reads (since=a time):
+    every live revocation with its flag and time, oldest first."""
+    client = backend_env.backend()
+    before = time.time()
+    first, second = tid(), tid()
+    client.revoke(first)
+    time.sleep(0.05)
+    middle = time.time()
+    time.sleep(0.05)
+    client.revoke(second, terminate=True)
+    later = backend_env.backend()            # a worker started after the revokes
+    found = [r for r in later.revocations() if r.task_id in (first, second)]
+    assert [(r.task_id, r.terminate) for r in found] == [(first, False), (second, True)]
+    assert before - 1 <= found[0].at <= found[1].at <= time.time() + 1
+    newer = {r.task_id for r in later.revocations(since=middle)}
+    assert second in newer and first not in newer
+    assert {r.task_id for r in later.revocations(since=time.time() + 60)}.isdisjoint({first, second})
+
+
 def test_results_and_revocations_expire(backend_env):
     need_shared(backend_env)
     backend = backend_env.backend(result_expires=1)
@@ -120,3 +140,4 @@ def test_results_and_revocations_expire(backend_env):
     assert backend.get(task_id) is None
     assert backend.wait(task_id, 0.1) is None
     assert backend.revoked([task_id]) == {}
+    assert task_id not in {r.task_id for r in backend.revocations()}

@@ -64,6 +64,35 @@ def test_sqlite_schema_is_created_once_and_versioned(tmp_path):
         make_broker(f"sqlite:///{path}", make_config()).queue_stats()
 
 
+def test_sqlite_version_1_file_is_upgraded_in_place(tmp_path):
+    """A file made by greenq with schema 1 (no revocations.revoked_at) keeps
+    its messages and revocations and gains the column."""
+    from greenq.clients.sqlite import SCHEMA
+    path = tmp_path / "v1.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript(SCHEMA.replace(",\n    revoked_at REAL NOT NULL DEFAULT 0", ""))
+    assert "revoked_at" not in {r[1] for r in conn.execute("PRAGMA table_info(revocations)")}
+    conn.execute("INSERT INTO revocations (task_id, terminate, expires_at) VALUES ('old', 1, ?)",
+                 (time.time() + 3600,))
+    conn.execute("INSERT INTO messages (queue, visible_at, message_id, body) VALUES ('q', 0, 'm1', x'00')")
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
+    url = f"sqlite:///{path}"
+    backend = make_backend(url, make_config(broker_url=url))
+    backend.revoke("new", terminate=False)
+    assert backend.revoked(["old", "new"]) == {"old": True, "new": False}
+    assert [(r.task_id, r.terminate) for r in backend.revocations()] == [("old", True), ("new", False)]
+    assert [r.task_id for r in backend.revocations(since=time.time() - 60)] == ["new"]
+    broker = make_broker(url, make_config(broker_url=url))
+    assert [d.message_id for d in broker.fetch(["q"], 5, 0)] == ["m1"]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+    backend.close()
+    broker.close()
+
+
 def test_sqlite_backend_defaults_to_the_broker_file(tmp_path):
     url = f"sqlite:///{tmp_path}/one.sqlite3"
     config = make_config(broker_url=url)

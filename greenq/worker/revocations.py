@@ -1,0 +1,130 @@
+"""The worker's own copy of the revoked task ids.
+
+A revoke (``AsyncResult.revoke``, ``greenq revoke``) is recorded in the result
+backend, which keeps it for ``result_expires``, and then broadcast over the
+control plane (greenq/control/).  Each worker:
+
+* loads the backend's revocations before it takes its first message, so a
+  worker started after a revoke knows it;
+* adds what the control plane broadcasts (``revoke`` command) at once, and
+  kills the running tasks revoked with ``terminate=True``;
+* re-reads the revocations made since the newest one it knows, every
+  ``SYNC_PUSHED`` seconds while the control plane is connected (a safety net
+  for a broadcast missed during a reconnect), and every ``SYNC_POLLED``
+  seconds while it is not (a broker without a control plane, or one that is
+  away).
+
+Checking a message is then a dict look-up in the worker, not a call to the
+backend per fetched batch.  The copy keeps the newest ``REVOCATIONS_MAX`` ids
+and forgets those older than ``result_expires``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
+
+from ..backends.base import REVOCATIONS_MAX, Revocation
+from .jobs import describe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .consumer import Worker
+
+log = logging.getLogger("greenq.worker")
+
+SYNC_PUSHED = 30.0      # seconds between re-reads while the control plane delivers revokes
+SYNC_POLLED = 1.0       # ... while it does not
+SYNC_OVERLAP = 60.0     # re-read from this long before the newest known revoke (clocks differ)
+
+
+class Revocations:
+    def __init__(self, worker: "Worker") -> None:
+        self.worker = worker
+        self.ids: Dict[str, Tuple[bool, float]] = {}     # task id -> (terminate, revoked at), oldest first
+        self.newest = 0.0            # the latest ``at`` known: the next re-read starts before it
+        self.loaded = False          # the backend was read at least once
+        self.pushed = False          # set by the control agent while it is listening
+        self._wake = worker.driver.event()
+        self._lock = worker.driver.lock()
+
+    def __contains__(self, task_id: object) -> bool:
+        return task_id in self.ids
+
+    def terminates(self, task_id: str) -> bool:
+        entry = self.ids.get(task_id)
+        return bool(entry and entry[0])
+
+    def add(self, found: Iterable[Revocation]) -> List[str]:
+        """Merge revocations in; return the ids newly revoked with terminate."""
+        terminate: List[str] = []
+        oldest = self._oldest()
+        with self._lock:              # the control greenlet and the re-read loop both add
+            ids = self.ids
+            for r in found:
+                if r.at < oldest:     # expired already
+                    continue
+                known = ids.get(r.task_id)
+                if known is None or (r.terminate and not known[0]):
+                    ids[r.task_id] = (r.terminate, r.at)
+                    if r.terminate:
+                        terminate.append(r.task_id)
+                if r.at > self.newest:
+                    self.newest = r.at
+            self._trim(oldest)
+        return terminate
+
+    def _oldest(self) -> float:
+        expires = self.worker.config.result_expires
+        return time.time() - expires if expires else 0.0
+
+    def _trim(self, oldest: float) -> None:
+        """Forget the oldest beyond ``REVOCATIONS_MAX`` and the expired."""
+        ids = self.ids
+        while ids:
+            first = next(iter(ids))
+            if len(ids) <= REVOCATIONS_MAX and ids[first][1] >= oldest:
+                break
+            del ids[first]
+
+    def sync(self) -> None:
+        """Read the revocations made since shortly before the newest known one;
+        terminate the running tasks among them.  Raises what the backend raises."""
+        since = max(0.0, self.newest - SYNC_OVERLAP) if self.loaded else 0.0
+        found = self.worker.backend.revocations(since)
+        self.loaded = True
+        self.worker.reaper.terminate(self.add(found))
+
+    def received(self, task_ids: Iterable[str], terminate: bool, at: float) -> int:
+        """A ``revoke`` broadcast (control greenlet): known at once."""
+        found = [Revocation(t, terminate, at) for t in task_ids]
+        self.worker.reaper.terminate(self.add(found))
+        return len(found)
+
+    def resync(self) -> None:
+        """Re-read soon (the control plane reconnected: it may have missed some)."""
+        self._wake.set()
+
+    # -- the loop -------------------------------------------------------------
+    def first_load(self) -> None:
+        """Before the first fetch: one attempt, so a worker started after a
+        revoke skips the task; an unreachable backend is retried by the loop."""
+        try:
+            self.sync()
+            log.debug("revocations: %d known", len(self.ids))
+        except Exception as exc:
+            log.warning("could not read revocations: %s; retrying every %.0f s", describe(exc), SYNC_POLLED)
+
+    def loop(self) -> None:
+        w = self.worker
+        while not w.stopped.is_set():
+            self._wake.wait(SYNC_PUSHED if self.pushed and self.loaded else SYNC_POLLED)
+            self._wake.clear()
+            if w.stopped.is_set():
+                break
+            try:
+                self.sync()
+            except Exception as exc:
+                log.warning("could not read revocations: %s", describe(exc))
+
+    def stop(self) -> None:
+        self._wake.set()
