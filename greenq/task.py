@@ -1,7 +1,6 @@
 """Tasks: the ``@app.task`` decorator's product, signatures, request context, retries."""
 from __future__ import annotations
 
-import random
 import threading
 import time
 import traceback as tb_module
@@ -9,6 +8,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
 
 from . import validation
+from .backoff import backoff as exponential_backoff
 from .canvas import Signature
 from .config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
 from .exceptions import MaxRetriesExceededError, Reject, Retry
@@ -169,10 +169,8 @@ class Task:
             base = 1.0
         if not base:
             return float(self.option("default_retry_delay"))
-        delay = min(float(self.option("retry_backoff_max")), float(base) * (2 ** retries))
-        if self.option("retry_jitter"):
-            delay = random.uniform(0, delay)
-        return delay
+        jitter = 1.0 if self.option("retry_jitter") else 0.0   # anything from 0 to the whole wait
+        return exponential_backoff(retries + 1, float(base), float(self.option("retry_backoff_max")), jitter)
 
     def run_with_retries(self, args: Sequence[Any], kwargs: Dict[str, Any]) -> Any:
         """Call the function; an exception listed in ``autoretry_for`` becomes

@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..clients.reconnect import Reconnecting, Reconnector, Unreachable, backoff
+from ..clients.reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
 from ..clients.redis import FAILURES, TRANSIENT, make_client
 from ..config import Config, mask_url
 from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
@@ -162,7 +162,7 @@ class _Listener:
                     if pubsub is not None:
                         self._discard(pubsub)
                     pubsub = None
-                    self.backend._sleep(backoff(failures))
+                    self.backend._sleep(reconnect_delay(failures))
                     continue
                 if message is None:
                     continue

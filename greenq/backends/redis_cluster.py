@@ -25,7 +25,7 @@ import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..clients.reconnect import Unreachable, backoff
+from ..clients.reconnect import Unreachable, reconnect_delay
 from ..clients.redis_topology import CLUSTER_TRANSIENT, make_cluster_client
 from .base import Record
 from .redis import FINAL, PARTIAL, RedisBackend
@@ -94,7 +94,7 @@ class RedisClusterBackend(RedisBackend):
                     self.client.nodes_manager.initialize()
                 except Exception:
                     pass
-                pause = backoff(failures)
+                pause = reconnect_delay(failures)
                 remaining = left()
                 if remaining is not None and remaining <= pause:
                     raise Unreachable(f"wait for result: {self.reconnector.name} is unreachable ({exc})") \

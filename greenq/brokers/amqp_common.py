@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import amqp
 from amqp.exceptions import AMQPError, PreconditionFailed
 
+from ..backoff import backoff
 from ..config import Config, mask_url
 from ..exceptions import BrokerError, ConfigError
 from .amqp_meta import (DLQ, H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
@@ -238,19 +238,22 @@ def describe(exc: BaseException) -> str:
 
 # -- the reconnect state machine ----------------------------------------------
 
+#: waits between reconnect attempts: from 0.1 s doubling up to 5 s, each one half to all of that
+RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_JITTER = 0.1, 5.0, 0.5
+
+
 class Link:
     """The state of one connection: ``down`` -> ``connecting`` -> ``up`` -> ``down``...
 
     ``lost()`` records a failure and returns how long to wait before the next
-    attempt: exponential from 0.1 s, capped at ``cap`` (5 s), with jitter.  The
-    first failure is logged as a warning, repeated ones at debug level, and the
-    recovery at info level.  ``healthy`` and ``last_ok`` feed /healthz.
+    attempt (the ``RECONNECT_*`` backoff).  The first failure is logged as a
+    warning, repeated ones at debug level, and the recovery at info level.
+    ``healthy`` and ``last_ok`` feed /healthz.
     """
 
-    def __init__(self, what: str, url: str, cap: float = 5.0) -> None:
+    def __init__(self, what: str, url: str) -> None:
         self.what = what
         self.where = mask_url(url)
-        self.cap = cap
         self.state = "down"
         self.failures = 0
         self.last_ok = 0.0               # time.monotonic() of the last successful exchange
@@ -274,19 +277,18 @@ class Link:
     def alive(self) -> None:
         self.last_ok = time.monotonic()
 
-    def lost(self, exc: BaseException, delay: Optional[float] = None) -> float:
+    def lost(self, exc: BaseException, wait: Optional[float] = None) -> float:
         """Record a failure; return (and log) the wait before the next attempt,
-        ``delay`` when the caller has its own schedule."""
+        ``wait`` when the caller has its own schedule."""
         self.state = "down"
         self.failures += 1
         self.last_error = describe(exc)
-        if delay is None:
-            delay = min(self.cap, 0.1 * 2 ** min(self.failures - 1, 10))
-            delay = random.uniform(delay / 2, delay)
+        if wait is None:
+            wait = backoff(self.failures, RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_JITTER)
         level = logging.WARNING if self.failures == 1 else logging.DEBUG
-        then = f"; reconnecting in {delay:.1f} s" if delay else ""
+        then = f"; reconnecting in {wait:.1f} s" if wait else ""
         log.log(level, "%s connection to %s failed: %s%s", self.what, self.where, self.last_error, then)
-        return delay
+        return wait
 
 
 # -- topology -----------------------------------------------------------------

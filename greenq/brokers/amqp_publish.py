@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import amqp
 from amqp.exceptions import ChannelError
 
+from ..backoff import backoff
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from .amqp_adapter import RawConnection, close_quietly
@@ -333,9 +334,9 @@ class ChannelPool:
 
     def run(self, fn, *args: Any, attempts: int = 3) -> Any:
         """``fn(publisher, *args)`` with up to ``attempts`` tries on fresh
-        connections when the connection fails; BrokerError after that."""
-        delay = 0.05
-        for attempt in range(attempts):
+        connections when the connection fails (waiting 0.05 s, then 0.1 s,
+        ...); BrokerError after that."""
+        for attempt in range(1, attempts + 1):
             try:
                 with self.publisher() as pub:
                     result = fn(pub, *args)
@@ -346,12 +347,10 @@ class ChannelPool:
                     link.last_ok = pub.last_used
                 return result
             except CONNECTION_ERRORS as exc:
-                if attempt == attempts - 1:
+                if attempt == attempts:
                     self.link.lost(exc, 0.0)
                     raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
-                self.link.lost(exc, delay)
-                time.sleep(delay)
-                delay *= 4
+                time.sleep(self.link.lost(exc, backoff(attempt, 0.05, 0.2)))
             except ChannelError as exc:
                 raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
 

@@ -20,17 +20,18 @@ about Redis: the transient exception types are given by the owner.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from typing import Callable, Optional, Tuple, Type, TypeVar
 
+from ..backoff import backoff
 from ..exceptions import BrokerError
 
 T = TypeVar("T")
 
 BACKOFF_BASE = 0.05   # seconds before the first retry while down
 BACKOFF_CAP = 5.0     # longest wait between two retries
+BACKOFF_JITTER = 0.5  # each wait is half to all of the exponential one
 
 log = logging.getLogger("greenq.brokers")
 
@@ -39,10 +40,9 @@ class Unreachable(BrokerError):
     """The server could not be reached before the caller's deadline."""
 
 
-def backoff(attempt: int) -> float:
-    """Seconds to wait before retry number ``attempt`` (1-based): exponential, capped, jittered."""
-    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * (2 ** min(attempt - 1, 16)))
-    return random.uniform(ceiling / 2, ceiling)
+def reconnect_delay(attempt: int) -> float:
+    """Seconds to wait before retry number ``attempt`` (1-based) while a server is down."""
+    return backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, BACKOFF_JITTER)
 
 
 class Reconnector:
@@ -88,7 +88,7 @@ class Reconnector:
                 if attempt == 1 and self.healthy:
                     continue                     # a stale pooled connection: once, at once
                 self._went_down(exc)
-                delay = backoff(attempt)
+                delay = reconnect_delay(attempt)
                 if deadline is not None:
                     left = deadline - time.monotonic()
                     if left <= delay:

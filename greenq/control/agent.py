@@ -19,6 +19,7 @@ import uuid
 from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
 
+from ..backoff import Backoff
 from ..events import TaskEvents
 from ..exceptions import ConfigError
 from ..worker.jobs import describe
@@ -86,7 +87,7 @@ class ControlAgent:
     # -- the loop ----------------------------------------------------------------
     def loop(self) -> None:
         transport: Optional[Transport] = None
-        backoff = 0.5
+        retry = Backoff(0.5, 10.0)
         next_beat = 0.0
         while not self._closing:
             try:
@@ -111,15 +112,15 @@ class ControlAgent:
                     self._prune_started()
                     self._event("worker-heartbeat")
                 self._flush(transport)
-                backoff = 0.5
+                retry.reset()
             except Exception as exc:
-                log.warning("control plane: %s; reconnecting in %.1f s", describe(exc), backoff)
+                pause = retry.next()
+                log.warning("control plane: %s; reconnecting in %.1f s", describe(exc), pause)
                 self.worker.revocations.pushed = False       # the backend is polled meanwhile
                 if transport is not None:
                     transport.reset()
                     transport = None
-                self.worker.driver.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                self.worker.driver.sleep(pause)
         if transport is not None:
             self._event("worker-offline")
             try:

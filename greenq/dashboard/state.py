@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
+from ..backoff import Backoff
 from ..control.agent import OFFLINE_AFTER
 from ..control.base import Document
 
@@ -167,20 +168,20 @@ class EventReader:
 
     def _run(self) -> None:
         from ..control.client import Control
-        backoff = 0.5
+        retry = Backoff(0.5, 10.0)
         while self.running:
             control = None
             try:
                 control = Control(self.app)
                 for batch in control.events(history=HISTORY, poll=0.5):
                     self.state.apply(batch)
-                    backoff = 0.5
+                    retry.reset()
                     if not self.running:
                         break
             except Exception as exc:
-                log.warning("dashboard: reading events failed: %s; retrying in %.1f s", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                pause = retry.next()
+                log.warning("dashboard: reading events failed: %s; retrying in %.1f s", exc, pause)
+                time.sleep(pause)
             finally:
                 if control is not None:
                     control.close()

@@ -26,6 +26,7 @@ import queue as std_queue
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
+from ..backoff import Backoff
 from ..brokers.base import Delivery
 from ..config import effective_prefetch
 from ..control.agent import ControlAgent, worker_name
@@ -47,8 +48,8 @@ log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
 FETCH_BATCH_MAX = 500
-SUMMARY_INTERVAL = 30.0
-EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run         # seconds between the INFO summary lines
+SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
+EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run
 
 
 class Worker:
@@ -186,7 +187,7 @@ class Worker:
 
     # -- consumer ------------------------------------------------------------
     def _consume(self) -> None:
-        backoff = 0.1
+        retry = Backoff(0.1, 5.0)
         while not self.stopping:
             room = self.prefetch - len(self.held)
             if room <= 0:                         # backpressure: fetch nothing while full
@@ -197,11 +198,11 @@ class Worker:
                 continue
             try:
                 deliveries = self.broker.fetch(self.queues, min(room, self.batch), self.fetch_timeout)
-                backoff = 0.1
+                retry.reset()
             except Exception as exc:
-                log.error("fetch failed: %s; retrying in %.1f s", exc, backoff)
-                self.driver.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                pause = retry.next()
+                log.error("fetch failed: %s; retrying in %.1f s", exc, pause)
+                self.driver.sleep(pause)
                 continue
             self.last_poll = time.monotonic()
             if deliveries:

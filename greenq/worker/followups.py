@@ -20,6 +20,7 @@ chord's ChordError at once (fail fast); the completer keeps it.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..backends.base import Record
@@ -33,6 +34,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from .consumer import Worker
 
 log = logging.getLogger("greenq.worker")
+
+
+@dataclass
+class ChordMember:
+    """A finished chord member to count: ``failure`` says how it did not
+    succeed (None: it did)."""
+    __slots__ = ("msg", "failure")
+    msg: "TaskMessage"
+    failure: Optional[str]
 
 
 class Followups:
@@ -75,7 +85,7 @@ class Followups:
         return self.codec.outgoing(build(self.app, record, prefix, parent=parent))
 
     # -- chords (after the results are stored) -------------------------------------
-    def complete_chords(self, members: List["tuple[TaskMessage, Optional[str]]"]) -> None:
+    def complete_chords(self, members: List[ChordMember]) -> None:
         """Count each finished member; for the one that completes its chord,
         send the callback (or store the chord's failure), then mark it sent.
         A member that failed (``failure`` says how) and did not complete its
@@ -83,12 +93,13 @@ class Followups:
         for the other members; the callback's ``link_error`` callbacks are
         sent by the completer only."""
         backend = self.worker.backend
-        for msg, failure in members:
+        for member in members:
+            msg = member.msg
             if backend.chord_member_done(msg.group_id, msg.id, msg.chord_size):
                 self._fire(msg)
                 backend.chord_sent(msg.group_id)
-            elif failure is not None:
-                self._fail_early(msg, failure)
+            elif member.failure is not None:
+                self._fail_early(msg, member.failure)
 
     def _fail_early(self, msg: "TaskMessage", failure: str) -> None:
         data = self.worker.backend.load_group(msg.group_id)

@@ -15,14 +15,16 @@ from __future__ import annotations
 import logging
 import queue as std_queue
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, List, Optional
 
 from ..backends.base import Record
-from ..brokers.base import Delivery
+from ..backoff import backoff
+from ..brokers.base import Delivery, Outgoing
 from ..exceptions import MessageError
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
-from .followups import Followups
+from .followups import ChordMember, Followups
 from .jobs import Job, describe
 from .state import StopState
 
@@ -36,18 +38,26 @@ BATCH_MAX = 1000
 PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, MessageError)
 
 
+@dataclass
+class DeadLetter:
+    """A message to move to the dead-letter store, and why."""
+    __slots__ = ("delivery", "reason")
+    delivery: Delivery
+    reason: str
+
+
 class Plan:
     """What settling one batch takes, gathered before any call is made."""
     __slots__ = ("records", "republish", "chords", "acks", "requeue", "unstarted", "dead")
 
     def __init__(self) -> None:
         self.records: List[Record] = []
-        self.republish: List[Any] = []                    # retries and workflow follow-ups
-        self.chords: List[Any] = []                       # finished chord members: (message, failure)
+        self.republish: List[Outgoing] = []               # retries and workflow follow-ups
+        self.chords: List[ChordMember] = []
         self.acks: List[Delivery] = []
         self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
-        self.dead: List[Tuple[Delivery, str]] = []        # (delivery, reason)
+        self.dead: List[DeadLetter] = []
 
 
 class Settler:
@@ -111,7 +121,7 @@ class Settler:
         encode = self.codec.encode_result
         outcome, msg = job.outcome, job.msg
         if outcome == jobs.DEAD:
-            plan.dead.append((job.delivery, job.reason))
+            plan.dead.append(DeadLetter(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
             return
@@ -126,7 +136,7 @@ class Settler:
             if job.exc.requeue:
                 plan.requeue.append(job.delivery)
             else:
-                plan.dead.append((job.delivery, f"rejected: {job.reason}"))
+                plan.dead.append(DeadLetter(job.delivery, f"rejected: {job.reason}"))
             return
         ignore = job.task is not None and job.task.option("ignore_result") and not msg.chord_size
         lineage = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
@@ -158,7 +168,7 @@ class Settler:
         if msg.chord_size and outcome in (jobs.SUCCESS, jobs.FAILURE, jobs.REVOKED):
             failure = (None if outcome == jobs.SUCCESS else f"failed: {describe(job.exc)}"
                        if outcome == jobs.FAILURE else f"was revoked ({job.reason or 'revoked'})")
-            plan.chords.append((msg, failure))
+            plan.chords.append(ChordMember(msg, failure))
         if not job.acked:
             plan.acks.append(job.delivery)
 
@@ -167,7 +177,7 @@ class Settler:
         acknowledge (a message that is not a task at all is dead-lettered)."""
         msg = job.msg
         if msg is None:
-            plan.dead.append((job.delivery, f"worker error while settling it: {describe(exc)}"))
+            plan.dead.append(DeadLetter(job.delivery, f"worker error while settling it: {describe(exc)}"))
             return
         error = MessageError(f"the worker could not record this task's outcome: {describe(exc)}")
         plan.records.append(Record(msg.id, self.codec.encode_result(make_meta(
@@ -186,9 +196,9 @@ class Settler:
         except Exception as again:
             log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
 
-    def _dead_letter_each(self, items: List[Tuple[Delivery, str]]) -> None:
-        for delivery, reason in items:
-            self.broker.dead_letter(delivery, reason)
+    def _dead_letter_each(self, items: List[DeadLetter]) -> None:
+        for dead in items:
+            self.broker.dead_letter(dead.delivery, dead.reason)
 
     # -- retrying --------------------------------------------------------------
     def _with_retries(self, what: str, fn: Callable[[List[Any]], None], items: List[Any],
@@ -199,7 +209,7 @@ class Settler:
         the items that fail alone with such an error are logged and handed to
         ``on_permanent``, the rest go on.  Gives up only at cold shutdown,
         leaving the messages unacknowledged (they come back: at-least-once)."""
-        delay = 0.1
+        failures = 0
         while items:
             try:
                 fn(items)
@@ -211,12 +221,13 @@ class Settler:
                 err: BaseException = exc
             except Exception as exc:
                 err = exc
-            if self.worker.stopping >= StopState.COLD and delay > 1:
+            failures += 1
+            pause = backoff(failures, 0.1, 5.0)
+            if self.worker.stopping >= StopState.COLD and pause > 1:
                 log.error("%s failed at shutdown, giving up (messages will be redelivered): %s", what, err)
                 return
-            log.error("%s failed: %s; retrying in %.1f s", what, describe(err), delay)
-            self.worker.driver.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            log.error("%s failed: %s; retrying in %.1f s", what, describe(err), pause)
+            self.worker.driver.sleep(pause)
 
     @staticmethod
     def _one_by_one(what: str, fn: Callable[[List[Any]], None], items: List[Any],

@@ -14,16 +14,12 @@ import time
 from typing import Any, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
+from ..backoff import backoff
 from ..config import mask_url
 from ..exceptions import BrokerError
 
 #: first and longest pause between attempts, in seconds
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
-
-
-def backoff(attempt: int, first: float = FIRST_DELAY, longest: float = MAX_DELAY) -> float:
-    """The pause after failed attempt ``attempt`` (1, 2, ...): doubling from ``first`` up to ``longest``."""
-    return min(longest, first * 2 ** max(0, attempt - 1))
 
 
 def wait_for_broker(broker: Any, queues: Sequence[str], timeout: float, driver: Any,
@@ -49,7 +45,7 @@ def wait_for_broker(broker: Any, queues: Sequence[str], timeout: float, driver: 
             if timeout and waited >= timeout:
                 raise BrokerError(f"broker {where} still unreachable after {waited:.0f} s "
                                   f"([greenq] broker_connect_timeout = {timeout:g}): {exc}") from None
-            delay = backoff(attempt)
+            delay = backoff(attempt, FIRST_DELAY, MAX_DELAY)
             if timeout:
                 delay = min(delay, max(0.0, timeout - waited))
             limit = f"giving up after {timeout:g} s" if timeout else "waiting for as long as it takes"

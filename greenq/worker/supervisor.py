@@ -29,15 +29,15 @@ import urllib.error
 import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..backoff import Backoff
 from .monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, METRICS_TYPE, serve_http
-from .startup import backoff
 
 log = logging.getLogger("greenq.supervisor")
 
 #: a child that ran at least this long before exiting restarts at once; one
 #: that dies sooner is restarted after an exponential backoff (0.5 s doubling up to 60 s)
 HEALTHY_UPTIME = 10.0
-RESTART_MAX_DELAY = 60.0
+RESTART_FIRST_DELAY, RESTART_MAX_DELAY = 0.5, 60.0
 EXIT_USAGE = 2
 
 
@@ -83,7 +83,8 @@ class Supervisor:
         self.stuck_after = max(stuck_after, 5.0)
         self.http = http
         self.children: List[Optional[Child]] = []
-        self.failures = [0] * processes              # quick deaths in a row, per slot
+        #: per slot: its quick deaths in a row (``attempt``) and the wait before the next restart
+        self.restarts = [Backoff(RESTART_FIRST_DELAY, RESTART_MAX_DELAY) for _ in range(processes)]
         self.restart_at: List[Optional[float]] = [None] * processes
         self.stopping = 0
         self.burst = "--burst" in argv
@@ -159,15 +160,15 @@ class Supervisor:
         """Restart slot ``index``: at once after a clean exit or a long life,
         else after an exponential backoff; one log line either way."""
         uptime = time.time() - child.started
+        restarts = self.restarts[index]
         if code == 0 or uptime >= HEALTHY_UPTIME:
-            self.failures[index] = 0
+            restarts.reset()
             delay = 0.0
         else:
-            self.failures[index] += 1
-            delay = backoff(self.failures[index], longest=RESTART_MAX_DELAY)
+            delay = restarts.next()
         how = f"exit code {code}" if code >= 0 else f"signal {-code}"
-        again = f" (failure {self.failures[index]} in a row)" if self.failures[index] else ""
-        log.log(logging.INFO if not self.failures[index] else logging.WARNING,
+        again = f" (failure {restarts.attempt} in a row)" if restarts.attempt else ""
+        log.log(logging.INFO if not restarts.attempt else logging.WARNING,
                 "child %d (slot %d) exited with %s after %.1f s%s; restarting in %.1f s",
                 child.proc.pid, index, how, uptime, again, delay)
         self.restart_at[index] = time.monotonic() + delay
