@@ -56,9 +56,7 @@ class ControlAgent:
         self.outbox: Deque[Dict[str, Any]] = deque(maxlen=OUTBOX_MAX)
         self.revoked: Deque[str] = deque(maxlen=REVOKED_KEPT)
         self.task_events: Optional[TaskEvents] = None
-        self.started: Dict[str, float] = {}          # task id -> epoch start, for inspect active
         worker.hooks.on("task_revoked", self._note_revoked)
-        worker.hooks.on("task_prerun", self._note_start)
         if events:
             self.task_events = TaskEvents(self.outbox, name)
             self.task_events.subscribe(worker.hooks)
@@ -68,15 +66,6 @@ class ControlAgent:
 
     def _note_revoked(self, job: Any) -> None:
         self.revoked.append(job.id)
-
-    def _note_start(self, task: Any, request: Any) -> None:
-        self.started[request.id] = time.time()
-
-    def _prune_started(self) -> None:
-        """Forget the start times of tasks no longer running (every heartbeat,
-        rather than one more hook call per task)."""
-        running = {job.msg.id for job in list(self.worker.running.values()) if job.msg is not None}
-        self.started = {tid: t for tid, t in list(self.started.items()) if tid in running}
 
     # -- lifetime ----------------------------------------------------------------
     def start(self) -> None:
@@ -112,7 +101,6 @@ class ControlAgent:
                     self._answer(transport, cmd)
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_INTERVAL
-                    self._prune_started()
                     self._event("worker-heartbeat")
                 self._flush(transport)
                 backoff = 0.5

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -36,8 +37,8 @@ class Terminate(BaseException):
 class Job:
     """A held message on its way through the worker."""
 
-    __slots__ = ("delivery", "msg", "task", "handle", "started", "outcome", "value", "exc",
-                 "tb", "reason", "acked", "killed_by", "settling")
+    __slots__ = ("delivery", "msg", "task", "handle", "started", "started_at", "outcome", "value",
+                 "exc", "tb", "reason", "acked", "killed_by", "settling")
 
     def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
                  task: Optional["Task"] = None) -> None:
@@ -46,6 +47,7 @@ class Job:
         self.task = task
         self.handle: Any = None
         self.started = False
+        self.started_at = 0.0       # epoch seconds the task began (inspect active)
         self.outcome: Optional[str] = None
         self.value: Any = None
         self.exc: Optional[BaseException] = None
@@ -76,6 +78,7 @@ def run(job: Job) -> None:
     the worker is recorded by its cause."""
     msg, task = job.msg, job.task
     job.started = True
+    job.started_at = time.time()
     try:
         job.value = task.run_with_retries(msg.args, msg.kwargs)
         job.outcome = SUCCESS

@@ -113,6 +113,7 @@ class Settler:
         if outcome == jobs.DEAD:
             plan.dead.append((job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
+            self.worker.stats.dead_lettered += 1
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
             return
         if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
@@ -150,6 +151,7 @@ class Settler:
                 retries=msg.retries + 1, **lineage)), False, msg.reply_to))
             plan.republish.append(outgoing)
         elif outcome == jobs.REVOKED:
+            self.worker.stats.revoked += 1
             self.worker.hooks.emit("task_revoked", job)
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, REVOKED, task=msg.task, reason=job.reason, **lineage)), True, msg.reply_to))
