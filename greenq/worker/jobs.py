@@ -64,12 +64,11 @@ class Job:
 
 def request_for(job: Job) -> Request:
     """The task context (``self.request``) of ``job``."""
-    msg = job.msg
-    return Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
-                   eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
-                   delivery_info={"queue": job.delivery.queue, "deliveries": job.delivery.deliveries},
-                   reply_to=msg.reply_to, priority=msg.priority, parent_id=msg.parent_id,
-                   group_id=msg.group_id)
+    msg, delivery = job.msg, job.delivery
+    return Request(msg.id, msg.task, msg.args, msg.kwargs, msg.retries, msg.queue,   # positional:
+                   msg.eta, msg.expires, msg.root_id,                              # once a task
+                   {"queue": delivery.queue, "deliveries": delivery.deliveries},
+                   False, msg.reply_to, msg.priority, msg.parent_id, msg.group_id)
 
 
 def run(job: Job) -> None:

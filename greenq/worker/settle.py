@@ -58,11 +58,11 @@ class Settler:
         self.broker = worker.broker
         self.codec = worker.codec
         self.done = worker.driver.queue()      # finished jobs; None ends the loop
+        #: ``put(job)`` hands a finished job to the finisher: the queue's own
+        #: put, as every task calls it
+        self.put: Callable[[Job], None] = self.done.put
         self.followups = Followups(worker)
         self.settling_since: Optional[float] = None
-
-    def put(self, job: Job) -> None:
-        self.done.put(job)
 
     def close(self) -> None:
         self.done.put(None)
