@@ -19,24 +19,25 @@ while task hooks run) and changes nothing else, except in
 ``worker_process_init``, where it stops that worker with exit code 1 before it
 takes any message.
 
-The worker's own features (counters, rate limits, STARTED records, and the
-task events of the fleet view) subscribe to the same hooks on the worker's
-:class:`Hooks`, which also carries a few worker-only events
-(``INTERNAL_HOOKS``).  Subscribers run in registration order: the worker's
-own first, then the app's.
+The worker's optional features (rate limits, STARTED records, per-task
+metrics, and the task events of the fleet view) subscribe to the same hooks
+on the worker's :class:`Hooks`, which also carries a few worker-only events
+(``INTERNAL_HOOKS``), and only when they are on: a hook nobody subscribed to
+costs the worker nothing, as its hot paths test :meth:`Hooks.live` before
+emitting.  Subscribers run in registration order: the worker's own first,
+then the app's.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 log = logging.getLogger("greenq.hooks")
 
 PUBLIC_HOOKS = ("worker_process_init", "worker_shutdown", "task_prerun", "task_postrun",
                 "task_success", "task_failure", "task_retry")
-#: worker-only events: (count) messages fetched; (job) accepted to run; (job) revoked or expired;
-#: (job, reason) dead-lettered
-INTERNAL_HOOKS = ("messages_received", "task_received", "task_revoked", "message_dead_lettered")
+#: worker-only events: (job) accepted to run; (job) revoked or expired; (job, reason) dead-lettered
+INTERNAL_HOOKS = ("task_received", "task_revoked", "message_dead_lettered")
 
 Subscriber = Callable[..., Any]
 
@@ -63,6 +64,11 @@ class Hooks:
 
     def has(self, name: str) -> bool:
         return bool(self._subscribers[name])
+
+    def live(self, name: str) -> Sequence[Subscriber]:
+        """The subscribers of ``name``, kept up to date (the list is never
+        replaced): a hot path holds it and emits only when it is not empty."""
+        return self._subscribers[name]
 
     def subscribers(self, name: str) -> List[Subscriber]:
         return list(self._subscribers[name])

@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 PROTOCOL = 1
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _loads = json.loads
+_scan_json = json.JSONDecoder().scan_once
 
 
 _SIZE_SLACK = 65536    # a stored message may exceed max_message_size by this much (headers, signing)
@@ -94,23 +95,28 @@ _WORKFLOW_KEYS = frozenset(_WORKFLOW_RULES)
 
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,%d}\Z" % validation.MAX_NAME_BYTES).match
 _CONTAINERS = (list, dict, tuple)
-_MAX_EPOCH, _MAX_SECONDS = validation.MAX_EPOCH, validation.MAX_SECONDS
+_NUMBERS = (float, int)
+_MAX_EPOCH, _MAX_SECONDS, _MAX_NAME = validation.MAX_EPOCH, validation.MAX_SECONDS, validation.MAX_NAME_BYTES
 
 
 def _name_ok(value: Any) -> bool:
-    if type(value) is not str or _NAME(value) is None:
+    """validation.name's rule as a yes/no, cheap for the ASCII names greenq writes."""
+    if type(value) is not str:
         return False
-    if value.isascii():
-        return True
+    if value.isascii():         # ASCII is printable exactly when it has no control characters
+        return 0 < len(value) <= _MAX_NAME and value.isprintable()
+    if _NAME(value) is None:
+        return False
     try:                        # a lone surrogate is not UTF-8: the rules refuse it with the reason
-        return len(value.encode("utf-8")) <= validation.MAX_NAME_BYTES
+        return len(value.encode("utf-8")) <= _MAX_NAME
     except UnicodeEncodeError:
         return False
 
 
-def _fast_fields(env: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The envelope fields when every one is plainly valid (the hot path:
-    a message greenq wrote), else None and the rules of _FIELD_RULES decide."""
+def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["TaskMessage"]:
+    """The message when every header field is plainly valid (the hot path: a
+    message greenq wrote), else None and the rules of _FIELD_RULES decide.
+    The workflow fields and the arguments are checked apart."""
     get = env.get
     task, task_id, queue = env["task"], env["id"], get("queue", "default")
     priority, retries = get("priority", 0), get("retries", 0)
@@ -120,17 +126,17 @@ def _fast_fields(env: Dict[str, Any]) -> Optional[Dict[str, Any]]:
     if not (_name_ok(task) and _name_ok(task_id) and _name_ok(queue)
             and type(priority) is int and 0 <= priority <= 9
             and type(retries) is int and 0 <= retries <= 2 ** 31
-            and (eta is None or (type(eta) in (float, int) and 0 <= eta <= _MAX_EPOCH))
-            and (expires is None or (type(expires) in (float, int) and 0 <= expires <= _MAX_EPOCH))
-            and type(created) in (float, int) and 0 <= created <= _MAX_EPOCH
-            and (hard is None or (type(hard) in (float, int) and 0 <= hard <= _MAX_SECONDS))
-            and (soft is None or (type(soft) in (float, int) and 0 <= soft <= _MAX_SECONDS))
+            and (eta is None or (type(eta) in _NUMBERS and 0 <= eta <= _MAX_EPOCH))
+            and (expires is None or (type(expires) in _NUMBERS and 0 <= expires <= _MAX_EPOCH))
+            and type(created) in _NUMBERS and 0 <= created <= _MAX_EPOCH
+            and (hard is None or (type(hard) in _NUMBERS and 0 <= hard <= _MAX_SECONDS))
+            and (soft is None or (type(soft) in _NUMBERS and 0 <= soft <= _MAX_SECONDS))
             and (root_id is None or type(root_id) is str) and (reply_to is None or type(reply_to) is str)):
         return None
-    return {"task": task, "id": task_id, "queue": queue, "priority": priority, "retries": retries,
-            "eta": None if eta is None else float(eta), "expires": None if expires is None else float(expires),
-            "created": float(created), "time_limit": None if hard is None else float(hard),
-            "soft_time_limit": None if soft is None else float(soft), "root_id": root_id, "reply_to": reply_to}
+    return TaskMessage(task, args, kwargs, task_id, queue, priority,     # in TaskMessage's field order
+                       None if eta is None else float(eta), None if expires is None else float(expires),
+                       retries, float(created), root_id, None if hard is None else float(hard),
+                       None if soft is None else float(soft), reply_to)
 
 
 def _plain_arguments(args: Any, kwargs: Any) -> bool:
@@ -145,6 +151,22 @@ def _plain_arguments(args: Any, kwargs: Any) -> bool:
         if type(key) is not str or type(value) in _CONTAINERS:
             return False
     return True
+
+
+def _load_envelope(data: bytes) -> Any:
+    """``json.loads(data)``, without its detours for the body greenq writes
+    (UTF-8, an object starting with a key); anything else, and every error,
+    takes json.loads itself."""
+    if data[:2] == b'{"':
+        text = data.decode("utf-8", "surrogatepass")     # what json.loads does with such bytes
+        try:
+            value, end = _scan_json(text, 0)
+        except StopIteration:
+            pass
+        else:
+            if end == len(text):
+                return value
+    return _loads(data)
 
 
 def new_id() -> str:
@@ -267,16 +289,17 @@ class Codec:
             raise MessageError(f"malformed message: {_describe(exc)}") from None
 
     def _decode(self, data: Any) -> TaskMessage:
-        if isinstance(data, str):
-            data = data.encode("utf-8", "surrogateescape")
-        elif isinstance(data, (bytearray, memoryview)):
-            data = bytes(data)
-        elif not isinstance(data, bytes):
-            raise MessageError(f"not a greenq message: a body of type {type(data).__name__}")
+        if type(data) is not bytes:
+            if isinstance(data, str):
+                data = data.encode("utf-8", "surrogateescape")
+            elif isinstance(data, (bytes, bytearray, memoryview)):
+                data = bytes(data)
+            else:
+                raise MessageError(f"not a greenq message: a body of type {type(data).__name__}")
         if len(data) > self.max_size + _SIZE_SLACK:
             raise MessageError(f"message is {len(data)} bytes, over max_message_size {self.max_size}")
         try:
-            env = _loads(data)
+            env = _load_envelope(data)
         except (ValueError, UnicodeDecodeError) as exc:
             raise MessageError(f"not a greenq message: {_describe(exc)}") from None
         except RecursionError:
@@ -314,17 +337,19 @@ class Codec:
             args, kwargs = payload
         if isinstance(args, tuple):
             args = list(args)
-        fields = _fast_fields(env)
         try:
-            if fields is None:          # something is off: the rules say what, or normalise it
-                fields = {key: check(key, env.get(key)) for key, check in _FIELD_RULES.items()}
+            msg = _plain_message(env, args, kwargs)
+            if msg is None:             # something is off: the rules say what, or normalise it
+                msg = TaskMessage(args=args, kwargs=kwargs, **{
+                    key: check(key, env.get(key)) for key, check in _FIELD_RULES.items()})
             if not _WORKFLOW_KEYS.isdisjoint(env):
-                fields.update((key, check(key, env.get(key))) for key, check in _WORKFLOW_RULES.items())
+                for key, check in _WORKFLOW_RULES.items():
+                    setattr(msg, key, check(key, env.get(key)))
             if not _plain_arguments(args, kwargs):
                 validation.arguments(args, kwargs)
         except (TypeError, ValueError) as exc:
             raise MessageError(f"malformed message: {exc}") from None
-        return TaskMessage(args=args, kwargs=kwargs, **fields)
+        return msg
 
     def _sign(self, env: Dict[str, Any]) -> str:
         canonical = json.dumps(env, sort_keys=True, separators=(",", ":"), ensure_ascii=True)

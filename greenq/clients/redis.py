@@ -50,6 +50,34 @@ def client_name(prefix: str, role: str) -> str:
     return f"greenq-{safe}-{os.getpid()}" + (f"-{role}" if role else "")
 
 
+class _Slots:
+    """A counting semaphore that wakes a waiter only when one is waiting.
+    ``threading.Semaphore.release`` notifies its condition every time, and
+    under gevent's patched locks each notify yields to the hub: a trip
+    around the event loop for every Redis call."""
+
+    def __init__(self, count: int) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._free = count
+        self._waiting = 0
+
+    def acquire(self) -> None:
+        with self._cond:
+            while self._free <= 0:
+                self._waiting += 1
+                try:
+                    self._cond.wait()
+                finally:
+                    self._waiting -= 1
+            self._free -= 1
+
+    def release(self, count: int = 1) -> None:
+        with self._cond:
+            self._free += count
+            if self._waiting:
+                self._cond.notify(count)
+
+
 class Pool(redis.ConnectionPool):
     """redis-py's pool (a connection is made only when no idle one is free)
     where callers over the cap wait for a connection instead of failing,
@@ -62,7 +90,7 @@ class Pool(redis.ConnectionPool):
         super().__init__(**kwargs)
         self.idle_close = IDLE_CLOSE
         self._last_check = 0.0
-        self._slots = threading.Semaphore(self.max_connections)
+        self._slots = _Slots(self.max_connections)
         self._held: set = set()
         self._held_lock = threading.Lock()
 
@@ -109,8 +137,7 @@ class Pool(redis.ConnectionPool):
             if more <= 0:
                 return
             self.max_connections = size
-        for _ in range(more):
-            self._slots.release()
+        self._slots.release(more)
 
 
 def make_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":

@@ -55,8 +55,6 @@ class ControlAgent:
         self.events_enabled = events
         self.outbox: Deque[Dict[str, Any]] = deque(maxlen=OUTBOX_MAX)
         self.task_events: Optional[TaskEvents] = None
-        self.started: Dict[str, float] = {}          # task id -> epoch start, for inspect active
-        worker.hooks.on("task_prerun", self._note_start)
         if events:
             self.task_events = TaskEvents(self.outbox, name)
             self.task_events.subscribe(worker.hooks)
@@ -64,14 +62,6 @@ class ControlAgent:
         self._handle: Any = None
         self._boot = uuid.uuid4().hex[:8]
 
-    def _note_start(self, task: Any, request: Any) -> None:
-        self.started[request.id] = time.time()
-
-    def _prune_started(self) -> None:
-        """Forget the start times of tasks no longer running (every heartbeat,
-        rather than one more hook call per task)."""
-        running = {job.msg.id for job in list(self.worker.running.values()) if job.msg is not None}
-        self.started = {tid: t for tid, t in list(self.started.items()) if tid in running}
 
     # -- lifetime ----------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +99,6 @@ class ControlAgent:
                     self._answer(transport, cmd)
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_INTERVAL
-                    self._prune_started()
                     self._event("worker-heartbeat")
                 self._flush(transport)
                 retry.reset()

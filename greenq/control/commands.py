@@ -81,7 +81,7 @@ def ping(agent: "ControlAgent") -> str:
 @command("active")
 def active(agent: "ControlAgent") -> List[Dict[str, Any]]:
     return [{"id": t.id, "name": t.name, "args": t.args, "kwargs": t.kwargs,
-             "started": agent.started.get(t.id)}
+             "started": t.started or None}
             for t in agent.worker.snapshot().running]
 
 

@@ -15,9 +15,10 @@ lives:
                lease/3; also logs the summary line.
 
 The last three are the control plane: they run outside the task limit, so a
-full pool never starves them (DESIGN.md lesson 4).  Counters, rate limits and
-STARTED records subscribe to the worker's hooks (greenq/hooks.py), where the
-app's own hooks are subscribed too.
+full pool never starves them (DESIGN.md lesson 4).  The counters (Stats) are
+kept where each outcome happens; rate limits and STARTED records subscribe to
+the worker's hooks (greenq/hooks.py) when some task needs them, and the app's
+own hooks are subscribed there too.
 """
 from __future__ import annotations
 
@@ -85,7 +86,6 @@ class Worker:
         self.failed: Optional[str] = None        # the control loop that died, if one did
         self.stats = Stats()
         self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
-        self.stats.subscribe(self.hooks)
         tasks = list(app.tasks.values())
         self.rate_limiter: Optional[RateLimiter] = None
         if any(t.option("rate_limit") for t in tasks):          # subscribers cost per task:
@@ -160,8 +160,7 @@ class Worker:
         now = time.monotonic()
         since = self.settler.settling_since
         with self.lock:
-            running = [RunningTask(j.msg.id, j.msg.task, j.msg.args, j.msg.kwargs,
-                                   time.time() if j.started else 0.0)
+            running = [RunningTask(j.msg.id, j.msg.task, j.msg.args, j.msg.kwargs, j.started_at)
                        for j in self.running.values() if j.msg is not None]
             held = len(self.held)
         return Snapshot(self.driver.name, self.concurrency, self.prefetch, list(self.queues),
@@ -245,10 +244,10 @@ class Worker:
                 self.finish(job, jobs.DEAD, reason=reason)
             else:
                 ready.append(job)
-        self.hooks.emit("messages_received", len(deliveries))
+        self.stats.received += len(deliveries)
         if not ready:
             return
-        revoked = self.revocations
+        revoked = self.revocations.ids
         received = self.hooks.has("task_received")
         for job in ready:
             if job.msg.id in revoked:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -36,8 +37,8 @@ class Terminate(BaseException):
 class Job:
     """A held message on its way through the worker."""
 
-    __slots__ = ("delivery", "msg", "task", "handle", "started", "outcome", "value", "exc",
-                 "tb", "reason", "acked", "killed_by", "settling")
+    __slots__ = ("delivery", "msg", "task", "handle", "started", "started_at", "outcome", "value",
+                 "exc", "tb", "reason", "acked", "killed_by", "settling")
 
     def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
                  task: Optional["Task"] = None) -> None:
@@ -46,6 +47,7 @@ class Job:
         self.task = task
         self.handle: Any = None
         self.started = False
+        self.started_at = 0.0       # epoch seconds the task began (inspect active)
         self.outcome: Optional[str] = None
         self.value: Any = None
         self.exc: Optional[BaseException] = None
@@ -62,12 +64,11 @@ class Job:
 
 def request_for(job: Job) -> Request:
     """The task context (``self.request``) of ``job``."""
-    msg = job.msg
-    return Request(msg.id, msg.task, msg.args, msg.kwargs, retries=msg.retries, queue=msg.queue,
-                   eta=msg.eta, expires=msg.expires, root_id=msg.root_id,
-                   delivery_info={"queue": job.delivery.queue, "deliveries": job.delivery.deliveries},
-                   reply_to=msg.reply_to, priority=msg.priority, parent_id=msg.parent_id,
-                   group_id=msg.group_id)
+    msg, delivery = job.msg, job.delivery
+    return Request(msg.id, msg.task, msg.args, msg.kwargs, msg.retries, msg.queue,   # positional:
+                   msg.eta, msg.expires, msg.root_id,                              # once a task
+                   {"queue": delivery.queue, "deliveries": delivery.deliveries},
+                   False, msg.reply_to, msg.priority, msg.parent_id, msg.group_id)
 
 
 def run(job: Job) -> None:
@@ -76,6 +77,7 @@ def run(job: Job) -> None:
     the worker is recorded by its cause."""
     msg, task = job.msg, job.task
     job.started = True
+    job.started_at = time.time()
     try:
         job.value = task.run_with_retries(msg.args, msg.kwargs)
         job.outcome = SUCCESS

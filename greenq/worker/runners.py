@@ -5,7 +5,9 @@ Around each task, in the task's greenlet, with its request set (so every log
 line carries its id): ``task_prerun``; the task; then ``task_success``,
 ``task_failure`` or ``task_retry``; then ``task_postrun``.  The worker's own
 rate limits and STARTED records are ``task_prerun`` subscribers
-(:class:`RateLimiter`, :class:`StartedRecorder`), registered before the app's.
+(:class:`RateLimiter`, :class:`StartedRecorder`), registered before the app's
+and only when some task needs them; a hook without subscribers is not emitted
+at all (every task pays for the hot path).
 """
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ class Runners:
         self.worker = worker
         self.all: List[Runner] = []
         self._by_frame: Dict[int, Runner] = {}
+        hooks = worker.hooks                    # live lists: subscribers added later show in them
+        self._prerun = hooks.live("task_prerun")
+        self._success = hooks.live("task_success")
+        self._postrun = hooks.live("task_postrun")
 
     def start(self, count: int) -> None:
         for _ in range(count):
@@ -90,7 +96,7 @@ class Runners:
                     if w.stopping:               # shutting down: don't start what has not started
                         w.finish(job, jobs.REQUEUE)
                         continue
-                    if job.msg.id in w.revocations:  # revoked while it waited for a runner
+                    if job.msg.id in w.revocations.ids:  # revoked while it waited for a runner
                         w.finish(job, jobs.REVOKED, reason="revoked")
                         continue
                     job.handle = runner.handle
@@ -117,7 +123,8 @@ class Runners:
             soft = hard = None
         with w.lock:
             w.running[id(job)] = job
-        w.reaper.arm(job, soft, hard)
+        if soft or hard:
+            w.reaper.arm(job, soft, hard)
         request = jobs.request_for(job)
         set_request(request)
         start = time.monotonic()
@@ -126,16 +133,17 @@ class Runners:
                 if not task.option("acks_late"):   # at most once: acknowledged as it starts
                     w.broker.ack([job.delivery])
                     job.acked = True
-                w.hooks.emit("task_prerun", task, request)
+                if self._prerun:
+                    w.hooks.emit("task_prerun", task, request)
             except Exception as exc:            # the task is not run; its caller is told why
                 log.error("task %s[%s] could not be started: %s", job.msg.task, job.msg.id, describe(exc))
                 job.outcome, job.exc, job.tb = jobs.FAILURE, exc, traceback.format_exc()
             else:
-                if job.msg.id in w.revocations:  # revoked during task_prerun (a rate limit's wait)
+                if job.msg.id in w.revocations.ids:  # revoked during task_prerun (a rate limit's wait)
                     job.outcome, job.reason = jobs.REVOKED, "revoked"
                 else:
                     jobs.run(job)
-            self._after(job, task, request, time.monotonic() - start)
+            self._after(job, task, request, start)
         finally:
             while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway
                 try:
@@ -145,20 +153,27 @@ class Runners:
                 except KILLS:
                     continue
 
-    def _after(self, job: Job, task: "Task", request: "Request", runtime: float) -> None:
-        """Log the outcome and run the outcome hooks, still in the task's context."""
-        hooks, outcome = self.worker.hooks, job.outcome
+    def _after(self, job: Job, task: "Task", request: "Request", start: float) -> None:
+        """Count and log the outcome and run the outcome hooks, still in the
+        task's context (``start``: its monotonic start)."""
+        w, outcome = self.worker, job.outcome
+        hooks, stats = w.hooks, w.stats
         if outcome == jobs.SUCCESS:
-            hooks.emit("task_success", task, request, job.value)
+            stats.succeeded += 1
+            if self._success:
+                hooks.emit("task_success", task, request, job.value)
         elif outcome == jobs.FAILURE:
-            log.warning("task %s[%s] failed after %.3f s: %s", task.name, request.id, runtime, describe(job.exc))
+            stats.failed += 1
+            log.warning("task %s[%s] failed after %.3f s: %s", task.name, request.id,
+                        time.monotonic() - start, describe(job.exc))
             hooks.emit("task_failure", task, request, job.exc, job.tb)
         elif outcome == jobs.RETRY:
+            stats.retried += 1
             log.info("task %s[%s] retry %d: %s", task.name, request.id, request.retries + 1, describe(job.exc))
             hooks.emit("task_retry", task, request, str(job.exc))
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("task %s[%s] %s in %.3f s", task.name, request.id, outcome, runtime)
-        if outcome is not None and hooks.has("task_postrun"):
+            log.debug("task %s[%s] %s in %.3f s", task.name, request.id, outcome, time.monotonic() - start)
+        if outcome is not None and self._postrun:
             retval = job.value if outcome == jobs.SUCCESS else job.exc
             hooks.emit("task_postrun", task, request, POSTRUN_STATE.get(outcome, outcome), retval)
 

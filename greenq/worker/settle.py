@@ -68,11 +68,11 @@ class Settler:
         self.broker = worker.broker
         self.codec = worker.codec
         self.done = worker.driver.queue()      # finished jobs; None ends the loop
+        #: ``put(job)`` hands a finished job to the finisher: the queue's own
+        #: put, as every task calls it
+        self.put: Callable[[Job], None] = self.done.put
         self.followups = Followups(worker)
         self.settling_since: Optional[float] = None
-
-    def put(self, job: Job) -> None:
-        self.done.put(job)
 
     def close(self) -> None:
         self.done.put(None)
@@ -123,6 +123,7 @@ class Settler:
         if outcome == jobs.DEAD:
             plan.dead.append(DeadLetter(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
+            self.worker.stats.dead_lettered += 1
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
             return
         if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
@@ -160,6 +161,7 @@ class Settler:
                 retries=msg.retries + 1, **lineage)), False, msg.reply_to))
             plan.republish.append(outgoing)
         elif outcome == jobs.REVOKED:
+            self.worker.stats.revoked += 1
             self.worker.hooks.emit("task_revoked", job)
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, REVOKED, task=msg.task, reason=job.reason, **lineage)), True, msg.reply_to))

@@ -122,3 +122,28 @@ def test_grow_wakes_a_caller_waiting_for_a_connection(make):
     pool.release(got[0])
     pool.release(held)
     assert pool.max_connections == 2
+
+
+def test_release_wakes_a_caller_waiting_for_a_connection(make):
+    broker = make(redis__max_connections=1)
+    pool = broker.pool
+    held = pool.get_connection()
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(pool.get_connection()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()                            # over the cap: it waits
+    pool.release(held)
+    waiter.join(5)
+    assert got and got[0] is held                       # the one connection, handed on
+    pool.release(got[0])
+    pool.release(got[0])                                # a second release frees no second slot
+    first = pool.get_connection()
+    late = []
+    second = threading.Thread(target=lambda: late.append(pool.get_connection()))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive() and not late
+    pool.release(first)
+    second.join(5)
+    pool.release(late[0])

@@ -168,3 +168,32 @@ def test_rate_limit_subscriber_spaces_task_starts():
     starts.sort()
     # slots are 50 ms apart; a start may lag its slot, but the last slot is 200 ms after the first
     assert len(starts) == 5 and starts[-1] - starts[0] >= 0.19, starts
+
+
+def test_counters_need_no_subscriber_and_late_subscribers_run():
+    """The counters are kept without hooks; a hook subscribed after the
+    worker was built (as ``control rate-limit`` subscribes the limiter) runs."""
+    app = make_app()
+
+    @app.task
+    def ok():
+        return 1
+
+    @app.task
+    def bad():
+        raise ValueError("no")
+
+    @app.task(bind=True)
+    def flaky(self):
+        if not self.request.retries:
+            raise self.retry(countdown=0)
+    ok.delay(), ok.delay(), bad.delay(), flaky.delay()
+    worker = Worker(app, get_driver("threads"), queues=["default"], burst=True, concurrency=2)
+    seen = []
+    worker.hooks.on("task_prerun", lambda task, request: seen.append(("pre", task.name)))
+    worker.hooks.on("task_postrun", lambda task, request, state, retval: seen.append(("post", state)))
+    assert worker.run() == 0
+    s = worker.stats
+    assert (s.received, s.succeeded, s.failed, s.retried) == (5, 3, 1, 1)
+    assert sorted(seen) == sorted([("pre", ok.name)] * 2 + [("pre", bad.name)] + [("pre", flaky.name)] * 2
+                                  + [("post", "SUCCESS")] * 3 + [("post", "FAILURE"), ("post", "RETRY")])

@@ -17,6 +17,20 @@ def test_roundtrip_json_inline():
         ("shop.add", [1, "x"], {"k": [1, 2]}, 5, 123.5, msg.id)
 
 
+def test_roundtrip_every_field():
+    """Each envelope field comes back in its own attribute (the decoder's fast
+    path builds the message positionally)."""
+    codec = Codec()
+    msg = TaskMessage(task="shop.add", args=[1], kwargs={"k": 2}, id="id-1", queue="q", priority=7,
+                      eta=1000.5, expires=2000.5, retries=3, created=999.5, root_id="root-1",
+                      time_limit=30.0, soft_time_limit=20.0, reply_to="replies", parent_id="parent-1",
+                      group_id="group-1", chord_size=2, link=[{"task": "a"}], link_error=[{"task": "b"}],
+                      chain=[{"task": "c"}])
+    assert codec.decode(codec.encode(msg)) == msg
+    plain = TaskMessage(task="t", id="i", created=5.0)
+    assert codec.decode(codec.encode(plain)) == TaskMessage(task="t", args=[], id="i", created=5.0)
+
+
 @pytest.mark.parametrize("serializer", ["pickle", "msgpack"])
 def test_other_serializers(serializer):
     pytest.importorskip(serializer)
