@@ -19,12 +19,12 @@ while task hooks run) and changes nothing else, except in
 ``worker_process_init``, where it stops that worker with exit code 1 before it
 takes any message.
 
-The worker's optional features (rate limits, STARTED records, per-task
-metrics, and the task events of the fleet view) subscribe to the same hooks
-on the worker's :class:`Hooks`, which also carries a few worker-only events
-(``INTERNAL_HOOKS``), and only when they are on: a hook nobody subscribed to
-costs the worker nothing, as its hot paths test :meth:`Hooks.live` before
-emitting.  Subscribers run in registration order: the worker's own first,
+The worker's own features subscribe to the same hooks on the worker's
+:class:`Hooks`, which also carries a few worker-only events
+(``INTERNAL_HOOKS``): the counters always, the optional ones (rate limits,
+STARTED records, per-task metrics, the task events of the fleet view) only
+when they are on.  A hook nobody subscribed to costs the worker nothing, as
+its hot paths test :meth:`Hooks.live` before emitting.  Subscribers run in registration order: the worker's own first,
 then the app's.
 """
 from __future__ import annotations
@@ -36,8 +36,9 @@ log = logging.getLogger("greenq.hooks")
 
 PUBLIC_HOOKS = ("worker_process_init", "worker_shutdown", "task_prerun", "task_postrun",
                 "task_success", "task_failure", "task_retry")
-#: worker-only events: (job) accepted to run; (job) revoked or expired; (job, reason) dead-lettered
-INTERNAL_HOOKS = ("task_received", "task_revoked", "message_dead_lettered")
+#: worker-only events: (count) messages fetched; (job) accepted to run; (job) revoked or expired;
+#: (job, reason) dead-lettered
+INTERNAL_HOOKS = ("messages_received", "task_received", "task_revoked", "message_dead_lettered")
 
 Subscriber = Callable[..., Any]
 

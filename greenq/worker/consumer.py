@@ -15,10 +15,9 @@ lives:
                lease/3; also logs the summary line.
 
 The last three are the control plane: they run outside the task limit, so a
-full pool never starves them (DESIGN.md lesson 4).  The counters (Stats) are
-kept where each outcome happens; rate limits and STARTED records subscribe to
-the worker's hooks (greenq/hooks.py) when some task needs them, and the app's
-own hooks are subscribed there too.
+full pool never starves them (DESIGN.md lesson 4).  The counters (Stats)
+subscribe to the worker's hooks (greenq/hooks.py); so do rate limits and
+STARTED records when some task needs them, and the app's own hooks.
 """
 from __future__ import annotations
 
@@ -86,6 +85,7 @@ class Worker:
         self.failed: Optional[str] = None        # the control loop that died, if one did
         self.stats = Stats()
         self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
+        self.stats.subscribe(self.hooks)
         tasks = list(app.tasks.values())
         self.rate_limiter: Optional[RateLimiter] = None
         if any(t.option("rate_limit") for t in tasks):          # subscribers cost per task:
@@ -244,7 +244,7 @@ class Worker:
                 self.finish(job, jobs.DEAD, reason=reason)
             else:
                 ready.append(job)
-        self.stats.received += len(deliveries)
+        self.hooks.emit("messages_received", len(deliveries))
         if not ready:
             return
         revoked = self.revocations.ids

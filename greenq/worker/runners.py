@@ -154,21 +154,17 @@ class Runners:
                     continue
 
     def _after(self, job: Job, task: "Task", request: "Request", start: float) -> None:
-        """Count and log the outcome and run the outcome hooks, still in the
-        task's context (``start``: its monotonic start)."""
-        w, outcome = self.worker, job.outcome
-        hooks, stats = w.hooks, w.stats
+        """Log the outcome and run the outcome hooks (the counters among their
+        subscribers), still in the task's context (``start``: its monotonic start)."""
+        hooks, outcome = self.worker.hooks, job.outcome
         if outcome == jobs.SUCCESS:
-            stats.succeeded += 1
             if self._success:
                 hooks.emit("task_success", task, request, job.value)
         elif outcome == jobs.FAILURE:
-            stats.failed += 1
             log.warning("task %s[%s] failed after %.3f s: %s", task.name, request.id,
                         time.monotonic() - start, describe(job.exc))
             hooks.emit("task_failure", task, request, job.exc, job.tb)
         elif outcome == jobs.RETRY:
-            stats.retried += 1
             log.info("task %s[%s] retry %d: %s", task.name, request.id, request.retries + 1, describe(job.exc))
             hooks.emit("task_retry", task, request, str(job.exc))
         if log.isEnabledFor(logging.DEBUG):

@@ -123,7 +123,6 @@ class Settler:
         if outcome == jobs.DEAD:
             plan.dead.append(DeadLetter(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
-            self.worker.stats.dead_lettered += 1
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
             return
         if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
@@ -161,7 +160,6 @@ class Settler:
                 retries=msg.retries + 1, **lineage)), False, msg.reply_to))
             plan.republish.append(outgoing)
         elif outcome == jobs.REVOKED:
-            self.worker.stats.revoked += 1
             self.worker.hooks.emit("task_revoked", job)
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, REVOKED, task=msg.task, reason=job.reason, **lineage)), True, msg.reply_to))

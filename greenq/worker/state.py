@@ -1,12 +1,15 @@
-"""The worker's state as others see it: the stop state, the counters, and the
-snapshot that the monitor and the fleet view read instead of reaching into
-the worker."""
+"""The worker's state as others see it: the stop state, the counters (a hook
+subscriber), and the snapshot that the monitor and the fleet view read
+instead of reaching into the worker."""
 from __future__ import annotations
 
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hooks import Hooks
 
 
 class StopState(enum.IntEnum):
@@ -17,10 +20,9 @@ class StopState(enum.IntEnum):
 
 
 class Stats:
-    """Counters for /metrics, the summary line and ``inspect stats``.  The
-    worker counts each outcome where it happens (the consumer, the runners,
-    the finisher): they cost every task, so they are plain additions, not
-    hook subscribers."""
+    """Counters for /metrics, the summary line and ``inspect stats``, kept by
+    subscribing to the worker's hooks (one subscriber call per task: about
+    0.5 us, measured in docs/performance.md)."""
 
     def __init__(self) -> None:
         self.started = time.time()
@@ -32,6 +34,32 @@ class Stats:
         self.revoked = 0
         self.hub_blocked = 0
         self.hub_blocked_seconds = 0.0
+
+    def subscribe(self, hooks: "Hooks") -> None:
+        hooks.on("messages_received", self._received)
+        hooks.on("task_success", self._succeeded)
+        hooks.on("task_failure", self._failed)
+        hooks.on("task_retry", self._retried)
+        hooks.on("task_revoked", self._revoked)
+        hooks.on("message_dead_lettered", self._dead)
+
+    def _received(self, count: int) -> None:
+        self.received += count
+
+    def _succeeded(self, task: Any, request: Any, retval: Any) -> None:
+        self.succeeded += 1
+
+    def _failed(self, task: Any, request: Any, exc: Any, traceback: Any) -> None:
+        self.failed += 1
+
+    def _retried(self, task: Any, request: Any, reason: Any) -> None:
+        self.retried += 1
+
+    def _revoked(self, job: Any) -> None:
+        self.revoked += 1
+
+    def _dead(self, job: Any, reason: str) -> None:
+        self.dead_lettered += 1
 
     def as_dict(self) -> Dict[str, Any]:
         return {k: v for k, v in vars(self).items()}

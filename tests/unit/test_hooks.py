@@ -170,9 +170,9 @@ def test_rate_limit_subscriber_spaces_task_starts():
     assert len(starts) == 5 and starts[-1] - starts[0] >= 0.19, starts
 
 
-def test_counters_need_no_subscriber_and_late_subscribers_run():
-    """The counters are kept without hooks; a hook subscribed after the
-    worker was built (as ``control rate-limit`` subscribes the limiter) runs."""
+def test_counters_subscribe_and_late_subscribers_run():
+    """The counters are hook subscribers; a hook subscribed after the worker
+    was built (as ``control rate-limit`` subscribes the limiter) runs."""
     app = make_app()
 
     @app.task
@@ -189,6 +189,7 @@ def test_counters_need_no_subscriber_and_late_subscribers_run():
             raise self.retry(countdown=0)
     ok.delay(), ok.delay(), bad.delay(), flaky.delay()
     worker = Worker(app, get_driver("threads"), queues=["default"], burst=True, concurrency=2)
+    assert worker.stats._succeeded in worker.hooks.subscribers("task_success")
     seen = []
     worker.hooks.on("task_prerun", lambda task, request: seen.append(("pre", task.name)))
     worker.hooks.on("task_postrun", lambda task, request, state, retval: seen.append(("post", state)))
