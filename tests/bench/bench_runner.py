@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -66,6 +67,10 @@ class Bench:
         env = bs.system_env(system, broker, backend, probe_file=probe_file, expect=expect,
                             concurrency=concurrency, celery_acks=self.opts.celery_acks,
                             results=results, confirm=confirm)
+        if self.opts.instructions and system == "greenq":   # counting starts at the first task
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    "--callgrind-out-file=" + self._file(f"{system}-{pool}-callgrind", ".out")] + argv
+            env["BENCH_CALLGRIND"] = "1"
         profile = ""
         if self.opts.profile:
             os.makedirs(self.opts.profile, exist_ok=True)
@@ -140,6 +145,8 @@ class Bench:
                   "worker_cpu_us_per_task": worker_cpu * 1e6 / n if worker_cpu is not None else None,
                   "machine_busy_cores": machine_cpu / span if machine_cpu is not None and span > 0 else None,
                   "loadavg_1min_before": load}
+        if report.get("counted"):
+            result["worker_instructions_per_task"] = _instructions(worker.log_path) / report["counted"]
         if left:
             self.say(f"  warning: {what}: {left} messages were still in the broker after the "
                      "worker stopped (not acknowledged, or dead-lettered)")
@@ -279,6 +286,10 @@ def run(opts) -> Dict[str, Any]:
         greenq_code = f"{sha[:12]} ({opts.greenq_ref}, exported to {bs.GREENQ_SRC})"
     else:
         greenq_code = f"working tree {bs.REPO} at {bs.describe_checkout()}"
+    if opts.instructions:
+        missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
+        if missing:
+            raise BenchError(f"--instructions needs {' and '.join(missing)} (apt-get install valgrind)")
     lock = None if opts.broker == "sqlite" else take_lock()
     folder = tempfile.mkdtemp(prefix="greenq-bench-")
     space = make_space(opts, folder)
@@ -342,6 +353,15 @@ def _fmt(value: Optional[float], digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _instructions(valgrind_log: str) -> float:
+    """What callgrind counted in a worker (its summary line in the worker's log)."""
+    with open(valgrind_log, errors="replace") as log:
+        found = re.findall(r"Collected : ([\d,]+)", log.read())
+    if not found:
+        raise BenchError(f"--instructions: no callgrind summary in {valgrind_log}")
+    return float(found[-1].replace(",", ""))
+
+
 def render(out: Dict[str, Any], opts) -> str:
     """The markdown tables of a run."""
     systems, res = out["systems"], out["results"]
@@ -355,6 +375,7 @@ def render(out: Dict[str, Any], opts) -> str:
     ideal = opts.n * opts.sleep / opts.concurrency
     row(f"no-op drain, tasks/s ({opts.noop_n:,} tasks, -c {opts.noop_concurrency})", "noop", "rate")
     row("no-op: worker CPU per task, us", "noop", "worker_cpu_us_per_task")
+    row("no-op: worker instructions per task (callgrind)", "noop", "worker_instructions_per_task")
     row("no-op: worker start to first task, s", "noop", "startup_seconds", 2)
     row(f"{opts.n:,} x {opts.sleep:g} s sleep at -c {opts.concurrency}, s (ideal {ideal:.2f})",
         "sleep", "seconds", 2)

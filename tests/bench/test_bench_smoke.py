@@ -3,6 +3,7 @@ SQLite broker, in this interpreter.  It checks that every scenario ran to
 completion and that nothing was left in the broker; it asserts no timings."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -40,3 +41,21 @@ def test_bench_smoke_greenq_sqlite(tmp_path):
     assert results["roundtrip"]["greenq"]["n"] == 5
     assert results["enqueue"]["greenq"]["single"] > 0
     assert results["enqueue"]["greenq"]["bulk"] > 0
+
+
+def test_bench_instructions_counts_the_drain(tmp_path):
+    """--instructions: the worker runs under callgrind, which counts the drain only."""
+    pytest.importorskip("gevent")
+    pytest.importorskip("psutil")
+    if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
+        pytest.skip("valgrind is not installed")
+    out_file = tmp_path / "bench.json"
+    argv = [sys.executable, os.path.join(REPO, "bin", "greenq-bench"), "--no-venv", "--quiet",
+            "--broker", "sqlite", "--systems", "greenq", "--only", "noop", "--noop-n", str(N),
+            "--noop-concurrency", "10", "--instructions", "--timeout", "120", "--json", str(out_file)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=220, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "worker instructions per task (callgrind)" in done.stdout
+    noop = json.loads(out_file.read_text())["results"]["noop"]["greenq"]
+    assert noop["done"] == N and noop["left_in_broker"] == 0
+    assert 1000 < noop["worker_instructions_per_task"] < 1e8
