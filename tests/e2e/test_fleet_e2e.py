@@ -109,9 +109,11 @@ class EventReader:
     """``greenq events --json`` in a subprocess; its lines are read by a thread."""
 
     def __init__(self, env) -> None:
+        # Ctrl-C as at a terminal: a process started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and Python then keeps it so
         self.proc = subprocess.Popen([sys.executable, "-m", "greenq.cli", "events", "--json", "--timeout", "120"],
                                      cwd=env.tmp, env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+                                     text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         env.procs.append(self.proc)
         self.events: "queue.Queue[dict]" = queue.Queue()
         self.seen: list = []
