@@ -107,15 +107,20 @@ def test_idle_connections_are_closed(make, admin, redis_prefix):
     assert count() == 1
 
 
-def test_grow_wakes_a_caller_waiting_for_a_connection(make):
-    broker = make(redis__max_connections=1)
-    pool = broker.pool
+def _one_held_and_one_waiting(make):
+    """A pool of one connection, held, and a thread waiting for a connection."""
+    pool = make(redis__max_connections=1).pool
     held = pool.get_connection()
     got = []
     waiter = threading.Thread(target=lambda: got.append(pool.get_connection()))
     waiter.start()
     waiter.join(0.2)
     assert waiter.is_alive()                            # over the cap: it waits
+    return pool, held, got, waiter
+
+
+def test_grow_wakes_a_caller_waiting_for_a_connection(make):
+    pool, held, got, waiter = _one_held_and_one_waiting(make)
     pool.grow(2)
     waiter.join(5)
     assert got and got[0] is not held
@@ -125,14 +130,7 @@ def test_grow_wakes_a_caller_waiting_for_a_connection(make):
 
 
 def test_release_wakes_a_caller_waiting_for_a_connection(make):
-    broker = make(redis__max_connections=1)
-    pool = broker.pool
-    held = pool.get_connection()
-    got = []
-    waiter = threading.Thread(target=lambda: got.append(pool.get_connection()))
-    waiter.start()
-    waiter.join(0.2)
-    assert waiter.is_alive()                            # over the cap: it waits
+    pool, held, got, waiter = _one_held_and_one_waiting(make)
     pool.release(held)
     waiter.join(5)
     assert got and got[0] is held                       # the one connection, handed on
