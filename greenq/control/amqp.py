@@ -97,17 +97,14 @@ class AMQPTransport(Transport):
     # -- admin side ------------------------------------------------------------
     def broadcast(self, command: Document) -> Optional[str]:
         ch = self.channel
-        if command.get("reply_to") is None:      # no reply wanted
-            ch.basic_publish(amqp.Message(dumps(command), content_type="application/json"),
-                             exchange=CONTROL_EXCHANGE, routing_key="")
-            return None
-        if self._reply_queue is None:
-            self._reply_queue = ch.queue_declare("", exclusive=True, auto_delete=True)[0]
-            self._consume(self._reply_queue)
-        command = dict(command, reply_to=self._reply_queue)
+        if command.get("reply_to") is not None:  # replies wanted: to our own queue
+            if self._reply_queue is None:
+                self._reply_queue = ch.queue_declare("", exclusive=True, auto_delete=True)[0]
+                self._consume(self._reply_queue)
+            command = dict(command, reply_to=self._reply_queue)
         ch.basic_publish(amqp.Message(dumps(command), content_type="application/json"),
                          exchange=CONTROL_EXCHANGE, routing_key="")
-        return self._reply_queue
+        return command["reply_to"]
 
     def replies(self, reply_to: str, timeout: float) -> List[Document]:
         return [doc for doc in map(loads, self._drain(timeout)) if isinstance(doc, dict)]
