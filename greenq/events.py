@@ -1,16 +1,12 @@
 """Task events (``-E`` / ``[worker] events = true``), as subscribers of the
 worker's hooks.
 
-Each event is a small dict appended to the control plane's outbox, which the
-control greenlet publishes in batches (every half second, one broker call per
-batch), so a task pays for a dict and an append, never for a round trip:
-
 =================  ==========================================================
 type               fields beside ``type``, ``uuid``, ``name``, ``worker``, ``timestamp``
 =================  ==========================================================
-task-received      ``args``, ``kwargs`` (reprs, cut at 200 characters; left out when
-                   empty), ``queue``, ``retries`` (when > 0), ``sent`` (epoch the client
-                   sent it), ``eta`` (when set)
+task-received      ``queue``, ``sent`` (epoch the client sent it), ``args``,
+                   ``kwargs`` (reprs, cut at 200 characters), ``retries``,
+                   ``eta``; each left out when empty or at its default
 task-started       ``queue_wait`` (seconds from sent, or eta, to start)
 task-succeeded     ``runtime``
 task-failed        ``runtime``, ``exception``, ``traceback``
@@ -22,15 +18,37 @@ task-dead-lettered ``reason`` (the message could not run; ``name`` may be None)
 Worker events (``worker-online``, ``worker-heartbeat``, ``worker-offline``)
 are made by the control plane itself (greenq/control/agent.py).
 
-On the wire the times (``MICROSECOND_FIELDS``) are whole microseconds: a
-float costs JSON twice an int to write, and encoding is most of what events
-cost.  ``greenq.control.client.Control.events`` turns them back into seconds
-(floats), which is what ``greenq events``, the dashboard and this table show.
+**What a task pays.**  The subscribers keep, per task, one row in the batch
+being filled: the task's id and name, then each of its events as ``code,
+timestamp, *fields`` (``code`` the index of the type in ``TASK_EVENTS``, the
+fields in the order of ``ROW_FIELDS``).  A task that is received, started and
+done within one batching period (half a second) is one row, its id and name
+written once; a longer one gets a row in each batch its events fall in.  The
+control greenlet takes the batch (``take``) and publishes it, one broker call
+per ``BATCH_MAX`` rows, with one call to the C JSON encoder and no Python work
+per event.  A task pays for a list and a dict entry, never for a round trip.
+Under the threads driver the subscribers and ``take`` hold a lock; under a
+green driver nothing can run between their steps, so they need none.
+
+**On the wire** (version 2), a batch is one JSON document::
+
+    {"v": 2, "w": WORKER, "e": [ROW, ...]}
+
+where ROW is a task's row, ``[uuid, name, code, timestamp, *fields, code,
+timestamp, *fields, ...]``, or a worker event's object.  Times
+(``MICROSECOND_FIELDS``) travel as whole microseconds: a float costs JSON
+twice an int to write.  :func:`decode_batch` turns a body back into the
+documented events, one per ``code`` (times in float seconds), which is what
+``greenq events``, the dashboard and this table show; it also reads the
+version-1 body (a JSON list of event objects) of an older worker.
 """
 from __future__ import annotations
 
+import json
+import math
+from collections import deque
 from time import monotonic_ns, time_ns
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import Hooks
@@ -38,8 +56,25 @@ if TYPE_CHECKING:  # pragma: no cover
 REPR_MAX = 200
 #: event fields sent as integer microseconds and read as float seconds
 MICROSECOND_FIELDS = ("timestamp", "sent", "eta", "runtime", "queue_wait")
+#: a row's code is the index of its type here
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried",
                "task-revoked", "task-dead-lettered")
+RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, DEAD = range(len(TASK_EVENTS))
+#: the fields of a row after ``[code, uuid, name, timestamp]``, by code
+ROW_FIELDS: Sequence[Sequence[str]] = (
+    ("queue", "sent", "args", "kwargs", "retries", "eta"),
+    ("queue_wait",),
+    ("runtime",),
+    ("runtime", "exception", "traceback"),
+    ("runtime", "reason"),
+    ("reason",),
+    ("reason",),
+)
+WIRE_VERSION = 2
+ROWS_MAX = 100000             # rows kept while the broker is away (the oldest are dropped)
+LIVE_MAX = 200000             # tasks between received and done that are remembered
+
+_encode = json.JSONEncoder(separators=(",", ":"), default=repr, check_circular=False).encode
 
 
 def short_repr(value: Any) -> str:
@@ -50,75 +85,159 @@ def short_repr(value: Any) -> str:
     return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
 
 
-class TaskEvents:
-    """Appends one event per task transition to ``outbox``."""
+def encode_batch(worker: str, rows: List[Any]) -> str:
+    """The body of one batch: task rows (lists) and worker events (dicts)."""
+    return _encode({"v": WIRE_VERSION, "w": worker, "e": rows})
 
-    def __init__(self, outbox: Deque[Dict[str, Any]], worker_name: str) -> None:
-        self.outbox = outbox
-        self.worker = worker_name
-        self._sent: Dict[str, Optional[int]] = {}   # task id -> when it became due (sent, or eta), epoch µs
-        self._started: Dict[str, int] = {}          # task id -> monotonic start, µs
+
+def decode_batch(body: Any) -> List[Dict[str, Any]]:
+    """The events of a batch's body, times in seconds; [] for a body that is
+    not a batch.  Whatever is not an event (a stray message on the stream, a
+    row of the wrong shape, a time that is not a number) is skipped: a reader
+    never fails on what somebody else wrote."""
+    try:
+        batch = json.loads(body)
+    except (TypeError, ValueError):
+        return []
+    if isinstance(batch, list):                                  # version 1: event objects
+        rows, worker = batch, None
+    elif isinstance(batch, dict) and isinstance(batch.get("e"), list):
+        rows, worker = batch["e"], batch.get("w")
+    else:
+        return []
+    out: List[Dict[str, Any]] = []
+    for row in rows:
+        if isinstance(row, dict):
+            if isinstance(row.get("type"), str):
+                _in_seconds(row, out)
+        elif isinstance(row, list) and len(row) >= 4 and isinstance(row[0], str):
+            task_id, name, i = row[0], row[1], 2
+            while i + 1 < len(row):
+                code, timestamp = row[i], row[i + 1]
+                if type(code) is not int or not 0 <= code < len(TASK_EVENTS) or type(timestamp) is not int:
+                    break                                          # the rest of a garbled row is not read
+                event = {"type": TASK_EVENTS[code], "uuid": task_id, "name": name, "worker": worker,
+                         "timestamp": timestamp}
+                keys = ROW_FIELDS[code]
+                for key, value in zip(keys, row[i + 2:i + 2 + len(keys)]):
+                    if value is not None:
+                        event[key] = value
+                i += 2 + len(keys)
+                _in_seconds(event, out)
+    return out
+
+
+def _in_seconds(event: Dict[str, Any], out: List[Dict[str, Any]]) -> None:
+    """Append ``event`` with its times in seconds, unless its id is not a string."""
+    if not isinstance(event.get("uuid", ""), str):
+        return
+    for key in MICROSECOND_FIELDS:
+        value = event.get(key)
+        if type(value) is int:
+            event[key] = value / 1e6
+        elif value is not None and not (type(value) is float and math.isfinite(value)):
+            del event[key]                                       # a time that is not one
+    out.append(event)
+
+
+class TaskEvents:
+    """Builds the rows of the batch being filled (see the module's text);
+    ``take`` hands it to the control greenlet and starts the next one."""
+
+    def __init__(self, lock: Any = None) -> None:
+        self.rows: Deque[List[Any]] = deque(maxlen=ROWS_MAX)
+        self._batch = 0                     # which batch ``rows`` is (``take`` counts them)
+        #: task id -> (its row, the batch of that row, due (sent or eta, epoch µs), monotonic start µs)
+        self._live: Dict[str, Tuple[List[Any], int, Optional[int], Optional[int]]] = {}
+        self._lock = lock
 
     def subscribe(self, hooks: "Hooks") -> None:
-        hooks.on("task_received", self._received)
-        hooks.on("task_prerun", self._prerun)
-        hooks.on("task_success", self._success)
-        hooks.on("task_failure", self._failure)
-        hooks.on("task_retry", self._retry)
-        hooks.on("task_revoked", self._revoked)
-        hooks.on("message_dead_lettered", self._dead)
+        subscribers = (("task_received", self._received), ("task_prerun", self._prerun),
+                       ("task_success", self._success), ("task_failure", self._failure),
+                       ("task_retry", self._retry), ("task_revoked", self._revoked),
+                       ("message_dead_lettered", self._dead))
+        for hook, fn in subscribers:
+            hooks.on(hook, fn if self._lock is None else self._locked(fn))
 
-    def _event(self, kind: str, task_id: Optional[str], name: Optional[str], **fields: Any) -> None:
-        fields.update(type=kind, uuid=task_id, name=name, worker=self.worker, timestamp=time_ns() // 1000)
-        self.outbox.append(fields)
+    def _locked(self, fn: Any) -> Any:
+        lock = self._lock
 
-    def _short(self, kind: str, task_id: str, name: str, key: str, value: Any) -> None:
-        """The hot path (started, succeeded): one field beside the common ones."""
-        self.outbox.append({"type": kind, "uuid": task_id, "name": name, "worker": self.worker,
-                            "timestamp": time_ns() // 1000, key: value})
+        def locked(*args: Any) -> None:
+            with lock:
+                fn(*args)
+        locked.__qualname__ = getattr(fn, "__qualname__", "TaskEvents.subscriber")
+        return locked
 
-    def _runtime(self, task_id: str) -> Optional[int]:
-        start = self._started.pop(task_id, None)
-        return monotonic_ns() // 1000 - start if start is not None else None
+    def take(self) -> Deque[List[Any]]:
+        """The rows of the batch filled so far; later events go to new rows."""
+        if self._lock is not None:
+            with self._lock:
+                return self._take()
+        return self._take()
 
-    # -- subscribers -------------------------------------------------------------
+    def _take(self) -> Deque[List[Any]]:
+        rows, self.rows = self.rows, deque(maxlen=ROWS_MAX)
+        self._batch += 1
+        if len(self._live) > LIVE_MAX:      # tasks that never ended here (a lost runner): forget them
+            self._live.clear()
+        return rows
+
+    # -- subscribers --------------------------------------------------------------
+    def _row(self, task_id: str, name: Optional[str], entry: Any, event: Tuple[Any, ...]) -> List[Any]:
+        """The task's row in this batch, ``event`` added to it."""
+        if entry is not None and entry[1] == self._batch:
+            row = entry[0]
+            row.extend(event)
+        else:
+            row = [task_id, name, *event]
+            self.rows.append(row)
+        return row
+
     def _received(self, job: Any) -> None:
         msg = job.msg
         sent = int(msg.created * 1e6) if msg.created else None
-        self._sent[msg.id] = max(sent or 0, int(msg.eta * 1e6)) if msg.eta else sent
-        event = {"type": "task-received", "uuid": msg.id, "name": msg.task, "worker": self.worker,
-                 "timestamp": time_ns() // 1000, "args": short_repr(msg.args), "queue": job.delivery.queue,
-                 "sent": sent}
-        if msg.kwargs:                        # fields at their default are left out: smaller batches
-            event["kwargs"] = short_repr(msg.kwargs)
-        if msg.retries:
-            event["retries"] = msg.retries
-        if msg.eta:
-            event["eta"] = int(msg.eta * 1e6)
-        self.outbox.append(event)
+        eta = int(msg.eta * 1e6) if msg.eta else None
+        row = [msg.id, msg.task, RECEIVED, time_ns() // 1000, job.delivery.queue, sent,
+               short_repr(msg.args) if msg.args else None, short_repr(msg.kwargs) if msg.kwargs else None,
+               msg.retries or None, eta]
+        self.rows.append(row)
+        self._live[msg.id] = (row, self._batch, max(sent or 0, eta) if eta else sent, None)
 
     def _prerun(self, task: Any, request: Any) -> None:
-        self._started[request.id] = monotonic_ns() // 1000
-        due = self._sent.pop(request.id, None)
-        self._short("task-started", request.id, task.name, "queue_wait",
-                    max(0, time_ns() // 1000 - due) if due else None)
+        task_id = request.id
+        entry = self._live.get(task_id)
+        now, due = time_ns() // 1000, entry[2] if entry is not None else None
+        row = self._row(task_id, task.name, entry, (STARTED, now, max(0, now - due) if due else None))
+        self._live[task_id] = (row, self._batch, None, monotonic_ns() // 1000)
 
-    def _success(self, task: Any, request: Any, retval: Any) -> None:
-        self._short("task-succeeded", request.id, task.name, "runtime", self._runtime(request.id))
+    def _end(self, task_id: str, name: Optional[str], code: int, *fields: Any) -> None:
+        entry = self._live.pop(task_id, None)
+        self._row(task_id, name, entry, (code, time_ns() // 1000, *fields))
+
+    def _runtime(self, task_id: str) -> Optional[int]:
+        entry = self._live.get(task_id)
+        start = entry[3] if entry is not None else None
+        return monotonic_ns() // 1000 - start if start is not None else None
+
+    def _success(self, task: Any, request: Any, retval: Any) -> None:      # the hot path: inlined
+        task_id = request.id
+        entry = self._live.pop(task_id, None)
+        now = time_ns() // 1000
+        runtime = monotonic_ns() // 1000 - entry[3] if entry is not None and entry[3] is not None else None
+        if entry is not None and entry[1] == self._batch:
+            entry[0].extend((SUCCEEDED, now, runtime))
+        else:
+            self.rows.append([task_id, task.name, SUCCEEDED, now, runtime])
 
     def _failure(self, task: Any, request: Any, exc: Any, traceback: Any) -> None:
-        self._event("task-failed", request.id, task.name, runtime=self._runtime(request.id),
-                    exception=f"{type(exc).__name__}: {short_repr(str(exc))}", traceback=traceback)
+        self._end(request.id, task.name, FAILED, self._runtime(request.id),
+                  f"{type(exc).__name__}: {short_repr(str(exc))}", traceback)
 
     def _retry(self, task: Any, request: Any, reason: Any) -> None:
-        self._event("task-retried", request.id, task.name, runtime=self._runtime(request.id),
-                    reason=short_repr(reason))
+        self._end(request.id, task.name, RETRIED, self._runtime(request.id), short_repr(reason))
 
     def _revoked(self, job: Any) -> None:
-        task_id = job.id
-        self._sent.pop(task_id, None)
-        self._started.pop(task_id, None)
-        self._event("task-revoked", task_id, job.msg.task if job.msg else None, reason=job.reason)
+        self._end(job.id, job.msg.task if job.msg else None, REVOKED, job.reason)
 
     def _dead(self, job: Any, reason: str) -> None:
-        self._event("task-dead-lettered", job.id, job.msg.task if job.msg else None, reason=reason)
+        self._end(job.id, job.msg.task if job.msg else None, DEAD, reason)

@@ -17,10 +17,10 @@ import socket
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Dict, Optional
+from typing import TYPE_CHECKING, Any, Deque, Optional
 
 from ..backoff import Backoff
-from ..events import TaskEvents
+from ..events import TaskEvents, encode_batch
 from ..exceptions import ConfigError
 from ..worker.jobs import describe
 from .base import Document, Transport, make_transport
@@ -34,8 +34,8 @@ log = logging.getLogger("greenq.control")
 HEARTBEAT_INTERVAL = 2.0
 OFFLINE_AFTER = 3 * HEARTBEAT_INTERVAL
 RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' batching period
-BATCH_MAX = 500                # events per broker call (and per stored batch)
-OUTBOX_MAX = 100000            # events kept while the broker is away (the oldest are dropped)
+BATCH_MAX = 500                # rows (a task's events in one batching period) per broker call and stored batch
+OUTBOX_MAX = 100000            # rows kept while the broker is away (the oldest are dropped)
 
 
 def worker_name(name: Optional[str] = None) -> str:
@@ -53,10 +53,11 @@ class ControlAgent:
         self.worker = worker
         self.name = name
         self.events_enabled = events
-        self.outbox: Deque[Dict[str, Any]] = deque(maxlen=OUTBOX_MAX)
+        self.outbox: Deque[Any] = deque(maxlen=OUTBOX_MAX)    # worker events (dicts), task rows (lists)
         self.task_events: Optional[TaskEvents] = None
         if events:
-            self.task_events = TaskEvents(self.outbox, name)
+            driver = worker.driver      # threads: the subscribers run beside the control thread
+            self.task_events = TaskEvents(None if driver.green else driver.lock())
             self.task_events.subscribe(worker.hooks)
         self._closing = False
         self._handle: Any = None
@@ -124,15 +125,17 @@ class ControlAgent:
         self.outbox.append(info)
 
     def _flush(self, transport: Transport) -> None:
-        outbox = self.outbox
-        while outbox:
-            batch = []
-            while outbox and len(batch) < BATCH_MAX:
-                batch.append(outbox.popleft())
+        """Publish the worker events and the task rows waiting, ``BATCH_MAX``
+        per broker call; what a failed call did not send stays for the next."""
+        rows = list(self.outbox)
+        self.outbox.clear()
+        if self.task_events is not None:
+            rows.extend(self.task_events.take())
+        for i in range(0, len(rows), BATCH_MAX):
             try:
-                transport.send_events(batch)
+                transport.send_events(encode_batch(self.name, rows[i:i + BATCH_MAX]))
             except Exception:
-                outbox.extendleft(reversed(batch))    # sent again after the reconnect
+                self.outbox.extendleft(reversed(rows[i:]))    # sent again after the reconnect
                 raise
 
     def _answer(self, transport: Transport, cmd: Document) -> None:

@@ -21,6 +21,7 @@ import amqp
 
 from ..brokers.amqp_adapter import close_quietly
 from ..brokers.amqp_common import connection_params, open_connection
+from ..events import decode_batch
 from .base import Document, Transport, dumps, loads
 
 CONTROL_EXCHANGE = "greenq.control"
@@ -90,8 +91,8 @@ class AMQPTransport(Transport):
         self.channel.basic_publish(amqp.Message(dumps(reply), content_type="application/json"),
                                    exchange="", routing_key=reply_to)
 
-    def send_events(self, events: List[Document]) -> None:
-        self.channel.basic_publish(amqp.Message(dumps(events), content_type="application/json"),
+    def send_events(self, body: str) -> None:
+        self.channel.basic_publish(amqp.Message(body, content_type="application/json"),
                                    exchange=EVENTS_EXCHANGE, routing_key="")
 
     # -- admin side ------------------------------------------------------------
@@ -119,9 +120,8 @@ class AMQPTransport(Transport):
         if self._events_queue is None:
             self.subscribe()
         out: List[Document] = []
-        for batch in map(loads, self._drain(timeout)):
-            if isinstance(batch, list):
-                out.extend(e for e in batch if isinstance(e, dict))
+        for body in self._drain(timeout):
+            out.extend(decode_batch(body))
         return out
 
     def reset(self) -> None:

@@ -9,8 +9,9 @@ connections of its own (never the broker's consuming connection):
   ``reply_to`` None: nobody waits for a reply (``revoke``).
 * **replies**, sent by a worker to the ``reply_to`` of one command:
   ``{"worker", "id", "ok"}`` or ``{"worker", "id", "error"}``.
-* **events**, published in batches: heartbeats (``worker-heartbeat``, every
-  2 s), ``worker-online``/``worker-offline`` and, with ``-E``, task events.
+* **events**, published in batches (greenq/events.py gives their encoding):
+  heartbeats (``worker-heartbeat``, every 2 s), ``worker-online``/
+  ``worker-offline`` and, with ``-E``, task events.
 
 One transport object is used by one greenlet or thread at a time: the
 worker's control greenlet, or one admin command.  Each broker kind has its own
@@ -76,8 +77,9 @@ class Transport:
     def reply(self, reply_to: str, reply: Document) -> None:
         raise NotImplementedError
 
-    def send_events(self, events: List[Document]) -> None:
-        """Publish a batch of events (one broker call where the broker allows)."""
+    def send_events(self, body: str) -> None:
+        """Publish one batch of events, encoded by ``greenq.events.encode_batch``
+        (one broker call)."""
         raise NotImplementedError
 
     # -- admin side ------------------------------------------------------------
@@ -97,7 +99,8 @@ class Transport:
         raise NotImplementedError
 
     def events(self, timeout: float) -> List[Document]:
-        """Events that arrived, waiting up to ``timeout`` seconds for the first."""
+        """Events that arrived (``greenq.events.decode_batch`` of each batch: times
+        in seconds), waiting up to ``timeout`` seconds for the first."""
         raise NotImplementedError
 
     # -- both --------------------------------------------------------------------

@@ -10,7 +10,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence
 
-from ..events import MICROSECOND_FIELDS
 from .base import Document, make_transport
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,16 +53,8 @@ class Control:
         """Batches of events as they arrive (an empty list every ``poll`` seconds of silence)."""
         self.transport.subscribe(history)
         while True:
-            yield [_in_seconds(e) for e in self.transport.events(poll)]
+            yield self.transport.events(poll)
 
     def close(self) -> None:
         self.transport.close()
 
-
-def _in_seconds(event: Document) -> Document:
-    """Times travel as integer microseconds (greenq/events.py): back to float seconds."""
-    for key in MICROSECOND_FIELDS:
-        value = event.get(key)
-        if type(value) is int:
-            event[key] = value / 1e6
-    return event

@@ -7,6 +7,7 @@ import time
 from collections import defaultdict
 from typing import Any, Dict, List
 
+from ..events import decode_batch
 from .base import Document, Transport
 
 EVENTS_KEPT = 10000
@@ -56,8 +57,8 @@ class MemoryTransport(Transport):
     def reply(self, reply_to: str, reply: Document) -> None:
         self.bus.replies[reply_to].append(reply)
 
-    def send_events(self, events: List[Document]) -> None:
-        self.bus.events.extend(events)
+    def send_events(self, body: str) -> None:
+        self.bus.events.extend(decode_batch(body))
         if len(self.bus.events) > 2 * EVENTS_KEPT:
             del self.bus.events[:EVENTS_KEPT]
             self._event = max(0, self._event - EVENTS_KEPT)

@@ -5,7 +5,7 @@
     P:reply:<id>       list of the replies to one command (LPUSH, expires in 60 s);
                        the sender waits on it with BLPOP
     P:events           stream of event batches (MAXLEN ~EVENTS_KEPT), field e =
-                       a JSON list; readers XREAD BLOCK past the last entry seen
+                       one batch (greenq/events.py); readers XREAD BLOCK past the last entry seen
 
 Streams rather than pub/sub: a command sent while a worker reconnects is read
 when it is back, and a dashboard started later sees the recent events.  The
@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 
 import redis
 
+from ..events import decode_batch
 from .base import Document, Transport, dumps, loads
 
 COMMANDS_KEPT = 1000
@@ -72,8 +73,8 @@ class RedisTransport(Transport):
         pipe.expire(key, REPLY_TTL)
         pipe.execute()
 
-    def send_events(self, events: List[Document]) -> None:
-        self.client.xadd(self.k_events, {"e": dumps(events)}, maxlen=EVENTS_KEPT, approximate=True)
+    def send_events(self, body: str) -> None:
+        self.client.xadd(self.k_events, {"e": body}, maxlen=EVENTS_KEPT, approximate=True)
 
     # -- admin side ------------------------------------------------------------
     def broadcast(self, command: Document) -> str:
@@ -104,9 +105,8 @@ class RedisTransport(Transport):
     def events(self, timeout: float) -> List[Document]:
         self._last_event, bodies = self._read(self.k_events, self._last_event, timeout)
         out: List[Document] = []
-        for batch in map(loads, bodies):
-            if isinstance(batch, list):
-                out.extend(e for e in batch if isinstance(e, dict))
+        for body in bodies:
+            out.extend(decode_batch(body))
         return out
 
     def reset(self) -> None:

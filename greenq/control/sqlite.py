@@ -19,6 +19,7 @@ from typing import Any, List, Optional
 
 from ..brokers.sqlite import Database, transaction
 from ..drivers.base import UsesDriver
+from ..events import decode_batch
 from .base import Document, Transport, dumps, loads
 
 SCHEMA = """
@@ -78,8 +79,8 @@ class SQLiteTransport(UsesDriver, Transport):
         self._run(lambda c: c.execute("INSERT INTO control_replies (reply_to, created, body) VALUES (?, ?, ?)",
                                       (reply_to, time.time(), body)))
 
-    def send_events(self, events: List[Document]) -> None:
-        body, now = dumps(events), time.time()
+    def send_events(self, body: str) -> None:
+        now = time.time()
         clean = now >= self._next_clean
         if clean:
             self._next_clean = now + CLEAN_EVERY
@@ -123,9 +124,7 @@ class SQLiteTransport(UsesDriver, Transport):
                 self._last_event = rows[-1][0]
             out: List[Document] = []
             for _, body in rows:
-                batch = loads(body)
-                if isinstance(batch, list):
-                    out.extend(e for e in batch if isinstance(e, dict))
+                out.extend(decode_batch(body))
             return out
         return self._poll(read, timeout)
 

@@ -304,6 +304,7 @@ class Worker:
         self._sampler: Optional[threading.Thread] = None
 
     def start(self) -> "Worker":
+        spy = _bin("py-spy") if self.profile_path else ""   # before the worker: a missing tool strands nothing
         log = open(self.log_path, "ab")
         self.spawned_at = time.monotonic()
         self.proc = subprocess.Popen(self.argv, env=self.env, cwd=HERE, stdout=log,
@@ -312,7 +313,7 @@ class Worker:
         log.close()
         if self.profile_path:
             self.profiler = subprocess.Popen(
-                [_bin("py-spy"), "record", "--pid", str(self.proc.pid), "--subprocesses",
+                [spy, "record", "--pid", str(self.proc.pid), "--subprocesses",
                  "--nonblocking", "--rate", "500", "--format", "raw", "--output", self.profile_path],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
         self._sampler = threading.Thread(target=self._sample, daemon=True)
