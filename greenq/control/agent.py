@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import reprlib
 import socket
 import time
 import uuid
@@ -139,14 +140,20 @@ class ControlAgent:
                 raise
 
     def _answer(self, transport: Transport, cmd: Document) -> None:
+        """Run one command and reply where it asks.  Whatever a malformed
+        command holds ends as an ``error`` reply, never as an exception out of
+        here: that would drop the rest of its batch and reconnect."""
         destination = cmd.get("destination")
-        if destination and self.name not in destination:
-            return
         name = cmd.get("command")
         handler = COMMANDS.get(name) if isinstance(name, str) else None
         reply: Document = {"worker": self.name, "id": cmd.get("id")}
         args = cmd.get("args") or {}
         try:
+            if destination is not None and not isinstance(destination, list):
+                # (a string would match any worker whose name is a substring of it)
+                raise ValueError(f"destination must be a list of worker names, got {reprlib.repr(destination)}")
+            if destination and self.name not in destination:
+                return
             if handler is None:
                 raise ValueError(f"unknown command {name!r}")
             if not isinstance(args, dict):
@@ -154,8 +161,30 @@ class ControlAgent:
             reply["ok"] = handler(self, **args)
         except Exception as exc:
             reply["error"] = describe(exc)
-        log.info("control: %s%s -> %s", name, f" {args}" if args else "",
+        log.info("control: %s%s -> %s", _clip(name), f" {_clip(args)}" if args else "",
                  "ok" if "ok" in reply else reply["error"])
         reply_to = cmd.get("reply_to")
-        if isinstance(reply_to, str) and reply_to:
+        if reply_to is None:
+            return
+        if _is_address(reply_to):
             transport.reply(reply_to, reply)
+        else:       # refused here: the broker library would raise, and the loop reconnect
+            log.warning("control: %s: no reply sent, reply_to %s is not an address", _clip(name, 100),
+                        _clip(ascii(reply_to), 100))
+
+
+def _is_address(reply_to: Any) -> bool:
+    """A ``reply_to`` every transport can send to: a string of 1 to 255 UTF-8
+    bytes (a RabbitMQ queue name's limit; greenq's are 32 to 64)."""
+    if not isinstance(reply_to, str):
+        return False
+    try:
+        return 0 < len(reply_to.encode("utf-8")) <= 255
+    except UnicodeEncodeError:          # a lone surrogate, from a JSON "\ud800"
+        return False
+
+
+def _clip(value: Any, size: int = 500) -> str:
+    """``str(value)`` cut to ``size`` characters, for the log (a garbled command may be huge)."""
+    text = str(value)
+    return text if len(text) <= size else text[:size] + "..."

@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 
 import amqp
 
-from ..brokers.amqp_adapter import close_quietly
+from ..brokers.amqp_adapter import RawConnection, close_quietly
 from ..brokers.amqp_common import connection_params, open_connection
 from ..events import decode_batch
 from .base import Document, Transport, dumps, loads
@@ -43,6 +43,9 @@ class AMQPTransport(Transport):
     def channel(self) -> Any:
         if self._channel is None:
             self._conn = open_connection(self.params, heartbeat=0, role="control")
+            # content headers py-amqp can read: a command published with bad
+            # property bytes would make drain_events raise, and the loop reconnect
+            RawConnection(self._conn, fast_reads=False)
             ch = self._conn.channel()
             ch.exchange_declare(CONTROL_EXCHANGE, "fanout", durable=True, auto_delete=False)
             ch.exchange_declare(EVENTS_EXCHANGE, "fanout", durable=True, auto_delete=False)

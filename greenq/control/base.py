@@ -49,10 +49,11 @@ def dumps(doc: Any) -> str:
 
 
 def loads(text: Any) -> Any:
-    """The document of a received body, or None when it is not JSON."""
+    """The document of a received body, or None when it is not JSON (or is
+    nested too deep to decode: RecursionError must not break a receive loop)."""
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return None
 
 

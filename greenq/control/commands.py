@@ -6,16 +6,21 @@ answers).  An exception becomes an ``error`` reply naming it.
 """
 from __future__ import annotations
 
+import logging
 import os
+import reprlib
 import socket
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List
 
 from .. import __version__, validation
 from ..config import effective_prefetch, mask_url
+from ..worker.revocations import CLOCK_SKEW
 
 if TYPE_CHECKING:  # pragma: no cover
     from .agent import ControlAgent
+
+log = logging.getLogger("greenq.control")
 
 Command = Callable[..., Any]
 COMMANDS: Dict[str, Command] = {}
@@ -126,8 +131,16 @@ def revoke(agent: "ControlAgent", ids: Any = (), terminate: Any = False, at: Any
         raise ValueError(f"ids must be a list of task ids, got {ids!r}")
     if not isinstance(terminate, bool):
         raise ValueError(f"terminate must be true or false, got {terminate!r}")
+    now = time.time()
     if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 <= at < float("inf"):
-        at = time.time()
+        at = now
+    elif at > now + CLOCK_SKEW:
+        # the sender's clock is far ahead, or the command is garbled: the revoke
+        # still holds, from now (refusing it would let the task run until the
+        # next re-read); an ``at`` far ahead would keep it past result_expires
+        log.warning("revoke: at %s is more than %.0f s ahead of this worker's clock; taken as now",
+                    reprlib.repr(at), CLOCK_SKEW)     # reprlib: an int too large for a float
+        at = now
     n = agent.worker.revocations.received(ids, terminate, float(at))
     return f"{n} revoked{' (terminate)' if terminate else ''}"
 

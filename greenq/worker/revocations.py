@@ -8,11 +8,19 @@ control plane (greenq/control/).  Each worker:
   worker started after a revoke knows it;
 * adds what the control plane broadcasts (``revoke`` command) at once, and
   kills the running tasks revoked with ``terminate=True``;
-* re-reads the revocations made since the newest one it knows, every
-  ``SYNC_PUSHED`` seconds while the control plane is connected (a safety net
-  for a broadcast missed during a reconnect), and every ``SYNC_POLLED``
-  seconds while it is not (a broker without a control plane, or one that is
-  away).
+* re-reads the revocations made since shortly before the newest one it
+  read from the backend, every ``SYNC_PUSHED`` seconds while the control
+  plane is connected (a safety net for a broadcast missed during a
+  reconnect), and every ``SYNC_POLLED`` seconds while it is not (a broker
+  without a control plane, or one that is away).
+
+Each ``at`` is the revoking process's clock.  The re-read cursor (``newest``)
+moves only with what the backend returned, and never past this worker's own
+clock: a broadcast, or a revoker whose clock is ahead, cannot make the next
+re-reads skip the revocations recorded after it.  An ``at`` more than
+``CLOCK_SKEW`` seconds ahead of this worker's clock is taken as now (the
+``revoke`` command does the same), so such an entry still expires after
+``result_expires`` and does not hold the oldest-first trimming back.
 
 Checking a message is then a dict look-up in the worker, not a call to the
 backend per fetched batch.  The copy keeps the newest ``REVOCATIONS_MAX`` ids
@@ -34,14 +42,22 @@ log = logging.getLogger("greenq.worker")
 
 SYNC_PUSHED = 30.0      # seconds between re-reads while the control plane delivers revokes
 SYNC_POLLED = 1.0       # ... while it does not
-SYNC_OVERLAP = 60.0     # re-read from this long before the newest known revoke (clocks differ)
+SYNC_OVERLAP = 60.0     # re-read from this long before the newest revoke read (clocks differ)
+CLOCK_SKEW = 60.0       # an ``at`` further ahead of this worker's clock is taken as now
+
+
+def plausible_at(at: float, now: float) -> float:
+    """``at``, or ``now`` when it is more than ``CLOCK_SKEW`` seconds ahead of
+    ``now`` (or not a number): a clock far ahead, or a garbled command."""
+    return at if at <= now + CLOCK_SKEW else now      # NaN compares false: now
 
 
 class Revocations:
     def __init__(self, worker: "Worker") -> None:
         self.worker = worker
         self.ids: Dict[str, Tuple[bool, float]] = {}     # task id -> (terminate, revoked at), oldest first
-        self.newest = 0.0            # the latest ``at`` known: the next re-read starts before it
+        self.newest = 0.0            # the re-read cursor: the latest ``at`` read from the backend,
+                                     # at most this worker's clock then; the next re-read starts before it
         self.loaded = False          # the backend was read at least once
         self.pushed = False          # set by the control agent while it is listening
         self._wake = worker.driver.event()
@@ -55,27 +71,28 @@ class Revocations:
         return bool(entry and entry[0])
 
     def add(self, found: Iterable[Revocation]) -> List[str]:
-        """Merge revocations in; return the ids newly revoked with terminate."""
+        """Merge revocations in; return the ids newly revoked with terminate.
+        Never moves the re-read cursor: ``sync`` does, from what it read."""
         terminate: List[str] = []
-        oldest = self._oldest()
+        now = time.time()
+        oldest = self._oldest(now)
         with self._lock:              # the control greenlet and the re-read loop both add
             ids = self.ids
             for r in found:
-                if r.at < oldest:     # expired already
+                at = plausible_at(r.at, now)
+                if at < oldest:       # expired already
                     continue
                 known = ids.get(r.task_id)
                 if known is None or (r.terminate and not known[0]):
-                    ids[r.task_id] = (r.terminate, r.at)
+                    ids[r.task_id] = (r.terminate, at)
                     if r.terminate:
                         terminate.append(r.task_id)
-                if r.at > self.newest:
-                    self.newest = r.at
             self._trim(oldest)
         return terminate
 
-    def _oldest(self) -> float:
+    def _oldest(self, now: float) -> float:
         expires = self.worker.config.result_expires
-        return time.time() - expires if expires else 0.0
+        return now - expires if expires else 0.0
 
     def _trim(self, oldest: float) -> None:
         """Forget the oldest beyond ``REVOCATIONS_MAX`` and the expired."""
@@ -87,15 +104,22 @@ class Revocations:
             del ids[first]
 
     def sync(self) -> None:
-        """Read the revocations made since shortly before the newest known one;
+        """Read the revocations made since shortly before the newest one read;
         terminate the running tasks among them.  Raises what the backend raises."""
         since = max(0.0, self.newest - SYNC_OVERLAP) if self.loaded else 0.0
+        asked = time.time()
         found = self.worker.backend.revocations(since)
         self.loaded = True
+        # the cursor: the newest ``at`` read, but not past this worker's clock
+        # when it asked (a revoker's clock ahead would skip later revokes)
+        newest = min(max((r.at for r in found), default=0.0), asked)
+        if newest > self.newest:
+            self.newest = newest
         self.worker.reaper.terminate(self.add(found))
 
     def received(self, task_ids: Iterable[str], terminate: bool, at: float) -> int:
-        """A ``revoke`` broadcast (control greenlet): known at once."""
+        """A ``revoke`` broadcast (control greenlet): known at once.  Its ``at``
+        (the sender's clock) is kept for expiry only, never as the re-read cursor."""
         found = [Revocation(t, terminate, at) for t in task_ids]
         self.worker.reaper.terminate(self.add(found))
         return len(found)

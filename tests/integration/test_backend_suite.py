@@ -126,6 +126,35 @@ def test_revocations_since_for_a_worker_started_later(backend_env):
     assert {r.task_id for r in later.revocations(since=time.time() + 60)}.isdisjoint({first, second})
 
 
+def test_a_far_future_broadcast_does_not_make_the_worker_skip_later_revocations(backend_env):
+    """A worker's copy (greenq/worker/revocations.py) on the real backend: a
+    ``revoke`` broadcast whose ``at`` is a year ahead (a sender with a wrong
+    clock, a garbled command) used to move the re-read cursor a year ahead,
+    and the re-reads then skipped every revocation recorded after it."""
+    from types import SimpleNamespace
+
+    from greenq.drivers import get_driver
+    from greenq.worker.revocations import Revocations
+    worker = SimpleNamespace(driver=get_driver("threads"), config=backend_env.config(),
+                             backend=backend_env.backend(), reaper=SimpleNamespace(terminate=lambda ids: None))
+    rev = Revocations(worker)
+    rev.first_load()
+    assert rev.loaded
+    far = tid()
+    rev.received([far], False, time.time() + 365 * 24 * 3600)
+    assert far in rev
+    missed = tid()                        # revoked by a client whose broadcast never arrived
+    backend_env.backend().revoke(missed)
+    deadline = time.monotonic() + 5       # rpc://: the stream reader catches up
+    rev.sync()
+    while missed not in rev and time.monotonic() < deadline:
+        time.sleep(0.05)
+        rev.sync()
+    assert missed in rev, "the re-read skipped a revocation recorded after a far-future broadcast"
+    assert 0 < rev.newest <= time.time()
+    assert rev.ids[far][1] <= time.time()         # its ``at`` was taken as now: it still expires
+
+
 def test_results_and_revocations_expire(backend_env):
     need_shared(backend_env)
     backend = backend_env.backend(result_expires=1)

@@ -9,6 +9,7 @@ from greenq import GreenQ
 from greenq.backends.base import Revocation
 from greenq.drivers import get_driver
 from greenq.worker.consumer import Worker
+from greenq.worker.revocations import CLOCK_SKEW, SYNC_OVERLAP
 
 
 def make_worker(**kw):
@@ -30,7 +31,8 @@ def test_add_reports_only_new_terminations_and_upgrades():
     assert rev.add([Revocation("b", False, now)]) == []          # terminate is never undone
     assert rev.terminates("b")
     assert rev.add([Revocation("a", True, now + 1)]) == ["a"]    # upgraded to terminate
-    assert rev.terminates("a") and rev.newest == now + 1
+    assert rev.terminates("a")
+    assert rev.newest == 0.0          # only what sync() reads from the backend moves the re-read cursor
 
 
 def test_copy_is_bounded_and_forgets_the_expired(monkeypatch):
@@ -85,9 +87,90 @@ def test_revoke_command_is_checked_and_known_at_once():
     assert COMMANDS["revoke"](agent, ids=["old"], at=123.0) == "1 revoked"   # older than result_expires
     assert "old" not in w.revocations
     assert COMMANDS["revoked"](agent) == ["x", "y"]
+    for bad_at in ("NaN", float("nan"), float("inf"), -5.0, True, None, 10 ** 400, at + 10 ** 9):
+        before = time.time()
+        assert COMMANDS["revoke"](agent, ids=["at"], at=bad_at) == "1 revoked"
+        assert before <= w.revocations.ids.pop("at")[1] <= time.time(), bad_at     # taken as now
+    ahead = time.time() + CLOCK_SKEW / 2                                 # within the allowance: kept
+    COMMANDS["revoke"](agent, ids=["skewed"], at=ahead)
+    assert w.revocations.ids["skewed"] == (False, ahead)
+    assert w.revocations.newest == 0.0
     for bad in ({"ids": "x"}, {"ids": [1]}, {"ids": [""]}, {"ids": ["x"], "terminate": "yes"}):
         try:
             COMMANDS["revoke"](agent, **bad)
         except ValueError:
             continue
         raise AssertionError(f"accepted {bad}")
+
+
+def test_a_future_at_does_not_make_the_re_read_skip_later_revocations():
+    """A broadcast (or a backend record) whose ``at`` is far ahead of the
+    worker's clock -- a sender with a wrong clock, a garbled command -- used to
+    move the re-read cursor: every later re-read asked for revocations made
+    after (that ``at`` - 60 s) and missed those recorded meanwhile.  The cursor
+    now moves only with what the backend returned, and never past the worker's
+    own clock; the far-future ``at`` is taken as now, so the entry expires."""
+    from greenq.control.commands import COMMANDS
+
+    class Agent:
+        pass
+    app, add, w = make_worker(result_expires=3600)
+    agent = Agent()
+    agent.worker = w
+    w.backend = app.backend            # as Worker.run does
+    rev = w.revocations
+    rev.first_load()
+    assert rev.loaded and rev.newest == 0.0
+    year = 365 * 24 * 3600.0
+
+    COMMANDS["revoke"](agent, ids=["future-cmd"], at=time.time() + year)
+    rev.received(["future-direct"], False, time.time() + year)     # past the command's check too
+    assert "future-cmd" in rev and "future-direct" in rev
+
+    # a revoke recorded in the backend afterwards (the broadcast was missed)
+    later = add.delay(1, 1)
+    app.backend.revoke(later.id)
+    rev.sync()
+    assert later.id in rev, "the re-read skipped a revocation recorded after the far-future broadcast"
+    assert rev.newest <= time.time()
+    for tid in ("future-cmd", "future-direct"):                     # taken as now: it expires
+        assert rev.ids[tid][1] <= time.time()
+
+    # a backend record stamped far ahead (the revoker's clock) is read, but the
+    # cursor stays at the worker's clock: a revoke recorded next is still read
+    store = app.backend._store
+    ahead = add.delay(2, 2).id
+    app.backend.revoke(ahead)
+    with store.lock:
+        terminate, at, expires_at = store.revoked[ahead]
+        store.revoked[ahead] = (terminate, at + year, expires_at + year)
+    rev.sync()
+    assert ahead in rev and rev.ids[ahead][1] <= time.time()
+    assert rev.newest <= time.time()
+    last = add.delay(3, 3).id
+    app.backend.revoke(last)
+    rev.sync()
+    assert last in rev
+
+
+def test_the_cursor_follows_the_backend_with_its_overlap():
+    app, add, w = make_worker()
+    w.backend = app.backend            # as Worker.run does
+    rev = w.revocations
+    asked = []
+    real = app.backend.revocations
+
+    def spying(since=0.0):
+        asked.append(since)
+        return real(since)
+    app.backend.revocations = spying
+    rev.sync()
+    first = add.delay(0, 0).id
+    app.backend.revoke(first)
+    recorded = real()[-1].at
+    rev.sync()                                   # reads it: the cursor moves to its ``at``
+    assert first in rev and rev.newest == recorded
+    rev.received(["pushed"], False, recorded + 30)   # a broadcast: kept, cursor unchanged
+    assert "pushed" in rev and rev.newest == recorded
+    rev.sync()
+    assert asked == [0.0, 0.0, recorded - SYNC_OVERLAP]
