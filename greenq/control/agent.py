@@ -147,7 +147,9 @@ class ControlAgent:
         name = cmd.get("command")
         handler = COMMANDS.get(name) if isinstance(name, str) else None
         reply: Document = {"worker": self.name, "id": cmd.get("id")}
-        args = cmd.get("args") or {}
+        args = cmd.get("args")
+        if args is None:                  # no arguments; [] or "" are refused below
+            args = {}
         try:
             if destination is not None and not isinstance(destination, list):
                 # (a string would match any worker whose name is a substring of it)

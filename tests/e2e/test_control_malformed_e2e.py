@@ -204,6 +204,7 @@ def _batch(kind: str, reply_to: str) -> Tuple[List[Any], Dict[str, Tuple[str, st
 
     refuse("args-list", "args must be an object", args=["x"])
     refuse("args-string", "args must be an object", args="ids")
+    refuse("args-empty-list", "args must be an object", args=[])
     bodies.append(next(sent_after))
     refuse("ids-string", "ids must be a list of task ids", args={"ids": "abc"})
     refuse("ids-absent", "ids must be a list of task ids", args={})
