@@ -203,11 +203,22 @@ class TaskEvents:
         self.rows.append(row)
         self._live[msg.id] = (row, self._batch, max(sent or 0, eta) if eta else sent, None)
 
-    def _prerun(self, task: Any, request: Any) -> None:
+    def _prerun(self, task: Any, request: Any) -> None:     # the hot path: _row inlined
         task_id = request.id
         entry = self._live.get(task_id)
-        now, due = time_ns() // 1000, entry[2] if entry is not None else None
-        row = self._row(task_id, task.name, entry, (STARTED, now, max(0, now - due) if due else None))
+        now = time_ns() // 1000
+        if entry is not None:
+            due = entry[2]
+            waited = now - due if due and now > due else (0 if due else None)
+            if entry[1] == self._batch:
+                row = entry[0]
+                row.extend((STARTED, now, waited))
+            else:
+                row = [task_id, task.name, STARTED, now, waited]
+                self.rows.append(row)
+        else:
+            row = [task_id, task.name, STARTED, now, None]
+            self.rows.append(row)
         self._live[task_id] = (row, self._batch, None, monotonic_ns() // 1000)
 
     def _end(self, task_id: str, name: Optional[str], code: int, *fields: Any) -> None:
