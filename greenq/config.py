@@ -54,6 +54,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                           "0 = forever"),
         "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
+        "task_send_sent_event": Setting("bool", False, "publish a task-sent event for every task this "
+                                        "process sends (workers with -E always do)"),
     },
     "worker": {
         "pool": Setting("choice:" + "|".join(POOLS), "gevent", "concurrency driver"),

@@ -13,6 +13,10 @@ task-failed        ``runtime``, ``exception``, ``traceback``
 task-retried       ``runtime``, ``reason``
 task-revoked       ``reason`` (revoked, expired, terminated by revoke)
 task-dead-lettered ``reason`` (the message could not run; ``name`` may be None)
+task-sent          ``queue``, ``args``, ``kwargs``, ``retries``, ``eta``, ``expires``,
+                   ``parent_id``, ``root_id`` (left out when empty); ``worker`` is the
+                   sender: a worker with ``-E`` for the tasks it sends, or a client with
+                   ``[greenq] task_send_sent_event = true`` (greenq/control/sent.py)
 =================  ==========================================================
 
 Worker events (``worker-online``, ``worker-heartbeat``, ``worker-offline``)
@@ -55,11 +59,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REPR_MAX = 200
 #: event fields sent as integer microseconds and read as float seconds
-MICROSECOND_FIELDS = ("timestamp", "sent", "eta", "runtime", "queue_wait")
+MICROSECOND_FIELDS = ("timestamp", "sent", "eta", "expires", "runtime", "queue_wait")
 #: a row's code is the index of its type here
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried",
-               "task-revoked", "task-dead-lettered")
-RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, DEAD = range(len(TASK_EVENTS))
+               "task-revoked", "task-dead-lettered", "task-sent")
+RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, DEAD, SENT = range(len(TASK_EVENTS))
 #: the fields of a row after ``[code, uuid, name, timestamp]``, by code
 ROW_FIELDS: Sequence[Sequence[str]] = (
     ("queue", "sent", "args", "kwargs", "retries", "eta"),
@@ -69,6 +73,7 @@ ROW_FIELDS: Sequence[Sequence[str]] = (
     ("runtime", "reason"),
     ("reason",),
     ("reason",),
+    ("queue", "args", "kwargs", "retries", "eta", "expires", "parent_id", "root_id"),
 )
 WIRE_VERSION = 2
 ROWS_MAX = 100000             # rows kept while the broker is away (the oldest are dropped)
@@ -83,6 +88,18 @@ def short_repr(value: Any) -> str:
     except Exception:
         text = f"<{type(value).__name__}>"
     return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
+
+
+def _us(seconds: Optional[float]) -> Optional[int]:
+    return int(seconds * 1e6) if seconds else None
+
+
+def sent_row(msg: Any) -> List[Any]:
+    """The row of a ``task-sent`` event for the task message ``msg``."""
+    return [msg.id, msg.task, SENT, time_ns() // 1000, msg.queue,
+            short_repr(msg.args) if msg.args else None, short_repr(msg.kwargs) if msg.kwargs else None,
+            msg.retries or None, _us(msg.eta), _us(msg.expires), msg.parent_id,
+            msg.root_id if msg.root_id != msg.id else None]
 
 
 def encode_batch(worker: str, rows: List[Any]) -> str:
@@ -181,6 +198,15 @@ class TaskEvents:
         if len(self._live) > LIVE_MAX:      # tasks that never ended here (a lost runner): forget them
             self._live.clear()
         return rows
+
+    def sent(self, msg: Any) -> None:
+        """A task this worker sends (a retry, a workflow's next step, a call in
+        a task's code): ``greenq.message.Codec.sent_sink``."""
+        if self._lock is not None:
+            with self._lock:
+                self.rows.append(sent_row(msg))
+        else:
+            self.rows.append(sent_row(msg))
 
     # -- subscribers --------------------------------------------------------------
     def _row(self, task_id: str, name: Optional[str], entry: Any, event: Tuple[Any, ...]) -> List[Any]:

@@ -11,19 +11,22 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import pickle
 import re
 import time
 import uuid
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from . import validation
 from .exceptions import MessageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .brokers.base import Outgoing
+
+log = logging.getLogger("greenq")
 
 PROTOCOL = 1
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -245,6 +248,8 @@ class Codec:
         self.accept = frozenset(accept) | ({serializer} if serializer == "json" else set())
         self._key = signing_key.encode() if signing_key else None
         self.max_size = max_size
+        #: called with each task sent (``outgoing``): the task-sent events, when on
+        self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
 
     # -- tasks ---------------------------------------------------------------
     def encode(self, msg: TaskMessage) -> bytes:
@@ -270,10 +275,19 @@ class Codec:
                                f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
         return data
 
-    def outgoing(self, msg: TaskMessage) -> "Outgoing":
-        """``msg`` encoded, with the routing facts a broker needs beside it."""
+    def outgoing(self, msg: TaskMessage, sent: bool = True) -> "Outgoing":
+        """``msg`` encoded, with the routing facts a broker needs beside it.
+        ``sent``: a task sent (not a message moved to wait for its eta), which
+        ``sent_sink`` hears of when one is set (task-sent events)."""
         from .brokers.base import Outgoing
-        return Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
+        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
+        sink = self.sent_sink
+        if sink is not None and sent:
+            try:
+                sink(msg)
+            except Exception:                   # an event must never stop a send
+                log.warning("task-sent event for %s failed", msg.id, exc_info=True)
+        return out
 
     def decode(self, data: Any) -> TaskMessage:
         """Decode and check a message; anything that cannot be trusted or read

@@ -171,7 +171,7 @@ def format_event(e: Dict[str, Any]) -> str:
                   f"processed={e.get('processed')} rss={(e.get('rss') or 0) // 1048576}MiB")
     else:
         detail = f"{e.get('name')}[{e.get('uuid')}]"
-        for key in ("args", "runtime", "queue_wait", "exception", "reason"):
+        for key in ("args", "queue", "runtime", "queue_wait", "exception", "reason"):
             if e.get(key) is not None:
                 detail += f" {key}={e[key]}"
     return f"{when} {kind:<18} {e.get('worker')}: {detail}"

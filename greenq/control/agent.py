@@ -60,6 +60,7 @@ class ControlAgent:
             driver = worker.driver      # threads: the subscribers run beside the control thread
             self.task_events = TaskEvents(None if driver.green else driver.lock())
             self.task_events.subscribe(worker.hooks)
+            worker.codec.sent_sink = self.task_events.sent    # the tasks this worker sends: task-sent
         self._closing = False
         self._handle: Any = None
         self._boot = uuid.uuid4().hex[:8]

@@ -24,7 +24,7 @@ FAILURES_KEPT = 100
 BUCKET = 5.0                 # seconds per throughput point
 BUCKETS = 120                # ten minutes
 HISTORY = 500                # event batches read back at start, where the broker keeps them
-STATES = {"task-received": "RECEIVED", "task-started": "STARTED", "task-succeeded": "SUCCESS",
+STATES = {"task-sent": "SENT", "task-received": "RECEIVED", "task-started": "STARTED", "task-succeeded": "SUCCESS",
           "task-failed": "FAILURE", "task-retried": "RETRY", "task-revoked": "REVOKED",
           "task-dead-lettered": "DEAD"}
 FINAL = ("SUCCESS", "FAILURE", "REVOKED", "DEAD")
@@ -83,7 +83,18 @@ class FleetState:
             return
         task = self.tasks.pop(task_id, None) or {"id": task_id, "name": e.get("name")}
         self.tasks[task_id] = task                      # most recently changed last
+        while len(self.tasks) > TASKS_KEPT:
+            self.tasks.popitem(last=False)
         state = STATES[kind]
+        if kind == "task-sent":      # by a client or another worker; may arrive after the worker's events
+            task.setdefault("state", state)
+            task["sent_by"] = e.get("worker")
+            task.setdefault("sent", e.get("timestamp"))
+            task.setdefault("updated", e.get("timestamp"))
+            for key in ("args", "kwargs", "queue", "eta", "expires", "parent_id", "root_id"):
+                if e.get(key) is not None:
+                    task.setdefault(key, e[key])
+            return
         if task.get("state") not in FINAL or state in FINAL:
             task["state"] = state
         task["worker"] = e.get("worker")
@@ -99,8 +110,6 @@ class FleetState:
             task["started"] = e.get("timestamp")
         elif kind == "task-failed":
             self.failures.appendleft(dict(task))
-        while len(self.tasks) > TASKS_KEPT:
-            self.tasks.popitem(last=False)
 
     # -- reading -------------------------------------------------------------------
     def worker_list(self) -> List[Document]:

@@ -126,7 +126,7 @@ class Settler:
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
             return
         if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
-            plan.republish.append(self.codec.outgoing(msg))
+            plan.republish.append(self.codec.outgoing(msg, sent=False))    # moved, not sent
             plan.acks.append(job.delivery)
             return
         if outcome == jobs.REQUEUE:

@@ -168,3 +168,47 @@ def test_events_and_heartbeats(any_env, pool):
     reader.wait_for(lambda e: e["type"] == "worker-offline" and e["worker"] == "ev1", "worker-offline")
     reader.proc.send_signal(signal.SIGINT)
     reader.proc.wait(timeout=20)
+
+
+def test_task_sent_events(any_env, pool):
+    """``task-sent``: a client with ``task_send_sent_event = true`` publishes
+    one for each task it sends (flushed at its exit too); a worker with -E
+    publishes one for each task it sends (here a chain's next step); a client
+    without the setting publishes none."""
+    import e2e_tasks
+    env = any_env
+    env.app()
+    worker = env.worker(pool, "-n", "ev2", "-E", burst=False)
+    reader = EventReader(env)
+    reader.wait_for(lambda e: e["type"] == "worker-heartbeat" and e["worker"] == "ev2", "heartbeat")
+    quiet = e2e_tasks.add.delay(100, 1)                    # this process: no task-sent
+    assert quiet.get(timeout=20) == 101
+    code = ("import os, socket, e2e_tasks\n"
+            "one = e2e_tasks.add.delay(2, 5)\n"
+            "chain = (e2e_tasks.add.s(1, 1) | e2e_tasks.add.s(10)).delay()\n"
+            "assert one.get(timeout=20) == 7 and chain.get(timeout=20) == 12\n"
+            "print(socket.gethostname(), os.getpid(), one.id, chain.id, chain.parent.id)\n")
+    env.env["GREENQ_TASK_SEND_SENT_EVENT"] = "true"
+    try:
+        done = env.client(code)
+    finally:
+        del env.env["GREENQ_TASK_SEND_SENT_EVENT"]
+    assert done.returncode == 0, done.stderr
+    host, pid, one_id, last_id, first_id = done.stdout.split()
+    client = f"{host}.{pid}"
+    sent = reader.wait_for(lambda e: e["type"] == "task-sent" and e["uuid"] == one_id, "client task-sent")
+    assert sent["worker"] == client and sent["name"] == "e2e.add" and sent["args"] == "[2, 5]"
+    got = reader.wait_for(lambda e: e["type"] == "task-received" and e["uuid"] == one_id, "task-received")
+    assert sent["queue"] == got["queue"] and got["worker"] == "ev2"
+    assert sent["timestamp"] <= got["timestamp"] + 1 and abs(sent["timestamp"] - time.time()) < 60
+    first = reader.wait_for(lambda e: e["type"] == "task-sent" and e["uuid"] == first_id, "chain task-sent")
+    assert first["worker"] == client
+    step = reader.wait_for(lambda e: e["type"] == "task-sent" and e["uuid"] == last_id, "worker task-sent")
+    assert step["worker"] == "ev2" and step["args"] == "[2, 10]" and step["parent_id"] == first_id
+    assert step["root_id"] == first_id
+    reader.wait_for(lambda e: e["type"] == "task-succeeded" and e["uuid"] == last_id, "chain's last step")
+    assert not [e for e in reader.seen if e["type"] == "task-sent" and e["uuid"] == quiet.id]
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    reader.proc.send_signal(signal.SIGINT)
+    reader.proc.wait(timeout=20)

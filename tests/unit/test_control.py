@@ -97,3 +97,18 @@ def test_children_metrics_merge_into_one_exposition():
                      "# HELP h H", "# TYPE h histogram",
                      'h_bucket{child="0",task="t",le="1.0"} 2', 'h_count{child="0",task="t"} 2',
                      'h_bucket{child="1",task="t",le="1.0"} 2', 'h_count{child="1",task="t"} 2']
+
+
+def test_fleet_state_task_sent_never_moves_a_task_back():
+    """task-sent comes from the sender and may be read after the worker's
+    events: it fills in what is missing and never undoes a later state."""
+    state = FleetState(clock=lambda: 10.0)
+    state.apply([{"type": "task-received", "uuid": "a", "name": "n", "worker": "w1", "timestamp": 2.0},
+                 {"type": "task-sent", "uuid": "a", "name": "n", "worker": "client.1", "timestamp": 1.0,
+                  "args": "[1]", "eta": 5.0},
+                 {"type": "task-sent", "uuid": "b", "name": "n", "worker": "client.1", "timestamp": 3.0}])
+    tasks = {t["id"]: t for t in state.task_list()}
+    assert tasks["a"]["state"] == "RECEIVED" and tasks["a"]["worker"] == "w1"
+    assert tasks["a"]["sent_by"] == "client.1" and tasks["a"]["args"] == "[1]" and tasks["a"]["eta"] == 5.0
+    assert tasks["b"]["state"] == "SENT" and tasks["b"]["sent"] == 3.0
+    assert [t["id"] for t in state.task_list(state="SENT")] == ["b"]

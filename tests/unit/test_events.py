@@ -190,3 +190,55 @@ def test_a_reader_subscribed_first_gets_events_from_a_live_worker_id():
     finally:
         sender.close()
         reader.close()
+
+
+def test_task_sent_row_and_the_client_publisher():
+    """A client with ``task_send_sent_event`` publishes one task-sent event per
+    task it sends, in batches, on the control plane (memory:// here); a
+    worker-only send (a message moved to wait for its eta) publishes none."""
+    from greenq.message import TaskMessage
+    url = f"memory://sent-{uuid.uuid4().hex[:6]}"
+    app = GreenQ("sent", broker=url)
+    app.config.task_send_sent_event = True
+    reader = Control(app)
+    try:
+        stream = reader.events(poll=0.1)
+        assert next(stream) == []
+
+        @app.task(name="sent.add")
+        def add(x, y):
+            return x + y
+
+        first = add.apply_async((1, 2), countdown=30, expires=600)
+        second = add.delay(3, 4)
+        app.codec.outgoing(TaskMessage(task="sent.add", id="moved"), sent=False)
+        app.codec.sent_sink.flush()
+        got = []
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            got.extend(next(stream))
+        assert [e["uuid"] for e in got] == [first.id, second.id]
+        one = got[0]
+        assert one["type"] == "task-sent" and one["name"] == "sent.add" and one["args"] == "[1, 2]"
+        assert one["queue"] == "default" and "kwargs" not in one and "parent_id" not in one
+        assert 25 < one["eta"] - one["timestamp"] < 35 and 590 < one["expires"] - one["timestamp"] < 610
+        assert one["worker"] == app.codec.sent_sink.name
+    finally:
+        reader.close()
+
+
+def test_the_client_publisher_keeps_rows_while_the_broker_is_away(caplog):
+    from greenq.control.sent import SentPublisher
+    from greenq.message import TaskMessage
+    app = GreenQ("sentaway", broker="redis://127.0.0.1:1/0")       # nothing listens there
+    pub = SentPublisher(app)
+    pub.rows.append(["t1", "x", 7, 1, "q", None, None, None, None, None, None, None])
+    pub.flush()
+    assert [row[0] for row in pub.rows] == ["t1"]                   # kept for the next try
+    assert "could not publish 1" in caplog.text
+    cluster = GreenQ("sentcluster", broker="redis+cluster://127.0.0.1:1")
+    off = SentPublisher(cluster)
+    off.rows.append(["t2", "x", 7, 1, "q", None, None, None, None, None, None, None])
+    off.flush()
+    off(TaskMessage(task="x", id="t3"))
+    assert off._off and "task-sent events off" in caplog.text and not off.rows
