@@ -64,7 +64,7 @@ MICROSECOND_FIELDS = ("timestamp", "sent", "eta", "expires", "runtime", "queue_w
 TASK_EVENTS = ("task-received", "task-started", "task-succeeded", "task-failed", "task-retried",
                "task-revoked", "task-dead-lettered", "task-sent")
 RECEIVED, STARTED, SUCCEEDED, FAILED, RETRIED, REVOKED, DEAD, SENT = range(len(TASK_EVENTS))
-#: the fields of a row after ``[code, uuid, name, timestamp]``, by code
+#: the fields of one event in a row, after its ``code, timestamp``, by code
 ROW_FIELDS: Sequence[Sequence[str]] = (
     ("queue", "sent", "args", "kwargs", "retries", "eta"),
     ("queue_wait",),
