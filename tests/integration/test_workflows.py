@@ -75,7 +75,10 @@ def app(request, tmp_path):
 
 
 def work(app, concurrency: int = 4) -> None:
-    assert Worker(app, get_driver("threads"), queues=["default"], concurrency=concurrency, burst=True).run() == 0
+    # fetch_timeout: how long the burst's last, empty fetch waits before it
+    # looks whether anything is left (held, or delayed and due soon) and stops
+    assert Worker(app, get_driver("threads"), queues=["default"], concurrency=concurrency, burst=True,
+                  fetch_timeout=0.1).run() == 0
 
 
 def task(app, name):

@@ -24,6 +24,10 @@ def test_exported_names():
     assert issubclass(greenq.TaskError, greenq.GreenQError)
 
 
+#: how long a burst worker's last, empty fetch waits before it stops (1 s by default)
+FETCH_TIMEOUT = 0.1
+
+
 def make_app(**kw):
     return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", **kw)
 
@@ -130,7 +134,8 @@ def test_in_process_worker_on_memory_broker():
         return x * y
     results = app.enqueue_many([mul.s(i, 2) for i in range(20)])
     expired = mul.apply_async((1, 1), expires=-1)
-    assert Worker(app, get_driver("threads"), queues=["default"], concurrency=4, burst=True).run() == 0
+    assert Worker(app, get_driver("threads"), queues=["default"], concurrency=4, burst=True,
+                  fetch_timeout=FETCH_TIMEOUT).run() == 0
     assert [r.get(timeout=1) for r in results] == [i * 2 for i in range(20)]
     assert expired.state == "REVOKED"
     with pytest.raises(greenq.TaskRevokedError):
@@ -145,7 +150,8 @@ def test_revoke_before_start():
         return 1
     r = t.delay()
     r.revoke()
-    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True).run()
+    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True,
+           fetch_timeout=FETCH_TIMEOUT).run()
     assert r.state == "REVOKED"
 
 
@@ -192,7 +198,8 @@ def test_acks_late_false_acknowledges_when_the_task_starts():
         seen["late"] = app.broker.queue_stats(["default"])[0].held
         return 2
     a, b = early.delay(), late.delay()
-    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, prefetch=1, burst=True).run()
+    Worker(app, get_driver("threads"), queues=["default"], concurrency=1, prefetch=1, burst=True,
+           fetch_timeout=FETCH_TIMEOUT).run()
     assert (a.get(timeout=1), b.get(timeout=1)) == (1, 2)
     assert seen == {"early": 0, "late": 1}
 

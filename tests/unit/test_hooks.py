@@ -13,12 +13,17 @@ from greenq.drivers import get_driver
 from greenq.worker.consumer import Worker
 
 
+#: how long a burst worker's last, empty fetch waits before it stops (1 s by default)
+FETCH_TIMEOUT = 0.1
+
+
 def make_app(**kw):
     return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", **kw)
 
 
 def run_worker(app, **kw):
     kw.setdefault("concurrency", 2)
+    kw.setdefault("fetch_timeout", FETCH_TIMEOUT)
     return Worker(app, get_driver("threads"), queues=["default"], burst=True, **kw).run()
 
 
@@ -188,7 +193,8 @@ def test_counters_subscribe_and_late_subscribers_run():
         if not self.request.retries:
             raise self.retry(countdown=0)
     ok.delay(), ok.delay(), bad.delay(), flaky.delay()
-    worker = Worker(app, get_driver("threads"), queues=["default"], burst=True, concurrency=2)
+    worker = Worker(app, get_driver("threads"), queues=["default"], burst=True, concurrency=2,
+                    fetch_timeout=FETCH_TIMEOUT)
     assert worker.stats._succeeded in worker.hooks.subscribers("task_success")
     seen = []
     worker.hooks.on("task_prerun", lambda task, request: seen.append(("pre", task.name)))

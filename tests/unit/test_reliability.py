@@ -14,6 +14,10 @@ from greenq.worker.consumer import Worker
 from greenq.worker.monitor import Monitor
 
 
+#: how long a burst worker's last, empty fetch waits before it stops (1 s by default)
+FETCH_TIMEOUT = 0.1
+
+
 def make_app(**kw):
     return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", **kw)
 
@@ -114,7 +118,8 @@ def test_a_finisher_error_in_one_job_does_not_stop_the_others():
     def add(x, y):
         return x + y
     good = [add.delay(i, 1) for i in range(10)]
-    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, burst=True)
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, burst=True,
+                    fetch_timeout=FETCH_TIMEOUT)
     real_plan = worker.settler._plan
     calls = []
 
@@ -139,7 +144,8 @@ def test_permanent_store_errors_are_not_retried_forever():
     def add(x, y):
         return x + y
     results = [add.delay(i, 1) for i in range(6)]
-    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True)
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True,
+                    fetch_timeout=FETCH_TIMEOUT)
     backend = app.backend
     real_store = backend.store_many
     poisoned = results[2].id
