@@ -100,7 +100,20 @@ def test_broker_connect_timeout_ends_the_wait_with_one_line(pool, sqlite_env):
 
 def test_sigterm_during_the_wait_is_a_clean_stop(pool, sqlite_env):
     sqlite_env.env["GREENQ_BROKER_URL"] = f"redis://127.0.0.1:{_free_port()}/0"
+    sqlite_env.env["PYTHONFAULTHANDLER"] = "1"     # SIGABRT below prints every thread's stack
     proc = sqlite_env.worker(pool, burst=False)
-    Lines(proc).wait_for("unreachable")
+    lines = Lines(proc)
+    lines.wait_for("unreachable")
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=30) == 0
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:   # seen once (eventlet): say where the worker hangs
+        proc.send_signal(signal.SIGABRT)
+        proc.wait(timeout=10)
+        time.sleep(0.5)                 # the reader takes the rest of the output
+        rest = []
+        while not lines.lines.empty():
+            rest.append(lines.lines.get())
+        raise AssertionError("the worker did not stop within 30 s of SIGTERM; it said:\n"
+                             + "".join(lines.seen + rest)) from None
+    assert code == 0
