@@ -64,6 +64,16 @@ def greenq_argv(words: List[str]) -> List[str]:
 
 # -- README -------------------------------------------------------------------------
 
+def test_ci_runs_the_readmes_test_command_verbatim():
+    """.ci/run runs the README's second command (install, then the whole
+    suite) exactly as the README gives it."""
+    first_block = blocks(README)[0][1]
+    commands = [line for line in first_block.splitlines() if line and not line.startswith("#")]
+    assert len(commands) == 2 and "tox" in commands[1], commands
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert commands[1] in ci, f".ci/run does not run the README's {commands[1]!r}"
+
+
 def test_readme_install_line_installs_the_tutorials_broker_client():
     tasks_code = tutorial()[0][1]
     scheme = re.search(r'broker="(\w+)://', tasks_code).group(1)
