@@ -134,18 +134,23 @@ class Worker:
 
     def request_stop(self, cold: bool = False) -> None:
         """Warm stop (first call) or cold stop (second call, or cold=True).
-        Safe to call from a signal handler: it only sets flags and events."""
-        if cold or self.stopping:
-            if self.stopping < StopState.COLD:
-                log.warning("cold shutdown: stopping running tasks and returning their messages")
-            self.stopping = StopState.COLD
-        else:
-            log.info("warm shutdown: finishing running tasks (up to %.0f s)", self.shutdown_timeout)
-            self.stopping = StopState.WARM
+        Safe to call from a signal handler: it sets flags and events first,
+        and only then logs, guarded (a signal that lands while this thread is
+        writing a log line makes a second write raise "reentrant call"; the
+        stop must not be lost with it)."""
+        before = self.stopping
+        self.stopping = StopState.COLD if cold or before else StopState.WARM
         self.room.set()
         try:
             self.broker.interrupt()
         except Exception:  # pragma: no cover - best effort
+            pass
+        try:
+            if self.stopping == StopState.WARM:
+                log.info("warm shutdown: finishing running tasks (up to %.0f s)", self.shutdown_timeout)
+            elif before < StopState.COLD:
+                log.warning("cold shutdown: stopping running tasks and returning their messages")
+        except Exception:  # noqa: S110 - the flags are set; a lost log line is all it costs
             pass
 
     def limit_rates(self) -> None:

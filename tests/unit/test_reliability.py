@@ -158,3 +158,33 @@ def test_permanent_store_errors_are_not_retried_forever():
     assert worker.run() == 0
     assert [r.state for r in results] == ["SUCCESS", "SUCCESS", "FAILURE", "SUCCESS", "SUCCESS", "SUCCESS"]
     assert "could not be stored" in str(results[2].get(timeout=1, propagate=False))
+
+
+def test_a_stop_signal_that_lands_in_a_log_write_is_not_lost():
+    """SIGTERM while the main thread writes a log line: the handler's own
+    line hits "reentrant call inside BufferedWriter" (seen in CI, the worker
+    then ignored SIGTERM while it waited for its broker).  The stop is
+    recorded before anything is logged, and a failing log line is swallowed."""
+    import logging
+    from greenq.worker.state import StopState
+
+    class Reentrant(logging.Handler):
+        def emit(self, record):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+        def handleError(self, record):
+            raise RuntimeError("reentrant call inside <_io.BufferedWriter name='<stderr>'>")
+
+    worker = Worker(make_app(), get_driver("threads"), queues=["default"], concurrency=1, burst=False)
+    log = logging.getLogger("greenq.worker")
+    handler, level = Reentrant(), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        worker.request_stop()
+        assert worker.stopping == StopState.WARM and worker.room.is_set()
+        worker.request_stop()
+        assert worker.stopping == StopState.COLD
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
