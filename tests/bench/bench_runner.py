@@ -147,6 +147,9 @@ class Bench:
                   "loadavg_1min_before": load}
         if report.get("counted"):
             result["worker_instructions_per_task"] = _instructions(worker.log_path) / report["counted"]
+        elif self.opts.instructions and system == "greenq":
+            raise BenchError(f"--instructions: {what}: every task ran while callgrind was being switched "
+                             "on, so none was counted; send more tasks (--noop-n)")
         if left:
             self.say(f"  warning: {what}: {left} messages were still in the broker after the "
                      "worker stopped (not acknowledged, or dead-lettered)")

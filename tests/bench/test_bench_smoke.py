@@ -11,6 +11,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 N = 40
+N_COUNTED = 1000     # --instructions: enough that the drain outlasts the ~1 s switching callgrind on
 
 pytestmark = [pytest.mark.bench, pytest.mark.e2e, pytest.mark.timeout(240)]
 
@@ -51,11 +52,11 @@ def test_bench_instructions_counts_the_drain(tmp_path):
         pytest.skip("valgrind is not installed")
     out_file = tmp_path / "bench.json"
     argv = [sys.executable, os.path.join(REPO, "bin", "greenq-bench"), "--no-venv", "--quiet",
-            "--broker", "sqlite", "--systems", "greenq", "--only", "noop", "--noop-n", str(N),
+            "--broker", "sqlite", "--systems", "greenq", "--only", "noop", "--noop-n", str(N_COUNTED),
             "--noop-concurrency", "10", "--instructions", "--timeout", "120", "--json", str(out_file)]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=220, cwd=str(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "worker instructions per task (callgrind)" in done.stdout
     noop = json.loads(out_file.read_text())["results"]["noop"]["greenq"]
-    assert noop["done"] == N and noop["left_in_broker"] == 0
+    assert noop["done"] == N_COUNTED and noop["left_in_broker"] == 0
     assert 1000 < noop["worker_instructions_per_task"] < 1e8
