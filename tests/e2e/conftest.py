@@ -101,7 +101,9 @@ class Env:
     def wait_marker(self, name: str, timeout: float = 20) -> None:
         path = self.markers / name
         deadline = time.monotonic() + timeout
-        while not path.exists():
+        # a whole line, not just the file: a worker killed at once may have
+        # created it (open) and died before it wrote its pid (seen in CI)
+        while not (path.exists() and path.read_text().endswith("\n")):
             if time.monotonic() > deadline:
                 raise AssertionError(f"marker {name} never appeared; workers said:\n{self.dump()}")
             time.sleep(0.02)
