@@ -51,6 +51,7 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
+from contextlib import nullcontext
 from time import monotonic_ns, time_ns
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence, Tuple
 
@@ -112,10 +113,8 @@ def decode_batch(body: Any) -> List[Dict[str, Any]]:
     not a batch.  Whatever is not an event (a stray message on the stream, a
     row of the wrong shape, a time that is not a number) is skipped: a reader
     never fails on what somebody else wrote."""
-    try:
-        batch = json.loads(body)
-    except (TypeError, ValueError):
-        return []
+    from .control.base import loads      # None for a body that is not JSON (or nested too deep)
+    batch = loads(body)
     if isinstance(batch, list):                                  # version 1: event objects
         rows, worker = batch, None
     elif isinstance(batch, dict) and isinstance(batch.get("e"), list):
@@ -167,6 +166,7 @@ class TaskEvents:
         #: task id -> (its row, the batch of that row, due (sent or eta, epoch µs), monotonic start µs)
         self._live: Dict[str, Tuple[List[Any], int, Optional[int], Optional[int]]] = {}
         self._lock = lock
+        self._guard = lock if lock is not None else nullcontext()   # take and sent: not the hot path
 
     def subscribe(self, hooks: "Hooks") -> None:
         subscribers = (("task_received", self._received), ("task_prerun", self._prerun),
@@ -187,26 +187,19 @@ class TaskEvents:
 
     def take(self) -> Deque[List[Any]]:
         """The rows of the batch filled so far; later events go to new rows."""
-        if self._lock is not None:
-            with self._lock:
-                return self._take()
-        return self._take()
-
-    def _take(self) -> Deque[List[Any]]:
-        rows, self.rows = self.rows, deque(maxlen=ROWS_MAX)
-        self._batch += 1
-        if len(self._live) > LIVE_MAX:      # tasks that never ended here (a lost runner): forget them
-            self._live.clear()
-        return rows
+        with self._guard:
+            rows, self.rows = self.rows, deque(maxlen=ROWS_MAX)
+            self._batch += 1
+            if len(self._live) > LIVE_MAX:  # tasks that never ended here (a lost runner): forget them
+                self._live.clear()
+            return rows
 
     def sent(self, msg: Any) -> None:
         """A task this worker sends (a retry, a workflow's next step, a call in
         a task's code): ``greenq.message.Codec.sent_sink``."""
-        if self._lock is not None:
-            with self._lock:
-                self.rows.append(sent_row(msg))
-        else:
-            self.rows.append(sent_row(msg))
+        row = sent_row(msg)
+        with self._guard:
+            self.rows.append(row)
 
     # -- subscribers --------------------------------------------------------------
     def _row(self, task_id: str, name: Optional[str], entry: Any, event: Tuple[Any, ...]) -> List[Any]:

@@ -21,7 +21,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Optional
 
 from ..backoff import Backoff
-from ..events import TaskEvents, encode_batch
+from ..events import TaskEvents
 from ..exceptions import ConfigError
 from ..worker.jobs import describe
 from .base import Document, Transport, make_transport
@@ -35,7 +35,6 @@ log = logging.getLogger("greenq.control")
 HEARTBEAT_INTERVAL = 2.0
 OFFLINE_AFTER = 3 * HEARTBEAT_INTERVAL
 RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' batching period
-BATCH_MAX = 500                # rows (a task's events in one batching period) per broker call and stored batch
 OUTBOX_MAX = 100000            # rows kept while the broker is away (the oldest are dropped)
 
 
@@ -127,18 +126,13 @@ class ControlAgent:
         self.outbox.append(info)
 
     def _flush(self, transport: Transport) -> None:
-        """Publish the worker events and the task rows waiting, ``BATCH_MAX``
-        per broker call; what a failed call did not send stays for the next."""
+        """Publish the worker events and the task rows waiting; what a failed
+        call did not send stays for the next."""
         rows = list(self.outbox)
-        self.outbox.clear()
+        self.outbox.clear()                 # only this greenlet appends to it
         if self.task_events is not None:
             rows.extend(self.task_events.take())
-        for i in range(0, len(rows), BATCH_MAX):
-            try:
-                transport.send_events(encode_batch(self.name, rows[i:i + BATCH_MAX]))
-            except Exception:
-                self.outbox.extendleft(reversed(rows[i:]))    # sent again after the reconnect
-                raise
+        transport.publish_rows(self.name, rows, self.outbox)
 
     def _answer(self, transport: Transport, cmd: Document) -> None:
         """Run one command and reply where it asks.  Whatever a malformed

@@ -21,9 +21,10 @@ each maps the three kinds onto the broker.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
 from ..brokers import scheme_of
+from ..events import encode_batch
 from ..exceptions import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -31,6 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver
 
 Document = Dict[str, Any]
+
+#: event rows per broker call (and per stored batch): a row is one task's events in one batching period
+BATCH_MAX = 500
 
 TRANSPORTS = {
     "sqlite": ("greenq.control.sqlite", "SQLiteTransport"),
@@ -82,6 +86,17 @@ class Transport:
         """Publish one batch of events, encoded by ``greenq.events.encode_batch``
         (one broker call)."""
         raise NotImplementedError
+
+    def publish_rows(self, sender: str, rows: List[Any], unsent: Deque[Any]) -> None:
+        """Publish event rows (``greenq.events``), ``BATCH_MAX`` per broker call.
+        On a failure, what was not sent goes back to the front of ``unsent``,
+        in order, and the error is raised."""
+        for i in range(0, len(rows), BATCH_MAX):
+            try:
+                self.send_events(encode_batch(sender, rows[i:i + BATCH_MAX]))
+            except Exception:
+                unsent.extendleft(reversed(rows[i:]))
+                raise
 
     # -- admin side ------------------------------------------------------------
     def broadcast(self, command: Document) -> Optional[str]:

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, List, Optional
 
-from ..events import ROWS_MAX, encode_batch, sent_row
+from ..events import ROWS_MAX, sent_row
 from ..exceptions import ConfigError
 from .base import Transport, make_transport
 
@@ -32,7 +32,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.control")
 
 PERIOD = 0.5            # seconds from the first waiting row to its batch's publish
-BATCH_MAX = 500         # rows per broker call
 WARN_EVERY = 60.0       # seconds between two warnings of failed publishes
 
 
@@ -82,24 +81,34 @@ class SentPublisher:
     def flush(self) -> None:
         """Publish every waiting row now (also at exit)."""
         with self._lock:
-            rows = list(self.rows)
-            self.rows.clear()
-            for i in range(0, len(rows), BATCH_MAX):
+            rows: List[Any] = []
+            while True:                        # one row at a time: senders append meanwhile
                 try:
-                    if self._transport is None:
-                        self._transport = make_transport(self.app.config.broker_url, self.app.config, None)
-                    self._transport.send_events(encode_batch(self.name, rows[i:i + BATCH_MAX]))
-                except ConfigError as exc:
-                    self._off = True
-                    log.warning("task-sent events off: %s", exc)
-                    return
-                except Exception as exc:
-                    self.rows.extendleft(reversed(rows[i:]))       # tried again with the next send
-                    if self._transport is not None:
-                        self._transport.reset()
-                    now = time.monotonic()
-                    if now - self._warned >= WARN_EVERY:
-                        self._warned = now
-                        log.warning("task-sent events: could not publish %d (%s); kept for the next try",
-                                    len(rows) - i, exc)
-                    return
+                    rows.append(self.rows.popleft())
+                except IndexError:
+                    break
+            if not rows:
+                return
+            try:
+                if self._transport is None:
+                    self._transport = make_transport(self.app.config.broker_url, self.app.config, None)
+            except ConfigError as exc:
+                self._off = True
+                log.warning("task-sent events off: %s", exc)
+                return
+            except Exception as exc:
+                self.rows.extendleft(reversed(rows))
+                self._failed(exc)
+                return
+            try:
+                self._transport.publish_rows(self.name, rows, self.rows)
+            except Exception as exc:           # the rows not sent are back in self.rows
+                self._transport.reset()
+                self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._warned >= WARN_EVERY:
+            self._warned = now
+            log.warning("task-sent events: could not publish %d (%s); kept for the next try",
+                        len(self.rows), exc)

@@ -158,7 +158,8 @@ def test_garbage_in_the_redis_event_stream_is_skipped(redis_url, redis_prefix):
         control.transport.subscribe(0)
         stream = f"{redis_prefix}:events"
         good = encode_batch("w9", [["t-ok", "shop.add", 2, 1_700_000_000_000_000, 42]])
-        for body in (b"\xff\xfe not json", b'{"v": 2, "e": "nope"}', b"[1, 2, [3]]",
+        for body in (b"\xff\xfe not json", b'{"v": 2, "e": "nope"}', b"[1, 2, [3]]", b"[" * 100000,
+                     b'{"v": 2, "w": "w9", "e": ' + b"[" * 100000 + b"]" * 100000 + b"}",
                      b'{"v": 2, "w": "w9", "e": [["x", "y", 99, 1], [2], null, ["t-short", "n", 2, "late"], [7, "n", 2, 1]]}',
                      good.encode()):
             client.xadd(stream, {"e": body})
