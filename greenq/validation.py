@@ -27,6 +27,15 @@ MAX_EPOCH = 253402300799.0
 #: the longest countdown or time limit accepted, in seconds (100 years)
 MAX_SECONDS = 100 * 365 * 86400.0
 
+# -- ceilings of what an operator or a remote command can raise (docs/configuration.md) --
+#: the most task slots a worker process runs ([worker] concurrency, control pool-grow)
+MAX_CONCURRENCY = 10000
+#: the most messages a worker process holds ([worker] prefetch); AMQP's basic_qos
+#: prefetch_count is an unsigned short, so this is also the most RabbitMQ takes
+MAX_PREFETCH = 65535
+#: the most task ids one revoke command (or control broadcast) carries
+MAX_REVOKE_IDS = 1000
+
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
