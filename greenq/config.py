@@ -259,7 +259,7 @@ def check_ceiling(setting: Setting, value: Any) -> None:
     """ValueError when ``value`` is above the setting's documented ceiling."""
     if setting.high is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
             and value > setting.high:
-        raise ValueError(f"above the ceiling of {setting.high:g} (docs/configuration.md, Ceilings)")
+        raise ValueError(f"above the ceiling of {setting.high:.0f} (docs/configuration.md, Ceilings)")
 
 
 def mask_url(url: str) -> str:
