@@ -299,6 +299,7 @@ class Config:
         self._tasks: Dict[str, Dict[str, Any]] = {}
         self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
         self.schedules: Dict[str, Dict[str, Any]] = {}        # [schedule:NAME] entries
+        self._schedule_origin: Dict[Tuple[str, str], str] = {}  # where each schedule key was set
         self.file: Optional[str] = None
         #: mistakes that do not stop a start (a misspelt variable...), see report()
         self.warnings: List[str] = []
@@ -320,7 +321,7 @@ class Config:
         return self._tasks.get(name, {})
 
     def origin(self, section: str, key: str) -> str:
-        return self._origin.get((section, key), "default")
+        return self._origin.get((section, key)) or self._schedule_origin.get((section, key), "default")
 
     def set(self, section: str, key: str, value: Any, origin: str) -> None:
         """Set one value, converting and validating it; ``origin`` names the source in errors."""
@@ -377,7 +378,7 @@ class Config:
         except ValueError as exc:
             raise ConfigError(f"{origin}: [{section}] {key} = {value!r}: {exc}") from None
         self.schedules.setdefault(name, {})[key] = converted
-        self._origin[(section, key)] = origin
+        self._schedule_origin[(section, key)] = origin
 
     def copy(self) -> "Config":
         new = Config()
@@ -385,6 +386,7 @@ class Config:
         new.schedules = {n: dict(v) for n, v in self.schedules.items()}
         new._values = {s: dict(v) for s, v in self._values.items()}
         new._origin = dict(self._origin)
+        new._schedule_origin = dict(self._schedule_origin)
         new._tasks = {t: dict(v) for t, v in self._tasks.items()}
         new.file = self.file
         new.warnings = list(self.warnings)
