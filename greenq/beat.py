@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone as dt_timezone
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+from . import validation
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -56,20 +57,28 @@ class Entry:
     options: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check every field with the rules send_task applies
+        (greenq.validation.schedule_entry): a bad entry is a ConfigError
+        naming it, when it is defined, not an error at its first run."""
         where = f"schedule entry {self.name!r}"
         if not self.task:
             raise ConfigError(f"{where}: no task")
         if (self.every is None) == (self.cron is None):
             raise ConfigError(f"{where}: give exactly one of every (seconds) and cron")
-        if self.every is not None and not (isinstance(self.every, (int, float)) and self.every > 0):
-            raise ConfigError(f"{where}: every = {self.every!r}: expected seconds > 0")
         unknown = set(self.options) - set(ENTRY_OPTIONS)
         if unknown:
             raise ConfigError(f"{where}: unknown option(s) {sorted(unknown)}; expected some of {list(ENTRY_OPTIONS)}")
-        self._zone = _zone(where, self.timezone)
+        spec = dict(self.options, task=self.task, timezone=self.timezone, args=list(self.args), kwargs=self.kwargs)
+        spec.update({k: v for k, v in (("every", self.every), ("cron", self.cron)) if v is not None})
+        try:
+            validation.schedule_entry(spec)
+        except validation.FieldError as exc:
+            raise ConfigError(f"{where}: {exc.key} = {spec.get(exc.key)!r}: {exc}") from None
+        self._zone = validation.timezone("timezone", self.timezone)
+        if self.every is not None:
+            self.every = float(self.every)
         if self.cron is not None:
             self.cron = self.cron.strip()
-            self.next_after(time.time())          # a bad expression fails now, not at its first slot
 
     def next_after(self, t: float) -> float:
         """The first slot strictly after ``t`` (epoch seconds)."""
@@ -82,63 +91,74 @@ class Entry:
         if self.every is not None:
             return math.floor(t / self.every) * self.every
         start = datetime.fromtimestamp(math.floor(t) + 1, self._zone)   # cronsim's reverse excludes its start
-        return next(iter(_cronsim(self, start, reverse=True))).timestamp()
-
-
-def _zone(where: str, name: str) -> Any:
-    if name.upper() == "UTC":
-        return dt_timezone.utc
-    try:
-        from zoneinfo import ZoneInfo
-        return ZoneInfo(name)
-    except Exception as exc:
-        raise ConfigError(f"{where}: timezone = {name!r}: {exc}") from None
+        found = next(iter(_cronsim(self, start, reverse=True)), None)
+        return None if found is None else found.timestamp()
 
 
 def _cronsim(entry: Entry, start: datetime, reverse: bool = False) -> Any:
-    try:
-        from cronsim import CronSim, CronSimError
-    except ImportError:  # pragma: no cover - depends on the install
-        raise ConfigError(f"schedule entry {entry.name!r}: cron needs the cronsim package: "
-                          f"pip install greenq[cron]") from None
-    try:
-        return CronSim(entry.cron, start, reverse=reverse)
-    except CronSimError as exc:
-        raise ConfigError(f"schedule entry {entry.name!r}: cron = {entry.cron!r}: {exc}") from None
+    from cronsim import CronSim       # the expression was checked when the entry was built
+    return CronSim(entry.cron, start, reverse=reverse)
 
 
 def _cron_after(entry: Entry, start: datetime) -> datetime:
-    return next(iter(_cronsim(entry, start)))
+    try:
+        return next(iter(_cronsim(entry, start)))
+    except StopIteration:
+        raise ConfigError(f"schedule entry {entry.name!r}: cron = {entry.cron!r} has no time after "
+                          f"{start.isoformat()}") from None
 
 
-def entries(app: "GreenQ") -> List[Entry]:
+def entries(app: "GreenQ", strict: bool = True) -> List[Entry]:
     """Every entry: ``[schedule:NAME]`` sections, then ``app.add_periodic``
-    ones (a name given twice: the code's wins)."""
+    ones (a name given twice: the code's wins).  A bad entry raises
+    ConfigError; with ``strict=False`` (a running scheduler, a listing) it is
+    logged with its name and left out, and the others are returned."""
     found: Dict[str, Entry] = {}
     for name, spec in app.config.schedules.items():
         spec = dict(spec)
         options = {k: spec.pop(k) for k in ENTRY_OPTIONS if spec.get(k) is not None}
-        found[name] = Entry(name, spec.get("task") or "", spec.get("every"), spec.get("cron"),
-                            spec.get("timezone") or "UTC", spec.get("args") or (), spec.get("kwargs") or {},
-                            options)
+        try:
+            found[name] = Entry(name, spec.get("task") or "", spec.get("every"), spec.get("cron"),
+                                spec.get("timezone") or "UTC", spec.get("args") or (), spec.get("kwargs") or {},
+                                options)
+        except ConfigError as exc:
+            if strict:
+                raise
+            log.error("scheduler: %s; this entry is skipped", exc)
     found.update(getattr(app, "periodic", {}))
     return list(found.values())
+
+
+def plausible_last_run(entry: str, sent: Optional[float], now: float) -> Optional[float]:
+    """The last slot recorded for ``entry``, or None when it lies more than
+    LEASE_SECONDS ahead of ``now``: written by a scheduler whose clock was
+    fast, it would hold the entry back until that time.  Logged."""
+    if sent is not None and sent > now + LEASE_SECONDS:
+        log.warning("scheduler: the last run recorded for %r is %.0f s in the future (a scheduler with a "
+                    "fast clock?): ignored; the entry starts again at its next slot", entry, sent - now)
+        return None
+    return sent
 
 
 def scheduled(app: "GreenQ", now: Optional[float] = None, lease: Optional["Lease"] = None) -> List[Dict[str, Any]]:
     """The schedule with each entry's next run (for ``greenq inspect scheduled``
     and the dashboard): name, task, every or cron, timezone, last run sent
-    (when ``lease`` is given) and next run, as epoch seconds."""
+    (when ``lease`` is given) and next run, as epoch seconds.  A bad entry is
+    logged and left out; it never hides the others."""
     now = time.time() if now is None else now
     last = lease.last_runs() if lease is not None else {}
     rows = []
-    for entry in entries(app):
-        sent = last.get(entry.name)
-        latest = entry.latest_at(now)
-        due_now = sent is not None and latest is not None and latest > sent
+    for entry in entries(app, strict=False):
+        try:
+            sent = plausible_last_run(entry.name, last.get(entry.name), now)
+            latest = entry.latest_at(now)
+            due_now = sent is not None and latest is not None and latest > sent
+            next_run = now if due_now else entry.next_after(now)
+        except (ConfigError, ValueError, OverflowError, OSError) as exc:
+            log.error("scheduler: entry %r: %s; left out", entry.name, exc)
+            continue
         rows.append({"name": entry.name, "task": entry.task, "every": entry.every, "cron": entry.cron,
-                     "timezone": entry.timezone, "last_run": sent,
-                     "next_run": now if due_now else entry.next_after(now)})
+                     "timezone": entry.timezone, "last_run": sent, "next_run": next_run})
     return sorted(rows, key=lambda row: row["next_run"])
 
 
@@ -156,7 +176,9 @@ class Scheduler:
         self.leading = False
         self.stopped = False
         self.sent = 0
-        self.entries = entries(app)
+        self.entries = entries(app, strict=False)
+        #: entry name -> the error it last failed with (logged once, until it succeeds)
+        self.failing: Dict[str, str] = {}
         self.handle: Any = None            # the greenlet or thread running ``run``, when spawned
 
     def stop(self, wait: float = 2.0) -> None:
@@ -201,19 +223,37 @@ class Scheduler:
         last = self.lease.last_runs()
         upcoming = now + self.tick_seconds
         for entry in self.entries:
-            slot = entry.latest_at(now)
-            if slot is None:
-                continue
-            sent = last.get(entry.name)
-            if sent is None:                     # a new entry: it starts at its next slot
-                self.lease.record(self.holder, entry.name, slot)
-            elif slot > sent:
-                self._send(entry, slot)
-                if not self.lease.record(self.holder, entry.name, slot):
-                    self.leading = False
+            try:
+                if not self._due(entry, now, last.get(entry.name)):
+                    self.leading = False          # the lease was lost under us: stand by
                     return self.tick_seconds
-            upcoming = min(upcoming, entry.next_after(now))
+                upcoming = min(upcoming, entry.next_after(now))
+            except Exception as exc:              # one bad entry never holds the others back
+                self._failed(entry, exc)
         return max(0.01, min(self.tick_seconds, upcoming - time.time()))
+
+    def _due(self, entry: Entry, now: float, sent: Optional[float]) -> bool:
+        """Send ``entry``'s run when a slot passed since ``sent`` and record
+        the slot; False when the record was refused (the lease is lost)."""
+        slot = entry.latest_at(now)
+        if slot is None:
+            return True
+        sent = plausible_last_run(entry.name, sent, now)
+        if sent is None:                         # a new entry: it starts at its next slot
+            return self.lease.record(self.holder, entry.name, slot)
+        if slot > sent:
+            self._send(entry, slot)
+            self.failing.pop(entry.name, None)
+            return self.lease.record(self.holder, entry.name, slot)
+        return True
+
+    def _failed(self, entry: Entry, exc: Exception) -> None:
+        """Log a failing entry (once per distinct error); it is tried again
+        at the next tick, and the other entries go on meanwhile."""
+        text = f"{type(exc).__name__}: {exc}"
+        if self.failing.get(entry.name) != text:
+            log.error("scheduler: entry %r (%s) failed: %s; the other entries go on", entry.name, entry.task, text)
+            self.failing[entry.name] = text
 
     def _send(self, entry: Entry, slot: float) -> None:
         task_id = f"beat-{entry.name}-{int(slot)}"

@@ -13,12 +13,14 @@ from __future__ import annotations
 import configparser
 import difflib
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
+from . import validation
 from .exceptions import ConfigError
 from .pools import POOLS
 
@@ -32,6 +34,18 @@ class Setting:
     type: str          # str, int, float, bool, list, hostport, or "choice:a|b|c"
     default: Any
     help: str
+    #: the ceiling of a number an operator can raise (docs/configuration.md, "Ceilings")
+    high: Optional[float] = None
+
+
+#: ceilings (docs/configuration.md lists them with their reasons)
+DAY = 86400
+MAX_PROCESSES = 256
+MAX_MESSAGE_SIZE = 128 * 1024 * 1024      # RabbitMQ's default max_message_size
+MAX_RESULT_EXPIRES = 3650 * DAY
+MAX_DELIVERIES = 1000
+MAX_REDIS_CONNECTIONS = 10000             # Redis's default maxclients
+MAX_TIMEOUT = 3600.0                      # socket and health-check intervals
 
 
 SETTINGS: Dict[str, Dict[str, Setting]] = {
@@ -39,19 +53,20 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "app": Setting("list", [], "modules to import (comma-separated)"),
         "broker_url": Setting("str", "sqlite:///greenq.sqlite3", "broker URL; the embedded SQLite default"),
         "result_backend": Setting("str", "", "result backend URL; empty: derived from broker_url"),
-        "result_expires": Setting("int", 86400, "seconds a stored result is kept"),
+        "result_expires": Setting("int", 86400, "seconds a stored result is kept", MAX_RESULT_EXPIRES),
         "serializer": Setting("choice:json|msgpack|pickle", "json", "serializer of task arguments and results"),
         "accept_content": Setting("list", ["json"], "serializers workers agree to decode"),
         "signing_key": Setting("str", "", "HMAC key; when set, unsigned or forged messages are dead-lettered"),
         "default_queue": Setting("str", "default", "queue used when a task names none"),
         "eager": Setting("bool", False, "run tasks inline in the caller (users' unit tests)"),
         "key_prefix": Setting("str", "greenq", "Redis key namespace"),
-        "lease_seconds": Setting("float", 30.0, "how long a held message stays hidden from other workers"),
-        "max_deliveries": Setting("int", 10, "deliveries before a message is dead-lettered"),
-        "max_message_size": Setting("int", 1048576, "bytes; larger payloads are refused at enqueue"),
+        "lease_seconds": Setting("float", 30.0, "how long a held message stays hidden from other workers", DAY),
+        "max_deliveries": Setting("int", 10, "deliveries before a message is dead-lettered", MAX_DELIVERIES),
+        "max_message_size": Setting("int", 1048576, "bytes; larger payloads are refused at enqueue",
+                                    MAX_MESSAGE_SIZE),
         "logging_config": Setting("str", "", "path to a logging.config.fileConfig INI"),
         "broker_connect_timeout": Setting("float", 0.0, "seconds a starting worker waits for its broker; "
-                                          "0 = forever"),
+                                          "0 = forever", DAY),
         "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
         "task_send_sent_event": Setting("bool", False, "publish a task-sent event for every task this "
@@ -59,16 +74,21 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
     },
     "worker": {
         "pool": Setting("choice:" + "|".join(POOLS), "gevent", "concurrency driver"),
-        "concurrency": Setting("int", 100, "tasks run at once"),
-        "prefetch": Setting("int", 0, "messages held at once; 0 = auto (the concurrency plus a quarter)"),
+        "concurrency": Setting("int", 100, "tasks run at once", validation.MAX_CONCURRENCY),
+        "prefetch": Setting("int", 0, "messages held at once; 0 = auto (the concurrency plus a quarter)",
+                            validation.MAX_PREFETCH),
         "queues": Setting("list", ["default"], "queues consumed, comma-separated"),
-        "processes": Setting("int", 1, "worker processes under one supervisor"),
+        "processes": Setting("int", 1, "worker processes under one supervisor", MAX_PROCESSES),
         "loglevel": Setting("choice:DEBUG|INFO|WARNING|ERROR|CRITICAL", "INFO", "log level"),
-        "shutdown_timeout": Setting("float", 30.0, "seconds running tasks get to finish on warm shutdown"),
-        "max_tasks_per_child": Setting("int", 0, "replace a child process after N tasks; 0 = off"),
-        "max_memory_per_child": Setting("int", 0, "MiB; replace a child process above it; 0 = off"),
+        "shutdown_timeout": Setting("float", 30.0, "seconds running tasks get to finish on warm shutdown",
+                                    DAY),
+        "max_tasks_per_child": Setting("int", 0, "replace a child process after N tasks; 0 = off",
+                                       10 ** 9),
+        "max_memory_per_child": Setting("int", 0, "MiB; replace a child process above it; 0 = off",
+                                        1024 * 1024),
         "http": Setting("hostport", "", "host:port for /metrics and /healthz; empty = off"),
-        "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off"),
+        "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off",
+                                      MAX_TIMEOUT),
         "track_started": Setting("bool", False, "store STARTED when a task begins (one more write per task)"),
         "events": Setting("bool", False, "send task events (-E), batched, for greenq events and the dashboard"),
         "control": Setting("bool", True, "answer inspect/control commands and send heartbeats"),
@@ -79,18 +99,22 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
     },
     "redis": {
         "max_connections": Setting("int", 0, "connection pool size per process; 0 = automatic: up to 10 "
-                                   "in a client, concurrency + 10 for a worker's broker"),
-        "socket_timeout": Setting("float", 10.0, "seconds before a silent connection is declared dead"),
+                                   "in a client, concurrency + 10 for a worker's broker",
+                                   MAX_REDIS_CONNECTIONS),
+        "socket_timeout": Setting("float", 10.0, "seconds before a silent connection is declared dead",
+                                  MAX_TIMEOUT),
         "connect_timeout": Setting("float", 2.0, "seconds to open a connection; a client's publish "
-                                   "fails after this long while Redis is unreachable (workers retry)"),
-        "health_check_interval": Setting("float", 15.0, "seconds between connection health checks"),
-        "min_replicas": Setting("int", 0, "replicas a publish and an ack wait for (WAIT); 0 = none"),
+                                   "fails after this long while Redis is unreachable (workers retry)",
+                                   MAX_TIMEOUT),
+        "health_check_interval": Setting("float", 15.0, "seconds between connection health checks",
+                                         MAX_TIMEOUT),
+        "min_replicas": Setting("int", 0, "replicas a publish and an ack wait for (WAIT); 0 = none", 100),
     },
     "amqp": {
         "confirm_publish": Setting("bool", True, "wait for publisher confirms when enqueuing"),
         "queue_type": Setting("choice:classic|quorum", "classic", "type of the queues greenq declares"),
-        "heartbeat": Setting("int", 30, "AMQP heartbeat in seconds; 0 = off"),
-        "max_priority": Setting("int", 9, "x-max-priority of declared queues; 0 = no priorities"),
+        "heartbeat": Setting("int", 30, "AMQP heartbeat in seconds; 0 = off", 65535),
+        "max_priority": Setting("int", 9, "x-max-priority of declared queues; 0 = no priorities", 255),
         "management_url": Setting("str", "", "RabbitMQ management API for `greenq queues`; "
                                   "empty = http://BROKER_HOST:15672 with the broker's user"),
     },
@@ -101,18 +125,19 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
 # greenq.task reads the defaults from here: one table for both.
 TASK_SETTINGS: Dict[str, Setting] = {
     "queue": Setting("str", None, "queue"),
-    "priority": Setting("int", None, "default priority 0-9"),
-    "max_retries": Setting("int", 3, "retries before giving up"),
-    "retry_backoff": Setting("float", False, "backoff base in seconds; 0 = off"),
-    "retry_backoff_max": Setting("float", 600.0, "longest backoff in seconds"),
+    "priority": Setting("int", None, "default priority 0-9", 9),
+    "max_retries": Setting("int", 3, "retries before giving up", 2 ** 31),
+    "retry_backoff": Setting("float", False, "backoff base in seconds; 0 = off", validation.MAX_SECONDS),
+    "retry_backoff_max": Setting("float", 600.0, "longest backoff in seconds", validation.MAX_SECONDS),
     "retry_jitter": Setting("bool", True, "randomise the backoff"),
-    "default_retry_delay": Setting("float", 180.0, "seconds before an explicit retry"),
-    "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded"),
-    "time_limit": Setting("float", None, "seconds before the task is killed"),
+    "default_retry_delay": Setting("float", 180.0, "seconds before an explicit retry", validation.MAX_SECONDS),
+    "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded", validation.MAX_SECONDS),
+    "time_limit": Setting("float", None, "seconds before the task is killed", validation.MAX_SECONDS),
     "rate_limit": Setting("ratelimit", None, "N/s, N/m or N/h per worker"),
     "acks_late": Setting("bool", True, "acknowledge after the task finished"),
     "ignore_result": Setting("bool", False, "do not store the result"),
-    "expires": Setting("float", None, "seconds after which an unstarted task is revoked"),
+    "expires": Setting("float", None, "seconds after which an unstarted task is revoked",
+                       validation.MAX_SECONDS),
     "track_started": Setting("bool", None, "store STARTED when the task begins; unset: [worker] track_started"),
 }
 #: decorator options that no INI section can set (they name code), with their defaults
@@ -121,16 +146,16 @@ CODE_ONLY_TASK_OPTIONS: Dict[str, Any] = {"autoretry_for": ()}
 # Periodic tasks, in [schedule:<name>] sections (greenq/beat.py reads them).
 SCHEDULE_SETTINGS: Dict[str, Setting] = {
     "task": Setting("str", None, "task name"),
-    "every": Setting("float", None, "seconds between runs"),
+    "every": Setting("float", None, "seconds between runs", validation.MAX_EVERY),
     "cron": Setting("str", None, "five cron fields (minute hour day month weekday)"),
     "timezone": Setting("str", "UTC", "timezone of cron"),
     "args": Setting("json", [], "positional arguments, a JSON list"),
     "kwargs": Setting("json", {}, "keyword arguments, a JSON object"),
     "queue": Setting("str", None, "queue"),
-    "priority": Setting("int", None, "priority 0-9"),
-    "expires": Setting("float", None, "seconds after which an unstarted run is revoked"),
-    "time_limit": Setting("float", None, "seconds before the task is killed"),
-    "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded"),
+    "priority": Setting("int", None, "priority 0-9", 9),
+    "expires": Setting("float", None, "seconds after which an unstarted run is revoked", validation.MAX_SECONDS),
+    "time_limit": Setting("float", None, "seconds before the task is killed", validation.MAX_SECONDS),
+    "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded", validation.MAX_SECONDS),
 }
 
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
@@ -181,7 +206,7 @@ def convert(kind: str, value: Any) -> Any:
         if kind == "int" and isinstance(value, int):
             return _non_negative(value)
         if kind == "float" and isinstance(value, (int, float)):
-            return _non_negative(float(value))
+            return _non_negative(_finite(float(value)))
         if kind == "bool" and isinstance(value, bool):
             return value
         value = str(value)
@@ -194,9 +219,10 @@ def convert(kind: str, value: Any) -> Any:
             raise ValueError("expected a whole number >= 0") from None
     if kind == "float":
         try:
-            return _non_negative(float(value.strip()))
+            number = float(value.strip())
         except ValueError:
             raise ValueError("expected a number >= 0") from None
+        return _non_negative(_finite(number))
     if kind == "bool":
         return _parse_bool(value)
     if kind == "list":
@@ -220,6 +246,20 @@ def _non_negative(n):
     if n < 0:
         raise ValueError("must be >= 0")
     return n
+
+
+def _finite(number: float) -> float:
+    """nan and infinities compare false with every bound, so they are refused first."""
+    if not math.isfinite(number):
+        raise ValueError("expected a finite number (nan and infinities are refused)")
+    return number
+
+
+def check_ceiling(setting: Setting, value: Any) -> None:
+    """ValueError when ``value`` is above the setting's documented ceiling."""
+    if setting.high is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and value > setting.high:
+        raise ValueError(f"above the ceiling of {setting.high:.0f} (docs/configuration.md, Ceilings)")
 
 
 def mask_url(url: str) -> str:
@@ -259,6 +299,7 @@ class Config:
         self._tasks: Dict[str, Dict[str, Any]] = {}
         self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
         self.schedules: Dict[str, Dict[str, Any]] = {}        # [schedule:NAME] entries
+        self._schedule_origin: Dict[Tuple[str, str], str] = {}  # where each schedule key was set
         self.file: Optional[str] = None
         #: mistakes that do not stop a start (a misspelt variable...), see report()
         self.warnings: List[str] = []
@@ -280,7 +321,7 @@ class Config:
         return self._tasks.get(name, {})
 
     def origin(self, section: str, key: str) -> str:
-        return self._origin.get((section, key), "default")
+        return self._origin.get((section, key)) or self._schedule_origin.get((section, key), "default")
 
     def set(self, section: str, key: str, value: Any, origin: str) -> None:
         """Set one value, converting and validating it; ``origin`` names the source in errors."""
@@ -298,6 +339,7 @@ class Config:
             raise ConfigError(f"{origin}: [{section}] unknown key '{key}'" + _suggest(key, table))
         try:
             converted = convert(table[key].type, value)
+            check_ceiling(table[key], converted)
         except ValueError as exc:
             shown = mask_url(str(value)) if key.endswith("url") or key == "result_backend" else value
             if key == "signing_key":
@@ -332,9 +374,11 @@ class Config:
                     raise ValueError(f"expected a JSON {'list' if key == 'args' else 'object'}")
             else:
                 converted = convert(kind, value)
+                check_ceiling(SCHEDULE_SETTINGS[key], converted)
         except ValueError as exc:
             raise ConfigError(f"{origin}: [{section}] {key} = {value!r}: {exc}") from None
         self.schedules.setdefault(name, {})[key] = converted
+        self._schedule_origin[(section, key)] = origin
 
     def copy(self) -> "Config":
         new = Config()
@@ -342,6 +386,7 @@ class Config:
         new.schedules = {n: dict(v) for n, v in self.schedules.items()}
         new._values = {s: dict(v) for s, v in self._values.items()}
         new._origin = dict(self._origin)
+        new._schedule_origin = dict(self._schedule_origin)
         new._tasks = {t: dict(v) for t, v in self._tasks.items()}
         new.file = self.file
         new.warnings = list(self.warnings)
@@ -484,12 +529,8 @@ def validate(cfg: Config) -> None:
     if not cfg.worker["queues"]:
         raise ConfigError(f"{cfg.origin('worker', 'queues')}: [worker] queues is empty")
     for entry, spec in cfg.schedules.items():
-        if not spec.get("task") or (spec.get("every") is None) == (spec.get("cron") is None):
-            raise ConfigError(f"[schedule:{entry}]: needs a task and exactly one of every (seconds) and cron")
+        check_schedule(cfg, entry, spec)
     for opts_name, opts in cfg._tasks.items():
-        prio = opts.get("priority")
-        if prio is not None and prio > 9:
-            raise ConfigError(f"[task:{opts_name}] priority = {prio}: expected 0-9")
         check_limits(f"{cfg.origin(f'task:{opts_name}', 'soft_time_limit')}: [task:{opts_name}]",
                      opts.get("soft_time_limit"), opts.get("time_limit"))
     w = cfg.worker
@@ -499,6 +540,21 @@ def validate(cfg: Config) -> None:
             f"[worker] concurrency = {w['concurrency']} ({cfg.origin('worker', 'concurrency')}); "
             f"the worker holds {w['concurrency']} messages. Set prefetch >= concurrency, "
             f"or 0 for auto")
+
+
+def check_schedule(cfg: Config, entry: str, spec: Mapping[str, Any]) -> None:
+    """One ``[schedule:NAME]`` entry, checked with the rules send_task applies
+    (greenq.validation.schedule_entry): a ConfigError naming the file,
+    section, key and value of the first mistake."""
+    section = f"schedule:{entry}"
+    where = cfg.origin(section, next(iter(spec), "task"))
+    if not spec.get("task") or (spec.get("every") is None) == (spec.get("cron") is None):
+        raise ConfigError(f"{where}: [{section}]: needs a task and exactly one of every (seconds) and cron")
+    try:
+        validation.schedule_entry(dict(spec))
+    except validation.FieldError as exc:
+        raise ConfigError(f"{cfg.origin(section, exc.key)}: [{section}] {exc.key} = "
+                          f"{spec.get(exc.key)!r}: {exc}") from None
 
 
 def check_limits(where: str, soft: Optional[float], hard: Optional[float]) -> None:
@@ -511,8 +567,14 @@ def check_limits(where: str, soft: Optional[float], hard: Optional[float]) -> No
 def effective_prefetch(concurrency: int, prefetch: int) -> int:
     """How many messages a worker holds: ``[worker] prefetch``, never below the
     concurrency; when 0 (auto), the concurrency plus a quarter, so the next wave
-    of messages is already local when a wave of tasks ends."""
+    of messages is already local when a wave of tasks ends.  Never above
+    MAX_PREFETCH, the most AMQP's basic_qos can carry (an unsigned short):
+    a concurrency or prefetch above its ceiling is a ConfigError."""
+    if concurrency > validation.MAX_CONCURRENCY:
+        raise ConfigError(f"concurrency {concurrency} is above the ceiling of {validation.MAX_CONCURRENCY}")
+    if prefetch > validation.MAX_PREFETCH:
+        raise ConfigError(f"prefetch {prefetch} is above the ceiling of {validation.MAX_PREFETCH}")
     concurrency = max(1, concurrency)
     if prefetch:
         return max(prefetch, concurrency)
-    return concurrency + max(1, concurrency // 4)
+    return min(validation.MAX_PREFETCH, concurrency + max(1, concurrency // 4))

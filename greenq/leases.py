@@ -20,21 +20,85 @@
 ``holder`` has it; True while ``holder`` holds it.  ``record`` writes only
 while the writer holds the lease (a fenced write) and says whether it did.
 ``P`` is ``[greenq] key_prefix`` (default ``greenq``).
+
+What is read back is checked, never trusted: a lease whose expiry lies more
+than its duration (plus ``CLOCK_SLACK``) ahead -- written by a scheduler whose
+clock was fast, or by hand without an expiry -- counts as expired; a last-run
+value that is not finite epoch seconds is logged and counts as absent for
+that entry alone.  With ``signing_key``, each last-run record is signed
+(``greenq.signing.Signer``, domain ``schedule``, bound to its entry's name)
+and a record unsigned or forged is logged and ignored.
 """
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
+from . import validation
 from .brokers import scheme_of
 from .drivers.base import UsesDriver
-from .exceptions import ConfigError
+from .exceptions import ConfigError, MessageError
+from .signing import Signer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
+
+log = logging.getLogger("greenq.beat")
+
+#: seconds by which a lease's expiry may exceed ``now + ttl`` (clocks of two
+#: schedulers a little apart) before the lease counts as implausible
+CLOCK_SLACK = 1.0
+#: the signing domain of scheduler records
+DOMAIN = "schedule"
+
+
+def check_slot(entry: str, value: Any) -> Optional[float]:
+    """``value`` as a slot (finite epoch seconds), or None, logged, when it
+    is anything else: one garbage record never stops the other entries."""
+    try:
+        number = float(value)
+        return validation.epoch("slot", number)
+    except (TypeError, ValueError, OverflowError) as exc:
+        log.warning("scheduler: last-run record of %r is not a time (%s): ignored", entry, exc)
+        return None
+
+
+def encode_slot(signer: Signer, entry: str, slot: float) -> bytes:
+    """The stored form of a last-run record: the slot's text; signed (and
+    bound to ``entry``, so it cannot be copied onto another entry) with a key."""
+    text = repr(float(slot)).encode()
+    return signer.wrap(DOMAIN, entry.encode() + b"\0" + text) if signer else text
+
+
+def decode_slot(signer: Signer, entry: str, raw: Any) -> Optional[float]:
+    """The slot of a stored last-run record, or None (logged) when it is
+    garbage, unsigned or forged (with a key), or signed for another entry."""
+    data = raw if isinstance(raw, bytes) else str(raw).encode("utf-8", "replace")
+    try:
+        payload = signer.unwrap(DOMAIN, data, f"last-run record of {entry!r}")
+    except MessageError as exc:
+        log.warning("scheduler: %s: ignored", exc)
+        return None
+    owner, sep, text = payload.rpartition(b"\0")
+    if sep and owner != entry.encode():
+        log.warning("scheduler: last-run record of %r is signed for another entry: ignored", entry)
+        return None
+    return check_slot(entry, text.decode("ascii", "replace"))
+
+
+def entry_name(raw: Any) -> Optional[str]:
+    """A stored entry name as text; None (logged) when it is not UTF-8."""
+    if isinstance(raw, str):
+        return raw
+    try:
+        return bytes(raw).decode("utf-8")
+    except (UnicodeDecodeError, TypeError, ValueError):
+        log.warning("scheduler: a last-run record names no entry (%r): ignored", raw)
+        return None
 
 
 class Lease(UsesDriver):
@@ -45,6 +109,18 @@ class Lease(UsesDriver):
         self.config = config
         self.ttl = ttl
         self.driver = driver
+        self.signer = Signer(getattr(config, "signing_key", ""))
+
+    def _runs(self, rows: Any) -> Dict[str, float]:
+        """``{entry: slot}`` of stored ``(entry, value)`` rows, each checked
+        by decode_slot; a bad row is left out alone."""
+        runs: Dict[str, float] = {}
+        for raw_entry, raw_slot in rows:
+            entry = entry_name(raw_entry)
+            slot = None if entry is None else decode_slot(self.signer, entry, raw_slot)
+            if slot is not None:
+                runs[entry] = slot
+        return runs
 
     def acquire(self, holder: str) -> bool:
         raise NotImplementedError
@@ -129,10 +205,12 @@ class SQLiteLease(Lease):
                 return fn(conn, *args)
         return self._blocking(self._db.run, run)
 
-    @staticmethod
-    def _holder(conn: Any, now: float) -> Optional[str]:
-        row = conn.execute("SELECT holder FROM beat_lease WHERE name = ? AND expires_at > ?",
-                           (SQLiteLease.NAME, now)).fetchone()
+    def _holder(self, conn: Any, now: float) -> Optional[str]:
+        """The holder of an unexpired lease; a lease whose expiry is not a
+        number or lies more than ttl + CLOCK_SLACK ahead counts as expired."""
+        row = conn.execute("SELECT holder FROM beat_lease WHERE name = ? AND typeof(expires_at) IN "
+                           "('real', 'integer') AND expires_at > ? AND expires_at <= ?",
+                           (SQLiteLease.NAME, now, now + self.ttl + CLOCK_SLACK)).fetchone()
         return row[0] if row else None
 
     def acquire(self, holder: str) -> bool:
@@ -151,13 +229,14 @@ class SQLiteLease(Lease):
                                             (self.NAME, holder)))
 
     def last_runs(self) -> Dict[str, float]:
-        return self._run(lambda conn: dict(conn.execute("SELECT entry, slot FROM beat_runs")))
+        return self._runs(self._run(lambda conn: conn.execute("SELECT entry, slot FROM beat_runs").fetchall()))
 
     def record(self, holder: str, entry: str, slot: float) -> bool:
         def write(conn: Any) -> bool:
             if self._holder(conn, time.time()) != holder:
                 return False
-            conn.execute("INSERT OR REPLACE INTO beat_runs (entry, slot) VALUES (?, ?)", (entry, slot))
+            value = encode_slot(self.signer, entry, slot) if self.signer else float(slot)
+            conn.execute("INSERT OR REPLACE INTO beat_runs (entry, slot) VALUES (?, ?)", (entry, value))
             return True
         return self._run(write)
 
@@ -166,7 +245,14 @@ class SQLiteLease(Lease):
 
 
 # -- redis ---------------------------------------------------------------------------
+# A lease key that is not a string, has no expiry, or expires later than the
+# lease's duration (ARGV[3] ms: ttl + CLOCK_SLACK) from now was not written by
+# a scheduler's renewal: it counts as free.
 _REDIS_ACQUIRE = """
+local ttl = redis.call('PTTL', KEYS[1])
+if redis.call('TYPE', KEYS[1]).ok ~= 'string' or ttl == -1 or ttl > tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+end
 local current = redis.call('GET', KEYS[1])
 if not current then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
 if current == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
@@ -174,6 +260,8 @@ return 0
 """
 _REDIS_RECORD = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local kind = redis.call('TYPE', KEYS[2]).ok
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[2]) end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 return 1
 """
@@ -197,16 +285,23 @@ class RedisLease(Lease):
         self._release = self.client.register_script(_REDIS_RELEASE)
 
     def acquire(self, holder: str) -> bool:
-        return bool(self._acquire(keys=self.keys[:1], args=[holder, int(self.ttl * 1000)]))
+        return bool(self._acquire(keys=self.keys[:1], args=[holder, int(self.ttl * 1000),
+                                                            int((self.ttl + CLOCK_SLACK) * 1000)]))
 
     def release(self, holder: str) -> None:
         self._release(keys=self.keys[:1], args=[holder])
 
     def last_runs(self) -> Dict[str, float]:
-        return {k.decode(): float(v) for k, v in self.client.hgetall(self.keys[1]).items()}
+        import redis
+        try:
+            rows = self.client.hgetall(self.keys[1]).items()
+        except redis.ResponseError as exc:          # not a hash: replaced at the next record
+            log.warning("scheduler: %s is not a hash of last runs (%s): ignored", self.keys[1], exc)
+            return {}
+        return self._runs(rows)
 
     def record(self, holder: str, entry: str, slot: float) -> bool:
-        return bool(self._record(keys=self.keys, args=[holder, entry, repr(float(slot))]))
+        return bool(self._record(keys=self.keys, args=[holder, entry, encode_slot(self.signer, entry, slot)]))
 
     def close(self) -> None:
         self.client.close()
@@ -226,7 +321,7 @@ class AMQPLease(Lease):
         self.conn: Any = None
         self.channel: Any = None
         self.held = False
-        self._runs: Dict[str, float] = {}
+        self._state: Dict[str, float] = {}
         self._tags: list = []            # the state messages we hold unacknowledged
 
     def _connect(self) -> None:
@@ -276,28 +371,42 @@ class AMQPLease(Lease):
             msg = self.channel.basic_get(self.state_queue, no_ack=False)
             if msg is None:
                 break
-            self._tags.append(msg.delivery_tag)
-            try:
-                for entry, slot in json.loads(msg.body).items():
-                    runs[entry] = max(float(slot), runs.get(entry, float("-inf")))
-            except (ValueError, AttributeError, TypeError):
-                pass                                    # not ours: dropped at the next write
-        self._runs = runs
+            self._tags.append(msg.delivery_tag)    # garbage or forged: dropped at the next write
+            for entry, slot in self._read_state(msg.body).items():
+                runs[entry] = max(slot, runs.get(entry, slot))
+        self._state = runs
+
+    def _read_state(self, body: Any) -> Dict[str, float]:
+        """The runs of one state message, each checked; {} (logged) for one
+        that is not a JSON object, or is unsigned or forged with a key."""
+        from .brokers.amqp_meta import as_bytes
+        try:
+            doc = json.loads(self.signer.unwrap(DOMAIN, as_bytes(body), f"scheduler state in {self.state_queue}"))
+        except MessageError as exc:
+            log.warning("scheduler: %s: ignored", exc)
+            return {}
+        except (ValueError, RecursionError):
+            doc = None
+        if not isinstance(doc, dict):
+            log.warning("scheduler: a message in %s is not a JSON object of last runs: ignored", self.state_queue)
+            return {}
+        return {entry: slot for entry, slot in ((e, check_slot(e, v)) for e, v in doc.items()) if slot is not None}
 
     def release(self, holder: str) -> None:
         self._drop()
 
     def last_runs(self) -> Dict[str, float]:
-        return dict(self._runs) if self.held else {}
+        return dict(self._state) if self.held else {}
 
     def record(self, holder: str, entry: str, slot: float) -> bool:
         from .brokers.amqp_common import AMQP_ERRORS
         import amqp
         if not self.held:
             return False
-        runs = dict(self._runs, **{entry: slot})
+        runs = dict(self._state, **{entry: slot})
+        body = self.signer.wrap(DOMAIN, json.dumps(runs).encode())
         try:
-            self.channel.basic_publish(amqp.Message(json.dumps(runs), delivery_mode=2),
+            self.channel.basic_publish(amqp.Message(body, delivery_mode=2),
                                        exchange="", routing_key=self.state_queue)
             old, self._tags = self._tags, []
             for tag in old:
@@ -309,7 +418,7 @@ class AMQPLease(Lease):
         except (OSError,) + AMQP_ERRORS:
             self._drop()
             return False
-        self._runs = runs
+        self._state = runs
         return True
 
     def close(self) -> None:

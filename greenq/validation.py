@@ -12,7 +12,8 @@ docs/reliability.md lists the rules field by field.
 from __future__ import annotations
 
 import math
-from datetime import datetime
+import re
+from datetime import datetime, timezone as dt_timezone, tzinfo
 from typing import Any, Dict, Optional
 
 #: task ids, task names, queue names and reply queues: at most this many UTF-8
@@ -196,3 +197,114 @@ def task_options(task_name: str, options: Dict[str, Any]) -> None:
     if max_retries is not None:
         count("max_retries", max_retries)
     limits(options.get("soft_time_limit"), options.get("time_limit"), f"@app.task {task_name}: ")
+
+
+# -- numbers read from configuration and from stored scheduler records --------------
+def finite(option: str, value: float) -> float:
+    """``value`` unless it is nan or an infinity (which compare false with
+    everything, so a ceiling or a ``> 0`` test would let them through)."""
+    if not math.isfinite(value):
+        raise ValueError(f"{option} must be a finite number, not {value!r}")
+    return value
+
+
+# -- periodic tasks (greenq/beat.py, [schedule:NAME]) ---------------------------------
+#: the shortest ``every`` accepted: the scheduler looks at the schedule once a second
+MIN_EVERY = 1.0
+#: the longest ``every`` accepted (366 days); a longer period is a cron expression
+MAX_EVERY = 366 * 86400.0
+#: a cron expression must fire within this many years of now (cronsim gives up after 50)
+CRON_HORIZON_YEARS = 50
+#: an IANA time zone name: letters, digits and ``_ - +``, in ``/``-separated parts
+_ZONE_NAME = re.compile(r"^[A-Za-z0-9_+\-]+(/[A-Za-z0-9_+\-]+)*$")
+
+
+def every(option: str, value: Any) -> float:
+    """The period of an ``every`` entry, in seconds: MIN_EVERY to MAX_EVERY."""
+    if not _number(value):
+        raise TypeError(f"{option} must be a number of seconds, not {type(value).__name__} {value!r:.80}")
+    value = float(value)
+    if not (math.isfinite(value) and MIN_EVERY <= value <= MAX_EVERY):
+        raise ValueError(f"{option} must be {MIN_EVERY:g} to {MAX_EVERY:.0f} seconds, not {value!r}")
+    return value
+
+
+def timezone(option: str, value: Any) -> tzinfo:
+    """The tzinfo of an IANA zone name (``Europe/Paris``, ``UTC``), loaded by
+    zoneinfo.  Names are never paths: ``..``, a leading ``/`` and any
+    character outside ``A-Za-z0-9_+-/`` are refused before zoneinfo sees them."""
+    name(option, value)
+    if value.upper() == "UTC":
+        return dt_timezone.utc
+    if not _ZONE_NAME.match(value) or ".." in value:
+        raise ValueError(f"{option} {value!r:.80} is not an IANA time zone name such as Europe/Paris")
+    from zoneinfo import ZoneInfo
+    try:
+        return ZoneInfo(value)
+    except Exception as exc:          # unknown name, a directory (``Europe``), a file that is no zone
+        raise ValueError(f"{option} {value!r}: no such IANA time zone ({type(exc).__name__})") from None
+
+
+def cron(option: str, value: Any, zone: tzinfo) -> str:
+    """A five-field cron expression that cronsim accepts and that fires at
+    least once within CRON_HORIZON_YEARS of now in ``zone`` (``0 0 30 2 *``
+    never does)."""
+    name(option, value)
+    try:
+        from cronsim import CronSim, CronSimError
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ValueError(f"{option}: cron needs the cronsim package: pip install greenq[cron]") from None
+    expr = value.strip()
+    try:
+        next(iter(CronSim(expr, datetime.now(zone))))
+    except CronSimError as exc:
+        raise ValueError(f"{option} {expr!r}: {exc}") from None
+    except StopIteration:
+        raise ValueError(f"{option} {expr!r} never fires (no time matches within "
+                         f"{CRON_HORIZON_YEARS} years)") from None
+    return expr
+
+
+#: the options of a schedule entry that have a value rule (cron is checked with its zone)
+SCHEDULE_RULES: Dict[str, Any] = {
+    "task": name,
+    "every": lambda o, v: None if v is None else every(o, v),
+    "timezone": timezone,
+    "queue": optional_name,
+    "priority": lambda o, v: None if v is None else priority(o, v),
+    "expires": lambda o, v: None if v is None else offset(o, v),
+    "time_limit": optional_seconds,
+    "soft_time_limit": optional_seconds,
+}
+
+
+def schedule_entry(spec: Dict[str, Any]) -> None:
+    """Check every field of one schedule entry (``task``, ``every`` or
+    ``cron``, ``timezone``, and the apply_async options) with the rules
+    ``send_task`` applies.  Raises ValueError/TypeError whose ``args[1]``, when
+    FieldError (a ValueError) naming the offending key."""
+    for key, rule in SCHEDULE_RULES.items():
+        if key in spec:
+            _checked(key, spec[key], rule)
+    if spec.get("cron") is not None:
+        zone = _checked("timezone", spec.get("timezone") or "UTC", timezone)
+        _checked("cron", spec["cron"], lambda o, v: cron(o, v, zone))
+    if spec.get("args") is not None or spec.get("kwargs") is not None:
+        _checked("args", spec.get("args") or [], lambda o, v: arguments(v, spec.get("kwargs") or {}))
+    _checked("soft_time_limit", spec.get("soft_time_limit"),
+             lambda o, v: limits(v, spec.get("time_limit")))
+
+
+class FieldError(ValueError):
+    """A ValueError naming the field (``key``) it is about."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+def _checked(key: str, value: Any, rule: Any) -> Any:
+    try:
+        return rule(key, value)
+    except (TypeError, ValueError) as exc:
+        raise FieldError(key, str(exc)) from None

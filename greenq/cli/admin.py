@@ -132,6 +132,8 @@ def _main(argv: Optional[List[str]]) -> int:
         app = load_app(args.app, cfg)
         if args.command == "config":
             if args.action == "check":
+                from ..beat import entries
+                entries(app)                  # every schedule entry, built as the scheduler builds it
                 for message in check_app(app):
                     sys.stderr.write(f"greenq: warning: {message}\n")
             return cmd_config(args, app.config)

@@ -48,7 +48,12 @@ def print_schedule(app: "GreenQ") -> int:
         lease.close()
 
     def when(t: Any) -> str:
-        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+        if t is None:
+            return "-"
+        try:
+            return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+        except (OverflowError, ValueError, OSError):   # a record no scheduler could have written
+            return "?"
     for row in rows:
         period = f"every {row['every']:g} s" if row["every"] else f"cron {row['cron']} {row['timezone']}"
         print(f"{row['name']}  {row['task']}  {period}  last={when(row['last_run'])}  next={when(row['next_run'])}")

@@ -3,9 +3,12 @@
 AMQP cannot list queues, so on RabbitMQ the broker alone knows only the
 configured queues and, for ``held``, what this process holds.  When
 RabbitMQ's management API answers (``[amqp] management_url``, by default
-``http://BROKER_HOST:15672`` with the broker's user), every queue of the
+``http://BROKER_HOST:15672`` with the broker's user, or
+``https://BROKER_HOST:15671`` for an ``amqps://`` broker), every queue of the
 vhost is listed with the messages every consumer holds; otherwise the broker's
-own figures are shown with a note saying so.
+own figures are shown with a note saying so.  The broker's user and password
+never travel over plain HTTP from a TLS broker's configuration: an
+``http://`` management_url with an ``amqps://`` broker is refused.
 """
 from __future__ import annotations
 
@@ -46,7 +49,10 @@ def queue_stats(app: Any) -> Tuple[List[QueueStats], Optional[str]]:
     scheme = app.config.broker_url.partition("://")[0].lower()
     if scheme not in ("amqp", "pyamqp", "amqps"):
         return broker.queue_stats(), None
-    url = management_url(app.config.broker_url, app.config.section("amqp")["management_url"])
+    try:
+        url = management_url(app.config.broker_url, app.config.section("amqp")["management_url"])
+    except ValueError as exc:
+        return broker.queue_stats(), f"{exc}: configured queues only; held counts this process only"
     try:
         listed = rabbitmq_queues(app.config.broker_url, url)
     except (OSError, ValueError) as exc:
@@ -62,16 +68,30 @@ def queue_stats(app: Any) -> Tuple[List[QueueStats], Optional[str]]:
     return rows, None
 
 
+#: the management API's default scheme and port, by the broker URL's scheme
+MANAGEMENT_DEFAULTS = {"amqps": ("https", 15671), "amqp": ("http", 15672), "pyamqp": ("http", 15672)}
+
+
 def management_url(broker_url: str, configured: str) -> str:
-    """``[amqp] management_url``, else ``http://BROKER_HOST:15672`` with the broker's user."""
+    """``[amqp] management_url``, else the broker's host with the broker's
+    user: ``https://HOST:15671`` for ``amqps://`` (RabbitMQ's TLS management
+    port), ``http://HOST:15672`` otherwise.  ValueError when credentials would
+    cross plain HTTP although the broker is reached over TLS (an ``http://``
+    management_url with an ``amqps://`` broker)."""
+    parts = urllib.parse.urlsplit(broker_url.split(";")[0].strip())
+    scheme = parts.scheme.lower()
     if configured:
+        if scheme == "amqps" and urllib.parse.urlsplit(configured).scheme.lower() != "https":
+            raise ValueError(f"[amqp] management_url = {mask_url(configured)} is not https:// while the "
+                             f"broker is amqps://: greenq will not send the broker's password over plain "
+                             f"HTTP; use an https:// management_url")
         return configured
-    parts = urllib.parse.urlsplit(broker_url)
+    web, port = MANAGEMENT_DEFAULTS.get(scheme, ("http", 15672))
     auth = ""
     if parts.username is not None:
         auth = parts.username + (f":{parts.password}" if parts.password is not None else "") + "@"
     host = parts.hostname or "localhost"
-    return f"http://{auth}{host}:15672"
+    return f"{web}://{auth}{host}:{port}"
 
 
 def rabbitmq_queues(broker_url: str, api: str, timeout: float = 5.0) -> Dict[str, Tuple[int, int]]:
@@ -83,6 +103,11 @@ def rabbitmq_queues(broker_url: str, api: str, timeout: float = 5.0) -> Dict[str
     user = urllib.parse.unquote(api_parts.username or parts.username or "guest")
     password = urllib.parse.unquote(api_parts.password or parts.password or "guest")
     netloc = api_parts.netloc.rpartition("@")[2]
+    if (api_parts.scheme or "http").lower() not in ("http", "https"):
+        raise ValueError(f"management API {mask_url(api)}: expected an http:// or https:// URL")
+    if parts.scheme.lower() == "amqps" and api_parts.scheme.lower() != "https":
+        raise ValueError("the broker is amqps:// and the management API is not https://: "
+                         "credentials are not sent over plain HTTP")
     endpoint = urllib.parse.urlunsplit((api_parts.scheme or "http", netloc,
                                         api_parts.path.rstrip("/") + "/api/queues/"
                                         + urllib.parse.quote(vhost, safe=""), "", ""))

@@ -42,7 +42,7 @@ def test_cron_in_a_timezone():
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "exactly one of every"),
     ({"every": 5, "cron": "* * * * *"}, "exactly one of every"),
-    ({"every": 0}, "seconds > 0"),
+    ({"every": 0}, "every = 0: every must be 1 to"),
     ({"cron": "61 * * * *"}, "cron = '61"),
     ({"cron": "* * * * *", "timezone": "Mars/Olympus"}, "Mars/Olympus"),
     ({"every": 5, "options": {"countdown": 3}}, "unknown option"),
