@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from ..backoff import Backoff
 from ..control.agent import OFFLINE_AFTER
@@ -52,7 +52,7 @@ class FleetState:
         self.workers: "OrderedDict[str, Document]" = OrderedDict()
         self.tasks: "OrderedDict[str, Document]" = OrderedDict()
         self.failures: Deque[Document] = deque(maxlen=FAILURES_KEPT)
-        self.buckets: Dict[int, List[int]] = {}            # bucket start -> [succeeded, failed]
+        self.buckets: Dict[int, List[float]] = {}          # bucket start -> [succeeded, failed]
         self.tally = Tally()
         self.forgotten = 0                                 # workers dropped (silent, or over the bound)
         self.batches_failed = 0                            # batches that raised in apply (a bug: logged)
@@ -93,7 +93,7 @@ class FleetState:
             del self.workers[name]
             self.forgotten += 1
 
-    def _count(self, when: float, succeeded: int, failed: int) -> None:
+    def _count(self, when: float, succeeded: float, failed: float) -> None:
         if succeeded <= 0 and failed <= 0:
             return
         slot = int(when // BUCKET * BUCKET)
@@ -105,9 +105,7 @@ class FleetState:
                 del self.buckets[old]
 
     def _task(self, kind: str, e: Document) -> None:
-        task_id = e.get("uuid")
-        if not isinstance(task_id, str):
-            return
+        task_id = e["uuid"]
         task = self.tasks.pop(task_id, None) or {"id": task_id, "name": e.get("name")}
         self.tasks[task_id] = task                      # most recently changed last
         while len(self.tasks) > TASKS_KEPT:
