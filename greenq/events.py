@@ -9,7 +9,8 @@ task-received      ``queue``, ``sent`` (epoch the client sent it), ``args``,
                    ``eta``; each left out when empty or at its default
 task-started       ``queue_wait`` (seconds from sent, or eta, to start)
 task-succeeded     ``runtime``
-task-failed        ``runtime``, ``exception``, ``traceback``
+task-failed        ``runtime``, ``exception``, ``traceback`` (its last
+                   ``TRACEBACK_MAX`` characters, after a line saying how many were cut)
 task-retried       ``runtime``, ``reason``
 task-revoked       ``reason`` (revoked, expired, terminated by revoke)
 task-dead-lettered ``reason`` (the message could not run; ``name`` may be None)
@@ -45,6 +46,21 @@ twice an int to write.  :func:`decode_batch` turns a body back into the
 documented events, one per ``code`` (times in float seconds), which is what
 ``greenq events``, the dashboard and this table show; it also reads the
 version-1 body (a JSON list of event objects) of an older worker.
+
+**What a reader keeps** (:func:`clean`).  Anybody who can write to the broker
+can write to the event stream, so every reader (the dashboard, ``greenq
+events``) checks each event field by field before it uses it.  An event whose
+``type`` is not one of the documented types, or whose identity (a worker
+event's ``worker``, a task event's ``uuid``) is not a name, is skipped; any
+other field of the wrong type is dropped (the page shows it blank); fields that
+are not documented are dropped too, so what a reader holds per event is
+bounded.  Names (worker, task, queue, host, ids) are printable strings of at
+most ``NAME_MAX`` characters; counters are finite numbers from 0 to
+``COUNT_MAX``; times and durations finite numbers from 0 to ``TIME_MAX``;
+``queues`` a list of at most ``NAMES_MAX`` names; texts (reprs, exception,
+reason) strings cut at ``TEXT_MAX`` characters, a traceback at
+``TRACEBACK_MAX``.  A :class:`Tally` counts what was read, skipped and
+dropped.
 """
 from __future__ import annotations
 
@@ -53,7 +69,7 @@ import math
 from collections import deque
 from contextlib import nullcontext
 from time import monotonic_ns, time_ns
-from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hooks import Hooks
@@ -77,8 +93,17 @@ ROW_FIELDS: Sequence[Sequence[str]] = (
     ("queue", "args", "kwargs", "retries", "eta", "expires", "parent_id", "root_id"),
 )
 WIRE_VERSION = 2
+WORKER_EVENTS = ("worker-online", "worker-heartbeat", "worker-offline")
 ROWS_MAX = 100000             # rows kept while the broker is away (the oldest are dropped)
 LIVE_MAX = 200000             # tasks between received and done that are remembered
+
+#: what a reader keeps (see "What a reader keeps" above)
+NAME_MAX = 200                # characters of a name
+NAMES_MAX = 64                # names in a list (a heartbeat's queues)
+TEXT_MAX = 400                # characters of a repr, an exception, a reason
+TRACEBACK_MAX = 4000          # characters of a traceback: its end, where the exception is
+COUNT_MAX = 2 ** 53           # a counter beyond (or a float not exact) is not believed
+TIME_MAX = 253402300799.0     # the end of year 9999, in epoch seconds
 
 _encode = json.JSONEncoder(separators=(",", ":"), default=repr, check_circular=False).encode
 
@@ -89,6 +114,18 @@ def short_repr(value: Any) -> str:
     except Exception:
         text = f"<{type(value).__name__}>"
     return text if len(text) <= REPR_MAX else text[:REPR_MAX - 3] + "..."
+
+
+def trim_traceback(text: Any) -> Optional[str]:
+    """The last ``TRACEBACK_MAX`` characters of a traceback (the innermost
+    frames and the exception), after a line saying how many were cut; None
+    for what is not a string."""
+    if not isinstance(text, str):
+        return None
+    if len(text) <= TRACEBACK_MAX:
+        return text
+    kept = text[len(text) - TRACEBACK_MAX:]
+    return f"... ({len(text) - len(kept)} characters cut)\n{kept}"
 
 
 def _us(seconds: Optional[float]) -> Optional[int]:
@@ -149,11 +186,111 @@ def _in_seconds(event: Dict[str, Any], out: List[Dict[str, Any]]) -> None:
         return
     for key in MICROSECOND_FIELDS:
         value = event.get(key)
-        if type(value) is int:
+        if type(value) is int and abs(value) <= _US_MAX:
             event[key] = value / 1e6
         elif value is not None and not (type(value) is float and math.isfinite(value)):
-            del event[key]                                       # a time that is not one
+            del event[key]                # a time that is not one (or too large for a float)
     out.append(event)
+
+
+_US_MAX = int(TIME_MAX * 1e6)
+_BAD = object()          # what a field check returns for a value of the wrong type
+
+
+def _name(value: Any) -> Any:
+    if isinstance(value, str) and 0 < len(value) <= NAME_MAX and value.isprintable():
+        return value
+    return _BAD
+
+
+def _names(value: Any) -> Any:
+    if isinstance(value, list) and len(value) <= NAMES_MAX and all(_name(v) is not _BAD for v in value):
+        return value
+    return _BAD
+
+
+def _number(top: float) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if type(value) is int and 0 <= value <= top:
+            return value
+        if type(value) is float and 0 <= value <= top:      # (NaN compares false)
+            return value
+        return _BAD
+    return check
+
+
+def _text(limit: int) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not isinstance(value, str):
+            return _BAD
+        return value if len(value) <= limit else value[:limit - 3] + "..."
+    return check
+
+
+def _flag(value: Any) -> Any:
+    return value if type(value) is bool else _BAD
+
+
+def _traceback(value: Any) -> Any:
+    text = trim_traceback(value)
+    return _BAD if text is None else text
+
+
+_count, _time = _number(COUNT_MAX), _number(TIME_MAX)
+#: every documented field but ``type``, and its check
+FIELD_CHECKS: Dict[str, Callable[[Any], Any]] = {
+    **dict.fromkeys(("worker", "uuid", "name", "queue", "parent_id", "root_id", "hostname", "version",
+                     "pool", "boot"), _name),
+    **dict.fromkeys(("timestamp", "sent", "eta", "expires", "runtime", "queue_wait", "started", "uptime",
+                     "freq"), _time),
+    **dict.fromkeys(("retries", "pid", "concurrency", "prefetch", "running", "held", "processed", "received",
+                     "succeeded", "failed", "retried", "dead_lettered", "revoked", "rss"), _count),
+    **dict.fromkeys(("args", "kwargs", "exception", "reason"), _text(TEXT_MAX)),
+    "traceback": _traceback, "queues": _names, "stopping": _flag, "events": _flag,
+}
+KNOWN_TYPES = frozenset(TASK_EVENTS + WORKER_EVENTS)
+
+
+class Tally:
+    """What a reader made of the events it was given: ``read`` events,
+    ``skipped`` (not an event, an unknown type, an identity that is not a
+    name), ``dropped`` fields (of the wrong type)."""
+
+    __slots__ = ("read", "skipped", "dropped")
+
+    def __init__(self) -> None:
+        self.read = self.skipped = self.dropped = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return {"events_read": self.read, "events_skipped": self.skipped, "fields_dropped": self.dropped}
+
+
+def clean(event: Any, tally: Tally) -> Optional[Dict[str, Any]]:
+    """``event`` with only its documented fields of the right type, or None
+    when it is not an event a reader can use (see "What a reader keeps");
+    ``tally`` counts it.  Never raises, whatever ``event`` holds."""
+    tally.read += 1
+    kind = event.get("type") if isinstance(event, dict) else None
+    identity = "worker" if kind in WORKER_EVENTS else "uuid"
+    if not isinstance(kind, str) or kind not in KNOWN_TYPES or _name(event.get(identity)) is _BAD:
+        tally.skipped += 1
+        return None
+    out: Dict[str, Any] = {"type": kind}
+    for key, value in event.items():
+        check = FIELD_CHECKS.get(key) if isinstance(key, str) else None
+        if check is None or value is None:
+            continue                                     # not documented, or absent
+        value = check(value)
+        if value is _BAD:
+            tally.dropped += 1
+        else:
+            out[key] = value
+    return out
+
+
+def clean_all(events: Iterable[Any], tally: Tally) -> List[Dict[str, Any]]:
+    """The events of ``events`` a reader can use, each :func:`clean`."""
+    return [e for e in (clean(event, tally) for event in events) if e is not None]
 
 
 class TaskEvents:
@@ -261,7 +398,7 @@ class TaskEvents:
 
     def _failure(self, task: Any, request: Any, exc: Any, traceback: Any) -> None:
         self._end(request.id, task.name, FAILED, self._runtime(request.id),
-                  f"{type(exc).__name__}: {short_repr(str(exc))}", traceback)
+                  f"{type(exc).__name__}: {short_repr(str(exc))}", trim_traceback(traceback))
 
     def _retry(self, task: Any, request: Any, reason: Any) -> None:
         self._end(request.id, task.name, RETRIED, self._runtime(request.id), short_repr(reason))

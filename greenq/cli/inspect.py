@@ -138,43 +138,72 @@ def cmd_control(args: argparse.Namespace, app: Any) -> int:
 
 
 def cmd_events(args: argparse.Namespace, app: Any) -> int:
+    """Print events as they come.  Each is checked first (greenq.events.clean):
+    a malformed one is skipped, a bad field dropped, and a line on stderr at
+    the end says how many; only a broker that cannot be read ends the command."""
     from ..control.client import Control
+    from ..events import Tally
     control = Control(app)
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    tally = Tally()
     seen = 0
     try:
-        for batch in control.events(poll=0.5):
-            for event in batch:
-                if args.no_heartbeats and event.get("type") == "worker-heartbeat":
-                    continue
-                print(json.dumps(event, default=repr) if args.json else format_event(event), flush=True)
+        stream = control.events(poll=0.5)
+        while args.limit <= 0 or seen < args.limit:
+            try:
+                batch = next(stream)
+            except GreenQError:
+                raise
+            except Exception as exc:
+                raise BrokerError(f"the control plane cannot reach the broker: {type(exc).__name__}: {exc}") from None
+            lines = event_lines(batch, tally, args.json, args.no_heartbeats)
+            for line in lines[:args.limit - seen] if args.limit > 0 else lines:
+                print(line, flush=True)
                 seen += 1
-                if args.limit and seen >= args.limit:
-                    return EXIT_OK
             if deadline is not None and time.monotonic() >= deadline:
-                return EXIT_OK
-    except GreenQError:
-        raise
-    except Exception as exc:
-        raise BrokerError(f"the control plane cannot reach the broker: {type(exc).__name__}: {exc}") from None
+                break
     finally:
         control.close()
+        if tally.skipped or tally.dropped:
+            sys.stderr.write(f"greenq events: {tally.skipped} malformed event(s) skipped, "
+                             f"{tally.dropped} field(s) of the wrong type dropped\n")
     return EXIT_OK
 
 
+def event_lines(batch: Any, tally: Any, as_json: bool = False, no_heartbeats: bool = False) -> List[str]:
+    """The lines ``greenq events`` prints for ``batch``: each event checked
+    (``tally`` counts what was skipped), as JSON or for people; never raises."""
+    from ..events import clean_all
+    events = clean_all(batch if isinstance(batch, list) else [], tally)
+    return [json.dumps(e) if as_json else format_event(e) for e in events
+            if not (no_heartbeats and e["type"] == "worker-heartbeat")]
+
+
 def format_event(e: Dict[str, Any]) -> str:
-    """One line for people: time, type, worker, and the task or worker facts."""
+    """One line for people: time, type, worker, and the task or worker facts,
+    from an event checked by greenq.events.clean.  Every control character
+    (ANSI escapes, carriage returns, newlines) is shown escaped, never sent
+    to the terminal."""
     when = time.strftime("%H:%M:%S", time.localtime(e.get("timestamp") or 0))
-    kind = e.get("type", "?")
+    kind = e["type"]
     if kind.startswith("worker-"):
         detail = (f"pool={e.get('pool')} concurrency={e.get('concurrency')} running={e.get('running')} "
-                  f"processed={e.get('processed')} rss={(e.get('rss') or 0) // 1048576}MiB")
+                  f"processed={e.get('processed')} rss={int(e.get('rss') or 0) // 1048576}MiB")
     else:
         detail = f"{e.get('name')}[{e.get('uuid')}]"
         for key in ("args", "queue", "runtime", "queue_wait", "exception", "reason"):
             if e.get(key) is not None:
                 detail += f" {key}={e[key]}"
-    return f"{when} {kind:<18} {e.get('worker')}: {detail}"
+    return printable(f"{when} {kind:<18} {e.get('worker')}: {detail}")
+
+
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would act on (C0 and C1
+    controls, ESC of ANSI sequences, bidirectional overrides) written as its
+    Python escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 COMMANDS = {"inspect": cmd_inspect, "control": cmd_control, "events": cmd_events}

@@ -4,6 +4,7 @@ Routes (JSON unless said otherwise):
 
   GET  /                      the page (static/index.html); /static/* its assets
   GET  /api/workers           workers from their heartbeats, online or offline
+  GET  /api/stats             what the event reader read, skipped and dropped (malformed events)
   GET  /api/queues            depth of each queue: ready, delayed, held, dead
   GET  /api/tasks?q=&state=   tasks from task events, newest first; /api/tasks/<id> one, with traceback
   GET  /api/failures          recent failures with their tracebacks
@@ -88,6 +89,8 @@ class Dashboard:
             return self._static(path[len("/static/"):], start)
         if path == "/api/workers":
             return _json(start, self.state.worker_list())
+        if path == "/api/stats":
+            return _json(start, self.state.stats())
         if path == "/api/queues":
             return _json(start, self.queues())
         if path == "/api/tasks":

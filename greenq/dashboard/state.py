@@ -4,6 +4,15 @@ the last minutes (from the heartbeats' counters, so it works without -E).
 
 A background thread reads events (greenq/control/client.py) and reconnects
 by itself; the web server's threads read snapshots under a lock.
+
+Everything here comes from whoever can write to the broker, so each event is
+checked field by field first (greenq.events.clean: a bad event is skipped, a
+bad field dropped, both counted in ``stats()``, served as /api/stats), and
+what is kept is bounded: at most ``WORKERS_KEPT`` workers (when a new one
+comes, the one heard from longest ago goes), each forgotten ``FORGET_AFTER``
+seconds after it was last heard from; ``TASKS_KEPT`` tasks, ``FAILURES_KEPT``
+failures.  A batch that still fails to apply is logged and passed over, never
+read again.
 """
 from __future__ import annotations
 
@@ -11,19 +20,24 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional
 
 from ..backoff import Backoff
 from ..control.agent import OFFLINE_AFTER
 from ..control.base import Document
+from ..events import Tally, clean_all
 
 log = logging.getLogger("greenq.dashboard")
 
 TASKS_KEPT = 5000
+WORKERS_KEPT = 1000
+FORGET_AFTER = 3600.0        # seconds without a word from a worker before it leaves the list
 FAILURES_KEPT = 100
 BUCKET = 5.0                 # seconds per throughput point
 BUCKETS = 120                # ten minutes
 HISTORY = 500                # event batches read back at start, where the broker keeps them
+WORKER_FIELDS = ("hostname", "pid", "pool", "concurrency", "prefetch", "queues", "running", "held", "processed",
+                 "succeeded", "failed", "retried", "rss", "version", "events", "uptime")
 STATES = {"task-sent": "SENT", "task-received": "RECEIVED", "task-started": "STARTED", "task-succeeded": "SUCCESS",
           "task-failed": "FAILURE", "task-retried": "RETRY", "task-revoked": "REVOKED",
           "task-dead-lettered": "DEAD"}
@@ -34,39 +48,52 @@ class FleetState:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.lock = threading.Lock()
-        self.workers: Dict[str, Document] = {}
+        #: name -> its last worker event (checked), the one heard from longest ago first
+        self.workers: "OrderedDict[str, Document]" = OrderedDict()
         self.tasks: "OrderedDict[str, Document]" = OrderedDict()
         self.failures: Deque[Document] = deque(maxlen=FAILURES_KEPT)
-        self.buckets: Dict[int, List[int]] = {}            # bucket start -> [succeeded, failed]
-        self._counters: Dict[Tuple[str, str], Tuple[int, int]] = {}   # (worker, boot) -> (succeeded, failed)
+        self.buckets: Dict[int, List[float]] = {}          # bucket start -> [succeeded, failed]
+        self.tally = Tally()
+        self.forgotten = 0                                 # workers dropped (silent, or over the bound)
+        self.batches_failed = 0                            # batches that raised in apply (a bug: logged)
 
     # -- feeding -------------------------------------------------------------------
-    def apply(self, events: List[Document]) -> None:
+    def apply(self, events: Any) -> None:
+        """Take a batch of events, each checked first (greenq.events.clean)."""
+        if not isinstance(events, list):
+            events = []
         with self.lock:
-            for e in events:
-                kind = e.get("type") if isinstance(e, dict) else None
-                if not isinstance(kind, str):
-                    continue
+            for e in clean_all(events, self.tally):
+                kind = e["type"]
                 if kind.startswith("worker-"):
                     self._worker(kind, e)
-                elif kind in STATES:
+                else:
                     self._task(kind, e)
+            self._forget(self.clock() - FORGET_AFTER)
 
     def _worker(self, kind: str, e: Document) -> None:
-        name = e.get("worker")
-        if not isinstance(name, str):
-            return
-        info = dict(e)
-        info["offline_event"] = kind == "worker-offline"
-        self.workers[name] = info
-        key = (name, str(e.get("boot")))
-        now = (int(e.get("succeeded") or 0), int(e.get("failed") or 0))
-        before = self._counters.get(key)
-        self._counters[key] = now
-        if before is not None:
-            self._count(float(e.get("timestamp") or self.clock()), now[0] - before[0], now[1] - before[1])
+        name = e["worker"]
+        before = self.workers.pop(name, None)
+        e["offline_event"] = kind == "worker-offline"
+        e["heard"] = self.clock()
+        self.workers[name] = e                              # heard from last: at the end
+        while len(self.workers) > WORKERS_KEPT:
+            self.workers.popitem(last=False)
+            self.forgotten += 1
+        if before is not None and before.get("boot") == e.get("boot"):
+            self._count(e.get("timestamp") or self.clock(), _grown(before, e, "succeeded"),
+                        _grown(before, e, "failed"))
 
-    def _count(self, when: float, succeeded: int, failed: int) -> None:
+    def _forget(self, before: float) -> None:
+        """Drop the workers last heard from before ``before`` (oldest first)."""
+        while self.workers:
+            name, oldest = next(iter(self.workers.items()))
+            if oldest["heard"] >= before:
+                return
+            del self.workers[name]
+            self.forgotten += 1
+
+    def _count(self, when: float, succeeded: float, failed: float) -> None:
         if succeeded <= 0 and failed <= 0:
             return
         slot = int(when // BUCKET * BUCKET)
@@ -78,9 +105,7 @@ class FleetState:
                 del self.buckets[old]
 
     def _task(self, kind: str, e: Document) -> None:
-        task_id = e.get("uuid")
-        if not isinstance(task_id, str):
-            return
+        task_id = e["uuid"]
         task = self.tasks.pop(task_id, None) or {"id": task_id, "name": e.get("name")}
         self.tasks[task_id] = task                      # most recently changed last
         while len(self.tasks) > TASKS_KEPT:
@@ -115,17 +140,23 @@ class FleetState:
     def worker_list(self) -> List[Document]:
         now = self.clock()
         with self.lock:
+            self._forget(now - FORGET_AFTER)
             out = []
             for name, w in sorted(self.workers.items()):
-                seen = float(w.get("timestamp") or 0)
+                seen = w.get("timestamp", 0.0)
                 online = not w["offline_event"] and now - seen < OFFLINE_AFTER
                 out.append({"name": name, "online": online, "last_heartbeat": seen,
                             "seconds_since_heartbeat": round(max(0.0, now - seen), 1),
-                            **{k: w.get(k) for k in ("hostname", "pid", "pool", "concurrency", "prefetch",
-                                                     "queues", "running", "held", "processed",
-                                                     "succeeded", "failed", "retried", "rss",
-                                                     "version", "events", "uptime")}})
+                            **{k: w.get(k) for k in WORKER_FIELDS}})
             return out
+
+    def stats(self) -> Document:
+        """What the reader made of the stream: events read, skipped and
+        fields dropped (malformed), workers known and forgotten."""
+        with self.lock:
+            return {**self.tally.as_dict(), "batches_failed": self.batches_failed,
+                    "workers": len(self.workers), "workers_forgotten": self.forgotten,
+                    "workers_kept": WORKERS_KEPT, "forget_after": FORGET_AFTER}
 
     def task_list(self, search: str = "", state: str = "", limit: int = 100) -> List[Document]:
         search = search.strip().lower()
@@ -160,6 +191,12 @@ class FleetState:
                     for slot in range(last - (BUCKETS - 1) * int(BUCKET), last + 1, int(BUCKET))]
 
 
+def _grown(before: Document, after: Document, counter: str) -> float:
+    """How much ``counter`` grew between two heartbeats of one boot; 0 when either lacks it."""
+    old, new = before.get(counter), after.get(counter)
+    return new - old if old is not None and new is not None else 0
+
+
 class EventReader:
     """The thread that feeds a FleetState from the broker's event stream."""
 
@@ -178,12 +215,14 @@ class EventReader:
     def _run(self) -> None:
         from ..control.client import Control
         retry = Backoff(0.5, 10.0)
+        history = HISTORY                   # read back once: a reconnection would count it twice
         while self.running:
             control = None
             try:
                 control = Control(self.app)
-                for batch in control.events(history=HISTORY, poll=0.5):
-                    self.state.apply(batch)
+                for batch in control.events(history=history, poll=0.5):
+                    history = 0
+                    self._apply(batch)
                     retry.reset()
                     if not self.running:
                         break
@@ -194,3 +233,12 @@ class EventReader:
             finally:
                 if control is not None:
                     control.close()
+
+    def _apply(self, batch: Any) -> None:
+        """Feed one batch; one that fails (a bug: every event is checked first)
+        is logged and passed over, never the reason to read it again."""
+        try:
+            self.state.apply(batch)
+        except Exception:
+            self.state.batches_failed += 1
+            log.exception("dashboard: a batch of events could not be applied; passed over")

@@ -1,9 +1,20 @@
 // greenq dashboard: polls the JSON API every second and redraws; no library,
-// nothing fetched from elsewhere.
+// nothing fetched from elsewhere.  Each table is fetched and drawn on its own
+// (one that fails says so in its section; the others still update), every
+// value is checked for its type before it is shown (a wrong one shows blank),
+// and a refresh never starts while the last one is still running.
 "use strict";
 
 const REFRESH_MS = 1000;
+const FETCH_TIMEOUT_MS = 10000;
 const $ = (sel) => document.querySelector(sel);
+
+// what the API says is shown only when it has the expected type
+const str = (v) => typeof v === "string" ? v : "";
+const num = (v) => typeof v === "number" && Number.isFinite(v) ? v : null;
+const show = (v) => typeof v === "string" ? v : (num(v) === null ? "" : String(v));
+const objects = (v) => Array.isArray(v) ? v.filter((o) => o !== null && typeof o === "object" && !Array.isArray(o)) : [];
+const strings = (v) => Array.isArray(v) ? v.filter((s) => typeof s === "string") : [];
 
 function el(tag, attrs, ...children) {
   const node = document.createElement(tag);
@@ -21,53 +32,56 @@ async function api(path, body) {
     method: "POST", body: JSON.stringify(body),
     headers: {"Content-Type": "application/json", "X-GreenQ": "1"},
   };
-  const resp = await fetch(path, options);
+  const resp = await fetch(path, {...options, signal: AbortSignal.timeout(FETCH_TIMEOUT_MS)});
   if (!resp.ok) throw new Error(`${path}: HTTP ${resp.status}`);
   return resp.json();
 }
 
 const fmt = {
-  time: (t) => t ? new Date(t * 1000).toLocaleTimeString() : "",
-  secs: (s) => s == null ? "" : s < 0.001 ? `${Math.round(s * 1e6)} µs`
+  time: (t) => num(t) ? new Date(t * 1000).toLocaleTimeString() : "",
+  secs: (s) => num(s) === null ? "" : s < 0.001 ? `${Math.round(s * 1e6)} µs`
     : s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`,
-  mib: (b) => b ? `${(b / 1048576).toFixed(1)} MiB` : "",
+  mib: (b) => num(b) ? `${(b / 1048576).toFixed(1)} MiB` : "",
 };
 
 function fill(tbody, rows) {
   tbody.replaceChildren(...rows);
 }
 
-function renderWorkers(workers) {
-  fill($("#workers tbody"), workers.map((w) => el("tr", {"data-worker": w.name},
-    el("td", {class: "name"}, w.name),
-    el("td", {class: w.online ? "online" : "offline"}, w.online ? "online" : "offline"),
-    el("td", {}, w.pool), el("td", {class: "concurrency"}, w.concurrency),
-    el("td", {class: "running"}, w.running), el("td", {}, w.held),
-    el("td", {class: "processed"}, w.processed), el("td", {}, w.failed),
-    el("td", {}, fmt.mib(w.rss)), el("td", {}, `${w.seconds_since_heartbeat} s ago`),
-    el("td", {}, (w.queues || []).join(", ")))));
+function renderWorkers(data) {
+  const workers = objects(data);
+  fill($("#workers tbody"), workers.map((w) => el("tr", {"data-worker": str(w.name)},
+    el("td", {class: "name"}, str(w.name)),
+    el("td", {class: w.online === true ? "online" : "offline"}, w.online === true ? "online" : "offline"),
+    el("td", {}, show(w.pool)), el("td", {class: "concurrency"}, show(w.concurrency)),
+    el("td", {class: "running"}, show(w.running)), el("td", {}, show(w.held)),
+    el("td", {class: "processed"}, show(w.processed)), el("td", {}, show(w.failed)),
+    el("td", {}, fmt.mib(w.rss)),
+    el("td", {}, num(w.seconds_since_heartbeat) === null ? "" : `${w.seconds_since_heartbeat} s ago`),
+    el("td", {class: "queues"}, strings(w.queues).join(", ")))));
   $("#workers-empty").hidden = workers.length > 0;
-  $("#workers-count").textContent = `${workers.filter((w) => w.online).length} online`;
+  $("#workers-count").textContent = `${workers.filter((w) => w.online === true).length} online`;
 }
 
-function renderQueues(queues) {
-  fill($("#queues tbody"), queues.map((q) => el("tr", {"data-queue": q.name},
-    el("td", {}, q.name), el("td", {class: "ready"}, q.ready), el("td", {class: "held"}, q.held),
-    el("td", {class: "delayed"}, q.delayed), el("td", {class: "dead"}, q.dead))));
+function renderQueues(data) {
+  fill($("#queues tbody"), objects(data).map((q) => el("tr", {"data-queue": str(q.name)},
+    el("td", {}, str(q.name)), el("td", {class: "ready"}, show(q.ready)), el("td", {class: "held"}, show(q.held)),
+    el("td", {class: "delayed"}, show(q.delayed)), el("td", {class: "dead"}, show(q.dead)))));
 }
 
 function when(epoch) {
-  return epoch ? new Date(epoch * 1000).toLocaleString() : "-";
+  return num(epoch) ? new Date(epoch * 1000).toLocaleString() : "-";
 }
 
-function renderSchedule(entries) {
-  fill($("#schedule tbody"), entries.map((e) => el("tr", {"data-entry": e.name},
-    el("td", {}, e.name), el("td", {}, e.task),
-    el("td", {}, e.cron ? `${e.cron} (${e.timezone})` : `${e.every} s`),
+function renderSchedule(data) {
+  fill($("#schedule tbody"), objects(data).map((e) => el("tr", {"data-entry": str(e.name)},
+    el("td", {}, str(e.name)), el("td", {}, str(e.task)),
+    el("td", {}, e.cron ? `${show(e.cron)} (${show(e.timezone)})` : `${show(e.every)} s`),
     el("td", {}, when(e.last_run)), el("td", {class: "next"}, when(e.next_run)))));
 }
 
-function renderChart(points) {
+function renderChart(data) {
+  const points = objects(data).map((p) => ({succeeded: num(p.succeeded) || 0, failed: num(p.failed) || 0}));
   const svg = $("#chart");
   const W = 600, H = 160, pad = 4;
   const max = Math.max(1, ...points.map((p) => p.succeeded + p.failed));
@@ -94,33 +108,45 @@ function renderChart(points) {
 
 const userOpened = new Set();
 
-function renderFailures(failures) {
+function renderFailures(data) {
   // the newest failure is open, and those the user opened
-  $("#failures").replaceChildren(...failures.map((f, i) => el("details",
-    {class: "failure", "data-task": f.id, open: i === 0 || userOpened.has(f.id)},
-    el("summary", {onclick: () => userOpened.has(f.id) ? userOpened.delete(f.id) : userOpened.add(f.id)},
-      el("strong", {}, f.name), " ", el("code", {}, f.id), " on ", f.worker || "?",
-      " at ", fmt.time(f.updated), ": ", el("span", {class: "exception"}, f.exception || "")),
-    el("pre", {class: "traceback"}, f.traceback || "(no traceback)"))));
+  const failures = objects(data);
+  $("#failures").replaceChildren(...failures.map((f, i) => {
+    const id = str(f.id);
+    return el("details", {class: "failure", "data-task": id, open: i === 0 || userOpened.has(id)},
+      el("summary", {onclick: () => userOpened.has(id) ? userOpened.delete(id) : userOpened.add(id)},
+        el("strong", {}, str(f.name)), " ", el("code", {}, id), " on ", str(f.worker) || "?",
+        " at ", fmt.time(f.updated), ": ", el("span", {class: "exception"}, str(f.exception))),
+      el("pre", {class: "traceback"}, str(f.traceback) || "(no traceback)"));
+  }));
   $("#failures-empty").hidden = failures.length > 0;
 }
 
-function renderTasks(tasks) {
-  fill($("#tasks tbody"), tasks.map((t) => el("tr", {"data-task": t.id},
-    el("td", {}, el("code", {}, t.id)), el("td", {}, t.name),
-    el("td", {class: `state state-${t.state}`}, t.state), el("td", {class: "args"}, t.args || ""),
-    el("td", {}, t.worker || ""), el("td", {}, fmt.secs(t.runtime)), el("td", {}, fmt.secs(t.queue_wait)),
+function renderTasks(data) {
+  fill($("#tasks tbody"), objects(data).map((t) => el("tr", {"data-task": str(t.id)},
+    el("td", {}, el("code", {}, str(t.id))), el("td", {}, str(t.name)),
+    el("td", {class: `state state-${str(t.state)}`}, str(t.state)), el("td", {class: "args"}, str(t.args)),
+    el("td", {}, str(t.worker)), el("td", {}, fmt.secs(t.runtime)), el("td", {}, fmt.secs(t.queue_wait)),
     el("td", {}, fmt.time(t.updated)))));
 }
 
-function renderDlq(letters) {
-  fill($("#dlq tbody"), letters.map((d) => el("tr", {"data-dead": d.id},
-    el("td", {}, el("code", {}, d.id)), el("td", {}, d.queue), el("td", {}, d.task || "?"),
-    el("td", {class: "reason"}, d.reason), el("td", {}, fmt.time(d.failed_at)),
-    el("td", {}, el("button", {class: "requeue", type: "button", onclick: () => confirmThen(
-      `Requeue dead letter ${d.id} (${d.task || "?"}) to ${d.queue}?`,
-      () => api("/api/dlq/requeue", {ids: [d.id]}))}, "Requeue")))));
+function renderDlq(data) {
+  const letters = objects(data);
+  fill($("#dlq tbody"), letters.map((d) => {
+    const id = str(d.id), task = str(d.task) || "?";
+    return el("tr", {"data-dead": id},
+      el("td", {}, el("code", {}, id)), el("td", {}, str(d.queue)), el("td", {}, task),
+      el("td", {class: "reason"}, str(d.reason)), el("td", {}, fmt.time(d.failed_at)),
+      el("td", {}, el("button", {class: "requeue", type: "button", onclick: () => confirmThen(
+        `Requeue dead letter ${id} (${task}) to ${str(d.queue)}?`,
+        () => api("/api/dlq/requeue", {ids: [id]}))}, "Requeue")));
+  }));
   $("#dlq-count").textContent = `${letters.length}`;
+}
+
+function renderStats(data) {
+  const skipped = (num(data && data.events_skipped) || 0) + (num(data && data.fields_dropped) || 0);
+  $("#events-malformed").textContent = skipped ? `${skipped} malformed event(s) or field(s) ignored` : "";
 }
 
 function confirmThen(text, action) {
@@ -140,17 +166,45 @@ $("#dlq-purge").onclick = () => confirmThen("Delete every dead letter for good?"
 $("#task-search").oninput = () => refresh();
 $("#task-state").onchange = () => refresh();
 
-async function refresh() {
+// section id -> [the API path, how to draw it]
+const TABLES = {
+  "workers-section": [() => "/api/workers", renderWorkers],
+  "queues-section": [() => "/api/queues", renderQueues],
+  "throughput-section": [() => "/api/throughput", renderChart],
+  "failures-section": [() => "/api/failures?limit=8", renderFailures],
+  "tasks-section": [() => `/api/tasks?q=${encodeURIComponent($("#task-search").value)}`
+    + `&state=${encodeURIComponent($("#task-state").value)}&limit=100`, renderTasks],
+  "dlq-section": [() => "/api/dlq", renderDlq],
+  "schedule-section": [() => "/api/schedule", renderSchedule],
+  "events-malformed": [() => "/api/stats", renderStats],
+};
+
+// one table: fetched and drawn alone; its section says when that failed
+async function refreshOne(id, path, render) {
+  const section = document.getElementById(id);
   try {
-    const q = encodeURIComponent($("#task-search").value), state = encodeURIComponent($("#task-state").value);
-    const [workers, queues, points, failures, tasks, dlq, schedule] = await Promise.all([
-      api("/api/workers"), api("/api/queues"), api("/api/throughput"), api("/api/failures?limit=8"),
-      api(`/api/tasks?q=${q}&state=${state}&limit=100`), api("/api/dlq"), api("/api/schedule")]);
-    renderWorkers(workers); renderQueues(queues); renderChart(points); renderFailures(failures);
-    renderTasks(tasks); renderDlq(dlq); renderSchedule(schedule);
-    $("#status").textContent = `updated ${new Date().toLocaleTimeString()}`;
+    render(await api(path()));
+    delete section.dataset.error;
+    return null;
   } catch (err) {
-    $("#status").textContent = `cannot reach the dashboard: ${err.message}`;
+    section.dataset.error = err.message;
+    return id.replace("-section", "");
+  }
+}
+
+let inFlight = false;
+
+async function refresh() {
+  if (inFlight) return;                     // the last one is still running: never two at once
+  inFlight = true;
+  try {
+    const failed = (await Promise.all(Object.entries(TABLES).map(
+      ([id, [path, render]]) => refreshOne(id, path, render)))).filter((name) => name);
+    $("#status").textContent = failed.length === Object.keys(TABLES).length
+      ? "cannot reach the dashboard"
+      : `updated ${new Date().toLocaleTimeString()}${failed.length ? `; not updated: ${failed.join(", ")}` : ""}`;
+  } finally {
+    inFlight = false;
   }
 }
 
