@@ -9,6 +9,7 @@ import json
 import pickle
 import sqlite3
 import threading
+import uuid
 
 import pytest
 
@@ -230,3 +231,35 @@ def test_pickle_without_a_signing_key_is_refused_at_start(store):
     for settings in (PICKLE, {"accept_content": ["json", "pickle"]}, {"serializer": "pickle"}):
         with pytest.raises(ConfigError, match="signing_key"):
             GreenQ("sign", broker=store.url, **store.settings, **settings)
+
+
+@pytest.mark.amqp
+def test_rpc_replies_are_checked_like_stored_results(amqp_url):
+    """rpc://: the worker's reply is signed and read back; a reply published
+    straight to the caller's reply queue, unsigned, is refused."""
+    amqp = pytest.importorskip("amqp")
+    from greenq.brokers.amqp_common import connection_params
+    queue = f"sign-{uuid.uuid4().hex[:8]}"
+    apps = [GreenQ("sign", broker=amqp_url, backend="rpc://", signing_key="k1", default_queue=queue)
+            for _ in range(2)]
+    client, worker_app = apps
+    for app in apps:
+        app.task(name="sign.add")(lambda x, y: x + y)
+    try:
+        r = client.tasks["sign.add"].delay(1, 2)
+        assert Worker(worker_app, get_driver("threads"), queues=[queue], concurrency=2, burst=True,
+                      fetch_timeout=0.1).run() == 0
+        assert r.get(timeout=10) == 3
+        conn = amqp.Connection(**connection_params(amqp_url))
+        conn.connect()
+        try:
+            conn.channel().basic_publish(
+                amqp.Message(b'json:{"id": "planted", "state": "SUCCESS", "result": "forged"}',
+                             correlation_id="planted"), exchange="", routing_key=client.backend.reply_to())
+        finally:
+            conn.close()
+        with pytest.raises(MessageError, match="unsigned result record of planted"):
+            client.AsyncResult("planted").get(timeout=10)
+    finally:
+        for app in apps:
+            app.close()
