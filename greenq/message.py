@@ -436,6 +436,8 @@ class Codec:
         except MessageError as exc:
             log.error("%s%s", exc, f" (read from {where})" if where else "")
             raise
+        except TypeError:
+            raise MessageError(f"cannot decode {what}: a {type(data).__name__}, not bytes") from None
         try:
             name, _, payload = bytes(data).partition(b":")
             ct = name.decode("ascii")
