@@ -17,7 +17,7 @@ from .drivers import detect_patched
 from .exceptions import ConfigError
 from .hooks import Hooks
 from .backends import backend_url_for, make_backend
-from .message import Codec, TaskMessage, new_id
+from .message import Codec, TaskMessage, check_trust, new_id
 from .result import ALWAYS_REBUILT, AsyncResult
 from .canvas import GroupResult, Signature, build, signature
 from .task import CALL_OPTIONS, Task, current_request, make_task
@@ -70,6 +70,9 @@ class GreenQ:
             for (section, key), value in overrides.items():
                 if value is not None:
                     config.set(section, key, value, origin=f"GreenQ({key}=...)")
+        pickle_origin = config.origin("greenq", "accept_content" if "pickle" in config.accept_content
+                                      else "serializer")
+        check_trust(config.serializer, config.accept_content, config.signing_key, pickle_origin)
         self.config = config
         self.tasks: Dict[str, Task] = {}
         self.periodic: Dict[str, Any] = {}     # name -> greenq.beat.Entry (add_periodic)

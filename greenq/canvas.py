@@ -6,7 +6,7 @@ dicts that travel inside messages and result-backend records::
     {"task": name, "args": [...], "kwargs": {...}, "immutable": bool,
      "options": {call options..., "task_id": id, "link": [records],
                  "link_error": [records], "chain": [records],
-                 "group_id": id, "chord_size": n}}
+                 "group_id": id, "chord_size": n, "chord_result": id}}
 
 Every step gets its task id before anything is sent, so the caller's handle
 (``AsyncResult``, ``GroupResult``) exists at once.  What follows a task is
@@ -15,7 +15,11 @@ callbacks) and sent by the worker when it settles the task, before the ack
 (greenq/worker/followups.py).  A chord's callback is kept in the result
 backend beside the member ids; the backend counts finished members
 (``ResultBackend.chord_member_done``) and the worker that completes the count
-sends the callback.
+sends the callback.  Group records go through the app's Codec like results:
+with a signing key they are authenticated (bound to the group id) before
+they are read, and each chord member's message carries ``chord_result``, the
+id where the chord's outcome is stored, so a chord whose record fails its
+check can still be failed with ChordError there.
 """
 from __future__ import annotations
 
@@ -23,8 +27,9 @@ import copy
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from .config import mask_url
 from .exceptions import ConfigError, TimeoutError
-from .message import TaskMessage, new_id
+from .message import GROUP, TaskMessage, new_id
 from .result import AsyncResult
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +38,7 @@ if TYPE_CHECKING:  # pragma: no cover
 #: options a signature's ``set`` and ``apply_async`` take beside the call options
 CALLBACK_OPTIONS = ("link", "link_error")
 #: options greenq sets itself on signature records; never taken from users
-INTERNAL_OPTIONS = ("chain", "group_id", "chord_size")
+INTERNAL_OPTIONS = ("chain", "group_id", "chord_size", "chord_result")
 GROUP_STATE = "GROUP"     # the ``state`` of a group's record in the result backend
 
 
@@ -265,13 +270,13 @@ class group:  # noqa: N801 - Celery's name
         group_id = options.pop("task_id", None) or new_id()
         records, results = self._freeze(app, group_id, options)
         if not app.config.eager and app.backend.stores_groups:
-            app.backend.save_group(group_id, encode_group(app, results, None))
+            app.backend.save_group(group_id, encode_group(app, group_id, results, None))
         return GroupResult(group_id, _send_records(app, records, args, kwargs, results), app)
 
     def _freeze(self, app: "GreenQ", group_id: str, options: Dict[str, Any],
                 **extra: Any) -> Tuple[List[Dict[str, Any]], List[AsyncResult]]:
         """Each member's record and result; ``group_id`` (and ``extra``: a
-        chord's size) go on the step whose result is the member's: the last
+        chord's size and result id) go on the step whose result is the member's: the last
         step of a chain."""
         records, results = [], []
         for task in self.tasks:
@@ -330,7 +335,7 @@ class chord:  # noqa: N801 - Celery's name
         group_id = new_id()
         header_options = {k: v for k, v in options.items() if k not in ("task_id", "link", "link_error")}
         records, results = self.header._freeze(app, group_id, header_options,
-                                               chord_size=len(self.header.tasks))
+                                               chord_size=len(self.header.tasks), chord_result=result.id)
         group_result = GroupResult(group_id, results, app)
         first = result
         while first.parent is not None:          # a chain as body: its first step follows the group
@@ -342,7 +347,7 @@ class chord:  # noqa: N801 - Celery's name
             return _send_record(app, body_record, (values,), {}, result)
         if not records:                       # nothing to wait for: the body runs now
             return _send_record(app, body_record, ([],), {}, result)
-        app.backend.save_group(group_id, encode_group(app, results, body_record))
+        app.backend.save_group(group_id, encode_group(app, group_id, results, body_record))
         _send_records(app, records, args, kwargs, results)
         return result
 
@@ -381,6 +386,7 @@ def build(app: "GreenQ", record: Dict[str, Any], prefix: Sequence[Any] = (),
     msg.chain = options.get("chain") or None
     msg.group_id = options.get("group_id")
     msg.chord_size = options.get("chord_size")
+    msg.chord_result = options.get("chord_result")
     if parent is not None:
         msg.parent_id = parent.id
         msg.root_id = parent.root_id or parent.id
@@ -432,14 +438,19 @@ def run_eager(app: "GreenQ", record: Dict[str, Any], prefix: Sequence[Any] = (),
 
 
 # -- group records in the result backend ----------------------------------------------
-def encode_group(app: "GreenQ", results: List[AsyncResult], callback: Optional[Dict[str, Any]]) -> bytes:
-    """A group's record: its members' result ids and task names, and a chord's callback."""
-    return app.codec.encode_result({"state": GROUP_STATE, "members": [r.id for r in results],
-                                    "tasks": [r.task_name for r in results], "callback": callback})
+def encode_group(app: "GreenQ", group_id: str, results: List[AsyncResult],
+                 callback: Optional[Dict[str, Any]]) -> bytes:
+    """A group's record: its members' result ids and task names, and a
+    chord's callback; signed for ``group_id`` when the app has a signing key."""
+    return app.codec.encode_result({"id": group_id, "state": GROUP_STATE, "members": [r.id for r in results],
+                                    "tasks": [r.task_name for r in results], "callback": callback}, GROUP)
 
 
-def decode_group(app: "GreenQ", data: bytes) -> Dict[str, Any]:
-    meta = app.codec.decode_result(data)
+def decode_group(app: "GreenQ", data: bytes, group_id: str) -> Dict[str, Any]:
+    """The record of group ``group_id``, checked: MessageError when it fails
+    its signature check (logged, naming the group and the backend) or cannot
+    be read, ValueError when it is not a group record."""
+    meta = app.codec.decode_result(data, group_id, GROUP, where=mask_url(app.backend.url))
     if meta.get("state") != GROUP_STATE or not isinstance(meta.get("members"), list):
         raise ValueError("not a group record")
     return meta
@@ -460,7 +471,7 @@ class GroupResult:
         data = app.backend.load_group(group_id) if app.backend.stores_groups else None
         if data is None:
             return None
-        meta = decode_group(app, data)
+        meta = decode_group(app, data, group_id)
         tasks = meta.get("tasks") or [None] * len(meta["members"])
         return cls(group_id, [AsyncResult(i, app, t) for i, t in zip(meta["members"], tasks)], app)
 

@@ -3,13 +3,14 @@
 The envelope is always a JSON object; docs/protocol.md describes it field by
 field.  Arguments travel inline (``args``/``kwargs``) with the json serializer,
 or as base64 in ``body`` with msgpack or pickle.  With a signing key, ``sig``
-holds an HMAC-SHA256 over the canonical JSON of every other field.
+holds an HMAC-SHA256 over the canonical JSON of every other field, and every
+result and group record is wrapped by greenq.signing with its kind and id in
+the signed data: checked before it is deserialized, so pickle is never loaded
+from anything unauthenticated (and without a key it is not accepted at all).
 """
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import logging
 import pickle
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from . import validation
-from .exceptions import MessageError
+from .exceptions import ConfigError, MessageError
+from .signing import Signer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .brokers.base import Outgoing
@@ -89,6 +91,7 @@ _WORKFLOW_RULES = {
     "parent_id": _optional_str,
     "group_id": _optional_str,
     "chord_size": lambda o, v: None if v is None else validation.count(o, v),
+    "chord_result": _optional_str,
     "link": _signatures,
     "link_error": _signatures,
     "chain": _signatures,
@@ -172,6 +175,15 @@ def _load_envelope(data: bytes) -> Any:
     return _loads(data)
 
 
+_dumps_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode
+
+
+def _canonical(env: Dict[str, Any]) -> bytes:
+    """What a task message's ``sig`` authenticates: every other field, as JSON
+    with sorted keys, no spaces, ASCII only (docs/protocol.md)."""
+    return _dumps_canonical(env).encode()
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -197,6 +209,7 @@ class TaskMessage:
     parent_id: Optional[str] = None
     group_id: Optional[str] = None
     chord_size: Optional[int] = None  # set on chord members: how many the chord waits for
+    chord_result: Optional[str] = None  # set on chord members: the id the chord's outcome is stored under
     link: Optional[list] = None       # signatures sent with the result on success
     link_error: Optional[list] = None  # signatures sent with the task id on failure
     chain: Optional[list] = None      # the chain's next steps, in order
@@ -208,7 +221,7 @@ class TaskMessage:
 
 _HEADER_FIELDS = ("id", "task", "queue", "priority", "eta", "expires", "retries", "created",
                   "root_id", "time_limit", "soft_time_limit", "reply_to",
-                  "parent_id", "group_id", "chord_size", "link", "link_error", "chain")
+                  "parent_id", "group_id", "chord_size", "chord_result", "link", "link_error", "chain")
 
 
 def _msgpack():
@@ -239,14 +252,33 @@ def deserialize(name: str, data: bytes) -> Any:
     raise MessageError(f"unknown serializer {name!r}")
 
 
+#: the kinds of stored record (the signing domain of each)
+RESULT, GROUP = "result", "group"
+
+
+def check_trust(serializer: str, accept: Sequence[str], signing_key: str, where: str = "") -> None:
+    """ConfigError (``where``: the origin of the setting, for its message) when
+    pickle would be used without a signing key: pickle runs code, so it is
+    loaded only from what an HMAC has authenticated."""
+    if "pickle" in (serializer, *accept) and not Signer(signing_key):
+        raise ConfigError(f"{where + ': ' if where else ''}[greenq] serializer = {serializer}, "
+                          f"accept_content = {','.join(accept)}: pickle without [greenq] signing_key is "
+                          "refused (pickle runs code, so it is loaded only from signed messages and "
+                          "records); set signing_key, the same on every client and worker, or use json "
+                          "or msgpack")
+
+
 class Codec:
-    """Encodes and decodes task messages and results for one app's settings."""
+    """Encodes and decodes task messages and results for one app's settings.
+    Raises ConfigError for pickle without a signing key (``check_trust``)."""
 
     def __init__(self, serializer: str = "json", accept: Sequence[str] = ("json",),
                  signing_key: str = "", max_size: int = 1048576) -> None:
+        check_trust(serializer, accept, signing_key)
         self.serializer = serializer
         self.accept = frozenset(accept) | ({serializer} if serializer == "json" else set())
-        self._key = signing_key.encode() if signing_key else None
+        self.signer = Signer(signing_key)
+        self.signed = bool(self.signer)
         self.max_size = max_size
         #: called with each task sent (``outgoing``): the task-sent events, when on
         self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
@@ -265,7 +297,7 @@ class Codec:
             else:
                 env["body"] = base64.b64encode(
                     serialize(self.serializer, [list(msg.args), msg.kwargs])).decode()
-            if self._key:
+            if self.signed:
                 env["sig"] = self._sign(env)
             data = _dumps(env).encode()
         except (TypeError, ValueError, pickle.PicklingError) as exc:
@@ -325,11 +357,11 @@ class Codec:
         version = env.get("v")
         if type(version) is not int or version != PROTOCOL:
             raise MessageError(f"unsupported protocol version {version!r:.40}")
-        if self._key:
+        if self.signed:
             sig = env.pop("sig", None)
             if not sig or not isinstance(sig, str):
                 raise MessageError("unsigned message refused (signing_key is set)")
-            if not hmac.compare_digest(sig.encode("utf-8", "replace"), self._sign(env).encode()):
+            if not self.signer.verify(_canonical(env), sig):
                 raise MessageError("forged message: signature does not match")
         ct = env.get("ct", "json")
         if not isinstance(ct, str) or ct not in self.accept:
@@ -366,16 +398,18 @@ class Codec:
         return msg
 
     def _sign(self, env: Dict[str, Any]) -> str:
-        canonical = json.dumps(env, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return hmac.new(self._key, canonical.encode(), hashlib.sha256).hexdigest()
+        return self.signer.tag(_canonical(env))
 
-    # -- results -------------------------------------------------------------
-    def encode_result(self, meta: Dict[str, Any]) -> bytes:
-        """Results are stored as ``<serializer name>:<payload>``.  Never raises:
-        a value the serializer cannot carry (an object of a local class, a
-        structure nested too deeply) is stored as a FAILURE saying so."""
+    # -- results and group records ----------------------------------------------
+    def encode_result(self, meta: Dict[str, Any], kind: str = RESULT) -> bytes:
+        """A stored record: ``<serializer name>:<payload>``, and with a signing
+        key wrapped by greenq.signing, the record's kind and ``meta["id"]`` (the
+        task or group id) in the signed data, so it is refused under any other
+        id.  Never raises: a value the serializer cannot carry (an object of a
+        local class, a structure nested too deeply) is stored as a FAILURE
+        saying so."""
         try:
-            return self.serializer.encode() + b":" + serialize(self.serializer, meta)
+            body = self.serializer.encode() + b":" + serialize(self.serializer, meta)
         except Exception as exc:
             reason = f"result not serializable with {self.serializer}: {_describe(exc)}"
             fallback = {key: meta[key] for key in ("id", "task", "retries", "date_done")
@@ -384,31 +418,45 @@ class Codec:
                 "type": "greenq.exceptions.MessageError", "args": [reason], "message": reason})
             if isinstance(meta.get("traceback"), str):
                 fallback["traceback"] = meta["traceback"]
-            return b"json:" + serialize("json", fallback)
+            body = b"json:" + serialize("json", fallback)
+        if not self.signed:
+            return body
+        return self.signer.wrap(f"{kind}:{meta.get('id', '')}", body)
 
-    def decode_result(self, data: Any) -> Dict[str, Any]:
-        """Decode a stored result, only with a serializer in ``accept_content``
-        (or json, which cannot run code): a result is trusted no more than a
-        message.  MessageError says why one cannot be read."""
+    def decode_result(self, data: Any, record_id: str, kind: str = RESULT, where: str = "") -> Dict[str, Any]:
+        """Decode the record stored for ``record_id`` (a task id; a group id
+        for kind GROUP).  With a signing key its HMAC is checked first: a
+        record unsigned, forged or signed for another id is refused before
+        anything is deserialized, with a log line naming it and ``where`` it
+        was read.  Only a serializer in ``accept_content`` (or json, which
+        cannot run code) is used.  MessageError says why one cannot be read."""
+        what = f"{kind} record of {record_id}"
+        try:                    # without a key: a tag, if any, is stripped unchecked
+            data = self.signer.unwrap(f"{kind}:{record_id}", data, what)
+        except MessageError as exc:
+            log.error("%s%s", exc, f" (read from {where})" if where else "")
+            raise
+        except TypeError:
+            raise MessageError(f"cannot decode {what}: a {type(data).__name__}, not bytes") from None
         try:
             name, _, payload = bytes(data).partition(b":")
             ct = name.decode("ascii")
         except Exception:
-            raise MessageError("cannot decode stored result: no serializer name") from None
+            raise MessageError(f"cannot decode {what}: no serializer name") from None
         if ct not in self.accept and ct != "json":
-            raise MessageError(f"stored result uses serializer {ct!r:.40}, not in accept_content")
+            raise MessageError(f"{what} uses serializer {ct!r:.40}, not in accept_content")
         try:
             meta = deserialize(ct, payload)
         except MessageError:
             raise
         except Exception as exc:
-            raise MessageError(f"cannot decode stored result: {_describe(exc)}") from None
+            raise MessageError(f"cannot decode {what}: {_describe(exc)}") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("state"), str):
-            raise MessageError("cannot decode stored result: not a result record")
+            raise MessageError(f"cannot decode {what}: not a result record")
         exc_info = meta.get("exc")
         if exc_info is not None and not (isinstance(exc_info, dict) and isinstance(exc_info.get("type"), str)
                                          and isinstance(exc_info.get("args", []), list)):
-            raise MessageError("cannot decode stored result: malformed exception record")
+            raise MessageError(f"cannot decode {what}: malformed exception record")
         return meta
 
 

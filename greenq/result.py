@@ -5,6 +5,7 @@ import importlib
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
+from .config import mask_url
 from .exceptions import TaskError, TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,9 +49,12 @@ def rebuild_exception(info: Dict[str, Any], remote_traceback: Optional[str],
                       allowed: Iterable[str] = ALWAYS_REBUILT) -> BaseException:
     """The task's exception as its own type when its module is ``allowed``
     (builtins, greenq's own, the modules of registered tasks and
-    ``[greenq] exception_modules`` with their submodules) and it can be
-    rebuilt from its args; else TaskError carrying the type name, message and
-    remote traceback.  No module outside ``allowed`` is ever imported."""
+    ``[greenq] exception_modules`` with their submodules), it is an
+    ``Exception`` and it can be rebuilt from its args; else TaskError carrying
+    the type name, message and remote traceback.  No module outside
+    ``allowed`` is ever imported, and never is a BaseException that is not an
+    Exception rebuilt (a record naming SystemExit or KeyboardInterrupt would
+    otherwise pass through the caller's ``except Exception``)."""
     type_name = str(info.get("type", "Exception"))
     module_name, _, qualname = type_name.rpartition(".")
     module_name = module_name or "builtins"
@@ -61,7 +65,7 @@ def rebuild_exception(info: Dict[str, Any], remote_traceback: Optional[str],
             obj: Any = importlib.import_module(module_name)
             for part in qualname.split("."):
                 obj = getattr(obj, part)
-            if isinstance(obj, type) and issubclass(obj, BaseException):
+            if isinstance(obj, type) and issubclass(obj, Exception):
                 exc = obj(*info.get("args", []))
                 exc.remote_traceback = remote_traceback  # type: ignore[attr-defined]
                 return exc
@@ -99,8 +103,13 @@ class AsyncResult:
             return self._meta
         data = self.app.backend.get(self.id)
         if data is not None:
-            self._meta = self.app.codec.decode_result(data)
+            self._meta = self._decode(data)
         return self._meta
+
+    def _decode(self, data: bytes) -> Dict[str, Any]:
+        """The record read for this task, checked (MessageError when it is
+        forged, unsigned with a signing key set, or unreadable)."""
+        return self.app.codec.decode_result(data, self.id, where=mask_url(self.app.backend.url))
 
     @property
     def state(self) -> str:
@@ -164,7 +173,7 @@ class AsyncResult:
             data = self.app.backend.wait(self.id, timeout)
             if data is None:
                 raise TimeoutError(f"task {self.id} not ready after {timeout} s")
-            meta = self._meta = self.app.codec.decode_result(data)
+            meta = self._meta = self._decode(data)
         return self._outcome(meta, propagate)
 
     wait = get

@@ -16,6 +16,12 @@ message unacknowledged: it runs again, is told again that it completed the
 chord, and sends the callback.  Only a death between the send and the mark
 (one round trip) sends the callback twice.  A member that fails stores the
 chord's ChordError at once (fail fast); the completer keeps it.
+
+A chord's record (member ids and callback) is read only once it passes its
+check (greenq/canvas.py decode_group: with a signing key, an HMAC bound to
+the group id).  One that fails it is never used: the chord is failed with
+ChordError under ``chord_result`` (carried, signed, by each member's
+message) and its callback is never sent.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..backends.base import Record
 from ..canvas import build, decode_group, iter_records
+from ..config import mask_url
 from ..exceptions import ChordError, MessageError
 from ..result import FAILURE, REVOKED, SUCCESS, make_meta
 from .jobs import describe
@@ -101,11 +108,27 @@ class Followups:
             elif member.failure is not None:
                 self._fail_early(msg, member.failure)
 
+    def _load_group(self, msg: "TaskMessage", data: bytes) -> Optional[Dict[str, Any]]:
+        """The chord's record ``data``, checked; None when it fails its check,
+        and then the chord is failed with ChordError under ``chord_result``
+        (once) and nothing in the record is used."""
+        try:
+            return decode_group(self.app, data, msg.group_id)
+        except (MessageError, ValueError) as exc:
+            error = ChordError(f"chord {msg.group_id}: its record in the result backend was refused "
+                               f"({describe(exc)}); its callback is not sent")
+            log.error("%s", error)
+            target = msg.chord_result
+            if target and not self._failed_already(target):
+                self.worker.backend.store_many([Record(target, self.codec.encode_result(make_meta(
+                    target, FAILURE, exc=error, root_id=msg.root_id or msg.id)), True, None)])
+            return None
+
     def _fail_early(self, msg: "TaskMessage", failure: str) -> None:
         data = self.worker.backend.load_group(msg.group_id)
-        if data is None:
+        group = None if data is None else self._load_group(msg, data)
+        if group is None:
             return
-        group = decode_group(self.app, data)
         callback = group.get("callback")
         if isinstance(callback, dict):
             index = group["members"].index(msg.id) if msg.id in group["members"] else "?"
@@ -121,7 +144,9 @@ class Followups:
             log.error("chord %s: its record is gone from the result backend (expired?); its callback "
                       "cannot be sent", group_id)
             return
-        group = decode_group(self.app, data)
+        group = self._load_group(msg, data)
+        if group is None:
+            return
         callback = group.get("callback")
         if not isinstance(callback, dict):
             log.error("chord %s: its record has no callback", group_id)
@@ -146,7 +171,7 @@ class Followups:
         for index, (member_id, data) in enumerate(zip(members, self.worker.backend.get_many(members))):
             reason = None
             try:
-                meta = self.codec.decode_result(data) if data is not None else None
+                meta = self._decode(data, member_id) if data is not None else None
             except MessageError as exc:
                 meta, reason = None, f"has a result that cannot be read ({exc})"
             state = meta.get("state") if meta else None
@@ -182,9 +207,13 @@ class Followups:
     def _failed_already(self, task_id: Optional[str]) -> bool:
         data = self.worker.backend.get(task_id) if task_id else None
         try:
-            return data is not None and self.codec.decode_result(data).get("state") == FAILURE
+            return data is not None and self._decode(data, task_id).get("state") == FAILURE
         except MessageError:
             return False
+
+    def _decode(self, data: bytes, task_id: str) -> Dict[str, Any]:
+        """The result record of ``task_id``, checked (MessageError if refused)."""
+        return self.codec.decode_result(data, task_id, where=mask_url(self.worker.backend.url))
 
     def _failure_records(self, msg: "TaskMessage", callback: Dict[str, Any], error: ChordError) -> List[Record]:
         encode = self.codec.encode_result

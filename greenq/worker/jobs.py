@@ -93,7 +93,7 @@ def run(job: Job) -> None:
         job.outcome = REQUEUE
     except Terminate:
         job.outcome, job.reason = REVOKED, "terminated by revoke"
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:  # sys.exit() in a task: it failed
         job.outcome, job.exc, job.tb = FAILURE, exc, traceback.format_exc()
     except BaseException as exc:  # GreenletExit and friends: the worker is going down
         job.outcome, job.exc = REQUEUE, exc

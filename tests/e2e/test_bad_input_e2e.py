@@ -115,7 +115,8 @@ def test_outcomes_that_cannot_be_stored_as_they_are(pool, sqlite_env):
     """Issue 7 item 5: an exception whose str() raises, a result nested too
     deeply for the serializer, and (with pickle) an object of a local class
     are each stored as a FAILURE saying why; the tasks behind them settle."""
-    sqlite_env.env.update({"GREENQ_SERIALIZER": "pickle", "GREENQ_ACCEPT_CONTENT": "json,pickle"})
+    sqlite_env.env.update({"GREENQ_SERIALIZER": "pickle", "GREENQ_ACCEPT_CONTENT": "json,pickle",
+                           "GREENQ_SIGNING_KEY": "e2e-key"})      # pickle needs a signing key
     import e2e_tasks
     sqlite_env.app()
     bad = [e2e_tasks.unprintable_fail.delay(), e2e_tasks.deep_result.delay(5000),

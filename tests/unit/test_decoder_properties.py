@@ -22,7 +22,7 @@ from greenq.message import Codec, TaskMessage  # noqa: E402
 from greenq.validation import MAX_NAME_BYTES  # noqa: E402
 
 CODECS = [Codec(), Codec(signing_key="k"), Codec(serializer="msgpack", accept=("json", "msgpack")),
-          Codec(serializer="pickle", accept=("json", "pickle"))]
+          Codec(serializer="pickle", accept=("json", "pickle"), signing_key="k")]   # pickle needs a key
 FIELDS = ["v", "ct", "id", "task", "queue", "priority", "eta", "expires", "retries", "created",
           "root_id", "time_limit", "soft_time_limit", "reply_to", "args", "kwargs", "body", "sig"]
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from greenq import GreenQ, MessageError, TaskError
+from greenq import ConfigError, GreenQ, MessageError, TaskError
 from greenq.backends.base import Record
 from greenq.drivers import get_driver
 from greenq.worker.consumer import Worker
@@ -38,8 +38,11 @@ def test_pickled_result_refused_unless_accepted():
     store(app, "p1", b"pickle:" + pickle.dumps({"state": "SUCCESS", "result": Boom()}))
     with pytest.raises(MessageError, match="not in accept_content"):
         app.AsyncResult("p1").get(timeout=1)
-    trusting = GreenQ("t", broker=app.config.broker_url, accept_content=["json", "pickle"])
-    assert trusting.AsyncResult("p1").get(timeout=1) is None     # print() returned None: it ran
+    with pytest.raises(ConfigError, match="signing_key"):       # pickle is accepted only with a key...
+        GreenQ("t", broker=app.config.broker_url, accept_content=["json", "pickle"])
+    keyed = GreenQ("t", broker=app.config.broker_url, accept_content=["json", "pickle"], signing_key="k")
+    with pytest.raises(MessageError, match="unsigned"):            # ...and from signed records only
+        keyed.AsyncResult("p1").get(timeout=1)
 
 
 @pytest.mark.parametrize("data", [b"json:[1, 2]", b"json:{\"result\": 1}", b"nocolon", b"json:{bad",
