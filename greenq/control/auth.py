@@ -103,8 +103,8 @@ class CommandReader:
         if isinstance(sent, bool) or not isinstance(sent, (int, float)) or not math.isfinite(sent):
             return "signed command without a sent time"
         if abs(now - sent) > self.max_age:
-            return (f"stale signed command: sent {now - sent:+.0f} s from this worker's clock "
-                    f"(at most {self.max_age:.0f} s either way)")
+            when = f"{now - sent:.0f} s ago" if sent < now else f"{sent - now:.0f} s ahead of this worker's clock"
+            return f"stale signed command: sent {when} (at most {self.max_age:.0f} s either way)"
         if not isinstance(cmd_id, str) or not cmd_id:
             return "signed command without an id"
         seen = self._seen
