@@ -4,7 +4,8 @@ apps sharing a vhost never see each other's commands, replies or events:
 
     P.control        fanout exchange of commands; each worker binds an
                      exclusive, auto-deleted queue ``P.control.<name>`` to it
-    P.reply.<hex>    the sender's exclusive, auto-deleted reply queue (32 hex
+    P.control-reply.<hex>
+                     the sender's exclusive, auto-deleted reply queue (32 hex
                      digits); workers publish replies to it through the default
                      exchange, and to no queue not named so
     P.events         fanout exchange of event batches; each reader binds an
@@ -45,7 +46,7 @@ class AMQPTransport(Transport):
         self.params = connection_params(url)          # every node of a ;-separated list
         self.control_exchange = control_exchange(config.key_prefix)
         self.events_exchange = events_exchange(config.key_prefix)
-        self.reply_prefix = f"{config.key_prefix}.reply."
+        self.reply_prefix = f"{config.key_prefix}.control-reply."
         self._conn: Optional[amqp.Connection] = None
         self._channel: Any = None
         self._inbox: List[Any] = []
@@ -122,7 +123,7 @@ class AMQPTransport(Transport):
 
     # -- admin side ------------------------------------------------------------
     def reply_address(self) -> str:
-        """This transport's reply queue, ``P.reply.<hex>``, declared (and
+        """This transport's reply queue, ``P.control-reply.<hex>``, declared (and
         consumed) on first use; one per transport."""
         if self._reply_queue is None:
             queue = self.reply_prefix + super().reply_address()

@@ -43,7 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Document = Dict[str, Any]
 
-#: a reply address's own part: 32 hex digits (``uuid4().hex``); RabbitMQ puts ``P.reply.`` before it
+#: a reply address's own part: 32 hex digits (``uuid4().hex``); RabbitMQ puts ``P.control-reply.`` before it
 REPLY_TOKEN = re.compile(r"[0-9a-f]{32}\Z")
 
 #: event rows per broker call (and per stored batch): a row is one task's events in one batching period

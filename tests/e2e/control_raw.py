@@ -4,7 +4,7 @@ greenq's transport: what a forger with access to the broker would write.
 
 ``Raw(kind, url, prefix)`` publishes bodies (signed or not, as the test
 makes them) and reads the replies sent to its own reply address, which is
-named as the app's are (32 hex digits on Redis, ``P.reply.<hex>`` on
+named as the app's are (32 hex digits on Redis, ``P.control-reply.<hex>`` on
 RabbitMQ)."""
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class RawAMQP:
         self.conn = amqp.Connection(**connection_params(url))
         self.conn.connect()
         self.channel = self.conn.channel()
-        self.reply_to = f"{prefix}.reply.{uuid.uuid4().hex}"
+        self.reply_to = f"{prefix}.control-reply.{uuid.uuid4().hex}"
         self.channel.queue_declare(self.reply_to, exclusive=True, auto_delete=True)
         self.inbox: List[Any] = []
         self.channel.basic_consume(self.reply_to, callback=self.inbox.append, no_ack=True)

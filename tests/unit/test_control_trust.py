@@ -128,8 +128,9 @@ def test_reply_addresses_are_the_apps_own():
     cfg = load(search=False, env={"GREENQ_BROKER_URL": "amqp://localhost//", "GREENQ_KEY_PREFIX": "app-a"})
     amqp = AMQPTransport(cfg.broker_url, cfg)
     token = uuid.uuid4().hex
-    assert amqp.owns_reply(f"app-a.reply.{token}")
-    for other in (token, f"app-b.reply.{token}", "default", f"app-a.reply.{token}x", "app-a.reply.", 5, None):
+    assert amqp.owns_reply(f"app-a.control-reply.{token}")
+    for other in (token, f"app-b.control-reply.{token}", f"app-a.reply.{token}", "default",   # (rpc:// replies)
+                  f"app-a.control-reply.{token}x", "app-a.control-reply.", 5, None):
         assert not amqp.owns_reply(other), other
     memory = MemoryTransport("memory://x", cfg)
     assert memory.owns_reply(token) and not memory.owns_reply("../" + token) and not memory.owns_reply("a" * 300)
