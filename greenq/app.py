@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from . import config as config_module
 from . import validation
@@ -294,23 +294,27 @@ class GreenQ:
             raise KeyError(f"eager mode: task {name!r} is not registered in this process")
         return task.apply(args, kwargs, task_id=options.get("task_id"))
 
-    def control_revoke(self, task_id: str, terminate: bool = False) -> None:
-        """Revoke ``task_id``: recorded in the result backend (kept for
-        ``result_expires``; a worker started later loads it), then broadcast
-        to the running workers over the control plane.  A failed broadcast
-        is logged, not raised: the workers re-read the backend (within 30 s,
-        or 1 s while their control plane is away)."""
-        self.backend.revoke(task_id, terminate)
+    def control_revoke(self, task_id: Union[str, Sequence[str]], terminate: bool = False) -> None:
+        """Revoke ``task_id`` (or each of a list of ids): recorded in the
+        result backend (kept for ``result_expires``; a worker started later
+        loads it), then broadcast to the running workers over the control
+        plane, ``validation.MAX_REVOKE_IDS`` ids per command.  A failed
+        broadcast is logged, not raised: the workers re-read the backend
+        (within 30 s, or 1 s while their control plane is away)."""
+        ids = [task_id] if isinstance(task_id, str) else list(task_id)
+        for one in ids:
+            self.backend.revoke(one, terminate)
         from .control.client import Control
         try:
             control = Control(self)
         except ConfigError:                 # a broker without a control plane: the workers poll
             return
         try:
-            control.send("revoke", {"ids": [task_id], "terminate": bool(terminate), "at": time.time()})
+            control.revoke(ids, bool(terminate))
         except Exception as exc:
             log.warning("revoke %s: recorded, but not broadcast to the workers (%s); they read it from "
-                        "the result backend within 30 s", task_id, exc)
+                        "the result backend within 30 s", ", ".join(ids[:3]) + (" ..." if len(ids) > 3 else ""),
+                        exc)
         finally:
             control.close()
 

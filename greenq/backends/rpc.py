@@ -19,7 +19,7 @@ The broker must be ``amqp://`` (the connection comes from ``broker_url``);
   reply queue does not exist (a RabbitMQ restart: it is not durable) are lost.
   Use a Redis or SQLite result backend when you need results that outlive the
   caller.
-* Revocations cannot live in a reply queue: they go to ``greenq.revoked``, a
+* Revocations cannot live in a reply queue: they go to ``P.revoked`` (P: ``key_prefix``), a
   RabbitMQ stream (``x-max-age`` = ``result_expires``) that every worker reads
   from its start, so a worker started after a revoke still sees it.
 """
@@ -38,7 +38,7 @@ from amqp.exceptions import PreconditionFailed
 
 from ..brokers import scheme_of
 from ..brokers.amqp_adapter import RawConnection, close_quietly
-from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, REVOKED_STREAM, Link, Settings, connection_params,
+from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, Link, Settings, connection_params,
                                    open_connection)
 from ..brokers.amqp_meta import as_bytes
 from ..brokers.amqp_publish import ChannelPool, Publisher, pool_size
@@ -147,7 +147,7 @@ class RPCBackend(ResultBackend):
                 declare_stream(pub, self.settings)
                 self._stream_declared = True
             pub.publish(amqp.Message(task_id.encode(), delivery_mode=2, application_headers={"at": time.time()},
-                                     type="terminate" if terminate else "revoke"), "", REVOKED_STREAM)
+                                     type="terminate" if terminate else "revoke"), "", self.settings.revoked)
             if pub.confirm:
                 nacked, returned = pub.wait_confirms()
                 if nacked or returned:
@@ -188,11 +188,11 @@ class RPCBackend(ResultBackend):
 def declare_stream(pub: Publisher, settings: Settings) -> None:
     """Declare the revocation stream; an existing one with another max-age is used as is."""
     try:
-        pub.channel.queue_declare(REVOKED_STREAM, durable=True, auto_delete=False, arguments={
+        pub.channel.queue_declare(settings.revoked, durable=True, auto_delete=False, arguments={
             "x-queue-type": "stream", "x-max-age": f"{max(1, settings.result_expires)}s"})
     except PreconditionFailed:
         pub.reopen()
-        pub.channel.queue_declare(REVOKED_STREAM, passive=True)
+        pub.channel.queue_declare(settings.revoked, passive=True)
 
 
 class _Replies:
@@ -392,13 +392,13 @@ class _Revocations:
             ch = conn.channel()
             ch.auto_decode = False
             try:
-                ch.queue_declare(REVOKED_STREAM, durable=True, auto_delete=False, arguments={
+                ch.queue_declare(self.settings.revoked, durable=True, auto_delete=False, arguments={
                     "x-queue-type": "stream", "x-max-age": f"{max(1, self.settings.result_expires)}s"})
             except PreconditionFailed:
                 ch = conn.channel()
                 ch.auto_decode = False
             ch.basic_qos(0, 1000, False)
-            ch.basic_consume(REVOKED_STREAM, callback=self._on_revoke,
+            ch.basic_consume(self.settings.revoked, callback=self._on_revoke,
                              arguments={"x-stream-offset": "first"})
         except BaseException:
             close_quietly(conn)

@@ -47,7 +47,7 @@ from amqp.exceptions import ChannelError
 
 from ..config import effective_prefetch, mask_url
 from ..exceptions import BrokerError
-from .amqp_common import (DELAY_LEVELS, DLQ, DLX, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
+from .amqp_common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
                           H_QUEUE, H_REASON, Settings, browse, clean_headers, connection_params,
                           delay_name, reject_all)
 from .amqp_consumer import ConsumerLoop
@@ -80,7 +80,7 @@ class AMQPBroker(Broker):
         self._known = set(config.worker["queues"]) | {config.default_queue}
         self._consumer: Optional[ConsumerLoop] = None
         self._lock = threading.Lock()
-        self._dead_cache: Optional[tuple] = None   # (greenq.dlq depth, when, counts by queue)
+        self._dead_cache: Optional[tuple] = None   # (P.dlq depth, when, counts by queue)
 
     def __repr__(self) -> str:
         return f"<AMQPBroker {mask_url(self.url)}>"
@@ -222,9 +222,9 @@ class AMQPBroker(Broker):
                                                            if delivery.priority else {}))
 
         def send(pub: Publisher) -> None:
-            for force in (False, True):   # returned: greenq.dlq was deleted; declare it again
+            for force in (False, True):   # returned: P.dlq was deleted; declare it again
                 self.pool.ensure_queues(pub, (), force=force)
-                pub.publish(msg, DLX, delivery.queue)
+                pub.publish(msg, self.settings.dlx, delivery.queue)
                 if not pub.confirm:
                     return
                 nacked, returned = pub.wait_confirms()
@@ -264,7 +264,7 @@ class AMQPBroker(Broker):
         and has not handed out; ``held``: what this process handed out (RabbitMQ
         tells other consumers' unacked counts only over its HTTP API);
         ``delayed``: the delay cascade's counts; ``dead``: counted in
-        ``greenq.dlq`` (first 10,000).  Without ``queues``: the configured
+        ``P.dlq`` (first 10,000).  Without ``queues``: the configured
         queues and those this process used (AMQP cannot list queues)."""
         names = list(queues) if queues else sorted(self._known)
         local = self._consumer.local_counts() if self._consumer is not None else {}
@@ -281,13 +281,13 @@ class AMQPBroker(Broker):
         return self.pool.run(stats)
 
     def _dead_by_queue(self, pub: Publisher) -> Dict[str, int]:
-        """Dead letters by queue; a browse of greenq.dlq is reused for 10 s
+        """Dead letters by queue; a browse of P.dlq is reused for 10 s
         while its depth does not change (a --burst worker asks every second)."""
-        total = _queue_count(pub, DLQ) or 0
+        total = _queue_count(pub, self.settings.dlq) or 0
         cached = self._dead_cache
         if cached is not None and cached[0] == total and time.monotonic() - cached[1] < 10:
             return cached[2]
-        counts = _dead_counts(pub, total)
+        counts = _dead_counts(pub, self.settings.dlq, total)
         self._dead_cache = (total, time.monotonic(), counts)
         return counts
 
@@ -309,16 +309,16 @@ class AMQPBroker(Broker):
     def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
         def listing(pub: Publisher) -> List[DeadLetter]:
             self.pool.ensure_queues(pub, ())
-            msgs = browse(pub.channel, DLQ, limit)
-            reject_all(pub.channel, DLQ, msgs)
+            msgs = browse(pub.channel, self.settings.dlq, limit)
+            reject_all(pub.channel, self.settings.dlq, msgs)
             return [_dead_letter(m) for m in msgs]
         return self.pool.run(listing)
 
     def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
         def find(pub: Publisher) -> Optional[DeadLetter]:
             self.pool.ensure_queues(pub, ())
-            msgs = browse(pub.channel, DLQ, DLQ_SCAN_MAX)
-            reject_all(pub.channel, DLQ, msgs)
+            msgs = browse(pub.channel, self.settings.dlq, DLQ_SCAN_MAX)
+            reject_all(pub.channel, self.settings.dlq, msgs)
             for m in msgs:
                 dead = _dead_letter(m)
                 if dead.id == dead_id:
@@ -328,16 +328,16 @@ class AMQPBroker(Broker):
 
     def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
         """Publish dead letters back to their queue (delivery count reset), then
-        remove them from ``greenq.dlq``; the rest stay in order."""
+        remove them from ``P.dlq``; the rest stay in order."""
         wanted = None if dead_ids is None else set(dead_ids)
         self._dead_cache = None
 
         def requeue(pub: Publisher) -> int:
             self.pool.ensure_queues(pub, ())
-            total = _queue_count(pub, DLQ) or 0
+            total = _queue_count(pub, self.settings.dlq) or 0
             done = 0
             while total > 0:
-                msgs = browse(pub.channel, DLQ, min(total, 1000))
+                msgs = browse(pub.channel, self.settings.dlq, min(total, 1000))
                 if not msgs:
                     break
                 total -= len(msgs)
@@ -356,13 +356,13 @@ class AMQPBroker(Broker):
                 if pub.confirm and chosen:
                     nacked, returned = pub.wait_confirms()
                     if nacked or returned:
-                        reject_all(pub.channel, DLQ, msgs)
+                        reject_all(pub.channel, self.settings.dlq, msgs)
                         raise BrokerError("RabbitMQ refused requeued dead letters; they stay in the DLQ")
                 picked = {id(m) for m in chosen}
                 for m in chosen:
                     pub.channel.basic_ack(m.delivery_tag)
                 rest = [m for m in msgs if id(m) not in picked]
-                reject_all(pub.channel, DLQ, rest)
+                reject_all(pub.channel, self.settings.dlq, rest)
                 done += len(chosen)
                 if wanted is not None and len(wanted) <= done:
                     break
@@ -374,7 +374,7 @@ class AMQPBroker(Broker):
 
         def purge(pub: Publisher) -> int:
             self.pool.ensure_queues(pub, ())
-            return pub.channel.queue_purge(DLQ) or 0
+            return pub.channel.queue_purge(self.settings.dlq) or 0
         return self.pool.run(purge)
 
     def close(self) -> None:
@@ -417,12 +417,12 @@ def _dead_letter(msg: "amqp.Message") -> DeadLetter:
     return read_dead_letter(msg.properties, msg.body, msg.delivery_info.get("routing_key"))
 
 
-def _dead_counts(pub: Publisher, total: int) -> Dict[str, int]:
+def _dead_counts(pub: Publisher, dlq: str, total: int) -> Dict[str, int]:
     """Dead letters by queue (browsing at most STATS_SCAN_MAX of them)."""
     if not total:
         return {}
-    msgs = browse(pub.channel, DLQ, STATS_SCAN_MAX)
-    reject_all(pub.channel, DLQ, msgs)
+    msgs = browse(pub.channel, dlq, STATS_SCAN_MAX)
+    reject_all(pub.channel, dlq, msgs)
     counts: Dict[str, int] = {}
     for m in msgs:
         queue = _dead_letter(m).queue

@@ -10,11 +10,14 @@ URL is used; ``ssl`` is imported only for ``amqps://``.
 
 Topology (docs/brokers.md (RabbitMQ) has the full table):
 
-* every task queue ``<q>``: durable; ``x-dead-letter-exchange = greenq.dlx``;
+* every task queue ``<q>``: durable; ``x-dead-letter-exchange = P.dlx``;
   ``x-max-priority = [amqp] max_priority`` (classic queues, when > 0);
   ``x-queue-type = quorum`` with ``[amqp] queue_type = quorum``.  Messages are
   published persistent to the default exchange with routing key ``<q>``.
-* ``greenq.dlx`` (fanout) -> ``greenq.dlq``: the dead-letter store.  greenq
+  Task queues are named as configured: apps sharing a vhost need queues of
+  their own.  Every name greenq picks itself starts with ``[greenq]
+  key_prefix`` P (default ``greenq``):
+* ``P.dlx`` (fanout) -> ``P.dlq``: the dead-letter store.  greenq
   publishes dead letters there itself with the reason in headers; messages that
   RabbitMQ dead-letters on its own (a consumer's reject) land there too.
 * delayed delivery, no plugin: a cascade per task queue, made on the first
@@ -45,15 +48,13 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 from ..backoff import backoff
 from ..config import Config, mask_url
 from ..exceptions import BrokerError, ConfigError
-from .amqp_meta import (DLQ, H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
+from .amqp_meta import (H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
                         H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
 
 log = logging.getLogger("greenq.amqp")
 
-DLX = "greenq.dlx"
 DELAY_LEVELS = 32                     # 2**32 ms ~ 49.7 days per pass
 MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
-REVOKED_STREAM = "greenq.revoked"     # rpc:// revocations
 
 #: errors after which a connection is dead and must be rebuilt
 #: (socket.timeout is an OSError too: callers catch it first where it means "no data")
@@ -92,12 +93,28 @@ class Settings:
     heartbeat: int = 30
     max_priority: int = 9
     result_expires: int = 86400
+    prefix: str = "greenq"            # [greenq] key_prefix: names greenq's own exchanges and queues
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":
         sec = config.section("amqp")
         return cls(sec["confirm_publish"], sec["queue_type"], sec["heartbeat"],
-                   sec["max_priority"], config.result_expires)
+                   sec["max_priority"], config.result_expires, config.key_prefix)
+
+    @property
+    def dlx(self) -> str:
+        """The dead-letter exchange, ``P.dlx``."""
+        return f"{self.prefix}.dlx"
+
+    @property
+    def dlq(self) -> str:
+        """The dead-letter store, ``P.dlq``."""
+        return f"{self.prefix}.dlq"
+
+    @property
+    def revoked(self) -> str:
+        """The rpc:// backend's revocation stream, ``P.revoked``."""
+        return f"{self.prefix}.revoked"
 
     @property
     def quorum(self) -> bool:
@@ -294,7 +311,7 @@ class Link:
 # -- topology -----------------------------------------------------------------
 
 def queue_arguments(settings: Settings) -> Dict[str, Any]:
-    args: Dict[str, Any] = {"x-dead-letter-exchange": DLX}
+    args: Dict[str, Any] = {"x-dead-letter-exchange": settings.dlx}
     if settings.quorum:
         args["x-queue-type"] = "quorum"
     elif settings.max_priority:
@@ -303,27 +320,27 @@ def queue_arguments(settings: Settings) -> Dict[str, Any]:
 
 
 def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
-    """Declare the dead-letter store (idempotent).  ``greenq.dlq`` has the
+    """Declare the dead-letter store (idempotent).  ``P.dlq`` has the
     type of ``queue_type``: with ``quorum`` it is replicated like the task
     queues, so that a cluster that lost a node still takes dead letters (a
     classic queue whose node is down refuses even its declaration, which
-    would keep every consumer from reconnecting).  An existing ``greenq.dlq``
+    would keep every consumer from reconnecting).  An existing ``P.dlq``
     of the other type is kept as it is (declared on a channel of its own, as
     RabbitMQ closes the channel that asked for other arguments)."""
-    channel.exchange_declare(DLX, "fanout", durable=True, auto_delete=False)
+    channel.exchange_declare(settings.dlx, "fanout", durable=True, auto_delete=False)
     if not settings.quorum:
-        channel.queue_declare(DLQ, durable=True, auto_delete=False)
-        channel.queue_bind(DLQ, DLX, "")
+        channel.queue_declare(settings.dlq, durable=True, auto_delete=False)
+        channel.queue_bind(settings.dlq, settings.dlx, "")
         return
     side = channel.connection.channel()
     try:
-        side.queue_declare(DLQ, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
-        side.queue_bind(DLQ, DLX, "")
+        side.queue_declare(settings.dlq, durable=True, auto_delete=False, arguments={"x-queue-type": "quorum"})
+        side.queue_bind(settings.dlq, settings.dlx, "")
     except PreconditionFailed as exc:
         if not _KEPT_DLQ:
             _KEPT_DLQ.append(True)
             log.warning("%s exists as a classic queue and is kept (%s); delete it, once empty, to have "
-                        "it made a quorum queue", DLQ, exc.reply_text)
+                        "it made a quorum queue", settings.dlq, exc.reply_text)
     finally:
         if side.is_open:
             side.close()

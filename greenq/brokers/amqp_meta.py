@@ -30,7 +30,7 @@ MAX_MESSAGE_ID_BYTES = 255
 #: declares ``greenq.delay.<queue>.31`` for delayed tasks, which must fit too.
 MAX_QUEUE_NAME_BYTES = 255 - len("greenq.delay..31")
 
-DLQ = "greenq.dlq"                    # the dead-letter store
+DLQ = "greenq.dlq"                    # the dead-letter store of the default key_prefix (Settings.dlq)
 H_ETA = "greenq-eta"                  # the headers greenq sets and reads
 H_DELIVERIES = "greenq-deliveries"
 H_QUEUE = "greenq-queue"              # (these four: on dead letters)

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("task_id", help="the id printed by call or returned by delay()")
     _json_flag(r)
 
-    rv = sub.add_parser("revoke", help="revoke a task")
-    rv.add_argument("task_id", help="the task's id")
+    rv = sub.add_parser("revoke", help="revoke tasks")
+    rv.add_argument("task_id", nargs="+", help="the task's id (several: broadcast "
+                                                "1,000 per control command)")
     rv.add_argument("--terminate", action="store_true", help="also stop it if it is running")
 
     q = sub.add_parser("queues", help="depth of each queue, delayed and dead-letter counts")
@@ -204,7 +205,8 @@ def cmd_result(args: argparse.Namespace, app: Any) -> int:
 
 def cmd_revoke(args: argparse.Namespace, app: Any) -> int:
     app.control_revoke(args.task_id, terminate=args.terminate)
-    print(f"revoked {args.task_id}{' (terminate)' if args.terminate else ''}")
+    for task_id in args.task_id:
+        print(f"revoked {task_id}{' (terminate)' if args.terminate else ''}")
     return EXIT_OK
 
 

@@ -23,7 +23,9 @@ from typing import TYPE_CHECKING, Any, Deque, Optional
 from ..backoff import Backoff
 from ..events import TaskEvents
 from ..exceptions import ConfigError
+from ..signing import Signer
 from ..worker.jobs import describe
+from .auth import CommandReader, sign_reply
 from .base import Document, Transport, make_transport
 from .commands import COMMANDS, worker_info
 
@@ -63,7 +65,8 @@ class ControlAgent:
         self._closing = False
         self._handle: Any = None
         self._boot = uuid.uuid4().hex[:8]
-
+        self.signer = Signer(worker.config.signing_key)
+        self.reader = CommandReader(self.signer)
 
     # -- lifetime ----------------------------------------------------------------
     def start(self) -> None:
@@ -97,8 +100,9 @@ class ControlAgent:
                     log.info("control plane: listening as %s", self.name)
                 now = time.monotonic()
                 wait = max(0.0, min(RECEIVE_WAIT, next_beat - now))
-                for cmd in transport.receive(wait):
-                    self._answer(transport, cmd)
+                where = transport.where()
+                for body in transport.receive(wait):
+                    self.handle(transport, body, where)
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + HEARTBEAT_INTERVAL
                     self._event("worker-heartbeat")
@@ -134,10 +138,18 @@ class ControlAgent:
             rows.extend(self.task_events.take())
         transport.publish_rows(self.name, rows, self.outbox)
 
+    def handle(self, transport: Transport, body: Any, where: str) -> None:
+        """Read one command body (greenq/control/auth.py: its signature, age
+        and id when there is a key), run it and reply where it asks.  Never
+        raises: an exception out of here would drop the rest of its batch and
+        reconnect."""
+        cmd = self.reader.read(body, where)
+        if cmd is not None:
+            self._answer(transport, cmd)
+
     def _answer(self, transport: Transport, cmd: Document) -> None:
         """Run one command and reply where it asks.  Whatever a malformed
-        command holds ends as an ``error`` reply, never as an exception out of
-        here: that would drop the rest of its batch and reconnect."""
+        command holds ends as an ``error`` reply."""
         destination = cmd.get("destination")
         name = cmd.get("command")
         handler = COMMANDS.get(name) if isinstance(name, str) else None
@@ -163,22 +175,11 @@ class ControlAgent:
         reply_to = cmd.get("reply_to")
         if reply_to is None:
             return
-        if _is_address(reply_to):
-            transport.reply(reply_to, reply)
-        else:       # refused here: the broker library would raise, and the loop reconnect
-            log.warning("control: %s: no reply sent, reply_to %s is not an address", _clip(name, 100),
-                        _clip(ascii(reply_to), 100))
-
-
-def _is_address(reply_to: Any) -> bool:
-    """A ``reply_to`` every transport can send to: a string of 1 to 255 UTF-8
-    bytes (a RabbitMQ queue name's limit; greenq's are 32 to 64)."""
-    if not isinstance(reply_to, str):
-        return False
-    try:
-        return 0 < len(reply_to.encode("utf-8")) <= 255
-    except UnicodeEncodeError:          # a lone surrogate, from a JSON "\ud800"
-        return False
+        if transport.owns_reply(reply_to):
+            transport.reply(reply_to, sign_reply(self.signer, reply))
+        else:       # never write where the app's admin processes do not listen
+            log.warning("control: %s: no reply sent, reply_to %s is not one of this app's reply addresses",
+                        _clip(name, 100), _clip(ascii(reply_to), 100))
 
 
 def _clip(value: Any, size: int = 500) -> str:

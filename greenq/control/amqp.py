@@ -1,10 +1,14 @@
-"""The control plane on RabbitMQ, over a py-amqp connection of its own:
+"""The control plane on RabbitMQ, over a py-amqp connection of its own.
+Every name starts with the app's ``key_prefix`` P (default ``greenq``), so
+apps sharing a vhost never see each other's commands, replies or events:
 
-    greenq.control   fanout exchange of commands; each worker binds an
-                     exclusive, auto-deleted queue ``greenq.control.<name>`` to it
-    (reply queue)    the sender's exclusive, server-named queue; workers publish
-                     replies to it through the default exchange
-    greenq.events    fanout exchange of event batches; each reader binds an
+    P.control        fanout exchange of commands; each worker binds an
+                     exclusive, auto-deleted queue ``P.control.<name>`` to it
+    P.control-reply.<hex>
+                     the sender's exclusive, auto-deleted reply queue (32 hex
+                     digits); workers publish replies to it through the default
+                     exchange, and to no queue not named so
+    P.events         fanout exchange of event batches; each reader binds an
                      exclusive, server-named queue (a reader sees what is
                      published while it is connected, as in Celery)
 
@@ -21,17 +25,28 @@ import amqp
 
 from ..brokers.amqp_adapter import RawConnection, close_quietly
 from ..brokers.amqp_common import connection_params, open_connection
+from ..config import mask_url
 from ..events import decode_batch
-from .base import Document, Transport, dumps, loads
+from .base import REPLY_TOKEN, Document, Transport
 
-CONTROL_EXCHANGE = "greenq.control"
-EVENTS_EXCHANGE = "greenq.events"
+
+def control_exchange(prefix: str) -> str:
+    """The fanout exchange of the commands of the app whose ``key_prefix`` is ``prefix``."""
+    return f"{prefix}.control"
+
+
+def events_exchange(prefix: str) -> str:
+    """The fanout exchange of the event batches of that app."""
+    return f"{prefix}.events"
 
 
 class AMQPTransport(Transport):
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.params = connection_params(url)          # every node of a ;-separated list
+        self.control_exchange = control_exchange(config.key_prefix)
+        self.events_exchange = events_exchange(config.key_prefix)
+        self.reply_prefix = f"{config.key_prefix}.control-reply."
         self._conn: Optional[amqp.Connection] = None
         self._channel: Any = None
         self._inbox: List[Any] = []
@@ -47,8 +62,8 @@ class AMQPTransport(Transport):
             # property bytes would make drain_events raise, and the loop reconnect
             RawConnection(self._conn, fast_reads=False)
             ch = self._conn.channel()
-            ch.exchange_declare(CONTROL_EXCHANGE, "fanout", durable=True, auto_delete=False)
-            ch.exchange_declare(EVENTS_EXCHANGE, "fanout", durable=True, auto_delete=False)
+            ch.exchange_declare(self.control_exchange, "fanout", durable=True, auto_delete=False)
+            ch.exchange_declare(self.events_exchange, "fanout", durable=True, auto_delete=False)
             self._channel = ch
             if self._listening is not None:     # reconnected: consume again
                 self._bind_control(self._listening)
@@ -81,42 +96,53 @@ class AMQPTransport(Transport):
         self._listening = name
 
     def _bind_control(self, name: str) -> None:
-        queue = f"{CONTROL_EXCHANGE}.{name}"
+        queue = f"{self.control_exchange}.{name}"
         ch = self.channel
         ch.queue_declare(queue, exclusive=True, auto_delete=True)
-        ch.queue_bind(queue, CONTROL_EXCHANGE)
+        ch.queue_bind(queue, self.control_exchange)
         self._consume(queue)
 
-    def receive(self, timeout: float) -> List[Document]:
-        return [doc for doc in map(loads, self._drain(timeout)) if isinstance(doc, dict)]
+    def receive(self, timeout: float) -> List[Any]:
+        return self._drain(timeout)
 
-    def reply(self, reply_to: str, reply: Document) -> None:
-        self.channel.basic_publish(amqp.Message(dumps(reply), content_type="application/json"),
+    def where(self) -> str:
+        return f"{mask_url(self.url)} exchange {self.control_exchange}"
+
+    def owns_reply(self, reply_to: Any) -> bool:
+        prefix = self.reply_prefix
+        return (isinstance(reply_to, str) and reply_to.startswith(prefix)
+                and REPLY_TOKEN.match(reply_to, len(prefix)) is not None)
+
+    def reply(self, reply_to: str, body: str) -> None:
+        self.channel.basic_publish(amqp.Message(body, content_type="application/json"),
                                    exchange="", routing_key=reply_to)
 
     def send_events(self, body: str) -> None:
         self.channel.basic_publish(amqp.Message(body, content_type="application/json"),
-                                   exchange=EVENTS_EXCHANGE, routing_key="")
+                                   exchange=self.events_exchange, routing_key="")
 
     # -- admin side ------------------------------------------------------------
-    def broadcast(self, command: Document) -> Optional[str]:
-        ch = self.channel
-        if command.get("reply_to") is not None:  # replies wanted: to our own queue
-            if self._reply_queue is None:
-                self._reply_queue = ch.queue_declare("", exclusive=True, auto_delete=True)[0]
-                self._consume(self._reply_queue)
-            command = dict(command, reply_to=self._reply_queue)
-        ch.basic_publish(amqp.Message(dumps(command), content_type="application/json"),
-                         exchange=CONTROL_EXCHANGE, routing_key="")
-        return command["reply_to"]
+    def reply_address(self) -> str:
+        """This transport's reply queue, ``P.control-reply.<hex>``, declared (and
+        consumed) on first use; one per transport."""
+        if self._reply_queue is None:
+            queue = self.reply_prefix + super().reply_address()
+            self.channel.queue_declare(queue, exclusive=True, auto_delete=True)
+            self._consume(queue)
+            self._reply_queue = queue
+        return self._reply_queue
 
-    def replies(self, reply_to: str, timeout: float) -> List[Document]:
-        return [doc for doc in map(loads, self._drain(timeout)) if isinstance(doc, dict)]
+    def broadcast(self, body: str) -> None:
+        self.channel.basic_publish(amqp.Message(body, content_type="application/json"),
+                                   exchange=self.control_exchange, routing_key="")
+
+    def replies(self, reply_to: str, timeout: float) -> List[Any]:
+        return self._drain(timeout)
 
     def subscribe(self, history: int = 0) -> None:
         ch = self.channel
         self._events_queue = ch.queue_declare("", exclusive=True, auto_delete=True)[0]
-        ch.queue_bind(self._events_queue, EVENTS_EXCHANGE)
+        ch.queue_bind(self._events_queue, self.events_exchange)
         self._consume(self._events_queue)
 
     def events(self, timeout: float) -> List[Document]:

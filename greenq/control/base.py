@@ -4,14 +4,22 @@ A transport carries three kinds of JSON documents over the broker itself, on
 connections of its own (never the broker's consuming connection):
 
 * **commands**, broadcast to every worker: ``{"id", "command", "args",
-  "destination", "reply_to", "sent"}``.  ``destination`` is a list of worker
-  names, or None for all; each worker ignores commands not meant for it.
-  ``reply_to`` None: nobody waits for a reply (``revoke``).
+  "destination", "reply_to", "sent", "sender"}``.  ``destination`` is a list
+  of worker names, or None for all; each worker ignores commands not meant
+  for it.  ``reply_to`` None: nobody waits for a reply (``revoke``); else one
+  of the app's reply addresses (``owns_reply``).  With ``signing_key`` the
+  body is the document signed whole (greenq/control/auth.py).
 * **replies**, sent by a worker to the ``reply_to`` of one command:
-  ``{"worker", "id", "ok"}`` or ``{"worker", "id", "error"}``.
+  ``{"worker", "id", "ok"}`` or ``{"worker", "id", "error"}``, signed too.
 * **events**, published in batches (greenq/events.py gives their encoding):
   heartbeats (``worker-heartbeat``, every 2 s), ``worker-online``/
   ``worker-offline`` and, with ``-E``, task events.
+
+Commands and replies travel as bodies (text: JSON, or ``s1:<tag>:<JSON>``
+when signed); the transports move them and never parse them, so every check
+is made in one place (auth.py).  Every name a transport uses on the broker
+derives from the app's ``key_prefix``, so two apps never see each other's
+commands, replies or events (docs/operations.md, "Apps apart").
 
 One transport object is used by one greenlet or thread at a time: the
 worker's control greenlet, or one admin command.  Each broker kind has its own
@@ -21,6 +29,8 @@ each maps the three kinds onto the broker.
 from __future__ import annotations
 
 import json
+import re
+import uuid
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
 from ..brokers import scheme_of
@@ -32,6 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver
 
 Document = Dict[str, Any]
+
+#: a reply address's own part: 32 hex digits (``uuid4().hex``); RabbitMQ puts ``P.control-reply.`` before it
+REPLY_TOKEN = re.compile(r"[0-9a-f]{32}\Z")
 
 #: event rows per broker call (and per stored batch): a row is one task's events in one batching period
 BATCH_MAX = 500
@@ -75,12 +88,23 @@ class Transport:
         """Start receiving commands as worker ``name`` (commands sent before are not seen)."""
         raise NotImplementedError
 
-    def receive(self, timeout: float) -> List[Document]:
-        """Commands that arrived, waiting up to ``timeout`` seconds for the first."""
+    def receive(self, timeout: float) -> List[Any]:
+        """Bodies of the commands that arrived, waiting up to ``timeout``
+        seconds for the first (unparsed: greenq/control/auth.py reads them)."""
         raise NotImplementedError
 
-    def reply(self, reply_to: str, reply: Document) -> None:
+    def owns_reply(self, reply_to: Any) -> bool:
+        """True when ``reply_to`` is one of this app's reply addresses: a
+        command cannot make workers write anywhere else on the broker."""
+        return isinstance(reply_to, str) and REPLY_TOKEN.match(reply_to) is not None
+
+    def reply(self, reply_to: str, body: str) -> None:
+        """Send one reply body to ``reply_to`` (checked with ``owns_reply``)."""
         raise NotImplementedError
+
+    def where(self) -> str:
+        """Where commands come from, for a log line about a refused one."""
+        return f"{type(self).__name__}"
 
     def send_events(self, body: str) -> None:
         """Publish one batch of events, encoded by ``greenq.events.encode_batch``
@@ -99,14 +123,17 @@ class Transport:
                 raise
 
     # -- admin side ------------------------------------------------------------
-    def broadcast(self, command: Document) -> Optional[str]:
-        """Send ``command`` to every worker; return its ``reply_to``, which this
-        transport listens on already (no reply can be missed), or None when
-        the command's ``reply_to`` is None (no reply wanted)."""
+    def reply_address(self) -> str:
+        """A new reply address of this app that this transport listens on
+        already (no reply can be missed); the command carries it, signed."""
+        return uuid.uuid4().hex
+
+    def broadcast(self, body: str) -> None:
+        """Send one command body to every worker."""
         raise NotImplementedError
 
-    def replies(self, reply_to: str, timeout: float) -> List[Document]:
-        """Replies that arrived, waiting up to ``timeout`` seconds for the first."""
+    def replies(self, reply_to: str, timeout: float) -> List[Any]:
+        """Bodies of the replies that arrived, waiting up to ``timeout`` seconds for the first."""
         raise NotImplementedError
 
     def subscribe(self, history: int = 0) -> None:

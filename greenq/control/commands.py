@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List
 from .. import __version__, validation
 from ..config import effective_prefetch, mask_url
 from ..worker.revocations import CLOCK_SKEW
+from .base import dumps
 
 if TYPE_CHECKING:  # pragma: no cover
     from .agent import ControlAgent
@@ -24,6 +25,10 @@ log = logging.getLogger("greenq.control")
 
 Command = Callable[..., Any]
 COMMANDS: Dict[str, Command] = {}
+
+#: characters of a task's args (and of its kwargs) an inspect reply carries as
+#: they are; longer ones are sent as a cut JSON text (``preview``)
+ARGS_PREVIEW = 1000
 
 
 def command(name: str) -> Callable[[Command], Command]:
@@ -72,9 +77,19 @@ def _held_not_running(agent: "ControlAgent") -> List[Dict[str, Any]]:
             msg = w.codec.decode(d.body)
         except Exception:
             continue
-        out.append({"id": msg.id, "name": msg.task, "args": msg.args, "kwargs": msg.kwargs,
+        out.append({"id": msg.id, "name": msg.task, "args": preview(msg.args), "kwargs": preview(msg.kwargs),
                     "queue": d.queue, "eta": msg.eta, "priority": msg.priority})
     return out
+
+
+def preview(value: Any) -> Any:
+    """``value`` when its JSON is at most ``ARGS_PREVIEW`` characters; else
+    that JSON cut there, as a string ending ``... (N chars)``: an inspect
+    reply stays small whatever the tasks carry."""
+    text = dumps(value)
+    if len(text) <= ARGS_PREVIEW:
+        return value
+    return f"{text[:ARGS_PREVIEW]}... ({len(text)} chars)"
 
 
 # -- inspect -------------------------------------------------------------------
@@ -85,7 +100,7 @@ def ping(agent: "ControlAgent") -> str:
 
 @command("active")
 def active(agent: "ControlAgent") -> List[Dict[str, Any]]:
-    return [{"id": t.id, "name": t.name, "args": t.args, "kwargs": t.kwargs,
+    return [{"id": t.id, "name": t.name, "args": preview(t.args), "kwargs": preview(t.kwargs),
              "started": t.started or None}
             for t in agent.worker.snapshot().running]
 
@@ -127,8 +142,13 @@ def revoked(agent: "ControlAgent") -> List[str]:
 # -- sent by AsyncResult.revoke / greenq revoke, with no reply wanted ------------
 @command("revoke")
 def revoke(agent: "ControlAgent", ids: Any = (), terminate: Any = False, at: Any = None) -> str:
+    """Revoke ``ids`` (at most ``validation.MAX_REVOKE_IDS``: a bigger command
+    is refused whole, so one command cannot push the revocations this worker
+    knows out of its copy; ``Control.revoke`` splits)."""
     if not isinstance(ids, list) or not all(isinstance(t, str) and t for t in ids):
-        raise ValueError(f"ids must be a list of task ids, got {ids!r}")
+        raise ValueError(f"ids must be a list of task ids, got {reprlib.repr(ids)}")
+    if len(ids) > validation.MAX_REVOKE_IDS:
+        raise ValueError(f"{len(ids)} ids in one revoke; at most {validation.MAX_REVOKE_IDS} per command")
     if not isinstance(terminate, bool):
         raise ValueError(f"terminate must be true or false, got {terminate!r}")
     now = time.time()
@@ -176,6 +196,9 @@ def pool_grow(agent: "ControlAgent", n: int = 1) -> str:
     n = _count(n)
     if w.driver.name == "solo":
         raise ValueError("the solo pool runs one task at a time; it cannot grow")
+    if w.concurrency + n > validation.MAX_CONCURRENCY:
+        raise ValueError(f"the pool has {w.concurrency} slot(s); growing it by {n} would pass the ceiling "
+                         f"of {validation.MAX_CONCURRENCY} (greenq.validation.MAX_CONCURRENCY)")
     w.runners.start(n)
     _resize(agent, w.concurrency + n)
     return f"pool grown by {n} to {w.concurrency}"

@@ -16,22 +16,22 @@ EVENTS_KEPT = 10000
 class _Bus:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.commands: List[Document] = []
-        self.replies: Dict[str, List[Document]] = defaultdict(list)
+        self.commands: List[str] = []                       # bodies
+        self.replies: Dict[str, List[str]] = defaultdict(list)
         self.events: List[Document] = []
 
 
-_BUSES: Dict[str, _Bus] = defaultdict(_Bus)
+_BUSES: Dict[Any, _Bus] = defaultdict(_Bus)     # (url, key_prefix) -> its bus
 
 
 class MemoryTransport(Transport):
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
-        self.bus = _BUSES[url]
+        self.bus = _BUSES[(url, config.key_prefix)]
         self._command = len(self.bus.commands)
         self._event = len(self.bus.events)
 
-    def _wait(self, ready: Any, take: Any, timeout: float) -> List[Document]:
+    def _wait(self, ready: Any, take: Any, timeout: float) -> List[Any]:
         deadline = time.monotonic() + timeout
         bus = self.bus
         while True:
@@ -48,14 +48,17 @@ class MemoryTransport(Transport):
     def listen(self, name: str) -> None:
         self._command = len(self.bus.commands)
 
-    def receive(self, timeout: float) -> List[Document]:
-        def take() -> List[Document]:
+    def receive(self, timeout: float) -> List[Any]:
+        def take() -> List[str]:
             found, self._command = self.bus.commands[self._command:], len(self.bus.commands)
             return found
         return self._wait(lambda: len(self.bus.commands) > self._command, take, timeout)
 
-    def reply(self, reply_to: str, reply: Document) -> None:
-        self.bus.replies[reply_to].append(reply)
+    def where(self) -> str:
+        return self.url
+
+    def reply(self, reply_to: str, body: str) -> None:
+        self.bus.replies[reply_to].append(body)
 
     def send_events(self, body: str) -> None:
         self.bus.events.extend(decode_batch(body))
@@ -63,12 +66,11 @@ class MemoryTransport(Transport):
             del self.bus.events[:EVENTS_KEPT]
             self._event = max(0, self._event - EVENTS_KEPT)
 
-    def broadcast(self, command: Document) -> str:
-        self.bus.commands.append(command)
-        return command["reply_to"]
+    def broadcast(self, body: str) -> None:
+        self.bus.commands.append(body)
 
-    def replies(self, reply_to: str, timeout: float) -> List[Document]:
-        def take() -> List[Document]:
+    def replies(self, reply_to: str, timeout: float) -> List[Any]:
+        def take() -> List[str]:
             return self.bus.replies.pop(reply_to, [])
         return self._wait(lambda: bool(self.bus.replies.get(reply_to)), take, timeout)
 

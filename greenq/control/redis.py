@@ -3,7 +3,9 @@
     P:control          stream of commands (MAXLEN ~1000); each worker reads
                        past the last entry it saw with XREAD BLOCK
     P:reply:<id>       list of the replies to one command (LPUSH, expires in 60 s);
-                       the sender waits on it with BLPOP
+                       the sender waits on it with BLPOP; <id> is 32 hex
+                       digits, and a command whose reply_to is anything else
+                       gets no reply
     P:events           stream of event batches (MAXLEN ~EVENTS_KEPT), field e =
                        one batch (greenq/events.py); readers XREAD BLOCK past the last entry seen
 
@@ -19,8 +21,9 @@ from typing import Any, List, Optional
 
 import redis
 
+from ..config import mask_url
 from ..events import decode_batch
-from .base import Document, Transport, dumps, loads
+from .base import Document, Transport
 
 COMMANDS_KEPT = 1000
 EVENTS_KEPT = 1000              # batches of at most 500 events: bounded memory under load
@@ -62,14 +65,17 @@ class RedisTransport(Transport):
     def listen(self, name: str) -> None:
         self._last_command = self._last_id(self.k_control)
 
-    def receive(self, timeout: float) -> List[Document]:
+    def receive(self, timeout: float) -> List[Any]:
         self._last_command, bodies = self._read(self.k_control, self._last_command, timeout)
-        return [doc for doc in map(loads, bodies) if isinstance(doc, dict)]
+        return bodies
 
-    def reply(self, reply_to: str, reply: Document) -> None:
+    def where(self) -> str:
+        return f"{mask_url(self.url)} stream {self.k_control}"
+
+    def reply(self, reply_to: str, body: str) -> None:
         key = self.k_reply + reply_to
         pipe = self.client.pipeline(transaction=False)
-        pipe.lpush(key, dumps(reply))
+        pipe.lpush(key, body)
         pipe.expire(key, REPLY_TTL)
         pipe.execute()
 
@@ -77,11 +83,10 @@ class RedisTransport(Transport):
         self.client.xadd(self.k_events, {"e": body}, maxlen=EVENTS_KEPT, approximate=True)
 
     # -- admin side ------------------------------------------------------------
-    def broadcast(self, command: Document) -> str:
-        self.client.xadd(self.k_control, {"e": dumps(command)}, maxlen=COMMANDS_KEPT, approximate=True)
-        return command["reply_to"]
+    def broadcast(self, body: str) -> None:
+        self.client.xadd(self.k_control, {"e": body}, maxlen=COMMANDS_KEPT, approximate=True)
 
-    def replies(self, reply_to: str, timeout: float) -> List[Document]:
+    def replies(self, reply_to: str, timeout: float) -> List[Any]:
         key = self.k_reply + reply_to
         deadline = time.monotonic() + timeout
         first = self.client.blpop([key], timeout=max(0.01, timeout)) if timeout > 0 else None
@@ -91,7 +96,7 @@ class RedisTransport(Transport):
             if more is None:
                 break
             out.append(more)
-        return [doc for doc in map(loads, out) if isinstance(doc, dict)]
+        return out
 
     def subscribe(self, history: int = 0) -> None:
         self._last_event = "0-0"

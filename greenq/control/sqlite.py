@@ -5,11 +5,15 @@ broker's database file.
                                                     reads the rows past the last
                                                     id it saw
     control_replies   (id, reply_to, created, body) replies, read by reply_to
+                                                    (32 hex digits)
     control_events    (id, created, body)           one row per event batch
 
 SQLite cannot block, so readers poll (every 0.1 s) through the driver, off
 the hub.  Old rows are deleted by the writers: commands and replies after a
 minute, events past the last EVENTS_KEPT batches.
+
+The table names ignore ``key_prefix``, as the broker's own ``messages`` table
+does: a SQLite file is one app's (docs/operations.md, "Apps apart").
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from typing import Any, List, Optional
 from ..brokers.sqlite import Database, transaction
 from ..drivers.base import UsesDriver
 from ..events import decode_batch
-from .base import Document, Transport, dumps, loads
+from .base import Document, Transport
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS control_commands (
@@ -65,17 +69,19 @@ class SQLiteTransport(UsesDriver, Transport):
         self._last_command = self._run(lambda c: c.execute(
             "SELECT coalesce(max(id), 0) FROM control_commands").fetchone()[0])
 
-    def receive(self, timeout: float) -> List[Document]:
-        def read(conn: sqlite3.Connection) -> List[Document]:
+    def receive(self, timeout: float) -> List[Any]:
+        def read(conn: sqlite3.Connection) -> List[Any]:
             rows = conn.execute("SELECT id, body FROM control_commands WHERE id > ? ORDER BY id",
                                 (self._last_command,)).fetchall()
             if rows:
                 self._last_command = rows[-1][0]
-            return [doc for doc in (loads(body) for _, body in rows) if isinstance(doc, dict)]
+            return [body for _, body in rows]
         return self._poll(read, timeout)
 
-    def reply(self, reply_to: str, reply: Document) -> None:
-        body = dumps(reply)
+    def where(self) -> str:
+        return f"{self.url} table control_commands"
+
+    def reply(self, reply_to: str, body: str) -> None:
         self._run(lambda c: c.execute("INSERT INTO control_replies (reply_to, created, body) VALUES (?, ?, ?)",
                                       (reply_to, time.time(), body)))
 
@@ -95,21 +101,18 @@ class SQLiteTransport(UsesDriver, Transport):
         self._run(write)
 
     # -- admin side ------------------------------------------------------------
-    def broadcast(self, command: Document) -> str:
-        reply_to = command["reply_to"]
-        body = dumps(command)
+    def broadcast(self, body: str) -> None:
         self._run(lambda c: c.execute("INSERT INTO control_commands (created, body) VALUES (?, ?)",
                                       (time.time(), body)))
         self._last_reply = 0
-        return reply_to
 
-    def replies(self, reply_to: str, timeout: float) -> List[Document]:
-        def read(conn: sqlite3.Connection) -> List[Document]:
+    def replies(self, reply_to: str, timeout: float) -> List[Any]:
+        def read(conn: sqlite3.Connection) -> List[Any]:
             rows = conn.execute("SELECT id, body FROM control_replies WHERE reply_to = ? AND id > ? "
                                 "ORDER BY id", (reply_to, self._last_reply)).fetchall()
             if rows:
                 self._last_reply = rows[-1][0]
-            return [doc for doc in (loads(body) for _, body in rows) if isinstance(doc, dict)]
+            return [body for _, body in rows]
         return self._poll(read, timeout)
 
     def subscribe(self, history: int = 0) -> None:

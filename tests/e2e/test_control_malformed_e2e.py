@@ -101,7 +101,8 @@ class RawRedis:
 
 
 class RawAMQP:
-    """Messages on the greenq.control fanout exchange; replies consumed from a queue of our own."""
+    """Messages on the greenq.control fanout exchange; replies consumed from a
+    queue of our own, named as the app's reply queues are (``greenq.control-reply.<hex>``)."""
 
     def __init__(self, env) -> None:
         import amqp
@@ -110,7 +111,8 @@ class RawAMQP:
         self.conn = amqp.Connection(**connection_params(env.broker_url))
         self.conn.connect()
         self.channel = self.conn.channel()
-        self.reply_to = self.channel.queue_declare("", exclusive=True, auto_delete=True)[0]
+        self.reply_to = f"greenq.control-reply.{uuid.uuid4().hex}"
+        self.channel.queue_declare(self.reply_to, exclusive=True, auto_delete=True)
         self.inbox: List[Any] = []
         self.channel.basic_consume(self.reply_to, callback=self.inbox.append, no_ack=True)
 

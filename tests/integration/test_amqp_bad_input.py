@@ -18,7 +18,8 @@ import amqp
 import pytest
 
 from greenq.brokers.amqp import MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, AMQPBroker
-from greenq.brokers.amqp_common import DLQ, connection_params
+from greenq.brokers.amqp_common import connection_params
+from greenq.brokers.amqp_meta import DLQ
 from greenq.exceptions import BrokerError
 from greenq.brokers import make_broker
 from tests.conftest import make_config
