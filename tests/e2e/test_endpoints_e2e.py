@@ -7,6 +7,7 @@ as bounded previews (written straight into the real Redis)."""
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -101,8 +102,13 @@ def test_worker_endpoint_answers_while_1000_connections_are_held(pool, sqlite_en
 def test_supervisor_endpoint_answers_while_1000_connections_are_held(pool, sqlite_env):
     port = _free_port()
     proc = sqlite_env.worker(pool, "--processes", "2", "-c", "2", "--http", f"127.0.0.1:{port}", burst=False)
-    wait_answering(port, "/healthz", proc, sqlite_env)
-    assert_answers_while_held(port, "/healthz")
+    try:
+        wait_answering(port, "/healthz", proc, sqlite_env)
+        assert_answers_while_held(port, "/healthz")
+    finally:          # SIGTERM, not the fixture's SIGKILL: the supervisor stops its children
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
 
 
 def test_dashboard_answers_while_1000_connections_are_held(sqlite_env):
