@@ -1,20 +1,29 @@
 """The small HTTP server behind /healthz, /metrics, the supervisor's endpoint
 and the dashboard.
 
-One loop (a greenlet under gevent and eventlet, a thread under threads, solo
-and the unpatched dashboard) accepts connections and reads every request's
-head and body without blocking, all connections at once: an idle or slow
-client costs a file descriptor and a buffer, never a thread or a greenlet,
-and cannot delay anyone else.  A complete request goes to one of
-``HANDLERS`` handler units (``driver.spawn``), which call the WSGI
-application and write its answer; every answer closes its connection.
+No client can delay another:
+
+- Under threads, solo and the unpatched dashboard, one thread accepts
+  connections and reads every request's head and body without blocking, all
+  connections at once (a selector): an idle or slow client costs a file
+  descriptor and a buffer, never a thread.  A complete request goes to one
+  of ``HANDLERS`` handler threads, which call the WSGI application and write
+  its answer.
+- Under gevent and eventlet, a greenlet accepts and each connection gets a
+  greenlet of its own (a parked greenlet costs a few KiB, and the hub waits
+  on each socket alone: a green select over a thousand sockets would cost
+  O(n) per event under eventlet).
+
+Every answer closes its connection.  Units come from ``driver.spawn``: the
+worker's control side, never its task pool.
 
 Ceilings (docs/operations.md, "The HTTP endpoints"):
 
 - ``READ_TIMEOUT``: a connection that has not sent a whole request this many
   seconds after it was accepted is closed (idle, half-open, slow clients).
 - ``WRITE_TIMEOUT``: seconds a handler waits for a client to take its answer.
-- ``MAX_CONNECTIONS``: connections open at once.  Past it, the oldest
+- ``MAX_CONNECTIONS``: connections open at once (lower when the process's
+  descriptor limit is: that limit less ``FD_RESERVE``).  Past it, the oldest
   connection still reading its request is closed to make room (a probe that
   sends its request at once is served whatever others hold open); when every
   open connection is being answered, the newcomer is closed at once.
@@ -38,6 +47,7 @@ MAX_HEAD = 16384
 MAX_BODY = 1 << 20
 HANDLERS = 8
 BACKLOG = 1024
+FD_RESERVE = 256            # descriptors left to the rest of the process (brokers, files, children)
 _TICK = 0.5                 # the loop's longest sleep: how soon it sees stop() and expiries
 
 WSGIApp = Callable[[Dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -78,16 +88,15 @@ class Server:
         except OSError:
             self.socket.close()
             raise
-        self.socket.setblocking(False)
         self.server_address: Tuple[str, int] = self.socket.getsockname()[:2]
         self.app, self.driver = app, driver
-        self.max_connections = max_connections
+        self.max_connections = min(max_connections, max(16, _descriptors() - FD_RESERVE))
         self._jobs = driver.queue()
         self._lock = driver.lock()
         self._busy = 0                              # connections handed to a handler, not yet closed
         self._running = True
-        self._handlers = handlers
-        for _ in range(handlers):
+        self._handlers = 0 if driver.green else handlers
+        for _ in range(self._handlers):
             driver.spawn(self._handle_loop)
 
     # -- the loop ------------------------------------------------------------------
@@ -98,6 +107,13 @@ class Server:
 
     def serve_forever(self, poll_interval: float = _TICK) -> None:
         """Accept and read requests until ``server_close()``."""
+        if self.driver.green:
+            self._serve_green()
+        else:
+            self._serve_selector(poll_interval)
+
+    def _serve_selector(self, poll_interval: float) -> None:
+        self.socket.setblocking(False)
         selector = selectors.DefaultSelector()
         selector.register(self.socket, selectors.EVENT_READ, None)
         pending: Dict[socket.socket, _Pending] = {}        # oldest first
@@ -127,12 +143,14 @@ class Server:
         _close(self.socket)
 
     def _accept(self, selector: selectors.BaseSelector, pending: Dict[socket.socket, _Pending]) -> None:
-        for _ in range(64):                    # a burst at a time, then read the others
+        for _ in range(BACKLOG):               # what waits in the backlog, then read the others
             try:
                 sock, peer = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:                    # EMFILE and the like: the next turn tries again
+            except OSError:                    # out of descriptors: free the oldest idle one
+                if pending:
+                    self._drop(selector, pending, next(iter(pending.values())))
                 return
             with self._lock:
                 busy = self._busy
@@ -188,21 +206,65 @@ class Server:
         del pending[conn.sock]
         _close(conn.sock)
 
+    # -- green drivers: a greenlet per connection ------------------------------------
+    def _serve_green(self) -> None:
+        self.socket.settimeout(_TICK)
+        reading: Dict[socket.socket, float] = {}         # accepted when; oldest first
+        while self._running:
+            try:
+                sock, peer = self.socket.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if not self._running:
+                    return
+                if reading:                    # out of descriptors: free the oldest idle one
+                    _shut(_pop_oldest(reading))
+                self.driver.sleep(0.01)
+                continue
+            with self._lock:
+                busy = self._busy
+            if len(reading) + busy >= self.max_connections:
+                if not reading:
+                    _close(sock)
+                    continue
+                _shut(_pop_oldest(reading))    # its greenlet reads EOF and closes it
+            reading[sock] = accepted = time.monotonic()
+            self.driver.spawn(self._connection, sock, peer, accepted, reading)
+            self.driver.sleep(0)               # a flood of connects does not starve the readers
+
+    def _connection(self, sock: socket.socket, peer: Any, accepted: float,
+                    reading: Dict[socket.socket, float]) -> None:
+        """Read and answer one connection; it may be shut (evicted) meanwhile."""
+        try:
+            request = _receive(sock, accepted + READ_TIMEOUT)
+        finally:
+            reading.pop(sock, None)
+        if request is None:
+            _close(sock)
+            return
+        with self._lock:
+            self._busy += 1
+        self._respond(sock, peer, request)
+
     # -- the handlers ----------------------------------------------------------------
     def _handle_loop(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            sock, peer, request = job
-            try:
-                self._answer(sock, peer, request)
-            except Exception:             # a client gone mid-answer: nothing to tell anyone
-                pass
-            finally:
-                _close(sock)
-                with self._lock:
-                    self._busy -= 1
+            self._respond(*job)
+
+    def _respond(self, sock: socket.socket, peer: Any, request: "Request") -> None:
+        """Answer ``request`` and close ``sock``; the caller counted it busy."""
+        try:
+            self._answer(sock, peer, request)
+        except Exception:             # a client gone mid-answer: nothing to tell anyone
+            pass
+        finally:
+            _close(sock)
+            with self._lock:
+                self._busy -= 1
 
     def _answer(self, sock: socket.socket, peer: Any, request: "Request") -> None:
         environ = request.environ(self.server_address, peer)
@@ -310,6 +372,56 @@ def serve(address: str, app: WSGIApp, driver: Any) -> Server:
     """Bind ``address`` and serve ``app`` from a unit of ``driver``; the caller
     stops it with ``server_close()``."""
     return Server(address, app, driver).start()
+
+
+def _receive(sock: socket.socket, deadline: float) -> Optional[Request]:
+    """Read one request from ``sock`` until ``deadline`` (time.monotonic());
+    None when there is none to answer (a short error was sent if useful)."""
+    data = b""
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout
+            sock.settimeout(remaining)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+            request = parse(data)
+            if request is not None:
+                return request
+    except socket.timeout:
+        _answer_now(sock, "408 Request Timeout")
+    except BadRequest as exc:
+        _answer_now(sock, exc.status)
+    except OSError:
+        pass
+    return None
+
+
+def _pop_oldest(reading: Dict[socket.socket, float]) -> socket.socket:
+    sock = next(iter(reading))
+    del reading[sock]
+    return sock
+
+
+def _shut(sock: socket.socket) -> None:
+    """End a connection another unit is reading: it sees EOF and closes it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _descriptors() -> int:
+    """The process's soft limit of open files (a large number when unknown)."""
+    try:
+        import resource
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1 << 20
+    return soft if soft != resource.RLIM_INFINITY and soft > 0 else 1 << 20
 
 
 def _answer_now(sock: socket.socket, status: str) -> None:

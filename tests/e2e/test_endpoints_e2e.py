@@ -99,6 +99,21 @@ def test_worker_endpoint_answers_while_1000_connections_are_held(pool, sqlite_en
     assert_answers_while_held(port, "/metrics")
 
 
+def _few_descriptors() -> None:
+    import resource
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_past_the_connection_ceiling_the_oldest_idle_connection_makes_room(pool, sqlite_env):
+    """512 descriptors: a ceiling of 256 connections, so 1,000 held ones are
+    evicted oldest first and /healthz is still served at once."""
+    port = _free_port()
+    proc = sqlite_env.worker(pool, "--http", f"127.0.0.1:{port}", burst=False, preexec_fn=_few_descriptors)
+    wait_answering(port, "/healthz", proc, sqlite_env)
+    assert_answers_while_held(port, "/healthz")
+    assert proc.poll() is None
+
+
 def test_supervisor_endpoint_answers_while_1000_connections_are_held(pool, sqlite_env):
     port = _free_port()
     proc = sqlite_env.worker(pool, "--processes", "2", "-c", "2", "--http", f"127.0.0.1:{port}", burst=False)
