@@ -194,17 +194,27 @@ def test_dlq_with_nan_is_strict_json(redis_env):
     assert letters[0]["failed_at"] is None
 
 
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        return next(int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:"))
+
+
 def test_dlq_lists_bounded_previews_of_big_dead_letters(redis_env):
+    """Three dead letters of 30 MiB: the dashboard's peak RSS grows by less
+    than one of them (it read them whole before: 3 x 30 MiB and their JSON)."""
     from greenq.dashboard.server import DLQ_PREVIEW_BYTES
     big = b'{"v":1,"id":"big-1","task":"e2e_tasks.add","args":["' + b"x" * (30 << 20) + b'"],"kwargs":{}}'
-    write_dead_letter(redis_env, big)
-    _, port = start_dashboard(redis_env)
+    for _ in range(3):
+        write_dead_letter(redis_env, big)
+    proc, port = start_dashboard(redis_env)
+    before = _peak_rss_mib(proc.pid)
     status, body = request(port, "/api/dlq", timeout=30)
     assert status == 200
-    [letter] = strict_json(body)
-    assert letter["task"] == "e2e_tasks.add" and letter["truncated"] is True
-    assert len(letter["preview"].encode()) == DLQ_PREVIEW_BYTES
-    assert len(body) < 2 * DLQ_PREVIEW_BYTES
+    assert _peak_rss_mib(proc.pid) - before < 30
+    letters = strict_json(body)
+    assert [d["task"] for d in letters] == ["e2e_tasks.add"] * 3
+    assert all(d["truncated"] and len(d["preview"].encode()) == DLQ_PREVIEW_BYTES for d in letters)
+    assert len(body) < 4 * DLQ_PREVIEW_BYTES
 
 
 def test_a_foreign_host_or_origin_is_refused_and_purges_nothing(redis_env):
