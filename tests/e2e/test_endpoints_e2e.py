@@ -137,16 +137,23 @@ def test_dashboard_answers_while_1000_connections_are_held(sqlite_env):
     assert_answers_while_held(port, "/")
 
 
-def test_an_idle_connection_is_closed_after_the_read_timeout(sqlite_env):
+def test_an_unfinished_request_is_closed_after_the_read_timeout(pool, sqlite_env):
+    """A worker under ``pool`` (a greenlet per connection, or the selector
+    thread) and the dashboard (the selector thread), at the same time."""
     from greenq.httpserve import READ_TIMEOUT
-    _, port = start_dashboard(sqlite_env)
-    sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT + 5)
-    sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")       # never finished
+    worker_port = _free_port()
+    worker = sqlite_env.worker(pool, "--http", f"127.0.0.1:{worker_port}", burst=False)
+    wait_answering(worker_port, "/healthz", worker, sqlite_env)
+    _, dashboard_port = start_dashboard(sqlite_env)
+    socks = [socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT + 5)
+             for port in (worker_port, dashboard_port)]
     started = time.monotonic()
-    answer = sock.recv(1024)
-    assert answer.startswith(b"HTTP/1.1 408")
+    for sock in socks:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n")       # never finished
+    for sock in socks:
+        assert sock.recv(1024).startswith(b"HTTP/1.1 408")
+        sock.close()
     assert time.monotonic() - started < READ_TIMEOUT + 2
-    sock.close()
 
 
 # -- the dashboard on a real Redis broker ---------------------------------------------
