@@ -33,12 +33,15 @@ Ceilings (docs/operations.md, "The HTTP endpoints"):
 from __future__ import annotations
 
 import io
+import logging
 import selectors
 import socket
 import sys
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from urllib.parse import unquote
+
+log = logging.getLogger("greenq.http")
 
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0
@@ -259,8 +262,11 @@ class Server:
         """Answer ``request`` and close ``sock``; the caller counted it busy."""
         try:
             self._answer(sock, peer, request)
-        except Exception:             # a client gone mid-answer: nothing to tell anyone
+        except OSError:               # a client gone mid-answer: nothing to tell anyone
             pass
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.target)
+            _answer_now(sock, "500 Internal Server Error")
         finally:
             _close(sock)
             with self._lock:

@@ -92,3 +92,15 @@ def test_envelope_head_reads_what_is_whole_in_a_preview():
     assert envelope_head(b'{"v":1,"ta') == {"v": 1}
     assert envelope_head(b"\x80\x81 not json") == {}
     assert envelope_head(b"[1,2]") == {}
+
+
+def test_an_application_that_raises_is_a_500():
+    def app(environ, start):
+        raise RuntimeError("boom")
+    server = Server("127.0.0.1:0", app, ThreadsDriver()).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            _get(server.server_address[1], "/")
+        assert caught.value.code == 500
+    finally:
+        server.server_close()
