@@ -96,6 +96,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
     "dashboard": {
         "http": Setting("hostport", "127.0.0.1:5555", "host:port greenq dashboard serves on"),
         "auth": Setting("str", "", "USER:PASSWORD for HTTP basic auth; empty = none"),
+        "allowed_hosts": Setting("list", [], "Host names (HOST or HOST:PORT) the dashboard answers to "
+                                 "beside the bound host and localhost; comma-separated"),
     },
     "redis": {
         "max_connections": Setting("int", 0, "connection pool size per process; 0 = automatic: up to 10 "

@@ -306,12 +306,17 @@ class AMQPBroker(Broker):
             return total
         return self.pool.run(purge)
 
-    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+    def dlq_list(self, limit: int = 100, preview: Optional[int] = None) -> List[DeadLetter]:
+        """RabbitMQ sends each body whole (no partial read); ``preview`` cuts it here."""
         def listing(pub: Publisher) -> List[DeadLetter]:
             self.pool.ensure_queues(pub, ())
             msgs = browse(pub.channel, self.settings.dlq, limit)
             reject_all(pub.channel, self.settings.dlq, msgs)
-            return [_dead_letter(m) for m in msgs]
+            letters = [_dead_letter(m) for m in msgs]
+            if preview is not None:
+                for dead in letters:
+                    dead.body = dead.body[:preview]
+            return letters
         return self.pool.run(listing)
 
     def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:

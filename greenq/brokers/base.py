@@ -171,8 +171,10 @@ class Broker(UsesDriver):
         """Delete every ready and delayed message of ``queue``; return how many."""
         raise NotImplementedError
 
-    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
-        """Dead letters, oldest first."""
+    def dlq_list(self, limit: int = 100, preview: Optional[int] = None) -> List[DeadLetter]:
+        """Dead letters, oldest first.  With ``preview``, each body is cut to
+        its first ``preview`` bytes, read no further where the store allows
+        (SQLite, Redis): a listing of big dead letters stays small."""
         raise NotImplementedError
 
     def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:

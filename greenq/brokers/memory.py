@@ -21,6 +21,7 @@ first, then the message ready longest (a requeued message goes to the front).
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import threading
@@ -292,9 +293,12 @@ class MemoryBroker(Broker):
             q.delayed.clear()
             return len(gone)
 
-    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+    def dlq_list(self, limit: int = 100, preview: Optional[int] = None) -> List[DeadLetter]:
         with self._store.lock:
-            return list(itertools.islice(self._store.dead.values(), limit))
+            letters = list(itertools.islice(self._store.dead.values(), limit))
+        if preview is None:
+            return letters
+        return [dataclasses.replace(d, body=d.body[:preview]) for d in letters]
 
     def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
         with self._store.lock:

@@ -200,7 +200,7 @@ class RedisBroker(Reconnecting, Broker):
         self._declare_script, self._fetch_script = s(lua.DECLARE), s(lua.FETCH)
         self._reclaim_script, self._transfer_script = s(lua.RECLAIM), s(lua.TRANSFER)
         self._dead_script, self._dlq_requeue_script = s(lua.DEAD_LETTER), s(lua.DLQ_REQUEUE)
-        self._ack_script = s(lua.ACK)
+        self._ack_script, self._dlq_preview_script = s(lua.ACK), s(lua.DLQ_PREVIEW)
         self._stats_script, self._purge_script = s(lua.STATS), s(lua.PURGE)
         self._k_queues = f"{self.prefix}:queues"
         self._k_dead = f"{self.prefix}:dead"
@@ -597,9 +597,18 @@ class RedisBroker(Reconnecting, Broker):
                           body=fields.get(b"b", b""), reason=_text(fields.get(b"r", b"")),
                           message_id=_text(fields.get(b"m", b"")), failed_at=failed_at)
 
-    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
-        entries = self._call(lambda: self.client.xrange(self._k_dead, count=limit), self._timeout, "dlq list")
+    def dlq_list(self, limit: int = 100, preview: Optional[int] = None) -> List[DeadLetter]:
+        entries = self._dead_entries(self._k_dead, "-", limit, preview)
         return [self._dead_letter_of(i, f) for i, f in entries]
+
+    def _dead_entries(self, key: str, start: str, limit: Optional[int],
+                      preview: Optional[int]) -> List[Tuple[Any, Dict[bytes, bytes]]]:
+        """XRANGE ``key`` from ``start``; with ``preview``, bodies cut in Redis (DLQ_PREVIEW)."""
+        if preview is None:
+            return self._call(lambda: self.client.xrange(key, start, "+", count=limit), self._timeout, "dlq list")
+        flat = self._call(lambda: self._dlq_preview_script(keys=[key], args=[start, limit or 1000, preview]),
+                          self._timeout, "dlq list")
+        return [(entry_id, dict(zip(fields[::2], fields[1::2]))) for entry_id, fields in flat]
 
     def dlq_get(self, dead_id: str) -> Optional[DeadLetter]:
         if not _STREAM_ID.match(dead_id):

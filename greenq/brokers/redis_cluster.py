@@ -397,9 +397,13 @@ class RedisClusterBroker(RedisBroker):
             stats.append(QueueStats(q, *flat[:4]))
         return stats
 
-    def _dead_letters(self, queue: str, start: str, end: str, limit: Optional[int]) -> List[DeadLetter]:
-        entries = self._call(lambda: self.client.xrange(self._dead_keys(queue)[0], start, end, count=limit),
-                             self._timeout, "dlq list")
+    def _dead_letters(self, queue: str, start: str, end: str, limit: Optional[int],
+                      preview: Optional[int] = None) -> List[DeadLetter]:
+        if end == "+":
+            entries = self._dead_entries(self._dead_keys(queue)[0], start, limit, preview)
+        else:
+            entries = self._call(lambda: self.client.xrange(self._dead_keys(queue)[0], start, end, count=limit),
+                                 self._timeout, "dlq list")
         out = []
         for entry_id, fields in entries:
             dead = self._dead_letter_of(entry_id, fields)
@@ -407,10 +411,10 @@ class RedisClusterBroker(RedisBroker):
             out.append(dead)
         return out
 
-    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+    def dlq_list(self, limit: int = 100, preview: Optional[int] = None) -> List[DeadLetter]:
         merged: List[DeadLetter] = []
         for q in self._known_queues():
-            merged += self._dead_letters(q, "-", "+", limit)
+            merged += self._dead_letters(q, "-", "+", limit, preview)
         merged.sort(key=lambda d: tuple(int(x) for x in d.id.rpartition("/")[2].split("-")))
         return merged[:limit]
 

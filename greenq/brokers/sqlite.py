@@ -266,10 +266,12 @@ class SQLiteBroker(Broker):
         return DeadLetter(str(dead_id), str(queue), bytes(body or b""), str(reason), str(message_id or ""),
                           failed_at if isinstance(failed_at, (int, float)) else 0.0)
 
-    def dlq_list(self, limit: int = 100) -> List[DeadLetter]:
+    def dlq_list(self, limit: int = 100, preview: Optional[int] = None) -> List[DeadLetter]:
+        body = "body" if preview is None else f"substr(body, 1, {int(preview)})"
+
         def query(conn: sqlite3.Connection) -> List[DeadLetter]:
             return [self._dead(r) for r in conn.execute(
-                "SELECT id, queue, body, reason, message_id, failed_at FROM dead_letters "
+                f"SELECT id, queue, {body}, reason, message_id, failed_at FROM dead_letters "
                 "ORDER BY id LIMIT ?", (limit,))]
         return self._run(query)
 

@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace, app: Any) -> int:
-    from ..dashboard.server import Dashboard, serve
+    from ..dashboard.server import Dashboard, allowed_hosts, serve
     from ..dashboard.state import EventReader, FleetState
     options = app.config.section("dashboard")
     try:
@@ -35,7 +35,9 @@ def cmd_dashboard(args: argparse.Namespace, app: Any) -> int:
     state = FleetState()
     reader = EventReader(app, state)
     reader.start()
-    server = serve(Dashboard(app, state, options["auth"]), host, int(port))
+    dashboard = Dashboard(app, state, options["auth"])
+    server = serve(dashboard, host, int(port))
+    dashboard.hosts = allowed_hosts(host, server.server_address[1], options["allowed_hosts"])
     print(f"greenq dashboard on http://{where} (broker {config_module.mask_url(app.config.broker_url)})",
           flush=True)
     try:

@@ -14,11 +14,19 @@ Routes (JSON unless said otherwise):
   POST /api/dlq/requeue       {"ids": [...]} or {"all": true}
   POST /api/dlq/purge         {}
 
-POSTs must carry the header ``X-GreenQ: 1`` (the page's script sets it; a form
-on another site cannot), and with ``[dashboard] auth`` every request needs
-HTTP basic auth.  Every asset ships in the package: the page works offline.
-The server is the standard library's (wsgiref) with a thread per request:
-the admin tool is not monkey-patched, and this keeps it so.
+Every request must name in its Host header the bound host, localhost,
+127.0.0.1 or [::1] (with the port), or one of ``[dashboard] allowed_hosts``,
+else 403: a page of another site that rebinds its name to this address (DNS
+rebinding) reads and changes nothing.  POSTs must carry the header
+``X-GreenQ: 1`` (the page's script sets it; a form on another site cannot)
+and an Origin (or Referer), when they send one, of an allowed host; with
+``[dashboard] auth`` every request needs HTTP basic auth.  Query parameters
+are checked (400 with a message); every answer is strict JSON (NaN and
+infinities become null).  /api/dlq lists at most ``DLQ_LIST_MAX`` dead
+letters, each body read as a preview of ``DLQ_PREVIEW_BYTES`` (``greenq dlq
+show ID`` prints one whole).  Every asset ships in the package: the page
+works offline.  The server is greenq/httpserve.py with plain threads: the
+admin tool is not monkey-patched, and this keeps it so.
 """
 from __future__ import annotations
 
@@ -27,33 +35,65 @@ import binascii
 import hmac
 import json
 import logging
+import math
 import mimetypes
 import os
 import time
-from socketserver import ThreadingMixIn
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Optional, Tuple
+from urllib.parse import urlsplit
 
-from ..message import peek
+from ..httpserve import Server
 from .state import FleetState
 
 log = logging.getLogger("greenq.dashboard")
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 QUEUES_CACHE = 1.0          # seconds a queue listing is reused (many tabs, one broker call)
+DLQ_LIST_MAX = 200          # dead letters /api/dlq lists
+DLQ_PREVIEW_BYTES = 4096    # bytes of each dead letter's body /api/dlq reads and shows
+TASKS_MAX, FAILURES_MAX = 1000, 100    # ceilings of /api/tasks?limit= and /api/failures?limit=
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 Start = Callable[[str, List[Tuple[str, str]]], Any]
 
 
-class Dashboard:
-    """The WSGI application."""
+class BadParameter(ValueError):
+    """A query parameter out of its range: a 400 with this message."""
 
-    def __init__(self, app: Any, state: FleetState, auth: str = "") -> None:
+
+def allowed_hosts(host: str, port: int, extra: Collection[str] = ()) -> FrozenSet[str]:
+    """The Host header values the dashboard answers to (lower case): the
+    bound host and the local names, each with ``:port`` (bare too on port 80),
+    and ``extra`` ([dashboard] allowed_hosts) as given, with ``:port`` added
+    to those that name none."""
+    bound = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    names = {bound.lower(), *LOCAL_HOSTS}
+    hosts = {f"{name}:{port}" for name in names} | (names if port == 80 else set())
+    for entry in extra:
+        entry = entry.strip().lower()
+        if entry:
+            hosts.add(entry)
+            if not entry.endswith("]") and ":" not in entry:
+                hosts.add(f"{entry}:{port}")
+    return frozenset(hosts)
+
+
+class Dashboard:
+    """The WSGI application; ``hosts``: what allowed_hosts() returns."""
+
+    def __init__(self, app: Any, state: FleetState, auth: str = "",
+                 hosts: Collection[str] = allowed_hosts("127.0.0.1", 5555)) -> None:
         self.app = app
         self.state = state
         self.auth = auth
+        self.hosts = frozenset(hosts)
         self._queues: Tuple[float, List[Dict[str, Any]]] = (0.0, [])
 
     def __call__(self, environ: Dict[str, Any], start: Start) -> Iterable[bytes]:
+        refused = self._refused(environ)
+        if refused:
+            log.warning("dashboard: refused %s %s: %s", environ["REQUEST_METHOD"],
+                        environ.get("PATH_INFO", "/"), refused)
+            return _json(start, {"error": refused}, "403 Forbidden")
         if self.auth and not self._authorized(environ.get("HTTP_AUTHORIZATION", "")):
             return _send(start, "401 Unauthorized", b"authentication required\n", "text/plain",
                          [("WWW-Authenticate", 'Basic realm="greenq"')])
@@ -66,9 +106,23 @@ class Dashboard:
                     return _json(start, {"error": "missing header X-GreenQ: 1"}, "403 Forbidden")
                 return self._post(path, environ, start)
             return _json(start, {"error": "method not allowed"}, "405 Method Not Allowed")
+        except BadParameter as exc:
+            return _json(start, {"error": str(exc)}, "400 Bad Request")
         except Exception as exc:
             log.exception("dashboard: %s %s failed", method, path)
             return _json(start, {"error": f"{type(exc).__name__}: {exc}"}, "500 Internal Server Error")
+
+    def _refused(self, environ: Dict[str, Any]) -> str:
+        """Why this request is refused (a Host not ours; a POST from another
+        origin), or "" when it may go on."""
+        host = environ.get("HTTP_HOST", "").strip().lower()
+        if host not in self.hosts:
+            return f"Host {host!r} is not this dashboard's; add it to [dashboard] allowed_hosts"
+        if environ["REQUEST_METHOD"] != "GET":
+            origin = environ.get("HTTP_ORIGIN") or environ.get("HTTP_REFERER")
+            if origin is not None and urlsplit(origin).netloc.lower() not in self.hosts:
+                return f"origin {origin!r} is not this dashboard's"
+        return ""
 
     def _authorized(self, header: str) -> bool:
         scheme, _, encoded = header.partition(" ")
@@ -94,13 +148,13 @@ class Dashboard:
         if path == "/api/queues":
             return _json(start, self.queues())
         if path == "/api/tasks":
-            limit = min(1000, int(query.get("limit", "100") or 100))
+            limit = _limit(query, 100, TASKS_MAX)
             return _json(start, self.state.task_list(query.get("q", ""), query.get("state", ""), limit))
         if path.startswith("/api/tasks/"):
             task = self.state.task(path[len("/api/tasks/"):])
             return _json(start, task) if task else _json(start, {"error": "unknown task"}, "404 Not Found")
         if path == "/api/failures":
-            return _json(start, self.state.failure_list(min(100, int(query.get("limit", "20") or 20))))
+            return _json(start, self.state.failure_list(_limit(query, 20, FAILURES_MAX)))
         if path == "/api/throughput":
             return _json(start, self.state.throughput())
         if path == "/api/dlq":
@@ -129,11 +183,16 @@ class Dashboard:
         return listing
 
     def dead_letters(self) -> List[Dict[str, Any]]:
+        """The first DLQ_LIST_MAX dead letters, each with its task's name and
+        a preview of its body, read from the broker DLQ_PREVIEW_BYTES (+1, to
+        tell a cut body) at most."""
         out = []
-        for d in self.app.broker.dlq_list(limit=200):
-            _, task = peek(d.body)
-            out.append({"id": d.id, "queue": d.queue, "task": task, "message_id": d.message_id,
-                        "reason": d.reason, "failed_at": d.failed_at})
+        for d in self.app.broker.dlq_list(limit=DLQ_LIST_MAX, preview=DLQ_PREVIEW_BYTES + 1):
+            head = envelope_head(d.body)
+            out.append({"id": d.id, "queue": d.queue, "task": _text_or_none(head.get("task")),
+                        "message_id": d.message_id, "reason": d.reason, "failed_at": d.failed_at,
+                        "preview": d.body[:DLQ_PREVIEW_BYTES].decode("utf-8", "replace"),
+                        "truncated": len(d.body) > DLQ_PREVIEW_BYTES})
         return out
 
     # -- POST --------------------------------------------------------------------
@@ -175,6 +234,64 @@ def schedule(app: Any) -> List[Dict[str, Any]]:
         lease.close()
 
 
+def envelope_head(prefix: bytes) -> Dict[str, Any]:
+    """The top-level fields of a JSON message envelope that are whole in
+    ``prefix`` (its first bytes: "id" and "task" come before the arguments),
+    {} when it is not one.  Never raises."""
+    decoder = json.JSONDecoder()
+    text = prefix.decode("utf-8", "ignore")
+    fields: Dict[str, Any] = {}
+    pos = _skip(text, 0)
+    if not text.startswith("{", pos):
+        return fields
+    pos += 1
+    try:
+        while True:
+            key, pos = decoder.raw_decode(text, _skip(text, pos))
+            pos = _skip(text, pos)
+            if not isinstance(key, str) or not text.startswith(":", pos):
+                return fields
+            value, pos = decoder.raw_decode(text, _skip(text, pos + 1))
+            fields[key] = value
+            pos = _skip(text, pos)
+            if not text.startswith(",", pos):
+                return fields
+            pos += 1
+    except (ValueError, RecursionError):    # cut in the middle of a value: what came before stands
+        return fields
+
+
+def _skip(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _text_or_none(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def _limit(query: Dict[str, str], default: int, ceiling: int) -> int:
+    """``?limit=``: a whole number from 1; more than ``ceiling`` is cut to it."""
+    raw = query.get("limit", "")
+    if raw == "":
+        return default
+    if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+        raise BadParameter(f"limit={raw!r}: expected a whole number from 1 (at most {ceiling} are returned)")
+    return min(int(raw), ceiling)
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN and infinity replaced by None (JSON has none)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def _query(environ: Dict[str, Any]) -> Dict[str, str]:
     from urllib.parse import parse_qs
     return {k: v[-1] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
@@ -202,18 +319,12 @@ def _send(start: Start, status: str, body: bytes, ctype: str,
 
 
 def _json(start: Start, value: Any, status: str = "200 OK") -> List[bytes]:
-    return _send(start, status, json.dumps(value, default=repr).encode(), "application/json")
+    body = json.dumps(finite(value), default=repr, allow_nan=False).encode()
+    return _send(start, status, body, "application/json")
 
 
-class _ThreadingServer(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def serve(wsgi_app: Dashboard, host: str, port: int) -> _ThreadingServer:
-    """A threaded WSGI server for ``wsgi_app``; call ``serve_forever()`` on it."""
-    return make_server(host, port, wsgi_app, server_class=_ThreadingServer, handler_class=_QuietHandler)
+def serve(wsgi_app: Dashboard, host: str, port: int) -> Server:
+    """The server of ``wsgi_app`` (greenq/httpserve.py on plain threads);
+    call ``serve_forever()`` on it, then ``server_close()``."""
+    from ..drivers.threads import ThreadsDriver
+    return Server(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", wsgi_app, ThreadsDriver())

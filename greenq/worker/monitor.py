@@ -15,9 +15,9 @@ import os
 import sys
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Optional
 
+from ..httpserve import Server, routes_app, serve
 from ..metrics import TaskMetrics
 
 log = logging.getLogger("greenq.monitor")
@@ -39,7 +39,7 @@ class Monitor:
         self.http = http
         self.beat = time.monotonic()
         self._running = False
-        self._server: Optional[HTTPServer] = None
+        self._server: Optional[Server] = None
         self._hub_ident = self.driver.os_thread_ident()
         self.heartbeat_file = os.environ.get(HEARTBEAT_ENV)
         self.task_metrics: Optional[TaskMetrics] = TaskMetrics.create() if http else None
@@ -59,10 +59,7 @@ class Monitor:
     def stop(self) -> None:
         self._running = False
         if self._server is not None:
-            try:
-                self._server.server_close()
-            except Exception:  # pragma: no cover
-                pass
+            self._server.server_close()
 
     def _heartbeat(self) -> None:
         """Tell the supervisor the hub runs: touch the file every second."""
@@ -147,8 +144,8 @@ class Monitor:
 
     def _serve(self) -> None:
         address = "127.0.0.1:0" if self.port_file else self.http
-        self._server = serve_http(address, self.driver, lambda: self._running,
-                                  {"/healthz": self._healthz, "/metrics": self._metrics})
+        self._server = serve(address, routes_app({"/healthz": self._healthz, "/metrics": self._metrics}),
+                             self.driver)
         port = self._server.server_address[1]
         if self.port_file:  # a supervised child: the supervisor serves HOST:PORT and asks us
             tmp = f"{self.port_file}.tmp"
@@ -167,39 +164,3 @@ class Monitor:
 
 
 METRICS_TYPE = "text/plain; version=0.0.4"
-
-
-def serve_http(address: str, driver: Any, running: Callable[[], bool],
-               routes: Dict[str, Callable[[], "tuple[int, str, str]"]]) -> HTTPServer:
-    """Serve GET ``routes`` (path prefix -> () -> (status, body, content type))
-    on ``address`` (HOST:PORT) from a greenlet (a thread under the threads
-    driver) while ``running()``; returns the bound server."""
-    host, _, port = address.rpartition(":")
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            for prefix, route in routes.items():
-                if self.path.startswith(prefix):
-                    self._send(*route())
-                    return
-            self._send(404, "not found\n", "text/plain")
-
-        def _send(self, code: int, body: str, ctype: str) -> None:
-            data = body.encode()
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = HTTPServer((host or "127.0.0.1", int(port)), Handler)
-    server.timeout = 0.5
-
-    def serve() -> None:
-        while running():
-            server.handle_request()
-    driver.spawn(serve)
-    return server

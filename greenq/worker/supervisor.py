@@ -30,7 +30,8 @@ import urllib.request
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..backoff import Backoff
-from .monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, METRICS_TYPE, serve_http
+from ..httpserve import routes_app, serve
+from .monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, METRICS_TYPE
 
 log = logging.getLogger("greenq.supervisor")
 
@@ -90,7 +91,6 @@ class Supervisor:
         self.burst = "--burst" in argv
         self._dir = tempfile.mkdtemp(prefix="greenq-supervisor-")
         self._server: Any = None
-        self._serving = False
 
     def _stop(self, cold: bool = False) -> None:
         self.stopping = 2 if (cold or self.stopping) else 1
@@ -106,9 +106,8 @@ class Supervisor:
             self.driver.install_signal(signum, self._stop)
         self.driver.install_signal(signal.SIGQUIT, lambda: self._stop(cold=True))
         if self.http:  # one endpoint for every child: bound here, before any child starts
-            self._serving = True
-            self._server = serve_http(self.http, self.driver, lambda: self._serving,
-                                      {"/healthz": self._healthz, "/metrics": self._metrics})
+            self._server = serve(self.http, routes_app({"/healthz": self._healthz, "/metrics": self._metrics}),
+                                 self.driver)
             log.info("supervisor: serving /metrics and /healthz of all %d children on %s",
                      self.processes, self.http)
         self.children = [self._start(i) for i in range(self.processes)]
@@ -116,7 +115,6 @@ class Supervisor:
         try:
             return self._loop()
         finally:
-            self._serving = False
             if self._server is not None:
                 self._server.server_close()
 

@@ -19,7 +19,7 @@ DRIVERS = [d for d in os.environ.get("GREENQ_TEST_DRIVERS", "gevent").split(",")
 
 
 #: solo is the threads pool at concurrency 1: the core scenarios cover it
-SOLO_MODULES = {"test_worker_e2e"}
+SOLO_MODULES = {"test_worker_e2e", "test_endpoints_e2e"}
 
 
 def pytest_collection_modifyitems(config, items):
