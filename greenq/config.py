@@ -61,6 +61,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "pool": Setting("choice:" + "|".join(POOLS), "gevent", "concurrency driver"),
         "concurrency": Setting("int", 100, "tasks run at once"),
         "prefetch": Setting("int", 0, "messages held at once; 0 = auto (the concurrency plus a quarter)"),
+        "prefetch_bytes": Setting("int", 0, "bytes of message bodies held at once (beside prefetch); "
+                                  "0 = 8 x (max_message_size + 64 KiB); at most 1 GiB"),
         "queues": Setting("list", ["default"], "queues consumed, comma-separated"),
         "processes": Setting("int", 1, "worker processes under one supervisor"),
         "loglevel": Setting("choice:DEBUG|INFO|WARNING|ERROR|CRITICAL", "INFO", "log level"),

@@ -46,7 +46,7 @@ import uuid
 from typing import Any, Callable, List, Optional, Sequence
 
 from ..clients.sqlite import Database, chunks, placeholders, transaction
-from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from .base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 POLL_MIN, POLL_MAX = 0.005, 0.1   # an empty fetch polls with a sleep growing between these
 
@@ -58,7 +58,10 @@ def _arms(columns: str, limit: str) -> str:
     return f"SELECT * FROM ({' UNION ALL '.join(arm.format(p=p) for p in range(9, -1, -1))}) LIMIT {limit}"
 
 
-FETCH_SQL = _arms("id, priority, deliveries, message_id, body", ":count")
+FETCH_SQL = _arms("id, priority, deliveries, message_id, length(body)", ":count")
+#: the bodies of the rows chosen: whole, or the preview of one over the limit
+BODIES_SQL = ("SELECT id, CASE WHEN length(body) > ? THEN substr(body, 1, ?) ELSE body END "
+              "FROM messages WHERE id IN ({})")
 PEEK_SQL = _arms("id", "1")
 
 
@@ -69,9 +72,13 @@ SWEEP_SQL = ("SELECT id, priority, visible_at FROM messages WHERE queue = ? AND 
 
 
 def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_id: Any,
-              body: Any) -> Delivery:
+              body: Any, size: int, config: Any) -> Delivery:
     """A fetched row as a Delivery; a column of the wrong type (written by
-    something other than greenq) sets ``error`` so the worker dead-letters it."""
+    something other than greenq) sets ``error`` so the worker dead-letters it;
+    a body over ``body_limit`` (``size``) comes as its preview."""
+    if isinstance(message_id, str) and isinstance(body, (bytes, str)) and size > body_limit(config) \
+            and type(deliveries) is int and deliveries >= 0:
+        return Delivery.oversized(queue, body, message_id, deliveries + 1, row_id, priority, size, config)
     error = None
     if not isinstance(message_id, str):
         error = f"column message_id is {type(message_id).__name__}, not text"
@@ -122,12 +129,12 @@ class SQLiteBroker(Broker):
                 conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)", [(q,) for q in queues])
         self._run(insert)
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
         deadline = time.monotonic() + timeout
         delay = POLL_MIN
         queues = list(queues)
         while True:
-            out = self._run(self._claim, queues, count) if count > 0 else []
+            out = self._run(self._claim, queues, count, max_bytes) if count > 0 else []
             if not out and time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + SWEEP_INTERVAL
                 self._run(self._sweep, queues)
@@ -140,21 +147,40 @@ class SQLiteBroker(Broker):
             self._sleep(min(delay, left))
             delay = min(delay * 1.5, POLL_MAX)
 
-    def _claim(self, conn: sqlite3.Connection, queues: List[str], count: int) -> List[Delivery]:
+    def _claim(self, conn: sqlite3.Connection, queues: List[str], count: int,
+               max_bytes: int = 0) -> List[Delivery]:
+        """Lease up to ``count`` rows, at most ``max_bytes`` of bodies (0: no
+        limit; at least one row): their lengths are read first (SQLite keeps
+        a blob's length in the record header), then only the chosen bodies,
+        an oversized one cut to its preview by ``substr``."""
+        limit = body_limit(self.config)
         now = time.time()
         wanted = [q for q in queues if conn.execute(PEEK_SQL, {"queue": q, "now": now}).fetchone()]
         if not wanted:
             return []
-        out: List[Delivery] = []
         with transaction(conn):
             now = time.time()
+            chosen: List[tuple] = []        # (queue, row with the body's length), within max_bytes
+            spent, full = 0, False
             for queue in wanted:
-                rows = conn.execute(FETCH_SQL, {"queue": queue, "now": now,
-                                                "count": count - len(out)}).fetchall()
-                out.extend(_delivery(queue, *row) for row in rows)
-                if len(out) >= count:
+                if full or len(chosen) >= count:
                     break
-            ids = [d.token for d in out]
+                for row in conn.execute(FETCH_SQL, {"queue": queue, "now": now,
+                                                    "count": count - len(chosen)}).fetchall():
+                    size = row[4] if type(row[4]) is int else 0
+                    cost = PREVIEW_BYTES if size > limit else size
+                    if max_bytes and chosen and spent + cost > max_bytes:
+                        full = True
+                        break
+                    spent += cost
+                    chosen.append((queue, row))
+            ids = [row[0] for _, row in chosen]
+            bodies = {}
+            for chunk in chunks(ids):
+                bodies.update(conn.execute(BODIES_SQL.format(placeholders(len(chunk))),
+                                           (limit, PREVIEW_BYTES, *chunk)))
+            out = [_delivery(queue, *row[:4], bodies.get(row[0]), row[4] or 0, self.config)
+                   for queue, row in chosen]
             for chunk in chunks(ids):
                 conn.execute(f"UPDATE messages SET claimed_by = ?, visible_at = ?, "
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
@@ -214,11 +240,16 @@ class SQLiteBroker(Broker):
                           (time.time() + self.config.lease_seconds,), deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move the row to the dead letters; one too big to read keeps only
+        the preview the worker got (``Delivery.truncated``)."""
+        body = "?" if delivery.truncated else "body"
+        first = (delivery.body,) if delivery.truncated else ()
+
         def move(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                             "SELECT queue, priority, CAST(message_id AS TEXT), body, ?, ? FROM messages WHERE id = ?",
-                             (reason, time.time(), delivery.token))
+                             f"SELECT queue, priority, CAST(message_id AS TEXT), {body}, ?, ? FROM messages "
+                             "WHERE id = ?", (*first, reason, time.time(), delivery.token))
                 conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
         self._run(move)
 
