@@ -33,7 +33,7 @@ delayed member that does not parse is not an error either.  A delayed member is
 # field list and 0, for the Python side to check (``entry_delivery`` in
 # redis.py).  Size > 0: the entry is over ``limit``: the first ``preview``
 # bytes of its ``b`` field (or of its first value), its ``m`` field when it is
-# a short one (else 0), and its size.  A fourth value says how many bytes
+# a short one (else 0), and its size (the body's, when the body alone is over).  A fourth value says how many bytes
 # the reply carries (the entry's size, or the preview's).
 _CLAIMED = """
 local function claimed_fields(key, group, e)
@@ -52,6 +52,7 @@ local function split(f, limit, preview)
     for i = 1, #f - 1, 2 do
       if f[i] == 'b' then body = f[i + 1] elseif f[i] == 'm' and #f[i + 1] <= 255 then mid = f[i + 1] end
     end
+    if #body > limit then size = #body end
     return string.sub(body, 1, preview), mid, size, preview
   end
   if #f == 4 and f[1] == 'b' and f[3] == 'm' then return f[2], f[4], 0, size end

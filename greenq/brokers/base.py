@@ -108,11 +108,11 @@ class Delivery:
 
     @classmethod
     def oversized(cls, queue: str, preview: bytes, message_id: str, deliveries: int, token: Any,
-                  priority: int, size: int, config: "Config") -> "Delivery":
+                  priority: int, size: int, max_message_size: int) -> "Delivery":
         """A delivery of a body of ``size`` bytes, over ``body_limit``, of which
         only ``preview`` was read."""
         return cls(queue, preview[:PREVIEW_BYTES], message_id, deliveries, token, priority,
-                   oversize_reason(size, config.max_message_size, min(len(preview), PREVIEW_BYTES)), size)
+                   oversize_reason(size, max_message_size, min(len(preview), PREVIEW_BYTES)), size)
 
     def __repr__(self) -> str:
         return f"<Delivery {self.queue}:{self.message_id} #{self.deliveries}>"

@@ -394,7 +394,7 @@ class RedisBroker(Reconnecting, Broker):
         was over ``body_limit`` and ``body`` is only its preview."""
         if size:
             return Delivery.oversized(queue, body, _text(mid) if isinstance(mid, bytes) else _text(entry_id),
-                                      deliveries, (stream, entry_id), prio, size, self.config)
+                                      deliveries, (stream, entry_id), prio, size, self.config.max_message_size)
         return entry_delivery(queue, prio, stream, entry_id, body, mid, deliveries)
 
     def _read(self, queues: Sequence[str], count: int, max_bytes: int = 0) -> List[Delivery]:
@@ -482,6 +482,7 @@ class RedisBroker(Reconnecting, Broker):
             named = dict(zip(fields[::2], fields[1::2]))
             body, mid = named.get(b"b", fields[1]), named.get(b"m", 0)
             mid = mid if isinstance(mid, bytes) and len(mid) <= 255 else 0
+            size = len(body) if len(body) > self._limit else size
             return self._delivery(queue, prio, stream, entry[0], body[:PREVIEW_BYTES], mid, size, 1)
         return entry_delivery(queue, prio, stream, entry[0], *split_fields(fields), 1)
 

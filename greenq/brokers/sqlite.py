@@ -38,6 +38,7 @@ so no connection is used by two threads at once, and nothing depends on
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -46,7 +47,10 @@ import uuid
 from typing import Any, Callable, List, Optional, Sequence
 
 from ..clients.sqlite import Database, chunks, placeholders, transaction
-from .base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
+from .base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
+                   oversize_reason)
+
+log = logging.getLogger("greenq.brokers.sqlite")
 
 POLL_MIN, POLL_MAX = 0.005, 0.1   # an empty fetch polls with a sleep growing between these
 
@@ -59,9 +63,8 @@ def _arms(columns: str, limit: str) -> str:
 
 
 FETCH_SQL = _arms("id, priority, deliveries, message_id, length(body)", ":count")
-#: the bodies of the rows chosen: whole, or the preview of one over the limit
-BODIES_SQL = ("SELECT id, CASE WHEN length(body) > ? THEN substr(body, 1, ?) ELSE body END "
-              "FROM messages WHERE id IN ({})")
+#: the bodies of the rows chosen (those over the limit are read with ``_preview``)
+BODIES_SQL = "SELECT id, body FROM messages WHERE id IN ({})"
 PEEK_SQL = _arms("id", "1")
 
 
@@ -72,13 +75,9 @@ SWEEP_SQL = ("SELECT id, priority, visible_at FROM messages WHERE queue = ? AND 
 
 
 def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_id: Any,
-              body: Any, size: int, config: Any) -> Delivery:
+              body: Any) -> Delivery:
     """A fetched row as a Delivery; a column of the wrong type (written by
-    something other than greenq) sets ``error`` so the worker dead-letters it;
-    a body over ``body_limit`` (``size``) comes as its preview."""
-    if isinstance(message_id, str) and isinstance(body, (bytes, str)) and size > body_limit(config) \
-            and type(deliveries) is int and deliveries >= 0:
-        return Delivery.oversized(queue, body, message_id, deliveries + 1, row_id, priority, size, config)
+    something other than greenq) sets ``error`` so the worker dead-letters it."""
     error = None
     if not isinstance(message_id, str):
         error = f"column message_id is {type(message_id).__name__}, not text"
@@ -90,6 +89,14 @@ def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_i
         error = f"column deliveries {deliveries!r:.40} is not a count"
         deliveries = 0
     return Delivery(queue, body, message_id, deliveries + 1, row_id, priority, error)
+
+
+def _preview(conn: sqlite3.Connection, row_id: int) -> bytes:
+    """The first PREVIEW_BYTES of a row's body, read through SQLite's blob
+    handle: only the pages holding them are read (``substr`` would load the
+    whole body first)."""
+    with conn.blobopen("messages", "body", row_id, readonly=True) as blob:
+        return blob.read(PREVIEW_BYTES)
 
 
 class SQLiteBroker(Broker):
@@ -151,8 +158,10 @@ class SQLiteBroker(Broker):
                max_bytes: int = 0) -> List[Delivery]:
         """Lease up to ``count`` rows, at most ``max_bytes`` of bodies (0: no
         limit; at least one row): their lengths are read first (SQLite keeps
-        a blob's length in the record header), then only the chosen bodies,
-        an oversized one cut to its preview by ``substr``."""
+        a blob's length in the record header), then only the chosen bodies.
+        A row over ``body_limit`` is dead-lettered here, in the same
+        transaction, with its preview (``_preview``): leasing it would make
+        SQLite rewrite the whole row, body included, in memory."""
         limit = body_limit(self.config)
         now = time.time()
         wanted = [q for q in queues if conn.execute(PEEK_SQL, {"queue": q, "now": now}).fetchone()]
@@ -168,24 +177,37 @@ class SQLiteBroker(Broker):
                 for row in conn.execute(FETCH_SQL, {"queue": queue, "now": now,
                                                     "count": count - len(chosen)}).fetchall():
                     size = row[4] if type(row[4]) is int else 0
-                    cost = PREVIEW_BYTES if size > limit else size
+                    cost = 0 if size > limit else size      # an oversized row is not handed out
                     if max_bytes and chosen and spent + cost > max_bytes:
                         full = True
                         break
                     spent += cost
                     chosen.append((queue, row))
-            ids = [row[0] for _, row in chosen]
+            over = {row[0]: row for _, row in chosen if type(row[4]) is int and row[4] > limit}
+            for row_id, _, _, message_id, size in over.values():
+                self._dead_letter_oversized(conn, row_id, message_id, size, now)
+            ids = [row[0] for _, row in chosen if row[0] not in over]
             bodies = {}
             for chunk in chunks(ids):
-                bodies.update(conn.execute(BODIES_SQL.format(placeholders(len(chunk))),
-                                           (limit, PREVIEW_BYTES, *chunk)))
-            out = [_delivery(queue, *row[:4], bodies.get(row[0]), row[4] or 0, self.config)
-                   for queue, row in chosen]
+                bodies.update(conn.execute(BODIES_SQL.format(placeholders(len(chunk))), chunk))
+            out = [_delivery(queue, *row[:4], bodies.get(row[0])) for queue, row in chosen if row[0] in bodies]
             for chunk in chunks(ids):
                 conn.execute(f"UPDATE messages SET claimed_by = ?, visible_at = ?, "
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
                              (self._consumer, now + self.config.lease_seconds, *chunk))
         return out
+
+    def _dead_letter_oversized(self, conn: sqlite3.Connection, row_id: int, message_id: Any, size: int,
+                               now: float) -> None:
+        """Move a row whose body is over ``body_limit`` to the dead letters
+        with its preview and the reason (inside the caller's transaction)."""
+        preview = _preview(conn, row_id)
+        reason = oversize_reason(size, self.config.max_message_size, len(preview))
+        conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
+                     "SELECT queue, priority, CAST(message_id AS TEXT), ?, ?, ? FROM messages WHERE id = ?",
+                     (preview, reason, now, row_id))
+        conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+        log.warning("message %s dead-lettered: %s", message_id, reason)
 
     def _sweep(self, conn: sqlite3.Connection, queues: List[str]) -> None:
         """Dead-letter rows of ``queues`` that the fetch can never select (a
@@ -240,16 +262,11 @@ class SQLiteBroker(Broker):
                           (time.time() + self.config.lease_seconds,), deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
-        """Move the row to the dead letters; one too big to read keeps only
-        the preview the worker got (``Delivery.truncated``)."""
-        body = "?" if delivery.truncated else "body"
-        first = (delivery.body,) if delivery.truncated else ()
-
         def move(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                             f"SELECT queue, priority, CAST(message_id AS TEXT), {body}, ?, ? FROM messages "
-                             "WHERE id = ?", (*first, reason, time.time(), delivery.token))
+                             "SELECT queue, priority, CAST(message_id AS TEXT), body, ?, ? FROM messages WHERE id = ?",
+                             (reason, time.time(), delivery.token))
                 conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
         self._run(move)
 
