@@ -117,6 +117,8 @@ def test_oversized_messages_are_dead_lettered_by_their_head(pool, any_env):
     assert code == 0, out[-3000:]
     assert [r.get(timeout=30) for r in good] == [i + 2 for i in range(N_GOOD)]
 
+    print(f"{env.kind}: peak RSS {baseline / 2**20:.1f} MiB without the big messages, "
+          f"{peak / 2**20:.1f} MiB with {N_BIG} x {BIG // 2**20} MiB")
     dead = {d.message_id: d for d in app.broker.dlq_list(1000) if d.queue == queue}
     try:
         assert sorted(dead) == sorted(f"big-{i}" for i in range(N_BIG)), out[-3000:]
@@ -128,7 +130,5 @@ def test_oversized_messages_are_dead_lettered_by_their_head(pool, any_env):
         assert (stats.ready, stats.held) == (0, 0)
     finally:
         app.broker.dlq_purge()   # the amqp run's vhost is shared
-    print(f"{env.kind}: peak RSS {baseline / 2**20:.1f} MiB without the big messages, "
-          f"{peak / 2**20:.1f} MiB with {N_BIG} x {BIG // 2**20} MiB")
     assert peak - baseline < RSS_MARGIN, (
         f"peak RSS grew by {(peak - baseline) / 2**20:.1f} MiB with {N_BIG} oversized messages")
