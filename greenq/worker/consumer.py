@@ -82,6 +82,7 @@ class Worker:
         self.prefetch = effective_prefetch(self.concurrency, prefetch)
         self.batch = min(self.prefetch, FETCH_BATCH_MAX)
         self.prefetch_bytes = effective_prefetch_bytes(app.config)
+        self.body_limit = body_limit(app.config)
         self.burst = burst
         self.shutdown_timeout = shutdown_timeout
         self.fetch_timeout = fetch_timeout
@@ -237,8 +238,14 @@ class Worker:
 
     def _room(self) -> "tuple[int, int]":
         """How many more messages, and how many more bytes of bodies, the
-        worker may hold."""
-        return self.prefetch - len(self.held), self.prefetch_bytes - self.held_bytes
+        worker may fetch.  A fetch always takes one message, so bytes count as
+        room only while a message of the largest size (``body_limit``) fits
+        in them, or while nothing is held: the worker never goes over
+        ``prefetch_bytes``, except by holding one message bigger than it."""
+        byte_room = self.prefetch_bytes - self.held_bytes
+        if self.held and byte_room < self.body_limit:
+            byte_room = 0
+        return self.prefetch - len(self.held), byte_room
 
     def _burst_done(self) -> bool:
         """--burst: nothing delayed is due soon and no other consumer holds a

@@ -1,0 +1,47 @@
+"""The worker holds at most ``prefetch`` messages and at most ``prefetch_bytes``
+of their bodies (issue 17, item 14)."""
+from __future__ import annotations
+
+import time
+
+from greenq import GreenQ
+from greenq.config import load
+from greenq.drivers import get_driver
+from greenq.worker.consumer import MAX_PREFETCH_BYTES, Worker, effective_prefetch_bytes
+
+
+def test_prefetch_bytes_default_setting_and_ceiling():
+    assert effective_prefetch_bytes(load(search=False, env={})) == 8 * (1048576 + 65536)
+    small = load(search=False, env={"GREENQ_MAX_MESSAGE_SIZE": "1000"})
+    assert effective_prefetch_bytes(small) == 8 * (1000 + 65536)
+    set_ = load(search=False, env={"GREENQ_WORKER_PREFETCH_BYTES": "123456"})
+    assert effective_prefetch_bytes(set_) == 123456
+    huge = load(search=False, env={"GREENQ_WORKER_PREFETCH_BYTES": str(1 << 40)})
+    assert effective_prefetch_bytes(huge) == MAX_PREFETCH_BYTES
+
+
+def test_the_worker_holds_no_more_bytes_than_its_budget(tmp_path):
+    """20 tasks of 40 KB, prefetch 10, a budget of 200,000 bytes: the worker
+    never holds more than that (ten messages, 400 KB, without the budget)."""
+    app = GreenQ("t", broker=f"sqlite:///{tmp_path}/broker.sqlite3", max_message_size=50_000)
+
+    @app.task
+    def slow(pad):
+        time.sleep(0.01)
+        return len(pad)
+    results = [slow.delay("p" * 40_000) for _ in range(20)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, prefetch=10,
+                    burst=True, fetch_timeout=0.1)
+    worker.prefetch_bytes = 200_000
+    seen = []
+    accept = worker._accept
+
+    def counting(deliveries):
+        accept(deliveries)
+        seen.append((len(worker.held), worker.held_bytes))
+    worker._accept = counting
+    assert worker.run() == 0
+    assert [r.get(timeout=5) for r in results] == [40_000] * 20
+    assert 2 <= max(held for held, _ in seen) < 10, seen
+    assert max(size for _, size in seen) <= 200_000, seen
+    assert worker.held_bytes == 0
