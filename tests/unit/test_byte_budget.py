@@ -45,3 +45,24 @@ def test_the_worker_holds_no_more_bytes_than_its_budget(tmp_path):
     assert 2 <= max(held for held, _ in seen) < 10, seen
     assert max(size for _, size in seen) <= 200_000, seen
     assert worker.held_bytes == 0
+
+
+def test_the_amqp_reader_keeps_only_a_preview_of_a_body_over_its_limit():
+    """The content header says how long the body is: of one over the limit
+    only the first ``preview`` bytes are kept, whatever the frames; the
+    deliveries around it are read whole."""
+    from greenq.brokers.amqp_wire import DeliveryReader, FrameParser
+    from tests.unit.test_amqp_wire import deliver, raw
+    big = bytes(i % 251 for i in range(100_000))
+    frames = (deliver(1, "greenq-1", 1, b"small") + deliver(1, "greenq-1", 2, big)
+              + deliver(1, "greenq-1", 3, b"x" * 1000))
+    reader = DeliveryReader(1, {"greenq-1": "q1"}, limit=1000, preview=300)
+    parser = FrameParser(raw(frames))
+    got = []
+    for frame in iter(parser.next_frame, None):
+        result = reader.frame(frame)
+        if result is not None:
+            assert sum(map(len, result.chunks)) == result.keep     # nothing past the preview kept
+            got.append(result)
+    assert [(c.delivery_tag, c.truncated, c.size, c.body) for c in got] == [
+        (1, False, 5, b"small"), (2, True, 100_000, big[:300]), (3, False, 1000, b"x" * 1000)]
