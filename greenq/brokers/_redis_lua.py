@@ -100,8 +100,10 @@ return written
 #: index (from 0), priority, n, then 5 values per message (entry id, body,
 #: message id and size as ``split`` gives them, deliveries).  A delayed member that does not
 #: parse goes to the queue's priority-0 stream as ``b``=member, ``e``=reason.
-#: With a byte budget, new entries are read a few at a time (READ_STEP), so
-#: what is read past the budget, and parked again, stays small.
+#: With a byte budget, new entries are read a few at a time (READ_STEP first,
+#: then as many as the budget left holds at the average size read so far, plus
+#: one), so what is read past the budget, and parked again, stays small while
+#: small messages still come in one read.
 FETCH = _CLAIMED + """
 local READ_STEP = 16
 local group, consumer, parked = ARGV[1], ARGV[2], ARGV[3]
@@ -116,6 +118,13 @@ local out = {''}
 local next_due = nil
 local head = 0
 local taken = 0
+local seen_n, seen_bytes = 0, 0
+local function step()
+  if not metered then return want end
+  if seen_n == 0 then return math.min(want, READ_STEP) end
+  if seen_bytes == 0 then return want end
+  return math.min(want, math.max(1, math.floor(budget * seen_n / seen_bytes) + 1))
+end
 local function start(q, prio)
   head = #out + 1
   out[head] = q; out[head + 1] = prio; out[head + 2] = 0
@@ -123,6 +132,7 @@ end
 -- Add one entry unless the budget is spent (then false: the caller parks it).
 local function emit(id, f, deliveries)
   local body, mid, size, cost = split(f, limit, preview)
+  seen_n, seen_bytes = seen_n + 1, seen_bytes + cost
   if metered and taken > 0 and cost > budget then
     budget = 0
     return false
@@ -186,8 +196,8 @@ for q = 0, nq - 1 do
         end
       end
       while want > 0 do
-        local step = metered and math.min(want, READ_STEP) or want
-        local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', step, 'STREAMS', key, '>')
+        local n = step()
+        local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', key, '>')
         if not r then break end
         local entries = r[1][2]
         for _, e in ipairs(entries) do
@@ -198,7 +208,7 @@ for q = 0, nq - 1 do
             want = 0
           end
         end
-        if #entries < step then break end
+        if #entries < n then break end
       end
       if out[head + 2] == 0 then for j = head + 2, head, -1 do out[j] = nil end end
     end
