@@ -45,6 +45,10 @@ local function claimed_fields(key, group, e)
   return e[2]
 end
 local function split(f, limit, preview)
+  if #f == 4 and f[1] == 'b' and f[3] == 'm' then
+    local size = #f[2] + #f[4]
+    if size <= limit then return f[2], f[4], 0, size end
+  end
   local size = 0
   for i = 2, #f, 2 do size = size + #f[i] end
   if size > limit then

@@ -413,7 +413,9 @@ class RedisBroker(Reconnecting, Broker):
             stream = self._streams[queue][9 - prio]
             i += 3
             stop = i + 5 * n
-            out += [self._delivery(queue, prio, stream, *flat[j:j + 5]) for j in range(i, stop, 5)]
+            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2], flat[j + 4])
+                    if not flat[j + 3] else self._delivery(queue, prio, stream, *flat[j:j + 5])
+                    for j in range(i, stop, 5)]
             i = stop
         return out
 
