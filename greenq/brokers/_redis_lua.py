@@ -33,8 +33,9 @@ delayed member that does not parse is not an error either.  A delayed member is
 # field list and 0, for the Python side to check (``entry_delivery`` in
 # redis.py).  Size > 0: the entry is over ``limit``: the first ``preview``
 # bytes of its ``b`` field (or of its first value), its ``m`` field when it is
-# a short one (else 0), and its size (the body's, when the body alone is over).  A fourth value says how many bytes
-# the reply carries (the entry's size, or the preview's).
+# a short one (else 0), and its size (the body's, when the body alone is
+# over).  A fourth value says how many bytes the reply carries (the entry's
+# size, or the preview's).
 _CLAIMED = """
 local function claimed_fields(key, group, e)
   if type(e) ~= 'table' then return nil end

@@ -240,7 +240,8 @@ class DeliveryReader:
 
     __slots__ = ("channel_id", "consumers", "partial", "limit", "preview")
 
-    def __init__(self, channel_id: int, consumers: Dict[str, Any], limit: int = 0, preview: int = 4096) -> None:
+    def __init__(self, channel_id: int, consumers: Dict[str, Any], limit: int = 0,
+                 preview: int = 4096) -> None:
         self.channel_id = channel_id
         self.consumers = consumers
         self.partial: Optional[Content] = None   # a delivery being read

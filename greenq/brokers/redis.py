@@ -393,8 +393,9 @@ class RedisBroker(Reconnecting, Broker):
         """A Delivery of what a script returned: ``size`` > 0 means the entry
         was over ``body_limit`` and ``body`` is only its preview."""
         if size:
-            return Delivery.oversized(queue, body, _text(mid) if isinstance(mid, bytes) else _text(entry_id),
-                                      deliveries, (stream, entry_id), prio, size, self.config.max_message_size)
+            message_id = _text(mid) if isinstance(mid, bytes) else _text(entry_id)
+            return Delivery.oversized(queue, body, message_id, deliveries, (stream, entry_id), prio, size,
+                                      self.config.max_message_size)
         return entry_delivery(queue, prio, stream, entry_id, body, mid, deliveries)
 
     def _read(self, queues: Sequence[str], count: int, max_bytes: int = 0) -> List[Delivery]:
@@ -408,7 +409,7 @@ class RedisBroker(Reconnecting, Broker):
         self._next_due = float(flat[0]) if flat[0] else None
         out: List[Delivery] = []
         i, end = 1, len(flat)
-        while i < end:                      # groups: queue index, priority, n, n x (id, body, mid, size, count)
+        while i < end:      # groups: queue index, priority, n, n x (id, body, mid, size, count)
             queue, prio, n = queues[flat[i]], flat[i + 1], flat[i + 2]
             stream = self._streams[queue][9 - prio]
             i += 3
@@ -436,7 +437,8 @@ class RedisBroker(Reconnecting, Broker):
             log.info("reclaimed %d message(s) whose lease ran out", len(out))
         return out
 
-    def _block_read(self, queues: Sequence[str], count: int, wait: float, max_bytes: int = 0) -> List[Delivery]:
+    def _block_read(self, queues: Sequence[str], count: int, wait: float,
+                    max_bytes: int = 0) -> List[Delivery]:
         """Wait for a first entry (one per stream: XREADGROUP cannot look at a
         size before reading), then let the script read the rest of the batch."""
         keys = [k for q in queues for k in self.streams(q)]

@@ -190,7 +190,7 @@ class SQLiteBroker(Broker):
             bodies = {}
             for chunk in chunks(ids):
                 bodies.update(conn.execute(BODIES_SQL.format(placeholders(len(chunk))), chunk))
-            out = [_delivery(queue, *row[:4], bodies.get(row[0])) for queue, row in chosen if row[0] in bodies]
+            out = [_delivery(queue, *row[:4], bodies[row[0]]) for queue, row in chosen if row[0] in bodies]
             for chunk in chunks(ids):
                 conn.execute(f"UPDATE messages SET claimed_by = ?, visible_at = ?, "
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
