@@ -46,6 +46,7 @@ MAX_RESULT_EXPIRES = 3650 * DAY
 MAX_DELIVERIES = 1000
 MAX_REDIS_CONNECTIONS = 10000             # Redis's default maxclients
 MAX_TIMEOUT = 3600.0                      # socket and health-check intervals
+MAX_PREFETCH_BYTES = 1 << 30              # what one worker process holds of message bodies
 
 
 SETTINGS: Dict[str, Dict[str, Setting]] = {
@@ -77,6 +78,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "concurrency": Setting("int", 100, "tasks run at once", validation.MAX_CONCURRENCY),
         "prefetch": Setting("int", 0, "messages held at once; 0 = auto (the concurrency plus a quarter)",
                             validation.MAX_PREFETCH),
+        "prefetch_bytes": Setting("int", 0, "bytes of message bodies held at once (beside prefetch); "
+                                  "0 = 8 x (max_message_size + 64 KiB)", MAX_PREFETCH_BYTES),
         "queues": Setting("list", ["default"], "queues consumed, comma-separated"),
         "processes": Setting("int", 1, "worker processes under one supervisor", MAX_PROCESSES),
         "loglevel": Setting("choice:DEBUG|INFO|WARNING|ERROR|CRITICAL", "INFO", "log level"),

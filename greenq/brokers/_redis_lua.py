@@ -6,6 +6,15 @@ half-moved by another consumer.  Scripts return flat arrays (fixed strides) to
 keep the Python side's parsing cheap.  Keys are passed in KEYS, except where
 a script computes them (dead letters going back to their queue's stream).
 
+Sizes: the reading scripts get the longest entry a worker reads whole (the
+sum of its field values' lengths, ``limit``) and the length of a preview.  An
+entry over the limit is never returned whole: its body field (or first value)
+is cut to the preview and its size is returned beside it, so a 30 MiB entry
+costs the worker a few KB (the worker dead-letters it with the preview).
+FETCH also gets a byte budget: it stops once the bodies it returns would pass
+it (always returning at least one), and parks what it read past that on the
+parking consumer with its delivery count unchanged, so those come next in order.
+
 Stream entries have the fields ``b`` (body) and ``m`` (message id); an entry
 made from a malformed delayed member has ``b`` (the whole member) and ``e``
 (the reason) instead.  The reading scripts never judge an entry: they return
@@ -18,9 +27,15 @@ delayed member that does not parse is not an error either.  A delayed member is
 
 # Shared by the reading scripts.  ``claimed_fields``: the fields of a claimed
 # entry, or nil when the entry was deleted while pending (its pending entry is
-# dropped).  ``split``: body and message id of an entry of the shape greenq
-# writes (``b``, then ``m``); any other entry as its whole field list and 0,
-# for the Python side to check (``entry_delivery`` in redis.py).
+# dropped).  ``split(f, limit, preview)``: body, message id and size of an
+# entry.  Size 0: the entry is within ``limit``; one of the shape greenq writes
+# (``b``, then ``m``) comes as its body and message id, any other as its whole
+# field list and 0, for the Python side to check (``entry_delivery`` in
+# redis.py).  Size > 0: the entry is over ``limit``: the first ``preview``
+# bytes of its ``b`` field (or of its first value), its ``m`` field when it is
+# a short one (else 0), and its size (the body's, when the body alone is
+# over).  A fourth value says how many bytes the reply carries (the entry's
+# size, or the preview's).
 _CLAIMED = """
 local function claimed_fields(key, group, e)
   if type(e) ~= 'table' then return nil end
@@ -30,9 +45,23 @@ local function claimed_fields(key, group, e)
   end
   return e[2]
 end
-local function split(f)
-  if #f == 4 and f[1] == 'b' and f[3] == 'm' then return f[2], f[4] end
-  return f, 0
+local function split(f, limit, preview)
+  if #f == 4 and f[1] == 'b' and f[3] == 'm' then
+    local size = #f[2] + #f[4]
+    if size <= limit then return f[2], f[4], 0, size end
+  end
+  local size = 0
+  for i = 2, #f, 2 do size = size + #f[i] end
+  if size > limit then
+    local body, mid = f[2] or '', 0
+    for i = 1, #f - 1, 2 do
+      if f[i] == 'b' then body = f[i + 1] elseif f[i] == 'm' and #f[i + 1] <= 255 then mid = f[i + 1] end
+    end
+    if #body > limit then size = #body end
+    return string.sub(body, 1, preview), mid, size, preview
+  end
+  if #f == 4 and f[1] == 'b' and f[3] == 'm' then return f[2], f[4], 0, size end
+  return f, 0, 0, size
 end
 """
 
@@ -69,29 +98,56 @@ return written
 
 #: Move due delayed messages, then read.  KEYS, per queue: its delayed zset and
 #: its ten streams, priority 9 first.  ARGV: group, consumer, parking consumer,
-#: count, now (epoch s), number of queues, most delayed messages moved per queue.
+#: count, now (epoch s), number of queues, most delayed messages moved per queue,
+#: size limit, preview length, byte budget (0: none).
 #: Returns {next_due, groups...}: next_due is the earliest remaining eta as a
 #: string ('' when none); each group of messages from one stream is: queue
-#: index (from 0), priority, n, then 4 values per message (entry id, body and
-#: message id as ``split`` gives them, deliveries).  A delayed member that does not
+#: index (from 0), priority, n, then 5 values per message (entry id, body,
+#: message id and size as ``split`` gives them, deliveries).  A delayed member that does not
 #: parse goes to the queue's priority-0 stream as ``b``=member, ``e``=reason.
+#: With a byte budget, new entries are read a few at a time (READ_STEP first,
+#: then as many as the budget left holds at the average size read so far, plus
+#: one), so what is read past the budget, and parked again, stays small while
+#: small messages still come in one read.
 FETCH = _CLAIMED + """
+local READ_STEP = 16
 local group, consumer, parked = ARGV[1], ARGV[2], ARGV[3]
 local want = tonumber(ARGV[4])
 local now = ARGV[5]
 local nq = tonumber(ARGV[6])
 local move = tonumber(ARGV[7])
+local limit, preview = tonumber(ARGV[8]), tonumber(ARGV[9])
+local budget = tonumber(ARGV[10])
+local metered = budget > 0
 local out = {''}
 local next_due = nil
 local head = 0
+local taken = 0
+local seen_n, seen_bytes = 0, 0
+local function step()
+  if not metered then return want end
+  if seen_n == 0 then return math.min(want, READ_STEP) end
+  if seen_bytes == 0 then return want end
+  return math.min(want, math.max(1, math.floor(budget * seen_n / seen_bytes) + 1))
+end
 local function start(q, prio)
   head = #out + 1
   out[head] = q; out[head + 1] = prio; out[head + 2] = 0
 end
+-- Add one entry unless the budget is spent (then false: the caller parks it).
 local function emit(id, f, deliveries)
+  local body, mid, size, cost = split(f, limit, preview)
+  seen_n, seen_bytes = seen_n + 1, seen_bytes + cost
+  if metered and taken > 0 and cost > budget then
+    budget = 0
+    return false
+  end
+  budget = budget - cost
+  taken = taken + 1
   local n = #out
-  out[n + 1] = id; out[n + 2], out[n + 3] = split(f); out[n + 4] = deliveries
+  out[n + 1] = id; out[n + 2] = body; out[n + 3] = mid; out[n + 4] = size; out[n + 5] = deliveries
   out[head + 2] = out[head + 2] + 1
+  return true
 end
 for q = 0, nq - 1 do
   local base = q * 11
@@ -135,19 +191,29 @@ for q = 0, nq - 1 do
         for _, e in ipairs(claimed) do
           local f = claimed_fields(key, group, e)
           if f then
-            emit(e[1], f, counts[e[1]] + 1)
-            want = want - 1
+            if want > 0 and emit(e[1], f, counts[e[1]] + 1) then
+              want = want - 1
+            else   -- over the budget: parked again as it was
+              redis.call('XCLAIM', key, group, parked, 0, e[1], 'RETRYCOUNT', counts[e[1]], 'JUSTID')
+              want = 0
+            end
           end
         end
       end
-      if want > 0 then
-        local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want, 'STREAMS', key, '>')
-        if r then
-          for _, e in ipairs(r[1][2]) do
-            emit(e[1], e[2], 1)
+      while want > 0 do
+        local n = step()
+        local r = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', n, 'STREAMS', key, '>')
+        if not r then break end
+        local entries = r[1][2]
+        for _, e in ipairs(entries) do
+          if want > 0 and emit(e[1], e[2], 1) then
             want = want - 1
+          else     -- read past the budget: parked, not counted as a hand-out
+            redis.call('XCLAIM', key, group, parked, 0, e[1], 'RETRYCOUNT', 0, 'JUSTID')
+            want = 0
           end
         end
+        if #entries < n then break end
       end
       if out[head + 2] == 0 then for j = head + 2, head, -1 do out[j] = nil end end
     end
@@ -159,14 +225,15 @@ return out
 
 #: Claim entries whose lease ran out (idle >= min idle).  KEYS: streams.
 #: ARGV: group, consumer, min idle (ms), count, forget consumers idle longer
-#: than this (ms; 0 = don't), parking consumer.  Returns 5 values per message:
-#: key index (from 1), entry id, body and message id as ``split`` gives them,
-#: deliveries.
+#: than this (ms; 0 = don't), parking consumer, size limit, preview length.
+#: Returns 6 values per message: key index (from 1), entry id, body, message
+#: id and size as ``split`` gives them, deliveries.
 RECLAIM = _CLAIMED + """
 local group, consumer, min_idle = ARGV[1], ARGV[2], ARGV[3]
 local want = tonumber(ARGV[4])
 local forget_after = tonumber(ARGV[5])
 local parked = ARGV[6]
+local limit, preview = tonumber(ARGV[7]), tonumber(ARGV[8])
 local out = {}
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then
@@ -178,7 +245,8 @@ for i, key in ipairs(KEYS) do
           local f = claimed_fields(key, group, e)
           if f then
             local n = #out
-            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3], out[n + 4] = split(f); out[n + 5] = p[4] + 1
+            out[n + 1] = i; out[n + 2] = e[1]; out[n + 3], out[n + 4], out[n + 5] = split(f, limit, preview)
+            out[n + 6] = p[4] + 1
             want = want - 1
           end
         end

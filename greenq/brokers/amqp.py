@@ -54,7 +54,7 @@ from .amqp_consumer import ConsumerLoop
 from .amqp_meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
                         read_dead_letter, read_eta)
 from .amqp_publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
-from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 log = logging.getLogger("greenq.amqp")
 
@@ -173,16 +173,17 @@ class AMQPBroker(Broker):
                     self._known.update(queues)
                     c = self._consumer = ConsumerLoop(
                         queues, url=self.url, params=self.params, settings=self.settings, pool=self.pool,
-                        prefetch=self.prefetch, driver=self.driver)
+                        prefetch=self.prefetch, driver=self.driver,
+                        max_message_size=self.config.max_message_size, body_limit=body_limit(self.config))
         else:
             c.want(queues)
         return c
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
-        """Up to ``count`` deliveries from the local buffer, waiting up to
-        ``timeout`` for the first.  Never raises for a lost connection: while
-        reconnecting it returns ``[]``."""
-        return self._consumer_for(queues).take(queues, count, timeout)
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
+        """Up to ``count`` deliveries (at most ``max_bytes`` of bodies) from the
+        local buffer, waiting up to ``timeout`` for the first.  Never raises
+        for a lost connection: while reconnecting it returns ``[]``."""
+        return self._consumer_for(queues).take(queues, count, timeout, max_bytes)
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries and self._consumer is not None:

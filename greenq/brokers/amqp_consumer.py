@@ -20,7 +20,7 @@ from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, Link, Settings, clean_heade
 from .amqp_meta import Meta, as_bytes, fit_short_string, read_eta, read_meta
 from .amqp_publish import METHOD_CACHE_MAX, ChannelPool, Publisher, delay_ms, encode_outgoing
 from .amqp_wire import NOT_MINE, DeliveryReader, ack_frame, content_frames, method_frame, reject_frame
-from .base import Delivery, Outgoing
+from .base import PREVIEW_BYTES, Delivery, Outgoing
 
 log = logging.getLogger("greenq.amqp")
 
@@ -63,7 +63,8 @@ class ConsumerLoop:
     """
 
     def __init__(self, queues: Sequence[str], *, url: str, params: Dict[str, Any], settings: Settings,
-                 pool: ChannelPool, prefetch: int, driver: Any = None) -> None:
+                 pool: ChannelPool, prefetch: int, driver: Any = None, max_message_size: int = 0,
+                 body_limit: int = 0) -> None:
         self.params = params
         self.settings = settings
         self.pool = pool
@@ -78,6 +79,8 @@ class ConsumerLoop:
         self.wanted = list(queues)
         self.prefetch = prefetch
         self.applied_prefetch = 0
+        self.max_message_size = max_message_size
+        self.body_limit = body_limit              # a longer body is read as a preview (0: no limit)
         self.dirty = False
         self.interrupted = False
         self.conn: Optional[amqp.Connection] = None
@@ -183,7 +186,7 @@ class ConsumerLoop:
                 self.channel.auto_decode = False
                 self.channel_id = self.channel.channel_id
                 self.reader = raw.reader
-                self.inbound = DeliveryReader(self.channel_id, self.queue_of)
+                self.inbound = DeliveryReader(self.channel_id, self.queue_of, self.body_limit, PREVIEW_BYTES)
                 self.py_frame = raw.intercept(self._frame)
                 self.cancelled = False
             declare_base(self.channel, self.settings)
@@ -276,7 +279,7 @@ class ConsumerLoop:
         if got is None:
             return False
         self._deliver(got.consumer, self.gen, got.delivery_tag, got.redelivered, got.properties, got.body,
-                      got.problems)
+                      got.problems, got.size if got.truncated else None)
         return True
 
     def _drain_serial(self) -> None:
@@ -339,9 +342,11 @@ class ConsumerLoop:
         return on_message
 
     def _deliver(self, queue: str, gen: int, tag: int, redelivered: bool, props: Dict[str, Any],
-                 body: Any, problems: Sequence[str] = ()) -> None:
+                 body: Any, problems: Sequence[str] = (), size: Optional[int] = None) -> None:
         """Buffer a delivery read from the connection.  Never raises: a bad
-        property or header makes a Delivery whose ``error`` says which."""
+        property or header makes a Delivery whose ``error`` says which.
+        ``size``: the body was too big to read, ``body`` is its preview (the
+        delivery is handed out to be dead-lettered, never published again)."""
         try:
             meta = read_meta(props, list(problems), self.settings.quorum)
         except Exception as exc:   # read_meta is total; this keeps the loop alive all the same
@@ -349,13 +354,17 @@ class ConsumerLoop:
         headers = props.get("application_headers")
         headers = headers if isinstance(headers, dict) and headers else None
         again: Optional[int] = None   # publish a copy with this greenq-deliveries instead of handing out
-        if meta.error is None:
+        if meta.error is None and size is None:
             if redelivered and not self.settings.quorum:
                 again = meta.deliveries        # the lost hand-out counts
             elif meta.eta is not None and meta.eta > time.time() + EARLY:
                 again = meta.deliveries - 1    # too early: round the cascade again, not a hand-out
-        d = Delivery(queue, as_bytes(body), meta.message_id, meta.deliveries, (gen, tag), meta.priority,
-                     meta.error)
+        if size is not None:
+            d = Delivery.oversized(queue, as_bytes(body), meta.message_id, meta.deliveries, (gen, tag),
+                                   meta.priority, size, self.max_message_size)
+        else:
+            d = Delivery(queue, as_bytes(body), meta.message_id, meta.deliveries, (gen, tag), meta.priority,
+                         meta.error)
         with self.lock:
             if gen != self.gen:
                 return
@@ -461,14 +470,21 @@ class ConsumerLoop:
         if left:
             self.give_back(left)
 
-    def take(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+    def take(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
+        """Up to ``count`` buffered deliveries, at most ``max_bytes`` of bodies
+        (0: no limit; at least one), waiting up to ``timeout`` for the first."""
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
             with self.lock:
                 out: List[Delivery] = []
+                spent = 0
                 for queue in queues:
                     heap = self.buffer.get(queue)
                     while heap and len(out) < count:
+                        size = len(heap[0][2].body)
+                        if max_bytes and out and spent + size > max_bytes:
+                            break
+                        spent += size
                         out.append(heapq.heappop(heap)[2])
                 if out:
                     return out

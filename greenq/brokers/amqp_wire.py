@@ -195,9 +195,10 @@ class FrameParser:
 
 class Content:
     """A delivery read by ``DeliveryReader``: its content frames are still
-    to come until ``DeliveryReader.frame`` returns it whole."""
+    to come until ``DeliveryReader.frame`` returns it whole.  A body over the
+    reader's limit is not kept: only its first ``keep`` bytes (``truncated``)."""
     __slots__ = ("consumer", "delivery_tag", "redelivered", "properties", "problems", "size", "chunks",
-                 "got", "body")
+                 "got", "body", "keep")
 
     def __init__(self, consumer: Any, delivery_tag: int, redelivered: bool) -> None:
         self.consumer = consumer          # what the reader's ``consumers`` maps the consumer tag to
@@ -208,7 +209,13 @@ class Content:
         self.size = 0                     # of the body, from the content header
         self.chunks: List[bytes] = []     # the body frames' payloads so far
         self.got = 0
-        self.body = b""                   # once whole
+        self.body = b""                   # once whole (or its first ``keep`` bytes)
+        self.keep = 0                     # bytes of the body kept
+
+    @property
+    def truncated(self) -> bool:
+        """The body was over the reader's limit: ``body`` is only its start."""
+        return self.keep < self.size
 
 
 #: ``DeliveryReader.frame``'s answer for a frame that is not part of one of its deliveries
@@ -224,14 +231,22 @@ class DeliveryReader:
     heartbeats and every other method are ``NOT_MINE``: the caller passes
     them on (to py-amqp).  Properties are read by ``amqp_meta.read_properties``,
     which never raises, so a message with bad metadata is still a delivery.
+
+    ``limit`` (0: none): the content header says how long the body is before
+    any body frame arrives; of a body longer than ``limit`` only the first
+    ``preview`` bytes are kept, the rest of its frames are read and dropped
+    (the server sends them all the same), so memory stays at one frame.
     """
 
-    __slots__ = ("channel_id", "consumers", "partial")
+    __slots__ = ("channel_id", "consumers", "partial", "limit", "preview")
 
-    def __init__(self, channel_id: int, consumers: Dict[str, Any]) -> None:
+    def __init__(self, channel_id: int, consumers: Dict[str, Any], limit: int = 0,
+                 preview: int = 4096) -> None:
         self.channel_id = channel_id
         self.consumers = consumers
         self.partial: Optional[Content] = None   # a delivery being read
+        self.limit = limit
+        self.preview = preview
 
     def frame(self, frame: Frame) -> Any:
         """Take ``frame``: ``NOT_MINE``, None (taken; the delivery goes on) or
@@ -251,10 +266,13 @@ class DeliveryReader:
                     return None
             return NOT_MINE
         if frame_type == HEADER and partial.properties is None:
-            partial.size = _SIZE_OF_HEADER.unpack_from(payload, 0)[1]
+            partial.size = size = _SIZE_OF_HEADER.unpack_from(payload, 0)[1]
+            partial.keep = min(size, self.preview) if self.limit and size > self.limit else size
             partial.properties, partial.problems = read_properties(payload, 12)
         elif frame_type == BODY and partial.properties is not None:
-            partial.chunks.append(payload)
+            if partial.got < partial.keep:
+                partial.chunks.append(payload if partial.keep == partial.size else
+                                      payload[:partial.keep - partial.got])
             partial.got += len(payload)
         else:
             raise UnexpectedFrame(f"received frame type {frame_type} inside a delivery")

@@ -22,6 +22,13 @@ Delivery model (every broker):
   worker memory) and becomes ready at ``eta``.
 * Within one queue a higher ``priority`` (0-9) is handed out first; equal
   priorities are FIFO.  (Per broker, see docs/brokers.md for how exact.)
+* Memory follows bytes, not only messages: ``fetch`` hands out at most
+  ``max_bytes`` of bodies (always at least one message), and a body longer
+  than ``body_limit(config)`` is never handed out whole: the Delivery carries
+  its first ``PREVIEW_BYTES`` (``size`` says how long it was, ``error`` why
+  it is refused), the worker dead-letters it and the dead letter keeps the
+  preview.  Each broker checks the size before the body reaches Python where
+  its protocol allows (docs/brokers.md, "Message size").
 
 Thread and greenlet safety: ``publish``/``publish_many`` may be called from
 many threads or greenlets at once.  The consuming methods (``fetch``, ``ack``,
@@ -36,10 +43,28 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
 from ..drivers.base import UsesDriver
+from ..message import _SIZE_SLACK
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
     from ..drivers.base import Driver
+
+
+#: how much of an oversized body a broker reads and the dead letter keeps
+PREVIEW_BYTES = 4096
+
+
+def body_limit(config: "Config") -> int:
+    """The longest body a worker reads whole: ``max_message_size`` plus the
+    slack the codec allows for the envelope and signature."""
+    return config.max_message_size + _SIZE_SLACK
+
+
+def oversize_reason(size: int, max_message_size: int, kept: int) -> str:
+    """The dead-letter reason of a body of ``size`` bytes of which only the
+    first ``kept`` were read."""
+    return (f"message is {size} bytes, over max_message_size {max_message_size} "
+            f"(not read; the dead letter keeps its first {kept} bytes)")
 
 
 @dataclass
@@ -56,10 +81,11 @@ class Delivery:
     """A message handed to this consumer.  ``token`` is the broker's own handle
     (a stream id, a delivery tag, a row id) and means nothing outside it."""
 
-    __slots__ = ("queue", "body", "message_id", "deliveries", "token", "priority", "error")
+    __slots__ = ("queue", "body", "message_id", "deliveries", "token", "priority", "error", "size")
 
     def __init__(self, queue: str, body: bytes, message_id: str, deliveries: int,
-                 token: Any, priority: int = 0, error: Optional[str] = None) -> None:
+                 token: Any, priority: int = 0, error: Optional[str] = None,
+                 size: Optional[int] = None) -> None:
         self.queue = queue
         self.body = body
         self.message_id = message_id
@@ -70,6 +96,23 @@ class Delivery:
         #: field, a column) is invalid: the worker dead-letters the message
         #: with this reason without decoding it.  The token stays usable.
         self.error = error
+        #: set (with ``error``) when the body was too big to read: its size in
+        #: the broker; ``body`` is then only its first PREVIEW_BYTES, which is
+        #: what the dead letter keeps
+        self.size = size
+
+    @property
+    def truncated(self) -> bool:
+        """Only a preview of the body was read (see ``size``)."""
+        return self.size is not None
+
+    @classmethod
+    def oversized(cls, queue: str, preview: bytes, message_id: str, deliveries: int, token: Any,
+                  priority: int, size: int, max_message_size: int) -> "Delivery":
+        """A delivery of a body of ``size`` bytes, over ``body_limit``, of which
+        only ``preview`` was read."""
+        return cls(queue, preview[:PREVIEW_BYTES], message_id, deliveries, token, priority,
+                   oversize_reason(size, max_message_size, min(len(preview), PREVIEW_BYTES)), size)
 
     def __repr__(self) -> str:
         return f"<Delivery {self.queue}:{self.message_id} #{self.deliveries}>"
@@ -122,11 +165,13 @@ class Broker(UsesDriver):
     def declare(self, queues: Sequence[str]) -> None:
         """Prepare to consume ``queues`` (create them, join consumer groups)."""
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
         """Lease up to ``count`` ready messages from ``queues`` (in the order
         given, highest priority first within a queue).  Blocks up to ``timeout``
         seconds while none is ready, then returns ``[]``.  Due delayed messages
-        and messages with expired leases are made ready as part of this."""
+        and messages with expired leases are made ready as part of this.
+        ``max_bytes`` (0: no limit): stop adding messages once their bodies
+        would pass this many bytes, though always hand out at least one."""
         raise NotImplementedError
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:

@@ -161,7 +161,9 @@ class MemoryBroker(Broker):
             for name in queues:
                 self._store.queue(name)
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
+        """``max_bytes`` is not applied: the bodies already live in this
+        process's memory, so holding them costs nothing more."""
         store = self._store
         deadline = time.monotonic() + timeout
         while True:

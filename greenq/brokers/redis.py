@@ -38,6 +38,14 @@ of a whole batch in one script call.  ``requeue`` parks entries on
 instance still owns: a stale holder (its lease ran out, another consumer
 claimed the entry) changes nothing.
 
+Sizes: an entry longer than ``body_limit`` (its field values together) is
+never read whole by a script: FETCH and RECLAIM return its first
+``PREVIEW_BYTES`` and its size, and the worker dead-letters it with that
+preview.  FETCH also stops at the worker's byte budget (``max_bytes``).  The
+one exception is the blocking read, which cannot look before it reads: it
+takes one entry per stream (COUNT 1), checks its size here, and the script
+reads the rest of the batch.
+
 Every entry read is checked by ``entry_delivery``: a bad one (fields missing,
 repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
 ``error`` set, which the worker dead-letters; its neighbours are unaffected.
@@ -70,7 +78,7 @@ from ..exceptions import BrokerError
 from . import _redis_lua as lua
 from ..clients.redis import FAILURES, TRANSIENT, make_client, worker_pool_size
 from ..clients.reconnect import Reconnecting, Reconnector, Unreachable
-from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from .base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 log = logging.getLogger("greenq.brokers.redis")
 
@@ -152,6 +160,15 @@ def split_fields(fields: Any) -> Tuple[Any, Any]:
     return fields, 0
 
 
+def budget_left(max_bytes: int, taken: Sequence[Delivery]) -> Optional[int]:
+    """What a further read may take of a fetch's ``max_bytes`` once ``taken``
+    are in: 0 for no limit, None when the budget is spent (read nothing)."""
+    if not max_bytes:
+        return 0
+    left = max_bytes - sum(len(d.body) for d in taken)
+    return left if left > 0 else None
+
+
 def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
     """Tokens as script calls of at most MAX_BATCH ids each: (stream keys,
     then per key ``n, n entry ids``), the argument layout of ACK and TRANSFER."""
@@ -192,6 +209,7 @@ class RedisBroker(Reconnecting, Broker):
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         self._publish_budget = config.section("redis")["connect_timeout"] or self._timeout
         self._block = block_seconds(config)
+        self._limit = body_limit(config)
         # XREADGROUP replies unparsed: redis-py would fold an entry's fields
         # into a dict, hiding a repeated field from entry_delivery
         self.client.set_response_callback("XREADGROUP", lambda reply, **_: reply)
@@ -319,9 +337,10 @@ class RedisBroker(Reconnecting, Broker):
         self._declared.update(queues)
         self._registered.update(queues)
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
-        """Lease up to ``count`` messages; see the module docstring.  While Redis
-        is unreachable it retries until ``timeout`` and returns ``[]``."""
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
+        """Lease up to ``count`` messages (at most ``max_bytes`` of bodies, 0: no
+        limit); see the module docstring.  While Redis is unreachable it
+        retries until ``timeout`` and returns ``[]``."""
         if count <= 0 or not queues or not self._consuming:
             return []
         count = min(count, MAX_BATCH)
@@ -332,7 +351,7 @@ class RedisBroker(Reconnecting, Broker):
         interrupts = self._interrupts
         while True:
             try:
-                out = self.reconnector.call(lambda: self._fetch_once(queues, count, deadline),
+                out = self.reconnector.call(lambda: self._fetch_once(queues, count, deadline, max_bytes),
                                             deadline, "fetch")
             except Unreachable:
                 return []
@@ -342,7 +361,8 @@ class RedisBroker(Reconnecting, Broker):
             if out or time.monotonic() >= deadline or self._interrupts != interrupts:
                 return out
 
-    def _fetch_once(self, queues: Sequence[str], count: int, deadline: float) -> List[Delivery]:
+    def _fetch_once(self, queues: Sequence[str], count: int, deadline: float,
+                    max_bytes: int = 0) -> List[Delivery]:
         if self._unacked:
             self._flush_unacked()
         if not self._declared.issuperset(queues):
@@ -350,9 +370,10 @@ class RedisBroker(Reconnecting, Broker):
         out: List[Delivery] = []
         if time.monotonic() >= self._next_reclaim:
             out = self._reclaim(queues, count)
-        if len(out) < count:
+        budget = budget_left(max_bytes, out)
+        if len(out) < count and budget is not None:
             try:
-                out += self._read(queues, count - len(out))
+                out += self._read(queues, count - len(out), budget)
             except Exception:
                 with self._lock:            # reclaimed and leased to us: hand out next time
                     self._spares.extend(out)
@@ -365,25 +386,37 @@ class RedisBroker(Reconnecting, Broker):
             wait = min(wait, self._next_due - time.time())
         if wait <= 0.001:
             return []
-        return self._block_read(queues, count, wait)
+        return self._block_read(queues, count, wait, max_bytes)
 
-    def _read(self, queues: Sequence[str], count: int) -> List[Delivery]:
+    def _delivery(self, queue: str, prio: int, stream: str, entry_id: bytes, body: Any, mid: Any,
+                  size: int, deliveries: int) -> Delivery:
+        """A Delivery of what a script returned: ``size`` > 0 means the entry
+        was over ``body_limit`` and ``body`` is only its preview."""
+        if size:
+            message_id = _text(mid) if isinstance(mid, bytes) else _text(entry_id)
+            return Delivery.oversized(queue, body, message_id, deliveries, (stream, entry_id), prio, size,
+                                      self.config.max_message_size)
+        return entry_delivery(queue, prio, stream, entry_id, body, mid, deliveries)
+
+    def _read(self, queues: Sequence[str], count: int, max_bytes: int = 0) -> List[Delivery]:
         keys: List[str] = []
         for q in queues:
             keys.append(self._delayed(q))
             keys += self.streams(q)
         flat = self._fetch_script(keys=keys, args=[
-            GROUP, self.consumer, PARKED, count, repr(time.time()), len(queues), MOVE_PER_FETCH])
+            GROUP, self.consumer, PARKED, count, repr(time.time()), len(queues), MOVE_PER_FETCH,
+            self._limit, PREVIEW_BYTES, max_bytes])
         self._next_due = float(flat[0]) if flat[0] else None
         out: List[Delivery] = []
         i, end = 1, len(flat)
-        while i < end:                      # groups: queue index, priority, n, n x (id, body, mid, count)
+        while i < end:      # groups: queue index, priority, n, n x (id, body, mid, size, count)
             queue, prio, n = queues[flat[i]], flat[i + 1], flat[i + 2]
             stream = self._streams[queue][9 - prio]
             i += 3
-            stop = i + 4 * n
-            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2], flat[j + 3])
-                    for j in range(i, stop, 4)]
+            stop = i + 5 * n
+            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2], flat[j + 4])
+                    if not flat[j + 3] else self._delivery(queue, prio, stream, *flat[j:j + 5])
+                    for j in range(i, stop, 5)]
             i = stop
         return out
 
@@ -393,40 +426,69 @@ class RedisBroker(Reconnecting, Broker):
         self._reclaims += 1
         forget = FORGET_CONSUMERS_MS if self._reclaims % 100 == 1 else 0
         flat = self._reclaim_script(keys=keys, args=[
-            GROUP, self.consumer, int(self._lease * 1000), count, forget, PARKED])
+            GROUP, self.consumer, int(self._lease * 1000), count, forget, PARKED, self._limit, PREVIEW_BYTES])
         self._next_reclaim = time.monotonic() + max(0.05, self._lease / 4)
         out = []
-        for i in range(0, len(flat), 5):
+        for i in range(0, len(flat), 6):
             key = keys[flat[i] - 1]
             queue, prio = self._where[key.encode()]
-            out.append(entry_delivery(queue, prio, key, flat[i + 1], flat[i + 2], flat[i + 3], flat[i + 4]))
+            out.append(self._delivery(queue, prio, key, *flat[i + 1:i + 6]))
         if out:
             log.info("reclaimed %d message(s) whose lease ran out", len(out))
         return out
 
-    def _block_read(self, queues: Sequence[str], count: int, wait: float) -> List[Delivery]:
+    def _block_read(self, queues: Sequence[str], count: int, wait: float,
+                    max_bytes: int = 0) -> List[Delivery]:
+        """Wait for a first entry (one per stream: XREADGROUP cannot look at a
+        size before reading), then let the script read the rest of the batch."""
         keys = [k for q in queues for k in self.streams(q)]
         try:   # raw reply (see __init__): entry fields as the server sent them
             reply = self.client.execute_command(
-                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", count,
+                "XREADGROUP", "GROUP", GROUP, self.consumer, "COUNT", 1,
                 "BLOCK", max(1, int(wait * 1000)), "STREAMS", *keys, *(">" for _ in keys))
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
             self._declared.difference_update(queues)   # deleted or lost: declare again
             return []
-        out: List[Delivery] = []
-        streams = reply.items() if isinstance(reply, dict) else (reply or ())   # RESP3 or RESP2
-        for key, entries in streams:
-            queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
-            stream = self._streams[queue][9 - prio]
-            out += [entry_delivery(queue, prio, stream, entry[0], *split_fields(entry[1]), 1)
-                    for entry in entries]
+        out = self._deliveries_of(reply)
+        del reply                           # an oversized entry's bytes go with it
+        budget = budget_left(max_bytes, out)
+        if out and len(out) < count and budget is not None:
+            try:
+                out += self._read(queues, count - len(out), budget)
+            except Exception:
+                with self._lock:            # leased to us: hand out next time
+                    self._spares.extend(out)
+                raise
         if len(out) > count:   # a server that re-runs the read may serve several streams
             with self._lock:
                 self._spares.extend(out[count:])
             out = out[:count]
         return out
+
+    def _deliveries_of(self, reply: Any) -> List[Delivery]:
+        """The Deliveries of a raw XREADGROUP reply."""
+        out: List[Delivery] = []
+        streams = reply.items() if isinstance(reply, dict) else (reply or ())   # RESP3 or RESP2
+        for key, entries in streams:
+            queue, prio = self._where[key if isinstance(key, bytes) else key.encode()]
+            stream = self._streams[queue][9 - prio]
+            out += [self._checked(queue, prio, stream, entry) for entry in entries]
+        return out
+
+    def _checked(self, queue: str, prio: int, stream: str, entry: Any) -> Delivery:
+        """A Delivery of an entry read whole by the blocking read: one over
+        ``body_limit`` is cut to its preview here."""
+        fields = entry[1]
+        size = sum(len(v) for v in fields[1::2] if isinstance(v, bytes)) if isinstance(fields, list) else 0
+        if size > self._limit:
+            named = dict(zip(fields[::2], fields[1::2]))
+            body, mid = named.get(b"b", fields[1]), named.get(b"m", 0)
+            mid = mid if isinstance(mid, bytes) and len(mid) <= 255 else 0
+            size = len(body) if len(body) > self._limit else size
+            return self._delivery(queue, prio, stream, entry[0], body[:PREVIEW_BYTES], mid, size, 1)
+        return entry_delivery(queue, prio, stream, entry[0], *split_fields(fields), 1)
 
     def _take_spares(self, count: int) -> List[Delivery]:
         if not self._spares:

@@ -43,7 +43,7 @@ from .base import DeadLetter, Delivery, Outgoing, QueueStats
 from ..clients.reconnect import Unreachable
 from ..clients.redis import TRANSIENT
 from .redis import (GROUP, MAX_BATCH, PARKED, PUBLISH_CHUNK, REPLICATED, RedisBroker,
-                    _STREAM_ID, _text)
+                    _STREAM_ID, _text, budget_left)
 
 log = logging.getLogger("greenq.brokers.redis_cluster")
 
@@ -273,9 +273,11 @@ class RedisClusterBroker(RedisBroker):
             return
         self._registered.update(queues)
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
         """Start the lane of every queue that has none running, then hand out
-        what the first lanes bring; see the module docstring."""
+        what the first lanes bring; see the module docstring.  Each lane reads
+        at most ``max_bytes``; oversized entries come as previews as on the
+        plain broker."""
         if count <= 0 or not queues or not self._consuming:
             return []
         count = min(count, MAX_BATCH)
@@ -291,7 +293,7 @@ class RedisClusterBroker(RedisBroker):
             self._busy.update(idle)
             self._lanes = [h for h in self._lanes if not _finished(h)]
         for q in idle:
-            self._lanes.append(self._spawn(self._lane, q, count, deadline))
+            self._lanes.append(self._spawn(self._lane, q, count, deadline, max_bytes))
         while True:
             out = self._take_spares(count)
             if out:
@@ -314,10 +316,11 @@ class RedisClusterBroker(RedisBroker):
         thread.start()
         return thread
 
-    def _lane(self, queue: str, count: int, deadline: float) -> None:
+    def _lane(self, queue: str, count: int, deadline: float, max_bytes: int = 0) -> None:
         got: List[Delivery] = []
         try:
-            got = self.reconnector.call(lambda: self._lane_once(queue, count, deadline), deadline, "fetch")
+            got = self.reconnector.call(lambda: self._lane_once(queue, count, deadline, max_bytes),
+                                        deadline, "fetch")
         except Unreachable:
             pass
         except Exception as exc:  # raised by the next fetch, in the consumer
@@ -328,7 +331,7 @@ class RedisClusterBroker(RedisBroker):
                 self._busy.discard(queue)
             self._arrived.set()
 
-    def _lane_once(self, queue: str, count: int, deadline: float) -> List[Delivery]:
+    def _lane_once(self, queue: str, count: int, deadline: float, max_bytes: int = 0) -> List[Delivery]:
         """The plain broker's fetch cycle for one queue (one slot)."""
         if queue not in self._declared:
             self._declare([queue])
@@ -337,9 +340,10 @@ class RedisClusterBroker(RedisBroker):
             out = self._reclaim([queue], count)
             self._reclaim_at[queue] = self._next_reclaim
         due: Optional[float] = None
-        if len(out) < count:
+        budget = budget_left(max_bytes, out)
+        if len(out) < count and budget is not None:
             try:
-                out += self._read([queue], count - len(out))
+                out += self._read([queue], count - len(out), budget)
                 due = self._next_due
             except Exception:
                 with self._lock:
@@ -353,7 +357,7 @@ class RedisClusterBroker(RedisBroker):
             wait = min(wait, due - time.time())
         if wait <= 0.001:
             return []
-        return self._block_read([queue], count, wait)
+        return self._block_read([queue], count, wait, max_bytes)
 
     def _join_lanes(self) -> None:
         end = time.monotonic() + self._block + LANE_GRACE

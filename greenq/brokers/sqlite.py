@@ -38,6 +38,7 @@ so no connection is used by two threads at once, and nothing depends on
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sqlite3
@@ -46,7 +47,10 @@ import uuid
 from typing import Any, Callable, List, Optional, Sequence
 
 from ..clients.sqlite import Database, chunks, placeholders, transaction
-from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from .base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
+                   oversize_reason)
+
+log = logging.getLogger("greenq.brokers.sqlite")
 
 POLL_MIN, POLL_MAX = 0.005, 0.1   # an empty fetch polls with a sleep growing between these
 
@@ -58,7 +62,9 @@ def _arms(columns: str, limit: str) -> str:
     return f"SELECT * FROM ({' UNION ALL '.join(arm.format(p=p) for p in range(9, -1, -1))}) LIMIT {limit}"
 
 
-FETCH_SQL = _arms("id, priority, deliveries, message_id, body", ":count")
+FETCH_SQL = _arms("id, priority, deliveries, message_id, length(body)", ":count")
+#: the bodies of the rows chosen (those over the limit are read with ``_preview``)
+BODIES_SQL = "SELECT id, body FROM messages WHERE id IN ({})"
 PEEK_SQL = _arms("id", "1")
 
 
@@ -83,6 +89,14 @@ def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_i
         error = f"column deliveries {deliveries!r:.40} is not a count"
         deliveries = 0
     return Delivery(queue, body, message_id, deliveries + 1, row_id, priority, error)
+
+
+def _preview(conn: sqlite3.Connection, row_id: int) -> bytes:
+    """The first PREVIEW_BYTES of a row's body, read through SQLite's blob
+    handle: only the pages holding them are read (``substr`` would load the
+    whole body first)."""
+    with conn.blobopen("messages", "body", row_id, readonly=True) as blob:
+        return blob.read(PREVIEW_BYTES)
 
 
 class SQLiteBroker(Broker):
@@ -122,12 +136,12 @@ class SQLiteBroker(Broker):
                 conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)", [(q,) for q in queues])
         self._run(insert)
 
-    def fetch(self, queues: Sequence[str], count: int, timeout: float) -> List[Delivery]:
+    def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
         deadline = time.monotonic() + timeout
         delay = POLL_MIN
         queues = list(queues)
         while True:
-            out = self._run(self._claim, queues, count) if count > 0 else []
+            out = self._run(self._claim, queues, count, max_bytes) if count > 0 else []
             if not out and time.monotonic() >= self._next_sweep:
                 self._next_sweep = time.monotonic() + SWEEP_INTERVAL
                 self._run(self._sweep, queues)
@@ -140,26 +154,60 @@ class SQLiteBroker(Broker):
             self._sleep(min(delay, left))
             delay = min(delay * 1.5, POLL_MAX)
 
-    def _claim(self, conn: sqlite3.Connection, queues: List[str], count: int) -> List[Delivery]:
+    def _claim(self, conn: sqlite3.Connection, queues: List[str], count: int,
+               max_bytes: int = 0) -> List[Delivery]:
+        """Lease up to ``count`` rows, at most ``max_bytes`` of bodies (0: no
+        limit; at least one row): their lengths are read first (SQLite keeps
+        a blob's length in the record header), then only the chosen bodies.
+        A row over ``body_limit`` is dead-lettered here, in the same
+        transaction, with its preview (``_preview``): leasing it would make
+        SQLite rewrite the whole row, body included, in memory."""
+        limit = body_limit(self.config)
         now = time.time()
         wanted = [q for q in queues if conn.execute(PEEK_SQL, {"queue": q, "now": now}).fetchone()]
         if not wanted:
             return []
-        out: List[Delivery] = []
         with transaction(conn):
             now = time.time()
+            chosen: List[tuple] = []        # (queue, row with the body's length), within max_bytes
+            spent, full = 0, False
             for queue in wanted:
-                rows = conn.execute(FETCH_SQL, {"queue": queue, "now": now,
-                                                "count": count - len(out)}).fetchall()
-                out.extend(_delivery(queue, *row) for row in rows)
-                if len(out) >= count:
+                if full or len(chosen) >= count:
                     break
-            ids = [d.token for d in out]
+                for row in conn.execute(FETCH_SQL, {"queue": queue, "now": now,
+                                                    "count": count - len(chosen)}).fetchall():
+                    size = row[4] if type(row[4]) is int else 0
+                    cost = 0 if size > limit else size      # an oversized row is not handed out
+                    if max_bytes and chosen and spent + cost > max_bytes:
+                        full = True
+                        break
+                    spent += cost
+                    chosen.append((queue, row))
+            over = {row[0]: row for _, row in chosen if type(row[4]) is int and row[4] > limit}
+            for row_id, _, _, message_id, size in over.values():
+                self._dead_letter_oversized(conn, row_id, message_id, size, now)
+            ids = [row[0] for _, row in chosen if row[0] not in over]
+            bodies = {}
+            for chunk in chunks(ids):
+                bodies.update(conn.execute(BODIES_SQL.format(placeholders(len(chunk))), chunk))
+            out = [_delivery(queue, *row[:4], bodies[row[0]]) for queue, row in chosen if row[0] in bodies]
             for chunk in chunks(ids):
                 conn.execute(f"UPDATE messages SET claimed_by = ?, visible_at = ?, "
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
                              (self._consumer, now + self.config.lease_seconds, *chunk))
         return out
+
+    def _dead_letter_oversized(self, conn: sqlite3.Connection, row_id: int, message_id: Any, size: int,
+                               now: float) -> None:
+        """Move a row whose body is over ``body_limit`` to the dead letters
+        with its preview and the reason (inside the caller's transaction)."""
+        preview = _preview(conn, row_id)
+        reason = oversize_reason(size, self.config.max_message_size, len(preview))
+        conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
+                     "SELECT queue, priority, CAST(message_id AS TEXT), ?, ?, ? FROM messages WHERE id = ?",
+                     (preview, reason, now, row_id))
+        conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+        log.warning("message %s dead-lettered: %s", message_id, reason)
 
     def _sweep(self, conn: sqlite3.Connection, queues: List[str]) -> None:
         """Dead-letter rows of ``queues`` that the fetch can never select (a

@@ -3,8 +3,9 @@
 Greenlets (or threads, with the threads driver) of one worker, and where each
 lives:
 
-* consumer  -- here: fetches up to the free prefetch room, checks each
-               delivery, dead-letters what cannot run, queues the rest;
+* consumer  -- here: fetches up to the free prefetch room (in messages and
+               in bytes, ``prefetch_bytes``), checks each delivery,
+               dead-letters what cannot run, queues the rest;
 * runners   -- runners.py: ``concurrency`` long-lived greenlets, each running
                one task at a time, with the task hooks around it;
 * finisher  -- settle.py: publishes retries, stores results, acknowledges;
@@ -27,8 +28,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from ..backoff import Backoff
-from ..brokers.base import Delivery
-from ..config import effective_prefetch
+from ..brokers.base import Delivery, body_limit
+from ..config import Config, effective_prefetch
 from ..control.agent import ControlAgent, worker_name
 from ..exceptions import MessageError
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
@@ -50,6 +51,16 @@ BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within 
 FETCH_BATCH_MAX = 500
 SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
 EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run
+PREFETCH_BYTES_FACTOR = 8       # [worker] prefetch_bytes = 0: this many of the largest message
+
+
+def effective_prefetch_bytes(config: Config) -> int:
+    """How many bytes of message bodies a worker holds at most (beside at most
+    ``prefetch`` messages): ``[worker] prefetch_bytes``, or when 0, eight
+    times the largest message a worker reads whole (the setting's ceiling,
+    config.MAX_PREFETCH_BYTES, is checked where it is set).  A single message
+    is always taken, however big."""
+    return config.worker["prefetch_bytes"] or PREFETCH_BYTES_FACTOR * body_limit(config)
 
 
 class Worker:
@@ -66,6 +77,8 @@ class Worker:
         self.concurrency = 1 if driver.name == "solo" else max(1, concurrency)
         self.prefetch = effective_prefetch(self.concurrency, prefetch)
         self.batch = min(self.prefetch, FETCH_BATCH_MAX)
+        self.prefetch_bytes = effective_prefetch_bytes(app.config)
+        self.body_limit = body_limit(app.config)
         self.burst = burst
         self.shutdown_timeout = shutdown_timeout
         self.fetch_timeout = fetch_timeout
@@ -74,6 +87,7 @@ class Worker:
         self.broker = app.broker
         self.lock = driver.lock()
         self.held: Dict[int, Delivery] = {}      # every message leased to us, by id(delivery)
+        self.held_bytes = 0                      # the sum of their bodies' lengths
         self.running: Dict[int, Job] = {}        # by id(job)
         self.runq = driver.queue()               # received, waiting for a free runner
         self.room = driver.event()               # set when held shrinks
@@ -113,8 +127,9 @@ class Worker:
         self.broker.declare(self.queues)
         self.backend = self.app.backend
         self.revocations.first_load()
-        log.info("worker ready: pool=%s concurrency=%d prefetch=%d queues=%s",
-                 self.driver.name, self.concurrency, self.prefetch, ",".join(self.queues))
+        log.info("worker ready: pool=%s concurrency=%d prefetch=%d prefetch_bytes=%d queues=%s",
+                 self.driver.name, self.concurrency, self.prefetch, self.prefetch_bytes,
+                 ",".join(self.queues))
         self.runners.start(self.concurrency)
         finisher = self.driver.spawn(self._guarded, "finisher", self.settler.loop)
         self.driver.spawn(self._guarded, "renewer", self._renewer)
@@ -193,15 +208,16 @@ class Worker:
     def _consume(self) -> None:
         retry = Backoff(0.1, 5.0)
         while not self.stopping:
-            room = self.prefetch - len(self.held)
-            if room <= 0:                         # backpressure: fetch nothing while full
+            room, byte_room = self._room()
+            if room <= 0 or byte_room <= 0:       # backpressure: fetch nothing while full
                 self.room.clear()
-                if self.prefetch - len(self.held) <= 0 and not self.stopping:
+                if min(self._room()) <= 0 and not self.stopping:
                     self.room.wait(1.0)
                 self.last_poll = time.monotonic()
                 continue
             try:
-                deliveries = self.broker.fetch(self.queues, min(room, self.batch), self.fetch_timeout)
+                deliveries = self.broker.fetch(self.queues, min(room, self.batch), self.fetch_timeout,
+                                               max_bytes=byte_room)
                 retry.reset()
             except Exception as exc:
                 pause = retry.next()
@@ -215,6 +231,17 @@ class Worker:
                 log.info("burst: queues are empty, stopping")
                 self.request_stop()
         self.stopped.set()
+
+    def _room(self) -> "tuple[int, int]":
+        """How many more messages, and how many more bytes of bodies, the
+        worker may fetch.  A fetch always takes one message, so bytes count as
+        room only while a message of the largest size (``body_limit``) fits
+        in them, or while nothing is held: the worker never goes over
+        ``prefetch_bytes``, except by holding one message bigger than it."""
+        byte_room = self.prefetch_bytes - self.held_bytes
+        if self.held and byte_room < self.body_limit:
+            byte_room = 0
+        return self.prefetch - len(self.held), byte_room
 
     def _burst_done(self) -> bool:
         """--burst: nothing delayed is due soon and no other consumer holds a
@@ -233,8 +260,11 @@ class Worker:
         max_deliveries = self.config.max_deliveries
         tasks = self.app.tasks
         ready: List[Job] = []
+        with self.lock:
+            for d in deliveries:
+                self.held[id(d)] = d
+                self.held_bytes += len(d.body)
         for d in deliveries:
-            self.held[id(d)] = d
             job = Job(d)
             try:
                 reason = self._refusal(job, now, max_deliveries, tasks)
@@ -266,6 +296,8 @@ class Worker:
         """Why this delivery will not run now (a dead-letter reason, "expired" or
         "early"), or None."""
         d = job.delivery
+        if d.truncated:                      # too big to read: only a preview came
+            return d.error
         if d.error:
             return f"bad transport metadata: {d.error}"
         if d.deliveries > max_deliveries:
@@ -293,7 +325,8 @@ class Worker:
         """The finisher settled ``batch``: make room for more."""
         with self.lock:
             for job in batch:
-                self.held.pop(id(job.delivery), None)
+                if self.held.pop(id(job.delivery), None) is not None:
+                    self.held_bytes -= len(job.delivery.body)
         self.tasks_done += len(batch)
         self.room.set()
         if self.max_tasks and self.tasks_done >= self.max_tasks and not self.stopping:
