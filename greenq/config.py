@@ -27,6 +27,9 @@ from .pools import POOLS
 log = logging.getLogger("greenq.config")
 
 SERIALIZERS = ("json", "msgpack", "pickle")
+#: what a key_prefix may be: it becomes part of Redis keys, RabbitMQ names
+#: and (quoted) SQLite table names, so no spaces, quotes or control characters
+KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,9 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "signing_key": Setting("str", "", "HMAC key; when set, unsigned or forged messages are dead-lettered"),
         "default_queue": Setting("str", "default", "queue used when a task names none"),
         "eager": Setting("bool", False, "run tasks inline in the caller (users' unit tests)"),
-        "key_prefix": Setting("str", "greenq", "Redis key namespace"),
+        "key_prefix": Setting("str", "greenq", "names everything greenq makes on a shared server "
+                                               "(Redis keys, RabbitMQ queues and exchanges, SQLite tables); "
+                                               "1-64 of A-Z a-z 0-9 _ - . :"),
         "lease_seconds": Setting("float", 30.0, "how long a held message stays hidden from other workers", DAY),
         "max_deliveries": Setting("int", 10, "deliveries before a message is dead-lettered", MAX_DELIVERIES),
         "max_message_size": Setting("int", 1048576, "bytes; larger payloads are refused at enqueue",
@@ -533,6 +538,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.origin('greenq', 'max_deliveries')}: [greenq] max_deliveries = 0: must be >= 1")
     if not cfg.worker["queues"]:
         raise ConfigError(f"{cfg.origin('worker', 'queues')}: [worker] queues is empty")
+    if not KEY_PREFIX.fullmatch(cfg.key_prefix):
+        raise ConfigError(f"{cfg.origin('greenq', 'key_prefix')}: [greenq] key_prefix = {cfg.key_prefix[:80]!r}: "
+                          f"must be 1-64 characters of A-Z a-z 0-9 _ - . : (it names Redis keys, RabbitMQ "
+                          f"queues and exchanges, and SQLite tables)")
     for entry, spec in cfg.schedules.items():
         check_schedule(cfg, entry, spec)
     for opts_name, opts in cfg._tasks.items():

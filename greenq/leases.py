@@ -3,7 +3,8 @@
 
 * ``memory://`` -- in-process (schedulers in one process: users' tests);
 * ``sqlite://`` -- tables ``beat_lease`` (name, holder, expires_at) and
-  ``beat_runs`` (entry, slot) in the broker's file, changed in short
+  ``beat_runs`` (entry, slot) in the broker's file (``P_beat_lease``...
+  under a key_prefix P other than ``greenq``), changed in short
   ``BEGIN IMMEDIATE`` transactions;
 * ``redis://`` -- ``P:beat:lease`` (the holder, ``SET NX PX``, renewed by a
   script only by its holder) and ``P:beat:runs`` (hash entry -> slot, written
@@ -36,7 +37,7 @@ import logging
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from . import validation
 from .brokers import scheme_of
@@ -139,7 +140,7 @@ class Lease(UsesDriver):
 
 
 # -- memory ------------------------------------------------------------------------
-_MEMORY: Dict[str, Dict[str, Any]] = {}
+_MEMORY: Dict[Tuple[str, str], Dict[str, Any]] = {}   # (url, key_prefix) -> its lease
 _MEMORY_LOCK = threading.Lock()
 
 
@@ -147,7 +148,7 @@ class MemoryLease(Lease):
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
         super().__init__(url, config, ttl, driver)
         with _MEMORY_LOCK:
-            self._state = _MEMORY.setdefault(url, {"holder": None, "until": 0.0, "runs": {}})
+            self._state = _MEMORY.setdefault((url, config.key_prefix), {"holder": None, "until": 0.0, "runs": {}})
 
     def _holds(self, holder: str) -> bool:
         return self._state["holder"] == holder and self._state["until"] > time.monotonic()
@@ -178,9 +179,9 @@ class MemoryLease(Lease):
 
 # -- sqlite --------------------------------------------------------------------------
 SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS beat_lease (name TEXT PRIMARY KEY, holder TEXT NOT NULL,
-                                       expires_at REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS beat_runs (entry TEXT PRIMARY KEY, slot REAL NOT NULL) WITHOUT ROWID
+CREATE TABLE IF NOT EXISTS {beat_lease} (name TEXT PRIMARY KEY, holder TEXT NOT NULL,
+                                         expires_at REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS {beat_runs} (entry TEXT PRIMARY KEY, slot REAL NOT NULL) WITHOUT ROWID
 """
 
 
@@ -190,7 +191,8 @@ class SQLiteLease(Lease):
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
         super().__init__(url, config, ttl, driver)
         from .clients.sqlite import Database
-        self._db = Database(url)
+        self._db = Database(url, config.key_prefix)
+        self._t = self._db.tables
         self._ready = False
 
     def _run(self, fn: Any, *args: Any) -> Any:
@@ -199,7 +201,7 @@ class SQLiteLease(Lease):
         def run(conn: Any) -> Any:
             with transaction(conn):
                 if not self._ready:
-                    for statement in SQLITE_SCHEMA.split(";"):
+                    for statement in self._t.sql(SQLITE_SCHEMA).split(";"):
                         conn.execute(statement)
                     self._ready = True
                 return fn(conn, *args)
@@ -208,7 +210,7 @@ class SQLiteLease(Lease):
     def _holder(self, conn: Any, now: float) -> Optional[str]:
         """The holder of an unexpired lease; a lease whose expiry is not a
         number or lies more than ttl + CLOCK_SLACK ahead counts as expired."""
-        row = conn.execute("SELECT holder FROM beat_lease WHERE name = ? AND typeof(expires_at) IN "
+        row = conn.execute(f"SELECT holder FROM {self._t.beat_lease} WHERE name = ? AND typeof(expires_at) IN "
                            "('real', 'integer') AND expires_at > ? AND expires_at <= ?",
                            (SQLiteLease.NAME, now, now + self.ttl + CLOCK_SLACK)).fetchone()
         return row[0] if row else None
@@ -219,24 +221,25 @@ class SQLiteLease(Lease):
             current = self._holder(conn, now)
             if current not in (None, holder):
                 return False
-            conn.execute("INSERT OR REPLACE INTO beat_lease (name, holder, expires_at) VALUES (?, ?, ?)",
-                         (self.NAME, holder, now + self.ttl))
+            conn.execute(f"INSERT OR REPLACE INTO {self._t.beat_lease} (name, holder, expires_at) "
+                         "VALUES (?, ?, ?)", (self.NAME, holder, now + self.ttl))
             return True
         return self._run(take)
 
     def release(self, holder: str) -> None:
-        self._run(lambda conn: conn.execute("DELETE FROM beat_lease WHERE name = ? AND holder = ?",
+        self._run(lambda conn: conn.execute(f"DELETE FROM {self._t.beat_lease} WHERE name = ? AND holder = ?",
                                             (self.NAME, holder)))
 
     def last_runs(self) -> Dict[str, float]:
-        return self._runs(self._run(lambda conn: conn.execute("SELECT entry, slot FROM beat_runs").fetchall()))
+        return self._runs(self._run(lambda conn: conn.execute(f"SELECT entry, slot FROM {self._t.beat_runs}")
+                                    .fetchall()))
 
     def record(self, holder: str, entry: str, slot: float) -> bool:
         def write(conn: Any) -> bool:
             if self._holder(conn, time.time()) != holder:
                 return False
             value = encode_slot(self.signer, entry, slot) if self.signer else float(slot)
-            conn.execute("INSERT OR REPLACE INTO beat_runs (entry, slot) VALUES (?, ?)", (entry, value))
+            conn.execute(f"INSERT OR REPLACE INTO {self._t.beat_runs} (entry, slot) VALUES (?, ?)", (entry, value))
             return True
         return self._run(write)
 

@@ -58,7 +58,7 @@ class MemoryBackend(ResultBackend):
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
-        self._store = _STORES.get(store_name(url))
+        self._store = _STORES.get(store_name(url, config.key_prefix))
 
     def _expires_at(self, now: float) -> float:
         """``result_expires = 0`` keeps records forever."""

@@ -1,6 +1,7 @@
 """``sqlite:///path.db`` result backend: the ``results`` and ``revocations``
 tables of the broker's file (the default when the broker is SQLite; the schema
-is documented in :mod:`greenq.brokers.sqlite`).
+is documented in :mod:`greenq.brokers.sqlite`), named after ``key_prefix``
+like every table (``clients.sqlite.Tables``).
 
 Rows carry ``expires_at``: expired ones are ignored by every read and deleted
 now and then by a write.  ``result_expires = 0`` keeps them forever.  SQLite
@@ -13,17 +14,17 @@ import sqlite3
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ..clients.sqlite import Database, chunks, placeholders, transaction
+from ..clients.sqlite import Database, chunks, placeholders, run_script, transaction
 from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 #: the tables of groups and chords (created on first use, beside the broker's schema)
 CHORD_SCHEMA = """
-CREATE TABLE IF NOT EXISTS group_records (
+CREATE TABLE IF NOT EXISTS {group_records} (
     group_id TEXT PRIMARY KEY, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chord_members (
+CREATE TABLE IF NOT EXISTS {chord_members} (
     group_id TEXT NOT NULL, member_id TEXT NOT NULL, expires_at REAL NOT NULL,
     PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS chord_state (
+CREATE TABLE IF NOT EXISTS {chord_state} (
     group_id TEXT PRIMARY KEY, completer TEXT, sent INTEGER NOT NULL DEFAULT 0,
     expires_at REAL NOT NULL) WITHOUT ROWID
 """
@@ -37,7 +38,8 @@ class SQLiteBackend(ResultBackend):
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
-        self._db = Database(url)
+        self._db = Database(url, config.key_prefix)
+        self._t = self._db.tables
         self._next_cleanup = 0.0
         self._chord_tables = False
 
@@ -54,14 +56,15 @@ class SQLiteBackend(ResultBackend):
         cleanup = now >= self._next_cleanup
         if cleanup:
             self._next_cleanup = now + CLEANUP_EVERY
+        t = self._t
 
         def store(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.executemany("INSERT OR REPLACE INTO results (task_id, data, final, expires_at) "
+                conn.executemany(f"INSERT OR REPLACE INTO {t.results} (task_id, data, final, expires_at) "
                                  "VALUES (?, ?, ?, ?)", rows)
                 if cleanup:
-                    conn.execute("DELETE FROM results WHERE expires_at <= ?", (now,))
-                    conn.execute("DELETE FROM revocations WHERE expires_at <= ?", (now,))
+                    conn.execute(f"DELETE FROM {t.results} WHERE expires_at <= ?", (now,))
+                    conn.execute(f"DELETE FROM {t.revocations} WHERE expires_at <= ?", (now,))
         self._run(store)
 
     def _select(self, sql: str, task_id: str) -> Optional[bytes]:
@@ -71,16 +74,16 @@ class SQLiteBackend(ResultBackend):
         return self._run(query)
 
     def _get(self, task_id: str) -> Optional[bytes]:
-        return self._select("SELECT data FROM results WHERE task_id = ? AND expires_at > ?", task_id)
+        return self._select(f"SELECT data FROM {self._t.results} WHERE task_id = ? AND expires_at > ?", task_id)
 
     def _is_final(self, task_id: str) -> Optional[bytes]:
-        return self._select("SELECT data FROM results WHERE task_id = ? AND expires_at > ? AND final = 1",
-                            task_id)
+        return self._select(f"SELECT data FROM {self._t.results} WHERE task_id = ? AND expires_at > ? "
+                            "AND final = 1", task_id)
 
     def _forget(self, task_id: str) -> None:
         def delete(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("DELETE FROM results WHERE task_id = ?", (task_id,))
+                conn.execute(f"DELETE FROM {self._t.results} WHERE task_id = ?", (task_id,))
         self._run(delete)
 
     def _revoke(self, task_id: str, terminate: bool) -> None:
@@ -89,13 +92,13 @@ class SQLiteBackend(ResultBackend):
 
         def insert(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("INSERT OR REPLACE INTO revocations (task_id, terminate, expires_at, revoked_at) "
-                             "VALUES (?, ?, ?, ?)", (task_id, int(terminate), expires_at, now))
+                conn.execute(f"INSERT OR REPLACE INTO {self._t.revocations} (task_id, terminate, expires_at, "
+                             "revoked_at) VALUES (?, ?, ?, ?)", (task_id, int(terminate), expires_at, now))
         self._run(insert)
 
     def _revocations(self, since: float) -> List[Revocation]:
         def query(conn: sqlite3.Connection) -> List[Revocation]:
-            rows = conn.execute("SELECT task_id, terminate, revoked_at FROM revocations "
+            rows = conn.execute(f"SELECT task_id, terminate, revoked_at FROM {self._t.revocations} "
                                 "WHERE revoked_at >= ? AND expires_at > ? ORDER BY revoked_at DESC LIMIT ?",
                                 (since, time.time(), REVOCATIONS_MAX)).fetchall()
             return [Revocation(t, bool(terminate), at) for t, terminate, at in reversed(rows)]
@@ -109,8 +112,8 @@ class SQLiteBackend(ResultBackend):
             found: Dict[str, bool] = {}
             for chunk in chunks(ids):
                 found.update((task_id, bool(terminate)) for task_id, terminate in conn.execute(
-                    f"SELECT task_id, terminate FROM revocations WHERE task_id IN ({placeholders(len(chunk))}) "
-                    f"AND expires_at > ?", (*chunk, now)))
+                    f"SELECT task_id, terminate FROM {self._t.revocations} "
+                    f"WHERE task_id IN ({placeholders(len(chunk))}) AND expires_at > ?", (*chunk, now)))
             return found
         return self._run(query)
 
@@ -124,7 +127,7 @@ class SQLiteBackend(ResultBackend):
             now, found = time.time(), {}
             for chunk in chunks(ids):
                 found.update(conn.execute(
-                    f"SELECT task_id, data FROM results WHERE task_id IN ({placeholders(len(chunk))}) "
+                    f"SELECT task_id, data FROM {self._t.results} WHERE task_id IN ({placeholders(len(chunk))}) "
                     f"AND expires_at > ?", (*chunk, now)))
             return [found.get(t) for t in ids]
         return self._run(query)
@@ -133,27 +136,26 @@ class SQLiteBackend(ResultBackend):
         """Run ``fn(conn, *args)`` after making the chord tables (once per instance)."""
         def run(conn: sqlite3.Connection):
             if not self._chord_tables:
-                with transaction(conn):
-                    for statement in CHORD_SCHEMA.split(";"):
-                        conn.execute(statement)
+                run_script(conn, self._t, CHORD_SCHEMA)
                 self._chord_tables = True
             return fn(conn, *args)
         return self._run(run)
 
     def save_group(self, group_id: str, data: bytes) -> None:
         now = time.time()
+        t = self._t
 
         def insert(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("INSERT OR REPLACE INTO group_records (group_id, data, expires_at) VALUES (?, ?, ?)",
-                             (group_id, data, self._expires_at(now)))
-                for table in ("group_records", "chord_members", "chord_state"):
+                conn.execute(f"INSERT OR REPLACE INTO {t.group_records} (group_id, data, expires_at) "
+                             "VALUES (?, ?, ?)", (group_id, data, self._expires_at(now)))
+                for table in (t.group_records, t.chord_members, t.chord_state):
                     conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
         self._chords(insert)
 
     def load_group(self, group_id: str) -> Optional[bytes]:
         def query(conn: sqlite3.Connection) -> Optional[bytes]:
-            row = conn.execute("SELECT data FROM group_records WHERE group_id = ? AND expires_at > ?",
+            row = conn.execute(f"SELECT data FROM {self._t.group_records} WHERE group_id = ? AND expires_at > ?",
                                (group_id, time.time())).fetchone()
             return row[0] if row else None
         return self._chords(query)
@@ -161,25 +163,26 @@ class SQLiteBackend(ResultBackend):
     def forget_group(self, group_id: str) -> None:
         def delete(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                for table in ("group_records", "chord_members", "chord_state"):
+                for table in (self._t.group_records, self._t.chord_members, self._t.chord_state):
                     conn.execute(f"DELETE FROM {table} WHERE group_id = ?", (group_id,))
         self._chords(delete)
 
     def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
         expires_at = self._expires_at(time.time())
+        t = self._t
 
         def count(conn: sqlite3.Connection) -> bool:
             with transaction(conn):       # BEGIN IMMEDIATE: one counter at a time
-                conn.execute("INSERT OR IGNORE INTO chord_members (group_id, member_id, expires_at) "
+                conn.execute(f"INSERT OR IGNORE INTO {t.chord_members} (group_id, member_id, expires_at) "
                              "VALUES (?, ?, ?)", (group_id, member_id, expires_at))
-                done = conn.execute("SELECT COUNT(*) FROM chord_members WHERE group_id = ?",
+                done = conn.execute(f"SELECT COUNT(*) FROM {t.chord_members} WHERE group_id = ?",
                                     (group_id,)).fetchone()[0]
-                row = conn.execute("SELECT completer, sent FROM chord_state WHERE group_id = ?",
+                row = conn.execute(f"SELECT completer, sent FROM {t.chord_state} WHERE group_id = ?",
                                    (group_id,)).fetchone()
                 if done < size or (row is not None and row[1]):
                     return False
                 if row is None or row[0] is None:
-                    conn.execute("INSERT OR REPLACE INTO chord_state (group_id, completer, sent, expires_at) "
+                    conn.execute(f"INSERT OR REPLACE INTO {t.chord_state} (group_id, completer, sent, expires_at) "
                                  "VALUES (?, ?, 0, ?)", (group_id, member_id, expires_at))
                     return True
                 return row[0] == member_id
@@ -190,7 +193,7 @@ class SQLiteBackend(ResultBackend):
 
         def mark(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("INSERT INTO chord_state (group_id, sent, expires_at) VALUES (?, 1, ?) "
+                conn.execute(f"INSERT INTO {self._t.chord_state} (group_id, sent, expires_at) VALUES (?, 1, ?) "
                              "ON CONFLICT (group_id) DO UPDATE SET sent = 1", (group_id, expires_at))
         self._chords(mark)
 

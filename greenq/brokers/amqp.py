@@ -49,7 +49,7 @@ from ..config import effective_prefetch, mask_url
 from ..exceptions import BrokerError
 from .amqp_common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
                           H_QUEUE, H_REASON, Settings, browse, clean_headers, connection_params,
-                          delay_name, reject_all)
+                          reject_all)
 from .amqp_consumer import ConsumerLoop
 from .amqp_meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
                         read_dead_letter, read_eta)
@@ -65,13 +65,15 @@ NEXT_DUE_SCAN_MAX = 1000  # messages next_due looks at per delay level
 
 class AMQPBroker(Broker):
     #: longest task id (RabbitMQ ``message_id``) and task queue name, in bytes
-    #: of UTF-8, for the validation of ``apply_async`` options
+    #: of UTF-8, for the validation of ``apply_async`` options (the queue name's
+    #: is the instance's: shorter under a long key_prefix, ``Settings.max_queue_name_bytes``)
     max_message_id_bytes = MAX_MESSAGE_ID_BYTES
     max_queue_name_bytes = MAX_QUEUE_NAME_BYTES
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.settings = Settings.from_config(config)
+        self.max_queue_name_bytes = self.settings.max_queue_name_bytes
         self.params = connection_params(url)
         self.pool = ChannelPool(url, self.settings, pool_size(config),
                                 role="worker" if driver is not None else "client")
@@ -116,7 +118,8 @@ class AMQPBroker(Broker):
             if not pool.base_declared or m.queue not in pool.declared:
                 pool.ensure_queues(pub, (m.queue,))
                 self._known.add(m.queue)
-            pub.publish_raw(m.body, task_properties(m.message_id, m.priority), "", m.queue, m)
+            pub.publish_raw(m.body, task_properties(m.message_id, m.priority), "",
+                            self.settings.queue_name(m.queue), m)
         else:
             now = time.time()
             queues = {m.queue for m in messages}
@@ -124,7 +127,7 @@ class AMQPBroker(Broker):
             self._known.update(queues)
             now = time.time()   # after declaring: making a delay cascade takes a moment
             for m in messages:
-                pub.publish_raw(*encode_outgoing(m, now), item=m)
+                pub.publish_raw(*encode_outgoing(m, now, self.settings), item=m)
         if not pub.confirm:
             return
         nacked, returned = pub.wait_confirms()
@@ -135,7 +138,7 @@ class AMQPBroker(Broker):
             self.pool.ensure_queues(pub, {m.queue for m in again}, force=True,
                                     delayed={m.queue for m in again if m.eta})
             for m in again:
-                pub.publish_raw(*encode_outgoing(m, time.time()), item=m)
+                pub.publish_raw(*encode_outgoing(m, time.time(), self.settings), item=m)
             nacked2, returned = pub.wait_confirms()
             nacked += nacked2
             if returned:
@@ -244,8 +247,8 @@ class AMQPBroker(Broker):
         def scan(pub: Publisher) -> Optional[float]:
             best: Optional[float] = None
             for queue in queues:
-                for level, count in _delay_counts(pub, queue).items():
-                    name = delay_name(queue, level)
+                for level, count in _delay_counts(pub, self.settings, queue).items():
+                    name = self.settings.delay_name(queue, level)
                     msgs = browse(pub.channel, name, min(count, NEXT_DUE_SCAN_MAX))
                     reject_all(pub.channel, name, msgs)
                     for m in msgs:
@@ -275,8 +278,9 @@ class AMQPBroker(Broker):
             rows = []
             for name in names:
                 buffered, handed = local.get(name, (0, 0))
-                rows.append(QueueStats(name, ready=(_queue_count(pub, name) or 0) + buffered,
-                                       delayed=sum(_delay_counts(pub, name).values()),
+                ready = _queue_count(pub, self.settings.queue_name(name)) or 0
+                rows.append(QueueStats(name, ready=ready + buffered,
+                                       delayed=sum(_delay_counts(pub, self.settings, name).values()),
                                        held=handed, dead=dead.get(name, 0)))
             return rows
         return self.pool.run(stats)
@@ -288,7 +292,7 @@ class AMQPBroker(Broker):
         cached = self._dead_cache
         if cached is not None and cached[0] == total and time.monotonic() - cached[1] < 10:
             return cached[2]
-        counts = _dead_counts(pub, self.settings.dlq, total)
+        counts = _dead_counts(pub, self.settings, total)
         self._dead_cache = (total, time.monotonic(), counts)
         return counts
 
@@ -301,9 +305,9 @@ class AMQPBroker(Broker):
         purged = c.purge(queue) if c is not None else None
 
         def purge(pub: Publisher) -> int:
-            total = _purge(pub, queue) if purged is None else purged
-            for level in _delay_counts(pub, queue):
-                total += _purge(pub, delay_name(queue, level))
+            total = _purge(pub, self.settings.queue_name(queue)) if purged is None else purged
+            for level in _delay_counts(pub, self.settings, queue):
+                total += _purge(pub, self.settings.delay_name(queue, level))
             return total
         return self.pool.run(purge)
 
@@ -313,7 +317,7 @@ class AMQPBroker(Broker):
             self.pool.ensure_queues(pub, ())
             msgs = browse(pub.channel, self.settings.dlq, limit)
             reject_all(pub.channel, self.settings.dlq, msgs)
-            letters = [_dead_letter(m) for m in msgs]
+            letters = [_dead_letter(m, self.settings) for m in msgs]
             if preview is not None:
                 for dead in letters:
                     dead.body = dead.body[:preview]
@@ -326,7 +330,7 @@ class AMQPBroker(Broker):
             msgs = browse(pub.channel, self.settings.dlq, DLQ_SCAN_MAX)
             reject_all(pub.channel, self.settings.dlq, msgs)
             for m in msgs:
-                dead = _dead_letter(m)
+                dead = _dead_letter(m, self.settings)
                 if dead.id == dead_id:
                     return dead
             return None
@@ -347,17 +351,18 @@ class AMQPBroker(Broker):
                 if not msgs:
                     break
                 total -= len(msgs)
-                chosen = [m for m in msgs if (wanted is None or _dead_letter(m).id in wanted)
-                          and _dead_letter(m).queue]   # no queue to go back to: stays
-                self.pool.ensure_queues(pub, {_dead_letter(m).queue for m in chosen})
+                letters = {id(m): _dead_letter(m, self.settings) for m in msgs}
+                chosen = [m for m in msgs if (wanted is None or letters[id(m)].id in wanted)
+                          and self.settings.usable(letters[id(m)].queue)]   # no queue to go back to: stays
+                self.pool.ensure_queues(pub, {letters[id(m)].queue for m in chosen})
                 for m in chosen:
-                    dead = _dead_letter(m)
+                    dead = letters[id(m)]
                     props = {k: v for k, v in m.properties.items() if k in ("message_id", "priority")}
                     props["delivery_mode"] = 2
                     headers = clean_headers(m.headers)
                     if headers:
                         props["application_headers"] = headers
-                    pub.publish(amqp.Message(m.body, **props), "", dead.queue)
+                    pub.publish(amqp.Message(m.body, **props), "", self.settings.queue_name(dead.queue))
                 pub.flush()
                 if pub.confirm and chosen:
                     nacked, returned = pub.wait_confirms()
@@ -399,13 +404,13 @@ def _queue_count(pub: Publisher, name: str) -> Optional[int]:
         return None
 
 
-def _delay_counts(pub: Publisher, queue: str) -> Dict[int, int]:
-    """Messages waiting in each non-empty level of ``queue``'s delay cascade."""
-    if _queue_count(pub, delay_name(queue, 0)) is None:
+def _delay_counts(pub: Publisher, names: Settings, queue: str) -> Dict[int, int]:
+    """Messages waiting in each non-empty level of logical ``queue``'s delay cascade."""
+    if _queue_count(pub, names.delay_name(queue, 0)) is None:
         return {}   # no cascade: nothing was ever delayed on this queue
     counts = {}
     for level in range(DELAY_LEVELS):
-        count = _queue_count(pub, delay_name(queue, level))
+        count = _queue_count(pub, names.delay_name(queue, level))
         if count:
             counts[level] = count
     return counts
@@ -419,18 +424,20 @@ def _purge(pub: Publisher, name: str) -> int:
         return 0
 
 
-def _dead_letter(msg: "amqp.Message") -> DeadLetter:
-    return read_dead_letter(msg.properties, msg.body, msg.delivery_info.get("routing_key"))
+def _dead_letter(msg: "amqp.Message", names: Settings) -> DeadLetter:
+    """A message of ``P.dlq`` as a DeadLetter of a logical queue."""
+    return read_dead_letter(msg.properties, msg.body, msg.delivery_info.get("routing_key"),
+                            names.logical)
 
 
-def _dead_counts(pub: Publisher, dlq: str, total: int) -> Dict[str, int]:
+def _dead_counts(pub: Publisher, names: Settings, total: int) -> Dict[str, int]:
     """Dead letters by queue (browsing at most STATS_SCAN_MAX of them)."""
     if not total:
         return {}
-    msgs = browse(pub.channel, dlq, STATS_SCAN_MAX)
-    reject_all(pub.channel, dlq, msgs)
+    msgs = browse(pub.channel, names.dlq, STATS_SCAN_MAX)
+    reject_all(pub.channel, names.dlq, msgs)
     counts: Dict[str, int] = {}
     for m in msgs:
-        queue = _dead_letter(m).queue
+        queue = _dead_letter(m, names).queue
         counts[queue] = counts.get(queue, 0) + 1
     return counts

@@ -10,21 +10,27 @@ URL is used; ``ssl`` is imported only for ``amqps://``.
 
 Topology (docs/brokers.md (RabbitMQ) has the full table):
 
-* every task queue ``<q>``: durable; ``x-dead-letter-exchange = P.dlx``;
+Every name greenq uses on the vhost derives from ``[greenq] key_prefix`` P
+(default ``greenq``), so apps with prefixes of their own never share a queue
+(``Settings.queue_name`` and its inverse ``Settings.logical`` are the one
+mapping; users and the CLI speak of the logical name ``<q>``):
+
+* every task queue ``<q>`` is the RabbitMQ queue ``<q>`` itself under the
+  default prefix (today's names, Celery's plain names) and ``P.<q>`` under any
+  other: durable; ``x-dead-letter-exchange = P.dlx``;
   ``x-max-priority = [amqp] max_priority`` (classic queues, when > 0);
   ``x-queue-type = quorum`` with ``[amqp] queue_type = quorum``.  Messages are
-  published persistent to the default exchange with routing key ``<q>``.
-  Task queues are named as configured: apps sharing a vhost need queues of
-  their own.  Every name greenq picks itself starts with ``[greenq]
-  key_prefix`` P (default ``greenq``):
+  published persistent to the default exchange with that name as routing key.
+  A logical name that would land on greenq's own plumbing (``P.dlq``,
+  ``P.delay.*``...) is refused.
 * ``P.dlx`` (fanout) -> ``P.dlq``: the dead-letter store.  greenq
   publishes dead letters there itself with the reason in headers; messages that
   RabbitMQ dead-letters on its own (a consumer's reject) land there too.
 * delayed delivery, no plugin: a cascade per task queue, made on the first
-  delayed publish to it.  For i in 0..31, ``greenq.delay.<q>.<i>`` is a topic
+  delayed publish to it.  For i in 0..31, ``P.delay.<q>.<i>`` is a topic
   exchange and a queue of the same name whose ``x-message-ttl`` is 2**i ms and
   whose dead-letter exchange is the level below (level 0 dead-letters straight
-  into ``<q>``).  A delay of d ms is written in binary in the routing key, one
+  into the task queue).  A delay of d ms is written in binary in the routing key, one
   word per level, highest first (``"0.0...1.0.1"``); the level-i exchange sends
   a message whose i-th bit is 1 into its queue (it waits 2**i ms there) and one
   whose bit is 0 straight on to level i-1.  Every queue of a cascade holds
@@ -78,12 +84,10 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
-def delay_name(queue: str, level: int) -> str:
-    """The exchange and the queue of ``level`` of ``queue``'s delay cascade."""
-    return f"greenq.delay.{queue}.{level}"
-
-
 # -- settings and connection parameters ---------------------------------------
+
+DEFAULT_PREFIX = "greenq"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -93,7 +97,7 @@ class Settings:
     heartbeat: int = 30
     max_priority: int = 9
     result_expires: int = 86400
-    prefix: str = "greenq"            # [greenq] key_prefix: names greenq's own exchanges and queues
+    prefix: str = DEFAULT_PREFIX      # [greenq] key_prefix: names greenq's own exchanges and queues
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":
@@ -119,6 +123,58 @@ class Settings:
     @property
     def quorum(self) -> bool:
         return self.queue_type == "quorum"
+
+    # -- names: the one mapping between logical task queues and RabbitMQ's --
+    @property
+    def bare(self) -> bool:
+        """True under the default prefix: task queues keep their plain names."""
+        return self.prefix == DEFAULT_PREFIX
+
+    @property
+    def max_queue_name_bytes(self) -> int:
+        """Longest logical task queue name, in bytes of UTF-8: its delay queue
+        ``P.delay.<q>.31`` must fit in an AMQP short string (239 under the default prefix)."""
+        return 255 - len(self.delay_name("", DELAY_LEVELS - 1).encode("utf-8"))
+
+    def queue_name(self, queue: str) -> str:
+        """The RabbitMQ queue of logical task queue ``queue``: itself under the
+        default prefix, ``P.<queue>`` under any other."""
+        return queue if self.bare else f"{self.prefix}.{queue}"
+
+    def logical(self, name: str) -> Optional[str]:
+        """The logical task queue whose RabbitMQ queue is ``name``; None for a
+        queue that is no task queue of this app (greenq's plumbing, RabbitMQ's
+        ``amq.*``, another prefix's queues).  Under the default prefix every
+        name outside ``greenq.*`` and ``amq.*`` is taken for a task queue."""
+        if self.bare:
+            return None if name.startswith(("greenq.", "amq.")) else name
+        if not name.startswith(self.prefix + ".") or self.plumbing(name):
+            return None
+        return name[len(self.prefix) + 1:]
+
+    def usable(self, queue: str) -> bool:
+        """Logical ``queue`` can be a task queue: it fits (``max_queue_name_bytes``)
+        and its RabbitMQ name is not greenq's plumbing."""
+        return (0 < len(queue.encode("utf-8", "surrogatepass")) <= self.max_queue_name_bytes
+                and not self.plumbing(self.queue_name(queue)))
+
+    def plumbing(self, name: str) -> bool:
+        """``name`` is one of greenq's own exchanges or queues of this prefix:
+        dead letters, revocations, delay cascades, control, events, the
+        scheduler's lease (``greenq.leases``) and ``rpc://`` replies."""
+        p = self.prefix
+        return name in (self.dlx, self.dlq, self.revoked, f"{p}.control", f"{p}.events") or name.startswith(
+            (f"{p}.delay.", f"{p}.control.", f"{p}.control-reply.", f"{p}.beat.", f"{p}.reply."))
+
+    def delay_name(self, queue: str, level: int) -> str:
+        """The exchange and the queue of ``level`` of logical ``queue``'s delay cascade."""
+        return f"{self.prefix}.delay.{queue}.{level}"
+
+    def delay_route(self, queue: str, delay_ms: int) -> Tuple[str, str]:
+        """(exchange, routing key) entering logical ``queue``'s cascade for a delay of ``delay_ms``."""
+        delay_ms = max(1, min(delay_ms, MAX_DELAY_MS))
+        bits = format(delay_ms, f"0{DELAY_LEVELS}b")
+        return self.delay_name(queue, delay_ms.bit_length() - 1), ".".join(bits)
 
 
 #: seconds to open a connection (TCP and the AMQP handshake): a client's
@@ -349,11 +405,16 @@ def declare_base(channel: "amqp.Channel", settings: Settings) -> None:
 _KEPT_DLQ: List[bool] = []    # the warning above is given once per process
 
 
-def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> None:
-    """Declare task queue ``name``."""
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
-        raise BrokerError(f"queue name {name[:40]!r}... is too long for RabbitMQ with greenq's "
-                          f"delay queues: at most {MAX_QUEUE_NAME_BYTES} bytes")
+def declare_queue(channel: "amqp.Channel", queue: str, settings: Settings) -> None:
+    """Declare logical task queue ``queue`` (RabbitMQ's ``settings.queue_name(queue)``)."""
+    limit = settings.max_queue_name_bytes
+    if len(queue.encode("utf-8", "surrogatepass")) > limit:
+        raise BrokerError(f"queue name {queue[:40]!r}... is too long for RabbitMQ with greenq's "
+                          f"delay queues: at most {limit} bytes")
+    name = settings.queue_name(queue)
+    if settings.plumbing(name):
+        raise BrokerError(f"queue name {queue!r} is reserved: RabbitMQ's {name!r} is greenq's own "
+                          f"(key_prefix {settings.prefix!r}); choose another queue name")
     try:
         channel.queue_declare(name, durable=True, auto_delete=False,
                               arguments=queue_arguments(settings))
@@ -364,16 +425,18 @@ def declare_queue(channel: "amqp.Channel", name: str, settings: Settings) -> Non
             f"delete it or align the settings") from None
 
 
-def declare_delays(channel: "amqp.Channel", queue: str, settings: Optional[Settings] = None) -> None:
-    """Declare the delay cascade of ``queue`` (which must exist).  The many
+def declare_delays(channel: "amqp.Channel", queue: str, settings: Settings) -> None:
+    """Declare the delay cascade of logical ``queue`` (which must exist).  The many
     small declarations go out without waiting; the last one waits, so an error
     in any of them is raised here.  With ``queue_type = quorum`` the cascade's
     queues are quorum queues too (replicated; RabbitMQ dead-letters from them
     to the next level at least once)."""
     extra: Dict[str, Any] = {}
-    if settings is not None and settings.quorum:
+    if settings.quorum:
         extra = {"x-queue-type": "quorum", "x-dead-letter-strategy": "at-least-once",
                  "x-overflow": "reject-publish"}
+    delay_name = settings.delay_name
+    target = settings.queue_name(queue)
     for level in range(DELAY_LEVELS):
         channel.exchange_declare(delay_name(queue, level), "topic", durable=True, auto_delete=False,
                                  nowait=True)
@@ -382,22 +445,15 @@ def declare_delays(channel: "amqp.Channel", queue: str, settings: Optional[Setti
         if level:
             args = {"x-message-ttl": 2 ** level, "x-dead-letter-exchange": delay_name(queue, level - 1)}
         else:
-            args = {"x-message-ttl": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+            args = {"x-message-ttl": 1, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": target}
         channel.queue_declare(name, durable=True, auto_delete=False, arguments={**args, **extra}, nowait=True)
         prefix = "*." * (DELAY_LEVELS - 1 - level)
         channel.queue_bind(name, name, prefix + "1.#", nowait=True)
         if level:
             channel.exchange_bind(delay_name(queue, level - 1), name, prefix + "0.#", nowait=True)
         else:
-            channel.queue_bind(queue, name, prefix + "0.#", nowait=True)
+            channel.queue_bind(target, name, prefix + "0.#", nowait=True)
     channel.queue_declare(delay_name(queue, 0), passive=True)   # waits: errors surface here
-
-
-def delay_route(queue: str, delay_ms: int) -> Tuple[str, str]:
-    """(exchange, routing key) entering ``queue``'s cascade for a delay of ``delay_ms``."""
-    delay_ms = max(1, min(delay_ms, MAX_DELAY_MS))
-    bits = format(delay_ms, f"0{DELAY_LEVELS}b")
-    return delay_name(queue, delay_ms.bit_length() - 1), ".".join(bits)
 
 
 def clean_headers(headers: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -210,7 +210,7 @@ class ConsumerLoop:
                 tag = f"greenq-{next(self._tags)}"   # known before its first delivery can arrive
                 self.queue_of[tag] = queue
                 self.consuming[queue] = ch.basic_consume(
-                    queue, consumer_tag=tag, callback=self._callback(queue, self.gen),
+                    self.settings.queue_name(queue), consumer_tag=tag, callback=self._callback(queue, self.gen),
                     on_cancel=self._on_cancel)
         for queue in [q for q in self.consuming if q not in wanted]:
             self._cancel(queue)
@@ -411,7 +411,7 @@ class ConsumerLoop:
                                  read_eta(original)[0])
                 if delay_ms(again, now):
                     delayed.add(d.queue)
-                out.append(encode_outgoing(again, now, headers))
+                out.append(encode_outgoing(again, now, self.settings, headers))
         except Exception as exc:   # a header table py-amqp cannot write back
             log.warning("could not encode %d message(s) again (%s)", len(items), exc)
             return False
@@ -586,7 +586,7 @@ class ConsumerLoop:
                 dropped = [d for _, _, d in self.buffer.pop(queue, [])]
             self.settle(dropped, requeue=False)
             with self.wlock:
-                return len(dropped) + (self.channel.queue_purge(queue) or 0)
+                return len(dropped) + (self.channel.queue_purge(self.settings.queue_name(queue)) or 0)
         return self.call(run)
 
     def call(self, fn, timeout: float = 30.0) -> Any:

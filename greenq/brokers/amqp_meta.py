@@ -17,7 +17,7 @@ import math
 from datetime import datetime, timezone
 from decimal import Decimal
 from struct import unpack_from
-from typing import Any, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from amqp.serialization import loads
 
@@ -26,8 +26,9 @@ from .base import DeadLetter
 #: RabbitMQ's ``message_id`` is an AMQP short string: at most 255 bytes of
 #: UTF-8.  greenq sends the task id there, so a longer task id cannot be sent.
 MAX_MESSAGE_ID_BYTES = 255
-#: Longest task queue name, in bytes of UTF-8.  AMQP allows 255, but greenq
-#: declares ``greenq.delay.<queue>.31`` for delayed tasks, which must fit too.
+#: Longest task queue name under the default key_prefix, in bytes of UTF-8.
+#: AMQP allows 255, but greenq declares ``greenq.delay.<queue>.31`` for
+#: delayed tasks, which must fit too (``Settings.max_queue_name_bytes``: any prefix's).
 MAX_QUEUE_NAME_BYTES = 255 - len("greenq.delay..31")
 
 DLQ = "greenq.dlq"                    # the dead-letter store of the default key_prefix (Settings.dlq)
@@ -206,11 +207,16 @@ def read_meta(props: Dict[str, Any], problems: List[str], quorum: bool) -> Meta:
     return Meta(message_id, deliveries, priority, eta, "; ".join(errors) if errors else None)
 
 
-def read_dead_letter(props: Dict[str, Any], body: Any, routing_key: Any) -> DeadLetter:
-    """A message of ``greenq.dlq`` (its properties, body and routing key) as a
+def read_dead_letter(props: Dict[str, Any], body: Any, routing_key: Any,
+                     logical: Optional[Callable[[str], Optional[str]]] = None) -> DeadLetter:
+    """A message of ``P.dlq`` (its properties, body and routing key) as a
     DeadLetter.  Never raises: anyone may write there, so a header of the
     wrong type is shown as text, a bad time as 0.0, and a queue name that
-    cannot be one as "" (``dlq_requeue`` leaves such a dead letter where it is)."""
+    cannot be one as "" (``dlq_requeue`` leaves such a dead letter where it is).
+
+    greenq's own dead letters name their logical queue in ``greenq-queue``;
+    one RabbitMQ dead-lettered names RabbitMQ's queue, which ``logical``
+    (``Settings.logical``; by default: the default prefix's) maps back."""
     headers = props.get("application_headers")
     headers = headers if isinstance(headers, dict) else {}
     body = as_bytes(body)
@@ -223,9 +229,11 @@ def read_dead_letter(props: Dict[str, Any], body: Any, routing_key: Any) -> Dead
     deaths = headers.get("x-death")
     death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     when = death.get("time")
+    queue = _queue_name(death.get("queue") or routing_key)
+    if queue and logical is not None:
+        queue = logical(queue) or ""
     return DeadLetter(id=message_id or hashlib.sha1(body).hexdigest()[:16],
-                      queue=_queue_name(death.get("queue") or routing_key),
-                      body=body, reason=f"rabbitmq: {_text(death.get('reason')) or 'dead-lettered'}",
+                      queue=queue, body=body, reason=f"rabbitmq: {_text(death.get('reason')) or 'dead-lettered'}",
                       message_id=message_id,
                       failed_at=_epoch(when))
 
@@ -264,4 +272,4 @@ def _queue_name(value: Any) -> str:
     """A queue name a dead letter can go back to, or ""."""
     if not isinstance(value, str) or value.startswith("amq.") or value == DLQ:
         return ""
-    return value if 0 < len(value.encode("utf-8", "surrogatepass")) <= MAX_QUEUE_NAME_BYTES else ""
+    return value if 0 < len(value.encode("utf-8", "surrogatepass")) <= 255 else ""

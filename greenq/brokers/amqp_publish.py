@@ -26,7 +26,7 @@ from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from .amqp_adapter import RawConnection, close_quietly
 from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, connection_params,
-                          declare_base, declare_delays, declare_queue, delay_route, describe,
+                          declare_base, declare_delays, declare_queue, describe,
                           open_connection)
 from .amqp_meta import as_bytes
 from .amqp_wire import content_frames, encode_properties, method_frame, task_properties
@@ -357,7 +357,7 @@ class ChannelPool:
     def ensure_queues(self, pub: Publisher, queues: Sequence[str], force: bool = False,
                       delayed: Sequence[str] = ()) -> None:
         """Declare the dead-letter store, ``queues`` and the delay cascades of
-        ``delayed`` unless this process already did."""
+        ``delayed`` (logical names) unless this process already did."""
         if not self.base_declared or force:
             declare_base(pub.channel, self.settings)
             self.base_declared = True
@@ -396,16 +396,19 @@ def delay_ms(m: Outgoing, now: float) -> int:
     return max(0, math.ceil((m.eta - now) * 1000)) if m.eta is not None else 0
 
 
-def encode_outgoing(m: Outgoing, now: float, headers: Optional[Dict[str, Any]] = None) -> tuple:
-    """(body, encoded properties, exchange, routing key) for ``m`` (``Publisher.publish_raw``)."""
+def encode_outgoing(m: Outgoing, now: float, names: Settings,
+                    headers: Optional[Dict[str, Any]] = None) -> tuple:
+    """(body, encoded properties, exchange, routing key) for ``m``
+    (``Publisher.publish_raw``); ``names`` maps its logical queue to RabbitMQ's."""
     wait_ms = delay_ms(m, now) if m.eta is not None else 0
     if not wait_ms and not headers:
-        return m.body, task_properties(m.message_id, m.priority), "", m.queue
-    msg, exchange, key = encode_message(m, now, headers)
+        return m.body, task_properties(m.message_id, m.priority), "", names.queue_name(m.queue)
+    msg, exchange, key = encode_message(m, now, names, headers)
     return msg.body, encode_properties(msg.properties), exchange, key
 
 
-def encode_message(m: Outgoing, now: float, headers: Optional[Dict[str, Any]] = None) -> tuple:
+def encode_message(m: Outgoing, now: float, names: Settings,
+                   headers: Optional[Dict[str, Any]] = None) -> tuple:
     """(amqp.Message, exchange, routing key) for ``m``."""
     props: Dict[str, Any] = {"message_id": m.message_id, "delivery_mode": 2}
     if m.priority:
@@ -413,10 +416,10 @@ def encode_message(m: Outgoing, now: float, headers: Optional[Dict[str, Any]] = 
     headers = dict(headers) if headers else {}
     wait_ms = delay_ms(m, now)
     if wait_ms:
-        exchange, key = delay_route(m.queue, wait_ms)
+        exchange, key = names.delay_route(m.queue, wait_ms)
         headers[H_ETA] = float(m.eta)
     else:
-        exchange, key = "", m.queue
+        exchange, key = "", names.queue_name(m.queue)
     if headers:
         props["application_headers"] = headers
     return amqp.Message(m.body, **props), exchange, key

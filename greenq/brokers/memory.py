@@ -139,8 +139,7 @@ class MemoryBroker(Broker):
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
-        self.name = store_name(url)
-        self._store = _STORES.get(self.name)
+        self._store = _STORES.get(store_name(url, config.key_prefix))
         self._consumer = uuid.uuid4().hex
         self._interrupted = False
 

@@ -2,7 +2,10 @@
 default broker.  One machine, durable, no server.  docs/brokers.md (SQLite)
 explains the delivery semantics.
 
-Schema (created on first use; ``PRAGMA user_version`` = 2)::
+Schema (created on first use; ``PRAGMA user_version`` = 2).  These are the
+table names of the default ``key_prefix`` (``greenq``); under any other prefix
+P each table ``t`` is ``P_t`` (``clients.sqlite.Tables``), so apps sharing a
+file never share a table::
 
     messages      one row per message until it is acknowledged
       id          INTEGER PRIMARY KEY AUTOINCREMENT   the delivery token, never reused
@@ -57,19 +60,18 @@ POLL_MIN, POLL_MAX = 0.005, 0.1   # an empty fetch polls with a sleep growing be
 
 def _arms(columns: str, limit: str) -> str:
     """One index range per priority, highest first, each in visible_at order."""
-    arm = (f"SELECT * FROM (SELECT {columns} FROM messages WHERE queue = :queue AND priority = {{p}} "
-           f"AND visible_at <= :now ORDER BY visible_at, id LIMIT {limit})")
-    return f"SELECT * FROM ({' UNION ALL '.join(arm.format(p=p) for p in range(9, -1, -1))}) LIMIT {limit}"
+    arms = [f"SELECT * FROM (SELECT {columns} FROM {{messages}} WHERE queue = :queue AND priority = {p} "
+            f"AND visible_at <= :now ORDER BY visible_at, id LIMIT {limit})" for p in range(9, -1, -1)]
+    return f"SELECT * FROM ({' UNION ALL '.join(arms)}) LIMIT {limit}"
 
 
+# (SQL templates: ``Tables.sql`` fills in the table names of the key_prefix)
 FETCH_SQL = _arms("id, priority, deliveries, message_id, length(body)", ":count")
-#: the bodies of the rows chosen (those over the limit are read with ``_preview``)
-BODIES_SQL = "SELECT id, body FROM messages WHERE id IN ({})"
 PEEK_SQL = _arms("id", "1")
 
 
 SWEEP_INTERVAL = 10.0     # seconds between sweeps for rows the fetch cannot select
-SWEEP_SQL = ("SELECT id, priority, visible_at FROM messages WHERE queue = ? AND claimed_by IS NULL AND "
+SWEEP_SQL = ("SELECT id, priority, visible_at FROM {messages} WHERE queue = ? AND claimed_by IS NULL AND "
              "(typeof(priority) != 'integer' OR priority NOT BETWEEN 0 AND 9 "
              "OR typeof(visible_at) NOT IN ('integer', 'real'))")
 
@@ -91,11 +93,11 @@ def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_i
     return Delivery(queue, body, message_id, deliveries + 1, row_id, priority, error)
 
 
-def _preview(conn: sqlite3.Connection, row_id: int) -> bytes:
-    """The first PREVIEW_BYTES of a row's body, read through SQLite's blob
-    handle: only the pages holding them are read (``substr`` would load the
-    whole body first)."""
-    with conn.blobopen("messages", "body", row_id, readonly=True) as blob:
+def _preview(conn: sqlite3.Connection, table: str, row_id: int) -> bytes:
+    """The first PREVIEW_BYTES of a row's body in ``table`` (unquoted), read
+    through SQLite's blob handle: only the pages holding them are read
+    (``substr`` would load the whole body first)."""
+    with conn.blobopen(table, "body", row_id, readonly=True) as blob:
         return blob.read(PREVIEW_BYTES)
 
 
@@ -105,7 +107,9 @@ class SQLiteBroker(Broker):
 
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
-        self._db = Database(url)
+        self._db = Database(url, config.key_prefix)
+        t = self._t = self._db.tables
+        self._fetch_sql, self._peek_sql, self._sweep_sql = t.sql(FETCH_SQL), t.sql(PEEK_SQL), t.sql(SWEEP_SQL)
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._interrupted = False
         self._next_sweep = 0.0
@@ -122,18 +126,19 @@ class SQLiteBroker(Broker):
                  m.message_id, m.body) for m in messages]
         self._run(self._insert, rows)
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, rows: List[tuple]) -> None:
+    def _insert(self, conn: sqlite3.Connection, rows: List[tuple]) -> None:
+        t = self._t
         with transaction(conn):
-            conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)", {(r[0],) for r in rows})
-            conn.executemany("INSERT INTO messages (queue, priority, visible_at, message_id, body) "
+            conn.executemany(f"INSERT OR IGNORE INTO {t.queues} (name) VALUES (?)", {(r[0],) for r in rows})
+            conn.executemany(f"INSERT INTO {t.messages} (queue, priority, visible_at, message_id, body) "
                              "VALUES (?, ?, ?, ?, ?)", rows)
 
     # -- consuming -----------------------------------------------------------
     def declare(self, queues: Sequence[str]) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.executemany("INSERT OR IGNORE INTO queues (name) VALUES (?)", [(q,) for q in queues])
+                conn.executemany(f"INSERT OR IGNORE INTO {self._t.queues} (name) VALUES (?)",
+                                 [(q,) for q in queues])
         self._run(insert)
 
     def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
@@ -163,8 +168,9 @@ class SQLiteBroker(Broker):
         transaction, with its preview (``_preview``): leasing it would make
         SQLite rewrite the whole row, body included, in memory."""
         limit = body_limit(self.config)
+        t = self._t
         now = time.time()
-        wanted = [q for q in queues if conn.execute(PEEK_SQL, {"queue": q, "now": now}).fetchone()]
+        wanted = [q for q in queues if conn.execute(self._peek_sql, {"queue": q, "now": now}).fetchone()]
         if not wanted:
             return []
         with transaction(conn):
@@ -174,7 +180,7 @@ class SQLiteBroker(Broker):
             for queue in wanted:
                 if full or len(chosen) >= count:
                     break
-                for row in conn.execute(FETCH_SQL, {"queue": queue, "now": now,
+                for row in conn.execute(self._fetch_sql, {"queue": queue, "now": now,
                                                     "count": count - len(chosen)}).fetchall():
                     size = row[4] if type(row[4]) is int else 0
                     cost = 0 if size > limit else size      # an oversized row is not handed out
@@ -189,10 +195,11 @@ class SQLiteBroker(Broker):
             ids = [row[0] for _, row in chosen if row[0] not in over]
             bodies = {}
             for chunk in chunks(ids):
-                bodies.update(conn.execute(BODIES_SQL.format(placeholders(len(chunk))), chunk))
+                bodies.update(conn.execute(f"SELECT id, body FROM {t.messages} "
+                                           f"WHERE id IN ({placeholders(len(chunk))})", chunk))
             out = [_delivery(queue, *row[:4], bodies[row[0]]) for queue, row in chosen if row[0] in bodies]
             for chunk in chunks(ids):
-                conn.execute(f"UPDATE messages SET claimed_by = ?, visible_at = ?, "
+                conn.execute(f"UPDATE {t.messages} SET claimed_by = ?, visible_at = ?, "
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",
                              (self._consumer, now + self.config.lease_seconds, *chunk))
         return out
@@ -201,28 +208,30 @@ class SQLiteBroker(Broker):
                                now: float) -> None:
         """Move a row whose body is over ``body_limit`` to the dead letters
         with its preview and the reason (inside the caller's transaction)."""
-        preview = _preview(conn, row_id)
+        t = self._t
+        preview = _preview(conn, t.raw("messages"), row_id)
         reason = oversize_reason(size, self.config.max_message_size, len(preview))
-        conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                     "SELECT queue, priority, CAST(message_id AS TEXT), ?, ?, ? FROM messages WHERE id = ?",
+        conn.execute(f"INSERT INTO {t.dead_letters} (queue, priority, message_id, body, reason, failed_at) "
+                     f"SELECT queue, priority, CAST(message_id AS TEXT), ?, ?, ? FROM {t.messages} WHERE id = ?",
                      (preview, reason, now, row_id))
-        conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+        conn.execute(f"DELETE FROM {t.messages} WHERE id = ?", (row_id,))
         log.warning("message %s dead-lettered: %s", message_id, reason)
 
     def _sweep(self, conn: sqlite3.Connection, queues: List[str]) -> None:
         """Dead-letter rows of ``queues`` that the fetch can never select (a
         priority outside 0-9 or a visible_at that is not a number, written by
         something other than greenq): otherwise they would wait forever."""
+        t = self._t
         with transaction(conn):
             for queue in queues:
-                for row_id, priority, visible_at in conn.execute(SWEEP_SQL, (queue,)).fetchall():
+                for row_id, priority, visible_at in conn.execute(self._sweep_sql, (queue,)).fetchall():
                     reason = (f"bad transport metadata: column priority {priority!r:.40} is not 0-9"
                               if not (type(priority) is int and 0 <= priority <= 9) else
                               f"bad transport metadata: column visible_at {visible_at!r:.40} is not a number")
-                    conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                                 "SELECT queue, 0, CAST(message_id AS TEXT), body, ?, ? FROM messages "
-                                 "WHERE id = ?", (reason, time.time(), row_id))
-                    conn.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                    conn.execute(f"INSERT INTO {t.dead_letters} (queue, priority, message_id, body, reason, "
+                                 f"failed_at) SELECT queue, 0, CAST(message_id AS TEXT), body, ?, ? "
+                                 f"FROM {t.messages} WHERE id = ?", (reason, time.time(), row_id))
+                    conn.execute(f"DELETE FROM {t.messages} WHERE id = ?", (row_id,))
 
     def interrupt(self) -> None:
         self._interrupted = True
@@ -248,52 +257,56 @@ class SQLiteBroker(Broker):
         def delete(conn: sqlite3.Connection) -> None:
             with transaction(conn):
                 for chunk in chunks(ids):
-                    conn.execute(f"DELETE FROM messages WHERE id IN ({placeholders(len(chunk))})", chunk)
+                    conn.execute(f"DELETE FROM {self._t.messages} WHERE id IN ({placeholders(len(chunk))})", chunk)
         self._run(delete)
 
     def requeue(self, deliveries: Sequence[Delivery], started: bool = True) -> None:
-        sql = "UPDATE messages SET claimed_by = NULL, visible_at = 0"
+        sql = f"UPDATE {self._t.messages} SET claimed_by = NULL, visible_at = 0"
         if not started:   # never began: this hand-out does not count
             sql += ", deliveries = MAX(deliveries - 1, 0)"
         self._update_held(sql, (), deliveries)
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
-        self._update_held("UPDATE messages SET visible_at = ?",
+        self._update_held(f"UPDATE {self._t.messages} SET visible_at = ?",
                           (time.time() + self.config.lease_seconds,), deliveries)
 
     def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        t = self._t
+
         def move(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                conn.execute("INSERT INTO dead_letters (queue, priority, message_id, body, reason, failed_at) "
-                             "SELECT queue, priority, CAST(message_id AS TEXT), body, ?, ? FROM messages WHERE id = ?",
-                             (reason, time.time(), delivery.token))
-                conn.execute("DELETE FROM messages WHERE id = ?", (delivery.token,))
+                conn.execute(f"INSERT INTO {t.dead_letters} (queue, priority, message_id, body, reason, "
+                             "failed_at) SELECT queue, priority, CAST(message_id AS TEXT), body, ?, ? "
+                             f"FROM {t.messages} WHERE id = ?", (reason, time.time(), delivery.token))
+                conn.execute(f"DELETE FROM {t.messages} WHERE id = ?", (delivery.token,))
         self._run(move)
 
     def next_due(self, queues: Sequence[str]) -> Optional[float]:
         queues = list(queues)
 
         def query(conn: sqlite3.Connection) -> Optional[float]:
-            sql = (f"SELECT MIN(visible_at) FROM messages WHERE queue IN ({placeholders(len(queues))}) "
+            sql = (f"SELECT MIN(visible_at) FROM {self._t.messages} WHERE queue IN ({placeholders(len(queues))}) "
                    f"AND claimed_by IS NULL AND visible_at > ? AND typeof(visible_at) IN ('integer', 'real')")
             return conn.execute(sql, (*queues, time.time())).fetchone()[0]
         return self._run(query) if queues else None
 
     # -- administration ------------------------------------------------------
     def queue_stats(self, queues: Optional[Sequence[str]] = None) -> List[QueueStats]:
+        t = self._t
+
         def query(conn: sqlite3.Connection) -> List[QueueStats]:
             names = list(queues) if queues is not None else [
-                r[0] for r in conn.execute("SELECT name FROM queues UNION SELECT queue FROM dead_letters "
+                r[0] for r in conn.execute(f"SELECT name FROM {t.queues} UNION SELECT queue FROM {t.dead_letters} "
                                            "ORDER BY 1")]
             stats = {name: QueueStats(name) for name in names}
             rows = conn.execute(
                 "SELECT queue, SUM(visible_at <= :now), SUM(visible_at > :now AND claimed_by IS NULL), "
-                "SUM(visible_at > :now AND claimed_by IS NOT NULL) FROM messages GROUP BY queue",
+                f"SUM(visible_at > :now AND claimed_by IS NOT NULL) FROM {t.messages} GROUP BY queue",
                 {"now": time.time()})
             for name, ready, delayed, held in rows:
                 if name in stats:
                     stats[name].ready, stats[name].delayed, stats[name].held = ready, delayed, held
-            for name, dead in conn.execute("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue"):
+            for name, dead in conn.execute(f"SELECT queue, COUNT(*) FROM {t.dead_letters} GROUP BY queue"):
                 if name in stats:
                     stats[name].dead = dead
             return [stats[name] for name in names]
@@ -302,7 +315,7 @@ class SQLiteBroker(Broker):
     def purge(self, queue: str) -> int:
         def delete(conn: sqlite3.Connection) -> int:
             with transaction(conn):
-                return conn.execute("DELETE FROM messages WHERE queue = ? AND "
+                return conn.execute(f"DELETE FROM {self._t.messages} WHERE queue = ? AND "
                                     "(claimed_by IS NULL OR visible_at <= ?)", (queue, time.time())).rowcount
         return self._run(delete)
 
@@ -319,7 +332,7 @@ class SQLiteBroker(Broker):
 
         def query(conn: sqlite3.Connection) -> List[DeadLetter]:
             return [self._dead(r) for r in conn.execute(
-                f"SELECT id, queue, {body}, reason, message_id, failed_at FROM dead_letters "
+                f"SELECT id, queue, {body}, reason, message_id, failed_at FROM {self._t.dead_letters} "
                 "ORDER BY id LIMIT ?", (limit,))]
         return self._run(query)
 
@@ -330,8 +343,8 @@ class SQLiteBroker(Broker):
             return None
 
         def query(conn: sqlite3.Connection) -> Optional[DeadLetter]:
-            row = conn.execute("SELECT id, queue, body, reason, message_id, failed_at FROM dead_letters "
-                               "WHERE id = ?", (key,)).fetchone()
+            row = conn.execute("SELECT id, queue, body, reason, message_id, failed_at "
+                               f"FROM {self._t.dead_letters} WHERE id = ?", (key,)).fetchone()
             return self._dead(row) if row else None
         return self._run(query)
 
@@ -342,22 +355,24 @@ class SQLiteBroker(Broker):
         else:
             where = [("", ())]
 
+        t = self._t
+
         def move(conn: sqlite3.Connection) -> int:
             moved = 0
             with transaction(conn):
                 for clause, params in where:
                     moved += conn.execute(
-                        f"INSERT INTO messages (queue, priority, visible_at, message_id, body) "
-                        f"SELECT queue, priority, ?, message_id, body FROM dead_letters {clause} ORDER BY id",
+                        f"INSERT INTO {t.messages} (queue, priority, visible_at, message_id, body) "
+                        f"SELECT queue, priority, ?, message_id, body FROM {t.dead_letters} {clause} ORDER BY id",
                         (time.time(), *params)).rowcount
-                    conn.execute(f"DELETE FROM dead_letters {clause}", params)
+                    conn.execute(f"DELETE FROM {t.dead_letters} {clause}", params)
             return moved
         return self._run(move)
 
     def dlq_purge(self) -> int:
         def delete(conn: sqlite3.Connection) -> int:
             with transaction(conn):
-                return conn.execute("DELETE FROM dead_letters").rowcount
+                return conn.execute(f"DELETE FROM {self._t.dead_letters}").rowcount
         return self._run(delete)
 
     def close(self) -> None:

@@ -6,7 +6,9 @@ RabbitMQ's management API answers (``[amqp] management_url``, by default
 ``http://BROKER_HOST:15672`` with the broker's user, or
 ``https://BROKER_HOST:15671`` for an ``amqps://`` broker), every queue of the
 vhost is listed with the messages every consumer holds; otherwise the broker's
-own figures are shown with a note saying so.  The broker's user and password
+own figures are shown with a note saying so.  Queues are shown by their
+logical names: with a ``key_prefix`` P other than ``greenq``, only the
+vhost's ``P.<queue>`` queues are this app's (``Settings.logical``).  The broker's user and password
 never travel over plain HTTP from a TLS broker's configuration: an
 ``http://`` management_url with an ``amqps://`` broker is refused.
 """
@@ -21,11 +23,6 @@ from typing import Any, Dict, List, Optional, TextIO, Tuple
 
 from ..brokers.base import QueueStats
 from ..config import mask_url
-
-#: RabbitMQ objects that are greenq's own plumbing (delay cascade, dead letters,
-#: revocations) or the server's (reply queues), not task queues
-INTERNAL_PREFIXES = ("greenq.", "amq.")
-
 
 def print_queues(app: Any, as_json: bool, out: TextIO, compact: bool = False) -> None:
     """The table, or one JSON document (on one line when ``compact``)."""
@@ -58,13 +55,17 @@ def queue_stats(app: Any) -> Tuple[List[QueueStats], Optional[str]]:
     except (OSError, ValueError) as exc:
         return broker.queue_stats(), (f"RabbitMQ's management API at {mask_url(url)} did not answer "
                                       f"({exc}): configured queues only; held counts this process only")
-    names = sorted(n for n in listed if not n.startswith(INTERNAL_PREFIXES))
-    configured = app.config.worker["queues"]
-    names += [q for q in configured if q not in listed]
-    rows = broker.queue_stats(names) if names else []
+    from ..brokers.amqp_common import Settings   # (only for RabbitMQ: it imports py-amqp)
+    names = Settings.from_config(app.config)
+    # the vhost's task queues of this app, by logical name (not greenq's plumbing,
+    # RabbitMQ's amq.* or, under a key_prefix of its own, another app's queues)
+    mine = {logical: counts for logical, counts in
+            ((names.logical(name), counts) for name, counts in listed.items()) if logical is not None}
+    queues = sorted(mine)
+    queues += [q for q in app.config.worker["queues"] if q not in mine]
+    rows = broker.queue_stats(queues) if queues else []
     for row in rows:
-        ready, held = listed.get(row.name, (row.ready, row.held))
-        row.ready, row.held = ready, held
+        row.ready, row.held = mine.get(row.name, (row.ready, row.held))
     return rows, None
 
 

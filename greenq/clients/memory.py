@@ -4,16 +4,19 @@ the hub."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 from urllib.parse import urlsplit
 
 MAX_WAIT = 0.1   # a blocked caller re-checks at least this often
 
 
-def store_name(url: str) -> str:
-    """``memory://`` -> ``""``; ``memory://name`` -> ``"name"``."""
+def store_name(url: str, prefix: str) -> Tuple[str, str]:
+    """The store of ``url`` for the app of ``key_prefix`` ``prefix``:
+    ``memory://`` -> ``("", prefix)``; ``memory://name`` -> ``("name", prefix)``.
+    Apps of other prefixes on one URL never share a store (tasks, results,
+    revocations), as on every other broker."""
     parts = urlsplit(url)
-    return parts.netloc + parts.path.rstrip("/")
+    return parts.netloc + parts.path.rstrip("/"), prefix
 
 
 def waiter_event(driver: Any):
@@ -29,10 +32,10 @@ class Registry:
 
     def __init__(self, factory: Callable[[], Any]) -> None:
         self._factory = factory
-        self._stores: Dict[str, Any] = {}
+        self._stores: Dict[Tuple[str, str], Any] = {}
         self._lock = threading.Lock()
 
-    def get(self, name: str) -> Any:
+    def get(self, name: Tuple[str, str]) -> Any:
         with self._lock:
             store = self._stores.get(name)
             if store is None:

@@ -12,8 +12,9 @@ SQLite cannot block, so readers poll (every 0.1 s) through the driver, off
 the hub.  Old rows are deleted by the writers: commands and replies after a
 minute, events past the last EVENTS_KEPT batches.
 
-The table names ignore ``key_prefix``, as the broker's own ``messages`` table
-does: a SQLite file is one app's (docs/operations.md, "Apps apart").
+The table names derive from ``key_prefix`` like every table of the file
+(``clients.sqlite.Tables``): apps sharing a file never see each other's
+commands, replies or events (docs/operations.md, "Apps apart").
 """
 from __future__ import annotations
 
@@ -21,18 +22,18 @@ import sqlite3
 import time
 from typing import Any, List, Optional
 
-from ..brokers.sqlite import Database, transaction
+from ..clients.sqlite import Database, Tables, run_script, transaction
 from ..drivers.base import UsesDriver
 from ..events import decode_batch
 from .base import Document, Transport
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS control_commands (
+CREATE TABLE IF NOT EXISTS {control_commands} (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS control_replies (
+CREATE TABLE IF NOT EXISTS {control_replies} (
     id INTEGER PRIMARY KEY AUTOINCREMENT, reply_to TEXT NOT NULL, created REAL NOT NULL, body TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS control_replies_to ON control_replies (reply_to, id);
-CREATE TABLE IF NOT EXISTS control_events (
+CREATE INDEX IF NOT EXISTS {control_replies_to} ON {control_replies} (reply_to, id);
+CREATE TABLE IF NOT EXISTS {control_events} (
     id INTEGER PRIMARY KEY AUTOINCREMENT, created REAL NOT NULL, body TEXT NOT NULL);
 """
 POLL = 0.1
@@ -45,6 +46,7 @@ class SQLiteTransport(UsesDriver, Transport):
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         Transport.__init__(self, url, config, driver)
         self._db: Optional[Database] = None
+        self._t = Tables(config.key_prefix)
         self._last_command = 0
         self._last_event = 0
         self._last_reply = 0
@@ -52,8 +54,8 @@ class SQLiteTransport(UsesDriver, Transport):
 
     def _run(self, fn: Any, *args: Any) -> Any:
         if self._db is None:
-            self._db = Database(self.url)
-            self._db.run(_schema)
+            self._db = Database(self.url, self.config.key_prefix)
+            self._db.run(run_script, self._t, SCHEMA)
         return self._blocking(self._db.run, fn, *args)
 
     def _poll(self, fn: Any, timeout: float) -> List[Document]:
@@ -67,11 +69,11 @@ class SQLiteTransport(UsesDriver, Transport):
     # -- worker side -----------------------------------------------------------
     def listen(self, name: str) -> None:
         self._last_command = self._run(lambda c: c.execute(
-            "SELECT coalesce(max(id), 0) FROM control_commands").fetchone()[0])
+            f"SELECT coalesce(max(id), 0) FROM {self._t.control_commands}").fetchone()[0])
 
     def receive(self, timeout: float) -> List[Any]:
         def read(conn: sqlite3.Connection) -> List[Any]:
-            rows = conn.execute("SELECT id, body FROM control_commands WHERE id > ? ORDER BY id",
+            rows = conn.execute(f"SELECT id, body FROM {self._t.control_commands} WHERE id > ? ORDER BY id",
                                 (self._last_command,)).fetchall()
             if rows:
                 self._last_command = rows[-1][0]
@@ -79,11 +81,11 @@ class SQLiteTransport(UsesDriver, Transport):
         return self._poll(read, timeout)
 
     def where(self) -> str:
-        return f"{self.url} table control_commands"
+        return f"{self.url} table {self._t.control_commands}"
 
     def reply(self, reply_to: str, body: str) -> None:
-        self._run(lambda c: c.execute("INSERT INTO control_replies (reply_to, created, body) VALUES (?, ?, ?)",
-                                      (reply_to, time.time(), body)))
+        self._run(lambda c: c.execute(f"INSERT INTO {self._t.control_replies} (reply_to, created, body) "
+                                      "VALUES (?, ?, ?)", (reply_to, time.time(), body)))
 
     def send_events(self, body: str) -> None:
         now = time.time()
@@ -91,24 +93,26 @@ class SQLiteTransport(UsesDriver, Transport):
         if clean:
             self._next_clean = now + CLEAN_EVERY
 
+        t = self._t
+
         def write(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                cur = conn.execute("INSERT INTO control_events (created, body) VALUES (?, ?)", (now, body))
+                cur = conn.execute(f"INSERT INTO {t.control_events} (created, body) VALUES (?, ?)", (now, body))
                 if clean:
-                    conn.execute("DELETE FROM control_events WHERE id <= ?", (cur.lastrowid - EVENTS_KEPT,))
-                    conn.execute("DELETE FROM control_commands WHERE created < ?", (now - KEEP_SECONDS,))
-                    conn.execute("DELETE FROM control_replies WHERE created < ?", (now - KEEP_SECONDS,))
+                    conn.execute(f"DELETE FROM {t.control_events} WHERE id <= ?", (cur.lastrowid - EVENTS_KEPT,))
+                    conn.execute(f"DELETE FROM {t.control_commands} WHERE created < ?", (now - KEEP_SECONDS,))
+                    conn.execute(f"DELETE FROM {t.control_replies} WHERE created < ?", (now - KEEP_SECONDS,))
         self._run(write)
 
     # -- admin side ------------------------------------------------------------
     def broadcast(self, body: str) -> None:
-        self._run(lambda c: c.execute("INSERT INTO control_commands (created, body) VALUES (?, ?)",
+        self._run(lambda c: c.execute(f"INSERT INTO {self._t.control_commands} (created, body) VALUES (?, ?)",
                                       (time.time(), body)))
         self._last_reply = 0
 
     def replies(self, reply_to: str, timeout: float) -> List[Any]:
         def read(conn: sqlite3.Connection) -> List[Any]:
-            rows = conn.execute("SELECT id, body FROM control_replies WHERE reply_to = ? AND id > ? "
+            rows = conn.execute(f"SELECT id, body FROM {self._t.control_replies} WHERE reply_to = ? AND id > ? "
                                 "ORDER BY id", (reply_to, self._last_reply)).fetchall()
             if rows:
                 self._last_reply = rows[-1][0]
@@ -116,13 +120,14 @@ class SQLiteTransport(UsesDriver, Transport):
         return self._poll(read, timeout)
 
     def subscribe(self, history: int = 0) -> None:
-        last = self._run(lambda c: c.execute("SELECT coalesce(max(id), 0) FROM control_events").fetchone()[0])
+        last = self._run(lambda c: c.execute(f"SELECT coalesce(max(id), 0) FROM {self._t.control_events}")
+                         .fetchone()[0])
         self._last_event = max(0, last - history)
 
     def events(self, timeout: float) -> List[Document]:
         def read(conn: sqlite3.Connection) -> List[Document]:
-            rows = conn.execute("SELECT id, body FROM control_events WHERE id > ? ORDER BY id LIMIT 1000",
-                                (self._last_event,)).fetchall()
+            rows = conn.execute(f"SELECT id, body FROM {self._t.control_events} WHERE id > ? ORDER BY id "
+                                "LIMIT 1000", (self._last_event,)).fetchall()
             if rows:
                 self._last_event = rows[-1][0]
             out: List[Document] = []
@@ -135,10 +140,3 @@ class SQLiteTransport(UsesDriver, Transport):
         db, self._db = self._db, None
         if db is not None:
             db.close()
-
-
-def _schema(conn: sqlite3.Connection) -> None:
-    with transaction(conn):
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                conn.execute(statement)

@@ -1,18 +1,23 @@
 """Two apps on one server, told apart by ``key_prefix`` alone: one Redis
-database, and one RabbitMQ vhost (docs/operations.md, "Apps apart").
+database, one RabbitMQ vhost, one SQLite file (docs/operations.md, "Apps
+apart").  Both apps use the same queue name, ``default``.
 
 Each app runs a real worker.  Then, for each check of ``CHECKS`` (in order;
 add one with ``@check``): tasks, ``inspect``, events, revokes (broadcast and
-stored) never cross; last, a ``shutdown`` sent by app A stops A's worker and
-leaves B's running.  On RabbitMQ task queues are named as configured, so
-each app consumes a queue of its own there; on Redis both use ``default``.
-(A SQLite file is one app's: its tables ignore key_prefix, as documented.)
+stored), schedules (each app's ``greenq beat`` sends its own entry, of the
+same name, and neither takes the other's lease) and dashboards (``greenq
+dashboard`` shows its own app's workers and queues) never cross; last, a
+``shutdown`` sent by app A stops A's worker and leaves B's running.
 """
 from __future__ import annotations
 
+import json
 import signal
+import socket
+import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,17 +63,18 @@ def _side(label: str, tmp: Path, url: str, prefix: str, queue: str) -> Side:
     return Side(label, env, app, Control(app), f"apps-{label}")
 
 
-@pytest.fixture(params=["redis", "amqp"])
+@pytest.fixture(params=["redis", "amqp", "sqlite"])
 def pair(request, tmp_path):
     sys.path.insert(0, str(HERE))
     if request.param == "redis":
         url, base = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
-        queues = ("default", "default")              # the same queue name: the prefix keeps them apart
-    else:
+    elif request.param == "amqp":
         url, base = request.getfixturevalue("amqp_url"), f"gqtest-{uuid.uuid4().hex[:8]}"
-        queues = (f"{base}-qa", f"{base}-qb")
-    a = _side("a", tmp_path / "a", url, f"{base}-a", queues[0])
-    b = _side("b", tmp_path / "b", url, f"{base}-b", queues[1])
+    else:
+        url, base = f"sqlite:///{tmp_path / 'shared.sqlite3'}", f"gqtest-{uuid.uuid4().hex[:8]}"
+    # the same queue name: the prefix alone keeps them apart
+    a = _side("a", tmp_path / "a", url, f"{base}-a", "default")
+    b = _side("b", tmp_path / "b", url, f"{base}-b", "default")
     yield a, b
     for side in (a, b):
         side.control.close()
@@ -128,6 +134,85 @@ def revokes_stay_in_their_app(a: Side, b: Side) -> None:
     assert task_id not in _revoked(b)
     assert task_id not in [r.task_id for r in b.app.backend.revocations(0)]
     assert task_id in [r.task_id for r in a.app.backend.revocations(0)]
+
+
+def _spawn(side: Side, *args: str, env: dict = None) -> subprocess.Popen:
+    """A ``greenq`` command of ``side``'s app, running (stopped by ``env.cleanup`` at the latest)."""
+    proc = subprocess.Popen([sys.executable, "-m", "greenq.cli", "-A", "e2e_tasks", *args], cwd=side.env.tmp,
+                            env={**side.env.env, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    side.env.procs.append(proc)
+    return proc
+
+
+def _stop(proc: subprocess.Popen, codes: tuple = (0,)) -> None:
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode in codes, out
+
+
+def _ticks(side: Side) -> List[str]:
+    path = side.env.markers / "beat_tick"
+    return path.read_text().split() if path.exists() else []
+
+
+@check
+def schedules_stay_in_their_app(a: Side, b: Side) -> None:
+    """Both apps' schedulers run at once, each with an entry ``tick`` (the same
+    name): each leads its own app (a shared lease would let only one send)
+    and each app's worker runs its own app's ticks."""
+    before = {side.label: len(_ticks(side)) for side in (a, b)}
+    beats = []
+    for side in (a, b):
+        ini = side.env.tmp / "beat.ini"
+        ini.write_text("[schedule:tick]\ntask = e2e.beat_tick\nevery = 1\n")
+        beats.append(_spawn(side, "beat", env={"GREENQ_CONFIG": str(ini)}))
+    _until("both schedulers send", lambda: all(len(_ticks(s)) >= before[s.label] + 2 for s in (a, b)), a, b)
+    for proc in beats:
+        _stop(proc)
+    for side in (a, b):
+        assert all(t.startswith("beat-tick-") for t in _ticks(side)), _ticks(side)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _api(port: int, path: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+@check
+def dashboards_show_their_own_app(a: Side, b: Side) -> None:
+    """A's ``greenq dashboard`` lists A's worker only, and A's ``parked``
+    queue (no worker consumes it) with A's one message, not B's two."""
+    a.app.send_task("e2e.add", (1, 1), queue="parked")
+    b.app.send_task("e2e.add", (1, 1), queue="parked")
+    b.app.send_task("e2e.add", (1, 1), queue="parked")
+    port = _free_port()
+    started = time.monotonic()
+    proc = _spawn(a, "dashboard", "--http", f"127.0.0.1:{port}",
+                  env={"GREENQ_WORKER_QUEUES": "default,parked"})   # (RabbitMQ lists configured queues)
+    try:
+        def workers() -> List[str]:
+            try:
+                return [w["name"] for w in _api(port, "/api/workers")]
+            except OSError:
+                return []
+        _until(f"{a.name} on A's dashboard", lambda: a.name in workers(), a, b, 30)
+        # heartbeats come every 2 s: by then B's worker would have shown up too
+        _until("a heartbeat period", lambda: time.monotonic() - started > 2.5 and workers(), a, b)
+        assert workers() == [a.name]
+        queues = {q["name"]: q for q in _api(port, "/api/queues")}
+        assert set(queues) <= {"default", "parked"}, queues
+        assert queues["parked"]["ready"] == 1, queues
+    finally:
+        _stop(proc, codes=(0, -signal.SIGTERM))   # the dashboard dies of SIGTERM as a server does
+        for side in (a, b):
+            side.app.broker.purge("parked")
 
 
 def test_two_apps_on_one_server_never_cross(pair, pool):

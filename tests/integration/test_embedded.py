@@ -67,10 +67,10 @@ def test_sqlite_schema_is_created_once_and_versioned(tmp_path):
 def test_sqlite_version_1_file_is_upgraded_in_place(tmp_path):
     """A file made by greenq with schema 1 (no revocations.revoked_at) keeps
     its messages and revocations and gains the column."""
-    from greenq.clients.sqlite import SCHEMA
+    from greenq.clients.sqlite import SCHEMA, Tables
     path = tmp_path / "v1.sqlite3"
     conn = sqlite3.connect(path)
-    conn.executescript(SCHEMA.replace(",\n    revoked_at REAL NOT NULL DEFAULT 0", ""))
+    conn.executescript(Tables().sql(SCHEMA).replace(",\n    revoked_at REAL NOT NULL DEFAULT 0", ""))
     assert "revoked_at" not in {r[1] for r in conn.execute("PRAGMA table_info(revocations)")}
     conn.execute("INSERT INTO revocations (task_id, terminate, expires_at) VALUES ('old', 1, ?)",
                  (time.time() + 3600,))
