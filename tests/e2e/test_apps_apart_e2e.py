@@ -215,10 +215,12 @@ def dashboards_show_their_own_app(a: Side, b: Side) -> None:
             side.app.broker.purge("parked")
 
 
-def test_two_apps_on_one_server_never_cross(pair, pool):
+def test_two_apps_on_one_server_never_cross(pair):
+    """Names, not the driver, keep apps apart: the workers run gevent, and the
+    test runs once (in the gevent environment; tests/e2e/conftest.py)."""
     a, b = pair
     for side in (a, b):
-        side.worker = side.env.worker(pool, "-n", side.name, "-c", "2", burst=False)
+        side.worker = side.env.worker("gevent", "-n", side.name, "-c", "2", burst=False)
     for side in (a, b):
         _until(f"{side.name} answers", lambda: _workers(side), a, b, 30)
     for fn in CHECKS:
