@@ -44,11 +44,13 @@ def test_the_page_survives_odd_answers(tmp_path, browser, monkeypatch):  # noqa:
                   "pool": "gevent", "concurrency": 4, "running": 1},
                  {"type": "task-received", "uuid": "task-1", "name": "readers.nothing", "worker": "good-w1",
                   "timestamp": now}])
-    httpd = server.serve(OddDashboard(app, state), "127.0.0.1", 0)
+    dashboard = OddDashboard(app, state)
+    httpd = server.serve(dashboard, "127.0.0.1", 0)
+    dashboard.hosts = server.allowed_hosts("127.0.0.1", httpd.server_address[1])   # as greenq dashboard does
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
     thread.start()
     try:
-        browser.get(f"http://127.0.0.1:{httpd.server_port}/")
+        browser.get(f"http://127.0.0.1:{httpd.server_address[1]}/")
         _until(browser, lambda d: "not updated: dlq" in _text(d, "#status"), "the failed table named")
         assert _text(browser, 'tr[data-worker="good-w1"] td.name') == "good-w1"
         assert _text(browser, 'tr[data-worker="good-w1"] td.queues') == ""          # "default": dropped
@@ -65,6 +67,5 @@ def test_the_page_survives_odd_answers(tmp_path, browser, monkeypatch):  # noqa:
         assert browser.find_element("css selector", "#schedule-section").get_attribute("data-error") is None
         assert "1 online" == _text(browser, "#workers-count")
     finally:
-        httpd.shutdown()
         httpd.server_close()
         app.close()
