@@ -19,6 +19,7 @@ the same task id twice.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import os
@@ -127,6 +128,23 @@ def entries(app: "GreenQ", strict: bool = True) -> List[Entry]:
             log.error("scheduler: %s; this entry is skipped", exc)
     found.update(getattr(app, "periodic", {}))
     return list(found.values())
+
+
+def unknown_tasks(app: "GreenQ") -> List[str]:
+    """A warning for each schedule entry whose task is not registered in
+    ``app``, with the nearest registered name: ``task = tasks.addd`` would
+    otherwise be sent on every run and dead-lettered as an unknown task.
+    Warnings, not errors: a schedule may send tasks only other workers run."""
+    warnings = []
+    for entry in entries(app, strict=False):
+        if entry.task in app.tasks:
+            continue
+        close = difflib.get_close_matches(entry.task, list(app.tasks), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else \
+            f"; registered tasks: {', '.join(sorted(app.tasks)) or 'none'}"
+        warnings.append(f"[schedule:{entry.name}] task = {entry.task} names no task registered in this "
+                        f"app: unless another worker runs it, its runs will be dead-lettered{hint}")
+    return warnings
 
 
 def plausible_last_run(entry: str, sent: Optional[float], now: float) -> Optional[float]:

@@ -32,7 +32,7 @@ import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
 from ..clients.reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
-from ..clients.redis import FAILURES, TRANSIENT, make_client
+from ..clients.redis import FAILURES, TRANSIENT, make_client, refused
 from ..config import Config, mask_url
 from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
@@ -202,7 +202,7 @@ class RedisBackend(Reconnecting, ResultBackend):
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis result backend {mask_url(url)}", TRANSIENT,
                                        reset=lambda: self.pool.disconnect(inuse_connections=False),
-                                       sleep=self._sleep, failures=FAILURES)
+                                       sleep=self._sleep, failures=FAILURES, refused=refused)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         self._store_script = self.client.register_script(STORE)
         self._check_in_script = self.client.register_script(CHECK_IN)

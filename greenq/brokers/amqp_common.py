@@ -53,6 +53,7 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 
 from ..backoff import backoff
 from ..config import Config, mask_url
+from ..clients.reconnect import Refused
 from ..exceptions import BrokerError, ConfigError
 from .amqp_meta import (H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
                         H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
@@ -67,6 +68,8 @@ MAX_DELAY_MS = 2 ** DELAY_LEVELS - 1
 CONNECTION_ERRORS = (amqp.exceptions.ConnectionError, OSError, EOFError)
 #: any AMQP failure, connection or channel level
 AMQP_ERRORS = CONNECTION_ERRORS + (AMQPError,)
+#: refusals of a connection's login or vhost, raised as Refused (never retried)
+REFUSED = (amqp.exceptions.AccessRefused, amqp.exceptions.NotAllowed)
 
 #: ``FORKS[0]`` counts the forks in this process's ancestry: raised in the child
 #: by an ``os.register_at_fork`` hook.  Connection holders remember the value
@@ -300,7 +303,11 @@ def _open_node(params: Dict[str, Any], heartbeat: int, role: str) -> "amqp.Conne
     }
     kwargs["socket_settings"] = socket_settings()
     conn = amqp.Connection(**kwargs)
-    conn.connect()
+    try:
+        conn.connect()
+    except REFUSED as exc:   # a wrong password or vhost: no retry can fix it
+        where = f"amqp://{params['userid']}@{params['host']}/{params['virtual_host']}"
+        raise Refused(f"RabbitMQ {where} refused the {role} connection: {describe(exc)}") from None
     return conn
 
 

@@ -76,7 +76,7 @@ import redis
 from ..config import Config, mask_url
 from ..exceptions import BrokerError
 from . import _redis_lua as lua
-from ..clients.redis import FAILURES, TRANSIENT, make_client, worker_pool_size
+from ..clients.redis import FAILURES, TRANSIENT, make_client, refused, worker_pool_size
 from ..clients.reconnect import Reconnecting, Reconnector, Unreachable
 from .base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
@@ -204,7 +204,7 @@ class RedisBroker(Reconnecting, Broker):
         self.pool = self.client.connection_pool
         self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
                                        reset=self._reset, on_recovered=self._recovered,
-                                       sleep=self._sleep, failures=FAILURES)
+                                       sleep=self._sleep, failures=FAILURES, refused=refused)
         self._lease = float(config.lease_seconds)
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         self._publish_budget = config.section("redis")["connect_timeout"] or self._timeout

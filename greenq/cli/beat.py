@@ -28,6 +28,9 @@ def cmd_beat(args: argparse.Namespace, app: "GreenQ") -> int:
     if args.list:
         return print_schedule(app)
     logs.setup(args.loglevel.upper(), app.config.logging_config or None)
+    from ..beat import unknown_tasks
+    for message in unknown_tasks(app):
+        logging.getLogger("greenq.beat").warning("%s", message)
     scheduler = Scheduler(app)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: scheduler.stop())

@@ -5,6 +5,7 @@ import difflib
 import importlib
 import os
 import sys
+import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import config as config_module
@@ -48,10 +49,23 @@ def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
         module_name = entry.partition(":")[0]
         try:
             importlib.import_module(module_name)
-        except ImportError as exc:
+        except Exception as exc:
             raise ConfigError(f"{app.config.origin('greenq', 'app')}: [greenq] app: "
-                              f"cannot import {module_name}: {exc}") from None
+                              f"cannot import {module_name}: {import_failure(exc)}") from None
     return app
+
+
+def import_failure(exc: BaseException) -> str:
+    """What went wrong importing an app, with the file and line that failed:
+    the error of a module the app imports (a missing dependency, a
+    SyntaxError in a helper) must not read as if the app itself were missing."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{type(exc).__name__}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    what = f"{type(exc).__name__}: {exc}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith("<frozen")]
+    if frames and frames[-1].filename != __file__:
+        return f"{what} (in {frames[-1].filename}, line {frames[-1].lineno})"
+    return what
 
 
 def _resolve(spec: str, where: str) -> GreenQ:
@@ -59,8 +73,8 @@ def _resolve(spec: str, where: str) -> GreenQ:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(f"{where}: cannot import {module_name}: {exc}") from None
+    except Exception as exc:   # any error while importing it: exit 2 naming the file and line
+        raise ConfigError(f"{where}: cannot import {module_name}: {import_failure(exc)}") from None
     if attr:
         app = getattr(module, attr, None)
         if not isinstance(app, GreenQ):
@@ -92,7 +106,8 @@ def check_app(app: GreenQ) -> List[str]:
                 f"; registered tasks: {', '.join(sorted(app.tasks)) or 'none'}"
             warnings.append(f"{origin}: [task:{name}] names no task registered in this worker, "
                             f"so its settings apply to nothing here{hint}")
-    return warnings
+    from ..beat import unknown_tasks
+    return warnings + unknown_tasks(app)
 
 
 def overrides_from(pairs: Dict[Tuple[str, str], Any]) -> Dict[Tuple[str, str], Any]:

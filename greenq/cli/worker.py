@@ -155,7 +155,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         driver.install_signal(signum, worker.request_stop)
     driver.install_signal(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
     from ..worker.monitor import HTTP_PORT_ENV, Monitor
-    from ..worker.startup import wait_for_broker
+    from ..worker.startup import refuse_without_tasks, wait_for_broker
     monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],
                       port_file=os.environ.get(HTTP_PORT_ENV) if args.child else None)
     log.info("%s", banner(app, driver.name, pool_source or "default"))
@@ -167,6 +167,10 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
                                    driver, log, url=app.config.broker_url,
                                    stopping=lambda: bool(worker.stopping)):
                 return EXIT_OK
+            refuse_without_tasks(app.tasks, worker.broker, worker.queues, log)
+        except ConfigError as exc:  # refused by the broker (a bad password...), or no tasks
+            log.error("%s", exc)
+            return EXIT_USAGE
         except BrokerError as exc:  # broker_connect_timeout passed: one line, no traceback
             log.error("%s", exc)
             return EXIT_FAILURE

@@ -16,6 +16,11 @@ The machine has two states:
 ``healthy`` and ``last_ok`` (``time.monotonic()`` of the last successful round
 trip, 0.0 before the first) are what /healthz reports.  Nothing here knows
 about Redis: the transient exception types are given by the owner.
+
+An error no retry can fix (the owner's ``refused`` says which: a bad
+database number, a refused login, a missing permission) is raised at once as
+:class:`Refused`, never retried: a worker exits 2 with it, a client's call
+raises it, instead of either waiting for a fix that retrying cannot bring.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import time
 from typing import Callable, Optional, Tuple, Type, TypeVar
 
 from ..backoff import backoff
-from ..exceptions import BrokerError
+from ..exceptions import BrokerError, ConfigError
 
 T = TypeVar("T")
 
@@ -40,6 +45,18 @@ class Unreachable(BrokerError):
     """The server could not be reached before the caller's deadline."""
 
 
+class Refused(BrokerError, ConfigError):
+    """The server answered and refused us for a reason no retry can fix
+    (credentials, database number, virtual host, permissions).  Both a
+    BrokerError (code catching broker failures sees it) and a ConfigError
+    (the fix is in the configuration: the worker exits 2)."""
+
+
+def never_refused(exc: BaseException) -> bool:
+    """The default ``refused`` classifier: every error may be cured by retrying."""
+    return False
+
+
 def reconnect_delay(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (1-based) while a server is down."""
     return backoff(attempt, BACKOFF_BASE, BACKOFF_CAP, BACKOFF_JITTER)
@@ -51,7 +68,8 @@ class Reconnector:
     ``name`` is what logs and errors show (a URL with its password masked);
     ``reset`` drops the pool's idle connections; ``failures`` are the
     library's other errors (an error reply from the server), raised as
-    BrokerError at once; ``on_recovered`` runs once after an outage, in the
+    BrokerError at once; ``refused(exc)`` is true for an error of either
+    kind that no retry can fix, raised as :class:`Refused` at once; ``on_recovered`` runs once after an outage, in the
     first caller whose round trip worked (it must not call back into
     :meth:`call`; if it raises, it is logged and runs again after the next
     successful round trip).
@@ -60,8 +78,10 @@ class Reconnector:
     def __init__(self, name: str, transient: Tuple[Type[BaseException], ...],
                  reset: Callable[[], None], on_recovered: Optional[Callable[[], None]] = None,
                  sleep: Callable[[float], None] = time.sleep,
-                 failures: Tuple[Type[BaseException], ...] = ()) -> None:
+                 failures: Tuple[Type[BaseException], ...] = (),
+                 refused: Callable[[BaseException], bool] = never_refused) -> None:
         self.name = name
+        self.refused = refused
         self.transient = transient
         self.failures = failures      # other errors of the library: raised as BrokerError at once
         self._reset = reset
@@ -84,6 +104,8 @@ class Reconnector:
             try:
                 result = fn()
             except self.transient as exc:
+                if self.refused(exc):
+                    raise Refused(f"{what}: {self.name} refused us: {exc}") from None
                 attempt += 1
                 if attempt == 1 and self.healthy:
                     continue                     # a stale pooled connection: once, at once
@@ -98,6 +120,8 @@ class Reconnector:
                 self._sleep(delay)
                 continue
             except self.failures as exc:
+                if self.refused(exc):
+                    raise Refused(f"{what}: {self.name} refused us: {exc}") from None
                 raise BrokerError(f"{what}: {self.name}: {exc}") from exc
             self.last_ok = time.monotonic()
             if not self.healthy or self._needs_recovery:

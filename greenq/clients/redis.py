@@ -31,6 +31,8 @@ from ..exceptions import BrokerError
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 FAILURES = (redis.RedisError,)
+#: error replies no retry can fix, by their text (redis-py has no class for them)
+REFUSED_REPLIES = ("DB index is out of range", "invalid DB index")
 CLIENT_CONNECTIONS = 10           # cap of a client's pool (grows on demand up to it)
 CONTROL_CONNECTIONS = 10          # a worker's broker: concurrency + these (fetch, acks, renewals, ...)
 IDLE_CLOSE = 60.0                 # seconds before an unused pooled connection is closed
@@ -138,6 +140,16 @@ class Pool(redis.ConnectionPool):
                 return
             self.max_connections = size
         self._slots.release(more)
+
+
+def refused(exc: BaseException) -> bool:
+    """True for a Redis error that retrying cannot fix: a refused login
+    (WRONGPASS, NOAUTH, invalid password), a missing ACL permission (NOPERM),
+    a database number the server does not have."""
+    if isinstance(exc, (redis.AuthenticationError, redis.exceptions.NoPermissionError,
+                        redis.exceptions.AuthenticationWrongNumberOfArgsError)):
+        return True
+    return isinstance(exc, redis.ResponseError) and any(text in str(exc) for text in REFUSED_REPLIES)
 
 
 def make_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":

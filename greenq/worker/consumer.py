@@ -309,7 +309,7 @@ class Worker:
         job.msg = msg
         job.task = tasks.get(msg.task)
         if job.task is None:
-            return f"unknown task {msg.task!r}"
+            return f"unknown task {msg.task!r}: not registered in this worker"
         if msg.expires is not None and msg.expires < now:
             return "expired"
         if msg.eta is not None and msg.eta > now + EARLY_TOLERANCE:

@@ -22,6 +22,7 @@ from ..backends.base import Record
 from ..backoff import backoff
 from ..brokers.base import Delivery, Outgoing
 from ..exceptions import MessageError
+from ..message import peek
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
 from .followups import ChordMember, Followups
@@ -124,6 +125,14 @@ class Settler:
             plan.dead.append(DeadLetter(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             self.worker.hooks.emit("message_dead_lettered", job, job.reason)
+            try:
+                record = self._dead_record(job)
+            except Exception as exc:   # the message is dead-lettered all the same
+                log.error("message %s: no failure record for its caller: %s", job.delivery.message_id,
+                          describe(exc))
+                record = None
+            if record is not None:
+                plan.records.append(record)
             return
         if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
             plan.republish.append(self.codec.outgoing(msg, sent=False))    # moved, not sent
@@ -184,6 +193,35 @@ class Settler:
             msg.id, FAILURE, exc=error, task=msg.task, retries=msg.retries)), True, msg.reply_to))
         if not job.acked:
             plan.acks.append(job.delivery)
+
+    def _dead_record(self, job: Job) -> Optional[Record]:
+        """A FAILURE for a dead-lettered message, so its caller's ``get()``
+        raises MessageError with the reason at once instead of waiting out its
+        timeout.  Only for an id that can be trusted: a message that decoded
+        (its signature, when ``signing_key`` is set, verified), or, without
+        ``signing_key`` (whoever writes to the broker is trusted then), the id
+        read from a message that did not decode.  Never for a message whose
+        signature failed or is missing: a forged message must not be able to
+        write results for ids of its choosing."""
+        msg = job.msg
+        if msg is None:
+            try:
+                msg = self.codec.decode(job.delivery.body)   # dead before decoding (max_deliveries)
+            except MessageError:
+                msg = None
+        if msg is not None:
+            task_id, task, reply_to = msg.id, msg.task, msg.reply_to
+        elif self.codec.signed:
+            return None
+        else:
+            task_id, task = peek(job.delivery.body)
+            reply_to = None
+            if not isinstance(task_id, str) or not 0 < len(task_id.encode("utf-8", "replace")) <= \
+                    self.broker.max_message_id_bytes:
+                return None
+        error = MessageError(f"dead-lettered by worker {self.worker.name}: {job.reason}")
+        return Record(task_id, self.codec.encode_result(make_meta(
+            task_id, FAILURE, exc=error, task=task if isinstance(task, str) else None)), True, reply_to)
 
     def _store_fallback(self, record: Record, exc: BaseException) -> None:
         """A record the backend refuses for good (too large, say): store a

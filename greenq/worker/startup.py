@@ -4,19 +4,24 @@ A worker is often started with (or before) its broker: by systemd at boot, by
 docker compose, after a broker restart.  ``wait_for_broker`` declares the
 worker's queues, and while the broker cannot be reached it logs one line per
 attempt and tries again with exponential backoff, for
-``[greenq] broker_connect_timeout`` seconds (0 = forever).
+``[greenq] broker_connect_timeout`` seconds (0 = forever).  A broker that
+answers and refuses us (wrong password, database number, vhost) is not
+waited for: ``Refused`` is raised at once and the worker exits 2.
+``refuse_without_tasks`` keeps a worker that has no tasks from
+dead-lettering a queue's messages.
 """
 from __future__ import annotations
 
 import logging
 import socket
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..backoff import backoff
+from ..clients.reconnect import Refused
 from ..config import mask_url
-from ..exceptions import BrokerError
+from ..exceptions import BrokerError, ConfigError
 
 #: first and longest pause between attempts, in seconds
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
@@ -30,7 +35,8 @@ def wait_for_broker(broker: Any, queues: Sequence[str], timeout: float, driver: 
     Returns True once the declaration succeeded, False when ``stopping()``
     became true while waiting (a SIGTERM during the wait).  Raises
     BrokerError, naming the broker and the last error, when ``timeout``
-    seconds (> 0) passed without success.  ``driver.sleep`` keeps the wait
+    seconds (> 0) passed without success, and Refused (a ConfigError too)
+    at once when the broker refuses us.  ``driver.sleep`` keeps the wait
     cooperative."""
     started = time.monotonic()
     attempt = 0
@@ -40,6 +46,8 @@ def wait_for_broker(broker: Any, queues: Sequence[str], timeout: float, driver: 
         try:
             _probe(url)
             broker.declare(queues)
+        except Refused:
+            raise                     # an answer, not an outage: waiting cannot change it
         except (BrokerError, OSError) as exc:
             waited = time.monotonic() - started
             if timeout and waited >= timeout:
@@ -101,3 +109,22 @@ def _pause(seconds: float, driver: Any, stopping: Optional[Callable[[], bool]]) 
         if left <= 0:
             return True
         driver.sleep(min(0.2, left))
+
+
+def refuse_without_tasks(tasks: Collection[str], broker: Any, queues: Sequence[str],
+                         log: logging.Logger) -> None:
+    """A worker with no registered task (no ``-A`` and no ``[greenq] app``,
+    say) would dead-letter every message it takes as "unknown task".  Warn
+    loudly, and raise ConfigError (exit 2) when its queues hold messages it
+    would take, so that starting it by mistake loses nothing.  Delayed
+    messages count: they become ready in the queue it consumes."""
+    if tasks:
+        return
+    log.warning("this worker has NO registered tasks (no -A APP and no [greenq] app): every message "
+                "it takes would be dead-lettered as an unknown task; consuming %s", ", ".join(queues))
+    waiting = {s.name: s.ready + s.delayed for s in broker.queue_stats(queues) if s.ready + s.delayed}
+    if waiting:
+        listed = ", ".join(f"{name} ({count})" for name, count in sorted(waiting.items()))
+        raise ConfigError(f"refusing to start a worker with no registered tasks on queues holding "
+                          f"messages it would dead-letter: {listed}; name the app with -A MODULE or "
+                          f"[greenq] app")
