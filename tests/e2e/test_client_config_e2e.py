@@ -49,3 +49,65 @@ def test_get_inside_a_task_fails_at_once(pool, sqlite_env):
 
 def test_rule_names_the_way_out():
     assert "disable_sync_subtasks=False" in SYNC_SUBTASK_RULE and "chord" in SYNC_SUBTASK_RULE
+
+
+IDLE_CLIENT = r"""
+import sys, threading, redis
+import client_config_tasks as t
+from greenq.clients.redis import client_name
+
+def calls():
+    for i in range(5):
+        assert t.add.delay(i, i).get(timeout=20) == 2 * i
+
+threads = [threading.Thread(target=calls) for _ in range(30)]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+mine = client_name(t.app.config.key_prefix, "")
+admin = redis.Redis.from_url(t.app.config.broker_url)
+held = sum(1 for c in admin.client_list() if c["name"].startswith(mine))
+admin.close()
+print("idle", held, flush=True)
+sys.stdin.read()              # idle until the test is done
+"""
+
+
+def test_idle_client_lets_its_connections_go(pool, tmp_path, redis_url, redis_prefix):
+    """A client that made many concurrent calls from threads, then idles:
+    before the fix it kept its peak (10 broker + 11 result connections) for
+    ever, the idle check running only when the pool was next used; now
+    every connection, the result listener's too, closes within
+    idle_timeout (1 s here) plus a quarter of it plus the listener's slice."""
+    import subprocess
+    import sys
+
+    import redis
+
+    from .conftest import Env, HERE
+    sys.path.insert(0, str(HERE))
+    env = Env(tmp_path, redis_url, {"GREENQ_KEY_PREFIX": redis_prefix, "GREENQ_REDIS_IDLE_TIMEOUT": "1"})
+    env.worker(pool, "-A", "client_config_tasks", "-c", "50", burst=False)
+    client = subprocess.Popen([sys.executable, "-c", IDLE_CLIENT], cwd=tmp_path, env=env.env, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        line = client.stdout.readline()
+        assert line.startswith("idle"), (line, client.stderr.read() if client.poll() is not None else "")
+        peak = int(line.split()[1])
+        assert 2 < peak <= 21, peak                  # the documented bound: 10 + 10 + the listener
+        name = f"greenq-{redis_prefix}-{client.pid}"
+        deadline = time.monotonic() + 1 + 0.25 + 1 + 3   # idle_timeout, reaper period, slice, margin
+        held = peak
+        while time.monotonic() < deadline:
+            held = sum(1 for c in admin.client_list() if c["name"].startswith(name))
+            if held == 0:
+                break
+            time.sleep(0.1)
+        assert held == 0, f"{held} connections still open after idling"
+    finally:
+        client.stdin.close()
+        client.wait(10)
+        admin.close()
+        env.cleanup()
