@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
@@ -10,6 +11,8 @@ from .exceptions import TaskError, TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
+
+log = logging.getLogger("greenq")
 
 PENDING, RECEIVED, STARTED, RETRY = "PENDING", "RECEIVED", "STARTED", "RETRY"
 SUCCESS, FAILURE, REVOKED = "SUCCESS", "FAILURE", "REVOKED"
@@ -192,11 +195,22 @@ class AsyncResult:
         if meta is None:
             data = self.app.backend.wait(self.id, timeout)
             if data is None:
-                raise TimeoutError(f"task {self.id} not ready after {timeout} s")
+                raise TimeoutError(self._timeout_message(timeout))
             meta = self._meta = self._decode(data)
         return self._outcome(meta, propagate)
 
     wait = get
+
+    def _timeout_message(self, timeout: Optional[float]) -> str:
+        """Why ``get`` gave up, with greenq.prefixes' hint (also logged) when
+        the app's workers use another key_prefix than this client."""
+        from .prefixes import mismatch_hint    # only on a timeout: one read of the registry
+        message = f"task {self.id} not ready after {timeout} s"
+        hint = mismatch_hint(self.app)
+        if hint is None:
+            return message
+        log.warning("%s", hint)
+        return f"{message}: {hint}"
 
     def _outcome(self, meta: Dict[str, Any], propagate: bool) -> Any:
         state = meta.get("state")

@@ -111,3 +111,91 @@ def test_idle_client_lets_its_connections_go(pool, tmp_path, redis_url, redis_pr
         client.wait(10)
         admin.close()
         env.cleanup()
+
+
+SHOP = """
+import os
+from greenq import GreenQ
+
+app = GreenQ(os.environ["SHOP_APP"], broker=os.environ["SHOP_BROKER"])   # the README's first line
+
+
+@app.task(name="shop.add")
+def add(x, y):
+    return x + y
+"""
+
+
+@pytest.fixture
+def shop(tmp_path, redis_url, redis_prefix):
+    """The tutorial's layout: shop_tasks.py builds ``GreenQ(name, broker=...)``
+    in code; greenq.ini beside it sets key_prefix and the queues.  The app's
+    name is this test's own, so its entry in the unprefixed greenq:apps
+    registry is removed afterwards."""
+    import sys
+
+    import redis
+
+    from greenq.prefixes import REGISTRY
+    from .conftest import Env, HERE
+    sys.path.insert(0, str(HERE))
+    (tmp_path / "shop_tasks.py").write_text(SHOP)
+    (tmp_path / "greenq.ini").write_text(f"[greenq]\nkey_prefix = {redis_prefix}\n\n"
+                                         f"[worker]\nqueues = high,default\n")
+    env = Env(tmp_path, redis_url, {"SHOP_APP": f"shop-{redis_prefix}", "SHOP_BROKER": redis_url})
+    env.env.pop("GREENQ_BROKER_URL")          # the broker comes from the code, as in the tutorial
+    env.app_name = f"shop-{redis_prefix}"
+    yield env
+    env.cleanup()
+    admin = redis.Redis.from_url(redis_url)
+    for field in admin.hkeys(REGISTRY):
+        if field.decode().startswith(env.app_name + " "):
+            admin.hdel(REGISTRY, field)
+    admin.close()
+
+
+def test_client_reads_the_ini_the_worker_reads(pool, shop, redis_prefix):
+    """``GreenQ("shop", broker=...)`` now reads ./greenq.ini like the worker
+    started with ``--config greenq.ini``: before, the client published under
+    key_prefix "greenq" and get() timed out."""
+    shop.worker(pool, "-A", "shop_tasks", "--config", "greenq.ini", burst=False)
+    done = shop.client("from shop_tasks import add, app\n"
+                       "print(app.config.key_prefix, app.config.worker['queues'])\n"
+                       "print(add.delay(2, 3).get(timeout=10))\n", timeout=30)
+    assert done.returncode == 0, done.stderr + shop.dump()
+    assert done.stdout.split("\n")[:2] == [f"{redis_prefix} ['high', 'default']", "5"]
+    out = shop.dump()
+    assert f"key_prefix='{redis_prefix}'" in out            # the banner shows it
+
+
+def _wait_registered(shop, prefix: str, seconds: float = 20) -> None:
+    """Until the worker has recorded its app and prefix (once it consumes)."""
+    import redis
+
+    from greenq.prefixes import REGISTRY
+    client = redis.Redis.from_url(shop.env["SHOP_BROKER"])
+    try:
+        deadline = time.monotonic() + seconds
+        while not client.hexists(REGISTRY, f"{shop.app_name} {prefix}"):
+            assert time.monotonic() < deadline, shop.dump()
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+def test_prefix_mismatch_is_named(pool, shop, redis_prefix):
+    """A client whose environment sets another key_prefix (the environment
+    beats the INI) and a worker of the same app under the INI's prefix:
+    get()'s TimeoutError, its log line and ``greenq inspect`` name the
+    prefix the app's workers use."""
+    shop.worker(pool, "-A", "shop_tasks", "--config", "greenq.ini", burst=False)
+    _wait_registered(shop, redis_prefix)
+    shop.env["GREENQ_KEY_PREFIX"] = f"{redis_prefix}-client"   # env beats the INI: the client disagrees
+    done = shop.client("from greenq import TimeoutError\nfrom shop_tasks import add\n"
+                       "try:\n    add.delay(2, 3).get(timeout=1)\n"
+                       "except TimeoutError as exc:\n    print(exc)\n", timeout=30)
+    assert f"key_prefix {redis_prefix!r}" in done.stdout, done.stdout + done.stderr
+    assert f"this client's key_prefix '{redis_prefix}-client'" in done.stdout
+    assert "were seen under key_prefix" in done.stderr                     # and logged as a warning
+    inspect = shop.admin("-A", "shop_tasks", "inspect", "ping", "--timeout", "0.5")
+    assert inspect.returncode == 1 and f"key_prefix {redis_prefix!r}" in inspect.stderr, inspect.stderr
