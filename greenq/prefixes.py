@@ -13,8 +13,7 @@ entry that no prefix hides, and the client side reads it when it found nothing:
                   of the worker's start); at most MAX_ENTRIES fields, the
                   oldest dropped
 
-``announce`` (a worker, once consuming) writes its entry and warns when the
-app's workers were seen under another prefix; ``mismatch_hint`` (a client
+``announce`` (a worker, once consuming) writes its entry; ``mismatch_hint`` (a client
 whose wait timed out, ``greenq inspect`` with no answer) says which prefix the
 app's workers use when it is not the client's.  Both are warnings, never
 errors, and never raise.  Only Redis has a registry: on SQLite (one file) and
@@ -36,7 +35,6 @@ log = logging.getLogger("greenq.prefixes")
 REGISTRY = "greenq:apps"
 MAX_ENTRIES = 100        # apps x prefixes remembered; the oldest are dropped beyond
 MAX_FIELD = 300          # bytes of one field (app name and prefix); longer ones are not recorded
-RECENT = 86400.0         # a worker warns of the app's other prefixes seen this recently
 
 
 def _client(app: "GreenQ") -> Any:
@@ -59,8 +57,9 @@ def _entries(client: Any) -> List[Dict[str, Any]]:
 
 
 def announce(app: "GreenQ", worker: str) -> None:
-    """Record that ``worker`` serves ``app`` under its key_prefix; log a
-    warning when the app's workers were seen under another prefix."""
+    """Record that ``worker`` serves ``app`` under its key_prefix.  Quiet:
+    one app deployed twice under two prefixes on one Redis (staging and
+    production) is legitimate, so only a client that found no worker warns."""
     try:
         client = _client(app)
         field = f"{app.name} {app.config.key_prefix}"
@@ -72,14 +71,6 @@ def announce(app: "GreenQ", worker: str) -> None:
         if len(entries) > MAX_ENTRIES:
             entries.sort(key=lambda e: e["seen"])
             client.hdel(REGISTRY, *[f"{e.get('app')} {e.get('key_prefix')}" for e in entries[:-MAX_ENTRIES]])
-        others = [e for e in entries if e.get("app") == app.name and e.get("key_prefix") != entry["key_prefix"]
-                  and e["seen"] > entry["seen"] - RECENT]
-        if others:
-            latest = max(others, key=lambda e: e["seen"])
-            log.warning("workers of app %r were also seen under key_prefix %r (%s, %s); this worker uses "
-                        "key_prefix %r: clients and workers of one app see each other only under one prefix",
-                        app.name, latest.get("key_prefix"), latest.get("worker"), _ago(latest["seen"]),
-                        entry["key_prefix"])
     except Exception as exc:           # a hint, never a reason to stop
         log.debug("could not record app %r in %s: %s", app.name, REGISTRY, exc)
 

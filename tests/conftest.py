@@ -80,6 +80,11 @@ def redis_prefix(redis_url):
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)
+    # the workers' entries in the unprefixed app registry (greenq/prefixes.py)
+    fields = [f for f in client.hkeys("greenq:apps") if f.decode("utf-8", "replace").split(" ")[-1]
+              .startswith(prefix)]
+    if fields:
+        client.hdel("greenq:apps", *fields)
     client.close()
 
 
