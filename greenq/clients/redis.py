@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import weakref
-from typing import Any, List, Optional
+from typing import Any, Optional
 
 import redis
 from redis.backoff import NoBackoff
@@ -198,7 +198,6 @@ class Pool(redis.ConnectionPool):
         """Close the connections unused for more than ``idle_close`` seconds."""
         if not self._idle_close:
             return
-        idle: List[Any]
         with self._lock:
             idle = [c for c in self._available_connections
                     if now - getattr(c, "greenq_idle_since", now) > self.idle_close]
