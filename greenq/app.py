@@ -50,21 +50,28 @@ class GreenQ:
     """A greenq application.
 
     ``GreenQ("shop", broker="redis://...")`` or ``GreenQ.from_config("greenq.ini")``.
-    Keyword arguments are ``[greenq]`` settings and win over the file and the
-    environment.  Connections are made lazily, one set per process.
+    Both read the layers a worker reads (docs/configuration.md): the INI file
+    (``config_file``, else $GREENQ_CONFIG, else ./greenq.ini, else
+    /etc/greenq/greenq.ini), then the environment; keyword arguments are
+    ``[greenq]`` settings and win over both.  ``config_file=False`` reads no
+    file (defaults, environment and arguments only).  Connections are made
+    lazily, one set per process.
     """
 
     def __init__(self, name: str = "greenq", broker: Optional[str] = None,
                  backend: Optional[str] = None, *, config: Optional[config_module.Config] = None,
-                 config_file: Optional[str] = None, eager: Optional[bool] = None,
+                 config_file: Union[str, bool, None] = None, eager: Optional[bool] = None,
                  **settings: Any) -> None:
         self.name = name
         overrides = {("greenq", k): v for k, v in settings.items()}
         overrides[("greenq", "broker_url")] = broker
         overrides[("greenq", "result_backend")] = backend
         overrides[("greenq", "eager")] = eager
+        if config_file is True:
+            raise TypeError("config_file: a path, None (search the usual places) or False (no file)")
         if config is None:
-            config = config_module.load(config_file, overrides=overrides, search=config_file is not None)
+            config = config_module.load(config_file or None, overrides=overrides,
+                                        search=config_file is not False)
         else:
             config = config.copy()
             for (section, key), value in overrides.items():

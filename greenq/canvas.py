@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 from .config import mask_url
 from .exceptions import ConfigError, TimeoutError
 from .message import GROUP, TaskMessage, new_id
-from .result import AsyncResult
+from .result import AsyncResult, assert_will_not_block
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
@@ -503,16 +503,20 @@ class GroupResult:
         """How many members succeeded (as Celery counts)."""
         return sum(1 for r in self.results if r.successful())
 
-    def get(self, timeout: Optional[float] = None, propagate: bool = True) -> List[Any]:
+    def get(self, timeout: Optional[float] = None, propagate: bool = True,
+            disable_sync_subtasks: bool = True) -> List[Any]:
         """Every member's value in order; the first failure is raised (or,
         with ``propagate=False``, its exception is put in the list).
-        ``timeout`` bounds the whole wait."""
+        ``timeout`` bounds the whole wait.  Refused inside a running task
+        unless ``disable_sync_subtasks=False`` (see AsyncResult.get)."""
+        if disable_sync_subtasks:
+            assert_will_not_block()
         deadline = None if timeout is None else time.monotonic() + timeout
         values = []
         for r in self.results:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                values.append(r.get(timeout=left, propagate=propagate))
+                values.append(r.get(timeout=left, propagate=propagate, disable_sync_subtasks=False))
             except TimeoutError:
                 raise TimeoutError(f"group {self.id}: member {r.id} not ready after {timeout} s") from None
         return values

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
 
@@ -11,10 +12,27 @@ from .exceptions import TaskError, TaskRevokedError, TimeoutError
 if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
 
+log = logging.getLogger("greenq")
+
 PENDING, RECEIVED, STARTED, RETRY = "PENDING", "RECEIVED", "STARTED", "RETRY"
 SUCCESS, FAILURE, REVOKED = "SUCCESS", "FAILURE", "REVOKED"
 READY_STATES = frozenset({SUCCESS, FAILURE, REVOKED})
 ALL_STATES = (PENDING, RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED)
+
+#: why ``get()`` refuses to wait inside a running task (Celery's rule and words)
+SYNC_SUBTASK_RULE = ("Never call result.get() within a task! A task that waits for another holds its "
+                     "worker slot while the other waits for one: with every slot waiting, nothing runs "
+                     "and every wait times out. Use a chain, a chord or link= instead "
+                     "(docs/workflows.md), or pass disable_sync_subtasks=False if you know better.")
+
+
+def assert_will_not_block() -> None:
+    """RuntimeError (SYNC_SUBTASK_RULE) when called inside a task a worker is
+    running; eager tasks (run inline, in the caller) may wait."""
+    from .task import current_request     # here: greenq.task imports this module
+    request = current_request()
+    if request is not None and not request.is_eager:
+        raise RuntimeError(SYNC_SUBTASK_RULE)
 
 
 def _safe_str(value: Any) -> str:
@@ -164,19 +182,35 @@ class AsyncResult:
         return meta.get("retries", 0) if meta else 0
 
     # -- waiting -------------------------------------------------------------
-    def get(self, timeout: Optional[float] = None, propagate: bool = True) -> Any:
+    def get(self, timeout: Optional[float] = None, propagate: bool = True,
+            disable_sync_subtasks: bool = True) -> Any:
         """Wait for the outcome.  Returns the value; for a failure re-raises the
         task's exception (or returns it with ``propagate=False``).  Raises
-        ``greenq.TimeoutError`` after ``timeout`` seconds."""
+        ``greenq.TimeoutError`` after ``timeout`` seconds.  Inside a task run
+        by a worker it raises RuntimeError (SYNC_SUBTASK_RULE) unless
+        ``disable_sync_subtasks=False``, as Celery does."""
+        if disable_sync_subtasks:
+            assert_will_not_block()
         meta = self._meta if self._meta and self._meta.get("state") in READY_STATES else None
         if meta is None:
             data = self.app.backend.wait(self.id, timeout)
             if data is None:
-                raise TimeoutError(f"task {self.id} not ready after {timeout} s")
+                raise TimeoutError(self._timeout_message(timeout))
             meta = self._meta = self._decode(data)
         return self._outcome(meta, propagate)
 
     wait = get
+
+    def _timeout_message(self, timeout: Optional[float]) -> str:
+        """Why ``get`` gave up, with greenq.prefixes' hint (also logged) when
+        the app's workers use another key_prefix than this client."""
+        from .prefixes import mismatch_hint    # only on a timeout: one read of the registry
+        message = f"task {self.id} not ready after {timeout} s"
+        hint = mismatch_hint(self.app)
+        if hint is None:
+            return message
+        log.warning("%s", hint)
+        return f"{message}: {hint}"
 
     def _outcome(self, meta: Dict[str, Any], propagate: bool) -> Any:
         state = meta.get("state")
@@ -212,6 +246,13 @@ class EagerResult(AsyncResult):
 
     def _lookup(self) -> Optional[Dict[str, Any]]:
         return self._meta
+
+    def get(self, timeout: Optional[float] = None, propagate: bool = True,
+            disable_sync_subtasks: bool = True) -> Any:
+        """The outcome, already known: never waits, so allowed inside a task."""
+        return super().get(timeout, propagate, disable_sync_subtasks=False)
+
+    wait = get
 
     def forget(self) -> None:
         self._meta = {"state": PENDING}

@@ -23,6 +23,15 @@ AMQP_PASSWORD = os.environ.get("GREENQ_TEST_AMQP_PASSWORD", "guest")
 AMQP_VHOST = os.environ.get("GREENQ_TEST_AMQP_VHOST", "")   # an existing vhost: used, never created or deleted
 RUN_ID = uuid.uuid4().hex[:8]
 
+# Hermetic: a GreenQ(...) built in this process reads $GREENQ_CONFIG, ./greenq.ini
+# and /etc/greenq/greenq.ini like a worker (issue 18); the tests' apps must not
+# pick up a developer's file.  Tests that want a file pass it, or chdir to a
+# tmp_path holding a greenq.ini (./greenq.ini stays searched there).
+os.environ.pop("GREENQ_CONFIG", None)
+gq_config.SEARCH_PATH = ("./greenq.ini",)
+if os.path.isfile("greenq.ini"):
+    pytest.exit(f"{os.path.abspath('greenq.ini')}: the tests' apps would read it; move it away", returncode=2)
+
 
 def _answers(host: str, port: int) -> bool:
     try:
@@ -71,6 +80,11 @@ def redis_prefix(redis_url):
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
     if keys:
         client.delete(*keys)
+    # the workers' entries in the unprefixed app registry (greenq/prefixes.py)
+    fields = [f for f in client.hkeys("greenq:apps") if f.decode("utf-8", "replace").split(" ")[-1]
+              .startswith(prefix)]
+    if fields:
+        client.hdel("greenq:apps", *fields)
     client.close()
 
 

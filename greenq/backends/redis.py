@@ -21,7 +21,9 @@ when final, publishes the task id to every channel in ``waiters``; the
 listener wakes the process's waiters of that task, which read the record.
 The two scripts are atomic, so a store is never missed between the read and
 the registration.  When the listener's connection drops, it reconnects and
-wakes every waiter to read again.
+wakes every waiter to read again.  A listener nobody has waited on for
+``[redis] idle_timeout`` seconds ends and lets its connection go, like the
+pool's idle connections; the next wait starts a new one on the same channel.
 """
 from __future__ import annotations
 
@@ -103,18 +105,24 @@ class _Listener:
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
+        self._last_wait = time.monotonic()         # when a waiter last came or went
+        self._generation = 0                       # of the current listener thread
 
     def register(self, task_id: str) -> threading.Event:
         event = threading.Event()
         with self._lock:
+            self._last_wait = time.monotonic()
             self._waiters.setdefault(task_id, []).append(event)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="greenq-results", daemon=True)
+                self._generation += 1
+                self._thread = threading.Thread(target=self._run, args=(self._generation,),
+                                                name="greenq-results", daemon=True)
                 self._thread.start()
         return event
 
     def unregister(self, task_id: str, event: threading.Event) -> None:
         with self._lock:
+            self._last_wait = time.monotonic()
             events = self._waiters.get(task_id, [])
             if event in events:
                 events.remove(event)
@@ -134,6 +142,19 @@ class _Listener:
             pass
         thread.join(LISTEN_SLICE + 1.0)
 
+    def _idled_out(self, generation: int) -> bool:
+        """True when nobody waited for ``idle_timeout`` seconds: this thread is
+        forgotten (the next ``register`` starts another) and ``ready``
+        cleared, both under the lock, so a waiter never sees a stale ready."""
+        idle = self.backend.pool.idle_close
+        with self._lock:
+            if not idle or self._waiters or time.monotonic() - self._last_wait <= idle:
+                return False
+            if generation == self._generation:
+                self._thread = None
+                self.ready.clear()
+            return True
+
     def _wake(self, task_id: Optional[str]) -> None:
         """Wake the waiters of ``task_id``, or everyone (None)."""
         with self._lock:
@@ -142,7 +163,7 @@ class _Listener:
         for event in events:
             event.set()
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         pubsub, failures = None, 0
         try:
             while not self._closed:
@@ -152,7 +173,7 @@ class _Listener:
                         pubsub.subscribe(self.channel)
                     message = pubsub.get_message(timeout=LISTEN_SLICE)
                 except Exception as exc:       # the listener must outlive any failure
-                    if self._closed:
+                    if self._closed or self._idled_out(generation):
                         return
                     self.ready.clear()
                     failures += 1
@@ -165,6 +186,8 @@ class _Listener:
                     self.backend._sleep(reconnect_delay(failures))
                     continue
                 if message is None:
+                    if self._idled_out(generation):
+                        return
                     continue
                 if message["type"] == "subscribe":
                     if failures >= 2:
@@ -176,7 +199,9 @@ class _Listener:
                     data = message["data"]
                     self._wake(data.decode() if isinstance(data, bytes) else str(data))
         finally:
-            self.ready.clear()
+            with self._lock:
+                if generation == self._generation:   # not replaced by a newer listener
+                    self.ready.clear()
             if pubsub is not None:
                 self._discard(pubsub)
 

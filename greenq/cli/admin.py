@@ -303,9 +303,10 @@ def cmd_config(args: argparse.Namespace, cfg: config_module.Config) -> int:
         return EXIT_OK
     rows = [{"section": s, "key": k, "value": v, "source": o} for s, k, v, o in cfg.items(masked=True)]
     if args.json:
-        print(json.dumps({"file": cfg.file, "settings": rows}, indent=2))
+        print(json.dumps({"file": cfg.file, "key_prefix": cfg.key_prefix, "settings": rows}, indent=2))
         return EXIT_OK
-    print(f"; effective configuration (file: {cfg.file or 'none'}); values show their source")
+    print(f"; effective configuration (file: {cfg.file or 'none'}; key_prefix: {cfg.key_prefix}, "
+          f"{cfg.origin('greenq', 'key_prefix')}); values show their source")
     current = None
     for row in rows:
         if row["section"] != current:

@@ -1,12 +1,13 @@
 """Helpers shared by the worker and admin commands: loading the config and the app."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
 import sys
 import traceback
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from .. import config as config_module
 from ..app import GreenQ
@@ -30,7 +31,8 @@ def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
         spec = cfg.app[0]
         where = f"{cfg.origin('greenq', 'app')}: [greenq] app = {','.join(cfg.app)}"
     if spec:
-        app = _resolve(spec, where)
+        with _config_file_for_import(cfg.file):
+            app = _resolve(spec, where)
         for (section, key), origin in cfg._origin.items():
             if not section.startswith("task:"):
                 app.config.set(section, key, cfg.section(section)[key], origin)
@@ -66,6 +68,25 @@ def import_failure(exc: BaseException) -> str:
     if frames and frames[-1].filename != __file__:
         return f"{what} (in {frames[-1].filename}, line {frames[-1].lineno})"
     return what
+
+
+@contextlib.contextmanager
+def _config_file_for_import(path: Optional[str]) -> Iterator[None]:
+    """While the app's module is imported, $GREENQ_CONFIG names the file this
+    command loaded (``--config``): a ``GreenQ(...)`` built at import reads the
+    same file as the command, not a ./greenq.ini beside it."""
+    if not path:
+        yield
+        return
+    before = os.environ.get("GREENQ_CONFIG")
+    os.environ["GREENQ_CONFIG"] = path
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("GREENQ_CONFIG", None)
+        else:
+            os.environ["GREENQ_CONFIG"] = before
 
 
 def _resolve(spec: str, where: str) -> GreenQ:

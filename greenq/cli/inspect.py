@@ -95,7 +95,12 @@ def _human(what: str, value: Any) -> str:
 def cmd_inspect(args: argparse.Namespace, app: Any) -> int:
     if args.what == "scheduled":
         return _print_scheduled(app, args)
-    return _print(_call(app, args.what, {}, args), args, args.what)
+    from ..prefixes import mismatch_hint
+    replies = _call(app, args.what, {}, args)
+    hint = None if replies else mismatch_hint(app)     # nobody answered: another key_prefix?
+    if hint:
+        sys.stderr.write(f"greenq: warning: {hint}\n")
+    return _print(replies, args, args.what)
 
 
 def _print_scheduled(app: Any, args: argparse.Namespace) -> int:

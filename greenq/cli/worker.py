@@ -79,8 +79,8 @@ def banner(app: Any, pool: str, pool_source: str) -> str:
     from .. import __version__
     from ..backends import backend_url_for
     cfg = app.config
-    lines = [f"greenq {__version__} worker: app={app.name!r} pool={pool} ({pool_source}) "
-             f"broker={config_module.mask_url(cfg.broker_url)} "
+    lines = [f"greenq {__version__} worker: app={app.name!r} key_prefix={cfg.key_prefix!r} "
+             f"pool={pool} ({pool_source}) broker={config_module.mask_url(cfg.broker_url)} "
              f"backend={config_module.mask_url(backend_url_for(cfg))}"]
     tasks = sorted(app.tasks.values(), key=lambda t: t.name)
     lines.append(f"  {len(tasks)} registered task(s):")
@@ -156,6 +156,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     driver.install_signal(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
     from ..worker.monitor import HTTP_PORT_ENV, Monitor
     from ..worker.startup import refuse_without_tasks, wait_for_broker
+    from ..prefixes import announce
     monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],
                       port_file=os.environ.get(HTTP_PORT_ENV) if args.child else None)
     log.info("%s", banner(app, driver.name, pool_source or "default"))
@@ -168,6 +169,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
                                    stopping=lambda: bool(worker.stopping)):
                 return EXIT_OK
             refuse_without_tasks(app.tasks, worker.broker, worker.queues, log)
+            announce(app, worker.name)     # greenq.prefixes: the app's key_prefix, for clients to compare
         except ConfigError as exc:  # refused by the broker (a bad password...), or no tasks
             log.error("%s", exc)
             return EXIT_USAGE

@@ -2,8 +2,11 @@
 
 One pool per broker or backend instance (per process: the app makes new ones
 after a fork).  Connections are opened on demand, up to a cap, and closed
-again after ``IDLE_CLOSE`` seconds unused, so a web process holds about as
-many connections as it recently needed, not as many as it ever needed.  The
+again after ``[redis] idle_timeout`` seconds unused (default ``IDLE_CLOSE``),
+so a web process holds about as many connections as it recently needed, not
+as many as it ever needed.  The closing runs on a timer (one daemon thread
+per process, a greenlet when the process is patched: ``_Reaper``), so a
+process that stops calling Redis altogether lets its connections go too.  The
 cap is small in a client (``CLIENT_CONNECTIONS``); a worker's broker raises
 it to its concurrency plus room for the control plane when it starts
 consuming.  ``[redis] max_connections`` fixes the cap for a process instead.
@@ -20,7 +23,8 @@ import os
 import re
 import threading
 import time
-from typing import Any
+import weakref
+from typing import Any, Optional
 
 import redis
 from redis.backoff import NoBackoff
@@ -36,6 +40,7 @@ REFUSED_REPLIES = ("DB index is out of range", "invalid DB index")
 CLIENT_CONNECTIONS = 10           # cap of a client's pool (grows on demand up to it)
 CONTROL_CONNECTIONS = 10          # a worker's broker: concurrency + these (fetch, acks, renewals, ...)
 IDLE_CLOSE = 60.0                 # seconds before an unused pooled connection is closed
+REAP_MIN_PERIOD = 0.05            # the reaper never wakes more often than this
 
 
 def worker_pool_size(config: Config) -> int:
@@ -80,21 +85,90 @@ class _Slots:
                 self._cond.notify(count)
 
 
+class _Reaper:
+    """Closes the idle connections of every live :class:`Pool` of this
+    process, on a timer: every quarter of the shortest ``idle_close`` (never
+    more often than REAP_MIN_PERIOD), so a connection unused for
+    ``idle_close`` seconds is closed within a quarter of that more.  One
+    daemon thread (a greenlet when patched), started with the first pool and
+    ended when no pool is left; pools are held weakly.  A forked child starts
+    afresh: its parent's pools are never touched (``reset``)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._pools: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, pool: "Pool") -> None:
+        """Reap ``pool`` too; wake the timer so it follows ``pool``'s idle time."""
+        with self._lock:
+            self._pools.add(pool)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="greenq-redis-idle", daemon=True)
+                self._thread.start()
+        self._wake.set()
+
+    def _period(self) -> Optional[float]:
+        """Seconds until the next round; None (and the thread forgotten) when
+        no pool closes idle connections any more."""
+        with self._lock:
+            times = [p.idle_close for p in list(self._pools) if p.idle_close > 0]
+            if not times:
+                self._thread = None
+                return None
+        return max(REAP_MIN_PERIOD, min(times) / 4)
+
+    def _run(self) -> None:
+        while True:
+            period = self._period()
+            if period is None:
+                return
+            self._wake.wait(period)
+            self._wake.clear()
+            now = time.monotonic()
+            for pool in list(self._pools):
+                if pool.idle_close > 0:
+                    try:
+                        pool.close_idle(now)
+                    except Exception:  # pragma: no cover - never lose the timer
+                        pass
+
+
+_REAPER = _Reaper()
+os.register_at_fork(after_in_child=_REAPER.reset)
+
+
 class Pool(redis.ConnectionPool):
     """redis-py's pool (a connection is made only when no idle one is free)
     where callers over the cap wait for a connection instead of failing,
-    connections left unused for ``idle_close`` seconds are closed (checked
-    whenever one comes back), and ``grow`` raises the cap.  Built on the
-    pool's documented-by-use attributes (``_available_connections``,
-    ``_created_connections``, ``_lock``), the same since redis-py 4."""
+    connections left unused for ``idle_close`` seconds are closed (on the
+    process's timer, ``_Reaper``, and whenever one comes back), and ``grow``
+    raises the cap.  Built on the pool's documented-by-use attributes
+    (``_available_connections``, ``_created_connections``, ``_lock``), the
+    same since redis-py 4."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, idle_close: float = IDLE_CLOSE, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.idle_close = IDLE_CLOSE
+        self._idle_close = idle_close
         self._last_check = 0.0
         self._slots = _Slots(self.max_connections)
         self._held: set = set()
         self._held_lock = threading.Lock()
+        _REAPER.watch(self)
+
+    @property
+    def idle_close(self) -> float:
+        """Seconds an unused connection stays open; 0 = until the pool closes."""
+        return self._idle_close
+
+    @idle_close.setter
+    def idle_close(self, seconds: float) -> None:
+        self._idle_close = seconds
+        _REAPER.watch(self)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         self._slots.acquire()
@@ -118,11 +192,14 @@ class Pool(redis.ConnectionPool):
         finally:
             if held:
                 self._slots.release()
-        if now - self._last_check >= self.idle_close / 4:
+        if self._idle_close and now - self._last_check >= self._idle_close / 4:
             self._last_check = now
-            self._close_idle(now)
+            self.close_idle(now)
 
-    def _close_idle(self, now: float) -> None:
+    def close_idle(self, now: float) -> None:
+        """Close the connections unused for more than ``idle_close`` seconds."""
+        if not self._idle_close:
+            return
         with self._lock:
             idle = [c for c in self._available_connections
                     if now - getattr(c, "greenq_idle_since", now) > self.idle_close]
@@ -164,6 +241,7 @@ def make_client(url: str, config: Config, role: str = "", extra: int = 0) -> "re
     try:
         pool = Pool.from_url(
             url, max_connections=(opts["max_connections"] or CLIENT_CONNECTIONS) + extra,
+            idle_close=opts["idle_timeout"],
             socket_timeout=timeout, socket_connect_timeout=connect, socket_keepalive=True,
             health_check_interval=opts["health_check_interval"],
             client_name=client_name(config.key_prefix, role), retry=Retry(NoBackoff(), 0))
