@@ -7,6 +7,8 @@ on Ctrl-C, retry log lines with their cause."""
 from __future__ import annotations
 
 import json
+import os
+import pty
 import signal
 import socket
 import subprocess
@@ -111,20 +113,31 @@ def test_cancel_consumer_drops_the_queue_from_stats_and_heartbeats(any_env, pool
     _stop(env, proc)
 
 
-def test_events_exits_0_on_ctrl_c(sqlite_env):
+def test_events_exits_0_on_ctrl_c(sqlite_env, pool):
+    worker = sqlite_env.worker(pool, "-n", "ev", burst=False)
     # Ctrl-C as at a terminal (a background process inherits SIGINT ignored)
-    proc = subprocess.Popen([sys.executable, "-m", "greenq.cli", "events"], cwd=sqlite_env.tmp,
-                            env=sqlite_env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "greenq.cli", "events", "--timeout", "60"],
+                            cwd=sqlite_env.tmp, env=sqlite_env.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     sqlite_env.procs.append(proc)
-    # the stream is open once the first poll ran: its control database exists
-    deadline = time.monotonic() + 20
-    while not list(sqlite_env.tmp.glob("broker.sqlite3*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)
+    assert " ev: " in proc.stdout.readline()        # a heartbeat: the stream is being read
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=20)
     assert proc.returncode == 0 and "Traceback" not in err, err
+    _stop(sqlite_env, worker)
+
+
+def _answered(env, answer: str, *args: str) -> subprocess.CompletedProcess:
+    """``greenq ARGS`` with a terminal on stdin, answering ``answer``."""
+    controller, terminal = pty.openpty()
+    try:
+        os.write(controller, answer.encode() + b"\n")
+        return subprocess.run([sys.executable, "-m", "greenq.cli", *args], cwd=env.tmp, env=env.env,
+                              stdin=terminal, capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(controller)
+        os.close(terminal)
 
 
 def test_dlq_purge_asks_like_purge_and_dlq_list_says_it_was_cut(sqlite_env, pool):
@@ -143,7 +156,11 @@ def test_dlq_purge_asks_like_purge_and_dlq_list_says_it_was_cut(sqlite_env, pool
 
     refused = env.admin("dlq", "purge")                 # no terminal, no --yes: nothing deleted
     assert refused.returncode == 2 and "pass --yes" in refused.stderr, refused
+    declined = _answered(env, "n", "dlq", "purge")      # a terminal: asked, and declined
+    assert declined.returncode == 1 and "Delete every dead letter? [y/N]" in declined.stdout, declined
     assert len(json.loads(env.admin("dlq", "list", "--json").stdout)) == 5
+    queued = _answered(env, "n", "purge", "default")    # purge Q asks the same way
+    assert queued.returncode == 1 and "Delete every waiting message of 'default'? [y/N]" in queued.stdout
     done = env.admin("dlq", "purge", "--yes")
     assert done.returncode == 0 and "purged 5 dead letter(s)" in done.stdout, done
     assert json.loads(env.admin("dlq", "list", "--json").stdout) == []
