@@ -196,7 +196,7 @@ def parse_size(text: str) -> int:
     A bigger bare number is refused: it is most likely Celery's KiB."""
     m = _SIZE.match(text)
     unit = m.group(2).lower() if m else ""
-    if not m or unit not in SIZE_UNITS and unit:
+    if not m or (unit and unit not in SIZE_UNITS):
         raise ValueError("expected a size: MiB, or a number with a unit (200MB, 200000KiB, 2GiB)")
     number = float(m.group(1))
     if not unit and number > MAX_BARE_MIB:
