@@ -34,7 +34,7 @@ KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 @dataclass(frozen=True)
 class Setting:
-    type: str          # str, int, float, bool, list, hostport, or "choice:a|b|c"
+    type: str          # str, int, float, bool, list, hostport, size (MiB), or "choice:a|b|c"
     default: Any
     help: str
     #: the ceiling of a number an operator can raise (docs/configuration.md, "Ceilings")
@@ -50,6 +50,9 @@ MAX_DELIVERIES = 1000
 MAX_REDIS_CONNECTIONS = 10000             # Redis's default maxclients
 MAX_TIMEOUT = 3600.0                      # socket and health-check intervals
 MAX_PREFETCH_BYTES = 1 << 30              # what one worker process holds of message bodies
+#: the largest bare number (no unit) a ``size`` setting takes: Celery counts
+#: --max-memory-per-child in KiB, so its 200000 would mean 195 GiB here
+MAX_BARE_MIB = 65536
 
 
 SETTINGS: Dict[str, Dict[str, Setting]] = {
@@ -92,8 +95,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                     DAY),
         "max_tasks_per_child": Setting("int", 0, "replace a child process after N tasks; 0 = off",
                                        10 ** 9),
-        "max_memory_per_child": Setting("int", 0, "MiB; replace a child process above it; 0 = off",
-                                        1024 * 1024),
+        "max_memory_per_child": Setting("size", 0, "MiB, or with a unit (200MB, 200000KiB, 2GiB); "
+                                        "replace a child process above it; 0 = off", 1024 * 1024),
         "http": Setting("hostport", "", "host:port for /metrics and /healthz; empty = off"),
         "blocking_threshold": Setting("float", 0.5, "seconds the hub may block before a warning; 0 = off",
                                       MAX_TIMEOUT),
@@ -180,6 +183,11 @@ _REPORTED: set = set()
 #: configuration they loaded: loads made later (by the app's module) stay quiet
 _TAKEN_OVER = [False]
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*([smh])\s*$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+#: a size's unit -> MiB (binary multiples whichever way the unit is spelt:
+#: memory is counted in pages, and Celery's KiB are 1024 bytes)
+SIZE_UNITS = {"b": 1 / 1048576, "k": 1 / 1024, "kb": 1 / 1024, "kib": 1 / 1024,
+              "m": 1, "mb": 1, "mib": 1, "g": 1024, "gb": 1024, "gib": 1024}
 
 
 def parse_rate(text: str) -> float:
@@ -188,6 +196,23 @@ def parse_rate(text: str) -> float:
     if not m:
         raise ValueError("expected N/s, N/m or N/h")
     return float(m.group(1)) / {"s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def parse_size(text: str) -> int:
+    """A memory size in whole MiB (rounded, at least 1 when not 0): ``200MB``,
+    ``200000KiB``, ``2GiB``, or a bare number of MiB up to ``MAX_BARE_MIB``.
+    A bigger bare number is refused: it is most likely Celery's KiB."""
+    m = _SIZE.match(text)
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit and unit not in SIZE_UNITS):
+        raise ValueError("expected a size: MiB, or a number with a unit (200MB, 200000KiB, 2GiB)")
+    number = float(m.group(1))
+    if not unit and number > MAX_BARE_MIB:
+        raise ValueError(f"a bare number is MiB, and {number:.0f} MiB is above {MAX_BARE_MIB:,}; "
+                         f"did you mean KiB, as Celery counts? write {m.group(1)}KiB "
+                         f"(or a size with a unit: 200MB, 2GiB)")
+    mib = _finite(number * SIZE_UNITS[unit or "mib"])
+    return max(1, round(mib)) if mib else 0
 
 
 def _parse_bool(text: str) -> bool:
@@ -222,6 +247,8 @@ def convert(kind: str, value: Any) -> Any:
             return _non_negative(_finite(float(value)))
         if kind == "bool" and isinstance(value, bool):
             return value
+        if kind == "size" and isinstance(value, (bool, float)):
+            raise ValueError("expected a whole number of MiB, or a size with a unit")
         value = str(value)
     if kind == "str":
         return value.strip()
@@ -242,6 +269,8 @@ def convert(kind: str, value: Any) -> Any:
         return [part.strip() for part in value.split(",") if part.strip()]
     if kind == "hostport":
         return _parse_hostport(value)
+    if kind == "size":
+        return parse_size(value)
     if kind == "ratelimit":
         parse_rate(value)
         return value.strip()

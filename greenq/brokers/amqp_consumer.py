@@ -194,8 +194,10 @@ class ConsumerLoop:
         self._next_tick = time.monotonic() + TICK
         self.link.up()
 
-    def _sync(self) -> None:
-        """Match consumers and prefetch to what was asked.  Caller holds wlock."""
+    def _sync(self) -> List[Delivery]:
+        """Match consumers and prefetch to what was asked; return what was
+        buffered for the queues no longer wanted (for ``give_back``, once
+        wlock is released).  Caller holds wlock."""
         self.dirty = False
         ch = self.channel
         wanted = [] if self.paused else list(self.wanted)
@@ -212,8 +214,12 @@ class ConsumerLoop:
                 self.consuming[queue] = ch.basic_consume(
                     self.settings.queue_name(queue), consumer_tag=tag, callback=self._callback(queue, self.gen),
                     on_cancel=self._on_cancel)
+        dropped: List[Delivery] = []
         for queue in [q for q in self.consuming if q not in wanted]:
             self._cancel(queue)
+            with self.lock:
+                dropped += [d for _, _, d in self.buffer.pop(queue, [])]
+        return dropped
 
     def _cancel(self, queue: str) -> None:
         """Cancel the consumer of ``queue`` and wait for RabbitMQ's CancelOk;
@@ -229,7 +235,9 @@ class ConsumerLoop:
             raise amqp.exceptions.ConsumerCancelled("RabbitMQ cancelled the consumer (queue deleted?)")
         if self.dirty:
             with self.wlock:
-                self._sync()
+                dropped = self._sync()
+            if dropped:             # cancel-consumer: what that queue's consumer had prefetched
+                self.give_back(dropped)
         # the socket keeps one timeout (TICK) while the loop reads: setting it
         # per read costs two system calls a frame on a plain socket
         self.sock.settimeout(TICK)

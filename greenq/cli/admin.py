@@ -35,6 +35,10 @@ def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
 
 
+def _yes_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="greenq", description="greenq admin tool")
     p.add_argument("--config", metavar="FILE", help="INI file (default: $GREENQ_CONFIG, ./greenq.ini, "
@@ -74,9 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--count", type=int, default=0, metavar="N",
                    help="with --watch, stop after N refreshes (default 0: until Ctrl-C)")
 
+    sub.add_parser("worker", add_help=False,
+                   help="run a worker: the same as greenq-worker with the same arguments")
+
     pg = sub.add_parser("purge", help="delete every waiting message of a queue")
     pg.add_argument("queue", help="the queue to empty")
-    pg.add_argument("--yes", action="store_true", help="do not ask")
+    _yes_flag(pg)
 
     d = sub.add_parser("dlq", help="the dead-letter store")
     dsub = d.add_subparsers(dest="dlq_command", required=True, parser_class=_Parser)
@@ -88,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     dr = dsub.add_parser("requeue", help="send dead letters back to their queue")
     dr.add_argument("id", nargs="?", help="the dead letter's id (from dlq list) or its task's id")
     dr.add_argument("--all", action="store_true", help="requeue every dead letter")
-    dsub.add_parser("purge", help="delete every dead letter")
+    _yes_flag(dsub.add_parser("purge", help="delete every dead letter"))
 
     beat_cli.add_parser(sub)
 
@@ -120,7 +127,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(argv: Optional[List[str]]) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if "worker" in argv:
+        known, rest = parser.parse_known_args(argv)
+        if known.command == "worker":
+            exec_worker(known, rest)
+    args = parser.parse_args(argv)
     try:
         cfg = config_module.load(args.config, quiet=True,
                                  overrides={("greenq", "broker_url"): args.broker,
@@ -147,6 +160,34 @@ def _main(argv: Optional[List[str]]) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def exec_worker(args: argparse.Namespace, rest: List[str]) -> None:
+    """``greenq [-A APP] [--config F] [--broker U] [--backend U] worker ARGS``:
+    replace this process with ``greenq-worker`` (``python -m greenq.worker``)
+    so the worker is monkey-patched before anything else is imported (this
+    process was not patched).  The admin tool's options go first, so the
+    worker's own ARGS win."""
+    argv = [sys.executable, "-m", "greenq.worker"]
+    for flag, value in (("--app", args.app), ("--config", args.config), ("--broker", args.broker),
+                        ("--backend", args.backend)):
+        if value is not None:
+            argv += [flag, value]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv + rest)
+
+
+def refusal(question: str, yes: bool, what: str) -> Optional[int]:
+    """None to go ahead (``--yes``, or the person at the terminal answered
+    y); else the exit code: 2 without a terminal (after a line saying
+    ``--yes`` is needed), 1 when the answer was not y."""
+    if yes:
+        return None
+    if not sys.stdin.isatty():
+        sys.stderr.write(f"greenq: error: {what}; pass --yes to confirm\n")
+        return EXIT_USAGE
+    return None if input(f"{question} [y/N] ").strip().lower() == "y" else EXIT_FAILURE
 
 
 def _json_arg(text: str, flag: str, kind: type) -> Any:
@@ -236,12 +277,9 @@ def cmd_queues(args: argparse.Namespace, app: Any) -> int:
 
 
 def cmd_purge(args: argparse.Namespace, app: Any) -> int:
-    if not args.yes:
-        if not sys.stdin.isatty():
-            sys.stderr.write("greenq: error: purge deletes messages; pass --yes to confirm\n")
-            return EXIT_USAGE
-        if input(f"Delete every waiting message of {args.queue!r}? [y/N] ").strip().lower() != "y":
-            return EXIT_FAILURE
+    refused = refusal(f"Delete every waiting message of {args.queue!r}?", args.yes, "purge deletes messages")
+    if refused is not None:
+        return refused
     print(f"purged {app.broker.purge(args.queue)} message(s) from {args.queue}")
     return EXIT_OK
 
@@ -254,21 +292,36 @@ def _find_dead(broker: Any, ident: str) -> Any:
     return dead
 
 
+def _dlq_summary(broker: Any, shown: int, limit: int) -> str:
+    """``100 of 5,000 dead letters ...``: the line under a list its --limit
+    cut.  The total is the sum of the per-queue dead counts; where the broker
+    knows fewer than were listed (RabbitMQ counts the queues it knows), it
+    says "more than"."""
+    total = sum(s.dead for s in broker.queue_stats())
+    of = f"{total:,}" if total > shown else f"more than {shown:,}"
+    return f"{shown:,} of {of} dead letters (--limit {limit}; raise it to list more)"
+
+
 def cmd_dlq(args: argparse.Namespace, app: Any) -> int:
     from ..message import peek
     broker = app.broker
     if args.dlq_command == "list":
-        letters = broker.dlq_list(limit=args.limit)
+        letters = broker.dlq_list(limit=args.limit + 1)     # one more: was the list cut?
+        cut = len(letters) > args.limit
+        letters = letters[:args.limit]
         rows = [{"id": d.id, "queue": d.queue, "task": peek(d.body)[1], "task_id": d.message_id,
                  "reason": d.reason, "failed_at": d.failed_at} for d in letters]
+        summary = _dlq_summary(broker, len(letters), args.limit) if cut else f"{len(letters)} dead letter(s)"
         if args.json:
             print(json.dumps(rows, indent=2))
+            if cut:                     # stdout stays one JSON document
+                sys.stderr.write(f"greenq: {summary}\n")
             return EXIT_OK
         print(f"{'id':<38} {'queue':<16} {'task':<28} {'task id':<34} reason")
         for row in rows:
             print(f"{row['id']:<38} {row['queue']:<16} {str(row['task'] or '?'):<28} "
                   f"{row['task_id'] or '?':<34} {row['reason']}")
-        print(f"{len(letters)} dead letter(s)")
+        print(summary)
     elif args.dlq_command == "show":
         d = _find_dead(broker, args.id)
         if d is None:
@@ -292,6 +345,9 @@ def cmd_dlq(args: argparse.Namespace, app: Any) -> int:
         print(f"requeued {n} message(s)")
         return EXIT_OK if n or args.all else EXIT_FAILURE
     elif args.dlq_command == "purge":
+        refused = refusal("Delete every dead letter?", args.yes, "dlq purge deletes every dead letter")
+        if refused is not None:
+            return refused
         print(f"purged {broker.dlq_purge()} dead letter(s)")
     return EXIT_OK
 

@@ -11,6 +11,10 @@ from typing import Any, Dict, List
 from ..exceptions import BrokerError, GreenQError
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 
+#: sysexits.h EX_UNAVAILABLE: no worker replied (Celery's inspect and control
+#: exit with it too, so health probes written for Celery work unchanged)
+EXIT_NO_REPLY = 69
+
 INSPECT = ("ping", "active", "reserved", "scheduled", "stats", "registered", "revoked")
 #: control command -> (its arguments, in order)
 CONTROL = {"shutdown": (), "pool-grow": ("n",), "pool-shrink": ("n",), "rate-limit": ("task", "rate"),
@@ -57,10 +61,17 @@ def _call(app: Any, command: str, params: Dict[str, Any], args: argparse.Namespa
         control.close()
 
 
+def _json_reply(what: str, reply: Dict[str, Any]) -> Any:
+    """One worker's reply in ``--json``: the value, or ``{"error": ...}``;
+    ping's as Celery prints it, ``{"ok": "pong"}``."""
+    if "ok" not in reply:
+        return {"error": reply.get("error")}
+    return {"ok": reply["ok"]} if what == "ping" else reply["ok"]
+
+
 def _print(replies: List[Dict[str, Any]], args: argparse.Namespace, what: str) -> int:
     if args.json:
-        print(json.dumps({r["worker"]: r.get("ok") if "ok" in r else {"error": r.get("error")}
-                          for r in replies}, indent=2, default=repr))
+        print(json.dumps({r["worker"]: _json_reply(what, r) for r in replies}, indent=2, default=repr))
     else:
         for r in replies:
             if "error" in r:
@@ -69,7 +80,7 @@ def _print(replies: List[Dict[str, Any]], args: argparse.Namespace, what: str) -
                 print(f"{r['worker']}: {_human(what, r.get('ok'))}")
     if not replies:
         sys.stderr.write(f"greenq: no worker replied within {args.timeout:g} s\n")
-        return EXIT_FAILURE
+        return EXIT_NO_REPLY
     return EXIT_OK if all("ok" in r for r in replies) else EXIT_FAILURE
 
 
@@ -121,7 +132,7 @@ def _print_scheduled(app: Any, args: argparse.Namespace) -> int:
         print(f"  {e['name']}: {e['task']}, {rule}, last run {last}, next run {nxt}")
     if not replies:
         sys.stderr.write(f"greenq: no worker replied within {args.timeout:g} s\n")
-        return EXIT_OK if entries else EXIT_FAILURE
+        return EXIT_OK if entries else EXIT_NO_REPLY
     for r in replies:
         print(f"{r['worker']}: {_human('scheduled', r.get('ok')) if 'ok' in r else 'error: ' + str(r.get('error'))}")
     return EXIT_OK if all("ok" in r for r in replies) else EXIT_FAILURE
@@ -167,6 +178,8 @@ def cmd_events(args: argparse.Namespace, app: Any) -> int:
                 seen += 1
             if deadline is not None and time.monotonic() >= deadline:
                 break
+    except KeyboardInterrupt:       # Ctrl-C is how a live stream ends: exit 0, as celery events does
+        pass
     finally:
         control.close()
         if tally.skipped or tally.dropped:

@@ -17,6 +17,10 @@ from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
 
 log = logging.getLogger("greenq.worker")
 
+#: Celery worker flags greenq accepts and ignores: it has no gossip or mingle
+#: step, and its heartbeats are the control plane's (--without-control)
+CELERY_NO_OPS = ("gossip", "mingle", "heartbeat")
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # exit 2 with the flag named, as argparse does
@@ -41,16 +45,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http", metavar="HOST:PORT", help="serve /metrics and /healthz")
     p.add_argument("--max-tasks-per-child", type=int, metavar="N",
                    help="replace a worker process after N tasks (0 = never)")
-    p.add_argument("--max-memory-per-child", type=int, metavar="MiB",
-                   help="replace a worker process that grows past MiB (0 = off)")
+    p.add_argument("--max-memory-per-child", metavar="SIZE",
+                   help="replace a worker process that grows past SIZE: MiB, or with a unit "
+                        "(200MB, 200000KiB); 0 = off")
     p.add_argument("--shutdown-timeout", type=float, metavar="S",
                    help="seconds running tasks get to finish on SIGTERM")
     p.add_argument("--blocking-threshold", type=float, metavar="S",
                    help="seconds the hub may block before a warning with the stack (0 = off)")
     p.add_argument("--burst", action="store_true", help="process what is queued, then exit 0")
-    p.add_argument("--beat", action="store_true", help="also run the periodic-task scheduler")
-    p.add_argument("-n", "--name", metavar="NAME", help="worker name (%%h = host, %%p = pid); "
-                   "default <hostname>.<pid>")
+    p.add_argument("-B", "--beat", action="store_true", help="also run the periodic-task scheduler")
+    p.add_argument("-n", "--name", "--hostname", metavar="NAME",
+                   help="worker name (%%h = host name, %%n = its first label, %%d = its domain, "
+                        "%%i = process index, %%p = pid); default greenq@%%h, and under --processes "
+                        "N greenq-<index>@%%h")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="hard time limit of every task that sets none (Celery's --time-limit)")
+    p.add_argument("--soft-time-limit", type=float, metavar="S",
+                   help="soft time limit of every task that sets none (Celery's --soft-time-limit)")
+    p.add_argument("-O", dest="optimization", choices=("fair", "default"),
+                   help="accepted for Celery's spelling: a free runner always takes the next "
+                        "message, as Celery's -O fair does")
+    for part in CELERY_NO_OPS:
+        p.add_argument(f"--without-{part}", action="append_const", const=f"--without-{part}",
+                       dest="no_ops", help="accepted for Celery's spelling; does nothing (docs/worker.md)")
     p.add_argument("-E", "--events", action="store_const", const=True, help="send task events")
     p.add_argument("--without-control", action="store_const", const=False, dest="control",
                    help="no heartbeats, no inspect/control answers")
@@ -95,14 +112,48 @@ def banner(app: Any, pool: str, pool_source: str) -> str:
     return "\n".join(lines)
 
 
-def child_name(name: Optional[str]) -> Optional[str]:
-    """``-n NAME`` under ``--processes``: one name per child, ``NAME-<index>``
-    (the index is the supervisor's slot, so a replacement keeps its name)."""
-    if not name:
-        return None                  # <hostname>.<pid> differs per child already
+def child_name(name: Optional[str], processes: int) -> str:
+    """A supervised child's name: ``-n NAME`` (default ``greenq@%h``) with
+    ``%i`` its index; under ``--processes N`` (N > 1) a name without ``%i``
+    gets ``-<index>`` after its name part, ``greenq-1@host`` (``NAME-1``
+    without an ``@``), so no two children answer to one name.  The index is
+    the supervisor's slot: a replacement keeps its name."""
+    from ..control.agent import DEFAULT_NAME, worker_name
     from ..worker.monitor import HEARTBEAT_ENV
+    name = name or DEFAULT_NAME
     slot = os.path.basename(os.environ.get(HEARTBEAT_ENV, "")).rpartition("-")[2]
-    return f"{name}-{slot}" if slot.isdigit() else f"{name}-%p"
+    if not slot.isdigit():
+        slot = str(os.getpid())
+    if processes > 1 and "%i" not in name:
+        part, at, host = name.partition("@")
+        name = f"{part}-{slot}{at}{host}"
+    return worker_name(name, int(slot))
+
+
+def default_time_limits(app: Any, args: argparse.Namespace) -> None:
+    """``--time-limit`` / ``--soft-time-limit``: the limits of every
+    registered task that has none of its own (decorator or ``[task:NAME]``),
+    as Celery's worker flags are; a message's own limits still win.  A soft
+    default above a task's own hard limit is left out for that task (it
+    would never fire)."""
+    for key, value in (("time_limit", args.time_limit), ("soft_time_limit", args.soft_time_limit)):
+        if value is None:
+            continue
+        for task in app.tasks.values():
+            hard = task.option("time_limit")
+            if task.option(key) is None and not (key == "soft_time_limit" and hard and value > hard):
+                app.config.set(f"task:{task.name}", key, value, origin=f"option --{key.replace('_', '-')}")
+
+
+def celery_notes(args: argparse.Namespace) -> List[str]:
+    """One line per Celery flag accepted without effect, saying why."""
+    notes = [f"{flag}: accepted for Celery's spelling; greenq has no gossip, mingle or Celery "
+             f"heartbeat step to turn off (its own heartbeats stop with --without-control)"
+             for flag in args.no_ops or ()]
+    if args.optimization:
+        notes.append(f"-O {args.optimization}: accepted for Celery's spelling; a free runner always "
+                     f"takes the next message held, as Celery's -O fair does")
+    return notes
 
 
 def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
@@ -127,6 +178,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         return EXIT_USAGE
     try:  # the supervisor too: a mistake is reported once, before any child starts
         app = load_app(args.app, cfg)
+        default_time_limits(app, args)
         warnings = check_app(app)
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
@@ -134,6 +186,8 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     if not args.child:
         for message in warnings:
             log.warning("%s", message)
+        for message in celery_notes(args):
+            log.info("%s", message)
     supervised = w["processes"] > 1 or w["max_tasks_per_child"] or w["max_memory_per_child"]
     if supervised and not args.child:
         from ..worker.supervisor import Supervisor
@@ -147,7 +201,7 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
                         prefetch=app.config.worker["prefetch"], burst=args.burst,
                         shutdown_timeout=app.config.worker["shutdown_timeout"],
                         max_tasks=app.config.worker["max_tasks_per_child"],
-                        name=child_name(args.name) if args.child else args.name)
+                        name=child_name(args.name, w["processes"]) if args.child else args.name)
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE

@@ -109,7 +109,7 @@ class Reconnector:
                 attempt += 1
                 if attempt == 1 and self.healthy:
                     continue                     # a stale pooled connection: once, at once
-                self._went_down(exc)
+                self._went_down(exc, deadline, what)
                 delay = reconnect_delay(attempt)
                 if deadline is not None:
                     left = deadline - time.monotonic()
@@ -128,14 +128,18 @@ class Reconnector:
                 self._went_up()
             return result
 
-    def _went_down(self, exc: BaseException) -> None:
+    def _went_down(self, exc: BaseException, deadline: Optional[float], what: str) -> None:
         with self._lock:
             if not self.healthy:
                 return
             self.healthy = False
             self._needs_recovery = True
             self.down_since = time.monotonic()
-        log.warning("%s: connection lost (%s); reconnecting with backoff", self.name, exc)
+        if deadline is None:
+            log.warning("%s: connection lost (%s); reconnecting with backoff", self.name, exc)
+        else:    # a client's call: it gives up at its deadline, and says so
+            log.warning("%s: connection lost (%s); retrying for %.1f s more, then the %s fails", self.name,
+                        exc, max(0.0, deadline - time.monotonic()), what)
         try:
             self._reset()
         except Exception as reset_exc:  # pragma: no cover - tearing down must not fail the caller

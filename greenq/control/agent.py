@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import reprlib
 import socket
 import time
@@ -40,12 +41,19 @@ RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' bat
 OUTBOX_MAX = 100000            # rows kept while the broker is away (the oldest are dropped)
 
 
-def worker_name(name: Optional[str] = None) -> str:
-    """``-n NAME`` with ``%h`` (host name) and ``%p`` (pid) expanded, else ``<hostname>.<pid>``."""
-    host, pid = socket.gethostname(), str(os.getpid())
-    if not name:
-        return f"{host}.{pid}"
-    return name.replace("%h", host).replace("%p", pid)
+#: the name of a worker started without ``-n`` (Celery's ``celery@%h``)
+DEFAULT_NAME = "greenq@%h"
+
+
+def worker_name(name: Optional[str] = None, index: int = 0) -> str:
+    """``-n NAME`` (default ``greenq@%h``) with Celery's expansions: ``%h``
+    the host name, ``%n`` the host name up to its first dot, ``%d`` the rest
+    (the domain), ``%i`` the process index (``index``: the supervisor's slot,
+    0 for a single process), ``%p`` the pid, ``%%`` a percent sign."""
+    host = socket.gethostname()
+    short, _, domain = host.partition(".")
+    values = {"h": host, "n": short, "d": domain, "i": str(index), "p": str(os.getpid()), "%": "%"}
+    return re.sub(r"%([hndip%])", lambda m: values[m.group(1)], name or DEFAULT_NAME)
 
 
 class ControlAgent:

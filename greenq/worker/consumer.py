@@ -225,12 +225,23 @@ class Worker:
                 self.driver.sleep(pause)
                 continue
             self.last_poll = time.monotonic()
+            deliveries = self._of_queues_consumed(deliveries)
             if deliveries:
                 self._accept(deliveries)
             elif self.burst and not self.held and self._burst_done():
                 log.info("burst: queues are empty, stopping")
                 self.request_stop()
         self.stopped.set()
+
+    def _of_queues_consumed(self, deliveries: List[Delivery]) -> List[Delivery]:
+        """``deliveries`` less those of a queue ``cancel-consumer`` dropped
+        while the fetch was under way (a blocking read began with it), which
+        go back at once, untouched."""
+        stale = [d for d in deliveries if d.queue not in self.queues]
+        if not stale:
+            return deliveries
+        self.broker.requeue(stale, started=False)
+        return [d for d in deliveries if d.queue in self.queues]
 
     def _room(self) -> "tuple[int, int]":
         """How many more messages, and how many more bytes of bodies, the

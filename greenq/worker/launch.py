@@ -14,10 +14,15 @@ from greenq.pools import POOLS   # no imports of its own: safe before patching
 
 EXIT_USAGE = 2
 HEAVY = ("redis", "amqp", "ssl")
-
+#: Celery's pools greenq does not have, and what to write instead
+CELERY_POOLS = {
+    "prefork": "; Celery's prefork pool is --processes N here (each process runs its own pool)",
+    "processes": "; Celery's prefork pool is --processes N here (each process runs its own pool)",
+}
 
 def _flag(argv, *names):
-    """The value of the last ``--name V`` / ``--name=V`` / ``-P V`` in argv, or None."""
+    """The value of the last ``--name V`` / ``--name=V`` / ``-P V`` / ``-PV``
+    in argv, or None (the spellings argparse takes later)."""
     found = None
     for i, arg in enumerate(argv):
         for name in names:
@@ -25,6 +30,8 @@ def _flag(argv, *names):
                 found = argv[i + 1]
             elif arg.startswith(name + "=") and name.startswith("--"):
                 found = arg.split("=", 1)[1]
+            elif len(name) == 2 and arg.startswith(name) and len(arg) > 2:
+                found = arg[2:]
     return found
 
 
@@ -57,7 +64,8 @@ def choose_pool(argv, environ):
             if parser is not None and parser.has_option("worker", "pool"):
                 pool, source = parser.get("worker", "pool").strip(), f"{path}: [worker] pool"
     if pool.lower() not in POOLS:
-        raise ValueError(f"{source} = {pool!r}: unknown pool; expected one of {', '.join(POOLS)}")
+        hint = CELERY_POOLS.get(pool.lower(), "")
+        raise ValueError(f"{source} = {pool!r}: unknown pool; expected one of {', '.join(POOLS)}{hint}")
     return pool.lower(), source
 
 

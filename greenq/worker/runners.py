@@ -165,7 +165,9 @@ class Runners:
                         time.monotonic() - start, describe(job.exc))
             hooks.emit("task_failure", task, request, job.exc, job.tb)
         elif outcome == jobs.RETRY:
-            log.info("task %s[%s] retry %d: %s", task.name, request.id, request.retries + 1, describe(job.exc))
+            cause = getattr(job.exc, "exc", None)      # Retry(exc=...): what made the task retry
+            log.info("task %s[%s] retry %d: %s%s", task.name, request.id, request.retries + 1, describe(job.exc),
+                     f" (cause: {describe(cause)})" if cause is not None else "")
             hooks.emit("task_retry", task, request, str(job.exc))
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s[%s] %s in %.3f s", task.name, request.id, outcome, time.monotonic() - start)

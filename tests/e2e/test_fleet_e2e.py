@@ -39,12 +39,12 @@ def test_every_inspect_and_control_command(any_env, pool):
     app = env.app()
     queue = app.config.default_queue
     w1 = env.worker(pool, "-n", "w1", "-c", "1", burst=False)
-    assert _wait_for(env, ["w1"]) == {"w1": "pong"}
+    assert _wait_for(env, ["w1"]) == {"w1": {"ok": "pong"}}
     a = e2e_tasks.slow.delay("a", 30)
     b = e2e_tasks.slow.delay("b", 0.1)
     env.wait_marker("a.started")
     w2 = env.worker(pool, "-n", "w2", "-c", "1", burst=False)
-    assert _wait_for(env, ["w1", "w2"]) == {"w1": "pong", "w2": "pong"}
+    assert _wait_for(env, ["w1", "w2"]) == {"w1": {"ok": "pong"}, "w2": {"ok": "pong"}}
 
     active = _json(env, "inspect", "active", "-d", "w1")
     assert list(active) == ["w1"] and [t["id"] for t in active["w1"]] == [a.id], active
@@ -88,21 +88,21 @@ def test_every_inspect_and_control_command(any_env, pool):
     # shutdown: w2 stops warm, w1 goes on
     assert _json(env, "control", "shutdown", "-d", "w2") == {"w2": "warm shutdown started"}
     assert w2.wait(timeout=30) == 0
-    assert _json(env, "inspect", "ping") == {"w1": "pong"}
+    assert _json(env, "inspect", "ping") == {"w1": {"ok": "pong"}}
     w1.send_signal(signal.SIGQUIT)      # cold: task a goes back to the queue
     assert w1.wait(timeout=30) == 0
 
 
 def test_one_name_per_child_under_processes(pool, sqlite_env):
     proc = sqlite_env.worker(pool, "-n", "pw", "--processes", "2", "-c", "2", burst=False)
-    assert _wait_for(sqlite_env, ["pw-0", "pw-1"]) == {"pw-0": "pong", "pw-1": "pong"}
+    assert _wait_for(sqlite_env, ["pw-0", "pw-1"]) == {"pw-0": {"ok": "pong"}, "pw-1": {"ok": "pong"}}
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
 
 
-def test_no_reply_exits_1_and_ping_of_an_absent_worker(sqlite_env):
+def test_no_reply_exits_69_and_ping_of_an_absent_worker(sqlite_env):
     done = sqlite_env.admin("inspect", "ping", "--timeout", "0.3")
-    assert done.returncode == 1 and "no worker replied within 0.3 s" in done.stderr
+    assert done.returncode == 69 and "no worker replied within 0.3 s" in done.stderr
 
 
 class EventReader:
