@@ -19,6 +19,10 @@ So a stop is counted once:
   ``FORWARD_GRACE`` seconds after its own signal and forwards the stop only
   to the children whose notice does not show it already, so a child in the
   signalled group is not signalled again.
+* the supervisor's own request (a child past ``max_memory_per_child``) is a
+  SIGTERM announced by an "ask" file beside the heartbeat file: the child
+  stops warm and does not count it as an operator's first signal, so a
+  deploy's SIGTERM that reaches it later is not taken as a second one.
 
 The handlers only set flags and write one small file (no locks are taken).
 """
@@ -44,6 +48,18 @@ def notice_path(heartbeat: str) -> str:
     return heartbeat + ".stop"
 
 
+def ask_path(heartbeat: str) -> str:
+    """The file that marks the next SIGTERM as the supervisor's own request."""
+    return heartbeat + ".ask"
+
+
+def ask_to_stop(proc: Any, heartbeat: str) -> None:
+    """The supervisor asks the child ``proc`` to stop warm for its own reasons."""
+    with open(ask_path(heartbeat), "w"):
+        pass
+    proc.send_signal(signal.SIGTERM)
+
+
 def read_notice(heartbeat: str) -> int:
     """The stop a child wrote (0 none, WARM, COLD)."""
     try:
@@ -62,6 +78,7 @@ class StopSignals:
         """``heartbeat``: a supervised child's heartbeat file; the notice goes beside it."""
         self.stop = stop
         self.notice = notice_path(heartbeat) if heartbeat else None
+        self.ask = ask_path(heartbeat) if heartbeat else None
         self.window = window
         self.level = 0
         self.first_at: Optional[float] = None
@@ -76,6 +93,9 @@ class StopSignals:
         now = time.monotonic()
         if self.level >= COLD:
             return
+        if not cold and self.level == 0 and self._asked():
+            self.stop(False)               # the supervisor's request: not the operator's first signal
+            return
         if not cold and self.first_at is not None:
             if now - self.first_at < self.window:
                 _log(logging.INFO, "stop signal repeated %.2f s after the first: the same stop (a second "
@@ -87,6 +107,16 @@ class StopSignals:
         self.level = COLD if cold else WARM
         self._write_notice()
         self.stop(cold)
+
+    def _asked(self) -> bool:
+        """Whether the supervisor asked for this stop (its ask file, taken once)."""
+        if self.ask is None:
+            return False
+        try:
+            os.unlink(self.ask)
+            return True
+        except OSError:
+            return False
 
     def _write_notice(self) -> None:
         if self.notice is None:

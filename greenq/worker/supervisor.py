@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..backoff import Backoff
 from ..httpserve import routes_app, serve
 from .monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, METRICS_TYPE
-from .signals import COLD, FORWARD_GRACE, WARM, StopSignals, notice_path, read_notice
+from .signals import COLD, FORWARD_GRACE, WARM, StopSignals, ask_path, ask_to_stop, notice_path, read_notice
 
 log = logging.getLogger("greenq.supervisor")
 
@@ -51,8 +51,9 @@ class Child:
         self.heartbeat = os.path.join(workdir, f"child-{index}")
         with open(self.heartbeat, "w"):
             pass
-        if os.path.exists(notice_path(self.heartbeat)):   # the stop of this slot's previous child
-            os.unlink(notice_path(self.heartbeat))
+        for stale in (notice_path(self.heartbeat), ask_path(self.heartbeat)):  # this slot's previous child's
+            if os.path.exists(stale):
+                os.unlink(stale)
         env = dict(os.environ, **{HEARTBEAT_ENV: self.heartbeat})
         self.port_file: Optional[str] = None
         if http:  # the child serves on a free local port and tells us which
@@ -200,8 +201,7 @@ class Supervisor:
               and _rss(child.proc.pid) > self.max_memory):
             log.warning("child %d passed max_memory_per_child: asking it to stop", child.proc.pid)
             child.asked_to_stop = True
-            child.signalled = WARM
-            child.proc.send_signal(signal.SIGTERM)
+            ask_to_stop(child.proc, child.heartbeat)
 
     # -- one HTTP endpoint for all children ------------------------------------
     def _scrape(self, path: str) -> List[Tuple[int, Optional[int], str]]:

@@ -5,7 +5,7 @@ import os
 import signal
 
 from greenq.drivers import get_driver
-from greenq.worker.signals import COLD, WARM, StopSignals, read_notice
+from greenq.worker.signals import COLD, WARM, StopSignals, ask_path, read_notice
 
 
 def _signals(tmp_path, window=60.0):
@@ -38,6 +38,19 @@ def test_sigquit_is_cold_at_once_even_within_the_window(tmp_path):
     stops.received(cold=True)
     assert calls == [False, True]
     assert read_notice(heartbeat) == COLD
+
+
+def test_the_supervisors_own_request_is_not_the_operators_first_signal(tmp_path):
+    """A child asked to stop for its memory, then reached by a deploy's
+    SIGTERM long after: still warm; only a signal after that one is cold."""
+    stops, calls, heartbeat = _signals(tmp_path, window=0.0)
+    open(ask_path(heartbeat), "w").close()      # what ask_to_stop writes before its SIGTERM
+    stops.received()
+    assert calls == [False] and read_notice(heartbeat) == 0
+    stops.received()                            # the deploy's stop: its first signal
+    assert calls == [False, False] and read_notice(heartbeat) == WARM
+    stops.received()
+    assert calls == [False, False, True]
 
 
 def test_real_signals_reach_the_handler(tmp_path):
