@@ -54,8 +54,12 @@ def ask_path(heartbeat: str) -> str:
 
 
 def ask_to_stop(proc: Any, heartbeat: str) -> None:
-    """The supervisor asks the child ``proc`` to stop warm for its own reasons."""
-    with open(ask_path(heartbeat), "w"):
+    """The supervisor asks the child ``proc`` to stop warm for its own reasons
+    (without the ask file the child takes the SIGTERM as an operator's: still warm)."""
+    try:
+        with open(ask_path(heartbeat), "w"):
+            pass
+    except OSError:
         pass
     proc.send_signal(signal.SIGTERM)
 
@@ -71,7 +75,9 @@ def read_notice(heartbeat: str) -> int:
 
 class StopSignals:
     """Installs SIGTERM/SIGINT/SIGQUIT and turns what arrives into calls of
-    ``stop(cold)``: at most one warm call per stop, then one cold call."""
+    ``stop(cold)``: one warm call for the operator's stop however many copies
+    of it arrive (and one for the supervisor's own request), then at most one
+    cold call."""
 
     def __init__(self, stop: Callable[[bool], None], heartbeat: Optional[str] = None,
                  window: float = STOP_SIGNAL_WINDOW) -> None:
