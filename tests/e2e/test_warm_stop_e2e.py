@@ -57,6 +57,8 @@ def test_one_stop_lets_every_running_task_finish(pool, sqlite_env, how):
     assert proc.returncode == 0, out
     assert "cold" not in out and "abandoned" not in out, out
     assert out.count("warm shutdown") == 2, out          # once per child
+    # the supervisor saw each child's notice and did not signal it again
+    assert "stop signal repeated" not in out, out
     assert [r.get(timeout=10) for r in results] == [f"t{i}" for i in range(TASKS)], out
     for i in range(TASKS):                               # each ran once, to its end
         assert sqlite_env.marker_count(f"t{i}.started") == 1, out
