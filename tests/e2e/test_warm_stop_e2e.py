@@ -46,7 +46,17 @@ def test_one_stop_lets_every_running_task_finish(pool, sqlite_env, how):
     """``group SIGTERM``: systemd's KillMode=control-group; ``group SIGINT``:
     Ctrl-C in a terminal; ``supervisor SIGTERM``: KillMode=mixed (the
     supervisor alone, which forwards it)."""
-    results, proc = _start(sqlite_env, pool, 2.0)
+    _stop_once(sqlite_env, pool, how)
+
+
+def test_a_group_stop_is_warm_on_every_broker(pool, any_env):
+    if any_env.kind == "sqlite":
+        pytest.skip("SQLite: test_one_stop_lets_every_running_task_finish covers it")
+    _stop_once(any_env, pool, "group SIGTERM")
+
+
+def _stop_once(env, pool, how: str) -> None:
+    results, proc = _start(env, pool, 2.0)
     target, name = how.split()
     signum = getattr(signal, name)
     if target == "group":
@@ -61,8 +71,8 @@ def test_one_stop_lets_every_running_task_finish(pool, sqlite_env, how):
     assert "stop signal repeated" not in out, out
     assert [r.get(timeout=10) for r in results] == [f"t{i}" for i in range(TASKS)], out
     for i in range(TASKS):                               # each ran once, to its end
-        assert sqlite_env.marker_count(f"t{i}.started") == 1, out
-        assert sqlite_env.marker_count(f"t{i}.finished") == 1, out
+        assert env.marker_count(f"t{i}.started") == 1, out
+        assert env.marker_count(f"t{i}.finished") == 1, out
 
 
 def test_a_second_signal_after_the_window_is_a_cold_stop(pool, sqlite_env):
