@@ -181,6 +181,15 @@ class AsyncResult:
         meta = self._lookup()
         return meta.get("retries", 0) if meta else 0
 
+    @property
+    def hub_blocked(self) -> Optional[float]:
+        """Seconds the task kept a green worker's hub blocked (a C call or
+        CPU loop that never yields), as the worker's watchdog saw it; None
+        when it never blocked past ``blocking_threshold``.  Its time limits
+        could not fire meanwhile, so it may have run past them."""
+        meta = self._lookup()
+        return meta.get("hub_blocked") if meta else None
+
     # -- waiting -------------------------------------------------------------
     def get(self, timeout: Optional[float] = None, propagate: bool = True,
             disable_sync_subtasks: bool = True) -> Any:
@@ -264,7 +273,7 @@ class EagerResult(AsyncResult):
 def make_meta(task_id: str, state: str, *, result: Any = None, exc: Optional[BaseException] = None,
               traceback: Optional[str] = None, task: Optional[str] = None, retries: int = 0,
               reason: Optional[str] = None, parent_id: Optional[str] = None,
-              root_id: Optional[str] = None) -> Dict[str, Any]:
+              root_id: Optional[str] = None, hub_blocked: Optional[float] = None) -> Dict[str, Any]:
     meta: Dict[str, Any] = {"id": task_id, "state": state, "result": result,
                             "date_done": time.time(), "retries": retries}
     if task:
@@ -279,4 +288,6 @@ def make_meta(task_id: str, state: str, *, result: Any = None, exc: Optional[Bas
         meta["parent_id"] = parent_id
     if root_id and root_id != task_id:
         meta["root_id"] = root_id
+    if hub_blocked:
+        meta["hub_blocked"] = hub_blocked
     return meta

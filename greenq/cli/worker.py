@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from typing import Any, List, Optional
 
@@ -205,10 +204,9 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
     except ConfigError as exc:
         sys.stderr.write(f"greenq-worker: error: {exc}\n")
         return EXIT_USAGE
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        driver.install_signal(signum, worker.request_stop)
-    driver.install_signal(signal.SIGQUIT, lambda: worker.request_stop(cold=True))
-    from ..worker.monitor import HTTP_PORT_ENV, Monitor
+    from ..worker.monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, Monitor
+    from ..worker.signals import StopSignals
+    StopSignals(worker.request_stop, heartbeat=os.environ.get(HEARTBEAT_ENV) if args.child else None).install(driver)
     from ..worker.startup import refuse_without_tasks, wait_for_broker
     from ..prefixes import announce
     monitor = Monitor(worker, app.config.worker["blocking_threshold"], app.config.worker["http"],

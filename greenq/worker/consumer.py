@@ -148,13 +148,17 @@ class Worker:
         return self.exit_code
 
     def request_stop(self, cold: bool = False) -> None:
-        """Warm stop (first call) or cold stop (second call, or cold=True).
+        """Warm stop, or cold stop with ``cold=True``; asking again for a warm
+        stop changes nothing (the stop signals' "a second SIGTERM is cold"
+        is decided by greenq/worker/signals.py, which calls this).
         Safe to call from a signal handler: it sets flags and events first,
         and only then logs, guarded (a signal that lands while this thread is
         writing a log line makes a second write raise "reentrant call"; the
         stop must not be lost with it)."""
         before = self.stopping
-        self.stopping = StopState.COLD if cold or before else StopState.WARM
+        if before and not cold:
+            return
+        self.stopping = StopState.COLD if cold else StopState.WARM
         self.room.set()
         try:
             self.broker.interrupt()

@@ -38,7 +38,7 @@ class Job:
     """A held message on its way through the worker."""
 
     __slots__ = ("delivery", "msg", "task", "handle", "started", "started_at", "outcome", "value",
-                 "exc", "tb", "reason", "acked", "killed_by", "settling")
+                 "exc", "tb", "reason", "acked", "killed_by", "settling", "hub_blocked")
 
     def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
                  task: Optional["Task"] = None) -> None:
@@ -56,6 +56,9 @@ class Job:
         self.acked = False          # acknowledged early (acks_late=False)
         self.killed_by: Optional[type] = None
         self.settling = False       # handed to the finisher
+        #: seconds this task kept the hub blocked, as the watchdog saw it (monitor.py);
+        #: stored in its result's meta as ``hub_blocked``
+        self.hub_blocked = 0.0
 
     @property
     def id(self) -> str:

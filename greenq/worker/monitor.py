@@ -6,6 +6,13 @@ a stuck hub cannot stop, notices when the heartbeat is older than
 ``threshold`` and logs the blocking task, for how long, and its stack.  The
 count and total blocked time go to /metrics, beside the per-task metrics of
 greenq/metrics.py.
+
+While the hub is blocked no greenlet runs, the reaper's neither: a task's
+time limits cannot fire, and a task that blocks past its limit and then
+returns is stored as it ended.  The warning says so, and the seconds the task
+kept the hub blocked go into its result's meta as ``hub_blocked``
+(``AsyncResult.hub_blocked``), so a task that overran its limit this way can
+be told apart.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Any, Optional
 
 from ..httpserve import Server, routes_app, serve
 from ..metrics import TaskMetrics
+from .jobs import Job, limits
 
 log = logging.getLogger("greenq.monitor")
 
@@ -78,9 +86,15 @@ class Monitor:
             self.driver.sleep(interval)
 
     def _watch(self) -> None:
+        """The watchdog (a real OS thread).  While the hub is blocked it
+        updates the blocking task's ``hub_blocked`` at every look, so the
+        figure is there when the task's result is stored, even when that
+        happens before this thread sees the hub run again."""
         interval = self.threshold / 5.0
         stats = self.worker.stats
         blocked_since: Optional[float] = None
+        blocker: Optional[Job] = None
+        before = 0.0                         # the blocker's hub_blocked from earlier episodes
         while self._running:
             self.driver.os_sleep(interval)
             age = time.monotonic() - self.beat
@@ -88,18 +102,39 @@ class Monitor:
                 if blocked_since is None:
                     blocked_since = self.beat
                     frame = sys._current_frames().get(self._hub_ident)
-                    job = self.worker.runners.job_of_frame(frame)
-                    who = f"task {job.msg.task}[{job.msg.id}]" if job is not None and job.msg else "greenq itself"
-                    stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+                    blocker = self.worker.runners.job_of_frame(frame)
+                    if blocker is not None and blocker.msg is None:
+                        blocker = None
+                    before = blocker.hub_blocked if blocker is not None else 0.0
                     stats.hub_blocked += 1
-                    log.warning("hub blocked for %.2f s (threshold %.2f s) by %s; every other greenlet is "
-                                "frozen. A blocking C call or CPU loop? Stack:\n%s",
-                                age, self.threshold, who, stack)
+                    self._warn_blocked(age, blocker, frame)
+                if blocker is not None:
+                    blocker.hub_blocked = before + age
             elif blocked_since is not None:
                 duration = self.beat - blocked_since
                 stats.hub_blocked_seconds += duration
-                log.warning("hub unblocked after %.2f s", duration)
-                blocked_since = None
+                who = f" (task {blocker.msg.task}[{blocker.msg.id}])" if blocker is not None else ""
+                log.warning("hub unblocked after %.2f s%s", duration, who)
+                blocked_since, blocker = None, None
+
+    def _warn_blocked(self, age: float, job: Optional[Job], frame: Any) -> None:
+        """The warning of one episode: who blocks the hub, that no time limit
+        can fire meanwhile (naming the task's own limits), and the stack."""
+        who, limit_note = "greenq itself", ""
+        if job is not None:
+            who = f"task {job.msg.task}[{job.msg.id}]"
+            try:
+                soft, hard = limits(job)
+            except Exception:                  # a bad [task:NAME] value: the runner said so already
+                soft = hard = None
+            named = [f"{name} {value:g} s" for name, value in (("soft_time_limit", soft), ("time_limit", hard))
+                     if value]
+            if named:
+                limit_note = f" (this task's {', '.join(named)})"
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(no stack)"
+        log.warning("hub blocked for %.2f s (threshold %.2f s) by %s; every other greenlet is frozen, and "
+                    "time limits cannot fire while the hub is blocked%s. A blocking C call or CPU loop? "
+                    "Stack:\n%s", age, self.threshold, who, limit_note, stack)
 
     # -- HTTP ------------------------------------------------------------------
     def healthy(self) -> "tuple[bool, dict]":

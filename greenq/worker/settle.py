@@ -16,7 +16,7 @@ import logging
 import queue as std_queue
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..backends.base import Record
 from ..backoff import backoff
@@ -148,30 +148,32 @@ class Settler:
                 plan.dead.append(DeadLetter(job.delivery, f"rejected: {job.reason}"))
             return
         ignore = job.task is not None and job.task.option("ignore_result") and not msg.chord_size
-        lineage = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
+        notes: Dict[str, Any] = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
+        if job.hub_blocked:                 # the watchdog saw this task block the hub (monitor.py)
+            notes["hub_blocked"] = round(job.hub_blocked, 3)
         if outcome == jobs.SUCCESS:
             if not ignore:
                 plan.records.append(Record(msg.id, encode(make_meta(
-                    msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries, **lineage)),
+                    msg.id, SUCCESS, result=job.value, task=msg.task, retries=msg.retries, **notes)),
                     True, msg.reply_to))
             if msg.link or msg.chain:
                 self.followups.on_success(msg, job.value, plan.republish)
         elif outcome == jobs.FAILURE:
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, FAILURE, exc=job.exc, traceback=job.tb, task=msg.task,
-                retries=msg.retries, **lineage)), True, msg.reply_to))
+                retries=msg.retries, **notes)), True, msg.reply_to))
             if msg.link_error or msg.chain:
                 self.followups.on_failure(msg, FAILURE, job.exc, job.tb, None, plan.republish, plan.records)
         elif outcome == jobs.RETRY:
             outgoing = self.codec.outgoing(msg.for_retry(job.exc.when))
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, RETRY, exc=job.exc.exc or job.exc, task=msg.task,
-                retries=msg.retries + 1, **lineage)), False, msg.reply_to))
+                retries=msg.retries + 1, **notes)), False, msg.reply_to))
             plan.republish.append(outgoing)
         elif outcome == jobs.REVOKED:
             self.worker.hooks.emit("task_revoked", job)
             plan.records.append(Record(msg.id, encode(make_meta(
-                msg.id, REVOKED, task=msg.task, reason=job.reason, **lineage)), True, msg.reply_to))
+                msg.id, REVOKED, task=msg.task, reason=job.reason, **notes)), True, msg.reply_to))
             if msg.chain:
                 self.followups.on_failure(msg, REVOKED, None, None, job.reason, plan.republish, plan.records)
         if msg.chord_size and outcome in (jobs.SUCCESS, jobs.FAILURE, jobs.REVOKED):

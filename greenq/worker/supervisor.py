@@ -1,6 +1,8 @@
 """The supervisor: runs N worker children and replaces any that exits, outgrows
 ``max_memory_per_child``, or whose hub is stuck; forwards SIGTERM/SIGINT
-(warm) and SIGQUIT (cold) to them.
+(warm) and SIGQUIT (cold) to them, once: a child that already received the
+stop (systemd or a terminal signalled the whole group) is not signalled again
+(greenq/worker/signals.py).
 
 A child whose hub is stuck in C code or a CPU loop cannot obey its own time
 limits or renew its leases.  Each child touches a heartbeat file from its hub
@@ -32,6 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ..backoff import Backoff
 from ..httpserve import routes_app, serve
 from .monitor import HEARTBEAT_ENV, HTTP_PORT_ENV, METRICS_TYPE
+from .signals import COLD, FORWARD_GRACE, WARM, StopSignals, ask_path, ask_to_stop, notice_path, read_notice
 
 log = logging.getLogger("greenq.supervisor")
 
@@ -48,6 +51,9 @@ class Child:
         self.heartbeat = os.path.join(workdir, f"child-{index}")
         with open(self.heartbeat, "w"):
             pass
+        for stale in (notice_path(self.heartbeat), ask_path(self.heartbeat)):  # this slot's previous child's
+            if os.path.exists(stale):
+                os.unlink(stale)
         env = dict(os.environ, **{HEARTBEAT_ENV: self.heartbeat})
         self.port_file: Optional[str] = None
         if http:  # the child serves on a free local port and tells us which
@@ -58,6 +64,7 @@ class Child:
         self.proc = subprocess.Popen([sys.executable, "-m", "greenq.worker", *argv, "--child"], env=env)
         self.started = time.time()
         self.asked_to_stop = False
+        self.signalled = 0          # the stop (WARM, COLD) this supervisor sent or saw the child receive
 
     def stale_for(self) -> float:
         try:
@@ -88,23 +95,34 @@ class Supervisor:
         self.restarts = [Backoff(RESTART_FIRST_DELAY, RESTART_MAX_DELAY) for _ in range(processes)]
         self.restart_at: List[Optional[float]] = [None] * processes
         self.stopping = 0
+        self._forward_at = 0.0
         self.burst = "--burst" in argv
         self._dir = tempfile.mkdtemp(prefix="greenq-supervisor-")
         self._server: Any = None
 
     def _stop(self, cold: bool = False) -> None:
-        self.stopping = 2 if (cold or self.stopping) else 1
+        """Stop every child, warm or cold: forwarded by ``_forward`` after
+        FORWARD_GRACE, to the children that have not received it themselves."""
+        self.stopping = COLD if cold else max(self.stopping, WARM)
+        self._forward_at = time.monotonic() + FORWARD_GRACE
+
+    def _forward(self) -> None:
+        """Send the stop (SIGTERM warm, SIGQUIT cold) to each live child once,
+        unless its notice shows it received this stop already."""
+        if time.monotonic() < self._forward_at:
+            return
         for child in self.children:
-            if child and child.proc.poll() is None:
-                child.proc.send_signal(signal.SIGQUIT if self.stopping == 2 else signal.SIGTERM)
+            if child is None or child.signalled >= self.stopping or child.proc.poll() is not None:
+                continue
+            if read_notice(child.heartbeat) < self.stopping:
+                child.proc.send_signal(signal.SIGQUIT if self.stopping == COLD else signal.SIGTERM)
+            child.signalled = self.stopping
 
     def _start(self, index: int) -> Child:
         return Child(self.argv, self._dir, index, bool(self.http))
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            self.driver.install_signal(signum, self._stop)
-        self.driver.install_signal(signal.SIGQUIT, lambda: self._stop(cold=True))
+        StopSignals(self._stop).install(self.driver)
         if self.http:  # one endpoint for every child: bound here, before any child starts
             self._server = serve(self.http, routes_app({"/healthz": self._healthz, "/metrics": self._metrics}),
                                  self.driver)
@@ -121,6 +139,8 @@ class Supervisor:
     def _loop(self) -> int:
         worst = 0
         while True:
+            if self.stopping:
+                self._forward()
             alive = 0
             for i, child in enumerate(self.children):
                 if child is None:
@@ -138,7 +158,8 @@ class Supervisor:
                 self.children[i] = None
                 if self.stopping or self.burst:
                     # a child stopped by our own signal before it could install handlers is clean too
-                    clean = code == 0 or (self.stopping and code in (-signal.SIGTERM, -signal.SIGQUIT))
+                    clean = code == 0 or (self.stopping and code in (-signal.SIGTERM, -signal.SIGINT,
+                                                                     -signal.SIGQUIT))
                     worst = max(worst, 0 if clean else 1)
                     if code == EXIT_USAGE:
                         worst = EXIT_USAGE
@@ -180,7 +201,7 @@ class Supervisor:
               and _rss(child.proc.pid) > self.max_memory):
             log.warning("child %d passed max_memory_per_child: asking it to stop", child.proc.pid)
             child.asked_to_stop = True
-            child.proc.send_signal(signal.SIGTERM)
+            ask_to_stop(child.proc, child.heartbeat)
 
     # -- one HTTP endpoint for all children ------------------------------------
     def _scrape(self, path: str) -> List[Tuple[int, Optional[int], str]]:

@@ -186,7 +186,7 @@ def test_a_stop_signal_that_lands_in_a_log_write_is_not_lost():
     try:
         worker.request_stop()
         assert worker.stopping == StopState.WARM and worker.room.is_set()
-        worker.request_stop()
+        worker.request_stop(cold=True)
         assert worker.stopping == StopState.COLD
     finally:
         log.removeHandler(handler)
