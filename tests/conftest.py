@@ -3,10 +3,13 @@ without them and failing instead when GREENQ_TEST_REQUIRE_SERVICES=1 (CI)."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import subprocess
 import uuid
-from urllib.parse import quote
+from typing import Iterable, List
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
@@ -22,6 +25,14 @@ AMQP_USER = os.environ.get("GREENQ_TEST_AMQP_USER", "guest")
 AMQP_PASSWORD = os.environ.get("GREENQ_TEST_AMQP_PASSWORD", "guest")
 AMQP_VHOST = os.environ.get("GREENQ_TEST_AMQP_VHOST", "")   # an existing vhost: used, never created or deleted
 RUN_ID = uuid.uuid4().hex[:8]
+#: every RabbitMQ name this run makes starts with this ``key_prefix`` (the
+#: amqp_common naming: ``P.<queue>``, ``P.control``, ``P.dlq``...), so parallel
+#: tox environments sharing $GREENQ_TEST_AMQP_VHOST never see each other's
+#: queues, control commands, events or dead letters
+#: (a helper process that a test starts gets its parent's through CHILD_PREFIX)
+CHILD_PREFIX = "GQ_TEST_CHILD_PREFIX"
+AMQP_PREFIX = os.environ.get(CHILD_PREFIX) or \
+    f"t{RUN_ID}-{re.sub(r'[^A-Za-z0-9_-]', '', os.environ.get('TOX_ENV_NAME', '')) or os.getpid()}"
 
 # Hermetic: a GreenQ(...) built in this process reads $GREENQ_CONFIG, ./greenq.ini
 # and /etc/greenq/greenq.ini like a worker (issue 18); the tests' apps must not
@@ -48,9 +59,16 @@ def _missing(what: str) -> None:
     pytest.skip(reason)
 
 
+def _on_rabbitmq(url: object) -> bool:
+    return isinstance(url, str) and url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp", "rpc")
+
+
 def make_config(**overrides):
     """A Config from defaults only (no file, no environment) plus ``overrides``;
-    keys are ``greenq`` keys or ``section__key``."""
+    keys are ``greenq`` keys or ``section__key``.  A RabbitMQ broker or backend
+    without a ``key_prefix`` of its own gets the run's (``AMQP_PREFIX``)."""
+    if "key_prefix" not in overrides and any(_on_rabbitmq(overrides.get(k)) for k in ("broker_url", "result_backend")):
+        overrides["key_prefix"] = AMQP_PREFIX
     pairs = {}
     for key, value in overrides.items():
         section, _, name = key.rpartition("__")
@@ -88,6 +106,94 @@ def redis_prefix(redis_url):
     client.close()
 
 
+def rabbitmqctl(*args: str) -> str:
+    """``rabbitmqctl -q ARGS``'s output; an ``OSError`` or ``SubprocessError``
+    when it is missing or fails."""
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def ctl_or_skip(why: str) -> None:
+    """Skip a test that drives the broker with ``rabbitmqctl`` (``why``: what for)
+    when this user has none that answers."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip(f"needs rabbitmqctl to {why}; it is not on PATH")
+    try:
+        rabbitmqctl("status")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"needs rabbitmqctl to {why}; it does not answer here ({exc})")
+
+
+def vhost_of(url: str) -> str:
+    """The vhost of an ``amqp://`` URL (``/`` when it names none)."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def close_connections(url: str, pids: Iterable[int], reason: str = "greenq test") -> int:
+    """Close the RabbitMQ connections of processes ``pids`` on ``url``'s vhost
+    (greenq names each connection ``greenq <role> pid=<pid> <host>``), and
+    nobody else's: the vhost may be shared.  Returns how many; needs rabbitmqctl
+    (call ``ctl_or_skip`` first)."""
+    wanted = {f"pid={pid}" for pid in pids}
+    closed = 0
+    rows = rabbitmqctl("list_connections", "-p", vhost_of(url), "--no-table-headers", "pid", "client_properties")
+    for line in rows.splitlines():
+        conn_pid, _, props = line.partition("\t")
+        found = re.search(r'\{"connection_name","([^"]*)"\}', props)
+        words = found.group(1).split() if found else []
+        if words and words[-1] == socket.gethostname() and set(words) & wanted:
+            try:
+                rabbitmqctl("close_connection", conn_pid.strip(), reason)
+                closed += 1
+            except subprocess.CalledProcessError:   # it went away on its own
+                pass
+    return closed
+
+
+def _amqp_names(url: str) -> "tuple[List[str], List[str]]":
+    """The queues and exchanges of this run's prefix on ``url``'s vhost
+    (rabbitmqctl), or the ones greenq always makes when rabbitmqctl is missing."""
+    try:
+        lists = [rabbitmqctl(what, "-p", vhost_of(url), "--no-table-headers", "name").split()
+                 for what in ("list_queues", "list_exchanges")]
+    except (OSError, subprocess.SubprocessError):
+        plumbing = [f"{AMQP_PREFIX}.{n}" for n in ("dlq", "revoked", "beat.state")]
+        return plumbing, [f"{AMQP_PREFIX}.{n}" for n in ("dlx", "control", "events")]
+    return [[n for n in names if n.startswith(AMQP_PREFIX + ".")] for names in lists]  # type: ignore
+
+
+def delete_amqp_names(url: str, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+    """Delete these queues and exchanges (absent ones are fine) over AMQP."""
+    import amqp
+    from greenq.brokers.amqp_common import connection_params
+    conn = amqp.Connection(**connection_params(url))
+    conn.connect()
+    try:
+        for kind, names in (("queue", queues), ("exchange", exchanges)):
+            for name in names:
+                channel = conn.channel()
+                try:
+                    getattr(channel, f"{kind}_delete")(name)
+                except amqp.exceptions.AMQPError:
+                    pass
+                if channel.is_open:
+                    channel.close()
+    finally:
+        conn.close()
+
+
+def delete_queues(url: str, queues: Iterable[str], prefix: str = AMQP_PREFIX) -> None:
+    """Delete the task queues ``queues`` (logical names) of ``prefix`` and their
+    delay cascades (``P.delay.<q>.<i>``, queues and exchanges)."""
+    from greenq.brokers.amqp_common import DEFAULT_PREFIX
+    names, cascade = [], []
+    for queue in queues:
+        names.append(queue if prefix == DEFAULT_PREFIX else f"{prefix}.{queue}")
+        cascade += [f"{prefix}.delay.{queue}.{level}" for level in range(32)]
+    delete_amqp_names(url, names + cascade, cascade)
+
+
 def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
@@ -95,7 +201,10 @@ def _rabbitmqctl(*args: str) -> None:
 @pytest.fixture(scope="session")
 def amqp_url():
     """A RabbitMQ vhost of this run's own, deleted at the end; or
-    $GREENQ_TEST_AMQP_VHOST, an existing one, left in place."""
+    $GREENQ_TEST_AMQP_VHOST, an existing one, left in place, shared by the
+    parallel tox environments: each keeps to its names (``AMQP_PREFIX``), and
+    the queues and exchanges of its prefix are deleted at the end (listed by
+    rabbitmqctl where it answers; greenq's own fixed names otherwise)."""
     try:
         import amqp  # noqa: F401
     except ImportError:
@@ -104,7 +213,9 @@ def amqp_url():
         _missing(f"RabbitMQ on {AMQP_HOST}:{AMQP_PORT}")
     credentials = f"{quote(AMQP_USER, safe='')}:{quote(AMQP_PASSWORD, safe='')}"
     if AMQP_VHOST:
-        yield f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{quote(AMQP_VHOST, safe='')}"
+        url = f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{quote(AMQP_VHOST, safe='')}"
+        yield url
+        delete_amqp_names(url, *_amqp_names(url))
         return
     vhost = f"greenq-test-{RUN_ID}"
     try:
