@@ -59,6 +59,12 @@ def _missing(what: str) -> None:
     pytest.skip(reason)
 
 
+def own_prefix() -> str:
+    """A key_prefix of one test's own inside the run's (``AMQP_PREFIX-<hex>``):
+    for tests that set key_prefix themselves; deleted with the run's names."""
+    return f"{AMQP_PREFIX}-{uuid.uuid4().hex[:6]}"
+
+
 def _on_rabbitmq(url: object) -> bool:
     return isinstance(url, str) and url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp", "rpc")
 
@@ -160,7 +166,8 @@ def _amqp_names(url: str) -> "tuple[List[str], List[str]]":
     except (OSError, subprocess.SubprocessError):
         plumbing = [f"{AMQP_PREFIX}.{n}" for n in ("dlq", "revoked", "beat.state")]
         return plumbing, [f"{AMQP_PREFIX}.{n}" for n in ("dlx", "control", "events")]
-    return [[n for n in names if n.startswith(AMQP_PREFIX + ".")] for names in lists]  # type: ignore
+    return [[n for n in names if n.startswith((AMQP_PREFIX + ".", AMQP_PREFIX + "-"))]  # own_prefix()
+            for names in lists]  # type: ignore
 
 
 def delete_amqp_names(url: str, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:

@@ -99,4 +99,4 @@ def test_a_thousand_malformed_beside_a_thousand_good(pool, amqp_env):
     assert sum(d.reason.startswith("bad transport metadata") for d in dead) == BAD_HEADERS, dict(reasons)
     assert app.broker.queue_stats([q])[0].ready == 0
     assert "Traceback" not in out, out[-3000:]
-    app.broker.dlq_purge()   # the run's vhost is shared: later tests list greenq.dlq from its start
+    app.broker.dlq_purge()   # the run's prefix is shared: later tests list P.dlq from its start
