@@ -62,7 +62,11 @@ def _missing(what: str) -> None:
 def own_prefix() -> str:
     """A key_prefix of one test's own inside the run's (``AMQP_PREFIX-<hex>``):
     for tests that set key_prefix themselves; deleted with the run's names."""
-    return f"{AMQP_PREFIX}-{uuid.uuid4().hex[:6]}"
+    _ISSUED.append(f"{AMQP_PREFIX}-{uuid.uuid4().hex[:6]}")
+    return _ISSUED[-1]
+
+
+_ISSUED: List[str] = []   # own_prefix()es of this process
 
 
 def _on_rabbitmq(url: object) -> bool:
@@ -164,8 +168,9 @@ def _amqp_names(url: str) -> "tuple[List[str], List[str]]":
         lists = [rabbitmqctl(what, "-p", vhost_of(url), "--no-table-headers", "name").split()
                  for what in ("list_queues", "list_exchanges")]
     except (OSError, subprocess.SubprocessError):
-        plumbing = [f"{AMQP_PREFIX}.{n}" for n in ("dlq", "revoked", "beat.state")]
-        return plumbing, [f"{AMQP_PREFIX}.{n}" for n in ("dlx", "control", "events")]
+        prefixes = [AMQP_PREFIX, *_ISSUED]
+        return ([f"{p}.{n}" for p in prefixes for n in ("dlq", "revoked", "beat.state")],
+                [f"{p}.{n}" for p in prefixes for n in ("dlx", "control", "events")])
     return [[n for n in names if n.startswith((AMQP_PREFIX + ".", AMQP_PREFIX + "-"))]  # own_prefix()
             for names in lists]  # type: ignore
 
