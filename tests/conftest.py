@@ -7,8 +7,9 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 import uuid
-from typing import Iterable, List
+from typing import Callable, Iterable, List
 from urllib.parse import quote, unquote, urlsplit
 
 import pytest
@@ -42,6 +43,18 @@ os.environ.pop("GREENQ_CONFIG", None)
 gq_config.SEARCH_PATH = ("./greenq.ini",)
 if os.path.isfile("greenq.ini"):
     pytest.exit(f"{os.path.abspath('greenq.ini')}: the tests' apps would read it; move it away", returncode=2)
+
+
+def until(check: Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
+    """Whether ``check()`` came true within ``timeout`` seconds: for a state the
+    code reaches by itself (a message leaving a delay cascade), asserted with a
+    bound a loaded machine still meets instead of at one instant."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 def _answers(host: str, port: int) -> bool:

