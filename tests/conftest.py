@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 import uuid
-from typing import Callable, Iterable, List
+from typing import Callable, Iterable, List, Set
 from urllib.parse import quote, unquote, urlsplit
 
 import pytest
@@ -79,7 +79,7 @@ def own_prefix() -> str:
     return _ISSUED[-1]
 
 
-_ISSUED: List[str] = []   # own_prefix()es of this process
+_ISSUED: List[str] = []   # own_prefix()es and redis_prefixes of this process
 
 
 def _on_rabbitmq(url: object) -> bool:
@@ -116,6 +116,7 @@ def redis_prefix(redis_url):
     """A key prefix of this test's own; its keys are deleted afterwards."""
     import redis
     prefix = f"gqtest-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    _ISSUED.append(prefix)   # a test may name its RabbitMQ things with it too
     yield prefix
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
@@ -174,18 +175,49 @@ def close_connections(url: str, pids: Iterable[int], reason: str = "greenq test"
     return closed
 
 
+#: (key_prefix, logical queue) of every task queue this process named on RabbitMQ
+_NAMED: Set["tuple[str, str]"] = set()
+
+
+def _track_queue_names() -> None:
+    """Record every task queue this process names (``Settings.queue_name``, which
+    every declare and publish goes through): what the session deletes when no
+    rabbitmqctl can list the vhost.  Worker processes declare the queues their
+    test names too, so the parent's record covers them."""
+    try:
+        from greenq.brokers.amqp_common import Settings
+    except ImportError:   # no py-amqp: no RabbitMQ tests
+        return
+    named = Settings.queue_name
+
+    def queue_name(self: "Settings", queue: str) -> str:
+        _NAMED.add((self.prefix, queue))
+        return named(self, queue)
+    Settings.queue_name = queue_name  # type: ignore[method-assign]
+
+
+_track_queue_names()
+
+
 def _amqp_names(url: str) -> "tuple[List[str], List[str]]":
-    """The queues and exchanges of this run's prefix on ``url``'s vhost
-    (rabbitmqctl), or the ones greenq always makes when rabbitmqctl is missing."""
+    """The queues and exchanges of this run's prefixes on ``url``'s vhost:
+    listed by rabbitmqctl, or else the ones this process named (task queues and
+    their delay cascades, and greenq's fixed names of each prefix)."""
+    ours = (AMQP_PREFIX + ".", AMQP_PREFIX + "-", f"gqtest-{RUN_ID}-")   # own_prefix(), redis_prefix
     try:
         lists = [rabbitmqctl(what, "-p", vhost_of(url), "--no-table-headers", "name").split()
                  for what in ("list_queues", "list_exchanges")]
     except (OSError, subprocess.SubprocessError):
-        prefixes = [AMQP_PREFIX, *_ISSUED]
-        return ([f"{p}.{n}" for p in prefixes for n in ("dlq", "revoked", "beat.state")],
-                [f"{p}.{n}" for p in prefixes for n in ("dlx", "control", "events")])
-    return [[n for n in names if n.startswith((AMQP_PREFIX + ".", AMQP_PREFIX + "-"))]  # own_prefix()
-            for names in lists]  # type: ignore
+        prefixes = {AMQP_PREFIX, *_ISSUED, *(p for p, _ in _NAMED if (p + ".").startswith(ours))}
+        queues = [f"{p}.{n}" for p in prefixes for n in ("dlq", "revoked", "beat.state")]
+        exchanges = [f"{p}.{n}" for p in prefixes for n in ("dlx", "control", "events")]
+        for prefix, queue in _NAMED:
+            if prefix in prefixes:
+                cascade = [f"{prefix}.delay.{queue}.{level}" for level in range(32)]
+                queues += [f"{prefix}.{queue}", *cascade]
+                exchanges += cascade
+        return queues, exchanges
+    return [[n for n in names if n.startswith(ours)] for names in lists]  # type: ignore
 
 
 def delete_amqp_names(url: str, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
