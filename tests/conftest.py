@@ -26,12 +26,12 @@ AMQP_USER = os.environ.get("GREENQ_TEST_AMQP_USER", "guest")
 AMQP_PASSWORD = os.environ.get("GREENQ_TEST_AMQP_PASSWORD", "guest")
 AMQP_VHOST = os.environ.get("GREENQ_TEST_AMQP_VHOST", "")   # an existing vhost: used, never created or deleted
 RUN_ID = uuid.uuid4().hex[:8]
+#: a helper process that a test starts gets its parent's AMQP_PREFIX through this variable
+CHILD_PREFIX = "GQ_TEST_CHILD_PREFIX"
 #: every RabbitMQ name this run makes starts with this ``key_prefix`` (the
 #: amqp_common naming: ``P.<queue>``, ``P.control``, ``P.dlq``...), so parallel
 #: tox environments sharing $GREENQ_TEST_AMQP_VHOST never see each other's
 #: queues, control commands, events or dead letters
-#: (a helper process that a test starts gets its parent's through CHILD_PREFIX)
-CHILD_PREFIX = "GQ_TEST_CHILD_PREFIX"
 AMQP_PREFIX = os.environ.get(CHILD_PREFIX) or \
     f"t{RUN_ID}-{re.sub(r'[^A-Za-z0-9_-]', '', os.environ.get('TOX_ENV_NAME', '')) or os.getpid()}"
 
@@ -72,6 +72,9 @@ def _missing(what: str) -> None:
     pytest.skip(reason)
 
 
+_ISSUED: List[str] = []   # own_prefix()es and redis_prefixes of this process
+
+
 def own_prefix() -> str:
     """A key_prefix of one test's own inside the run's (``AMQP_PREFIX-<hex>``):
     for tests that set key_prefix themselves; deleted with the run's names."""
@@ -79,10 +82,7 @@ def own_prefix() -> str:
     return _ISSUED[-1]
 
 
-_ISSUED: List[str] = []   # own_prefix()es and redis_prefixes of this process
-
-
-def _on_rabbitmq(url: object) -> bool:
+def on_rabbitmq(url: object) -> bool:
     return isinstance(url, str) and url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp", "rpc")
 
 
@@ -90,7 +90,7 @@ def make_config(**overrides):
     """A Config from defaults only (no file, no environment) plus ``overrides``;
     keys are ``greenq`` keys or ``section__key``.  A RabbitMQ broker or backend
     without a ``key_prefix`` of its own gets the run's (``AMQP_PREFIX``)."""
-    if "key_prefix" not in overrides and any(_on_rabbitmq(overrides.get(k)) for k in ("broker_url", "result_backend")):
+    if "key_prefix" not in overrides and any(on_rabbitmq(overrides.get(k)) for k in ("broker_url", "result_backend")):
         overrides["key_prefix"] = AMQP_PREFIX
     pairs = {}
     for key, value in overrides.items():
@@ -251,17 +251,13 @@ def delete_queues(url: str, queues: Iterable[str], prefix: str = AMQP_PREFIX) ->
     delete_amqp_names(url, names + cascade, cascade)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="session")
 def amqp_url():
     """A RabbitMQ vhost of this run's own, deleted at the end; or
     $GREENQ_TEST_AMQP_VHOST, an existing one, left in place, shared by the
     parallel tox environments: each keeps to its names (``AMQP_PREFIX``), and
-    the queues and exchanges of its prefix are deleted at the end (listed by
-    rabbitmqctl where it answers; greenq's own fixed names otherwise)."""
+    the queues and exchanges of its prefixes are deleted at the end (listed by
+    rabbitmqctl where it answers; the names this process used otherwise)."""
     try:
         import amqp  # noqa: F401
     except ImportError:
@@ -276,12 +272,12 @@ def amqp_url():
         return
     vhost = f"greenq-test-{RUN_ID}"
     try:
-        _rabbitmqctl("add_vhost", vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
+        rabbitmqctl("add_vhost", vhost)
+        rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
     except (OSError, subprocess.SubprocessError) as exc:
         _missing(f"rabbitmqctl ({exc}); or set GREENQ_TEST_AMQP_VHOST to an existing vhost")
     yield f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
     try:
-        _rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
     except (OSError, subprocess.SubprocessError):
         pass

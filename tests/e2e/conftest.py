@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AMQP_PREFIX, _on_rabbitmq, delete_queues
+from tests.conftest import AMQP_PREFIX, on_rabbitmq, delete_queues
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -63,7 +63,7 @@ class Env:
             "GREENQ_WORKER_LOGLEVEL": "INFO",
             "GREENQ_WORKER_BLOCKING_THRESHOLD": "0",
         })
-        if _on_rabbitmq(broker_url):   # the run's names on a vhost that may be shared
+        if on_rabbitmq(broker_url):   # the run's names on a vhost that may be shared
             self.env["GREENQ_KEY_PREFIX"] = AMQP_PREFIX
         self.env.update(extra_env)
         self.procs = []
@@ -137,7 +137,7 @@ class Env:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-        if _on_rabbitmq(self.broker_url):
+        if on_rabbitmq(self.broker_url):
             queues = {q.strip() for key in ("GREENQ_DEFAULT_QUEUE", "GREENQ_WORKER_QUEUES")
                       for q in self.env.get(key, "").split(",") if q.strip()}
             delete_queues(self.broker_url, queues, self.env.get("GREENQ_KEY_PREFIX", "greenq"))
