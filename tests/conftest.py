@@ -3,10 +3,14 @@ without them and failing instead when GREENQ_TEST_REQUIRE_SERVICES=1 (CI)."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import socket
 import subprocess
+import time
 import uuid
-from urllib.parse import quote
+from typing import Callable, Iterable, List, Set
+from urllib.parse import quote, unquote, urlsplit
 
 import pytest
 
@@ -22,6 +26,14 @@ AMQP_USER = os.environ.get("GREENQ_TEST_AMQP_USER", "guest")
 AMQP_PASSWORD = os.environ.get("GREENQ_TEST_AMQP_PASSWORD", "guest")
 AMQP_VHOST = os.environ.get("GREENQ_TEST_AMQP_VHOST", "")   # an existing vhost: used, never created or deleted
 RUN_ID = uuid.uuid4().hex[:8]
+#: a helper process that a test starts gets its parent's AMQP_PREFIX through this variable
+CHILD_PREFIX = "GQ_TEST_CHILD_PREFIX"
+#: every RabbitMQ name this run makes starts with this ``key_prefix`` (the
+#: amqp_common naming: ``P.<queue>``, ``P.control``, ``P.dlq``...), so parallel
+#: tox environments sharing $GREENQ_TEST_AMQP_VHOST never see each other's
+#: queues, control commands, events or dead letters
+AMQP_PREFIX = os.environ.get(CHILD_PREFIX) or \
+    f"t{RUN_ID}-{re.sub(r'[^A-Za-z0-9_-]', '', os.environ.get('TOX_ENV_NAME', '')) or os.getpid()}"
 
 # Hermetic: a GreenQ(...) built in this process reads $GREENQ_CONFIG, ./greenq.ini
 # and /etc/greenq/greenq.ini like a worker (issue 18); the tests' apps must not
@@ -31,6 +43,18 @@ os.environ.pop("GREENQ_CONFIG", None)
 gq_config.SEARCH_PATH = ("./greenq.ini",)
 if os.path.isfile("greenq.ini"):
     pytest.exit(f"{os.path.abspath('greenq.ini')}: the tests' apps would read it; move it away", returncode=2)
+
+
+def until(check: Callable[[], bool], timeout: float = 5.0, step: float = 0.05) -> bool:
+    """Whether ``check()`` came true within ``timeout`` seconds: for a state the
+    code reaches by itself (a message leaving a delay cascade), asserted with a
+    bound a loaded machine still meets instead of at one instant."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
 
 
 def _answers(host: str, port: int) -> bool:
@@ -48,9 +72,26 @@ def _missing(what: str) -> None:
     pytest.skip(reason)
 
 
+_ISSUED: List[str] = []   # own_prefix()es and redis_prefixes of this process
+
+
+def own_prefix() -> str:
+    """A key_prefix of one test's own inside the run's (``AMQP_PREFIX-<hex>``):
+    for tests that set key_prefix themselves; deleted with the run's names."""
+    _ISSUED.append(f"{AMQP_PREFIX}-{uuid.uuid4().hex[:6]}")
+    return _ISSUED[-1]
+
+
+def on_rabbitmq(url: object) -> bool:
+    return isinstance(url, str) and url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp", "rpc")
+
+
 def make_config(**overrides):
     """A Config from defaults only (no file, no environment) plus ``overrides``;
-    keys are ``greenq`` keys or ``section__key``."""
+    keys are ``greenq`` keys or ``section__key``.  A RabbitMQ broker or backend
+    without a ``key_prefix`` of its own gets the run's (``AMQP_PREFIX``)."""
+    if "key_prefix" not in overrides and any(on_rabbitmq(overrides.get(k)) for k in ("broker_url", "result_backend")):
+        overrides["key_prefix"] = AMQP_PREFIX
     pairs = {}
     for key, value in overrides.items():
         section, _, name = key.rpartition("__")
@@ -75,6 +116,7 @@ def redis_prefix(redis_url):
     """A key prefix of this test's own; its keys are deleted afterwards."""
     import redis
     prefix = f"gqtest-{RUN_ID}-{uuid.uuid4().hex[:6]}"
+    _ISSUED.append(prefix)   # a test may name its RabbitMQ things with it too
     yield prefix
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
@@ -88,14 +130,134 @@ def redis_prefix(redis_url):
     client.close()
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+def rabbitmqctl(*args: str) -> str:
+    """``rabbitmqctl -q ARGS``'s output; an ``OSError`` or ``SubprocessError``
+    when it is missing or fails."""
+    return subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def ctl_or_skip(why: str) -> None:
+    """Skip a test that drives the broker with ``rabbitmqctl`` (``why``: what for)
+    when this user has none that answers."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip(f"needs rabbitmqctl to {why}; it is not on PATH")
+    try:
+        rabbitmqctl("status")
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"needs rabbitmqctl to {why}; it does not answer here ({exc})")
+
+
+def vhost_of(url: str) -> str:
+    """The vhost of an ``amqp://`` URL (``/`` when it names none)."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+def close_connections(url: str, pids: Iterable[int], reason: str = "greenq test") -> int:
+    """Close the RabbitMQ connections of processes ``pids`` on ``url``'s vhost
+    (greenq names each connection ``greenq <role> pid=<pid> <host>``), and
+    nobody else's: the vhost may be shared.  Returns how many; needs rabbitmqctl
+    (call ``ctl_or_skip`` first)."""
+    wanted = {f"pid={pid}" for pid in pids}
+    closed = 0
+    rows = rabbitmqctl("list_connections", "-p", vhost_of(url), "--no-table-headers", "pid", "client_properties")
+    for line in rows.splitlines():
+        conn_pid, _, props = line.partition("\t")
+        found = re.search(r'\{"connection_name","([^"]*)"\}', props)
+        words = found.group(1).split() if found else []
+        if words and words[-1] == socket.gethostname() and set(words) & wanted:
+            try:
+                rabbitmqctl("close_connection", conn_pid.strip(), reason)
+                closed += 1
+            except subprocess.CalledProcessError:   # it went away on its own
+                pass
+    return closed
+
+
+#: (key_prefix, logical queue) of every task queue this process named on RabbitMQ
+_NAMED: Set["tuple[str, str]"] = set()
+
+
+def _track_queue_names() -> None:
+    """Record every task queue this process names (``Settings.queue_name``, which
+    every declare and publish goes through): what the session deletes when no
+    rabbitmqctl can list the vhost.  Worker processes declare the queues their
+    test names too, so the parent's record covers them."""
+    try:
+        from greenq.brokers.amqp_common import Settings
+    except ImportError:   # no py-amqp: no RabbitMQ tests
+        return
+    named = Settings.queue_name
+
+    def queue_name(self: "Settings", queue: str) -> str:
+        _NAMED.add((self.prefix, queue))
+        return named(self, queue)
+    Settings.queue_name = queue_name  # type: ignore[method-assign]
+
+
+_track_queue_names()
+
+
+def _amqp_names(url: str) -> "tuple[List[str], List[str]]":
+    """The queues and exchanges of this run's prefixes on ``url``'s vhost:
+    listed by rabbitmqctl, or else the ones this process named (task queues and
+    their delay cascades, and greenq's fixed names of each prefix)."""
+    ours = (AMQP_PREFIX + ".", AMQP_PREFIX + "-", f"gqtest-{RUN_ID}-")   # own_prefix(), redis_prefix
+    try:
+        lists = [rabbitmqctl(what, "-p", vhost_of(url), "--no-table-headers", "name").split()
+                 for what in ("list_queues", "list_exchanges")]
+    except (OSError, subprocess.SubprocessError):
+        prefixes = {AMQP_PREFIX, *_ISSUED, *(p for p, _ in _NAMED if (p + ".").startswith(ours))}
+        queues = [f"{p}.{n}" for p in prefixes for n in ("dlq", "revoked", "beat.state")]
+        exchanges = [f"{p}.{n}" for p in prefixes for n in ("dlx", "control", "events")]
+        for prefix, queue in _NAMED:
+            if prefix in prefixes:
+                cascade = [f"{prefix}.delay.{queue}.{level}" for level in range(32)]
+                queues += [f"{prefix}.{queue}", *cascade]
+                exchanges += cascade
+        return queues, exchanges
+    return [[n for n in names if n.startswith(ours)] for names in lists]  # type: ignore
+
+
+def delete_amqp_names(url: str, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+    """Delete these queues and exchanges (absent ones are fine) over AMQP."""
+    import amqp
+    from greenq.brokers.amqp_common import connection_params
+    conn = amqp.Connection(**connection_params(url))
+    conn.connect()
+    try:
+        for kind, names in (("queue", queues), ("exchange", exchanges)):
+            for name in names:
+                channel = conn.channel()
+                try:
+                    getattr(channel, f"{kind}_delete")(name)
+                except amqp.exceptions.AMQPError:
+                    pass
+                if channel.is_open:
+                    channel.close()
+    finally:
+        conn.close()
+
+
+def delete_queues(url: str, queues: Iterable[str], prefix: str = AMQP_PREFIX) -> None:
+    """Delete the task queues ``queues`` (logical names) of ``prefix`` and their
+    delay cascades (``P.delay.<q>.<i>``, queues and exchanges)."""
+    from greenq.brokers.amqp_common import DEFAULT_PREFIX
+    names, cascade = [], []
+    for queue in queues:
+        names.append(queue if prefix == DEFAULT_PREFIX else f"{prefix}.{queue}")
+        cascade += [f"{prefix}.delay.{queue}.{level}" for level in range(32)]
+    delete_amqp_names(url, names + cascade, cascade)
 
 
 @pytest.fixture(scope="session")
 def amqp_url():
     """A RabbitMQ vhost of this run's own, deleted at the end; or
-    $GREENQ_TEST_AMQP_VHOST, an existing one, left in place."""
+    $GREENQ_TEST_AMQP_VHOST, an existing one, left in place, shared by the
+    parallel tox environments: each keeps to its names (``AMQP_PREFIX``), and
+    the queues and exchanges of its prefixes are deleted at the end (listed by
+    rabbitmqctl where it answers; the names this process used otherwise)."""
     try:
         import amqp  # noqa: F401
     except ImportError:
@@ -104,16 +266,18 @@ def amqp_url():
         _missing(f"RabbitMQ on {AMQP_HOST}:{AMQP_PORT}")
     credentials = f"{quote(AMQP_USER, safe='')}:{quote(AMQP_PASSWORD, safe='')}"
     if AMQP_VHOST:
-        yield f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{quote(AMQP_VHOST, safe='')}"
+        url = f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{quote(AMQP_VHOST, safe='')}"
+        yield url
+        delete_amqp_names(url, *_amqp_names(url))
         return
     vhost = f"greenq-test-{RUN_ID}"
     try:
-        _rabbitmqctl("add_vhost", vhost)
-        _rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
+        rabbitmqctl("add_vhost", vhost)
+        rabbitmqctl("set_permissions", "-p", vhost, AMQP_USER, ".*", ".*", ".*")
     except (OSError, subprocess.SubprocessError) as exc:
         _missing(f"rabbitmqctl ({exc}); or set GREENQ_TEST_AMQP_VHOST to an existing vhost")
     yield f"amqp://{credentials}@{AMQP_HOST}:{AMQP_PORT}/{vhost}"
     try:
-        _rabbitmqctl("delete_vhost", vhost)
+        rabbitmqctl("delete_vhost", vhost)
     except (OSError, subprocess.SubprocessError):
         pass

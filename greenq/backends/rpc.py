@@ -3,7 +3,7 @@
 The broker must be ``amqp://`` (the connection comes from ``broker_url``);
 ``rpc://`` is what an empty ``result_backend`` means with a RabbitMQ broker.
 
-* Each client process has one reply queue, ``greenq.reply.<uuid>`` (not
+* Each client process has one reply queue, ``P.reply.<uuid>`` (P: ``key_prefix``) (not
   durable; deleted by RabbitMQ after it has had no consumer for
   ``min(result_expires, 1 day)``), consumed on a connection of its own.
   ``reply_to()`` names it and the app puts it in every message it sends.
@@ -205,7 +205,7 @@ class _Replies:
     def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
         self.forks = FORKS[0]
         self.params = params
-        self.name = f"greenq.reply.{uuid.uuid4().hex}"
+        self.name = f"{settings.prefix}.reply.{uuid.uuid4().hex}"
         self.expires_ms = int(max(60, min(settings.result_expires, 86400)) * 1000)
         self.link = Link("rpc reply", url)
         self.cond = threading.Condition()

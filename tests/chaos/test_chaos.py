@@ -12,6 +12,7 @@ import random
 
 import pytest
 
+from tests.conftest import delete_queues, own_prefix
 from .scenario import Plan, Run, table
 
 DRIVERS = [d for d in os.environ.get("GREENQ_TEST_DRIVERS", "gevent").split(",") if d]
@@ -34,11 +35,14 @@ def test_nothing_lost_under_kills_resets_and_a_blackhole(pool, broker, request, 
     elif broker == "redis":
         url = request.getfixturevalue("redis_url")
         settings["key_prefix"] = request.getfixturevalue("redis_prefix")
-    else:
+    else:   # a prefix of its own: its dead letters and control are its alone on a shared vhost
         url = request.getfixturevalue("amqp_url")
+        settings["key_prefix"] = own_prefix()
     seed = int(os.environ.get("GREENQ_CHAOS_SEED") or random.randrange(1 << 30))
     plan = Plan(broker, pool, seed=seed)
     run = Run(plan, tmp_path, url, settings)
+    if broker == "amqp":
+        request.addfinalizer(lambda: delete_queues(url, [run.queue], settings["key_prefix"]))
     f = run.execute()
     print("\n" + table([f.row()]))
     why = f"GREENQ_CHAOS_SEED={seed}: {f}\n" + "\n".join(run.timeline) + f"\n{run.workers.tails()}"

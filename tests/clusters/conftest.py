@@ -52,6 +52,7 @@ class DeploymentEnv(Env):
         self.tag = uuid.uuid4().hex[:8]
         self.driver = None
         self._opened = []
+        self._queues = []
         self._settings = {"key_prefix": f"gqc-{self.tag}"}
         self.broker_url = self.backend_url = url
         # Redis Cluster: one lane per queue, so the order between queues on

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import AMQP_PREFIX, on_rabbitmq, delete_queues
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 DRIVERS = [d for d in os.environ.get("GREENQ_TEST_DRIVERS", "gevent").split(",") if d]
@@ -61,6 +63,8 @@ class Env:
             "GREENQ_WORKER_LOGLEVEL": "INFO",
             "GREENQ_WORKER_BLOCKING_THRESHOLD": "0",
         })
+        if on_rabbitmq(broker_url):   # the run's names on a vhost that may be shared
+            self.env["GREENQ_KEY_PREFIX"] = AMQP_PREFIX
         self.env.update(extra_env)
         self.procs = []
 
@@ -127,10 +131,16 @@ class Env:
         return "\n".join(parts)
 
     def cleanup(self) -> None:
+        """Kill the workers still running; on RabbitMQ, delete the test's task
+        queues (``GREENQ_DEFAULT_QUEUE``, ``GREENQ_WORKER_QUEUES``)."""
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
+        if on_rabbitmq(self.broker_url):
+            queues = {q.strip() for key in ("GREENQ_DEFAULT_QUEUE", "GREENQ_WORKER_QUEUES")
+                      for q in self.env.get(key, "").split(",") if q.strip()}
+            delete_queues(self.broker_url, queues, self.env.get("GREENQ_KEY_PREFIX", "greenq"))
 
 
 @pytest.fixture

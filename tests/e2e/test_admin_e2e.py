@@ -13,6 +13,8 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from tests.conftest import AMQP_PREFIX, delete_queues
+
 pytestmark = pytest.mark.e2e
 
 
@@ -228,18 +230,21 @@ def management_api():
     server.server_close()
 
 
-def test_queues_on_rabbitmq_lists_every_queue_with_its_held_count(amqp_url, tmp_path, management_api):
+def test_queues_on_rabbitmq_lists_every_queue_with_its_held_count(amqp_url, tmp_path, management_api, request):
     from greenq import GreenQ
     api, rows, seen = management_api
     names = [f"onb-{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    app = GreenQ("t", broker=amqp_url)
+    p = AMQP_PREFIX
+    app = GreenQ("t", broker=amqp_url, key_prefix=p)
     app.broker.declare(names)
     app.close()
-    rows += [{"name": names[0], "messages_ready": 4, "messages_unacknowledged": 3},
-             {"name": names[1], "messages_ready": 0, "messages_unacknowledged": 0},
-             {"name": "greenq.dlq", "messages_ready": 9}, {"name": "amq.gen-abc", "messages_ready": 1}]
+    request.addfinalizer(lambda: delete_queues(amqp_url, names))
+    rows += [{"name": f"{p}.{names[0]}", "messages_ready": 4, "messages_unacknowledged": 3},
+             {"name": f"{p}.{names[1]}", "messages_ready": 0, "messages_unacknowledged": 0},
+             {"name": f"{p}.dlq", "messages_ready": 9}, {"name": "amq.gen-abc", "messages_ready": 1}]
     env = {k: v for k, v in os.environ.items() if not k.startswith("GREENQ_")}
-    env.update(GREENQ_BROKER_URL=amqp_url, GREENQ_AMQP_MANAGEMENT_URL=api, GREENQ_WORKER_QUEUES=names[1])
+    env.update(GREENQ_BROKER_URL=amqp_url, GREENQ_AMQP_MANAGEMENT_URL=api, GREENQ_WORKER_QUEUES=names[1],
+               GREENQ_KEY_PREFIX=p)
     done = subprocess.run([sys.executable, "-m", "greenq.cli", "queues", "--json"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -81,9 +81,9 @@ def test_a_thousand_malformed_beside_a_thousand_good(pool, amqp_env):
     good = []
     try:
         for i, (_, _, body, props) in enumerate(bad):   # interleaved with the good ones
-            channel.basic_publish(amqp.Message(body, **props), "", q)
+            channel.basic_publish(amqp.Message(body, **props), "", app.broker.settings.queue_name(q))
             good.append(e2e_tasks.add.delay(i, 1))
-        channel.queue_declare(q, passive=True)   # a round trip: every raw publish is routed
+        channel.queue_declare(app.broker.settings.queue_name(q), passive=True)   # a round trip: all routed
     finally:
         conn.close()
     code, out = amqp_env.run_worker(pool, "-c", "50", timeout=300)
@@ -99,4 +99,4 @@ def test_a_thousand_malformed_beside_a_thousand_good(pool, amqp_env):
     assert sum(d.reason.startswith("bad transport metadata") for d in dead) == BAD_HEADERS, dict(reasons)
     assert app.broker.queue_stats([q])[0].ready == 0
     assert "Traceback" not in out, out[-3000:]
-    app.broker.dlq_purge()   # the run's vhost is shared: later tests list greenq.dlq from its start
+    app.broker.dlq_purge()   # the run's prefix is shared: later tests list P.dlq from its start

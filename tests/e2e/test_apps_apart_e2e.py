@@ -28,6 +28,7 @@ import pytest
 from greenq import GreenQ
 from greenq.config import load
 from greenq.control.client import Control
+from tests.conftest import own_prefix
 from tests.e2e.conftest import HERE, Env
 
 pytestmark = pytest.mark.e2e
@@ -69,7 +70,7 @@ def pair(request, tmp_path):
     if request.param == "redis":
         url, base = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
     elif request.param == "amqp":
-        url, base = request.getfixturevalue("amqp_url"), f"gqtest-{uuid.uuid4().hex[:8]}"
+        url, base = request.getfixturevalue("amqp_url"), own_prefix()
     else:
         url, base = f"sqlite:///{tmp_path / 'shared.sqlite3'}", f"gqtest-{uuid.uuid4().hex[:8]}"
     # the same queue name: the prefix alone keeps them apart

@@ -51,9 +51,9 @@ def write_big(env, app, i: int, body: bytes) -> None:
         conn.connect()
         try:
             channel = conn.channel()
-            channel.basic_publish(amqp.Message(body, message_id=f"big-{i}", delivery_mode=2),
-                                  "", env.env["GREENQ_DEFAULT_QUEUE"])
-            channel.queue_declare(env.env["GREENQ_DEFAULT_QUEUE"], passive=True)   # routed
+            queue = f"{env.env['GREENQ_KEY_PREFIX']}.{env.env['GREENQ_DEFAULT_QUEUE']}"   # P.<q>
+            channel.basic_publish(amqp.Message(body, message_id=f"big-{i}", delivery_mode=2), "", queue)
+            channel.queue_declare(queue, passive=True)   # routed
         finally:
             conn.close()
     else:

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from greenq.cli.inspect import EXIT_NO_REPLY
 from greenq.result import SYNC_SUBTASK_RULE
 
 pytestmark = pytest.mark.e2e
@@ -198,4 +199,4 @@ def test_prefix_mismatch_is_named(pool, shop, redis_prefix):
     assert f"this client's key_prefix '{redis_prefix}-client'" in done.stdout
     assert "were seen under key_prefix" in done.stderr                     # and logged as a warning
     inspect = shop.admin("-A", "shop_tasks", "inspect", "ping", "--timeout", "0.5")
-    assert inspect.returncode == 69 and f"key_prefix {redis_prefix!r}" in inspect.stderr, inspect.stderr  # 69: no reply, as Celery
+    assert inspect.returncode == EXIT_NO_REPLY and f"key_prefix {redis_prefix!r}" in inspect.stderr, inspect.stderr

@@ -4,7 +4,7 @@ plane, beside a running ``greenq-worker`` (SQLite, Redis and RabbitMQ).
 The commands go in as another program (or a garbled sender) would write them,
 in each transport's layout (greenq/control/sqlite.py, redis.py, amqp.py): a
 row of ``control_commands``, an entry of the ``P:control`` stream, a message
-on the ``greenq.control`` fanout exchange.  Bodies that are not JSON, not
+on the ``P.control`` fanout exchange.  Bodies that are not JSON, not
 UTF-8, JSON that is not an object, nested too deep; ``revoke`` commands whose
 ``args`` is not an object, whose ``ids`` is not a list of ids, whose
 ``terminate`` is not a boolean, whose ``at`` is ``"NaN"``, NaN, infinite,
@@ -101,8 +101,9 @@ class RawRedis:
 
 
 class RawAMQP:
-    """Messages on the greenq.control fanout exchange; replies consumed from a
-    queue of our own, named as the app's reply queues are (``greenq.control-reply.<hex>``)."""
+    """Messages on the P.control fanout exchange (P: the env's key_prefix); replies
+    consumed from a queue of our own, named as the app's reply queues are
+    (``P.control-reply.<hex>``)."""
 
     def __init__(self, env) -> None:
         import amqp
@@ -111,7 +112,8 @@ class RawAMQP:
         self.conn = amqp.Connection(**connection_params(env.broker_url))
         self.conn.connect()
         self.channel = self.conn.channel()
-        self.reply_to = f"greenq.control-reply.{uuid.uuid4().hex}"
+        self.prefix = env.env["GREENQ_KEY_PREFIX"]
+        self.reply_to = f"{self.prefix}.control-reply.{uuid.uuid4().hex}"
         self.channel.queue_declare(self.reply_to, exclusive=True, auto_delete=True)
         self.inbox: List[Any] = []
         self.channel.basic_consume(self.reply_to, callback=self.inbox.append, no_ack=True)
@@ -119,7 +121,7 @@ class RawAMQP:
     def publish(self, bodies: List[Any]) -> None:
         for body in bodies:
             body, props = body if isinstance(body, tuple) else (body, {})
-            self.channel.basic_publish(self.amqp.Message(body, **props), exchange="greenq.control",
+            self.channel.basic_publish(self.amqp.Message(body, **props), exchange=f"{self.prefix}.control",
                                        routing_key="")
 
     def replies(self, timeout: float) -> List[bytes]:

@@ -25,6 +25,7 @@ import pytest
 
 from greenq.control.client import Control
 from greenq.validation import MAX_CONCURRENCY, MAX_REVOKE_IDS
+from tests.conftest import own_prefix
 from tests.e2e.conftest import HERE, Env
 from tests.e2e.control_raw import RAW, body, command, replies_to
 
@@ -41,7 +42,7 @@ def signed_env(request, tmp_path):
         url, prefix = request.getfixturevalue("redis_url"), request.getfixturevalue("redis_prefix")
         extra = {}
     else:
-        url, prefix = request.getfixturevalue("amqp_url"), f"gqtest-{uuid.uuid4().hex[:8]}"
+        url, prefix = request.getfixturevalue("amqp_url"), own_prefix()
         queue = f"e2e-{uuid.uuid4().hex[:8]}"
         extra = {"GREENQ_DEFAULT_QUEUE": queue, "GREENQ_WORKER_QUEUES": queue}
     extra.update(GREENQ_KEY_PREFIX=prefix, GREENQ_SIGNING_KEY=KEYS)

@@ -26,6 +26,8 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+from tests.conftest import delete_queues, own_prefix
+
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 TUTORIAL_BROKER = "redis://127.0.0.1:6379/0"
@@ -248,9 +250,9 @@ def test_a_worker_started_from_each_conf_example_runs_a_task(name, request, tmp_
         ini = rewrite(ini, {"greenq": {"broker_url": request.getfixturevalue("redis_url"),
                                        "key_prefix": request.getfixturevalue("redis_prefix")}})
     else:
-        queue = f"conf-{uuid.uuid4().hex[:8]}"
-        ini = rewrite(ini, {"greenq": {"broker_url": request.getfixturevalue("amqp_url"),
-                                       "default_queue": queue},
+        queue, prefix, url = f"conf-{uuid.uuid4().hex[:8]}", own_prefix(), request.getfixturevalue("amqp_url")
+        request.addfinalizer(lambda: delete_queues(url, [queue], prefix))
+        ini = rewrite(ini, {"greenq": {"broker_url": url, "key_prefix": prefix, "default_queue": queue},
                             "worker": {"queues": queue}})
     config = tmp_path / "greenq-test.ini"
     config.write_text(ini)

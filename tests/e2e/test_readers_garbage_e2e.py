@@ -1,5 +1,5 @@
 """Garbage on the real event stream beside a real worker's traffic (Redis
-stream ``P:events``, RabbitMQ fanout exchange ``greenq.events``): bodies that
+stream ``P:events``, RabbitMQ fanout exchange ``P.events``): bodies that
 are not JSON, heartbeats whose fields have the wrong type (``"succeeded":
 "many"``, ``1e400``, a list, ``"queues": "default"``), names of 10,000
 characters, ANSI escapes and carriage returns in names and texts, and 100,000
@@ -92,7 +92,8 @@ def _write(env, bodies: List[bytes]) -> None:
     conn.connect()
     channel = conn.channel()
     for body in bodies:
-        channel.basic_publish(amqp.Message(body), exchange="greenq.events", routing_key="")
+        channel.basic_publish(amqp.Message(body), exchange=f"{env.env['GREENQ_KEY_PREFIX']}.events",
+                              routing_key="")
     conn.close()
 
 

@@ -4,8 +4,9 @@
 sqlite, redis, rpc) each give an :class:`Env`: a factory of fresh instances
 that share one namespace of this test's own (sqlite: a file in tmp_path;
 memory: ``memory://<uuid>``; redis: the ``redis_prefix`` as ``key_prefix``;
-amqp and rpc: the run's vhost, with queue names of this test's own).  Every
-instance is closed after the test.
+amqp and rpc: the run's vhost and key_prefix (``AMQP_PREFIX``), with queue
+names of this test's own, deleted after the test).  Every instance is closed
+after the test.
 
 A param whose module is not written yet is skipped (only then: an import
 error in a module that exists fails the test).  Redis and RabbitMQ params skip
@@ -27,7 +28,7 @@ import pytest
 from greenq.backends import make_backend
 from greenq.brokers import make_broker
 from greenq.drivers import get_driver
-from tests.conftest import make_config
+from tests.conftest import delete_queues, make_config
 
 MODULES = {
     "broker": {"memory": "greenq.brokers.memory", "sqlite": "greenq.brokers.sqlite",
@@ -53,6 +54,7 @@ class Env:
         driver_name = os.environ.get("GREENQ_TEST_DRIVER")
         self.driver = get_driver(driver_name) if driver_name else None
         self._opened: List[Any] = []
+        self._queues: List[str] = []
         self._settings = {}
         if kind == "memory":
             self.broker_url = self.backend_url = f"memory://{self.tag}"
@@ -91,7 +93,8 @@ class Env:
 
     def queue(self, name: str = "q") -> str:
         """A queue name of this test's own."""
-        return f"gqt-{self.tag}-{name}"
+        self._queues.append(f"gqt-{self.tag}-{name}")
+        return self._queues[-1]
 
     def broker(self, **settings: Any):
         return self._track(make_broker(self.broker_url, self.config(**settings), self.driver))
@@ -116,6 +119,8 @@ class Env:
     def teardown(self) -> None:
         while self._opened:
             self._opened.pop().close()
+        if self.kind in ("amqp", "rpc") and self._queues:
+            delete_queues(self.broker_url, set(self._queues), self.config().key_prefix)
 
 
 def _env(request: Any, tmp_path: Any, which: str) -> Env:

@@ -24,7 +24,7 @@ from greenq.backends import make_backend  # noqa: E402
 from greenq.backends.base import Record  # noqa: E402
 from greenq.brokers import Outgoing, make_broker  # noqa: E402
 from greenq.drivers import get_driver  # noqa: E402
-from tests.conftest import make_config  # noqa: E402
+from tests.conftest import delete_queues, make_config  # noqa: E402
 
 driver = get_driver(DRIVER)
 assert driver.is_patched()
@@ -97,4 +97,5 @@ assert results == {f"t{i}": str(i).encode() for i in range(100)}, len(results)
 ticker.running = False
 for thing in (client, client_results, worker_results):
     thing.close()
+delete_queues(URL, [q], config.key_prefix)
 print("OK", round(time.monotonic() - start, 2))

@@ -11,6 +11,7 @@ into RabbitMQ with a raw py-amqp channel, then consumed by greenq's broker.
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -18,12 +19,18 @@ import amqp
 import pytest
 
 from greenq.brokers.amqp import MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, AMQPBroker
-from greenq.brokers.amqp_common import connection_params
-from greenq.brokers.amqp_meta import DLQ
+from greenq.brokers.amqp_common import Settings, connection_params
 from greenq.exceptions import BrokerError
 from greenq.brokers import make_broker
-from tests.conftest import make_config
-from tests.integration.test_amqp import ctl, drain, env, out, tls_port, vhost_of  # noqa: F401 (fixtures)
+from tests.conftest import AMQP_PREFIX, ctl_or_skip, make_config, rabbitmqctl, vhost_of
+from tests.integration.test_amqp import drain, env, out, tls_port  # noqa: F401 (fixtures)
+
+DLQ = f"{AMQP_PREFIX}.dlq"   # the run's dead-letter store (make_config gives the run's key_prefix)
+
+
+def rabbit_name(queue: str) -> str:
+    """The RabbitMQ queue of logical ``queue`` under the run's prefix (DLQ as it is)."""
+    return queue if queue.startswith(AMQP_PREFIX + ".") else f"{AMQP_PREFIX}.{queue}"
 
 pytestmark = pytest.mark.amqp
 
@@ -38,11 +45,11 @@ class Raw:
 
     def publish(self, queue: str, body: bytes, **props) -> None:
         """Publish and wait until RabbitMQ has routed it (a round trip after)."""
-        self.channel.basic_publish(amqp.Message(body, **props), "", queue)
-        self.channel.queue_declare(queue, passive=True)
+        self.channel.basic_publish(amqp.Message(body, **props), "", rabbit_name(queue))
+        self.channel.queue_declare(rabbit_name(queue), passive=True)
 
     def count(self, queue: str) -> int:
-        return self.channel.queue_declare(queue, passive=True).message_count
+        return self.channel.queue_declare(rabbit_name(queue), passive=True).message_count
 
     def close(self) -> None:
         self.conn.close()
@@ -273,7 +280,9 @@ def test_a_task_id_too_long_for_message_id_is_a_value_error(env, raw):
     broker = env.broker()
     broker.declare([q])
     assert AMQPBroker.max_message_id_bytes == MAX_MESSAGE_ID_BYTES == 255
-    assert broker.max_queue_name_bytes == MAX_QUEUE_NAME_BYTES == 239
+    assert Settings().max_queue_name_bytes == MAX_QUEUE_NAME_BYTES == 239   # the default prefix
+    limit = broker.max_queue_name_bytes                                     # the run's, longer
+    assert limit == 239 - (len(AMQP_PREFIX) - len("greenq"))
     for too_long in ("x" * 256, "\N{GRINNING FACE}" * 64):
         with pytest.raises(ValueError, match="task_id is 256 bytes"):
             broker.publish_many([out(q, message_id="ok"), out(q, message_id=too_long)])
@@ -282,8 +291,8 @@ def test_a_task_id_too_long_for_message_id_is_a_value_error(env, raw):
     assert raw.count(q) == 0   # nothing sent
     broker.publish_many([out(q, message_id="y" * 255), out(q, message_id="\N{GRINNING FACE}" * 63)])
     assert {d.message_id for d in drain(broker, [q], 2)} == {"y" * 255, "\N{GRINNING FACE}" * 63}
-    with pytest.raises(BrokerError, match="at most 239 bytes"):
-        broker.declare(["q" * 240])
+    with pytest.raises(BrokerError, match=f"at most {limit} bytes"):
+        broker.declare(["q" * (limit + 1)])
 
 
 # -- the suspected defect: a refused dead letter -------------------------------------
@@ -293,9 +302,10 @@ def test_a_nacked_dead_letter_leaves_the_message_unacknowledged(env):
     broker = env.broker()
     broker.publish(out(q, b"keep", message_id="keep"))
     [d] = drain(broker, [q], 1, ack=False)
-    vhost = vhost_of(env.url)
-    ctl("set_policy", "-p", vhost, "--apply-to", "queues", "gq-dlq-full", "^greenq\\.dlq$",
-        '{"max-length": 0, "overflow": "reject-publish"}')
+    ctl_or_skip("set a policy that fills the dead-letter store")
+    vhost, policy = vhost_of(env.url), f"gq-dlq-full-{AMQP_PREFIX}"   # the vhost may be shared
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", policy, f"^{re.escape(DLQ)}$",
+                '{"max-length": 0, "overflow": "reject-publish"}')
     try:
         deadline = time.monotonic() + 10
         while True:   # the policy takes a moment to reach the queue
@@ -309,7 +319,7 @@ def test_a_nacked_dead_letter_leaves_the_message_unacknowledged(env):
             broker.publish(out(q, b"keep", message_id="keep"))
             [d] = drain(broker, [q], 1, ack=False)
     finally:
-        ctl("clear_policy", "-p", vhost, "gq-dlq-full")
+        rabbitmqctl("clear_policy", "-p", vhost, policy)
     broker.requeue([d])   # still ours: it goes back, nothing lost
     [again] = drain(broker, [q], 1)
     assert again.body == b"keep"

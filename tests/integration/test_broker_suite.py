@@ -12,6 +12,7 @@ import uuid
 from typing import List, Sequence
 
 from greenq.brokers import Delivery, Outgoing
+from tests.conftest import until
 
 BODY = bytes(range(256)) * 8 + "é ✓ \x00 end".encode()
 
@@ -87,7 +88,7 @@ def test_fetch_with_nothing_ready_waits_for_timeout(broker_env):
     consumer = broker_env.consumer([q])
     start = time.monotonic()
     assert consumer.fetch([q], 10, 0.5) == []
-    assert 0.45 <= time.monotonic() - start < 1.5
+    assert 0.45 <= time.monotonic() - start < 5.0   # its timeout is the floor; the ceiling only catches a hang
 
 
 def test_fetch_returns_promptly_when_published_from_another_thread(broker_env):
@@ -103,11 +104,11 @@ def test_fetch_returns_promptly_when_published_from_another_thread(broker_env):
 
     thread = threading.Thread(target=publish_later)
     thread.start()
-    got = consumer.fetch([q], 10, 5.0)
+    got = consumer.fetch([q], 10, 10.0)
     returned = time.monotonic()
     thread.join()
     assert [d.body for d in got] == [b"late"]
-    assert returned - published[0] < 0.5
+    assert returned - published[0] < 5.0   # woke on the publish, not at its 10 s timeout
     consumer.ack(got)
 
 
@@ -143,8 +144,8 @@ def test_requeue_returns_message_at_once(broker_env):
     [d] = drain(consumer, [q], 1, ack=False)
     consumer.requeue([d])
     start = time.monotonic()
-    [again] = drain(consumer, [q], 1, ack=False, timeout=2)
-    assert time.monotonic() - start < 1.0
+    [again] = drain(consumer, [q], 1, ack=False, timeout=10)
+    assert time.monotonic() - start < 10   # back at once, not when the 30 s lease ends
     assert (again.message_id, again.body, again.deliveries) == ("m-r", b"again", 2)
     consumer.ack([again])
 
@@ -159,8 +160,8 @@ def test_requeue_unstarted_keeps_the_delivery_count(broker_env):
     assert d.deliveries == 1
     consumer.requeue([d], started=False)
     start = time.monotonic()
-    [again] = drain(consumer, [q], 1, ack=False, timeout=2)
-    assert time.monotonic() - start < 1.0
+    [again] = drain(consumer, [q], 1, ack=False, timeout=10)
+    assert time.monotonic() - start < 10   # back at once, not when the 30 s lease ends
     assert (again.message_id, again.body, again.deliveries) == ("m-u", b"unstarted", 1)
     consumer.ack([again])
 
@@ -271,7 +272,7 @@ def test_delayed_message_waits_for_its_eta(broker_env):
     [d] = drain(consumer, [q], 1, timeout=3)
     assert time.time() >= eta - 0.05
     assert (d.message_id, d.body, d.deliveries) == ("later", b"later", 1)
-    assert consumer.next_due([q]) is None
+    assert until(lambda: consumer.next_due([q]) is None), "a delivered message still counts as due"
 
 
 def test_next_due_is_the_earliest_eta(broker_env):

@@ -134,8 +134,8 @@ def test_interrupt_ends_a_blocked_fetch_early(url):
     broker = make_broker(url, make_config())
     threading.Timer(0.2, broker.interrupt).start()
     start = time.monotonic()
-    assert broker.fetch(["q"], 1, 5) == []
-    assert time.monotonic() - start < 1.0
+    assert broker.fetch(["q"], 1, 10) == []
+    assert time.monotonic() - start < 5.0   # ended by the interrupt, not at its 10 s timeout
     start = time.monotonic()
     assert broker.fetch(["q"], 1, 0.3) == []   # the interrupt was used up
     assert time.monotonic() - start >= 0.25

@@ -4,19 +4,19 @@ sent (written only by the holder) carried over to the next one."""
 from __future__ import annotations
 
 import time
-import uuid
 
 import pytest
 
 from greenq.brokers import scheme_of
 from greenq.leases import LEASES
+from tests.conftest import own_prefix
 
 TTL = 0.5
 
 
 @pytest.fixture
 def leases(broker_env):
-    config = broker_env.config(key_prefix=f"gqt-{uuid.uuid4().hex[:8]}") if broker_env.kind == "amqp" \
+    config = broker_env.config(key_prefix=own_prefix()) if broker_env.kind == "amqp" \
         else broker_env.config()
     made = []
 

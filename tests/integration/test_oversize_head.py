@@ -40,7 +40,8 @@ def write_raw(env, broker, queue: str, body: bytes, message_id: str) -> None:
         conn = amqp.Connection(**connection_params(env.broker_url))
         conn.connect()
         try:
-            conn.channel().basic_publish(amqp.Message(body, message_id=message_id), "", queue)
+            conn.channel().basic_publish(amqp.Message(body, message_id=message_id), "",
+                                         broker.settings.queue_name(queue))
         finally:
             conn.close()
     else:

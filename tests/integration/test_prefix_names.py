@@ -20,7 +20,7 @@ from greenq.brokers.base import Outgoing
 from greenq.config import load
 from greenq.exceptions import BrokerError, ConfigError
 from greenq.leases import LEASES
-from tests.conftest import make_config
+from tests.conftest import make_config, own_prefix
 
 
 def _out(queue: str, body: bytes = b"x", eta: float = None) -> Outgoing:
@@ -69,7 +69,7 @@ def test_amqp_names_map_both_ways():
 @pytest.mark.amqp
 def test_two_prefixes_on_one_vhost_have_their_own_queue_of_the_same_name(amqp_url):
     import amqp
-    base = f"gqt-{uuid.uuid4().hex[:8]}"
+    base = own_prefix()
     a = make_broker(amqp_url, make_config(key_prefix=f"{base}-a"))
     b = make_broker(amqp_url, make_config(key_prefix=f"{base}-b"))
     try:
@@ -98,7 +98,7 @@ def test_two_prefixes_on_one_vhost_have_their_own_queue_of_the_same_name(amqp_ur
 
 @pytest.mark.amqp
 def test_a_dead_letter_goes_back_to_its_own_apps_queue(amqp_url):
-    base = f"gqt-{uuid.uuid4().hex[:8]}"
+    base = own_prefix()
     a = make_broker(amqp_url, make_config(key_prefix=f"{base}-a"))
     b = make_broker(amqp_url, make_config(key_prefix=f"{base}-b"))
     try:
@@ -126,7 +126,7 @@ def _drain_held(broker, queue: str) -> list:
 
 @pytest.mark.amqp
 def test_a_queue_name_landing_on_greenqs_own_queues_is_refused(amqp_url):
-    broker = make_broker(amqp_url, make_config(key_prefix=f"gqt-{uuid.uuid4().hex[:8]}"))
+    broker = make_broker(amqp_url, make_config(key_prefix=own_prefix()))
     try:
         with pytest.raises(BrokerError, match="reserved"):
             broker.publish_many([_out("dlq")])
@@ -153,7 +153,7 @@ def test_queue_listing_shows_only_this_apps_queues_by_logical_name(amqp_url, tmp
 
     server = HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    p = f"gqt-{uuid.uuid4().hex[:8]}"
+    p = own_prefix()
     rows += [{"name": f"{p}-a.default", "messages_ready": 4, "messages_unacknowledged": 1},
              {"name": f"{p}-b.default", "messages_ready": 7}, {"name": "default", "messages_ready": 9},
              {"name": f"{p}-a.dlq", "messages_ready": 2}, {"name": f"{p}-a.delay.default.3", "messages_ready": 1},

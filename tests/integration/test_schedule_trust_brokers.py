@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 import pytest
 
@@ -15,6 +14,7 @@ from greenq.beat import Scheduler
 from greenq.leases import LEASES, encode_slot
 from greenq.brokers import scheme_of
 from greenq.signing import Signer
+from tests.conftest import own_prefix
 
 TTL = 5.0
 
@@ -175,7 +175,7 @@ def publish(amqp_url: str, queue: str, *bodies: bytes) -> None:
 @pytest.mark.amqp
 @pytest.mark.parametrize("key", ["", "right"])
 def test_rabbitmq_garbage_or_forged_state_is_ignored(amqp_env, key):
-    prefix = f"gqt-{uuid.uuid4().hex[:8]}"
+    prefix = own_prefix()
     lease = lease_of(amqp_env, key_prefix=prefix, signing_key=key)
     valid = json.dumps({"b": 1000.0}).encode()
     publish(amqp_env.broker_url, lease.state_queue, b"garbage", b"[" * 50000,

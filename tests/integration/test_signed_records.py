@@ -17,6 +17,7 @@ from greenq import ChordError, GreenQ, MessageError, TaskError, chord
 from greenq.drivers import get_driver
 from greenq.signing import Signer
 from greenq.worker.consumer import Worker
+from tests.conftest import AMQP_PREFIX, delete_queues
 
 
 class Planted:
@@ -240,8 +241,8 @@ def test_rpc_replies_are_checked_like_stored_results(amqp_url):
     amqp = pytest.importorskip("amqp")
     from greenq.brokers.amqp_common import connection_params
     queue = f"sign-{uuid.uuid4().hex[:8]}"
-    apps = [GreenQ("sign", broker=amqp_url, backend="rpc://", signing_key="k1", default_queue=queue)
-            for _ in range(2)]
+    apps = [GreenQ("sign", broker=amqp_url, backend="rpc://", signing_key="k1", default_queue=queue,
+                   key_prefix=AMQP_PREFIX) for _ in range(2)]
     client, worker_app = apps
     for app in apps:
         app.task(name="sign.add")(lambda x, y: x + y)
@@ -263,3 +264,4 @@ def test_rpc_replies_are_checked_like_stored_results(amqp_url):
     finally:
         for app in apps:
             app.close()
+        delete_queues(amqp_url, [queue])
