@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import sqlite3
 import time
 import uuid
@@ -37,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 
 from greenq.control.client import Control
+from tests.e2e import control_raw
 
 pytestmark = pytest.mark.e2e
 
@@ -100,43 +100,19 @@ class RawRedis:
         self.client.close()
 
 
-class RawAMQP:
+class RawAMQP(control_raw.RawAMQP):
     """Messages on the P.control fanout exchange (P: the env's key_prefix); replies
     consumed from a queue of our own, named as the app's reply queues are
-    (``P.control-reply.<hex>``)."""
+    (``P.control-reply.<hex>``).  A body may come with its message properties."""
 
     def __init__(self, env) -> None:
-        import amqp
-        from greenq.brokers.amqp_common import connection_params
-        self.amqp = amqp
-        self.conn = amqp.Connection(**connection_params(env.broker_url))
-        self.conn.connect()
-        self.channel = self.conn.channel()
-        self.prefix = env.env["GREENQ_KEY_PREFIX"]
-        self.reply_to = f"{self.prefix}.control-reply.{uuid.uuid4().hex}"
-        self.channel.queue_declare(self.reply_to, exclusive=True, auto_delete=True)
-        self.inbox: List[Any] = []
-        self.channel.basic_consume(self.reply_to, callback=self.inbox.append, no_ack=True)
+        super().__init__(env.broker_url, env.env["GREENQ_KEY_PREFIX"])
 
-    def publish(self, bodies: List[Any]) -> None:
+    def publish(self, bodies: List[Any]) -> None:   # type: ignore[override]
         for body in bodies:
             body, props = body if isinstance(body, tuple) else (body, {})
             self.channel.basic_publish(self.amqp.Message(body, **props), exchange=f"{self.prefix}.control",
                                        routing_key="")
-
-    def replies(self, timeout: float) -> List[bytes]:
-        deadline = time.monotonic() + timeout
-        while not self.inbox and time.monotonic() < deadline:
-            try:
-                self.conn.drain_events(timeout=max(0.01, deadline - time.monotonic()))
-            except socket.timeout:
-                break
-        out = [m.body for m in self.inbox]
-        self.inbox.clear()
-        return out
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 RAW = {"sqlite": RawSQLite, "redis": RawRedis, "amqp": RawAMQP}
