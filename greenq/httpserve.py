@@ -50,6 +50,10 @@ MAX_HEAD = 16384
 MAX_BODY = 1 << 20
 HANDLERS = 8
 BACKLOG = 1024
+#: connections accepted in one turn of the selector loop before the loop reads
+#: the ready ones: a flood accepted in one go would evict (oldest first) the
+#: connections it had just accepted, a request already waiting in them unread
+ACCEPT_BATCH = 32
 FD_RESERVE = 256            # descriptors left to the rest of the process (brokers, files, children)
 _TICK = 0.5                 # the loop's longest sleep: how soon it sees stop() and expiries
 
@@ -146,7 +150,7 @@ class Server:
         _close(self.socket)
 
     def _accept(self, selector: selectors.BaseSelector, pending: Dict[socket.socket, _Pending]) -> None:
-        for _ in range(BACKLOG):               # what waits in the backlog, then read the others
+        for _ in range(min(ACCEPT_BATCH, self.max_connections // 4)):   # some of the backlog, then read
             try:
                 sock, peer = self.socket.accept()
             except (BlockingIOError, InterruptedError):
