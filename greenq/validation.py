@@ -270,11 +270,7 @@ SCHEDULE_RULES: Dict[str, Any] = {
     "task": name,
     "every": lambda o, v: None if v is None else every(o, v),
     "timezone": timezone,
-    "queue": optional_name,
-    "priority": lambda o, v: None if v is None else priority(o, v),
-    "expires": lambda o, v: None if v is None else offset(o, v),
-    "time_limit": optional_seconds,
-    "soft_time_limit": optional_seconds,
+    **{key: TASK_OPTION_RULES[key] for key in ("queue", "priority", "expires", "time_limit", "soft_time_limit")},
 }
 
 

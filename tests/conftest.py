@@ -2,11 +2,14 @@
 without them and failing instead when GREENQ_TEST_REQUIRE_SERVICES=1 (CI)."""
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from typing import Callable, Iterable, List, Set
@@ -281,3 +284,31 @@ def amqp_url():
         rabbitmqctl("delete_vhost", vhost)
     except (OSError, subprocess.SubprocessError):
         pass
+
+
+@pytest.fixture
+def management_api():
+    """A plain-HTTP stand-in for RabbitMQ's management API on 127.0.0.1: answers
+    /api/queues/<vhost> with ``rows`` and records ``(path, Authorization)``
+    of every request in ``seen``.  Yields ``(url, rows, seen)``."""
+    rows: list = []
+    seen: list = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps(rows).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", rows, seen
+    server.shutdown()
+    server.server_close()

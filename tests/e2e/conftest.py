@@ -91,12 +91,12 @@ class Env:
         return subprocess.run([sys.executable, "-c", code], cwd=self.tmp, env=self.env,
                               capture_output=True, text=True, timeout=timeout)
 
-    def app(self):
-        """The tasks module's app, pointed at this test's broker: this pytest
-        process is the unpatched client."""
+    def app(self, module: str = "e2e_tasks"):
+        """The app of the tasks module ``module`` (tests/e2e), pointed at this
+        test's broker: this pytest process is the unpatched client."""
+        import importlib
         from greenq.config import load
-        import e2e_tasks
-        app = e2e_tasks.app
+        app = importlib.import_module(module).app
         app.close()
         app.config = load(search=False, env={k: v for k, v in self.env.items() if k.startswith("GREENQ_")})
         app._codec = None

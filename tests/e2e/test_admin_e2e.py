@@ -6,10 +6,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -202,32 +200,6 @@ def test_queues_watch_redraws_in_place_on_a_terminal(sqlite_env):
     assert proc.wait(timeout=30) == 0, proc.stderr.read()
     screen = b"".join(chunks).decode()
     assert screen.count("\x1b[H\x1b[2J") == 3 and screen.count("queue ") == 3
-
-
-@pytest.fixture
-def management_api():
-    """A stand-in for RabbitMQ's management API: answers /api/queues/<vhost> with ``rows``."""
-    rows: list = []
-    seen: list = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append((self.path, self.headers.get("Authorization")))
-            body = json.dumps(rows).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", rows, seen
-    server.shutdown()
-    server.server_close()
 
 
 def test_queues_on_rabbitmq_lists_every_queue_with_its_held_count(amqp_url, tmp_path, management_api, request):

@@ -15,13 +15,7 @@ pytestmark = pytest.mark.e2e
 def _app(env):
     """client_config_tasks' app pointed at ``env``'s broker (this pytest
     process is the unpatched client)."""
-    from greenq.config import load
-    import client_config_tasks
-    app = client_config_tasks.app
-    app.close()
-    app.config = load(search=False, env={k: v for k, v in env.env.items() if k.startswith("GREENQ_")})
-    app._codec = None
-    return app
+    return env.app("client_config_tasks")
 
 
 def test_get_inside_a_task_fails_at_once(pool, sqlite_env):

@@ -28,10 +28,7 @@ def redis_env(tmp_path, redis_url, redis_prefix):
 def client_app(env: Env):
     """sign_tasks' app in this process, configured as the workers are."""
     import sign_tasks
-    app = sign_tasks.app
-    app.close()
-    app.config = load(search=False, env={k: v for k, v in env.env.items() if k.startswith("GREENQ_")})
-    app._codec = None
+    env.app("sign_tasks")
     return sign_tasks
 
 

@@ -5,12 +5,9 @@ name on one vhost, one SQLite file or one memory:// URL never see each
 other's messages; the default prefix keeps today's names."""
 from __future__ import annotations
 
-import json
 import sqlite3
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
@@ -135,39 +132,23 @@ def test_a_queue_name_landing_on_greenqs_own_queues_is_refused(amqp_url):
 
 
 @pytest.mark.amqp
-def test_queue_listing_shows_only_this_apps_queues_by_logical_name(amqp_url, tmp_path):
+def test_queue_listing_shows_only_this_apps_queues_by_logical_name(amqp_url, tmp_path, management_api):
     from greenq import GreenQ
     from greenq.cli.listing import queue_stats
-    rows = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            body = json.dumps(rows).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = HTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api, rows, _ = management_api
     p = own_prefix()
     rows += [{"name": f"{p}-a.default", "messages_ready": 4, "messages_unacknowledged": 1},
              {"name": f"{p}-b.default", "messages_ready": 7}, {"name": "default", "messages_ready": 9},
              {"name": f"{p}-a.dlq", "messages_ready": 2}, {"name": f"{p}-a.delay.default.3", "messages_ready": 1},
              {"name": f"{p}-a.control.w1"}, {"name": "amq.gen-x"}]
     app = GreenQ("t", config=make_config(broker_url=amqp_url, key_prefix=f"{p}-a",
-                                         amqp__management_url=f"http://127.0.0.1:{server.server_address[1]}"))
+                                         amqp__management_url=api))
     try:
         listed, note = queue_stats(app)
         assert note is None
         assert [(s.name, s.ready, s.held) for s in listed] == [("default", 4, 1)]
     finally:
         app.close()
-        server.shutdown()
-        server.server_close()
 
 
 # -- SQLite ---------------------------------------------------------------------------
