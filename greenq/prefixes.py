@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
@@ -51,9 +52,17 @@ def _entries(client: Any) -> List[Dict[str, Any]]:
             entry = json.loads(value)
         except (ValueError, UnicodeDecodeError):
             continue
-        if isinstance(entry, dict) and isinstance(entry.get("seen"), (int, float)):
-            out.append(entry)
+        if isinstance(entry, dict) and isinstance(entry.get("seen"), (int, float)) \
+                and math.isfinite(entry["seen"]) \
+                and all(isinstance(entry.get(k), str) for k in ("app", "key_prefix", "worker")):
+            out.append(entry)       # anything else (written by hand, or garbage) is passed over
     return out
+
+
+def _shown(text: str) -> str:
+    """A name read from the registry, as a terminal may print it: control
+    characters escaped, cut to 100 characters."""
+    return ascii(text[:100])[1:-1]
 
 
 def announce(app: "GreenQ", worker: str) -> None:
@@ -93,7 +102,7 @@ def mismatch_hint(app: "GreenQ") -> Optional[str]:
     if any(e["seen"] >= latest["seen"] for e in entries if e.get("key_prefix") == mine):
         return None
     return (f"no worker of app {app.name!r} uses this client's key_prefix {mine!r}; workers of app "
-            f"{app.name!r} were seen under key_prefix {latest.get('key_prefix')!r} ({latest.get('worker')}, "
+            f"{app.name!r} were seen under key_prefix '{_shown(latest['key_prefix'])}' ({_shown(latest['worker'])}, "
             f"{_ago(latest['seen'])}): give the client and the workers the same key_prefix "
             f"(the same INI file, $GREENQ_CONFIG or GREENQ_KEY_PREFIX)")
 

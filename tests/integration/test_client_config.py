@@ -66,3 +66,33 @@ def test_zero_keeps_connections_open(redis_url, redis_prefix):
         assert connection._sock is not None
     finally:
         made.close()
+
+
+def test_a_garbage_registry_entry_is_passed_over_and_names_are_escaped(redis_url, redis_prefix):
+    """Entries of greenq:apps written straight into the real Redis (a time
+    that is NaN or infinite, fields of the wrong type, not JSON) are passed
+    over; a worker name with a terminal escape is shown escaped."""
+    import json
+
+    from greenq import GreenQ
+    from greenq.prefixes import REGISTRY, mismatch_hint
+    app = GreenQ(f"{redis_prefix}-app", broker=redis_url, key_prefix=redis_prefix, config_file=False)
+    client = app.broker.client
+    other = f"{redis_prefix}-other"       # the fixture deletes fields whose prefix starts with redis_prefix
+    client.hset(REGISTRY, mapping={
+        f"{app.name} {other}-nan": b'{"app": "%s", "key_prefix": "%s-nan", "worker": "w", "seen": NaN}'
+                                   % (app.name.encode(), other.encode()),
+        f"{app.name} {other}-inf": b'{"app": "%s", "key_prefix": "%s-inf", "worker": "w", "seen": Infinity}'
+                                   % (app.name.encode(), other.encode()),
+        f"{app.name} {other}-list": json.dumps({"app": app.name, "key_prefix": [1], "worker": "w", "seen": 1}),
+        f"{app.name} {other}-junk": b"\xff not json",
+    })
+    try:
+        assert mismatch_hint(app) is None                 # nothing usable: no hint, and no error
+        client.hset(REGISTRY, f"{app.name} {other}", json.dumps(
+            {"app": app.name, "key_prefix": other, "worker": "w\x1b[31m", "seen": 1.0}))
+        hint = mismatch_hint(app)
+        assert hint is not None and f"key_prefix '{other}'" in hint
+        assert "\x1b" not in hint and "w\\x1b[31m" in hint
+    finally:
+        app.close()
