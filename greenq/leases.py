@@ -190,13 +190,13 @@ class SQLiteLease(Lease):
 
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
         super().__init__(url, config, ttl, driver)
-        from .clients.sqlite import Database
+        from .transports.sqlite.client import Database
         self._db = Database(url, config.key_prefix)
         self._t = self._db.tables
         self._ready = False
 
     def _run(self, fn: Any, *args: Any) -> Any:
-        from .clients.sqlite import transaction
+        from .transports.sqlite.client import transaction
 
         def run(conn: Any) -> Any:
             with transaction(conn):
@@ -317,7 +317,7 @@ class AMQPLease(Lease):
 
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
         super().__init__(url, config, ttl, driver)
-        from .brokers.amqp_common import connection_params
+        from .transports.amqp.common import connection_params
         self.params = connection_params(url)
         self.lock_queue = f"{config.key_prefix}.beat.lock"
         self.state_queue = f"{config.key_prefix}.beat.state"
@@ -328,21 +328,21 @@ class AMQPLease(Lease):
         self._tags: list = []            # the state messages we hold unacknowledged
 
     def _connect(self) -> None:
-        from .brokers.amqp_common import open_connection
+        from .transports.amqp.common import open_connection
         self.conn = open_connection(self.params, heartbeat=max(2, int(self.ttl / 2)), role="beat")
         self.channel = self.conn.channel()
         self.channel.confirm_select()
         self.channel.queue_declare(self.state_queue, durable=True, auto_delete=False)
 
     def _drop(self) -> None:
-        from .brokers.amqp_adapter import close_quietly
+        from .transports.amqp.adapter import close_quietly
         close_quietly(self.conn)
         self.conn = self.channel = None
         self.held = False
         self._tags = []
 
     def acquire(self, holder: str) -> bool:
-        from .brokers.amqp_common import AMQP_ERRORS
+        from .transports.amqp.common import AMQP_ERRORS
         import amqp
         try:
             if self.conn is None:
@@ -382,7 +382,7 @@ class AMQPLease(Lease):
     def _read_state(self, body: Any) -> Dict[str, float]:
         """The runs of one state message, each checked; {} (logged) for one
         that is not a JSON object, or is unsigned or forged with a key."""
-        from .brokers.amqp_meta import as_bytes
+        from .transports.amqp.meta import as_bytes
         try:
             doc = json.loads(self.signer.unwrap(DOMAIN, as_bytes(body), f"scheduler state in {self.state_queue}"))
         except MessageError as exc:
@@ -402,7 +402,7 @@ class AMQPLease(Lease):
         return dict(self._state) if self.held else {}
 
     def record(self, holder: str, entry: str, slot: float) -> bool:
-        from .brokers.amqp_common import AMQP_ERRORS
+        from .transports.amqp.common import AMQP_ERRORS
         import amqp
         if not self.held:
             return False

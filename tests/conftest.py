@@ -188,7 +188,7 @@ def _track_queue_names() -> None:
     rabbitmqctl can list the vhost.  Worker processes declare the queues their
     test names too, so the parent's record covers them."""
     try:
-        from greenq.brokers.amqp_common import Settings
+        from greenq.transports.amqp.common import Settings
     except ImportError:   # no py-amqp: no RabbitMQ tests
         return
     named = Settings.queue_name
@@ -226,7 +226,7 @@ def _amqp_names(url: str) -> "tuple[List[str], List[str]]":
 def delete_amqp_names(url: str, queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
     """Delete these queues and exchanges (absent ones are fine) over AMQP."""
     import amqp
-    from greenq.brokers.amqp_common import connection_params
+    from greenq.transports.amqp.common import connection_params
     conn = amqp.Connection(**connection_params(url))
     conn.connect()
     try:
@@ -246,7 +246,7 @@ def delete_amqp_names(url: str, queues: Iterable[str] = (), exchanges: Iterable[
 def delete_queues(url: str, queues: Iterable[str], prefix: str = AMQP_PREFIX) -> None:
     """Delete the task queues ``queues`` (logical names) of ``prefix`` and their
     delay cascades (``P.delay.<q>.<i>``, queues and exchanges)."""
-    from greenq.brokers.amqp_common import DEFAULT_PREFIX
+    from greenq.transports.amqp.common import DEFAULT_PREFIX
     names, cascade = [], []
     for queue in queues:
         names.append(queue if prefix == DEFAULT_PREFIX else f"{prefix}.{queue}")

@@ -11,13 +11,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver
 
 BACKENDS = {
-    "sqlite": ("greenq.backends.sqlite", "SQLiteBackend", None),
-    "memory": ("greenq.backends.memory", "MemoryBackend", None),
-    "redis": ("greenq.backends.redis", "RedisBackend", "redis"),
-    "rediss": ("greenq.backends.redis", "RedisBackend", "redis"),
-    "redis+sentinel": ("greenq.backends.redis_sentinel", "RedisSentinelBackend", "redis"),
-    "redis+cluster": ("greenq.backends.redis_cluster", "RedisClusterBackend", "redis"),
-    "rpc": ("greenq.backends.rpc", "RPCBackend", "amqp"),
+    "sqlite": ("greenq.transports.sqlite.results", "SQLiteBackend", None),
+    "memory": ("greenq.transports.memory.results", "MemoryBackend", None),
+    "redis": ("greenq.transports.redis.results", "RedisBackend", "redis"),
+    "rediss": ("greenq.transports.redis.results", "RedisBackend", "redis"),
+    "redis+sentinel": ("greenq.transports.redis.results_sentinel", "RedisSentinelBackend", "redis"),
+    "redis+cluster": ("greenq.transports.redis.results_cluster", "RedisClusterBackend", "redis"),
+    "rpc": ("greenq.transports.amqp.rpc", "RPCBackend", "amqp"),
 }
 
 #: backend used when ``result_backend`` is empty, by broker scheme

@@ -13,15 +13,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver
 
 BROKERS = {
-    "sqlite": ("greenq.brokers.sqlite", "SQLiteBroker", None),
-    "memory": ("greenq.brokers.memory", "MemoryBroker", None),
-    "redis": ("greenq.brokers.redis", "RedisBroker", "redis"),
-    "rediss": ("greenq.brokers.redis", "RedisBroker", "redis"),
-    "redis+sentinel": ("greenq.brokers.redis_sentinel", "RedisSentinelBroker", "redis"),
-    "redis+cluster": ("greenq.brokers.redis_cluster", "RedisClusterBroker", "redis"),
-    "amqp": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
-    "pyamqp": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
-    "amqps": ("greenq.brokers.amqp", "AMQPBroker", "amqp"),
+    "sqlite": ("greenq.transports.sqlite.broker", "SQLiteBroker", None),
+    "memory": ("greenq.transports.memory.broker", "MemoryBroker", None),
+    "redis": ("greenq.transports.redis.broker", "RedisBroker", "redis"),
+    "rediss": ("greenq.transports.redis.broker", "RedisBroker", "redis"),
+    "redis+sentinel": ("greenq.transports.redis.broker_sentinel", "RedisSentinelBroker", "redis"),
+    "redis+cluster": ("greenq.transports.redis.broker_cluster", "RedisClusterBroker", "redis"),
+    "amqp": ("greenq.transports.amqp.broker", "AMQPBroker", "amqp"),
+    "pyamqp": ("greenq.transports.amqp.broker", "AMQPBroker", "amqp"),
+    "amqps": ("greenq.transports.amqp.broker", "AMQPBroker", "amqp"),
 }
 
 

@@ -55,7 +55,7 @@ def queue_stats(app: Any) -> Tuple[List[QueueStats], Optional[str]]:
     except (OSError, ValueError) as exc:
         return broker.queue_stats(), (f"RabbitMQ's management API at {mask_url(url)} did not answer "
                                       f"({exc}): configured queues only; held counts this process only")
-    from ..brokers.amqp_common import Settings   # (only for RabbitMQ: it imports py-amqp)
+    from ..transports.amqp.common import Settings   # (only for RabbitMQ: it imports py-amqp)
     names = Settings.from_config(app.config)
     # the vhost's task queues of this app, by logical name (not greenq's plumbing,
     # RabbitMQ's amq.* or, under a key_prefix of its own, another app's queues)

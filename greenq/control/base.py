@@ -50,13 +50,13 @@ REPLY_TOKEN = re.compile(r"[0-9a-f]{32}\Z")
 BATCH_MAX = 500
 
 TRANSPORTS = {
-    "sqlite": ("greenq.control.sqlite", "SQLiteTransport"),
-    "redis": ("greenq.control.redis", "RedisTransport"),
-    "rediss": ("greenq.control.redis", "RedisTransport"),
-    "amqp": ("greenq.control.amqp", "AMQPTransport"),
-    "pyamqp": ("greenq.control.amqp", "AMQPTransport"),
-    "amqps": ("greenq.control.amqp", "AMQPTransport"),
-    "memory": ("greenq.control.memory", "MemoryTransport"),
+    "sqlite": ("greenq.transports.sqlite.control", "SQLiteTransport"),
+    "redis": ("greenq.transports.redis.control", "RedisTransport"),
+    "rediss": ("greenq.transports.redis.control", "RedisTransport"),
+    "amqp": ("greenq.transports.amqp.control", "AMQPTransport"),
+    "pyamqp": ("greenq.transports.amqp.control", "AMQPTransport"),
+    "amqps": ("greenq.transports.amqp.control", "AMQPTransport"),
+    "memory": ("greenq.transports.memory.control", "MemoryTransport"),
 }
 
 

@@ -19,7 +19,7 @@ from typing import Any, Callable, Collection, Optional, Sequence
 from urllib.parse import urlsplit
 
 from ..backoff import backoff
-from ..clients.reconnect import Refused
+from ..reconnect import Refused
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 

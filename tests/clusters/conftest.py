@@ -56,7 +56,7 @@ class DeploymentEnv(Env):
         self._settings = {"key_prefix": f"gqc-{self.tag}"}
         self.broker_url = self.backend_url = url
         # Redis Cluster: one lane per queue, so the order between queues on
-        # different masters is not kept (greenq/brokers/redis_cluster.py)
+        # different masters is not kept (greenq/transports/redis/broker_cluster.py)
         self.queue_order_kept = not url.startswith("redis+cluster://")
 
 

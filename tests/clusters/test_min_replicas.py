@@ -29,7 +29,7 @@ def test_publish_waits_for_the_replica_and_fails_without_it(sentinel, caplog):
         with pytest.raises(BrokerError, match="min_replicas"):
             broker.publish(Outgoing("q", b"four", "m4"))
         assert 0.4 < time.monotonic() - start < 2.0          # WAIT gave up after socket_timeout / 2
-        with caplog.at_level(logging.WARNING, logger="greenq.brokers.redis"):
+        with caplog.at_level(logging.WARNING, logger="greenq.transports.redis.broker"):
             broker.ack(got)                                 # done on the master, only warned about
         assert "only 0 of [redis] min_replicas = 1" in caplog.text
         assert broker.queue_stats(["q"])[0].held == 0

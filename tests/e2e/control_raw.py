@@ -1,5 +1,5 @@
 """Writers of control commands straight into a real broker's control plane,
-in the layout a worker reads (greenq/control/redis.py, amqp.py), without
+in the layout a worker reads (greenq/transports/redis/control.py, amqp.py), without
 greenq's transport: what a forger with access to the broker would write.
 
 ``Raw(kind, url, prefix)`` publishes bodies (signed or not, as the test
@@ -55,7 +55,7 @@ class RawRedis:
 class RawAMQP:
     def __init__(self, url: str, prefix: str) -> None:
         import amqp
-        from greenq.brokers.amqp_common import connection_params
+        from greenq.transports.amqp.common import connection_params
         self.amqp = amqp
         self.prefix = prefix
         self.conn = amqp.Connection(**connection_params(url))

@@ -21,7 +21,7 @@ from collections import Counter
 import amqp
 import pytest
 
-from greenq.brokers.amqp_common import connection_params
+from greenq.transports.amqp.common import connection_params
 from tests.e2e.conftest import HERE, Env
 from tests.malformed import TASK, bad_bodies, good_envelope
 

@@ -46,7 +46,7 @@ def write_big(env, app, i: int, body: bytes) -> None:
         client.close()
     elif env.kind == "amqp":
         import amqp
-        from greenq.brokers.amqp_common import connection_params
+        from greenq.transports.amqp.common import connection_params
         conn = amqp.Connection(**connection_params(env.broker_url))
         conn.connect()
         try:

@@ -49,7 +49,7 @@ def test_rule_names_the_way_out():
 IDLE_CLIENT = r"""
 import sys, threading, redis
 import client_config_tasks as t
-from greenq.clients.redis import client_name
+from greenq.transports.redis.client import client_name
 
 def calls():
     for i in range(5):

@@ -2,7 +2,7 @@
 plane, beside a running ``greenq-worker`` (SQLite, Redis and RabbitMQ).
 
 The commands go in as another program (or a garbled sender) would write them,
-in each transport's layout (greenq/control/sqlite.py, redis.py, amqp.py): a
+in each transport's layout (greenq/transports/sqlite/control.py, redis.py, amqp.py): a
 row of ``control_commands``, an entry of the ``P:control`` stream, a message
 on the ``P.control`` fanout exchange.  Bodies that are not JSON, not
 UTF-8, JSON that is not an object, nested too deep; ``revoke`` commands whose

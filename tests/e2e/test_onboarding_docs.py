@@ -313,7 +313,7 @@ def test_the_test_vhost_and_redis_db_can_be_set_by_environment(tmp_path, amqp_ur
     line = [x for x in done.stdout.splitlines() if x.startswith("URLS")][0]
     assert line.split()[1].endswith(f"/{vhost}") and line.split()[2].endswith("/12"), line
     import amqp   # the vhost is still there: the run did not delete what it did not create
-    from greenq.brokers.amqp_common import connection_params
+    from greenq.transports.amqp.common import connection_params
     conn = amqp.Connection(**connection_params(amqp_url))
     conn.connect()
     conn.close()

@@ -75,7 +75,7 @@ def _garbage() -> List[bytes]:
 
 
 def _write(env, bodies: List[bytes]) -> None:
-    """Straight into the broker, in the layout of greenq/control/redis.py or amqp.py."""
+    """Straight into the broker, in the layout of greenq/transports/redis/control.py or amqp.py."""
     if env.kind == "redis":
         import redis
         client = redis.Redis.from_url(env.broker_url)
@@ -87,7 +87,7 @@ def _write(env, bodies: List[bytes]) -> None:
         client.close()
         return
     import amqp
-    from greenq.brokers.amqp_common import connection_params
+    from greenq.transports.amqp.common import connection_params
     conn = amqp.Connection(**connection_params(env.broker_url))
     conn.connect()
     channel = conn.channel()

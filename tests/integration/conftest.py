@@ -31,10 +31,10 @@ from greenq.drivers import get_driver
 from tests.conftest import delete_queues, make_config
 
 MODULES = {
-    "broker": {"memory": "greenq.brokers.memory", "sqlite": "greenq.brokers.sqlite",
-               "redis": "greenq.brokers.redis", "amqp": "greenq.brokers.amqp"},
-    "backend": {"memory": "greenq.backends.memory", "sqlite": "greenq.backends.sqlite",
-                "redis": "greenq.backends.redis", "rpc": "greenq.backends.rpc"},
+    "broker": {"memory": "greenq.transports.memory.broker", "sqlite": "greenq.transports.sqlite.broker",
+               "redis": "greenq.transports.redis.broker", "amqp": "greenq.transports.amqp.broker"},
+    "backend": {"memory": "greenq.transports.memory.results", "sqlite": "greenq.transports.sqlite.results",
+                "redis": "greenq.transports.redis.results", "rpc": "greenq.transports.amqp.rpc"},
 }
 
 

@@ -22,7 +22,7 @@ import time  # noqa: E402
 
 from greenq.backends import make_backend  # noqa: E402
 from greenq.brokers import Outgoing, make_broker  # noqa: E402
-from greenq.clients.sqlite import Database  # noqa: E402
+from greenq.transports.sqlite.client import Database  # noqa: E402
 from greenq.drivers import get_driver  # noqa: E402
 from tests.conftest import make_config  # noqa: E402
 

@@ -150,9 +150,9 @@ def test_delays_through_ttl_queues_without_head_of_line_blocking(env):
 
 
 def test_delay_beyond_the_cascade_goes_round_again(env, monkeypatch):
-    from greenq.brokers import amqp_common
+    from greenq.transports.amqp import common as amqp_common
     monkeypatch.setattr(amqp_common, "MAX_DELAY_MS", 200)   # pretend 0.2 s is ~49 days
-    monkeypatch.setattr("greenq.brokers.amqp_consumer.EARLY", 0.01)
+    monkeypatch.setattr("greenq.transports.amqp.consumer.EARLY", 0.01)
     q = env.queue()
     client, consumer = env.broker(), env.broker()
     start = time.time()
@@ -272,8 +272,8 @@ def test_publish_frames_and_properties_are_py_amqps():
     from amqp import spec
     from amqp.method_framing import frame_writer
     from amqp.serialization import dumps
-    from greenq.brokers.amqp_publish import publish_frames
-    from greenq.brokers.amqp_wire import encode_properties, task_properties
+    from greenq.transports.amqp.publish import publish_frames
+    from greenq.transports.amqp.wire import encode_properties, task_properties
 
     cases = [{"message_id": "abc", "delivery_mode": 2},
              {"message_id": "abc\u00e9", "delivery_mode": 2, "priority": 9,
@@ -316,7 +316,7 @@ def test_password_never_in_errors(env, caplog):
 
 
 def test_amqps_url_options():
-    from greenq.brokers.amqp_common import connection_params
+    from greenq.transports.amqp.common import connection_params
     params = connection_params("amqps://u:p%40ss@rabbit.example:5999/v%2Fh?cafile=/ca.pem&verify=true")
     assert (params["host"], params["userid"], params["password"], params["virtual_host"]) == \
         ("rabbit.example:5999", "u", "p@ss", "v/h")

@@ -18,8 +18,8 @@ import time
 import amqp
 import pytest
 
-from greenq.brokers.amqp import MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, AMQPBroker
-from greenq.brokers.amqp_common import Settings, connection_params
+from greenq.transports.amqp.broker import MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, AMQPBroker
+from greenq.transports.amqp.common import Settings, connection_params
 from greenq.exceptions import BrokerError
 from greenq.brokers import make_broker
 from tests.conftest import AMQP_PREFIX, ctl_or_skip, make_config, rabbitmqctl, vhost_of

@@ -9,8 +9,8 @@ from amqp.serialization import decode_properties_basic
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from greenq.brokers.amqp_meta import MAX_COUNT, read_dead_letter, read_meta, read_properties
-from greenq.brokers.amqp_wire import encode_properties, readable_header
+from greenq.transports.amqp.meta import MAX_COUNT, read_dead_letter, read_meta, read_properties
+from greenq.transports.amqp.wire import encode_properties, readable_header
 
 HEADER_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 63 - 1) | st.floats(allow_nan=True)

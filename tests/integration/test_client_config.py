@@ -9,8 +9,8 @@ import time
 import pytest
 
 from greenq.backends.base import Record
-from greenq.backends.redis import RedisBackend
-from greenq.clients.redis import Pool
+from greenq.transports.redis.results import RedisBackend
+from greenq.transports.redis.client import Pool
 from tests.conftest import make_config
 
 

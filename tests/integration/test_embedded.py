@@ -13,7 +13,7 @@ import pytest
 
 from greenq.backends import backend_url_for, make_backend
 from greenq.brokers import Outgoing, make_broker
-from greenq.clients.sqlite import SCHEMA_VERSION
+from greenq.transports.sqlite.client import SCHEMA_VERSION
 from greenq.exceptions import BrokerError, ConfigError
 from tests.conftest import make_config
 
@@ -67,7 +67,7 @@ def test_sqlite_schema_is_created_once_and_versioned(tmp_path):
 def test_sqlite_version_1_file_is_upgraded_in_place(tmp_path):
     """A file made by greenq with schema 1 (no revocations.revoked_at) keeps
     its messages and revocations and gains the column."""
-    from greenq.clients.sqlite import SCHEMA, Tables
+    from greenq.transports.sqlite.client import SCHEMA, Tables
     path = tmp_path / "v1.sqlite3"
     conn = sqlite3.connect(path)
     conn.executescript(Tables().sql(SCHEMA).replace(",\n    revoked_at REAL NOT NULL DEFAULT 0", ""))

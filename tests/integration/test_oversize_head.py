@@ -36,7 +36,7 @@ def write_raw(env, broker, queue: str, body: bytes, message_id: str) -> None:
         client.close()
     elif env.kind == "amqp":
         import amqp
-        from greenq.brokers.amqp_common import connection_params
+        from greenq.transports.amqp.common import connection_params
         conn = amqp.Connection(**connection_params(env.broker_url))
         conn.connect()
         try:

@@ -48,7 +48,7 @@ def test_key_prefixes_of_letters_digits_and_separators_are_accepted(prefix):
 # -- RabbitMQ -------------------------------------------------------------------------
 
 def test_amqp_names_map_both_ways():
-    from greenq.brokers.amqp_common import Settings
+    from greenq.transports.amqp.common import Settings
     plain, own = Settings(), Settings(prefix="shop")
     assert plain.queue_name("default") == "default" and plain.delay_name("default", 3) == "greenq.delay.default.3"
     assert own.queue_name("default") == "shop.default" and own.delay_name("default", 3) == "shop.delay.default.3"
@@ -195,7 +195,7 @@ def test_the_default_prefix_keeps_the_plain_sqlite_table_names(tmp_path):
 
 
 def test_sqlite_control_of_two_prefixes_never_crosses(tmp_path):
-    from greenq.control.sqlite import SQLiteTransport
+    from greenq.transports.sqlite.control import SQLiteTransport
     url = f"sqlite:///{tmp_path}/control.sqlite3"
     a = SQLiteTransport(url, make_config(broker_url=url, key_prefix="ca"))
     b = SQLiteTransport(url, make_config(broker_url=url, key_prefix="cb"))

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from greenq.brokers.redis import GROUP
+from greenq.transports.redis.broker import GROUP
 from tests.integration.test_redis import admin, make, opened, out  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.redis

@@ -161,7 +161,7 @@ def amqp_env(request, tmp_path):
 
 def publish(amqp_url: str, queue: str, *bodies: bytes) -> None:
     import amqp
-    from greenq.brokers.amqp_common import connection_params, open_connection
+    from greenq.transports.amqp.common import connection_params, open_connection
     conn = open_connection(connection_params(amqp_url), heartbeat=0, role="test")
     try:
         ch = conn.channel()

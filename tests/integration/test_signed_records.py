@@ -239,7 +239,7 @@ def test_rpc_replies_are_checked_like_stored_results(amqp_url):
     """rpc://: the worker's reply is signed and read back; a reply published
     straight to the caller's reply queue, unsigned, is refused."""
     amqp = pytest.importorskip("amqp")
-    from greenq.brokers.amqp_common import connection_params
+    from greenq.transports.amqp.common import connection_params
     queue = f"sign-{uuid.uuid4().hex[:8]}"
     apps = [GreenQ("sign", broker=amqp_url, backend="rpc://", signing_key="k1", default_queue=queue,
                    key_prefix=AMQP_PREFIX) for _ in range(2)]

@@ -17,8 +17,8 @@ from amqp.serialization import decode_properties_basic, dumps  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from greenq.brokers import amqp_adapter  # noqa: E402
-from greenq.brokers.amqp_wire import (NOT_MINE, DeliveryReader, FrameParser, ack_frame,  # noqa: E402
+from greenq.transports.amqp import adapter as amqp_adapter  # noqa: E402
+from greenq.transports.amqp.wire import (NOT_MINE, DeliveryReader, FrameParser, ack_frame,  # noqa: E402
                                       content_frames, encode_properties, method_frame, readable_header,
                                       reject_frame, task_properties)
 from greenq.exceptions import ConfigError  # noqa: E402

@@ -7,8 +7,8 @@ import pytest
 
 from greenq import GreenQ
 from greenq.backoff import Backoff, backoff
-from greenq.brokers.amqp_common import Link
-from greenq.clients.reconnect import reconnect_delay
+from greenq.transports.amqp.common import Link
+from greenq.reconnect import reconnect_delay
 
 
 def test_waits_double_from_the_first_up_to_the_cap():

@@ -14,9 +14,9 @@ from greenq import GreenQ
 from greenq.config import load
 from greenq.control import commands
 from greenq.control.agent import ControlAgent
-from greenq.control.amqp import AMQPTransport
+from greenq.transports.amqp.control import AMQPTransport
 from greenq.control.auth import MAX_AGE, CommandReader, read_reply, sign_command, sign_reply
-from greenq.control.memory import MemoryTransport
+from greenq.transports.memory.control import MemoryTransport
 from greenq.drivers import get_driver
 from greenq.signing import Signer
 from greenq.worker.consumer import Worker

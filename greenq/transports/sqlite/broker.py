@@ -22,8 +22,8 @@ file never share a table::
 
     queues        (name) every queue ever published to or declared
     dead_letters  (id, queue, priority, message_id, body, reason, failed_at)
-    results       (task_id, data, final, expires_at)     greenq.backends.sqlite
-    revocations   (task_id, terminate, expires_at, revoked_at)  greenq.backends.sqlite
+    results       (task_id, data, final, expires_at)     greenq.transports.sqlite.results
+    revocations   (task_id, terminate, expires_at, revoked_at)  greenq.transports.sqlite.results
 
 Fetching is one short ``BEGIN IMMEDIATE`` transaction: select up to ``count``
 rows with ``visible_at <= now`` (one index range per queue and priority, so
@@ -49,11 +49,11 @@ import time
 import uuid
 from typing import Any, Callable, List, Optional, Sequence
 
-from ..clients.sqlite import Database, chunks, placeholders, transaction
-from .base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
+from .client import Database, chunks, placeholders, transaction
+from ...brokers.base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
                    oversize_reason)
 
-log = logging.getLogger("greenq.brokers.sqlite")
+log = logging.getLogger("greenq.transports.sqlite.broker")
 
 POLL_MIN, POLL_MAX = 0.005, 0.1   # an empty fetch polls with a sleep growing between these
 

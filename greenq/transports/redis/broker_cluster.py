@@ -12,7 +12,7 @@ spread over the masters)::
                              registers the queue in a key of its own slot)
     P:queues                 every queue name seen (its own slot)
 
-The scripts of :mod:`greenq.brokers._redis_lua` run unchanged, one queue per
+The scripts of :mod:`greenq.transports.redis.lua` run unchanged, one queue per
 call.  Fetching runs one *lane* per queue (a greenlet under a green driver, a
 thread otherwise): each lane does the plain broker's move-delayed / reclaim /
 read / block cycle for its queue on its own master, and what it leases lands
@@ -36,16 +36,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import redis
 
-from ..clients.redis_topology import CLUSTER_TRANSIENT, make_cluster_client
-from ..config import Config
-from ..exceptions import BrokerError
-from .base import DeadLetter, Delivery, Outgoing, QueueStats
-from ..clients.reconnect import Unreachable
-from ..clients.redis import TRANSIENT
-from .redis import (GROUP, MAX_BATCH, PARKED, PUBLISH_CHUNK, REPLICATED, RedisBroker,
+from .topology import CLUSTER_TRANSIENT, make_cluster_client
+from ...config import Config
+from ...exceptions import BrokerError
+from ...brokers.base import DeadLetter, Delivery, Outgoing, QueueStats
+from ...reconnect import Unreachable
+from .client import TRANSIENT
+from .broker import (GROUP, MAX_BATCH, PARKED, PUBLISH_CHUNK, REPLICATED, RedisBroker,
                     _STREAM_ID, _text, budget_left)
 
-log = logging.getLogger("greenq.brokers.redis_cluster")
+log = logging.getLogger("greenq.transports.redis.broker_cluster")
 
 #: errors that keep an ack for later (a master away, a slot moving)
 ACK_RETRIED = CLUSTER_TRANSIENT + (redis.exceptions.MovedError, redis.exceptions.AskError)

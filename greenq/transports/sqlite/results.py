@@ -1,6 +1,6 @@
 """``sqlite:///path.db`` result backend: the ``results`` and ``revocations``
 tables of the broker's file (the default when the broker is SQLite; the schema
-is documented in :mod:`greenq.brokers.sqlite`), named after ``key_prefix``
+is documented in :mod:`greenq.transports.sqlite.broker`), named after ``key_prefix``
 like every table (``clients.sqlite.Tables``).
 
 Rows carry ``expires_at``: expired ones are ignored by every read and deleted
@@ -14,8 +14,8 @@ import sqlite3
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ..clients.sqlite import Database, chunks, placeholders, run_script, transaction
-from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
+from .client import Database, chunks, placeholders, run_script, transaction
+from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 #: the tables of groups and chords (created on first use, beside the broker's schema)
 CHORD_SCHEMA = """

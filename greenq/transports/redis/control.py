@@ -21,9 +21,9 @@ from typing import Any, List, Optional
 
 import redis
 
-from ..config import mask_url
-from ..events import decode_batch
-from .base import Document, Transport
+from ...config import mask_url
+from ...events import decode_batch
+from ...control.base import Document, Transport
 
 COMMANDS_KEPT = 1000
 EVENTS_KEPT = 1000              # batches of at most 500 events: bounded memory under load

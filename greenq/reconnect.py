@@ -29,8 +29,8 @@ import threading
 import time
 from typing import Callable, Optional, Tuple, Type, TypeVar
 
-from ..backoff import backoff
-from ..exceptions import BrokerError, ConfigError
+from .backoff import backoff
+from .exceptions import BrokerError, ConfigError
 
 T = TypeVar("T")
 

@@ -22,10 +22,10 @@ import sqlite3
 import time
 from typing import Any, List, Optional
 
-from ..clients.sqlite import Database, Tables, run_script, transaction
-from ..drivers.base import UsesDriver
-from ..events import decode_batch
-from .base import Document, Transport
+from .client import Database, Tables, run_script, transaction
+from ...drivers.base import UsesDriver
+from ...events import decode_batch
+from ...control.base import Document, Transport
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {control_commands} (

@@ -33,12 +33,12 @@ import time
 import uuid
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..clients.reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
-from ..clients.redis import FAILURES, TRANSIENT, make_client, refused
-from ..config import Config, mask_url
-from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
+from ...reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
+from .client import FAILURES, TRANSIENT, make_client, refused
+from ...config import Config, mask_url
+from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
-log = logging.getLogger("greenq.backends.redis")
+log = logging.getLogger("greenq.transports.redis.results")
 
 #: KEYS, per record: result, waiters.  ARGV: expiry (s, 0 = none), then per
 #: record: task id, value.  A final value wakes the waiters' processes.

@@ -7,8 +7,8 @@ import time
 from collections import defaultdict
 from typing import Any, Dict, List
 
-from ..events import decode_batch
-from .base import Document, Transport
+from ...events import decode_batch
+from ...control.base import Document, Transport
 
 EVENTS_KEPT = 10000
 

@@ -11,8 +11,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..clients.memory import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
-from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
+from .client import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
+from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 
 _CLEANUP_EVERY = 30.0  # seconds between sweeps of expired records

@@ -1,7 +1,7 @@
 """``redis+sentinel://host:26379[,host:26379…]/db?master=NAME``: the Redis
 broker on whichever server Sentinel says is the master of ``NAME``.
 
-Everything but the client is :class:`~greenq.brokers.redis.RedisBroker`'s: the
+Everything but the client is :class:`~greenq.transports.redis.broker.RedisBroker`'s: the
 same keys, scripts and reconnect state machine.  When the master dies, round
 trips fail, the Reconnector drops the idle connections and retries with
 backoff, and every new connection asks the sentinels for the master again, so
@@ -13,8 +13,8 @@ asynchronously); ``[redis] min_replicas`` narrows that window (docs/clusters.md)
 from __future__ import annotations
 
 
-from ..clients.redis_topology import make_sentinel_client
-from .redis import RedisBroker
+from .topology import make_sentinel_client
+from .broker import RedisBroker
 
 
 class RedisSentinelBroker(RedisBroker):

@@ -1,5 +1,5 @@
 """The SQLite file shared by the SQLite broker and result backend: its schema
-(documented in greenq/brokers/sqlite.py), the names of its tables for a
+(documented in greenq/transports/sqlite/broker.py), the names of its tables for a
 ``key_prefix`` (``Tables``), a pool of connections each used by one thread at
 a time, and small SQL helpers.  Neither the broker nor the backend imports
 the other."""
@@ -12,8 +12,8 @@ import time
 from typing import Any, Callable, Iterator, List, Sequence
 from urllib.parse import parse_qs, urlsplit
 
-from ..config import mask_url
-from ..exceptions import BrokerError, ConfigError
+from ...config import mask_url
+from ...exceptions import BrokerError, ConfigError
 
 SCHEMA_VERSION = 2         # 2: revocations.revoked_at
 #: (table names in braces: ``Tables.sql`` fills in the key_prefix's)

@@ -45,16 +45,16 @@ from typing import Any, Dict, List, Optional, Sequence
 import amqp
 from amqp.exceptions import ChannelError
 
-from ..config import effective_prefetch, mask_url
-from ..exceptions import BrokerError
-from .amqp_common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
+from ...config import effective_prefetch, mask_url
+from ...exceptions import BrokerError
+from .common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
                           H_QUEUE, H_REASON, Settings, browse, clean_headers, connection_params,
                           reject_all)
-from .amqp_consumer import ConsumerLoop
-from .amqp_meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
+from .consumer import ConsumerLoop
+from .meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
                         read_dead_letter, read_eta)
-from .amqp_publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
-from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
+from .publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
+from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 log = logging.getLogger("greenq.amqp")
 

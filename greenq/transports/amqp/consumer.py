@@ -13,14 +13,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import amqp
 
-from ..exceptions import BrokerError
-from .amqp_adapter import RawConnection, close_quietly
-from .amqp_common import (AMQP_ERRORS, H_DELIVERIES, Link, Settings, clean_headers, declare_base,
+from ...exceptions import BrokerError
+from .adapter import RawConnection, close_quietly
+from .common import (AMQP_ERRORS, H_DELIVERIES, Link, Settings, clean_headers, declare_base,
                           declare_queue, open_connection)
-from .amqp_meta import Meta, as_bytes, fit_short_string, read_eta, read_meta
-from .amqp_publish import METHOD_CACHE_MAX, ChannelPool, Publisher, delay_ms, encode_outgoing
-from .amqp_wire import NOT_MINE, DeliveryReader, ack_frame, content_frames, method_frame, reject_frame
-from .base import PREVIEW_BYTES, Delivery, Outgoing
+from .meta import Meta, as_bytes, fit_short_string, read_eta, read_meta
+from .publish import METHOD_CACHE_MAX, ChannelPool, Publisher, delay_ms, encode_outgoing
+from .wire import NOT_MINE, DeliveryReader, ack_frame, content_frames, method_frame, reject_frame
+from ...brokers.base import PREVIEW_BYTES, Delivery, Outgoing
 
 log = logging.getLogger("greenq.amqp")
 

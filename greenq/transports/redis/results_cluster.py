@@ -25,12 +25,12 @@ import logging
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ..clients.reconnect import Unreachable, reconnect_delay
-from ..clients.redis_topology import CLUSTER_TRANSIENT, make_cluster_client
-from .base import Record
-from .redis import FINAL, PARTIAL, RedisBackend
+from ...reconnect import Unreachable, reconnect_delay
+from .topology import CLUSTER_TRANSIENT, make_cluster_client
+from ...backends.base import Record
+from .results import FINAL, PARTIAL, RedisBackend
 
-log = logging.getLogger("greenq.backends.redis_cluster")
+log = logging.getLogger("greenq.transports.redis.results_cluster")
 
 WAIT_SLICE = 1.0     # seconds one pub/sub read blocks (a dead master is noticed by then)
 

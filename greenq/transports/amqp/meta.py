@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 from amqp.serialization import loads
 
-from .base import DeadLetter
+from ...brokers.base import DeadLetter
 
 #: RabbitMQ's ``message_id`` is an AMQP short string: at most 255 bytes of
 #: UTF-8.  greenq sends the task id there, so a longer task id cannot be sent.

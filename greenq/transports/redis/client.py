@@ -15,7 +15,7 @@ A client's publish gives up within ``[redis] connect_timeout`` seconds
 (default 2) while Redis is unreachable, the address in the error; each
 connection attempt may take half of that (a refused connection is retried
 with backoff for the rest).  A worker's calls keep retrying (see
-``greenq.clients.reconnect``).
+``greenq.reconnect``).
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..config import Config, mask_url
-from ..exceptions import BrokerError
+from ...config import Config, mask_url
+from ...exceptions import BrokerError
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 FAILURES = (redis.RedisError,)

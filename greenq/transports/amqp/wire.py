@@ -28,7 +28,7 @@ from amqp import spec
 from amqp.exceptions import UnexpectedFrame
 from amqp.serialization import decode_properties_basic, dumps
 
-from .amqp_meta import H_BAD_PROPERTIES, fit_short_string, read_properties
+from .meta import H_BAD_PROPERTIES, fit_short_string, read_properties
 
 #: frame types (AMQP 0-9-1 section 4.2.3) and the octet that ends every frame
 METHOD, HEADER, BODY = 1, 2, 3

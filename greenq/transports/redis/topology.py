@@ -31,9 +31,9 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from redis.exceptions import ClusterDownError, SlotNotCoveredError, TryAgainError
 
-from .redis import CLIENT_CONNECTIONS, TRANSIENT, Pool, client_name
-from ..config import Config, mask_url
-from ..exceptions import BrokerError
+from .client import CLIENT_CONNECTIONS, TRANSIENT, Pool, client_name
+from ...config import Config, mask_url
+from ...exceptions import BrokerError
 
 SENTINEL_PORT = 26379
 CLUSTER_PORT = 6379
@@ -83,7 +83,7 @@ def parse(url: str, default_port: int) -> Topology:
 
 
 def _common(config: Config) -> Dict[str, Any]:
-    """Connection options shared with plain redis:// (greenq.clients.redis.make_client)."""
+    """Connection options shared with plain redis:// (greenq.transports.redis.client.make_client)."""
     opts = config.section("redis")
     timeout = opts["socket_timeout"] or None
     connect = min((opts["connect_timeout"] or timeout or 2.0) / 2, timeout or float("inf"))
@@ -234,12 +234,12 @@ CLUSTER_TRANSIENT = TRANSIENT + (ClusterDownError, TryAgainError, SlotNotCovered
 
 
 def make_sentinel_client(url: str, config: Config, role: str = "", extra: int = 0) -> "redis.Redis":
-    """:func:`greenq.clients.redis.make_client` for a ``redis+sentinel://`` URL."""
+    """:func:`greenq.transports.redis.client.make_client` for a ``redis+sentinel://`` URL."""
     return sentinel_client(url, config, role,
                            (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)
 
 
 def make_cluster_client(url: str, config: Config, role: str = "", extra: int = 0) -> Any:
-    """:func:`greenq.clients.redis.make_client` for a ``redis+cluster://`` URL."""
+    """:func:`greenq.transports.redis.client.make_client` for a ``redis+cluster://`` URL."""
     return cluster_client(url, config, role,
                           (config.section("redis")["max_connections"] or CLIENT_CONNECTIONS) + extra)

@@ -1,10 +1,10 @@
 """``redis+sentinel://`` result backend: RedisBackend on the master Sentinel
-names (see greenq.brokers.redis_sentinel); the result listener resubscribes on
+names (see greenq.transports.redis.broker_sentinel); the result listener resubscribes on
 the new master after a failover and wakes every waiter to read again."""
 from __future__ import annotations
 
-from ..clients.redis_topology import make_sentinel_client
-from .redis import RedisBackend
+from .topology import make_sentinel_client
+from .results import RedisBackend
 
 
 class RedisSentinelBackend(RedisBackend):

@@ -51,11 +51,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import amqp
 from amqp.exceptions import AMQPError, PreconditionFailed
 
-from ..backoff import backoff
-from ..config import Config, mask_url
-from ..clients.reconnect import Refused
-from ..exceptions import BrokerError, ConfigError
-from .amqp_meta import (H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
+from ...backoff import backoff
+from ...config import Config, mask_url
+from ...reconnect import Refused
+from ...exceptions import BrokerError, ConfigError
+from .meta import (H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
                         H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
 
 log = logging.getLogger("greenq.amqp")

@@ -36,16 +36,16 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import amqp
 from amqp.exceptions import PreconditionFailed
 
-from ..brokers import scheme_of
-from ..brokers.amqp_adapter import RawConnection, close_quietly
-from ..brokers.amqp_common import (AMQP_ERRORS, FORKS, Link, Settings, connection_params,
+from ...brokers import scheme_of
+from .adapter import RawConnection, close_quietly
+from .common import (AMQP_ERRORS, FORKS, Link, Settings, connection_params,
                                    open_connection)
-from ..brokers.amqp_meta import as_bytes
-from ..brokers.amqp_publish import ChannelPool, Publisher, pool_size
-from ..brokers.amqp_wire import encode_properties
-from ..config import mask_url
-from ..exceptions import BrokerError, ConfigError
-from .base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
+from .meta import as_bytes
+from .publish import ChannelPool, Publisher, pool_size
+from .wire import encode_properties
+from ...config import mask_url
+from ...exceptions import BrokerError, ConfigError
+from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 log = logging.getLogger("greenq.amqp")
 

@@ -26,8 +26,8 @@ from typing import Any, Callable, Optional
 
 import amqp
 
-from ..exceptions import ConfigError
-from .amqp_wire import Frame, FrameParser, rewrite_headers
+from ...exceptions import ConfigError
+from .wire import Frame, FrameParser, rewrite_headers
 
 #: py-amqp releases this module was tested with: at least the first, below the second
 SUPPORTED = ((5, 1, 1), (5, 5))

@@ -23,11 +23,11 @@ from typing import Any, List, Optional
 
 import amqp
 
-from ..brokers.amqp_adapter import RawConnection, close_quietly
-from ..brokers.amqp_common import connection_params, open_connection
-from ..config import mask_url
-from ..events import decode_batch
-from .base import REPLY_TOKEN, Document, Transport
+from .adapter import RawConnection, close_quietly
+from .common import connection_params, open_connection
+from ...config import mask_url
+from ...events import decode_batch
+from ...control.base import REPLY_TOKEN, Document, Transport
 
 
 def control_exchange(prefix: str) -> str:

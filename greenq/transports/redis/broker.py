@@ -14,7 +14,7 @@ prefixes share one Redis database without seeing each other)::
     P:dead:count        hash queue -> number of its dead letters
 
 (The result backend adds P:result:<id>, P:waiters:<id>, P:revoked:<id> and
-the pub/sub channels P:reply:<random>; see greenq/backends/redis.py.)
+the pub/sub channels P:reply:<random>; see greenq/transports/redis/results.py.)
 
 Delivery: ``fetch`` runs one Lua script (``_redis_lua.FETCH``) that moves due
 delayed messages into their streams, then for each queue in order and each
@@ -51,8 +51,8 @@ repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
 ``error`` set, which the worker dead-letters; its neighbours are unaffected.
 
 Every round trip goes through one reconnect state machine
-(``greenq.clients.reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
-does while Redis is away.  Connections and their pool: ``greenq.clients.redis``.  Until
+(``greenq.reconnect.Reconnector``); see docs/brokers.md (Redis) for what each method
+does while Redis is away.  Connections and their pool: ``greenq.transports.redis.client``.  Until
 ``declare`` (a client) the pool is small and a publish gives up after
 ``[redis] connect_timeout``; ``declare`` (a worker) grows the pool and makes
 publishes patient.  Redis Cluster is not supported (scripts touch the
@@ -73,14 +73,14 @@ from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 import redis
 
-from ..config import Config, mask_url
-from ..exceptions import BrokerError
-from . import _redis_lua as lua
-from ..clients.redis import FAILURES, TRANSIENT, make_client, refused, worker_pool_size
-from ..clients.reconnect import Reconnecting, Reconnector, Unreachable
-from .base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
+from ...config import Config, mask_url
+from ...exceptions import BrokerError
+from . import lua as lua
+from .client import FAILURES, TRANSIENT, make_client, refused, worker_pool_size
+from ...reconnect import Reconnecting, Reconnector, Unreachable
+from ...brokers.base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
-log = logging.getLogger("greenq.brokers.redis")
+log = logging.getLogger("greenq.transports.redis.broker")
 
 GROUP = "greenq"
 PARKED = "~requeued"              # consumer owning requeued entries until fetched again

@@ -29,8 +29,8 @@ import time
 import uuid
 from typing import Dict, List, Optional, Sequence
 
-from ..clients.memory import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
-from .base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
+from .client import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
+from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 
 #: longest a blocked fetch sleeps before looking again, in case a wake-up from
 #: another OS thread did not reach a green event

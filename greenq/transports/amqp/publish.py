@@ -21,16 +21,16 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import amqp
 from amqp.exceptions import ChannelError
 
-from ..backoff import backoff
-from ..config import Config, mask_url
-from ..exceptions import BrokerError
-from .amqp_adapter import RawConnection, close_quietly
-from .amqp_common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, connection_params,
+from ...backoff import backoff
+from ...config import Config, mask_url
+from ...exceptions import BrokerError
+from .adapter import RawConnection, close_quietly
+from .common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, connection_params,
                           declare_base, declare_delays, declare_queue, describe,
                           open_connection)
-from .amqp_meta import as_bytes
-from .amqp_wire import content_frames, encode_properties, method_frame, task_properties
-from .base import Outgoing
+from .meta import as_bytes
+from .wire import content_frames, encode_properties, method_frame, task_properties
+from ...brokers.base import Outgoing
 
 log = logging.getLogger("greenq.amqp")
 
