@@ -31,7 +31,7 @@ def test_call_wait_and_result(pool, sqlite_env):
     assert proc.wait(timeout=30) == 0
 
 
-def test_call_rejects_bad_json(sqlite_env):
+def test_call_rejects_malformed_json(sqlite_env):
     bad = sqlite_env.admin("call", "e2e.add", "--args", "[1,")
     assert bad.returncode == 2 and "--args" in bad.stderr and "not JSON" in bad.stderr
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("any_env", ["redis"], indirect=True)
-def test_beat_runs_despite_a_fast_clock_lease_and_garbage_records(pool, any_env):
+def test_beat_runs_despite_a_fast_clock_lease_and_malformed_records(pool, any_env):
     import redis
     prefix = any_env.env["GREENQ_KEY_PREFIX"]
     client = redis.Redis.from_url(any_env.env["GREENQ_BROKER_URL"])

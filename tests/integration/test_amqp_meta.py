@@ -67,7 +67,7 @@ def test_any_headers_give_a_count_or_an_error(headers, message_id):
         assert meta.error.startswith("bad header")
 
 
-def test_a_bad_message_id_through_py_amqps_encoder_is_reported_once():
+def test_a_malformed_message_id_through_py_amqps_encoder_is_reported_once():
     raw = amqp.Message(b"", message_id=b"\xff\xfe").properties   # py-amqp writes bytes as they are
     payload = encode_properties(raw)
     props, problems = read_properties(payload, 0)

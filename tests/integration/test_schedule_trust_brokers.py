@@ -49,7 +49,7 @@ def scheduler_app(env, **settings):
 
 
 @pytest.mark.redis
-def test_redis_garbage_last_runs_stop_only_their_own_entry(redis_env, client):
+def test_redis_malformed_last_runs_stop_only_their_own_entry(redis_env, client):
     app = scheduler_app(redis_env)
     s = Scheduler(app)
     runs = f"{app.config.key_prefix}:beat:runs"
@@ -130,7 +130,7 @@ def test_two_key_prefixes_on_one_redis_have_their_own_lease(redis_env):
         c.close()
 
 
-def test_sqlite_fast_clock_or_garbage_lease_is_taken_over(tmp_path, request):
+def test_sqlite_fast_clock_or_malformed_lease_is_taken_over(tmp_path, request):
     from tests.integration.conftest import Env
     env = Env("sqlite", request, tmp_path)
     lease = lease_of(env)
@@ -174,7 +174,7 @@ def publish(amqp_url: str, queue: str, *bodies: bytes) -> None:
 
 @pytest.mark.amqp
 @pytest.mark.parametrize("key", ["", "right"])
-def test_rabbitmq_garbage_or_forged_state_is_ignored(amqp_env, key):
+def test_rabbitmq_malformed_or_forged_state_is_ignored(amqp_env, key):
     prefix = own_prefix()
     lease = lease_of(amqp_env, key_prefix=prefix, signing_key=key)
     valid = json.dumps({"b": 1000.0}).encode()

@@ -180,7 +180,7 @@ def test_heartbeats_other_channels_and_other_methods_pass_through_mid_delivery()
     assert FrameParser(HEARTBEAT).next_frame() == heartbeat
 
 
-def test_a_consumer_added_later_is_read_and_bad_properties_are_reported_not_raised():
+def test_a_consumer_added_later_is_read_and_malformed_properties_are_reported_not_raised():
     consumers = {}
     reader = DeliveryReader(1, consumers)
     frames = deliver(1, "greenq-2", 1, b"x", message_id="ok")
@@ -193,7 +193,7 @@ def test_a_consumer_added_later_is_read_and_bad_properties_are_reported_not_rais
     assert "not UTF-8" in problems[0]
 
 
-def test_a_broken_stream_raises_unexpected_frame():
+def test_a_malformed_frame_stream_raises_unexpected_frame():
     reader = DeliveryReader(1, {"greenq-1": "q1"})
     frames = deliver(1, "greenq-1", 1, b"xy")
     reader.frame(frames[0])

@@ -56,7 +56,7 @@ def test_signing():
 
 @pytest.mark.parametrize("data", [b"\xff\xfe", b"[]", b'{"v":1}', b'{"v":9,"id":"a","task":"t"}',
                                   b'{"v":1,"id":"a","task":"t","args":{}}'])
-def test_garbage_raises_message_error(data):
+def test_malformed_bytes_raise_message_error(data):
     with pytest.raises(MessageError):
         Codec().decode(data)
 

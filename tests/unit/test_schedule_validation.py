@@ -112,7 +112,7 @@ def test_a_future_last_run_does_not_hold_an_entry_back(app):
     assert lease.last_runs()["a"] == 1020.0
 
 
-def test_beat_list_never_crashes_on_garbage_records(tmp_path):
+def test_beat_list_never_crashes_on_malformed_records(tmp_path):
     db = tmp_path / "b.sqlite3"
     ini = (f"[greenq]\nbroker_url = sqlite:///{db}\n[schedule:good]\ntask = t.good\nevery = 30\n"
            "[schedule:other]\ntask = t.other\nevery = 60\n[schedule:third]\ntask = t.third\nevery = 90\n")

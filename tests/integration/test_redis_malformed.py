@@ -63,7 +63,7 @@ def check_batch(broker, got, reason: str) -> None:
 
 
 @pytest.mark.parametrize("fields,reason", BAD_ENTRIES, ids=[r for _, r in BAD_ENTRIES])
-def test_bad_entry_in_the_fetch_script(make, admin, fields, reason):
+def test_malformed_entry_in_the_fetch_script(make, admin, fields, reason):
     broker = make()
     write_batch(broker, admin, fields)
     got = broker.fetch([Q], 10, 1.0)
@@ -90,7 +90,7 @@ def test_good_fields_in_another_order_are_fine(make, admin):
 
 
 @pytest.mark.parametrize("fields,reason", BAD_ENTRIES[:2], ids=[r for _, r in BAD_ENTRIES[:2]])
-def test_bad_entry_in_a_dead_workers_batch_is_reclaimed_once(make, admin, fields, reason):
+def test_malformed_entry_in_a_dead_workers_batch_is_reclaimed_once(make, admin, fields, reason):
     """A dead worker leased the batch (the entries are idle past the lease):
     the reclaim hands out all three, the bad one with its error."""
     broker = make(lease_seconds=5)
@@ -104,7 +104,7 @@ def test_bad_entry_in_a_dead_workers_batch_is_reclaimed_once(make, admin, fields
     check_batch(broker, got, reason)
 
 
-def test_bad_entry_in_the_blocking_read(make, admin):
+def test_malformed_entry_in_the_blocking_read(make, admin):
     """The blocking XREADGROUP path (nothing was ready when the script ran)."""
     broker = make()
     broker.declare([Q])

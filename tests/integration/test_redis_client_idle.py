@@ -68,7 +68,7 @@ def test_zero_keeps_connections_open(redis_url, redis_prefix):
         made.close()
 
 
-def test_a_garbage_registry_entry_is_passed_over_and_names_are_escaped(redis_url, redis_prefix):
+def test_a_malformed_registry_entry_is_passed_over_and_names_are_escaped(redis_url, redis_prefix):
     """Entries of greenq:apps written straight into the real Redis (a time
     that is NaN or infinite, fields of the wrong type, not JSON) are passed
     over; a worker name with a terminal escape is shown escaped."""

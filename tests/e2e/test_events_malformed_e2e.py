@@ -127,7 +127,7 @@ def _until(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
         time.sleep(0.1)
 
 
-def test_garbage_beside_a_real_worker(broker_env, pool):
+def test_malformed_events_beside_a_real_worker(broker_env, pool):
     import e2e_tasks
     env = broker_env
     env.app()

@@ -75,7 +75,7 @@ def test_a_thousand_malformed_beside_a_thousand_good(pool, sqlite_env):
 
 @pytest.mark.parametrize("field,value,words", [("ct", ["json"], "content type"), ("expires", "soon", "expires"),
                                                ("time_limit", "5", "time_limit"), ("args", "deep", "deep")])
-def test_issue_7_item_3_and_4_examples(pool, sqlite_env, field, value, words):
+def test_json_that_is_not_an_envelope_is_dead_lettered(pool, sqlite_env, field, value, words):
     """Valid JSON that is not a valid envelope: dead-lettered, and the good
     task behind it runs (before: TypeError/RecursionError stopped the worker)."""
     import json

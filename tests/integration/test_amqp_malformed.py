@@ -85,7 +85,7 @@ BAD = [
 
 
 @pytest.mark.parametrize("props,reason", BAD, ids=[str(i) for i in range(len(BAD))])
-def test_bad_properties_are_a_delivery_error_and_the_queue_goes_on(env, raw, props, reason):
+def test_malformed_properties_are_a_delivery_error_and_the_queue_goes_on(env, raw, props, reason):
     q = env.queue()
     broker = env.broker()
     loop = consuming(broker, q)
@@ -106,7 +106,7 @@ def test_bad_properties_are_a_delivery_error_and_the_queue_goes_on(env, raw, pro
     assert raw.count(q) == 0
 
 
-def test_bad_properties_over_tls_too(env, raw, tls_port):
+def test_malformed_properties_over_tls_too(env, raw, tls_port):
     """With amqps:// and threads the loop lets py-amqp read the frames (an SSL
     socket read under the write lock): they still come through its handler."""
     port, cafile = tls_port
@@ -142,7 +142,7 @@ def test_a_quorum_queue_checks_its_delivery_count_too(env, raw):
     broker.dead_letter(bad, bad.error)
 
 
-def test_a_bad_dead_letter_does_not_break_the_dlq_commands(env, raw):
+def test_a_malformed_dead_letter_does_not_break_the_dlq_commands(env, raw):
     """Anyone may write into greenq.dlq: headers of the wrong type, a message
     id that is not UTF-8, no queue to go back to."""
     broker = env.broker()
