@@ -1,6 +1,12 @@
 """``greenq-worker``: parse the command line, build the app, run the worker.
 
 Reached through greenq.worker.launch, which has already patched the process.
+
+This module is the worker's composition root (``build_worker``): the worker
+(greenq/worker/consumer.py) builds its own parts, each with only the
+collaborators it uses; what lives in another package -- the control agent
+(greenq/control/) and the monitor -- is built here and handed the worker, so
+worker/ and control/ never import each other's modules that way round.
 """
 from __future__ import annotations
 
@@ -117,8 +123,8 @@ def child_name(name: Optional[str], processes: int) -> str:
     gets ``-<index>`` after its name part, ``greenq-1@host`` (``NAME-1``
     without an ``@``), so no two children answer to one name.  The index is
     the supervisor's slot: a replacement keeps its name."""
-    from ..control.agent import DEFAULT_NAME, worker_name
     from ..worker.monitor import HEARTBEAT_ENV
+    from ..worker.state import DEFAULT_NAME, worker_name
     name = name or DEFAULT_NAME
     slot = os.path.basename(os.environ.get(HEARTBEAT_ENV, "")).rpartition("-")[2]
     if not slot.isdigit():
@@ -153,6 +159,18 @@ def celery_notes(args: argparse.Namespace) -> List[str]:
         notes.append(f"-O {args.optimization}: accepted for Celery's spelling; a free runner always "
                      f"takes the next message held, as Celery's -O fair does")
     return notes
+
+
+def build_worker(app: Any, driver: Any, *, name: Optional[str] = None, **options: Any) -> Any:
+    """A worker for ``app`` under ``driver``, with its control agent attached
+    (unless ``[worker] control`` is off).  ``options``: Worker's (queues,
+    concurrency, prefetch, burst, shutdown_timeout, max_tasks...)."""
+    from ..control.agent import ControlAgent
+    from ..worker.consumer import Worker
+    worker = Worker(app, driver, name=name, **options)
+    if app.config.worker["control"]:
+        worker.attach(ControlAgent(worker, worker.name, events=app.config.worker["events"]))
+    return worker
 
 
 def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str = "") -> int:
@@ -193,9 +211,8 @@ def main(argv: Optional[List[str]] = None, driver: Any = None, pool_source: str 
         return Supervisor(argv if argv is not None else sys.argv[1:], w["processes"],
                           w["max_memory_per_child"], driver, stuck_after=cfg.lease_seconds,
                           http=w["http"]).run()
-    from ..worker.consumer import Worker
     try:
-        worker = Worker(app, driver, queues=app.config.worker["queues"],
+        worker = build_worker(app, driver, queues=app.config.worker["queues"],
                         concurrency=app.config.worker["concurrency"],
                         prefetch=app.config.worker["prefetch"], burst=args.burst,
                         shutdown_timeout=app.config.worker["shutdown_timeout"],

@@ -12,26 +12,21 @@ heartbeats) is offline.
 from __future__ import annotations
 
 import logging
-import os
-import re
 import reprlib
-import socket
 import time
 import uuid
 from collections import deque
-from typing import TYPE_CHECKING, Any, Deque, Optional
+from typing import Any, Callable, Deque, Optional
 
 from ..backoff import Backoff
 from ..events import TaskEvents
 from ..exceptions import ConfigError
 from ..signing import Signer
 from ..worker.jobs import describe
+from ..worker.state import DEFAULT_NAME, worker_name
 from .auth import CommandReader, sign_reply
 from .base import Document, Transport, make_transport
-from .commands import COMMANDS, worker_info
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..worker.consumer import Worker
+from .commands import COMMANDS, ControlledWorker, worker_info
 
 log = logging.getLogger("greenq.control")
 
@@ -41,25 +36,16 @@ RECEIVE_WAIT = 0.5             # longest wait for commands: also the events' bat
 OUTBOX_MAX = 100000            # rows kept while the broker is away (the oldest are dropped)
 
 
-#: the name of a worker started without ``-n`` (Celery's ``celery@%h``)
-DEFAULT_NAME = "greenq@%h"
-
-
-def worker_name(name: Optional[str] = None, index: int = 0) -> str:
-    """``-n NAME`` (default ``greenq@%h``) with Celery's expansions: ``%h``
-    the host name, ``%n`` the host name up to its first dot, ``%d`` the rest
-    (the domain), ``%i`` the process index (``index``: the supervisor's slot,
-    0 for a single process), ``%p`` the pid, ``%%`` a percent sign."""
-    host = socket.gethostname()
-    short, _, domain = host.partition(".")
-    values = {"h": host, "n": short, "d": domain, "i": str(index), "p": str(os.getpid()), "%": "%"}
-    return re.sub(r"%([hndip%])", lambda m: values[m.group(1)], name or DEFAULT_NAME)
+__all__ = ["ControlAgent", "DEFAULT_NAME", "HEARTBEAT_INTERVAL", "OFFLINE_AFTER", "worker_name"]
 
 
 class ControlAgent:
-    """Answers control commands and sends heartbeats and events for one worker."""
+    """Answers control commands and sends heartbeats and events for one
+    worker.  Built by the composition root (greenq/cli/worker.py) and
+    attached to the worker as a service; it sees the worker only as a
+    ``ControlledWorker`` (greenq/control/commands.py)."""
 
-    def __init__(self, worker: "Worker", name: str, events: bool = False) -> None:
+    def __init__(self, worker: ControlledWorker, name: str, events: bool = False) -> None:
         self.worker = worker
         self.name = name
         self.events_enabled = events
@@ -77,9 +63,9 @@ class ControlAgent:
         self.reader = CommandReader(self.signer)
 
     # -- lifetime ----------------------------------------------------------------
-    def start(self) -> None:
-        w = self.worker
-        self._handle = w.driver.spawn(w._guarded, "control plane", self.loop)
+    def start(self, spawn: Callable[[str, Callable[[], None]], Any]) -> None:
+        """``spawn(name, loop)``: the worker's, for a guarded control loop."""
+        self._handle = spawn("control plane", self.loop)
 
     def stop(self) -> None:
         """Send ``worker-offline`` and end the loop (the worker is stopping)."""

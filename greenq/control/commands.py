@@ -3,6 +3,13 @@
 Each command is a function ``(agent, **args) -> JSON-able result``, run in the
 worker's control greenlet (outside the task pool, so a full pool still
 answers).  An exception becomes an ``error`` reply naming it.
+
+Commands reach the worker only through ``ControlledWorker`` below: what they
+read (a snapshot, the counters, the held messages not started) and the
+operations they call (``resize``, ``add_queue``, ``cancel_queue``,
+``set_rate_limit``, ``request_stop``, the revocations' ``received``).  They
+check their arguments; the worker does the change.  Nothing here imports
+greenq.worker.consumer.
 """
 from __future__ import annotations
 
@@ -11,15 +18,54 @@ import os
 import reprlib
 import socket
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from .. import __version__, validation
-from ..config import effective_prefetch, mask_url
+from ..config import mask_url
 from ..worker.revocations import CLOCK_SKEW
 from .base import dumps
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..brokers.base import Delivery
+    from ..config import Config
+    from ..drivers.base import Driver
+    from ..hooks import Hooks
+    from ..message import Codec
+    from ..worker.revocations import Revocations
+    from ..worker.state import Snapshot, Stats
     from .agent import ControlAgent
+
+
+class ControlledWorker(Protocol):
+    """What the control plane uses of a worker (greenq.worker.consumer.Worker
+    is one; a test may give a fake)."""
+
+    name: str
+    config: "Config"
+    driver: "Driver"
+    hooks: "Hooks"
+    codec: "Codec"
+    stats: "Stats"
+    revocations: "Revocations"
+    concurrency: int
+    max_tasks: int
+    shutdown_timeout: float
+
+    def snapshot(self) -> "Snapshot": ...
+
+    def reserved(self) -> List["Delivery"]: ...
+
+    def task_names(self) -> List[str]: ...
+
+    def request_stop(self, cold: bool = False) -> None: ...
+
+    def resize(self, concurrency: int) -> None: ...
+
+    def add_queue(self, queue: str) -> bool: ...
+
+    def cancel_queue(self, queue: str) -> bool: ...
+
+    def set_rate_limit(self, task: str, rate: Optional[str]) -> None: ...
 
 log = logging.getLogger("greenq.control")
 
@@ -68,11 +114,8 @@ def worker_info(agent: "ControlAgent") -> Dict[str, Any]:
 def _held_not_running(agent: "ControlAgent") -> List[Dict[str, Any]]:
     """The held messages no runner has started, decoded (inspect is rare: decoding is fine)."""
     w = agent.worker
-    with w.lock:
-        running = {id(job.delivery) for job in w.running.values()}
-        held = [d for key, d in w.held.items() if key not in running]
     out = []
-    for d in held:
+    for d in w.reserved():
         try:
             msg = w.codec.decode(d.body)
         except Exception:
@@ -130,7 +173,7 @@ def stats(agent: "ControlAgent") -> Dict[str, Any]:
 
 @command("registered")
 def registered(agent: "ControlAgent") -> List[str]:
-    return sorted(agent.worker.app.tasks)
+    return agent.worker.task_names()
 
 
 @command("revoked")
@@ -172,18 +215,6 @@ def shutdown(agent: "ControlAgent") -> str:
     return "warm shutdown started"
 
 
-def _resize(agent: "ControlAgent", concurrency: int) -> None:
-    from ..worker.consumer import FETCH_BATCH_MAX
-    w = agent.worker
-    w.concurrency = concurrency
-    w.prefetch = effective_prefetch(concurrency, w.config.worker["prefetch"])
-    w.batch = min(w.prefetch, FETCH_BATCH_MAX)
-    set_prefetch = getattr(w.broker, "set_prefetch", None)
-    if set_prefetch is not None:       # AMQP: basic_qos follows the pool
-        set_prefetch(w.prefetch)
-    w.room.set()
-
-
 def _count(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"expected a whole number >= 1, got {n!r}")
@@ -199,8 +230,7 @@ def pool_grow(agent: "ControlAgent", n: int = 1) -> str:
     if w.concurrency + n > validation.MAX_CONCURRENCY:
         raise ValueError(f"the pool has {w.concurrency} slot(s); growing it by {n} would pass the ceiling "
                          f"of {validation.MAX_CONCURRENCY} (greenq.validation.MAX_CONCURRENCY)")
-    w.runners.start(n)
-    _resize(agent, w.concurrency + n)
+    w.resize(w.concurrency + n)
     return f"pool grown by {n} to {w.concurrency}"
 
 
@@ -212,9 +242,7 @@ def pool_shrink(agent: "ControlAgent", n: int = 1) -> str:
     n = min(_count(n), w.concurrency - 1)
     if n < 1:
         raise ValueError(f"the pool has {w.concurrency} slot(s); it cannot shrink below 1")
-    _resize(agent, w.concurrency - n)
-    for _ in range(n):
-        w.runq.put(None)
+    w.resize(w.concurrency - n)
     return f"pool shrunk by {n} to {w.concurrency}"
 
 
@@ -222,33 +250,23 @@ def pool_shrink(agent: "ControlAgent", n: int = 1) -> str:
 def rate_limit(agent: "ControlAgent", task: str = "", rate: str = "") -> str:
     """Set (``100/s``, ``6/m``) or remove (``0``, ``none``) a task's rate limit in this worker."""
     w = agent.worker
-    if task not in w.app.tasks:
-        raise ValueError(f"unknown task {task!r}")
     if str(rate).strip().lower() in ("", "0", "none", "off"):
-        w.config._tasks.setdefault(task, {})["rate_limit"] = None
+        w.set_rate_limit(task, None)
         return f"{task}: rate limit removed"
-    w.config.set(f"task:{task}", "rate_limit", rate, origin="greenq control rate-limit")
-    w.limit_rates()
+    w.set_rate_limit(task, rate)
     return f"{task}: rate limit set to {rate}"
 
 
 @command("add_consumer")
 def add_consumer(agent: "ControlAgent", queue: str = "") -> str:
-    w = agent.worker
     validation.name("queue", queue)
-    if queue in w.queues:
+    if not agent.worker.add_queue(queue):
         return f"already consuming {queue}"
-    w.broker.declare([queue])
-    w.queues.append(queue)
     return f"now consuming {queue}"
 
 
 @command("cancel_consumer")
 def cancel_consumer(agent: "ControlAgent", queue: str = "") -> str:
-    w = agent.worker
-    if queue not in w.queues:
+    if not agent.worker.cancel_queue(queue):
         return f"not consuming {queue}"
-    if len(w.queues) == 1:
-        raise ValueError(f"{queue} is the only queue this worker consumes")
-    w.queues.remove(queue)
     return f"no longer consuming {queue}"

@@ -6,6 +6,9 @@ lives:
 * consumer  -- here: fetches up to the free prefetch room (in messages and
                in bytes, ``prefetch_bytes``), checks each delivery,
                dead-letters what cannot run, queues the rest;
+* admission -- admission.py: the steps a task passes before it takes a
+               runner slot (rate limits); it parks the jobs told to WAIT,
+               without a slot, and offers them again when their turn comes;
 * runners   -- runners.py: ``concurrency`` long-lived greenlets, each running
                one task at a time, with the task hooks around it;
 * finisher  -- settle.py: publishes retries, stores results, acknowledges;
@@ -15,13 +18,22 @@ lives:
 * renewer   -- here: renews the lease of every held message in one call per
                lease/3; also logs the summary line.
 
-The last three are the control plane: they run outside the task limit, so a
-full pool never starves them (DESIGN.md lesson 4).  The counters (Stats)
-subscribe to the worker's hooks (greenq/hooks.py); so do rate limits and
+These, with the admission greenlet, are the control plane: they run outside
+the task limit, so a full pool never starves them (DESIGN.md lesson 4).  The
+counters (Stats) subscribe to the worker's hooks (greenq/hooks.py); so do
 STARTED records when some task needs them, and the app's own hooks.
+
+Each part gets the collaborators it uses, not the Worker.  What the control
+plane (greenq/control/) may do to a running worker is the Worker's own
+operations below (``resize``, ``add_queue``, ``cancel_queue``,
+``set_rate_limit``...), declared as the ``ControlledWorker`` protocol in
+greenq/control/commands.py; the control agent is built and attached by the
+composition root, greenq/cli/worker.py (``build_worker``), so this module
+never imports greenq.control.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue as std_queue
 import time
@@ -30,16 +42,17 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 from ..backoff import Backoff
 from ..brokers.base import Delivery, body_limit
 from ..config import Config, effective_prefetch
-from ..control.agent import ControlAgent, worker_name
 from ..exceptions import MessageError
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
+from .admission import Admission, AdmissionStep, RateLimit
+from .followups import Followups
 from .jobs import Job, describe
 from .limits import Reaper
 from .revocations import Revocations
-from .runners import KILLS, RateLimiter, Runners, StartedRecorder
+from .runners import KILLS, Runners, StartedRecorder
 from .settle import Settler
-from .state import RunningTask, Snapshot, Stats, StopState
+from .state import RunningTask, Service, Snapshot, Stats, StopState, worker_name
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import GreenQ
@@ -95,26 +108,38 @@ class Worker:
         self.stopping = StopState.RUNNING
         self.last_poll = time.monotonic()
         self.tasks_done = 0
+        self.backend: Any = None                 # the app's result backend, from run()
         self.exit_code = 0
         self.failed: Optional[str] = None        # the control loop that died, if one did
         self.stats = Stats()
         self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
         self.stats.subscribe(self.hooks)
-        tasks = list(app.tasks.values())
-        self.rate_limiter: Optional[RateLimiter] = None
-        if any(t.option("rate_limit") for t in tasks):          # subscribers cost per task:
-            self.limit_rates()                                  # only when some task needs them
-        started = StartedRecorder(self)
-        if started.default or any(t.option("track_started") for t in tasks):
-            self.hooks.on("task_prerun", started)
         self.name = worker_name(name)
-        self.control = (ControlAgent(self, self.name, events=self.config.worker["events"])
-                        if self.config.worker["control"] else None)
+        self.services: List[Service] = []        # attached by the composition root (the control agent)
+        backend = self._backend
+        tasks = list(app.tasks.values())
+        started = StartedRecorder(self.codec, backend, bool(self.config.worker.get("track_started", False)))
+        if started.default or any(t.option("track_started") for t in tasks):
+            self.hooks.on("task_prerun", started)     # subscribers cost per task: only when needed
         self.hooks.extend(app.hooks)             # the app's hooks run after the worker's own
-        self.runners = Runners(self)
-        self.settler = Settler(self)
-        self.reaper = Reaper(self)
-        self.revocations = Revocations(self)
+        self.reaper = Reaper(driver, self.lock, self.running, self.stopped)
+        self.revocations = Revocations(driver, backend, lambda: self.config.result_expires,
+                                       self.reaper.terminate, self.stopped)
+        self.settler = Settler(self.broker, backend, self.codec, Followups(app, self.codec, self.broker, backend),
+                               release=self.release, hooks=self.hooks, driver=driver,
+                               stopping=lambda: self.stopping, worker_name=self.name)
+        self.admission = Admission(driver, run=self.runq.put, defer=self._defer)
+        if any(t.option("rate_limit") for t in tasks):
+            self.admission.add(RateLimit())
+        self.runners = Runners(driver, self.runq, self.hooks, self.broker, lock=self.lock, running=self.running,
+                               revoked=self.revocations.ids, reaper=self.reaper, finish=self.finish,
+                               settle=self.settler.put, release=self.admission.release,
+                               stopping=lambda: self.stopping)
+
+    def _backend(self) -> Any:
+        """The result backend (the parts' port to it): set by ``run``, as
+        building it may connect."""
+        return self.backend
 
     # -- public --------------------------------------------------------------
     def run(self) -> int:
@@ -135,15 +160,16 @@ class Worker:
         self.driver.spawn(self._guarded, "renewer", self._renewer)
         self.driver.spawn(self._guarded, "reaper", self.reaper.loop)
         self.driver.spawn(self._guarded, "revocations", self.revocations.loop)
-        if self.control is not None:
-            self.control.start()
+        self.driver.spawn(self._guarded, "admission", self.admission.loop)
+        for service in self.services:
+            service.start(self.spawn_guarded)
         try:
             self._guarded("consumer", self._consume)
         finally:
             self._shutdown(finisher)
             self.revocations.stop()
-            if self.control is not None:
-                self.control.stop()
+            for service in reversed(self.services):
+                service.stop()
             self.hooks.emit("worker_shutdown", self)
         return self.exit_code
 
@@ -172,12 +198,82 @@ class Worker:
         except Exception:  # noqa: S110 - the flags are set; a lost log line is all it costs
             pass
 
-    def limit_rates(self) -> None:
-        """Subscribe the rate limiter (at start, or when ``greenq control
-        rate-limit`` sets a first limit)."""
-        if self.rate_limiter is None:
-            self.rate_limiter = RateLimiter(self)
-            self.hooks.on("task_prerun", self.rate_limiter)
+    def attach(self, service: Service) -> None:
+        """Run ``service`` beside the worker (before ``run``): started once
+        the worker is ready, stopped after its shutdown.  The composition
+        root attaches the control agent so."""
+        self.services.append(service)
+
+    def spawn_guarded(self, name: str, loop: Callable[[], None]) -> Any:
+        """Spawn a control loop that stops the worker if it dies (``_guarded``)."""
+        return self.driver.spawn(self._guarded, name, loop)
+
+    # -- operations of the control plane -------------------------------------------
+    def resize(self, concurrency: int) -> None:
+        """Run ``concurrency`` tasks at once from now on: start runners, or
+        retire some (each ends when it takes its retirement notice from the
+        run queue, after the messages queued before it); the prefetch follows
+        (``basic_qos`` too on AMQP).  The caller checks the bounds."""
+        change = concurrency - self.concurrency
+        if change > 0:
+            self.runners.start(change)
+        self.concurrency = concurrency
+        self.prefetch = effective_prefetch(concurrency, self.config.worker["prefetch"])
+        self.batch = min(self.prefetch, FETCH_BATCH_MAX)
+        set_prefetch = getattr(self.broker, "set_prefetch", None)
+        if set_prefetch is not None:       # AMQP: basic_qos follows the pool
+            set_prefetch(self.prefetch)
+        self.room.set()
+        for _ in range(-change):
+            self.runq.put(None)
+
+    def add_queue(self, queue: str) -> bool:
+        """Consume ``queue`` too (declared first); False if it already does."""
+        if queue in self.queues:
+            return False
+        self.broker.declare([queue])
+        self.queues.append(queue)
+        return True
+
+    def cancel_queue(self, queue: str) -> bool:
+        """Stop consuming ``queue``; False if it did not.  A message of it
+        fetched meanwhile goes back untouched (``_of_queues_consumed``)."""
+        if queue not in self.queues:
+            return False
+        if len(self.queues) == 1:
+            raise ValueError(f"{queue} is the only queue this worker consumes")
+        self.queues.remove(queue)
+        return True
+
+    def set_rate_limit(self, task: str, rate: Optional[str]) -> None:
+        """This worker's rate limit of ``task`` from now on (None: none).  A
+        limit is checked as the configuration checks it (ConfigError)."""
+        if task not in self.app.tasks:
+            raise ValueError(f"unknown task {task!r}")
+        if rate is not None:
+            self.config.set(f"task:{task}", "rate_limit", rate, origin="greenq control rate-limit")
+            rate = self.config.task_options(task)["rate_limit"]
+        step = self.admission.step(RateLimit.name)
+        if step is None:
+            if rate is None:
+                return
+            step = self.admission.add(RateLimit())
+        assert isinstance(step, RateLimit)
+        step.set(task, rate)
+
+    def add_admission_step(self, step: AdmissionStep) -> AdmissionStep:
+        """One more admission step, after those there are (before ``run``)."""
+        return self.admission.add(step)
+
+    def task_names(self) -> List[str]:
+        return sorted(self.app.tasks)
+
+    def reserved(self) -> List[Delivery]:
+        """The held messages no runner has started (waiting for a runner or
+        for their admission)."""
+        with self.lock:
+            running = {id(job.delivery) for job in self.running.values()}
+            return [d for key, d in self.held.items() if key not in running]
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of what others may read (the monitor, inspect)."""
@@ -299,13 +395,14 @@ class Worker:
             return
         revoked = self.revocations.ids
         received = self.hooks.has("task_received")
+        offer = self.admission.offer if self.admission else self.runq.put
         for job in ready:
             if job.msg.id in revoked:
                 self.finish(job, jobs.REVOKED, reason="revoked")
             else:
                 if received:
                     self.hooks.emit("task_received", job)
-                self.runq.put(job)
+                offer(job)
 
     def _refusal(self, job: Job, now: float, max_deliveries: int, tasks: Dict[str, Any]) -> Optional[str]:
         """Why this delivery will not run now (a dead-letter reason, "expired" or
@@ -333,8 +430,15 @@ class Worker:
 
     def finish(self, job: Job, outcome: str, reason: Optional[str] = None) -> None:
         """Hand a job that will not run to the finisher."""
+        if job.admitted is not None:
+            self.admission.release(job)
         job.outcome, job.reason = outcome, reason
         self.settler.put(job)
+
+    def _defer(self, job: Job, eta: float) -> None:
+        """An admission step deferred ``job``: back to the broker, due at ``eta``."""
+        job.msg = dataclasses.replace(job.msg, eta=eta)
+        self.finish(job, jobs.DEFER, reason="deferred by admission")
 
     def release(self, batch: List[Job]) -> None:
         """The finisher settled ``batch``: make room for more."""
@@ -391,6 +495,8 @@ class Worker:
                 break
             if job is not None:
                 self.finish(job, jobs.REQUEUE)
+        for job in self.admission.close():      # parked by an admission step: back as well
+            self.finish(job, jobs.REQUEUE)
         deadline = time.monotonic() + self.shutdown_timeout
         while self.running and self.stopping < StopState.COLD and time.monotonic() < deadline:
             self.driver.sleep(0.05)

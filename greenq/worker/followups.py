@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..backends.base import Record
 from ..canvas import build, decode_group, iter_records
@@ -38,7 +38,9 @@ from .jobs import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..message import TaskMessage
-    from .consumer import Worker
+    from ..app import GreenQ
+    from ..brokers.base import Broker
+    from ..message import Codec
 
 log = logging.getLogger("greenq.worker")
 
@@ -55,10 +57,13 @@ class ChordMember:
 class Followups:
     """Builds the follow-ups of one worker's settled tasks."""
 
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
-        self.app = worker.app
-        self.codec = worker.codec
+    def __init__(self, app: "GreenQ", codec: "Codec", broker: "Broker", backend: Callable[[], Any]) -> None:
+        """``app``: to build a follow-up message from its signature;
+        ``backend()``: the result backend (set when the worker runs)."""
+        self.app = app
+        self.codec = codec
+        self.broker = broker
+        self._backend = backend
 
     # -- chains and callbacks (planned with the batch) ---------------------------
     def on_success(self, msg: "TaskMessage", value: Any, outgoing: List[Any]) -> None:
@@ -99,7 +104,7 @@ class Followups:
         chord makes the chord FAILURE at once, so its caller need not wait
         for the other members; the callback's ``link_error`` callbacks are
         sent by the completer only."""
-        backend = self.worker.backend
+        backend = self._backend()
         for member in members:
             msg = member.msg
             if backend.chord_member_done(msg.group_id, msg.id, msg.chord_size):
@@ -120,12 +125,12 @@ class Followups:
             log.error("%s", error)
             target = msg.chord_result
             if target and not self._failed_already(target):
-                self.worker.backend.store_many([Record(target, self.codec.encode_result(make_meta(
+                self._backend().store_many([Record(target, self.codec.encode_result(make_meta(
                     target, FAILURE, exc=error, root_id=msg.root_id or msg.id)), True, None)])
             return None
 
     def _fail_early(self, msg: "TaskMessage", failure: str) -> None:
-        data = self.worker.backend.load_group(msg.group_id)
+        data = self._backend().load_group(msg.group_id)
         group = None if data is None else self._load_group(msg, data)
         if group is None:
             return
@@ -134,10 +139,10 @@ class Followups:
             index = group["members"].index(msg.id) if msg.id in group["members"] else "?"
             error = ChordError(f"chord member {index} {msg.task}[{msg.id}] {failure}")
             log.warning("chord %s failed: %s", msg.group_id, error)
-            self.worker.backend.store_many(self._failure_records(msg, callback, error))
+            self._backend().store_many(self._failure_records(msg, callback, error))
 
     def _fire(self, msg: "TaskMessage") -> None:
-        backend = self.worker.backend
+        backend = self._backend()
         group_id = msg.group_id
         data = backend.load_group(group_id)
         if data is None:
@@ -158,7 +163,7 @@ class Followups:
             except (MessageError, TypeError, ValueError) as exc:
                 error = ChordError(f"chord {group_id}: its callback could not be sent: {describe(exc)}")
             else:
-                self.worker.broker.publish_many([outgoing])
+                self.broker.publish_many([outgoing])
                 return
         self._fail(msg, callback, error)
 
@@ -168,7 +173,7 @@ class Followups:
         members = group["members"]
         tasks = group.get("tasks") or [None] * len(members)
         values = []
-        for index, (member_id, data) in enumerate(zip(members, self.worker.backend.get_many(members))):
+        for index, (member_id, data) in enumerate(zip(members, self._backend().get_many(members))):
             reason = None
             try:
                 meta = self._decode(data, member_id) if data is not None else None
@@ -195,17 +200,17 @@ class Followups:
         """Store ``error`` as the result of the callback (each step of it, when
         it is a chain), unless a member's early failure is stored there
         already, and send the callback's ``link_error`` callbacks."""
-        backend = self.worker.backend
+        backend = self._backend()
         callback_id = (callback.get("options") or {}).get("task_id")
         if not self._failed_already(callback_id):
             log.warning("chord %s failed: %s", msg.group_id, error)
             backend.store_many(self._failure_records(msg, callback, error))
         errbacks = [self._outgoing(r, (callback_id,), msg) for r in (callback.get("options") or {}).get("link_error") or ()]
         if errbacks:
-            self.worker.broker.publish_many(errbacks)
+            self.broker.publish_many(errbacks)
 
     def _failed_already(self, task_id: Optional[str]) -> bool:
-        data = self.worker.backend.get(task_id) if task_id else None
+        data = self._backend().get(task_id) if task_id else None
         try:
             return data is not None and self._decode(data, task_id).get("state") == FAILURE
         except MessageError:
@@ -213,7 +218,7 @@ class Followups:
 
     def _decode(self, data: bytes, task_id: str) -> Dict[str, Any]:
         """The result record of ``task_id``, checked (MessageError if refused)."""
-        return self.codec.decode_result(data, task_id, where=mask_url(self.worker.backend.url))
+        return self.codec.decode_result(data, task_id, where=mask_url(self._backend().url))
 
     def _failure_records(self, msg: "TaskMessage", callback: Dict[str, Any], error: ChordError) -> List[Record]:
         encode = self.codec.encode_result

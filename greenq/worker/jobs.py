@@ -38,7 +38,7 @@ class Job:
     """A held message on its way through the worker."""
 
     __slots__ = ("delivery", "msg", "task", "handle", "started", "started_at", "outcome", "value",
-                 "exc", "tb", "reason", "acked", "killed_by", "settling", "hub_blocked")
+                 "exc", "tb", "reason", "acked", "killed_by", "settling", "hub_blocked", "admitted")
 
     def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
                  task: Optional["Task"] = None) -> None:
@@ -59,6 +59,8 @@ class Job:
         #: seconds this task kept the hub blocked, as the watchdog saw it (monitor.py);
         #: stored in its result's meta as ``hub_blocked``
         self.hub_blocked = 0.0
+        #: the admission steps that let it run (admission.py), released when it ends
+        self.admitted: Optional[list] = None
 
     @property
     def id(self) -> str:

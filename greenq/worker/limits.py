@@ -12,14 +12,14 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Optional, Type
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Type
 
 from ..exceptions import SoftTimeLimitExceeded
 from . import jobs
 from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .consumer import Worker
+    from ..drivers.base import Driver
 
 log = logging.getLogger("greenq.worker")
 
@@ -36,11 +36,17 @@ class Deadline:
 
 
 class Reaper:
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
+    """``running``: the worker's running jobs by id (read under ``lock``);
+    ``stopped``: set when the worker's consumer ended (the loop ends once
+    nothing runs)."""
+
+    def __init__(self, driver: "Driver", lock: Any, running: Dict[int, Job], stopped: Any) -> None:
+        self.driver = driver
+        self.running = running
+        self.stopped = stopped
         self.deadlines: List[Deadline] = []
         self._seq = itertools.count()
-        self._lock = worker.lock
+        self._lock = lock
 
     def arm(self, job: Job, soft: Optional[float], hard: Optional[float]) -> None:
         """Start the clocks of a task that is about to run."""
@@ -54,17 +60,16 @@ class Reaper:
                 heapq.heappush(self.deadlines, Deadline(now + hard, next(self._seq), job, jobs.HardKill))
 
     def loop(self) -> None:
-        w = self.worker
-        while not (w.stopped.is_set() and not w.running):
+        while not (self.stopped.is_set() and not self.running):
             now = time.monotonic()
             self._fire_due(now)
             wait = 0.1
             if self.deadlines:
                 wait = min(wait, max(0.005, self.deadlines[0].when - now))
-            w.driver.sleep(wait)
+            self.driver.sleep(wait)
 
     def _fire_due(self, now: float) -> None:
-        running = self.worker.running
+        running = self.running
         while True:
             with self._lock:
                 if not self.deadlines or self.deadlines[0].when > now:
@@ -89,7 +94,7 @@ class Reaper:
         if not task_ids:
             return
         wanted = set(task_ids)
-        for job in list(self.worker.running.values()):
+        for job in list(self.running.values()):
             if (job.msg is not None and job.msg.id in wanted and job.started
                     and job.outcome is None and job.killed_by is None):
                 self.kill(job, jobs.Terminate)

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Tuple
 
 from ..backends.base import REVOCATIONS_MAX, Revocation
 from .jobs import describe
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .consumer import Worker
+    from ..drivers.base import Driver
 
 log = logging.getLogger("greenq.worker")
 
@@ -53,15 +53,24 @@ def plausible_at(at: float, now: float) -> float:
 
 
 class Revocations:
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
+    """``backend()``: the result backend; ``expires()``: ``result_expires``
+    (read when used: a test may change it); ``terminate(ids)``: kill the
+    running tasks among ``ids`` (the reaper's); ``stopped``: the worker's
+    event that ends the loop."""
+
+    def __init__(self, driver: "Driver", backend: Callable[[], Any], expires: Callable[[], float],
+                 terminate: Callable[[List[str]], None], stopped: Any) -> None:
+        self._backend = backend
+        self._expires = expires
+        self._terminate = terminate
+        self.stopped = stopped
         self.ids: Dict[str, Tuple[bool, float]] = {}     # task id -> (terminate, revoked at), oldest first
         self.newest = 0.0            # the re-read cursor: the latest ``at`` read from the backend,
                                      # at most this worker's clock then; the next re-read starts before it
         self.loaded = False          # the backend was read at least once
         self.pushed = False          # set by the control agent while it is listening
-        self._wake = worker.driver.event()
-        self._lock = worker.driver.lock()
+        self._wake = driver.event()
+        self._lock = driver.lock()
 
     def __contains__(self, task_id: object) -> bool:
         return task_id in self.ids
@@ -91,7 +100,7 @@ class Revocations:
         return terminate
 
     def _oldest(self, now: float) -> float:
-        expires = self.worker.config.result_expires
+        expires = self._expires()
         return now - expires if expires else 0.0
 
     def _trim(self, oldest: float) -> None:
@@ -108,20 +117,20 @@ class Revocations:
         terminate the running tasks among them.  Raises what the backend raises."""
         since = max(0.0, self.newest - SYNC_OVERLAP) if self.loaded else 0.0
         asked = time.time()
-        found = self.worker.backend.revocations(since)
+        found = self._backend().revocations(since)
         self.loaded = True
         # the cursor: the newest ``at`` read, but not past this worker's clock
         # when it asked (a revoker's clock ahead would skip later revokes)
         newest = min(max((r.at for r in found), default=0.0), asked)
         if newest > self.newest:
             self.newest = newest
-        self.worker.reaper.terminate(self.add(found))
+        self._terminate(self.add(found))
 
     def received(self, task_ids: Iterable[str], terminate: bool, at: float) -> int:
         """A ``revoke`` broadcast (control greenlet): known at once.  Its ``at``
         (the sender's clock) is kept for expiry only, never as the re-read cursor."""
         found = [Revocation(t, terminate, at) for t in task_ids]
-        self.worker.reaper.terminate(self.add(found))
+        self._terminate(self.add(found))
         return len(found)
 
     def resync(self) -> None:
@@ -139,11 +148,10 @@ class Revocations:
             log.warning("could not read revocations: %s; retrying every %.0f s", describe(exc), SYNC_POLLED)
 
     def loop(self) -> None:
-        w = self.worker
-        while not w.stopped.is_set():
+        while not self.stopped.is_set():
             self._wake.wait(SYNC_PUSHED if self.pushed and self.loaded else SYNC_POLLED)
             self._wake.clear()
-            if w.stopped.is_set():
+            if self.stopped.is_set():
                 break
             try:
                 self.sync()

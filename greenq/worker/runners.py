@@ -4,10 +4,11 @@ one task at a time from the worker's run queue, and the task hooks around it.
 Around each task, in the task's greenlet, with its request set (so every log
 line carries its id): ``task_prerun``; the task; then ``task_success``,
 ``task_failure`` or ``task_retry``; then ``task_postrun``.  The worker's own
-rate limits and STARTED records are ``task_prerun`` subscribers
-(:class:`RateLimiter`, :class:`StartedRecorder`), registered before the app's
-and only when some task needs them; a hook without subscribers is not emitted
-at all (every task pays for the hot path).
+STARTED records are a ``task_prerun`` subscriber (:class:`StartedRecorder`),
+registered before the app's and only when some task needs them; a hook
+without subscribers is not emitted at all (every task pays for the hot path).
+Rate limits are not hooks: they are an admission step (admission.py), decided
+before a task takes a runner, so a task waiting for its turn holds no runner.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..backends.base import Record
 from ..exceptions import SoftTimeLimitExceeded
@@ -26,8 +27,13 @@ from . import jobs
 from .jobs import Job, describe
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..brokers.base import Broker
+    from ..drivers.base import Driver
+    from ..hooks import Hooks
+    from ..message import Codec
     from ..task import Request, Task
-    from .consumer import Worker
+    from .limits import Reaper
+    from .state import StopState
 
 log = logging.getLogger("greenq.worker")
 
@@ -50,11 +56,32 @@ class Runner:
 
 
 class Runners:
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
+    """The runners of one worker.  They get what they use: the run queue
+    (jobs admitted to run; None retires a runner), the hooks, the broker (to
+    acknowledge early), the worker's ``running`` jobs (under ``lock``), the
+    ``revoked`` ids, the reaper (time limits), ``finish(job, outcome,
+    reason)`` for a job that will not run, ``settle(job)`` for one that ran,
+    ``release(job)`` (admission: the task ended) and ``stopping()``."""
+
+    def __init__(self, driver: "Driver", runq: Any, hooks: "Hooks", broker: "Broker", *, lock: Any,
+                 running: Dict[int, Job], revoked: Any, reaper: "Reaper",
+                 finish: Callable[..., None], settle: Callable[[Job], None],
+                 release: Callable[[Job], None], stopping: Callable[[], "StopState"]) -> None:
+        self.driver = driver
+        self.runq = runq
+        self.hooks = hooks
+        self.broker = broker
+        self.lock = lock
+        self.running = running
+        self.revoked = revoked
+        self.reaper = reaper
+        self.finish = finish
+        self.settle = settle
+        self.release = release
+        self.stopping = stopping
         self.all: List[Runner] = []
         self._by_frame: Dict[int, Runner] = {}
-        hooks = worker.hooks                    # live lists: subscribers added later show in them
+        # live lists: subscribers added later show in them
         self._prerun = hooks.live("task_prerun")
         self._success = hooks.live("task_success")
         self._postrun = hooks.live("task_postrun")
@@ -63,11 +90,11 @@ class Runners:
         for _ in range(count):
             runner = Runner()
             self.all.append(runner)
-            runner.handle = self.worker.driver.spawn(self._loop, runner)
+            runner.handle = self.driver.spawn(self._loop, runner)
 
     def stop(self) -> None:
         for _ in self.all:
-            self.worker.runq.put(None)
+            self.runq.put(None)
 
     def job_of_frame(self, frame: Optional[FrameType]) -> Optional[Job]:
         """The job whose runner's stack holds ``frame`` (from any OS thread)."""
@@ -83,21 +110,21 @@ class Runners:
         """Run jobs one after another.  A kill is aimed at one job; one that
         arrives after that job ended lands in the ``sleep(0)`` below (the hub
         delivers it before resuming us) or in ``get``, and is ignored there."""
-        w = self.worker
         runner.frame = sys._getframe()
         self._by_frame[id(runner.frame)] = runner
-        sleep = w.driver.sleep
+        sleep = self.driver.sleep
+        get, stopping, revoked, finish = self.runq.get, self.stopping, self.revoked, self.finish
         try:
             while True:
                 try:
-                    job = w.runq.get()
+                    job = get()
                     if job is None:
                         return
-                    if w.stopping:               # shutting down: don't start what has not started
-                        w.finish(job, jobs.REQUEUE)
+                    if stopping():               # shutting down: don't start what has not started
+                        finish(job, jobs.REQUEUE)
                         continue
-                    if job.msg.id in w.revocations.ids:  # revoked while it waited for a runner
-                        w.finish(job, jobs.REVOKED, reason="revoked")
+                    if job.msg.id in revoked:    # revoked while it waited for a runner
+                        finish(job, jobs.REVOKED, reason="revoked")
                         continue
                     job.handle = runner.handle
                     runner.job = job
@@ -114,32 +141,31 @@ class Runners:
             self._by_frame.pop(id(runner.frame), None)
 
     def _run(self, job: Job) -> None:
-        w = self.worker
         task = job.task
         try:
             soft, hard = jobs.limits(job)
         except Exception:                       # a bad [task:NAME] value: run without limits
             log.error("task %s[%s]: unusable time limits", job.msg.task, job.msg.id, exc_info=True)
             soft = hard = None
-        with w.lock:
-            w.running[id(job)] = job
+        with self.lock:
+            self.running[id(job)] = job
         if soft or hard:
-            w.reaper.arm(job, soft, hard)
+            self.reaper.arm(job, soft, hard)
         request = jobs.request_for(job)
         set_request(request)
         start = time.monotonic()
         try:
             try:
                 if not task.option("acks_late"):   # at most once: acknowledged as it starts
-                    w.broker.ack([job.delivery])
+                    self.broker.ack([job.delivery])
                     job.acked = True
                 if self._prerun:
-                    w.hooks.emit("task_prerun", task, request)
+                    self.hooks.emit("task_prerun", task, request)
             except Exception as exc:            # the task is not run; its caller is told why
                 log.error("task %s[%s] could not be started: %s", job.msg.task, job.msg.id, describe(exc))
                 job.outcome, job.exc, job.tb = jobs.FAILURE, exc, traceback.format_exc()
             else:
-                if job.msg.id in w.revocations.ids:  # revoked during task_prerun (a rate limit's wait)
+                if job.msg.id in self.revoked:     # revoked during task_prerun
                     job.outcome, job.reason = jobs.REVOKED, "revoked"
                 else:
                     jobs.run(job)
@@ -156,7 +182,7 @@ class Runners:
     def _after(self, job: Job, task: "Task", request: "Request", start: float) -> None:
         """Log the outcome and run the outcome hooks (the counters among their
         subscribers), still in the task's context (``start``: its monotonic start)."""
-        hooks, outcome = self.worker.hooks, job.outcome
+        hooks, outcome = self.hooks, job.outcome
         if outcome == jobs.SUCCESS:
             if self._success:
                 hooks.emit("task_success", task, request, job.value)
@@ -176,43 +202,19 @@ class Runners:
             hooks.emit("task_postrun", task, request, POSTRUN_STATE.get(outcome, outcome), retval)
 
     def _ran(self, job: Job) -> None:
-        w = self.worker
+        if job.admitted is not None:            # the task ended: its admission steps let go
+            self.release(job)
         if job.outcome is None:                 # killed before it began
             job.outcome = jobs.REQUEUE
             if job.killed_by is jobs.HardKill:  # ...by its own hard limit (a hook ate its time)
                 job.outcome, job.exc = jobs.FAILURE, jobs.TimeLimitExceeded(
                     f"{job.msg.task}[{job.msg.id}] killed by its hard time limit before it started")
-        with w.lock:
-            w.running.pop(id(job), None)
+        with self.lock:
+            self.running.pop(id(job), None)
             if job.settling:
                 return
             job.settling = True
-        w.settler.put(job)
-
-
-class RateLimiter:
-    """``rate_limit`` per worker: a ``task_prerun`` subscriber that makes the
-    task wait for its slot (holding its pool slot, as Celery does)."""
-
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
-        self._next_slot: Dict[str, float] = {}   # next free start time per task name
-        self._intervals: Dict[str, float] = {}
-
-    def __call__(self, task: "Task", request: "Request") -> None:
-        rate = task.option("rate_limit")
-        if not rate:
-            return
-        interval = self._intervals.get(rate)
-        if interval is None:
-            from ..config import parse_rate
-            interval = self._intervals[rate] = 1.0 / parse_rate(rate)
-        now = time.monotonic()
-        with self.worker.lock:
-            slot = max(now, self._next_slot.get(task.name, 0.0))
-            self._next_slot[task.name] = slot + interval
-        if slot > now:
-            self.worker.driver.sleep(slot - now)
+        self.settle(job)
 
 
 class StartedRecorder:
@@ -220,17 +222,18 @@ class StartedRecorder:
     task begins, as Celery's ``task_track_started`` does.  One more write per
     task, so off by default."""
 
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
-        self.default = bool(worker.config.worker.get("track_started", False))
+    def __init__(self, codec: "Codec", backend: Callable[[], Any], default: bool) -> None:
+        """``default``: ``[worker] track_started``; ``backend()``: the result backend."""
+        self.codec = codec
+        self._backend = backend
+        self.default = default
 
     def __call__(self, task: "Task", request: "Request") -> None:
         track = task.option("track_started")
         if not (self.default if track is None else track) or task.option("ignore_result"):
             return
-        w = self.worker
-        data = w.codec.encode_result(make_meta(request.id, STARTED, task=task.name, retries=request.retries))
+        data = self.codec.encode_result(make_meta(request.id, STARTED, task=task.name, retries=request.retries))
         try:
-            w.backend.store_many([Record(request.id, data, False, request.reply_to)])
+            self._backend().store_many([Record(request.id, data, False, request.reply_to)])
         except Exception as exc:                # a missing STARTED must not fail the task
             log.warning("could not store STARTED: %s", describe(exc))

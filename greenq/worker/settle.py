@@ -30,7 +30,10 @@ from .jobs import Job, describe
 from .state import StopState
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .consumer import Worker
+    from ..brokers.base import Broker
+    from ..drivers.base import Driver
+    from ..hooks import Hooks
+    from ..message import Codec
 
 log = logging.getLogger("greenq.worker")
 
@@ -62,17 +65,31 @@ class Plan:
 
 
 class Settler:
-    """The finisher of one worker."""
+    """The finisher of one worker.
 
-    def __init__(self, worker: "Worker") -> None:
-        self.worker = worker
-        self.broker = worker.broker
-        self.codec = worker.codec
-        self.done = worker.driver.queue()      # finished jobs; None ends the loop
+    It gets what it uses: the broker, ``backend()`` (the result backend, set
+    when the worker runs), the codec, the follow-ups, ``release(batch)`` (the
+    worker's: the settled messages are no longer held), the hooks it emits
+    (``message_dead_lettered``, ``task_revoked``), the driver, ``stopping()``
+    (the worker's stop state: it gives up retrying at cold stop) and the
+    worker's name (for dead-letter records)."""
+
+    def __init__(self, broker: "Broker", backend: Callable[[], Any], codec: "Codec", followups: Followups, *,
+                 release: Callable[[List[Job]], None], hooks: "Hooks", driver: "Driver",
+                 stopping: Callable[[], StopState], worker_name: str) -> None:
+        self.broker = broker
+        self._backend = backend
+        self.codec = codec
+        self.followups = followups
+        self._release = release
+        self.hooks = hooks
+        self.driver = driver
+        self._stopping = stopping
+        self.worker_name = worker_name
+        self.done = driver.queue()             # finished jobs; None ends the loop
         #: ``put(job)`` hands a finished job to the finisher: the queue's own
         #: put, as every task calls it
         self.put: Callable[[Job], None] = self.done.put
-        self.followups = Followups(worker)
         self.settling_since: Optional[float] = None
 
     def close(self) -> None:
@@ -96,7 +113,6 @@ class Settler:
             self.settle(batch)
 
     def settle(self, batch: List[Job]) -> None:
-        w = self.worker
         self.settling_since = time.monotonic()
         plan = Plan()
         for job in batch:
@@ -105,7 +121,7 @@ class Settler:
             except Exception as exc:
                 log.error("task %s: its outcome could not be recorded", job.id, exc_info=True)
                 self._plan_failure(job, plan, exc)
-        backend = w.backend
+        backend = self._backend()
         self._with_retries("publish retries and follow-ups", self.broker.publish_many, plan.republish)
         self._with_retries("store results", backend.store_many, plan.records, on_permanent=self._store_fallback)
         self._with_retries("count chord members", self.followups.complete_chords, plan.chords)
@@ -113,7 +129,7 @@ class Settler:
         self._with_retries("requeue", self.broker.requeue, plan.requeue)
         self._with_retries("requeue", lambda ds: self.broker.requeue(ds, started=False), plan.unstarted)
         self._with_retries("dead-letter", self._dead_letter_each, plan.dead)
-        w.release(batch)
+        self._release(batch)
         self.settling_since = None
 
     # -- one job -------------------------------------------------------------
@@ -124,7 +140,7 @@ class Settler:
         if outcome == jobs.DEAD:
             plan.dead.append(DeadLetter(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
-            self.worker.hooks.emit("message_dead_lettered", job, job.reason)
+            self.hooks.emit("message_dead_lettered", job, job.reason)
             try:
                 record = self._dead_record(job)
             except Exception as exc:   # the message is dead-lettered all the same
@@ -171,7 +187,7 @@ class Settler:
                 retries=msg.retries + 1, **notes)), False, msg.reply_to))
             plan.republish.append(outgoing)
         elif outcome == jobs.REVOKED:
-            self.worker.hooks.emit("task_revoked", job)
+            self.hooks.emit("task_revoked", job)
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, REVOKED, task=msg.task, reason=job.reason, **notes)), True, msg.reply_to))
             if msg.chain:
@@ -221,7 +237,7 @@ class Settler:
             if not isinstance(task_id, str) or not 0 < len(task_id.encode("utf-8", "replace")) <= \
                     self.broker.max_message_id_bytes:
                 return None
-        error = MessageError(f"dead-lettered by worker {self.worker.name}: {job.reason}")
+        error = MessageError(f"dead-lettered by worker {self.worker_name}: {job.reason}")
         return Record(task_id, self.codec.encode_result(make_meta(
             task_id, FAILURE, exc=error, task=task if isinstance(task, str) else None)), True, reply_to)
 
@@ -232,7 +248,7 @@ class Settler:
         small = Record(record.task_id, self.codec.encode_result(make_meta(record.task_id, FAILURE, exc=error)),
                        record.final, record.reply_to)
         try:
-            self.worker.backend.store_many([small])
+            self._backend().store_many([small])
         except Exception as again:
             log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
 
@@ -263,11 +279,11 @@ class Settler:
                 err = exc
             failures += 1
             pause = backoff(failures, 0.1, 5.0)
-            if self.worker.stopping >= StopState.COLD and pause > 1:
+            if self._stopping() >= StopState.COLD and pause > 1:
                 log.error("%s failed at shutdown, giving up (messages will be redelivered): %s", what, err)
                 return
             log.error("%s failed: %s; retrying in %.1f s", what, describe(err), pause)
-            self.worker.driver.sleep(pause)
+            self.driver.sleep(pause)
 
     @staticmethod
     def _one_by_one(what: str, fn: Callable[[List[Any]], None], items: List[Any],

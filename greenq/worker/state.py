@@ -4,9 +4,12 @@ instead of reaching into the worker."""
 from __future__ import annotations
 
 import enum
+import os
+import re
+import socket
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hooks import Hooks
@@ -87,3 +90,29 @@ class Snapshot:
     seconds_settling: float               # how long the finisher has been on its current batch
     held: int
     running: List[RunningTask] = field(default_factory=list)
+
+
+class Service(Protocol):
+    """Something that runs beside a worker (the control agent): the
+    composition root attaches it with ``Worker.attach``; ``start`` gets a
+    ``spawn(name, loop)`` that runs ``loop`` as a guarded control loop (one
+    that stops the worker if it dies)."""
+
+    def start(self, spawn: Callable[[str, Callable[[], None]], Any]) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+#: the name of a worker started without ``-n`` (Celery's ``celery@%h``)
+DEFAULT_NAME = "greenq@%h"
+
+
+def worker_name(name: Optional[str] = None, index: int = 0) -> str:
+    """``-n NAME`` (default ``greenq@%h``) with Celery's expansions: ``%h``
+    the host name, ``%n`` the host name up to its first dot, ``%d`` the rest
+    (the domain), ``%i`` the process index (``index``: the supervisor's slot,
+    0 for a single process), ``%p`` the pid, ``%%`` a percent sign."""
+    host = socket.gethostname()
+    short, _, domain = host.partition(".")
+    values = {"h": host, "n": short, "d": domain, "i": str(index), "p": str(os.getpid()), "%": "%"}
+    return re.sub(r"%([hndip%])", lambda m: values[m.group(1)], name or DEFAULT_NAME)

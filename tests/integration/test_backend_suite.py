@@ -131,13 +131,10 @@ def test_a_far_future_broadcast_does_not_make_the_worker_skip_later_revocations(
     ``revoke`` broadcast whose ``at`` is a year ahead (a sender with a wrong
     clock, a garbled command) used to move the re-read cursor a year ahead,
     and the re-reads then skipped every revocation recorded after it."""
-    from types import SimpleNamespace
-
     from greenq.drivers import get_driver
     from greenq.worker.revocations import Revocations
-    worker = SimpleNamespace(driver=get_driver("threads"), config=backend_env.config(),
-                             backend=backend_env.backend(), reaper=SimpleNamespace(terminate=lambda ids: None))
-    rev = Revocations(worker)
+    driver, config, backend = get_driver("threads"), backend_env.config(), backend_env.backend()
+    rev = Revocations(driver, lambda: backend, lambda: config.result_expires, lambda ids: None, driver.event())
     rev.first_load()
     assert rev.loaded
     far = tid()

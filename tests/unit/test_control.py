@@ -10,11 +10,12 @@ from greenq.control.agent import OFFLINE_AFTER, worker_name
 from greenq.control.client import Control
 from greenq.dashboard.state import BUCKET, FleetState
 from greenq.drivers import get_driver
+from greenq.cli.worker import build_worker
 from greenq.worker.consumer import Worker
 
 
 def _running_worker(app: GreenQ, name: str, **options) -> "tuple[Worker, threading.Thread, list]":
-    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, name=name, **options)
+    worker = build_worker(app, get_driver("threads"), queues=["default"], concurrency=2, name=name, **options)
     codes: list = []
     thread = threading.Thread(target=lambda: codes.append(worker.run()))
     thread.start()

@@ -159,8 +159,8 @@ def test_started_is_not_stored_by_default():
     t.join(10)
 
 
-def test_rate_limit_subscriber_spaces_task_starts():
-    """rate_limit is a task_prerun subscriber: 5 tasks at 20/s start at least 50 ms apart."""
+def test_rate_limit_spaces_task_starts():
+    """rate_limit (an admission step): 5 tasks at 20/s start at least 50 ms apart."""
     app = make_app()
     starts = []
 
@@ -177,7 +177,7 @@ def test_rate_limit_subscriber_spaces_task_starts():
 
 def test_counters_subscribe_and_late_subscribers_run():
     """The counters are hook subscribers; a hook subscribed after the worker
-    was built (as ``control rate-limit`` subscribes the limiter) runs."""
+    was built runs."""
     app = make_app()
 
     @app.task

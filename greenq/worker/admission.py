@@ -1,0 +1,338 @@
+"""Admission: the steps a task passes before it takes a runner slot.
+
+A fetched message that may run (decoded, known, not expired, not revoked) is
+*offered* to the worker's admission steps, in order.  Each step that concerns
+the task answers with a :class:`Decision`:
+
+* ``RUN``   -- go on to the next step; after the last one the job joins the
+  run queue and the next free runner takes it;
+* ``WAIT``  -- not yet: the job is *parked* here, holding no runner slot.  Its
+  message stays held by this worker, so the renewer keeps its lease, and it
+  counts against ``prefetch``.  It is offered to the same step again when its
+  ``until`` time comes (a monotonic clock time) or when the step calls
+  ``wake(key)`` (a permit was freed);
+* ``DEFER`` -- back to the broker, to be delivered again at ``eta`` (epoch
+  seconds): published again with that eta and acknowledged, as a message
+  that came before its eta is.
+
+Waiters are served per step and *wait key* (``step.key(job)``, e.g. the
+task's name for the rate limiter, a resource's name for permits) in arrival
+order: a job offered while others wait on the same key parks behind them
+without asking the step, and only the head of a queue is asked again.
+
+After the job ends (it ran, or it was returned unstarted), ``release(job)``
+is called on every step that answered RUN for it, newest first.
+
+Why a step and not a hook: observer hooks (``app.on``, greenq/hooks.py) can
+only watch; a ``task_prerun`` subscriber that wants to say "not yet" has to
+sleep, and it sleeps holding a runner slot and the message's lease.  A step
+decides before the slot is taken.
+
+A step's ``admit`` runs in the consumer's greenlet (for a newly fetched job)
+or in the admission greenlet (for a parked one), under the admission lock:
+it must be quick and must not block.  A step that needs a remote answer
+(a permit kept in Redis) answers WAIT with an ``until`` and asks again.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import time
+from collections import deque
+from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Set,
+                    Tuple)
+
+from ..config import parse_rate
+from .jobs import describe
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..drivers.base import Driver
+    from .jobs import Job
+
+log = logging.getLogger("greenq.worker")
+
+#: the longest the admission greenlet sleeps without a due time (it also wakes on ``wake``)
+IDLE_WAIT = 1.0
+
+
+class Decision:
+    """What a step says about one job: ``RUN``, ``wait(...)`` or ``defer(eta)``."""
+
+    __slots__ = ("kind", "until", "eta")
+
+    def __init__(self, kind: str, until: Optional[float] = None, eta: Optional[float] = None) -> None:
+        self.kind = kind
+        self.until = until      # WAIT: monotonic time to ask again; None: only when woken
+        self.eta = eta          # DEFER: epoch seconds the message is delivered again
+
+    def __repr__(self) -> str:
+        extra = f" until={self.until}" if self.until is not None else ""
+        extra += f" eta={self.eta}" if self.eta is not None else ""
+        return f"<{self.kind}{extra}>"
+
+
+RUN = Decision("run")
+
+
+def wait(until: Optional[float] = None) -> Decision:
+    """Park the job without a slot until ``until`` (``time.monotonic()``
+    seconds), or until the step calls ``wake`` with its key."""
+    return Decision("wait", until=until)
+
+
+def defer(eta: float) -> Decision:
+    """Send the job back to the broker, to be delivered at ``eta`` (epoch seconds)."""
+    return Decision("defer", eta=eta)
+
+
+class AdmissionStep:
+    """One admission step.  Subclasses set ``name``, declare the task options
+    and ``[task:NAME]`` INI keys they read, and implement ``key`` and
+    ``admit``; ``release`` when they hold something while a task runs."""
+
+    #: a short name, for logs and ``worker.admission.step(name)``
+    name = "step"
+    #: the task options (``@app.task(...)``) this step reads
+    task_options: Tuple[str, ...] = ()
+    #: the ``[task:NAME]`` keys this step reads (a worker-wide default: ``[worker]`` keys)
+    ini_keys: Tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self._wake: Callable[[Hashable], None] = lambda key: None
+
+    def attach(self, wake: Callable[[Hashable], None]) -> None:
+        """Called by the Admission that runs this step: ``wake(key)`` asks it
+        to offer the jobs waiting on ``key`` here again."""
+        self._wake = wake
+
+    def wake(self, key: Hashable) -> None:
+        self._wake(key)
+
+    def key(self, job: "Job") -> Optional[Hashable]:
+        """The queue ``job`` waits in at this step, or None when the step does
+        not concern it (it passes without ``admit``: the fast path)."""
+        raise NotImplementedError
+
+    def admit(self, job: "Job") -> Decision:
+        """RUN, ``wait(...)`` or ``defer(eta)``.  Quick, never blocking."""
+        raise NotImplementedError
+
+    def release(self, job: "Job") -> None:
+        """``job``, admitted by this step, ended (ran, or was returned unstarted)."""
+
+
+class RateLimit(AdmissionStep):
+    """``rate_limit`` per worker: starts of one task are at least
+    ``1 / rate`` seconds apart.  A task whose turn has not come WAITs (no
+    slot held) until its turn; tasks of one name start in arrival order.
+    ``set(task, rate)`` overrides the configured limit in this worker
+    (``greenq control rate-limit``)."""
+
+    name = "rate_limit"
+    task_options = ("rate_limit",)
+    ini_keys = ("rate_limit",)
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.clock = clock
+        self._next_slot: Dict[str, float] = {}     # the next free start time per task name
+        self._intervals: Dict[str, float] = {}     # per rate text
+        self._overrides: Dict[str, Optional[str]] = {}
+
+    def set(self, task: str, rate: Optional[str]) -> None:
+        """This worker's limit for ``task`` from now on (None: no limit)."""
+        self._overrides[task] = rate or None
+        if not rate:
+            self._next_slot.pop(task, None)
+        self.wake(task)                 # waiters go on under the new limit
+
+    def rate(self, job: "Job") -> Optional[str]:
+        name = job.msg.task
+        if name in self._overrides:
+            return self._overrides[name]
+        return job.task.option("rate_limit") or None
+
+    def key(self, job: "Job") -> Optional[Hashable]:
+        return job.msg.task if self.rate(job) else None
+
+    def admit(self, job: "Job") -> Decision:
+        rate = self.rate(job)
+        if not rate:                          # removed while it waited
+            return RUN
+        interval = self._intervals.get(rate)
+        if interval is None:
+            interval = self._intervals[rate] = 1.0 / parse_rate(rate)
+        now = self.clock()
+        name = job.msg.task
+        slot = self._next_slot.get(name, 0.0)
+        if slot > now:
+            return wait(until=slot)
+        self._next_slot[name] = now + interval
+        return RUN
+
+
+class Admission:
+    """The worker's chain of admission steps and the jobs parked in it.
+
+    ``run(job)`` puts an admitted job in the run queue; ``defer(job, eta)``
+    hands a deferred one to the finisher.  ``loop`` (a control greenlet)
+    offers parked jobs again when their time comes or their key is woken."""
+
+    def __init__(self, driver: "Driver", run: Callable[["Job"], None],
+                 defer: Callable[["Job", float], None], steps: Sequence[AdmissionStep] = ()) -> None:
+        self.driver = driver
+        self._run = run
+        self._defer = defer
+        self.steps: List[AdmissionStep] = []
+        self._lock = driver.lock()
+        self._event = driver.event()
+        self._parked: Dict[Tuple[int, Hashable], Deque["Job"]] = {}
+        self._due: List[Tuple[float, int, Tuple[int, Hashable]]] = []   # heap: (until, seq, queue)
+        self._woken: Set[Tuple[int, Hashable]] = set()
+        self._seq = itertools.count()
+        self._closed = False
+        for step in steps:
+            self.add(step)
+
+    # -- the chain ---------------------------------------------------------------
+    def add(self, step: AdmissionStep) -> AdmissionStep:
+        index = len(self.steps)
+        step.attach(lambda key, _i=index: self._wake_key(_i, key))
+        self.steps.append(step)
+        return step
+
+    def step(self, name: str) -> Optional[AdmissionStep]:
+        for step in self.steps:
+            if step.name == name:
+                return step
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self.steps)
+
+    @property
+    def parked(self) -> int:
+        """How many jobs wait now."""
+        with self._lock:
+            return sum(len(q) for q in self._parked.values())
+
+    # -- offering -----------------------------------------------------------------
+    def offer(self, job: "Job", start: int = 0) -> None:
+        """Pass ``job`` through the steps from ``start``; it runs, parks or is deferred."""
+        steps = self.steps
+        for index in range(start, len(steps)):
+            step = steps[index]
+            key = step.key(job)
+            if key is None:
+                continue
+            queue_key = (index, key)
+            with self._lock:
+                waiting = self._parked.get(queue_key)
+                if waiting:                    # arrival order: behind those already waiting
+                    waiting.append(job)
+                    return
+                decision = step.admit(job)
+                if decision.kind == "wait":
+                    self._park(queue_key, job, decision.until)
+                    return
+            if decision.kind == "defer":
+                self._deferred(job, decision.eta)
+                return
+            self._admitted(job, step)
+        self._run(job)
+
+    def _park(self, queue_key: Tuple[int, Hashable], job: "Job", until: Optional[float]) -> None:
+        self._parked.setdefault(queue_key, deque()).append(job)
+        if until is not None:
+            heapq.heappush(self._due, (until, next(self._seq), queue_key))
+            self._event.set()               # the loop may sleep past this time: look again
+
+    @staticmethod
+    def _admitted(job: "Job", step: AdmissionStep) -> None:
+        if job.admitted is None:
+            job.admitted = [step]
+        else:
+            job.admitted.append(step)
+
+    def _deferred(self, job: "Job", eta: Optional[float]) -> None:
+        self.release(job)
+        self._defer(job, eta if eta is not None else time.time())
+
+    def release(self, job: "Job") -> None:
+        """``job`` ended: give back what the steps that admitted it hold."""
+        admitted, job.admitted = job.admitted, None
+        if not admitted:
+            return
+        for step in reversed(admitted):
+            try:
+                step.release(job)
+            except Exception as exc:       # a step's bug must not stop the others' release
+                log.error("admission step %s: release failed: %s", step.name, describe(exc), exc_info=True)
+
+    def _wake_key(self, index: int, key: Hashable) -> None:
+        with self._lock:
+            if (index, key) in self._parked:
+                self._woken.add((index, key))
+        self._event.set()
+
+    # -- the loop -------------------------------------------------------------------
+    def loop(self) -> None:
+        while not self._closed:
+            with self._lock:
+                timeout = IDLE_WAIT
+                if self._due:
+                    timeout = min(timeout, max(0.0, self._due[0][0] - time.monotonic()))
+            if timeout > 0:
+                self._event.wait(timeout)
+            self._event.clear()
+            if self._closed:
+                break
+            self.serve()
+
+    def serve(self) -> None:
+        """Ask the heads of the queues that are due or woken again; go on with
+        those admitted (outside the lock: the next steps, then the run queue)."""
+        now = time.monotonic()
+        admitted: List[Tuple["Job", int, AdmissionStep]] = []
+        deferred: List[Tuple["Job", Optional[float]]] = []
+        with self._lock:
+            ready = self._woken
+            self._woken = set()
+            while self._due and self._due[0][0] <= now:
+                ready.add(heapq.heappop(self._due)[2])
+            for queue_key in ready:
+                waiting = self._parked.get(queue_key)
+                step = self.steps[queue_key[0]]
+                while waiting:
+                    job = waiting[0]
+                    decision = step.admit(job)
+                    if decision.kind == "wait":
+                        if decision.until is not None:
+                            heapq.heappush(self._due, (decision.until, next(self._seq), queue_key))
+                        break
+                    waiting.popleft()
+                    if decision.kind == "defer":
+                        deferred.append((job, decision.eta))
+                    else:
+                        admitted.append((job, queue_key[0], step))
+                if not waiting:
+                    self._parked.pop(queue_key, None)
+        for job, eta in deferred:
+            self._deferred(job, eta)
+        for job, index, step in admitted:
+            self._admitted(job, step)
+            self.offer(job, index + 1)
+
+    def close(self) -> List["Job"]:
+        """Stop the loop; return the parked jobs (the worker sends them back)."""
+        with self._lock:
+            self._closed = True
+            jobs = [job for waiting in self._parked.values() for job in waiting]
+            self._parked.clear()
+            self._due.clear()
+            self._woken.clear()
+        self._event.set()
+        for job in jobs:
+            self.release(job)
+        return jobs
