@@ -16,13 +16,13 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from . import validation
 from .exceptions import ConfigError
 from .pools import POOLS
+from .setting import MAX_TIMEOUT, Setting
 
 log = logging.getLogger("greenq.config")
 
@@ -32,23 +32,12 @@ SERIALIZERS = ("json", "msgpack", "pickle")
 KEY_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 
-@dataclass(frozen=True)
-class Setting:
-    type: str          # str, int, float, bool, list, hostport, size (MiB), or "choice:a|b|c"
-    default: Any
-    help: str
-    #: the ceiling of a number an operator can raise (docs/configuration.md, "Ceilings")
-    high: Optional[float] = None
-
-
 #: ceilings (docs/configuration.md lists them with their reasons)
 DAY = 86400
 MAX_PROCESSES = 256
 MAX_MESSAGE_SIZE = 128 * 1024 * 1024      # RabbitMQ's default max_message_size
 MAX_RESULT_EXPIRES = 3650 * DAY
 MAX_DELIVERIES = 1000
-MAX_REDIS_CONNECTIONS = 10000             # Redis's default maxclients
-MAX_TIMEOUT = 3600.0                      # socket and health-check intervals
 MAX_PREFETCH_BYTES = 1 << 30              # what one worker process holds of message bodies
 #: the largest bare number (no unit) a ``size`` setting takes: Celery counts
 #: --max-memory-per-child in KiB, so its 200000 would mean 195 GiB here
@@ -65,6 +54,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "accept_content": Setting("list", ["json"], "serializers workers agree to decode"),
         "signing_key": Setting("str", "", "HMAC key; when set, unsigned or forged messages are dead-lettered"),
         "default_queue": Setting("str", "default", "queue used when a task names none"),
+        "transports": Setting("list", [], "transports of other packages to load, package.module:NAME, "
+                              "comma-separated (docs/transports.md)"),
         "eager": Setting("bool", False, "run tasks inline in the caller (users' unit tests)"),
         "key_prefix": Setting("str", "greenq", "names everything greenq makes on a shared server "
                                                "(Redis keys, RabbitMQ queues and exchanges, SQLite tables); "
@@ -109,30 +100,6 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "auth": Setting("str", "", "USER:PASSWORD for HTTP basic auth; empty = none"),
         "allowed_hosts": Setting("list", [], "Host names (HOST or HOST:PORT) the dashboard answers to "
                                  "beside the bound host and localhost; comma-separated"),
-    },
-    "redis": {
-        "max_connections": Setting("int", 0, "connection pool size per process; 0 = automatic: up to 10 "
-                                   "in a client (broker and results each, + 1 result listener: "
-                                   "21 in all), concurrency + 10 for a worker's broker",
-                                   MAX_REDIS_CONNECTIONS),
-        "socket_timeout": Setting("float", 10.0, "seconds before a silent connection is declared dead",
-                                  MAX_TIMEOUT),
-        "connect_timeout": Setting("float", 2.0, "seconds to open a connection; a client's publish "
-                                   "fails after this long while Redis is unreachable (workers retry)",
-                                   MAX_TIMEOUT),
-        "health_check_interval": Setting("float", 15.0, "seconds between connection health checks",
-                                         MAX_TIMEOUT),
-        "min_replicas": Setting("int", 0, "replicas a publish and an ack wait for (WAIT); 0 = none", 100),
-        "idle_timeout": Setting("float", 60.0, "seconds before an unused pooled connection (and an unused "
-                                "result listener) is closed; 0 = keep them open", MAX_TIMEOUT),
-    },
-    "amqp": {
-        "confirm_publish": Setting("bool", True, "wait for publisher confirms when enqueuing"),
-        "queue_type": Setting("choice:classic|quorum", "classic", "type of the queues greenq declares"),
-        "heartbeat": Setting("int", 30, "AMQP heartbeat in seconds; 0 = off", 65535),
-        "max_priority": Setting("int", 9, "x-max-priority of declared queues; 0 = no priorities", 255),
-        "management_url": Setting("str", "", "RabbitMQ management API for `greenq queues`; "
-                                  "empty = http://BROKER_HOST:15672 with the broker's user"),
     },
 }
 
@@ -327,6 +294,17 @@ def _suggest(word: str, candidates: Iterable[str]) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _defaults(table: Mapping[str, Setting]) -> Dict[str, Any]:
+    return {k: (list(v.default) if isinstance(v.default, list) else v.default) for k, v in table.items()}
+
+
+def add_section(name: str, table: Mapping[str, Setting]) -> None:
+    """Declare a transport's INI section (greenq/transports/ calls it)."""
+    if SETTINGS.get(name, table) != table:
+        raise ConfigError(f"two transports declare the INI section [{name}] differently")
+    SETTINGS[name] = dict(table)
+
+
 class Config:
     """The effective settings.  ``cfg.broker_url`` reads ``[greenq]``;
     ``cfg.worker["concurrency"]``, ``cfg.section("redis")`` the others;
@@ -334,9 +312,7 @@ class Config:
     ``cfg.origin(section, key)`` tells where a value came from."""
 
     def __init__(self) -> None:
-        self._values: Dict[str, Dict[str, Any]] = {
-            s: {k: (list(v.default) if isinstance(v.default, list) else v.default)
-                for k, v in keys.items()} for s, keys in SETTINGS.items()}
+        self._values: Dict[str, Dict[str, Any]] = {s: _defaults(keys) for s, keys in SETTINGS.items()}
         self._origin: Dict[Tuple[str, str], str] = {}
         self._tasks: Dict[str, Dict[str, Any]] = {}
         self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
@@ -357,7 +333,10 @@ class Config:
         return self._values["worker"]
 
     def section(self, name: str) -> Dict[str, Any]:
-        return self._values[name]
+        values = self._values.get(name)
+        if values is None:          # a transport's section registered after this Config was made
+            values = self._values[name] = _defaults(SETTINGS[name])
+        return values
 
     def task_options(self, name: str) -> Dict[str, Any]:
         return self._tasks.get(name, {})
@@ -390,7 +369,11 @@ class Config:
         if section.startswith("task:"):
             self._tasks.setdefault(section[5:], {})[key] = converted
         else:
-            self._values[section][key] = converted
+            if section == "greenq" and key == "transports":
+                from . import transports         # (their INI sections are known from here on)
+                for reference in converted:
+                    transports.register(reference)
+            self.section(section)[key] = converted
         self._origin[(section, key)] = origin
 
     def _set_workflow(self, section: str, key: str, value: Any, origin: str) -> None:
@@ -624,3 +607,13 @@ def effective_prefetch(concurrency: int, prefetch: int) -> int:
     if prefetch:
         return max(prefetch, concurrency)
     return min(validation.MAX_PREFETCH, concurrency + max(1, concurrency // 4))
+
+
+def _add_transport_sections() -> None:
+    from .transports import registered
+    for desc in registered():
+        if desc.ini_section and desc.settings:
+            add_section(desc.ini_section, desc.settings)
+
+
+_add_transport_sections()

@@ -86,7 +86,9 @@ def own_prefix() -> str:
 
 
 def on_rabbitmq(url: object) -> bool:
-    return isinstance(url, str) and url.split(":", 1)[0] in ("amqp", "amqps", "pyamqp", "rpc")
+    from greenq import transports
+    desc = transports.lookup(url, results=True) if isinstance(url, str) else None
+    return desc is not None and desc.name == "amqp"
 
 
 def make_config(**overrides):

@@ -33,7 +33,6 @@ import re
 import uuid
 from typing import TYPE_CHECKING, Any, Deque, Dict, List, Optional
 
-from ..brokers import scheme_of
 from ..events import encode_batch
 from ..exceptions import ConfigError
 
@@ -48,16 +47,6 @@ REPLY_TOKEN = re.compile(r"[0-9a-f]{32}\Z")
 
 #: event rows per broker call (and per stored batch): a row is one task's events in one batching period
 BATCH_MAX = 500
-
-TRANSPORTS = {
-    "sqlite": ("greenq.transports.sqlite.control", "SQLiteTransport"),
-    "redis": ("greenq.transports.redis.control", "RedisTransport"),
-    "rediss": ("greenq.transports.redis.control", "RedisTransport"),
-    "amqp": ("greenq.transports.amqp.control", "AMQPTransport"),
-    "pyamqp": ("greenq.transports.amqp.control", "AMQPTransport"),
-    "amqps": ("greenq.transports.amqp.control", "AMQPTransport"),
-    "memory": ("greenq.transports.memory.control", "MemoryTransport"),
-}
 
 
 def dumps(doc: Any) -> str:
@@ -155,12 +144,13 @@ class Transport:
 
 
 def make_transport(url: str, config: "Config", driver: Optional["Driver"] = None) -> Transport:
-    """The transport for ``url`` (the broker URL).  Raises ConfigError for a
-    broker without one (Redis Cluster and Sentinel URLs, for now)."""
-    import importlib
-    scheme = scheme_of(url.split(";", 1)[0])
-    if scheme not in TRANSPORTS:
-        raise ConfigError(f"the control plane does not support {scheme}:// brokers yet; "
-                          f"use one of: {', '.join(s + '://' for s in TRANSPORTS)}")
-    module, name = TRANSPORTS[scheme]
-    return getattr(importlib.import_module(module), name)(url, config, driver)
+    """The control transport for ``url`` (the broker URL), by its transport
+    package.  Raises ConfigError for a broker without one (Redis Cluster and
+    Sentinel URLs, for now)."""
+    from .. import transports
+    if transports.capability_of(url, "control", config) is None:
+        served = [s for d in transports.registered() for s in d.schemes if d.ref("control", s)]
+        raise ConfigError(f"the control plane does not support {transports.scheme_of(url)}:// brokers yet; "
+                          f"use one of: {', '.join(s + '://' for s in served)}")
+    transport: Transport = transports.load(url, "control", "the control plane", config)(url, config, driver)
+    return transport

@@ -11,9 +11,10 @@ import os
 import sys
 
 from greenq.pools import POOLS   # no imports of its own: safe before patching
+from greenq import transports    # descriptors only: safe before patching
 
 EXIT_USAGE = 2
-HEAVY = ("redis", "amqp", "ssl")
+HEAVY = ("ssl", *transports.libraries())   # warned about when imported before patching
 #: Celery's pools greenq does not have, and what to write instead
 CELERY_POOLS = {
     "prefork": "; Celery's prefork pool is --processes N here (each process runs its own pool)",

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from ..backoff import backoff
 from ..reconnect import Refused
+from ..transports import default_port
 from ..config import mask_url
 from ..exceptions import BrokerError, ConfigError
 
@@ -68,8 +69,6 @@ def wait_for_broker(broker: Any, queues: Sequence[str], timeout: float, driver: 
         return True
 
 
-#: default ports of the URL schemes whose server a worker connects to
-DEFAULT_PORTS = {"redis": 6379, "rediss": 6380, "amqp": 5672, "pyamqp": 5672, "amqps": 5671}
 
 
 def _probe(url: str, timeout: float = 2.0) -> None:
@@ -87,7 +86,7 @@ def _probe(url: str, timeout: float = 2.0) -> None:
         raise OSError("; ".join(errors))
     try:
         parts = urlsplit(url)
-        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+        port = parts.port or default_port(parts.scheme)
     except ValueError:
         return  # the broker reports a malformed URL itself
     if not parts.hostname or port is None:

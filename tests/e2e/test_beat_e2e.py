@@ -75,7 +75,7 @@ def test_worker_with_beat_runs_the_schedule(pool, sqlite_env):
     assert "took the lease" in out, out
     sent = slots(sqlite_env)
     assert len(sent) == len(set(sent)) >= 2
-    from greenq.leases import SQLiteLease
+    from greenq.transports.sqlite.lease import SQLiteLease
     from tests.conftest import make_config
     lease = SQLiteLease(sqlite_env.broker_url, make_config(), 5.0)
     assert lease.acquire("next") and lease.last_runs()["tick"] == max(sent)   # released at exit

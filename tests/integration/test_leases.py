@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from greenq.brokers import scheme_of
-from greenq.leases import LEASES
+from greenq import transports
 from tests.conftest import own_prefix
 
 TTL = 0.5
@@ -21,7 +20,7 @@ def leases(broker_env):
     made = []
 
     def make():
-        lease = LEASES[scheme_of(broker_env.broker_url)](broker_env.broker_url, config, TTL)
+        lease = transports.load(broker_env.broker_url, "scheduler_lease", "lease")(broker_env.broker_url, config, TTL)
         made.append(lease)
         return lease
     yield make

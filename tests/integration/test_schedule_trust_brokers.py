@@ -11,8 +11,8 @@ import pytest
 
 from greenq import GreenQ
 from greenq.beat import Scheduler
-from greenq.leases import LEASES, encode_slot
-from greenq.brokers import scheme_of
+from greenq import transports
+from greenq.leases import encode_slot
 from greenq.signing import Signer
 from tests.conftest import own_prefix
 
@@ -21,7 +21,7 @@ TTL = 5.0
 
 def lease_of(env, **settings):
     config = env.config(**settings)
-    return LEASES[scheme_of(env.broker_url)](env.broker_url, config, TTL)
+    return transports.load(env.broker_url, "scheduler_lease", "lease")(env.broker_url, config, TTL)
 
 
 @pytest.fixture

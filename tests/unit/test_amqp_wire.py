@@ -299,8 +299,8 @@ def test_an_unsupported_py_amqp_is_refused_when_an_amqp_url_is_used():
     import subprocess
     import sys
     code = ("import amqp; amqp.__version__ = '5.5.0'\n"
-            "from greenq.brokers import BROKERS, load_class\n"
-            "load_class(BROKERS, 'amqp://localhost/', 'broker')\n")
+            "from greenq import transports\n"
+            "transports.load('amqp://localhost/', 'broker', 'broker')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "ConfigError: greenq's RabbitMQ support works with py-amqp >=5.1.1,<5.5" in done.stderr

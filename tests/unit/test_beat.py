@@ -13,7 +13,7 @@ import pytest
 
 from greenq import ConfigError, GreenQ
 from greenq.beat import Entry, Scheduler, entries, scheduled
-from greenq.leases import MemoryLease
+from greenq.transports.memory.lease import MemoryLease
 
 UTC = datetime.timezone.utc
 

@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 from greenq import ConfigError, GreenQ, validation
 from greenq import config as gq_config
-from greenq.cli.listing import management_url, rabbitmq_queues
+from greenq.transports.amqp.management import management_url, rabbitmq_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 CEILINGS = [(section, key, setting) for section, keys in gq_config.SETTINGS.items()

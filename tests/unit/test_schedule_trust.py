@@ -9,7 +9,8 @@ import math
 from hypothesis import given, settings, strategies as st
 
 from greenq import validation
-from greenq.leases import AMQPLease, decode_slot, encode_slot
+from greenq.leases import decode_slot, encode_slot
+from greenq.transports.amqp.lease import AMQPLease
 from greenq.signing import Signer
 from tests.conftest import make_config
 

@@ -17,7 +17,7 @@ import pytest
 
 from greenq import ConfigError, GreenQ
 from greenq.beat import Entry, Scheduler, scheduled
-from greenq.leases import MemoryLease
+from greenq.transports.memory.lease import MemoryLease
 
 ROOT = Path(__file__).resolve().parents[2]
 

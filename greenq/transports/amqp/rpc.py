@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import amqp
 from amqp.exceptions import PreconditionFailed
 
-from ...brokers import scheme_of
+from .. import scheme_of
+from . import TRANSPORT
 from .adapter import RawConnection, close_quietly
 from .common import (AMQP_ERRORS, FORKS, Link, Settings, connection_params,
                                    open_connection)
@@ -65,7 +66,7 @@ class RPCBackend(ResultBackend):
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         broker_url = config.broker_url
-        if scheme_of(broker_url) not in ("amqp", "pyamqp", "amqps"):
+        if scheme_of(broker_url) not in TRANSPORT.schemes:
             raise ConfigError(f"result_backend rpc:// needs a RabbitMQ broker (amqp://), not "
                               f"{mask_url(broker_url)!r}; use redis:// or sqlite:// results instead")
         self.broker_url = broker_url

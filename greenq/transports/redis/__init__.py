@@ -1,1 +1,25 @@
-"""The redis transport."""
+"""The Redis transport: ``redis://``, ``rediss://`` (TLS), ``redis+sentinel://``
+and ``redis+cluster://``; broker, results, control plane and scheduler lease
+(the last two not yet on Sentinel and Cluster).  Needs ``greenq[redis]``."""
+from ..descriptor import Descriptor
+from .settings import SETTINGS
+
+_HERE = "greenq.transports.redis."
+
+TRANSPORT = Descriptor(
+    name="redis",
+    schemes=("redis", "rediss", "redis+sentinel", "redis+cluster"),
+    extra="redis",
+    libraries=("redis",),
+    ini_section="redis",
+    settings=SETTINGS,
+    default_ports={"redis": 6379, "rediss": 6380},
+    broker={"redis": _HERE + "broker:RedisBroker", "rediss": _HERE + "broker:RedisBroker",
+            "redis+sentinel": _HERE + "broker_sentinel:RedisSentinelBroker",
+            "redis+cluster": _HERE + "broker_cluster:RedisClusterBroker"},
+    results={"redis": _HERE + "results:RedisBackend", "rediss": _HERE + "results:RedisBackend",
+             "redis+sentinel": _HERE + "results_sentinel:RedisSentinelBackend",
+             "redis+cluster": _HERE + "results_cluster:RedisClusterBackend"},
+    control={"redis": _HERE + "control:RedisTransport", "rediss": _HERE + "control:RedisTransport"},
+    scheduler_lease={"redis": _HERE + "lease:RedisLease", "rediss": _HERE + "lease:RedisLease"},
+)

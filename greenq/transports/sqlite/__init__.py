@@ -1,1 +1,12 @@
-"""The sqlite transport."""
+"""The SQLite transport: greenq's embedded default (``sqlite:///path``), one
+file shared by the processes of one machine; no server, no extra package."""
+from ..descriptor import Descriptor
+
+TRANSPORT = Descriptor(
+    name="sqlite",
+    schemes=("sqlite",),
+    broker="greenq.transports.sqlite.broker:SQLiteBroker",
+    results="greenq.transports.sqlite.results:SQLiteBackend",
+    control="greenq.transports.sqlite.control:SQLiteTransport",
+    scheduler_lease="greenq.transports.sqlite.lease:SQLiteLease",
+)
