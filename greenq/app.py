@@ -244,10 +244,14 @@ class GreenQ:
     def _message(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
                  options: Dict[str, Any]) -> TaskMessage:
         if "link" in options or "link_error" in options:
-            record = Signature(name, args, kwargs, app=self).to_dict()
-            record, _ = Signature.from_dict(record, self)._freeze(self, options)
-            return self.builder.build_record(record)
+            return self.builder.build_record(self._linked(name, args, kwargs, options))
         return self.builder.build(name, args, kwargs, options)
+
+    def _linked(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+                options: Dict[str, Any]) -> Dict[str, Any]:
+        """A call with ``link``/``link_error`` as a signature record (greenq.canvas), its id fixed."""
+        record = Signature(name, args, kwargs, app=self).to_dict()
+        return Signature.from_dict(record, self)._freeze(self, options)[0]
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
                   **options: Any) -> AsyncResult:
@@ -255,9 +259,7 @@ class GreenQ:
         every ``apply_async`` option.  One broker round trip."""
         if self.config.eager:
             if "link" in options or "link_error" in options:
-                record = Signature(name, args, kwargs, app=self).to_dict()
-                record, _ = Signature.from_dict(record, self)._freeze(self, options)
-                return run_eager(self, record)
+                return run_eager(self, self._linked(name, args, kwargs, options))
             return self.apply_eager(name, args, kwargs, options.get("task_id"))
         msg = self._message(name, args, kwargs, options)
         self.broker.publish(self.codec.outgoing(msg))
