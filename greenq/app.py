@@ -1,26 +1,23 @@
 """GreenQ: the application object -- settings, task registry, sending."""
 from __future__ import annotations
 
-import fnmatch
 import logging
 import os
 import threading
-import time
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from . import config as config_module
-from . import validation
 from .brokers import make_broker
 from .drivers import detect_patched
 from .exceptions import ConfigError
 from .hooks import Hooks
 from .backends import backend_url_for, make_backend
-from .message import Codec, TaskMessage, check_trust, new_id
-from .result import ALWAYS_REBUILT, AsyncResult
-from .canvas import GroupResult, Signature, build, signature
-from .task import CALL_OPTIONS, Task, current_request, make_task
+from .building import MessageBuilder, Target
+from .message import Codec, TaskMessage, check_trust
+from .result import ALWAYS_REBUILT, AsyncResult, EagerResult
+from .canvas import GroupResult, Signature, run_eager, signature
+from .task import Task, current_request, make_task
 
 log = logging.getLogger("greenq")
 
@@ -44,6 +41,23 @@ class _Connections:
     forks: int                 # the fork generation they were made in: never used across a fork
     broker: Any
     backend: Any = None
+
+
+class _AppTarget(Target):
+    """The app's broker and result backend, as a message builder sees them:
+    the broker's name limits, the backend's reply address.  Both are made on
+    first use; neither connects to build a message (``rpc://`` opens this
+    process's reply queue on the first call that wants a result, as before)."""
+
+    def __init__(self, app: "GreenQ") -> None:
+        self.app = app
+
+    def limits(self) -> Tuple[int, int]:
+        broker = self.app.broker
+        return broker.max_queue_name_bytes, broker.max_message_id_bytes
+
+    def reply_to(self) -> Optional[str]:
+        return self.app.backend.reply_to()
 
 
 class GreenQ:
@@ -88,6 +102,7 @@ class GreenQ:
         self._lock = threading.Lock()
         self._conn: Optional[_Connections] = None
         self._codec: Optional[Codec] = None
+        self._builder: Optional[MessageBuilder] = None
 
     @classmethod
     def from_config(cls, path: Optional[str] = None, name: Optional[str] = None, **settings: Any) -> "GreenQ":
@@ -205,81 +220,48 @@ class GreenQ:
     def route(self, name: str) -> Optional[str]:
         """The queue ``[routes]`` gives task ``name``: the first glob that
         matches, in the order written; None when none does."""
-        for pattern, queue in self.config.routes.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return queue
-        return None
+        return self.builder.route(name)
 
-    def _build(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
-               options: Dict[str, Any]) -> TaskMessage:
-        """The message of one call.  Every option is checked here (types and
-        ranges, name lengths): a bad one raises ValueError or TypeError naming
-        it, and nothing is sent."""
-        unknown = set(options) - CALL_OPTIONS
-        if unknown:
-            raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(CALL_OPTIONS)}")
-        validation.name("task name", name)
-        kwargs = {} if kwargs is None else kwargs
-        validation.arguments(args, kwargs)
-        task = self.tasks.get(name)
-        opt = task.option if task else (lambda key: self.config.task_options(name).get(key))
-        now = time.time()
-        eta = validation.optional_epoch("eta", options.get("eta"))
-        countdown = options.get("countdown")
-        if countdown is not None:
-            if eta is not None:
-                raise ValueError("pass countdown or eta, not both")
-            eta = now + validation.offset("countdown", countdown)
-        expires = options.get("expires")
-        if expires is None:
-            expires = opt("expires")
-        if isinstance(expires, datetime):
-            expires = validation.epoch("expires", expires)
-        elif expires is not None:
-            expires = now + validation.offset("expires", expires)
-        priority = options.get("priority")
-        if priority is None:
-            priority = opt("priority") or 0
-        validation.priority("priority", priority)
-        time_limit = validation.optional_seconds("time_limit", options.get("time_limit"))
-        soft_limit = validation.optional_seconds("soft_time_limit", options.get("soft_time_limit"))
-        validation.limits(soft_limit if soft_limit is not None else opt("soft_time_limit"),
-                          time_limit if time_limit is not None else opt("time_limit"))
-        broker = self.broker
-        task_id = options.get("task_id")
-        task_id = new_id() if task_id is None else validation.name(
-            "task_id", task_id, limit=broker.max_message_id_bytes)
-        queue = options.get("queue")
-        if queue is None:           # call option > task option > [routes] > default queue
-            queue = opt("queue") or self.route(name) or self.config.default_queue
-        queue = validation.name("queue", queue, limit=broker.max_queue_name_bytes)
-        parent = current_request()
-        ignore = options.get("ignore_result", opt("ignore_result"))
-        return TaskMessage(
-            task=name, args=list(args), kwargs=dict(kwargs),
-            id=task_id, queue=queue, priority=priority,
-            eta=eta if eta and eta > now else None, expires=expires, created=now,
-            root_id=parent.root_id if parent and not parent.is_eager else None,
-            parent_id=parent.id if parent and not parent.is_eager else None,
-            time_limit=time_limit, soft_time_limit=soft_limit,
-            reply_to=None if ignore else self.backend.reply_to())
+    @property
+    def builder(self) -> MessageBuilder:
+        """This app's MessageBuilder (greenq/building.py): its settings, its
+        tasks, the running task as context, and its broker's name limits and
+        result backend's reply address as target (read when a message needs
+        them; building never connects).  Made again when ``config`` or
+        ``tasks`` is replaced."""
+        builder = self._builder
+        if builder is None or builder.config is not self.config or builder.tasks is not self.tasks:
+            builder = self._builder = MessageBuilder(self.config, self.tasks, _AppTarget(self), current_request)
+        return builder
 
+    def build_message(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                      **options: Any) -> TaskMessage:
+        """The message ``send_task`` would publish for this call, without
+        sending it (every option checked the same way; ``link`` and
+        ``link_error`` included).  Not for eager mode, which sends nothing."""
+        return self._message(name, args, kwargs, options)
+
+    def _message(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+                 options: Dict[str, Any]) -> TaskMessage:
+        if "link" in options or "link_error" in options:
+            return self.builder.build_record(self._linked(name, args, kwargs, options))
+        return self.builder.build(name, args, kwargs, options)
+
+    def _linked(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
+                options: Dict[str, Any]) -> Dict[str, Any]:
+        """A call with ``link``/``link_error`` as a signature record (greenq.canvas), its id fixed."""
+        record = Signature(name, args, kwargs, app=self).to_dict()
+        return Signature.from_dict(record, self)._freeze(self, options)[0]
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
                   **options: Any) -> AsyncResult:
         """Send a task by name (its code need not be importable here); takes
         every ``apply_async`` option.  One broker round trip."""
-        if "link" in options or "link_error" in options:
-            record = Signature(name, args, kwargs, app=self).to_dict()
-            record, result = Signature.from_dict(record, self)._freeze(self, options)
-            if self.config.eager:
-                from .canvas import run_eager
-                return run_eager(self, record)
-            msg = build(self, record)
-        elif self.config.eager:
-            return self._eager(name, args, kwargs, options)
-        else:
-            msg = self._build(name, args, kwargs, options)
+        if self.config.eager:
+            if "link" in options or "link_error" in options:
+                return run_eager(self, self._linked(name, args, kwargs, options))
+            return self.apply_eager(name, args, kwargs, options.get("task_id"))
+        msg = self._message(name, args, kwargs, options)
         self.broker.publish(self.codec.outgoing(msg))
         return AsyncResult(msg.id, self, name)
 
@@ -287,19 +269,23 @@ class GreenQ:
         """Publish many calls at once, pipelined; one AsyncResult each, in order."""
         sigs = list(signatures)
         if self.config.eager:
-            return [self._eager(s.task, s.args, s.kwargs, s.options) for s in sigs]
-        messages = [build(self, s.to_dict()) if s.options.get("link") or s.options.get("link_error")
-                    else self._build(s.task, s.args, s.kwargs, s.options) for s in sigs]
+            return [self.apply_eager(s.task, s.args, s.kwargs, s.options.get("task_id")) for s in sigs]
+        builder = self.builder
+        messages = [builder.build_record(s.to_dict()) if s.options.get("link") or s.options.get("link_error")
+                    else builder.build(s.task, s.args, s.kwargs, s.options) for s in sigs]
         if messages:
             self.broker.publish_many([self.codec.outgoing(m) for m in messages])
         return [AsyncResult(m.id, self, m.task) for m in messages]
 
-    def _eager(self, name: str, args: Sequence[Any], kwargs: Optional[Dict[str, Any]],
-               options: Dict[str, Any]) -> AsyncResult:
+    def apply_eager(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                    task_id: Optional[str] = None) -> EagerResult:
+        """Run registered task ``name`` here and now, retries included, as
+        eager mode does instead of sending (KeyError when it is not registered
+        in this process)."""
         task = self.tasks.get(name)
         if task is None:
             raise KeyError(f"eager mode: task {name!r} is not registered in this process")
-        return task.apply(args, kwargs, task_id=options.get("task_id"))
+        return task.apply(args, kwargs, task_id=task_id)
 
     def control_revoke(self, task_id: Union[str, Sequence[str]], terminate: bool = False) -> None:
         """Revoke ``task_id`` (or each of a list of ids): recorded in the

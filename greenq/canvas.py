@@ -27,6 +27,7 @@ import copy
 import time
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from .building import CALL_OPTIONS
 from .config import mask_url
 from .exceptions import ConfigError, TimeoutError
 from .message import GROUP, TaskMessage, new_id
@@ -42,13 +43,8 @@ INTERNAL_OPTIONS = ("chain", "group_id", "chord_size", "chord_result")
 GROUP_STATE = "GROUP"     # the ``state`` of a group's record in the result backend
 
 
-def _call_options() -> frozenset:
-    from .task import CALL_OPTIONS
-    return CALL_OPTIONS
-
-
 def _check_options(options: Dict[str, Any]) -> None:
-    allowed = _call_options() | set(CALLBACK_OPTIONS)
+    allowed = CALL_OPTIONS | set(CALLBACK_OPTIONS)
     unknown = set(options) - allowed
     if unknown:
         raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {sorted(allowed)}")
@@ -368,31 +364,11 @@ def _retarget(record: Dict[str, Any], result: AsyncResult, task_id: str) -> Asyn
 def build(app: "GreenQ", record: Dict[str, Any], prefix: Sequence[Any] = (),
           kwargs: Optional[Dict[str, Any]] = None, parent: Optional[TaskMessage] = None) -> TaskMessage:
     """The message of signature ``record`` called with ``prefix`` before its
-    own arguments (not for an immutable one).  With ``parent`` (a worker
-    sending what follows a task): the child carries the parent's id, root id
-    and reply address, and nothing about the worker's own process."""
-    options = record.get("options") or {}
-    call = {k: v for k, v in options.items() if k in _call_options()}
-    args = list(record.get("args") or [])
-    all_kwargs = dict(record.get("kwargs") or {})
-    if not record.get("immutable"):
-        args = list(prefix) + args
-        all_kwargs.update(kwargs or {})
-    if parent is not None:
-        call["ignore_result"] = True          # no reply address of the worker's own
-    msg = app._build(record["task"], args, all_kwargs, call)
-    msg.link = options.get("link") or None
-    msg.link_error = options.get("link_error") or None
-    msg.chain = options.get("chain") or None
-    msg.group_id = options.get("group_id")
-    msg.chord_size = options.get("chord_size")
-    msg.chord_result = options.get("chord_result")
-    if parent is not None:
-        msg.parent_id = parent.id
-        msg.root_id = parent.root_id or parent.id
-        if not options.get("ignore_result"):
-            msg.reply_to = parent.reply_to
-    return msg
+    own arguments (not for an immutable one), built by the app's
+    MessageBuilder (``build_record``, greenq/building.py).  With ``parent``
+    (a worker sending what follows a task): the child carries the parent's
+    id, root id and reply address, and nothing about the worker's own process."""
+    return app.builder.build_record(record, prefix, kwargs, parent)
 
 
 def _send_record(app: "GreenQ", record: Dict[str, Any], args: Sequence[Any],
@@ -405,7 +381,8 @@ def _send_records(app: "GreenQ", records: List[Dict[str, Any]], args: Sequence[A
     """Publish ``records`` in one pipelined call (run them here in eager mode)."""
     if app.config.eager:
         return [run_eager(app, r, args, kwargs) for r in records]
-    messages = [build(app, r, args, kwargs) for r in records]
+    builder = app.builder
+    messages = [builder.build_record(r, args, kwargs) for r in records]
     if messages:
         codec = app.codec
         app.broker.publish_many([codec.outgoing(m) for m in messages])
@@ -422,7 +399,7 @@ def run_eager(app: "GreenQ", record: Dict[str, Any], prefix: Sequence[Any] = (),
     if not record.get("immutable"):
         args = list(prefix) + args
         all_kwargs.update(kwargs or {})
-    result = app._eager(record["task"], args, all_kwargs, {"task_id": options.get("task_id")})
+    result = app.apply_eager(record["task"], args, all_kwargs, options.get("task_id"))
     if result.successful():
         for link in options.get("link") or ():
             run_eager(app, link, (result.result,))

@@ -5,10 +5,11 @@ import threading
 import time
 import traceback as tb_module
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
 
 from . import validation
 from .backoff import backoff as exponential_backoff
+from .building import CALL_OPTIONS  # noqa: F401 - apply_async's options, named here too
 from .canvas import Signature
 from .config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
 from .exceptions import MaxRetriesExceededError, Reject, Retry
@@ -21,10 +22,6 @@ if TYPE_CHECKING:  # pragma: no cover
 #: decorator options and their defaults: greenq.config's table of task options
 TASK_DEFAULTS: Dict[str, Any] = {**{key: setting.default for key, setting in TASK_SETTINGS.items()},
                                  **CODE_ONLY_TASK_OPTIONS}
-
-#: apply_async options
-CALL_OPTIONS = frozenset({"countdown", "eta", "expires", "queue", "priority", "task_id",
-                          "time_limit", "soft_time_limit", "ignore_result"})
 
 _context: Any = None  # made on first use, after the worker patched threading: greenlet-local
 
@@ -97,6 +94,15 @@ class Task:
         if key in overrides:
             return overrides[key]
         return self._options.get(key, TASK_DEFAULTS[key])
+
+    def options_for(self, keys: Sequence[str]) -> List[Any]:
+        """``[self.option(key) for key in keys]`` in one pass (the message
+        builder asks for the options a message depends on at every send)."""
+        overrides = self.app.config.task_options(self.name)
+        own = self._options
+        if not overrides:
+            return [own.get(key, TASK_DEFAULTS[key]) for key in keys]
+        return [overrides[key] if key in overrides else own.get(key, TASK_DEFAULTS[key]) for key in keys]
 
     @property
     def request(self) -> Request:

@@ -46,7 +46,7 @@ def test_a_thousand_malformed_beside_a_thousand_good(pool, sqlite_env):
     path = sqlite_env.broker_url[len("sqlite:///"):]
     rng = random.Random(SEED)
     bad = bad_bodies(900, SEED)
-    good_body = app.codec.encode(app._build("e2e.add", (1, 2), {}, {}))
+    good_body = app.codec.encode(app.build_message("e2e.add", (1, 2)))
     good = []
     now = time.time()
     for i, (kind, body) in enumerate(bad):
@@ -82,7 +82,7 @@ def test_json_that_is_not_an_envelope_is_dead_lettered(pool, sqlite_env, field, 
     import e2e_tasks
     app = sqlite_env.app()
     path = sqlite_env.broker_url[len("sqlite:///"):]
-    env = json.loads(app.codec.encode(app._build("e2e.add", (1, 2), {}, {})))
+    env = json.loads(app.codec.encode(app.build_message("e2e.add", (1, 2))))
     env[field] = value if value != "deep" else json.loads("[" * 900 + "]" * 900)
     app.broker.declare(["default"])
     _raw_insert(path, [("default", 5, time.time(), 0, env["id"], json.dumps(env).encode())])

@@ -58,7 +58,7 @@ def test_apply_async_options_reach_the_message():
     eta = datetime.datetime.now() + datetime.timedelta(seconds=60)
     r = t.apply_async(eta=eta, expires=120, priority=9, task_id="fixed-id")
     assert r.id == "fixed-id"
-    msg = app._build(t.name, (), {}, {"countdown": 10, "queue": "high"})
+    msg = app.build_message(t.name, countdown=10, queue="high")
     assert msg.queue == "high" and msg.eta == pytest.approx(time.time() + 10, abs=1)
     stats = {s.name: s for s in app.broker.queue_stats()}
     assert stats["io"].delayed == 1

@@ -33,7 +33,7 @@ def app(tmp_path):
 
 
 def queue_of(app, name, **options):
-    return app._build(name, (), {}, options).queue
+    return app.build_message(name, **options).queue
 
 
 def test_precedence_call_option_task_option_route_default(app):
