@@ -40,7 +40,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from typing import (TYPE_CHECKING, Any, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Set,
+from typing import (TYPE_CHECKING, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Set,
                     Tuple)
 
 from ..config import parse_rate
