@@ -44,7 +44,7 @@ from typing import (TYPE_CHECKING, Callable, Deque, Dict, Hashable, List, Option
                     Tuple)
 
 from ..config import parse_rate
-from .jobs import describe
+from ..exceptions import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver

@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 from ..backoff import Backoff
 from ..brokers.base import Delivery, body_limit
 from ..config import Config, effective_prefetch
-from ..exceptions import MessageError
+from ..exceptions import MessageError, describe
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
 from .admission import Admission, AdmissionStep, RateLimit
 from .followups import Followups
-from .jobs import Job, describe
+from .jobs import Job
 from .limits import Reaper
 from .revocations import Revocations
 from .runners import KILLS, Runners, StartedRecorder

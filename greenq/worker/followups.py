@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..backends.base import Record
 from ..canvas import build, decode_group, iter_records
 from ..config import mask_url
-from ..exceptions import ChordError, MessageError
+from ..exceptions import ChordError, MessageError, describe
 from ..result import FAILURE, REVOKED, SUCCESS, make_meta
-from .jobs import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..message import TaskMessage

@@ -107,14 +107,6 @@ def run(job: Job) -> None:
         job.outcome, job.exc = FAILURE, TimeLimitExceeded(f"{msg.task}[{msg.id}] exceeded its hard time limit")
 
 
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, even one whose ``str()`` raises."""
-    try:
-        return f"{type(exc).__name__}: {str(exc)[:300]}"
-    except Exception:
-        return type(exc).__name__
-
-
 def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":
     """(soft, hard) time limits in seconds: the message's own, else the task's."""
     msg, task = job.msg, job.task

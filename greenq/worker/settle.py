@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..backends.base import Record
 from ..backoff import backoff
 from ..brokers.base import Delivery, Outgoing
-from ..exceptions import MessageError
+from ..exceptions import MessageError, describe
 from ..message import peek
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
 from .followups import ChordMember, Followups
-from .jobs import Job, describe
+from .jobs import Job
 from .state import StopState
 
 if TYPE_CHECKING:  # pragma: no cover

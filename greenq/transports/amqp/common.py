@@ -54,7 +54,7 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 from ...backoff import backoff
 from ...config import Config, mask_url
 from ...reconnect import Refused
-from ...exceptions import BrokerError, ConfigError
+from ...exceptions import BrokerError, ConfigError, describe
 from .meta import (H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
                         H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
 
@@ -309,11 +309,6 @@ def _open_node(params: Dict[str, Any], heartbeat: int, role: str) -> "amqp.Conne
         where = f"amqp://{params['userid']}@{params['host']}/{params['virtual_host']}"
         raise Refused(f"RabbitMQ {where} refused the {role} connection: {describe(exc)}") from None
     return conn
-
-
-def describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
 
 
 # -- the reconnect state machine ----------------------------------------------
