@@ -176,7 +176,7 @@ class Admission:
     """The worker's chain of admission steps and the jobs parked in it.
 
     ``run(job)`` puts an admitted job in the run queue; ``defer(job, eta)``
-    hands a deferred one to the finisher.  ``loop`` (a control greenlet)
+    hands a deferred one to the settler.  ``loop`` (a control greenlet)
     offers parked jobs again when their time comes or their key is woken."""
 
     def __init__(self, driver: "Driver", run: Callable[["Job"], None],

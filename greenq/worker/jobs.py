@@ -55,7 +55,7 @@ class Job:
         self.reason: Optional[str] = None
         self.acked = False          # acknowledged early (acks_late=False)
         self.killed_by: Optional[type] = None
-        self.settling = False       # handed to the finisher
+        self.settling = False       # handed to the settler
         #: seconds this task kept the hub blocked, as the watchdog saw it (monitor.py);
         #: stored in its result's meta as ``hub_blocked``
         self.hub_blocked = 0.0

@@ -1,4 +1,4 @@
-"""Settling finished jobs: the finisher greenlet.
+"""Settling finished jobs: the settler greenlet.
 
 It takes finished jobs in batches and, in this order, publishes retries and
 what follows each task in a workflow (followups.py: a chain's next step,
@@ -65,7 +65,9 @@ class Plan:
 
 
 class Settler:
-    """The finisher of one worker.
+    """The settler of one worker: settles each finished job (stores its
+    result, sends its retries and follow-ups, acknowledges, requeues or
+    dead-letters its message), a batch at a time.
 
     It gets what it uses: the broker, ``backend()`` (the result backend, set
     when the worker runs), the codec, the follow-ups, ``release(batch)`` (the
@@ -87,7 +89,7 @@ class Settler:
         self._stopping = stopping
         self.worker_name = worker_name
         self.done = driver.queue()             # finished jobs; None ends the loop
-        #: ``put(job)`` hands a finished job to the finisher: the queue's own
+        #: ``put(job)`` hands a finished job to the settler: the queue's own
         #: put, as every task calls it
         self.put: Callable[[Job], None] = self.done.put
         self.settling_since: Optional[float] = None

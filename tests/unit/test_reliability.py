@@ -114,7 +114,7 @@ def test_a_dead_control_loop_stops_the_worker_with_exit_1():
     assert stats.ready + done == 5 and stats.held == 0
 
 
-def test_a_finisher_error_in_one_job_does_not_stop_the_others():
+def test_a_settler_error_in_one_job_does_not_stop_the_others():
     app = make_app()
 
     @app.task
