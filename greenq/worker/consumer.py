@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
-FETCH_BATCH_MAX = 500
+FETCH_BATCH_MAX = 500           # most messages one fetch asks for (a fetch takes min(prefetch, this))
 SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
 EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run
 PREFETCH_BYTES_FACTOR = 8       # [worker] prefetch_bytes = 0: this many of the largest message

@@ -37,14 +37,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("greenq.worker")
 
-BATCH_MAX = 1000
+SETTLE_BATCH_MAX = 1000   # at most this many finished jobs are settled as one batch
 #: errors that retrying the same call cannot cure: bad data, not an outage
 PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, MessageError)
 
 
 @dataclass
-class DeadLetter:
-    """A message to move to the dead-letter store, and why."""
+class DeadLettering:
+    """The settler's order to move one delivery to the dead-letter store,
+    and why (``Broker.dead_letter``); what is then stored there, and listed
+    back, is a :class:`greenq.brokers.DeadLetter`."""
     __slots__ = ("delivery", "reason")
     delivery: Delivery
     reason: str
@@ -61,7 +63,7 @@ class Plan:
         self.acks: List[Delivery] = []
         self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
-        self.dead: List[DeadLetter] = []
+        self.dead: List[DeadLettering] = []
 
 
 class Settler:
@@ -103,7 +105,7 @@ class Settler:
             if first is None:
                 return
             batch = [first]
-            while len(batch) < BATCH_MAX:
+            while len(batch) < SETTLE_BATCH_MAX:
                 try:
                     item = self.done.get(block=False)
                 except std_queue.Empty:
@@ -140,7 +142,7 @@ class Settler:
         encode = self.codec.encode_result
         outcome, msg = job.outcome, job.msg
         if outcome == jobs.DEAD:
-            plan.dead.append(DeadLetter(job.delivery, job.reason))
+            plan.dead.append(DeadLettering(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             self.hooks.emit("message_dead_lettered", job, job.reason)
             try:
@@ -163,7 +165,7 @@ class Settler:
             if job.exc.requeue:
                 plan.requeue.append(job.delivery)
             else:
-                plan.dead.append(DeadLetter(job.delivery, f"rejected: {job.reason}"))
+                plan.dead.append(DeadLettering(job.delivery, f"rejected: {job.reason}"))
             return
         ignore = job.task is not None and job.task.option("ignore_result") and not msg.chord_size
         notes: Dict[str, Any] = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
@@ -206,7 +208,7 @@ class Settler:
         acknowledge (a message that is not a task at all is dead-lettered)."""
         msg = job.msg
         if msg is None:
-            plan.dead.append(DeadLetter(job.delivery, f"worker error while settling it: {describe(exc)}"))
+            plan.dead.append(DeadLettering(job.delivery, f"worker error while settling it: {describe(exc)}"))
             return
         error = MessageError(f"the worker could not record this task's outcome: {describe(exc)}")
         plan.records.append(Record(msg.id, self.codec.encode_result(make_meta(
@@ -254,7 +256,7 @@ class Settler:
         except Exception as again:
             log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
 
-    def _dead_letter_each(self, items: List[DeadLetter]) -> None:
+    def _dead_letter_each(self, items: List[DeadLettering]) -> None:
         for dead in items:
             self.broker.dead_letter(dead.delivery, dead.reason)
 
