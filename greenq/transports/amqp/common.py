@@ -328,11 +328,11 @@ class ConnectionState:
     warning, repeated ones at debug level, and the recovery at info level.
     ``healthy`` and ``last_ok`` feed /healthz.
 
-    Not :class:`greenq.reconnect.Reconnector`, the other machine (Redis,
-    SQLite): that one runs each round trip of a connection pool itself and
+    Not :class:`greenq.reconnect.Reconnector`, the other machine (Redis):
+    that one runs each round trip of a connection pool itself and
     retries it for its caller; a RabbitMQ connection is one socket that a
     loop owns and re-opens, with state (channels, consumers, deliveries) that
-    dies with it (docs/glossary.md, "reconnecting").
+    dies with it (docs/glossary.md, "Why two reconnect state machines").
     """
 
     def __init__(self, what: str, url: str) -> None:
