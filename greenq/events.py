@@ -30,7 +30,7 @@ fields in the order of ``ROW_FIELDS``).  A task that is received, started and
 done within one batching period (half a second) is one row, its id and name
 written once; a longer one gets a row in each batch its events fall in.  The
 control greenlet takes the batch (``take``) and publishes it, one broker call
-per ``BATCH_MAX`` rows, with one call to the C JSON encoder and no Python work
+per ``EVENTS_BATCH_MAX`` rows (control/base.py), with one call to the C JSON encoder and no Python work
 per event.  A task pays for a list and a dict entry, never for a round trip.
 Under the threads driver the subscribers and ``take`` hold a lock; under a
 green driver nothing can run between their steps, so they need none.

@@ -82,6 +82,25 @@ class TaskRevokedError(GreenQError):
     """Raised by ``get()`` for a task that was revoked or expired."""
 
 
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of an exception, for a log line or an error text.
+
+    The one way greenq shows an exception it caught (docs/glossary.md): it never
+    raises, even for an exception whose ``str()`` does (a task's exception is
+    anyone's code); it keeps at most 300 characters of the message; an empty
+    message shows the type alone, and a message that already starts with its
+    type (amqp's ``<AccessRefused: unknown error>``) is not prefixed twice.
+    Not in ``__all__``: a helper of greenq's, not part of its API."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)[:300]
+    except Exception:
+        text = "(its message cannot be shown)"
+    if not text:
+        return name
+    return text if text.startswith((name, "<" + name)) else f"{name}: {text}"
+
+
 __all__ = [
     "GreenQError", "ConfigError", "TimeoutError", "BrokerError", "MessageError",
     "TaskError", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Retry", "Reject",

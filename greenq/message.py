@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from . import validation
-from .exceptions import ConfigError, MessageError
+from .exceptions import ConfigError, MessageError, describe
 from .signing import Signer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,15 +37,6 @@ _scan_json = json.JSONDecoder().scan_once
 
 
 _SIZE_SLACK = 65536    # a stored message may exceed max_message_size by this much (headers, signing)
-
-
-def _describe(exc: BaseException) -> str:
-    """``str(exc)`` that cannot itself raise, cut to a readable length."""
-    try:
-        text = str(exc)
-    except Exception:
-        text = "(its message cannot be shown)"
-    return f"{type(exc).__name__}: {text[:300]}"
 
 
 def _optional_str(option: str, value: Any) -> Optional[str]:
@@ -332,7 +323,7 @@ class Codec:
         except RecursionError:
             raise MessageError("malformed message: nested too deeply") from None
         except Exception as exc:
-            raise MessageError(f"malformed message: {_describe(exc)}") from None
+            raise MessageError(f"malformed message: {describe(exc)}") from None
 
     def _decode(self, data: Any) -> TaskMessage:
         if type(data) is not bytes:
@@ -347,7 +338,7 @@ class Codec:
         try:
             env = _load_envelope(data)
         except (ValueError, UnicodeDecodeError) as exc:
-            raise MessageError(f"not a greenq message: {_describe(exc)}") from None
+            raise MessageError(f"not a greenq message: {describe(exc)}") from None
         except RecursionError:
             raise MessageError("malformed message: nested too deeply to decode") from None
         if not isinstance(env, dict):
@@ -377,7 +368,7 @@ class Codec:
             except MessageError:
                 raise
             except Exception as exc:
-                raise MessageError(f"body does not decode with {ct}: {_describe(exc)}") from None
+                raise MessageError(f"body does not decode with {ct}: {describe(exc)}") from None
             if not isinstance(payload, (list, tuple)) or len(payload) != 2:
                 raise MessageError(f"body must decode with {ct} to [args, kwargs]")
             args, kwargs = payload
@@ -411,7 +402,7 @@ class Codec:
         try:
             body = self.serializer.encode() + b":" + serialize(self.serializer, meta)
         except Exception as exc:
-            reason = f"result not serializable with {self.serializer}: {_describe(exc)}"
+            reason = f"result not serializable with {self.serializer}: {describe(exc)}"
             fallback = {key: meta[key] for key in ("id", "task", "retries", "date_done")
                         if isinstance(meta.get(key), (str, int, float))}
             fallback.update(state="FAILURE", result=None, exc={
@@ -450,7 +441,7 @@ class Codec:
         except MessageError:
             raise
         except Exception as exc:
-            raise MessageError(f"cannot decode {what}: {_describe(exc)}") from None
+            raise MessageError(f"cannot decode {what}: {describe(exc)}") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("state"), str):
             raise MessageError(f"cannot decode {what}: not a result record")
         exc_info = meta.get("exc")

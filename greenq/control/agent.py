@@ -20,9 +20,8 @@ from typing import Any, Callable, Deque, Optional
 
 from ..backoff import Backoff
 from ..events import TaskEvents
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, describe
 from ..signing import Signer
-from ..worker.jobs import describe
 from ..worker.state import DEFAULT_NAME, worker_name
 from .auth import CommandReader, sign_reply
 from .base import Document, Transport, make_transport

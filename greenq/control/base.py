@@ -46,7 +46,7 @@ Document = Dict[str, Any]
 REPLY_TOKEN = re.compile(r"[0-9a-f]{32}\Z")
 
 #: event rows per broker call (and per stored batch): a row is one task's events in one batching period
-BATCH_MAX = 500
+EVENTS_BATCH_MAX = 500
 
 
 def dumps(doc: Any) -> str:
@@ -101,12 +101,12 @@ class Transport:
         raise NotImplementedError
 
     def publish_rows(self, sender: str, rows: List[Any], unsent: Deque[Any]) -> None:
-        """Publish event rows (``greenq.events``), ``BATCH_MAX`` per broker call.
+        """Publish event rows (``greenq.events``), ``EVENTS_BATCH_MAX`` per broker call.
         On a failure, what was not sent goes back to the front of ``unsent``,
         in order, and the error is raised."""
-        for i in range(0, len(rows), BATCH_MAX):
+        for i in range(0, len(rows), EVENTS_BATCH_MAX):
             try:
-                self.send_events(encode_batch(sender, rows[i:i + BATCH_MAX]))
+                self.send_events(encode_batch(sender, rows[i:i + EVENTS_BATCH_MAX]))
             except Exception:
                 unsent.extendleft(reversed(rows[i:]))
                 raise

@@ -44,7 +44,7 @@ from typing import (TYPE_CHECKING, Callable, Deque, Dict, Hashable, List, Option
                     Tuple)
 
 from ..config import parse_rate
-from .jobs import describe
+from ..exceptions import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver
@@ -176,7 +176,7 @@ class Admission:
     """The worker's chain of admission steps and the jobs parked in it.
 
     ``run(job)`` puts an admitted job in the run queue; ``defer(job, eta)``
-    hands a deferred one to the finisher.  ``loop`` (a control greenlet)
+    hands a deferred one to the settler.  ``loop`` (a control greenlet)
     offers parked jobs again when their time comes or their key is woken."""
 
     def __init__(self, driver: "Driver", run: Callable[["Job"], None],

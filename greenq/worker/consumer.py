@@ -11,7 +11,7 @@ lives:
                without a slot, and offers them again when their turn comes;
 * runners   -- runners.py: ``concurrency`` long-lived greenlets, each running
                one task at a time, with the task hooks around it;
-* finisher  -- settle.py: publishes retries, stores results, acknowledges;
+* settler   -- settle.py: publishes retries, stores results, acknowledges;
 * reaper    -- limits.py: time limits and revoke(terminate=True);
 * revocations -- revocations.py: the worker's copy of the revoked ids, loaded
                from the result backend, fed by the control plane;
@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 from ..backoff import Backoff
 from ..brokers.base import Delivery, body_limit
 from ..config import Config, effective_prefetch
-from ..exceptions import MessageError
+from ..exceptions import MessageError, describe
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
 from .admission import Admission, AdmissionStep, RateLimit
 from .followups import Followups
-from .jobs import Job, describe
+from .jobs import Job
 from .limits import Reaper
 from .revocations import Revocations
 from .runners import KILLS, Runners, StartedRecorder
@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
-FETCH_BATCH_MAX = 500
+FETCH_BATCH_MAX = 500           # most messages one fetch asks for (a fetch takes min(prefetch, this))
 SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
 EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run
 PREFETCH_BYTES_FACTOR = 8       # [worker] prefetch_bytes = 0: this many of the largest message
@@ -156,7 +156,7 @@ class Worker:
                  self.driver.name, self.concurrency, self.prefetch, self.prefetch_bytes,
                  ",".join(self.queues))
         self.runners.start(self.concurrency)
-        finisher = self.driver.spawn(self._guarded, "finisher", self.settler.loop)
+        settler = self.driver.spawn(self._guarded, "settler", self.settler.loop)
         self.driver.spawn(self._guarded, "renewer", self._renewer)
         self.driver.spawn(self._guarded, "reaper", self.reaper.loop)
         self.driver.spawn(self._guarded, "revocations", self.revocations.loop)
@@ -166,7 +166,7 @@ class Worker:
         try:
             self._guarded("consumer", self._consume)
         finally:
-            self._shutdown(finisher)
+            self._shutdown(settler)
             self.revocations.stop()
             for service in reversed(self.services):
                 service.stop()
@@ -429,7 +429,7 @@ class Worker:
         return None
 
     def finish(self, job: Job, outcome: str, reason: Optional[str] = None) -> None:
-        """Hand a job that will not run to the finisher."""
+        """Hand a job that will not run to the settler."""
         if job.admitted is not None:
             self.admission.release(job)
         job.outcome, job.reason = outcome, reason
@@ -441,7 +441,7 @@ class Worker:
         self.finish(job, jobs.DEFER, reason="deferred by admission")
 
     def release(self, batch: List[Job]) -> None:
-        """The finisher settled ``batch``: make room for more."""
+        """The settler settled ``batch``: make room for more."""
         with self.lock:
             for job in batch:
                 if self.held.pop(id(job.delivery), None) is not None:
@@ -479,7 +479,7 @@ class Worker:
         return now, processed
 
     # -- shutdown ------------------------------------------------------------
-    def _shutdown(self, finisher: Any) -> None:
+    def _shutdown(self, settler: Any) -> None:
         """Warm: let running tasks finish within shutdown_timeout, return the
         backlog.  Cold (or time out): kill the rest and return their messages."""
         self.stopping = max(self.stopping, StopState.WARM)
@@ -512,11 +512,11 @@ class Worker:
                 self.driver.sleep(0.02)
         # settle what finished; a thread still stuck in C code after its kill is not waited for
         stuck = {id(job.delivery) for job in list(self.running.values())}
-        finisher_deadline = time.monotonic() + 10.0
-        while (set(self.held) - stuck) and time.monotonic() < finisher_deadline and not finisher.dead:
+        settler_deadline = time.monotonic() + 10.0
+        while (set(self.held) - stuck) and time.monotonic() < settler_deadline and not settler.dead:
             self.driver.sleep(0.02)
         self.settler.close()
-        finisher.join(5.0)
+        settler.join(5.0)
         self.runners.stop()
         leftover = list(self.held.values())
         if leftover:  # whatever was not settled goes back to the queue

@@ -1,7 +1,7 @@
 """What follows a settled task in a workflow (greenq/canvas.py): the chain's
 next step, ``link`` and ``link_error`` callbacks, and a chord's callback.
 
-The finisher (settle.py) asks for them while it plans a batch and sends them
+The settler (settle.py) asks for them while it plans a batch and sends them
 before it acknowledges, as it does retries: a worker that dies in between
 leaves the task unacknowledged, it runs again and the follow-ups are sent
 again (at least once).  A chain's steps have fixed ids, so a step sent twice
@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..backends.base import Record
 from ..canvas import build, decode_group, iter_records
 from ..config import mask_url
-from ..exceptions import ChordError, MessageError
+from ..exceptions import ChordError, MessageError, describe
 from ..result import FAILURE, REVOKED, SUCCESS, make_meta
-from .jobs import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..message import TaskMessage

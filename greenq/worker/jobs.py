@@ -55,7 +55,7 @@ class Job:
         self.reason: Optional[str] = None
         self.acked = False          # acknowledged early (acks_late=False)
         self.killed_by: Optional[type] = None
-        self.settling = False       # handed to the finisher
+        self.settling = False       # handed to the settler
         #: seconds this task kept the hub blocked, as the watchdog saw it (monitor.py);
         #: stored in its result's meta as ``hub_blocked``
         self.hub_blocked = 0.0
@@ -105,14 +105,6 @@ def run(job: Job) -> None:
     if job.killed_by is HardKill and job.outcome != FAILURE:
         # the task swallowed its kill and returned anyway: it still ran out of time
         job.outcome, job.exc = FAILURE, TimeLimitExceeded(f"{msg.task}[{msg.id}] exceeded its hard time limit")
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, even one whose ``str()`` raises."""
-    try:
-        return f"{type(exc).__name__}: {str(exc)[:300]}"
-    except Exception:
-        return type(exc).__name__
 
 
 def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":

@@ -33,7 +33,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Tuple
 
 from ..backends.base import REVOCATIONS_MAX, Revocation
-from .jobs import describe
+from ..exceptions import describe
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..drivers.base import Driver

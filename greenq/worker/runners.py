@@ -20,11 +20,11 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..backends.base import Record
-from ..exceptions import SoftTimeLimitExceeded
+from ..exceptions import SoftTimeLimitExceeded, describe
 from ..result import STARTED, make_meta
 from ..task import set_request
 from . import jobs
-from .jobs import Job, describe
+from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..brokers.base import Broker

@@ -1,4 +1,4 @@
-"""Settling finished jobs: the finisher greenlet.
+"""Settling finished jobs: the settler greenlet.
 
 It takes finished jobs in batches and, in this order, publishes retries and
 what follows each task in a workflow (followups.py: a chain's next step,
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..backends.base import Record
 from ..backoff import backoff
 from ..brokers.base import Delivery, Outgoing
-from ..exceptions import MessageError
+from ..exceptions import MessageError, describe
 from ..message import peek
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
 from .followups import ChordMember, Followups
-from .jobs import Job, describe
+from .jobs import Job
 from .state import StopState
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,14 +37,16 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("greenq.worker")
 
-BATCH_MAX = 1000
+SETTLE_BATCH_MAX = 1000   # at most this many finished jobs are settled as one batch
 #: errors that retrying the same call cannot cure: bad data, not an outage
 PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, MessageError)
 
 
 @dataclass
-class DeadLetter:
-    """A message to move to the dead-letter store, and why."""
+class DeadLettering:
+    """The settler's order to move one delivery to the dead-letter store,
+    and why (``Broker.dead_letter``); what is then stored there, and listed
+    back, is a :class:`greenq.brokers.DeadLetter`."""
     __slots__ = ("delivery", "reason")
     delivery: Delivery
     reason: str
@@ -61,11 +63,13 @@ class Plan:
         self.acks: List[Delivery] = []
         self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
-        self.dead: List[DeadLetter] = []
+        self.dead: List[DeadLettering] = []
 
 
 class Settler:
-    """The finisher of one worker.
+    """The settler of one worker: settles each finished job (stores its
+    result, sends its retries and follow-ups, acknowledges, requeues or
+    dead-letters its message), a batch at a time.
 
     It gets what it uses: the broker, ``backend()`` (the result backend, set
     when the worker runs), the codec, the follow-ups, ``release(batch)`` (the
@@ -87,7 +91,7 @@ class Settler:
         self._stopping = stopping
         self.worker_name = worker_name
         self.done = driver.queue()             # finished jobs; None ends the loop
-        #: ``put(job)`` hands a finished job to the finisher: the queue's own
+        #: ``put(job)`` hands a finished job to the settler: the queue's own
         #: put, as every task calls it
         self.put: Callable[[Job], None] = self.done.put
         self.settling_since: Optional[float] = None
@@ -101,7 +105,7 @@ class Settler:
             if first is None:
                 return
             batch = [first]
-            while len(batch) < BATCH_MAX:
+            while len(batch) < SETTLE_BATCH_MAX:
                 try:
                     item = self.done.get(block=False)
                 except std_queue.Empty:
@@ -138,7 +142,7 @@ class Settler:
         encode = self.codec.encode_result
         outcome, msg = job.outcome, job.msg
         if outcome == jobs.DEAD:
-            plan.dead.append(DeadLetter(job.delivery, job.reason))
+            plan.dead.append(DeadLettering(job.delivery, job.reason))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             self.hooks.emit("message_dead_lettered", job, job.reason)
             try:
@@ -161,7 +165,7 @@ class Settler:
             if job.exc.requeue:
                 plan.requeue.append(job.delivery)
             else:
-                plan.dead.append(DeadLetter(job.delivery, f"rejected: {job.reason}"))
+                plan.dead.append(DeadLettering(job.delivery, f"rejected: {job.reason}"))
             return
         ignore = job.task is not None and job.task.option("ignore_result") and not msg.chord_size
         notes: Dict[str, Any] = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
@@ -204,7 +208,7 @@ class Settler:
         acknowledge (a message that is not a task at all is dead-lettered)."""
         msg = job.msg
         if msg is None:
-            plan.dead.append(DeadLetter(job.delivery, f"worker error while settling it: {describe(exc)}"))
+            plan.dead.append(DeadLettering(job.delivery, f"worker error while settling it: {describe(exc)}"))
             return
         error = MessageError(f"the worker could not record this task's outcome: {describe(exc)}")
         plan.records.append(Record(msg.id, self.codec.encode_result(make_meta(
@@ -252,7 +256,7 @@ class Settler:
         except Exception as again:
             log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
 
-    def _dead_letter_each(self, items: List[DeadLetter]) -> None:
+    def _dead_letter_each(self, items: List[DeadLettering]) -> None:
         for dead in items:
             self.broker.dead_letter(dead.delivery, dead.reason)
 

@@ -87,7 +87,7 @@ class Snapshot:
     stopping: StopState
     failed: Optional[str]                 # the control loop that died, if one did
     seconds_since_poll: float
-    seconds_settling: float               # how long the finisher has been on its current batch
+    seconds_settling: float               # how long the settler has been on its current batch
     held: int
     running: List[RunningTask] = field(default_factory=list)
 

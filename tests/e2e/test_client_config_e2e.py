@@ -93,7 +93,7 @@ def test_idle_client_lets_its_connections_go(pool, tmp_path, redis_url, redis_pr
         peak = int(line.split()[1])
         assert 2 < peak <= 21, peak                  # the documented bound: 10 + 10 + the listener
         name = f"greenq-{redis_prefix}-{client.pid}"
-        deadline = time.monotonic() + 1 + 0.25 + 1 + 3   # idle_timeout, reaper period, slice, margin
+        deadline = time.monotonic() + 1 + 0.25 + 1 + 3   # idle_timeout, idle closer period, slice, margin
         held = peak
         while time.monotonic() < deadline:
             held = sum(1 for c in admin.client_list() if c["name"].startswith(name))

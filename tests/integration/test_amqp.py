@@ -344,7 +344,7 @@ def test_heartbeats_flow_while_fetch_is_not_called(env, amqp_url):
     time.sleep(3.5)   # more than 2 heartbeat intervals without a fetch (a full pool)
     with pytest.raises(Exception):
         silent.drain_events(timeout=1)   # RabbitMQ closed the silent one
-    assert (loop.gen, loop.link.failures, consumer.healthy) == (gen, 0, True)
+    assert (loop.gen, loop.conn_state.failures, consumer.healthy) == (gen, 0, True)
     assert time.monotonic() - consumer.last_ok < 3.0   # a frame within RabbitMQ's 2-interval limit
     consumer.publish(out(q, message_id="after"))
     assert [d.message_id for d in drain(consumer, [q], 1)] == ["after"]
@@ -535,7 +535,7 @@ def test_amqps(env, tls_port):
             threading.Thread(target=broker.ack, args=(batch,)).start()   # acks from other threads
             got += batch
         assert sorted(d.message_id for d in got) == sorted(f"s{i}" for i in range(3000))
-        assert broker.healthy and broker._consumer.link.failures == 0
+        assert broker.healthy and broker._consumer.conn_state.failures == 0
     finally:
         broker.close()
     fresh = make_broker(url, make_config(broker_url=url))

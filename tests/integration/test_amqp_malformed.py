@@ -100,7 +100,7 @@ def test_malformed_properties_are_a_delivery_error_and_the_queue_goes_on(env, ra
     assert [d.error for d in good] == [None, None]
     broker.dead_letter(bad, bad.error)
     broker.ack(good)
-    assert (loop.gen, loop.link.failures) == (gen, 0)   # never reconnected
+    assert (loop.gen, loop.conn_state.failures) == (gen, 0)   # never reconnected
     [dead] = [d for d in broker.dlq_list(1000) if d.queue == q]
     assert dead.reason == bad.error and dead.body == b"poison"
     assert raw.count(q) == 0
@@ -127,7 +127,7 @@ def test_malformed_properties_over_tls_too(env, raw, tls_port):
         for d in got[:2]:
             broker.dead_letter(d, d.error)
         broker.ack(got[2:])
-        assert loop.link.failures == 0 and raw.count(q) == 0
+        assert loop.conn_state.failures == 0 and raw.count(q) == 0
     finally:
         broker.close()
 
@@ -268,7 +268,7 @@ def test_a_purge_while_a_delivery_is_half_read_keeps_the_connection(env, monkeyp
     while "purged" not in result and time.monotonic() < deadline:
         time.sleep(0.01)
     assert result.get("purged") == 0
-    assert (loop.gen, loop.link.failures) == (gen, 0)   # the connection lived: held acks count
+    assert (loop.gen, loop.conn_state.failures) == (gen, 0)   # the connection lived: held acks count
     broker.ack([first, d])
     assert drain(env.broker(), [q], 1, timeout=1.0) == []
 

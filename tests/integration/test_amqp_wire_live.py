@@ -39,4 +39,4 @@ def test_a_stream_of_deliveries_keeps_the_consumer_connection_alive(env):
     stop.set()
     feeder.join(5)
     assert got > 100
-    assert (loop.gen, loop.link.failures, consumer.healthy) == (gen, 0, True)
+    assert (loop.gen, loop.conn_state.failures, consumer.healthy) == (gen, 0, True)

@@ -221,7 +221,7 @@ def test_chord_needs_a_backend_that_stores_results():
 
 def test_chord_callback_sent_once_when_sending_it_fails_first(app, monkeypatch):
     """The completer's first attempt to send the callback fails (a broker
-    outage): the finisher tries again, is told again that this member
+    outage): the settler tries again, is told again that this member
     completed the chord, and the callback is sent once."""
     add, note = task(app, "add"), task(app, "note")
     r = chord([add.s(i, i) for i in range(6)], note.s()).delay()

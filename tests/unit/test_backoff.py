@@ -7,7 +7,7 @@ import pytest
 
 from greenq import GreenQ
 from greenq.backoff import Backoff, backoff
-from greenq.transports.amqp.common import Link
+from greenq.transports.amqp.common import ConnectionState
 from greenq.reconnect import reconnect_delay
 
 
@@ -63,16 +63,16 @@ def test_the_redis_reconnect_schedule():
     assert all(2.5 <= reconnect_delay(30) <= 5.0 for _ in range(100))
 
 
-def test_an_amqp_link_backs_off_until_it_is_up_again():
-    link = Link("test", "amqp://guest:guest@127.0.0.1:1//")
+def test_an_amqp_connection_state_backs_off_until_it_is_up_again():
+    state = ConnectionState("test", "amqp://guest:guest@127.0.0.1:1//")
     error = ConnectionRefusedError("refused")
-    waits = [link.lost(error) for _ in range(8)]
+    waits = [state.lost(error) for _ in range(8)]
     for n, wait in enumerate(waits, 1):
         full = min(5.0, 0.1 * 2 ** (n - 1))
         assert full / 2 <= wait <= full
-    assert link.lost(error, 0.0) == 0.0 and link.failures == 9   # the caller's own wait
-    link.up()
-    assert link.failures == 0 and 0.05 <= link.lost(error) <= 0.1
+    assert state.lost(error, 0.0) == 0.0 and state.failures == 9   # the caller's own wait
+    state.up()
+    assert state.failures == 0 and 0.05 <= state.lost(error) <= 0.1
 
 
 def test_task_retry_backoff_keeps_growing_without_overflow():

@@ -9,6 +9,7 @@ import pytest
 
 from greenq import ConfigError, GreenQ, MessageError, TaskError
 from greenq.backends.base import Record
+from greenq.exceptions import describe
 from greenq.drivers import get_driver
 from greenq.worker.consumer import Worker
 from greenq.worker.monitor import Monitor
@@ -114,7 +115,7 @@ def test_a_dead_control_loop_stops_the_worker_with_exit_1():
     assert stats.ready + done == 5 and stats.held == 0
 
 
-def test_a_finisher_error_in_one_job_does_not_stop_the_others():
+def test_a_settler_error_in_one_job_does_not_stop_the_others():
     app = make_app()
 
     @app.task
@@ -191,3 +192,22 @@ def test_a_stop_signal_that_lands_in_a_log_write_is_not_lost():
     finally:
         log.removeHandler(handler)
         log.setLevel(level)
+
+
+def test_describe_shows_any_exception_in_one_way():
+    """greenq.exceptions.describe is the one way an exception is shown in a log
+    line or an error text (docs/glossary.md): it never raises, even for a
+    task's exception whose str() does, and stays readable."""
+    class Unprintable(Exception):
+        def __str__(self):
+            raise RuntimeError("no")
+
+    class AccessRefused(Exception):
+        pass
+
+    assert describe(ValueError("bad")) == "ValueError: bad"
+    assert describe(Unprintable()) == "Unprintable: (its message cannot be shown)"
+    assert describe(ConnectionResetError()) == "ConnectionResetError"
+    assert describe(KeyError("x" * 1000)) == "KeyError: '" + "x" * 299
+    assert describe(AccessRefused("<AccessRefused: unknown error>")) == "<AccessRefused: unknown error>"
+    assert describe(ValueError("a ValueError inside")) == "ValueError: a ValueError inside"

@@ -16,7 +16,7 @@ Mapping the broker interface onto AMQP 0-9-1:
   consumes the queues with ``basic_qos(prefetch)``, keeps the deliveries in a
   local buffer (a heap per queue, highest priority first) that ``fetch`` takes
   from, sends heartbeats whether or not ``fetch`` is called, and reconnects by
-  itself (``amqp_common.Link``).  ``ack``/``requeue``/``dead_letter`` may be
+  itself (``common.ConnectionState``).  ``ack``/``requeue``/``dead_letter`` may be
   called from any greenlet: they only write, under a write lock.
 * Leases: RabbitMQ has none.  A message stays with its consumer until acked or
   until the consumer's connection dies; ``renew`` has nothing to extend.
@@ -93,14 +93,14 @@ class AMQPBroker(Broker):
         """The consumer connection is up (or, before consuming, publishing works)."""
         c = self._consumer
         if c is not None:
-            return c.link.healthy and c.running
-        return self.pool.link.failures == 0
+            return c.conn_state.healthy and c.running
+        return self.pool.conn_state.failures == 0
 
     @property
     def last_ok(self) -> float:
         """``time.monotonic()`` of the last successful exchange with RabbitMQ (0.0 before any)."""
         c = self._consumer
-        return c.link.last_ok if c is not None else self.pool.link.last_ok
+        return c.conn_state.last_ok if c is not None else self.pool.conn_state.last_ok
 
     # -- publishing ----------------------------------------------------------
     def publish_many(self, messages: Sequence[Outgoing]) -> None:

@@ -54,7 +54,7 @@ from amqp.exceptions import AMQPError, PreconditionFailed
 from ...backoff import backoff
 from ...config import Config, mask_url
 from ...reconnect import Refused
-from ...exceptions import BrokerError, ConfigError
+from ...exceptions import BrokerError, ConfigError, describe
 from .meta import (H_DEAD_ID, H_DELIVERIES, H_ETA, H_FAILED_AT, H_QUEUE,  # noqa: F401 (names
                         H_REASON, MAX_QUEUE_NAME_BYTES, as_bytes)           # shared from here)
 
@@ -311,24 +311,28 @@ def _open_node(params: Dict[str, Any], heartbeat: int, role: str) -> "amqp.Conne
     return conn
 
 
-def describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text
-
-
-# -- the reconnect state machine ----------------------------------------------
+# -- the reconnect state machine of a long-lived connection --------------------
 
 #: waits between reconnect attempts: from 0.1 s doubling up to 5 s, each one half to all of that
 RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_JITTER = 0.1, 5.0, 0.5
 
 
-class Link:
-    """The state of one connection: ``down`` -> ``connecting`` -> ``up`` -> ``down``...
+class ConnectionState:
+    """The state of one long-lived connection: ``down`` -> ``connecting`` -> ``up`` -> ``down``...
 
+    Its owner (the consumer loop, a publisher pool, an rpc:// reader) opens
+    the connection, reports what happened (``connecting``/``up``/``alive``/
+    ``lost``) and waits as told; this only keeps the state, paces and logs.
     ``lost()`` records a failure and returns how long to wait before the next
     attempt (the ``RECONNECT_*`` backoff).  The first failure is logged as a
     warning, repeated ones at debug level, and the recovery at info level.
     ``healthy`` and ``last_ok`` feed /healthz.
+
+    Not :class:`greenq.reconnect.Reconnector`, the other machine (Redis):
+    that one runs each round trip of a connection pool itself and
+    retries it for its caller; a RabbitMQ connection is one socket that a
+    loop owns and re-opens, with state (channels, consumers, deliveries) that
+    dies with it (docs/glossary.md, "Why two reconnect state machines").
     """
 
     def __init__(self, what: str, url: str) -> None:

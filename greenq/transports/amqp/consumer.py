@@ -15,7 +15,7 @@ import amqp
 
 from ...exceptions import BrokerError
 from .adapter import RawConnection, close_quietly
-from .common import (AMQP_ERRORS, H_DELIVERIES, Link, Settings, clean_headers, declare_base,
+from .common import (AMQP_ERRORS, H_DELIVERIES, ConnectionState, Settings, clean_headers, declare_base,
                           declare_queue, open_connection)
 from .meta import Meta, as_bytes, fit_short_string, read_eta, read_meta
 from .publish import METHOD_CACHE_MAX, ChannelPool, Publisher, delay_ms, encode_outgoing
@@ -70,7 +70,7 @@ class ConsumerLoop:
         self.pool = pool
         self.driver = driver
         self.heartbeat = int(params.get("heartbeat", settings.heartbeat))
-        self.link = Link("consumer", url)
+        self.conn_state = ConnectionState("consumer", url)
         self.green = green = self.driver is not None and self.driver.green
         self.wlock = self.driver.lock() if self.driver is not None else threading.Lock()
         self.lock = threading.Lock()
@@ -146,7 +146,7 @@ class ConsumerLoop:
                         self._connect()
                     except Exception as exc:
                         self._teardown()
-                        delay = self.link.lost(exc)
+                        delay = self.conn_state.lost(exc)
                         if not isinstance(exc, AMQP_ERRORS + (BrokerError,)):
                             log.exception("unexpected error in the AMQP consumer")
                         continue
@@ -156,7 +156,7 @@ class ConsumerLoop:
                     if not isinstance(exc, AMQP_ERRORS):
                         log.exception("unexpected error in the AMQP consumer")
                     self._teardown()
-                    delay = self.link.lost(exc)
+                    delay = self.conn_state.lost(exc)
         finally:
             self._teardown(clean=True)
             self.stopped.set()
@@ -172,7 +172,7 @@ class ConsumerLoop:
         return True
 
     def _connect(self) -> None:
-        self.link.connecting()
+        self.conn_state.connecting()
         conn = open_connection(self.params, heartbeat=self.heartbeat, role="consumer")
         self.serial = not self.green and "ssl" in self.params
         raw = RawConnection(conn, fast_reads=not self.serial)
@@ -192,7 +192,7 @@ class ConsumerLoop:
             declare_base(self.channel, self.settings)
             self._sync()
         self._next_tick = time.monotonic() + TICK
-        self.link.up()
+        self.conn_state.up()
 
     def _sync(self) -> List[Delivery]:
         """Match consumers and prefetch to what was asked; return what was
@@ -270,7 +270,7 @@ class ConsumerLoop:
             self._next_tick = now + TICK
             with self.wlock:
                 self.conn.heartbeat_tick()
-            self.link.alive()
+            self.conn_state.alive()
         if self.redo:
             self._publish_again()
         if self.calls:

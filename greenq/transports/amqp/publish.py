@@ -25,7 +25,7 @@ from ...backoff import backoff
 from ...config import Config, mask_url
 from ...exceptions import BrokerError
 from .adapter import RawConnection, close_quietly
-from .common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, Link, Settings, connection_params,
+from .common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, ConnectionState, Settings, connection_params,
                           declare_base, declare_delays, declare_queue, describe,
                           open_connection)
 from .meta import as_bytes
@@ -224,7 +224,7 @@ class ChannelPool:
         self.settings = settings
         self.size = max(1, size)
         self.role = role
-        self.link = Link(f"{role} publish", url)
+        self.conn_state = ConnectionState(f"{role} publish", url)
         self._reset()
 
     def _reset(self) -> None:
@@ -340,17 +340,17 @@ class ChannelPool:
             try:
                 with self.publisher() as pub:
                     result = fn(pub, *args)
-                link = self.link
-                if link.failures or link.state != "up":
-                    link.up()
+                conn_state = self.conn_state
+                if conn_state.failures or conn_state.state != "up":
+                    conn_state.up()
                 else:
-                    link.last_ok = pub.last_used
+                    conn_state.last_ok = pub.last_used
                 return result
             except CONNECTION_ERRORS as exc:
                 if attempt == attempts:
-                    self.link.lost(exc, 0.0)
+                    self.conn_state.lost(exc, 0.0)
                     raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
-                time.sleep(self.link.lost(exc, backoff(attempt, 0.05, 0.2)))
+                time.sleep(self.conn_state.lost(exc, backoff(attempt, 0.05, 0.2)))
             except ChannelError as exc:
                 raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
 

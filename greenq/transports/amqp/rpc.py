@@ -39,7 +39,7 @@ from amqp.exceptions import PreconditionFailed
 from .. import scheme_of
 from . import TRANSPORT
 from .adapter import RawConnection, close_quietly
-from .common import (AMQP_ERRORS, FORKS, Link, Settings, connection_params,
+from .common import (AMQP_ERRORS, FORKS, ConnectionState, Settings, connection_params,
                                    open_connection)
 from .meta import as_bytes
 from .publish import ChannelPool, Publisher, pool_size
@@ -208,7 +208,7 @@ class _Replies:
         self.params = params
         self.name = f"{settings.prefix}.reply.{uuid.uuid4().hex}"
         self.expires_ms = int(max(60, min(settings.result_expires, 86400)) * 1000)
-        self.link = Link("rpc reply", url)
+        self.conn_state = ConnectionState("rpc reply", url)
         self.cond = threading.Condition()
         self.results: "OrderedDict[str, Tuple[bytes, bool]]" = OrderedDict()
         self.reading = False
@@ -223,7 +223,7 @@ class _Replies:
         try:
             self._connect()   # the queue must exist before a task can answer
         except AMQP_ERRORS as exc:
-            self.link.lost(exc)
+            self.conn_state.lost(exc)
             raise BrokerError(f"rpc:// cannot reach RabbitMQ at {mask_url(url)}: {exc}") from None
 
     def _connect(self) -> None:
@@ -243,7 +243,7 @@ class _Replies:
         self.sock_timeout = raw.sock.gettimeout()
         self.unacked = self.acked = 0
         self.acked_at = time.monotonic()
-        self.link.up()
+        self.conn_state.up()
 
     def _on_reply(self, msg: "amqp.Message") -> None:
         props = msg.properties
@@ -278,7 +278,7 @@ class _Replies:
             try:
                 self._connect()
             except AMQP_ERRORS as exc:
-                self.retry_at = time.monotonic() + self.link.lost(exc)
+                self.retry_at = time.monotonic() + self.conn_state.lost(exc)
                 return
         conn, reader = self.conn, self.reader
         try:
@@ -297,7 +297,7 @@ class _Replies:
             pass
         except AMQP_ERRORS as exc:
             self._drop()
-            self.retry_at = time.monotonic() + self.link.lost(exc)
+            self.retry_at = time.monotonic() + self.conn_state.lost(exc)
             return
         if self.unacked != self.acked:
             now = time.monotonic()
@@ -306,10 +306,10 @@ class _Replies:
                     self.channel.basic_ack(self.unacked, multiple=True)
                 except AMQP_ERRORS as exc:
                     self._drop()   # unacked replies come back to the queue
-                    self.retry_at = time.monotonic() + self.link.lost(exc)
+                    self.retry_at = time.monotonic() + self.conn_state.lost(exc)
                     return
                 self.acked, self.acked_at = self.unacked, now
-        self.link.alive()
+        self.conn_state.alive()
 
     def _drop(self) -> None:
         conn, self.conn, self.channel, self.reader = self.conn, None, None, None
@@ -377,7 +377,7 @@ class _Revocations:
         self.forks = FORKS[0]
         self.params = params
         self.settings = settings
-        self.link = Link("rpc revocations", url)
+        self.conn_state = ConnectionState("rpc revocations", url)
         self.lock = threading.Lock()
         self.revoked: Dict[str, Tuple[bool, float]] = {}   # task id -> (terminate, revoked at)
         self.next_prune = time.monotonic() + 60
@@ -406,7 +406,7 @@ class _Revocations:
             raise
         self.conn, self.channel = conn, ch
         self.caught_up = False
-        self.link.up()
+        self.conn_state.up()
 
     def _on_revoke(self, msg: "amqp.Message") -> None:
         at = (msg.headers or {}).get("at")
@@ -444,7 +444,7 @@ class _Revocations:
             try:
                 self._connect()
             except AMQP_ERRORS as exc:
-                self.retry_at = time.monotonic() + self.link.lost(exc)
+                self.retry_at = time.monotonic() + self.conn_state.lost(exc)
                 raise BrokerError(f"revocations unavailable: {exc}") from None
         try:
             if not self.caught_up:   # read the history until it pauses
@@ -462,7 +462,7 @@ class _Revocations:
                     conn.collect()
                 except Exception:
                     pass
-            self.retry_at = time.monotonic() + self.link.lost(exc)
+            self.retry_at = time.monotonic() + self.conn_state.lost(exc)
 
     def close(self) -> None:
         conn, self.conn = self.conn, None

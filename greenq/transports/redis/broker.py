@@ -86,7 +86,7 @@ GROUP = "greenq"
 PARKED = "~requeued"              # consumer owning requeued entries until fetched again
 PRIORITIES = tuple(range(9, -1, -1))
 BLOCK_CAP = 1.0                   # longest blocking read, seconds
-MAX_BATCH = 4000                  # entries per script call (Lua's unpack limit is ~8000)
+SCRIPT_BATCH_MAX = 4000           # entries per script call (Lua's unpack limit is ~8000)
 PUBLISH_CHUNK = 1000              # messages per publish script call (several per round trip)
 MOVE_PER_FETCH = 500              # most delayed messages moved per queue per fetch
 FORGET_CONSUMERS_MS = 3600 * 1000
@@ -170,17 +170,17 @@ def budget_left(max_bytes: int, taken: Sequence[Delivery]) -> Optional[int]:
 
 
 def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
-    """Tokens as script calls of at most MAX_BATCH ids each: (stream keys,
+    """Tokens as script calls of at most SCRIPT_BATCH_MAX ids each: (stream keys,
     then per key ``n, n entry ids``), the argument layout of ACK and TRANSFER."""
     by_key: Dict[str, List[bytes]] = {}
     for d in deliveries:
         by_key.setdefault(d.token[0], []).append(d.token[1])
     calls: List[Tuple[List[str], List[Any]]] = []
-    size = MAX_BATCH
+    size = SCRIPT_BATCH_MAX
     for key, ids in by_key.items():
-        for start in range(0, len(ids), MAX_BATCH):
-            chunk = ids[start:start + MAX_BATCH]
-            if size + len(chunk) > MAX_BATCH:
+        for start in range(0, len(ids), SCRIPT_BATCH_MAX):
+            chunk = ids[start:start + SCRIPT_BATCH_MAX]
+            if size + len(chunk) > SCRIPT_BATCH_MAX:
                 calls.append(([], []))
                 size = 0
             calls[-1][0].append(key)
@@ -343,7 +343,7 @@ class RedisBroker(Reconnecting, Broker):
         retries until ``timeout`` and returns ``[]``."""
         if count <= 0 or not queues or not self._consuming:
             return []
-        count = min(count, MAX_BATCH)
+        count = min(count, SCRIPT_BATCH_MAX)
         out = self._take_spares(count)
         if out:
             return out

@@ -42,7 +42,7 @@ from ...exceptions import BrokerError
 from ...brokers.base import DeadLetter, Delivery, Outgoing, QueueStats
 from ...reconnect import Unreachable
 from .client import TRANSIENT
-from .broker import (GROUP, MAX_BATCH, PARKED, PUBLISH_CHUNK, REPLICATED, RedisBroker,
+from .broker import (GROUP, PARKED, PUBLISH_CHUNK, REPLICATED, SCRIPT_BATCH_MAX, RedisBroker,
                     _STREAM_ID, _text, budget_left)
 
 log = logging.getLogger("greenq.transports.redis.broker_cluster")
@@ -280,7 +280,7 @@ class RedisClusterBroker(RedisBroker):
         plain broker."""
         if count <= 0 or not queues or not self._consuming:
             return []
-        count = min(count, MAX_BATCH)
+        count = min(count, SCRIPT_BATCH_MAX)
         out = self._take_spares(count)
         if out:
             return out
@@ -475,9 +475,9 @@ def _finished(handle: Any) -> bool:
 
 def _per_key(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[Any]]]:
     """Tokens as script calls on one stream each (ACK and TRANSFER layout:
-    the key, then ``n, n entry ids``), at most MAX_BATCH ids a call."""
+    the key, then ``n, n entry ids``), at most SCRIPT_BATCH_MAX ids a call."""
     by_key: Dict[str, List[bytes]] = {}
     for d in deliveries:
         by_key.setdefault(d.token[0], []).append(d.token[1])
-    return [([key], [len(ids[i:i + MAX_BATCH]), *ids[i:i + MAX_BATCH]])
-            for key, ids in by_key.items() for i in range(0, len(ids), MAX_BATCH)]
+    return [([key], [len(ids[i:i + SCRIPT_BATCH_MAX]), *ids[i:i + SCRIPT_BATCH_MAX]])
+            for key, ids in by_key.items() for i in range(0, len(ids), SCRIPT_BATCH_MAX)]

@@ -5,7 +5,7 @@ after a fork).  Connections are opened on demand, up to a cap, and closed
 again after ``[redis] idle_timeout`` seconds unused (default ``IDLE_CLOSE``),
 so a web process holds about as many connections as it recently needed, not
 as many as it ever needed.  The closing runs on a timer (one daemon thread
-per process, a greenlet when the process is patched: ``_Reaper``), so a
+per process, a greenlet when the process is patched: ``_IdleCloser``), so a
 process that stops calling Redis altogether lets its connections go too.  The
 cap is small in a client (``CLIENT_CONNECTIONS``); a worker's broker raises
 it to its concurrency plus room for the control plane when it starts
@@ -40,7 +40,7 @@ REFUSED_REPLIES = ("DB index is out of range", "invalid DB index")
 CLIENT_CONNECTIONS = 10           # cap of a client's pool (grows on demand up to it)
 CONTROL_CONNECTIONS = 10          # a worker's broker: concurrency + these (fetch, acks, renewals, ...)
 IDLE_CLOSE = 60.0                 # seconds before an unused pooled connection is closed
-REAP_MIN_PERIOD = 0.05            # the reaper never wakes more often than this
+IDLE_CHECK_MIN_PERIOD = 0.05      # the idle closer never wakes more often than this
 
 
 def worker_pool_size(config: Config) -> int:
@@ -85,10 +85,10 @@ class _Slots:
                 self._cond.notify(count)
 
 
-class _Reaper:
+class _IdleCloser:
     """Closes the idle connections of every live :class:`Pool` of this
     process, on a timer: every quarter of the shortest ``idle_close`` (never
-    more often than REAP_MIN_PERIOD), so a connection unused for
+    more often than IDLE_CHECK_MIN_PERIOD), so a connection unused for
     ``idle_close`` seconds is closed within a quarter of that more.  One
     daemon thread (a greenlet when patched), started with the first pool and
     ended when no pool is left; pools are held weakly.  A forked child starts
@@ -104,7 +104,7 @@ class _Reaper:
         self._thread: Optional[threading.Thread] = None
 
     def watch(self, pool: "Pool") -> None:
-        """Reap ``pool`` too; wake the timer so it follows ``pool``'s idle time."""
+        """Close the idle connections of ``pool`` too; wake the timer so it follows ``pool``'s idle time."""
         with self._lock:
             self._pools.add(pool)
             if self._thread is None or not self._thread.is_alive():
@@ -120,7 +120,7 @@ class _Reaper:
             if not times:
                 self._thread = None
                 return None
-        return max(REAP_MIN_PERIOD, min(times) / 4)
+        return max(IDLE_CHECK_MIN_PERIOD, min(times) / 4)
 
     def _run(self) -> None:
         while True:
@@ -138,15 +138,15 @@ class _Reaper:
                         pass
 
 
-_REAPER = _Reaper()
-os.register_at_fork(after_in_child=_REAPER.reset)
+_IDLE_CLOSER = _IdleCloser()
+os.register_at_fork(after_in_child=_IDLE_CLOSER.reset)
 
 
 class Pool(redis.ConnectionPool):
     """redis-py's pool (a connection is made only when no idle one is free)
     where callers over the cap wait for a connection instead of failing,
     connections left unused for ``idle_close`` seconds are closed (on the
-    process's timer, ``_Reaper``, and whenever one comes back), and ``grow``
+    process's timer, ``_IdleCloser``, and whenever one comes back), and ``grow``
     raises the cap.  Built on the pool's documented-by-use attributes
     (``_available_connections``, ``_created_connections``, ``_lock``), the
     same since redis-py 4."""
@@ -158,7 +158,7 @@ class Pool(redis.ConnectionPool):
         self._slots = _Slots(self.max_connections)
         self._held: set = set()
         self._held_lock = threading.Lock()
-        _REAPER.watch(self)
+        _IDLE_CLOSER.watch(self)
 
     @property
     def idle_close(self) -> float:
@@ -168,7 +168,7 @@ class Pool(redis.ConnectionPool):
     @idle_close.setter
     def idle_close(self, seconds: float) -> None:
         self._idle_close = seconds
-        _REAPER.watch(self)
+        _IDLE_CLOSER.watch(self)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
         self._slots.acquire()
