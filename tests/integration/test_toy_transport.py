@@ -174,6 +174,26 @@ def test_a_bad_reference_is_a_clear_config_error(reference, said, tmp_path, fres
         transports.register(reference)
     path = tmp_path / "greenq.ini"
     path.write_text(f"[greenq]\ntransports = {reference}\n")
-    with pytest.raises(ConfigError, match=said):
+    with pytest.raises(ConfigError, match=said) as error:
         gq_config.load(str(path), env={}, quiet=True)
+    assert str(error.value).startswith(f"{path}: [greenq] transports = {reference!r}: ")
     assert transports.lookup("toy://x") is None
+
+
+# -- the transport's own INI section, wherever the transports are named ---------------
+
+def test_its_section_may_come_before_greenq_in_the_file(tmp_path, fresh_registry):
+    path = tmp_path / "greenq.ini"
+    path.write_text(f"[toy]\npoll = 0.25\n\n[greenq]\nbroker_url = toy://a\ntransports = {REF}\n")
+    cfg = gq_config.load(str(path), env={}, quiet=True)
+    assert (cfg.section("toy")["poll"], cfg.origin("toy", "poll")) == (0.25, str(path))
+    assert isinstance(make_broker(cfg.broker_url, cfg), toy.ToyBroker)
+
+
+def test_transports_named_by_the_environment_declare_the_section_of_the_file(tmp_path, fresh_registry):
+    path = tmp_path / "greenq.ini"
+    path.write_text("[greenq]\nbroker_url = toy://a\n\n[toy]\npoll = 0.25\n")
+    cfg = gq_config.load(str(path), env={"GREENQ_TRANSPORTS": REF}, quiet=True)
+    assert cfg.section("toy")["poll"] == 0.25
+    assert (cfg.transports, cfg.origin("greenq", "transports")) == ([REF], "environment GREENQ_TRANSPORTS")
+    assert isinstance(make_broker(cfg.broker_url, cfg), toy.ToyBroker)
