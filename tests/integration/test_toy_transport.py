@@ -3,10 +3,11 @@
 The toy transport (tests/fixtures/toy.py, ``toy://``) is registered by its
 reference in each of the three ways docs/transports.md gives: ``register()``,
 the ``[greenq] transports`` INI key, and an entry point of an installed
-distribution.  The shared broker and result backend suites then run on it
-unchanged: their test functions are imported here, and this module's
-``broker_env`` and ``backend_env`` (which win over conftest.py's for the tests
-collected here) hand them a toy namespace, once per way of registering.
+distribution.  The shared broker and result backend suites, and chord
+counting, then run on it unchanged: their test functions are imported here,
+and this module's ``broker_env`` and ``backend_env`` (which win over
+conftest.py's for the tests collected here) hand them a toy namespace, once
+per way of registering.
 
 Every test starts from the registry greenq fills by itself (``fresh_registry``):
 the toy is unknown until the test registers it, so each way is proved on
@@ -27,14 +28,17 @@ from greenq.exceptions import ConfigError
 from greenq.worker.consumer import Worker
 from tests.conftest import make_config
 from tests.fixtures import toy
-from tests.integration import test_backend_suite, test_broker_suite
+from tests.integration import test_backend_suite, test_broker_suite, test_chord_counting
 from tests.integration.conftest import Env
+from tests.integration.test_chord_counting import backend  # noqa: F401 (its fixture)
 
 REF = "tests.fixtures.toy:TRANSPORT"
 
-# The shared suites, collected again in this module (with this module's fixtures).
-globals().update({name: fn for suite in (test_broker_suite, test_backend_suite)
-                  for name, fn in vars(suite).items() if name.startswith("test_") and callable(fn)})
+# The shared suites, collected again in this module (with this module's fixtures);
+# of chord counting, the tests on backend_env (the property test names its own backends).
+globals().update({name: fn for suite in (test_broker_suite, test_backend_suite, test_chord_counting)
+                  for name, fn in vars(suite).items() if name.startswith("test_") and callable(fn)
+                  and name != "test_any_order_of_reports_has_one_completer"})
 
 
 @pytest.fixture
