@@ -53,6 +53,8 @@ def fresh_registry(monkeypatch):
     assert transports.lookup("toy://x") is None
     with pytest.raises(ConfigError, match="toy:// is not supported"):
         make_broker("toy://x", make_config())
+    yield
+    gq_config.SETTINGS.pop("toy", None)    # added by registering (monkeypatch restores what was before)
 
 
 def ini_file(tmp_path, broker_url: str):
