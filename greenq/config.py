@@ -372,7 +372,10 @@ class Config:
             if section == "greenq" and key == "transports":
                 from . import transports         # (their INI sections are known from here on)
                 for reference in converted:
-                    transports.register(reference)
+                    try:
+                        transports.register(reference)
+                    except ConfigError as exc:
+                        raise ConfigError(f"{origin}: [greenq] transports = {reference!r}: {exc}") from None
             self.section(section)[key] = converted
         self._origin[(section, key)] = origin
 
@@ -463,7 +466,8 @@ def _read_ini(cfg: Config, path: str) -> None:
             parser.read_file(fh)
     except (configparser.Error, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
-    for section in parser.sections():
+    # [greenq] first: its ``transports`` declare the sections of other packages' transports
+    for section in sorted(parser.sections(), key=lambda name: name != "greenq"):
         for key, value in parser.items(section, raw=True):
             cfg.set(section, key if section == "routes" else key.lower(), value, origin=path)
 
@@ -507,6 +511,8 @@ def load(path: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
     env = os.environ if env is None else env
     cfg = Config()
     file = find_config_file(path, env) if (path or search) else None
+    if env.get("GREENQ_TRANSPORTS"):     # before the file: it may hold their sections (set again below)
+        cfg.set("greenq", "transports", env["GREENQ_TRANSPORTS"], origin="environment GREENQ_TRANSPORTS")
     if file:
         cfg.file = file
         _read_ini(cfg, file)

@@ -56,8 +56,8 @@ class Env:
         self._opened: List[Any] = []
         self._queues: List[str] = []
         self._settings = {}
-        if kind == "memory":
-            self.broker_url = self.backend_url = f"memory://{self.tag}"
+        if kind in ("memory", "toy"):   # toy: tests/fixtures/toy.py, once registered
+            self.broker_url = self.backend_url = f"{kind}://{self.tag}"
         elif kind == "sqlite":
             self.broker_url = self.backend_url = f"sqlite:///{tmp_path}/greenq.sqlite3"
         elif kind == "redis":
