@@ -40,7 +40,9 @@ MAX_FIELD = 300          # bytes of one field (app name and prefix); longer ones
 
 def _client(app: "GreenQ") -> Any:
     """The app's Redis broker client, or None on another broker."""
-    if not app.config.broker_url.startswith(("redis://", "rediss://", "redis+", "unix://")):
+    from . import transports
+    desc = transports.lookup(app.config.broker_url, app.config)
+    if desc is None or desc.name != "redis":      # the registry is kept in Redis only
         return None
     return getattr(app.broker, "client", None)
 

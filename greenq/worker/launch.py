@@ -14,7 +14,6 @@ from greenq.pools import POOLS   # no imports of its own: safe before patching
 from greenq import transports    # descriptors only: safe before patching
 
 EXIT_USAGE = 2
-HEAVY = ("ssl", *transports.libraries())   # warned about when imported before patching
 #: Celery's pools greenq does not have, and what to write instead
 CELERY_POOLS = {
     "prefork": "; Celery's prefork pool is --processes N here (each process runs its own pool)",
@@ -102,7 +101,8 @@ def main(argv=None):
         pool, source = choose_pool(argv, os.environ)
     except ValueError as exc:
         return _usage(str(exc))
-    early = [m for m in HEAVY if m in sys.modules and pool in ("gevent", "eventlet")]
+    heavy = ("ssl", *transports.libraries())     # warned about when imported before patching
+    early = [m for m in heavy if m in sys.modules and pool in ("gevent", "eventlet")]
     driver = patch(pool)
     if not driver.is_patched():
         return _usage(f"pool {pool} (from {source}) is selected but the process is not "
