@@ -241,3 +241,27 @@ def test_a_record_with_a_ttl_expires(coordination):
     time.sleep(0.6)
     assert a.read(record) == {}
     assert a.compare_and_set(record, {}, {"x": b"2"})
+
+
+def test_sqlite_rows_of_the_tables_before_coordination_are_copied_once(tmp_path):
+    """A file whose scheduler runs and chord counts were kept in beat_runs,
+    chord_members and chord_state (before coordination) keeps them."""
+    import sqlite3
+    from tests.conftest import make_config
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE beat_runs (entry TEXT PRIMARY KEY, slot REAL NOT NULL)")
+        conn.execute("INSERT INTO beat_runs VALUES ('tick', 1000.0)")
+        conn.execute("CREATE TABLE chord_members (group_id TEXT, member_id TEXT, expires_at REAL)")
+        conn.execute("INSERT INTO chord_members VALUES ('g', 'a', 1e300), ('g', 'b', 1e300)")
+        conn.execute("CREATE TABLE chord_state (group_id TEXT, completer TEXT, sent INTEGER, expires_at REAL)")
+        conn.execute("INSERT INTO chord_state VALUES ('g', 'b', 1, 1e300)")
+    conn.close()
+    url = f"sqlite:///{path}"
+    c = make_coordination(url, make_config(broker_url=url))
+    try:
+        assert c.read("beat:runs") == {"tick": b"1000.0"}
+        assert c.add_once("chord:g", "a") == (False, 2)
+        assert c.read("chordstate:g") == {"completer": b"b", "sent": b"1"}
+    finally:
+        c.close()
