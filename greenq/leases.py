@@ -1,15 +1,22 @@
 """The scheduler's lease and its record of runs sent, kept in the broker
-(greenq/beat.py).  Each implementation opens connections of its own:
+(greenq/beat.py).
+
+On memory, SQLite and Redis the lease is built on the broker's coordination
+(greenq/coordination.py; :class:`CoordinatedLease`): a counted lease of
+limit 1 named ``beat:lease`` and a compare-and-set record ``beat:runs``
+(entry -> the stored last slot), written only after the writer renewed the
+lease and only if nobody wrote it since the writer read it:
 
 * ``memory://`` -- in-process (schedulers in one process: users' tests);
-* ``sqlite://`` -- tables ``beat_lease`` (name, holder, expires_at) and
-  ``beat_runs`` (entry, slot) in the broker's file (``P_beat_lease``...
-  under a key_prefix P other than ``greenq``), changed in short
-  ``BEGIN IMMEDIATE`` transactions;
+* ``sqlite://`` -- rows of the ``leases`` and ``records`` tables of the
+  broker's file (``P_leases``... under a key_prefix P other than ``greenq``);
+  a file whose last runs were kept in the ``beat_runs`` table before has them
+  copied over once (greenq/transports/sqlite/coordination.py);
 * ``redis://`` -- ``P:beat:lease`` (the holder, ``SET NX PX``, renewed by a
-  script only by its holder) and ``P:beat:runs`` (hash entry -> slot, written
-  by a script only while the writer holds the lease);
-* ``amqp://`` -- the lease is the exclusive queue ``P.beat.lock``: only
+  script only by its holder) and ``P:beat:runs`` (hash entry -> slot): the
+  same keys, written the same way, as before coordination existed.
+* ``amqp://`` -- (not on the coordination interface; see AMQPLease for why)
+  the lease is the exclusive queue ``P.beat.lock``: only
   one connection can hold it, and RabbitMQ deletes it when that connection
   dies (heartbeats of ``ttl / 2`` seconds find a dead holder within about
   ``ttl``).  Runs sent live in the durable queue ``P.beat.state`` as
@@ -36,6 +43,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import validation
+from .coordination import CLOCK_SLACK, Coordination, Record, make_coordination
 from .drivers.base import UsesDriver
 from .exceptions import ConfigError, MessageError
 from .signing import Signer
@@ -45,9 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger("greenq.beat")
 
-#: seconds by which a lease's expiry may exceed ``now + ttl`` (clocks of two
-#: schedulers a little apart) before the lease counts as implausible
-CLOCK_SLACK = 1.0
+#: (CLOCK_SLACK, from greenq.coordination: how far ahead a lease's expiry may lie)
 #: the signing domain of scheduler records
 DOMAIN = "schedule"
 
@@ -89,6 +95,11 @@ def decode_slot(signer: Signer, entry: str, raw: Any) -> Optional[float]:
 def entry_name(raw: Any) -> Optional[str]:
     """A stored entry name as text; None (logged) when it is not UTF-8."""
     if isinstance(raw, str):
+        try:
+            raw.encode("utf-8")          # a name read with surrogateescape (Redis) was not UTF-8
+        except UnicodeEncodeError:
+            log.warning("scheduler: a last-run record names no entry (%r): ignored", raw)
+            return None
         return raw
     try:
         return bytes(raw).decode("utf-8")
@@ -132,6 +143,50 @@ class Lease(UsesDriver):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class CoordinatedLease(Lease):
+    """The lease on a transport's coordination (see the module docstring).
+
+    The lease is a counted lease of limit 1 (``LEASE``); the runs are one
+    compare-and-set record (``RUNS``).  ``record`` renews the lease, then
+    writes the runs it last read plus the new one, only if they are still
+    what it read: a holder that lost the lease, or whose view is stale
+    (another scheduler wrote meanwhile), writes nothing and says False (the
+    scheduler then stands by until its next tick)."""
+
+    LEASE = "beat:lease"
+    RUNS = "beat:runs"
+
+    def __init__(self, url: str, config: Any, ttl: float, driver: Any = None,
+                 coordination: Optional[Coordination] = None) -> None:
+        super().__init__(url, config, ttl, driver)
+        self.coordination = coordination or make_coordination(url, config, driver)
+        self._seen: Optional[Record] = None     # the runs record as last read or written
+
+    def acquire(self, holder: str) -> bool:
+        return self.coordination.acquire(self.LEASE, holder, 1, self.ttl)
+
+    def release(self, holder: str) -> None:
+        self.coordination.release(self.LEASE, holder)
+
+    def last_runs(self) -> Dict[str, float]:
+        self._seen = self.coordination.read(self.RUNS)
+        return self._runs(self._seen.items())
+
+    def record(self, holder: str, entry: str, slot: float) -> bool:
+        if not self.coordination.renew(self.LEASE, holder, self.ttl):
+            return False
+        seen = self._seen if self._seen is not None else self.coordination.read(self.RUNS)
+        runs = dict(seen, **{entry: encode_slot(self.signer, entry, slot)})
+        if self.coordination.compare_and_set(self.RUNS, seen, runs):
+            self._seen = runs
+            return True
+        self._seen = None
+        return False
+
+    def close(self) -> None:
+        self.coordination.close()
 
 
 def make_lease(app: "GreenQ", ttl: float) -> Lease:

@@ -14,13 +14,19 @@ primitives ``_store_many``, ``_get``, ``_forget``, ``_revoke``, ``_revoked``,
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 from ..drivers.base import UsesDriver
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
+    from ..coordination import Coordination
     from ..drivers.base import Driver
+
+T = TypeVar("T")
+#: compare-and-set attempts on a chord's state record before giving up (each
+#: failed attempt means another writer changed it: a few at most)
+CHORD_ATTEMPTS = 50
 
 
 class Record(NamedTuple):
@@ -125,13 +131,81 @@ class ResultBackend(UsesDriver):
         exactly one member, the *completer*: the first whose call found all
         ``size`` members counted; the completer asking again gets True again
         until ``chord_sent`` (its worker may have died before sending the
-        callback), and every other call gets False."""
-        raise NotImplementedError
+        callback), and every other call gets False.
+
+        Written once, on the store's coordination (greenq/coordination.py):
+        the members are an add-once set ``chord:<group id>``; the member that
+        finds it full claims the record ``chordstate:<group id>`` (fields
+        ``completer``, ``sent``) by compare-and-set, so of members racing
+        exactly one writes it.  Both expire with ``result_expires``."""
+        if not self.stores_groups:
+            raise NotImplementedError
+        members, state = self._chord_names(group_id)
+        ttl = self.config.result_expires or None
+        coordination = self.coordination
+        _, count = self._coordinate(lambda: coordination.add_once(members, member_id, ttl), "count chord member")
+        if count < size:
+            return False
+        me = member_id.encode()
+        for _ in range(CHORD_ATTEMPTS):
+            record = self._coordinate(lambda: coordination.read(state), "count chord member")
+            if record.get("sent"):
+                return False
+            if "completer" in record:
+                return record["completer"] == me
+            claimed = dict(record, completer=me)
+            if self._coordinate(lambda: coordination.compare_and_set(state, record, claimed, ttl),
+                                "count chord member"):
+                return True
+        raise RuntimeError(f"chord {group_id}: its state kept changing under {CHORD_ATTEMPTS} attempts")
 
     def chord_sent(self, group_id: str) -> None:
         """The chord's callback (or its failure) has been sent: from now on
         ``chord_member_done`` returns False for everyone."""
-        raise NotImplementedError
+        if not self.stores_groups:
+            raise NotImplementedError
+        state = self._chord_names(group_id)[1]
+        ttl = self.config.result_expires or None
+        coordination = self.coordination
+        for _ in range(CHORD_ATTEMPTS):
+            record = self._coordinate(lambda: coordination.read(state), "mark chord sent")
+            if record.get("sent"):
+                return
+            marked = dict(record, sent=b"1")
+            if self._coordinate(lambda: coordination.compare_and_set(state, record, marked, ttl),
+                                "mark chord sent"):
+                return
+        raise RuntimeError(f"chord {group_id}: its state kept changing under {CHORD_ATTEMPTS} attempts")
+
+    # -- the coordination chords count on ---------------------------------------
+    @property
+    def coordination(self) -> "Coordination":
+        """This store's coordination, made on first use (chords only)."""
+        made: Optional["Coordination"] = self.__dict__.get("_coordination")
+        if made is None:
+            made = self._coordination = self._make_coordination()
+        return made
+
+    def _make_coordination(self) -> "Coordination":
+        from ..coordination import make_coordination
+        return make_coordination(self.url, self.config, self.driver)
+
+    def _chord_names(self, group_id: str) -> Tuple[str, str]:
+        """The names of a chord's member set and state record."""
+        return f"chord:{group_id}", f"chordstate:{group_id}"
+
+    def _coordinate(self, call: Callable[[], T], what: str) -> T:
+        """Run one coordination call (backends with a reconnect policy wrap it)."""
+        return call()
+
+    def _forget_chord(self, group_id: str) -> None:
+        for name in self._chord_names(group_id):
+            self.coordination.forget(name)
+
+    def _close_coordination(self) -> None:
+        made: Optional["Coordination"] = self.__dict__.pop("_coordination", None)
+        if made is not None:
+            made.close()
 
     # -- primitives ----------------------------------------------------------
     def _store_many(self, records: Sequence[Record]) -> None:

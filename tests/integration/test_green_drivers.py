@@ -54,3 +54,12 @@ def test_shared_suites_patched(driver):
           os.path.join(HERE, "test_broker_suite.py"), os.path.join(HERE, "test_backend_suite.py"),
           os.path.join(HERE, "test_chord_counting.py"), os.path.join(HERE, "test_leases.py"),
           "-k", "memory or sqlite"], driver, 300)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_coordination_suite_patched(driver):
+    """The coordination suite on every transport (Redis and RabbitMQ too:
+    their clients are the ones a patched worker uses), patched."""
+    pytest.importorskip(driver)
+    _run(["-c", PATCHED_PYTEST, driver, "-q", "-x", "-p", "no:cacheprovider",
+          os.path.join(HERE, "test_coordination_suite.py")], driver, 300)

@@ -180,7 +180,7 @@ def test_two_prefixes_in_one_sqlite_file_have_their_own_tables(tmp_path):
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     conn.close()
     assert {"app-a_messages", "app.b_messages", "app-a_revocations", "app-a_group_records",
-            "app-a_beat_lease", "app.b_beat_lease"} <= tables
+            "app-a_leases", "app.b_leases", "app-a_records"} <= tables
     assert "messages" not in tables
 
 

@@ -141,9 +141,10 @@ def test_sqlite_fast_clock_or_malformed_lease_is_taken_over(tmp_path, request):
         path = env.broker_url[len("sqlite:///"):]
         for expires in (time.time() + 3600, "zzz"):
             with sqlite3.connect(path) as conn:
-                conn.execute("INSERT OR REPLACE INTO beat_lease VALUES ('beat', 'fast', ?)", (expires,))
-                conn.execute("INSERT OR REPLACE INTO beat_runs VALUES ('a', 'garbage')")
-                conn.execute("INSERT OR REPLACE INTO beat_runs VALUES ('b', 1000.0)")
+                # (the coordination tables: greenq/transports/sqlite/coordination.py)
+                conn.execute("INSERT OR REPLACE INTO leases VALUES ('beat:lease', 'fast', ?)", (expires,))
+                conn.execute("INSERT OR REPLACE INTO records VALUES ('beat:runs', 'a', 'garbage', 1e300)")
+                conn.execute("INSERT OR REPLACE INTO records VALUES ('beat:runs', 'b', 1000.0, 1e300)")
             assert lease.acquire("me") is True
             assert lease.last_runs() == {"b": 1000.0}
             lease.release("me")

@@ -118,9 +118,9 @@ def test_beat_list_never_crashes_on_malformed_records(tmp_path):
            "[schedule:other]\ntask = t.other\nevery = 60\n[schedule:third]\ntask = t.third\nevery = 90\n")
     assert greenq(tmp_path, ini, "beat", "--list").returncode == 0      # creates the tables
     with sqlite3.connect(db) as conn:
-        conn.execute("INSERT OR REPLACE INTO beat_runs VALUES ('good', 'garbage')")
-        conn.execute("INSERT OR REPLACE INTO beat_runs VALUES ('other', 1e308)")
-        conn.execute("INSERT OR REPLACE INTO beat_runs VALUES ('third', 1e9)")
+        conn.execute("INSERT OR REPLACE INTO records VALUES ('beat:runs', 'good', 'garbage', 1e300)")
+        conn.execute("INSERT OR REPLACE INTO records VALUES ('beat:runs', 'other', 1e308, 1e300)")
+        conn.execute("INSERT OR REPLACE INTO records VALUES ('beat:runs', 'third', 1e9, 1e300)")
     done = greenq(tmp_path, ini, "beat", "--list")
     assert done.returncode == 0, done.stderr
     lines = sorted(done.stdout.splitlines())

@@ -21,5 +21,6 @@ TRANSPORT = Descriptor(
     results={"rpc": _HERE + "rpc:RPCBackend"},
     control=_HERE + "control:AMQPTransport",
     scheduler_lease=_HERE + "lease:AMQPLease",
+    coordination=_HERE + "coordination:AMQPCoordination",
     queue_listing=_HERE + "management:queue_stats",
 )

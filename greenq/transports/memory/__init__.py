@@ -9,4 +9,5 @@ TRANSPORT = Descriptor(
     results="greenq.transports.memory.results:MemoryBackend",
     control="greenq.transports.memory.control:MemoryTransport",
     scheduler_lease="greenq.transports.memory.lease:MemoryLease",
+    coordination="greenq.transports.memory.coordination:MemoryCoordination",
 )

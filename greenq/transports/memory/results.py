@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .coordination import MemoryCoordination
 from .client import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
 from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
@@ -25,7 +26,6 @@ class _ResultStore:
         self.revoked: Dict[str, Tuple[bool, float, float]] = {}  # id -> (terminate, at, expires_at)
         self.waiters: Dict[str, List] = {}
         self.groups: Dict[str, Tuple[bytes, float]] = {}          # id -> (data, expires_at)
-        self.chords: Dict[str, "_Chord"] = {}
         self.next_cleanup = 0.0
 
     def sweep(self, now: float) -> None:
@@ -35,18 +35,7 @@ class _ResultStore:
         for table in (self.results, self.revoked, self.groups):
             for key in [k for k, v in table.items() if v[-1] <= now]:
                 del table[key]
-        for group_id in [g for g in self.chords if g not in self.groups]:   # they expire together
-            del self.chords[group_id]
 
-
-class _Chord:
-    """One chord's count: the members seen, the completer, whether sent."""
-    __slots__ = ("done", "completer", "sent")
-
-    def __init__(self) -> None:
-        self.done: set = set()
-        self.completer: Optional[str] = None
-        self.sent = False
 
 
 _STORES = Registry(_ResultStore)
@@ -158,21 +147,9 @@ class MemoryBackend(ResultBackend):
     def forget_group(self, group_id: str) -> None:
         with self._store.lock:
             self._store.groups.pop(group_id, None)
-            self._store.chords.pop(group_id, None)
+        self._forget_chord(group_id)
 
-    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
-        with self._store.lock:
-            chord = self._store.chords.setdefault(group_id, _Chord())
-            chord.done.add(member_id)
-            if chord.sent or len(chord.done) < size:
-                return False
-            if chord.completer is None:
-                chord.completer = member_id
-            return chord.completer == member_id
-
-    def chord_sent(self, group_id: str) -> None:
-        with self._store.lock:
-            self._store.chords.setdefault(group_id, _Chord()).sent = True
+    # chord_member_done / chord_sent: ResultBackend's, on MemoryCoordination
 
     def reset(self) -> None:
         """Forget every result and revocation of this URL (between users' tests)."""
@@ -180,4 +157,6 @@ class MemoryBackend(ResultBackend):
             self._store.results.clear()
             self._store.revoked.clear()
             self._store.groups.clear()
-            self._store.chords.clear()
+        coordination = self.coordination
+        if isinstance(coordination, MemoryCoordination):
+            coordination.reset()

@@ -22,4 +22,8 @@ TRANSPORT = Descriptor(
              "redis+cluster": _HERE + "results_cluster:RedisClusterBackend"},
     control={"redis": _HERE + "control:RedisTransport", "rediss": _HERE + "control:RedisTransport"},
     scheduler_lease={"redis": _HERE + "lease:RedisLease", "rediss": _HERE + "lease:RedisLease"},
+    coordination={"redis": _HERE + "coordination:RedisCoordination",
+                  "rediss": _HERE + "coordination:RedisCoordination",
+                  "redis+sentinel": _HERE + "coordination:RedisSentinelCoordination",
+                  "redis+cluster": _HERE + "coordination:RedisClusterCoordination"},
 )

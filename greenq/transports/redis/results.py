@@ -31,12 +31,16 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from ...reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
 from .client import FAILURES, TRANSIENT, make_client, refused
 from ...config import Config, mask_url
 from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
+from ...coordination import Coordination
+from .coordination import RedisCoordination
+
+T = TypeVar("T")
 
 log = logging.getLogger("greenq.transports.redis.results")
 
@@ -70,24 +74,6 @@ if value and string.byte(value, 1) == 70 then return value end
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return false
-"""
-
-#: Count a chord member (ResultBackend.chord_member_done).  KEYS: members
-#: set, state hash.  ARGV: member id, chord size, expiry (s, 0 = none).
-CHORD_DONE = """
-local ex = tonumber(ARGV[3])
-redis.call('SADD', KEYS[1], ARGV[1])
-if ex > 0 then redis.call('EXPIRE', KEYS[1], ex) end
-if redis.call('HGET', KEYS[2], 'sent') then return 0 end
-if redis.call('SCARD', KEYS[1]) < tonumber(ARGV[2]) then return 0 end
-local completer = redis.call('HGET', KEYS[2], 'completer')
-if not completer then
-  redis.call('HSET', KEYS[2], 'completer', ARGV[1])
-  if ex > 0 then redis.call('EXPIRE', KEYS[2], ex) end
-  return 1
-end
-if completer == ARGV[1] then return 1 end
-return 0
 """
 
 FINAL, PARTIAL = b"F", b"P"
@@ -323,7 +309,8 @@ class RedisBackend(Reconnecting, ResultBackend):
         return {t: v == b"1" for t, v in zip(task_ids, values) if v is not None}
 
     # -- groups and chords: P:group:<id> (string), P:chord:<id> (set of the
-    # members counted), P:chordstate:<id> (hash: completer, sent) -------------
+    # members counted), P:chordstate:<id> (hash: completer, sent): the last two
+    # through RedisCoordination (greenq/transports/redis/coordination.py) ------
     stores_groups = True
 
     def get_many(self, task_ids: Sequence[str]) -> List[Optional[bytes]]:
@@ -339,28 +326,19 @@ class RedisBackend(Reconnecting, ResultBackend):
         return self._call(lambda: self.client.get(self._key("group", group_id)), self._timeout, "load group")
 
     def forget_group(self, group_id: str) -> None:
+        # one DEL: the group record and the chord's set and record (the coordination's keys of _chord_names)
         self._call(lambda: self.client.delete(*(self._key(k, group_id) for k in ("group", "chord", "chordstate"))),
                    self._timeout, "forget group")
 
-    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
-        script = self.__dict__.get("_chord_script")
-        if script is None:
-            script = self._chord_script = self.client.register_script(CHORD_DONE)
-        keys = [self._key("chord", group_id), self._key("chordstate", group_id)]
-        return bool(self._call(lambda: script(keys=keys, args=[member_id, size, self.expires]),
-                               self._timeout, "count chord member"))
+    # chord_member_done / chord_sent: ResultBackend's, on this client's coordination
+    def _make_coordination(self) -> Coordination:
+        return RedisCoordination(self.url, self.config, self.driver, client=self.client)
 
-    def chord_sent(self, group_id: str) -> None:
-        key = self._key("chordstate", group_id)
-
-        def mark() -> None:
-            pipe = self.client.pipeline()
-            pipe.hset(key, "sent", 1)
-            if self.expires:
-                pipe.expire(key, self.expires)
-            pipe.execute()
-        self._call(mark, self._timeout, "mark chord sent")
+    def _coordinate(self, call: Callable[[], T], what: str) -> T:
+        result: T = self._call(call, self._timeout, what)
+        return result
 
     def close(self) -> None:
+        self._close_coordination()
         self._listener.close()
         self.pool.disconnect(inuse_connections=False)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...reconnect import Unreachable, reconnect_delay
 from .topology import CLUSTER_TRANSIENT, make_cluster_client
@@ -46,6 +46,14 @@ class RedisClusterBackend(RedisBackend):
 
     def _key(self, kind: str, task_id: str) -> str:
         return f"{self.prefix}:{kind}:{{{task_id}}}"
+
+    def _make_coordination(self) -> Any:
+        from .coordination import RedisClusterCoordination
+        return RedisClusterCoordination(self.url, self.config, self.driver, client=self.client)
+
+    def _chord_names(self, group_id: str) -> Tuple[str, str]:
+        """The keys P:chord:{<id>}, P:chordstate:{<id>}, as _key names them."""
+        return f"chord:{{{group_id}}}", f"chordstate:{{{group_id}}}"
 
     def _store_many(self, records: Sequence[Record]) -> None:
         def store() -> None:
@@ -130,5 +138,6 @@ class RedisClusterBackend(RedisBackend):
         return out
 
     def close(self) -> None:
+        self._close_coordination()
         self.pool.disconnect(inuse_connections=False)
 

@@ -9,4 +9,5 @@ TRANSPORT = Descriptor(
     results="greenq.transports.sqlite.results:SQLiteBackend",
     control="greenq.transports.sqlite.control:SQLiteTransport",
     scheduler_lease="greenq.transports.sqlite.lease:SQLiteLease",
+    coordination="greenq.transports.sqlite.coordination:SQLiteCoordination",
 )

@@ -69,7 +69,7 @@ TABLE_NAMES = frozenset((
     "messages", "messages_fetch", "queues", "dead_letters", "results", "revocations",
     "group_records", "chord_members", "chord_state",
     "control_commands", "control_replies", "control_replies_to", "control_events",
-    "beat_lease", "beat_runs"))
+    "beat_lease", "beat_runs", "leases", "set_members", "records"))
 
 
 class Tables:
@@ -96,6 +96,9 @@ class Tables:
     control_events: str
     beat_lease: str
     beat_runs: str
+    leases: str
+    set_members: str
+    records: str
 
     def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
         self.prefix = prefix

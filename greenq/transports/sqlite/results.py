@@ -17,16 +17,11 @@ from typing import Dict, List, Optional, Sequence
 from .client import Database, chunks, placeholders, run_script, transaction
 from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
-#: the tables of groups and chords (created on first use, beside the broker's schema)
+#: the table of group records (created on first use, beside the broker's schema);
+#: chords count in the coordination tables (greenq/transports/sqlite/coordination.py)
 CHORD_SCHEMA = """
 CREATE TABLE IF NOT EXISTS {group_records} (
-    group_id TEXT PRIMARY KEY, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS {chord_members} (
-    group_id TEXT NOT NULL, member_id TEXT NOT NULL, expires_at REAL NOT NULL,
-    PRIMARY KEY (group_id, member_id)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS {chord_state} (
-    group_id TEXT PRIMARY KEY, completer TEXT, sent INTEGER NOT NULL DEFAULT 0,
-    expires_at REAL NOT NULL) WITHOUT ROWID
+    group_id TEXT PRIMARY KEY, data BLOB NOT NULL, expires_at REAL NOT NULL) WITHOUT ROWID
 """
 CLEANUP_EVERY = 60.0   # seconds between deletions of expired rows, per backend instance
 FOREVER = 1e300        # expires_at of records kept forever
@@ -149,8 +144,7 @@ class SQLiteBackend(ResultBackend):
             with transaction(conn):
                 conn.execute(f"INSERT OR REPLACE INTO {t.group_records} (group_id, data, expires_at) "
                              "VALUES (?, ?, ?)", (group_id, data, self._expires_at(now)))
-                for table in (t.group_records, t.chord_members, t.chord_state):
-                    conn.execute(f"DELETE FROM {table} WHERE expires_at <= ?", (now,))
+                conn.execute(f"DELETE FROM {t.group_records} WHERE expires_at <= ?", (now,))
         self._chords(insert)
 
     def load_group(self, group_id: str) -> Optional[bytes]:
@@ -163,39 +157,13 @@ class SQLiteBackend(ResultBackend):
     def forget_group(self, group_id: str) -> None:
         def delete(conn: sqlite3.Connection) -> None:
             with transaction(conn):
-                for table in (self._t.group_records, self._t.chord_members, self._t.chord_state):
-                    conn.execute(f"DELETE FROM {table} WHERE group_id = ?", (group_id,))
+                conn.execute(f"DELETE FROM {self._t.group_records} WHERE group_id = ?", (group_id,))
         self._chords(delete)
+        self._forget_chord(group_id)
 
-    def chord_member_done(self, group_id: str, member_id: str, size: int) -> bool:
-        expires_at = self._expires_at(time.time())
-        t = self._t
-
-        def count(conn: sqlite3.Connection) -> bool:
-            with transaction(conn):       # BEGIN IMMEDIATE: one counter at a time
-                conn.execute(f"INSERT OR IGNORE INTO {t.chord_members} (group_id, member_id, expires_at) "
-                             "VALUES (?, ?, ?)", (group_id, member_id, expires_at))
-                done = conn.execute(f"SELECT COUNT(*) FROM {t.chord_members} WHERE group_id = ?",
-                                    (group_id,)).fetchone()[0]
-                row = conn.execute(f"SELECT completer, sent FROM {t.chord_state} WHERE group_id = ?",
-                                   (group_id,)).fetchone()
-                if done < size or (row is not None and row[1]):
-                    return False
-                if row is None or row[0] is None:
-                    conn.execute(f"INSERT OR REPLACE INTO {t.chord_state} (group_id, completer, sent, expires_at) "
-                                 "VALUES (?, ?, 0, ?)", (group_id, member_id, expires_at))
-                    return True
-                return row[0] == member_id
-        return self._chords(count)
-
-    def chord_sent(self, group_id: str) -> None:
-        expires_at = self._expires_at(time.time())
-
-        def mark(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
-                conn.execute(f"INSERT INTO {self._t.chord_state} (group_id, sent, expires_at) VALUES (?, 1, ?) "
-                             "ON CONFLICT (group_id) DO UPDATE SET sent = 1", (group_id, expires_at))
-        self._chords(mark)
+    # chord_member_done / chord_sent: ResultBackend's, on SQLiteCoordination (its own
+    # connections to the same file; expired members and records are deleted by it)
 
     def close(self) -> None:
+        self._close_coordination()
         self._db.close()
