@@ -43,7 +43,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import validation
-from .coordination import CLOCK_SLACK, Coordination, Record, make_coordination
+from .coordination import Coordination, Record, make_coordination
 from .drivers.base import UsesDriver
 from .exceptions import ConfigError, MessageError
 from .signing import Signer

@@ -30,7 +30,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple, TypeVar
 
 from ...coordination import CLOCK_SLACK, Coordination, Record
-from .client import Database, Tables, run_script, transaction
+from .client import Database, Tables, transaction
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...config import Config
