@@ -5,19 +5,25 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, overload
 
 from . import config as config_module
 from .brokers import make_broker
 from .drivers import detect_patched
 from .exceptions import ConfigError
-from .hooks import Hooks
+from .hooks import Hooks, S
 from .backends import backend_url_for, make_backend
 from .building import MessageBuilder, Target
 from .message import Codec, TaskMessage, check_trust
 from .result import ALWAYS_REBUILT, AsyncResult, EagerResult
+from .result import AsyncResult as _AsyncResult   # for annotations in GreenQ, where AsyncResult is a method
 from .canvas import GroupResult, Signature, run_eager, signature
 from .task import Task, current_request, make_task
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backends.base import ResultBackend
+    from .brokers.base import Broker
+    from .drivers.base import Driver
 
 log = logging.getLogger("greenq")
 
@@ -39,8 +45,8 @@ os.register_at_fork(after_in_child=_forked)
 class _Connections:
     """One process's broker and (made on first use) result backend."""
     forks: int                 # the fork generation they were made in: never used across a fork
-    broker: Any
-    backend: Any = None
+    broker: "Broker"
+    backend: Optional["ResultBackend"] = None
 
 
 class _AppTarget(Target):
@@ -98,7 +104,7 @@ class GreenQ:
         self.tasks: Dict[str, Task] = {}
         self.periodic: Dict[str, Any] = {}     # name -> greenq.beat.Entry (add_periodic)
         self.hooks = Hooks()
-        self.driver = None  # set by the worker; None = plain blocking client
+        self.driver: Optional[Driver] = None  # set by the worker; None = plain blocking client
         self._lock = threading.Lock()
         self._conn: Optional[_Connections] = None
         self._codec: Optional[Codec] = None
@@ -116,13 +122,27 @@ class GreenQ:
         return f"<GreenQ {self.name} broker={config_module.mask_url(self.config.broker_url)}>"
 
     # -- tasks ---------------------------------------------------------------
-    def on(self, name: str, fn: Optional[Callable[..., Any]] = None) -> Any:
+    @overload
+    def on(self, name: str, fn: "S") -> "S": ...
+
+    @overload
+    def on(self, name: str, fn: None = None) -> "Callable[[S], S]": ...
+
+    def on(self, name: str, fn: "Optional[S]" = None) -> "Union[S, Callable[[S], S]]":
         """Subscribe to a hook (``@app.on("task_failure")``); greenq/hooks.py
         lists the hooks, their arguments and where they run."""
         return self.hooks.on(name, fn)
 
+    @overload
+    def task(self, fn: Callable[..., Any], *, name: Optional[str] = None, bind: bool = False,
+             **options: Any) -> Task: ...
+
+    @overload
+    def task(self, fn: None = None, *, name: Optional[str] = None, bind: bool = False,
+             **options: Any) -> Callable[[Callable[..., Any]], Task]: ...
+
     def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,
-             bind: bool = False, **options: Any) -> Any:
+             bind: bool = False, **options: Any) -> Union[Task, Callable[[Callable[..., Any]], Task]]:
         """Register a task: ``@app.task`` or ``@app.task(name=..., queue=..., ...)``."""
         def register(func: Callable[..., Any]) -> Task:
             task = make_task(self, func, name, bind, options)
@@ -164,11 +184,11 @@ class GreenQ:
         return conn
 
     @property
-    def broker(self):
+    def broker(self) -> Broker:
         return self._connections().broker
 
     @property
-    def backend(self):
+    def backend(self) -> ResultBackend:
         conn = self._connections()
         if conn.backend is None:
             with self._lock:
@@ -254,7 +274,7 @@ class GreenQ:
         return Signature.from_dict(record, self)._freeze(self, options)[0]
 
     def send_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                  **options: Any) -> AsyncResult:
+                  **options: Any) -> _AsyncResult:
         """Send a task by name (its code need not be importable here); takes
         every ``apply_async`` option.  One broker round trip."""
         if self.config.eager:
@@ -265,7 +285,7 @@ class GreenQ:
         self.broker.publish(self.codec.outgoing(msg))
         return AsyncResult(msg.id, self, name)
 
-    def enqueue_many(self, signatures: Iterable[Signature]) -> List[AsyncResult]:
+    def enqueue_many(self, signatures: Iterable[Signature]) -> List[_AsyncResult]:
         """Publish many calls at once, pipelined; one AsyncResult each, in order."""
         sigs = list(signatures)
         if self.config.eager:

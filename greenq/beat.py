@@ -98,6 +98,7 @@ class Entry:
 
 def _cronsim(entry: Entry, start: datetime, reverse: bool = False) -> Any:
     from cronsim import CronSim       # the expression was checked when the entry was built
+    assert entry.cron is not None, "a cron entry"
     return CronSim(entry.cron, start, reverse=reverse)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import fnmatch
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple, cast
 
 from . import validation
 from .message import TaskMessage, new_id
@@ -193,8 +193,8 @@ class MessageBuilder:
             task=name, args=list(args), kwargs=dict(kwargs),
             id=task_id, queue=queue, priority=priority,
             eta=eta if eta and eta > now else None, expires=expires, created=now,
-            root_id=caller.root_id if inside else None,
-            parent_id=caller.id if inside else None,
+            root_id=caller.root_id if inside and caller is not None else None,
+            parent_id=caller.id if inside and caller is not None else None,
             time_limit=time_limit, soft_time_limit=soft_limit,
             reply_to=None if ignore else self.target.reply_to())
 
@@ -202,11 +202,11 @@ class MessageBuilder:
         """``validation.name("queue", queue, limit=limit)``, remembered per name."""
         size = self._queue_sizes.get(queue) if type(queue) is str else None
         if size is not None and size <= limit:
-            return queue
+            return cast(str, queue)     # a str: its size was found under its name
         validation.name("queue", queue, limit=limit)
         if len(self._queue_sizes) < NAME_CACHE_MAX:
             self._queue_sizes[queue] = len(queue.encode("utf-8"))
-        return queue
+        return cast(str, queue)         # validation.name passed it
 
     # -- a signature record (greenq.canvas) ----------------------------------------------
     def build_record(self, record: Dict[str, Any], prefix: Sequence[Any] = (),

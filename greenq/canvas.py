@@ -101,7 +101,7 @@ class Signature:
         self.options["link_error"] = _records(self.options.get("link_error")) + _records(errback)
         return errback
 
-    def __or__(self, other: Any) -> Any:
+    def __or__(self, other: Any) -> "chain":
         return chain(self, other)
 
     def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:

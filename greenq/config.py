@@ -460,7 +460,7 @@ def find_config_file(explicit: Optional[str], env: Mapping[str, str]) -> Optiona
 def _read_ini(cfg: Config, path: str) -> None:
     parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None,
                                        strict=True)
-    parser.optionxform = str  # keep key case so errors show what was written
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # keep key case so errors show what was written (typeshed: a method)
     try:
         with open(path, encoding="utf-8") as fh:
             parser.read_file(fh)
@@ -526,7 +526,7 @@ def load(path: Optional[str] = None, *, env: Optional[Mapping[str, str]] = None,
     return cfg
 
 
-def report(cfg: Config, write: Optional[Callable[[str], None]] = None, take_over: bool = False) -> None:
+def report(cfg: Config, write: Optional[Callable[[str], object]] = None, take_over: bool = False) -> None:
     """Pass each of ``cfg.warnings`` not reported yet in this process to
     ``write`` (default: log it at WARNING on ``greenq.config``).  With
     ``take_over`` (a command line tool), later ``load()`` calls in this

@@ -82,7 +82,7 @@ class TaskRevokedError(GreenQError):
     """Raised by ``get()`` for a task that was revoked or expired."""
 
 
-def describe(exc: BaseException) -> str:
+def describe(exc: Optional[BaseException]) -> str:
     """``Type: message`` of an exception, for a log line or an error text.
 
     The one way greenq shows an exception it caught (docs/glossary.md): it never

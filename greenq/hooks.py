@@ -30,7 +30,7 @@ then the app's.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TypeVar, Union, overload
 
 log = logging.getLogger("greenq.hooks")
 
@@ -41,6 +41,8 @@ PUBLIC_HOOKS = ("worker_process_init", "worker_shutdown", "task_prerun", "task_p
 INTERNAL_HOOKS = ("messages_received", "task_received", "task_revoked", "message_dead_lettered")
 
 Subscriber = Callable[..., Any]
+#: a subscriber, given back as it is by ``@on(name)`` (its own type kept)
+S = TypeVar("S", bound=Subscriber)
 
 
 class Hooks:
@@ -49,7 +51,13 @@ class Hooks:
     def __init__(self, names: Iterable[str] = PUBLIC_HOOKS) -> None:
         self._subscribers: Dict[str, List[Subscriber]] = {name: [] for name in names}
 
-    def on(self, name: str, fn: Optional[Subscriber] = None) -> Any:
+    @overload
+    def on(self, name: str, fn: S) -> S: ...
+
+    @overload
+    def on(self, name: str, fn: None = None) -> Callable[[S], S]: ...
+
+    def on(self, name: str, fn: Optional[S] = None) -> Union[S, Callable[[S], S]]:
         """Subscribe ``fn`` to ``name``; as ``@hooks.on(name)``, a decorator."""
         if name not in self._subscribers:
             import difflib

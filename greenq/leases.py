@@ -40,7 +40,7 @@ and a record unsigned or forged is logged and ignored.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional, Type
 
 from . import validation
 from .coordination import Coordination, Record, make_coordination
@@ -125,7 +125,7 @@ class Lease(UsesDriver):
         for raw_entry, raw_slot in rows:
             entry = entry_name(raw_entry)
             slot = None if entry is None else decode_slot(self.signer, entry, raw_slot)
-            if slot is not None:
+            if slot is not None and entry is not None:
                 runs[entry] = slot
         return runs
 
@@ -195,5 +195,5 @@ def make_lease(app: "GreenQ", ttl: float) -> Lease:
     url = app.config.broker_url
     if transports.capability_of(url, "scheduler_lease", app.config) is None:
         raise ConfigError(f"periodic tasks: no scheduler lease for broker {url.split(':', 1)[0]}://")
-    cls = transports.load(url, "scheduler_lease", "periodic tasks", app.config)
+    cls: Type[Lease] = transports.load(url, "scheduler_lease", "periodic tasks", app.config)
     return cls(url, app.config, ttl, app.driver)

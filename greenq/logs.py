@@ -35,7 +35,7 @@ def setup(level: str = "INFO", config_file: Optional[str] = None) -> None:
         except Exception as exc:
             raise ConfigError(f"[greenq] logging_config = {config_file!r}: {exc}") from None
     else:
-        handler = logging.StreamHandler()
+        handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(FORMAT))
         root.handlers[:] = [handler]
         root.setLevel(level)

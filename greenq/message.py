@@ -33,7 +33,7 @@ log = logging.getLogger("greenq")
 PROTOCOL = 1
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _loads = json.loads
-_scan_json = json.JSONDecoder().scan_once
+_scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__; typeshed omits it
 
 
 _SIZE_SLACK = 65536    # a stored message may exceed max_message_size by this much (headers, signing)
@@ -50,7 +50,7 @@ def _created(option: str, value: Any) -> float:
 
 
 #: how the decoder checks each envelope field (None = absent, where allowed)
-_FIELD_RULES = {
+_FIELD_RULES: Dict[str, Callable[[str, Any], Any]] = {
     "task": validation.name,
     "id": validation.name,
     "queue": lambda o, v: "default" if v is None else validation.name(o, v),

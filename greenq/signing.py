@@ -27,7 +27,7 @@ _TAG_LEN = 64                      # hex digits of SHA-256
 _HEADER_LEN = len(PREFIX) + _TAG_LEN + 1
 
 
-def parse_keys(value: str) -> List[bytes]:
+def parse_keys(value: Optional[str]) -> List[bytes]:
     """The keys of a ``signing_key`` setting: comma-separated, blanks dropped."""
     return [k.strip().encode() for k in (value or "").split(",") if k.strip()]
 

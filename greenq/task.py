@@ -82,7 +82,7 @@ class Task:
         self._options = options
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
-        self.__module__ = getattr(fn, "__module__", None)
+        self.__module__ = getattr(fn, "__module__", None)  # type: ignore[assignment]  # None as functools.wraps leaves it
         self.__wrapped__ = fn
 
     def __repr__(self) -> str:
@@ -186,7 +186,7 @@ class Task:
             return self(*args, **kwargs)
         try:
             return self(*args, **kwargs)
-        except tuple(autoretry) as exc:  # type: ignore[misc]
+        except tuple(autoretry) as exc:
             raise self.retry(exc=exc, countdown=self.backoff(self.request.retries))
 
     # -- eager ---------------------------------------------------------------

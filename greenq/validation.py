@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone as dt_timezone, tzinfo
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Optional
 
 #: task ids, task names, queue names and reply queues: at most this many UTF-8
 #: bytes.  255 is AMQP's limit for a queue name and a message id (shortstr),
@@ -134,7 +134,7 @@ def depth(value: Any, limit: int = MAX_DEPTH) -> None:
     while stack:
         item, level = stack.pop()
         if isinstance(item, dict):
-            children = item.values()
+            children: Iterable[Any] = item.values()
         elif isinstance(item, (list, tuple)):
             children = item
         else:

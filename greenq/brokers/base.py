@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, cast
 
 from ..drivers.base import UsesDriver
 from ..message import _SIZE_SLACK
@@ -57,7 +57,7 @@ PREVIEW_BYTES = 4096
 def body_limit(config: "Config") -> int:
     """The longest body a worker reads whole: ``max_message_size`` plus the
     slack the codec allows for the envelope and signature."""
-    return config.max_message_size + _SIZE_SLACK
+    return cast(int, config.max_message_size) + _SIZE_SLACK
 
 
 def oversize_reason(size: int, max_message_size: int, kept: int) -> str:

@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 from .. import config as config_module
 from ..exceptions import ConfigError, GreenQError
@@ -26,7 +26,7 @@ WAIT_TIMEOUT = 60.0
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 

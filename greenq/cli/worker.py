@@ -14,7 +14,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, List, Optional
+from typing import Any, List, NoReturn, Optional
 
 from .. import config as config_module
 from ..exceptions import BrokerError, ConfigError
@@ -28,7 +28,7 @@ CELERY_NO_OPS = ("gossip", "mingle", "heartbeat")
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # exit 2 with the flag named, as argparse does
+    def error(self, message: str) -> NoReturn:  # exit 2 with the flag named, as argparse does
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"greenq-worker: error: {message}\n")
 

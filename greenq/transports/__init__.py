@@ -141,7 +141,7 @@ def load(url: str, capability: str, what: str, config: Optional["Config"] = None
     scheme = scheme_of(url)
     desc = lookup(url, config, results=results)
     reference = desc.ref(capability, scheme) if desc is not None else None
-    if reference is None:
+    if reference is None or desc is None:
         shown = scheme + "://" if scheme else repr(url)
         if desc is None or capability in ("broker", "results"):
             raise ConfigError(f"{what} URL scheme {shown} is not supported; "

@@ -65,7 +65,7 @@ class Descriptor:
 
     def ref(self, capability: str, scheme: str) -> Optional[str]:
         """The reference of ``capability`` for URLs of ``scheme``, or None."""
-        value = getattr(self, capability)
+        value: Ref = getattr(self, capability)
         if value is None or isinstance(value, str):
             return value
         return value.get(scheme)

@@ -35,6 +35,7 @@ it must be quick and must not block.  A step that needs a remote answer
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -148,13 +149,14 @@ class RateLimit(AdmissionStep):
         self.wake(task)                 # waiters go on under the new limit
 
     def rate(self, job: "Job") -> Optional[str]:
+        assert job.msg is not None and job.task is not None, "admission sees decoded messages only"
         name = job.msg.task
         if name in self._overrides:
             return self._overrides[name]
         return job.task.option("rate_limit") or None
 
     def key(self, job: "Job") -> Optional[Hashable]:
-        return job.msg.task if self.rate(job) else None
+        return job.msg.task if job.msg is not None and self.rate(job) else None
 
     def admit(self, job: "Job") -> Decision:
         rate = self.rate(job)
@@ -164,6 +166,7 @@ class RateLimit(AdmissionStep):
         if interval is None:
             interval = self._intervals[rate] = 1.0 / parse_rate(rate)
         now = self.clock()
+        assert job.msg is not None, "admission sees decoded messages only"
         name = job.msg.task
         slot = self._next_slot.get(name, 0.0)
         if slot > now:
@@ -198,7 +201,7 @@ class Admission:
     # -- the chain ---------------------------------------------------------------
     def add(self, step: AdmissionStep) -> AdmissionStep:
         index = len(self.steps)
-        step.attach(lambda key, _i=index: self._wake_key(_i, key))
+        step.attach(functools.partial(self._wake_key, index))
         self.steps.append(step)
         return step
 

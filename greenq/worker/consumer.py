@@ -397,6 +397,7 @@ class Worker:
         received = self.hooks.has("task_received")
         offer = self.admission.offer if self.admission else self.runq.put
         for job in ready:
+            assert job.msg is not None, "ready: its message decoded"
             if job.msg.id in revoked:
                 self.finish(job, jobs.REVOKED, reason="revoked")
             else:
@@ -437,6 +438,7 @@ class Worker:
 
     def _defer(self, job: Job, eta: float) -> None:
         """An admission step deferred ``job``: back to the broker, due at ``eta``."""
+        assert job.msg is not None, "admission sees decoded messages only"
         job.msg = dataclasses.replace(job.msg, eta=eta)
         self.finish(job, jobs.DEFER, reason="deferred by admission")
 

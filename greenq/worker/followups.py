@@ -116,6 +116,7 @@ class Followups:
         """The chord's record ``data``, checked; None when it fails its check,
         and then the chord is failed with ChordError under ``chord_result``
         (once) and nothing in the record is used."""
+        assert msg.group_id is not None, "a chord member has its group"
         try:
             return decode_group(self.app, data, msg.group_id)
         except (MessageError, ValueError) as exc:
@@ -143,6 +144,7 @@ class Followups:
     def _fire(self, msg: "TaskMessage") -> None:
         backend = self._backend()
         group_id = msg.group_id
+        assert group_id is not None, "a chord member has its group"
         data = backend.load_group(group_id)
         if data is None:
             log.error("chord %s: its record is gone from the result backend (expired?); its callback "
@@ -179,7 +181,7 @@ class Followups:
             except MessageError as exc:
                 meta, reason = None, f"has a result that cannot be read ({exc})"
             state = meta.get("state") if meta else None
-            if state == SUCCESS:
+            if state == SUCCESS and meta:
                 values.append(meta.get("result"))
                 continue
             if reason is None:
@@ -211,7 +213,8 @@ class Followups:
     def _failed_already(self, task_id: Optional[str]) -> bool:
         data = self._backend().get(task_id) if task_id else None
         try:
-            return data is not None and self._decode(data, task_id).get("state") == FAILURE
+            return data is not None and task_id is not None and \
+                self._decode(data, task_id).get("state") == FAILURE
         except MessageError:
             return False
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 from ..exceptions import Reject, Retry, TimeLimitExceeded
 from ..task import Request
@@ -13,6 +13,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..brokers.base import Delivery
     from ..message import TaskMessage
     from ..task import Task
+    from .admission import AdmissionStep
 
 log = logging.getLogger("greenq.worker")
 
@@ -60,7 +61,7 @@ class Job:
         #: stored in its result's meta as ``hub_blocked``
         self.hub_blocked = 0.0
         #: the admission steps that let it run (admission.py), released when it ends
-        self.admitted: Optional[list] = None
+        self.admitted: Optional[List[AdmissionStep]] = None
 
     @property
     def id(self) -> str:
@@ -70,6 +71,7 @@ class Job:
 def request_for(job: Job) -> Request:
     """The task context (``self.request``) of ``job``."""
     msg, delivery = job.msg, job.delivery
+    assert msg is not None, "a job runs only once its message decoded"
     return Request(msg.id, msg.task, msg.args, msg.kwargs, msg.retries, msg.queue,   # positional:
                    msg.eta, msg.expires, msg.root_id,                              # once a task
                    {"queue": delivery.queue, "deliveries": delivery.deliveries},
@@ -81,6 +83,7 @@ def run(job: Job) -> None:
     outcome on the job.  Never raises for the task's own errors; a kill by
     the worker is recorded by its cause."""
     msg, task = job.msg, job.task
+    assert msg is not None and task is not None, "a job runs only once its message decoded"
     job.started = True
     job.started_at = time.time()
     try:
@@ -110,6 +113,7 @@ def run(job: Job) -> None:
 def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":
     """(soft, hard) time limits in seconds: the message's own, else the task's."""
     msg, task = job.msg, job.task
+    assert msg is not None and task is not None, "a job runs only once its message decoded"
     soft = msg.soft_time_limit if msg.soft_time_limit is not None else task.option("soft_time_limit")
     hard = msg.time_limit if msg.time_limit is not None else task.option("time_limit")
     return soft or None, hard or None

@@ -56,6 +56,7 @@ def choose_pool(argv, environ):
         path = _config_file(argv, environ)
         pool, source = "gevent", "default"
         if path and os.path.isfile(path):
+            parser: "configparser.ConfigParser | None"
             parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"), interpolation=None)
             try:
                 parser.read(path, encoding="utf-8")

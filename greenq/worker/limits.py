@@ -86,6 +86,7 @@ class Reaper:
     def kill(self, job: Job, exc: Type[BaseException]) -> None:
         if exc is jobs.HardKill or exc is jobs.Terminate:
             job.killed_by = exc
+        assert job.msg is not None, "a job runs only once its message decoded"
         log.warning("task %s[%s]: %s", job.msg.task, job.msg.id, KILL_MESSAGES[exc])
         job.handle.kill(exc)
 

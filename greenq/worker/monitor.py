@@ -71,6 +71,7 @@ class Monitor:
 
     def _heartbeat(self) -> None:
         """Tell the supervisor the hub runs: touch the file every second."""
+        assert self.heartbeat_file is not None, "started only with a heartbeat file"
         while self._running:
             try:
                 os.utime(self.heartbeat_file)
@@ -113,7 +114,7 @@ class Monitor:
             elif blocked_since is not None:
                 duration = self.beat - blocked_since
                 stats.hub_blocked_seconds += duration
-                who = f" (task {blocker.msg.task}[{blocker.msg.id}])" if blocker is not None else ""
+                who = f" (task {blocker.msg.task}[{blocker.msg.id}])" if blocker is not None and blocker.msg else ""
                 log.warning("hub unblocked after %.2f s%s", duration, who)
                 blocked_since, blocker = None, None
 
@@ -121,7 +122,7 @@ class Monitor:
         """The warning of one episode: who blocks the hub, that no time limit
         can fire meanwhile (naming the task's own limits), and the stack."""
         who, limit_note = "greenq itself", ""
-        if job is not None:
+        if job is not None and job.msg is not None:   # a running job: its message decoded
             who = f"task {job.msg.task}[{job.msg.id}]"
             try:
                 soft, hard = limits(job)

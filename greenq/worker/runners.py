@@ -142,6 +142,7 @@ class Runners:
 
     def _run(self, job: Job) -> None:
         task = job.task
+        assert job.msg is not None and task is not None, "a job runs only once its message decoded"
         try:
             soft, hard = jobs.limits(job)
         except Exception:                       # a bad [task:NAME] value: run without limits
@@ -207,6 +208,7 @@ class Runners:
         if job.outcome is None:                 # killed before it began
             job.outcome = jobs.REQUEUE
             if job.killed_by is jobs.HardKill:  # ...by its own hard limit (a hook ate its time)
+                assert job.msg is not None, "a job runs only once its message decoded"
                 job.outcome, job.exc = jobs.FAILURE, jobs.TimeLimitExceeded(
                     f"{job.msg.task}[{job.msg.id}] killed by its hard time limit before it started")
         with self.lock:

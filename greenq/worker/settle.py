@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..backends.base import Record
 from ..backoff import backoff
 from ..brokers.base import Delivery, Outgoing
-from ..exceptions import MessageError, describe
+from ..exceptions import MessageError, Reject, Retry, describe
 from ..message import peek
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
@@ -142,7 +142,7 @@ class Settler:
         encode = self.codec.encode_result
         outcome, msg = job.outcome, job.msg
         if outcome == jobs.DEAD:
-            plan.dead.append(DeadLettering(job.delivery, job.reason))
+            plan.dead.append(DeadLettering(job.delivery, job.reason or ""))
             log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
             self.hooks.emit("message_dead_lettered", job, job.reason)
             try:
@@ -154,6 +154,7 @@ class Settler:
             if record is not None:
                 plan.records.append(record)
             return
+        assert msg is not None, "past DEAD, every job's message decoded"
         if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
             plan.republish.append(self.codec.outgoing(msg, sent=False))    # moved, not sent
             plan.acks.append(job.delivery)
@@ -162,6 +163,7 @@ class Settler:
             (plan.requeue if job.started else plan.unstarted).append(job.delivery)
             return
         if outcome == jobs.REJECT:
+            assert isinstance(job.exc, Reject)
             if job.exc.requeue:
                 plan.requeue.append(job.delivery)
             else:
@@ -185,6 +187,7 @@ class Settler:
             if msg.link_error or msg.chain:
                 self.followups.on_failure(msg, FAILURE, job.exc, job.tb, None, plan.republish, plan.records)
         elif outcome == jobs.RETRY:
+            assert isinstance(job.exc, Retry)
             outgoing = self.codec.outgoing(msg.for_retry(job.exc.when))
             plan.records.append(Record(msg.id, encode(make_meta(
                 msg.id, RETRY, exc=job.exc.exc or job.exc, task=msg.task,
@@ -231,6 +234,8 @@ class Settler:
                 msg = self.codec.decode(job.delivery.body)   # dead before decoding (max_deliveries)
             except MessageError:
                 msg = None
+        task_id: Optional[str]
+        task: Optional[str]
         if msg is not None:
             task_id, task, reply_to = msg.id, msg.task, msg.reply_to
         elif self.codec.signed:

@@ -144,9 +144,10 @@ class Supervisor:
             alive = 0
             for i, child in enumerate(self.children):
                 if child is None:
-                    if self.restart_at[i] is not None and not self.stopping:
+                    restart_at = self.restart_at[i]
+                    if restart_at is not None and not self.stopping:
                         alive += 1
-                        if time.monotonic() >= self.restart_at[i]:
+                        if time.monotonic() >= restart_at:
                             self.restart_at[i] = None
                             self.children[i] = self._start(i)
                     continue
@@ -264,7 +265,7 @@ def merge(texts: List[Tuple[int, str]]) -> str:
                 family["help" if line.startswith("# HELP") else "type"] = line
             elif line and not line.startswith("#") and family is not None:
                 family["samples"].append(_labelled(line, slot))
-    out = []
+    out: List[str] = []
     for family in families.values():
         out.extend(x for x in (family["help"], family["type"]) if x)
         out.extend(family["samples"])

@@ -132,7 +132,7 @@ def close_quietly(conn: Optional["amqp.Connection"], forked: bool = False) -> No
     """Close ``conn`` cleanly if it answers within 2 s, else drop it; never raises.
     In a forked child (``forked``) the socket is the parent's: leave it alone."""
     transport = getattr(conn, "_transport", None)
-    if transport is None or forked:
+    if conn is None or transport is None or forked:
         return   # closed already, or the parent's
     try:
         transport.sock.settimeout(2.0)

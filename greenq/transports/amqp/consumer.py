@@ -231,6 +231,7 @@ class ConsumerLoop:
             self.queue_of.pop(tag, None)
 
     def _step(self) -> None:
+        assert self.conn is not None and self.raw is not None, "run only while connected"
         if self.cancelled:
             raise amqp.exceptions.ConsumerCancelled("RabbitMQ cancelled the consumer (queue deleted?)")
         if self.dirty:
@@ -281,6 +282,7 @@ class ConsumerLoop:
         our consumers here, anything else by py-amqp.  Returns what py-amqp's
         handler does (true when a method is complete), so ``drain_events``
         returns after each delivery."""
+        assert self.inbound is not None, "set with the connection that reads the frame"
         got = self.inbound.frame(frame)
         if got is NOT_MINE:
             return self.py_frame(frame)
@@ -292,6 +294,7 @@ class ConsumerLoop:
 
     def _drain_serial(self) -> None:
         """Wait until something can be read, then read it holding the write lock."""
+        assert self.conn is not None and self.raw is not None, "run only while connected"
         if not self.raw.buffered():
             if not select.select([self.sock], [], [], TICK)[0]:
                 raise socket.timeout()
@@ -530,7 +533,7 @@ class ConsumerLoop:
                     data = b"".join(reject_frame(channel_id, tag, True) for tag in sorted(tags))
                 else:
                     data = b"".join(ack_frame(channel_id, tag) for tag in tags)
-                raw.write(data)   # one write for the batch
+                raw.write(data)   # type: ignore[union-attr]  # one write for the batch; None once disconnected: caught below
             except AMQP_ERRORS + (AttributeError,) as exc:
                 log.debug("could not settle %d message(s): %s (they will be redelivered)", len(tags), exc)
 

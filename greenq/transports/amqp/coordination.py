@@ -183,7 +183,7 @@ class AMQPCoordination(Coordination):
                         version, value = found
                 new, answer = change(value)
                 if new is not None:
-                    props = {"delivery_mode": 2}
+                    props: Dict[str, Any] = {"delivery_mode": 2}
                     if ttl:
                         props["expiration"] = str(max(1, int(ttl * 1000)))
                     body = json.dumps({"v": version + 1, "value": new}).encode()

@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import amqp
 from amqp.exceptions import ChannelError
@@ -263,6 +263,7 @@ class ChannelPool:
     def _checkout(self) -> Publisher:
         if self._forks != FORKS[0]:
             self._reset()
+        pub: Optional[Publisher]
         try:
             pub = self._idle.pop()
         except IndexError:
@@ -354,8 +355,8 @@ class ChannelPool:
             except ChannelError as exc:
                 raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
 
-    def ensure_queues(self, pub: Publisher, queues: Sequence[str], force: bool = False,
-                      delayed: Sequence[str] = ()) -> None:
+    def ensure_queues(self, pub: Publisher, queues: Iterable[str], force: bool = False,
+                      delayed: Iterable[str] = ()) -> None:
         """Declare the dead-letter store, ``queues`` and the delay cascades of
         ``delayed`` (logical names) unless this process already did."""
         if not self.base_declared or force:
@@ -397,7 +398,7 @@ def delay_ms(m: Outgoing, now: float) -> int:
 
 
 def encode_outgoing(m: Outgoing, now: float, names: Settings,
-                    headers: Optional[Dict[str, Any]] = None) -> tuple:
+                    headers: Optional[Dict[str, Any]] = None) -> Tuple[bytes, bytes, str, str]:
     """(body, encoded properties, exchange, routing key) for ``m``
     (``Publisher.publish_raw``); ``names`` maps its logical queue to RabbitMQ's."""
     wait_ms = delay_ms(m, now) if m.eta is not None else 0
@@ -408,7 +409,7 @@ def encode_outgoing(m: Outgoing, now: float, names: Settings,
 
 
 def encode_message(m: Outgoing, now: float, names: Settings,
-                   headers: Optional[Dict[str, Any]] = None) -> tuple:
+                   headers: Optional[Dict[str, Any]] = None) -> Tuple[Any, str, str]:
     """(amqp.Message, exchange, routing key) for ``m``."""
     props: Dict[str, Any] = {"message_id": m.message_id, "delivery_mode": 2}
     if m.priority:
@@ -417,6 +418,7 @@ def encode_message(m: Outgoing, now: float, names: Settings,
     wait_ms = delay_ms(m, now)
     if wait_ms:
         exchange, key = names.delay_route(m.queue, wait_ms)
+        assert m.eta is not None, "a delay comes from an eta"
         headers[H_ETA] = float(m.eta)
     else:
         exchange, key = "", names.queue_name(m.queue)

@@ -31,7 +31,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
 
 import amqp
 from amqp.exceptions import PreconditionFailed
@@ -103,6 +103,7 @@ class RPCBackend(ResultBackend):
 
     def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
         self.reply_to()   # this process's reply queue, made if it sent nothing yet
+        assert self._replies is not None, "made by reply_to()"
         return self._replies.wait(task_id, timeout)
 
     def _forget(self, task_id: str) -> None:
@@ -132,7 +133,7 @@ class RPCBackend(ResultBackend):
 
         def send(pub: Publisher) -> None:
             for r in out:
-                pub.publish_raw(r.data, reply_properties(r), "", r.reply_to)
+                pub.publish_raw(r.data, reply_properties(r), "", cast(str, r.reply_to))   # out: with a reply_to
             if pub.confirm:
                 nacked, returned = pub.wait_confirms()
                 if nacked:
@@ -281,6 +282,7 @@ class _Replies:
                 self.retry_at = time.monotonic() + self.conn_state.lost(exc)
                 return
         conn, reader = self.conn, self.reader
+        assert conn is not None, "connected above"
         try:
             if reader is not None and timeout > 0:
                 if self.sock_timeout != timeout:
@@ -446,6 +448,7 @@ class _Revocations:
             except AMQP_ERRORS as exc:
                 self.retry_at = time.monotonic() + self.conn_state.lost(exc)
                 raise BrokerError(f"revocations unavailable: {exc}") from None
+        assert self.conn is not None, "connected above"
         try:
             if not self.caught_up:   # read the history until it pauses
                 end = time.monotonic() + CATCH_UP_SECONDS

@@ -85,6 +85,7 @@ class _Queue:
                 self.make_ready(msg, lease_until)
 
     def take(self, count: int, owner: str, lease_until: float) -> List[Delivery]:
+        out: List[Delivery]
         ready, messages, out = self.ready, self.messages, []
         while ready and len(out) < count:
             seq = heapq.heappop(ready)[2]

@@ -69,14 +69,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, cast
 
 import redis
 
 from ...config import Config, mask_url
 from ...exceptions import BrokerError
 from . import lua as lua
-from .client import FAILURES, TRANSIENT, make_client, refused, worker_pool_size
+from .client import FAILURES, TRANSIENT, Pool, make_client, refused, worker_pool_size
 from ...reconnect import Reconnecting, Reconnector, Unreachable
 from ...brokers.base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
@@ -201,7 +201,7 @@ class RedisBroker(Reconnecting, Broker):
         self.consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.client = self.client_factory(url, config, "")
         self._min_replicas = config.section("redis")["min_replicas"]
-        self.pool = self.client.connection_pool
+        self.pool = cast(Pool, self.client.connection_pool)  # the Pool make_client gave it (a cluster's: _AllNodePools, with its grow and disconnect)
         self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
                                        reset=self._reset, on_recovered=self._recovered,
                                        sleep=self._sleep, failures=FAILURES, refused=refused)
@@ -494,7 +494,7 @@ class RedisBroker(Reconnecting, Broker):
         if not self._spares:
             return []
         with self._lock:
-            out = []
+            out: List[Delivery] = []
             while self._spares and len(out) < count:
                 out.append(self._spares.popleft())
             return out
@@ -684,8 +684,8 @@ class RedisBroker(Reconnecting, Broker):
         if dead_ids is not None:
             ids = [i for i in dead_ids if _STREAM_ID.match(i)]
             moved = 0
-            for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
+            for offset in range(0, len(ids), 500):
+                chunk = ids[offset:offset + 500]
                 moved += self._call(lambda: self._dlq_requeue_script(
                     keys=keys, args=[self.prefix, *chunk]), self._timeout, "dlq requeue")[0]
             return moved

@@ -82,6 +82,7 @@ class RedisClusterBroker(RedisBroker):
     """RedisBroker with one hash slot per queue and one fetch lane per queue."""
 
     client_factory = staticmethod(make_cluster_client)
+    client: Any   # a LazyCluster, not a redis.Redis: it forwards redis.RedisCluster's calls (keyslot, nodes_manager...)
 
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)

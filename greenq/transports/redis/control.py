@@ -41,7 +41,7 @@ class RedisTransport(Transport):
         self._last_event = "$"
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> Any:   # a redis.Redis, whose replies redis-py types as bytes | str (ours: bytes)
         if self._client is None:
             timeout = (self.config.section("redis")["socket_timeout"] or 10.0) + 5.0
             self._client = redis.Redis.from_url(self.url, socket_timeout=timeout,

@@ -31,10 +31,10 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 
 from ...reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
-from .client import FAILURES, TRANSIENT, make_client, refused
+from .client import FAILURES, TRANSIENT, Pool, make_client, refused
 from ...config import Config, mask_url
 from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 from ...coordination import Coordination
@@ -210,7 +210,7 @@ class RedisBackend(Reconnecting, ResultBackend):
         self.prefix = config.key_prefix
         self.expires = int(config.result_expires)
         self.client = self.client_factory(url, config, "results", extra=1)   # +1: the listener's
-        self.pool = self.client.connection_pool
+        self.pool = cast(Pool, self.client.connection_pool)  # the Pool make_client gave it (a cluster's: _AllNodePools, with its grow and disconnect)
         self.reconnector = Reconnector(f"redis result backend {mask_url(url)}", TRANSIENT,
                                        reset=lambda: self.pool.disconnect(inuse_connections=False),
                                        sleep=self._sleep, failures=FAILURES, refused=refused)

@@ -39,6 +39,7 @@ class RedisClusterBackend(RedisBackend):
     """RedisBackend with per-task hash slots and sharded notifications."""
 
     client_factory = staticmethod(make_cluster_client)
+    client: Any   # a LazyCluster, not a redis.Redis: it forwards redis.RedisCluster's calls (keyslot, nodes_manager...)
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)

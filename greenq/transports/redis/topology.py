@@ -187,7 +187,7 @@ class LazyCluster:
         return Encoder("utf-8", "strict", False)
 
     def register_script(self, script: str) -> Script:
-        return Script(self, script)
+        return Script(self, script)  # type: ignore[arg-type]  # Script calls evalsha/script_load: forwarded
 
     def __getattr__(self, name: str) -> Any:
         client = self.built

@@ -47,7 +47,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .client import Database, chunks, placeholders, transaction
 from ...brokers.base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
@@ -175,7 +175,7 @@ class SQLiteBroker(Broker):
             return []
         with transaction(conn):
             now = time.time()
-            chosen: List[tuple] = []        # (queue, row with the body's length), within max_bytes
+            chosen: List[Tuple[str, Any]] = []        # (queue, row with the body's length), within max_bytes
             spent, full = 0, False
             for queue in wanted:
                 if full or len(chosen) >= count:
@@ -193,11 +193,11 @@ class SQLiteBroker(Broker):
             for row_id, _, _, message_id, size in over.values():
                 self._dead_letter_oversized(conn, row_id, message_id, size, now)
             ids = [row[0] for _, row in chosen if row[0] not in over]
-            bodies = {}
+            bodies: Dict[int, bytes] = {}
             for chunk in chunks(ids):
                 bodies.update(conn.execute(f"SELECT id, body FROM {t.messages} "
                                            f"WHERE id IN ({placeholders(len(chunk))})", chunk))
-            out = [_delivery(queue, *row[:4], bodies[row[0]]) for queue, row in chosen if row[0] in bodies]
+            out = [_delivery(queue, row[0], row[1], row[2], row[3], bodies[row[0]]) for queue, row in chosen if row[0] in bodies]
             for chunk in chunks(ids):
                 conn.execute(f"UPDATE {t.messages} SET claimed_by = ?, visible_at = ?, "
                              f"deliveries = deliveries + 1 WHERE id IN ({placeholders(len(chunk))})",

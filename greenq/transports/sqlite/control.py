@@ -99,6 +99,7 @@ class SQLiteTransport(UsesDriver, Transport):
             with transaction(conn):
                 cur = conn.execute(f"INSERT INTO {t.control_events} (created, body) VALUES (?, ?)", (now, body))
                 if clean:
+                    assert cur.lastrowid is not None, "an INSERT sets it"
                     conn.execute(f"DELETE FROM {t.control_events} WHERE id <= ?", (cur.lastrowid - EVENTS_KEPT,))
                     conn.execute(f"DELETE FROM {t.control_commands} WHERE created < ?", (now - KEEP_SECONDS,))
                     conn.execute(f"DELETE FROM {t.control_replies} WHERE created < ?", (now - KEEP_SECONDS,))

@@ -119,6 +119,7 @@ class SQLiteBackend(ResultBackend):
         ids = list(task_ids)
 
         def query(conn: sqlite3.Connection) -> List[Optional[bytes]]:
+            found: Dict[str, bytes]
             now, found = time.time(), {}
             for chunk in chunks(ids):
                 found.update(conn.execute(
