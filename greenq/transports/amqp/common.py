@@ -267,6 +267,17 @@ def socket_settings() -> Dict[int, int]:
     return {option: TCP_USER_TIMEOUT_MS} if option is not None else {}
 
 
+def serve_heartbeats(conn: "amqp.Connection") -> None:
+    """Read what the broker sent (its heartbeats) without waiting, and send
+    ours when due: what an idle holder of an exclusive queue calls to stay
+    alive (the scheduler's leadership, counted leases)."""
+    try:
+        conn.drain_events(timeout=0)
+    except socket.timeout:
+        pass
+    conn.heartbeat_tick()
+
+
 def open_connection(params: Dict[str, Any], *, heartbeat: int, role: str) -> "amqp.Connection":
     """Open and return a py-amqp connection for ``role`` (raises AMQP_ERRORS).
     Every connection greenq makes to RabbitMQ is made here: the consumer's,

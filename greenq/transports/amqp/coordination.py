@@ -45,7 +45,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import socket
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
@@ -96,15 +95,11 @@ class AMQPCoordination(Coordination):
 
     def _alive(self) -> bool:
         """Serve the connection's heartbeats; False (dropped) when it is dead."""
-        from .common import AMQP_ERRORS
+        from .common import AMQP_ERRORS, serve_heartbeats
         if self.conn is None:
             return False
         try:
-            try:
-                self.conn.drain_events(timeout=0)
-            except socket.timeout:
-                pass
-            self.conn.heartbeat_tick()
+            serve_heartbeats(self.conn)
             return True
         except (OSError,) + AMQP_ERRORS:
             self._drop()

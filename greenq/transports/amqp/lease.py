@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from typing import Any, Dict
 
 from ...exceptions import MessageError
@@ -42,17 +41,13 @@ class AMQPLease(Lease):
         self._tags = []
 
     def acquire(self, holder: str) -> bool:
-        from .common import AMQP_ERRORS
+        from .common import AMQP_ERRORS, serve_heartbeats
         import amqp
         try:
             if self.conn is None:
                 self._connect()
             if self.held:                               # still ours while the connection lives
-                try:
-                    self.conn.drain_events(timeout=0)
-                except socket.timeout:
-                    pass
-                self.conn.heartbeat_tick()
+                serve_heartbeats(self.conn)
                 return True
             try:
                 self.channel.queue_declare(self.lock_queue, exclusive=True, auto_delete=True)
