@@ -6,8 +6,8 @@ since the epoch, or the times a five-field ``cron`` expression names in its
 ``timezone`` (parsed by cronsim, with zoneinfo).
 
 Any number of schedulers may run (``greenq beat``, ``greenq-worker --beat``).
-One holds a lease kept in the broker (greenq/leases.py), renewed every tick
-and lost ``LEASE_SECONDS`` after its holder stopped renewing it, so a
+One holds a lease kept in the broker (greenq/leadership.py), renewed every tick
+and lost ``LEADERSHIP_SECONDS`` after its holder stopped renewing it, so a
 scheduler that dies hands over within a few seconds.  The lease store also
 keeps, per entry, the last slot sent; only the lease holder writes it.  On
 each tick the holder sends, for every entry whose latest slot at or before
@@ -35,11 +35,11 @@ from .exceptions import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import GreenQ
-    from .leases import Lease
+    from .leadership import Leadership
 
 log = logging.getLogger("greenq.beat")
 
-LEASE_SECONDS = 5.0      # a dead scheduler's lease is free this long after its last renewal
+LEADERSHIP_SECONDS = 5.0      # a dead scheduler's leadership is free this long after its last renewal
 TICK_SECONDS = 1.0       # longest sleep between two looks at the schedule
 #: apply_async options an entry may carry
 ENTRY_OPTIONS = ("queue", "priority", "expires", "time_limit", "soft_time_limit")
@@ -150,22 +150,22 @@ def unknown_tasks(app: "GreenQ") -> List[str]:
 
 def plausible_last_run(entry: str, sent: Optional[float], now: float) -> Optional[float]:
     """The last slot recorded for ``entry``, or None when it lies more than
-    LEASE_SECONDS ahead of ``now``: written by a scheduler whose clock was
+    LEADERSHIP_SECONDS ahead of ``now``: written by a scheduler whose clock was
     fast, it would hold the entry back until that time.  Logged."""
-    if sent is not None and sent > now + LEASE_SECONDS:
+    if sent is not None and sent > now + LEADERSHIP_SECONDS:
         log.warning("scheduler: the last run recorded for %r is %.0f s in the future (a scheduler with a "
                     "fast clock?): ignored; the entry starts again at its next slot", entry, sent - now)
         return None
     return sent
 
 
-def scheduled(app: "GreenQ", now: Optional[float] = None, lease: Optional["Lease"] = None) -> List[Dict[str, Any]]:
+def scheduled(app: "GreenQ", now: Optional[float] = None, leadership: Optional["Leadership"] = None) -> List[Dict[str, Any]]:
     """The schedule with each entry's next run (for ``greenq inspect scheduled``
     and the dashboard): name, task, every or cron, timezone, last run sent
-    (when ``lease`` is given) and next run, as epoch seconds.  A bad entry is
+    (when ``leadership`` is given) and next run, as epoch seconds.  A bad entry is
     logged and left out; it never hides the others."""
     now = time.time() if now is None else now
-    last = lease.last_runs() if lease is not None else {}
+    last = leadership.last_runs() if leadership is not None else {}
     rows = []
     for entry in entries(app, strict=False):
         try:
@@ -184,11 +184,11 @@ def scheduled(app: "GreenQ", now: Optional[float] = None, lease: Optional["Lease
 class Scheduler:
     """Sends each entry's runs while it holds the lease; see the module docstring."""
 
-    def __init__(self, app: "GreenQ", lease: Optional["Lease"] = None, sleep: Any = None,
+    def __init__(self, app: "GreenQ", leadership: Optional["Leadership"] = None, sleep: Any = None,
                  tick: float = TICK_SECONDS) -> None:
-        from .leases import make_lease
+        from .leadership import make_leadership
         self.app = app
-        self.lease = lease or make_lease(app, LEASE_SECONDS)
+        self.leadership = leadership or make_leadership(app, LEADERSHIP_SECONDS)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.tick_seconds = tick
         self._sleep = sleep or time.sleep
@@ -223,15 +223,15 @@ class Scheduler:
         finally:
             if self.leading:
                 try:
-                    self.lease.release(self.holder)
+                    self.leadership.release(self.holder)
                 except Exception as exc:
                     log.warning("scheduler: could not release the lease: %s", exc)
-            self.lease.close()
+            self.leadership.close()
 
     def tick(self, now: Optional[float] = None) -> float:
         """Renew (or take) the lease; when held, send what is due.  Returns
         how long to sleep before the next tick."""
-        leading = self.lease.acquire(self.holder)
+        leading = self.leadership.acquire(self.holder)
         if leading != self.leading:
             log.info("scheduler %s: %s", self.holder, "took the lease: sending runs" if leading
                      else "lost the lease: standing by")
@@ -239,7 +239,7 @@ class Scheduler:
         if not leading:
             return self.tick_seconds
         now = time.time() if now is None else now
-        last = self.lease.last_runs()
+        last = self.leadership.last_runs()
         upcoming = now + self.tick_seconds
         for entry in self.entries:
             try:
@@ -259,11 +259,11 @@ class Scheduler:
             return True
         sent = plausible_last_run(entry.name, sent, now)
         if sent is None:                         # a new entry: it starts at its next slot
-            return self.lease.record(self.holder, entry.name, slot)
+            return self.leadership.record(self.holder, entry.name, slot)
         if slot > sent:
             self._send(entry, slot)
             self.failing.pop(entry.name, None)
-            return self.lease.record(self.holder, entry.name, slot)
+            return self.leadership.record(self.holder, entry.name, slot)
         return True
 
     def _failed(self, entry: Entry, exc: Exception) -> None:

@@ -42,13 +42,13 @@ def cmd_beat(args: argparse.Namespace, app: "GreenQ") -> int:
 def print_schedule(app: "GreenQ") -> int:
     """One line per entry, soonest first: name, task, period, last and next run (UTC)."""
     import time
-    from ..beat import LEASE_SECONDS, scheduled
-    from ..leases import make_lease
-    lease = make_lease(app, LEASE_SECONDS)
+    from ..beat import LEADERSHIP_SECONDS, scheduled
+    from ..leadership import make_leadership
+    leadership = make_leadership(app, LEADERSHIP_SECONDS)
     try:
-        rows = scheduled(app, lease=lease)
+        rows = scheduled(app, leadership=leadership)
     finally:
-        lease.close()
+        leadership.close()
 
     def when(t: Any) -> str:
         if t is None:

@@ -219,19 +219,19 @@ class Dashboard:
 
 def schedule(app: Any) -> List[Dict[str, Any]]:
     """The periodic schedule with each entry's last run sent (read from the
-    scheduler's lease in the broker) and next run; [] without entries."""
+    scheduler's leadership in the broker) and next run; [] without entries."""
     from ..beat import entries, scheduled
     if not entries(app):
         return []
-    from ..leases import make_lease
-    from ..beat import LEASE_SECONDS
-    lease = make_lease(app, LEASE_SECONDS)
+    from ..leadership import make_leadership
+    from ..beat import LEADERSHIP_SECONDS
+    leadership = make_leadership(app, LEADERSHIP_SECONDS)
     try:
-        return scheduled(app, lease=lease)
+        return scheduled(app, leadership=leadership)
     except Exception:                   # the broker is away: the schedule still has its next runs
         return scheduled(app)
     finally:
-        lease.close()
+        leadership.close()
 
 
 def envelope_head(prefix: bytes) -> Dict[str, Any]:

@@ -18,8 +18,8 @@ driver)`` unless said):
   backend URL schemes in ``result_schemes`` (``rpc://``) and ``schemes``.
 * ``control``: a :class:`greenq.control.base.Transport` (commands, replies,
   events).
-* ``scheduler_lease``: the periodic scheduler's leadership
-  (:class:`greenq.leases.Lease`), called with ``(url, config, ttl, driver)``.
+* ``leadership``: the periodic scheduler's leadership
+  (:class:`greenq.leadership.Leadership`), called with ``(url, config, ttl, driver)``.
 * ``coordination``: counted leases, add-once sets and compare-and-set records
   (:class:`greenq.coordination.Coordination`).
 * ``queue_listing``: ``f(app) -> (rows, note)`` when the broker cannot list
@@ -35,7 +35,7 @@ from ..setting import Setting
 #: ``"package.module:Name"``, or one such reference per URL scheme
 Ref = Union[str, Mapping[str, str], None]
 
-CAPABILITIES = ("broker", "results", "control", "scheduler_lease", "coordination", "queue_listing")
+CAPABILITIES = ("broker", "results", "control", "leadership", "coordination", "queue_listing")
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class Descriptor:
     broker: Ref = None
     results: Ref = None
     control: Ref = None
-    scheduler_lease: Ref = None
+    leadership: Ref = None
     coordination: Ref = None
     queue_listing: Ref = None
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from greenq.beat import LEASE_SECONDS
+from greenq.beat import LEADERSHIP_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -59,7 +59,7 @@ def test_two_schedulers_one_killed(pool, any_env):
     assert len(twice) <= 1 and all(sent.count(slot) == 2 for slot in twice), f"slots sent twice: {sent}"
     assert sent == sorted(sent)
     gaps = [b - a for a, b in zip(sent, sent[1:])]
-    assert max(gaps) <= LEASE_SECONDS + 2, gaps   # the handover
+    assert max(gaps) <= LEADERSHIP_SECONDS + 2, gaps   # the handover
     assert gaps.count(1) >= len(gaps) - 2, gaps   # every slot otherwise
 
 
@@ -75,9 +75,9 @@ def test_worker_with_beat_runs_the_schedule(pool, sqlite_env):
     assert "took the lease" in out, out
     sent = slots(sqlite_env)
     assert len(sent) == len(set(sent)) >= 2
-    from greenq.transports.sqlite.lease import SQLiteLease
+    from greenq.transports.sqlite.leadership import SQLiteLeadership
     from tests.conftest import make_config
-    lease = SQLiteLease(sqlite_env.broker_url, make_config(), 5.0)
+    lease = SQLiteLeadership(sqlite_env.broker_url, make_config(), 5.0)
     assert lease.acquire("next") and lease.last_runs()["tick"] == max(sent)   # released at exit
     lease.close()
 

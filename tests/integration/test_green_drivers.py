@@ -52,7 +52,7 @@ def test_shared_suites_patched(driver):
     pytest.importorskip(driver)
     _run(["-c", PATCHED_PYTEST, driver, "-q", "-x", "-p", "no:cacheprovider",
           os.path.join(HERE, "test_broker_suite.py"), os.path.join(HERE, "test_backend_suite.py"),
-          os.path.join(HERE, "test_chord_counting.py"), os.path.join(HERE, "test_leases.py"),
+          os.path.join(HERE, "test_chord_counting.py"), os.path.join(HERE, "test_leadership.py"),
           "-k", "memory or sqlite"], driver, 300)
 
 

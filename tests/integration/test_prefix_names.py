@@ -158,7 +158,7 @@ def test_two_prefixes_in_one_sqlite_file_have_their_own_tables(tmp_path):
     ca, cb = make_config(broker_url=url, key_prefix="app-a"), make_config(broker_url=url, key_prefix="app.b")
     a, b = make_broker(url, ca), make_broker(url, cb)
     ra, rb = make_backend(url, ca), make_backend(url, cb)
-    la, lb = transports.load(url, "scheduler_lease", "lease")(url, ca, 5.0), transports.load(url, "scheduler_lease", "lease")(url, cb, 5.0)
+    la, lb = transports.load(url, "leadership", "lease")(url, ca, 5.0), transports.load(url, "leadership", "lease")(url, cb, 5.0)
     try:
         a.publish_many([_out("default", b"for-a")])
         assert b.fetch(["default"], 5, 0) == []
@@ -215,7 +215,7 @@ def test_two_prefixes_on_one_memory_url_never_share(tmp_path):
     ca, cb = make_config(broker_url=url, key_prefix="ma"), make_config(broker_url=url, key_prefix="mb")
     a, b = make_broker(url, ca), make_broker(url, cb)
     ra, rb = make_backend(url, ca), make_backend(url, cb)
-    la, lb = transports.load(url, "scheduler_lease", "lease")(url, ca, 5.0), transports.load(url, "scheduler_lease", "lease")(url, cb, 5.0)
+    la, lb = transports.load(url, "leadership", "lease")(url, ca, 5.0), transports.load(url, "leadership", "lease")(url, cb, 5.0)
     try:
         a.publish_many([_out("default")])
         assert b.fetch(["default"], 5, 0) == [] and len(a.fetch(["default"], 5, 0)) == 1

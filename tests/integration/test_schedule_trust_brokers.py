@@ -12,7 +12,7 @@ import pytest
 from greenq import GreenQ
 from greenq.beat import Scheduler
 from greenq import transports
-from greenq.leases import encode_slot
+from greenq.leadership import encode_slot
 from greenq.signing import Signer
 from tests.conftest import own_prefix
 
@@ -21,7 +21,7 @@ TTL = 5.0
 
 def lease_of(env, **settings):
     config = env.config(**settings)
-    return transports.load(env.broker_url, "scheduler_lease", "lease")(env.broker_url, config, TTL)
+    return transports.load(env.broker_url, "leadership", "lease")(env.broker_url, config, TTL)
 
 
 @pytest.fixture
@@ -57,11 +57,11 @@ def test_redis_malformed_last_runs_stop_only_their_own_entry(redis_env, client):
     try:
         s.tick(now=1010.0)
         assert s.leading and s.sent == 1                       # b is due and sent
-        assert s.lease.last_runs() == {"a": 1010.0, "b": 1010.0, "c": 1010.0}   # a, c start afresh
+        assert s.leadership.last_runs() == {"a": 1010.0, "b": 1010.0, "c": 1010.0}   # a, c start afresh
         s.tick(now=1020.0)
         assert s.sent == 4 and s.leading
     finally:
-        s.lease.close()
+        s.leadership.close()
         app.close()
 
 
@@ -75,7 +75,7 @@ def test_redis_runs_key_of_the_wrong_type_is_replaced(redis_env, client):
         s.tick(now=1010.0)
         assert s.leading and s.sent == 3
     finally:
-        s.lease.close()
+        s.leadership.close()
         app.close()
 
 

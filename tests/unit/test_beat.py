@@ -2,7 +2,7 @@
 entries, the INI sections, and the scheduler's rules (a new entry starts at
 its next slot, missed runs are sent once, only the lease holder sends, a
 dead holder's lease passes on).  Leases in each broker:
-tests/integration/test_leases.py; real processes: tests/e2e/test_beat_e2e.py."""
+tests/integration/test_leadership.py; real processes: tests/e2e/test_beat_e2e.py."""
 from __future__ import annotations
 
 import datetime
@@ -13,7 +13,7 @@ import pytest
 
 from greenq import ConfigError, GreenQ
 from greenq.beat import Entry, Scheduler, entries, scheduled
-from greenq.transports.memory.lease import MemoryLease
+from greenq.transports.memory.leadership import MemoryLeadership
 
 UTC = datetime.timezone.utc
 
@@ -93,7 +93,7 @@ def app():
 
 
 def scheduler(app, ttl: float = 30.0) -> Scheduler:
-    return Scheduler(app, lease=MemoryLease(app.config.broker_url, app.config, ttl))
+    return Scheduler(app, leadership=MemoryLeadership(app.config.broker_url, app.config, ttl))
 
 
 def test_a_new_entry_starts_at_its_next_slot_and_each_slot_is_sent_once(app):
@@ -125,7 +125,7 @@ def test_only_the_lease_holder_sends_and_a_dead_holder_hands_over(app):
     assert first.leading and not second.leading
     time.sleep(0.25)                            # the first dies: its lease runs out
     second.tick(now=1030.0)
-    first_again = first.lease.record(first.holder, "tick", 9999.0)
+    first_again = first.leadership.record(first.holder, "tick", 9999.0)
     assert second.leading and not first_again   # a dead holder's write is refused
     assert [i for _, i in app.sent][-1] == "beat-tick-1030" and len(app.sent) == 3
 
@@ -134,11 +134,11 @@ def test_scheduled_lists_each_entry_with_its_next_run(app):
     app.add_periodic("hourly", "t.report", cron="0 * * * *")
     s = scheduler(app)
     s.tick(now=at(2026, 1, 1, 10, 0, 5))
-    rows = scheduled(app, now=at(2026, 1, 1, 10, 0, 7), lease=s.lease)
+    rows = scheduled(app, now=at(2026, 1, 1, 10, 0, 7), leadership=s.leadership)
     assert [(r["name"], r["next_run"]) for r in rows] == [("tick", at(2026, 1, 1, 10, 0, 10)),
                                                          ("hourly", at(2026, 1, 1, 11, 0))]
     assert rows[0]["last_run"] == at(2026, 1, 1, 10, 0, 0)
-    overdue = scheduled(app, now=at(2026, 1, 1, 12, 0, 1), lease=s.lease)
+    overdue = scheduled(app, now=at(2026, 1, 1, 12, 0, 1), leadership=s.leadership)
     assert overdue[0]["next_run"] == at(2026, 1, 1, 12, 0, 1)      # missed: due now
 
 

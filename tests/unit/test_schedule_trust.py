@@ -9,8 +9,8 @@ import math
 from hypothesis import given, settings, strategies as st
 
 from greenq import validation
-from greenq.leases import decode_slot, encode_slot
-from greenq.transports.amqp.lease import AMQPLease
+from greenq.leadership import decode_slot, encode_slot
+from greenq.transports.amqp.leadership import AMQPLeadership
 from greenq.signing import Signer
 from tests.conftest import make_config
 
@@ -45,7 +45,7 @@ def test_a_signed_record_reads_back_for_its_entry_only(entry, slot):
 @settings(max_examples=200, deadline=None)
 @given(st.sampled_from(SIGNERS), st.one_of(st.binary(max_size=200), JSON.map(lambda v: json.dumps(v).encode())))
 def test_the_rabbitmq_state_reader_returns_only_valid_slots(signer, body):
-    lease = AMQPLease("amqp://guest:guest@127.0.0.1:5672/", make_config(), 5.0)   # no connection made
+    lease = AMQPLeadership("amqp://guest:guest@127.0.0.1:5672/", make_config(), 5.0)   # no connection made
     lease.signer = signer
     runs = lease._read_state(body)
     assert isinstance(runs, dict) and all(isinstance(k, str) and sane(v) for k, v in runs.items())

@@ -17,7 +17,7 @@ import pytest
 
 from greenq import ConfigError, GreenQ
 from greenq.beat import Entry, Scheduler, scheduled
-from greenq.transports.memory.lease import MemoryLease
+from greenq.transports.memory.leadership import MemoryLeadership
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,13 +87,13 @@ def app():
 
 
 def test_one_entry_send_task_refuses_never_stops_the_others_nor_flaps_the_lease(app, caplog):
-    s = Scheduler(app, lease=MemoryLease(app.config.broker_url, app.config, 30.0))
+    s = Scheduler(app, leadership=MemoryLeadership(app.config.broker_url, app.config, 30.0))
     caplog.set_level(logging.INFO, "greenq.beat")
     s.tick(now=1005.0)                                   # new entries: slot 1000 recorded
     for now in (1010.0, 1011.0, 1020.0):
         s.tick(now=now)
         assert s.leading
-    sent = {e: s.lease.last_runs()[e] for e in "abc"}
+    sent = {e: s.leadership.last_runs()[e] for e in "abc"}
     assert sent == {"a": 1020.0, "b": 1000.0, "c": 1020.0}     # b's slots are never recorded as sent
     assert s.sent == 4
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -103,8 +103,8 @@ def test_one_entry_send_task_refuses_never_stops_the_others_nor_flaps_the_lease(
 
 
 def test_a_future_last_run_does_not_hold_an_entry_back(app):
-    lease = MemoryLease(app.config.broker_url, app.config, 30.0)
-    s = Scheduler(app, lease=lease)
+    lease = MemoryLeadership(app.config.broker_url, app.config, 30.0)
+    s = Scheduler(app, leadership=lease)
     s.tick(now=1005.0)
     lease.record(s.holder, "a", 1005.0 + 3600)           # a scheduler an hour fast wrote this
     s.tick(now=1010.0)                                   # ignored: a starts again at its next slot

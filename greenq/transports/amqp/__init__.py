@@ -20,7 +20,7 @@ TRANSPORT = Descriptor(
     broker=_HERE + "broker:AMQPBroker",
     results={"rpc": _HERE + "rpc:RPCBackend"},
     control=_HERE + "control:AMQPTransport",
-    scheduler_lease=_HERE + "lease:AMQPLease",
+    leadership=_HERE + "leadership:AMQPLeadership",
     coordination=_HERE + "coordination:AMQPCoordination",
     queue_listing=_HERE + "management:queue_stats",
 )

@@ -164,7 +164,7 @@ class Settings:
     def plumbing(self, name: str) -> bool:
         """``name`` is one of greenq's own exchanges or queues of this prefix:
         dead letters, revocations, delay cascades, control, events, the
-        scheduler's lease (``greenq.leases``) and ``rpc://`` replies."""
+        scheduler's leadership (``greenq.leadership``) and ``rpc://`` replies."""
         p = self.prefix
         return name in (self.dlx, self.dlq, self.revoked, f"{p}.control", f"{p}.events") or name.startswith(
             (f"{p}.delay.", f"{p}.control.", f"{p}.control-reply.", f"{p}.beat.", f"{p}.reply."))

@@ -8,6 +8,6 @@ TRANSPORT = Descriptor(
     broker="greenq.transports.memory.broker:MemoryBroker",
     results="greenq.transports.memory.results:MemoryBackend",
     control="greenq.transports.memory.control:MemoryTransport",
-    scheduler_lease="greenq.transports.memory.lease:MemoryLease",
+    leadership="greenq.transports.memory.leadership:MemoryLeadership",
     coordination="greenq.transports.memory.coordination:MemoryCoordination",
 )

@@ -1,5 +1,5 @@
 """The Redis transport: ``redis://``, ``rediss://`` (TLS), ``redis+sentinel://``
-and ``redis+cluster://``; broker, results, control plane and scheduler lease
+and ``redis+cluster://``; broker, results, control plane and scheduler leadership
 (the last two not yet on Sentinel and Cluster).  Needs ``greenq[redis]``."""
 from ..descriptor import Descriptor
 from .settings import SETTINGS
@@ -21,7 +21,7 @@ TRANSPORT = Descriptor(
              "redis+sentinel": _HERE + "results_sentinel:RedisSentinelBackend",
              "redis+cluster": _HERE + "results_cluster:RedisClusterBackend"},
     control={"redis": _HERE + "control:RedisTransport", "rediss": _HERE + "control:RedisTransport"},
-    scheduler_lease={"redis": _HERE + "lease:RedisLease", "rediss": _HERE + "lease:RedisLease"},
+    leadership={"redis": _HERE + "leadership:RedisLeadership", "rediss": _HERE + "leadership:RedisLeadership"},
     coordination={"redis": _HERE + "coordination:RedisCoordination",
                   "rediss": _HERE + "coordination:RedisCoordination",
                   "redis+sentinel": _HERE + "coordination:RedisSentinelCoordination",

@@ -8,6 +8,6 @@ TRANSPORT = Descriptor(
     broker="greenq.transports.sqlite.broker:SQLiteBroker",
     results="greenq.transports.sqlite.results:SQLiteBackend",
     control="greenq.transports.sqlite.control:SQLiteTransport",
-    scheduler_lease="greenq.transports.sqlite.lease:SQLiteLease",
+    leadership="greenq.transports.sqlite.leadership:SQLiteLeadership",
     coordination="greenq.transports.sqlite.coordination:SQLiteCoordination",
 )

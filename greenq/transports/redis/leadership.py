@@ -1,14 +1,14 @@
-"""The periodic scheduler's lease on redis: greenq.leases.CoordinatedLease on
-RedisCoordination, keys ``P:beat:lease`` and ``P:beat:runs`` (greenq/leases.py
+"""The periodic scheduler's leadership on redis: greenq.leadership.CoordinatedLeadership on
+RedisCoordination, keys ``P:beat:lease`` and ``P:beat:runs`` (greenq/leadership.py
 tells what a lease is)."""
 from __future__ import annotations
 
 from typing import Any, List
 
-from ...leases import CoordinatedLease
+from ...leadership import CoordinatedLeadership
 
 
-class RedisLease(CoordinatedLease):
+class RedisLeadership(CoordinatedLeadership):
     @property
     def keys(self) -> List[str]:
         """The lease's key and the runs' key."""

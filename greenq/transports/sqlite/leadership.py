@@ -1,14 +1,14 @@
-"""The periodic scheduler's lease on sqlite: greenq.leases.CoordinatedLease on
+"""The periodic scheduler's leadership on sqlite: greenq.leadership.CoordinatedLeadership on
 SQLiteCoordination, rows ``beat:lease`` and ``beat:runs`` of the ``leases`` and
-``records`` tables (greenq/leases.py tells what a lease is)."""
+``records`` tables (greenq/leadership.py tells what leadership is)."""
 from __future__ import annotations
 
 from typing import Any
 
-from ...leases import CoordinatedLease
+from ...leadership import CoordinatedLeadership
 
 
-class SQLiteLease(CoordinatedLease):
+class SQLiteLeadership(CoordinatedLeadership):
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
         from .coordination import SQLiteCoordination
         super().__init__(url, config, ttl, driver, SQLiteCoordination(url, config, driver))

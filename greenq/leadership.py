@@ -1,8 +1,8 @@
-"""The scheduler's lease and its record of runs sent, kept in the broker
+"""The scheduler's leadership and its record of runs sent, kept in the broker
 (greenq/beat.py).
 
 On memory, SQLite and Redis the lease is built on the broker's coordination
-(greenq/coordination.py; :class:`CoordinatedLease`): a counted lease of
+(greenq/coordination.py; :class:`CoordinatedLeadership`): a counted lease of
 limit 1 named ``beat:lease`` and a compare-and-set record ``beat:runs``
 (entry -> the stored last slot), written only after the writer renewed the
 lease and only if nobody wrote it since the writer read it:
@@ -15,7 +15,7 @@ lease and only if nobody wrote it since the writer read it:
 * ``redis://`` -- ``P:beat:lease`` (the holder, ``SET NX PX``, renewed by a
   script only by its holder) and ``P:beat:runs`` (hash entry -> slot): the
   same keys, written the same way, as before coordination existed.
-* ``amqp://`` -- (not on the coordination interface; see AMQPLease for why)
+* ``amqp://`` -- (not on the coordination interface; see AMQPLeadership for why)
   the lease is the exclusive queue ``P.beat.lock``: only
   one connection can hold it, and RabbitMQ deletes it when that connection
   dies (heartbeats of ``ttl / 2`` seconds find a dead holder within about
@@ -108,7 +108,7 @@ def entry_name(raw: Any) -> Optional[str]:
         return None
 
 
-class Lease(UsesDriver):
+class Leadership(UsesDriver):
     """One named lease and the runs its holders sent."""
 
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:
@@ -145,7 +145,7 @@ class Lease(UsesDriver):
         """Release connections."""
 
 
-class CoordinatedLease(Lease):
+class CoordinatedLeadership(Leadership):
     """The lease on a transport's coordination (see the module docstring).
 
     The lease is a counted lease of limit 1 (``LEASE``); the runs are one
@@ -189,11 +189,11 @@ class CoordinatedLease(Lease):
         self.coordination.close()
 
 
-def make_lease(app: "GreenQ", ttl: float) -> Lease:
+def make_leadership(app: "GreenQ", ttl: float) -> Leadership:
     """The lease in ``app``'s broker."""
     from . import transports
     url = app.config.broker_url
-    if transports.capability_of(url, "scheduler_lease", app.config) is None:
-        raise ConfigError(f"periodic tasks: no scheduler lease for broker {url.split(':', 1)[0]}://")
-    cls: Type[Lease] = transports.load(url, "scheduler_lease", "periodic tasks", app.config)
+    if transports.capability_of(url, "leadership", app.config) is None:
+        raise ConfigError(f"periodic tasks: no scheduler leadership for broker {url.split(':', 1)[0]}://")
+    cls: Type[Leadership] = transports.load(url, "leadership", "periodic tasks", app.config)
     return cls(url, app.config, ttl, app.driver)

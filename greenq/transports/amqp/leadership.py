@@ -1,4 +1,4 @@
-"""The periodic scheduler's lease on amqp (greenq/leases.py tells what a lease is)."""
+"""The periodic scheduler's leadership on amqp (greenq/leadership.py tells what leadership is)."""
 from __future__ import annotations
 
 import json
@@ -6,11 +6,11 @@ import logging
 from typing import Any, Dict
 
 from ...exceptions import MessageError
-from ...leases import DOMAIN, Lease, check_slot
+from ...leadership import DOMAIN, Leadership, check_slot
 
 log = logging.getLogger("greenq.beat")
 
-class AMQPLease(Lease):
+class AMQPLeadership(Leadership):
     """See the module docstring.  One connection, used by the scheduler's
     greenlet only."""
 

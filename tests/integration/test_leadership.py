@@ -1,4 +1,4 @@
-"""The scheduler's lease in every broker (greenq/leases.py): one holder at a
+"""The scheduler's lease in every broker (greenq/leadership.py): one holder at a
 time, renewed by its holder, passed on when the holder dies, and the runs
 sent (written only by the holder) carried over to the next one."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ def leases(broker_env):
     made = []
 
     def make():
-        lease = transports.load(broker_env.broker_url, "scheduler_lease", "lease")(broker_env.broker_url, config, TTL)
+        lease = transports.load(broker_env.broker_url, "leadership", "lease")(broker_env.broker_url, config, TTL)
         made.append(lease)
         return lease
     yield make
