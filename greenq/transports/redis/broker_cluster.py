@@ -41,6 +41,7 @@ from ...config import Config
 from ...exceptions import BrokerError
 from ...brokers.base import DeadLetter, Delivery, Outgoing, QueueStats
 from ...reconnect import Unreachable
+from . import lua
 from .client import TRANSIENT
 from .broker import (GROUP, MAX_BATCH, PARKED, PUBLISH_CHUNK, REPLICATED, RedisBroker,
                     _STREAM_ID, _text, budget_left)
@@ -51,32 +52,6 @@ log = logging.getLogger("greenq.transports.redis.broker_cluster")
 ACK_RETRIED = CLUSTER_TRANSIENT + (redis.exceptions.MovedError, redis.exceptions.AskError)
 LANE_GRACE = 2.0      # seconds stop_consuming/close wait for the lanes' last reads
 
-#: Put dead letters back on their queue.  KEYS: the queue's dead stream, its
-#: dead counts hash, then its ten streams, priority 9 first.  ARGV: queue
-#: name, then dead entry ids (none: the oldest 500).  Returns how many moved.
-DLQ_BACK = """
-local ids = {}
-if #ARGV > 1 then
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-else
-  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)) do ids[#ids + 1] = e[1] end
-end
-local moved = 0
-for _, id in ipairs(ids) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  if found[1] then
-    local info = {}
-    local f = found[1][2]
-    for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
-    redis.call('XADD', KEYS[12 - tonumber(info['p'])], '*', 'b', info['b'], 'm', info['m'])
-    redis.call('XDEL', KEYS[1], id)
-    if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
-    moved = moved + 1
-  end
-end
-return moved
-"""
-
 
 class RedisClusterBroker(RedisBroker):
     """RedisBroker with one hash slot per queue and one fetch lane per queue."""
@@ -86,7 +61,7 @@ class RedisClusterBroker(RedisBroker):
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.reconnector.transient = CLUSTER_TRANSIENT
-        self._dlq_back_script = self.client.register_script(DLQ_BACK)
+        self._dlq_back_script = self.client.register_script(lua.DLQ_BACK)
         self._busy: set = set()                          # queues whose lane is running
         self._lanes: List[Any] = []                      # their handles
         self._reclaim_at: Dict[str, float] = {}
