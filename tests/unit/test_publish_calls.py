@@ -95,7 +95,7 @@ def test_redis_cluster_one_call_per_queue_keys_in_its_slot() -> None:
 def test_sqlite_statements_and_rows() -> None:
     calls = sqlite_calls(BATCH, Tables("app"), NOW)
     assert calls == [
-        ('INSERT OR IGNORE INTO "app_queues" (name) VALUES (?)', [("default",), ("mail",)]),
+        ('INSERT OR IGNORE INTO "app_queues" (name) VALUES (?)', {("default",), ("mail",)}),
         ('INSERT INTO "app_messages" (queue, priority, visible_at, message_id, body) VALUES (?, ?, ?, ?, ?)',
          [("default", 0, NOW, "id-1", b"body-1"),
           ("mail", 7, NOW, "id-2", b"body-2"),

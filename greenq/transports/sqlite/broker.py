@@ -47,7 +47,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple
 
 from .client import Database, Tables, chunks, placeholders, transaction
 from ...brokers.base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
@@ -101,8 +101,9 @@ def _preview(conn: sqlite3.Connection, table: str, row_id: int) -> bytes:
         return blob.read(PREVIEW_BYTES)
 
 
-#: one statement and the parameter rows it runs with (``executemany``)
-SQLCall = Tuple[str, List[Tuple[Any, ...]]]
+#: one statement and the parameter rows it runs with (``executemany``; rows
+#: whose order does not matter come as a set)
+SQLCall = Tuple[str, Collection[Tuple[Any, ...]]]
 
 
 def publish_calls(messages: Sequence[Outgoing], tables: Tables, now: float) -> List[SQLCall]:
@@ -111,8 +112,7 @@ def publish_calls(messages: Sequence[Outgoing], tables: Tables, now: float) -> L
     that is after ``now``, else from ``now``.  No I/O: ``publish_many`` runs them."""
     rows = [(m.queue, min(9, max(0, int(m.priority))), m.eta if m.eta and m.eta > now else now,
              m.message_id, m.body) for m in messages]
-    queues = [(q,) for q in dict.fromkeys(r[0] for r in rows)]
-    return [(f"INSERT OR IGNORE INTO {tables.queues} (name) VALUES (?)", queues),
+    return [(f"INSERT OR IGNORE INTO {tables.queues} (name) VALUES (?)", {(m.queue,) for m in messages}),
             (f"INSERT INTO {tables.messages} (queue, priority, visible_at, message_id, body) "
              "VALUES (?, ?, ?, ?, ?)", rows)]
 
