@@ -53,7 +53,7 @@ from .common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
 from .consumer import ConsumerLoop
 from .meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
                         read_dead_letter, read_eta)
-from .publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, task_properties
+from .publish import ChannelPool, Publisher, delay_ms, pool_size, publish_calls
 from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 log = logging.getLogger("greenq.amqp")
@@ -118,16 +118,15 @@ class AMQPBroker(Broker):
             if not pool.base_declared or m.queue not in pool.declared:
                 pool.ensure_queues(pub, (m.queue,))
                 self._known.add(m.queue)
-            pub.publish_raw(m.body, task_properties(m.message_id, m.priority), "",
-                            self.settings.queue_name(m.queue), m)
+            pub.publish_raw(*publish_calls(messages, 0.0, self.settings)[0], item=m)   # no eta: now unused
         else:
             now = time.time()
             queues = {m.queue for m in messages}
             pool.ensure_queues(pub, queues, delayed={m.queue for m in messages if delay_ms(m, now)})
             self._known.update(queues)
             now = time.time()   # after declaring: making a delay cascade takes a moment
-            for m in messages:
-                pub.publish_raw(*encode_outgoing(m, now, self.settings), item=m)
+            for call, m in zip(publish_calls(messages, now, self.settings), messages):
+                pub.publish_raw(*call, item=m)
         if not pub.confirm:
             return
         nacked, returned = pub.wait_confirms()
@@ -137,8 +136,8 @@ class AMQPBroker(Broker):
                      if msg.properties.get("message_id") in by_id]
             self.pool.ensure_queues(pub, {m.queue for m in again}, force=True,
                                     delayed={m.queue for m in again if m.eta})
-            for m in again:
-                pub.publish_raw(*encode_outgoing(m, time.time(), self.settings), item=m)
+            for call, m in zip(publish_calls(again, time.time(), self.settings), again):
+                pub.publish_raw(*call, item=m)
             nacked2, returned = pub.wait_confirms()
             nacked += nacked2
             if returned:

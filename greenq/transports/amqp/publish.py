@@ -397,10 +397,24 @@ def delay_ms(m: Outgoing, now: float) -> int:
     return max(0, math.ceil((m.eta - now) * 1000)) if m.eta is not None else 0
 
 
+#: one ``basic.publish``: (body, encoded properties, exchange, routing key),
+#: the arguments of ``Publisher.publish_raw``
+RawPublish = Tuple[bytes, bytes, str, str]
+
+
+def publish_calls(messages: Sequence[Outgoing], now: float, names: Settings) -> List[RawPublish]:
+    """The ``basic.publish`` of each message, in order: ready ones to their
+    queue, one with an eta after ``now`` to the delay cascade
+    (``names.delay_route``).  No I/O: the broker's ``publish_many`` writes
+    them (``Publisher.publish_raw``), and ``wire`` packs their frames."""
+    return [encode_outgoing(m, now, names) for m in messages]
+
+
 def encode_outgoing(m: Outgoing, now: float, names: Settings,
-                    headers: Optional[Dict[str, Any]] = None) -> Tuple[bytes, bytes, str, str]:
+                    headers: Optional[Dict[str, Any]] = None) -> RawPublish:
     """(body, encoded properties, exchange, routing key) for ``m``
-    (``Publisher.publish_raw``); ``names`` maps its logical queue to RabbitMQ's."""
+    (``Publisher.publish_raw``); ``names`` maps its logical queue to RabbitMQ's.
+    ``headers``: application headers to add (a copy published again)."""
     wait_ms = delay_ms(m, now) if m.eta is not None else 0
     if not wait_ms and not headers:
         return m.body, task_properties(m.message_id, m.priority), "", names.queue_name(m.queue)
@@ -409,7 +423,7 @@ def encode_outgoing(m: Outgoing, now: float, names: Settings,
 
 
 def encode_message(m: Outgoing, now: float, names: Settings,
-                   headers: Optional[Dict[str, Any]] = None) -> Tuple[Any, str, str]:
+                   headers: Optional[Dict[str, Any]] = None) -> Tuple["amqp.Message", str, str]:
     """(amqp.Message, exchange, routing key) for ``m``."""
     props: Dict[str, Any] = {"message_id": m.message_id, "delivery_mode": 2}
     if m.priority:

@@ -27,7 +27,7 @@ import itertools
 import threading
 import time
 import uuid
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .client import MAX_WAIT as _MAX_WAIT, Registry, store_name, waiter_event
 from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
@@ -134,6 +134,16 @@ def _priority(value: int) -> int:
     return min(9, max(0, int(value)))
 
 
+#: what is stored of one message: queue, body, message id, priority (0-9), eta (0.0: none)
+Write = Tuple[str, bytes, str, int, float]
+
+
+def publish_calls(messages: Sequence[Outgoing]) -> List[Write]:
+    """What ``publish_many`` stores of each message (its own copy of the body,
+    the priority clamped to 0-9); the store gives each its sequence number."""
+    return [(m.queue, bytes(m.body), m.message_id, _priority(m.priority), m.eta or 0.0) for m in messages]
+
+
 class MemoryBroker(Broker):
     """In-process queues shared by every ``MemoryBroker`` of the same URL."""
 
@@ -147,12 +157,11 @@ class MemoryBroker(Broker):
     # -- publishing ----------------------------------------------------------
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         store = self._store
+        writes = publish_calls(messages)
         now = time.time()
         with store.lock:
-            for m in messages:
-                msg = _Message(next(store.seq), m.queue, bytes(m.body), m.message_id,
-                               _priority(m.priority), m.eta or 0.0)
-                store.queue(m.queue).add(msg, now)
+            for queue, body, message_id, priority, eta in writes:
+                store.queue(queue).add(_Message(next(store.seq), queue, body, message_id, priority, eta), now)
             store.wake()
 
     # -- consuming -----------------------------------------------------------

@@ -16,7 +16,7 @@ prefixes share one Redis database without seeing each other)::
 (The result backend adds P:result:<id>, P:waiters:<id>, P:revoked:<id> and
 the pub/sub channels P:reply:<random>; see greenq/transports/redis/results.py.)
 
-Delivery: ``fetch`` runs one Lua script (``_redis_lua.FETCH``) that moves due
+Delivery: ``fetch`` runs one Lua script (``lua.FETCH``, scripts/fetch.lua) that moves due
 delayed messages into their streams, then for each queue in order and each
 priority from 9 down takes first the requeued entries (parked on the consumer
 ``~requeued``, so a requeued message keeps its place: it goes before newer
@@ -69,7 +69,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, cast
 
 import redis
 
@@ -189,6 +189,63 @@ def _per_stream(deliveries: Sequence[Delivery]) -> List[Tuple[List[str], List[An
     return calls
 
 
+#: one call of a script: (KEYS, ARGV)
+ScriptCall = Tuple[List[str], List[Any]]
+
+
+def new_nonce() -> bytes:
+    """The 8 random characters that open a delayed member (two equal
+    messages with one eta stay two members of the sorted set)."""
+    return secrets.token_hex(4).encode()
+
+
+def delayed_member(m: Outgoing, prio: int, nonce: bytes) -> bytes:
+    """The sorted-set member of a delayed message: ``<nonce><priority><len(id)>:<id><body>``."""
+    mid = m.message_id.encode()
+    return b"%s%d%d:%s%s" % (nonce, prio, len(mid), mid, m.body)
+
+
+def xadd_command(m: Outgoing, streams: Callable[[str], List[str]]) -> Tuple[Any, ...]:
+    """The XADD of a message that is ready now (``publish``'s one round trip);
+    ``streams(queue)`` gives the queue's ten streams, priority 9 first."""
+    return ("XADD", streams(m.queue)[9 - min(9, max(0, int(m.priority)))], "*", "b", m.body, "m", m.message_id)
+
+
+def add_publish_args(args: List[Any], index: Dict[str, int], m: Outgoing, now: float,
+                     streams: Callable[[str], List[str]], delayed: Callable[[str], str],
+                     nonce: Callable[[], bytes]) -> None:
+    """Append the 4 PUBLISH arguments of ``m`` to ``args``: its key's index in
+    KEYS (``index`` maps the keys taken so far, KEYS[1] being the registry),
+    then '' (ready) or its eta, message id or delayed member, body or ''."""
+    prio = min(9, max(0, int(m.priority)))
+    if m.eta is not None and m.eta > now:
+        key = delayed(m.queue)
+        args += [index.setdefault(key, len(index) + 2), repr(m.eta), delayed_member(m, prio, nonce()), b""]
+    else:
+        key = streams(m.queue)[9 - prio]
+        args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
+
+
+def publish_calls(messages: Sequence[Outgoing], streams: Callable[[str], List[str]],
+                  delayed: Callable[[str], str], registry: str, new_queues: Sequence[str], now: float,
+                  nonce: Callable[[], bytes] = new_nonce) -> List[ScriptCall]:
+    """The PUBLISH script calls (KEYS, ARGV) that write ``messages``, at most
+    PUBLISH_CHUNK messages each; the first also adds ``new_queues`` to the
+    ``registry`` set.  A message whose eta is after ``now`` goes to its
+    queue's ``delayed(queue)`` sorted set, any other to the stream of its
+    priority in ``streams(queue)``.  No I/O: ``publish_many`` sends them."""
+    calls: List[ScriptCall] = []
+    for start in range(0, len(messages), PUBLISH_CHUNK):
+        index: Dict[str, int] = {}
+        args: List[Any] = [0]
+        if start == 0 and new_queues:
+            args = [len(new_queues), *new_queues]
+        for m in messages[start:start + PUBLISH_CHUNK]:
+            add_publish_args(args, index, m, now, streams, delayed, nonce)
+        calls.append(([registry, *index], args))
+    return calls
+
+
 class RedisBroker(Reconnecting, Broker):
     """Redis Streams broker; the module docstring has the key layout."""
 
@@ -271,9 +328,8 @@ class RedisBroker(Reconnecting, Broker):
         if m.queue not in self._registered or (m.eta is not None and m.eta > time.time()) \
                 or self._min_replicas:
             return self.publish_many([m])
-        key = self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))]
-        self._call(lambda: self.client.execute_command("XADD", key, "*", "b", m.body, "m", m.message_id),
-                   self._publish_budget, "publish")
+        command = xadd_command(m, self.streams)
+        self._call(lambda: self.client.execute_command(*command), self._publish_budget, "publish")
 
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """One pipelined round trip (plus the registry the first time a queue is
@@ -281,25 +337,8 @@ class RedisBroker(Reconnecting, Broker):
         then BrokerError; a retry after a lost reply may publish twice."""
         if not messages:
             return
-        now = time.time()
         new_queues = sorted({m.queue for m in messages} - self._registered)
-        calls = []                          # (keys, args) of one PUBLISH script call each
-        for start in range(0, len(messages), PUBLISH_CHUNK):
-            index: Dict[str, int] = {}
-            args: List[Any] = [0]
-            if start == 0 and new_queues:
-                args = [len(new_queues), *new_queues]
-            for m in messages[start:start + PUBLISH_CHUNK]:
-                prio = min(9, max(0, int(m.priority)))
-                if m.eta is not None and m.eta > now:
-                    mid = m.message_id.encode()
-                    member = b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(), prio, len(mid), mid, m.body)
-                    key = self._delayed(m.queue)
-                    args += [index.setdefault(key, len(index) + 2), repr(m.eta), member, b""]
-                else:
-                    key = self.streams(m.queue)[9 - prio]
-                    args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
-            calls.append(([self._k_queues, *index], args))
+        calls = publish_calls(messages, self.streams, self._delayed, self._k_queues, new_queues, time.time())
         self._call(lambda: self._run_script(self._publish_script, calls), self._publish_budget, "publish")
         self._registered.update(new_queues)
 

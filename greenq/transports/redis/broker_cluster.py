@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import redis
 
@@ -41,9 +41,10 @@ from ...config import Config
 from ...exceptions import BrokerError
 from ...brokers.base import DeadLetter, Delivery, Outgoing, QueueStats
 from ...reconnect import Unreachable
+from . import lua
 from .client import TRANSIENT
-from .broker import (GROUP, PARKED, PUBLISH_CHUNK, REPLICATED, SCRIPT_BATCH_MAX, RedisBroker,
-                    _STREAM_ID, _text, budget_left)
+from .broker import (GROUP, PARKED, PUBLISH_CHUNK, REPLICATED, SCRIPT_BATCH_MAX, RedisBroker, ScriptCall,
+                     _STREAM_ID, _text, add_publish_args, budget_left, new_nonce)
 
 log = logging.getLogger("greenq.transports.redis.broker_cluster")
 
@@ -51,31 +52,27 @@ log = logging.getLogger("greenq.transports.redis.broker_cluster")
 ACK_RETRIED = CLUSTER_TRANSIENT + (redis.exceptions.MovedError, redis.exceptions.AskError)
 LANE_GRACE = 2.0      # seconds stop_consuming/close wait for the lanes' last reads
 
-#: Put dead letters back on their queue.  KEYS: the queue's dead stream, its
-#: dead counts hash, then its ten streams, priority 9 first.  ARGV: queue
-#: name, then dead entry ids (none: the oldest 500).  Returns how many moved.
-DLQ_BACK = """
-local ids = {}
-if #ARGV > 1 then
-  for i = 2, #ARGV do ids[#ids + 1] = ARGV[i] end
-else
-  for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 500)) do ids[#ids + 1] = e[1] end
-end
-local moved = 0
-for _, id in ipairs(ids) do
-  local found = redis.call('XRANGE', KEYS[1], id, id)
-  if found[1] then
-    local info = {}
-    local f = found[1][2]
-    for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
-    redis.call('XADD', KEYS[12 - tonumber(info['p'])], '*', 'b', info['b'], 'm', info['m'])
-    redis.call('XDEL', KEYS[1], id)
-    if redis.call('HINCRBY', KEYS[2], ARGV[1], -1) <= 0 then redis.call('HDEL', KEYS[2], ARGV[1]) end
-    moved = moved + 1
-  end
-end
-return moved
-"""
+
+def publish_calls(messages: Sequence[Outgoing], streams: Callable[[str], List[str]],
+                  delayed: Callable[[str], str], now: float,
+                  nonce: Callable[[], bytes] = new_nonce) -> List[ScriptCall]:
+    """The PUBLISH script calls (KEYS, ARGV) that write ``messages`` on a
+    cluster: one per queue (and per PUBLISH_CHUNK), so each call's keys are in
+    the queue's slot.  KEYS[1] is the queue's first stream (in the slot, and
+    unused: no queue is registered by the script, n = 0).  No I/O."""
+    by_queue: Dict[str, List[Outgoing]] = {}
+    for m in messages:
+        by_queue.setdefault(m.queue, []).append(m)
+    calls: List[ScriptCall] = []
+    for queue, batch in by_queue.items():
+        first = streams(queue)[0]
+        for start in range(0, len(batch), PUBLISH_CHUNK):
+            index: Dict[str, int] = {}
+            args: List[Any] = [0]
+            for m in batch[start:start + PUBLISH_CHUNK]:
+                add_publish_args(args, index, m, now, streams, delayed, nonce)
+            calls.append(([first, *index], args))
+    return calls
 
 
 class RedisClusterBroker(RedisBroker):
@@ -87,7 +84,7 @@ class RedisClusterBroker(RedisBroker):
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.reconnector.transient = CLUSTER_TRANSIENT
-        self._dlq_back_script = self.client.register_script(DLQ_BACK)
+        self._dlq_back_script = self.client.register_script(lua.DLQ_BACK)
         self._busy: set = set()                          # queues whose lane is running
         self._lanes: List[Any] = []                      # their handles
         self._reclaim_at: Dict[str, float] = {}
@@ -116,37 +113,11 @@ class RedisClusterBroker(RedisBroker):
         registry is written apart, as it lives in a slot of its own."""
         if not messages:
             return
-        now = time.time()
         new_queues = sorted({m.queue for m in messages} - self._registered)
-        by_queue: Dict[str, List[Outgoing]] = {}
-        for m in messages:
-            by_queue.setdefault(m.queue, []).append(m)
-        calls = []
-        for queue, batch in by_queue.items():
-            streams = self.streams(queue)
-            for start in range(0, len(batch), PUBLISH_CHUNK):
-                index: Dict[str, int] = {}
-                args: List[Any] = [0]
-                for m in batch[start:start + PUBLISH_CHUNK]:
-                    prio = min(9, max(0, int(m.priority)))
-                    if m.eta is not None and m.eta > now:
-                        key = self._delayed(queue)
-                        args += [index.setdefault(key, len(index) + 2), repr(m.eta),
-                                 self._delayed_member(m, prio), b""]
-                    else:
-                        key = streams[9 - prio]
-                        args += [index.setdefault(key, len(index) + 2), b"", m.message_id, m.body]
-                calls.append(([streams[0], *index], args))   # KEYS[1]: in-slot, unused with n = 0
-
+        calls = publish_calls(messages, self.streams, self._delayed, time.time())
         self._call(lambda: self._run_script(self._publish_script, calls), self._timeout, "publish")
         if new_queues:
             self._register(new_queues)
-
-    @staticmethod
-    def _delayed_member(m: Outgoing, prio: int) -> bytes:
-        import secrets
-        mid = m.message_id.encode()
-        return b"%s%d%d:%s%s" % (secrets.token_hex(4).encode(), prio, len(mid), mid, m.body)
 
     def _run_script(self, script: Any, calls: List[Tuple[list, list]], what: str = "publish") -> List[Any]:
         """Several calls of one script (each on the keys of one slot), one

@@ -47,9 +47,9 @@ import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
-from .client import Database, chunks, placeholders, transaction
+from .client import Database, Tables, chunks, placeholders, transaction
 from ...brokers.base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
                    oversize_reason)
 
@@ -101,6 +101,22 @@ def _preview(conn: sqlite3.Connection, table: str, row_id: int) -> bytes:
         return blob.read(PREVIEW_BYTES)
 
 
+#: one statement and the parameter rows it runs with (``executemany``; rows
+#: whose order does not matter come as a set)
+SQLCall = Tuple[str, Collection[Tuple[Any, ...]]]
+
+
+def publish_calls(messages: Sequence[Outgoing], tables: Tables, now: float) -> List[SQLCall]:
+    """The statements that write ``messages``, run in one transaction: register
+    their queues, insert their rows.  A message is visible from its eta when
+    that is after ``now``, else from ``now``.  No I/O: ``publish_many`` runs them."""
+    rows = [(m.queue, min(9, max(0, int(m.priority))), m.eta if m.eta and m.eta > now else now,
+             m.message_id, m.body) for m in messages]
+    return [(f"INSERT OR IGNORE INTO {tables.queues} (name) VALUES (?)", {(m.queue,) for m in messages}),
+            (f"INSERT INTO {tables.messages} (queue, priority, visible_at, message_id, body) "
+             "VALUES (?, ?, ?, ?, ?)", rows)]
+
+
 class SQLiteBroker(Broker):
     """Messages in one SQLite file, shared by every process on the machine."""
 
@@ -121,17 +137,12 @@ class SQLiteBroker(Broker):
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         if not messages:
             return
-        now = time.time()
-        rows = [(m.queue, min(9, max(0, int(m.priority))), m.eta if m.eta and m.eta > now else now,
-                 m.message_id, m.body) for m in messages]
-        self._run(self._insert, rows)
+        self._run(self._write, publish_calls(messages, self._t, time.time()))
 
-    def _insert(self, conn: sqlite3.Connection, rows: List[tuple]) -> None:
-        t = self._t
+    def _write(self, conn: sqlite3.Connection, calls: List[SQLCall]) -> None:
         with transaction(conn):
-            conn.executemany(f"INSERT OR IGNORE INTO {t.queues} (name) VALUES (?)", {(r[0],) for r in rows})
-            conn.executemany(f"INSERT INTO {t.messages} (queue, priority, visible_at, message_id, body) "
-                             "VALUES (?, ?, ?, ?, ?)", rows)
+            for sql, rows in calls:
+                conn.executemany(sql, rows)
 
     # -- consuming -----------------------------------------------------------
     def declare(self, queues: Sequence[str]) -> None:
