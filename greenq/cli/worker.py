@@ -16,11 +16,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, List, NoReturn, Optional
 
 from .. import config as config_module
 from ..exceptions import BrokerError, ConfigError
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..worker.consumer import Worker
 
 log = logging.getLogger("greenq.worker")
 
@@ -163,7 +166,7 @@ def celery_notes(args: argparse.Namespace) -> List[str]:
     return notes
 
 
-def build_worker(app: Any, driver: Any, *, name: Optional[str] = None, **options: Any) -> Any:
+def build_worker(app: Any, driver: Any, *, name: Optional[str] = None, **options: Any) -> "Worker":
     """A worker for ``app`` under ``driver``, with its control agent attached
     (unless ``[worker] control`` is off).  ``options``: Worker's (queues,
     concurrency, prefetch, burst, shutdown_timeout, max_tasks...);
