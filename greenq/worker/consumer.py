@@ -23,7 +23,9 @@ the task limit, so a full pool never starves them (DESIGN.md lesson 4).  The
 counters (Stats) subscribe to the worker's hooks (greenq/hooks.py); so do
 STARTED records when some task needs them, and the app's own hooks.
 
-Each part gets the collaborators it uses, not the Worker.  What the control
+Each part gets the collaborators it uses, not the Worker: the parts are
+built, with the state they share (Held, Stop), by ``assemble`` in
+greenq/worker/assembly.py before the Worker, which is handed them.  What the control
 plane (greenq/control/) may do to a running worker is the Worker's own
 operations below (``resize``, ``add_queue``, ``cancel_queue``,
 ``set_rate_limit``...), declared as the ``ControlledWorker`` protocol in
