@@ -2,11 +2,13 @@
 
 Reached through greenq.worker.launch, which has already patched the process.
 
-This module is the worker's composition root (``build_worker``): the worker
-(greenq/worker/consumer.py) builds its own parts, each with only the
-collaborators it uses; what lives in another package -- the control agent
-(greenq/control/) and the monitor -- is built here and handed the worker, so
-worker/ and control/ never import each other's modules that way round.
+This module is the worker's composition root (``build_worker``): it has the
+worker's parts built (greenq/worker/assembly.py ``assemble``: each part with
+only the collaborators it uses, none with the Worker) and hands them to the
+Worker (greenq/worker/consumer.py); what lives in another package -- the
+control agent (greenq/control/) and the monitor -- is built here and handed
+the worker, so worker/ and control/ never import each other's modules that
+way round.
 """
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Any, List, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, List, NoReturn, Optional
 
 from .. import config as config_module
 from ..exceptions import BrokerError, ConfigError
 from .common import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, check_app, load_app
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..worker.consumer import Worker
 
 log = logging.getLogger("greenq.worker")
 
@@ -161,13 +166,17 @@ def celery_notes(args: argparse.Namespace) -> List[str]:
     return notes
 
 
-def build_worker(app: Any, driver: Any, *, name: Optional[str] = None, **options: Any) -> Any:
+def build_worker(app: Any, driver: Any, *, name: Optional[str] = None, **options: Any) -> "Worker":
     """A worker for ``app`` under ``driver``, with its control agent attached
     (unless ``[worker] control`` is off).  ``options``: Worker's (queues,
-    concurrency, prefetch, burst, shutdown_timeout, max_tasks...)."""
+    concurrency, prefetch, burst, shutdown_timeout, max_tasks...);
+    ``name``, ``max_tasks`` and ``shutdown_timeout`` go to the parts."""
     from ..control.agent import ControlAgent
+    from ..worker.assembly import assemble
     from ..worker.consumer import Worker
-    worker = Worker(app, driver, name=name, **options)
+    parts = assemble(app, driver, name=name, max_tasks=options.pop("max_tasks", 0),
+                     shutdown_timeout=options.pop("shutdown_timeout", 30.0))
+    worker = Worker(app, driver, parts=parts, **options)
     if app.config.worker["control"]:
         worker.attach(ControlAgent(worker, worker.name, events=app.config.worker["events"]))
     return worker

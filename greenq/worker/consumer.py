@@ -23,7 +23,9 @@ the task limit, so a full pool never starves them (DESIGN.md lesson 4).  The
 counters (Stats) subscribe to the worker's hooks (greenq/hooks.py); so do
 STARTED records when some task needs them, and the app's own hooks.
 
-Each part gets the collaborators it uses, not the Worker.  What the control
+Each part gets the collaborators it uses, not the Worker: the parts are
+built, with the state they share (Held, Stop), by ``assemble`` in
+greenq/worker/assembly.py before the Worker, which is handed them.  What the control
 plane (greenq/control/) may do to a running worker is the Worker's own
 operations below (``resize``, ``add_queue``, ``cancel_queue``,
 ``set_rate_limit``...), declared as the ``ControlledWorker`` protocol in
@@ -33,7 +35,6 @@ never imports greenq.control.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import queue as std_queue
 import time
@@ -43,16 +44,12 @@ from ..backoff import Backoff
 from ..brokers.base import Delivery, body_limit
 from ..config import Config, effective_prefetch
 from ..exceptions import MessageError, describe
-from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
-from .admission import Admission, AdmissionStep, RateLimit
-from .followups import Followups
+from .admission import AdmissionStep, RateLimit
+from .assembly import WorkerParts, assemble
 from .jobs import Job
-from .limits import Reaper
-from .revocations import Revocations
-from .runners import KILLS, Runners, StartedRecorder
-from .settle import Settler
-from .state import RunningTask, Service, Snapshot, Stats, StopState, worker_name
+from .runners import KILLS
+from .state import RunningTask, Service, Snapshot, StopState
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import GreenQ
@@ -81,10 +78,15 @@ class Worker:
 
     def __init__(self, app: "GreenQ", driver: "Driver", *, queues: Sequence[str], concurrency: int,
                  prefetch: int = 0, burst: bool = False, shutdown_timeout: float = 30.0,
-                 fetch_timeout: float = 1.0, max_tasks: int = 0, name: Optional[str] = None) -> None:
+                 fetch_timeout: float = 1.0, max_tasks: int = 0, name: Optional[str] = None,
+                 parts: Optional[WorkerParts] = None) -> None:
+        """``parts``: built by the composition root with ``assemble`` (which
+        then took ``name``, ``max_tasks`` and ``shutdown_timeout``); without
+        them the Worker assembles its own from those three."""
+        if parts is None:
+            parts = assemble(app, driver, name=name, max_tasks=max_tasks, shutdown_timeout=shutdown_timeout)
         self.app = app
         self.driver = driver
-        app.set_driver(driver)
         self.config = app.config
         self.queues = list(queues)
         self.concurrency = 1 if driver.name == "solo" else max(1, concurrency)
@@ -93,53 +95,69 @@ class Worker:
         self.prefetch_bytes = effective_prefetch_bytes(app.config)
         self.body_limit = body_limit(app.config)
         self.burst = burst
-        self.shutdown_timeout = shutdown_timeout
+        self.shutdown_timeout = parts.stop.shutdown_timeout
         self.fetch_timeout = fetch_timeout
-        self.max_tasks = max_tasks
         self.codec = app.codec
         self.broker = app.broker
-        self.lock = driver.lock()
-        self.held: Dict[int, Delivery] = {}      # every message leased to us, by id(delivery)
-        self.held_bytes = 0                      # the sum of their bodies' lengths
-        self.running: Dict[int, Job] = {}        # by id(job)
-        self.runq = driver.queue()               # received, waiting for a free runner
-        self.room = driver.event()               # set when held shrinks
-        self.stopped = driver.event()            # set when the consumer loop ended
-        self.stopping = StopState.RUNNING
+        self.name = parts.name
+        self.parts = parts
+        self.lock = parts.lock
+        self._held = parts.held
+        self.held: Dict[int, Delivery] = parts.held.messages   # every message leased to us, by id(delivery)
+        self.running: Dict[int, Job] = parts.running           # by id(job)
+        self.runq = parts.runq                   # admitted, waiting for a free runner
+        self.room = parts.room                   # set when held shrinks
+        self.stopped = parts.stopped             # set when the consumer loop ended
+        self._stop = parts.stop
+        self._backend = parts.backend            # the parts' port to the result backend, set by run()
         self.last_poll = time.monotonic()
-        self.tasks_done = 0
-        self.backend: Any = None                 # the app's result backend, from run()
         self.exit_code = 0
         self.failed: Optional[str] = None        # the control loop that died, if one did
-        self.stats = Stats()
-        self.hooks = Hooks(PUBLIC_HOOKS + INTERNAL_HOOKS)
-        self.stats.subscribe(self.hooks)
-        self.name = worker_name(name)
+        self.stats = parts.stats
+        self.hooks = parts.hooks
         self.services: List[Service] = []        # attached by the composition root (the control agent)
-        backend = self._backend
-        tasks = list(app.tasks.values())
-        started = StartedRecorder(self.codec, backend, bool(self.config.worker.get("track_started", False)))
-        if started.default or any(t.option("track_started") for t in tasks):
-            self.hooks.on("task_prerun", started)     # subscribers cost per task: only when needed
-        self.hooks.extend(app.hooks)             # the app's hooks run after the worker's own
-        self.reaper = Reaper(driver, self.lock, self.running, self.stopped)
-        self.revocations = Revocations(driver, backend, lambda: self.config.result_expires,
-                                       self.reaper.terminate, self.stopped)
-        self.settler = Settler(self.broker, backend, self.codec, Followups(app, self.codec, self.broker, backend),
-                               release=self.release, hooks=self.hooks, driver=driver,
-                               stopping=lambda: self.stopping, worker_name=self.name)
-        self.admission = Admission(driver, run=self.runq.put, defer=self._defer)
-        if any(t.option("rate_limit") for t in tasks):
-            self.admission.add(RateLimit())
-        self.runners = Runners(driver, self.runq, self.hooks, self.broker, lock=self.lock, running=self.running,
-                               revoked=self.revocations.ids, reaper=self.reaper, finish=self.finish,
-                               settle=self.settler.put, release=self.admission.release,
-                               stopping=lambda: self.stopping)
+        self.reaper = parts.reaper
+        self.revocations = parts.revocations
+        self.settler = parts.settler
+        self.admission = parts.admission
+        self.runners = parts.runners
+        self.finish = parts.finish               # finish(job, outcome, reason=None): to the settler unrun
 
-    def _backend(self) -> Any:
-        """The result backend (the parts' port to it): set by ``run``, as
-        building it may connect."""
-        return self.backend
+    # -- the shared state, as the Worker's own attributes ----------------------
+    @property
+    def stopping(self) -> StopState:
+        return self._stop.state
+
+    @stopping.setter
+    def stopping(self, state: StopState) -> None:
+        self._stop.state = state
+
+    @property
+    def backend(self) -> Any:
+        """The app's result backend, from ``run()`` (building it may connect)."""
+        return self._backend.backend
+
+    @backend.setter
+    def backend(self, backend: Any) -> None:
+        self._backend.backend = backend
+
+    @property
+    def held_bytes(self) -> int:
+        """The sum of the held messages' bodies' lengths."""
+        return self._held.bytes
+
+    @property
+    def tasks_done(self) -> int:
+        return self._held.done
+
+    @property
+    def max_tasks(self) -> int:
+        """Settled messages after which the worker stops to be replaced (0: never)."""
+        return self._held.max_tasks
+
+    @max_tasks.setter
+    def max_tasks(self, max_tasks: int) -> None:
+        self._held.max_tasks = max_tasks
 
     # -- public --------------------------------------------------------------
     def run(self) -> int:
@@ -174,29 +192,9 @@ class Worker:
         return self.exit_code
 
     def request_stop(self, cold: bool = False) -> None:
-        """Warm stop, or cold stop with ``cold=True``; asking again for a warm
-        stop changes nothing (the stop signals' "a second SIGTERM is cold"
-        is decided by greenq/worker/signals.py, which calls this).
-        Safe to call from a signal handler: it sets flags and events first,
-        and only then logs, guarded (a signal that lands while this thread is
-        writing a log line makes a second write raise "reentrant call"; the
-        stop must not be lost with it)."""
-        before = self.stopping
-        if before and not cold:
-            return
-        self.stopping = StopState.COLD if cold else StopState.WARM
-        self.room.set()
-        try:
-            self.broker.interrupt()
-        except Exception:  # pragma: no cover - best effort
-            pass
-        try:
-            if self.stopping == StopState.WARM:
-                log.info("warm shutdown: finishing running tasks (up to %.0f s)", self.shutdown_timeout)
-            elif before < StopState.COLD:
-                log.warning("cold shutdown: stopping running tasks and returning their messages")
-        except Exception:  # noqa: S110 - the flags are set; a lost log line is all it costs
-            pass
+        """Warm stop, or cold stop with ``cold=True`` (``Stop.request``, in
+        greenq/worker/state.py); safe to call from a signal handler."""
+        self._stop.request(cold)
 
     def attach(self, service: Service) -> None:
         """Run ``service`` beside the worker (before ``run``): started once
@@ -307,11 +305,11 @@ class Worker:
     # -- consumer ------------------------------------------------------------
     def _consume(self) -> None:
         retry = Backoff(0.1, 5.0)
-        while not self.stopping:
+        while not self._stop.state:
             room, byte_room = self._room()
             if room <= 0 or byte_room <= 0:       # backpressure: fetch nothing while full
                 self.room.clear()
-                if min(self._room()) <= 0 and not self.stopping:
+                if min(self._room()) <= 0 and not self._stop.state:
                     self.room.wait(1.0)
                 self.last_poll = time.monotonic()
                 continue
@@ -349,7 +347,7 @@ class Worker:
         room only while a message of the largest size (``body_limit``) fits
         in them, or while nothing is held: the worker never goes over
         ``prefetch_bytes``, except by holding one message bigger than it."""
-        byte_room = self.prefetch_bytes - self.held_bytes
+        byte_room = self.prefetch_bytes - self._held.bytes
         if self.held and byte_room < self.body_limit:
             byte_room = 0
         return self.prefetch - len(self.held), byte_room
@@ -371,10 +369,7 @@ class Worker:
         max_deliveries = self.config.max_deliveries
         tasks = self.app.tasks
         ready: List[Job] = []
-        with self.lock:
-            for d in deliveries:
-                self.held[id(d)] = d
-                self.held_bytes += len(d.body)
+        self._held.add(deliveries)
         for d in deliveries:
             job = Job(d)
             try:
@@ -429,30 +424,9 @@ class Worker:
             return "early"      # ready before its eta (not sent by greenq's client): put it back to wait
         return None
 
-    def finish(self, job: Job, outcome: str, reason: Optional[str] = None) -> None:
-        """Hand a job that will not run to the settler."""
-        if job.admitted is not None:
-            self.admission.release(job)
-        job.outcome, job.reason = outcome, reason
-        self.settler.put(job)
-
-    def _defer(self, job: Job, eta: float) -> None:
-        """An admission step deferred ``job``: back to the broker, due at ``eta``."""
-        assert job.msg is not None, "admission sees decoded messages only"
-        job.msg = dataclasses.replace(job.msg, eta=eta)
-        self.finish(job, jobs.DEFER, reason="deferred by admission")
-
     def release(self, batch: List[Job]) -> None:
-        """The settler settled ``batch``: make room for more."""
-        with self.lock:
-            for job in batch:
-                if self.held.pop(id(job.delivery), None) is not None:
-                    self.held_bytes -= len(job.delivery.body)
-        self.tasks_done += len(batch)
-        self.room.set()
-        if self.max_tasks and self.tasks_done >= self.max_tasks and not self.stopping:
-            log.info("max_tasks_per_child reached (%d): stopping to be replaced", self.max_tasks)
-            self.request_stop()
+        """The settler settled ``batch``: make room for more (``Held.release``)."""
+        self._held.release(batch)
 
     # -- leases and the summary line -------------------------------------------
     def _renewer(self) -> None:
@@ -484,7 +458,7 @@ class Worker:
     def _shutdown(self, settler: Any) -> None:
         """Warm: let running tasks finish within shutdown_timeout, return the
         backlog.  Cold (or time out): kill the rest and return their messages."""
-        self.stopping = max(self.stopping, StopState.WARM)
+        self._stop.state = max(self._stop.state, StopState.WARM)
         self.stopped.set()
         try:                                    # AMQP: basic.cancel, so nothing more arrives
             self.broker.stop_consuming()

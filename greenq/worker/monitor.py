@@ -22,11 +22,19 @@ import os
 import sys
 import time
 import traceback
-from typing import Any, Optional
+from types import FrameType
+from typing import TYPE_CHECKING, Any, List, Optional, Protocol
 
 from ..httpserve import Server, routes_app, serve
 from ..metrics import TaskMetrics
 from .jobs import Job, limits
+from .state import Snapshot, Stats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..brokers.base import Broker
+    from ..config import Config
+    from ..drivers.base import Driver
+    from ..hooks import Hooks
 
 log = logging.getLogger("greenq.monitor")
 
@@ -36,8 +44,45 @@ HEARTBEAT_ENV = "GREENQ_SUPERVISOR_HEARTBEAT"
 HTTP_PORT_ENV = "GREENQ_SUPERVISOR_HTTP_PORT_FILE"
 
 
+class FrameOwners(Protocol):
+    """Who runs on a frame (greenq.worker.runners.Runners is one)."""
+
+    def job_of_frame(self, frame: Optional[FrameType]) -> Optional[Job]: ...
+
+
+class Monitored(Protocol):
+    """What the monitor reads of a worker (greenq.worker.consumer.Worker is
+    one): read-only, so a test may give any object with these."""
+
+    @property
+    def driver(self) -> "Driver": ...
+
+    @property
+    def hooks(self) -> "Hooks": ...            # the per-task metrics subscribe to them
+
+    @property
+    def stats(self) -> Stats: ...              # the counters, and where blocking episodes are counted
+
+    @property
+    def runners(self) -> FrameOwners: ...      # the task blocking the hub
+
+    @property
+    def broker(self) -> "Broker": ...          # healthy, and the queues' depths for /metrics
+
+    @property
+    def queues(self) -> List[str]: ...
+
+    @property
+    def fetch_timeout(self) -> float: ...
+
+    @property
+    def config(self) -> "Config": ...          # lease_seconds: how long settling may take
+
+    def snapshot(self) -> Snapshot: ...
+
+
 class Monitor:
-    def __init__(self, worker: Any, blocking_threshold: float, http: str,
+    def __init__(self, worker: Monitored, blocking_threshold: float, http: str,
                  port_file: Optional[str] = None) -> None:
         """``port_file``: set in a supervised child; serve on a free local port and write it there."""
         self.worker = worker

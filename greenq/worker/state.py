@@ -1,9 +1,16 @@
-"""The worker's state as others see it: the stop state, the counters (a hook
-subscriber), and the snapshot that the monitor and the fleet view read
-instead of reaching into the worker."""
+"""The worker's state as others see it: the stop state, the messages held,
+the counters (a hook subscriber), and the snapshot that the monitor and the
+fleet view read instead of reaching into the worker.
+
+``Stop`` and ``Held`` are built by the assembly (greenq/worker/assembly.py)
+before the Worker, and shared by it and its parts: the settler releases
+settled messages into ``Held``, which asks ``Stop`` for a stop after
+``max_tasks``; the runners and the settler read ``Stop.state``.  So no part
+needs a callback into the Worker."""
 from __future__ import annotations
 
 import enum
+import logging
 import os
 import re
 import socket
@@ -12,7 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..brokers.base import Delivery
     from ..hooks import Hooks
+    from .jobs import Job
+
+log = logging.getLogger("greenq.worker")
 
 
 class StopState(enum.IntEnum):
@@ -20,6 +31,78 @@ class StopState(enum.IntEnum):
     RUNNING = 0
     WARM = 1     # stop fetching, let running tasks finish within shutdown_timeout
     COLD = 2     # stop now, return every unfinished message
+
+
+class Stop:
+    """The worker's stop state (``state``, a StopState) and the request that
+    moves it up.  ``room`` is set and ``interrupt`` (the broker's) called so
+    that a consumer waiting for room or for messages sees the stop at once."""
+
+    def __init__(self, room: Any, interrupt: Callable[[], None], shutdown_timeout: float) -> None:
+        self.state = StopState.RUNNING
+        self.room = room
+        self.interrupt = interrupt
+        self.shutdown_timeout = shutdown_timeout
+
+    def request(self, cold: bool = False) -> None:
+        """Warm stop, or cold stop with ``cold=True``; asking again for a warm
+        stop changes nothing (the stop signals' "a second SIGTERM is cold"
+        is decided by greenq/worker/signals.py, which calls this).
+        Safe to call from a signal handler: it sets flags and events first,
+        and only then logs, guarded (a signal that lands while this thread is
+        writing a log line makes a second write raise "reentrant call"; the
+        stop must not be lost with it)."""
+        before = self.state
+        if before and not cold:
+            return
+        self.state = StopState.COLD if cold else StopState.WARM
+        self.room.set()
+        try:
+            self.interrupt()
+        except Exception:  # pragma: no cover - best effort
+            pass
+        try:
+            if self.state == StopState.WARM:
+                log.info("warm shutdown: finishing running tasks (up to %.0f s)", self.shutdown_timeout)
+            elif before < StopState.COLD:
+                log.warning("cold shutdown: stopping running tasks and returning their messages")
+        except Exception:  # noqa: S110 - the flags are set; a lost log line is all it costs
+            pass
+
+
+class Held:
+    """The messages leased to the worker (``messages``, by id(delivery)) and
+    the sum of their bodies' lengths (``bytes``), under ``lock``.  The
+    consumer adds what it fetched; the settler ``release``s what it settled,
+    which sets ``room`` and, after ``max_tasks`` (0: never), requests a warm
+    stop so that the worker is replaced."""
+
+    def __init__(self, lock: Any, room: Any, stop: Stop, max_tasks: int) -> None:
+        self.lock = lock
+        self.room = room
+        self.stop = stop
+        self.max_tasks = max_tasks
+        self.messages: Dict[int, "Delivery"] = {}
+        self.bytes = 0
+        self.done = 0                          # messages settled so far
+
+    def add(self, deliveries: List["Delivery"]) -> None:
+        with self.lock:
+            for d in deliveries:
+                self.messages[id(d)] = d
+                self.bytes += len(d.body)
+
+    def release(self, batch: List["Job"]) -> None:
+        """The settler settled ``batch``: make room for more."""
+        with self.lock:
+            for job in batch:
+                if self.messages.pop(id(job.delivery), None) is not None:
+                    self.bytes -= len(job.delivery.body)
+        self.done += len(batch)
+        self.room.set()
+        if self.max_tasks and self.done >= self.max_tasks and not self.stop.state:
+            log.info("max_tasks_per_child reached (%d): stopping to be replaced", self.max_tasks)
+            self.stop.request()
 
 
 class Stats:

@@ -171,3 +171,111 @@ def test_a_settler_is_built_without_a_worker():
     assert released == [j]
     assert result.get(timeout=5) == 5
     app.close()
+
+
+def reaches(start, target_type, limit=50000):
+    """Whether an object of ``target_type`` is reachable from ``start`` through
+    attributes, bound methods' ``__self__``, closures and containers (not
+    through classes or modules)."""
+    import types
+    seen, todo = set(), [start]
+    while todo:
+        assert len(seen) < limit, "the object graph is larger than the check expects"
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, str, bytes, int, float)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, target_type):
+            return True
+        if isinstance(obj, types.MethodType):
+            todo.append(obj.__self__)
+            todo.append(obj.__func__)
+        elif isinstance(obj, types.FunctionType):
+            todo.extend(c.cell_contents for c in obj.__closure__ or () if c.cell_contents is not None)
+        elif isinstance(obj, dict):
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            todo.extend(obj)
+        if hasattr(obj, "__dict__") and not isinstance(obj, (types.FunctionType, types.MethodType)):
+            todo.extend(vars(obj).values())
+    return False
+
+
+def test_the_assembly_hands_each_part_only_what_it_uses_never_the_worker():
+    """build_worker has the parts assembled before the Worker exists and gives
+    them to it: no part (nor a callable a part holds) reaches the Worker."""
+    from greenq.cli.worker import build_worker
+    from greenq.worker.consumer import Worker
+    app = GreenQ("assembly", broker=f"memory://assembly-{time.monotonic_ns()}")
+
+    @app.task(rate_limit="10/s", track_started=True)    # the optional parts too: RateLimit, STARTED records
+    def noop():
+        return None
+    w = build_worker(app, get_driver("threads"), queues=["default"], concurrency=2, name="n1", max_tasks=7,
+                     shutdown_timeout=3.0)
+    parts = w.parts
+    assert (w.name, w.max_tasks, w.shutdown_timeout) == ("n1", 7, 3.0)
+    assert (w.settler, w.runners, w.reaper, w.admission, w.revocations) == (
+        parts.settler, parts.runners, parts.reaper, parts.admission, parts.revocations)
+    assert w.runq is parts.runq and w.running is parts.running and w.held is parts.held.messages
+    # the settler: the broker, the backend's port, the follow-ups and a release callback (Held's)
+    assert parts.settler._release == parts.held.release and parts.settler.broker is app.broker
+    assert parts.runners.finish is parts.finish and parts.runners.settle == parts.settler.put
+    for label in ("settler", "runners", "reaper", "admission", "revocations", "held", "stop", "finish"):
+        assert not reaches(getattr(parts, label), Worker), f"the {label} reaches the Worker"
+    # the check itself: a part wired with a callback into the Worker is caught
+    parts.settler._release = w.release
+    assert reaches(parts.settler, Worker)
+    app.close()
+
+
+def test_a_worker_built_without_parts_assembles_them_the_one_way(monkeypatch):
+    import greenq.worker.consumer as consumer
+    from greenq.worker.assembly import assemble
+    calls = []
+
+    def counting(*a, **kw):
+        calls.append(kw)
+        return assemble(*a, **kw)
+    monkeypatch.setattr(consumer, "assemble", counting)
+    app = GreenQ("one-way", broker=f"memory://one-way-{time.monotonic_ns()}")
+    w = consumer.Worker(app, get_driver("threads"), queues=["default"], concurrency=1, max_tasks=2, name="x")
+    assert calls == [{"name": "x", "max_tasks": 2, "shutdown_timeout": 30.0}] and w.name == "x"
+    app.close()
+
+
+def test_held_messages_make_room_and_stop_the_worker_after_max_tasks():
+    from greenq.worker.state import Held, Stop, StopState
+    driver = get_driver("threads")
+    room, interrupted = driver.event(), []
+    stop = Stop(room, lambda: interrupted.append(1), 5.0)
+    held = Held(driver.lock(), room, stop, max_tasks=3)
+    deliveries = [NS(body=b"x" * n) for n in (1, 2, 3)]
+    held.add(deliveries)
+    assert (len(held.messages), held.bytes) == (3, 6)
+    held.release([NS(delivery=deliveries[0]), NS(delivery=deliveries[1])])
+    assert (len(held.messages), held.bytes, held.done) == (1, 3, 2)
+    assert room.is_set() and stop.state == StopState.RUNNING and not interrupted
+    held.release([NS(delivery=deliveries[2])])
+    assert held.bytes == 0 and stop.state == StopState.WARM and interrupted == [1]
+    stop.request(cold=True)
+    assert stop.state == StopState.COLD and interrupted == [1, 1]
+
+
+def test_the_monitor_uses_only_what_monitored_declares():
+    """Monitor takes a Monitored (greenq/worker/monitor.py): an object with
+    just those members is enough for /healthz and /metrics."""
+    from greenq.hooks import PUBLIC_HOOKS, Hooks
+    from greenq.worker.monitor import Monitor, Monitored
+    from greenq.worker.state import Snapshot, Stats, StopState
+    members = {name for name in vars(Monitored) if not name.startswith("_")}
+    assert members == {"driver", "hooks", "stats", "runners", "broker", "queues", "fetch_timeout",
+                       "config", "snapshot"}
+    snap = Snapshot("threads", 2, 8, ["default"], StopState.RUNNING, None, 0.1, 0.0, 0)
+    fake = NS(driver=get_driver("threads"), hooks=Hooks(PUBLIC_HOOKS), stats=Stats(),
+              runners=NS(job_of_frame=lambda frame: None), broker=NS(healthy=True), queues=["default"],
+              fetch_timeout=1.0, config=NS(lease_seconds=60.0), snapshot=lambda: snap)
+    monitor = Monitor(fake, 0, "")
+    ok, body = monitor.healthy()
+    assert ok and body["status"] == "ok"
+    assert "greenq_concurrency 2" in monitor.metrics() and "greenq_up 1" in monitor.metrics()
