@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from greenq.brokers.base import PREVIEW_BYTES, Outgoing
-from tests.integration.test_redis import admin, make, opened  # noqa: F401 (fixtures)
+from tests.integration.transport_redis.test_redis import admin, make, opened  # noqa: F401 (fixtures)
 
 LIMIT = 1000
 BIG = 200_000 + 7

@@ -164,7 +164,7 @@ def test_good_messages_round_trip():
 @pytest.mark.parametrize("field", ["task", "id", "queue"])
 def test_lone_surrogates_in_names_are_refused(field):
     """Not UTF-8: a result keyed by such an id could never be stored (found by
-    tests/e2e/test_redis_malformed.py: the fast path once let it through)."""
+    tests/e2e/transport_redis/test_redis_malformed.py: the fast path once let it through)."""
     env = good()
     env[field] = "\ud800x"
     with pytest.raises(MessageError, match=field):

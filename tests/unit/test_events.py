@@ -2,7 +2,7 @@
 encode and decode with its documented fields, an older worker's body is still
 read, and whatever else lands on the events stream is skipped, never fatal to
 a reader (written straight into a real Redis stream:
-tests/integration/test_redis_events_malformed.py)."""
+tests/integration/transport_redis/test_redis_events_malformed.py)."""
 from __future__ import annotations
 
 import json

@@ -17,7 +17,7 @@ from greenq.transports.sqlite.client import SCHEMA_VERSION
 from greenq.exceptions import BrokerError, ConfigError
 from tests.conftest import make_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 @pytest.fixture(params=["memory", "sqlite"])

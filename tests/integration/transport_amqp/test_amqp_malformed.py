@@ -23,7 +23,7 @@ from greenq.transports.amqp.common import Settings, connection_params
 from greenq.exceptions import BrokerError
 from greenq.brokers import make_broker
 from tests.conftest import AMQP_PREFIX, ctl_or_skip, make_config, rabbitmqctl, vhost_of
-from tests.integration.test_amqp import drain, env, out, tls_port  # noqa: F401 (fixtures)
+from tests.integration.transport_amqp.test_amqp import drain, env, out, tls_port  # noqa: F401 (fixtures)
 
 DLQ = f"{AMQP_PREFIX}.dlq"   # the run's dead-letter store (make_config gives the run's key_prefix)
 

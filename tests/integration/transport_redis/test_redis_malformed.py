@@ -17,7 +17,7 @@ import time
 import pytest
 
 from greenq.transports.redis.broker import GROUP
-from tests.integration.test_redis import admin, make, opened, out  # noqa: F401 (fixtures)
+from tests.integration.transport_redis.test_redis import admin, make, opened, out  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.redis
 

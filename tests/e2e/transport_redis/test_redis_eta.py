@@ -2,7 +2,7 @@
 whichever path published it (issue 7, suspected defect).
 
 Every greenq client path carries the envelope's eta as ``Outgoing.eta`` into
-the delayed set (tests/integration/test_redis_malformed.py checks that).  A
+the delayed set (tests/integration/transport_redis/test_redis_malformed.py checks that).  A
 message that reaches a stream with a future envelope eta anyway (another
 producer, a hand-written entry) is the worker's to hold back: the broker never
 decodes bodies.

@@ -27,7 +27,7 @@ from tests.conftest import AMQP_PREFIX, CHILD_PREFIX, close_connections, ctl_or_
     rabbitmqctl, until, vhost_of
 
 pytestmark = pytest.mark.amqp
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def queues_of(url: str) -> dict:
@@ -700,7 +700,7 @@ def test_rpc_revocations_reach_every_worker(env):
 @pytest.mark.parametrize("driver", ["gevent", "eventlet"])
 def test_green_drivers(driver, amqp_url):
     pytest.importorskip(driver)
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "integration", "green_amqp.py"),
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "integration", "transport_amqp", "green_amqp.py"),
                            driver, amqp_url], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=ROOT, **{CHILD_PREFIX: AMQP_PREFIX}),
                           capture_output=True, text=True, timeout=120)

@@ -290,7 +290,7 @@ def test_only_the_tested_py_amqp_releases_are_accepted(version, ok):
 def test_the_installed_py_amqp_is_supported_and_setup_cfg_says_the_same():
     amqp_adapter.check_version(amqp.__version__)
     import os
-    with open(os.path.join(os.path.dirname(__file__), "..", "..", "setup.cfg")) as f:
+    with open(os.path.join(os.path.dirname(__file__), "..", "..", "..", "setup.cfg")) as f:
         text = f.read()
     assert text.count(amqp_adapter.REQUIREMENT) == 3 and "amqp>=5.1\n" not in text
 

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from greenq.exceptions import BrokerError
-from tests.integration.test_redis import (_free_port, admin, make, opened, out,  # noqa: F401 (fixtures)
+from tests.integration.transport_redis.test_redis import (_free_port, admin, make, opened, out,  # noqa: F401 (fixtures)
                                           private_redis)
 
 pytestmark = pytest.mark.redis

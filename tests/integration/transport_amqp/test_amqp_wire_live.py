@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tests.integration.test_amqp import drain, env, out  # noqa: F401 (fixtures)
+from tests.integration.transport_amqp.test_amqp import drain, env, out  # noqa: F401 (fixtures)
 
 
 def test_a_stream_of_deliveries_keeps_the_consumer_connection_alive(env):
