@@ -97,8 +97,32 @@ def _until(driver, check, what: str, timeout: float = 30):
                              f"{driver.find_element('tag name', 'main').text}") from None
 
 
+def _table(driver, css: str) -> "list[list[str]]":
+    """The cells' texts of the rows ``css`` selects, read again whole when a
+    redraw replaced them while they were read (see _text)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    for attempt in range(5):
+        try:
+            return [[cell.text for cell in row.find_elements("css selector", "td")]
+                    for row in driver.find_elements("css selector", css)]
+        except StaleElementReferenceException:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _text(driver, css: str) -> str:
-    return driver.find_element("css selector", css).text
+    """The element's text.  The page redraws its tables every second, so an
+    element found just before a redraw can be replaced before it is read
+    (StaleElementReferenceException): it is then found again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    for attempt in range(5):
+        try:
+            return driver.find_element("css selector", css).text
+        except StaleElementReferenceException:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
 
 
 def test_dashboard_in_a_browser(pool, sqlite_env, browser):

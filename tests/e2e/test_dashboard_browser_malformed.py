@@ -16,7 +16,7 @@ from greenq import GreenQ
 from greenq.dashboard import server
 from greenq.dashboard.state import FleetState
 
-from .test_dashboard_browser import _text, _until, browser  # noqa: F401  (browser: a fixture)
+from .test_dashboard_browser import _table, _text, _until, browser  # noqa: F401  (browser: a fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -55,9 +55,9 @@ def test_the_page_survives_odd_answers(tmp_path, browser, monkeypatch):  # noqa:
         assert _text(browser, 'tr[data-worker="good-w1"] td.name') == "good-w1"
         assert _text(browser, 'tr[data-worker="good-w1"] td.queues') == ""          # "default": dropped
         assert _text(browser, 'tr[data-worker="good-w1"] td.concurrency') == "4"
-        rows = browser.find_elements("css selector", "#workers tbody tr")
+        rows = _table(browser, "#workers tbody tr")
         assert len(rows) == 2                                  # the bad row, blank; "not a row" and null: none
-        bad = [cell.text for cell in rows[1].find_elements("css selector", "td")]
+        bad = rows[1]
         assert bad[:5] == ["", "offline", "", "", ""] and bad[-1] == "", bad
         assert _text(browser, 'tr[data-queue="default"] td.ready') == "1"
         assert _text(browser, 'tr[data-task="task-1"] td.state') == "RECEIVED"
