@@ -58,7 +58,7 @@ def test_the_amqp_reader_keeps_only_a_preview_of_a_body_over_its_limit():
     only the first ``preview`` bytes are kept, whatever the frames; the
     deliveries around it are read whole."""
     from greenq.transports.amqp.wire import DeliveryReader, FrameParser
-    from tests.unit.test_amqp_wire import deliver, raw
+    from tests.unit.transport_amqp.test_amqp_wire import deliver, raw
     big = bytes(i % 251 for i in range(100_000))
     frames = (deliver(1, "greenq-1", 1, b"small") + deliver(1, "greenq-1", 2, big)
               + deliver(1, "greenq-1", 3, b"x" * 1000))
