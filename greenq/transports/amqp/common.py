@@ -1,9 +1,9 @@
 """What the RabbitMQ broker (``amqp.py``) and the ``rpc://`` backend share:
 connection parameters from a URL, opening a connection (``open_connection``,
 the only place connections are made), the reconnect state machine, and the
-topology greenq declares.  The publishers' pool is in ``amqp_publish.py``, the
-consumer loop in ``amqp_consumer.py``, the wire format in ``amqp_wire.py`` and
-the only code touching py-amqp's internals in ``amqp_adapter.py``.
+topology greenq declares.  The publishers' pool is in ``publish.py``, the
+consumer loop in ``consumer.py``, the wire format in ``wire.py`` and
+the only code touching py-amqp's internals in ``adapter.py``.
 
 Imported only when an ``amqp://``, ``pyamqp://``, ``amqps://`` or ``rpc://``
 URL is used; ``ssl`` is imported only for ``amqps://``.
