@@ -118,6 +118,8 @@ def check_app(app: GreenQ) -> List[str]:
     for task in app.tasks.values():
         config_module.check_limits(f"task {task.name}:", task.option("soft_time_limit"),
                                    task.option("time_limit"))
+    from ..resources.registry import check_tasks
+    check_tasks(app.tasks.values(), app.config.resource_settings())
     warnings = []
     for name in app.config._tasks:
         if name not in app.tasks:

@@ -20,7 +20,7 @@ import itertools
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional
 
 from ..exceptions import ConfigError
 from .base import PermitPool, ResourceSettings, make_pool
@@ -39,6 +39,20 @@ def unknown(name: str, known: Mapping[str, Any]) -> ConfigError:
     hint = f"; did you mean [resource:{close[0]}]?" if close else \
         (f"; configured resources: {', '.join(sorted(known))}" if known else "; no resource is configured")
     return ConfigError(f"resource {name!r} has no [resource:{name}] section{hint}")
+
+
+def check_tasks(tasks: Iterable[Any], settings: Mapping[str, Any]) -> None:
+    """ConfigError for the first task whose ``resources`` names a resource
+    with no ``[resource:NAME]`` section, with the nearest valid name."""
+    for task in tasks:
+        for name in task.option("resources") or ():
+            if name not in settings:
+                raise ConfigError(f"task {task.name}: {unknown(name, settings)}")
+
+
+def wait_keys(tasks: Iterable[Any]) -> int:
+    """How many wait keys the permits step may have (each holds up to prefetch waiting messages)."""
+    return len({tuple(sorted(t.option("resources"))) for t in tasks if t.option("resources")})
 
 
 class Resources:
