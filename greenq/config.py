@@ -339,6 +339,7 @@ class Config:
         self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
         self.schedules: Dict[str, Dict[str, Any]] = {}        # [schedule:NAME] entries
         self.resources: Dict[str, Dict[str, Any]] = {}        # [resource:NAME] keys as set
+        self._resource_origin: Dict[Tuple[str, str], str] = {}  # where each resource key was set
         self._schedule_origin: Dict[Tuple[str, str], str] = {}  # where each schedule key was set
         self.file: Optional[str] = None
         #: mistakes that do not stop a start (a misspelt variable...), see report()
@@ -364,7 +365,8 @@ class Config:
         return self._tasks.get(name, {})
 
     def origin(self, section: str, key: str) -> str:
-        return self._origin.get((section, key)) or self._schedule_origin.get((section, key), "default")
+        return (self._origin.get((section, key)) or self._resource_origin.get((section, key))
+                or self._schedule_origin.get((section, key), "default"))
 
     def set(self, section: str, key: str, value: Any, origin: str) -> None:
         """Set one value, converting and validating it; ``origin`` names the source in errors."""
@@ -456,7 +458,7 @@ class Config:
         except ValueError as exc:
             raise ConfigError(f"{origin}: [{section}] {key} = {value!r}: {exc}") from None
         self.resources.setdefault(name, {})[key] = converted
-        self._origin[(section, key)] = origin
+        self._resource_origin[(section, key)] = origin
 
     def resource_settings(self) -> Dict[str, "ResourceSettings"]:
         """Every ``[resource:NAME]`` section, checked (``check_resource``), by name."""
@@ -466,6 +468,7 @@ class Config:
         new = Config()
         new.routes = dict(self.routes)
         new.resources = {n: dict(v) for n, v in self.resources.items()}
+        new._resource_origin = dict(self._resource_origin)
         new.schedules = {n: dict(v) for n, v in self.schedules.items()}
         new._values = {s: dict(v) for s, v in self._values.items()}
         new._origin = dict(self._origin)

@@ -41,6 +41,8 @@ def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
                 app.config.set(f"task:{task}", key, value, cfg.origin(f"task:{task}", key))
         app.config.routes.update(cfg.routes)            # [routes] and [schedule:NAME]
         app.config.schedules.update(cfg.schedules)
+        for (section, key), origin in cfg._resource_origin.items():   # [resource:NAME]
+            app.config.set(section, key, cfg.resources[section[len("resource:"):]][key], origin)
         if cfg.file:
             app.config.file = cfg.file
         app._codec = None  # built from the settings just overlaid
