@@ -8,9 +8,9 @@ the task answers with a :class:`Decision`:
   run queue and the next free runner takes it;
 * ``WAIT``  -- not yet: the job is *parked* here, holding no runner slot.  Its
   message stays held by this worker, so the renewer keeps its lease, and it
-  counts against ``prefetch``.  It is offered to the same step again when its
-  ``until`` time comes (a monotonic clock time) or when the step calls
-  ``wake(key)`` (a permit was freed);
+  counts against ``prefetch`` (not at a ``frees_room`` step, below).  It is
+  offered to the same step again when its ``until`` time comes (a monotonic
+  clock time) or when the step calls ``wake(key)`` (a permit was freed);
 * ``DEFER`` -- back to the broker, to be delivered again at ``eta`` (epoch
   seconds): published again with that eta and acknowledged, as a message
   that came before its eta is.

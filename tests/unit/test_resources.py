@@ -339,3 +339,15 @@ def test_app_resource_outside_a_worker_uses_the_configured_pool():
     with pytest.raises(ConfigError, match="did you mean"):
         with app.resource("apii"):
             pass
+
+
+def test_every_resource_setting_is_documented():
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    example = (root / "conf" / "greenq.ini").read_text()
+    reference = (root / "docs" / "configuration.md").read_text()
+    assert "[resource:pg]" in example and "### [resource:NAME]" in reference
+    for key in config_module.RESOURCE_SETTINGS:
+        assert f"\n;{key} =" in example, f"conf/greenq.ini lacks [resource:NAME] {key}"
+        assert f"`{key}`" in reference, f"docs/configuration.md lacks [resource:NAME] {key}"
+    assert (root / "docs" / "resources.md").exists()
