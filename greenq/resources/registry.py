@@ -97,8 +97,19 @@ class Resources:
 
     def release(self, name: str, holder: str) -> None:
         self.pool(name).release(holder)
+        self.freed(name)
+
+    def freed(self, name: str) -> None:
+        """Permits of ``name`` may be free now: tell the listeners (the
+        admission step asks its waiters again).  Called on every release, and
+        to be called after raising a pool's limit (``set_limit``)."""
         for listener in self._listeners:
             listener(name)
+
+    def set_limit(self, name: str, limit: int) -> None:
+        """The limit in force of ``name`` from now on (an adaptive limit); waiters are asked again."""
+        self.pool(name).set_limit(limit)
+        self.freed(name)
 
     def holder(self, name: str) -> str:
         """A holder id unique in the fleet: pid, a counter, the resource."""

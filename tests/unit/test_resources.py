@@ -351,3 +351,17 @@ def test_every_resource_setting_is_documented():
         assert f"\n;{key} =" in example, f"conf/greenq.ini lacks [resource:NAME] {key}"
         assert f"`{key}`" in reference, f"docs/configuration.md lacks [resource:NAME] {key}"
     assert (root / "docs" / "resources.md").exists()
+
+
+def test_raising_a_limit_wakes_the_waiters():
+    app = make_app(pg={"limit": 1})
+    resources = Resources(app.config, app_key="t")
+    ran = []
+    admission = Admission(get_driver("threads"), run=ran.append, defer=lambda j, eta: None)
+    admission.add(Permits(resources))
+    for n in range(3):
+        admission.offer(fake_job(n))
+    assert len(ran) == 1 and admission.parked == 2
+    resources.set_limit("pg", 3)
+    admission.serve()
+    assert len(ran) == 3 and admission.parked == 0 and resources.pool("pg").in_use() == 3
