@@ -234,7 +234,7 @@ def test_no_head_of_line_blocking_free_tasks_run_while_waiters_wait():
     assert all(r.successful() for r in frees) and gauge.max == 1
 
 
-def test_permits_are_released_on_failure_retry_and_hard_time_limit():
+def test_permits_are_released_on_failure_retry_and_time_limits():
     """limit 1: every task after one that ended badly would wait for ever if
     its permit was kept."""
     app = make_app(pg={"limit": 1})
@@ -260,17 +260,24 @@ def test_permits_are_released_on_failure_retry_and_hard_time_limit():
             for _ in range(200):
                 time.sleep(0.02)
 
+    @app.task(resources={"pg": 1}, soft_time_limit=0.2)
+    def soft():
+        with gauge:
+            for _ in range(200):
+                time.sleep(0.02)
+
     @app.task(resources={"pg": 1})
     def last():
         return "ran"
-    results = [fails.delay(), retries.delay(), overruns.delay(), last.delay()]
+    results = [fails.delay(), retries.delay(), overruns.delay(), soft.delay(), last.delay()]
     worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=4, burst=True,
                     fetch_timeout=FETCH_TIMEOUT)
     assert run(worker) == 0
     assert results[0].failed() and results[2].failed()
     assert results[1].get(timeout=5) == "second" and len(tries) == 2
     assert "TimeLimitExceeded" in repr(results[2].result) or "time limit" in str(results[2].result)
-    assert results[3].get(timeout=5) == "ran"
+    assert results[3].failed() and "SoftTimeLimitExceeded" in repr(results[3].result)
+    assert results[4].get(timeout=5) == "ran"
     permits = worker.admission.step("permits")
     assert permits.held() == 0 and worker.resources.pool("pg").in_use() == 0 and gauge.max == 1
 
