@@ -5,7 +5,8 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union, overload
+from typing import (TYPE_CHECKING, Any, Callable, ContextManager, Dict, Iterable, List, Optional, Sequence,
+                    Tuple, Union, overload)
 
 from . import config as config_module
 from .brokers import make_broker
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import ResultBackend
     from .brokers.base import Broker
     from .drivers.base import Driver
+    from .resources.registry import Resources
 
 log = logging.getLogger("greenq")
 
@@ -109,6 +111,7 @@ class GreenQ:
         self._conn: Optional[_Connections] = None
         self._codec: Optional[Codec] = None
         self._builder: Optional[MessageBuilder] = None
+        self._resources: Optional["Resources"] = None
 
     @classmethod
     def from_config(cls, path: Optional[str] = None, name: Optional[str] = None, **settings: Any) -> "GreenQ":
@@ -163,6 +166,28 @@ class GreenQ:
         task_name = task if isinstance(task, str) else task.name
         self.periodic[name] = Entry(name, task_name, every, cron, timezone, tuple(args), dict(kwargs or {}),
                                     options)
+
+    # -- resource permits (greenq/resources/, docs/resources.md) -------------
+    def resource(self, name: str, count: int = 1, timeout: Optional[float] = None) -> ContextManager[None]:
+        """``with app.resource("pg"):`` holds ``count`` permits of ``[resource:pg]``
+        for the block, waiting cooperatively until they are free (TimeoutError
+        after ``timeout`` seconds, if given).  In a worker the permits come from
+        the worker's pools, shared with the tasks' ``resources``; elsewhere from
+        pools made from this app's configuration."""
+        return self.permits().hold(name, count, timeout)
+
+    def permits(self) -> "Resources":
+        """This process's permit pools (the worker sets its own with ``set_permits``)."""
+        if self._resources is None:
+            with self._lock:
+                if self._resources is None:
+                    from .resources.registry import Resources
+                    self._resources = Resources(self.config, app_key=self.config.key_prefix, driver=self.driver)
+        return self._resources
+
+    def set_permits(self, resources: Optional["Resources"]) -> None:
+        """Used by the worker: ``app.resource`` takes its permits from ``resources``."""
+        self._resources = resources
 
     # -- connections (one set per process) -----------------------------------
     def set_driver(self, driver: Any) -> None:

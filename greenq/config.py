@@ -16,13 +16,16 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from . import validation
 from .exceptions import ConfigError
 from .pools import POOLS
 from .setting import MAX_TIMEOUT, Setting
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .resources.base import ResourceSettings
 
 log = logging.getLogger("greenq.config")
 
@@ -124,7 +127,7 @@ TASK_SETTINGS: Dict[str, Setting] = {
     "track_started": Setting("bool", None, "store STARTED when the task begins; unset: [worker] track_started"),
 }
 #: decorator options that no INI section can set (they name code), with their defaults
-CODE_ONLY_TASK_OPTIONS: Dict[str, Any] = {"autoretry_for": ()}
+CODE_ONLY_TASK_OPTIONS: Dict[str, Any] = {"autoretry_for": (), "resources": None}
 
 # Periodic tasks, in [schedule:<name>] sections (greenq/beat.py reads them).
 SCHEDULE_SETTINGS: Dict[str, Setting] = {
@@ -140,6 +143,24 @@ SCHEDULE_SETTINGS: Dict[str, Setting] = {
     "time_limit": Setting("float", None, "seconds before the task is killed", validation.MAX_SECONDS),
     "soft_time_limit": Setting("float", None, "seconds before SoftTimeLimitExceeded", validation.MAX_SECONDS),
 }
+
+# Resources, in [resource:<name>] sections (greenq/resources/, docs/resources.md).
+#: the most permits one resource may have: far above any downstream's
+#: connection limit, low enough that a typo (an extra zero or three) is caught
+MAX_RESOURCE_LIMIT = 100000
+RESOURCE_SCOPES = ("process", "host", "cluster")
+RESOURCE_SETTINGS: Dict[str, Setting] = {
+    "limit": Setting("int", None, "permits held at once (required), 1 to the ceiling", MAX_RESOURCE_LIMIT),
+    "scope": Setting("choice:" + "|".join(RESOURCE_SCOPES), "process",
+                     "who shares the permits: this process, this host, or every worker of the app"),
+    "adaptive": Setting("bool", False, "the limit in force moves between min_limit and limit"),
+    "min_limit": Setting("int", 1, "the lowest an adaptive limit goes, 1 to limit", MAX_RESOURCE_LIMIT),
+    "errors": Setting("list", [], "dotted names of the exceptions that mean the resource is overloaded"),
+}
+#: a resource's name: it names locks and keys on a shared server too
+RESOURCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: a dotted exception name (``psycopg.OperationalError``, ``TimeoutError``)
+_DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
 #: ``GREENQ_*`` environment variables that are not settings (no warning for them)
@@ -317,6 +338,8 @@ class Config:
         self._tasks: Dict[str, Dict[str, Any]] = {}
         self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
         self.schedules: Dict[str, Dict[str, Any]] = {}        # [schedule:NAME] entries
+        self.resources: Dict[str, Dict[str, Any]] = {}        # [resource:NAME] keys as set
+        self._resource_origin: Dict[Tuple[str, str], str] = {}  # where each resource key was set
         self._schedule_origin: Dict[Tuple[str, str], str] = {}  # where each schedule key was set
         self.file: Optional[str] = None
         #: mistakes that do not stop a start (a misspelt variable...), see report()
@@ -342,19 +365,23 @@ class Config:
         return self._tasks.get(name, {})
 
     def origin(self, section: str, key: str) -> str:
-        return self._origin.get((section, key)) or self._schedule_origin.get((section, key), "default")
+        return (self._origin.get((section, key)) or self._resource_origin.get((section, key))
+                or self._schedule_origin.get((section, key), "default"))
 
     def set(self, section: str, key: str, value: Any, origin: str) -> None:
         """Set one value, converting and validating it; ``origin`` names the source in errors."""
         if section == "routes" or section.startswith("schedule:"):
             self._set_workflow(section, key, value, origin)
             return
+        if section.startswith("resource:"):
+            self._set_resource(section, key, value, origin)
+            return
         if section.startswith("task:"):
             table = TASK_SETTINGS
         else:
             if section not in SETTINGS:
                 raise ConfigError(f"{origin}: unknown section [{section}]"
-                                  + _suggest(section, list(SETTINGS) + ["task:NAME"]))
+                                  + _suggest(section, list(SETTINGS) + ["task:NAME", "resource:NAME"]))
             table = SETTINGS[section]
         if key not in table:
             raise ConfigError(f"{origin}: [{section}] unknown key '{key}'" + _suggest(key, table))
@@ -408,9 +435,40 @@ class Config:
         self.schedules.setdefault(name, {})[key] = converted
         self._schedule_origin[(section, key)] = origin
 
+    def _set_resource(self, section: str, key: str, value: Any, origin: str) -> None:
+        """One key of a ``[resource:NAME]`` section; the section as a whole is
+        checked by ``check_resource`` (``resource_settings``)."""
+        name = section[len("resource:"):]
+        if not RESOURCE_NAME.fullmatch(name):
+            raise ConfigError(f"{origin}: [{section}]: a resource needs a name of 1-64 characters of "
+                              f"A-Z a-z 0-9 _ - ., [resource:NAME]")
+        if key not in RESOURCE_SETTINGS:
+            raise ConfigError(f"{origin}: [{section}] unknown key '{key}'" + _suggest(key, RESOURCE_SETTINGS))
+        setting = RESOURCE_SETTINGS[key]
+        try:
+            converted = convert(setting.type, value)
+            check_ceiling(setting, converted)
+            if key in ("limit", "min_limit") and converted < 1:
+                raise ValueError("must be >= 1")
+            if key == "errors":
+                for dotted in converted:
+                    if not _DOTTED.fullmatch(dotted):
+                        raise ValueError(f"{dotted!r} is not a dotted exception name such as "
+                                         f"psycopg.OperationalError")
+        except ValueError as exc:
+            raise ConfigError(f"{origin}: [{section}] {key} = {value!r}: {exc}") from None
+        self.resources.setdefault(name, {})[key] = converted
+        self._resource_origin[(section, key)] = origin
+
+    def resource_settings(self) -> Dict[str, "ResourceSettings"]:
+        """Every ``[resource:NAME]`` section, checked (``check_resource``), by name."""
+        return {name: check_resource(self, name) for name in self.resources}
+
     def copy(self) -> "Config":
         new = Config()
         new.routes = dict(self.routes)
+        new.resources = {n: dict(v) for n, v in self.resources.items()}
+        new._resource_origin = dict(self._resource_origin)
         new.schedules = {n: dict(v) for n, v in self.schedules.items()}
         new._values = {s: dict(v) for s, v in self._values.items()}
         new._origin = dict(self._origin)
@@ -428,6 +486,9 @@ class Config:
         for task, opts in self._tasks.items():
             for key, value in opts.items():
                 yield f"task:{task}", key, value, self.origin(f"task:{task}", key)
+        for resource, opts in self.resources.items():
+            for key, value in opts.items():
+                yield f"resource:{resource}", key, value, self.origin(f"resource:{resource}", key)
 
     @staticmethod
     def _display(key: str, value: Any) -> Any:
@@ -565,6 +626,7 @@ def validate(cfg: Config) -> None:
                           f"queues and exchanges, and SQLite tables)")
     for entry, spec in cfg.schedules.items():
         check_schedule(cfg, entry, spec)
+    cfg.resource_settings()
     for opts_name, opts in cfg._tasks.items():
         check_limits(f"{cfg.origin(f'task:{opts_name}', 'soft_time_limit')}: [task:{opts_name}]",
                      opts.get("soft_time_limit"), opts.get("time_limit"))
@@ -590,6 +652,25 @@ def check_schedule(cfg: Config, entry: str, spec: Mapping[str, Any]) -> None:
     except validation.FieldError as exc:
         raise ConfigError(f"{cfg.origin(section, exc.key)}: [{section}] {exc.key} = "
                           f"{spec.get(exc.key)!r}: {exc}") from None
+
+
+def check_resource(cfg: Config, name: str) -> "ResourceSettings":
+    """One ``[resource:NAME]`` section as a whole: ``limit`` is required and
+    ``min_limit`` may not be above it.  A ConfigError names where each was set."""
+    from .resources.base import ResourceSettings
+    section = f"resource:{name}"
+    spec = cfg.resources.get(name, {})
+    limit = spec.get("limit")
+    if limit is None:
+        where = cfg.origin(section, next(iter(spec))) if spec else "configuration"
+        raise ConfigError(f"{where}: [{section}] needs a limit (limit = N, the permits held at once)")
+    min_limit = spec.get("min_limit", RESOURCE_SETTINGS["min_limit"].default)
+    if min_limit > limit:
+        raise ConfigError(f"{cfg.origin(section, 'min_limit')}: [{section}] min_limit = {min_limit} is "
+                          f"above limit = {limit} ({cfg.origin(section, 'limit')})")
+    return ResourceSettings(name, limit, scope=spec.get("scope", RESOURCE_SETTINGS["scope"].default),
+                            adaptive=bool(spec.get("adaptive", False)), min_limit=min_limit,
+                            errors=tuple(spec.get("errors", ())))
 
 
 def check_limits(where: str, soft: Optional[float], hard: Optional[float]) -> None:

@@ -173,6 +173,26 @@ def rate(option: str, value: Any) -> Optional[str]:
 
 
 #: the decorator's (and ``[task:NAME]``'s) options that have a value rule
+#: the most permits of one resource a task may ask for (a resource's limit has its own ceiling)
+MAX_PERMITS = 100000
+
+
+def resources(option: str, value: Any) -> Optional[Dict[str, int]]:
+    """``resources={"pg": 1}``: resource names (as ``[resource:NAME]`` spells
+    them) to a whole number of permits, at least 1.  None or {}: none."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise TypeError(f"{option} must be a dict of resource name to permit count, such as "
+                        f"{{'pg': 1}}, not {type(value).__name__} {value!r:.80}")
+    for key, count in value.items():
+        name(f"{option} name", key, limit=64)
+        if type(count) is not int or not 1 <= count <= MAX_PERMITS:
+            raise ValueError(f"{option}[{key!r}] must be a whole number of permits, 1 to {MAX_PERMITS}, "
+                             f"not {count!r:.80}")
+    return value
+
+
 TASK_OPTION_RULES: Dict[str, Any] = {
     "queue": optional_name,
     "priority": lambda o, v: None if v is None else priority(o, v),
@@ -182,6 +202,7 @@ TASK_OPTION_RULES: Dict[str, Any] = {
     "rate_limit": rate,
     "retry_backoff_max": optional_seconds,
     "default_retry_delay": optional_seconds,
+    "resources": resources,
 }
 
 

@@ -41,6 +41,8 @@ def load_app(spec: Optional[str], cfg: config_module.Config) -> GreenQ:
                 app.config.set(f"task:{task}", key, value, cfg.origin(f"task:{task}", key))
         app.config.routes.update(cfg.routes)            # [routes] and [schedule:NAME]
         app.config.schedules.update(cfg.schedules)
+        for (section, key), origin in cfg._resource_origin.items():   # [resource:NAME]
+            app.config.set(section, key, cfg.resources[section[len("resource:"):]][key], origin)
         if cfg.file:
             app.config.file = cfg.file
         app._codec = None  # built from the settings just overlaid
@@ -118,6 +120,8 @@ def check_app(app: GreenQ) -> List[str]:
     for task in app.tasks.values():
         config_module.check_limits(f"task {task.name}:", task.option("soft_time_limit"),
                                    task.option("time_limit"))
+    from ..resources.registry import check_tasks
+    check_tasks(app.tasks.values(), app.config.resource_settings())
     warnings = []
     for name in app.config._tasks:
         if name not in app.tasks:

@@ -8,9 +8,9 @@ the task answers with a :class:`Decision`:
   run queue and the next free runner takes it;
 * ``WAIT``  -- not yet: the job is *parked* here, holding no runner slot.  Its
   message stays held by this worker, so the renewer keeps its lease, and it
-  counts against ``prefetch``.  It is offered to the same step again when its
-  ``until`` time comes (a monotonic clock time) or when the step calls
-  ``wake(key)`` (a permit was freed);
+  counts against ``prefetch`` (not at a ``frees_room`` step, below).  It is
+  offered to the same step again when its ``until`` time comes (a monotonic
+  clock time) or when the step calls ``wake(key)`` (a permit was freed);
 * ``DEFER`` -- back to the broker, to be delivered again at ``eta`` (epoch
   seconds): published again with that eta and acknowledged, as a message
   that came before its eta is.
@@ -18,7 +18,16 @@ the task answers with a :class:`Decision`:
 Waiters are served per step and *wait key* (``step.key(job)``, e.g. the
 task's name for the rate limiter, a resource's name for permits) in arrival
 order: a job offered while others wait on the same key parks behind them
-without asking the step, and only the head of a queue is asked again.
+without asking the step, and only the head of a queue is asked again.  A
+step with ``by_priority`` serves a higher message priority first, then
+arrival order (the permits do; the rate limiter keeps arrival order).
+
+A step with ``frees_room`` (the permits) parks jobs that do *not* count
+against ``prefetch``: a worker whose prefetch is full of tasks waiting for a
+saturated resource still fetches tasks that need none (no head-of-line
+blocking).  Instead, at most ``max_waiting`` jobs (the worker's prefetch)
+wait per key there; one more is deferred back to the broker, due
+``overflow_backoff`` seconds later, for a worker that has permits.
 
 After the job ends (it ran, or it was returned unstarted), ``release(job)``
 is called on every step that answered RUN for it, newest first.
@@ -40,8 +49,7 @@ import heapq
 import itertools
 import logging
 import time
-from collections import deque
-from typing import (TYPE_CHECKING, Callable, Deque, Dict, Hashable, List, Optional, Sequence, Set,
+from typing import (TYPE_CHECKING, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Set,
                     Tuple)
 
 from ..config import parse_rate
@@ -98,6 +106,12 @@ class AdmissionStep:
     task_options: Tuple[str, ...] = ()
     #: the ``[task:NAME]`` keys this step reads (a worker-wide default: ``[worker]`` keys)
     ini_keys: Tuple[str, ...] = ()
+    #: waiters ordered by (higher message priority, arrival) instead of arrival alone
+    by_priority = False
+    #: jobs parked here do not count against prefetch; at most ``Admission.max_waiting``
+    #: wait per key, the next is deferred ``overflow_backoff`` seconds
+    frees_room = False
+    overflow_backoff = 1.0
 
     def __init__(self) -> None:
         self._wake: Callable[[Hashable], None] = lambda key: None
@@ -175,6 +189,34 @@ class RateLimit(AdmissionStep):
         return RUN
 
 
+class Waiters:
+    """The jobs parked on one key: a heap by (rank, arrival), where the rank is
+    minus the message's priority for a ``by_priority`` step and 0 otherwise
+    (arrival order)."""
+
+    __slots__ = ("_heap", "by_priority")
+
+    def __init__(self, by_priority: bool) -> None:
+        self._heap: List[Tuple[int, int, "Job"]] = []
+        self.by_priority = by_priority
+
+    def push(self, job: "Job", seq: int) -> None:
+        rank = -(getattr(job.msg, "priority", 0) or 0) if self.by_priority else 0
+        heapq.heappush(self._heap, (rank, seq, job))
+
+    def head(self) -> "Job":
+        return self._heap[0][2]
+
+    def pop(self) -> "Job":
+        return heapq.heappop(self._heap)[2]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator["Job"]:
+        return (entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1])))
+
+
 class Admission:
     """The worker's chain of admission steps and the jobs parked in it.
 
@@ -190,11 +232,14 @@ class Admission:
         self.steps: List[AdmissionStep] = []
         self._lock = driver.lock()
         self._event = driver.event()
-        self._parked: Dict[Tuple[int, Hashable], Deque["Job"]] = {}
+        self._parked: Dict[Tuple[int, Hashable], Waiters] = {}
         self._due: List[Tuple[float, int, Tuple[int, Hashable]]] = []   # heap: (until, seq, queue)
         self._woken: Set[Tuple[int, Hashable]] = set()
         self._seq = itertools.count()
         self._closed = False
+        #: jobs that may wait per key at a ``frees_room`` step (0: no bound); the worker sets its prefetch
+        self.max_waiting = 0
+        self._exempt = 0            # jobs parked at ``frees_room`` steps (not counted against prefetch)
         for step in steps:
             self.add(step)
 
@@ -220,6 +265,16 @@ class Admission:
         with self._lock:
             return sum(len(q) for q in self._parked.values())
 
+    @property
+    def exempt(self) -> int:
+        """How many parked jobs do not count against prefetch (``frees_room`` steps)."""
+        return self._exempt
+
+    def waiting(self, index: int, key: Hashable) -> int:
+        """How many jobs wait on ``key`` at step number ``index``."""
+        with self._lock:
+            return len(self._parked.get((index, key), ()))
+
     # -- offering -----------------------------------------------------------------
     def offer(self, job: "Job", start: int = 0) -> None:
         """Pass ``job`` through the steps from ``start``; it runs, parks or is deferred."""
@@ -232,10 +287,13 @@ class Admission:
             queue_key = (index, key)
             with self._lock:
                 waiting = self._parked.get(queue_key)
-                if waiting:                    # arrival order: behind those already waiting
-                    waiting.append(job)
+                if waiting and not self._full(step, waiting):   # behind those already waiting
+                    self._push(step, waiting, job)
                     return
-                decision = step.admit(job)
+                if waiting:                    # full: back to the broker, for a worker with room
+                    decision = defer(time.time() + step.overflow_backoff)
+                else:
+                    decision = step.admit(job)
                 if decision.kind == "wait":
                     self._park(queue_key, job, decision.until)
                     return
@@ -245,8 +303,20 @@ class Admission:
             self._admitted(job, step)
         self._run(job)
 
+    def _full(self, step: AdmissionStep, waiting: Waiters) -> bool:
+        return step.frees_room and 0 < self.max_waiting <= len(waiting)
+
+    def _push(self, step: AdmissionStep, waiting: Waiters, job: "Job") -> None:
+        waiting.push(job, next(self._seq))
+        if step.frees_room:
+            self._exempt += 1
+
     def _park(self, queue_key: Tuple[int, Hashable], job: "Job", until: Optional[float]) -> None:
-        self._parked.setdefault(queue_key, deque()).append(job)
+        step = self.steps[queue_key[0]]
+        waiting = self._parked.get(queue_key)
+        if waiting is None:
+            waiting = self._parked[queue_key] = Waiters(step.by_priority)
+        self._push(step, waiting, job)
         if until is not None:
             heapq.heappush(self._due, (until, next(self._seq), queue_key))
             self._event.set()               # the loop may sleep past this time: look again
@@ -308,13 +378,15 @@ class Admission:
                 waiting = self._parked.get(queue_key)
                 step = self.steps[queue_key[0]]
                 while waiting:
-                    job = waiting[0]
+                    job = waiting.head()
                     decision = step.admit(job)
                     if decision.kind == "wait":
                         if decision.until is not None:
                             heapq.heappush(self._due, (decision.until, next(self._seq), queue_key))
                         break
-                    waiting.popleft()
+                    waiting.pop()
+                    if step.frees_room:
+                        self._exempt -= 1
                     if decision.kind == "defer":
                         deferred.append((job, decision.eta))
                     else:
@@ -333,6 +405,7 @@ class Admission:
             self._closed = True
             jobs = [job for waiting in self._parked.values() for job in waiting]
             self._parked.clear()
+            self._exempt = 0
             self._due.clear()
             self._woken.clear()
         self._event.set()

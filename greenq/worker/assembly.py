@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional
 
 from ..hooks import INTERNAL_HOOKS, PUBLIC_HOOKS, Hooks
 from . import jobs
+from ..resources.registry import Resources, check_tasks
+from ..resources.step import Permits
 from .admission import Admission, RateLimit
 from .followups import Followups
 from .jobs import Job
@@ -67,6 +69,7 @@ class WorkerParts:
     admission: Admission
     runners: Runners
     finish: Callable[..., None]    # finish(job, outcome, reason=None): a job that will not run, to the settler
+    resources: Optional[Resources] = None   # the permit pools (greenq/resources/), shared with app.resource
 
 
 def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max_tasks: int = 0,
@@ -117,8 +120,13 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
     admission = Admission(driver, run=runq.put, defer=defer)
     if any(t.option("rate_limit") for t in tasks):
         admission.add(RateLimit())
+    resources = Resources(config, app_key=config.key_prefix, driver=driver)
+    check_tasks(tasks, resources.settings)   # a resource with no section: a ConfigError at start
+    app.set_permits(resources)
+    if any(t.option("resources") for t in tasks):
+        admission.add(Permits(resources))
     runners = Runners(driver, runq, hooks, broker, lock=lock, running=running,
                       revoked=revocations.ids, reaper=reaper, finish=finish,
                       settle=settle, release=admission.release, stopping=lambda: stop.state)
     return WorkerParts(label, lock, running, runq, room, stopped, stop, held, backend, stats, hooks,
-                       reaper, revocations, settler, admission, runners, finish)
+                       reaper, revocations, settler, admission, runners, finish, resources)

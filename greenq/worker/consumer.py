@@ -45,6 +45,8 @@ from ..brokers.base import Delivery, body_limit
 from ..config import Config, effective_prefetch
 from ..exceptions import MessageError, describe
 from . import jobs
+from ..resources.registry import wait_keys
+from ..validation import MAX_PREFETCH
 from .admission import AdmissionStep, RateLimit
 from .assembly import WorkerParts, assemble
 from .jobs import Job
@@ -122,6 +124,8 @@ class Worker:
         self.admission = parts.admission
         self.runners = parts.runners
         self.finish = parts.finish               # finish(job, outcome, reason=None): to the settler unrun
+        self.resources = parts.resources         # the permit pools (greenq/resources/)
+        self.admission.max_waiting = self.prefetch   # at most prefetch jobs wait per resource
 
     # -- the shared state, as the Worker's own attributes ----------------------
     @property
@@ -168,6 +172,7 @@ class Worker:
                          "message", describe(exc), exc_info=True)
             return 1
         self.broker.declare(self.queues)
+        self._set_broker_prefetch()
         self.backend = self.app.backend
         self.revocations.first_load()
         log.info("worker ready: pool=%s concurrency=%d prefetch=%d prefetch_bytes=%d queues=%s",
@@ -218,12 +223,22 @@ class Worker:
         self.concurrency = concurrency
         self.prefetch = effective_prefetch(concurrency, self.config.worker["prefetch"])
         self.batch = min(self.prefetch, FETCH_BATCH_MAX)
-        set_prefetch = getattr(self.broker, "set_prefetch", None)
-        if set_prefetch is not None:       # AMQP: basic_qos follows the pool
-            set_prefetch(self.prefetch)
+        self.admission.max_waiting = self.prefetch
+        self._set_broker_prefetch(always=True)
         self.room.set()
         for _ in range(-change):
             self.runq.put(None)
+
+    def _set_broker_prefetch(self, always: bool = False) -> None:
+        """AMQP: ``basic_qos`` follows the pool, plus room for the tasks
+        waiting for permits (up to prefetch per wait key), which RabbitMQ
+        counts as unacknowledged like any other."""
+        set_prefetch = getattr(self.broker, "set_prefetch", None)
+        if set_prefetch is None:
+            return
+        keys = wait_keys(self.app.tasks.values()) if self.resources is not None else 0
+        if keys or always:
+            set_prefetch(min(MAX_PREFETCH, self.prefetch * (1 + keys)))
 
     def add_queue(self, queue: str) -> bool:
         """Consume ``queue`` too (declared first); False if it already does."""
@@ -350,7 +365,8 @@ class Worker:
         byte_room = self.prefetch_bytes - self._held.bytes
         if self.held and byte_room < self.body_limit:
             byte_room = 0
-        return self.prefetch - len(self.held), byte_room
+        # tasks waiting for a permit hold no room (their number is bounded per resource instead)
+        return self.prefetch - (len(self.held) - self.admission.exempt), byte_room
 
     def _burst_done(self) -> bool:
         """--burst: nothing delayed is due soon and no other consumer holds a
@@ -441,6 +457,11 @@ class Worker:
                     self.broker.renew(held)
                 except Exception as exc:
                     log.warning("lease renewal failed: %s", exc)
+            if self.resources is not None and self.resources.pools:
+                try:                            # cluster permits are leases too
+                    self.resources.renew()
+                except Exception as exc:
+                    log.warning("permit renewal failed: %s", describe(exc))
             if time.monotonic() >= next_summary:
                 next_summary += SUMMARY_INTERVAL
                 last = self._summary(*last)
@@ -494,6 +515,11 @@ class Worker:
         self.settler.close()
         settler.join(5.0)
         self.runners.stop()
+        if self.resources is not None:          # whatever permits this process still holds
+            try:
+                self.resources.close()
+            except Exception as exc:
+                log.warning("could not give back the permits held: %s", describe(exc))
         leftover = list(self.held.values())
         if leftover:  # whatever was not settled goes back to the queue
             log.warning("returning %d unsettled message(s) to the queue", len(leftover))
