@@ -291,3 +291,61 @@ def test_a_renewal_the_broker_refuses_drops_only_that_permit(cluster_pool):
     pool.renew()
     assert pool.in_use() == 1
     assert pool.try_acquire("b") and pool.try_acquire("c")
+
+
+# -- host: a forked child ------------------------------------------------------------
+
+def test_a_forked_child_neither_keeps_nor_frees_its_parents_host_permits(tmp_path):
+    """A flock is shared by the copies of a descriptor, so a child forked
+    while its parent holds a permit would keep the permit alive after the
+    parent died, and could free it under the parent (``close``): the child
+    forgets the parent's permits at fork."""
+    app_key = f"gqtest-{uuid.uuid4().hex[:8]}"
+    config = make_config()
+    pool = pool_class("host")("db", 1, app_key=app_key, config=config)
+    other = pool_class("host")("db", 1, app_key=app_key, config=config)
+    try:
+        assert pool.try_acquire("parent")
+        pid = os.fork()
+        if pid == 0:                                        # the child: close its pools and leave
+            code = 0 if pool.in_use() == 0 else 3
+            pool.close()
+            other.close()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0       # the child held nothing
+        assert other.try_acquire("x") is False              # and its close freed nothing of the parent's
+        pool.release("parent")
+        assert other.try_acquire("x") is True
+    finally:
+        pool.close()
+        other.close()
+        shutil.rmtree(os.path.dirname(getattr(pool, "directory")), ignore_errors=True)
+
+
+# -- under gevent and eventlet ---------------------------------------------------------
+
+PATCHED_PYTEST = """
+import sys
+if sys.argv[1] == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+else:
+    import eventlet
+    eventlet.monkey_patch()
+import pytest
+sys.exit(pytest.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("driver", ["gevent", "eventlet"])
+def test_the_pools_patched(driver):
+    """This file's suite (but this test) in a subprocess patched for ``driver``,
+    with ``GREENQ_TEST_DRIVER`` handing the driver to every cluster pool's
+    coordination (as test_green_drivers.py does for the other suites)."""
+    pytest.importorskip(driver)
+    env = dict(os.environ, GREENQ_TEST_DRIVER=driver, PYTHONPATH=ROOT, HYPOTHESIS_NO_PLUGINS="1")
+    proc = subprocess.run([sys.executable, "-c", PATCHED_PYTEST, driver, "-q", "-x", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), "-k", "not patched"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
