@@ -32,9 +32,10 @@ hand out the whole limit.  The directory is per user (its name holds the uid)
 and created 0700, the files 0600; an existing one that is not a directory
 of ours, closed to others, is refused (a ConfigError naming it) instead of
 being trusted.  The app's directory is named from ``app_key`` (its key
-prefix and broker), the resource's from its name, each with a digest so
-that two names that differ only in characters a file name cannot hold stay
-apart.
+prefix) and the broker it serves (``broker_identity``: two apps of the
+default prefix on two brokers are two apps), the resource's from its name,
+each with a digest so that two names that differ only in characters a file
+name cannot hold stay apart.
 
 Limits, honestly: POSIX only (``fcntl``); processes of one app running as
 different users do not share permits (each user has its own directory);
@@ -55,6 +56,7 @@ import tempfile
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Dict, Tuple
+from urllib.parse import urlsplit
 
 from ..exceptions import ConfigError
 from .base import PermitPool
@@ -91,11 +93,25 @@ def _private_directory(path: str) -> None:
                           f"with mode 0700; remove it or fix its owner and mode")
 
 
-def pool_directory(app_key: str, name: str) -> str:
-    """The directory of resource ``name``'s lock files for app ``app_key``, made if missing."""
+def broker_identity(url: str) -> str:
+    """What tells ``url``'s broker from another's, without its credentials
+    or options: scheme, hosts and path (vhost, database); an SQLite file by
+    its absolute path, as the transport resolves it (workers started in two
+    directories with ``sqlite:///greenq.sqlite3`` are two apps)."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        return f"sqlite:{os.path.abspath(path)}"
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+
+
+def pool_directory(app_key: str, broker_url: str, name: str) -> str:
+    """The directory of resource ``name``'s lock files for app ``app_key`` on
+    ``broker_url``, made if missing."""
     root = permit_root()
     _private_directory(root)
-    path = os.path.join(root, _file_name(app_key), _file_name(name))
+    app = _file_name(f"{app_key} {broker_identity(broker_url)}")
+    path = os.path.join(root, app, _file_name(name))
     os.makedirs(path, 0o700, exist_ok=True)   # inside ours: nobody else can have made them
     return path
 
@@ -109,7 +125,7 @@ class HostPool(PermitPool):
 
     def __init__(self, name: str, limit: int, *, app_key: str, config: "Config", driver: Any = None) -> None:
         super().__init__(name, limit, app_key=app_key, config=config, driver=driver)
-        self.directory = pool_directory(app_key, name)
+        self.directory = pool_directory(app_key, config.broker_url, name)
         self._held: Dict[str, Tuple[int, int]] = {}   # holder -> (file index, its descriptor)
         self._lock = threading.Lock()
         _POOLS.add(self)
@@ -177,4 +193,4 @@ def _after_fork_in_child() -> None:
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
-__all__ = ["HostPool", "permit_root", "pool_directory"]
+__all__ = ["HostPool", "broker_identity", "permit_root", "pool_directory"]

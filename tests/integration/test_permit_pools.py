@@ -323,6 +323,28 @@ def test_a_forked_child_neither_keeps_nor_frees_its_parents_host_permits(tmp_pat
         shutil.rmtree(os.path.dirname(getattr(pool, "directory")), ignore_errors=True)
 
 
+def test_host_permits_are_the_apps_of_one_prefix_on_one_broker(tmp_path):
+    """Two apps of the default key_prefix on two brokers do not share host
+    permits; one broker named with other credentials or options is the same
+    app (its workers must share)."""
+    from greenq.resources.host import broker_identity
+    prefix = f"gqtest-{uuid.uuid4().hex[:8]}"
+    urls = ["redis://:secret@127.0.0.1:6379/3", "redis://other@127.0.0.1:6379/3?socket_timeout=5",
+            "redis://127.0.0.1:6379/4", f"sqlite:///{tmp_path}/a.sqlite3"]
+    assert broker_identity(urls[0]) == broker_identity(urls[1]) == "redis://127.0.0.1:6379/3"
+    assert broker_identity("sqlite:///greenq.sqlite3") == f"sqlite:{os.path.abspath('greenq.sqlite3')}"
+    pools = [pool_class("host")("db", 1, app_key=prefix, config=make_config(broker_url=url)) for url in urls]
+    try:
+        assert pools[0].try_acquire("a")
+        assert pools[1].try_acquire("b") is False           # the same broker: the same app
+        assert pools[2].try_acquire("c") is True            # another database: another app
+        assert pools[3].try_acquire("d") is True
+    finally:
+        for made in pools:
+            made.close()
+            shutil.rmtree(os.path.dirname(getattr(made, "directory")), ignore_errors=True)
+
+
 # -- under gevent and eventlet ---------------------------------------------------------
 
 PATCHED_PYTEST = """
