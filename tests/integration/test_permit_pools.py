@@ -1,0 +1,373 @@
+"""The host and cluster permit pools (greenq/resources/host.py, cluster.py),
+run as one suite over the scopes: ``host`` (lock files of this machine) and
+``cluster`` on every broker (memory, sqlite, redis, amqp; the namespaces of
+tests/integration/conftest.py's ``Env``, as ``broker_env`` gives them).
+
+Several processes are several pool objects (a flock and a lease both tell
+two pools of one process apart like two processes), and, where it matters,
+a real process (permit_holder.py) killed with SIGKILL."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from typing import Any, List
+
+import pytest
+
+from greenq.resources.base import PermitPool, pool_class
+from tests.conftest import make_config, own_prefix
+from tests.integration.conftest import Env, _require_module
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+LEASE = 2.0            # [greenq] lease_seconds of these tests (at least 1)
+
+
+class Apps:
+    """Pools of one scope for two apps (0 and 1) that must never share a
+    permit; every pool of one app shares its namespace.  Closed after the test."""
+
+    def __init__(self, kind: str, request: Any, tmp_path: Any) -> None:
+        self.kind = kind
+        self.scope = "host" if kind == "host" else "cluster"
+        self.resource = f"r-{uuid.uuid4().hex[:8]}"
+        self.env = None if kind == "host" else Env(kind, request, tmp_path)
+        self.pools: List[PermitPool] = []
+        if self.env is None:
+            tag = f"gqtest-{uuid.uuid4().hex[:8]}"
+            self.url = "memory://unused"
+            self.prefixes = ["greenq", "greenq"]
+            self.app_keys = [tag, tag + "-b"]             # one prefix, two apps (two brokers, say)
+        else:
+            self.url = self.env.broker_url
+            if kind == "amqp":
+                self.prefixes = [own_prefix(), own_prefix()]
+            elif kind == "redis":
+                mine = self.env.config().key_prefix
+                self.prefixes = [mine, mine + "-b"]       # both swept by the redis_prefix fixture
+            else:
+                self.prefixes = ["greenq", "gqother"]
+            self.app_keys = list(self.prefixes)
+
+    def config(self, app: int = 0) -> Any:
+        return make_config(broker_url=self.url, key_prefix=self.prefixes[app], lease_seconds=LEASE)
+
+    def pool(self, limit: int, app: int = 0) -> PermitPool:
+        made: PermitPool = pool_class(self.scope)(self.resource, limit, app_key=self.app_keys[app],
+                                                  config=self.config(app),
+                                                  driver=self.env.driver if self.env else None)
+        self.pools.append(made)
+        return made
+
+    def holder_process(self, limit: int, count: int) -> subprocess.Popen:
+        """A real process holding ``count`` permits of app 0, renewing them until killed."""
+        env = dict(os.environ, PYTHONPATH=ROOT, HYPOTHESIS_NO_PLUGINS="1")
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "permit_holder.py"), self.scope, self.url,
+                                 self.prefixes[0], self.app_keys[0], self.resource, str(limit), str(count),
+                                 str(LEASE)],
+                                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = proc.stdout.readline() if proc.stdout else ""
+        assert line.strip() == "HOLDING", f"{line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        return proc
+
+    def teardown(self) -> None:
+        for made in self.pools:
+            made.close()
+        if self.env is not None:
+            self.env.teardown()
+        else:
+            for made in self.pools:
+                shutil.rmtree(os.path.dirname(getattr(made, "directory")), ignore_errors=True)
+
+
+@pytest.fixture(params=["host", "memory", "sqlite",
+                        pytest.param("redis", marks=pytest.mark.redis),
+                        pytest.param("amqp", marks=pytest.mark.amqp)])
+def apps(request, tmp_path):
+    if request.param != "host":
+        _require_module(request.param, "broker")
+    made = Apps(request.param, request, tmp_path)
+    yield made
+    made.teardown()
+
+
+def test_a_released_permit_comes_back(apps):
+    a, b = apps.pool(2), apps.pool(2)
+    assert a.try_acquire("h1") and a.try_acquire("h2")
+    assert a.try_acquire("h1")                              # a holder asking again keeps its permit
+    assert a.in_use() == 2
+    assert b.try_acquire("h3") is False                     # full: another "process" holds both
+    a.release("h1")
+    assert a.in_use() == 1
+    assert b.try_acquire("h3") is True                      # free at once
+    assert b.in_use() == 1
+    assert a.try_acquire("h4") is False
+    a.release("h1")                                         # again: nothing
+    a.release("nobody")
+    assert b.try_acquire("h4") is False
+    b.renew()
+    a.renew()
+    assert (a.in_use(), b.in_use()) == (1, 1)               # renewing keeps them
+
+
+def test_several_pools_never_exceed_the_limit(apps):
+    """Pools in threads (each its own, as processes would be) take, hold a
+    moment and give back, many times: at no moment do more than ``limit`` hold."""
+    limit, workers, rounds = 3, 6, 10
+    pools = [apps.pool(limit) for _ in range(workers)]
+    holding, most, errors = [0], [0], []
+    lock, start = threading.Lock(), threading.Barrier(workers)
+
+    def work(n: int) -> None:
+        try:
+            start.wait()
+            for r in range(rounds):
+                holder = f"w{n}-{r}"
+                while not pools[n].try_acquire(holder):
+                    time.sleep(0.001)
+                with lock:
+                    holding[0] += 1
+                    most[0] = max(most[0], holding[0])
+                time.sleep(0.002)
+                with lock:
+                    holding[0] -= 1
+                pools[n].release(holder)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert 1 <= most[0] <= limit
+    assert sum(p.in_use() for p in pools) == 0
+
+
+def test_lowering_the_limit_hands_out_nothing_until_enough_are_back(apps):
+    pool, other = apps.pool(3), apps.pool(3)
+    for holder in ("a", "b", "c"):
+        assert pool.try_acquire(holder)
+    pool.set_limit(2)
+    other.set_limit(2)
+    assert pool.limit == 2
+    assert pool.in_use() == 3                               # nobody's permit is taken back
+    assert pool.try_acquire("d") is False
+    pool.release("c")
+    assert pool.try_acquire("d") is False                   # two still held: the new limit
+    assert other.try_acquire("d") is False
+    pool.release("a")
+    assert other.try_acquire("d") is True
+    assert pool.try_acquire("e") is False
+    pool.set_limit(3)                                       # raising works at once
+    assert pool.try_acquire("e") is True
+
+
+def test_two_apps_never_share_permits(apps):
+    """Property: whatever the two apps (different app_key / key_prefix) take
+    and give back, through two pools each, each app's answers are those of
+    its own counter of ``limit`` permits, as if the other did not exist."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+    limit = 2
+    pools = [[apps.pool(limit, app), apps.pool(limit, app)] for app in (0, 1)]
+    op = st.tuples(st.integers(0, 1), st.integers(0, 1), st.booleans(), st.integers(0, 2))
+
+    @settings(max_examples=25 if apps.kind in ("redis", "amqp") else 60, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(op, max_size=14))
+    def run(ops: List[Any]) -> None:
+        held: List[set] = [set(), set()]
+        try:
+            for app, p, take, h in ops:
+                holder = f"p{p}-h{h}"                       # a holder belongs to one pool
+                if take:
+                    expected = holder in held[app] or len(held[app]) < limit
+                    assert pools[app][p].try_acquire(holder) is expected, (app, holder, held)
+                    if expected:
+                        held[app].add(holder)
+                else:
+                    pools[app][p].release(holder)
+                    held[app].discard(holder)
+        finally:
+            for app in (0, 1):
+                for holder in held[app]:
+                    pools[app][int(holder[1])].release(holder)
+    run()
+
+
+def test_a_killed_holders_permits_come_back(apps):
+    """SIGKILL a real process holding two of three permits: while it lives
+    (renewing past the lease) the pool stays full; host permits are free the
+    moment it is dead, cluster permits within the lease (RabbitMQ: plus the
+    missed heartbeats), and the limit still holds."""
+    if apps.kind == "memory":
+        pytest.skip("memory:// lives in one process")
+    me = apps.pool(3)
+    proc = apps.holder_process(3, 2)
+    try:
+        assert me.try_acquire("mine")
+        assert me.try_acquire("waiting") is False
+        if apps.scope == "cluster":
+            until = time.monotonic() + LEASE * 1.5              # it renews: still full after the lease
+            while time.monotonic() < until:
+                me.renew()
+                assert me.try_acquire("waiting") is False
+                time.sleep(LEASE / 4)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        killed = time.monotonic()
+        if apps.scope == "host":
+            assert me.try_acquire("waiting") and me.try_acquire("third")      # at once
+        else:
+            for holder in ("waiting", "third"):
+                while not me.try_acquire(holder):
+                    me.renew()
+                    assert time.monotonic() - killed < LEASE * 3 + 1, "the killed holder's permits never came back"
+                    time.sleep(0.05)
+        assert me.in_use() == 3
+        assert me.try_acquire("fourth") is False                # the limit still holds
+        assert apps.pool(3).try_acquire("fifth") is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+# -- a partitioned cluster worker ------------------------------------------------------
+
+@pytest.fixture
+def cluster_pool():
+    config = make_config(broker_url=f"memory://{uuid.uuid4().hex[:8]}", lease_seconds=1)
+    made: List[PermitPool] = []
+
+    def make(limit: int) -> Any:
+        made.append(pool_class("cluster")("db", limit, app_key="greenq", config=config))
+        return made[-1]
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_a_failed_renewal_loses_the_permits_and_nothing_new_is_handed_out(cluster_pool, caplog, monkeypatch):
+    pool, other = cluster_pool(3), cluster_pool(3)
+    assert pool.try_acquire("a") and pool.try_acquire("b")
+
+    def unreachable(*args: Any) -> bool:
+        raise ConnectionError("partitioned")
+    with monkeypatch.context() as m:
+        m.setattr(pool.coordination, "renew", unreachable)
+        m.setattr(pool.coordination, "acquire", unreachable)
+        with caplog.at_level(logging.WARNING, logger="greenq.resources"):
+            pool.renew()
+        assert pool.in_use() == 0                          # it cannot prove them: not counted
+        assert "no longer counts as held" in caplog.text
+        assert pool.try_acquire("c") is False              # and it hands out nothing it cannot prove
+    assert other.try_acquire("x") is True
+    assert other.try_acquire("y") is False                 # the broker still counts a and b
+    pool.release("a")                                      # a lost permit's release still reaches the broker
+    assert other.try_acquire("y") is True
+
+
+def test_a_permit_not_renewed_for_a_lease_stops_counting(cluster_pool):
+    pool = cluster_pool(2)
+    assert pool.try_acquire("a")
+    pool.renew()
+    assert pool.in_use() == 1
+    time.sleep(1.05)                                       # lease_seconds = 1, and no renewal
+    assert pool.in_use() == 0
+
+
+def test_a_renewal_the_broker_refuses_drops_only_that_permit(cluster_pool):
+    pool = cluster_pool(2)
+    assert pool.try_acquire("a") and pool.try_acquire("b")
+    pool.coordination.release(pool.lease, pool._place_holder("a"))   # the broker gave "a"'s place away
+    pool.renew()
+    assert pool.in_use() == 1
+    assert pool.try_acquire("b") and pool.try_acquire("c")
+
+
+# -- host: a forked child ------------------------------------------------------------
+
+def test_a_forked_child_neither_keeps_nor_frees_its_parents_host_permits(tmp_path):
+    """A flock is shared by the copies of a descriptor, so a child forked
+    while its parent holds a permit would keep the permit alive after the
+    parent died, and could free it under the parent (``close``): the child
+    forgets the parent's permits at fork."""
+    app_key = f"gqtest-{uuid.uuid4().hex[:8]}"
+    config = make_config()
+    pool = pool_class("host")("db", 1, app_key=app_key, config=config)
+    other = pool_class("host")("db", 1, app_key=app_key, config=config)
+    try:
+        assert pool.try_acquire("parent")
+        pid = os.fork()
+        if pid == 0:                                        # the child: close its pools and leave
+            code = 0 if pool.in_use() == 0 else 3
+            pool.close()
+            other.close()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0       # the child held nothing
+        assert other.try_acquire("x") is False              # and its close freed nothing of the parent's
+        pool.release("parent")
+        assert other.try_acquire("x") is True
+    finally:
+        pool.close()
+        other.close()
+        shutil.rmtree(os.path.dirname(getattr(pool, "directory")), ignore_errors=True)
+
+
+def test_host_permits_are_the_apps_of_one_prefix_on_one_broker(tmp_path):
+    """Two apps of the default key_prefix on two brokers do not share host
+    permits; one broker named with other credentials or options is the same
+    app (its workers must share)."""
+    from greenq.resources.host import broker_identity
+    prefix = f"gqtest-{uuid.uuid4().hex[:8]}"
+    urls = ["redis://:secret@127.0.0.1:6379/3", "redis://other@127.0.0.1:6379/3?socket_timeout=5",
+            "redis://127.0.0.1:6379/4", f"sqlite:///{tmp_path}/a.sqlite3"]
+    assert broker_identity(urls[0]) == broker_identity(urls[1]) == "redis://127.0.0.1:6379/3"
+    assert broker_identity("sqlite:///greenq.sqlite3") == f"sqlite:{os.path.abspath('greenq.sqlite3')}"
+    pools = [pool_class("host")("db", 1, app_key=prefix, config=make_config(broker_url=url)) for url in urls]
+    try:
+        assert pools[0].try_acquire("a")
+        assert pools[1].try_acquire("b") is False           # the same broker: the same app
+        assert pools[2].try_acquire("c") is True            # another database: another app
+        assert pools[3].try_acquire("d") is True
+    finally:
+        for made in pools:
+            made.close()
+            shutil.rmtree(os.path.dirname(getattr(made, "directory")), ignore_errors=True)
+
+
+# -- under gevent and eventlet ---------------------------------------------------------
+
+PATCHED_PYTEST = """
+import sys
+if sys.argv[1] == "gevent":
+    from gevent import monkey
+    monkey.patch_all()
+else:
+    import eventlet
+    eventlet.monkey_patch()
+import pytest
+sys.exit(pytest.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("driver", ["gevent", "eventlet"])
+def test_the_pools_patched(driver):
+    """This file's suite (but this test) in a subprocess patched for ``driver``,
+    with ``GREENQ_TEST_DRIVER`` handing the driver to every cluster pool's
+    coordination (as test_green_drivers.py does for the other suites)."""
+    pytest.importorskip(driver)
+    env = dict(os.environ, GREENQ_TEST_DRIVER=driver, PYTHONPATH=ROOT, HYPOTHESIS_NO_PLUGINS="1")
+    proc = subprocess.run([sys.executable, "-c", PATCHED_PYTEST, driver, "-q", "-x", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), "-k", "not patched"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
