@@ -1,0 +1,1 @@
+"""Resource permits: concurrency limits per downstream (CONTRACT section 11)."""
