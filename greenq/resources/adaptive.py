@@ -59,6 +59,9 @@ __all__ = ["AdaptiveLimit", "resolve_errors"]
 
 #: the first limit when none is given: a guess that a downstream takes 10 at once
 DEFAULT_INITIAL = 10
+#: a window whose median latency is below this fraction of rtt_noload starts a probe
+#: (10 % below: less is the noise between two medians, not a faster downstream)
+FASTER = 0.9
 
 
 class AdaptiveLimit:
@@ -120,11 +123,14 @@ class AdaptiveLimit:
         #: median latency at low concurrency; None until the first probe ends
         self.rtt_noload: Optional[float] = None
         now = clock()
-        # the window: successful samples of tasks that started at or after _window_start
+        # the window: successful samples of tasks that started after _window_start
+        # (a task started at the very moment of a change ran beside the old limit)
         self._window_start = now
         self._window: List[Tuple[float, int]] = []
         # once per window: an error cuts only if its task started after the last cut
         self._cut_at = -math.inf
+        # the limit at the last cut for errors: growth slows to 1 a window near it
+        self._error_ceiling: Optional[float] = None
         # a probe begins at once: no latency is trusted before one was measured without load
         self._probe_start: Optional[float] = now
         self._probe: List[float] = []
@@ -166,7 +172,8 @@ class AdaptiveLimit:
         started = now - latency
         in_flight = max(1, in_flight)
         if error is not None:
-            if isinstance(error, self.errors) and started >= self._cut_at:
+            if isinstance(error, self.errors) and started > self._cut_at:
+                self._error_ceiling = self._estimate
                 self._estimate = self._clamp(self._estimate * self.error_backoff)
                 self._cut_at = now
                 self._restart_window(now)
@@ -177,7 +184,7 @@ class AdaptiveLimit:
         if now >= self._next_probe:
             self._begin_probe(now)
             return
-        if started < self._window_start:
+        if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
         self._window.append((latency, in_flight))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
@@ -191,8 +198,11 @@ class AdaptiveLimit:
         in_flight = statistics.median(n for _, n in self._window)
         noload = self.rtt_noload
         assert noload is not None       # a window opens only once a probe has ended
-        if rtt < noload:
-            noload = self.rtt_noload = rtt      # the downstream got faster: follow at once
+        if rtt < noload * FASTER:
+            # the downstream got faster for good: measure its no-load latency now
+            # (this window's median includes a queue, so it cannot serve as one)
+            self._begin_probe(now)
+            return
         capacity = in_flight * noload / rtt if rtt > 0.0 else float(in_flight)
         queue = in_flight - capacity
         scale = self._log_scale()
@@ -203,8 +213,15 @@ class AdaptiveLimit:
                 self._estimate = self._clamp(self._estimate - self.drain * (self._estimate - target))
         elif queue < alpha and used >= self.utilization * int(self._estimate):
             # healthy and used: grow by alpha, the band's width, so one step never
-            # jumps from "too few queued" past "too many"
-            self._estimate = self._clamp(self._estimate + alpha)
+            # jumps from "too few queued" past "too many"; by 1 near the limit at
+            # which listed errors came last (a ceiling latency did not show)
+            step = alpha
+            if self._error_ceiling is not None:
+                if self._estimate >= self._error_ceiling:
+                    self._error_ceiling = None      # passed it without an error: forget it
+                elif self._estimate + alpha > self._error_ceiling:
+                    step = 1.0
+            self._estimate = self._clamp(self._estimate + step)
         self._restart_window(now)
 
     def _log_scale(self) -> float:
@@ -225,13 +242,14 @@ class AdaptiveLimit:
         return (math.floor(now / self.probe_interval) + 1.0) * self.probe_interval
 
     def _begin_probe(self, now: float) -> None:
+        self._error_ceiling = None      # the probe re-measures; old overloads may be gone
         self._probe_start = now
         self._probe = []
         self._restart_window(now)
 
     def _probe_sample(self, now: float, started: float, latency: float) -> None:
         assert self._probe_start is not None
-        if started < self._probe_start:
+        if started <= self._probe_start:
             return      # it ran beside the tasks of the full limit: not a no-load latency
         self._probe.append(latency)
         if len(self._probe) >= self.probe_samples:

@@ -3,10 +3,13 @@ fake clock, no threads, no sleeps, the same result on every run.
 
 The downstream serves ``capacity`` tasks at once in ``base`` seconds; beyond
 that it queues, and a task's latency is ``base * in_flight / capacity`` (the
-in_flight at its start, every worker's tasks counted).  Each worker has an
+in_flight at its start, every worker's tasks counted), plus up to ``jitter``
+(10 %) of it, spread evenly.  Each worker has an
 unbounded backlog (or ``demand`` tasks at most) and starts a task whenever it
 holds fewer permits than its limit in force and the cluster lease (``lease``
-places across the fleet) has one free.
+places across the fleet) has one free.  With ``errors_above``, a task that
+starts with more than that many in flight fails fast with ``Overloaded`` (a
+database's "too many clients").
 
     python tests/bench/adaptive_sim.py            # capacity 40 -> 20 at t = 30 s
 
@@ -55,6 +58,13 @@ class Run:
     max_held_total: int = 0
 
 
+#: tasks' latencies vary by up to ``jitter`` of theirs, spread evenly by this
+#: step (no random numbers: each run is the same), so that tasks do not end in lockstep
+GOLDEN = (5 ** 0.5 - 1) / 2
+#: a refused task fails fast: this fraction of the base latency ("too many clients")
+REFUSED = 0.1
+
+
 class Overloaded(Exception):
     """What the simulated downstream raises above its hard ceiling (``errors_above``)."""
 
@@ -62,7 +72,7 @@ class Overloaded(Exception):
 def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float,
              capacity: Callable[[float], float], base: Callable[[float], float] | float = 0.05,
              demand: Optional[int] = None, lease: Optional[int] = None,
-             errors_above: Optional[int] = None, on_sample: Optional[Callable[[Run], None]] = None,
+             errors_above: Optional[int] = None, jitter: float = 0.1, on_sample: Optional[Callable[[Run], None]] = None,
              ) -> Run:
     """Run until ``duration`` simulated seconds; ``capacity(t)`` and ``base(t)``
     may change over time.  Returns the limit after every sample, per worker."""
@@ -77,8 +87,9 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
                     and (lease is None or sum(held) < lease):
                 held[w] += 1
                 total = sum(held)
-                latency = base_at(clock.now) * max(1.0, total / capacity(clock.now))
                 failed = errors_above is not None and total > errors_above
+                latency = base_at(clock.now) * (REFUSED if failed else max(1.0, total / capacity(clock.now)))
+                latency *= 1.0 + jitter * ((seq * GOLDEN) % 1.0)
                 seq += 1
                 heapq.heappush(events, (clock.now + latency, seq, w, latency, held[w], failed))
         run.max_held_total = max(run.max_held_total, sum(held))
