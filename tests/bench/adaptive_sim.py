@@ -7,8 +7,8 @@ in_flight at its start, every worker's tasks counted), plus up to ``jitter``
 (10 %) of it, spread evenly.  Each worker has an
 unbounded backlog (or ``demand`` tasks at most) and starts a task whenever it
 holds fewer permits than its limit in force and the cluster lease (``lease``
-places across the fleet) has one free.  With ``errors_above``, a task that
-starts with more than that many in flight fails fast with ``Overloaded`` (a
+places across the fleet) has one free.  With ``errors_above`` (or
+``refuse_above(t)``), a task that starts with more than that many in flight fails fast with ``Overloaded`` (a
 database's "too many clients").
 
     python tests/bench/adaptive_sim.py            # capacity 40 -> 20 at t = 30 s
@@ -53,6 +53,7 @@ class Point:
 @dataclass
 class Run:
     trace: List[Point] = field(default_factory=list)
+    failed: List[bool] = field(default_factory=list)        # beside trace: that sample failed
     samples: int = 0
     errors: int = 0
     max_held_total: int = 0
@@ -72,7 +73,8 @@ class Overloaded(Exception):
 def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float,
              capacity: Callable[[float], float], base: Callable[[float], float] | float = 0.05,
              demand: Optional[int] = None, lease: Optional[int] = None,
-             errors_above: Optional[int] = None, jitter: float = 0.1, on_sample: Optional[Callable[[Run], None]] = None,
+             errors_above: Optional[int] = None, jitter: float = 0.1,
+             refuse_above: Optional[Callable[[float], int]] = None, on_sample: Optional[Callable[[Run], None]] = None,
              ) -> Run:
     """Run until ``duration`` simulated seconds; ``capacity(t)`` and ``base(t)``
     may change over time.  Returns the limit after every sample, per worker."""
@@ -81,13 +83,17 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
     held = [0] * len(limiters)
     events: List[Tuple[float, int, int, float, int, bool]] = []
     seq = 0
+    turn = 0
     while clock.now < duration:
-        for w, limiter in enumerate(limiters):       # start what the limits and the lease allow
+        turn = (turn + 1) % len(limiters)           # the workers take turns at free places
+        for w in [(turn + i) % len(limiters) for i in range(len(limiters))]:
+            limiter = limiters[w]                    # start what the limits and the lease allow
             while held[w] < min(limiter.limit, demand if demand is not None else 1 << 30) \
                     and (lease is None or sum(held) < lease):
                 held[w] += 1
                 total = sum(held)
-                failed = errors_above is not None and total > errors_above
+                ceiling = refuse_above(clock.now) if refuse_above is not None else errors_above
+                failed = ceiling is not None and total > ceiling
                 latency = base_at(clock.now) * (REFUSED if failed else max(1.0, total / capacity(clock.now)))
                 latency *= 1.0 + jitter * ((seq * GOLDEN) % 1.0)
                 seq += 1
@@ -102,6 +108,7 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
         run.errors += failed
         limiters[w].on_sample(latency, in_flight=in_flight, error=Overloaded() if failed else None)
         run.trace.append(Point(end, w, limiters[w].limit, limiters[w].probing, sum(held)))
+        run.failed.append(failed)
         if on_sample is not None:
             on_sample(run)
     return run
@@ -141,19 +148,40 @@ def capacity_halves(c_before: float = 40.0, c_after: float = 20.0, at: float = 3
     return run, limiter
 
 
+def error_rate(run: Run, start: float, end: float) -> Tuple[int, int]:
+    """(errors, samples) of the samples that ended in [start, end)."""
+    errors = samples = 0
+    for point, failed in zip(run.trace, run.failed):
+        if start <= point.t < end:
+            samples += 1
+            errors += failed
+    return errors, samples
+
+
+def mean_limit(run: Run, start: float, end: float, worker: int = 0) -> float:
+    limits = [p.limit for p in run.trace
+              if start <= p.t < end and p.worker == worker and not p.probing]
+    return sum(limits) / len(limits)
+
+
+def print_trace(run: Run, at: float, base: float) -> None:
+    print(f"{'t (s)':>7} {'limit':>6} {'in use':>7}")
+    next_t = 0.0
+    for point in run.trace:
+        if point.t >= next_t:
+            print(f"{point.t:7.2f} {point.limit:6d} {point.held_total:7d}"
+                  f"{'  (probe)' if point.probing else ''}")
+            near = at - 1 <= point.t <= at + 40 * base
+            next_t = point.t + (base if near else 5.0)
+
+
 def main() -> None:
     at, duration = 30.0, 90.0
     for base in (0.05, 0.5):
         run, limiter = capacity_halves(at=at, duration=duration, base=base)
-        print(f"\ncapacity 40 -> 20 at t = {at:g} s; base latency {base * 1000:g} ms; limit in [1, 200]")
-        print(f"{'t (s)':>7} {'limit':>6} {'in use':>7}")
-        next_t = 0.0
-        for point in run.trace:
-            if point.t >= next_t:
-                print(f"{point.t:7.2f} {point.limit:6d} {point.held_total:7d}"
-                      f"{'  (probe)' if point.probing else ''}")
-                near = at - 1 <= point.t <= at + 40 * base
-                next_t = point.t + (base if near else 5.0)
+        print(f"\n== latency: capacity 40 -> 20 at t = {at:g} s; base latency {base * 1000:g} ms;"
+              f" limit in [1, 200]")
+        print_trace(run, at, base)
         low, high = band(40.0)
         first = settle_time(run, 0.0, low, high, until=at)
         low2, high2 = band(20.0)
@@ -164,6 +192,34 @@ def main() -> None:
         print(f"capacity 20: band [{low2}, {high2}], entered {second:.2f} s after the change"
               f" ({second / base:.0f} base latencies)"
               if second is not None else f"capacity 20: never settled in [{low2}, {high2}]")
+
+    base = 0.05
+    clock = FakeClock()
+    limiter = AdaptiveLimit(1, 200, clock=clock, errors=(Overloaded,))
+    run = simulate([limiter], clock, duration=duration, base=base, capacity=lambda t: 1000.0,
+                   errors_above=None, refuse_above=lambda t: 40 if t < at else 20)
+    print(f"\n== errors only: the downstream refuses above 40, then above 20 from t = {at:g} s"
+          f" (latency flat; base {base * 1000:g} ms; errors = Overloaded)")
+    print_trace(run, at, base)
+    for label, start, end, best in (("before", 5.0, at, 40), ("after", at + 5.0, duration, 20)):
+        errors, samples = error_rate(run, start, end)
+        print(f"{label}: mean limit {mean_limit(run, start, end):.1f} (best fixed {best}),"
+              f" errors {errors}/{samples} = {100.0 * errors / samples:.2f} %")
+    reacted = next(p.t for p in run.trace if p.t >= at and p.limit <= 20)
+    print(f"after the change: the limit was at or below 20 {reacted - at:.2f} s later")
+
+    clock = FakeClock()
+    fleet = [AdaptiveLimit(1, 45, clock=clock) for _ in range(3)]
+    run = simulate(fleet, clock, duration=duration, base=base, lease=45,
+                   capacity=lambda t: 40.0 if t < at else 20.0)
+    print(f"\n== cluster: 3 workers, lease of 45 places, capacity 40 -> 20 at t = {at:g} s")
+    for label, start, end in (("before", 10.0, at), ("after", at + 10.0, duration)):
+        held = [p.held_total for p in run.trace if start <= p.t < end]
+        shares = ", ".join(f"{mean_limit(run, start, end, w):.1f}" for w in range(3))
+        held.sort()
+        print(f"{label}: held across the fleet: median {held[len(held) // 2]}, min {held[0]},"
+              f" max {held[-1]}; limits per worker {shares}")
+    print(f"most held at once: {run.max_held_total} (lease 45)")
 
 
 if __name__ == "__main__":
