@@ -78,7 +78,10 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
              ) -> Run:
     """Run until ``duration`` simulated seconds; ``capacity(t)`` and ``base(t)``
     may change over time.  Returns the limit after every sample, per worker."""
-    base_at: Callable[[float], float] = base if callable(base) else (lambda t, b=float(base): b)
+    fixed = None if callable(base) else float(base)
+
+    def base_at(t: float) -> float:
+        return fixed if fixed is not None else base(t)  # type: ignore[operator]
     run = Run()
     held = [0] * len(limiters)
     events: List[Tuple[float, int, int, float, int, bool]] = []
