@@ -1,0 +1,323 @@
+"""Adaptive limits: the number of permits a downstream can take, found from what
+the tasks holding them measure (issue 20, item 3).
+
+Pure and self-contained: :class:`AdaptiveLimit` does no I/O and starts no green
+thread.  The permit pool calls :meth:`AdaptiveLimit.on_sample` when a holder
+ends and applies the returned number with ``PermitPool.set_limit(limit)``.
+
+The estimator is Vegas (TCP Vegas, Brakmo and Peterson 1994; the Vegas limit of
+Netflix's concurrency-limits), measured per window of samples:
+
+    capacity = in_flight * rtt_noload / rtt      (what the downstream serves
+                                                  without queueing)
+    queue    = in_flight - capacity              (what waits inside it)
+
+``rtt_noload`` is the median latency measured at a low concurrency (a *probe*),
+``rtt`` and ``in_flight`` the medians of a window.  While ``queue`` is below
+``alpha`` and the limit is used, the limit grows by ``alpha``; above ``beta``
+it moves halfway to ``capacity + beta``; in between it holds.  So it settles
+with ``alpha`` to ``beta`` tasks queued in the downstream: enough to keep it
+busy, few enough that their wait stays small.  An exception listed in
+``errors`` cuts the limit by ``error_backoff`` at once, once per window.
+
+Why Vegas and not Gradient2: Gradient2 compares a fast average of the latency
+with a slow average of itself, so under a load that stays too high the slow
+average catches up with the fast one, the gradient returns to 1 and the limit
+climbs again (Netflix caps the drift with a decay; it does not remove it).
+Vegas compares with a latency measured without load, which does not move
+under sustained load, and its queue estimate is exact for a downstream that
+queues what it cannot serve (latency = base * in_flight / capacity), with the
+``in_flight`` the pool already knows.  Its weakness is the no-load latency
+going stale (the downstream gets slower for good, and every later sample reads
+as queueing): the periodic probe measures it again (as Envoy's adaptive
+concurrency filter does), and a sample that started before a change is never
+used to judge that change (its start is ``now - latency``).
+
+Invariants: ``min_limit <= limit <= max_limit`` always, and ``on_sample``
+never raises (a sample it cannot read is ignored).
+
+Cluster scope: the cluster pool is a counted lease of ``max_limit`` places, so
+the permits held across the fleet never exceed ``max_limit`` whatever each
+worker's estimator says; each worker's ``AdaptiveLimit`` only bounds how many
+of those places that worker tries to hold.  A worker measures the shared
+downstream, so its ``capacity`` reads as its proportional share of the
+downstream's (see docs/resources-adaptive.md).
+"""
+from __future__ import annotations
+
+import builtins
+import difflib
+import importlib
+import math
+import statistics
+import time
+from typing import Callable, List, Optional, Sequence, Tuple, Type
+
+from greenq.exceptions import ConfigError
+
+__all__ = ["AdaptiveLimit", "resolve_errors"]
+
+#: the first limit when none is given: a guess that a downstream takes 10 at once
+DEFAULT_INITIAL = 10
+#: a window whose median latency is below this fraction of rtt_noload starts a probe
+#: (10 % below: less is the noise between two medians, not a faster downstream)
+FASTER = 0.9
+
+
+class AdaptiveLimit:
+    """The limit in force for one resource in one worker.
+
+    ``min_limit``/``max_limit``: the bounds (``min_limit`` and ``limit`` of the
+    ``[resource:NAME]`` section).  ``errors``: exception classes that mean
+    "overloaded".  ``clock``: seconds, the clock latencies are measured with.
+    The other constants are documented with their defaults in
+    docs/resources-adaptive.md.
+    """
+
+    def __init__(self, min_limit: int, max_limit: int, *,
+                 errors: Tuple[Type[BaseException], ...] = (),
+                 clock: Callable[[], float] = time.monotonic,
+                 initial_limit: Optional[int] = None,
+                 alpha: float = 3.0,
+                 beta: float = 6.0,
+                 drain: float = 0.5,
+                 error_backoff: float = 0.7,
+                 utilization: float = 0.9,
+                 window_samples: int = 10,
+                 probe_interval: float = 60.0,
+                 probe_concurrency: int = 3,
+                 probe_samples: int = 10) -> None:
+        if not 1 <= min_limit <= max_limit:
+            raise ConfigError(f"adaptive limit: need 1 <= min_limit <= limit, got "
+                              f"min_limit = {min_limit}, limit = {max_limit}")
+        if not 0.0 < alpha < beta:
+            raise ConfigError(f"adaptive limit: need 0 < alpha < beta, got {alpha}, {beta}")
+        for name, value in (("drain", drain), ("error_backoff", error_backoff),
+                            ("utilization", utilization)):
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"adaptive limit: {name} must be in (0, 1], got {value}")
+        for name, number in (("window_samples", window_samples),
+                             ("probe_concurrency", probe_concurrency),
+                             ("probe_samples", probe_samples)):
+            if number < 1:
+                raise ConfigError(f"adaptive limit: {name} must be at least 1, got {number}")
+        if not (probe_interval > 0.0 and math.isfinite(probe_interval)):
+            raise ConfigError(f"adaptive limit: probe_interval must be > 0, got {probe_interval}")
+        self.min_limit = min_limit
+        self.max_limit = max_limit
+        self.errors = tuple(errors)
+        self.clock = clock
+        self.alpha = alpha
+        self.beta = beta
+        self.drain = drain
+        self.error_backoff = error_backoff
+        self.utilization = utilization
+        self.window_samples = window_samples
+        self.probe_interval = probe_interval
+        self.probe_concurrency = probe_concurrency
+        self.probe_samples = probe_samples
+
+        start = DEFAULT_INITIAL if initial_limit is None else initial_limit
+        #: the estimate, a float so that steps smaller than 1 add up
+        self._estimate = self._clamp(float(start))
+        #: median latency at low concurrency; None until the first probe ends
+        self.rtt_noload: Optional[float] = None
+        now = clock()
+        # the window: successful samples of tasks that started after _window_start
+        # (a task started at the very moment of a change ran beside the old limit)
+        self._window_start = now
+        self._window: List[Tuple[float, int]] = []
+        # once per window: an error cuts only if its task started after the last cut
+        self._cut_at = -math.inf
+        # the limit at the last cut for errors: growth slows to 1 a window near it
+        self._error_ceiling: Optional[float] = None
+        # a probe begins at once: no latency is trusted before one was measured without load
+        self._probe_start: Optional[float] = now
+        self._probe: List[float] = []
+        self._next_probe = self._probe_due(now)
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def limit(self) -> int:
+        """The limit in force: the estimate, or the low probe level during a probe."""
+        estimate = int(self._estimate)
+        if self._probe_start is not None:
+            return max(self.min_limit, min(estimate, self.probe_concurrency))
+        return estimate
+
+    @property
+    def probing(self) -> bool:
+        """True while the no-load latency is being measured (the limit is held low)."""
+        return self._probe_start is not None
+
+    # -- the one input ---------------------------------------------------------------
+
+    def on_sample(self, latency: float, *, in_flight: int,
+                  error: Optional[BaseException] = None) -> int:
+        """A holder ended: ``latency`` seconds held, ``in_flight`` permits held
+        when it started (itself included), ``error`` what it raised.  Returns
+        the limit in force afterwards."""
+        try:
+            self._sample(float(latency), int(in_flight), error)
+        except (ArithmeticError, ValueError, TypeError, OverflowError):
+            pass        # a sample it cannot read changes nothing; the limit stays valid
+        return self.limit
+
+    def _sample(self, latency: float, in_flight: int,
+                error: Optional[BaseException]) -> None:
+        now = float(self.clock())
+        if not (math.isfinite(latency) and math.isfinite(now)) or latency < 0.0:
+            return
+        started = now - latency
+        in_flight = max(1, in_flight)
+        if error is not None:
+            if isinstance(error, self.errors) and started > self._cut_at:
+                self._error_ceiling = self._estimate
+                self._estimate = self._clamp(self._estimate * self.error_backoff)
+                self._cut_at = now
+                self._restart_window(now)
+            return      # a failure's latency says nothing about the downstream's queue
+        if self._probe_start is not None:
+            self._probe_sample(now, started, latency)
+            return
+        if now >= self._next_probe:
+            self._begin_probe(now)
+            return
+        if started <= self._window_start:
+            return      # it started before the last change: it cannot judge that change
+        self._window.append((latency, in_flight))
+        if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
+            self._decide(now)
+
+    # -- the estimator ---------------------------------------------------------------
+
+    def _decide(self, now: float) -> None:
+        rtt = statistics.median(latency for latency, _ in self._window)
+        used = max(in_flight for _, in_flight in self._window)
+        in_flight = statistics.median(n for _, n in self._window)
+        noload = self.rtt_noload
+        assert noload is not None       # a window opens only once a probe has ended
+        if rtt < noload * FASTER:
+            # the downstream got faster for good: measure its no-load latency now
+            # (this window's median includes a queue, so it cannot serve as one)
+            self._begin_probe(now)
+            return
+        capacity = in_flight * noload / rtt if rtt > 0.0 else float(in_flight)
+        queue = in_flight - capacity
+        scale = self._log_scale()
+        alpha, beta = self.alpha * scale, self.beta * scale
+        if queue > beta:
+            target = capacity + beta
+            if self._estimate > target:
+                self._estimate = self._clamp(self._estimate - self.drain * (self._estimate - target))
+        elif queue < alpha and used >= self.utilization * int(self._estimate):
+            # healthy and used: grow by alpha, the band's width, so one step never
+            # jumps from "too few queued" past "too many"; by 1 near the limit at
+            # which listed errors came last (a ceiling latency did not show)
+            step = alpha
+            if self._error_ceiling is not None:
+                if self._estimate >= self._error_ceiling:
+                    self._error_ceiling = None      # passed it without an error: forget it
+                elif self._estimate + alpha > self._error_ceiling:
+                    step = 1.0
+            self._estimate = self._clamp(self._estimate + step)
+        self._restart_window(now)
+
+    def _log_scale(self) -> float:
+        """alpha and beta grow with log10(limit) (as in Netflix's Vegas): a larger
+        limit tolerates a few more queued, since the noise in its medians is larger."""
+        return max(1.0, math.log10(max(self._estimate, 1.0)))
+
+    def _restart_window(self, now: float) -> None:
+        self._window_start = now
+        self._window = []
+
+    # -- the probe -------------------------------------------------------------------
+
+    def _probe_due(self, now: float) -> float:
+        """The next multiple of ``probe_interval`` on the clock: workers whose clocks
+        agree (``time.time`` on synchronised hosts) probe at the same moment, so a
+        shared downstream really drains."""
+        return (math.floor(now / self.probe_interval) + 1.0) * self.probe_interval
+
+    def _begin_probe(self, now: float) -> None:
+        self._error_ceiling = None      # the probe re-measures; old overloads may be gone
+        self._probe_start = now
+        self._probe = []
+        self._restart_window(now)
+
+    def _probe_sample(self, now: float, started: float, latency: float) -> None:
+        assert self._probe_start is not None
+        if started <= self._probe_start:
+            return      # it ran beside the tasks of the full limit: not a no-load latency
+        self._probe.append(latency)
+        if len(self._probe) >= self.probe_samples:
+            self.rtt_noload = statistics.median(self._probe)
+            self._probe_start = None
+            self._probe = []
+            self._next_probe = self._probe_due(now)
+            self._restart_window(now)
+
+    def _clamp(self, value: float) -> float:
+        if not math.isfinite(value):
+            return float(self.min_limit)
+        return min(float(self.max_limit), max(float(self.min_limit), value))
+
+    def __repr__(self) -> str:
+        return (f"<AdaptiveLimit limit={self.limit} [{self.min_limit}, {self.max_limit}]"
+                f" rtt_noload={self.rtt_noload!r}{' probing' if self.probing else ''}>")
+
+
+def resolve_errors(names: Sequence[str]) -> Tuple[Type[BaseException], ...]:
+    """The exception classes named in ``errors``: builtins by name (``TimeoutError``),
+    others by dotted path (``psycopg.OperationalError``, imported).  An unknown name
+    is a :class:`ConfigError` that names it, with the nearest valid name if any."""
+    found: List[Type[BaseException]] = []
+    for raw in names:
+        name = raw.strip().replace(":", ".")
+        if not name:
+            continue
+        found.append(_resolve_one(name, raw))
+    return tuple(found)
+
+
+def _resolve_one(name: str, raw: str) -> Type[BaseException]:
+    if "." not in name:
+        builtin = getattr(builtins, name, None)
+        if builtin is None:
+            raise ConfigError(f"errors: unknown exception {raw!r}{_nearest(name, builtins)}"
+                              " (name a builtin, or a class by its dotted path: "
+                              "psycopg.OperationalError)")
+        return _exception_class(builtin, raw)
+    parts = name.split(".")
+    # the longest importable prefix is the module; the rest are attributes (a nested class)
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        value: object = module
+        for attr in parts[cut:]:
+            owner = value
+            value = getattr(owner, attr, None)
+            if value is None:
+                raise ConfigError(f"errors: {raw!r}: {module_name!r} has no {attr!r}"
+                                  f"{_nearest(attr, owner)}")
+        return _exception_class(value, raw)
+    raise ConfigError(f"errors: {raw!r}: cannot import module {parts[0]!r}")
+
+
+def _exception_class(value: object, raw: str) -> Type[BaseException]:
+    if isinstance(value, type) and issubclass(value, BaseException):
+        return value
+    raise ConfigError(f"errors: {raw!r} is not an exception class")
+
+
+def _nearest(name: str, owner: object) -> str:
+    candidates = [attr for attr in dir(owner)
+                  if isinstance(getattr(owner, attr, None), type)
+                  and issubclass(getattr(owner, attr), BaseException)]
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
