@@ -41,7 +41,7 @@ the permits held across the fleet never exceed ``max_limit`` whatever each
 worker's estimator says; each worker's ``AdaptiveLimit`` only bounds how many
 of those places that worker tries to hold.  A worker measures the shared
 downstream, so its ``capacity`` reads as its proportional share of the
-downstream's (see docs/resources-adaptive.md).
+downstream's (see docs/resources.md, "Adaptive limits").
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class AdaptiveLimit:
     ``[resource:NAME]`` section).  ``errors``: exception classes that mean
     "overloaded".  ``clock``: seconds, the clock latencies are measured with.
     The other constants are documented with their defaults in
-    docs/resources-adaptive.md.
+    docs/resources.md, "Adaptive limits".
     """
 
     def __init__(self, min_limit: int, max_limit: int, *,

@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional
 
 from ..exceptions import ConfigError
+from .adaptive import AdaptiveLimit, resolve_errors
 from .base import PermitPool, ResourceSettings, make_pool
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +67,8 @@ class Resources:
         self.settings: Dict[str, ResourceSettings] = dict(config.resource_settings() if settings is None
                                                           else settings)
         self.pools: Dict[str, PermitPool] = {}
+        #: the adaptive limit of each resource with ``adaptive = true`` (greenq/resources/adaptive.py)
+        self.adaptive: Dict[str, AdaptiveLimit] = {}
         self._listeners: List[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._holders = itertools.count(1)
@@ -81,9 +84,27 @@ class Resources:
                 settings = self.settings.get(name)
                 if settings is None:
                     raise unknown(name, self.settings)
-                pool = self.pools[name] = make_pool(name, settings, app_key=self.app_key,
-                                                    config=self.config, driver=self.driver)
+                pool = make_pool(name, settings, app_key=self.app_key, config=self.config,
+                                 driver=self.driver)
+                if settings.adaptive:
+                    adaptive = AdaptiveLimit(settings.min_limit, settings.limit,
+                                             errors=resolve_errors(settings.errors))
+                    pool.set_limit(adaptive.limit)
+                    self.adaptive[name] = adaptive
+                self.pools[name] = pool
         return pool
+
+    def sample(self, name: str, latency: float, in_flight: int, error: Optional[BaseException]) -> None:
+        """A holder of a permit of ``name`` ended after ``latency`` seconds
+        (with ``error`` when it raised), ``in_flight`` permits held when it
+        did: an adaptive resource moves its limit in force; others ignore it."""
+        adaptive = self.adaptive.get(name)
+        if adaptive is None:
+            return
+        before = adaptive.limit
+        after = adaptive.on_sample(latency, in_flight=in_flight, error=error)
+        if after != before:
+            self.set_limit(name, after)
 
     def check(self, names: Any) -> None:
         """ConfigError for the first of ``names`` that has no section."""
@@ -135,14 +156,22 @@ class Resources:
     def hold(self, name: str, count: int = 1, timeout: Optional[float] = None) -> Iterator[None]:
         """``with app.resource(name):``: ``count`` permits of ``name`` for the block."""
         taken: List[str] = []
+        error: Optional[BaseException] = None
+        started = 0.0
         try:
             for _ in range(count):
                 holder = self.holder(name)
                 if not self.acquire(name, holder, timeout):
                     raise TimeoutError(f"no permit of resource {name!r} came free within {timeout} s")
                 taken.append(holder)
+            started = time.monotonic()
             yield
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            if taken and started:
+                self.sample(name, time.monotonic() - started, self.pool(name).in_use(), error)
             for holder in reversed(taken):
                 self.release(name, holder)
 

@@ -60,6 +60,7 @@ class Permits(AdmissionStep):
         self.resources = resources
         self.clock = clock
         self._held: Dict[int, List[Tuple[PermitPool, str, str]]] = {}   # id(job) -> (pool, resource, holder)
+        self._since: Dict[int, float] = {}                              # id(job) -> when it took them
         self._keys: Dict[str, Set[Tuple[str, ...]]] = {}                # resource -> the wait keys naming it
         resources.on_release(self._released)
 
@@ -93,6 +94,7 @@ class Permits(AdmissionStep):
                     return wait(self.clock() + REMOTE_POLL if remote or self._remote(wanted) else None)
                 taken.append((pool, name, holder))
         self._held[id(job)] = taken
+        self._since[id(job)] = self.clock()
         return RUN
 
     def _remote(self, wanted: Dict[str, int]) -> bool:
@@ -100,8 +102,14 @@ class Permits(AdmissionStep):
 
     def release(self, job: "Job") -> None:
         taken = self._held.pop(id(job), None)
+        since = self._since.pop(id(job), None)
         if not taken:
             return
+        if since is not None and job.started:    # what the downstream took: adaptive limits learn from it
+            latency = self.clock() - since
+            for name in {name for _, name, _ in taken}:
+                pool = self.resources.pool(name)
+                self.resources.sample(name, latency, pool.in_use(), job.exc)
         freed = set()
         for pool, name, holder in reversed(taken):
             pool.release(holder)

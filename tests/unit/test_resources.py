@@ -372,3 +372,37 @@ def test_raising_a_limit_wakes_the_waiters():
     resources.set_limit("pg", 3)
     admission.serve()
     assert len(ran) == 3 and admission.parked == 0 and resources.pool("pg").in_use() == 3
+
+
+def test_an_adaptive_resource_cuts_its_limit_on_a_listed_error_and_its_waiters_follow():
+    """``adaptive = true``: the pool's limit in force starts inside [min_limit,
+    limit] and a listed exception raised while holding a permit cuts it (the
+    algorithm itself: tests/unit/test_adaptive_limit.py); other exceptions do not."""
+    app = make_app(api={"limit": "40", "adaptive": "true", "min_limit": "2", "errors": "TimeoutError"})
+    pool = app.permits().pool("api")
+    adaptive = app.permits().adaptive["api"]
+    assert adaptive.probing and 2 <= pool.limit <= 40        # it first measures the no-load latency
+    while adaptive.probing:
+        with app.resource("api"):
+            pass
+    start = pool.limit
+    assert 2 <= start <= 40
+    with pytest.raises(KeyError):
+        with app.resource("api"):
+            raise KeyError("not an overload")
+    assert pool.limit == start
+    with pytest.raises(TimeoutError):
+        with app.resource("api"):
+            raise TimeoutError("the API is overloaded")
+    assert 2 <= pool.limit < start
+    assert app.permits().adaptive["api"].limit == pool.limit
+    assert pool.in_use() == 0
+
+
+def test_a_fixed_resource_has_no_adaptive_limit():
+    app = make_app(api={"limit": "5"})
+    pool = app.permits().pool("api")
+    with pytest.raises(TimeoutError):
+        with app.resource("api"):
+            raise TimeoutError("overloaded")
+    assert pool.limit == 5 and "api" not in app.permits().adaptive
