@@ -145,7 +145,8 @@ class Permits(AdmissionStep):
         task = f"{job.msg.task}[{job.msg.id}]" if job.msg is not None else "a task"
         held = ", ".join(f"{name} {self._in_use(name)}/{self._limit(name)} in use" for name in names)
         log.warning("task %s has waited %.1f s for a permit of %s (%s); [worker] resource_wait_warning "
-                    "= %g s: the resource is saturated (its permits are all held) or these tasks queue behind higher priorities",
+                    "= %g s: the resource is saturated (its permits are all held) or these tasks queue "
+                    "behind higher priorities",
                     task, seconds, ", ".join(names), held, self.wait_warning)
 
     def _in_use(self, name: str) -> int:

@@ -457,6 +457,8 @@ class Admission:
     def watch(self, now: Optional[float] = None, force: bool = False) -> None:
         """Tell the steps with a ``wait_warning`` of the jobs parked longer than
         it (once per job); at most every ``WATCH_EVERY`` seconds unless ``force``."""
+        if not any(step.wait_warning for step in self.steps):
+            return
         now = time.monotonic() if now is None else now
         if not force and now - self._watched < WATCH_EVERY:
             return
