@@ -97,6 +97,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
         "track_started": Setting("bool", False, "store STARTED when a task begins (one more write per task)"),
         "events": Setting("bool", False, "send task events (-E), batched, for greenq events and the dashboard"),
         "control": Setting("bool", True, "answer inspect/control commands and send heartbeats"),
+        "resource_wait_warning": Setting("float", 30.0, "seconds a task may wait for a resource permit before "
+                                         "a warning (once per task); 0 = off", DAY),
     },
     "dashboard": {
         "http": Setting("hostport", "127.0.0.1:5555", "host:port greenq dashboard serves on"),

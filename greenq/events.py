@@ -57,7 +57,9 @@ are not documented are dropped too, so what a reader holds per event is
 bounded.  Names (worker, task, queue, host, ids) are printable strings of at
 most ``NAME_MAX`` characters; counters are finite numbers from 0 to
 ``COUNT_MAX``; times and durations finite numbers from 0 to ``TIME_MAX``;
-``queues`` a list of at most ``NAMES_MAX`` names; texts (reprs, exception,
+``queues`` a list of at most ``NAMES_MAX`` names; a heartbeat's
+``resources`` at most ``RESOURCES_MAX`` names, each a ``scope`` and the
+counts ``RESOURCE_FIELDS``; texts (reprs, exception,
 reason) strings cut at ``TEXT_MAX`` characters, a traceback at
 ``TRACEBACK_MAX``.  A :class:`Tally` counts what was read, skipped and
 dropped.
@@ -231,6 +233,27 @@ def _flag(value: Any) -> Any:
     return value if type(value) is bool else _BAD
 
 
+RESOURCES_MAX = 32            # resources in a heartbeat (greenq/resources/observe.py HEARTBEAT_RESOURCES)
+RESOURCE_FIELDS = ("limit", "configured_limit", "in_use", "waiting")
+SCOPES = ("process", "host", "cluster")
+
+
+def _resources(value: Any) -> Any:
+    """A heartbeat's ``resources``: at most RESOURCES_MAX names, each a
+    ``scope`` and the counts of RESOURCE_FIELDS (nothing else is kept)."""
+    if not isinstance(value, dict) or len(value) > RESOURCES_MAX:
+        return _BAD
+    out = {}
+    for name, entry in value.items():
+        if _name(name) is _BAD or not isinstance(entry, dict) or entry.get("scope") not in SCOPES:
+            return _BAD
+        counts = {k: entry.get(k) for k in RESOURCE_FIELDS}
+        if any(_count(v) is _BAD for v in counts.values()):
+            return _BAD
+        out[name] = {"scope": entry["scope"], **counts}
+    return out
+
+
 def _traceback(value: Any) -> Any:
     text = trim_traceback(value)
     return _BAD if text is None else text
@@ -247,6 +270,7 @@ FIELD_CHECKS: Dict[str, Callable[[Any], Any]] = {
                      "succeeded", "failed", "retried", "dead_lettered", "revoked", "rss"), _count),
     **dict.fromkeys(("args", "kwargs", "exception", "reason"), _text(TEXT_MAX)),
     "traceback": _traceback, "queues": _names, "stopping": _flag, "events": _flag,
+    "resources": _resources,
 }
 KNOWN_TYPES = frozenset(TASK_EVENTS + WORKER_EVENTS)
 

@@ -99,8 +99,26 @@ def _human(what: str, value: Any) -> str:
                 lines.append(f"  {item}")
         return f"{len(value)}\n" + "\n".join(lines)
     if isinstance(value, dict):
-        return "\n" + "\n".join(f"  {k}: {json.dumps(v, default=repr)}" for k, v in value.items())
+        return "\n" + "\n".join(_resources_lines(v) if k == "resources" and isinstance(v, dict)
+                                 else f"  {k}: {json.dumps(v, default=repr)}" for k, v in value.items())
     return json.dumps(value, default=repr)
+
+
+def _resources_lines(section: Dict[str, Any]) -> str:
+    """``inspect stats``'s resources, one line each (docs/resources.md, "Seeing it")."""
+    if not section:
+        return "  resources: (none)"
+    lines = ["  resources:"]
+    for name, r in section.items():
+        if not isinstance(r, dict):
+            lines.append(f"    {name}: {json.dumps(r, default=repr)}")
+            continue
+        adaptive = ", adaptive" if r.get("adaptive") else ""
+        lines.append(f"    {name}: limit {r.get('limit')} (configured {r.get('configured_limit')}, "
+                     f"{r.get('scope')}{adaptive}), in use {r.get('in_use')}, waiting {r.get('waiting')}; "
+                     f"waited: {r.get('wait_count')} tasks, {r.get('wait_seconds_sum')} s in all, "
+                     f"at most {r.get('wait_seconds_max')} s")
+    return "\n".join(lines)
 
 
 def cmd_inspect(args: argparse.Namespace, app: Any) -> int:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 from .. import __version__, validation
 from ..config import mask_url
+from ..resources.observe import heartbeat_summary
 from ..worker.revocations import CLOCK_SKEW
 from .base import dumps
 
@@ -52,6 +53,8 @@ class ControlledWorker(Protocol):
     shutdown_timeout: float
 
     def snapshot(self) -> "Snapshot": ...
+
+    def resource_stats(self) -> Dict[str, Dict[str, Any]]: ...
 
     def reserved(self) -> List["Delivery"]: ...
 
@@ -108,7 +111,14 @@ def worker_info(agent: "ControlAgent") -> Dict[str, Any]:
         "dead_lettered": s.dead_lettered, "revoked": s.revoked, "rss": rss_bytes(),
         "started": s.started, "uptime": round(time.time() - s.started, 3),
         "stopping": bool(snap.stopping), "events": agent.events_enabled,
+        **_resources_summary(w),
     }
+
+
+def _resources_summary(w: ControlledWorker) -> Dict[str, Any]:
+    """A heartbeat's ``resources`` (small, bounded: greenq/resources/observe.py); none without resources."""
+    section = w.resource_stats()
+    return {"resources": heartbeat_summary(section)} if section else {}
 
 
 def _held_not_running(agent: "ControlAgent") -> List[Dict[str, Any]]:
@@ -167,7 +177,8 @@ def stats(agent: "ControlAgent") -> Dict[str, Any]:
     w = agent.worker
     info.update(broker=mask_url(w.config.broker_url), hub_blocked=w.stats.hub_blocked,
                 hub_blocked_seconds=round(w.stats.hub_blocked_seconds, 3),
-                max_tasks_per_child=w.max_tasks, shutdown_timeout=w.shutdown_timeout)
+                max_tasks_per_child=w.max_tasks, shutdown_timeout=w.shutdown_timeout,
+                resources=w.resource_stats())
     return info
 
 

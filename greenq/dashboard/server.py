@@ -9,6 +9,7 @@ Routes (JSON unless said otherwise):
   GET  /api/tasks?q=&state=   tasks from task events, newest first; /api/tasks/<id> one, with traceback
   GET  /api/failures          recent failures with their tracebacks
   GET  /api/throughput        succeeded and failed per 5 s over the last 10 minutes
+  GET  /api/resources         per resource: the fleet's limit in force, in use, waiting, and per 5 s history
   GET  /api/dlq               the dead-letter store
   GET  /api/schedule          periodic tasks with their last and next run (greenq.beat)
   POST /api/dlq/requeue       {"ids": [...]} or {"all": true}
@@ -157,6 +158,8 @@ class Dashboard:
             return _json(start, self.state.failure_list(_limit(query, 20, FAILURES_MAX)))
         if path == "/api/throughput":
             return _json(start, self.state.throughput())
+        if path == "/api/resources":
+            return _json(start, self.state.resource_list())
         if path == "/api/dlq":
             return _json(start, self.dead_letters())
         if path == "/api/schedule":

@@ -11,7 +11,8 @@ bad field dropped, both counted in ``stats()``, served as /api/stats), and
 what is kept is bounded: at most ``WORKERS_KEPT`` workers (when a new one
 comes, the one heard from longest ago goes), each forgotten ``FORGET_AFTER``
 seconds after it was last heard from; ``TASKS_KEPT`` tasks, ``FAILURES_KEPT``
-failures.  A batch that still fails to apply is logged and passed over, never
+failures; for the Resources panel, at most ``RESOURCES_KEPT`` resources with
+``BUCKETS`` points each.  A batch that still fails to apply is logged and passed over, never
 read again.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ FORGET_AFTER = 3600.0        # seconds without a word from a worker before it le
 FAILURES_KEPT = 100
 BUCKET = 5.0                 # seconds per throughput point
 BUCKETS = 120                # ten minutes
+RESOURCES_KEPT = 64          # resources the Resources panel follows (those heard of last)
 HISTORY = 500                # event batches read back at start, where the broker keeps them
 WORKER_FIELDS = ("hostname", "pid", "pool", "concurrency", "prefetch", "queues", "running", "held", "processed",
                  "succeeded", "failed", "retried", "rss", "version", "events", "uptime")
@@ -56,6 +58,10 @@ class FleetState:
         self.tally = Tally()
         self.forgotten = 0                                 # workers dropped (silent, or over the bound)
         self.batches_failed = 0                            # batches that raised in apply (a bug: logged)
+        #: resource name -> {bucket start: [limit, in_use, waiting]}: the fleet's figures at the end
+        #: of each BUCKET seconds (``_resource_tick``); the resource heard of last at the end
+        self.resource_history: "OrderedDict[str, Dict[int, List[int]]]" = OrderedDict()
+        self._resource_slot = -1
 
     # -- feeding -------------------------------------------------------------------
     def apply(self, events: Any) -> None:
@@ -72,6 +78,7 @@ class FleetState:
             self._forget(self.clock() - FORGET_AFTER)
 
     def _worker(self, kind: str, e: Document) -> None:
+        self._resource_tick()
         name = e["worker"]
         before = self.workers.pop(name, None)
         e["offline_event"] = kind == "worker-offline"
@@ -83,6 +90,58 @@ class FleetState:
         if before is not None and before.get("boot") == e.get("boot"):
             self._count(e.get("timestamp") or self.clock(), _grown(before, e, "succeeded"),
                         _grown(before, e, "failed"))
+        for resource in e.get("resources") or ():         # heard of last: at the end
+            self.resource_history[resource] = self.resource_history.pop(resource, {})
+        while len(self.resource_history) > RESOURCES_KEPT:
+            self.resource_history.popitem(last=False)
+
+    def _resource_tick(self) -> None:
+        """Once per BUCKET seconds, at the first worker event of a new bucket
+        (before it is applied): the last bucket's figures are final, noted as
+        the fleet stood at its end.  The current bucket is read live."""
+        slot = int(self.clock() // BUCKET * BUCKET)
+        if slot == self._resource_slot:
+            return
+        last, self._resource_slot = self._resource_slot, slot
+        if last < 0 or not self.resource_history:
+            return
+        for name, figures in self._fleet_resources(last + BUCKET).items():
+            points = self.resource_history.get(name)
+            if points is None:
+                continue
+            points[last] = [figures["limit"], figures["in_use"], figures["waiting"]]
+            while len(points) > BUCKETS:
+                del points[min(points)]
+
+    def _fleet_resources(self, now: float) -> Dict[str, Document]:
+        """Per resource, over the online workers' last heartbeats: permits in
+        use and tasks waiting (sums), and the fleet's limit in force: the sum of
+        the workers' limits, a ``host`` resource's at most its configured limit
+        per machine and a ``cluster`` one's at most its configured limit."""
+        out: Dict[str, Document] = {}
+        per_host: Dict[Any, int] = {}
+        for w in self.workers.values():
+            if w["offline_event"] or now - w.get("timestamp", 0.0) >= OFFLINE_AFTER:
+                continue
+            for name, r in (w.get("resources") or {}).items():
+                f = out.setdefault(name, {"name": name, "scope": r["scope"], "configured_limit": 0, "limit": 0,
+                                          "in_use": 0, "waiting": 0, "workers": 0})
+                f["scope"] = r["scope"]
+                f["configured_limit"] = max(f["configured_limit"], r["configured_limit"])
+                f["in_use"] += r["in_use"]
+                f["waiting"] += r["waiting"]
+                f["workers"] += 1
+                if r["scope"] == "host":
+                    key = (name, w.get("hostname"))
+                    per_host[key] = per_host.get(key, 0) + r["limit"]
+                else:
+                    f["limit"] += r["limit"]
+        for (name, _), limit in per_host.items():
+            out[name]["limit"] += min(limit, out[name]["configured_limit"])
+        for f in out.values():
+            if f["scope"] == "cluster":
+                f["limit"] = min(f["limit"], f["configured_limit"])
+        return out
 
     def _forget(self, before: float) -> None:
         """Drop the workers last heard from before ``before`` (oldest first)."""
@@ -148,6 +207,27 @@ class FleetState:
                 out.append({"name": name, "online": online, "last_heartbeat": seen,
                             "seconds_since_heartbeat": round(max(0.0, now - seen), 1),
                             **{k: w.get(k) for k in WORKER_FIELDS}})
+            return out
+
+    def resource_list(self) -> List[Document]:
+        """The Resources panel: per resource the fleet's limit in force, in use
+        and waiting now (``_fleet_resources``), and ``history``: one point per
+        BUCKET seconds over the last BUCKETS (``t``, ``limit``, ``in_use``,
+        ``waiting``), oldest first."""
+        now = self.clock()
+        with self.lock:
+            current = self._fleet_resources(now)
+            out = []
+            for name in sorted(self.resource_history):
+                figures = current.get(name) or {"name": name, "scope": None, "configured_limit": None,
+                                                "limit": None, "in_use": None, "waiting": None, "workers": 0}
+                points = dict(self.resource_history[name])
+                slot = int(now // BUCKET * BUCKET)
+                if name in current:                        # the bucket under way: as it stands
+                    points[slot] = [figures["limit"], figures["in_use"], figures["waiting"]]
+                history = [{"t": t, "limit": p[0], "in_use": p[1], "waiting": p[2]}
+                           for t, p in sorted(points.items()) if t > now - BUCKETS * BUCKET]
+                out.append({**figures, "history": history})
             return out
 
     def stats(self) -> Document:

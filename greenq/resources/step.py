@@ -17,22 +17,32 @@ and run while others wait, and at most ``prefetch`` of them wait per key
 orders its waiters ``by_priority``: a higher message priority first, then
 arrival order.
 
+The chain times each wait (``waited``): the step keeps, per resource, how
+long the tasks that got its permits had waited (greenq/resources/observe.py,
+for ``inspect stats`` and ``/metrics``), and with ``wait_warning`` seconds
+(``[worker] resource_wait_warning``) logs a warning, once per task, for a
+task parked longer.
+
 Release covers every ending because the runner calls the chain's release
 after any outcome (success, failure, retry, time limits, revoke with
 terminate, a stop's kill), and a parked job is released when it is returned.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 from ..worker.admission import RUN, AdmissionStep, Decision, wait
 from .base import PermitPool
+from .observe import WaitTimes
 from .process import ProcessPool
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..worker.jobs import Job
     from .registry import Resources
+
+log = logging.getLogger("greenq.resources")
 
 #: seconds between two asks of a waiter whose permits come from a host or cluster pool
 REMOTE_POLL = 0.075
@@ -55,10 +65,14 @@ class Permits(AdmissionStep):
     by_priority = True
     frees_room = True
 
-    def __init__(self, resources: "Resources", clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, resources: "Resources", clock: Callable[[], float] = time.monotonic,
+                 wait_warning: float = 0.0) -> None:
         super().__init__()
         self.resources = resources
         self.clock = clock
+        self.wait_warning = wait_warning
+        #: how long the tasks that got permits of each resource had waited (observe.py)
+        self.waits: Dict[str, WaitTimes] = {}
         self._held: Dict[int, List[Tuple[PermitPool, str, str]]] = {}   # id(job) -> (pool, resource, holder)
         self._since: Dict[int, float] = {}                              # id(job) -> when it took them
         self._keys: Dict[str, Set[Tuple[str, ...]]] = {}                # resource -> the wait keys naming it
@@ -116,6 +130,32 @@ class Permits(AdmissionStep):
             freed.add(name)
         for name in freed:
             self._released(name)
+
+    def waited(self, job: "Job", seconds: float) -> None:
+        """``job`` got its permits after ``seconds`` parked: a wait of each resource it names."""
+        for name in task_resources(job) or ():
+            times = self.waits.get(name)
+            if times is None:
+                times = self.waits[name] = WaitTimes()
+            times.observe(seconds)
+
+    def waiting_long(self, job: "Job", seconds: float) -> None:
+        """The warning of a task parked past ``wait_warning`` (once per task)."""
+        names = sorted(task_resources(job) or ())
+        task = f"{job.msg.task}[{job.msg.id}]" if job.msg is not None else "a task"
+        held = ", ".join(f"{name} {self._in_use(name)}/{self._limit(name)} in use" for name in names)
+        log.warning("task %s has waited %.1f s for a permit of %s (%s); [worker] resource_wait_warning "
+                    "= %g s: the resource is saturated (its permits are all held) or these tasks queue "
+                    "behind higher priorities",
+                    task, seconds, ", ".join(names), held, self.wait_warning)
+
+    def _in_use(self, name: str) -> int:
+        pool = self.resources.pools.get(name)
+        return pool.in_use() if pool is not None else 0
+
+    def _limit(self, name: str) -> int:
+        pool = self.resources.pools.get(name)
+        return pool.limit if pool is not None else self.resources.settings[name].limit
 
     def held(self) -> int:
         """Jobs holding permits now."""

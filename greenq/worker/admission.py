@@ -37,6 +37,13 @@ only watch; a ``task_prerun`` subscriber that wants to say "not yet" has to
 sleep, and it sleeps holding a runner slot and the message's lease.  A step
 decides before the slot is taken.
 
+The chain times each wait: when a parked job is admitted, the step that
+parked it hears ``waited(job, seconds)`` (from the moment it was parked at
+that step); and a step with ``wait_warning`` seconds hears
+``waiting_long(job, seconds)`` once per job that waits longer (the loop looks
+about every ``WATCH_EVERY`` seconds, and again at the admission).  A job that
+never parks costs nothing for either.
+
 A step's ``admit`` runs in the consumer's greenlet (for a newly fetched job)
 or in the admission greenlet (for a parked one), under the admission lock:
 it must be quick and must not block.  A step that needs a remote answer
@@ -63,6 +70,8 @@ log = logging.getLogger("greenq.worker")
 
 #: the longest the admission greenlet sleeps without a due time (it also wakes on ``wake``)
 IDLE_WAIT = 1.0
+#: seconds between two looks for jobs parked longer than their step's ``wait_warning``
+WATCH_EVERY = 1.0
 
 
 class Decision:
@@ -112,6 +121,8 @@ class AdmissionStep:
     #: wait per key, the next is deferred ``overflow_backoff`` seconds
     frees_room = False
     overflow_backoff = 1.0
+    #: seconds a job may stay parked here before ``waiting_long`` (once per job); 0: never
+    wait_warning = 0.0
 
     def __init__(self) -> None:
         self._wake: Callable[[Hashable], None] = lambda key: None
@@ -135,6 +146,12 @@ class AdmissionStep:
 
     def release(self, job: "Job") -> None:
         """``job``, admitted by this step, ended (ran, or was returned unstarted)."""
+
+    def waited(self, job: "Job", seconds: float) -> None:
+        """``job`` was parked here for ``seconds`` and is admitted now (only parked jobs get this)."""
+
+    def waiting_long(self, job: "Job", seconds: float) -> None:
+        """``job`` has been parked here ``seconds``, over ``wait_warning``: said once per job."""
 
 
 class RateLimit(AdmissionStep):
@@ -192,29 +209,46 @@ class RateLimit(AdmissionStep):
 class Waiters:
     """The jobs parked on one key: a heap by (rank, arrival), where the rank is
     minus the message's priority for a ``by_priority`` step and 0 otherwise
-    (arrival order)."""
+    (arrival order).  Each entry keeps when the job was parked (monotonic
+    seconds); ``warned`` holds the arrival numbers of those already said to
+    wait long."""
 
-    __slots__ = ("_heap", "by_priority")
+    __slots__ = ("_heap", "by_priority", "warned")
 
     def __init__(self, by_priority: bool) -> None:
-        self._heap: List[Tuple[int, int, "Job"]] = []
+        self._heap: List[Tuple[int, int, float, "Job"]] = []
         self.by_priority = by_priority
+        self.warned: Set[int] = set()
 
-    def push(self, job: "Job", seq: int) -> None:
+    def push(self, job: "Job", seq: int, since: float) -> None:
         rank = -(getattr(job.msg, "priority", 0) or 0) if self.by_priority else 0
-        heapq.heappush(self._heap, (rank, seq, job))
+        heapq.heappush(self._heap, (rank, seq, since, job))
 
     def head(self) -> "Job":
-        return self._heap[0][2]
+        return self._heap[0][3]
 
-    def pop(self) -> "Job":
-        return heapq.heappop(self._heap)[2]
+    def pop(self) -> Tuple["Job", float, bool]:
+        """The head job, when it was parked, and whether it was said to wait long."""
+        _, seq, since, job = heapq.heappop(self._heap)
+        warned = seq in self.warned
+        if warned:
+            self.warned.discard(seq)
+        return job, since, warned
+
+    def older(self, before: float) -> List[Tuple["Job", float]]:
+        """The jobs parked before ``before`` not said to wait long yet (now marked so), with when."""
+        out = []
+        for _, seq, since, job in self._heap:
+            if since <= before and seq not in self.warned:
+                self.warned.add(seq)
+                out.append((job, since))
+        return out
 
     def __len__(self) -> int:
         return len(self._heap)
 
     def __iter__(self) -> Iterator["Job"]:
-        return (entry[2] for entry in sorted(self._heap, key=lambda e: (e[0], e[1])))
+        return (entry[3] for entry in sorted(self._heap, key=lambda e: (e[0], e[1])))
 
 
 class Admission:
@@ -240,6 +274,7 @@ class Admission:
         #: jobs that may wait per key at a ``frees_room`` step (0: no bound); the worker sets its prefetch
         self.max_waiting = 0
         self._exempt = 0            # jobs parked at ``frees_room`` steps (not counted against prefetch)
+        self._watched = 0.0         # when the loop last looked for jobs waiting long
         for step in steps:
             self.add(step)
 
@@ -275,6 +310,12 @@ class Admission:
         with self._lock:
             return len(self._parked.get((index, key), ()))
 
+    def waiting_at(self, name: str) -> Dict[Hashable, int]:
+        """How many jobs wait on each key of the step named ``name`` (for stats: a look, not a path)."""
+        with self._lock:
+            return {key: len(waiting) for (index, key), waiting in self._parked.items()
+                    if self.steps[index].name == name and waiting}
+
     # -- offering -----------------------------------------------------------------
     def offer(self, job: "Job", start: int = 0) -> None:
         """Pass ``job`` through the steps from ``start``; it runs, parks or is deferred."""
@@ -307,7 +348,7 @@ class Admission:
         return step.frees_room and 0 < self.max_waiting <= len(waiting)
 
     def _push(self, step: AdmissionStep, waiting: Waiters, job: "Job") -> None:
-        waiting.push(job, next(self._seq))
+        waiting.push(job, next(self._seq), time.monotonic())
         if step.frees_room:
             self._exempt += 1
 
@@ -362,6 +403,7 @@ class Admission:
             if self._closed:
                 break
             self.serve()
+            self.watch()
 
     def serve(self) -> None:
         """Ask the heads of the queues that are due or woken again; go on with
@@ -369,6 +411,7 @@ class Admission:
         now = time.monotonic()
         admitted: List[Tuple["Job", int, AdmissionStep]] = []
         deferred: List[Tuple["Job", Optional[float]]] = []
+        waits: List[Tuple["Job", AdmissionStep, float, bool]] = []   # (job, step, parked at, warned)
         with self._lock:
             ready = self._woken
             self._woken = set()
@@ -384,20 +427,53 @@ class Admission:
                         if decision.until is not None:
                             heapq.heappush(self._due, (decision.until, next(self._seq), queue_key))
                         break
-                    waiting.pop()
+                    _, since, warned = waiting.pop()
                     if step.frees_room:
                         self._exempt -= 1
                     if decision.kind == "defer":
                         deferred.append((job, decision.eta))
                     else:
                         admitted.append((job, queue_key[0], step))
+                        waits.append((job, step, since, warned))
                 if not waiting:
                     self._parked.pop(queue_key, None)
         for job, eta in deferred:
             self._deferred(job, eta)
+        for job, step, since, warned in waits:
+            self._waited(job, step, now - since, warned)
         for job, index, step in admitted:
             self._admitted(job, step)
             self.offer(job, index + 1)
+
+    @staticmethod
+    def _waited(job: "Job", step: AdmissionStep, seconds: float, warned: bool) -> None:
+        try:
+            if step.wait_warning and not warned and seconds >= step.wait_warning:
+                step.waiting_long(job, seconds)
+            step.waited(job, seconds)
+        except Exception as exc:           # a step's bug must not lose the job
+            log.error("admission step %s: waited failed: %s", step.name, describe(exc), exc_info=True)
+
+    def watch(self, now: Optional[float] = None, force: bool = False) -> None:
+        """Tell the steps with a ``wait_warning`` of the jobs parked longer than
+        it (once per job); at most every ``WATCH_EVERY`` seconds unless ``force``."""
+        if not any(step.wait_warning for step in self.steps):
+            return
+        now = time.monotonic() if now is None else now
+        if not force and now - self._watched < WATCH_EVERY:
+            return
+        self._watched = now
+        long: List[Tuple["Job", AdmissionStep, float]] = []
+        with self._lock:
+            for (index, _), waiting in self._parked.items():
+                step = self.steps[index]
+                if step.wait_warning:
+                    long.extend((job, step, now - since) for job, since in waiting.older(now - step.wait_warning))
+        for job, step, seconds in long:
+            try:
+                step.waiting_long(job, seconds)
+            except Exception as exc:
+                log.error("admission step %s: waiting_long failed: %s", step.name, describe(exc), exc_info=True)
 
     def close(self) -> List["Job"]:
         """Stop the loop; return the parked jobs (the worker sends them back)."""

@@ -124,7 +124,7 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
     check_tasks(tasks, resources.settings)   # a resource with no section: a ConfigError at start
     app.set_permits(resources)
     if any(t.option("resources") for t in tasks):
-        admission.add(Permits(resources))
+        admission.add(Permits(resources, wait_warning=float(config.worker.get("resource_wait_warning", 30.0))))
     runners = Runners(driver, runq, hooks, broker, lock=lock, running=running,
                       revoked=revocations.ids, reaper=reaper, finish=finish,
                       settle=settle, release=admission.release, stopping=lambda: stop.state)

@@ -45,7 +45,9 @@ from ..brokers.base import Delivery, body_limit
 from ..config import Config, effective_prefetch
 from ..exceptions import MessageError, describe
 from . import jobs
+from ..resources.observe import WaitTimes, resource_stats
 from ..resources.registry import wait_keys
+from ..resources.step import Permits
 from ..validation import MAX_PREFETCH
 from .admission import AdmissionStep, RateLimit
 from .assembly import WorkerParts, assemble
@@ -287,6 +289,17 @@ class Worker:
         with self.lock:
             running = {id(job.delivery) for job in self.running.values()}
             return [d for key, d in self.held.items() if key not in running]
+
+    def resource_stats(self) -> Dict[str, Dict[str, Any]]:
+        """Per configured resource: the limit in force and configured, scope,
+        adaptive, permits held here, tasks parked for it here, and their wait
+        figures (``inspect stats``, /metrics, the heartbeat; greenq/resources/observe.py)."""
+        return resource_stats(self.resources, self.admission.waiting_at(Permits.name), self.resource_waits())
+
+    def resource_waits(self) -> Dict[str, WaitTimes]:
+        """How long the tasks that got permits waited, per resource (the wait histogram of /metrics)."""
+        step = self.admission.step(Permits.name)
+        return step.waits if isinstance(step, Permits) else {}
 
     def snapshot(self) -> Snapshot:
         """A consistent copy of what others may read (the monitor, inspect)."""

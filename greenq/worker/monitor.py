@@ -23,10 +23,11 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import TYPE_CHECKING, Any, List, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol
 
 from ..httpserve import Server, routes_app, serve
 from ..metrics import TaskMetrics
+from ..resources.observe import WaitTimes, render_metrics
 from .jobs import Job, limits
 from .state import Snapshot, Stats
 
@@ -79,6 +80,10 @@ class Monitored(Protocol):
     def config(self) -> "Config": ...          # lease_seconds: how long settling may take
 
     def snapshot(self) -> Snapshot: ...
+
+    def resource_stats(self) -> Dict[str, Dict[str, Any]]: ...    # per resource: limit, in use, waiting
+
+    def resource_waits(self) -> Dict[str, WaitTimes]: ...          # the permit waits' histogram
 
 
 class Monitor:
@@ -219,6 +224,7 @@ class Monitor:
         metric("concurrency", "gauge", snap.concurrency, "Task slots")
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         text = "\n".join(lines) + "\n"
+        text += render_metrics(w.resource_stats(), w.resource_waits())   # per resource (none: nothing)
         if self.task_metrics is not None:      # per task name, and the queues' depths
             text += self.task_metrics.render(w.broker, list(w.queues))
         return text

@@ -215,3 +215,30 @@ def test_api_and_basic_auth(sqlite_env):
         call("/api/dlq/purge", {})
     assert forged.value.code == 403
     assert call("/api/dlq/purge", {}, {"X-GreenQ": "1", "Content-Type": "application/json"}) == {"purged": 0}
+
+
+def test_the_resources_panel(pool, sqlite_env, browser):
+    """A worker whose pg (limit 1) is held while four tasks wait: the panel
+    shows the limit in force, in use and waiting, with the limit's sparkline,
+    and follows when the permit is released."""
+    from tests.e2e.test_resources_observed_e2e import INI, SEND, TASKS
+    env = sqlite_env
+    (env.tmp / "resobs_tasks.py").write_text(TASKS)
+    (env.tmp / "greenq.ini").write_text(INI)
+    sent = env.client(SEND)
+    assert sent.returncode == 0, sent.stderr
+    _, base = _start_dashboard(env)
+    browser.get(base + "/")
+    _until(browser, lambda d: "updated" in _text(d, "#status"), "its first update")
+    assert browser.find_element("css selector", "#resources-empty").is_displayed()
+    env.worker(pool, "-A", "resobs_tasks", "-n", "res-w1", "-c", "4", burst=False)
+    env.wait_marker("holding")
+    row = 'tr[data-resource="pg"]'
+    _until(browser, lambda d: _text(d, f"{row} td.waiting") == "4", "four tasks waiting on pg")
+    assert [_text(browser, f"{row} td.{cls}") for cls in ("limit", "configured", "in-use")] == ["1", "1", "1"]
+    assert browser.find_elements("css selector", f"{row} svg.sparkline polyline.limit")
+    assert _text(browser, 'tr[data-resource="api"] td.limit') == "7"
+    assert not browser.find_element("css selector", "#resources-empty").is_displayed()
+    (env.tmp / "markers" / "release").write_text("go\n")
+    _until(browser, lambda d: _text(d, f"{row} td.waiting") == "0" and _text(d, f"{row} td.in-use") == "0",
+           "pg free again")

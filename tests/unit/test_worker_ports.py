@@ -270,11 +270,12 @@ def test_the_monitor_uses_only_what_monitored_declares():
     from greenq.worker.state import Snapshot, Stats, StopState
     members = {name for name in vars(Monitored) if not name.startswith("_")}
     assert members == {"driver", "hooks", "stats", "runners", "broker", "queues", "fetch_timeout",
-                       "config", "snapshot"}
+                       "config", "snapshot", "resource_stats", "resource_waits"}
     snap = Snapshot("threads", 2, 8, ["default"], StopState.RUNNING, None, 0.1, 0.0, 0)
     fake = NS(driver=get_driver("threads"), hooks=Hooks(PUBLIC_HOOKS), stats=Stats(),
               runners=NS(job_of_frame=lambda frame: None), broker=NS(healthy=True), queues=["default"],
-              fetch_timeout=1.0, config=NS(lease_seconds=60.0), snapshot=lambda: snap)
+              fetch_timeout=1.0, config=NS(lease_seconds=60.0), snapshot=lambda: snap,
+              resource_stats=lambda: {}, resource_waits=lambda: {})
     monitor = Monitor(fake, 0, "")
     ok, body = monitor.healthy()
     assert ok and body["status"] == "ok"

@@ -69,6 +69,43 @@ function renderQueues(data) {
     el("td", {class: "delayed"}, show(q.delayed)), el("td", {class: "dead"}, show(q.dead)))));
 }
 
+// a small chart of the limit in force (and the permits in use) over the points of one resource
+function sparkline(points) {
+  const ns = "http://www.w3.org/2000/svg", W = 160, H = 28, pad = 2;
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+  svg.setAttribute("class", "sparkline");
+  svg.setAttribute("width", String(W));
+  svg.setAttribute("height", String(H));
+  const ps = points.map((p) => ({limit: num(p.limit) || 0, in_use: num(p.in_use) || 0}));
+  const max = Math.max(1, ...ps.map((p) => Math.max(p.limit, p.in_use)));
+  const step = (W - 2 * pad) / Math.max(1, ps.length - 1);
+  const line = (key, color) => {
+    const node = document.createElementNS(ns, "polyline");
+    node.setAttribute("points", ps.map((p, i) =>
+      `${(pad + i * step).toFixed(1)},${(H - pad - (p[key] / max) * (H - 2 * pad)).toFixed(1)}`).join(" "));
+    node.setAttribute("fill", "none");
+    node.setAttribute("stroke", color);
+    node.setAttribute("stroke-width", "1.5");
+    node.setAttribute("class", key);
+    return node;
+  };
+  svg.replaceChildren(line("limit", "#34495e"), line("in_use", "#2e8b57"));
+  return svg;
+}
+
+function renderResources(data) {
+  const resources = objects(data);
+  fill($("#resources tbody"), resources.map((r) => el("tr", {"data-resource": str(r.name)},
+    el("td", {class: "name"}, str(r.name)), el("td", {}, str(r.scope)),
+    el("td", {class: "limit"}, show(r.limit)), el("td", {class: "configured"}, show(r.configured_limit)),
+    el("td", {class: "in-use"}, show(r.in_use)), el("td", {class: "waiting"}, show(r.waiting)),
+    el("td", {}, show(r.workers)),
+    el("td", {class: "history", title: objects(r.history).map((p) => show(p.limit)).join(" ")},
+      sparkline(objects(r.history))))));
+  $("#resources-empty").hidden = resources.length > 0;
+}
+
 function when(epoch) {
   return num(epoch) ? new Date(epoch * 1000).toLocaleString() : "-";
 }
@@ -176,6 +213,7 @@ const TABLES = {
     + `&state=${encodeURIComponent($("#task-state").value)}&limit=100`, renderTasks],
   "dlq-section": [() => "/api/dlq", renderDlq],
   "schedule-section": [() => "/api/schedule", renderSchedule],
+  "resources-section": [() => "/api/resources", renderResources],
   "events-malformed": [() => "/api/stats", renderStats],
 };
 
