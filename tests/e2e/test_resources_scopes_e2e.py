@@ -1,0 +1,144 @@
+"""Resource permits shared between real worker processes (issue 20, scopes):
+a ``scope = host`` limit holds across ``--processes`` children and across
+workers started apart, a ``scope = cluster`` limit across two workers on every
+broker, and a worker killed with kill -9 while holding cluster permits gives
+them back within ``lease_seconds``: the other worker then finishes everything.
+
+The tasks (tests/e2e/resource_tasks.py) log when they start and end inside
+their permit; ``most_at_once`` rebuilds from that log how many held the
+resource at once across every process."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+TASKS = ["-A", "resource_tasks"]
+OTHER = {"db": "[resource:api]\nlimit = 1\n", "api": "[resource:db]\nlimit = 1\n"}   # every name needs a section
+
+
+def rows(env) -> "list[tuple[str, int, int, float]]":
+    path = env.markers / "permits.log"
+    if not path.exists():
+        return []
+    found = []
+    for line in path.read_text().splitlines():
+        event, pid, n, at = line.split()
+        found.append((event, int(pid), int(n), float(at)))
+    return found
+
+
+def most_at_once(log, killed: "dict[int, float]" = None) -> int:
+    """The most tasks that held the permit at once.  A task that started and
+    never ended must belong to a killed process (pid -> when it was killed),
+    and held its permit until then."""
+    killed = killed or {}
+    opened, events = {}, []
+    for event, pid, n, at in log:
+        if event == "start":
+            assert (pid, n) not in opened, log
+            opened[(pid, n)] = at
+        else:
+            events += [(opened.pop((pid, n)), 1), (at, -1)]
+    for (pid, n), at in opened.items():
+        assert pid in killed, f"task {n} started in {pid} and never ended: {log}"
+        events += [(at, 1), (killed[pid], -1)]
+    held = most = 0
+    for _, step in sorted(events):      # at one instant an end (-1) sorts before a start
+        held += step
+        most = max(most, held)
+    return most
+
+
+def send(env, task: str, count: int, *args) -> list:
+    app = env.app("resource_tasks")
+    sender = app.tasks[task]
+    return [sender.delay(n, *args) for n in range(count)]
+
+
+def results(results_, said, timeout: float = 60) -> list:
+    """Every task's value; on a timeout, what the workers printed (``said``,
+    or a callable that stops them and returns it)."""
+    try:
+        return [r.get(timeout=timeout) for r in results_]
+    except Exception as exc:
+        raise AssertionError(f"{exc}; the workers said:\n{said() if callable(said) else said}") from exc
+
+
+def finish(proc, timeout: float = 120) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.parametrize("layout", ["processes", "two workers"])
+def test_a_host_limit_holds_across_worker_processes(pool, sqlite_env, layout):
+    env = sqlite_env
+    (env.tmp / "greenq.ini").write_text("[resource:db]\nlimit = 2\nscope = host\n\n" + OTHER["db"])
+    sent = send(env, "res.db", 30, 0.05)
+    opts = [*TASKS, "-c", "4", "--prefetch", "4"]
+    if layout == "processes":
+        procs = [env.worker(pool, *opts, "--processes", "2")]
+    else:
+        procs = [env.worker(pool, *opts), env.worker(pool, *opts)]
+    outs = [finish(p) for p in procs]
+    assert results(sent, outs) == list(range(30)), outs
+    log = rows(env)
+    assert most_at_once(log) == 2, log          # never above the machine's limit, and reached
+    assert len({pid for event, pid, _, _ in log if event == "start"}) == 2, (log, outs)   # both held it
+
+
+def test_a_cluster_limit_holds_across_two_workers(pool, any_env):
+    env = any_env
+    (env.tmp / "greenq.ini").write_text("[resource:api]\nlimit = 3\nscope = cluster\n\n" + OTHER["api"])
+    sent = send(env, "res.api", 40, 0.05)
+    procs = [env.worker(pool, *TASKS, "-c", "5", "--prefetch", "2") for _ in range(2)]
+    outs = [finish(p) for p in procs]
+    assert results(sent, outs) == list(range(40)), outs
+    log = rows(env)
+    assert most_at_once(log) == 3, log          # never above the fleet's limit, and reached
+    assert len({pid for event, pid, _, _ in log if event == "start"}) == 2, (log, outs)
+
+
+LEASE = 3.0
+
+
+def test_a_killed_holders_cluster_permits_come_back_to_the_other_worker(pool, any_env):
+    env = any_env
+    (env.tmp / "greenq.ini").write_text(f"[greenq]\nlease_seconds = {LEASE:g}\n\n"
+                                        "[resource:api]\nlimit = 3\nscope = cluster\n\n" + OTHER["api"])
+    sent = send(env, "res.api", 12, 0.1, True)       # gated: the first holders wait for "go"
+    # a small prefetch: the victim holds 3 running and at most 3 waiting, so
+    # the survivor has messages it could run at once but for the permits
+    victim = env.worker(pool, *TASKS, "-c", "3", "--prefetch", "3", burst=False)
+    deadline = time.monotonic() + 60
+    while sum(event == "start" for event, *_ in rows(env)) < 3:   # the victim holds all 3 permits
+        assert time.monotonic() < deadline and victim.poll() is None, env.dump()
+        time.sleep(0.02)
+    # not --burst: on RabbitMQ a burst worker cannot see another consumer's
+    # unacknowledged messages; the results say when everything is done
+    survivor = env.worker(pool, *TASKS, "-c", "6", burst=False)
+    victim.kill()
+    victim.wait()
+    killed_at = time.monotonic()
+    (env.markers / "go").write_text("")
+    values = results(sent, env.dump, timeout=60) if survivor.poll() is None else None
+    survivor.send_signal(signal.SIGTERM)
+    out = finish(survivor)
+    assert values == list(range(12)), out
+    log = rows(env)
+    assert {pid for event, pid, _, _ in log if event == "start"} == {victim.pid, survivor.pid}, log
+    assert sum(event == "start" and pid == victim.pid for event, pid, _, _ in log) == 3, log
+    assert sorted(n for event, pid, n, _ in log if event == "end" and pid == survivor.pid) == list(range(12)), log
+    assert most_at_once(log, killed={victim.pid: killed_at}) == 3, log
+    first = min(at for event, pid, _, at in log if event == "start" and pid == survivor.pid)
+    # the permits came back within lease_seconds (slack for a loaded machine) ...
+    assert first - killed_at < LEASE + 5, (first - killed_at, out)
+    if env.kind != "amqp":
+        # ... and not before the victim's lease ran out: its last renewal was at
+        # most lease/3 before the kill.  (On RabbitMQ the kernel closes a killed
+        # process's connection, so its exclusive queues go at once.)
+        assert first - killed_at > LEASE / 2, (first - killed_at, out)
