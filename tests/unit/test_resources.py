@@ -285,12 +285,12 @@ def test_permits_are_released_on_failure_retry_and_time_limits():
 @pytest.mark.parametrize("cold", [False, True])
 def test_permits_are_released_when_the_worker_stops(cold):
     app = make_app(pg={"limit": 2})
-    started = threading.Event()
+    started = threading.Semaphore(0)
     box = {}
 
     @app.task(resources={"pg": 1})
     def long():
-        started.set()
+        started.release()
         for _ in range(100):
             time.sleep(0.02)
         return "done"
@@ -300,7 +300,7 @@ def test_permits_are_released_when_the_worker_stops(cold):
                     shutdown_timeout=10)
     thread = threading.Thread(target=lambda: box.setdefault("code", worker.run()), daemon=True)
     thread.start()
-    assert started.wait(10)
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)   # both permit holders run
     permits = worker.admission.step("permits")
     assert permits.held() == 2 and worker.admission.parked == 1
     worker.request_stop(cold=cold)
