@@ -41,6 +41,7 @@ What is promised under failure (the reason this interface exists):
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Dict, Mapping, Optional, Tuple
 
 from .drivers.base import UsesDriver
@@ -57,7 +58,7 @@ Record = Dict[str, bytes]
 CLOCK_SLACK = 1.0
 
 
-class Coordination(UsesDriver):
+class Coordination(UsesDriver, ABC):
     """One transport's coordination primitives (see the module docstring).
     Every method may raise the transport's connection errors; none retries
     on its own: the caller decides (a scheduler tries again at its next tick)."""
@@ -68,6 +69,7 @@ class Coordination(UsesDriver):
         self.driver = driver
 
     # -- counted lease -----------------------------------------------------------
+    @abstractmethod
     def acquire(self, name: str, holder: str, limit: int, ttl: float) -> bool:
         """Take one of ``limit`` places of lease ``name`` for ``holder`` for
         ``ttl`` seconds; True when ``holder`` holds one now.  A holder that
@@ -76,17 +78,20 @@ class Coordination(UsesDriver):
         ``holder`` must be unique to one holder (host, pid and a random part)."""
         raise NotImplementedError
 
+    @abstractmethod
     def renew(self, name: str, holder: str, ttl: float) -> bool:
         """Extend ``holder``'s place for ``ttl`` seconds from now; False
         (and nothing changed) when it holds none, for instance because its
         lease ran out and another holder took the place."""
         raise NotImplementedError
 
+    @abstractmethod
     def release(self, name: str, holder: str) -> None:
         """Give ``holder``'s place back at once; nothing when it holds none."""
         raise NotImplementedError
 
     # -- add-once set --------------------------------------------------------------
+    @abstractmethod
     def add_once(self, name: str, member: str, ttl: Optional[float] = None) -> Tuple[bool, int]:
         """Add ``member`` to set ``name``: ``(added, count)``, ``added`` False
         when it was a member already, ``count`` the members after the add,
@@ -95,10 +100,12 @@ class Coordination(UsesDriver):
         raise NotImplementedError
 
     # -- compare-and-set record ------------------------------------------------
+    @abstractmethod
     def read(self, name: str) -> Record:
         """Record ``name`` ({} when absent, expired or not a record)."""
         raise NotImplementedError
 
+    @abstractmethod
     def compare_and_set(self, name: str, expected: Mapping[str, bytes], new: Mapping[str, bytes],
                         ttl: Optional[float] = None) -> bool:
         """Replace record ``name`` by ``new`` (``{}``: delete it) if it is
@@ -107,6 +114,7 @@ class Coordination(UsesDriver):
         raise NotImplementedError
 
     # -- both ------------------------------------------------------------------
+    @abstractmethod
     def forget(self, name: str) -> None:
         """Delete set or record ``name`` (a chord's count when its group is forgotten)."""
         raise NotImplementedError

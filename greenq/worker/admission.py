@@ -104,7 +104,7 @@ def defer(eta: float) -> Decision:
     return Decision("defer", eta=eta)
 
 
-class AdmissionStep:
+class AdmissionStep(ABC):
     """One admission step.  Subclasses set ``name``, declare the task options
     and ``[task:NAME]`` INI keys they read, and implement ``key`` and
     ``admit``; ``release`` when they hold something while a task runs."""
@@ -135,11 +135,13 @@ class AdmissionStep:
     def wake(self, key: Hashable) -> None:
         self._wake(key)
 
+    @abstractmethod
     def key(self, job: "Job") -> Optional[Hashable]:
         """The queue ``job`` waits in at this step, or None when the step does
         not concern it (it passes without ``admit``: the fast path)."""
         raise NotImplementedError
 
+    @abstractmethod
     def admit(self, job: "Job") -> Decision:
         """RUN, ``wait(...)`` or ``defer(eta)``.  Quick, never blocking."""
         raise NotImplementedError
