@@ -56,6 +56,7 @@ import heapq
 import itertools
 import logging
 import time
+from abc import ABC, abstractmethod
 from typing import (TYPE_CHECKING, Callable, Dict, Hashable, Iterator, List, Optional, Sequence, Set,
                     Tuple)
 
