@@ -15,12 +15,16 @@ def _client():
     global _redis
     if _redis is None:
         import redis
-        _redis = redis.Redis.from_url(os.environ["RESBENCH_REDIS_URL"])
+        # Blocking and sized: redis-py's own pool refuses a 101st connection
+        # ("Too many connections"), and 500 green threads record at once.
+        pool = redis.BlockingConnectionPool.from_url(os.environ["RESBENCH_REDIS_URL"],
+                                                     max_connections=64, timeout=120)
+        _redis = redis.Redis(connection_pool=pool)
     return _redis
 
 
-def record(i, enq, start, end, err=""):
-    _client().rpush(f"{PREFIX}:rec", f"{i} {enq:.6f} {start:.6f} {end:.6f} {err}")
+def record(i, enq, start, end, err="", key="rec"):
+    _client().rpush(f"{PREFIX}:{key}", f"{i} {enq:.6f} {start:.6f} {end:.6f} {err}")
 
 
 def classify(exc):
@@ -103,6 +107,14 @@ def pg_query(i, enq, sleep):
         record(i, enq, start, time.time(), err)
 
 
+def hold_task(i, enq, sleep, first=0.0):
+    """pg_query holding its connection `first` seconds the first time task i
+    runs (a redelivery after its worker was killed runs `sleep`)."""
+    if first and _client().set(f"{PREFIX}:once:{i}", 1, nx=True):
+        sleep = first
+    pg_query(i, enq, sleep)
+
+
 def sleep_task(i, enq, sleep):
     start = time.time()
     time.sleep(sleep)
@@ -111,4 +123,4 @@ def sleep_task(i, enq, sleep):
 
 def free_task(i, enq):
     now = time.time()
-    record(i, enq, now, now)
+    record(i, enq, now, now, key="free")

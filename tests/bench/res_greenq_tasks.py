@@ -10,6 +10,7 @@ app = GreenQ.from_config(name="resbench")
 _pg = {"resources": {"pg": 1}} if os.environ.get("RESBENCH_PERMITS") == "1" else {}
 
 pg = app.task(name="resbench.pg", ignore_result=True, **_pg)(bodies.pg_query)
+hold = app.task(name="resbench.hold", ignore_result=True, **_pg)(bodies.hold_task)
 slow = app.task(name="resbench.slow", ignore_result=True, resources={"slow": 1})(bodies.sleep_task)
 free = app.task(name="resbench.free", ignore_result=True)(bodies.free_task)
 

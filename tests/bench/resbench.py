@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -67,23 +68,34 @@ def percentile(values, q):
     return ordered[min(rank, len(ordered)) - 1]
 
 
-def read_records(client, prefix):
+def greenq_tasks(folder):
+    """res_greenq_tasks, configured by folder/greenq.ini (the driver's side:
+    it only enqueues)."""
+    import res_greenq_tasks as t
+    from greenq.config import load
+    t.app.close()
+    t.app.config = load(path=str(folder / "greenq.ini"), search=False, env={})
+    t.app._codec = None
+    return t
+
+
+def read_records(client, prefix, key="rec"):
     out = []
-    for raw in client.lrange(f"{prefix}:rec", 0, -1):
+    for raw in client.lrange(f"{prefix}:{key}", 0, -1):
         parts = raw.decode().split(" ")
         out.append((int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3]),
                     parts[4] if len(parts) > 4 else ""))
     return out
 
 
-def wait_for_records(client, prefix, n, timeout, procs=()):
+def wait_for_records(client, prefix, n, timeout, procs=(), key="rec"):
     """Until n records (or a timeout, or every process in procs gone)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client.llen(f"{prefix}:rec") >= n:
+        if client.llen(f"{prefix}:{key}") >= n:
             return True
         if procs and all(p.poll() is not None for p in procs):
-            return client.llen(f"{prefix}:rec") >= n
+            return client.llen(f"{prefix}:{key}") >= n
         time.sleep(0.1)
     return False
 
@@ -122,6 +134,41 @@ def greenq_ini(folder: Path, prefix: str, lease_seconds: int = 30, resources: st
         f"lease_seconds = {lease_seconds}\n\n{resources}")
 
 
+class ConnSampler(threading.Thread):
+    """The server's client connections, counted from its own processes: the
+    postmaster's children whose title names a client (`postgres: USER DB
+    127.0.0.1(PORT) ...`); no connection of its own, so it takes no slot.
+    Keeps the maximum, and with trace=True every (time, count) sample."""
+
+    def __init__(self, pg, interval=0.02, trace=False):
+        super().__init__(daemon=True)
+        import psutil
+        pid = int((pg.data / "postmaster.pid").read_text().split()[0])
+        self.master = psutil.Process(pid)
+        self.interval = interval
+        self.max = 0
+        self.samples = [] if trace else None
+        self.halt = threading.Event()
+
+    def count(self):
+        n = 0
+        for child in self.master.children():
+            try:
+                if "127.0.0.1(" in " ".join(child.cmdline()):
+                    n += 1
+            except Exception:
+                pass
+        return n
+
+    def run(self):
+        while not self.halt.is_set():
+            n = self.count()
+            self.max = max(self.max, n)
+            if self.samples is not None:
+                self.samples.append((time.time(), n))
+            time.sleep(self.interval)
+
+
 def print_table(headers, rows):
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -135,8 +182,9 @@ def print_table(headers, rows):
 class PrivatePostgres:
     """initdb + pg_ctl start on 127.0.0.1:<free port>; removed on stop()."""
 
-    def __init__(self, max_connections=50):
+    def __init__(self, max_connections=50, settings=""):
         self.max_connections = max_connections
+        self.settings = settings
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="greenq-resbench-pg-"))
         self.data = self.dir / "data"
@@ -162,7 +210,7 @@ class PrivatePostgres:
             conf.write(f"\nlisten_addresses = '127.0.0.1'\nport = {self.port}\n"
                        f"max_connections = {self.max_connections}\n"
                        f"unix_socket_directories = '{self.dir}'\nfsync = off\n"
-                       "shared_buffers = 32MB\n")
+                       "shared_buffers = 32MB\n" + self.settings)
         subprocess.run(self._as_user(["pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"),
                                       "-w", "start"]),
                        check=True, stdout=subprocess.DEVNULL)

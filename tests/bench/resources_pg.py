@@ -31,7 +31,6 @@ import argparse
 import os
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -48,41 +47,8 @@ RESOURCES = {
 }
 
 
-class ConnSampler(threading.Thread):
-    """The server's client connections: backend processes of the postmaster
-    whose title names a client (`postgres: USER DB HOST(PORT) ...`)."""
-
-    def __init__(self, pg):
-        super().__init__(daemon=True)
-        import psutil
-        pid = int((pg.data / "postmaster.pid").read_text().split()[0])
-        self.master = psutil.Process(pid)
-        self.max = 0
-        self.halt = threading.Event()
-
-    def count(self):
-        n = 0
-        for child in self.master.children():
-            try:
-                if "127.0.0.1(" in " ".join(child.cmdline()):
-                    n += 1
-            except Exception:
-                pass
-        return n
-
-    def run(self):
-        while not self.halt.is_set():
-            self.max = max(self.max, self.count())
-            time.sleep(0.02)
-
-
 def enqueue_greenq(folder, n, sleep):
-    os.environ["GREENQ_CONFIG"] = str(folder / "greenq.ini")
-    import res_greenq_tasks as t
-    t.app.close()
-    from greenq.config import load
-    t.app.config = load(path=str(folder / "greenq.ini"), search=False, env={})
-    t.app._codec = None
+    t = rb.greenq_tasks(folder)
     for start in range(0, n, 1000):
         enq = time.time()
         t.app.enqueue_many([t.pg.s(i, enq, sleep) for i in range(start, min(n, start + 1000))])
@@ -121,7 +87,7 @@ def run(config, opts, pg):
         procs = [rb.spawn([sys.executable, "-m", "greenq.worker", "-A", "res_greenq_tasks", "-P", "gevent",
                            "-c", str(opts.c), "--processes", "2", "--loglevel", "WARNING"],
                           folder, env, log)]
-    sampler = ConnSampler(pg)
+    sampler = rb.ConnSampler(pg)
     sampler.start()
     began = time.monotonic()
     try:
