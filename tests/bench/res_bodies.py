@@ -124,3 +124,32 @@ def sleep_task(i, enq, sleep):
 def free_task(i, enq):
     now = time.time()
     record(i, enq, now, now, key="free")
+
+
+class Overloaded(Exception):
+    """The benchmark service (resources_halve.py) refused a call: its queue
+    was longer than its capacity."""
+
+
+def call_service(i, enq, app=None, name="svc"):
+    """One call to the local service on $RESBENCH_SVC_PORT; records the call,
+    and the limit in force and permits in use of `name` in this process."""
+    import socket
+    start = time.time()
+    err = ""
+    try:
+        with socket.create_connection(("127.0.0.1", int(os.environ["RESBENCH_SVC_PORT"])), timeout=60) as s:
+            s.sendall(b"GO\n")
+            answer = s.makefile("rb").readline()
+        if answer != b"OK\n":
+            raise Overloaded(answer.decode().strip() or "closed")
+    except Exception as exc:
+        err = type(exc).__name__
+        raise
+    finally:
+        end = time.time()
+        record(i, enq, start, end, err)
+        if app is not None:
+            permits = app.permits()
+            pool = permits.pool(name)
+            _client().rpush(f"{PREFIX}:trace", f"{end:.3f} {pool.limit} {pool.in_use()}")

@@ -21,3 +21,8 @@ def naive(i, enq, sleep):
     waits for the permit inside its body (app.resource holds the slot)."""
     with app.resource("slow"):
         bodies.sleep_task(i, enq, sleep)
+
+
+@app.task(name="resbench.call", ignore_result=True, resources={"svc": 1})
+def call(i, enq):
+    bodies.call_service(i, enq, app)

@@ -45,7 +45,10 @@ def take_lock():
 def exit_on_sigterm():
     """SIGTERM (timeout(1), a CI stop) unwinds like ^C, so every finally
     runs: workers stopped, PostgreSQL stopped and removed."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    def once(*_):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)     # a second one must not cut the cleanup short
+        sys.exit(143)
+    signal.signal(signal.SIGTERM, once)
 
 
 def redis_client():
@@ -129,6 +132,11 @@ def base_env(extra=None):
 
 
 def greenq_ini(folder: Path, prefix: str, lease_seconds: int = 30, resources: str = "") -> None:
+    """res_greenq_tasks names the resources slow and svc: a section the run
+    does not set gets limit 1 (a worker refuses tasks naming an unknown one)."""
+    for name in ("slow", "svc"):
+        if f"[resource:{name}]" not in resources:
+            resources += f"\n[resource:{name}]\nlimit = 1\n"
     (folder / "greenq.ini").write_text(
         f"[greenq]\nbroker_url = {REDIS_URL}\nkey_prefix = {prefix}\n"
         f"lease_seconds = {lease_seconds}\n\n{resources}")
