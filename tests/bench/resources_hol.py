@@ -95,6 +95,7 @@ def main():
     p.add_argument("--prefetch", type=int, default=0, help="greenq-worker --prefetch (0 = auto)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--timeout", type=float, default=300, help="seconds per mode")
+    p.add_argument("--json", metavar="FILE", help="also write the rows to FILE")
     opts = p.parse_args()
     modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
     for m in modes:
@@ -110,6 +111,9 @@ def main():
             rows.append(out)
     finally:
         lock.close()
+    if opts.json:
+        import json
+        Path(opts.json).write_text(json.dumps(rows, indent=1))
     print(f"\n{opts.slow} slow tasks (limit {opts.limit}, {opts.sleep} s each) ahead of {opts.free} free "
           f"tasks, one worker -c {opts.c}; naive drain of the slow ones: "
           f"{opts.slow * opts.sleep / opts.limit:.0f} s")
