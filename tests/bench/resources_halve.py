@@ -1,7 +1,8 @@
 """An adaptive limit against a downstream whose capacity halves mid-run
 (issue 20): a small local TCP service serving --capacity calls at once
 (each --base seconds), queueing the rest and refusing a call ("ERR") when
-more than its capacity already wait; at --halve-at seconds the benchmark
+more than its capacity already wait (never, with --no-refuse: then latency
+is the limit's only signal); at --halve-at seconds the benchmark
 halves its capacity.  One greenq worker (-P gevent -c C) drains tasks that
 each make one call holding a permit of
 
@@ -36,7 +37,7 @@ import resbench as rb  # noqa: E402
 
 
 # -- the service (run as: resources_halve.py --serve PORT CAPACITY BASE) -----
-async def serve(port, capacity, base):
+async def serve(port, capacity, base, refuse):
     state = {"cap": capacity, "active": 0, "served": 0, "refused": 0}
     waiting = collections.deque()
 
@@ -60,7 +61,7 @@ async def serve(port, capacity, base):
             elif line.startswith(b"GO"):
                 if state["active"] < state["cap"] and not waiting:
                     state["active"] += 1
-                elif len(waiting) >= state["cap"]:
+                elif refuse and len(waiting) >= state["cap"]:
                     state["refused"] += 1
                     writer.write(b"ERR\n")
                     await writer.drain()
@@ -101,7 +102,7 @@ def run(opts):
     folder = Path(tempfile.mkdtemp(prefix="resbench-halve-"))
     port = rb.free_port()
     service = subprocess.Popen([sys.executable, __file__, "--serve", str(port), str(opts.capacity),
-                                str(opts.base)], start_new_session=True)
+                                str(opts.base), "0" if opts.no_refuse else "1"], start_new_session=True)
     rb.greenq_ini(folder, prefix, resources=(
         f"[resource:svc]\nlimit = {opts.limit}\nadaptive = true\nerrors = res_bodies.Overloaded\n"))
     env = rb.base_env({"RESBENCH_PREFIX": prefix, "RESBENCH_REDIS_URL": rb.REDIS_URL,
@@ -164,7 +165,9 @@ def limit_at(trace, ts):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--serve", nargs=3, metavar=("PORT", "CAPACITY", "BASE"), help=argparse.SUPPRESS)
+    p.add_argument("--serve", nargs=4, metavar=("PORT", "CAPACITY", "BASE", "REFUSE"), help=argparse.SUPPRESS)
+    p.add_argument("--no-refuse", action="store_true",
+                   help="the service never refuses: latency is the only signal")
     p.add_argument("--capacity", type=int, default=40, help="calls the service serves at once, before")
     p.add_argument("--base", type=float, default=0.2, help="seconds one call takes without queueing")
     p.add_argument("--seconds", type=float, default=80)
@@ -175,8 +178,8 @@ def main():
     p.add_argument("--every", type=float, default=2.0, help="seconds between trace lines")
     opts = p.parse_args()
     if opts.serve:
-        port, capacity, base = opts.serve
-        asyncio.run(serve(int(port), int(capacity), float(base)))
+        port, capacity, base, refuse = opts.serve
+        asyncio.run(serve(int(port), int(capacity), float(base), refuse == "1"))
         return
     rb.exit_on_sigterm()
     lock = rb.take_lock()
@@ -201,7 +204,7 @@ def main():
         prev = s
         k += 1
     print(f"\nservice capacity {opts.capacity} -> {opts.capacity // 2} at t = {halved - t0:.1f} s, "
-          f"{opts.base} s a call; [resource:svc] adaptive, limit 200; one worker -c {opts.c}")
+          f"{opts.base} s a call, {'never refusing' if opts.no_refuse else 'refusing beyond capacity queued'}; [resource:svc] adaptive, limit 200; one worker -c {opts.c}")
     rb.print_table(["t s", "capacity", "limit", "in service", "waiting", "calls/s", "refused"], rows)
 
     tail = [limit for when, limit, _ in trace if when >= t0 + opts.seconds * 0.75]
