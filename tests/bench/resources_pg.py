@@ -14,6 +14,9 @@ Configurations (--configs, comma-separated, in this order by default):
   limit45     the same with [resource:pg] limit = 45, scope = cluster
   adaptive    the same with adaptive = true, limit = 200, scope = cluster,
               errors = pg8000.exceptions.DatabaseError ("too many clients")
+  host45      (not by default) limit = 45, scope = host: the same limit
+              without the broker (flock files), to tell the cluster pool's
+              cost from the rest
 Connections: Celery's tasks take one from the blocking pool; greenq's take an
 idle one or open one, and at most --idle (2) per process stay idle (so with
 permits the server sees at most 45 + 2 x 2).  Failed tasks are not retried.
@@ -38,10 +41,12 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[2])]
 import resbench as rb  # noqa: E402
 
-CONFIGS = ("celery", "none", "limit45", "adaptive")
+CONFIGS = ("celery", "none", "limit45", "adaptive", "host45")
+DEFAULT = ("celery", "none", "limit45", "adaptive")
 RESOURCES = {
     "none": "",
     "limit45": "[resource:pg]\nlimit = 45\nscope = cluster\n",
+    "host45": "[resource:pg]\nlimit = 45\nscope = host\n",
     "adaptive": ("[resource:pg]\nlimit = 200\nscope = cluster\nadaptive = true\n"
                  "errors = pg8000.exceptions.DatabaseError\n"),
 }
@@ -118,7 +123,7 @@ def run(config, opts, pg):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=5000, help="tasks per configuration (the issue's size: 20000)")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT))
     p.add_argument("-c", type=int, default=500, help="concurrency of each worker process")
     p.add_argument("--pool", type=int, default=25, help="Celery's connections per process")
     p.add_argument("--idle", type=int, default=2, help="greenq's idle connections kept per process")
