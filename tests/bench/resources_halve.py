@@ -233,7 +233,8 @@ def main():
         ["refused, after the halving", f"{bad_a} of {all_a} ({100 * bad_a / max(1, all_a):.2f} %)"],
         ["refused, once settled", f"{bad_s} of {all_s} ({100 * bad_s / max(1, all_s):.2f} %)"],
     ])
-    print(f"(logs: {folder})")
+    import shutil
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,9 @@ def run(mode, opts):
     slow_ran = sum(1 for r in rb.read_records(client, prefix) if r[2] <= last_free)
     client.flushdb()
     log.close()
+    if done:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)      # the worker's log: kept only when it failed
     waits = [r[2] - r[1] for r in free]
     return {"mode": mode, "free_done": len(free), "complete": done,
             "wait_p50_s": round(rb.percentile(waits, 50), 3),

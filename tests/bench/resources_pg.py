@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -106,6 +107,8 @@ def run(config, opts, pg):
     log.close()
     if not complete:
         print(f"  {config}: only {len(recs)} of {opts.n} tasks recorded; log in {folder}", flush=True)
+    else:
+        shutil.rmtree(folder, ignore_errors=True)      # the workers' log: kept only when it failed
     toomany = sum(1 for r in recs if r[4] == "toomany")
     failed = sum(1 for r in recs if r[4])
     other = sorted({r[4] for r in recs if r[4] and r[4] != "toomany"})
