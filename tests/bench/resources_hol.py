@@ -85,7 +85,7 @@ def run(mode, opts):
             "wait_p99_s": round(rb.percentile(waits, 99), 3),
             "wait_max_s": round(max(waits, default=float("nan")), 3),
             "last_free_after_s": round(last_free - first, 2), "enqueue_s": round(enqueued, 2),
-            "slow_run_by_then": slow_ran, "log": str(folder)}
+            "slow_run_by_then": slow_ran, "log": None if done else str(folder)}
 
 
 def main():

@@ -116,7 +116,8 @@ def run(opts, pg):
             "conns_low_after_kill": low, "tasks_started_before_kill": ran_before,
             "first_start_after_kill_s": round(first - t0, 2) if first else None,
             "back_at_limit_after_s": round(back, 2) if back is not None else None,
-            "max_server_conns": sampler.max, "samples": len(sampler.samples), "log": str(folder)}
+            "max_server_conns": sampler.max, "samples": len(sampler.samples),
+            "log": None if done else str(folder)}
 
 
 def main():

@@ -120,7 +120,8 @@ def run(config, opts, pg):
             "body_p50_ms": round(rb.percentile(body, 50) * 1000, 1),
             "body_p99_ms": round(rb.percentile(body, 99) * 1000, 1),
             "sojourn_p99_s": round(rb.percentile(sojourn, 99), 2),
-            "max_server_conns": sampler.max, "wall_s": round(wall, 1), "log": str(folder)}
+            "max_server_conns": sampler.max, "wall_s": round(wall, 1),
+            "log": None if complete else str(folder)}
 
 
 def main():
