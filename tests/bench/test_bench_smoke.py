@@ -60,3 +60,30 @@ def test_bench_instructions_counts_the_drain(tmp_path):
     noop = json.loads(out_file.read_text())["results"]["noop"]["greenq"]
     assert noop["done"] == N_COUNTED and noop["left_in_broker"] == 0
     assert 1000 < noop["worker_instructions_per_task"] < 1e8
+
+
+def test_resources_hol_smoke(tmp_path):
+    """tests/bench/resources_hol.py at a tiny size (Redis db 10, no PostgreSQL):
+    every free task ran in both modes, and with permits the free tasks did
+    not wait behind the saturated resource's backlog (300 slow tasks at limit
+    2 x 0.05 s take 7.5 s to drain; the free ones finished before that)."""
+    pytest.importorskip("gevent")
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis.from_url("redis://127.0.0.1:6379/10").ping()
+    except redis.RedisError:
+        if os.environ.get("GREENQ_TEST_REQUIRE_SERVICES") == "1":
+            raise
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    out_file = tmp_path / "hol.json"
+    argv = [sys.executable, os.path.join(REPO, "tests", "bench", "resources_hol.py"),
+            "--slow", "300", "--free", "30", "--limit", "2", "--sleep", "0.05", "-c", "20",
+            "--modes", "alone,permits", "--timeout", "60", "--json", str(out_file)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    if "another resource benchmark holds" in done.stderr:
+        pytest.skip("a resource benchmark is running on this machine")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {row["mode"]: row for row in json.loads(out_file.read_text())}
+    for mode in ("alone", "permits"):
+        assert rows[mode]["free_done"] == 30 and rows[mode]["complete"], rows[mode]
+    assert rows["permits"]["slow_run_by_then"] < 300, rows["permits"]
