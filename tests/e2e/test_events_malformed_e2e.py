@@ -133,8 +133,11 @@ def test_malformed_events_beside_a_real_worker(broker_env, pool):
     env.app()
     worker = env.worker(pool, "-n", WORKER, "-E", burst=False)
     _, base = _start_dashboard(env)
+    # SIGINT ends it below: a test run started in the background of a non-interactive shell
+    # inherits SIGINT ignored, and Python then keeps it ignored, so the reader gets it back
     events = subprocess.Popen([sys.executable, "-m", "greenq.cli", "events", "--timeout", "120"], cwd=env.tmp,
-                              env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=env.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     env.procs.append(events)
     printed = Lines(events.stdout)
     # both readers are subscribed once they have seen the worker (RabbitMQ: only connected readers get events)
