@@ -276,6 +276,9 @@ class Admission:
         self._closed = False
         #: jobs that may wait per key at a ``frees_room`` step (0: no bound); the worker sets its prefetch
         self.max_waiting = 0
+        #: the latest eta (epoch seconds) of a job this worker sent back to the broker: a --burst
+        #: worker does not stop before it (RabbitMQ cannot say when its delayed messages are due)
+        self.deferred_until = 0.0
         self._exempt = 0            # jobs parked at ``frees_room`` steps (not counted against prefetch)
         self._watched = 0.0         # when the loop last looked for jobs waiting long
         for step in steps:
@@ -374,7 +377,9 @@ class Admission:
 
     def _deferred(self, job: "Job", eta: Optional[float]) -> None:
         self.release(job)
-        self._defer(job, eta if eta is not None else time.time())
+        eta = eta if eta is not None else time.time()
+        self.deferred_until = max(self.deferred_until, eta)
+        self._defer(job, eta)
 
     def release(self, job: "Job") -> None:
         """``job`` ended: give back what the steps that admitted it hold."""

@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
+BURST_AFTER_DEFERRED = 2.0      # ... and this long past the eta of what its admission deferred
 FETCH_BATCH_MAX = 500           # most messages one fetch asks for (a fetch takes min(prefetch, this))
 SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
 EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run
@@ -384,6 +385,8 @@ class Worker:
     def _burst_done(self) -> bool:
         """--burst: nothing delayed is due soon and no other consumer holds a
         message (a dead one's come back when its lease runs out)."""
+        if time.time() < self.parts.admission.deferred_until + BURST_AFTER_DEFERRED:
+            return False        # what this worker deferred comes back (and is fetched) first
         try:
             due = self.broker.next_due(self.queues)
             if due is not None and due <= time.time() + BURST_WAIT_FOR_DELAYED:
