@@ -96,16 +96,14 @@ class Permits(AdmissionStep):
             return RUN
         assert job.msg is not None, "admission sees decoded messages only"
         taken: List[Tuple[PermitPool, str, str]] = []
-        remote = False
         for name in sorted(wanted):
             pool = self.resources.pool(name)
-            remote = remote or not isinstance(pool, ProcessPool)
             for index in range(wanted[name]):
                 holder = f"{job.msg.id}#{id(job):x}:{name}:{index}"
                 if not pool.try_acquire(holder):
                     for other, _, other_holder in reversed(taken):   # all or none
                         other.release(other_holder)
-                    return wait(self.clock() + REMOTE_POLL if remote or self._remote(wanted) else None)
+                    return wait(self.clock() + REMOTE_POLL if self._remote(wanted) else None)
                 taken.append((pool, name, holder))
         self._held[id(job)] = taken
         self._since[id(job)] = self.clock()
