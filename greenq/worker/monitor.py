@@ -23,7 +23,7 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Tuple
 
 from ..httpserve import Server, routes_app, serve
 from ..metrics import TaskMetrics
@@ -99,6 +99,8 @@ class Monitor:
         self._running = False
         self._server: Optional[Server] = None
         self._hub_ident = self.driver.os_thread_ident()
+        #: the hub-blocking episode under way, as "open": (since, blocking job, its earlier hub_blocked)
+        self._episode: "Dict[str, Tuple[float, Optional[Job], float]]" = {}
         self.heartbeat_file = os.environ.get(HEARTBEAT_ENV)
         self.task_metrics: Optional[TaskMetrics] = TaskMetrics.create() if http else None
         if self.task_metrics is not None:
@@ -116,6 +118,7 @@ class Monitor:
 
     def stop(self) -> None:
         self._running = False
+        self._end_episode()                  # on the hub: it runs, so any blocking is over
         if self._server is not None:
             self._server.server_close()
 
@@ -143,30 +146,40 @@ class Monitor:
         happens before this thread sees the hub run again."""
         interval = self.threshold / 5.0
         stats = self.worker.stats
-        blocked_since: Optional[float] = None
-        blocker: Optional[Job] = None
-        before = 0.0                         # the blocker's hub_blocked from earlier episodes
         while self._running:
             self.driver.os_sleep(interval)
             age = time.monotonic() - self.beat
+            episode = self._episode.get("open")
             if age > self.threshold:
-                if blocked_since is None:
-                    blocked_since = self.beat
+                if episode is None:
                     frame = sys._current_frames().get(self._hub_ident)
                     blocker = self.worker.runners.job_of_frame(frame)
                     if blocker is not None and blocker.msg is None:
                         blocker = None
-                    before = blocker.hub_blocked if blocker is not None else 0.0
+                    before = blocker.hub_blocked if blocker is not None else 0.0   # earlier episodes
+                    episode = self._episode["open"] = (self.beat, blocker, before)
                     stats.hub_blocked += 1
                     self._warn_blocked(age, blocker, frame)
+                _, blocker, before = episode
                 if blocker is not None:
                     blocker.hub_blocked = before + age
-            elif blocked_since is not None:
-                duration = self.beat - blocked_since
-                stats.hub_blocked_seconds += duration
-                who = f" (task {blocker.msg.task}[{blocker.msg.id}])" if blocker is not None and blocker.msg else ""
-                log.warning("hub unblocked after %.2f s%s", duration, who)
-                blocked_since, blocker = None, None
+            elif episode is not None:
+                self._end_episode()
+
+    def _end_episode(self) -> None:
+        """Say the hub runs again.  Called by the watchdog when the ticker
+        beats again, and by :meth:`stop` on the hub (a --burst worker can stop
+        right after the blocking task, before the watchdog looks): whichever
+        comes first takes the episode (``dict.pop`` is atomic) and reports it."""
+        episode = self._episode.pop("open", None)
+        if episode is None:
+            return
+        since, blocker, _ = episode
+        end = self.beat if self.beat > since else time.monotonic()   # the ticker may not have run yet
+        duration = end - since
+        self.worker.stats.hub_blocked_seconds += duration
+        who = f" (task {blocker.msg.task}[{blocker.msg.id}])" if blocker is not None and blocker.msg else ""
+        log.warning("hub unblocked after %.2f s%s", duration, who)
 
     def _warn_blocked(self, age: float, job: Optional[Job], frame: Any) -> None:
         """The warning of one episode: who blocks the hub, that no time limit

@@ -17,6 +17,15 @@ from greenq import GreenQ
 app = GreenQ.from_config(name="restasks")
 
 
+@app.on("worker_process_init")
+def _ready(worker):
+    """Say this worker process is about to consume: ``ready-<pid>`` in the
+    markers directory, so a test sends its tasks only once every worker
+    it started can take them (a worker that starts late under load would
+    otherwise find the work done)."""
+    open(os.path.join(os.environ["E2E_MARKERS"], f"ready-{os.getpid()}"), "w").close()
+
+
 def _log(event, n):
     path = os.path.join(os.environ["E2E_MARKERS"], "permits.log")
     line = f"{event} {os.getpid()} {n} {time.monotonic():.6f}\n".encode()

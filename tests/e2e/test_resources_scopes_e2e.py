@@ -74,18 +74,40 @@ def finish(proc, timeout: float = 120) -> str:
     return out
 
 
+def ready_workers(env, procs, count: int) -> None:
+    """Wait until ``count`` worker processes said they consume (resource_tasks
+    writes ``ready-<pid>`` from worker_process_init)."""
+    deadline = time.monotonic() + 60
+    while len(list(env.markers.glob("ready-*"))) < count:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), env.dump()
+        time.sleep(0.02)
+
+
+def run_on_ready_workers(env, procs, count: int, task: str, n: int, seconds: float) -> "list[str]":
+    """Send ``n`` tasks once ``count`` worker processes are ready, wait for
+    every value, stop the workers warm and return what they printed.  Not
+    --burst: a burst worker that started late under load would find the
+    queue empty and leave, and the test could not tell that both shared."""
+    ready_workers(env, procs, count)
+    sent = send(env, task, n, seconds)
+    values = results(sent, env.dump)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    outs = [finish(p) for p in procs]
+    assert values == list(range(n)), outs
+    return outs
+
+
 @pytest.mark.parametrize("layout", ["processes", "two workers"])
 def test_a_host_limit_holds_across_worker_processes(pool, sqlite_env, layout):
     env = sqlite_env
     (env.tmp / "greenq.ini").write_text("[resource:db]\nlimit = 2\nscope = host\n\n" + OTHER["db"])
-    sent = send(env, "res.db", 30, 0.05)
     opts = [*TASKS, "-c", "4", "--prefetch", "4"]
     if layout == "processes":
-        procs = [env.worker(pool, *opts, "--processes", "2")]
+        procs = [env.worker(pool, *opts, "--processes", "2", burst=False)]
     else:
-        procs = [env.worker(pool, *opts), env.worker(pool, *opts)]
-    outs = [finish(p) for p in procs]
-    assert results(sent, outs) == list(range(30)), outs
+        procs = [env.worker(pool, *opts, burst=False), env.worker(pool, *opts, burst=False)]
+    outs = run_on_ready_workers(env, procs, 2, "res.db", 30, 0.1)
     log = rows(env)
     assert most_at_once(log) == 2, log          # never above the machine's limit, and reached
     assert len({pid for event, pid, _, _ in log if event == "start"}) == 2, (log, outs)   # both held it
@@ -94,10 +116,8 @@ def test_a_host_limit_holds_across_worker_processes(pool, sqlite_env, layout):
 def test_a_cluster_limit_holds_across_two_workers(pool, any_env):
     env = any_env
     (env.tmp / "greenq.ini").write_text("[resource:api]\nlimit = 3\nscope = cluster\n\n" + OTHER["api"])
-    sent = send(env, "res.api", 40, 0.05)
-    procs = [env.worker(pool, *TASKS, "-c", "5", "--prefetch", "2") for _ in range(2)]
-    outs = [finish(p) for p in procs]
-    assert results(sent, outs) == list(range(40)), outs
+    procs = [env.worker(pool, *TASKS, "-c", "5", "--prefetch", "2", burst=False) for _ in range(2)]
+    outs = run_on_ready_workers(env, procs, 2, "res.api", 40, 0.1)
     log = rows(env)
     assert most_at_once(log) == 3, log          # never above the fleet's limit, and reached
     assert len({pid for event, pid, _, _ in log if event == "start"}) == 2, (log, outs)
