@@ -45,6 +45,14 @@ def plain(x: int, y: int) -> int:
     return x * y
 
 
+def with_self(self: Task, x: int) -> int:
+    return x
+
+
+def no_parameter() -> None:
+    pass
+
+
 # -- the decorator keeps the signature: calling the task here ---------------------------
 assert_type(add(1, 2), int)
 assert_type(label(1), str)
@@ -56,6 +64,11 @@ add(1, "x")  # expect: mypy[arg-type] pyright[reportArgumentType]
 app.task(plain)(1, "x")  # expect: mypy[arg-type] pyright[reportArgumentType]
 bound(1, 2)  # expect: mypy[call-arg] pyright[reportCallIssue]
 assert_type(app.task(bind=bool(app.name))(plain), Task)   # bind not a literal: not followed
+assert_type(app.task(bind=True)(with_self).delay(1), AsyncResult[int])
+app.task(bind=True)(with_self).delay("1")  # expect: mypy[arg-type] pyright[reportArgumentType]
+app.task(bind=True)(no_parameter)  # expect: mypy[arg-type] pyright[reportArgumentType]
+# (app.task(with_self, bind=True) is a Task[Any, Any] to mypy: with Any in with_self's
+# signature, here its self: Task, the bind=True overload and the bind: bool one both match)
 
 # -- delay ------------------------------------------------------------------------
 assert_type(add.delay(1, 2), AsyncResult[int])
