@@ -90,12 +90,15 @@ assert_type(result.get(10, True), int)
 assert_type(result.wait(timeout=10), int)
 assert_type(result.get(timeout=10, propagate=False), Union[int, BaseException])
 assert_type(result.get(10, False), Union[int, BaseException])
+assert_type(result.get(propagate=bool(app.name)), Union[int, BaseException])
 assert_type(label.delay(1).get(), str)
 assert_type(add.delay(1, 2).get() + 1, int)
 _ = add.delay(1, 2).get().upper()  # expect: mypy[attr-defined] pyright[reportAttributeAccessIssue]
 _ = label.delay(1).get() + 1  # expect: mypy[operator] pyright[reportOperatorIssue]
 assert_type(app.AsyncResult("some-id").get(), Any)      # found by id: its type is unknown
 assert_type(app.send_task("typed.add", (1, 2)).get(), Any)
+found: AsyncResult[int] = app.AsyncResult("some-id")
+assert_type(found.get(), int)
 
 # -- apply_async: the result is typed, args and kwargs are not checked --------------
 assert_type(add.apply_async((1, 2), countdown=5), AsyncResult[int])
@@ -103,6 +106,8 @@ assert_type(add.apply_async(kwargs={"x": 1, "y": 2}).get(), int)
 add.apply_async((1, "x"))                                # not caught: a tuple is not matched with P
 add.apply_async(1)  # expect: mypy[arg-type] pyright[reportArgumentType]
 assert_type(add.apply((1, 2)), EagerResult[int])
+assert_type(add.si(1, 2).apply_async(countdown=5), AsyncResult[int])     # checked, with options
+add.si(1, "x").apply_async(countdown=5)  # expect: mypy[arg-type] pyright[reportArgumentType]
 
 # -- signatures -------------------------------------------------------------------
 assert_type(add.s(1, 2), Signature[int])
@@ -122,6 +127,10 @@ add.si(1)  # expect: mypy[call-arg] pyright[reportCallIssue]
 add.si(1, "x")  # expect: mypy[arg-type] pyright[reportArgumentType]
 assert_type(app.signature("typed.add", (1, 2)), Signature[Any])
 assert_type(add.s(1, 2).link(label.s()), Signature[str])
+add.s(1).delay("x")                                     # not caught: a signature's own arguments
+# runs (both arguments come with delay), but s() is reported: it allows one argument for later
+add.s().delay(1, 2)  # expect: mypy[call-overload] pyright[reportCallIssue]
+assert_type(app.signature(add.name).delay(1, 2), AsyncResult[Any])
 
 # -- chains: the last step's result ---------------------------------------------------
 assert_type(add.s(1, 2) | label.s(), chain[str])
@@ -157,4 +166,4 @@ assert_type(chord(members, total.s()).delay().get(), int)
 assert_type(chord(members, total.s() | label.s()).delay().get(), str)
 assert_type((chord(members, total.s()) | label.s()).delay(), AsyncResult[str])
 chord(members, 3)  # expect: mypy[call-overload] pyright[reportCallIssue,reportArgumentType]
-total.s().delay()                                       # (not checked: a signature's own arguments)
+chord(members, label.s())                       # not caught: label takes an int, not the list
