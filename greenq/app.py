@@ -22,10 +22,17 @@ from .canvas import GroupResult, Signature, run_eager, signature
 from .task import Task, current_request, make_task
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Literal
+
+    from typing_extensions import Concatenate, ParamSpec, TypeVar
+
     from .backends.base import ResultBackend
     from .brokers.base import Broker
     from .drivers.base import Driver
     from .resources.registry import Resources
+
+    _P = ParamSpec("_P")       # a task function's parameters (app.task)
+    _R = TypeVar("_R")         # and its return type
 
 log = logging.getLogger("greenq")
 
@@ -136,12 +143,30 @@ class GreenQ:
         lists the hooks, their arguments and where they run."""
         return self.hooks.on(name, fn)
 
+    # The task keeps the function's parameters and return type (Task[P, R]);
+    # with bind=True the first parameter (the task itself) is not one of P.
     @overload
-    def task(self, fn: Callable[..., Any], *, name: Optional[str] = None, bind: bool = False,
+    def task(self, fn: Callable[_P, _R], *, name: Optional[str] = None, bind: Literal[False] = False,
+             **options: Any) -> Task[_P, _R]: ...
+
+    @overload
+    def task(self, fn: Callable[Concatenate[Any, _P], _R], *, name: Optional[str] = None,
+             bind: Literal[True], **options: Any) -> Task[_P, _R]: ...
+
+    @overload
+    def task(self, fn: None = None, *, name: Optional[str] = None, bind: Literal[False] = False,
+             **options: Any) -> Callable[[Callable[_P, _R]], Task[_P, _R]]: ...
+
+    @overload
+    def task(self, fn: None = None, *, name: Optional[str] = None, bind: Literal[True],
+             **options: Any) -> Callable[[Callable[Concatenate[Any, _P], _R]], Task[_P, _R]]: ...
+
+    @overload
+    def task(self, fn: Callable[..., Any], *, name: Optional[str] = None, bind: bool,
              **options: Any) -> Task: ...
 
     @overload
-    def task(self, fn: None = None, *, name: Optional[str] = None, bind: bool = False,
+    def task(self, fn: None = None, *, name: Optional[str] = None, bind: bool,
              **options: Any) -> Callable[[Callable[..., Any]], Task]: ...
 
     def task(self, fn: Optional[Callable[..., Any]] = None, *, name: Optional[str] = None,

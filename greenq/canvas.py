@@ -25,16 +25,24 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import (TYPE_CHECKING, Any, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Tuple,
+                    TypeVar, Union, overload)
 
 from .building import CALL_OPTIONS
 from .config import mask_url
 from .exceptions import ConfigError, TimeoutError
 from .message import GROUP, TaskMessage, new_id
-from .result import AsyncResult, assert_will_not_block
+from .result import AsyncResult, R, assert_will_not_block
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Literal
+
+    from typing_extensions import Unpack
+
     from .app import GreenQ
+
+#: the result type of another signature, chain or chord (``a | b`` is a chain of b's result)
+S = TypeVar("S")
 
 #: options a signature's ``set`` and ``apply_async`` take beside the call options
 CALLBACK_OPTIONS = ("link", "link_error")
@@ -66,11 +74,12 @@ def _records(value: Any) -> List[Dict[str, Any]]:
     return out
 
 
-class Signature:
+class Signature(Generic[R]):
     """A task call not yet sent: ``add.s(2, 3).set(queue="high").delay()``.
 
     ``add.si(2, 3)`` is immutable: in a chain or as a callback it ignores the
-    parent's result.  ``a | b`` makes a chain."""
+    parent's result.  ``a | b`` makes a chain.  ``Signature[R]``: ``R`` is
+    what the task returns (Any for ``app.signature("name")``)."""
 
     def __init__(self, task: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
                  options: Optional[Dict[str, Any]] = None, app: Optional["GreenQ"] = None,
@@ -82,33 +91,33 @@ class Signature:
         self.app = app
         self.immutable = immutable
 
-    def set(self, **options: Any) -> "Signature":
+    def set(self, **options: Any) -> "Signature[R]":
         _check_options(options)
         self.options.update(options)
         return self
 
-    def clone(self) -> "Signature":
+    def clone(self) -> "Signature[R]":
         return Signature(self.task, self.args, self.kwargs, copy.deepcopy(self.options), self.app,
                          self.immutable)
 
-    def link(self, callback: "Signature") -> "Signature":
+    def link(self, callback: "Signature[S]") -> "Signature[S]":
         """Send ``callback`` with this task's result when it succeeds."""
         self.options["link"] = _records(self.options.get("link")) + _records(callback)
         return callback
 
-    def link_error(self, errback: "Signature") -> "Signature":
+    def link_error(self, errback: "Signature[S]") -> "Signature[S]":
         """Send ``errback`` with this task's id when it fails."""
         self.options["link_error"] = _records(self.options.get("link_error")) + _records(errback)
         return errback
 
-    def __or__(self, other: Any) -> "chain":
+    def __or__(self, other: "Union[Signature[S], chain[S]]") -> "chain[S]":
         return chain(self, other)
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult[R]":
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                    **options: Any) -> AsyncResult:
+                    **options: Any) -> "AsyncResult[R]":
         _check_options(options)
         app = _app_of(self)
         if self.immutable:
@@ -126,11 +135,11 @@ class Signature:
                 "options": options, "immutable": self.immutable}
 
     @classmethod
-    def from_dict(cls, record: Dict[str, Any], app: Optional["GreenQ"] = None) -> "Signature":
+    def from_dict(cls, record: Dict[str, Any], app: Optional["GreenQ"] = None) -> "Signature[Any]":
         return cls(record["task"], record.get("args") or (), record.get("kwargs") or {},
                    dict(record.get("options") or {}), app, bool(record.get("immutable")))
 
-    def _freeze(self, app: "GreenQ", options: Dict[str, Any]) -> Tuple[Dict[str, Any], AsyncResult]:
+    def _freeze(self, app: "GreenQ", options: Dict[str, Any]) -> "Tuple[Dict[str, Any], AsyncResult[R]]":
         """This call as a record with its task id fixed (``options`` fill in
         what the signature leaves unset), and its result handle."""
         record = self.to_dict()
@@ -158,14 +167,26 @@ def _app_of(*items: Any) -> "GreenQ":
     raise RuntimeError("the signature has no app: make it with task.s() or app.signature()")
 
 
-class chain:  # noqa: N801 - Celery's name
+class chain(Generic[R]):  # noqa: N801 - Celery's name
     """Run the steps one after the other, each result becoming the next
     step's first argument (unless the step is immutable).  A failure stops
     the chain: the steps left are stored as FAILURE with the same exception,
     so ``get()`` on the chain's result raises it.  A group as the first step
-    makes a chord of it and the rest."""
+    makes a chord of it and the rest.  ``chain[R]``: ``R`` is the last
+    step's result type (Any for ``chain(iterable)``)."""
 
-    def __init__(self, *tasks: Any) -> None:
+    @overload
+    def __init__(self: "chain[S]", task: "Union[Signature[S], chain[S], chord[S]]", /) -> None: ...
+
+    @overload
+    def __init__(self: "chain[S]",
+                 *tasks: "Unpack[Tuple[Any, Unpack[Tuple[Any, ...]], Union[Signature[S], chain[S]]]]") -> None: ...
+
+    @overload
+    def __init__(self: "chain[Any]", *tasks: Any) -> None: ...   # chain(iterable), a single group
+
+    # (mypy 2.4 cannot see that *Any accepts the variadic tuple of overload 2)
+    def __init__(self, *tasks: Any) -> None:  # type: ignore[misc]
         if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain, group, chord)):
             tasks = tuple(tasks[0])
         steps: List[Any] = []
@@ -181,13 +202,13 @@ class chain:  # noqa: N801 - Celery's name
         self.tasks: List[Any] = steps
         self.app = None
 
-    def __or__(self, other: Any) -> "chain":
+    def __or__(self, other: "Union[Signature[S], chain[S]]") -> "chain[S]":
         return chain(self, other)
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult[R]":
         return self.apply_async(args, kwargs)
 
-    def _upgraded(self) -> Optional["chord"]:
+    def _upgraded(self) -> "Optional[chord[Any]]":
         """A chain that starts with a group or chord is a chord."""
         head = self.tasks[0]
         if isinstance(head, group):
@@ -198,21 +219,23 @@ class chain:  # noqa: N801 - Celery's name
         return None
 
     def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                    **options: Any) -> Any:
+                    **options: Any) -> "AsyncResult[R]":
         """Send the first step; ``options`` apply to every step that does not
         set them itself (``link`` to the last step, ``link_error`` to each).
-        Returns the last step's AsyncResult, its ``parent`` the one before."""
+        Returns the last step's AsyncResult, its ``parent`` the one before
+        (a chain of a single group: the group's GroupResult, which its type
+        does not say)."""
         _check_options(options)
         upgraded = self._upgraded()
         if upgraded is not None:
             return upgraded.apply_async(args, kwargs, **options)
         if len(self.tasks) == 1 and isinstance(self.tasks[0], group):
-            return self.tasks[0].apply_async(args, kwargs, **options)
+            return self.tasks[0].apply_async(args, kwargs, **options)  # type: ignore[return-value]  # (docstring)
         app = _app_of(*self.tasks)
         record, result = self._freeze(app, options)
         return _send_record(app, record, args, kwargs, result)
 
-    def _freeze(self, app: "GreenQ", options: Dict[str, Any]) -> Tuple[Dict[str, Any], AsyncResult]:
+    def _freeze(self, app: "GreenQ", options: Dict[str, Any]) -> "Tuple[Dict[str, Any], AsyncResult[R]]":
         last_id = options.get("task_id")
         common = {k: v for k, v in options.items() if k not in ("task_id", "link")}
         records, results = [], []
@@ -237,9 +260,16 @@ class chain:  # noqa: N801 - Celery's name
         return " | ".join(repr(t) for t in self.tasks)
 
 
-class group:  # noqa: N801 - Celery's name
+class group(Generic[R]):  # noqa: N801 - Celery's name
     """Run the signatures in parallel; ``delay()`` returns a GroupResult
-    whose ``get()`` lists their results in the group's order."""
+    whose ``get()`` lists their results in the group's order.  ``group[R]``:
+    ``R`` is the members' result type (their join, or union, when they differ)."""
+
+    @overload
+    def __init__(self: "group[S]", tasks: "Iterable[Union[Signature[S], chain[S]]]", /) -> None: ...
+
+    @overload
+    def __init__(self: "group[S]", *tasks: "Union[Signature[S], chain[S]]") -> None: ...
 
     def __init__(self, *tasks: Any) -> None:
         if len(tasks) == 1 and not isinstance(tasks[0], (Signature, chain)):
@@ -250,14 +280,14 @@ class group:  # noqa: N801 - Celery's name
         self.tasks: List[Any] = list(tasks)
         self.app = None
 
-    def __or__(self, other: Any) -> "chord":
+    def __or__(self, other: "Union[Signature[S], chain[S]]") -> "chord[S]":
         return chord(self, other)
 
-    def delay(self, *args: Any, **kwargs: Any) -> "GroupResult":
+    def delay(self, *args: Any, **kwargs: Any) -> "GroupResult[R]":
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                    **options: Any) -> "GroupResult":
+                    **options: Any) -> "GroupResult[R]":
         """Send every member (``args`` go first in each member's arguments),
         after saving the group's member ids where the backend stores results
         (so ``app.GroupResult(id)`` finds them)."""
@@ -270,7 +300,7 @@ class group:  # noqa: N801 - Celery's name
         return GroupResult(group_id, _send_records(app, records, args, kwargs, results), app)
 
     def _freeze(self, app: "GreenQ", group_id: str, options: Dict[str, Any],
-                **extra: Any) -> Tuple[List[Dict[str, Any]], List[AsyncResult]]:
+                **extra: Any) -> "Tuple[List[Dict[str, Any]], List[AsyncResult[R]]]":
         """Each member's record and result; ``group_id`` (and ``extra``: a
         chord's size and result id) go on the step whose result is the member's: the last
         step of a chain."""
@@ -290,29 +320,37 @@ class group:  # noqa: N801 - Celery's name
         return f"group({', '.join(repr(t) for t in self.tasks)})"
 
 
-class chord:  # noqa: N801 - Celery's name
+class chord(Generic[R]):  # noqa: N801 - Celery's name
     """Run ``header`` (a group) in parallel, then ``body`` once with the list
     of their results.  Needs a result backend that counts (sqlite, redis,
     memory): with ``rpc://`` it raises ConfigError before sending anything.
     A member that fails or is revoked makes the chord FAILURE at once with
-    ``ChordError`` naming it, and the body is not sent."""
+    ``ChordError`` naming it, and the body is not sent.  ``chord[R]``: ``R``
+    is the body's result type (the header's is not checked against the
+    body's parameter)."""
+
+    @overload
+    def __init__(self: "chord[S]", header: Any, body: "Union[Signature[S], chain[S]]") -> None: ...
+
+    @overload
+    def __init__(self: "chord[Any]", header: Any, body: None = None) -> None: ...
 
     def __init__(self, header: Any, body: Optional[Any] = None) -> None:
         self.header = header if isinstance(header, group) else group(header)
         self.body = body
         self.app = None
 
-    def __call__(self, body: Any) -> "chord":
+    def __call__(self, body: "Union[Signature[S], chain[S]]") -> "chord[S]":
         return chord(self.header, body)
 
-    def __or__(self, other: Any) -> "chain":
+    def __or__(self, other: "Union[Signature[S], chain[S]]") -> "chain[S]":
         return chain(self, other)
 
-    def delay(self, *args: Any, **kwargs: Any) -> AsyncResult:
+    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult[R]":
         return self.apply_async(args, kwargs)
 
     def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                    **options: Any) -> AsyncResult:
+                    **options: Any) -> "AsyncResult[R]":
         """Save the member ids and the body in the backend, then send the
         members.  Returns the body's AsyncResult (``parent``: the GroupResult)."""
         if self.body is None:
@@ -433,18 +471,19 @@ def decode_group(app: "GreenQ", data: bytes, group_id: str) -> Dict[str, Any]:
     return meta
 
 
-class GroupResult:
+class GroupResult(Generic[R]):
     """The results of a group, in the group's order.  ``app.GroupResult(id)``
-    finds a group again by its id (where the backend stores results)."""
+    finds a group again by its id (where the backend stores results).
+    ``GroupResult[R]``: each member is an ``AsyncResult[R]``."""
 
-    def __init__(self, id: str, results: Sequence[AsyncResult], app: Optional["GreenQ"] = None) -> None:
+    def __init__(self, id: str, results: "Sequence[AsyncResult[R]]", app: Optional["GreenQ"] = None) -> None:
         self.id = id
-        self.results: List[AsyncResult] = list(results)
+        self.results: "List[AsyncResult[R]]" = list(results)
         self.app = app
         self.parent: Optional[AsyncResult] = None
 
     @classmethod
-    def restore(cls, app: "GreenQ", group_id: str) -> Optional["GroupResult"]:
+    def restore(cls, app: "GreenQ", group_id: str) -> "Optional[GroupResult[Any]]":
         data = app.backend.load_group(group_id) if app.backend.stores_groups else None
         if data is None:
             return None
@@ -458,10 +497,10 @@ class GroupResult:
     def __len__(self) -> int:
         return len(self.results)
 
-    def __iter__(self) -> Iterator[AsyncResult]:
+    def __iter__(self) -> "Iterator[AsyncResult[R]]":
         return iter(self.results)
 
-    def __getitem__(self, index: int) -> AsyncResult:
+    def __getitem__(self, index: int) -> "AsyncResult[R]":
         return self.results[index]
 
     def ready(self) -> bool:
@@ -479,6 +518,18 @@ class GroupResult:
     def completed_count(self) -> int:
         """How many members succeeded (as Celery counts)."""
         return sum(1 for r in self.results if r.successful())
+
+    @overload
+    def get(self, timeout: Optional[float] = None, propagate: "Literal[True]" = True,
+            disable_sync_subtasks: bool = True) -> List[R]: ...
+
+    @overload
+    def get(self, timeout: Optional[float] = None, *, propagate: bool,
+            disable_sync_subtasks: bool = True) -> List[Union[R, BaseException]]: ...
+
+    @overload
+    def get(self, timeout: Optional[float], propagate: bool,
+            disable_sync_subtasks: bool = True) -> List[Union[R, BaseException]]: ...
 
     def get(self, timeout: Optional[float] = None, propagate: bool = True,
             disable_sync_subtasks: bool = True) -> List[Any]:
@@ -511,8 +562,8 @@ class GroupResult:
             r.revoke(terminate=terminate)
 
 
-def signature(app: "GreenQ", name: Union[str, Dict[str, Any], Signature], args: Sequence[Any] = (),
-              kwargs: Optional[Dict[str, Any]] = None, immutable: bool = False, **options: Any) -> Signature:
+def signature(app: "GreenQ", name: "Union[str, Dict[str, Any], Signature[Any]]", args: Sequence[Any] = (),
+              kwargs: Optional[Dict[str, Any]] = None, immutable: bool = False, **options: Any) -> "Signature[Any]":
     """``app.signature("shop.tasks.add", args=(1, 2))``: a signature by name
     (the task's code need not be importable here), or from a record."""
     if isinstance(name, Signature):

@@ -4,13 +4,40 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Generic, Iterable, List, Optional, Union, overload
 
 from .config import mask_url
 from .exceptions import TaskError, TaskRevokedError, TimeoutError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Literal
+
+    from typing_extensions import ParamSpec, TypeVar
+
     from .app import GreenQ
+
+    # The type variables of the public generics (Task[P, R], AsyncResult[R],
+    # Signature[R], GroupResult[R], chain/group/chord[R]).  The defaults make a
+    # bare ``Task`` or ``AsyncResult`` in an annotation mean ``Task[..., Any]``
+    # and ``AsyncResult[Any]``, as before they were generic (no "missing type
+    # parameters" under --strict).  A checker reads typing_extensions from its
+    # own copy of typeshed: nothing to install.
+    P = ParamSpec("P", default=...)
+    R = TypeVar("R", covariant=True, default=Any)
+else:
+    # At run time the same variables without defaults (typing's own before
+    # Python 3.13): greenq installs nothing beside itself.  They only make
+    # ``AsyncResult[int]`` or ``Task[[int, int], int]`` valid expressions.
+    from typing import TypeVar
+    try:
+        from typing import ParamSpec
+    except ImportError:                 # Python 3.9
+        try:
+            from typing_extensions import ParamSpec
+        except ImportError:             # Task[...] is not subscriptable with a list then
+            ParamSpec = TypeVar
+    P = ParamSpec("P")
+    R = TypeVar("R", covariant=True)
 
 log = logging.getLogger("greenq")
 
@@ -92,10 +119,12 @@ def rebuild_exception(info: Dict[str, Any], remote_traceback: Optional[str],
     return TaskError(type_name, _safe_str(info.get("message", "")), remote_traceback)
 
 
-class AsyncResult:
+class AsyncResult(Generic[R]):
     """A task's result, looked up in the result backend by id.
 
-    ``get()`` blocks on the backend (no busy polling) until a final state."""
+    ``get()`` blocks on the backend (no busy polling) until a final state.
+    ``AsyncResult[R]``: ``R`` is what the task returns (``add.delay(2, 3)``
+    is an ``AsyncResult[int]`` for ``def add(x: int, y: int) -> int``)."""
 
     def __init__(self, task_id: str, app: "GreenQ", task_name: Optional[str] = None) -> None:
         self.id = task_id
@@ -191,6 +220,18 @@ class AsyncResult:
         return meta.get("hub_blocked") if meta else None
 
     # -- waiting -------------------------------------------------------------
+    @overload
+    def get(self, timeout: Optional[float] = None, propagate: Literal[True] = True,
+            disable_sync_subtasks: bool = True) -> R: ...
+
+    @overload
+    def get(self, timeout: Optional[float] = None, *, propagate: bool,
+            disable_sync_subtasks: bool = True) -> Union[R, BaseException]: ...
+
+    @overload
+    def get(self, timeout: Optional[float], propagate: bool,
+            disable_sync_subtasks: bool = True) -> Union[R, BaseException]: ...
+
     def get(self, timeout: Optional[float] = None, propagate: bool = True,
             disable_sync_subtasks: bool = True) -> Any:
         """Wait for the outcome.  Returns the value; for a failure re-raises the
@@ -245,7 +286,7 @@ class AsyncResult:
         self.app.control_revoke(self.id, terminate=terminate)
 
 
-class EagerResult(AsyncResult):
+class EagerResult(AsyncResult[R]):
     """The finished result of a task run inline (eager mode)."""
 
     def __init__(self, task_id: str, app: "GreenQ", meta: Dict[str, Any],
@@ -255,6 +296,18 @@ class EagerResult(AsyncResult):
 
     def _lookup(self) -> Optional[Dict[str, Any]]:
         return self._meta
+
+    @overload
+    def get(self, timeout: Optional[float] = None, propagate: Literal[True] = True,
+            disable_sync_subtasks: bool = True) -> R: ...
+
+    @overload
+    def get(self, timeout: Optional[float] = None, *, propagate: bool,
+            disable_sync_subtasks: bool = True) -> Union[R, BaseException]: ...
+
+    @overload
+    def get(self, timeout: Optional[float], propagate: bool,
+            disable_sync_subtasks: bool = True) -> Union[R, BaseException]: ...
 
     def get(self, timeout: Optional[float] = None, propagate: bool = True,
             disable_sync_subtasks: bool = True) -> Any:

@@ -5,7 +5,7 @@ import threading
 import time
 import traceback as tb_module
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Generic, List, Optional, Sequence, Union, overload
 
 from . import validation
 from .backoff import backoff as exponential_backoff
@@ -13,11 +13,15 @@ from .building import CALL_OPTIONS  # noqa: F401 - apply_async's options, named 
 from .canvas import Signature
 from .config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
 from .exceptions import MaxRetriesExceededError, Reject, Retry
-from .result import FAILURE, READY_STATES, SUCCESS, EagerResult, make_meta
+from .result import FAILURE, READY_STATES, SUCCESS, EagerResult, P, R, make_meta
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing_extensions import Concatenate, ParamSpec
+
     from .app import GreenQ
     from .result import AsyncResult
+
+    Rest = ParamSpec("Rest")   # a task's parameters after the first (s() without the parent's result)
 
 #: decorator options and their defaults: greenq.config's table of task options
 TASK_DEFAULTS: Dict[str, Any] = {**{key: setting.default for key, setting in TASK_SETTINGS.items()},
@@ -66,8 +70,13 @@ def set_request(request: Optional[Request]) -> None:
     _context.request = request
 
 
-class Task:
-    """A registered task.  Calling it runs the function here; ``delay`` sends it."""
+class Task(Generic[P, R]):
+    """A registered task.  Calling it runs the function here; ``delay`` sends it.
+
+    ``Task[P, R]`` keeps the function's parameters ``P`` (without ``self``
+    for bind=True) and its return type ``R``: a checker checks ``add(...)``,
+    ``add.delay(...)``, ``add.si(...)`` and ``add.s(...)`` against them, and
+    ``add.delay(...).get()`` is an ``R`` (docs/workflows.md, "Typed tasks")."""
 
     def __init__(self, app: "GreenQ", fn: Callable[..., Any], name: str, bind: bool,
                  options: Dict[str, Any]) -> None:
@@ -111,18 +120,26 @@ class Task:
             return Request(id="", task=self.name, args=(), kwargs={}, is_eager=True)
         return req
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.bind:
             return self.fn(self, *args, **kwargs)
         return self.fn(*args, **kwargs)
 
     # -- sending -------------------------------------------------------------
-    def s(self, *args: Any, **kwargs: Any) -> Signature:
+    # s() takes all the arguments, or all but the first: in a chain, as a
+    # callback (link=) or as a chord's body the parent's result comes first.
+    @overload
+    def s(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]: ...
+
+    @overload
+    def s(self: "Task[Concatenate[Any, Rest], R]", *args: Rest.args, **kwargs: Rest.kwargs) -> Signature[R]: ...
+
+    def s(self, *args: Any, **kwargs: Any) -> Signature[R]:
         return Signature(self.name, args, kwargs, app=self.app)
 
     signature = s
 
-    def si(self, *args: Any, **kwargs: Any) -> Signature:
+    def si(self, *args: P.args, **kwargs: P.kwargs) -> Signature[R]:
         """An immutable signature: in a chain or as a callback it ignores the parent's result."""
         return Signature(self.name, args, kwargs, app=self.app, immutable=True)
 
@@ -141,11 +158,13 @@ class Task:
                                                       retries=req.retries))
         self.app.backend.store(task_id, data, final=state in READY_STATES, reply_to=req.reply_to)
 
-    def delay(self, *args: Any, **kwargs: Any) -> "AsyncResult":
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> "AsyncResult[R]":
         return self.apply_async(args, kwargs)
 
+    # args and kwargs are not checked against P: a tuple and a dict cannot be
+    # matched with a ParamSpec (delay and si can)
     def apply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-                    **options: Any) -> "AsyncResult":
+                    **options: Any) -> "AsyncResult[R]":
         return self.app.send_task(self.name, args, kwargs, **options)
 
     # -- retries -------------------------------------------------------------
@@ -191,7 +210,7 @@ class Task:
 
     # -- eager ---------------------------------------------------------------
     def apply(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
-              task_id: Optional[str] = None, **_: Any) -> EagerResult:
+              task_id: Optional[str] = None, **_: Any) -> EagerResult[R]:
         """Run here and now (eager mode), retries included, and return a finished result."""
         from .message import new_id
         task_id = task_id or new_id()

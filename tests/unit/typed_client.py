@@ -28,29 +28,29 @@ def mul(self: Task, x: int, y: int) -> int:
     return x * y
 
 
-assert_type(add, Task)
-assert_type(mul, Task)
+assert_type(add(2, 3), int)         # the signature is kept (tests/unit/test_typing.py)
+assert_type(mul(2, 3), int)         # bind=True: without self
 
 result = add.delay(2, 3)
-assert_type(result, AsyncResult)
+assert_type(result, AsyncResult[int])
 assert_type(result.id, str)
 assert_type(result.state, str)
 assert_type(result.ready(), bool)
-assert_type(result.get(timeout=1), Any)     # a task's value is whatever it returned
-assert_type(add.apply_async((2, 3), countdown=1), AsyncResult)
-assert_type(app.send_task("add", (2, 3)), AsyncResult)
-assert_type(app.AsyncResult(result.id), AsyncResult)
+assert_type(result.get(timeout=1), int)     # what the task returns
+assert_type(add.apply_async((2, 3), countdown=1), AsyncResult[int])
+assert_type(app.send_task("add", (2, 3)), AsyncResult[Any])   # by name: not known
+assert_type(app.AsyncResult(result.id), AsyncResult[Any])
 
 signature = add.s(2)
-assert_type(signature, Signature)
-assert_type(signature | mul.s(4), chain)
-assert_type(chain(add.s(1, 2), mul.s(3)).delay(), AsyncResult)
+assert_type(signature, Signature[int])
+assert_type(signature | mul.s(4), chain[int])
+assert_type(chain(add.s(1, 2), mul.s(3)).delay(), AsyncResult[int])
 members = group(add.s(1, 2), add.s(3, 4)).delay()
-assert_type(members, GroupResult)
-assert_type(members.get(timeout=1), List[Any])
-assert_type(list(members), List[AsyncResult])
-assert_type(app.GroupResult(members.id), GroupResult)
-assert_type(chord([add.s(1, 2)], mul.s(2)).delay(), AsyncResult)
+assert_type(members, GroupResult[int])
+assert_type(members.get(timeout=1), List[int])
+assert_type(list(members), List[AsyncResult[int]])
+assert_type(app.GroupResult(members.id), GroupResult[Any])
+assert_type(chord([add.s(1, 2)], mul.s(2)).delay(), AsyncResult[int])
 
 assert_type(greenq.SUCCESS, str)
 try:
