@@ -63,10 +63,19 @@ class Coordination(UsesDriver, ABC):
     Every method may raise the transport's connection errors; none retries
     on its own: the caller decides (a scheduler tries again at its next tick)."""
 
+    #: True when records, members and holders are signed (SignedCoordination)
+    signed = False
+
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
         self.config = config
         self.driver = driver
+
+    def stored_member(self, name: str, member: str) -> str:
+        """``member`` of set ``name`` as kept in the store (here: as it is;
+        signed: with its tag), for a caller that adds it by its own means
+        (the Redis result backend's chord script)."""
+        return member
 
     # -- counted lease -----------------------------------------------------------
     @abstractmethod
