@@ -151,13 +151,15 @@ class ResultBackend(UsesDriver):
         the members are an add-once set ``chord:<group id>``; the member that
         finds it full claims the record ``chordstate:<group id>`` (fields
         ``completer``, ``sent``) by compare-and-set, so of members racing
-        exactly one writes it.  Both expire with ``result_expires``."""
+        exactly one writes it.  Both expire with ``result_expires``.  With a
+        signing key, members and the record are signed (SignedCoordination):
+        a forged member is not counted, a forged record field is ignored."""
         if not self.stores_groups:
             raise NotImplementedError
         members, state = self._chord_names(group_id)
         ttl = self.config.result_expires or None
         coordination = self.coordination
-        _, count = self._coordinate(lambda: coordination.add_once(members, member_id, ttl), "count chord member")
+        _, count = self._coordinate(lambda: coordination.add_once(members, member_id, ttl, size), "count chord member")
         if count < size:
             return False
         me = member_id.encode()
@@ -208,7 +210,8 @@ class ResultBackend(UsesDriver):
         """This store's coordination, made on first use (chords only)."""
         made: Optional["Coordination"] = self.__dict__.get("_coordination")
         if made is None:
-            made = self._coordination = self._make_coordination()
+            from ..coordination import signed_coordination
+            made = self._coordination = signed_coordination(self._make_coordination(), self.config)
         return made
 
     def _make_coordination(self) -> "Coordination":
