@@ -223,8 +223,8 @@ class SignedCoordination(Coordination):
         if len(self._logged) > REMEMBERED:
             self._logged.popitem(last=False)
         from .config import mask_url
-        log.warning("coordination: %d unsigned or forged %s of %r in %s ignored (signing_key is set)",
-                    count, what, name, mask_url(self.url))
+        log.warning("coordination: %s of %r in %s: %d unsigned or forged, ignored (signing_key is set; "
+                    "logged once)", what, name, mask_url(self.url), count)
 
     def stored_member(self, name: str, member: str) -> str:
         return self._tagged("member", name, member)
@@ -241,7 +241,7 @@ class SignedCoordination(Coordination):
         forged = [h for h in self.inner.holders(name, limit) if not self._good("holder", name, h)]
         if not forged:
             return False
-        self._refused(name, "lease holder", len(forged))
+        self._refused(name, "lease holders", len(forged))
         for h in forged:
             self.inner.release(name, h)
         return self.inner.acquire(name, mine, limit, ttl)
@@ -265,7 +265,7 @@ class SignedCoordination(Coordination):
         stored = self.inner.members(name)
         good = sum(1 for m in stored if self._good("member", name, m))
         if good < len(stored):
-            self._refused(name, "set member", len(stored) - good)
+            self._refused(name, "set members", len(stored) - good)
         return added, good
 
     def members(self, name: str) -> List[str]:
@@ -286,7 +286,7 @@ class SignedCoordination(Coordination):
             except MessageError:
                 refused += 1
         if refused:
-            self._refused(name, "record field", refused)
+            self._refused(name, "record fields", refused)
         if refused or any(self._wrap(name, f, v) != stored[f] for f, v in record.items()):
             self._seen[name] = (dict(record), dict(stored))
             if len(self._seen) > REMEMBERED:

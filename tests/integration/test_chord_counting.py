@@ -179,3 +179,40 @@ def test_redis_counts_a_member_in_one_round_trip(backend_env, backend):
         assert backend.chord_members_done(_counts(g, ["c", "d", "e"], 5)) == [False, False, False]
     assert trips.count == 1                                                  # a batch: one in all
     assert backend.get_many(["a", "b"]) == [b"result of a", b"result of b"]
+
+
+@pytest.mark.parametrize("path", ["member_done", "members_done"])
+def test_forged_members_never_complete_a_chord_when_signed(backend_env, path):
+    """signing_key set: members planted in the chord's set by someone without
+    the key (straight into the store, by the transport's own primitives) are
+    not counted, and a forged completer in its state record is ignored: the
+    chord completes with its last real member, once.  Without a key the same
+    forged members are counted (the store is trusted then)."""
+    if backend_env.kind == "rpc":
+        pytest.skip("rpc:// keeps no groups")
+    from greenq.coordination import unsigned_coordination
+
+    def report(backend, group, member):
+        if path == "member_done":
+            return backend.chord_member_done(group, member, 3)
+        return backend.chord_members_done(_counts(group, [member], 3))[0]
+
+    for key in ("", "chord-key"):
+        backend = backend_env.backend(signing_key=key)
+        group = f"g-{uuid.uuid4().hex[:6]}"
+        members, state = backend._chord_names(group)
+        raw = unsigned_coordination(backend.coordination)
+        for forged in ("f1", "f2~" + "0" * 64):
+            raw.add_once(members, forged)
+        if not key:
+            assert report(backend, group, "a") is True              # 3 of 3 with the forged two: trusted
+            continue
+        raw.compare_and_set(state, {}, {"completer": b"f1"})        # a forged completer: ignored
+        assert report(backend, group, "a") is False
+        assert report(backend, group, "b") is False
+        assert report(backend, group, "a") is False
+        assert report(backend, group, "c") is True                  # the last real member
+        assert report(backend, group, "b") is False
+        assert report(backend, group, "c") is True                  # told again until sent
+        backend.chord_sent(group)
+        assert report(backend, group, "c") is False
