@@ -267,12 +267,19 @@ class Settler:
             log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
 
     def _chord_fallback(self, member: ChordMember, exc: BaseException) -> None:
-        """A chord member whose record the backend refuses for good: its
-        small FAILURE stored instead, then the member counted without it."""
-        if member.record is None:
+        """A chord member that failed for good (logged by _one_by_one).  When
+        its own record, handed to the count (``counts_with_store``), is not
+        in the store, the backend refused it: a small FAILURE is stored in
+        its place and the member is counted (and its chord completed) once
+        more without it.  Stored already (what failed came later, sending
+        the callback): left as it was before records went with the count."""
+        record = member.record
+        if record is None:
             return
-        self._store_fallback(member.record, exc)
         try:
+            if self._backend().get(record.task_id) == bytes(record.data):
+                return
+            self._store_fallback(record, exc)
             self.followups.complete_chords([ChordMember(member.msg, member.failure, None)])
         except Exception as again:
             log.error("task %s: its chord could not count it: %s", member.msg.id, describe(again))

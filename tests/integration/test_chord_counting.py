@@ -164,8 +164,8 @@ def test_redis_counts_a_member_in_one_round_trip(backend_env, backend):
     """On Redis a member's completion (store its result, count it, decide
     whether it completes the chord) is one round trip: counted as the
     commands the backend's connections send (a pipeline or a script is one)."""
-    if backend_env.kind != "redis":
-        pytest.skip("the round trips of the Redis backend")
+    if backend_env.kind != "redis" or not backend.counts_with_store:
+        pytest.skip("the round trips of the Redis backend (on Cluster a result and its chord are in two slots)")
     from tests.integration.redis_round_trips import RoundTrips
     g = f"g-{uuid.uuid4().hex[:6]}"
     backend.chord_members_done(_counts(g + "-warm", ["w"], 1))       # scripts loaded (EVALSHA, not EVAL)
