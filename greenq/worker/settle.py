@@ -205,8 +205,10 @@ class Settler:
                        if outcome == jobs.FAILURE else f"was revoked ({job.reason or 'revoked'})")
             record = None
             if self._backend().counts_with_store:   # stored with its count, in one round trip
-                own = [i for i, r in enumerate(plan.records) if r.task_id == msg.id and r.final]
-                record = plan.records.pop(own[0]) if own else None
+                for i in range(len(plan.records) - 1, -1, -1):     # just appended (a chain's steps after it)
+                    if plan.records[i].task_id == msg.id and plan.records[i].final:
+                        record = plan.records.pop(i)
+                        break
             plan.chords.append(ChordMember(msg, failure, record))
         if not job.acked:
             plan.acks.append(job.delivery)
