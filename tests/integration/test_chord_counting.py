@@ -133,10 +133,12 @@ def test_members_done_stores_each_record_before_counting_it(backend):
     assert backend.get("x") is None                                              # no record: none stored
 
 
-def test_members_done_has_one_completer_among_racing_workers(backend_env, backend):
+@pytest.mark.parametrize("signing_key", ["", "race-key"])
+def test_members_done_has_one_completer_among_racing_workers(backend_env, backend, signing_key):
     """As test_exactly_one_completer_among_racing_workers, through
-    chord_members_done (members reported in batches of two, each twice)."""
-    size, instances = 40, [backend_env.backend() for _ in range(4)]
+    chord_members_done (members reported in batches of two, each twice);
+    signed too (members tagged, the set checked by whoever finds it full)."""
+    size, instances = 40, [backend_env.backend(signing_key=signing_key) for _ in range(4)]
     for instance in instances:
         instance.load_group("-")
     answers, start = [], threading.Barrier(len(instances))

@@ -78,11 +78,13 @@ def test_a_holder_that_stops_renewing_loses_its_place_after_ttl(broker_env, coor
     assert a.renew(lease, "old", 0.3) is False               # too late: the place is another's
 
 
-def test_concurrent_acquirers_never_exceed_the_limit(coordination):
+@pytest.mark.parametrize("signing_key", ["", "suite-key"])
+def test_concurrent_acquirers_never_exceed_the_limit(coordination, signing_key):
     """Holders in threads (each its own instance) acquire, hold a moment and
-    release, many times over: at no moment do more than ``limit`` hold."""
+    release, many times over: at no moment do more than ``limit`` hold.
+    Signed too: a full lease's holders are checked, and good ones stay."""
     limit, workers, rounds = 3, 8, 15
-    lease, instances = name(), [coordination() for _ in range(workers)]
+    lease, instances = name(), [coordination(signing_key) for _ in range(workers)]
     holding, most, errors = [0], [0], []
     lock, start = threading.Lock(), threading.Barrier(workers)
 
