@@ -193,6 +193,11 @@ def test_forged_members_never_complete_a_chord_when_signed(backend_env, path):
     if backend_env.kind == "rpc":
         pytest.skip("rpc:// keeps no groups")
     from greenq.coordination import unsigned_coordination
+    from greenq.exceptions import ConfigError
+    try:
+        backend_env.backend().coordination
+    except ConfigError:
+        pytest.skip("this backend counts chords by its own means, not on the coordination interface")
 
     def report(backend, group, member):
         if path == "member_done":
