@@ -43,7 +43,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Dict, Optional, Type
 
 from . import validation
-from .coordination import Coordination, Record, make_coordination
+from .coordination import Coordination, Record, make_coordination, signed_coordination, unsigned_coordination
 from .drivers.base import UsesDriver
 from .exceptions import ConfigError, MessageError
 from .signing import Signer
@@ -161,7 +161,11 @@ class CoordinatedLeadership(Leadership):
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None,
                  coordination: Optional[Coordination] = None) -> None:
         super().__init__(url, config, ttl, driver)
-        self.coordination = coordination or make_coordination(url, config, driver)
+        #: the lease's holders are signed with a signing key (SignedCoordination);
+        #: the runs record's values carry their own signature (encode_slot,
+        #: checked by decode_slot), so it is kept on the transport's own primitives
+        self.coordination = signed_coordination(coordination or make_coordination(url, config, driver), config)
+        self._records = unsigned_coordination(self.coordination)
         self._seen: Optional[Record] = None     # the runs record as last read or written
 
     def acquire(self, holder: str) -> bool:
@@ -171,15 +175,15 @@ class CoordinatedLeadership(Leadership):
         self.coordination.release(self.LEASE, holder)
 
     def last_runs(self) -> Dict[str, float]:
-        self._seen = self.coordination.read(self.RUNS)
+        self._seen = self._records.read(self.RUNS)
         return self._runs(self._seen.items())
 
     def record(self, holder: str, entry: str, slot: float) -> bool:
         if not self.coordination.renew(self.LEASE, holder, self.ttl):
             return False
-        seen = self._seen if self._seen is not None else self.coordination.read(self.RUNS)
+        seen = self._seen if self._seen is not None else self._records.read(self.RUNS)
         runs = dict(seen, **{entry: encode_slot(self.signer, entry, slot)})
-        if self.coordination.compare_and_set(self.RUNS, seen, runs):
+        if self._records.compare_and_set(self.RUNS, seen, runs):
             self._seen = runs
             return True
         self._seen = None

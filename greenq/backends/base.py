@@ -46,6 +46,16 @@ class Revocation(NamedTuple):
     at: float
 
 
+class ChordCount(NamedTuple):
+    """One finished chord member to count (``chord_members_done``): its id,
+    its chord's group id and size, and its own result ``record``, to be
+    stored first (None: stored already)."""
+    group_id: str
+    member_id: str
+    size: int
+    record: Optional[Record] = None
+
+
 #: the most revocations ``revocations()`` returns (the newest), and a worker keeps
 REVOCATIONS_MAX = 50000
 
@@ -53,6 +63,10 @@ REVOCATIONS_MAX = 50000
 class ResultBackend(UsesDriver):
     #: keeps group records and counts chord members (greenq.canvas); rpc:// does not
     stores_groups = False
+    #: ``chord_members_done`` stores the members' own records in the same round
+    #: trip as it counts them (the worker then hands it those records rather
+    #: than storing them beforehand with the rest)
+    counts_with_store = False
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
@@ -137,13 +151,15 @@ class ResultBackend(UsesDriver):
         the members are an add-once set ``chord:<group id>``; the member that
         finds it full claims the record ``chordstate:<group id>`` (fields
         ``completer``, ``sent``) by compare-and-set, so of members racing
-        exactly one writes it.  Both expire with ``result_expires``."""
+        exactly one writes it.  Both expire with ``result_expires``.  With a
+        signing key, members and the record are signed (SignedCoordination):
+        a forged member is not counted, a forged record field is ignored."""
         if not self.stores_groups:
             raise NotImplementedError
         members, state = self._chord_names(group_id)
         ttl = self.config.result_expires or None
         coordination = self.coordination
-        _, count = self._coordinate(lambda: coordination.add_once(members, member_id, ttl), "count chord member")
+        _, count = self._coordinate(lambda: coordination.add_once(members, member_id, ttl, size), "count chord member")
         if count < size:
             return False
         me = member_id.encode()
@@ -158,6 +174,17 @@ class ResultBackend(UsesDriver):
                                 "count chord member"):
                 return True
         raise RuntimeError(f"chord {group_id}: its state kept changing under {CHORD_ATTEMPTS} attempts")
+
+    def chord_members_done(self, members: Sequence[ChordCount]) -> List[bool]:
+        """Store each member's ``record`` (where given), then count it as
+        ``chord_member_done`` does: the answers, in order.  A member's record
+        is stored before it is counted, so the completer finds every
+        member's result.  Here: one ``store_many``, then one count per
+        member; a backend with ``counts_with_store`` does it all at once."""
+        records = [m.record for m in members if m.record is not None]
+        if records:
+            self.store_many(records)
+        return [self.chord_member_done(m.group_id, m.member_id, m.size) for m in members]
 
     def chord_sent(self, group_id: str) -> None:
         """The chord's callback (or its failure) has been sent: from now on
@@ -183,7 +210,8 @@ class ResultBackend(UsesDriver):
         """This store's coordination, made on first use (chords only)."""
         made: Optional["Coordination"] = self.__dict__.get("_coordination")
         if made is None:
-            made = self._coordination = self._make_coordination()
+            from ..coordination import signed_coordination
+            made = self._coordination = signed_coordination(self._make_coordination(), self.config)
         return made
 
     def _make_coordination(self) -> "Coordination":

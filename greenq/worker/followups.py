@@ -8,7 +8,8 @@ again (at least once).  A chain's steps have fixed ids, so a step sent twice
 is one result.
 
 Chords are counted in the result backend after the members' results are
-stored: ``chord_member_done`` counts a member once however often it runs,
+stored (on Redis, in the same round trip: ``chord_members_done``):
+``chord_member_done`` counts a member once however often it runs,
 and answers True for one member only, whose worker then reads every member's
 result and sends the callback (or stores ``ChordError``), then marks the
 chord sent.  The completer's worker dying before that mark leaves its
@@ -29,7 +30,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
-from ..backends.base import Record
+from ..backends.base import ChordCount, Record
 from ..canvas import build, decode_group, iter_records
 from ..config import mask_url
 from ..exceptions import ChordError, MessageError, describe
@@ -47,10 +48,12 @@ log = logging.getLogger("greenq.worker")
 @dataclass
 class ChordMember:
     """A finished chord member to count: ``failure`` says how it did not
-    succeed (None: it did)."""
-    __slots__ = ("msg", "failure")
+    succeed (None: it did); ``record``: its own result, to be stored with the
+    count (a backend with ``counts_with_store``; None: stored beforehand)."""
+    __slots__ = ("msg", "failure", "record")
     msg: "TaskMessage"
     failure: Optional[str]
+    record: Optional[Record]
 
 
 class Followups:
@@ -104,9 +107,14 @@ class Followups:
         for the other members; the callback's ``link_error`` callbacks are
         sent by the completer only."""
         backend = self._backend()
-        for member in members:
+        counts = []
+        for m in members:
+            assert m.msg.group_id is not None and m.msg.chord_size, "a chord member has its group and size"
+            counts.append(ChordCount(m.msg.group_id, m.msg.id, m.msg.chord_size, m.record))
+        answers = backend.chord_members_done(counts)
+        for member, completes in zip(members, answers):
             msg = member.msg
-            if backend.chord_member_done(msg.group_id, msg.id, msg.chord_size):
+            if completes:
                 self._fire(msg)
                 backend.chord_sent(msg.group_id)
             elif member.failure is not None:

@@ -128,7 +128,8 @@ class Settler:
         backend = self._backend()
         self._with_retries("publish retries and follow-ups", self.broker.publish_many, plan.republish)
         self._with_retries("store results", backend.store_many, plan.records, on_permanent=self._store_fallback)
-        self._with_retries("count chord members", self.followups.complete_chords, plan.chords)
+        self._with_retries("count chord members", self.followups.complete_chords, plan.chords,
+                           on_permanent=self._chord_fallback)
         self._with_retries("acknowledge", self.broker.ack, plan.acks)
         self._with_retries("requeue", self.broker.requeue, plan.requeue)
         self._with_retries("requeue", lambda ds: self.broker.requeue(ds, started=False), plan.unstarted)
@@ -202,7 +203,13 @@ class Settler:
         if msg.chord_size and outcome in (jobs.SUCCESS, jobs.FAILURE, jobs.REVOKED):
             failure = (None if outcome == jobs.SUCCESS else f"failed: {describe(job.exc)}"
                        if outcome == jobs.FAILURE else f"was revoked ({job.reason or 'revoked'})")
-            plan.chords.append(ChordMember(msg, failure))
+            record = None
+            if self._backend().counts_with_store:   # stored with its count, in one round trip
+                for i in range(len(plan.records) - 1, -1, -1):     # just appended (a chain's steps after it)
+                    if plan.records[i].task_id == msg.id and plan.records[i].final:
+                        record = plan.records.pop(i)
+                        break
+            plan.chords.append(ChordMember(msg, failure, record))
         if not job.acked:
             plan.acks.append(job.delivery)
 
@@ -260,6 +267,24 @@ class Settler:
             self._backend().store_many([small])
         except Exception as again:
             log.error("task %s: not even a failure record could be stored: %s", record.task_id, describe(again))
+
+    def _chord_fallback(self, member: ChordMember, exc: BaseException) -> None:
+        """A chord member that failed for good (logged by _one_by_one).  When
+        its own record, handed to the count (``counts_with_store``), is not
+        in the store, the backend refused it: a small FAILURE is stored in
+        its place and the member is counted (and its chord completed) once
+        more without it.  Stored already (what failed came later, sending
+        the callback): left as it was before records went with the count."""
+        record = member.record
+        if record is None:
+            return
+        try:
+            if self._backend().get(record.task_id) == bytes(record.data):
+                return
+            self._store_fallback(record, exc)
+            self.followups.complete_chords([ChordMember(member.msg, member.failure, None)])
+        except Exception as again:
+            log.error("task %s: its chord could not count it: %s", member.msg.id, describe(again))
 
     def _dead_letter_each(self, items: List[DeadLettering]) -> None:
         for dead in items:

@@ -31,8 +31,10 @@ def coordination(broker_env):
     config = broker_env.config(key_prefix=own_prefix()) if broker_env.kind == "amqp" else broker_env.config()
     made: List[Coordination] = []
 
-    def make() -> Coordination:
-        made.append(make_coordination(broker_env.broker_url, config, broker_env.driver))
+    def make(signing_key: str = "") -> Coordination:
+        """A coordination; with ``signing_key``, the signed one (SignedCoordination)."""
+        own = config if not signing_key else broker_env.config(key_prefix=config.key_prefix, signing_key=signing_key)
+        made.append(make_coordination(broker_env.broker_url, own, broker_env.driver))
         return made[-1]
     make.config = config          # type: ignore[attr-defined]
     yield make
@@ -76,11 +78,13 @@ def test_a_holder_that_stops_renewing_loses_its_place_after_ttl(broker_env, coor
     assert a.renew(lease, "old", 0.3) is False               # too late: the place is another's
 
 
-def test_concurrent_acquirers_never_exceed_the_limit(coordination):
+@pytest.mark.parametrize("signing_key", ["", "suite-key"])
+def test_concurrent_acquirers_never_exceed_the_limit(coordination, signing_key):
     """Holders in threads (each its own instance) acquire, hold a moment and
-    release, many times over: at no moment do more than ``limit`` hold."""
+    release, many times over: at no moment do more than ``limit`` hold.
+    Signed too: a full lease's holders are checked, and good ones stay."""
     limit, workers, rounds = 3, 8, 15
-    lease, instances = name(), [coordination() for _ in range(workers)]
+    lease, instances = name(), [coordination(signing_key) for _ in range(workers)]
     holding, most, errors = [0], [0], []
     lock, start = threading.Lock(), threading.Barrier(workers)
 
@@ -265,3 +269,187 @@ def test_sqlite_rows_of_the_tables_before_coordination_are_copied_once(tmp_path)
         assert c.read("chordstate:g") == {"completer": b"b", "sent": b"1"}
     finally:
         c.close()
+
+
+# -- with a signing key: what a forger writes straight into the broker is refused ------
+
+class Forger:
+    """Writes sets, records and lease places straight into the transport's
+    store, by the store's own means (Redis commands, SQLite rows, a state
+    message published to RabbitMQ, the memory store's dicts), as someone
+    with write access to the broker but no signing key could."""
+
+    def __init__(self, broker_env: Any, plain: Coordination) -> None:
+        self.kind, self.plain = broker_env.kind, plain
+        self.url, self.prefix = broker_env.broker_url, plain.config.key_prefix
+        plain.read(name())                 # the transport's tables / queues exist from here on
+
+    def member(self, set_name: str, member: str) -> None:
+        if self.kind == "redis":
+            with self._redis() as r:
+                r.sadd(f"{self.prefix}:{set_name}", member)
+        elif self.kind == "sqlite":
+            with self._sqlite() as (db, t):
+                db.execute(f"INSERT INTO {t.set_members} (name, member, expires_at) VALUES (?, ?, 1e300)",
+                           (set_name, member))
+        elif self.kind == "amqp":
+            found = self.plain.members(set_name)
+            self._amqp_state(set_name, sorted(set(found) | {member}))
+        else:
+            store = getattr(self.plain, "_store")
+            members, until = store.sets.get(set_name, (set(), float("inf")))
+            store.sets[set_name] = (members | {member}, until)
+
+    def record(self, record_name: str, fields: dict) -> None:
+        """Set these fields of the record (others stay)."""
+        if self.kind == "redis":
+            with self._redis() as r:
+                r.hset(f"{self.prefix}:{record_name}", mapping=fields)
+        elif self.kind == "sqlite":
+            with self._sqlite() as (db, t):
+                for field, value in fields.items():
+                    db.execute(f"INSERT OR REPLACE INTO {t.records} (name, field, value, expires_at) "
+                               "VALUES (?, ?, ?, 1e300)", (record_name, field, value))
+        elif self.kind == "amqp":
+            import base64
+            record = dict(self.plain.read(record_name), **fields)
+            self._amqp_state(record_name, {f: base64.b64encode(v).decode() for f, v in record.items()})
+        else:
+            store = getattr(self.plain, "_store")
+            record, until = store.records.get(record_name, ({}, float("inf")))
+            store.records[record_name] = (dict(record, **fields), until)
+
+    def holder(self, lease: str, holder: str, ttl: float) -> None:
+        """Take place 0 of ``lease`` for ``holder`` for ``ttl`` seconds."""
+        if self.kind == "redis":
+            with self._redis() as r:
+                r.set(f"{self.prefix}:{lease}", holder, px=int(ttl * 1000))
+        elif self.kind == "sqlite":
+            with self._sqlite() as (db, t):
+                db.execute(f"INSERT INTO {t.leases} (name, holder, expires_at) VALUES (?, ?, ?)",
+                           (lease, holder, time.time() + ttl))
+        else:
+            store = getattr(self.plain, "_store")
+            store.leases.setdefault(lease, {})[holder] = time.monotonic() + ttl
+
+    # -- the stores -----------------------------------------------------------------
+    def _redis(self) -> Any:
+        import redis
+        return redis.Redis.from_url(self.url)
+
+    def _sqlite(self) -> Any:
+        import contextlib
+        import sqlite3
+
+        @contextlib.contextmanager
+        def opened() -> Any:
+            db = sqlite3.connect(self.url[len("sqlite:///"):], timeout=30)
+            try:
+                with db:
+                    yield db, getattr(self.plain, "_t")
+            finally:
+                db.close()
+        return opened()
+
+    def _amqp_state(self, state_name: str, value: Any) -> None:
+        """Publish a state message of a version above any writer's (the newest wins)."""
+        import json
+
+        import amqp
+        conn = amqp.Connection(**_amqp_params(self.url))
+        conn.connect()
+        try:
+            channel = conn.channel()
+            queue = f"{self.prefix}.state.{state_name}"
+            channel.queue_declare(queue, durable=True, auto_delete=False)
+            body = json.dumps({"v": 10 ** 9 + int(time.time() * 1000) % 10 ** 6, "value": value}).encode()
+            channel.basic_publish(amqp.Message(body, delivery_mode=2), exchange="", routing_key=queue)
+            channel.close()
+        finally:
+            conn.close()
+
+
+def _amqp_params(url: str) -> Any:
+    from urllib.parse import unquote, urlparse
+    u = urlparse(url)
+    return {"host": f"{u.hostname or '127.0.0.1'}:{u.port or 5672}", "userid": unquote(u.username or "guest"),
+            "password": unquote(u.password or "guest"), "virtual_host": unquote(u.path[1:]) if len(u.path) > 1 else "/"}
+
+
+KEY = "suite-key"
+
+
+def test_forged_set_members_are_counted_without_a_key_and_refused_with_one(broker_env, coordination, caplog):
+    plain, signed = coordination(), coordination(KEY)
+    forger = Forger(broker_env, plain)
+    open_set = name()
+    forger.member(open_set, "forged")
+    assert plain.add_once(open_set, "m1") == (True, 2)          # no key: whoever writes the broker is trusted
+    guarded = name()
+    forger.member(guarded, "forged")                             # unsigned
+    forger.member(guarded, "forged~" + "0" * 64)                 # a tag made without the key
+    forger.member(guarded, signed.stored_member(name(), "m9"))   # a good tag, of another set
+    assert signed.add_once(guarded, "m1") == (True, 1)
+    assert signed.add_once(guarded, "m1") == (False, 1)
+    assert signed.add_once(guarded, "m2", enough=2) == (True, 2)
+    assert signed.members(guarded) == ["m1", "m2"]
+    refusals = [r for r in caplog.records if "set members of" in r.getMessage()]
+    assert len(refusals) == 1 and guarded in refusals[0].getMessage()   # logged once (per name and instance)
+    assert "3 unsigned or forged" in refusals[0].getMessage()
+    assert coordination(KEY).add_once(guarded, "m2") == (False, 2)   # another instance agrees
+
+
+def test_forged_record_fields_are_read_without_a_key_and_ignored_with_one(broker_env, coordination):
+    plain, signed = coordination(), coordination(KEY)
+    forger = Forger(broker_env, plain)
+    open_record = name()
+    forger.record(open_record, {"completer": b"forged"})
+    assert plain.read(open_record) == {"completer": b"forged"}   # no key: trusted
+    guarded = name()
+    forger.record(guarded, {"completer": b"forged", "sent": b"1"})
+    assert signed.read(guarded) == {}                            # refused whole: an empty record
+    assert signed.compare_and_set(guarded, {}, {"completer": b"me"}) is True   # and replaced by the next write
+    assert signed.read(guarded) == {"completer": b"me"}
+    forger.record(guarded, {"sent": b"1"})                       # a forged field beside a good one
+    assert signed.read(guarded) == {"completer": b"me"}
+    assert signed.compare_and_set(guarded, {"completer": b"me"}, {"completer": b"me", "sent": b"2"}) is True
+    assert coordination(KEY).read(guarded) == {"completer": b"me", "sent": b"2"}
+    good = plain.read(guarded)["completer"]                      # a good value, copied to another field
+    other = name()
+    forger.record(other, {"completer": good})                    # ... or record: bound to its place
+    forger.record(guarded, {"sent": good})
+    assert signed.read(other) == {}
+    assert signed.read(guarded) == {"completer": b"me"}
+    assert plain.read(guarded)["completer"] != b"me"             # stored signed: not what the caller wrote
+
+
+def test_a_forged_lease_holder_starves_without_a_key_and_is_evicted_with_one(broker_env, coordination):
+    if broker_env.kind == "amqp":
+        pytest.skip("RabbitMQ: a place is an exclusive queue of its holder's connection; no holder id is "
+                    "stored to sign (docs/protocol.md)")
+    plain, signed = coordination(), coordination(KEY)
+    forger = Forger(broker_env, plain)
+    open_lease = name()
+    forger.holder(open_lease, "forged", 30)
+    assert plain.acquire(open_lease, "h1", 1, 30) is False      # no key: the forged holder holds it
+    guarded = name()
+    forger.holder(guarded, "forged~" + "0" * 64, 30)
+    assert signed.acquire(guarded, "h1", 1, 30) is True           # its place given back, then taken
+    assert signed.holders(guarded, 1) == ["h1"]
+    assert signed.renew(guarded, "h1", 30) is True
+    assert coordination(KEY).acquire(guarded, "h2", 1, 30) is False   # a good holder is never evicted
+    signed.release(guarded, "h1")
+    assert coordination(KEY).acquire(guarded, "h2", 1, 30) is True
+
+
+def test_without_a_key_what_is_stored_is_what_was_written(broker_env, coordination):
+    """No signing key: the wire is as before (members, values and holders as given)."""
+    plain = coordination()
+    s, r = name(), name()
+    plain.add_once(s, "m1")
+    plain.compare_and_set(r, {}, {"f": b"v"})
+    assert plain.members(s) == ["m1"] and plain.read(r) == {"f": b"v"} and not plain.signed
+    if broker_env.leases:
+        lease = name()
+        plain.acquire(lease, "h1", 2, 30)
+        assert plain.holders(lease, 2) == ["h1"]

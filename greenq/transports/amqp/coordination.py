@@ -47,7 +47,7 @@ import json
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Set, Tuple
 
 from ...coordination import Coordination, Record
 
@@ -192,7 +192,8 @@ class AMQPCoordination(Coordination):
             finally:
                 self.channel.queue_delete(mutex)
 
-    def add_once(self, name: str, member: str, ttl: Optional[float] = None) -> Tuple[bool, int]:
+    def add_once(self, name: str, member: str, ttl: Optional[float] = None,
+                 enough: Optional[int] = None) -> Tuple[bool, int]:
         def add(value: Any) -> Tuple[Any, Tuple[bool, int]]:
             members: Set[str] = set(value) if isinstance(value, list) else set()
             added = member not in members
@@ -200,6 +201,13 @@ class AMQPCoordination(Coordination):
             return sorted(members), (added, len(members))
         answer: Tuple[bool, int] = self._change(name, add, ttl)
         return answer
+
+    def members(self, name: str) -> List[str]:
+        found: List[str] = self._change(name, lambda value: (None, sorted(str(m) for m in value)
+                                                             if isinstance(value, list) else []), None)
+        return found
+
+    # holders(): none stored, a place is its connection (the module docstring)
 
     def read(self, name: str) -> Record:
         record: Record = self._change(name, lambda value: (None, _record(value)), None)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Dict, Mapping, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Set, Tuple
 
 from ...coordination import Coordination, Record
 
@@ -78,7 +78,8 @@ class MemoryCoordination(Coordination):
         with self._store.lock:
             self._store.leases.get(name, {}).pop(holder, None)
 
-    def add_once(self, name: str, member: str, ttl: Optional[float] = None) -> Tuple[bool, int]:
+    def add_once(self, name: str, member: str, ttl: Optional[float] = None,
+                 enough: Optional[int] = None) -> Tuple[bool, int]:
         with self._store.lock:
             now = time.monotonic()
             self._store.sweep(now)
@@ -89,6 +90,15 @@ class MemoryCoordination(Coordination):
             members.add(member)
             self._store.sets[name] = (members, _until(ttl, now))
             return added, len(members)
+
+    def members(self, name: str) -> List[str]:
+        with self._store.lock:
+            members, until = self._store.sets.get(name, (set(), FOREVER))
+            return sorted(members) if until > time.monotonic() else []
+
+    def holders(self, name: str, limit: int) -> List[str]:
+        with self._store.lock:
+            return list(self._store.live_holders(name, time.monotonic()))
 
     def read(self, name: str) -> Record:
         with self._store.lock:

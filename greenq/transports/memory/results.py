@@ -157,6 +157,6 @@ class MemoryBackend(ResultBackend):
             self._store.results.clear()
             self._store.revoked.clear()
             self._store.groups.clear()
-        coordination = self.coordination
+        coordination = getattr(self.coordination, "inner", self.coordination)   # under SignedCoordination
         if isinstance(coordination, MemoryCoordination):
             coordination.reset()

@@ -109,9 +109,21 @@ class RedisCoordination(Coordination):
         self._places.pop((name, holder), None)
 
     # -- add-once set --------------------------------------------------------------
-    def add_once(self, name: str, member: str, ttl: Optional[float] = None) -> Tuple[bool, int]:
+    def add_once(self, name: str, member: str, ttl: Optional[float] = None,
+                 enough: Optional[int] = None) -> Tuple[bool, int]:
         added, count = self._call("add_once", [self.key(name)], [member, _ms(ttl)])
         return bool(added), int(count)
+
+    def members(self, name: str) -> List[str]:
+        import redis
+        try:
+            return sorted(_text(m) for m in self.client.smembers(self.key(name)))
+        except redis.ResponseError:           # not a set: counts as empty
+            return []
+
+    def holders(self, name: str, limit: int) -> List[str]:
+        values = self.client.mget(self.place_keys(name, limit))   # a key not a string reads as None
+        return [_text(v) for v in values if v is not None]
 
     # -- compare-and-set record ------------------------------------------------
     def read(self, name: str) -> Record:

@@ -69,3 +69,5 @@ STATS = load("stats")
 PURGE = load("purge")
 #: Redis Cluster only (broker_cluster.py): dead letters back to their queue's streams
 DLQ_BACK = load("dlq_back")
+#: the result backend's (results.py): store chord members' results, count them, decide the completer
+CHORD_DONE = load("chord_done")

@@ -36,8 +36,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
 from ...reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
 from .client import FAILURES, TRANSIENT, Pool, make_client, refused
 from ...config import Config, mask_url
-from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
+from ...backends.base import REVOCATIONS_MAX, ChordCount, Record, Revocation, ResultBackend
 from ...coordination import Coordination
+from . import lua
 from .coordination import RedisCoordination
 
 T = TypeVar("T")
@@ -217,6 +218,7 @@ class RedisBackend(Reconnecting, ResultBackend):
         self._timeout = config.section("redis")["socket_timeout"] or 30.0
         self._store_script = self.client.register_script(STORE)
         self._check_in_script = self.client.register_script(CHECK_IN)
+        self._chord_done_script = self.client.register_script(lua.CHORD_DONE)
         self._listener = _Listener(self)
 
     def _key(self, kind: str, task_id: str) -> str:
@@ -330,7 +332,43 @@ class RedisBackend(Reconnecting, ResultBackend):
         self._call(lambda: self.client.delete(*(self._key(k, group_id) for k in ("group", "chord", "chordstate"))),
                    self._timeout, "forget group")
 
-    # chord_member_done / chord_sent: ResultBackend's, on this client's coordination
+    # chord_member_done / chord_sent: ResultBackend's, on this client's coordination;
+    # chord_members_done: one script (scripts/chord_done.lua) for the whole batch
+    counts_with_store = True
+
+    def chord_members_done(self, members: Sequence[ChordCount]) -> List[bool]:
+        """Store, count and decide in one round trip (scripts/chord_done.lua):
+        the script stores each member's record, adds the member to its
+        chord's set and, when the set is full, claims the chord's state for
+        it unless another member holds it, atomically: of members racing
+        (or run twice) exactly one is the completer, as with
+        ``chord_member_done``.  With a signing key the script only stores and
+        counts (it cannot check the set's tags): a member that finds the set
+        full goes on with ``chord_member_done``, which counts only the
+        members whose tag is good (greenq/coordination.py SignedCoordination)."""
+        if not members:
+            return []
+        coordination = self.coordination
+        decide = not coordination.signed
+        ttl = self.config.result_expires or None
+        keys: List[str] = []
+        args: List[Any] = [self.expires, int(ttl * 1000) if ttl else 0, 1 if decide else 0]
+        for m in members:
+            names = self._chord_names(m.group_id)
+            keys += [self._key("result", m.member_id), self._key("waiters", m.member_id),
+                     f"{self.prefix}:{names[0]}", f"{self.prefix}:{names[1]}"]
+            args += [m.member_id, b"" if m.record is None else (FINAL if m.record.final else PARTIAL) + bytes(m.record.data),
+                     coordination.stored_member(names[0], m.member_id), m.size]
+        replies = self._call(lambda: self._chord_done_script(keys=keys, args=args), self._timeout,
+                             "count chord members")
+        answers = []
+        for m, (_, count, decision) in zip(members, replies):
+            if decide:
+                answers.append(bool(decision))
+            else:
+                answers.append(int(count) >= m.size and self.chord_member_done(m.group_id, m.member_id, m.size))
+        return answers
+
     def _make_coordination(self) -> Coordination:
         return RedisCoordination(self.url, self.config, self.driver, client=self.client)
 

@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ...reconnect import Unreachable, reconnect_delay
 from .topology import CLUSTER_TRANSIENT, make_cluster_client
-from ...backends.base import Record
+from ...backends.base import ChordCount, Record, ResultBackend
 from .results import FINAL, PARTIAL, RedisBackend
 
 log = logging.getLogger("greenq.transports.redis.results_cluster")
@@ -45,12 +45,20 @@ class RedisClusterBackend(RedisBackend):
         super().__init__(url, config, driver)
         self.reconnector.transient = CLUSTER_TRANSIENT
 
+    #: a member's result and its chord's keys lie in different slots: no one
+    #: script can touch them all (ResultBackend.chord_members_done, on the
+    #: cluster's coordination)
+    counts_with_store = False
+
     def _key(self, kind: str, task_id: str) -> str:
         return f"{self.prefix}:{kind}:{{{task_id}}}"
 
     def _make_coordination(self) -> Any:
         from .coordination import RedisClusterCoordination
         return RedisClusterCoordination(self.url, self.config, self.driver, client=self.client)
+
+    def chord_members_done(self, members: Sequence[ChordCount]) -> List[bool]:
+        return ResultBackend.chord_members_done(self, members)
 
     def _chord_names(self, group_id: str) -> Tuple[str, str]:
         """The keys P:chord:{<id>}, P:chordstate:{<id>}, as _key names them."""
@@ -118,6 +126,13 @@ class RedisClusterBackend(RedisBackend):
 
     def _forget(self, task_id: str) -> None:
         self._call(lambda: self.client.delete(self._key("result", task_id)), self._timeout, "forget result")
+
+    def get_many(self, task_ids: Sequence[str]) -> List[Optional[bytes]]:
+        """The results in many slots: MGET split by slot (a chord's completer
+        reads its members' results with it)."""
+        keys = [self._key("result", t) for t in task_ids]
+        values = self._call(lambda: self.client.mget_nonatomic(keys), self._timeout, "get results") if keys else []
+        return [None if v is None else v[1:] for v in values]
 
     def _revoked(self, task_ids: Sequence[str]) -> Dict[str, bool]:
         """One attempt per master: the ids on a master that is away count as

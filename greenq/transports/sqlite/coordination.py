@@ -156,7 +156,8 @@ class SQLiteCoordination(Coordination):
         self._run(give_back)
 
     # -- add-once set ------------------------------------------------------------------
-    def add_once(self, name: str, member: str, ttl: Optional[float] = None) -> Tuple[bool, int]:
+    def add_once(self, name: str, member: str, ttl: Optional[float] = None,
+                 enough: Optional[int] = None) -> Tuple[bool, int]:
         def add(conn: sqlite3.Connection, now: float) -> Tuple[bool, int]:
             t = self._t
             conn.execute(f"DELETE FROM {t.set_members} WHERE name = ? AND expires_at <= ?", (name, now))
@@ -166,6 +167,19 @@ class SQLiteCoordination(Coordination):
             count = conn.execute(f"SELECT COUNT(*) FROM {t.set_members} WHERE name = ?", (name,)).fetchone()[0]
             return added, int(count)
         return self._run(add)
+
+    def members(self, name: str) -> List[str]:
+        def select(conn: sqlite3.Connection, now: float) -> List[str]:
+            return sorted(str(row[0]) for row in conn.execute(
+                f"SELECT member FROM {self._t.set_members} WHERE name = ? AND expires_at > ?", (name, now)))
+        return self._run(select)
+
+    def holders(self, name: str, limit: int) -> List[str]:
+        def select(conn: sqlite3.Connection, now: float) -> List[str]:
+            return [str(row[0]) for row in conn.execute(
+                f"SELECT holder FROM {self._t.leases} WHERE name = ? AND typeof(expires_at) IN ('real', 'integer') "
+                "AND expires_at > ?", (name, now))]
+        return self._run(select)
 
     # -- compare-and-set record ------------------------------------------------------
     def _record(self, conn: sqlite3.Connection, name: str, now: float) -> Record:

@@ -22,6 +22,8 @@ SHA1 = {
     "STATS": "d78682b40ca6be7deec83a72c250ef2caffa6570",
     "PURGE": "193f0dabcebb3b8c5c1d77e8ca4122df7b6a90f9",
     "DLQ_BACK": "a83d102d48e089372a121377cfd4aa4d644e9c43",
+    #: added with the chord's one-round-trip completion (results.py chord_members_done)
+    "CHORD_DONE": "acaff5e4ea51b90789dbef17b62f51185009fd34",
 }
 
 
