@@ -258,6 +258,9 @@ class GreenQ:
             if c.task_send_sent_event and not c.eager:
                 from .control.sent import SentPublisher
                 codec.sent_sink = SentPublisher(self)
+            if c.tracing and not c.eager:        # greenq/tracing.py; ConfigError without OpenTelemetry
+                from .tracing import Producer
+                codec.tracer = Producer()
             self._codec = codec
         return self._codec
 
