@@ -230,6 +230,9 @@ class GreenQ:
                     if self.driver is None:
                         self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
+                    if self.config.tracing and not self.config.eager:   # greenq/tracing.py:
+                        from .tracing import watch      # producer spans end once the broker has the message
+                        watch(broker)
                     conn = self._conn = _Connections(forks, broker)
         return conn
 

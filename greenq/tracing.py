@@ -31,15 +31,17 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
+from .brokers.base import Outgoing
 from .exceptions import ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from opentelemetry.context import Context
     from opentelemetry.trace import Link, Span
 
-    from .brokers.base import Outgoing
+    from .brokers.base import Broker
     from .hooks import Hooks
     from .message import Codec, TaskMessage
     from .task import Request, Task
@@ -140,10 +142,8 @@ class Producer:
         """``codec.outgoing(msg, sent)`` under a producer span, the message
         carrying the span's context.  A message moved to wait for its eta
         (``sent`` false) keeps the context it had, and makes no span."""
-        from opentelemetry import trace
         from opentelemetry.trace import SpanKind
 
-        from .brokers.base import Outgoing
         from .message import TRACED_FIELDS
         if not sent:
             return Outgoing(msg.queue, codec.encode(msg, TRACED_FIELDS), msg.id, msg.priority, msg.eta)
@@ -162,14 +162,11 @@ class Producer:
             if carried and carried.get("links"):       # the consumer span links to them too
                 trace_field["links"] = carried["links"]
             msg.trace = trace_field
-            out = Outgoing(msg.queue, codec.encode(msg, TRACED_FIELDS), msg.id, msg.priority, msg.eta)
-        except Exception as exc:
-            span.record_exception(exc)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-            span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
+            out = TracedOutgoing(msg.queue, codec.encode(msg, TRACED_FIELDS), msg.id, msg.priority, msg.eta,
+                                 span)
+        except BaseException as exc:
+            _ended(span, exc)
             raise
-        finally:
-            span.end()
         sink = codec.sent_sink
         if sink is not None:
             try:
@@ -195,6 +192,56 @@ class Producer:
                 links.append(_traceparent(span))
         if links:
             callback.setdefault("options", {})["trace"] = {"links": links}
+
+
+@dataclass
+class TracedOutgoing(Outgoing):
+    """A message to publish, with its producer span: ended once the broker
+    has it (``watch``).  One never published has no span (it is not ended,
+    so not exported)."""
+    span: Optional["Span"] = None
+
+
+def _ended(span: "Span", exc: Optional[BaseException] = None) -> None:
+    if exc is not None:
+        from opentelemetry import trace
+        span.record_exception(exc)
+        span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)[:1000]))
+        span.set_attribute(ERROR_TYPE, type(exc).__qualname__)
+    span.end()
+
+
+def _published(messages: Sequence[Outgoing], exc: Optional[BaseException] = None) -> None:
+    """End the producer spans of ``messages`` (published, or failed with ``exc``)."""
+    for message in messages:
+        span = getattr(message, "span", None)
+        if span is not None:
+            message.span = None  # type: ignore[attr-defined]  # a TracedOutgoing: its span ends once
+            _ended(span, exc)
+
+
+def watch(broker: "Broker") -> None:
+    """Make ``broker``'s publish calls end the producer spans of the messages
+    they publish, so that a span lasts until the broker has its message."""
+    publish, publish_many = broker.publish, broker.publish_many
+
+    def traced_publish(message: Outgoing) -> None:
+        try:
+            publish(message)
+        except BaseException as exc:
+            _published([message], exc)
+            raise
+        _published([message])
+
+    def traced_publish_many(messages: Sequence[Outgoing]) -> None:
+        try:
+            publish_many(messages)
+        except BaseException as exc:
+            _published(messages, exc)
+            raise
+        _published(messages)
+    broker.publish = traced_publish  # type: ignore[method-assign]  # this broker's own, tracing on
+    broker.publish_many = traced_publish_many  # type: ignore[method-assign]
 
 
 def _attributes(msg: "TaskMessage", operation: str) -> Dict[str, Any]:

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode  # noqa: E402
 
 from greenq import GreenQ, chain, chord, group  # noqa: E402
 from greenq.drivers import get_driver  # noqa: E402
+from greenq.exceptions import BrokerError  # noqa: E402
 from greenq.message import Codec, TaskMessage  # noqa: E402
 from greenq.worker.consumer import Worker  # noqa: E402
 
@@ -102,6 +103,22 @@ def test_a_send_and_its_run_are_one_trace_with_the_messaging_attributes():
                                         "messaging.greenq.message.delivery_count": 1,
                                         "messaging.greenq.task.state": "SUCCESS"}
     assert process.status.status_code == StatusCode.UNSET
+
+
+def test_the_send_span_lasts_until_the_broker_has_the_message_or_failed_to_take_it(tmp_path):
+    app = GreenQ("t", broker=f"sqlite:///{tmp_path / 'missing' / 'broker.sqlite3'}", config_file=False,
+                 tracing=True)
+
+    @app.task
+    def add(x, y):
+        return x + y
+    with pytest.raises(BrokerError, match="unable to open database file"):
+        add.delay(1, 2)
+    (send,) = spans(SpanKind.PRODUCER)
+    assert send.status.status_code == StatusCode.ERROR
+    assert send.attributes["error.type"] == "BrokerError"
+    assert [e.name for e in send.events] == ["exception"]
+    assert "unable to open database file" in send.events[0].attributes["exception.message"]
 
 
 def test_the_callers_span_is_the_parent_and_the_task_runs_under_its_consumer_span():
@@ -355,7 +372,8 @@ MISSING_SCRIPT = textwrap.dedent("""
     from greenq.exceptions import ConfigError
     from greenq.worker.consumer import Worker
     app = GreenQ("t", broker="memory://missing", config_file=False, tracing=True)
-    for start in (lambda: app.codec, lambda: Worker(app, get_driver("threads"), burst=True).run()):
+    for start in (lambda: app.codec, lambda: Worker(app, get_driver("threads"), queues=["default"], concurrency=1,
+                                                          burst=True).run()):
         try:
             start()
         except ConfigError as exc:
