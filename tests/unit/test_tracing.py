@@ -48,7 +48,7 @@ def sdk():
 
 def make_app(**kw):
     kw.setdefault("tracing", True)
-    return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", config_file=False, **kw)
+    return GreenQ("t", broker=f"memory://{time.monotonic_ns()}", config_file=False, eager=False, **kw)
 
 
 def run_worker(app, **kw):
