@@ -52,6 +52,8 @@ log = logging.getLogger("greenq.tracing")
 SYSTEM = "greenq"
 #: the most members a chord's callback links to (OpenTelemetry's default span link limit)
 MAX_LINKS = 128
+#: the most chord members' spans waiting for their message to be sent
+MAX_EARLY = 100000
 #: the process-duration histogram's buckets, in seconds (the semantic conventions' advice)
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
@@ -188,6 +190,8 @@ class Producer:
                 continue
             span = self._tracer.start_span("send", kind=SpanKind.PRODUCER)   # named when sent
             self._early[task_id] = span
+            while len(self._early) > MAX_EARLY:  # chords whose sending failed: forget the oldest
+                self._early.pop(next(iter(self._early)))
             if len(links) < MAX_LINKS and span.get_span_context().is_valid:
                 links.append(_traceparent(span))
         if links:
