@@ -230,6 +230,9 @@ class GreenQ:
                     if self.driver is None:
                         self.driver = detect_patched()
                     broker = make_broker(self.config.broker_url, self.config, self.driver)
+                    if self.config.tracing and not self.config.eager:   # greenq/tracing.py:
+                        from .tracing import watch      # producer spans end once the broker has the message
+                        watch(broker)
                     conn = self._conn = _Connections(forks, broker)
         return conn
 
@@ -258,6 +261,9 @@ class GreenQ:
             if c.task_send_sent_event and not c.eager:
                 from .control.sent import SentPublisher
                 codec.sent_sink = SentPublisher(self)
+            if c.tracing and not c.eager:        # greenq/tracing.py; ConfigError without OpenTelemetry
+                from .tracing import Producer
+                codec.tracer = Producer()
             self._codec = codec
         return self._codec
 

@@ -234,7 +234,10 @@ class MessageBuilder:
         msg.group_id = options.get("group_id")
         msg.chord_size = options.get("chord_size")
         msg.chord_result = options.get("chord_result")
+        msg.trace = options.get("trace")          # a chord callback's links (greenq/tracing.py)
         if parent is not None:
+            if parent.trace:                      # sent under the parent's span (greenq/tracing.py)
+                msg.trace = dict(parent.trace, **msg.trace) if msg.trace else parent.trace
             msg.parent_id = parent.id
             msg.root_id = parent.root_id or parent.id
             if not options.get("ignore_result"):

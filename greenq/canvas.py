@@ -381,6 +381,9 @@ class chord(Generic[R]):  # noqa: N801 - Celery's name
             return _send_record(app, body_record, (values,), {}, result)
         if not records:                       # nothing to wait for: the body runs now
             return _send_record(app, body_record, ([],), {}, result)
+        tracer = app.codec.tracer
+        if tracer is not None:                # the callback's spans link to the members' (greenq/tracing.py)
+            tracer.chord(records, body_record)
         app.backend.save_group(group_id, encode_group(app, group_id, results, body_record))
         _send_records(app, records, args, kwargs, results)
         return result

@@ -74,6 +74,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
         "task_send_sent_event": Setting("bool", False, "publish a task-sent event for every task this "
                                         "process sends (workers with -E always do)"),
+        "tracing": Setting("bool", False, "OpenTelemetry spans for each task sent and run, and the "
+                           "process-duration metric (needs opentelemetry-api; docs/tracing.md)"),
     },
     "worker": {
         "pool": Setting("choice:" + "|".join(POOLS), "gevent", "concurrency driver"),

@@ -27,6 +27,7 @@ from .signing import Signer
 
 if TYPE_CHECKING:  # pragma: no cover
     from .brokers.base import Outgoing
+    from .tracing import Producer
 
 log = logging.getLogger("greenq")
 
@@ -77,7 +78,25 @@ def _signatures(option: str, value: Any) -> Optional[list]:
     return value
 
 
+def _trace(option: str, value: Any) -> Optional[Dict[str, Any]]:
+    """The trace context a traced sender puts in a message (greenq/tracing.py):
+    string keys to strings (``traceparent``, ``tracestate``, ``baggage``),
+    and ``links``, a list of traceparents.  Only a hint: one that is not of
+    this shape is dropped, and the task runs as an untraced one."""
+    if not isinstance(value, dict) or len(value) > 16:
+        return None
+    for key, item in value.items():
+        if key == "links":
+            if not (isinstance(item, list) and len(item) <= 128
+                    and all(isinstance(link, str) and len(link) <= 256 for link in item)):
+                return None
+        elif not (isinstance(key, str) and len(key) <= 256 and isinstance(item, str) and len(item) <= 8192):
+            return None
+    return value
+
+
 #: the workflow fields (greenq.canvas), checked only when a message has one
+#: (and the trace context: optional as they are)
 _WORKFLOW_RULES = {
     "parent_id": _optional_str,
     "group_id": _optional_str,
@@ -86,6 +105,7 @@ _WORKFLOW_RULES = {
     "link": _signatures,
     "link_error": _signatures,
     "chain": _signatures,
+    "trace": _trace,
 }
 _WORKFLOW_KEYS = frozenset(_WORKFLOW_RULES)
 
@@ -204,6 +224,8 @@ class TaskMessage:
     link: Optional[list] = None       # signatures sent with the result on success
     link_error: Optional[list] = None  # signatures sent with the task id on failure
     chain: Optional[list] = None      # the chain's next steps, in order
+    #: the trace context (greenq/tracing.py): written only by a sender with [greenq] tracing on
+    trace: Optional[Dict[str, Any]] = None
 
     def for_retry(self, eta: Optional[float]) -> "TaskMessage":
         """The message that runs this call again at ``eta``: same id, one more retry."""
@@ -213,6 +235,9 @@ class TaskMessage:
 _HEADER_FIELDS = ("id", "task", "queue", "priority", "eta", "expires", "retries", "created",
                   "root_id", "time_limit", "soft_time_limit", "reply_to",
                   "parent_id", "group_id", "chord_size", "chord_result", "link", "link_error", "chain")
+#: with tracing on (greenq/tracing.py), the trace context too: a field older
+#: workers ignore, as they ignore every field they do not know
+TRACED_FIELDS = _HEADER_FIELDS + ("trace",)
 
 
 def _msgpack():
@@ -273,11 +298,15 @@ class Codec:
         self.max_size = max_size
         #: called with each task sent (``outgoing``): the task-sent events, when on
         self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
+        #: [greenq] tracing (greenq/tracing.py): makes ``outgoing``'s producer spans; None = off
+        self.tracer: Optional["Producer"] = None
 
     # -- tasks ---------------------------------------------------------------
-    def encode(self, msg: TaskMessage) -> bytes:
+    def encode(self, msg: TaskMessage, fields: Sequence[str] = _HEADER_FIELDS) -> bytes:
+        """``msg`` as the bytes a broker carries (``fields``: the envelope's
+        header fields; ``TRACED_FIELDS`` with tracing on)."""
         env: Dict[str, Any] = {"v": PROTOCOL, "ct": self.serializer}
-        for name in _HEADER_FIELDS:
+        for name in fields:
             value = getattr(msg, name)
             if value is not None:
                 env[name] = value
@@ -303,6 +332,8 @@ class Codec:
         ``sent``: a task sent (not a message moved to wait for its eta), which
         ``sent_sink`` hears of when one is set (task-sent events)."""
         from .brokers.base import Outgoing
+        if self.tracer is not None:             # one test when tracing is off
+            return self.tracer.outgoing(self, msg, sent)
         out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
         sink = self.sent_sink
         if sink is not None and sent:

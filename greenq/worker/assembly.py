@@ -95,6 +95,9 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
     started = StartedRecorder(codec, backend, bool(config.worker.get("track_started", False)))
     if started.default or any(t.option("track_started") for t in tasks):
         hooks.on("task_prerun", started)     # subscribers cost per task: only when needed
+    if config.tracing:                       # consumer spans (greenq/tracing.py), before the app's hooks
+        from ..tracing import instrument_worker
+        instrument_worker(hooks)
     hooks.extend(app.hooks)                  # the app's hooks run after the worker's own
     label = worker_name(name)
     reaper = Reaper(driver, lock, running, stopped)
