@@ -20,11 +20,14 @@ Every one is bound to the event loop it was started on.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Generic, List, Optional, Sequence, Set, Tuple, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import GreenQ
     from ..brokers.base import Outgoing
+
+I = TypeVar("I")
+O = TypeVar("O")
 
 
 class Waiters:
@@ -65,33 +68,33 @@ class Waiters:
                 event.set()
 
 
-class AsyncPublisher:
-    """Writes messages for asyncio callers (module docstring)."""
+class Batcher(Generic[I, O]):
+    """Gathers calls: the items submitted during one turn of the loop, and
+    while a batch is under way, go together to ``run(items)`` (at most
+    ``limit`` a batch), which returns one result per item.  One task runs
+    the batches, one after the other; a batch that raises raises in each of
+    its callers.  So N concurrent calls cost a few round trips, and no turn
+    of the loop packs more than ``limit`` of them."""
 
-    def __init__(self, app: "GreenQ") -> None:
-        self.app = app
-        self._batch: List[Tuple["Outgoing", "asyncio.Future[None]"]] = []
-        self._sender: Optional["asyncio.Task[None]"] = None
+    def __init__(self, run: Callable[[List[I]], Awaitable[List[O]]], limit: int = 100) -> None:
+        self._run = run
+        self._limit = limit
+        self._items: List[Tuple[I, "asyncio.Future[O]"]] = []
+        self._task: Optional["asyncio.Task[None]"] = None
 
-    async def start(self) -> None:
-        """Make what publishing needs (called once, before the first publish)."""
+    async def submit(self, item: I) -> O:
+        done: "asyncio.Future[O]" = asyncio.get_running_loop().create_future()
+        self._items.append((item, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._drain())
+        return await done
 
-    async def publish(self, message: "Outgoing") -> None:
-        """Write ``message``; returns once the broker has it (as a plain
-        ``publish`` does), or raises what the broker raised."""
-        done: "asyncio.Future[None]" = asyncio.get_running_loop().create_future()
-        self._batch.append((message, done))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.ensure_future(self._send())
-        await done
-
-    async def _send(self) -> None:
-        """Write what waits, batch after batch, until nothing does."""
+    async def _drain(self) -> None:
         await asyncio.sleep(0)          # let the callers of this turn of the loop join the batch
-        while self._batch:
-            batch, self._batch = self._batch, []
+        while self._items:
+            batch, self._items = self._items[:self._limit], self._items[self._limit:]
             try:
-                await self._publish_many([m for m, _ in batch])
+                results = await self._run([item for item, _ in batch])
             except BaseException as exc:
                 for _, done in batch:
                     if not done.done():
@@ -99,9 +102,42 @@ class AsyncPublisher:
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 continue
-            for _, done in batch:
+            for (_, done), result in zip(batch, results):
                 if not done.done():
-                    done.set_result(None)
+                    done.set_result(result)
+
+    def cancel(self) -> None:
+        """Stop the batches (closing): callers still waiting get CancelledError."""
+        task, self._task = self._task, None
+        if task is not None and not task.done():
+            task.cancel()
+        for _, done in self._items:
+            done.cancel()
+        self._items = []
+
+
+class AsyncPublisher:
+    """Writes messages for asyncio callers (module docstring)."""
+
+    #: most messages one ``_publish_many`` writes
+    batch_limit = 100
+
+    def __init__(self, app: "GreenQ") -> None:
+        self.app = app
+        self._batcher: Batcher["Outgoing", None] = Batcher(self._publish_batch, self.batch_limit)
+
+    async def start(self) -> None:
+        """Make what publishing needs (called once, before the first publish)."""
+
+    async def publish(self, message: "Outgoing") -> None:
+        """Write ``message``; returns once the broker has it (as a plain
+        ``publish`` does), or raises what the broker raised.  Concurrent
+        calls are written together (``Batcher``)."""
+        await self._batcher.submit(message)
+
+    async def _publish_batch(self, messages: List["Outgoing"]) -> List[None]:
+        await self._publish_many(messages)
+        return [None] * len(messages)
 
     async def aclose(self) -> None:
         """Release connections and threads."""

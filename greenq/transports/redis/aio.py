@@ -24,12 +24,12 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Optional, Sequence, Set
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence, Set, Tuple
 
 import redis
 import redis.asyncio as aredis
 
-from ...aio.base import AsyncPublisher, AsyncResults, deadline_of, wait_event
+from ...aio.base import AsyncPublisher, AsyncResults, Batcher, deadline_of, wait_event
 from ...backends import backend_url_for
 from ...config import Config, mask_url
 from ...exceptions import BrokerError
@@ -133,6 +133,7 @@ class RedisResults(AsyncResults):
         self._reader: Optional["asyncio.Task[None]"] = None
         self._subscribed = asyncio.Event()
         self._last_wait = 0.0
+        self._check_ins: Batcher[Tuple[str, int], Optional[bytes]] = Batcher(self._check_in_many)
 
     async def start(self) -> None:
         self._client = make_async_client(self.url, self.app.config, "aio", extra=1)   # +1: the subscription
@@ -162,20 +163,38 @@ class RedisResults(AsyncResults):
                                       "the result listener could not subscribe")
                 return None
             lifetime = int(timeout if timeout is not None else (self.expires or 86400)) + 60
-            keys = [self._key("result", task_id), self._key("waiters", task_id)]
             while True:
                 event.clear()
-                try:
-                    value = await self._check_in(keys=keys, args=[self.channel, lifetime])
-                except redis.RedisError as exc:
-                    raise self._error("wait for result", exc) from exc
-                if value is not None and value[:1] == FINAL:
-                    return bytes(value[1:])
+                value = await self._check_ins.submit((task_id, lifetime))
+                if value is not None:
+                    return value
                 if not await wait_event(event, deadline):
                     return None
         finally:
             self.waiters.remove(task_id, event)
             self._last_wait = time.monotonic()
+
+    async def _check_in_many(self, calls: List[Tuple[str, int]]) -> List[Optional[bytes]]:
+        """CHECK_IN for each (task id, seconds), in one pipelined round trip:
+        the final record of each, or None (and this client's channel added
+        to the task's waiters)."""
+        assert self._client is not None, "started"
+        for attempt in (1, 2):
+            pipe = self._client.pipeline(transaction=False)
+            for task_id, lifetime in calls:
+                pipe.evalsha(self._check_in.sha, 2, self._key("result", task_id), self._key("waiters", task_id),
+                             self.channel, lifetime)
+            try:
+                values = await pipe.execute()
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                await self._client.script_load(CHECK_IN)
+                continue
+            except redis.RedisError as exc:
+                raise self._error("wait for result", exc) from exc
+            return [bytes(v[1:]) if v is not None and v[:1] == FINAL else None for v in values]
+        raise AssertionError("unreachable")
 
     async def _listen(self) -> None:
         """The reader: subscribed to ``channel``, it wakes the waiters of
@@ -240,6 +259,7 @@ class RedisResults(AsyncResults):
             raise self._error("forget result", exc) from exc
 
     async def aclose(self) -> None:
+        self._check_ins.cancel()
         reader, self._reader = self._reader, None
         if reader is not None and not reader.done():
             reader.cancel()
