@@ -6,6 +6,10 @@ of its own).  Each test is one ``asyncio.run``; the client is closed with
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -323,3 +327,24 @@ def test_loop_stall_while_200_tasks_are_sent_and_awaited(env):
               f"stall: {idle.max_gap * 1000:.1f} ms)")
         assert ticker.max_gap < STALL_LIMIT
     run(env, scenario)
+
+
+# -- a gevent-patched process ------------------------------------------------------------------
+def test_gevent_patched_process(env):
+    """What docs/asyncio.md says of gevent: asyncio runs on gevent's selector,
+    the hub runs other greenlets (here a gevent worker and a ticker) while the
+    loop waits, round trips work on every broker, and a second asyncio.run()
+    in another greenlet of the same thread is refused."""
+    pytest.importorskip("gevent")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "tests", "integration", "aio_gevent_client.py")
+    proc = subprocess.run([sys.executable, script, env.url, env.config.key_prefix, env.queue],
+                          capture_output=True, text=True, timeout=180, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"\n[{env.kind}] gevent-patched: {seen}")
+    assert seen["selector"] == "GeventSelector" and seen["driver"] == "gevent"
+    assert seen["values_ok"] and seen["worker_stopped"] and seen["subscriptions"] == 1
+    assert seen["green_ticks_while_awaiting"] > 0
+    assert seen["nested_asyncio_run"].startswith("RuntimeError")
