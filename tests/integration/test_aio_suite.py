@@ -348,3 +348,46 @@ def test_gevent_patched_process(env):
     assert seen["values_ok"] and seen["worker_stopped"] and seen["subscriptions"] == 1
     assert seen["green_ticks_while_awaiting"] > 0
     assert seen["nested_asyncio_run"].startswith("RuntimeError")
+
+
+# -- Redis: the subscription survives a dropped connection --------------------------------------
+@pytest.fixture
+def redis_env(request, tmp_path):
+    e = AioEnv("redis", request, tmp_path)
+    yield e
+    e.teardown()
+
+
+@pytest.mark.redis
+def test_redis_waits_survive_a_killed_subscription(redis_env):
+    """CLIENT KILL of the subscribed connection while 20 aget wait: the
+    reader subscribes again and every waiter checks in again, so results
+    stored while it was away are not missed."""
+    import redis
+    from greenq.transports.redis.client import client_name
+    env = redis_env
+    name = client_name(env.config.key_prefix, "aio")
+
+    def subscribed_ids():
+        plain = redis.Redis.from_url(env.url)
+        try:
+            return [c["id"] for c in plain.client_list() if c.get("name") == name and int(c.get("sub", 0))]
+        finally:
+            plain.close()
+
+    async def scenario(app):
+        results = [await app.tasks["aio.add"].adelay(i, 100) for i in range(20)]
+        client = client_for(app)
+        waits = [asyncio.ensure_future(r.aget(timeout=30)) for r in results]
+        while len(client.results.waiters) < 20 or not client.results.subscriptions:
+            await asyncio.sleep(0.01)
+        first = await asyncio.to_thread(subscribed_ids)
+        assert len(first) == 1
+        plain = redis.Redis.from_url(env.url)
+        plain.client_kill_filter(_id=first[0])
+        plain.close()
+        env.start_worker()                          # results may be stored while the reader is away
+        assert await asyncio.gather(*waits) == [i + 100 for i in range(20)]
+        again = await asyncio.to_thread(subscribed_ids)
+        assert len(again) == 1 and again != first
+    run(env, scenario)
