@@ -594,7 +594,10 @@ class GroupResult(Generic[R]):
                     raise TimeoutError(f"group {self.id}: member {r.id} not ready after {timeout} s") from None
         finally:
             for wait in waits:
-                wait.cancel()
+                if wait.done() and not wait.cancelled():
+                    wait.exception()        # seen: a member that failed after the first failure
+                else:
+                    wait.cancel()
         return values
 
 

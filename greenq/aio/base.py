@@ -95,12 +95,14 @@ class Batcher(Generic[I, O]):
             batch, self._items = self._items[:self._limit], self._items[self._limit:]
             try:
                 results = await self._run([item for item, _ in batch])
+            except asyncio.CancelledError:
+                for _, done in batch:
+                    done.cancel()
+                raise
             except BaseException as exc:
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
                 continue
             for (_, done), result in zip(batch, results):
                 if not done.done():
@@ -140,11 +142,17 @@ class AsyncPublisher:
         return [None] * len(messages)
 
     async def aclose(self) -> None:
-        """Release connections and threads."""
+        """Stop writing (callers still waiting get CancelledError); release
+        connections and threads."""
+        self._batcher.cancel()
+        await self._close()
 
-    # -- primitive -------------------------------------------------------------
+    # -- primitives --------------------------------------------------------------
     async def _publish_many(self, messages: Sequence["Outgoing"]) -> None:
         raise NotImplementedError
+
+    async def _close(self) -> None:
+        """Release connections and threads."""
 
 
 class AsyncResults:
@@ -178,7 +186,9 @@ class AsyncResults:
         await self._forget(task_id)
 
     async def aclose(self) -> None:
-        """Stop the source of notifications; release connections and threads."""
+        """Stop the source of notifications (waiters still waiting get
+        CancelledError or time out); release connections and threads."""
+        await self._close()
 
     # -- primitives --------------------------------------------------------------
     async def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
@@ -191,6 +201,9 @@ class AsyncResults:
     async def _forget(self, task_id: str) -> None:
         """Default: the blocking backend's ``forget``, in a thread."""
         await asyncio.to_thread(self.app.backend.forget, task_id)
+
+    async def _close(self) -> None:
+        """Release connections and threads."""
 
 
 async def wait_event(event: asyncio.Event, deadline: Optional[float]) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import weakref
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from ..backends import backend_url_for
@@ -42,8 +41,10 @@ RESULTS = {"redis": "greenq.transports.redis.aio:RedisResults",
            "rpc": "greenq.transports.amqp.aio:RPCResults",
            "sqlite": "greenq.transports.sqlite.aio:SQLiteResults"}
 
-_clients: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Dict[GreenQ, AsyncClient]]" = \
-    weakref.WeakKeyDictionary()
+#: loop -> app -> client.  Not weak: a client's futures hold its loop, so a
+#: weak key would never go; the clients of closed loops are dropped instead
+#: whenever a client is made.
+_clients: "Dict[asyncio.AbstractEventLoop, Dict[GreenQ, AsyncClient]]" = {}
 
 
 def _load(reference: str) -> Any:
@@ -122,11 +123,11 @@ def client_for(app: "GreenQ") -> AsyncClient:
     child makes its own)."""
     loop = asyncio.get_running_loop()
     per_loop = _clients.get(loop)
-    if per_loop is None:
-        per_loop = _clients[loop] = {}
-    client = per_loop.get(app)
+    client = per_loop.get(app) if per_loop is not None else None
     if client is None or client._forks != _forks():
-        client = per_loop[app] = AsyncClient(app)
+        for other in [other for other in _clients if other.is_closed()]:
+            del _clients[other]        # ended without aclose: their sockets go with them
+        client = _clients.setdefault(loop, {})[app] = AsyncClient(app)
     return client
 
 

@@ -56,7 +56,7 @@ class ThreadedPublisher(AsyncPublisher):
     async def _publish_many(self, messages: Sequence["Outgoing"]) -> None:
         await self._thread.run(self.app.broker.publish_many, list(messages))
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         self._thread.close()
 
 
@@ -70,7 +70,8 @@ class PollingResults(AsyncResults):
         self._records: Dict[str, bytes] = {}          # final records found, while someone waits
         self._poller: Optional["asyncio.Task[None]"] = None
         self._kick = asyncio.Event()                  # a new waiter: poll now
-        self.polls = 0                                # queries made (tests and benchmarks)
+        self._rounds = 0                              # polls started
+        self.polls = 0                                # ... and finished (tests and benchmarks)
 
     @property
     def subscriptions(self) -> int:
@@ -79,6 +80,7 @@ class PollingResults(AsyncResults):
     async def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
         deadline = deadline_of(timeout)
         event = self.waiters.add(task_id)
+        first_round = self._rounds + 1                # the first poll that looks for this task
         try:
             if self._poller is None or self._poller.done():
                 self._poller = asyncio.ensure_future(self._poll())
@@ -88,7 +90,10 @@ class PollingResults(AsyncResults):
                 if data is not None:
                     return data
                 if not await wait_event(event, deadline):
-                    return self._records.get(task_id)
+                    if task_id in self._records or self.polls >= first_round:
+                        return self._records.get(task_id)
+                    # timed out before any poll looked (timeout=0): look once, as get(timeout=0) does
+                    return (await self._thread.run(self._final_many, [task_id])).get(task_id)
                 event.clear()
         finally:
             self.waiters.remove(task_id, event)
@@ -100,6 +105,7 @@ class PollingResults(AsyncResults):
         while len(self.waiters):
             self._kick.clear()
             ids = [t for t in self.waiters.ids() if t not in self._records]
+            self._rounds += 1
             found = await self._thread.run(self._final_many, ids) if ids else {}
             self.polls += 1
             for task_id, data in found.items():
@@ -129,7 +135,7 @@ class PollingResults(AsyncResults):
                     out[task_id] = data
         return out
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         poller, self._poller = self._poller, None
         if poller is not None and not poller.done():
             poller.cancel()

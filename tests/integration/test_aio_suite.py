@@ -219,6 +219,7 @@ def test_aready_and_aforget(env):
     async def scenario(app):
         r = await app.tasks["aio.add"].adelay(20, 22)
         assert await r.aget(timeout=10) == 42
+        assert await app.AsyncResult(r.id).aget(timeout=0) == 42     # stored: timeout=0 still looks once
         fresh = app.AsyncResult(r.id)
         assert await fresh.aready()
         await fresh.aforget()

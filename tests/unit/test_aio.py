@@ -118,3 +118,20 @@ def test_a_bad_option_is_refused_before_anything_is_sent():
         await aclose(app)
     asyncio.run(main())
     app.close()
+
+
+def test_timeout_zero_looks_once_for_a_stored_result():
+    """aget(timeout=0), as get(timeout=0): a stored result is found even
+    though no poll has run yet; a missing one times out at once."""
+    from greenq import TimeoutError as GreenqTimeout
+    from greenq.result import SUCCESS, make_meta
+    app = GreenQ("z", broker="memory://aio-zero", config_file=False)
+
+    async def main():
+        app.backend.store("done-1", app.codec.encode_result(make_meta("done-1", SUCCESS, result=7)))
+        assert await app.AsyncResult("done-1").aget(timeout=0) == 7
+        with pytest.raises(GreenqTimeout):
+            await app.AsyncResult("missing-1").aget(timeout=0)
+        await aclose(app)
+    asyncio.run(main())
+    app.close()

@@ -57,7 +57,11 @@ class RPCResults(AsyncResults):
         return backend._replies
 
     def _final(self, task_id: str) -> Optional[bytes]:
-        replies = self._replies()
+        """The final record of ``task_id`` in the reply queue's cache (never
+        connects: the loop's side)."""
+        replies = getattr(self.app.backend, "_mine")()
+        if replies is None:
+            return None
         with replies.cond:
             found = replies.results.get(task_id)
         return found[0] if found is not None and found[1] else None
@@ -142,7 +146,7 @@ class RPCResults(AsyncResults):
         for task_id in task_ids:
             self.waiters.wake(task_id)
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         with self._lock:
             self._stop = True
             thread = self._thread

@@ -111,7 +111,7 @@ class RedisPublisher(AsyncPublisher):
             break
         self._registered.update(new_queues)
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose(close_connection_pool=True)
@@ -161,7 +161,7 @@ class RedisResults(AsyncResults):
                 if self._reader.done() or timeout is None:
                     raise BrokerError(f"wait for result: redis result backend {mask_url(self.url)}: "
                                       "the result listener could not subscribe")
-                return None
+                return await self._final_now(task_id)     # timed out before subscribing (timeout=0): look once
             lifetime = int(timeout if timeout is not None else (self.expires or 86400)) + 60
             while True:
                 event.clear()
@@ -243,13 +243,22 @@ class RedisResults(AsyncResults):
         return bool(self.idle_close) and not len(self.waiters) and \
             time.monotonic() - self._last_wait > self.idle_close
 
-    async def _get(self, task_id: str) -> Optional[bytes]:
+    async def _read(self, task_id: str) -> Optional[bytes]:
+        """The stored value: b"F" (final) or b"P", then the record."""
         assert self._client is not None, "started"
         try:
             value: Optional[bytes] = await self._client.get(self._key("result", task_id))   # type: ignore[assignment]  # bytes: no decode_responses
         except redis.RedisError as exc:
             raise self._error("get result", exc) from exc
+        return value
+
+    async def _get(self, task_id: str) -> Optional[bytes]:
+        value = await self._read(task_id)
         return None if value is None else value[1:]
+
+    async def _final_now(self, task_id: str) -> Optional[bytes]:
+        value = await self._read(task_id)
+        return value[1:] if value is not None and value[:1] == FINAL else None
 
     async def _forget(self, task_id: str) -> None:
         assert self._client is not None, "started"
@@ -258,7 +267,7 @@ class RedisResults(AsyncResults):
         except redis.RedisError as exc:
             raise self._error("forget result", exc) from exc
 
-    async def aclose(self) -> None:
+    async def _close(self) -> None:
         self._check_ins.cancel()
         reader, self._reader = self._reader, None
         if reader is not None and not reader.done():
