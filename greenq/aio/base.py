@@ -42,6 +42,9 @@ class Waiters:
     def __len__(self) -> int:
         return sum(len(events) for events in self._events.values())
 
+    def __contains__(self, task_id: str) -> bool:
+        return task_id in self._events
+
     def ids(self) -> List[str]:
         """The task ids someone waits for."""
         return list(self._events)

@@ -97,7 +97,7 @@ class PollingResults(AsyncResults):
                 event.clear()
         finally:
             self.waiters.remove(task_id, event)
-            if task_id not in self.waiters.ids():
+            if task_id not in self.waiters:
                 self._records.pop(task_id, None)
 
     async def _poll(self) -> None:
