@@ -387,6 +387,19 @@ class GreenQ:
         finally:
             control.close()
 
+    # -- asyncio (greenq/aio/, docs/asyncio.md) --------------------------------
+    async def asend_task(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                         **options: Any) -> _AsyncResult:
+        """``send_task`` for asyncio callers: the same message (built and
+        encoded as ``send_task`` does), published without blocking the event
+        loop, through the running loop's client of this app
+        (``greenq.aio.client_for``).  Eager mode runs the task here, as
+        ``send_task`` does."""
+        if self.config.eager:
+            return self.send_task(name, args, kwargs, **options)
+        from .aio import client_for
+        return await client_for(self).send(name, args, kwargs, options)
+
     # -- configuration -------------------------------------------------------
     def exception_modules(self) -> "set[str]":
         """Modules whose exceptions a result may be rebuilt as: builtins,

@@ -564,6 +564,45 @@ class GroupResult(Generic[R]):
         for r in self.results:
             r.revoke(terminate=terminate)
 
+    # -- asyncio (docs/asyncio.md) ---------------------------------------------
+    @overload
+    async def aget(self, timeout: Optional[float] = None, propagate: "Literal[True]" = True,
+                   disable_sync_subtasks: bool = True) -> List[R]: ...
+
+    @overload
+    async def aget(self, timeout: Optional[float] = None, *, propagate: bool,
+                   disable_sync_subtasks: bool = True) -> List[Union[R, BaseException]]: ...
+
+    @overload
+    async def aget(self, timeout: Optional[float], propagate: bool,
+                   disable_sync_subtasks: bool = True) -> List[Union[R, BaseException]]: ...
+
+    async def aget(self, timeout: Optional[float] = None, propagate: bool = True,
+                   disable_sync_subtasks: bool = True) -> List[Any]:
+        """``get`` for asyncio callers: every member waited for at once (on
+        the app's shared notifications); values in order, the first failure
+        in order raised (the other waits cancelled), or with
+        ``propagate=False`` put in the list.  ``timeout`` bounds the whole wait."""
+        import asyncio
+        if disable_sync_subtasks:
+            assert_will_not_block()
+        waits = [asyncio.ensure_future(r.aget(timeout=timeout, propagate=propagate, disable_sync_subtasks=False))
+                 for r in self.results]
+        values = []
+        try:
+            for r, wait in zip(self.results, waits):
+                try:
+                    values.append(await wait)
+                except TimeoutError:
+                    raise TimeoutError(f"group {self.id}: member {r.id} not ready after {timeout} s") from None
+        finally:
+            for wait in waits:
+                if wait.done() and not wait.cancelled():
+                    wait.exception()        # seen: a member that failed after the first failure
+                else:
+                    wait.cancel()
+        return values
+
 
 def signature(app: "GreenQ", name: "Union[str, Dict[str, Any], Signature[Any]]", args: Sequence[Any] = (),
               kwargs: Optional[Dict[str, Any]] = None, immutable: bool = False, **options: Any) -> "Signature[Any]":

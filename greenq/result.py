@@ -285,6 +285,50 @@ class AsyncResult(Generic[R]):
         """Stop the task: not run if not started; with ``terminate``, killed if running."""
         self.app.control_revoke(self.id, terminate=terminate)
 
+    # -- asyncio (docs/asyncio.md): the running loop's client of the app -------
+    @overload
+    async def aget(self, timeout: Optional[float] = None, propagate: Literal[True] = True,
+                   disable_sync_subtasks: bool = True) -> R: ...
+
+    @overload
+    async def aget(self, timeout: Optional[float] = None, *, propagate: bool,
+                   disable_sync_subtasks: bool = True) -> Union[R, BaseException]: ...
+
+    @overload
+    async def aget(self, timeout: Optional[float], propagate: bool,
+                   disable_sync_subtasks: bool = True) -> Union[R, BaseException]: ...
+
+    async def aget(self, timeout: Optional[float] = None, propagate: bool = True,
+                   disable_sync_subtasks: bool = True) -> Any:
+        """``get`` for asyncio callers: waits without blocking the event loop,
+        on the notifications the app's client shares among all its waiters."""
+        if disable_sync_subtasks:
+            assert_will_not_block()
+        meta = self._meta if self._meta and self._meta.get("state") in READY_STATES else None
+        if meta is None:
+            from .aio import client_for
+            data = await client_for(self.app).wait(self.id, timeout)
+            if data is None:
+                import asyncio
+                raise TimeoutError(await asyncio.to_thread(self._timeout_message, timeout))
+            meta = self._meta = self._decode(data)
+        return self._outcome(meta, propagate)
+
+    async def aready(self) -> bool:
+        """``ready`` for asyncio callers."""
+        if self._meta is None or self._meta.get("state") not in READY_STATES:
+            from .aio import client_for
+            data = await client_for(self.app).get(self.id)
+            if data is not None:
+                self._meta = self._decode(data)
+        return self._meta is not None and self._meta.get("state") in READY_STATES
+
+    async def aforget(self) -> None:
+        """``forget`` for asyncio callers."""
+        from .aio import client_for
+        self._meta = None
+        await client_for(self.app).forget(self.id)
+
 
 class EagerResult(AsyncResult[R]):
     """The finished result of a task run inline (eager mode)."""
@@ -321,6 +365,9 @@ class EagerResult(AsyncResult[R]):
 
     def revoke(self, terminate: bool = False) -> None:
         pass
+
+    async def aforget(self) -> None:
+        self.forget()
 
 
 def make_meta(task_id: str, state: str, *, result: Any = None, exc: Optional[BaseException] = None,

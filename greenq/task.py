@@ -237,6 +237,17 @@ class Task(Generic[P, R]):
         finally:
             set_request(previous)
 
+    # -- asyncio (docs/asyncio.md) --------------------------------------------
+    async def adelay(self, *args: P.args, **kwargs: P.kwargs) -> "AsyncResult[R]":
+        """``delay`` for asyncio callers: the same message, published without
+        blocking the event loop."""
+        return await self.aapply_async(args, kwargs)
+
+    async def aapply_async(self, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,
+                           **options: Any) -> "AsyncResult[R]":
+        """``apply_async`` for asyncio callers (every option, checked the same way)."""
+        return await self.app.asend_task(self.name, args, kwargs, **options)
+
 
 def make_task(app: "GreenQ", fn: Callable[..., Any], name: Optional[str], bind: bool,
               options: Dict[str, Any]) -> Task:
