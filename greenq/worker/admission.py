@@ -15,19 +15,42 @@ the task answers with a :class:`Decision`:
   seconds): published again with that eta and acknowledged, as a message
   that came before its eta is.
 
-Waiters are served per step and *wait key* (``step.key(job)``, e.g. the
-task's name for the rate limiter, a resource's name for permits) in arrival
-order: a job offered while others wait on the same key parks behind them
-without asking the step, and only the head of a queue is asked again.  A
-step with ``by_priority`` serves a higher message priority first, then
-arrival order (the permits do; the rate limiter keeps arrival order).
+Waiters are served per step and *wait queue* (``step.key(job)``, e.g. the
+task's name for the rate limiter; one queue for every permit waiter), and in
+a queue *per need* (``step.needs(job, key)``: by default the key itself; for
+permits, the resources a task names): a job is asked only if no job before it
+in the queue waits for one of its needs.  A job that is refused (told WAIT),
+or that is skipped so, *blocks* its needs for the jobs after it: nobody
+overtakes a job on a need it waits for, whatever else either needs.  A job
+offered while jobs wait for one of its needs parks behind them without
+asking the step.  A step with ``by_priority`` orders its queue by higher
+message priority first, then arrival (the permits do; the rate limiter keeps
+arrival order).  The price of that order: a free permit of one resource can
+stay unused while the first task waiting for it waits for another resource
+of its set.
 
 A step with ``frees_room`` (the permits) parks jobs that do *not* count
-against ``prefetch``: a worker whose prefetch is full of tasks waiting for a
-saturated resource still fetches tasks that need none (no head-of-line
-blocking).  Instead, at most ``max_waiting`` jobs (the worker's prefetch)
-wait per key there; one more is deferred back to the broker, due
-``overflow_backoff`` seconds later, for a worker that has permits.
+against ``prefetch`` nor ``prefetch_bytes`` once refused: a worker whose
+prefetch is full of tasks waiting for a saturated resource still fetches
+tasks that need none (no head-of-line blocking).  Instead, at most
+``max_waiting`` jobs (the worker's prefetch) and ``max_waiting_bytes`` bytes
+of bodies (its prefetch_bytes; one job may always wait, however big) wait per
+need there; one more is deferred back to the broker, due ``overflow_backoff``
+seconds later, for a worker that has permits.
+
+A step that ``reserves_runner`` (the permits) grants, in a worker's chain
+(``pull``), only to a runner that is free: the runners call ``take`` before
+they take the next job of the run queue, and a job that step would let run
+is admitted there, for that runner, which runs it at once.  What it holds
+(permits) is so never held by a job queued for a runner, and tasks that wait
+for the same permits inside their runner slot (``with app.resource(...)``)
+cannot take every runner while admitted jobs hold the permits they wait for.
+A job offered to such a step is parked *fresh* (not asked yet; it counts
+against prefetch like a job in the run queue) and a ``TAKE`` is put in the
+run queue to bring a free runner; when its permits come back, the chain is
+woken the same way.  Such steps stay last in the chain (``add``).  Without
+``pull`` (a chain with no runners, as in tests), they grant where they are
+asked, like the others.
 
 After the job ends (it ran, or it was returned unstarted), ``release(job)``
 is called on every step that answered RUN for it, newest first.
@@ -44,8 +67,9 @@ that step); and a step with ``wait_warning`` seconds hears
 about every ``WATCH_EVERY`` seconds, and again at the admission).  A job that
 never parks costs nothing for either.
 
-A step's ``admit`` runs in the consumer's greenlet (for a newly fetched job)
-or in the admission greenlet (for a parked one), under the admission lock:
+A step's ``admit`` runs in the consumer's greenlet (for a newly fetched job),
+in the admission greenlet (for a parked one) or in a free runner (``take``),
+under the admission lock:
 it must be quick and must not block.  A step that needs a remote answer
 (a permit kept in Redis) answers WAIT with an ``until`` and asks again.
 """
