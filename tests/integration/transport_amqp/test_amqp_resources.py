@@ -6,7 +6,6 @@ need none (docs/resources.md, "Head of line")."""
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 
 import pytest
