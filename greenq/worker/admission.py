@@ -326,9 +326,9 @@ class Waiters:
         """Does a refused job wait for one of ``needs``?"""
         return any(need in self.counts for need in needs)
 
-    def entries(self) -> List[List[Any]]:
-        """A copy of the entries, in order."""
-        return list(self._entries)
+    def live(self) -> List[List[Any]]:
+        """The entries themselves, in order (``remove`` deletes from this list)."""
+        return self._entries
 
     def older(self, before: float) -> List[Tuple["Job", float]]:
         """The refused jobs parked before ``before`` not said to wait long yet (now marked so), with when."""
@@ -601,13 +601,18 @@ class Admission:
         step = queue_key[0]
         blocked: Set[Hashable] = set()
         more = freed = False
-        for entry in waiting.entries():
+        entries = waiting.live()            # walked in place: an entry taken out is not stepped over
+        at = 0
+        while at < len(entries):
+            entry = entries[at]
             needs, job = entry[4], entry[3]
             if not waiting.fresh and len(blocked) >= len(waiting.present) and blocked.issuperset(waiting.present):
                 break                                       # every job left waits behind another
             if not blocked.isdisjoint(needs):
                 blocked.update(needs)
-                freed |= self._hold(step, waiting, entry, deferred)
+                held, refused_now = self._hold(step, waiting, entry, deferred)
+                freed |= refused_now
+                at += held
                 continue
             if grants is not None and grants <= 0:
                 more = True
@@ -617,7 +622,9 @@ class Admission:
                 blocked.update(needs)
                 if decision.until is not None:
                     heapq.heappush(self._due, (decision.until, next(self._seq), queue_key))
-                freed |= self._hold(step, waiting, entry, deferred)
+                held, refused_now = self._hold(step, waiting, entry, deferred)
+                freed |= refused_now
+                at += held
                 continue
             refused = entry[6]
             warned = self._remove(step, waiting, entry)
@@ -630,17 +637,18 @@ class Admission:
         return more, freed
 
     def _hold(self, step: AdmissionStep, waiting: Waiters, entry: List[Any],
-              deferred: List[Tuple["Job", Optional[float]]]) -> bool:
-        """A fresh job found it must wait: refused now (it stops counting against
-        prefetch), or deferred if that goes over the step's bounds.  True when refused."""
+              deferred: List[Tuple["Job", Optional[float]]]) -> Tuple[int, bool]:
+        """A job found it must wait.  A fresh one is refused now (it stops
+        counting against prefetch), or deferred if that goes over the step's
+        bounds.  Returns (1 if it stays parked else 0, whether room was freed)."""
         if entry[6]:
-            return False
+            return 1, False
         if self._full(step, waiting, entry[4], entry[5]):
             self._remove(step, waiting, entry)
             deferred.append((entry[3], time.time() + step.overflow_backoff))
-            return False
+            return 0, False
         self._refuse(step, waiting, entry)
-        return step.frees_room
+        return 1, step.frees_room
 
     def serve(self) -> None:
         """Ask the jobs of the queues that are due or woken again; go on with
