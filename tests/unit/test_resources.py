@@ -396,6 +396,16 @@ def test_in_a_worker_a_permit_is_taken_only_for_a_free_runner():
     assert worker.runq.get(block=False) is TAKE                             # the next free runner's turn
     assert worker.admission.take(True) is second and pool.in_use() == 2
     assert worker.admission.take(False) is None and worker.admission.parked == 0
+    third = fake_job(3, body=b"x" * 10)
+    worker.admission.offer(third)
+    assert worker.admission.exempt == 0 and worker.admission.take(True) is None    # asked: pg is full
+    assert worker.admission.exempt == 1 and worker.admission.exempt_bytes == 10   # refused: waits, exempt
+    worker.admission.step("permits").release(first)
+    assert worker.admission.take(False) is third and worker.admission.exempt == 0
+    # a step added later goes before the permits: what they grant goes to a runner at once
+    from greenq.worker.admission import RateLimit
+    worker.admission.add(RateLimit())
+    assert [step.name for step in worker.admission.steps] == ["rate_limit", "permits"]
     app.close()
 
 
