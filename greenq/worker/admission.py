@@ -362,11 +362,11 @@ Admitted = Tuple["Job", AdmissionStep, float, bool, bool]
 class Admission:
     """The worker's chain of admission steps and the jobs parked in it.
 
-    ``run(job)`` puts an admitted job in the run queue; ``defer(job, eta)``
+    ``run(job)`` puts an admitted job (or a ``TAKE``) in the run queue; ``defer(job, eta)``
     hands a deferred one to the settler.  ``loop`` (a control greenlet)
     offers parked jobs again when their time comes or their key is woken.
     With ``pull`` (a worker's chain: its runners call ``take``), the steps
-    that ``reserve_runner`` grant in a free runner only (see the module
+    that ``reserves_runner`` grant in a free runner only (see the module
     docstring)."""
 
     def __init__(self, driver: "Driver", run: Callable[[Any], None],
