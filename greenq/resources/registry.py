@@ -52,8 +52,9 @@ def check_tasks(tasks: Iterable[Any], settings: Mapping[str, Any]) -> None:
 
 
 def wait_keys(tasks: Iterable[Any]) -> int:
-    """How many wait keys the permits step may have (each holds up to prefetch waiting messages)."""
-    return len({tuple(sorted(t.option("resources"))) for t in tasks if t.option("resources")})
+    """How many resources the tasks name: the permits step holds up to prefetch
+    waiting messages per resource (a task naming two counts for both)."""
+    return len({name for t in tasks for name in (t.option("resources") or ())})
 
 
 class Resources:

@@ -1,21 +1,33 @@
 """The admission step of tasks with ``resources={"pg": 1}``: all their permits, or wait.
 
-``Permits`` concerns the tasks whose ``resources`` option names something;
-its wait key is the sorted tuple of the resource names, so tasks needing the
-same resources queue together.  ``admit`` takes every permit the task names,
-or none (what it took is given back at once): two tasks each holding half of
-what they need would wait for each other for ever.  When it cannot, the task
-WAITs, parked by the admission chain without a runner slot; a release wakes
-the keys that name the freed resource, so the head waiter is asked again at
+``Permits`` concerns the tasks whose ``resources`` option names something.
+They all wait in one queue (``KEY``), and what each waits for (its *needs*,
+``AdmissionStep.needs``) is the resources it names: the chain serves that
+queue in order of priority then arrival *per resource*, so a task is not
+asked while one before it waits for one of the resources it names, whatever
+else either needs (greenq/worker/admission.py, ``Admission._scan``).
+
+``admit`` takes every permit the task names, or none (what it took is given
+back at once): two tasks each holding part of what they need would wait for
+each other for ever.  When it cannot, the task WAITs, parked by the chain
+without a runner slot, and it keeps the resources it names from the tasks
+after it; a release wakes the queue, so the first waiters are asked again at
 once.  A host or cluster pool is also freed by other processes, which cannot
 wake us: their waiters are asked again every ``REMOTE_POLL`` seconds too.
 
-The step ``frees_room`` (greenq/worker/admission.py): its waiters do not count
-against the worker's prefetch, so tasks needing no permit are still fetched
-and run while others wait, and at most ``prefetch`` of them wait per key
-(the next one goes back to the broker for a worker that has permits).  It
-orders its waiters ``by_priority``: a higher message priority first, then
-arrival order.
+The step ``reserves_runner``: in a worker its permits are granted only in a
+runner that is free and runs the task at once (``Admission.take``), so a
+permit is never held by a task queued for a runner.  Tasks that call
+``with app.resource(...)`` inside their runner slot then cannot hold every
+runner while admitted tasks hold the permits they wait for (the deadlock of
+mixing the two ways on one resource).
+
+The step ``frees_room``: its waiters count against neither the worker's
+``prefetch`` nor its ``prefetch_bytes``, so tasks needing no permit are still
+fetched and run while others wait; instead at most ``prefetch`` of them (and
+``prefetch_bytes`` bytes of their bodies) wait per resource (the next one
+goes back to the broker for a worker that has permits).  It orders its
+waiters ``by_priority``: a higher message priority first, then arrival.
 
 The chain times each wait (``waited``): the step keeps, per resource, how
 long the tasks that got its permits had waited (greenq/resources/observe.py,
@@ -31,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Tuple
 
 from ..worker.admission import RUN, AdmissionStep, Decision, wait
 from .base import PermitPool
@@ -46,6 +58,8 @@ log = logging.getLogger("greenq.resources")
 
 #: seconds between two asks of a waiter whose permits come from a host or cluster pool
 REMOTE_POLL = 0.075
+#: the one wait queue of the step (what each task waits for is its needs: the resources it names)
+KEY = "permits"
 
 
 def task_resources(job: "Job") -> Optional[Dict[str, int]]:
@@ -64,6 +78,7 @@ class Permits(AdmissionStep):
     task_options = ("resources",)
     by_priority = True
     frees_room = True
+    reserves_runner = True
 
     def __init__(self, resources: "Resources", clock: Callable[[], float] = time.monotonic,
                  wait_warning: float = 0.0) -> None:
@@ -75,20 +90,14 @@ class Permits(AdmissionStep):
         self.waits: Dict[str, WaitTimes] = {}
         self._held: Dict[int, List[Tuple[PermitPool, str, str]]] = {}   # id(job) -> (pool, resource, holder)
         self._since: Dict[int, float] = {}                              # id(job) -> when it took them
-        self._keys: Dict[str, Set[Tuple[str, ...]]] = {}                # resource -> the wait keys naming it
         resources.on_release(self._released)
 
     def key(self, job: "Job") -> Optional[Hashable]:
-        wanted = task_resources(job)
-        if not wanted:
-            return None
-        key = tuple(sorted(wanted))
-        for name in key:
-            keys = self._keys.get(name)
-            if keys is None:
-                keys = self._keys[name] = set()
-            keys.add(key)
-        return key
+        return KEY if task_resources(job) else None
+
+    def needs(self, job: "Job", key: Hashable) -> Tuple[Hashable, ...]:
+        """The resources ``job`` names: it is served in order among the waiters of each."""
+        return tuple(sorted(task_resources(job) or ()))
 
     def admit(self, job: "Job") -> Decision:
         wanted = task_resources(job)
@@ -160,6 +169,5 @@ class Permits(AdmissionStep):
         return len(self._held)
 
     def _released(self, name: str) -> None:
-        """A permit of ``name`` came back (here or through ``app.resource``): ask its waiters again."""
-        for key in list(self._keys.get(name, ())):
-            self.wake(key)
+        """A permit of ``name`` came back (here or through ``app.resource``): ask the waiters again."""
+        self.wake(KEY)

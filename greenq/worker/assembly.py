@@ -121,6 +121,8 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
         finish(job, jobs.DEFER, reason="deferred by admission")
 
     admission = Admission(driver, run=runq.put, defer=defer)
+    admission.pull = True                    # the runners take what the permits step grants (take)
+    admission.on_room = room.set
     if any(t.option("rate_limit") for t in tasks):
         admission.add(RateLimit())
     resources = Resources(config, app_key=config.key_prefix, driver=driver)
@@ -130,6 +132,7 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
         admission.add(Permits(resources, wait_warning=float(config.worker.get("resource_wait_warning", 30.0))))
     runners = Runners(driver, runq, hooks, broker, lock=lock, running=running,
                       revoked=revocations.ids, reaper=reaper, finish=finish,
-                      settle=settle, release=admission.release, stopping=lambda: stop.state)
+                      settle=settle, release=admission.release, stopping=lambda: stop.state,
+                      take=admission.take)
     return WorkerParts(label, lock, running, runq, room, stopped, stop, held, backend, stats, hooks,
                        reaper, revocations, settler, admission, runners, finish, resources)

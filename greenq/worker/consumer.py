@@ -49,7 +49,7 @@ from ..resources.observe import WaitTimes, resource_stats
 from ..resources.registry import wait_keys
 from ..resources.step import Permits
 from ..validation import MAX_PREFETCH
-from .admission import AdmissionStep, RateLimit
+from .admission import TAKE, AdmissionStep, RateLimit
 from .assembly import WorkerParts, assemble
 from .jobs import Job
 from .runners import KILLS
@@ -129,6 +129,7 @@ class Worker:
         self.finish = parts.finish               # finish(job, outcome, reason=None): to the settler unrun
         self.resources = parts.resources         # the permit pools (greenq/resources/)
         self.admission.max_waiting = self.prefetch   # at most prefetch jobs wait per resource
+        self.admission.max_waiting_bytes = self.prefetch_bytes   # ... and prefetch_bytes bytes
 
     # -- the shared state, as the Worker's own attributes ----------------------
     @property
@@ -234,8 +235,8 @@ class Worker:
 
     def _set_broker_prefetch(self, always: bool = False) -> None:
         """AMQP: ``basic_qos`` follows the pool, plus room for the tasks
-        waiting for permits (up to prefetch per wait key), which RabbitMQ
-        counts as unacknowledged like any other."""
+        waiting for permits (up to prefetch per resource the tasks name),
+        which RabbitMQ counts as unacknowledged like any other."""
         set_prefetch = getattr(self.broker, "set_prefetch", None)
         if set_prefetch is None:
             return
@@ -376,11 +377,14 @@ class Worker:
         room only while a message of the largest size (``body_limit``) fits
         in them, or while nothing is held: the worker never goes over
         ``prefetch_bytes``, except by holding one message bigger than it."""
-        byte_room = self.prefetch_bytes - self._held.bytes
-        if self.held and byte_room < self.body_limit:
+        # tasks waiting for a permit hold no room, in messages or bytes (both are bounded per
+        # resource instead: Admission.max_waiting and max_waiting_bytes)
+        admission = self.admission
+        counted = len(self.held) - admission.exempt
+        byte_room = self.prefetch_bytes - (self._held.bytes - admission.exempt_bytes)
+        if counted > 0 and byte_room < self.body_limit:
             byte_room = 0
-        # tasks waiting for a permit hold no room (their number is bounded per resource instead)
-        return self.prefetch - (len(self.held) - self.admission.exempt), byte_room
+        return self.prefetch - counted, byte_room
 
     def _burst_done(self) -> bool:
         """--burst: nothing delayed is due soon and no other consumer holds a
@@ -506,7 +510,7 @@ class Worker:
                 job = self.runq.get(block=False)
             except std_queue.Empty:
                 break
-            if job is not None:
+            if job is not None and job is not TAKE:
                 self.finish(job, jobs.REQUEUE)
         for job in self.admission.close():      # parked by an admission step: back as well
             self.finish(job, jobs.REQUEUE)

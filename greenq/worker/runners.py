@@ -9,6 +9,11 @@ registered before the app's and only when some task needs them; a hook
 without subscribers is not emitted at all (every task pays for the hot path).
 Rate limits are not hooks: they are an admission step (admission.py), decided
 before a task takes a runner, so a task waiting for its turn holds no runner.
+
+A free runner first asks the admission chain for a job it grants now
+(``take``: the tasks waiting for resource permits, whose permits are taken
+for this runner at that moment), then takes the next job of the run queue; a
+``TAKE`` found there is a nudge to ask the chain.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from ..exceptions import SoftTimeLimitExceeded, describe
 from ..result import STARTED, make_meta
 from ..task import set_request
 from . import jobs
+from .admission import TAKE
 from .jobs import Job
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,7 +72,8 @@ class Runners:
     def __init__(self, driver: "Driver", runq: Any, hooks: "Hooks", broker: "Broker", *, lock: Any,
                  running: Dict[int, Job], revoked: Any, reaper: "Reaper",
                  finish: Callable[..., None], settle: Callable[[Job], None],
-                 release: Callable[[Job], None], stopping: Callable[[], "StopState"]) -> None:
+                 release: Callable[[Job], None], stopping: Callable[[], "StopState"],
+                 take: Optional[Callable[[bool], Optional[Job]]] = None) -> None:
         self.driver = driver
         self.runq = runq
         self.hooks = hooks
@@ -79,6 +86,7 @@ class Runners:
         self.settle = settle
         self.release = release
         self.stopping = stopping
+        self.take = take if take is not None else (lambda token: None)
         self.all: List[Runner] = []
         self._by_frame: Dict[int, Runner] = {}
         # live lists: subscribers added later show in them
@@ -113,13 +121,19 @@ class Runners:
         runner.frame = sys._getframe()
         self._by_frame[id(runner.frame)] = runner
         sleep = self.driver.sleep
-        get, stopping, revoked, finish = self.runq.get, self.stopping, self.revoked, self.finish
+        get, stopping, revoked, finish, take = self.runq.get, self.stopping, self.revoked, self.finish, self.take
         try:
             while True:
                 try:
-                    job = get()
+                    job: Any = take(False)       # a job the admission grants to a free runner goes first
                     if job is None:
-                        return
+                        job = get()
+                        if job is None:
+                            return
+                        if job is TAKE:
+                            job = take(True)
+                            if job is None:
+                                continue
                     if stopping():               # shutting down: don't start what has not started
                         finish(job, jobs.REQUEUE)
                         continue

@@ -36,12 +36,12 @@ def make_app(name="res", **resources):
     return app
 
 
-def run(worker):
+def run(worker, deadline=DEADLINE):
     """worker.run() in a thread, with a deadline: a leaked permit fails, not hangs."""
     out = {}
     thread = threading.Thread(target=lambda: out.setdefault("code", worker.run()), daemon=True)
     thread.start()
-    thread.join(DEADLINE)
+    thread.join(deadline)
     if thread.is_alive():
         worker.request_stop(cold=True)
         thread.join(10)
@@ -128,8 +128,8 @@ def test_a_task_naming_an_unknown_resource_stops_the_worker_at_start_with_the_ne
 
 
 # -- the admission step ----------------------------------------------------------------
-def fake_job(n, priority=0, wanted=None):
-    j = Job(NS(message_id=f"m{n}", body=b"", queue="default"))
+def fake_job(n, priority=0, wanted=None, body=b""):
+    j = Job(NS(message_id=f"m{n}", body=body, queue="default"))
     j.msg = NS(task="t", id=f"id{n}", eta=None, priority=priority)
     j.task = NS(name="t", option=lambda key: (wanted or {"pg": 1}) if key == "resources" else None)
     return j
@@ -327,15 +327,216 @@ def test_app_resource_in_a_task_shares_the_worker_pool():
             time.sleep(0.02)
         return n
     results = [call.delay(n) for n in range(10)] + [whole.delay(n) for n in range(5)]
-    # 16 runners for 15 tasks: with fewer, every runner can be a `call` waiting in app.resource
-    # while the permits are held by `whole` tasks admitted but not yet started (docs/resources.md,
-    # "Limits": the known deadlock of mixing the two ways on one resource)
-    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=16, burst=True,
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=4, burst=True,
                     fetch_timeout=FETCH_TIMEOUT)
     assert run(worker) == 0
     assert [r.get(timeout=5) for r in results] == list(range(10)) + list(range(5))
     assert gauge.max == 2, gauge.max
     assert worker.resources.pool("api").in_use() == 0
+
+
+def test_admission_permits_and_app_resource_on_one_resource_with_fewer_runners_than_tasks():
+    """-c 2, api limit 1: two `call` tasks (app.resource inside) are queued
+    before a `whole` task (resources={"api": 1}), and wait to take their
+    permit until every task was received.  Before, `whole` took the permit at
+    admission and sat in the run queue behind them while both runners waited
+    in app.resource for it: the worker never finished.  Now the permit is
+    taken only for a free runner, which runs `whole` at once."""
+    app = make_app(api={"limit": 1})
+    gauge = Gauge()
+    received = []
+    all_received = threading.Event()
+
+    @app.task
+    def call(n):
+        assert all_received.wait(10)
+        with app.resource("api"):
+            with gauge:
+                time.sleep(0.01)
+        return n
+
+    @app.task(resources={"api": 1})
+    def whole(n):
+        with gauge:
+            time.sleep(0.01)
+        return n
+    results = [call.delay(0), call.delay(1), whole.delay(0), call.delay(2), whole.delay(1), call.delay(3)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, prefetch=8, burst=True,
+                    fetch_timeout=FETCH_TIMEOUT)
+
+    def on_received(job):
+        received.append(job)
+        if len(received) == len(results):
+            all_received.set()
+    worker.hooks.on("task_received", on_received)
+    assert run(worker, deadline=20) == 0
+    assert [r.get(timeout=5) for r in results] == [0, 1, 0, 2, 1, 3]
+    assert gauge.max == 1 and worker.resources.pool("api").in_use() == 0
+
+
+def test_in_a_worker_a_permit_is_taken_only_for_a_free_runner():
+    """The worker's chain (not run): an offered task with free permits is
+    parked, holding nothing, and a TAKE is queued for the runners; a free
+    runner's take() gets it with its permits."""
+    from greenq.worker.admission import TAKE
+    app = make_app(pg={"limit": 2})
+
+    @app.task(resources={"pg": 1})
+    def query():
+        return None
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2)
+    first, second = fake_job(1), fake_job(2)
+    worker.admission.offer(first)
+    worker.admission.offer(second)
+    pool = worker.resources.pool("pg")
+    assert pool.in_use() == 0 and worker.admission.parked == 2
+    assert worker.runq.get(block=False) is TAKE and worker.runq.empty()    # one TAKE for both
+    assert worker.admission.exempt == 0, "not refused yet: they count against prefetch like queued jobs"
+    assert worker.admission.take(True) is first and pool.in_use() == 1
+    assert worker.runq.get(block=False) is TAKE                             # the next free runner's turn
+    assert worker.admission.take(True) is second and pool.in_use() == 2
+    assert worker.admission.take(False) is None and worker.admission.parked == 0
+    third = fake_job(3, body=b"x" * 10)
+    worker.admission.offer(third)
+    assert worker.admission.exempt == 0 and worker.admission.take(True) is None    # asked: pg is full
+    assert worker.admission.exempt == 1 and worker.admission.exempt_bytes == 10   # refused: waits, exempt
+    worker.admission.step("permits").release(first)
+    assert worker.admission.take(False) is third and worker.admission.exempt == 0
+    # a step added later goes before the permits: what they grant goes to a runner at once
+    from greenq.worker.admission import RateLimit
+    worker.admission.add(RateLimit())
+    assert [step.name for step in worker.admission.steps] == ["rate_limit", "permits"]
+    app.close()
+
+
+def test_priority_holds_per_resource_across_different_sets():
+    """A task needing pg and redis waits for redis: a lower priority task
+    needing only pg does not take pg before it (nor one needing only redis);
+    and when pg frees, the highest priority of all the tasks needing pg gets
+    it, whatever else they need."""
+    app = make_app(pg={"limit": 1}, redis={"limit": 1})
+    resources = Resources(app.config, app_key="t")
+    ran = []
+    admission = Admission(get_driver("threads"), run=ran.append, defer=lambda j, eta: None)
+    step = admission.add(Permits(resources))
+    busy = fake_job(0, wanted={"redis": 1})
+    admission.offer(busy)
+    high = fake_job(1, priority=9, wanted={"pg": 1, "redis": 1})
+    low_pg = fake_job(2, priority=0, wanted={"pg": 1})
+    low_redis = fake_job(3, priority=0, wanted={"redis": 1})
+    for j in (high, low_pg, low_redis):
+        admission.offer(j)
+    assert ran == [busy], "a lower priority overtook a waiter on a resource it waits for"
+    assert resources.pool("pg").in_use() == 0 and admission.parked == 3
+    assert admission.waiting_at("permits") == {"pg": 2, "redis": 2}
+    step.release(busy)
+    admission.serve()
+    assert ran == [busy, high]
+    step.release(high)
+    admission.serve()
+    assert ran == [busy, high, low_pg, low_redis]
+    # pg held; waiting: an early low-priority pg task, then a high-priority pg+redis one
+    step.release(low_pg), step.release(low_redis)
+    holder, early = fake_job(4, wanted={"pg": 1}), fake_job(5, priority=1, wanted={"pg": 1})
+    late = fake_job(6, priority=7, wanted={"pg": 1, "redis": 1})
+    for j in (holder, early, late):
+        admission.offer(j)
+    assert ran[-1] is holder and admission.parked == 2
+    step.release(holder)
+    admission.serve()
+    assert ran[-1] is late and admission.parked == 1
+    step.release(late)
+    admission.serve()
+    assert ran[-1] is early and admission.parked == 0
+
+
+def test_priority_across_sets_in_a_worker_chain():
+    """The same order where runners take the grants (a worker's chain)."""
+    app = make_app(pg={"limit": 1}, redis={"limit": 1})
+
+    @app.task(resources={"pg": 1})
+    def query():
+        return None
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=4)
+    admission, step = worker.admission, worker.admission.step("permits")
+    busy = fake_job(0, wanted={"redis": 1})
+    admission.offer(busy)
+    assert admission.take(True) is busy
+    high = fake_job(1, priority=9, wanted={"pg": 1, "redis": 1})
+    low = fake_job(2, priority=0, wanted={"pg": 1})
+    admission.offer(high)
+    admission.offer(low)
+    assert admission.take(True) is None and worker.resources.pool("pg").in_use() == 0
+    step.release(busy)
+    assert admission.take(False) is high and admission.take(False) is None
+    step.release(high)
+    assert admission.take(False) is low
+    app.close()
+
+
+def test_waiting_bytes_are_bounded_per_resource():
+    app = make_app(pg={"limit": 1}, redis={"limit": 1})
+    resources = Resources(app.config, app_key="t")
+    ran, deferred = [], []
+    admission = Admission(get_driver("threads"), run=ran.append, defer=lambda j, eta: deferred.append(j))
+    admission.add(Permits(resources))
+    admission.max_waiting_bytes = 250
+    admission.offer(fake_job(0, body=b"x" * 100))
+    waiters = [fake_job(n, body=b"x" * 100) for n in (1, 2, 3)]
+    for j in waiters:
+        admission.offer(j)
+    assert len(ran) == 1 and admission.parked == 2 and deferred == waiters[2:]
+    assert admission.exempt == 2 and admission.exempt_bytes == 200
+    held = fake_job(4, wanted={"redis": 1})
+    admission.offer(held)
+    big = fake_job(5, wanted={"redis": 1}, body=b"x" * 1000)
+    admission.offer(big)                            # one may always wait, however big
+    assert admission.parked == 3 and admission.exempt_bytes == 1200 and deferred == waiters[2:]
+
+
+def test_waiting_messages_take_no_prefetch_bytes():
+    """prefetch_bytes 400 kB, -c 2, prefetch 8: a pg task (limit 1) holds the
+    permit until the free tasks are done, and six pg tasks of 90 kB each are
+    queued before them.  The waiters' bytes no longer fill prefetch_bytes (their
+    number was already not counted against the prefetch), so the free tasks are
+    fetched and run while they wait; at most 400 kB of them wait (the rest go
+    back to the broker, and run later).  Before, four waiters filled the bytes
+    and nothing more was fetched until the holder gave up."""
+    app = make_app(pg={"limit": 1})
+    app.config.set("greenq", "max_message_size", "100000", origin="test")
+    app.config.set("worker", "prefetch_bytes", "400000", origin="test")
+    free_done = threading.Event()
+    finished = []
+    lock = threading.Lock()
+    most = {"bytes": 0}
+
+    @app.task(resources={"pg": 1})
+    def holder():
+        return free_done.wait(10)
+
+    @app.task(resources={"pg": 1})
+    def waiter(n, pad):
+        return n
+
+    @app.task
+    def free(n):
+        with lock:
+            most["bytes"] = max(most["bytes"], worker.held_bytes)
+            finished.append(n)
+            if len(finished) == 10:
+                free_done.set()
+    first = holder.delay()
+    waiters = [waiter.delay(n, "p" * 90_000) for n in range(6)]
+    frees = [free.delay(n) for n in range(10)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=2, prefetch=8, burst=True,
+                    fetch_timeout=FETCH_TIMEOUT)
+    assert worker.prefetch_bytes == 400_000
+    assert run(worker) == 0
+    assert first.get(timeout=5) is True, "the free tasks did not finish while the permit was held"
+    assert [r.get(timeout=5) for r in waiters] == list(range(6))
+    assert all(r.successful() for r in frees)
+    # held while free tasks ran: the waiting (at least two of 90 kB, at most 400 kB of them) and the rest
+    assert 180_000 < most["bytes"] <= 2 * 400_000, most
 
 
 def test_app_resource_outside_a_worker_uses_the_configured_pool():

@@ -63,6 +63,16 @@ def fake_job(n, wanted=None, priority=0):
     return j
 
 
+def take_all(worker):
+    """What the worker's free runners do: take every job the permits step grants now."""
+    taken = []
+    while True:
+        job = worker.admission.take(True)
+        if job is None:
+            return taken
+        taken.append(job)
+
+
 def saturated_worker(clock):
     """A worker (not run) whose pg (limit 2) is held by two jobs, with three
     waiting on pg and one on pg and api; search is adaptive and unused."""
@@ -78,6 +88,7 @@ def saturated_worker(clock):
     waiters = [fake_job(2), fake_job(3), fake_job(4), fake_job(5, wanted={"pg": 1, "api": 1})]
     for job in holders + waiters:
         admission.offer(job)
+    assert take_all(worker) == holders
     return app, worker, holders, waiters
 
 
@@ -98,10 +109,10 @@ def test_stats_has_a_resources_section_for_a_saturated_resource(clock):
     step = worker.admission.step(Permits.name)
     clock.now += 2.5
     step.release(holders[0])
-    worker.admission.serve()
+    assert take_all(worker) == waiters[:1]
     clock.now += 1.0
     step.release(holders[1])
-    worker.admission.serve()
+    assert take_all(worker) == waiters[1:2]
     section = COMMANDS["stats"](agent_of(worker))["resources"]
     assert (section["pg"]["in_use"], section["pg"]["waiting"]) == (2, 2)
     assert (section["pg"]["wait_count"], section["pg"]["wait_seconds_sum"], section["pg"]["wait_seconds_max"]) \
@@ -135,7 +146,7 @@ def test_metrics_have_the_resource_gauges_and_the_wait_histogram(clock):
     step = worker.admission.step(Permits.name)
     clock.now += 2.5
     step.release(holders[0])
-    worker.admission.serve()
+    assert take_all(worker) == waiters[:1]
     text = monitor.metrics()
     assert 'greenq_resource_in_use{resource="pg"} 2\n' in text
     assert 'greenq_resource_waiting{resource="pg"} 3\n' in text
