@@ -125,6 +125,9 @@ def _private_directory(path: str) -> None:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
+    except FileNotFoundError:
+        raise ConfigError(f"resource permits (scope = host): cannot make {path}: its parent directory is "
+                          f"missing (${ROOT_ENV}?)") from None
     found = os.lstat(path)
     if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
         raise ConfigError(f"resource permits (scope = host): {path} is not a directory of user {os.getuid()} "

@@ -440,3 +440,24 @@ def test_sweeping_beside_processes_taking_the_permit_never_hands_it_out_twice(tm
     assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outs
     assert int(outs[3][0].strip()) == 50, outs              # the file was swept away 50 times
     assert all(int(out.strip()) > 0 for out, _ in outs[:3]), outs   # beside every holder taking it
+
+
+def test_the_permit_root_is_greenq_permits_dir_when_set(tmp_path, monkeypatch):
+    from greenq.exceptions import ConfigError
+    from greenq.resources import host
+    monkeypatch.setenv(host.ROOT_ENV, str(tmp_path / "mine"))
+    pool = pool_class("host")("db", 1, app_key="gqtest-root", config=make_config())
+    try:
+        assert pool.try_acquire("a")
+        assert pool.directory.startswith(str(tmp_path / "mine") + os.sep)
+        assert os.stat(tmp_path / "mine").st_mode & 0o777 == 0o700
+        assert os.stat(os.path.dirname(pool.directory)).st_mode & 0o777 == 0o700
+    finally:
+        pool.close()
+    monkeypatch.setenv(host.ROOT_ENV, str(tmp_path / "missing" / "mine"))
+    with pytest.raises(ConfigError, match="GREENQ_PERMITS_DIR"):
+        pool_class("host")("db", 1, app_key="gqtest-root", config=make_config())
+    os.chmod(tmp_path / "mine", 0o755)
+    monkeypatch.setenv(host.ROOT_ENV, str(tmp_path / "mine"))
+    with pytest.raises(ConfigError, match="mode 0700"):
+        pool_class("host")("db", 1, app_key="gqtest-root", config=make_config())
