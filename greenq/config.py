@@ -168,7 +168,7 @@ _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 SEARCH_PATH = ("./greenq.ini", "/etc/greenq/greenq.ini")
 #: ``GREENQ_*`` environment variables that are not settings (no warning for them)
-NON_SETTING_ENV = ("GREENQ_CONFIG", "GREENQ_TEST_", "GREENQ_SUPERVISOR_")
+NON_SETTING_ENV = ("GREENQ_CONFIG", "GREENQ_TEST_", "GREENQ_SUPERVISOR_", "GREENQ_PERMITS_DIR")
 #: warnings already logged by this process (one module may load the config twice)
 _REPORTED: set = set()
 #: set by the worker and the admin tool, which report the warnings of the

@@ -314,3 +314,65 @@ def management_api():
     yield f"http://127.0.0.1:{server.server_address[1]}", rows, seen
     server.shutdown()
     server.server_close()
+
+
+# Host-scope resource permits (greenq/resources/host.py) keep lock files in
+# /dev/shm/greenq-permits-<uid>: each test gets a directory of its own
+# instead ($GREENQ_PERMITS_DIR, inherited by the workers it starts, kept by
+# the tests' environment filters: ``keep_env``), removed after it, and the
+# run fails if anything appeared in the real one.
+PERMITS_ENV = "GREENQ_PERMITS_DIR"
+_PERMIT_DIRS: List[object] = []
+
+
+def keep_env(name: str) -> bool:
+    """Whether a test that starts a process without the ``GREENQ_*`` settings
+    of its own environment keeps variable ``name`` all the same."""
+    return not name.startswith("GREENQ_") or name.startswith(("GREENQ_TEST_", PERMITS_ENV))
+
+
+def _permit_entries(path: str) -> Set[str]:
+    """The app directories in permit root ``path`` made by this greenq (mode
+    0700: before it, greenq made them 0755; those that appear meanwhile are
+    another checkout's tests, running beside these)."""
+    found = set()
+    try:
+        for entry in os.scandir(path):
+            try:
+                if entry.stat(follow_symlinks=False).st_mode & 0o777 == 0o700:
+                    found.add(entry.name)
+            except FileNotFoundError:
+                pass
+    except FileNotFoundError:
+        pass
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_permits_left_in_shm(tmp_path_factory):
+    from greenq.resources.host import default_root
+    real = default_root()
+    before = _permit_entries(real)
+    base = tmp_path_factory.mktemp("permits")
+    _PERMIT_DIRS.append(base)
+    saved = os.environ.get(PERMITS_ENV)
+    os.environ[PERMITS_ENV] = str(base / "session")
+    yield
+    if saved is None:
+        os.environ.pop(PERMITS_ENV, None)
+    else:
+        os.environ[PERMITS_ENV] = saved
+    shutil.rmtree(base, ignore_errors=True)
+    left = sorted(_permit_entries(real) - before)
+    if left:
+        pytest.fail(f"host-scope permit directories appeared in {real} during the run: {left}; "
+                    f"a process started without ${PERMITS_ENV}?", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _own_permits_dir(_no_permits_left_in_shm, monkeypatch):
+    base = _PERMIT_DIRS[-1]
+    path = os.path.join(str(base), uuid.uuid4().hex[:12])
+    monkeypatch.setenv(PERMITS_ENV, path)
+    yield
+    shutil.rmtree(path, ignore_errors=True)

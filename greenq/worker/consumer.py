@@ -100,6 +100,7 @@ class Worker:
         self.prefetch_bytes = effective_prefetch_bytes(app.config)
         self.body_limit = body_limit(app.config)
         self.burst = burst
+        self._quiet_once = False     # --burst on a broker that pushes: the queues looked done once
         self.shutdown_timeout = parts.stop.shutdown_timeout
         self.fetch_timeout = fetch_timeout
         self.codec = app.codec
@@ -355,6 +356,7 @@ class Worker:
             self.last_poll = time.monotonic()
             deliveries = self._of_queues_consumed(deliveries)
             if deliveries:
+                self._quiet_once = False
                 self._accept(deliveries)
             elif self.burst and not self.held and self._burst_done():
                 log.info("burst: queues are empty, stopping")
@@ -387,15 +389,28 @@ class Worker:
         return self.prefetch - counted, byte_room
 
     def _burst_done(self) -> bool:
-        """--burst: nothing delayed is due soon and no other consumer holds a
-        message (a dead one's come back when its lease runs out)."""
+        """--burst: nothing delayed is due soon, nothing became ready since
+        the fetch (the queues are read after the delayed messages: one that
+        leaves them meanwhile is met in its queue) and no other consumer holds
+        a message (a dead one's come back when its lease runs out).  Where
+        the broker pushes deliveries (RabbitMQ), that must be so twice, a
+        fetch apart: one may be on its way to this process the first time."""
+        if not self._burst_quiet():
+            self._quiet_once = False
+            return False
+        if getattr(self.broker, "pushes_deliveries", False) and not self._quiet_once:
+            self._quiet_once = True
+            return False
+        return True
+
+    def _burst_quiet(self) -> bool:
         if time.time() < self.parts.admission.deferred_until + BURST_AFTER_DEFERRED:
             return False        # what this worker deferred comes back (and is fetched) first
         try:
             due = self.broker.next_due(self.queues)
             if due is not None and due <= time.time() + BURST_WAIT_FOR_DELAYED:
                 return False
-            return not any(s.held for s in self.broker.queue_stats(self.queues))
+            return not any(s.held or s.ready for s in self.broker.queue_stats(self.queues))
         except Exception as exc:   # the broker is away: ask again on the next empty fetch
             log.warning("burst: could not read the queues' state: %s", exc)
             return False

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import AMQP_PREFIX, on_rabbitmq, delete_queues
+from tests.conftest import AMQP_PREFIX, delete_queues, keep_env, on_rabbitmq
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -54,8 +54,7 @@ class Env:
         self.markers = tmp_path / "markers"
         self.markers.mkdir()
         self.broker_url = broker_url
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("GREENQ_")
-                    or k.startswith("GREENQ_TEST_")}
+        self.env = {k: v for k, v in os.environ.items() if keep_env(k)}
         self.env.update({
             "GREENQ_BROKER_URL": broker_url,
             "PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),

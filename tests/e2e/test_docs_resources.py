@@ -23,6 +23,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
+from tests.conftest import keep_env
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -105,7 +107,7 @@ def run_recipe(tmp: Path, name: str, extra_env: dict, workers: int = 1, ini: str
     parts = recipes()[name]
     (tmp / "greenq.ini").write_text(ini if ini is not None else parts["ini"])
     (tmp / "tasks.py").write_text(parts["tasks"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GREENQ_")}
+    env = {k: v for k, v in os.environ.items() if keep_env(k)}
     env.update(GREENQ_BROKER_URL=f"sqlite:///{tmp / 'broker.sqlite3'}", PYTHONPATH=f"{tmp}{os.pathsep}{ROOT}",
                GREENQ_WORKER_BLOCKING_THRESHOLD="0", **extra_env)
     procs = [subprocess.Popen([sys.executable, "-m", "greenq.worker", "-A", "tasks", "-P", "gevent", "-c", "20"],

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -82,9 +81,7 @@ class Apps:
             made.close()
         if self.env is not None:
             self.env.teardown()
-        else:
-            for made in self.pools:
-                shutil.rmtree(os.path.dirname(getattr(made, "directory")), ignore_errors=True)
+        # host: the lock files are in the test's own $GREENQ_PERMITS_DIR (tests/conftest.py), removed after it
 
 
 @pytest.fixture(params=["host", "memory", "sqlite",
@@ -320,7 +317,6 @@ def test_a_forked_child_neither_keeps_nor_frees_its_parents_host_permits(tmp_pat
     finally:
         pool.close()
         other.close()
-        shutil.rmtree(os.path.dirname(getattr(pool, "directory")), ignore_errors=True)
 
 
 def test_host_permits_are_the_apps_of_one_prefix_on_one_broker(tmp_path):
@@ -342,7 +338,6 @@ def test_host_permits_are_the_apps_of_one_prefix_on_one_broker(tmp_path):
     finally:
         for made in pools:
             made.close()
-            shutil.rmtree(os.path.dirname(getattr(made, "directory")), ignore_errors=True)
 
 
 # -- under gevent and eventlet ---------------------------------------------------------
@@ -368,6 +363,101 @@ def test_the_pools_patched(driver):
     pytest.importorskip(driver)
     env = dict(os.environ, GREENQ_TEST_DRIVER=driver, PYTHONPATH=ROOT, HYPOTHESIS_NO_PLUGINS="1")
     proc = subprocess.run([sys.executable, "-c", PATCHED_PYTEST, driver, "-q", "-x", "-p", "no:cacheprovider",
-                           os.path.abspath(__file__), "-k", "not patched"],
+                           os.path.abspath(__file__), "-k", "not patched and not sweeping_beside"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}"
+
+
+# -- host: sweeping the lock files of apps that are gone -----------------------------
+
+def _age(path: str, seconds: float) -> None:
+    """Make ``path`` look ``seconds`` old (its mtime)."""
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_a_sweep_removes_old_lock_files_nobody_holds_and_nothing_else():
+    from greenq.resources import host
+    stale = host.STALE_SECONDS * 2
+    config = make_config()
+    live = pool_class("host")("db", 3, app_key="gqtest-live", config=config)
+    gone = pool_class("host")("db", 2, app_key="gqtest-gone", config=config)
+    idle = pool_class("host")("db", 1, app_key="gqtest-idle", config=config)
+    try:
+        assert live.try_acquire("h0") and live.try_acquire("h1") and live.try_acquire("h2")
+        live.release("h1")
+        live.release("h2")                                 # files 0 (held), 1 and 2 (free)
+        assert gone.try_acquire("g") and idle.try_acquire("i")
+        gone.close()                                       # an app that stopped
+        idle.release("i")                                  # an app still running, idle
+        stray = os.path.join(host.permit_root(), "not-ours")
+        os.mkdir(stray)
+        with open(os.path.join(stray, "notes"), "w"):
+            pass
+        for directory in (live.directory, gone.directory, idle.directory):
+            for name in os.listdir(directory):
+                _age(os.path.join(directory, name), stale)
+            _age(directory, stale)
+            _age(os.path.dirname(directory), stale)
+        _age(os.path.join(stray, "notes"), stale)
+        _age(stray, stale)
+        os.utime(os.path.join(live.directory, "2"))        # file 2 is young
+
+        assert host.sweep() == 3                           # live's 1, gone's 0, idle's 0
+        assert sorted(os.listdir(live.directory)) == ["0", "2"]
+        assert not os.path.exists(os.path.dirname(gone.directory))     # the app's directory too
+        assert not os.path.exists(os.path.dirname(idle.directory))
+        assert os.listdir(stray) == ["notes"]              # not a lock file: left alone
+
+        # the limit still holds over the files made again
+        other = pool_class("host")("db", 3, app_key="gqtest-live", config=config)
+        assert other.try_acquire("x") and other.try_acquire("y")
+        assert other.try_acquire("z") is False
+        other.close()
+        # an open pool whose directory was swept makes it again
+        assert idle.try_acquire("i") and os.path.isdir(idle.directory)
+        assert pool_class("host")("db", 1, app_key="gqtest-idle", config=config).try_acquire("j") is False
+        assert host.sweep(older_than=0) == 2               # any age: live's free 1 and 2, no held one
+        assert sorted(os.listdir(live.directory)) == ["0"] and os.listdir(idle.directory) == ["0"]
+    finally:
+        live.close()
+        idle.close()
+
+
+def test_sweeping_beside_processes_taking_the_permit_never_hands_it_out_twice(tmp_path):
+    """Three processes take and give back the one permit of a resource as
+    fast as they can while a fourth sweeps its lock file away whenever it is
+    free: a taker that opened the file just before it was unlinked must not
+    keep a lock on it (it would share the permit with whoever makes the file
+    again).  Every holder checks, while it holds the permit, that nobody else does."""
+    inside = str(tmp_path / "inside")
+    run = [sys.executable, os.path.join(HERE, "permit_sweep_race.py")]
+    env = dict(os.environ, PYTHONPATH=ROOT, HYPOTHESIS_NO_PLUGINS="1")
+    procs = [subprocess.Popen([*run, role, "gqtest-race", "50", inside], env=env, cwd=str(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for role in ("holder", "holder", "holder", "sweeper")]
+    outs = [proc.communicate(timeout=90) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0, 0], outs
+    assert int(outs[3][0].strip()) == 50, outs              # the file was swept away 50 times
+    assert all(int(out.strip()) > 0 for out, _ in outs[:3]), outs   # beside every holder taking it
+
+
+def test_the_permit_root_is_greenq_permits_dir_when_set(tmp_path, monkeypatch):
+    from greenq.exceptions import ConfigError
+    from greenq.resources import host
+    monkeypatch.setenv(host.ROOT_ENV, str(tmp_path / "mine"))
+    pool = pool_class("host")("db", 1, app_key="gqtest-root", config=make_config())
+    try:
+        assert pool.try_acquire("a")
+        assert pool.directory.startswith(str(tmp_path / "mine") + os.sep)
+        assert os.stat(tmp_path / "mine").st_mode & 0o777 == 0o700
+        assert os.stat(os.path.dirname(pool.directory)).st_mode & 0o777 == 0o700
+    finally:
+        pool.close()
+    monkeypatch.setenv(host.ROOT_ENV, str(tmp_path / "missing" / "mine"))
+    with pytest.raises(ConfigError, match="GREENQ_PERMITS_DIR"):
+        pool_class("host")("db", 1, app_key="gqtest-root", config=make_config())
+    os.chmod(tmp_path / "mine", 0o755)
+    monkeypatch.setenv(host.ROOT_ENV, str(tmp_path / "mine"))
+    with pytest.raises(ConfigError, match="mode 0700"):
+        pool_class("host")("db", 1, app_key="gqtest-root", config=make_config())

@@ -69,6 +69,10 @@ class AMQPBroker(Broker):
     #: is the instance's: shorter under a long key_prefix, ``Settings.max_queue_name_bytes``)
     max_message_id_bytes = MAX_MESSAGE_ID_BYTES
     max_queue_name_bytes = MAX_QUEUE_NAME_BYTES
+    #: RabbitMQ pushes deliveries: when ``fetch`` comes back empty one may
+    #: still be on its way to this process, in no queue's count (a --burst
+    #: worker looks twice, a fetch apart, before it stops)
+    pushes_deliveries = True
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
@@ -242,13 +246,20 @@ class AMQPBroker(Broker):
 
     def next_due(self, queues: Sequence[str]) -> Optional[float]:
         """The earliest ``greenq-eta`` in the delay cascades of ``queues``,
-        found by browsing them (at most 1,000 messages per level)."""
+        found by browsing them (at most 1,000 messages per level), from the
+        highest level down: a message only ever moves down the cascade, so
+        one that moves while the scan goes on is met again further down
+        instead of slipping past it (a scan upwards, or one that counted the
+        levels first and then browsed those that had messages, could miss a
+        message that is on its way the whole time)."""
         def scan(pub: Publisher) -> Optional[float]:
             best: Optional[float] = None
             for queue in queues:
-                for level, count in _delay_counts(pub, self.settings, queue).items():
+                if _queue_count(pub, self.settings.delay_name(queue, 0)) is None:
+                    continue    # no cascade: nothing was ever delayed on this queue
+                for level in reversed(range(DELAY_LEVELS)):
                     name = self.settings.delay_name(queue, level)
-                    msgs = browse(pub.channel, name, min(count, NEXT_DUE_SCAN_MAX))
+                    msgs = browse(pub.channel, name, NEXT_DUE_SCAN_MAX)
                     reject_all(pub.channel, name, msgs)
                     for m in msgs:
                         eta = read_eta(m.headers)[0]   # a bad one: not ours, ignored
@@ -277,9 +288,10 @@ class AMQPBroker(Broker):
             rows = []
             for name in names:
                 buffered, handed = local.get(name, (0, 0))
+                # the cascade before the queue: a message leaving it meanwhile is counted in the queue
+                delayed = sum(_delay_counts(pub, self.settings, name).values())
                 ready = _queue_count(pub, self.settings.queue_name(name)) or 0
-                rows.append(QueueStats(name, ready=ready + buffered,
-                                       delayed=sum(_delay_counts(pub, self.settings, name).values()),
+                rows.append(QueueStats(name, ready=ready + buffered, delayed=delayed,
                                        held=handed, dead=dead.get(name, 0)))
             return rows
         return self.pool.run(stats)
@@ -404,11 +416,13 @@ def _queue_count(pub: Publisher, name: str) -> Optional[int]:
 
 
 def _delay_counts(pub: Publisher, names: Settings, queue: str) -> Dict[int, int]:
-    """Messages waiting in each non-empty level of logical ``queue``'s delay cascade."""
+    """Messages waiting in each non-empty level of logical ``queue``'s delay
+    cascade, counted from the highest level down (a message moving down while
+    they are counted may be counted twice, never missed)."""
     if _queue_count(pub, names.delay_name(queue, 0)) is None:
         return {}   # no cascade: nothing was ever delayed on this queue
     counts = {}
-    for level in range(DELAY_LEVELS):
+    for level in reversed(range(DELAY_LEVELS)):
         count = _queue_count(pub, names.delay_name(queue, level))
         if count:
             counts[level] = count
