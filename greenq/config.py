@@ -72,6 +72,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                           "0 = forever", DAY),
         "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
+        "celery_queues": Setting("list", [], "queues that speak Celery's message protocol 2: a worker runs "
+                                 "what Celery clients send there (docs/celery.md); comma-separated"),
         "task_send_sent_event": Setting("bool", False, "publish a task-sent event for every task this "
                                         "process sends (workers with -E always do)"),
     },

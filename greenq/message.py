@@ -264,18 +264,23 @@ class Codec:
     Raises ConfigError for pickle without a signing key (``check_trust``)."""
 
     def __init__(self, serializer: str = "json", accept: Sequence[str] = ("json",),
-                 signing_key: str = "", max_size: int = 1048576) -> None:
+                 signing_key: str = "", max_size: int = 1048576, celery_queues: Sequence[str] = ()) -> None:
         check_trust(serializer, accept, signing_key)
         self.serializer = serializer
         self.accept = frozenset(accept) | ({serializer} if serializer == "json" else set())
         self.signer = Signer(signing_key)
         self.signed = bool(self.signer)
         self.max_size = max_size
+        #: queues that speak Celery's protocol 2 ([greenq] celery_queues): what
+        #: goes there is encoded as kombu's JSON element (greenq.celery.protocol)
+        self.celery_queues = frozenset(celery_queues)
         #: called with each task sent (``outgoing``): the task-sent events, when on
         self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
 
     # -- tasks ---------------------------------------------------------------
     def encode(self, msg: TaskMessage) -> bytes:
+        if self.celery_queues and msg.queue in self.celery_queues:
+            return self._encode_celery(msg)
         env: Dict[str, Any] = {"v": PROTOCOL, "ct": self.serializer}
         for name in _HEADER_FIELDS:
             value = getattr(msg, name)
@@ -293,6 +298,20 @@ class Codec:
             data = _dumps(env).encode()
         except (TypeError, ValueError, pickle.PicklingError) as exc:
             raise MessageError(f"cannot serialize arguments of {msg.task} with {self.serializer}: {exc}") from None
+        if len(data) > self.max_size:
+            raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
+                               f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
+        return data
+
+    def _encode_celery(self, msg: TaskMessage) -> bytes:
+        """``msg`` as a Celery protocol 2 message (kombu's JSON element, the
+        body in base64), for a queue in ``celery_queues``."""
+        from .celery.protocol import CeleryMessage, encode_redis
+        serializer = msg.serializer if isinstance(msg, CeleryMessage) else self.serializer
+        try:
+            data = encode_redis(msg, serializer)
+        except (TypeError, ValueError, pickle.PicklingError) as exc:
+            raise MessageError(f"cannot serialize arguments of {msg.task} with {serializer}: {exc}") from None
         if len(data) > self.max_size:
             raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
                                f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")

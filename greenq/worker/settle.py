@@ -231,7 +231,7 @@ class Settler:
         msg = job.msg
         if msg is None:
             try:
-                msg = self.codec.decode(job.delivery.body)   # dead before decoding (max_deliveries)
+                msg = job.delivery.decode(self.codec)   # dead before decoding (max_deliveries)
             except MessageError:
                 msg = None
         task_id: Optional[str]

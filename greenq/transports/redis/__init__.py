@@ -14,7 +14,7 @@ TRANSPORT = Descriptor(
     ini_section="redis",
     settings=SETTINGS,
     default_ports={"redis": 6379, "rediss": 6380},
-    broker={"redis": _HERE + "broker:RedisBroker", "rediss": _HERE + "broker:RedisBroker",
+    broker={"redis": _HERE + "celery_broker:CeleryRedisBroker", "rediss": _HERE + "celery_broker:CeleryRedisBroker",
             "redis+sentinel": _HERE + "broker_sentinel:RedisSentinelBroker",
             "redis+cluster": _HERE + "broker_cluster:RedisClusterBroker"},
     results={"redis": _HERE + "results:RedisBackend", "rediss": _HERE + "results:RedisBackend",
