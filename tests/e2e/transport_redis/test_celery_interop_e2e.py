@@ -1,0 +1,141 @@
+"""Celery client -> greenq worker on Redis, end to end (issue 21): an
+unmodified Celery client process sends to a queue in ``[greenq]
+celery_queues``; a real greenq-worker (``--burst``) runs each task under its
+Celery name; a second Celery process reads the results with Celery's own
+``AsyncResult``.  Also greenq client -> Celery worker: what greenq sends to
+such a queue is a Celery message a real Celery worker runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e.conftest import HERE, Env
+from tests.fixtures.celery.clients import celery_python, run_celery
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+SEND = r"""
+import datetime, decimal, json, sys, uuid
+from celery import Celery
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
+q = sys.argv[2]
+now = datetime.datetime.now(datetime.timezone.utc)
+sent = {
+    "plain": app.send_task("interop.add", args=[2, 3], queue=q),
+    "countdown": app.send_task("interop.add", args=[10, 20], queue=q, countdown=2),
+    "eta": app.send_task("interop.add", args=[1, 2], queue=q, eta=now + datetime.timedelta(seconds=1)),
+    "expired": app.send_task("interop.add", args=[1, 1], queue=q, expires=now - datetime.timedelta(seconds=5)),
+    "priority": app.send_task("interop.add", args=[7, 7], queue=q, priority=8),
+    "retried": app.send_task("interop.flaky", args=[2], queue=q),
+    "failed": app.send_task("interop.add", args=["a", 1], queue=q),
+    "time_limit": app.send_task("interop.slow", args=[30], queue=q, time_limit=1),
+    "ignored": app.send_task("interop.add", args=[4, 4], queue=q, ignore_result=True),
+    "typed": app.send_task("interop.echo", queue=q, kwargs={
+        "when": datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
+        "amount": decimal.Decimal("12.50"), "ref": uuid.UUID(int=5), "data": b"\xff\x00"}),
+}
+print(json.dumps({k: r.id for k, r in sent.items()}))
+print(now.timestamp())
+"""
+
+READ = r"""
+import json, sys
+from celery import Celery
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
+out = {}
+for name, task_id in json.loads(sys.argv[2]).items():
+    r = app.AsyncResult(task_id)
+    if name == "ignored":
+        out[name] = [r.state, None, None]
+        continue
+    value = r.get(timeout=20, propagate=False)
+    out[name] = [r.state, value if r.successful() else type(value).__name__, (r.traceback or "")[-300:]]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def celery_env(tmp_path, redis_url, redis_prefix):
+    sys.path.insert(0, str(HERE))
+    queue = f"{redis_prefix}-celery"
+    env = Env(tmp_path, redis_url, {"GREENQ_KEY_PREFIX": redis_prefix, "GREENQ_CELERY_QUEUES": queue,
+                                    "GREENQ_WORKER_QUEUES": queue})
+    env.queue = queue
+    yield env
+    env.cleanup()
+
+
+def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_celery_reads_the_results(pool, celery_env, redis_url):
+    queue = celery_env.queue
+    ids, sent_at = run_celery(SEND, redis_url, queue).splitlines()
+    ids, sent_at = json.loads(ids), float(sent_at)
+    code, out = celery_env.run_worker(pool, "-A", "celery_interop_tasks", timeout=120)
+    assert code == 0, out
+    results = json.loads(run_celery(READ, redis_url, json.dumps(ids)))
+    assert results["plain"][:2] == ["SUCCESS", 5]
+    assert results["countdown"][:2] == ["SUCCESS", 30] and results["eta"][:2] == ["SUCCESS", 3]
+    assert results["priority"][:2] == ["SUCCESS", 14]
+    assert results["retried"][:2] == ["SUCCESS", 2]
+    assert results["failed"][:2] == ["FAILURE", "TypeError"] and "can only concatenate" in results["failed"][2]
+    assert results["time_limit"][0] == "FAILURE" and results["time_limit"][1] == "TimeLimitExceeded"
+    assert results["expired"][:2] == ["REVOKED", "TaskRevokedError"]
+    assert results["ignored"][0] == "PENDING"                 # ignore_result: no record
+    marks = celery_env.markers
+    adds = [json.loads(line) for line in (marks / "add").read_text().splitlines()]
+    by_args = {tuple(a[:2]): a[2] for a in adds}
+    assert (1, 1) not in by_args, "the expired task ran"
+    assert (4, 4) in by_args and (10, 20) in by_args
+    # a countdown of 2 s did not run early (the worker runs what is at most 1 s early: EARLY_TOLERANCE)
+    assert by_args[(10, 20)] >= sent_at + 1.0 and by_args[(1, 2)] >= sent_at
+    assert [int(x) for x in (marks / "flaky").read_text().split()] == [0, 1, 2]
+    [typed] = [json.loads(line) for line in (marks / "echo").read_text().splitlines()]
+    assert typed["kwargs"] == {
+        "when": ["datetime", "datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)"],
+        "amount": ["Decimal", "Decimal('12.50')"],
+        "ref": ["UUID", "UUID('00000000-0000-0000-0000-000000000005')"], "data": ["bytes", "b'\\xff\\x00'"]}
+    assert "worker stopped: 7 succeeded, 2 failed, 2 retried, 0 dead-lettered" in out, out
+
+
+CELERY_WORKER_TASKS = """
+from celery import Celery
+import os
+app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"], backend=os.environ["CELERY_TEST_URL"])
+app.conf.worker_hijack_root_logger = False
+
+@app.task(name="interop.add")
+def add(x, y):
+    return x + y
+"""
+
+CELERY_READ = r"""
+import json, sys
+from celery import Celery
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
+print(json.dumps([app.AsyncResult(i).get(timeout=30) for i in sys.argv[2:]]))
+"""
+
+
+def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, redis_url, tmp_path):
+    python = celery_python()
+    queue = celery_env.queue
+    app = celery_env.app("celery_interop_tasks")
+    sent = [app.send_task("interop.add", args=[i, i], queue=queue) for i in range(3)]
+    sent.append(app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1))
+    (tmp_path / "celery_side.py").write_text(CELERY_WORKER_TASKS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENQ_", "CELERY_"))}
+    env.pop("PYTHONPATH", None)
+    env.update(CELERY_TEST_URL=redis_url, PYTHONPATH=str(tmp_path))
+    worker = subprocess.Popen([python, "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo", "-Q", queue,
+                               "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        values = json.loads(run_celery(CELERY_READ, redis_url, *[r.id for r in sent], timeout=90))
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=30)
+    assert values == [0, 2, 4, 10], out
+    assert out.count("succeeded in") == 4, out
