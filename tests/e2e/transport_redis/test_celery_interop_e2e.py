@@ -20,9 +20,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.redis]
 
 SEND = r"""
 import datetime, decimal, json, sys, uuid
-from celery import Celery
+from celery import Celery, chain, group, signature
 app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
 q = sys.argv[2]
+add = lambda *a: signature("interop.add", args=a, queue=q)
+echo = lambda *a: signature("interop.echo", args=a, queue=q)
+members = group(add(100, 1), add(100, 2)).apply_async().results
 now = datetime.datetime.now(datetime.timezone.utc)
 sent = {
     "plain": app.send_task("interop.add", args=[2, 3], queue=q),
@@ -37,6 +40,10 @@ sent = {
     "typed": app.send_task("interop.echo", queue=q, kwargs={
         "when": datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc),
         "amount": decimal.Decimal("12.50"), "ref": uuid.UUID(int=5), "data": b"\xff\x00"}),
+    "chain": chain(add(1, 10), add(20), add(300)).apply_async(),
+    "linked": add(50, 50).apply_async(link=echo("linked")),
+    "errback": add("x", 1).apply_async(link_error=echo("errback")),
+    "member0": members[0], "member1": members[1],
 }
 print(json.dumps({k: r.id for k, r in sent.items()}))
 print(now.timestamp())
@@ -63,7 +70,7 @@ def celery_env(tmp_path, redis_url, redis_prefix):
     sys.path.insert(0, str(HERE))
     queue = f"{redis_prefix}-celery"
     env = Env(tmp_path, redis_url, {"GREENQ_KEY_PREFIX": redis_prefix, "GREENQ_CELERY_QUEUES": queue,
-                                    "GREENQ_WORKER_QUEUES": queue})
+                                    "GREENQ_WORKER_QUEUES": queue, "GREENQ_DEFAULT_QUEUE": queue})
     env.queue = queue
     yield env
     env.cleanup()
@@ -84,6 +91,9 @@ def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_celery_reads_the_res
     assert results["time_limit"][0] == "FAILURE" and results["time_limit"][1] == "TimeLimitExceeded"
     assert results["expired"][:2] == ["REVOKED", "TaskRevokedError"]
     assert results["ignored"][0] == "PENDING"                 # ignore_result: no record
+    assert results["chain"][:2] == ["SUCCESS", 331] and results["linked"][:2] == ["SUCCESS", 100]
+    assert results["errback"][:2] == ["FAILURE", "TypeError"]
+    assert [results["member0"][1], results["member1"][1]] == [101, 102]
     marks = celery_env.markers
     adds = [json.loads(line) for line in (marks / "add").read_text().splitlines()]
     by_args = {tuple(a[:2]): a[2] for a in adds}
@@ -92,12 +102,15 @@ def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_celery_reads_the_res
     # a countdown of 2 s did not run early (the worker runs what is at most 1 s early: EARLY_TOLERANCE)
     assert by_args[(10, 20)] >= sent_at + 1.0 and by_args[(1, 2)] >= sent_at
     assert [int(x) for x in (marks / "flaky").read_text().split()] == [0, 1, 2]
-    [typed] = [json.loads(line) for line in (marks / "echo").read_text().splitlines()]
+    echoes = [json.loads(line) for line in (marks / "echo").read_text().splitlines()]
+    called = sorted(json.dumps(e["args"]) for e in echoes if e["args"])
+    assert called == sorted(json.dumps(a) for a in ([100, "linked"], [ids["errback"], "errback"]))
+    [typed] = [e for e in echoes if e["kwargs"]]
     assert typed["kwargs"] == {
         "when": ["datetime", "datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.timezone.utc)"],
         "amount": ["Decimal", "Decimal('12.50')"],
         "ref": ["UUID", "UUID('00000000-0000-0000-0000-000000000005')"], "data": ["bytes", "b'\\xff\\x00'"]}
-    assert "worker stopped: 7 succeeded, 2 failed, 2 retried, 0 dead-lettered" in out, out
+    assert "worker stopped: 15 succeeded, 3 failed, 2 retried, 0 dead-lettered" in out, out
 
 
 CELERY_WORKER_TASKS = """
