@@ -471,9 +471,12 @@ class Codec:
 
 
 def peek(data: bytes) -> Tuple[Optional[str], Optional[str]]:
-    """Best-effort (id, task) of a raw message, for logs and the dead-letter listing."""
+    """Best-effort (id, task) of a raw message (greenq's, or a Celery one in
+    kombu's JSON element), for logs and the dead-letter listing."""
     try:
         env = _loads(data)
+        if "task" not in env and isinstance(env.get("headers"), dict):
+            env = env["headers"]
         return env.get("id"), env.get("task")
     except Exception:
         return None, None
