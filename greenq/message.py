@@ -322,7 +322,10 @@ class Codec:
         ``sent``: a task sent (not a message moved to wait for its eta), which
         ``sent_sink`` hears of when one is set (task-sent events)."""
         from .brokers.base import Outgoing
-        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
+        eta = msg.eta
+        if sent and self.celery_queues and msg.queue in self.celery_queues:
+            eta = None      # Celery's way: on the queue at once, its eta in the message (docs/celery.md)
+        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, eta)
         sink = self.sent_sink
         if sink is not None and sent:
             try:

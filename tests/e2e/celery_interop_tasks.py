@@ -42,3 +42,10 @@ def slow(seconds):
     time.sleep(seconds)
     _record("slow", seconds)
     return seconds
+
+
+@app.task(name="interop.hold")
+def hold(seconds):
+    _record("hold", seconds)
+    time.sleep(seconds)
+    return "greenq ran it"

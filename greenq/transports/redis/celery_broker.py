@@ -29,12 +29,15 @@ How greenq fits kombu's scheme:
   exactly as kombu does, and scores it ``now + lease_seconds -
   visibility_timeout``: Celery's restore (and greenq's) gives it back when
   greenq's lease, not Celery's hour, runs out.  ``renew`` moves the score on.
-* A message published with an eta in the future (``apply_async(countdown=)``
-  from greenq, or one a greenq worker received early and defers) is written
-  straight into ``unacked`` under a fresh tag with the score ``eta -
-  visibility_timeout``: whichever worker restores next, Celery's or greenq's,
-  puts it on its list at its eta.  greenq restores every second; Celery every
-  ``unacked_restore_interval`` x ``unacked_restore_throttle`` (about 100 s).
+* An ``Outgoing`` with an eta in the future is written straight into
+  ``unacked`` under a fresh tag with the score ``eta - visibility_timeout``:
+  whichever worker restores next, Celery's or greenq's, puts it on its list
+  at its eta (greenq restores every second; Celery every
+  ``unacked_restore_interval`` x ``unacked_restore_throttle``, about 100 s).
+  That is a message a greenq worker received before its eta and defers
+  (``Codec.outgoing(sent=False)``); what greenq *sends* with an eta goes on
+  the list at once with the eta in its header, as Celery's client does
+  (``Codec.outgoing`` leaves ``Outgoing.eta`` unset for it).
 * ``ack``, ``requeue``, ``renew`` and ``dead_letter`` act only while this
   consumer holds the message (``P:celery:held:<tag>`` names it), as greenq's
   leases do elsewhere.

@@ -10,9 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
+from tests.conftest import until
 from tests.e2e.conftest import HERE, Env
 from tests.fixtures.celery.clients import celery_python, run_celery
 
@@ -122,6 +124,11 @@ app.conf.worker_hijack_root_logger = False
 @app.task(name="interop.add")
 def add(x, y):
     return x + y
+
+
+@app.task(name="interop.hold")
+def hold(seconds):
+    return "celery ran it"
 """
 
 CELERY_READ = r"""
@@ -132,19 +139,23 @@ print(json.dumps([app.AsyncResult(i).get(timeout=30) for i in sys.argv[2:]]))
 """
 
 
-def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, redis_url, tmp_path):
-    python = celery_python()
-    queue = celery_env.queue
-    app = celery_env.app("celery_interop_tasks")
-    sent = [app.send_task("interop.add", args=[i, i], queue=queue) for i in range(3)]
-    sent.append(app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1))
+def celery_worker(tmp_path, redis_url, queue):
+    """A real Celery worker (solo pool) on ``queue``, its tasks in tmp_path/celery_side.py."""
     (tmp_path / "celery_side.py").write_text(CELERY_WORKER_TASKS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENQ_", "CELERY_"))}
     env.pop("PYTHONPATH", None)
     env.update(CELERY_TEST_URL=redis_url, PYTHONPATH=str(tmp_path))
-    worker = subprocess.Popen([python, "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo", "-Q", queue,
-                               "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "INFO"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([celery_python(), "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo",
+                             "-Q", queue, "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "INFO"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, redis_url, tmp_path):
+    queue = celery_env.queue
+    app = celery_env.app("celery_interop_tasks")
+    sent = [app.send_task("interop.add", args=[i, i], queue=queue) for i in range(3)]
+    sent.append(app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1))
+    worker = celery_worker(tmp_path, redis_url, queue)
     try:
         values = json.loads(run_celery(CELERY_READ, redis_url, *[r.id for r in sent], timeout=90))
     finally:
@@ -152,3 +163,45 @@ def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, re
         out, _ = worker.communicate(timeout=30)
     assert values == [0, 2, 4, 10], out
     assert out.count("succeeded in") == 4, out
+
+
+def _unacked_of(client, task_id):
+    """(tag, score) of every entry of kombu's unacked hash holding ``task_id``."""
+    out = []
+    for tag, raw in client.hscan_iter("unacked", count=1000):
+        payload = json.loads(raw)[0]
+        if payload["headers"].get("id") == task_id:
+            out.append((tag, client.zscore("unacked_index", tag)))
+    return out
+
+
+def test_a_celery_worker_restores_what_a_killed_greenq_worker_held(celery_env, redis_url, tmp_path):
+    import redis
+    queue = celery_env.queue
+    [task_id] = json.loads(run_celery(
+        "import json, sys\nfrom celery import Celery\napp = Celery('c', broker=sys.argv[1])\n"
+        "print(json.dumps([app.send_task('interop.hold', args=[60], queue=sys.argv[2]).id]))", redis_url, queue))
+    celery_env.env["GREENQ_LEASE_SECONDS"] = "1"
+    greenq = celery_env.worker("gevent", "-A", "celery_interop_tasks", burst=False)
+    celery_env.wait_marker("hold")                    # the greenq worker runs it ...
+    greenq.kill()                                     # ... and is killed -9 mid-task
+    greenq.wait()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        [(tag, score)] = _unacked_of(client, task_id)  # held in kombu's unacked, as a Celery worker would
+        assert client.llen(queue) == 0
+        # its lease runs out: by kombu's own rule (score < now - visibility_timeout) it is due back
+        assert until(lambda: client.zscore("unacked_index", tag) < time.time() - 3600, 10)
+        worker = celery_worker(tmp_path, redis_url, queue)
+        try:
+            values = json.loads(run_celery(CELERY_READ, redis_url, task_id, timeout=90))
+        finally:
+            worker.terminate()
+            out, _ = worker.communicate(timeout=30)
+        assert values == ["celery ran it"], out
+        assert _unacked_of(client, task_id) == [] and client.llen(queue) == 0
+    finally:
+        for tag, _ in _unacked_of(client, task_id):
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
+        client.close()

@@ -214,12 +214,25 @@ def test_malformed_elements_are_dead_lettered_with_a_reason(make, raw, queue, re
     assert [s.dead for s in broker.queue_stats([queue])] == [len(dead)]
 
 
-def test_an_eta_waits_in_kombus_unacked_until_due(make, raw, queue):
+def test_a_sent_eta_goes_on_the_list_at_once_as_celery_sends_it(make, raw, queue):
+    client, tags = raw
+    broker = make()
+    msg = protocol.CeleryMessage("interop.add", [1, 1], {}, id="sent-" + queue, queue=queue, eta=time.time() + 60)
+    out = Codec(celery_queues=[queue]).outgoing(msg)
+    assert out.eta is None
+    broker.publish(out)
+    [d] = fetch_all(broker, queue, 1)
+    tags.append(d.token[0])
+    assert d.decode(Codec()).eta == pytest.approx(msg.eta, abs=1e-3)      # a worker holds it back (defer)
+    broker.ack([d])
+
+
+def test_a_deferred_eta_waits_in_kombus_unacked_until_due(make, raw, queue):
     client, tags = raw
     broker = make()
     codec = Codec(celery_queues=[queue])
     msg = protocol.CeleryMessage("interop.add", [1, 1], {}, id="eta-" + queue, queue=queue, eta=time.time() + 1.5)
-    out = codec.outgoing(msg)
+    out = codec.outgoing(msg, sent=False)       # what a worker that received it early sends back
     tag = protocol.delivery_tag(out.body)
     tags.append(tag)
     broker.publish(out)
