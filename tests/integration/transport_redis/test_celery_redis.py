@@ -262,3 +262,71 @@ def test_a_native_queue_beside_a_celery_queue_keeps_greenqs_format(make, raw, qu
     assert [type(d) is CeleryDelivery for d in got] == [True, False]
     broker.ack(got)
     assert [s.ready + s.held for s in broker.queue_stats([queue, "native"])] == [0, 0]
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats() | st.text(max_size=12)
+_json = st.recursive(_scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                     max_leaves=10)
+_headers = st.dictionaries(st.sampled_from(["task", "id", "eta", "expires", "retries", "timelimit", "group",
+                                            "ignore_result"]), _json) | st.just({"task": "interop.add", "id": "x"})
+
+
+@st.composite
+def _elements(draw):
+    kind = draw(st.sampled_from(["bytes", "json", "envelope", "good"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    if kind == "json":
+        return json.dumps(draw(_json)).encode()
+    if kind == "good":
+        return protocol.encode_redis(protocol.CeleryMessage("interop.add", draw(st.lists(_scalars.filter(
+            lambda v: not isinstance(v, float)), max_size=3)), {}, queue="q"))
+    body = draw(st.binary(max_size=60) | _json.map(lambda v: json.dumps(v).encode()))
+    return json.dumps({"body": base64.b64encode(body).decode(), "content-type": draw(st.sampled_from(
+        ["application/json", "application/x-msgpack", "application/x-python-serialize", "text/x"])),
+        "content-encoding": "utf-8", "headers": draw(_headers),
+        "properties": {"body_encoding": "base64", "delivery_tag": draw(st.uuids()).hex,
+                       "priority": draw(_json)}}).encode()
+
+
+_COUNTER = iter(range(10 ** 9))
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(_elements(), min_size=1, max_size=12))
+def test_whatever_is_written_to_a_celery_queue_is_run_or_dead_lettered(make, raw, queue, elements):
+    client, tags = raw
+    name = f"{queue}-{next(_COUNTER)}"
+    broker = make()
+    broker.celery_queues = frozenset([name])
+    for item in elements:
+        client.lpush(name, item)
+    got = []
+    while True:                         # everything comes out at once, or is dead-lettered by the script
+        batch = broker.fetch([name], 100, 0.05)
+        if not batch:
+            break
+        got += batch
+    tags += [d.token[0] for d in got]
+    runnable, dead = [], 0
+    for d in got:
+        try:
+            runnable.append(d.decode(Codec()))
+        except protocol.CeleryMessageError as exc:
+            broker.dead_letter(d, f"undecodable: {exc}")
+            dead += 1
+    broker.ack([d for d in got])
+    dlq = [x for x in broker.dlq_list(1000) if x.queue == name]
+    by_script = [x for x in dlq if not x.message_id]     # not even a kombu message: moved by the fetch script
+    assert len(got) + len(by_script) == len(elements)     # nothing lost
+    assert all(r.reason.startswith("not a kombu message") for r in by_script)
+    if len({d.token[0] for d in got}) == len(got):        # (a tag written twice is one unacked entry)
+        assert len(dlq) - len(by_script) == dead
+    assert all(isinstance(m.task, str) and isinstance(m.args, list) for m in runnable)
+    assert all(d.reason for d in dlq)
+    assert client.llen(name) == 0 and not any(client.hexists(UNACKED, d.token[0]) for d in got)
