@@ -205,3 +205,39 @@ def test_a_celery_worker_restores_what_a_killed_greenq_worker_held(celery_env, r
             client.hdel("unacked", tag)
             client.zrem("unacked_index", tag)
         client.close()
+
+
+def test_malformed_celery_messages_are_dead_lettered_by_the_worker_with_a_reason(celery_env, redis_url):
+    import base64
+    import redis
+
+    from greenq.celery import protocol
+    queue = celery_env.queue
+
+    def element(headers, body, content_type="application/json"):
+        return json.dumps({"body": base64.b64encode(body).decode(), "content-type": content_type,
+                           "content-encoding": "utf-8", "headers": headers,
+                           "properties": {"body_encoding": "base64", "delivery_tag": f"{queue}-{headers['id']}"}})
+    bad = {
+        element({"task": "interop.add", "id": "bad-shape"}, b"[[1, 2], {}]"): "[args, kwargs, embed]",
+        element({"task": "interop.add", "id": "bad-pickle"}, b"\x80\x04K\x01.", "application/x-python-serialize"):
+            "accept_content has no 'pickle'",
+        element({"task": "no.such.task", "id": "bad-name"}, b"[[], {}, {}]"): "unknown task 'no.such.task'",
+        b"\x00 not json": "not a kombu message",
+    }
+    client = redis.Redis.from_url(redis_url)
+    for item in bad:
+        client.lpush(queue, item)
+    client.lpush(queue, protocol.encode_redis(protocol.CeleryMessage("interop.add", [20, 22], {}, id="good-one",
+                                                                     queue=queue)))
+    client.close()
+    code, out = celery_env.run_worker("gevent", "-A", "celery_interop_tasks")
+    assert code == 0, out
+    assert "worker stopped: 1 succeeded, 0 failed, 0 retried, 3 dead-lettered" in out, out
+    app = celery_env.app("celery_interop_tasks")
+    dead = [d for d in app.broker.dlq_list(100) if d.queue == queue]
+    assert len(dead) == len(bad), [d.reason for d in dead]
+    for item, why in bad.items():
+        [letter] = [d for d in dead if d.body == (item if isinstance(item, bytes) else item.encode())]
+        assert why in letter.reason, (why, letter.reason)
+    assert app.AsyncResult("good-one").get(timeout=10) == 42
