@@ -169,6 +169,20 @@ end
 return done
 """
 
+#: DLQ_BACK.  KEYS: dead stream, dead counts.  ARGV: dead letter id, the list to
+#: push it on.  Reply: 1 when moved.
+DLQ_BACK = """
+local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
+if not found[1] then return 0 end
+local f, info = found[1][2], {}
+for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
+if not info['q'] or not info['b'] then return 0 end
+redis.call('LPUSH', ARGV[2], info['b'])
+redis.call('XDEL', KEYS[1], ARGV[1])
+if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
+return 1
+"""
+
 
 def list_key(queue: str, priority: int) -> str:
     """kombu's list of ``queue`` for ``priority`` (its step: 0-2 -> 0, 3-5 -> 3, ...)."""
@@ -213,6 +227,7 @@ class CeleryRedisBroker(RedisBroker):
         self._k_count = f"{self.prefix}:celery:n:"
         self._celery_fetch = self.client.register_script(FETCH)
         self._celery_settle = self.client.register_script(SETTLE)
+        self._celery_dlq_back = self.client.register_script(DLQ_BACK)
         self._next_restore = 0.0
 
     def _celery(self, queues: Sequence[str]) -> Tuple[List[str], List[str]]:
@@ -486,6 +501,34 @@ class CeleryRedisBroker(RedisBroker):
                     else:
                         out[routing_key].held += 1
         return [out[q] for q in queues]
+
+    def dlq_requeue(self, dead_ids: Optional[Sequence[str]] = None) -> int:
+        """Dead letters of Celery queues go back on their queue's list (the
+        element as it was, a fresh delivery count); the others as greenq's."""
+        if not self.celery_queues:
+            return super().dlq_requeue(dead_ids)
+        wanted = None if dead_ids is None else set(dead_ids)
+        moved, rest = 0, []
+        for dead in self.dlq_list(limit=10 ** 9, preview=1):
+            if wanted is not None and dead.id not in wanted:
+                continue
+            if dead.queue not in self.celery_queues:
+                rest.append(dead.id)
+                continue
+            full = self.dlq_get(dead.id)
+            if full is None:
+                continue
+            try:
+                priority = json.loads(full.body)["properties"]["priority"]
+                priority = priority if isinstance(priority, int) and not isinstance(priority, bool) else 0
+            except Exception:
+                priority = 0
+            target = list_key(dead.queue, max(0, min(9, priority)))
+            moved += self._call(lambda: self._celery_dlq_back(keys=[self._k_dead, self._k_dead_count],
+                                                             args=[dead.id, target]), self._timeout, "dlq requeue")
+        if rest:
+            moved += super().dlq_requeue(rest)
+        return moved
 
     def purge(self, queue: str) -> int:
         if queue not in self.celery_queues:

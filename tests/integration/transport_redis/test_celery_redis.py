@@ -212,6 +212,11 @@ def test_malformed_elements_are_dead_lettered_with_a_reason(make, raw, queue, re
     assert {x.body for x in dead} >= set(bad_lists)       # the dead letter keeps the element
     assert client.llen(queue) == 0 and not any(client.hexists(UNACKED, t) for t in tags)
     assert [s.dead for s in broker.queue_stats([queue])] == [len(dead)]
+    # greenq dlq requeue: back on the Celery queue's list, as they were
+    [pickled] = [x for x in dead if "pickle" in x.reason]
+    assert broker.dlq_requeue([pickled.id]) == 1 and client.lrange(queue, 0, -1) == [pickled.body]
+    assert broker.dlq_requeue() == len(dead) - 1 and client.llen(queue) == len(dead)
+    assert [x for x in broker.dlq_list(100) if x.queue == queue] == []
 
 
 def test_a_sent_eta_goes_on_the_list_at_once_as_celery_sends_it(make, raw, queue):
