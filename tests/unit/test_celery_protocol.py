@@ -174,3 +174,14 @@ def test_a_retry_keeps_celery_headers_and_counts_one_more():
     env = p.encode(again)
     assert isinstance(again, p.CeleryMessage) and env.headers["retries"] == 1 and env.headers["origin"] == "far"
     assert env.headers["eta"].startswith("2065-")
+
+
+def test_celery_queues_on_a_broker_without_celery_support_is_a_config_error():
+    from greenq.config import load
+    from greenq.exceptions import ConfigError
+    with pytest.raises(ConfigError, match="redis:// and rediss:// brokers only"):
+        load(search=False, env={}, overrides={("greenq", "broker_url"): "amqp://h/", ("greenq", "celery_queues"):
+                                              "celery"})
+    cfg = load(search=False, env={}, overrides={("greenq", "broker_url"): "redis://h/0",
+                                                ("greenq", "celery_queues"): "celery, reports"})
+    assert cfg.celery_queues == ["celery", "reports"]
