@@ -49,3 +49,10 @@ def hold(seconds):
     _record("hold", seconds)
     time.sleep(seconds)
     return "greenq ran it"
+
+
+@app.task(name="interop.mark")
+def mark(i):
+    time.sleep(0.01)
+    _record("mark", i)
+    return i

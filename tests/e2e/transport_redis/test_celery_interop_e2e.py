@@ -129,6 +129,15 @@ def add(x, y):
 @app.task(name="interop.hold")
 def hold(seconds):
     return "celery ran it"
+
+
+@app.task(name="interop.mark")
+def mark(i):
+    import time
+    time.sleep(0.01)
+    with open(os.environ["CELERY_TEST_MARKS"], "a") as fh:
+        fh.write(str(i) + chr(10))
+    return i
 """
 
 CELERY_READ = r"""
@@ -144,7 +153,7 @@ def celery_worker(tmp_path, redis_url, queue):
     (tmp_path / "celery_side.py").write_text(CELERY_WORKER_TASKS)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENQ_", "CELERY_"))}
     env.pop("PYTHONPATH", None)
-    env.update(CELERY_TEST_URL=redis_url, PYTHONPATH=str(tmp_path))
+    env.update(CELERY_TEST_URL=redis_url, PYTHONPATH=str(tmp_path), CELERY_TEST_MARKS=str(tmp_path / "celery_marks"))
     return subprocess.Popen([celery_python(), "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo",
                              "-Q", queue, "--without-heartbeat", "--without-gossip", "--without-mingle", "-l", "INFO"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -241,3 +250,47 @@ def test_malformed_celery_messages_are_dead_lettered_by_the_worker_with_a_reason
         [letter] = [d for d in dead if d.body == (item if isinstance(item, bytes) else item.encode())]
         assert why in letter.reason, (why, letter.reason)
     assert app.AsyncResult("good-one").get(timeout=10) == 42
+
+
+def _wait_for_line(proc, text, timeout=60):
+    """Read ``proc``'s output until a line containing ``text``; the lines read."""
+    import selectors
+    seen, deadline = [], time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if text in line:
+                return seen
+    raise AssertionError(f"never said {text!r}:\n{''.join(seen)}")
+
+
+def test_a_shared_queue_runs_each_message_once_on_celery_and_greenq_workers(celery_env, redis_url, tmp_path):
+    queue, n = celery_env.queue, 200
+    celery = celery_worker(tmp_path, redis_url, queue)
+    greenq = celery_env.worker("gevent", "-A", "celery_interop_tasks", burst=False)
+    try:
+        _wait_for_line(celery, "ready.")
+        _wait_for_line(greenq, "worker ready")
+        values = json.loads(run_celery(
+            "import json, sys\nfrom celery import Celery\n"
+            "app = Celery('c', broker=sys.argv[1], backend=sys.argv[1])\n"
+            "rs = [app.send_task('interop.mark', args=[i], queue=sys.argv[2]) for i in range(int(sys.argv[3]))]\n"
+            "print(json.dumps([r.get(timeout=120) for r in rs]))", redis_url, queue, str(n), timeout=180))
+    finally:
+        for proc in (celery, greenq):
+            proc.terminate()
+        celery.communicate(timeout=30)
+        greenq.communicate(timeout=60)
+    assert values == list(range(n))
+    on_celery = [int(x) for x in (tmp_path / "celery_marks").read_text().split()] \
+        if (tmp_path / "celery_marks").exists() else []
+    on_greenq = [json.loads(x) for x in (celery_env.markers / "mark").read_text().split()] \
+        if (celery_env.markers / "mark").exists() else []
+    assert sorted(on_celery + on_greenq) == list(range(n)), "each message ran exactly once"
+    assert on_celery and on_greenq, (len(on_celery), len(on_greenq))
