@@ -62,6 +62,7 @@ from ...celery import protocol
 from ...config import Config
 from ...exceptions import BrokerError, MessageError, describe
 from ...reconnect import Unreachable
+from . import lua
 from .broker import RedisBroker
 
 log = logging.getLogger("greenq.transports.redis.celery")
@@ -75,113 +76,8 @@ COUNT_TTL = 7 * 86400                  # how long a delivery count outlives its 
 POLL_FIRST, POLL_CAP = 0.02, 0.25      # empty-fetch polling: first wait, longest wait
 RESTORE_EVERY = 1.0                    # seconds between restores of due unacked entries
 RESTORE_BATCH = 100
-
-#: FETCH.  KEYS: unacked, unacked_index, dead stream, dead counts, queue registry,
-#: then the lists.  ARGV: count, score, max_bytes (0: none), body limit, held
-#: prefix, count prefix, count ttl, now, preview, consumer, lease ms, then the
-#: queue of each list.  Reply: {bad, {list index, tag, element, deliveries}...}
-FETCH = """
-local count, score, maxb, limit = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local held, counted, ttl, now, preview = ARGV[5], ARGV[6], ARGV[7], ARGV[8], tonumber(ARGV[9])
-local consumer, lease = ARGV[10], ARGV[11]
-local out, bad, taken, bytes = {}, 0, 0, 0
-for i = 6, #KEYS do
-  local queue = ARGV[6 + i]
-  while taken < count do
-    local item = redis.call('LINDEX', KEYS[i], -1)
-    if not item then break end
-    if taken > 0 and maxb > 0 and bytes + #item > maxb then return {bad, out} end
-    redis.call('RPOP', KEYS[i])
-    local reason, tag, ex, rk = nil, nil, nil, nil
-    if #item > limit then
-      reason = 'message is ' .. #item .. ' bytes, over max_message_size (not read; the dead letter keeps its first '
-               .. preview .. ' bytes)'
-      item = string.sub(item, 1, preview)
-    else
-      local ok, el = pcall(cjson.decode, item)
-      if ok and type(el) == 'table' and type(el.properties) == 'table' then
-        tag = el.properties.delivery_tag
-        local di = el.properties.delivery_info
-        if type(di) == 'table' then ex, rk = di.exchange, di.routing_key end
-      end
-      if type(tag) ~= 'string' or tag == '' then
-        reason = 'not a kombu message: ' .. (ok and 'no properties.delivery_tag' or 'not JSON')
-      end
-    end
-    if reason then
-      redis.call('XADD', KEYS[3], '*', 'q', queue, 'p', 0, 'm', '', 'r', reason, 't', now, 'b', item)
-      redis.call('HINCRBY', KEYS[4], queue, 1)
-      redis.call('SADD', KEYS[5], queue)
-      bad = bad + 1
-    else
-      if type(ex) ~= 'string' then ex = '' end
-      if type(rk) ~= 'string' then rk = queue end
-      redis.call('HSET', KEYS[1], tag, '[' .. item .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
-      redis.call('ZADD', KEYS[2], score, tag)
-      redis.call('SET', held .. tag, consumer, 'PX', lease)
-      local n = redis.call('INCR', counted .. tag)
-      redis.call('EXPIRE', counted .. tag, ttl)
-      out[#out + 1] = {i - 5, tag, item, n}
-      taken = taken + 1
-      bytes = bytes + #item
-    end
-  end
-end
-return {bad, out}
-"""
-
-#: SETTLE.  KEYS: unacked, unacked_index, dead stream, dead counts, queue registry.
-#: ARGV: action (ack|renew|requeue|unstarted|dead), consumer, held prefix, count
-#: prefix, lease ms, score, now, then per message: tag, list key, queue, element,
-#: reason.  Acts only on messages this consumer holds; reply: how many.
-SETTLE = """
-local action, consumer, held, counted = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local lease, score, now = ARGV[5], ARGV[6], ARGV[7]
-local done = 0
-for i = 8, #ARGV, 5 do
-  local tag, list, queue, item, reason = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  if redis.call('GET', held .. tag) == consumer then
-    done = done + 1
-    if action == 'renew' then
-      redis.call('PEXPIRE', held .. tag, lease)
-      redis.call('ZADD', KEYS[2], 'XX', score, tag)
-    else
-      redis.call('ZREM', KEYS[2], tag)
-      redis.call('HDEL', KEYS[1], tag)
-      redis.call('DEL', held .. tag)
-      if action == 'ack' or action == 'dead' then
-        redis.call('DEL', counted .. tag)
-      end
-      if action == 'unstarted' then
-        if redis.call('DECR', counted .. tag) <= 0 then redis.call('DEL', counted .. tag) end
-      end
-      if action == 'requeue' or action == 'unstarted' then
-        redis.call('RPUSH', list, item)
-      end
-      if action == 'dead' then
-        redis.call('XADD', KEYS[3], '*', 'q', queue, 'p', 0, 'm', tag, 'r', reason, 't', now, 'b', item)
-        redis.call('HINCRBY', KEYS[4], queue, 1)
-        redis.call('SADD', KEYS[5], queue)
-      end
-    end
-  end
-end
-return done
-"""
-
-#: DLQ_BACK.  KEYS: dead stream, dead counts.  ARGV: dead letter id, the list to
-#: push it on.  Reply: 1 when moved.
-DLQ_BACK = """
-local found = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[1])
-if not found[1] then return 0 end
-local f, info = found[1][2], {}
-for j = 1, #f, 2 do info[f[j]] = f[j + 1] end
-if not info['q'] or not info['b'] then return 0 end
-redis.call('LPUSH', ARGV[2], info['b'])
-redis.call('XDEL', KEYS[1], ARGV[1])
-if redis.call('HINCRBY', KEYS[2], info['q'], -1) <= 0 then redis.call('HDEL', KEYS[2], info['q']) end
-return 1
-"""
+#: the scripts (scripts/celery_*.lua, each with its KEYS, ARGV and reply in its header)
+FETCH, SETTLE, DLQ_BACK = lua.load("celery_fetch"), lua.load("celery_settle"), lua.load("celery_dlq_back")
 
 
 def list_key(queue: str, priority: int) -> str:
