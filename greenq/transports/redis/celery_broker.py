@@ -228,9 +228,10 @@ class CeleryRedisBroker(RedisBroker):
                 budget: Optional[float] = None) -> int:
         args: List[Any] = [action, self.consumer, self._k_held, self._k_count, int(self._lease * 1000),
                            repr(self._score()), repr(time.time())]
+        carry = action in ("requeue", "unstarted", "dead")      # the element goes somewhere: send it
         for d in deliveries:
             tag, key = d.token
-            args += [tag, key, d.queue, d.body, reason]
+            args += [tag, key, d.queue, d.body if carry else b"", reason]
         return self._call(lambda: self._celery_settle(
             keys=[UNACKED, UNACKED_INDEX, self._k_dead, self._k_dead_count, self._k_queues], args=args),
             self._timeout if budget is None else budget, action)
