@@ -72,10 +72,21 @@ def celery_env(tmp_path, redis_url, redis_prefix):
     sys.path.insert(0, str(HERE))
     queue = f"{redis_prefix}-celery"
     env = Env(tmp_path, redis_url, {"GREENQ_KEY_PREFIX": redis_prefix, "GREENQ_CELERY_QUEUES": queue,
-                                    "GREENQ_WORKER_QUEUES": queue, "GREENQ_DEFAULT_QUEUE": queue})
+                                    "GREENQ_WORKER_QUEUES": queue, "GREENQ_DEFAULT_QUEUE": queue,
+                                    # celery-task-meta-<id> is outside the prefix: let it go soon
+                                    "GREENQ_RESULT_EXPIRES": "600"})
     env.queue = queue
     yield env
     env.cleanup()
+    _forget_kombu_bindings(redis_url, queue)
+
+
+def _forget_kombu_bindings(redis_url, queue):
+    """Celery's clients and workers record the queue's bindings outside the test's prefix."""
+    import redis
+    client = redis.Redis.from_url(redis_url)
+    client.delete(f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}")
+    client.close()
 
 
 def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_celery_reads_the_results(pool, celery_env, redis_url):
@@ -120,6 +131,7 @@ from celery import Celery
 import os
 app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"], backend=os.environ["CELERY_TEST_URL"])
 app.conf.worker_hijack_root_logger = False
+app.conf.result_expires = 600
 
 @app.task(name="interop.add")
 def add(x, y):

@@ -57,7 +57,7 @@ def queue(redis_prefix):
 
 
 @pytest.fixture
-def raw(redis_url):
+def raw(redis_url, queue):
     import redis
     client = redis.Redis.from_url(redis_url)
     tags = []
@@ -65,6 +65,9 @@ def raw(redis_url):
     for tag in tags:
         client.zrem(UNACKED_INDEX, tag)
         client.hdel(UNACKED, tag)
+    for key in client.scan_iter(match="_kombu.binding*", count=1000):    # Celery's, outside the prefix
+        if key.decode().endswith(queue):
+            client.delete(key)
     client.close()
 
 
