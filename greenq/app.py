@@ -257,7 +257,7 @@ class GreenQ:
     def codec(self) -> Codec:
         if self._codec is None:
             c = self.config
-            codec = Codec(c.serializer, c.accept_content, c.signing_key, c.max_message_size)
+            codec = Codec(c.serializer, c.accept_content, c.signing_key, c.max_message_size, c.celery_queues)
             if c.task_send_sent_event and not c.eager:
                 from .control.sent import SentPublisher
                 codec.sent_sink = SentPublisher(self)

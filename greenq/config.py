@@ -72,6 +72,8 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                           "0 = forever", DAY),
         "exception_modules": Setting("list", [], "modules (and their submodules) whose exceptions a "
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
+        "celery_queues": Setting("list", [], "queues that speak Celery's message protocol 2: a worker runs "
+                                 "what Celery clients send there (docs/celery.md); comma-separated"),
         "task_send_sent_event": Setting("bool", False, "publish a task-sent event for every task this "
                                         "process sends (workers with -E always do)"),
         "tracing": Setting("bool", False, "OpenTelemetry spans for each task sent and run, and the "
@@ -628,6 +630,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.origin('greenq', 'key_prefix')}: [greenq] key_prefix = {cfg.key_prefix[:80]!r}: "
                           f"must be 1-64 characters of A-Z a-z 0-9 _ - . : (it names Redis keys, RabbitMQ "
                           f"queues and exchanges, and SQLite tables)")
+    if cfg.celery_queues and cfg.broker_url.partition("://")[0] not in ("redis", "rediss"):
+        raise ConfigError(f"{cfg.origin('greenq', 'celery_queues')}: [greenq] celery_queues = "
+                          f"{','.join(cfg.celery_queues)[:80]!r}: Celery's protocol is supported on redis:// "
+                          f"and rediss:// brokers only so far (docs/celery.md), not "
+                          f"{cfg.broker_url.partition('://')[0]}://")
     for entry, spec in cfg.schedules.items():
         check_schedule(cfg, entry, spec)
     cfg.resource_settings()

@@ -289,13 +289,16 @@ class Codec:
     Raises ConfigError for pickle without a signing key (``check_trust``)."""
 
     def __init__(self, serializer: str = "json", accept: Sequence[str] = ("json",),
-                 signing_key: str = "", max_size: int = 1048576) -> None:
+                 signing_key: str = "", max_size: int = 1048576, celery_queues: Sequence[str] = ()) -> None:
         check_trust(serializer, accept, signing_key)
         self.serializer = serializer
         self.accept = frozenset(accept) | ({serializer} if serializer == "json" else set())
         self.signer = Signer(signing_key)
         self.signed = bool(self.signer)
         self.max_size = max_size
+        #: queues that speak Celery's protocol 2 ([greenq] celery_queues): what
+        #: goes there is encoded as kombu's JSON element (greenq.celery.protocol)
+        self.celery_queues = frozenset(celery_queues)
         #: called with each task sent (``outgoing``): the task-sent events, when on
         self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
         #: [greenq] tracing (greenq/tracing.py): makes ``outgoing``'s producer spans; None = off
@@ -304,7 +307,10 @@ class Codec:
     # -- tasks ---------------------------------------------------------------
     def encode(self, msg: TaskMessage, fields: Sequence[str] = _HEADER_FIELDS) -> bytes:
         """``msg`` as the bytes a broker carries (``fields``: the envelope's
-        header fields; ``TRACED_FIELDS`` with tracing on)."""
+        header fields; ``TRACED_FIELDS`` with tracing on).  A message for a
+        queue in ``celery_queues`` is kombu's JSON element instead."""
+        if self.celery_queues and msg.queue in self.celery_queues:
+            return self._encode_celery(msg)
         env: Dict[str, Any] = {"v": PROTOCOL, "ct": self.serializer}
         for name in fields:
             value = getattr(msg, name)
@@ -327,6 +333,20 @@ class Codec:
                                f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
         return data
 
+    def _encode_celery(self, msg: TaskMessage) -> bytes:
+        """``msg`` as a Celery protocol 2 message (kombu's JSON element, the
+        body in base64), for a queue in ``celery_queues``."""
+        from .celery.protocol import CeleryMessage, encode_redis
+        serializer = msg.serializer if isinstance(msg, CeleryMessage) else self.serializer
+        try:
+            data = encode_redis(msg, serializer)
+        except (TypeError, ValueError, pickle.PicklingError) as exc:
+            raise MessageError(f"cannot serialize arguments of {msg.task} with {serializer}: {exc}") from None
+        if len(data) > self.max_size:
+            raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
+                               f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
+        return data
+
     def outgoing(self, msg: TaskMessage, sent: bool = True) -> "Outgoing":
         """``msg`` encoded, with the routing facts a broker needs beside it.
         ``sent``: a task sent (not a message moved to wait for its eta), which
@@ -334,7 +354,10 @@ class Codec:
         from .brokers.base import Outgoing
         if self.tracer is not None:             # one test when tracing is off
             return self.tracer.outgoing(self, msg, sent)
-        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
+        eta = msg.eta
+        if sent and self.celery_queues and msg.queue in self.celery_queues:
+            eta = None      # Celery's way: on the queue at once, its eta in the message (docs/celery.md)
+        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, eta)
         sink = self.sent_sink
         if sink is not None and sent:
             try:
@@ -483,9 +506,12 @@ class Codec:
 
 
 def peek(data: bytes) -> Tuple[Optional[str], Optional[str]]:
-    """Best-effort (id, task) of a raw message, for logs and the dead-letter listing."""
+    """Best-effort (id, task) of a raw message (greenq's, or a Celery one in
+    kombu's JSON element), for logs and the dead-letter listing."""
     try:
         env = _loads(data)
+        if "task" not in env and isinstance(env.get("headers"), dict):
+            env = env["headers"]
         return env.get("id"), env.get("task")
     except Exception:
         return None, None

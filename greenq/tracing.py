@@ -164,8 +164,8 @@ class Producer:
             if carried and carried.get("links"):       # the consumer span links to them too
                 trace_field["links"] = carried["links"]
             msg.trace = trace_field
-            out = TracedOutgoing(msg.queue, codec.encode(msg, TRACED_FIELDS), msg.id, msg.priority, msg.eta,
-                                 span)
+            eta = None if codec.celery_queues and msg.queue in codec.celery_queues else msg.eta   # as outgoing
+            out = TracedOutgoing(msg.queue, codec.encode(msg, TRACED_FIELDS), msg.id, msg.priority, eta, span)
         except BaseException as exc:
             _ended(span, exc)
             raise

@@ -101,6 +101,12 @@ class Delivery:
         #: what the dead letter keeps
         self.size = size
 
+    def decode(self, codec: Any) -> Any:
+        """The TaskMessage this delivery carries (``codec.decode`` of the body;
+        a transport carrying another protocol decodes its own); MessageError
+        says why it cannot run."""
+        return codec.decode(self.body)
+
     @property
     def truncated(self) -> bool:
         """Only a preview of the body was read (see ``size``)."""

@@ -127,7 +127,7 @@ def _held_not_running(agent: "ControlAgent") -> List[Dict[str, Any]]:
     out = []
     for d in w.reserved():
         try:
-            msg = w.codec.decode(d.body)
+            msg = d.decode(w.codec)
         except Exception:
             continue
         out.append({"id": msg.id, "name": msg.task, "args": preview(msg.args), "kwargs": preview(msg.kwargs),

@@ -462,7 +462,7 @@ class Worker:
         if d.deliveries > max_deliveries:
             return f"delivered {d.deliveries} times (max_deliveries={max_deliveries})"
         try:
-            msg = self.codec.decode(d.body)
+            msg = d.decode(self.codec)
         except MessageError as exc:
             return f"undecodable: {exc}"
         job.msg = msg

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 from ..backends.base import Record
 from ..backoff import backoff
 from ..brokers.base import Delivery, Outgoing
+from ..celery.protocol import CeleryMessage
+from ..celery.results import worker_record as celery_record
 from ..exceptions import MessageError, Reject, Retry, describe
 from ..message import peek
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
@@ -54,7 +56,7 @@ class DeadLettering:
 
 class Plan:
     """What settling one batch takes, gathered before any call is made."""
-    __slots__ = ("records", "republish", "chords", "acks", "requeue", "unstarted", "dead")
+    __slots__ = ("records", "republish", "chords", "acks", "requeue", "unstarted", "dead", "celery")
 
     def __init__(self) -> None:
         self.records: List[Record] = []
@@ -64,6 +66,7 @@ class Plan:
         self.requeue: List[Delivery] = []                 # started, then returned (cold stop)
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
         self.dead: List[DeadLettering] = []
+        self.celery: List[Any] = []                       # (task id, record) in Celery's format
 
 
 class Settler:
@@ -95,6 +98,7 @@ class Settler:
         #: put, as every task calls it
         self.put: Callable[[Job], None] = self.done.put
         self.settling_since: Optional[float] = None
+        self._celery_warned = False
 
     def close(self) -> None:
         self.done.put(None)
@@ -128,6 +132,8 @@ class Settler:
         backend = self._backend()
         self._with_retries("publish retries and follow-ups", self.broker.publish_many, plan.republish)
         self._with_retries("store results", backend.store_many, plan.records, on_permanent=self._store_fallback)
+        if plan.celery:
+            self._with_retries("store Celery results", self._store_celery, plan.celery)
         self._with_retries("count chord members", self.followups.complete_chords, plan.chords,
                            on_permanent=self._chord_fallback)
         self._with_retries("acknowledge", self.broker.ack, plan.acks)
@@ -210,8 +216,23 @@ class Settler:
                         record = plan.records.pop(i)
                         break
             plan.chords.append(ChordMember(msg, failure, record))
+        if isinstance(msg, CeleryMessage) and not (ignore or msg.ignore_result):
+            row = celery_record(msg, outcome or "", job.value, job.exc, job.tb, job.reason)
+            if row is not None:
+                plan.celery.append(row)
         if not job.acked:
             plan.acks.append(job.delivery)
+
+    def _store_celery(self, records: List[Any]) -> None:
+        """Results of Celery messages in Celery's format, where the result
+        backend can keep them (Redis so far; elsewhere, a warning once)."""
+        store = getattr(self._backend(), "store_celery", None)
+        if store is not None:
+            store(records)
+        elif not self._celery_warned:
+            self._celery_warned = True
+            log.warning("results of Celery messages are not stored in Celery's format on this result "
+                        "backend (Redis only so far); Celery clients will not see them")
 
     def _plan_failure(self, job: Job, plan: Plan, exc: BaseException) -> None:
         """The fallback of ``_plan``: store a FAILURE naming the error and
@@ -238,7 +259,7 @@ class Settler:
         msg = job.msg
         if msg is None:
             try:
-                msg = self.codec.decode(job.delivery.body)   # dead before decoding (max_deliveries)
+                msg = job.delivery.decode(self.codec)   # dead before decoding (max_deliveries)
             except MessageError:
                 msg = None
         task_id: Optional[str]
