@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from .brokers.base import QueueStats
@@ -127,22 +127,23 @@ class TaskMetrics:
 
 
 class QueueSignals:
-    """``broker.queue_stats(queues)`` reused for ``cache`` seconds: scraping
+    """The answer of ``figures()`` (``broker.queue_stats(queues)``, or the
+    listing of ``greenq queues``) reused for ``cache`` seconds: scraping
     /metrics often stays cheap for the broker.  ``read`` gives None (and logs)
-    when the broker does not answer; the last answer is not shown past its time."""
+    when the broker does not answer; an answer is not shown past its time."""
 
     def __init__(self, cache: float = QUEUE_SIGNALS_CACHE) -> None:
         self.cache = cache
         self._lock = threading.Lock()
         self._last: Tuple[float, Optional[List["QueueStats"]]] = (float("-inf"), None)
 
-    def read(self, broker: Any, queues: Optional[Sequence[str]]) -> Optional[List["QueueStats"]]:
+    def read(self, figures: Callable[[], List["QueueStats"]]) -> Optional[List["QueueStats"]]:
         with self._lock:
             when, stats = self._last
             if time.monotonic() - when < self.cache:
                 return stats
             try:
-                stats = broker.queue_stats(list(queues) if queues is not None else None)
+                stats = list(figures())
             except Exception as exc:
                 log.warning("/metrics: could not read the queues' figures: %s", exc)
                 stats = None

@@ -6,8 +6,8 @@ Routes (JSON unless said otherwise):
   GET  /api/workers           workers from their heartbeats, online or offline
   GET  /api/stats             what the event reader read, skipped and dropped (malformed events)
   GET  /api/queues            depth of each queue: ready, delayed, held, dead, oldest_ready_age
-  GET  /metrics               every queue's autoscaling gauges, Prometheus text (greenq/metrics.py;
-                              the broker asked at most every 5 s); docs/autoscaling.md
+  GET  /metrics               every queue's autoscaling gauges, Prometheus text (greenq/metrics.py),
+                              from greenq queues' listing, asked at most every 5 s; docs/autoscaling.md
   GET  /api/tasks?q=&state=   tasks from task events, newest first; /api/tasks/<id> one, with traceback
   GET  /api/failures          recent failures with their tracebacks
   GET  /api/throughput        succeeded and failed per 5 s over the last 10 minutes
@@ -45,6 +45,7 @@ import time
 from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from ..cli.listing import queue_stats as queue_listing
 from ..httpserve import Server
 from ..metrics import QueueSignals, render_queue_signals
 from .state import FleetState
@@ -153,7 +154,9 @@ class Dashboard:
         if path == "/api/queues":
             return _json(start, self.queues())
         if path == "/metrics":
-            text = render_queue_signals(self._signals.read(self.app.broker, None))
+            # greenq queues' listing: on RabbitMQ, every queue and every consumer's held
+            # messages through the management API when it answers
+            text = render_queue_signals(self._signals.read(lambda: queue_listing(self.app)[0]))
             return _send(start, "200 OK", text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/tasks":
             limit = _limit(query, 100, TASKS_MAX)

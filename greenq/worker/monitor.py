@@ -239,7 +239,7 @@ class Monitor:
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         text = "\n".join(lines) + "\n"
         text += render_metrics(w.resource_stats(), w.resource_waits())   # per resource (none: nothing)
-        queues = self.queue_signals.read(w.broker, list(w.queues))       # cached (docs/autoscaling.md)
+        queues = self.queue_signals.read(lambda: w.broker.queue_stats(list(w.queues)))   # cached, 5 s
         text += render_queue_signals(queues)
         if self.task_metrics is not None:      # per task name, and the queues' depths
             text += self.task_metrics.render(w.broker, list(w.queues), queues or [])

@@ -20,6 +20,8 @@ from typing import Callable, List
 
 import pytest
 
+from tests.conftest import until
+
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -96,7 +98,7 @@ def test_queues_json_and_the_workers_metrics(pool, any_env):
     is null (and its gauge left out) on RabbitMQ only."""
     import e2e_tasks
     env = any_env
-    env.app()
+    app = env.app()
     name = _queue(env)
     aged = env.kind != "amqp"
     results = [e2e_tasks.add.delay(i, 1) for i in range(3)]
@@ -113,7 +115,10 @@ def test_queues_json_and_the_workers_metrics(pool, any_env):
     port = _free_port()
     worker = env.worker(pool, "--http", f"127.0.0.1:{port}", burst=False)
     assert [r.get(timeout=30) for r in results] == [1, 2, 3]
-    metrics = _get(f"http://127.0.0.1:{port}/metrics")
+    # a result is stored before its message is acknowledged: held drops to 0 just after
+    assert until(lambda: json.loads(_get(f"http://127.0.0.1:{port}/healthz"))["held"] == 0
+                 and app.broker.queue_stats([name])[0].held == 0, 20)
+    metrics = _get(f"http://127.0.0.1:{port}/metrics")    # (its first scrape: read now, not cached)
     assert f'greenq_queue_ready{{queue="{name}"}} 0\n' in metrics, metrics
     assert f'greenq_queue_held{{queue="{name}"}} 0\n' in metrics
     assert f'greenq_queue_delayed{{queue="{name}"}} 1\n' in metrics

@@ -35,17 +35,17 @@ def test_the_gauges_one_sample_per_queue_and_no_age_where_unknown():
 def test_the_broker_is_asked_once_per_cache_period():
     broker = CountingBroker([QueueStats("a", ready=1, oldest_ready_age=0.5)])
     signals = QueueSignals(cache=60)
-    first = signals.read(broker, ["a"])
-    assert signals.read(broker, ["a"]) is first and broker.calls == [["a"]]
+    first = signals.read(lambda: broker.queue_stats(["a"]))
+    assert signals.read(lambda: broker.queue_stats(["a"])) is first and broker.calls == [["a"]]
     fresh = QueueSignals(cache=0)
-    fresh.read(broker, ["a"])
-    fresh.read(broker, ["a"])
+    fresh.read(lambda: broker.queue_stats(["a"]))
+    fresh.read(lambda: broker.queue_stats(["a"]))
     assert len(broker.calls) == 3
 
 
 def test_a_broker_away_gives_no_figures_and_is_asked_again_later():
     broker = CountingBroker(ConnectionError("down"))
     signals = QueueSignals(cache=0)
-    assert signals.read(broker, None) is None
+    assert signals.read(broker.queue_stats) is None
     broker.rows = [QueueStats("a")]
-    assert [q.name for q in signals.read(broker, None)] == ["a"]
+    assert [q.name for q in signals.read(broker.queue_stats)] == ["a"]
