@@ -221,3 +221,33 @@ def test_a_worker_is_started_from_zero_when_the_lag_grows_and_ends(pool, any_env
     last = [reading(line) for line in lines.seen if reading(line)][-1]
     assert (last["ready"], last["held"], last["workers"]) == (0, 0, 0), lines.seen
     assert sum(line.startswith("start worker") for line in lines.seen) == 2
+
+
+def test_the_script_scales_from_zero_on_the_dashboards_metrics(pool, sqlite_env):
+    """The same script reading the dashboard's /metrics (``--metrics``), as an
+    autoscaler reading Prometheus would: a worker starts once 5 messages are
+    ready, runs them, and the script ends with zero workers."""
+    from tests.e2e.test_dashboard_browser import _start_dashboard
+    import e2e_tasks
+    env = sqlite_env
+    env.app()
+    _, base = _start_dashboard(env)
+    e2e_tasks.add.delay(0, 0)                 # one ready: below --min-ready
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--interval", "0.2", "--min-ready", "5",
+                             "--metrics", base + "/metrics", "--stop-after", "1", "--", "-A", "e2e_tasks",
+                             "--pool", pool],
+                            cwd=env.tmp, env=env.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.procs.append(proc)
+    lines = Lines(proc)
+    lines.wait_for(lambda line: reading(line).get("ready") == 1, "one ready message")
+    results = [e2e_tasks.add.delay(i, 1) for i in range(5)]
+    started = lines.wait_for(lambda line: line.startswith("start worker 1 "), "worker 1 started", timeout=60)
+    assert "ready=6" in started
+    assert [r.get(timeout=60) for r in results] == [1, 2, 3, 4, 5]
+    assert proc.wait(timeout=60) == 0
+    lines.rest()
+    before = [reading(line) for line in lines.seen[:lines.seen.index(started)] if reading(line)]
+    assert all(r["workers"] == 0 for r in before) and any(r["ready"] == 1 for r in before), before
+    assert any(re.match(r"worker 1 \(pid \d+\) exited 0$", line) for line in lines.seen), lines.seen
+    last = [reading(line) for line in lines.seen if reading(line)][-1]
+    assert (last["ready"], last["held"], last["workers"]) == (0, 0, 0), lines.seen
