@@ -56,7 +56,7 @@ for q = 0, #ARGV - 4 do
     end
   end
   local dkey = KEYS[base + 11]
-  local due = redis.call('ZCOUNT', dkey, '-inf', now)
+  local due = redis.call('ZCOUNT', dkey, '-inf', ARGV[3])
   if due > 0 then
     local head = redis.call('ZRANGE', dkey, 0, 0, 'WITHSCORES')
     age = math.max(age, math.floor((now - tonumber(head[2])) * 1000))
