@@ -235,6 +235,8 @@ class Monitor:
                "Seconds the hub spent blocked")
         metric("tasks_running", "gauge", len(snap.running), "Tasks running now")
         metric("messages_held", "gauge", snap.held, "Messages leased to this worker")
+        metric("messages_prefetched", "gauge", max(0, snap.held - len(snap.running)),
+               "Messages leased to this worker and not started (docs/autoscaling.md)")
         metric("concurrency", "gauge", snap.concurrency, "Task slots")
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         text = "\n".join(lines) + "\n"

@@ -130,6 +130,29 @@ def test_queues_json_and_the_workers_metrics(pool, any_env):
     assert worker.returncode == 0, out
 
 
+def test_prefetched_work_shows_as_held_not_ready(pool, sqlite_env):
+    """A worker of concurrency 1 and prefetch 3 running a slow task holds two
+    more it has not started: the queue shows 1 ready and 3 held, and the
+    worker's greenq_messages_prefetched says 2 of its 3 have not started."""
+    import e2e_tasks
+    env = sqlite_env
+    env.app()
+    env.env["GREENQ_WORKER_PREFETCH"] = "3"
+    slow = e2e_tasks.slow.delay("long", 3)
+    quick = [e2e_tasks.add.delay(i, 1) for i in range(3)]
+    port = _free_port()
+    worker = env.worker(pool, "-c", "1", "--http", f"127.0.0.1:{port}")
+    env.wait_marker("long.started")
+    assert until(lambda: json.loads(_get(f"http://127.0.0.1:{port}/healthz"))["held"] == 3, 20)
+    metrics = _get(f"http://127.0.0.1:{port}/metrics").splitlines()
+    for line in ('greenq_queue_ready{queue="default"} 1', 'greenq_queue_held{queue="default"} 3',
+                 "greenq_tasks_running 1", "greenq_messages_held 3", "greenq_messages_prefetched 2"):
+        assert line in metrics, (line, metrics)
+    assert slow.get(timeout=30) == "long" and [r.get(timeout=30) for r in quick] == [1, 2, 3]
+    out, _ = worker.communicate(timeout=30)
+    assert worker.returncode == 0, out
+
+
 def test_the_dashboard_serves_the_signals(sqlite_env):
     """/api/queues (what the queues panel reads) and /metrics of the dashboard,
     which lists every queue: the always-on endpoint to scale from zero on."""
