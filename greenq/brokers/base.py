@@ -142,6 +142,10 @@ class QueueStats:
     delayed: int = 0   # waiting for their eta
     held: int = 0      # leased to a consumer, not yet acknowledged
     dead: int = 0      # in the dead-letter store
+    #: seconds the oldest ready message has waited since it became ready (its
+    #: publish, its eta, its return); 0.0 when none is ready; None where the
+    #: broker cannot tell (RabbitMQ).  What each broker counts: docs/autoscaling.md
+    oldest_ready_age: Optional[float] = None
 
 
 class Broker(UsesDriver):

@@ -5,7 +5,9 @@ Routes (JSON unless said otherwise):
   GET  /                      the page (static/index.html); /static/* its assets
   GET  /api/workers           workers from their heartbeats, online or offline
   GET  /api/stats             what the event reader read, skipped and dropped (malformed events)
-  GET  /api/queues            depth of each queue: ready, delayed, held, dead
+  GET  /api/queues            depth of each queue: ready, delayed, held, dead, oldest_ready_age
+  GET  /metrics               every queue's autoscaling gauges, Prometheus text (greenq/metrics.py),
+                              from greenq queues' listing, asked at most every 5 s; docs/autoscaling.md
   GET  /api/tasks?q=&state=   tasks from task events, newest first; /api/tasks/<id> one, with traceback
   GET  /api/failures          recent failures with their tracebacks
   GET  /api/throughput        succeeded and failed per 5 s over the last 10 minutes
@@ -43,7 +45,9 @@ import time
 from typing import Any, Callable, Collection, Dict, FrozenSet, Iterable, List, Optional, Tuple
 from urllib.parse import urlsplit
 
+from ..cli.listing import queue_stats as queue_listing
 from ..httpserve import Server
+from ..metrics import QueueSignals, render_queue_signals
 from .state import FleetState
 
 log = logging.getLogger("greenq.dashboard")
@@ -88,6 +92,7 @@ class Dashboard:
         self.auth = auth
         self.hosts = frozenset(hosts)
         self._queues: Tuple[float, List[Dict[str, Any]]] = (0.0, [])
+        self._signals = QueueSignals()
 
     def __call__(self, environ: Dict[str, Any], start: Start) -> Iterable[bytes]:
         refused = self._refused(environ)
@@ -148,6 +153,11 @@ class Dashboard:
             return _json(start, self.state.stats())
         if path == "/api/queues":
             return _json(start, self.queues())
+        if path == "/metrics":
+            # greenq queues' listing: on RabbitMQ, every queue and every consumer's held
+            # messages through the management API when it answers
+            text = render_queue_signals(self._signals.read(lambda: queue_listing(self.app)[0]))
+            return _send(start, "200 OK", text.encode(), "text/plain; version=0.0.4; charset=utf-8")
         if path == "/api/tasks":
             limit = _limit(query, 100, TASKS_MAX)
             return _json(start, self.state.task_list(query.get("q", ""), query.get("state", ""), limit))
@@ -180,7 +190,8 @@ class Dashboard:
         when, cached = self._queues
         if time.monotonic() - when < QUEUES_CACHE:
             return cached
-        listing = [{"name": q.name, "ready": q.ready, "delayed": q.delayed, "held": q.held, "dead": q.dead}
+        listing = [{"name": q.name, "ready": q.ready, "delayed": q.delayed, "held": q.held, "dead": q.dead,
+                    "oldest_ready_age": q.oldest_ready_age}
                    for q in self.app.broker.queue_stats()]
         self._queues = (time.monotonic(), listing)
         return listing

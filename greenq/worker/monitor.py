@@ -26,7 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Tuple
 
 from ..httpserve import Server, routes_app, serve
-from ..metrics import TaskMetrics
+from ..metrics import QueueSignals, TaskMetrics, render_queue_signals
 from ..resources.observe import WaitTimes, render_metrics
 from .jobs import Job, limits
 from .state import Snapshot, Stats
@@ -105,6 +105,7 @@ class Monitor:
         self.task_metrics: Optional[TaskMetrics] = TaskMetrics.create() if http else None
         if self.task_metrics is not None:
             self.task_metrics.subscribe(worker.hooks)
+        self.queue_signals = QueueSignals()     # this worker's queues, read at most every 5 s
 
     def start(self) -> None:
         self._running = True
@@ -234,12 +235,16 @@ class Monitor:
                "Seconds the hub spent blocked")
         metric("tasks_running", "gauge", len(snap.running), "Tasks running now")
         metric("messages_held", "gauge", snap.held, "Messages leased to this worker")
+        metric("messages_prefetched", "gauge", max(0, snap.held - len(snap.running)),
+               "Messages leased to this worker and not started (docs/autoscaling.md)")
         metric("concurrency", "gauge", snap.concurrency, "Task slots")
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         text = "\n".join(lines) + "\n"
         text += render_metrics(w.resource_stats(), w.resource_waits())   # per resource (none: nothing)
+        queues = self.queue_signals.read(lambda: w.broker.queue_stats(list(w.queues)))   # cached, 5 s
+        text += render_queue_signals(queues)
         if self.task_metrics is not None:      # per task name, and the queues' depths
-            text += self.task_metrics.render(w.broker, list(w.queues))
+            text += self.task_metrics.render(w.broker, list(w.queues), queues or [])
         return text
 
     def _serve(self) -> None:

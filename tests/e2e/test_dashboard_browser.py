@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -139,6 +140,7 @@ def test_dashboard_in_a_browser(pool, sqlite_env, browser):
     _until(browser, lambda d: _text(d, 'tr[data-queue="default"] td.ready') == "1", "1 ready message")
     more = [e2e_tasks.add.delay(i, 1) for i in range(2)]
     _until(browser, lambda d: _text(d, 'tr[data-queue="default"] td.ready') == "3", "3 ready messages")
+    assert re.fullmatch(r"\d+\.\d s", _text(browser, 'tr[data-queue="default"] td.oldest-ready-age'))
 
     # a worker that starts after the page opened appears, online, and drains the queue
     worker = env.worker(pool, "-n", "browser-w1", "-E", burst=False)

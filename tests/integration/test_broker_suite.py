@@ -307,6 +307,43 @@ def test_queue_stats_counts_ready_delayed_held_dead(broker_env):
     consumer.ack(held[:1])
 
 
+def test_queue_stats_autoscaling_signals(broker_env):
+    """The four figures an autoscaler reads (docs/autoscaling.md): ready,
+    held, delayed, and the oldest ready message's age, which grows while it
+    waits, counts a due delayed message from its eta, and is 0.0 when none
+    is ready; RabbitMQ cannot tell the age (None), nor may a transport from
+    outside greenq (the toy), but then never."""
+    q = broker_env.queue()
+    consumer = broker_env.consumer([q])
+    client = broker_env.broker()
+    first = stats_of(consumer, q).oldest_ready_age
+    aged = broker_env.kind in ("memory", "sqlite", "redis") or (broker_env.kind != "amqp" and first is not None)
+    assert first == (0.0 if aged else None)
+    start = time.time()
+    client.publish_many([out(q, b"1", message_id="1"), out(q, b"2", message_id="2")])
+    client.publish(out(q, b"later", eta=time.time() + 60))
+    time.sleep(0.6)                     # (the age must grow; nothing to wait for)
+    stats = stats_of(consumer, q)
+    assert (stats.ready, stats.held, stats.delayed) == (2, 0, 1)
+    if aged:
+        assert 0.5 <= stats.oldest_ready_age <= time.time() - start + 0.1, stats
+    else:
+        assert stats.oldest_ready_age is None
+    held = drain(consumer, [q], 2, count=2, ack=False)
+    stats = stats_of(consumer, q)
+    assert (stats.ready, stats.held, stats.delayed) == (0, 2, 1)
+    assert stats.oldest_ready_age == (0.0 if aged else None)   # held is not waiting
+    consumer.ack(held)
+    if aged:   # a due delayed message is ready, waiting since its eta, before any fetch moves it
+        client.publish(out(q, b"due", eta=time.time() + 0.3, message_id="due"))
+        time.sleep(0.8)
+        stats = stats_of(consumer, q)
+        assert (stats.ready, stats.held, stats.delayed) == (1, 0, 1)
+        assert 0.3 <= stats.oldest_ready_age <= 0.8, stats
+        assert ids(drain(consumer, [q], 1)) == ["due"]
+        assert stats_of(consumer, q).oldest_ready_age == 0.0
+
+
 def test_purge_removes_ready_and_delayed_only(broker_env):
     q, other = broker_env.queue(), broker_env.queue("other")
     consumer = broker_env.consumer([q, other])

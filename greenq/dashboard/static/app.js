@@ -42,6 +42,7 @@ const fmt = {
   secs: (s) => num(s) === null ? "" : s < 0.001 ? `${Math.round(s * 1e6)} µs`
     : s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`,
   mib: (b) => num(b) ? `${(b / 1048576).toFixed(1)} MiB` : "",
+  age: (s) => num(s) === null ? "" : `${s.toFixed(1)} s`,
 };
 
 function fill(tbody, rows) {
@@ -66,7 +67,9 @@ function renderWorkers(data) {
 function renderQueues(data) {
   fill($("#queues tbody"), objects(data).map((q) => el("tr", {"data-queue": str(q.name)},
     el("td", {}, str(q.name)), el("td", {class: "ready"}, show(q.ready)), el("td", {class: "held"}, show(q.held)),
-    el("td", {class: "delayed"}, show(q.delayed)), el("td", {class: "dead"}, show(q.dead)))));
+    el("td", {class: "delayed"}, show(q.delayed)), el("td", {class: "dead"}, show(q.dead)),
+    // the oldest ready message's wait; blank where the broker cannot tell (RabbitMQ)
+    el("td", {class: "oldest-ready-age"}, fmt.age(q.oldest_ready_age)))));
 }
 
 // a small chart of the limit in force (and the permits in use) over the points of one resource

@@ -36,7 +36,7 @@ from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats
 #: another OS thread did not reach a green event
 class _Message:
     __slots__ = ("seq", "queue", "body", "message_id", "priority", "eta", "deliveries",
-                 "owner", "lease_until")
+                 "owner", "lease_until", "ready_since")
 
     def __init__(self, seq: int, queue: str, body: bytes, message_id: str, priority: int,
                  eta: float) -> None:
@@ -49,6 +49,7 @@ class _Message:
         self.deliveries = 0
         self.owner: Optional[str] = None   # consumer id while leased
         self.lease_until = 0.0
+        self.ready_since = 0.0             # when it last became ready (queue_stats' oldest age)
 
 
 class _Queue:
@@ -61,6 +62,7 @@ class _Queue:
     def make_ready(self, msg: _Message, since: float) -> None:
         msg.owner = None
         msg.lease_until = 0.0
+        msg.ready_since = since
         heapq.heappush(self.ready, (-msg.priority, since, msg.seq))
 
     def add(self, msg: _Message, now: float) -> None:
@@ -233,7 +235,8 @@ class MemoryBroker(Broker):
                 if msg is not None:
                     if not started:   # never began: this hand-out does not count
                         msg.deliveries = max(msg.deliveries - 1, 0)
-                    q.make_ready(msg, 0.0)
+                    q.make_ready(msg, 0.0)        # (first in line; ready since now)
+                    msg.ready_since = time.time()
             store.wake()
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
@@ -277,6 +280,7 @@ class MemoryBroker(Broker):
             stats = {name: QueueStats(name) for name in names}
             for name in names:
                 q = store.queues.get(name)
+                oldest = now
                 for msg in (q.messages.values() if q is not None else ()):
                     if msg.owner is not None and msg.lease_until > now:
                         stats[name].held += 1
@@ -284,6 +288,11 @@ class MemoryBroker(Broker):
                         stats[name].delayed += 1
                     else:
                         stats[name].ready += 1
+                        # not made ready yet: a due eta or a lease run out, since then
+                        since = (msg.lease_until if msg.owner is not None else
+                                 msg.ready_since if msg.ready_since else msg.eta)
+                        oldest = min(oldest, since)
+                stats[name].oldest_ready_age = max(0.0, now - oldest) if stats[name].ready else 0.0
             for dead in store.dead.values():
                 if dead.queue in stats:
                     stats[dead.queue].dead += 1

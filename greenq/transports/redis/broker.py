@@ -94,6 +94,12 @@ REPLICATED = ("publish", "ack")   # what waits for [redis] min_replicas replicas
 _STREAM_ID = re.compile(r"^\d+-\d+$")
 
 
+def stats_row(queue: str, values: Sequence[Any]) -> QueueStats:
+    """One queue's figures from the five STATS gives (the age in ms)."""
+    ready, delayed, held, dead, age_ms = (int(v) for v in values)
+    return QueueStats(queue, ready, delayed, held, dead, oldest_ready_age=age_ms / 1000.0 if ready else 0.0)
+
+
 def block_seconds(config: Config) -> float:
     """Longest blocking read: under a second and under half the socket timeout."""
     timeout = config.section("redis")["socket_timeout"]
@@ -673,9 +679,9 @@ class RedisBroker(Reconnecting, Broker):
         for q in queues:
             keys += self.streams(q) + [self._delayed(q)]
         flat = self._call(lambda: self._stats_script(keys=keys + [self._k_dead_count],
-                                                     args=[GROUP, PARKED, *queues]),
+                                                     args=[GROUP, PARKED, repr(time.time()), *queues]),
                           self._timeout, "queue_stats")
-        return [QueueStats(q, *flat[i * 4:i * 4 + 4]) for i, q in enumerate(queues)]
+        return [stats_row(q, flat[i * 5:i * 5 + 5]) for i, q in enumerate(queues)]
 
     def purge(self, queue: str) -> int:
         keys = self.streams(queue) + [self._delayed(queue)]

@@ -44,7 +44,7 @@ from ...reconnect import Unreachable
 from . import lua
 from .client import TRANSIENT
 from .broker import (GROUP, PARKED, PUBLISH_CHUNK, REPLICATED, SCRIPT_BATCH_MAX, RedisBroker, ScriptCall,
-                     _STREAM_ID, _text, add_publish_args, budget_left, new_nonce)
+                     _STREAM_ID, _text, add_publish_args, budget_left, new_nonce, stats_row)
 
 log = logging.getLogger("greenq.transports.redis.broker_cluster")
 
@@ -368,9 +368,9 @@ class RedisClusterBroker(RedisBroker):
         stats = []
         for q in queues:
             keys = self.streams(q) + [self._delayed(q), self._dead_keys(q)[1]]
-            flat = self._call(lambda: self._stats_script(keys=keys, args=[GROUP, PARKED, q]),
+            flat = self._call(lambda: self._stats_script(keys=keys, args=[GROUP, PARKED, repr(time.time()), q]),
                               self._timeout, "queue_stats")
-            stats.append(QueueStats(q, *flat[:4]))
+            stats.append(stats_row(q, flat[:5]))
         return stats
 
     def _dead_letters(self, queue: str, start: str, end: str, limit: Optional[int],

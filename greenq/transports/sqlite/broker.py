@@ -310,13 +310,21 @@ class SQLiteBroker(Broker):
                 r[0] for r in conn.execute(f"SELECT name FROM {t.queues} UNION SELECT queue FROM {t.dead_letters} "
                                            "ORDER BY 1")]
             stats = {name: QueueStats(name) for name in names}
+            now = time.time()
+            # the oldest ready row by visible_at (a requeued row's 0 says nothing of when: left out)
             rows = conn.execute(
                 "SELECT queue, SUM(visible_at <= :now), SUM(visible_at > :now AND claimed_by IS NULL), "
-                f"SUM(visible_at > :now AND claimed_by IS NOT NULL) FROM {t.messages} GROUP BY queue",
-                {"now": time.time()})
-            for name, ready, delayed, held in rows:
+                "SUM(visible_at > :now AND claimed_by IS NOT NULL), "
+                f"MIN(CASE WHEN visible_at <= :now AND visible_at > 0 THEN visible_at END) FROM {t.messages} "
+                "GROUP BY queue", {"now": now})
+            for name, ready, delayed, held, since in rows:
                 if name in stats:
                     stats[name].ready, stats[name].delayed, stats[name].held = ready, delayed, held
+                    if ready and isinstance(since, (int, float)):
+                        stats[name].oldest_ready_age = max(0.0, now - since)
+            for row in stats.values():
+                if not row.ready:
+                    row.oldest_ready_age = 0.0
             for name, dead in conn.execute(f"SELECT queue, COUNT(*) FROM {t.dead_letters} GROUP BY queue"):
                 if name in stats:
                     stats[name].dead = dead

@@ -19,7 +19,7 @@ SHA1 = {
     "DEAD_LETTER": "19f8903d2b7c81c4a24b2582d7caf69e13180306",
     "DLQ_REQUEUE": "48d2664b9930bbba1f9236915b37348ad2fe8df9",
     "DLQ_PREVIEW": "5c89fb6ab09deebc6f1b588e5d3d3f9d360abdd0",
-    "STATS": "d78682b40ca6be7deec83a72c250ef2caffa6570",
+    "STATS": "3459d1c3ef2dfd8377e393707e062b4bc3f1b45e",   # + due delayed as ready, the oldest ready age
     "PURGE": "193f0dabcebb3b8c5c1d77e8ca4122df7b6a90f9",
     "DLQ_BACK": "a83d102d48e089372a121377cfd4aa4d644e9c43",
     #: added with the chord's one-round-trip completion (results.py chord_members_done)
