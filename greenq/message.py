@@ -199,9 +199,11 @@ def new_id() -> str:
     return str(uuid.uuid4())
 
 
-@dataclass
+@dataclass(slots=True)
 class TaskMessage:
-    """One task call as it travels through the broker."""
+    """One task call as it travels through the broker.  Slotted: a worker
+    holds one per message in flight (10,000 at ``-c 10000``), and a
+    ``__dict__`` would add an object and 48 bytes to each."""
     task: str
     args: Sequence[Any] = ()
     kwargs: Dict[str, Any] = field(default_factory=dict)

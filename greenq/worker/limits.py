@@ -27,7 +27,7 @@ KILL_MESSAGES = {SoftTimeLimitExceeded: "soft time limit exceeded", jobs.HardKil
                  jobs.Terminate: "revoked: terminated", jobs.Abandon: "cold shutdown: abandoned"}
 
 
-@dataclass(order=True)
+@dataclass(order=True, slots=True)
 class Deadline:
     when: float                                   # monotonic seconds
     seq: int

@@ -142,6 +142,38 @@ def test_in_process_worker_on_memory_broker():
         expired.get(timeout=1)
 
 
+def test_a_held_job_shares_the_workers_strings_and_runs_its_function_straight():
+    """What a job in flight holds (docs/performance.md, "Memory with 10,000
+    tasks in flight"): a slotted message whose task name, queue and id are the
+    worker's own strings, not decoded copies; and the task's function called
+    from run_with_retries itself, without a level of Task.__call__ between."""
+    app = make_app()
+    held, callers = [], []
+
+    def received(job):
+        held.append((job.msg.task is job.task.name, job.msg.queue is job.delivery.queue,
+                     job.msg.id is job.delivery.message_id, hasattr(job.msg, "__dict__")))
+
+    @app.task
+    def plain(x):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return x
+
+    @app.task(bind=True)
+    def bound(self, x):
+        callers.append(sys._getframe(1).f_code.co_name)
+        return self.request.task, x
+
+    results = [plain.delay(1), bound.delay(2)]
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True,
+                    fetch_timeout=FETCH_TIMEOUT)
+    worker.hooks.on("task_received", received)      # the worker's own hook: it hands over the job
+    assert worker.run() == 0
+    assert [r.get(timeout=1) for r in results] == [1, [bound.name, 2]]
+    assert held == [(True, True, True, False)] * 2
+    assert callers == ["run_with_retries"] * 2
+
+
 def test_revoke_before_start():
     app = make_app()
 
