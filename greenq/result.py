@@ -28,14 +28,7 @@ else:
     # At run time the same variables without defaults (typing's own before
     # Python 3.13): greenq installs nothing beside itself.  They only make
     # ``AsyncResult[int]`` or ``Task[[int, int], int]`` valid expressions.
-    from typing import TypeVar
-    try:
-        from typing import ParamSpec
-    except ImportError:                 # Python 3.9
-        try:
-            from typing_extensions import ParamSpec
-        except ImportError:             # Task[...] is not subscriptable with a list then
-            ParamSpec = TypeVar
+    from typing import ParamSpec, TypeVar
     P = ParamSpec("P")
     R = TypeVar("R", covariant=True)
 
