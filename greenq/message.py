@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
 import pickle
 import re
 import time
-import uuid
 import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
@@ -175,8 +175,18 @@ def _canonical(env: Dict[str, Any]) -> bytes:
     return _dumps_canonical(env).encode()
 
 
+#: version 4 and the RFC 4122 variant, set in 128 random bits as ``uuid.UUID(version=4)`` sets them
+_UUID4_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))
+_UUID4_SET = (0x8000 << 48) | (4 << 76)
+_urandom = os.urandom
+
+
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A new task id: ``str(uuid.uuid4())`` (16 bytes of ``os.urandom``, the
+    version and variant bits set), without making a UUID object on the way
+    (every send makes one)."""
+    h = "%032x" % (int.from_bytes(_urandom(16), "big") & _UUID4_CLEAR | _UUID4_SET)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass
@@ -259,6 +269,17 @@ def check_trust(serializer: str, accept: Sequence[str], signing_key: str, where:
                           "or msgpack")
 
 
+_OUTGOING: list = []
+
+
+def _outgoing() -> Any:
+    """``greenq.brokers.base.Outgoing``, imported on first use (that module imports this one)."""
+    if not _OUTGOING:
+        from .brokers.base import Outgoing
+        _OUTGOING.append(Outgoing)
+    return _OUTGOING[0]
+
+
 class Codec:
     """Encodes and decodes task messages and results for one app's settings.
     Raises ConfigError for pickle without a signing key (``check_trust``)."""
@@ -277,8 +298,9 @@ class Codec:
     # -- tasks ---------------------------------------------------------------
     def encode(self, msg: TaskMessage) -> bytes:
         env: Dict[str, Any] = {"v": PROTOCOL, "ct": self.serializer}
+        fields = msg.__dict__ if type(msg) is TaskMessage else None   # every field, read as a dict
         for name in _HEADER_FIELDS:
-            value = getattr(msg, name)
+            value = fields[name] if fields is not None else getattr(msg, name)
             if value is not None:
                 env[name] = value
         try:
@@ -302,8 +324,7 @@ class Codec:
         """``msg`` encoded, with the routing facts a broker needs beside it.
         ``sent``: a task sent (not a message moved to wait for its eta), which
         ``sent_sink`` hears of when one is set (task-sent events)."""
-        from .brokers.base import Outgoing
-        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
+        out = _outgoing()(msg.queue, self.encode(msg), msg.id, msg.priority, msg.eta)
         sink = self.sent_sink
         if sink is not None and sent:
             try:
