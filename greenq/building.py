@@ -52,6 +52,7 @@ BUILD_KEYS = ("expires", "priority", "soft_time_limit", "time_limit", "queue", "
 #: argument types that cannot nest: a call whose arguments are all of these
 #: needs no walk for its depth (anything else, subclasses too, is walked)
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
+_STR = frozenset({str})
 
 #: the most names each cache remembers (send_task takes any name; past this
 #: many, new ones are checked every time)
@@ -67,14 +68,8 @@ def _flat(args: Any, kwargs: Any) -> bool:
     kind = type(args)
     if (kind is not tuple and kind is not list) or type(kwargs) is not dict:
         return False
-    scalars = _SCALARS
-    for value in args:
-        if type(value) not in scalars:
-            return False
-    for key, value in kwargs.items():
-        if type(key) is not str or type(value) not in scalars:
-            return False
-    return True
+    return (_SCALARS.issuperset(map(type, args)) and _STR.issuperset(map(type, kwargs))
+            and _SCALARS.issuperset(map(type, kwargs.values())))
 
 
 class Target:
@@ -156,21 +151,23 @@ class MessageBuilder:
         if task is not None:    # [task:NAME] > decorator > default
             d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = task.options_for(BUILD_KEYS)
         else:                   # a task not registered here: its [task:NAME] options only
-            get = self.config.task_options(name).get
-            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (get(key) for key in BUILD_KEYS)
+            configured = self.config.task_options(name).get
+            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (configured(key) for key in BUILD_KEYS)
         if now is None:
             now = time.time()
         # each rule is called for a value given; a value left out (None) passes every rule
-        get = options.get
-        eta = get("eta")
-        if eta is not None:
-            eta = validation.epoch("eta", eta)
-        countdown = get("countdown")
-        if countdown is not None:
+        get = options.get if options else None      # None: no option given (delay()), nothing to read
+        eta = expires = priority = time_limit = soft_limit = task_id = queue = None
+        if get is not None:
+            eta = get("eta")
             if eta is not None:
-                raise ValueError("pass countdown or eta, not both")
-            eta = now + validation.offset("countdown", countdown)
-        expires = get("expires")
+                eta = validation.epoch("eta", eta)
+            countdown = get("countdown")
+            if countdown is not None:
+                if eta is not None:
+                    raise ValueError("pass countdown or eta, not both")
+                eta = now + validation.offset("countdown", countdown)
+            expires, priority = get("expires"), get("priority")
         if expires is None:
             expires = d_expires
         if expires is not None:
@@ -178,31 +175,33 @@ class MessageBuilder:
                 expires = validation.epoch("expires", expires)
             else:
                 expires = now + validation.offset("expires", expires)
-        priority = get("priority")
         if priority is None:
             priority = d_priority or 0
         if type(priority) is not int or not 0 <= priority <= 9:
             validation.priority("priority", priority)
-        time_limit = get("time_limit")
-        if time_limit is not None:
-            time_limit = validation.seconds("time_limit", time_limit)
-        soft_limit = get("soft_time_limit")
-        if soft_limit is not None:
-            soft_limit = validation.seconds("soft_time_limit", soft_limit)
+        if get is not None:
+            time_limit = get("time_limit")
+            if time_limit is not None:
+                time_limit = validation.seconds("time_limit", time_limit)
+            soft_limit = get("soft_time_limit")
+            if soft_limit is not None:
+                soft_limit = validation.seconds("soft_time_limit", soft_limit)
         soft = soft_limit if soft_limit is not None else d_soft
         hard = time_limit if time_limit is not None else d_hard
         if soft and hard:
             validation.limits(soft, hard)
         queue_bytes, id_bytes = self.target.limits()
-        task_id = get("task_id")
+        if get is not None:
+            task_id, queue = get("task_id"), get("queue")
         task_id = new_id() if task_id is None else validation.name("task_id", task_id, limit=id_bytes)
-        queue = get("queue")
         if queue is None:           # call option > task option > [routes] > default queue
             queue = d_queue or (self.route(name) if self.config.routes else None) \
                 or self.config.section("greenq")["default_queue"]
-        queue = self._queue(queue, queue_bytes)
+        size = self._queue_sizes.get(queue) if type(queue) is str else None
+        if size is None or size > queue_bytes:
+            queue = self._queue(queue, queue_bytes)
+        ignore = d_ignore if get is None else get("ignore_result", d_ignore)
         caller = self.context()
-        ignore = get("ignore_result", d_ignore)
         root_id: Optional[str] = None
         parent_id: Optional[str] = None
         if caller is not None and not caller.is_eager:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import time
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, NoReturn, Optional, Sequence, Tuple
 
 from . import validation
 from .exceptions import ConfigError, MessageError, describe
@@ -31,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq")
 
 PROTOCOL = 1
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_dumps = _ENCODER.encode
 _loads = json.loads
 _scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__; typeshed omits it
 
@@ -175,18 +178,31 @@ def _canonical(env: Dict[str, Any]) -> bytes:
     return _dumps_canonical(env).encode()
 
 
-#: version 4 and the RFC 4122 variant, set in 128 random bits as ``uuid.UUID(version=4)`` sets them
-_UUID4_CLEAR = ~((0xc000 << 48) | (0xf000 << 64))
-_UUID4_SET = (0x8000 << 48) | (4 << 76)
-_urandom = os.urandom
+#: task ids are made this many at a time (one ``os.urandom`` call)
+ID_BATCH = 256
+# the version (4) and variant (RFC 4122) bits of each 16 random bytes, as uuid.UUID(version=4) sets them
+_ID_CLEAR = int.from_bytes((b"\xff" * 6 + b"\x0f\xff\x3f" + b"\xff" * 7) * ID_BATCH, "big")
+_ID_SET = int.from_bytes((b"\x00" * 6 + b"\x40\x00\x80" + b"\x00" * 7) * ID_BATCH, "big")
+_ids: Deque[str] = deque()           # made, not yet given out; emptied in a forked child
+os.register_at_fork(after_in_child=_ids.clear)
 
 
 def new_id() -> str:
-    """A new task id: ``str(uuid.uuid4())`` (16 bytes of ``os.urandom``, the
-    version and variant bits set), without making a UUID object on the way
-    (every send makes one)."""
-    h = "%032x" % (int.from_bytes(_urandom(16), "big") & _UUID4_CLEAR | _UUID4_SET)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    """A new task id: what ``str(uuid.uuid4())`` gives (16 bytes from
+    ``os.urandom``, the version and variant bits set), made ID_BATCH at a
+    time.  Each is given out once (``deque.popleft`` is atomic), and a forked
+    child never gives out one its parent made (the batch is emptied at fork,
+    when the app's connections are also renewed)."""
+    try:
+        return _ids.popleft()
+    except IndexError:
+        pass
+    size = 16 * ID_BATCH
+    h = (int.from_bytes(os.urandom(size), "big") & _ID_CLEAR | _ID_SET).to_bytes(size, "big").hex()
+    made = [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 2 * size, 32)]
+    _ids.extend(made[1:])
+    return made[0]
 
 
 @dataclass
@@ -269,6 +285,82 @@ def check_trust(serializer: str, accept: Sequence[str], signing_key: str, where:
                           "or msgpack")
 
 
+_esc = json.encoder.encode_basestring      # how _dumps writes a string (ensure_ascii=False)
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_isfinite = math.isfinite
+
+
+def _text_of(kind: type) -> Optional[Callable[[Any], Optional[str]]]:
+    """How _dumps writes a value of exactly type ``kind`` (None: it may not be a plain one)."""
+    if kind is str:
+        return _esc
+    if kind is int:
+        return int.__repr__
+    if kind is float:
+        return lambda value: float.__repr__(value) if _isfinite(value) else None
+    return None
+
+
+#: each header field: its name, its key as written after a comma, the one type a
+#: plain message has there and how _dumps writes it (None: no plain value)
+_PLAIN_LAYOUT: Tuple[Tuple[str, str, type, Optional[Callable[[Any], Optional[str]]]], ...] = tuple(
+    (name, f',"{name}":', kind, _text_of(kind)) for name, kind in (
+        ("id", str), ("task", str), ("queue", str), ("priority", int), ("eta", float), ("expires", float),
+        ("retries", int), ("created", float), ("root_id", str), ("time_limit", float),
+        ("soft_time_limit", float), ("reply_to", str), ("parent_id", str), ("group_id", str),
+        ("chord_size", int), ("chord_result", str), ("link", list), ("link_error", list), ("chain", list)))
+assert tuple(row[0] for row in _PLAIN_LAYOUT) == _HEADER_FIELDS
+_PLAIN_START = '{"v":%d,"ct":"json"' % PROTOCOL
+
+
+def _dumps_pair(pair: Dict[str, Any]) -> str:
+    """``_dumps(pair)`` without its Python layers (the same C encoder, the same settings)."""
+    if _c_encoder is None:              # pragma: no cover - CPython has the C encoder
+        return _dumps(pair)
+    return "".join(_c_encoder({}, _ENCODER.default, _esc, None, ":", ",", False, False, True)(pair, 0))
+
+
+def _plain_json(fields: Dict[str, Any], args: Any, kwargs: Any) -> Optional[str]:
+    """The json envelope of an unsigned message exactly as ``Codec.encode``'s
+    dict of it comes out of ``_dumps``, written in one pass, when every header
+    field (``fields``: the message's ``__dict__``) is None (left out) or of its
+    plain type (str names, int priority and retries, finite float times, no
+    workflow lists); None for any other message, which takes the dict.
+    Raises what ``_dumps`` raises for arguments it cannot write."""
+    tail = _dumps_pair({"args": list(args), "kwargs": kwargs})[1:]    # '"args":[...],"kwargs":{...}}'
+    task_id, task, queue, created, reply_to = \
+        fields["id"], fields["task"], fields["queue"], fields["created"], fields["reply_to"]
+    priority, retries = fields["priority"], fields["retries"]
+    if (type(task_id) is str and type(task) is str and type(queue) is str and type(priority) is int
+            and type(retries) is int and type(created) is float and _isfinite(created)
+            and (reply_to is None or type(reply_to) is str)
+            and fields["eta"] is None and fields["expires"] is None and fields["root_id"] is None
+            and fields["time_limit"] is None and fields["soft_time_limit"] is None
+            and fields["parent_id"] is None and fields["group_id"] is None and fields["chord_size"] is None
+            and fields["chord_result"] is None and fields["link"] is None and fields["link_error"] is None
+            and fields["chain"] is None):      # the commonest: a delay() from outside a task
+        reply = "" if reply_to is None else f',"reply_to":{_esc(reply_to)}'
+        return (f'{_PLAIN_START},"id":{_esc(task_id)},"task":{_esc(task)},"queue":{_esc(queue)},'
+                f'"priority":{int.__repr__(priority)},"retries":{int.__repr__(retries)},'
+                f'"created":{float.__repr__(created)}{reply},{tail}')
+    parts = [_PLAIN_START]
+    add = parts.append
+    for name, key, kind, text in _PLAIN_LAYOUT:
+        value = fields[name]
+        if value is None:
+            continue
+        if type(value) is not kind or text is None:
+            return None
+        value = text(value)
+        if value is None:
+            return None
+        add(key)
+        add(value)
+    add(",")
+    add(tail)
+    return "".join(parts)
+
+
 _OUTGOING: list = []
 
 
@@ -292,15 +384,25 @@ class Codec:
         self.signer = Signer(signing_key)
         self.signed = bool(self.signer)
         self.max_size = max_size
+        self._plain = serializer == "json" and not self.signed   # encode may take _plain_json
         #: called with each task sent (``outgoing``): the task-sent events, when on
         self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
 
     # -- tasks ---------------------------------------------------------------
     def encode(self, msg: TaskMessage) -> bytes:
+        if self._plain and type(msg) is TaskMessage:    # the usual message, in one pass
+            try:
+                text = _plain_json(msg.__dict__, msg.args, msg.kwargs)
+            except (TypeError, ValueError) as exc:
+                raise MessageError(f"cannot serialize arguments of {msg.task} with json: {exc}") from None
+            if text is not None:
+                data = text.encode()
+                if len(data) > self.max_size:
+                    self._too_big(msg, data)
+                return data
         env: Dict[str, Any] = {"v": PROTOCOL, "ct": self.serializer}
-        fields = msg.__dict__ if type(msg) is TaskMessage else None   # every field, read as a dict
         for name in _HEADER_FIELDS:
-            value = fields[name] if fields is not None else getattr(msg, name)
+            value = getattr(msg, name)
             if value is not None:
                 env[name] = value
         try:
@@ -316,9 +418,12 @@ class Codec:
         except (TypeError, ValueError, pickle.PicklingError) as exc:
             raise MessageError(f"cannot serialize arguments of {msg.task} with {self.serializer}: {exc}") from None
         if len(data) > self.max_size:
-            raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
-                               f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
+            self._too_big(msg, data)
         return data
+
+    def _too_big(self, msg: TaskMessage, data: bytes) -> NoReturn:
+        raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
+                           f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
 
     def outgoing(self, msg: TaskMessage, sent: bool = True) -> "Outgoing":
         """``msg`` encoded, with the routing facts a broker needs beside it.

@@ -106,6 +106,16 @@ class Side:
         for _ in range(BULK):
             publish(message, exchange="", routing_key=key)
 
+    def calls(self) -> Dict[str, Callable[[], None]]:
+        """What ``--instructions`` can count: delay() and the raw call, and the
+        parts of delay(): building and encoding its message (no I/O), and the
+        broker's publish of the encoded message."""
+        app, task = self.app, self.task
+        out = app.codec.outgoing(app.build_message(task.name, ARGS, KWARGS))
+        return {"delay": self.delay, "raw": self.raw,
+                "message": lambda: app.codec.outgoing(app.build_message(task.name, ARGS, KWARGS)),
+                "publish": lambda: app.broker.publish(out)}
+
     def delay(self) -> None:
         self.task.delay(*ARGS, **KWARGS)
 
@@ -185,7 +195,7 @@ def count_child(url: str, kind: str, calls: int) -> None:
     """Under callgrind: ``calls`` calls of ``kind`` with counting on."""
     side = Side(url)
     try:
-        call = {"delay": side.delay, "raw": side.raw}[kind]
+        call = side.calls()[kind]
         for _ in range(20):
             call()
         _callgrind("on")
@@ -230,8 +240,12 @@ def main(argv: Any = None) -> int:
                         help="also count instructions per delay() and per raw call with callgrind")
     parser.add_argument("--instr-calls", type=int, default=200,
                         help="with --instructions: the counted runs make N and 3N calls")
+    parser.add_argument("--instr-kinds", default="delay,raw",
+                        help="with --instructions: what to count, of delay, raw, message (building "
+                             "and encoding delay()'s message, no I/O) and publish (the broker's "
+                             "publish of an encoded message)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    parser.add_argument("--count-child", choices=("delay", "raw"), help=argparse.SUPPRESS)
+    parser.add_argument("--count-child", choices=("delay", "raw", "message", "publish"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.count_child:
         count_child(args.broker, args.count_child, args.n)
@@ -250,7 +264,7 @@ def main(argv: Any = None) -> int:
     if args.instructions:
         out["instructions_per_call"] = {
             kind: instructions(args.broker, kind, args.instr_calls, 3 * args.instr_calls)
-            for kind in ("delay", "raw")}
+            for kind in args.instr_kinds.split(",")}
     res = out["results"]
     raw_name = "py-amqp basic_publish" if args.broker.startswith(("amqp", "pyamqp")) else "redis-py xadd"
     print(f"# {out['broker']}, body {out['body_bytes']} bytes, load {load:.2f}, greenq {out['greenq_file']}")
@@ -264,7 +278,7 @@ def main(argv: Any = None) -> int:
           f"enqueue_many at {100 * res['enqueue_many']['raw_over_enqueue_many']:.0f} % of the raw pipeline")
     if args.instructions:
         ins = out["instructions_per_call"]
-        print(f"instructions per call (callgrind): delay() {ins['delay']:,.0f}, raw {ins['raw']:,.0f}")
+        print("instructions per call (callgrind): " + ", ".join(f"{k} {v:,.0f}" for k, v in ins.items()))
     if args.json:
         with open(args.json, "w") as dump:
             json.dump(out, dump, indent=2)
