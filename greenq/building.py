@@ -52,7 +52,6 @@ BUILD_KEYS = ("expires", "priority", "soft_time_limit", "time_limit", "queue", "
 #: argument types that cannot nest: a call whose arguments are all of these
 #: needs no walk for its depth (anything else, subclasses too, is walked)
 _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
-_STR = frozenset({str})
 
 #: the most names each cache remembers (send_task takes any name; past this
 #: many, new ones are checked every time)
@@ -68,8 +67,14 @@ def _flat(args: Any, kwargs: Any) -> bool:
     kind = type(args)
     if (kind is not tuple and kind is not list) or type(kwargs) is not dict:
         return False
-    return (_SCALARS.issuperset(map(type, args)) and _STR.issuperset(map(type, kwargs))
-            and _SCALARS.issuperset(map(type, kwargs.values())))
+    scalars = _SCALARS
+    for value in args:
+        if type(value) not in scalars:
+            return False
+    for key, value in kwargs.items():
+        if type(key) is not str or type(value) not in scalars:
+            return False
+    return True
 
 
 class Target:

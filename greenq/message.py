@@ -313,11 +313,20 @@ assert tuple(row[0] for row in _PLAIN_LAYOUT) == _HEADER_FIELDS
 _PLAIN_START = '{"v":%d,"ct":"json"' % PROTOCOL
 
 
+#: ``_dumps``'s C encoder made once, without the record of containers being
+#: written that finds a circular reference (so it has no state: threads share
+#: it); a circular reference is a RecursionError here, and _plain_json leaves
+#: such a message to the dict, which says "Circular reference detected"
+_PAIR_ENCODER = None if _c_encoder is None else \
+    _c_encoder(None, _ENCODER.default, _esc, None, ":", ",", False, False, True)
+
+
 def _dumps_pair(pair: Dict[str, Any]) -> str:
-    """``_dumps(pair)`` without its Python layers (the same C encoder, the same settings)."""
-    if _c_encoder is None:              # pragma: no cover - CPython has the C encoder
+    """``_dumps(pair)`` without its Python layers (the same C encoder, the same
+    settings); RecursionError for a circular reference."""
+    if _PAIR_ENCODER is None:           # pragma: no cover - CPython has the C encoder
         return _dumps(pair)
-    return "".join(_c_encoder({}, _ENCODER.default, _esc, None, ":", ",", False, False, True)(pair, 0))
+    return "".join(_PAIR_ENCODER(pair, 0))
 
 
 def _plain_json(fields: Dict[str, Any], args: Any, kwargs: Any) -> Optional[str]:
@@ -327,7 +336,10 @@ def _plain_json(fields: Dict[str, Any], args: Any, kwargs: Any) -> Optional[str]
     plain type (str names, int priority and retries, finite float times, no
     workflow lists); None for any other message, which takes the dict.
     Raises what ``_dumps`` raises for arguments it cannot write."""
-    tail = _dumps_pair({"args": list(args), "kwargs": kwargs})[1:]    # '"args":[...],"kwargs":{...}}'
+    try:
+        tail = _dumps_pair({"args": list(args), "kwargs": kwargs})[1:]    # '"args":[...],"kwargs":{...}}'
+    except RecursionError:              # circular, or nested past the interpreter's limit: the dict says
+        return None
     task_id, task, queue, created, reply_to = \
         fields["id"], fields["task"], fields["queue"], fields["created"], fields["reply_to"]
     priority, retries = fields["priority"], fields["retries"]
