@@ -333,7 +333,7 @@ class GreenQ:
                   **options: Any) -> _AsyncResult:
         """Send a task by name (its code need not be importable here); takes
         every ``apply_async`` option.  One broker round trip."""
-        if self.config.eager:
+        if self.config.section("greenq")["eager"]:     # config.eager, without its __getattr__
             if "link" in options or "link_error" in options:
                 return run_eager(self, self._linked(name, args, kwargs, options))
             return self.apply_eager(name, args, kwargs, options.get("task_id"))

@@ -57,6 +57,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 #: many, new ones are checked every time)
 NAME_CACHE_MAX = 4096
 
+#: the options of a call given none (never written to)
+_NO_OPTIONS: Dict[str, Any] = {}
+
 
 def _flat(args: Any, kwargs: Any) -> bool:
     """True when ``validation.arguments`` cannot refuse these: a list or tuple
@@ -137,7 +140,7 @@ class MessageBuilder:
         raises ValueError or TypeError naming it.  ``now`` (epoch seconds,
         default the clock) is what countdown and relative expires count from."""
         if options is None:
-            options = {}
+            options = _NO_OPTIONS
         elif options and not CALL_OPTIONS.issuperset(options):
             unknown = set(options) - CALL_OPTIONS
             raise TypeError(f"unknown option(s) {sorted(unknown)}; expected some of {_SORTED_CALL_OPTIONS}")
@@ -153,50 +156,65 @@ class MessageBuilder:
         if task is not None:    # [task:NAME] > decorator > default
             d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = task.options_for(BUILD_KEYS)
         else:                   # a task not registered here: its [task:NAME] options only
-            get = self.config.task_options(name).get
-            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (get(key) for key in BUILD_KEYS)
+            configured = self.config.task_options(name).get
+            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (configured(key) for key in BUILD_KEYS)
         if now is None:
             now = time.time()
-        get = options.get
-        eta = validation.optional_epoch("eta", get("eta"))
-        countdown = get("countdown")
-        if countdown is not None:
+        # each rule is called for a value given; a value left out (None) passes every rule
+        get = options.get if options else None      # None: no option given (delay()), nothing to read
+        eta = expires = priority = time_limit = soft_limit = task_id = queue = None
+        if get is not None:
+            eta = get("eta")
             if eta is not None:
-                raise ValueError("pass countdown or eta, not both")
-            eta = now + validation.offset("countdown", countdown)
-        expires = get("expires")
+                eta = validation.epoch("eta", eta)
+            countdown = get("countdown")
+            if countdown is not None:
+                if eta is not None:
+                    raise ValueError("pass countdown or eta, not both")
+                eta = now + validation.offset("countdown", countdown)
+            expires, priority = get("expires"), get("priority")
         if expires is None:
             expires = d_expires
-        if isinstance(expires, datetime):
-            expires = validation.epoch("expires", expires)
-        elif expires is not None:
-            expires = now + validation.offset("expires", expires)
-        priority = get("priority")
+        if expires is not None:
+            if isinstance(expires, datetime):
+                expires = validation.epoch("expires", expires)
+            else:
+                expires = now + validation.offset("expires", expires)
         if priority is None:
             priority = d_priority or 0
-        validation.priority("priority", priority)
-        time_limit = validation.optional_seconds("time_limit", get("time_limit"))
-        soft_limit = validation.optional_seconds("soft_time_limit", get("soft_time_limit"))
-        validation.limits(soft_limit if soft_limit is not None else d_soft,
-                          time_limit if time_limit is not None else d_hard)
+        if type(priority) is not int or not 0 <= priority <= 9:
+            validation.priority("priority", priority)
+        if get is not None:
+            time_limit = get("time_limit")
+            if time_limit is not None:
+                time_limit = validation.seconds("time_limit", time_limit)
+            soft_limit = get("soft_time_limit")
+            if soft_limit is not None:
+                soft_limit = validation.seconds("soft_time_limit", soft_limit)
+        soft = soft_limit if soft_limit is not None else d_soft
+        hard = time_limit if time_limit is not None else d_hard
+        if soft and hard:
+            validation.limits(soft, hard)
         queue_bytes, id_bytes = self.target.limits()
-        task_id = get("task_id")
+        if get is not None:
+            task_id, queue = get("task_id"), get("queue")
         task_id = new_id() if task_id is None else validation.name("task_id", task_id, limit=id_bytes)
-        queue = get("queue")
         if queue is None:           # call option > task option > [routes] > default queue
-            queue = d_queue or self.route(name) or self.config.default_queue
-        queue = self._queue(queue, queue_bytes)
+            queue = d_queue or (self.route(name) if self.config.routes else None) \
+                or self.config.section("greenq")["default_queue"]
+        size = self._queue_sizes.get(queue) if type(queue) is str else None
+        if size is None or size > queue_bytes:
+            queue = self._queue(queue, queue_bytes)
+        ignore = d_ignore if get is None else get("ignore_result", d_ignore)
         caller = self.context()
-        ignore = get("ignore_result", d_ignore)
-        inside = caller is not None and not caller.is_eager
-        return TaskMessage(
-            task=name, args=list(args), kwargs=dict(kwargs),
-            id=task_id, queue=queue, priority=priority,
-            eta=eta if eta and eta > now else None, expires=expires, created=now,
-            root_id=caller.root_id if inside and caller is not None else None,
-            parent_id=caller.id if inside and caller is not None else None,
-            time_limit=time_limit, soft_time_limit=soft_limit,
-            reply_to=None if ignore else self.target.reply_to())
+        root_id: Optional[str] = None
+        parent_id: Optional[str] = None
+        if caller is not None and not caller.is_eager:
+            root_id, parent_id = caller.root_id, caller.id
+        return TaskMessage(             # in TaskMessage's field order
+            name, list(args), dict(kwargs), task_id, queue, priority,
+            eta if eta and eta > now else None, expires, 0, now, root_id, time_limit, soft_limit,
+            None if ignore else self.target.reply_to(), parent_id)
 
     def _queue(self, queue: Any, limit: int) -> str:
         """``validation.name("queue", queue, limit=limit)``, remembered per name."""

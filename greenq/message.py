@@ -13,13 +13,15 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import math
+import os
 import pickle
 import re
 import time
-import uuid
 import dataclasses
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, NoReturn, Optional, Sequence, Tuple
 
 from . import validation
 from .exceptions import ConfigError, MessageError, describe
@@ -32,7 +34,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq")
 
 PROTOCOL = 1
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_dumps = _ENCODER.encode
 _loads = json.loads
 _scan_json = json.JSONDecoder().scan_once  # type: ignore[attr-defined]  # set in JSONDecoder.__init__; typeshed omits it
 
@@ -195,8 +198,31 @@ def _canonical(env: Dict[str, Any]) -> bytes:
     return _dumps_canonical(env).encode()
 
 
+#: task ids are made this many at a time (one ``os.urandom`` call)
+ID_BATCH = 256
+# the version (4) and variant (RFC 4122) bits of each 16 random bytes, as uuid.UUID(version=4) sets them
+_ID_CLEAR = int.from_bytes((b"\xff" * 6 + b"\x0f\xff\x3f" + b"\xff" * 7) * ID_BATCH, "big")
+_ID_SET = int.from_bytes((b"\x00" * 6 + b"\x40\x00\x80" + b"\x00" * 7) * ID_BATCH, "big")
+_ids: Deque[str] = deque()           # made, not yet given out; emptied in a forked child
+os.register_at_fork(after_in_child=_ids.clear)
+
+
 def new_id() -> str:
-    return str(uuid.uuid4())
+    """A new task id: what ``str(uuid.uuid4())`` gives (16 bytes from
+    ``os.urandom``, the version and variant bits set), made ID_BATCH at a
+    time.  Each is given out once (``deque.popleft`` is atomic), and a forked
+    child never gives out one its parent made (the batch is emptied at fork,
+    when the app's connections are also renewed)."""
+    try:
+        return _ids.popleft()
+    except IndexError:
+        pass
+    size = 16 * ID_BATCH
+    h = (int.from_bytes(os.urandom(size), "big") & _ID_CLEAR | _ID_SET).to_bytes(size, "big").hex()
+    made = [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
+            for i in range(0, 2 * size, 32)]
+    _ids.extend(made[1:])
+    return made[0]
 
 
 @dataclass(slots=True)
@@ -286,6 +312,104 @@ def check_trust(serializer: str, accept: Sequence[str], signing_key: str, where:
                           "or msgpack")
 
 
+_esc = json.encoder.encode_basestring      # how _dumps writes a string (ensure_ascii=False)
+_c_encoder = getattr(json.encoder, "c_make_encoder", None)
+_isfinite = math.isfinite
+
+
+def _text_of(kind: type) -> Optional[Callable[[Any], Optional[str]]]:
+    """How _dumps writes a value of exactly type ``kind`` (None: it may not be a plain one)."""
+    if kind is str:
+        return _esc
+    if kind is int:
+        return int.__repr__
+    if kind is float:
+        return lambda value: float.__repr__(value) if _isfinite(value) else None
+    return None
+
+
+#: each header field: its name, its key as written after a comma, the one type a
+#: plain message has there and how _dumps writes it (None: no plain value)
+_PLAIN_LAYOUT: Tuple[Tuple[str, str, type, Optional[Callable[[Any], Optional[str]]]], ...] = tuple(
+    (name, f',"{name}":', kind, _text_of(kind)) for name, kind in (
+        ("id", str), ("task", str), ("queue", str), ("priority", int), ("eta", float), ("expires", float),
+        ("retries", int), ("created", float), ("root_id", str), ("time_limit", float),
+        ("soft_time_limit", float), ("reply_to", str), ("parent_id", str), ("group_id", str),
+        ("chord_size", int), ("chord_result", str), ("link", list), ("link_error", list), ("chain", list)))
+assert tuple(row[0] for row in _PLAIN_LAYOUT) == _HEADER_FIELDS
+_PLAIN_START = '{"v":%d,"ct":"json"' % PROTOCOL
+
+
+#: ``_dumps``'s C encoder made once, without the record of containers being
+#: written that finds a circular reference (so it has no state: threads share
+#: it); a circular reference is a RecursionError here, and _plain_json leaves
+#: such a message to the dict, which says "Circular reference detected"
+_PAIR_ENCODER = None if _c_encoder is None else \
+    _c_encoder(None, _ENCODER.default, _esc, None, ":", ",", False, False, True)
+
+
+def _dumps_pair(pair: Dict[str, Any]) -> str:
+    """``_dumps(pair)`` without its Python layers (the same C encoder, the same
+    settings); RecursionError for a circular reference."""
+    if _PAIR_ENCODER is None:           # pragma: no cover - CPython has the C encoder
+        return _dumps(pair)
+    return "".join(_PAIR_ENCODER(pair, 0))
+
+
+def _plain_json(msg: "TaskMessage", args: Any, kwargs: Any) -> Optional[str]:
+    """The json envelope of an unsigned message exactly as ``Codec.encode``'s
+    dict of it comes out of ``_dumps``, written in one pass, when every header
+    field of ``msg`` (slotted: read by attribute) is None (left out) or of its
+    plain type (str names, int priority and retries, finite float times, no
+    workflow lists); None for any other message, which takes the dict.
+    Raises what ``_dumps`` raises for arguments it cannot write."""
+    try:
+        tail = _dumps_pair({"args": list(args), "kwargs": kwargs})[1:]    # '"args":[...],"kwargs":{...}}'
+    except RecursionError:              # circular, or nested past the interpreter's limit: the dict says
+        return None
+    task_id, task, queue, created, reply_to = msg.id, msg.task, msg.queue, msg.created, msg.reply_to
+    priority, retries = msg.priority, msg.retries
+    if (type(task_id) is str and type(task) is str and type(queue) is str and type(priority) is int
+            and type(retries) is int and type(created) is float and _isfinite(created)
+            and (reply_to is None or type(reply_to) is str)
+            and msg.eta is None and msg.expires is None and msg.root_id is None
+            and msg.time_limit is None and msg.soft_time_limit is None
+            and msg.parent_id is None and msg.group_id is None and msg.chord_size is None
+            and msg.chord_result is None and msg.link is None and msg.link_error is None
+            and msg.chain is None):      # the commonest: a delay() from outside a task
+        reply = "" if reply_to is None else f',"reply_to":{_esc(reply_to)}'
+        return (f'{_PLAIN_START},"id":{_esc(task_id)},"task":{_esc(task)},"queue":{_esc(queue)},'
+                f'"priority":{int.__repr__(priority)},"retries":{int.__repr__(retries)},'
+                f'"created":{float.__repr__(created)}{reply},{tail}')
+    parts = [_PLAIN_START]
+    add = parts.append
+    for name, key, kind, text in _PLAIN_LAYOUT:
+        value = getattr(msg, name)
+        if value is None:
+            continue
+        if type(value) is not kind or text is None:
+            return None
+        value = text(value)
+        if value is None:
+            return None
+        add(key)
+        add(value)
+    add(",")
+    add(tail)
+    return "".join(parts)
+
+
+_OUTGOING: list = []
+
+
+def _outgoing() -> Any:
+    """``greenq.brokers.base.Outgoing``, imported on first use (that module imports this one)."""
+    if not _OUTGOING:
+        from .brokers.base import Outgoing
+        _OUTGOING.append(Outgoing)
+    return _OUTGOING[0]
+
+
 class Codec:
     """Encodes and decodes task messages and results for one app's settings.
     Raises ConfigError for pickle without a signing key (``check_trust``)."""
@@ -301,6 +425,7 @@ class Codec:
         #: queues that speak Celery's protocol 2 ([greenq] celery_queues): what
         #: goes there is encoded as kombu's JSON element (greenq.celery.protocol)
         self.celery_queues = frozenset(celery_queues)
+        self._plain = serializer == "json" and not self.signed   # encode may take _plain_json
         #: called with each task sent (``outgoing``): the task-sent events, when on
         self.sent_sink: Optional[Callable[[TaskMessage], None]] = None
         #: [greenq] tracing (greenq/tracing.py): makes ``outgoing``'s producer spans; None = off
@@ -313,6 +438,16 @@ class Codec:
         queue in ``celery_queues`` is kombu's JSON element instead."""
         if self.celery_queues and msg.queue in self.celery_queues:
             return self._encode_celery(msg)
+        if self._plain and fields is _HEADER_FIELDS and type(msg) is TaskMessage:   # the usual message, in one pass
+            try:
+                text = _plain_json(msg, msg.args, msg.kwargs)
+            except (TypeError, ValueError) as exc:
+                raise MessageError(f"cannot serialize arguments of {msg.task} with json: {exc}") from None
+            if text is not None:
+                data = text.encode()
+                if len(data) > self.max_size:
+                    self._too_big(msg, data)
+                return data
         env: Dict[str, Any] = {"v": PROTOCOL, "ct": self.serializer}
         for name in fields:
             value = getattr(msg, name)
@@ -331,8 +466,7 @@ class Codec:
         except (TypeError, ValueError, pickle.PicklingError) as exc:
             raise MessageError(f"cannot serialize arguments of {msg.task} with {self.serializer}: {exc}") from None
         if len(data) > self.max_size:
-            raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
-                               f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
+            self._too_big(msg, data)
         return data
 
     def _encode_celery(self, msg: TaskMessage) -> bytes:
@@ -345,21 +479,23 @@ class Codec:
         except (TypeError, ValueError, pickle.PicklingError) as exc:
             raise MessageError(f"cannot serialize arguments of {msg.task} with {serializer}: {exc}") from None
         if len(data) > self.max_size:
-            raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
-                               f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
+            self._too_big(msg, data)
         return data
+
+    def _too_big(self, msg: TaskMessage, data: bytes) -> NoReturn:
+        raise MessageError(f"message for {msg.task} is {len(data)} bytes, over max_message_size "
+                           f"{self.max_size}; pass a reference (a URL, a key) instead of the payload")
 
     def outgoing(self, msg: TaskMessage, sent: bool = True) -> "Outgoing":
         """``msg`` encoded, with the routing facts a broker needs beside it.
         ``sent``: a task sent (not a message moved to wait for its eta), which
         ``sent_sink`` hears of when one is set (task-sent events)."""
-        from .brokers.base import Outgoing
         if self.tracer is not None:             # one test when tracing is off
             return self.tracer.outgoing(self, msg, sent)
         eta = msg.eta
         if sent and self.celery_queues and msg.queue in self.celery_queues:
             eta = None      # Celery's way: on the queue at once, its eta in the message (docs/celery.md)
-        out = Outgoing(msg.queue, self.encode(msg), msg.id, msg.priority, eta)
+        out = _outgoing()(msg.queue, self.encode(msg), msg.id, msg.priority, eta)
         sink = self.sent_sink
         if sink is not None and sent:
             try:

@@ -107,11 +107,8 @@ class Task(Generic[P, R]):
     def options_for(self, keys: Sequence[str]) -> List[Any]:
         """``[self.option(key) for key in keys]`` in one pass (the message
         builder asks for the options a message depends on at every send)."""
-        overrides = self.app.config.task_options(self.name)
-        own = self._options
-        if not overrides:
-            return [own.get(key, TASK_DEFAULTS[key]) for key in keys]
-        return [overrides[key] if key in overrides else own.get(key, TASK_DEFAULTS[key]) for key in keys]
+        merged = {**TASK_DEFAULTS, **self._options, **self.app.config.task_options(self.name)}
+        return list(map(merged.__getitem__, keys))
 
     @property
     def request(self) -> Request:

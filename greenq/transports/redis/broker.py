@@ -265,6 +265,9 @@ class RedisBroker(Reconnecting, Broker):
         self.client = self.client_factory(url, config, "")
         self._min_replicas = config.section("redis")["min_replicas"]
         self.pool = cast(Pool, self.client.connection_pool)  # the Pool make_client gave it (a cluster's: _AllNodePools, with its grow and disconnect)
+        #: publish's XADD goes straight to a pooled connection (``_send``): a
+        #: plain client on greenq's Pool only (not a cluster's or a sentinel's)
+        self._direct = type(self.client) is redis.Redis and type(self.pool) is Pool
         self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
                                        reset=self._reset, on_recovered=self._recovered,
                                        sleep=self._sleep, failures=FAILURES, refused=refused)
@@ -335,7 +338,22 @@ class RedisBroker(Reconnecting, Broker):
                 or self._min_replicas:
             return self.publish_many([m])
         command = xadd_command(m, self.streams)
-        self._call(lambda: self.client.execute_command(*command), self._publish_budget, "publish")
+        send = self._send if self._direct else self.client.execute_command
+        self._call(lambda: send(*command), self._publish_budget, "publish")
+
+    def _send(self, *command: Any) -> Any:
+        """``self.client.execute_command(*command)`` on a plain client, without
+        redis-py's per-command layers (retries, which are off; observability
+        hooks): a pooled connection sends the command and reads its reply.
+        A connection that fails disconnects itself (redis-py's Connection does
+        on any error while sending or reading) and goes back to the pool."""
+        pool = self.pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*command)
+            return conn.read_response()
+        finally:
+            pool.release(conn)
 
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
         """One pipelined round trip (plus the registry the first time a queue is
