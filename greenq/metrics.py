@@ -136,6 +136,37 @@ class QueueSignals:
         self.cache = cache
         self._lock = threading.Lock()
         self._last: Tuple[float, Optional[List["QueueStats"]]] = (float("-inf"), None)
+        self._refresh: Optional[threading.Event] = None     # set when the refresh under way ends
+
+    def read_within(self, figures: Callable[[], List["QueueStats"]], spawn: Callable[..., Any],
+                    wait: float) -> Optional[List["QueueStats"]]:
+        """``read``, for a caller that must answer within ``wait`` seconds
+        (a worker's /metrics while its broker is slow or its connection busy):
+        a stale answer starts one refresh in ``spawn`` (the driver's) and the
+        caller waits at most ``wait`` for it, else gets the answer it had
+        (nothing on a first read)."""
+        with self._lock:
+            when, stats = self._last
+            if time.monotonic() - when < self.cache:
+                return stats
+            done = self._refresh
+            if done is None:
+                done = self._refresh = threading.Event()
+                spawn(self._refreshed, figures, done)
+        if done.wait(wait):
+            return self._last[1]
+        return stats
+
+    def _refreshed(self, figures: Callable[[], List["QueueStats"]], done: threading.Event) -> None:
+        try:
+            stats: Optional[List["QueueStats"]] = list(figures())
+        except Exception as exc:
+            log.warning("/metrics: could not read the queues' figures: %s", exc)
+            stats = None
+        with self._lock:
+            self._last = (time.monotonic(), stats)
+            self._refresh = None
+        done.set()
 
     def read(self, figures: Callable[[], List["QueueStats"]]) -> Optional[List["QueueStats"]]:
         with self._lock:

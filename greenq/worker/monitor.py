@@ -241,7 +241,9 @@ class Monitor:
         metric("up", "gauge", 1 if self.healthy()[0] else 0, "1 while the worker is consuming")
         text = "\n".join(lines) + "\n"
         text += render_metrics(w.resource_stats(), w.resource_waits())   # per resource (none: nothing)
-        queues = self.queue_signals.read(lambda: w.broker.queue_stats(list(w.queues)))   # cached, 5 s
+        # cached 5 s; a slow broker (or a connection busy with a fetch) never holds the answer past 0.5 s
+        queues = self.queue_signals.read_within(lambda: w.broker.queue_stats(list(w.queues)),
+                                                self.driver.spawn, wait=0.5)
         text += render_queue_signals(queues)
         if self.task_metrics is not None:      # per task name, and the queues' depths
             text += self.task_metrics.render(w.broker, list(w.queues), queues or [])

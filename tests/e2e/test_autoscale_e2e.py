@@ -57,7 +57,8 @@ class Lines:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
-            self._q.put(line.rstrip("\n"))
+            if line.strip():          # blank lines (in eventlet's deprecation warning) are not the end
+                self._q.put(line.rstrip("\n"))
         self._q.put("")    # end of output
 
     def wait_for(self, check: Callable[[str], bool], what: str, timeout: float = 60) -> str:

@@ -55,7 +55,7 @@ def test_revoke_is_broadcast_and_a_later_worker_loads_it(any_env, pool):
     r = e2e_tasks.slow_steps.delay("victim", 60)
     env.wait_marker("victim.started")
     took = _terminated_within(env, r, 15)
-    assert took < min(5.0, SYNC_PUSHED / 2), f"terminate took {took:.1f} s"
+    assert took < SYNC_PUSHED / 3, f"terminate took {took:.1f} s"
     assert r.state == "REVOKED" and env.marker_count("victim.finished") == 0
     assert r.id in _revoked_ids(env, "rv")
 

@@ -2,6 +2,8 @@
 the broker (greenq/metrics.py QueueSignals, render_queue_signals)."""
 from __future__ import annotations
 
+import time
+
 from greenq.brokers.base import QueueStats
 from greenq.metrics import QUEUE_SIGNALS, QueueSignals, render_queue_signals
 
@@ -49,3 +51,32 @@ def test_a_broker_away_gives_no_figures_and_is_asked_again_later():
     assert signals.read(broker.queue_stats) is None
     broker.rows = [QueueStats("a")]
     assert [q.name for q in signals.read(broker.queue_stats)] == ["a"]
+
+
+def test_read_within_never_waits_past_its_budget_for_a_slow_broker():
+    """A worker's /metrics answers within its budget while the broker is slow:
+    the first read gives nothing, later reads the last answer, and one refresh
+    runs at a time."""
+    import threading
+    release, calls = threading.Event(), []
+
+    def figures():
+        calls.append(1)
+        release.wait(10)
+        return [QueueStats("a", ready=len(calls))]
+
+    def spawn(fn, *args):
+        threading.Thread(target=fn, args=args, daemon=True).start()
+
+    signals = QueueSignals(cache=0.0)
+    start = time.monotonic()
+    assert signals.read_within(figures, spawn, wait=0.1) is None       # nothing yet, and no long wait
+    assert signals.read_within(figures, spawn, wait=0.1) is None
+    assert time.monotonic() - start < 5
+    assert len(calls) == 1                                             # one refresh under way, not two
+    release.set()
+    deadline = time.monotonic() + 5
+    while signals._refresh is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    got = signals.read_within(figures, spawn, wait=5)                  # stale (cache 0): a new refresh, answered
+    assert got is not None and got[0].ready == 2, got
