@@ -17,9 +17,14 @@ Configurations (--configs, comma-separated, in this order by default):
   host45      (not by default) limit = 45, scope = host: the same limit
               without the broker (flock files), to tell the cluster pool's
               cost from the rest
-Connections: Celery's tasks take one from the blocking pool; greenq's take an
-idle one or open one, and at most --idle (2) per process stay idle (so with
-permits the server sees at most 45 + 2 x 2).  Failed tasks are not retried.
+Connections: Celery's tasks take one from the blocking pool.  greenq with
+permits (limit45, adaptive, host45) uses app.resource_pool("pg"): each open
+connection keeps a permit, so connections stay open between tasks and the
+server never sees more than the limit (greenq/resources/connections.py);
+--greenq-pool idle keeps the former pool instead (take an idle connection
+or open one, at most --idle per process kept idle: up to limit + 2 x --idle
+connections).  greenq without permits (none) always uses that idle pool.
+Failed tasks are not retried.
 
 Per configuration: tasks recorded, "too many clients" errors, failed tasks,
 throughput (tasks / (last end - first start)), p50/p99 of the task body's
@@ -88,7 +93,8 @@ def run(config, opts, pg):
     else:
         rb.greenq_ini(folder, prefix, resources=RESOURCES[config] + "[resource:slow]\nlimit = 1\n")
         env["RESBENCH_PERMITS"] = "0" if config == "none" else "1"
-        env["RESBENCH_POOL"] = f"idle:{opts.idle}"
+        env["RESBENCH_POOL"] = ("permit" if config != "none" and opts.greenq_pool == "permit"
+                                else f"idle:{opts.idle}")
         enqueue_greenq(folder, opts.n, opts.sleep)
         procs = [rb.spawn([sys.executable, "-m", "greenq.worker", "-A", "res_greenq_tasks", "-P", "gevent",
                            "-c", str(opts.c), "--processes", "2", "--loglevel", "WARNING"],
@@ -131,6 +137,8 @@ def main():
     p.add_argument("-c", type=int, default=500, help="concurrency of each worker process")
     p.add_argument("--pool", type=int, default=25, help="Celery's connections per process")
     p.add_argument("--idle", type=int, default=2, help="greenq's idle connections kept per process")
+    p.add_argument("--greenq-pool", choices=("permit", "idle"), default="permit",
+                   help="greenq's connections under permits: app.resource_pool, or the idle pool")
     p.add_argument("--sleep", type=float, default=0.005, help="pg_sleep seconds")
     p.add_argument("--max-connections", type=int, default=50)
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
