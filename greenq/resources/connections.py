@@ -153,7 +153,14 @@ class ResourcePool(PermitPool, Generic[C]):
         with self._lock:
             inner_holder = self._holders.pop(holder, None)
             if inner_holder is None:
-                return
+                inner_holder = holder   # (taken before this pool was bound: the scope's pool knows it)
+                stale_only = True
+            else:
+                stale_only = False
+        if stale_only:
+            self._pool().release(inner_holder)
+            return
+        with self._lock:
             stale: Optional[C] = None
             if self._open_count() > len(self._holders) + len(self._parked):
                 if len(self._holders) + len(self._parked) < self.limit:

@@ -8,9 +8,11 @@ from greenq import GreenQ
 
 app = GreenQ.from_config(name="resbench")
 _pg = {"resources": {"pg": 1}} if os.environ.get("RESBENCH_PERMITS") == "1" else {}
-# $RESBENCH_POOL=permit: connections that keep their permit while open (made
-# on first use, in the worker process, once its permit pools exist)
-bodies.POOLS["permit"] = lambda: app.resource_pool("pg", open=bodies.pg_connect)
+# $RESBENCH_POOL=permit (set for the workers only): connections that keep their
+# permit while open; made at import, before the worker takes any permit
+if os.environ.get("RESBENCH_POOL") == "permit":
+    _permit_pool = app.resource_pool("pg", open=bodies.pg_connect)
+    bodies.POOLS["permit"] = lambda: _permit_pool
 
 pg = app.task(name="resbench.pg", ignore_result=True, **_pg)(bodies.pg_query)
 hold = app.task(name="resbench.hold", ignore_result=True, **_pg)(bodies.hold_task)
