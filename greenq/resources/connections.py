@@ -86,7 +86,7 @@ class ResourcePool(PermitPool, Generic[C]):
             raise ValueError(f"resource_pool {name!r}: max_age must be > 0, got {max_age}")
         # the PermitPool attributes are the inner pool's once bound (bind())
         self.name = name
-        self.limit = 0
+        self.limit = self.shared_limit = 0
         self._open = open
         self._close: Callable[[C], None] = close if close is not None else (lambda conn: conn.close())  # type: ignore[attr-defined]
         self.idle_seconds = float(idle_seconds)
@@ -116,7 +116,7 @@ class ResourcePool(PermitPool, Generic[C]):
         self._drop_all()
         with resources._lock:
             self.inner = inner
-            self.limit = inner.limit
+            self.limit, self.shared_limit = inner.limit, inner.shared_limit
             self.app_key, self.config, self.driver = inner.app_key, inner.config, inner.driver
             self._freed = resources.freed
             resources.pools[self.name] = self
@@ -176,6 +176,12 @@ class ResourcePool(PermitPool, Generic[C]):
     def set_limit(self, limit: int) -> None:
         inner = self._pool()
         inner.set_limit(limit)
+        self.limit, self.shared_limit = inner.limit, inner.shared_limit
+        self._trim()
+
+    def set_share(self, limit: int) -> None:
+        inner = self._pool()
+        inner.set_share(limit)
         self.limit = inner.limit
         self._trim()
 

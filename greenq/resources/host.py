@@ -137,8 +137,10 @@ class HostPool(PermitPool):
         with self._lock:
             if holder in self._held:
                 return True
+            if len(self._held) >= self.limit:
+                return False                  # this process's share (an adaptive limit) is full
             mine = {index for index, _ in self._held.values()}
-            for index in range(self.limit):
+            for index in range(self.shared_limit):
                 if index in mine:
                     continue
                 fd = os.open(self._path(index), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)

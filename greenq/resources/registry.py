@@ -89,7 +89,7 @@ class Resources:
                 if settings.adaptive:
                     adaptive = AdaptiveLimit(settings.min_limit, settings.limit,
                                              errors=resolve_errors(settings.errors))
-                    pool.set_limit(adaptive.limit)
+                    pool.set_share(adaptive.limit)    # host, cluster: the lease stays `limit`
                     self.adaptive[name] = adaptive
                 self.pools[name] = pool
         return pool
@@ -104,7 +104,8 @@ class Resources:
         before = adaptive.limit
         after = adaptive.on_sample(latency, in_flight=in_flight, error=error)
         if after != before:
-            self.set_limit(name, after)
+            self.pool(name).set_share(after)
+            self.freed(name)
 
     def check(self, names: Any) -> None:
         """ConfigError for the first of ``names`` that has no section."""

@@ -174,7 +174,7 @@ def test_a_lowered_limit_closes_idle_connections_down_to_it():
     pool.release("b")
     # a's permit went back (c and d stand under the 3 idle connections with b's)
     assert db.open == 3 and pool.parked() == 1 and pool.in_use() == 2 and pool.inner.in_use() == 3
-    app.permits().set_limit("pg", 2)          # as an adaptive limit does
+    app.permits().pool("pg").set_share(2)     # as an adaptive limit does
     # 2 permits held by holders (c, d; one connection idle for them), none parked
     assert pool.parked() == 0 and pool.inner.in_use() == 2 and db.open == 2
     check(pool, db, app)
