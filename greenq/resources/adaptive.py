@@ -51,6 +51,7 @@ import importlib
 import math
 import statistics
 import time
+from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple, Type
 
 from greenq.exceptions import ConfigError
@@ -86,14 +87,15 @@ class AdaptiveLimit:
                  window_samples: int = 10,
                  probe_interval: float = 60.0,
                  probe_concurrency: int = 3,
-                 probe_samples: int = 10) -> None:
+                 probe_samples: int = 10,
+                 quantile: float = 0.1) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ConfigError(f"adaptive limit: need 1 <= min_limit <= limit, got "
                               f"min_limit = {min_limit}, limit = {max_limit}")
         if not 0.0 < alpha < beta:
             raise ConfigError(f"adaptive limit: need 0 < alpha < beta, got {alpha}, {beta}")
         for name, value in (("drain", drain), ("error_backoff", error_backoff),
-                            ("utilization", utilization)):
+                            ("utilization", utilization), ("quantile", quantile)):
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"adaptive limit: {name} must be in (0, 1], got {value}")
         for name, number in (("window_samples", window_samples),
@@ -116,6 +118,10 @@ class AdaptiveLimit:
         self.probe_interval = probe_interval
         self.probe_concurrency = probe_concurrency
         self.probe_samples = probe_samples
+        self.quantile = quantile
+        #: how many windows ended in each decision (grow, drain, hold, unused: an
+        #: unused limit does not grow, faster: a probe), and errors that cut, probes
+        self.decisions: Counter[str] = Counter()
 
         start = DEFAULT_INITIAL if initial_limit is None else initial_limit
         #: the estimate, a float so that steps smaller than 1 add up
@@ -174,6 +180,7 @@ class AdaptiveLimit:
         if error is not None:
             if isinstance(error, self.errors) and started > self._cut_at:
                 self._error_ceiling = self._estimate
+                self.decisions["error"] += 1
                 self._estimate = self._clamp(self._estimate * self.error_backoff)
                 self._cut_at = now
                 self._restart_window(now)
@@ -193,7 +200,7 @@ class AdaptiveLimit:
     # -- the estimator ---------------------------------------------------------------
 
     def _decide(self, now: float) -> None:
-        rtt = statistics.median(latency for latency, _ in self._window)
+        rtt = self._low([latency for latency, _ in self._window])
         used = max(in_flight for _, in_flight in self._window)
         in_flight = statistics.median(n for _, n in self._window)
         noload = self.rtt_noload
@@ -201,6 +208,7 @@ class AdaptiveLimit:
         if rtt < noload * FASTER:
             # the downstream got faster for good: measure its no-load latency now
             # (this window's median includes a queue, so it cannot serve as one)
+            self.decisions["faster"] += 1
             self._begin_probe(now)
             return
         capacity = in_flight * noload / rtt if rtt > 0.0 else float(in_flight)
@@ -209,9 +217,12 @@ class AdaptiveLimit:
         alpha, beta = self.alpha * scale, self.beta * scale
         if queue > beta:
             target = capacity + beta
+            self.decisions["drain"] += 1
             if self._estimate > target:
                 self._estimate = self._clamp(self._estimate - self.drain * (self._estimate - target))
-        elif queue < alpha and used >= self.utilization * int(self._estimate):
+        elif queue < alpha and used < self.utilization * int(self._estimate):
+            self.decisions["unused"] += 1
+        elif queue < alpha:
             # healthy and used: grow by alpha, the band's width, so one step never
             # jumps from "too few queued" past "too many"; by 1 near the limit at
             # which listed errors came last (a ceiling latency did not show)
@@ -221,8 +232,20 @@ class AdaptiveLimit:
                     self._error_ceiling = None      # passed it without an error: forget it
                 elif self._estimate + alpha > self._error_ceiling:
                     step = 1.0
+            self.decisions["grow"] += 1
             self._estimate = self._clamp(self._estimate + step)
+        else:
+            self.decisions["hold"] += 1
         self._restart_window(now)
+
+    def _low(self, latencies: List[float]) -> float:
+        """The ``quantile`` of ``latencies`` (nearest rank): a queue in the
+        downstream delays every task, so it moves the low latencies as much as
+        the median; what delays some tasks only (the worker's own CPU, a green
+        thread scheduled late, a slow connect) moves the median, not them."""
+        ordered = sorted(latencies)
+        rank = max(1, math.ceil(self.quantile * len(ordered)))
+        return ordered[min(rank, len(ordered)) - 1]
 
     def _log_scale(self) -> float:
         """alpha and beta grow with log10(limit) (as in Netflix's Vegas): a larger
@@ -253,7 +276,7 @@ class AdaptiveLimit:
             return      # it ran beside the tasks of the full limit: not a no-load latency
         self._probe.append(latency)
         if len(self._probe) >= self.probe_samples:
-            self.rtt_noload = statistics.median(self._probe)
+            self.rtt_noload = self._low(self._probe)
             self._probe_start = None
             self._probe = []
             self._next_probe = self._probe_due(now)

@@ -34,9 +34,9 @@ has no other permit to stand on.
 installed in the app's permit pools (``Resources.pools[name]``) when the
 worker builds them, so the admission step and ``app.resource`` take and give
 back their permits through it without knowing.  ``in_use()`` counts the
-permits of holders only (not the parked ones): it is the ``in_flight`` an
-adaptive limit measures, and what an idle connection costs the downstream
-(nothing in flight) is not load.
+parked permits too: a parked permit is one the next holder takes at once, so
+an adaptive limit must see its limit as used (its app-limited guard), and
+``inspect stats`` shows the connections the resource costs.
 """
 from __future__ import annotations
 
@@ -192,7 +192,14 @@ class ResourcePool(PermitPool, Generic[C]):
         self._trim()
 
     def in_use(self) -> int:
-        """The permits held by holders (tasks, ``app.resource``), not the parked ones."""
+        """The permits this process holds: its holders' (tasks, ``app.resource``)
+        and the parked ones (each keeps a connection open, and is handed to the
+        next holder: an adaptive limit counts it as used)."""
+        with self._lock:
+            return len(self._holders) + len(self._parked)
+
+    def holders(self) -> int:
+        """The permits held by holders only."""
         with self._lock:
             return len(self._holders)
 

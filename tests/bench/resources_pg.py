@@ -14,6 +14,7 @@ Configurations (--configs, comma-separated, in this order by default):
   limit45     the same with [resource:pg] limit = 45, scope = cluster
   adaptive    the same with adaptive = true, limit = 200, scope = cluster,
               errors = pg8000.exceptions.DatabaseError ("too many clients")
+  limitN      (not by default) a fixed cluster limit of N (limit20, limit30...)
   host45      (not by default) limit = 45, scope = host: the same limit
               without the broker (flock files), to tell the cluster pool's
               cost from the rest
@@ -93,6 +94,7 @@ def run(config, opts, pg):
     else:
         rb.greenq_ini(folder, prefix, resources=RESOURCES[config] + "[resource:slow]\nlimit = 1\n")
         env["RESBENCH_PERMITS"] = "0" if config == "none" else "1"
+        env["RESBENCH_TRACE"] = "1" if opts.trace else "0"
         env["RESBENCH_POOL"] = ("permit" if config != "none" and opts.greenq_pool == "permit"
                                 else f"idle:{opts.idle}")
         enqueue_greenq(folder, opts.n, opts.sleep)
@@ -109,6 +111,12 @@ def run(config, opts, pg):
         sampler.halt.set()
         rb.stop(procs)
     recs = rb.read_records(client, prefix)
+    if opts.trace and config != "celery":
+        trace_path = Path(opts.trace) / f"trace-{config}.txt"
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [raw.decode() for raw in client.lrange(f"{prefix}:trace", 0, -1)]
+        trace_path.write_text("time pid limit in_use parked estimate rtt_noload_ms probing\n"
+                              + "\n".join(rows) + "\n")
     client.flushdb()
     log.close()
     if not complete:
@@ -139,12 +147,18 @@ def main():
     p.add_argument("--idle", type=int, default=2, help="greenq's idle connections kept per process")
     p.add_argument("--greenq-pool", choices=("permit", "idle"), default="permit",
                    help="greenq's connections under permits: app.resource_pool, or the idle pool")
+    p.add_argument("--trace", metavar="FOLDER", default="",
+                   help="write FOLDER/trace-CONFIG.txt: every 10th greenq task's limit in force, permits in "
+                        "use and parked, and the adaptive estimate, no-load latency and probing flag")
     p.add_argument("--sleep", type=float, default=0.005, help="pg_sleep seconds")
     p.add_argument("--max-connections", type=int, default=50)
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     opts = p.parse_args()
     configs = [c.strip() for c in opts.configs.split(",") if c.strip()]
     for c in configs:
+        if c.startswith("limit") and c[5:].isdigit():   # limitN: a fixed cluster limit of N
+            RESOURCES.setdefault(c, f"[resource:pg]\nlimit = {int(c[5:])}\nscope = cluster\n")
+            continue
         if c not in CONFIGS:
             p.error(f"unknown configuration {c!r}; expected {', '.join(CONFIGS)}")
     if "celery" in configs:

@@ -84,7 +84,7 @@ def bound_pool(limit=3, idle_seconds=5.0, max_age=300.0, **section):
 def check(pool, db, app):
     inner = pool.inner
     assert db.open == pool.open_connections()
-    assert db.open <= pool.in_use() + pool.parked() == inner.in_use() <= max(inner.limit, inner.in_use())
+    assert db.open <= pool.holders() + pool.parked() == pool.in_use() == inner.in_use() <= max(inner.limit, inner.in_use())
     assert inner.in_use() <= app.config.resource_settings()["pg"].limit
 
 
@@ -96,7 +96,7 @@ def test_a_connection_keeps_its_permit_and_the_next_holder_takes_both():
     with pool.connection() as conn:
         assert conn.query(1) == 1
     pool.release("t1")
-    assert (db.open, pool.parked(), pool.inner.in_use(), pool.in_use()) == (1, 1, 1, 0)
+    assert (db.open, pool.parked(), pool.inner.in_use(), pool.holders(), pool.in_use()) == (1, 1, 1, 0, 1)
     assert pool.try_acquire("t2") and pool.parked() == 0 and pool.inner.in_use() == 1
     with pool.connection() as again:
         assert again is conn
@@ -173,7 +173,7 @@ def test_a_lowered_limit_closes_idle_connections_down_to_it():
     pool.release("a")
     pool.release("b")
     # a's permit went back (c and d stand under the 3 idle connections with b's)
-    assert db.open == 3 and pool.parked() == 1 and pool.in_use() == 2 and pool.inner.in_use() == 3
+    assert db.open == 3 and pool.parked() == 1 and pool.holders() == 2 and pool.inner.in_use() == 3
     app.permits().pool("pg").set_share(2)     # as an adaptive limit does
     # 2 permits held by holders (c, d; one connection idle for them), none parked
     assert pool.parked() == 0 and pool.inner.in_use() == 2 and db.open == 2
