@@ -172,4 +172,6 @@ def call_service(i, enq, app=None, name="svc"):
         if app is not None:
             permits = app.permits()
             pool = permits.pool(name)
-            _client().rpush(f"{PREFIX}:trace", f"{end:.3f} {pool.limit} {pool.in_use()}")
+            adaptive = permits.adaptive.get(name)
+            probing = int(adaptive is not None and adaptive.probing)
+            _client().rpush(f"{PREFIX}:trace", f"{end:.3f} {pool.limit} {pool.in_use()} {probing}")
