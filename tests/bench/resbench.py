@@ -143,20 +143,48 @@ def greenq_ini(folder: Path, prefix: str, lease_seconds: int = 30, resources: st
 
 
 class ConnSampler(threading.Thread):
-    """The server's client connections, counted from its own processes: the
-    postmaster's children whose title names a client (`postgres: USER DB
-    127.0.0.1(PORT) ...`); no connection of its own, so it takes no slot.
-    Keeps the maximum, and with trace=True every (time, count) sample."""
+    """The server's client connections, counted two ways, neither with a
+    connection of its own (so it takes no slot):
+
+    * ``count()``: the server's processes: the postmaster's children whose
+      title names a client (`postgres: USER DB 127.0.0.1(PORT) ...`).  A
+      backend whose client has gone (closed, or killed: the kernel closed its
+      socket) is still a process for the moment it takes to exit.
+    * ``established()``: the server's TCP sockets on its port in state
+      ESTABLISHED (/proc/net/tcp): the connections a client holds open.  A
+      client's close (or death) moves the server's socket to CLOSE_WAIT at
+      once, whatever its backend is still doing.
+
+    Keeps the maximum of each (``max``, ``max_established``), and with
+    trace=True every (time, processes) sample in ``samples`` and every
+    (time, established) in ``samples_established``."""
 
     def __init__(self, pg, interval=0.02, trace=False):
         super().__init__(daemon=True)
         import psutil
         pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         self.master = psutil.Process(pid)
+        self.port_hex = f":{pg.port:04X}"
         self.interval = interval
         self.max = 0
+        self.max_established = 0
         self.samples = [] if trace else None
+        self.samples_established = [] if trace else None
         self.halt = threading.Event()
+
+    def established(self):
+        n = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split(None, 4)
+                        if fields[1].endswith(self.port_hex) and fields[3] == "01":
+                            n += 1
+            except OSError:
+                pass
+        return n
 
     def count(self):
         n = 0
@@ -171,9 +199,13 @@ class ConnSampler(threading.Thread):
     def run(self):
         while not self.halt.is_set():
             n = self.count()
+            e = self.established()
+            now = time.time()
             self.max = max(self.max, n)
+            self.max_established = max(self.max_established, e)
             if self.samples is not None:
-                self.samples.append((time.time(), n))
+                self.samples.append((now, n))
+                self.samples_established.append((now, e))
             time.sleep(self.interval)
 
 

@@ -31,7 +31,9 @@ Per configuration: tasks recorded, "too many clients" errors, failed tasks,
 throughput (tasks / (last end - first start)), p50/p99 of the task body's
 time (Celery's includes waiting for a pooled connection; greenq's permit wait
 comes before the body), p99 from enqueue to end, and the most client
-connections the server had (its backend processes, sampled every 20 ms).
+connections the server had, sampled every 20 ms: "max server conns" counts
+its backend processes (one still exiting after its client closed counts),
+"max open conns" its ESTABLISHED sockets (resbench.ConnSampler).
 The queue is filled before the workers start.  Redis db 10, flushed.
 """
 from __future__ import annotations
@@ -134,7 +136,8 @@ def run(config, opts, pg):
             "body_p50_ms": round(rb.percentile(body, 50) * 1000, 1),
             "body_p99_ms": round(rb.percentile(body, 99) * 1000, 1),
             "sojourn_p99_s": round(rb.percentile(sojourn, 99), 2),
-            "max_server_conns": sampler.max, "wall_s": round(wall, 1),
+            "max_server_conns": sampler.max, "max_established": sampler.max_established,
+            "wall_s": round(wall, 1),
             "log": None if complete else str(folder)}
 
 
@@ -182,9 +185,9 @@ def main():
     print(f"\n{opts.n} tasks x SELECT pg_sleep({opts.sleep}), 2 processes x -c {opts.c}, "
           f"max_connections = {opts.max_connections}, load average {os.getloadavg()[0]:.1f}")
     rb.print_table(["config", "tasks", "too many clients", "failed", "tasks/s", "body p50 ms",
-                    "body p99 ms", "enqueue->end p99 s", "max server conns"],
+                    "body p99 ms", "enqueue->end p99 s", "max server conns", "max open conns"],
                    [[r["config"], r["tasks"], r["too_many_clients"], r["failed"], r["tasks_per_s"],
-                     r["body_p50_ms"], r["body_p99_ms"], r["sojourn_p99_s"], r["max_server_conns"]]
+                     r["body_p50_ms"], r["body_p99_ms"], r["sojourn_p99_s"], r["max_server_conns"], r["max_established"]]
                     for r in rows])
 
 
