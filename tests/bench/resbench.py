@@ -150,14 +150,14 @@ class ConnSampler(threading.Thread):
       title names a client (`postgres: USER DB 127.0.0.1(PORT) ...`).  A
       backend whose client has gone (closed, or killed: the kernel closed its
       socket) is still a process for the moment it takes to exit.
-    * ``established()``: the server's TCP sockets on its port in state
-      ESTABLISHED (/proc/net/tcp): the connections a client holds open.  A
-      client's close (or death) moves the server's socket to CLOSE_WAIT at
-      once, whatever its backend is still doing.
+    * ``established()``: TCP sockets in state ESTABLISHED (/proc/net/tcp),
+      on the server's side (until its backend closes its socket) and on the
+      clients' side (until the client closes: the connections clients hold
+      open, what the permits bound).
 
-    Keeps the maximum of each (``max``, ``max_established``), and with
-    trace=True every (time, processes) sample in ``samples`` and every
-    (time, established) in ``samples_established``."""
+    Keeps the maximum of each (``max``, ``max_established``, ``max_client``),
+    and with trace=True every (time, count) sample in ``samples``,
+    ``samples_established`` and ``samples_client``."""
 
     def __init__(self, pg, interval=0.02, trace=False):
         super().__init__(daemon=True)
@@ -168,23 +168,35 @@ class ConnSampler(threading.Thread):
         self.interval = interval
         self.max = 0
         self.max_established = 0
+        self.max_client = 0
         self.samples = [] if trace else None
         self.samples_established = [] if trace else None
+        self.samples_client = [] if trace else None
         self.halt = threading.Event()
 
     def established(self):
-        n = 0
+        """(server's side, clients' side): ESTABLISHED sockets whose local
+        port is the server's, and those whose remote port is (the clients run
+        on this machine; a client's close() moves its side out of ESTABLISHED
+        at once, before the server's backend has seen it).  Each counted once
+        per connection (its client port): /proc/net/tcp is read in pieces, and
+        a socket can be listed twice in one read."""
+        server, client = set(), set()
         for table in ("/proc/net/tcp", "/proc/net/tcp6"):
             try:
                 with open(table) as f:
                     next(f)
                     for line in f:
                         fields = line.split(None, 4)
-                        if fields[1].endswith(self.port_hex) and fields[3] == "01":
-                            n += 1
+                        if fields[3] != "01":
+                            continue
+                        if fields[1].endswith(self.port_hex):
+                            server.add(fields[2])
+                        elif fields[2].endswith(self.port_hex):
+                            client.add(fields[1])
             except OSError:
                 pass
-        return n
+        return len(server), len(client)
 
     def count(self):
         n = 0
@@ -199,13 +211,15 @@ class ConnSampler(threading.Thread):
     def run(self):
         while not self.halt.is_set():
             n = self.count()
-            e = self.established()
+            e, c = self.established()
             now = time.time()
             self.max = max(self.max, n)
             self.max_established = max(self.max_established, e)
+            self.max_client = max(self.max_client, c)
             if self.samples is not None:
                 self.samples.append((now, n))
                 self.samples_established.append((now, e))
+                self.samples_client.append((now, c))
             time.sleep(self.interval)
 
 

@@ -26,10 +26,11 @@ bodies that overlapped (a body holds its connection, inside its permit).
 The server's count of processes can exceed the permits for a moment: a
 backend whose client closed is still a process while it exits, and the
 permit has already gone to the next task.  So each sample also counts the
-server's ESTABLISHED sockets (the connections clients hold open; a close
-moves the server's socket to CLOSE_WAIT at once), and the samples above the
-limit in processes but not in open connections are counted apart (a backend
-still exiting).  Redis db 10 (flushed).
+ESTABLISHED TCP sockets of the server's port, on the server's side and on
+the clients' side (the clients run here; a client's close() takes its side
+out of ESTABLISHED at once: the connections the clients hold open, which the
+permits bound), and the samples above the limit in processes but not in
+the server's open sockets are counted apart (a backend still exiting).  Redis db 10 (flushed).
 """
 from __future__ import annotations
 
@@ -116,6 +117,7 @@ def run(opts, pg):
         most = max(most, overlap)
     over = sum(1 for _, n in sampler.samples if n > opts.limit)
     over_est = sum(1 for _, n in sampler.samples_established if n > opts.limit)
+    over_client = sum(1 for _, n in sampler.samples_client if n > opts.limit)
     # a sample above the limit in processes but not in open connections: a
     # backend still exiting after its client closed (and its permit moved on)
     exiting = sum(1 for (_, n), (_, e) in zip(sampler.samples, sampler.samples_established)
@@ -127,7 +129,8 @@ def run(opts, pg):
             "back_at_limit_after_s": round(back, 2) if back is not None else None,
             "max_server_conns": sampler.max, "samples": len(sampler.samples),
             "max_established": sampler.max_established, "samples_over_limit_established": over_est,
-            "samples_over_only_exiting": exiting,
+            "samples_over_only_exiting": exiting, "max_client": sampler.max_client,
+            "samples_over_limit_client": over_client,
             "log": None if done else str(folder)}
 
 
@@ -162,8 +165,10 @@ def main():
                                                f"{out['samples']} samples)"],
         ["samples above the limit (processes)", out["samples_over_limit"]],
         ["  of them: only a backend still exiting", out["samples_over_only_exiting"]],
-        ["most open client connections (ESTABLISHED)", out["max_established"]],
-        ["samples above the limit (ESTABLISHED)", out["samples_over_limit_established"]],
+        ["most ESTABLISHED, server's side", out["max_established"]],
+        ["samples above the limit (server's side)", out["samples_over_limit_established"]],
+        ["most ESTABLISHED, clients' side", out["max_client"]],
+        ["samples above the limit (clients' side)", out["samples_over_limit_client"]],
         ["most task bodies overlapping (records)", out["max_bodies_overlapping"]],
         ["tasks done / failed", f"{out['records']} / {out['errors']}"],
     ])

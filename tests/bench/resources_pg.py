@@ -33,7 +33,7 @@ time (Celery's includes waiting for a pooled connection; greenq's permit wait
 comes before the body), p99 from enqueue to end, and the most client
 connections the server had, sampled every 20 ms: "max server conns" counts
 its backend processes (one still exiting after its client closed counts),
-"max open conns" its ESTABLISHED sockets (resbench.ConnSampler).
+"max open conns" the clients' ESTABLISHED sockets to it (resbench.ConnSampler).
 The queue is filled before the workers start.  Redis db 10, flushed.
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def run(config, opts, pg):
             "body_p50_ms": round(rb.percentile(body, 50) * 1000, 1),
             "body_p99_ms": round(rb.percentile(body, 99) * 1000, 1),
             "sojourn_p99_s": round(rb.percentile(sojourn, 99), 2),
-            "max_server_conns": sampler.max, "max_established": sampler.max_established,
+            "max_server_conns": sampler.max, "max_established": sampler.max_client,
             "wall_s": round(wall, 1),
             "log": None if complete else str(folder)}
 
