@@ -125,6 +125,8 @@ class AdaptiveLimit:
         #: how many windows ended in each decision (grow, drain, hold, unused: an
         #: unused limit does not grow, faster: a probe), and errors that cut, probes
         self.decisions: Counter[str] = Counter()
+        #: the last window decided: (its latency, its median in_flight, the queue read from them)
+        self.last_window: Tuple[float, float, float] = (0.0, 0.0, 0.0)
 
         start = DEFAULT_INITIAL if initial_limit is None else initial_limit
         #: the estimate, a float so that steps smaller than 1 add up
@@ -229,6 +231,7 @@ class AdaptiveLimit:
             return
         capacity = in_flight * noload / rtt if rtt > 0.0 else float(in_flight)
         queue = in_flight - capacity
+        self.last_window = (rtt, float(in_flight), queue)
         scale = self._log_scale()
         alpha, beta = self.alpha * scale, self.beta * scale
         if queue > beta:

@@ -27,8 +27,9 @@ def _traced(i, enq, sleep):
             permits = app.permits()
             pool = permits.pool("pg")
             adaptive = permits.adaptive.get("pg")
-            state = ("-", "-", "-") if adaptive is None else (
-                f"{adaptive._estimate:.1f}", f"{(adaptive.rtt_noload or 0) * 1000:.2f}", int(adaptive.probing))
+            state = ("-", "-", "-", "-") if adaptive is None else (
+                f"{adaptive._estimate:.1f}", f"{(adaptive.rtt_noload or 0) * 1000:.2f}", int(adaptive.probing),
+                "/".join(f"{x:.4g}" for x in adaptive.last_window))
             parked = pool.parked() if hasattr(pool, "parked") else 0
             decisions = "" if adaptive is None else ",".join(f"{k}={v}" for k, v in sorted(adaptive.decisions.items()))
             bodies._client().rpush(f"{bodies.PREFIX}:trace", " ".join(map(str, (
