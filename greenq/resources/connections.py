@@ -19,8 +19,9 @@ process.  ``ResourcePool`` lets an open connection keep the permit instead:
 * An idle connection is closed after ``idle_seconds`` without use, and a
   parked permit given back for it; so are as many as needed when the limit
   in force falls below the permits this process holds (an adaptive limit
-  lowered: each worker's share), and when the scope's pool says it holds
-  fewer permits than we count (a cluster permit lost after failed renewals).
+  lowered: each worker's share); when the scope's pool says it holds fewer
+  permits than we count (a cluster permit lost after failed renewals), every
+  parked permit goes with its connection (which was lost, only it knows).
 
 **The invariant**: connections open in a process (in use plus idle) never
 exceed the permits the process holds (held by its tasks plus parked), so
@@ -94,6 +95,7 @@ class ResourcePool(PermitPool, Generic[C]):
         self.clock = clock
         self.inner: Optional[PermitPool] = None
         self._freed: Optional[Callable[[str], None]] = None   # Resources.freed once bound
+        self._sample: Optional[Callable[..., None]] = None     # Resources.sample once bound
         self._lock = threading.Lock()
         self._holders: Dict[str, str] = {}            # a holder's id -> the inner pool's holder id it stands on
         self._parked: List[str] = []                  # inner holder ids kept for idle connections
@@ -119,6 +121,7 @@ class ResourcePool(PermitPool, Generic[C]):
             self.limit, self.shared_limit = inner.limit, inner.shared_limit
             self.app_key, self.config, self.driver = inner.app_key, inner.config, inner.driver
             self._freed = resources.freed
+            self._sample = resources.sample
             resources.pools[self.name] = self
 
     def unbind(self) -> None:
@@ -126,6 +129,7 @@ class ResourcePool(PermitPool, Generic[C]):
         self._drop_all()
         self.inner = None
         self._freed = None
+        self._sample = None
 
     def _pool(self) -> PermitPool:
         inner = self.inner
@@ -226,13 +230,35 @@ class ResourcePool(PermitPool, Generic[C]):
         """A connection for the block: an idle one, or a new one.  Only for a
         holder of a permit of this resource (a task with ``resources={name: 1}``,
         or inside ``app.resource(name)``): one connection per permit held."""
-        conn = self._checkout()
+        try:
+            conn = self._checkout()
+        except Exception as exc:            # "too many clients": an adaptive limit's signal too
+            if not isinstance(exc, RuntimeError):
+                self._measured(0.0, exc)
+            raise
         ok = False
+        error: Optional[BaseException] = None
+        began = time.monotonic()
         try:
             yield conn
             ok = True
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
+            self._measured(time.monotonic() - began, error)
             self._checkin(conn, ok)
+
+    #: an adaptive limit of this resource learns from the time each connection
+    #: was out (the downstream's time), not the time its task held the permit
+    times_connections = True
+
+    def _measured(self, latency: float, error: Optional[BaseException]) -> None:
+        sample = self._sample
+        if sample is not None:
+            with self._lock:
+                in_flight = max(1, self._out)
+            sample(self.name, latency, in_flight, error, connection=True)
 
     def _checkout(self) -> C:
         self._expire()
@@ -305,7 +331,11 @@ class ResourcePool(PermitPool, Generic[C]):
         giving: List[str] = []
         with self._lock:
             held = len(self._holders) + len(self._parked)
-            over = max(held - self.limit, held - proven, 0)
+            over = max(held - self.limit, 0)
+            if held > proven:
+                # the scope's pool lost some (which ones, only it knows): every parked
+                # permit goes, with its connection; the next holders open theirs anew
+                over = len(self._parked)
             while over > 0 and self._parked:
                 if self._open_count() >= held:
                     if not self._idle:

@@ -188,7 +188,8 @@ def test_a_lowered_limit_closes_idle_connections_down_to_it():
 
 def test_a_lost_permit_takes_its_idle_connection_with_it():
     """The scope's pool proves fewer permits than we count (a cluster permit
-    lost after failed renewals): parked permits go, with their connections."""
+    lost after failed renewals; which one, only it knows): every parked permit
+    goes, with its connection, and the holders' are left alone."""
     app, pool, db, _ = bound_pool(limit=3)
     for holder in "ab":
         assert pool.try_acquire(holder)
@@ -202,7 +203,7 @@ def test_a_lost_permit_takes_its_idle_connection_with_it():
     assert lost is not None, "the process pool's holders"
     inner.release(lost)                       # gone behind our back
     pool.renew()
-    assert inner.in_use() == 1 and pool.parked() == 1 and db.open == 1
+    assert inner.in_use() == 0 and pool.parked() == 0 and db.open == 0
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -309,3 +310,37 @@ def test_a_task_without_the_permit_cannot_take_a_connection():
     with pytest.raises(Exception, match="needs a permit"):
         result.get(timeout=5)
     assert db.opened == 0
+
+
+def test_an_adaptive_limit_learns_from_the_connections_not_the_holders():
+    """With a resource pool, the adaptive limit's samples are the time each
+    connection was out (the downstream's time) and the failures to open one;
+    the holders' own samples (the admission step's, app.resource's) are ignored."""
+    app, pool, db, clock = bound_pool(limit=5, adaptive="true", errors="ConnectionRefusedError")
+    adaptive = app.permits().adaptive["pg"]
+    seen = []
+    real = adaptive.on_sample
+    adaptive.on_sample = lambda latency, in_flight, error=None: (
+        seen.append((latency >= 0.02, in_flight, type(error).__name__)), real(latency, in_flight=in_flight,
+                                                                             error=error))[1]
+    assert pool.try_acquire("a") and pool.try_acquire("b")
+    with pool.connection(), pool.connection():
+        time.sleep(0.02)
+    app.permits().sample("pg", 9.0, 2, None)          # what the admission step sends: ignored
+    assert seen == [(True, 2, "NoneType"), (True, 1, "NoneType")], seen
+    pool.release("a")
+    pool.release("b")
+    refused = ConnectionRefusedError("too many clients")
+
+    def refuse():
+        raise refused
+    pool._open = refuse
+    for conn, _, _ in pool._idle:
+        conn.close()
+    pool._idle.clear()
+    pool._trim()
+    assert pool.try_acquire("c")
+    with pytest.raises(ConnectionRefusedError):
+        with pool.connection():
+            pass
+    assert seen[-1] == (False, 1, "ConnectionRefusedError")
