@@ -137,7 +137,7 @@ class AdaptiveLimit:
         # the window: successful samples of tasks that started after _window_start
         # (a task started at the very moment of a change ran beside the old limit)
         self._window_start = now
-        self._window: List[Tuple[float, int]] = []
+        self._window: List[Tuple[float, int, int]] = []   # (latency, in_flight, held)
         # once per window: an error cuts only if its task started after the last cut
         self._cut_at = -math.inf
         # the limit at the last cut for errors: growth slows to 1 a window near it
@@ -166,18 +166,22 @@ class AdaptiveLimit:
     # -- the one input ---------------------------------------------------------------
 
     def on_sample(self, latency: float, *, in_flight: int,
-                  error: Optional[BaseException] = None) -> int:
+                  error: Optional[BaseException] = None, held: Optional[int] = None) -> int:
         """A holder ended: ``latency`` seconds held, ``in_flight`` permits held
-        when it started (itself included), ``error`` what it raised.  Returns
-        the limit in force afterwards."""
+        when it started (itself included), ``error`` what it raised.  ``held``:
+        the permits held, when they are more than ``in_flight`` (a resource
+        pool's samples are connections out; its parked permits and holders
+        between two queries use the limit too: the app-limited guard counts
+        them).  Returns the limit in force afterwards."""
         try:
-            self._sample(float(latency), int(in_flight), error)
+            self._sample(float(latency), int(in_flight), error,
+                         int(in_flight) if held is None else max(int(held), int(in_flight)))
         except (ArithmeticError, ValueError, TypeError, OverflowError):
             pass        # a sample it cannot read changes nothing; the limit stays valid
         return self.limit
 
     def _sample(self, latency: float, in_flight: int,
-                error: Optional[BaseException]) -> None:
+                error: Optional[BaseException], held: int) -> None:
         now = float(self.clock())
         if not (math.isfinite(latency) and math.isfinite(now)) or latency < 0.0:
             return
@@ -199,16 +203,16 @@ class AdaptiveLimit:
             return
         if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
-        self._window.append((latency, in_flight))
+        self._window.append((latency, in_flight, held))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
             self._decide(now)
 
     # -- the estimator ---------------------------------------------------------------
 
     def _decide(self, now: float) -> None:
-        rtt = self._low([latency for latency, _ in self._window])
-        used = max(in_flight for _, in_flight in self._window)
-        in_flight = statistics.median(n for _, n in self._window)
+        rtt = self._low([latency for latency, _, _ in self._window])
+        used = max(held for _, _, held in self._window)
+        in_flight = statistics.median(n for _, n, _ in self._window)
         noload = self.rtt_noload
         assert noload is not None       # a window opens only once a probe has ended
         if rtt < noload * FASTER:

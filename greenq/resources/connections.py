@@ -258,7 +258,8 @@ class ResourcePool(PermitPool, Generic[C]):
         if sample is not None:
             with self._lock:
                 in_flight = max(1, self._out)
-            sample(self.name, latency, in_flight, error, connection=True)
+                held = len(self._holders) + len(self._parked)
+            sample(self.name, latency, in_flight, error, connection=True, held=held)
 
     def _checkout(self) -> C:
         self._expire()

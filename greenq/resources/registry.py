@@ -95,7 +95,7 @@ class Resources:
         return pool
 
     def sample(self, name: str, latency: float, in_flight: int, error: Optional[BaseException],
-               *, connection: bool = False) -> None:
+               *, connection: bool = False, held: Optional[int] = None) -> None:
         """A holder of a permit of ``name`` ended after ``latency`` seconds
         (with ``error`` when it raised), ``in_flight`` permits held when it
         did: an adaptive resource moves its limit in force; others ignore it.
@@ -107,7 +107,7 @@ class Resources:
         if connection != getattr(self.pools.get(name), "times_connections", False):
             return
         before = adaptive.limit
-        after = adaptive.on_sample(latency, in_flight=in_flight, error=error)
+        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held)
         if after != before:
             self.pool(name).set_share(after)
             self.freed(name)

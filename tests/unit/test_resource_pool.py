@@ -320,14 +320,15 @@ def test_an_adaptive_limit_learns_from_the_connections_not_the_holders():
     adaptive = app.permits().adaptive["pg"]
     seen = []
     real = adaptive.on_sample
-    adaptive.on_sample = lambda latency, in_flight, error=None: (
-        seen.append((latency >= 0.02, in_flight, type(error).__name__)), real(latency, in_flight=in_flight,
-                                                                             error=error))[1]
+    adaptive.on_sample = lambda latency, in_flight, error=None, held=None: (
+        seen.append((latency >= 0.02, in_flight, type(error).__name__, held)),
+        real(latency, in_flight=in_flight, error=error, held=held))[1]
     assert pool.try_acquire("a") and pool.try_acquire("b")
     with pool.connection(), pool.connection():
         time.sleep(0.02)
     app.permits().sample("pg", 9.0, 2, None)          # what the admission step sends: ignored
-    assert seen == [(True, 2, "NoneType"), (True, 1, "NoneType")], seen
+    # in flight: the connections out; held: the permits (for the app-limited guard)
+    assert seen == [(True, 2, "NoneType", 2), (True, 1, "NoneType", 2)], seen
     pool.release("a")
     pool.release("b")
     refused = ConnectionRefusedError("too many clients")
@@ -343,4 +344,4 @@ def test_an_adaptive_limit_learns_from_the_connections_not_the_holders():
     with pytest.raises(ConnectionRefusedError):
         with pool.connection():
             pass
-    assert seen[-1] == (False, 1, "ConnectionRefusedError")
+    assert seen[-1] == (False, 1, "ConnectionRefusedError", 1)
