@@ -214,14 +214,16 @@ def main():
           f"{opts.base} s a call, {'never refusing' if opts.no_refuse else 'refusing beyond capacity queued'}; [resource:svc] adaptive, limit 200; one worker -c {opts.c}")
     rb.print_table(["t s", "capacity", "limit", "in service", "waiting", "calls/s", "refused"], rows)
 
-    tail = [limit for when, limit, _ in trace if when >= t0 + opts.seconds * 0.75]
+    tail = [limit for when, limit, _ in trace if t0 + opts.seconds * 0.75 <= when < t0 + opts.seconds]
     final = sorted(tail)[len(tail) // 2] if tail else None
     settled = None
     if final:
         # a periodic no-load probe (the limit at probe_concurrency for a
         # moment, by design: docs/resources.md) is not a failure to settle
-        outside = [when for when, limit, _ in trace if when >= halved and abs(limit - final) > 0.25 * final
-                   and when not in PROBING]
+        # (and only until the run's end: the samples of tasks still ending while
+        # the run stops, the service stopping first, are not the run's)
+        outside = [when for when, limit, _ in trace if halved <= when < t0 + opts.seconds
+                   and abs(limit - final) > 0.25 * final and when not in PROBING]
         settled = (max(outside) - halved) if outside else 0.0
     head = [limit for when, limit, _ in trace if t0 + opts.warmup <= when < halved]
     before_final = sorted(head)[len(head) // 2] if head else None
