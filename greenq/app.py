@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .backends.base import ResultBackend
     from .brokers.base import Broker
     from .drivers.base import Driver
+    from .resources.connections import ResourcePool
     from .resources.registry import Resources
 
     _P = ParamSpec("_P")       # a task function's parameters (app.task)
@@ -119,6 +120,7 @@ class GreenQ:
         self._codec: Optional[Codec] = None
         self._builder: Optional[MessageBuilder] = None
         self._resources: Optional["Resources"] = None
+        self._resource_pools: Dict[str, "ResourcePool[Any]"] = {}
 
     @classmethod
     def from_config(cls, path: Optional[str] = None, name: Optional[str] = None, **settings: Any) -> "GreenQ":
@@ -207,12 +209,44 @@ class GreenQ:
             with self._lock:
                 if self._resources is None:
                     from .resources.registry import Resources
-                    self._resources = Resources(self.config, app_key=self.config.key_prefix, driver=self.driver)
+                    resources = Resources(self.config, app_key=self.config.key_prefix, driver=self.driver)
+                    for pool in self._resource_pools.values():
+                        pool.bind(resources)
+                    self._resources = resources
         return self._resources
 
     def set_permits(self, resources: Optional["Resources"]) -> None:
         """Used by the worker: ``app.resource`` takes its permits from ``resources``."""
+        for pool in self._resource_pools.values():
+            if resources is None:
+                pool.unbind()
+            else:
+                pool.bind(resources)
         self._resources = resources
+
+    def resource_pool(self, name: str, open: Callable[[], Any], close: Optional[Callable[[Any], None]] = None,
+                      *, idle_seconds: Optional[float] = None,
+                      max_age: Optional[float] = None) -> "ResourcePool[Any]":
+        """Connections to resource ``name`` that keep their permit while open
+        (greenq/resources/connections.py; docs/resources.md, recipe "A
+        database pool sized from its permit"): ``with pool.connection() as
+        conn:`` in a task holding a permit of ``name``; connections open in
+        the fleet never exceed the resource's limit."""
+        from .resources import connections
+        if name in self._resource_pools:
+            raise ValueError(f"resource_pool {name!r} exists already: share the one app.resource_pool returned")
+        pool: "ResourcePool[Any]" = connections.ResourcePool(
+            name, open, close,
+            idle_seconds=connections.IDLE_SECONDS if idle_seconds is None else idle_seconds,
+            max_age=connections.MAX_AGE if max_age is None else max_age)
+        settings = self.config.resource_settings()
+        if name not in settings:               # a resource with no section: ConfigError now
+            from .resources.registry import unknown
+            raise unknown(name, settings)
+        self._resource_pools[name] = pool
+        if self._resources is not None:
+            pool.bind(self._resources)
+        return pool
 
     # -- connections (one set per process) -----------------------------------
     def set_driver(self, driver: Any) -> None:

@@ -51,6 +51,7 @@ import importlib
 import math
 import statistics
 import time
+from collections import Counter
 from typing import Callable, List, Optional, Sequence, Tuple, Type
 
 from greenq.exceptions import ConfigError
@@ -62,6 +63,9 @@ DEFAULT_INITIAL = 10
 #: a window whose median latency is below this fraction of rtt_noload starts a probe
 #: (10 % below: less is the noise between two medians, not a faster downstream)
 FASTER = 0.9
+#: such a probe comes at most once per this fraction of probe_interval (10 s of 60 s);
+#: a faster window in between becomes the no-load latency itself
+FASTER_PROBE_GAP = 1.0 / 6.0
 
 
 class AdaptiveLimit:
@@ -86,14 +90,15 @@ class AdaptiveLimit:
                  window_samples: int = 10,
                  probe_interval: float = 60.0,
                  probe_concurrency: int = 3,
-                 probe_samples: int = 10) -> None:
+                 probe_samples: int = 10,
+                 quantile: float = 0.1) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ConfigError(f"adaptive limit: need 1 <= min_limit <= limit, got "
                               f"min_limit = {min_limit}, limit = {max_limit}")
         if not 0.0 < alpha < beta:
             raise ConfigError(f"adaptive limit: need 0 < alpha < beta, got {alpha}, {beta}")
         for name, value in (("drain", drain), ("error_backoff", error_backoff),
-                            ("utilization", utilization)):
+                            ("utilization", utilization), ("quantile", quantile)):
             if not 0.0 < value <= 1.0:
                 raise ConfigError(f"adaptive limit: {name} must be in (0, 1], got {value}")
         for name, number in (("window_samples", window_samples),
@@ -116,6 +121,12 @@ class AdaptiveLimit:
         self.probe_interval = probe_interval
         self.probe_concurrency = probe_concurrency
         self.probe_samples = probe_samples
+        self.quantile = quantile
+        #: how many windows ended in each decision (grow, drain, hold, unused: an
+        #: unused limit does not grow, faster: a probe), and errors that cut, probes
+        self.decisions: Counter[str] = Counter()
+        #: the last window decided: (its latency, its median in_flight, the queue read from them)
+        self.last_window: Tuple[float, float, float] = (0.0, 0.0, 0.0)
 
         start = DEFAULT_INITIAL if initial_limit is None else initial_limit
         #: the estimate, a float so that steps smaller than 1 add up
@@ -126,7 +137,7 @@ class AdaptiveLimit:
         # the window: successful samples of tasks that started after _window_start
         # (a task started at the very moment of a change ran beside the old limit)
         self._window_start = now
-        self._window: List[Tuple[float, int]] = []
+        self._window: List[Tuple[float, int, int]] = []   # (latency, in_flight, held)
         # once per window: an error cuts only if its task started after the last cut
         self._cut_at = -math.inf
         # the limit at the last cut for errors: growth slows to 1 a window near it
@@ -135,6 +146,7 @@ class AdaptiveLimit:
         self._probe_start: Optional[float] = now
         self._probe: List[float] = []
         self._next_probe = self._probe_due(now)
+        self._probe_end = -math.inf     # when the last probe ended
 
     # -- reading ---------------------------------------------------------------------
 
@@ -154,18 +166,22 @@ class AdaptiveLimit:
     # -- the one input ---------------------------------------------------------------
 
     def on_sample(self, latency: float, *, in_flight: int,
-                  error: Optional[BaseException] = None) -> int:
+                  error: Optional[BaseException] = None, held: Optional[int] = None) -> int:
         """A holder ended: ``latency`` seconds held, ``in_flight`` permits held
-        when it started (itself included), ``error`` what it raised.  Returns
-        the limit in force afterwards."""
+        when it started (itself included), ``error`` what it raised.  ``held``:
+        the permits held, when they are more than ``in_flight`` (a resource
+        pool's samples are connections out; its parked permits and holders
+        between two queries use the limit too: the app-limited guard counts
+        them).  Returns the limit in force afterwards."""
         try:
-            self._sample(float(latency), int(in_flight), error)
+            self._sample(float(latency), int(in_flight), error,
+                         int(in_flight) if held is None else max(int(held), int(in_flight)))
         except (ArithmeticError, ValueError, TypeError, OverflowError):
             pass        # a sample it cannot read changes nothing; the limit stays valid
         return self.limit
 
     def _sample(self, latency: float, in_flight: int,
-                error: Optional[BaseException]) -> None:
+                error: Optional[BaseException], held: int) -> None:
         now = float(self.clock())
         if not (math.isfinite(latency) and math.isfinite(now)) or latency < 0.0:
             return
@@ -174,6 +190,7 @@ class AdaptiveLimit:
         if error is not None:
             if isinstance(error, self.errors) and started > self._cut_at:
                 self._error_ceiling = self._estimate
+                self.decisions["error"] += 1
                 self._estimate = self._clamp(self._estimate * self.error_backoff)
                 self._cut_at = now
                 self._restart_window(now)
@@ -186,32 +203,49 @@ class AdaptiveLimit:
             return
         if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
-        self._window.append((latency, in_flight))
+        self._window.append((latency, in_flight, held))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
             self._decide(now)
 
     # -- the estimator ---------------------------------------------------------------
 
     def _decide(self, now: float) -> None:
-        rtt = statistics.median(latency for latency, _ in self._window)
-        used = max(in_flight for _, in_flight in self._window)
-        in_flight = statistics.median(n for _, n in self._window)
+        rtt = self._low([latency for latency, _, _ in self._window])
+        used = max(held for _, _, held in self._window)
+        in_flight = statistics.median(n for _, n, _ in self._window)
         noload = self.rtt_noload
         assert noload is not None       # a window opens only once a probe has ended
         if rtt < noload * FASTER:
-            # the downstream got faster for good: measure its no-load latency now
-            # (this window's median includes a queue, so it cannot serve as one)
-            self._begin_probe(now)
+            # the downstream got faster: measure its no-load latency now (this
+            # window includes a queue, so it cannot serve as one), unless a probe
+            # ended less than FASTER_PROBE_GAP x probe_interval ago: then take
+            # this window's latency as the no-load one until the next probe (an
+            # upper bound of it, TCP Vegas's BaseRTT), so that noise faster than
+            # the last probe does not drop the limit to the probe's level again
+            # and again (seen: 46 probes in 190 s at 5 ms, under a loaded CPU);
+            # the probe comes when the gap is over, so a real change is measured
+            self.decisions["faster"] += 1
+            if now - self._probe_end >= FASTER_PROBE_GAP * self.probe_interval:
+                self._begin_probe(now)
+                return
+            self.rtt_noload = rtt
+            self._next_probe = min(self._next_probe,
+                                   self._probe_end + FASTER_PROBE_GAP * self.probe_interval)
+            self._restart_window(now)
             return
         capacity = in_flight * noload / rtt if rtt > 0.0 else float(in_flight)
         queue = in_flight - capacity
+        self.last_window = (rtt, float(in_flight), queue)
         scale = self._log_scale()
         alpha, beta = self.alpha * scale, self.beta * scale
         if queue > beta:
             target = capacity + beta
+            self.decisions["drain"] += 1
             if self._estimate > target:
                 self._estimate = self._clamp(self._estimate - self.drain * (self._estimate - target))
-        elif queue < alpha and used >= self.utilization * int(self._estimate):
+        elif queue < alpha and used < self.utilization * int(self._estimate):
+            self.decisions["unused"] += 1
+        elif queue < alpha:
             # healthy and used: grow by alpha, the band's width, so one step never
             # jumps from "too few queued" past "too many"; by 1 near the limit at
             # which listed errors came last (a ceiling latency did not show)
@@ -221,8 +255,20 @@ class AdaptiveLimit:
                     self._error_ceiling = None      # passed it without an error: forget it
                 elif self._estimate + alpha > self._error_ceiling:
                     step = 1.0
+            self.decisions["grow"] += 1
             self._estimate = self._clamp(self._estimate + step)
+        else:
+            self.decisions["hold"] += 1
         self._restart_window(now)
+
+    def _low(self, latencies: List[float]) -> float:
+        """The ``quantile`` of ``latencies`` (nearest rank): a queue in the
+        downstream delays every task, so it moves the low latencies as much as
+        the median; what delays some tasks only (the worker's own CPU, a green
+        thread scheduled late, a slow connect) moves the median, not them."""
+        ordered = sorted(latencies)
+        rank = max(1, math.ceil(self.quantile * len(ordered)))
+        return ordered[min(rank, len(ordered)) - 1]
 
     def _log_scale(self) -> float:
         """alpha and beta grow with log10(limit) (as in Netflix's Vegas): a larger
@@ -253,8 +299,9 @@ class AdaptiveLimit:
             return      # it ran beside the tasks of the full limit: not a no-load latency
         self._probe.append(latency)
         if len(self._probe) >= self.probe_samples:
-            self.rtt_noload = statistics.median(self._probe)
+            self.rtt_noload = self._low(self._probe)
             self._probe_start = None
+            self._probe_end = now
             self._probe = []
             self._next_probe = self._probe_due(now)
             self._restart_window(now)

@@ -42,6 +42,9 @@ class PermitPool:
     def __init__(self, name: str, limit: int, *, app_key: str, config: "Config", driver: Any = None) -> None:
         self.name = name
         self.limit = limit
+        #: the places every process of the scope shares (host, cluster); ``limit``
+        #: is this process's bound, equal to it unless ``set_share`` lowered it
+        self.shared_limit = limit
         self.app_key = app_key
         self.config = config
         self.driver = driver
@@ -49,7 +52,12 @@ class PermitPool:
     def set_limit(self, limit: int) -> None:
         """The limit in force (an adaptive limit moves it); held permits above it are not taken back,
         new ones are refused until the count falls below it."""
-        self.limit = max(1, int(limit))
+        self.limit = self.shared_limit = max(1, int(limit))
+
+    def set_share(self, limit: int) -> None:
+        """This process's bound only (an adaptive limit: each process adapts its
+        share), the places shared with the other processes staying ``shared_limit``."""
+        self.limit = max(1, min(int(limit), self.shared_limit))
 
     def try_acquire(self, holder: str) -> bool:
         """Take one permit for ``holder`` (unique per permit); False: none free."""

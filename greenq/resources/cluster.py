@@ -88,7 +88,8 @@ class ClusterPool(PermitPool):
                 return False                  # this pool alone fills the limit: no need to ask
         asked = time.monotonic()
         try:
-            granted = self.coordination.acquire(self.lease, self._place_holder(holder), self.limit, self.ttl)
+            granted = self.coordination.acquire(self.lease, self._place_holder(holder), self.shared_limit,
+                                                self.ttl)
         except Exception as exc:
             self._failed("acquire", exc)
             return False

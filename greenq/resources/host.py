@@ -206,8 +206,10 @@ class HostPool(PermitPool):
         with self._lock:
             if holder in self._held:
                 return True
+            if len(self._held) >= self.limit:
+                return False                  # this process's share (an adaptive limit) is full
             mine = {index for index, _ in self._held.values()}
-            for index in range(self.limit):
+            for index in range(self.shared_limit):
                 if index in mine:
                     continue
                 fd = self._take(index)

@@ -90,22 +90,28 @@ class Resources:
                 if settings.adaptive:
                     adaptive = AdaptiveLimit(settings.min_limit, settings.limit,
                                              errors=resolve_errors(settings.errors))
-                    pool.set_limit(adaptive.limit)
+                    pool.set_share(adaptive.limit)    # host, cluster: the lease stays `limit`
                     self.adaptive[name] = adaptive
                 self.pools[name] = pool
         return pool
 
-    def sample(self, name: str, latency: float, in_flight: int, error: Optional[BaseException]) -> None:
+    def sample(self, name: str, latency: float, in_flight: int, error: Optional[BaseException],
+               *, connection: bool = False, held: Optional[int] = None) -> None:
         """A holder of a permit of ``name`` ended after ``latency`` seconds
         (with ``error`` when it raised), ``in_flight`` permits held when it
-        did: an adaptive resource moves its limit in force; others ignore it."""
+        did: an adaptive resource moves its limit in force; others ignore it.
+        A resource whose pool times its connections itself (``app.resource_pool``:
+        ``connection=True``, the time a connection was out) ignores the holders'."""
         adaptive = self.adaptive.get(name)
         if adaptive is None:
             return
+        if connection != getattr(self.pools.get(name), "times_connections", False):
+            return
         before = adaptive.limit
-        after = adaptive.on_sample(latency, in_flight=in_flight, error=error)
+        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held)
         if after != before:
-            self.set_limit(name, after)
+            self.pool(name).set_share(after)
+            self.freed(name)
 
     def check(self, names: Any) -> None:
         """ConfigError for the first of ``names`` that has no section."""

@@ -3,6 +3,7 @@
 ``$RESBENCH_PREFIX:rec`` (see resbench.py); the connection to PostgreSQL is
 pg8000, pure Python, so cooperative under a gevent-patched worker.
 """
+import contextlib
 import os
 import threading
 import time
@@ -80,26 +81,45 @@ class Pool:
             self.slots.release()
 
 
+    @contextlib.contextmanager
+    def connection(self):
+        conn = self.get()
+        try:
+            yield conn
+        except BaseException:
+            self.put(conn, broken=True)
+            raise
+        self.put(conn)
+
+
 _pool = None
+_pool_lock = threading.Lock()
+#: kind -> a function making the process's pool (res_greenq_tasks adds "permit":
+#: app.resource_pool, connections that keep their permit while open)
+POOLS = {}
+
+
+def _make_pool():
+    kind, _, size = (os.environ.get("RESBENCH_POOL") or "idle:2").partition(":")
+    if kind in POOLS:
+        return POOLS[kind]()
+    return Pool(int(size), kind == "blocking")
 
 
 def pg_query(i, enq, sleep):
     """One `SELECT pg_sleep(sleep)` on a connection from the process's pool:
-    $RESBENCH_POOL = ``blocking:N`` or ``idle:N`` (see Pool)."""
+    $RESBENCH_POOL = ``blocking:N``, ``idle:N`` (see Pool) or ``permit``
+    (greenq's app.resource_pool)."""
     global _pool
     start = time.time()
     err = ""
     try:
         if _pool is None:
-            kind, _, size = (os.environ.get("RESBENCH_POOL") or "idle:2").partition(":")
-            _pool = Pool(int(size), kind == "blocking")
-        conn = _pool.get()
-        try:
+            with _pool_lock:
+                if _pool is None:
+                    _pool = _make_pool()
+        with _pool.connection() as conn:
             conn.run(f"SELECT pg_sleep({float(sleep)})")
-        except BaseException:
-            _pool.put(conn, broken=True)
-            raise
-        _pool.put(conn)
     except Exception as exc:
         err = classify(exc)
         raise
@@ -152,4 +172,6 @@ def call_service(i, enq, app=None, name="svc"):
         if app is not None:
             permits = app.permits()
             pool = permits.pool(name)
-            _client().rpush(f"{PREFIX}:trace", f"{end:.3f} {pool.limit} {pool.in_use()}")
+            adaptive = permits.adaptive.get(name)
+            probing = int(adaptive is not None and adaptive.probing)
+            _client().rpush(f"{PREFIX}:trace", f"{end:.3f} {pool.limit} {pool.in_use()} {probing}")

@@ -143,20 +143,60 @@ def greenq_ini(folder: Path, prefix: str, lease_seconds: int = 30, resources: st
 
 
 class ConnSampler(threading.Thread):
-    """The server's client connections, counted from its own processes: the
-    postmaster's children whose title names a client (`postgres: USER DB
-    127.0.0.1(PORT) ...`); no connection of its own, so it takes no slot.
-    Keeps the maximum, and with trace=True every (time, count) sample."""
+    """The server's client connections, counted two ways, neither with a
+    connection of its own (so it takes no slot):
+
+    * ``count()``: the server's processes: the postmaster's children whose
+      title names a client (`postgres: USER DB 127.0.0.1(PORT) ...`).  A
+      backend whose client has gone (closed, or killed: the kernel closed its
+      socket) is still a process for the moment it takes to exit.
+    * ``established()``: TCP sockets in state ESTABLISHED (/proc/net/tcp),
+      on the server's side (until its backend closes its socket) and on the
+      clients' side (until the client closes: the connections clients hold
+      open, what the permits bound).
+
+    Keeps the maximum of each (``max``, ``max_established``, ``max_client``),
+    and with trace=True every (time, count) sample in ``samples``,
+    ``samples_established`` and ``samples_client``."""
 
     def __init__(self, pg, interval=0.02, trace=False):
         super().__init__(daemon=True)
         import psutil
         pid = int((pg.data / "postmaster.pid").read_text().split()[0])
         self.master = psutil.Process(pid)
+        self.port_hex = f":{pg.port:04X}"
         self.interval = interval
         self.max = 0
+        self.max_established = 0
+        self.max_client = 0
         self.samples = [] if trace else None
+        self.samples_established = [] if trace else None
+        self.samples_client = [] if trace else None
         self.halt = threading.Event()
+
+    def established(self):
+        """(server's side, clients' side): ESTABLISHED sockets whose local
+        port is the server's, and those whose remote port is (the clients run
+        on this machine; a client's close() moves its side out of ESTABLISHED
+        at once, before the server's backend has seen it).  Each counted once
+        per connection (its client port): /proc/net/tcp is read in pieces, and
+        a socket can be listed twice in one read."""
+        server, client = set(), set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                with open(table) as f:
+                    next(f)
+                    for line in f:
+                        fields = line.split(None, 4)
+                        if fields[3] != "01":
+                            continue
+                        if fields[1].endswith(self.port_hex):
+                            server.add(fields[2])
+                        elif fields[2].endswith(self.port_hex):
+                            client.add(fields[1])
+            except OSError:
+                pass
+        return len(server), len(client)
 
     def count(self):
         n = 0
@@ -171,9 +211,15 @@ class ConnSampler(threading.Thread):
     def run(self):
         while not self.halt.is_set():
             n = self.count()
+            e, c = self.established()
+            now = time.time()
             self.max = max(self.max, n)
+            self.max_established = max(self.max_established, e)
+            self.max_client = max(self.max_client, c)
             if self.samples is not None:
-                self.samples.append((time.time(), n))
+                self.samples.append((now, n))
+                self.samples_established.append((now, e))
+                self.samples_client.append((now, c))
             time.sleep(self.interval)
 
 

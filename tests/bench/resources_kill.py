@@ -23,9 +23,14 @@ Reported: t0 to the first task started by B, t0 to the server back at
 every 10 ms from its processes, from before A started to the end), and the
 connection count around t0, and from the tasks' own records the most
 bodies that overlapped (a body holds its connection, inside its permit).
-The server's count can exceed the permits for a moment: a backend whose
-client closed is still a process while it exits, and the permit has already
-gone to the next task.  Redis db 10 (flushed).
+The server's count of processes can exceed the permits for a moment: a
+backend whose client closed is still a process while it exits, and the
+permit has already gone to the next task.  So each sample also counts the
+ESTABLISHED TCP sockets of the server's port, on the server's side and on
+the clients' side (the clients run here; a client's close() takes its side
+out of ESTABLISHED at once: the connections the clients hold open, which the
+permits bound), and the samples above the limit in processes but not in
+the server's open sockets are counted apart (a backend still exiting).  Redis db 10 (flushed).
 """
 from __future__ import annotations
 
@@ -111,12 +116,21 @@ def run(opts, pg):
         overlap += step
         most = max(most, overlap)
     over = sum(1 for _, n in sampler.samples if n > opts.limit)
+    over_est = sum(1 for _, n in sampler.samples_established if n > opts.limit)
+    over_client = sum(1 for _, n in sampler.samples_client if n > opts.limit)
+    # a sample above the limit in processes but not in open connections: a
+    # backend still exiting after its client closed (and its permit moved on)
+    exiting = sum(1 for (_, n), (_, e) in zip(sampler.samples, sampler.samples_established)
+                  if n > opts.limit >= e)
     return {"max_bodies_overlapping": most, "samples_over_limit": over, "limit": opts.limit, "lease_seconds": opts.lease, "records": len(recs), "complete": done,
             "errors": sum(1 for r in recs if r[4]), "conns_at_kill": before,
             "conns_low_after_kill": low, "tasks_started_before_kill": ran_before,
             "first_start_after_kill_s": round(first - t0, 2) if first else None,
             "back_at_limit_after_s": round(back, 2) if back is not None else None,
             "max_server_conns": sampler.max, "samples": len(sampler.samples),
+            "max_established": sampler.max_established, "samples_over_limit_established": over_est,
+            "samples_over_only_exiting": exiting, "max_client": sampler.max_client,
+            "samples_over_limit_client": over_client,
             "log": None if done else str(folder)}
 
 
@@ -149,7 +163,12 @@ def main():
         ["kill -> server back at the limit (s)", out["back_at_limit_after_s"]],
         ["most server connections, whole run", f"{out['max_server_conns']} (limit {opts.limit}, "
                                                f"{out['samples']} samples)"],
-        ["samples above the limit", out["samples_over_limit"]],
+        ["samples above the limit (processes)", out["samples_over_limit"]],
+        ["  of them: only a backend still exiting", out["samples_over_only_exiting"]],
+        ["most ESTABLISHED, server's side", out["max_established"]],
+        ["samples above the limit (server's side)", out["samples_over_limit_established"]],
+        ["most ESTABLISHED, clients' side", out["max_client"]],
+        ["samples above the limit (clients' side)", out["samples_over_limit_client"]],
         ["most task bodies overlapping (records)", out["max_bodies_overlapping"]],
         ["tasks done / failed", f"{out['records']} / {out['errors']}"],
     ])

@@ -14,18 +14,26 @@ Configurations (--configs, comma-separated, in this order by default):
   limit45     the same with [resource:pg] limit = 45, scope = cluster
   adaptive    the same with adaptive = true, limit = 200, scope = cluster,
               errors = pg8000.exceptions.DatabaseError ("too many clients")
+  limitN      (not by default) a fixed cluster limit of N (limit20, limit30...)
   host45      (not by default) limit = 45, scope = host: the same limit
               without the broker (flock files), to tell the cluster pool's
               cost from the rest
-Connections: Celery's tasks take one from the blocking pool; greenq's take an
-idle one or open one, and at most --idle (2) per process stay idle (so with
-permits the server sees at most 45 + 2 x 2).  Failed tasks are not retried.
+Connections: Celery's tasks take one from the blocking pool.  greenq with
+permits (limit45, adaptive, host45) uses app.resource_pool("pg"): each open
+connection keeps a permit, so connections stay open between tasks and the
+server never sees more than the limit (greenq/resources/connections.py);
+--greenq-pool idle keeps the former pool instead (take an idle connection
+or open one, at most --idle per process kept idle: up to limit + 2 x --idle
+connections).  greenq without permits (none) always uses that idle pool.
+Failed tasks are not retried.
 
 Per configuration: tasks recorded, "too many clients" errors, failed tasks,
 throughput (tasks / (last end - first start)), p50/p99 of the task body's
 time (Celery's includes waiting for a pooled connection; greenq's permit wait
 comes before the body), p99 from enqueue to end, and the most client
-connections the server had (its backend processes, sampled every 20 ms).
+connections the server had, sampled every 20 ms: "max server conns" counts
+its backend processes (one still exiting after its client closed counts),
+"max open conns" the clients' ESTABLISHED sockets to it (resbench.ConnSampler).
 The queue is filled before the workers start.  Redis db 10, flushed.
 """
 from __future__ import annotations
@@ -88,7 +96,9 @@ def run(config, opts, pg):
     else:
         rb.greenq_ini(folder, prefix, resources=RESOURCES[config] + "[resource:slow]\nlimit = 1\n")
         env["RESBENCH_PERMITS"] = "0" if config == "none" else "1"
-        env["RESBENCH_POOL"] = f"idle:{opts.idle}"
+        env["RESBENCH_TRACE"] = "1" if opts.trace else "0"
+        env["RESBENCH_POOL"] = ("permit" if config != "none" and opts.greenq_pool == "permit"
+                                else f"idle:{opts.idle}")
         enqueue_greenq(folder, opts.n, opts.sleep)
         procs = [rb.spawn([sys.executable, "-m", "greenq.worker", "-A", "res_greenq_tasks", "-P", "gevent",
                            "-c", str(opts.c), "--processes", "2", "--loglevel", "WARNING"],
@@ -103,6 +113,12 @@ def run(config, opts, pg):
         sampler.halt.set()
         rb.stop(procs)
     recs = rb.read_records(client, prefix)
+    if opts.trace and config != "celery":
+        trace_path = Path(opts.trace) / f"trace-{config}.txt"
+        trace_path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [raw.decode() for raw in client.lrange(f"{prefix}:trace", 0, -1)]
+        trace_path.write_text("time pid limit in_use parked estimate rtt_noload_ms probing\n"
+                              + "\n".join(rows) + "\n")
     client.flushdb()
     log.close()
     if not complete:
@@ -120,7 +136,8 @@ def run(config, opts, pg):
             "body_p50_ms": round(rb.percentile(body, 50) * 1000, 1),
             "body_p99_ms": round(rb.percentile(body, 99) * 1000, 1),
             "sojourn_p99_s": round(rb.percentile(sojourn, 99), 2),
-            "max_server_conns": sampler.max, "wall_s": round(wall, 1),
+            "max_server_conns": sampler.max, "max_established": sampler.max_client,
+            "wall_s": round(wall, 1),
             "log": None if complete else str(folder)}
 
 
@@ -131,12 +148,20 @@ def main():
     p.add_argument("-c", type=int, default=500, help="concurrency of each worker process")
     p.add_argument("--pool", type=int, default=25, help="Celery's connections per process")
     p.add_argument("--idle", type=int, default=2, help="greenq's idle connections kept per process")
+    p.add_argument("--greenq-pool", choices=("permit", "idle"), default="permit",
+                   help="greenq's connections under permits: app.resource_pool, or the idle pool")
+    p.add_argument("--trace", metavar="FOLDER", default="",
+                   help="write FOLDER/trace-CONFIG.txt: every 10th greenq task's limit in force, permits in "
+                        "use and parked, and the adaptive estimate, no-load latency and probing flag")
     p.add_argument("--sleep", type=float, default=0.005, help="pg_sleep seconds")
     p.add_argument("--max-connections", type=int, default=50)
     p.add_argument("--timeout", type=float, default=600, help="seconds per configuration")
     opts = p.parse_args()
     configs = [c.strip() for c in opts.configs.split(",") if c.strip()]
     for c in configs:
+        if c.startswith("limit") and c[5:].isdigit():   # limitN: a fixed cluster limit of N
+            RESOURCES.setdefault(c, f"[resource:pg]\nlimit = {int(c[5:])}\nscope = cluster\n")
+            continue
         if c not in CONFIGS:
             p.error(f"unknown configuration {c!r}; expected {', '.join(CONFIGS)}")
     if "celery" in configs:
@@ -160,9 +185,9 @@ def main():
     print(f"\n{opts.n} tasks x SELECT pg_sleep({opts.sleep}), 2 processes x -c {opts.c}, "
           f"max_connections = {opts.max_connections}, load average {os.getloadavg()[0]:.1f}")
     rb.print_table(["config", "tasks", "too many clients", "failed", "tasks/s", "body p50 ms",
-                    "body p99 ms", "enqueue->end p99 s", "max server conns"],
+                    "body p99 ms", "enqueue->end p99 s", "max server conns", "max open conns"],
                    [[r["config"], r["tasks"], r["too_many_clients"], r["failed"], r["tasks_per_s"],
-                     r["body_p50_ms"], r["body_p99_ms"], r["sojourn_p99_s"], r["max_server_conns"]]
+                     r["body_p50_ms"], r["body_p99_ms"], r["sojourn_p99_s"], r["max_server_conns"], r["max_established"]]
                     for r in rows])
 
 

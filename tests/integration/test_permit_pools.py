@@ -167,6 +167,26 @@ def test_lowering_the_limit_hands_out_nothing_until_enough_are_back(apps):
     assert pool.try_acquire("e") is True
 
 
+def test_a_share_bounds_one_process_and_the_sum_stays_within_the_shared_limit(apps):
+    """An adaptive limit moves each process's share (``set_share``), not the
+    places they share: two processes with shares of 2 hold 4 of a limit of 5
+    together (a lowered shared limit would cap them at 2 together), and
+    shares that add up to more than the limit still never exceed it."""
+    pool, other = apps.pool(5), apps.pool(5)
+    pool.set_share(2)
+    other.set_share(2)
+    assert (pool.limit, pool.shared_limit) == (2, 5)
+    assert pool.try_acquire("a") and pool.try_acquire("b") and not pool.try_acquire("c")
+    assert other.try_acquire("a") and other.try_acquire("b") and not other.try_acquire("c")
+    other.set_share(4)
+    assert other.try_acquire("c")                           # the 5th place
+    assert not other.try_acquire("d"), "over the shared limit"
+    pool.release("a")
+    assert other.try_acquire("d") and pool.in_use() + other.in_use() == 5
+    pool.set_share(9)
+    assert pool.limit == 5, "a share never exceeds the shared limit"
+
+
 def test_two_apps_never_share_permits(apps):
     """Property: whatever the two apps (different app_key / key_prefix) take
     and give back, through two pools each, each app's answers are those of
