@@ -93,12 +93,15 @@ class Runners:
         self._prerun = hooks.live("task_prerun")
         self._success = hooks.live("task_success")
         self._postrun = hooks.live("task_postrun")
+        # bound once, shared by every runner (a bound method made per runner is 48 B each)
+        self._get, self._sleep = runq.get, driver.sleep
 
     def start(self, count: int) -> None:
+        spawn, loop = self.driver.spawn, self._loop
         for _ in range(count):
             runner = Runner()
             self.all.append(runner)
-            runner.handle = self.driver.spawn(self._loop, runner)
+            runner.handle = spawn(loop, runner)
 
     def stop(self) -> None:
         for _ in self.all:
@@ -120,8 +123,8 @@ class Runners:
         delivers it before resuming us) or in ``get``, and is ignored there."""
         runner.frame = sys._getframe()
         self._by_frame[id(runner.frame)] = runner
-        sleep = self.driver.sleep
-        get, stopping, revoked, finish, take = self.runq.get, self.stopping, self.revoked, self.finish, self.take
+        sleep, get = self._sleep, self._get
+        stopping, revoked, finish, take = self.stopping, self.revoked, self.finish, self.take
         try:
             while True:
                 try:
