@@ -13,6 +13,8 @@ from .base import Driver, Handle, no_timeout
 
 
 class GreenletHandle(Handle):
+    __slots__ = ("glet",)
+
     def __init__(self, glet: "gevent.Greenlet") -> None:
         self.glet = glet
 
