@@ -27,7 +27,12 @@ if TYPE_CHECKING:  # pragma: no cover
 TASK_DEFAULTS: Dict[str, Any] = {**{key: setting.default for key, setting in TASK_SETTINGS.items()},
                                  **CODE_ONLY_TASK_OPTIONS}
 
-_context: Any = None  # made on first use, after the worker patched threading: greenlet-local
+#: the request of each greenlet or thread running a task, keyed by ``_current()``: its greenlet
+#: (greenlet.getcurrent: a thread's main greenlet outside any pool), or its thread's ident when
+#: greenlet is not installed.  An entry lives only while its task runs (``set_request(None)``
+#: removes it): an idle runner holds none (a greenlet-local kept a dict in each, 0.6 KB a runner)
+_requests: Dict[Any, "Request"] = {}
+_current: Any = None  # chosen on first use
 
 
 class Request:
@@ -59,15 +64,28 @@ class Request:
         return f"<Request {self.task}[{self.id}] retries={self.retries}>"
 
 
+def _who() -> Callable[[], Any]:
+    global _current
+    try:
+        from greenlet import getcurrent
+        _current = getcurrent
+    except ImportError:          # no greenlet: threads (and solo) only
+        _current = threading.get_ident
+    return _current
+
+
 def current_request() -> Optional[Request]:
-    return getattr(_context, "request", None)
+    if not _requests:
+        return None
+    return _requests.get((_current or _who())())
 
 
 def set_request(request: Optional[Request]) -> None:
-    global _context
-    if _context is None:
-        _context = threading.local()
-    _context.request = request
+    key = (_current or _who())()
+    if request is None:
+        _requests.pop(key, None)
+    else:
+        _requests[key] = request
 
 
 class Task(Generic[P, R]):

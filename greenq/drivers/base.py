@@ -42,6 +42,7 @@ class Lock(Protocol):
 
 class Handle:
     """A running unit of work (greenlet or thread) returned by ``Driver.spawn``."""
+    __slots__ = ()      # a driver's handle may have slots (one per runner: no dict each)
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """Wait until it finished; True if it did within ``timeout``."""

@@ -13,6 +13,8 @@ from .base import Driver, Handle, no_timeout
 
 
 class GreenletHandle(Handle):
+    __slots__ = ("glet",)
+
     def __init__(self, glet: "gevent.Greenlet") -> None:
         self.glet = glet
 
@@ -26,6 +28,17 @@ class GreenletHandle(Handle):
 
     def kill(self, exc: Type[BaseException]) -> None:
         self.glet.kill(exc, block=False)
+
+
+class Greenlet(gevent.Greenlet):
+    """greenq's own greenlets (runners, control loops): gevent's spawn tree
+    (``spawning_greenlet``, ``spawn_tree_locals``) is kept, but not the
+    ``spawning_stack``, ten frames of the worker's start-up that nothing
+    reads, recorded per greenlet (1.3 KB a runner: docs/performance.md).
+    The greenlets a task spawns are gevent's own and keep theirs.  Named as
+    gevent's is, for the same repr."""
+    __slots__ = ()
+    spawning_stack_limit = 0
 
 
 class _Queue(gevent.queue.Queue):
@@ -42,7 +55,7 @@ class GeventDriver(Driver):
                     and gevent.monkey.is_module_patched("threading"))
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Handle:
-        return GreenletHandle(gevent.spawn(fn, *args))
+        return GreenletHandle(Greenlet.spawn(fn, *args))
 
     def sleep(self, seconds: float) -> None:
         gevent.sleep(seconds)

@@ -88,17 +88,20 @@ class Runners:
         self.stopping = stopping
         self.take = take if take is not None else (lambda token: None)
         self.all: List[Runner] = []
-        self._by_frame: Dict[int, Runner] = {}
+        self._by_frame: Dict[FrameType, Runner] = {}
         # live lists: subscribers added later show in them
         self._prerun = hooks.live("task_prerun")
         self._success = hooks.live("task_success")
         self._postrun = hooks.live("task_postrun")
+        # bound once, shared by every runner (a bound method made per runner is 48 B each)
+        self._get, self._sleep = runq.get, driver.sleep
 
     def start(self, count: int) -> None:
+        spawn, enter = self.driver.spawn, self._enter
         for _ in range(count):
             runner = Runner()
             self.all.append(runner)
-            runner.handle = self.driver.spawn(self._loop, runner)
+            runner.handle = spawn(enter, runner)
 
     def stop(self) -> None:
         for _ in self.all:
@@ -107,52 +110,59 @@ class Runners:
     def job_of_frame(self, frame: Optional[FrameType]) -> Optional[Job]:
         """The job whose runner's stack holds ``frame`` (from any OS thread)."""
         while frame is not None:
-            runner = self._by_frame.get(id(frame))
-            if runner is not None and runner.frame is frame:
+            runner = self._by_frame.get(frame)      # frames hash by identity
+            if runner is not None:
                 return runner.job
             frame = frame.f_back
         return None
 
     # -- one runner --------------------------------------------------------------
+    def _enter(self, runner: Runner) -> None:
+        """A runner: its frame is the one ``job_of_frame`` knows it by, a
+        small one (a frame object, made here, is sized by its code's locals:
+        ``_loop``'s would be 0.1 KB more a runner); ``_loop`` below it is
+        called Python to Python, with no C stack of its own."""
+        runner.frame = sys._getframe()
+        self._by_frame[runner.frame] = runner
+        try:
+            self._loop(runner)
+        finally:
+            self._by_frame.pop(runner.frame, None)
+
     def _loop(self, runner: Runner) -> None:
         """Run jobs one after another.  A kill is aimed at one job; one that
         arrives after that job ended lands in the ``sleep(0)`` below (the hub
         delivers it before resuming us) or in ``get``, and is ignored there."""
-        runner.frame = sys._getframe()
-        self._by_frame[id(runner.frame)] = runner
-        sleep = self.driver.sleep
-        get, stopping, revoked, finish, take = self.runq.get, self.stopping, self.revoked, self.finish, self.take
-        try:
-            while True:
-                try:
-                    job: Any = take(False)       # a job the admission grants to a free runner goes first
+        sleep, get = self._sleep, self._get
+        stopping, revoked, finish, take = self.stopping, self.revoked, self.finish, self.take
+        while True:
+            try:
+                job: Any = take(False)       # a job the admission grants to a free runner goes first
+                if job is None:
+                    job = get()
                     if job is None:
-                        job = get()
+                        return
+                    if job is TAKE:
+                        job = take(True)
                         if job is None:
-                            return
-                        if job is TAKE:
-                            job = take(True)
-                            if job is None:
-                                continue
-                    if stopping():               # shutting down: don't start what has not started
-                        finish(job, jobs.REQUEUE)
-                        continue
-                    if job.msg.id in revoked:    # revoked while it waited for a runner
-                        finish(job, jobs.REVOKED, reason="revoked")
-                        continue
-                    job.handle = runner.handle
-                    runner.job = job
-                    self._run(job)
-                    runner.job = None
-                    sleep(0)
-                except KILLS:
-                    runner.job = None
+                            continue
+                if stopping():               # shutting down: don't start what has not started
+                    finish(job, jobs.REQUEUE)
                     continue
-                except Exception:   # never lose the runner: _run has settled the job already
-                    runner.job = None
-                    log.error("runner error (the runner goes on)", exc_info=True)
-        finally:
-            self._by_frame.pop(id(runner.frame), None)
+                if job.msg.id in revoked:    # revoked while it waited for a runner
+                    finish(job, jobs.REVOKED, reason="revoked")
+                    continue
+                job.handle = runner.handle
+                runner.job = job
+                self._run(job)
+                runner.job = None
+                sleep(0)
+            except KILLS:
+                runner.job = None
+                continue
+            except Exception:   # never lose the runner: _run has settled the job already
+                runner.job = None
+                log.error("runner error (the runner goes on)", exc_info=True)
 
     def _run(self, job: Job) -> None:
         task = job.task
