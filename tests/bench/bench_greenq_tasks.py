@@ -3,12 +3,21 @@ client calls the driver makes through them (see bench_client.py).
 
 Configured from the environment the driver sets: ``BENCH_BROKER_URL``,
 ``BENCH_BACKEND_URL`` (empty: greenq derives it from the broker) and, on
-RabbitMQ, ``GREENQ_AMQP_CONFIRM_PUBLISH``, read by greenq itself.
+RabbitMQ, ``GREENQ_AMQP_CONFIRM_PUBLISH``, read by greenq itself;
+``GREENQ_TRACING=true`` (kept from the caller's environment) measures traced
+runs, with the OpenTelemetry SDK recording and exporting nothing.
 """
 import os
 
 import bench_bodies as bodies
 from greenq import GreenQ
+
+if os.environ.get("GREENQ_TRACING", "").lower() in ("1", "true", "yes", "on"):
+    # traced runs (docs/tracing.md): the OpenTelemetry SDK records every span
+    # and exports none, so what is measured is greenq's and the SDK's work
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    trace.set_tracer_provider(TracerProvider())
 
 app = GreenQ("bench", broker=os.environ["BENCH_BROKER_URL"],
              backend=os.environ.get("BENCH_BACKEND_URL") or None)

@@ -177,7 +177,7 @@ def system_env(system: str, broker_url: str, backend_url: str, *, confirm: Optio
                celery_acks: str = "late", results: bool = False) -> Dict[str, str]:
     """Environment of a worker or client process of ``system``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENQ_", "BENCH_"))
-           or k == "GREENQ_SIGNING_KEY"}    # kept: measures signed messages and results
+           or k in ("GREENQ_SIGNING_KEY", "GREENQ_TRACING")}   # kept: measure signed or traced runs
     env.update(BENCH_BROKER_URL=broker_url, BENCH_BACKEND_URL=backend_url,
                BENCH_PROBE_FILE=probe_file, BENCH_PROBE_EXPECT=str(expect),
                BENCH_CONCURRENCY=str(concurrency or ""), BENCH_CELERY_ACKS=celery_acks,
