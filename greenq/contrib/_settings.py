@@ -36,7 +36,7 @@ def unknown(names: List[str]) -> List[Tuple[str, str]]:
 
 
 def unknown_message(name: str, near: str, kind: str) -> str:
-    return f"{kind} {name} is not a greenq setting" + (f"; did you mean {near}?" if near else "")
+    return f"{kind} {name} is not a greenq setting and is ignored" + (f"; did you mean {near}?" if near else "")
 
 
 def load(values: Mapping[str, Any], kind: str, *, config_file: Union[str, bool, None] = None,
@@ -55,8 +55,7 @@ def load(values: Mapping[str, Any], kind: str, *, config_file: Union[str, bool, 
             section, key = names[name]
             cfg.set(section, key, values[name], origin=f"{kind} {name}")
         elif name not in NON_SETTINGS:
-            cfg.warnings.append(unknown_message(name, dict(unknown([name])).get(name, ""), kind)
-                                + " and is ignored")
+            cfg.warnings.append(unknown_message(name, dict(unknown([name])).get(name, ""), kind))
     if env.get("GREENQ_TRANSPORTS"):
         cfg.set("greenq", "transports", env["GREENQ_TRANSPORTS"], origin="environment GREENQ_TRANSPORTS")
     path = values.get("GREENQ_CONFIG") if config_file is None else config_file
