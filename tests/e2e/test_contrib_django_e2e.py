@@ -186,3 +186,43 @@ def test_a_worker_of_an_unconfigured_app_stops_before_taking_a_message(shop_sqli
     del shop.env["DJSHOP_MISTAKE"]
     code, out = worker(shop)
     assert code == 0, out
+
+
+EAGER = """
+import django
+from django.conf import settings
+settings.configure(DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+                   GREENQ_EAGER=True, GREENQ_BROKER_URL="memory://")
+django.setup()
+from django.db import transaction
+from greenq.contrib.django import create_app, delay_on_commit
+app = create_app("eager")
+ran = []
+
+@app.task
+def add(a, b):
+    ran.append((a, b))
+    return a + b
+
+with transaction.atomic():
+    r = delay_on_commit(add, 1, 2)
+    assert r.state == "PENDING" and ran == [], (r.state, ran)
+assert r.get() == 3 and r.state == "SUCCESS", r.state
+try:
+    with transaction.atomic():
+        gone = delay_on_commit(add, 5, 5)
+        raise KeyError
+except KeyError:
+    pass
+assert ran == [(1, 2)] and gone.state == "PENDING", ran
+print("ok")
+"""
+
+
+def test_eager_mode_runs_the_task_at_the_commit(tmp_path):
+    """Users' unit tests (GREENQ_EAGER): the task runs when the transaction
+    commits, its result handed to what delay_on_commit returned; never on a rollback."""
+    done = subprocess.run([sys.executable, "-c", EAGER], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("GREENQ_")},
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

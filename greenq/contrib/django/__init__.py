@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 from ...app import GreenQ
 from ...exceptions import ConfigError
-from ...result import AsyncResult
+from ...result import PENDING, AsyncResult, EagerResult
 from .. import _settings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,12 +117,22 @@ def apply_async_on_commit(task: "Task[_P, _R]", args: Sequence[Any] = (),
     """``task.apply_async(args, kwargs, **options)`` once the current
     transaction of database ``using`` (default: the default one) commits;
     as ``delay_on_commit``.  An error sending it is raised where the
-    transaction commits, as Django does for every ``on_commit`` callback."""
+    transaction commits, as Django does for every ``on_commit`` callback.
+    In eager mode the task runs at the commit, and the result returned
+    holds its outcome from then on (PENDING before)."""
     from django.db import transaction
     from ...message import new_id
-    options["task_id"] = options.get("task_id") or new_id()
-    transaction.on_commit(functools.partial(task.apply_async, args, kwargs, **options), using=using)
-    return AsyncResult(options["task_id"], task.app, task.name)
+    task_id = options["task_id"] = options.get("task_id") or new_id()
+    if not task.app.config.eager:
+        transaction.on_commit(functools.partial(task.apply_async, args, kwargs, **options), using=using)
+        return AsyncResult(task_id, task.app, task.name)
+    # eager mode (users' tests) stores no result: the outcome is handed over at the commit
+    pending: EagerResult[_R] = EagerResult(task_id, task.app, {"state": PENDING}, task.name)
+
+    def run() -> None:
+        pending._meta = task.apply_async(args, kwargs, **options)._meta
+    transaction.on_commit(run, using=using)
+    return pending
 
 
 # -- system checks --------------------------------------------------------------
