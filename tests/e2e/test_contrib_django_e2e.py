@@ -176,6 +176,11 @@ def test_a_worker_of_an_unconfigured_app_stops_before_taking_a_message(shop_sqli
     code, out = worker(shop)
     assert code == 1, out
     assert "greenq.W001: no greenq broker URL is set" in out
+    shop.env["DJSHOP_SILENCED"] = "greenq.W001"      # the default on purpose: ./greenq.sqlite3
+    code, out = worker(shop)
+    assert code == 0 and "greenq.W001" not in out, out
+    assert (shop.tmp / "greenq.sqlite3").exists()
+    del shop.env["DJSHOP_SILENCED"]
     # the environment sets it: the worker's layers count
     shop.env["GREENQ_BROKER_URL"] = shop.broker_url
     shop.env["DJSHOP_MISTAKE"] = "1"

@@ -19,7 +19,7 @@ System checks (tag ``greenq``):
 * ``greenq.W001``: no broker URL set anywhere (Django setting, INI file,
   environment): the web process and a worker started in another directory
   would each use their own ``./greenq.sqlite3``.  A worker refuses to start
-  on any of the three.
+  on any of the three that ``SILENCED_SYSTEM_CHECKS`` does not list.
 """
 from __future__ import annotations
 
@@ -178,7 +178,9 @@ def messages(configs: Sequence[Optional["Config"]]) -> List[Any]:
 
 def _refuse_unconfigured(app: GreenQ, worker: Any) -> None:
     """``worker_process_init``: the worker stops before taking a message on
-    any greenq check message (docs/frameworks.md)."""
-    found = messages([app.config])
+    any greenq check message not in ``SILENCED_SYSTEM_CHECKS`` (docs/frameworks.md)."""
+    from django.conf import settings
+    silenced = set(getattr(settings, "SILENCED_SYSTEM_CHECKS", ()))
+    found = [m for m in messages([app.config]) if m.id not in silenced]
     if found:
         raise ConfigError("; ".join(f"{m.id}: {m.msg}" + (f" ({m.hint})" if m.hint else "") for m in found))

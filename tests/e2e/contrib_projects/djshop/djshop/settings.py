@@ -1,6 +1,7 @@
 """The test project's settings: DJSHOP_DB (a SQLite file path, or
 postgresql://user@host:port/name), DJSHOP_BROKER (the greenq broker URL; unset:
-none in the settings), DJSHOP_MISTAKE=1 (a misspelt greenq setting)."""
+none in the settings), DJSHOP_MISTAKE=1 (a misspelt greenq setting),
+DJSHOP_SILENCED (SILENCED_SYSTEM_CHECKS, space-separated)."""
 import os
 from urllib.parse import urlsplit
 
@@ -26,3 +27,4 @@ GREENQ_DEFAULT_QUEUE = "shop"
 GREENQ_WORKER_QUEUES = ["shop"]
 if os.environ.get("DJSHOP_MISTAKE"):
     GREENQ_WORKER_CONCURENCY = 8
+SILENCED_SYSTEM_CHECKS = os.environ.get("DJSHOP_SILENCED", "").split()
