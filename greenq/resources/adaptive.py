@@ -18,7 +18,10 @@ Netflix's concurrency-limits), measured per window of samples:
 it moves halfway to ``capacity + beta``; in between it holds.  So it settles
 with ``alpha`` to ``beta`` tasks queued in the downstream: enough to keep it
 busy, few enough that their wait stays small.  An exception listed in
-``errors`` cuts the limit by ``error_backoff`` at once, once per window.
+``errors`` cuts the limit by ``error_backoff`` at once, once per window, and
+keeps it under the level that failed for ``ceiling_hold`` seconds (then it
+grows by 1 a window near that level: a ceiling only errors show is touched
+about once per hold, not on every climb).
 
 Why Vegas and not Gradient2: Gradient2 compares a fast average of the latency
 with a slow average of itself, so under a load that stays too high the slow
