@@ -18,7 +18,10 @@ Netflix's concurrency-limits), measured per window of samples:
 it moves halfway to ``capacity + beta``; in between it holds.  So it settles
 with ``alpha`` to ``beta`` tasks queued in the downstream: enough to keep it
 busy, few enough that their wait stays small.  An exception listed in
-``errors`` cuts the limit by ``error_backoff`` at once, once per window.
+``errors`` cuts the limit by ``error_backoff`` at once, once per window, and
+keeps it under the level that failed for ``ceiling_hold`` seconds (then it
+grows by 1 a window near that level: a ceiling only errors show is touched
+about once per hold, not on every climb).
 
 Why Vegas and not Gradient2: Gradient2 compares a fast average of the latency
 with a slow average of itself, so under a load that stays too high the slow
@@ -91,7 +94,8 @@ class AdaptiveLimit:
                  probe_interval: float = 60.0,
                  probe_concurrency: int = 3,
                  probe_samples: int = 10,
-                 quantile: float = 0.1) -> None:
+                 quantile: float = 0.1,
+                 ceiling_hold: float = 10.0) -> None:
         if not 1 <= min_limit <= max_limit:
             raise ConfigError(f"adaptive limit: need 1 <= min_limit <= limit, got "
                               f"min_limit = {min_limit}, limit = {max_limit}")
@@ -108,6 +112,8 @@ class AdaptiveLimit:
                 raise ConfigError(f"adaptive limit: {name} must be at least 1, got {number}")
         if not (probe_interval > 0.0 and math.isfinite(probe_interval)):
             raise ConfigError(f"adaptive limit: probe_interval must be > 0, got {probe_interval}")
+        if not (ceiling_hold >= 0.0 and math.isfinite(ceiling_hold)):
+            raise ConfigError(f"adaptive limit: ceiling_hold must be >= 0, got {ceiling_hold}")
         self.min_limit = min_limit
         self.max_limit = max_limit
         self.errors = tuple(errors)
@@ -122,7 +128,9 @@ class AdaptiveLimit:
         self.probe_concurrency = probe_concurrency
         self.probe_samples = probe_samples
         self.quantile = quantile
-        #: how many windows ended in each decision (grow, drain, hold, unused: an
+        self.ceiling_hold = ceiling_hold
+        #: how many windows ended in each decision (grow, drain, hold, ceiling: held below
+        #: the level of the last errors, unused: an
         #: unused limit does not grow, faster: a probe), and errors that cut, probes
         self.decisions: Counter[str] = Counter()
         #: the last window decided: (its latency, its median in_flight, the queue read from them)
@@ -140,8 +148,10 @@ class AdaptiveLimit:
         self._window: List[Tuple[float, int, int]] = []   # (latency, in_flight, held)
         # once per window: an error cuts only if its task started after the last cut
         self._cut_at = -math.inf
-        # the limit at the last cut for errors: growth slows to 1 a window near it
+        # the limit at the last cut for errors: held below it until _hold_until,
+        # then growth is 1 a window near it (within alpha, either side)
         self._error_ceiling: Optional[float] = None
+        self._hold_until = -math.inf
         # a probe begins at once: no latency is trusted before one was measured without load
         self._probe_start: Optional[float] = now
         self._probe: List[float] = []
@@ -189,7 +199,10 @@ class AdaptiveLimit:
         in_flight = max(1, in_flight)
         if error is not None:
             if isinstance(error, self.errors) and started > self._cut_at:
-                self._error_ceiling = self._estimate
+                # the level that failed (a lower one when it failed again below it, during the hold)
+                self._error_ceiling = (self._estimate if self._error_ceiling is None or now >= self._hold_until
+                                       else min(self._error_ceiling, self._estimate))
+                self._hold_until = now + self.ceiling_hold
                 self.decisions["error"] += 1
                 self._estimate = self._clamp(self._estimate * self.error_backoff)
                 self._cut_at = now
@@ -247,16 +260,25 @@ class AdaptiveLimit:
             self.decisions["unused"] += 1
         elif queue < alpha:
             # healthy and used: grow by alpha, the band's width, so one step never
-            # jumps from "too few queued" past "too many"; by 1 near the limit at
-            # which listed errors came last (a ceiling latency did not show)
+            # jumps from "too few queued" past "too many".  Near the level at
+            # which listed errors came last (a ceiling latency did not show):
+            # below it (by 1) for ceiling_hold seconds, then by 1 a window
+            # within alpha of it, either side; a full alpha above it without an
+            # error, it is forgotten (the ceiling moved up)
             step = alpha
-            if self._error_ceiling is not None:
-                if self._estimate >= self._error_ceiling:
-                    self._error_ceiling = None      # passed it without an error: forget it
-                elif self._estimate + alpha > self._error_ceiling:
+            ceiling = self._error_ceiling
+            if ceiling is not None:
+                if now < self._hold_until:
+                    step = min(step, max(0.0, ceiling - 1.0 - self._estimate))
+                elif self._estimate >= ceiling + alpha:
+                    self._error_ceiling = None
+                elif self._estimate + alpha > ceiling:
                     step = 1.0
-            self.decisions["grow"] += 1
-            self._estimate = self._clamp(self._estimate + step)
+            if step > 0.0:
+                self.decisions["grow"] += 1
+                self._estimate = self._clamp(self._estimate + step)
+            else:
+                self.decisions["ceiling"] += 1
         else:
             self.decisions["hold"] += 1
         self._restart_window(now)
@@ -288,7 +310,8 @@ class AdaptiveLimit:
         return (math.floor(now / self.probe_interval) + 1.0) * self.probe_interval
 
     def _begin_probe(self, now: float) -> None:
-        self._error_ceiling = None      # the probe re-measures; old overloads may be gone
+        # (the error ceiling stays: a probe measures latency, not where errors come;
+        # the hold ends on its own, and growth past the ceiling forgets it)
         self._probe_start = now
         self._probe = []
         self._restart_window(now)

@@ -99,12 +99,17 @@ class ResourcePool(PermitPool, Generic[C]):
         self._lock = threading.Lock()
         self._holders: Dict[str, str] = {}            # a holder's id -> the inner pool's holder id it stands on
         self._parked: List[str] = []                  # inner holder ids kept for idle connections
+        self._parked_at: Dict[str, float] = {}        # inner holder id -> when it was parked (monotonic)
         self._idle: List[Tuple[C, float, float]] = []  # (connection, opened at, idle since); newest last
         self._out = 0                                 # connections handed out now
         self._opened: Dict[int, float] = {}           # id(connection out) -> when it was opened
         #: connections opened and closed since the start (figures for tests and benchmarks)
         self.opens = 0
         self.closes = 0
+        #: parked permits taken by the next holder, and the seconds they stayed parked
+        #: in all (a parked permit waits for a free runner's ``take``: see handoffs())
+        self.reused = 0
+        self.parked_seconds = 0.0
 
     # -- binding into the app's permit pools --------------------------------------
     def bind(self, resources: "Resources") -> None:
@@ -145,7 +150,12 @@ class ResourcePool(PermitPool, Generic[C]):
             if holder in self._holders:
                 return True
             if self._parked and len(self._holders) < self.limit:
-                self._holders[holder] = self._parked.pop()
+                inner_holder = self._parked.pop()
+                self._holders[holder] = inner_holder
+                parked_at = self._parked_at.pop(inner_holder, None)
+                if parked_at is not None:
+                    self.reused += 1
+                    self.parked_seconds += max(0.0, self.clock() - parked_at)
                 return True
         if not self._pool().try_acquire(holder):
             return False
@@ -170,6 +180,7 @@ class ResourcePool(PermitPool, Generic[C]):
                 if len(self._holders) + len(self._parked) < self.limit:
                     # a connection stays open without a permit of its own: this one is now its
                     self._parked.append(inner_holder)
+                    self._parked_at[inner_holder] = self.clock()
                     return
                 if self._idle:      # above a lowered limit: the connection goes with the permit
                     stale = self._idle.pop(0)[0]
@@ -211,6 +222,11 @@ class ResourcePool(PermitPool, Generic[C]):
         """Permits kept by idle connections."""
         with self._lock:
             return len(self._parked)
+
+    def handoffs(self) -> Tuple[int, float]:
+        """(parked permits the next holder took, the mean seconds they stayed parked)."""
+        with self._lock:
+            return self.reused, (self.parked_seconds / self.reused if self.reused else 0.0)
 
     def open_connections(self) -> int:
         """Connections open now (handed out plus idle)."""
@@ -343,10 +359,12 @@ class ResourcePool(PermitPool, Generic[C]):
                         break           # every connection is in use: the next release gives it back
                     closing.append(self._idle.pop(0)[0])
                 giving.append(self._parked.pop())
+                self._parked_at.pop(giving[-1], None)
                 held -= 1
                 over -= 1
             while self._parked and self._open_count() < len(self._holders) + len(self._parked):
                 giving.append(self._parked.pop())
+                self._parked_at.pop(giving[-1], None)
         for conn in closing:
             self._discard(conn)
         for inner_holder in giving:
@@ -359,6 +377,7 @@ class ResourcePool(PermitPool, Generic[C]):
             idle = [conn for conn, _, _ in self._idle]
             self._idle = []
             parked, self._parked = self._parked, []
+            self._parked_at.clear()
         for conn in idle:
             self._discard(conn)
         inner = self.inner

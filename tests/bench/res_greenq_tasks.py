@@ -32,6 +32,9 @@ def _traced(i, enq, sleep):
                 "/".join(f"{x:.4g}" for x in adaptive.last_window))
             parked = pool.parked() if hasattr(pool, "parked") else 0
             decisions = "" if adaptive is None else ",".join(f"{k}={v}" for k, v in sorted(adaptive.decisions.items()))
+            if hasattr(pool, "handoffs"):       # parked permits taken, and their mean ms parked
+                reused, mean = pool.handoffs()
+                decisions += f" parked_taken={reused},mean_parked_ms={mean * 1000:.2f}"
             bodies._client().rpush(f"{bodies.PREFIX}:trace", " ".join(map(str, (
                 f"{time.time():.3f}", os.getpid(), pool.limit, pool.in_use(), parked) + state + (decisions,))))
 
