@@ -107,6 +107,13 @@ def run_recipe(tmp: Path, name: str, extra_env: dict, workers: int = 1, ini: str
     parts = recipes()[name]
     (tmp / "greenq.ini").write_text(ini if ini is not None else parts["ini"])
     (tmp / "tasks.py").write_text(parts["tasks"])
+    return run_example(tmp, parts["example"], extra_env, workers)
+
+
+def run_example(tmp: Path, example: str, extra_env: dict, workers: int = 1) -> str:
+    """Start ``workers`` gevent workers on the tasks.py and greenq.ini in
+    ``tmp`` (an SQLite broker there), run ``example`` as a plain client, stop
+    them; what the workers printed (also used by test_resource_pool_e2e)."""
     env = {k: v for k, v in os.environ.items() if keep_env(k)}
     env.update(GREENQ_BROKER_URL=f"sqlite:///{tmp / 'broker.sqlite3'}", PYTHONPATH=f"{tmp}{os.pathsep}{ROOT}",
                GREENQ_WORKER_BLOCKING_THRESHOLD="0", **extra_env)
@@ -114,7 +121,7 @@ def run_recipe(tmp: Path, name: str, extra_env: dict, workers: int = 1, ini: str
                               cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for _ in range(workers)]
     try:
-        done = subprocess.run([sys.executable, "-c", parts["example"]], cwd=tmp, env=env, capture_output=True,
+        done = subprocess.run([sys.executable, "-c", example], cwd=tmp, env=env, capture_output=True,
                               text=True, timeout=180)
     finally:
         outs = []

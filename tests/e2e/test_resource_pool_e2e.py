@@ -8,16 +8,14 @@ connections were kept between tasks with their permits); none left open
 once the workers stopped."""
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.test_docs_resources import run_example
 
 pytestmark = pytest.mark.e2e
 
@@ -102,25 +100,7 @@ def test_connections_keep_their_permits_across_two_workers(tmp_path):
     server = Server()
     (tmp_path / "greenq.ini").write_text(f"[resource:conn]\nlimit = {LIMIT}\nscope = cluster\n")
     (tmp_path / "tasks.py").write_text(TASKS_PY)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GREENQ_")}
-    env.update(GREENQ_BROKER_URL=f"sqlite:///{tmp_path / 'broker.sqlite3'}", RPOOL_PORT=str(server.port),
-               PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}", GREENQ_WORKER_BLOCKING_THRESHOLD="0")
-    procs = [subprocess.Popen([sys.executable, "-m", "greenq.worker", "-A", "tasks", "-P", "gevent", "-c", "20"],
-                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
-    try:
-        done = subprocess.run([sys.executable, "-c", EXAMPLE], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=180)
-    finally:
-        outs = []
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            out, _ = proc.communicate(timeout=60)
-            outs.append(out)
-    said = "\n".join(outs)
-    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\nworkers:\n{said}"
-    assert all(proc.returncode == 0 for proc in procs), said
+    said = run_example(tmp_path, EXAMPLE, {"RPOOL_PORT": str(server.port)}, workers=2)
     assert 1 <= server.most <= LIMIT, (server.most, said)
     assert server.accepted <= TASKS // 4, f"{server.accepted} connections for {TASKS} tasks: not kept"
     with server.lock:                                       # the server's threads see the EOFs
