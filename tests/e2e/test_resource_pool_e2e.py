@@ -11,7 +11,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,6 @@ from tests.e2e.test_docs_resources import run_example
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 4
 TASKS = 200
 
