@@ -297,6 +297,8 @@ class group(Generic[R]):  # noqa: N801 - Celery's name
         records, results = self._freeze(app, group_id, options)
         if not app.config.eager and app.backend.stores_groups:
             app.backend.save_group(group_id, encode_group(app, group_id, results, None))
+        if not app.config.eager and app.config.celery_queues:
+            _save_celery_group(app, group_id, records, results)
         return GroupResult(group_id, _send_records(app, records, args, kwargs, results), app)
 
     def _freeze(self, app: "GreenQ", group_id: str, options: Dict[str, Any],
@@ -456,6 +458,25 @@ def run_eager(app: "GreenQ", record: Dict[str, Any], prefix: Sequence[Any] = (),
 
 
 # -- group records in the result backend ----------------------------------------------
+def _save_celery_group(app: "GreenQ", group_id: str, records: List[Dict[str, Any]],
+                       results: List[AsyncResult]) -> None:
+    """A group with a member sent to a Celery queue also gets Celery's record
+    (``celery-taskset-meta-<id>``, as Celery's ``GroupResult.save()``), so
+    Celery's ``GroupResult.restore(id)`` finds it (docs/celery.md)."""
+    save = getattr(app.backend, "save_celery_group", None)
+    if save is None:
+        return
+    celery = app.codec.celery_queues
+    default = app.config.section("greenq")["default_queue"]
+
+    def queue_of(record: Dict[str, Any]) -> Any:     # as the builder: call > task > [routes] > default
+        task = app.tasks.get(record["task"])
+        return ((record.get("options") or {}).get("queue") or (task.option("queue") if task else None)
+                or (app.builder.route(record["task"]) if app.config.routes else None) or default)
+    if any(queue_of(r) in celery for r in records):
+        save(group_id, [r.id for r in results])
+
+
 def encode_group(app: "GreenQ", group_id: str, results: List[AsyncResult],
                  callback: Optional[Dict[str, Any]]) -> bytes:
     """A group's record: its members' result ids and task names, and a
