@@ -25,7 +25,7 @@ marking the chord done sends the body twice (same task id: one result).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from ..celery.protocol import CeleryMessage
 from ..celery.results import chord_error, chord_part, chord_results
@@ -63,6 +63,16 @@ def chord_part_of(job: "Job") -> Optional[Part]:
     return msg, (msg.group_id, msg.id, index, entry)
 
 
+def _as_lists(signature: Dict[str, Any]) -> Dict[str, Any]:
+    """``signature`` with its ``link`` and ``link_error`` options as lists
+    (a Celery signature given one callback keeps it bare)."""
+    options = dict(signature.get("options") or {})
+    for name in ("link", "link_error"):
+        if isinstance(options.get(name), dict):
+            options[name] = [options[name]]
+    return dict(signature, options=options)
+
+
 class CeleryChords:
     """Counts the Celery chord members a worker settles, and sends the body
     of each chord one of them completes."""
@@ -91,8 +101,8 @@ class CeleryChords:
         """Send the chord's body with its members' values (or fail it), then
         mark the chord done."""
         assert msg.group_id is not None and msg.chord is not None, "a Celery chord member has both"
-        body = msg.chord
-        options = body.get("options") or {}
+        body = _as_lists(msg.chord)
+        options = body["options"]
         body_id = options.get("task_id")
         values, error = chord_results(backend.celery_chord_entries(msg.group_id))
         if error is None:

@@ -96,7 +96,8 @@ class _Listener:
         self._generation = 0                       # of the current listener thread
         #: other channels to hear (``watch``): channel -> (task id, subscribed event, watchers)
         self._watched: Dict[str, List[Any]] = {}
-        self._subscribed: Dict[str, bool] = {}     # what this listener's connection is subscribed to
+        #: what this listener's connection is subscribed to (True: confirmed); its thread's own
+        self._subscribed: Dict[str, bool] = {}
 
     def register(self, task_id: str) -> threading.Event:
         event = threading.Event()
@@ -158,7 +159,11 @@ class _Listener:
         if subscribe:
             pubsub.subscribe(*subscribe)
             for c in subscribe:
-                self._subscribed[c] = True
+                self._subscribed[c] = False      # True once Redis confirms it
+        with self._lock:                         # watched again while still subscribed: heard already
+            for c, entry in self._watched.items():
+                if self._subscribed.get(c) and not entry[1].is_set():
+                    entry[1].set()
         if drop:
             pubsub.unsubscribe(*drop)
             for c in drop:
@@ -253,6 +258,8 @@ class _Listener:
 
     def _heard(self, kind: str, channel: str) -> None:
         """A watched channel's subscription confirmed, or a message on it."""
+        if kind == "subscribe" and channel in self._subscribed:
+            self._subscribed[channel] = True
         with self._lock:
             entry = self._watched.get(channel)
         if entry is None:
