@@ -46,6 +46,7 @@ class CeleryRedisBackend(RedisBackend):
         super().__init__(url, config, driver)
         self._chord_part_script = self.client.register_script(lua.CELERY_CHORD_PART)
         self._chord_done_celery_script = self.client.register_script(lua.CELERY_CHORD_DONE)
+        self._instance = uuid.uuid4().hex        # in this process's chord claims
 
     def store_celery(self, records: Sequence[Tuple[str, bytes]]) -> None:
         """Write ``(task id, encoded record)`` pairs as Celery's backend does,
@@ -77,7 +78,7 @@ class CeleryRedisBackend(RedisBackend):
         tokens = []
         for group_id, member_id, index, entry in parts:
             keys += [group_key(group_id, s) for s in _CHORD_SUFFIXES]
-            token = uuid.uuid4().hex
+            token = f"{self._instance}:{member_id}"    # the same again when the settler retries
             tokens.append(token)
             args += [member_id, "+inf" if index is None else int(index), entry, token]
         replies = self._call(lambda: self._chord_part_script(keys=keys, args=args), self._timeout,

@@ -7,7 +7,8 @@
 -- Reply, per member: {entries counted (-1: the chord is done already), the chord's total
 -- (0: size unknown), 1 when this member claimed the body, else 0}.
 -- A member counts once however often it runs (.d holds id:score); the member that finds
--- every entry in and sets the claim first (SET NX) sends the body.
+-- every entry in and sets the claim first (SET NX) sends the body; the same token finds
+-- its own claim again (a sender retrying after an error).
 
 local expires, claim_for = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {}
@@ -29,8 +30,10 @@ for i = 0, #KEYS / 5 - 1 do
     local claimed = 0
     if size then
       total = size + (tonumber(redis.call('GET', t) or '0') or 0)
-      if count == total and redis.call('SET', c, token, 'NX', 'EX', claim_for) then
-        claimed = 1
+      if count == total then
+        if redis.call('GET', c) == token or redis.call('SET', c, token, 'NX', 'EX', claim_for) then
+          claimed = 1          -- this sender's claim (its own again when it retries)
+        end
       end
     end
     out[#out + 1] = {count, total, claimed}
