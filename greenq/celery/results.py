@@ -215,7 +215,7 @@ def to_greenq_meta(data: Any, task_id: str) -> Optional[Dict[str, Any]]:
             out["reason"] = message or "revoked"
     if record.get("traceback"):
         out["traceback"] = record["traceback"]
-    for key in ("parent_id", "group_id", "date_done"):
+    for key in ("parent_id", "group_id"):
         if record.get(key) is not None:
             out[key] = record[key]
     return out
