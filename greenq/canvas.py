@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import (TYPE_CHECKING, Any, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Tuple,
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Tuple,
                     TypeVar, Union, overload)
 
 from .building import CALL_OPTIONS
@@ -372,6 +372,12 @@ class chord(Generic[R]):  # noqa: N801 - Celery's name
         header_options = {k: v for k, v in options.items() if k not in ("task_id", "link", "link_error")}
         records, results = self.header._freeze(app, group_id, header_options,
                                                chord_size=len(self.header.tasks), chord_result=result.id)
+        if app.config.celery_queues and not app.config.eager:
+            lasts = [list(iter_records(r))[-1] for r in records]     # the steps that count
+            celery = [q for q in map(_queue_of(app), lasts) if q in app.codec.celery_queues]
+            if celery:      # a Celery message carries no greenq chord: its body would never be sent
+                raise ConfigError(f"a chord whose members go to a Celery queue ({celery[0]!r}) is not "
+                                  f"supported yet (docs/celery.md): send its members to a greenq queue")
         group_result = GroupResult(group_id, results, app)
         first = result
         while first.parent is not None:          # a chain as body: its first step follows the group
@@ -467,14 +473,20 @@ def _save_celery_group(app: "GreenQ", group_id: str, records: List[Dict[str, Any
     if save is None:
         return
     celery = app.codec.celery_queues
+    if any(q in celery for q in map(_queue_of(app), records)):
+        save(group_id, [r.id for r in results])
+
+
+def _queue_of(app: "GreenQ") -> Callable[[Dict[str, Any]], Any]:
+    """The queue a signature's record goes to, as the builder picks it: the
+    call's option, the task's, ``[routes]``, ``default_queue``."""
     default = app.config.section("greenq")["default_queue"]
 
-    def queue_of(record: Dict[str, Any]) -> Any:     # as the builder: call > task > [routes] > default
+    def queue_of(record: Dict[str, Any]) -> Any:
         task = app.tasks.get(record["task"])
         return ((record.get("options") or {}).get("queue") or (task.option("queue") if task else None)
                 or (app.builder.route(record["task"]) if app.config.routes else None) or default)
-    if any(queue_of(r) in celery for r in records):
-        save(group_id, [r.id for r in results])
+    return queue_of
 
 
 def encode_group(app: "GreenQ", group_id: str, results: List[AsyncResult],

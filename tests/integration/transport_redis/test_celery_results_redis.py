@@ -227,3 +227,27 @@ def test_greenq_s_async_result_reads_what_celery_s_backend_stored(celery_keys, r
             gone.get(timeout=5)
     finally:
         app.close()
+
+
+def test_greenq_s_group_saves_celery_s_record_only_for_a_celery_queue_and_a_chord_there_is_refused(
+        celery_keys, redis_url, redis_prefix):
+    from greenq import chord, group
+    from greenq.exceptions import ConfigError
+    client, names = celery_keys
+    on_celery, own = f"{redis_prefix}-celery", f"{redis_prefix}-own"
+    names += [f"_kombu.binding.{on_celery}"]
+    app = GreenQ("groups", broker=redis_url, key_prefix=redis_prefix, config_file=False, celery_queues=on_celery)
+    try:
+        to_celery = group(app.signature("g.add", args=[i], queue=on_celery) for i in range(2)).apply_async()
+        to_own = group(app.signature("g.add", args=[i], queue=own) for i in range(2)).apply_async()
+        names += [f"celery-taskset-meta-{to_celery.id}", f"celery-taskset-meta-{to_own.id}"]
+        saved = client.get(f"celery-taskset-meta-{to_celery.id}")
+        assert celery_results.group_members(saved) == [r.id for r in to_celery.results]
+        assert 0 < client.ttl(f"celery-taskset-meta-{to_celery.id}") <= app.config.result_expires
+        assert client.get(f"celery-taskset-meta-{to_own.id}") is None
+        assert client.llen(on_celery) == 2
+        with pytest.raises(ConfigError, match="Celery queue"):
+            chord([app.signature("g.add", args=[9], queue=on_celery)], app.signature("g.sum", queue=own)).apply_async()
+        assert client.llen(on_celery) == 2                      # nothing sent
+    finally:
+        app.close()
