@@ -133,17 +133,20 @@ class CeleryRedisBackend(RedisBackend):
         listener = self._listener
         channel = key(task_id)
         event = listener.register(task_id)
-        subscribed = listener.watch(channel, task_id)
+        watching = False
         try:
-            if not listener.ready.wait(left()) or not subscribed.wait(left()):
-                if deadline is not None and time.monotonic() >= deadline:
-                    return None
+            if not listener.ready.wait(left()):
                 raise Unreachable(f"wait for result: {self.reconnector.name}: "
                                   "the result listener could not subscribe")
             lifetime = int(timeout if timeout is not None else (self.expires or 86400)) + 60
             mine = self._call(lambda: self._check_in_script(
                 keys=[self._key("result", task_id), self._key("waiters", task_id)],
                 args=[listener.channel, lifetime]), left(), "wait for result")
+            if mine is not None and mine[:1] == FINAL:      # done already: nothing more to hear
+                return "greenq", mine[1:]
+            watching = True
+            if not listener.watch(channel, task_id).wait(left()):   # hear Celery's PUBLISH from now on
+                return None
             while True:
                 if mine is not None and mine[:1] == FINAL:
                     return "greenq", mine[1:]
@@ -160,4 +163,5 @@ class CeleryRedisBackend(RedisBackend):
                                   "wait for result")
         finally:
             listener.unregister(task_id, event)
-            listener.unwatch(channel)
+            if watching:
+                listener.unwatch(channel)
