@@ -251,3 +251,28 @@ def test_greenq_s_group_saves_celery_s_record_only_for_a_celery_queue_and_a_chor
         assert client.llen(on_celery) == 2                      # nothing sent
     finally:
         app.close()
+
+
+def test_a_sender_that_died_after_its_claim_leaves_the_body_to_the_member_run_again(
+        backend, celery_keys, redis_url, monkeypatch):
+    from greenq.transports.redis import celery_results as module
+    monkeypatch.setattr(module, "CLAIM_SECONDS", 1)
+    client, names = celery_keys
+    group_id = str(uuid.uuid4())
+    names += _chord_keys(group_id)
+    client.set(celery_results.group_key(group_id, ".s"), 2, ex=600)       # as Celery's client does
+    parts = [_part(group_id, i, i) for i in range(2)]
+    assert backend.celery_chord_parts([parts[0]]) == [None]
+    [dead] = backend.celery_chord_parts([parts[1]])        # claimed, then its worker died (-9): never sent
+    assert dead is not None
+    other = CeleryRedisBackend(redis_url, backend.config)   # the member's message runs again elsewhere
+    try:
+        assert other.celery_chord_parts([parts[1]]) == [None]                  # the claim still holds
+        assert until(lambda: client.get(celery_results.group_key(group_id, ".c")) is None, 5)
+        [token] = other.celery_chord_parts([parts[1]])                         # lapsed: taken anew
+        assert token is not None and token != dead
+        assert celery_results.chord_results(other.celery_chord_entries(group_id)) == ([0, 1], None)
+        assert other.celery_chord_done(group_id, token) is True
+        assert backend.celery_chord_done(group_id, dead) is False               # the dead claim changes nothing
+    finally:
+        other.close()
