@@ -38,3 +38,14 @@ def boom(x):
 def errback(task_id):
     _record("errback", task_id)
     return task_id
+
+
+@app.task(name="chords.held", track_started=True)
+def held(release):
+    """Runs until the file ``release`` exists (at most 20 s): its STARTED is read meanwhile."""
+    import time
+    _record("held", release)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return "released"

@@ -224,3 +224,33 @@ def test_chords_split_between_celery_and_greenq_workers_and_greenq_reads_celery_
     # the members were split: odd ones on greenq, even ones on Celery
     ran_on_greenq = sorted(json.loads(x)[0] for x in (env.markers / "add").read_text().splitlines())
     assert ran_on_greenq == [i for i in list(range(8)) + list(range(10, 18)) if i % 2]
+
+
+STATE = r"""
+import json, sys
+from celery import Celery
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[1])
+if sys.argv[2] == "send":
+    print(app.send_task("chords.held", args=[sys.argv[4]], queue=sys.argv[3]).id)
+else:
+    r = app.AsyncResult(sys.argv[3])
+    print(json.dumps([r.state, r.info]) if sys.argv[2] == "state" else json.dumps(r.get(timeout=20)))
+"""
+
+
+def test_a_track_started_task_shows_celery_s_started_while_it_runs(chord_env, redis_url):
+    release = chord_env.tmp / "release"
+    task_id = run_celery(STATE, redis_url, "send", chord_env.queue, str(release)).strip()
+    chord_env.made[0].append(task_id)
+    worker = chord_env.worker("gevent", "-A", "celery_chord_tasks", "-n", "greenq@started-test", burst=False)
+    try:
+        chord_env.wait_marker("held")
+        state, info = json.loads(run_celery(STATE, redis_url, "state", task_id))
+        assert state == "STARTED" and info["hostname"] == "greenq@started-test", info
+        assert isinstance(info["pid"], int) and info["pid"] > 0
+        release.write_text("")
+        assert json.loads(run_celery(STATE, redis_url, "get", task_id)) == "released"
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=60)
+    assert worker.returncode == 0, out
