@@ -87,6 +87,7 @@ class _Listener:
     def __init__(self, backend: "RedisBackend") -> None:
         self.backend = backend
         self.channel = f"{backend.prefix}:reply:{uuid.uuid4().hex}"
+        self._own = self.channel.encode("utf-8")   # as pub/sub messages name it
         self.ready = threading.Event()            # subscribed: registrations will be heard
         self._waiters: Dict[str, List[threading.Event]] = {}
         self._lock = threading.Lock()
@@ -236,9 +237,10 @@ class _Listener:
                         return
                     continue
                 channel = message.get("channel")
-                channel = channel.decode("utf-8", "replace") if isinstance(channel, bytes) else channel
-                if channel != self.channel and channel is not None:
-                    self._heard(message["type"], channel)
+                if self._subscribed and channel is not None and channel != self._own \
+                        and channel != self.channel:   # a watched channel (only while there are some)
+                    self._heard(message["type"], channel.decode("utf-8", "replace")
+                                if isinstance(channel, bytes) else channel)
                     continue
                 if message["type"] == "subscribe":
                     if failures >= 2:
