@@ -34,9 +34,9 @@ def boom(x):
     raise ValueError(f"boom {x}")
 
 
-@app.task(name="chords.errback")
-def errback(task_id):
-    _record("errback", task_id)
+@app.task(name="chords.errback", bind=True)
+def errback(self, task_id):
+    _record("errback", [task_id, self.request.id])
     return task_id
 
 
