@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import (TYPE_CHECKING, Any, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Tuple,
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Generic, Iterable, Iterator, List, Optional, Sequence, Tuple,
                     TypeVar, Union, overload)
 
 from .building import CALL_OPTIONS
@@ -297,6 +297,8 @@ class group(Generic[R]):  # noqa: N801 - Celery's name
         records, results = self._freeze(app, group_id, options)
         if not app.config.eager and app.backend.stores_groups:
             app.backend.save_group(group_id, encode_group(app, group_id, results, None))
+        if not app.config.eager and app.config.celery_queues:
+            _save_celery_group(app, group_id, records, results)
         return GroupResult(group_id, _send_records(app, records, args, kwargs, results), app)
 
     def _freeze(self, app: "GreenQ", group_id: str, options: Dict[str, Any],
@@ -370,6 +372,12 @@ class chord(Generic[R]):  # noqa: N801 - Celery's name
         header_options = {k: v for k, v in options.items() if k not in ("task_id", "link", "link_error")}
         records, results = self.header._freeze(app, group_id, header_options,
                                                chord_size=len(self.header.tasks), chord_result=result.id)
+        if app.config.celery_queues and not app.config.eager:
+            lasts = [list(iter_records(r))[-1] for r in records]     # the steps that count
+            celery = [q for q in map(_queue_of(app), lasts) if q in app.codec.celery_queues]
+            if celery:      # a Celery message carries no greenq chord: its body would never be sent
+                raise ConfigError(f"a chord whose members go to a Celery queue ({celery[0]!r}) is not "
+                                  f"supported yet (docs/celery.md): send its members to a greenq queue")
         group_result = GroupResult(group_id, results, app)
         first = result
         while first.parent is not None:          # a chain as body: its first step follows the group
@@ -456,6 +464,31 @@ def run_eager(app: "GreenQ", record: Dict[str, Any], prefix: Sequence[Any] = (),
 
 
 # -- group records in the result backend ----------------------------------------------
+def _save_celery_group(app: "GreenQ", group_id: str, records: List[Dict[str, Any]],
+                       results: List[AsyncResult]) -> None:
+    """A group with a member sent to a Celery queue also gets Celery's record
+    (``celery-taskset-meta-<id>``, as Celery's ``GroupResult.save()``), so
+    Celery's ``GroupResult.restore(id)`` finds it (docs/celery.md)."""
+    save = getattr(app.backend, "save_celery_group", None)
+    if save is None:
+        return
+    celery = app.codec.celery_queues
+    if any(q in celery for q in map(_queue_of(app), records)):
+        save(group_id, [r.id for r in results])
+
+
+def _queue_of(app: "GreenQ") -> Callable[[Dict[str, Any]], Any]:
+    """The queue a signature's record goes to, as the builder picks it: the
+    call's option, the task's, ``[routes]``, ``default_queue``."""
+    default = app.config.section("greenq")["default_queue"]
+
+    def queue_of(record: Dict[str, Any]) -> Any:
+        task = app.tasks.get(record["task"])
+        return ((record.get("options") or {}).get("queue") or (task.option("queue") if task else None)
+                or (app.builder.route(record["task"]) if app.config.routes else None) or default)
+    return queue_of
+
+
 def encode_group(app: "GreenQ", group_id: str, results: List[AsyncResult],
                  callback: Optional[Dict[str, Any]]) -> bytes:
     """A group's record: its members' result ids and task names, and a

@@ -144,7 +144,21 @@ class AsyncResult(Generic[R]):
         data = self.app.backend.get(self.id)
         if data is not None:
             self._meta = self._decode(data)
+        else:
+            celery = self._celery_reader()
+            found = celery.get_celery(self.id) if celery is not None else None
+            if found is not None:
+                self._meta = found
         return self._meta
+
+    def _celery_reader(self) -> Any:
+        """The result backend when it also reads Celery's records and this app
+        sends to Celery queues (a Celery worker may run the task and write
+        only ``celery-task-meta-<id>``: docs/celery.md); else None."""
+        if not getattr(self.app.config, "celery_queues", None):
+            return None
+        backend = self.app.backend
+        return backend if hasattr(backend, "wait_either") else None
 
     def _decode(self, data: bytes) -> Dict[str, Any]:
         """The record read for this task, checked (MessageError when it is
@@ -236,6 +250,13 @@ class AsyncResult(Generic[R]):
             assert_will_not_block()
         meta = self._meta if self._meta and self._meta.get("state") in READY_STATES else None
         if meta is None:
+            celery = self._celery_reader()
+            if celery is not None:          # greenq's record or Celery's, whichever comes
+                found = celery.wait_either(self.id, timeout)
+                if found is None:
+                    raise TimeoutError(self._timeout_message(timeout))
+                meta = self._meta = self._decode(found[1]) if found[0] == "greenq" else found[1]
+                return self._outcome(meta, propagate)
             data = self.app.backend.wait(self.id, timeout)
             if data is None:
                 raise TimeoutError(self._timeout_message(timeout))

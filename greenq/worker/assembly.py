@@ -100,6 +100,7 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
         instrument_worker(hooks)
     hooks.extend(app.hooks)                  # the app's hooks run after the worker's own
     label = worker_name(name)
+    started.hostname = label                 # Celery's STARTED names the worker
     reaper = Reaper(driver, lock, running, stopped)
     revocations = Revocations(driver, backend, lambda: config.result_expires, reaper.terminate, stopped)
     settler = Settler(broker, backend, codec, Followups(app, codec, broker, backend),

@@ -18,6 +18,8 @@ for this runner at that moment), then takes the next job of the run queue; a
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 import time
 import traceback
@@ -253,6 +255,8 @@ class StartedRecorder:
         self.codec = codec
         self._backend = backend
         self.default = default
+        #: the worker's name, in the ``hostname`` of a Celery STARTED record
+        self.hostname = "greenq@" + socket.gethostname()
 
     def __call__(self, task: "Task", request: "Request") -> None:
         track = task.option("track_started")
@@ -261,5 +265,11 @@ class StartedRecorder:
         data = self.codec.encode_result(make_meta(request.id, STARTED, task=task.name, retries=request.retries))
         try:
             self._backend().store_many([Record(request.id, data, False, request.reply_to)])
+            if request.delivery_info.get("queue") in self.codec.celery_queues:   # a Celery message
+                store = getattr(self._backend(), "store_celery", None)
+                if store is not None:           # as Celery's worker: {"pid", "hostname"}
+                    from ..celery.results import started
+                    store([(request.id, started(request.id, os.getpid(), self.hostname,
+                                                request.parent_id, request.group_id))])
         except Exception as exc:                # a missing STARTED must not fail the task
             log.warning("could not store STARTED: %s", describe(exc))

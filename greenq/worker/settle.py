@@ -27,6 +27,7 @@ from ..exceptions import MessageError, Reject, Retry, describe
 from ..message import peek
 from ..result import FAILURE, RETRY, REVOKED, SUCCESS, make_meta
 from . import jobs
+from .celery_chords import CeleryChords, chord_part_of
 from .followups import ChordMember, Followups
 from .jobs import Job
 from .state import StopState
@@ -56,7 +57,8 @@ class DeadLettering:
 
 class Plan:
     """What settling one batch takes, gathered before any call is made."""
-    __slots__ = ("records", "republish", "chords", "acks", "requeue", "unstarted", "dead", "celery")
+    __slots__ = ("records", "republish", "chords", "acks", "requeue", "unstarted", "dead", "celery",
+                 "celery_chords")
 
     def __init__(self) -> None:
         self.records: List[Record] = []
@@ -67,6 +69,7 @@ class Plan:
         self.unstarted: List[Delivery] = []               # never began: delivery count not raised
         self.dead: List[DeadLettering] = []
         self.celery: List[Any] = []                       # (task id, record) in Celery's format
+        self.celery_chords: List[Any] = []                # members of Celery chords (celery_chords.py)
 
 
 class Settler:
@@ -99,6 +102,7 @@ class Settler:
         self.put: Callable[[Job], None] = self.done.put
         self.settling_since: Optional[float] = None
         self._celery_warned = False
+        self.celery_chords = CeleryChords(followups, broker, backend)
 
     def close(self) -> None:
         self.done.put(None)
@@ -134,6 +138,8 @@ class Settler:
         self._with_retries("store results", backend.store_many, plan.records, on_permanent=self._store_fallback)
         if plan.celery:
             self._with_retries("store Celery results", self._store_celery, plan.celery)
+        if plan.celery_chords:
+            self._with_retries("count Celery chord members", self.celery_chords.complete, plan.celery_chords)
         self._with_retries("count chord members", self.followups.complete_chords, plan.chords,
                            on_permanent=self._chord_fallback)
         self._with_retries("acknowledge", self.broker.ack, plan.acks)
@@ -220,6 +226,10 @@ class Settler:
             row = celery_record(msg, outcome or "", job.value, job.exc, job.tb, job.reason)
             if row is not None:
                 plan.celery.append(row)
+        if isinstance(msg, CeleryMessage) and msg.chord:
+            part = chord_part_of(job)
+            if part is not None:
+                plan.celery_chords.append(part)
         if not job.acked:
             plan.acks.append(job.delivery)
 

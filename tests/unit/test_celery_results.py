@@ -50,3 +50,51 @@ def test_the_worker_s_outcomes_map_to_celery_states():
     assert retry["status"] == "RETRY" and retry["date_done"] is None
     assert results.worker_record(msg, "defer", None, None, None, None) is None
     assert results.key("m1") == "celery-task-meta-m1"
+
+
+def test_chord_entries_give_the_values_in_order_or_celery_s_chord_error():
+    entries = [results.chord_part("a", "SUCCESS", value=1), results.chord_part("b", "SUCCESS", value={"x": 2})]
+    assert json.loads(entries[0]) == [1, "a", "SUCCESS", 1]
+    assert results.chord_results(entries) == ([1, {"x": 2}], None)
+    failed = entries + [results.chord_part("c", "FAILURE", exc=ValueError("boom", 3))]
+    assert results.chord_results(failed) == ([1, {"x": 2}], "Dependency c raised ValueError('boom', 3)")
+    revoked = [results.chord_part("d", "REVOKED", exc=RuntimeError("expired"))]
+    assert results.chord_results(revoked)[1] == "Dependency d raised RuntimeError('expired')"
+    odd = results.chord_part("e", "SUCCESS", value=Odd())            # not JSON: a FAILURE saying so
+    assert results.chord_results([odd])[1].startswith("Dependency e raised TypeError('result not serializable")
+    assert results.chord_results([b"\x00"])[1].startswith("Dependency entry unreadable")
+
+
+def test_the_chord_error_record_is_celery_s_chord_error():
+    record = json.loads(results.chord_error("body", "Dependency c raised ValueError('boom')", group_id="g"))
+    assert record["status"] == "FAILURE" and record["task_id"] == "body" and record["group_id"] == "g"
+    assert record["result"] == {"exc_type": "ChordError", "exc_message": ["Dependency c raised ValueError('boom')"],
+                                "exc_module": "celery.exceptions"}
+
+
+def test_group_records_round_trip_and_nested_groups_flatten():
+    assert json.loads(results.group_record("g", ["a", "b"])) == {"result": [["g", None], [[["a", None], None],
+                                                                                        [["b", None], None]]]}
+    assert results.group_members(results.group_record("g", ["a", "b"])) == ["a", "b"]
+    nested = json.dumps({"result": [["g", None], [[["a", None], None], [["h", None], [[["b", None], None]]]]]})
+    assert results.group_members(nested) == ["a", "b"]
+    assert results.group_members(b"not json") is None and results.group_members('{"result": 1}') is None
+
+
+def test_started_is_celery_s_started():
+    record = json.loads(results.started("t", 42, "greenq@h", parent_id="p"))
+    assert (record["status"], record["result"], record["date_done"], record["parent_id"]) == \
+        ("STARTED", {"pid": 42, "hostname": "greenq@h"}, None, "p")
+
+
+def test_a_celery_record_reads_as_greenq_s_meta():
+    ok = results.to_greenq_meta(results.encode(results.meta("t", "SUCCESS", result=dt.date(2030, 1, 2))), "t")
+    assert ok is not None and (ok["state"], ok["result"]) == ("SUCCESS", dt.date(2030, 1, 2))
+    failed = results.to_greenq_meta(results.encode(results.meta("t", "FAILURE", exc=KeyError("k"), traceback="tb")),
+                                    "t")
+    assert failed is not None and failed["exc"] == {"type": "builtins.KeyError", "args": ["k"], "message": "k"}
+    assert failed["traceback"] == "tb" and failed["result"] is None
+    revoked = results.to_greenq_meta(json.dumps({"status": "REVOKED", "result": {
+        "exc_type": "TaskRevokedError", "exc_message": ["expired"], "exc_module": "celery.exceptions"}}), "t")
+    assert revoked is not None and revoked["reason"] == "expired"
+    assert results.to_greenq_meta(b"\xff", "t") is None and results.to_greenq_meta("[1]", "t") is None

@@ -71,3 +71,5 @@ PURGE = load("purge")
 DLQ_BACK = load("dlq_back")
 #: the result backend's (results.py): store chord members' results, count them, decide the completer
 CHORD_DONE = load("chord_done")
+#: Celery chords on Redis (celery_results.py): count members as Celery's backend does, release the claim
+CELERY_CHORD_PART, CELERY_CHORD_DONE = load("celery_chord_part"), load("celery_chord_done")

@@ -87,6 +87,7 @@ class _Listener:
     def __init__(self, backend: "RedisBackend") -> None:
         self.backend = backend
         self.channel = f"{backend.prefix}:reply:{uuid.uuid4().hex}"
+        self._own = self.channel.encode("utf-8")   # as pub/sub messages name it
         self.ready = threading.Event()            # subscribed: registrations will be heard
         self._waiters: Dict[str, List[threading.Event]] = {}
         self._lock = threading.Lock()
@@ -94,6 +95,10 @@ class _Listener:
         self._closed = False
         self._last_wait = time.monotonic()         # when a waiter last came or went
         self._generation = 0                       # of the current listener thread
+        #: other channels to hear (``watch``): channel -> (task id, subscribed event, watchers)
+        self._watched: Dict[str, List[Any]] = {}
+        #: what this listener's connection is subscribed to (True: confirmed); its thread's own
+        self._subscribed: Dict[str, bool] = {}
 
     def register(self, task_id: str) -> threading.Event:
         event = threading.Event()
@@ -115,6 +120,55 @@ class _Listener:
                 events.remove(event)
             if not events:
                 self._waiters.pop(task_id, None)
+
+    def watch(self, channel: str, task_id: str) -> threading.Event:
+        """Also hear ``channel`` (Celery's backend publishes a record on its
+        key's name): a message there wakes ``task_id``'s waiters.  The event
+        returned is set once the subscription is confirmed; until then a
+        publish may be missed.  Each ``watch`` takes one ``unwatch``."""
+        with self._lock:
+            entry = self._watched.get(channel)
+            if entry is None:
+                entry = self._watched[channel] = [task_id, threading.Event(), 0]
+            entry[2] += 1
+            event = entry[1]
+        self._nudge()
+        return cast(threading.Event, event)
+
+    def unwatch(self, channel: str) -> None:
+        with self._lock:
+            entry = self._watched.get(channel)
+            if entry is not None:
+                entry[2] -= 1
+                if entry[2] <= 0:
+                    del self._watched[channel]
+        self._nudge()
+
+    def _nudge(self) -> None:
+        """Wake the listener from its blocking read, so it (un)subscribes now."""
+        try:
+            self.backend.client.publish(self.channel, b"")
+        except Exception:  # pragma: no cover - Redis away: it syncs within a slice
+            pass
+
+    def _sync(self, pubsub: Any) -> None:
+        """(Un)subscribe the watched channels to match ``_watched``."""
+        with self._lock:
+            wanted = set(self._watched)
+        subscribe = [c for c in wanted if c not in self._subscribed]
+        drop = [c for c in self._subscribed if c not in wanted]
+        if subscribe:
+            pubsub.subscribe(*subscribe)
+            for c in subscribe:
+                self._subscribed[c] = False      # True once Redis confirms it
+        with self._lock:                         # watched again while still subscribed: heard already
+            for c, entry in self._watched.items():
+                if self._subscribed.get(c) and not entry[1].is_set():
+                    entry[1].set()
+        if drop:
+            pubsub.unsubscribe(*drop)
+            for c in drop:
+                self._subscribed.pop(c, None)
 
     def close(self) -> None:
         """Stop the listener before its connection is closed (a socket closed
@@ -157,12 +211,18 @@ class _Listener:
                 try:
                     if pubsub is None:
                         pubsub = self.backend.client.pubsub(ignore_subscribe_messages=False)
+                        self._subscribed = {}
                         pubsub.subscribe(self.channel)
+                    if self._watched or self._subscribed:
+                        self._sync(pubsub)
                     message = pubsub.get_message(timeout=LISTEN_SLICE)
                 except Exception as exc:       # the listener must outlive any failure
                     if self._closed or self._idled_out(generation):
                         return
                     self.ready.clear()
+                    with self._lock:
+                        for entry in self._watched.values():
+                            entry[1].clear()     # subscribed again with the new connection
                     failures += 1
                     if failures == 2:
                         log.warning("%s: result listener lost its connection (%s); reconnecting",
@@ -175,6 +235,12 @@ class _Listener:
                 if message is None:
                     if self._idled_out(generation):
                         return
+                    continue
+                channel = message.get("channel")
+                if self._subscribed and channel is not None and channel != self._own \
+                        and channel != self.channel:   # a watched channel (only while there are some)
+                    self._heard(message["type"], channel.decode("utf-8", "replace")
+                                if isinstance(channel, bytes) else channel)
                     continue
                 if message["type"] == "subscribe":
                     if failures >= 2:
@@ -191,6 +257,20 @@ class _Listener:
                     self.ready.clear()
             if pubsub is not None:
                 self._discard(pubsub)
+
+    def _heard(self, kind: str, channel: str) -> None:
+        """A watched channel's subscription confirmed, or a message on it."""
+        if kind == "subscribe" and channel in self._subscribed:
+            self._subscribed[channel] = True
+        with self._lock:
+            entry = self._watched.get(channel)
+        if entry is None:
+            return
+        if kind == "subscribe":
+            entry[1].set()
+            self._wake(entry[0])             # stored while subscribing: read again
+        elif kind == "message":
+            self._wake(entry[0])
 
     @staticmethod
     def _discard(pubsub: Any) -> None:
