@@ -11,14 +11,16 @@ Keys (``P`` is ``[greenq] key_prefix``)::
                          the revoke time: what a worker starting later loads
                          (members older than result_expires are trimmed)
 
-and one pub/sub channel ``P:reply:<random>`` per backend instance (process).
+and one pub/sub channel ``P:reply:<random>:r`` per backend instance (process).
 
 ``wait`` never polls, and any number of waiters in a process share one
 connection: a listener (one thread, or greenlet when patched) is subscribed to
 the instance's reply channel.  A waiter reads the record, or else adds the
 channel to ``waiters``, in one script; the store script sets the record and,
-when final, publishes the task id to every channel in ``waiters``; the
-listener wakes the process's waiters of that task, which read the record.
+when final, publishes the task id and the record (NOTIFY_MAX) to every
+channel in ``waiters``; the listener wakes the process's waiters of that
+task, which take the record from the notification (or read it, when only the
+id came: a record over NOTIFY_MAX, an older worker, a chord member's store).
 The two scripts are atomic, so a store is never missed between the read and
 the registration.  When the listener's connection drops, it reconnects and
 wakes every waiter to read again.  A listener nobody has waited on for
