@@ -48,8 +48,11 @@ T = TypeVar("T")
 log = logging.getLogger("greenq.transports.redis.results")
 
 #: a final record up to this size travels in the notification itself (to a
-#: channel ending in CARRY_MARK): the waiter needs no GET after the wake-up
-NOTIFY_MAX = 65536
+#: channel ending in CARRY_MARK): the waiter needs no GET after the wake-up.
+#: Small, so that many waiters' notifications at once stay far below Redis's
+#: pub/sub output buffer limits (client-output-buffer-limit pubsub 32mb 8mb 60
+#: by default), past which Redis drops the listener's connection
+NOTIFY_MAX = 8192
 #: the end of the reply channel of a listener that takes records in its
 #: notifications (older listeners' channels end in their random hex and get
 #: the task id alone, as before)
