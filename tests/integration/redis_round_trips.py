@@ -3,7 +3,17 @@ command or pipeline a connection of the client's pool sends is one
 ``send_packed_command`` on that connection."""
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any, List, Tuple
+
+
+def _first_words(packed: Any) -> Tuple[str, str]:
+    """The first two words of a packed RESP command (bytes or chunks)."""
+    head = packed if isinstance(packed, (bytes, bytearray, memoryview)) else \
+        b"".join(bytes(c) for c in packed[:4])
+    lines = bytes(head[:4096]).split(b"\r\n")
+    # *N, $len, word, $len, word, ...
+    words = [lines[i].decode("utf-8", "replace") for i in (2, 4) if i < len(lines)]
+    return (words + ["", ""])[0].upper(), (words + ["", ""])[1]
 
 
 class RoundTrips:
@@ -15,6 +25,9 @@ class RoundTrips:
     def __init__(self, client: Any) -> None:
         self.pool = client.connection_pool
         self.count = 0
+        #: per round trip, the first two words of its (first) command, e.g.
+        #: ("EVALSHA", "<sha>"), ("XADD", "<stream>")
+        self.commands: List[Tuple[str, str]] = []
         self._wrapped: List[Any] = []
 
     def __enter__(self) -> "RoundTrips":
@@ -35,6 +48,7 @@ class RoundTrips:
 
         def counted(command: Any, check_health: bool = True) -> Any:
             self.count += 1
+            self.commands.append(_first_words(command))
             return send(command, check_health)
         conn.send_packed_command = counted
         self._wrapped.append(conn)

@@ -43,8 +43,8 @@ never read whole by a script: FETCH and RECLAIM return its first
 ``PREVIEW_BYTES`` and its size, and the worker dead-letters it with that
 preview.  FETCH also stops at the worker's byte budget (``max_bytes``).  The
 one exception is the blocking read, which cannot look before it reads: it
-takes one entry per stream (COUNT 1), checks its size here, and the script
-reads the rest of the batch.
+takes one entry per stream (COUNT 1), checks its size here, and hands it
+out at once; the next fetch's script reads the rest of the batch.
 
 Every entry read is checked by ``entry_delivery``: a bad one (fields missing,
 repeated or unknown, a message id that is not UTF-8) becomes a Delivery with
@@ -503,7 +503,10 @@ class RedisBroker(Reconnecting, Broker):
     def _block_read(self, queues: Sequence[str], count: int, wait: float,
                     max_bytes: int = 0) -> List[Delivery]:
         """Wait for a first entry (one per stream: XREADGROUP cannot look at a
-        size before reading), then let the script read the rest of the batch."""
+        size before reading) and hand it out at once: the next fetch's script
+        reads the rest of the batch while the task runs, so a lone message
+        (a round trip's) does not wait for a second read, and a busy queue
+        costs no more round trips (the next fetch reads first anyway)."""
         keys = [k for q in queues for k in self.streams(q)]
         try:   # raw reply (see __init__): entry fields as the server sent them
             reply = self.client.execute_command(
@@ -516,14 +519,6 @@ class RedisBroker(Reconnecting, Broker):
             return []
         out = self._deliveries_of(reply)
         del reply                           # an oversized entry's bytes go with it
-        budget = budget_left(max_bytes, out)
-        if out and len(out) < count and budget is not None:
-            try:
-                out += self._read(queues, count - len(out), budget)
-            except Exception:
-                with self._lock:            # leased to us: hand out next time
-                    self._spares.extend(out)
-                raise
         if len(out) > count:   # a server that re-runs the read may serve several streams
             with self._lock:
                 self._spares.extend(out[count:])

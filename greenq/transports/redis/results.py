@@ -11,14 +11,16 @@ Keys (``P`` is ``[greenq] key_prefix``)::
                          the revoke time: what a worker starting later loads
                          (members older than result_expires are trimmed)
 
-and one pub/sub channel ``P:reply:<random>`` per backend instance (process).
+and one pub/sub channel ``P:reply:<random>:r`` per backend instance (process).
 
 ``wait`` never polls, and any number of waiters in a process share one
 connection: a listener (one thread, or greenlet when patched) is subscribed to
 the instance's reply channel.  A waiter reads the record, or else adds the
 channel to ``waiters``, in one script; the store script sets the record and,
-when final, publishes the task id to every channel in ``waiters``; the
-listener wakes the process's waiters of that task, which read the record.
+when final, publishes the task id and the record (NOTIFY_MAX) to every
+channel in ``waiters``; the listener wakes the process's waiters of that
+task, which take the record from the notification (or read it, when only the
+id came: a record over NOTIFY_MAX, an older worker, a chord member's store).
 The two scripts are atomic, so a store is never missed between the read and
 the registration.  When the listener's connection drops, it reconnects and
 wakes every waiter to read again.  A listener nobody has waited on for
@@ -31,7 +33,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, TypeVar, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar, cast
 
 from ...reconnect import Reconnecting, Reconnector, Unreachable, reconnect_delay
 from .client import FAILURES, TRANSIENT, Pool, make_client, refused
@@ -45,8 +47,22 @@ T = TypeVar("T")
 
 log = logging.getLogger("greenq.transports.redis.results")
 
+#: a final record up to this size travels in the notification itself (to a
+#: channel ending in CARRY_MARK): the waiter needs no GET after the wake-up.
+#: Small, so that many waiters' notifications at once stay far below Redis's
+#: pub/sub output buffer limits (client-output-buffer-limit pubsub 32mb 8mb 60
+#: by default), past which Redis drops the listener's connection
+NOTIFY_MAX = 8192
+#: the end of the reply channel of a listener that takes records in its
+#: notifications (older listeners' channels end in their random hex and get
+#: the task id alone, as before)
+CARRY_MARK = ":r"
+
 #: KEYS, per record: result, waiters.  ARGV: expiry (s, 0 = none), then per
-#: record: task id, value.  A final value wakes the waiters' processes.
+#: record: task id, value.  A final value wakes the waiters' processes: to a
+#: channel ending in CARRY_MARK it publishes NUL, the id's length, ":", the id
+#: and the value (the value only when at most NOTIFY_MAX bytes), to any other
+#: channel the id alone.
 STORE = """
 local ex = tonumber(ARGV[1])
 for i = 1, #KEYS / 2 do
@@ -59,13 +75,21 @@ for i = 1, #KEYS / 2 do
   if string.byte(value, 1) == 70 then  -- 'F': final
     local channels = redis.call('SMEMBERS', KEYS[2 * i])
     if #channels > 0 then
-      for _, channel in ipairs(channels) do redis.call('PUBLISH', channel, id) end
+      local carried = id
+      if #value <= NOTIFY_MAX then carried = '\\0' .. #id .. ':' .. id .. value end
+      for _, channel in ipairs(channels) do
+        if string.sub(channel, -2) == 'CARRY_MARK' then
+          redis.call('PUBLISH', channel, carried)
+        else
+          redis.call('PUBLISH', channel, id)
+        end
+      end
       redis.call('DEL', KEYS[2 * i])
     end
   end
 end
 return #KEYS / 2
-"""
+""".replace("NOTIFY_MAX", str(NOTIFY_MAX)).replace("CARRY_MARK", CARRY_MARK)
 
 #: The record when final; else register the reply channel.  KEYS: result,
 #: waiters.  ARGV: reply channel, seconds the registration lives.
@@ -78,6 +102,22 @@ return false
 """
 
 FINAL, PARTIAL = b"F", b"P"
+
+
+def split_notification(data: Any) -> Tuple[str, Optional[bytes]]:
+    """The task id of a notification and the final record it carries (with
+    its "F"), or None when it is a bare task id (an older worker's, a
+    record over NOTIFY_MAX, a chord member's)."""
+    if isinstance(data, bytes) and data[:1] == b"\0":
+        head, sep, rest = data[1:].partition(b":")
+        if sep and head.isdigit():
+            n = int(head)
+            task_id, value = rest[:n], rest[n:]
+            if len(task_id) == n and value[:1] == FINAL:
+                return task_id.decode(), value
+    return (data.decode() if isinstance(data, bytes) else str(data)), None
+
+
 LISTEN_SLICE = 1.0   # seconds the listener blocks before looking at its stop flag
 
 
@@ -86,10 +126,11 @@ class _Listener:
 
     def __init__(self, backend: "RedisBackend") -> None:
         self.backend = backend
-        self.channel = f"{backend.prefix}:reply:{uuid.uuid4().hex}"
+        self.channel = f"{backend.prefix}:reply:{uuid.uuid4().hex}{CARRY_MARK}"
         self._own = self.channel.encode("utf-8")   # as pub/sub messages name it
         self.ready = threading.Event()            # subscribed: registrations will be heard
         self._waiters: Dict[str, List[threading.Event]] = {}
+        self._carried: Dict[str, bytes] = {}       # final records notified, of tasks waited on
         self._lock = threading.Lock()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
@@ -120,6 +161,13 @@ class _Listener:
                 events.remove(event)
             if not events:
                 self._waiters.pop(task_id, None)
+                self._carried.pop(task_id, None)
+
+    def carried(self, task_id: str) -> Optional[bytes]:
+        """The final record (with its "F") a notification brought for
+        ``task_id``, kept while someone waits for it; else None."""
+        with self._lock:
+            return self._carried.get(task_id)
 
     def watch(self, channel: str, task_id: str) -> threading.Event:
         """Also hear ``channel`` (Celery's backend publishes a record on its
@@ -196,11 +244,14 @@ class _Listener:
                 self.ready.clear()
             return True
 
-    def _wake(self, task_id: Optional[str]) -> None:
-        """Wake the waiters of ``task_id``, or everyone (None)."""
+    def _wake(self, task_id: Optional[str], value: Optional[bytes] = None) -> None:
+        """Wake the waiters of ``task_id``, or everyone (None), handing them
+        the final record ``value`` when the notification carried it."""
         with self._lock:
             events = ([e for es in self._waiters.values() for e in es] if task_id is None
                       else list(self._waiters.get(task_id, ())))
+            if value is not None and task_id is not None and events:
+                self._carried[task_id] = value
         for event in events:
             event.set()
 
@@ -249,8 +300,7 @@ class _Listener:
                     self.ready.set()
                     self._wake(None)              # anything stored while away is read again
                 elif message["type"] == "message":
-                    data = message["data"]
-                    self._wake(data.decode() if isinstance(data, bytes) else str(data))
+                    self._wake(*split_notification(message["data"]))
         finally:
             with self._lock:
                 if generation == self._generation:   # not replaced by a newer listener
@@ -345,8 +395,10 @@ class RedisBackend(Reconnecting, ResultBackend):
                     return None
                 if event.wait(remaining):
                     event.clear()
-                    value = self._call(lambda: self.client.get(self._key("result", task_id)),
-                                       left(), "wait for result")
+                    value = listener.carried(task_id)     # the record came with the wake-up
+                    if value is None:                     # an id alone: read the record
+                        value = self._call(lambda: self.client.get(self._key("result", task_id)),
+                                           left(), "wait for result")
                     if value is not None and value[:1] != FINAL:
                         value = None
             return value[1:]
