@@ -1,0 +1,128 @@
+"""Celery and greenq on RabbitMQ, end to end (issue 21): an unmodified Celery
+client (``result_backend='rpc://'``) sends to a queue in ``[greenq]
+celery_queues``; a real greenq-worker (``--burst``) runs the tasks and answers
+on the client's reply queue, which Celery's ``AsyncResult.get()`` reads
+(values, a countdown, a failure with ``propagate=False``, a link).  And
+greenq client -> real Celery worker (solo pool): what greenq sends to such a
+queue is a Celery message on Celery's exchange.  One green driver is enough:
+the broker code is the same under every driver."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from tests.conftest import delete_amqp_names, until
+from tests.e2e.conftest import HERE, Env
+from tests.fixtures.celery.clients import celery_python
+
+pytestmark = [pytest.mark.e2e, pytest.mark.amqp]
+
+CLIENT = r"""
+import json, sys, time
+from celery import Celery, signature
+app = Celery("client", broker=sys.argv[1], backend="rpc://")
+q = sys.argv[2]
+sent = {
+    "plain": app.send_task("interop.add", args=[2, 3], queue=q),
+    "countdown": app.send_task("interop.add", args=[10, 20], queue=q, countdown=2),
+    "failed": app.send_task("interop.add", args=["a", 1], queue=q),
+    "linked": app.send_task("interop.add", args=[50, 50], queue=q,
+                            link=signature("interop.echo", args=("linked",), queue=q)),
+}
+print(json.dumps({k: r.id for k, r in sent.items()}), time.time(), flush=True)
+sys.stdin.readline()                     # the greenq worker ran them
+out = {}
+for name, r in sent.items():
+    value = r.get(timeout=30, propagate=False)
+    out[name] = [r.state, value if r.successful() else type(value).__name__, (r.traceback or "")[-300:]]
+print(json.dumps(out), flush=True)
+"""
+
+CELERY_WORKER_TASKS = """
+from celery import Celery
+import os
+app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"])
+app.conf.worker_hijack_root_logger = False
+
+@app.task(name="interop.add")
+def add(x, y):
+    with open(os.environ["CELERY_TEST_MARKS"], "a") as fh:
+        fh.write(str(x + y) + chr(10))
+    return x + y
+"""
+
+
+def _celery_env():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GREENQ_", "CELERY_"))}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+@pytest.fixture
+def celery_env(tmp_path, amqp_url, pool):
+    if pool != "gevent":
+        pytest.skip("one green driver is enough: the Celery RabbitMQ path is the same under every driver")
+    sys.path.insert(0, str(HERE))
+    queue = f"gqc-{uuid.uuid4().hex[:8]}"
+    env = Env(tmp_path, amqp_url, {"GREENQ_CELERY_QUEUES": queue, "GREENQ_WORKER_QUEUES": queue,
+                                   "GREENQ_DEFAULT_QUEUE": queue, "GREENQ_RESULT_BACKEND": "rpc://"})
+    env.queue = queue
+    yield env
+    env.cleanup()
+    delete_amqp_names(amqp_url, [queue], [queue])
+
+
+def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_rpc_answers_it(pool, celery_env, amqp_url):
+    queue = celery_env.queue
+    client = subprocess.Popen([celery_python(), "-c", CLIENT, amqp_url, queue], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_celery_env())
+    try:
+        ids, _, sent_at = client.stdout.readline().rpartition(" ")
+        ids = json.loads(ids)
+        code, out = celery_env.run_worker(pool, "-A", "celery_interop_tasks", timeout=60)
+        assert code == 0, out
+        stdout, stderr = client.communicate("go\n", timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, stderr
+    results = json.loads(stdout.splitlines()[-1])
+    assert results["plain"][:2] == ["SUCCESS", 5]
+    assert results["countdown"][:2] == ["SUCCESS", 30]
+    assert results["failed"][:2] == ["FAILURE", "TypeError"] and "can only concatenate" in results["failed"][2]
+    assert results["linked"][:2] == ["SUCCESS", 100]
+    adds = {tuple(a[:2]): a[2] for a in map(json.loads, (celery_env.markers / "add").read_text().splitlines())}
+    assert adds[(10, 20)] >= float(sent_at) + 1.0               # the countdown did not run early
+    echoes = [json.loads(line) for line in (celery_env.markers / "echo").read_text().splitlines()]
+    assert [e["args"] for e in echoes] == [[100, "linked"]]
+    assert "worker stopped: 4 succeeded, 1 failed" in out, out
+
+
+def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, amqp_url, tmp_path):
+    queue = celery_env.queue
+    app = celery_env.app("celery_interop_tasks")
+    for i in range(3):
+        app.send_task("interop.add", args=[i, i], queue=queue)
+    app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1)
+    (tmp_path / "celery_side.py").write_text(CELERY_WORKER_TASKS)
+    marks = tmp_path / "celery_marks"
+    env = _celery_env()
+    env.update(CELERY_TEST_URL=amqp_url, PYTHONPATH=str(tmp_path), CELERY_TEST_MARKS=str(marks))
+    worker = subprocess.Popen([celery_python(), "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo",
+                               "-Q", queue, "--without-heartbeat", "--without-gossip", "--without-mingle",
+                               "-l", "INFO"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        done = until(lambda: marks.exists() and len(marks.read_text().split()) >= 4, 40)
+    finally:
+        worker.terminate()
+        out, _ = worker.communicate(timeout=30)
+    assert done, out
+    assert sorted(int(x) for x in marks.read_text().split()) == [0, 2, 4, 10], out
+    assert out.count("succeeded in") == 4, out
