@@ -150,7 +150,8 @@ def celery_publish(m: Outgoing, now: float, names: Any,
                    headers: Optional[Dict[str, Any]] = None) -> Tuple[bytes, bytes, str, str]:
     """The ``basic.publish`` (body, encoded properties, exchange, routing key)
     of ``m``, a Celery message for a Celery queue carried as kombu's JSON
-    element: Celery's AMQP message on Celery's exchange; through a delay
+    element: Celery's AMQP message routed as Celery's client routes it
+    (the default exchange for a direct exchange type); through a delay
     when ``m.eta`` is ahead (a deferral), or through the native delayed
     delivery when the eta header is and that applies (a countdown sent)."""
     queue = m.queue
@@ -161,7 +162,8 @@ def celery_publish(m: Outgoing, now: float, names: Any,
     table = dict(env.headers)
     if headers:
         table.update(headers)
-    exchange, key = queue, queue
+    # Celery's client: a direct exchange's queue through the default exchange, else the queue's exchange
+    exchange, key = ("" if names.celery[1] == "direct" else queue), queue
     now = time.time()
     wait_ms = max(0, math.ceil((m.eta - now) * 1000)) if m.eta is not None else 0
     if wait_ms and native_delays(names):
@@ -176,7 +178,8 @@ def celery_publish(m: Outgoing, now: float, names: Any,
             eta = None
         if eta is not None and eta - now >= 1:
             exchange, key = native_route(int(eta - now), queue)
-    props = amqp_properties(env, m.priority, table)
+    priority = m.priority or env.properties.get("priority") or 0
+    props = amqp_properties(env, priority if isinstance(priority, int) else 0, table)
     return env.body, encode_properties(props), exchange, key
 
 

@@ -28,7 +28,7 @@ from .wire import encode_properties
 
 #: messages whose reply_to is kept at most (the oldest is forgotten first: a
 #: task of ignore_result, or one no worker settled, leaves its entry behind)
-REMEMBER_MAX = 100000
+REMEMBER_MAX = 20000
 _REPLIES: "OrderedDict[str, Tuple[str, str]]" = OrderedDict()
 _LOCK = threading.Lock()
 
