@@ -2,7 +2,9 @@
 client (``result_backend='rpc://'``) sends to a queue in ``[greenq]
 celery_queues``; a real greenq-worker (``--burst``) runs the tasks and answers
 on the client's reply queue, which Celery's ``AsyncResult.get()`` reads
-(values, a countdown, a failure with ``propagate=False``, a link).  And
+(values, a countdown, a failure with ``propagate=False``, a link, a retried
+task, a time limit).  (An expired message does not reach any worker on
+RabbitMQ: Celery's client sets its AMQP ``expiration`` too, docs/celery.md.)  And
 greenq client -> real Celery worker (solo pool): what greenq sends to such a
 queue is a Celery message on Celery's exchange.  One green driver is enough:
 the broker code is the same under every driver."""
@@ -23,7 +25,7 @@ from tests.fixtures.celery.clients import celery_python
 pytestmark = [pytest.mark.e2e, pytest.mark.amqp]
 
 CLIENT = r"""
-import json, sys, time
+import datetime, json, sys, time
 from celery import Celery, signature
 app = Celery("client", broker=sys.argv[1], backend="rpc://")
 q = sys.argv[2]
@@ -33,12 +35,18 @@ sent = {
     "failed": app.send_task("interop.add", args=["a", 1], queue=q),
     "linked": app.send_task("interop.add", args=[50, 50], queue=q,
                             link=signature("interop.echo", args=("linked",), queue=q)),
+    "retried": app.send_task("interop.flaky", args=[2], queue=q),
+    "time_limit": app.send_task("interop.slow", args=[30], queue=q, time_limit=1),
 }
 print(json.dumps({k: r.id for k, r in sent.items()}), time.time(), flush=True)
 sys.stdin.readline()                     # the greenq worker ran them
 out = {}
 for name, r in sent.items():
-    value = r.get(timeout=30, propagate=False)
+    try:
+        value = r.get(timeout=15, propagate=False)
+    except Exception as exc:             # no answer: said so, with the others
+        out[name] = ["NO ANSWER", type(exc).__name__, ""]
+        continue
     out[name] = [r.state, value if r.successful() else type(value).__name__, (r.traceback or "")[-300:]]
 print(json.dumps(out), flush=True)
 """
@@ -97,11 +105,14 @@ def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_rpc_answers_it(pool,
     assert results["countdown"][:2] == ["SUCCESS", 30]
     assert results["failed"][:2] == ["FAILURE", "TypeError"] and "can only concatenate" in results["failed"][2]
     assert results["linked"][:2] == ["SUCCESS", 100]
+    assert results["retried"][:2] == ["SUCCESS", 2]                     # two RETRY replies, then SUCCESS
+    assert results["time_limit"][:2] == ["FAILURE", "TimeLimitExceeded"]
     adds = {tuple(a[:2]): a[2] for a in map(json.loads, (celery_env.markers / "add").read_text().splitlines())}
     assert adds[(10, 20)] >= float(sent_at) + 1.0               # the countdown did not run early
     echoes = [json.loads(line) for line in (celery_env.markers / "echo").read_text().splitlines()]
     assert [e["args"] for e in echoes] == [[100, "linked"]]
-    assert "worker stopped: 4 succeeded, 1 failed" in out, out
+    assert [int(x) for x in (celery_env.markers / "flaky").read_text().split()] == [0, 1, 2]
+    assert "worker stopped: 5 succeeded, 2 failed, 2 retried, 0 dead-lettered" in out, out
 
 
 def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, amqp_url, tmp_path):
