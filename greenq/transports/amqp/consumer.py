@@ -203,7 +203,9 @@ class ConsumerLoop:
         wanted = [] if self.paused else list(self.wanted)
         if self.applied_prefetch != self.prefetch or not self.consuming:
             ch.basic_qos(0, self.prefetch, False)
-            if not self.settings.quorum and len(wanted) > 1:
+            quorum = self.settings.quorum or (self.settings.celery[0] == "quorum" and any(   # Celery's quorum queues
+                q in self.settings.celery_queues for q in wanted))
+            if not quorum and len(wanted) > 1:
                 ch.basic_qos(0, self.prefetch, True)   # and in total over the queues
             self.applied_prefetch = self.prefetch
         for queue in wanted:

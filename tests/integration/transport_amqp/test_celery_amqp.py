@@ -83,11 +83,11 @@ def send(env, queue, *specs, conf=None):
     return run_celery(SEND, env.url, queue, json.dumps(conf or {}), *specs).split()
 
 
-def fetch_all(broker, queue, want, timeout=15.0):
+def fetch_all(broker, queue, want, timeout=15.0, also=()):
     got = []
     deadline = time.monotonic() + timeout
     while len(got) < want and time.monotonic() < deadline:
-        got += broker.fetch([queue], want - len(got), 0.5)
+        got += broker.fetch([queue, *also], want - len(got), 0.5)
     return got
 
 
@@ -179,16 +179,18 @@ def test_a_quorum_queue_declared_as_celery_does_and_native_delayed_delivery(env)
             "task_default_routing_key": queue}
     broker = env.broker(queue, amqp__celery_queue_type="quorum", amqp__celery_exchange_type="topic")
     broker.declare([queue])          # and the native delayed delivery topology, as Celery's worker does
+    native = env.queue("native")     # a greenq queue beside: no global QoS (quorum queues refuse it)
+    assert broker.fetch([queue, native], 1, 0.2) == []
     sent = time.time()
     [now_id, later_id] = send(env, queue, "interop.add|[1, 2]|{}", "interop.add|[3, 4]|{'countdown': 2}",
                               conf=conf)
     conn, ch = raw_channel(env.url)
     try:
-        first = fetch_all(broker, queue, 1)
+        first = fetch_all(broker, queue, 1, also=[native])
         assert [d.message_id for d in first] == [now_id]
         # the countdown went through celery_delayed_*: not on the queue before its time
         assert ch.queue_declare(queue, passive=True).message_count == 0
-        [late] = fetch_all(broker, queue, 1)
+        [late] = fetch_all(broker, queue, 1, also=[native])
         assert late.message_id == later_id and time.time() - sent >= 1.0
         assert late.decode(Codec()).eta == pytest.approx(sent + 2, abs=3)
         broker.ack(first + [late])
@@ -200,8 +202,16 @@ def test_a_quorum_queue_declared_as_celery_does_and_native_delayed_delivery(env)
                                      eta=time.time() + 2)
         broker.publish_many([codec.outgoing(msg)])
         assert ch.queue_declare(queue, passive=True).message_count == 0
-        [d] = fetch_all(broker, queue, 1)
+        [d] = fetch_all(broker, queue, 1, also=[native])
         assert d.message_id == msg.id and time.time() >= msg.eta - 1.5
+        # and so does a message the worker defers (it came before its eta)
+        m = d.decode(Codec())
+        m.eta = time.time() + 2
+        broker.publish_many([codec.outgoing(m, sent=False)])
+        broker.ack([d])
+        assert ch.queue_declare(queue, passive=True).message_count == 0
+        [d] = fetch_all(broker, queue, 1, also=[native])
+        assert d.message_id == msg.id and time.time() >= m.eta - 1.5 and d.decode(Codec()).args == [5, 6]
         broker.ack([d])
     finally:
         conn.close()
