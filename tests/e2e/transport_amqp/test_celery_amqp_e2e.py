@@ -137,3 +137,40 @@ def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, am
     assert done, out
     assert sorted(int(x) for x in marks.read_text().split()) == [0, 2, 4, 10], out
     assert out.count("succeeded in") == 4, out
+
+
+REDIS_CLIENT = r"""
+import json, sys
+from celery import Celery
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[2])
+q = sys.argv[3]
+sent = [app.send_task("interop.add", args=[2, 3], queue=q), app.send_task("interop.add", args=["a", 1], queue=q)]
+print(json.dumps([r.id for r in sent]), flush=True)
+sys.stdin.readline()
+out = []
+for r in sent:
+    value = r.get(timeout=15, propagate=False)
+    out.append([r.state, value if r.successful() else type(value).__name__])
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_celery_client_on_rabbitmq_with_redis_results_reads_them(pool, celery_env, amqp_url, redis_url,
+                                                                    redis_prefix):
+    """Celery's other common setup: RabbitMQ broker, Redis result backend."""
+    celery_env.env.update({"GREENQ_RESULT_BACKEND": redis_url, "GREENQ_KEY_PREFIX": redis_prefix,
+                           "GREENQ_RESULT_EXPIRES": "600"})     # celery-task-meta-<id>: outside the prefix
+    client = subprocess.Popen([celery_python(), "-c", REDIS_CLIENT, amqp_url, redis_url, celery_env.queue],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_celery_env())
+    try:
+        client.stdout.readline()
+        code, out = celery_env.run_worker(pool, "-A", "celery_interop_tasks", timeout=60)
+        assert code == 0, out
+        stdout, stderr = client.communicate("go\n", timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert client.returncode == 0, stderr
+    assert json.loads(stdout.splitlines()[-1]) == [["SUCCESS", 5], ["FAILURE", "TypeError"]]
