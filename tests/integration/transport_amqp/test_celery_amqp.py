@@ -54,6 +54,21 @@ with Connection(sys.argv[1]) as conn:
 """
 
 
+CELERY_WORKER_DECLARES = """
+import sys
+from kombu import Connection, Exchange, Queue
+from kombu.transport.native_delayed_delivery import (bind_queue_to_native_delayed_delivery_exchange,
+                                                     declare_native_delayed_delivery_exchanges_and_queues)
+name = sys.argv[2]
+with Connection(sys.argv[1]) as conn:
+    declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+    queue = Queue(name, Exchange(name, type="topic"), routing_key=name, queue_arguments={"x-queue-type": "quorum"})
+    queue(conn.default_channel).declare()
+    bind_queue_to_native_delayed_delivery_exchange(conn, queue)
+print("declared")
+"""
+
+
 @pytest.fixture
 def env(amqp_url):
     made, names = [], []
@@ -179,6 +194,8 @@ def test_a_quorum_queue_declared_as_celery_does_and_native_delayed_delivery(env)
             "task_default_routing_key": queue}
     broker = env.broker(queue, amqp__celery_queue_type="quorum", amqp__celery_exchange_type="topic")
     broker.declare([queue])          # and the native delayed delivery topology, as Celery's worker does
+    # what a Celery worker declares at start (its DelayedDelivery bootstep) agrees with greenq's
+    assert run_celery(CELERY_WORKER_DECLARES, env.url, queue).strip() == "declared"
     native = env.queue("native")     # a greenq queue beside: no global QoS (quorum queues refuse it)
     assert broker.fetch([queue, native], 1, 0.2) == []
     sent = time.time()
@@ -215,6 +232,8 @@ def test_a_quorum_queue_declared_as_celery_does_and_native_delayed_delivery(env)
         broker.ack([d])
     finally:
         conn.close()
+        levels = [level_name(i) for i in range(28)]        # kombu's shared topology: ours to remove here
+        delete_amqp_names(env.url, levels, levels + [DELIVERY_EXCHANGE])
 
 
 def test_a_queue_celery_declared_otherwise_is_a_clear_error(env):
