@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import delete_amqp_names, until
 from tests.e2e.conftest import HERE, Env
-from tests.fixtures.celery.clients import celery_python
+from tests.fixtures.celery.clients import celery_python, run_celery
 
 pytestmark = [pytest.mark.e2e, pytest.mark.amqp]
 
@@ -60,8 +60,25 @@ app.conf.worker_hijack_root_logger = False
 @app.task(name="interop.add")
 def add(x, y):
     with open(os.environ["CELERY_TEST_MARKS"], "a") as fh:
-        fh.write(str(x + y) + chr(10))
+        fh.write("add " + str(x + y) + chr(10))
     return x + y
+
+
+@app.task(name="interop.mark")
+def mark(i):
+    import time
+    time.sleep(0.2)                      # slower than greenq's: both get some of a short run
+    with open(os.environ["CELERY_TEST_MARKS"], "a") as fh:
+        fh.write("mark " + str(i) + chr(10))
+    return i
+"""
+
+SEND_MARKS = r"""
+import sys
+from celery import Celery
+app = Celery("client", broker=sys.argv[1])
+for i in range(int(sys.argv[3]), int(sys.argv[4])):
+    app.send_task("interop.mark", args=[i], queue=sys.argv[2])
 """
 
 
@@ -115,29 +132,15 @@ def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_rpc_answers_it(pool,
     assert "worker stopped: 5 succeeded, 2 failed, 2 retried, 0 dead-lettered" in out, out
 
 
-def test_what_greenq_sends_to_a_celery_queue_a_celery_worker_runs(celery_env, amqp_url, tmp_path):
-    queue = celery_env.queue
-    app = celery_env.app("celery_interop_tasks")
-    for i in range(3):
-        app.send_task("interop.add", args=[i, i], queue=queue)
-    app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1)
+def celery_worker(tmp_path, amqp_url, queue):
+    """A real Celery worker (solo pool) on ``queue``; it writes what it ran to tmp_path/celery_marks."""
     (tmp_path / "celery_side.py").write_text(CELERY_WORKER_TASKS)
-    marks = tmp_path / "celery_marks"
     env = _celery_env()
-    env.update(CELERY_TEST_URL=amqp_url, PYTHONPATH=str(tmp_path), CELERY_TEST_MARKS=str(marks))
-    worker = subprocess.Popen([celery_python(), "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo",
-                               "-Q", queue, "--without-heartbeat", "--without-gossip", "--without-mingle",
-                               "-l", "INFO"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        done = until(lambda: marks.exists() and len(marks.read_text().split()) >= 4, 40)
-    finally:
-        worker.terminate()
-        out, _ = worker.communicate(timeout=30)
-    assert done, out
-    assert sorted(int(x) for x in marks.read_text().split()) == [0, 2, 4, 10], out
-    assert out.count("succeeded in") == 4, out
-
+    env.update(CELERY_TEST_URL=amqp_url, PYTHONPATH=str(tmp_path), CELERY_TEST_MARKS=str(tmp_path / "celery_marks"))
+    return subprocess.Popen([celery_python(), "-m", "celery", "-A", "celery_side", "worker", "--pool", "solo",
+                             "-Q", queue, "--without-heartbeat", "--without-gossip", "--without-mingle",
+                             "-l", "INFO"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
 
 REDIS_CLIENT = r"""
 import json, sys
@@ -174,3 +177,44 @@ def test_a_celery_client_on_rabbitmq_with_redis_results_reads_them(pool, celery_
             client.wait()
     assert client.returncode == 0, stderr
     assert json.loads(stdout.splitlines()[-1]) == [["SUCCESS", 5], ["FAILURE", "TypeError"]]
+
+
+def _ran(path, kind):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [int(line.split()[1]) for line in lines if line.startswith(kind + " ")]
+
+
+def test_greenq_and_celery_share_a_queue_both_ways(celery_env, amqp_url, tmp_path):
+    """greenq client -> a real Celery worker (values, a countdown); then a
+    greenq worker joins the Celery worker on the queue (both declared it: no
+    PRECONDITION_FAILED either way) and each message a Celery client sends
+    runs once, on one of them."""
+    queue = celery_env.queue
+    celery_marks = tmp_path / "celery_marks"
+    app = celery_env.app("celery_interop_tasks")
+    for i in range(3):
+        app.send_task("interop.add", args=[i, i], queue=queue)
+    app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1)
+    run_celery(SEND_MARKS, amqp_url, queue, "0", "5")
+    celery = celery_worker(tmp_path, amqp_url, queue)
+    greenq = None
+    done = False
+    try:
+        if until(lambda: len(_ran(celery_marks, "add")) >= 4 and _ran(celery_marks, "mark"), 40):
+            greenq = celery_env.worker("gevent", "-A", "celery_interop_tasks", burst=False)
+            run_celery(SEND_MARKS, amqp_url, queue, "5", "40")
+            done = until(lambda: celery_env.marker_count("mark") + len(_ran(celery_marks, "mark")) >= 40, 40)
+    finally:
+        celery.terminate()
+        out, _ = celery.communicate(timeout=30)
+        if greenq is not None:
+            greenq.terminate()
+            greenq.communicate(timeout=30)
+    assert done, out
+    assert sorted(_ran(celery_marks, "add")) == [0, 2, 4, 10], out     # what greenq sent, run by Celery
+    by_celery = _ran(celery_marks, "mark")
+    assert out.count("succeeded in") == 4 + len(by_celery), out
+    mine = celery_env.markers / "mark"
+    by_greenq = [json.loads(line) for line in mine.read_text().splitlines()] if mine.exists() else []
+    assert sorted(by_celery + by_greenq) == list(range(40)), "each message runs once"
+    assert by_celery and by_greenq
