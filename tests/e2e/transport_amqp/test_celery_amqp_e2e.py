@@ -4,10 +4,10 @@ celery_queues``; a real greenq-worker (``--burst``) runs the tasks and answers
 on the client's reply queue, which Celery's ``AsyncResult.get()`` reads
 (values, a countdown, a failure with ``propagate=False``, a link, a retried
 task, a time limit).  (An expired message does not reach any worker on
-RabbitMQ: Celery's client sets its AMQP ``expiration`` too, docs/celery.md.)  And
-greenq client -> real Celery worker (solo pool): what greenq sends to such a
-queue is a Celery message on Celery's exchange.  One green driver is enough:
-the broker code is the same under every driver."""
+RabbitMQ: Celery's client sets its AMQP ``expiration`` too, docs/celery.md.)
+The same with Redis results.  greenq client -> real Celery worker (solo
+pool), then a greenq worker beside it on the queue: each message once.  One
+green driver is enough: the broker code is the same under every driver."""
 from __future__ import annotations
 
 import json
