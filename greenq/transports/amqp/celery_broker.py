@@ -176,8 +176,8 @@ def celery_publish(m: Outgoing, now: float, names: Any,
             eta = protocol._iso_epoch("eta", table.get("eta"))
         except ValueError:
             eta = None
-        if eta is not None and eta - now >= 1:
-            exchange, key = native_route(int(eta - now), queue)
+        if eta is not None and eta - now >= 1:      # whole seconds, rounded up: never early
+            exchange, key = native_route(math.ceil(eta - now), queue)
     priority = m.priority or env.properties.get("priority") or 0
     props = amqp_properties(env, priority if isinstance(priority, int) else 0, table)
     return env.body, encode_properties(props), exchange, key
@@ -212,7 +212,7 @@ def celery_delivery(queue: str, props: Dict[str, Any], body: bytes, meta: Any, t
     problem: Optional[MessageError] = None
     data = body
     try:
-        env = protocol.parse_amqp(body, props, queue, queue)
+        env = protocol.parse_amqp(body, props, "" if settings.celery[1] == "direct" else queue, queue)
         try:
             data = protocol.redis_element(env, tag=str(token[1]))
         except (TypeError, ValueError, RecursionError) as exc:

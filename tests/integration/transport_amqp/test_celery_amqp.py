@@ -130,7 +130,7 @@ def test_a_celery_clients_messages_are_consumed_with_every_header(env):
     assert plain.root_id == plain.id and plain.parent_id is None and plain.retries == 0
     assert plain.headers["argsrepr"] == "[2, 3]" and plain.headers["origin"] and plain.serializer == "json"
     assert plain.properties["correlation_id"] == plain.id
-    assert plain.properties["delivery_info"] == {"exchange": queue, "routing_key": queue}
+    assert plain.properties["delivery_info"] == {"exchange": "", "routing_key": queue}
     assert timed.eta == pytest.approx(time.time() + 30, abs=10)       # classic queue: on it at once
     assert timed.expires == pytest.approx(time.time() + 600, abs=10)
     assert (timed.time_limit, timed.soft_time_limit) == (20, 10)
