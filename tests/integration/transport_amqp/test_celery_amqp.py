@@ -297,3 +297,52 @@ def test_malformed_messages_are_dead_lettered_with_a_reason(env):
     with pytest.raises(protocol.CeleryMessageError, match="pickle"):
         d.decode(Codec())
     broker.ack([d])
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_scalars = (st.none() | st.booleans() | st.integers(-2 ** 31, 2 ** 31) | st.text(max_size=12)
+            | st.binary(max_size=8))
+_tables = st.dictionaries(st.sampled_from(["task", "id", "eta", "expires", "retries", "timelimit", "group",
+                                           "ignore_result", "argsrepr", "x-other"]),
+                          st.recursive(_scalars, lambda c: st.lists(c, max_size=3)
+                                       | st.dictionaries(st.text(max_size=6), c, max_size=3), max_leaves=6),
+                          max_size=6)
+
+
+@pytest.fixture(scope="module")
+def live(amqp_url):
+    from greenq.brokers import make_broker as make
+    name = f"gqc-{uuid.uuid4().hex[:8]}-prop"
+    broker = make(amqp_url, make_config(broker_url=amqp_url, celery_queues=name))
+    broker.declare([name])
+    conn, ch = raw_channel(amqp_url)
+    yield name, broker, ch
+    conn.close()
+    broker.close()
+    delete_amqp_names(amqp_url, [name], [name])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(table=_tables, body=st.binary(max_size=40) | st.sampled_from([b"[[1], {}, {}]", b"[[], {}, null]"]),
+       content_type=st.none() | st.sampled_from(["application/json", "application/x-msgpack", "text/x"]))
+def test_whatever_is_published_to_a_celery_queue_is_run_or_dead_lettered(live, table, body, content_type):
+    """Raw publishes of arbitrary headers, bodies and content types: each one
+    is handed out (nothing lost, the consumer loop never stops) and either
+    decodes or says why, and is settled."""
+    name, broker, ch = live
+    props = {"content_type": content_type, "content_encoding": "utf-8"} if content_type else {}
+    ch.basic_publish(amqp.Message(body, application_headers=table, **props), "", name)
+    [d] = fetch_all(broker, name, 1, timeout=10)
+    assert isinstance(d, CeleryDelivery) and d.message_id
+    try:
+        msg = d.decode(Codec())
+    except protocol.CeleryMessageError as exc:
+        broker.dead_letter(d, f"undecodable: {exc}")
+    else:
+        assert msg.task == table["task"] and msg.queue == name
+        broker.ack([d])
+    assert broker.fetch([name], 1, 0.05) == []
