@@ -153,7 +153,8 @@ def celery_publish(m: Outgoing, now: float, names: Any,
     element: Celery's AMQP message routed as Celery's client routes it
     (the default exchange for a direct exchange type); through a delay
     when ``m.eta`` is ahead (a deferral), or through the native delayed
-    delivery when the eta header is and that applies (a countdown sent)."""
+    delivery when the eta header is and that applies (a countdown sent).
+    ``now`` is not used (the hot path passes 0.0): the clock is read here."""
     queue = m.queue
     try:
         env = protocol.parse_redis(m.body)
@@ -174,7 +175,7 @@ def celery_publish(m: Outgoing, now: float, names: Any,
     elif native_delays(names):
         try:
             eta = protocol._iso_epoch("eta", table.get("eta"))
-        except ValueError:
+        except (TypeError, ValueError):     # the worker that takes it says why
             eta = None
         if eta is not None and eta - now >= 1:      # whole seconds, rounded up: never early
             exchange, key = native_route(math.ceil(eta - now), queue)
