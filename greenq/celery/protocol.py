@@ -360,7 +360,18 @@ def _decode(env: Envelope, accept: frozenset, queue: Optional[str], max_size: Op
         chain=list(reversed(chain)) if chain else None,
         ignore_result=_flag("ignore_result header", headers.get("ignore_result")),
         chord=chord, headers=headers, properties=props,
+        reply_to=_greenq_reply_to(headers.get(GREENQ_REPLY_TO)),
         serializer=SERIALIZERS.get(env.content_type, "json"))
+
+
+#: the header naming a greenq client's ``rpc://`` reply queue in a Celery
+#: message it sent (Celery's ``reply_to`` property is its client's, and
+#: answered in Celery's format; greenq's client reads greenq's record)
+GREENQ_REPLY_TO = "greenq_reply_to"
+
+
+def _greenq_reply_to(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -404,6 +415,8 @@ def encode(msg: TaskMessage, serializer: Optional[str] = None, exchange: str = "
         root_id=msg.root_id or msg.id, parent_id=msg.parent_id,
         ignore_result=celery.ignore_result if celery else headers.get("ignore_result", False))
     headers.pop("redelivered", None)
+    if msg.reply_to:
+        headers[GREENQ_REPLY_TO] = msg.reply_to
     properties: Dict[str, Any] = {"correlation_id": msg.id, "reply_to": None, "delivery_mode": 2,
                                   "delivery_info": {"exchange": exchange, "routing_key": msg.queue},
                                   "priority": msg.priority}

@@ -109,6 +109,7 @@ def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_rpc_answers_it(pool,
     try:
         ids, _, sent_at = client.stdout.readline().rpartition(" ")
         ids = json.loads(ids)
+        mine = celery_env.app("celery_interop_tasks").send_task("interop.add", args=[20, 22], queue=queue)
         code, out = celery_env.run_worker(pool, "-A", "celery_interop_tasks", timeout=60)
         assert code == 0, out
         stdout, stderr = client.communicate("go\n", timeout=60)
@@ -129,7 +130,8 @@ def test_a_celery_client_s_tasks_run_on_a_greenq_worker_and_rpc_answers_it(pool,
     echoes = [json.loads(line) for line in (celery_env.markers / "echo").read_text().splitlines()]
     assert [e["args"] for e in echoes] == [[100, "linked"]]
     assert [int(x) for x in (celery_env.markers / "flaky").read_text().split()] == [0, 1, 2]
-    assert "worker stopped: 5 succeeded, 2 failed, 2 retried, 0 dead-lettered" in out, out
+    assert mine.get(timeout=10) == 42          # a greenq client's call on the Celery queue: greenq's rpc:// reply
+    assert "worker stopped: 6 succeeded, 2 failed, 2 retried, 0 dead-lettered" in out, out
 
 
 def celery_worker(tmp_path, amqp_url, queue):
