@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Any, Optional, Sequence, Tuple
 
 from ...celery.results import READY
+from ...exceptions import BrokerError
 from .publish import Publisher
 from .rpc import RPCBackend
 from .wire import encode_properties
@@ -83,5 +84,7 @@ class CeleryRPCBackend(RPCBackend):
             for item in out:
                 pub.publish_raw(*item)
             if pub.confirm:
-                pub.wait_confirms()      # a returned one: the client's reply queue is gone
+                nacked, _ = pub.wait_confirms()    # a returned one: the client's reply queue is gone
+                if nacked:
+                    raise BrokerError(f"RabbitMQ refused {len(nacked)} Celery result(s)")
         self.pool.run(send)
