@@ -248,6 +248,36 @@ def test_a_queue_celery_declared_otherwise_is_a_clear_error(env):
     assert len(fetch_all(broker, queue, 1)) == 1
 
 
+def test_rpc_replies_in_celerys_form_go_to_the_messages_reply_to(env, amqp_url):
+    """Without a consumer channel (not in a worker) they go through the
+    publisher pool; the reply queue learns nothing until a ready state."""
+    from greenq.backends import make_backend
+    from greenq.celery.results import worker_record
+    from greenq.transports.amqp import celery_rpc
+    reply = env.queue("reply")
+    conn, ch = raw_channel(amqp_url)
+    try:
+        ch.queue_declare(reply, durable=False, auto_delete=False)
+        backend = make_backend("rpc://", make_config(broker_url=amqp_url))
+        assert isinstance(backend, celery_rpc.CeleryRPCBackend)
+        msg = protocol.CeleryMessage("interop.add", [1, 2], {}, id=f"t-{uuid.uuid4().hex}", queue="q")
+        celery_rpc.remember(msg.id, reply, "corr-" + msg.id)
+        backend.store_celery([worker_record(msg, "retry", None, ValueError("again"), None, None)])
+        backend.store_celery([worker_record(msg, "success", 3, None, None, None)])
+        backend.store_celery([worker_record(msg, "success", 4, None, None, None)])   # forgotten: goes nowhere
+        backend.close()
+        got = [ch.basic_get(reply, no_ack=True) for _ in range(3)]
+        assert got[2] is None
+        states = [json.loads(m.body)["status"] for m in got[:2]]
+        assert states == ["RETRY", "SUCCESS"] and json.loads(got[1].body)["result"] == 3
+        for m in got[:2]:
+            assert m.properties["correlation_id"] == "corr-" + msg.id
+            assert (m.properties["content_type"], m.properties["delivery_mode"]) == ("application/json", 1)
+    finally:
+        ch.queue_delete(reply)
+        conn.close()
+
+
 def _publish(ch, queue, body, headers, **props):
     ch.basic_publish(amqp.Message(body, application_headers=headers, **props), queue, queue)
 
