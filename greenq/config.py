@@ -630,10 +630,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.origin('greenq', 'key_prefix')}: [greenq] key_prefix = {cfg.key_prefix[:80]!r}: "
                           f"must be 1-64 characters of A-Z a-z 0-9 _ - . : (it names Redis keys, RabbitMQ "
                           f"queues and exchanges, and SQLite tables)")
-    if cfg.celery_queues and cfg.broker_url.partition("://")[0] not in ("redis", "rediss"):
+    if cfg.celery_queues and cfg.broker_url.partition("://")[0] not in ("redis", "rediss", "amqp", "pyamqp",
+                                                                         "amqps"):
         raise ConfigError(f"{cfg.origin('greenq', 'celery_queues')}: [greenq] celery_queues = "
-                          f"{','.join(cfg.celery_queues)[:80]!r}: Celery's protocol is supported on redis:// "
-                          f"and rediss:// brokers only so far (docs/celery.md), not "
+                          f"{','.join(cfg.celery_queues)[:80]!r}: Celery's protocol is supported on redis://, "
+                          f"rediss://, amqp://, pyamqp:// and amqps:// brokers only (docs/celery.md), not "
                           f"{cfg.broker_url.partition('://')[0]}://")
     for entry, spec in cfg.schedules.items():
         check_schedule(cfg, entry, spec)

@@ -360,7 +360,18 @@ def _decode(env: Envelope, accept: frozenset, queue: Optional[str], max_size: Op
         chain=list(reversed(chain)) if chain else None,
         ignore_result=_flag("ignore_result header", headers.get("ignore_result")),
         chord=chord, headers=headers, properties=props,
+        reply_to=_greenq_reply_to(headers.get(GREENQ_REPLY_TO)),
         serializer=SERIALIZERS.get(env.content_type, "json"))
+
+
+#: the header naming a greenq client's ``rpc://`` reply queue in a Celery
+#: message it sent (Celery's ``reply_to`` property is its client's, and
+#: answered in Celery's format; greenq's client reads greenq's record)
+GREENQ_REPLY_TO = "greenq_reply_to"
+
+
+def _greenq_reply_to(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) and value else None
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -404,6 +415,8 @@ def encode(msg: TaskMessage, serializer: Optional[str] = None, exchange: str = "
         root_id=msg.root_id or msg.id, parent_id=msg.parent_id,
         ignore_result=celery.ignore_result if celery else headers.get("ignore_result", False))
     headers.pop("redelivered", None)
+    if msg.reply_to:
+        headers[GREENQ_REPLY_TO] = msg.reply_to
     properties: Dict[str, Any] = {"correlation_id": msg.id, "reply_to": None, "delivery_mode": 2,
                                   "delivery_info": {"exchange": exchange, "routing_key": msg.queue},
                                   "priority": msg.priority}
@@ -479,6 +492,40 @@ def redis_element(env: Envelope, tag: Optional[str] = None) -> bytes:
     return json_dumps(element).encode("utf-8")
 
 
+# -- an AMQP message (RabbitMQ) ----------------------------------------------------
+#: the AMQP basic properties kept in ``Envelope.properties`` (kombu's names)
+AMQP_PROPERTIES = ("correlation_id", "reply_to", "priority", "delivery_mode")
+
+
+def parse_amqp(body: Any, properties: Any, exchange: str = "", routing_key: str = "") -> Envelope:
+    """The Envelope of an AMQP message as kombu's py-amqp transport publishes
+    it: the body as is, ``content_type``/``content_encoding`` and the
+    ``application_headers`` from the basic properties, ``correlation_id``,
+    ``reply_to``, ``priority`` and ``delivery_mode`` kept as properties with
+    ``delivery_info`` (``exchange``, ``routing_key``).  CeleryMessageError
+    when it is not one."""
+    if not isinstance(properties, dict):
+        raise CeleryMessageError("not a kombu message: no properties")
+    if isinstance(body, (bytearray, memoryview)):
+        body = bytes(body)
+    if not isinstance(body, bytes):
+        raise CeleryMessageError("not a kombu message: the body is not bytes")
+    headers = properties.get("application_headers")
+    if headers is None:
+        headers = {}
+    if not isinstance(headers, dict):
+        raise CeleryMessageError("not a kombu message: the headers are not a table")
+    content_type = properties.get("content_type")
+    content_encoding = properties.get("content_encoding")
+    if content_type is None:
+        raise CeleryMessageError("not a kombu message: no content_type property")
+    if not isinstance(content_type, str) or not isinstance(content_encoding, (str, type(None))):
+        raise CeleryMessageError("not a kombu message: content_type and content_encoding must be text")
+    props: Dict[str, Any] = {k: properties[k] for k in AMQP_PROPERTIES if properties.get(k) is not None}
+    props["delivery_info"] = {"exchange": exchange, "routing_key": routing_key}
+    return Envelope(body, content_type, content_encoding or "binary", dict(headers), props)
+
+
 def decode_redis(raw: Any, accept: Iterable[str] = ("json",), queue: Optional[str] = None,
                  max_size: Optional[int] = None) -> CeleryMessage:
     """``decode(parse_redis(raw))``."""
@@ -491,5 +538,5 @@ def encode_redis(msg: TaskMessage, serializer: Optional[str] = None) -> bytes:
 
 
 __all__ = ["CeleryMessage", "CeleryMessageError", "Envelope", "decode", "decode_redis", "encode",
-           "encode_redis", "parse_redis", "redis_element", "delivery_tag", "json_dumps", "json_loads",
+           "encode_redis", "parse_redis", "parse_amqp", "redis_element", "delivery_tag", "json_dumps", "json_loads",
            "CONTENT_TYPES"]

@@ -235,14 +235,14 @@ class Settler:
 
     def _store_celery(self, records: List[Any]) -> None:
         """Results of Celery messages in Celery's format, where the result
-        backend can keep them (Redis so far; elsewhere, a warning once)."""
+        backend can keep them (Redis and rpc://; elsewhere, a warning once)."""
         store = getattr(self._backend(), "store_celery", None)
         if store is not None:
             store(records)
         elif not self._celery_warned:
             self._celery_warned = True
             log.warning("results of Celery messages are not stored in Celery's format on this result "
-                        "backend (Redis only so far); Celery clients will not see them")
+                        "backend (Redis and rpc:// only); Celery clients will not see them")
 
     def _plan_failure(self, job: Job, plan: Plan, exc: BaseException) -> None:
         """The fallback of ``_plan``: store a FAILURE naming the error and

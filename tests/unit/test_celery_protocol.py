@@ -179,9 +179,12 @@ def test_a_retry_keeps_celery_headers_and_counts_one_more():
 def test_celery_queues_on_a_broker_without_celery_support_is_a_config_error():
     from greenq.config import load
     from greenq.exceptions import ConfigError
-    with pytest.raises(ConfigError, match="redis:// and rediss:// brokers only"):
-        load(search=False, env={}, overrides={("greenq", "broker_url"): "amqp://h/", ("greenq", "celery_queues"):
-                                              "celery"})
+    with pytest.raises(ConfigError, match="amqp://, pyamqp:// and amqps:// brokers only"):
+        load(search=False, env={}, overrides={("greenq", "broker_url"): "sqlite:///tmp/x.db",
+                                              ("greenq", "celery_queues"): "celery"})
+    for url in ("amqp://h/", "pyamqp://h/"):     # RabbitMQ: docs/celery.md
+        assert load(search=False, env={}, overrides={("greenq", "broker_url"): url, ("greenq", "celery_queues"):
+                                                     "celery"}).celery_queues == ["celery"]
     cfg = load(search=False, env={}, overrides={("greenq", "broker_url"): "redis://h/0",
                                                 ("greenq", "celery_queues"): "celery, reports"})
     assert cfg.celery_queues == ["celery", "reports"]

@@ -53,7 +53,7 @@ from .common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
 from .consumer import ConsumerLoop
 from .meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
                         read_dead_letter, read_eta)
-from .publish import ChannelPool, Publisher, delay_ms, pool_size, publish_calls
+from .publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, publish_calls
 from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 log = logging.getLogger("greenq.amqp")
@@ -368,6 +368,10 @@ class AMQPBroker(Broker):
                 self.pool.ensure_queues(pub, {letters[id(m)].queue for m in chosen})
                 for m in chosen:
                     dead = letters[id(m)]
+                    if dead.queue in self.settings.celery_queues:   # as Celery's message (celery_broker)
+                        pub.publish_raw(*encode_outgoing(Outgoing(dead.queue, m.body, dead.message_id or dead.id),
+                                                         time.time(), self.settings))
+                        continue
                     props = {k: v for k, v in m.properties.items() if k in ("message_id", "priority")}
                     props["delivery_mode"] = 2
                     headers = clean_headers(m.headers)

@@ -101,12 +101,19 @@ class Settings:
     max_priority: int = 9
     result_expires: int = 86400
     prefix: str = DEFAULT_PREFIX      # [greenq] key_prefix: names greenq's own exchanges and queues
+    #: [greenq] celery_queues: Celery's queues, declared and spoken as Celery does (celery_broker.py)
+    celery_queues: frozenset = frozenset()
+    celery: Tuple[str, str, int] = ("classic", "direct", 0)   # [amqp] celery_queue_type, _exchange_type, _max_priority
+    accept: Tuple[str, ...] = ("json",)   # [greenq] accept_content (the Celery messages' serializers)
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":
         sec = config.section("amqp")
         return cls(sec["confirm_publish"], sec["queue_type"], sec["heartbeat"],
-                   sec["max_priority"], config.result_expires, config.key_prefix)
+                   sec["max_priority"], config.result_expires, config.key_prefix,
+                   frozenset(getattr(config, "celery_queues", None) or ()),
+                   (sec["celery_queue_type"], sec["celery_exchange_type"], sec["celery_max_priority"]),
+                   tuple(config.accept_content) + ("json",))
 
     @property
     def dlx(self) -> str:
@@ -141,15 +148,15 @@ class Settings:
 
     def queue_name(self, queue: str) -> str:
         """The RabbitMQ queue of logical task queue ``queue``: itself under the
-        default prefix, ``P.<queue>`` under any other."""
-        return queue if self.bare else f"{self.prefix}.{queue}"
+        default prefix, ``P.<queue>`` under any other (a Celery queue: always itself)."""
+        return queue if self.bare or queue in self.celery_queues else f"{self.prefix}.{queue}"
 
     def logical(self, name: str) -> Optional[str]:
         """The logical task queue whose RabbitMQ queue is ``name``; None for a
         queue that is no task queue of this app (greenq's plumbing, RabbitMQ's
         ``amq.*``, another prefix's queues).  Under the default prefix every
         name outside ``greenq.*`` and ``amq.*`` is taken for a task queue."""
-        if self.bare:
+        if self.bare or name in self.celery_queues:
             return None if name.startswith(("greenq.", "amq.")) else name
         if not name.startswith(self.prefix + ".") or self.plumbing(name):
             return None
@@ -428,7 +435,11 @@ _KEPT_DLQ: List[bool] = []    # the warning above is given once per process
 
 
 def declare_queue(channel: "amqp.Channel", queue: str, settings: Settings) -> None:
-    """Declare logical task queue ``queue`` (RabbitMQ's ``settings.queue_name(queue)``)."""
+    """Declare logical task queue ``queue`` (RabbitMQ's ``settings.queue_name(queue)``);
+    a Celery queue as Celery declares it (``celery_broker.declare_celery_queue``)."""
+    if settings.celery_queues and queue in settings.celery_queues:
+        from .celery_broker import declare_celery_queue
+        return declare_celery_queue(channel, queue, settings)
     limit = settings.max_queue_name_bytes
     if len(queue.encode("utf-8", "surrogatepass")) > limit:
         raise BrokerError(f"queue name {queue[:40]!r}... is too long for RabbitMQ with greenq's "

@@ -203,7 +203,9 @@ class ConsumerLoop:
         wanted = [] if self.paused else list(self.wanted)
         if self.applied_prefetch != self.prefetch or not self.consuming:
             ch.basic_qos(0, self.prefetch, False)
-            if not self.settings.quorum and len(wanted) > 1:
+            quorum = self.settings.quorum or (self.settings.celery[0] == "quorum" and any(   # Celery's quorum queues
+                q in self.settings.celery_queues for q in wanted))
+            if not quorum and len(wanted) > 1:
                 ch.basic_qos(0, self.prefetch, True)   # and in total over the queues
             self.applied_prefetch = self.prefetch
         for queue in wanted:
@@ -370,7 +372,11 @@ class ConsumerLoop:
                 again = meta.deliveries        # the lost hand-out counts
             elif meta.eta is not None and meta.eta > time.time() + EARLY:
                 again = meta.deliveries - 1    # too early: round the cascade again, not a hand-out
-        if size is not None:
+        if size is None and self.settings.celery_queues and queue in self.settings.celery_queues:
+            from .celery_broker import celery_delivery
+            d = celery_delivery(queue, props, as_bytes(body), meta, (gen, tag), self.settings,
+                                self.max_message_size or None)
+        elif size is not None:
             d = Delivery.oversized(queue, as_bytes(body), meta.message_id, meta.deliveries, (gen, tag),
                                    meta.priority, size, self.max_message_size)
         else:

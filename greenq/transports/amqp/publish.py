@@ -414,7 +414,11 @@ def encode_outgoing(m: Outgoing, now: float, names: Settings,
                     headers: Optional[Dict[str, Any]] = None) -> RawPublish:
     """(body, encoded properties, exchange, routing key) for ``m``
     (``Publisher.publish_raw``); ``names`` maps its logical queue to RabbitMQ's.
-    ``headers``: application headers to add (a copy published again)."""
+    ``headers``: application headers to add (a copy published again).
+    A message for a Celery queue is published as Celery's (``celery_broker``)."""
+    if names.celery_queues and m.queue in names.celery_queues:
+        from .celery_broker import celery_publish
+        return celery_publish(m, now, names, headers)
     wait_ms = delay_ms(m, now) if m.eta is not None else 0
     if not wait_ms and not headers:
         return m.body, task_properties(m.message_id, m.priority), "", names.queue_name(m.queue)
