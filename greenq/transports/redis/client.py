@@ -192,9 +192,10 @@ class Pool(redis.ConnectionPool):
         _IDLE_CLOSER.watch(self)
 
     def reset(self) -> None:
+        forked = hasattr(self, "_slots") and self.pid != os.getpid()
         super().reset()
-        if hasattr(self, "_slots"):         # a forked child (redis-py resets then): the parent's
-            self._slots = _Slots(self.max_connections)   # checkouts are not this process's
+        if forked:                          # a forked child: the parent's checkouts are not its own,
+            self._slots = _Slots(self.max_connections)   # and a lock its threads held stays held here
             self._held = set()
 
     @property
@@ -208,6 +209,8 @@ class Pool(redis.ConnectionPool):
         _IDLE_CLOSER.watch(self)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pid != os.getpid():
+            self._checkpid()                # a forked child: redis-py resets the pool, ``reset`` the slots
         self._slots.acquire()
         try:
             connection = self._take() if self._plain else None
@@ -224,9 +227,9 @@ class Pool(redis.ConnectionPool):
         ``get_connection`` hands one out, for less: one lock, and a
         connection with nothing pending checked by one ``select`` instead of
         two ``settimeout`` calls around a failing ``recv``.  None when there
-        is no idle connection, when redis-py's metrics are being recorded or
-        in a forked child (redis-py's own path then resets or records)."""
-        if self.pid != os.getpid() or not _metrics_off():
+        is no idle connection or when redis-py's metrics are being recorded
+        (redis-py's own path then makes one or records)."""
+        if not _metrics_off():
             return None
         with self._lock:
             idle = self._available_connections
