@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import sys
 import threading
 import time
 import weakref
@@ -153,6 +154,20 @@ class _IdleCloser:
 _IDLE_CLOSER = _IdleCloser()
 
 
+def _unpatched_select() -> Any:
+    """``select.select`` as the operating system gives it: gevent's and
+    eventlet's patched ones go through their hub (eventlet's yields to it
+    even with a timeout of 0), and ``Pool._take`` only asks whether a socket
+    has anything to read right now."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("select"):
+        return gevent_monkey.get_original("select", "select")
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("select"):
+        return patcher.original("select").select
+    return select.select
+
+
 def _metrics_off() -> bool:
     """True while redis-py records no metrics (observability not set up,
     and its recorder has looked that up already)."""
@@ -189,6 +204,7 @@ class Pool(redis.ConnectionPool):
         #: redis-py's plain connection (and its Python parser: checked per
         #: connection), no client-side cache, the default event listeners
         self._plain = _plain(self)
+        self._select = _unpatched_select()
         _IDLE_CLOSER.watch(self)
 
     def reset(self) -> None:
@@ -240,7 +256,7 @@ class Pool(redis.ConnectionPool):
         try:
             sock, parser = connection._sock, connection._parser
             if sock is None or type(parser) not in _PY_PARSERS or parser._buffer is None \
-                    or parser._buffer.unread_bytes() or select.select((sock,), (), (), 0)[0]:
+                    or parser._buffer.unread_bytes() or self._select((sock,), (), (), 0)[0]:
                 # closed, another parser, or the server said something (data
                 # left over, an EOF, a push notification): redis-py's own
                 # check, which reconnects, refuses it or applies the notification

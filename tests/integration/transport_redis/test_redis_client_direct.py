@@ -23,6 +23,7 @@ out = _shared.out
 admin, make, opened, private_redis = _shared.admin, _shared.make, _shared.opened, _shared.private_redis   # fixtures
 
 pytestmark = pytest.mark.redis
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 def _client_id(connection) -> int:
@@ -246,3 +247,36 @@ def test_a_forked_child_uses_new_connections_and_all_the_slots(make, admin):
 def signal_alarm(seconds: int) -> None:
     import signal
     signal.alarm(seconds)
+
+
+_PATCHED_CLIENT = """
+import sys
+if sys.argv[1] == "gevent":
+    import gevent.monkey; gevent.monkey.patch_all()
+else:
+    import eventlet; eventlet.monkey_patch()
+import select
+from greenq import GreenQ
+app = GreenQ("direct", broker=sys.argv[2], key_prefix=sys.argv[3], config_file=False)
+send = app.task(name="direct.t")(lambda: None)
+for _ in range(3):
+    send.delay()
+pool = app.broker.pool
+assert pool._select is not select.select and pool._select.__module__ == "select", pool._select
+print(len(app.broker.client.xrange(app.broker.streams("default")[9])))
+app.close()
+"""
+
+
+@pytest.mark.parametrize("driver", ["gevent", "eventlet"])
+def test_a_patched_client_checks_its_pooled_connections_without_the_hub(driver, redis_url, redis_prefix):
+    """Under gevent or eventlet the checkout's readiness check is the
+    operating system's select (eventlet's would yield to its hub each time)."""
+    pytest.importorskip(driver)
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", _PATCHED_CLIENT, driver, redis_url, redis_prefix],
+                          capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=_REPO))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "3"
