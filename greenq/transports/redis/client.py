@@ -29,17 +29,20 @@ import weakref
 from typing import Any, Optional
 
 import redis
-import redis.connection
-from redis._parsers import _RESP2Parser, _RESP3Parser
 from redis.backoff import NoBackoff
-from redis.event import AfterConnectionReleasedEvent, ReAuthConnectionListener
-from redis.observability import recorder as _recorder
-
-_PY_PARSERS = (_RESP2Parser, _RESP3Parser)   # redis-py's own; their ``_buffer`` is a SocketBuffer
 from redis.retry import Retry
 
 from ...config import Config, mask_url
 from ...exceptions import BrokerError
+
+try:        # what the cheaper checkout (Pool._take) relies on: redis-py 8's
+    from redis._parsers import _RESP2Parser, _RESP3Parser
+    from redis.event import AfterConnectionReleasedEvent, ReAuthConnectionListener
+    from redis.observability import recorder as _recorder
+    _PY_PARSERS: tuple = (_RESP2Parser, _RESP3Parser)   # redis-py's own; their ``_buffer`` is a SocketBuffer
+except ImportError:     # pragma: no cover - an older redis-py: its own checkout, always
+    _recorder = None  # type: ignore[assignment]
+    _PY_PARSERS = ()
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 FAILURES = (redis.RedisError,)
@@ -152,6 +155,7 @@ class _IdleCloser:
 
 
 _IDLE_CLOSER = _IdleCloser()
+os.register_at_fork(after_in_child=_IDLE_CLOSER.reset)
 
 
 def _unpatched_select() -> Any:
@@ -176,13 +180,15 @@ def _metrics_off() -> bool:
 
 def _plain(pool: "Pool") -> bool:
     """Whether ``pool`` may take the cheaper checkout (see Pool.__init__;
-    the parser is checked on each connection)."""
+    the parser is checked on each connection).  Never with a redis-py older
+    than 8, whose internals differ."""
+    if _recorder is None or not hasattr(redis.Connection, "should_reconnect"):
+        return False
     listeners = getattr(getattr(pool, "_event_dispatcher", None), "_event_listeners_mapping", {})
     released = listeners.get(AfterConnectionReleasedEvent, None)
     return (pool.connection_class is redis.Connection and getattr(pool, "cache", None) is None
             and released is not None and all(type(x) is ReAuthConnectionListener for x in released)
             and hasattr(_recorder, "_metrics_collector") and hasattr(_recorder, "_collector_resolved"))
-os.register_at_fork(after_in_child=_IDLE_CLOSER.reset)
 
 
 class Pool(redis.ConnectionPool):
