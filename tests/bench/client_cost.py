@@ -17,7 +17,10 @@ c. ``app.enqueue_many`` of 1000 signatures (making them included: what a
    ``pipeline(transaction=False)``; py-amqp: 1000 ``basic_publish``), per
    message;
 d. with ``--instructions``: the instructions one ``delay()`` (and one raw
-   call) executes, counted by callgrind (valgrind): the script runs itself
+   call; with ``--instr-kinds`` also the parts of delay(), and enqueue_many
+   and the raw pipeline per message) executes, counted by callgrind
+   (valgrind); it prints ``client: instructions per delay()``, the figure
+   tests/bench/test_client_cost_smoke.py tracks.  The script runs itself
    twice under ``valgrind --tool=callgrind --instr-atstart=no``, switches
    counting on around ``N`` calls with ``callgrind_control`` (as
    ``greenq-bench --instructions`` does in its workers) and takes the
@@ -51,16 +54,19 @@ from typing import Any, Callable, Dict, List
 HERE = os.path.dirname(os.path.abspath(__file__))
 ARGS, KWARGS = (1, "two"), {"x": 3.0}          # the small payload of every call
 BULK = 1000                                   # messages per enqueue_many
+COUNTED_BULK = 50                             # ... and per one counted with --instructions
+PER_CALL = {"enqueue_many": COUNTED_BULK, "raw_pipelined": COUNTED_BULK}   # messages per counted call
+KINDS = ("delay", "raw", "message", "publish", "enqueue_many", "raw_pipelined")
 
 
 class Side:
     """The greenq app and the raw client of one broker, writing to the same place."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, prefix: str = "") -> None:
         os.environ.setdefault("GREENQ_AMQP_CONFIRM_PUBLISH", "false")   # confirms off on both sides
         from greenq import GreenQ
         self.url = url
-        self.prefix = "gqcost-" + uuid.uuid4().hex[:8]
+        self.prefix = prefix or "gqcost-" + uuid.uuid4().hex[:8]
         self.app = GreenQ("cost", broker=url, key_prefix=self.prefix, config_file=False)
         self.task = self.app.task(name="cost.add")(_add)
         self.quiet = self.app.task(name="cost.add_quiet", ignore_result=True)(_add)
@@ -91,30 +97,33 @@ class Side:
     def _redis_raw(self) -> None:
         self.client.xadd(self.stream, self.fields)
 
-    def _redis_raw_many(self) -> None:
+    def _redis_raw_many(self, count: int = BULK) -> None:
         pipe = self.client.pipeline(transaction=False)
         stream, fields = self.stream, self.fields
-        for _ in range(BULK):
+        for _ in range(count):
             pipe.xadd(stream, fields)
         pipe.execute()
 
     def _amqp_raw(self) -> None:
         self.channel.basic_publish(self.message, exchange="", routing_key=self.routing_key)
 
-    def _amqp_raw_many(self) -> None:
+    def _amqp_raw_many(self, count: int = BULK) -> None:
         publish, message, key = self.channel.basic_publish, self.message, self.routing_key
-        for _ in range(BULK):
+        for _ in range(count):
             publish(message, exchange="", routing_key=key)
 
     def calls(self) -> Dict[str, Callable[[], None]]:
-        """What ``--instructions`` can count: delay() and the raw call, and the
-        parts of delay(): building and encoding its message (no I/O), and the
-        broker's publish of the encoded message."""
+        """What ``--instructions`` can count: delay() and the raw call, the
+        parts of delay() (building and encoding its message, no I/O; the
+        broker's publish of the encoded message), and ``enqueue_many`` and the
+        raw pipeline of COUNTED_BULK messages (``PER_CALL``: counted per message)."""
         app, task = self.app, self.task
         out = app.codec.outgoing(app.build_message(task.name, ARGS, KWARGS))
         return {"delay": self.delay, "raw": self.raw,
                 "message": lambda: app.codec.outgoing(app.build_message(task.name, ARGS, KWARGS)),
-                "publish": lambda: app.broker.publish(out)}
+                "publish": lambda: app.broker.publish(out),
+                "enqueue_many": lambda: app.enqueue_many([task.s(*ARGS, **KWARGS) for _ in range(COUNTED_BULK)]),
+                "raw_pipelined": lambda: self.raw_many(COUNTED_BULK)}
 
     def delay(self) -> None:
         self.task.delay(*ARGS, **KWARGS)
@@ -191,9 +200,9 @@ def _callgrind(state: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
-def count_child(url: str, kind: str, calls: int) -> None:
+def count_child(url: str, kind: str, calls: int, prefix: str = "") -> None:
     """Under callgrind: ``calls`` calls of ``kind`` with counting on."""
-    side = Side(url)
+    side = Side(url, prefix)
     try:
         call = side.calls()[kind]
         for _ in range(20):
@@ -206,10 +215,12 @@ def count_child(url: str, kind: str, calls: int) -> None:
         side.close()
 
 
-def instructions(url: str, kind: str, low: int, high: int) -> float:
+def instructions(url: str, kind: str, low: int, high: int, prefix: str = "") -> float:
     """Instructions per call of ``kind``: (count(high) - count(low)) / (high - low)."""
     if not (shutil.which("valgrind") and shutil.which("callgrind_control")):
         raise SystemExit("--instructions needs valgrind and callgrind_control (apt-get install valgrind)")
+    if kind in PER_CALL:                 # a call is COUNTED_BULK messages: a tenth of the calls
+        low, high = max(1, low // 10), max(3, high // 10)
     counted = []
     folder = tempfile.mkdtemp(prefix="greenq-cost-")
     try:
@@ -218,7 +229,7 @@ def instructions(url: str, kind: str, low: int, high: int) -> float:
             done = subprocess.run(
                 ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
                  sys.executable, os.path.abspath(__file__), "--broker", url,
-                 "--count-child", kind, "--n", str(calls)],
+                 "--count-child", kind, "--n", str(calls), *(["--prefix", prefix] if prefix else [])],
                 capture_output=True, text=True, timeout=1800)
             found = re.findall(r"Collected : ([\d,]+)", done.stderr)
             if done.returncode != 0 or not found:
@@ -226,7 +237,7 @@ def instructions(url: str, kind: str, low: int, high: int) -> float:
             counted.append(float(found[-1].replace(",", "")))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return (counted[1] - counted[0]) / (high - low)
+    return (counted[1] - counted[0]) / (high - low) / PER_CALL.get(kind, 1)
 
 
 def main(argv: Any = None) -> int:
@@ -242,16 +253,20 @@ def main(argv: Any = None) -> int:
                         help="with --instructions: the counted runs make N and 3N calls")
     parser.add_argument("--instr-kinds", default="delay,raw",
                         help="with --instructions: what to count, of delay, raw, message (building "
-                             "and encoding delay()'s message, no I/O) and publish (the broker's "
-                             "publish of an encoded message)")
+                             "and encoding delay()'s message, no I/O), publish (the broker's "
+                             "publish of an encoded message), enqueue_many and raw_pipelined (per "
+                             f"message, {COUNTED_BULK} a call)")
     parser.add_argument("--json", metavar="FILE", help="also write the figures to FILE")
-    parser.add_argument("--count-child", choices=("delay", "raw", "message", "publish"), help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", default="",
+                        help="key prefix (Redis) or queue name prefix of what the run writes "
+                             "(default: gqcost-<random>); deleted at the end")
+    parser.add_argument("--count-child", choices=KINDS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.count_child:
-        count_child(args.broker, args.count_child, args.n)
+        count_child(args.broker, args.count_child, args.n, args.prefix)
         return 0
 
-    side = Side(args.broker)
+    side = Side(args.broker, args.prefix)
     try:
         load = os.getloadavg()[0]
         out: Dict[str, Any] = {"broker": re.sub(r"//[^@/]*@", "//", args.broker), "n": args.n,
@@ -262,9 +277,15 @@ def main(argv: Any = None) -> int:
     finally:
         side.close()
     if args.instructions:
-        out["instructions_per_call"] = {
-            kind: instructions(args.broker, kind, args.instr_calls, 3 * args.instr_calls)
-            for kind in args.instr_kinds.split(",")}
+        kinds = args.instr_kinds.split(",")
+        for kind in kinds:
+            if kind not in KINDS:
+                parser.error(f"--instr-kinds: unknown {kind!r}; expected some of {', '.join(KINDS)}")
+        out["instructions_per_call"] = ins = {
+            kind: instructions(args.broker, kind, args.instr_calls, 3 * args.instr_calls, args.prefix)
+            for kind in kinds}
+        if "delay" in ins and "raw" in ins:
+            ins["delay_over_raw"] = ins["delay"] - ins["raw"]
     res = out["results"]
     raw_name = "py-amqp basic_publish" if args.broker.startswith(("amqp", "pyamqp")) else "redis-py xadd"
     print(f"# {out['broker']}, body {out['body_bytes']} bytes, load {load:.2f}, greenq {out['greenq_file']}")
@@ -279,6 +300,9 @@ def main(argv: Any = None) -> int:
     if args.instructions:
         ins = out["instructions_per_call"]
         print("instructions per call (callgrind): " + ", ".join(f"{k} {v:,.0f}" for k, v in ins.items()))
+        if "delay_over_raw" in ins:     # the figure tracked (tests/bench/test_client_cost_smoke.py)
+            print(f"client: instructions per delay() (callgrind) {ins['delay']:,.0f}, "
+                  f"{ins['delay_over_raw']:+,.0f} over the raw call")
     if args.json:
         with open(args.json, "w") as dump:
             json.dump(out, dump, indent=2)

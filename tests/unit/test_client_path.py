@@ -90,3 +90,22 @@ def test_a_call_with_no_options_resolves_and_checks_like_one_with_options():
         with pytest.raises(ValueError, match="soft_time_limit .* is above time_limit"):
             app.builder.build("shop.io", options=options)
     assert io.options_for(BUILD_KEYS) == [io.option(key) for key in BUILD_KEYS]
+
+
+def test_the_one_pass_redis_packer_writes_exactly_what_redis_py_packs():
+    from redis._parsers.encoders import Encoder
+    from redis.connection import PythonRespSerializer
+    from greenq.transports.redis import resp
+    packer = PythonRespSerializer(6000, Encoder("utf-8", "strict", False).encode)   # a pool's, as greenq makes it
+    rng = random.Random(22)
+    values = [b"", b"x", b"\r\n\x00" * 5000, "", "é✓", "key:q:default:0", 0, -7, 10 ** 30, 1.5, -0.0,
+              1e300, 0.1, "a b"]
+    for _ in range(2000):
+        args = ["EVALSHA", *(rng.choice(values) for _ in range(rng.randrange(0, 9)))]
+        assert resp.pack(args) == b"".join(packer.pack(*args)), args
+    for stream, body, mid in (("P:q:default:0", b"{}", "id"), ("é", b"\r\n" * 4000, "ü" * 40), ("s", b"", "")):
+        assert resp.xadd(stream, body, mid) == b"".join(packer.pack("XADD", stream, "*", "b", body, "m", mid))
+    for odd in (True, None, bytearray(b"x"), memoryview(b"x"), [1]):   # redis-py's packer decides (or refuses)
+        assert resp.pack(["SET", "k", odd]) is None
+    assert resp.xadd("s", bytearray(b"x"), "id") is None and resp.xadd("s", b"x", 5) is None
+

@@ -76,6 +76,7 @@ import redis
 from ...config import Config, mask_url
 from ...exceptions import BrokerError
 from . import lua as lua
+from . import resp
 from .client import FAILURES, TRANSIENT, Pool, make_client, refused, worker_pool_size
 from ...reconnect import Reconnecting, Reconnector, Unreachable
 from ...brokers.base import PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
@@ -265,9 +266,14 @@ class RedisBroker(Reconnecting, Broker):
         self.client = self.client_factory(url, config, "")
         self._min_replicas = config.section("redis")["min_replicas"]
         self.pool = cast(Pool, self.client.connection_pool)  # the Pool make_client gave it (a cluster's: _AllNodePools, with its grow and disconnect)
-        #: publish's XADD goes straight to a pooled connection (``_send``): a
-        #: plain client on greenq's Pool only (not a cluster's or a sentinel's)
-        self._direct = type(self.client) is redis.Redis and type(self.pool) is Pool
+        #: publish's XADD (and publish_many's script call) goes straight to a
+        #: pooled connection, packed by ``resp`` (``_send_packed``): a plain
+        #: client on greenq's Pool, encoding as ``resp`` does, only (not a
+        #: cluster's or a sentinel's)
+        kwargs = getattr(self.pool, "connection_kwargs", {})
+        self._direct = type(self.client) is redis.Redis and type(self.pool) is Pool \
+            and kwargs.get("encoding", "utf-8").lower().replace("-", "").replace("_", "") == "utf8" \
+            and kwargs.get("encoding_errors", "strict") == "strict"
         self.reconnector = Reconnector(f"redis broker {mask_url(url)}", TRANSIENT,
                                        reset=self._reset, on_recovered=self._recovered,
                                        sleep=self._sleep, failures=FAILURES, refused=refused)
@@ -337,20 +343,26 @@ class RedisBroker(Reconnecting, Broker):
         if m.queue not in self._registered or (m.eta is not None and m.eta > time.time()) \
                 or self._min_replicas:
             return self.publish_many([m])
+        if self._direct:
+            data = resp.xadd(self.streams(m.queue)[9 - min(9, max(0, int(m.priority)))], m.body, m.message_id)
+            if data is not None:
+                self._call(lambda: self._send_packed(data), self._publish_budget, "publish")
+                return
         command = xadd_command(m, self.streams)
-        send = self._send if self._direct else self.client.execute_command
-        self._call(lambda: send(*command), self._publish_budget, "publish")
+        self._call(lambda: self.client.execute_command(*command), self._publish_budget, "publish")
 
-    def _send(self, *command: Any) -> Any:
-        """``self.client.execute_command(*command)`` on a plain client, without
-        redis-py's per-command layers (retries, which are off; observability
-        hooks): a pooled connection sends the command and reads its reply.
-        A connection that fails disconnects itself (redis-py's Connection does
-        on any error while sending or reading) and goes back to the pool."""
+    def _send_packed(self, data: bytes) -> Any:
+        """One command, already in RESP (``resp``), sent on a pooled
+        connection of a plain client and its reply read, without redis-py's
+        per-command layers (retries, which are off; observability hooks;
+        packing).  The connection's own ``send_packed_command`` and
+        ``read_response`` do the I/O: the health check when due, a connection
+        that fails disconnects itself, an error reply raises; the connection
+        goes back to the pool either way."""
         pool = self.pool
         conn = pool.get_connection()
         try:
-            conn.send_command(*command)
+            conn.send_packed_command((data,))
             return conn.read_response()
         finally:
             pool.release(conn)
@@ -371,7 +383,15 @@ class RedisBroker(Reconnecting, Broker):
         after a restart flushed the script cache, loaded once and retried);
         ``what`` says how ``min_replicas`` treats them (see _replicated)."""
         if len(calls) == 1 and not (self._min_replicas and what in REPLICATED):
-            return [script(keys=calls[0][0], args=calls[0][1])]
+            keys, args = calls[0]
+            data = resp.pack(("EVALSHA", script.sha, len(keys), *keys, *args)) if self._direct else None
+            if data is None:
+                return [script(keys=keys, args=args)]
+            try:
+                return [self._send_packed(data)]
+            except redis.exceptions.NoScriptError:     # a restart flushed the script cache
+                self.client.script_load(script.script)
+                return [self._send_packed(data)]
         for attempt in (1, 2):
             pipe = self.client.pipeline(transaction=False)
             for keys, args in calls:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+import select
+import sys
 import threading
 import time
 import weakref
@@ -32,6 +34,15 @@ from redis.retry import Retry
 
 from ...config import Config, mask_url
 from ...exceptions import BrokerError
+
+try:        # what the cheaper checkout (Pool._take) relies on: redis-py 8's
+    from redis._parsers import _RESP2Parser, _RESP3Parser
+    from redis.event import AfterConnectionReleasedEvent, ReAuthConnectionListener
+    from redis.observability import recorder as _recorder
+    _PY_PARSERS: tuple = (_RESP2Parser, _RESP3Parser)   # redis-py's own; their ``_buffer`` is a SocketBuffer
+except ImportError:     # pragma: no cover - an older redis-py: its own checkout, always
+    _recorder = None  # type: ignore[assignment]
+    _PY_PARSERS = ()
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 FAILURES = (redis.RedisError,)
@@ -61,25 +72,30 @@ class _Slots:
     """A counting semaphore that wakes a waiter only when one is waiting.
     ``threading.Semaphore.release`` notifies its condition every time, and
     under gevent's patched locks each notify yields to the hub: a trip
-    around the event loop for every Redis call."""
+    around the event loop for every Redis call.  A free slot is taken under
+    the plain lock alone (no Condition method runs unless a caller waits)."""
 
     def __init__(self, count: int) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._free = count
         self._waiting = 0
 
     def acquire(self) -> None:
-        with self._cond:
-            while self._free <= 0:
-                self._waiting += 1
-                try:
+        with self._lock:
+            if self._free > 0:
+                self._free -= 1
+                return
+            self._waiting += 1
+            try:
+                while self._free <= 0:
                     self._cond.wait()
-                finally:
-                    self._waiting -= 1
+            finally:
+                self._waiting -= 1
             self._free -= 1
 
     def release(self, count: int = 1) -> None:
-        with self._cond:
+        with self._lock:
             self._free += count
             if self._waiting:
                 self._cond.notify(count)
@@ -142,6 +158,39 @@ _IDLE_CLOSER = _IdleCloser()
 os.register_at_fork(after_in_child=_IDLE_CLOSER.reset)
 
 
+def _unpatched_select() -> Any:
+    """``select.select`` as the operating system gives it: gevent's and
+    eventlet's patched ones go through their hub (eventlet's yields to it
+    even with a timeout of 0), and ``Pool._take`` only asks whether a socket
+    has anything to read right now."""
+    gevent_monkey = sys.modules.get("gevent.monkey")
+    if gevent_monkey is not None and gevent_monkey.is_module_patched("select"):
+        return gevent_monkey.get_original("select", "select")
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("select"):
+        return patcher.original("select").select
+    return select.select
+
+
+def _metrics_off() -> bool:
+    """True while redis-py records no metrics (observability not set up,
+    and its recorder has looked that up already)."""
+    return _recorder._metrics_collector is None and _recorder._collector_resolved
+
+
+def _plain(pool: "Pool") -> bool:
+    """Whether ``pool`` may take the cheaper checkout (see Pool.__init__;
+    the parser is checked on each connection).  Never with a redis-py older
+    than 8, whose internals differ."""
+    if _recorder is None or not hasattr(redis.Connection, "should_reconnect"):
+        return False
+    listeners = getattr(getattr(pool, "_event_dispatcher", None), "_event_listeners_mapping", {})
+    released = listeners.get(AfterConnectionReleasedEvent, None)
+    return (pool.connection_class is redis.Connection and getattr(pool, "cache", None) is None
+            and released is not None and all(type(x) is ReAuthConnectionListener for x in released)
+            and hasattr(_recorder, "_metrics_collector") and hasattr(_recorder, "_collector_resolved"))
+
+
 class Pool(redis.ConnectionPool):
     """redis-py's pool (a connection is made only when no idle one is free)
     where callers over the cap wait for a connection instead of failing,
@@ -157,8 +206,19 @@ class Pool(redis.ConnectionPool):
         self._last_check = 0.0
         self._slots = _Slots(self.max_connections)
         self._held: set = set()
-        self._held_lock = threading.Lock()
+        #: the cheaper checkout and checkin (``_take``, ``_put_back``) apply:
+        #: redis-py's plain connection (and its Python parser: checked per
+        #: connection), no client-side cache, the default event listeners
+        self._plain = _plain(self)
+        self._select = _unpatched_select()
         _IDLE_CLOSER.watch(self)
+
+    def reset(self) -> None:
+        forked = hasattr(self, "_slots") and self.pid != os.getpid()
+        super().reset()
+        if forked:                          # a forked child: the parent's checkouts are not its own,
+            self._slots = _Slots(self.max_connections)   # and a lock its threads held stays held here
+            self._held = set()
 
     @property
     def idle_close(self) -> float:
@@ -171,30 +231,82 @@ class Pool(redis.ConnectionPool):
         _IDLE_CLOSER.watch(self)
 
     def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pid != os.getpid():
+            self._checkpid()                # a forked child: redis-py resets the pool, ``reset`` the slots
         self._slots.acquire()
         try:
-            connection = super().get_connection(*args, **kwargs)
+            connection = self._take() if self._plain else None
+            if connection is None:
+                connection = super().get_connection(*args, **kwargs)
         except BaseException:
             self._slots.release()
             raise
-        with self._held_lock:
-            self._held.add(connection)
+        self._held.add(connection)
+        return connection
+
+    def _take(self) -> Any:
+        """An idle connection ready to send, the way redis-py's
+        ``get_connection`` hands one out, for less: one lock, and a
+        connection with nothing pending checked by one ``select`` instead of
+        two ``settimeout`` calls around a failing ``recv``.  None when there
+        is no idle connection or when redis-py's metrics are being recorded
+        (redis-py's own path then makes one or records)."""
+        if not _metrics_off():
+            return None
+        with self._lock:
+            idle = self._available_connections
+            if not idle:
+                return None
+            connection = idle.pop()
+            self._in_use_connections.add(connection)
+        try:
+            sock, parser = connection._sock, connection._parser
+            if sock is None or type(parser) not in _PY_PARSERS or parser._buffer is None \
+                    or parser._buffer.unread_bytes() or self._select((sock,), (), (), 0)[0]:
+                # closed, another parser, or the server said something (data
+                # left over, an EOF, a push notification): redis-py's own
+                # check, which reconnects, refuses it or applies the notification
+                self.ensure_connection(connection)
+        except BaseException:
+            super().release(connection)
+            raise
         return connection
 
     def release(self, connection: Any) -> None:
         now = time.monotonic()
         connection.greenq_idle_since = now
-        with self._held_lock:
-            held = connection in self._held
-            self._held.discard(connection)
         try:
-            super().release(connection)
+            self._held.remove(connection)      # one call: atomic under the GIL, and never switches
+            held = True
+        except KeyError:
+            held = False
+        try:
+            if not (self._plain and self._put_back(connection)):
+                super().release(connection)
         finally:
             if held:
                 self._slots.release()
         if self._idle_close and now - self._last_check >= self._idle_close / 4:
             self._last_check = now
             self.close_idle(now)
+
+    def _put_back(self, connection: Any) -> bool:
+        """redis-py's ``release`` of a connection this process took from this
+        pool, without its metrics (while none are recorded) or its re-auth
+        event (while the connection has no token to re-authenticate with);
+        False, nothing done, for any other case."""
+        if self.pid != os.getpid() or connection.pid != self.pid or connection._re_auth_token is not None \
+                or not _metrics_off():
+            return False
+        with self._lock:
+            try:
+                self._in_use_connections.remove(connection)
+            except KeyError:
+                return True                 # not this pool's (redis-py ignores it too)
+            if connection.should_reconnect():
+                connection.disconnect()
+            self._available_connections.append(connection)
+        return True
 
     def close_idle(self, now: float) -> None:
         """Close the connections unused for more than ``idle_close`` seconds."""
