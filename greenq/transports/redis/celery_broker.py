@@ -117,7 +117,7 @@ class CeleryRedisBroker(RedisBroker):
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.celery_queues = frozenset(getattr(config, "celery_queues", None) or ())
-        self.visibility_timeout = VISIBILITY_TIMEOUT
+        self.visibility_timeout = float(getattr(config, "celery_visibility_timeout", VISIBILITY_TIMEOUT))
         self._accept = tuple(config.accept_content) + ("json",)
         self._k_held = f"{self.prefix}:celery:held:"
         self._k_count = f"{self.prefix}:celery:n:"
