@@ -14,7 +14,9 @@ with the prefork pool, its children too); each is replaced at once.  The run wai
 ran and nothing is left on the queue's lists or in kombu's ``unacked``, then
 stops the workers with SIGTERM.
 
-Right after each kill the run reads what the victim held: for a greenq
+Each victim is stopped (SIGSTOP) at a moment it holds tasks, what it holds is
+read, and it is killed (SIGKILL) -- frozen in between, so what was read is
+what it held when it died: for a greenq
 worker, the ``unacked`` entries whose greenq holder key names its pid; for a
 Celery worker, every ``unacked`` entry no live greenq worker holds (an upper
 bound, exact with one Celery worker).  Those are the tasks in flight on the
@@ -74,11 +76,12 @@ class SharedPlan:
     greenq_workers: int = 1
     celery_workers: int = 1
     celery_pool: str = "gevent"      # or prefork
-    concurrency: int = 20            # of every worker, both kinds
-    prefetch: int = 25               # greenq's; Celery holds its concurrency (prefetch multiplier 1)
+    concurrency: int = 10            # of every worker, both kinds
+    prefetch: int = 12               # greenq's; Celery holds its concurrency (prefetch multiplier 1)
     lease: float = 3.0               # greenq's lease_seconds
     visibility_timeout: float = 10.0  # kombu's, on both sides
     pause: float = 0.5               # each task sleeps uniform(0, pause) s
+    kills: str = "greenq,celery"     # which kinds get their kill -9 (the first at 1/4, the second at 1/2)
     seed: int = 0
     timeout: float = 120.0           # seconds to wait for the last task once all are sent
 
@@ -92,6 +95,8 @@ class SharedFigures:
     by: Dict[str, int] = field(default_factory=dict)       # executions by kind of worker
     held: Dict[str, int] = field(default_factory=dict)     # tasks in flight on each victim at its kill
     unexplained: List[int] = field(default_factory=list)   # duplicated ids not in flight on a victim
+    missing: List[int] = field(default_factory=list)       # ids that never ran to their end
+    never_started: List[int] = field(default_factory=list)  # of those, the ones no worker began
     left: int = 0                    # messages on the lists or in unacked at the end
     dead: int = 0                    # greenq's dead letters
     exits: Dict[str, int] = field(default_factory=dict)
@@ -162,6 +167,7 @@ class SharedRun:
         self.logs: List[Path] = []
         self.killed: Dict[str, Dict[str, int]] = {}   # kind -> what its victim held (tag -> n)
         self.timeline: List[str] = []
+        self._last = (-1, 0.0)                # (tasks done, when that figure last changed)
 
     # -- processes -----------------------------------------------------------------
     def _env(self) -> Dict[str, str]:
@@ -214,11 +220,22 @@ class SharedRun:
         tasks, SIGKILL it (its process group), read what it held, start its
         replacement; returns how many tasks it held."""
         victim = self.rng.choice([p for p in self.procs[kind] if p.poll() is None])
-        self._until(lambda: self.done() >= after and bool(self.held_by(kind, victim.pid)), budget,
-                    f"{after} tasks run and the {kind} worker {victim.pid} holding some")
-        os.killpg(victim.pid, signal.SIGKILL)      # the session it leads: ours (start_new_session)
+        held: Dict[str, int] = {}
+
+        def caught() -> bool:
+            """SIGSTOP it (its session, ours: start_new_session), read what it
+            holds: frozen, it can take or settle nothing more; go on if nothing."""
+            nonlocal held
+            if self.done() < after:
+                return False
+            os.killpg(victim.pid, signal.SIGSTOP)
+            held = self.held_by(kind, victim.pid)
+            if not held:
+                os.killpg(victim.pid, signal.SIGCONT)
+            return bool(held)
+        self._until(caught, budget, f"{after} tasks run and the {kind} worker {victim.pid} holding some")
+        os.killpg(victim.pid, signal.SIGKILL)      # the moment it was stopped is the moment it died
         victim.wait()
-        held = self.held_by(kind, victim.pid)
         self.killed[kind] = held
         self.procs[kind].remove(victim)
         self.note(f"kill -9 {kind} worker {victim.pid}: it held {len(held)} task(s)")
@@ -277,6 +294,16 @@ class SharedRun:
     def done(self) -> int:
         return self.redis.hlen(f"{self.key}:runs")
 
+    def settled(self, sent: int) -> bool:
+        """Every task ran and nothing is left; or nothing is left anywhere a
+        task could come back from (the lists, kombu's unacked) and no task
+        ended for 2 s: what did not run by then is lost."""
+        done, pending, now = self.done(), self.pending(), time.monotonic()
+        if pending or done != self._last[0]:
+            self._last = (done, now)
+            return False
+        return done >= sent or now - self._last[1] > 2.0
+
     def pending(self) -> int:
         from greenq.transports.redis.celery_broker import list_keys
         pipe = self.redis.pipeline(transaction=False)
@@ -285,13 +312,17 @@ class SharedRun:
         pipe.hlen("unacked")
         return sum(pipe.execute())
 
-    def _until(self, check, timeout: float, what: str) -> None:
+    def _until(self, check, timeout: float, what: str, fail: bool = True) -> bool:
         deadline = time.monotonic() + timeout
         while not check():
             if time.monotonic() > deadline:
+                if not fail:
+                    self.note(f"timed out after {timeout:g} s waiting for {what}\n{self.state()}")
+                    return False
                 raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}\n{self.state()}\n"
                                    + "\n".join(self.timeline) + "\n" + self.tails())
             time.sleep(0.05)
+        return True
 
     def execute(self) -> SharedFigures:
         plan, began = self.plan, time.time()
@@ -305,8 +336,8 @@ class SharedRun:
                 [self.python, "-c", SEND, self.url, self.queue, str(plan.tasks), str(plan.rate), str(plan.pause),
                  str(plan.seed)], env=self._env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             send_budget = plan.tasks / plan.rate + 60
-            self.kill("greenq", plan.tasks // 4, send_budget)
-            self.kill("celery", plan.tasks // 2, send_budget)
+            for i, kind in enumerate(k for k in plan.kills.split(",") if k):
+                self.kill(kind, plan.tasks * (i + 1) // 4, send_budget)
             out, err = sender.communicate(timeout=send_budget)
             if sender.returncode != 0:
                 raise RuntimeError(f"the Celery client failed:\n{err[-2000:]}")
@@ -314,9 +345,9 @@ class SharedRun:
             self.note(f"sent {sent}")
             # every task ran, and what the killed held came back and ran (a greenq
             # worker's when its lease ran out, a Celery worker's after the visibility timeout)
-            self._until(lambda: self.done() >= sent and self.pending() == 0, plan.timeout,
-                        "every task to run and the queue to empty")
-            self.note("all ran; SIGTERM to the workers")
+            if self._until(lambda: self.settled(sent), plan.timeout,
+                           "every task to run and the queue to empty", fail=False):
+                self.note(f"{self.done()} ran, nothing left; SIGTERM to the workers")
             exits = self.stop_all()
             figures = self.figures(sent, exits)
         finally:
@@ -357,6 +388,9 @@ class SharedRun:
                           held={kind: len(held) for kind, held in self.killed.items()},
                           left=self.pending(), exits=exits)
         f.interrupted = starts - f.executions
+        f.missing = sorted(set(range(sent)) - set(runs))
+        begun = {int(k) for k in self.redis.hkeys(f"{self.key}:starts")}
+        f.never_started = [n for n in f.missing if n not in begun]
         in_flight = {n for held in self.killed.values() for n in held.values()}
         f.unexplained = sorted(n for n, count in runs.items() if count > 1 and n not in in_flight)
         f.dead = self.redis.xlen(f"{self.prefix}:dead") if self.redis.exists(f"{self.prefix}:dead") else 0
