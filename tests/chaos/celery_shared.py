@@ -269,7 +269,8 @@ class SharedRun:
         """What is left in the broker, for a failure message."""
         from greenq.transports.redis.celery_broker import list_keys
         now = time.time()
-        lines = [f"done {self.done()}; lists " + ", ".join(f"{k!r}: {self.redis.llen(k)}" for k in list_keys(self.queue))]
+        lists = ", ".join(f"{k!r}: {self.redis.llen(k)}" for k in list_keys(self.queue))
+        lines = [f"done {self.done()}; lists {lists}"]
         for tag, raw in list(self.redis.hgetall("unacked").items())[:20]:
             payload, exchange, routing_key = json.loads(raw)
             score = self.redis.zscore("unacked_index", tag)

@@ -45,6 +45,7 @@ def test_a_shared_celery_queue_loses_nothing_when_a_worker_of_each_kind_is_kille
     # in that window when a Celery worker dies (popped, in its socket, never begun) is lost --
     # Celery's own loss (celery/celery#4354), at most one per Celery kill (one BRPOP at a time)
     assert f.lost <= 1 and f.never_started == f.missing, why
+    assert not set(f.missing) & set(run.killed["greenq"].values()), why   # the greenq victim's all ran
     assert f.left == 0 and f.dead == 0, why              # nothing on the lists, in unacked or dead-lettered
     assert f.held["greenq"] > 0 and f.held["celery"] > 0, why   # each kill caught tasks in flight
     assert not f.unexplained, why                        # only the killed workers' tasks ran twice
