@@ -74,6 +74,9 @@ SETTINGS: Dict[str, Dict[str, Setting]] = {
                                      "result may be rebuilt as, beside builtins and the tasks' modules"),
         "celery_queues": Setting("list", [], "queues that speak Celery's message protocol 2: a worker runs "
                                  "what Celery clients send there (docs/celery.md); comma-separated"),
+        "celery_visibility_timeout": Setting("float", 3600.0, "kombu's visibility_timeout of the Celery "
+                                             "queues' broker, seconds: set it to Celery's "
+                                             "broker_transport_options value (docs/celery.md)", 365 * DAY),
         "task_send_sent_event": Setting("bool", False, "publish a task-sent event for every task this "
                                         "process sends (workers with -E always do)"),
         "tracing": Setting("bool", False, "OpenTelemetry spans for each task sent and run, and the "
@@ -622,6 +625,9 @@ def validate(cfg: Config) -> None:
     if cfg.lease_seconds < 1:
         raise ConfigError(f"{cfg.origin('greenq', 'lease_seconds')}: [greenq] lease_seconds = "
                           f"{cfg.lease_seconds}: must be >= 1")
+    if cfg.celery_visibility_timeout < 1:
+        raise ConfigError(f"{cfg.origin('greenq', 'celery_visibility_timeout')}: [greenq] "
+                          f"celery_visibility_timeout = {cfg.celery_visibility_timeout}: must be >= 1")
     if cfg.max_deliveries < 1:
         raise ConfigError(f"{cfg.origin('greenq', 'max_deliveries')}: [greenq] max_deliveries = 0: must be >= 1")
     if not cfg.worker["queues"]:

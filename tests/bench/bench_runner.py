@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional
 import bench_systems as bs
 from bench_systems import BenchError
 
-SCENARIOS = ("noop", "sleep", "roundtrip", "enqueue", "issue2")
+SCENARIOS = ("noop", "sleep", "roundtrip", "enqueue", "issue2", "celeryq")
 POLL = 0.01  # seconds between looks for the probe file
 
 
@@ -60,13 +60,14 @@ class Bench:
 
     def worker(self, system: str, concurrency: int, pool: str = "gevent", *,
                probe_file: str = "", expect: int = 0, results: bool = False,
-               confirm: Optional[bool] = None) -> bs.Worker:
+               confirm: Optional[bool] = None, extra_env: Optional[Dict[str, str]] = None) -> bs.Worker:
         broker, backend = self.space.broker_url(system), self.space.backend_url(system)
         argv = bs.worker_argv(system, broker, backend, concurrency, pool,
                               greenq_args=shlex.split(self.opts.greenq_args or ""))
         env = bs.system_env(system, broker, backend, probe_file=probe_file, expect=expect,
                             concurrency=concurrency, celery_acks=self.opts.celery_acks,
                             results=results, confirm=confirm)
+        env.update(extra_env or {})
         if self.opts.instructions and system == "greenq":   # counting starts at the first task
             argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                     "--callgrind-out-file=" + self._file(f"{system}-{pool}-callgrind", ".out")] + argv
@@ -105,22 +106,27 @@ class Bench:
 
     # -- scenarios ------------------------------------------------------------
     def drain(self, system: str, kind: str, n: int, concurrency: int, sleep: float,
-              pool: str = "gevent") -> Dict[str, Any]:
+              pool: str = "gevent", celery_queue: bool = False) -> Dict[str, Any]:
         """Fill the queue with ``n`` tasks, then start one worker and time the drain
-        from the first task's start to the last task's end."""
-        what = f"{system} {kind} n={n} c={concurrency} pool={pool}"
+        from the first task's start to the last task's end.  ``celery_queue``: a
+        Celery client fills Celery's queue (``celery``), whichever system drains
+        it; a greenq worker consumes it as a queue in ``celery_queues``."""
+        what = f"{system} {kind} n={n} c={concurrency} pool={pool}" + (" on a Celery queue" if celery_queue else "")
+        filler = "celery" if celery_queue else system
+        extra = {"GREENQ_CELERY_QUEUES": "celery", "GREENQ_WORKER_QUEUES": "celery"} \
+            if celery_queue and system == "greenq" else {}
         load = os.getloadavg()[0]  # other work on the machine skews every figure: recorded
         self.space.reset()
         fill_args = ["fill", kind, str(n), "--sleep", str(sleep)]
-        if system == "greenq":
+        if filler == "greenq":
             fill_args.append("--bulk")
-        fill = self.client(system, *fill_args)
-        queued = self.client(system, "left")["left"]
+        fill = self.client(filler, *fill_args)
+        queued = self.client(filler, "left")["left"]
         if queued < n:
             raise BenchError(f"{what}: {n} tasks were enqueued but the broker holds {queued}; "
                              "is something else using the benchmark's namespace?")
         probe = self._file(f"{system}-{kind}-probe", ".json")
-        worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n)
+        worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n, extra_env=extra)
         try:
             # generous: 10x the ideal time, 5 ms a task, a minute to start; at most --timeout
             timeout = min(self.opts.timeout, 60 + 10 * n * sleep / concurrency + 0.005 * n)
@@ -129,7 +135,7 @@ class Bench:
         finally:
             code = worker.stop()
             self.finish_profile(worker)
-        left = self.client(system, "left")["left"]
+        left = self.client(filler, "left")["left"]
         self.space.reset()
         span = report["last_end"] - report["first_start"]
         machine_cpu = worker.cpu_between(report["first_start"], report["last_end"])[1]
@@ -329,6 +335,13 @@ def run(opts) -> Dict[str, Any]:
                     attempt("roundtrip", system, bench.roundtrip, system)
                 elif scenario == "enqueue":
                     attempt("enqueue", system, bench.enqueue, system)
+                elif scenario == "celeryq" and system in ("greenq", "celery"):
+                    if opts.broker != "redis":
+                        raise BenchError("--only celeryq: greenq consumes Celery queues on Redis only so far")
+                    attempt("celeryq_noop", system, bench.repeated_drain, system, "noop", opts.noop_n,
+                            opts.noop_concurrency, 0.0, celery_queue=True)
+                    attempt("celeryq_sleep", system, bench.repeated_drain, system, "sleep", opts.n,
+                            opts.concurrency, opts.sleep, celery_queue=True)
                 elif scenario == "issue2" and system == "greenq":
                     for pool in opts.pools:
                         attempt("issue2", pool, bench.repeated_drain, "greenq", "sleep", opts.issue2_n,
@@ -383,6 +396,12 @@ def render(out: Dict[str, Any], opts) -> str:
     row(f"{opts.n:,} x {opts.sleep:g} s sleep at -c {opts.concurrency}, s (ideal {ideal:.2f})",
         "sleep", "seconds", 2)
     row("sleep: peak worker RSS, MiB", "sleep", "peak_rss_mib")
+    row(f"Celery's queue, sent by a Celery client: no-op drain, tasks/s ({opts.noop_n:,} tasks, "
+        f"-c {opts.noop_concurrency})", "celeryq_noop", "rate")
+    row("Celery's queue: no-op, worker CPU per task, us", "celeryq_noop", "worker_cpu_us_per_task")
+    row(f"Celery's queue: {opts.n:,} x {opts.sleep:g} s sleep at -c {opts.concurrency}, s (ideal {ideal:.2f})",
+        "celeryq_sleep", "seconds", 2)
+    row("Celery's queue: sleep, peak worker RSS, MiB", "celeryq_sleep", "peak_rss_mib")
     row(f"delay().get() p50, ms ({opts.roundtrips} sequential)", "roundtrip", "p50_ms", 2)
     row("delay().get() p99, ms", "roundtrip", "p99_ms", 2)
     if out["broker"] == "amqp":

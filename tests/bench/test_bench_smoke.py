@@ -87,3 +87,28 @@ def test_resources_hol_smoke(tmp_path):
     for mode in ("alone", "permits"):
         assert rows[mode]["free_done"] == 30 and rows[mode]["complete"], rows[mode]
     assert rows["permits"]["slow_run_by_then"] < 300, rows["permits"]
+
+
+def test_bench_celery_queue_smoke(tmp_path):
+    """--only celeryq at a tiny size: a Celery client fills Celery's queue on
+    Redis (db 14, the benchmark's), drained by a greenq worker and by a Celery
+    -P gevent worker; every task ran on each and nothing was left."""
+    pytest.importorskip("gevent")
+    pytest.importorskip("psutil")
+    pytest.importorskip("celery")
+    out_file = tmp_path / "bench.json"
+    argv = [sys.executable, os.path.join(REPO, "bin", "greenq-bench"), "--no-venv", "--quiet",
+            "--broker", "redis", "--systems", "greenq,celery", "--only", "celeryq",
+            "--noop-n", str(N), "--n", str(N), "--concurrency", "10", "--sleep", "0.01",
+            "--noop-concurrency", "10", "--timeout", "120", "--json", str(out_file)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=220, cwd=str(tmp_path))
+    if "another greenq-bench" in done.stderr:
+        pytest.skip("a benchmark is running on this machine")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Celery's queue, sent by a Celery client: no-op drain" in done.stdout
+    results = json.loads(out_file.read_text())["results"]
+    for key in ("celeryq_noop", "celeryq_sleep"):
+        for system in ("greenq", "celery"):
+            drain = results[key][system]
+            assert drain["done"] == N and drain["left_in_broker"] == 0, (key, system, drain)
+            assert drain["worker_exit"] == 0, (key, system)

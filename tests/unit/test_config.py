@@ -142,3 +142,11 @@ def test_broker_connect_timeout_defaults_to_forever():
     assert config.load(search=False, env={}).broker_connect_timeout == 0
     cfg = config.load(search=False, env={"GREENQ_BROKER_CONNECT_TIMEOUT": "2.5"})
     assert cfg.broker_connect_timeout == 2.5
+
+
+def test_celery_visibility_timeout_defaults_to_kombus_and_must_be_positive():
+    from greenq.config import ConfigError, load
+    assert load(search=False, env={}).celery_visibility_timeout == 3600
+    assert load(search=False, env={"GREENQ_CELERY_VISIBILITY_TIMEOUT": "10"}).celery_visibility_timeout == 10
+    with pytest.raises(ConfigError, match="celery_visibility_timeout = 0.5: must be >= 1"):
+        load(search=False, env={"GREENQ_CELERY_VISIBILITY_TIMEOUT": "0.5"})

@@ -46,8 +46,11 @@ How greenq fits kombu's scheme:
   greenq's dead letters with the reason; one that is, but does not decode
   (``greenq.celery.protocol``), is handed out and dead-lettered by the worker.
 
-kombu's ``visibility_timeout`` (its default, one hour) is assumed, as are
-its default key names and no ``global_keyprefix``.
+kombu's ``visibility_timeout`` is ``[greenq] celery_visibility_timeout``
+(kombu's default, one hour, unless set): it must equal the one of every Celery
+app on the database, since ``unacked_index`` is one per database and each
+worker restores by its own.  kombu's default key names and no
+``global_keyprefix`` are assumed.
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ class CeleryRedisBroker(RedisBroker):
     def __init__(self, url: str, config: Config, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self.celery_queues = frozenset(getattr(config, "celery_queues", None) or ())
-        self.visibility_timeout = VISIBILITY_TIMEOUT
+        self.visibility_timeout = float(getattr(config, "celery_visibility_timeout", VISIBILITY_TIMEOUT))
         self._accept = tuple(config.accept_content) + ("json",)
         self._k_held = f"{self.prefix}:celery:held:"
         self._k_count = f"{self.prefix}:celery:n:"

@@ -344,3 +344,57 @@ def test_whatever_is_written_to_a_celery_queue_is_run_or_dead_lettered(make, raw
     assert all(isinstance(m.task, str) and isinstance(m.args, list) for m in runnable)
     assert all(d.reason for d in dlq)
     assert client.llen(name) == 0 and not any(client.hexists(UNACKED, d.token[0]) for d in got)
+
+
+
+KOMBU_RESTORE_WITH = """
+import sys
+from kombu import Connection
+with Connection(sys.argv[1], transport_options={"visibility_timeout": float(sys.argv[2])}) as conn:
+    conn.default_channel.qos.restore_visible(num=1000)
+"""
+
+
+def test_celery_visibility_timeout_is_the_one_kombu_restores_by(redis_url):
+    """``[greenq] celery_visibility_timeout`` set to Celery's (5 s): a Celery
+    worker with that timeout leaves what greenq holds alone until greenq's
+    lease runs out; a greenq worker left at kombu's default hour has what it
+    holds handed out by that Celery worker at once (why both must agree).
+    On a private redis-server: kombu's unacked index is one per database, and
+    a 5-s restore on the shared one would hand out other tests' messages."""
+    import redis
+
+    from tests.clusters.servers import REDIS_SERVER, Servers, free_ports
+    from tests.conftest import _missing
+    if REDIS_SERVER is None:
+        _missing("redis-server (a private one)")
+    servers = Servers()
+    brokers = []
+    try:
+        [port] = free_ports(1)
+        servers.start(port)
+        url, queue = f"redis://127.0.0.1:{port}/0", "vt-celery"
+        client = redis.Redis.from_url(url)
+        send(url, queue, "interop.add|[6, 6]|{}", "interop.add|[7, 7]|{}")
+
+        def broker(**overrides):
+            brokers.append(CeleryRedisBroker(url, make_config(broker_url=url, key_prefix="vt", celery_queues=queue,
+                                                              lease_seconds=30, **overrides)))
+            return brokers[-1]
+        agreeing = broker(celery_visibility_timeout=5)
+        assert agreeing.visibility_timeout == 5
+        [d] = fetch_all(agreeing, queue, 1)
+        assert client.zscore(UNACKED_INDEX, d.token[0]) == pytest.approx(time.time() + 30 - 5, abs=5)
+        run_celery(KOMBU_RESTORE_WITH, url, "5")
+        assert client.hexists(UNACKED, d.token[0]) and client.llen(queue) == 1     # still greenq's
+        default = broker()
+        [e] = fetch_all(default, queue, 1)
+        assert client.llen(queue) == 0
+        run_celery(KOMBU_RESTORE_WITH, url, "5")
+        assert not client.hexists(UNACKED, e.token[0]) and client.llen(queue) == 1  # handed out at once
+        assert client.hexists(UNACKED, d.token[0])
+        client.close()
+    finally:
+        for b in brokers:
+            b.close()
+        servers.stop()
