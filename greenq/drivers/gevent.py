@@ -71,11 +71,6 @@ class Greenlet(gevent.Greenlet):
     spawning_stack_limit = 0
 
 
-class _Queue(gevent.queue.Queue):
-    def get(self, block: bool = True, timeout: Optional[float] = None) -> Any:  # raises queue.Empty
-        return super().get(block, timeout)
-
-
 class GeventDriver(Driver):
     name = "gevent"
     green = True
@@ -100,7 +95,8 @@ class GeventDriver(Driver):
         return gevent.event.Event()
 
     def queue(self):
-        return _Queue()
+        # gevent's own: its Empty is queue.Empty, and a subclass would add a Python call to every get
+        return gevent.queue.Queue()
 
     def lock(self):
         return gevent.lock.RLock()

@@ -111,7 +111,7 @@ class Runners:
         self.all: Set[Runner] = set()
         self._by_frame: Dict[FrameType, Runner] = {}
         #: spawn runners as work comes (green drivers) rather than all at start
-        self.on_demand = driver.green
+        self.on_demand = self.green = driver.green
         self.target = 0             # the concurrency: most runners at once
         self.count = 0              # runners spawned and not told to go
         self.idle = 0               # of those, the ones between two jobs (or not started yet)
@@ -138,7 +138,7 @@ class Runners:
         it when no idle one will take it and fewer than the concurrency run."""
         runq = self.runq
         runq.put(item)
-        if self.idle < runq.qsize() and self.count < self.target:
+        if self.count < self.target and self.idle < runq.qsize():
             self._spawn(1)
 
     def resize(self, concurrency: int) -> None:
@@ -283,8 +283,11 @@ class Runners:
         except Exception:                       # a bad [task:NAME] value: run without limits
             log.error("task %s[%s]: unusable time limits", job.msg.task, job.msg.id, exc_info=True)
             soft = hard = None
-        with self.lock:
+        if self.green:          # one greenlet at a time, and no switch in here: no lock needed
             self.running[id(job)] = job
+        else:
+            with self.lock:
+                self.running[id(job)] = job
         if soft or hard:
             self.reaper.arm(job, soft, hard)
         request = jobs.request_for(job)
@@ -346,11 +349,17 @@ class Runners:
                 assert job.msg is not None, "a job runs only once its message decoded"
                 job.outcome, job.exc = jobs.FAILURE, jobs.TimeLimitExceeded(
                     f"{job.msg.task}[{job.msg.id}] killed by its hard time limit before it started")
-        with self.lock:
+        if self.green:          # as in _run: no switch between the check and the mark
             self.running.pop(id(job), None)
             if job.settling:
                 return
             job.settling = True
+        else:
+            with self.lock:
+                self.running.pop(id(job), None)
+                if job.settling:
+                    return
+                job.settling = True
         self.settle(job)
 
 
