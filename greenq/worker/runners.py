@@ -1,4 +1,4 @@
-"""The runners: ``concurrency`` long-lived greenlets (or threads), each running
+"""The runners: up to ``concurrency`` greenlets (or threads), each running
 one task at a time from the worker's run queue, and the task hooks around it.
 
 Around each task, in the task's greenlet, with its request set (so every log
@@ -61,17 +61,17 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 KILLS = (SoftTimeLimitExceeded, jobs.HardKill, jobs.Abandon, jobs.Terminate)
-#: the state name given to task_postrun for each outcome
 #: seconds between two trims of idle runners (green drivers; ``Runners.idle_seconds``)
 IDLE_SECONDS = 10.0
 #: runners a trim keeps, however idle (``Runners.keep``)
 KEEP = 10
+#: the state name given to task_postrun for each outcome
 POSTRUN_STATE = {jobs.SUCCESS: "SUCCESS", jobs.FAILURE: "FAILURE", jobs.RETRY: "RETRY",
                  jobs.REJECT: "REJECTED", jobs.REVOKED: "REVOKED", jobs.REQUEUE: "REQUEUED"}
 
 
 class Runner:
-    """One long-lived runner; ``handle`` is its greenlet or thread, ``job`` the
+    """One runner; ``handle`` is its greenlet or thread, ``job`` the
     task it runs now, ``frame`` the frame of its loop (the monitor finds a
     task blocking the hub by walking up to it)."""
     __slots__ = ("handle", "job", "frame")
@@ -84,7 +84,7 @@ class Runner:
 
 class Runners:
     """The runners of one worker.  They get what they use: the run queue
-    (jobs admitted to run; None retires a runner), the hooks, the broker (to
+    (jobs admitted to run, put by ``submit``; None retires a runner), the hooks, the broker (to
     acknowledge early), the worker's ``running`` jobs (under ``lock``), the
     ``revoked`` ids, the reaper (time limits), ``finish(job, outcome,
     reason)`` for a job that will not run, ``settle(job)`` for one that ran,
