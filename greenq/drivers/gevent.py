@@ -61,7 +61,7 @@ def _throw(glet: Any, exc: Type[BaseException]) -> None:
 
 
 class Greenlet(gevent.Greenlet):
-    """greenq's own greenlets (runners, control loops): gevent's spawn tree
+    """greenq's own greenlets (control loops; runners are raw: ``spawn_light``): gevent's spawn tree
     (``spawning_greenlet``, ``spawn_tree_locals``) is kept, but not the
     ``spawning_stack``, ten frames of the worker's start-up that nothing
     reads, recorded per greenlet (1.3 KB a runner: docs/performance.md).
