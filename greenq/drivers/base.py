@@ -73,6 +73,12 @@ class Driver:
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Handle:
         raise NotImplementedError
 
+    def spawn_light(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        """``spawn`` for the worker's runners, one per running task: as light
+        as the driver allows (gevent: a raw greenlet); its handle is killed
+        and asked ``dead``, and need not be joinable cheaply."""
+        return self.spawn(fn, *args)
+
     def sleep(self, seconds: float) -> None:
         raise NotImplementedError
 

@@ -3,6 +3,7 @@ use; prefer gevent.  ``patch()`` runs ``eventlet.monkey_patch()``."""
 from __future__ import annotations
 
 import queue as std_queue
+import time
 from typing import Any, Callable, Optional, Type
 
 import eventlet
@@ -50,6 +51,36 @@ class GreenThreadHandle(Handle):
     def kill(self, exc: Type[BaseException]) -> None:
         if not self.dead:
             eventlet.spawn_n(self.gt.kill, exc)
+
+
+class RawHandle(Handle):
+    """The handle of a raw greenlet (``eventlet.spawn_n``: the runners): no
+    GreenThread, no event (0.7 KB less a running task).  A kill is thrown
+    from a greenlet of its own, as ``GreenThreadHandle.kill`` does, into a
+    greenlet still alive then."""
+    __slots__ = ("glet",)
+
+    def __init__(self, glet: Any) -> None:
+        self.glet = glet
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.glet.dead and (deadline is None or time.monotonic() < deadline):
+            eventlet.sleep(0.01)
+        return bool(self.glet.dead)
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.glet.dead)
+
+    def kill(self, exc: Type[BaseException]) -> None:
+        if not self.glet.dead:
+            eventlet.spawn_n(_kill, self.glet, exc)
+
+
+def _kill(glet: Any, exc: Type[BaseException]) -> None:
+    if not glet.dead:
+        eventlet.kill(glet, exc)
 
 
 class _Event:
@@ -108,6 +139,10 @@ class EventletDriver(Driver):
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Handle:
         return GreenThreadHandle(eventlet.spawn(fn, *args))
+
+    def spawn_light(self, fn: Callable[..., Any], *args: Any) -> Handle:
+        """A raw greenlet (``eventlet.spawn_n``), for the runners."""
+        return RawHandle(eventlet.spawn_n(fn, *args))
 
     def sleep(self, seconds: float) -> None:
         eventlet.sleep(seconds)

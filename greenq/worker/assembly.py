@@ -55,7 +55,7 @@ class WorkerParts:
     name: str
     lock: Any
     running: Dict[int, Job]        # by id(job), under lock
-    runq: Any                      # admitted jobs waiting for a free runner; None retires one
+    runq: Any                      # admitted jobs waiting for a free runner (put by runners.submit); None retires one
     room: Any                      # event: set when the held messages shrink (or on a stop)
     stopped: Any                   # event: set when the consumer loop ended
     stop: Stop
@@ -121,7 +121,11 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
         job.msg = dataclasses.replace(job.msg, eta=eta)
         finish(job, jobs.DEFER, reason="deferred by admission")
 
-    admission = Admission(driver, run=runq.put, defer=defer)
+    runners = Runners(driver, runq, hooks, broker, lock=lock, running=running,
+                      revoked=revocations.ids, reaper=reaper, finish=finish,
+                      settle=settle, release=lambda job: admission.release(job), stopping=lambda: stop.state)
+    # admitted jobs go to the runners' submit: a runner is spawned for one when none is idle
+    admission = Admission(driver, run=runners.submit, defer=defer)
     admission.pull = True                    # the runners take what the permits step grants (take)
     admission.on_room = room.set
     if any(t.option("rate_limit") for t in tasks):
@@ -131,9 +135,6 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
     app.set_permits(resources)
     if any(t.option("resources") for t in tasks):
         admission.add(Permits(resources, wait_warning=float(config.worker.get("resource_wait_warning", 30.0))))
-    runners = Runners(driver, runq, hooks, broker, lock=lock, running=running,
-                      revoked=revocations.ids, reaper=reaper, finish=finish,
-                      settle=settle, release=admission.release, stopping=lambda: stop.state,
-                      take=admission.take)
+    runners.take, runners.release = admission.take, admission.release
     return WorkerParts(label, lock, running, runq, room, stopped, stop, held, backend, stats, hooks,
                        reaper, revocations, settler, admission, runners, finish, resources)

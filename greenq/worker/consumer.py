@@ -9,8 +9,9 @@ lives:
 * admission -- admission.py: the steps a task passes before it takes a
                runner slot (rate limits); it parks the jobs told to WAIT,
                without a slot, and offers them again when their turn comes;
-* runners   -- runners.py: ``concurrency`` long-lived greenlets, each running
-               one task at a time, with the task hooks around it;
+* runners   -- runners.py: up to ``concurrency`` greenlets, spawned as work
+               comes (threads: all at start), each running one task at a
+               time, with the task hooks around it;
 * settler   -- settle.py: publishes retries, stores results, acknowledges;
 * reaper    -- limits.py: time limits and revoke(terminate=True);
 * revocations -- revocations.py: the worker's copy of the revoked ids, loaded
@@ -232,21 +233,20 @@ class Worker:
 
     # -- operations of the control plane -------------------------------------------
     def resize(self, concurrency: int) -> None:
-        """Run ``concurrency`` tasks at once from now on: start runners, or
-        retire some (each ends when it takes its retirement notice from the
-        run queue, after the messages queued before it); the prefetch follows
-        (``basic_qos`` too on AMQP).  The caller checks the bounds."""
+        """Run ``concurrency`` tasks at once from now on: more runners (on
+        demand: as work comes; threads: started now), or fewer (idle ones end
+        when they take their retirement notice from the run queue, after the
+        messages queued before it; busy ones beyond the concurrency after
+        their task: ``Runners.resize``); the prefetch follows (``basic_qos``
+        too on AMQP).  The caller checks the bounds."""
         change = concurrency - self.concurrency
-        if change > 0:
-            self.runners.start(change)
+        self.runners.resize(self.runners.target + change)
         self.concurrency = concurrency
         self.prefetch = effective_prefetch(concurrency, self.config.worker["prefetch"])
         self.batch = min(self.prefetch, FETCH_BATCH_MAX)
         self.admission.max_waiting = self.prefetch
         self._set_broker_prefetch(always=True)
         self.room.set()
-        for _ in range(-change):
-            self.runq.put(None)
 
     def _set_broker_prefetch(self, always: bool = False) -> None:
         """AMQP: ``basic_qos`` follows the pool, plus room for the tasks
@@ -455,7 +455,7 @@ class Worker:
             return
         revoked = self.revocations.ids
         received = self.hooks.has("task_received")
-        offer = self.admission.offer if self.admission else self.runq.put
+        offer = self.admission.offer if self.admission else self.runners.submit
         for job in ready:
             assert job.msg is not None, "ready: its message decoded"
             if job.msg.id in revoked:
@@ -501,6 +501,7 @@ class Worker:
         last = (time.monotonic(), 0)
         while not (self.stopped.is_set() and not self.held):
             self.driver.sleep(min(interval, SUMMARY_INTERVAL))
+            self.runners.trim()                 # on demand: idle runners go
             held = list(self.held.values())
             if held:
                 try:

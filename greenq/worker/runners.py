@@ -1,4 +1,4 @@
-"""The runners: ``concurrency`` long-lived greenlets (or threads), each running
+"""The runners: up to ``concurrency`` greenlets (or threads), each running
 one task at a time from the worker's run queue, and the task hooks around it.
 
 Around each task, in the task's greenlet, with its request set (so every log
@@ -14,6 +14,23 @@ A free runner first asks the admission chain for a job it grants now
 (``take``: the tasks waiting for resource permits, whose permits are taken
 for this runner at that moment), then takes the next job of the run queue; a
 ``TAKE`` found there is a nudge to ask the chain.
+
+Under a green driver the runners are spawned on demand: work reaches the run
+queue through ``submit``, which spawns one more runner when the items waiting
+there outnumber the idle runners and fewer than ``concurrency`` exist (a
+``TAKE`` counts: the job the chain grants needs a free runner).  An idle
+runner costs a greenlet and its saved stack (8 KB); a worker at ``-c 10000``
+with three tasks running has a handful, not 10,000.  Runners left idle go:
+``trim`` (called by the worker's renewer loop) retires, every
+``idle_seconds``, as many as stayed idle for the whole interval (the fewest
+idle seen in it), keeping ``keep``.  Each runner is counted in ``count``
+from its spawn until it is told to go (a retirement notice, None, in the run
+queue, or its own check after a task: more runners than the concurrency,
+after ``resize`` shrank it); ``idle`` counts the runners between two jobs
+(from the spawn: a new runner is free).  Nothing else changes: a runner is
+the same loop, the admission's ``take`` asks a free runner, kills aim at a
+job's runner, the monitor finds a runner's frame.  Under threads (an OS
+thread each) the ``concurrency`` runners start at once, as before.
 """
 from __future__ import annotations
 
@@ -24,7 +41,7 @@ import sys
 import time
 import traceback
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Set
 
 from ..backends.base import Record
 from ..exceptions import SoftTimeLimitExceeded, describe
@@ -46,13 +63,17 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.worker")
 
 KILLS = (SoftTimeLimitExceeded, jobs.HardKill, jobs.Abandon, jobs.Terminate)
+#: seconds between two trims of idle runners (green drivers; ``Runners.idle_seconds``)
+IDLE_SECONDS = 10.0
+#: runners a trim keeps, however idle (``Runners.keep``)
+KEEP = 10
 #: the state name given to task_postrun for each outcome
 POSTRUN_STATE = {jobs.SUCCESS: "SUCCESS", jobs.FAILURE: "FAILURE", jobs.RETRY: "RETRY",
                  jobs.REJECT: "REJECTED", jobs.REVOKED: "REVOKED", jobs.REQUEUE: "REQUEUED"}
 
 
 class Runner:
-    """One long-lived runner; ``handle`` is its greenlet or thread, ``job`` the
+    """One runner; ``handle`` is its greenlet or thread, ``job`` the
     task it runs now, ``frame`` the frame of its loop (the monitor finds a
     task blocking the hub by walking up to it)."""
     __slots__ = ("handle", "job", "frame")
@@ -65,7 +86,7 @@ class Runner:
 
 class Runners:
     """The runners of one worker.  They get what they use: the run queue
-    (jobs admitted to run; None retires a runner), the hooks, the broker (to
+    (jobs admitted to run, put by ``submit``; None retires a runner), the hooks, the broker (to
     acknowledge early), the worker's ``running`` jobs (under ``lock``), the
     ``revoked`` ids, the reaper (time limits), ``finish(job, outcome,
     reason)`` for a job that will not run, ``settle(job)`` for one that ran,
@@ -89,8 +110,17 @@ class Runners:
         self.release = release
         self.stopping = stopping
         self.take = take if take is not None else (lambda token: None)
-        self.all: List[Runner] = []
+        self.all: Set[Runner] = set()
         self._by_frame: Dict[FrameType, Runner] = {}
+        #: spawn runners as work comes (green drivers) rather than all at start
+        self.on_demand = self.green = driver.green
+        self.target = 0             # the concurrency: most runners at once
+        self.count = 0              # runners spawned and not told to go
+        self.idle = 0               # of those, the ones between two jobs (or not started yet)
+        self.low = 0                # the fewest idle since the last trim
+        self.keep = KEEP
+        self.idle_seconds = IDLE_SECONDS
+        self._trimmed = time.monotonic()
         # live lists: subscribers added later show in them
         self._prerun = hooks.live("task_prerun")
         self._success = hooks.live("task_success")
@@ -99,15 +129,81 @@ class Runners:
         self._get, self._sleep = runq.get, driver.sleep
 
     def start(self, count: int) -> None:
-        spawn, enter = self.driver.spawn, self._enter
-        for _ in range(count):
-            runner = Runner()
-            self.all.append(runner)
-            runner.handle = spawn(enter, runner)
+        """Allow ``count`` runners at once (more: ``resize``); on demand, none
+        is spawned before there is work, else all ``count`` now."""
+        self.target += count
+        if not self.on_demand:
+            self._spawn(count)
+
+    def submit(self, item: Any) -> None:
+        """Put a job (or a ``TAKE``) in the run queue, spawning a runner for
+        it when no idle one will take it and fewer than the concurrency run."""
+        runq = self.runq
+        runq.put(item)
+        if self.count < self.target and self.idle < runq.qsize():
+            self._spawn(1)
+
+    def resize(self, concurrency: int) -> None:
+        """Run ``concurrency`` tasks at once from now on.  Fewer: idle
+        runners get a retirement notice (after the jobs queued before it),
+        busy ones beyond the concurrency go after their task; more: under
+        threads, the new runners start now; on demand, for the jobs waiting
+        without a runner (the others as work comes)."""
+        change = concurrency - self.target
+        if not self.on_demand:
+            if change > 0:
+                self.target = concurrency
+                self._spawn(change)
+            else:
+                self.count += change        # before the target: no runner leaves on its own
+                self.target = concurrency
+                self._notify(-change)
+            return
+        self.target = concurrency
+        if change > 0:
+            self._spawn(min(self.target - self.count, max(0, self.runq.qsize() - self.idle)))
+        else:
+            spare = min(self.count - concurrency, self.idle - self.runq.qsize())
+            if spare > 0:
+                self.count -= spare
+                self._notify(spare)
+
+    def trim(self, now: Optional[float] = None) -> int:
+        """On demand: every ``idle_seconds``, retire the runners that stayed
+        idle for the whole interval (the fewest idle seen in it), keeping
+        ``keep``.  Returns how many were told to go."""
+        if not self.on_demand:
+            return 0
+        now = time.monotonic() if now is None else now
+        if now - self._trimmed < self.idle_seconds:
+            return 0
+        self._trimmed = now
+        spare = min(self.low, self.idle - self.runq.qsize(), self.count - self.keep)
+        self.low = self.idle
+        if spare <= 0:
+            return 0
+        self.count -= spare
+        self._notify(spare)
+        return spare
 
     def stop(self) -> None:
-        for _ in self.all:
-            self.runq.put(None)
+        """Retire every runner (after the jobs queued before the notices)."""
+        count, self.count, self.target = self.count, 0, 0
+        self._notify(count)
+
+    def _notify(self, count: int) -> None:
+        put = self.runq.put
+        for _ in range(count):
+            put(None)
+
+    def _spawn(self, count: int) -> None:
+        spawn, enter = self.driver.spawn_light, self._enter
+        for _ in range(count):
+            runner = Runner()
+            self.all.add(runner)
+            self.count += 1
+            self.idle += 1              # free from the start: the job it was spawned for is its
+            runner.handle = spawn(enter, runner)
 
     def job_of_frame(self, frame: Optional[FrameType]) -> Optional[Job]:
         """The job whose runner's stack holds ``frame`` (from any OS thread)."""
@@ -128,8 +224,12 @@ class Runners:
         self._by_frame[runner.frame] = runner
         try:
             self._loop(runner)
+        except BaseException:               # ended by something else than its notice: no longer counted
+            self.count -= 1
+            raise
         finally:
             self._by_frame.pop(runner.frame, None)
+            self.all.discard(runner)
 
     def _loop(self, runner: Runner) -> None:
         """Run jobs one after another.  A kill is aimed at one job; one that
@@ -137,17 +237,28 @@ class Runners:
         delivers it before resuming us) or in ``get``, and is ignored there."""
         sleep, get = self._sleep, self._get
         stopping, revoked, finish, take = self.stopping, self.revoked, self.finish, self.take
+        busy = False                         # counted idle (from the spawn) until it takes something
         while True:
             try:
+                if busy:                     # back from a job (or a nudge): free again
+                    busy = False
+                    if self.count > self.target:     # resize shrank the pool: this one goes
+                        self.count -= 1
+                        return
+                    self.idle += 1
                 job: Any = take(False)       # a job the admission grants to a free runner goes first
                 if job is None:
                     job = get()
+                busy = True
+                idle = self.idle = self.idle - 1
+                if idle < self.low:
+                    self.low = idle
+                if job is None:              # a retirement notice (counted out by who sent it)
+                    return
+                if job is TAKE:
+                    job = take(True)
                     if job is None:
-                        return
-                    if job is TAKE:
-                        job = take(True)
-                        if job is None:
-                            continue
+                        continue
                 if stopping():               # shutting down: don't start what has not started
                     finish(job, jobs.REQUEUE)
                     continue
@@ -174,8 +285,11 @@ class Runners:
         except Exception:                       # a bad [task:NAME] value: run without limits
             log.error("task %s[%s]: unusable time limits", job.msg.task, job.msg.id, exc_info=True)
             soft = hard = None
-        with self.lock:
+        if self.green:          # one greenlet at a time, and no switch in here: no lock needed
             self.running[id(job)] = job
+        else:
+            with self.lock:
+                self.running[id(job)] = job
         if soft or hard:
             self.reaper.arm(job, soft, hard)
         request = jobs.request_for(job)
@@ -237,11 +351,17 @@ class Runners:
                 assert job.msg is not None, "a job runs only once its message decoded"
                 job.outcome, job.exc = jobs.FAILURE, jobs.TimeLimitExceeded(
                     f"{job.msg.task}[{job.msg.id}] killed by its hard time limit before it started")
-        with self.lock:
+        if self.green:          # as in _run: no switch between the check and the mark
             self.running.pop(id(job), None)
             if job.settling:
                 return
             job.settling = True
+        else:
+            with self.lock:
+                self.running.pop(id(job), None)
+                if job.settling:
+                    return
+                job.settling = True
         self.settle(job)
 
 

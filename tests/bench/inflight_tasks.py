@@ -5,7 +5,8 @@
 the worker's driver): a task in flight that does nothing else.
 
 With ``INFLIGHT_READY=PATH``, the worker writes PATH once all its runners
-have started and wait for work (0 in flight, every runner's stack made).
+have started and wait for work (0 in flight, every runner's stack made), or,
+where runners are spawned on demand, once it is ready (0 in flight, no runner).
 With ``INFLIGHT_TRACEMALLOC=FRAMES`` and ``INFLIGHT_DUMPS=DIR`` in its
 environment, the worker starts tracemalloc in ``worker_process_init`` and,
 writes ``DIR/dump-0.json`` there, before the runners start; then on each
@@ -97,10 +98,16 @@ class _Dumper:
 
 
 def _mark_ready(worker, path):
-    """Write ``path`` once every runner of ``worker`` has started and waits for work."""
-    runners = worker.runners.all
-    while len(runners) < worker.concurrency or any(r.frame is None for r in runners):
-        worker.driver.sleep(0.05)
+    """Write ``path`` once every runner of ``worker`` has started and waits
+    for work; with runners spawned on demand (a green pool since they are),
+    once the worker allows its concurrency (none is spawned before work)."""
+    runners = worker.runners
+    if getattr(runners, "on_demand", False):
+        while runners.target < worker.concurrency:
+            worker.driver.sleep(0.05)
+    else:
+        while len(runners.all) < worker.concurrency or any(r.frame is None for r in runners.all):
+            worker.driver.sleep(0.05)
     with open(path, "w") as fh:
         fh.write(f"{os.getpid()}\n")
 

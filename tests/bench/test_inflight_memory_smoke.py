@@ -31,7 +31,8 @@ def test_inflight_memory_smoke(redis_url, tmp_path):
     assert result["greenlets_n"] >= 50
     sites = {site["site"].split(":")[0] for site in result["top"]}
     assert "greenq/worker/jobs.py" in sites                  # the Request of each running task
-    assert "greenq/worker/runners.py" in {s["site"].split(":")[0] for s in result["top_runners"]}
+    # runners are spawned on demand: the runner of each task shows with the tasks, none at 0 in flight
+    assert "greenq/worker/runners.py" in sites
     assert "B per task in flight" in done.stdout
     import redis
     client = redis.Redis.from_url(redis_url)
