@@ -30,7 +30,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 BOUND = 10.0      # seconds: a wake-up arrives in milliseconds, the (patched) fallback after 60 s
 
 CHILD = r"""
-import json, sys, time
+import sys
+driver_name = sys.argv[3] if len(sys.argv) > 3 else ""
+if driver_name == "gevent":
+    import gevent.monkey
+    gevent.monkey.patch_all()
+elif driver_name == "eventlet":
+    import eventlet
+    eventlet.monkey_patch()
+import json, time
 import greenq.transports.sqlite.broker as broker_mod
 import greenq.transports.sqlite.results as results_mod
 broker_mod.FALLBACK = results_mod.FALLBACK = 60.0
@@ -38,20 +46,31 @@ broker_mod.POLL_MIN = broker_mod.POLL_MAX = 60.0
 from greenq.backends import make_backend
 from greenq.brokers import make_broker
 from tests.conftest import make_config
+from greenq.drivers import get_driver
 url, what = sys.argv[1], sys.argv[2]
+driver = get_driver(driver_name) if driver_name else None
 if what == "fetch":
-    broker = make_broker(url, make_config())
+    broker = make_broker(url, make_config(), driver)
+    if driver is not None and driver.green:      # the hub keeps running while the fetch waits
+        ticks = []
+        def tick():
+            while True:
+                ticks.append(time.monotonic())
+                driver.sleep(0.01)
+        driver.spawn(tick)
     out = broker.fetch(["q"], 1, 120.0)
+    if driver is not None and driver.green:
+        assert len(ticks) > 5, ticks
     print(json.dumps({"at": time.time(), "got": [d.message_id for d in out]}), flush=True)
 else:
-    backend = make_backend(url, make_config())
+    backend = make_backend(url, make_config(), driver)
     data = backend.wait("t1", 120.0)
     print(json.dumps({"at": time.time(), "got": data.decode() if data else None}), flush=True)
 """
 
 
-def _child(url: str, what: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CHILD, url, what], cwd=ROOT, stdout=subprocess.PIPE,
+def _child(url: str, what: str, driver: str = "") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", CHILD, url, what] + ([driver] if driver else []), cwd=ROOT, stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": ROOT})
 
 
@@ -236,20 +255,60 @@ def test_payload_names_the_queues():
     assert not wakeup.relevant([], ["c"])
 
 
-@pytest.mark.parametrize("driver_name", ["threads"])
-def test_wait_goes_through_the_driver(tmp_path, driver_name):
-    from greenq.drivers import get_driver
+@pytest.mark.parametrize("driver_name", ["threads", "gevent", "eventlet"])
+def test_wake_ups_under_each_driver(tmp_path, driver_name):
+    """A patched process (gevent, eventlet) waits on the hub: its other
+    greenlets keep running (the child checks) and a publish, then a result,
+    wake it."""
     url = f"sqlite:///{tmp_path}/drv.sqlite3"
-    driver = get_driver(driver_name)
-    broker = make_broker(url, make_config(), driver)
-    sender = make_broker(url, make_config())
+    directory = f"{tmp_path}/drv.sqlite3.wake"
+    broker = make_broker(url, make_config())
+    backend = make_backend(url, make_config())
     broker.declare(["q"])
-    timer = threading.Timer(0.2, lambda: sender.publish(Outgoing("q", b"x", "m1")))
-    timer.start()
+    backend.get("t0")
+    fetcher, waiter = _child(url, "fetch", driver_name), _child(url, "wait", driver_name)
     try:
-        got = broker.fetch(["q"], 1, 60.0)
+        _wait_for_socket(directory, "m", fetcher)
+        _wait_for_socket(directory, "r", waiter)
+        time.sleep(0.2)
+        broker.publish(Outgoing("q", b"x", "m1"))
+        backend.store_many([Record("t1", b"done", True)])
+        sent = time.time()
+        fetched, waited = _answer(fetcher), _answer(waiter)
     finally:
-        timer.cancel()
+        for child in (fetcher, waiter):
+            child.kill()
+            child.wait()
         broker.close()
-        sender.close()
-    assert [d.message_id for d in got] == ["m1"]
+        backend.close()
+    assert fetched["got"] == ["m1"] and fetched["at"] - sent < BOUND
+    assert waited["got"] == "done" and waited["at"] - sent < BOUND
+
+
+def test_forked_child_binds_its_own_socket_and_leaves_the_parents(tmp_path):
+    url = f"sqlite:///{tmp_path}/fork.sqlite3"
+    directory = f"{tmp_path}/fork.sqlite3.wake"
+    broker = make_broker(url, make_config())
+    broker.declare(["q"])
+    assert broker.fetch(["q"], 1, 0.05) == []
+    (mine,) = os.listdir(directory)
+    pid = os.fork()
+    if pid == 0:      # pragma: no cover - the child reports through its exit code
+        code = 1
+        try:
+            broker.fetch(["q"], 1, 0.05)
+            names = os.listdir(directory)
+            ok = mine in names and any(f".{os.getpid()}." in n for n in names)
+            broker.close()
+            code = 0 if ok and os.listdir(directory) == [mine] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    try:
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert os.listdir(directory) == [mine]
+        timer = threading.Timer(0.2, lambda: make_broker(url, make_config()).publish(Outgoing("q", b"x", "m1")))
+        timer.start()
+        assert [d.message_id for d in broker.fetch(["q"], 1, 60.0)] == ["m1"]    # still woken after the fork
+    finally:
+        broker.close()
