@@ -47,13 +47,14 @@ so no connection is used by two threads at once, and nothing depends on
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .client import Database, Tables, chunks, placeholders, transaction
 from .wakeup import FALLBACK, Channel, Waiter, queues_payload, relevant
@@ -85,6 +86,25 @@ SWEEP_INTERVAL = 10.0     # seconds between sweeps for rows the fetch cannot sel
 SWEEP_SQL = ("SELECT id, priority, visible_at FROM {messages} WHERE queue = ? AND claimed_by IS NULL AND "
              "(typeof(priority) != 'integer' OR priority NOT BETWEEN 0 AND 9 "
              "OR typeof(visible_at) NOT IN ('integer', 'real'))")
+
+
+@contextlib.contextmanager
+def unflushed(conn: sqlite3.Connection, synchronous: str) -> Iterator[None]:
+    """Commits inside do not wait for the disk (``synchronous=normal`` for
+    them, on a ``full`` file): claims and acks.  A power loss may undo the
+    last ones, which hands those messages out again: what at-least-once
+    delivery allows (a claim lost that way is a lease ended early, by a
+    crash that took its holder too).  In WAL mode the next flushed commit
+    (a publish, a result) makes them durable as well.  Set outside a
+    transaction: SQLite refuses to change it inside one."""
+    if synchronous != "full":
+        yield
+        return
+    conn.execute("PRAGMA synchronous=normal")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA synchronous=full")
 
 
 def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_id: Any,
@@ -256,7 +276,7 @@ class SQLiteBroker(Broker):
         wanted = [q for q in queues if conn.execute(self._peek_sql, {"queue": q, "now": now}).fetchone()]
         if not wanted:
             return []
-        with transaction(conn):
+        with unflushed(conn, self._db.synchronous), transaction(conn):
             now = time.time()
             chosen: List[Tuple[str, Any]] = []        # (queue, row with the body's length), within max_bytes
             spent, full = 0, False
@@ -341,7 +361,7 @@ class SQLiteBroker(Broker):
             return
 
         def delete(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
+            with unflushed(conn, self._db.synchronous), transaction(conn):
                 for chunk in chunks(ids):
                     conn.execute(f"DELETE FROM {self._t.messages} WHERE id IN ({placeholders(len(chunk))})", chunk)
         self._run(delete)
