@@ -80,6 +80,24 @@ def measure(label: str, worker_argv: List[str], env: Dict[str, str], client_argv
     return out
 
 
+def flush_latency(folder: str, n: int = 30) -> float:
+    """Median ms of one fdatasync of a 4 KiB write in ``folder``: the disk's
+    flush, which every commit of a synchronous=full file waits for."""
+    path = os.path.join(folder, "flush-probe")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for _ in range(n):
+            os.write(fd, b"x" * 4096)
+            start = time.perf_counter()
+            os.fdatasync(fd)
+            times.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        os.close(fd)
+        os.remove(path)
+    return statistics.median(times)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--roundtrips", type=int, default=300)
@@ -96,16 +114,16 @@ def main(argv=None) -> int:
         n, warmup, timeout = (float(x) for x in opts.huey_client)
         print(json.dumps(huey_client(int(n), int(warmup), timeout)), flush=True)
         return 0
-    try:
-        import huey  # noqa: F401
-        import psutil  # noqa: F401
-    except ImportError as exc:
-        print(f"sqlite_wakeup: {exc}: run it with the bench's venv (bin/greenq-bench --setup-only; "
-              ".bench/venv/bin/pip install huey)", file=sys.stderr)
+    import importlib.util
+    missing = [m for m in ("huey", "psutil") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"sqlite_wakeup: {', '.join(missing)} not installed: run it with the bench's venv "
+              "(bin/greenq-bench --setup-only; .bench/venv/bin/pip install huey)", file=sys.stderr)
         return 2
     folder = tempfile.mkdtemp(prefix="greenq-sqlite-bench-")
     load = os.getloadavg()
     results: List[Dict[str, Any]] = []
+    flush_ms = [flush_latency(folder)]
     try:
         for system in [s.strip() for s in opts.systems.split(",") if s.strip()]:
             db = os.path.join(folder, f"{system}.sqlite3")
@@ -127,6 +145,7 @@ def main(argv=None) -> int:
             else:
                 raise SystemExit(f"unknown system {system!r}: greenq, huey, huey-fast")
             results.append(measure(system, argv, env, client, folder, opts.idle, opts.timeout))
+        flush_ms.append(flush_latency(folder))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     load_after = os.getloadavg()
@@ -134,7 +153,8 @@ def main(argv=None) -> int:
               "huey-fast": "Huey SqliteHuey, 1 ms polling"}
     lines = [f"SQLite (synchronous={opts.synchronous}) round trip, {opts.roundtrips} sequential delay().get(); "
              f"idle worker CPU over "
-             f"{opts.idle:g} s; load average {load[0]:.2f} before, {load_after[0]:.2f} after", "",
+             f"{opts.idle:g} s; load average {load[0]:.2f} before, {load_after[0]:.2f} after; the disk's "
+             f"fdatasync p50 {flush_ms[0]:.2f} ms before, {flush_ms[-1]:.2f} ms after", "",
              "| system | p50, ms | p99, ms | idle worker CPU, % |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {labels[r['system']]} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
@@ -142,7 +162,7 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if opts.json:
         with open(opts.json, "w") as out:
-            json.dump({"load_before": load, "load_after": load_after, "results": results}, out, indent=2)
+            json.dump({"load_before": load, "load_after": load_after, "fdatasync_ms": flush_ms, "results": results}, out, indent=2)
     return 0
 
 
