@@ -216,14 +216,17 @@ def test_delayed_message_is_fetched_when_due_not_at_the_fallback(tmp_path, monke
     monkeypatch.setattr(broker_mod, "FALLBACK", 60.0)
     url = f"sqlite:///{tmp_path}/eta.sqlite3"
     broker = make_broker(url, make_config())
-    broker.publish(Outgoing("q", b"x", "later", eta=time.time() + 0.3))
+    eta = time.time() + 0.3
+    broker.publish(Outgoing("q", b"x", "later", eta=eta))
     started = time.monotonic()
     try:
         got = broker.fetch(["q"], 1, 60.0)
+        returned = time.time()
     finally:
         broker.close()
     assert [d.message_id for d in got] == ["later"]
-    assert 0.25 <= time.monotonic() - started < BOUND
+    assert returned >= eta                          # not before it was due
+    assert time.monotonic() - started < BOUND       # and not at the (patched, 60 s) fallback
 
 
 def test_long_database_path_binds_through_the_directory_descriptor(tmp_path):
