@@ -126,11 +126,16 @@ class Bench:
             raise BenchError(f"{what}: {n} tasks were enqueued but the broker holds {queued}; "
                              "is something else using the benchmark's namespace?")
         probe = self._file(f"{system}-{kind}-probe", ".json")
+        count = os.environ.get("GREENQ_BENCH_COUNT_COMMANDS") == "1" and hasattr(self.space, "commands")
+        commands_before = self.space.commands() if count else 0
         worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n, extra_env=extra)
         try:
             # generous: 10x the ideal time, 5 ms a task, a minute to start; at most --timeout
             timeout = min(self.opts.timeout, 60 + 10 * n * sleep / concurrency + 0.005 * n)
             report = self.wait_probe(worker, probe, what, timeout)
+            # the broker's commands from the worker's start to the last task's end, per task
+            # (GREENQ_BENCH_COUNT_COMMANDS=1, on a Redis server of the run's own)
+            commands = (self.space.commands() - commands_before - 1) / n if count else None
             time.sleep(2 * worker.interval)  # one more sample after the last task
         finally:
             code = worker.stop()
@@ -150,7 +155,7 @@ class Bench:
                   "worker_cpu_seconds": worker_cpu,
                   "worker_cpu_us_per_task": worker_cpu * 1e6 / n if worker_cpu is not None else None,
                   "machine_busy_cores": machine_cpu / span if machine_cpu is not None and span > 0 else None,
-                  "loadavg_1min_before": load}
+                  "loadavg_1min_before": load, "broker_commands_per_task": commands}
         if report.get("counted"):
             result["worker_instructions_per_task"] = _instructions(worker.log_path) / report["counted"]
         elif self.opts.instructions and system == "greenq":

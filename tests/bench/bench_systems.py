@@ -58,6 +58,11 @@ class RedisSpace:
     def reset(self) -> None:
         self._client.flushdb()
 
+    def commands(self) -> int:
+        """Commands the server has run so far (INFO stats; every client's,
+        so meaningful on a server of the run's own: bin/greenq-netem-bench)."""
+        return int(self._client.info("stats")["total_commands_processed"])
+
     def close(self) -> None:
         self.reset()
         self._client.close()
@@ -308,7 +313,10 @@ class Worker:
         spy = _bin("py-spy") if self.profile_path else ""   # before the worker: a missing tool strands nothing
         log = open(self.log_path, "ab")
         self.spawned_at = time.monotonic()
-        self.proc = subprocess.Popen(self.argv, env=self.env, cwd=HERE, stdout=log,
+        # bin/greenq-netem-bench: workers run in a network namespace of their own
+        netns = os.environ.get("GREENQ_BENCH_WORKER_NETNS", "")
+        argv = ["ip", "netns", "exec", netns] + self.argv if netns else self.argv
+        self.proc = subprocess.Popen(argv, env=self.env, cwd=HERE, stdout=log,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
         log.close()

@@ -30,8 +30,14 @@ rows with ``visible_at <= now`` (one index range per queue and priority, so
 held and delayed rows are never scanned), then set ``claimed_by``,
 ``visible_at = now + lease_seconds`` and ``deliveries + 1`` on all of them.
 Due delayed messages and expired leases need no mover: the WHERE clause finds
-them.  SQLite cannot block, so an empty fetch polls with a sleep growing from
-5 ms to 100 ms, through the driver so the hub keeps running.
+them.  SQLite cannot block, so an empty fetch waits for a wake-up
+(``wakeup.py``): a publish or requeue sends a datagram to the sockets of the
+fetches waiting on the file (``<file>.wake/``), naming its queues.  Without
+one a fetch reads again after ``wakeup.FALLBACK`` (1 s), or when the next
+delayed message of its queues is due, whichever is first.  Where the wake-up
+directory cannot be used (read-only), and for a second fetch waiting at the
+same time in one broker, an empty fetch polls with a sleep growing from 5 ms
+to 100 ms, through the driver so the hub keeps running.
 
 Every database call runs through ``Broker._blocking`` (a real thread under
 gevent and eventlet).  Connections are pooled rather than kept per thread: a
@@ -41,15 +47,17 @@ so no connection is used by two threads at once, and nothing depends on
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .client import Database, Tables, chunks, placeholders, transaction
+from .wakeup import FALLBACK, Channel, Waiter, queues_payload, relevant
 from ...brokers.base import (PREVIEW_BYTES, Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit,
                    oversize_reason)
 
@@ -68,12 +76,35 @@ def _arms(columns: str, limit: str) -> str:
 # (SQL templates: ``Tables.sql`` fills in the table names of the key_prefix)
 FETCH_SQL = _arms("id, priority, deliveries, message_id, length(body)", ":count")
 PEEK_SQL = _arms("id", "1")
+#: the earliest visible_at after now of one queue: one index seek per priority
+DUE_SQL = ("SELECT MIN(v) FROM (" + " UNION ALL ".join(
+    f"SELECT MIN(visible_at) AS v FROM {{messages}} WHERE queue = :queue AND priority = {p} AND visible_at > :now"
+    for p in range(10)) + ")")
 
 
 SWEEP_INTERVAL = 10.0     # seconds between sweeps for rows the fetch cannot select
 SWEEP_SQL = ("SELECT id, priority, visible_at FROM {messages} WHERE queue = ? AND claimed_by IS NULL AND "
              "(typeof(priority) != 'integer' OR priority NOT BETWEEN 0 AND 9 "
              "OR typeof(visible_at) NOT IN ('integer', 'real'))")
+
+
+@contextlib.contextmanager
+def unflushed(conn: sqlite3.Connection, synchronous: str) -> Iterator[None]:
+    """Commits inside do not wait for the disk (``synchronous=normal`` for
+    them, on a ``full`` file): claims and acks.  A power loss may undo the
+    last ones, which hands those messages out again: what at-least-once
+    delivery allows (a claim lost that way is a lease ended early, by a
+    crash that took its holder too).  In WAL mode the next flushed commit
+    (a publish, a result) makes them durable as well.  Set outside a
+    transaction: SQLite refuses to change it inside one."""
+    if synchronous != "full":
+        yield
+        return
+    conn.execute("PRAGMA synchronous=normal")
+    try:
+        yield
+    finally:
+        conn.execute("PRAGMA synchronous=full")
 
 
 def _delivery(queue: str, row_id: int, priority: Any, deliveries: Any, message_id: Any,
@@ -126,9 +157,13 @@ class SQLiteBroker(Broker):
         self._db = Database(url, config.key_prefix)
         t = self._t = self._db.tables
         self._fetch_sql, self._peek_sql, self._sweep_sql = t.sql(FETCH_SQL), t.sql(PEEK_SQL), t.sql(SWEEP_SQL)
+        self._due_sql = t.sql(DUE_SQL)
         self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._interrupted = False
         self._next_sweep = 0.0
+        self._wake = Channel(self._db.path, config.key_prefix)
+        self._waiter: Optional[Waiter] = None
+        self._waiter_tried = 0     # the pid that tried to bind a waiter (0: none yet)
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._blocking(self._db.run, fn, *args)
@@ -138,6 +173,7 @@ class SQLiteBroker(Broker):
         if not messages:
             return
         self._run(self._write, publish_calls(messages, self._t, time.time()))
+        self._wake.notify("m", queues_payload([m.queue for m in messages]))
 
     def _write(self, conn: sqlite3.Connection, calls: List[SQLCall]) -> None:
         with transaction(conn):
@@ -154,8 +190,52 @@ class SQLiteBroker(Broker):
 
     def fetch(self, queues: Sequence[str], count: int, timeout: float, max_bytes: int = 0) -> List[Delivery]:
         deadline = time.monotonic() + timeout
-        delay = POLL_MIN
         queues = list(queues)
+        waiter = self._take_waiter() if timeout > 0 else None
+        if waiter is None:
+            return self._fetch_polling(queues, count, deadline, max_bytes)
+        try:
+            while True:
+                waiter.drain()           # before the read: a wake-up sent after it stays for the wait
+                out, due = self._run(self._claim_or_due, queues, count, max_bytes)
+                if not out and time.monotonic() >= self._next_sweep:
+                    self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+                    self._run(self._sweep, queues)
+                if out or self._interrupted:
+                    self._interrupted = False
+                    return out
+                now = time.monotonic()
+                if now >= deadline:
+                    return []
+                until = min(deadline, now + FALLBACK)
+                if due is not None:
+                    until = min(until, now + max(0.0, due - time.time()))
+                while True:
+                    left = until - time.monotonic()
+                    if left <= 0 or not waiter.wait(left):
+                        break
+                    if relevant(waiter.drain(), queues) or self._interrupted:
+                        break
+        finally:
+            waiter.busy = False
+
+    def _take_waiter(self) -> Optional[Waiter]:
+        """This broker's bound wake-up socket, made on the first fetch (per
+        process), or None: unusable directory, or another fetch of this
+        broker is waiting on it (this one polls)."""
+        if self._waiter is not None and self._waiter.pid != os.getpid():
+            self._waiter = None          # forked: the parent's socket is not ours
+        if self._waiter is None and self._waiter_tried != os.getpid():
+            self._waiter_tried = os.getpid()
+            self._waiter = self._wake.waiter("m", self.driver)
+        waiter = self._waiter
+        if waiter is None or waiter.busy:
+            return None
+        waiter.busy = True
+        return waiter
+
+    def _fetch_polling(self, queues: List[str], count: int, deadline: float, max_bytes: int) -> List[Delivery]:
+        delay = POLL_MIN
         while True:
             out = self._run(self._claim, queues, count, max_bytes) if count > 0 else []
             if not out and time.monotonic() >= self._next_sweep:
@@ -169,6 +249,18 @@ class SQLiteBroker(Broker):
                 return []
             self._sleep(min(delay, left))
             delay = min(delay * 1.5, POLL_MAX)
+
+    def _claim_or_due(self, conn: sqlite3.Connection, queues: List[str], count: int,
+                      max_bytes: int) -> Tuple[List[Delivery], Optional[float]]:
+        """``_claim``; when it finds nothing, also the earliest time a row of
+        ``queues`` becomes visible (a delayed message, a lease's end), or None."""
+        out = self._claim(conn, queues, count, max_bytes) if count > 0 else []
+        if out:
+            return out, None
+        now = time.time()
+        due = [conn.execute(self._due_sql, {"queue": q, "now": now}).fetchone()[0] for q in queues]
+        times = [d for d in due if isinstance(d, (int, float))]
+        return out, min(times) if times else None
 
     def _claim(self, conn: sqlite3.Connection, queues: List[str], count: int,
                max_bytes: int = 0) -> List[Delivery]:
@@ -184,7 +276,7 @@ class SQLiteBroker(Broker):
         wanted = [q for q in queues if conn.execute(self._peek_sql, {"queue": q, "now": now}).fetchone()]
         if not wanted:
             return []
-        with transaction(conn):
+        with unflushed(conn, self._db.synchronous), transaction(conn):
             now = time.time()
             chosen: List[Tuple[str, Any]] = []        # (queue, row with the body's length), within max_bytes
             spent, full = 0, False
@@ -246,6 +338,9 @@ class SQLiteBroker(Broker):
 
     def interrupt(self) -> None:
         self._interrupted = True
+        waiter = self._waiter
+        if waiter is not None and waiter.pid == os.getpid():
+            waiter.poke()
 
     def _update_held(self, sql: str, first: Sequence[Any], deliveries: Sequence[Delivery]) -> None:
         """Run ``sql ... WHERE claimed_by = me AND id IN (...)`` over every delivery in one transaction."""
@@ -266,7 +361,7 @@ class SQLiteBroker(Broker):
             return
 
         def delete(conn: sqlite3.Connection) -> None:
-            with transaction(conn):
+            with unflushed(conn, self._db.synchronous), transaction(conn):
                 for chunk in chunks(ids):
                     conn.execute(f"DELETE FROM {self._t.messages} WHERE id IN ({placeholders(len(chunk))})", chunk)
         self._run(delete)
@@ -276,6 +371,8 @@ class SQLiteBroker(Broker):
         if not started:   # never began: this hand-out does not count
             sql += ", deliveries = MAX(deliveries - 1, 0)"
         self._update_held(sql, (), deliveries)
+        if deliveries:
+            self._wake.notify("m", queues_payload([d.queue for d in deliveries]))
 
     def renew(self, deliveries: Sequence[Delivery]) -> None:
         self._update_held(f"UPDATE {self._t.messages} SET visible_at = ?",
@@ -386,7 +483,10 @@ class SQLiteBroker(Broker):
                         (time.time(), *params)).rowcount
                     conn.execute(f"DELETE FROM {t.dead_letters} {clause}", params)
             return moved
-        return self._run(move)
+        moved = self._run(move)
+        if moved:
+            self._wake.notify("m")
+        return moved
 
     def dlq_purge(self) -> int:
         def delete(conn: sqlite3.Connection) -> int:
@@ -395,4 +495,7 @@ class SQLiteBroker(Broker):
         return self._run(delete)
 
     def close(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
         self._db.close()

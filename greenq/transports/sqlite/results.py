@@ -5,16 +5,23 @@ like every table (``clients.sqlite.Tables``).
 
 Rows carry ``expires_at``: expired ones are ignored by every read and deleted
 now and then by a write.  ``result_expires = 0`` keeps them forever.  SQLite
-cannot block, so ``wait`` polls with a sleep growing from 5 ms to 200 ms (the
-base class's ``_wait``), cooperatively under a green driver.
+cannot block, so a waiting client binds a wake-up socket beside the file
+(``wakeup.py``, kind ``r``) and a store of final records sends a datagram to
+every such socket; the client reads its record when woken, and every
+``wakeup.FALLBACK`` seconds without one.  Where the wake-up directory cannot
+be used (read-only), and for a second wait at the same time on one backend,
+``wait`` polls with a sleep growing from 5 ms to 200 ms (the base class's
+``_wait``), cooperatively under a green driver.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from typing import Dict, List, Optional, Sequence
 
 from .client import Database, chunks, placeholders, run_script, transaction
+from .wakeup import FALLBACK, Channel, Waiter
 from ...backends.base import REVOCATIONS_MAX, Record, Revocation, ResultBackend
 
 #: the table of group records (created on first use, beside the broker's schema);
@@ -37,6 +44,9 @@ class SQLiteBackend(ResultBackend):
         self._t = self._db.tables
         self._next_cleanup = 0.0
         self._chord_tables = False
+        self._wake = Channel(self._db.path, config.key_prefix)
+        self._waiter: Optional[Waiter] = None
+        self._waiter_tried = 0     # the pid that tried to bind a waiter (0: none yet)
 
     def _run(self, fn, *args):
         return self._blocking(self._db.run, fn, *args)
@@ -61,6 +71,42 @@ class SQLiteBackend(ResultBackend):
                     conn.execute(f"DELETE FROM {t.results} WHERE expires_at <= ?", (now,))
                     conn.execute(f"DELETE FROM {t.revocations} WHERE expires_at <= ?", (now,))
         self._run(store)
+        if any(r.final for r in records):
+            self._wake.notify("r")
+
+    def _take_waiter(self) -> Optional[Waiter]:
+        """This backend's bound wake-up socket (made on the first wait, per
+        process), or None: unusable directory, or in use by another wait."""
+        if self._waiter is not None and self._waiter.pid != os.getpid():
+            self._waiter = None          # forked: the parent's socket is not ours
+        if self._waiter is None and self._waiter_tried != os.getpid():
+            self._waiter_tried = os.getpid()
+            self._waiter = self._wake.waiter("r", self.driver)
+        waiter = self._waiter
+        if waiter is None or waiter.busy:
+            return None
+        waiter.busy = True
+        return waiter
+
+    def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+        waiter = self._take_waiter()
+        if waiter is None:
+            return super()._wait(task_id, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while True:
+                waiter.drain()           # before the read: a wake-up sent after it stays for the wait
+                data = self._is_final(task_id)
+                if data is not None:
+                    return data
+                left = FALLBACK
+                if deadline is not None:
+                    left = min(left, deadline - time.monotonic())
+                    if left <= 0:
+                        return None
+                waiter.wait(left)
+        finally:
+            waiter.busy = False
 
     def _select(self, sql: str, task_id: str) -> Optional[bytes]:
         def query(conn: sqlite3.Connection) -> Optional[bytes]:
@@ -166,5 +212,8 @@ class SQLiteBackend(ResultBackend):
     # connections to the same file; expired members and records are deleted by it)
 
     def close(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()
         self._close_coordination()
         self._db.close()
