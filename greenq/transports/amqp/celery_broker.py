@@ -225,7 +225,7 @@ def celery_delivery(queue: str, props: Dict[str, Any], body: bytes, meta: Any, t
         problem = protocol.CeleryMessageError(f"malformed Celery message: {describe(exc)}")
     if message is not None:
         reply_to = message.properties.get("reply_to")
-        if isinstance(reply_to, str) and reply_to:
+        if isinstance(reply_to, str) and reply_to and reply_to != message.reply_to:  # greenq's client: its record
             corr = message.properties.get("correlation_id")
             celery_rpc.remember(message.id, reply_to, corr if isinstance(corr, str) and corr else message.id)
         mid = message.id
