@@ -220,3 +220,55 @@ def test_greenq_and_celery_share_a_queue_both_ways(celery_env, amqp_url, tmp_pat
     by_greenq = [json.loads(line) for line in mine.read_text().splitlines()] if mine.exists() else []
     assert sorted(by_celery + by_greenq) == list(range(40)), "each message runs once"
     assert by_celery and by_greenq
+
+
+CHORD_CLIENT = r"""
+import json, sys
+from celery import Celery, chord, group, signature
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[2])
+q = sys.argv[3]
+s = lambda name, *a, **o: signature("chords." + name, args=a, queue=q, **o)
+ok = chord(group(s("add", i, i) for i in range(5)), s("tsum"))()
+failed = chord([s("add", 1, 1), s("boom", 2)], s("tsum", link_error=s("errback")))()
+print(json.dumps({"ok": [ok.id, ok.parent.id], "failed": [failed.id, failed.parent.id],
+                  "members": [r.id for r in ok.parent.results + failed.parent.results]}), flush=True)
+sys.stdin.readline()                     # the greenq worker ran them
+failure = failed.get(timeout=15, propagate=False)
+print(json.dumps({"ok": ok.get(timeout=15), "failed": [type(failure).__name__, str(failure)]}), flush=True)
+"""
+
+
+def test_a_celery_client_s_chords_on_rabbitmq_with_redis_results(pool, celery_env, amqp_url, redis_url,
+                                                                 redis_prefix):
+    """A Celery client (RabbitMQ broker, Redis results) sends chords to a
+    greenq worker: the members are counted in Redis as on a Redis broker and
+    the body, sent on RabbitMQ to the Celery queue, runs once with the values
+    in order; a failed member fails the body (ChordError) and calls its errback."""
+    from tests.e2e.transport_redis.test_celery_chords_e2e import _cleanup
+    celery_env.env.update({"GREENQ_RESULT_BACKEND": redis_url, "GREENQ_KEY_PREFIX": redis_prefix,
+                           "GREENQ_RESULT_EXPIRES": "600"})
+    client = subprocess.Popen([celery_python(), "-c", CHORD_CLIENT, amqp_url, redis_url, celery_env.queue],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_celery_env())
+    ids = None
+    try:
+        ids = json.loads(client.stdout.readline())
+        code, out = celery_env.run_worker(pool, "-A", "celery_chord_tasks", timeout=60)
+        assert code == 0, out
+        stdout, stderr = client.communicate("go\n", timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        if ids is not None:
+            _cleanup(redis_url, [ids["ok"][0], ids["failed"][0], *ids["members"]], [ids["ok"][1], ids["failed"][1]])
+    assert client.returncode == 0, stderr
+    read = json.loads(stdout.splitlines()[-1])
+    assert read["ok"] == 20
+    assert read["failed"][0] == "ChordError" and "boom 2" in read["failed"][1], read
+    marks = celery_env.markers
+    assert [json.loads(x) for x in (marks / "tsum").read_text().splitlines()] == [[0, 2, 4, 6, 8]]   # once
+    [(errback_of, errback_id)] = [json.loads(x) for x in (marks / "errback").read_text().splitlines()]
+    _cleanup(redis_url, [errback_id], [])
+    assert errback_of == ids["failed"][0]
+    assert "dead-lettered" in out and ", 0 dead-lettered" in out, out
