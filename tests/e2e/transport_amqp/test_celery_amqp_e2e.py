@@ -54,7 +54,7 @@ print(json.dumps(out), flush=True)
 CELERY_WORKER_TASKS = """
 from celery import Celery
 import os
-app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"])
+app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"], backend="rpc://")
 app.conf.worker_hijack_root_logger = False
 
 @app.task(name="interop.add")
@@ -187,16 +187,16 @@ def _ran(path, kind):
 
 
 def test_greenq_and_celery_share_a_queue_both_ways(celery_env, amqp_url, tmp_path):
-    """greenq client -> a real Celery worker (values, a countdown); then a
+    """greenq client -> a real Celery worker (values, a countdown, read by
+    greenq's AsyncResult from the Celery worker's rpc:// replies); then a
     greenq worker joins the Celery worker on the queue (both declared it: no
     PRECONDITION_FAILED either way) and each message a Celery client sends
     runs once, on one of them."""
     queue = celery_env.queue
     celery_marks = tmp_path / "celery_marks"
     app = celery_env.app("celery_interop_tasks")
-    for i in range(3):
-        app.send_task("interop.add", args=[i, i], queue=queue)
-    app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1)
+    sent = [app.send_task("interop.add", args=[i, i], queue=queue) for i in range(3)]
+    sent.append(app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1))
     run_celery(SEND_MARKS, amqp_url, queue, "0", "5")
     celery = celery_worker(tmp_path, amqp_url, queue)
     greenq = None
@@ -214,6 +214,8 @@ def test_greenq_and_celery_share_a_queue_both_ways(celery_env, amqp_url, tmp_pat
             greenq.communicate(timeout=30)
     assert done, out
     assert sorted(_ran(celery_marks, "add")) == [0, 2, 4, 10], out     # what greenq sent, run by Celery
+    assert [r.get(timeout=10) for r in sent] == [0, 2, 4, 10]          # Celery's rpc:// replies, read by greenq
+    assert {r.status for r in sent} == {"SUCCESS"}
     by_celery = _ran(celery_marks, "mark")
     assert out.count("succeeded in") == 4 + len(by_celery), out
     mine = celery_env.markers / "mark"
