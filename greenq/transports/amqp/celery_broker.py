@@ -219,6 +219,9 @@ def celery_delivery(queue: str, props: Dict[str, Any], body: bytes, meta: Any, t
         except (TypeError, ValueError, RecursionError) as exc:
             raise protocol.CeleryMessageError(f"headers greenq cannot carry: {describe(exc)}") from None
         message = protocol.decode(env, settings.accept, queue, max_size)
+        if message.chord is not None and message.group_id and settings in celery_rpc.CHORDLESS:
+            message = None
+            raise protocol.CeleryMessageError(celery_rpc.NO_CHORDS)
     except MessageError as exc:
         problem = exc
     except Exception as exc:          # decode raises only CeleryMessageError; this keeps the loop alive

@@ -45,6 +45,16 @@ _REPLIES: "OrderedDict[str, Tuple[str, str]]" = OrderedDict()
 _LOCK = threading.Lock()
 
 
+#: the Settings (one per app config) of this process's rpc:// backends: a
+#: worker with these cannot count Celery chords (Celery's rpc backend has no
+#: chords either), so it dead-letters a chord member (celery_broker.py)
+#: rather than run it and never send the body
+CHORDLESS: "set[Any]" = set()
+NO_CHORDS = ("Celery chord member refused: greenq counts Celery chords on a Redis result backend only, and "
+             "this worker's result_backend is rpc:// (Celery's rpc backend does not support chords either): "
+             "give greenq the redis:// of the Celery client's result_backend")
+
+
 def remember(task_id: str, reply_to: str, correlation_id: str) -> None:
     """Where the result of Celery task ``task_id`` goes (its message's properties)."""
     with _LOCK:
@@ -100,8 +110,13 @@ class CeleryRPCBackend(RPCBackend):
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
+        CHORDLESS.add(self.settings)
         accept = accepted(self.settings.accept) | {CONTENT_TYPES["json"], CONTENT_TYPES["msgpack"]}
         self.foreign_reply = lambda props, body, task_id: read_reply(props, body, task_id, accept)
+
+    def close(self) -> None:
+        CHORDLESS.discard(self.settings)
+        super().close()
 
     # -- a greenq client reading Celery workers' replies (greenq.result.AsyncResult) --
     def get_celery(self, task_id: str) -> Optional[Dict[str, Any]]:

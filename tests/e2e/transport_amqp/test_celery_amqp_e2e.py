@@ -274,3 +274,40 @@ def test_a_celery_client_s_chords_on_rabbitmq_with_redis_results(pool, celery_en
     _cleanup(redis_url, [errback_id], [])
     assert errback_of == ids["failed"][0]
     assert "dead-lettered" in out and ", 0 dead-lettered" in out, out
+
+
+CHORD_SEND = r"""
+import json, sys
+from celery import Celery, chord, signature
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[2])
+q = sys.argv[3]
+s = lambda name, *a: signature("chords." + name, args=a, queue=q)
+try:
+    r = chord([s("add", 1, 1), s("add", 2, 2)], s("tsum"))()
+except NotImplementedError as exc:       # Celery's rpc:// backend: no chords
+    print(json.dumps({"refused": str(exc)}))
+else:
+    print(json.dumps({"body": r.id, "group": r.parent.id, "members": [m.id for m in r.parent.results]}))
+"""
+
+
+def test_a_celery_chord_is_dead_lettered_by_a_greenq_worker_with_rpc_results(pool, celery_env, amqp_url,
+                                                                             redis_url):
+    """Celery's own client refuses a chord with ``rpc://``; one sent with
+    another backend (the greenq worker's ``rpc://`` does not match the
+    client's) reaches a greenq worker that cannot count it: each member is
+    dead-lettered with the reason, not run (its body would never be sent)."""
+    from tests.e2e.transport_redis.test_celery_chords_e2e import _cleanup
+    refused = json.loads(run_celery(CHORD_SEND, amqp_url, "rpc://", celery_env.queue))
+    assert "does not support chords" in refused["refused"]
+    ids = json.loads(run_celery(CHORD_SEND, amqp_url, redis_url, celery_env.queue))
+    try:
+        code, out = celery_env.run_worker(pool, "-A", "celery_chord_tasks", timeout=60)
+        assert code == 0, out
+        assert "0 succeeded, 0 failed, 0 retried, 2 dead-lettered" in out, out
+        assert not (celery_env.markers / "add").exists()
+        listed = json.loads(celery_env.admin("dlq", "list", "--json").stdout)
+        assert sorted(d["task_id"] for d in listed) == sorted(ids["members"])
+        assert all("counts Celery chords on a Redis result backend only" in d["reason"] for d in listed), listed
+    finally:
+        _cleanup(redis_url, [ids["body"], *ids["members"]], [ids["group"]])

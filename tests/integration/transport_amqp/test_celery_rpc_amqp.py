@@ -147,3 +147,35 @@ def test_a_greenq_worker_answers_a_greenq_client_in_greenqs_form_only(amqp_url):
     d = celery_delivery("q", theirs, env.body, Meta, (1, 2), settings, None)
     assert d.message.reply_to is None
     assert celery_rpc.destination(mine.id, True) == ("celery-client-oid", mine.id)
+
+
+def test_a_chord_member_is_refused_while_the_apps_results_are_rpc(amqp_url):
+    """A Celery chord member consumed where the app's results are rpc://
+    (which cannot count it) is dead-lettered with the reason; with that
+    backend closed (or another app's settings) it decodes."""
+    from greenq.backends import make_backend
+    config = make_config(broker_url=amqp_url, celery_queues=["q"])
+    settings = Settings.from_config(config)
+    member = TaskMessage("chords.add", [1, 1], {}, id=f"m-{uuid.uuid4().hex}", queue="q", group_id="g1")
+    env = protocol.encode(member)
+    body = protocol.json_loads(env.body)
+    body[2]["chord"] = {"task": "chords.tsum", "args": [], "kwargs": {}, "options": {}}
+    props = {"content_type": env.content_type, "content_encoding": env.content_encoding,
+             "application_headers": env.headers, "correlation_id": member.id}
+
+    class Meta:
+        message_id, deliveries, priority, error = None, 1, 0, None
+    raw = protocol.json_dumps(body).encode()
+    assert celery_delivery("q", props, raw, Meta, (1, 1), settings, None).decode(None).chord is not None
+    backend = make_backend("rpc://", config)
+    try:
+        refused = celery_delivery("q", props, raw, Meta, (1, 2), settings, None)
+        with pytest.raises(protocol.CeleryMessageError, match="Redis result backend only"):
+            refused.decode(None)
+        assert refused.message_id == member.id
+        plain = protocol.encode(TaskMessage("chords.add", [1, 1], {}, id="p1", queue="q"))
+        assert celery_delivery("q", dict(props, application_headers=plain.headers), plain.body, Meta, (1, 3),
+                               settings, None).decode(None).id == "p1"
+    finally:
+        backend.close()
+    assert celery_delivery("q", props, raw, Meta, (1, 4), settings, None).decode(None).chord is not None
