@@ -5,8 +5,11 @@ on the client's reply queue, which Celery's ``AsyncResult.get()`` reads
 (values, a countdown, a failure with ``propagate=False``, a link, a retried
 task, a time limit).  (An expired message does not reach any worker on
 RabbitMQ: Celery's client sets its AMQP ``expiration`` too, docs/celery.md.)
-The same with Redis results.  greenq client -> real Celery worker (solo
-pool), then a greenq worker beside it on the queue: each message once.  One
+The same with Redis results, and chords with Redis results (with
+``rpc://`` a chord member is dead-lettered: it cannot be counted).  greenq
+client -> real Celery worker (solo pool, its ``rpc://`` replies read by
+greenq's AsyncResult), then a greenq worker beside it on the queue: each
+message once.  One
 green driver is enough: the broker code is the same under every driver."""
 from __future__ import annotations
 
