@@ -13,7 +13,9 @@ A greenq client with ``rpc://`` names its reply queue both in Celery's
 ``reply_to`` and in the ``greenq_reply_to`` header of the Celery messages it
 sends (greenq.celery.protocol): a Celery worker answers the former, in
 Celery's form, and the client's reply reader (``read_reply``) turns such a
-reply (no ``type`` property, which greenq's replies always have) into
+reply (no ``type`` property, which greenq's replies always have, and a
+``content_type``, which Celery's always have; in an app with
+``celery_queues`` only) into
 greenq's result meta, as greenq reads Celery's records on Redis
 (``greenq.celery.results.record_to_greenq_meta``); ``wait_either`` and
 ``get_celery`` hand it to greenq's ``AsyncResult``.  A greenq worker finding
@@ -111,8 +113,9 @@ class CeleryRPCBackend(RPCBackend):
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         CHORDLESS.add(self.settings)
-        accept = accepted(self.settings.accept) | {CONTENT_TYPES["json"], CONTENT_TYPES["msgpack"]}
-        self.foreign_reply = lambda props, body, task_id: read_reply(props, body, task_id, accept)
+        if self.settings.celery_queues:     # only then may a Celery worker run this app's calls
+            accept = accepted(self.settings.accept) | {CONTENT_TYPES["json"], CONTENT_TYPES["msgpack"]}
+            self.foreign_reply = lambda props, body, task_id: read_reply(props, body, task_id, accept)
 
     def close(self) -> None:
         CHORDLESS.discard(self.settings)

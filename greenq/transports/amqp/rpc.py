@@ -79,7 +79,7 @@ class RPCBackend(ResultBackend):
         self._stream_declared = False
         self._broker: Any = None
 
-    #: reads a reply that is not greenq's (no ``type`` property) into
+    #: reads a reply that is not greenq's (no ``type`` property, a ``content_type``) into
     #: (greenq's result meta, final), or None to drop it: Celery's
     #: (celery_rpc.py); this class keeps greenq's replies only
     foreign_reply: Optional[Callable[[Dict[str, Any], bytes, str], Optional[Tuple[Dict[str, Any], bool]]]] = None
@@ -265,8 +265,8 @@ class _Replies:
             return
         payload: Any = as_bytes(msg.body)
         reader = self.foreign
-        foreign = kind is None and reader is not None
-        if foreign and reader is not None:   # no type: not greenq's worker (a Celery worker's reply)
+        foreign = kind is None and reader is not None and bool(props.get("content_type"))
+        if foreign and reader is not None:   # no type but a content type: a Celery worker's reply
             read = reader(props, payload, task_id)
             if read is None:
                 return
