@@ -10,6 +10,9 @@ The broker must be ``amqp://`` (the connection comes from ``broker_url``);
 * The worker publishes each result record to the message's ``reply_to``
   through the default exchange (``correlation_id`` = task id; ``type`` =
   ``final`` or ``update``), with publisher confirms, before it acks the task.
+* A reply without ``type`` but with a ``content_type`` is a Celery worker's
+  (Celery's record, in an app with ``celery_queues``): ``foreign_reply``
+  (celery_rpc.py) reads it into greenq's result meta.
 * ``wait(task_id)`` blocks on the reply queue.  Whoever waits first reads for
   everyone: results of other tasks are kept in a per-process cache (the last
   10,000) and the other waiting threads are woken, so many AsyncResults in one
@@ -267,7 +270,11 @@ class _Replies:
         reader = self.foreign
         foreign = kind is None and reader is not None and bool(props.get("content_type"))
         if foreign and reader is not None:   # no type but a content type: a Celery worker's reply
-            read = reader(props, payload, task_id)
+            try:
+                read = reader(props, payload, task_id)
+            except Exception:      # never breaks the reading of the queue
+                log.warning("unreadable reply to task %s dropped", task_id, exc_info=True)
+                read = None
             if read is None:
                 return
             payload, final = read

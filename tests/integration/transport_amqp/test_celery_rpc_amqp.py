@@ -179,3 +179,21 @@ def test_a_chord_member_is_refused_while_the_apps_results_are_rpc(amqp_url):
     finally:
         backend.close()
     assert celery_delivery("q", props, raw, Meta, (1, 4), settings, None).decode(None).chord is not None
+
+
+def test_celery_replies_read_into_greenqs_meta():
+    """What the reply reader makes of each reply: final or not, an
+    exception in greenq's form, an undecodable body a final FAILURE saying
+    why, something that is no Celery record dropped."""
+    accept = frozenset({"application/json"})
+    js = {"content_type": "application/json", "content_encoding": "utf-8"}
+    retry = b'{"status": "RETRY", "result": {"exc_type": "ValueError", "exc_message": ["again"], ' \
+            b'"exc_module": "builtins"}, "traceback": null, "task_id": "t"}'
+    meta, final = celery_rpc.read_reply(js, retry, "t", accept)
+    assert not final and meta["state"] == "RETRY" and meta["exc"]["type"] == "builtins.ValueError"
+    meta, final = celery_rpc.read_reply(js, b'{"status": "SUCCESS", "result": [1, 2], "task_id": "t"}', "t", accept)
+    assert final and (meta["state"], meta["result"]) == ("SUCCESS", [1, 2])
+    meta, final = celery_rpc.read_reply({"content_type": "application/x-python-serialize",
+                                         "content_encoding": "binary"}, b"\x80\x04K\x01.", "t", accept)
+    assert final and meta["state"] == "FAILURE" and "not accepted" in meta["exc"]["message"]
+    assert celery_rpc.read_reply(js, b'[1, 2]', "t", accept) is None
