@@ -208,7 +208,9 @@ class CeleryDelivery(Delivery):
 def celery_delivery(queue: str, props: Dict[str, Any], body: bytes, meta: Any, token: Any, settings: Any,
                     max_size: Optional[int]) -> Delivery:
     """The Delivery of a message consumed from Celery queue ``queue``: decoded
-    here (``protocol.parse_amqp`` and ``decode``); never raises."""
+    here (``protocol.parse_amqp`` and ``decode``); never raises.  A Celery
+    chord member is refused (dead-lettered with the reason) where the app's
+    results are ``rpc://``, which cannot count it (``celery_rpc.CHORDLESS``)."""
     message: Optional[protocol.CeleryMessage] = None
     problem: Optional[MessageError] = None
     data = body
