@@ -365,8 +365,11 @@ def _decode(env: Envelope, accept: frozenset, queue: Optional[str], max_size: Op
 
 
 #: the header naming a greenq client's ``rpc://`` reply queue in a Celery
-#: message it sent (Celery's ``reply_to`` property is its client's, and
-#: answered in Celery's format; greenq's client reads greenq's record)
+#: message it sent.  greenq's client names the same queue in Celery's
+#: ``reply_to`` property, which a Celery worker answers in Celery's format
+#: (greenq's client reads that too); a greenq worker finding both equal sends
+#: greenq's record only, and one finding only ``reply_to`` (a Celery client's)
+#: answers in Celery's format
 GREENQ_REPLY_TO = "greenq_reply_to"
 
 
@@ -417,7 +420,10 @@ def encode(msg: TaskMessage, serializer: Optional[str] = None, exchange: str = "
     headers.pop("redelivered", None)
     if msg.reply_to:
         headers[GREENQ_REPLY_TO] = msg.reply_to
-    properties: Dict[str, Any] = {"correlation_id": msg.id, "reply_to": None, "delivery_mode": 2,
+    # a greenq client's rpc:// reply queue is also Celery's reply_to, so a Celery worker answers there
+    # (greenq's client reads Celery's reply: greenq/transports/amqp/celery_rpc.py); a greenq worker
+    # seeing both name one queue sends greenq's record only
+    properties: Dict[str, Any] = {"correlation_id": msg.id, "reply_to": msg.reply_to, "delivery_mode": 2,
                                   "delivery_info": {"exchange": exchange, "routing_key": msg.queue},
                                   "priority": msg.priority}
     if celery is not None:

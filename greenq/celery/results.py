@@ -200,6 +200,12 @@ def to_greenq_meta(data: Any, task_id: str) -> Optional[Dict[str, Any]]:
         record = json_loads(data)
     except Exception:
         return None
+    return record_to_greenq_meta(record, task_id)
+
+
+def record_to_greenq_meta(record: Any, task_id: str) -> Optional[Dict[str, Any]]:
+    """``to_greenq_meta`` of a record already decoded (e.g. the body of a
+    Celery worker's ``rpc://`` reply, in whatever serializer it came)."""
     if not isinstance(record, dict) or not isinstance(record.get("status"), str):
         return None
     state, result = record["status"], record.get("result")

@@ -64,7 +64,7 @@ class RPCResults(AsyncResults):
             return None
         with replies.cond:
             found = replies.results.get(task_id)
-        return found[0] if found is not None and found[1] else None
+        return found[0] if found is not None and found[1] and not found[2] else None   # not Celery's (rpc.py)
 
     async def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
         deadline = deadline_of(timeout)

@@ -208,7 +208,9 @@ class CeleryDelivery(Delivery):
 def celery_delivery(queue: str, props: Dict[str, Any], body: bytes, meta: Any, token: Any, settings: Any,
                     max_size: Optional[int]) -> Delivery:
     """The Delivery of a message consumed from Celery queue ``queue``: decoded
-    here (``protocol.parse_amqp`` and ``decode``); never raises."""
+    here (``protocol.parse_amqp`` and ``decode``); never raises.  A Celery
+    chord member is refused (dead-lettered with the reason) where the app's
+    results are ``rpc://``, which cannot count it (``celery_rpc.CHORDLESS``)."""
     message: Optional[protocol.CeleryMessage] = None
     problem: Optional[MessageError] = None
     data = body
@@ -219,13 +221,16 @@ def celery_delivery(queue: str, props: Dict[str, Any], body: bytes, meta: Any, t
         except (TypeError, ValueError, RecursionError) as exc:
             raise protocol.CeleryMessageError(f"headers greenq cannot carry: {describe(exc)}") from None
         message = protocol.decode(env, settings.accept, queue, max_size)
+        if message.chord is not None and message.group_id and settings in celery_rpc.CHORDLESS:
+            message = None
+            raise protocol.CeleryMessageError(celery_rpc.NO_CHORDS)
     except MessageError as exc:
         problem = exc
     except Exception as exc:          # decode raises only CeleryMessageError; this keeps the loop alive
         problem = protocol.CeleryMessageError(f"malformed Celery message: {describe(exc)}")
     if message is not None:
         reply_to = message.properties.get("reply_to")
-        if isinstance(reply_to, str) and reply_to:
+        if isinstance(reply_to, str) and reply_to and reply_to != message.reply_to:  # greenq's client: its record
             corr = message.properties.get("correlation_id")
             celery_rpc.remember(message.id, reply_to, corr if isinstance(corr, str) and corr else message.id)
         mid = message.id

@@ -10,6 +10,9 @@ The broker must be ``amqp://`` (the connection comes from ``broker_url``);
 * The worker publishes each result record to the message's ``reply_to``
   through the default exchange (``correlation_id`` = task id; ``type`` =
   ``final`` or ``update``), with publisher confirms, before it acks the task.
+* A reply without ``type`` but with a ``content_type`` is a Celery worker's
+  (Celery's record, in an app with ``celery_queues``): ``foreign_reply``
+  (celery_rpc.py) reads it into greenq's result meta.
 * ``wait(task_id)`` blocks on the reply queue.  Whoever waits first reads for
   everyone: results of other tasks are kept in a per-process cache (the last
   10,000) and the other waiting threads are woken, so many AsyncResults in one
@@ -31,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 import amqp
 from amqp.exceptions import PreconditionFailed
@@ -79,6 +82,11 @@ class RPCBackend(ResultBackend):
         self._stream_declared = False
         self._broker: Any = None
 
+    #: reads a reply that is not greenq's (no ``type`` property, a ``content_type``) into
+    #: (greenq's result meta, final), or None to drop it: Celery's
+    #: (celery_rpc.py); this class keeps greenq's replies only
+    foreign_reply: Optional[Callable[[Dict[str, Any], bytes, str], Optional[Tuple[Dict[str, Any], bool]]]] = None
+
     def attach_broker(self, broker: Any) -> None:
         """The app's broker: a worker publishes results on its consumer channel."""
         self._broker = broker
@@ -90,7 +98,8 @@ class RPCBackend(ResultBackend):
             with self._lock:
                 replies = self._replies
                 if replies is None or replies.forks != FORKS[0]:
-                    replies = self._replies = _Replies(self.params, self.broker_url, self.settings)
+                    replies = self._replies = _Replies(self.params, self.broker_url, self.settings,
+                                                       self.foreign_reply)
         return replies.name
 
     def _mine(self) -> Optional["_Replies"]:
@@ -104,7 +113,8 @@ class RPCBackend(ResultBackend):
     def _wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
         self.reply_to()   # this process's reply queue, made if it sent nothing yet
         assert self._replies is not None, "made by reply_to()"
-        return self._replies.wait(task_id, timeout)
+        found = self._replies.wait(task_id, timeout)
+        return found[0] if found is not None else None
 
     def _forget(self, task_id: str) -> None:
         replies = self._mine()
@@ -204,14 +214,17 @@ class _Replies:
     wait on ``cond``, which every arriving result notifies.
     """
 
-    def __init__(self, params: Dict[str, Any], url: str, settings: Settings) -> None:
+    def __init__(self, params: Dict[str, Any], url: str, settings: Settings,
+                 foreign: Optional[Callable[..., Any]] = None) -> None:
         self.forks = FORKS[0]
+        self.foreign = foreign
         self.params = params
         self.name = f"{settings.prefix}.reply.{uuid.uuid4().hex}"
         self.expires_ms = int(max(60, min(settings.result_expires, 86400)) * 1000)
         self.conn_state = ConnectionState("rpc reply", url)
         self.cond = threading.Condition()
-        self.results: "OrderedDict[str, Tuple[bytes, bool]]" = OrderedDict()
+        #: task id -> (greenq's record, final, False) or (Celery's as greenq's meta, final, True)
+        self.results: "OrderedDict[str, Tuple[Any, bool, bool]]" = OrderedDict()
         self.reading = False
         self.conn: Optional[amqp.Connection] = None
         self.channel: Any = None
@@ -249,14 +262,28 @@ class _Replies:
     def _on_reply(self, msg: "amqp.Message") -> None:
         props = msg.properties
         task_id = props.get("correlation_id")
-        final = props.get("type") != "update"
+        kind = props.get("type")
         self.unacked = msg.delivery_info["delivery_tag"]
         if not task_id:
             return
+        payload: Any = as_bytes(msg.body)
+        reader = self.foreign
+        foreign = kind is None and reader is not None and bool(props.get("content_type"))
+        if foreign and reader is not None:   # no type but a content type: a Celery worker's reply
+            try:
+                read = reader(props, payload, task_id)
+            except Exception:      # never breaks the reading of the queue
+                log.warning("unreadable reply to task %s dropped", task_id, exc_info=True)
+                read = None
+            if read is None:
+                return
+            payload, final = read
+        else:
+            final = kind != "update"
         with self.cond:
             old = self.results.get(task_id)
             if not (old is not None and old[1] and not final):   # never replace final by a late update
-                self.results[task_id] = (as_bytes(msg.body), final)
+                self.results[task_id] = (payload, final, foreign)
                 self.results.move_to_end(task_id)
                 while len(self.results) > CACHE_SIZE:
                     self.results.popitem(last=False)
@@ -322,14 +349,18 @@ class _Replies:
             except Exception:
                 pass
 
-    def wait(self, task_id: str, timeout: Optional[float]) -> Optional[bytes]:
+    def wait(self, task_id: str, timeout: Optional[float],
+             foreign: bool = False) -> Optional[Tuple[Any, bool]]:
+        """(the final reply, whether it is foreign) for ``task_id``, or None
+        after ``timeout``; a foreign one only when ``foreign`` (else it is
+        waited past)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self.cond:
                 while True:
                     found = self.results.get(task_id)
-                    if found is not None and found[1]:
-                        return found[0]
+                    if found is not None and found[1] and (foreign or not found[2]):
+                        return found[0], found[2]
                     left = 1.0 if deadline is None else deadline - time.monotonic()
                     if left <= 0:
                         return None
@@ -344,7 +375,9 @@ class _Replies:
                     self.reading = False
                     self.cond.notify_all()
 
-    def get(self, task_id: str) -> Optional[bytes]:
+    def get(self, task_id: str, foreign: bool = False) -> Any:
+        """greenq's last record of ``task_id`` (or, with ``foreign``, the
+        foreign one) that has arrived, or None."""
         with self.cond:
             turn = not self.reading
             if turn:
@@ -358,7 +391,7 @@ class _Replies:
                     self.cond.notify_all()
         with self.cond:
             found = self.results.get(task_id)
-            return found[0] if found is not None else None
+            return found[0] if found is not None and found[2] == foreign else None
 
     def forget(self, task_id: str) -> None:
         with self.cond:

@@ -5,8 +5,11 @@ on the client's reply queue, which Celery's ``AsyncResult.get()`` reads
 (values, a countdown, a failure with ``propagate=False``, a link, a retried
 task, a time limit).  (An expired message does not reach any worker on
 RabbitMQ: Celery's client sets its AMQP ``expiration`` too, docs/celery.md.)
-The same with Redis results.  greenq client -> real Celery worker (solo
-pool), then a greenq worker beside it on the queue: each message once.  One
+The same with Redis results, and chords with Redis results (with
+``rpc://`` a chord member is dead-lettered: it cannot be counted).  greenq
+client -> real Celery worker (solo pool, its ``rpc://`` replies read by
+greenq's AsyncResult), then a greenq worker beside it on the queue: each
+message once.  One
 green driver is enough: the broker code is the same under every driver."""
 from __future__ import annotations
 
@@ -54,7 +57,7 @@ print(json.dumps(out), flush=True)
 CELERY_WORKER_TASKS = """
 from celery import Celery
 import os
-app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"])
+app = Celery("celery-side", broker=os.environ["CELERY_TEST_URL"], backend="rpc://")
 app.conf.worker_hijack_root_logger = False
 
 @app.task(name="interop.add")
@@ -187,16 +190,16 @@ def _ran(path, kind):
 
 
 def test_greenq_and_celery_share_a_queue_both_ways(celery_env, amqp_url, tmp_path):
-    """greenq client -> a real Celery worker (values, a countdown); then a
+    """greenq client -> a real Celery worker (values, a countdown, read by
+    greenq's AsyncResult from the Celery worker's rpc:// replies); then a
     greenq worker joins the Celery worker on the queue (both declared it: no
     PRECONDITION_FAILED either way) and each message a Celery client sends
     runs once, on one of them."""
     queue = celery_env.queue
     celery_marks = tmp_path / "celery_marks"
     app = celery_env.app("celery_interop_tasks")
-    for i in range(3):
-        app.send_task("interop.add", args=[i, i], queue=queue)
-    app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1)
+    sent = [app.send_task("interop.add", args=[i, i], queue=queue) for i in range(3)]
+    sent.append(app.send_task("interop.add", args=[5, 5], queue=queue, countdown=1))
     run_celery(SEND_MARKS, amqp_url, queue, "0", "5")
     celery = celery_worker(tmp_path, amqp_url, queue)
     greenq = None
@@ -214,9 +217,100 @@ def test_greenq_and_celery_share_a_queue_both_ways(celery_env, amqp_url, tmp_pat
             greenq.communicate(timeout=30)
     assert done, out
     assert sorted(_ran(celery_marks, "add")) == [0, 2, 4, 10], out     # what greenq sent, run by Celery
+    assert [r.get(timeout=10) for r in sent] == [0, 2, 4, 10]          # Celery's rpc:// replies, read by greenq
+    assert {r.status for r in sent} == {"SUCCESS"}
     by_celery = _ran(celery_marks, "mark")
     assert out.count("succeeded in") == 4 + len(by_celery), out
     mine = celery_env.markers / "mark"
     by_greenq = [json.loads(line) for line in mine.read_text().splitlines()] if mine.exists() else []
     assert sorted(by_celery + by_greenq) == list(range(40)), "each message runs once"
     assert by_celery and by_greenq
+
+
+CHORD_CLIENT = r"""
+import json, sys
+from celery import Celery, chord, group, signature
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[2])
+q = sys.argv[3]
+s = lambda name, *a, **o: signature("chords." + name, args=a, queue=q, **o)
+ok = chord(group(s("add", i, i) for i in range(5)), s("tsum"))()
+failed = chord([s("add", 1, 1), s("boom", 2)], s("tsum", link_error=s("errback")))()
+print(json.dumps({"ok": [ok.id, ok.parent.id], "failed": [failed.id, failed.parent.id],
+                  "members": [r.id for r in ok.parent.results + failed.parent.results]}), flush=True)
+sys.stdin.readline()                     # the greenq worker ran them
+failure = failed.get(timeout=15, propagate=False)
+print(json.dumps({"ok": ok.get(timeout=15), "failed": [type(failure).__name__, str(failure)]}), flush=True)
+"""
+
+
+def test_a_celery_client_s_chords_on_rabbitmq_with_redis_results(pool, celery_env, amqp_url, redis_url,
+                                                                 redis_prefix):
+    """A Celery client (RabbitMQ broker, Redis results) sends chords to a
+    greenq worker: the members are counted in Redis as on a Redis broker and
+    the body, sent on RabbitMQ to the Celery queue, runs once with the values
+    in order; a failed member fails the body (ChordError) and calls its errback."""
+    from tests.e2e.transport_redis.test_celery_chords_e2e import _cleanup
+    celery_env.env.update({"GREENQ_RESULT_BACKEND": redis_url, "GREENQ_KEY_PREFIX": redis_prefix,
+                           "GREENQ_RESULT_EXPIRES": "600"})
+    client = subprocess.Popen([celery_python(), "-c", CHORD_CLIENT, amqp_url, redis_url, celery_env.queue],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=_celery_env())
+    ids = None
+    try:
+        ids = json.loads(client.stdout.readline())
+        code, out = celery_env.run_worker(pool, "-A", "celery_chord_tasks", timeout=60)
+        assert code == 0, out
+        stdout, stderr = client.communicate("go\n", timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+        if ids is not None:
+            _cleanup(redis_url, [ids["ok"][0], ids["failed"][0], *ids["members"]], [ids["ok"][1], ids["failed"][1]])
+    assert client.returncode == 0, stderr
+    read = json.loads(stdout.splitlines()[-1])
+    assert read["ok"] == 20
+    assert read["failed"][0] == "ChordError" and "boom 2" in read["failed"][1], read
+    marks = celery_env.markers
+    assert [json.loads(x) for x in (marks / "tsum").read_text().splitlines()] == [[0, 2, 4, 6, 8]]   # once
+    [(errback_of, errback_id)] = [json.loads(x) for x in (marks / "errback").read_text().splitlines()]
+    _cleanup(redis_url, [errback_id], [])
+    assert errback_of == ids["failed"][0]
+    assert "dead-lettered" in out and ", 0 dead-lettered" in out, out
+
+
+CHORD_SEND = r"""
+import json, sys
+from celery import Celery, chord, signature
+app = Celery("client", broker=sys.argv[1], backend=sys.argv[2])
+q = sys.argv[3]
+s = lambda name, *a: signature("chords." + name, args=a, queue=q)
+try:
+    r = chord([s("add", 1, 1), s("add", 2, 2)], s("tsum"))()
+except NotImplementedError as exc:       # Celery's rpc:// backend: no chords
+    print(json.dumps({"refused": str(exc)}))
+else:
+    print(json.dumps({"body": r.id, "group": r.parent.id, "members": [m.id for m in r.parent.results]}))
+"""
+
+
+def test_a_celery_chord_is_dead_lettered_by_a_greenq_worker_with_rpc_results(pool, celery_env, amqp_url,
+                                                                             redis_url):
+    """Celery's own client refuses a chord with ``rpc://``; one sent with
+    another backend (the greenq worker's ``rpc://`` does not match the
+    client's) reaches a greenq worker that cannot count it: each member is
+    dead-lettered with the reason, not run (its body would never be sent)."""
+    from tests.e2e.transport_redis.test_celery_chords_e2e import _cleanup
+    refused = json.loads(run_celery(CHORD_SEND, amqp_url, "rpc://", celery_env.queue))
+    assert "does not support chords" in refused["refused"]
+    ids = json.loads(run_celery(CHORD_SEND, amqp_url, redis_url, celery_env.queue))
+    try:
+        code, out = celery_env.run_worker(pool, "-A", "celery_chord_tasks", timeout=60)
+        assert code == 0, out
+        assert "0 succeeded, 0 failed, 0 retried, 2 dead-lettered" in out, out
+        assert not (celery_env.markers / "add").exists()
+        listed = json.loads(celery_env.admin("dlq", "list", "--json").stdout)
+        assert sorted(d["task_id"] for d in listed) == sorted(ids["members"])
+        assert all("counts Celery chords on a Redis result backend only" in d["reason"] for d in listed), listed
+    finally:
+        _cleanup(redis_url, [ids["body"], *ids["members"]], [ids["group"]])

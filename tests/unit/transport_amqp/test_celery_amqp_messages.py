@@ -82,15 +82,18 @@ def test_whatever_is_published_to_a_celery_queue_is_a_delivery_that_decodes_or_s
 
 
 def test_a_greenq_clients_reply_queue_travels_in_its_own_header():
-    """greenq's rpc:// reply queue rides in ``greenq_reply_to`` (Celery's
-    ``reply_to`` property is for Celery's format); a Celery message has none."""
+    """greenq's rpc:// reply queue rides in ``greenq_reply_to`` and in
+    Celery's ``reply_to`` property (a Celery worker answers there, in
+    Celery's format); a Celery message has none."""
     msg = p.CeleryMessage("interop.add", [1], {}, id="r1", queue="q")
     msg.reply_to = "P.reply.abc"
     body, props, _, _ = celery_publish(Outgoing("q", p.encode_redis(msg), "r1"), 0.0, NAMES)
     back = celery_delivery("q", _wire(props), body, META, (1, 3), NAMES, None).decode(None)
-    assert back.reply_to == "P.reply.abc" and back.properties.get("reply_to") is None
+    assert back.reply_to == "P.reply.abc" and back.properties.get("reply_to") == "P.reply.abc"
     assert back.headers[p.GREENQ_REPLY_TO] == "P.reply.abc"
     again = p.decode(p.encode(back.for_retry(None)))            # a retry keeps it
     assert again.reply_to == "P.reply.abc"
+    assert again.properties["reply_to"] == "P.reply.abc"
     msg.reply_to = None
-    assert p.decode(p.encode(msg)).reply_to is None
+    plain = p.decode(p.encode(msg))
+    assert plain.reply_to is None and plain.properties["reply_to"] is None
