@@ -26,14 +26,14 @@ process's marker is removed by the next process that reads the markers
 
 **The share.**  With ``n`` processes wanting permits (this one and the
 others with a live marker) and ``L`` places, a process may hold
-``floor(L / n)`` while others wait, and one more (``ceil(L / n)``) when it is
-its *turn*: the processes' ids sorted, the turn goes round them every
-``SLICE`` seconds of the wall clock (so a limit of 1 alternates between two
-processes slice by slice, and the places left over by the floor go to each
-in turn).  With nobody else waiting there is no bound.  Every permit a
-waiting process could take is so taken by one whose share is not full:
-the shares add up to at least ``L``, so while a place is free some
-waiting process is under its share.
+``floor(L / n)`` while others wait, and one more when it is its *turn*: the
+processes' ids sorted, the ``L mod n`` places left over go to ``L mod n`` of
+them, starting at one that moves round them every ``SLICE`` seconds of the
+wall clock (so a limit of 1 alternates between two processes slice by
+slice).  With nobody else waiting there is no bound.  The shares add up to
+``L`` exactly, so while a place is free some waiting process is under its
+share and takes it: no permit stays free for fairness' sake while the
+processes agree on who waits (below).
 
 **Waking.**  A process that sees others waiting asks for its refused
 permits every ``CONTENDED_POLL`` seconds instead of ``REMOTE_POLL`` (the
@@ -84,13 +84,18 @@ HOST_READ = 0.002
 def share(limit: int, me: str, others: List[str], now: float) -> Optional[int]:
     """The permits process ``me`` may hold while ``others`` wait for the same
     ``limit`` places: None (no bound) when nobody else waits, else
-    ``ceil(limit / n)`` in its turn and ``floor(limit / n)`` out of it."""
+    ``floor(limit / n)``, plus one for the ``limit mod n`` processes whose
+    turn it is (the shares add up to ``limit`` exactly)."""
     if not others:
         return None
     everyone = sorted({me, *others})
     n = len(everyone)
-    turn = everyone[int(math.floor(now / SLICE)) % n]
-    return -(-limit // n) if turn == me else limit // n
+    floor, extra = divmod(limit, n)
+    if not extra:
+        return floor
+    # the ``extra`` places left over go to ``extra`` processes in turn, from the slice's first
+    first = int(math.floor(now / SLICE)) % n
+    return floor + 1 if (everyone.index(me) - first) % n < extra else floor
 
 
 class Waiters:
@@ -191,7 +196,7 @@ class FileWaiters(Waiters):
     def _mark(self, now: float) -> None:
         if self._fd is not None:
             try:
-                os.utime(self._fd)
+                os.utime(self._fd, (now, now))
                 if os.path.exists(self._path()):
                     return
             except OSError:
@@ -199,7 +204,7 @@ class FileWaiters(Waiters):
             self._forget()
         path = self._path()
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.utime(self._fd)
+        os.utime(self._fd, (now, now))
 
     def _forget(self) -> None:
         fd, self._fd = self._fd, None
