@@ -69,6 +69,10 @@ FASTER = 0.9
 #: such a probe comes at most once per this fraction of probe_interval (10 s of 60 s);
 #: a faster window in between becomes the no-load latency itself
 FASTER_PROBE_GAP = 1.0 / 6.0
+#: a sample's latency less the worker's own loop lag (``lag=``) is the downstream's,
+#: but never less than this fraction of the latency measured (a lag read too high
+#: must not make a slow downstream look fast)
+LAG_FLOOR = 0.25
 
 
 class AdaptiveLimit:
@@ -176,15 +180,24 @@ class AdaptiveLimit:
     # -- the one input ---------------------------------------------------------------
 
     def on_sample(self, latency: float, *, in_flight: int,
-                  error: Optional[BaseException] = None, held: Optional[int] = None) -> int:
+                  error: Optional[BaseException] = None, held: Optional[int] = None,
+                  lag: float = 0.0) -> int:
         """A holder ended: ``latency`` seconds held, ``in_flight`` permits held
         when it started (itself included), ``error`` what it raised.  ``held``:
         the permits held, when they are more than ``in_flight`` (a resource
         pool's samples are connections out; its parked permits and holders
         between two queries use the limit too: the app-limited guard counts
-        them).  Returns the limit in force afterwards."""
+        them).  ``lag``: how late the worker's own event loop runs what is
+        ready (greenq/resources/lag.py): a CPU-bound worker resumes every task
+        that late, which is its own delay, not the downstream's queue, so it
+        is taken off the latency (down to ``LAG_FLOOR`` of it at most).
+        Returns the limit in force afterwards."""
         try:
-            self._sample(float(latency), int(in_flight), error,
+            latency = float(latency)
+            lag = float(lag)
+            if lag > 0.0 and math.isfinite(lag):
+                latency = max(latency - lag, latency * LAG_FLOOR)
+            self._sample(latency, int(in_flight), error,
                          int(in_flight) if held is None else max(int(held), int(in_flight)))
         except (ArithmeticError, ValueError, TypeError, OverflowError):
             pass        # a sample it cannot read changes nothing; the limit stays valid
