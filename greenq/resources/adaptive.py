@@ -69,9 +69,9 @@ FASTER = 0.9
 #: such a probe comes at most once per this fraction of probe_interval (10 s of 60 s);
 #: a faster window in between becomes the no-load latency itself
 FASTER_PROBE_GAP = 1.0 / 6.0
-#: a sample's latency less the worker's own loop lag (``lag=``) is the downstream's,
-#: but never less than this fraction of the latency measured (a lag read too high
-#: must not make a slow downstream look fast)
+#: a window's sample loses what the worker's own loop lag (``lag=``) grew since the
+#: last probe, but never more than down to this fraction of its latency (a lag read
+#: too high must not make a slow downstream look fast)
 LAG_FLOOR = 0.25
 
 
@@ -159,6 +159,10 @@ class AdaptiveLimit:
         # a probe begins at once: no latency is trusted before one was measured without load
         self._probe_start: Optional[float] = now
         self._probe: List[float] = []
+        self._probe_lags: List[float] = []
+        #: the loop lag of the last sample, and the median during the last probe (see on_sample)
+        self._lag = 0.0
+        self._probe_lag = 0.0
         self._next_probe = self._probe_due(now)
         self._probe_end = -math.inf     # when the last probe ended
 
@@ -187,17 +191,16 @@ class AdaptiveLimit:
         the permits held, when they are more than ``in_flight`` (a resource
         pool's samples are connections out; its parked permits and holders
         between two queries use the limit too: the app-limited guard counts
-        them).  ``lag``: how late the worker's own event loop runs what is
+        them).  ``lag``: how late the worker's own event loop resumes what is
         ready (greenq/resources/lag.py): a CPU-bound worker resumes every task
-        that late, which is its own delay, not the downstream's queue, so it
-        is taken off the latency (down to ``LAG_FLOOR`` of it at most).
-        Returns the limit in force afterwards."""
+        that late, which is its own delay, not the downstream's queue, so
+        what it grew since the last probe is taken off a window's latency
+        (down to ``LAG_FLOOR`` of it at most).  Returns the limit in force
+        afterwards."""
         try:
-            latency = float(latency)
             lag = float(lag)
-            if lag > 0.0 and math.isfinite(lag):
-                latency = max(latency - lag, latency * LAG_FLOOR)
-            self._sample(latency, int(in_flight), error,
+            self._lag = lag if lag > 0.0 and math.isfinite(lag) else 0.0
+            self._sample(float(latency), int(in_flight), error,
                          int(in_flight) if held is None else max(int(held), int(in_flight)))
         except (ArithmeticError, ValueError, TypeError, OverflowError):
             pass        # a sample it cannot read changes nothing; the limit stays valid
@@ -229,6 +232,12 @@ class AdaptiveLimit:
             return
         if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
+        grown = self._lag - self._probe_lag
+        if grown > 0.0:
+            # the worker's own delay grew since the no-load latency was measured:
+            # not the downstream's queue (only the growth: a meter that reads a
+            # constant too much or too little cancels out against the probe's)
+            latency = max(latency - grown, latency * LAG_FLOOR)
         self._window.append((latency, in_flight, held))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
             self._decide(now)
@@ -327,6 +336,7 @@ class AdaptiveLimit:
         # the hold ends on its own, and growth past the ceiling forgets it)
         self._probe_start = now
         self._probe = []
+        self._probe_lags = []
         self._restart_window(now)
 
     def _probe_sample(self, now: float, started: float, latency: float) -> None:
@@ -334,8 +344,11 @@ class AdaptiveLimit:
         if started <= self._probe_start:
             return      # it ran beside the tasks of the full limit: not a no-load latency
         self._probe.append(latency)
+        self._probe_lags.append(self._lag)
         if len(self._probe) >= self.probe_samples:
             self.rtt_noload = self._low(self._probe)
+            self._probe_lag = statistics.median(self._probe_lags)
+            self._probe_lags = []
             self._probe_start = None
             self._probe_end = now
             self._probe = []

@@ -15,7 +15,8 @@ the other end, notes how long after the write it was resumed; the moving
 average of those waits is the lag.  (A timer's wake-up is not the same
 wait: under gevent it read 4 ms and more where the queries' own latency
 left room for under 1 ms.)  ``Resources.sample`` hands the lag to the
-adaptive limit with each sample, which takes it off the latency.  The cost:
+adaptive limit with each sample, which takes what it grew since the
+last probe off the latency.  The cost:
 one byte through a socket pair every ``TICK`` seconds, only in a worker with
 an adaptive resource.
 """

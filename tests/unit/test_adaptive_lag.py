@@ -22,13 +22,19 @@ def test_a_cpu_bound_worker_keeps_the_fixed_limits_throughput_when_its_lag_is_gi
     assert given[0] >= 45, out                        # the limit stays at the downstream's capacity or above
 
 
-def test_the_lag_is_taken_off_the_latency_down_to_a_floor():
+def test_what_the_lag_grew_since_the_probe_is_taken_off_the_latency_down_to_a_floor():
     clock = FakeClock()
     limit = AdaptiveLimit(1, 50, clock=clock, probe_samples=1, window_samples=1, initial_limit=1)
     clock.now = 1.0
-    limit.on_sample(0.010, in_flight=1, lag=0.004)    # the probe: 6 ms of the downstream's
-    assert abs(limit.rtt_noload - 0.006) < 1e-9
+    limit.on_sample(0.010, in_flight=1, lag=0.004)    # the probe: as measured, beside a lag of 4 ms
+    assert abs(limit.rtt_noload - 0.010) < 1e-9
     clock.now = 2.0
+    limit.on_sample(0.010, in_flight=1, lag=0.004)    # the same lag: nothing taken off
+    assert limit.decisions["faster"] == 0 and limit.last_window[0] == 0.010
+    clock.now = 3.0
+    limit.on_sample(0.016, in_flight=1, lag=0.010)    # 6 ms more of the worker's own: 10 ms of the downstream's
+    assert abs(limit.last_window[0] - 0.010) < 1e-9
+    clock.now = 4.0
     limit.on_sample(0.010, in_flight=1, lag=1.0)      # a lag read far too high: a quarter is kept
     # a window faster than the probe, within probe_interval / 6 of it: its latency is the no-load one
     assert limit.decisions["faster"] == 1 and abs(limit.rtt_noload - 0.010 * LAG_FLOOR) < 1e-9
