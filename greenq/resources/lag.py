@@ -12,9 +12,10 @@ windows of 7 to 14 ms against a no-load latency of 5.5 ms).  So the worker
 measures that wait the way a query meets it: every ``TICK`` seconds one
 green thread writes a byte into a socket pair and another, blocked reading
 the other end, notes how long after the write it was resumed; the moving
-average of those waits is the lag.  (A timer's wake-up is not the same
-wait: under gevent it read 4 ms and more where the queries' own latency
-left room for under 1 ms.)  ``Resources.sample`` hands the lag to the
+average of those waits is the lag.  It is not exactly the wait a task
+meets (in the PostgreSQL benchmark it read 4 ms and more during probes
+whose queries took 5.6 ms in all; a timer's overshoot read as much), so
+the adaptive limit uses only how much it grew.  ``Resources.sample`` hands the lag to the
 adaptive limit with each sample, which takes what it grew since the
 last probe off the latency.  The cost:
 one byte through a socket pair every ``TICK`` seconds, only in a worker with
