@@ -233,11 +233,14 @@ class AdaptiveLimit:
         if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
         grown = self._lag - self._probe_lag
-        if grown > 0.0:
+        noload = self.rtt_noload
+        if grown > 0.0 and noload is not None and latency > noload:
             # the worker's own delay grew since the no-load latency was measured:
             # not the downstream's queue (only the growth: a meter that reads a
-            # constant too much or too little cancels out against the probe's)
-            latency = max(latency - grown, latency * LAG_FLOOR)
+            # constant too much or too little cancels out against the probe's).
+            # Never below the no-load latency: the lag may spare the limit a
+            # drain, it never makes the downstream look faster (a probe)
+            latency = max(latency - grown, noload, latency * LAG_FLOOR)
         self._window.append((latency, in_flight, held))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
             self._decide(now)

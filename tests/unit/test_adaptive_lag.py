@@ -22,7 +22,7 @@ def test_a_cpu_bound_worker_keeps_the_fixed_limits_throughput_when_its_lag_is_gi
     assert given[0] >= 45, out                        # the limit stays at the downstream's capacity or above
 
 
-def test_what_the_lag_grew_since_the_probe_is_taken_off_the_latency_down_to_a_floor():
+def test_what_the_lag_grew_since_the_probe_is_taken_off_the_latency_down_to_floors():
     clock = FakeClock()
     limit = AdaptiveLimit(1, 50, clock=clock, probe_samples=1, window_samples=1, initial_limit=1)
     clock.now = 1.0
@@ -35,9 +35,12 @@ def test_what_the_lag_grew_since_the_probe_is_taken_off_the_latency_down_to_a_fl
     limit.on_sample(0.016, in_flight=1, lag=0.010)    # 6 ms more of the worker's own: 10 ms of the downstream's
     assert abs(limit.last_window[0] - 0.010) < 1e-9
     clock.now = 4.0
-    limit.on_sample(0.010, in_flight=1, lag=1.0)      # a lag read far too high: a quarter is kept
-    # a window faster than the probe, within probe_interval / 6 of it: its latency is the no-load one
-    assert limit.decisions["faster"] == 1 and abs(limit.rtt_noload - 0.010 * LAG_FLOOR) < 1e-9
+    limit.on_sample(0.040, in_flight=1, lag=1.0)      # a lag read far too high: a quarter is kept
+    assert abs(limit.last_window[0] - 0.040 * LAG_FLOOR) < 1e-9
+    clock.now = 5.0
+    limit.on_sample(0.012, in_flight=1, lag=1.0)      # ... and never less than the no-load latency:
+    assert limit.last_window[0] == 0.010               # the lag spares a drain, it never starts a probe
+    assert limit.decisions["faster"] == 0 and limit.rtt_noload == 0.010
 
 
 def test_the_loop_lag_is_measured_through_a_socket_pair():
