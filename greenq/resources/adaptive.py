@@ -192,7 +192,8 @@ class AdaptiveLimit:
         pool's samples are connections out; its parked permits and holders
         between two queries use the limit too: the app-limited guard counts
         them).  ``lag``: how late the worker's own event loop resumes what is
-        ready (greenq/resources/lag.py): a CPU-bound worker resumes every task
+        ready, if the caller measures it (the worker does not yet: see
+        docs/resources.md, "The worker's own delays"): a CPU-bound worker resumes every task
         that late, which is its own delay, not the downstream's queue, so
         what it grew since the last probe is taken off a window's latency
         (down to ``LAG_FLOOR`` of it at most).  Returns the limit in force

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List,
 from ..exceptions import ConfigError
 from .adaptive import AdaptiveLimit, resolve_errors
 from .base import PermitPool, ResourceSettings, make_pool
-from .lag import LoopLag
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
@@ -74,8 +73,6 @@ class Resources:
         self._listeners: List[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._holders = itertools.count(1)
-        #: the worker's loop lag (greenq/resources/lag.py), measured once an adaptive resource is used
-        self.lag: Optional[LoopLag] = None
 
     def pool(self, name: str) -> PermitPool:
         """The pool of resource ``name``; ConfigError (with the nearest name) if it has no section."""
@@ -95,8 +92,6 @@ class Resources:
                                              errors=resolve_errors(settings.errors))
                     pool.set_share(adaptive.limit)    # host, cluster: the lease stays `limit`
                     self.adaptive[name] = adaptive
-                    if self.lag is None and self.driver is not None:
-                        self.lag = LoopLag(self.driver)
                 self.pools[name] = pool
         return pool
 
@@ -113,8 +108,7 @@ class Resources:
         if connection != getattr(self.pools.get(name), "times_connections", False):
             return
         before = adaptive.limit
-        lag = self.lag.value if self.lag is not None else 0.0
-        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held, lag=lag)
+        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held)
         if after != before:
             self.pool(name).set_share(after)
             self.freed(name)
@@ -194,7 +188,5 @@ class Resources:
 
     def close(self) -> None:
         """Give back every permit this process holds (the worker's stop)."""
-        if self.lag is not None:
-            self.lag.close()
         for pool in list(self.pools.values()):
             pool.close()

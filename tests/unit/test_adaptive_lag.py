@@ -1,5 +1,6 @@
-"""A CPU-bound worker's own delays are not the downstream's queue
-(greenq/resources/lag.py, ``AdaptiveLimit.on_sample(lag=...)``): in the
+"""A CPU-bound worker's own delays are not the downstream's queue, when the
+caller measures them (``AdaptiveLimit.on_sample(lag=...)``; the worker does
+not yet: docs/resources.md, "The worker's own delays"): in the
 simulation (tests/bench/adaptive_sim.py) a worker that resumes each task
 0.15 ms later per task in flight, beside a 5.5 ms downstream that takes 45
 at once, keeps the throughput of a fixed limit of 45 when its loop lag is
@@ -7,9 +8,6 @@ given to the limit, and loses about 40 % of it when it is not (the limit read
 the lag as a queue and sank to 19)."""
 from __future__ import annotations
 
-import time
-
-from greenq.resources import lag as lag_module
 from greenq.resources.adaptive import LAG_FLOOR, AdaptiveLimit
 from tests.bench.adaptive_sim import FakeClock, cpu_bound
 
@@ -41,19 +39,3 @@ def test_what_the_lag_grew_since_the_probe_is_taken_off_the_latency_down_to_floo
     limit.on_sample(0.012, in_flight=1, lag=1.0)      # ... and never less than the no-load latency:
     assert limit.last_window[0] == 0.010               # the lag spares a drain, it never starts a probe
     assert limit.decisions["faster"] == 0 and limit.rtt_noload == 0.010
-
-
-def test_the_loop_lag_is_measured_through_a_socket_pair():
-    """Under the threads driver (nothing patched): the measures come, each the
-    time from a write to the reader's wake-up, small on an idle loop; close stops them."""
-    from greenq.drivers import get_driver
-    meter = lag_module.LoopLag(get_driver("threads"))
-    try:
-        deadline = time.monotonic() + 10
-        while meter.count < 20 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert meter.count >= 20 and 0.0 <= meter.value < 0.05, (meter.count, meter.value)
-    finally:
-        meter.close()
-    meter.handle.join(5)
-    assert meter.handle.dead
