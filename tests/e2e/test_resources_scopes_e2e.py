@@ -159,18 +159,20 @@ def test_a_cluster_limit_holds_across_two_workers(pool, any_env):
 
 
 @pytest.mark.redis
-def test_a_cluster_limit_of_one_is_shared_fairly_on_redis(pool, redis_url, redis_prefix, tmp_path):
+def test_a_cluster_limit_of_two_is_shared_fairly_on_redis(pool, redis_url, redis_prefix, tmp_path):
     if pool != "gevent":
         pytest.skip("one green driver is enough: the lease and the waiters' record are the broker's")
     sys.path.insert(0, str(HERE))
     env = Env(tmp_path, redis_url, {"GREENQ_KEY_PREFIX": redis_prefix})
     try:
-        (env.tmp / "greenq.ini").write_text("[resource:api]\nlimit = 1\nscope = cluster\n\n" + OTHER["api"])
+        (env.tmp / "greenq.ini").write_text("[resource:api]\nlimit = 2\nscope = cluster\n\n" + OTHER["api"])
         procs = [env.worker(pool, *TASKS, "-c", "4", "--prefetch", "4", burst=False) for _ in range(2)]
-        run_on_ready_workers(env, procs, 2, "res.api", 40, 0.05)
+        run_on_ready_workers(env, procs, 2, "res.api", 40, 0.1)
         log = rows(env)
-        assert most_at_once(log) == 1, log
-        fair_parts(log, 40, window=False)
+        assert most_at_once(log) == 2, log
+        # one place each while both wait (a limit of 1 goes by turns of the
+        # clock, fair over a long run only: docs/resources.md, Limits)
+        fair_parts(log, 40)
     finally:
         env.cleanup()
 
