@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 if TYPE_CHECKING:   # pragma: no cover
     from ..config import Config
@@ -69,6 +69,18 @@ class PermitPool:
 
     def renew(self) -> None:
         """Called every few seconds by the worker: a cluster pool renews its leases here."""
+
+    def fair_share(self) -> Optional[int]:
+        """How many permits this process may hold now because other processes
+        wait for the same places (greenq/resources/fair.py); None: no bound
+        (nobody else waits, or the scope is this process alone)."""
+        return None
+
+    def poll_interval(self) -> Optional[float]:
+        """Seconds between two asks of a refused waiter: None when a release
+        in this process is the only way a permit comes free (process scope);
+        host and cluster permits are freed by other processes too."""
+        return None
 
     def in_use(self) -> int:
         """Permits this pool knows are held (process: exact; host/cluster: the best known count)."""

@@ -51,10 +51,11 @@ import socket
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, List, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
 
 from ..coordination import Coordination, make_coordination
 from .base import PermitPool
+from .fair import CONTENDED_POLL, REMOTE_POLL, RecordWaiters
 
 if TYPE_CHECKING:   # pragma: no cover
     from ..config import Config
@@ -75,6 +76,8 @@ class ClusterPool(PermitPool):
         self._lost: Set[str] = set()          # holders whose permit this pool can no longer prove
         self._lock = threading.Lock()
         self._unreachable = False             # the last call failed (warned once, not at every try)
+        #: who else waits for these places (a record beside the lease): fair shares
+        self.waiters = RecordWaiters(self.coordination, f"{self.lease}:waiting", self._me)
 
     def _place_holder(self, holder: str) -> str:
         return f"{self._me}:{holder}"
@@ -86,6 +89,11 @@ class ClusterPool(PermitPool):
                 return True
             if len(self._proven) >= self.limit:
                 return False                  # this pool alone fills the limit: no need to ask
+            held = len(self._proven)
+        bound = self.waiters.share(self.shared_limit)
+        if bound is not None and held >= bound:
+            self.waiters.refused()            # others wait: a place free now is theirs
+            return False
         asked = time.monotonic()
         try:
             granted = self.coordination.acquire(self.lease, self._place_holder(holder), self.shared_limit,
@@ -98,7 +106,15 @@ class ClusterPool(PermitPool):
             with self._lock:
                 self._proven[holder] = asked
                 self._lost.discard(holder)
+        else:
+            self.waiters.refused()
         return granted
+
+    def fair_share(self) -> Optional[int]:
+        return self.waiters.share(self.shared_limit)
+
+    def poll_interval(self) -> Optional[float]:
+        return CONTENDED_POLL if self.waiters.contended() else REMOTE_POLL
 
     def release(self, holder: str) -> None:
         with self._lock:
@@ -148,6 +164,7 @@ class ClusterPool(PermitPool):
         except Exception as exc:              # the places run out within the ttl
             self._failed("release", exc)
         finally:
+            self.waiters.close()
             self.coordination.close()
 
     # -- what can be proven ------------------------------------------------------

@@ -146,6 +146,8 @@ class ResourcePool(PermitPool, Generic[C]):
     # -- PermitPool: what the admission step and app.resource call -----------------
     def try_acquire(self, holder: str) -> bool:
         self._expire()
+        if self._parked:
+            self._yield_parked(self._pool().fair_share())
         with self._lock:
             if holder in self._holders:
                 return True
@@ -174,15 +176,17 @@ class ResourcePool(PermitPool, Generic[C]):
         if stale_only:
             self._pool().release(inner_holder)
             return
+        bound = self._pool().fair_share()      # other processes wait: keep no more than this process's share
         with self._lock:
             stale: Optional[C] = None
             if self._open_count() > len(self._holders) + len(self._parked):
-                if len(self._holders) + len(self._parked) < self.limit:
+                kept = len(self._holders) + len(self._parked)
+                if kept < self.limit and (bound is None or kept < bound):
                     # a connection stays open without a permit of its own: this one is now its
                     self._parked.append(inner_holder)
                     self._parked_at[inner_holder] = self.clock()
                     return
-                if self._idle:      # above a lowered limit: the connection goes with the permit
+                if self._idle:      # above a lowered limit or its fair share: the connection goes with the permit
                     stale = self._idle.pop(0)[0]
         if stale is not None:
             self._discard(stale)
@@ -199,6 +203,38 @@ class ResourcePool(PermitPool, Generic[C]):
         inner.set_share(limit)
         self.limit = inner.limit
         self._trim()
+
+    def fair_share(self) -> Optional[int]:
+        return self._pool().fair_share()
+
+    def poll_interval(self) -> Optional[float]:
+        return self._pool().poll_interval()
+
+    def _yield_parked(self, bound: Optional[int]) -> None:
+        """Other processes wait for the scope's places and this one holds more
+        than ``bound`` (its fair share, greenq/resources/fair.py): give parked
+        permits back to the scope, with idle connections, down to it."""
+        if bound is None:
+            return
+        inner = self.inner
+        if inner is None:
+            return
+        closing: List[C] = []
+        giving: List[str] = []
+        with self._lock:
+            held = len(self._holders) + len(self._parked)
+            while held > bound and self._parked:
+                if self._open_count() >= held:
+                    if not self._idle:
+                        break           # every connection is in use: their releases give the permits back
+                    closing.append(self._idle.pop(0)[0])
+                giving.append(self._parked.pop())
+                self._parked_at.pop(giving[-1], None)
+                held -= 1
+        for conn in closing:
+            self._discard(conn)
+        for inner_holder in giving:
+            inner.release(inner_holder)
 
     def renew(self) -> None:
         inner = self._pool()

@@ -81,6 +81,7 @@ from urllib.parse import urlsplit
 
 from ..exceptions import ConfigError
 from .base import PermitPool
+from .fair import CONTENDED_POLL, REMOTE_POLL, FileWaiters
 
 if TYPE_CHECKING:   # pragma: no cover
     from ..config import Config
@@ -197,6 +198,8 @@ class HostPool(PermitPool):
         _sweep_once(os.path.dirname(os.path.dirname(self.directory)))
         self._held: Dict[str, Tuple[int, int]] = {}   # holder -> (file index, its descriptor)
         self._lock = threading.Lock()
+        #: who else waits for these places (marker files beside the lock files): fair shares
+        self.waiters = FileWaiters(self.directory)
         _POOLS.add(self)
 
     def _path(self, index: int) -> str:
@@ -208,6 +211,10 @@ class HostPool(PermitPool):
                 return True
             if len(self._held) >= self.limit:
                 return False                  # this process's share (an adaptive limit) is full
+            bound = self.waiters.share(self.shared_limit)
+            if bound is not None and len(self._held) >= bound:
+                self.waiters.refused()        # others wait: a permit free now is theirs
+                return False
             mine = {index for index, _ in self._held.values()}
             for index in range(self.shared_limit):
                 if index in mine:
@@ -216,7 +223,14 @@ class HostPool(PermitPool):
                 if fd is not None:
                     self._held[holder] = (index, fd)
                     return True
+            self.waiters.refused()
             return False
+
+    def fair_share(self) -> Optional[int]:
+        return self.waiters.share(self.shared_limit)
+
+    def poll_interval(self) -> Optional[float]:
+        return CONTENDED_POLL if self.waiters.contended() else REMOTE_POLL
 
     def _take(self, index: int) -> Optional[int]:
         """A descriptor holding the lock of file ``index``, or None when
@@ -257,6 +271,7 @@ class HostPool(PermitPool):
             held, self._held = self._held, {}
         for _, fd in held.values():
             _unlock(fd)
+        self.waiters.close()
 
     def _forget_in_child(self) -> None:
         """In a forked child: close the inherited descriptors *without*
@@ -266,6 +281,7 @@ class HostPool(PermitPool):
         self._lock = threading.Lock()
         for _, fd in held.values():
             os.close(fd)
+        self.waiters.forget_in_child()
 
 
 def _unlock(fd: int) -> None:
@@ -297,6 +313,12 @@ def sweep(root: Optional[str] = None, older_than: float = STALE_SECONDS) -> int:
             except OSError:
                 continue
             removed += sum(_remove_if_free(os.path.join(resource, n), cutoff) for n in names if n.isdigit())
+            for n in names:     # waiters' markers (fair.py) of processes long gone
+                if n.startswith(FileWaiters.PREFIX) and _unchanged_since(os.path.join(resource, n), cutoff):
+                    try:
+                        os.unlink(os.path.join(resource, n))
+                    except OSError:
+                        pass
             if idle:
                 _remove_if_empty(resource)
         if app_idle:

@@ -46,9 +46,9 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Tuple
 
 from ..worker.admission import RUN, AdmissionStep, Decision, wait
+from . import fair
 from .base import PermitPool
 from .observe import WaitTimes
-from .process import ProcessPool
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..worker.jobs import Job
@@ -57,7 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("greenq.resources")
 
 #: seconds between two asks of a waiter whose permits come from a host or cluster pool
-REMOTE_POLL = 0.075
+#: (fair.CONTENDED_POLL while other processes wait for them too)
+REMOTE_POLL = fair.REMOTE_POLL
 #: the one wait queue of the step (what each task waits for is its needs: the resources it names)
 KEY = "permits"
 
@@ -112,14 +113,21 @@ class Permits(AdmissionStep):
                 if not pool.try_acquire(holder):
                     for other, _, other_holder in reversed(taken):   # all or none
                         other.release(other_holder)
-                    return wait(self.clock() + REMOTE_POLL if self._remote(wanted) else None)
+                    poll = self._poll(wanted)
+                    return wait(None if poll is None else self.clock() + poll)
                 taken.append((pool, name, holder))
         self._held[id(job)] = taken
         self._since[id(job)] = self.clock()
         return RUN
 
-    def _remote(self, wanted: Dict[str, int]) -> bool:
-        return any(not isinstance(self.resources.pool(name), ProcessPool) for name in wanted)
+    def _poll(self, wanted: Dict[str, int]) -> Optional[float]:
+        """Seconds until a task refused permits of ``wanted`` is asked again
+        without a release here: host and cluster permits are freed by other
+        processes too (every ``REMOTE_POLL`` seconds; ``fair.CONTENDED_POLL``
+        while other processes wait for them); None for process scope."""
+        polls = [poll for poll in (self.resources.pool(name).poll_interval() for name in wanted)
+                 if poll is not None]
+        return min(polls) if polls else None
 
     def release(self, job: "Job") -> None:
         taken = self._held.pop(id(job), None)

@@ -39,7 +39,8 @@ class Job:
     """A held message on its way through the worker."""
 
     __slots__ = ("delivery", "msg", "task", "handle", "started", "started_at", "outcome", "value",
-                 "exc", "tb", "reason", "acked", "killed_by", "settling", "hub_blocked", "admitted")
+                 "exc", "tb", "reason", "acked", "killed_by", "kill_sent", "settling", "hub_blocked",
+                 "admitted")
 
     def __init__(self, delivery: "Delivery", msg: Optional["TaskMessage"] = None,
                  task: Optional["Task"] = None) -> None:
@@ -56,6 +57,10 @@ class Job:
         self.reason: Optional[str] = None
         self.acked = False          # acknowledged early (acks_late=False)
         self.killed_by: Optional[type] = None
+        #: a kill (any: time limits, terminate, abandon) was thrown at it while it ran
+        #: (set by the reaper under the worker's lock): its runner lets the hub run once
+        #: after it, so that one arriving late lands there (runners.py)
+        self.kill_sent = False
         self.settling = False       # handed to the settler
         #: seconds this task kept the hub blocked, as the watchdog saw it (monitor.py);
         #: stored in its result's meta as ``hub_blocked``

@@ -84,11 +84,20 @@ class Reaper:
             self.kill(job, due.exc)
 
     def kill(self, job: Job, exc: Type[BaseException]) -> None:
-        if exc is jobs.HardKill or exc is jobs.Terminate:
-            job.killed_by = exc
+        """Throw ``exc`` into ``job`` if it still runs.  Checked, marked
+        (``job.kill_sent``) and thrown under the worker's lock, under which the
+        runner takes the job out of ``running`` when it ends: a job that ended
+        unmarked can no longer be aimed at, so its runner goes on without
+        waiting for a late kill (runners.py)."""
+        with self._lock:
+            if id(job) not in self.running or job.outcome is not None:
+                return                      # it ended meanwhile: a kill now would hit the runner's next task
+            if exc is jobs.HardKill or exc is jobs.Terminate:
+                job.killed_by = exc
+            job.kill_sent = True
+            job.handle.kill(exc)            # never switches: the kill is delivered at the job's next switch
         assert job.msg is not None, "a job runs only once its message decoded"
         log.warning("task %s[%s]: %s", job.msg.task, job.msg.id, KILL_MESSAGES[exc])
-        job.handle.kill(exc)
 
     def terminate(self, task_ids: List[str]) -> None:
         """Kill the running tasks among ``task_ids`` (revoked with terminate)."""

@@ -67,6 +67,9 @@ KILLS = (SoftTimeLimitExceeded, jobs.HardKill, jobs.Abandon, jobs.Terminate)
 IDLE_SECONDS = 10.0
 #: runners a trim keeps, however idle (``Runners.keep``)
 KEEP = 10
+#: jobs a runner may run one after another, each granted by the admission as
+#: the one before ended, before it lets the hub run (``sleep(0)``)
+HANDOFFS = 64
 #: the state name given to task_postrun for each outcome
 POSTRUN_STATE = {jobs.SUCCESS: "SUCCESS", jobs.FAILURE: "FAILURE", jobs.RETRY: "RETRY",
                  jobs.REJECT: "REJECTED", jobs.REVOKED: "REVOKED", jobs.REQUEUE: "REQUEUED"}
@@ -234,19 +237,31 @@ class Runners:
     def _loop(self, runner: Runner) -> None:
         """Run jobs one after another.  A kill is aimed at one job; one that
         arrives after that job ended lands in the ``sleep(0)`` below (the hub
-        delivers it before resuming us) or in ``get``, and is ignored there."""
+        delivers it before resuming us) or in ``get``, and is ignored there.
+        The reaper marks the job it throws a kill at (``kill_sent``, under the
+        lock under which ``_ran`` takes the job out of ``running``): after a
+        job that ended unmarked no kill can come, so the runner asks the
+        admission for a job it grants now before that ``sleep(0)``, and runs it
+        without waiting a pass of the hub (a permit its task just gave back,
+        or parked with a connection, goes on at once), ``HANDOFFS`` times in
+        a row at most (then it lets the hub run)."""
         sleep, get = self._sleep, self._get
         stopping, revoked, finish, take = self.stopping, self.revoked, self.finish, self.take
         busy = False                         # counted idle (from the spawn) until it takes something
+        granted: Any = None                  # a job the admission granted as the last one ended
+        chained = 0
         while True:
             try:
                 if busy:                     # back from a job (or a nudge): free again
                     busy = False
-                    if self.count > self.target:     # resize shrank the pool: this one goes
+                    if granted is None and self.count > self.target:   # the pool shrank: this one goes
                         self.count -= 1
                         return
                     self.idle += 1
-                job: Any = take(False)       # a job the admission grants to a free runner goes first
+                job: Any
+                job, granted = granted, None
+                if job is None:
+                    job = take(False)        # a job the admission grants to a free runner goes first
                 if job is None:
                     job = get()
                 busy = True
@@ -269,7 +284,13 @@ class Runners:
                 runner.job = job
                 self._run(job)
                 runner.job = None
-                sleep(0)
+                if not job.kill_sent and chained < HANDOFFS:
+                    granted = take(False)
+                if granted is None:
+                    chained = 0
+                    sleep(0)
+                else:
+                    chained += 1
             except KILLS:
                 runner.job = None
                 continue

@@ -75,9 +75,14 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
              demand: Optional[int] = None, lease: Optional[int] = None,
              errors_above: Optional[int] = None, jitter: float = 0.1,
              refuse_above: Optional[Callable[[float], int]] = None, on_sample: Optional[Callable[[Run], None]] = None,
+             client_lag: Optional[Callable[[int], float]] = None, feed_lag: bool = True,
              ) -> Run:
     """Run until ``duration`` simulated seconds; ``capacity(t)`` and ``base(t)``
-    may change over time.  Returns the limit after every sample, per worker."""
+    may change over time.  Returns the limit after every sample, per worker.
+    ``client_lag(n)``: a CPU-bound worker's own delay with ``n`` of its tasks
+    in flight, added to each task's latency (its loop resumes the task that
+    late); ``feed_lag``: the worker's loop lag is given to its limit
+    (``on_sample(lag=...)``, as greenq/resources/lag.py measures it)."""
     fixed = None if callable(base) else float(base)
 
     def base_at(t: float) -> float:
@@ -99,6 +104,8 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
                 failed = ceiling is not None and total > ceiling
                 latency = base_at(clock.now) * (REFUSED if failed else max(1.0, total / capacity(clock.now)))
                 latency *= 1.0 + jitter * ((seq * GOLDEN) % 1.0)
+                if client_lag is not None:
+                    latency += client_lag(held[w])
                 seq += 1
                 heapq.heappush(events, (clock.now + latency, seq, w, latency, held[w], failed))
         run.max_held_total = max(run.max_held_total, sum(held))
@@ -109,7 +116,8 @@ def simulate(limiters: List[AdaptiveLimit], clock: FakeClock, *, duration: float
         held[w] -= 1
         run.samples += 1
         run.errors += failed
-        limiters[w].on_sample(latency, in_flight=in_flight, error=Overloaded() if failed else None)
+        lag = client_lag(in_flight) if client_lag is not None and feed_lag else 0.0
+        limiters[w].on_sample(latency, in_flight=in_flight, error=Overloaded() if failed else None, lag=lag)
         run.trace.append(Point(end, w, limiters[w].limit, limiters[w].probing, sum(held)))
         run.failed.append(failed)
         if on_sample is not None:
@@ -178,6 +186,34 @@ def print_trace(run: Run, at: float, base: float) -> None:
             next_t = point.t + (base if near else 5.0)
 
 
+def cpu_bound(duration: float = 60.0, per_task: float = 0.00015, base: float = 0.0055,
+              capacity: float = 45.0) -> "dict[str, Tuple[float, float]]":
+    """A CPU-bound worker beside a downstream that takes ``capacity`` at once:
+    each task in flight delays the others' resumption by ``per_task`` seconds
+    (0.15 ms: at 45 in flight, 6.75 ms on a 5.5 ms query, the PostgreSQL
+    benchmark's windows).  Returns, per variant, (mean limit, tasks per second)
+    from t = 10 s: the loop lag given to the limit, and not."""
+    out = {}
+    for label, feed in (("lag given", True), ("lag not given", False)):
+        clock = FakeClock()
+        limiter = AdaptiveLimit(1, 200, clock=clock)
+        run = simulate([limiter], clock, duration=duration, base=base, capacity=lambda t: capacity,
+                       client_lag=lambda n: per_task * n, feed_lag=feed)
+        done = sum(1 for p in run.trace if p.t >= 10.0)
+        out[label] = (mean_limit(run, 10.0, duration), done / (duration - 10.0))
+    fixed_clock = FakeClock()
+    fixed = AdaptiveLimit(45, 45, clock=fixed_clock)         # a fixed limit of 45 (it never moves)
+    run = simulate([fixed], fixed_clock, duration=duration, base=base, capacity=lambda t: capacity,
+                   client_lag=lambda n: per_task * n)
+    out["fixed 45"] = (45.0, sum(1 for p in run.trace if p.t >= 10.0) / (duration - 10.0))
+    print(f"\n== a CPU-bound worker: {per_task * 1e3:g} ms of its own delay per task in flight, on a"
+          f" {base * 1e3:g} ms downstream of capacity {capacity:g} (limit in [1, 200]), from t = 10 s")
+    for label, (limit, rate) in out.items():
+        print(f"{label:>14}: mean limit {limit:5.1f}, {rate:7.1f} tasks/s ({100 * rate / out['fixed 45'][1]:.0f} %"
+              f" of the fixed limit's)")
+    return out
+
+
 def main() -> None:
     at, duration = 30.0, 90.0
     for base in (0.05, 0.5):
@@ -210,6 +246,8 @@ def main() -> None:
               f" errors {errors}/{samples} = {100.0 * errors / samples:.2f} %")
     reacted = next(p.t for p in run.trace if p.t >= at and p.limit <= 20)
     print(f"after the change: the limit was at or below 20 {reacted - at:.2f} s later")
+
+    cpu_bound()
 
     clock = FakeClock()
     fleet = [AdaptiveLimit(1, 45, clock=clock) for _ in range(3)]

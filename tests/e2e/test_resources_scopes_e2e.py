@@ -10,9 +10,12 @@ resource at once across every process."""
 from __future__ import annotations
 
 import signal
+import sys
 import time
 
 import pytest
+
+from tests.e2e.conftest import HERE, Env
 
 pytestmark = pytest.mark.e2e
 
@@ -102,24 +105,36 @@ def run_on_ready_workers(env, procs, count: int, task: str, n: int, seconds: flo
     return outs
 
 
+def fair_parts(log, n: int) -> "dict[int, int]":
+    """Tasks run per process; each must have run at least a quarter of the ``n``
+    (permits are handed out fairly between the processes that wait:
+    greenq/resources/fair.py).  Over the run, not over each stretch of it: a
+    process stalled on a loaded machine (no poll for over half a second) stops
+    counting as waiting, and the other takes every place meanwhile (the
+    shares themselves: tests/integration/test_fair_permits.py)."""
+    starts = [pid for event, pid, _, _ in log if event == "start"]
+    runs = {pid: starts.count(pid) for pid in set(starts)}
+    assert len(runs) == 2 and min(runs.values()) >= n / 4, runs
+    return runs
+
+
 @pytest.mark.parametrize("layout", ["processes", "two workers"])
-def test_a_host_limit_holds_across_worker_processes(pool, sqlite_env, layout):
+@pytest.mark.parametrize("limit", [1, 2])
+def test_a_host_limit_holds_across_worker_processes_and_is_shared_fairly(pool, sqlite_env, layout, limit):
+    if pool != "gevent":
+        pytest.skip("one green driver is enough: the permits are the same lock files under every driver")
     env = sqlite_env
-    (env.tmp / "greenq.ini").write_text("[resource:db]\nlimit = 2\nscope = host\n\n" + OTHER["db"])
+    (env.tmp / "greenq.ini").write_text(f"[resource:db]\nlimit = {limit}\nscope = host\n\n" + OTHER["db"])
     opts = [*TASKS, "-c", "4", "--prefetch", "4"]
-    queues: "tuple[str, ...]" = ()
     if layout == "processes":
         procs = [env.worker(pool, *opts, "--processes", "2", burst=False)]
     else:
-        # a queue each: permits are not handed out fairly between processes
-        # (docs/resources.md, Limits), so on one queue the worker that got
-        # going first could run everything while the other's tasks waited
-        queues = ("db-a", "db-b")
-        procs = [env.worker(pool, *opts, "-Q", q, burst=False) for q in queues]
-    outs = run_on_ready_workers(env, procs, 2, "res.db", 30, 0.1, queues=queues)
+        procs = [env.worker(pool, *opts, burst=False) for _ in range(2)]
+    # one queue: whichever process fetched a task, each runs a fair part of them
+    run_on_ready_workers(env, procs, 2, "res.db", 40, 0.05 * limit)
     log = rows(env)
-    assert most_at_once(log) == 2, log          # never above the machine's limit, and reached
-    assert len({pid for event, pid, _, _ in log if event == "start"}) == 2, (log, outs)   # both held it
+    assert most_at_once(log) == limit, log      # never above the machine's limit, and reached
+    fair_parts(log, 40)
 
 
 def test_a_cluster_limit_holds_across_two_workers(pool, any_env):
@@ -130,6 +145,24 @@ def test_a_cluster_limit_holds_across_two_workers(pool, any_env):
     log = rows(env)
     assert most_at_once(log) == 3, log          # never above the fleet's limit, and reached
     assert len({pid for event, pid, _, _ in log if event == "start"}) == 2, (log, outs)
+    fair_parts(log, 40)
+
+
+@pytest.mark.redis
+def test_a_cluster_limit_of_two_is_shared_fairly_on_redis(pool, redis_url, redis_prefix, tmp_path):
+    if pool != "gevent":
+        pytest.skip("one green driver is enough: the lease and the waiters' record are the broker's")
+    sys.path.insert(0, str(HERE))
+    env = Env(tmp_path, redis_url, {"GREENQ_KEY_PREFIX": redis_prefix})
+    try:
+        (env.tmp / "greenq.ini").write_text("[resource:api]\nlimit = 2\nscope = cluster\n\n" + OTHER["api"])
+        procs = [env.worker(pool, *TASKS, "-c", "4", "--prefetch", "4", burst=False) for _ in range(2)]
+        run_on_ready_workers(env, procs, 2, "res.api", 40, 0.1)
+        log = rows(env)
+        assert most_at_once(log) == 2, log
+        fair_parts(log, 40)
+    finally:
+        env.cleanup()
 
 
 LEASE = 3.0

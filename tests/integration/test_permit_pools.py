@@ -20,6 +20,7 @@ from typing import Any, List
 
 import pytest
 
+from greenq.resources import fair
 from greenq.resources.base import PermitPool, pool_class
 from tests.conftest import make_config, own_prefix
 from tests.integration.conftest import Env, _require_module
@@ -87,9 +88,13 @@ class Apps:
 @pytest.fixture(params=["host", "memory", "sqlite",
                         pytest.param("redis", marks=pytest.mark.redis),
                         pytest.param("amqp", marks=pytest.mark.amqp)])
-def apps(request, tmp_path):
+def apps(request, tmp_path, monkeypatch):
     if request.param != "host":
         _require_module(request.param, "broker")
+    # several pools of this process stand for processes here, and these tests
+    # check the limit: no waiter's marker counts, so no fair share bounds a
+    # pool (fairness between processes: tests/integration/test_fair_permits.py)
+    monkeypatch.setattr(fair, "MARK_TTL", -1.0)
     made = Apps(request.param, request, tmp_path)
     yield made
     made.teardown()

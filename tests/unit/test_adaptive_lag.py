@@ -1,0 +1,41 @@
+"""A CPU-bound worker's own delays are not the downstream's queue, when the
+caller measures them (``AdaptiveLimit.on_sample(lag=...)``; the worker does
+not yet: docs/resources.md, "The worker's own delays"): in the
+simulation (tests/bench/adaptive_sim.py) a worker that resumes each task
+0.15 ms later per task in flight, beside a 5.5 ms downstream that takes 45
+at once, keeps the throughput of a fixed limit of 45 when its loop lag is
+given to the limit, and loses about 40 % of it when it is not (the limit read
+the lag as a queue and sank to 19)."""
+from __future__ import annotations
+
+from greenq.resources.adaptive import LAG_FLOOR, AdaptiveLimit
+from tests.bench.adaptive_sim import FakeClock, cpu_bound
+
+
+def test_a_cpu_bound_worker_keeps_the_fixed_limits_throughput_when_its_lag_is_given():
+    out = cpu_bound(duration=40.0)
+    given, not_given, fixed = out["lag given"], out["lag not given"], out["fixed 45"]
+    assert given[1] >= 0.9 * fixed[1], out            # within 10 % of the best fixed limit
+    assert not_given[1] < 0.75 * fixed[1], out         # what it cost before (the lag read as a queue)
+    assert given[0] >= 45, out                        # the limit stays at the downstream's capacity or above
+
+
+def test_what_the_lag_grew_since_the_probe_is_taken_off_the_latency_down_to_floors():
+    clock = FakeClock()
+    limit = AdaptiveLimit(1, 50, clock=clock, probe_samples=1, window_samples=1, initial_limit=1)
+    clock.now = 1.0
+    limit.on_sample(0.010, in_flight=1, lag=0.004)    # the probe: as measured, beside a lag of 4 ms
+    assert abs(limit.rtt_noload - 0.010) < 1e-9
+    clock.now = 2.0
+    limit.on_sample(0.010, in_flight=1, lag=0.004)    # the same lag: nothing taken off
+    assert limit.decisions["faster"] == 0 and limit.last_window[0] == 0.010
+    clock.now = 3.0
+    limit.on_sample(0.016, in_flight=1, lag=0.010)    # 6 ms more of the worker's own: 10 ms of the downstream's
+    assert abs(limit.last_window[0] - 0.010) < 1e-9
+    clock.now = 4.0
+    limit.on_sample(0.040, in_flight=1, lag=1.0)      # a lag read far too high: a quarter is kept
+    assert abs(limit.last_window[0] - 0.040 * LAG_FLOOR) < 1e-9
+    clock.now = 5.0
+    limit.on_sample(0.012, in_flight=1, lag=1.0)      # ... and never less than the no-load latency:
+    assert limit.last_window[0] == 0.010               # the lag spares a drain, it never starts a probe
+    assert limit.decisions["faster"] == 0 and limit.rtt_noload == 0.010
