@@ -34,9 +34,11 @@ def test_a_freed_permit_goes_to_the_next_waiter_without_a_pass_of_the_hub(pool, 
     gaps = [after[1] - before[2] for before, after in zip(runs, runs[1:])]
     assert all(gap >= 0 for gap in gaps), gaps
     # a handoff in the same greenlet makes no switch; the first tasks (before
-    # every runner is busy and the waiters are parked) and the 64th in a row may
+    # every runner is busy and the waiters are parked: runners are spawned on
+    # demand) and the 64th in a row may, and a loaded machine adds a few more
+    # (30-36 of 39 seen under eventlet); before the handoff, none of 39
     straight = sum(gap == 0 for gap in gaps)
-    assert straight >= 0.8 * len(gaps), (gaps, out)
+    assert straight >= 0.6 * len(gaps), (gaps, out)
     waits = sorted(after[3] - before[4] for before, after in zip(runs, runs[1:]))
     print(f"handoff: {straight} of {len(gaps)} without a switch; end to next start median "
           f"{waits[len(waits) // 2] * 1e3:.3f} ms, p90 {waits[int(len(waits) * 0.9)] * 1e3:.3f} ms")
