@@ -51,20 +51,22 @@ class CeleryRedisBackend(RedisBackend):
     def store_celery(self, records: Sequence[Tuple[str, bytes]]) -> None:
         """Write ``(task id, encoded record)`` pairs as Celery's backend does,
         in one round trip."""
-        if not records:
-            return
+        if records:
+            self._set_and_publish([(key(task_id), data) for task_id, data in records], "store Celery results")
 
+    def _set_and_publish(self, items: Sequence[Tuple[str, bytes]], what: str) -> None:
+        """SETEX (``result_expires``) each ``(key, record)`` and PUBLISH it on the
+        key's name, as Celery's Redis backend does, in one round trip."""
         def write() -> None:
             pipe = self.client.pipeline(transaction=False)
-            for task_id, data in records:
-                name = key(task_id)
+            for name, data in items:
                 if self.expires:
                     pipe.setex(name, self.expires, data)
                 else:
                     pipe.set(name, data)
                 pipe.publish(name, data)
             pipe.execute()
-        self._call(write, self._timeout, "store Celery results")
+        self._call(write, self._timeout, what)
 
     # -- chords ------------------------------------------------------------------
     def celery_chord_parts(self, parts: Sequence[Tuple[str, str, Any, bytes]]) -> List[Optional[str]]:
@@ -100,18 +102,7 @@ class CeleryRedisBackend(RedisBackend):
     def save_celery_group(self, group_id: str, member_ids: Sequence[str]) -> None:
         """``celery-taskset-meta-<group id>`` as Celery's ``GroupResult.save()``
         writes it (SETEX ``result_expires``, and PUBLISH, as Celery does)."""
-        data = group_record(group_id, member_ids)
-
-        def write() -> None:
-            pipe = self.client.pipeline(transaction=False)
-            name = group_key(group_id)
-            if self.expires:
-                pipe.setex(name, self.expires, data)
-            else:
-                pipe.set(name, data)
-            pipe.publish(name, data)
-            pipe.execute()
-        self._call(write, self._timeout, "save a Celery group")
+        self._set_and_publish([(group_key(group_id), group_record(group_id, member_ids))], "save a Celery group")
 
     # -- reading Celery's records -------------------------------------------------
     def get_celery(self, task_id: str) -> Optional[Dict[str, Any]]:
