@@ -58,6 +58,27 @@ class Handle:
         raise NotImplementedError
 
 
+class RawGreenletHandle(Handle):
+    """The handle of a raw greenlet (the runners: no Greenlet/GreenThread
+    object, no event).  ``_sleep`` (the hub's) polls ``join``; a driver's
+    subclass throws kills its own way (``kill``)."""
+    __slots__ = ("glet",)
+    _sleep: Callable[[float], Any]
+
+    def __init__(self, glet: Any) -> None:
+        self.glet = glet
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.glet.dead and (deadline is None or time.monotonic() < deadline):
+            self._sleep(0.01)
+        return bool(self.glet.dead)
+
+    @property
+    def dead(self) -> bool:
+        return bool(self.glet.dead)
+
+
 class Driver:
     """One concurrency model.  Subclasses fill in every method."""
 

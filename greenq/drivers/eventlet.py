@@ -3,7 +3,6 @@ use; prefer gevent.  ``patch()`` runs ``eventlet.monkey_patch()``."""
 from __future__ import annotations
 
 import queue as std_queue
-import time
 from typing import Any, Callable, Optional, Type
 
 import eventlet
@@ -14,7 +13,7 @@ import eventlet.semaphore
 import eventlet.tpool
 import greenlet
 
-from .base import Driver, Handle, no_timeout
+from .base import Driver, Handle, RawGreenletHandle, no_timeout
 
 
 class GreenThreadHandle(Handle):
@@ -53,25 +52,13 @@ class GreenThreadHandle(Handle):
             eventlet.spawn_n(self.gt.kill, exc)
 
 
-class RawHandle(Handle):
+class RawHandle(RawGreenletHandle):
     """The handle of a raw greenlet (``eventlet.spawn_n``: the runners): no
     GreenThread, no event (0.7 KB less a running task).  A kill is thrown
     from a greenlet of its own, as ``GreenThreadHandle.kill`` does, into a
     greenlet still alive then."""
-    __slots__ = ("glet",)
-
-    def __init__(self, glet: Any) -> None:
-        self.glet = glet
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.glet.dead and (deadline is None or time.monotonic() < deadline):
-            eventlet.sleep(0.01)
-        return bool(self.glet.dead)
-
-    @property
-    def dead(self) -> bool:
-        return bool(self.glet.dead)
+    __slots__ = ()
+    _sleep = staticmethod(eventlet.sleep)
 
     def kill(self, exc: Type[BaseException]) -> None:
         if not self.glet.dead:

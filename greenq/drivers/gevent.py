@@ -1,7 +1,6 @@
 """gevent: the default driver.  ``patch()`` runs ``gevent.monkey.patch_all()``."""
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional, Type
 
 import gevent
@@ -10,7 +9,7 @@ import gevent.lock
 import gevent.monkey
 import gevent.queue
 
-from .base import Driver, Handle, no_timeout
+from .base import Driver, Handle, RawGreenletHandle, no_timeout
 
 
 class GreenletHandle(Handle):
@@ -31,24 +30,12 @@ class GreenletHandle(Handle):
         self.glet.kill(exc, block=False)
 
 
-class RawHandle(Handle):
+class RawHandle(RawGreenletHandle):
     """The handle of a raw greenlet (``gevent.spawn_raw``: the runners).  A
     kill is thrown from the hub's callbacks, as gevent's ``Greenlet.kill``
     does, and only into a greenlet still alive then."""
-    __slots__ = ("glet",)
-
-    def __init__(self, glet: Any) -> None:
-        self.glet = glet
-
-    def join(self, timeout: Optional[float] = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self.glet.dead and (deadline is None or time.monotonic() < deadline):
-            gevent.sleep(0.01)
-        return bool(self.glet.dead)
-
-    @property
-    def dead(self) -> bool:
-        return bool(self.glet.dead)
+    __slots__ = ()
+    _sleep = staticmethod(gevent.sleep)
 
     def kill(self, exc: Type[BaseException]) -> None:
         if not self.glet.dead:
