@@ -1,0 +1,132 @@
+"""Concurrent publishers with confirms: ``delay()`` msg/s from 1 thread and from 50.
+
+    python tests/bench/amqp_confirms.py [--amqp-url amqp://guest:guest@127.0.0.1:5672]
+                                        [--n 400] [--threads 1,50] [--repeat 3]
+                                        [--greenq-ref 10ff7e6] [--json FILE]
+
+With ``[amqp] confirm_publish = true`` (the default) each ``delay()`` returns
+once RabbitMQ confirmed its message.  Each measurement is a fresh process
+(plain threads, no monkey-patching) in which ``T`` threads each call
+``task.delay()`` ``N`` times at once, after one untimed ``delay()`` that
+connects and declares; the figure is ``T * N`` over the time from the start
+signal to the last thread's end.  ``--greenq-ref`` also measures greenq at that
+commit (``git archive`` into a temporary directory), alternating with this
+tree run by run, so a busy moment of the shared machine touches both alike.
+The run makes a vhost of its own with ``rabbitmqctl`` and deletes it at the end.
+The last line printed is one JSON object with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Dict, List
+from urllib.parse import quote
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def child(url: str, threads: int, n: int) -> None:
+    """One measurement, in this process: print msg/s."""
+    from greenq import GreenQ
+    app = GreenQ("confirms", broker=url, key_prefix="gqconf", config_file=False)
+    task = app.task(name="confirms.noop", ignore_result=True)(lambda: None)
+    task.delay()      # connects, declares (untimed)
+    go = threading.Event()
+    errors: List[BaseException] = []
+
+    def run() -> None:
+        go.wait()
+        try:
+            for _ in range(n):
+                task.delay()
+        except BaseException as exc:   # reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=run) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    time.sleep(0.2)    # every thread waiting on the event
+    cpu = time.process_time()
+    start = time.perf_counter()
+    go.set()
+    for t in pool:
+        t.join()
+    took = time.perf_counter() - start
+    cpu = time.process_time() - cpu
+    app.close()
+    if errors:
+        raise SystemExit(f"{len(errors)} thread(s) failed: {errors[0]!r}")
+    print(json.dumps({"msg_s": threads * n / took, "cpu_us": cpu / (threads * n) * 1e6}))
+
+
+def measure(src: str, url: str, threads: int, n: int) -> float:
+    env = dict(os.environ, PYTHONPATH=src, GREENQ_AMQP_CONFIRM_PUBLISH="true")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", url, str(threads), str(n)],
+                         env=env, cwd=src, capture_output=True, text=True, timeout=170)
+    if out.returncode:
+        raise SystemExit(f"measurement failed ({src}, {threads} threads): {out.stderr[-2000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["msg_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672")
+    p.add_argument("--n", type=int, default=400, help="delay() calls per thread")
+    p.add_argument("--threads", default="1,50")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--greenq-ref", default=None, help="also measure greenq at this commit")
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    vhost = f"greenq-confirms-{os.getpid()}"
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True)
+    subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   check=True, capture_output=True)
+    url = f"{args.amqp_url.rstrip('/')}/{quote(vhost, safe='')}"
+    tmp = None
+    sides: Dict[str, str] = {"this tree": ROOT}
+    try:
+        if args.greenq_ref:
+            tmp = tempfile.mkdtemp(prefix="greenq-ref-")
+            archive = subprocess.run(["git", "-C", ROOT, "archive", args.greenq_ref], check=True,
+                                     capture_output=True).stdout
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+            sides = {args.greenq_ref: tmp, "this tree": ROOT}
+        counts = [int(t) for t in args.threads.split(",")]
+        figures: Dict[str, Dict[str, List[float]]] = {s: {str(t): [] for t in counts} for s in sides}
+        for _ in range(args.repeat):
+            for name, src in sides.items():
+                for threads in counts:
+                    figures[name][str(threads)].append(round(measure(src, url, threads, args.n)))
+        load = os.getloadavg()
+        for name in sides:
+            line = ", ".join(f"{t} thread(s) {figures[name][str(t)]} msg/s" for t in counts)
+            if len(counts) == 2:
+                ratios = [b / a for a, b in zip(figures[name][str(counts[0])], figures[name][str(counts[1])])]
+                line += f"; {counts[1]}/{counts[0]}: " + ", ".join(f"{r:.1f}x" for r in ratios)
+            print(f"{name}: {line}")
+        result = {"figures": figures, "n": args.n, "loadavg": [round(x, 2) for x in load],
+                  "id": uuid.uuid4().hex[:8]}
+        print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(json.dumps(result))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], capture_output=True)
+        if tmp:
+            subprocess.run(["rm", "-rf", tmp])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        main()
