@@ -2,10 +2,12 @@
 shared by the broker (``amqp.py``) and the ``rpc://`` backend, and an
 ``Outgoing`` as the body, properties and route of a publish.
 
-The hot path (one ``delay()``) is: take an idle publisher from the pool
-without a lock, append the frames of one ``basic.publish`` (packed by
-``amqp_wire``, the method frame cached per routing key), write them with one
-``sendall`` (``amqp_adapter``), give the publisher back.
+The hot path (one ``delay()``) without confirms is: take an idle publisher
+from the pool without a lock, append the frames of one ``basic.publish``
+(packed by ``amqp_wire``, the method frame cached per routing key), write
+them with one ``sendall`` (``amqp_adapter``), give the publisher back.  With
+confirms it is ``ChannelPool.publish_confirmed`` on the pool's
+``SharedPublisher``, where concurrent callers share the confirm waits.
 """
 from __future__ import annotations
 
