@@ -225,10 +225,11 @@ class SharedPublisher(Publisher):
     share confirm waits ("group commit").
 
     Each caller puts its publish in the ``outbox`` (its delivery tag is its
-    place there) and writes what the outbox holds under ``wlock`` (one writer
-    at a time, so the outbox's order is the order on the wire; publishes put
-    there while another caller writes go out in one write), then waits for
-    the confirm of its own tag.  One caller at a time reads the connection (``reading``) and
+    place there); unless another caller is writing (``writing``), it writes
+    what the outbox holds until it is empty, so one writer at a time and the
+    outbox's order is the order on the wire, and publishes put there while a
+    caller writes go out with its next write.  Then it waits for the confirm
+    of its own tag.  One caller at a time reads the connection (``reading``) and
     settles every confirm it reads, for whoever published it: RabbitMQ acks
     many tags at once (``multiple``), so one read commonly confirms the
     publishes of many callers.  The others sleep each on a lock of its own
@@ -248,7 +249,7 @@ class SharedPublisher(Publisher):
 
     def __init__(self, params: Dict[str, Any], role: str) -> None:
         super().__init__(params, True, role)
-        self.wlock = threading.Lock()
+        self.writing = False    # a caller is writing the outbox
         self.cond = threading.Lock()
         self.reading = False
         self.users = 0
@@ -279,16 +280,22 @@ class SharedPublisher(Publisher):
             if message_id is not None:
                 self.by_id[message_id] = confirm
             self.outbox.append(data)        # which is the order on the wire
-        with self.wlock:
+            if self.writing:
+                return confirm              # the caller writing takes it along
+            self.writing = True
+        while True:
             with self.cond:
                 out, self.outbox = self.outbox, []
-            if out:     # else written by the caller before, with its own
-                try:
-                    self.write(out[0] if len(out) == 1 else b"".join(out))
-                except BaseException as exc:
-                    self._fail(exc)
-                    raise
-        return confirm
+                if not out:
+                    self.writing = False
+                    return confirm
+            try:
+                self.write(out[0] if len(out) == 1 else b"".join(out))
+            except BaseException as exc:
+                with self.cond:
+                    self.writing = False
+                self._fail(exc)
+                raise
 
     def wait(self, confirm: Confirm, timeout: float = 30.0) -> None:
         """Return once ``confirm`` is settled (acked, nacked, returned);
