@@ -9,7 +9,8 @@ once RabbitMQ confirmed its message.  Each measurement is a fresh process
 (plain threads, no monkey-patching) in which ``T`` threads each call
 ``task.delay()`` ``N`` times at once, after one untimed ``delay()`` that
 connects and declares; the figure is ``T * N`` over the time from the start
-signal to the last thread's end.  ``--greenq-ref`` also measures greenq at that
+signal to the last thread's end; beside it the process's CPU time per message (user +
+system, all threads), which other work on the machine moves less.  ``--greenq-ref`` also measures greenq at that
 commit (``git archive`` into a temporary directory), alternating with this
 tree run by run, so a busy moment of the shared machine touches both alike.
 The run makes a vhost of its own with ``rabbitmqctl`` and deletes it at the end.
@@ -67,13 +68,13 @@ def child(url: str, threads: int, n: int) -> None:
     print(json.dumps({"msg_s": threads * n / took, "cpu_us": cpu / (threads * n) * 1e6}))
 
 
-def measure(src: str, url: str, threads: int, n: int) -> float:
+def measure(src: str, url: str, threads: int, n: int) -> Dict[str, float]:
     env = dict(os.environ, PYTHONPATH=src, GREENQ_AMQP_CONFIRM_PUBLISH="true")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", url, str(threads), str(n)],
                          env=env, cwd=src, capture_output=True, text=True, timeout=170)
     if out.returncode:
         raise SystemExit(f"measurement failed ({src}, {threads} threads): {out.stderr[-2000:]}")
-    return float(json.loads(out.stdout.strip().splitlines()[-1])["msg_s"])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -101,10 +102,13 @@ def main() -> None:
             sides = {args.greenq_ref: tmp, "this tree": ROOT}
         counts = [int(t) for t in args.threads.split(",")]
         figures: Dict[str, Dict[str, List[float]]] = {s: {str(t): [] for t in counts} for s in sides}
+        cpu: Dict[str, Dict[str, List[float]]] = {s: {str(t): [] for t in counts} for s in sides}
         for _ in range(args.repeat):
             for name, src in sides.items():
                 for threads in counts:
-                    figures[name][str(threads)].append(round(measure(src, url, threads, args.n)))
+                    got = measure(src, url, threads, args.n)
+                    figures[name][str(threads)].append(round(got["msg_s"]))
+                    cpu[name][str(threads)].append(round(got["cpu_us"]))
         load = os.getloadavg()
         for name in sides:
             line = ", ".join(f"{t} thread(s) {figures[name][str(t)]} msg/s" for t in counts)
@@ -112,7 +116,9 @@ def main() -> None:
                 ratios = [b / a for a, b in zip(figures[name][str(counts[0])], figures[name][str(counts[1])])]
                 line += f"; {counts[1]}/{counts[0]}: " + ", ".join(f"{r:.1f}x" for r in ratios)
             print(f"{name}: {line}")
-        result = {"figures": figures, "n": args.n, "loadavg": [round(x, 2) for x in load],
+            print("    client CPU per message, us: " + ", ".join(f"{t} thread(s) {cpu[name][str(t)]}"
+                                                             for t in counts))
+        result = {"figures": figures, "cpu_us": cpu, "n": args.n, "loadavg": [round(x, 2) for x in load],
                   "id": uuid.uuid4().hex[:8]}
         print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         print(json.dumps(result))
