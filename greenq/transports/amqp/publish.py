@@ -208,13 +208,14 @@ class Confirm:
     reply text when the message came back unroutable (mandatory); ``wake``:
     the lock its caller sleeps on while another caller reads the confirms."""
 
-    __slots__ = ("state", "returned", "message_id", "wake")
+    __slots__ = ("state", "returned", "key", "wake", "same")
 
-    def __init__(self, message_id: Any) -> None:
+    def __init__(self, key: Any) -> None:
         self.state = 0
         self.returned: Optional[str] = None
-        self.message_id = message_id
+        self.key = key          # (message id, exchange, routing key): how a return is matched
         self.wake: Any = None
+        self.same: Optional[Confirm] = None    # a later publish with the same key
 
 
 ACKED, NACKED = 1, 2
@@ -238,7 +239,7 @@ class SharedPublisher(Publisher):
     on at the same time (a socket takes one writer and one reader; so do
     gevent's and eventlet's).  ``cond`` guards the tags, the flags and the
     hand-over.  The publishes are ``mandatory``: a return is matched to its
-    caller by message id.
+    caller by message id, exchange and routing key.
 
     A failed write or read fails the connection for every caller waiting on
     it (``error``; each raises a connection error, which ``ChannelPool``
@@ -254,14 +255,15 @@ class SharedPublisher(Publisher):
         self.reading = False
         self.users = 0
         self.error: Optional[BaseException] = None
-        self.by_id: Dict[Any, Confirm] = {}   # message id -> its unconfirmed publish
+        self.by_id: Dict[Any, Confirm] = {}   # Confirm.key -> the oldest unconfirmed publish
         self.outbox: List[bytes] = []           # publishes not written yet
 
     def send(self, body: bytes, properties: bytes, exchange: str, routing_key: str,
              message_id: Any) -> Confirm:
         """Write one publish; the caller must ``wait`` for it, then ``leave``
         (also when this raises)."""
-        confirm = Confirm(message_id)
+        key = None if message_id is None else (message_id, exchange, routing_key)
+        confirm = Confirm(key)
         method = self.methods.get((exchange, routing_key))
         if method is None:
             if len(self.methods) >= METHOD_CACHE_MAX:
@@ -277,8 +279,12 @@ class SharedPublisher(Publisher):
                 raise ConnectionError("the shared publisher connection failed")
             self.seq += 1                   # the tags in the order of the outbox,
             self.unconfirmed.append((self.seq, confirm))
-            if message_id is not None:
-                self.by_id[message_id] = confirm
+            if key is not None:
+                first = self.by_id.setdefault(key, confirm)
+                if first is not confirm:    # the same twice in flight: returned in order
+                    while first.same is not None:
+                        first = first.same
+                    first.same = confirm
             self.outbox.append(data)        # which is the order on the wire
             if self.writing:
                 return confirm              # the caller writing takes it along
@@ -396,9 +402,15 @@ class SharedPublisher(Publisher):
                         break
             for confirm in settled:
                 confirm.state = state
-                mid = confirm.message_id
-                if mid is not None and by_id.get(mid) is confirm:
-                    del by_id[mid]
+                key = confirm.key
+                if key is not None and by_id.get(key) is confirm:
+                    later = confirm.same
+                    while later is not None and later.state:
+                        later = later.same
+                    if later is None:
+                        del by_id[key]
+                    else:
+                        by_id[key] = later
                 wake = confirm.wake
                 if wake is not None:
                     confirm.wake = None
@@ -408,9 +420,12 @@ class SharedPublisher(Publisher):
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         # RabbitMQ sends the return before the confirm of the same publish
-        confirm = self.by_id.get(message.properties.get("message_id"))
-        if confirm is not None:
-            confirm.returned = getattr(exc, "reply_text", str(exc)) or "unroutable"
+        with self.cond:
+            confirm = self.by_id.get((message.properties.get("message_id"), exchange, routing_key))
+            while confirm is not None and (confirm.state or confirm.returned is not None):
+                confirm = confirm.same      # the oldest one in flight
+            if confirm is not None:
+                confirm.returned = getattr(exc, "reply_text", str(exc)) or "unroutable"
 
 
 class ChannelPool:

@@ -142,6 +142,23 @@ def test_an_unroutable_publish_is_returned_to_its_caller_only(env):
     assert sorted(d.message_id for d in got) == sorted(["first"] + [f"m{i}" for i in range(50) if i != 17])
 
 
+def test_returns_of_one_message_id_in_flight_many_times_go_to_their_callers(env):
+    q, nowhere = env.queue(), env.queue("nowhere")
+    client = env.broker()
+    client.publish(out(q, "first"))
+    pool, settings = client.pool, client.settings
+    confirms = {}
+
+    def publish(i):
+        m = out(q if i % 2 else nowhere, "dup")    # one task id, half of them unroutable
+        confirms[i] = pool.publish_confirmed(encode_outgoing(m, 0.0, settings), m.message_id)
+
+    assert in_threads(40, publish) == {}
+    assert all((c.returned is None) == bool(i % 2) and c.state == ACKED for i, c in confirms.items())
+    assert [d.message_id for d in drain(env.broker(), [q], 21)].count("dup") == 20
+    assert client.pool._shared.by_id == {}
+
+
 def test_a_queue_deleted_while_many_publish_is_declared_again_for_each(env):
     q = env.queue()
     client = env.broker()
