@@ -3,6 +3,7 @@
     python tests/bench/amqp_confirms.py [--amqp-url amqp://guest:guest@127.0.0.1:5672]
                                         [--n 400] [--threads 1,50] [--repeat 3]
                                         [--greenq-ref 10ff7e6] [--json FILE]
+    python tests/bench/amqp_confirms.py --lone 1500     # a lone caller, old path against new
 
 With ``[amqp] confirm_publish = true`` (the default) each ``delay()`` returns
 once RabbitMQ confirmed its message.  Each measurement is a fresh process
@@ -15,6 +16,12 @@ commit (``git archive`` into a temporary directory), alternating with this
 tree run by run, so a busy moment of the shared machine touches both alike.
 The run makes a vhost of its own with ``rabbitmqctl`` and deletes it at the end.
 The last line printed is one JSON object with every figure.
+
+``--lone N`` times instead a lone caller in this tree, in one process: N
+times, alternately, one confirmed publish through a publisher of the pool of
+its own (``pool.run``: the path every ``delay()`` took before, still the one
+of a first publish to a queue) and one through the shared publisher
+(``ChannelPool.publish_confirmed``); prints p50, p90 and mean of each.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Dict, List
+from typing import Any, Dict, List
 from urllib.parse import quote
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,6 +75,36 @@ def child(url: str, threads: int, n: int) -> None:
     print(json.dumps({"msg_s": threads * n / took, "cpu_us": cpu / (threads * n) * 1e6}))
 
 
+def lone(url: str, n: int) -> None:
+    """The ``--lone`` comparison (this tree, one process, one thread)."""
+    import statistics
+    sys.path.insert(0, ROOT)
+    from greenq.brokers import Outgoing, make_broker
+    from tests.conftest import make_config
+    broker: Any = make_broker(url, make_config(broker_url=url, amqp__confirm_publish=True))
+    broker.publish(Outgoing("lone", b"x", "warm", 0, None))     # declares (untimed)
+    old: List[float] = []
+    new: List[float] = []
+    for _ in range(n):
+        m = Outgoing("lone", b"x" * 60, uuid.uuid4().hex, 0, None)
+        t0 = time.perf_counter()
+        broker.pool.run(broker._publish, [m])
+        t1 = time.perf_counter()
+        broker._publish_shared(m)
+        new.append(time.perf_counter() - t1)
+        old.append(t1 - t0)
+    figures = {}
+    for name, xs in (("own publisher (before)", old), ("shared publisher (after)", new)):
+        xs.sort()
+        figures[name] = {"p50_us": round(xs[len(xs) // 2] * 1e6), "p90_us": round(xs[int(len(xs) * 0.9)] * 1e6),
+                         "mean_us": round(statistics.mean(xs) * 1e6)}
+        print(f"{name}: " + ", ".join(f"{k} {v}" for k, v in figures[name].items()))
+    broker.close()
+    load = os.getloadavg()
+    print(f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(json.dumps({"lone": figures, "n": n, "loadavg": [round(x, 2) for x in load]}))
+
+
 def measure(src: str, url: str, threads: int, n: int) -> Dict[str, float]:
     env = dict(os.environ, PYTHONPATH=src, GREENQ_AMQP_CONFIRM_PUBLISH="true")
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", url, str(threads), str(n)],
@@ -85,6 +122,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--greenq-ref", default=None, help="also measure greenq at this commit")
     p.add_argument("--json", default=None)
+    p.add_argument("--lone", type=int, default=0, metavar="N", help="time a lone caller instead (see above)")
     args = p.parse_args()
     vhost = f"greenq-confirms-{os.getpid()}"
     subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True)
@@ -94,6 +132,9 @@ def main() -> None:
     tmp = None
     sides: Dict[str, str] = {"this tree": ROOT}
     try:
+        if args.lone:
+            lone(url, args.lone)
+            return
         if args.greenq_ref:
             tmp = tempfile.mkdtemp(prefix="greenq-ref-")
             archive = subprocess.run(["git", "-C", ROOT, "archive", args.greenq_ref], check=True,
