@@ -276,3 +276,31 @@ def test_a_connection_lost_for_good_while_many_wait_raises_for_every_waiter(env)
         assert not client.healthy
     finally:
         proxy.close()
+
+
+def test_callers_not_confirmed_in_time_raise_each_and_later_ones_get_a_fresh_connection(env):
+    q = env.queue()
+    host = urlsplit(env.url)
+    proxy = FaultProxy(host.hostname or "127.0.0.1", host.port or 5672)
+    try:
+        client = env.broker(url=proxied(env.url, proxy))
+        client.publish(out(q, "first"))
+        client.publish(out(q, "warm"))
+        pool, settings, stuck = client.pool, client.settings, client.pool._shared
+
+        def publish(i):
+            m = out(q, f"m{i}")
+            pool.publish_confirmed(encode_outgoing(m, 0.0, settings), m.message_id, timeout=1.0)
+
+        proxy.blackhole(2.5)                       # no confirm comes back in time
+        errors = in_threads(10, publish)
+        assert len(errors) == 10 and all(isinstance(e, BrokerError) and "not confirmed" in str(e)
+                                         for e in errors.values())
+        assert stuck.broken and stuck.users == 0 and not stuck.reading
+        assert until(lambda: not proxy.holding(), timeout=5)
+        client.publish(out(q, "after"))            # a fresh shared connection
+        assert client.pool._shared is not stuck
+        ids = {d.message_id for d in drain(env.broker(), [q], 13)}
+        assert {"first", "warm", "after"} <= ids   # the timed-out ones may or may not have arrived
+    finally:
+        proxy.close()
