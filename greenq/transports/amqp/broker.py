@@ -53,7 +53,7 @@ from .common import (DELAY_LEVELS, H_DEAD_ID, H_DELIVERIES, H_FAILED_AT,
 from .consumer import ConsumerLoop
 from .meta import (MAX_MESSAGE_ID_BYTES, MAX_QUEUE_NAME_BYTES, check_message_id, fit_short_string,
                         read_dead_letter, read_eta)
-from .publish import ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, publish_calls
+from .publish import NACKED, ChannelPool, Publisher, delay_ms, encode_outgoing, pool_size, publish_calls
 from ...brokers.base import Broker, DeadLetter, Delivery, Outgoing, QueueStats, body_limit
 
 log = logging.getLogger("greenq.amqp")
@@ -113,7 +113,32 @@ class AMQPBroker(Broker):
         if messages:
             for m in messages:
                 check_message_id(m.message_id)
+            if len(messages) == 1 and self.settings.confirm_publish:
+                m = messages[0]
+                pool = self.pool
+                if (m.eta is None and pool.base_declared and m.queue in pool.declared
+                        and not (self.settings.celery_queues and m.queue in self.settings.celery_queues)):
+                    self._publish_shared(m)
+                    return
             self.pool.run(self._publish, list(messages))
+
+    def _publish_shared(self, m: Outgoing) -> None:
+        """One ready message with confirms, its queue declared: on the pool's
+        shared publisher, so concurrent callers share confirm waits."""
+        confirm = self.pool.publish_confirmed(encode_outgoing(m, 0.0, self.settings), m.message_id)
+        if confirm.returned is not None:   # the queue vanished since we declared it: declare, publish again
+            self.pool.run(self._republish, m)
+        elif confirm.state == NACKED:
+            raise BrokerError(f"RabbitMQ refused 1 message(s) (nack), e.g. {m.message_id}")
+
+    def _republish(self, pub: Publisher, m: Outgoing) -> None:
+        self.pool.ensure_queues(pub, (m.queue,), force=True)
+        pub.publish_raw(*encode_outgoing(m, 0.0, self.settings), item=m)
+        nacked, returned = pub.wait_confirms()
+        if returned:
+            raise BrokerError(f"RabbitMQ could not route {len(returned)} message(s): {returned[0][0]}")
+        if nacked:
+            raise BrokerError(f"RabbitMQ refused {len(nacked)} message(s) (nack), e.g. {nacked[0].message_id}")
 
     def _publish(self, pub: Publisher, messages: List[Outgoing]) -> None:
         pool = self.pool

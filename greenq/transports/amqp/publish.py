@@ -2,10 +2,12 @@
 shared by the broker (``amqp.py``) and the ``rpc://`` backend, and an
 ``Outgoing`` as the body, properties and route of a publish.
 
-The hot path (one ``delay()``) is: take an idle publisher from the pool
-without a lock, append the frames of one ``basic.publish`` (packed by
-``amqp_wire``, the method frame cached per routing key), write them with one
-``sendall`` (``amqp_adapter``), give the publisher back.
+The hot path (one ``delay()``) without confirms is: take an idle publisher
+from the pool without a lock, append the frames of one ``basic.publish``
+(packed by ``amqp_wire``, the method frame cached per routing key), write
+them with one ``sendall`` (``amqp_adapter``), give the publisher back.  With
+confirms it is ``ChannelPool.publish_confirmed`` on the pool's
+``SharedPublisher``, where concurrent callers share the confirm waits.
 """
 from __future__ import annotations
 
@@ -200,6 +202,232 @@ class Publisher:
         close_quietly(self.conn, forked=self.forks != FORKS[0])
 
 
+class Confirm:
+    """One publish on a ``SharedPublisher`` until RabbitMQ confirms it:
+    ``state`` 0 while unconfirmed, ACKED or NACKED after; ``returned``: the
+    reply text when the message came back unroutable (mandatory); ``wake``:
+    the lock its caller sleeps on while another caller reads the confirms."""
+
+    __slots__ = ("state", "returned", "key", "wake", "same")
+
+    def __init__(self, key: Any) -> None:
+        self.state = 0
+        self.returned: Optional[str] = None
+        self.key = key          # (message id, exchange, routing key): how a return is matched
+        self.wake: Any = None
+        self.same: Optional[Confirm] = None    # a later publish with the same key
+
+
+ACKED, NACKED = 1, 2
+
+
+class SharedPublisher(Publisher):
+    """A publisher in confirm mode shared by concurrent callers, so that they
+    share confirm waits ("group commit").
+
+    Each caller puts its publish in the ``outbox`` (its delivery tag is its
+    place there); unless another caller is writing (``writing``), it writes
+    what the outbox holds until it is empty, so one writer at a time and the
+    outbox's order is the order on the wire, and publishes put there while a
+    caller writes go out with its next write.  Then it waits for the confirm
+    of its own tag.  One caller at a time reads the connection (``reading``) and
+    settles every confirm it reads, for whoever published it: RabbitMQ acks
+    many tags at once (``multiple``), so one read commonly confirms the
+    publishes of many callers.  The others sleep each on a lock of its own
+    (``Confirm.wake``), released when its publish is settled, or when the
+    reader is done and hands the reading over to it.  Writing and reading go
+    on at the same time (a socket takes one writer and one reader; so do
+    gevent's and eventlet's).  ``cond`` guards the tags, the flags and the
+    hand-over.  The publishes are ``mandatory``: a return is matched to its
+    caller by message id, exchange and routing key.
+
+    A failed write or read fails the connection for every caller waiting on
+    it (``error``; each raises a connection error, which ``ChannelPool``
+    retries on a fresh connection as it does for a publisher of its own), and
+    the pool makes a new one for later callers; the connection is closed when
+    the last caller using it leaves (``users``).
+    """
+
+    def __init__(self, params: Dict[str, Any], role: str) -> None:
+        super().__init__(params, True, role)
+        self.writing = False    # a caller is writing the outbox
+        self.cond = threading.Lock()
+        self.reading = False
+        self.users = 0
+        self.error: Optional[BaseException] = None
+        self.by_id: Dict[Any, Confirm] = {}   # Confirm.key -> the oldest unconfirmed publish
+        self.outbox: List[bytes] = []           # publishes not written yet
+
+    def send(self, body: bytes, properties: bytes, exchange: str, routing_key: str,
+             message_id: Any) -> Confirm:
+        """Write one publish; the caller must ``wait`` for it, then ``leave``
+        (also when this raises)."""
+        key = None if message_id is None else (message_id, exchange, routing_key)
+        confirm = Confirm(key)
+        method = self.methods.get((exchange, routing_key))
+        if method is None:
+            if len(self.methods) >= METHOD_CACHE_MAX:
+                self.methods.clear()
+            method = self.methods[(exchange, routing_key)] = method_frame(
+                self.channel_id, exchange, routing_key, True)
+        frames = content_frames(self.channel_id, self.frame_max, body, properties)
+        frames.insert(0, method)
+        data = b"".join(frames)
+        with self.cond:
+            self.users += 1
+            if self.error is not None or self.broken:
+                raise ConnectionError("the shared publisher connection failed")
+            self.seq += 1                   # the tags in the order of the outbox,
+            self.unconfirmed.append((self.seq, confirm))
+            if key is not None:
+                first = self.by_id.setdefault(key, confirm)
+                if first is not confirm:    # the same twice in flight: returned in order
+                    while first.same is not None:
+                        first = first.same
+                    first.same = confirm
+            self.outbox.append(data)        # which is the order on the wire
+            if self.writing:
+                return confirm              # the caller writing takes it along
+            self.writing = True
+        while True:
+            with self.cond:
+                out, self.outbox = self.outbox, []
+                if not out:
+                    self.writing = False
+                    return confirm
+            try:
+                self.write(out[0] if len(out) == 1 else b"".join(out))
+            except BaseException as exc:
+                with self.cond:
+                    self.writing = False
+                self._fail(exc)
+                raise
+
+    def wait(self, confirm: Confirm, timeout: float = 30.0) -> None:
+        """Return once ``confirm`` is settled (acked, nacked, returned);
+        BrokerError after ``timeout``; a connection error when the connection
+        failed meanwhile."""
+        deadline = time.monotonic() + timeout
+        cond = self.cond
+        while True:
+            with cond:
+                if confirm.state:
+                    return
+                if self.error is not None:
+                    raise ConnectionError(f"the publisher connection failed: {describe(self.error)}")
+                if not self.reading:
+                    self.reading = True
+                    break
+                wake = confirm.wake = threading.Lock()
+                wake.acquire()
+            left = deadline - time.monotonic()
+            if not wake.acquire(timeout=max(0.0, left)):
+                with cond:
+                    confirm.wake = None
+                    if confirm.state:
+                        return
+                    if not self.reading:   # handed the reading just now: pass it on
+                        self._hand_over()
+                raise BrokerError(f"a publish not confirmed by RabbitMQ within {timeout:.0f} s")
+        try:
+            self._read_until(confirm, deadline, timeout)
+        except BrokerError:
+            self.broken = True     # later callers get a fresh connection
+            raise
+        except BaseException as exc:
+            self._fail(exc)
+            raise
+        finally:
+            with cond:
+                self.reading = False
+                self._hand_over()
+
+    def _hand_over(self) -> None:
+        """(under ``cond``, nobody reading) Wake the first caller still
+        waiting for a confirm: it reads next."""
+        for _, confirm in self.unconfirmed:
+            wake = confirm.wake
+            if wake is not None and not confirm.state:
+                confirm.wake = None
+                wake.release()
+                return
+
+    def _read_until(self, confirm: Confirm, deadline: float, timeout: float) -> None:
+        conn = self.conn
+        sock = self.raw.open_socket()
+        if sock is None:
+            raise OSError("the publisher connection is closed")
+        while not confirm.state:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BrokerError(f"a publish not confirmed by RabbitMQ within {timeout:.0f} s")
+            sock.settimeout(left)
+            try:
+                conn.blocking_read(None)
+            except socket.timeout:
+                continue
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.cond:
+            if self.error is None:
+                self.error = exc
+            self.broken = True
+            for _, confirm in self.unconfirmed:   # each sees the error
+                wake = confirm.wake
+                if wake is not None:
+                    confirm.wake = None
+                    wake.release()
+
+    def leave(self) -> None:
+        """A caller is done with this publisher; the last one closes it once broken."""
+        with self.cond:
+            self.users -= 1
+            last = self.users == 0 and self.broken
+        if last:
+            self.close()
+
+    def _settle(self, tag: int, multiple: bool, nack: bool) -> None:
+        state = NACKED if nack else ACKED
+        with self.cond:
+            unconfirmed, by_id = self.unconfirmed, self.by_id
+            settled: List[Confirm] = []
+            if multiple:
+                while unconfirmed and unconfirmed[0][0] <= tag:
+                    settled.append(unconfirmed.popleft()[1])
+            else:
+                for seq, confirm in unconfirmed:
+                    if seq >= tag:
+                        if seq == tag:
+                            settled.append(confirm)
+                        break
+            for confirm in settled:
+                confirm.state = state
+                key = confirm.key
+                if key is not None and by_id.get(key) is confirm:
+                    later = confirm.same
+                    while later is not None and later.state:
+                        later = later.same
+                    if later is None:
+                        del by_id[key]
+                    else:
+                        by_id[key] = later
+                wake = confirm.wake
+                if wake is not None:
+                    confirm.wake = None
+                    wake.release()
+            while unconfirmed and unconfirmed[0][1].state:
+                unconfirmed.popleft()
+
+    def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+        # RabbitMQ sends the return before the confirm of the same publish
+        with self.cond:
+            confirm = self.by_id.get((message.properties.get("message_id"), exchange, routing_key))
+            while confirm is not None and (confirm.state or confirm.returned is not None):
+                confirm = confirm.same      # the oldest one in flight
+            if confirm is not None:
+                confirm.returned = getattr(exc, "reply_text", str(exc)) or "unroutable"
+
+
 class ChannelPool:
     """A per-process pool of publishers (connection + channel each), at most
     ``size`` of them; callers beyond that wait for one to come back (threads,
@@ -237,6 +465,8 @@ class ChannelPool:
         self.declared: set = set()
         self.delays: set = set()
         self.base_declared = False
+        self._shared: Optional[SharedPublisher] = None   # the confirmed publishes of single callers
+        self._shared_lock = threading.Lock()
 
     @contextmanager
     def publisher(self) -> Iterator[Publisher]:
@@ -355,6 +585,56 @@ class ChannelPool:
             except ChannelError as exc:
                 raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
 
+    def publish_confirmed(self, call: RawPublish, message_id: Any, timeout: float = 30.0,
+                          attempts: int = 3) -> Confirm:
+        """Publish ``call`` (``encode_outgoing``) on the pool's shared
+        publisher and return once RabbitMQ confirmed it: the ``Confirm``
+        (nacked, or ``returned`` when no queue took it).  Concurrent callers
+        share the confirm waits (``SharedPublisher``); a failed connection is
+        retried like ``run``.  Only with ``confirm_publish``; declares nothing
+        (``ensure_queues`` first)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                pub = self._shared_publisher()
+                try:
+                    confirm = pub.send(call[0], call[1], call[2], call[3], message_id)
+                    pub.wait(confirm, timeout)
+                finally:
+                    pub.leave()
+                conn_state = self.conn_state
+                if conn_state.failures or conn_state.state != "up":
+                    conn_state.up()
+                else:
+                    conn_state.last_ok = time.monotonic()
+                return confirm
+            except CONNECTION_ERRORS as exc:
+                if attempt == attempts:
+                    self.conn_state.lost(exc, 0.0)
+                    raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
+                time.sleep(self.conn_state.lost(exc, backoff(attempt, 0.05, 0.2)))
+            except ChannelError as exc:
+                raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
+        raise AssertionError("unreachable")
+
+    def _shared_publisher(self) -> SharedPublisher:
+        if self._forks != FORKS[0]:
+            self._reset()
+        pub = self._shared
+        if pub is not None and not pub.broken:
+            return pub
+        with self._shared_lock:
+            pub = self._shared
+            if pub is None or pub.broken:
+                if self._closed:
+                    raise BrokerError("the AMQP broker was closed")
+                if pub is not None:
+                    with pub.cond:
+                        idle = pub.users == 0
+                    if idle:
+                        pub.close()
+                pub = self._shared = SharedPublisher(self.params, self.role)
+            return pub
+
     def ensure_queues(self, pub: Publisher, queues: Iterable[str], force: bool = False,
                       delayed: Iterable[str] = ()) -> None:
         """Declare the dead-letter store, ``queues`` and the delay cascades of
@@ -385,6 +665,14 @@ class ChannelPool:
             self._cond.notify_all()
         for pub in idle:
             pub.close()
+        with self._shared_lock:
+            shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.broken = True
+            with shared.cond:
+                idle_shared = shared.users == 0
+            if idle_shared:
+                shared.close()
 
 
 def pool_size(config: Config) -> int:

@@ -4,7 +4,8 @@ RabbitMQ broker and rpc:// in a process patched for a green driver.
 Checks that the hub keeps running while a fetch and an rpc wait block, that
 acks from other greenlets go out while the consumer loop reads, that 300
 greenlets publishing at once share the bounded channel pool (nothing per call,
-as in a gevent web server), and that many greenlets waiting for results are
+as in a gevent web server) and, once the queue is declared, the confirm waits
+of one connection, and that many greenlets waiting for results are
 all served.  Prints OK and exits 0 on success.
 """
 import sys
@@ -24,6 +25,7 @@ from greenq.backends import make_backend  # noqa: E402
 from greenq.backends.base import Record  # noqa: E402
 from greenq.brokers import Outgoing, make_broker  # noqa: E402
 from greenq.drivers import get_driver  # noqa: E402
+from greenq.transports.amqp.publish import SharedPublisher  # noqa: E402
 from tests.conftest import delete_queues, make_config  # noqa: E402
 
 driver = get_driver(DRIVER)
@@ -61,16 +63,35 @@ for h in handles:
     h.join(30)
 assert client.pool._count <= client.pool.size, (client.pool._count, client.pool.size)
 
+# 300 more, the queue declared: they share the confirm waits of one connection
+most_users = [0]
+shared_send = SharedPublisher.send
+
+
+def counting_send(pub, *args):
+    confirm = shared_send(pub, *args)
+    most_users[0] = max(most_users[0], pub.users)
+    return confirm
+
+
+SharedPublisher.send = counting_send
+handles = [driver.spawn(client.publish, Outgoing(q, b"x", f"n{i}")) for i in range(300)]
+for h in handles:
+    h.join(30)
+SharedPublisher.send = shared_send
+assert most_users[0] > 1, most_users
+
 # the worker's consumer: fetch here, ack from other greenlets while its loop reads
 got, acks = [], []
 deadline = time.monotonic() + 20
-while len(got) < 300 and time.monotonic() < deadline:
+while len(got) < 600 and time.monotonic() < deadline:
     batch = worker_side.fetch([q], 50, 0.5)
     got.extend(batch)
     acks.append(driver.spawn(worker_side.ack, batch))
 for h in acks:
     h.join(10)
-assert sorted(d.message_id for d in got) == sorted(f"m{i}" for i in range(300)), len(got)
+assert sorted(d.message_id for d in got) == sorted([f"m{i}" for i in range(300)] + [f"n{i}" for i in range(300)]), \
+    len(got)
 assert worker_side.fetch([q], 10, 0.3) == []
 worker_side.close()
 fresh = make_broker(URL, config, driver)
