@@ -140,14 +140,14 @@ def private_redis() -> Iterator[str]:
 
 
 def celery_python() -> str:
-    """The interpreter with Celery: this one, else $GREENQ_TEST_CELERY_PYTHON."""
+    """The interpreter with Celery: $GREENQ_TEST_CELERY_PYTHON when set, else this one."""
     import importlib.util
+    other = os.environ.get("GREENQ_TEST_CELERY_PYTHON")
+    if other:
+        return other
     if importlib.util.find_spec("celery") is not None:
         return sys.executable
-    other = os.environ.get("GREENQ_TEST_CELERY_PYTHON")
-    if not other:
-        raise RuntimeError("Celery is not installed (pip install -e '.[test]', or set GREENQ_TEST_CELERY_PYTHON)")
-    return other
+    raise RuntimeError("Celery is not installed (pip install -e '.[test]', or set GREENQ_TEST_CELERY_PYTHON)")
 
 
 class SharedRun:
