@@ -206,7 +206,8 @@ class SharedRun:
     def _env(self) -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("GREENQ_", "CELERY_")) or k.startswith("GREENQ_TEST_")}
-        env.update(SHARED_REDIS_URL=self.url, SHARED_BROKER_URL=self.broker_url, SHARED_KEY=self.key, SHARED_VT=f"{self.plan.visibility_timeout:g}",
+        env.update(SHARED_REDIS_URL=self.url, SHARED_BROKER_URL=self.broker_url, SHARED_KEY=self.key,
+                   SHARED_VT=f"{self.plan.visibility_timeout:g}",
                    SHARED_CONCURRENCY=str(self.plan.concurrency), PYTHONUNBUFFERED="1")
         return env
 
@@ -216,8 +217,11 @@ class SharedRun:
         env = self._env()
         c = str(self.plan.concurrency)
         if kind == "greenq":
-            env.update(GREENQ_BROKER_URL=self.broker_url, GREENQ_RESULT_BACKEND=self.url, GREENQ_KEY_PREFIX=self.prefix, GREENQ_CELERY_QUEUES=self.queue,
-                       GREENQ_WORKER_QUEUES=self.queue, GREENQ_DEFAULT_QUEUE=self.queue,
+            if self.amqp:     # the tasks store no result; a backend that needs nothing of the vhost
+                env["GREENQ_RESULT_BACKEND"] = self.url
+            env.update(GREENQ_BROKER_URL=self.broker_url, GREENQ_KEY_PREFIX=self.prefix,
+                       GREENQ_CELERY_QUEUES=self.queue, GREENQ_WORKER_QUEUES=self.queue,
+                       GREENQ_DEFAULT_QUEUE=self.queue,
                        GREENQ_CELERY_VISIBILITY_TIMEOUT=f"{self.plan.visibility_timeout:g}",
                        GREENQ_LEASE_SECONDS=f"{self.plan.lease:g}", GREENQ_WORKER_LOGLEVEL="INFO",
                        GREENQ_WORKER_BLOCKING_THRESHOLD="0", GREENQ_WORKER_SHUTDOWN_TIMEOUT="10",

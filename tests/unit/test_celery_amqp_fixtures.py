@@ -1,7 +1,8 @@
 """The RabbitMQ conformance fixtures: messages unmodified Celery clients
 (5.3.6, 5.5.3, 5.7.0) published to RabbitMQ
-(tests/fixtures/celery/amqp-celery-<version>.json, made by capture_amqp.py), each decoded by greenq.celery.protocol.parse_amqp and
-decode, checked field by field, and published again by greenq as the same
+(tests/fixtures/celery/amqp-celery-<version>.json, made by capture_amqp.py),
+each decoded by greenq.celery.protocol.parse_amqp and decode, checked field
+by field, and published again by greenq as the same
 AMQP message (celery_broker.celery_publish)."""
 from __future__ import annotations
 
