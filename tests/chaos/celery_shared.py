@@ -346,7 +346,26 @@ class SharedRun:
         if pending or done != self._last[0]:
             self._last = (done, now)
             return False
+        if self.amqp and (done >= sent or now - self._last[1] > 5.0) and self._held() > 0:
+            self._last = (done, time.monotonic())     # copies the live workers took (a killed worker's, back)
+            return False
         return done >= sent or now - self._last[1] > (5.0 if self.amqp else 2.0)
+
+    def _held(self) -> int:
+        """RabbitMQ: the queue's messages ready and unacknowledged (rabbitmqctl:
+        the protocol tells the ready ones only), -1 when it cannot say."""
+        from urllib.parse import unquote, urlsplit
+        vhost = unquote(urlsplit(self.broker_url).path[1:]) or "/"
+        try:
+            out = subprocess.run(["rabbitmqctl", "list_queues", "-p", vhost, "--no-table-headers", "-q",
+                                  "name", "messages"], capture_output=True, text=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return -1
+        for line in out.splitlines():
+            name, _, count = line.strip().partition("\t")
+            if name == self.queue:
+                return int(count)
+        return 0
 
     def pending(self) -> int:
         """Messages on the queue's lists and in kombu's unacked (Redis); on
