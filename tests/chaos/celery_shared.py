@@ -84,6 +84,7 @@ class SharedPlan:
     kills: str = "greenq,celery"     # which kinds get their kill -9 (the first at 1/4, the second at 1/2)
     seed: int = 0
     timeout: float = 120.0           # seconds to wait for the last task once all are sent
+    broker: str = "redis"            # or amqp (RabbitMQ: a vhost of the run's own, private_vhost)
 
 
 @dataclass
@@ -125,6 +126,23 @@ class SharedFigures:
 
 
 @contextlib.contextmanager
+def private_vhost(host: str = "127.0.0.1", port: int = 5672, user: str = "guest",
+                  password: str = "guest") -> Iterator[str]:
+    """A RabbitMQ vhost of the run's own (its URL; made and deleted with
+    rabbitmqctl): the run's queue, exchange and nothing else's."""
+    vhost = f"greenq-celery-shared-{uuid.uuid4().hex[:8]}"
+
+    def ctl(*args: str) -> None:
+        subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+    ctl("add_vhost", vhost)
+    try:
+        ctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        yield f"amqp://{user}:{password}@{host}:{port}/{vhost}"
+    finally:
+        ctl("delete_vhost", vhost)
+
+
+@contextlib.contextmanager
 def private_redis() -> Iterator[str]:
     """A redis-server of the run's own on a free port (its URL), killed afterwards."""
     from tests.clusters.servers import REDIS_SERVER, Servers, free_ports
@@ -140,22 +158,36 @@ def private_redis() -> Iterator[str]:
 
 
 def celery_python() -> str:
-    """The interpreter with Celery: this one, else $GREENQ_TEST_CELERY_PYTHON."""
+    """The interpreter with Celery: $GREENQ_TEST_CELERY_PYTHON when set, else this one."""
     import importlib.util
+    other = os.environ.get("GREENQ_TEST_CELERY_PYTHON")
+    if other:
+        return other
     if importlib.util.find_spec("celery") is not None:
         return sys.executable
-    other = os.environ.get("GREENQ_TEST_CELERY_PYTHON")
-    if not other:
-        raise RuntimeError("Celery is not installed (pip install -e '.[test]', or set GREENQ_TEST_CELERY_PYTHON)")
-    return other
+    raise RuntimeError("Celery is not installed (pip install -e '.[test]', or set GREENQ_TEST_CELERY_PYTHON)")
 
 
 class SharedRun:
-    """One run against the private Redis at ``url``; logs in ``workdir``."""
+    """One run against the private Redis at ``url`` (the ledger, and the
+    broker unless ``broker_url``, a RabbitMQ vhost of the run's own, is
+    given); logs in ``workdir``.
 
-    def __init__(self, plan: SharedPlan, workdir: Path, url: str, python: Optional[str] = None) -> None:
+    On RabbitMQ nothing like kombu's ``unacked`` says who holds what: a
+    victim's tasks in flight are what its process group is running at its
+    kill (``<key>:active:<group>``, recorded by the tasks), and a duplicate is
+    explained when the process group that began the task first is a killed
+    one (``<key>:first``).  A killed consumer's unacknowledged messages,
+    running or prefetched, come back at once when RabbitMQ sees its
+    connection close, for both kinds of worker."""
+
+    def __init__(self, plan: SharedPlan, workdir: Path, url: str, python: Optional[str] = None,
+                 broker_url: Optional[str] = None) -> None:
         import redis
         self.plan, self.workdir, self.url = plan, workdir, url
+        self.broker_url = broker_url or url
+        self.amqp = self.broker_url.startswith(("amqp://", "pyamqp://"))
+        self._channel = None
         self.python = python or celery_python()
         tag = uuid.uuid4().hex[:8]
         self.queue = f"shared-{tag}"
@@ -166,6 +198,7 @@ class SharedRun:
         self.procs: Dict[str, List[subprocess.Popen]] = {"greenq": [], "celery": []}
         self.logs: List[Path] = []
         self.killed: Dict[str, Dict[str, int]] = {}   # kind -> what its victim held (tag -> n)
+        self.killed_groups: List[int] = []
         self.timeline: List[str] = []
         self._last = (-1, 0.0)                # (tasks done, when that figure last changed)
 
@@ -173,7 +206,8 @@ class SharedRun:
     def _env(self) -> Dict[str, str]:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("GREENQ_", "CELERY_")) or k.startswith("GREENQ_TEST_")}
-        env.update(SHARED_REDIS_URL=self.url, SHARED_KEY=self.key, SHARED_VT=f"{self.plan.visibility_timeout:g}",
+        env.update(SHARED_REDIS_URL=self.url, SHARED_BROKER_URL=self.broker_url, SHARED_KEY=self.key,
+                   SHARED_VT=f"{self.plan.visibility_timeout:g}",
                    SHARED_CONCURRENCY=str(self.plan.concurrency), PYTHONUNBUFFERED="1")
         return env
 
@@ -183,8 +217,11 @@ class SharedRun:
         env = self._env()
         c = str(self.plan.concurrency)
         if kind == "greenq":
-            env.update(GREENQ_BROKER_URL=self.url, GREENQ_KEY_PREFIX=self.prefix, GREENQ_CELERY_QUEUES=self.queue,
-                       GREENQ_WORKER_QUEUES=self.queue, GREENQ_DEFAULT_QUEUE=self.queue,
+            if self.amqp:     # the tasks store no result; a backend that needs nothing of the vhost
+                env["GREENQ_RESULT_BACKEND"] = self.url
+            env.update(GREENQ_BROKER_URL=self.broker_url, GREENQ_KEY_PREFIX=self.prefix,
+                       GREENQ_CELERY_QUEUES=self.queue, GREENQ_WORKER_QUEUES=self.queue,
+                       GREENQ_DEFAULT_QUEUE=self.queue,
                        GREENQ_CELERY_VISIBILITY_TIMEOUT=f"{self.plan.visibility_timeout:g}",
                        GREENQ_LEASE_SECONDS=f"{self.plan.lease:g}", GREENQ_WORKER_LOGLEVEL="INFO",
                        GREENQ_WORKER_BLOCKING_THRESHOLD="0", GREENQ_WORKER_SHUTDOWN_TIMEOUT="10",
@@ -237,6 +274,7 @@ class SharedRun:
         os.killpg(victim.pid, signal.SIGKILL)      # the moment it was stopped is the moment it died
         victim.wait()
         self.killed[kind] = held
+        self.killed_groups.append(victim.pid)
         self.procs[kind].remove(victim)
         self.note(f"kill -9 {kind} worker {victim.pid}: it held {len(held)} task(s)")
         self.wait_ready([self.start(kind)])
@@ -246,7 +284,10 @@ class SharedRun:
     def held_by(self, kind: str, pid: int) -> Dict[str, int]:
         """Delivery tag -> task number of the entries of kombu's ``unacked``
         held by the greenq worker ``pid`` (``kind`` greenq), or held by no
-        greenq worker, live or killed (``kind`` celery)."""
+        greenq worker, live or killed (``kind`` celery).  On RabbitMQ: tag ->
+        task number of what the worker's process group is running."""
+        if self.amqp:
+            return {k.decode(): int(k) for k in self.redis.hkeys(f"{self.key}:active:{pid}")}
         unacked = self.redis.hgetall("unacked")
         holders = {}
         for key in self.redis.scan_iter(match=f"{self.prefix}:celery:held:*", count=1000):
@@ -267,6 +308,8 @@ class SharedRun:
 
     def state(self) -> str:
         """What is left in the broker, for a failure message."""
+        if self.amqp:
+            return f"done {self.done()}; ready on the queue {self.pending()}"
         from greenq.transports.redis.celery_broker import list_keys
         now = time.time()
         lists = ", ".join(f"{k!r}: {self.redis.llen(k)}" for k in list_keys(self.queue))
@@ -303,15 +346,84 @@ class SharedRun:
         if pending or done != self._last[0]:
             self._last = (done, now)
             return False
-        return done >= sent or now - self._last[1] > 2.0
+        if self.amqp and (done >= sent or now - self._last[1] > 5.0) and self._held() > 0:
+            self._last = (done, time.monotonic())     # copies the live workers took (a killed worker's, back)
+            return False
+        return done >= sent or now - self._last[1] > (5.0 if self.amqp else 2.0)
+
+    def _held(self) -> int:
+        """RabbitMQ: the queue's messages ready and unacknowledged (rabbitmqctl:
+        the protocol tells the ready ones only), -1 when it cannot say."""
+        from urllib.parse import unquote, urlsplit
+        vhost = unquote(urlsplit(self.broker_url).path[1:]) or "/"
+        try:
+            out = subprocess.run(["rabbitmqctl", "list_queues", "-p", vhost, "--no-table-headers", "-q",
+                                  "name", "messages"], capture_output=True, text=True, timeout=60, check=True).stdout
+        except (OSError, subprocess.SubprocessError):
+            return -1
+        for line in out.splitlines():
+            name, _, count = line.strip().partition("\t")
+            if name == self.queue:
+                return int(count)
+        return 0
 
     def pending(self) -> int:
+        """Messages on the queue's lists and in kombu's unacked (Redis); on
+        RabbitMQ the messages ready on the queue (the held ones are not
+        counted: once the workers stopped, every one is ready)."""
+        if self.amqp:
+            return self._ready()
         from greenq.transports.redis.celery_broker import list_keys
         pipe = self.redis.pipeline(transaction=False)
         for key in list_keys(self.queue):
             pipe.llen(key)
         pipe.hlen("unacked")
         return sum(pipe.execute())
+
+    def _ready(self) -> int:
+        import amqp
+        from greenq.transports.amqp.common import connection_params
+        for attempt in (0, 1):
+            try:
+                if self._channel is None:
+                    conn = amqp.Connection(**connection_params(self.broker_url))
+                    conn.connect()
+                    self._channel = conn.channel()
+                return int(self._channel.queue_declare(self.queue, passive=True).message_count)
+            except amqp.exceptions.NotFound:
+                self._channel = None
+                return 0          # not declared yet
+            except (OSError, amqp.exceptions.AMQPError):
+                self._channel = None
+                if attempt:
+                    raise
+        return 0
+
+    def _dead(self) -> int:
+        """greenq's dead letters: its stream on Redis, its queue ``<prefix>.dlq`` on RabbitMQ."""
+        if not self.amqp:
+            return self.redis.xlen(f"{self.prefix}:dead") if self.redis.exists(f"{self.prefix}:dead") else 0
+        import amqp
+        from greenq.transports.amqp.common import connection_params
+        conn = amqp.Connection(**connection_params(self.broker_url))
+        conn.connect()
+        try:
+            return int(conn.channel().queue_declare(f"{self.prefix}.dlq", passive=True).message_count)
+        except amqp.exceptions.NotFound:
+            return 0
+        finally:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            try:
+                self._channel.connection.close()
+            except Exception:
+                pass
+            self._channel = None
 
     def _until(self, check, timeout: float, what: str, fail: bool = True) -> bool:
         deadline = time.monotonic() + timeout
@@ -334,7 +446,7 @@ class SharedRun:
             self.wait_ready(first)
             self.note("workers ready; sending")
             sender = subprocess.Popen(
-                [self.python, "-c", SEND, self.url, self.queue, str(plan.tasks), str(plan.rate), str(plan.pause),
+                [self.python, "-c", SEND, self.broker_url, self.queue, str(plan.tasks), str(plan.rate), str(plan.pause),
                  str(plan.seed)], env=self._env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             send_budget = plan.tasks / plan.rate + 60
             for i, kind in enumerate(k for k in plan.kills.split(",") if k):
@@ -356,6 +468,7 @@ class SharedRun:
                 sender.kill()
                 sender.wait()
             self.kill_all()
+            self._close_channel()
             self.redis.close()
         figures.seconds = time.time() - began
         return figures
@@ -393,8 +506,13 @@ class SharedRun:
         begun = {int(k) for k in self.redis.hkeys(f"{self.key}:starts")}
         f.never_started = [n for n in f.missing if n not in begun]
         in_flight = {n for held in self.killed.values() for n in held.values()}
-        f.unexplained = sorted(n for n, count in runs.items() if count > 1 and n not in in_flight)
-        f.dead = self.redis.xlen(f"{self.prefix}:dead") if self.redis.exists(f"{self.prefix}:dead") else 0
+        if self.amqp:           # began first by a killed worker: it may have run to its end unacknowledged
+            first = {int(k): int(v) for k, v in self.redis.hgetall(f"{self.key}:first").items()}
+            f.unexplained = sorted(n for n, count in runs.items()
+                                   if count > 1 and first.get(n) not in self.killed_groups)
+        else:
+            f.unexplained = sorted(n for n, count in runs.items() if count > 1 and n not in in_flight)
+        f.dead = self._dead()
         return f
 
 

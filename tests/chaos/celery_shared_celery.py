@@ -14,7 +14,12 @@ What a Celery user sharing a queue with a greenq worker runs (docs/celery.md,
   concurrency, so nothing waits in its memory long enough to reach the
   visibility timeout (kombu does not extend it for a message held);
 - ``broker_transport_options["visibility_timeout"]``: ``$SHARED_VT`` seconds,
-  the same as greenq's ``celery_visibility_timeout``.
+  the same as greenq's ``celery_visibility_timeout`` (Redis; RabbitMQ has none:
+  a dead consumer's unacknowledged messages come back when its connection
+  closes).
+
+The broker is ``$SHARED_BROKER_URL`` (Redis or RabbitMQ), else the ledger's
+Redis, ``$SHARED_REDIS_URL``.
 """
 import os
 import time
@@ -25,7 +30,7 @@ from celery import Celery
 KEY = os.environ["SHARED_KEY"]
 VT = float(os.environ["SHARED_VT"])
 size = int(os.environ.get("SHARED_CONCURRENCY") or 20) + 20
-app = Celery("celery-shared", broker=os.environ["SHARED_REDIS_URL"])
+app = Celery("celery-shared", broker=os.environ.get("SHARED_BROKER_URL") or os.environ["SHARED_REDIS_URL"])
 app.conf.update(
     task_acks_late=True,
     task_reject_on_worker_lost=True,
@@ -41,9 +46,15 @@ store = redis.Redis.from_url(os.environ["SHARED_REDIS_URL"])
 
 @app.task(name="shared.record")
 def record(n, pause):
-    store.hincrby(f"{KEY}:starts", str(n), 1)
+    group = os.getpgrp()             # the worker's (a prefork child's parent's): it is what gets killed
+    pipe = store.pipeline(transaction=False)
+    pipe.hincrby(f"{KEY}:starts", str(n), 1)
+    pipe.hsetnx(f"{KEY}:first", str(n), group)
+    pipe.hset(f"{KEY}:active:{group}", str(n), 1)
+    pipe.execute()
     time.sleep(pause)
     pipe = store.pipeline(transaction=False)
     pipe.hincrby(f"{KEY}:runs", str(n), 1)
     pipe.hincrby(f"{KEY}:by", "celery", 1)
+    pipe.hdel(f"{KEY}:active:{group}", str(n))
     pipe.execute()

@@ -1,7 +1,8 @@
-"""The RabbitMQ conformance fixtures: messages an unmodified Celery client
-published to RabbitMQ (tests/fixtures/celery/amqp-celery-<version>.json, made
-by capture_amqp.py), each decoded by greenq.celery.protocol.parse_amqp and
-decode, checked field by field, and published again by greenq as the same
+"""The RabbitMQ conformance fixtures: messages unmodified Celery clients
+(5.3.6, 5.5.3, 5.7.0) published to RabbitMQ
+(tests/fixtures/celery/amqp-celery-<version>.json, made by capture_amqp.py),
+each decoded by greenq.celery.protocol.parse_amqp and decode, checked field
+by field, and published again by greenq as the same
 AMQP message (celery_broker.celery_publish)."""
 from __future__ import annotations
 
@@ -33,8 +34,15 @@ def _cases():
             yield pytest.param(data, case, id=f"amqp-{data['celery']}-{case['case']}")
 
 
-def test_there_are_rabbitmq_fixtures():
+def test_there_are_rabbitmq_fixtures_of_several_celery_releases():
     assert FILES and all(json.load(open(path))["broker"] == "amqp" for path in FILES)
+    versions = {json.load(open(path))["celery"] for path in FILES}
+    assert {"5.3.6", "5.5.3", "5.7.0"} <= versions
+
+
+def test_every_release_captured_every_case():
+    cases = {json.load(open(path))["celery"]: [c["case"] for c in json.load(open(path))["cases"]] for path in FILES}
+    assert len({tuple(names) for names in cases.values()}) == 1, cases
 
 
 def _envelopes(case):

@@ -57,8 +57,12 @@ with Connection(sys.argv[1]) as conn:
 CELERY_WORKER_DECLARES = """
 import sys
 from kombu import Connection, Exchange, Queue
-from kombu.transport.native_delayed_delivery import (bind_queue_to_native_delayed_delivery_exchange,
-                                                     declare_native_delayed_delivery_exchanges_and_queues)
+try:
+    from kombu.transport.native_delayed_delivery import (bind_queue_to_native_delayed_delivery_exchange,
+                                                         declare_native_delayed_delivery_exchanges_and_queues)
+except ImportError:                  # kombu < 5.5, Celery < 5.5
+    print("no native delayed delivery")
+    sys.exit(0)
 name = sys.argv[2]
 with Connection(sys.argv[1]) as conn:
     declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
@@ -195,7 +199,11 @@ def test_a_quorum_queue_declared_as_celery_does_and_native_delayed_delivery(env)
     broker = env.broker(queue, amqp__celery_queue_type="quorum", amqp__celery_exchange_type="topic")
     broker.declare([queue])          # and the native delayed delivery topology, as Celery's worker does
     # what a Celery worker declares at start (its DelayedDelivery bootstep) agrees with greenq's
-    assert run_celery(CELERY_WORKER_DECLARES, env.url, queue).strip() == "declared"
+    declared = run_celery(CELERY_WORKER_DECLARES, env.url, queue).strip()
+    if declared == "no native delayed delivery":
+        pytest.skip("the Celery under test (GREENQ_TEST_CELERY_PYTHON) is older than 5.5: no native delayed "
+                    "delivery, no task_default_queue_type")
+    assert declared == "declared"
     native = env.queue("native")     # a greenq queue beside: no global QoS (quorum queues refuse it)
     assert broker.fetch([queue, native], 1, 0.2) == []
     sent = time.time()
