@@ -135,7 +135,7 @@ class Task(Generic[P, R]):
         config = self.app.config
         cached_config, generation, merged = self._resolved
         if cached_config is config and generation == config.task_generation:
-            return merged           # type: ignore[no-any-return]
+            return merged
         generation = config.task_generation
         merged = {**TASK_DEFAULTS, **self._options, **config.task_options(self.name)}
         self._resolved = (config, generation, merged)

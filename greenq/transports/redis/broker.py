@@ -500,9 +500,9 @@ class RedisBroker(Reconnecting, Broker):
             for _ in range(n):
                 item = flat[i]
                 if item.__class__ is bytes:      # b"ID COUNT LEN MID" + body: a b/m entry in one reply
-                    entry_id, count, length, rest = item.split(b" ", 3)
+                    entry_id, times, length, rest = item.split(b" ", 3)
                     size = int(length)
-                    add(entry_delivery(queue, prio, stream, entry_id, rest[size:], rest[:size], int(count)))
+                    add(entry_delivery(queue, prio, stream, entry_id, rest[size:], rest[:size], int(times)))
                     i += 1
                 else:                            # 0, then id, body, mid, size, count
                     add(self._delivery(queue, prio, stream, *flat[i + 1:i + 6]))
