@@ -502,7 +502,10 @@ class RedisBroker(Reconnecting, Broker):
                 if item.__class__ is bytes:      # b"ID COUNT LEN MID" + body: a b/m entry in one reply
                     entry_id, times, length, rest = item.split(b" ", 3)
                     size = int(length)
-                    add(entry_delivery(queue, prio, stream, entry_id, rest[size:], rest[:size], int(times)))
+                    try:        # entry_delivery's good case, inline (a message id not UTF-8: its error)
+                        add(Delivery(queue, rest[size:], rest[:size].decode(), int(times), (stream, entry_id), prio))
+                    except UnicodeDecodeError:
+                        add(entry_delivery(queue, prio, stream, entry_id, rest[size:], rest[:size], int(times)))
                     i += 1
                 else:                            # 0, then id, body, mid, size, count
                     add(self._delivery(queue, prio, stream, *flat[i + 1:i + 6]))
