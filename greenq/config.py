@@ -345,6 +345,9 @@ class Config:
         self._values: Dict[str, Dict[str, Any]] = {s: _defaults(keys) for s, keys in SETTINGS.items()}
         self._origin: Dict[Tuple[str, str], str] = {}
         self._tasks: Dict[str, Dict[str, Any]] = {}
+        #: bumped by every ``set`` of a ``[task:NAME]`` key: a task's resolved options
+        #: (``Task.resolved``) are made again after a change
+        self.task_generation = 0
         self.routes: Dict[str, str] = {}                      # [routes]: task-name glob -> queue
         self.schedules: Dict[str, Dict[str, Any]] = {}        # [schedule:NAME] entries
         self.resources: Dict[str, Dict[str, Any]] = {}        # [resource:NAME] keys as set
@@ -404,6 +407,7 @@ class Config:
             raise ConfigError(f"{origin}: [{section}] {key} = {shown!r}: {exc}") from None
         if section.startswith("task:"):
             self._tasks.setdefault(section[5:], {})[key] = converted
+            self.task_generation += 1
         else:
             if section == "greenq" and key == "transports":
                 from . import transports         # (their INI sections are known from here on)

@@ -21,7 +21,7 @@ import time
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, NoReturn, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, NoReturn, Optional, Sequence, Set, Tuple
 
 from . import validation
 from .exceptions import ConfigError, MessageError, describe
@@ -133,6 +133,12 @@ def _name_ok(value: Any) -> bool:
         return False
 
 
+#: task and queue names that passed ``_name_ok`` (the rule is a pure function of
+#: the name); bounded: past the bound, new names are checked every time
+_KNOWN_NAMES: Set[str] = set()
+_KNOWN_NAMES_MAX = 4096
+
+
 def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["TaskMessage"]:
     """The message when every header field is plainly valid (the hot path: a
     message greenq wrote), else None and the rules of _FIELD_RULES decide.
@@ -143,7 +149,18 @@ def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["Tas
     eta, expires, created = get("eta"), get("expires"), get("created", 0.0)
     hard, soft = get("time_limit"), get("soft_time_limit")
     root_id, reply_to = get("root_id"), get("reply_to")
-    if not (_name_ok(task) and _name_ok(task_id) and _name_ok(queue)
+    known = _KNOWN_NAMES        # task and queue names already found good: a set lookup, not the rule
+    if type(task) is not str or task not in known:
+        if not _name_ok(task):
+            return None
+        if len(known) < _KNOWN_NAMES_MAX:
+            known.add(task)
+    if type(queue) is not str or queue not in known:
+        if not _name_ok(queue):
+            return None
+        if len(known) < _KNOWN_NAMES_MAX:
+            known.add(queue)
+    if not (_name_ok(task_id)
             and type(priority) is int and 0 <= priority <= 9
             and type(retries) is int and 0 <= retries <= 2 ** 31
             and (eta is None or (type(eta) in _NUMBERS and 0 <= eta <= _MAX_EPOCH))

@@ -107,6 +107,8 @@ class Task(Generic[P, R]):
         self.name = name
         self.bind = bind
         self._options = options
+        #: (config, its task_generation, the merged options): see ``resolved``
+        self._resolved: Any = (None, -1, None)
         self.__doc__ = fn.__doc__
         self.__name__ = getattr(fn, "__name__", name)
         self.__module__ = getattr(fn, "__module__", None)  # type: ignore[assignment]  # None as functools.wraps leaves it
@@ -122,11 +124,27 @@ class Task(Generic[P, R]):
             return overrides[key]
         return self._options.get(key, TASK_DEFAULTS[key])
 
+    def resolved(self) -> Dict[str, Any]:
+        """Every option's effective value (as ``option`` gives it), merged once
+        and kept until the configuration changes: another ``app.config``, or
+        a ``[task:NAME]`` key set on it (``Config.set``, as ``greenq control
+        rate-limit`` does, bumps its ``task_generation``).  The worker reads
+        a task's options here on every task, and the client at every send.
+        Read-only: the dict is shared.  The decorator's options are those
+        given to ``@app.task``."""
+        config = self.app.config
+        cached_config, generation, merged = self._resolved
+        if cached_config is config and generation == config.task_generation:
+            return merged
+        generation = config.task_generation
+        merged = {**TASK_DEFAULTS, **self._options, **config.task_options(self.name)}
+        self._resolved = (config, generation, merged)
+        return merged
+
     def options_for(self, keys: Sequence[str]) -> List[Any]:
         """``[self.option(key) for key in keys]`` in one pass (the message
         builder asks for the options a message depends on at every send)."""
-        merged = {**TASK_DEFAULTS, **self._options, **self.app.config.task_options(self.name)}
-        return list(map(merged.__getitem__, keys))
+        return list(map(self.resolved().__getitem__, keys))
 
     @property
     def request(self) -> Request:
@@ -219,7 +237,7 @@ class Task(Generic[P, R]):
         ``__call__`` is one more level of C stack, which the greenlet of every
         task in flight keeps saved while it waits (about 900 bytes a task)."""
         fn, bind = self.fn, self.bind
-        autoretry = self.option("autoretry_for")
+        autoretry = self.resolved()["autoretry_for"]
         if not autoretry:
             return fn(self, *args, **kwargs) if bind else fn(*args, **kwargs)
         try:

@@ -59,7 +59,6 @@ from .state import RunningTask, Service, Snapshot, StopState
 if TYPE_CHECKING:  # pragma: no cover
     from ..app import GreenQ
     from ..drivers.base import Driver
-    from ..message import TaskMessage
 
 log = logging.getLogger("greenq.worker")
 
@@ -78,19 +77,6 @@ def effective_prefetch_bytes(config: Config) -> int:
     config.MAX_PREFETCH_BYTES, is checked where it is set).  A single message
     is always taken, however big."""
     return config.worker["prefetch_bytes"] or PREFETCH_BYTES_FACTOR * body_limit(config)
-
-
-def _share_strings(msg: "TaskMessage", name: str, d: Delivery) -> None:
-    """Let the message of a job held refer to strings the worker holds anyway
-    where they are equal: the task's registered name, the queue name the
-    broker delivered it from, the message id the delivery carries.  The
-    decoded copies go (about 200 bytes a message in flight); the values stay."""
-    if msg.task == name:
-        msg.task = name
-    if msg.queue == d.queue:
-        msg.queue = d.queue
-    if msg.id == d.message_id:
-        msg.id = d.message_id
 
 
 class Worker:
@@ -483,7 +469,15 @@ class Worker:
         job.task = task = tasks.get(msg.task)
         if task is None:
             return f"unknown task {msg.task!r}: not registered in this worker"
-        _share_strings(msg, task.name, d)
+        # the message refers to strings the worker holds anyway where they are equal: the
+        # task's registered name, the queue name the broker delivered it from, the message id
+        # the delivery carries; the decoded copies go (about 200 bytes a message in flight)
+        if msg.task == task.name:
+            msg.task = task.name
+        if msg.queue == d.queue:
+            msg.queue = d.queue
+        if msg.id == d.message_id:
+            msg.id = d.message_id
         if msg.expires is not None and msg.expires < now:
             return "expired"
         if msg.eta is not None and msg.eta > now + EARLY_TOLERANCE:

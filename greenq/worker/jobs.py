@@ -119,6 +119,11 @@ def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":
     """(soft, hard) time limits in seconds: the message's own, else the task's."""
     msg, task = job.msg, job.task
     assert msg is not None and task is not None, "a job runs only once its message decoded"
-    soft = msg.soft_time_limit if msg.soft_time_limit is not None else task.option("soft_time_limit")
-    hard = msg.time_limit if msg.time_limit is not None else task.option("time_limit")
+    soft, hard = msg.soft_time_limit, msg.time_limit
+    if soft is None or hard is None:
+        options = task.resolved()
+        if soft is None:
+            soft = options["soft_time_limit"]
+        if hard is None:
+            hard = options["time_limit"]
     return soft or None, hard or None

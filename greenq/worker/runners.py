@@ -318,7 +318,7 @@ class Runners:
         start = time.monotonic()
         try:
             try:
-                if not task.option("acks_late"):   # at most once: acknowledged as it starts
+                if not task.resolved()["acks_late"]:   # at most once: acknowledged as it starts
                     self.broker.ack([job.delivery])
                     job.acked = True
                 if self._prerun:

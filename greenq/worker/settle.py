@@ -43,6 +43,8 @@ log = logging.getLogger("greenq.worker")
 SETTLE_BATCH_MAX = 1000   # at most this many finished jobs are settled as one batch
 #: errors that retrying the same call cannot cure: bad data, not an outage
 PERMANENT_ERRORS = (TypeError, ValueError, KeyError, AttributeError, RecursionError, MessageError)
+#: the notes of a job whose result is not stored (read through ``**``, never changed)
+_NO_NOTES: Dict[str, Any] = {}
 
 
 @dataclass
@@ -182,10 +184,12 @@ class Settler:
             else:
                 plan.dead.append(DeadLettering(job.delivery, f"rejected: {job.reason}"))
             return
-        ignore = job.task is not None and job.task.option("ignore_result") and not msg.chord_size
-        notes: Dict[str, Any] = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
-        if job.hub_blocked:                 # the watchdog saw this task block the hub (monitor.py)
-            notes["hub_blocked"] = round(job.hub_blocked, 3)
+        ignore = job.task is not None and job.task.resolved()["ignore_result"] and not msg.chord_size
+        notes: Dict[str, Any] = _NO_NOTES
+        if not ignore or outcome != jobs.SUCCESS:   # a record is stored: its notes (else none is needed)
+            notes = {"parent_id": msg.parent_id, "root_id": msg.root_id} if msg.parent_id or msg.root_id else {}
+            if job.hub_blocked:             # the watchdog saw this task block the hub (monitor.py)
+                notes["hub_blocked"] = round(job.hub_blocked, 3)
         if outcome == jobs.SUCCESS:
             if not ignore:
                 plan.records.append(Record(msg.id, encode(make_meta(

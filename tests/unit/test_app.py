@@ -268,3 +268,36 @@ def test_eager_workflows_run_inline():
     r = boom.apply_async(link=note.s("ok"), link_error=note.s("err"))
     add.apply_async((1, 1), link=note.s("ok"))
     assert r.failed() and calls == [(r.id, "err"), (2, "ok")]
+
+
+def test_a_tasks_options_are_merged_once_and_a_change_at_run_time_is_seen():
+    """Task.resolved: the worker and the client read a task's options from one
+    merged dict, made again when a [task:NAME] key is set (the INI, ``greenq
+    control rate-limit``) or app.config is replaced."""
+    app = make_app()
+
+    @app.task(name="t.opts", soft_time_limit=7)
+    def opts():
+        return 1
+
+    def drain():
+        assert Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True,
+                      fetch_timeout=FETCH_TIMEOUT).run() == 0
+    assert opts.resolved() is opts.resolved()                   # merged once
+    assert opts.resolved()["ignore_result"] is False and opts.resolved()["soft_time_limit"] == 7
+    first = opts.delay()
+    drain()
+    assert first.get(timeout=1) == 1
+    app.config.set("task:t.opts", "ignore_result", True, origin="test")
+    assert opts.resolved()["ignore_result"] is True and opts.option("ignore_result") is True
+    second = opts.delay()
+    drain()
+    assert second.state == "PENDING"                            # the worker stored no result
+    replaced = app.config.copy()
+    replaced.set("task:t.opts", "ignore_result", False, origin="test")   # same generation count, other config
+    assert replaced.task_generation == app.config.task_generation
+    app.config = replaced
+    assert opts.resolved()["ignore_result"] is False and opts.resolved()["soft_time_limit"] == 7
+    third = opts.delay()
+    drain()
+    assert third.get(timeout=1) == 1

@@ -77,3 +77,22 @@ def test_results_roundtrip_and_unserializable_result():
                                "r1")["result"] == [1]
     meta = codec.decode_result(codec.encode_result({"id": "r2", "state": "SUCCESS", "result": object()}), "r2")
     assert meta["state"] == "FAILURE" and "not serializable" in meta["exc"]["message"]
+
+
+def test_names_found_good_are_remembered_and_a_bad_one_is_still_refused():
+    """The decoder remembers task and queue names that passed the name rule
+    (a set lookup on the hot path, not the rule again); only good names go
+    in, and a bad one is refused however many good ones came before."""
+    from greenq import message
+    codec = Codec()
+    good = codec.encode(TaskMessage(task="shop.remembered", queue="q.remembered"))
+    assert codec.decode(good).task == "shop.remembered" and codec.decode(good).queue == "q.remembered"
+    assert {"shop.remembered", "q.remembered"} <= message._KNOWN_NAMES
+    for task, queue in (("shop.remembered\x00", "q.remembered"), ("shop.remembered", "q.remembered\x7f"),
+                        ("x" * 300, "q.remembered"), ("shop.remembered", ["q.remembered"])):
+        env = json.loads(good)
+        env["task"], env["queue"] = task, queue
+        with pytest.raises(MessageError):
+            codec.decode(json.dumps(env).encode())
+        assert task not in message._KNOWN_NAMES or task == "shop.remembered"
+    assert len(message._KNOWN_NAMES) <= message._KNOWN_NAMES_MAX

@@ -492,15 +492,24 @@ class RedisBroker(Reconnecting, Broker):
         self._next_due = float(flat[0]) if flat[0] else None
         out: List[Delivery] = []
         i, end = 1, len(flat)
-        while i < end:      # groups: queue index, priority, n, n x (id, body, mid, size, count)
+        add = out.append
+        while i < end:      # groups: queue index, priority, n, n messages (scripts/fetch.lua)
             queue, prio, n = queues[flat[i]], flat[i + 1], flat[i + 2]
             stream = self._streams[queue][9 - prio]
             i += 3
-            stop = i + 5 * n
-            out += [entry_delivery(queue, prio, stream, flat[j], flat[j + 1], flat[j + 2], flat[j + 4])
-                    if not flat[j + 3] else self._delivery(queue, prio, stream, *flat[j:j + 5])
-                    for j in range(i, stop, 5)]
-            i = stop
+            for _ in range(n):
+                item = flat[i]
+                if item.__class__ is bytes:      # b"ID COUNT LEN MID" + body: a b/m entry in one reply
+                    entry_id, times, length, rest = item.split(b" ", 3)
+                    size = int(length)
+                    try:        # entry_delivery's good case, inline (a message id not UTF-8: its error)
+                        add(Delivery(queue, rest[size:], rest[:size].decode(), int(times), (stream, entry_id), prio))
+                    except UnicodeDecodeError:
+                        add(entry_delivery(queue, prio, stream, entry_id, rest[size:], rest[:size], int(times)))
+                    i += 1
+                else:                            # 0, then id, body, mid, size, count
+                    add(self._delivery(queue, prio, stream, *flat[i + 1:i + 6]))
+                    i += 6
         return out
 
     def _reclaim(self, queues: Sequence[str], count: int) -> List[Delivery]:

@@ -12,7 +12,7 @@ from greenq.transports.redis import lua
 SHA1 = {
     "DECLARE": "64906c147ed9c4422696aac805178e1a32fc8751",
     "PUBLISH": "58be072da0df43eea9c4392c80e712a4ef10884a",
-    "FETCH": "918250b622b2e1edba4c59848750fd6716720cd0",
+    "FETCH": "5d369c7f98fddd09b6376a422176dc9feed1ab12",
     "RECLAIM": "905f463bc0daa02771c5fd2e925a7584d3eb0884",
     "TRANSFER": "88b3d24fee4d7ad3cb8c4a3e811ede492128a196",
     "ACK": "cf343cc3440611b437775711780c3d7a3ffe737b",

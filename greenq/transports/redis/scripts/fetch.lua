@@ -5,8 +5,12 @@
 -- byte budget (0: none).
 -- Returns {next_due, groups...}: next_due is the earliest remaining eta as a
 -- string ('' when none); each group of messages from one stream is: queue index
--- (from 0), priority, n, then 5 values per message (entry id, body, message id
--- and size as split gives them, deliveries).  A delayed member that does not
+-- (from 0), priority, n, then each of the n messages: an entry of the shape
+-- greenq writes (b, then m; not over the size limit) as one string, 'ID COUNT
+-- LEN MID' then the body (COUNT: deliveries, LEN: the message id's length:
+-- one bulk reply a message for the client to parse, not five), any other as
+-- 0 and the 5 values entry id, body, message id and size as split gives them,
+-- deliveries.  A delayed member that does not
 -- parse goes to the queue's priority-0 stream as b=member, e=reason.
 -- With a byte budget, new entries are read a few at a time (READ_STEP first,
 -- then as many as the budget left holds at the average size read so far, plus
@@ -48,7 +52,12 @@ local function emit(id, f, deliveries)
   budget = budget - cost
   taken = taken + 1
   local n = #out
-  out[n + 1] = id; out[n + 2] = body; out[n + 3] = mid; out[n + 4] = size; out[n + 5] = deliveries
+  if size == 0 and type(mid) == 'string' then
+    out[n + 1] = id .. ' ' .. deliveries .. ' ' .. #mid .. ' ' .. mid .. body
+  else
+    out[n + 1] = 0
+    out[n + 2] = id; out[n + 3] = body; out[n + 4] = mid; out[n + 5] = size; out[n + 6] = deliveries
+  end
   out[head + 2] = out[head + 2] + 1
   return true
 end
