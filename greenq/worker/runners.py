@@ -262,12 +262,15 @@ class Runners:
                 job, granted = granted, None
                 if job is None:
                     job = take(False)        # a job the admission grants to a free runner goes first
+                taken = job is not None
                 if job is None:
                     job = get()
                 busy = True
                 idle = self.idle = self.idle - 1
                 if idle < self.low:
                     self.low = idle
+                if taken and self.count < self.target and idle < self.runq.qsize():
+                    self._spawn(1)           # the runner spawned for a queued TAKE took a grant instead
                 if job is None:              # a retirement notice (counted out by who sent it)
                     return
                 if job is TAKE:
