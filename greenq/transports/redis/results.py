@@ -257,6 +257,7 @@ class _Listener:
 
     def _run(self, generation: int) -> None:
         pubsub, failures = None, 0
+        again = False       # subscribed before: a waiter may have missed a notification since
         try:
             while not self._closed:
                 try:
@@ -298,7 +299,9 @@ class _Listener:
                         log.warning("%s: result listener reconnected", self.backend.reconnector.name)
                     failures = 0
                     self.ready.set()
-                    self._wake(None)              # anything stored while away is read again
+                    if again:                     # anything stored while away is read again (the
+                        self._wake(None)          # first time, waiters check in after ``ready``)
+                    again = True
                 elif message["type"] == "message":
                     self._wake(*split_notification(message["data"]))
         finally:
