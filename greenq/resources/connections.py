@@ -223,13 +223,7 @@ class ResourcePool(PermitPool, Generic[C]):
         giving: List[str] = []
         with self._lock:
             held = len(self._holders) + len(self._parked)
-            while held > bound and self._parked:
-                if self._open_count() >= held:
-                    if not self._idle:
-                        break           # every connection is in use: their releases give the permits back
-                    closing.append(self._idle.pop(0)[0])
-                giving.append(self._parked.pop())
-                self._parked_at.pop(giving[-1], None)
+            while held > bound and self._parked and self._unpark(held, closing, giving):
                 held -= 1
         for conn in closing:
             self._discard(conn)
@@ -350,6 +344,19 @@ class ResourcePool(PermitPool, Generic[C]):
         self._trim()
 
     # -- keeping connections and permits in step -----------------------------------
+    def _unpark(self, held: int, closing: List[C], giving: List[str]) -> bool:
+        """Under the lock: take one parked permit out to give back (``giving``),
+        and an idle connection to close (``closing``) when the open ones would
+        outnumber the ``held`` permits; False when every connection is in use
+        (their releases give the permits back)."""
+        if self._open_count() >= held:
+            if not self._idle:
+                return False
+            closing.append(self._idle.pop(0)[0])
+        giving.append(self._parked.pop())
+        self._parked_at.pop(giving[-1], None)
+        return True
+
     def _open_count(self) -> int:
         return self._out + len(self._idle)
 
@@ -389,13 +396,7 @@ class ResourcePool(PermitPool, Generic[C]):
                 # the scope's pool lost some (which ones, only it knows): every parked
                 # permit goes, with its connection; the next holders open theirs anew
                 over = len(self._parked)
-            while over > 0 and self._parked:
-                if self._open_count() >= held:
-                    if not self._idle:
-                        break           # every connection is in use: the next release gives it back
-                    closing.append(self._idle.pop(0)[0])
-                giving.append(self._parked.pop())
-                self._parked_at.pop(giving[-1], None)
+            while over > 0 and self._parked and self._unpark(held, closing, giving):
                 held -= 1
                 over -= 1
             while self._parked and self._open_count() < len(self._holders) + len(self._parked):

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import amqp
 from amqp.exceptions import ChannelError
@@ -567,23 +567,11 @@ class ChannelPool:
         """``fn(publisher, *args)`` with up to ``attempts`` tries on fresh
         connections when the connection fails (waiting 0.05 s, then 0.1 s,
         ...); BrokerError after that."""
-        for attempt in range(1, attempts + 1):
-            try:
-                with self.publisher() as pub:
-                    result = fn(pub, *args)
-                conn_state = self.conn_state
-                if conn_state.failures or conn_state.state != "up":
-                    conn_state.up()
-                else:
-                    conn_state.last_ok = pub.last_used
-                return result
-            except CONNECTION_ERRORS as exc:
-                if attempt == attempts:
-                    self.conn_state.lost(exc, 0.0)
-                    raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
-                time.sleep(self.conn_state.lost(exc, backoff(attempt, 0.05, 0.2)))
-            except ChannelError as exc:
-                raise BrokerError(f"RabbitMQ at {mask_url(self.url)}: {describe(exc)}") from None
+        def once() -> Tuple[Any, float]:
+            with self.publisher() as pub:
+                result = fn(pub, *args)
+            return result, pub.last_used
+        return self._retried(once, attempts)
 
     def publish_confirmed(self, call: RawPublish, message_id: Any, timeout: float = 30.0,
                           attempts: int = 3) -> Confirm:
@@ -593,20 +581,29 @@ class ChannelPool:
         share the confirm waits (``SharedPublisher``); a failed connection is
         retried like ``run``.  Only with ``confirm_publish``; declares nothing
         (``ensure_queues`` first)."""
+        def once() -> Tuple[Confirm, float]:
+            pub = self._shared_publisher()
+            try:
+                confirm = pub.send(call[0], call[1], call[2], call[3], message_id)
+                pub.wait(confirm, timeout)
+            finally:
+                pub.leave()
+            return confirm, time.monotonic()
+        return cast(Confirm, self._retried(once, attempts))
+
+    def _retried(self, once: Callable[[], Tuple[Any, float]], attempts: int) -> Any:
+        """``once()`` (its result and when the connection was last seen working)
+        with up to ``attempts`` tries on fresh connections when the connection
+        fails; the connection's state recorded either way; BrokerError after that."""
         for attempt in range(1, attempts + 1):
             try:
-                pub = self._shared_publisher()
-                try:
-                    confirm = pub.send(call[0], call[1], call[2], call[3], message_id)
-                    pub.wait(confirm, timeout)
-                finally:
-                    pub.leave()
+                result, last_ok = once()
                 conn_state = self.conn_state
                 if conn_state.failures or conn_state.state != "up":
                     conn_state.up()
                 else:
-                    conn_state.last_ok = time.monotonic()
-                return confirm
+                    conn_state.last_ok = last_ok
+                return result
             except CONNECTION_ERRORS as exc:
                 if attempt == attempts:
                     self.conn_state.lost(exc, 0.0)

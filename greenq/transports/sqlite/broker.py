@@ -198,11 +198,7 @@ class SQLiteBroker(Broker):
             while True:
                 waiter.drain()           # before the read: a wake-up sent after it stays for the wait
                 out, due = self._run(self._claim_or_due, queues, count, max_bytes)
-                if not out and time.monotonic() >= self._next_sweep:
-                    self._next_sweep = time.monotonic() + SWEEP_INTERVAL
-                    self._run(self._sweep, queues)
-                if out or self._interrupted:
-                    self._interrupted = False
+                if self._ends(out, queues):
                     return out
                 now = time.monotonic()
                 if now >= deadline:
@@ -218,6 +214,17 @@ class SQLiteBroker(Broker):
                         break
         finally:
             waiter.busy = False
+
+    def _ends(self, out: List[Delivery], queues: List[str]) -> bool:
+        """After a claim: sweep when nothing came and a sweep is due; True when
+        the fetch returns now (something came, or ``interrupt`` was called)."""
+        if not out and time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_INTERVAL
+            self._run(self._sweep, queues)
+        if out or self._interrupted:
+            self._interrupted = False
+            return True
+        return False
 
     def _take_waiter(self) -> Optional[Waiter]:
         """This broker's bound wake-up socket, made on the first fetch (per
@@ -238,11 +245,7 @@ class SQLiteBroker(Broker):
         delay = POLL_MIN
         while True:
             out = self._run(self._claim, queues, count, max_bytes) if count > 0 else []
-            if not out and time.monotonic() >= self._next_sweep:
-                self._next_sweep = time.monotonic() + SWEEP_INTERVAL
-                self._run(self._sweep, queues)
-            if out or self._interrupted:
-                self._interrupted = False
+            if self._ends(out, queues):
                 return out
             left = deadline - time.monotonic()
             if left <= 0:
