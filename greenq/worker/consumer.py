@@ -64,6 +64,8 @@ log = logging.getLogger("greenq.worker")
 
 BURST_WAIT_FOR_DELAYED = 30.0   # --burst waits for delayed messages due within this many seconds
 BURST_AFTER_DEFERRED = 2.0      # ... and this long past the eta of what its admission deferred
+BURST_FETCH_TIMEOUT = 0.1       # --burst: a fetch waits at most this long (its empty answer is what stops it),
+                                # except the confirming fetch where the broker pushes (one may be on its way)
 FETCH_BATCH_MAX = 500           # most messages one fetch asks for (a fetch takes min(prefetch, this))
 SUMMARY_INTERVAL = 30.0         # seconds between the INFO summary lines
 EARLY_TOLERANCE = 1.0           # seconds a message may arrive before its envelope's eta and still run
@@ -344,8 +346,11 @@ class Worker:
                     self.room.wait(1.0)
                 self.last_poll = time.monotonic()
                 continue
+            timeout = self.fetch_timeout
+            if self.burst and not self._quiet_once:
+                timeout = min(timeout, BURST_FETCH_TIMEOUT)
             try:
-                deliveries = self.broker.fetch(self.queues, min(room, self.batch), self.fetch_timeout,
+                deliveries = self.broker.fetch(self.queues, min(room, self.batch), timeout,
                                                max_bytes=byte_room)
                 retry.reset()
             except Exception as exc:

@@ -301,3 +301,33 @@ def test_a_tasks_options_are_merged_once_and_a_change_at_run_time_is_seen():
     third = opts.delay()
     drain()
     assert third.get(timeout=1) == 1
+
+
+@pytest.mark.parametrize("pushes", [False, True])
+def test_a_burst_worker_waits_a_tenth_of_a_second_for_its_last_empty_fetch(pushes):
+    """--burst stops on an empty fetch, so its fetches wait 0.1 s, not the usual
+    1 s; where the broker pushes deliveries, the confirming fetch still waits the
+    whole fetch timeout (a delivery may be on its way)."""
+    from greenq.worker.consumer import BURST_FETCH_TIMEOUT
+    app = make_app()
+
+    @app.task
+    def one():
+        return 1
+    sent = one.delay()
+    worker = Worker(app, get_driver("threads"), queues=["default"], concurrency=1, burst=True)
+    assert worker.fetch_timeout == 1.0
+    broker, timeouts = worker.broker, []
+    fetch = broker.fetch
+
+    def recorded(queues, count, timeout, **kw):
+        timeouts.append(timeout)
+        return fetch(queues, count, timeout, **kw)
+    broker.fetch = recorded
+    if pushes:
+        broker.pushes_deliveries = True
+    assert worker.run() == 0
+    assert sent.get(timeout=1) == 1
+    expected_last = [BURST_FETCH_TIMEOUT, 1.0] if pushes else [BURST_FETCH_TIMEOUT]
+    assert timeouts[-len(expected_last):] == expected_last
+    assert set(timeouts[:-len(expected_last)]) <= {BURST_FETCH_TIMEOUT}
