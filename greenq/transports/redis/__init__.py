@@ -14,6 +14,7 @@ TRANSPORT = Descriptor(
     ini_section="redis",
     settings=SETTINGS,
     default_ports={"redis": 6379, "rediss": 6380},
+    celery_schemes=("redis", "rediss"),
     broker={"redis": _HERE + "celery_broker:CeleryRedisBroker", "rediss": _HERE + "celery_broker:CeleryRedisBroker",
             "redis+sentinel": _HERE + "broker_sentinel:RedisSentinelBroker",
             "redis+cluster": _HERE + "broker_cluster:RedisClusterBroker"},
@@ -27,4 +28,6 @@ TRANSPORT = Descriptor(
                   "rediss": _HERE + "coordination:RedisCoordination",
                   "redis+sentinel": _HERE + "coordination:RedisSentinelCoordination",
                   "redis+cluster": _HERE + "coordination:RedisClusterCoordination"},
+    async_publisher={"redis": _HERE + "aio:RedisPublisher", "rediss": _HERE + "aio:RedisPublisher"},
+    async_results={"redis": _HERE + "aio:RedisResults", "rediss": _HERE + "aio:RedisResults"},
 )
