@@ -281,9 +281,7 @@ class GreenQ:
             with self._lock:
                 if conn.backend is None:
                     backend = make_backend(backend_url_for(self.config), self.config, self.driver)
-                    attach = getattr(backend, "attach_broker", None)
-                    if attach is not None:   # rpc://: a worker replies on its consumer channel
-                        attach(conn.broker)
+                    backend.attach_broker(conn.broker)   # rpc://: a worker replies on its consumer channel
                     conn.backend = backend
         return conn.backend
 

@@ -640,12 +640,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"{cfg.origin('greenq', 'key_prefix')}: [greenq] key_prefix = {cfg.key_prefix[:80]!r}: "
                           f"must be 1-64 characters of A-Z a-z 0-9 _ - . : (it names Redis keys, RabbitMQ "
                           f"queues and exchanges, and SQLite tables)")
-    if cfg.celery_queues and cfg.broker_url.partition("://")[0] not in ("redis", "rediss", "amqp", "pyamqp",
-                                                                         "amqps"):
-        raise ConfigError(f"{cfg.origin('greenq', 'celery_queues')}: [greenq] celery_queues = "
-                          f"{','.join(cfg.celery_queues)[:80]!r}: Celery's protocol is supported on redis://, "
-                          f"rediss://, amqp://, pyamqp:// and amqps:// brokers only (docs/celery.md), not "
-                          f"{cfg.broker_url.partition('://')[0]}://")
+    if cfg.celery_queues:
+        check_celery_broker(cfg)
     for entry, spec in cfg.schedules.items():
         check_schedule(cfg, entry, spec)
     cfg.resource_settings()
@@ -716,6 +712,21 @@ def effective_prefetch(concurrency: int, prefetch: int) -> int:
     if prefetch:
         return max(prefetch, concurrency)
     return min(validation.MAX_PREFETCH, concurrency + max(1, concurrency // 4))
+
+
+def check_celery_broker(cfg: Config) -> None:
+    """``celery_queues`` needs a broker whose transport reads and writes
+    Celery's protocol on its scheme (the descriptor's ``celery_schemes``)."""
+    from .transports import lookup, registered, scheme_of
+    scheme = scheme_of(cfg.broker_url)
+    desc = lookup(cfg.broker_url, cfg)
+    if desc is not None and scheme in desc.celery_schemes:
+        return
+    served = [s + "://" for d in registered() for s in d.celery_schemes]
+    listed = ", ".join(served[:-1]) + " and " + served[-1] if len(served) > 1 else "".join(served) or "none"
+    raise ConfigError(f"{cfg.origin('greenq', 'celery_queues')}: [greenq] celery_queues = "
+                      f"{','.join(cfg.celery_queues)[:80]!r}: Celery's protocol is supported on {listed} "
+                      f"brokers only (docs/celery.md), not {scheme}://")
 
 
 def _add_transport_sections() -> None:

@@ -15,7 +15,7 @@ lease and only if nobody wrote it since the writer read it:
 * ``redis://`` -- ``P:beat:lease`` (the holder, ``SET NX PX``, renewed by a
   script only by its holder) and ``P:beat:runs`` (hash entry -> slot): the
   same keys, written the same way, as before coordination existed.
-* ``amqp://`` -- (not on the coordination interface; see AMQPLeadership for why)
+* ``amqp://`` -- (not on the coordination interface; greenq/transports/amqp/leadership.py says why)
   the lease is the exclusive queue ``P.beat.lock``: only
   one connection can hold it, and RabbitMQ deletes it when that connection
   dies (heartbeats of ``ttl / 2`` seconds find a dead holder within about

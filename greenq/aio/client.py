@@ -2,8 +2,9 @@
 
 ``client_for(app)`` gives the running loop's client of ``app``, made on
 first use: a publisher chosen by the broker URL's scheme and a results part
-chosen by the result backend URL's scheme (``PUBLISHERS``, ``RESULTS``;
-anything else drives the blocking client from a thread: greenq/aio/threaded.py).
+chosen by the result backend URL's scheme (the transport descriptor's
+``async_publisher`` and ``async_results`` capabilities, greenq/transports/;
+where it has none, the blocking client runs from a thread: greenq/aio/threaded.py).
 ``Task.adelay``, ``app.asend_task`` and ``AsyncResult.aget`` go through it.
 
 Messages are built and encoded by the app exactly as ``delay()`` builds
@@ -20,11 +21,10 @@ connections to the garbage collector.
 from __future__ import annotations
 
 import asyncio
-import importlib
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from ..backends import backend_url_for
-from ..transports import scheme_of
+from ..transports import capability_of, resolve
 from .base import AsyncPublisher, AsyncResults
 from .threaded import PollingResults, ThreadedPublisher
 
@@ -32,24 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..app import GreenQ
     from ..result import AsyncResult
 
-#: broker URL scheme -> the asyncio publisher ("package.module:Class"); others: ThreadedPublisher
-PUBLISHERS = {"redis": "greenq.transports.redis.aio:RedisPublisher",
-              "rediss": "greenq.transports.redis.aio:RedisPublisher"}
-#: result backend URL scheme -> the asyncio results part; others: PollingResults
-RESULTS = {"redis": "greenq.transports.redis.aio:RedisResults",
-           "rediss": "greenq.transports.redis.aio:RedisResults",
-           "rpc": "greenq.transports.amqp.aio:RPCResults",
-           "sqlite": "greenq.transports.sqlite.aio:SQLiteResults"}
-
 #: loop -> app -> client.  Not weak: a client's futures hold its loop, so a
 #: weak key would never go; the clients of closed loops are dropped instead
 #: whenever a client is made.
 _clients: "Dict[asyncio.AbstractEventLoop, Dict[GreenQ, AsyncClient]]" = {}
-
-
-def _load(reference: str) -> Any:
-    module, _, name = reference.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 class AsyncClient:
@@ -57,12 +43,11 @@ class AsyncClient:
 
     def __init__(self, app: "GreenQ") -> None:
         self.app = app
-        broker_scheme = scheme_of(app.config.broker_url)
-        backend_scheme = scheme_of(backend_url_for(app.config))
-        publisher = PUBLISHERS.get(broker_scheme)
-        results = RESULTS.get(backend_scheme)
-        self.publisher: AsyncPublisher = _load(publisher)(app) if publisher else ThreadedPublisher(app)
-        self.results: AsyncResults = _load(results)(app) if results else PollingResults(app)
+        publisher = capability_of(app.config.broker_url, "async_publisher", app.config)
+        results = capability_of(backend_url_for(app.config), "async_results", app.config)
+        self.publisher: AsyncPublisher = (resolve(publisher)(app) if isinstance(publisher, str)
+                                          else ThreadedPublisher(app))
+        self.results: AsyncResults = resolve(results)(app) if isinstance(results, str) else PollingResults(app)
         self._started: Optional["asyncio.Future[None]"] = None
         self._forks = _forks()
 

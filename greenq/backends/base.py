@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Se
 from ..drivers.base import UsesDriver
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..brokers.base import Broker
     from ..config import Config
     from ..coordination import Coordination
     from ..drivers.base import Driver
@@ -72,6 +73,10 @@ class ResultBackend(UsesDriver):
         self.url = url
         self.config = config
         self.driver = driver
+
+    def attach_broker(self, broker: "Broker") -> None:
+        """Given the app's broker once the backend is made; nothing by default
+        (rpc:// replies on a worker's consumer channel)."""
 
     # -- public API ----------------------------------------------------------
     def reply_to(self) -> Optional[str]:

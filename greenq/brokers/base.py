@@ -156,6 +156,9 @@ class Broker(UsesDriver):
     #: ``apply_async`` refuses longer ones before sending (greenq.validation)
     max_queue_name_bytes = 255
     max_message_id_bytes = 255
+    #: deliveries are pushed to this process (RabbitMQ), so one may still be on
+    #: its way when ``fetch`` comes back empty (a --burst worker looks twice)
+    pushes_deliveries = False
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url

@@ -139,11 +139,14 @@ def broker_identity(url: str) -> str:
     """What tells ``url``'s broker from another's, without its credentials
     or options: scheme, hosts and path (vhost, database); an SQLite file by
     its absolute path, as the transport resolves it (workers started in two
-    directories with ``sqlite:///greenq.sqlite3`` are two apps)."""
+    directories with ``sqlite:///greenq.sqlite3`` are two apps); likewise any
+    transport whose descriptor says ``file_urls``."""
+    from ..transports import lookup
     parts = urlsplit(url)
-    if parts.scheme == "sqlite":
+    desc = lookup(url)
+    if desc is not None and desc.file_urls:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        return f"sqlite:{os.path.abspath(path)}"
+        return f"{parts.scheme}:{os.path.abspath(path)}"
     return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
 
 

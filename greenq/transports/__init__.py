@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Union
 from urllib.parse import urlsplit
 
 from ..exceptions import ConfigError
-from .descriptor import CAPABILITIES, Descriptor, Ref
+from .descriptor import CAPABILITIES, RESULT_CAPABILITIES, Descriptor, Ref
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
@@ -137,7 +137,7 @@ def load(url: str, capability: str, what: str, config: Optional["Config"] = None
     ConfigError naming what is supported, or the pip extra that is missing."""
     if capability not in CAPABILITIES:
         raise ValueError(f"unknown transport capability {capability!r}")
-    results = capability == "results"
+    results = capability in RESULT_CAPABILITIES
     scheme = scheme_of(url)
     desc = lookup(url, config, results=results)
     reference = desc.ref(capability, scheme) if desc is not None else None
@@ -160,7 +160,7 @@ def load(url: str, capability: str, what: str, config: Optional["Config"] = None
 
 def capability_of(url: str, capability: str, config: Optional["Config"] = None) -> Ref:
     """The reference of ``capability`` for ``url``, or None (nothing imported)."""
-    desc = lookup(url, config, results=capability == "results")
+    desc = lookup(url, config, results=capability in RESULT_CAPABILITIES)
     return desc.ref(capability, scheme_of(url)) if desc is not None else None
 
 

@@ -24,6 +24,12 @@ driver)`` unless said):
   (:class:`greenq.coordination.Coordination`).
 * ``queue_listing``: ``f(app) -> (rows, note)`` when the broker cannot list
   every queue itself (RabbitMQ asks its management API).
+* ``async_publisher``: a :class:`greenq.aio.base.AsyncPublisher`, called with
+  ``(app)``, for broker URLs; without it the asyncio client sends from a
+  thread (greenq/aio/threaded.py).
+* ``async_results``: a :class:`greenq.aio.base.AsyncResults`, called with
+  ``(app)``, for result backend URLs (``result_schemes`` too); without it the
+  asyncio client polls from a thread.
 """
 from __future__ import annotations
 
@@ -35,7 +41,10 @@ from ..setting import Setting
 #: ``"package.module:Name"``, or one such reference per URL scheme
 Ref = Union[str, Mapping[str, str], None]
 
-CAPABILITIES = ("broker", "results", "control", "leadership", "coordination", "queue_listing")
+CAPABILITIES = ("broker", "results", "control", "leadership", "coordination", "queue_listing",
+                "async_publisher", "async_results")
+#: the capabilities looked up by result backend URL (``rpc://`` included)
+RESULT_CAPABILITIES = ("results", "async_results")
 
 
 @dataclass(frozen=True)
@@ -56,12 +65,18 @@ class Descriptor:
     result_schemes: Tuple[str, ...] = ()
     #: the result backend URL when ``result_backend`` is empty: None = the broker URL itself
     derived_results: Optional[str] = None
+    #: the broker URL schemes on which it reads and writes Celery's protocol (``celery_queues``)
+    celery_schemes: Tuple[str, ...] = ()
+    #: a URL's path names a file of this machine (relative: to the working directory), not a server
+    file_urls: bool = False
     broker: Ref = None
     results: Ref = None
     control: Ref = None
     leadership: Ref = None
     coordination: Ref = None
     queue_listing: Ref = None
+    async_publisher: Ref = None
+    async_results: Ref = None
 
     def ref(self, capability: str, scheme: str) -> Optional[str]:
         """The reference of ``capability`` for URLs of ``scheme``, or None."""

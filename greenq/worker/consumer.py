@@ -403,7 +403,7 @@ class Worker:
         if not self._burst_quiet():
             self._quiet_once = False
             return False
-        if getattr(self.broker, "pushes_deliveries", False) and not self._quiet_once:
+        if self.broker.pushes_deliveries and not self._quiet_once:
             self._quiet_once = True
             return False
         return True

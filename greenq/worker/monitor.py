@@ -202,7 +202,7 @@ class Monitor:
                     "Stack:\n%s", age, self.threshold, who, limit_note, stack)
 
     # -- HTTP ------------------------------------------------------------------
-    def healthy(self) -> "tuple[bool, dict]":
+    def healthy(self) -> "tuple[bool, Dict[str, Any]]":
         w = self.worker
         snap = w.snapshot()
         broker_ok = w.broker.healthy

@@ -181,7 +181,7 @@ class Runners:
         if now - self._trimmed < self.idle_seconds:
             return 0
         self._trimmed = now
-        spare = min(self.low, self.idle - self.runq.qsize(), self.count - self.keep)
+        spare: int = min(self.low, self.idle - self.runq.qsize(), self.count - self.keep)
         self.low = self.idle
         if spare <= 0:
             return 0

@@ -245,3 +245,18 @@ def test_a_deferred_task_comes_back_from_the_broker_and_runs():
     assert result.get(timeout=5) == "ran"
     assert len(Once.seen) == 2 and Once.seen[0] is None and Once.seen[1] is not None
     assert worker.stats.succeeded == 1
+
+
+def test_each_steps_declared_options_and_ini_keys_are_checked_settings():
+    """What a step declares it reads is a task option the decorator checks
+    (validation.TASK_OPTION_RULES) and, for INI keys, a [task:NAME] key."""
+    from greenq import validation
+    from greenq.config import CODE_ONLY_TASK_OPTIONS, TASK_SETTINGS
+    from greenq.resources.step import Permits
+    for step in (RateLimit, Permits):
+        assert step.task_options, step
+        for option in step.task_options:
+            assert option in validation.TASK_OPTION_RULES, (step, option)
+            assert option in TASK_SETTINGS or option in CODE_ONLY_TASK_OPTIONS, (step, option)
+        for key in step.ini_keys:
+            assert key in TASK_SETTINGS and key in step.task_options, (step, key)

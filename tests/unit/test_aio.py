@@ -135,3 +135,17 @@ def test_timeout_zero_looks_once_for_a_stored_result():
         await aclose(app)
     asyncio.run(main())
     app.close()
+
+
+def test_the_asyncio_parts_are_the_transports_capabilities():
+    from greenq.aio.base import AsyncPublisher, AsyncResults
+    from greenq.transports import capability_of, resolve
+    for url in ("redis://h/0", "rediss://h/0"):
+        assert issubclass(resolve(capability_of(url, "async_publisher")), AsyncPublisher)
+    for url in ("redis://h/0", "rpc://", "sqlite:///x.db"):
+        assert issubclass(resolve(capability_of(url, "async_results")), AsyncResults)
+    # none: the client drives the blocking one from a thread
+    assert capability_of("memory://m", "async_publisher") is None
+    assert capability_of("redis+cluster://h:7000", "async_publisher") is None
+    assert capability_of("amqp://h/", "async_publisher") is None
+    assert capability_of("memory://m", "async_results") is None

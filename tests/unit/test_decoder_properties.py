@@ -142,8 +142,10 @@ def test_bodies_of_any_type(body):
     ("retries", -1, "retries"),
     ("id", "x" * 300, "id"),
 ])
-def test_issue_7_examples_are_message_errors(field, value, words):
-    """The confirmed defects of issue 7, item 3 and 4: each is a MessageError naming the field."""
+def test_malformed_fields_are_message_errors_naming_the_field(field, value, words):
+    """Malformed fields once accepted (a list as content type, a string
+    expiry or time limit, priority 11, negative retries, a 300-character id):
+    each is a MessageError naming the field."""
     env = good()
     env[field] = value
     with pytest.raises(MessageError, match=words):

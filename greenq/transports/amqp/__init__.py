@@ -17,10 +17,12 @@ TRANSPORT = Descriptor(
     default_ports={"amqp": 5672, "pyamqp": 5672, "amqps": 5671},
     result_schemes=("rpc",),
     derived_results="rpc://",
+    celery_schemes=("amqp", "pyamqp", "amqps"),
     broker=_HERE + "broker:AMQPBroker",
     results={"rpc": _HERE + "celery_rpc:CeleryRPCBackend"},
     control=_HERE + "control:AMQPTransport",
     leadership=_HERE + "leadership:AMQPLeadership",
     coordination=_HERE + "coordination:AMQPCoordination",
     queue_listing=_HERE + "management:queue_stats",
+    async_results={"rpc": _HERE + "aio:RPCResults"},
 )

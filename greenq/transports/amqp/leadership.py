@@ -1,4 +1,10 @@
-"""The periodic scheduler's leadership on amqp (greenq/leadership.py tells what leadership is)."""
+"""The periodic scheduler's leadership on amqp (greenq/leadership.py tells what leadership is).
+
+Not built on the coordination interface (AMQPCoordination), unlike the other
+transports': its exclusive queue ``P.beat.lock`` and state queue
+``P.beat.state`` predate the interface and already do what a counted lease of
+limit 1 and a compare-and-set record would; moving it would rename the queues
+of running deployments for no change in behaviour (docs/coordination.md)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +17,7 @@ from ...leadership import DOMAIN, Leadership, check_slot
 log = logging.getLogger("greenq.beat")
 
 class AMQPLeadership(Leadership):
-    """See the module docstring.  One connection, used by the scheduler's
+    """See greenq/leadership.py and this module's docstring.  One connection, used by the scheduler's
     greenlet only."""
 
     def __init__(self, url: str, config: Any, ttl: float, driver: Any = None) -> None:

@@ -1,10 +1,24 @@
 """The Redis transport: ``redis://``, ``rediss://`` (TLS), ``redis+sentinel://``
 and ``redis+cluster://``; broker, results, control plane and scheduler leadership
 (the last two not yet on Sentinel and Cluster).  Needs ``greenq[redis]``."""
+from typing import Dict
+
 from ..descriptor import Descriptor
 from .settings import SETTINGS
 
 _HERE = "greenq.transports.redis."
+
+
+def _plain(name: str, sentinel: str = "", cluster: str = "") -> Dict[str, str]:
+    """``module:Name`` of this package for redis:// and rediss://, and the
+    Sentinel and Cluster ones where there are."""
+    refs = {"redis": _HERE + name, "rediss": _HERE + name}
+    if sentinel:
+        refs["redis+sentinel"] = _HERE + sentinel
+    if cluster:
+        refs["redis+cluster"] = _HERE + cluster
+    return refs
+
 
 TRANSPORT = Descriptor(
     name="redis",
@@ -14,17 +28,15 @@ TRANSPORT = Descriptor(
     ini_section="redis",
     settings=SETTINGS,
     default_ports={"redis": 6379, "rediss": 6380},
-    broker={"redis": _HERE + "celery_broker:CeleryRedisBroker", "rediss": _HERE + "celery_broker:CeleryRedisBroker",
-            "redis+sentinel": _HERE + "broker_sentinel:RedisSentinelBroker",
-            "redis+cluster": _HERE + "broker_cluster:RedisClusterBroker"},
-    results={"redis": _HERE + "celery_results:CeleryRedisBackend",
-             "rediss": _HERE + "celery_results:CeleryRedisBackend",
-             "redis+sentinel": _HERE + "results_sentinel:RedisSentinelBackend",
-             "redis+cluster": _HERE + "results_cluster:RedisClusterBackend"},
-    control={"redis": _HERE + "control:RedisTransport", "rediss": _HERE + "control:RedisTransport"},
-    leadership={"redis": _HERE + "leadership:RedisLeadership", "rediss": _HERE + "leadership:RedisLeadership"},
-    coordination={"redis": _HERE + "coordination:RedisCoordination",
-                  "rediss": _HERE + "coordination:RedisCoordination",
-                  "redis+sentinel": _HERE + "coordination:RedisSentinelCoordination",
-                  "redis+cluster": _HERE + "coordination:RedisClusterCoordination"},
+    celery_schemes=("redis", "rediss"),
+    broker=_plain("celery_broker:CeleryRedisBroker", "broker_sentinel:RedisSentinelBroker",
+                  "broker_cluster:RedisClusterBroker"),
+    results=_plain("celery_results:CeleryRedisBackend", "results_sentinel:RedisSentinelBackend",
+                   "results_cluster:RedisClusterBackend"),
+    control=_plain("control:RedisTransport"),
+    leadership=_plain("leadership:RedisLeadership"),
+    coordination=_plain("coordination:RedisCoordination", "coordination:RedisSentinelCoordination",
+                        "coordination:RedisClusterCoordination"),
+    async_publisher=_plain("aio:RedisPublisher"),
+    async_results=_plain("aio:RedisResults"),
 )

@@ -5,9 +5,11 @@ from ..descriptor import Descriptor
 TRANSPORT = Descriptor(
     name="sqlite",
     schemes=("sqlite",),
+    file_urls=True,
     broker="greenq.transports.sqlite.broker:SQLiteBroker",
     results="greenq.transports.sqlite.results:SQLiteBackend",
     control="greenq.transports.sqlite.control:SQLiteTransport",
     leadership="greenq.transports.sqlite.leadership:SQLiteLeadership",
     coordination="greenq.transports.sqlite.coordination:SQLiteCoordination",
+    async_results="greenq.transports.sqlite.aio:SQLiteResults",
 )
