@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 from collections import deque
-from struct import Struct, pack
 from contextlib import contextmanager
+from struct import Struct, pack
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import amqp
@@ -242,8 +242,8 @@ class SharedPublisher(Publisher):
     many tags at once (``multiple``), so one read commonly confirms the
     publishes of many callers; on plain TCP the reader takes every confirm
     frame one ``recv`` brought and settles them together (``_settle_many``,
-    one hold of ``cond``) before it reads again.  The others sleep each on a lock of its own
-    (``Confirm.wake``), released when its publish is settled, or when the
+    one hold of ``cond``) before it reads again.  The others sleep each on a
+    lock of its own (``Confirm.wake``), released when its publish is settled, or when the
     reader is done and hands the reading over to it.  Writing and reading go
     on at the same time (a socket takes one writer and one reader; so do
     gevent's and eventlet's).  ``cond`` guards the tags, the flags and the
