@@ -18,9 +18,11 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
+from struct import Struct, pack
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 import amqp
+from amqp import spec
 from amqp.exceptions import ChannelError
 
 from ...backoff import backoff
@@ -31,10 +33,15 @@ from .common import (AMQP_ERRORS, CONNECTION_ERRORS, FORKS, H_ETA, ConnectionSta
                           declare_base, declare_delays, declare_queue, describe,
                           open_connection)
 from .meta import as_bytes
-from .wire import content_frames, encode_properties, method_frame, task_properties
+from .wire import METHOD, content_frames, encode_properties, method_frame, task_properties
 from ...brokers.base import Outgoing
 
 log = logging.getLogger("greenq.amqp")
+
+_ACK_SIG = pack(">HH", *spec.Basic.Ack)
+_NACK_SIG = pack(">HH", *spec.Basic.Nack)
+_CONFIRM_SIGS = (_ACK_SIG, _NACK_SIG)
+_TAG_BITS = Struct(">QB")     # basic.ack / basic.nack: delivery tag, bits (multiple first)
 
 WRITE_CHUNK = 256 * 1024      # bytes of frames buffered before a write
 METHOD_CACHE_MAX = 4096       # cached basic.publish method frames per publisher
@@ -233,8 +240,10 @@ class SharedPublisher(Publisher):
     of its own tag.  One caller at a time reads the connection (``reading``) and
     settles every confirm it reads, for whoever published it: RabbitMQ acks
     many tags at once (``multiple``), so one read commonly confirms the
-    publishes of many callers.  The others sleep each on a lock of its own
-    (``Confirm.wake``), released when its publish is settled, or when the
+    publishes of many callers; on plain TCP the reader takes every confirm
+    frame one ``recv`` brought and settles them together (``_settle_many``,
+    one hold of ``cond``) before it reads again.  The others sleep each on a
+    lock of its own (``Confirm.wake``), released when its publish is settled, or when the
     reader is done and hands the reading over to it.  Writing and reading go
     on at the same time (a socket takes one writer and one reader; so do
     gevent's and eventlet's).  ``cond`` guards the tags, the flags and the
@@ -353,19 +362,64 @@ class SharedPublisher(Publisher):
                 return
 
     def _read_until(self, confirm: Confirm, deadline: float, timeout: float) -> None:
+        """Read the connection until ``confirm`` is settled.  On plain TCP
+        (``RawConnection.reader``) every frame one ``recv`` brought is taken
+        at once: the acks and nacks of this channel are settled together under
+        one hold of ``cond`` (their callers woken in one go, before the next
+        ``recv``), every other frame (a return's frames, a Close) goes to
+        py-amqp's handler in its place in the stream, after the confirms read
+        before it.  The socket's timeout is set once, not once a frame."""
         conn = self.conn
         sock = self.raw.open_socket()
         if sock is None:
             raise OSError("the publisher connection is closed")
+        reader = self.raw.reader
+        if reader is None:          # TLS: py-amqp's reader, a frame at a time
+            while not confirm.state:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(f"a publish not confirmed by RabbitMQ within {timeout:.0f} s")
+                sock.settimeout(left)
+                try:
+                    conn.blocking_read(None)
+                except socket.timeout:
+                    continue
+            return
+        handler = conn.on_inbound_frame
+        channel_id = self.channel_id
+        next_frame = reader.next_frame
+        settles: List[Tuple[int, int, bool]] = []
         while not confirm.state:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BrokerError(f"a publish not confirmed by RabbitMQ within {timeout:.0f} s")
-            sock.settimeout(left)
-            try:
-                conn.blocking_read(None)
-            except socket.timeout:
+            frame = next_frame()
+            if frame is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BrokerError(f"a publish not confirmed by RabbitMQ within {timeout:.0f} s")
+                sock.settimeout(left)
+                try:
+                    chunk = sock.recv(65536)
+                except socket.timeout:
+                    continue
+                if not chunk:
+                    reader.transport.connected = False
+                    raise OSError("Server unexpectedly closed connection")
+                reader.feed(chunk)
+                conn.bytes_recv += 1     # (py-amqp's heartbeat bookkeeping)
                 continue
+            while frame is not None:
+                kind, channel, payload = frame
+                if kind == METHOD and channel == channel_id and payload[:4] in _CONFIRM_SIGS:
+                    tag, bits = _TAG_BITS.unpack_from(payload, 4)
+                    settles.append((tag, bits & 1, payload[:4] == _NACK_SIG))
+                else:
+                    if settles:
+                        self._settle_many(settles)
+                        settles = []
+                    handler(frame)
+                frame = next_frame()
+            if settles:
+                self._settle_many(settles)
+                settles = []
 
     def _fail(self, exc: BaseException) -> None:
         with self.cond:
@@ -387,21 +441,32 @@ class SharedPublisher(Publisher):
             self.close()
 
     def _settle(self, tag: int, multiple: bool, nack: bool) -> None:
-        state = NACKED if nack else ACKED
+        self._settle_many([(tag, multiple, nack)])
+
+    def _settle_many(self, settles: List[Tuple[int, int, bool]]) -> None:
+        """Settle the (delivery tag, multiple, nack) of confirm frames read in
+        this order, under one hold of ``cond``; wake each settled caller."""
         with self.cond:
             unconfirmed, by_id = self.unconfirmed, self.by_id
             settled: List[Confirm] = []
-            if multiple:
-                while unconfirmed and unconfirmed[0][0] <= tag:
-                    settled.append(unconfirmed.popleft()[1])
-            else:
-                for seq, confirm in unconfirmed:
-                    if seq >= tag:
-                        if seq == tag:
+            for tag, multiple, nack in settles:
+                state = NACKED if nack else ACKED
+                if multiple:
+                    while unconfirmed and unconfirmed[0][0] <= tag:
+                        confirm = unconfirmed.popleft()[1]
+                        if not confirm.state:
+                            confirm.state = state
                             settled.append(confirm)
-                        break
+                else:
+                    for seq, confirm in unconfirmed:
+                        if seq >= tag:
+                            if seq == tag and not confirm.state:
+                                confirm.state = state
+                                settled.append(confirm)
+                            break
+                while unconfirmed and unconfirmed[0][1].state:
+                    unconfirmed.popleft()
             for confirm in settled:
-                confirm.state = state
                 key = confirm.key
                 if key is not None and by_id.get(key) is confirm:
                     later = confirm.same
@@ -415,8 +480,6 @@ class SharedPublisher(Publisher):
                 if wake is not None:
                     confirm.wake = None
                     wake.release()
-            while unconfirmed and unconfirmed[0][1].state:
-                unconfirmed.popleft()
 
     def _on_return(self, exc: Any, exchange: str, routing_key: str, message: Any) -> None:
         # RabbitMQ sends the return before the confirm of the same publish

@@ -92,20 +92,22 @@ class Spy:
     """Counts the confirm frames a shared publisher reads and the most callers it had at once."""
 
     def __init__(self, monkeypatch):
-        self.frames = self.most_users = 0
-        settle, send = SharedPublisher._settle, SharedPublisher.send
+        self.frames = self.most_users = self.batches = self.most_in_batch = 0
+        settle, send = SharedPublisher._settle_many, SharedPublisher.send
         spy = self
 
-        def counting_settle(pub, tag, multiple, nack):
-            spy.frames += 1
-            settle(pub, tag, multiple, nack)
+        def counting_settle(pub, settles):
+            spy.frames += len(settles)
+            spy.batches += 1
+            spy.most_in_batch = max(spy.most_in_batch, len(settles))
+            settle(pub, settles)
 
         def counting_send(pub, *args):
             confirm = send(pub, *args)
             spy.most_users = max(spy.most_users, pub.users)
             return confirm
 
-        monkeypatch.setattr(SharedPublisher, "_settle", counting_settle)
+        monkeypatch.setattr(SharedPublisher, "_settle_many", counting_settle)
         monkeypatch.setattr(SharedPublisher, "send", counting_send)
 
 
@@ -188,6 +190,76 @@ def test_a_nack_raises_for_its_caller_only(env):
                                                                         if i not in errors])
     finally:
         rabbitmqctl("clear_policy", "-p", vhost, policy)
+
+
+def test_one_nack_among_the_acks_of_one_read_fails_only_its_caller(env, monkeypatch):
+    """The confirms one ``recv`` brings are settled together: a nack among
+    them fails its caller and nobody else."""
+    ctl_or_skip("set a queue policy")
+    q = env.queue()
+    name = f"{AMQP_PREFIX}.{q}"
+    vhost, policy = vhost_of(env.url), f"gqc-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", policy, f"^{name}$",
+                '{"max-length": 40, "overflow": "reject-publish"}')
+    try:
+        client = env.broker()
+        pool, settings = client.pool, client.settings
+        with pool.publisher() as pub:
+            pool.ensure_queues(pub, (q,))
+        spy = Spy(monkeypatch)
+        confirms = {}
+
+        def publish(i):
+            m = out(q, f"m{i}")
+            confirms[i] = pool.publish_confirmed(encode_outgoing(m, 0.0, settings), m.message_id)
+
+        assert in_threads(41, publish) == {}      # one place too few: exactly one is refused
+        nacked = [i for i, c in confirms.items() if c.state == NACKED]
+        assert len(nacked) == 1 and sum(c.state == ACKED for c in confirms.values()) == 40
+        assert spy.frames < 41 or spy.most_in_batch > 1   # settled in batches (or acks covering many)
+        got = {d.message_id for d in drain(env.broker(), [q], 40)}
+        assert got == {f"m{i}" for i in range(41) if i not in nacked}
+    finally:
+        rabbitmqctl("clear_policy", "-p", vhost, policy)
+
+
+def test_a_server_close_among_the_confirms_fails_every_waiter_and_they_retry(env):
+    """A Connection.Close read among the confirms goes to py-amqp, which
+    raises: every caller still waiting retries on a fresh connection."""
+    ctl_or_skip("close a connection")
+    q = env.queue()
+    client = env.broker()
+    client.publish(out(q, "first"))
+    client.publish(out(q, "warm"))
+    shared = client.pool._shared
+    port = str(shared.raw.sock.getsockname()[1])
+    pids = [line.split()[0] for line in rabbitmqctl("list_connections", "--no-table-headers", "pid",
+                                                    "peer_port").splitlines()
+            if line.split()[1:] == [port]]
+    assert len(pids) == 1
+    closed = threading.Event()
+    sent = {}
+
+    def publish(i):
+        n = 0
+        while not closed.is_set() or n < 20:    # publishing before, during and after the close
+            client.publish(out(q, f"m{i}-{n}"))
+            n += 1
+        sent[i] = n
+
+    runner = threading.Thread(target=lambda: sent.update(errors=in_threads(20, publish)))
+    runner.start()
+    try:
+        assert until(lambda: shared.users >= 10, timeout=10)
+        rabbitmqctl("close_connection", pids[0], "greenq test: closed among the confirms")
+    finally:
+        closed.set()
+        runner.join(60)
+    assert sent.pop("errors") == {}
+    assert shared.broken and shared.users == 0 and client.pool._shared is not shared
+    ids = [d.message_id for d in drain(env.broker(), [q], 2 + sum(sent.values()), timeout=60)]
+    # at least once: a confirm lost with the connection sends that one again
+    assert set(ids) == {"first", "warm"} | {f"m{i}-{n}" for i, count in sent.items() for n in range(count)}
 
 
 def test_nacks_and_acks_settle_the_right_callers_on_the_pool(env):
