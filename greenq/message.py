@@ -21,7 +21,7 @@ import time
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, NoReturn, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 from . import validation
 from .exceptions import ConfigError, MessageError, describe
@@ -416,6 +416,45 @@ def _plain_json(msg: "TaskMessage", args: Any, kwargs: Any) -> Optional[str]:
     return "".join(parts)
 
 
+def _plain_shared(msg: "TaskMessage", heads: Dict[Tuple[Any, ...], Tuple[float, str]]) -> Optional[str]:
+    """``_plain_json(msg, msg.args, msg.kwargs)`` for one message of a batch:
+    the envelope's fields after the id (task, queue, priority, retries,
+    created, reply address) are written once for the messages of a batch that
+    share them (``heads``, kept by the caller for one batch; ``created`` is
+    shared only when it is the same float object, as ``build_many`` makes
+    it), the id and the arguments for each.  Same bytes, same errors."""
+    args = msg.args
+    if type(args) is not list and type(args) is not tuple:     # written as a list, as _plain_json does
+        args = list(args)
+    task_id, task, queue, created, reply_to = msg.id, msg.task, msg.queue, msg.created, msg.reply_to
+    priority, retries = msg.priority, msg.retries
+    if not (type(task_id) is str and type(task) is str and type(queue) is str and type(priority) is int
+            and type(retries) is int and type(created) is float
+            and (reply_to is None or type(reply_to) is str)
+            and msg.eta is None and msg.expires is None and msg.root_id is None
+            and msg.time_limit is None and msg.soft_time_limit is None
+            and msg.parent_id is None and msg.group_id is None and msg.chord_size is None
+            and msg.chord_result is None and msg.link is None and msg.link_error is None
+            and msg.chain is None):
+        return _plain_json(msg, args, msg.kwargs)
+    try:
+        tail = _dumps_pair({"args": args, "kwargs": msg.kwargs})[1:]
+    except RecursionError:              # circular, or nested past the interpreter's limit: the dict says
+        return None
+    key = (task, queue, priority, retries, reply_to)      # exact types: no 1 == 1.0 == True mix-ups
+    found = heads.get(key)
+    if found is not None and found[0] is created:
+        head = found[1]
+    elif _isfinite(created):
+        reply = "" if reply_to is None else f',"reply_to":{_esc(reply_to)}'
+        head = (f',"task":{_esc(task)},"queue":{_esc(queue)},"priority":{int.__repr__(priority)},'
+                f'"retries":{int.__repr__(retries)},"created":{float.__repr__(created)}{reply},')
+        heads[key] = (created, head)
+    else:
+        return None
+    return f'{_PLAIN_START},"id":{_esc(task_id)}{head}{tail}'
+
+
 _OUTGOING: list = []
 
 
@@ -519,6 +558,42 @@ class Codec:
                 sink(msg)
             except Exception:                   # an event must never stop a send
                 log.warning("task-sent event for %s failed", msg.id, exc_info=True)
+        return out
+
+    def outgoing_many(self, msgs: Sequence[TaskMessage]) -> List["Outgoing"]:
+        """``[self.outgoing(m) for m in msgs]``, the same bytes and the same
+        checks (``max_message_size``, arguments json cannot write), with what
+        only depends on the settings decided once and the envelope fields
+        that messages of one task, queue and clock read share written once
+        (``_plain_shared``).  Tracing, Celery queues, signing and other
+        serializers take ``outgoing`` for each message."""
+        if self.tracer is not None or self.celery_queues or not self._plain:
+            return [self.outgoing(m) for m in msgs]
+        make = _outgoing()
+        sink = self.sent_sink
+        max_size = self.max_size
+        heads: Dict[Tuple[Any, ...], Tuple[float, str]] = {}
+        out: List["Outgoing"] = []
+        add = out.append
+        for msg in msgs:
+            text = None
+            if type(msg) is TaskMessage:
+                try:
+                    text = _plain_shared(msg, heads)
+                except (TypeError, ValueError) as exc:
+                    raise MessageError(f"cannot serialize arguments of {msg.task} with json: {exc}") from None
+            if text is None:
+                data = self.encode(msg)
+            else:
+                data = text.encode()
+                if len(data) > max_size:
+                    self._too_big(msg, data)
+            add(make(msg.queue, data, msg.id, msg.priority, msg.eta))
+            if sink is not None:
+                try:
+                    sink(msg)
+                except Exception:                   # an event must never stop a send
+                    log.warning("task-sent event for %s failed", msg.id, exc_info=True)
         return out
 
     def decode(self, data: Any) -> TaskMessage:
