@@ -220,6 +220,7 @@ ID_BATCH = 256
 # the version (4) and variant (RFC 4122) bits of each 16 random bytes, as uuid.UUID(version=4) sets them
 _ID_CLEAR = int.from_bytes((b"\xff" * 6 + b"\x0f\xff\x3f" + b"\xff" * 7) * ID_BATCH, "big")
 _ID_SET = int.from_bytes((b"\x00" * 6 + b"\x40\x00\x80" + b"\x00" * 7) * ID_BATCH, "big")
+_ID_SPACES = b" " * ID_BATCH
 _ids: Deque[str] = deque()           # made, not yet given out; emptied in a forked child
 os.register_at_fork(after_in_child=_ids.clear)
 
@@ -235,9 +236,18 @@ def new_id() -> str:
     except IndexError:
         pass
     size = 16 * ID_BATCH
-    h = (int.from_bytes(os.urandom(size), "big") & _ID_CLEAR | _ID_SET).to_bytes(size, "big").hex()
-    made = [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, 2 * size, 32)]
+    # the hex in 4-digit groups, each followed by "-": 40 characters an id,
+    # "aaaa-aaaa-bbbb-cccc-dddd-eeee-eeee-eeee-"; the id's last "-" made a space
+    # and the three dashes inside its first and last groups cut out (offsets 34,
+    # 29, 4 as each cut shortens the id), all in C: "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee "
+    h = bytearray((int.from_bytes(os.urandom(size), "big") & _ID_CLEAR | _ID_SET).to_bytes(size, "big")
+                  .hex("-", 2), "ascii")
+    h.append(45)
+    h[39::40] = _ID_SPACES
+    del h[34::40]
+    del h[29::39]
+    del h[4::38]
+    made = h.decode("ascii").split()
     _ids.extend(made[1:])
     return made[0]
 
