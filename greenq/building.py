@@ -25,7 +25,9 @@ Sending is a hot path, so the builder does as little per call as the rules
 allow: names it has validated once (task names, queues) are remembered, flat
 arguments skip the nesting walk, a task's options are resolved in one pass.
 What it remembers depends on the value alone, never on settings that could
-change, so nothing it caches can go stale.
+change, so nothing it caches can go stale.  ``build_many`` (``enqueue_many``)
+also works out once per batch what one batch shares: the clock read, each
+task name's options, queue and their checks, the reply address.
 """
 from __future__ import annotations
 
