@@ -378,11 +378,13 @@ class GreenQ:
         sigs = list(signatures)
         if self.config.eager:
             return [self.apply_eager(s.task, s.args, s.kwargs, s.options.get("task_id")) for s in sigs]
-        builder = self.builder
-        messages = [builder.build_record(s.to_dict()) if s.options.get("link") or s.options.get("link_error")
-                    else builder.build(s.task, s.args, s.kwargs, s.options) for s in sigs]
+        # one batch for the builder (greenq/building.py, build_many): a call with
+        # link/link_error goes as its signature record, as send_task sends it
+        messages = self.builder.build_many([
+            s.to_dict() if (o := s.options) and (o.get("link") or o.get("link_error"))
+            else (s.task, s.args, s.kwargs, o) for s in sigs])
         if messages:
-            self.broker.publish_many([self.codec.outgoing(m) for m in messages])
+            self.broker.publish_many(self.codec.outgoing_many(messages))
         return [AsyncResult(m.id, self, m.task) for m in messages]
 
     def apply_eager(self, name: str, args: Sequence[Any] = (), kwargs: Optional[Dict[str, Any]] = None,

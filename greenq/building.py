@@ -25,14 +25,17 @@ Sending is a hot path, so the builder does as little per call as the rules
 allow: names it has validated once (task names, queues) are remembered, flat
 arguments skip the nesting walk, a task's options are resolved in one pass.
 What it remembers depends on the value alone, never on settings that could
-change, so nothing it caches can go stale.
+change, so nothing it caches can go stale.  ``build_many`` (``enqueue_many``)
+also works out once per batch what one batch shares: the clock read, each
+task name's options, queue and their checks, the reply address.
 """
 from __future__ import annotations
 
 import fnmatch
 import time
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple, cast
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple,
+                    Union, cast)
 
 from . import validation
 from .message import TaskMessage, new_id
@@ -56,6 +59,9 @@ _SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 #: the most names each cache remembers (send_task takes any name; past this
 #: many, new ones are checked every time)
 NAME_CACHE_MAX = 4096
+
+#: one call as ``MessageBuilder.build_many`` takes it: (task name, args, kwargs, apply_async options)
+Call = Tuple[str, Sequence[Any], Optional[Dict[str, Any]], Optional[Dict[str, Any]]]
 
 #: the options of a call given none (never written to)
 _NO_OPTIONS: Dict[str, Any] = {}
@@ -215,6 +221,93 @@ class MessageBuilder:
             name, list(args), dict(kwargs), task_id, queue, priority,
             eta if eta and eta > now else None, expires, 0, now, root_id, time_limit, soft_limit,
             None if ignore else self.target.reply_to(), parent_id)
+
+    # -- many calls at once (app.enqueue_many) ---------------------------------------
+    def build_many(self, calls: Iterable[Union[Call, Dict[str, Any]]], *,
+                   now: Optional[float] = None) -> List[TaskMessage]:
+        """The messages of many calls, in order: each a call ``(name, args,
+        kwargs, options)`` as ``build`` takes it, or a signature record as
+        ``build_record`` takes it.  Every message is the one ``build`` (or
+        ``build_record``) gives for it with the same ``now``: one clock read
+        for the batch (default the clock).  What depends on the task name
+        alone is worked out once per name in the batch: the name's check,
+        its options (``[task:NAME]`` > decorator > default), its queue
+        (task option > ``[routes]`` > default queue) and that queue's check,
+        its default expiry and time limits checked; so is the broker's name
+        limits, the reply address (asked once, when a message first wants
+        it) and the running task (``context``).  A call given options is
+        built by ``build`` itself (each option is checked per call); every
+        call's arguments are checked.  Raises on the first bad call, as
+        ``build`` does, so nothing of a bad batch is sent."""
+        if now is None:
+            now = time.time()
+        out: List[TaskMessage] = []
+        add = out.append
+        named: Dict[str, Tuple[str, int, Optional[float], bool]] = {}     # per task name, see _defaults
+        reply: List[Optional[str]] = []         # the reply address, asked once (rpc:// may open a queue)
+        caller = self.context()
+        root_id: Optional[str] = None
+        parent_id: Optional[str] = None
+        if caller is not None and not caller.is_eager:
+            root_id, parent_id = caller.root_id, caller.id
+        task_names = self._task_names
+        for call in calls:
+            if type(call) is dict:              # a signature record (link, link_error)
+                add(self.build_record(call, now=now))
+                continue
+            name, args, kwargs, options = cast(Call, call)
+            if options:                         # each option checked, as for one call
+                add(self.build(name, args, kwargs, options, now=now))
+                continue
+            if type(name) is not str or name not in task_names:
+                validation.name("task name", name)
+                if len(task_names) < NAME_CACHE_MAX:
+                    task_names.add(name)
+            if kwargs is None:
+                kwargs = {}
+            if not _flat(args, kwargs):
+                validation.arguments(args, kwargs)
+            defaults = named.get(name)
+            if defaults is None:
+                defaults = named[name] = self._defaults(name, now)
+            queue, priority, expires, ignore = defaults
+            if ignore:
+                reply_to = None
+            elif reply:
+                reply_to = reply[0]
+            else:
+                reply_to = self.target.reply_to()
+                reply.append(reply_to)
+            add(TaskMessage(            # in TaskMessage's field order, as build makes it
+                name, list(args), dict(kwargs), new_id(), queue, priority, None, expires, 0, now,
+                root_id, None, None, reply_to, parent_id))
+        return out
+
+    def _defaults(self, name: str, now: float) -> Tuple[str, int, Optional[float], bool]:
+        """What ``build`` gives a call of ``name`` with no options, checked as
+        it checks them: (queue, priority, expires at, ignore_result)."""
+        task = self.tasks.get(name)
+        if task is not None:    # [task:NAME] > decorator > default
+            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = task.options_for(BUILD_KEYS)
+        else:                   # a task not registered here: its [task:NAME] options only
+            configured = self.config.task_options(name).get
+            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (configured(key) for key in BUILD_KEYS)
+        expires = d_expires
+        if expires is not None:
+            if isinstance(expires, datetime):
+                expires = validation.epoch("expires", expires)
+            else:
+                expires = now + validation.offset("expires", expires)
+        priority = d_priority or 0
+        if type(priority) is not int or not 0 <= priority <= 9:
+            validation.priority("priority", priority)
+        if d_soft and d_hard:
+            validation.limits(d_soft, d_hard)
+        queue_bytes = self.target.limits()[0]
+        queue = d_queue or (self.route(name) if self.config.routes else None) \
+            or self.config.section("greenq")["default_queue"]
+        queue = self._queue(queue, queue_bytes)
+        return queue, priority, expires, bool(d_ignore)
 
     def _queue(self, queue: Any, limit: int) -> str:
         """``validation.name("queue", queue, limit=limit)``, remembered per name."""

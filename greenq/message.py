@@ -21,7 +21,7 @@ import time
 import dataclasses
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, NoReturn, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, NoReturn, Optional, Sequence, Set, Tuple
 
 from . import validation
 from .exceptions import ConfigError, MessageError, describe
@@ -220,6 +220,7 @@ ID_BATCH = 256
 # the version (4) and variant (RFC 4122) bits of each 16 random bytes, as uuid.UUID(version=4) sets them
 _ID_CLEAR = int.from_bytes((b"\xff" * 6 + b"\x0f\xff\x3f" + b"\xff" * 7) * ID_BATCH, "big")
 _ID_SET = int.from_bytes((b"\x00" * 6 + b"\x40\x00\x80" + b"\x00" * 7) * ID_BATCH, "big")
+_ID_SPACES = b" " * ID_BATCH
 _ids: Deque[str] = deque()           # made, not yet given out; emptied in a forked child
 os.register_at_fork(after_in_child=_ids.clear)
 
@@ -235,9 +236,18 @@ def new_id() -> str:
     except IndexError:
         pass
     size = 16 * ID_BATCH
-    h = (int.from_bytes(os.urandom(size), "big") & _ID_CLEAR | _ID_SET).to_bytes(size, "big").hex()
-    made = [f"{h[i:i + 8]}-{h[i + 8:i + 12]}-{h[i + 12:i + 16]}-{h[i + 16:i + 20]}-{h[i + 20:i + 32]}"
-            for i in range(0, 2 * size, 32)]
+    # the hex in 4-digit groups, each followed by "-": 40 characters an id,
+    # "aaaa-aaaa-bbbb-cccc-dddd-eeee-eeee-eeee-"; the id's last "-" made a space
+    # and the three dashes inside its first and last groups cut out (offsets 34,
+    # 29, 4 as each cut shortens the id), all in C: "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee "
+    h = bytearray((int.from_bytes(os.urandom(size), "big") & _ID_CLEAR | _ID_SET).to_bytes(size, "big")
+                  .hex("-", 2), "ascii")
+    h.append(45)
+    h[39::40] = _ID_SPACES
+    del h[34::40]
+    del h[29::39]
+    del h[4::38]
+    made = h.decode("ascii").split()
     _ids.extend(made[1:])
     return made[0]
 
@@ -416,6 +426,45 @@ def _plain_json(msg: "TaskMessage", args: Any, kwargs: Any) -> Optional[str]:
     return "".join(parts)
 
 
+def _plain_shared(msg: "TaskMessage", heads: Dict[Tuple[Any, ...], Tuple[float, str]]) -> Optional[str]:
+    """``_plain_json(msg, msg.args, msg.kwargs)`` for one message of a batch:
+    the envelope's fields after the id (task, queue, priority, retries,
+    created, reply address) are written once for the messages of a batch that
+    share them (``heads``, kept by the caller for one batch; ``created`` is
+    shared only when it is the same float object, as ``build_many`` makes
+    it), the id and the arguments for each.  Same bytes, same errors."""
+    args = msg.args
+    if type(args) is not list and type(args) is not tuple:     # written as a list, as _plain_json does
+        args = list(args)
+    task_id, task, queue, created, reply_to = msg.id, msg.task, msg.queue, msg.created, msg.reply_to
+    priority, retries = msg.priority, msg.retries
+    if not (type(task_id) is str and type(task) is str and type(queue) is str and type(priority) is int
+            and type(retries) is int and type(created) is float
+            and (reply_to is None or type(reply_to) is str)
+            and msg.eta is None and msg.expires is None and msg.root_id is None
+            and msg.time_limit is None and msg.soft_time_limit is None
+            and msg.parent_id is None and msg.group_id is None and msg.chord_size is None
+            and msg.chord_result is None and msg.link is None and msg.link_error is None
+            and msg.chain is None):
+        return _plain_json(msg, args, msg.kwargs)
+    try:
+        tail = _dumps_pair({"args": args, "kwargs": msg.kwargs})[1:]
+    except RecursionError:              # circular, or nested past the interpreter's limit: the dict says
+        return None
+    key = (task, queue, priority, retries, reply_to)      # exact types: no 1 == 1.0 == True mix-ups
+    found = heads.get(key)
+    if found is not None and found[0] is created:
+        head = found[1]
+    elif _isfinite(created):
+        reply = "" if reply_to is None else f',"reply_to":{_esc(reply_to)}'
+        head = (f',"task":{_esc(task)},"queue":{_esc(queue)},"priority":{int.__repr__(priority)},'
+                f'"retries":{int.__repr__(retries)},"created":{float.__repr__(created)}{reply},')
+        heads[key] = (created, head)
+    else:
+        return None
+    return f'{_PLAIN_START},"id":{_esc(task_id)}{head}{tail}'
+
+
 _OUTGOING: list = []
 
 
@@ -519,6 +568,42 @@ class Codec:
                 sink(msg)
             except Exception:                   # an event must never stop a send
                 log.warning("task-sent event for %s failed", msg.id, exc_info=True)
+        return out
+
+    def outgoing_many(self, msgs: Sequence[TaskMessage]) -> List["Outgoing"]:
+        """``[self.outgoing(m) for m in msgs]``, the same bytes and the same
+        checks (``max_message_size``, arguments json cannot write), with what
+        only depends on the settings decided once and the envelope fields
+        that messages of one task, queue and clock read share written once
+        (``_plain_shared``).  Tracing, Celery queues, signing and other
+        serializers take ``outgoing`` for each message."""
+        if self.tracer is not None or self.celery_queues or not self._plain:
+            return [self.outgoing(m) for m in msgs]
+        make = _outgoing()
+        sink = self.sent_sink
+        max_size = self.max_size
+        heads: Dict[Tuple[Any, ...], Tuple[float, str]] = {}
+        out: List["Outgoing"] = []
+        add = out.append
+        for msg in msgs:
+            text = None
+            if type(msg) is TaskMessage:
+                try:
+                    text = _plain_shared(msg, heads)
+                except (TypeError, ValueError) as exc:
+                    raise MessageError(f"cannot serialize arguments of {msg.task} with json: {exc}") from None
+            if text is None:
+                data = self.encode(msg)
+            else:
+                data = text.encode()
+                if len(data) > max_size:
+                    self._too_big(msg, data)
+            add(make(msg.queue, data, msg.id, msg.priority, msg.eta))
+            if sink is not None:
+                try:
+                    sink(msg)
+                except Exception:                   # an event must never stop a send
+                    log.warning("task-sent event for %s failed", msg.id, exc_info=True)
         return out
 
     def decode(self, data: Any) -> TaskMessage:

@@ -3,6 +3,8 @@ same bytes and refuses the same input as the general code beside it."""
 from __future__ import annotations
 
 import os
+import re
+import time
 import random
 import uuid
 
@@ -109,3 +111,133 @@ def test_the_one_pass_redis_packer_writes_exactly_what_redis_py_packs():
         assert resp.pack(["SET", "k", odd]) is None
     assert resp.xadd("s", bytearray(b"x"), "id") is None and resp.xadd("s", b"x", 5) is None
 
+
+
+# -- enqueue_many: a batch builds and encodes each message as one call does ----------------------
+BATCH_NOW = 1_700_000_000.25
+
+
+def _batch_app(**settings):
+    app = GreenQ("t", broker="memory://client-path-batch", config_file=False, **settings)
+    app.config.set("task:shop.conf", "priority", 7, origin="test")
+    app.config.set("task:shop.conf", "expires", 60, origin="test")
+    app.config.set("task:not.here", "queue", "elsewhere", origin="test")
+    app.config.set("routes", "routed.*", "by-route", origin="test")
+
+    @app.task(name="shop.io", queue="io", priority=2, expires=30, soft_time_limit=5, time_limit=10)
+    def io(*args, **kwargs):
+        pass
+
+    @app.task(name="shop.conf", ignore_result=True)
+    def conf(*args, **kwargs):
+        pass
+
+    @app.task(name="routed.one")
+    def routed(*args, **kwargs):
+        pass
+    return app
+
+
+_BATCH_CALLS = [
+    ("shop.io", (1, "two"), {"x": 3.0}, {}), ("shop.io", [], None, None), ("shop.conf", (), {}, {}),
+    ("routed.one", ("ü",), {}, {}), ("not.here", (None, True), {}, {}), ("free.task", (), None, {}),
+    ("shop.io", ({"nested": [1, 2]},), {"k": [None]}, {}),
+    ("shop.io", (1,), {}, {"queue": "q2", "priority": 4, "countdown": 10, "task_id": "given-id"}),
+    ("shop.conf", (), {}, {"ignore_result": False, "expires": 5, "time_limit": 3}),
+    ("shop.io", (), {}, {"eta": BATCH_NOW - 1}), ("shop.io", (2,), {}, {}),
+]
+
+
+def test_a_batch_builds_each_message_as_build_does_with_one_clock_read():
+    app = _batch_app()
+    builder = app.builder
+    record = app.signature("shop.io", (5,), link=app.signature("shop.conf")).to_dict()
+    calls = [*_BATCH_CALLS, record, *_BATCH_CALLS[:3]]
+    batch = builder.build_many(calls, now=BATCH_NOW)
+    one_by_one = [builder.build_record(call, now=BATCH_NOW) if type(call) is dict
+                  else builder.build(*call, now=BATCH_NOW) for call in calls]
+    assert len(batch) == len(calls)
+    for made, single in zip(batch, one_by_one):
+        assert made.id != single.id and len(made.id) == 36 or made.id == single.id == "given-id"
+        made.id = single.id
+        assert made == single
+        assert app.codec.encode(made) == app.codec.encode(single)
+    assert [m.queue for m in batch[:6]] == ["io", "io", "default", "by-route", "elsewhere", "default"]
+    assert batch[2].priority == 7 and batch[2].expires == BATCH_NOW + 60 and batch[2].reply_to is None
+    assert batch[7].eta == BATCH_NOW + 10 and batch[9].eta is None
+    assert {m.created for m in batch} == {BATCH_NOW} and batch[-1].link is None and batch[-4].link
+    clocked = builder.build_many(calls[:3])                  # no now given: one clock read for all
+    assert len({id(m.created) for m in clocked}) == 1 and abs(clocked[0].created - time.time()) < 60
+
+
+def test_a_batch_refuses_each_bad_call_as_build_does_and_remembers_no_bad_name():
+    app = _batch_app()
+    builder = app.builder
+    app.config.set("task:bad.limits", "soft_time_limit", 20, origin="test")
+    app.config.set("task:bad.limits", "time_limit", 10, origin="test")
+    app.config.set("task:bad.queue", "queue", "é" * 128, origin="test")
+    deep: list = []
+    for _ in range(150):
+        deep = [deep]
+    for bad in [("", (), {}, {}), (5, (), {}, None), ("t\x00", (), {}, {}), ("t", "notalist", {}, {}),
+                ("t", (deep,), {}, {}), ("t", (), {1: "x"}, {}), ("t", (), {}, {"countdwn": 1}),
+                ("t", (), {}, {"priority": 10}), ("bad.limits", (), {}, {}), ("bad.queue", (), {}, None),
+                ("t", (), {}, {"queue": "q\n"}), ("t", (), {}, {"task_id": ""})]:
+        with pytest.raises((TypeError, ValueError)) as single:
+            builder.build(*bad, now=BATCH_NOW)
+        for _ in range(2):                                   # a refused name is not remembered as good
+            with pytest.raises(type(single.value), match=re.escape(str(single.value))):
+                builder.build_many([_BATCH_CALLS[0], bad, _BATCH_CALLS[1]], now=BATCH_NOW)
+    assert "" not in builder._task_names and "t\x00" not in builder._task_names
+
+
+def test_a_batch_encodes_exactly_what_each_message_encodes_alone():
+    rng = random.Random(2222)
+    general = Codec()
+    general._plain = False
+    shared = 1796672072.9905596
+    for usual in (0.0, 0.9, 1.0):
+        msgs = []
+        for _ in range(1500):
+            msg = TaskMessage("t")
+            for key, choices in _VALUES.items():
+                setattr(msg, key, choices[0] if rng.random() < usual else rng.choice(choices))
+            if rng.random() < 0.5:
+                msg.created = shared if rng.random() < 0.5 else rng.choice([-0.0, 0.0, shared + 1, 0.5 + 0.5])
+            msg.args, msg.kwargs = rng.choice(_ARGUMENTS)
+            msgs.append(msg)
+        for codec in (Codec(), Codec(signing_key="k" * 32)):
+            many = codec.outgoing_many(msgs)
+            assert [o.body for o in many] == [codec.encode(m) for m in msgs]
+            assert [(o.queue, o.message_id, o.priority, o.eta) for o in many] == \
+                [(m.queue, m.id, m.priority, m.eta) for m in msgs]
+        assert [o.body for o in Codec().outgoing_many(msgs)] == [general.encode(m) for m in msgs]
+    loop: list = []
+    loop.append(loop)
+    for bad, reason in ((TaskMessage("t", [object()], {}), "Object of type object is not JSON serializable"),
+                        (TaskMessage("t", [loop], {}), "Circular reference detected"),
+                        (TaskMessage("t", ["x" * 400], {}), "over max_message_size 300")):
+        with pytest.raises(MessageError, match=reason):
+            Codec(max_size=300).outgoing_many([TaskMessage("t", [1], {}), bad])
+
+
+@pytest.mark.parametrize("settings", [{}, {"signing_key": "s" * 32}])
+def test_enqueue_many_writes_the_bytes_delay_writes_apart_from_id_and_time(settings):
+    """Time fields: created, and expires (counted from it); sig covers the id."""
+    app = _batch_app(**settings)
+    sent = []
+    for call in _BATCH_CALLS[:7]:
+        name, args, kwargs, _ = call
+        sent.append(app.send_task(name, args, kwargs))
+    sent += app.enqueue_many([app.signature(name, args, kwargs) for name, args, kwargs, _ in _BATCH_CALLS[:7]])
+    queues = ["io", "default", "by-route", "elsewhere"]
+    bodies = {d.message_id: d.body for d in app.broker.fetch(queues, 100, 0)}
+    assert len(bodies) == 14
+
+    def blanked(task_id):
+        body = bytes(bodies[task_id])
+        assert app.codec.decode(body).id == task_id          # signed ones check out
+        body = body.replace(task_id.encode(), b"<id>")
+        return re.sub(rb'"(created|expires|sig)":[^,}]+', rb'"\1":<x>', body)
+    for one, batched in zip(sent[:7], sent[7:]):
+        assert blanked(one.id) == blanked(batched.id)
