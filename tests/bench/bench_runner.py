@@ -278,18 +278,27 @@ class Bench:
                     print(f"error: limit {system}: {exc}", file=sys.stderr)
                     self.space.reset()
         result: Dict[str, Any] = {}
+        base = runs.get("limit", [])
         for name, got in runs.items():
+            # the same round's limit and drain ran under the same load: their ratio, round by round
+            rounds = [100.0 * r["rate"] / l["rate"] for r, l in zip(got, base)] \
+                if len(got) == len(base) else []
             got = sorted(got, key=lambda r: r["seconds"])
             best = dict(got[len(got) // 2])
             best["runs_seconds"] = [r["seconds"] for r in got]
             best["runs_rate"] = [r["rate"] for r in got]
             best["runs_loadavg"] = [r["loadavg_1min_before"] for r in got]
+            best["pct_of_limit_rounds"] = rounds
             result[name] = best
         limit = result.get("limit")
         for name, best in result.items():
             if limit and limit.get("rate"):
                 best["pct_of_limit"] = 100.0 * best["rate"] / limit["rate"]
                 best["limit_rate"] = limit["rate"]
+            if limit and best.get("worker_cpu_us_per_task"):
+                # both CPU-bound on one core each: the rate the CPU per task allows, which
+                # the machine's load moves much less than the rates
+                best["pct_of_limit_by_cpu"] = 100.0 * limit["worker_cpu_us_per_task"] / best["worker_cpu_us_per_task"]
         return result
 
     def roundtrip(self, system: str) -> Dict[str, Any]:
@@ -577,10 +586,14 @@ def render(out: Dict[str, Any], opts) -> str:
                   "|---|" + "---|" * len(names)]
         for label, field, digits in (("calls or tasks/s", "rate", 0), ("% of the limit", "pct_of_limit", 1),
                                      ("CPU per task (the process running it), us", "worker_cpu_us_per_task", 0),
+                                     ("% of the limit by CPU per task (limit's CPU / this CPU)",
+                                      "pct_of_limit_by_cpu", 1),
                                      ("load average (1 min) before, median run", "loadavg_1min_before", 2)):
             lines.append(f"| {label} | " + " | ".join(_fmt(lim[s].get(field), digits) for s in names) + " |")
         lines.append("| runs, per second | " + " | ".join(
             " / ".join(_fmt(r) for r in lim[s]["runs_rate"]) for s in names) + " |")
+        lines.append("| % of the limit, round by round | " + " | ".join(
+            " / ".join(_fmt(r, 1) for r in lim[s]["pct_of_limit_rounds"]) or "—" for s in names) + " |")
     if "processes" in res:
         lines += ["", f"greenq, {opts.noop_n:,} no-op tasks at -c {opts.noop_concurrency} per process, "
                   f"--processes P (median of {opts.repeat}; CPU summed over the processes that ran tasks):",

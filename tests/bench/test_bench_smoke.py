@@ -150,6 +150,9 @@ def test_bench_limit_and_processes_smoke(tmp_path):
     assert greenq["limit_rate"] == limit["rate"]
     assert greenq["pct_of_limit"] == pytest.approx(100.0 * greenq["rate"] / limit["rate"])
     assert greenq["loadavg_1min_before"] >= 0
+    assert greenq["pct_of_limit_by_cpu"] == pytest.approx(
+        100.0 * limit["cpu_us_per_call"] / greenq["worker_cpu_us_per_task"])
+    assert len(greenq["pct_of_limit_rounds"]) == 1 and greenq["pct_of_limit_rounds"][0] > 0
 
     by_count = results["processes"]
     assert set(by_count) == {"1", "2"}
