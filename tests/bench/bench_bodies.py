@@ -15,12 +15,28 @@ CLOCK_MONOTONIC on Linux, so the driver can compare it with its own clock.
 With ``--instructions`` (``BENCH_CALLGRIND=1``, the worker under callgrind)
 the first task switches callgrind's counting on and the last one off, and the
 report says how many tasks ran wholly while it counted.
+
+With ``BENCH_PROBE_SPLIT=1`` (a worker of several processes, ``greenq-worker
+--processes N``: no process knows when the others are done) each process keeps
+a slot of its own instead, ``BENCH_PROBE_FILE.<pid>.slot``, mapped in memory:
+its task count, its first task's start and CPU time, and its last task's end,
+written after every task (a ``pack_into``, no system call).  The driver adds
+the counts up and reads each process's CPU time (``/proc/<pid>/task/*/schedstat``,
+the clock ``time.process_time`` reads) when they reach the expected total.
+
+``incr_setnx`` is the body of the limit scenario: one INCR and one SETNX on
+Redis (``BENCH_BODY_REDIS_URL``, keys under ``bench-body:``) through a client
+of the module, created at the first call in each process (after the pool
+patched it; a forked child makes its own), with a pool of
+``BENCH_CONCURRENCY`` + 20 connections, as the peers' broker pools.
 """
 from __future__ import annotations
 
 import functools
 import json
+import mmap
 import os
+import struct
 import sys
 import time
 from typing import Any, Callable
@@ -28,6 +44,9 @@ from typing import Any, Callable
 _EXPECT = int(os.environ.get("BENCH_PROBE_EXPECT") or 0)
 _PATH = os.environ.get("BENCH_PROBE_FILE") or ""
 _CALLGRIND = os.environ.get("BENCH_CALLGRIND") == "1"    # --instructions: the worker runs under callgrind
+_SPLIT = os.environ.get("BENCH_PROBE_SPLIT") == "1"      # one slot per process (greenq --processes N)
+SLOT = struct.Struct("<qddd")                              # done, first start, first CPU, last end
+BODY_PREFIX = "bench-body:"
 _seen = {"started": 0, "done": 0, "first_start": 0.0, "first_cpu": 0.0, "started_uncounted": 0}
 
 
@@ -45,8 +64,39 @@ def echo(value: Any) -> Any:
     return value
 
 
+_body: dict = {"client": None}
+
+
+def _forget_body_client() -> None:
+    _body["client"] = None
+
+
+os.register_at_fork(after_in_child=_forget_body_client)
+
+
+def body_client() -> Any:
+    """The module's Redis client for ``incr_setnx``, created in this process."""
+    client = _body["client"]
+    if client is None:
+        import redis
+        url = os.environ.get("BENCH_BODY_REDIS_URL") or "redis://127.0.0.1:6379/14"
+        size = int(os.environ.get("BENCH_CONCURRENCY") or 100) + 20
+        client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(url, max_connections=size))
+        _body["client"] = client
+    return client
+
+
+def incr_setnx() -> None:
+    """One INCR and one SETNX on Redis: a task that does a little I/O."""
+    client = _body["client"] or body_client()
+    n = client.incr(BODY_PREFIX + "calls")
+    client.setnx(f"{BODY_PREFIX}seen:{n}", 1)
+
+
 def counted(body: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``body`` so the worker reports when the expected count has run."""
+    if _SPLIT:
+        return _counted_split(body)
     @functools.wraps(body)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if not _seen["started"]:
@@ -65,6 +115,32 @@ def counted(body: Callable[..., Any]) -> Callable[..., Any]:
                     _callgrind("off")
                 _report(time.monotonic(), time.process_time())
     return wrapper
+
+
+def _counted_split(body: Callable[..., Any]) -> Callable[..., Any]:
+    slot: list = []
+
+    @functools.wraps(body)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if not slot:
+            slot.append(_open_slot())
+        try:
+            return body(*args, **kwargs)
+        finally:
+            _seen["done"] += 1
+            SLOT.pack_into(slot[0], 0, _seen["done"], _seen["first_start"], _seen["first_cpu"],
+                           time.monotonic())
+    return wrapper
+
+
+def _open_slot() -> mmap.mmap:
+    _seen["first_start"] = time.monotonic()
+    _seen["first_cpu"] = time.process_time()
+    path = f"{_PATH}.{os.getpid()}.slot"
+    with open(path, "wb+") as f:
+        f.write(SLOT.pack(0, _seen["first_start"], _seen["first_cpu"], 0.0))
+        f.flush()
+        return mmap.mmap(f.fileno(), SLOT.size)
 
 
 def _report(last_end: float, last_cpu: float) -> None:

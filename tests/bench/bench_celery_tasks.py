@@ -39,6 +39,7 @@ else:
 noop = app.task(name="bench.noop", ignore_result=True)(bodies.counted(bodies.noop))
 sleep = app.task(name="bench.sleep", ignore_result=True)(bodies.counted(bodies.sleep))
 echo = app.task(name="bench.echo")(bodies.counted(bodies.echo))
+incr = app.task(name="bench.incr", ignore_result=True)(bodies.counted(bodies.incr_setnx))
 
 
 def send(task, *args):

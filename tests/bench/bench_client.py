@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     parser.add_argument("system", choices=("greenq", "celery", "dramatiq"))
     sub = parser.add_subparsers(dest="op", required=True)
     p = sub.add_parser("fill")
-    p.add_argument("kind", choices=("noop", "sleep", "echo"))
+    p.add_argument("kind", choices=("noop", "sleep", "echo", "incr"))
     p.add_argument("n", type=int)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--bulk", action="store_true")

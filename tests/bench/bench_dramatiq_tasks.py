@@ -34,6 +34,7 @@ noop = dramatiq.actor(bodies.counted(bodies.noop), actor_name="bench_noop")
 sleep = dramatiq.actor(bodies.counted(bodies.sleep), actor_name="bench_sleep")
 echo = dramatiq.actor(bodies.counted(bodies.echo), actor_name="bench_echo",
                       **({"store_results": True} if os.environ.get("BENCH_RESULTS") == "1" else {}))
+incr = dramatiq.actor(bodies.counted(bodies.incr_setnx), actor_name="bench_incr")
 
 
 def send(task, *args):

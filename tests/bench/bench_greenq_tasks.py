@@ -25,6 +25,7 @@ app = GreenQ("bench", broker=os.environ["BENCH_BROKER_URL"],
 noop = app.task(name="bench.noop", ignore_result=True)(bodies.counted(bodies.noop))
 sleep = app.task(name="bench.sleep", ignore_result=True)(bodies.counted(bodies.sleep))
 echo = app.task(name="bench.echo")(bodies.counted(bodies.echo))
+incr = app.task(name="bench.incr", ignore_result=True)(bodies.counted(bodies.incr_setnx))
 
 
 def send(task, *args):

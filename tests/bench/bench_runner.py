@@ -16,12 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import bench_systems as bs
 from bench_systems import BenchError
 
-SCENARIOS = ("noop", "sleep", "roundtrip", "enqueue", "issue2", "celeryq")
+SCENARIOS = ("noop", "sleep", "roundtrip", "enqueue", "issue2", "celeryq", "limit", "processes")
 POLL = 0.01  # seconds between looks for the probe file
 
 
@@ -60,10 +60,11 @@ class Bench:
 
     def worker(self, system: str, concurrency: int, pool: str = "gevent", *,
                probe_file: str = "", expect: int = 0, results: bool = False,
-               confirm: Optional[bool] = None, extra_env: Optional[Dict[str, str]] = None) -> bs.Worker:
+               confirm: Optional[bool] = None, extra_env: Optional[Dict[str, str]] = None,
+               extra_args: Sequence[str] = ()) -> bs.Worker:
         broker, backend = self.space.broker_url(system), self.space.backend_url(system)
         argv = bs.worker_argv(system, broker, backend, concurrency, pool,
-                              greenq_args=shlex.split(self.opts.greenq_args or ""))
+                              greenq_args=shlex.split(self.opts.greenq_args or "") + list(extra_args))
         env = bs.system_env(system, broker, backend, probe_file=probe_file, expect=expect,
                             concurrency=concurrency, celery_acks=self.opts.celery_acks,
                             results=results, confirm=confirm)
@@ -104,17 +105,56 @@ class Bench:
         with open(probe_file) as report:
             return json.load(report)
 
+    def wait_split(self, worker: bs.Worker, probe_file: str, expect: int, what: str,
+                   timeout: float) -> Dict[str, Any]:
+        """Wait for the per-process slots of a split probe (a worker of several
+        processes) to add up to ``expect`` tasks; the report of :meth:`wait_probe`,
+        with the CPU time of every process that ran tasks, summed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            slots = bs.read_slots(probe_file)
+            if sum(slot[1] for slot in slots) >= expect:
+                break
+            if not worker.alive():
+                raise BenchError(f"{what}: the worker exited {worker.proc.returncode} before the "
+                                 f"tasks were done; its log ends:\n{worker.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"{what}: not done after {timeout:.0f} s (--timeout); "
+                                 f"the worker's log ends:\n{worker.log_tail()}")
+            time.sleep(POLL)
+        cpu = 0.0
+        for pid, _done, _start, first_cpu, _end in slots:   # the processes idle from here on
+            now = bs.process_cpu_seconds(pid)
+            if now is None:
+                raise BenchError(f"{what}: worker process {pid} exited before its CPU time was read")
+            cpu += now - first_cpu
+        slots = bs.read_slots(probe_file)
+        return {"first_start": min(slot[2] for slot in slots), "last_end": max(slot[4] for slot in slots),
+                "cpu_seconds": cpu, "done": sum(slot[1] for slot in slots),
+                "processes_with_tasks": len(slots), "per_process_done": sorted(slot[1] for slot in slots)}
+
     # -- scenarios ------------------------------------------------------------
     def drain(self, system: str, kind: str, n: int, concurrency: int, sleep: float,
-              pool: str = "gevent", celery_queue: bool = False) -> Dict[str, Any]:
+              pool: str = "gevent", celery_queue: bool = False, processes: int = 0) -> Dict[str, Any]:
         """Fill the queue with ``n`` tasks, then start one worker and time the drain
         from the first task's start to the last task's end.  ``celery_queue``: a
         Celery client fills Celery's queue (``celery``), whichever system drains
-        it; a greenq worker consumes it as a queue in ``celery_queues``."""
-        what = f"{system} {kind} n={n} c={concurrency} pool={pool}" + (" on a Celery queue" if celery_queue else "")
+        it; a greenq worker consumes it as a queue in ``celery_queues``.  ``processes``
+        (greenq): ``--processes`` of the worker, its tasks counted by the split probe
+        and its CPU time summed over the processes that ran them."""
+        what = f"{system} {kind} n={n} c={concurrency} pool={pool}" + (" on a Celery queue" if celery_queue else "") \
+            + (f" processes={processes}" if processes else "")
         filler = "celery" if celery_queue else system
         extra = {"GREENQ_CELERY_QUEUES": "celery", "GREENQ_WORKER_QUEUES": "celery"} \
             if celery_queue and system == "greenq" else {}
+        extra_args: List[str] = []
+        if kind == "incr":
+            extra["BENCH_BODY_REDIS_URL"] = self.space.body_redis_url()
+        if processes:
+            if system != "greenq":
+                raise BenchError(f"{what}: only greenq's worker is run with several processes here")
+            extra["BENCH_PROBE_SPLIT"] = "1"
+            extra_args = ["--processes", str(processes)]
         load = os.getloadavg()[0]  # other work on the machine skews every figure: recorded
         self.space.reset()
         fill_args = ["fill", kind, str(n), "--sleep", str(sleep)]
@@ -128,11 +168,15 @@ class Bench:
         probe = self._file(f"{system}-{kind}-probe", ".json")
         count = os.environ.get("GREENQ_BENCH_COUNT_COMMANDS") == "1" and hasattr(self.space, "commands")
         commands_before = self.space.commands() if count else 0
-        worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n, extra_env=extra)
+        worker = self.worker(system, concurrency, pool, probe_file=probe, expect=n, extra_env=extra,
+                             extra_args=extra_args)
         try:
             # generous: 10x the ideal time, 5 ms a task, a minute to start; at most --timeout
             timeout = min(self.opts.timeout, 60 + 10 * n * sleep / concurrency + 0.005 * n)
-            report = self.wait_probe(worker, probe, what, timeout)
+            if processes:
+                report = self.wait_split(worker, probe, n, what, timeout)
+            else:
+                report = self.wait_probe(worker, probe, what, timeout)
             # the broker's commands from the worker's start to the last task's end, per task
             # (GREENQ_BENCH_COUNT_COMMANDS=1, on a Redis server of the run's own)
             commands = (self.space.commands() - commands_before - 1) / n if count else None
@@ -141,9 +185,10 @@ class Bench:
             code = worker.stop()
             self.finish_profile(worker)
         left = self.client(filler, "left")["left"]
+        body_calls = self.space.body_calls() if kind == "incr" else None
         self.space.reset()
         span = report["last_end"] - report["first_start"]
-        machine_cpu = worker.cpu_between(report["first_start"], report["last_end"])[1]
+        tree_cpu, machine_cpu = worker.cpu_between(report["first_start"], report["last_end"])
         worker_cpu = report.get("cpu_seconds")  # the task-running process's own, exact
         result = {"system": system, "kind": kind, "pool": pool, "n": n, "concurrency": concurrency,
                   "sleep": sleep, "seconds": span, "rate": n / span if span > 0 else None,
@@ -155,7 +200,16 @@ class Bench:
                   "worker_cpu_seconds": worker_cpu,
                   "worker_cpu_us_per_task": worker_cpu * 1e6 / n if worker_cpu is not None else None,
                   "machine_busy_cores": machine_cpu / span if machine_cpu is not None and span > 0 else None,
-                  "loadavg_1min_before": load, "broker_commands_per_task": commands}
+                  "loadavg_1min_before": load, "broker_commands_per_task": commands,
+                  # the whole process tree's (supervisor included), from 50 ms samples
+                  "worker_tree_cpu_us_per_task": tree_cpu * 1e6 / n if tree_cpu is not None else None}
+        if processes:
+            result.update(processes=processes, processes_with_tasks=report["processes_with_tasks"],
+                          per_process_done=report["per_process_done"])
+        if kind == "incr":
+            result["body_calls"] = body_calls
+            if body_calls != n:
+                raise BenchError(f"{what}: the body counted {body_calls} calls in Redis, not {n}")
         if report.get("counted"):
             result["worker_instructions_per_task"] = _instructions(worker.log_path) / report["counted"]
         elif self.opts.instructions and system == "greenq":
@@ -177,6 +231,75 @@ class Bench:
         best = dict(runs[len(runs) // 2])
         best["runs_seconds"] = [r["seconds"] for r in runs]
         return best
+
+    def limit_alone(self, n: int, concurrency: int) -> Dict[str, Any]:
+        """The limit: the ``incr`` body alone, ``n`` calls by ``concurrency`` greenlets in
+        a process of its own (bench_limit.py), no queue; calls/s and CPU per call."""
+        load = os.getloadavg()[0]
+        self.space.reset()
+        env = bs.system_env("greenq", "", "", concurrency=concurrency)
+        env["BENCH_BODY_REDIS_URL"] = self.space.body_redis_url()
+        argv = [sys.executable, os.path.join(bs.HERE, "bench_limit.py"), str(n), str(concurrency)]
+        done = subprocess.run(argv, env=env, cwd=bs.HERE, capture_output=True, text=True,
+                              timeout=self.opts.timeout)
+        if done.returncode != 0:
+            raise BenchError(f"the limit (bench_limit.py) exited {done.returncode}:\n{done.stderr.strip()[-2000:]}")
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        calls = self.space.body_calls()
+        self.space.reset()
+        if calls != n:
+            raise BenchError(f"the limit: the body counted {calls} calls in Redis, not {n}")
+        answer.update(system="limit", kind="incr", done=calls, body_calls=calls,
+                      worker_cpu_us_per_task=answer["cpu_us_per_call"], loadavg_1min_before=load)
+        self.say(f"  limit (the body alone, {concurrency} greenlets): {answer['seconds']:.2f} s "
+                 f"({answer['rate']:.0f}/s), CPU {answer['cpu_us_per_call']:.0f} us/call, load {load:.2f}")
+        return answer
+
+    def limit(self, systems: Sequence[str], out: Dict[str, Any]) -> Dict[str, Any]:
+        """The ``limit`` scenario: per round, the limit, then each system's drain of
+        the same number of ``incr`` tasks at the same concurrency (so a round's
+        figures share the machine's load); the median of ``--repeat`` rounds, and
+        each system's rate as a percentage of the limit's median rate."""
+        n, concurrency = self.opts.limit_n, self.opts.limit_concurrency
+        runs: Dict[str, List[Dict[str, Any]]] = {}
+        for _ in range(self.opts.repeat):
+            self.scenario = "limit"
+            try:
+                runs.setdefault("limit", []).append(self.limit_alone(n, concurrency))
+            except BenchError as exc:
+                out["errors"].append(f"limit limit: {exc}")
+                print(f"error: limit: {exc}", file=sys.stderr)
+                self.space.reset()
+            for system in systems:
+                try:
+                    runs.setdefault(system, []).append(self.drain(system, "incr", n, concurrency, 0.0))
+                except BenchError as exc:
+                    out["errors"].append(f"limit {system}: {exc}")
+                    print(f"error: limit {system}: {exc}", file=sys.stderr)
+                    self.space.reset()
+        result: Dict[str, Any] = {}
+        base = runs.get("limit", [])
+        for name, got in runs.items():
+            # the same round's limit and drain ran under the same load: their ratio, round by round
+            rounds = [100.0 * r["rate"] / l["rate"] for r, l in zip(got, base)] \
+                if len(got) == len(base) else []
+            got = sorted(got, key=lambda r: r["seconds"])
+            best = dict(got[len(got) // 2])
+            best["runs_seconds"] = [r["seconds"] for r in got]
+            best["runs_rate"] = [r["rate"] for r in got]
+            best["runs_loadavg"] = [r["loadavg_1min_before"] for r in got]
+            best["pct_of_limit_rounds"] = rounds
+            result[name] = best
+        limit = result.get("limit")
+        for name, best in result.items():
+            if limit and limit.get("rate"):
+                best["pct_of_limit"] = 100.0 * best["rate"] / limit["rate"]
+                best["limit_rate"] = limit["rate"]
+            if limit and best.get("worker_cpu_us_per_task"):
+                # both CPU-bound on one core each: the rate the CPU per task allows, which
+                # the machine's load moves much less than the rates
+                best["pct_of_limit_by_cpu"] = 100.0 * limit["worker_cpu_us_per_task"] / best["worker_cpu_us_per_task"]
+        return result
 
     def roundtrip(self, system: str) -> Dict[str, Any]:
         """``delay().get()`` latency from a plain client, one worker running, with
@@ -329,6 +452,33 @@ def run(opts) -> Dict[str, Any]:
         for scenario in opts.only:
             bench.say(f"== {scenario} on {opts.broker}")
             bench.scenario = scenario
+            if scenario == "limit":
+                if opts.broker not in ("redis", "amqp"):
+                    raise BenchError("--only limit: the task body uses Redis; run it with --broker redis "
+                                     "or amqp")
+                results["limit"] = bench.limit(systems, out)
+                continue
+            if scenario == "processes":
+                if "greenq" in systems:
+                    runs: Dict[int, List[Dict[str, Any]]] = {}
+                    for _ in range(opts.repeat):   # interleaved: a round's figures share the load
+                        for procs in opts.worker_processes:
+                            try:
+                                runs.setdefault(procs, []).append(bench.drain(
+                                    "greenq", "noop", opts.noop_n, opts.noop_concurrency, 0.0,
+                                    processes=procs))
+                            except BenchError as exc:
+                                out["errors"].append(f"processes {procs}: {exc}")
+                                print(f"error: processes {procs}: {exc}", file=sys.stderr)
+                                space.reset()
+                    for procs, got in runs.items():
+                        got.sort(key=lambda r: r["seconds"])
+                        best = dict(got[len(got) // 2])
+                        best["runs_seconds"] = [r["seconds"] for r in got]
+                        best["runs_cpu_us_per_task"] = [r["worker_cpu_us_per_task"] for r in got]
+                        best["median_cpu_us_per_task"] = statistics.median(best["runs_cpu_us_per_task"])
+                        results.setdefault("processes", {})[str(procs)] = best
+                continue
             for system in systems:
                 if scenario == "noop":
                     attempt("noop", system, bench.repeated_drain, system, "noop", opts.noop_n,
@@ -424,6 +574,37 @@ def render(out: Dict[str, Any], opts) -> str:
         lines.append("| measure | " + " | ".join(labels[s] for s in systems) + " |")
         lines.append("|---|" + "---|" * len(systems))
         lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if "limit" in res:
+        lim = res["limit"]
+        names = [s for s in ["limit"] + list(systems) if s in lim]
+        head = {"limit": "the body alone (no queue)"}
+        lines += ["", f"Against the limit: {opts.limit_n:,} tasks of one INCR + one SETNX on Redis, "
+                  f"concurrency {opts.limit_concurrency}; the limit is the body alone run by "
+                  f"{opts.limit_concurrency} greenlets in a process of its own (median of "
+                  f"{opts.repeat}):", "",
+                  "| measure | " + " | ".join(head.get(s, labels.get(s, s)) for s in names) + " |",
+                  "|---|" + "---|" * len(names)]
+        for label, field, digits in (("calls or tasks/s", "rate", 0), ("% of the limit", "pct_of_limit", 1),
+                                     ("CPU per task (the process running it), us", "worker_cpu_us_per_task", 0),
+                                     ("% of the limit by CPU per task (limit's CPU / this CPU)",
+                                      "pct_of_limit_by_cpu", 1),
+                                     ("load average (1 min) before, median run", "loadavg_1min_before", 2)):
+            lines.append(f"| {label} | " + " | ".join(_fmt(lim[s].get(field), digits) for s in names) + " |")
+        lines.append("| runs, per second | " + " | ".join(
+            " / ".join(_fmt(r) for r in lim[s]["runs_rate"]) for s in names) + " |")
+        lines.append("| % of the limit, round by round | " + " | ".join(
+            " / ".join(_fmt(r, 1) for r in lim[s]["pct_of_limit_rounds"]) or "—" for s in names) + " |")
+    if "processes" in res:
+        lines += ["", f"greenq, {opts.noop_n:,} no-op tasks at -c {opts.noop_concurrency} per process, "
+                  f"--processes P (median of {opts.repeat}; CPU summed over the processes that ran tasks):",
+                  "", "| --processes | tasks/s | CPU per task, us (median run) | CPU per task, us (median) "
+                  "| whole tree CPU per task, us | tasks per process | load average before |",
+                  "|---|---|---|---|---|---|---|"]
+        for procs, r in res["processes"].items():
+            lines.append(f"| {procs} | {_fmt(r['rate'])} | {_fmt(r['worker_cpu_us_per_task'], 1)} | "
+                         f"{_fmt(r['median_cpu_us_per_task'], 1)} | {_fmt(r['worker_tree_cpu_us_per_task'], 1)} | "
+                         f"{' + '.join(str(d) for d in r['per_process_done'])} | "
+                         f"{_fmt(r['loadavg_1min_before'], 2)} |")
     if "issue2" in res:
         ideal2 = opts.issue2_n * opts.issue2_sleep / opts.issue2_concurrency
         lines += ["", f"greenq, {opts.issue2_n:,} tasks x {opts.issue2_sleep:g} s at -c "

@@ -55,6 +55,14 @@ class RedisSpace:
     def backend_url(self, system: str) -> str:
         return "" if system == "greenq" else self.url  # greenq derives it from the broker
 
+    def body_redis_url(self) -> str:
+        """Where the limit scenario's task body does its INCR and SETNX (keys under
+        ``bench-body:``, beside the broker's, flushed with them)."""
+        return self.url
+
+    def body_calls(self) -> int:
+        return int(self._client.get("bench-body:calls") or 0)
+
     def reset(self) -> None:
         self._client.flushdb()
 
@@ -102,6 +110,14 @@ class AmqpSpace:
             return self._redis.url
         return ""
 
+    def body_redis_url(self) -> str:
+        if self._redis is None:
+            raise BenchError("the limit scenario's task body uses Redis: Redis is not answering")
+        return self._redis.url
+
+    def body_calls(self) -> int:
+        return self._redis.body_calls() if self._redis is not None else 0
+
     def reset(self) -> None:
         self._ctl("delete_vhost", self.vhost, ok_codes=(0, 1, 2, 70))
         self._ctl("add_vhost", self.vhost)
@@ -131,6 +147,9 @@ class SqliteSpace:
 
     def backend_url(self, system: str) -> str:
         return ""
+
+    def body_redis_url(self) -> str:
+        raise BenchError("the limit scenario runs on Redis or RabbitMQ (its task body uses Redis db 14)")
 
     def reset(self) -> None:
         for suffix in ("", "-wal", "-shm", "-journal"):
@@ -272,6 +291,44 @@ def summarize_profile(raw_path: str, top: int = 25) -> str:
 
 
 # -- worker processes -----------------------------------------------------------
+
+def process_cpu_seconds(pid: int) -> Optional[float]:
+    """CPU time of process ``pid`` so far, every thread of it, in seconds: the
+    sum of its threads' ``/proc/<pid>/task/*/schedstat`` run times (what
+    ``time.process_time`` reads inside the process, to the nanosecond; psutil's
+    figures are in 10 ms ticks).  None when the process is gone."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / 1e9
+
+
+def read_slots(base: str) -> List[Tuple[int, int, float, float, float]]:
+    """The per-process probe slots of a split probe (bench_bodies ``BENCH_PROBE_SPLIT``):
+    (pid, done, first start, first CPU, last end) for each process that ran a task."""
+    import glob
+    import struct
+    layout = struct.Struct("<qddd")
+    slots = []
+    for path in glob.glob(glob.escape(base) + ".*.slot"):
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(layout.size)
+            pid = int(path[len(base) + 1:-len(".slot")])
+        except (OSError, ValueError):
+            continue
+        if len(raw) == layout.size:
+            slots.append((pid,) + layout.unpack(raw))
+    return slots
+
 
 def tree_usage(proc) -> Tuple[int, float]:
     """(resident bytes, CPU seconds) of ``proc`` and all its descendants."""

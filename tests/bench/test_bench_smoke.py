@@ -112,3 +112,53 @@ def test_bench_celery_queue_smoke(tmp_path):
             drain = results[key][system]
             assert drain["done"] == N and drain["left_in_broker"] == 0, (key, system, drain)
             assert drain["worker_exit"] == 0, (key, system)
+
+
+def test_bench_limit_and_processes_smoke(tmp_path):
+    """--only limit,processes at a tiny size on Redis (db 14, the benchmark's):
+    the INCR+SETNX body alone (the limit) and greenq's drain of as many such
+    tasks, the rate as a percentage of the limit, and greenq's no-op drain with
+    --processes 1 and 2 (the tasks counted over both processes)."""
+    pytest.importorskip("gevent")
+    pytest.importorskip("psutil")
+    redis = pytest.importorskip("redis")
+    try:
+        redis.Redis.from_url("redis://127.0.0.1:6379/14").ping()
+    except redis.RedisError:
+        if os.environ.get("GREENQ_TEST_REQUIRE_SERVICES") == "1":
+            raise
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    out_file = tmp_path / "bench.json"
+    argv = [sys.executable, os.path.join(REPO, "bin", "greenq-bench"), "--no-venv", "--quiet",
+            "--broker", "redis", "--systems", "greenq", "--only", "limit,processes",
+            "--limit-n", str(N * 5), "--limit-concurrency", "20", "--noop-n", str(N * 5),
+            "--noop-concurrency", "10", "--worker-processes", "1,2", "--timeout", "120",
+            "--json", str(out_file)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=220, cwd=str(tmp_path))
+    if "another greenq-bench" in done.stderr:
+        pytest.skip("a benchmark is running on this machine")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Against the limit:" in done.stdout and "| % of the limit |" in done.stdout
+    results = json.loads(out_file.read_text())["results"]
+
+    limit, greenq = results["limit"]["limit"], results["limit"]["greenq"]
+    assert limit["body_calls"] == N * 5 and limit["concurrency"] == 20   # every call hit Redis
+    assert limit["rate"] > 0 and limit["cpu_us_per_call"] > 0
+    assert greenq["done"] == N * 5 and greenq["body_calls"] == N * 5
+    assert greenq["left_in_broker"] == 0 and greenq["worker_exit"] == 0
+    assert greenq["rate"] > 0 and greenq["worker_cpu_us_per_task"] > 0
+    assert greenq["limit_rate"] == limit["rate"]
+    assert greenq["pct_of_limit"] == pytest.approx(100.0 * greenq["rate"] / limit["rate"])
+    assert greenq["loadavg_1min_before"] >= 0
+    assert greenq["pct_of_limit_by_cpu"] == pytest.approx(
+        100.0 * limit["cpu_us_per_call"] / greenq["worker_cpu_us_per_task"])
+    assert len(greenq["pct_of_limit_rounds"]) == 1 and greenq["pct_of_limit_rounds"][0] > 0
+
+    by_count = results["processes"]
+    assert set(by_count) == {"1", "2"}
+    for count, drain in by_count.items():
+        assert drain["processes"] == int(count)
+        assert drain["done"] == N * 5 and drain["left_in_broker"] == 0 and drain["worker_exit"] == 0
+        assert sum(drain["per_process_done"]) == N * 5
+        assert drain["rate"] > 0 and drain["worker_cpu_us_per_task"] > 0
+    assert by_count["1"]["processes_with_tasks"] == 1
