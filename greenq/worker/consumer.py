@@ -110,8 +110,8 @@ class Worker:
         self.parts = parts
         self.lock = parts.lock
         self._held = parts.held
-        self.held: Dict[int, Delivery] = parts.held.messages   # every message leased to us, by id(delivery)
-        self.running: Dict[int, Job] = parts.running           # by id(job)
+        self.held: Dict[Delivery, Delivery] = parts.held.messages   # every message leased to us, by itself
+        self.running: Dict[Job, Job] = parts.running           # by itself (identity)
         self.runq = parts.runq                   # admitted, waiting for a free runner
         self.room = parts.room                   # set when held shrinks
         self.stopped = parts.stopped             # set when the consumer loop ended
@@ -290,7 +290,7 @@ class Worker:
         """The held messages no runner has started (waiting for a runner or
         for their admission)."""
         with self.lock:
-            running = {id(job.delivery) for job in self.running.values()}
+            running = {job.delivery for job in self.running.values()}
             return [d for key, d in self.held.items() if key not in running]
 
     def resource_stats(self) -> Dict[str, Dict[str, Any]]:
@@ -553,7 +553,7 @@ class Worker:
             while self.running and time.monotonic() < abandon_deadline:
                 self.driver.sleep(0.02)
         # settle what finished; a thread still stuck in C code after its kill is not waited for
-        stuck = {id(job.delivery) for job in list(self.running.values())}
+        stuck = {job.delivery for job in list(self.running.values())}
         settler_deadline = time.monotonic() + 10.0
         while (set(self.held) - stuck) and time.monotonic() < settler_deadline and not settler.dead:
             self.driver.sleep(0.02)
