@@ -183,6 +183,7 @@ def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["Tas
 #: ``reply_to`` (the commonest: ``delay()`` from outside a task), with and without it
 _PLAIN_KEYS = frozenset(("v", "ct", "id", "task", "queue", "priority", "retries", "created", "args", "kwargs"))
 _PLAIN_KEYS_REPLY = _PLAIN_KEYS | {"reply_to"}
+_PLAIN_SHAPES = (_PLAIN_KEYS, _PLAIN_KEYS_REPLY)
 
 
 def _plainest_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["TaskMessage"]:
@@ -201,7 +202,8 @@ def _plainest_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["
             return None
         if len(known) < _KNOWN_NAMES_MAX:
             known.add(queue)
-    if not (_name_ok(task_id)
+    if not ((type(task_id) is str and task_id.isascii() and 0 < len(task_id) <= _MAX_NAME
+             and task_id.isprintable() or _name_ok(task_id))      # _name_ok, its ASCII case inline
             and type(priority) is int and 0 <= priority <= 9
             and type(retries) is int and 0 <= retries <= 2 ** 31
             and type(created) in _NUMBERS and 0 <= created <= _MAX_EPOCH
@@ -585,6 +587,14 @@ class Codec:
             raise MessageError(f"not a greenq message: {describe(exc)}") from None
         except RecursionError:
             raise MessageError("malformed message: nested too deeply to decode") from None
+        if (type(env) is dict and not self.signed and env.keys() in _PLAIN_SHAPES and type(env["v"]) is int
+                and env["v"] == PROTOCOL and env["ct"] == "json" and "json" in self.accept):
+            # the commonest message (a plain delay(), unsigned): the checks below that its keys
+            # leave, in one test; anything off in its values takes them all
+            args, kwargs = env["args"], env["kwargs"]
+            msg = _plainest_message(env, args, kwargs)
+            if msg is not None and _plain_arguments(args, kwargs):
+                return msg
         if not isinstance(env, dict):
             raise MessageError(f"not a greenq message: a JSON {type(env).__name__}, not an object")
         if "task" not in env or "id" not in env:

@@ -455,14 +455,15 @@ class Worker:
         """Why this delivery will not run now (a dead-letter reason, "expired" or
         "early"), or None."""
         d = job.delivery
-        if d.truncated:                      # too big to read: only a preview came
+        plain = type(d) is Delivery          # the base class: its ``truncated`` and ``decode`` inline
+        if (d.size is not None) if plain else d.truncated:     # too big to read: only a preview came
             return d.error
         if d.error:
             return f"bad transport metadata: {d.error}"
         if d.deliveries > max_deliveries:
             return f"delivered {d.deliveries} times (max_deliveries={max_deliveries})"
         try:
-            msg = d.decode(self.codec)
+            msg = self.codec.decode(d.body) if plain else d.decode(self.codec)
         except MessageError as exc:
             return f"undecodable: {exc}"
         job.msg = msg
