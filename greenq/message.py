@@ -143,6 +143,9 @@ def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["Tas
     """The message when every header field is plainly valid (the hot path: a
     message greenq wrote), else None and the rules of _FIELD_RULES decide.
     The workflow fields and the arguments are checked apart."""
+    keys = env.keys()
+    if keys == _PLAIN_KEYS or keys == _PLAIN_KEYS_REPLY:    # as greenq's client writes it: no optional
+        return _plainest_message(env, args, kwargs)         # header field but reply_to
     get = env.get
     task, task_id, queue = env["task"], env["id"], get("queue", "default")
     priority, retries = get("priority", 0), get("retries", 0)
@@ -174,6 +177,40 @@ def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["Tas
                        None if eta is None else float(eta), None if expires is None else float(expires),
                        retries, float(created), root_id, None if hard is None else float(hard),
                        None if soft is None else float(soft), reply_to)
+
+
+#: the keys of the envelope of a message with no optional header field but
+#: ``reply_to`` (the commonest: ``delay()`` from outside a task), with and without it
+_PLAIN_KEYS = frozenset(("v", "ct", "id", "task", "queue", "priority", "retries", "created", "args", "kwargs"))
+_PLAIN_KEYS_REPLY = _PLAIN_KEYS | {"reply_to"}
+_PLAIN_SHAPES = (_PLAIN_KEYS, _PLAIN_KEYS_REPLY)
+
+
+def _plainest_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["TaskMessage"]:
+    """``_plain_message`` of an envelope with the keys of ``_PLAIN_KEYS`` (and
+    maybe ``reply_to``): the same checks, none for the fields it has not."""
+    task, task_id, queue = env["task"], env["id"], env["queue"]
+    priority, retries, created, reply_to = env["priority"], env["retries"], env["created"], env.get("reply_to")
+    known = _KNOWN_NAMES
+    if type(task) is not str or task not in known:
+        if not _name_ok(task):
+            return None
+        if len(known) < _KNOWN_NAMES_MAX:
+            known.add(task)
+    if type(queue) is not str or queue not in known:
+        if not _name_ok(queue):
+            return None
+        if len(known) < _KNOWN_NAMES_MAX:
+            known.add(queue)
+    if not ((type(task_id) is str and task_id.isascii() and 0 < len(task_id) <= _MAX_NAME
+             and task_id.isprintable() or _name_ok(task_id))      # _name_ok, its ASCII case inline
+            and type(priority) is int and 0 <= priority <= 9
+            and type(retries) is int and 0 <= retries <= 2 ** 31
+            and type(created) in _NUMBERS and 0 <= created <= _MAX_EPOCH
+            and (reply_to is None or type(reply_to) is str)):
+        return None
+    return TaskMessage(task, args, kwargs, task_id, queue, priority, None, None, retries, float(created),
+                       None, None, None, reply_to)
 
 
 def _plain_arguments(args: Any, kwargs: Any) -> bool:
@@ -635,6 +672,14 @@ class Codec:
             raise MessageError(f"not a greenq message: {describe(exc)}") from None
         except RecursionError:
             raise MessageError("malformed message: nested too deeply to decode") from None
+        if (type(env) is dict and not self.signed and env.keys() in _PLAIN_SHAPES and type(env["v"]) is int
+                and env["v"] == PROTOCOL and env["ct"] == "json" and "json" in self.accept):
+            # the commonest message (a plain delay(), unsigned): the checks below that its keys
+            # leave, in one test; anything off in its values takes them all
+            args, kwargs = env["args"], env["kwargs"]
+            msg = _plainest_message(env, args, kwargs)
+            if msg is not None and _plain_arguments(args, kwargs):
+                return msg
         if not isinstance(env, dict):
             raise MessageError(f"not a greenq message: a JSON {type(env).__name__}, not an object")
         if "task" not in env or "id" not in env:

@@ -54,7 +54,7 @@ class WorkerParts:
     """What ``assemble`` built: the shared state, then the parts."""
     name: str
     lock: Any
-    running: Dict[int, Job]        # by id(job), under lock
+    running: Dict[Job, Job]        # by itself (identity), under lock
     runq: Any                      # admitted jobs waiting for a free runner (put by runners.submit); None retires one
     room: Any                      # event: set when the held messages shrink (or on a stop)
     stopped: Any                   # event: set when the consumer loop ended
@@ -81,7 +81,7 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
     app.set_driver(driver)
     config, codec, broker = app.config, app.codec, app.broker
     lock = driver.lock()
-    running: Dict[int, Job] = {}
+    running: Dict[Job, Job] = {}
     runq = driver.queue()
     room = driver.event()
     stopped = driver.event()
@@ -123,7 +123,8 @@ def assemble(app: "GreenQ", driver: "Driver", *, name: Optional[str] = None, max
 
     runners = Runners(driver, runq, hooks, broker, lock=lock, running=running,
                       revoked=revocations.ids, reaper=reaper, finish=finish,
-                      settle=settle, release=lambda job: admission.release(job), stopping=lambda: stop.state)
+                      settle=settle, release=lambda job: admission.release(job), stopping=lambda: stop.state,
+                      stats=stats)
     # admitted jobs go to the runners' submit: a runner is spawned for one when none is idle
     admission = Admission(driver, run=runners.submit, defer=defer)
     admission.pull = True                    # the runners take what the permits step grants (take)

@@ -112,8 +112,8 @@ class Worker:
         self.parts = parts
         self.lock = parts.lock
         self._held = parts.held
-        self.held: Dict[int, Delivery] = parts.held.messages   # every message leased to us, by id(delivery)
-        self.running: Dict[int, Job] = parts.running           # by id(job)
+        self.held: Dict[Delivery, Delivery] = parts.held.messages   # every message leased to us, by itself
+        self.running: Dict[Job, Job] = parts.running           # by itself (identity)
         self.runq = parts.runq                   # admitted, waiting for a free runner
         self.room = parts.room                   # set when held shrinks
         self.stopped = parts.stopped             # set when the consumer loop ended
@@ -292,7 +292,7 @@ class Worker:
         """The held messages no runner has started (waiting for a runner or
         for their admission)."""
         with self.lock:
-            running = {id(job.delivery) for job in self.running.values()}
+            running = {job.delivery for job in self.running.values()}
             return [d for key, d in self.held.items() if key not in running]
 
     def resource_stats(self) -> Dict[str, Dict[str, Any]]:
@@ -460,14 +460,15 @@ class Worker:
         """Why this delivery will not run now (a dead-letter reason, "expired" or
         "early"), or None."""
         d = job.delivery
-        if d.truncated:                      # too big to read: only a preview came
+        plain = type(d) is Delivery          # the base class: its ``truncated`` and ``decode`` inline
+        if (d.size is not None) if plain else d.truncated:     # too big to read: only a preview came
             return d.error
         if d.error:
             return f"bad transport metadata: {d.error}"
         if d.deliveries > max_deliveries:
             return f"delivered {d.deliveries} times (max_deliveries={max_deliveries})"
         try:
-            msg = d.decode(self.codec)
+            msg = self.codec.decode(d.body) if plain else d.decode(self.codec)
         except MessageError as exc:
             return f"undecodable: {exc}"
         job.msg = msg
@@ -558,7 +559,7 @@ class Worker:
             while self.running and time.monotonic() < abandon_deadline:
                 self.driver.sleep(0.02)
         # settle what finished; a thread still stuck in C code after its kill is not waited for
-        stuck = {id(job.delivery) for job in list(self.running.values())}
+        stuck = {job.delivery for job in list(self.running.values())}
         settler_deadline = time.monotonic() + 10.0
         while (set(self.held) - stuck) and time.monotonic() < settler_deadline and not settler.dead:
             self.driver.sleep(0.02)

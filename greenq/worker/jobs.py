@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from typing import TYPE_CHECKING, Any, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ..exceptions import Reject, Retry, TimeLimitExceeded
 from ..task import Request
@@ -73,14 +73,52 @@ class Job:
         return self.msg.id if self.msg else self.delivery.message_id
 
 
+class WorkerRequest(Request):
+    """``self.request`` of a task the worker runs: the same fields as
+    :class:`greenq.task.Request`, read from the message and the delivery at
+    their first read (then kept on the request), not copied into it before
+    the task starts.  Most tasks read none of them: a request made this way
+    costs two references (about 0.1 KB a task in flight, against 0.4 KB for
+    the 15 fields and the ``delivery_info`` dict) and none of the work of
+    filling them.  A task
+    may set attributes on it as on any request."""
+
+    __slots__ = ("_msg", "_delivery")
+    is_eager = False
+
+    def __init__(self, msg: "TaskMessage", delivery: "Delivery") -> None:   # not Request.__init__: lazy
+        self._msg = msg
+        self._delivery = delivery
+
+    def __getattr__(self, name: str) -> Any:
+        # only for a field not read yet (an attribute found normally never comes here)
+        read = _REQUEST_FIELDS.get(name)
+        if read is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            msg, delivery = self._msg, self._delivery
+        except AttributeError:              # not made by __init__ (a copy being built)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}") from None
+        value = read(msg, delivery)
+        object.__setattr__(self, name, value)   # kept: later reads are plain ones, and see the same object
+        return value
+
+
+#: how each field of a WorkerRequest is read from (message, delivery), as
+#: request_for's Request would have it
+_REQUEST_FIELDS: Dict[str, Callable[[Any, Any], Any]] = {
+    **{name: (lambda name: lambda msg, delivery: getattr(msg, name))(name)
+       for name in ("id", "task", "args", "kwargs", "retries", "queue", "eta", "expires", "reply_to",
+                    "priority", "parent_id", "group_id")},
+    "root_id": lambda msg, delivery: msg.root_id or msg.id,
+    "delivery_info": lambda msg, delivery: {"queue": delivery.queue, "deliveries": delivery.deliveries},
+}
+
+
 def request_for(job: Job) -> Request:
-    """The task context (``self.request``) of ``job``."""
-    msg, delivery = job.msg, job.delivery
-    assert msg is not None, "a job runs only once its message decoded"
-    return Request(msg.id, msg.task, msg.args, msg.kwargs, msg.retries, msg.queue,   # positional:
-                   msg.eta, msg.expires, msg.root_id,                              # once a task
-                   {"queue": delivery.queue, "deliveries": delivery.deliveries},
-                   False, msg.reply_to, msg.priority, msg.parent_id, msg.group_id)
+    """The task context (``self.request``) of ``job``: a WorkerRequest."""
+    assert job.msg is not None, "a job runs only once its message decoded"
+    return WorkerRequest(job.msg, job.delivery)
 
 
 def run(job: Job) -> None:

@@ -40,7 +40,7 @@ class Reaper:
     ``stopped``: set when the worker's consumer ended (the loop ends once
     nothing runs)."""
 
-    def __init__(self, driver: "Driver", lock: Any, running: Dict[int, Job], stopped: Any) -> None:
+    def __init__(self, driver: "Driver", lock: Any, running: Dict[Job, Job], stopped: Any) -> None:
         self.driver = driver
         self.running = running
         self.stopped = stopped
@@ -76,7 +76,7 @@ class Reaper:
                     return
                 due = heapq.heappop(self.deadlines)
                 job = due.job
-                if id(job) not in running or job.outcome is not None:
+                if job not in running or job.outcome is not None:
                     continue
                 if not job.started:              # not yet scheduled: check again shortly
                     heapq.heappush(self.deadlines, Deadline(now + 0.05, next(self._seq), job, due.exc))
@@ -90,7 +90,7 @@ class Reaper:
         unmarked can no longer be aimed at, so its runner goes on without
         waiting for a late kill (runners.py)."""
         with self._lock:
-            if id(job) not in self.running or job.outcome is not None:
+            if job not in self.running or job.outcome is not None:
                 return                      # it ended meanwhile: a kill now would hit the runner's next task
             if exc is jobs.HardKill or exc is jobs.Terminate:
                 job.killed_by = exc

@@ -50,6 +50,7 @@ from ..task import set_request
 from . import jobs
 from .admission import TAKE
 from .jobs import Job
+from .state import Stats
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..brokers.base import Broker
@@ -96,10 +97,11 @@ class Runners:
     ``release(job)`` (admission: the task ended) and ``stopping()``."""
 
     def __init__(self, driver: "Driver", runq: Any, hooks: "Hooks", broker: "Broker", *, lock: Any,
-                 running: Dict[int, Job], revoked: Any, reaper: "Reaper",
+                 running: Dict[Job, Job], revoked: Any, reaper: "Reaper",
                  finish: Callable[..., None], settle: Callable[[Job], None],
                  release: Callable[[Job], None], stopping: Callable[[], "StopState"],
-                 take: Optional[Callable[[bool], Optional[Job]]] = None) -> None:
+                 take: Optional[Callable[[bool], Optional[Job]]] = None,
+                 stats: Optional[Stats] = None) -> None:
         self.driver = driver
         self.runq = runq
         self.hooks = hooks
@@ -113,6 +115,8 @@ class Runners:
         self.release = release
         self.stopping = stopping
         self.take = take if take is not None else (lambda token: None)
+        #: the counters of tasks that succeeded, failed and retried (incremented here)
+        self.stats = stats if stats is not None else Stats()
         self.all: Set[Runner] = set()
         self._by_frame: Dict[FrameType, Runner] = {}
         #: spawn runners as work comes (green drivers) rather than all at start
@@ -302,39 +306,55 @@ class Runners:
                 log.error("runner error (the runner goes on)", exc_info=True)
 
     def _run(self, job: Job) -> None:
-        task = job.task
-        assert job.msg is not None and task is not None, "a job runs only once its message decoded"
-        try:
-            soft, hard = jobs.limits(job)
+        task, msg = job.task, job.msg
+        assert msg is not None and task is not None, "a job runs only once its message decoded"
+        options: Optional[Dict[str, Any]] = None
+        try:                                    # jobs.limits, with the options read once for the task
+            options = task.resolved()
+            soft, hard = msg.soft_time_limit, msg.time_limit     # the message's own, else the task's
+            if soft is None:
+                soft = options["soft_time_limit"]
+            if hard is None:
+                hard = options["time_limit"]
         except Exception:                       # a bad [task:NAME] value: run without limits
-            log.error("task %s[%s]: unusable time limits", job.msg.task, job.msg.id, exc_info=True)
+            log.error("task %s[%s]: unusable time limits", msg.task, msg.id, exc_info=True)
             soft = hard = None
         if self.green:          # one greenlet at a time, and no switch in here: no lock needed
-            self.running[id(job)] = job
+            self.running[job] = job
         else:
             with self.lock:
-                self.running[id(job)] = job
+                self.running[job] = job
         if soft or hard:
-            self.reaper.arm(job, soft, hard)
-        request = jobs.request_for(job)
+            self.reaper.arm(job, soft or None, hard or None)
+        request = jobs.WorkerRequest(msg, job.delivery)      # jobs.request_for
         set_request(request)
         start = time.monotonic()
         try:
             try:
-                if not task.resolved()["acks_late"]:   # at most once: acknowledged as it starts
+                if not (options or task.resolved())["acks_late"]:   # at most once: acknowledged as it starts
                     self.broker.ack([job.delivery])
                     job.acked = True
                 if self._prerun:
                     self.hooks.emit("task_prerun", task, request)
             except Exception as exc:            # the task is not run; its caller is told why
-                log.error("task %s[%s] could not be started: %s", job.msg.task, job.msg.id, describe(exc))
+                log.error("task %s[%s] could not be started: %s", msg.task, msg.id, describe(exc))
                 job.outcome, job.exc, job.tb = jobs.FAILURE, exc, traceback.format_exc()
             else:
-                if job.msg.id in self.revoked:     # revoked during task_prerun
+                if msg.id in self.revoked:      # revoked during task_prerun
                     job.outcome, job.reason = jobs.REVOKED, "revoked"
                 else:
                     jobs.run(job)
-            self._after(job, task, request, start)
+            outcome = job.outcome
+            if outcome == jobs.SUCCESS:         # the commonest: _after's, inline
+                self.stats.succeeded += 1
+                if self._success:
+                    self.hooks.emit("task_success", task, request, job.value)
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("task %s[%s] %s in %.3f s", task.name, msg.id, outcome, time.monotonic() - start)
+                if self._postrun:
+                    self.hooks.emit("task_postrun", task, request, "SUCCESS", job.value)
+            else:
+                self._after(job, task, request, start)
         finally:
             while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway
                 try:
@@ -345,17 +365,22 @@ class Runners:
                     continue
 
     def _after(self, job: Job, task: "Task", request: "Request", start: float) -> None:
-        """Log the outcome and run the outcome hooks (the counters among their
-        subscribers), still in the task's context (``start``: its monotonic start)."""
+        """Log the outcome and run the outcome hooks, still in the task's
+        context (``start``: its monotonic start); the counters count first
+        (``stats``: plain integers, not a hook subscriber).  A success takes
+        the same steps inline in ``_run``."""
         hooks, outcome = self.hooks, job.outcome
         if outcome == jobs.SUCCESS:
+            self.stats.succeeded += 1
             if self._success:
                 hooks.emit("task_success", task, request, job.value)
         elif outcome == jobs.FAILURE:
+            self.stats.failed += 1
             log.warning("task %s[%s] failed after %.3f s: %s", task.name, request.id,
                         time.monotonic() - start, describe(job.exc))
             hooks.emit("task_failure", task, request, job.exc, job.tb)
         elif outcome == jobs.RETRY:
+            self.stats.retried += 1
             cause = getattr(job.exc, "exc", None)      # Retry(exc=...): what made the task retry
             log.info("task %s[%s] retry %d: %s%s", task.name, request.id, request.retries + 1, describe(job.exc),
                      f" (cause: {describe(cause)})" if cause is not None else "")
@@ -376,13 +401,13 @@ class Runners:
                 job.outcome, job.exc = jobs.FAILURE, jobs.TimeLimitExceeded(
                     f"{job.msg.task}[{job.msg.id}] killed by its hard time limit before it started")
         if self.green:          # as in _run: no switch between the check and the mark
-            self.running.pop(id(job), None)
+            self.running.pop(job, None)
             if job.settling:
                 return
             job.settling = True
         else:
             with self.lock:
-                self.running.pop(id(job), None)
+                self.running.pop(job, None)
                 if job.settling:
                     return
                 job.settling = True

@@ -154,36 +154,38 @@ class Settler:
     # -- one job -------------------------------------------------------------
     def _plan(self, job: Job, plan: Plan) -> None:
         """Add what settling ``job`` takes to ``plan``."""
-        encode = self.codec.encode_result
         outcome, msg = job.outcome, job.msg
-        if outcome == jobs.DEAD:
-            plan.dead.append(DeadLettering(job.delivery, job.reason or ""))
-            log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
-            self.hooks.emit("message_dead_lettered", job, job.reason)
-            try:
-                record = self._dead_record(job)
-            except Exception as exc:   # the message is dead-lettered all the same
-                log.error("message %s: no failure record for its caller: %s", job.delivery.message_id,
-                          describe(exc))
-                record = None
-            if record is not None:
-                plan.records.append(record)
-            return
+        if outcome != jobs.SUCCESS:        # (a success, the commonest, skips these)
+            if outcome == jobs.DEAD:
+                plan.dead.append(DeadLettering(job.delivery, job.reason or ""))
+                log.warning("message %s dead-lettered: %s", job.delivery.message_id, job.reason)
+                self.hooks.emit("message_dead_lettered", job, job.reason)
+                try:
+                    record = self._dead_record(job)
+                except Exception as exc:   # the message is dead-lettered all the same
+                    log.error("message %s: no failure record for its caller: %s", job.delivery.message_id,
+                              describe(exc))
+                    record = None
+                if record is not None:
+                    plan.records.append(record)
+                return
+            assert msg is not None, "past DEAD, every job's message decoded"
+            if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
+                plan.republish.append(self.codec.outgoing(msg, sent=False))    # moved, not sent
+                plan.acks.append(job.delivery)
+                return
+            if outcome == jobs.REQUEUE:
+                (plan.requeue if job.started else plan.unstarted).append(job.delivery)
+                return
+            if outcome == jobs.REJECT:
+                assert isinstance(job.exc, Reject)
+                if job.exc.requeue:
+                    plan.requeue.append(job.delivery)
+                else:
+                    plan.dead.append(DeadLettering(job.delivery, f"rejected: {job.reason}"))
+                return
         assert msg is not None, "past DEAD, every job's message decoded"
-        if outcome == jobs.DEFER:           # published again to wait for its eta, then acknowledged
-            plan.republish.append(self.codec.outgoing(msg, sent=False))    # moved, not sent
-            plan.acks.append(job.delivery)
-            return
-        if outcome == jobs.REQUEUE:
-            (plan.requeue if job.started else plan.unstarted).append(job.delivery)
-            return
-        if outcome == jobs.REJECT:
-            assert isinstance(job.exc, Reject)
-            if job.exc.requeue:
-                plan.requeue.append(job.delivery)
-            else:
-                plan.dead.append(DeadLettering(job.delivery, f"rejected: {job.reason}"))
-            return
+        encode = self.codec.encode_result
         ignore = job.task is not None and job.task.resolved()["ignore_result"] and not msg.chord_size
         notes: Dict[str, Any] = _NO_NOTES
         if not ignore or outcome != jobs.SUCCESS:   # a record is stored: its notes (else none is needed)

@@ -96,3 +96,40 @@ def test_names_found_good_are_remembered_and_a_bad_one_is_still_refused():
             codec.decode(json.dumps(env).encode())
         assert task not in message._KNOWN_NAMES or task == "shop.remembered"
     assert len(message._KNOWN_NAMES) <= message._KNOWN_NAMES_MAX
+
+
+#: a header the plainest envelope (``_PLAIN_KEYS``) may carry wrong, and values that are wrong for it
+_BAD_PLAIN_VALUES = [("task", ""), ("task", "a\x00b"), ("task", 5), ("task", "x" * 300), ("id", ""),
+                     ("id", "a\nb"), ("id", None), ("queue", "q\x7f"), ("queue", 3), ("priority", 10),
+                     ("priority", -1), ("priority", True), ("priority", 1.5), ("retries", -1),
+                     ("retries", "1"), ("retries", 2 ** 31 + 1), ("created", -1.0), ("created", "now"),
+                     ("created", 1e300), ("reply_to", 5)]
+
+
+@pytest.mark.parametrize("field,value", _BAD_PLAIN_VALUES)
+def test_the_plainest_envelope_is_checked_as_any_other(field, value):
+    """An envelope with exactly the keys greenq's client writes for a plain
+    delay() (and maybe reply_to) takes a shorter path in the decoder, which
+    must refuse what the full rules refuse, with the same reason: the same
+    envelope with one more (empty) header field takes the full rules."""
+    codec = Codec()
+    env = {"v": 1, "ct": "json", "id": "i-1", "task": "shop.add", "queue": "default", "priority": 0,
+           "retries": 0, "created": 5.0, "reply_to": "r", "args": [1], "kwargs": {}}
+    assert codec.decode(json.dumps(env).encode()) == codec.decode(json.dumps({**env, "root_id": None}).encode())
+    env[field] = value
+    errors = []
+    for shape in (env, {**env, "root_id": None}):
+        with pytest.raises(MessageError) as caught:
+            codec.decode(json.dumps(shape).encode())
+        errors.append(str(caught.value))
+    assert errors[0] == errors[1]
+
+
+def test_the_plainest_envelope_with_and_without_reply_to():
+    codec = Codec()
+    for reply_to in (None, "replies"):
+        msg = TaskMessage(task="t", args=[1, "a"], kwargs={"k": None}, id="i", created=7.5, reply_to=reply_to)
+        data = codec.encode(msg)
+        assert set(json.loads(data)) == {"v", "ct", "id", "task", "queue", "priority", "retries", "created",
+                                         "args", "kwargs"} | ({"reply_to"} if reply_to else set())
+        assert codec.decode(data) == msg

@@ -245,12 +245,13 @@ def test_a_worker_built_without_parts_assembles_them_the_one_way(monkeypatch):
 
 
 def test_held_messages_make_room_and_stop_the_worker_after_max_tasks():
+    from greenq.brokers.base import Delivery
     from greenq.worker.state import Held, Stop, StopState
     driver = get_driver("threads")
     room, interrupted = driver.event(), []
     stop = Stop(room, lambda: interrupted.append(1), 5.0)
     held = Held(driver.lock(), room, stop, max_tasks=3)
-    deliveries = [NS(body=b"x" * n) for n in (1, 2, 3)]
+    deliveries = [Delivery("q", b"x" * n, f"m{n}", 1, n) for n in (1, 2, 3)]   # held by themselves
     held.add(deliveries)
     assert (len(held.messages), held.bytes) == (3, 6)
     held.release([NS(delivery=deliveries[0]), NS(delivery=deliveries[1])])
