@@ -17,8 +17,9 @@ process's marker is removed by the next process that reads the markers
 (host) or rewrites them (cluster) once it is ``FORGET`` seconds old.
 
 **Its place in line.**  A marker also says since when its process has
-waited: from the first write after the process was last granted a permit
-(its *key*; the lower, the longer it has waited).
+waited for a place beyond its floor share (below): its *key*, the lower the
+longer.  A new key, after every other, is taken when the process's turn
+ends, or when it was granted a permit while nobody else waited.
 
 * host: an empty file ``w.<pid>.<random>`` beside the resource's lock
   files; its mtime is the last refresh, its atime the key, the time the
@@ -48,21 +49,23 @@ while a place is free some waiting process is under its share and takes
 it: no permit stays free for fairness' sake while the processes agree on
 who waits and in what order (below).
 
-**Moving to the back.**  A grant starts a new wait: the next write of the
-marker takes a new key (after every waiting process's).  A grant beyond
-the floor share while others wait (with a limit of 1 every grant then) is
-written at once, so the others see it before the permit frees again, and
-the process counts itself at the back from the grant on.  A process that
-stalls (a loaded machine: no poll for a while) keeps its key: when it asks
-again it is still first in line, and takes the next permit that frees.
+**Turns.**  A process granted a place beyond its floor share while others
+wait (with a limit of 1, any grant then) has its *turn*: it stays first in
+line for ``TURN`` seconds from that grant, taking again what it frees (a
+hand-over between processes costs the next one's poll, so not one per
+task), then goes to the back: its share drops, and its next marker write,
+at once, takes a new key.  Nothing moves with the clock but a turn that
+has begun: a process that stalls (a loaded machine: no poll for a while)
+keeps its key, and when it asks again it is still first in line and takes
+the next permit that frees.
 
 **Waking.**  A process that sees others waiting asks for its refused
 permits every ``CONTENDED_POLL`` seconds instead of ``REMOTE_POLL`` (the
 admission step's wait; greenq/resources/step.py): a place given back to the
 scope is taken by the process whose share it is within about that time.
 
-Fairness is between processes, by count of permits held, and it is
-advisory: the limit itself is kept by the lock files and the lease, as
+Fairness is between processes, by count of permits held (and turns of
+``TURN`` seconds at the places the floor leaves over), and it is advisory: the limit itself is kept by the lock files and the lease, as
 before.  A marker that a process no longer refreshes (it got what it
 waited for, or it died) still counts for up to ``MARK_TTL``: meanwhile the
 other processes keep to their shares, and permits may stay free for that
@@ -95,6 +98,9 @@ FORGET = 30.0
 FUTURE = 1.0
 #: the highest order number of a cluster marker (a float holds every whole number up to it)
 MAX_ORDER = 2 ** 53
+#: seconds a process's turn at the places beyond the floor share lasts from its first grant there
+#: (fewer hand-overs between processes: each costs the next one's poll)
+TURN = 0.1
 #: seconds between two asks of a refused waiter when other processes wait too (else REMOTE_POLL)
 CONTENDED_POLL = 0.01
 #: seconds between two asks of a refused waiter when nobody else waits
@@ -146,16 +152,20 @@ class Waiters:
         self._written = -math.inf       # ... and of the last write that succeeded
         #: this process's key as its marker shows it (inf: no marker yet)
         self._key = math.inf
-        #: granted a permit since the marker was last written: the next write starts a new wait
-        self._anew = True
-        #: granted a place beyond its floor share (or while nobody else waited) since the
-        #: last write: at the back of the line, which the next write tells at once
-        self._behind = False
+        #: at the back of the line since its marker was last written (its turn
+        #: ended, or it was granted while nobody else waited): the next write
+        #: takes a new key, at once when others wait
+        self._behind = True
+        #: when (its clock) this process's turn at the places beyond the floor share began
+        self._turn: Optional[float] = None
 
     # -- what the pools ask ------------------------------------------------------------
     def share(self, limit: int) -> Optional[int]:
         """The permits this process may hold now (None: no bound)."""
-        return share(limit, self.me, self.others(), math.inf if self._behind else self._key)
+        others = self.others()
+        if self._turn is not None:
+            self._end_turn(self.clock(), others)
+        return share(limit, self.me, others, math.inf if self._behind else self._key)
 
     def contended(self) -> bool:
         """Do other processes wait (as of the last look)?"""
@@ -184,15 +194,27 @@ class Waiters:
 
     def granted(self, held: int, limit: int) -> None:
         """A permit request was granted; this process holds ``held`` of the
-        scope's ``limit`` places now: its wait is over (see the module docstring)."""
-        self._anew = True
+        scope's ``limit`` places now (see the module docstring: its turn)."""
         others = self._others                   # (as last read: no read on a grant)
-        if others and held <= limit // (len(others) + 1):
-            return                              # within its floor share: the next refresh tells
-        self._behind = True
-        now = time.monotonic()
-        if others and now - self._written <= MARK_TTL and now - self._refreshed >= self.read_every:
-            self._write(now)                    # the others count this process as waiting: tell them now
+        if not others:                          # nobody else waits: whoever comes is first
+            self._behind, self._turn = True, None
+            return
+        if held <= limit // (len(others) + 1):
+            return                              # within its floor share
+        now = self.clock()
+        if self._turn is None:
+            self._turn = now                    # its turn at the places beyond the floor share begins
+        self._end_turn(now, others)
+
+    def _end_turn(self, now: float, others: Mapping[str, float]) -> None:
+        """After ``TURN`` seconds, to the back of the line; told at once if the others see this process waiting."""
+        assert self._turn is not None
+        if self._turn <= now < self._turn + TURN:
+            return
+        self._turn, self._behind = None, True
+        moment = time.monotonic()
+        if others and moment - self._written <= MARK_TTL and moment - self._refreshed >= self.read_every:
+            self._write(moment)
 
     def close(self) -> None:
         try:
@@ -203,12 +225,12 @@ class Waiters:
     def _write(self, now: float) -> None:
         self._refreshed = now
         try:
-            self._mark(self.clock(), self._anew)
+            self._mark(self.clock(), self._behind)
         except Exception as exc:
             log.debug("resource waiters: marking failed: %s: %s", type(exc).__name__, exc)
             return
         self._written = now
-        self._anew = self._behind = False
+        self._behind = False
 
     # -- the scope's -------------------------------------------------------------------
     def _read(self, now: float) -> Dict[str, float]:

@@ -77,6 +77,7 @@ def _no_caching(monkeypatch) -> None:
     monkeypatch.setattr(fair.RecordWaiters, "read_every", 0.0)
     monkeypatch.setattr(fair, "REFRESH", 0.0)
     monkeypatch.setattr(fair, "MARK_TTL", 5.0)          # longer than the tests' clock moves, unless they say
+    monkeypatch.setattr(fair, "TURN", 0.0)              # a turn is one grant, unless they say
 
 
 KINDS = ["host", "memory", "sqlite", pytest.param("redis", marks=pytest.mark.redis),
@@ -138,6 +139,31 @@ def test_a_limit_of_one_goes_to_the_process_that_has_waited_longest(pools):
     b.release("b0")
     assert not b.try_acquire("b1"), "... and now it has waited longest"
     assert a.try_acquire("a1")
+
+
+def test_a_turn_lasts_TURN_seconds_from_its_first_grant(pools, monkeypatch):
+    """Within its turn a process takes again what it frees (no hand-over, and
+    no poll of the other, per task); then the other has waited longest."""
+    monkeypatch.setattr(fair, "TURN", 0.5)
+    a, b = pools(1), pools(1)
+    assert a.try_acquire("a0")                              # a alone: no turn, at the back once others come
+    assert not b.try_acquire("b0")                          # b waits
+    a.release("a0")
+    assert not a.try_acquire("a1")
+    assert b.try_acquire("b0")                              # b's turn begins
+    for n in range(1, 4):
+        b.release(f"b{n - 1}")
+        assert b.try_acquire(f"b{n}"), "within its turn b takes again what it frees"
+        assert not a.try_acquire("a1")
+    pools.clock.now += 0.5                                  # b's turn is over
+    b.release("b3")
+    assert not b.try_acquire("b4")
+    assert a.try_acquire("a1")                              # a's turn
+    a.release("a1")
+    assert a.try_acquire("a2") and not b.try_acquire("b4")
+    pools.clock.now += 0.5
+    a.release("a2")
+    assert not a.try_acquire("a3") and b.try_acquire("b4")
 
 
 def test_a_process_that_stalls_keeps_its_place_in_line(pools):
