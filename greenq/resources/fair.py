@@ -65,7 +65,8 @@ admission step's wait; greenq/resources/step.py): a place given back to the
 scope is taken by the process whose share it is within about that time.
 
 Fairness is between processes, by count of permits held (and turns of
-``TURN`` seconds at the places the floor leaves over), and it is advisory: the limit itself is kept by the lock files and the lease, as
+``TURN`` seconds at the places the floor leaves over), and it is
+advisory: the limit itself is kept by the lock files and the lease, as
 before.  A marker that a process no longer refreshes (it got what it
 waited for, or it died) still counts for up to ``MARK_TTL``: meanwhile the
 other processes keep to their shares, and permits may stay free for that
