@@ -397,5 +397,5 @@ class RecordWaiters(Waiters):
                 return
 
 
-__all__ = ["CONTENDED_POLL", "FUTURE", "FileWaiters", "MARK_TTL", "REMOTE_POLL", "RecordWaiters", "Waiters",
+__all__ = ["CONTENDED_POLL", "FUTURE", "FileWaiters", "MARK_TTL", "REMOTE_POLL", "RecordWaiters", "TURN", "Waiters",
            "live", "parse", "share"]
