@@ -106,6 +106,8 @@ class ClusterPool(PermitPool):
             with self._lock:
                 self._proven[holder] = asked
                 self._lost.discard(holder)
+                held = len(self._proven)
+            self.waiters.granted(held, self.shared_limit)   # its wait is over (fair.py)
         else:
             self.waiters.refused()
         return granted

@@ -225,6 +225,7 @@ class HostPool(PermitPool):
                 fd = self._take(index)
                 if fd is not None:
                     self._held[holder] = (index, fd)
+                    self.waiters.granted(len(self._held), self.shared_limit)   # its wait is over (fair.py)
                     return True
             self.waiters.refused()
             return False
