@@ -363,6 +363,27 @@ def test_gevent_patched_process(env):
     assert seen["nested_asyncio_run"].startswith("RuntimeError")
 
 
+# -- [greenq] tracing ----------------------------------------------------------------------------
+def test_traced_sends_end_their_producer_spans(env):
+    """With tracing on, each asyncio send makes a ``send <queue>`` PRODUCER
+    span under the caller's span, ended (so exported) once the broker has
+    the message, and the worker's ``process`` span is its child
+    (docs/tracing.md).  In a process of its own: a tracer provider is set
+    once per process."""
+    pytest.importorskip("opentelemetry.sdk", reason="the test extra installs opentelemetry-sdk")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "tests", "integration", "aio_traced_client.py")
+    proc = subprocess.run([sys.executable, script, env.url, env.config.key_prefix, env.queue],
+                          capture_output=True, text=True, timeout=180, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["before_worker"] == ["request"] + [f"send {env.queue}"] * 3, seen
+    assert seen["messages"] == [{"sends": [f"send {env.queue}"], "send_parent": "request",
+                                 "run_under_send": True}] * 3, seen
+    assert seen["traces"] == 1, seen
+
+
 # -- Redis: the subscription survives a dropped connection --------------------------------------
 @pytest.fixture
 def redis_env(request, tmp_path):
