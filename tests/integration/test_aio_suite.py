@@ -268,9 +268,12 @@ def test_thousand_concurrent_aget_share_one_subscription(env):
         add = app.tasks["aio.add"]
         results = await asyncio.gather(*(add.adelay(i, 1) for i in range(N_CONCURRENT)))
         client = client_for(app)
+        most = 0                                    # the most connections seen at once (CLIENT LIST)
         waits = [asyncio.ensure_future(r.aget(timeout=60)) for r in results]
         while len(client.results.waiters) < N_CONCURRENT:         # every aget is waiting
             await asyncio.sleep(0.01)
+            if env.kind == "redis":
+                most = max(most, _redis_connections(app)[0])
         before = getattr(client.results, "polls", 0)
         env.start_worker(concurrency=16)
         seen = set()
@@ -281,14 +284,16 @@ def test_thousand_concurrent_aget_share_one_subscription(env):
             if env.kind == "redis":
                 connections, subscribed = _redis_connections(app)
                 seen.add(("redis", subscribed))
+                most = max(most, connections)
                 assert connections <= 2 * 10 + 1, connections       # two pools of 10, and the subscription
         values = [w.result() for w in waits]
         assert values == [i + 1 for i in range(N_CONCURRENT)]
         assert seen - {("redis", 1)} == {1}, seen                   # one source of notifications throughout
         if env.kind == "redis":
             assert ("redis", 1) in seen
-            print(f"\n[redis] {N_CONCURRENT} concurrent aget: connections named "
-                  f"{app.config.key_prefix!r}-aio: {_redis_connections(app)[0]}, subscribed: 1")
+            print(f"\n[redis] {N_CONCURRENT} concurrent aget: connections named greenq-"
+                  f"{app.config.key_prefix}-<pid>-aio in CLIENT LIST: at most {most} while they waited "
+                  f"and the results came in, {_redis_connections(app)[0]} after; subscribed: 1")
         if env.kind in ("memory", "sqlite"):
             polls = client.results.polls - before
             print(f"\n[{env.kind}] {N_CONCURRENT} concurrent aget: {polls} polls by one poller")
