@@ -201,7 +201,8 @@ class Producer:
 @dataclass
 class TracedOutgoing(Outgoing):
     """A message to publish, with its producer span: ended once the broker
-    has it (``watch``).  One never published has no span (it is not ended,
+    has it (``watch``; the asyncio publisher: greenq/aio/base.py).  One never
+    published has no span (it is not ended,
     so not exported)."""
     span: Optional["Span"] = None
 
@@ -215,7 +216,7 @@ def _ended(span: "Span", exc: Optional[BaseException] = None) -> None:
     span.end()
 
 
-def _published(messages: Sequence[Outgoing], exc: Optional[BaseException] = None) -> None:
+def published(messages: Sequence[Outgoing], exc: Optional[BaseException] = None) -> None:
     """End the producer spans of ``messages`` (published, or failed with ``exc``)."""
     for message in messages:
         span = getattr(message, "span", None)
@@ -233,17 +234,17 @@ def watch(broker: "Broker") -> None:
         try:
             publish(message)
         except BaseException as exc:
-            _published([message], exc)
+            published([message], exc)
             raise
-        _published([message])
+        published([message])
 
     def traced_publish_many(messages: Sequence[Outgoing]) -> None:
         try:
             publish_many(messages)
         except BaseException as exc:
-            _published(messages, exc)
+            published(messages, exc)
             raise
-        _published(messages)
+        published(messages)
     broker.publish = traced_publish  # type: ignore[method-assign]  # this broker's own, tracing on
     broker.publish_many = traced_publish_many  # type: ignore[method-assign]
 

@@ -130,6 +130,9 @@ class AsyncPublisher:
     def __init__(self, app: "GreenQ") -> None:
         self.app = app
         self._batcher: Batcher["Outgoing", None] = Batcher(self._publish_batch, self.batch_limit)
+        #: [greenq] tracing: each message's producer span ends once its batch is written
+        #: (greenq/tracing.py; a blocking broker's publish_many, watched, ends it first)
+        self._traced = bool(app.config.tracing and not app.config.eager)
 
     async def start(self) -> None:
         """Make what publishing needs (called once, before the first publish)."""
@@ -141,7 +144,16 @@ class AsyncPublisher:
         await self._batcher.submit(message)
 
     async def _publish_batch(self, messages: List["Outgoing"]) -> List[None]:
-        await self._publish_many(messages)
+        if not self._traced:
+            await self._publish_many(messages)
+            return [None] * len(messages)
+        from ..tracing import published
+        try:
+            await self._publish_many(messages)
+        except BaseException as exc:
+            published(messages, exc)
+            raise
+        published(messages)
         return [None] * len(messages)
 
     async def aclose(self) -> None:

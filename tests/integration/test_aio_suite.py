@@ -268,9 +268,12 @@ def test_thousand_concurrent_aget_share_one_subscription(env):
         add = app.tasks["aio.add"]
         results = await asyncio.gather(*(add.adelay(i, 1) for i in range(N_CONCURRENT)))
         client = client_for(app)
+        most = 0                                    # the most connections seen at once (CLIENT LIST)
         waits = [asyncio.ensure_future(r.aget(timeout=60)) for r in results]
         while len(client.results.waiters) < N_CONCURRENT:         # every aget is waiting
             await asyncio.sleep(0.01)
+            if env.kind == "redis":
+                most = max(most, _redis_connections(app)[0])
         before = getattr(client.results, "polls", 0)
         env.start_worker(concurrency=16)
         seen = set()
@@ -281,14 +284,16 @@ def test_thousand_concurrent_aget_share_one_subscription(env):
             if env.kind == "redis":
                 connections, subscribed = _redis_connections(app)
                 seen.add(("redis", subscribed))
+                most = max(most, connections)
                 assert connections <= 2 * 10 + 1, connections       # two pools of 10, and the subscription
         values = [w.result() for w in waits]
         assert values == [i + 1 for i in range(N_CONCURRENT)]
         assert seen - {("redis", 1)} == {1}, seen                   # one source of notifications throughout
         if env.kind == "redis":
             assert ("redis", 1) in seen
-            print(f"\n[redis] {N_CONCURRENT} concurrent aget: connections named "
-                  f"{app.config.key_prefix!r}-aio: {_redis_connections(app)[0]}, subscribed: 1")
+            print(f"\n[redis] {N_CONCURRENT} concurrent aget: connections named greenq-"
+                  f"{app.config.key_prefix}-<pid>-aio in CLIENT LIST: at most {most} while they waited "
+                  f"and the results came in, {_redis_connections(app)[0]} after; subscribed: 1")
         if env.kind in ("memory", "sqlite"):
             polls = client.results.polls - before
             print(f"\n[{env.kind}] {N_CONCURRENT} concurrent aget: {polls} polls by one poller")
@@ -361,6 +366,27 @@ def test_gevent_patched_process(env):
     assert seen["values_ok"] and seen["worker_stopped"] and seen["subscriptions"] == 1
     assert seen["green_ticks_while_awaiting"] > 0
     assert seen["nested_asyncio_run"].startswith("RuntimeError")
+
+
+# -- [greenq] tracing ----------------------------------------------------------------------------
+def test_traced_sends_end_their_producer_spans(env):
+    """With tracing on, each asyncio send makes a ``send <queue>`` PRODUCER
+    span under the caller's span, ended (so exported) once the broker has
+    the message, and the worker's ``process`` span is its child
+    (docs/tracing.md).  In a process of its own: a tracer provider is set
+    once per process."""
+    pytest.importorskip("opentelemetry.sdk", reason="the test extra installs opentelemetry-sdk")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = os.path.join(root, "tests", "integration", "aio_traced_client.py")
+    proc = subprocess.run([sys.executable, script, env.url, env.config.key_prefix, env.queue],
+                          capture_output=True, text=True, timeout=180, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["before_worker"] == ["request"] + [f"send {env.queue}"] * 3, seen
+    assert seen["messages"] == [{"sends": [f"send {env.queue}"], "send_parent": "request",
+                                 "run_under_send": True}] * 3, seen
+    assert seen["traces"] == 1, seen
 
 
 # -- Redis: the subscription survives a dropped connection --------------------------------------
