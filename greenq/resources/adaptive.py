@@ -159,8 +159,9 @@ class AdaptiveLimit:
         # a probe begins at once: no latency is trusted before one was measured without load
         self._probe_start: Optional[float] = now
         self._probe: List[float] = []
-        #: the worker's own delay in the last sample (see on_sample)
+        #: the worker's own delay in the last sample: the least and the most it can have been (see on_sample)
         self._lag = 0.0
+        self._lag_high = 0.0
         self._next_probe = self._probe_due(now)
         self._probe_end = -math.inf     # when the last probe ended
 
@@ -183,7 +184,7 @@ class AdaptiveLimit:
 
     def on_sample(self, latency: float, *, in_flight: int,
                   error: Optional[BaseException] = None, held: Optional[int] = None,
-                  lag: float = 0.0) -> int:
+                  lag: float = 0.0, lag_high: Optional[float] = None) -> int:
         """A holder ended: ``latency`` seconds held, ``in_flight`` permits held
         when it started (itself included), ``error`` what it raised.  ``held``:
         the permits held, when they are more than ``in_flight`` (a resource
@@ -192,14 +193,18 @@ class AdaptiveLimit:
         them).  ``lag``: how long, of ``latency``, the holder was ready to go
         on (its I/O had answered) but waited for the worker's own event loop
         (greenq/resources/lag.py; docs/resources.md, "The worker's own
-        delays"): a CPU-bound worker's delay, not the downstream's queue, so
-        it is taken off the latency (down to ``LAG_FLOOR`` of it at most) in
-        the probe and in the windows; a window's sample so corrected is never
-        read below the no-load latency.  Returns the limit in force
-        afterwards."""
+        delays"), at least; ``lag_high``: at most (default ``lag``).  A
+        CPU-bound worker's delay, not the downstream's queue: the probe takes
+        the least off its samples (the no-load latency is not read too low),
+        a window the most (a queue is read only where the latency proves
+        one), down to ``LAG_FLOOR`` of the latency at most; a window's
+        sample so corrected is never read below the no-load latency.
+        Returns the limit in force afterwards."""
         try:
             lag = float(lag)
             self._lag = lag if lag > 0.0 and math.isfinite(lag) else 0.0
+            high = self._lag if lag_high is None else float(lag_high)
+            self._lag_high = max(self._lag, high) if math.isfinite(high) else self._lag
             self._sample(float(latency), int(in_flight), error,
                          int(in_flight) if held is None else max(int(held), int(in_flight)))
         except (ArithmeticError, ValueError, TypeError, OverflowError):
@@ -224,7 +229,7 @@ class AdaptiveLimit:
                 self._cut_at = now
                 self._restart_window(now)
             return      # a failure's latency says nothing about the downstream's queue
-        lag = self._lag
+        lag, lag_high = self._lag, self._lag_high
         if self._probe_start is not None:
             if lag > 0.0:
                 latency = max(latency - lag, latency * LAG_FLOOR)
@@ -236,11 +241,12 @@ class AdaptiveLimit:
         if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
         noload = self.rtt_noload
-        if lag > 0.0 and noload is not None and latency > noload:
-            # the worker's own delay, not the downstream's queue.  Never below the
-            # no-load latency: the lag may spare the limit a drain, it never makes
-            # the downstream look faster (a probe)
-            latency = max(latency - lag, noload, latency * LAG_FLOOR)
+        if lag_high > 0.0 and noload is not None and latency > noload:
+            # the worker's own delay, not the downstream's queue: the most it can
+            # have been (a queue is read only where the latency proves one).  Never
+            # below the no-load latency: the lag may spare the limit a drain, it
+            # never makes the downstream look faster (a probe)
+            latency = max(latency - lag_high, noload, latency * LAG_FLOOR)
         self._window.append((latency, in_flight, held))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
             self._decide(now)

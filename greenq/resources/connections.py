@@ -298,14 +298,15 @@ class ResourcePool(PermitPool, Generic[C]):
             raise
         finally:
             latency = time.monotonic() - began
-            self._measured(latency, error, resources.lag_end(mark) if resources is not None else 0.0)
+            self._measured(latency, error, resources.lag_end(mark) if resources is not None else (0.0, 0.0))
             self._checkin(conn, ok)
 
     #: an adaptive limit of this resource learns from the time each connection
     #: was out (the downstream's time), not the time its task held the permit
     times_connections = True
 
-    def _measured(self, latency: float, error: Optional[BaseException], lag: float = 0.0) -> None:
+    def _measured(self, latency: float, error: Optional[BaseException],
+                  lag: Tuple[float, float] = (0.0, 0.0)) -> None:
         sample = self._sample
         if sample is not None:
             with self._lock:

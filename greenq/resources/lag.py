@@ -78,7 +78,7 @@ class _Track:
         self.unseen = 0.0       # the last peek that saw it not ready
 
 
-Mark = Tuple[Any, _Track, float]
+Mark = Tuple[Any, _Track, float, float, float]    # (green thread, its track, lag, low, high at begin)
 
 
 class LoopLag:
@@ -257,7 +257,7 @@ class LoopLag:
         if track is None:
             track = self._tracked[current] = _Track()
         track.refs += 1
-        return (current, track, track.lag)
+        return (current, track, track.lag, track.low, track.high)
 
     def end(self, mark: Optional[Mark]) -> float:
         """The lag the green thread of ``mark`` met since ``begin``; it stops
@@ -265,7 +265,7 @@ class LoopLag:
         from another green thread than ``begin`` (its lag is not this one's)."""
         if mark is None:
             return 0.0
-        glet, track, start = mark
+        glet, track, start = mark[0], mark[1], mark[2]
         track.refs -= 1
         if track.refs <= 0 and self._tracked.get(glet) is track:
             del self._tracked[glet]
@@ -273,6 +273,15 @@ class LoopLag:
         if self._greenlet.getcurrent() is not glet:
             return 0.0
         return max(0.0, track.lag - start)
+
+    def end_bounds(self, mark: Optional[Mark]) -> Tuple[float, float, float]:
+        """``end``, with the least and the most the lag can have been: (estimate, least, most)."""
+        if mark is None or self._greenlet.getcurrent() is not mark[0]:
+            self.end(mark)
+            return (0.0, 0.0, 0.0)
+        track = mark[1]
+        low, high = max(0.0, track.low - mark[3]), max(0.0, track.high - mark[4])
+        return (self.end(mark), low, high)
 
     def close(self) -> None:
         """Stop the watchers and the switch hook (given back to the tracer before it)."""

@@ -20,7 +20,7 @@ import itertools
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from ..exceptions import ConfigError
 from .adaptive import AdaptiveLimit, resolve_errors
@@ -29,6 +29,9 @@ from .lag import LoopLag, loop_lag
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
+
+#: no lag measured: (least, most)
+NO_LAG = (0.0, 0.0)
 
 #: how long ``app.resource`` sleeps between two asks at first, and at most
 POLL_FIRST = 0.002
@@ -109,16 +112,22 @@ class Resources:
             return None
         return lag.begin()
 
-    def lag_end(self, mark: Any) -> float:
-        """Seconds the green thread of ``mark`` waited, ready, for the hub since it was made."""
+    def lag_end(self, mark: Any) -> Tuple[float, float]:
+        """Seconds the green thread of ``mark`` waited, ready, for the hub since
+        it was made: the least and the most it can have been."""
         lag = self.lag
-        return 0.0 if mark is None or lag is None else lag.end(mark)
+        if mark is None or lag is None:
+            return NO_LAG
+        _, low, high = lag.end_bounds(mark)
+        return (low, high)
 
     def sample(self, name: str, latency: float, in_flight: int, error: Optional[BaseException],
-               *, connection: bool = False, held: Optional[int] = None, lag: float = 0.0) -> None:
+               *, connection: bool = False, held: Optional[int] = None,
+               lag: Tuple[float, float] = (0.0, 0.0)) -> None:
         """A holder of a permit of ``name`` ended after ``latency`` seconds
         (with ``error`` when it raised), ``in_flight`` permits held when it
-        did, ``lag`` seconds of it the worker's own delay (``lag_end``): an
+        did, ``lag`` the least and the most of it that was the worker's own
+        delay (``lag_end``): an
         adaptive resource moves its limit in force; others ignore it.
         A resource whose pool times its connections itself (``app.resource_pool``:
         ``connection=True``, the time a connection was out) ignores the holders'."""
@@ -128,7 +137,8 @@ class Resources:
         if connection != getattr(self.pools.get(name), "times_connections", False):
             return
         before = adaptive.limit
-        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held, lag=lag)
+        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held,
+                                   lag=lag[0], lag_high=lag[1])
         if after != before:
             self.pool(name).set_share(after)
             self.freed(name)

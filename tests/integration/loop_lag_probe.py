@@ -74,14 +74,11 @@ def scenario(port, meter, name, burners, burn_ms, yield_by, samplers, seconds):
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         while time.monotonic() < stop:
             mark = meter.begin()
-            track = mark[1]
-            low0, high0 = track.low, track.high
             began = time.monotonic()
             conn.sendall(b"x")
             answer = conn.recv(8)
             back = time.monotonic()
-            low, high = track.low - low0, track.high - high0
-            lag = meter.end(mark)
+            lag, low, high = meter.end_bounds(mark)
             sent, = struct.unpack("!d", answer)
             out.append((back - began, back - sent, lag, low, high))
         conn.close()

@@ -42,6 +42,26 @@ def test_the_lag_is_taken_off_the_probe_and_the_windows_down_to_floors():
     assert limit.decisions["faster"] == 0 and abs(limit.rtt_noload - 0.006) < 1e-9
 
 
+def test_the_probe_takes_off_the_least_the_lag_can_have_been_a_window_the_most():
+    """A meter that can only bound the lag (the answer came somewhere while the
+    hub ran other green threads): the no-load latency is not read too low, and
+    a window reads a queue only where its latency proves one."""
+    clock = FakeClock()
+    limit = AdaptiveLimit(1, 1, clock=clock, probe_samples=1, window_samples=1)
+    clock.now = 1.0
+    limit.on_sample(0.010, in_flight=1, lag=0.002, lag_high=0.009)
+    assert abs(limit.rtt_noload - 0.008) < 1e-9
+    clock.now = 2.0
+    limit.on_sample(0.016, in_flight=1, lag=0.002, lag_high=0.009)    # 0.007 to 0.014: no queue proven
+    assert abs(limit.last_window[0] - 0.008) < 1e-9
+    clock.now = 3.0
+    limit.on_sample(0.030, in_flight=1, lag=0.002, lag_high=0.009)    # at least 0.021: a queue
+    assert abs(limit.last_window[0] - 0.021) < 1e-9
+    clock.now = 4.0
+    limit.on_sample(0.030, in_flight=1, lag=0.002, lag_high=float("nan"))   # unreadable: the least
+    assert abs(limit.last_window[0] - 0.028) < 1e-9
+
+
 def test_without_a_lag_the_samples_are_read_as_measured():
     clock = FakeClock()
     limit = AdaptiveLimit(1, 1, clock=clock, probe_samples=1, window_samples=1)
@@ -65,7 +85,7 @@ def test_the_loop_lag_meter_exists_only_for_an_adaptive_resource_on_gevent():
     fixed = Resources(make_app(pg={"limit": 3}, gv={"limit": 3}).config, app_key="t",
                       driver=get_driver("gevent"))
     fixed.pool("pg")
-    assert fixed.lag is None and fixed.lag_begin("pg") is None and fixed.lag_end(None) == 0.0
+    assert fixed.lag is None and fixed.lag_begin("pg") is None and fixed.lag_end(None) == (0.0, 0.0)
     threads = Resources(make_app(pg={"limit": 3, "adaptive": True}).config, app_key="t",
                         driver=get_driver("threads"))
     threads.pool("pg")
