@@ -219,7 +219,11 @@ class AdaptiveLimit:
         started = now - latency
         in_flight = max(1, in_flight)
         if error is not None:
-            if isinstance(error, self.errors) and started > self._cut_at:
+            # once per window, as TCP cuts once per round trip: only a task that
+            # started after the last cut, and at least one no-load latency after it
+            # (a refused connect fails at once: its start says little)
+            if isinstance(error, self.errors) and started > self._cut_at \
+                    and now - self._cut_at >= (self.rtt_noload or 0.0):
                 # the level that failed (a lower one when it failed again below it, during the hold)
                 self._error_ceiling = (self._estimate if self._error_ceiling is None or now >= self._hold_until
                                        else min(self._error_ceiling, self._estimate))

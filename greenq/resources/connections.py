@@ -279,11 +279,13 @@ class ResourcePool(PermitPool, Generic[C]):
         """A connection for the block: an idle one, or a new one.  Only for a
         holder of a permit of this resource (a task with ``resources={name: 1}``,
         or inside ``app.resource(name)``): one connection per permit held."""
+        asked = time.monotonic()
         try:
             conn = self._checkout()
         except Exception as exc:            # "too many clients": an adaptive limit's signal too
             if not isinstance(exc, RuntimeError):
-                self._measured(0.0, exc)
+                # its time: an open that began before the limit's last cut does not cut again
+                self._measured(time.monotonic() - asked, exc)
             raise
         ok = False
         error: Optional[BaseException] = None
