@@ -69,9 +69,9 @@ FASTER = 0.9
 #: such a probe comes at most once per this fraction of probe_interval (10 s of 60 s);
 #: a faster window in between becomes the no-load latency itself
 FASTER_PROBE_GAP = 1.0 / 6.0
-#: a window's sample loses what the worker's own loop lag (``lag=``) grew since the
-#: last probe, but never more than down to this fraction of its latency (a lag read
-#: too high must not make a slow downstream look fast)
+#: a sample loses the worker's own delay (``lag=``, greenq/resources/lag.py), but
+#: never more than down to this fraction of its latency (a lag read too high must
+#: not make a slow downstream look fast)
 LAG_FLOOR = 0.25
 
 
@@ -159,10 +159,9 @@ class AdaptiveLimit:
         # a probe begins at once: no latency is trusted before one was measured without load
         self._probe_start: Optional[float] = now
         self._probe: List[float] = []
-        self._probe_lags: List[float] = []
-        #: the loop lag of the last sample, and the median during the last probe (see on_sample)
+        #: the worker's own delay in the last sample: the least and the most it can have been (see on_sample)
         self._lag = 0.0
-        self._probe_lag = 0.0
+        self._lag_high = 0.0
         self._next_probe = self._probe_due(now)
         self._probe_end = -math.inf     # when the last probe ended
 
@@ -185,22 +184,27 @@ class AdaptiveLimit:
 
     def on_sample(self, latency: float, *, in_flight: int,
                   error: Optional[BaseException] = None, held: Optional[int] = None,
-                  lag: float = 0.0) -> int:
+                  lag: float = 0.0, lag_high: Optional[float] = None) -> int:
         """A holder ended: ``latency`` seconds held, ``in_flight`` permits held
         when it started (itself included), ``error`` what it raised.  ``held``:
         the permits held, when they are more than ``in_flight`` (a resource
         pool's samples are connections out; its parked permits and holders
         between two queries use the limit too: the app-limited guard counts
-        them).  ``lag``: how late the worker's own event loop resumes what is
-        ready, if the caller measures it (the worker does not yet: see
-        docs/resources.md, "The worker's own delays"): a CPU-bound worker resumes every task
-        that late, which is its own delay, not the downstream's queue, so
-        what it grew since the last probe is taken off a window's latency
-        (down to ``LAG_FLOOR`` of it at most).  Returns the limit in force
-        afterwards."""
+        them).  ``lag``: how long, of ``latency``, the holder was ready to go
+        on (its I/O had answered) but waited for the worker's own event loop
+        (greenq/resources/lag.py; docs/resources.md, "The worker's own
+        delays"), at least; ``lag_high``: at most (default ``lag``).  A
+        CPU-bound worker's delay, not the downstream's queue: the probe takes
+        the least off its samples (the no-load latency is not read too low),
+        a window the most (a queue is read only where the latency proves
+        one), down to ``LAG_FLOOR`` of the latency at most; a window's
+        sample so corrected is never read below the no-load latency.
+        Returns the limit in force afterwards."""
         try:
             lag = float(lag)
             self._lag = lag if lag > 0.0 and math.isfinite(lag) else 0.0
+            high = self._lag if lag_high is None else float(lag_high)
+            self._lag_high = max(self._lag, high) if math.isfinite(high) else self._lag
             self._sample(float(latency), int(in_flight), error,
                          int(in_flight) if held is None else max(int(held), int(in_flight)))
         except (ArithmeticError, ValueError, TypeError, OverflowError):
@@ -215,7 +219,11 @@ class AdaptiveLimit:
         started = now - latency
         in_flight = max(1, in_flight)
         if error is not None:
-            if isinstance(error, self.errors) and started > self._cut_at:
+            # once per window, as TCP cuts once per round trip: only a task that
+            # started after the last cut, and at least one no-load latency after it
+            # (a refused connect fails at once: its start says little)
+            if isinstance(error, self.errors) and started > self._cut_at \
+                    and now - self._cut_at >= (self.rtt_noload or 0.0):
                 # the level that failed (a lower one when it failed again below it, during the hold)
                 self._error_ceiling = (self._estimate if self._error_ceiling is None or now >= self._hold_until
                                        else min(self._error_ceiling, self._estimate))
@@ -225,7 +233,10 @@ class AdaptiveLimit:
                 self._cut_at = now
                 self._restart_window(now)
             return      # a failure's latency says nothing about the downstream's queue
+        lag, lag_high = self._lag, self._lag_high
         if self._probe_start is not None:
+            if lag > 0.0:
+                latency = max(latency - lag, latency * LAG_FLOOR)
             self._probe_sample(now, started, latency)
             return
         if now >= self._next_probe:
@@ -233,15 +244,13 @@ class AdaptiveLimit:
             return
         if started <= self._window_start:
             return      # it started before the last change: it cannot judge that change
-        grown = self._lag - self._probe_lag
         noload = self.rtt_noload
-        if grown > 0.0 and noload is not None and latency > noload:
-            # the worker's own delay grew since the no-load latency was measured:
-            # not the downstream's queue (only the growth: a meter that reads a
-            # constant too much or too little cancels out against the probe's).
-            # Never below the no-load latency: the lag may spare the limit a
-            # drain, it never makes the downstream look faster (a probe)
-            latency = max(latency - grown, noload, latency * LAG_FLOOR)
+        if lag_high > 0.0 and noload is not None and latency > noload:
+            # the worker's own delay, not the downstream's queue: the most it can
+            # have been (a queue is read only where the latency proves one).  Never
+            # below the no-load latency: the lag may spare the limit a drain, it
+            # never makes the downstream look faster (a probe)
+            latency = max(latency - lag_high, noload, latency * LAG_FLOOR)
         self._window.append((latency, in_flight, held))
         if len(self._window) >= max(self.window_samples, int(self._estimate) // 2):
             self._decide(now)
@@ -340,7 +349,6 @@ class AdaptiveLimit:
         # the hold ends on its own, and growth past the ceiling forgets it)
         self._probe_start = now
         self._probe = []
-        self._probe_lags = []
         self._restart_window(now)
 
     def _probe_sample(self, now: float, started: float, latency: float) -> None:
@@ -348,11 +356,8 @@ class AdaptiveLimit:
         if started <= self._probe_start:
             return      # it ran beside the tasks of the full limit: not a no-load latency
         self._probe.append(latency)
-        self._probe_lags.append(self._lag)
         if len(self._probe) >= self.probe_samples:
             self.rtt_noload = self._low(self._probe)
-            self._probe_lag = statistics.median(self._probe_lags)
-            self._probe_lags = []
             self._probe_start = None
             self._probe_end = now
             self._probe = []

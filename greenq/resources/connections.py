@@ -96,6 +96,7 @@ class ResourcePool(PermitPool, Generic[C]):
         self.inner: Optional[PermitPool] = None
         self._freed: Optional[Callable[[str], None]] = None   # Resources.freed once bound
         self._sample: Optional[Callable[..., None]] = None     # Resources.sample once bound
+        self._resources: Optional["Resources"] = None          # once bound (the loop lag's marks)
         self._lock = threading.Lock()
         self._holders: Dict[str, str] = {}            # a holder's id -> the inner pool's holder id it stands on
         self._parked: List[str] = []                  # inner holder ids kept for idle connections
@@ -127,6 +128,7 @@ class ResourcePool(PermitPool, Generic[C]):
             self.app_key, self.config, self.driver = inner.app_key, inner.config, inner.driver
             self._freed = resources.freed
             self._sample = resources.sample
+            self._resources = resources
             resources.pools[self.name] = self
 
     def unbind(self) -> None:
@@ -135,6 +137,7 @@ class ResourcePool(PermitPool, Generic[C]):
         self.inner = None
         self._freed = None
         self._sample = None
+        self._resources = None
 
     def _pool(self) -> PermitPool:
         inner = self.inner
@@ -276,14 +279,18 @@ class ResourcePool(PermitPool, Generic[C]):
         """A connection for the block: an idle one, or a new one.  Only for a
         holder of a permit of this resource (a task with ``resources={name: 1}``,
         or inside ``app.resource(name)``): one connection per permit held."""
+        asked = time.monotonic()
         try:
             conn = self._checkout()
         except Exception as exc:            # "too many clients": an adaptive limit's signal too
             if not isinstance(exc, RuntimeError):
-                self._measured(0.0, exc)
+                # its time: an open that began before the limit's last cut does not cut again
+                self._measured(time.monotonic() - asked, exc)
             raise
         ok = False
         error: Optional[BaseException] = None
+        resources = self._resources
+        mark = resources.lag_begin(self.name) if resources is not None else None
         began = time.monotonic()
         try:
             yield conn
@@ -292,20 +299,22 @@ class ResourcePool(PermitPool, Generic[C]):
             error = exc
             raise
         finally:
-            self._measured(time.monotonic() - began, error)
+            latency = time.monotonic() - began
+            self._measured(latency, error, resources.lag_end(mark) if resources is not None else (0.0, 0.0))
             self._checkin(conn, ok)
 
     #: an adaptive limit of this resource learns from the time each connection
     #: was out (the downstream's time), not the time its task held the permit
     times_connections = True
 
-    def _measured(self, latency: float, error: Optional[BaseException]) -> None:
+    def _measured(self, latency: float, error: Optional[BaseException],
+                  lag: Tuple[float, float] = (0.0, 0.0)) -> None:
         sample = self._sample
         if sample is not None:
             with self._lock:
                 in_flight = max(1, self._out)
                 held = len(self._holders) + len(self._parked)
-            sample(self.name, latency, in_flight, error, connection=True, held=held)
+            sample(self.name, latency, in_flight, error, connection=True, held=held, lag=lag)
 
     def _checkout(self) -> C:
         self._expire()

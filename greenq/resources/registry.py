@@ -20,14 +20,18 @@ import itertools
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from ..exceptions import ConfigError
 from .adaptive import AdaptiveLimit, resolve_errors
 from .base import PermitPool, ResourceSettings, make_pool
+from .lag import LoopLag, loop_lag
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import Config
+
+#: no lag measured: (least, most)
+NO_LAG = (0.0, 0.0)
 
 #: how long ``app.resource`` sleeps between two asks at first, and at most
 POLL_FIRST = 0.002
@@ -73,6 +77,9 @@ class Resources:
         self._listeners: List[Callable[[str], None]] = []
         self._lock = threading.Lock()
         self._holders = itertools.count(1)
+        #: the worker's own delay per sample (greenq/resources/lag.py): made with the
+        #: first adaptive pool, gevent only; None otherwise (and then it costs nothing)
+        self.lag: Optional[LoopLag] = None
 
     def pool(self, name: str) -> PermitPool:
         """The pool of resource ``name``; ConfigError (with the nearest name) if it has no section."""
@@ -92,14 +99,36 @@ class Resources:
                                              errors=resolve_errors(settings.errors))
                     pool.set_share(adaptive.limit)    # host, cluster: the lease stays `limit`
                     self.adaptive[name] = adaptive
+                    if self.lag is None:
+                        self.lag = loop_lag(self.driver)
                 self.pools[name] = pool
         return pool
 
+    def lag_begin(self, name: str) -> Any:
+        """A mark for the worker's own delay met by the current green thread
+        from now (``lag_end``): None unless ``name`` is adaptive and measured."""
+        lag = self.lag
+        if lag is None or name not in self.adaptive:
+            return None
+        return lag.begin()
+
+    def lag_end(self, mark: Any) -> Tuple[float, float]:
+        """Seconds the green thread of ``mark`` waited, ready, for the hub since
+        it was made: the least and the most it can have been."""
+        lag = self.lag
+        if mark is None or lag is None:
+            return NO_LAG
+        _, low, high = lag.end_bounds(mark)
+        return (low, high)
+
     def sample(self, name: str, latency: float, in_flight: int, error: Optional[BaseException],
-               *, connection: bool = False, held: Optional[int] = None) -> None:
+               *, connection: bool = False, held: Optional[int] = None,
+               lag: Tuple[float, float] = (0.0, 0.0)) -> None:
         """A holder of a permit of ``name`` ended after ``latency`` seconds
         (with ``error`` when it raised), ``in_flight`` permits held when it
-        did: an adaptive resource moves its limit in force; others ignore it.
+        did, ``lag`` the least and the most of it that was the worker's own
+        delay (``lag_end``): an
+        adaptive resource moves its limit in force; others ignore it.
         A resource whose pool times its connections itself (``app.resource_pool``:
         ``connection=True``, the time a connection was out) ignores the holders'."""
         adaptive = self.adaptive.get(name)
@@ -108,7 +137,8 @@ class Resources:
         if connection != getattr(self.pools.get(name), "times_connections", False):
             return
         before = adaptive.limit
-        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held)
+        after = adaptive.on_sample(latency, in_flight=in_flight, error=error, held=held,
+                                   lag=lag[0], lag_high=lag[1])
         if after != before:
             self.pool(name).set_share(after)
             self.freed(name)
@@ -165,6 +195,7 @@ class Resources:
         taken: List[str] = []
         error: Optional[BaseException] = None
         started = 0.0
+        mark = None
         try:
             for _ in range(count):
                 holder = self.holder(name)
@@ -172,13 +203,15 @@ class Resources:
                     raise TimeoutError(f"no permit of resource {name!r} came free within {timeout} s")
                 taken.append(holder)
             started = time.monotonic()
+            mark = self.lag_begin(name)
             yield
         except BaseException as exc:
             error = exc
             raise
         finally:
+            lag = self.lag_end(mark)
             if taken and started:
-                self.sample(name, time.monotonic() - started, self.pool(name).in_use(), error)
+                self.sample(name, time.monotonic() - started, self.pool(name).in_use(), error, lag=lag)
             for holder in reversed(taken):
                 self.release(name, holder)
 
@@ -188,5 +221,8 @@ class Resources:
 
     def close(self) -> None:
         """Give back every permit this process holds (the worker's stop)."""
+        lag, self.lag = self.lag, None
+        if lag is not None:
+            lag.close()
         for pool in list(self.pools.values()):
             pool.close()

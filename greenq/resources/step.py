@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Hashable, List, Optional, Tuple
 
 from ..worker.admission import RUN, AdmissionStep, Decision, wait
 from . import fair
@@ -91,6 +91,7 @@ class Permits(AdmissionStep):
         self.waits: Dict[str, WaitTimes] = {}
         self._held: Dict[int, List[Tuple[PermitPool, str, str]]] = {}   # id(job) -> (pool, resource, holder)
         self._since: Dict[int, float] = {}                              # id(job) -> when it took them
+        self._lag: Dict[int, Any] = {}       # id(job) -> its runner's loop-lag mark (adaptive resources)
         resources.on_release(self._released)
 
     def key(self, job: "Job") -> Optional[Hashable]:
@@ -118,7 +119,21 @@ class Permits(AdmissionStep):
                 taken.append((pool, name, holder))
         self._held[id(job)] = taken
         self._since[id(job)] = self.clock()
+        if self.resources.lag is not None:
+            self._lag_begin(job, wanted)
         return RUN
+
+    def _lag_begin(self, job: "Job", wanted: Dict[str, int]) -> None:
+        """Measure the worker's own delay in the task's sample of an adaptive
+        resource (greenq/resources/lag.py): the green thread measured is the
+        one granting, the runner that runs the task (``take``)."""
+        resources = self.resources
+        for name in wanted:
+            if name in resources.adaptive and not getattr(resources.pools.get(name), "times_connections", False):
+                mark = resources.lag_begin(name)
+                if mark is not None:
+                    self._lag[id(job)] = mark
+                return
 
     def _poll(self, wanted: Dict[str, int]) -> Optional[float]:
         """Seconds until a task refused permits of ``wanted`` is asked again
@@ -132,13 +147,15 @@ class Permits(AdmissionStep):
     def release(self, job: "Job") -> None:
         taken = self._held.pop(id(job), None)
         since = self._since.pop(id(job), None)
+        mark = self._lag.pop(id(job), None) if self._lag else None
         if not taken:
             return
         if since is not None and job.started:    # what the downstream took: adaptive limits learn from it
             latency = self.clock() - since
+            lag = self.resources.lag_end(mark)   # the worker's own delay in it (0 from another runner)
             for name in {name for _, name, _ in taken}:
                 pool = self.resources.pool(name)
-                self.resources.sample(name, latency, pool.in_use(), job.exc)
+                self.resources.sample(name, latency, pool.in_use(), job.exc, lag=lag)
         freed = set()
         for pool, name, holder in reversed(taken):
             pool.release(holder)

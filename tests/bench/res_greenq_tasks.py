@@ -32,6 +32,11 @@ def _traced(i, enq, sleep):
                 "/".join(f"{x:.4g}" for x in adaptive.last_window))
             parked = pool.parked() if hasattr(pool, "parked") else 0
             decisions = "" if adaptive is None else ",".join(f"{k}={v}" for k, v in sorted(adaptive.decisions.items()))
+            meter = permits.lag
+            if meter is not None and meter.resumes:   # the loop lag met per resume: mean ms (low/estimate/high)
+                decisions += (f" lag_ms={meter.total_low / meter.resumes * 1000:.2f}/"
+                              f"{meter.total / meter.resumes * 1000:.2f}/{meter.total_high / meter.resumes * 1000:.2f}"
+                              f",resumes={meter.resumes}")
             if hasattr(pool, "handoffs"):       # parked permits taken, and their mean ms parked
                 reused, mean = pool.handoffs()
                 decisions += f" parked_taken={reused},mean_parked_ms={mean * 1000:.2f}"

@@ -320,7 +320,7 @@ def test_an_adaptive_limit_learns_from_the_connections_not_the_holders():
     adaptive = app.permits().adaptive["pg"]
     seen = []
     real = adaptive.on_sample
-    adaptive.on_sample = lambda latency, in_flight, error=None, held=None, lag=0.0: (
+    adaptive.on_sample = lambda latency, in_flight, error=None, held=None, lag=0.0, lag_high=None: (
         seen.append((latency >= 0.02, in_flight, type(error).__name__, held)),
         real(latency, in_flight=in_flight, error=error, held=held, lag=lag))[1]
     assert pool.try_acquire("a") and pool.try_acquire("b")
