@@ -638,6 +638,8 @@ class Admission:
                 blocked.update(needs)
                 if decision.until is not None:
                     heapq.heappush(self._due, (decision.until, next(self._seq), queue_key))
+                    if self._due[0][0] == decision.until:   # from a runner (take): the loop may sleep past it
+                        self._event.set()
                 held, refused_now = self._hold(step, waiting, entry, deferred)
                 freed |= refused_now
                 at += held
