@@ -96,6 +96,10 @@ log = logging.getLogger("greenq.worker")
 
 #: the longest the admission greenlet sleeps without a due time (it also wakes on ``wake``)
 IDLE_WAIT = 1.0
+#: the soonest a job deferred over a ``frees_room`` step's bounds is due again (``Admission._overflow_delay``)
+OVERFLOW_MIN = 0.1
+#: the weight of the newest wait in the running mean of the waits per need (``Admission._drained``)
+DRAIN_WEIGHT = 0.3
 #: seconds between two looks for jobs parked longer than their step's ``wait_warning``
 WATCH_EVERY = 1.0
 
@@ -394,6 +398,7 @@ class Admission:
         #: the latest eta (epoch seconds) of a job this worker sent back to the broker: a --burst
         #: worker does not stop before it (RabbitMQ cannot say when its delayed messages are due)
         self.deferred_until = 0.0
+        self._drained: Dict[Hashable, float] = {}   # per need at ``frees_room`` steps: the recent wait (seconds)
         self._exempt = 0            # refused jobs parked at ``frees_room`` steps (not counted against prefetch)
         self._exempt_bytes = 0      # ... and their bodies' bytes
         self._ready: Set[QueueKey] = set()   # pull: queues a runner's ``take`` should look at
@@ -475,7 +480,7 @@ class Admission:
                 decision = RUN
                 if waiting and waiting.shares(needs):          # behind those already waiting
                     if self._full(step, waiting, needs, size):  # back to the broker, for a worker with room
-                        decision = defer(time.time() + step.overflow_backoff)
+                        decision = defer(time.time() + self._overflow_delay(step, needs))
                     else:
                         refused = waiting.refused_on(needs)
                         self._push(queue_key, job, needs, size, refused)
@@ -513,6 +518,17 @@ class Admission:
             if 0 < self.max_waiting_bytes < waiting.bytes.get(need, 0) + size:
                 return True
         return False
+
+    def _overflow_delay(self, step: AdmissionStep, needs: Tuple[Hashable, ...]) -> float:
+        """Seconds until a job deferred for going over a ``frees_room`` step's
+        bounds is due again: about when this worker's waiters of ``needs``
+        have been served (the recent wait of those admitted there,
+        ``_drained``), between ``OVERFLOW_MIN`` and the step's
+        ``overflow_backoff``.  A fixed ``overflow_backoff`` took every task of
+        a backlog out of the queue for that long, while the few that waited
+        here were served in a fraction of it: the permits then stood idle."""
+        drained = max((self._drained.get(need, OVERFLOW_MIN) for need in needs), default=OVERFLOW_MIN)
+        return min(step.overflow_backoff, max(OVERFLOW_MIN, drained))
 
     def _push(self, queue_key: QueueKey, job: "Job", needs: Tuple[Hashable, ...], size: int, refused: bool,
               until: Optional[float] = None) -> None:
@@ -622,6 +638,8 @@ class Admission:
                 blocked.update(needs)
                 if decision.until is not None:
                     heapq.heappush(self._due, (decision.until, next(self._seq), queue_key))
+                    if self._due[0][0] == decision.until:   # from a runner (take): the loop may sleep past it
+                        self._event.set()
                 held, refused_now = self._hold(step, waiting, entry, deferred)
                 freed |= refused_now
                 at += held
@@ -645,7 +663,7 @@ class Admission:
             return 1, False
         if self._full(step, waiting, entry[4], entry[5]):
             self._remove(step, waiting, entry)
-            deferred.append((entry[3], time.time() + step.overflow_backoff))
+            deferred.append((entry[3], time.time() + self._overflow_delay(step, entry[4])))
             return 0, False
         self._refuse(step, waiting, entry)
         return 1, step.frees_room
@@ -689,6 +707,12 @@ class Admission:
         for job, step, since, refused, warned in admitted:
             if refused:                 # a fresh job taken at once did not wait for a permit
                 self._waited(job, step, now - since, warned)
+                if step.frees_room:     # how long a waiter here waits: when to bring an overflow back
+                    key = step.key(job)
+                    for need in (step.needs(job, key) if key is not None else ()):
+                        last = self._drained.get(need)
+                        seconds = now - since
+                        self._drained[need] = seconds if last is None else last + (seconds - last) * DRAIN_WEIGHT
         if freed:
             self.on_room()
 

@@ -260,3 +260,30 @@ def test_each_steps_declared_options_and_ini_keys_are_checked_settings():
             assert option in TASK_SETTINGS or option in CODE_ONLY_TASK_OPTIONS, (step, option)
         for key in step.ini_keys:
             assert key in TASK_SETTINGS and key in step.task_options, (step, key)
+
+
+def test_a_wait_until_a_time_said_in_a_runner_wakes_the_loop():
+    """A step that ``reserves_runner`` is asked in a free runner (``take``);
+    when it says WAIT until a time (a host or cluster permit: ask again in
+    10-75 ms), the admission loop, asleep for up to IDLE_WAIT (1 s) with
+    nothing due, must be woken to look at that time.  It was not: a refused
+    host-scope waiter was asked again a second later, not at its poll, and
+    a permit of limit 1 shared by two worker processes stood idle most of
+    the time."""
+    class Remote(AdmissionStep):
+        name = "remote"
+        reserves_runner = True
+
+        def key(self, job):
+            return "k"
+
+        def admit(self, job):
+            return wait(until=time.monotonic() + 0.05)
+    admission, ran, _ = make([Remote()])
+    admission.pull = True
+    admission.offer(job())
+    assert len(ran) == 1 and ran[0] is not None      # a TAKE for a free runner
+    admission._event.clear()                         # the loop went to sleep with nothing due
+    assert admission.take(token=True) is None        # the runner asked: not yet, until a time
+    assert admission._event.is_set()                 # ... and the loop is told to look at it
+    assert admission.parked == 1

@@ -176,6 +176,33 @@ def test_at_most_max_waiting_wait_per_resource_and_the_rest_are_deferred():
     assert len(deferred) == 2 and all(time.time() < eta <= time.time() + 1.5 for eta in deferred)
 
 
+def test_an_overflow_is_due_again_about_when_the_waiters_here_are_served():
+    """A job deferred over the bound comes back when the waiters it could not
+    join have had their turn (the recent wait there, at least OVERFLOW_MIN),
+    not a fixed second later: with a fixed second a backlog left the queue for
+    that long while the few waiters took a fraction of it, and the permit stood
+    idle (limit 1, two processes: held a tenth of the time)."""
+    from greenq.worker.admission import OVERFLOW_MIN
+    app = make_app(pg={"limit": 1})
+    resources = Resources(app.config, app_key="t")
+    ran, deferred = [], []
+    admission = Admission(get_driver("threads"), run=ran.append, defer=lambda j, eta: deferred.append(eta))
+    step = admission.add(Permits(resources))
+    admission.max_waiting = 2
+    for n in range(5):
+        admission.offer(fake_job(n))
+    assert len(deferred) == 2 and all(eta <= time.time() + OVERFLOW_MIN for eta in deferred), deferred
+    step.release(ran[-1])               # the head waiter is served: its wait is what an overflow waits now
+    admission.serve()
+    assert len(ran) == 2 and admission.parked == 1
+    admission.offer(fake_job(5))        # one more may wait
+    admission.offer(fake_job(6))
+    assert len(deferred) == 3 and deferred[-1] <= time.time() + OVERFLOW_MIN
+    admission._drained["pg"] = 30.0     # waiters served slowly: never later than overflow_backoff
+    admission.offer(fake_job(7))
+    assert len(deferred) == 4 and time.time() + 0.5 < deferred[-1] <= time.time() + step.overflow_backoff
+
+
 # -- in a worker ------------------------------------------------------------------------
 def test_the_limit_is_never_exceeded():
     app = make_app(pg={"limit": 3})
