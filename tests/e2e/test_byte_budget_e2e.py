@@ -89,7 +89,9 @@ def peak_rss_run(env, pool: str, timeout: float = 120) -> "tuple[int, str, int]"
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError(f"worker still running after {timeout} s")
+            reader.join(10)
+            raise AssertionError(f"worker still running after {timeout} s; it said:\n"
+                                 f"{(out[0] if out else '')[-6000:]}")
         time.sleep(0.02)
     reader.join(10)
     return proc.returncode, out[0] if out else "", peak
