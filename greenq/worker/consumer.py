@@ -363,8 +363,8 @@ class Worker:
             if deliveries:
                 self._quiet_once = False
                 self._accept(deliveries)
-                if len(deliveries) < asked:   # the queues ran dry (a blocking read's one message)
-                    self._let_run()
+                if len(deliveries) < asked and not self.broker.pushes_deliveries:
+                    self._let_run()           # the queues ran dry (a blocking read's one message)
             elif self.burst and not self.held and self._burst_done():
                 log.info("burst: queues are empty, stopping")
                 self.request_stop()
@@ -376,7 +376,8 @@ class Worker:
         or their first wait), the second lets the settler store what finished
         (its result and notification on the wire) before the fetch's round
         trip, which would otherwise go first and delay a lone round trip's
-        result.  The next fetch would most likely block anyway."""
+        result.  The next fetch would most likely block anyway.  Not where the
+        broker pushes deliveries (RabbitMQ): its fetch makes no round trip."""
         self.driver.sleep(0)
         self.driver.sleep(0)
 
