@@ -349,9 +349,9 @@ class Worker:
             timeout = self.fetch_timeout
             if self.burst and not self._quiet_once:
                 timeout = min(timeout, BURST_FETCH_TIMEOUT)
+            asked = min(room, self.batch)
             try:
-                deliveries = self.broker.fetch(self.queues, min(room, self.batch), timeout,
-                                               max_bytes=byte_room)
+                deliveries = self.broker.fetch(self.queues, asked, timeout, max_bytes=byte_room)
                 retry.reset()
             except Exception as exc:
                 pause = retry.next()
@@ -363,10 +363,23 @@ class Worker:
             if deliveries:
                 self._quiet_once = False
                 self._accept(deliveries)
+                if len(deliveries) < asked and not self.broker.pushes_deliveries:
+                    self._let_run()           # the queues ran dry (a blocking read's one message)
             elif self.burst and not self.held and self._burst_done():
                 log.info("burst: queues are empty, stopping")
                 self.request_stop()
         self.stopped.set()
+
+    def _let_run(self) -> None:
+        """Two passes of the hub before the next fetch, after one that found
+        the queues dry: the first runs the tasks just accepted (to their end
+        or their first wait), the second lets the settler store what finished
+        (its result and notification on the wire) before the fetch's round
+        trip, which would otherwise go first and delay a lone round trip's
+        result.  The next fetch would most likely block anyway.  Not where the
+        broker pushes deliveries (RabbitMQ): its fetch makes no round trip."""
+        self.driver.sleep(0)
+        self.driver.sleep(0)
 
     def _of_queues_consumed(self, deliveries: List[Delivery]) -> List[Delivery]:
         """``deliveries`` less those of a queue ``cancel-consumer`` dropped

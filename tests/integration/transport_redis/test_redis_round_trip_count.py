@@ -140,6 +140,45 @@ def test_the_blocking_read_hands_a_lone_message_out_at_once(pair):
     broker.ack(got[0])
 
 
+def test_a_lone_result_is_stored_before_the_next_fetch(redis_url, redis_prefix):
+    """A gevent worker whose fetch found the queues dry lets the task run and
+    the settler store its result before the next fetch's round trips: nothing
+    goes to Redis between the message handed out and its result's store
+    script (before, the next fetch script and blocking read went first)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    queue = f"rt-{uuid.uuid4().hex[:8]}"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.transport_redis.gevent_order_worker",
+                             redis_url, redis_prefix, queue], cwd=root, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": root})
+    client = GreenQ("rt", config=make_config(broker_url=redis_url, key_prefix=redis_prefix,
+                                             default_queue=queue))
+
+    @client.task(name="rt.echo")
+    def echo(x):
+        return x
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        assert echo.delay(5).get(timeout=30) == 5
+        calls = [tuple(c) for c in json.loads(proc.stdout.readline())]
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        client.close()
+    calls = [c for c in calls if c[0] not in HANDSHAKE]
+    store = calls.index(("EVALSHA", _sha(STORE)))
+    handed = max(i for i, c in enumerate(calls[:store]) if c[0] == "HANDED-OUT")
+    assert calls[handed + 1:store] == [], calls
+    assert calls[store + 1:], "the next fetch began after the store"
+
+
 def test_a_record_over_the_notification_limit_is_read_after_it(pair):
     """A final record over NOTIFY_MAX is not carried: the waiter reads it."""
     client = pair.client
