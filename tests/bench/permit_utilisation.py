@@ -9,7 +9,8 @@ inside its permit and logs its start and end; printed per run: the wall time
 from the first start to the last end, the utilisation (the sum of the tasks'
 times over that wall time), the tasks run per process, the gaps between one
 task's end and the next start, and the load average.  Redis: db 13 under a
-prefix of its own, deleted afterwards.
+prefix of its own, deleted afterwards; the host permits in the run's own
+temporary directory (``$GREENQ_PERMITS_DIR``), removed with it.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def one_run(tasks: int, seconds: float) -> str:
     prefix = f"permitutil{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, GREENQ_BROKER_URL=URL, GREENQ_RESULT_BACKEND=URL, GREENQ_KEY_PREFIX=prefix,
                PYTHONPATH=os.pathsep.join([E2E, ROOT]), E2E_MARKERS=markers,
-               GREENQ_WORKER_LOGLEVEL="WARNING", GREENQ_WORKER_BLOCKING_THRESHOLD="0")
+               GREENQ_WORKER_LOGLEVEL="WARNING", GREENQ_WORKER_BLOCKING_THRESHOLD="0",
+               GREENQ_PERMITS_DIR=os.path.join(tmp, "permits"))     # removed with tmp, not left in /dev/shm
     proc = subprocess.Popen([sys.executable, "-m", "greenq.worker", "-A", "resource_tasks", "--pool", "gevent",
                              "-c", "4", "--prefetch", "4", "--processes", "2"], env=env, cwd=tmp,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

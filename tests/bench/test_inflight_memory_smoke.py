@@ -30,7 +30,7 @@ def test_inflight_memory_smoke(redis_url, tmp_path):
     assert result["rss_n"] > 0 and result["rss_0"] > 0 and result["rss_idle_c10"] > 0
     assert result["greenlets_n"] >= 50
     sites = {site["site"].split(":")[0] for site in result["top"]}
-    assert "greenq/worker/jobs.py" in sites                  # the Request of each running task
+    assert "greenq/message.py" in sites                      # the decoded message of each running task
     # runners are spawned on demand: the runner of each task shows with the tasks, none at 0 in flight
     assert "greenq/worker/runners.py" in sites
     assert "B per task in flight" in done.stdout
