@@ -371,6 +371,11 @@ class Run:
                 self._note(f"kill -9 {pid}, replaced by {self.workers.live[-1].pid}", at)
             elif fault == "reset":
                 count = self.proxy.reset_all()
+                retry_until = time.monotonic() + 5.0
+                while count == 0 and time.monotonic() < retry_until:
+                    time.sleep(0.1)            # every worker just killed, none connected again yet: wait for one
+                    at = time.time()
+                    count = self.proxy.reset_all()
                 self.faults.append((at, at, "reset"))
                 self._note(f"reset {count} connections", at)
             else:
