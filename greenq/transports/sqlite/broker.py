@@ -47,6 +47,7 @@ so no connection is used by two threads at once, and nothing depends on
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -54,7 +55,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from typing import Any, Callable, Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from .client import Database, Tables, chunks, placeholders, transaction
 from .wakeup import FALLBACK, Channel, Waiter, queues_payload, relevant
@@ -155,6 +156,10 @@ class SQLiteBroker(Broker):
     def __init__(self, url: str, config, driver=None) -> None:
         super().__init__(url, config, driver)
         self._db = Database(url, config.key_prefix)
+        #: (message id, reason) of rows dead-lettered inside a database call, logged by the caller
+        #: after it: the call may run in another OS thread (patched), where a green lock such as a
+        #: logging handler's cannot be waited for (eventlet: "Cannot switch to a different thread")
+        self._said: Deque[Tuple[Any, str]] = collections.deque()
         t = self._t = self._db.tables
         self._fetch_sql, self._peek_sql, self._sweep_sql = t.sql(FETCH_SQL), t.sql(PEEK_SQL), t.sql(SWEEP_SQL)
         self._due_sql = t.sql(DUE_SQL)
@@ -166,7 +171,15 @@ class SQLiteBroker(Broker):
         self._waiter_tried = 0     # the pid that tried to bind a waiter (0: none yet)
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._blocking(self._db.run, fn, *args)
+        try:
+            out = self._blocking(self._db.run, fn, *args)
+        except BaseException:
+            self._said.clear()             # rolled back: nothing was dead-lettered
+            raise
+        while self._said:
+            message_id, reason = self._said.popleft()
+            log.warning("message %s dead-lettered: %s", message_id, reason)
+        return out
 
     # -- publishing ----------------------------------------------------------
     def publish_many(self, messages: Sequence[Outgoing]) -> None:
@@ -321,7 +334,7 @@ class SQLiteBroker(Broker):
                      f"SELECT queue, priority, CAST(message_id AS TEXT), ?, ?, ? FROM {t.messages} WHERE id = ?",
                      (preview, reason, now, row_id))
         conn.execute(f"DELETE FROM {t.messages} WHERE id = ?", (row_id,))
-        log.warning("message %s dead-lettered: %s", message_id, reason)
+        self._said.append((message_id, reason))      # logged by _run, in the caller's thread
 
     def _sweep(self, conn: sqlite3.Connection, queues: List[str]) -> None:
         """Dead-letter rows of ``queues`` that the fetch can never select (a

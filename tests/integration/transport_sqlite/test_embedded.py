@@ -193,3 +193,20 @@ def test_two_processes_on_one_file_never_share_a_message(tmp_path):
     union = outputs[0] + outputs[1]
     assert len(union) == len(set(union)) == total
     assert all(outputs), "one process got nothing: the test proved little"
+
+
+@pytest.mark.parametrize("driver", ["gevent", "eventlet"])
+def test_a_fetch_that_dead_letters_logs_it_from_the_callers_thread(driver, tmp_path):
+    """Patched, a fetch's query runs in another OS thread; the oversized row it
+    dead-letters is logged after the call returns, in the caller's green
+    thread: logging from the database's thread waited on a green lock held
+    by the caller (eventlet: "Cannot switch to a different thread"; the fetch
+    never returned and its transaction never committed)."""
+    pytest.importorskip(driver)
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "green_oversized.py")
+    done = subprocess.run([sys.executable, script, driver, str(tmp_path / "broker.sqlite3")], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "fetched []\ndead ['big-0']\n" in done.stdout, done.stdout
+    assert "log message big-0 dead-lettered: message is 1048576 bytes, over max_message_size 65536" \
+        in done.stdout, done.stdout
