@@ -469,12 +469,11 @@ def _save_celery_group(app: "GreenQ", group_id: str, records: List[Dict[str, Any
     """A group with a member sent to a Celery queue also gets Celery's record
     (``celery-taskset-meta-<id>``, as Celery's ``GroupResult.save()``), so
     Celery's ``GroupResult.restore(id)`` finds it (docs/celery.md)."""
-    save = getattr(app.backend, "save_celery_group", None)
-    if save is None:
+    if not app.backend.celery_groups:
         return
     celery = app.codec.celery_queues
     if any(q in celery for q in map(_queue_of(app), records)):
-        save(group_id, [r.id for r in results])
+        app.backend.save_celery_group(group_id, [r.id for r in results])
 
 
 def _queue_of(app: "GreenQ") -> Callable[[Dict[str, Any]], Any]:

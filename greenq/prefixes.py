@@ -44,7 +44,9 @@ def _client(app: "GreenQ") -> Any:
     desc = transports.lookup(app.config.broker_url, app.config)
     if desc is None or desc.name != "redis":      # the registry is kept in Redis only
         return None
-    return getattr(app.broker, "client", None)
+    from .transports.redis.broker import RedisBroker     # redis-py is there: the URL is Redis's
+    broker = app.broker
+    return broker.client if isinstance(broker, RedisBroker) else None
 
 
 def _entries(client: Any) -> List[Dict[str, Any]]:

@@ -158,7 +158,7 @@ class AsyncResult(Generic[R]):
         if not getattr(self.app.config, "celery_queues", None):
             return None
         backend = self.app.backend
-        return backend if hasattr(backend, "wait_either") else None
+        return backend if backend.celery_records else None
 
     def _decode(self, data: bytes) -> Dict[str, Any]:
         """The record read for this task, checked (MessageError when it is

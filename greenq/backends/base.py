@@ -14,7 +14,7 @@ primitives ``_store_many``, ``_get``, ``_forget``, ``_revoke``, ``_revoked``,
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, TypeVar
 
 from ..drivers.base import UsesDriver
 
@@ -68,6 +68,12 @@ class ResultBackend(UsesDriver):
     #: trip as it counts them (the worker then hands it those records rather
     #: than storing them beforehand with the rest)
     counts_with_store = False
+    #: optional: writes and reads Celery's per-task records (``store_celery``,
+    #: ``get_celery``, ``wait_either``); Redis and rpc:// with ``celery_queues``
+    celery_records = False
+    #: optional: keeps Celery's group records and counts Celery chords
+    #: (``save_celery_group``, ``celery_chord_parts``); Redis only
+    celery_groups = False
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
@@ -77,6 +83,30 @@ class ResultBackend(UsesDriver):
     def attach_broker(self, broker: "Broker") -> None:
         """Given the app's broker once the backend is made; nothing by default
         (rpc:// replies on a worker's consumer channel)."""
+
+    # -- optional: Celery's records (docs/celery.md) --------------------------
+    # A backend that has them sets the flag above and overrides the methods;
+    # callers check the flag, so these defaults are never reached.
+    def store_celery(self, records: Sequence[Tuple[str, bytes]]) -> None:
+        """Store ``(task_id, record)`` pairs in Celery's format (``celery_records``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not store Celery's records")
+
+    def get_celery(self, task_id: str) -> Optional[Dict[str, Any]]:
+        """The Celery record for ``task_id`` as greenq's meta, or None (``celery_records``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read Celery's records")
+
+    def wait_either(self, task_id: str, timeout: Optional[float]) -> Optional[Tuple[str, Any]]:
+        """The first of greenq's or Celery's final record for ``task_id``, with
+        which one it is, or None after ``timeout`` (``celery_records``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not read Celery's records")
+
+    def save_celery_group(self, group_id: str, member_ids: Sequence[str]) -> None:
+        """Celery's group record (``celery-taskset-meta-<id>``; ``celery_groups``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not keep Celery's group records")
+
+    def celery_chord_parts(self, parts: Sequence[Tuple[str, str, Any, bytes]]) -> List[Optional[str]]:
+        """Count finished members of Celery chords (``celery_groups``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not count Celery's chords")
 
     # -- public API ----------------------------------------------------------
     def reply_to(self) -> Optional[str]:

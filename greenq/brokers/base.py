@@ -159,6 +159,9 @@ class Broker(UsesDriver):
     #: deliveries are pushed to this process (RabbitMQ), so one may still be on
     #: its way when ``fetch`` comes back empty (a --burst worker looks twice)
     pushes_deliveries = False
+    #: optional: the broker keeps a window of unacknowledged deliveries that
+    #: the worker sets with ``set_prefetch`` (RabbitMQ's ``basic_qos``)
+    prefetch_window = False
 
     def __init__(self, url: str, config: "Config", driver: Optional["Driver"] = None) -> None:
         self.url = url
@@ -186,6 +189,11 @@ class Broker(UsesDriver):
         ``max_bytes`` (0: no limit): stop adding messages once their bodies
         would pass this many bytes, though always hand out at least one."""
         raise NotImplementedError
+
+    def set_prefetch(self, prefetch: int) -> None:
+        """Hand out at most ``prefetch`` unacknowledged deliveries to this
+        process (``prefetch_window``; the worker checks the flag first)."""
+        raise NotImplementedError(f"{type(self).__name__} has no prefetch window")
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Remove these messages for good.  Acking twice is harmless."""

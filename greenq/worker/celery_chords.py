@@ -85,14 +85,13 @@ class CeleryChords:
 
     def complete(self, parts: List[Part]) -> None:
         backend = self._backend()
-        count = getattr(backend, "celery_chord_parts", None)
-        if count is None:
+        if not backend.celery_groups:
             if not self._warned:
                 self._warned = True
                 log.warning("Celery chords are counted on a Redis result backend only: the bodies of "
                             "Celery chords whose members run here are never sent")
             return
-        tokens = count([part for _, part in parts])
+        tokens = backend.celery_chord_parts([part for _, part in parts])
         for (msg, _), token in zip(parts, tokens):
             if token is not None:
                 self._fire(backend, msg, token)

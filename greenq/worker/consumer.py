@@ -240,12 +240,11 @@ class Worker:
         """AMQP: ``basic_qos`` follows the pool, plus room for the tasks
         waiting for permits (up to prefetch per resource the tasks name),
         which RabbitMQ counts as unacknowledged like any other."""
-        set_prefetch = getattr(self.broker, "set_prefetch", None)
-        if set_prefetch is None:
+        if not self.broker.prefetch_window:
             return
         keys = wait_keys(self.app.tasks.values()) if self.resources is not None else 0
         if keys or always:
-            set_prefetch(min(MAX_PREFETCH, self.prefetch * (1 + keys)))
+            self.broker.set_prefetch(min(MAX_PREFETCH, self.prefetch * (1 + keys)))
 
     def add_queue(self, queue: str) -> bool:
         """Consume ``queue`` too (declared first); False if it already does."""

@@ -435,10 +435,10 @@ class StartedRecorder:
         try:
             self._backend().store_many([Record(request.id, data, False, request.reply_to)])
             if request.delivery_info.get("queue") in self.codec.celery_queues:   # a Celery message
-                store = getattr(self._backend(), "store_celery", None)
-                if store is not None:           # as Celery's worker: {"pid", "hostname"}
+                backend = self._backend()
+                if backend.celery_records:      # as Celery's worker: {"pid", "hostname"}
                     from ..celery.results import started
-                    store([(request.id, started(request.id, os.getpid(), self.hostname,
+                    backend.store_celery([(request.id, started(request.id, os.getpid(), self.hostname,
                                                 request.parent_id, request.group_id))])
         except Exception as exc:                # a missing STARTED must not fail the task
             log.warning("could not store STARTED: %s", describe(exc))

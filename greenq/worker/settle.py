@@ -242,9 +242,9 @@ class Settler:
     def _store_celery(self, records: List[Any]) -> None:
         """Results of Celery messages in Celery's format, where the result
         backend can keep them (Redis and rpc://; elsewhere, a warning once)."""
-        store = getattr(self._backend(), "store_celery", None)
-        if store is not None:
-            store(records)
+        backend = self._backend()
+        if backend.celery_records:
+            backend.store_celery(records)
         elif not self._celery_warned:
             self._celery_warned = True
             log.warning("results of Celery messages are not stored in Celery's format on this result "

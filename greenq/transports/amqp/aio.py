@@ -59,7 +59,8 @@ class RPCResults(AsyncResults):
     def _final(self, task_id: str) -> Optional[bytes]:
         """The final record of ``task_id`` in the reply queue's cache (never
         connects: the loop's side)."""
-        replies = getattr(self.app.backend, "_mine")()
+        backend: Any = self.app.backend       # the rpc:// backend these asyncio results are made for
+        replies = backend._mine()
         if replies is None:
             return None
         with replies.cond:

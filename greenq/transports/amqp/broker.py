@@ -73,6 +73,7 @@ class AMQPBroker(Broker):
     #: still be on its way to this process, in no queue's count (a --burst
     #: worker looks twice, a fetch apart, before it stops)
     pushes_deliveries = True
+    prefetch_window = True
 
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)

@@ -110,6 +110,8 @@ class CeleryRPCBackend(RPCBackend):
     """``RPCBackend`` that also answers Celery's clients (``store_celery``)
     and reads Celery workers' replies (``wait_either``, ``get_celery``)."""
 
+    celery_records = True
+
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         CHORDLESS.add(self.settings)

@@ -42,6 +42,9 @@ _CHORD_SUFFIXES = (".j", ".t", ".s", ".d", ".c")
 class CeleryRedisBackend(RedisBackend):
     """``RedisBackend`` that can also write (and read) Celery's records."""
 
+    celery_records = True
+    celery_groups = True
+
     def __init__(self, url: str, config: Any, driver: Any = None) -> None:
         super().__init__(url, config, driver)
         self._chord_part_script = self.client.register_script(lua.CELERY_CHORD_PART)
