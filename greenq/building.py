@@ -112,6 +112,14 @@ def _no_caller() -> Optional["Request"]:
     return None
 
 
+def _expires_at(expires: Any, now: float) -> float:
+    """The epoch at which a message given ``expires`` (a datetime, or
+    seconds from ``now``) expires, checked."""
+    if isinstance(expires, datetime):
+        return validation.epoch("expires", expires)
+    return now + validation.offset("expires", expires)
+
+
 class MessageBuilder:
     """Builds the messages of task calls from the app's settings and tasks
     (module docstring).  ``config`` and ``tasks`` are read as they are at
@@ -158,12 +166,7 @@ class MessageBuilder:
             kwargs = {}
         if not _flat(args, kwargs):
             validation.arguments(args, kwargs)
-        task = self.tasks.get(name)
-        if task is not None:    # [task:NAME] > decorator > default
-            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = task.options_for(BUILD_KEYS)
-        else:                   # a task not registered here: its [task:NAME] options only
-            configured = self.config.task_options(name).get
-            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (configured(key) for key in BUILD_KEYS)
+        d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = self._task_defaults(name)
         if now is None:
             now = time.time()
         # each rule is called for a value given; a value left out (None) passes every rule
@@ -182,10 +185,7 @@ class MessageBuilder:
         if expires is None:
             expires = d_expires
         if expires is not None:
-            if isinstance(expires, datetime):
-                expires = validation.epoch("expires", expires)
-            else:
-                expires = now + validation.offset("expires", expires)
+            expires = _expires_at(expires, now)
         if priority is None:
             priority = d_priority or 0
         if type(priority) is not int or not 0 <= priority <= 9:
@@ -283,21 +283,23 @@ class MessageBuilder:
                 root_id, None, None, reply_to, parent_id))
         return out
 
+    def _task_defaults(self, name: str) -> Sequence[Any]:
+        """The options of ``BUILD_KEYS`` a call of ``name`` gets when it gives
+        none: ``[task:NAME]`` > decorator > default; for a task not
+        registered here, its ``[task:NAME]`` options only."""
+        task = self.tasks.get(name)
+        if task is not None:
+            return task.options_for(BUILD_KEYS)
+        configured = self.config.task_options(name).get
+        return [configured(key) for key in BUILD_KEYS]
+
     def _defaults(self, name: str, now: float) -> Tuple[str, int, Optional[float], bool]:
         """What ``build`` gives a call of ``name`` with no options, checked as
         it checks them: (queue, priority, expires at, ignore_result)."""
-        task = self.tasks.get(name)
-        if task is not None:    # [task:NAME] > decorator > default
-            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = task.options_for(BUILD_KEYS)
-        else:                   # a task not registered here: its [task:NAME] options only
-            configured = self.config.task_options(name).get
-            d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = (configured(key) for key in BUILD_KEYS)
+        d_expires, d_priority, d_soft, d_hard, d_queue, d_ignore = self._task_defaults(name)
         expires = d_expires
         if expires is not None:
-            if isinstance(expires, datetime):
-                expires = validation.epoch("expires", expires)
-            else:
-                expires = now + validation.offset("expires", expires)
+            expires = _expires_at(expires, now)
         priority = d_priority or 0
         if type(priority) is not int or not 0 <= priority <= 9:
             validation.priority("priority", priority)

@@ -139,6 +139,20 @@ _KNOWN_NAMES: Set[str] = set()
 _KNOWN_NAMES_MAX = 4096
 
 
+def _names_ok(task: Any, queue: Any) -> bool:
+    """Are ``task`` and ``queue`` good names?  Each found good is remembered
+    (``_KNOWN_NAMES``, bounded): the next message's check is a set lookup,
+    done inline by the callers (a name not a str is never in the set)."""
+    known = _KNOWN_NAMES
+    for name in (task, queue):
+        if type(name) is not str or name not in known:
+            if not _name_ok(name):
+                return False
+            if len(known) < _KNOWN_NAMES_MAX:
+                known.add(name)
+    return True
+
+
 def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["TaskMessage"]:
     """The message when every header field is plainly valid (the hot path: a
     message greenq wrote), else None and the rules of _FIELD_RULES decide.
@@ -152,17 +166,9 @@ def _plain_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["Tas
     eta, expires, created = get("eta"), get("expires"), get("created", 0.0)
     hard, soft = get("time_limit"), get("soft_time_limit")
     root_id, reply_to = get("root_id"), get("reply_to")
-    known = _KNOWN_NAMES        # task and queue names already found good: a set lookup, not the rule
-    if type(task) is not str or task not in known:
-        if not _name_ok(task):
-            return None
-        if len(known) < _KNOWN_NAMES_MAX:
-            known.add(task)
-    if type(queue) is not str or queue not in known:
-        if not _name_ok(queue):
-            return None
-        if len(known) < _KNOWN_NAMES_MAX:
-            known.add(queue)
+    if not (type(task) is str and task in _KNOWN_NAMES and type(queue) is str and queue in _KNOWN_NAMES
+            or _names_ok(task, queue)):
+        return None
     if not (_name_ok(task_id)
             and type(priority) is int and 0 <= priority <= 9
             and type(retries) is int and 0 <= retries <= 2 ** 31
@@ -191,17 +197,9 @@ def _plainest_message(env: Dict[str, Any], args: Any, kwargs: Any) -> Optional["
     maybe ``reply_to``): the same checks, none for the fields it has not."""
     task, task_id, queue = env["task"], env["id"], env["queue"]
     priority, retries, created, reply_to = env["priority"], env["retries"], env["created"], env.get("reply_to")
-    known = _KNOWN_NAMES
-    if type(task) is not str or task not in known:
-        if not _name_ok(task):
-            return None
-        if len(known) < _KNOWN_NAMES_MAX:
-            known.add(task)
-    if type(queue) is not str or queue not in known:
-        if not _name_ok(queue):
-            return None
-        if len(known) < _KNOWN_NAMES_MAX:
-            known.add(queue)
+    if not (type(task) is str and task in _KNOWN_NAMES and type(queue) is str and queue in _KNOWN_NAMES
+            or _names_ok(task, queue)):
+        return None
     if not ((type(task_id) is str and task_id.isascii() and 0 < len(task_id) <= _MAX_NAME
              and task_id.isprintable() or _name_ok(task_id))      # _name_ok, its ASCII case inline
             and type(priority) is int and 0 <= priority <= 9
@@ -599,13 +597,16 @@ class Codec:
         if sent and self.celery_queues and msg.queue in self.celery_queues:
             eta = None      # Celery's way: on the queue at once, its eta in the message (docs/celery.md)
         out = _outgoing()(msg.queue, self.encode(msg), msg.id, msg.priority, eta)
-        sink = self.sent_sink
-        if sink is not None and sent:
-            try:
-                sink(msg)
-            except Exception:                   # an event must never stop a send
-                log.warning("task-sent event for %s failed", msg.id, exc_info=True)
+        if sent and self.sent_sink is not None:
+            self.tell_sent(msg)
         return out
+
+    def tell_sent(self, msg: TaskMessage) -> None:
+        """Tell ``sent_sink`` (set) of ``msg``: an event must never stop a send."""
+        try:
+            self.sent_sink(msg)                 # type: ignore[misc]
+        except Exception:
+            log.warning("task-sent event for %s failed", msg.id, exc_info=True)
 
     def outgoing_many(self, msgs: Sequence[TaskMessage]) -> List["Outgoing"]:
         """``[self.outgoing(m) for m in msgs]``, the same bytes and the same
@@ -637,10 +638,7 @@ class Codec:
                     self._too_big(msg, data)
             add(make(msg.queue, data, msg.id, msg.priority, msg.eta))
             if sink is not None:
-                try:
-                    sink(msg)
-                except Exception:                   # an event must never stop a send
-                    log.warning("task-sent event for %s failed", msg.id, exc_info=True)
+                self.tell_sent(msg)
         return out
 
     def decode(self, data: Any) -> TaskMessage:

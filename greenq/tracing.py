@@ -29,7 +29,6 @@ dropped by the decoder (greenq/message.py), and hooks that fail are logged.
 """
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
@@ -46,7 +45,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .message import Codec, TaskMessage
     from .task import Request, Task
 
-log = logging.getLogger("greenq.tracing")
 
 #: the value of ``messaging.system`` on every span and measurement
 SYSTEM = "greenq"
@@ -169,12 +167,8 @@ class Producer:
         except BaseException as exc:
             _ended(span, exc)
             raise
-        sink = codec.sent_sink
-        if sink is not None:
-            try:
-                sink(msg)
-            except Exception:                   # an event must never stop a send
-                log.warning("task-sent event for %s failed", msg.id, exc_info=True)
+        if codec.sent_sink is not None:
+            codec.tell_sent(msg)
         return out
 
     def chord(self, members: Sequence[Dict[str, Any]], callback: Dict[str, Any]) -> None:
