@@ -61,6 +61,13 @@ IDLE_SECONDS = 10.0
 #: seconds after which a connection is closed on its return by default: its
 #: permit goes back to the fleet, so no process keeps its share for ever
 MAX_AGE = 300.0
+#: an open refused with one of an adaptive resource's ``errors`` (the
+#: downstream's "too many clients": how the limit finds a ceiling latency did
+#: not show) is tried again this many times before the task sees the error,
+#: after OPEN_RETRY_PAUSE seconds, doubled each time (0.02 + 0.04 + 0.08 s):
+#: the first refusal cuts the limit, and the connections over it close meanwhile
+OPEN_RETRIES = 3
+OPEN_RETRY_PAUSE = 0.02
 
 
 def _close_quietly(close: Callable[[Any], None], conn: Any, name: str) -> None:
@@ -107,6 +114,8 @@ class ResourcePool(PermitPool, Generic[C]):
         #: connections opened and closed since the start (figures for tests and benchmarks)
         self.opens = 0
         self.closes = 0
+        #: opens tried again after a refusal with a listed error (OPEN_RETRIES)
+        self.open_retries = 0
         #: parked permits taken by the next holder, and the seconds they stayed parked
         #: in all (a parked permit waits for a free runner's ``take``: see handoffs())
         self.reused = 0
@@ -279,14 +288,7 @@ class ResourcePool(PermitPool, Generic[C]):
         """A connection for the block: an idle one, or a new one.  Only for a
         holder of a permit of this resource (a task with ``resources={name: 1}``,
         or inside ``app.resource(name)``): one connection per permit held."""
-        asked = time.monotonic()
-        try:
-            conn = self._checkout()
-        except Exception as exc:            # "too many clients": an adaptive limit's signal too
-            if not isinstance(exc, RuntimeError):
-                # its time: an open that began before the limit's last cut does not cut again
-                self._measured(time.monotonic() - asked, exc)
-            raise
+        conn = self._checkout_retrying()
         ok = False
         error: Optional[BaseException] = None
         resources = self._resources
@@ -315,6 +317,33 @@ class ResourcePool(PermitPool, Generic[C]):
                 in_flight = max(1, self._out)
                 held = len(self._holders) + len(self._parked)
             sample(self.name, latency, in_flight, error, connection=True, held=held, lag=lag)
+
+    def _checkout_retrying(self) -> C:
+        """``_checkout``; an open refused with a listed error of an adaptive
+        limit is tried again (``OPEN_RETRIES``): only the first refusal is a
+        sample (it cuts the limit), and an open has no effect to repeat."""
+        asked = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return self._checkout()
+            except Exception as exc:        # "too many clients": an adaptive limit's signal too
+                if isinstance(exc, RuntimeError):       # no permit for it: a caller's mistake
+                    raise
+                if attempt == 0:
+                    # its time: an open that began before the limit's last cut does not cut again
+                    self._measured(time.monotonic() - asked, exc)
+                if attempt >= OPEN_RETRIES or not self._refused(exc):
+                    raise
+                time.sleep(OPEN_RETRY_PAUSE * 2 ** attempt)    # cooperative in a patched worker
+                attempt += 1
+                self.open_retries += 1
+
+    def _refused(self, exc: BaseException) -> bool:
+        """Is ``exc`` one of the errors this resource's adaptive limit is told of?"""
+        resources = self._resources
+        adaptive = resources.adaptive.get(self.name) if resources is not None else None
+        return adaptive is not None and isinstance(exc, adaptive.errors)
 
     def _checkout(self) -> C:
         self._expire()

@@ -27,7 +27,9 @@ or open one, at most --idle per process kept idle: up to limit + 2 x --idle
 connections).  greenq without permits (none) always uses that idle pool.
 Failed tasks are not retried.
 
-Per configuration: tasks recorded, "too many clients" errors, failed tasks,
+Per configuration: tasks recorded, "too many clients" errors tasks met,
+connections the server refused (counted in its own log: an adaptive pool
+tries a refused open again, so these can exceed what tasks met), failed tasks,
 throughput (tasks / (last end - first start)), p50/p99 of the task body's
 time (Celery's includes waiting for a pooled connection; greenq's permit wait
 comes before the body), p99 from enqueue to end, and the most client
@@ -76,6 +78,17 @@ def enqueue_celery(n, sleep):
             t.pg.apply_async((i, time.time(), sleep), producer=producer)
 
 
+def server_refusals(pg):
+    """Connections the server refused so far ("too many clients" in its own
+    log): with an adaptive limit, opens it refused that the pool tried again
+    (OPEN_RETRIES) count here though no task saw them."""
+    try:
+        with open(pg.dir / "log", errors="replace") as f:
+            return sum(line.count("too many clients") for line in f)
+    except OSError:
+        return 0
+
+
 def run(config, opts, pg):
     client = rb.redis_client()
     client.flushdb()
@@ -103,6 +116,7 @@ def run(config, opts, pg):
         procs = [rb.spawn([sys.executable, "-m", "greenq.worker", "-A", "res_greenq_tasks", "-P", "gevent",
                            "-c", str(opts.c), "--processes", "2", "--loglevel", "WARNING"],
                           folder, env, log)]
+    refused_before = server_refusals(pg)
     sampler = rb.ConnSampler(pg)
     sampler.start()
     began = time.monotonic()
@@ -125,13 +139,15 @@ def run(config, opts, pg):
         print(f"  {config}: only {len(recs)} of {opts.n} tasks recorded; log in {folder}", flush=True)
     else:
         shutil.rmtree(folder, ignore_errors=True)      # the workers' log: kept only when it failed
+    refused = server_refusals(pg) - refused_before
     toomany = sum(1 for r in recs if r[4] == "toomany")
     failed = sum(1 for r in recs if r[4])
     other = sorted({r[4] for r in recs if r[4] and r[4] != "toomany"})
     span = (max(r[3] for r in recs) - min(r[2] for r in recs)) if recs else float("nan")
     body = [r[3] - r[2] for r in recs]
     sojourn = [r[3] - r[1] for r in recs]
-    return {"config": config, "tasks": len(recs), "too_many_clients": toomany, "failed": failed,
+    return {"config": config, "tasks": len(recs), "too_many_clients": toomany, "server_refused": refused,
+            "failed": failed,
             "other_errors": other, "tasks_per_s": round(len(recs) / span, 1) if recs else 0,
             "body_p50_ms": round(rb.percentile(body, 50) * 1000, 1),
             "body_p99_ms": round(rb.percentile(body, 99) * 1000, 1),
@@ -184,9 +200,9 @@ def main():
         lock.close()
     print(f"\n{opts.n} tasks x SELECT pg_sleep({opts.sleep}), 2 processes x -c {opts.c}, "
           f"max_connections = {opts.max_connections}, load average {os.getloadavg()[0]:.1f}")
-    rb.print_table(["config", "tasks", "too many clients", "failed", "tasks/s", "body p50 ms",
+    rb.print_table(["config", "tasks", "too many clients", "refused by the server", "failed", "tasks/s", "body p50 ms",
                     "body p99 ms", "enqueue->end p99 s", "max server conns", "max open conns"],
-                   [[r["config"], r["tasks"], r["too_many_clients"], r["failed"], r["tasks_per_s"],
+                   [[r["config"], r["tasks"], r["too_many_clients"], r["server_refused"], r["failed"], r["tasks_per_s"],
                      r["body_p50_ms"], r["body_p99_ms"], r["sojourn_p99_s"], r["max_server_conns"], r["max_established"]]
                     for r in rows])
 

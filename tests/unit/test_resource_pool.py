@@ -345,3 +345,62 @@ def test_an_adaptive_limit_learns_from_the_connections_not_the_holders():
         with pool.connection():
             pass
     assert seen[-1] == (False, 1, "ConnectionRefusedError", 1)
+
+
+def test_an_open_refused_with_a_listed_error_is_tried_again_before_the_task_sees_it():
+    """An adaptive limit finds a ceiling latency did not show by the refusals
+    it is told of (``errors``): the first refusal is its sample (the cut), and
+    the open is tried again (OPEN_RETRIES), so the task meets no error while
+    the connections over the new limit close; another error is not retried."""
+    from greenq.resources import connections
+    app, pool, db, _ = bound_pool(limit=5, adaptive="true", errors="ConnectionRefusedError")
+    adaptive = app.permits().adaptive["pg"]
+    seen = []
+    real = adaptive.on_sample
+    adaptive.on_sample = lambda latency, in_flight, error=None, held=None, lag=0.0, lag_high=None: (
+        seen.append(type(error).__name__), real(latency, in_flight=in_flight, error=error, held=held, lag=lag))[1]
+    refusals = [ConnectionRefusedError("too many clients")] * 2
+
+    def open_after_two_refusals():
+        if refusals:
+            raise refusals.pop()
+        return db.connect()
+    pool._open = open_after_two_refusals
+    assert pool.try_acquire("a")
+    with pool.connection() as conn:
+        assert conn.query(7) == 7
+    assert (pool.open_retries, db.opened, seen) == (2, 1, ["ConnectionRefusedError", "NoneType"]), seen
+    pool.release("a")
+    check(pool, db, app)
+
+    refusing = [0]
+
+    def always_refused():
+        refusing[0] += 1
+        raise ConnectionRefusedError("too many clients")
+    pool._open = always_refused
+    for idle, _, _ in pool._idle:
+        idle.close()
+    pool._idle.clear()
+    pool._trim()
+    assert pool.try_acquire("b")
+    with pytest.raises(ConnectionRefusedError):
+        with pool.connection():
+            pass
+    assert refusing[0] == 1 + connections.OPEN_RETRIES     # then the task sees it
+    assert seen.count("ConnectionRefusedError") == 2         # one sample per connection asked for
+    pool.release("b")
+
+    failing = [0]
+
+    def broken():
+        failing[0] += 1
+        raise OSError("no route to host")                    # not one of the errors: not retried
+    pool._open = broken
+    assert pool.try_acquire("c")
+    with pytest.raises(OSError, match="no route"):
+        with pool.connection():
+            pass
+    assert failing[0] == 1
+    pool.release("c")
+    pool.close()
