@@ -104,8 +104,7 @@ class WorkerRequest(Request):
         return value
 
 
-#: how each field of a WorkerRequest is read from (message, delivery), as
-#: request_for's Request would have it
+#: how each field of a WorkerRequest is read from (message, delivery)
 _REQUEST_FIELDS: Dict[str, Callable[[Any, Any], Any]] = {
     **{name: (lambda name: lambda msg, delivery: getattr(msg, name))(name)
        for name in ("id", "task", "args", "kwargs", "retries", "queue", "eta", "expires", "reply_to",
@@ -113,12 +112,6 @@ _REQUEST_FIELDS: Dict[str, Callable[[Any, Any], Any]] = {
     "root_id": lambda msg, delivery: msg.root_id or msg.id,
     "delivery_info": lambda msg, delivery: {"queue": delivery.queue, "deliveries": delivery.deliveries},
 }
-
-
-def request_for(job: Job) -> Request:
-    """The task context (``self.request``) of ``job``: a WorkerRequest."""
-    assert job.msg is not None, "a job runs only once its message decoded"
-    return WorkerRequest(job.msg, job.delivery)
 
 
 def run(job: Job) -> None:
@@ -153,15 +146,12 @@ def run(job: Job) -> None:
         job.outcome, job.exc = FAILURE, TimeLimitExceeded(f"{msg.task}[{msg.id}] exceeded its hard time limit")
 
 
-def limits(job: Job) -> "tuple[Optional[float], Optional[float]]":
-    """(soft, hard) time limits in seconds: the message's own, else the task's."""
-    msg, task = job.msg, job.task
-    assert msg is not None and task is not None, "a job runs only once its message decoded"
+def limits(msg: "TaskMessage", options: Dict[str, Any]) -> "tuple[Optional[float], Optional[float]]":
+    """(soft, hard) time limits in seconds: the message's own, else the task's
+    (``options``: its ``Task.resolved()``); None for none."""
     soft, hard = msg.soft_time_limit, msg.time_limit
-    if soft is None or hard is None:
-        options = task.resolved()
-        if soft is None:
-            soft = options["soft_time_limit"]
-        if hard is None:
-            hard = options["time_limit"]
+    if soft is None:
+        soft = options["soft_time_limit"]
+    if hard is None:
+        hard = options["time_limit"]
     return soft or None, hard or None

@@ -189,7 +189,7 @@ class Monitor:
         if job is not None and job.msg is not None:   # a running job: its message decoded
             who = f"task {job.msg.task}[{job.msg.id}]"
             try:
-                soft, hard = limits(job)
+                soft, hard = limits(job.msg, job.task.resolved()) if job.task is not None else (None, None)
             except Exception:                  # a bad [task:NAME] value: the runner said so already
                 soft = hard = None
             named = [f"{name} {value:g} s" for name, value in (("soft_time_limit", soft), ("time_limit", hard))

@@ -309,13 +309,9 @@ class Runners:
         task, msg = job.task, job.msg
         assert msg is not None and task is not None, "a job runs only once its message decoded"
         options: Optional[Dict[str, Any]] = None
-        try:                                    # jobs.limits, with the options read once for the task
+        try:                                    # the task's options, read once for the task
             options = task.resolved()
-            soft, hard = msg.soft_time_limit, msg.time_limit     # the message's own, else the task's
-            if soft is None:
-                soft = options["soft_time_limit"]
-            if hard is None:
-                hard = options["time_limit"]
+            soft, hard = jobs.limits(msg, options)
         except Exception:                       # a bad [task:NAME] value: run without limits
             log.error("task %s[%s]: unusable time limits", msg.task, msg.id, exc_info=True)
             soft = hard = None
@@ -325,8 +321,8 @@ class Runners:
             with self.lock:
                 self.running[job] = job
         if soft or hard:
-            self.reaper.arm(job, soft or None, hard or None)
-        request = jobs.WorkerRequest(msg, job.delivery)      # jobs.request_for
+            self.reaper.arm(job, soft, hard)
+        request = jobs.WorkerRequest(msg, job.delivery)
         set_request(request)
         start = time.monotonic()
         try:
@@ -344,17 +340,7 @@ class Runners:
                     job.outcome, job.reason = jobs.REVOKED, "revoked"
                 else:
                     jobs.run(job)
-            outcome = job.outcome
-            if outcome == jobs.SUCCESS:         # the commonest: _after's, inline
-                self.stats.succeeded += 1
-                if self._success:
-                    self.hooks.emit("task_success", task, request, job.value)
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("task %s[%s] %s in %.3f s", task.name, msg.id, outcome, time.monotonic() - start)
-                if self._postrun:
-                    self.hooks.emit("task_postrun", task, request, "SUCCESS", job.value)
-            else:
-                self._after(job, task, request, start)
+            self._after(job, task, request, start)
         finally:
             while True:  # a thread's kill may arrive late, even here: finish the bookkeeping anyway
                 try:
@@ -367,8 +353,7 @@ class Runners:
     def _after(self, job: Job, task: "Task", request: "Request", start: float) -> None:
         """Log the outcome and run the outcome hooks, still in the task's
         context (``start``: its monotonic start); the counters count first
-        (``stats``: plain integers, not a hook subscriber).  A success takes
-        the same steps inline in ``_run``."""
+        (``stats``: plain integers, not a hook subscriber)."""
         hooks, outcome = self.hooks, job.outcome
         if outcome == jobs.SUCCESS:
             self.stats.succeeded += 1
